@@ -1,0 +1,1 @@
+"""Prometheus metric definitions shared by fedkube's processes."""

@@ -1,0 +1,1 @@
+"""Kubernetes operator: kopf handlers, pure manifest builders, status logic."""

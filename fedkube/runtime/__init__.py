@@ -1,0 +1,1 @@
+"""Local runtime: runs a job's rendered pods as local processes."""

@@ -1,0 +1,1 @@
+"""The aggregator process: client registry, round workflow, strategies."""

@@ -1,0 +1,1 @@
+"""The job-cell sidecar: site identity, upstream connection, relay for the trainer."""

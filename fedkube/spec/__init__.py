@@ -1,0 +1,1 @@
+"""The FLJob spec model: validation, defaults, and the CRD schema."""

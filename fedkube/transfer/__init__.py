@@ -1,0 +1,1 @@
+"""Tensor references, the download service, resumable fetch and the relay."""

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install the development dependencies and run the whole test suite (lint,
+# types, generated-code drift, unit, integration, e2e). Run it inside a
+# virtualenv: python3 -m venv .venv && . .venv/bin/activate && scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# torch==2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
+python -m pip install -q torch==2.13.0 -e '.[dev]'
+exec python -m pytest -q -p no:cacheprovider --durations=15 "$@"
