@@ -1,0 +1,39 @@
+"""Environment variables that configure fedkube's processes.
+
+The operator's builders set them in pod manifests; the local runtime runs the
+same manifests as processes (rewriting addresses and ports, which must differ
+on one machine); each process reads them in exactly one place. Keeping the
+names here makes that contract one import instead of string literals in four
+packages.
+"""
+
+from __future__ import annotations
+
+# --- every fedkube process -------------------------------------------------
+JOB = "FEDKUBE_JOB"  # FLJob name
+NAMESPACE = "FEDKUBE_NAMESPACE"
+LOG_FORMAT = "FEDKUBE_LOG_FORMAT"  # "text" (default) or "json"
+METRICS_PORT = "FEDKUBE_METRICS_PORT"  # Prometheus /metrics; 0 or unset = off
+
+# --- server ------------------------------------------------------------------
+SPEC_FILE = "FEDKUBE_SPEC_FILE"  # the FLJob spec as JSON (a mounted ConfigMap in a pod)
+GRPC_PORT = "FEDKUBE_GRPC_PORT"  # the server's gRPC listening port
+STATUS_PORT = "FEDKUBE_STATUS_PORT"  # the server's HTTP status endpoint (JSON)
+TOKENS_DIR = "FEDKUBE_TOKENS_DIR"  # one file per site, named after the site, holding its token
+CHECKPOINT_DIR = "FEDKUBE_CHECKPOINT_DIR"
+TERMINATION_LOG = "FEDKUBE_TERMINATION_LOG"  # where the JSON summary goes (/dev/termination-log)
+
+# --- job-cell sidecar --------------------------------------------------------
+SITE = "FEDKUBE_SITE"  # this client's site name (also given to the trainer)
+SERVER_ADDRESS = "FEDKUBE_SERVER_ADDRESS"  # host:port of the server's gRPC endpoint
+TOKEN_FILE = "FEDKUBE_TOKEN_FILE"  # this site's token (mounted into the sidecar only)
+TRAINER_PORT = "FEDKUBE_TRAINER_PORT"  # where the sidecar listens for its trainer (localhost)
+
+# --- trainer (user script + trainer SDK) --------------------------------------
+SIDECAR_ADDRESS = "FEDKUBE_SIDECAR_ADDRESS"  # host:port of the sidecar's local endpoint
+WORKDIR = "FEDKUBE_WORKDIR"  # this client's own working directory (LESSONS.md 24)
+
+DEFAULT_GRPC_PORT = 7070
+DEFAULT_STATUS_PORT = 8080
+DEFAULT_METRICS_PORT = 9090
+DEFAULT_TRAINER_PORT = 7071
