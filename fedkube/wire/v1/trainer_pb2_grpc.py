@@ -66,6 +66,11 @@ class TrainerLinkStub:
                 request_serializer=fedkube_dot_v1_dot_control__pb2.MetricReport.SerializeToString,
                 response_deserializer=fedkube_dot_v1_dot_trainer__pb2.Empty.FromString,
                 _registered_method=True)
+        self.Session = channel.unary_stream(
+                '/fedkube.v1.TrainerLink/Session',
+                request_serializer=fedkube_dot_v1_dot_trainer__pb2.SessionRequest.SerializeToString,
+                response_deserializer=fedkube_dot_v1_dot_trainer__pb2.SessionEvent.FromString,
+                _registered_method=True)
 
 
 class TrainerLinkServicer:
@@ -107,6 +112,12 @@ class TrainerLinkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerLinkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +150,11 @@ def add_TrainerLinkServicer_to_server(servicer, server):
                     servicer.LogMetric,
                     request_deserializer=fedkube_dot_v1_dot_control__pb2.MetricReport.FromString,
                     response_serializer=fedkube_dot_v1_dot_trainer__pb2.Empty.SerializeToString,
+            ),
+            'Session': grpc.unary_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=fedkube_dot_v1_dot_trainer__pb2.SessionRequest.FromString,
+                    response_serializer=fedkube_dot_v1_dot_trainer__pb2.SessionEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +319,33 @@ class TrainerLink:
             '/fedkube.v1.TrainerLink/LogMetric',
             fedkube_dot_v1_dot_control__pb2.MetricReport.SerializeToString,
             fedkube_dot_v1_dot_trainer__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedkube.v1.TrainerLink/Session',
+            fedkube_dot_v1_dot_trainer__pb2.SessionRequest.SerializeToString,
+            fedkube_dot_v1_dot_trainer__pb2.SessionEvent.FromString,
             options,
             channel_credentials,
             insecure,
