@@ -1,0 +1,291 @@
+"""Aggregation strategies behind one small, streaming interface.
+
+A round goes::
+
+    agg = strategy.begin_round(global_model)        # dict name -> ndarray
+    agg.add(client, name, array, weight)            # each tensor as it is downloaded
+    agg.commit(client) | agg.discard(client)        # result complete | download failed
+    new_global = agg.finish()                       # dict name -> ndarray, global dtypes
+
+``weight`` is the client's ``num_examples``. The averaging engine, its
+accumulator precision and its memory math are in ``fedkube.server.aggregate``.
+
+Strategies:
+
+* ``FedAvg``: the new global model is the per-tensor weighted mean.
+* ``FedAdam`` (Reddi et al. 2021, "Adaptive Federated Optimization",
+  Algorithm 2): with the weighted mean ``avg`` and the global model ``x``,
+  ``Δ = avg - x; m = β1·m + (1-β1)·Δ; v = β2·v + (1-β2)·Δ²;
+  x = x + η·m / (√v + τ)``, with ``m`` starting at 0 and ``v`` at τ² (the
+  paper's ``v_{-1} ≥ τ²``). m and v are float32 (float64 for float64
+  tensors), stored in checkpoints through ``state()``/``load_state()``.
+  Integer/bool tensors have no gradient; they take FedAvg's value. FedAdam
+  needs 2xS more memory than FedAvg for m and v: that is the optimizer's
+  state, not an aggregation cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from fedkube.errors import ConfigError, FedkubeError
+from fedkube.server.aggregate import (
+    BLOCK,
+    AggregationError,
+    DiscardOutcome,
+    WeightedMean,
+    accumulator_dtype,
+    cast_to,
+)
+from fedkube.server.model import Model, ModelSpec
+
+JSONValue = Any
+
+
+@dataclass
+class StrategyState:
+    """What a strategy must carry across rounds and restarts (saved in checkpoints)."""
+
+    name: str
+    meta: dict[str, JSONValue] = field(default_factory=dict)
+    """JSON-serializable scalars (hyper-parameters, step count)."""
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    """Named arrays (e.g. FedAdam's ``m/<tensor>`` and ``v/<tensor>``)."""
+
+
+@runtime_checkable
+class RoundAggregator(Protocol):
+    """One round's streaming aggregation."""
+
+    def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool:
+        """Add one downloaded tensor; False when the client was already discarded (stale)."""
+        ...
+
+    def commit(self, client: str) -> None:
+        """The client's whole result was added and verified."""
+        ...
+
+    def discard(self, client: str) -> DiscardOutcome:
+        """The client's download failed or it was excluded; drop what can be dropped."""
+        ...
+
+    def finish(self) -> Model:
+        """The new global model, in the global model's dtypes and order."""
+        ...
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """A federated optimization strategy."""
+
+    name: str
+
+    def begin_round(self, global_model: Mapping[str, np.ndarray]) -> RoundAggregator:
+        """Start aggregating results computed from ``global_model``."""
+        ...
+
+    def state(self) -> StrategyState:
+        """Everything needed to resume after a restart."""
+        ...
+
+    def load_state(self, state: StrategyState) -> None:
+        """Restore what ``state()`` returned; raises ConfigError when it belongs to another strategy."""
+        ...
+
+
+class _MeanAggregator:
+    """RoundAggregator whose finish() hands the per-tensor means to a callback."""
+
+    def __init__(self, spec: ModelSpec, staged: bool, finish_fn: Any) -> None:
+        self.engine = WeightedMean(spec, staged=staged)
+        self._finish_fn = finish_fn
+
+    def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool:
+        return self.engine.add(client, name, array, weight)
+
+    def commit(self, client: str) -> None:
+        self.engine.commit(client)
+
+    def discard(self, client: str) -> DiscardOutcome:
+        return self.engine.discard(client)
+
+    def finish(self) -> Model:
+        result: Model = self._finish_fn(self.engine.means())
+        return result
+
+    @property
+    def committed(self) -> tuple[str, ...]:
+        return self.engine.committed
+
+
+def _spec_of(global_model: Mapping[str, np.ndarray]) -> ModelSpec:
+    if not global_model:
+        raise AggregationError("the global model has no tensors; nothing to aggregate")
+    return ModelSpec.of(global_model)
+
+
+class FedAvg:
+    """Federated averaging weighted by num_examples (McMahan et al. 2017)."""
+
+    name = "fedavg"
+
+    def __init__(self, *, staged: bool = False) -> None:
+        self.staged = staged
+
+    def begin_round(self, global_model: Mapping[str, np.ndarray]) -> RoundAggregator:
+        spec = _spec_of(global_model)
+        return _MeanAggregator(spec, self.staged, lambda means: {t.name: cast_to(t, means[t.name]) for t in spec})
+
+    def state(self) -> StrategyState:
+        return StrategyState(self.name, {"staged": self.staged})
+
+    def load_state(self, state: StrategyState) -> None:
+        _check_name(self.name, state)
+
+
+def _check_name(expected: str, state: StrategyState) -> None:
+    if state.name != expected:
+        raise ConfigError(
+            f"the checkpoint holds state of strategy {state.name!r}, but the job uses {expected!r}; "
+            f"resume with spec.strategy.name={state.name!r} or start from a fresh checkpoint directory"
+        )
+
+
+class FedAdam:
+    """Server-side Adam on the pseudo-gradient ``avg - global`` (Reddi et al. 2021)."""
+
+    name = "fedadam"
+
+    def __init__(
+        self,
+        *,
+        server_lr: float = 1e-2,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        staged: bool = False,
+    ) -> None:
+        for field_name, value, lo, hi in (
+            ("serverLr", server_lr, 0.0, math.inf),
+            ("beta1", beta1, 0.0, 1.0),
+            ("beta2", beta2, 0.0, 1.0),
+            ("tau", tau, 0.0, math.inf),
+        ):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value < hi):
+                raise ConfigError(
+                    f"spec.strategy.{field_name}={value!r} is out of range; it must be in [{lo}, {hi}) "
+                    f"(and serverLr, tau > 0)"
+                )
+        if server_lr <= 0 or tau <= 0:
+            raise ConfigError(f"spec.strategy serverLr={server_lr} and tau={tau} must both be > 0")
+        self.server_lr = float(server_lr)
+        self.beta1 = float(beta1)
+        self.beta2 = float(beta2)
+        self.tau = float(tau)
+        self.staged = staged
+        self.step = 0
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
+
+    def begin_round(self, global_model: Mapping[str, np.ndarray]) -> RoundAggregator:
+        spec = _spec_of(global_model)
+        model = dict(global_model)
+
+        def finish(means: dict[str, np.ndarray]) -> Model:
+            return self._apply(spec, model, means)
+
+        return _MeanAggregator(spec, self.staged, finish)
+
+    def _apply(self, spec: ModelSpec, model: Mapping[str, np.ndarray], means: dict[str, np.ndarray]) -> Model:
+        out: Model = {}
+        for t in spec:
+            avg = means[t.name]
+            if not t.is_float:
+                out[t.name] = cast_to(t, avg)
+                continue
+            acc_dtype = accumulator_dtype(t)
+            m = self.m.get(t.name)
+            v = self.v.get(t.name)
+            if m is None or v is None or m.shape != t.shape or m.dtype != acc_dtype:
+                m = np.zeros(t.shape, acc_dtype)
+                v = np.full(t.shape, self.tau * self.tau, acc_dtype)
+            # Update in place, block by block: avg's buffer becomes the new x (no S-sized temporaries).
+            fx, fa, fm, fv = (a.reshape(-1) for a in (model[t.name], avg, m, v))
+            for start in range(0, fa.size, BLOCK):
+                sl = slice(start, min(start + BLOCK, fa.size))
+                x = fx[sl].astype(acc_dtype)
+                delta = fa[sl] - x
+                fm[sl] = self.beta1 * fm[sl] + (1.0 - self.beta1) * delta
+                fv[sl] = self.beta2 * fv[sl] + (1.0 - self.beta2) * (delta * delta)
+                fa[sl] = x + self.server_lr * fm[sl] / (np.sqrt(fv[sl]) + self.tau)
+            self.m[t.name] = m
+            self.v[t.name] = v
+            out[t.name] = cast_to(t, avg)
+        self.step += 1
+        return out
+
+    def state(self) -> StrategyState:
+        tensors: dict[str, np.ndarray] = {}
+        for name in self.m:
+            tensors[f"m/{name}"] = self.m[name]
+            tensors[f"v/{name}"] = self.v[name]
+        meta = {
+            "serverLr": self.server_lr,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "tau": self.tau,
+            "step": self.step,
+        }
+        return StrategyState(self.name, meta, tensors)
+
+    def load_state(self, state: StrategyState) -> None:
+        _check_name(self.name, state)
+        m: dict[str, np.ndarray] = {}
+        v: dict[str, np.ndarray] = {}
+        for key, arr in state.tensors.items():
+            kind, _, name = key.partition("/")
+            if kind not in ("m", "v") or not name:
+                raise ConfigError(f"FedAdam state has an unexpected tensor {key!r}; expected 'm/<name>' or 'v/<name>'")
+            (m if kind == "m" else v)[name] = arr
+        if m.keys() != v.keys():
+            raise ConfigError(f"FedAdam state is inconsistent: m has {sorted(m)}, v has {sorted(v)}")
+        # Hyper-parameters come from the spec (a user may change serverLr on resume); step comes from the state.
+        self.step = int(state.meta.get("step", 0))
+        self.m = {k: np.array(a, copy=True) for k, a in m.items()}
+        self.v = {k: np.array(a, copy=True) for k, a in v.items()}
+
+
+STRATEGIES = ("fedavg", "fedadam")
+
+
+def build_strategy(name: str, params: Mapping[str, Any] | None = None) -> Strategy:
+    """The strategy named in the spec, with its camelCase parameters (e.g. ``serverLr``)."""
+    params = dict(params or {})
+    staged = bool(params.pop("staged", False))
+    if name == "fedavg":
+        if params:
+            raise ConfigError(f"spec.strategy: fedavg takes no parameters, got {sorted(params)}")
+        return FedAvg(staged=staged)
+    if name == "fedadam":
+        known = {"serverLr": "server_lr", "beta1": "beta1", "beta2": "beta2", "tau": "tau"}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ConfigError(f"spec.strategy: unknown fedadam parameter(s) {unknown}; known: {sorted(known)}")
+        return FedAdam(staged=staged, **{known[k]: float(v) for k, v in params.items()})
+    raise ConfigError(f"spec.strategy.name={name!r} is not a known strategy; use one of {', '.join(STRATEGIES)}")
+
+
+def check_initial_model(global_model: Mapping[str, np.ndarray]) -> None:
+    """Raise ConfigError when an initial/checkpointed model cannot be aggregated."""
+    for name, arr in global_model.items():
+        if not isinstance(arr, np.ndarray):
+            raise ConfigError(f"the initial model's tensor {name!r} is a {type(arr).__name__}, not a numpy array")
+    try:
+        _spec_of(global_model)
+    except FedkubeError as exc:
+        raise ConfigError(f"the initial model is unusable: {exc}") from exc
