@@ -1,0 +1,364 @@
+"""Rules of an FLJob that span fields: errors for what cannot work, warnings for what probably will not.
+
+Each check yields a :class:`Problem` naming the exact field path and the fix,
+so a user sees every mistake in one pass (lesson 18, lesson 22).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Iterator, Sequence
+from decimal import InvalidOperation
+from typing import Any
+
+from fedkube.spec import layout
+from fedkube.spec.model import (
+    DNS1123_LABEL,
+    FEDADAM_DEFAULTS,
+    LABEL_KEY,
+    LABEL_VALUE,
+    EnvVar,
+    FLJob,
+    Resources,
+    Toleration,
+)
+from fedkube.spec.problems import Problem
+from fedkube.spec.quantity import parse_quantity
+
+_DNS_LABEL_RE = re.compile(DNS1123_LABEL)
+_LABEL_KEY_RE = re.compile(LABEL_KEY)
+_LABEL_VALUE_RE = re.compile(LABEL_VALUE)
+# Resources the kubelet manages natively; anything else with a domain prefix is an extended resource (GPUs).
+_NATIVE_PREFIXES = ("hugepages-", "kubernetes.io/", "requests.", "limits.")
+
+
+def check_job(job: FLJob) -> tuple[list[Problem], list[Problem]]:
+    """Cross-field rules: ``(errors, warnings)``. Errors make the job unrunnable; warnings are suspicious settings."""
+    errors = [
+        *_names(job),
+        *_clients(job),
+        *_strategy_and_model(job),
+        *_containers(job),
+        *_timeout_errors(job),
+    ]
+    return errors, list(_timeout_warnings(job))
+
+
+def _names(job: FLJob) -> Iterator[Problem]:
+    if len(job.metadata.name) > layout.MAX_JOB_NAME:
+        yield Problem(
+            "metadata.name",
+            f"{job.metadata.name!r} has {len(job.metadata.name)} characters; the server Service "
+            f"'{job.metadata.name}{layout.SERVER_SUFFIX}' would exceed Kubernetes' 63-character limit",
+            f"use a name of at most {layout.MAX_JOB_NAME} characters",
+        )
+    yield from _labels("metadata.labels", job.metadata.labels)
+
+
+def _labels(path: str, labels: dict[str, str]) -> Iterator[Problem]:
+    for key, value in labels.items():
+        if not _LABEL_KEY_RE.match(key) or len(key.split("/")[-1]) > 63:
+            yield Problem(
+                f"{path}[{key!r}]",
+                f"{key!r} is not a valid label key",
+                "use [prefix/]name with name ≤ 63 characters of letters, digits, '-', '_', '.'",
+            )
+        if len(value) > 63 or not _LABEL_VALUE_RE.match(value):
+            yield Problem(
+                f"{path}[{key!r}]",
+                f"{value!r} is not a valid label value",
+                "use at most 63 letters, digits, '-', '_', '.', starting and ending with a letter or digit",
+            )
+
+
+def _clients(job: FLJob) -> Iterator[Problem]:
+    spec = job.spec
+    first_seen: dict[str, int] = {}
+    for i, site in enumerate(spec.clients):
+        if site.name in first_seen:
+            yield Problem(
+                f"spec.clients[{i}].name",
+                f"site {site.name!r} is listed twice (also spec.clients[{first_seen[site.name]}])",
+                "give every client site a unique name",
+            )
+        else:
+            first_seen[site.name] = i
+    if spec.min_clients is not None and spec.min_clients > len(spec.clients):
+        yield Problem(
+            "spec.minClients",
+            f"minClients is {spec.min_clients} but only {len(spec.clients)} client site(s) are listed",
+            f"set minClients to at most {len(spec.clients)}, or add client sites",
+        )
+
+
+def _strategy_and_model(job: FLJob) -> Iterator[Problem]:
+    strategy, model = job.spec.strategy, job.spec.model
+    if strategy.name == "fedavg":
+        aliases = {"server_lr": "serverLr", "beta1": "beta1", "beta2": "beta2", "tau": "tau"}
+        for field in FEDADAM_DEFAULTS:
+            if getattr(strategy, field) is not None:
+                yield Problem(
+                    f"spec.strategy.{aliases[field]}",
+                    f"{aliases[field]} is a fedadam parameter but the strategy is fedavg",
+                    "remove it, or set spec.strategy.name to fedadam",
+                )
+    if model.source == "file" and not model.path:
+        yield Problem(
+            "spec.model.path",
+            "model source is 'file' but no path is given",
+            "set spec.model.path to the weights file inside the server pod (mount it with server.volumes)",
+        )
+    if model.source == "firstClient" and model.path:
+        yield Problem(
+            "spec.model.path",
+            "a path is given but the model source is 'firstClient', which ignores it",
+            "remove spec.model.path, or set spec.model.source to file",
+        )
+
+
+def _containers(job: FLJob) -> Iterator[Problem]:
+    spec = job.spec
+    server, trainer = spec.server, spec.trainer
+    yield from _image("spec.server.image", server.image)
+    yield from _image("spec.trainer.image", trainer.image)
+    yield from _image("spec.sidecar.image", spec.sidecar.image)
+    yield from _command("spec.server.command", server.command)
+    yield from _command("spec.trainer.command", trainer.command)
+    if trainer.working_dir is not None and not posixpath.isabs(trainer.working_dir):
+        yield Problem(
+            "spec.trainer.workingDir",
+            f"{trainer.working_dir!r} is not an absolute path",
+            "use an absolute path inside the trainer image, e.g. /app",
+        )
+    yield from _env("spec.server.env", server.env)
+    yield from _env("spec.trainer.env", trainer.env)
+    yield from _resources("spec.server.resources", server.resources)
+    yield from _resources("spec.trainer.resources", trainer.resources)
+    yield from _resources("spec.sidecar.resources", spec.sidecar.resources)
+    yield from _labels("spec.server.nodeSelector", server.node_selector)
+    yield from _labels("spec.trainer.nodeSelector", trainer.node_selector)
+    yield from _tolerations("spec.server.tolerations", server.tolerations)
+    yield from _tolerations("spec.trainer.tolerations", trainer.tolerations)
+    yield from _volumes("spec.server", server.volumes, server.volume_mounts)
+    yield from _volumes("spec.trainer", trainer.volumes, trainer.volume_mounts)
+    if _cmp(server.checkpoint.storage_size, "0") <= 0:
+        yield Problem(
+            "spec.server.checkpoint.storageSize",
+            f"{server.checkpoint.storage_size!r} is not a positive size",
+            "use a size like 1Gi",
+        )
+    for i, site in enumerate(spec.clients):
+        base = f"spec.clients[{i}]"
+        yield from _env(f"{base}.env", site.env)
+        yield from _resources(f"{base}.resources", merge_resources(trainer.resources, site.resources))
+        yield from _labels(f"{base}.nodeSelector", site.node_selector)
+        if site.tolerations is not None:
+            yield from _tolerations(f"{base}.tolerations", site.tolerations)
+
+
+def merge_resources(base: Resources, override: Resources) -> Resources:
+    """A site's resources: the trainer template's, with the site's values replacing them per resource name."""
+    return Resources(requests={**base.requests, **override.requests}, limits={**base.limits, **override.limits})
+
+
+def merge_env(base: Sequence[EnvVar], override: Sequence[EnvVar]) -> list[EnvVar]:
+    """A site's env: the template's variables in order, the site's replacing same-named ones, new ones appended."""
+    by_name = {e.name: e for e in override}
+    merged = [by_name.pop(e.name, e) for e in base]
+    return merged + [e for e in override if e.name in by_name]
+
+
+def _image(path: str, image: str) -> Iterator[Problem]:
+    if image != image.strip() or any(c.isspace() for c in image):
+        yield Problem(path, f"{image!r} contains whitespace", "write the image reference without spaces")
+
+
+def _command(path: str, command: Sequence[str]) -> Iterator[Problem]:
+    if not command or not command[0].strip():
+        yield Problem(path, "the command is empty", "give the program to run first, e.g. [python, train.py]")
+
+
+def _env(path: str, env: Sequence[EnvVar]) -> Iterator[Problem]:
+    seen: set[str] = set()
+    for i, var in enumerate(env):
+        where = f"{path}[{i}]"
+        if var.name in layout.RESERVED_ENV:
+            yield Problem(
+                f"{where}.name",
+                f"{var.name} is set by fedkube itself",
+                "remove it; fedkube wires this variable for every pod",
+            )
+        if var.name in seen:
+            yield Problem(f"{where}.name", f"{var.name} is set twice", "keep one entry per variable")
+        seen.add(var.name)
+        if var.value is not None and var.value_from is not None:
+            yield Problem(where, "both value and valueFrom are set", "keep one of value or valueFrom")
+
+
+def _is_extended(resource: str) -> bool:
+    return "/" in resource and not resource.startswith(_NATIVE_PREFIXES)
+
+
+def _resources(path: str, res: Resources) -> Iterator[Problem]:
+    for name, text in (*res.requests.items(), *res.limits.items()):
+        try:
+            value = parse_quantity(text)
+        except (ValueError, InvalidOperation):
+            continue  # the field validator already rejected it
+        if value < 0:
+            yield Problem(f"{path}[{name!r}]", f"{name} is negative ({text})", "use a positive quantity")
+        elif _is_extended(name) and value != value.to_integral_value():
+            yield Problem(
+                f"{path}.limits[{name!r}]",
+                f"{name} is {text}; extended resources such as GPUs are whole numbers",
+                "request a whole number, e.g. 1",
+            )
+    for name, text in res.requests.items():
+        limit = res.limits.get(name)
+        if _is_extended(name):
+            if limit is None:
+                yield Problem(
+                    f"{path}.requests[{name!r}]",
+                    f"{name} is requested but has no limit; Kubernetes needs extended resources under limits",
+                    f"set resources.limits[{name!r}] (requests may then be left out)",
+                )
+            elif _cmp(text, limit) != 0:
+                yield Problem(
+                    f"{path}.requests[{name!r}]",
+                    f"{name} request {text} differs from its limit {limit}",
+                    "use the same value, or only set the limit",
+                )
+        elif limit is not None and _cmp(text, limit) > 0:
+            yield Problem(
+                f"{path}.requests[{name!r}]",
+                f"{name} request {text} is larger than its limit {limit}",
+                "lower the request or raise the limit",
+            )
+
+
+def _cmp(a: str, b: str) -> int:
+    try:
+        x, y = parse_quantity(a), parse_quantity(b)
+    except (ValueError, InvalidOperation):
+        return 0
+    return (x > y) - (x < y)
+
+
+def _tolerations(path: str, tolerations: Sequence[Toleration]) -> Iterator[Problem]:
+    for i, tol in enumerate(tolerations):
+        where = f"{path}[{i}]"
+        if tol.operator == "Exists" and tol.value:
+            yield Problem(f"{where}.value", "operator Exists takes no value", "remove value, or use operator Equal")
+        if not tol.key and tol.operator != "Exists":
+            yield Problem(
+                f"{where}.operator",
+                "an empty key matches all taints only with operator Exists",
+                "set a key, or set operator to Exists",
+            )
+        if tol.toleration_seconds is not None and tol.effect != "NoExecute":
+            yield Problem(
+                f"{where}.tolerationSeconds",
+                "tolerationSeconds only applies to effect NoExecute",
+                "set effect to NoExecute, or remove tolerationSeconds",
+            )
+
+
+def _volumes(path: str, volumes: Sequence[dict[str, Any]], mounts: Sequence[dict[str, Any]]) -> Iterator[Problem]:
+    names: set[str] = set()
+    for i, vol in enumerate(volumes):
+        name = vol.get("name")
+        where = f"{path}.volumes[{i}]"
+        if not isinstance(name, str) or not _DNS_LABEL_RE.match(name) or len(name) > 63:
+            yield Problem(
+                f"{where}.name",
+                f"volume name {name!r} is missing or not a DNS label",
+                "name the volume with lower-case letters, digits and '-'",
+            )
+            continue
+        if name.startswith(layout.RESERVED_VOLUME_PREFIX):
+            yield Problem(
+                f"{where}.name",
+                f"volume names starting with {layout.RESERVED_VOLUME_PREFIX!r} are reserved for fedkube",
+                "rename the volume",
+            )
+        if name in names:
+            yield Problem(f"{where}.name", f"volume {name!r} is declared twice", "give each volume a unique name")
+        names.add(name)
+        if len(vol) < 2:
+            yield Problem(
+                where,
+                f"volume {name!r} has no source",
+                "add a source such as emptyDir, configMap, secret or persistentVolumeClaim",
+            )
+    paths: set[str] = set()
+    for i, mount in enumerate(mounts):
+        where = f"{path}.volumeMounts[{i}]"
+        name, mount_path = mount.get("name"), mount.get("mountPath")
+        if name not in names:
+            yield Problem(
+                f"{where}.name",
+                f"volumeMount refers to volume {name!r}, which is not declared",
+                f"declare it in {path}.volumes, or fix the name",
+            )
+        if not isinstance(mount_path, str) or not posixpath.isabs(mount_path):
+            yield Problem(
+                f"{where}.mountPath",
+                f"mountPath {mount_path!r} is missing or not absolute",
+                "give an absolute path such as /data",
+            )
+            continue
+        norm = posixpath.normpath(mount_path)
+        if any(norm == root or norm.startswith(root + "/") for root in layout.RESERVED_MOUNT_ROOTS):
+            yield Problem(
+                f"{where}.mountPath",
+                f"{mount_path} is where fedkube mounts its own files",
+                "mount somewhere else, e.g. /data",
+            )
+        if norm in paths:
+            yield Problem(f"{where}.mountPath", f"two volumes are mounted at {mount_path}", "use distinct paths")
+        paths.add(norm)
+
+
+def _timeout_errors(job: FLJob) -> Iterator[Problem]:
+    t, x = job.spec.timeouts, job.spec.transfer
+    if x.idle_timeout_seconds < x.chunk_timeout_seconds:
+        yield Problem(
+            "spec.transfer.idleTimeoutSeconds",
+            f"idleTimeoutSeconds ({x.idle_timeout_seconds:g}) is shorter than chunkTimeoutSeconds "
+            f"({x.chunk_timeout_seconds:g}): a transfer is declared stalled before one chunk request may time out",
+            f"set idleTimeoutSeconds ≥ chunkTimeoutSeconds (e.g. {4 * x.chunk_timeout_seconds:g})",
+        )
+    if t.round_seconds < x.idle_timeout_seconds:
+        yield Problem(
+            "spec.timeouts.roundSeconds",
+            f"roundSeconds ({t.round_seconds:g}) is shorter than transfer.idleTimeoutSeconds "
+            f"({x.idle_timeout_seconds:g}): rounds end before a stalled transfer can even be detected",
+            "raise roundSeconds (to several idle timeouts) or lower transfer.idleTimeoutSeconds",
+        )
+
+
+def _timeout_warnings(job: FLJob) -> Iterator[Problem]:
+    t, x = job.spec.timeouts, job.spec.transfer
+    if t.deploy_seconds < t.pending_seconds:
+        yield Problem(
+            "spec.timeouts.pendingSeconds",
+            f"pendingSeconds ({t.pending_seconds:g}) exceeds deploySeconds ({t.deploy_seconds:g}), so a pending pod "
+            "always fails as DeployTimeout and PendingTimeout (with the scheduler's reason) never shows",
+            "set pendingSeconds below deploySeconds",
+        )
+    if t.heartbeat_seconds >= t.round_seconds:
+        yield Problem(
+            "spec.timeouts.heartbeatSeconds",
+            f"heartbeatSeconds ({t.heartbeat_seconds:g}) is not shorter than roundSeconds ({t.round_seconds:g}); "
+            "a lost client is only noticed at the round deadline",
+            "use a heartbeat timeout well below the round time",
+        )
+    budget = x.chunk_timeout_seconds * x.max_attempts
+    if budget > t.round_seconds:
+        yield Problem(
+            "spec.transfer.maxAttempts",
+            f"{x.max_attempts} attempts * chunkTimeoutSeconds {x.chunk_timeout_seconds:g} = {budget:g}s exceeds "
+            f"roundSeconds ({t.round_seconds:g}); the last retries can never happen",
+            "lower maxAttempts or chunkTimeoutSeconds, or raise roundSeconds",
+        )

@@ -1,0 +1,329 @@
+"""The FLJob document: one pydantic model for `kubectl apply`, `fedkube run` and the CRD schema.
+
+Field names are camelCase on the wire (aliases) and snake_case in Python. Every
+model forbids unknown fields, so a typo is reported with its path instead of
+being silently ignored. Structural rules that involve more than one field
+(duplicate sites, quorum, timeout relationships) live in
+:mod:`fedkube.spec.checks`, so that all of them are reported at once with the
+exact field path.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+
+import fedkube
+
+API_GROUP = "fedkube.dev"
+API_VERSION_NAME = "v1alpha1"
+API_VERSION = f"{API_GROUP}/{API_VERSION_NAME}"
+KIND = "FLJob"
+PLURAL = "fljobs"
+SHORT_NAME = "flj"
+
+# The one place the default image is named: server and sidecar run it unless the spec says otherwise.
+DEFAULT_IMAGE = f"ghcr.io/fedkube/fedkube:{fedkube.__version__}"
+
+# RFC 1123 label (Kubernetes names of most objects, label values and site names).
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# RFC 1035 label: a Service name must also start with a letter, and the server Service is named after the job.
+DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Kubernetes quantity ("500m", "2Gi", "1e3", "4").
+QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]+))?$"
+# Names Kubernetes accepts for environment variables.
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+# Label keys: optional DNS-subdomain prefix and a name segment of at most 63 characters.
+_LABEL_NAME = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)"
+LABEL_KEY = rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+
+_QUANTITY_RE = re.compile(QUANTITY)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+
+def _quantity(value: Any) -> str:
+    """Normalize a Kubernetes quantity to its string form, rejecting what the API server would reject."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("a quantity must be a number or a string; fix: write it like '500m', '2Gi' or '1'")
+    text = str(value) if not isinstance(value, float) else repr(value)
+    if not _QUANTITY_RE.match(text):
+        raise ValueError(
+            f"{text!r} is not a Kubernetes quantity; fix: use e.g. '500m' (CPU), '2Gi' (memory), '1' (GPUs)"
+        )
+    return text
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "description": "A Kubernetes quantity, e.g. 500m, 2Gi, 1."}),
+]
+
+# Pass-through Kubernetes objects (volumes, valueFrom): the API server validates them in the pod.
+PassThrough = Annotated[
+    dict[str, Any],
+    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
+]
+
+
+class EnvVar(_Model):
+    """An environment variable, as in a Kubernetes container: a literal `value` or a `valueFrom` source."""
+
+    name: str = Field(pattern=ENV_NAME, min_length=1, description="Variable name.")
+    value: str | None = Field(default=None, description="Literal value.")
+    value_from: PassThrough | None = Field(
+        default=None,
+        alias="valueFrom",
+        description="A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef).",
+    )
+
+
+class Resources(_Model):
+    """Compute resources, as in a Kubernetes container (`nvidia.com/gpu` and other extended resources included)."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="Minimum resources to schedule on.")
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Maximum resources; GPUs go here.")
+
+
+class Toleration(_Model):
+    """A Kubernetes toleration, so pods can land on tainted (e.g. GPU) nodes."""
+
+    key: str | None = Field(default=None, description="Taint key; empty with operator Exists matches every taint.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default).")
+    value: str | None = Field(default=None, description="Taint value (Equal only).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, alias="tolerationSeconds", description="How long a NoExecute taint is tolerated."
+    )
+
+
+class _PodPlacement(_Model):
+    env: list[EnvVar] = Field(default_factory=list, description="Environment variables.")
+    resources: Resources = Field(default_factory=Resources, description="Compute resources (requests/limits).")
+    node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector", description="Node labels.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for tainted nodes.")
+
+
+class _ContainerTemplate(_PodPlacement):
+    args: list[str] = Field(default_factory=list, description="Arguments appended to the command.")
+    volumes: list[PassThrough] = Field(
+        default_factory=list, description="Kubernetes volumes added to the pod (names must not start with fedkube-)."
+    )
+    volume_mounts: list[PassThrough] = Field(
+        default_factory=list, alias="volumeMounts", description="Kubernetes volumeMounts of this container."
+    )
+
+
+class Checkpoint(_Model):
+    """Where the server checkpoints after every round; a PersistentVolumeClaim survives server pod restarts."""
+
+    enabled: bool = Field(default=False, description="Keep checkpoints on a PersistentVolumeClaim.")
+    storage_size: Quantity = Field(default="1Gi", alias="storageSize", description="Size of the claim.")
+    storage_class_name: str | None = Field(
+        default=None, alias="storageClassName", description="StorageClass of the claim; empty uses the default."
+    )
+
+
+class ServerTemplate(_ContainerTemplate):
+    """The aggregator's container; image and command default to fedkube's own."""
+
+    image: str = Field(default=DEFAULT_IMAGE, min_length=1, description="Server image.")
+    command: list[str] = Field(
+        default_factory=lambda: ["fedkube", "server"], min_length=1, description="Server command."
+    )
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint, description="Checkpoint storage.")
+
+
+class TrainerTemplate(_ContainerTemplate):
+    """The user's training container, run once per client site next to the job-cell sidecar."""
+
+    image: str = Field(min_length=1, description="Trainer image (holds the training script).")
+    command: list[str] = Field(min_length=1, description="Trainer command, e.g. [python, train.py].")
+    working_dir: str | None = Field(
+        default=None, alias="workingDir", description="Working directory of the command (absolute path)."
+    )
+
+
+class ClientSite(_Model):
+    """One client site, with optional overrides of the trainer template for this site only."""
+
+    name: str = Field(
+        max_length=63, pattern=DNS1123_LABEL, description="Site name: lower-case letters, digits and '-'."
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list, description="Added to the trainer's env; a name the template also sets is replaced."
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="Merged over the trainer's resources, per resource name."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, alias="nodeSelector", description="Merged over the trainer's nodeSelector."
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None, description="Replaces the trainer template's tolerations when given."
+    )
+
+
+FEDADAM_DEFAULTS: dict[str, float] = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+
+
+class Strategy(_Model):
+    """How the server combines client results.
+
+    fedavg averages weighted by each client's num_examples. fedadam treats the
+    averaged update as a pseudo-gradient for a server-side Adam step (Reddi et
+    al., Adaptive Federated Optimization); its parameters are only valid for it.
+    """
+
+    name: Literal["fedavg", "fedadam"] = Field(default="fedavg", description="fedavg or fedadam.")
+    server_lr: float | None = Field(default=None, alias="serverLr", gt=0, description="fedadam: server learning rate.")
+    beta1: float | None = Field(default=None, ge=0, lt=1, description="fedadam: first-moment decay.")
+    beta2: float | None = Field(default=None, ge=0, lt=1, description="fedadam: second-moment decay.")
+    tau: float | None = Field(default=None, gt=0, description="fedadam: adaptivity (epsilon).")
+
+    @model_validator(mode="after")
+    def _fill_fedadam_defaults(self) -> Strategy:
+        # Filled here rather than as field defaults so fedavg carries no parameters it would ignore.
+        if self.name == "fedadam":
+            for field, value in FEDADAM_DEFAULTS.items():
+                if getattr(self, field) is None:
+                    setattr(self, field, value)
+        return self
+
+
+class ModelSource(_Model):
+    """Where round 1's global model comes from."""
+
+    source: Literal["file", "firstClient"] = Field(
+        default="firstClient", description="file: load `path` in the server; firstClient: ask one client."
+    )
+    path: str | None = Field(default=None, description="With source file: path of the weights in the server pod.")
+
+
+class Sidecar(_Model):
+    """The job-cell sidecar next to every trainer."""
+
+    image: str = Field(default=DEFAULT_IMAGE, min_length=1, description="Sidecar image.")
+    resources: Resources = Field(
+        default_factory=lambda: Resources(requests={"cpu": "50m", "memory": "64Mi"}, limits={"memory": "256Mi"}),
+        description="Sidecar resources; it relays streams with bounded memory.",
+    )
+
+
+class Transfer(_Model):
+    """Chunked tensor transfer settings."""
+
+    chunk_bytes: int = Field(default=1 << 20, alias="chunkBytes", ge=4096, le=64 << 20, description="Bytes per chunk.")
+    chunk_timeout_seconds: float = Field(
+        default=30.0, alias="chunkTimeoutSeconds", gt=0, description="Timeout of one chunk request."
+    )
+    idle_timeout_seconds: float = Field(
+        default=120.0, alias="idleTimeoutSeconds", gt=0, description="A transfer with no progress this long fails."
+    )
+    max_attempts: int = Field(default=5, alias="maxAttempts", ge=1, le=100, description="Attempts per transfer.")
+
+
+class Timeouts(_Model):
+    """Job lifecycle timeouts, in seconds."""
+
+    round_seconds: float = Field(default=3600.0, alias="roundSeconds", gt=0, description="Deadline of one round.")
+    heartbeat_seconds: float = Field(
+        default=30.0, alias="heartbeatSeconds", gt=0, description="A registered client silent this long is lost."
+    )
+    registration_seconds: float = Field(
+        default=600.0, alias="registrationSeconds", gt=0, description="How long round 1 waits for clients."
+    )
+    deploy_seconds: float = Field(
+        default=600.0, alias="deploySeconds", gt=0, description="A client pod not Ready this long fails."
+    )
+    pending_seconds: float = Field(
+        default=300.0, alias="pendingSeconds", gt=0, description="A pod Pending this long fails."
+    )
+
+
+class FLJobSpec(_Model):
+    """What to train, where, and how."""
+
+    rounds: int = Field(ge=1, le=1_000_000, description="Number of federated rounds.")
+    min_clients: int | None = Field(
+        default=None, alias="minClients", ge=1, description="Quorum: results needed per round (default: all clients)."
+    )
+    strategy: Strategy = Field(default_factory=Strategy, description="Aggregation strategy.")
+    model: ModelSource = Field(default_factory=ModelSource, description="Initial global model.")
+    server: ServerTemplate = Field(default_factory=ServerTemplate, description="Server (aggregator) container.")
+    clients: list[ClientSite] = Field(
+        min_length=1,
+        description="Client sites, one pod each.",
+        # Lets the API server itself reject duplicate site names.
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    trainer: TrainerTemplate = Field(description="Trainer container every client site runs.")
+    sidecar: Sidecar = Field(default_factory=Sidecar, description="Job-cell sidecar.")
+    transfer: Transfer = Field(default_factory=Transfer, description="Tensor transfer settings.")
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="Lifecycle timeouts.")
+    suspend: bool = Field(default=False, description="Remove the pods and keep the checkpoint; false resumes.")
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        alias="ttlSecondsAfterFinished",
+        ge=0,
+        description="Delete the job's pods this long after it ends.",
+    )
+
+    @property
+    def quorum(self) -> int:
+        """Results needed per round: `minClients`, or every client when unset."""
+        return self.min_clients if self.min_clients is not None else len(self.clients)
+
+
+class ObjectMeta(_Model):
+    """The part of Kubernetes metadata fedkube reads; what the API server adds is ignored."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=63, pattern=DNS1035_LABEL, description="FLJob name.")
+    namespace: str | None = Field(default=None, max_length=63, pattern=DNS1123_LABEL, description="Namespace.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
+    uid: str | None = Field(default=None, description="Set by the API server.")
+
+
+class FLJob(_Model):
+    """A federated learning job (apiVersion fedkube.dev/v1alpha1, kind FLJob)."""
+
+    # The API server adds status; the spec model reads only what it owns.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+    api_version: Literal["fedkube.dev/v1alpha1"] = Field(default="fedkube.dev/v1alpha1", alias="apiVersion")
+    kind: Literal["FLJob"] = "FLJob"
+    metadata: ObjectMeta
+    spec: FLJobSpec
+    status: PassThrough | None = Field(default=None, exclude=True)
+
+    @property
+    def name(self) -> str:
+        """The job's name."""
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        """The job's namespace (`default` when the manifest names none)."""
+        return self.metadata.namespace or "default"
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The job as a Kubernetes manifest with every default filled in; `parse_job` of it gives this job back."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
+        meta = data["metadata"]
+        if not meta.get("labels"):
+            meta.pop("labels", None)
+        return data

@@ -1,0 +1,73 @@
+"""The FLJob status the operator writes: the shape it has in the CRD, shared by the operator and the docs.
+
+The operator owns the values (phase transitions, conditions, per-client
+states); this module only fixes their names and types so that `kubectl get
+flj` and the CRD schema agree with what is written.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Phase = Literal["Pending", "Deploying", "Running", "Succeeded", "Failed", "Suspended"]
+# Documented, not enforced: a status patch the API server rejects would hide the very state it reports.
+CLIENT_STATES = ("Pending", "Registered", "Training", "Uploading", "Done", "Failed", "Lost")
+
+
+class _Status(BaseModel):
+    # Reading a status written by an older or newer operator must not fail.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class ClientStatus(_Status):
+    """One client site's state and, when it is not healthy, why."""
+
+    state: str = Field(description="Pending, Registered, Training, Uploading, Done, Failed or Lost.")
+    reason: str | None = Field(default=None, description="Machine-readable reason, e.g. PendingTimeout.")
+    message: str | None = Field(default=None, description="What happened and what to do about it.")
+    pod: str | None = Field(default=None, description="The client's pod.")
+
+
+class Condition(_Status):
+    """A Kubernetes-style condition (Ready, Invalid, Succeeded, Failed, ...)."""
+
+    type: str = Field(description="Condition type.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str | None = Field(default=None, description="Machine-readable reason in CamelCase.")
+    message: str | None = Field(default=None, description="Human-readable explanation.")
+    last_transition_time: str | None = Field(
+        default=None, alias="lastTransitionTime", description="When status last changed (RFC 3339)."
+    )
+    observed_generation: int | None = Field(default=None, alias="observedGeneration", description="Spec generation.")
+
+
+class FLJobStatus(_Status):
+    """What the operator reports about an FLJob."""
+
+    # kopf and future operator versions add fields of their own.
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    phase: Phase | None = Field(default=None, description="Pending, Deploying, Running, Succeeded, Failed, Suspended.")
+    round: int | None = Field(default=None, description="Current (or last completed) round.")
+    rounds: int | None = Field(default=None, description="Total rounds.")
+    round_display: str | None = Field(default=None, alias="roundDisplay", description="round/rounds, e.g. 3/20.")
+    clients: dict[str, ClientStatus] = Field(default_factory=dict, description="Per-site state, keyed by site name.")
+    clients_ready: int | None = Field(default=None, alias="clientsReady", description="Healthy client sites.")
+    clients_total: int | None = Field(default=None, alias="clientsTotal", description="Client sites in the spec.")
+    clients_display: str | None = Field(
+        default=None, alias="clientsDisplay", description="clientsReady/clientsTotal, e.g. 2/3."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Conditions, one per type.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    start_time: str | None = Field(default=None, alias="startTime", description="When the job started (RFC 3339).")
+    completion_time: str | None = Field(
+        default=None, alias="completionTime", description="When the job finished (RFC 3339)."
+    )
+    observed_generation: int | None = Field(
+        default=None, alias="observedGeneration", description="The spec generation this status describes."
+    )

@@ -1,0 +1,179 @@
+"""The checked-in CRD is generated from the spec model, structural, and accepts what the model accepts."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from fedkube.spec import parse_job
+from fedkube.spec.crd import build_crd, to_structural
+from tests.unit.spec.manifests import ROOT, example_manifest, full_manifest
+
+CRD_FILE = ROOT / "crds" / "fedkube.dev_fljobs.yaml"
+
+
+@pytest.fixture(scope="module")
+def crd() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(CRD_FILE.read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def schema(crd: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return result
+
+
+def _validator(schema: dict[str, Any]) -> jsonschema.Validator:
+    # OpenAPI v3.0 schema objects follow draft 4 semantics (boolean exclusiveMinimum); x- keys are ignored.
+    return jsonschema.Draft4Validator(schema)
+
+
+def test_checked_in_crd_matches_the_model() -> None:
+    proc = subprocess.run([sys.executable, "scripts/gen_crd.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_checked_in_crd_equals_build_crd(crd: dict[str, Any]) -> None:
+    assert crd == build_crd()
+
+
+def test_crd_identity(crd: dict[str, Any]) -> None:
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == "fljobs.fedkube.dev"
+    assert spec["group"] == "fedkube.dev" and spec["scope"] == "Namespaced"
+    assert spec["names"]["kind"] == "FLJob" and spec["names"]["plural"] == "fljobs"
+    assert spec["names"]["shortNames"] == ["flj"]
+    (version,) = spec["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns == {
+        "Phase": ".status.phase",
+        "Round": ".status.roundDisplay",
+        "Clients": ".status.clientsDisplay",
+        "Age": ".metadata.creationTimestamp",
+    }
+
+
+def _nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, node
+    for key, child in node.get("properties", {}).items():
+        yield from _nodes(child, f"{path}.{key}")
+    if "items" in node:
+        yield from _nodes(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _nodes(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_schema_is_structural(schema: dict[str, Any]) -> None:
+    forbidden = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "const", "title", "default", "nullable"}
+    for path, node in _nodes(schema):
+        assert not forbidden & node.keys(), f"{path}: {forbidden & node.keys()}"
+        typed = (
+            "type" in node or node.get("x-kubernetes-int-or-string") or node.get("x-kubernetes-preserve-unknown-fields")
+        )
+        assert typed, f"{path} has no type"
+        assert not ("properties" in node and "additionalProperties" in node), path
+        if "exclusiveMinimum" in node:
+            assert node["exclusiveMinimum"] is True and "minimum" in node, path
+
+
+def test_schema_describes_the_status(schema: dict[str, Any]) -> None:
+    status = schema["properties"]["status"]["properties"]
+    for field in (
+        "phase",
+        "round",
+        "rounds",
+        "roundDisplay",
+        "clients",
+        "conditions",
+        "startTime",
+        "completionTime",
+        "clientsReady",
+        "clientsTotal",
+        "clientsDisplay",
+    ):
+        assert field in status, field
+    assert status["phase"]["enum"] == ["Pending", "Deploying", "Running", "Succeeded", "Failed", "Suspended"]
+    assert {"state", "reason"} <= status["clients"]["additionalProperties"]["properties"].keys()
+    assert {"type", "status", "reason", "message", "lastTransitionTime"} <= status["conditions"]["items"][
+        "properties"
+    ].keys()
+
+
+def test_pass_through_only_where_needed(schema: dict[str, Any]) -> None:
+    preserved = {path for path, node in _nodes(schema) if node.get("x-kubernetes-preserve-unknown-fields")}
+    assert preserved == {
+        ".spec.server.env[].valueFrom",
+        ".spec.server.volumes[]",
+        ".spec.server.volumeMounts[]",
+        ".spec.clients[].env[].valueFrom",
+        ".spec.trainer.env[].valueFrom",
+        ".spec.trainer.volumes[]",
+        ".spec.trainer.volumeMounts[]",
+        ".status",
+    }
+
+
+def test_site_names_are_a_list_map(schema: dict[str, Any]) -> None:
+    clients = schema["properties"]["spec"]["properties"]["clients"]
+    assert clients["x-kubernetes-list-type"] == "map" and clients["x-kubernetes-list-map-keys"] == ["name"]
+    assert clients["items"]["required"] == ["name"]
+
+
+@pytest.mark.parametrize("make", [example_manifest, full_manifest], ids=["example", "full"])
+def test_manifests_validate_against_the_crd(schema: dict[str, Any], make: Any) -> None:
+    data = make()
+    _validator(schema).validate(data)
+    # What the spec model writes back (every default filled in) must be acceptable to the API server too.
+    _validator(schema).validate(parse_job(data).to_manifest())
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("spec", "rounds"), 0),
+        (("spec", "strategy", "name"), "fedprox"),
+        (("spec", "clients"), []),
+        (("spec", "trainer", "command"), "python train.py"),
+        (("spec", "timeouts", "roundSeconds"), 0),
+        (("spec", "clients", 0, "name"), "Site A"),
+    ],
+    ids=["rounds-zero", "strategy", "no-clients", "command-string", "zero-timeout", "site-name"],
+)
+def test_crd_schema_rejects_bad_values(schema: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
+    data = copy.deepcopy(example_manifest())
+    node: Any = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    assert list(_validator(schema).iter_errors(data)), f"{path}={value!r} was accepted"
+
+
+def test_to_structural_rejects_real_unions() -> None:
+    with pytest.raises(ValueError, match="union"):
+        to_structural({"anyOf": [{"type": "string"}, {"type": "integer"}]})
+
+
+def test_to_structural_inlines_refs_and_converts_exclusive_bounds() -> None:
+    out = to_structural(
+        {
+            "$defs": {"X": {"type": "object", "properties": {"v": {"type": "number", "exclusiveMinimum": 0}}}},
+            "type": "object",
+            "properties": {"x": {"$ref": "#/$defs/X", "description": "an x"}, "k": {"const": "a", "default": "a"}},
+        }
+    )
+    assert out["properties"]["x"] == {
+        "type": "object",
+        "description": "an x",
+        "properties": {"v": {"type": "number", "minimum": 0, "exclusiveMinimum": True}},
+    }
+    assert out["properties"]["k"] == {"enum": ["a"], "type": "string", "description": 'Default: "a".'}
