@@ -1,0 +1,119 @@
+"""Ports and addresses for pods that share one machine.
+
+In Kubernetes every pod has its own network namespace, so the server can listen
+on 7070 and every client pod's sidecar on 7071. On one machine those ports
+collide, so each (pod, container port) pair gets its own free localhost port,
+and each Service DNS name is mapped to the local port of the pod behind it.
+The same resolver object serves the e2e tests, where pods created in an
+emulated Kubernetes API are run one at a time by ``run_pod``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from fedkube.errors import ConfigError
+
+LOCAL_HOST = "127.0.0.1"
+_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
+_CLUSTER_SUFFIXES = (".svc", ".svc.cluster.local")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    The port is closed again before it is returned, so another process could
+    take it in between; the pool in ``LocalResolver`` never hands the same port
+    out twice, which is the collision that matters here.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOCAL_HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalResolver:
+    """Maps pod ports and Service names of a rendered job onto localhost ports (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ports: dict[tuple[str, int], int] = {}
+        self._taken: set[int] = set()
+        self._services: dict[tuple[str, int], tuple[str, int]] = {}  # (host, port) -> (pod key, container port)
+
+    def local_port(self, pod_key: str, container_port: int) -> int:
+        """The localhost port that stands for ``container_port`` of the pod ``pod_key`` (stable)."""
+        if container_port <= 0:
+            raise ValueError(f"container port must be positive, got {container_port}")
+        with self._lock:
+            known = self._ports.get((pod_key, container_port))
+            if known is not None:
+                return known
+            port = free_port()
+            while port in self._taken:
+                port = free_port()
+            self._taken.add(port)
+            self._ports[(pod_key, container_port)] = port
+            return port
+
+    def add_service(self, service: Mapping[str, Any], pod: Mapping[str, Any]) -> None:
+        """Route the Service's DNS names and ports to ``pod`` (which its selector picks).
+
+        ``targetPort`` may be a number or the name of a container port, as in
+        Kubernetes; a missing targetPort means the same number as ``port``.
+        """
+        meta = service.get("metadata", {})
+        name = str(meta.get("name", ""))
+        namespace = str(meta.get("namespace") or "default")
+        pod_key = pod_key_of(pod)
+        named = _named_ports(pod)
+        for entry in service.get("spec", {}).get("ports", []):
+            port = int(entry["port"])
+            target = entry.get("targetPort", port)
+            if isinstance(target, str) and not target.isdigit():
+                if target not in named:
+                    raise ConfigError(
+                        f"Service {name!r} targets port {target!r}, which no container of pod "
+                        f"{pod_key!r} declares; fix: name the container port or use a number"
+                    )
+                target = named[target]
+            hosts = [name, f"{name}.{namespace}", *(f"{name}.{namespace}{suffix}" for suffix in _CLUSTER_SUFFIXES)]
+            with self._lock:
+                for host in hosts:
+                    self._services[(host, port)] = (pod_key, int(target))
+
+    def resolve(self, pod_key: str, address: str) -> str:
+        """Rewrite ``host:port`` as seen from inside ``pod_key`` into a localhost address.
+
+        Loopback addresses stay inside the same pod; Service names go to the pod
+        behind the Service. Anything else is left as it is (an external host).
+        """
+        host, sep, port_text = address.rpartition(":")
+        if not sep or not port_text.isdigit():
+            return address
+        port = int(port_text)
+        if host in _LOOPBACK_NAMES:
+            return f"{LOCAL_HOST}:{self.local_port(pod_key, port)}"
+        with self._lock:
+            target = self._services.get((host, port))
+        if target is None:
+            return address
+        return f"{LOCAL_HOST}:{self.local_port(*target)}"
+
+
+def pod_key_of(pod: Mapping[str, Any]) -> str:
+    """``namespace/name`` of a pod manifest: the key its ports are stored under."""
+    meta = pod.get("metadata", {})
+    return f"{meta.get('namespace') or 'default'}/{meta.get('name', '')}"
+
+
+def _named_ports(pod: Mapping[str, Any]) -> dict[str, int]:
+    spec = pod.get("spec", {})
+    named: dict[str, int] = {}
+    for container in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+        for entry in container.get("ports", []) or []:
+            if entry.get("name"):
+                named[str(entry["name"])] = int(entry["containerPort"])
+    return named
