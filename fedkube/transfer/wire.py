@@ -1,0 +1,254 @@
+"""The Download service on the wire: chunk encoding, method names, gRPC options.
+
+Chunks are built and parsed here without the generated protobuf classes: the
+publisher writes the ``fedkube.v1.Chunk`` bytes straight from a memoryview of
+the tensor (one copy, into the message; ``Chunk(data=bytes(view))`` would make
+two) and the receiver reads the payload as a memoryview into the received
+message (zero copies before the final write into the caller's buffer). The
+bytes are ordinary ``fedkube.v1.Chunk`` messages: the generated stub parses
+them, and a test checks both directions against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from fedkube.transfer import errors as e
+from fedkube.wire.v1 import tensor_pb2
+
+FETCH_METHOD = "/fedkube.v1.Download/Fetch"
+COMPLETE_METHOD = "/fedkube.v1.Download/Complete"
+SERVICE_NAME = "fedkube.v1.Download"
+
+# Measured on loopback (bench/README.md): 1 MiB chunks reach the throughput
+# plateau; larger ones only grow per-stream memory.
+DEFAULT_CHUNK_BYTES = 1 << 20
+# Upper bound a request may ask for. Messages are sized for it plus headroom
+# for the offset/tag bytes, so no gRPC limit below a chunk exists anywhere.
+MAX_CHUNK_BYTES = 16 << 20
+MESSAGE_HEADROOM = 64 << 10
+MAX_CHUNK_MESSAGE = MAX_CHUNK_BYTES + MESSAGE_HEADROOM
+# Requests (FetchRequest, CompleteRequest) are a few hundred bytes: a server
+# rejects anything bigger than this with RESOURCE_EXHAUSTED.
+MAX_REQUEST_MESSAGE = 1 << 20
+
+_KEEPALIVE = [
+    # Long fetches are mostly one-way; pings detect a dead peer within ~40 s.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def server_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """Options for a gRPC server that serves Download (sized for the largest chunk)."""
+    return [
+        ("grpc.max_send_message_length", MAX_CHUNK_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_REQUEST_MESSAGE),
+        *_KEEPALIVE,
+        # Accept the clients' keepalive pings instead of answering GOAWAY(too_many_pings).
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.so_reuseport", 0),
+        *extra,
+    ]
+
+
+def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """Options for a channel that fetches chunks (receives messages up to the largest chunk)."""
+    return [
+        ("grpc.max_receive_message_length", MAX_CHUNK_MESSAGE),
+        ("grpc.max_send_message_length", MAX_CHUNK_MESSAGE),
+        *_KEEPALIVE,
+        *extra,
+    ]
+
+
+def insecure_channel(address: str, extra: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A plaintext channel with :func:`channel_options` (localhost and tests; production uses TLS)."""
+    return grpc.insecure_channel(address, options=channel_options(extra))
+
+
+# --- Chunk encoding -----------------------------------------------------------------
+
+_TAG_OFFSET = 0x08  # field 1, varint
+_TAG_DATA = 0x12  # field 2, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_chunk(offset: int, data: Any) -> bytes:
+    """The wire bytes of ``fedkube.v1.Chunk(offset=offset, data=data)``, copying ``data`` once."""
+    mv = memoryview(data)
+    if offset < 0 or offset >= 1 << 64:
+        raise ValueError(f"chunk offset {offset} is outside uint64")
+    header = bytes((_TAG_OFFSET,)) + _varint(offset) + bytes((_TAG_DATA,)) + _varint(mv.nbytes)
+    return header + mv  # bytes + buffer -> one new bytes object
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint in Chunk message")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            if result >= 1 << 64:
+                raise ValueError("varint larger than 64 bits in Chunk message")
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise ValueError("varint longer than 10 bytes in Chunk message")
+
+
+def decode_chunk(raw: bytes) -> tuple[int, memoryview]:
+    """Parse ``fedkube.v1.Chunk`` wire bytes into (offset, data view into ``raw``).
+
+    Follows protobuf rules: fields in any order, the last occurrence wins,
+    unknown fields are skipped. Raises ValueError on malformed input and on
+    (obsolete) groups, which protobuf would skip.
+    """
+    buf = memoryview(raw).cast("B")
+    pos = 0
+    offset = 0
+    data = buf[0:0]
+    end = len(buf)
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if field == 0 or key >= 1 << 32:
+            raise ValueError(f"invalid field tag {key} in Chunk message")
+        # A known field with an unexpected wire type is skipped as unknown, as protobuf does.
+        if wire_type == 0:
+            value, pos = _read_varint(buf, pos)
+            if field == 1:
+                offset = value
+        elif wire_type == 2:
+            length, pos = _read_varint(buf, pos)
+            if length > end - pos:
+                raise ValueError("length-delimited field runs past the end of the Chunk message")
+            if field == 2:
+                data = buf[pos : pos + length]
+            pos += length
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            # Groups (wire types 3/4) are obsolete and never sent by fedkube: refuse rather than guess.
+            raise ValueError(f"unsupported wire type {wire_type} (group) in Chunk message")
+        if pos > end:
+            raise ValueError("truncated field at the end of the Chunk message")
+    return offset, data
+
+
+def _identity(raw: bytes) -> bytes:
+    return raw
+
+
+def add_download_servicer(server: grpc.Server, servicer: Any) -> None:
+    """Register a Download servicer whose ``Fetch`` yields already-encoded Chunk bytes.
+
+    ``servicer.Fetch(FetchRequest, context)`` must yield ``bytes`` from
+    :func:`encode_chunk` (or relayed raw Chunk messages); ``servicer.Complete``
+    returns a ``CompleteResponse``. Use this instead of the generated
+    ``add_DownloadServicer_to_server``, whose serializer expects Chunk objects.
+    """
+    handlers = {
+        "Fetch": grpc.unary_stream_rpc_method_handler(
+            servicer.Fetch,
+            request_deserializer=tensor_pb2.FetchRequest.FromString,
+            response_serializer=_identity,
+        ),
+        "Complete": grpc.unary_unary_rpc_method_handler(
+            servicer.Complete,
+            request_deserializer=tensor_pb2.CompleteRequest.FromString,
+            response_serializer=tensor_pb2.CompleteResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+# --- status codes <-> errors ---------------------------------------------------------
+
+
+def status_code_for(error: Exception) -> grpc.StatusCode:
+    """The gRPC status a server answers for a transfer error.
+
+    An expired (released) transaction is FAILED_PRECONDITION, not NOT_FOUND:
+    the ids were right, but the state no longer allows the fetch, and retrying
+    the same request cannot help (the publisher must publish again).
+    """
+    table: list[tuple[type[Exception], grpc.StatusCode]] = [
+        (e.TransactionExpiredError, grpc.StatusCode.FAILED_PRECONDITION),
+        (e.RefNotFoundError, grpc.StatusCode.NOT_FOUND),
+        (e.OffsetOutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
+        (e.ReceiverNotExpectedError, grpc.StatusCode.PERMISSION_DENIED),
+        (e.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+        (e.InvalidRefError, grpc.StatusCode.INVALID_ARGUMENT),
+        (e.TransactionExistsError, grpc.StatusCode.ALREADY_EXISTS),
+        (e.TransferAbortedError, grpc.StatusCode.CANCELLED),
+        (e.ChunkTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (e.StreamBrokenError, grpc.StatusCode.UNAVAILABLE),
+        (e.ChecksumMismatchError, grpc.StatusCode.DATA_LOSS),
+    ]
+    for kind, code in table:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+# Codes a retry (after backoff, from the last good offset) may fix.
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+def error_from_rpc(
+    err: grpc.RpcError, *, transaction_id: str | None, ref_id: str | None, receiver: str | None
+) -> Exception:
+    """Classify a failed call into the matching transfer error (retryable ones are StreamBrokenError)."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or str(err)
+    kinds: dict[grpc.StatusCode, type[e.TransferError]] = {
+        grpc.StatusCode.NOT_FOUND: e.RefNotFoundError,
+        grpc.StatusCode.FAILED_PRECONDITION: e.TransactionExpiredError,
+        grpc.StatusCode.OUT_OF_RANGE: e.OffsetOutOfRangeError,
+        grpc.StatusCode.PERMISSION_DENIED: e.ReceiverNotExpectedError,
+        grpc.StatusCode.INVALID_ARGUMENT: e.InvalidRequestError,
+        grpc.StatusCode.ALREADY_EXISTS: e.TransactionExistsError,
+    }
+    ids = {"transaction_id": transaction_id, "ref_id": ref_id, "receiver": receiver}
+    if code in kinds:
+        return kinds[code](f"source answered {code.name}: {details}", **ids)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return e.ChunkTimeoutError(f"source answered {code.name}: {details}", **ids)
+    if code in RETRYABLE_CODES:
+        return e.SourceUnavailableError(f"source answered {code.name}: {details}", **ids)
+    return e.TransferError(f"source answered {code.name}: {details}", **ids)
