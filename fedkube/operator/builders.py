@@ -1,0 +1,478 @@
+"""Pure manifest builders: an FLJob in, the Kubernetes objects that run it out.
+
+No I/O, no kopf, no clock: the operator creates exactly what these return,
+`fedkube render` prints it, and the local runtime runs its commands. Tokens
+are inputs (the operator generates them), so the builders stay deterministic.
+
+Choices that apply to every pod, and why:
+
+* ``restartPolicy: Never``. Retrying belongs to the operator and the server:
+  a client exit is a decision with a reason (DeployTimeout,
+  ExitedBeforeDownload, teardown noise after success, lesson 19), and a
+  kubelet restart would hide it and re-run a trainer mid-round; a server
+  restart is the operator's to make, resuming from the checkpoint. The
+  sidecar is the exception: as a native sidecar (``restartPolicy: Always`` in
+  ``initContainers``) the kubelet restarts it, and it reconnects and resumes.
+* Non-root everywhere: fixed UID/GID 65532 with fsGroup so Secrets, emptyDirs
+  and the checkpoint claim are readable/writable, no privilege escalation,
+  all capabilities dropped, seccomp RuntimeDefault, no service-account token
+  (no fedkube pod talks to the Kubernetes API), no service-link env noise.
+* Read-only root filesystems for the server and sidecar (fedkube's own image,
+  which only writes to the mounted directories and /tmp). The trainer's root
+  stays writable: user scripts and their libraries write caches in places we
+  cannot predict; it gets its own emptyDir work directory (lesson 24).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedkube import envvars
+from fedkube.errors import ConfigError
+from fedkube.operator import naming
+from fedkube.spec import layout
+from fedkube.spec.checks import merge_env, merge_resources
+from fedkube.spec.load import validate_job
+from fedkube.spec.model import ClientSite, EnvVar, FLJob, Resources, Toleration
+
+RUN_AS = 65532
+FILE_MODE_SECRET = 0o440  # group-readable: files belong to root, readable by the fsGroup
+
+VOLUME_SPEC = f"{layout.RESERVED_VOLUME_PREFIX}spec"
+VOLUME_TOKENS = f"{layout.RESERVED_VOLUME_PREFIX}tokens"
+VOLUME_TOKEN = f"{layout.RESERVED_VOLUME_PREFIX}token"
+VOLUME_CHECKPOINT = f"{layout.RESERVED_VOLUME_PREFIX}checkpoint"
+VOLUME_WORKDIR = f"{layout.RESERVED_VOLUME_PREFIX}work"
+VOLUME_TMP = f"{layout.RESERVED_VOLUME_PREFIX}tmp"
+
+Manifest = dict[str, Any]
+
+
+def build_all(job: FLJob, *, tokens: Mapping[str, str], owner: Mapping[str, Any] | None = None) -> list[Manifest]:
+    """Every object the operator creates for `job`, in creation order (config and secrets before pods).
+
+    `tokens` maps each site name to its token. `owner` is the FLJob object as
+    the API server returned it (apiVersion, kind, metadata.name, metadata.uid);
+    when given, every child gets a controller owner reference so deleting the
+    FLJob deletes them. Raises :class:`SpecError` for an invalid job and
+    :class:`ConfigError` for a missing token or an owner without a uid.
+    """
+    validate_job(job)
+    objs = [
+        build_spec_configmap(job, owner=owner),
+        build_server_tokens_secret(job, tokens=tokens, owner=owner),
+        *(build_client_token_secret(job, site.name, tokens=tokens, owner=owner) for site in job.spec.clients),
+    ]
+    pvc = build_checkpoint_pvc(job, owner=owner)
+    if pvc is not None:
+        objs.append(pvc)
+    objs.append(build_server_service(job, owner=owner))
+    objs.append(build_server_pod(job, owner=owner))
+    objs.extend(build_client_pod(job, site.name, owner=owner) for site in job.spec.clients)
+    return objs
+
+
+# --- metadata -----------------------------------------------------------------
+
+
+def owner_references(owner: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The controller owner reference to the FLJob, or none without an owner."""
+    if owner is None:
+        return []
+    meta = owner.get("metadata") or {}
+    missing = [
+        k
+        for k, v in (
+            ("apiVersion", owner.get("apiVersion")),
+            ("kind", owner.get("kind")),
+            ("metadata.name", meta.get("name")),
+            ("metadata.uid", meta.get("uid")),
+        )
+        if not v
+    ]
+    if missing:
+        raise ConfigError(
+            f"the owner object lacks {', '.join(missing)}; fix: pass the FLJob as read from the API server "
+            "(owner references need its uid), or owner=None"
+        )
+    return [
+        {
+            "apiVersion": owner["apiVersion"],
+            "kind": owner["kind"],
+            "name": meta["name"],
+            "uid": meta["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+
+
+def _meta(
+    job: FLJob,
+    name: str,
+    role: str,
+    owner: Mapping[str, Any] | None,
+    site: str | None = None,
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": naming.labels(job.name, role, site),
+    }
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    refs = owner_references(owner)
+    if refs:
+        meta["ownerReferences"] = refs
+    return meta
+
+
+def spec_hash(job: FLJob) -> str:
+    """A short digest of the spec, so the operator can tell whether a running pod matches the current spec."""
+    text = json.dumps(job.to_manifest()["spec"], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- config, secrets, storage ---------------------------------------------------
+
+
+def build_spec_configmap(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> Manifest:
+    """The job as JSON (every default filled in), mounted into the server at ``FEDKUBE_SPEC_FILE``."""
+    manifest = job.to_manifest()
+    manifest["metadata"]["namespace"] = job.namespace
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(job, naming.spec_configmap_name(job.name), naming.ROLE_SERVER, owner),
+        "data": {layout.SPEC_FILE_NAME: json.dumps(manifest, indent=2, sort_keys=True) + "\n"},
+    }
+
+
+def _token(tokens: Mapping[str, str], site: str, job: str) -> str:
+    token = tokens.get(site)
+    if not isinstance(token, str) or not token:
+        raise ConfigError(f"no token for site {site!r} of job {job!r}; fix: pass tokens with one entry per client site")
+    return token
+
+
+def build_server_tokens_secret(
+    job: FLJob, *, tokens: Mapping[str, str], owner: Mapping[str, Any] | None = None
+) -> Manifest:
+    """Every site's token, one key per site; mounted only into the server (``FEDKUBE_TOKENS_DIR``)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _meta(job, naming.server_tokens_secret_name(job.name), naming.ROLE_SERVER, owner),
+        "stringData": {site.name: _token(tokens, site.name, job.name) for site in job.spec.clients},
+    }
+
+
+def build_client_token_secret(
+    job: FLJob, site: str, *, tokens: Mapping[str, str], owner: Mapping[str, Any] | None = None
+) -> Manifest:
+    """One site's token; mounted only into that site's sidecar (``FEDKUBE_TOKEN_FILE``), never the trainer."""
+    _site(job, site)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _meta(job, naming.client_token_secret_name(job.name, site), naming.ROLE_CLIENT, owner, site),
+        "stringData": {layout.TOKEN_FILE_NAME: _token(tokens, site, job.name)},
+    }
+
+
+def build_checkpoint_pvc(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> Manifest | None:
+    """The checkpoint claim when ``spec.server.checkpoint.enabled``, else None (an emptyDir is used)."""
+    ckpt = job.spec.server.checkpoint
+    if not ckpt.enabled:
+        return None
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": ckpt.storage_size}},
+    }
+    if ckpt.storage_class_name:
+        spec["storageClassName"] = ckpt.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(job, naming.checkpoint_pvc_name(job.name), naming.ROLE_SERVER, owner),
+        "spec": spec,
+    }
+
+
+# --- server ----------------------------------------------------------------------
+
+
+def build_server_service(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> Manifest:
+    """ClusterIP Service ``{job}-server``: gRPC for the sidecars, status for the operator, metrics for Prometheus."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, naming.server_name(job.name), naming.ROLE_SERVER, owner),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {naming.LABEL_JOB: job.name, naming.LABEL_ROLE: naming.ROLE_SERVER},
+            "ports": [
+                {
+                    "name": "grpc",
+                    "port": envvars.DEFAULT_GRPC_PORT,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "kubernetes.io/h2c",
+                },
+                {
+                    "name": "status",
+                    "port": envvars.DEFAULT_STATUS_PORT,
+                    "targetPort": "status",
+                    "protocol": "TCP",
+                    "appProtocol": "http",
+                },
+                {
+                    "name": "metrics",
+                    "port": envvars.DEFAULT_METRICS_PORT,
+                    "targetPort": "metrics",
+                    "protocol": "TCP",
+                    "appProtocol": "http",
+                },
+            ],
+        },
+    }
+
+
+def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> Manifest:
+    """The aggregator Pod ``{job}-server``."""
+    server = job.spec.server
+    env = [
+        _env(envvars.JOB, job.name),
+        _env(envvars.NAMESPACE, job.namespace),
+        _env(envvars.SPEC_FILE, f"{layout.SPEC_DIR}/{layout.SPEC_FILE_NAME}"),
+        _env(envvars.GRPC_PORT, str(envvars.DEFAULT_GRPC_PORT)),
+        _env(envvars.STATUS_PORT, str(envvars.DEFAULT_STATUS_PORT)),
+        _env(envvars.METRICS_PORT, str(envvars.DEFAULT_METRICS_PORT)),
+        _env(envvars.TOKENS_DIR, layout.TOKENS_DIR),
+        _env(envvars.CHECKPOINT_DIR, layout.CHECKPOINT_DIR),
+        _env(envvars.TERMINATION_LOG, layout.TERMINATION_LOG),
+        *(_env_var(e) for e in server.env),
+    ]
+    mounts = [
+        {"name": VOLUME_SPEC, "mountPath": layout.SPEC_DIR, "readOnly": True},
+        {"name": VOLUME_TOKENS, "mountPath": layout.TOKENS_DIR, "readOnly": True},
+        {"name": VOLUME_CHECKPOINT, "mountPath": layout.CHECKPOINT_DIR},
+        {"name": VOLUME_TMP, "mountPath": layout.TMP_DIR},
+        *(dict(m) for m in server.volume_mounts),
+    ]
+    container: dict[str, Any] = {
+        "name": naming.SERVER_CONTAINER,
+        "image": server.image,
+        "command": list(server.command),
+        "env": env,
+        "ports": [
+            {"name": "grpc", "containerPort": envvars.DEFAULT_GRPC_PORT, "protocol": "TCP"},
+            {"name": "status", "containerPort": envvars.DEFAULT_STATUS_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": envvars.DEFAULT_METRICS_PORT, "protocol": "TCP"},
+        ],
+        # A TCP check needs no knowledge of the status endpoint's paths: listening means serving.
+        "readinessProbe": {"tcpSocket": {"port": "status"}, "periodSeconds": 5, "failureThreshold": 3},
+        "volumeMounts": mounts,
+        "terminationMessagePath": layout.TERMINATION_LOG,
+        # The server writes its JSON summary there; if it dies before writing, the log tail says why.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _container_security(read_only_root=True),
+    }
+    if server.args:
+        container["args"] = list(server.args)
+    _set_resources(container, server.resources)
+    checkpoint: dict[str, Any]
+    if server.checkpoint.enabled:
+        checkpoint = {"persistentVolumeClaim": {"claimName": naming.checkpoint_pvc_name(job.name)}}
+    else:
+        checkpoint = {"emptyDir": {}}
+    volumes = [
+        {"name": VOLUME_SPEC, "configMap": {"name": naming.spec_configmap_name(job.name)}},
+        {
+            "name": VOLUME_TOKENS,
+            "secret": {"secretName": naming.server_tokens_secret_name(job.name), "defaultMode": FILE_MODE_SECRET},
+        },
+        {"name": VOLUME_CHECKPOINT, **checkpoint},
+        {"name": VOLUME_TMP, "emptyDir": {}},
+        *(dict(v) for v in server.volumes),
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _meta(
+            job,
+            naming.server_name(job.name),
+            naming.ROLE_SERVER,
+            owner,
+            annotations={naming.ANNOTATION_SPEC_HASH: spec_hash(job)},
+        ),
+        "spec": _pod_spec([container], volumes, server.node_selector, server.tolerations),
+    }
+
+
+# --- clients ----------------------------------------------------------------------
+
+
+def _site(job: FLJob, site: str) -> ClientSite:
+    for entry in job.spec.clients:
+        if entry.name == site:
+            return entry
+    known = ", ".join(c.name for c in job.spec.clients)
+    raise ConfigError(f"job {job.name!r} has no client site {site!r}; fix: use one of {known}")
+
+
+def build_client_pod(job: FLJob, site: str, *, owner: Mapping[str, Any] | None = None) -> Manifest:
+    """Client Pod ``{job}-client-{site}``: the job-cell sidecar (native sidecar) and the user's trainer.
+
+    Only the sidecar mounts the site's token; the trainer reaches the server
+    solely through the sidecar on localhost.
+    """
+    entry = _site(job, site)
+    spec, trainer = job.spec, job.spec.trainer
+    sidecar_port = envvars.DEFAULT_TRAINER_PORT
+    sidecar: dict[str, Any] = {
+        "name": naming.SIDECAR_CONTAINER,
+        "image": spec.sidecar.image,
+        "command": ["fedkube", "sidecar"],
+        # Native sidecar (Kubernetes >= 1.29): starts before the trainer, outlives it, and never blocks completion.
+        "restartPolicy": "Always",
+        "env": [
+            _env(envvars.JOB, job.name),
+            _env(envvars.NAMESPACE, job.namespace),
+            _env(envvars.SITE, site),
+            _env(envvars.SERVER_ADDRESS, naming.server_address(job.name, job.namespace, envvars.DEFAULT_GRPC_PORT)),
+            _env(envvars.TOKEN_FILE, f"{layout.TOKEN_DIR}/{layout.TOKEN_FILE_NAME}"),
+            _env(envvars.TRAINER_PORT, str(sidecar_port)),
+            _env(envvars.METRICS_PORT, str(envvars.DEFAULT_METRICS_PORT)),
+        ],
+        "ports": [{"name": "metrics", "containerPort": envvars.DEFAULT_METRICS_PORT, "protocol": "TCP"}],
+        "volumeMounts": [
+            {"name": VOLUME_TOKEN, "mountPath": layout.TOKEN_DIR, "readOnly": True},
+            {"name": VOLUME_TMP, "mountPath": layout.TMP_DIR},
+        ],
+        "securityContext": _container_security(read_only_root=True),
+    }
+    _set_resources(sidecar, spec.sidecar.resources)
+
+    user_env = merge_env(trainer.env, entry.env)
+    ours = [
+        _env(envvars.JOB, job.name),
+        _env(envvars.NAMESPACE, job.namespace),
+        _env(envvars.SITE, site),
+        _env(envvars.SIDECAR_ADDRESS, f"127.0.0.1:{sidecar_port}"),
+        _env(envvars.WORKDIR, layout.WORKDIR),
+    ]
+    if not any(e.name == "HOME" for e in user_env):
+        # The fixed non-root UID has no home directory; libraries that cache under $HOME then fail.
+        ours.append(_env("HOME", layout.WORKDIR))
+    container: dict[str, Any] = {
+        "name": naming.TRAINER_CONTAINER,
+        "image": trainer.image,
+        "command": list(trainer.command),
+        "env": [*ours, *(_env_var(e) for e in user_env)],
+        "volumeMounts": [
+            {"name": VOLUME_WORKDIR, "mountPath": layout.WORKDIR},
+            *(dict(m) for m in trainer.volume_mounts),
+        ],
+        "securityContext": _container_security(read_only_root=False),
+    }
+    if trainer.args:
+        container["args"] = list(trainer.args)
+    if trainer.working_dir:
+        container["workingDir"] = trainer.working_dir
+    _set_resources(container, merge_resources(trainer.resources, entry.resources))
+
+    volumes = [
+        {
+            "name": VOLUME_TOKEN,
+            "secret": {
+                "secretName": naming.client_token_secret_name(job.name, site),
+                "defaultMode": FILE_MODE_SECRET,
+            },
+        },
+        {"name": VOLUME_WORKDIR, "emptyDir": {}},
+        {"name": VOLUME_TMP, "emptyDir": {}},
+        *(dict(v) for v in trainer.volumes),
+    ]
+    node_selector = {**trainer.node_selector, **entry.node_selector}
+    tolerations = entry.tolerations if entry.tolerations is not None else trainer.tolerations
+    pod_spec = _pod_spec([container], volumes, node_selector, tolerations)
+    pod_spec["initContainers"] = [sidecar]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _meta(
+            job,
+            naming.client_pod_name(job.name, site),
+            naming.ROLE_CLIENT,
+            owner,
+            site,
+            annotations={naming.ANNOTATION_SPEC_HASH: spec_hash(job)},
+        ),
+        "spec": pod_spec,
+    }
+
+
+# --- shared pieces ----------------------------------------------------------------
+
+
+def _pod_spec(
+    containers: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+    node_selector: Mapping[str, str],
+    tolerations: Sequence[Toleration],
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": containers,
+        "volumes": volumes,
+    }
+    if node_selector:
+        spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in tolerations]
+    return spec
+
+
+def _container_security(*, read_only_root: bool) -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": read_only_root,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _set_resources(container: dict[str, Any], resources: Resources) -> None:
+    out = {k: dict(v) for k, v in (("requests", resources.requests), ("limits", resources.limits)) if v}
+    if out:
+        container["resources"] = out
+
+
+def _env(name: str, value: str) -> dict[str, Any]:
+    return {"name": name, "value": value}
+
+
+def _env_var(var: EnvVar) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": var.name}
+    if var.value_from is not None:
+        out["valueFrom"] = dict(var.value_from)
+    elif var.value is not None:
+        out["value"] = var.value
+    return out
