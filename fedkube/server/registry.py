@@ -1,0 +1,387 @@
+"""The server's registry of expected clients: state per client, sessions, heartbeats.
+
+States and the only transitions allowed (anything else is a bug and raises
+``InvalidTransition``)::
+
+    Pending    -> Registered | Failed
+    Registered -> Training | Failed | Lost
+    Training   -> Uploading | Registered (task lost with its connection) | Failed | Lost
+    Uploading  -> Done | Registered (task lost with its connection) | Failed | Lost
+    Done       -> Training (next round) | Failed | Lost
+    Failed     -> Training | Lost (only after a round-scoped failure)
+    Lost       -> Registered (the sidecar connected again)
+
+Identity (LESSONS.md 13). Every connection has a server-assigned ``conn_id``
+that grows; an event carries the (site, session_id, conn_id) of the stream it
+came from (the control servicer's ``Session`` has exactly these attributes)
+and, where it concerns a task, the task id. An event from a connection that is
+not the site's current one, or for a task that is not the site's current one,
+is stale: it is ignored and the method returns False. Nothing stale can move
+a client's state.
+
+Heartbeats (LESSONS.md 17). The clock is injected. Only a client that was seen
+(registered at least once) can become Lost, when its last sign of life is older
+than ``heartbeat_timeout_s``; a client never seen stays Pending, which the
+round logic reports as NotRegistered. A disconnect alone changes nothing: the
+sidecar reconnects with backoff, and only silence past the timeout counts.
+
+Thread safety: every method takes the registry's lock and returns data; none
+calls out (LESSONS.md 10), so gRPC threads may call it directly.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from fedkube.errors import FedkubeError
+from fedkube.server.summary import ClientStatus, Reason, Scope
+
+log = logging.getLogger(__name__)
+
+
+class ClientState(str, enum.Enum):
+    """Where a client is in the job."""
+
+    PENDING = "Pending"
+    REGISTERED = "Registered"
+    TRAINING = "Training"
+    UPLOADING = "Uploading"
+    DONE = "Done"
+    FAILED = "Failed"
+    LOST = "Lost"
+
+
+S = ClientState
+_ALLOWED: dict[ClientState, frozenset[ClientState]] = {
+    S.PENDING: frozenset({S.REGISTERED, S.FAILED}),
+    S.REGISTERED: frozenset({S.TRAINING, S.FAILED, S.LOST}),
+    S.TRAINING: frozenset({S.UPLOADING, S.REGISTERED, S.FAILED, S.LOST}),
+    S.UPLOADING: frozenset({S.DONE, S.REGISTERED, S.FAILED, S.LOST}),
+    S.DONE: frozenset({S.TRAINING, S.FAILED, S.LOST}),
+    S.FAILED: frozenset({S.TRAINING, S.LOST}),
+    S.LOST: frozenset({S.REGISTERED}),
+}
+_ALIVE = frozenset({S.REGISTERED, S.TRAINING, S.UPLOADING, S.DONE})
+
+
+class InvalidTransition(FedkubeError):
+    """A state change that the lifecycle does not allow: a bug in the caller."""
+
+
+class RegistrationRejected(FedkubeError):
+    """A registration the server refuses; ``reason`` is Reason.REJECTED."""
+
+    reason = Reason.REJECTED
+
+
+class SessionLike(Protocol):
+    """The identity of one control stream (fedkube.server.control.Session satisfies it)."""
+
+    @property
+    def site(self) -> str: ...
+
+    @property
+    def session_id(self) -> str: ...
+
+    @property
+    def conn_id(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    """A plain SessionLike, for callers and tests without a gRPC stream."""
+
+    site: str
+    session_id: str
+    conn_id: int
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """A snapshot of one client (records are immutable; the registry swaps them)."""
+
+    name: str
+    state: ClientState = ClientState.PENDING
+    reason: Reason | None = None
+    message: str = ""
+    session_id: str = ""
+    conn_id: int = 0
+    connected: bool = False
+    seen: bool = False
+    last_seen: float | None = None
+    task_id: str = ""
+    round: int = 0
+    """Round of the client's current/last task (0: none yet)."""
+    failed_round: int = 0
+    """Round of the last round-scoped failure."""
+    rounds_completed: int = 0
+
+    @property
+    def failed_for_job(self) -> bool:
+        """Failed with a reason that keeps it out for the rest of the job."""
+        return self.state is S.FAILED and self.reason is not None and self.reason.scope is not Scope.ROUND
+
+    def status(self) -> ClientStatus:
+        return ClientStatus(
+            self.name,
+            self.state.value,
+            self.reason.value if self.reason else "",
+            self.message,
+            self.rounds_completed,
+        )
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a successful registration means for the server."""
+
+    record: ClientRecord
+    resumed: bool
+    """The sidecar resumed the task it was on; nothing needs re-sending."""
+    task_lost: bool
+    """The client was on a task that its new connection does not resume: re-send the round's task."""
+
+
+class Registry:
+    """States of the job's expected clients."""
+
+    def __init__(
+        self,
+        clients: Iterable[str],
+        *,
+        heartbeat_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        job: str = "",
+    ) -> None:
+        names = list(clients)
+        if not names:
+            raise FedkubeError("a job needs at least one client; the registry got none")
+        if len(set(names)) != len(names):
+            raise FedkubeError(f"client names must be unique, got {names}")
+        if not heartbeat_timeout_s > 0:
+            raise FedkubeError(f"heartbeat_timeout_s must be > 0, got {heartbeat_timeout_s}")
+        self._job = job
+        self._clock = clock
+        self.heartbeat_timeout_s = float(heartbeat_timeout_s)
+        self._lock = threading.Lock()
+        self._records: dict[str, ClientRecord] = {n: ClientRecord(n) for n in names}
+
+    # -- reading -----------------------------------------------------------------
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._records)
+
+    def get(self, site: str) -> ClientRecord:
+        with self._lock:
+            return self._record(site)
+
+    def records(self) -> list[ClientRecord]:
+        with self._lock:
+            return list(self._records.values())
+
+    def statuses(self) -> list[ClientStatus]:
+        """Each client's state, reason and message, for the status document."""
+        return [r.status() for r in self.records()]
+
+    def is_current(self, session: SessionLike) -> bool:
+        with self._lock:
+            return self._current(session)
+
+    # -- internals (lock held) -----------------------------------------------------
+
+    def _record(self, site: str) -> ClientRecord:
+        try:
+            return self._records[site]
+        except KeyError:
+            raise KeyError(f"{site!r} is not a client of job {self._job!r}; clients: {list(self._records)}") from None
+
+    def _current(self, session: SessionLike) -> bool:
+        rec = self._records.get(session.site)
+        return rec is not None and rec.connected and rec.conn_id == session.conn_id
+
+    def _move(self, rec: ClientRecord, state: ClientState, **changes: object) -> ClientRecord:
+        if state is not rec.state and state not in _ALLOWED[rec.state]:
+            raise InvalidTransition(
+                f"client {rec.name!r}: {rec.state.value} -> {state.value} is not a valid transition"
+            )
+        if rec.state is S.FAILED and state is not S.FAILED and rec.failed_for_job:
+            raise InvalidTransition(
+                f"client {rec.name!r} failed for the job ({rec.reason.value if rec.reason else ''}); "
+                f"it cannot become {state.value}"
+            )
+        new = replace(rec, state=state, **changes)  # type: ignore[arg-type]
+        self._records[rec.name] = new
+        if state is not rec.state:
+            log.info(
+                "job %s client %s: %s -> %s%s", self._job, rec.name, rec.state.value, state.value,
+                f" ({new.reason.value}: {new.message})" if state in (S.FAILED, S.LOST) and new.reason else "",
+            )
+        return new
+
+    # -- events ------------------------------------------------------------------
+
+    def register(self, session: SessionLike, resume_task_id: str = "") -> Registration | None:
+        """A Connect stream was accepted for ``session.site``.
+
+        Returns None when a newer connection of the site already registered
+        (this one is stale). Raises RegistrationRejected for an unknown site
+        or a client that failed for the job.
+        """
+        now = self._clock()
+        with self._lock:
+            rec = self._records.get(session.site)
+            if rec is None:
+                raise RegistrationRejected(
+                    f"site {session.site!r} is not a client of job {self._job!r}; clients: {list(self._records)}"
+                )
+            if session.conn_id < rec.conn_id or (session.conn_id == rec.conn_id and rec.seen):
+                return None
+            if rec.failed_for_job:
+                raise RegistrationRejected(
+                    f"site {session.site!r} failed for job {self._job!r} "
+                    f"({rec.reason.value if rec.reason else ''}: {rec.message}); it cannot rejoin"
+                )
+            ident = {
+                "session_id": session.session_id, "conn_id": session.conn_id,
+                "connected": True, "seen": True, "last_seen": now,
+            }
+            resumed = bool(resume_task_id) and resume_task_id == rec.task_id and rec.state in (S.TRAINING, S.UPLOADING)
+            task_lost = rec.state in (S.TRAINING, S.UPLOADING) and not resumed
+            if rec.state in (S.PENDING, S.LOST) or task_lost:
+                new = self._move(rec, S.REGISTERED, reason=None, message="", **ident)
+            else:
+                # Registered/Done/Failed(round)/resumed Training|Uploading keep their state under a new connection.
+                new = self._move(rec, rec.state, **ident)
+        if task_lost:
+            log.warning(
+                "job %s client %s reconnected (session %s) without resuming task %s; it must be sent again",
+                self._job, rec.name, session.session_id, rec.task_id,
+            )
+        return Registration(new, resumed, task_lost)
+
+    def heartbeat(self, session: SessionLike) -> bool:
+        """A sign of life on ``session``; False when stale."""
+        now = self._clock()
+        with self._lock:
+            if not self._current(session):
+                return False
+            rec = self._records[session.site]
+            self._records[rec.name] = replace(rec, last_seen=now)
+            return True
+
+    def disconnected(self, session: SessionLike) -> bool:
+        """The stream ended. The state stays: only silence past the heartbeat timeout makes a client Lost."""
+        with self._lock:
+            if not self._current(session):
+                return False
+            rec = self._records[session.site]
+            self._records[rec.name] = replace(rec, connected=False)
+            return True
+
+    def task_sent(self, site: str, task_id: str, round: int) -> ClientRecord:
+        """The server handed ``task_id`` of ``round`` to the client (Registered/Done/Failed(round) -> Training)."""
+        if not task_id or round < 1:
+            raise ValueError(f"task_sent needs a task id and a round >= 1, got {task_id!r}, {round}")
+        with self._lock:
+            rec = self._record(site)
+            if rec.state not in (S.REGISTERED, S.DONE, S.FAILED):
+                raise InvalidTransition(f"client {site!r} is {rec.state.value}; it cannot be given task {task_id!r}")
+            return self._move(rec, S.TRAINING, task_id=task_id, round=round, reason=None, message="")
+
+    def result_announced(self, session: SessionLike, task_id: str) -> bool:
+        """The client announced its result for ``task_id`` (Training -> Uploading); False when stale."""
+        now = self._clock()
+        with self._lock:
+            if not self._current(session):
+                return False
+            rec = self._records[session.site]
+            if task_id != rec.task_id or rec.state not in (S.TRAINING, S.UPLOADING):
+                log.info(
+                    "job %s client %s: ignoring stale result for task %s (current task %s, state %s)",
+                    self._job, rec.name, task_id, rec.task_id, rec.state.value,
+                )
+                return False
+            self._move(rec, S.UPLOADING, last_seen=now)
+            return True
+
+    def result_done(self, site: str, task_id: str) -> bool:
+        """The server downloaded and verified the whole result of ``task_id`` (Uploading -> Done)."""
+        with self._lock:
+            rec = self._record(site)
+            if task_id != rec.task_id or rec.state is not S.UPLOADING:
+                return False
+            self._move(rec, S.DONE, rounds_completed=rec.rounds_completed + 1)
+            return True
+
+    def fail(
+        self,
+        site: str,
+        reason: Reason,
+        message: str = "",
+        *,
+        session: SessionLike | None = None,
+        task_id: str | None = None,
+    ) -> bool:
+        """Mark a client Failed with ``reason``.
+
+        Stale (returns False) when ``session`` is not current, or ``task_id``
+        is not the client's current task. The first failure wins: a client
+        already Failed or Lost keeps its reason, except that a client-scoped
+        failure replaces a round-scoped one.
+        """
+        if reason is Reason.LOST:
+            raise ValueError("Lost is decided by check_heartbeats, not reported with fail()")
+        with self._lock:
+            rec = self._record(site)
+            if session is not None and not self._current(session):
+                return False
+            if task_id is not None and task_id != rec.task_id:
+                return False
+            if rec.state is S.LOST or rec.failed_for_job:
+                return False
+            if rec.state is S.FAILED and reason.scope is Scope.ROUND:
+                return False
+            extra: dict[str, object] = {"reason": reason, "message": message or reason.sentence}
+            if reason.scope is Scope.ROUND:
+                extra["failed_round"] = rec.round
+            self._move(rec, S.FAILED, **extra)
+            return True
+
+    def note(self, site: str, reason: Reason, message: str) -> bool:
+        """Attach a reason to a Pending client without changing its state (e.g. NotRegistered at round start)."""
+        with self._lock:
+            rec = self._record(site)
+            if rec.state is not S.PENDING:
+                return False
+            self._records[site] = replace(rec, reason=reason, message=message)
+            return True
+
+    def check_heartbeats(self) -> list[ClientRecord]:
+        """Declare Lost every seen client silent for longer than the heartbeat timeout; returns them.
+
+        The server should end a Lost client's stream; the sidecar then
+        reconnects and registers again (Lost -> Registered).
+        """
+        now = self._clock()
+        lost: list[ClientRecord] = []
+        with self._lock:
+            for rec in list(self._records.values()):
+                if not rec.seen or rec.last_seen is None or rec.state not in _ALIVE | {S.FAILED}:
+                    continue
+                if rec.failed_for_job:
+                    continue
+                silent = now - rec.last_seen
+                if silent > self.heartbeat_timeout_s:
+                    msg = (
+                        f"no heartbeat for {silent:.1f} s (heartbeatSeconds={self.heartbeat_timeout_s:g}); "
+                        "check the client's network and its sidecar's logs"
+                    )
+                    lost.append(self._move(rec, S.LOST, reason=Reason.LOST, message=msg, connected=False))
+        return lost

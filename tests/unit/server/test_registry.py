@@ -1,0 +1,161 @@
+"""Client registry: lifecycle transitions, stale events, heartbeat debounce, reasons."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from fedkube.server.registry import (
+    ClientState,
+    InvalidTransition,
+    RegistrationRejected,
+    Registry,
+    SessionKey,
+)
+from fedkube.server.summary import Reason
+from tests.unit.server.conftest import FakeClock
+
+S = ClientState
+_conn = itertools.count(1)
+
+
+def connect(reg: Registry, site: str, session_id: str = "s1", resume: str = "") -> SessionKey:
+    key = SessionKey(site, session_id, next(_conn))
+    assert reg.register(key, resume) is not None
+    return key
+
+
+def make(clock: FakeClock, *names: str) -> Registry:
+    return Registry(names or ("a", "b", "c"), heartbeat_timeout_s=30, clock=clock, job="j")
+
+
+def test_happy_lifecycle_over_two_rounds(clock: FakeClock) -> None:
+    reg = make(clock)
+    a = connect(reg, "a")
+    assert reg.get("a").state is S.REGISTERED
+    reg.task_sent("a", "t1", 1)
+    assert reg.result_announced(a, "t1")
+    assert reg.get("a").state is S.UPLOADING
+    assert reg.result_done("a", "t1")
+    assert reg.get("a").state is S.DONE and reg.get("a").rounds_completed == 1
+    reg.task_sent("a", "t2", 2)
+    assert reg.get("a").state is S.TRAINING and reg.get("a").round == 2
+
+
+def test_impossible_transitions_raise(clock: FakeClock) -> None:
+    reg = make(clock)
+    with pytest.raises(InvalidTransition, match="Pending; it cannot be given task"):
+        reg.task_sent("a", "t1", 1)
+    a = connect(reg, "a")
+    reg.task_sent("a", "t1", 1)
+    with pytest.raises(InvalidTransition, match="Training; it cannot be given task"):
+        reg.task_sent("a", "t2", 1)
+    reg.fail("a", Reason.EXCEPTION, "boom", session=a)
+    with pytest.raises(InvalidTransition, match="failed for the job"):
+        reg.task_sent("a", "t3", 2)
+
+
+def test_stale_events_from_an_old_connection_are_ignored(clock: FakeClock) -> None:
+    reg = make(clock)
+    old = connect(reg, "a", "s1")
+    reg.task_sent("a", "t1", 1)
+    new = connect(reg, "a", "s1", resume="t1")  # reconnect of the same sidecar, resuming its task
+    assert reg.get("a").state is S.TRAINING
+    assert not reg.heartbeat(old)
+    assert not reg.result_announced(old, "t1")
+    assert not reg.fail("a", Reason.EXCEPTION, "late news from the old stream", session=old)
+    assert not reg.disconnected(old)
+    assert reg.get("a").state is S.TRAINING and reg.get("a").connected
+    assert reg.result_announced(new, "t1")
+    # An older connection registering late does not replace the newer one.
+    assert reg.register(old) is None
+
+
+def test_events_for_another_task_are_ignored(clock: FakeClock) -> None:
+    reg = make(clock)
+    a = connect(reg, "a")
+    reg.task_sent("a", "t1", 1)
+    assert not reg.result_announced(a, "t0")  # round 0's result arriving late
+    assert not reg.fail("a", Reason.TRANSFER_FAILED, task_id="t0")
+    assert reg.get("a").state is S.TRAINING
+    assert reg.result_announced(a, "t1")
+    assert not reg.result_done("a", "t0")
+    assert reg.result_done("a", "t1")
+
+
+def test_reconnect_without_resume_loses_the_task(clock: FakeClock) -> None:
+    reg = make(clock)
+    connect(reg, "a", "s1")
+    reg.task_sent("a", "t1", 1)
+    key = SessionKey("a", "s2", next(_conn))  # the sidecar restarted: new session, nothing to resume
+    registration = reg.register(key)
+    assert registration is not None and registration.task_lost and not registration.resumed
+    assert reg.get("a").state is S.REGISTERED
+
+
+def test_never_seen_client_is_never_lost(clock: FakeClock) -> None:
+    reg = make(clock)
+    connect(reg, "a")
+    clock.advance(10_000)
+    lost = reg.check_heartbeats()
+    assert [r.name for r in lost] == ["a"]
+    assert reg.get("b").state is S.PENDING and reg.get("b").reason is None
+
+
+def test_heartbeats_keep_a_client_alive_and_silence_makes_it_lost(clock: FakeClock) -> None:
+    reg = make(clock)
+    a = connect(reg, "a")
+    for _ in range(5):
+        clock.advance(20)
+        assert reg.heartbeat(a)
+        assert reg.check_heartbeats() == []
+    reg.disconnected(a)
+    clock.advance(29)
+    assert reg.check_heartbeats() == []  # a disconnect alone is not Lost: the sidecar reconnects with backoff
+    clock.advance(2)
+    (lost,) = reg.check_heartbeats()
+    assert lost.state is S.LOST and lost.reason is Reason.LOST and "no heartbeat for 31.0 s" in lost.message
+    assert not reg.heartbeat(a)  # the lost connection's events are stale
+    connect(reg, "a", "s9")
+    assert reg.get("a").state is S.REGISTERED and reg.get("a").reason is None
+
+
+def test_failure_rules(clock: FakeClock) -> None:
+    reg = make(clock)
+    a = connect(reg, "a")
+    reg.task_sent("a", "t1", 1)
+    assert reg.fail("a", Reason.ROUND_TIMEOUT, task_id="t1")
+    rec = reg.get("a")
+    assert rec.state is S.FAILED and rec.failed_round == 1 and not rec.failed_for_job
+    assert rec.message == Reason.ROUND_TIMEOUT.sentence
+    assert not reg.fail("a", Reason.TRANSFER_FAILED)  # the first round-scoped failure wins
+    reg.task_sent("a", "t2", 2)  # a straggler takes part in the next round
+    assert reg.fail("a", Reason.EXCEPTION, "ValueError: x", session=a)
+    assert reg.get("a").failed_for_job
+    assert not reg.fail("a", Reason.ABORTED)
+    with pytest.raises(RegistrationRejected, match=r"failed for job 'j'.*cannot rejoin"):
+        reg.register(SessionKey("a", "s2", next(_conn)))
+    with pytest.raises(RegistrationRejected, match="not a client of job"):
+        reg.register(SessionKey("zz", "s", next(_conn)))
+    with pytest.raises(ValueError, match="check_heartbeats"):
+        reg.fail("b", Reason.LOST)
+
+
+def test_statuses_and_note(clock: FakeClock) -> None:
+    reg = make(clock)
+    connect(reg, "a")
+    assert reg.note("b", Reason.NOT_REGISTERED, "not connected when round 1 started")
+    assert not reg.note("a", Reason.NOT_REGISTERED, "x")
+    statuses = {s.name: s for s in reg.statuses()}
+    assert statuses["a"].state == "Registered" and statuses["a"].reason == ""
+    assert statuses["b"].state == "Pending" and statuses["b"].reason == "NotRegistered"
+    connect(reg, "b")
+    assert reg.get("b").reason is None
+
+
+def test_bad_construction() -> None:
+    with pytest.raises(Exception, match="unique"):
+        Registry(["a", "a"], heartbeat_timeout_s=1)
+    with pytest.raises(Exception, match="at least one client"):
+        Registry([], heartbeat_timeout_s=1)

@@ -1,0 +1,135 @@
+"""Status document and termination summary: JSON round trips, the 4096-byte limit, reasons."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedkube.server.summary import (
+    EXIT_FAILED,
+    EXIT_SUCCEEDED,
+    TERMINATION_LIMIT,
+    ClientStatus,
+    JobStatus,
+    Phase,
+    Reason,
+    Scope,
+    SummaryError,
+    TerminationSummary,
+    utc_timestamp,
+    write_termination_summary,
+)
+
+
+def _status(n_clients: int = 3, phase: Phase = Phase.RUNNING, message: str = "") -> JobStatus:
+    clients = [ClientStatus(f"site-{i:03d}", "Done", rounds_completed=2) for i in range(n_clients)]
+    return JobStatus(
+        job="mnist",
+        phase=phase,
+        round=3,
+        rounds=20,
+        completed_rounds=2,
+        clients=clients,
+        metrics={"loss": 0.25, "accuracy": 0.91, "diverged": float("nan")},
+        message=message,
+        start_time=utc_timestamp(0),
+    )
+
+
+def test_status_json_round_trip_and_shape() -> None:
+    status = _status()
+    status.clients[1] = ClientStatus("site-001", "Failed", "Exception", "ValueError: bad input", 1)
+    doc = json.loads(status.to_json())
+    assert doc["phase"] == "Running" and doc["startTime"] == "1970-01-01T00:00:00Z"
+    assert doc["clients"][1] == {
+        "name": "site-001", "state": "Failed", "reason": "Exception", "message": "ValueError: bad input",
+        "roundsCompleted": 1,
+    }
+    assert "diverged" not in doc["metrics"]  # NaN is not JSON; it is left out
+    back = JobStatus.from_json(status.to_json())
+    status.metrics.pop("diverged")
+    assert back == status
+
+
+def test_from_json_errors_name_the_field() -> None:
+    with pytest.raises(SummaryError, match="not valid JSON"):
+        JobStatus.from_json("{")
+    with pytest.raises(SummaryError, match="missing key 'round'"):
+        JobStatus.from_json('{"job": "j", "phase": "Running", "rounds": 1}')
+    with pytest.raises(SummaryError, match="unknown phase 'Bogus'"):
+        JobStatus.from_json('{"job": "j", "phase": "Bogus", "round": 1, "rounds": 1}')
+    with pytest.raises(SummaryError, match=r"clients\[0\]: missing key 'state'"):
+        JobStatus.from_json('{"job": "j", "phase": "Running", "round": 1, "rounds": 1, "clients": [{"name": "a"}]}')
+    with pytest.raises(SummaryError, match="round: expected int"):
+        JobStatus.from_json('{"job": "j", "phase": "Running", "round": true, "rounds": 1}')
+
+
+def test_small_summary_keeps_everything() -> None:
+    summary = TerminationSummary.from_status(_status(phase=Phase.SUCCEEDED))
+    assert summary.exit_code == EXIT_SUCCEEDED
+    text = summary.to_json()
+    back = TerminationSummary.from_json(text)
+    assert back.clients_omitted == 0 and len(back.clients) == 3 and back.metrics == {"loss": 0.25, "accuracy": 0.91}
+
+
+def test_large_summary_drops_healthy_clients_first_and_counts_them() -> None:
+    status = _status(500, Phase.FAILED, "round 3: QuorumLost")
+    status.reason = Reason.QUORUM_LOST.value
+    status.clients[250] = ClientStatus("site-250", "Lost", "Lost", "no heartbeat for 31.0 s " + "x" * 500)
+    status.clients[499] = ClientStatus("site-499", "Failed", "Exception", "Traceback ... " * 100)
+    summary = TerminationSummary.from_status(status)
+    assert summary.exit_code == EXIT_FAILED
+    text = summary.to_json()
+    assert len(text.encode()) <= TERMINATION_LIMIT
+    back = TerminationSummary.from_json(text)
+    assert [c.name for c in back.clients[:2]] == ["site-250", "site-499"]
+    assert len(back.clients[0].message) <= 160 and back.clients[0].message.endswith("\u2026")
+    assert back.clients_omitted == 500 - len(back.clients) > 0
+    assert back.reason == "QuorumLost" and back.metrics  # metrics kept while clients could be dropped
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    clients=st.lists(
+        st.builds(
+            ClientStatus,
+            name=st.text(min_size=1, max_size=63),
+            state=st.sampled_from(["Pending", "Done", "Failed", "Lost"]),
+            reason=st.sampled_from([""] + [r.value for r in Reason]),
+            message=st.text(max_size=400),
+            rounds_completed=st.integers(0, 10**6),
+        ),
+        max_size=200,
+    ),
+    message=st.text(max_size=6000),
+    metrics=st.dictionaries(st.text(max_size=300), st.floats(allow_nan=False, allow_infinity=False), max_size=40),
+)
+def test_termination_summary_always_fits_and_parses(
+    clients: list[ClientStatus], message: str, metrics: dict[str, float]
+) -> None:
+    summary = TerminationSummary(EXIT_FAILED, "job", Phase.FAILED, 1, 2, 0, "QuorumLost", message, metrics, clients)
+    text = summary.to_json()
+    assert len(text.encode("utf-8")) <= TERMINATION_LIMIT
+    back = TerminationSummary.from_json(text)
+    assert back.exit_code == EXIT_FAILED and back.job == "job"
+    assert len(back.clients) + back.clients_omitted == len(clients)
+
+
+def test_write_termination_summary(tmp_path: Path) -> None:
+    path = tmp_path / "termination-log"
+    text = write_termination_summary(path, TerminationSummary.from_status(_status()))
+    assert path.read_text() == text and TerminationSummary.from_json(path.read_bytes()).job == "mnist"
+
+
+def test_reasons_have_stable_names_sentences_and_scopes() -> None:
+    assert Reason.parse("RoundTimeout") is Reason.ROUND_TIMEOUT
+    assert Reason.ROUND_TIMEOUT.scope is Scope.ROUND and Reason.CONFIG_ERROR.scope is Scope.JOB
+    assert Reason.EXCEPTION.scope is Scope.CLIENT
+    for r in Reason:
+        assert r.sentence and r.value[0].isupper() and " " not in r.value
+    with pytest.raises(SummaryError, match="unknown failure reason 'Oops'; known: NotRegistered"):
+        Reason.parse("Oops")
