@@ -1,0 +1,183 @@
+"""The test kubelet runs pods from the emulated API as processes and reports their status."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+
+from tests.support import fixtures
+from tests.support.kubelet import TestKubelet, which_python
+
+kube = fixtures.kube
+PY = which_python()
+
+# A native sidecar that records its pid, then runs until SIGTERM and says so on the way out.
+SIDECAR = """
+import os, pathlib, signal, sys, time
+pathlib.Path(os.environ["PID_FILE"]).write_text(str(os.getpid()))
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+while True:
+    time.sleep(0.05)
+"""
+# The main container: reports its env through the termination message, exits with EXIT_CODE.
+MAIN = """
+import os, pathlib, sys
+msg = " ".join(f"{k}={os.environ.get(k, '')}" for k in ("POD", "TOKEN", "PLAIN"))
+pathlib.Path(os.environ["MSG_FILE"]).write_text(msg)
+print("main says hello", flush=True)
+sys.exit(int(os.environ["EXIT_CODE"]))
+"""
+
+
+def _pod(name: str, exit_code: int = 0, *, sidecar_pid_file: Path | None = None,
+         init: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    init_containers = list(init or [])
+    if sidecar_pid_file is not None:
+        init_containers.append({"name": "sidecar", "image": "fedkube", "restartPolicy": "Always",
+                                "command": [PY, "-c", SIDECAR],
+                                "env": [{"name": "PID_FILE", "value": str(sidecar_pid_file)}]})
+    main = {"name": "trainer", "image": "trainer", "command": [PY, "-c"], "args": [MAIN],
+            "terminationMessagePath": "/dev/termination-log",
+            "env": [{"name": "EXIT_CODE", "value": str(exit_code)},
+                    {"name": "MSG_FILE", "value": "/dev/termination-log"},
+                    {"name": "PLAIN", "value": "p"},
+                    {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "token"}}}]}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"restartPolicy": "Never", "initContainers": init_containers, "containers": [main]}}
+
+
+def _wait_for(kube: fixtures.KubeHandle, name: str, check: Callable[[Mapping[str, Any]], bool],
+              timeout: float = 20.0) -> dict[str, Any]:
+    core = kubernetes.client.CoreV1Api(kube.api_client)
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = core.read_namespaced_pod(name, "default").to_dict()["status"] or {}
+        if check(status):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"pod {name}: status never matched within {timeout} s; last: {status}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def env(kube: fixtures.KubeHandle, tmp_path: Path) -> Iterator[tuple[fixtures.KubeHandle, Any]]:
+    core: Any = kubernetes.client.CoreV1Api(kube.api_client)
+    secret: dict[str, Any] = {"metadata": {"name": "tok"}, "stringData": {"token": "s3cret"}}
+    core.create_namespaced_secret("default", secret)
+    yield kube, core
+
+
+def test_pod_with_sidecar_runs_to_succeeded(env: tuple[fixtures.KubeHandle, Any], tmp_path: Path) -> None:
+    kube, core = env
+    pid_file = tmp_path / "sidecar.pid"
+    with TestKubelet(kube.api_client, tmp_path / "kubelet"):
+        core.create_namespaced_pod("default", _pod("ok", sidecar_pid_file=pid_file))
+        status = _wait_for(kube, "ok", lambda s: s.get("phase") == "Succeeded")
+    assert status["pod_ip"] == "127.0.0.1"
+    main = status["container_statuses"][0]["state"]["terminated"]
+    assert (main["exit_code"], main["reason"]) == (0, "Completed")
+    assert main["message"] == "POD=ok TOKEN=s3cret PLAIN=p"
+    sidecar = status["init_container_statuses"][0]
+    assert sidecar["name"] == "sidecar" and sidecar["state"]["terminated"]["exit_code"] == 0
+    assert not _alive(int(pid_file.read_text())), "the sidecar outlived its pod"
+    ready = {c["type"]: c["status"] for c in status["conditions"]}
+    assert ready == {"PodScheduled": "True", "Initialized": "True", "ContainersReady": "False", "Ready": "False"}
+
+
+def test_running_pod_is_ready_and_failure_reports_exit_code(env: tuple[fixtures.KubeHandle, Any],
+                                                            tmp_path: Path) -> None:
+    kube, core = env
+    slow_init = {"name": "setup", "image": "x", "command": [PY, "-c", "import time; time.sleep(0.3)"]}
+    pod = _pod("bad", exit_code=3, init=[slow_init])
+    # keep the main container running for a moment so the Running/Ready state is observable
+    pod["spec"]["containers"][0]["args"] = ["import time; time.sleep(1.0)\n" + MAIN]
+    with TestKubelet(kube.api_client, tmp_path / "kubelet"):
+        core.create_namespaced_pod("default", pod)
+        running = _wait_for(kube, "bad", lambda s: s.get("phase") == "Running" and any(
+            c["type"] == "Ready" and c["status"] == "True" for c in s.get("conditions") or []))
+        assert running["init_container_statuses"][0]["state"]["terminated"]["exit_code"] == 0
+        status = _wait_for(kube, "bad", lambda s: s.get("phase") in ("Succeeded", "Failed"))
+    assert status["phase"] == "Failed"
+    terminated = status["container_statuses"][0]["state"]["terminated"]
+    assert (terminated["exit_code"], terminated["reason"]) == (3, "Error")
+
+
+def test_failed_init_container_fails_the_pod(env: tuple[fixtures.KubeHandle, Any], tmp_path: Path) -> None:
+    kube, core = env
+    bad_init = {"name": "setup", "image": "x", "command": [PY, "-c", "print('no data'); raise SystemExit(2)"],
+                "terminationMessagePolicy": "FallbackToLogsOnError"}
+    with TestKubelet(kube.api_client, tmp_path / "kubelet"):
+        core.create_namespaced_pod("default", _pod("initfail", init=[bad_init]))
+        status = _wait_for(kube, "initfail", lambda s: s.get("phase") in ("Succeeded", "Failed"))
+    assert status["phase"] == "Failed"
+    init = status["init_container_statuses"][0]["state"]["terminated"]
+    assert init["exit_code"] == 2 and init["message"] == "no data"
+    assert "waiting" in status["container_statuses"][0]["state"], "the main container must never start"
+
+
+def test_held_pod_stays_pending_unschedulable_until_released(env: tuple[fixtures.KubeHandle, Any],
+                                                             tmp_path: Path) -> None:
+    kube, core = env
+    why = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+
+    def hold(pod: Mapping[str, Any]) -> str | None:
+        return why if pod["metadata"]["name"] == "stuck" else None
+
+    with TestKubelet(kube.api_client, tmp_path / "kubelet", hold=hold) as kubelet:
+        core.create_namespaced_pod("default", _pod("stuck"))
+        core.create_namespaced_pod("default", _pod("fine"))
+        _wait_for(kube, "fine", lambda s: s.get("phase") == "Succeeded")
+        status = _wait_for(kube, "stuck", lambda s: bool(s.get("conditions")))
+        assert status["phase"] == "Pending"
+        [cond] = status["conditions"]
+        assert (cond["type"], cond["status"], cond["reason"], cond["message"]) == (
+            "PodScheduled", "False", "Unschedulable", why)
+        kubelet.release("default", "stuck")
+        _wait_for(kube, "stuck", lambda s: s.get("phase") == "Succeeded")
+
+
+def test_deleting_a_pod_stops_its_processes(env: tuple[fixtures.KubeHandle, Any], tmp_path: Path) -> None:
+    kube, core = env
+    pid_file = tmp_path / "sidecar.pid"
+    pod = _pod("doomed", sidecar_pid_file=pid_file)
+    pod["spec"]["containers"][0]["command"] = [PY, "-c", "import time; time.sleep(60)"]
+    pod["spec"]["containers"][0]["args"] = []
+    with TestKubelet(kube.api_client, tmp_path / "kubelet", stop_grace=2.0):
+        core.create_namespaced_pod("default", pod)
+        _wait_for(kube, "doomed", lambda s: s.get("phase") == "Running")
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        core.delete_namespaced_pod("doomed", "default")
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), "the deleted pod's sidecar is still running"
+
+
+def test_container_without_command_fails_with_a_clear_message(env: tuple[fixtures.KubeHandle, Any],
+                                                              tmp_path: Path) -> None:
+    kube, core = env
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nocmd"},
+           "spec": {"containers": [{"name": "main", "image": "busybox"}]}}
+    with TestKubelet(kube.api_client, tmp_path / "kubelet"):
+        core.create_namespaced_pod("default", pod)
+        status = _wait_for(kube, "nocmd", lambda s: s.get("phase") == "Failed")
+    terminated = status["container_statuses"][0]["state"]["terminated"]
+    assert terminated["reason"] == "StartError" and "has no command" in terminated["message"]
