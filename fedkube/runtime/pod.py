@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -130,7 +131,27 @@ class _Container:
     kind: str  # "init", "sidecar" or "main"
     process: ManagedProcess | None = None
     restarts: int = 0
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+@dataclass
+class ContainerStatus:
+    """One container as a kubelet reports it (the fields of a Pod's containerStatuses)."""
+
+    name: str
+    kind: str  # "init", "sidecar" or "main"
+    image: str = ""
+    started_at: str | None = None  # RFC 3339, UTC
+    finished_at: str | None = None
     exit_code: int | None = None
+    reason: str = ""  # Completed, Error
+    message: str = ""  # the termination message the container wrote
+
+    @property
+    def running(self) -> bool:
+        """Started and not yet finished."""
+        return self.started_at is not None and self.finished_at is None
 
 
 class PodRun:
@@ -149,6 +170,7 @@ class PodRun:
         self._result: PodResult | None = None
         self._phase = "Pending"
         self._thread: threading.Thread | None = None
+        self._stop_grace = options.stop_grace_s
 
     # --- public ---------------------------------------------------------------
     @property
@@ -168,9 +190,49 @@ class PodRun:
             return None
         return self._result
 
-    def stop(self) -> None:
-        """Ask the pod to stop: main containers first, then sidecars (returns at once)."""
+    def stop(self, grace: float | None = None) -> None:
+        """Ask the pod to stop: main containers first, then sidecars (returns at once).
+
+        ``grace`` replaces the SIGTERM -> SIGKILL delay of ``PodOptions`` for this stop.
+        """
+        if grace is not None:
+            self._stop_grace = max(0.0, grace)
         self._stop.set()
+
+    def finished(self) -> bool:
+        """True once every container ended and the pod has its result."""
+        return self._done.is_set()
+
+    def step(self) -> None:
+        """Nothing to do: a supervisor thread drives the pod (kept for kubelet-style callers)."""
+
+    def states(self) -> list[ContainerStatus]:
+        """Every container, init and sidecar ones first, in manifest order, as a kubelet reports them."""
+        out = []
+        with self._lock:
+            containers = list(self._containers)
+        for c in containers:
+            code = c.process.returncode if c.process is not None else None
+            if code is not None and c.finished_at is None:
+                c.finished_at = _now()
+            message = ""
+            if code is not None:
+                path = self.dir / f"{c.manifest.get('name', '')}.termination-log"
+                with contextlib.suppress(OSError):
+                    message = path.read_text(errors="replace")[:4096]
+            out.append(
+                ContainerStatus(
+                    name=str(c.manifest.get("name", "")),
+                    kind=c.kind,
+                    image=str(c.manifest.get("image", "")),
+                    started_at=c.started_at,
+                    finished_at=c.finished_at if code is not None else None,
+                    exit_code=code,
+                    reason="" if code is None else ("Completed" if code == 0 else "Error"),
+                    message=message,
+                )
+            )
+        return out
 
     def container_process(self, name: str) -> ManagedProcess | None:
         """The live process of container ``name`` (for tests and the progress display)."""
@@ -377,6 +439,8 @@ class PodRun:
         process.start()
         with self._lock:
             container.process = process
+            container.started_at = _now()
+            container.finished_at = None
 
     def _supervise(self) -> None:
         message = ""
@@ -468,7 +532,7 @@ class PodRun:
         mains = [c for c in self._containers if c.kind != "sidecar" and c.process is not None]
         for c in mains:
             assert c.process is not None
-            c.process.stop(self.options.stop_grace_s)
+            c.process.stop(self._stop_grace)
         sidecars = [c for c in self._containers if c.kind == "sidecar" and c.process is not None]
         if not self._stop.is_set():
             deadline = time.monotonic() + self.options.sidecar_grace_s
@@ -478,7 +542,7 @@ class PodRun:
                 self._stop.wait(0.05)
         for c in reversed(sidecars):
             assert c.process is not None
-            c.process.stop(self.options.stop_grace_s)
+            c.process.stop(self._stop_grace)
 
     def _finish(self, message: str) -> None:
         results = []
@@ -509,6 +573,10 @@ def run_pod(pod: Mapping[str, Any], options: PodOptions) -> PodRun:
     run = PodRun(pod, options)
     run.start()
     return run
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def fedkube_command() -> list[str]:

@@ -1,0 +1,214 @@
+"""``fedkube run job.yaml``: run an FLJob on this machine.
+
+Exit code as for the server pod: 0 the job succeeded, 1 it failed, 2 a
+configuration error (the spec, or the server's own check of it); 130 when
+interrupted (Ctrl-C), after every process was stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import IO, TYPE_CHECKING, Any
+
+from fedkube.errors import ConfigError, FedkubeError
+from fedkube.runtime.local import LocalJobRun, RunOptions, RunOutcome, default_run_dir, new_tokens, render_job
+from fedkube.runtime.process import OutputSink, StreamSink
+
+if TYPE_CHECKING:
+    from fedkube.runtime.progress import ProgressDisplay
+
+logger = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2
+OUTCOMES = {0: "Succeeded", 1: "Failed", 2: "ConfigError", 130: "Interrupted"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fedkube run``."""
+    parser = argparse.ArgumentParser(
+        prog="fedkube run",
+        description="Run an FLJob locally: the server, and a sidecar + trainer per client, as local processes.",
+    )
+    parser.add_argument("job", type=Path, help="the FLJob manifest (YAML or JSON)")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="where logs, volumes and working directories go (default: ./runs/<job>-<timestamp>); "
+        "reuse one to resume from its checkpoint",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no live progress bar (off anyway when not a TTY)")
+    parser.add_argument(
+        "--json", action="store_true", help="print the final summary as JSON on stdout (process output goes to stderr)"
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="after the server exits, how long clients may take to stop on their own (default: 20)",
+    )
+    return parser
+
+
+def run_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fedkube run``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    _configure_logging()
+    try:
+        from fedkube.spec import load_job
+
+        job = load_job(args.job)
+    except (ConfigError, OSError) as exc:
+        print(f"fedkube run: {args.job}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    job_name = str(job.metadata.name)
+    run_dir = (args.run_dir or default_run_dir(job_name)).resolve()
+    tokens = new_tokens([c.name for c in job.spec.clients])
+    try:
+        manifests = render_job(job, tokens)
+    except FedkubeError as exc:
+        print(f"fedkube run: {args.job}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    out: IO[str] = sys.stderr if args.json else sys.stdout
+    show_progress = not args.no_progress and out.isatty()
+    with _console(out, show_progress) as (sink, display):
+        options = RunOptions(
+            run_dir=run_dir, base_dir=args.job.resolve().parent, sink=sink, client_grace_s=max(0.0, args.grace)
+        )
+        try:
+            run = LocalJobRun(manifests, options, job_name=job_name)
+        except ConfigError as exc:
+            print(f"fedkube run: {args.job}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        try:
+            outcome = execute(run, display)
+        except ConfigError as exc:
+            print(f"fedkube run: {args.job}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    if args.json:
+        print(json.dumps(outcome_json(job_name, outcome), indent=2))
+    else:
+        print(format_outcome(job_name, outcome))
+    return outcome.exit_code
+
+
+def execute(run: LocalJobRun, display: ProgressDisplay | None = None) -> RunOutcome:
+    """Start ``run``, wait for its outcome, and stop every process whatever happens.
+
+    SIGINT and SIGTERM (when called on the main thread) interrupt the run
+    cleanly: every pod's process groups are terminated before this returns.
+    """
+    with _interrupts(run):
+        try:
+            run.start()
+            if display is not None:
+                display.watch(run.status_url())
+            return run.wait()
+        finally:
+            run.stop_all()  # whatever happened, no process outlives the run
+
+
+def outcome_json(job_name: str, outcome: RunOutcome) -> dict[str, Any]:
+    """The final summary of a run as a JSON-ready dict."""
+    return {
+        "job": job_name,
+        "outcome": OUTCOMES.get(outcome.exit_code, "Failed"),
+        "exitCode": outcome.exit_code,
+        "summary": outcome.summary,
+        "pods": {
+            name: {
+                "phase": result.phase,
+                "message": result.message,
+                "containers": [
+                    {
+                        "name": c.name,
+                        "exitCode": c.exit_code,
+                        "stoppedByRuntime": c.stopped_by_runtime,
+                        "restarts": c.restarts,
+                    }
+                    for c in result.containers
+                ],
+            }
+            for name, result in outcome.pods.items()
+        },
+        "notes": list(outcome.notes),
+        "runDir": str(outcome.run_dir),
+    }
+
+
+def format_outcome(job_name: str, outcome: RunOutcome) -> str:
+    """The final summary of a run for a person."""
+    verdict = OUTCOMES.get(outcome.exit_code, "Failed")
+    lines = [f"job {job_name}: {verdict} (exit code {outcome.exit_code})"]
+    summary = outcome.summary or {}
+    if summary.get("round") is not None or summary.get("rounds") is not None:
+        lines.append(f"  rounds: {summary.get('round', '?')}/{summary.get('rounds', '?')}")
+    for key in ("reason", "message"):
+        if summary.get(key):
+            lines.append(f"  {key}: {summary[key]}")
+    clients = summary.get("clients")
+    if isinstance(clients, dict):
+        clients = [dict(v, name=k) if isinstance(v, dict) else {"name": k, "state": v} for k, v in clients.items()]
+    if isinstance(clients, list):
+        for c in clients:
+            if isinstance(c, dict):
+                reason = f" ({c['reason']})" if c.get("reason") else ""
+                lines.append(f"  client {c.get('name', c.get('site', '?'))}: {c.get('state', '?')}{reason}")
+    for note in outcome.notes:
+        lines.append(f"  note: {note}")
+    lines.append(f"  logs: {outcome.run_dir / 'logs'}")
+    return "\n".join(lines)
+
+
+def _configure_logging() -> None:
+    # The runtime's own lines; children configure their own logging.
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[fedkube run] %(levelname)s %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def _console(out: IO[str], show_progress: bool) -> Iterator[tuple[OutputSink, ProgressDisplay | None]]:
+    if not show_progress:
+        yield StreamSink(out), None
+        return
+    from rich.console import Console
+
+    from fedkube.runtime.progress import ConsoleSink, ProgressDisplay
+
+    console = Console(file=out)
+    with ProgressDisplay(console) as display:
+        yield ConsoleSink(console), display
+
+
+@contextlib.contextmanager
+def _interrupts(run: LocalJobRun) -> Iterator[None]:
+    """Ctrl-C and SIGTERM stop the run cleanly instead of killing the runtime mid-way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        logger.warning("received %s; stopping every process of the run", signal.Signals(signum).name)
+        run.interrupt()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

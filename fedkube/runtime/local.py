@@ -1,0 +1,300 @@
+"""Run a whole FLJob on this machine: the operator's manifests, as local processes.
+
+The job is rendered by the operator's own builders, so the processes get the
+commands and environment the pods get on Kubernetes; ``run_pod`` rewrites what
+must differ on one machine. The server's exit decides the outcome (0 succeeded,
+1 failed, 2 configuration error — as for the server pod). After it exits the
+clients get a bounded grace period to end on their own (they stop on the job's
+``Stop``), then SIGTERM, then SIGKILL. A trainer that exits non-zero after that
+point is reported, never promoted to a job failure (LESSONS.md 19).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fedkube import envvars
+from fedkube.errors import ConfigError
+from fedkube.runtime.pod import SIDECAR_EXIT_ON_STOP, ManifestObjects, PodOptions, PodResult, PodRun, run_pod
+from fedkube.runtime.process import OutputSink, StreamSink
+from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
+
+logger = logging.getLogger(__name__)
+
+ROLE_LABEL = "fedkube.dev/role"
+SITE_LABEL = "fedkube.dev/site"
+EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C
+
+
+@dataclass
+class RunOptions:
+    """Knobs of a local run; the defaults suit ``fedkube run``."""
+
+    run_dir: Path
+    base_dir: Path | None = None  # the job file's directory: relative script paths resolve here
+    sink: OutputSink = field(default_factory=StreamSink)
+    client_grace_s: float = 20.0  # after the server exits, for clients to end on their own
+    stop_grace_s: float = 5.0  # SIGTERM -> SIGKILL
+    server_ready_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """The result of a local run."""
+
+    exit_code: int
+    summary: dict[str, Any] | None  # the server's termination summary (JSON), if it wrote one
+    pods: Mapping[str, PodResult]
+    notes: tuple[str, ...]  # things a person should know that did not change the outcome
+    run_dir: Path
+    interrupted: bool
+
+
+class LocalJobRun:
+    """One FLJob's pods running locally. ``start()``, then ``wait()``; ``interrupt()`` from any thread."""
+
+    def __init__(self, manifests: Sequence[Mapping[str, Any]], options: RunOptions, *, job_name: str) -> None:
+        self.job_name = job_name
+        self.options = options
+        self.resolver = LocalResolver()
+        self._manifests = list(manifests)
+        self._interrupt = threading.Event()
+        self._pods: dict[str, PodRun] = {}
+        pods = [m for m in self._manifests if m.get("kind") == "Pod"]
+        servers = [p for p in pods if _labels(p).get(ROLE_LABEL) == "server"]
+        if len(servers) != 1:
+            raise ConfigError(
+                f"job {job_name}: expected exactly one server pod in the rendered job, got {len(servers)}"
+            )
+        self._server = servers[0]
+        self._clients = sorted(
+            (p for p in pods if p is not self._server), key=lambda p: str(p.get("metadata", {}).get("name"))
+        )
+        self._pod_options = PodOptions(
+            run_dir=options.run_dir,
+            resolver=self.resolver,
+            objects=ManifestObjects(self._manifests),
+            sink=options.sink,
+            base_dir=options.base_dir,
+            extra_env={SIDECAR_EXIT_ON_STOP: "1"},
+            stop_grace_s=options.stop_grace_s,
+            prefix=_prefix,
+        )
+
+    @property
+    def server_key(self) -> str:
+        """``namespace/name`` of the server pod."""
+        return pod_key_of(self._server)
+
+    def status_url(self) -> str | None:
+        """The server's HTTP status endpoint on this machine (None when the pod has no status port)."""
+        port = _env_of(self._server).get(envvars.STATUS_PORT)
+        if not port or not port.isdigit() or int(port) == 0:
+            return None
+        return f"http://{LOCAL_HOST}:{self.resolver.local_port(self.server_key, int(port))}/status"
+
+    def start(self) -> None:
+        """Start the server pod, wait (bounded) until it accepts connections, then the client pods."""
+        self.options.run_dir.mkdir(parents=True, exist_ok=True)
+        for service in (m for m in self._manifests if m.get("kind") == "Service"):
+            selector = service.get("spec", {}).get("selector") or {}
+            for pod in (m for m in self._manifests if m.get("kind") == "Pod"):
+                if selector and all(_labels(pod).get(k) == v for k, v in selector.items()):
+                    self.resolver.add_service(service, pod)
+        logger.info("job %s: starting the server pod; run dir %s", self.job_name, self.options.run_dir)
+        server = run_pod(self._server, self._pod_options)
+        self._pods[server.name] = server
+        self._wait_server_listening(server)
+        for pod in self._clients:
+            if self._interrupt.is_set() or server.wait(0) is not None:
+                break  # a server that already exited (e.g. a configuration error) has no use for clients
+            run = run_pod(pod, self._pod_options)
+            self._pods[run.name] = run
+
+    def interrupt(self) -> None:
+        """Stop the run as soon as possible (Ctrl-C): every pod is stopped, nothing is left behind."""
+        self._interrupt.set()
+
+    def wait(self) -> RunOutcome:
+        """Block until the server pod ended (or an interrupt), wind the clients down, and report."""
+        server = self._pods[str(self._server["metadata"]["name"])]
+        while server.wait(0.2) is None and not self._interrupt.is_set():
+            pass
+        interrupted = self._interrupt.is_set() and server.wait(0) is None
+        if interrupted:
+            logger.warning("job %s: interrupted; stopping every pod", self.job_name)
+            for run in self._pods.values():
+                run.stop()
+        else:
+            self._grace_for_clients()
+        results = {name: self._final(run) for name, run in self._pods.items()}
+        server_result = results[server.name]
+        summary = self._read_summary(server)
+        exit_code = EXIT_INTERRUPTED if interrupted else _server_exit_code(server_result)
+        notes = self._notes(results, server.name, exit_code)
+        return RunOutcome(
+            exit_code=exit_code,
+            summary=summary,
+            pods=results,
+            notes=tuple(notes),
+            run_dir=self.options.run_dir,
+            interrupted=interrupted,
+        )
+
+    def stop_all(self) -> None:
+        """Stop every pod and wait for each (bounded); safe to call more than once."""
+        for run in self._pods.values():
+            run.stop()
+        for run in self._pods.values():
+            self._final(run)
+
+    def pids(self) -> list[int]:
+        """pids of every container process started so far (for tests)."""
+        return [pid for run in self._pods.values() for pid in run.pids()]
+
+    # --- internals ----------------------------------------------------------------
+    def _wait_server_listening(self, server: PodRun) -> None:
+        port = _env_of(self._server).get(envvars.GRPC_PORT)
+        if not port or not port.isdigit():
+            return
+        local = self.resolver.local_port(self.server_key, int(port))
+        deadline = time.monotonic() + self.options.server_ready_timeout_s
+        while time.monotonic() < deadline and not self._interrupt.is_set():
+            if server.wait(0) is not None:
+                return  # it exited already (e.g. a configuration error): wait() reports it
+            with contextlib.suppress(OSError), socket.create_connection((LOCAL_HOST, local), timeout=0.5):
+                return
+            time.sleep(0.05)
+        logger.warning(
+            "job %s: the server is not listening on %s:%s after %.0f s; starting the clients anyway",
+            self.job_name,
+            LOCAL_HOST,
+            local,
+            self.options.server_ready_timeout_s,
+        )
+
+    def _grace_for_clients(self) -> None:
+        deadline = time.monotonic() + self.options.client_grace_s
+        for run in self._pods.values():
+            while run.wait(0.1) is None and time.monotonic() < deadline and not self._interrupt.is_set():
+                pass
+        late = [name for name, run in self._pods.items() if run.wait(0) is None]
+        if late:
+            logger.warning(
+                "job %s: pods %s still running %.0f s after the server exited; stopping them",
+                self.job_name,
+                late,
+                self.options.client_grace_s,
+            )
+            for name in late:
+                self._pods[name].stop()
+
+    def _final(self, run: PodRun) -> PodResult:
+        # Each pod's own teardown is bounded (grace + SIGKILL); this bound only
+        # guards against a supervisor bug hanging the runtime forever.
+        bound = self.options.stop_grace_s * 4 + 30.0
+        result = run.wait(bound)
+        if result is None:
+            run.stop()
+            result = run.wait(bound)
+        if result is None:
+            raise RuntimeError(f"pod {run.key} did not stop within {bound:.0f} s")
+        return result
+
+    def _read_summary(self, server: PodRun) -> dict[str, Any] | None:
+        for path in sorted(server.dir.glob("*.termination-log")):
+            text = path.read_text(errors="replace").strip()
+            if not text:
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                logger.warning(
+                    "job %s: the server's termination summary %s is not JSON: %.200s", self.job_name, path, text
+                )
+                return {"message": text}
+            return value if isinstance(value, dict) else {"summary": value}
+        return None
+
+    def _notes(self, results: Mapping[str, PodResult], server_name: str, exit_code: int) -> list[str]:
+        notes: list[str] = []
+        for name, result in results.items():
+            if name == server_name:
+                continue
+            pod = next(p for p in self._clients if p["metadata"]["name"] == name)
+            site = _labels(pod).get(SITE_LABEL, name)
+            for c in result.containers:
+                if c.exit_code is None:
+                    notes.append(f"{site} {c.name}: never started")
+                elif c.stopped_by_runtime:
+                    notes.append(
+                        f"{site} {c.name}: still running after the job ended; stopped by the runtime "
+                        f"(exit {c.exit_code})"
+                    )
+                elif c.exit_code != 0:
+                    after = " after the job succeeded; teardown noise, not a job failure" if exit_code == 0 else ""
+                    notes.append(f"{site} {c.name}: exited with code {c.exit_code}{after}")
+                if c.restarts:
+                    notes.append(f"{site} {c.name}: restarted {c.restarts} time(s)")
+        return notes
+
+
+def _server_exit_code(result: PodResult) -> int:
+    codes = [c.exit_code for c in result.containers]
+    if any(c is None for c in codes) and result.message:
+        return 1
+    main = result.containers[-1]
+    if main.exit_code in (0, 1, 2):
+        return int(main.exit_code)
+    return 1  # killed by a signal or an unexpected code: the job did not succeed
+
+
+def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    return obj.get("metadata", {}).get("labels") or {}
+
+
+def _env_of(pod: Mapping[str, Any]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for container in pod.get("spec", {}).get("containers", []) or []:
+        for entry in container.get("env", []) or []:
+            if "value" in entry:
+                env[str(entry["name"])] = str(entry["value"])
+    return env
+
+
+def _prefix(pod: Mapping[str, Any], container: str) -> str:
+    labels = _labels(pod)
+    short = container.removeprefix("fedkube-")
+    if labels.get(ROLE_LABEL) == "server":
+        return "server" if short in ("server", "") else f"server {short}"
+    site = labels.get(SITE_LABEL) or str(pod.get("metadata", {}).get("name"))
+    return f"{site} {short}"
+
+
+def default_run_dir(job_name: str, root: Path | None = None) -> Path:
+    """``runs/<job>-<UTC timestamp>`` under ``root`` (the current directory by default)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return (root or Path.cwd()) / "runs" / f"{job_name}-{stamp}"
+
+
+def new_tokens(sites: Sequence[str]) -> dict[str, str]:
+    """A fresh random token per site (what the operator generates into the token Secrets)."""
+    return {site: secrets.token_urlsafe(32) for site in sites}
+
+
+def render_job(job: Any, tokens: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The manifests the operator would create for ``job`` (an ``FLJob``), with these tokens."""
+    from fedkube.operator.builders import build_all
+
+    return list(build_all(job, tokens=tokens, owner=None))

@@ -1,0 +1,177 @@
+"""Progress of a local run: the server's HTTP status endpoint, polled, shown with rich.
+
+The display reads only the status document the server serves for the operator
+(``GET /status``), so what ``fedkube run`` shows is what Kubernetes will show.
+The document is read defensively: a field that is missing (an older server, a
+server still starting) shows as unknown instead of breaking the display.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+logger = logging.getLogger(__name__)
+
+READY_STATES = frozenset({"registered", "training", "uploading", "done", "ready", "idle"})
+
+
+@dataclass(frozen=True)
+class StatusView:
+    """What the display needs from one status document."""
+
+    phase: str
+    round: int
+    rounds: int | None
+    clients_ready: int
+    clients_total: int
+    bytes_transferred: int | None
+
+
+def parse_status(doc: Mapping[str, Any]) -> StatusView:
+    """Pick the display's fields out of the server's status document (tolerant of missing fields)."""
+    clients = doc.get("clients") or {}
+    states: list[str] = []
+    if isinstance(clients, Mapping):
+        items: list[Any] = list(clients.values())
+    elif isinstance(clients, list):
+        items = clients
+    else:
+        items = []
+    for item in items:
+        state = item.get("state") if isinstance(item, Mapping) else item
+        states.append(str(state or "").lower())
+    ready = _int(doc.get("clientsReady", doc.get("clients_ready")))
+    total = _int(doc.get("clientsTotal", doc.get("clients_total")))
+    return StatusView(
+        phase=str(doc.get("phase") or "?"),
+        round=_int(doc.get("round")) or 0,
+        rounds=_int(doc.get("rounds", doc.get("total_rounds"))),
+        clients_ready=ready if ready is not None else sum(s in READY_STATES for s in states),
+        clients_total=total if total is not None else len(states),
+        bytes_transferred=_bytes(doc),
+    )
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+def _bytes(doc: Mapping[str, Any]) -> int | None:
+    """Sum of the top-level (or ``transfer``) fields whose name says bytes."""
+    total: int | None = None
+    transfer = doc.get("transfer")
+    sources: list[Mapping[str, Any]] = [doc, transfer if isinstance(transfer, Mapping) else {}]
+    for source in sources:
+        for key, value in source.items():
+            if "bytes" in key.lower() and (n := _int(value)) is not None:
+                total = (total or 0) + n
+    return total
+
+
+# Never through an HTTP proxy from the environment: the URL is always localhost.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def fetch_status(url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
+    """GET the status document; None while the server is not answering (starting, exiting)."""
+    try:
+        with _OPENER.open(url, timeout=timeout_s) as response:
+            doc = json.loads(response.read())
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover - loop always returns
+
+
+class ConsoleSink:
+    """Process output through a rich console, so lines scroll above the live progress bar."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._lock = threading.Lock()
+
+    def emit(self, prefix: str, line: str) -> None:
+        text = Text(f"[{prefix}] ", style="dim")
+        text.append(line)
+        with self._lock:
+            self._console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+
+class ProgressDisplay:
+    """A live progress bar (rounds, clients ready, bytes) fed by polling the status URL."""
+
+    def __init__(self, console: Console, interval_s: float = 0.5) -> None:
+        self.console = console
+        self._interval = interval_s
+        self._url: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task = self._progress.add_task("rounds", total=None, detail="waiting for the server")
+        self.last: StatusView | None = None
+
+    def watch(self, url: str | None) -> None:
+        """Start polling ``url`` (None: nothing to poll; the bar shows elapsed time only)."""
+        self._url = url
+        self._thread = threading.Thread(target=self._poll, name="fedkube-progress", daemon=True)
+        self._thread.start()
+
+    def update(self, view: StatusView) -> None:
+        """Show one status snapshot."""
+        self.last = view
+        detail = f"{view.phase} · clients {view.clients_ready}/{view.clients_total}"
+        if view.bytes_transferred is not None:
+            detail += f" · {_human_bytes(view.bytes_transferred)}"
+        self._progress.update(self._task, total=view.rounds, completed=view.round, detail=detail)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            if self._url is not None and (doc := fetch_status(self._url)) is not None:
+                self.update(parse_status(doc))
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> ProgressDisplay:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        self._progress.stop()
