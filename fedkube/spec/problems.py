@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from fedkube.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One finding about an FLJob: `path` like ``spec.clients[1].name``, what is wrong, and the fix."""
+class Problem(NamedTuple):
+    """One finding about an FLJob: `path` like ``spec.clients[1].name``, what is wrong, and the fix.
+
+    A named tuple, so ``path, message, fix = problem`` works too.
+    """
 
     path: str
     message: str

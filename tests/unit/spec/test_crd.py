@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -61,6 +62,11 @@ def test_crd_identity(crd: dict[str, Any]) -> None:
         "Clients": ".status.clientsDisplay",
         "Age": ".metadata.creationTimestamp",
     }
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "1.37.0"])
+def test_crd_is_a_valid_customresourcedefinition(crd: dict[str, Any], version: str) -> None:
+    kubernetes_validate.validate(crd, version, strict=True)
 
 
 def _nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:

@@ -336,6 +336,8 @@ def test_format_path() -> None:
     assert format_path(("spec", "clients", 1, "name")) == "spec.clients[1].name"
     assert format_path(("spec", "limits", "nvidia.com/gpu")) == "spec.limits['nvidia.com/gpu']"
     assert str(Problem("a.b", "is wrong", "set it")) == "a.b: is wrong; fix: set it"
+    path, message, fix = Problem("a.b", "is wrong", "set it")
+    assert (path, message, fix) == ("a.b", "is wrong", "set it")
 
 
 def test_status_model_reads_what_the_operator_writes() -> None:
