@@ -314,6 +314,7 @@ class PodRun:
         mounts.sort(key=lambda m: len(m[0]), reverse=True)
         termination = str(manifest.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH)
         termination_local = self.dir / f"{cname}.termination-log"
+        termination_local.unlink(missing_ok=True)  # a reused run dir must not show an old run's message
 
         def local_path(value: str) -> str:
             if value == termination:

@@ -10,6 +10,7 @@ the process's own log file (LESSONS.md 21).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -26,6 +27,21 @@ from typing import IO, Protocol
 from fedkube.errors import FedkubeError
 
 logger = logging.getLogger(__name__)
+
+# Every started process group, so that even an exit that skips the runtime's
+# own shutdown (an unexpected exception, sys.exit in a handler) leaves no orphans.
+_LIVE_GROUPS: set[int] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+@atexit.register
+def _kill_live_groups() -> None:
+    with _LIVE_LOCK:
+        groups = list(_LIVE_GROUPS)
+        _LIVE_GROUPS.clear()
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
 
 
 class OutputSink(Protocol):
@@ -101,6 +117,8 @@ class ManagedProcess:
                 "fix: check the container's command in the job spec and that the program is installed"
             ) from exc
         self.started_at = time.monotonic()
+        with _LIVE_LOCK:
+            _LIVE_GROUPS.add(self._popen.pid)
         logger.debug("started %s pid=%s argv=%s cwd=%s", spec.name, self._popen.pid, list(spec.argv), spec.cwd)
         self._pump = threading.Thread(target=self._pump_output, name=f"out-{spec.name}", daemon=True)
         self._pump.start()
@@ -142,6 +160,8 @@ class ManagedProcess:
                 popen.wait()
         # The leader may be gone while something it started still runs in the group.
         self.signal_group(signal.SIGKILL)
+        with _LIVE_LOCK:
+            _LIVE_GROUPS.discard(popen.pid)
         self._join_output()
         return popen.returncode
 

@@ -37,6 +37,7 @@ class StatusView:
     clients_ready: int
     clients_total: int
     bytes_transferred: int | None
+    metrics: dict[str, float]  # the last completed round's aggregated metrics
 
 
 def parse_status(doc: Mapping[str, Any]) -> StatusView:
@@ -61,7 +62,14 @@ def parse_status(doc: Mapping[str, Any]) -> StatusView:
         clients_ready=ready if ready is not None else sum(s in READY_STATES for s in states),
         clients_total=total if total is not None else len(states),
         bytes_transferred=_bytes(doc),
+        metrics=_metrics(doc.get("metrics")),
     )
+
+
+def _metrics(value: Any) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): float(v) for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _int(value: Any) -> int | None:
@@ -156,6 +164,8 @@ class ProgressDisplay:
         detail = f"{view.phase} · clients {view.clients_ready}/{view.clients_total}"
         if view.bytes_transferred is not None:
             detail += f" · {_human_bytes(view.bytes_transferred)}"
+        for name, value in list(view.metrics.items())[:3]:
+            detail += f" · {name} {value:.4g}"
         self._progress.update(self._task, total=view.rounds, completed=view.round, detail=detail)
 
     def _poll(self) -> None:

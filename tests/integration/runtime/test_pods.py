@@ -333,3 +333,43 @@ def test_states_report_like_a_kubelet_with_the_termination_message(tmp_path: Pat
     assert (state.exit_code, state.reason, state.running) == (1, "Error", False)
     assert state.message == '{"phase": "Failed"}'
     assert state.started_at is not None and state.finished_at is not None
+
+
+ABANDON = """
+import sys, time
+from pathlib import Path
+from fedkube.runtime.pod import ManifestObjects, PodOptions, run_pod
+from fedkube.runtime.process import StreamSink
+from fedkube.runtime.resolver import LocalResolver
+
+pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "command": [sys.executable, "-c", sys.argv[2]]}]}}
+run = run_pod(pod, PodOptions(run_dir=Path(sys.argv[1]), resolver=LocalResolver(), objects=ManifestObjects([]),
+              sink=StreamSink()))
+time.sleep(60)
+"""
+
+
+def test_runtime_exiting_without_its_shutdown_still_leaves_no_orphans(tmp_path: Path) -> None:
+    """A KeyboardInterrupt nobody handles ends the interpreter; the atexit hook still kills the groups."""
+    mark = uuid.uuid4().hex
+    driver = subprocess.Popen(
+        [sys.executable, "-c", ABANDON, str(tmp_path), SPAWNER],
+        env={**os.environ, "RUNTIME_TEST_MARK": mark},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert driver.stdout is not None
+        assert driver.stdout.readline().rstrip().endswith("spawned")
+        assert len(_marked(mark)) == 3  # driver, container, grandchild
+        driver.send_signal(signal.SIGINT)
+        driver.communicate(timeout=20)
+        assert driver.returncode != 0
+        leftovers = _marked(mark)
+        assert not leftovers, [p.cmdline() for p in leftovers]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for proc in _marked(mark):
+            proc.kill()

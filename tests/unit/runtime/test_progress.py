@@ -24,6 +24,7 @@ DOC = {
         {"name": "site-c", "state": "Done"},
     ],
     "transfer": {"bytesSent": 1000, "bytesReceived": 24},
+    "metrics": {"loss": 0.25, "flag": True},
 }
 
 
@@ -32,6 +33,7 @@ def test_parse_status_counts_ready_clients_and_bytes() -> None:
     assert (view.phase, view.round, view.rounds) == ("Running", 2, 3)
     assert (view.clients_ready, view.clients_total) == (2, 3)
     assert view.bytes_transferred == 1024
+    assert view.metrics == {"loss": 0.25}
 
 
 def test_parse_status_tolerates_a_sparse_document() -> None:
@@ -82,3 +84,4 @@ def test_display_polls_and_sink_prints_prefixed_lines(status_url: str) -> None:
     text = out.getvalue()
     assert "[site-a trainer]" in text and "hello [not markup]" in text
     assert "clients 2/3" in text
+    assert "loss 0.25" in text
