@@ -342,7 +342,8 @@ from fedkube.runtime.pod import ManifestObjects, PodOptions, run_pod
 from fedkube.runtime.process import StreamSink
 from fedkube.runtime.resolver import LocalResolver
 
-pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "command": [sys.executable, "-c", sys.argv[2]]}]}}
+command = [sys.executable, "-c", sys.argv[2]]
+pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "command": command}]}}
 run = run_pod(pod, PodOptions(run_dir=Path(sys.argv[1]), resolver=LocalResolver(), objects=ManifestObjects([]),
               sink=StreamSink()))
 time.sleep(60)
