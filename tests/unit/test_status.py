@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedkube.server.summary import (
+from fedkube.status import (
     EXIT_FAILED,
     EXIT_SUCCEEDED,
     TERMINATION_LIMIT,
