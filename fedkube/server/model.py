@@ -7,7 +7,8 @@ downloads a single byte.
 
 Dtype names are the wire's (``fedkube.v1.DType`` lower-cased without the
 prefix): float32, float64, float16, bfloat16, int8, int16, int32, int64, uint8,
-bool. bfloat16 is numpy's via ml_dtypes, so the server needs no torch.
+bool. bfloat16 is numpy's via ml_dtypes, so the server needs no torch; the
+dtype table is the transfer layer's (fedkube.transfer.refs).
 """
 
 from __future__ import annotations
@@ -17,28 +18,18 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-import ml_dtypes
 import numpy as np
 
 from fedkube.errors import FedkubeError
+from fedkube.transfer.refs import DTYPE_NAMES
+from fedkube.transfer.refs import dtype_name as _transfer_dtype_name
+from fedkube.transfer.refs import numpy_dtype as _transfer_numpy_dtype
 
 Model = dict[str, np.ndarray]
 """Name -> array, in model order (dicts keep insertion order)."""
 
-_DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32),
-    "float64": np.dtype(np.float64),
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "int8": np.dtype(np.int8),
-    "int16": np.dtype(np.int16),
-    "int32": np.dtype(np.int32),
-    "int64": np.dtype(np.int64),
-    "uint8": np.dtype(np.uint8),
-    "bool": np.dtype(np.bool_),
-}
 FLOAT_DTYPES = frozenset({"float32", "float64", "float16", "bfloat16"})
-SUPPORTED_DTYPES = tuple(_DTYPES)
+SUPPORTED_DTYPES = DTYPE_NAMES
 
 
 class ModelError(FedkubeError):
@@ -48,21 +39,17 @@ class ModelError(FedkubeError):
 def numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype for a wire dtype name; raises ModelError naming the supported ones."""
     try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ModelError(f"unsupported dtype {name!r}; supported: {', '.join(SUPPORTED_DTYPES)}") from None
+        return _transfer_numpy_dtype(name)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def dtype_name(dtype: np.dtype | type) -> str:
     """The wire dtype name of a numpy dtype; raises ModelError for dtypes the wire cannot carry."""
-    dt = np.dtype(dtype)
-    for name, known in _DTYPES.items():
-        # Compare by kind too: ml_dtypes' bfloat16 and numpy's void types must never be confused.
-        if dt == known and dt.kind == known.kind:
-            return name
-    raise ModelError(
-        f"numpy dtype {dt} cannot be sent as a fedkube tensor; supported: {', '.join(SUPPORTED_DTYPES)}"
-    )
+    try:
+        return _transfer_dtype_name(dtype)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
 
 
 class TensorMeta(Protocol):

@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from fedkube.errors import FedkubeError
-from fedkube.server.summary import ClientStatus, Reason, Scope
+from fedkube.status import ClientStatus, Reason, Scope
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from typing import Protocol
 
 from fedkube.errors import ConfigError, FedkubeError
 from fedkube.server.registry import ClientRecord, ClientState, Registry
-from fedkube.server.summary import Reason, Scope
+from fedkube.status import Reason, Scope
 
 S = ClientState
 

@@ -73,7 +73,7 @@ def test_spec_of_arrays_round_trips_dtypes() -> None:
         (lambda: TensorSpec("x", "float32", (-1,)), "non-negative"),
         (lambda: TensorSpec("", "float32", (1,)), "non-empty"),
         (lambda: ModelSpec((TensorSpec("a", "float32", ()), TensorSpec("a", "int8", ()))), "appears twice"),
-        (lambda: dtype_name(np.dtype(np.complex64)), "cannot be sent"),
+        (lambda: dtype_name(np.dtype(np.complex64)), "cannot be transferred"),
     ],
 )
 def test_bad_descriptions_raise_clear_errors(make: object, match: str) -> None:

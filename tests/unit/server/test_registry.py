@@ -13,7 +13,7 @@ from fedkube.server.registry import (
     Registry,
     SessionKey,
 )
-from fedkube.server.summary import Reason
+from fedkube.status import Reason
 from tests.unit.server.conftest import FakeClock
 
 S = ClientState

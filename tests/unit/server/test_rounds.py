@@ -22,7 +22,7 @@ from fedkube.server.rounds import (
     decide_start,
     job_finished,
 )
-from fedkube.server.summary import Reason
+from fedkube.status import Reason
 from tests.unit.server.conftest import FakeClock
 
 S = ClientState

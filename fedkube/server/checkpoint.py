@@ -1,0 +1,316 @@
+"""Checkpoints: the model, the completed round and the strategy's state, written atomically.
+
+Layout (no pickle anywhere)::
+
+    <dir>/<job>/round-000003/manifest.json     format, job, round, strategy name+meta, metrics,
+                                                and per tensor: group, name, dtype, shape, file,
+                                                nbytes, checksum
+    <dir>/<job>/round-000003/tensors/00000.bin raw C-order little-endian bytes of one tensor
+
+Atomicity. ``save`` writes everything into ``<dir>/<job>/.tmp-round-…``,
+fsyncs every file and the directory, then renames the directory into place
+with ``os.replace`` and fsyncs the parent. A crash leaves either the previous
+state or the complete new checkpoint, plus possibly a ``.tmp-*`` directory that
+is never read and is removed by the next ``save``.
+
+Verification. ``load_latest`` tries checkpoints newest first; a missing or
+unparsable manifest, a missing or short file, or a checksum mismatch (xxh3_64,
+the transfer layer's algorithm) makes it warn and fall back to the previous
+one. bfloat16 round-trips bit-exactly: bytes are written and read back as they
+are, typed by ml_dtypes.
+
+Retention: the newest ``keep`` checkpoints stay (default 3); older ones are
+deleted after a new one is in place, never before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedkube.errors import FedkubeError
+from fedkube.server.model import Model, dtype_name, numpy_dtype
+from fedkube.server.strategies import StrategyState
+from fedkube.transfer.refs import as_bytes, checksum_of, parse_checksum
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fedkube-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+DEFAULT_KEEP = 3
+_ROUND_DIR = re.compile(r"^round-(\d{6,})$")
+_JOB_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+class CheckpointError(FedkubeError):
+    """A checkpoint could not be written, or one that was asked for explicitly is unusable."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the state after ``round`` completed rounds."""
+
+    job: str
+    round: int
+    model: Model
+    strategy_state: StrategyState
+    metrics: dict[str, float] = field(default_factory=dict)
+    created: float = 0.0
+    """Unix time of the save."""
+    path: Path | None = None
+
+
+def _job_dir(directory: Path, job: str) -> Path:
+    if not _JOB_NAME.match(job):
+        raise CheckpointError(
+            f"job name {job!r} cannot name a checkpoint directory; use a Kubernetes object name "
+            "(lowercase letters, digits, '-' and '.')"
+        )
+    return directory / job
+
+
+def _round_dir_name(round: int) -> str:
+    return f"round-{round:06d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tensor(path: Path, array: np.ndarray) -> tuple[int, str]:
+    data = as_bytes(array)  # zero-copy for contiguous little-endian arrays
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return data.nbytes, checksum_of(data)
+
+
+def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {str(k): float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+
+
+def save(
+    directory: str | os.PathLike[str],
+    job: str,
+    round: int,
+    model: Mapping[str, np.ndarray],
+    strategy_state: StrategyState,
+    *,
+    metrics: Mapping[str, float] | None = None,
+    keep: int = DEFAULT_KEEP,
+) -> Path:
+    """Atomically write the checkpoint of ``round`` completed rounds; returns its directory.
+
+    Re-saving a round that already has a checkpoint replaces it (a server
+    that restarted mid-round redoes that round). Raises CheckpointError on
+    bad input or I/O failure; nothing partial is ever visible under a round
+    directory's name.
+    """
+    if round < 0:
+        raise CheckpointError(f"round must be >= 0, got {round}")
+    if keep < 1:
+        raise CheckpointError(f"keep must be >= 1, got {keep}")
+    if not model:
+        raise CheckpointError(f"job {job}: refusing to checkpoint an empty model at round {round}")
+    job_dir = _job_dir(Path(directory), job)
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(job_dir)
+        tmp = job_dir / f".tmp-{_round_dir_name(round)}-{uuid.uuid4().hex[:8]}"
+        (tmp / "tensors").mkdir(parents=True)
+        entries: list[dict[str, Any]] = []
+        groups = (("model", model), ("strategy", strategy_state.tensors))
+        for group, tensors in groups:
+            for name, array in tensors.items():
+                if not isinstance(array, np.ndarray):
+                    raise CheckpointError(
+                        f"job {job}: {group} tensor {name!r} is a {type(array).__name__}, not a numpy array"
+                    )
+                file = f"tensors/{len(entries):05d}.bin"
+                nbytes, checksum = _write_tensor(tmp / file, array)
+                entries.append(
+                    {
+                        "group": group,
+                        "name": name,
+                        "dtype": dtype_name(array.dtype),
+                        "shape": list(array.shape),
+                        "file": file,
+                        "nbytes": nbytes,
+                        "checksum": checksum,
+                    }
+                )
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "job": job,
+            "round": round,
+            "created": time.time(),
+            "strategy": {"name": strategy_state.name, "meta": strategy_state.meta},
+            "metrics": _finite(metrics or {}),
+            "tensors": entries,
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp / "tensors")
+        _fsync_dir(tmp)
+        final = job_dir / _round_dir_name(round)
+        old: Path | None = None
+        if final.exists():
+            # os.replace cannot overwrite a non-empty directory: move the old one aside first.
+            old = job_dir / f".tmp-old-{_round_dir_name(round)}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(job_dir)
+    except (OSError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"job {job}: writing the checkpoint of round {round} to {job_dir} failed: {exc}") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _prune(job_dir, keep)
+    log.info("job %s: checkpoint of round %d written to %s (%d tensors)", job, round, final, len(entries))
+    return final
+
+
+def _remove_stale_temps(job_dir: Path) -> None:
+    # One server writes a job's checkpoints, so any temp dir here is a leftover of a crash.
+    for p in job_dir.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _round_dirs(job_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    if job_dir.is_dir():
+        for p in job_dir.iterdir():
+            m = _ROUND_DIR.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def _prune(job_dir: Path, keep: int) -> None:
+    for _round, path in _round_dirs(job_dir)[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _req(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = doc.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CheckpointError(f"manifest key {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def load(path: str | os.PathLike[str]) -> Checkpoint:
+    """Load and verify one checkpoint directory; CheckpointError says what is wrong with it."""
+    ck_dir = Path(path)
+    try:
+        with open(ck_dir / MANIFEST, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{ck_dir} has no {MANIFEST}; it is not a complete fedkube checkpoint") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{ck_dir / MANIFEST} cannot be read: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointError(f"{ck_dir / MANIFEST} is not a fedkube checkpoint manifest")
+    if doc.get("version") != VERSION:
+        raise CheckpointError(
+            f"{ck_dir} has checkpoint format version {doc.get('version')!r}; this fedkube reads {VERSION}"
+        )
+    strategy = _req(doc, "strategy", dict)
+    model: Model = {}
+    state_tensors: dict[str, np.ndarray] = {}
+    for i, entry in enumerate(_req(doc, "tensors", list)):
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{ck_dir}: tensors[{i}] is not an object")
+        name = _req(entry, "name", str)
+        file = _req(entry, "file", str)
+        if "/" in file.replace("tensors/", "", 1) or ".." in file:
+            raise CheckpointError(f"{ck_dir}: tensor {name!r} names a file outside the checkpoint: {file!r}")
+        dtype = numpy_dtype(_req(entry, "dtype", str))
+        shape = tuple(int(d) for d in _req(entry, "shape", list))
+        nbytes = _req(entry, "nbytes", int)
+        if math.prod(shape) * dtype.itemsize != nbytes:
+            raise CheckpointError(f"{ck_dir}: tensor {name!r} has shape {shape} but nbytes {nbytes}")
+        try:
+            size = os.path.getsize(ck_dir / file)
+        except OSError:
+            raise CheckpointError(f"{ck_dir}: the file of tensor {name!r} ({file}) is missing") from None
+        if size != nbytes:
+            raise CheckpointError(f"{ck_dir}: tensor {name!r} file {file} has {size} bytes, expected {nbytes}")
+        array = np.fromfile(ck_dir / file, dtype=dtype, count=math.prod(shape)).reshape(shape)
+        expected = _req(entry, "checksum", str)
+        parsed = parse_checksum(expected)
+        if parsed is None:
+            raise CheckpointError(f"{ck_dir}: tensor {name!r} has a malformed checksum {expected!r}")
+        if checksum_of(as_bytes(array), parsed[0]) != expected:
+            raise CheckpointError(f"{ck_dir}: tensor {name!r} fails its checksum; the file is corrupt")
+        group = _req(entry, "group", str)
+        if group == "model":
+            model[name] = array
+        elif group == "strategy":
+            state_tensors[name] = array
+        else:
+            raise CheckpointError(f"{ck_dir}: tensor {name!r} has unknown group {group!r}")
+    if not model:
+        raise CheckpointError(f"{ck_dir}: the checkpoint holds no model tensors")
+    metrics = doc.get("metrics") or {}
+    return Checkpoint(
+        job=_req(doc, "job", str),
+        round=_req(doc, "round", int),
+        model=model,
+        strategy_state=StrategyState(_req(strategy, "name", str), dict(strategy.get("meta") or {}), state_tensors),
+        metrics={str(k): float(v) for k, v in metrics.items()},
+        created=float(doc.get("created", 0.0)),
+        path=ck_dir,
+    )
+
+
+def load_latest(directory: str | os.PathLike[str], job: str | None) -> Checkpoint | None:
+    """The newest valid checkpoint of ``job`` under ``directory``, or None when there is none.
+
+    A corrupt or partial checkpoint is skipped with a warning and the previous
+    one is used. With ``job=None`` (a model path given by the user),
+    ``directory`` may be a checkpoint itself, a job's directory of round
+    checkpoints, or a checkpoint root holding exactly one job.
+    """
+    root = Path(directory)
+    if job is not None:
+        job_dir = _job_dir(root, job)
+    elif (root / MANIFEST).exists():
+        return load(root)
+    elif _round_dirs(root):
+        job_dir = root
+    else:
+        jobs = [p for p in root.iterdir() if p.is_dir() and _round_dirs(p)] if root.is_dir() else []
+        if len(jobs) != 1:
+            return None
+        job_dir = jobs[0]
+    for round, path in _round_dirs(job_dir):
+        try:
+            ck = load(path)
+        except (CheckpointError, FedkubeError, OSError, ValueError) as exc:
+            log.warning("job %s: skipping checkpoint of round %d at %s: %s", job or job_dir.name, round, path, exc)
+            continue
+        if job is not None and ck.job != job:
+            log.warning("job %s: skipping checkpoint at %s: it belongs to job %r", job, path, ck.job)
+            continue
+        return ck
+    return None
