@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -32,7 +32,7 @@ _ITEM, _END, _ERROR = 0, 1, 2
 _POLL_S = 0.05
 
 
-def relay_chunks(upstream: Iterator[T], *, window: int, abort: threading.Event | None = None) -> Iterator[T]:
+def relay_chunks(upstream: Iterable[T], *, window: int, abort: threading.Event | None = None) -> Iterator[T]:
     """Yield ``upstream``'s items, read ahead by a thread into a queue of at most ``window`` items.
 
     Errors from upstream are raised to the consumer after the items before
@@ -105,6 +105,14 @@ def _raw(x: bytes) -> bytes:
     return x
 
 
+def _remaining(context: grpc.ServicerContext) -> float | None:
+    """The downstream call's time left, or None when it has no deadline (gRPC reports a huge value then)."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 10 * 365 * 86400:
+        return None
+    return float(remaining)
+
+
 class RelayServicer:
     """The Download service, answered by forwarding each call to ``upstream``.
 
@@ -128,7 +136,7 @@ class RelayServicer:
         )
 
     def Fetch(self, request: tensor_pb2.FetchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
-        call = self._fetch(request, timeout=context.time_remaining())
+        call = self._fetch(request, timeout=_remaining(context))
         # Downstream gone (cancelled, deadline, disconnect) -> cancel upstream at once.
         context.add_callback(call.cancel)
         log.debug(
@@ -150,7 +158,7 @@ class RelayServicer:
         self, request: tensor_pb2.CompleteRequest, context: grpc.ServicerContext
     ) -> tensor_pb2.CompleteResponse:
         try:
-            response: tensor_pb2.CompleteResponse = self._complete(request, timeout=context.time_remaining())
+            response: tensor_pb2.CompleteResponse = self._complete(request, timeout=_remaining(context))
         except grpc.RpcError as exc:
             context.abort(exc.code(), exc.details() or "upstream failed")
         return response

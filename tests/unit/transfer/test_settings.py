@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from fedkube.transfer import FetchSettings, InvalidRequestError, validate_settings
+from fedkube.transfer import FetchSettings, InvalidRequestError, SettingsProblem, validate_settings
 from fedkube.transfer.fetch import Fetcher
 
 
-def _fields(problems: list) -> list[str]:  # type: ignore[type-arg]
+def _fields(problems: list[SettingsProblem]) -> list[str]:
     return [p.field for p in problems]
 
 
