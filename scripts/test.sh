@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # torch==2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0 -e '.[dev]'
+scripts/get-k8s-tools.sh  # pinned helm/kubectl into .tools/bin for the chart and kubectl tests (no-op when present)
 exec python -m pytest -q -p no:cacheprovider --durations=15 "$@"
