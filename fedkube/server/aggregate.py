@@ -43,6 +43,13 @@ reports which tensors kept the failed client's contribution, so the server can
 say so in the client's status message. Whoever needs strict all-or-nothing
 exclusion uses ``staged=True``.
 
+Use one key per client (its site name) for all of its attempts in a round.
+When a discarded client delivers again (its task was re-sent after a
+reconnect), ``reopen(client)`` accepts the new attempt: tensors the earlier
+attempt left in the aggregate are not added a second time, so no tensor ever
+counts a client twice. (A fresh key per attempt would count those tensors
+twice.)
+
 Integer and bool tensors (e.g. BatchNorm's ``num_batches_tracked``, masks)
 cannot be averaged meaningfully: they take the value of the contributing
 client with the largest weight (ties: the smallest client name), so the result
@@ -173,6 +180,7 @@ class WeightedMean:
         self._staged: dict[str, dict[str, np.ndarray]] = {}
         self._committed: list[str] = []
         self._discarded: set[str] = set()
+        self._kept: dict[str, set[str]] = {}
         self._finished = False
         self._scratch = threading.local()
 
@@ -237,6 +245,9 @@ class WeightedMean:
                 return False
             if client in self._committed:
                 raise AggregationError(f"add({client!r}, {name!r}) after commit({client!r})")
+            if name in self._kept.get(client, ()):
+                # An earlier attempt of this client already delivered this tensor; count it once.
+                return False
             known = self._weights.setdefault(client, weight)
             if known != weight:
                 raise InvalidResultError(client, f"weight changed from {known} to {weight} within one result")
@@ -288,6 +299,25 @@ class WeightedMean:
                 client, len(kept), len(self.spec),
             )
         return DiscardOutcome(client, kept)
+
+    def reopen(self, client: str) -> tuple[str, ...]:
+        """Accept a new attempt of a discarded client's result (e.g. its task was re-sent after a reconnect).
+
+        Returns the tensors an earlier attempt left in the aggregate
+        (streaming mode): the new attempt's adds of those are ignored (add
+        returns False), so each tensor counts a client at most once, and
+        ``commit`` needs only the others. The new attempt may carry a new
+        weight. In staged mode nothing was kept and the attempt starts afresh.
+        """
+        with self._lock:
+            if client not in self._discarded:
+                raise AggregationError(f"reopen({client!r}) of a client that was not discarded")
+            self._discarded.discard(client)
+            self._weights.pop(client, None)
+            kept = set() if self.staged else set(self._added.get(client, set()))
+            self._kept[client] = kept
+            self._added[client] = set(kept)
+        return tuple(n for n in self.spec.names if n in kept)
 
     def means(self) -> dict[str, np.ndarray]:
         """End the round: per-tensor means in accumulator precision (float tensors) or the chosen value.

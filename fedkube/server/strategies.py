@@ -74,6 +74,10 @@ class RoundAggregator(Protocol):
         """The client's download failed or it was excluded; drop what can be dropped."""
         ...
 
+    def reopen(self, client: str) -> tuple[str, ...]:
+        """A discarded client delivers again; returns the tensors its earlier attempt already gave."""
+        ...
+
     def finish(self) -> Model:
         """The new global model, in the global model's dtypes and order."""
         ...
@@ -113,6 +117,9 @@ class _MeanAggregator:
 
     def discard(self, client: str) -> DiscardOutcome:
         return self.engine.discard(client)
+
+    def reopen(self, client: str) -> tuple[str, ...]:
+        return self.engine.reopen(client)
 
     def finish(self) -> Model:
         result: Model = self._finish_fn(self.engine.means())

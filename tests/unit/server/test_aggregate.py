@@ -198,3 +198,38 @@ def test_weighted_metrics() -> None:
         {"a": (1, {"loss": 1.0, "acc": 0.5}), "b": (3, {"loss": 3.0}), "c": (5, {"loss": float("nan")})}
     )
     assert got == {"acc": 0.5, "loss": 2.5}
+
+
+def test_reopen_after_a_partial_attempt_counts_each_tensor_once() -> None:
+    xs, ws = _clients(3, 64, seed=11)
+    model = {"a": xs[0], "b": xs[0]}
+    wm = WeightedMean(ModelSpec.of(model))
+    for name in model:
+        wm.add("c0", name, xs[0], ws[0])
+    wm.commit("c0")
+    wm.add("c1", "a", xs[1], ws[1])  # first attempt: 'a' arrives, then the connection drops
+    assert wm.discard("c1").kept_tensors == ("a",)
+    with pytest.raises(AggregationError, match="not discarded"):
+        wm.reopen("c0")
+    assert wm.reopen("c1") == ("a",)
+    # The re-sent task's attempt carries new values and a new weight; 'a' is already counted.
+    assert wm.add("c1", "a", xs[2], ws[2]) is False
+    assert wm.add("c1", "b", xs[2], ws[2]) is True
+    wm.commit("c1")
+    means = wm.means()
+    np.testing.assert_allclose(means["a"], _reference([xs[0], xs[1]], [ws[0], ws[1]]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(means["b"], _reference([xs[0], xs[2]], [ws[0], ws[2]]), rtol=1e-6, atol=1e-6)
+    assert wm.contributors("a") == ("c0", "c1") and wm.contributors("b") == ("c0", "c1")
+
+
+def test_reopen_in_staged_mode_starts_afresh() -> None:
+    xs, ws = _clients(2, 64, seed=12)
+    model = {"a": xs[0], "b": xs[0]}
+    wm = WeightedMean(ModelSpec.of(model), staged=True)
+    wm.add("c0", "a", xs[0], ws[0])
+    assert wm.discard("c0").exact
+    assert wm.reopen("c0") == ()
+    for name in model:
+        assert wm.add("c0", name, xs[1], ws[1])
+    wm.commit("c0")
+    np.testing.assert_array_equal(wm.means()["a"], xs[1])
