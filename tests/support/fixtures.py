@@ -19,7 +19,7 @@ from tests.support.kubeapi import EmulatedCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS_BIN = ROOT / ".tools" / "bin"
-TEST_CRD = Path(__file__).with_name("data") / "test-fljob-crd.yaml"
+FLJOB_CRD = ROOT / "crds" / "fedkube.dev_fljobs.yaml"  # the real, generated CRD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +64,11 @@ class KubeHandle:
     url: str
     api_client: Any  # kubernetes.client.ApiClient
 
-    def apply_test_crd(self) -> dict[str, Any]:
-        """Register the stand-in FLJob CRD (fedkube.dev/v1alpha1 fljobs, short name flj)."""
+    def apply_crd(self, path: Path = FLJOB_CRD) -> dict[str, Any]:
+        """Create a CRD from a YAML file (default: the FLJob CRD in crds/); returns it as stored."""
         import kubernetes
 
-        crd = yaml.safe_load(TEST_CRD.read_text())
+        crd = yaml.safe_load(path.read_text())
         ext = kubernetes.client.ApiextensionsV1Api(self.api_client)
         return ext.create_custom_resource_definition(crd).to_dict()
 

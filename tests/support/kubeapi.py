@@ -563,9 +563,11 @@ class KubeAPI:
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
         for field in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion"):
             meta.pop(field, None)
-        if t.status_subresource:  # status is the controllers' to write, never the creator's
+        # Status is the controllers' to write, never the creator's. A PVC is Bound at once, as with
+        # an immediate-binding provisioner.
+        if t.status_subresource:
             obj["status"] = {"Pod": {"phase": "Pending"}, "Namespace": {"phase": "Active"},
-                             "PersistentVolumeClaim": {"phase": "Pending"}}.get(t.kind, {})
+                             "PersistentVolumeClaim": {"phase": "Bound"}}.get(t.kind, {})
         self._type_hooks(t, obj, None)
         if dry_run:
             return obj

@@ -175,7 +175,7 @@ def test_json_patch_applies_and_failed_test_is_422(kube: fixtures.KubeHandle) ->
 
 
 def test_status_subresource_is_separate_from_the_main_resource(kube: fixtures.KubeHandle) -> None:
-    kube.apply_test_crd()
+    kube.apply_crd()
     co = _custom(kube)
     created = co.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL,
                                                  {**_fljob("j", rounds=1), "status": {"phase": "Hacked"}})
@@ -294,7 +294,7 @@ def test_label_change_moves_object_out_of_a_watch_as_deleted(kube: fixtures.Kube
 # --- deletion, finalizers, garbage collection ----------------------------------------------------------
 
 def test_owner_deletion_garbage_collects_dependents(kube: fixtures.KubeHandle) -> None:
-    kube.apply_test_crd()
+    kube.apply_crd()
     co, core = _custom(kube), _core(kube)
     job = co.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, _fljob("j"))
     other = co.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, _fljob("k"))
@@ -322,7 +322,7 @@ def test_orphan_propagation_keeps_dependents(kube: fixtures.KubeHandle) -> None:
 
 
 def test_finalizers_hold_deletion_until_removed(kube: fixtures.KubeHandle) -> None:
-    kube.apply_test_crd()
+    kube.apply_crd()
     co, core = _custom(kube), _core(kube)
     job = co.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL,
                                              {**_fljob("j"), "metadata": {"name": "j", "finalizers": ["x/y"]}})
@@ -345,7 +345,7 @@ def test_child_created_for_a_vanished_owner_is_collected(kube: fixtures.KubeHand
 # --- discovery and CRDs --------------------------------------------------------------------------------
 
 def test_posted_crd_is_registered_in_discovery_and_established(kube: fixtures.KubeHandle) -> None:
-    crd = kube.apply_test_crd()
+    crd = kube.apply_crd()
     conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
     assert conditions == {"NamesAccepted": "True", "Established": "True"}
     groups = kubernetes.client.ApisApi(kube.api_client).get_api_versions()
@@ -373,7 +373,7 @@ def test_kmock_reactions_still_take_precedence(kube: fixtures.KubeHandle) -> Non
 # --- real clients --------------------------------------------------------------------------------------
 
 def test_kopf_operator_reconciles_adopts_and_finalizes(kube: fixtures.KubeHandle) -> None:
-    kube.apply_test_crd()
+    kube.apply_crd()
     registry = kopf.OperatorRegistry()
     core, co = _core(kube), _custom(kube)
     deleted: list[str] = []
@@ -422,7 +422,7 @@ def test_kubectl_apply_get_and_delete(kube: fixtures.KubeHandle, kubeconfig: Pat
     fljob.write_text(json.dumps(_fljob("demo", rounds=3)))
     pod = tmp_path / "pod.yaml"
     pod.write_text(json.dumps(_pod("demo-client-a", {"fedkube.dev/job": "demo"})))
-    out = _kubectl(k8s_tools, kubeconfig, "apply", "--validate=false", "-f", str(fixtures.TEST_CRD))
+    out = _kubectl(k8s_tools, kubeconfig, "apply", "--validate=false", "-f", str(fixtures.FLJOB_CRD))
     assert "fljobs.fedkube.dev created" in out
     assert "created" in _kubectl(k8s_tools, kubeconfig, "apply", "--validate=false", "-f", str(fljob))
     fljob.write_text(json.dumps(_fljob("demo", rounds=5)))
