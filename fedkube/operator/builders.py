@@ -264,7 +264,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> M
         {"name": VOLUME_TOKENS, "mountPath": layout.TOKENS_DIR, "readOnly": True},
         {"name": VOLUME_CHECKPOINT, "mountPath": layout.CHECKPOINT_DIR},
         {"name": VOLUME_TMP, "mountPath": layout.TMP_DIR},
-        *(dict(m) for m in server.volume_mounts),
+        *(m.model_dump(by_alias=True, exclude_none=True) for m in server.volume_mounts),
     ]
     container: dict[str, Any] = {
         "name": naming.SERVER_CONTAINER,
@@ -378,7 +378,7 @@ def build_client_pod(job: FLJob, site: str, *, owner: Mapping[str, Any] | None =
         "env": [*ours, *(_env_var(e) for e in user_env)],
         "volumeMounts": [
             {"name": VOLUME_WORKDIR, "mountPath": layout.WORKDIR},
-            *(dict(m) for m in trainer.volume_mounts),
+            *(m.model_dump(by_alias=True, exclude_none=True) for m in trainer.volume_mounts),
         ],
         "securityContext": _container_security(read_only_root=False),
     }
@@ -472,7 +472,7 @@ def _env(name: str, value: str) -> dict[str, Any]:
 def _env_var(var: EnvVar) -> dict[str, Any]:
     out: dict[str, Any] = {"name": var.name}
     if var.value_from is not None:
-        out["valueFrom"] = dict(var.value_from)
+        out["valueFrom"] = var.value_from.model_dump(by_alias=True, exclude_none=True)
     elif var.value is not None:
         out["value"] = var.value
     return out

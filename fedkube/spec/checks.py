@@ -22,6 +22,7 @@ from fedkube.spec.model import (
     FLJob,
     Resources,
     Toleration,
+    VolumeMount,
 )
 from fedkube.spec.problems import Problem
 from fedkube.spec.quantity import parse_quantity
@@ -194,6 +195,14 @@ def _env(path: str, env: Sequence[EnvVar]) -> Iterator[Problem]:
         seen.add(var.name)
         if var.value is not None and var.value_from is not None:
             yield Problem(where, "both value and valueFrom are set", "keep one of value or valueFrom")
+        if var.value_from is not None:
+            sources = var.value_from.model_dump(by_alias=True, exclude_none=True)
+            if len(sources) != 1:
+                yield Problem(
+                    f"{where}.valueFrom",
+                    f"valueFrom sets {len(sources)} sources ({', '.join(sorted(sources)) or 'none'})",
+                    "set exactly one of fieldRef, resourceFieldRef, configMapKeyRef, secretKeyRef",
+                )
 
 
 def _is_extended(resource: str) -> bool:
@@ -264,7 +273,7 @@ def _tolerations(path: str, tolerations: Sequence[Toleration]) -> Iterator[Probl
             )
 
 
-def _volumes(path: str, volumes: Sequence[dict[str, Any]], mounts: Sequence[dict[str, Any]]) -> Iterator[Problem]:
+def _volumes(path: str, volumes: Sequence[dict[str, Any]], mounts: Sequence[VolumeMount]) -> Iterator[Problem]:
     names: set[str] = set()
     for i, vol in enumerate(volumes):
         name = vol.get("name")
@@ -294,14 +303,14 @@ def _volumes(path: str, volumes: Sequence[dict[str, Any]], mounts: Sequence[dict
     paths: set[str] = set()
     for i, mount in enumerate(mounts):
         where = f"{path}.volumeMounts[{i}]"
-        name, mount_path = mount.get("name"), mount.get("mountPath")
+        name, mount_path = mount.name, mount.mount_path
         if name not in names:
             yield Problem(
                 f"{where}.name",
                 f"volumeMount refers to volume {name!r}, which is not declared",
                 f"declare it in {path}.volumes, or fix the name",
             )
-        if not isinstance(mount_path, str) or not posixpath.isabs(mount_path):
+        if not posixpath.isabs(mount_path):
             yield Problem(
                 f"{where}.mountPath",
                 f"mountPath {mount_path!r} is missing or not absolute",

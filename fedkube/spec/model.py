@@ -76,16 +76,57 @@ PassThrough = Annotated[
 ]
 
 
+class FieldRef(_Model):
+    """A field of the pod (Kubernetes ObjectFieldSelector), e.g. ``metadata.name`` or ``status.podIP``."""
+
+    field_path: str = Field(alias="fieldPath", min_length=1, description="Path of the field, e.g. status.podIP.")
+    api_version: str | None = Field(default=None, alias="apiVersion", description="Schema version of fieldPath.")
+
+
+class ResourceFieldRef(_Model):
+    """A container's resource request or limit (Kubernetes ResourceFieldSelector)."""
+
+    resource: str = Field(min_length=1, description="e.g. limits.cpu, requests.memory.")
+    container_name: str | None = Field(default=None, alias="containerName", description="Container to read.")
+    divisor: Quantity | None = Field(default=None, description="Unit of the value, e.g. 1Mi.")
+
+
+class KeyRef(_Model):
+    """One key of a ConfigMap or Secret in the job's namespace."""
+
+    name: str = Field(min_length=1, description="ConfigMap or Secret name.")
+    key: str = Field(min_length=1, description="Key within it.")
+    optional: bool | None = Field(default=None, description="Allow the object or key to be missing.")
+
+
+class EnvVarSource(_Model):
+    """Where a variable's value comes from; set exactly one field (Kubernetes EnvVarSource)."""
+
+    field_ref: FieldRef | None = Field(default=None, alias="fieldRef", description="A field of the pod.")
+    resource_field_ref: ResourceFieldRef | None = Field(
+        default=None, alias="resourceFieldRef", description="A resource request/limit."
+    )
+    config_map_key_ref: KeyRef | None = Field(default=None, alias="configMapKeyRef", description="A ConfigMap key.")
+    secret_key_ref: KeyRef | None = Field(default=None, alias="secretKeyRef", description="A Secret key.")
+
+
 class EnvVar(_Model):
     """An environment variable, as in a Kubernetes container: a literal `value` or a `valueFrom` source."""
 
     name: str = Field(pattern=ENV_NAME, min_length=1, description="Variable name.")
     value: str | None = Field(default=None, description="Literal value.")
-    value_from: PassThrough | None = Field(
-        default=None,
-        alias="valueFrom",
-        description="A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef).",
+    value_from: EnvVarSource | None = Field(
+        default=None, alias="valueFrom", description="Take the value from the pod, a ConfigMap or a Secret."
     )
+
+
+class VolumeMount(_Model):
+    """Where a volume appears in the container (Kubernetes VolumeMount)."""
+
+    name: str = Field(min_length=1, description="Name of a volume declared in the same template.")
+    mount_path: str = Field(alias="mountPath", min_length=1, description="Absolute path in the container.")
+    read_only: bool | None = Field(default=None, alias="readOnly", description="Mount read-only.")
+    sub_path: str | None = Field(default=None, alias="subPath", description="Sub-path of the volume to mount.")
 
 
 class Resources(_Model):
@@ -121,7 +162,7 @@ class _ContainerTemplate(_PodPlacement):
     volumes: list[PassThrough] = Field(
         default_factory=list, description="Kubernetes volumes added to the pod (names must not start with fedkube-)."
     )
-    volume_mounts: list[PassThrough] = Field(
+    volume_mounts: list[VolumeMount] = Field(
         default_factory=list, alias="volumeMounts", description="Kubernetes volumeMounts of this container."
     )
 

@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import kubernetes_validate
 import pytest
 
 from fedkube import envvars
@@ -418,3 +419,28 @@ def test_strict_validation_catches_broken_pods(break_it: Callable[[dict[str, Any
     break_it(pod)
     with pytest.raises(AssertionError, match="invalid for Kubernetes"):
         assert_valid(pod, K8S_VERSIONS[0])
+
+
+def test_cached_validator_agrees_with_kubernetes_validate() -> None:
+    """The cache must not change the verdict: compare with the library's own entry point on a good and a bad pod."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "i"}]},
+    }
+    kubernetes_validate.validate(pod, K8S_VERSIONS[0], strict=True)
+    assert_valid(pod, K8S_VERSIONS[0])
+    pod["spec"]["containers"][0]["bogus"] = 1
+    try:
+        kubernetes_validate.validate(pod, K8S_VERSIONS[0], strict=True)
+    except kubernetes_validate.ValidationError:
+        pass
+    else:
+        raise AssertionError("kubernetes-validate accepted an unknown container field")
+    try:
+        assert_valid(pod, K8S_VERSIONS[0])
+    except AssertionError as exc:
+        assert "bogus" in str(exc) or "containers" in str(exc)
+    else:
+        raise AssertionError("the cached validator accepted an unknown container field")
