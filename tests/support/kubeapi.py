@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import contextlib
 import copy
 import dataclasses
@@ -265,7 +264,9 @@ class KubeAPI:
         self._types: dict[tuple[str, str], ResourceType] = {t.key: t for t in BUILTIN_TYPES}
         self._builtin = set(self._types)
         self._objects: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-        self._history: collections.deque[_Change] = collections.deque(maxlen=history)
+        # The change log watches replay from; entry i has resourceVersion _history[0].rv + i.
+        self._history: list[_Change] = []
+        self._history_limit = history
         self._rv = 0
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -298,7 +299,18 @@ class KubeAPI:
         else:
             self._objects[key] = obj
         self._history.append(_Change(self._rv, t.key, event, copy.deepcopy(obj), prev))
+        if len(self._history) > 2 * self._history_limit:  # compact in batches, like etcd
+            del self._history[:len(self._history) - self._history_limit]
         self._wake()
+
+    def _changes_after(self, rv: int) -> list[_Change]:
+        if not self._history:
+            return []
+        return self._history[max(0, rv + 1 - self._history[0].rv):]
+
+    def compact(self, keep: int) -> None:
+        """Forget all but the last ``keep`` changes (watches from before them get 410 Expired)."""
+        del self._history[:max(0, len(self._history) - keep)]
 
     @staticmethod
     def _key(t: ResourceType, namespace: str | None, name: str) -> tuple[str, str, str, str]:
@@ -503,7 +515,7 @@ class KubeAPI:
                     return response
             while not self._closing:
                 wakeup = self._wakeup
-                for change in [c for c in self._history if c.rv > cursor]:
+                for change in self._changes_after(cursor):
                     cursor = change.rv
                     if change.type_key != target.type.key:
                         continue
@@ -795,8 +807,9 @@ class EmulatedCluster:
     kmock handler, for fault injection with kmock's DSL.
     """
 
-    def __init__(self, *, start_timeout: float = 10.0) -> None:
+    def __init__(self, *, start_timeout: float = 10.0, history: int = 20000) -> None:
         self._start_timeout = start_timeout
+        self._history = history
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -835,7 +848,7 @@ class EmulatedCluster:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        self.api = KubeAPI()
+        self.api = KubeAPI(history=self._history)
         async with self.api.handler, kmock.Server(self.api.handler) as server:
             self.url = str(server.url).rstrip("/")
             self._ready.set()

@@ -17,6 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.support import fixtures
 from tests.support.kopfrun import running_operator
+from tests.support.kubeapi import EmulatedCluster
 
 kube = fixtures.kube
 kubeconfig = fixtures.kubeconfig
@@ -273,13 +274,26 @@ def test_watch_resumes_from_resource_version_and_honours_timeout(kube: fixtures.
 
 
 def test_watch_from_a_compacted_resource_version_is_410(kube: fixtures.KubeHandle) -> None:
-    kube.cluster.call(lambda api: setattr(api, "_history", type(api._history)(api._history, maxlen=2)))
     core = _core(kube)
     old = core.create_namespaced_pod("default", _pod("p1"))
     for i in range(3):
         core.create_namespaced_pod("default", _pod(f"n{i}"))
+    kube.cluster.call(lambda api: api.compact(keep=2))
     events = _watch_lines(kube, f"watch=true&resourceVersion={old.metadata.resource_version}&timeoutSeconds=1")
     assert events[0]["type"] == "ERROR" and events[0]["object"]["code"] == 410
+
+
+def test_watch_resumes_correctly_across_automatic_compaction() -> None:
+    with EmulatedCluster(history=3) as cluster:
+        client = cluster.api_client()
+        handle = fixtures.KubeHandle(cluster=cluster, url=cluster.url, api_client=client)
+        core = _core(handle)
+        versions = [core.create_namespaced_pod("default", _pod(f"p{i}")).metadata.resource_version for i in range(9)]
+        events = _watch_lines(handle, f"watch=true&resourceVersion={versions[6]}&timeoutSeconds=1")
+        assert [e["object"]["metadata"]["name"] for e in events] == ["p7", "p8"]
+        gone = _watch_lines(handle, f"watch=true&resourceVersion={versions[0]}&timeoutSeconds=1")
+        assert [e["type"] for e in gone] == ["ERROR"]
+        client.close()
 
 
 def test_label_change_moves_object_out_of_a_watch_as_deleted(kube: fixtures.KubeHandle) -> None:
