@@ -33,7 +33,10 @@ def render(job: FLJob, namespace: str | None = None) -> list[dict[str, Any]]:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Prints multi-line strings (the spec JSON) as literal blocks, so the output stays readable."""
+    """Prints multi-line strings (the spec JSON) as literal blocks and never uses anchors/aliases."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:

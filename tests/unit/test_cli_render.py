@@ -33,6 +33,7 @@ def test_render_prints_exactly_build_all(capsys: pytest.CaptureFixture[str]) -> 
     expected = builders.build_all(job, tokens={c.name: TOKEN_PLACEHOLDER for c in job.spec.clients}, owner=None)
     assert docs == expected
     assert out == to_yaml_stream(render(job))
+    assert "&id0" not in out and "*id0" not in out
 
 
 def test_render_marks_tokens_as_placeholders(capsys: pytest.CaptureFixture[str]) -> None:
