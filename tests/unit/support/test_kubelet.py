@@ -181,3 +181,43 @@ def test_container_without_command_fails_with_a_clear_message(env: tuple[fixture
         status = _wait_for(kube, "nocmd", lambda s: s.get("phase") == "Failed")
     terminated = status["container_statuses"][0]["state"]["terminated"]
     assert terminated["reason"] == "StartError" and "has no command" in terminated["message"]
+
+
+def test_kopf_operator_and_kubelet_together(env: tuple[fixtures.KubeHandle, Any], tmp_path: Path) -> None:
+    """The chain the e2e tests rely on: kopf creates a pod, the kubelet runs it, kopf sees it finish."""
+    import kopf
+
+    from tests.support.kopfrun import running_operator
+
+    kube, core = env
+    kube.apply_crd()
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.create("fedkube.dev", "v1alpha1", "fljobs", registry=registry)
+    def create(body: Any, name: str, namespace: str | None, patch: Any, **_: Any) -> None:
+        pod = _pod(f"{name}-server")
+        pod["metadata"]["labels"] = {"fedkube.dev/job": name}
+        kopf.adopt(pod, owner=body)
+        core.create_namespaced_pod(namespace, pod)
+        patch.status["phase"] = "Running"
+
+    @kopf.on.field("", "v1", "pods", field="status.phase", labels={"fedkube.dev/job": kopf.PRESENT},
+                   registry=registry)
+    def pod_phase(new: Any, labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+        if new in ("Succeeded", "Failed") and namespace is not None:
+            kubernetes.client.CustomObjectsApi(kube.api_client).patch_namespaced_custom_object_status(
+                "fedkube.dev", "v1alpha1", namespace, "fljobs", labels["fedkube.dev/job"], {"status": {"phase": new}})
+
+    custom: Any = kubernetes.client.CustomObjectsApi(kube.api_client)
+    with TestKubelet(kube.api_client, tmp_path / "kubelet"), running_operator(kube.url, registry):
+        custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", {
+            "apiVersion": "fedkube.dev/v1alpha1", "kind": "FLJob", "metadata": {"name": "chain"}, "spec": {}})
+        deadline = time.monotonic() + 20
+        phase = None
+        while time.monotonic() < deadline and phase != "Succeeded":
+            job = custom.get_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "chain")
+            phase = (job.get("status") or {}).get("phase")
+            time.sleep(0.05)
+        assert phase == "Succeeded"
+        custom.delete_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "chain")
+        assert core.list_namespaced_pod("default").items == [], "the job's pod was not garbage-collected"
