@@ -24,7 +24,7 @@ Memory (S = global model bytes, float32 model; the global model stays
 resident because the transfer layer serves it and FedAdam needs it):
 
 * streaming (default): global S + accumulator S + the tensors in flight (one
-  per concurrent download; the benchmark's 64 MiB arrays) + scratch (4 MiB per
+  per concurrent download; the benchmark's 64 MiB arrays) + scratch (1 MiB per
   concurrent add) ≈ 2.1xS at S = 1 GiB, under the 2.5xS target.
 * ``staged=True``: each client's tensors are kept until ``commit`` and folded
   in then: + S per client whose download is in flight, i.e. ≥ 3xS. Exact
@@ -76,8 +76,8 @@ from fedkube.server.model import Model, ModelSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
-BLOCK = 1 << 20
-"""Elements per block of the accumulate loop (4 MiB of float32 scratch)."""
+BLOCK = 1 << 18
+"""Elements per block of the accumulate loop (1 MiB of float32 scratch: measured fastest, it stays in cache)."""
 
 
 class AggregationError(FedkubeError):
@@ -148,8 +148,11 @@ class _Tensor:
         for start in range(0, flat_acc.size, BLOCK):
             stop = min(start + BLOCK, flat_acc.size)
             tmp = tmp_all[: stop - start]
-            tmp[...] = flat_x[start:stop]
-            tmp -= flat_acc[start:stop]
+            if flat_x.dtype == flat_acc.dtype:
+                np.subtract(flat_x[start:stop], flat_acc[start:stop], out=tmp)
+            else:
+                tmp[...] = flat_x[start:stop]  # half precision: widen first
+                tmp -= flat_acc[start:stop]
             tmp *= factor
             flat_acc[start:stop] += tmp
 

@@ -221,15 +221,31 @@ class FedAdam:
             if m is None or v is None or m.shape != t.shape or m.dtype != acc_dtype:
                 m = np.zeros(t.shape, acc_dtype)
                 v = np.full(t.shape, self.tau * self.tau, acc_dtype)
-            # Update in place, block by block: avg's buffer becomes the new x (no S-sized temporaries).
+            # In place, block by block, into reused scratch: avg's buffer becomes the new x, and no
+            # temporary is allocated per block (fresh allocations cost page faults on every round).
+            # Each line rounds exactly like the textbook expression in the docstring.
             fx, fa, fm, fv = (a.reshape(-1) for a in (model[t.name], avg, m, v))
+            s_x, s_d, s_t = (np.empty(min(BLOCK, fa.size), acc_dtype) for _ in range(3))
+            b1, b2, lr, tau = self.beta1, self.beta2, self.server_lr, self.tau
             for start in range(0, fa.size, BLOCK):
-                sl = slice(start, min(start + BLOCK, fa.size))
-                x = fx[sl].astype(acc_dtype)
-                delta = fa[sl] - x
-                fm[sl] = self.beta1 * fm[sl] + (1.0 - self.beta1) * delta
-                fv[sl] = self.beta2 * fv[sl] + (1.0 - self.beta2) * (delta * delta)
-                fa[sl] = x + self.server_lr * fm[sl] / (np.sqrt(fv[sl]) + self.tau)
+                stop = min(start + BLOCK, fa.size)
+                n = stop - start
+                x, d, tmp = s_x[:n], s_d[:n], s_t[:n]
+                bm, bv, ba = fm[start:stop], fv[start:stop], fa[start:stop]
+                x[...] = fx[start:stop]
+                np.subtract(ba, x, out=d)  # delta = avg - x
+                bm *= b1  # m = b1*m + (1-b1)*delta
+                np.multiply(d, 1.0 - b1, out=tmp)
+                bm += tmp
+                bv *= b2  # v = b2*v + (1-b2)*delta^2
+                np.multiply(d, d, out=tmp)
+                tmp *= 1.0 - b2
+                bv += tmp
+                np.sqrt(bv, out=tmp)  # x = x + lr*m / (sqrt(v) + tau)
+                tmp += tau
+                np.multiply(bm, lr, out=d)
+                d /= tmp
+                np.add(x, d, out=ba)
             self.m[t.name] = m
             self.v[t.name] = v
             out[t.name] = cast_to(t, avg)
