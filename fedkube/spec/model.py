@@ -266,7 +266,9 @@ class Sidecar(_Model):
 class Transfer(_Model):
     """Chunked tensor transfer settings."""
 
-    chunk_bytes: int = Field(default=1 << 20, alias="chunkBytes", ge=4096, le=64 << 20, description="Bytes per chunk.")
+    # Bounds mirror fedkube.transfer.wire (DEFAULT/MAX_CHUNK_BYTES; a test keeps them equal): the spec model
+    # stays free of grpc, and a chunk above the transfer layer's gRPC message size could never be sent.
+    chunk_bytes: int = Field(default=1 << 20, alias="chunkBytes", ge=4096, le=16 << 20, description="Bytes per chunk.")
     chunk_timeout_seconds: float = Field(
         default=30.0, alias="chunkTimeoutSeconds", gt=0, description="Timeout of one chunk request."
     )

@@ -153,7 +153,7 @@ manifests = st.fixed_dictionaries(
                         "chunkTimeoutSeconds": seconds,
                         "idleTimeoutSeconds": seconds,
                         "maxAttempts": st.integers(0, 10),
-                        "chunkBytes": st.sampled_from([1 << 20, 100, 1 << 27]),
+                        "chunkBytes": st.sampled_from([1 << 20, 100, 1 << 24, (1 << 24) + 1]),
                     },
                 ),
                 "timeouts": st.fixed_dictionaries(

@@ -209,6 +209,7 @@ BAD = [
         "greater than 0",
     ),
     ("chunk-too-small", _set("spec.transfer.chunkBytes", 10), "spec.transfer.chunkBytes", "4096"),
+    ("chunk-too-big", _set("spec.transfer.chunkBytes", 32 << 20), "spec.transfer.chunkBytes", "16777216"),
     ("long-name", _set("metadata.name", "j" * 60), "metadata.name", "at most 56"),
     ("upper-name", _set("metadata.name", "MNIST"), "metadata.name", "lower-case"),
     ("no-name", _set("metadata.name", _DELETE), "metadata.name", "required"),
@@ -358,3 +359,12 @@ def test_status_model_reads_what_the_operator_writes() -> None:
 
 def test_fljob_type_is_exported() -> None:
     assert FLJob.model_fields["spec"].is_required()
+
+
+def test_chunk_bounds_match_the_transfer_layer() -> None:
+    from fedkube.spec.model import Transfer
+    from fedkube.transfer import wire
+
+    field = Transfer.model_fields["chunk_bytes"]
+    assert field.default == wire.DEFAULT_CHUNK_BYTES
+    assert {"le": wire.MAX_CHUNK_BYTES} in [{"le": getattr(m, "le", None)} for m in field.metadata]
