@@ -1,0 +1,278 @@
+"""``fedkube server``: the aggregator process.
+
+Reads its configuration from the environment (``fedkube.server.config``),
+serves the ``Control`` and ``Download`` gRPC services on one port and the
+status endpoint over HTTP, runs the job's rounds, writes the termination
+summary and exits with 0 (succeeded), 1 (failed) or 2 (configuration error).
+SIGTERM/SIGINT stop the job gracefully: clients are told ``Stop``, the summary
+is written, the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fedkube import envvars
+from fedkube.errors import ConfigError
+from fedkube.server import checkpoint
+from fedkube.server.config import ServerConfig, load_config
+from fedkube.server.control import AUTH_METADATA, SITE_METADATA, ControlServicer, SessionTable
+from fedkube.server.http import StatusServer
+from fedkube.server.reverse import UploadBroker
+from fedkube.server.strategies import StrategyState, build_strategy
+from fedkube.server.summary import EXIT_FAILED, TerminationSummary, write_termination_summary
+from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
+from fedkube.transfer.service import DownloadService
+from fedkube.transfer.wire import MAX_CHUNK_BYTES, server_options
+from fedkube.wire.v1 import control_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2
+SERVER_SOURCE = "server"  # the name clients see as the global model's source
+_DOWNLOAD_PREFIX = "/fedkube.v1.Download/"
+
+
+def load_model_file(path: str | Path) -> dict[str, np.ndarray]:
+    """Initial weights from a ``.npz`` file (never unpickled) or a fedkube checkpoint directory."""
+    p = Path(path)
+    if p.is_dir():
+        ck = checkpoint.load_latest(p, None)
+        if ck is None:
+            raise ConfigError(f"spec.model.path={str(p)!r} is a directory without a usable fedkube checkpoint")
+        return dict(ck.model)
+    if not p.is_file():
+        raise ConfigError(f"spec.model.path={str(p)!r} does not exist; fix: give the path of a .npz file")
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except ValueError as exc:  # object arrays would need pickle: refused
+        raise ConfigError(f"spec.model.path={str(p)!r} cannot be loaded without pickle: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"spec.model.path={str(p)!r} is not a .npz file: {exc}") from exc
+
+
+class _CheckpointAdapter:
+    """The workflow's CheckpointStore over fedkube.server.checkpoint."""
+
+    def __init__(self, directory: Path, job: str) -> None:
+        self._dir = directory
+        self._job = job
+
+    def load(self) -> tuple[int, dict[str, np.ndarray], StrategyState | None] | None:
+        ck = checkpoint.load_latest(self._dir, self._job)
+        if ck is None:
+            return None
+        return ck.round, dict(ck.model), ck.strategy_state
+
+    def save(
+        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float]
+    ) -> None:
+        checkpoint.save(self._dir, self._job, round_, model, state, metrics=metrics)
+
+
+class _DownloadAuth(grpc.ServerInterceptor):
+    """Only the job's clients may fetch the global model (same token check as Control)."""
+
+    def __init__(self, check: Callable[[Sequence[tuple[str, Any]]], tuple[grpc.StatusCode | None, str]]) -> None:
+        self._check = check
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        if not details.method.startswith(_DOWNLOAD_PREFIX):
+            return continuation(details)
+        code, message = self._check(details.invocation_metadata or ())
+        if code is None:
+            return continuation(details)
+
+        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(code, message)
+
+        if details.method.endswith("/Fetch"):
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class FedkubeServer:
+    """The server process's parts, startable in-process (tests) or from :func:`main`."""
+
+    def __init__(
+        self, config: ServerConfig, *, model_loader: Callable[[], dict[str, np.ndarray]] | None = None
+    ) -> None:
+        self.config = config
+        s = config.settings
+        self.strategy = build_strategy(s.strategy, s.strategy_options)
+        self.sessions = SessionTable()
+        self.broker = UploadBroker()
+        self.downloads = DownloadService(SERVER_SOURCE, chunk_bytes=min(s.transfer.chunk_bytes, MAX_CHUNK_BYTES))
+        if model_loader is None and s.model_source == "file" and s.model_path:
+            path = s.model_path
+            model_loader = lambda: load_model_file(path)  # noqa: E731
+        checkpoints: CheckpointStore | None = None
+        if config.checkpoint_dir is not None:
+            checkpoints = _CheckpointAdapter(config.checkpoint_dir, s.job)
+        self.workflow = RoundWorkflow(
+            s, self.strategy, self.sessions, self.broker, self.downloads,
+            initial_model=model_loader, checkpoints=checkpoints,
+        )  # fmt: skip
+        self._servicer = ControlServicer(
+            s.job, config.tokens, self.workflow, self.sessions, self.broker,
+            heartbeat_interval_ms=self.workflow.heartbeat_interval_ms,
+        )  # fmt: skip
+        limit = config.message_limit()
+        # Every running stream holds a worker: each client has a control stream, a forward fetch
+        # and a push at most at once; the rest is headroom for reconnect overlaps.
+        workers = max(16, 4 * len(s.clients) + 8)
+        options = [
+            (k, v) for k, v in server_options() if k not in ("grpc.max_receive_message_length",)
+        ] + [("grpc.max_receive_message_length", limit)]
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedkube-server-grpc"),
+            options=options,
+            interceptors=[_DownloadAuth(self._check_download_call)],
+            maximum_concurrent_rpcs=workers,
+        )
+        control_pb2_grpc.add_ControlServicer_to_server(self._servicer, self._grpc)
+        self.downloads.add_to_server(self._grpc)
+        self.grpc_port = 0
+        self._status = StatusServer(self.status_json, self.ready, host=config.bind_host, port=config.status_port)
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._outcome: Outcome | None = None
+        self._done = threading.Event()
+        self._stopped = False
+
+    def _check_download_call(self, metadata: Sequence[tuple[str, Any]]) -> tuple[grpc.StatusCode | None, str]:
+        import hmac
+
+        md = dict(metadata)
+        site = str(md.get(SITE_METADATA, ""))
+        expected = self.config.tokens.get(site)
+        if expected is None:
+            return grpc.StatusCode.PERMISSION_DENIED, f"site {site!r} is not a client of job {self.config.job!r}"
+        auth = str(md.get(AUTH_METADATA, ""))
+        given = auth[len("Bearer ") :].encode() if auth.startswith("Bearer ") else b""
+        if not hmac.compare_digest(given, expected):
+            log.warning("job %s: refused a Download call from site %r: missing or wrong token", self.config.job, site)
+            return grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong token for site {site!r}"
+        return None, ""
+
+    @property
+    def status_port(self) -> int:
+        return self._status.port
+
+    def status_json(self) -> str:
+        return self.workflow.status().to_json()
+
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self) -> None:
+        """Bind the ports and start the job's workflow thread."""
+        address = f"{self.config.bind_host}:{self.config.grpc_port}"
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address} ({envvars.GRPC_PORT}): {exc}") from exc
+        if self.grpc_port == 0:
+            raise ConfigError(f"cannot listen on {address}; fix: pick a free {envvars.GRPC_PORT}")
+        self._grpc.start()
+        self._status.start()
+        self._ready.set()
+        log.info("job %s: server listening on gRPC port %s, status port %s", self.config.job, self.grpc_port,
+                 self.status_port)
+        self._thread = threading.Thread(target=self._run, name="fedkube-workflow", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._outcome = self.workflow.run()
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        """The job's outcome once it ended, or None after ``timeout``."""
+        self._done.wait(timeout)
+        return self._outcome
+
+    def request_stop(self, reason: str) -> None:
+        self.workflow.request_stop(reason)
+
+    def shutdown(self, grace_s: float = 3.0) -> None:
+        """Let queued messages (Stop) reach the clients, then close the endpoints."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._ready.clear()
+        self.sessions.close_all()  # streams drain their queues (the Stop message) and end
+        self._grpc.stop(grace_s).wait(grace_s + 1)
+        self._status.stop()
+        self.downloads.close()
+
+    def summary(self) -> TerminationSummary:
+        return TerminationSummary.from_status(self.workflow.status())
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fedkube server``; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="fedkube server", description="Run the fedkube aggregator for one FLJob.")
+    parser.add_argument("--bind", default="[::]", help="host to listen on (default: every interface)")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        config = load_config(bind_host=args.bind)
+        server = FedkubeServer(config)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        print(f"fedkube server: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if config.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port, addr="0.0.0.0" if args.bind in ("[::]", "") else args.bind.strip("[]"))
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        log.warning("job %s: received %s; stopping the job", config.job, name)
+        server.request_stop(f"the server received {name}")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            server.start()
+        except ConfigError as exc:
+            log.error("configuration error: %s", exc)
+            return EXIT_CONFIG
+        outcome = None
+        while outcome is None:
+            # Short waits keep the main thread responsive to signals.
+            outcome = server.wait(0.5)
+        server.shutdown()
+        summary = server.summary()
+        if config.termination_log is not None:
+            try:
+                write_termination_summary(config.termination_log, summary)
+            except OSError as exc:
+                log.error("could not write the termination summary to %s: %s", config.termination_log, exc)
+        print(summary.to_json(), file=sys.stderr)
+        log.info("job %s: %s (%s) %s", config.job, summary.phase.value, outcome.reason, outcome.message)
+        return summary.exit_code if outcome.success else EXIT_FAILED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,397 @@
+"""The ``Control`` gRPC servicer: proto <-> domain, authentication, sessions.
+
+Thin by design (STYLE.md "thin servicers"): it authenticates each call,
+turns client messages into :class:`ControlEvents` calls carrying the identity
+of the stream they came from, and writes the workflow's messages to the right
+stream through a per-stream queue (a gRPC stream is not safe for concurrent
+writes). Errors become ``context.abort`` here and only here.
+
+Sessions: every accepted ``Connect`` stream gets a :class:`Session` with a
+server-side ``conn_id``. A newer stream for the same site replaces the older
+one, which is ended; events from a replaced stream still reach the workflow
+with their old ``conn_id``, and the workflow ignores them (LESSONS.md 13).
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from prometheus_client import Counter
+
+from fedkube.server.reverse import UploadBroker, push_chunk, push_end, push_error
+from fedkube.transfer.errors import InvalidRefError
+from fedkube.transfer.refs import TensorRef
+from fedkube.wire.v1 import control_pb2, control_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+SITE_METADATA = "x-fedkube-site"
+AUTH_METADATA = "authorization"
+
+REJECTED = Counter(
+    "fedkube_server_rejected_connections_total",
+    "Calls to the server's control service refused before any effect, by reason.",
+    ["reason"],
+)
+
+_PHASES = {
+    control_pb2.TRAINER_PHASE_UNSPECIFIED: "Unknown",
+    control_pb2.TRAINER_PHASE_STARTING: "Starting",
+    control_pb2.TRAINER_PHASE_RUNNING: "Running",
+    control_pb2.TRAINER_PHASE_FINISHED: "Finished",
+    control_pb2.TRAINER_PHASE_FAILED: "Failed",
+    control_pb2.TRAINER_PHASE_EXITED: "Exited",
+}
+_KINDS = {
+    control_pb2.FAILURE_KIND_UNSPECIFIED: "",
+    control_pb2.FAILURE_KIND_EXCEPTION: "Exception",
+    control_pb2.FAILURE_KIND_CONFIG_ERROR: "ConfigError",
+    control_pb2.FAILURE_KIND_ABORTED: "Aborted",
+    control_pb2.FAILURE_KIND_EXITED_BEFORE_DOWNLOAD: "ExitedBeforeDownload",
+}
+
+
+@dataclass(frozen=True)
+class TrainerReport:
+    """What the sidecar says about its trainer. ``kind`` is a failure-reason name or ""."""
+
+    phase: str
+    kind: str = ""
+    message: str = ""
+    exit_code: int = 0
+
+
+@dataclass(frozen=True)
+class ResultAnnounced:
+    """A client's result announcement; ``problem`` is set when its refs were malformed."""
+
+    task_id: str
+    round: int
+    num_examples: int
+    metrics: Mapping[str, float]
+    refs: tuple[TensorRef, ...]
+    problem: str = ""
+
+
+_STOP = object()
+
+
+@dataclass
+class Session:
+    """One accepted Connect stream of a site."""
+
+    site: str
+    session_id: str
+    conn_id: int
+    peer: str
+    outbox: queue.Queue[Any] = field(default_factory=queue.Queue, repr=False)
+    closed: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def send(self, msg: control_pb2.ServerMessage) -> bool:
+        if self.closed.is_set():
+            return False
+        self.outbox.put(msg)
+        return True
+
+    def close(self) -> None:
+        if not self.closed.is_set():
+            self.closed.set()
+            self.outbox.put(_STOP)
+
+
+class ControlEvents(Protocol):
+    """What the workflow learns from the control service. Calls come from gRPC threads: be quick, never block."""
+
+    def client_connected(self, session: Session, resume_task_id: str) -> None: ...
+    def heartbeat(self, session: Session, seq: int, trainer: TrainerReport | None) -> None: ...
+    def task_acked(self, session: Session, task_id: str) -> None: ...
+    def result_announced(self, session: Session, result: ResultAnnounced) -> None: ...
+    def trainer_state(self, session: Session, report: TrainerReport) -> None: ...
+    def metrics(self, session: Session, round: int, values: Mapping[str, float]) -> None: ...
+    def client_disconnected(self, session: Session) -> None: ...
+
+
+class SessionTable:
+    """The live session of each site; sending always goes to the current one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_site: dict[str, Session] = {}
+        self._ids = itertools.count(1)
+
+    def next_conn_id(self) -> int:
+        with self._lock:
+            return next(self._ids)
+
+    def install(self, session: Session) -> Session | None:
+        """Make ``session`` current for its site; returns the session it replaced."""
+        with self._lock:
+            old = self._by_site.get(session.site)
+            self._by_site[session.site] = session
+        if old is not None:
+            old.close()
+        return old
+
+    def remove(self, session: Session) -> bool:
+        """Forget ``session`` if it is still current; False when a newer one replaced it."""
+        with self._lock:
+            current = self._by_site.get(session.site) is session
+            if current:
+                del self._by_site[session.site]
+        session.close()
+        return current
+
+    def current(self, site: str) -> Session | None:
+        with self._lock:
+            return self._by_site.get(site)
+
+    def send(self, site: str, msg: control_pb2.ServerMessage) -> bool:
+        session = self.current(site)
+        return session.send(msg) if session is not None else False
+
+    def close_all(self) -> None:
+        with self._lock:
+            sessions = list(self._by_site.values())
+            self._by_site.clear()
+        for s in sessions:
+            s.close()
+
+
+class ControlServicer(control_pb2_grpc.ControlServicer):
+    """Serves ``fedkube.v1.Control``: Connect (the control stream) and Push (result chunks)."""
+
+    def __init__(
+        self,
+        job: str,
+        tokens: Mapping[str, bytes],
+        events: ControlEvents,
+        sessions: SessionTable,
+        broker: UploadBroker,
+        *,
+        heartbeat_interval_ms: int,
+    ) -> None:
+        self._job = job
+        self._tokens = dict(tokens)
+        self._events = events
+        self._sessions = sessions
+        self._broker = broker
+        self._heartbeat_interval_ms = heartbeat_interval_ms
+
+    # --- authentication -------------------------------------------------------
+
+    def _authenticate(self, context: grpc.ServicerContext) -> tuple[str, grpc.StatusCode | None, str, str]:
+        """(site, error code or None, reason, message) for the call's metadata."""
+        md = dict(context.invocation_metadata() or ())
+        site = str(md.get(SITE_METADATA, ""))
+        expected = self._tokens.get(site)
+        if expected is None:
+            return site, grpc.StatusCode.PERMISSION_DENIED, "UnknownSite", (
+                f"site {site!r} is not a client of job {self._job!r}; "
+                f"fix: send the {SITE_METADATA} metadata with one of the job's client names"
+            )
+        auth = str(md.get(AUTH_METADATA, ""))
+        given = auth[len("Bearer ") :].encode() if auth.startswith("Bearer ") else b""
+        # Constant time, so the comparison does not leak how much of a guess was right.
+        if not hmac.compare_digest(given, expected):
+            return site, grpc.StatusCode.UNAUTHENTICATED, "BadToken", (
+                f"missing or wrong token for site {site!r}; fix: send 'authorization: Bearer <token>' with the "
+                "token from the site's secret"
+            )
+        return site, None, "", ""
+
+    def _refuse(
+        self, context: grpc.ServicerContext, site: str, code: grpc.StatusCode, reason: str, message: str
+    ) -> None:
+        REJECTED.labels(reason=reason).inc()
+        log.warning("job %s: refused call from site %r (peer %s): %s", self._job, site, context.peer(), message)
+
+    # --- Connect --------------------------------------------------------------
+
+    def Connect(
+        self, request_iterator: Iterator[control_pb2.ClientMessage], context: grpc.ServicerContext
+    ) -> Iterator[control_pb2.ServerMessage]:
+        site, code, reason, message = self._authenticate(context)
+        if code is None:
+            first = next(request_iterator, None)
+            code, reason, message = self._check_register(site, first)
+        if code is not None:
+            self._refuse(context, site, code, reason, message)
+            yield control_pb2.ServerMessage(rejected=control_pb2.Rejected(reason=reason, message=message))
+            context.abort(code, message)
+            return
+        assert first is not None
+        reg = first.register
+        conn_id = self._sessions.next_conn_id()
+        session = Session(site=site, session_id=reg.session_id, conn_id=conn_id, peer=context.peer())
+        # Registered goes first on the stream: queue it before anyone can send a task.
+        session.send(
+            control_pb2.ServerMessage(
+                registered=control_pb2.Registered(job=self._job, heartbeat_interval_ms=self._heartbeat_interval_ms)
+            )
+        )
+        replaced = self._sessions.install(session)
+        if replaced is not None:
+            self._broker.site_gone(site, "the site opened a new control stream")
+            log.info(
+                "job %s: site %s reconnected (conn %s replaces conn %s, session %s)",
+                self._job, site, session.conn_id, replaced.conn_id, reg.session_id,
+            )
+        else:
+            log.info("job %s: site %s connected (conn %s, session %s, peer %s)",
+                     self._job, site, session.conn_id, reg.session_id, session.peer)
+        context.add_callback(session.close)
+        self._events.client_connected(session, reg.resume_task_id)
+        reader = threading.Thread(
+            target=self._read, args=(session, request_iterator), name=f"fedkube-control-{site}", daemon=True
+        )
+        reader.start()
+        while True:
+            item = session.outbox.get()
+            if item is _STOP:
+                break
+            yield item
+        # Drain what was queued before the stop (e.g. a final Stop message).
+        while True:
+            try:
+                item = session.outbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                yield item
+
+    def _check_register(
+        self, site: str, first: control_pb2.ClientMessage | None
+    ) -> tuple[grpc.StatusCode | None, str, str]:
+        if first is None or first.WhichOneof("msg") != "register":
+            return grpc.StatusCode.INVALID_ARGUMENT, "NotRegistered", (
+                "the first message of a Connect stream must be Register; fix: upgrade the sidecar"
+            )
+        reg = first.register
+        if reg.protocol_version != PROTOCOL_VERSION:
+            return grpc.StatusCode.FAILED_PRECONDITION, "ProtocolMismatch", (
+                f"protocol version {reg.protocol_version} is not supported (server speaks {PROTOCOL_VERSION}); "
+                "fix: run the same fedkube version on server and sidecar"
+            )
+        if reg.job != self._job:
+            return grpc.StatusCode.FAILED_PRECONDITION, "WrongJob", (
+                f"this server runs job {self._job!r}, not {reg.job!r}; fix: point the sidecar at its own job's server"
+            )
+        if reg.site != site:
+            return grpc.StatusCode.PERMISSION_DENIED, "SiteMismatch", (
+                f"Register names site {reg.site!r} but the call is authenticated as {site!r}"
+            )
+        return None, "", ""
+
+    def _read(self, session: Session, request_iterator: Iterator[control_pb2.ClientMessage]) -> None:
+        """Turn a stream's client messages into events until it ends."""
+        try:
+            for msg in request_iterator:
+                self._dispatch(session, msg)
+        except grpc.RpcError:
+            pass  # the stream broke: treated like an end below
+        except Exception:
+            log.exception("job %s: site %s conn %s: control stream reader failed", self._job, session.site,
+                          session.conn_id)
+        finally:
+            current = self._sessions.remove(session)
+            if current:
+                self._broker.site_gone(session.site, "the site's control stream ended")
+            log.info("job %s: site %s conn %s disconnected", self._job, session.site, session.conn_id)
+            self._events.client_disconnected(session)
+
+    def _dispatch(self, session: Session, msg: control_pb2.ClientMessage) -> None:
+        kind = msg.WhichOneof("msg")
+        ev = self._events
+        if kind == "heartbeat":
+            hb = msg.heartbeat
+            ev.heartbeat(session, hb.seq, _trainer_report(hb.trainer) if hb.HasField("trainer") else None)
+        elif kind == "task_ack":
+            ev.task_acked(session, msg.task_ack.task_id)
+        elif kind == "result":
+            ev.result_announced(session, _announcement(msg.result))
+        elif kind == "trainer_state":
+            ev.trainer_state(session, _trainer_report(msg.trainer_state))
+        elif kind == "metrics":
+            ev.metrics(session, msg.metrics.round, dict(msg.metrics.values))
+        elif kind == "register":
+            log.warning("job %s: site %s conn %s sent Register twice; ignored", self._job, session.site,
+                        session.conn_id)
+
+    # --- Push -----------------------------------------------------------------
+
+    def Push(
+        self, request_iterator: Iterator[control_pb2.PushedChunk], context: grpc.ServicerContext
+    ) -> control_pb2.PushAck:
+        site, code, reason, message = self._authenticate(context)
+        if code is not None:
+            self._refuse(context, site, code, reason, message)
+            context.abort(code, message)
+        first = next(request_iterator, None)
+        if first is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty Push stream; the first chunk must name a request_id")
+        assert first is not None
+        upload = self._broker.find(first.request_id)
+        if upload is None:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"upload request {first.request_id!r} is not outstanding (finished, cancelled or never sent)",
+            )
+        assert upload is not None
+        if upload.site != site:
+            self._refuse(context, site, grpc.StatusCode.PERMISSION_DENIED, "WrongSite", "push for another site")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"upload request {first.request_id!r} is not for {site!r}")
+        if not upload.attach():
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"upload request {first.request_id!r} already has a stream")
+        if first.error:
+            push_error(upload, first.error)
+            return control_pb2.PushAck()
+        end_reason = "the push stream ended"
+        try:
+            if first.data and not push_chunk(upload, first.offset, first.data):
+                context.abort(grpc.StatusCode.CANCELLED, f"upload {first.request_id} was cancelled by the server")
+            for chunk in request_iterator:
+                if chunk.error:
+                    push_error(upload, chunk.error)
+                    return control_pb2.PushAck()
+                if not push_chunk(upload, chunk.offset, chunk.data):
+                    context.abort(grpc.StatusCode.CANCELLED, f"upload {first.request_id} was cancelled by the server")
+        except grpc.RpcError:
+            end_reason = "the push stream broke"
+        finally:
+            push_end(upload, end_reason)
+        return control_pb2.PushAck()
+
+
+def _trainer_report(msg: control_pb2.TrainerState) -> TrainerReport:
+    return TrainerReport(
+        phase=_PHASES.get(msg.phase, "Unknown"),
+        kind=_KINDS.get(msg.kind, ""),
+        message=msg.message,
+        exit_code=msg.exit_code,
+    )
+
+
+def _announcement(msg: control_pb2.ResultAnnouncement) -> ResultAnnounced:
+    refs: list[TensorRef] = []
+    problem = ""
+    try:
+        refs = [TensorRef.from_proto(r) for r in msg.refs]
+    except InvalidRefError as exc:
+        problem = str(exc)
+    return ResultAnnounced(
+        task_id=msg.task_id,
+        round=msg.round,
+        num_examples=msg.num_examples,
+        metrics=dict(msg.metrics),
+        refs=tuple(refs),
+        problem=problem,
+    )

@@ -1,0 +1,294 @@
+"""The reverse path: a ``ChunkSource`` over the control stream.
+
+The server cannot dial a client (sites sit behind NAT), so to pull a result
+tensor it sends an ``UploadRequest`` down the site's control stream; the
+sidecar answers by opening a ``Push`` stream (dialed from the client side)
+whose first message names the request, then streams chunks in offset order.
+
+:class:`ReverseChunkSource` turns that exchange into the transfer layer's
+``ChunkSource`` protocol, so the transfer layer's ``Fetcher`` gives the reverse
+path the same resume-from-offset, retry with backoff, idle timeout and
+checksum verification as the forward path. :class:`UploadBroker` matches Push
+streams to outstanding requests; between the two sits a bounded queue of a few
+chunks, so a slow aggregator slows the client's push (gRPC flow control) instead
+of growing our memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from fedkube.transfer.errors import (
+    ChunkTimeoutError,
+    ProtocolError,
+    SourceUnavailableError,
+    StreamBrokenError,
+)
+from fedkube.transfer.refs import TensorRef
+from fedkube.wire.v1 import control_pb2
+
+log = logging.getLogger(__name__)
+
+# Sends one ServerMessage to the site's current control stream; False when the
+# site has no live stream.
+SendFn = Callable[[str, control_pb2.ServerMessage], bool]
+
+
+@dataclass(frozen=True)
+class _End:
+    """The Push stream ended (cleanly or not)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """The sidecar said it cannot serve the request (e.g. its trainer is gone)."""
+
+    error: str
+
+
+_Item = tuple[int, bytes] | _End | _Failed
+
+
+class Upload:
+    """One outstanding UploadRequest and the chunks its Push stream delivers."""
+
+    def __init__(self, request_id: str, site: str, ref: TensorRef, window: int) -> None:
+        self.request_id = request_id
+        self.site = site
+        self.ref = ref
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=max(1, window))
+        self.cancelled = threading.Event()
+        self._attached = False
+        self._lock = threading.Lock()
+        # Set (never queued) when the push stream or the whole control stream ended, so
+        # ending never waits for room in the window; queued chunks are still delivered first.
+        self._ended: str | None = None
+
+    def attach(self) -> bool:
+        """Claim the request for one Push stream; a second stream for it is refused."""
+        with self._lock:
+            if self._attached or self.cancelled.is_set():
+                return False
+            self._attached = True
+            return True
+
+    def put(self, item: _Item, *, poll_s: float = 0.1) -> bool:
+        """Hand an item to the fetcher, blocking while its window is full; False once cancelled."""
+        while not self.cancelled.is_set():
+            try:
+                self._queue.put(item, timeout=poll_s)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def end(self, reason: str) -> None:
+        with self._lock:
+            if self._ended is None:
+                self._ended = reason
+
+    def get(self, timeout: float) -> _Item | None:
+        """The next chunk, the end of the stream, or None after ``timeout`` without either."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return self._queue.get(timeout=max(0.0, min(remaining, 0.05)))
+            except queue.Empty:
+                pass
+            with self._lock:
+                ended = self._ended
+            if ended is not None and self._queue.empty():
+                return _End(ended)
+            if remaining <= 0:
+                return None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        # Free a Push handler blocked on a full window right away.
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+
+class UploadBroker:
+    """Outstanding upload requests by id; the Control servicer's Push handler looks them up here."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._uploads: dict[str, Upload] = {}
+
+    def open(self, site: str, ref: TensorRef, window: int) -> Upload:
+        upload = Upload(f"up-{uuid.uuid4().hex}", site, ref, window)
+        with self._lock:
+            self._uploads[upload.request_id] = upload
+        return upload
+
+    def close(self, request_id: str) -> None:
+        with self._lock:
+            upload = self._uploads.pop(request_id, None)
+        if upload is not None:
+            upload.cancel()
+
+    def find(self, request_id: str) -> Upload | None:
+        with self._lock:
+            return self._uploads.get(request_id)
+
+    def site_gone(self, site: str, reason: str) -> None:
+        """End every upload of a site whose control stream went away; fetchers resume on the next one."""
+        with self._lock:
+            uploads = [u for u in self._uploads.values() if u.site == site]
+        for upload in uploads:
+            upload.end(reason)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._uploads)
+
+
+class ReverseChunkSource:
+    """``ChunkSource`` for the tensors of one client's result, pulled over its control stream.
+
+    ``send`` goes through the site's *current* stream, so after a sidecar
+    reconnects the fetcher's next attempt reaches the new stream and resumes
+    at its last verified offset.
+    """
+
+    def __init__(
+        self,
+        site: str,
+        broker: UploadBroker,
+        send: SendFn,
+        *,
+        chunk_timeout_s: float,
+        window_chunks: int = 4,
+    ) -> None:
+        self.site = site
+        self._broker = broker
+        self._send = send
+        self._chunk_timeout_s = chunk_timeout_s
+        self._window = window_chunks
+
+    def stream(self, ref: TensorRef, offset: int, max_chunk_bytes: int) -> ReverseStream:
+        """Ask the site for ``ref``'s bytes from ``offset``; iterate the result for the chunks as they arrive."""
+        upload = self._broker.open(self.site, ref, self._window)
+        return ReverseStream(upload, self._chunks(upload, ref, offset, max_chunk_bytes))
+
+    def _chunks(self, upload: Upload, ref: TensorRef, offset: int, max_chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
+        ids = {"transaction_id": ref.transaction_id, "ref_id": ref.ref_id, "receiver": "server"}
+        finished = False
+        try:
+            request = control_pb2.ServerMessage(
+                upload=control_pb2.UploadRequest(
+                    request_id=upload.request_id,
+                    ref=ref.to_proto(),
+                    offset=offset,
+                    max_chunk_bytes=max_chunk_bytes,
+                )
+            )
+            if not self._send(self.site, request):
+                raise SourceUnavailableError(f"site {self.site!r} has no live control stream to ask for bytes", **ids)
+            log.debug("upload %s: asked site %s for ref %s from offset %s", upload.request_id, self.site,
+                      ref.ref_id, offset)
+            expected = offset
+            while expected < ref.nbytes:
+                item = upload.get(self._chunk_timeout_s)
+                if item is None:
+                    raise ChunkTimeoutError(
+                        f"site {self.site!r} sent no chunk for {self._chunk_timeout_s:g}s (upload {upload.request_id}, "
+                        f"offset {expected})",
+                        **ids,
+                    )
+                if isinstance(item, _End):
+                    raise StreamBrokenError(
+                        f"push stream from site {self.site!r} ended at offset {expected} of {ref.nbytes}: "
+                        f"{item.reason}",
+                        **ids,
+                    )
+                if isinstance(item, _Failed):
+                    # The sidecar may be restarting its trainer link; let the fetcher's bounded retries decide.
+                    raise SourceUnavailableError(f"site {self.site!r} cannot serve the upload: {item.error}", **ids)
+                chunk_offset, data = item
+                if chunk_offset != expected or not data or len(data) > max_chunk_bytes:
+                    raise ProtocolError(
+                        f"site {self.site!r} pushed {len(data)} bytes at offset {chunk_offset}; expected offset "
+                        f"{expected} and 1..{max_chunk_bytes} bytes",
+                        **ids,
+                    )
+                if chunk_offset + len(data) > ref.nbytes:
+                    raise ProtocolError(f"site {self.site!r} pushed bytes past the tensor's end ({ref.nbytes})", **ids)
+                expected += len(data)
+                yield chunk_offset, data
+            finished = True
+        finally:
+            self._broker.close(upload.request_id)
+            if not finished:
+                # Best effort: a sidecar that is gone cannot be told, and needs not be.
+                self._send(
+                    self.site,
+                    control_pb2.ServerMessage(cancel_upload=control_pb2.CancelUpload(request_id=upload.request_id)),
+                )
+
+    def complete(self, transaction_id: str, ok: bool, error: str = "") -> None:
+        """Nothing to tell here: the client learns the outcome from ``ResultReceived``."""
+
+
+class ReverseStream:
+    """The chunks of one upload; ``cancel()`` (any thread) ends a wait for the next chunk at once.
+
+    The Fetcher calls ``cancel`` when its abort event is set, so aborting a
+    round never waits out a chunk timeout.
+    """
+
+    def __init__(self, upload: Upload, chunks: Iterator[tuple[int, bytes]]) -> None:
+        self._upload = upload
+        self._chunks = chunks
+
+    def __iter__(self) -> ReverseStream:
+        return self
+
+    def __next__(self) -> tuple[int, bytes]:
+        return next(self._chunks)
+
+    def cancel(self) -> None:
+        self._upload.end("cancelled by the server")
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def push_error(upload: Upload, error: str) -> None:
+    """The Push stream's first message said the sidecar cannot serve the request."""
+    upload.put(_Failed(error or "no reason given"))
+
+
+def push_chunk(upload: Upload, offset: int, data: bytes) -> bool:
+    """Queue one pushed chunk (blocks while the window is full); False when the fetcher gave up."""
+    return upload.put((offset, data))
+
+
+def push_end(upload: Upload, reason: str) -> None:
+    """The Push stream ended; the fetcher sees a broken stream if bytes are still missing."""
+    upload.end(reason)
+
+
+__all__ = [
+    "ReverseChunkSource",
+    "Upload",
+    "UploadBroker",
+    "push_chunk",
+    "push_end",
+    "push_error",
+]
