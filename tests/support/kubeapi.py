@@ -101,6 +101,12 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
                  ("pvc",), (), True),
     ResourceType("", ("v1",), "events", "Event", True, "event", ("ev",)),
     ResourceType("", ("v1",), "serviceaccounts", "ServiceAccount", True, "serviceaccount", ("sa",)),
+    ResourceType("apps", ("v1",), "deployments", "Deployment", True, "deployment", ("deploy",), ("all",), True),
+    ResourceType("rbac.authorization.k8s.io", ("v1",), "roles", "Role", True, "role"),
+    ResourceType("rbac.authorization.k8s.io", ("v1",), "rolebindings", "RoleBinding", True, "rolebinding"),
+    ResourceType("rbac.authorization.k8s.io", ("v1",), "clusterroles", "ClusterRole", False, "clusterrole"),
+    ResourceType("rbac.authorization.k8s.io", ("v1",), "clusterrolebindings", "ClusterRoleBinding", False,
+                 "clusterrolebinding"),
     ResourceType("apiextensions.k8s.io", ("v1",), "customresourcedefinitions", "CustomResourceDefinition", False,
                  "customresourcedefinition", ("crd", "crds"), ("api-extensions",), True),
 )
@@ -239,6 +245,18 @@ class _Handler(kmock.RawHandler):
     """kmock's handler: reactions a test declared come first, then the emulated API."""
 
     backend: Any = None
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        content_type = raw_request.headers.get("Content-Type", "")
+        if "protobuf" in content_type or "cbor" in content_type:
+            # Typed client-go clients (kubectl create, helm's release storage) send protobuf bodies;
+            # kmock cannot even parse them as text. Refuse them the way an API server refuses a
+            # media type it does not serve, rather than failing inside kmock.
+            error = ApiError(415, "UnsupportedMediaType",
+                             f"the emulated API server only accepts JSON bodies, not {content_type!r}: use "
+                             "kubectl apply (not kubectl create/replace) or a JSON client")
+            return aiohttp.web.json_response(error.status(), status=415)
+        return await super().__call__(raw_request)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if self._payloads:

@@ -448,6 +448,10 @@ def test_kubectl_apply_get_and_delete(kube: fixtures.KubeHandle, kubeconfig: Pat
     listed = _kubectl(k8s_tools, kubeconfig, "get", "pods", "-l", "fedkube.dev/job=demo", "-o", "name")
     assert listed.split() == ["pod/demo-client-a"]
     assert _kubectl(k8s_tools, kubeconfig, "get", "pods", "-l", "fedkube.dev/job=other", "-o", "name") == ""
+    # Typed client-go commands send protobuf, which the emulator refuses cleanly (not as an internal error).
+    create = subprocess.run([str(k8s_tools.kubectl), "--kubeconfig", str(kubeconfig), "create", "namespace", "x"],
+                            capture_output=True, text=True, timeout=60)
+    assert create.returncode != 0 and "only accepts JSON" in create.stderr
     _kubectl(k8s_tools, kubeconfig, "delete", "flj", "demo")
     _kubectl(k8s_tools, kubeconfig, "delete", "pod", "demo-client-a")
     assert json.loads(_kubectl(k8s_tools, kubeconfig, "get", "flj,pods", "-o", "json"))["items"] == []
