@@ -1,0 +1,264 @@
+"""kopf handlers for FLJobs: thin glue between kopf, the builders, the pure lifecycle rules and the API calls.
+
+* create/resume: check the spec (invalid -> Invalid condition, an Event,
+  ``kopf.PermanentError``: this job stops, no other job is affected), reuse or
+  generate per-site tokens, build every child with an owner reference to the
+  FLJob, create-or-patch them.
+* ``spec.suspend`` changes: delete the pods (Secrets, ConfigMap and checkpoint
+  claim stay) or recreate them.
+* a timer per FLJob: list the job's pods by label, poll the server's status
+  endpoint (bounded), let :func:`fedkube.operator.status.decide` say what the
+  status is, post its Events and delete what it says; after the job finished,
+  apply ``ttlSecondsAfterFinished``.
+
+Handlers are registered on a given registry (``register``) so tests run them
+against an emulated API in-process. What a handler needs from outside comes
+through kopf's ``memo`` (see :class:`Memo`); that is also the seam tests use to
+point the status poll at the locally running server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kopf
+
+from fedkube.operator import builders, kube, naming
+from fedkube.operator import status as lifecycle
+from fedkube.spec import API_GROUP, PLURAL, FLJob, SpecError, parse_job
+from fedkube.spec.model import API_VERSION_NAME
+from fedkube.status import JobStatus
+
+logger = logging.getLogger(__name__)
+
+RESOURCE = (API_GROUP, API_VERSION_NAME, PLURAL)
+DEFAULT_INTERVAL = 5.0  # seconds between two looks at a running job
+EVENT_MESSAGE_LIMIT = 1000  # Kubernetes keeps about 1 KiB of an Event's message
+
+Clock = Callable[[], float]
+StatusUrl = Callable[[Mapping[str, Any]], "str | None"]
+StatusFetch = Callable[[str, float], "JobStatus | None"]
+
+
+class Memo:
+    """The names the handlers read from kopf's memo (set them before ``kopf.run``, or let startup fill them).
+
+    * ``api_client``: a ``kubernetes.client.ApiClient`` (default: in-cluster config, else kubeconfig).
+    * ``status_url``: server pod -> URL of its /status (default :func:`kube.default_status_url`).
+    * ``status_timeout``: seconds per status poll.
+    * ``clock``: seconds since the epoch (tests may inject one).
+    """
+
+    API_CLIENT = "api_client"
+    STATUS_URL = "status_url"
+    STATUS_TIMEOUT = "status_timeout"
+    CLOCK = "clock"
+
+
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Startup: kopf's settings, once, and the defaults of everything the handlers take from memo."""
+    # kopf's own INFO lines ("Handler ... succeeded") would bury our Events in `kubectl describe flj`.
+    settings.posting.level = logging.WARNING
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
+    settings.networking.request_timeout = 60.0
+    settings.networking.connect_timeout = 10.0
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 16
+    if memo.get(Memo.API_CLIENT) is None:
+        memo[Memo.API_CLIENT] = _default_api_client()
+    memo.setdefault(Memo.STATUS_URL, kube.default_status_url)
+    memo.setdefault(Memo.STATUS_TIMEOUT, kube.STATUS_TIMEOUT)
+    memo.setdefault(Memo.CLOCK, time.time)
+
+
+def _default_api_client() -> Any:
+    import kubernetes
+
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    return kubernetes.client.ApiClient()
+
+
+def _kube(memo: kopf.Memo) -> kube.Kube:
+    return kube.Kube(memo[Memo.API_CLIENT])
+
+
+def _now(memo: kopf.Memo) -> float:
+    clock: Clock = memo.get(Memo.CLOCK) or time.time
+    return clock()
+
+
+def _post(body: kopf.Body, events: list[lifecycle.Event]) -> None:
+    for event in events:
+        message = event.message if len(event.message) <= EVENT_MESSAGE_LIMIT else (
+            event.message[: EVENT_MESSAGE_LIMIT - 1] + "\u2026")
+        kopf.event(body, type=event.type, reason=event.reason, message=message)
+
+
+def _write(patch: kopf.Patch, previous: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
+    """Merge ``fields`` into the status patch; a client site that disappeared is removed (null in a merge patch)."""
+    for key, value in fields.items():
+        if key == "clients":
+            old = previous.get("clients") or {}
+            value = {**{site: None for site in old if site not in value}, **value}
+        patch.status[key] = value
+
+
+def _parse(body: kopf.Body) -> FLJob:
+    doc = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": dict(body.get("metadata") or {}),
+        "spec": dict(body.get("spec") or {}),
+    }
+    return parse_job(doc, source=f"FLJob {body.metadata.namespace}/{body.metadata.name}")
+
+
+# --- create / resume ------------------------------------------------------------------------------
+
+
+def reconcile(
+    body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, name: str | None, namespace: str | None,
+    **_: Any,
+) -> None:
+    """Create or resume: check the spec, then make sure every child exists (pods unless suspended)."""
+    previous = dict(status)
+    now = _now(memo)
+    try:
+        job = _parse(body)
+    except SpecError as exc:
+        fields, events = lifecycle.invalid(previous, exc.problems, now)
+        _write(patch, previous, fields)
+        _post(body, events)
+        logger.warning("job %s/%s: invalid spec: %s", namespace, name, exc)
+        raise kopf.PermanentError(f"invalid FLJob: {'; '.join(str(p) for p in exc.problems)}") from None
+    phase = previous.get("phase")
+    if phase in lifecycle.TERMINAL:
+        logger.info("job %s/%s: already %s; nothing to do", namespace, name, phase)
+        return
+    if job.spec.suspend:
+        _ensure(job, body, memo, pods=False)
+        if phase != lifecycle.SUSPENDED:
+            fields, events = lifecycle.suspended(previous, now)
+            _write(patch, previous, fields)
+            _post(body, events)
+        return
+    _ensure(job, body, memo, pods=True)
+    if phase in (None, lifecycle.SUSPENDED):
+        fields, events = lifecycle.resumed(previous, job, now)
+        _write(patch, previous, fields)
+        _post(body, events)
+
+
+def _ensure(job: FLJob, body: kopf.Body, memo: kopf.Memo, *, pods: bool) -> None:
+    """Create-or-patch the job's children, reusing the tokens already stored for it."""
+    api = _kube(memo)
+    stored = api.secret_data(job.namespace, naming.server_tokens_secret_name(job.name))
+    tokens = kube.job_tokens(stored, [site.name for site in job.spec.clients])
+    objs = builders.build_all(job, tokens=tokens, owner=body)
+    for obj in objs:
+        if obj["kind"] == "Pod" and not pods:
+            continue
+        kopf.adopt(obj, owner=body)  # builders set the owner reference already; adopt keeps kopf's view in line
+        result = api.create_or_patch(obj)
+        logger.debug("job %s/%s: %s %s %s", job.namespace, job.name, obj["kind"], obj["metadata"]["name"], result)
+
+
+# --- suspend / resume ---------------------------------------------------------------------------------
+
+
+def suspend_changed(
+    body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, old: Any, new: Any,
+    name: str | None, namespace: str | None, **_: Any,
+) -> None:
+    """``spec.suspend`` flipped: delete the pods (true) or recreate them so the server resumes (false)."""
+    previous = dict(status)
+    if previous.get("phase") in lifecycle.TERMINAL:
+        return
+    try:
+        job = _parse(body)
+    except SpecError:
+        return  # the create/resume handler reports it
+    now = _now(memo)
+    api = _kube(memo)
+    if new:
+        pods = [p["metadata"]["name"] for p in api.job_pods(job.namespace, job.name)]
+        api.delete_pods(job.namespace, pods)
+        logger.info("job %s/%s: suspended; deleted pods %s", namespace, name, pods)
+        fields, events = lifecycle.suspended(previous, now)
+    else:
+        _ensure(job, body, memo, pods=True)
+        logger.info("job %s/%s: resumed; pods recreated", namespace, name)
+        fields, events = lifecycle.resumed(previous, job, now)
+    _write(patch, previous, fields)
+    _post(body, events)
+
+
+# --- watching a running job -------------------------------------------------------------------------
+
+
+def observe(
+    body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, name: str | None,
+    namespace: str | None, **_: Any,
+) -> None:
+    """One look at a job: pods, the server's status, timeouts, outcome; or the TTL once it finished."""
+    previous = dict(status)
+    phase = previous.get("phase")
+    if phase is None or phase == lifecycle.SUSPENDED:
+        return  # not reconciled yet, or nothing runs
+    try:
+        job = _parse(body)
+    except SpecError:
+        return
+    if job.spec.suspend:
+        return  # the suspend handler is about to act
+    now = _now(memo)
+    api = _kube(memo)
+    if phase in lifecycle.TERMINAL:
+        if lifecycle.ttl_expired(job, previous, now):
+            count = api.delete_children(job.namespace, job.name)
+            logger.info("job %s/%s: TTL expired; deleted %s children", namespace, name, count)
+            fields, events = lifecycle.cleaned_up(previous, job.spec.ttl_seconds_after_finished or 0, now)
+            _write(patch, previous, fields)
+            _post(body, events)
+        return
+    pods = api.job_pods(job.namespace, job.name)
+    server_raw: Mapping[str, Any] | None = None
+    clients: dict[str, lifecycle.PodView] = {}
+    for pod in pods:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        if labels.get(naming.LABEL_ROLE) == naming.ROLE_SERVER:
+            server_raw = pod
+        elif labels.get(naming.LABEL_ROLE) == naming.ROLE_CLIENT and labels.get(naming.LABEL_SITE):
+            clients[str(labels[naming.LABEL_SITE])] = lifecycle.pod_view(pod, naming.TRAINER_CONTAINER)
+    server = lifecycle.pod_view(server_raw, naming.SERVER_CONTAINER) if server_raw is not None else None
+    server_status = None
+    if server_raw is not None and server is not None and server.phase == lifecycle.RUNNING:
+        url = memo[Memo.STATUS_URL](server_raw)
+        if url:
+            server_status = kube.fetch_server_status(url, float(memo[Memo.STATUS_TIMEOUT]))
+    decision = lifecycle.decide(job, previous, lifecycle.Observation(now, server, clients, server_status))
+    if decision.delete_pods:
+        api.delete_pods(job.namespace, decision.delete_pods)
+    _write(patch, previous, decision.status)
+    _post(body, decision.events)
+    if decision.status.get("phase") != phase:
+        logger.info("job %s/%s: %s -> %s (round %s/%s)", namespace, name, phase, decision.status.get("phase"),
+                    decision.status.get("round"), job.spec.rounds)
+
+
+def register(registry: kopf.OperatorRegistry, *, interval: float = DEFAULT_INTERVAL) -> kopf.OperatorRegistry:
+    """Register the FLJob handlers on ``registry``; ``interval`` is the seconds between two looks at a job."""
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.create(*RESOURCE, registry=registry, id="reconcile")(reconcile)
+    kopf.on.resume(*RESOURCE, registry=registry, id="reconcile")(reconcile)
+    kopf.on.update(*RESOURCE, field="spec.suspend", registry=registry, id="suspend")(suspend_changed)
+    kopf.timer(*RESOURCE, interval=interval, registry=registry, id="observe")(observe)
+    return registry
+

@@ -1,0 +1,131 @@
+"""``fedkube operator``: run the FLJob operator (kopf) in a cluster or against a kubeconfig.
+
+Configuration comes from flags, defaulting to the environment the Helm chart
+sets (charts/fedkube/templates/deployment.yaml): FEDKUBE_WATCH_NAMESPACES
+(comma-separated; empty = every namespace), FEDKUBE_HEALTH_PORT (kopf's
+liveness endpoint, GET /healthz, which the chart probes), FEDKUBE_METRICS_PORT
+and FEDKUBE_LOG_FORMAT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fedkube import envvars
+from fedkube.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Set by the chart's Deployment; named here because only the operator reads them.
+WATCH_NAMESPACES = "FEDKUBE_WATCH_NAMESPACES"
+HEALTH_PORT = "FEDKUBE_HEALTH_PORT"
+DEFAULT_HEALTH_PORT = 8080
+HEALTH_PATH = "/healthz"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """How the operator process runs."""
+
+    namespaces: tuple[str, ...]
+    """Namespaces to reconcile; empty means the whole cluster."""
+    health_port: int
+    metrics_port: int
+    interval: float
+    log_format: str
+
+    @property
+    def liveness_endpoint(self) -> str:
+        """kopf's liveness URL; the chart's probe GETs /healthz on the health port."""
+        return f"http://0.0.0.0:{self.health_port}{HEALTH_PATH}"
+
+
+def _port(text: str, what: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError(f"{what} must be a port number, got {text!r}; fix: set it to e.g. 8080") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what} must be between 0 and 65535, got {port}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedkube operator`` command line."""
+    p = argparse.ArgumentParser(prog="fedkube operator", description="Run the fedkube FLJob operator.")
+    p.add_argument(
+        "-n", "--namespace", action="append", default=None,
+        help=f"namespace to reconcile (repeatable); default: ${WATCH_NAMESPACES} (comma-separated), "
+        "or every namespace when that is empty",
+    )
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="reconcile FLJobs in every namespace")
+    p.add_argument("--health-port", default=None,
+                   help=f"port of the liveness endpoint GET {HEALTH_PATH} (default ${HEALTH_PORT} or "
+                   f"{DEFAULT_HEALTH_PORT}; 0 turns it off)")
+    p.add_argument("--metrics-port", default=None,
+                   help=f"port of Prometheus /metrics (default ${envvars.METRICS_PORT}; 0 or unset turns it off)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between two looks at a running job")
+    p.add_argument("--log-format", choices=("text", "json"), default=None,
+                   help=f"log line format (default ${envvars.LOG_FORMAT} or text)")
+    return p
+
+
+def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> OperatorConfig:
+    """Flags over environment over defaults; ConfigError for values that cannot work."""
+    env = dict(os.environ if environ is None else environ)
+    args = build_parser().parse_args(argv)
+    if args.all_namespaces and args.namespace:
+        raise ConfigError("--all-namespaces and --namespace exclude each other; fix: pass one of them")
+    if args.all_namespaces:
+        namespaces: tuple[str, ...] = ()
+    elif args.namespace:
+        namespaces = tuple(args.namespace)
+    else:
+        namespaces = tuple(n.strip() for n in env.get(WATCH_NAMESPACES, "").split(",") if n.strip())
+    health = _port(args.health_port if args.health_port is not None else env.get(HEALTH_PORT) or
+                   str(DEFAULT_HEALTH_PORT), "the health port")
+    metrics = _port(args.metrics_port if args.metrics_port is not None else env.get(envvars.METRICS_PORT) or "0",
+                    "the metrics port")
+    if args.interval <= 0:
+        raise ConfigError(f"--interval must be positive, got {args.interval}")
+    log_format = args.log_format or env.get(envvars.LOG_FORMAT) or "text"
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"{envvars.LOG_FORMAT} must be text or json, got {log_format!r}")
+    return OperatorConfig(namespaces, health, metrics, args.interval, log_format)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the operator until SIGINT/SIGTERM; 2 for a configuration error."""
+    try:
+        config = parse_config(argv)
+    except ConfigError as exc:
+        print(f"fedkube operator: {exc}")
+        return 2
+    import kopf
+
+    from fedkube.operator import handlers
+
+    kopf.configure(log_format=kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.FULL)
+    if config.metrics_port:
+        import prometheus_client
+
+        prometheus_client.start_http_server(config.metrics_port)
+    registry = handlers.register(kopf.OperatorRegistry(), interval=config.interval)
+    where = ", ".join(config.namespaces) or "every namespace"
+    logger.info("fedkube operator: reconciling FLJobs in %s; liveness on port %s", where, config.health_port)
+    kopf.run(
+        registry=registry,
+        standalone=True,  # one replica (the chart's Deployment uses Recreate); no peering objects needed
+        clusterwide=not config.namespaces,
+        namespaces=list(config.namespaces),
+        liveness_endpoint=config.liveness_endpoint if config.health_port else None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
