@@ -120,6 +120,9 @@ class FakeSidecar:
         self.error: grpc.RpcError | None = None
         self.uploads_served = 0
         self.train_errors: list[Exception] = []
+        self.upload_requests: list[control_pb2.UploadRequest] = []
+        # Decides how each UploadRequest is answered: "ok", "corrupt" (first chunk flipped), "error", "stall".
+        self.push_mode: Callable[[control_pb2.UploadRequest], str] | None = None
         self.changed = threading.Condition()
         self._out: queue.Queue[control_pb2.ClientMessage | None] = queue.Queue()
         self._closed = threading.Event()
@@ -258,7 +261,18 @@ class FakeSidecar:
         )
 
     def _push(self, req: control_pb2.UploadRequest) -> None:
+        with self.changed:
+            self.upload_requests.append(req)
+            mode = self.push_mode(req) if self.push_mode is not None else "ok"
+
         def chunks() -> Iterator[control_pb2.PushedChunk]:
+            if mode == "error":
+                yield control_pb2.PushedChunk(request_id=req.request_id, error="trainer's download service is gone")
+                return
+            if mode == "stall":
+                yield control_pb2.PushedChunk(request_id=req.request_id)
+                self._closed.wait(30)  # keeps the stream open, sends nothing
+                return
             try:
                 stream = self.service.open_stream(
                     req.ref.transaction_id, req.ref.ref_id, "server", req.offset, req.max_chunk_bytes
@@ -268,7 +282,10 @@ class FakeSidecar:
                 return
             first = True
             for pos, piece in stream:
-                yield control_pb2.PushedChunk(request_id=req.request_id if first else "", offset=pos, data=bytes(piece))
+                data = bytes(piece)
+                if mode == "corrupt" and first:
+                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+                yield control_pb2.PushedChunk(request_id=req.request_id if first else "", offset=pos, data=data)
                 first = False
 
         try:

@@ -1,0 +1,103 @@
+"""Result downloads over the reverse path: retries, corrupt chunks, failures, lost clients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedkube.wire.v1 import control_pb2
+from tests.integration.server.conftest import Harness, make_config
+from tests.integration.server.fakes import Reply, add_value
+
+pytestmark = pytest.mark.timeout(60)
+
+SITES = ("site-a", "site-b", "site-c")
+
+
+def model() -> dict[str, np.ndarray]:
+    return {"w": np.zeros((50_000,), np.float32), "b": np.zeros((10,), np.float32)}  # w: 4 chunks of 64 KiB
+
+
+def test_corrupt_chunk_is_refetched_and_only_verified_bytes_are_aggregated(harness: Harness) -> None:
+    srv = harness.server(make_config(rounds=2), model())
+    a = harness.sidecar(srv, "site-a", add_value(1.0))
+    b = harness.sidecar(srv, "site-b", add_value(3.0), start=False)
+    seen: set[str] = set()
+
+    def corrupt_once(req: control_pb2.UploadRequest) -> str:
+        key = f"{req.ref.transaction_id}/{req.ref.ref_id}"
+        first = key not in seen
+        seen.add(key)
+        return "corrupt" if first else "ok"
+
+    b.push_mode = corrupt_once
+    b.start()
+    outcome = srv.wait(20)
+    assert outcome is not None and outcome.success, outcome
+    # Every first fetch of b's tensors was corrupted; the checksum caught it and the refetch from 0 was used.
+    assert len(b.upload_requests) >= 2 * len(seen)
+    np.testing.assert_array_equal(a.globals[2]["w"], np.full((50_000,), 2.0, np.float32))
+
+
+def test_failing_transfer_excludes_the_client_for_the_round_only(harness: Harness) -> None:
+    srv = harness.server(make_config(SITES, rounds=2, min_clients=2), model())
+    a = harness.sidecar(srv, "site-a", add_value(1.0))
+    harness.sidecar(srv, "site-b", add_value(3.0))
+    c = harness.sidecar(srv, "site-c", add_value(100.0), start=False)
+    c.push_mode = lambda req: "error"
+    c.start()
+    c.wait_for(lambda: bool(c.received), timeout=20, what="round 1's answer")
+    answer = next(iter(c.received.values()))
+    assert not answer.ok and answer.reason == "TransferFailed"
+    assert "trainer's download service is gone" in answer.message
+    outcome = srv.wait(20)
+    assert outcome is not None and outcome.success, outcome
+    np.testing.assert_array_equal(a.globals[2]["w"], np.full((50_000,), 2.0, np.float32))  # c left out
+    assert len(c.tasks) == 2  # excluded for round 1 only
+
+
+def test_stalled_push_times_out_and_the_round_closes_without_it(harness: Harness) -> None:
+    srv = harness.server(make_config(SITES, rounds=1, min_clients=2), model())
+    harness.sidecar(srv, "site-a", add_value(1.0))
+    harness.sidecar(srv, "site-b", add_value(3.0))
+    c = harness.sidecar(srv, "site-c", add_value(5.0), start=False)
+    c.push_mode = lambda req: "stall"
+    c.start()
+    outcome = srv.wait(30)
+    assert outcome is not None and outcome.success, outcome
+    status = {cl.name: cl for cl in srv.workflow.status().clients}
+    assert status["site-c"].reason == "TransferFailed"
+    assert status["site-a"].rounds_completed == 1 and status["site-c"].rounds_completed == 0
+
+
+def test_trainer_exit_before_download_fails_the_client(harness: Harness) -> None:
+    srv = harness.server(make_config(SITES, rounds=1, min_clients=2), model())
+    harness.sidecar(srv, "site-a", add_value(1.0))
+    harness.sidecar(srv, "site-b", add_value(3.0))
+    c = harness.sidecar(srv, "site-c", add_value(5.0), start=False)
+    exited = control_pb2.TrainerState(phase=control_pb2.TRAINER_PHASE_EXITED, exit_code=137)
+
+    def die_while_uploading(req: control_pb2.UploadRequest) -> str:
+        c.send(control_pb2.ClientMessage(trainer_state=exited))
+        return "stall"
+
+    c.push_mode = die_while_uploading
+    c.start()
+    outcome = srv.wait(20)
+    assert outcome is not None and outcome.success, outcome
+    status = {cl.name: cl for cl in srv.workflow.status().clients}
+    assert status["site-c"].state == "Failed" and status["site-c"].reason == "ExitedBeforeDownload"
+    assert not c.wait_stop().success
+
+
+def test_silent_client_is_lost_and_never_registered_one_is_not(harness: Harness) -> None:
+    cfg = make_config(SITES, rounds=1, min_clients=1, heartbeat_timeout_s=0.6, registration_timeout_s=0.5)
+    srv = harness.server(cfg, model())
+    harness.sidecar(srv, "site-a", add_value(1.0))
+    b = harness.sidecar(srv, "site-b", lambda task, params: Reply(None), heartbeat_s=60.0)  # never heartbeats
+    b.wait_for(lambda: bool(b.tasks), what="its task")
+    outcome = srv.wait(20)
+    assert outcome is not None and outcome.success, outcome
+    status = {cl.name: cl for cl in srv.workflow.status().clients}
+    assert status["site-b"].state == "Lost" and "no heartbeat" in status["site-b"].message
+    assert status["site-c"].state == "Pending" and status["site-c"].reason == "NotRegistered"
