@@ -291,7 +291,7 @@ class Registry:
             raise ValueError(f"task_sent needs a task id and a round >= 1, got {task_id!r}, {round}")
         with self._lock:
             rec = self._record(site)
-            if rec.state not in (S.REGISTERED, S.DONE, S.FAILED):
+            if rec.state not in (S.REGISTERED, S.DONE, S.FAILED) or not rec.seen:
                 raise InvalidTransition(f"client {site!r} is {rec.state.value}; it cannot be given task {task_id!r}")
             return self._move(rec, S.TRAINING, task_id=task_id, round=round, reason=None, message="")
 
@@ -334,7 +334,8 @@ class Registry:
         Stale (returns False) when ``session`` is not current, or ``task_id``
         is not the client's current task. The first failure wins: a client
         already Failed or Lost keeps its reason, except that a client-scoped
-        failure replaces a round-scoped one.
+        failure replaces a round-scoped one. A round-scoped reason for a
+        client that never connected is a no-op (see ``note``).
         """
         if reason is Reason.LOST:
             raise ValueError("Lost is decided by check_heartbeats, not reported with fail()")
@@ -347,6 +348,9 @@ class Registry:
             if rec.state is S.LOST or rec.failed_for_job:
                 return False
             if rec.state is S.FAILED and reason.scope is Scope.ROUND:
+                return False
+            if rec.state is S.PENDING and reason.scope is Scope.ROUND:
+                # A client that never connected has no round to fail; its exclusion is a note().
                 return False
             extra: dict[str, object] = {"reason": reason, "message": message or reason.sentence}
             if reason.scope is Scope.ROUND:

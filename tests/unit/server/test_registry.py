@@ -159,3 +159,14 @@ def test_bad_construction() -> None:
         Registry(["a", "a"], heartbeat_timeout_s=1)
     with pytest.raises(Exception, match="at least one client"):
         Registry([], heartbeat_timeout_s=1)
+
+
+def test_round_scoped_failure_of_a_never_connected_client_is_a_no_op(clock: FakeClock) -> None:
+    reg = make(clock)
+    assert not reg.fail("a", Reason.NOT_REGISTERED)
+    assert reg.get("a").state is S.PENDING
+    with pytest.raises(InvalidTransition, match="cannot be given task"):
+        reg.task_sent("a", "t1", 1)
+    assert reg.fail("b", Reason.DEPLOY_TIMEOUT, "pod not ready in 300 s")  # the operator's verdict
+    with pytest.raises(RegistrationRejected, match="DeployTimeout"):
+        reg.register(SessionKey("b", "s", next(_conn)))
