@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
@@ -41,6 +42,7 @@ from fedkube.wire.v1 import control_pb2_grpc
 log = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
+LINGER_S = 5.0  # how long a finished server waits for its clients to hang up
 SERVER_SOURCE = "server"  # the name clients see as the global model's source
 _DOWNLOAD_PREFIX = "/fedkube.v1.Download/"
 
@@ -209,6 +211,18 @@ class FedkubeServer:
     def request_stop(self, reason: str) -> None:
         self.workflow.request_stop(reason)
 
+    def linger(self, timeout_s: float) -> None:
+        """After the job ended, keep serving until every client hung up (bounded).
+
+        Sidecars forward their trainer's final state after ``Stop`` and then
+        close their stream; closing ours first would make them reconnect to a
+        server that is going away, and lose that state (a teardown it could
+        have reported).
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.sessions.live() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def shutdown(self, grace_s: float = 3.0) -> None:
         """Let queued messages (Stop) reach the clients, then close the endpoints."""
         if self._stopped:
@@ -263,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         while outcome is None:
             # Short waits keep the main thread responsive to signals.
             outcome = server.wait(0.5)
+        server.linger(LINGER_S)
         server.shutdown()
         summary = server.summary()
         if config.termination_log is not None:

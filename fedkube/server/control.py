@@ -158,6 +158,11 @@ class SessionTable:
         session = self.current(site)
         return session.send(msg) if session is not None else False
 
+    def live(self) -> int:
+        """How many sites have a live control stream."""
+        with self._lock:
+            return len(self._by_site)
+
     def close_all(self) -> None:
         with self._lock:
             sessions = list(self._by_site.values())

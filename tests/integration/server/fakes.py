@@ -121,6 +121,7 @@ class FakeSidecar:
         self.uploads_served = 0
         self.train_errors: list[Exception] = []
         self.upload_requests: list[control_pb2.UploadRequest] = []
+        self.hang_up_on_stop = True  # like a sidecar with FEDKUBE_SIDECAR_EXIT_ON_STOP=1
         # Decides how each UploadRequest is answered: "ok", "corrupt" (first chunk flipped), "error", "stall".
         self.push_mode: Callable[[control_pb2.UploadRequest], str] | None = None
         self.changed = threading.Condition()
@@ -198,6 +199,9 @@ class FakeSidecar:
                     elif kind == "stop":
                         self.stop_msg = msg.stop
                     self.changed.notify_all()
+                if kind == "stop" and self.hang_up_on_stop:
+                    self.disconnect()
+                    return
                 if kind == "task":
                     self._on_task(msg.task)
                 elif kind == "upload":
