@@ -43,7 +43,7 @@ def check_job(job: FLJob) -> tuple[list[Problem], list[Problem]]:
         *_containers(job),
         *_timeout_errors(job),
     ]
-    return errors, list(_timeout_warnings(job))
+    return errors, list(_warnings(job))
 
 
 def _names(job: FLJob) -> Iterator[Problem]:
@@ -347,8 +347,15 @@ def _timeout_errors(job: FLJob) -> Iterator[Problem]:
         )
 
 
-def _timeout_warnings(job: FLJob) -> Iterator[Problem]:
+def _warnings(job: FLJob) -> Iterator[Problem]:
     t, x = job.spec.timeouts, job.spec.transfer
+    if job.spec.suspend and not job.spec.server.checkpoint.enabled:
+        yield Problem(
+            "spec.server.checkpoint.enabled",
+            "the job is suspended but checkpoints live in the server pod's emptyDir, which suspending deletes; "
+            "resuming starts again from round 1",
+            "set spec.server.checkpoint.enabled: true to keep progress across suspend/resume",
+        )
     if t.deploy_seconds < t.pending_seconds:
         yield Problem(
             "spec.timeouts.pendingSeconds",

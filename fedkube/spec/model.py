@@ -69,7 +69,7 @@ Quantity = Annotated[
     WithJsonSchema({"x-kubernetes-int-or-string": True, "description": "A Kubernetes quantity, e.g. 500m, 2Gi, 1."}),
 ]
 
-# Pass-through Kubernetes objects (volumes, valueFrom): the API server validates them in the pod.
+# Pass-through Kubernetes objects (volumes: dozens of source types): the API server validates them in the pod.
 PassThrough = Annotated[
     dict[str, Any],
     WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),

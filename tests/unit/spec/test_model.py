@@ -259,6 +259,15 @@ def test_suspicious_timeouts_are_warnings_not_errors(changes: dict[str, float], 
     assert validate_job(job) == warnings
 
 
+def test_suspending_without_a_checkpoint_claim_warns() -> None:
+    data = example_manifest()
+    data["spec"]["suspend"] = True
+    _, errors, warnings = lint(data)
+    assert errors == [] and [w.path for w in warnings] == ["spec.server.checkpoint.enabled"]
+    data["spec"]["server"] = {"checkpoint": {"enabled": True}}
+    assert lint(data)[1:] == ([], [])
+
+
 def test_defaults_give_no_warnings() -> None:
     assert lint(example_manifest())[1:] == ([], [])
     assert lint(full_manifest())[1:] == ([], [])
