@@ -253,6 +253,7 @@ class FedAdam:
         return out
 
     def state(self) -> StrategyState:
+        """m and v as live arrays (no copy: they are 2xS): save them before the next round's finish() updates them."""
         tensors: dict[str, np.ndarray] = {}
         for name in self.m:
             tensors[f"m/{name}"] = self.m[name]

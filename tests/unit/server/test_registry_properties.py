@@ -14,7 +14,7 @@ SITES = ("a", "b")
 FAIL_REASONS = [r for r in Reason if r is not Reason.LOST]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_random_event_sequences_respect_the_lifecycle(data: st.DataObject) -> None:
     clock = FakeClock()
