@@ -15,6 +15,10 @@ NAMESPACE = "FEDKUBE_NAMESPACE"
 LOG_FORMAT = "FEDKUBE_LOG_FORMAT"  # "text" (default) or "json"
 METRICS_PORT = "FEDKUBE_METRICS_PORT"  # Prometheus /metrics; 0 or unset = off
 
+# --- operator ----------------------------------------------------------------
+WATCH_NAMESPACES = "FEDKUBE_WATCH_NAMESPACES"  # comma-separated; empty = the whole cluster
+HEALTH_PORT = "FEDKUBE_HEALTH_PORT"  # liveness endpoint (GET /healthz)
+
 # --- server ------------------------------------------------------------------
 SPEC_FILE = "FEDKUBE_SPEC_FILE"  # the FLJob spec as JSON (a mounted ConfigMap in a pod)
 GRPC_PORT = "FEDKUBE_GRPC_PORT"  # the server's gRPC listening port
@@ -37,3 +41,4 @@ DEFAULT_GRPC_PORT = 7070
 DEFAULT_STATUS_PORT = 8080
 DEFAULT_METRICS_PORT = 9090
 DEFAULT_TRAINER_PORT = 7071
+DEFAULT_HEALTH_PORT = 8080

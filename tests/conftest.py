@@ -6,6 +6,10 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# Emulated Kubernetes API, kubeconfig and the pinned helm/kubectl binaries (pytest
+# accepts pytest_plugins only in the root conftest).
+pytest_plugins = ["tests.support.fixtures"]
+
 # CI must not flake on a newly drawn example: there, hypothesis explores a
 # fixed sequence (derandomize). Developers' runs keep exploring at random and
 # store failures in .hypothesis/ to replay them.
