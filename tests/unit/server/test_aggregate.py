@@ -7,6 +7,8 @@ import threading
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedkube.server.aggregate import (
     BLOCK,
@@ -233,3 +235,42 @@ def test_reopen_in_staged_mode_starts_afresh() -> None:
         assert wm.add("c0", name, xs[1], ws[1])
     wm.commit("c0")
     np.testing.assert_array_equal(wm.means()["a"], xs[1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_random_interleavings_and_discards_match_per_tensor_reference(data: st.DataObject) -> None:
+    n_clients = data.draw(st.integers(1, 5))
+    names = [f"t{i}" for i in range(data.draw(st.integers(1, 4)))]
+    staged = data.draw(st.booleans())
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    values = {(c, n): rng.standard_normal(5).astype(np.float32) for c in range(n_clients) for n in names}
+    weights = {c: float(rng.integers(1, 100)) for c in range(n_clients)}
+    wm = WeightedMean(ModelSpec.of({n: np.zeros(5, np.float32) for n in names}), staged=staged)
+    # Each client delivers its tensors in some order; some fail after a prefix.
+    pending = {c: data.draw(st.permutations(names)) for c in range(n_clients)}
+    fails_after = {c: data.draw(st.one_of(st.none(), st.integers(0, len(names) - 1))) for c in range(n_clients)}
+    delivered: dict[int, list[str]] = {c: [] for c in range(n_clients)}
+    while any(pending.values()):
+        c = data.draw(st.sampled_from([c for c, left in pending.items() if left]))
+        if fails_after[c] is not None and len(delivered[c]) == fails_after[c]:
+            wm.discard(f"c{c}")
+            pending[c] = []
+            continue
+        name = pending[c].pop(0)
+        wm.add(f"c{c}", name, values[(c, name)], weights[c])
+        delivered[c].append(name)
+        if not pending[c]:
+            wm.commit(f"c{c}")
+    committed = [c for c in range(n_clients) if fails_after[c] is None]
+    if not committed:
+        with pytest.raises(AggregationError, match="no client result was committed"):
+            wm.means()
+        return
+    means = wm.means()
+    for name in names:
+        # Streaming keeps a failed client's delivered tensors; staged keeps only committed clients.
+        contributors = [c for c in range(n_clients) if c in committed or (not staged and name in delivered[c])]
+        ref = _reference([values[(c, name)] for c in contributors], [weights[c] for c in contributors])
+        np.testing.assert_allclose(means[name], ref, rtol=1e-5, atol=1e-6)
+        assert sorted(wm.contributors(name)) == sorted(f"c{c}" for c in contributors)
