@@ -7,6 +7,7 @@ python scripts/gen_crd.py --check   # exit 1 if the committed CRD drifted from t
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,14 +42,15 @@ def main() -> int:
         old = OUT.read_text(encoding="utf-8") if OUT.exists() else None
         if old != fresh:
             print(f"{OUT.relative_to(ROOT)} drifted from fedkube/spec", file=sys.stderr)
-            print("fix: run `python scripts/gen_crd.py` and commit crds/", file=sys.stderr)
+            print("fix: run `python scripts/gen_crd.py` and commit crds/ and charts/fedkube/crds/", file=sys.stderr)
             return 1
         print(f"{OUT.relative_to(ROOT)} matches fedkube/spec")
         return 0
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(fresh, encoding="utf-8")
     print(f"wrote {OUT.relative_to(ROOT)}")
-    return 0
+    # The chart carries a copy; regenerating one without the other leaves main red.
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "sync_chart_crds.py")], check=False).returncode
 
 
 if __name__ == "__main__":
