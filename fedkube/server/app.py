@@ -57,6 +57,13 @@ def load_model_file(path: str | Path) -> dict[str, np.ndarray]:
         return dict(ck.model)
     if not p.is_file():
         raise ConfigError(f"spec.model.path={str(p)!r} does not exist; fix: give the path of a .npz file")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # np.load would take anything else for a pickle (and refuse it, misleadingly)
+        raise ConfigError(
+            f"spec.model.path={str(p)!r} is not a .npz file; fix: save the weights with numpy.savez "
+            "(one array per tensor name) or point at a fedkube checkpoint directory"
+        )
     try:
         with np.load(p, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}

@@ -121,6 +121,7 @@ class FakeSidecar:
         self.uploads_served = 0
         self.train_errors: list[Exception] = []
         self.upload_requests: list[control_pb2.UploadRequest] = []
+        self.finished = False
         self.hang_up_on_stop = True  # like a sidecar with FEDKUBE_SIDECAR_EXIT_ON_STOP=1
         # Decides how each UploadRequest is answered: "ok", "corrupt" (first chunk flipped), "error", "stall".
         self.push_mode: Callable[[control_pb2.UploadRequest], str] | None = None
@@ -210,6 +211,10 @@ class FakeSidecar:
             with self.changed:
                 self.error = exc
                 self.changed.notify_all()
+            return
+        with self.changed:
+            self.finished = True  # the server ended the stream
+            self.changed.notify_all()
 
     def _on_task(self, task: control_pb2.Task) -> None:
         self.send(control_pb2.ClientMessage(task_ack=control_pb2.TaskAck(task_id=task.task_id)))

@@ -153,3 +153,30 @@ def test_reconnect_resumes_or_resends_the_task_and_never_counts_twice(harness: H
     assert status["site-a"].rounds_completed == 1
     ok = [m.result_received for m in a3.messages if m.WhichOneof("msg") == "result_received"]
     assert ok and all(r.ok for r in ok)
+
+
+def test_trainer_exit_after_its_final_result_is_teardown_noise(harness: Harness) -> None:
+    srv = harness.server(make_config(rounds=1), model())
+    a = harness.sidecar(srv, "site-a", add_value(1.0))
+    harness.sidecar(srv, "site-b", lambda task, params: add_value(3.0, delay_s=1.0)(task, params))
+    a.wait_for(lambda: bool(a.received), what="a's ResultReceived")
+    # The job is still running (b is slow); a's trainer ends non-zero after its final result was delivered.
+    a.send(control_pb2.ClientMessage(trainer_state=control_pb2.TrainerState(
+        phase=control_pb2.TRAINER_PHASE_EXITED, exit_code=1, message="segfault in teardown")))
+    outcome = srv.wait(20)
+    assert outcome is not None and outcome.success, outcome
+    status = {c.name: c for c in srv.workflow.status().clients}
+    assert status["site-a"].state == "Done" and status["site-a"].reason == ""
+
+
+def test_a_newer_stream_replaces_the_older_one(harness: Harness) -> None:
+    srv = harness.server(make_config(rounds=1, registration_timeout_s=30.0), model())
+    old = harness.sidecar(srv, "site-a", add_value(1.0))
+    old.wait_for(lambda: any(m.WhichOneof("msg") == "registered" for m in old.messages), what="registration")
+    new = harness.sidecar(srv, "site-a", add_value(1.0))
+    # The server ends the replaced stream; only the new one gets the task.
+    old.wait_for(lambda: old.error is not None or old.finished, what="the old stream to end")
+    harness.sidecar(srv, "site-b", add_value(3.0))
+    outcome = srv.wait(20)
+    assert outcome is not None and outcome.success, outcome
+    assert old.tasks == [] and len(new.tasks) == 1
