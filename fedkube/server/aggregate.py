@@ -50,6 +50,11 @@ attempt left in the aggregate are not added a second time, so no tensor ever
 counts a client twice. (A fresh key per attempt would count those tensors
 twice.)
 
+Float tensors holding NaN or Inf are rejected (InvalidResultError) before
+any of their values is folded in: one diverged client must not turn the
+global model into NaN for everyone. The check reads the array once (about
+14 GB/s for float32 here), small next to the download.
+
 Integer and bool tensors (e.g. BatchNorm's ``num_batches_tracked``, masks)
 cannot be averaged meaningfully: they take the value of the contributing
 client with the largest weight (ties: the smallest client name), so the result
@@ -105,6 +110,25 @@ class DiscardOutcome:
     def exact(self) -> bool:
         """True when nothing of the client is left in the aggregate."""
         return not self.kept_tensors
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """True when a float array holds no NaN or Inf; blockwise, so no array-sized temporary."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    mask = np.empty(min(BLOCK, flat.size), np.bool_)
+    widened = None if flat.dtype.itemsize >= 4 else np.empty(min(BLOCK, flat.size), np.float32)
+    for start in range(0, flat.size, BLOCK):
+        block = flat[start : start + BLOCK]
+        if widened is not None:
+            # isfinite on ml_dtypes' bfloat16 is ~10x slower than widening to float32 first.
+            w = widened[: block.size]
+            w[...] = block
+            block = w
+        m = mask[: block.size]
+        np.isfinite(block, out=m)
+        if not m.all():
+            return False
+    return True
 
 
 def accumulator_dtype(spec: TensorSpec) -> np.dtype:
@@ -239,7 +263,12 @@ class WeightedMean:
         AggregationError when used after commit/finish (a bug in the caller).
         """
         weight = float(weight)
-        self._check(client, name, array, weight)
+        spec = self._check(client, name, array, weight)
+        if spec.is_float and not all_finite(array):
+            # Checked before folding: one diverged client must not turn everyone's model into NaN.
+            raise InvalidResultError(
+                client, f"tensor {name!r} contains NaN or Inf values; the client's training diverged"
+            )
         with self._lock:
             if self._finished:
                 raise AggregationError(f"add({client!r}, {name!r}) after finish(); the round is over")

@@ -274,3 +274,18 @@ def test_random_interleavings_and_discards_match_per_tensor_reference(data: st.D
         ref = _reference([values[(c, name)] for c in contributors], [weights[c] for c in contributors])
         np.testing.assert_allclose(means[name], ref, rtol=1e-5, atol=1e-6)
         assert sorted(wm.contributors(name)) == sorted(f"c{c}" for c in contributors)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_tensor_is_rejected_before_it_touches_the_mean(dtype: np.dtype, bad: float) -> None:
+    good = np.ones(BLOCK + 10, np.float32).astype(dtype)
+    wm = WeightedMean(ModelSpec.of({"w": good}))
+    wm.add("c0", "w", good, 1.0)
+    wm.commit("c0")
+    poisoned = good.copy()
+    poisoned[BLOCK + 5] = bad  # in the second block, after a clean first one
+    with pytest.raises(InvalidResultError, match="'w' contains NaN or Inf"):
+        wm.add("c1", "w", poisoned, 1.0)
+    wm.discard("c1")
+    assert np.all(wm.means()["w"] == 1.0)
