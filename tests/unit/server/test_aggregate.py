@@ -37,7 +37,7 @@ def _reference(xs: list[np.ndarray], ws: list[float]) -> np.ndarray:
 
 def test_float32_running_mean_error_vs_float64_reference_8_clients() -> None:
     # Larger than BLOCK so the blocked update loop runs more than once.
-    xs, ws = _clients(8, BLOCK + 12345)
+    xs, ws = _clients(8, 1_000_003)  # several BLOCKs
     wm = WeightedMean(ModelSpec.of({"w": xs[0]}))
     for i, (x, w) in enumerate(zip(xs, ws, strict=True)):
         wm.add(f"c{i}", "w", x, w)
