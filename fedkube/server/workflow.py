@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
 
 from fedkube.errors import ConfigError, FedkubeError
 from fedkube.server.aggregate import InvalidResultError, weighted_metrics
@@ -69,6 +70,17 @@ log = logging.getLogger(__name__)
 INIT_TASK = "init"
 TRAIN_TASK = "train"
 TASK_KIND_KEY = "fedkube.task"
+
+ROUNDS = Counter("fedkube_server_rounds_completed_total", "Rounds aggregated and checkpointed.", ["job"])
+ROUND_SECONDS = Histogram(
+    "fedkube_server_round_seconds", "Wall time of a round, tasks sent to aggregate finished.", ["job"],
+    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600),
+)  # fmt: skip
+CLIENTS = Gauge("fedkube_server_clients", "Clients by state.", ["job", "state"])
+FAILURES = Counter(
+    "fedkube_server_client_failures_total", "Client failures and exclusions by reason.", ["job", "reason"]
+)
+RESULT_BYTES = Counter("fedkube_server_result_bytes_total", "Verified result bytes pulled from clients.", ["job"])
 
 # Job-level reasons beyond fedkube.server.summary.Reason (which names client failures).
 TERMINATED = "Terminated"
@@ -303,7 +315,10 @@ class RoundWorkflow:
                 if model is None:
                     model = self._init_from_first_client(participants)
                     participants = self._await_start(number)
+                started = self._clock()
                 model = self._run_round(number, participants, model)
+                ROUND_SECONDS.labels(job=s.job).observe(self._clock() - started)
+                ROUNDS.labels(job=s.job).inc()
                 self._rounds_completed = number
                 if self._checkpoints is not None:
                     self._checkpoints.save(number, model, self._strategy.state(), self._last_metrics)
@@ -428,6 +443,7 @@ class RoundWorkflow:
                     raise JobFailed(decision.reason.value if decision.reason else Reason.QUORUM_LOST.value, message)
                 if decision.action is Action.CLOSE:
                     for site in apply_stragglers(self.registry, state, decision):
+                        FAILURES.labels(job=s.job, reason=Reason.ROUND_TIMEOUT.value).inc()
                         log.warning("job %s round %s: client %s excluded as a straggler (RoundTimeout)", s.job,
                                     number, site)
                     break
@@ -590,9 +606,9 @@ class RoundWorkflow:
             return
         assert verdict.reason is not None
         if verdict.verdict is Verdict.FAIL_JOB:
-            self.registry.fail(site, verdict.reason, verdict.message)
+            self._fail(site, verdict.reason, verdict.message)
             raise JobFailed(verdict.reason.value, f"client {site}: {verdict.message} (fix the job's configuration)")
-        if self.registry.fail(site, verdict.reason, verdict.message):
+        if self._fail(site, verdict.reason, verdict.message):
             log.warning("job %s: client %s failed for the job: %s (%s)", job, site, verdict.reason.value,
                         verdict.message)
             self._abort_download(site)
@@ -630,7 +646,7 @@ class RoundWorkflow:
             if rnd.kind == INIT_TASK:
                 rnd.failed[site] = (Reason.INVALID_RESULT.value, problem)
             else:
-                self.registry.fail(site, Reason.INVALID_RESULT, problem, task_id=result.task_id)
+                self._fail(site, Reason.INVALID_RESULT, problem, task_id=result.task_id)
             log.warning("job %s round %s: invalid result from %s: %s", job, rnd.number, site, problem)
             self._answer(rnd, site, False, Reason.INVALID_RESULT.value, problem)
             self._refresh()
@@ -688,6 +704,7 @@ class RoundWorkflow:
         # Commit only while the registry still expects this very result (it may have been lost meanwhile).
         if ok and rnd.kind == TRAIN_TASK and self.registry.result_done(dl.site, dl.task_id):
             rnd.sink.commit(dl.key)
+            RESULT_BYTES.labels(job=job).inc(dl.bytes_total)
             rnd.results[dl.site] = (dl.num_examples, dl.metrics)
             self._answer(rnd, dl.site, True, "", "")
             log.info("job %s round %s: result of %s verified and aggregated", job, rnd.number, dl.site)
@@ -699,13 +716,20 @@ class RoundWorkflow:
         if rnd.kind == INIT_TASK:
             rnd.failed[dl.site] = (reason, message)
         elif reason != Reason.ABORTED.value:
-            self.registry.fail(dl.site, Reason(reason), message, task_id=dl.task_id)
+            self._fail(dl.site, Reason(reason), message, task_id=dl.task_id)
         log.warning("job %s round %s: result of %s not used: %s (%s)", job, rnd.number, dl.site, reason, message)
         rec = self.registry.get(dl.site)
         if reason != Reason.ABORTED.value or rec.state is ClientState.FAILED:
             shown = rec.reason.value if rec.reason is not None and reason == Reason.ABORTED.value else reason
             self._answer(rnd, dl.site, False, shown, message if reason != Reason.ABORTED.value else rec.message)
         self._refresh()
+
+    def _fail(self, site: str, reason: Reason, message: str, *, task_id: str | None = None) -> bool:
+        """registry.fail, counted by reason when it changed the client."""
+        changed = self.registry.fail(site, reason, message, task_id=task_id)
+        if changed:
+            FAILURES.labels(job=self.settings.job, reason=reason.value).inc()
+        return changed
 
     def _discard(self, rnd: _Round, dl: _Download) -> None:
         try:
@@ -782,6 +806,7 @@ class RoundWorkflow:
     def _check_heartbeats(self) -> None:
         """Seen-then-silent clients become Lost (the registry never loses a client it has not seen)."""
         for rec in self.registry.check_heartbeats():
+            FAILURES.labels(job=self.settings.job, reason=Reason.LOST.value).inc()
             log.warning("job %s: client %s lost: %s", self.settings.job, rec.name, rec.message)
             self._abort_download(rec.name)
             rnd = self._round
@@ -848,6 +873,11 @@ class RoundWorkflow:
 
     def _refresh(self) -> None:
         snap = self._snapshot()
+        counts = dict.fromkeys((st.value for st in ClientState), 0)
+        for c in snap.clients:
+            counts[c.state] = counts.get(c.state, 0) + 1
+        for state_name, n in counts.items():
+            CLIENTS.labels(job=self.settings.job, state=state_name).set(n)
         with self._status_lock:
             self._status = snap
 

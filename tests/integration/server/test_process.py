@@ -90,8 +90,9 @@ def free_port() -> int:
 
 def test_sigterm_stops_clients_writes_the_summary_and_exits_1(tmp_path: Path) -> None:
     env = write_job(tmp_path, min_clients=1)
-    grpc_port, status_port = free_port(), free_port()
-    env.update({envvars.GRPC_PORT: str(grpc_port), envvars.STATUS_PORT: str(status_port)})
+    grpc_port, status_port, metrics_port = free_port(), free_port(), free_port()
+    env.update({envvars.GRPC_PORT: str(grpc_port), envvars.STATUS_PORT: str(status_port),
+                envvars.METRICS_PORT: str(metrics_port)})
     code = "import sys; from fedkube.server.app import main; sys.exit(main(['--bind', '127.0.0.1']))"
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -112,6 +113,14 @@ def test_sigterm_stops_clients_writes_the_summary_and_exits_1(tmp_path: Path) ->
                               lambda task, params: Reply(None)).start()
         sidecar.wait_for(lambda: any(m.WhichOneof("msg") == "registered" for m in sidecar.messages),
                          what="registration")
+        deadline = time.monotonic() + 10
+        wanted = 'fedkube_server_clients{job="procjob",state="Registered"} 1.0'
+        while True:  # the status snapshot and the gauge follow the registration shortly after it
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+                if wanted in r.read().decode():
+                    break
+            assert time.monotonic() < deadline, f"metrics never showed {wanted}"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         stop = sidecar.wait_stop(timeout=15)
         assert not stop.success and stop.reason == "Terminated" and "SIGTERM" in stop.message
