@@ -47,12 +47,11 @@ reports which tensors kept the failed client's contribution, so the server can
 say so in the client's status message. Whoever needs strict all-or-nothing
 exclusion uses ``staged=True``.
 
-Use one key per client (its site name) for all of its attempts in a round.
 When a discarded client delivers again (its task was re-sent after a
-reconnect), ``reopen(client)`` accepts the new attempt: tensors the earlier
-attempt left in the aggregate are not added a second time, so no tensor ever
-counts a client twice. (A fresh key per attempt would count those tensors
-twice.)
+reconnect), ``reopen(old_key, new_key)`` accepts the new attempt: tensors the
+earlier attempt left in the aggregate are not added a second time, so no
+tensor ever counts a client twice. (A fresh key without ``reopen`` would count
+those tensors twice.)
 
 Float tensors holding NaN or Inf are rejected (InvalidResultError) before
 any of their values is folded in: one diverged client must not turn the
@@ -337,23 +336,32 @@ class WeightedMean:
             )
         return DiscardOutcome(client, kept)
 
-    def reopen(self, client: str) -> tuple[str, ...]:
+    def reopen(self, client: str, new_key: str | None = None) -> tuple[str, ...]:
         """Accept a new attempt of a discarded client's result (e.g. its task was re-sent after a reconnect).
 
-        Returns the tensors an earlier attempt left in the aggregate
-        (streaming mode): the new attempt's adds of those are ignored (add
-        returns False), so each tensor counts a client at most once, and
-        ``commit`` needs only the others. The new attempt may carry a new
-        weight. In staged mode nothing was kept and the attempt starts afresh.
+        Returns the tensors earlier attempts left in the aggregate (streaming
+        mode): the new attempt's adds of those are ignored (add returns
+        False), so each tensor counts a client at most once, and ``commit``
+        needs only the others. The new attempt may carry a new weight. In
+        staged mode nothing was kept and the attempt starts afresh.
+
+        With ``new_key`` the new attempt is added under that key and
+        ``client`` stays discarded, so a late add from the old attempt's
+        download (still winding down) is ignored rather than mixed into the
+        new one; without it the same key is reused.
         """
+        key = client if new_key is None else new_key
         with self._lock:
             if client not in self._discarded:
                 raise AggregationError(f"reopen({client!r}) of a client that was not discarded")
-            self._discarded.discard(client)
-            self._weights.pop(client, None)
+            if key != client and (key in self._added or key in self._discarded or key in self._committed):
+                raise AggregationError(f"reopen({client!r}, {key!r}): key {key!r} was already used this round")
             kept = set() if self.staged else set(self._added.get(client, set()))
-            self._kept[client] = kept
-            self._added[client] = set(kept)
+            if key == client:
+                self._discarded.discard(client)
+            self._weights.pop(key, None)
+            self._kept[key] = kept
+            self._added[key] = set(kept)
         return tuple(n for n in self.spec.names if n in kept)
 
     def means(self) -> dict[str, np.ndarray]:

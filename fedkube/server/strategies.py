@@ -74,8 +74,8 @@ class RoundAggregator(Protocol):
         """The client's download failed or it was excluded; drop what can be dropped."""
         ...
 
-    def reopen(self, client: str) -> tuple[str, ...]:
-        """A discarded client delivers again; returns the tensors its earlier attempt already gave."""
+    def reopen(self, client: str, new_key: str | None = None) -> tuple[str, ...]:
+        """A discarded client delivers again (as ``new_key``); returns the tensors earlier attempts gave."""
         ...
 
     def finish(self) -> Model:
@@ -118,8 +118,8 @@ class _MeanAggregator:
     def discard(self, client: str) -> DiscardOutcome:
         return self.engine.discard(client)
 
-    def reopen(self, client: str) -> tuple[str, ...]:
-        return self.engine.reopen(client)
+    def reopen(self, client: str, new_key: str | None = None) -> tuple[str, ...]:
+        return self.engine.reopen(client, new_key)
 
     def finish(self) -> Model:
         result: Model = self._finish_fn(self.engine.means())

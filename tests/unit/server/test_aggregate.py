@@ -289,3 +289,26 @@ def test_non_finite_tensor_is_rejected_before_it_touches_the_mean(dtype: np.dtyp
         wm.add("c1", "w", poisoned, 1.0)
     wm.discard("c1")
     assert np.all(wm.means()["w"] == 1.0)
+
+
+def test_reopen_under_a_new_key_ignores_the_old_attempts_late_adds() -> None:
+    xs, ws = _clients(3, 64, seed=13)
+    model = {"a": xs[0], "b": xs[0], "c": xs[0]}
+    wm = WeightedMean(ModelSpec.of(model))
+    for name in model:
+        wm.add("s0", name, xs[0], ws[0])
+    wm.commit("s0")
+    wm.add("s1#1", "a", xs[1], ws[1])
+    wm.discard("s1#1")  # superseded: the task was re-sent after a reconnect
+    assert wm.reopen("s1#1", "s1#2") == ("a",)
+    assert wm.add("s1#1", "b", xs[1], ws[1]) is False  # the old download winding down
+    assert wm.add("s1#2", "a", xs[2], ws[2]) is False  # already counted by attempt 1
+    assert wm.add("s1#2", "b", xs[2], ws[2]) and wm.add("s1#2", "c", xs[2], ws[2])
+    wm.commit("s1#2")
+    # A key already used this round cannot name a new attempt.
+    with pytest.raises(AggregationError, match="already used"):
+        wm.reopen("s1#1", "s0")
+    means = wm.means()
+    np.testing.assert_allclose(means["a"], _reference([xs[0], xs[1]], [ws[0], ws[1]]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(means["b"], _reference([xs[0], xs[2]], [ws[0], ws[2]]), rtol=1e-6, atol=1e-6)
+    assert wm.contributors("a") == ("s0", "s1#1") and wm.contributors("c") == ("s0", "s1#2")
