@@ -20,7 +20,9 @@ one. bfloat16 round-trips bit-exactly: bytes are written and read back as they
 are, typed by ml_dtypes.
 
 Retention: the newest ``keep`` checkpoints stay (default 3); older ones are
-deleted after a new one is in place, never before.
+deleted after a new one is in place, never before. Checkpoints of rounds after
+the one just saved are deleted too: the server resumed from an older one, so
+they were unusable, and they must not outrank the new one.
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ def save(
         raise CheckpointError(f"job {job}: writing the checkpoint of round {round} to {job_dir} failed: {exc}") from exc
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    _prune(job_dir, keep)
+    _prune(job_dir, keep, round)
     log.info("job %s: checkpoint of round %d written to %s (%d tensors)", job, round, final, len(entries))
     return final
 
@@ -206,8 +208,16 @@ def _round_dirs(job_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def _prune(job_dir: Path, keep: int) -> None:
-    for _round, path in _round_dirs(job_dir)[keep:]:
+def _prune(job_dir: Path, keep: int, current: int) -> None:
+    dirs = _round_dirs(job_dir)
+    # The server resumes from the newest valid checkpoint, so any newer one is unusable (or from a
+    # history it no longer follows); left in place it would outrank, and with a small keep evict,
+    # the checkpoint just written.
+    for r, path in dirs:
+        if r > current:
+            log.warning("removing checkpoint of round %d at %s: newer than the round just saved (%d)", r, path, current)
+            shutil.rmtree(path, ignore_errors=True)
+    for _round, path in [d for d in dirs if d[0] <= current][keep:]:
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -180,3 +180,18 @@ def test_bad_inputs(tmp_path: Path) -> None:
         save(tmp_path, "j", 1, {"w": [1.0]}, StrategyState("fedavg"))  # type: ignore[dict-item]
     assert not list((tmp_path / "j").glob("round-*"))
     assert checkpoint.DEFAULT_KEEP >= 1
+
+
+def test_resaving_after_fallback_never_loses_the_new_checkpoint(tmp_path: Path) -> None:
+    for r in (1, 2, 3):
+        save(tmp_path, "j", r, _model(r), StrategyState("fedavg"), keep=3)
+    _corrupt_byte(tmp_path / "j" / "round-000002" / "tensors" / "00001.bin")
+    _corrupt_byte(tmp_path / "j" / "round-000003" / "tensors" / "00001.bin")
+    ck = load_latest(tmp_path, "j")
+    assert ck is not None and ck.round == 1
+    # The resumed server redoes round 2 and saves it with keep=1.
+    save(tmp_path, "j", 2, _model(20), StrategyState("fedavg"), keep=1)
+    assert sorted(p.name for p in (tmp_path / "j").iterdir()) == ["round-000002"]
+    ck = load_latest(tmp_path, "j")
+    assert ck is not None and ck.round == 2
+    _assert_models_equal(ck.model, _model(20))
