@@ -121,6 +121,8 @@ class ClientRecord:
     failed_round: int = 0
     """Round of the last round-scoped failure."""
     rounds_completed: int = 0
+    delivered_task_id: str = ""
+    """The last task whose result the server downloaded in full (kept when the client later fails or is lost)."""
 
     @property
     def failed_for_job(self) -> bool:
@@ -317,7 +319,7 @@ class Registry:
             rec = self._record(site)
             if task_id != rec.task_id or rec.state is not S.UPLOADING:
                 return False
-            self._move(rec, S.DONE, rounds_completed=rec.rounds_completed + 1)
+            self._move(rec, S.DONE, rounds_completed=rec.rounds_completed + 1, delivered_task_id=task_id)
             return True
 
     def fail(

@@ -224,7 +224,9 @@ class RoundState:
         for name in self.participants:
             rec = recs[name]
             mine = rec.round == self.round and rec.task_id == self.task_ids.get(name, rec.task_id)
-            if rec.state is S.DONE and mine:
+            delivered = bool(rec.delivered_task_id) and rec.delivered_task_id == self.task_ids.get(name)
+            if (rec.state is S.DONE and mine) or delivered:
+                # A result in hand counts even if its client failed or went silent afterwards.
                 done.append(name)
             elif rec.state is S.UPLOADING and mine:
                 uploading.append(name)

@@ -260,3 +260,17 @@ def test_order_and_policy_errors(clock: FakeClock) -> None:
     with pytest.raises(ConfigError, match="roundSeconds is nan"):
         RoundPolicy(rounds=1, min_clients=1, round_timeout_s=float("nan"), registration_timeout_s=1)
     assert not job_finished(POLICY, 2) and job_finished(POLICY, 3)
+
+
+def test_a_delivered_result_counts_even_if_its_client_is_lost_afterwards(clock: FakeClock) -> None:
+    job = Job(clock, ("a", "b"))
+    job.connect("a", "b")
+    state = job.start()
+    job.deliver(state, "a")
+    clock.advance(31)
+    job.reg.heartbeat(job.sessions["b"])
+    assert [r.name for r in job.reg.check_heartbeats()] == ["a"]
+    assert state.decide(job.reg, clock.now).action is Action.WAIT  # not QuorumLost: a's result is in
+    job.deliver(state, "b")
+    d = state.decide(job.reg, clock.now)
+    assert d.action is Action.CLOSE and d.done == ("a", "b")
