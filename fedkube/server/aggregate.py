@@ -81,7 +81,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedkube.errors import FedkubeError
-from fedkube.server.model import Model, ModelSpec, TensorSpec
+from fedkube.server.model import ModelSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,3 @@ def weighted_metrics(results: Mapping[str, tuple[float, Mapping[str, float]]]) -
             weights[key] = weights.get(key, 0.0) + w
     return {k: sums[k] / weights[k] for k in sorted(sums)}
 
-
-def as_model(spec: ModelSpec, values: Mapping[str, np.ndarray]) -> Model:
-    """Values cast to the global dtypes, in model order."""
-    return {t.name: cast_to(t, values[t.name]) for t in spec}

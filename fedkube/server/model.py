@@ -206,7 +206,3 @@ def check_result(spec: ModelSpec, announced: Iterable[TensorMeta]) -> str | None
     text = "; ".join(problems[:_MAX_LISTED]) + (f"; and {extra} more difference(s)" if extra > 0 else "")
     return text + " (the trainer must send tensors with the global model's names, dtypes and shapes)"
 
-
-def check_arrays(spec: ModelSpec, model: Mapping[str, np.ndarray]) -> str | None:
-    """check_result for a model held as arrays (e.g. a checkpoint or initial weights)."""
-    return check_result(spec, [TensorSpec.of(n, a) for n, a in model.items()])
