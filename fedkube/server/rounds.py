@@ -372,7 +372,9 @@ def classify_trainer_report(
     phase = report.phase
     if phase not in ("Finished", "Failed", "Exited"):
         return TrainerVerdict(Verdict.HEALTHY)
-    final_delivered = record.state is S.DONE and record.round >= policy.rounds
+    final_delivered = (
+        record.round >= policy.rounds and bool(record.delivered_task_id) and record.delivered_task_id == record.task_id
+    )
     detail = report.message.strip()
     code = f" (exit code {report.exit_code})" if report.exit_code else ""
     if job_done or final_delivered:

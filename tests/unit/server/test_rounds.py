@@ -274,3 +274,16 @@ def test_a_delivered_result_counts_even_if_its_client_is_lost_afterwards(clock: 
     job.deliver(state, "b")
     d = state.decide(job.reg, clock.now)
     assert d.action is Action.CLOSE and d.done == ("a", "b")
+
+
+def test_exit_after_final_delivery_is_teardown_even_when_the_client_was_lost_meanwhile(clock: FakeClock) -> None:
+    policy = RoundPolicy(rounds=1, min_clients=1, round_timeout_s=100, registration_timeout_s=60)
+    job = Job(clock, ("a",), policy)
+    job.connect("a")
+    state = job.start()
+    job.deliver(state, "a")
+    clock.advance(31)
+    job.reg.check_heartbeats()
+    assert job.reg.get("a").state is S.LOST
+    v = classify_trainer_report(Report("Exited", exit_code=2), job.reg.get("a"), policy)
+    assert v.verdict is Verdict.TEARDOWN
