@@ -113,8 +113,13 @@ def execute(run: LocalJobRun, display: ProgressDisplay | None = None) -> RunOutc
         try:
             run.start()
             if display is not None:
-                display.watch(run.status_url())
-            return run.wait()
+                display.watch(run.status_url(), run.metrics_url())
+            outcome = run.wait()
+            if display is not None and outcome.summary is not None:
+                from fedkube.runtime.progress import parse_status
+
+                display.update(parse_status(outcome.summary))  # the bar ends on the final state, not the last poll
+            return outcome
         finally:
             run.stop_all()  # whatever happened, no process outlives the run
 

@@ -99,10 +99,17 @@ class LocalJobRun:
 
     def status_url(self) -> str | None:
         """The server's HTTP status endpoint on this machine (None when the pod has no status port)."""
-        port = _env_of(self._server).get(envvars.STATUS_PORT)
+        return self._server_url(envvars.STATUS_PORT, "/status")
+
+    def metrics_url(self) -> str | None:
+        """The server's Prometheus endpoint on this machine (None when metrics are off)."""
+        return self._server_url(envvars.METRICS_PORT, "/metrics")
+
+    def _server_url(self, port_var: str, path: str) -> str | None:
+        port = _env_of(self._server).get(port_var)
         if not port or not port.isdigit() or int(port) == 0:
             return None
-        return f"http://{LOCAL_HOST}:{self.resolver.local_port(self.server_key, int(port))}/status"
+        return f"http://{LOCAL_HOST}:{self.resolver.local_port(self.server_key, int(port))}{path}"
 
     def start(self) -> None:
         """Start the server pod, wait (bounded) until it accepts connections, then the client pods."""

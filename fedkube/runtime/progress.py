@@ -14,7 +14,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -108,6 +108,27 @@ def fetch_status(url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def fetch_bytes_total(url: str, timeout_s: float = 1.0) -> int | None:
+    """Sum of every ``*_bytes_total`` counter on a Prometheus text endpoint; None when unreachable."""
+    try:
+        with _OPENER.open(url, timeout=timeout_s) as response:
+            text = response.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name.endswith("_bytes_total"):
+            # The value is the last field when labels contain spaces; a timestamp never follows here.
+            try:
+                total += float(line.rsplit(" ", 1)[-1])
+            except ValueError:
+                continue
+    return int(total)
+
+
 def _human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -138,11 +159,12 @@ class ProgressDisplay:
         self.console = console
         self._interval = interval_s
         self._url: str | None = None
+        self._metrics_url: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"),
             TimeElapsedColumn(),
@@ -152,9 +174,14 @@ class ProgressDisplay:
         self._task = self._progress.add_task("rounds", total=None, detail="waiting for the server")
         self.last: StatusView | None = None
 
-    def watch(self, url: str | None) -> None:
-        """Start polling ``url`` (None: nothing to poll; the bar shows elapsed time only)."""
+    def watch(self, url: str | None, metrics_url: str | None = None) -> None:
+        """Start polling the status ``url`` and, when given, the server's Prometheus ``metrics_url``.
+
+        The status document carries rounds and clients; the bytes come from the
+        server's ``*_bytes_total`` counters when the document has none.
+        """
         self._url = url
+        self._metrics_url = metrics_url
         self._thread = threading.Thread(target=self._poll, name="fedkube-progress", daemon=True)
         self._thread.start()
 
@@ -163,15 +190,18 @@ class ProgressDisplay:
         self.last = view
         detail = f"{view.phase} · clients {view.clients_ready}/{view.clients_total}"
         if view.bytes_transferred is not None:
-            detail += f" · {_human_bytes(view.bytes_transferred)}"
-        for name, value in list(view.metrics.items())[:3]:
+            detail += f" · {_human_bytes(view.bytes_transferred)} results"
+        for name, value in list(view.metrics.items())[:2]:
             detail += f" · {name} {value:.4g}"
         self._progress.update(self._task, total=view.rounds, completed=view.round, detail=detail)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
             if self._url is not None and (doc := fetch_status(self._url)) is not None:
-                self.update(parse_status(doc))
+                view = parse_status(doc)
+                if view.bytes_transferred is None and self._metrics_url is not None:
+                    view = replace(view, bytes_transferred=fetch_bytes_total(self._metrics_url))
+                self.update(view)
             self._stop.wait(self._interval)
 
     def __enter__(self) -> ProgressDisplay:

@@ -11,7 +11,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from rich.console import Console
 
-from fedkube.runtime.progress import ConsoleSink, ProgressDisplay, fetch_status, parse_status
+from fedkube.runtime.progress import ConsoleSink, ProgressDisplay, fetch_bytes_total, fetch_status, parse_status
+
+METRICS = """# HELP fedkube_server_result_bytes_total Verified result bytes pulled from clients.
+# TYPE fedkube_server_result_bytes_total counter
+fedkube_server_result_bytes_total{job="a b"} 1536.0
+fedkube_server_result_bytes_created{job="a b"} 1.7e9
+fedkube_server_rounds_completed_total{job="a b"} 3.0
+"""
 
 DOC = {
     "job": "quickstart-numpy",
@@ -47,7 +54,10 @@ def test_parse_status_tolerates_a_sparse_document() -> None:
 def status_url() -> Iterator[str]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = json.dumps(DOC).encode() if self.path == "/status" else b"not json"
+            if self.path == "/metrics":
+                body = METRICS.encode()
+            else:
+                body = json.dumps(DOC).encode() if self.path == "/status" else b"not json"
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -85,3 +95,8 @@ def test_display_polls_and_sink_prints_prefixed_lines(status_url: str) -> None:
     assert "[site-a trainer]" in text and "hello [not markup]" in text
     assert "clients 2/3" in text
     assert "loss 0.25" in text
+
+
+def test_bytes_come_from_the_servers_counters_when_the_status_has_none(status_url: str) -> None:
+    assert fetch_bytes_total(status_url + "/metrics") == 1536
+    assert fetch_bytes_total("http://127.0.0.1:1/metrics", timeout_s=0.5) is None
