@@ -122,6 +122,8 @@ class FakeSidecar:
         self.train_errors: list[Exception] = []
         self.upload_requests: list[control_pb2.UploadRequest] = []
         self.finished = False
+        self.fetch_globals = True  # False: never fetch the global model (its transaction stays unfinished)
+        self.task_hook: Callable[[control_pb2.Task], None] | None = None  # runs as a task arrives
         self.hang_up_on_stop = True  # like a sidecar with FEDKUBE_SIDECAR_EXIT_ON_STOP=1
         # Decides how each UploadRequest is answered: "ok", "corrupt" (first chunk flipped), "error", "stall".
         self.push_mode: Callable[[control_pb2.UploadRequest], str] | None = None
@@ -221,6 +223,8 @@ class FakeSidecar:
         if task.task_id in self._seen_tasks:
             return  # a re-sent task is never trained twice
         self._seen_tasks.add(task.task_id)
+        if self.task_hook is not None:
+            self.task_hook(task)
         with self.changed:
             self.tasks.append(task)
             self.changed.notify_all()
@@ -237,7 +241,7 @@ class FakeSidecar:
     def _train_once(self, task: control_pb2.Task) -> None:
         refs = [TensorRef.from_proto(r) for r in task.refs]
         params: dict[str, np.ndarray] = {}
-        if refs:
+        if refs and self.fetch_globals:
             source = GrpcChunkSource(self.download_channel, self.site, chunk_timeout_s=5.0)
             settings = FetchSettings(chunk_timeout_s=5.0, idle_timeout_s=10.0, backoff_max_s=2.0)
             params = Fetcher(source, settings).fetch_transaction(refs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedkube.wire.v1 import control_pb2
 from tests.integration.server.conftest import Harness, make_config
 from tests.integration.server.fakes import Reply, add_value
 
@@ -21,7 +22,14 @@ def model() -> dict[str, np.ndarray]:
 
 def test_two_clients_fedavg_exact_aggregate(harness: Harness) -> None:
     srv = harness.server(make_config(rounds=2), model())
-    a = harness.sidecar(srv, "site-a", add_value(1.0, num_examples=1, metrics={"loss": 2.0}))
+    live_at_round: dict[int, list[str]] = {}
+
+    def on_task(task: control_pb2.Task) -> None:
+        live_at_round[task.round] = [t.id for t in srv.downloads.transactions()]
+
+    a = harness.sidecar(srv, "site-a", add_value(1.0, num_examples=1, metrics={"loss": 2.0}), start=False)
+    a.task_hook = on_task
+    a.start()
     b = harness.sidecar(srv, "site-b", add_value(4.0, num_examples=3, metrics={"loss": 1.0}))
     outcome = srv.wait(30)
     assert outcome is not None and outcome.success, outcome
@@ -35,6 +43,9 @@ def test_two_clients_fedavg_exact_aggregate(harness: Harness) -> None:
         np.testing.assert_array_equal(g2["steps"], [7])
         assert sc.wait_stop().success  # Stop follows every ResultReceived on the same stream
         assert all(r.ok for r in sc.received.values()) and len(sc.received) == 2
+    # Serialize once, serve many: one transaction per round, round 1's released before round 2 started.
+    assert [tid.split("-")[1] for tid in live_at_round[2]] == ["r2"]
+    assert srv.downloads.transactions() == []
     status = srv.workflow.status()
     assert status.phase.value == "Succeeded"
     assert status.metrics == {"loss": pytest.approx((2.0 * 1 + 1.0 * 3) / 4)}
@@ -75,17 +86,28 @@ def test_straggler_is_excluded_at_the_deadline_and_the_others_aggregate(harness:
 
 def test_invalid_result_excludes_that_client_and_the_others_aggregate(harness: Harness) -> None:
     def wrong_shape(task: object, params: dict[str, np.ndarray]) -> Reply:
-        bad = dict(params)
+        bad = model()
         bad["fc.weight"] = np.ones((64, 301), np.float32)
         return Reply(bad, 5)
 
     cfg = make_config(three(), rounds=2, min_clients=2)
     srv = harness.server(cfg, model())
-    a = harness.sidecar(srv, "site-a", add_value(1.0))
-    b = harness.sidecar(srv, "site-b", wrong_shape)
+    live_at_round: dict[int, list[str]] = {}
+
+    def on_task(task: control_pb2.Task) -> None:
+        live_at_round[task.round] = [t.id.split("-")[1] for t in srv.downloads.transactions()]
+
+    a = harness.sidecar(srv, "site-a", add_value(1.0), start=False)
+    a.task_hook = on_task
+    a.start()
+    b = harness.sidecar(srv, "site-b", wrong_shape, start=False)
+    b.fetch_globals = False  # round 1's transaction never completes by itself
+    b.start()
     harness.sidecar(srv, "site-c", add_value(3.0))
     outcome = srv.wait(20)
     assert outcome is not None and outcome.success, outcome
+    # Round 1's transaction was released when round 1 closed, before round 2 started (LESSONS.md 14).
+    assert live_at_round == {1: ["r1"], 2: ["r2"]}
     answers = list(b.received.values())
     assert answers and not answers[0].ok and answers[0].reason == "InvalidResult"
     assert "'fc.weight' has shape (64, 301), the global model has (64, 300)" in answers[0].message
