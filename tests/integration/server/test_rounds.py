@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from fedkube.server import checkpoint
 from fedkube.wire.v1 import control_pb2
 from tests.integration.server.conftest import Harness, make_config
 from tests.integration.server.fakes import Reply, add_value
@@ -69,15 +72,24 @@ def test_never_registered_client_is_excluded_by_name_and_quorum_proceeds(harness
     assert clients["site-a"].state == "Done" and clients["site-a"].rounds_completed == 1
 
 
-def test_straggler_is_excluded_at_the_deadline_and_the_others_aggregate(harness: Harness) -> None:
-    cfg = make_config(three(), rounds=2, min_clients=2, round_timeout_s=1.5)
+def test_straggler_is_excluded_at_the_deadline_and_the_others_aggregate(harness: Harness, tmp_path: Path) -> None:
+    cfg = make_config(three(), rounds=2, min_clients=2, round_timeout_s=1.5, checkpoint_dir=tmp_path)
     srv = harness.server(cfg, model())
     a = harness.sidecar(srv, "site-a", add_value(1.0))
     harness.sidecar(srv, "site-b", add_value(3.0))
     c = harness.sidecar(srv, "site-c", lambda task, params: Reply(None))  # trains forever
+    c.wait_for(lambda: len(c.tasks) == 2, what="round 2's task")
+    # Round 1's result arrives late, during round 2: answered, never counted (LESSONS.md 13).
+    late = c.tasks[0]
+    c.announce(late, add_value(1000.0, num_examples=1000)(late, c.globals[1]))
+    c.wait_for(lambda: late.task_id in c.received, what="the answer to the late result")
+    assert not c.received[late.task_id].ok and c.received[late.task_id].reason == "RoundTimeout"
     outcome = srv.wait(20)
     assert outcome is not None and outcome.success, outcome
     np.testing.assert_array_equal(a.globals[2]["fc.bias"], np.arange(8, dtype=np.float32) + 2.0)
+    final = checkpoint.load_latest(tmp_path, "job1")
+    assert final is not None and final.round == 2
+    np.testing.assert_array_equal(final.model["fc.bias"], np.arange(8, dtype=np.float32) + 4.0)
     status = {cl.name: cl for cl in srv.workflow.status().clients}
     assert status["site-c"].reason == "RoundTimeout" and "roundSeconds" in status["site-c"].message
     assert status["site-c"].rounds_completed == 0
