@@ -83,6 +83,35 @@ class ManifestObjects:
         return self._objects.get((kind, namespace, name))
 
 
+class ApiObjects:
+    """An ``ObjectLookup`` that reads Secrets and ConfigMaps from a Kubernetes API.
+
+    ``api_client`` is a ``kubernetes.client.ApiClient`` (duck-typed, so the
+    runtime does not import the Kubernetes client): this is how the runtime
+    serves as a kubelet for pods created in an (emulated) cluster.
+    """
+
+    def __init__(self, api_client: Any) -> None:
+        self._api_client = api_client
+
+    def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
+        import kubernetes
+
+        core = kubernetes.client.CoreV1Api(self._api_client)
+        read = {"Secret": core.read_namespaced_secret, "ConfigMap": core.read_namespaced_config_map}.get(kind)
+        if read is None:
+            return None
+        try:
+            obj = read(name, namespace)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        doc: dict[str, Any] = self._api_client.sanitize_for_serialization(obj)
+        doc.setdefault("kind", kind)
+        return doc
+
+
 @dataclass
 class PodOptions:
     """How ``run_pod`` maps a pod onto this machine."""
