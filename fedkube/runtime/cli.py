@@ -72,6 +72,13 @@ def run_main(argv: Sequence[str] | None = None) -> int:
         print(f"fedkube run: {args.job}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     job_name = str(job.metadata.name)
+    if job.spec.suspend:
+        print(
+            f"fedkube run: {args.job}: job {job_name} is suspended (spec.suspend: true), so there is nothing to run; "
+            "fix: set spec.suspend to false",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     run_dir = (args.run_dir or default_run_dir(job_name)).resolve()
     tokens = new_tokens([c.name for c in job.spec.clients])
     try:
