@@ -241,7 +241,7 @@ class PodRun:
         with self._lock:
             containers = list(self._containers)
         for c in containers:
-            code = c.process.returncode if c.process is not None else None
+            code = _exit_code(c.process.returncode) if c.process is not None else None
             if code is not None and c.finished_at is None:
                 c.finished_at = _now()
             message = ""
@@ -581,7 +581,7 @@ class PodRun:
             results.append(
                 ContainerResult(
                     name=str(c.manifest.get("name", "")),
-                    exit_code=p.returncode if p is not None else None,
+                    exit_code=_exit_code(p.returncode) if p is not None else None,
                     stopped_by_runtime=p.stopped_by_runtime if p is not None else False,
                     restarts=c.restarts,
                 )
@@ -603,6 +603,13 @@ def run_pod(pod: Mapping[str, Any], options: PodOptions) -> PodRun:
     run = PodRun(pod, options)
     run.start()
     return run
+
+
+def _exit_code(returncode: int | None) -> int | None:
+    """Exit code as Kubernetes reports it: a death by signal N is 128 + N (SIGTERM: 143)."""
+    if returncode is not None and returncode < 0:
+        return 128 - returncode
+    return returncode
 
 
 def _now() -> str:

@@ -110,6 +110,7 @@ def test_sidecar_is_listening_before_main_starts_and_is_stopped_after(tmp_path: 
     assert ("p trainer", "got hello") in sink.lines
     side = result.container("sidecar")
     assert side is not None and side.stopped_by_runtime  # it never exits by itself: SIGTERM after the grace
+    assert side.exit_code == 143  # reported as Kubernetes does: 128 + SIGTERM
 
 
 def test_crashing_sidecar_is_restarted_while_main_runs(tmp_path: Path) -> None:
