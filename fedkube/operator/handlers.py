@@ -110,14 +110,11 @@ def _write(patch: kopf.Patch, previous: Mapping[str, Any], fields: Mapping[str, 
         patch.status[key] = value
 
 
-def _parse(body: kopf.Body) -> FLJob:
-    doc = {
-        "apiVersion": body.get("apiVersion"),
-        "kind": body.get("kind"),
-        "metadata": dict(body.get("metadata") or {}),
-        "spec": dict(body.get("spec") or {}),
-    }
-    return parse_job(doc, source=f"FLJob {body.metadata.namespace}/{body.metadata.name}")
+def _parse(body: Mapping[str, Any]) -> FLJob:
+    meta = dict(body.get("metadata") or {})
+    doc = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta,
+           "spec": dict(body.get("spec") or {})}
+    return parse_job(doc, source=f"FLJob {meta.get('namespace')}/{meta.get('name')}")
 
 
 # --- create / resume ------------------------------------------------------------------------------
@@ -208,18 +205,23 @@ def observe(
     namespace: str | None, **_: Any,
 ) -> None:
     """One look at a job: pods, the server's status, timeouts, outcome; or the TTL once it finished."""
-    previous = dict(status)
+    api = _kube(memo)
+    fresh = api.fljob(str(namespace), str(name))
+    if fresh is None:
+        return  # deleted meanwhile; owner references take its children
+    # Decide from the status as stored now: kopf's body may not show our previous patch yet, and a decision on a
+    # stale status would undo it (e.g. Running -> Deploying).
+    previous = dict(fresh.get("status") or {})
     phase = previous.get("phase")
     if phase is None or phase == lifecycle.SUSPENDED:
         return  # not reconciled yet, or nothing runs
     try:
-        job = _parse(body)
+        job = _parse(fresh)
     except SpecError:
         return
     if job.spec.suspend:
         return  # the suspend handler is about to act
     now = _now(memo)
-    api = _kube(memo)
     if phase in lifecycle.TERMINAL:
         if lifecycle.ttl_expired(job, previous, now):
             count = api.delete_children(job.namespace, job.name)

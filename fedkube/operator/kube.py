@@ -19,6 +19,7 @@ from typing import Any
 
 from fedkube import envvars
 from fedkube.operator import naming
+from fedkube.spec.model import API_GROUP, API_VERSION_NAME, PLURAL
 from fedkube.status import JobStatus, SummaryError
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,24 @@ class Kube:
                 return None
             raise
         return {k: b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+    def fljob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The FLJob as the API server has it now (kopf's cached body may lag behind our last status patch)."""
+        import kubernetes
+        from kubernetes.client.exceptions import ApiException
+
+        custom = kubernetes.client.CustomObjectsApi(self.core.api_client)
+        try:
+            resp: Any = custom.get_namespaced_custom_object(
+                API_GROUP, API_VERSION_NAME, namespace, PLURAL, name, _preload_content=False,
+                _request_timeout=self.timeout,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        doc = json.loads(resp.data)
+        return doc if isinstance(doc, dict) else None
 
     def job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
         """Every pod of ``job`` (by the ``fedkube.dev/job`` label), as plain dicts in API field names."""

@@ -287,23 +287,25 @@ class ClientState:
 def timeout_failure(pod: PodView, now: float, deploy_seconds: float, pending_seconds: float) -> ClientState | None:
     """A Failed state when ``pod`` ran past its pending or deploy timeout, else None.
 
-    Pending counts from the pod's creation while it is not running
-    (unschedulable, image pull); deploy counts from creation until it is Ready
-    for the first time. The caller stops asking once the pod was Ready.
+    Both count from the pod's creation. Pending applies while the pod cannot
+    start (unschedulable, image pull errors), deploy until it is Ready for the
+    first time. The caller stops asking once the pod was Ready.
     """
     if pod.created is None:
         return None
     age = now - pod.created
-    if pod.phase == PENDING and age >= pending_seconds:
+    # Pending counts only while the pod cannot start at all: not scheduled, or a container stuck waiting
+    # (ErrImagePull, ImagePullBackOff, CreateContainerConfigError). A scheduled pod whose containers are being
+    # created or whose init containers run is deploying, which deploySeconds bounds.
+    stuck = not pod.scheduled or bool(pod.waiting_reason)
+    if pod.phase == PENDING and stuck and age >= pending_seconds:
         if not pod.scheduled:
             why = pod.schedule_reason or "Unschedulable"
             detail = f": {pod.schedule_message}" if pod.schedule_message else ""
             fix = "free or add nodes that fit the pod's resources, nodeSelector and tolerations, or lower them"
-        elif pod.waiting_reason:
-            why, detail = pod.waiting_reason, f": {pod.waiting_message}" if pod.waiting_message else ""
-            fix = "check the image name and pull secrets"
         else:
-            why, detail, fix = "Pending", "", "check the pod's events (kubectl describe pod)"
+            why, detail = pod.waiting_reason, f": {pod.waiting_message}" if pod.waiting_message else ""
+            fix = "check the image name, the registry's pull secrets and the pod's env/volume references"
         return ClientState(
             CLIENT_FAILED,
             Reason.PENDING_TIMEOUT.value,
@@ -378,6 +380,10 @@ def transition(
         conds = set_condition(conds, COND_RUNNING, "True", reason, message, stamp)
     if phase in (SUCCEEDED, FAILED, SUSPENDED) and get_condition(conds, COND_RUNNING) is not None:
         conds = set_condition(conds, COND_RUNNING, "False", reason, message, stamp)
+    if phase == SUCCEEDED:
+        # A job can finish between two looks at it; having succeeded, it was certainly deployed.
+        conds = set_condition(conds, COND_DEPLOYED, "True", "PodsReady", "the server and enough clients were up",
+                              stamp)
     if phase in TERMINAL:
         conds = set_condition(conds, COND_SUCCEEDED if phase == SUCCEEDED else COND_FAILED, "True", reason, message,
                               stamp)
@@ -478,6 +484,9 @@ def decide(job: FLJob, previous: Mapping[str, Any], obs: Observation) -> Decisio
             continue
         if reported is not None:
             state = ClientState(reported.state, reported.reason, reported.message, pod.name if pod else "")
+        elif before is not None and pod is not None and before.state != CLIENT_PENDING:
+            # No fresh word from the server (it may be busy or on its way out): its last word stands.
+            state = ClientState(before.state, before.reason, before.message, pod.name)
         elif pod is None:
             state = ClientState(CLIENT_PENDING, "", "no pod yet")
         else:
@@ -490,7 +499,11 @@ def decide(job: FLJob, previous: Mapping[str, Any], obs: Observation) -> Decisio
             if failure is not None:
                 state = failure
                 delete.append(pod.name)
-            elif pod.exit_code not in (None, 0) and state.state not in _UNHEALTHY and state.state != CLIENT_DONE:
+            elif pod.exit_code not in (None, 0) and state.state == CLIENT_DONE:
+                # Lesson 19: its result was delivered; an exit code now is teardown, not a failure.
+                logger.info("job %s: client %s: trainer exited with code %s after delivering its result",
+                            job.name, name, pod.exit_code)
+            elif pod.exit_code not in (None, 0) and state.state not in _UNHEALTHY:
                 text = f"trainer exited with code {pod.exit_code}"
                 if pod.message:
                     text += f": {pod.message.strip()[-300:]}"
