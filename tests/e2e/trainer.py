@@ -18,7 +18,7 @@ import numpy as np
 import fedkube.trainer_sdk as fk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "quickstart-numpy"))
-from train import FEATURES, LEARNING_RATE, LOCAL_STEPS, mse, site_data
+from train import FEATURES, LEARNING_RATE, LOCAL_STEPS, mse, site_data  # type: ignore[import-not-found]
 
 
 def main() -> int:
