@@ -1,1 +1,178 @@
-"""What training scripts import: receive, send, log."""
+"""The fedkube trainer SDK: what a training script imports.
+
+Example::
+
+    import fedkube.trainer_sdk as fk
+
+    fk.init()                                  # connect to the sidecar
+    while fk.is_running():                     # False once the job is over
+        model = fk.receive()                   # FLModel: params (name -> np.ndarray), round, config
+        params = model.params_torch()          # same memory as torch tensors (or None: send initial weights)
+        if params is not None:
+            net.load_state_dict(params)
+        loss, n = train(net)
+        fk.send(fk.FLModel(params=net.state_dict(), num_examples=n, metrics={"loss": loss}))
+        fk.log_metric("train_loss", loss)
+
+``send()`` blocks until the server has downloaded the result, so the script
+never exits while its result is still needed. At exit the SDK tells the
+sidecar the trainer finished; an unhandled exception is reported as a failure
+(kind ``exception``, or ``config error`` for :class:`fedkube.errors.ConfigError`)
+before the process ends.
+
+The process is configured by the environment the pod or ``fedkube run``
+gives it: ``FEDKUBE_SIDECAR_ADDRESS``, ``FEDKUBE_SITE``, ``FEDKUBE_JOB``,
+``FEDKUBE_WORKDIR``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+
+from fedkube import envvars
+from fedkube.trainer_sdk._session import Session, SessionSettings, install_hooks
+from fedkube.trainer_sdk.errors import (
+    InvalidParamsError,
+    JobStoppedError,
+    NotInitializedError,
+    ResultRejectedError,
+    ResultTransferError,
+    SDKError,
+    SendWithoutReceiveError,
+    SidecarUnreachableError,
+)
+from fedkube.trainer_sdk.model import FLModel
+from fedkube.wire.v1 import control_pb2
+
+__all__ = [
+    "FLModel",
+    "InvalidParamsError",
+    "JobStoppedError",
+    "NotInitializedError",
+    "ResultRejectedError",
+    "ResultTransferError",
+    "SDKError",
+    "SendWithoutReceiveError",
+    "SidecarUnreachableError",
+    "finish",
+    "init",
+    "is_running",
+    "log_metric",
+    "receive",
+    "send",
+    "site",
+    "workdir",
+]
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_session: Session | None = None
+_hooks_installed = False
+
+
+def _current() -> Session | None:
+    return _session
+
+
+def _require(call: str) -> Session:
+    s = _session
+    if s is None:
+        raise NotInitializedError(f"fk.{call}() was called before fk.init(); fix: call fk.init() once at the start")
+    return s
+
+
+def init(*, settings: SessionSettings | None = None) -> None:
+    """Connect to this pod's sidecar and start serving results; call once, first.
+
+    Raises :class:`SidecarUnreachableError` (naming the address and
+    ``FEDKUBE_SIDECAR_ADDRESS``) when the sidecar does not answer, and
+    :class:`SDKError` when the environment lacks a required variable.
+    """
+    global _session, _hooks_installed
+    with _lock:
+        if _session is not None:
+            return
+        if not logging.getLogger().handlers:
+            # Only when the script configured nothing: otherwise its own logging setup wins (LESSONS.md 21).
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        missing = [v for v in (envvars.SIDECAR_ADDRESS, envvars.SITE) if not os.environ.get(v)]
+        if missing:
+            raise SDKError(
+                f"{' and '.join(missing)} not set; the trainer SDK is configured by the fedkube sidecar's pod or by "
+                "`fedkube run`; fix: run the script through fedkube, or set them to the sidecar's host:port and "
+                "the site name"
+            )
+        session = Session(
+            os.environ[envvars.SIDECAR_ADDRESS],
+            site=os.environ[envvars.SITE],
+            job=os.environ.get(envvars.JOB, ""),
+            settings=settings or SessionSettings(),
+        )
+        session.connect()
+        _session = session
+        if not _hooks_installed:
+            _hooks_installed = True
+            install_hooks(_current)
+            atexit.register(finish)
+
+
+def is_running() -> bool:
+    """True while the job has a task for this site; waits for the next task (False after the job's Stop)."""
+    return _require("is_running").is_running()
+
+
+def receive() -> FLModel:
+    """The next task's model: ``params`` fetched into fresh arrays that are yours to modify.
+
+    ``params`` is None for an "init" task (``config["fedkube.task"] == "init"``):
+    answer it by sending your initial weights.
+    """
+    return _require("receive").receive()
+
+
+def send(model: FLModel) -> None:
+    """Send the result of the task last received; returns once the server has all of it.
+
+    Tensors are served straight from your arrays (no copy): do not modify
+    them until ``send()`` returns. Names, dtypes and shapes must match the
+    model you received. Raises :class:`SendWithoutReceiveError`,
+    :class:`ResultRejectedError` (server refused it), :class:`ResultTransferError`
+    (download never started or stalled).
+    """
+    _require("send").send(model)
+
+
+def log_metric(name: str, value: float, round: int | None = None) -> None:
+    """Report a scalar metric (for the current round unless ``round`` is given) to the server."""
+    _require("log_metric").log_metric(name, value, round)
+
+
+def finish() -> None:
+    """Tell the sidecar this trainer finished cleanly and close the link (runs automatically at exit).
+
+    Does nothing if the trainer already reported a failure or was never initialized.
+    """
+    global _session
+    with _lock:
+        s, _session = _session, None
+    if s is None:
+        return
+    if not s.final_reported:
+        s.report(control_pb2.TRAINER_PHASE_FINISHED, message="trainer finished")
+        log.info("job %s site %s: trainer finished", s.job, s.site)
+    s.close()
+
+
+def site() -> str:
+    """This client's site name (FEDKUBE_SITE)."""
+    s = _session
+    return s.site if s is not None else os.environ.get(envvars.SITE, "")
+
+
+def workdir() -> str:
+    """This client's own working directory (FEDKUBE_WORKDIR, else the current directory)."""
+    return os.environ.get(envvars.WORKDIR) or os.getcwd()

@@ -1,0 +1,293 @@
+"""The job-cell sidecar process: ``fedkube sidecar``.
+
+It holds the site's identity and its one control stream to the server, and
+gives the trainer a local endpoint (``TrainerLink`` + a relaying ``Download``)
+on 127.0.0.1. See docs/protocol.md for the message sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from types import FrameType
+
+import grpc
+
+from fedkube.errors import ConfigError
+from fedkube.sidecar.config import SidecarConfig
+from fedkube.sidecar.local import TrainerLinkServicer
+from fedkube.sidecar.reverse import SERVER_RECEIVER, Pusher
+from fedkube.sidecar.state import TaskBook, TrainerSnapshot, TrainerTracker
+from fedkube.sidecar.upstream import RELAY_CHANNEL_OPTIONS, RegistrationRejected, Upstream, server_channel
+from fedkube.transfer.relay import RelayServicer
+from fedkube.transfer.wire import channel_options, server_options
+from fedkube.wire.v1 import control_pb2, tensor_pb2, tensor_pb2_grpc, trainer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+
+
+class Sidecar:
+    """One site's sidecar: upstream stream, trainer endpoint, relays both ways.
+
+    ``start()`` binds the trainer endpoint and starts connecting; ``wait()``
+    returns the process exit code (0 after Stop with ``exit_on_stop``, 2 when
+    the server rejected the registration); ``stop()`` shuts everything down.
+    """
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.tasks = TaskBook()
+        self.trainer = TrainerTracker()
+        self._closing = threading.Event()
+        self._exit = threading.Event()
+        self._exit_code = EXIT_OK
+        self._lock = threading.Lock()
+        self._trainer_address = ""
+        self._trainer_channel: grpc.Channel | None = None
+        # Calls into the trainer on behalf of upstream messages run here, never on the stream's reader thread.
+        self._callouts = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"sidecar-{config.site}")
+        self._raw_channel, self._channel = server_channel(config.server_address, config.site, config.token)
+        self.upstream = Upstream(
+            self._channel,
+            job=config.job,
+            site=config.site,
+            address=config.server_address,
+            on_message=self._on_server_message,
+            trainer_state=lambda: self.trainer.state.to_proto(),
+            resume_task_id=self.tasks.resume_task_id,
+            on_connected=self._on_connected,
+            backoff_base_s=config.backoff_base_s,
+            backoff_max_s=config.backoff_max_s,
+        )
+        self.pusher = Pusher(
+            self._channel,
+            site=config.site,
+            trainer_channel=self._get_trainer_channel,
+            relayed=self.tasks.relayed,
+            window_chunks=config.relay_window_chunks,
+        )
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"trainer-link-{config.site}"),
+            options=server_options(),
+        )
+        self.link = TrainerLinkServicer(
+            job=config.job,
+            site=config.site,
+            tasks=self.tasks,
+            trainer=self.trainer,
+            on_hello=self._on_hello,
+            on_state=self._on_trainer_state,
+            on_result=self._on_result,
+            on_metric=lambda m: self._send(control_pb2.ClientMessage(metrics=m), "metric report"),
+            closing=self._closing,
+        )
+        trainer_pb2_grpc.add_TrainerLinkServicer_to_server(self.link, self._server)
+        RelayServicer(self._channel, window_chunks=config.relay_window_chunks).add_to_server(self._server)
+        self.port = 0
+
+    # --- lifecycle --------------------------------------------------------------
+    def start(self) -> int:
+        """Bind the trainer endpoint on 127.0.0.1 and start the upstream stream; returns the bound port."""
+        try:
+            self.port = self._server.add_insecure_port(f"127.0.0.1:{self.config.trainer_port}")
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on 127.0.0.1:{self.config.trainer_port} for the trainer ({exc}); "
+                              "fix: choose a free FEDKUBE_TRAINER_PORT") from None
+        self._server.start()
+        log.info("site %s: sidecar for job %s listening for its trainer on 127.0.0.1:%d; server is %s",
+                 self.config.site, self.config.job, self.port, self.config.server_address)
+        self.upstream.start()
+        threading.Thread(target=self._watch_upstream, name="sidecar-watch", daemon=True).start()
+        return self.port
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Block until the sidecar decided to exit; the exit code, or None on timeout."""
+        if not self._exit.wait(timeout):
+            return None
+        return self._exit_code
+
+    def request_exit(self, code: int) -> None:
+        self._exit_code = code
+        self._exit.set()
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Shut down: close the upstream stream (flushing it), stop the endpoint and the relays."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self.upstream.close(timeout=grace)
+        self.pusher.shutdown()
+        self._server.stop(grace).wait(grace + 1)
+        self._callouts.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            ch, self._trainer_channel = self._trainer_channel, None
+        if ch is not None:
+            ch.close()
+        self._raw_channel.close()
+        self._exit.set()
+
+    def _watch_upstream(self) -> None:
+        self.upstream.done.wait()
+        if self.upstream.rejected is not None:
+            self.request_exit(EXIT_CONFIG)
+
+    # --- upstream -> sidecar ------------------------------------------------------
+    def _on_server_message(self, msg: control_pb2.ServerMessage) -> None:
+        kind = msg.WhichOneof("msg")
+        site = self.config.site
+        if kind == "task":
+            task = msg.task
+            # Ack first, work later (LESSONS.md 9).
+            self._send(control_pb2.ClientMessage(task_ack=control_pb2.TaskAck(task_id=task.task_id)), "task ack")
+            if self.tasks.offer(task):
+                log.info("site %s: task %s for round %d/%d queued for the trainer (%d global tensors)",
+                         site, task.task_id, task.round, task.total_rounds, len(task.refs))
+            else:
+                log.info("site %s: task %s was already received; duplicate ignored", site, task.task_id)
+        elif kind == "upload":
+            self.pusher.request(msg.upload)
+        elif kind == "cancel_upload":
+            self.pusher.cancel(msg.cancel_upload.request_id)
+        elif kind == "result_received":
+            self._callouts.submit(self._result_received, msg.result_received)
+        elif kind == "stop":
+            stop = msg.stop
+            log.info("site %s: job stopped by the server (success=%s, %s): %s", site, stop.success,
+                     stop.reason or "-", stop.message or "-")
+            self.tasks.stop(stop)
+            if self.config.exit_on_stop:
+                threading.Thread(target=self._exit_after_stop, name="sidecar-exit", daemon=True).start()
+        else:
+            log.warning("site %s: unexpected server message %s ignored", site, kind)
+
+    def _result_received(self, rr: control_pb2.ResultReceived) -> None:
+        txs = self.tasks.received(rr.task_id, ok=rr.ok, reason=rr.reason, message=rr.message)
+        if txs is None:
+            log.info("site %s: ResultReceived for unknown or finished task %s ignored", self.config.site, rr.task_id)
+            return
+        log.info("site %s: server %s the result of task %s %s", self.config.site,
+                 "received" if rr.ok else "refused", rr.task_id, f"({rr.reason}: {rr.message})" if not rr.ok else "")
+        ch = self._get_trainer_channel()
+        if ch is None:
+            return
+        stub = tensor_pb2_grpc.DownloadStub(ch)
+        for tx in txs:
+            try:
+                stub.Complete(
+                    tensor_pb2.CompleteRequest(transaction_id=tx, receiver=SERVER_RECEIVER, ok=rr.ok,
+                                               error="" if rr.ok else f"{rr.reason}: {rr.message}"),
+                    timeout=10.0,
+                )
+            except grpc.RpcError as exc:
+                # The trainer's transaction still expires by its TTL; nothing else depends on this call.
+                log.info("site %s: could not complete transaction %s on the trainer: %s", self.config.site, tx,
+                         exc.details() if hasattr(exc, "details") else exc)
+
+    def _on_connected(self) -> None:
+        for ann in self.tasks.pending_announcements():
+            log.info("site %s: re-announcing the result of task %s after reconnect", self.config.site, ann.task_id)
+            self._send(control_pb2.ClientMessage(result=ann), "result announcement")
+
+    def _exit_after_stop(self) -> None:
+        final = self.trainer.wait_final(self.config.final_state_grace_s)
+        if final is None:
+            log.warning("site %s: trainer reported no final state within %.0f s after Stop; exiting anyway",
+                        self.config.site, self.config.final_state_grace_s)
+        else:
+            # The state change may still be on its way to the queue; queue it again so the
+            # half-close in stop() cannot overtake it (the server ignores an unchanged state).
+            self._on_trainer_state(final)
+        self.request_exit(EXIT_OK)
+
+    # --- trainer -> sidecar -------------------------------------------------------
+    def _on_hello(self, address: str) -> None:
+        with self._lock:
+            old = self._trainer_channel
+            self._trainer_address = address
+            self._trainer_channel = grpc.insecure_channel(address, options=RELAY_CHANNEL_OPTIONS + channel_options())
+        if old is not None:
+            old.close()
+
+    def _get_trainer_channel(self) -> grpc.Channel | None:
+        with self._lock:
+            if self.trainer.state.final:
+                return None
+            return self._trainer_channel
+
+    def _on_trainer_state(self, snap: TrainerSnapshot) -> None:
+        self._send(control_pb2.ClientMessage(trainer_state=snap.to_proto()), "trainer state")
+
+    def _on_result(self, ann: control_pb2.ResultAnnouncement) -> None:
+        self._send(control_pb2.ClientMessage(result=ann), "result announcement")
+
+    def _send(self, msg: control_pb2.ClientMessage, what: str) -> None:
+        if not self.upstream.send(msg):
+            # State rides on every heartbeat and pending results are re-announced on reconnect.
+            log.info("site %s: not connected to the server; %s will be resent after reconnecting",
+                     self.config.site, what)
+
+
+def _fix_malloc_mmap_threshold() -> None:
+    """Keep chunk-sized buffers on mmap, and few arenas, so freed memory goes back to the OS.
+
+    glibc raises its mmap threshold after the first large free, after which
+    every relayed 1 MiB chunk lands in the heap arenas; their fragmentation
+    made the sidecar's RSS creep with the bytes relayed instead of staying at
+    the window's size. Not glibc (e.g. musl): nothing to do.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold, m_arena_max = -3, -8
+        libc.mallopt(m_mmap_threshold, 128 * 1024)
+        # Each relay thread would otherwise get its own arena that keeps its freed chunks.
+        libc.mallopt(m_arena_max, 2)
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sidecar until SIGTERM (or until Stop with FEDKUBE_SIDECAR_EXIT_ON_STOP=1).
+
+    Exit codes: 0 clean stop, 2 configuration error or registration rejected.
+    """
+    del argv  # configured by environment only, like the pod
+    _fix_malloc_mmap_threshold()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = SidecarConfig.from_env()
+        sidecar = Sidecar(config)
+        sidecar.start()
+    except ConfigError as exc:
+        log.error("sidecar configuration error: %s", exc)
+        print(f"fedkube sidecar: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("site %s: %s received, shutting down", config.site, signal.Signals(signum).name)
+        sidecar.request_exit(EXIT_OK)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = EXIT_OK
+    try:
+        while True:
+            got = sidecar.wait(0.5)
+            if got is not None:
+                code = got
+                break
+    finally:
+        sidecar.stop()
+    rejected: RegistrationRejected | None = sidecar.upstream.rejected
+    if rejected is not None:
+        print(f"fedkube sidecar: site {config.site}: {rejected}", file=sys.stderr)
+        return EXIT_CONFIG
+    return code

@@ -1,0 +1,88 @@
+"""The sidecar's settings, read from the environment in this one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedkube import envvars
+from fedkube.errors import ConfigError
+
+# Set by the local runtime: leave once the job's Stop and the trainer's final
+# state were forwarded (in Kubernetes the sidecar runs until SIGTERM).
+# TODO(lead): move into fedkube.envvars; the getattr keeps this module working before and after.
+SIDECAR_EXIT_ON_STOP: str = getattr(envvars, "SIDECAR_EXIT_ON_STOP", "FEDKUBE_SIDECAR_EXIT_ON_STOP")
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """Everything the sidecar process needs to run.
+
+    Attributes:
+        job: the FLJob name; sent in ``Register`` and checked by the server.
+        site: this client's site name (its identity towards the server).
+        server_address: ``host:port`` of the server's gRPC endpoint.
+        token: this site's token, sent as ``authorization: Bearer <token>``.
+        trainer_port: where the trainer's local endpoint listens on 127.0.0.1 (0 = any free port).
+        exit_on_stop: exit 0 once the job's Stop and the trainer's final state were forwarded.
+        backoff_base_s / backoff_max_s: reconnect delays (exponential with jitter between them).
+        final_state_grace_s: after Stop, how long to wait for the trainer's final state before exiting anyway.
+        relay_window_chunks: chunks buffered per relayed stream (bounds the sidecar's memory).
+    """
+
+    job: str
+    site: str
+    server_address: str
+    token: str
+    trainer_port: int = envvars.DEFAULT_TRAINER_PORT
+    exit_on_stop: bool = False
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 15.0
+    final_state_grace_s: float = 60.0
+    relay_window_chunks: int = 4
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarConfig:
+        """Read the settings; raise ``ConfigError`` naming the variable and the fix."""
+        env = os.environ if env is None else env
+
+        def need(name: str, what: str) -> str:
+            value = env.get(name, "").strip()
+            if not value:
+                raise ConfigError(f"{name} is not set; the sidecar needs {what}; fix: set {name}")
+            return value
+
+        job = need(envvars.JOB, "the FLJob name")
+        site = need(envvars.SITE, "its site name")
+        server = need(envvars.SERVER_ADDRESS, "the server's gRPC address as host:port")
+        host, sep, port = server.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(
+                f"{envvars.SERVER_ADDRESS}={server!r} is not host:port; fix: e.g. {envvars.SERVER_ADDRESS}=server:7070"
+            )
+        token_file = need(envvars.TOKEN_FILE, "the path of this site's token file")
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{envvars.TOKEN_FILE}={token_file!r} cannot be read ({exc.strerror}); "
+                "fix: mount the site's token Secret there or point the variable at the token file"
+            ) from None
+        if not token:
+            raise ConfigError(f"token file {token_file!r} ({envvars.TOKEN_FILE}) is empty; fix: write the site's token")
+        raw_port = env.get(envvars.TRAINER_PORT, "").strip() or str(envvars.DEFAULT_TRAINER_PORT)
+        if not raw_port.isdigit() or not 0 <= int(raw_port) <= 65535:
+            raise ConfigError(f"{envvars.TRAINER_PORT}={raw_port!r} is not a port number; fix: use 0..65535")
+        exit_raw = env.get(SIDECAR_EXIT_ON_STOP, "").strip().lower()
+        if exit_raw not in ("", "0", "1", "true", "false"):
+            raise ConfigError(f"{SIDECAR_EXIT_ON_STOP}={exit_raw!r} must be 1 or 0")
+        return cls(
+            job=job,
+            site=site,
+            server_address=server,
+            token=token,
+            trainer_port=int(raw_port),
+            exit_on_stop=exit_raw in ("1", "true"),
+        )

@@ -1,0 +1,146 @@
+"""The trainer's local endpoint: the ``TrainerLink`` servicer.
+
+Thin: it translates TrainerLink calls into the sidecar's bookkeeping
+(``TaskBook``, ``TrainerTracker``) and hands upstream messages to the
+``Sidecar`` through the callbacks it was given.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from fedkube.sidecar.state import TaskBook, TrainerSnapshot, TrainerTracker
+from fedkube.wire.v1 import control_pb2, trainer_pb2, trainer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# WatchResult sends a progress message at least this often, so the trainer's
+# idle timer sees a live sidecar even while the server is not pulling.
+WATCH_KEEPALIVE_S = 1.0
+NEXT_TASK_MAX_WAIT_S = 30.0
+
+
+class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
+    """Serves one trainer (one pod has one trainer; a restarted trainer replaces the old session)."""
+
+    def __init__(
+        self,
+        *,
+        job: str,
+        site: str,
+        tasks: TaskBook,
+        trainer: TrainerTracker,
+        on_hello: Callable[[str], None],
+        on_state: Callable[[TrainerSnapshot], None],
+        on_result: Callable[[control_pb2.ResultAnnouncement], None],
+        on_metric: Callable[[control_pb2.MetricReport], None],
+        closing: threading.Event,
+    ) -> None:
+        self._job, self._site = job, site
+        self._tasks, self._trainer = tasks, trainer
+        self._on_hello, self._on_state = on_hello, on_state
+        self._on_result, self._on_metric = on_result, on_metric
+        self._closing = closing
+
+    def Hello(self, request: trainer_pb2.HelloRequest, context: Any) -> trainer_pb2.HelloResponse:
+        if not request.download_address:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "Hello.download_address is empty; the trainer SDK must start its Download service first")
+        log.info("site %s: trainer (pid %d) says hello; its results are served at %s",
+                 self._site, request.pid, request.download_address)
+        self._on_hello(request.download_address)
+        return trainer_pb2.HelloResponse(job=self._job, site=self._site)
+
+    def Session(
+        self, request: trainer_pb2.SessionRequest, context: Any
+    ) -> Iterator[trainer_pb2.SessionEvent]:
+        session, change = self._trainer.attached()
+        if change is not None:
+            self._on_state(change)
+        gone = threading.Event()
+
+        def on_done() -> None:
+            # Runs when the RPC ends for any reason: the trainer process ended or dropped the link.
+            gone.set()
+            change = self._trainer.gone(session, downloads_outstanding=bool(self._tasks.downloads_outstanding()))
+            if change is not None:
+                log.warning("site %s: trainer (pid %d) is gone: %s", self._site, request.pid, change.message)
+                self._on_state(change)
+            else:
+                log.info("site %s: trainer (pid %d) disconnected", self._site, request.pid)
+
+        if not context.add_callback(on_done):
+            on_done()
+            return
+        stop_sent = False
+        while not gone.is_set() and not self._closing.is_set():
+            stop = self._tasks.stopped
+            if stop is not None and not stop_sent:
+                stop_sent = True
+                yield trainer_pb2.SessionEvent(stop=stop)
+            gone.wait(0.5)
+
+    def NextTask(
+        self, request: trainer_pb2.NextTaskRequest, context: Any
+    ) -> trainer_pb2.NextTaskResponse:
+        wait = min(request.wait_ms / 1000.0, NEXT_TASK_MAX_WAIT_S)
+        got = self._tasks.take(wait)
+        if isinstance(got, control_pb2.Task):
+            log.info("site %s: task %s (round %d) handed to the trainer", self._site, got.task_id, got.round)
+            return trainer_pb2.NextTaskResponse(task=got)
+        if isinstance(got, control_pb2.Stop):
+            return trainer_pb2.NextTaskResponse(stop=got)
+        return trainer_pb2.NextTaskResponse()
+
+    def SubmitResult(
+        self, request: trainer_pb2.SubmitResultRequest, context: Any
+    ) -> trainer_pb2.SubmitResultResponse:
+        ann = request.result
+        if not ann.task_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SubmitResult without a task_id; send() answers a task")
+        wrong = [r.name for r in ann.refs if r.source != self._site]
+        if wrong:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"result refs {wrong} name a source other than this site {self._site!r}")
+        self._tasks.announce(ann)
+        log.info("site %s: result of task %s (round %d): %d tensors, %d bytes, %d examples",
+                 self._site, ann.task_id, ann.round, len(ann.refs), sum(r.nbytes for r in ann.refs),
+                 ann.num_examples)
+        self._on_result(ann)
+        return trainer_pb2.SubmitResultResponse()
+
+    def WatchResult(
+        self, request: trainer_pb2.ResultStatusRequest, context: Any
+    ) -> Iterator[trainer_pb2.ResultProgress]:
+        if not self._tasks.known(request.task_id):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no result was submitted for task {request.task_id!r}")
+        version = -1
+        while context.is_active():
+            p = self._tasks.progress(request.task_id, after_version=version, timeout=WATCH_KEEPALIVE_S)
+            if p is None:
+                return
+            version = p.version
+            yield trainer_pb2.ResultProgress(
+                bytes_done=p.bytes_done, bytes_total=p.bytes_total, finished=p.finished,
+                ok=p.ok, reason=p.reason, message=p.message,
+            )
+            if p.finished:
+                self._tasks.forget(request.task_id)
+                return
+
+    def ReportState(self, request: control_pb2.TrainerState, context: Any) -> trainer_pb2.Empty:
+        change = self._trainer.reported(request)
+        if change is not None:
+            log.info("site %s: trainer reports %s %s %s", self._site, control_pb2.TrainerPhase.Name(change.phase),
+                     control_pb2.FailureKind.Name(change.kind), change.message)
+            self._on_state(change)
+        return trainer_pb2.Empty()
+
+    def LogMetric(self, request: control_pb2.MetricReport, context: Any) -> trainer_pb2.Empty:
+        self._on_metric(request)
+        return trainer_pb2.Empty()

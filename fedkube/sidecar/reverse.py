@@ -1,0 +1,193 @@
+"""Reverse path: serve the server's UploadRequests from the trainer's Download service.
+
+The server cannot dial the client, so it asks for bytes down the control
+stream; for each request the sidecar opens a ``Control.Push`` stream (dialed
+from here) and relays the chunks it fetches from the trainer as they flow,
+through a bounded window so the sidecar never holds more than a few chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from fedkube.transfer.fetch import GrpcChunkSource
+from fedkube.transfer.refs import TensorRef
+from fedkube.transfer.relay import relay_chunks
+from fedkube.wire.v1 import control_pb2, tensor_pb2
+
+log = logging.getLogger(__name__)
+
+# The server is the one receiver of every result transaction the trainer publishes.
+SERVER_RECEIVER = "server"
+PUSH_METHOD = "/fedkube.v1.Control/Push"
+# Trainer and sidecar share a pod: a chunk that takes this long means the trainer is stuck.
+TRAINER_CHUNK_TIMEOUT_S = 60.0
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_pushed_chunk(request_id: str, offset: int, data: bytes | memoryview = b"", error: str = "") -> bytes:
+    """The wire bytes of ``fedkube.v1.PushedChunk``, copying ``data`` exactly once.
+
+    Building the message by hand avoids a second copy of every relayed chunk
+    into a protobuf object; the bytes are a valid PushedChunk for any parser.
+    """
+    parts = []
+    if request_id:
+        rid = request_id.encode()
+        parts.append(b"\x0a" + _varint(len(rid)) + rid)
+    if offset:
+        parts.append(b"\x10" + _varint(offset))
+    mv = memoryview(data).cast("B")
+    if mv.nbytes:
+        parts.append(b"\x1a" + _varint(mv.nbytes))
+    if error:
+        err = error.encode()
+        tail = b"\x22" + _varint(len(err)) + err
+    else:
+        tail = b""
+    return b"".join(parts) + mv + tail if mv.nbytes else b"".join(parts) + tail
+
+
+def _identity(raw: bytes) -> bytes:
+    return raw
+
+
+class _Upload:
+    def __init__(self) -> None:
+        self.abort = threading.Event()
+        self.fetch: Any = None
+        self.lock = threading.Lock()
+
+    def cancel(self) -> None:
+        self.abort.set()
+        with self.lock:
+            fetch = self.fetch
+        if fetch is not None:
+            fetch.cancel()
+
+
+class Pusher:
+    """Answers UploadRequests with Push streams relayed from the trainer.
+
+    ``trainer_channel`` returns the channel to the trainer's Download service,
+    or None when no trainer is attached; ``relayed(ref, end)`` is told each
+    byte range that went up (it drives the trainer's ``WatchResult`` progress).
+    """
+
+    def __init__(
+        self,
+        server: grpc.Channel,
+        *,
+        site: str,
+        trainer_channel: Callable[[], grpc.Channel | None],
+        relayed: Callable[[tensor_pb2.TensorRef, int], None],
+        window_chunks: int = 4,
+        max_workers: int = 8,
+    ) -> None:
+        self._push_call = server.stream_unary(
+            PUSH_METHOD, request_serializer=_identity, response_deserializer=control_pb2.PushAck.FromString
+        )
+        self._site = site
+        self._trainer_channel = trainer_channel
+        self._relayed = relayed
+        self._window = window_chunks
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"push-{site}")
+        self._lock = threading.Lock()
+        self._uploads: dict[str, _Upload] = {}
+
+    def request(self, req: control_pb2.UploadRequest) -> None:
+        """Start serving ``req`` (returns at once; the push runs on the pusher's own pool)."""
+        up = _Upload()
+        with self._lock:
+            old = self._uploads.get(req.request_id)
+            self._uploads[req.request_id] = up
+        if old is not None:
+            old.cancel()
+        self._pool.submit(self._push, req, up)
+
+    def cancel(self, request_id: str) -> None:
+        """The server no longer wants ``request_id`` (CancelUpload)."""
+        with self._lock:
+            up = self._uploads.pop(request_id, None)
+        if up is not None:
+            log.info("site %s: upload %s cancelled by the server", self._site, request_id)
+            up.cancel()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            ups = list(self._uploads.values())
+            self._uploads.clear()
+        for up in ups:
+            up.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _chunks(self, req: control_pb2.UploadRequest, up: _Upload) -> Iterator[bytes]:
+        ref = req.ref
+        ids = f"upload {req.request_id} (transaction {ref.transaction_id}, ref {ref.ref_id} {ref.name!r})"
+        first = True
+
+        def error(text: str) -> bytes:
+            return encode_pushed_chunk(req.request_id if first else "", req.offset, error=text[:4000])
+
+        channel = self._trainer_channel()
+        if channel is None:
+            log.warning("site %s: %s: no trainer attached", self._site, ids)
+            yield error(f"site {self._site}: the trainer is not connected to its sidecar (it exited or never "
+                        f"started), so {ids} cannot be served")
+            return
+        try:
+            tref = TensorRef.from_proto(ref)
+            stream = GrpcChunkSource(channel, SERVER_RECEIVER, chunk_timeout_s=TRAINER_CHUNK_TIMEOUT_S).stream(
+                tref, int(req.offset), int(req.max_chunk_bytes)
+            )
+            with up.lock:
+                up.fetch = stream
+            if up.abort.is_set():
+                return
+            for offset, data in relay_chunks(stream, window=self._window, abort=up.abort):
+                msg = encode_pushed_chunk(req.request_id if first else "", offset, data)
+                first = False
+                end = offset + memoryview(data).nbytes
+                del data
+                yield msg
+                self._relayed(ref, end)
+        except Exception as exc:  # reported in-band so the server's fetcher knows at once
+            if up.abort.is_set():
+                return
+            log.warning("site %s: %s: reading from the trainer failed: %s", self._site, ids, exc)
+            yield error(f"site {self._site}: reading {ids} from the trainer failed: {exc}")
+            return
+        if first and not up.abort.is_set():
+            # A zero-length tensor: the stream must still name its request.
+            yield encode_pushed_chunk(req.request_id, req.offset)
+
+    def _push(self, req: control_pb2.UploadRequest, up: _Upload) -> None:
+        try:
+            self._push_call(self._chunks(req, up))
+        except grpc.RpcError as exc:
+            if not up.abort.is_set():
+                code = exc.code() if hasattr(exc, "code") else None
+                log.warning("site %s: push for upload %s ended: %s %s", self._site, req.request_id,
+                            code.name if code else "?", exc.details() if hasattr(exc, "details") else exc)
+        finally:
+            up.cancel()
+            with self._lock:
+                if self._uploads.get(req.request_id) is up:
+                    del self._uploads[req.request_id]

@@ -1,0 +1,428 @@
+"""The trainer's connection to its sidecar: the machinery behind ``fedkube.trainer_sdk``.
+
+One ``Session`` per process. It serves the trainer's own ``Download`` service
+(results are pulled from it, zero-copy from the user's arrays), holds the
+``TrainerLink`` channel and a ``Session`` stream to the sidecar (so the
+sidecar learns at once if this process dies), and reports the trainer's
+outcome: finished at exit, or failed with a kind from ``sys.excepthook``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fedkube import envvars
+from fedkube.errors import ConfigError
+from fedkube.trainer_sdk.errors import (
+    JobStoppedError,
+    ResultRejectedError,
+    ResultTransferError,
+    SendWithoutReceiveError,
+    SidecarUnreachableError,
+)
+from fedkube.trainer_sdk.model import FLModel, params_to_numpy
+from fedkube.transfer.fetch import Fetcher, FetchSettings, GrpcChunkSource
+from fedkube.transfer.refs import TensorRef, numpy_dtype
+from fedkube.transfer.service import DownloadService, serve
+from fedkube.transfer.wire import channel_options
+from fedkube.wire.v1 import control_pb2, trainer_pb2, trainer_pb2_grpc
+
+log = logging.getLogger("fedkube.trainer_sdk")
+
+TASK_KIND_KEY = "fedkube.task"
+INIT_TASK = "init"
+# Optional per-task settings the server may put into Task.config (seconds).
+RESULT_IDLE_TIMEOUT_KEY = "fedkube.result_idle_timeout_s"
+RESULT_START_TIMEOUT_KEY = "fedkube.result_start_timeout_s"
+RESULT_TTL_KEY = "fedkube.result_ttl_s"
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Timeouts of the trainer side.
+
+    * ``connect_timeout_s``: how long ``init()`` waits for the sidecar to answer.
+    * ``poll_ms``: long-poll length of each NextTask call.
+    * ``result_idle_timeout_s``: ``send()`` fails when the server's download of
+      the result made no progress for this long (LESSONS.md 3).
+    * ``result_start_timeout_s``: ``send()`` fails when the download did not
+      start within this long (the server pulls results as they arrive).
+    * ``result_ttl_s``: the result's transaction is dropped after this long even
+      if the server never completed it.
+    """
+
+    connect_timeout_s: float = 60.0
+    poll_ms: int = 1000
+    result_idle_timeout_s: float = 300.0
+    result_start_timeout_s: float = 900.0
+    result_ttl_s: float = 3 * 3600.0
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+
+
+def _float_setting(config: Mapping[str, str], key: str, default: float) -> float:
+    raw = config.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"task config {key}={raw!r} is not a number of seconds; fix the server's task settings"
+        ) from None
+    if not value > 0:
+        raise ConfigError(f"task config {key}={raw!r} must be > 0 seconds")
+    return value
+
+
+class _Task:
+    def __init__(self, task: control_pb2.Task) -> None:
+        self.id = task.task_id
+        self.round = int(task.round)
+        self.total_rounds = int(task.total_rounds)
+        self.config = dict(task.config)
+        self.refs = [TensorRef.from_proto(r) for r in task.refs]
+
+
+class Session:
+    """A trainer's link to its sidecar; created by ``fk.init()``."""
+
+    def __init__(self, sidecar_address: str, *, site: str, job: str, settings: SessionSettings) -> None:
+        self.address = sidecar_address
+        self.site = site
+        self.job = job
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._pending: control_pb2.Task | control_pb2.Stop | None = None
+        self._stopped: control_pb2.Stop | None = None
+        self._task: _Task | None = None  # received, not yet answered
+        self._round = 0
+        self._final_reported = False
+        self._closed = False
+        self.service = DownloadService(site)
+        self._download_server, port = serve(self.service, "127.0.0.1:0", max_workers=8)
+        self.download_address = f"127.0.0.1:{port}"
+        self.channel = grpc.insecure_channel(sidecar_address, options=channel_options())
+        self.link = trainer_pb2_grpc.TrainerLinkStub(self.channel)
+        self.fetcher = Fetcher(
+            GrpcChunkSource(self.channel, site, chunk_timeout_s=settings.fetch.chunk_timeout_s), settings.fetch
+        )
+        self._session_call: Any = None
+
+    # --- setup ---------------------------------------------------------------------
+    def connect(self) -> None:
+        """Say hello to the sidecar and open the session stream; raises SidecarUnreachableError."""
+        try:
+            hello = self.link.Hello(
+                trainer_pb2.HelloRequest(download_address=self.download_address, pid=os.getpid()),
+                timeout=self.settings.connect_timeout_s,
+                wait_for_ready=True,
+            )
+        except grpc.RpcError as exc:
+            self.close()
+            raise SidecarUnreachableError(
+                f"cannot reach the fedkube sidecar at {self.address} (from {envvars.SIDECAR_ADDRESS}) within "
+                f"{self.settings.connect_timeout_s:.0f} s: {_rpc_text(exc)}; fix: start the script through "
+                f"`fedkube run` or in a fedkube client pod, or point {envvars.SIDECAR_ADDRESS} at a running sidecar"
+            ) from None
+        if hello.site and hello.site != self.site:
+            log.warning("job %s: %s says site %r but the sidecar serves %r; using the sidecar's",
+                        self.job, envvars.SITE, self.site, hello.site)
+            self.site = hello.site
+        self.job = hello.job or self.job
+        self._session_call = self.link.Session(trainer_pb2.SessionRequest(pid=os.getpid()))
+        threading.Thread(target=self._hold_session, name="fedkube-session", daemon=True).start()
+        log.info("job %s site %s: connected to sidecar %s; results served at %s",
+                 self.job, self.site, self.address, self.download_address)
+
+    def _hold_session(self) -> None:
+        try:
+            for event in self._session_call:
+                if event.HasField("stop"):
+                    log.info("job %s site %s: the job was stopped (%s)", self.job, self.site,
+                             event.stop.reason or "done")
+        except grpc.RpcError as exc:
+            if not self._closed and exc.code() != grpc.StatusCode.CANCELLED:
+                log.warning("job %s site %s: lost the session with sidecar %s: %s", self.job, self.site,
+                            self.address, _rpc_text(exc))
+
+    # --- tasks ---------------------------------------------------------------------
+    def _poll(self, block: bool) -> control_pb2.Task | control_pb2.Stop | None:
+        """The next task or Stop (cached until consumed)."""
+        with self._lock:
+            if self._pending is not None:
+                return self._pending
+            if self._stopped is not None:
+                return self._stopped
+        while True:
+            try:
+                resp = self.link.NextTask(
+                    trainer_pb2.NextTaskRequest(wait_ms=self.settings.poll_ms),
+                    timeout=self.settings.poll_ms / 1000.0 + 30.0,
+                    wait_for_ready=True,
+                )
+            except grpc.RpcError as exc:
+                raise SidecarUnreachableError(
+                    f"job {self.job} site {self.site}: the sidecar at {self.address} stopped answering: "
+                    f"{_rpc_text(exc)}"
+                ) from None
+            which = resp.WhichOneof("outcome")
+            if which is not None:
+                got: control_pb2.Task | control_pb2.Stop = resp.task if which == "task" else resp.stop
+                with self._lock:
+                    if which == "stop":
+                        self._stopped = resp.stop
+                    else:
+                        self._pending = resp.task
+                return got
+            if not block:
+                return None
+
+    def is_running(self) -> bool:
+        return isinstance(self._poll(block=True), control_pb2.Task)
+
+    def receive(self) -> FLModel:
+        got = self._poll(block=True)
+        if isinstance(got, control_pb2.Stop):
+            raise JobStoppedError(
+                f"job {self.job} site {self.site}: the job is over ({got.reason or 'stopped'}); "
+                "fix: loop with `while fk.is_running():` before calling receive()"
+            )
+        assert got is not None
+        with self._lock:
+            self._pending = None
+        task = _Task(got)
+        self._round = task.round
+        log.info("job %s site %s round %d: task %s received (%d tensors)", self.job, self.site, task.round,
+                 task.id, len(task.refs))
+        # An init task asks for the script's initial weights: there is nothing to fetch.
+        params = None if task.config.get(TASK_KIND_KEY) == INIT_TASK else self._fetch(task)
+        with self._lock:
+            self._task = task
+        return FLModel(
+            params=params, round=task.round, total_rounds=task.total_rounds, config=dict(task.config)
+        )
+
+    def _fetch(self, task: _Task) -> dict[str, np.ndarray]:
+        """Fetch each global tensor into a buffer that becomes the user's array (no second copy)."""
+        out: dict[str, np.ndarray] = {}
+        by_tx: dict[str, list[TensorRef]] = {}
+        for ref in task.refs:
+            by_tx.setdefault(ref.transaction_id, []).append(ref)
+        source = self.fetcher.source
+        for tid, refs in by_tx.items():
+            try:
+                for ref in refs:
+                    arr = np.empty(ref.shape, dtype=numpy_dtype(ref.dtype))
+                    out[ref.name] = self.fetcher.fetch_array(ref, arr)
+            except BaseException as exc:
+                try:
+                    source.complete(tid, False, str(exc))
+                except Exception:
+                    log.info("transaction %s: could not report the failed fetch", tid)
+                raise
+            source.complete(tid, True)
+        return out
+
+    # --- results -------------------------------------------------------------------
+    def send(self, model: FLModel) -> None:
+        with self._lock:
+            task, self._task = self._task, None
+        if task is None:
+            raise SendWithoutReceiveError(
+                f"job {self.job} site {self.site}: send() without a task to answer; fix: call fk.receive() "
+                "first, and send() exactly once per received task"
+            )
+        try:
+            self._send(task, model)
+        finally:
+            # Drop everything of this round (LESSONS.md 8): the caller may still hold its own arrays.
+            del task, model
+
+    def _send(self, task: _Task, model: FLModel) -> None:
+        arrays = params_to_numpy(model.params) if model.params is not None else {}
+        cfg = task.config
+        s = self.settings
+        idle = _float_setting(cfg, RESULT_IDLE_TIMEOUT_KEY, s.result_idle_timeout_s)
+        start = _float_setting(cfg, RESULT_START_TIMEOUT_KEY, s.result_start_timeout_s)
+        ttl = max(_float_setting(cfg, RESULT_TTL_KEY, s.result_ttl_s), start + idle)
+        metrics = {str(k): float(v) for k, v in (model.metrics or {}).items()}
+        txn = None
+        refs = []
+        if arrays:
+            txn = self.service.publish(arrays, receivers=["server"], ttl_s=ttl, transaction_id=f"{task.id}-result")
+            refs = [r.to_proto() for r in txn.refs]
+        del arrays
+        ann = control_pb2.ResultAnnouncement(
+            task_id=task.id, round=task.round, num_examples=int(model.num_examples), metrics=metrics, refs=refs
+        )
+        try:
+            self.link.SubmitResult(trainer_pb2.SubmitResultRequest(result=ann), timeout=30.0, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            if txn is not None:
+                self.service.release(txn.id)
+            raise SidecarUnreachableError(
+                f"job {self.job} site {self.site} round {task.round}: the sidecar at {self.address} did not take "
+                f"the result: {_rpc_text(exc)}"
+            ) from None
+        if txn is None:
+            log.info("job %s site %s round %d: result without tensors sent", self.job, self.site, task.round)
+            return
+        total = txn.nbytes
+        del txn
+        try:
+            self._wait_received(task, total, idle_s=idle, start_s=start)
+        finally:
+            self.service.release(f"{task.id}-result")
+
+    def _wait_received(self, task: _Task, total: int, *, idle_s: float, start_s: float) -> None:
+        """Block until the server has the result; progress-aware (LESSONS.md 1-3)."""
+        ids = f"job {self.job} site {self.site} round {task.round} task {task.id}"
+        began = time.monotonic()
+        last_change = began
+        done = -1
+        outcome: trainer_pb2.ResultProgress | None = None
+        call = self.link.WatchResult(trainer_pb2.ResultStatusRequest(task_id=task.id))
+        watchdog_fired = threading.Event()
+
+        def check() -> None:
+            nonlocal last_change
+            while outcome is None and not watchdog_fired.is_set():
+                time.sleep(0.2)
+                now = time.monotonic()
+                limit = start_s if done <= 0 else idle_s
+                if now - (began if done <= 0 else last_change) > limit:
+                    watchdog_fired.set()
+                    call.cancel()
+
+        guard = threading.Thread(target=check, name="fedkube-send-watch", daemon=True)
+        guard.start()
+        try:
+            for p in call:
+                if p.bytes_done != done:
+                    done = p.bytes_done
+                    last_change = time.monotonic()
+                if p.finished:
+                    outcome = p
+                    break
+        except grpc.RpcError as exc:
+            if watchdog_fired.is_set():
+                if done <= 0:
+                    raise ResultTransferError(
+                        f"{ids}: the server did not start downloading the result ({total} bytes) within "
+                        f"{start_s:.0f} s; check the server's logs (is it still running, is the round closed?)"
+                    ) from None
+                raise ResultTransferError(
+                    f"{ids}: the server's download of the result stalled at {done} of {total} bytes for "
+                    f"{idle_s:.0f} s (idle timeout); check the server's logs and the network"
+                ) from None
+            raise SidecarUnreachableError(
+                f"{ids}: lost the sidecar at {self.address} while the server was downloading the result: "
+                f"{_rpc_text(exc)}"
+            ) from None
+        finally:
+            if outcome is None:
+                watchdog_fired.set()
+            guard.join(1.0)
+        if outcome is None:
+            raise SidecarUnreachableError(f"{ids}: the sidecar ended the result watch without an outcome")
+        if not outcome.ok:
+            raise ResultRejectedError(
+                f"{ids}: the server refused the result ({outcome.reason}): {outcome.message}; "
+                "fix: send exactly the tensor names, dtypes and shapes of the model you received",
+                reason=outcome.reason,
+            )
+        log.info("%s: the server received the result (%d bytes) in %.2f s", ids, total, time.monotonic() - began)
+
+    # --- metrics and state -------------------------------------------------------------
+    def log_metric(self, name: str, value: float, round: int | None = None) -> None:
+        report = control_pb2.MetricReport(
+            round=self._round if round is None else int(round),
+            values={str(name): float(value)},
+            timestamp_ms=int(time.time() * 1000),
+        )
+        try:
+            self.link.LogMetric(report, timeout=10.0)
+        except grpc.RpcError as exc:
+            log.warning("job %s site %s: metric %s not delivered: %s", self.job, self.site, name, _rpc_text(exc))
+
+    def report(self, phase: int, kind: int = control_pb2.FAILURE_KIND_UNSPECIFIED, message: str = "",
+               exit_code: int = 0) -> None:
+        """Tell the sidecar how this trainer ends (only the first final report counts)."""
+        with self._lock:
+            if self._final_reported:
+                return
+            self._final_reported = True
+        try:
+            self.link.ReportState(
+                control_pb2.TrainerState(
+                    phase=phase,  # type: ignore[arg-type]
+                    kind=kind,  # type: ignore[arg-type]
+                    message=message[:4000],
+                    exit_code=exit_code,
+                ),
+                timeout=10.0,
+            )
+        except grpc.RpcError as exc:
+            log.warning("job %s site %s: could not report the trainer's state to the sidecar: %s", self.job,
+                        self.site, _rpc_text(exc))
+
+    @property
+    def final_reported(self) -> bool:
+        with self._lock:
+            return self._final_reported
+
+    def close(self) -> None:
+        self._closed = True
+        if self._session_call is not None:
+            self._session_call.cancel()
+        self._download_server.stop(0.5)
+        self.service.close()
+        self.channel.close()
+
+
+def _rpc_text(exc: grpc.RpcError) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return f"{code.name if code else 'error'}: {details}"
+
+
+# --- process-wide hooks ---------------------------------------------------------------
+
+ExceptHook = Callable[[type[BaseException], BaseException, TracebackType | None], Any]
+
+
+def failure_kind(exc: BaseException) -> int:
+    """The FailureKind an unhandled exception maps to."""
+    if isinstance(exc, ConfigError):
+        return control_pb2.FAILURE_KIND_CONFIG_ERROR
+    if isinstance(exc, KeyboardInterrupt):
+        return control_pb2.FAILURE_KIND_ABORTED
+    return control_pb2.FAILURE_KIND_EXCEPTION
+
+
+def install_hooks(get: Callable[[], Session | None]) -> ExceptHook:
+    """Wrap ``sys.excepthook`` so an unhandled exception is reported before the process dies."""
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> Any:
+        session = get()
+        if session is not None:
+            kind = failure_kind(exc)
+            session.report(
+                control_pb2.TRAINER_PHASE_FAILED, kind, f"{exc_type.__name__}: {exc}", exit_code=1
+            )
+        return previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+    return previous
