@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 RESOURCE = (API_GROUP, API_VERSION_NAME, PLURAL)
 DEFAULT_INTERVAL = 5.0  # seconds between two looks at a running job
+RETRY_DELAY = 5.0  # seconds before retrying a create/resume the API server refused
 EVENT_MESSAGE_LIMIT = 1000  # Kubernetes keeps about 1 KiB of an Event's message
 
 Clock = Callable[[], float]
@@ -155,16 +156,25 @@ def reconcile(
 
 def _ensure(job: FLJob, body: kopf.Body, memo: kopf.Memo, *, pods: bool) -> None:
     """Create-or-patch the job's children, reusing the tokens already stored for it."""
+    from kubernetes.client.exceptions import ApiException
+
     api = _kube(memo)
-    stored = api.secret_data(job.namespace, naming.server_tokens_secret_name(job.name))
-    tokens = kube.job_tokens(stored, [site.name for site in job.spec.clients])
-    objs = builders.build_all(job, tokens=tokens, owner=body)
-    for obj in objs:
-        if obj["kind"] == "Pod" and not pods:
-            continue
-        kopf.adopt(obj, owner=body)  # builders set the owner reference already; adopt keeps kopf's view in line
-        result = api.create_or_patch(obj)
-        logger.debug("job %s/%s: %s %s %s", job.namespace, job.name, obj["kind"], obj["metadata"]["name"], result)
+    try:
+        stored = api.secret_data(job.namespace, naming.server_tokens_secret_name(job.name))
+        tokens = kube.job_tokens(stored, [site.name for site in job.spec.clients])
+        objs = builders.build_all(job, tokens=tokens, owner=body)
+        for obj in objs:
+            if obj["kind"] == "Pod" and not pods:
+                continue
+            kopf.adopt(obj, owner=body)  # builders set the owner reference already; adopt keeps kopf's view in line
+            result = api.create_or_patch(obj)
+            logger.debug("job %s/%s: %s %s %s", job.namespace, job.name, obj["kind"], obj["metadata"]["name"], result)
+    except ApiException as exc:
+        # Creation is idempotent, so trying again soon is safe; kopf's default backoff would be a minute.
+        raise kopf.TemporaryError(
+            f"job {job.namespace}/{job.name}: the API server refused a child ({exc.status} {exc.reason}); retrying",
+            delay=RETRY_DELAY,
+        ) from exc
 
 
 # --- suspend / resume ---------------------------------------------------------------------------------

@@ -77,7 +77,9 @@ class Kube:
                 raise
         if kind in _IMMUTABLE:
             return "exists"
-        patch(name, namespace, dict(manifest), _request_timeout=self.timeout)
+        # A JSON merge patch: we own these objects whole, so lists (ports, data keys) are replaced, not merged.
+        patch(name, namespace, dict(manifest), _request_timeout=self.timeout,
+              _content_type="application/merge-patch+json")
         return "patched"
 
     # --- read ---------------------------------------------------------------------------

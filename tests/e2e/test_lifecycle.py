@@ -188,3 +188,47 @@ def test_teardown_error_after_success_leaves_the_job_succeeded_and_ttl_cleans_up
         15, "cleaned up after its TTL")
     assert status["phase"] == "Succeeded"
     assert not any(fl.children("teardown").values()), fl.children("teardown")
+
+
+def _rounds_seen(path: Path) -> list[tuple[str, int]]:
+    if not path.exists():
+        return []
+    return [(line.split()[0], int(line.split()[1])) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_suspend_removes_pods_keeps_state_and_resume_continues_from_the_checkpoint(fl: FL, tmp_path: Path) -> None:
+    log = tmp_path / "rounds.log"
+    knobs = {"E2E_ROUND_SLEEP": "0.5", "E2E_ROUNDS_LOG": str(log)}
+    job = _knobbed(quickstart_job("pause", rounds=6, server={"checkpoint": {"enabled": True}}),
+                   site_a=knobs, site_b=knobs)
+    fl.apply(job)
+    fl.wait("pause", lambda s: s.get("phase") == "Running" and int(s.get("round") or 0) >= 3, 60, "in round 3")
+    tokens = fl.core.read_namespaced_secret("pause-server-tokens", "default").data
+
+    fl.patch_spec("pause", {"suspend": True})
+    status = fl.wait_phase("pause", "Suspended", timeout=20)
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Suspended"] == "True"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and fl.children("pause")["Pod"]:
+        time.sleep(0.1)
+    kept = fl.children("pause")
+    assert kept["Pod"] == []
+    assert kept["PersistentVolumeClaim"] == ["pause-checkpoint"] and kept["ConfigMap"] == ["pause-spec"]
+    assert len(kept["Secret"]) == 3 and kept["Service"] == ["pause-server"]
+    time.sleep(1.0)  # the trainers' processes are gone: nothing more is trained while suspended
+    seen_before = _rounds_seen(log)
+    last_before = max(r for _, r in seen_before)
+
+    fl.patch_spec("pause", {"suspend": False})
+    status = fl.wait_phase("pause", "Succeeded", timeout=90)
+    assert status["round"] == 6
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Suspended"] == "False"
+    # Same tokens after resume: the running job's identities were reused, not regenerated.
+    assert fl.core.read_namespaced_secret("pause-server-tokens", "default").data == tokens
+    after = _rounds_seen(log)[len(seen_before):]
+    assert after, "no rounds ran after the resume"
+    first_after = min(r for _, r in after)
+    # The resumed server continued from its checkpoint instead of starting over at round 0/1.
+    assert first_after >= 2 and first_after <= last_before + 1, (seen_before, after)
+    reasons = [r for _, r, _ in fl.events("pause")]
+    assert "Suspended" in reasons and reasons.count("Pending") >= 2
