@@ -61,7 +61,7 @@ from fedkube.server.strategies import RoundAggregator, Strategy, StrategyState, 
 from fedkube.server.summary import JobStatus, Phase, Reason, utc_timestamp
 from fedkube.transfer.errors import TransferAbortedError, TransferError
 from fedkube.transfer.fetch import Fetcher, FetchSettings
-from fedkube.transfer.refs import TensorRef
+from fedkube.transfer.refs import TensorRef, array_from_buffer
 from fedkube.transfer.service import DownloadService, Transaction
 from fedkube.wire.v1 import control_pb2
 
@@ -754,14 +754,26 @@ class RoundWorkflow:
         ok, reason, message = False, "", ""
         base = 0
         weight = float(max(dl.num_examples, 1))
+        # A streaming aggregator folds each tensor into its accumulator (copying) before add()
+        # returns, so one receive buffer per download can serve every tensor of the same size:
+        # no fresh allocation and page faults per tensor. Staged aggregation keeps the arrays.
+        reuse = rnd.kind == TRAIN_TASK and getattr(self._strategy, "staged", True) is False
+        buffers: dict[int, bytearray] = {}
         try:
             for ref in refs:
                 def progress(done: int, base: int = base) -> None:
                     dl.bytes_done = base + done
 
-                array = fetcher.fetch_array(ref, progress=progress)
+                out = None
+                if reuse:
+                    out = buffers.get(ref.nbytes)
+                    if out is None:
+                        buffers.clear()  # at most one buffer: memory stays one tensor per download
+                        out = buffers[ref.nbytes] = bytearray(ref.nbytes)
+                data = fetcher.fetch_into(ref, out, progress=progress)
+                array = array_from_buffer(data, ref.dtype, ref.shape)
                 rnd.sink.add(dl.key, ref.name, array, weight)
-                del array  # one tensor in flight per download, never a whole result
+                del array, data  # one tensor in flight per download, never a whole result
                 base += ref.nbytes
             ok = True
         except TransferAbortedError as exc:
