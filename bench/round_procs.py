@@ -1,0 +1,198 @@
+"""Process-tree memory sampling for the round benchmark (bench/round.py).
+
+Every process under the ``fedkube run`` process is found with psutil
+(``children(recursive=True)``), classified as server, sidecar or trainer from
+its command line and ``FEDKUBE_SITE``, and its ``VmHWM`` (the kernel's
+monotonic peak RSS, bench/_common.vm_hwm) is read every ``interval_s`` until
+it exits; the last value read is the process's peak (a process that lives less
+than one interval is missed, which none of fedkube's does).
+
+The sampler also tails the server's log and, on each "round N: checkpoint
+written" line, records the server's peak and current RSS: the per-round view
+that shows whether the server's memory is flat over rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+from _common import current_rss, vm_hwm
+
+SERVER, SIDECAR, TRAINER = "server", "sidecar", "trainer"
+_ROUND_DONE = re.compile(r"round (\d+): checkpoint written")
+
+
+@dataclass
+class ProcPeak:
+    """What the sampler knows of one process."""
+
+    pid: int
+    role: str
+    site: str
+    peak_bytes: int = 0
+
+
+@dataclass
+class RoundMark:
+    """The server's memory when it logged that round ``round`` was checkpointed."""
+
+    round: int
+    server_peak_bytes: int
+    server_rss_bytes: int
+
+
+def classify(proc: psutil.Process, trainer_script: str) -> tuple[str, str] | None:
+    """(role, site) of a fedkube process, None for anything else (a shell, a helper)."""
+    try:
+        argv = proc.cmdline()
+    except (psutil.Error, OSError):
+        return None
+    if any(a.endswith(trainer_script) for a in argv):
+        role = TRAINER
+    elif "sidecar" in argv:
+        role = SIDECAR
+    elif "server" in argv:
+        role = SERVER
+    else:
+        return None
+    site = ""
+    if role != SERVER:
+        with contextlib.suppress(psutil.Error, OSError):
+            site = proc.environ().get("FEDKUBE_SITE", "")
+    return role, site
+
+
+@dataclass
+class TreeSampler:
+    """Samples VmHWM of every fedkube process under ``root_pid`` until stopped."""
+
+    root_pid: int
+    trainer_script: str
+    server_log_dir: Path
+    interval_s: float = 0.05
+    procs: dict[int, ProcPeak] = field(default_factory=dict)
+    rounds: list[RoundMark] = field(default_factory=list)
+    root_peak_bytes: int = 0
+    _ignored: set[int] = field(default_factory=set)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _log_pos: int = 0
+    _log_tail: str = ""
+
+    def start(self) -> TreeSampler:
+        self._thread = threading.Thread(target=self._run, name="round-bench-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def sample(self) -> None:
+        self.root_peak_bytes = max(self.root_peak_bytes, vm_hwm(self.root_pid) or 0)
+        try:
+            children = psutil.Process(self.root_pid).children(recursive=True)
+        except psutil.Error:
+            return
+        for child in children:
+            if child.pid in self._ignored:
+                continue
+            known = self.procs.get(child.pid)
+            if known is None:
+                kind = classify(child, self.trainer_script)
+                if kind is None:
+                    # The cmdline can be empty for an instant after fork; only a full one is conclusive.
+                    with contextlib.suppress(psutil.Error, OSError):
+                        if child.cmdline():
+                            self._ignored.add(child.pid)
+                    continue
+                known = self.procs[child.pid] = ProcPeak(child.pid, kind[0], kind[1])
+            hwm = vm_hwm(child.pid)
+            if hwm is not None:
+                known.peak_bytes = max(known.peak_bytes, hwm)
+        self._tail_server_log()
+
+    def _server_pid(self) -> int | None:
+        return next((p.pid for p in self.procs.values() if p.role == SERVER), None)
+
+    def _tail_server_log(self) -> None:
+        logs = sorted(self.server_log_dir.glob("*-server.server.log")) if self.server_log_dir.is_dir() else []
+        if not logs:
+            return
+        with open(logs[0], encoding="utf-8", errors="replace") as f:
+            f.seek(self._log_pos)
+            chunk = f.read()
+            self._log_pos = f.tell()
+        text = self._log_tail + chunk
+        lines = text.split("\n")
+        self._log_tail = lines.pop()  # an unfinished last line waits for the next read
+        pid = self._server_pid()
+        for line in lines:
+            m = _ROUND_DONE.search(line)
+            if m and pid is not None:
+                peak = vm_hwm(pid) or 0
+                rss = 0
+                with contextlib.suppress(psutil.Error, OSError):
+                    rss = current_rss(pid)
+                self.rounds.append(RoundMark(int(m.group(1)), peak, rss))
+
+
+_TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
+_SENT = re.compile(_TS + r" INFO fedkube\.server\.workflow: job \S+ round (\d+): train task sent")
+_AGGREGATED = re.compile(_TS + r" INFO fedkube\.server\.workflow: job \S+ round (\d+): aggregated the results")
+_CHECKPOINTED = re.compile(_TS + r" INFO fedkube\.server\.workflow: job \S+ round (\d+): checkpoint written")
+
+
+@dataclass
+class RoundTimes:
+    """Per-round wall times from the server's log (its own timestamps, millisecond resolution)."""
+
+    round_s: dict[int, float]
+    """Train tasks sent -> aggregate finished: what the server's fedkube_server_round_seconds measures."""
+    with_checkpoint_s: dict[int, float]
+    """Train tasks sent -> checkpoint written: the round as the job experiences it."""
+
+
+def _stamp(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def round_times(server_log: Path) -> RoundTimes:
+    """Parse the round boundaries out of the server's log."""
+    sent: dict[int, float] = {}
+    aggregated: dict[int, float] = {}
+    checkpointed: dict[int, float] = {}
+    for line in server_log.read_text(encoding="utf-8", errors="replace").splitlines():
+        for pattern, into in ((_SENT, sent), (_AGGREGATED, aggregated), (_CHECKPOINTED, checkpointed)):
+            m = pattern.search(line)
+            if m:
+                # A task re-sent to a reconnected client logs "sent" again: the round starts at the first.
+                into.setdefault(int(m.group(2)), _stamp(m.group(1)))
+    return RoundTimes(
+        round_s={r: round(aggregated[r] - sent[r], 3) for r in sorted(aggregated) if r in sent},
+        with_checkpoint_s={r: round(checkpointed[r] - sent[r], 3) for r in sorted(checkpointed) if r in sent},
+    )
+
+
+def wait_exit(proc: psutil.Popen, timeout_s: float) -> int | None:
+    """The exit code of ``proc`` within ``timeout_s``, None when it is still running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            return int(code)
+        time.sleep(0.1)
+    return None

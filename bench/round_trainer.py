@@ -1,0 +1,64 @@
+"""The trainer of the round benchmark (bench/round.py): adds a per-site offset to every parameter.
+
+Site ``<anything>-<i>`` adds ``0.5 * (i + 1)`` to every element. The mode comes
+from the environment (``FEDKUBE_BENCH_TRAINER_MODE``, set in the FLJob):
+
+* ``inplace``: updates the received arrays in place and sends those same arrays
+  back (the SDK serves them without copying), so the trainer needs ~1xS;
+* ``copy``: builds new arrays (``a + offset``) and sends them, so it briefly
+  holds the received model and the new one, ~2xS.
+
+Every site reports the same ``num_examples`` so the FedAvg of the two offsets
+is their plain mean. The script drops its references to the round's arrays
+after ``send()`` so the next ``receive()`` does not overlap with them: that is
+what a memory-conscious training loop does, and what the SDK's memory targets
+assume.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+import fedkube.trainer_sdk as fk
+
+MODE_ENV = "FEDKUBE_BENCH_TRAINER_MODE"
+MODES = ("inplace", "copy")
+NUM_EXAMPLES = 1000
+
+
+def site_offset(site: str) -> np.float32:
+    """0.5·(i+1) for the site named ``...-<i>``."""
+    suffix = site.rsplit("-", 1)[-1]
+    if not suffix.isdigit():
+        raise SystemExit(f"round_trainer: site name {site!r} must end in -<index> (e.g. site-0)")
+    return np.float32(0.5 * (int(suffix) + 1))
+
+
+def main() -> int:
+    mode = os.environ.get(MODE_ENV, "inplace")
+    if mode not in MODES:
+        print(f"round_trainer: {MODE_ENV}={mode!r} is not one of {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    offset = site_offset(fk.site())
+    fk.init()
+    while fk.is_running():
+        model = fk.receive()
+        if model.params is None:
+            raise SystemExit("round_trainer: got an init task; the benchmark's FLJob must use model source file")
+        params = model.params
+        if mode == "inplace":
+            for arr in params.values():
+                np.add(arr, offset, out=arr)
+            result = params
+        else:
+            result = {name: arr + offset for name, arr in params.items()}
+        fk.send(fk.FLModel(params=result, num_examples=NUM_EXAMPLES))
+        del model, params, result  # the next receive() must not overlap with this round's arrays
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
