@@ -1,1 +1,46 @@
-"""Prometheus metric definitions shared by fedkube's processes."""
+"""Prometheus metric definitions shared by fedkube's processes.
+
+One facade per process kind, each on a registry the process creates (no
+global registry, nothing registered at import)::
+
+    from fedkube.metrics import ServerMetrics, new_registry, serve_metrics
+
+    registry = new_registry()                  # + process RSS/CPU and platform collectors
+    metrics = ServerMetrics(registry, job="mnist", rounds_planned=10)
+    server, port = serve_metrics(registry, 9090)
+    metrics.round_completed(duration_s=42.0)
+    ...
+    server.close()
+
+docs/observability.md lists every metric with its labels.
+"""
+
+from fedkube.metrics.core import (
+    ALLOWED_LABELS,
+    OVERFLOW,
+    CappedValues,
+    MetricsServer,
+    StateSet,
+    add_process_collectors,
+    metrics_port_from_env,
+    new_registry,
+    serve_metrics,
+)
+from fedkube.metrics.operator import OperatorMetrics
+from fedkube.metrics.server import ServerMetrics
+from fedkube.metrics.sidecar import SidecarMetrics
+
+__all__ = [
+    "ALLOWED_LABELS",
+    "OVERFLOW",
+    "CappedValues",
+    "MetricsServer",
+    "OperatorMetrics",
+    "ServerMetrics",
+    "SidecarMetrics",
+    "StateSet",
+    "add_process_collectors",
+    "metrics_port_from_env",
+    "new_registry",
+    "serve_metrics",
+]

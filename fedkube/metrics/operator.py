@@ -1,0 +1,76 @@
+"""Metrics of the operator: FLJobs by phase, reconcile errors, pending/deploy timeouts fired.
+
+The operator sees one FLJob per handler call, so :meth:`OperatorMetrics.job_phase`
+remembers each job's phase and recomputes the per-phase counts; a deleted job
+is dropped with :meth:`OperatorMetrics.job_deleted`. Job names never become
+labels (the number of FLJobs in a cluster is unbounded over time).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from fedkube.metrics.core import CappedValues, add_process_collectors, check_labels, component_info, one_of
+
+#: FLJob phases (DESIGN.md section 6).
+PHASES = ("Pending", "Deploying", "Running", "Succeeded", "Failed", "Suspended")
+#: Startup timeouts the operator decides (DESIGN.md section 5).
+TIMEOUTS = ("PendingTimeout", "DeployTimeout")
+EXTRA_ERROR_REASONS = 16
+
+
+class OperatorMetrics:
+    """The operator's metrics, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        add_process_collectors(registry)
+        component_info(registry, "operator", "")
+        self._phases = Gauge("fedkube_operator_fljobs", "FLJobs the operator manages, by phase.",
+                             check_labels(["phase"]), registry=registry)
+        self._errors = Counter("fedkube_operator_reconcile_errors_total",
+                               "Reconcile handler calls that failed, by reason (error kind).",
+                               check_labels(["reason"]), registry=registry)
+        self._timeouts = Counter("fedkube_operator_timeouts_total",
+                                 "Clients failed by a startup timeout, by reason.",
+                                 check_labels(["reason"]), registry=registry)
+        self._error_reasons = CappedValues("reconcile error reason", EXTRA_ERROR_REASONS)
+        self._jobs: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+        for t in TIMEOUTS:
+            self._timeouts.labels(reason=t)
+        self._publish({})
+
+    def job_phase(self, namespace: str, name: str, phase: str) -> None:
+        """FLJob ``namespace/name`` is now in ``phase``."""
+        one_of(phase, PHASES, "FLJob phase")
+        with self._lock:
+            self._jobs[(namespace, name)] = phase
+            self._publish(self._counts())
+
+    def job_deleted(self, namespace: str, name: str) -> None:
+        """FLJob ``namespace/name`` is gone; it no longer counts in any phase."""
+        with self._lock:
+            self._jobs.pop((namespace, name), None)
+            self._publish(self._counts())
+
+    def reconcile_error(self, reason: str) -> None:
+        """A handler call failed; ``reason`` names the kind (e.g. the exception class or an API status reason)."""
+        self._errors.labels(reason=self._error_reasons.admit(reason)).inc()
+
+    def timeout_fired(self, reason: str) -> None:
+        """A client was failed by ``reason`` (PendingTimeout or DeployTimeout)."""
+        self._timeouts.labels(reason=one_of(reason, TIMEOUTS, "timeout reason")).inc()
+
+    def _counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for phase in self._jobs.values():
+            counts[phase] = counts.get(phase, 0) + 1
+        return counts
+
+    def _publish(self, counts: dict[str, int]) -> None:
+        # Called under self._lock so two handlers cannot publish snapshots out of order (a stale one
+        # last). Gauge.set only takes the library's own leaf lock: no call-out happens here.
+        for p in PHASES:
+            self._phases.labels(phase=p).set(counts.get(p, 0))

@@ -1,0 +1,170 @@
+"""Metrics of the FL server (aggregator): rounds, clients, failures, transfers, aggregation, checkpoints.
+
+Wiring into the server is one object per process::
+
+    registry = new_registry()
+    metrics = ServerMetrics(registry, job, rounds_planned=spec.rounds)
+    serve_metrics(registry, port)
+    ...
+    metrics.round_started(n); ...; metrics.round_completed(seconds)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from fedkube.metrics.core import CappedValues, add_process_collectors, check_labels, component_info, one_of
+from fedkube.status import Reason
+
+#: Client states, as the server's registry names them (fedkube.server.registry.ClientState;
+#: a unit test keeps the two in step without this module importing the server).
+CLIENT_STATES = ("Pending", "Registered", "Training", "Uploading", "Done", "Failed", "Lost")
+
+#: ``direction`` of server transfers: the global model going out, results coming in.
+DIRECTIONS = ("to_clients", "from_clients")
+
+#: Round durations range from a second (tests, tiny models) to many hours (LLM fine-tuning on slow links).
+ROUND_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 16 * 3600)
+#: Aggregating or checkpointing takes milliseconds for small models, minutes for tens of GB.
+STEP_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800)
+
+# Failure reasons beyond fedkube.status.Reason get their own series up to this many; the rest are _other.
+EXTRA_REASONS = 16
+
+
+class ServerMetrics:
+    """The server's metrics for one FL job, registered on ``registry``.
+
+    Also puts the process and platform collectors on the registry (once) and
+    exports ``fedkube_component_info{component="server"}``.
+    """
+
+    def __init__(self, registry: CollectorRegistry, job: str, *, rounds_planned: int | None = None) -> None:
+        if not job:
+            raise ValueError("ServerMetrics needs the FL job's name (FEDKUBE_JOB); got an empty string")
+        self.job = job
+        add_process_collectors(registry)
+        component_info(registry, "server", job)
+        j = check_labels(["fljob"])
+        self._rounds = Counter("fedkube_server_rounds_completed_total",
+                               "Rounds aggregated and checkpointed.", j, registry=registry)
+        self._round_seconds = Histogram("fedkube_server_round_seconds",
+                                        "Wall time of a round, from sending tasks to the aggregate.", j,
+                                        buckets=ROUND_BUCKETS, registry=registry)
+        self._current = Gauge("fedkube_server_current_round",
+                              "Round in progress (the last completed one between rounds); 0 before round 1.",
+                              j, registry=registry)
+        self._planned = Gauge("fedkube_server_rounds_planned", "Rounds the job runs in total (spec.rounds).",
+                              j, registry=registry)
+        self._clients = Gauge("fedkube_server_clients", "Clients of the job by state.",
+                              check_labels(["fljob", "state"]), registry=registry)
+        self._failures = Counter("fedkube_server_client_failures_total",
+                                 "Clients failed or excluded (for a round or the job), by reason.",
+                                 check_labels(["fljob", "reason"]), registry=registry)
+        self._bytes = Counter("fedkube_server_transfer_bytes_total",
+                              "Verified tensor bytes transferred, by direction.",
+                              check_labels(["fljob", "direction"]), registry=registry)
+        self._seconds = Counter("fedkube_server_transfer_seconds_total",
+                                "Wall time of finished tensor transfers, by direction.",
+                                check_labels(["fljob", "direction"]), registry=registry)
+        self._retries = Counter("fedkube_server_download_retries_total",
+                                "Result chunk fetches retried after a retryable failure, by error kind.",
+                                check_labels(["fljob", "reason"]), registry=registry)
+        self._stalls = Counter("fedkube_server_stalls_total",
+                               "Transfers that made no progress for the idle timeout, by direction.",
+                               check_labels(["fljob", "direction"]), registry=registry)
+        self._aggregation = Histogram("fedkube_server_aggregation_seconds",
+                                      "Time spent folding results into the aggregate and applying the strategy.",
+                                      j, buckets=STEP_BUCKETS, registry=registry)
+        self._checkpoint = Histogram("fedkube_server_checkpoint_seconds", "Time to write one round's checkpoint.",
+                                     j, buckets=STEP_BUCKETS, registry=registry)
+        self._model_bytes = Gauge("fedkube_server_model_bytes", "Size of the global model's tensors in bytes.",
+                                  j, registry=registry)
+        self._rejected = Counter("fedkube_server_rejected_connections_total",
+                                 "Calls refused before any effect (bad token, unknown site, bad message), by reason.",
+                                 check_labels(["fljob", "reason"]), registry=registry)
+        self._reasons = CappedValues("failure reason", EXTRA_REASONS, known=(r.value for r in Reason))
+        self._retry_kinds = CappedValues("retry reason", EXTRA_REASONS)
+        self._reject_reasons = CappedValues("rejection reason", EXTRA_REASONS)
+        # Series that exist from the start read 0 instead of "no data" on the dashboard.
+        self._rounds.labels(fljob=job)
+        self._current.labels(fljob=job).set(0)
+        for d in DIRECTIONS:
+            self._bytes.labels(fljob=job, direction=d)
+            self._seconds.labels(fljob=job, direction=d)
+            self._stalls.labels(fljob=job, direction=d)
+        self.clients({})
+        if rounds_planned is not None:
+            self.rounds_planned(rounds_planned)
+
+    def rounds_planned(self, rounds: int) -> None:
+        """Record how many rounds the job runs."""
+        self._planned.labels(fljob=self.job).set(rounds)
+
+    def round_started(self, number: int) -> None:
+        """Round ``number`` (1-based) started."""
+        self._current.labels(fljob=self.job).set(number)
+
+    def round_completed(self, duration_s: float) -> None:
+        """A round was aggregated and checkpointed after ``duration_s`` seconds."""
+        self._rounds.labels(fljob=self.job).inc()
+        self._round_seconds.labels(fljob=self.job).observe(duration_s)
+
+    def clients(self, counts: Mapping[str, int]) -> None:
+        """Set the number of clients in each state; states missing from ``counts`` are set to 0."""
+        for state in counts:
+            one_of(state, CLIENT_STATES, "client state")
+        for state in CLIENT_STATES:
+            self._clients.labels(fljob=self.job, state=state).set(counts.get(state, 0))
+
+    def client_failed(self, reason: str) -> None:
+        """A client failed or was excluded, with a machine-readable ``reason`` (fedkube.status.Reason)."""
+        self._failures.labels(fljob=self.job, reason=self._reasons.admit(reason)).inc()
+
+    def transferred(self, direction: str, nbytes: int, seconds: float) -> None:
+        """A transfer in ``direction`` finished: ``nbytes`` verified bytes in ``seconds`` of wall time."""
+        one_of(direction, DIRECTIONS, "transfer direction")
+        if nbytes < 0 or seconds < 0:
+            raise ValueError(f"transferred() needs nbytes >= 0 and seconds >= 0, got {nbytes}, {seconds}")
+        self._bytes.labels(fljob=self.job, direction=direction).inc(nbytes)
+        self._seconds.labels(fljob=self.job, direction=direction).inc(seconds)
+
+    def download_retry(self, reason: str) -> None:
+        """A result fetch is retried; ``reason`` names the error kind (e.g. its class name)."""
+        self._retries.labels(fljob=self.job, reason=self._retry_kinds.admit(reason)).inc()
+
+    def stalled(self, direction: str) -> None:
+        """A transfer in ``direction`` hit its idle timeout."""
+        one_of(direction, DIRECTIONS, "transfer direction")
+        self._stalls.labels(fljob=self.job, direction=direction).inc()
+
+    def aggregated(self, seconds: float) -> None:
+        """One round's aggregation took ``seconds``."""
+        self._aggregation.labels(fljob=self.job).observe(seconds)
+
+    def checkpointed(self, seconds: float) -> None:
+        """One checkpoint write took ``seconds``."""
+        self._checkpoint.labels(fljob=self.job).observe(seconds)
+
+    @contextlib.contextmanager
+    def timing_aggregation(self) -> Iterator[None]:
+        """Observe the block's wall time as one aggregation (also when it raises)."""
+        with self._aggregation.labels(fljob=self.job).time():
+            yield
+
+    @contextlib.contextmanager
+    def timing_checkpoint(self) -> Iterator[None]:
+        """Observe the block's wall time as one checkpoint write (also when it raises)."""
+        with self._checkpoint.labels(fljob=self.job).time():
+            yield
+
+    def model_size(self, nbytes: int) -> None:
+        """The global model's size in bytes."""
+        self._model_bytes.labels(fljob=self.job).set(nbytes)
+
+    def connection_rejected(self, reason: str) -> None:
+        """A call to the control service was refused (``reason``: e.g. Unauthenticated, UnknownSite)."""
+        self._rejected.labels(fljob=self.job, reason=self._reject_reasons.admit(reason)).inc()
