@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedkube.sidecar.app import Sidecar
-from fedkube.trainer_sdk import FLModel, ResultRejectedError, SendWithoutReceiveError
+from fedkube.trainer_sdk import FLModel, ResultRejectedError, ResultTransferError, SendWithoutReceiveError
 from fedkube.trainer_sdk._session import Session
 from fedkube.wire.v1 import control_pb2
 from tests.integration.sidecar.conftest import SITE
@@ -66,6 +66,7 @@ def test_task_relay_forward_fetch_reverse_push_and_gating(
 
     result = {k: (v + 1).astype(v.dtype) for k, v in model.params.items()}
     probe = weakref.ref(result["w"])
+    received_probe = weakref.ref(model.params["w"])
     t, errors = _send_in_thread(trainer, FLModel(params=result, num_examples=12, metrics={"loss": 0.5}))
     ann = server.wait_message("result", lambda r: r.task_id == "t1")
     assert ann.num_examples == 12 and ann.metrics["loss"] == 0.5
@@ -83,6 +84,7 @@ def test_task_relay_forward_fetch_reverse_push_and_gating(
     del result, model, pulled
     gc.collect()
     assert probe() is None, "the SDK kept a reference to a sent array"
+    assert received_probe() is None, "the SDK kept a reference to a received array"
     assert not trainer.service.transactions()
 
 
@@ -174,3 +176,39 @@ def test_cancel_upload_stops_the_push(server: FakeServer, sidecar: Sidecar, trai
     server.result_received(SITE, "c1", ok=False, reason="TransferFailed", message="cancelled by test")
     t.join(10)
     assert errors and isinstance(errors[0], ResultRejectedError)
+
+
+def _fast_timeouts(trainer: Session, *, idle: float, start: float) -> None:
+    import dataclasses
+
+    trainer.settings = dataclasses.replace(trainer.settings, result_idle_timeout_s=idle, result_start_timeout_s=start)
+
+
+def test_send_fails_when_the_download_never_starts(server: FakeServer, sidecar: Sidecar, trainer: Session) -> None:
+    _fast_timeouts(trainer, idle=30, start=0.8)
+    server.publish_task(SITE, {}, task_id="n1", config={"fedkube.task": "init"})
+    trainer.receive()
+    with pytest.raises(ResultTransferError, match=r"did not start downloading the result \(4000 bytes\) within 1 s"):
+        trainer.send(FLModel(params={"w": np.zeros(1000, np.float32)}, num_examples=1))
+    assert not trainer.service.transactions()  # the result's buffers were dropped
+
+
+def test_send_fails_when_the_download_stalls(server: FakeServer, sidecar: Sidecar, trainer: Session) -> None:
+    _fast_timeouts(trainer, idle=0.8, start=30)
+    server.publish_task(SITE, {}, task_id="s1", config={"fedkube.task": "init"})
+    trainer.receive()
+    t, errors = _send_in_thread(trainer, FLModel(params={"w": np.zeros(1 << 20, np.uint8)}, num_examples=1))
+    ann = server.wait_message("result", lambda r: r.task_id == "s1")
+    # The server pulls the first 64 KiB and then goes silent.
+    import queue
+
+    q: queue.Queue[control_pb2.PushedChunk | None] = queue.Queue()
+    with server.push_lock:
+        server.pushes["p1"] = q
+    server.send(SITE, control_pb2.ServerMessage(upload=control_pb2.UploadRequest(
+        request_id="p1", ref=ann.refs[0], offset=0, max_chunk_bytes=64 << 10)))
+    assert q.get(timeout=10) is not None
+    server.send(SITE, control_pb2.ServerMessage(cancel_upload=control_pb2.CancelUpload(request_id="p1")))
+    t.join(15)
+    assert len(errors) == 1 and isinstance(errors[0], ResultTransferError), errors
+    assert "stalled at" in str(errors[0]) and "idle timeout" in str(errors[0])
