@@ -1,0 +1,181 @@
+"""Handlers and the API module against the emulated API (no pods run): idempotence, tokens, isolation, config."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+import kubernetes
+import pytest
+import yaml
+
+from fedkube.errors import ConfigError
+from fedkube.operator import handlers, main
+from fedkube.operator import kube as kubeops
+from fedkube.operator.builders import build_all
+from fedkube.spec import parse_job
+from tests.support import fixtures
+from tests.support.kopfrun import running_operator
+
+kube = fixtures.kube
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _doc(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "fedkube.dev/v1alpha1",
+        "kind": "FLJob",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"rounds": 2, "clients": [{"name": "a"}, {"name": "b"}],
+                 "trainer": {"image": "t", "command": ["python", "train.py"]}, **spec},
+    }
+
+
+def _crd(k: fixtures.KubeHandle) -> None:
+    from tests.e2e.conftest import CRD
+
+    kubernetes.client.ApiextensionsV1Api(k.api_client).create_custom_resource_definition(
+        yaml.safe_load(CRD.read_text()))
+
+
+def _until(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def _status(custom: Any, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = custom.get_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", name)
+    return dict(obj.get("status") or {})
+
+
+def _operator(k: fixtures.KubeHandle) -> Any:
+    registry = handlers.register(kopf.OperatorRegistry(), interval=0.2)
+    memo = kopf.Memo()
+    memo[handlers.Memo.API_CLIENT] = k.api_client
+    return running_operator(k.url, registry, memo=memo)
+
+
+def test_create_or_patch_is_idempotent_and_leaves_pods_alone(kube: fixtures.KubeHandle) -> None:
+    api = kubeops.Kube(kube.api_client)
+    objs = build_all(parse_job(_doc("idem")), tokens={"a": "ta", "b": "tb"})
+    assert [api.create_or_patch(o) for o in objs] == ["created"] * len(objs)
+    again = [api.create_or_patch(o) for o in objs]
+    assert again == ["exists" if o["kind"] == "Pod" else "patched" for o in objs]
+    assert sorted(p["metadata"]["name"] for p in api.job_pods("default", "idem")) == [
+        "idem-client-a", "idem-client-b", "idem-server"]
+    assert api.secret_data("default", "idem-server-tokens") == {"a": "ta", "b": "tb"}
+    assert api.secret_data("default", "nope") is None
+    assert api.delete_children("default", "idem") == len(objs)
+    assert api.job_pods("default", "idem") == []
+
+
+def test_job_tokens_are_generated_once_and_kept() -> None:
+    fresh = kubeops.job_tokens(None, ["a", "b"])
+    assert len(set(fresh.values())) == 2 and all(len(t) >= 32 for t in fresh.values())
+    assert kubeops.job_tokens(fresh, ["a", "b"]) == fresh
+    grown = kubeops.job_tokens({"a": fresh["a"]}, ["a", "c"])
+    assert grown["a"] == fresh["a"] and grown["c"] not in fresh.values()
+
+
+def test_default_status_url_uses_the_pods_ip_and_status_port() -> None:
+    pod = {"status": {"podIP": "10.1.2.3"},
+           "spec": {"containers": [{"ports": [{"name": "grpc", "containerPort": 7070},
+                                              {"name": "status", "containerPort": 8081}]}]}}
+    assert kubeops.default_status_url(pod) == "http://10.1.2.3:8081/status"
+    assert kubeops.default_status_url({"status": {"podIP": "fd00::1"}, "spec": {}}) == "http://[fd00::1]:8080/status"
+    assert kubeops.default_status_url({"status": {}}) is None
+
+
+def test_fetch_server_status_is_bounded_and_none_when_nobody_answers() -> None:
+    start = time.monotonic()
+    assert kubeops.fetch_server_status("http://127.0.0.1:9/status", timeout=0.5) is None
+    assert time.monotonic() - start < 5
+
+
+def test_suspended_job_gets_no_pods_and_keeps_its_tokens_across_operator_restarts(
+    kube: fixtures.KubeHandle,
+) -> None:
+    _crd(kube)
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client)
+    api = kubeops.Kube(kube.api_client)
+    with _operator(kube):
+        custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs",
+                                               _doc("held", suspend=True))
+        _until(lambda: _status(custom, "held").get("phase") == "Suspended")
+        tokens = api.secret_data("default", "held-server-tokens")
+        assert tokens is not None and set(tokens) == {"a", "b"}
+        assert api.job_pods("default", "held") == []
+    with _operator(kube):  # a restarted operator resumes the job: same tokens, still no pods
+        time.sleep(1.0)
+        assert api.secret_data("default", "held-server-tokens") == tokens
+        assert api.job_pods("default", "held") == []
+
+
+def test_an_invalid_job_does_not_stop_a_valid_one(kube: fixtures.KubeHandle) -> None:
+    _crd(kube)
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client)
+    api = kubeops.Kube(kube.api_client)
+
+    def status(name: str) -> dict[str, Any]:
+        return _status(custom, name)
+
+    with _operator(kube):
+        custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs",
+                                               _doc("bad", trainer={"image": "t", "command": []}))
+        custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", _doc("good"))
+        _until(lambda: status("bad").get("phase") == "Failed")
+        _until(lambda: len(api.job_pods("default", "good")) == 3)
+        invalid = {c["type"]: c for c in status("bad")["conditions"]}["Invalid"]
+        assert "spec.trainer.command" in invalid["message"] and "fix:" in invalid["message"]
+        assert api.job_pods("default", "bad") == []
+        assert status("good")["phase"] in ("Pending", "Deploying")
+
+
+def test_write_removes_client_sites_that_are_gone() -> None:
+    patch = kopf.Patch()
+    handlers._write(patch, {"clients": {"a": {"state": "Done"}, "b": {"state": "Done"}}},
+                    {"clients": {"a": {"state": "Pending"}}, "phase": "Pending"})
+    assert patch["status"] == {"clients": {"a": {"state": "Pending"}, "b": None}, "phase": "Pending"}
+
+
+# --- fedkube operator: configuration ---------------------------------------------------------------
+
+
+def test_config_from_the_charts_environment() -> None:
+    cfg = main.parse_config([], {"FEDKUBE_WATCH_NAMESPACES": "ml, research", "FEDKUBE_HEALTH_PORT": "8181",
+                                 "FEDKUBE_METRICS_PORT": "9191", "FEDKUBE_LOG_FORMAT": "json"})
+    assert cfg.namespaces == ("ml", "research") and cfg.health_port == 8181 and cfg.metrics_port == 9191
+    assert cfg.liveness_endpoint == "http://0.0.0.0:8181/healthz" and cfg.log_format == "json"
+    everywhere = main.parse_config([], {"FEDKUBE_WATCH_NAMESPACES": ""})
+    assert everywhere.namespaces == () and everywhere.health_port == 8080 and everywhere.metrics_port == 0
+
+
+def test_flags_win_over_the_environment() -> None:
+    cfg = main.parse_config(["-n", "a", "-n", "b", "--health-port", "0"], {"FEDKUBE_WATCH_NAMESPACES": "x"})
+    assert cfg.namespaces == ("a", "b") and cfg.health_port == 0
+    assert main.parse_config(["-A"], {"FEDKUBE_WATCH_NAMESPACES": "x"}).namespaces == ()
+
+
+@pytest.mark.parametrize(("argv", "env", "match"), [
+    (["-A", "-n", "x"], {}, "exclude each other"),
+    ([], {"FEDKUBE_HEALTH_PORT": "http"}, "health port must be a port number"),
+    (["--metrics-port", "70000"], {}, "between 0 and 65535"),
+    (["--interval", "0"], {}, "--interval must be positive"),
+    ([], {"FEDKUBE_LOG_FORMAT": "xml"}, "text or json"),
+])
+def test_bad_configuration_is_a_clear_error(argv: list[str], env: dict[str, str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        main.parse_config(argv, env)
+
+
+def test_main_returns_2_on_bad_configuration(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main.main(["--interval", "-1"]) == 2
+    assert "--interval must be positive" in capsys.readouterr().out
