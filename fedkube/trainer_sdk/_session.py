@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -260,7 +261,8 @@ class Session:
         txn = None
         refs = []
         if arrays:
-            txn = self.service.publish(arrays, receivers=["server"], ttl_s=ttl, transaction_id=f"{task.id}-result")
+            # Task ids are the server's to choose; a fresh id is always a valid transaction id.
+            txn = self.service.publish(arrays, receivers=["server"], ttl_s=ttl, transaction_id=f"r-{uuid.uuid4().hex}")
             refs = [r.to_proto() for r in txn.refs]
         del arrays
         ann = control_pb2.ResultAnnouncement(
@@ -278,12 +280,12 @@ class Session:
         if txn is None:
             log.info("job %s site %s round %d: result without tensors sent", self.job, self.site, task.round)
             return
-        total = txn.nbytes
+        total, tid = txn.nbytes, txn.id
         del txn
         try:
             self._wait_received(task, total, idle_s=idle, start_s=start)
         finally:
-            self.service.release(f"{task.id}-result")
+            self.service.release(tid)
 
     def _wait_received(self, task: _Task, total: int, *, idle_s: float, start_s: float) -> None:
         """Block until the server has the result; progress-aware (LESSONS.md 1-3)."""

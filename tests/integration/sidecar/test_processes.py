@@ -115,6 +115,10 @@ while fk.is_running():
     state = _state(server, control_pb2.TRAINER_PHASE_FAILED, control_pb2.FAILURE_KIND_EXITED_BEFORE_DOWNLOAD)
     assert "downloading its result" in state.message
     assert sidecar.trainer.state.kind == control_pb2.FAILURE_KIND_EXITED_BEFORE_DOWNLOAD
+    # A pull after that is answered in-band with an error that says why, instead of hanging.
+    ann = server.wait_message("result", lambda r: r.task_id == "t1")
+    with pytest.raises(RuntimeError, match="the trainer is not connected to its sidecar"):
+        server.pull(SITE, ann)
 
 
 def _vm_hwm(pid: int) -> int:
