@@ -107,7 +107,13 @@ def _write(patch: kopf.Patch, previous: Mapping[str, Any], fields: Mapping[str, 
     for key, value in fields.items():
         if key == "clients":
             old = previous.get("clients") or {}
-            value = {**{site: None for site in old if site not in value}, **value}
+            merged: dict[str, Any] = {site: None for site in old if site not in value}
+            for site, entry in value.items():
+                # A merge patch keeps keys it does not mention: a message of an earlier state must be nulled.
+                earlier = old.get(site)
+                before: Mapping[str, Any] = earlier if isinstance(earlier, Mapping) else {}
+                merged[site] = {**{k: None for k in before if k not in entry}, **entry}
+            value = merged
         patch.status[key] = value
 
 

@@ -139,11 +139,11 @@ def test_an_invalid_job_does_not_stop_a_valid_one(kube: fixtures.KubeHandle) -> 
         assert status("good")["phase"] in ("Pending", "Deploying")
 
 
-def test_write_removes_client_sites_that_are_gone() -> None:
+def test_write_removes_client_sites_and_fields_that_are_gone() -> None:
     patch = kopf.Patch()
-    handlers._write(patch, {"clients": {"a": {"state": "Done"}, "b": {"state": "Done"}}},
-                    {"clients": {"a": {"state": "Pending"}}, "phase": "Pending"})
-    assert patch["status"] == {"clients": {"a": {"state": "Pending"}, "b": None}, "phase": "Pending"}
+    previous = {"clients": {"a": {"state": "Uploading", "message": "3 of 9 bytes"}, "b": {"state": "Done"}}}
+    handlers._write(patch, previous, {"clients": {"a": {"state": "Done"}}, "phase": "Pending"})
+    assert patch["status"] == {"clients": {"a": {"state": "Done", "message": None}, "b": None}, "phase": "Pending"}
 
 
 # --- fedkube operator: configuration ---------------------------------------------------------------
