@@ -1,0 +1,173 @@
+"""`fedkube run` end to end: the real server, sidecars and trainer SDK as local processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedkube.runtime.cli import run_main
+from fedkube.runtime.pod import fedkube_command
+
+pytestmark = pytest.mark.timeout(120)
+
+JOB = """
+apiVersion: fedkube.dev/v1alpha1
+kind: FLJob
+metadata:
+  name: {name}
+spec:
+  rounds: {rounds}
+  minClients: {min_clients}
+  clients:
+{clients}
+  trainer:
+    image: example/trainer:1
+    command: ["python", "train.py"]
+  timeouts:
+    roundSeconds: 300
+"""
+
+
+def write_job(
+    tmp_path: Path, script: str, *, name: str = "cli", sites: tuple[str, ...] = ("site-a", "site-b"), rounds: int = 2
+) -> Path:
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    clients = "\n".join(f"    - name: {s}" for s in sites)
+    (job_dir / "fljob.yaml").write_text(JOB.format(name=name, rounds=rounds, min_clients=len(sites), clients=clients))
+    (job_dir / "train.py").write_text(script)
+    return job_dir / "fljob.yaml"
+
+
+def fedkube_run(*args: str, env: dict[str, str] | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*fedkube_command(), "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+ADD_ONE = textwrap.dedent("""
+    import numpy as np
+    import fedkube.trainer_sdk as fk
+
+    fk.init()
+    while fk.is_running():
+        model = fk.receive()
+        params = {"w": np.zeros(4, dtype=np.float32)} if model.params is None else {"w": model.params["w"] + 1}
+        print("round", model.round, "w0", float(params["w"][0]))
+        fk.send(fk.FLModel(params=params, num_examples=10, metrics={"w0": float(params["w"][0])}))
+""")
+
+
+def test_run_json_reports_success_and_each_client_has_its_own_workdir(tmp_path: Path) -> None:
+    job = write_job(tmp_path, ADD_ONE + "\nopen('mine.txt', 'w').write('x')\n")
+    proc = fedkube_run(str(job), "--json", "--no-progress", "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)  # stdout holds only the JSON; process output went to stderr
+    assert result["outcome"] == "Succeeded" and result["exitCode"] == 0
+    assert result["summary"]["phase"] == "Succeeded"
+    assert result["summary"]["completedRounds"] == 2
+    # Output captured once, with the client named in front.
+    assert proc.stderr.count("[site-a trainer] round 2 w0 2.0") == 1
+    assert proc.stderr.count("[site-b trainer] round 2 w0 2.0") == 1
+    logs = tmp_path / "run" / "logs"
+    assert (logs / "cli-client-site-a.trainer.log").read_text().count("round 2 w0 2.0") == 1
+    written = sorted(tmp_path.glob("run/pods/*/volumes/*/mine.txt"))
+    assert len(written) == 2 and written[0].parent != written[1].parent  # LESSONS.md 24
+    assert not (job.parent / "mine.txt").exists()
+
+
+def test_invalid_spec_exits_2_naming_the_field_and_starts_nothing(tmp_path: Path) -> None:
+    job = write_job(tmp_path, ADD_ONE)
+    job.write_text(job.read_text().replace("minClients: 2", "minClients: 5"))
+    proc = fedkube_run(str(job), "--no-progress", "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    assert "minClients" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    missing = fedkube_run(str(tmp_path / "nope.yaml"), "--no-progress")
+    assert missing.returncode == 2 and "nope.yaml" in missing.stderr
+
+
+def test_trainer_exiting_nonzero_after_success_is_reported_not_failed(tmp_path: Path) -> None:
+    job = write_job(tmp_path, ADD_ONE + "\nimport os\nos._exit(3)\n")
+    proc = fedkube_run(str(job), "--json", "--no-progress", "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    notes = json.loads(proc.stdout)["notes"]
+    assert any("trainer: exited with code 3" in n and "not a job failure" in n for n in notes), notes
+
+
+HANG = textwrap.dedent("""
+    import time
+    import fedkube.trainer_sdk as fk
+
+    fk.init()
+    print("connected to the sidecar", flush=True)
+    time.sleep(300)  # never sends: the job cannot finish without the Ctrl-C
+""")
+
+
+def _marked(mark: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("RUNTIME_TEST_MARK") == mark and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def test_ctrl_c_stops_server_sidecars_and_trainers(tmp_path: Path) -> None:
+    job = write_job(tmp_path, HANG, sites=("site-a", "site-b"))
+    mark = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [*fedkube_command(), "run", str(job), "--no-progress", "--run-dir", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RUNTIME_TEST_MARK": mark},
+    )
+    try:
+        assert proc.stdout is not None
+        holding = 0
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while holding < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            holding += "connected to the sidecar" in line
+        assert holding == 2, "".join(seen[-40:])
+        assert len(_marked(mark)) >= 6  # runtime + server + 2 sidecars + 2 trainers
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out[-3000:]
+        assert "Interrupted" in out
+        leftovers = _marked(mark)
+        assert not leftovers, [p.cmdline() for p in leftovers]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in _marked(mark):
+            p.kill()
+
+
+def test_suspended_job_is_not_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, ADD_ONE)
+    job.write_text(job.read_text().replace("  rounds: 2", "  suspend: true\n  rounds: 2"))
+    assert run_main([str(job), "--no-progress", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "spec.suspend" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
