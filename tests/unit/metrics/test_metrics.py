@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Callable
 
@@ -305,3 +306,39 @@ def test_metrics_port_from_env(raw: str | None, port: int) -> None:
 def test_metrics_port_from_env_rejects_garbage(raw: str) -> None:
     with pytest.raises(ConfigError, match=envvars.METRICS_PORT):
         metrics_port_from_env({envvars.METRICS_PORT: raw})
+
+
+def test_capped_values_hold_the_cap_under_concurrent_admission() -> None:
+    cv = CappedValues("thing", 10)
+    barrier = threading.Barrier(8)
+    results: list[set[str]] = []
+
+    def admit(worker: int) -> None:
+        barrier.wait(5)
+        results.append({cv.admit(f"v{worker}-{i}") for i in range(500)})
+
+    threads = [threading.Thread(target=admit, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    admitted = set().union(*results) - {OVERFLOW}
+    assert len(admitted) == 10 and admitted == cv.admitted
+
+
+def test_operator_phase_counts_stay_consistent_under_concurrent_handlers() -> None:
+    reg = new_registry()
+    m = OperatorMetrics(reg)
+    phases = ["Pending", "Deploying", "Running", "Succeeded"]
+
+    def handler(worker: int) -> None:
+        for i in range(200):
+            m.job_phase("ns", f"job-{worker}", phases[i % len(phases)])
+
+    threads = [threading.Thread(target=handler, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    counts = {dict(lb)["phase"]: v for (n, lb), v in samples(reg).items() if n == "fedkube_operator_fljobs"}
+    assert sum(counts.values()) == 6 and counts["Succeeded"] == 6  # every job ended on its last phase
