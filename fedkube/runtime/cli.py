@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="where logs, volumes and working directories go (default: ./runs/<job>-<timestamp>); "
-        "reuse one to resume from its checkpoint",
+        "with spec.server.checkpoint.enabled, reusing one resumes after its last completed round",
     )
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar (off anyway when not a TTY)")
     parser.add_argument(

@@ -171,3 +171,19 @@ def test_suspended_job_is_not_run(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert run_main([str(job), "--no-progress", "--run-dir", str(tmp_path / "run")]) == 2
     assert "spec.suspend" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_reusing_the_run_dir_resumes_from_the_checkpoint_claim(tmp_path: Path) -> None:
+    job = write_job(tmp_path, ADD_ONE, rounds=1)
+    text = job.read_text().replace("  timeouts:", "  server:\n    checkpoint:\n      enabled: true\n  timeouts:")
+    job.write_text(text)
+    run_dir = str(tmp_path / "run")
+    first = fedkube_run(str(job), "--json", "--no-progress", "--run-dir", run_dir)
+    assert first.returncode == 0, first.stderr[-4000:]
+    job.write_text(text.replace("rounds: 1", "rounds: 3"))
+    second = fedkube_run(str(job), "--json", "--no-progress", "--run-dir", run_dir)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert json.loads(second.stdout)["summary"]["completedRounds"] == 3
+    # The claim (a directory under the run dir) outlived the first server: rounds 0 and 1 are not run again.
+    assert "[site-a trainer] round 2 w0 2.0" in second.stderr
+    assert "[site-a trainer] round 0 " not in second.stderr and "round 1 w0" not in second.stderr
