@@ -91,6 +91,8 @@ class ServerMetrics:
         self._reject_reasons = CappedValues("rejection reason", EXTRA_REASONS)
         # Series that exist from the start read 0 instead of "no data" on the dashboard.
         self._rounds.labels(fljob=job)
+        for h in (self._round_seconds, self._aggregation, self._checkpoint):
+            h.labels(fljob=job)
         self._current.labels(fljob=job).set(0)
         for d in DIRECTIONS:
             self._bytes.labels(fljob=job, direction=d)

@@ -14,9 +14,11 @@ metrics mixed together would mean nothing) and logged once. Names longer than
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -36,6 +38,15 @@ UPSTREAM_STATES = ("connecting", "connected", "backoff", "stopped")
 TRAINER_STATES = ("Unknown", "Starting", "Running", "Finished", "Failed", "Exited")
 #: ``direction`` of relayed chunk streams: the global model down to the trainer, results up to the server.
 DIRECTIONS = ("to_trainer", "to_server")
+
+#: Names under which the trainer SDK reports its own timings through ``LogMetric``. The sidecar turns
+#: them into the ``fedkube_trainer_*_seconds`` histograms and never forwards them as user metrics.
+RESERVED_PREFIX = "fedkube."
+RECEIVE_SECONDS = "fedkube.receive_seconds"
+SEND_SECONDS = "fedkube.send_seconds"
+DOWNLOAD_WAIT_SECONDS = "fedkube.download_wait_seconds"
+
+log = logging.getLogger(__name__)
 
 USER_METRIC_NAMES = 32
 USER_METRIC_NAME_LEN = 64
@@ -105,6 +116,8 @@ class SidecarMetrics:
         self._buffer.labels(**self._labels).set(0)
         for d in DIRECTIONS:
             self._relayed.labels(**self._labels, direction=d)
+        for h in (self._receive, self._send, self._gating):
+            h.labels(**self._labels)
 
     # --- upstream -------------------------------------------------------------
 
@@ -148,10 +161,38 @@ class SidecarMetrics:
         """The trainer took ``seconds`` to receive one task's tensors."""
         self._receive.labels(**self._labels).observe(seconds)
 
-    def trainer_sent(self, seconds: float, gating_wait_s: float) -> None:
+    def trainer_sent(self, seconds: float, gating_wait_s: float | None = None) -> None:
         """One ``send()`` took ``seconds``, of which ``gating_wait_s`` waiting for the server's download."""
         self._send.labels(**self._labels).observe(seconds)
-        self._gating.labels(**self._labels).observe(gating_wait_s)
+        if gating_wait_s is not None:
+            self.trainer_download_wait(gating_wait_s)
+
+    def trainer_download_wait(self, seconds: float) -> None:
+        """``send()`` waited ``seconds`` for the server to pull a result (download gating)."""
+        self._gating.labels(**self._labels).observe(seconds)
+
+    def record_report(self, values: Mapping[str, float]) -> dict[str, float]:
+        """Record one ``MetricReport`` from the trainer; return the user metrics to forward to the server.
+
+        Values under the reserved names (:data:`RECEIVE_SECONDS`, ...) feed the
+        timing histograms; other names starting with :data:`RESERVED_PREFIX`
+        are dropped (reserved for future SDK timings, so an older sidecar does
+        not forward them as user metrics); everything else is a user metric.
+        The trainer is user code: a timing that is negative or not finite is
+        skipped with a debug line, never raised.
+        """
+        timings = {RECEIVE_SECONDS: self.trainer_received, SEND_SECONDS: self.trainer_sent,
+                   DOWNLOAD_WAIT_SECONDS: self.trainer_download_wait}
+        user: dict[str, float] = {}
+        for name, value in values.items():
+            if not name.startswith(RESERVED_PREFIX):
+                self.user_metric(name, value)
+                user[name] = value
+            elif name in timings and math.isfinite(value) and value >= 0:
+                timings[name](value)
+            else:
+                log.debug("job %s site %s: ignored trainer report %s=%r", self.job, self.site, name, value)
+        return user
 
     def user_metric(self, name: str, value: float) -> str:
         """Record a ``log_metric(name, value)`` call; returns the label value used (``_other`` past the cap)."""

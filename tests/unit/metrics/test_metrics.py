@@ -342,3 +342,32 @@ def test_operator_phase_counts_stay_consistent_under_concurrent_handlers() -> No
         t.join(10)
     counts = {dict(lb)["phase"]: v for (n, lb), v in samples(reg).items() if n == "fedkube_operator_fljobs"}
     assert sum(counts.values()) == 6 and counts["Succeeded"] == 6  # every job ended on its last phase
+
+
+def test_trainer_report_splits_timings_from_user_metrics() -> None:
+    reg = new_registry()
+    m = SidecarMetrics(reg, "j", "a")
+    forwarded = m.record_report({
+        sidecar_metrics.RECEIVE_SECONDS: 2.0,
+        sidecar_metrics.SEND_SECONDS: 3.0,
+        sidecar_metrics.DOWNLOAD_WAIT_SECONDS: 1.5,
+        "fedkube.future_timing": 9.0,  # reserved: neither a timing we know nor a user metric
+        "accuracy": 0.9,
+    })
+    assert forwarded == {"accuracy": 0.9}
+    js = {"fljob": "j", "site": "a"}
+    assert value(reg, "fedkube_trainer_receive_seconds_sum", **js) == 2.0
+    assert value(reg, "fedkube_trainer_send_seconds_sum", **js) == 3.0
+    assert value(reg, "fedkube_trainer_download_wait_seconds_sum", **js) == 1.5
+    assert value(reg, "fedkube_trainer_metric", name="accuracy", **js) == 0.9
+    names = {dict(lb)["name"] for (n, lb) in samples(reg) if n == "fedkube_trainer_metric_reports_total"}
+    assert names == {"accuracy"}
+
+
+def test_trainer_report_skips_impossible_timings_without_raising() -> None:
+    reg = new_registry()
+    m = SidecarMetrics(reg, "j", "a")
+    assert m.record_report({sidecar_metrics.SEND_SECONDS: -1.0, sidecar_metrics.RECEIVE_SECONDS: float("nan")}) == {}
+    js = {"fljob": "j", "site": "a"}
+    assert value(reg, "fedkube_trainer_send_seconds_count", **js) == 0
+    assert value(reg, "fedkube_trainer_receive_seconds_count", **js) == 0
