@@ -115,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         prometheus_client.start_http_server(config.metrics_port)
     registry = handlers.register(kopf.OperatorRegistry(), interval=config.interval)
+    # A registry of our own carries none of kopf's default login handlers: log in the way the handlers'
+    # kubernetes client does (in-cluster service account, else the kubeconfig).
+    kopf.on.login(registry=registry)(kopf.login_via_client)
     where = ", ".join(config.namespaces) or "every namespace"
     logger.info("fedkube operator: reconciling FLJobs in %s; liveness on port %s", where, config.health_port)
     kopf.run(

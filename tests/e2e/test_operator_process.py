@@ -1,0 +1,78 @@
+"""``fedkube operator`` as its own process, configured the way the chart configures it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+import yaml
+
+from fedkube.runtime.resolver import free_port
+from tests.e2e.conftest import CRD
+from tests.support import fixtures
+
+kube = fixtures.kube
+kubeconfig = fixtures.kubeconfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return int(resp.status)
+    except OSError:
+        return 0
+
+
+def test_operator_process_serves_liveness_and_reconciles(kube: fixtures.KubeHandle, kubeconfig: Path,
+                                                         tmp_path: Path) -> None:
+    kubernetes.client.ApiextensionsV1Api(kube.api_client).create_custom_resource_definition(
+        yaml.safe_load(CRD.read_text()))
+    port = free_port()
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FEDKUBE_WATCH_NAMESPACES": "default",
+           "FEDKUBE_HEALTH_PORT": str(port), "FEDKUBE_LOG_FORMAT": "json"}
+    log = (tmp_path / "operator.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "fedkube.operator.main", "--interval", "0.5"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _get(f"http://127.0.0.1:{port}/healthz") != 200:
+            assert proc.poll() is None, (tmp_path / "operator.log").read_text()
+            time.sleep(0.2)
+        assert _get(f"http://127.0.0.1:{port}/healthz") == 200, (tmp_path / "operator.log").read_text()
+
+        custom = kubernetes.client.CustomObjectsApi(kube.api_client)
+        job: dict[str, Any] = {
+            "apiVersion": "fedkube.dev/v1alpha1", "kind": "FLJob", "metadata": {"name": "proc", "namespace": "default"},
+            "spec": {"rounds": 1, "suspend": True, "clients": [{"name": "a"}],
+                     "trainer": {"image": "t", "command": ["python", "train.py"]}},
+        }
+        custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", job)
+        phase = None
+        while time.monotonic() < deadline + 20 and phase != "Suspended":
+            obj: dict[str, Any] = custom.get_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs",
+                                                                      "proc")
+            phase = (obj.get("status") or {}).get("phase")
+            time.sleep(0.2)
+        assert phase == "Suspended", (tmp_path / "operator.log").read_text()
+        secrets = kubernetes.client.CoreV1Api(kube.api_client).list_namespaced_secret(
+            "default", label_selector="fedkube.dev/job=proc").items
+        assert sorted(s.metadata.name for s in secrets) == ["proc-client-a-token", "proc-server-tokens"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        log.close()
+    assert proc.returncode == 0, (tmp_path / "operator.log").read_text()[-3000:]
