@@ -59,12 +59,11 @@ def test_operator_process_serves_liveness_and_reconciles(kube: fixtures.KubeHand
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", job)
         phase = None
         while time.monotonic() < deadline + 20 and phase != "Suspended":
-            obj: dict[str, Any] = custom.get_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs",
-                                                                      "proc")
+            obj: Any = custom.get_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "proc")
             phase = (obj.get("status") or {}).get("phase")
             time.sleep(0.2)
         assert phase == "Suspended", (tmp_path / "operator.log").read_text()
-        secrets = kubernetes.client.CoreV1Api(kube.api_client).list_namespaced_secret(
+        secrets: list[Any] = kubernetes.client.CoreV1Api(kube.api_client).list_namespaced_secret(
             "default", label_selector="fedkube.dev/job=proc").items
         assert sorted(s.metadata.name for s in secrets) == ["proc-client-a-token", "proc-server-tokens"]
     finally:
