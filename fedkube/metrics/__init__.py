@@ -8,7 +8,7 @@ global registry, nothing registered at import)::
     registry = new_registry()                  # + process RSS/CPU and platform collectors
     metrics = ServerMetrics(registry, job="mnist", rounds_planned=10)
     server, port = serve_metrics(registry, 9090)
-    metrics.round_completed(duration_s=42.0)
+    metrics.round_completed(42.0, number=1)
     ...
     server.close()
 

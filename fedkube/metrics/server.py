@@ -6,12 +6,13 @@ Wiring into the server is one object per process::
     metrics = ServerMetrics(registry, job, rounds_planned=spec.rounds)
     serve_metrics(registry, port)
     ...
-    metrics.round_started(n); ...; metrics.round_completed(seconds)
+    metrics.round_started(n); ...; metrics.round_completed(seconds, number=n)
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -57,6 +58,11 @@ class ServerMetrics:
         self._current = Gauge("fedkube_server_current_round",
                               "Round in progress (the last completed one between rounds); 0 before round 1.",
                               j, registry=registry)
+        self._last_done = Gauge("fedkube_server_last_completed_round",
+                                "Number of the last round completed, across server restarts (resumed jobs "
+                                "continue from their checkpoint); 0 before round 1.", j, registry=registry)
+        self._last_done_value = 0
+        self._last_done_lock = threading.Lock()
         self._planned = Gauge("fedkube_server_rounds_planned", "Rounds the job runs in total (spec.rounds).",
                               j, registry=registry)
         self._clients = Gauge("fedkube_server_clients", "Clients of the job by state.",
@@ -94,6 +100,7 @@ class ServerMetrics:
         for h in (self._round_seconds, self._aggregation, self._checkpoint):
             h.labels(fljob=job)
         self._current.labels(fljob=job).set(0)
+        self._last_done.labels(fljob=job).set(0)
         for d in DIRECTIONS:
             self._bytes.labels(fljob=job, direction=d)
             self._seconds.labels(fljob=job, direction=d)
@@ -107,13 +114,27 @@ class ServerMetrics:
         self._planned.labels(fljob=self.job).set(rounds)
 
     def round_started(self, number: int) -> None:
-        """Round ``number`` (1-based) started."""
+        """Round ``number`` (1-based) started; every round before it is complete (also after a resume)."""
         self._current.labels(fljob=self.job).set(number)
+        self._set_last_done(number - 1)
 
-    def round_completed(self, duration_s: float) -> None:
-        """A round was aggregated and checkpointed after ``duration_s`` seconds."""
+    def round_completed(self, duration_s: float, *, number: int) -> None:
+        """Round ``number`` was aggregated and checkpointed after ``duration_s`` seconds.
+
+        ``fedkube_server_rounds_completed_total`` counts rounds this process
+        completed (a counter restarts with the process, which ``increase()``
+        handles); ``fedkube_server_last_completed_round`` is the job's progress.
+        """
         self._rounds.labels(fljob=self.job).inc()
         self._round_seconds.labels(fljob=self.job).observe(duration_s)
+        self._set_last_done(number)
+
+    def _set_last_done(self, number: int) -> None:
+        # Only forward: a late or repeated call must not make progress go backwards.
+        with self._last_done_lock:
+            if number > self._last_done_value:
+                self._last_done_value = number
+                self._last_done.labels(fljob=self.job).set(number)
 
     def clients(self, counts: Mapping[str, int]) -> None:
         """Set the number of clients in each state; states missing from ``counts`` are set to 0."""

@@ -82,6 +82,7 @@ def test_server_calls_land_in_the_exposition() -> None:
     assert value(reg, "fedkube_server_round_seconds_bucket", le="5.0", **j) == 0
     assert value(reg, "fedkube_server_current_round", **j) == 1
     assert value(reg, "fedkube_server_rounds_planned", **j) == 3
+    assert value(reg, "fedkube_server_last_completed_round", **j) == 1
     assert value(reg, "fedkube_server_clients", state="Registered", **j) == 2
     assert value(reg, "fedkube_server_clients", state="Lost", **j) == 0  # every state is exported
     assert value(reg, "fedkube_server_transfer_bytes_total", direction="from_clients", **j) == 400
@@ -244,7 +245,7 @@ def test_importing_the_metrics_package_registers_nothing_globally() -> None:
 
 def test_fresh_registries_are_independent() -> None:
     a, b = new_registry(), new_registry()
-    ServerMetrics(a, "j").round_completed(1.0)
+    ServerMetrics(a, "j").round_completed(1.0, number=1)
     ServerMetrics(b, "j")
     assert value(a, "fedkube_server_rounds_completed_total", fljob="j") == 1
     assert value(b, "fedkube_server_rounds_completed_total", fljob="j") == 0
@@ -262,7 +263,7 @@ def test_facades_can_share_one_registry() -> None:
 def test_serve_metrics_answers_a_real_scrape() -> None:
     reg = new_registry()
     m = ServerMetrics(reg, "mnist")
-    m.round_completed(3.0)
+    m.round_completed(3.0, number=1)
     server, port = serve_metrics(reg, 0, addr="127.0.0.1")
     try:
         assert port > 0 and server.port == port
@@ -371,3 +372,16 @@ def test_trainer_report_skips_impossible_timings_without_raising() -> None:
     js = {"fljob": "j", "site": "a"}
     assert value(reg, "fedkube_trainer_send_seconds_count", **js) == 0
     assert value(reg, "fedkube_trainer_receive_seconds_count", **js) == 0
+
+
+def test_progress_survives_a_server_restart_and_never_goes_back() -> None:
+    # The restarted server resumes at round 5 from its checkpoint: a fresh process, a fresh registry.
+    reg = new_registry()
+    m = ServerMetrics(reg, "j", rounds_planned=10)
+    assert value(reg, "fedkube_server_last_completed_round", fljob="j") == 0
+    m.round_started(5)
+    assert value(reg, "fedkube_server_last_completed_round", fljob="j") == 4
+    m.round_completed(2.0, number=5)
+    m.round_completed(2.0, number=3)  # a late, stale call
+    assert value(reg, "fedkube_server_last_completed_round", fljob="j") == 5
+    assert value(reg, "fedkube_server_rounds_completed_total", fljob="j") == 2  # this process's own count
