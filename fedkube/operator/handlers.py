@@ -264,11 +264,25 @@ def observe(
     decision = lifecycle.decide(job, previous, lifecycle.Observation(now, server, clients, server_status))
     if decision.delete_pods:
         api.delete_pods(job.namespace, decision.delete_pods)
+    if server_raw is None and decision.status.get("phase") not in lifecycle.TERMINAL:
+        _recreate_server(job, api, body, namespace, name)
     _write(patch, previous, decision.status)
     _post(body, decision.events)
     if decision.status.get("phase") != phase:
         logger.info("job %s/%s: %s -> %s (round %s/%s)", namespace, name, phase, decision.status.get("phase"),
                     decision.status.get("round"), job.spec.rounds)
+
+
+def _recreate_server(job: FLJob, api: kube.Kube, body: kopf.Body, namespace: str | None, name: str | None) -> None:
+    """The server pod of a live job is gone (deleted, evicted): start it again; it resumes from its checkpoint."""
+    latest = api.fljob(job.namespace, job.name)
+    if latest is None or (latest.get("spec") or {}).get("suspend"):
+        return  # deleted or suspended meanwhile: no server wanted
+    pod = builders.build_server_pod(job, owner=latest)
+    if api.create_or_patch(pod) == "created":
+        logger.warning("job %s/%s: server pod was gone; created it again", namespace, name)
+        _post(body, [lifecycle.Event("Warning", "ServerPodRecreated",
+                                     "the server pod was gone; it was created again and resumes from its checkpoint")])
 
 
 def register(registry: kopf.OperatorRegistry, *, interval: float = DEFAULT_INTERVAL) -> kopf.OperatorRegistry:

@@ -110,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedkube.operator import handlers
 
     kopf.configure(log_format=kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.FULL)
+    # kopf logs every successful timer run at INFO ("Timer 'observe' succeeded"): one line per job per interval.
+    # Our handlers log what changed; kopf's warnings and errors still show.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if config.metrics_port:
         import prometheus_client
 

@@ -179,3 +179,20 @@ def test_bad_configuration_is_a_clear_error(argv: list[str], env: dict[str, str]
 def test_main_returns_2_on_bad_configuration(capsys: pytest.CaptureFixture[str]) -> None:
     assert main.main(["--interval", "-1"]) == 2
     assert "--interval must be positive" in capsys.readouterr().out
+
+
+def test_a_deleted_server_pod_of_a_live_job_is_created_again(kube: fixtures.KubeHandle) -> None:
+    _crd(kube)
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client)
+    api = kubeops.Kube(kube.api_client)
+    core = kubernetes.client.CoreV1Api(kube.api_client)
+    with _operator(kube):
+        custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", _doc("again"))
+        first = _until(lambda: [p for p in api.job_pods("default", "again") if p["metadata"]["name"] == "again-server"])
+        core.delete_namespaced_pod("again-server", "default")
+        second = _until(lambda: [p for p in api.job_pods("default", "again")
+                                 if p["metadata"]["name"] == "again-server"
+                                 and p["metadata"]["uid"] != first[0]["metadata"]["uid"]])
+        assert second[0]["metadata"]["ownerReferences"][0]["name"] == "again"
+        _until(lambda: any(e.reason == "ServerPodRecreated" for e in core.list_namespaced_event(
+            "default", field_selector="involvedObject.name=again").items))
