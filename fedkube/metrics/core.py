@@ -13,6 +13,7 @@ that filters on it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
@@ -20,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client.registry import DuplicateTimeseries
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
@@ -148,15 +150,17 @@ def add_process_collectors(registry: CollectorRegistry) -> None:
         if registry in _collectors_added:
             return
         _collectors_added.add(registry)
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
+    for make in (ProcessCollector, PlatformCollector):
+        # A registry that already has them (the library's default one has both) keeps its own.
+        with contextlib.suppress(DuplicateTimeseries):
+            make(registry=registry)
 
 
 def component_info(registry: CollectorRegistry, component: str, job: str, site: str | None = None) -> None:
     """Export ``fedkube_component_info{component, fljob, site} 1``.
 
     The process collector's ``process_resident_memory_bytes`` carries no
-    labels of ours; dashboards join it to this series ``on(instance)`` to show
+    labels of ours; dashboards join it to this series ``on (job, instance)`` to show
     memory per component, job and site.
     """
     one_of(component, COMPONENTS, "component")

@@ -385,3 +385,13 @@ def test_progress_survives_a_server_restart_and_never_goes_back() -> None:
     m.round_completed(2.0, number=3)  # a late, stale call
     assert value(reg, "fedkube_server_last_completed_round", fljob="j") == 5
     assert value(reg, "fedkube_server_rounds_completed_total", fljob="j") == 2  # this process's own count
+
+
+def test_a_registry_that_already_has_process_metrics_is_accepted() -> None:
+    from prometheus_client import ProcessCollector
+
+    reg = CollectorRegistry()
+    ProcessCollector(registry=reg)
+    ServerMetrics(reg, "j")  # must not fail with a duplicate process_* series
+    assert value(reg, "fedkube_server_current_round", fljob="j") == 0
+    assert any(name == "python_info" for name, _ in samples(reg))  # the platform collector was still added
