@@ -17,7 +17,9 @@ Measured in the same run, per size:
   the line says so in ``floor_scaled``;
 * per-round seconds from the server's log: train tasks sent -> aggregate
   finished (what ``fedkube_server_round_seconds`` measures), and the same up to
-  "checkpoint written";
+  "checkpoint written". The time targets are judged on rounds 2..R: round 1
+  also holds the trainers' start-up (the server sends its tasks as soon as the
+  sidecars registered);
 * peak RSS (VmHWM) of every process under the runtime, sampled every 50 ms
   (bench/round_procs.py), and the server's peak/current RSS at the end of
   each round (is it flat over rounds?);
@@ -238,16 +240,23 @@ def report(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     peaks: dict[str, int] = {}
+    cpu: dict[str, list[float]] = {}
     for p in sampler.procs.values():
         key = p.role if p.role == SERVER else f"{p.role}:{p.site}"
         peaks[key] = max(peaks.get(key, 0), p.peak_bytes)
+        user_sys = cpu.setdefault(key, [0.0, 0.0])
+        user_sys[0] += p.cpu_user_s
+        user_sys[1] += p.cpu_system_s
     if sampler.root_peak_bytes:
         peaks["runtime"] = sampler.root_peak_bytes  # `fedkube run` itself: not a production process
     by_role = {
         role: max((v for k, v in peaks.items() if k.split(":")[0] == role), default=0)
         for role in (SERVER, SIDECAR, TRAINER)
     }
-    worst_round = max(rounds_s.values(), default=math.nan)
+    # Round 1 starts when the sidecars registered, while the trainer processes are still importing
+    # numpy and grpc (~1 s here): the time targets are judged on the steady rounds 2..R.
+    steady = [t for r, t in rounds_s.items() if r >= 2] or list(rounds_s.values())
+    worst_round = max(steady, default=math.nan)
     targets: dict[str, dict[str, Any]] = {}
 
     def target(name: str, value: float, limit: float) -> None:
@@ -278,10 +287,12 @@ def report(
         "floor_scaled": scaled,
         "round_s": [rounds_s[r] for r in sorted(rounds_s)],
         "round_with_checkpoint_s": [with_ck_s[r] for r in sorted(with_ck_s)],
+        "round_targets_on": "rounds 2..R" if args.rounds >= 2 else "round 1",
         "round_over_floor": [round(rounds_s[r] / floor_s, 2) for r in sorted(rounds_s)],
         "wall_s": round(wall, 2),
         "peak_mib": {k: mib(v) for k, v in sorted(peaks.items())},
         "peak_x_s": {k: round(v / s_bytes, 3) for k, v in sorted(peaks.items())},
+        "cpu_user_sys_s": {k: [round(u, 1), round(s, 1)] for k, (u, s) in sorted(cpu.items())},
         "server_by_round_mib": [
             {"round": m.round, "peak": mib(m.server_peak_bytes), "rss": mib(m.server_rss_bytes)} for m in sampler.rounds
         ],

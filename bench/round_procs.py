@@ -37,6 +37,9 @@ class ProcPeak:
     role: str
     site: str
     peak_bytes: int = 0
+    cpu_user_s: float = 0.0
+    cpu_system_s: float = 0.0
+    """CPU seconds at the last sample (a process's time after that is not seen)."""
 
 
 @dataclass
@@ -123,6 +126,9 @@ class TreeSampler:
             hwm = vm_hwm(child.pid)
             if hwm is not None:
                 known.peak_bytes = max(known.peak_bytes, hwm)
+            with contextlib.suppress(psutil.Error, OSError):
+                cpu = child.cpu_times()
+                known.cpu_user_s, known.cpu_system_s = cpu.user, cpu.system
         self._tail_server_log()
 
     def _server_pid(self) -> int | None:
