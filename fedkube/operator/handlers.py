@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import kopf
@@ -153,14 +153,18 @@ def reconcile(
             _write(patch, previous, fields)
             _post(body, events)
         return
-    _ensure(job, body, memo, pods=True)
+    # An operator restart finds a job in progress: clients the operator already failed stay without a pod.
+    failed = set() if phase in (None, lifecycle.SUSPENDED) else lifecycle.operator_failed_sites(previous)
+    _ensure(job, body, memo, pods=True, skip_sites=failed)
     if phase in (None, lifecycle.SUSPENDED):
         fields, events = lifecycle.resumed(previous, job, now)
         _write(patch, previous, fields)
         _post(body, events)
 
 
-def _ensure(job: FLJob, body: kopf.Body, memo: kopf.Memo, *, pods: bool) -> None:
+def _ensure(
+    job: FLJob, body: kopf.Body, memo: kopf.Memo, *, pods: bool, skip_sites: Collection[str] = frozenset()
+) -> None:
     """Create-or-patch the job's children, reusing the tokens already stored for it."""
     from kubernetes.client.exceptions import ApiException
 
@@ -170,7 +174,8 @@ def _ensure(job: FLJob, body: kopf.Body, memo: kopf.Memo, *, pods: bool) -> None
         tokens = kube.job_tokens(stored, [site.name for site in job.spec.clients])
         objs = builders.build_all(job, tokens=tokens, owner=body)
         for obj in objs:
-            if obj["kind"] == "Pod" and not pods:
+            labels = obj["metadata"].get("labels") or {}
+            if obj["kind"] == "Pod" and (not pods or labels.get(naming.LABEL_SITE) in skip_sites):
                 continue
             kopf.adopt(obj, owner=body)  # builders set the owner reference already; adopt keeps kopf's view in line
             result = api.create_or_patch(obj)

@@ -284,6 +284,16 @@ class ClientState:
                    str(doc.get("pod") or ""))
 
 
+def operator_failed_sites(previous: Mapping[str, Any]) -> set[str]:
+    """Sites the operator itself failed (pending/deploy timeouts): their pods are gone for good."""
+    out = set()
+    for site, doc in (previous.get("clients") or {}).items():
+        state = ClientState.from_dict(doc)
+        if state is not None and state.state == CLIENT_FAILED and state.reason in OPERATOR_REASONS:
+            out.add(str(site))
+    return out
+
+
 def timeout_failure(pod: PodView, now: float, deploy_seconds: float, pending_seconds: float) -> ClientState | None:
     """A Failed state when ``pod`` ran past its pending or deploy timeout, else None.
 

@@ -196,3 +196,26 @@ def test_a_deleted_server_pod_of_a_live_job_is_created_again(kube: fixtures.Kube
         assert second[0]["metadata"]["ownerReferences"][0]["name"] == "again"
         _until(lambda: any(e.reason == "ServerPodRecreated" for e in core.list_namespaced_event(
             "default", field_selector="involvedObject.name=again").items))
+
+
+def test_an_operator_restart_does_not_bring_back_a_client_it_failed(kube: fixtures.KubeHandle) -> None:
+    _crd(kube)
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client)
+    api = kubeops.Kube(kube.api_client)
+    core = kubernetes.client.CoreV1Api(kube.api_client)
+    doc = _doc("restart", clients=[{"name": "a"}, {"name": "b"}, {"name": "c"}], minClients=2,
+               timeouts={"deploySeconds": 1, "pendingSeconds": 1})
+    ready = {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+    with _operator(kube):
+        custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", doc)
+        _until(lambda: len(api.job_pods("default", "restart")) == 4)
+        for pod in ("restart-server", "restart-client-a", "restart-client-b"):  # a kubelet's word: these are Ready
+            core.patch_namespaced_pod_status(pod, "default", ready)
+        _until(lambda: ((_status(custom, "restart").get("clients") or {}).get("c") or {}).get("reason")
+               == "DeployTimeout")
+        _until(lambda: "restart-client-c" not in {p["metadata"]["name"] for p in api.job_pods("default", "restart")})
+    with _operator(kube):
+        time.sleep(1.0)
+        names = {p["metadata"]["name"] for p in api.job_pods("default", "restart")}
+        assert names == {"restart-server", "restart-client-a", "restart-client-b"}
+        assert _status(custom, "restart")["phase"] in ("Deploying", "Running")

@@ -325,3 +325,10 @@ def test_ttl_after_finished(ttl: int | None, elapsed: float, expired: bool) -> N
 
 def test_ttl_never_applies_to_a_running_job() -> None:
     assert not st.ttl_expired(_job(ttlSecondsAfterFinished=0), {"phase": "Running"}, T0 + 1e6)
+
+
+def test_operator_failed_sites_are_only_the_timeouts() -> None:
+    previous = {"clients": {"a": {"state": "Failed", "reason": "PendingTimeout"},
+                            "b": {"state": "Failed", "reason": "Exception"},
+                            "c": {"state": "Failed", "reason": "DeployTimeout"}, "d": {"state": "Done"}}}
+    assert st.operator_failed_sites(previous) == {"a", "c"}
