@@ -111,8 +111,8 @@ def expected_final(initial: np.ndarray, rounds: int) -> np.ndarray:
     return e
 
 
-def job_manifest(model_path: Path, rounds: int, mode: str) -> dict[str, Any]:
-    return {
+def job_manifest(model_path: Path, rounds: int, mode: str, chunk_mib: int | None = None) -> dict[str, Any]:
+    manifest: dict[str, Any] = {
         "apiVersion": "fedkube.dev/v1alpha1",
         "kind": "FLJob",
         "metadata": {"name": JOB},
@@ -130,6 +130,9 @@ def job_manifest(model_path: Path, rounds: int, mode: str) -> dict[str, Any]:
             "timeouts": {"roundSeconds": 3600},
         },
     }
+    if chunk_mib is not None:
+        manifest["spec"]["transfer"] = {"chunkBytes": chunk_mib << 20}
+    return manifest
 
 
 def verify(run_dir: Path, sizes: list[int], rounds: int) -> dict[str, Any]:
@@ -156,9 +159,9 @@ def verify(run_dir: Path, sizes: list[int], rounds: int) -> dict[str, Any]:
 
 
 def floor_seconds(size_bytes: int, cap_bytes: int) -> tuple[float, bool]:
-    """The 4·S loopback floor (best of a few for small sizes); scaled from S when 4·S exceeds the cap."""
+    """The 4·S loopback floor, best of 3 (other work on the box only ever slows it); scaled from S above the cap."""
     nbytes = 4 * size_bytes
-    repeats = 3 if nbytes <= (1 << 30) else 1
+    repeats = 3
     if nbytes <= cap_bytes:
         return tcp_floor(nbytes, repeats), False
     return 4 * tcp_floor(size_bytes, repeats), True
@@ -202,7 +205,8 @@ def measure(size_mib: int, args: argparse.Namespace) -> dict[str, Any]:
         model_path = workdir / "initial.npz"
         write_model(model_path, sizes)
         job_file = workdir / "fljob.json"
-        job_file.write_text(json.dumps(job_manifest(model_path, args.rounds, args.trainer_mode), indent=2))
+        manifest = job_manifest(model_path, args.rounds, args.trainer_mode, args.chunk_mib)
+        job_file.write_text(json.dumps(manifest, indent=2))
         code, outcome, sampler, wall = run_job(workdir, job_file, args.timeout)
         server_logs = sorted((workdir / "run" / "logs").glob("*-server.server.log"))
         times = round_times(server_logs[0] if server_logs else Path("/dev/null"))
@@ -272,7 +276,9 @@ def report(
         if len(sampler.rounds) >= 2:
             growth = sampler.rounds[-1].server_peak_bytes - sampler.rounds[0].server_peak_bytes
             target("server_peak_growth_x_s", growth / s_bytes, TARGET_FLAT_X)
-    ok = code == 0 and bool(check.get("ok")) and len(rounds_s) == args.rounds
+    expected_procs = 1 + 2 * CLIENTS  # a server, and a sidecar + a trainer per client
+    seen = len([k for k in peaks if k != "runtime"])
+    ok = code == 0 and bool(check.get("ok")) and len(rounds_s) == args.rounds and seen == expected_procs
     return {
         "bench": "round",
         "size_mib": size_mib,
@@ -280,6 +286,7 @@ def report(
         "clients": CLIENTS,
         "rounds": args.rounds,
         "trainer_mode": args.trainer_mode,
+        "chunk_mib": args.chunk_mib,
         "exit_code": code,
         "outcome": outcome.get("outcome"),
         "verified": check,
@@ -290,6 +297,7 @@ def report(
         "round_targets_on": "rounds 2..R" if args.rounds >= 2 else "round 1",
         "round_over_floor": [round(rounds_s[r] / floor_s, 2) for r in sorted(rounds_s)],
         "wall_s": round(wall, 2),
+        "processes_sampled": f"{seen}/{expected_procs}",
         "peak_mib": {k: mib(v) for k, v in sorted(peaks.items())},
         "peak_x_s": {k: round(v / s_bytes, 3) for k, v in sorted(peaks.items())},
         "cpu_user_sys_s": {k: [round(u, 1), round(s, 1)] for k, (u, s) in sorted(cpu.items())},
@@ -329,6 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="inplace: the trainer updates the received arrays; copy: it builds new ones",
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--chunk-mib", type=int, default=None, help="spec.transfer.chunkBytes in MiB (default: the spec's default)"
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the job is stopped")
     parser.add_argument(
         "--floor-cap-mib",

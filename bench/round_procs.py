@@ -83,7 +83,6 @@ class TreeSampler:
     procs: dict[int, ProcPeak] = field(default_factory=dict)
     rounds: list[RoundMark] = field(default_factory=list)
     root_peak_bytes: int = 0
-    _ignored: set[int] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _log_pos: int = 0
@@ -111,16 +110,12 @@ class TreeSampler:
         except psutil.Error:
             return
         for child in children:
-            if child.pid in self._ignored:
-                continue
             known = self.procs.get(child.pid)
             if known is None:
+                # Not cached as "other": between fork and exec a child still shows the runtime's
+                # command line, and the same pid becomes a server, sidecar or trainer a moment later.
                 kind = classify(child, self.trainer_script)
                 if kind is None:
-                    # The cmdline can be empty for an instant after fork; only a full one is conclusive.
-                    with contextlib.suppress(psutil.Error, OSError):
-                        if child.cmdline():
-                            self._ignored.add(child.pid)
                     continue
                 known = self.procs[child.pid] = ProcPeak(child.pid, kind[0], kind[1])
             hwm = vm_hwm(child.pid)
