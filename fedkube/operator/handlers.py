@@ -218,6 +218,39 @@ def suspend_changed(
     _post(body, events)
 
 
+def spec_changed(
+    body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, old: Any, new: Any,
+    name: str | None, namespace: str | None, **_: Any,
+) -> None:
+    """The spec changed: an Invalid job that is valid now starts; other changes wait for the pods' next creation."""
+    previous = dict(status)
+    now = _now(memo)
+    if lifecycle.is_invalid(previous):
+        try:
+            job = _parse(body)
+        except SpecError as exc:
+            fields, events = lifecycle.invalid(previous, exc.problems, now)
+            _write(patch, previous, fields)
+            _post(body, events)
+            raise kopf.PermanentError(f"invalid FLJob: {'; '.join(str(p) for p in exc.problems)}") from None
+        _ensure(job, body, memo, pods=not job.spec.suspend)
+        fields, events = (lifecycle.suspended(previous, now) if job.spec.suspend else
+                          lifecycle.revalidated(previous, job, now))
+        _write(patch, previous, fields)
+        _post(body, events)
+        logger.info("job %s/%s: spec fixed; job created", namespace, name)
+        return
+    changed = sorted(k for k in set(old or {}) | set(new or {}) if k != "suspend" and (old or {}).get(k) != (
+        new or {}).get(k))
+    if changed and previous.get("phase") not in lifecycle.TERMINAL:
+        # Running pods cannot change in place (and a new model shape mid-job would break the checkpoint);
+        # suspend and resume to recreate the pods from the new spec.
+        _post(body, [lifecycle.Event(
+            "Normal", "SpecChangeDeferred",
+            f"changed {', '.join('spec.' + k for k in changed)}: running pods keep the old spec; suspend and "
+            "resume the job to recreate them from the new one")])
+
+
 # --- watching a running job -------------------------------------------------------------------------
 
 
@@ -296,6 +329,7 @@ def register(registry: kopf.OperatorRegistry, *, interval: float = DEFAULT_INTER
     kopf.on.create(*RESOURCE, registry=registry, id="reconcile")(reconcile)
     kopf.on.resume(*RESOURCE, registry=registry, id="reconcile")(reconcile)
     kopf.on.update(*RESOURCE, field="spec.suspend", registry=registry, id="suspend")(suspend_changed)
+    kopf.on.update(*RESOURCE, field="spec", registry=registry, id="spec")(spec_changed)
     kopf.timer(*RESOURCE, interval=interval, registry=registry, id="observe")(observe)
     return registry
 

@@ -427,6 +427,25 @@ def invalid(previous: Mapping[str, Any], problems: Sequence[Any], now: float) ->
     return out, events
 
 
+def revalidated(previous: Mapping[str, Any], job: FLJob, now: float) -> tuple[dict[str, Any], list[Event]]:
+    """Status and Events when a spec that was Invalid was fixed: the Failed verdict is lifted and the job starts."""
+    stamp = format_time(now)
+    conds = set_condition(previous.get("conditions"), COND_INVALID, "False", "SpecFixed", "the spec is valid now",
+                          stamp)
+    conds = set_condition(conds, COND_FAILED, "False", "SpecFixed", "the spec is valid now", stamp)
+    base = {**previous, "phase": None, "conditions": conds, "completionTime": None}
+    out, events = resumed(base, job, now)
+    out.setdefault("conditions", conds)
+    out["completionTime"] = None
+    return out, [Event("Normal", "SpecFixed", "the spec is valid now; creating the job's objects"), *events]
+
+
+def is_invalid(previous: Mapping[str, Any]) -> bool:
+    """True while the job's status says its spec is Invalid."""
+    cond = get_condition(previous.get("conditions"), COND_INVALID)
+    return cond is not None and cond.get("status") == "True"
+
+
 def suspended(previous: Mapping[str, Any], now: float) -> tuple[dict[str, Any], list[Event]]:
     """Status and Events for ``spec.suspend: true``: pods removed, Secrets/ConfigMap/checkpoint kept."""
     out, events = transition(previous, SUSPENDED, "Suspended",

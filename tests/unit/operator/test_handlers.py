@@ -219,3 +219,21 @@ def test_an_operator_restart_does_not_bring_back_a_client_it_failed(kube: fixtur
         names = {p["metadata"]["name"] for p in api.job_pods("default", "restart")}
         assert names == {"restart-server", "restart-client-a", "restart-client-b"}
         assert _status(custom, "restart")["phase"] in ("Deploying", "Running")
+
+
+def test_fixing_an_invalid_spec_starts_the_job(kube: fixtures.KubeHandle) -> None:
+    _crd(kube)
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client)
+    api = kubeops.Kube(kube.api_client)
+    with _operator(kube):
+        custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs",
+                                               _doc("fixme", minClients=3))
+        _until(lambda: _status(custom, "fixme").get("phase") == "Failed")
+        custom.patch_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "fixme",
+                                              {"spec": {"minClients": 2}})
+        _until(lambda: _status(custom, "fixme").get("phase") in ("Pending", "Deploying"))
+        _until(lambda: len(api.job_pods("default", "fixme")) == 3)
+        status = _status(custom, "fixme")
+        conds = {c["type"]: c["status"] for c in status["conditions"]}
+        assert conds["Invalid"] == "False" and conds["Failed"] == "False"
+        assert "completionTime" not in status
