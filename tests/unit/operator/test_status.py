@@ -332,3 +332,65 @@ def test_operator_failed_sites_are_only_the_timeouts() -> None:
                             "b": {"state": "Failed", "reason": "Exception"},
                             "c": {"state": "Failed", "reason": "DeployTimeout"}, "d": {"state": "Done"}}}
     assert st.operator_failed_sites(previous) == {"a", "c"}
+
+
+def test_revalidated_lifts_the_invalid_verdict() -> None:
+    from fedkube.spec import Problem
+
+    failed, _ = st.invalid({}, [Problem("spec.minClients", "too many", "lower it")], T0)
+    assert st.is_invalid(failed)
+    fields, events = st.revalidated(failed, _job(), T0 + 5)
+    conds = {c["type"]: c["status"] for c in fields["conditions"]}
+    assert fields["phase"] == "Pending" and conds["Invalid"] == "False" and conds["Failed"] == "False"
+    assert fields["completionTime"] is None  # a null in the merge patch removes it
+    assert [e.reason for e in events] == ["SpecFixed", "Pending"]
+    assert not st.is_invalid({**failed, **fields})
+
+
+def _status_schema() -> dict[str, Any]:
+    import yaml
+
+    from tests.e2e.conftest import CRD
+
+    crd = yaml.safe_load(CRD.read_text())
+    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    return schema
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def test_every_status_the_operator_writes_matches_the_crd_schema() -> None:
+    import jsonschema  # type: ignore[import-untyped]
+
+    from fedkube.spec import Problem
+
+    job = _job()
+    pods = {"a": _pod("job-client-a"), "b": _pod("job-client-b", "Running", ready=False),
+            "c": _pod("job-client-c", "Pending", ready=False, scheduled=False)}
+    written: list[dict[str, Any]] = []
+    status: dict[str, Any] = {}
+    for fields, _ in (st.resumed(status, job, T0),):
+        status = {**status, **fields}
+        written.append(status)
+    for when, server, live in (
+        (T0 + 1, _pod("job-server"), _live(Phase.PENDING, 0)),
+        (T0 + 2, _pod("job-server"), _live(Phase.RUNNING, 1, a="Training", b="Uploading", c="Pending")),
+        (T0 + 61, _pod("job-server"), None),
+        (T0 + 70, _pod("job-server", "Succeeded", ready=False, exit_code=0,
+                       message=_summary(Phase.SUCCEEDED, 0, clients=(("a", "Done", ""),))), None),
+    ):
+        status = {**status, **st.decide(job, status, st.Observation(when, server, pods, live)).status}
+        written.append(status)
+    written.append({**status, **st.suspended(status, T0 + 80)[0]})
+    written.append({**status, **st.invalid(status, [Problem("spec.x", "bad", "fix it")], T0 + 90)[0]})
+    written.append({**status, **st.cleaned_up(status, 5, T0 + 99)[0]})
+    schema = _status_schema()
+    for doc in written:
+        jsonschema.validate(_drop_nulls(doc), schema)
+    assert {d["phase"] for d in written} >= {"Pending", "Deploying", "Running", "Succeeded", "Suspended", "Failed"}
