@@ -13,6 +13,7 @@ Receiver::
     arrays = Fetcher(source, FetchSettings()).fetch_transaction(refs)
 """
 
+from fedkube.transfer.allocator import ALLOCATOR_ENV, tune_allocator
 from fedkube.transfer.errors import (
     ChecksumMismatchError,
     ChunkTimeoutError,
@@ -62,6 +63,7 @@ from fedkube.transfer.wire import (
 )
 
 __all__ = [
+    "ALLOCATOR_ENV",
     "DEFAULT_CHUNK_BYTES",
     "DTYPE_NAMES",
     "MAX_CHUNK_BYTES",
@@ -105,5 +107,6 @@ __all__ = [
     "relay_chunks",
     "serve",
     "server_options",
+    "tune_allocator",
     "validate_settings",
 ]

@@ -33,9 +33,9 @@ import numpy as np
 from fedkube.transfer.errors import (
     ChecksumMismatchError,
     ChunkTimeoutError,
+    InvalidRefError,
     InvalidRequestError,
     ProtocolError,
-    StreamBrokenError,
     TransferAbortedError,
     TransferError,
     TransferStalledError,
@@ -429,10 +429,15 @@ class Fetcher:
                     guard = _Watchdog(None, cancel, self.abort, f"fedkube-fetch-abort-{ref.transaction_id}")
                 for chunk_offset, data in stream:
                     n = len(data) if isinstance(data, bytes) else data.nbytes
-                    if chunk_offset != offset or n == 0 or offset + n > ref.nbytes:
+                    if chunk_offset != offset or n == 0:
                         raise ProtocolError(
-                            f"source sent {n} bytes at offset {chunk_offset}; expected data at {offset} "
-                            f"within {ref.nbytes}",
+                            f"source sent {n} bytes at offset {chunk_offset}; expected data at {offset}",
+                            **self._ids(ref),
+                        )
+                    if offset + n > ref.nbytes:
+                        raise InvalidRefError(
+                            f"the source's tensor is longer than the reference says ({ref.nbytes} bytes for "
+                            f"{ref.dtype}{list(ref.shape)}): dtype, shape or length do not match what was published",
                             **self._ids(ref),
                         )
                     piece = buf[offset : offset + n]
@@ -445,7 +450,13 @@ class Fetcher:
                         progress(offset)
                     self._check_abort(ref, offset)
                 if offset < ref.nbytes:
-                    raise StreamBrokenError(f"stream ended at offset {offset} of {ref.nbytes}", **self._ids(ref))
+                    # A broken transport ends with an error; a clean end this early means the
+                    # source's tensor is shorter than the reference claims, and retrying cannot help.
+                    raise InvalidRefError(
+                        f"the source's tensor ends at byte {offset} but the reference says {ref.nbytes} bytes "
+                        f"({ref.dtype}{list(ref.shape)}): dtype, shape or length do not match what was published",
+                        **self._ids(ref),
+                    )
             except grpc.RpcError as exc:
                 err = error_from_rpc(exc, **self._ids(ref))
                 self._retry_or_raise(ref, err, offset, start, failures + 1, last_progress)

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -550,15 +550,22 @@ class DownloadServicer:
         return tensor_pb2.CompleteResponse()
 
 
-def serve(service: DownloadService, address: str = "127.0.0.1:0", *, max_workers: int = 32) -> tuple[grpc.Server, int]:
+def serve(
+    service: DownloadService,
+    address: str = "127.0.0.1:0",
+    *,
+    max_workers: int = 32,
+    extra_options: Sequence[tuple[str, Any]] = (),
+) -> tuple[grpc.Server, int]:
     """Start a gRPC server serving ``service`` on ``address``; returns (server, bound port).
 
     Each running fetch holds one of the ``max_workers`` threads for its
     duration, so size it above the number of concurrent receivers.
+    ``extra_options`` are appended to :func:`server_options`.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedkube-download"),
-        options=server_options(),
+        options=server_options(extra_options),
     )
     service.add_to_server(server)
     port = server.add_insecure_port(address)

@@ -15,6 +15,7 @@ from fedkube.transfer import (
     Fetcher,
     FetchSettings,
     GrpcChunkSource,
+    InvalidRefError,
     ReceiverNotExpectedError,
     RefNotFoundError,
     TensorRef,
@@ -211,3 +212,17 @@ def test_fuzz_fetch_requests_over_grpc(
         return
     assert (tid, ref_id, receiver) == ("tx-live", "t0", "c1") and offset <= 1000
     assert got == data.tobytes()[offset:]
+
+
+@pytest.mark.parametrize(("shape", "fragment"), [((2000,), "ends at byte 4000"), ((500,), "longer than the reference")])
+def test_a_ref_inconsistent_with_the_published_tensor_fails_without_retrying(
+    publisher: Publisher, channel: grpc.Channel, shape: tuple[int, ...], fragment: str
+) -> None:
+    txn = publisher.service.publish({"a": np.arange(1000, dtype=np.float32)}, receivers=["c1"], ttl_s=60)
+    real = txn.refs[0]
+    forged = TensorRef(**{**real.__dict__, "shape": shape, "nbytes": shape[0] * 4})
+    fetcher = Fetcher(GrpcChunkSource(channel, "c1", chunk_timeout_s=5), FAST)
+    with pytest.raises(InvalidRefError, match=fragment) as info:
+        fetcher.fetch_into(forged)
+    assert f"transaction {txn.id!r}, ref 't0', receiver 'c1'" in str(info.value)
+    assert fetcher.attempts == 1

@@ -1,0 +1,235 @@
+"""Transfer-layer benchmark: throughput vs the loopback-TCP floor, and peak memory.
+
+    python bench/transfer.py --size-mib 1024 --receivers 2
+
+Runs, in one invocation and each in its own process (spawn): a publisher
+(DownloadService + gRPC server), a relay (RelayServicer), and receivers
+(Fetcher into a preallocated buffer, checksum verified). Phases:
+
+1. floor: the same bytes over a plain loopback socket between two processes;
+2. direct: one receiver alone, one stream (per tensor) from the publisher;
+3. relay: one receiver alone, through the relay process;
+4. fan-out: ``--receivers`` receivers at once, direct (serve once, serve many).
+
+Prints one JSON line: seconds and MiB/s of each phase, their ratios to the
+floor, and the peak RSS (VmHWM) of the publisher, the relay and each receiver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import current_rss, emit, mib, tcp_floor, vm_hwm
+
+WAIT_S = 1800.0
+_TUNE_ENV = "FEDKUBE_BENCH_TUNE_ALLOCATOR"
+
+
+def _child_setup() -> None:
+    """Per-process setup: the allocator choice (inherited from the parent's environment)."""
+    if os.environ.get(_TUNE_ENV) == "1":
+        from fedkube.transfer.allocator import tune_allocator
+
+        tune_allocator()
+
+
+def _make_tensors(total: int, count: int) -> dict[str, np.ndarray]:
+    """``count`` uint8-backed float32 tensors summing to ``total`` bytes (a cheap, non-constant pattern)."""
+    per = (total // count) // 4 * 4
+    tensors = {}
+    for i in range(count):
+        words = np.arange(per // 4, dtype=np.uint32)
+        words *= 2654435761  # Knuth's multiplicative hash: not compressible, not all zeros
+        words += i
+        tensors[f"layer{i}.weight"] = words.view(np.float32)
+    return tensors
+
+
+def _extra(frame_kib: int) -> list[tuple[str, Any]]:
+    return [("grpc.http2.max_frame_size", frame_kib << 10)] if frame_kib else []
+
+
+def publisher_main(conn: Connection, size: int, tensors: int, receivers: list[str], chunk: int, frame_kib: int) -> None:
+    _child_setup()
+    from fedkube.transfer import DownloadService, serve
+
+    baseline = current_rss()
+    service = DownloadService("server", chunk_bytes=chunk)
+    server, port = serve(service, max_workers=max(16, 2 * len(receivers) + 4), extra_options=_extra(frame_kib))
+    model = _make_tensors(size, tensors)
+    txn = service.publish(model, receivers=receivers, ttl_s=WAIT_S)
+    conn.send({"port": port, "refs": [r.to_proto().SerializeToString() for r in txn.refs], "baseline": baseline})
+    ok = txn.wait(WAIT_S)
+    peak = vm_hwm() or current_rss()
+    server.stop(grace=1).wait(5)
+    service.close()
+    conn.send({"ok": ok, "peak": peak, "published": txn.nbytes, "failed": txn.failed_receivers})
+
+
+def relay_main(conn: Connection, upstream: str, window: int, frame_kib: int) -> None:
+    _child_setup()
+    from concurrent import futures
+
+    import grpc
+
+    from fedkube.transfer import RelayServicer, insecure_channel
+    from fedkube.transfer.wire import server_options
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=server_options(_extra(frame_kib)))
+    RelayServicer(insecure_channel(upstream, _extra(frame_kib)), window_chunks=window).add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    conn.send({"port": port})
+    conn.recv()  # stop
+    peak = vm_hwm() or current_rss()
+    server.stop(grace=1).wait(5)
+    conn.send({"peak": peak})
+
+
+def receiver_main(conn: Connection, address: str, name: str, refs: list[bytes], chunk: int, frame_kib: int) -> None:
+    _child_setup()
+    from fedkube.transfer import Fetcher, FetchSettings, GrpcChunkSource, TensorRef, insecure_channel, numpy_dtype
+    from fedkube.wire.v1 import tensor_pb2
+
+    parsed = [TensorRef.from_proto(tensor_pb2.TensorRef.FromString(r)) for r in refs]
+    # Preallocated, resident output (as the floor's receiver has): allocation is not timed.
+    outs = [np.empty(r.shape, dtype=numpy_dtype(r.dtype)) for r in parsed]
+    for out in outs:
+        out.reshape(-1).view(np.uint8).fill(0)
+    channel = insecure_channel(address, _extra(frame_kib))
+    settings = FetchSettings(chunk_timeout_s=60, idle_timeout_s=300, backoff_max_s=5, max_chunk_bytes=chunk)
+    source = GrpcChunkSource(channel, name, chunk_timeout_s=60)
+    fetcher = Fetcher(source, settings)
+    conn.recv()  # go
+    start = time.perf_counter()
+    for ref, out in zip(parsed, outs, strict=True):
+        fetcher.fetch_array(ref, out)  # checksum verified inside
+    elapsed = time.perf_counter() - start
+    source.complete(parsed[0].transaction_id, ok=True)
+    # Spot-check content independently of the checksum (without rebuilding the model here).
+    for i, out in enumerate(outs):
+        words = out.reshape(-1).view(np.uint32)
+        idx = np.linspace(0, words.size - 1, 1000).astype(np.uint64)
+        expect = ((idx * np.uint64(2654435761) + np.uint64(i)) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        assert np.array_equal(words[idx.astype(np.int64)], expect), f"{name}: wrong data in tensor {i}"
+    channel.close()
+    conn.send({"seconds": elapsed, "peak": vm_hwm() or current_rss(), "attempts": fetcher.attempts})
+
+
+def _start(ctx: Any, target: Any, *args: Any) -> tuple[Any, Connection]:
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(child, *args))
+    proc.start()
+    return proc, parent
+
+
+def _recv(conn: Connection, what: str) -> Any:
+    if not conn.poll(WAIT_S):
+        raise TimeoutError(f"{what} did not answer within {WAIT_S}s")
+    return conn.recv()
+
+
+def _run_receivers(
+    ctx: Any, address: str, names: list[str], refs: list[bytes], chunk: int, frame_kib: int
+) -> list[dict[str, Any]]:
+    procs = [_start(ctx, receiver_main, address, n, refs, chunk, frame_kib) for n in names]
+    time.sleep(0.5)
+    for _, conn in procs:
+        conn.send("go")
+    results = [_recv(conn, f"receiver {n}") for (_, conn), n in zip(procs, names, strict=True)]
+    for proc, _ in procs:
+        proc.join(60)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=1024, help="published bytes, in MiB")
+    parser.add_argument("--tensors", type=int, default=1, help="split the bytes into this many tensors")
+    parser.add_argument("--receivers", type=int, default=2, help="concurrent receivers in the fan-out phase")
+    parser.add_argument("--chunk-kib", type=int, default=1024, help="chunk size asked by receivers and served")
+    parser.add_argument("--window", type=int, default=4, help="relay window, in chunks")
+    parser.add_argument("--frame-kib", type=int, default=0, help="HTTP/2 max frame size to advertise (0: default)")
+    parser.add_argument(
+        "--allocator",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="tuned: every fedkube process calls fedkube.transfer.allocator.tune_allocator() (the recommended setup)",
+    )
+    parser.add_argument("--no-relay", action="store_true")
+    parser.add_argument("--no-floor", action="store_true")
+    args = parser.parse_args()
+
+    os.environ[_TUNE_ENV] = "1" if args.allocator == "tuned" else "0"
+    size = args.size_mib << 20
+    chunk = args.chunk_kib << 10
+    ctx = mp.get_context("spawn")
+    result: dict[str, Any] = {
+        "size_mib": args.size_mib,
+        "tensors": args.tensors,
+        "receivers": args.receivers,
+        "chunk_kib": args.chunk_kib,
+        "window": args.window,
+        "frame_kib": args.frame_kib,
+        "allocator": args.allocator,
+        "cpus": os.cpu_count(),
+    }
+    floor_s = None if args.no_floor else tcp_floor(size, repeats=2)
+    if floor_s is not None:
+        result["floor_s"] = round(floor_s, 3)
+        result["floor_mib_s"] = round(size / floor_s / (1 << 20))
+
+    fan = [f"fan-{i}" for i in range(args.receivers)]
+    names = ["single"] + ([] if args.no_relay else ["relayed"]) + fan
+    pub, pub_conn = _start(ctx, publisher_main, size, args.tensors, names, chunk, args.frame_kib)
+    info = _recv(pub_conn, "publisher")
+    address = f"127.0.0.1:{info['port']}"
+    receivers: dict[str, dict[str, Any]] = {}
+
+    def record(phase: str, runs: list[dict[str, Any]], labels: list[str]) -> None:
+        seconds = max(r["seconds"] for r in runs)
+        result[f"{phase}_s"] = round(seconds, 3)
+        result[f"{phase}_mib_s"] = round(len(runs) * size / seconds / (1 << 20))
+        if floor_s is not None:
+            # Aggregate bytes/s over the floor's bytes/s.
+            result[f"{phase}_ratio"] = round(len(runs) * floor_s / seconds, 3)
+        for label, r in zip(labels, runs, strict=True):
+            receivers[label] = {
+                "peak_mib": mib(r["peak"]),
+                "seconds": round(r["seconds"], 3),
+                "attempts": r["attempts"],
+            }
+
+    record("direct", _run_receivers(ctx, address, ["single"], info["refs"], chunk, args.frame_kib), ["single"])
+    if not args.no_relay:
+        relay, relay_conn = _start(ctx, relay_main, address, args.window, args.frame_kib)
+        relay_port = _recv(relay_conn, "relay")["port"]
+        runs = _run_receivers(ctx, f"127.0.0.1:{relay_port}", ["relayed"], info["refs"], chunk, args.frame_kib)
+        record("relay", runs, ["relayed"])
+        relay_conn.send("stop")
+        result["relay_peak_mib"] = mib(_recv(relay_conn, "relay")["peak"])
+        relay.join(60)
+    if fan:
+        record("fanout", _run_receivers(ctx, address, fan, info["refs"], chunk, args.frame_kib), fan)
+    final = _recv(pub_conn, "publisher")
+    pub.join(60)
+    result["all_verified"] = bool(final["ok"]) and not final["failed"]
+    result["publisher_peak_mib"] = mib(final["peak"])
+    result["publisher_baseline_mib"] = mib(info["baseline"])
+    result["publisher_peak_over_published"] = round(final["peak"] / final["published"], 3)
+    result["receiver_peaks"] = receivers
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
