@@ -37,9 +37,9 @@ def test_operator_process_serves_liveness_and_reconciles(kube: fixtures.KubeHand
                                                          tmp_path: Path) -> None:
     kubernetes.client.ApiextensionsV1Api(kube.api_client).create_custom_resource_definition(
         yaml.safe_load(CRD.read_text()))
-    port = free_port()
+    port, metrics = free_port(), free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FEDKUBE_WATCH_NAMESPACES": "default",
-           "FEDKUBE_HEALTH_PORT": str(port), "FEDKUBE_LOG_FORMAT": "json"}
+           "FEDKUBE_HEALTH_PORT": str(port), "FEDKUBE_METRICS_PORT": str(metrics), "FEDKUBE_LOG_FORMAT": "json"}
     log = (tmp_path / "operator.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "fedkube.operator.main", "--interval", "0.5"], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -49,6 +49,7 @@ def test_operator_process_serves_liveness_and_reconciles(kube: fixtures.KubeHand
             assert proc.poll() is None, (tmp_path / "operator.log").read_text()
             time.sleep(0.2)
         assert _get(f"http://127.0.0.1:{port}/healthz") == 200, (tmp_path / "operator.log").read_text()
+        assert _get(f"http://127.0.0.1:{metrics}/metrics") == 200
 
         custom = kubernetes.client.CustomObjectsApi(kube.api_client)
         job: dict[str, Any] = {
