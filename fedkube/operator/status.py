@@ -537,7 +537,7 @@ def decide(job: FLJob, previous: Mapping[str, Any], obs: Observation) -> Decisio
                 if pod.message:
                     text += f": {pod.message.strip()[-300:]}"
                 state = ClientState(CLIENT_FAILED, Reason.TRAINER_EXITED.value, text, pod.name)
-        if pod is not None and is_teardown_noise(server_ok, pod.exit_code):
+        if pod is not None and state.state not in _UNHEALTHY and is_teardown_noise(server_ok, pod.exit_code):
             note = f"trainer exited with code {pod.exit_code} after the job succeeded (teardown, ignored)"
             state.message = f"{state.message}; {note}" if state.message else note
         newly_failed = state.state in _UNHEALTHY and (before is None or before.state != state.state

@@ -394,3 +394,16 @@ def test_every_status_the_operator_writes_matches_the_crd_schema() -> None:
     for doc in written:
         jsonschema.validate(_drop_nulls(doc), schema)
     assert {d["phase"] for d in written} >= {"Pending", "Deploying", "Running", "Succeeded", "Suspended", "Failed"}
+
+
+def test_a_client_that_crashed_before_the_end_gets_no_teardown_note() -> None:
+    job = _job(("a", "b", "c"), 2)
+    server = _pod("job-server", "Succeeded", ready=False, exit_code=0, message=_summary(
+        Phase.SUCCEEDED, 0, clients=(("a", "Done", ""), ("b", "Done", ""), ("c", "Failed", "Exception"))))
+    pods = {"a": _pod("job-client-a"), "b": _pod("job-client-b"),
+            "c": _pod("job-client-c", "Failed", ready=False, exit_code=1)}
+    d = st.decide(job, {"phase": "Running", "clients": {"c": {"state": "Failed", "reason": "Exception"}}},
+                  st.Observation(T0 + 5, server, pods))
+    assert d.status["phase"] == "Succeeded"
+    assert d.status["clients"]["c"]["reason"] == "Exception" and "teardown" not in d.status["clients"]["c"].get(
+        "message", "")
