@@ -171,8 +171,11 @@ class Sidecar:
         if txs is None:
             log.info("site %s: ResultReceived for unknown or finished task %s ignored", self.config.site, rr.task_id)
             return
-        log.info("site %s: server %s the result of task %s %s", self.config.site,
-                 "received" if rr.ok else "refused", rr.task_id, f"({rr.reason}: {rr.message})" if not rr.ok else "")
+        if rr.ok:
+            log.info("site %s: server received the result of task %s", self.config.site, rr.task_id)
+        else:
+            log.warning("site %s: server refused the result of task %s (%s): %s", self.config.site, rr.task_id,
+                        rr.reason, rr.message)
         ch = self._get_trainer_channel()
         if ch is None:
             return

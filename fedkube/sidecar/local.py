@@ -136,8 +136,10 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
     def ReportState(self, request: control_pb2.TrainerState, context: Any) -> trainer_pb2.Empty:
         change = self._trainer.reported(request)
         if change is not None:
-            log.info("site %s: trainer reports %s %s %s", self._site, control_pb2.TrainerPhase.Name(change.phase),
-                     control_pb2.FailureKind.Name(change.kind), change.message)
+            phase = control_pb2.TrainerPhase.Name(change.phase).removeprefix("TRAINER_PHASE_").lower()
+            kind = control_pb2.FailureKind.Name(change.kind).removeprefix("FAILURE_KIND_").lower()
+            log.info("site %s: trainer reports %s%s: %s", self._site, phase,
+                     f" ({kind})" if change.kind else "", change.message or "-")
             self._on_state(change)
         return trainer_pb2.Empty()
 

@@ -113,7 +113,12 @@ class Session:
         self.service = DownloadService(site)
         self._download_server, port = serve(self.service, "127.0.0.1:0", max_workers=8)
         self.download_address = f"127.0.0.1:{port}"
-        self.channel = grpc.insecure_channel(sidecar_address, options=channel_options())
+        # A fixed per-stream read-ahead instead of gRPC's BDP-grown window: the bytes
+        # in flight would otherwise pile up here on top of the model (LESSONS.md 8).
+        self.channel = grpc.insecure_channel(
+            sidecar_address,
+            options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 << 20), *channel_options()],
+        )
         self.link = trainer_pb2_grpc.TrainerLinkStub(self.channel)
         self.fetcher = Fetcher(
             GrpcChunkSource(self.channel, site, chunk_timeout_s=settings.fetch.chunk_timeout_s), settings.fetch
