@@ -27,14 +27,16 @@ import numpy as np
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.metrics.core import new_registry, serve_metrics
+from fedkube.metrics.server import ServerMetrics
 from fedkube.server import checkpoint
 from fedkube.server.config import ServerConfig, load_config
 from fedkube.server.control import AUTH_METADATA, SITE_METADATA, ControlServicer, SessionTable
 from fedkube.server.http import StatusServer
 from fedkube.server.reverse import UploadBroker
 from fedkube.server.strategies import StrategyState, build_strategy
-from fedkube.server.summary import EXIT_FAILED, TerminationSummary, write_termination_summary
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
+from fedkube.status import EXIT_FAILED, TerminationSummary, write_termination_summary
 from fedkube.transfer.service import DownloadService
 from fedkube.transfer.wire import MAX_CHUNK_BYTES, server_options
 from fedkube.wire.v1 import control_pb2_grpc
@@ -125,6 +127,9 @@ class FedkubeServer:
         self.sessions = SessionTable()
         self.broker = UploadBroker()
         self.downloads = DownloadService(SERVER_SOURCE, chunk_bytes=min(s.transfer.chunk_bytes, MAX_CHUNK_BYTES))
+        # Each server has its own registry: no global state, several servers per process in tests.
+        self.metrics_registry = new_registry()
+        self.metrics = ServerMetrics(self.metrics_registry, s.job, rounds_planned=s.rounds)
         if model_loader is None and s.model_source == "file" and s.model_path:
             path = s.model_path
             model_loader = lambda: load_model_file(path)  # noqa: E731
@@ -133,11 +138,11 @@ class FedkubeServer:
             checkpoints = _CheckpointAdapter(config.checkpoint_dir, s.job)
         self.workflow = RoundWorkflow(
             s, self.strategy, self.sessions, self.broker, self.downloads,
-            initial_model=model_loader, checkpoints=checkpoints,
+            initial_model=model_loader, checkpoints=checkpoints, metrics=self.metrics,
         )  # fmt: skip
         self._servicer = ControlServicer(
             s.job, config.tokens, self.workflow, self.sessions, self.broker,
-            heartbeat_interval_ms=self.workflow.heartbeat_interval_ms,
+            heartbeat_interval_ms=self.workflow.heartbeat_interval_ms, metrics=self.metrics,
         )  # fmt: skip
         limit = config.message_limit()
         # Every running stream holds a worker: each client has a control stream, a forward fetch
@@ -174,6 +179,7 @@ class FedkubeServer:
         given = auth[len("Bearer ") :].encode() if auth.startswith("Bearer ") else b""
         if not hmac.compare_digest(given, expected):
             log.warning("job %s: refused a Download call from site %r: missing or wrong token", self.config.job, site)
+            self.metrics.connection_rejected("BadToken")
             return grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong token for site {site!r}"
         return None, ""
 
@@ -264,9 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedkube server: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if config.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(config.metrics_port, addr="0.0.0.0" if args.bind in ("[::]", "") else args.bind.strip("[]"))
+        try:
+            serve_metrics(server.metrics_registry, config.metrics_port,
+                          addr="0.0.0.0" if args.bind in ("[::]", "") else args.bind.strip("[]"))
+        except ConfigError as exc:
+            log.error("configuration error: %s", exc)
+            return EXIT_CONFIG
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name

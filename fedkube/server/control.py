@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
-from prometheus_client import Counter
 
+from fedkube.metrics.server import ServerMetrics
 from fedkube.server.reverse import UploadBroker, push_chunk, push_end, push_error
 from fedkube.transfer.errors import InvalidRefError
 from fedkube.transfer.refs import TensorRef
@@ -36,12 +36,6 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 SITE_METADATA = "x-fedkube-site"
 AUTH_METADATA = "authorization"
-
-REJECTED = Counter(
-    "fedkube_server_rejected_connections_total",
-    "Calls to the server's control service refused before any effect, by reason.",
-    ["reason"],
-)
 
 _PHASES = {
     control_pb2.TRAINER_PHASE_UNSPECIFIED: "Unknown",
@@ -183,7 +177,9 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         broker: UploadBroker,
         *,
         heartbeat_interval_ms: int,
+        metrics: ServerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._job = job
         self._tokens = dict(tokens)
         self._events = events
@@ -216,7 +212,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     def _refuse(
         self, context: grpc.ServicerContext, site: str, code: grpc.StatusCode, reason: str, message: str
     ) -> None:
-        REJECTED.labels(reason=reason).inc()
+        if self._metrics is not None:
+            self._metrics.connection_rejected(reason)
         log.warning("job %s: refused call from site %r (peer %s): %s", self._job, site, context.peer(), message)
 
     # --- Connect --------------------------------------------------------------

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from prometheus_client import Counter, Gauge, Histogram
 
 from fedkube.errors import ConfigError, FedkubeError
+from fedkube.metrics.core import new_registry
+from fedkube.metrics.server import ServerMetrics
 from fedkube.server.aggregate import InvalidResultError, weighted_metrics
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
@@ -58,11 +59,17 @@ from fedkube.server.rounds import (
     decide_start,
 )
 from fedkube.server.strategies import RoundAggregator, Strategy, StrategyState, check_initial_model
-from fedkube.server.summary import JobStatus, Phase, Reason, utc_timestamp
-from fedkube.transfer.errors import TransferAbortedError, TransferError
+from fedkube.status import JobStatus, Phase, Reason, utc_timestamp
+from fedkube.transfer.errors import TransferAbortedError, TransferError, TransferStalledError
 from fedkube.transfer.fetch import Fetcher, FetchSettings
 from fedkube.transfer.refs import TensorRef, array_from_buffer
-from fedkube.transfer.service import DownloadService, Transaction
+from fedkube.transfer.service import (
+    RECEIVER_FINISHED,
+    TRANSACTION_RELEASED,
+    DownloadService,
+    Transaction,
+    TransferEvent,
+)
 from fedkube.wire.v1 import control_pb2
 
 log = logging.getLogger(__name__)
@@ -71,18 +78,7 @@ INIT_TASK = "init"
 TRAIN_TASK = "train"
 TASK_KIND_KEY = "fedkube.task"
 
-ROUNDS = Counter("fedkube_server_rounds_completed_total", "Rounds aggregated and checkpointed.", ["job"])
-ROUND_SECONDS = Histogram(
-    "fedkube_server_round_seconds", "Wall time of a round, tasks sent to aggregate finished.", ["job"],
-    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600),
-)  # fmt: skip
-CLIENTS = Gauge("fedkube_server_clients", "Clients by state.", ["job", "state"])
-FAILURES = Counter(
-    "fedkube_server_client_failures_total", "Client failures and exclusions by reason.", ["job", "reason"]
-)
-RESULT_BYTES = Counter("fedkube_server_result_bytes_total", "Verified result bytes pulled from clients.", ["job"])
-
-# Job-level reasons beyond fedkube.server.summary.Reason (which names client failures).
+# Job-level reasons beyond fedkube.status.Reason (which names client failures).
 TERMINATED = "Terminated"
 NO_INITIAL_MODEL = "NoInitialModel"
 
@@ -150,6 +146,8 @@ class _Download:
     thread: threading.Thread | None = None
     bytes_done: int = 0
     bytes_total: int = 0
+    started: float = 0.0
+    add_seconds: float = 0.0  # time spent folding this result into the aggregate
 
 
 @dataclass
@@ -174,6 +172,7 @@ class _Round:
     answered: set[str] = field(default_factory=set)
     announced: set[str] = field(default_factory=set)
     attempts: int = 0
+    aggregation_s: float = 0.0
     closed: bool = False
 
 
@@ -215,10 +214,12 @@ class RoundWorkflow:
         *,
         initial_model: Callable[[], dict[str, np.ndarray]] | None = None,
         checkpoints: CheckpointStore | None = None,
+        metrics: ServerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.telemetry = metrics if metrics is not None else ServerMetrics(new_registry(), settings.job)
         self._strategy = strategy
         self._sessions = sessions
         self._broker = broker
@@ -257,6 +258,9 @@ class RoundWorkflow:
         # round again, and a sidecar ignores a task id it has already seen.
         self._run_id = uuid.uuid4().hex[:8]
         self._fetch = _fetch_settings(settings)
+        # Global-model transactions, for the "to_clients" transfer metric (read on the service's executor).
+        self._published: dict[str, tuple[float, int]] = {}
+        download_service.add_listener(self._on_transfer_event)
         self._status_lock = threading.Lock()
         self._status = self._snapshot()
 
@@ -316,13 +320,14 @@ class RoundWorkflow:
                     model = self._init_from_first_client(participants)
                     participants = self._await_start(number)
                 started = self._clock()
+                self.telemetry.round_started(number)
                 model = self._run_round(number, participants, model)
-                ROUND_SECONDS.labels(job=s.job).observe(self._clock() - started)
-                ROUNDS.labels(job=s.job).inc()
                 self._rounds_completed = number
                 if self._checkpoints is not None:
-                    self._checkpoints.save(number, model, self._strategy.state(), self._last_metrics)
+                    with self.telemetry.timing_checkpoint():
+                        self._checkpoints.save(number, model, self._strategy.state(), self._last_metrics)
                     log.info("job %s round %s: checkpoint written", s.job, number)
+                self.telemetry.round_completed(self._clock() - started, number=number)
                 self._refresh()
             outcome = Outcome(True, Phase.SUCCEEDED.value, f"completed {s.rounds} round(s)", self._rounds_completed)
         except JobFailed as exc:
@@ -443,7 +448,7 @@ class RoundWorkflow:
                     raise JobFailed(decision.reason.value if decision.reason else Reason.QUORUM_LOST.value, message)
                 if decision.action is Action.CLOSE:
                     for site in apply_stragglers(self.registry, state, decision):
-                        FAILURES.labels(job=s.job, reason=Reason.ROUND_TIMEOUT.value).inc()
+                        self.telemetry.client_failed(Reason.ROUND_TIMEOUT.value)
                         log.warning("job %s round %s: client %s excluded as a straggler (RoundTimeout)", s.job,
                                     number, site)
                     break
@@ -456,7 +461,9 @@ class RoundWorkflow:
         done = [site for site in participants if site in rnd.results]
         if len(done) < self.policy.min_clients:  # e.g. a committed result lost its client meanwhile
             raise JobFailed(Reason.QUORUM_LOST.value, f"round {number}: only {done} delivered a result")
+        t0 = time.perf_counter()
         new_model = rnd.sink.finish()
+        self.telemetry.aggregated(rnd.aggregation_s + time.perf_counter() - t0)
         self._last_metrics = weighted_metrics({k: (float(n), m) for k, (n, m) in rnd.results.items()})
         log.info("job %s round %s: aggregated the results of %s; metrics %s", s.job, number, ",".join(done),
                  self._last_metrics)
@@ -485,6 +492,8 @@ class RoundWorkflow:
             )  # fmt: skip
             rnd.refs = rnd.transaction.refs
             rnd.model = model
+            self.telemetry.model_size(rnd.transaction.nbytes)
+            self._published[rnd.transaction.id] = (self._clock(), rnd.transaction.nbytes)
             rnd.state = RoundState(number, participants, now, self.policy)
         self._round = rnd
         for site in participants:
@@ -510,6 +519,7 @@ class RoundWorkflow:
                 transaction_id=f"{txn.id}-{site}-{len(rnd.republished) + 1}",
             )  # fmt: skip
             rnd.republished.append(again)
+            self._published[again.id] = (self._clock(), again.nbytes)
             refs = again.refs
         msg = control_pb2.ServerMessage(
             task=control_pb2.Task(
@@ -680,7 +690,7 @@ class RoundWorkflow:
         rnd.attempts += 1
         dl = _Download(
             site=site, task_id=result.task_id, key=f"{site}#{rnd.attempts}", num_examples=result.num_examples,
-            metrics=dict(result.metrics), bytes_total=sum(r.nbytes for r in refs),
+            metrics=dict(result.metrics), bytes_total=sum(r.nbytes for r in refs), started=self._clock(),
         )  # fmt: skip
         dl.thread = threading.Thread(
             target=self._download, args=(rnd, dl, refs), name=f"fedkube-pull-{site}-r{rnd.number}", daemon=True
@@ -704,7 +714,8 @@ class RoundWorkflow:
         # Commit only while the registry still expects this very result (it may have been lost meanwhile).
         if ok and rnd.kind == TRAIN_TASK and self.registry.result_done(dl.site, dl.task_id):
             rnd.sink.commit(dl.key)
-            RESULT_BYTES.labels(job=job).inc(dl.bytes_total)
+            rnd.aggregation_s += dl.add_seconds
+            self.telemetry.transferred("from_clients", dl.bytes_total, max(0.0, self._clock() - dl.started))
             rnd.results[dl.site] = (dl.num_examples, dl.metrics)
             self._answer(rnd, dl.site, True, "", "")
             log.info("job %s round %s: result of %s verified and aggregated", job, rnd.number, dl.site)
@@ -728,7 +739,7 @@ class RoundWorkflow:
         """registry.fail, counted by reason when it changed the client."""
         changed = self.registry.fail(site, reason, message, task_id=task_id)
         if changed:
-            FAILURES.labels(job=self.settings.job, reason=reason.value).inc()
+            self.telemetry.client_failed(reason.value)
         return changed
 
     def _discard(self, rnd: _Round, dl: _Download) -> None:
@@ -772,13 +783,17 @@ class RoundWorkflow:
                         out = buffers[ref.nbytes] = bytearray(ref.nbytes)
                 data = fetcher.fetch_into(ref, out, progress=progress)
                 array = array_from_buffer(data, ref.dtype, ref.shape)
+                t0 = time.perf_counter()
                 rnd.sink.add(dl.key, ref.name, array, weight)
+                dl.add_seconds += time.perf_counter() - t0
                 del array, data  # one tensor in flight per download, never a whole result
                 base += ref.nbytes
             ok = True
         except TransferAbortedError as exc:
             reason, message = Reason.ABORTED.value, str(exc)
         except TransferError as exc:
+            if isinstance(exc, TransferStalledError):
+                self.telemetry.stalled("from_clients")
             reason, message = Reason.TRANSFER_FAILED.value, str(exc)
         except InvalidResultError as exc:
             reason, message = Reason.INVALID_RESULT.value, exc.detail
@@ -786,6 +801,16 @@ class RoundWorkflow:
             log.exception("job %s round %s: the download from %s failed", self.settings.job, rnd.number, dl.site)
             reason, message = Reason.TRANSFER_FAILED.value, f"{type(exc).__name__}: {exc}"
         self._post(self._on_download_finished, rnd, dl, ok, reason, message)
+
+    def _on_transfer_event(self, event: TransferEvent) -> None:
+        """A receiver finished fetching the global model (runs on the download service's executor)."""
+        if event.kind == RECEIVER_FINISHED and event.ok:
+            published = self._published.get(event.transaction_id)
+            if published is not None:
+                start, nbytes = published
+                self.telemetry.transferred("to_clients", nbytes, max(0.0, self._clock() - start))
+        elif event.kind == TRANSACTION_RELEASED:
+            self._published.pop(event.transaction_id, None)
 
     # --- plumbing -----------------------------------------------------------------------------------
 
@@ -818,7 +843,7 @@ class RoundWorkflow:
     def _check_heartbeats(self) -> None:
         """Seen-then-silent clients become Lost (the registry never loses a client it has not seen)."""
         for rec in self.registry.check_heartbeats():
-            FAILURES.labels(job=self.settings.job, reason=Reason.LOST.value).inc()
+            self.telemetry.client_failed(Reason.LOST.value)
             log.warning("job %s: client %s lost: %s", self.settings.job, rec.name, rec.message)
             self._abort_download(rec.name)
             rnd = self._round
@@ -888,8 +913,7 @@ class RoundWorkflow:
         counts = dict.fromkeys((st.value for st in ClientState), 0)
         for c in snap.clients:
             counts[c.state] = counts.get(c.state, 0) + 1
-        for state_name, n in counts.items():
-            CLIENTS.labels(job=self.settings.job, state=state_name).set(n)
+        self.telemetry.clients(counts)
         with self._status_lock:
             self._status = snap
 

@@ -16,7 +16,7 @@ import pytest
 
 from fedkube import envvars
 from fedkube.server.app import main
-from fedkube.server.summary import TerminationSummary
+from fedkube.status import TerminationSummary
 from tests.integration.server.conftest import token_of
 from tests.integration.server.fakes import FakeSidecar, Reply
 
@@ -114,7 +114,7 @@ def test_sigterm_stops_clients_writes_the_summary_and_exits_1(tmp_path: Path) ->
         sidecar.wait_for(lambda: any(m.WhichOneof("msg") == "registered" for m in sidecar.messages),
                          what="registration")
         deadline = time.monotonic() + 10
-        wanted = 'fedkube_server_clients{job="procjob",state="Registered"} 1.0'
+        wanted = 'fedkube_server_clients{fljob="procjob",state="Registered"} 1.0'
         while True:  # the status snapshot and the gauge follow the registration shortly after it
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
                 if wanted in r.read().decode():

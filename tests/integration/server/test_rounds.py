@@ -53,6 +53,14 @@ def test_two_clients_fedavg_exact_aggregate(harness: Harness) -> None:
     assert status.phase.value == "Succeeded"
     assert status.metrics == {"loss": pytest.approx((2.0 * 1 + 1.0 * 3) / 4)}
     assert [c.rounds_completed for c in status.clients] == [2, 2]
+    reg, job = srv.metrics_registry, {"fljob": "job1"}
+    nbytes = sum(v.nbytes for v in model().values())
+    assert reg.get_sample_value("fedkube_server_rounds_completed_total", job) == 2
+    assert reg.get_sample_value("fedkube_server_last_completed_round", job) == 2
+    assert reg.get_sample_value("fedkube_server_transfer_bytes_total", {**job, "direction": "from_clients"}) == (
+        2 * 2 * nbytes
+    )
+    assert reg.get_sample_value("fedkube_server_clients", {**job, "state": "Done"}) == 2
 
 
 def three(**kw: object) -> tuple[str, ...]:
