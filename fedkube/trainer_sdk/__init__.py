@@ -85,6 +85,17 @@ def _require(call: str) -> Session:
     return s
 
 
+def _default_logging() -> None:
+    """One INFO handler on the root logger, only when the script configured no logging at all.
+
+    Otherwise the script's own setup stands untouched (LESSONS.md 21: silent
+    trainers without any handler; doubled lines when we add ours to theirs).
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def init(*, settings: SessionSettings | None = None) -> None:
     """Connect to this pod's sidecar and start serving results; call once, first.
 
@@ -96,9 +107,7 @@ def init(*, settings: SessionSettings | None = None) -> None:
     with _lock:
         if _session is not None:
             return
-        if not logging.getLogger().handlers:
-            # Only when the script configured nothing: otherwise its own logging setup wins (LESSONS.md 21).
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _default_logging()
         missing = [v for v in (envvars.SIDECAR_ADDRESS, envvars.SITE) if not os.environ.get(v)]
         if missing:
             raise SDKError(

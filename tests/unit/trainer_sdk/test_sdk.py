@@ -116,3 +116,21 @@ def test_failure_kinds_of_unhandled_exceptions() -> None:
     assert failure_kind(ValueError("x")) == control_pb2.FAILURE_KIND_EXCEPTION
     assert failure_kind(ConfigError("bad lr")) == control_pb2.FAILURE_KIND_CONFIG_ERROR
     assert failure_kind(KeyboardInterrupt()) == control_pb2.FAILURE_KIND_ABORTED
+
+
+def test_default_logging_only_when_the_script_configured_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from fedkube.trainer_sdk import _default_logging
+
+    root = logging.getLogger()
+    theirs = logging.NullHandler()
+    monkeypatch.setattr(root, "handlers", [theirs])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    _default_logging()
+    assert root.handlers == [theirs] and root.level == logging.WARNING  # the script's setup stands
+    monkeypatch.setattr(root, "handlers", [])
+    _default_logging()
+    assert len(root.handlers) == 1 and root.level == logging.INFO
+    _default_logging()
+    assert len(root.handlers) == 1  # never a second handler (no doubled lines)
