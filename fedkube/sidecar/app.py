@@ -16,6 +16,7 @@ from types import FrameType
 
 import grpc
 
+from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.sidecar.config import SidecarConfig
 from fedkube.sidecar.local import TrainerLinkServicer
@@ -96,9 +97,11 @@ class Sidecar:
         """Bind the trainer endpoint on 127.0.0.1 and start the upstream stream; returns the bound port."""
         try:
             self.port = self._server.add_insecure_port(f"127.0.0.1:{self.config.trainer_port}")
-        except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on 127.0.0.1:{self.config.trainer_port} for the trainer ({exc}); "
-                              "fix: choose a free FEDKUBE_TRAINER_PORT") from None
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            raise ConfigError(f"cannot listen on 127.0.0.1:{self.config.trainer_port} for the trainer (port in use?); "
+                              f"fix: choose a free {envvars.TRAINER_PORT}")
         self._server.start()
         log.info("site %s: sidecar for job %s listening for its trainer on 127.0.0.1:%d; server is %s",
                  self.config.site, self.config.job, self.port, self.config.server_address)

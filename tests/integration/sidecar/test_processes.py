@@ -318,3 +318,19 @@ def test_sidecar_rss_is_sampled_from_a_live_process() -> None:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_trainer_port_in_use_is_a_config_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        token = tmp_path / "token"
+        token.write_text(TOKEN)
+        env = {**os.environ, envvars.JOB: JOB, envvars.SITE: SITE, envvars.SERVER_ADDRESS: "127.0.0.1:1",
+               envvars.TOKEN_FILE: str(token), envvars.TRAINER_PORT: str(busy.getsockname()[1]),
+               "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys; from fedkube.sidecar.app import main; sys.exit(main())"],
+            env=env, text=True, capture_output=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert envvars.TRAINER_PORT in proc.stderr and "Traceback" not in proc.stderr
