@@ -41,7 +41,7 @@ import numpy as np
 from fedkube.errors import ConfigError, FedkubeError
 from fedkube.metrics.core import new_registry
 from fedkube.metrics.server import ServerMetrics
-from fedkube.server.aggregate import InvalidResultError, weighted_metrics
+from fedkube.server.aggregate import DiscardOutcome, InvalidResultError, weighted_metrics
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
 from fedkube.server.model import ModelSpec, check_result
@@ -126,8 +126,9 @@ class _InitCollector:
     def commit(self, client: str) -> None:
         """Nothing to fold: the collected tensors are the model."""
 
-    def discard(self, client: str) -> None:
+    def discard(self, client: str) -> DiscardOutcome:
         self.model = {}
+        return DiscardOutcome(client, ())
 
     def finish(self) -> dict[str, np.ndarray]:
         return self.model
@@ -721,9 +722,11 @@ class RoundWorkflow:
             log.info("job %s round %s: result of %s verified and aggregated", job, rnd.number, dl.site)
             self._refresh()
             return
-        self._discard(rnd, dl)
+        note = self._discard(rnd, dl)
         if ok:
             return  # the client left the round while its bytes arrived; already answered or failed
+        if note:
+            message = f"{message}; {note}" if message else note
         if rnd.kind == INIT_TASK:
             rnd.failed[dl.site] = (reason, message)
         elif reason != Reason.ABORTED.value:
@@ -742,12 +745,28 @@ class RoundWorkflow:
             self.telemetry.client_failed(reason.value)
         return changed
 
-    def _discard(self, rnd: _Round, dl: _Download) -> None:
+    def _discard(self, rnd: _Round, dl: _Download) -> str:
+        """Take a client's result out of the round; returns a note when part of it had to stay.
+
+        The streaming aggregator cannot subtract what it already folded (the
+        arrays are gone), so tensors of this client that were fully downloaded
+        and verified before the failure stay in their averages. That is said in
+        the log and in the client's failure message, never hidden.
+        """
         try:
-            rnd.sink.discard(dl.key)
+            outcome = rnd.sink.discard(dl.key)
         except FedkubeError:
             log.exception("job %s round %s: could not discard the result of %s", self.settings.job, rnd.number,
                           dl.site)
+            return ""
+        if outcome.exact:
+            return ""
+        kept = outcome.kept_tensors
+        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        note = (f"{len(kept)} of its tensors ({shown}) were already verified and stay in this round's average; "
+                f"set strategy param staged: true for all-or-nothing exclusion")
+        log.warning("job %s round %s: result of %s partly used: %s", self.settings.job, rnd.number, dl.site, note)
+        return note
 
     def _abort_download(self, site: str) -> None:
         rnd = self._round

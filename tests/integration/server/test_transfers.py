@@ -101,3 +101,21 @@ def test_silent_client_is_lost_and_never_registered_one_is_not(harness: Harness)
     status = {cl.name: cl for cl in srv.workflow.status().clients}
     assert status["site-b"].state == "Lost" and "no heartbeat" in status["site-b"].message
     assert status["site-c"].state == "Pending" and status["site-c"].reason == "NotRegistered"
+
+
+def test_partly_downloaded_result_says_which_tensors_stay_in_the_average(harness: Harness) -> None:
+    """Streaming aggregation cannot take back a verified tensor; the client is told, not misled."""
+    srv = harness.server(make_config(SITES, rounds=1, min_clients=2), model())
+    harness.sidecar(srv, "site-a", add_value(1.0))
+    harness.sidecar(srv, "site-b", add_value(3.0))
+    c = harness.sidecar(srv, "site-c", add_value(5.0), start=False)
+    c.push_mode = lambda req: "error" if req.ref.name == "b" else "ok"  # "w" arrives first and verifies
+    c.start()
+    c.wait_for(lambda: bool(c.received), timeout=20, what="round 1's answer")
+    answer = next(iter(c.received.values()))
+    assert not answer.ok and answer.reason == "TransferFailed"
+    assert "1 of its tensors (w) were already verified and stay in this round's average" in answer.message
+    status = {cl.name: cl for cl in srv.workflow.status().clients}
+    assert "stay in this round's average" in status["site-c"].message
+    outcome = srv.wait(20)
+    assert outcome is not None and outcome.success, outcome
