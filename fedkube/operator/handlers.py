@@ -149,6 +149,9 @@ def reconcile(
     if job.spec.suspend:
         _ensure(job, body, memo, pods=False)
         if phase != lifecycle.SUSPENDED:
+            # Suspended while the operator was away: its pods may still run.
+            api = _kube(memo)
+            api.delete_pods(job.namespace, [p["metadata"]["name"] for p in api.job_pods(job.namespace, job.name)])
             fields, events = lifecycle.suspended(previous, now)
             _write(patch, previous, fields)
             _post(body, events)

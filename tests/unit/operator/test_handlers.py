@@ -237,3 +237,17 @@ def test_fixing_an_invalid_spec_starts_the_job(kube: fixtures.KubeHandle) -> Non
         conds = {c["type"]: c["status"] for c in status["conditions"]}
         assert conds["Invalid"] == "False" and conds["Failed"] == "False"
         assert "completionTime" not in status
+
+
+def test_a_job_suspended_while_the_operator_was_away_loses_its_pods_on_restart(kube: fixtures.KubeHandle) -> None:
+    _crd(kube)
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client)
+    api = kubeops.Kube(kube.api_client)
+    with _operator(kube):
+        custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", _doc("away"))
+        _until(lambda: len(api.job_pods("default", "away")) == 3)
+    custom.patch_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "away",
+                                          {"spec": {"suspend": True}})
+    with _operator(kube):
+        _until(lambda: _status(custom, "away").get("phase") == "Suspended")
+        _until(lambda: api.job_pods("default", "away") == [])
