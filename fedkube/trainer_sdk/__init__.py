@@ -143,16 +143,23 @@ def receive() -> FLModel:
     return _require("receive").receive()
 
 
-def send(model: FLModel) -> None:
+def send(model: FLModel) -> bool:
     """Send the result of the task last received; returns once the server has all of it.
 
     Tensors are served straight from your arrays (no copy): do not modify
     them until ``send()`` returns. Names, dtypes and shapes must match the
-    model you received. Raises :class:`SendWithoutReceiveError`,
-    :class:`ResultRejectedError` (server refused it), :class:`ResultTransferError`
-    (download never started or stalled).
+    model you received.
+
+    Returns True when the server downloaded, verified and used the result,
+    False when it set this round's result aside for a round-scoped reason
+    (the site was a straggler past the round deadline, or the transfer
+    failed): a warning is logged and the site simply takes the next task.
+    Raises :class:`SendWithoutReceiveError`, :class:`ResultRejectedError`
+    (reason ``InvalidResult``: names, dtypes or shapes differ from the global
+    model — a bug in the script), :class:`ResultTransferError` (the download
+    never started or stalled).
     """
-    _require("send").send(model)
+    return _require("send").send(model)
 
 
 def log_metric(name: str, value: float, round: int | None = None) -> None:
@@ -161,9 +168,15 @@ def log_metric(name: str, value: float, round: int | None = None) -> None:
 
 
 def finish() -> None:
-    """Tell the sidecar this trainer finished cleanly and close the link (runs automatically at exit).
+    """Close the link to the sidecar (runs automatically at exit).
 
-    Does nothing if the trainer already reported a failure or was never initialized.
+    The trainer counts as finished cleanly only when the job's end reached it
+    (``is_running()`` returned False). A script that stops earlier (it broke
+    out of the loop, or called ``sys.exit``, whose code Python does not show
+    to exit hooks) is reported by the sidecar as having exited: teardown noise
+    once its last result was delivered (LESSONS.md 19), ExitedBeforeDownload
+    while one was still wanted. Does nothing if the trainer already reported
+    a failure or was never initialized.
     """
     global _session
     with _lock:
@@ -171,8 +184,12 @@ def finish() -> None:
     if s is None:
         return
     if not s.final_reported:
-        s.report(control_pb2.TRAINER_PHASE_FINISHED, message="trainer finished")
-        log.info("job %s site %s: trainer finished", s.job, s.site)
+        if s.job_over:
+            s.report(control_pb2.TRAINER_PHASE_FINISHED, message="trainer finished")
+            log.info("job %s site %s: trainer finished", s.job, s.site)
+        else:
+            log.warning("job %s site %s: the trainer is ending before the job is over; the sidecar will report "
+                        "that it exited", s.job, s.site)
     s.close()
 
 

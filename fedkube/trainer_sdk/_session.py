@@ -25,6 +25,7 @@ import numpy as np
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.status import Reason
 from fedkube.trainer_sdk.errors import (
     JobStoppedError,
     ResultRejectedError,
@@ -241,7 +242,7 @@ class Session:
         return out
 
     # --- results -------------------------------------------------------------------
-    def send(self, model: FLModel) -> None:
+    def send(self, model: FLModel) -> bool:
         with self._lock:
             task, self._task = self._task, None
         if task is None:
@@ -250,12 +251,12 @@ class Session:
                 "first, and send() exactly once per received task"
             )
         try:
-            self._send(task, model)
+            return self._send(task, model)
         finally:
             # Drop everything of this round (LESSONS.md 8): the caller may still hold its own arrays.
             del task, model
 
-    def _send(self, task: _Task, model: FLModel) -> None:
+    def _send(self, task: _Task, model: FLModel) -> bool:
         arrays = params_to_numpy(model.params) if model.params is not None else {}
         cfg = task.config
         s = self.settings
@@ -284,16 +285,16 @@ class Session:
             ) from None
         if txn is None:
             log.info("job %s site %s round %d: result without tensors sent", self.job, self.site, task.round)
-            return
+            return True
         total, tid = txn.nbytes, txn.id
         del txn
         try:
-            self._wait_received(task, total, idle_s=idle, start_s=start)
+            return self._wait_received(task, total, idle_s=idle, start_s=start)
         finally:
             self.service.release(tid)
 
-    def _wait_received(self, task: _Task, total: int, *, idle_s: float, start_s: float) -> None:
-        """Block until the server has the result; progress-aware (LESSONS.md 1-3)."""
+    def _wait_received(self, task: _Task, total: int, *, idle_s: float, start_s: float) -> bool:
+        """Block until the server has the result or refused it; progress-aware (LESSONS.md 1-3)."""
         ids = f"job {self.job} site {self.site} round {task.round} task {task.id}"
         began = time.monotonic()
         last_change = began
@@ -344,12 +345,20 @@ class Session:
         if outcome is None:
             raise SidecarUnreachableError(f"{ids}: the sidecar ended the result watch without an outcome")
         if not outcome.ok:
-            raise ResultRejectedError(
-                f"{ids}: the server refused the result ({outcome.reason}): {outcome.message}; "
-                "fix: send exactly the tensor names, dtypes and shapes of the model you received",
-                reason=outcome.reason,
-            )
+            if outcome.reason == Reason.INVALID_RESULT.value:
+                # A wrong name/dtype/shape repeats every round: a bug in the script, so it stops here.
+                raise ResultRejectedError(
+                    f"{ids}: the server refused the result ({outcome.reason}): {outcome.message}; "
+                    "fix: send exactly the tensor names, dtypes and shapes of the model you received",
+                    reason=outcome.reason,
+                )
+            # Round-scoped (a straggler past the deadline, a failed transfer): the site sits out this
+            # round only and takes the next task (LESSONS.md 16), so the script's loop goes on.
+            log.warning("%s: the server did not use this result (%s): %s; continuing with the next task", ids,
+                        outcome.reason, outcome.message)
+            return False
         log.info("%s: the server received the result (%d bytes) in %.2f s", ids, total, time.monotonic() - began)
+        return True
 
     # --- metrics and state -------------------------------------------------------------
     def log_metric(self, name: str, value: float, round: int | None = None) -> None:
@@ -383,6 +392,12 @@ class Session:
         except grpc.RpcError as exc:
             log.warning("job %s site %s: could not report the trainer's state to the sidecar: %s", self.job,
                         self.site, _rpc_text(exc))
+
+    @property
+    def job_over(self) -> bool:
+        """True once the server's Stop reached this trainer (the script's loop ran to its end)."""
+        with self._lock:
+            return self._stopped is not None
 
     @property
     def final_reported(self) -> bool:

@@ -121,6 +121,31 @@ while fk.is_running():
         server.pull(SITE, ann)
 
 
+def test_script_leaving_before_the_job_ends_is_exited_not_finished(
+    server: FakeServer, sidecar: Sidecar, tmp_path: Path
+) -> None:
+    """sys.exit() hides its code from exit hooks; only a trainer that saw the job's end says 'finished'."""
+    proc = _trainer(
+        tmp_path,
+        """
+import sys
+fk.init()
+model = fk.receive()
+assert fk.send(fk.FLModel(params={"w": model.params["w"] + 1}, num_examples=3))
+sys.exit(3)
+""",
+        sidecar.port,
+    )
+    server.publish_task(SITE, {"w": np.zeros(4, np.float32)}, task_id="t1")
+    ann = server.wait_message("result", lambda r: r.task_id == "t1")
+    server.pull(SITE, ann)
+    server.result_received(SITE, "t1")
+    assert proc.wait(20) == 3, proc.communicate()[0]
+    state = _state(server, control_pb2.TRAINER_PHASE_EXITED)
+    assert state.kind == control_pb2.FAILURE_KIND_UNSPECIFIED  # its result was delivered: teardown noise
+    assert sidecar.trainer.state.phase == control_pb2.TRAINER_PHASE_EXITED
+
+
 def _vm_hwm(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):

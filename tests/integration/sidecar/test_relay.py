@@ -134,6 +134,27 @@ def test_server_refusal_raises_result_rejected(server: FakeServer, sidecar: Side
     assert errors[0].reason == "InvalidResult" and "expected [3]" in str(errors[0])
 
 
+def test_round_scoped_refusal_returns_false_and_the_loop_goes_on(
+    server: FakeServer, sidecar: Sidecar, trainer: Session
+) -> None:
+    """A straggler excluded for one round keeps its trainer: send() says False, the next task comes."""
+    server.publish_task(SITE, {"w": np.zeros(3, np.float32)}, task_id="s1")
+    trainer.receive()
+    outcome: list[bool] = []
+    t = threading.Thread(
+        target=lambda: outcome.append(trainer.send(FLModel(params={"w": np.ones(3, np.float32)}, num_examples=1))),
+        daemon=True,
+    )
+    t.start()
+    server.wait_message("result", lambda r: r.task_id == "s1")
+    server.result_received(SITE, "s1", ok=False, reason="RoundTimeout", message="past the round deadline")
+    t.join(10)
+    assert outcome == [False]
+    server.publish_task(SITE, {"w": np.zeros(3, np.float32)}, task_id="s2", round=2)
+    assert trainer.is_running()
+    assert trainer.receive().round == 2
+
+
 def test_trainer_state_and_metrics_forwarded(server: FakeServer, sidecar: Sidecar, trainer: Session) -> None:
     server.wait_message("trainer_state", lambda s: s.phase == control_pb2.TRAINER_PHASE_RUNNING)
     trainer.log_metric("train_loss", 0.25, round=2)
@@ -175,7 +196,7 @@ def test_cancel_upload_stops_the_push(server: FakeServer, sidecar: Sidecar, trai
     assert got < 128
     server.result_received(SITE, "c1", ok=False, reason="TransferFailed", message="cancelled by test")
     t.join(10)
-    assert errors and isinstance(errors[0], ResultRejectedError)
+    assert not t.is_alive() and not errors  # a failed transfer sets this round's result aside; no exception
 
 
 def _fast_timeouts(trainer: Session, *, idle: float, start: float) -> None:
