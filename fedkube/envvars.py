@@ -32,6 +32,9 @@ SITE = "FEDKUBE_SITE"  # this client's site name (also given to the trainer)
 SERVER_ADDRESS = "FEDKUBE_SERVER_ADDRESS"  # host:port of the server's gRPC endpoint
 TOKEN_FILE = "FEDKUBE_TOKEN_FILE"  # this site's token (mounted into the sidecar only)
 TRAINER_PORT = "FEDKUBE_TRAINER_PORT"  # where the sidecar listens for its trainer (localhost)
+# "1": exit once the job's Stop and the trainer's final state were forwarded. Set by the
+# local runtime only; in a pod the sidecar is a native sidecar that the kubelet stops.
+SIDECAR_EXIT_ON_STOP = "FEDKUBE_SIDECAR_EXIT_ON_STOP"
 
 # --- trainer (user script + trainer SDK) --------------------------------------
 SIDECAR_ADDRESS = "FEDKUBE_SIDECAR_ADDRESS"  # host:port of the sidecar's local endpoint

@@ -59,7 +59,7 @@ ADDRESS_VARS = frozenset({envvars.SERVER_ADDRESS, envvars.SIDECAR_ADDRESS})
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 # The local runtime's own switch for the sidecar: leave after the job's Stop
 # instead of waiting for a SIGTERM that only Kubernetes would send.
-SIDECAR_EXIT_ON_STOP = "FEDKUBE_SIDECAR_EXIT_ON_STOP"
+SIDECAR_EXIT_ON_STOP = envvars.SIDECAR_EXIT_ON_STOP
 
 
 class ObjectLookup(Protocol):

@@ -13,7 +13,7 @@ from fedkube.errors import ConfigError
 # Set by the local runtime: leave once the job's Stop and the trainer's final
 # state were forwarded (in Kubernetes the sidecar runs until SIGTERM).
 # TODO(lead): move into fedkube.envvars; the getattr keeps this module working before and after.
-SIDECAR_EXIT_ON_STOP: str = getattr(envvars, "SIDECAR_EXIT_ON_STOP", "FEDKUBE_SIDECAR_EXIT_ON_STOP")
+SIDECAR_EXIT_ON_STOP = envvars.SIDECAR_EXIT_ON_STOP
 
 
 @dataclass(frozen=True)
