@@ -303,6 +303,9 @@ def observe(
         if url:
             server_status = kube.fetch_server_status(url, float(memo[Memo.STATUS_TIMEOUT]))
     decision = lifecycle.decide(job, previous, lifecycle.Observation(now, server, clients, server_status))
+    generation = (fresh.get("metadata") or {}).get("generation")
+    if isinstance(generation, int):
+        decision.status["observedGeneration"] = generation
     if decision.delete_pods:
         api.delete_pods(job.namespace, decision.delete_pods)
     if server_raw is None and decision.status.get("phase") not in lifecycle.TERMINAL:

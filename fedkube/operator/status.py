@@ -501,6 +501,8 @@ def decide(job: FLJob, previous: Mapping[str, Any], obs: Observation) -> Decisio
     server_ok = outcome is not None and outcome.phase == SUCCEEDED
     summary_clients = {c.name: c for c in (outcome.summary.clients if outcome and outcome.summary else [])}
     live_clients = {c.name: c for c in (server_status.clients if server_status is not None else [])}
+    # The server says the job is over but has not exited yet: client exits from here on are teardown.
+    live_finished = server_status is not None and server_status.phase.finished
 
     clients: dict[str, ClientState] = {}
     for site in spec.clients:
@@ -532,7 +534,11 @@ def decide(job: FLJob, previous: Mapping[str, Any], obs: Observation) -> Decisio
                 # Lesson 19: its result was delivered; an exit code now is teardown, not a failure.
                 logger.info("job %s: client %s: trainer exited with code %s after delivering its result",
                             job.name, name, pod.exit_code)
-            elif pod.exit_code not in (None, 0) and state.state not in _UNHEALTHY:
+            elif (pod.exit_code not in (None, 0) and state.state not in _UNHEALTHY and name in live_clients
+                  and not live_finished):
+                # Only with the server's fresh word that the client is not Done: it is polled after the pods
+                # were listed, so an exit it has not seen a delivery for came before the delivery. Without
+                # that word (the server busy or finishing) the exit may be teardown: wait for the next look.
                 text = f"trainer exited with code {pod.exit_code}"
                 if pod.message:
                     text += f": {pod.message.strip()[-300:]}"

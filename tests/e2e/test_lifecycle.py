@@ -44,6 +44,7 @@ def test_fljob_succeeds_with_a_trained_model_while_an_invalid_one_is_reported(fl
     assert conds["Deployed"]["status"] == "True", (status, fl.events("train"))
     assert conds["Running"]["status"] == "False"
     assert status["startTime"] <= status["completionTime"]
+    assert status["observedGeneration"] == fl.get("train")["metadata"]["generation"]
     reasons = [reason for _, reason, _ in fl.events("train")]
     for phase in ("Pending", "Succeeded"):  # Running too, unless the job finished between two looks at it
         assert phase in reasons, f"no Event for the transition to {phase}: {reasons}"

@@ -407,3 +407,16 @@ def test_a_client_that_crashed_before_the_end_gets_no_teardown_note() -> None:
     assert d.status["phase"] == "Succeeded"
     assert d.status["clients"]["c"]["reason"] == "Exception" and "teardown" not in d.status["clients"]["c"].get(
         "message", "")
+
+
+def test_a_client_exit_without_the_servers_fresh_word_is_not_judged_yet() -> None:
+    job = _job(("a", "b"), 2)
+    pods = {"a": _pod("job-client-a", "Failed", ready=False, exit_code=3), "b": _pod("job-client-b")}
+    # The last poll said Uploading; this one failed (the server is finishing the job).
+    previous = {"phase": "Running", "clients": {"a": {"state": "Uploading"}, "b": {"state": "Done"}}}
+    d = st.decide(job, previous, st.Observation(T0 + 5, _pod("job-server"), pods))
+    assert d.status["clients"]["a"]["state"] == "Uploading" and not d.events
+    # With the server's word that "a" never delivered, the exit is a failure.
+    live = _live(Phase.RUNNING, 3, a="Uploading", b="Done")
+    d = st.decide(job, previous, st.Observation(T0 + 6, _pod("job-server"), pods, live))
+    assert d.status["clients"]["a"]["reason"] == "TrainerExited"
