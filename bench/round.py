@@ -289,6 +289,8 @@ def report(
         "chunk_mib": args.chunk_mib,
         "exit_code": code,
         "outcome": outcome.get("outcome"),
+        "outcome_reason": (outcome.get("summary") or {}).get("reason") or None,
+        "outcome_message": (outcome.get("summary") or {}).get("message") or None,
         "verified": check,
         "floor_4s_s": round(floor_s, 3),
         "floor_scaled": scaled,
