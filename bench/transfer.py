@@ -76,20 +76,25 @@ def publisher_main(conn: Connection, size: int, tensors: int, receivers: list[st
     conn.send({"ok": ok, "peak": peak, "published": txn.nbytes, "failed": txn.failed_receivers})
 
 
-def relay_main(conn: Connection, upstream: str, window: int, frame_kib: int) -> None:
+def relay_main(conn: Connection, upstream: str, window: int, frame_kib: int, lookahead_kib: int) -> None:
     _child_setup()
     from concurrent import futures
 
     import grpc
 
-    from fedkube.transfer import RelayServicer, insecure_channel
-    from fedkube.transfer.wire import server_options
+    from fedkube.transfer import RelayServicer
+    from fedkube.transfer.wire import channel_options, relay_channel_options, server_options
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=server_options(_extra(frame_kib)))
-    RelayServicer(insecure_channel(upstream, _extra(frame_kib)), window_chunks=window).add_to_server(server)
+    if lookahead_kib:
+        options = relay_channel_options([("grpc.http2.lookahead_bytes", lookahead_kib << 10), *_extra(frame_kib)])
+    else:  # gRPC's default: a receive window grown by BDP probing
+        options = channel_options(_extra(frame_kib))
+    upstream_channel = grpc.insecure_channel(upstream, options=options)
+    RelayServicer(upstream_channel, window_chunks=window).add_to_server(server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    conn.send({"port": port})
+    conn.send({"port": port, "baseline": current_rss()})
     conn.recv()  # stop
     peak = vm_hwm() or current_rss()
     server.stop(grace=1).wait(5)
@@ -166,6 +171,13 @@ def main() -> None:
         default="tuned",
         help="tuned: every fedkube process calls fedkube.transfer.allocator.tune_allocator() (the recommended setup)",
     )
+    parser.add_argument(
+        "--relay-lookahead-kib",
+        type=int,
+        default=4096,
+        help="fixed HTTP/2 receive window upstream of the relay (relay_channel_options); 0: gRPC's BDP-grown window",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="floor/direct/relay rounds; the best of each is kept")
     parser.add_argument("--no-relay", action="store_true")
     parser.add_argument("--no-floor", action="store_true")
     args = parser.parse_args()
@@ -180,47 +192,69 @@ def main() -> None:
         "receivers": args.receivers,
         "chunk_kib": args.chunk_kib,
         "window": args.window,
+        "repeats": args.repeats,
         "frame_kib": args.frame_kib,
         "allocator": args.allocator,
+        "relay_lookahead_kib": args.relay_lookahead_kib,
         "cpus": os.cpu_count(),
     }
-    floor_s = None if args.no_floor else tcp_floor(size, repeats=2)
-    if floor_s is not None:
-        result["floor_s"] = round(floor_s, 3)
-        result["floor_mib_s"] = round(size / floor_s / (1 << 20))
-
     fan = [f"fan-{i}" for i in range(args.receivers)]
-    names = ["single"] + ([] if args.no_relay else ["relayed"]) + fan
-    pub, pub_conn = _start(ctx, publisher_main, size, args.tensors, names, chunk, args.frame_kib)
+    singles = [f"single-{r}" for r in range(args.repeats)]
+    relayed = [] if args.no_relay else [f"relayed-{r}" for r in range(args.repeats)]
+    pub, pub_conn = _start(ctx, publisher_main, size, args.tensors, singles + relayed + fan, chunk, args.frame_kib)
     info = _recv(pub_conn, "publisher")
     address = f"127.0.0.1:{info['port']}"
     receivers: dict[str, dict[str, Any]] = {}
+    relay_address = None
+    if relayed:
+        relay, relay_conn = _start(ctx, relay_main, address, args.window, args.frame_kib, args.relay_lookahead_kib)
+        relay_info = _recv(relay_conn, "relay")
+        relay_address = f"127.0.0.1:{relay_info['port']}"
+        result["relay_baseline_mib"] = mib(relay_info["baseline"])
 
-    def record(phase: str, runs: list[dict[str, Any]], labels: list[str]) -> None:
-        seconds = max(r["seconds"] for r in runs)
-        result[f"{phase}_s"] = round(seconds, 3)
-        result[f"{phase}_mib_s"] = round(len(runs) * size / seconds / (1 << 20))
-        if floor_s is not None:
-            # Aggregate bytes/s over the floor's bytes/s.
-            result[f"{phase}_ratio"] = round(len(runs) * floor_s / seconds, 3)
-        for label, r in zip(labels, runs, strict=True):
+    def fetch(addr: str, names: list[str]) -> list[dict[str, Any]]:
+        runs = _run_receivers(ctx, addr, names, info["refs"], chunk, args.frame_kib)
+        for label, r in zip(names, runs, strict=True):
             receivers[label] = {
                 "peak_mib": mib(r["peak"]),
                 "seconds": round(r["seconds"], 3),
                 "attempts": r["attempts"],
             }
+        return runs
 
-    record("direct", _run_receivers(ctx, address, ["single"], info["refs"], chunk, args.frame_kib), ["single"])
-    if not args.no_relay:
-        relay, relay_conn = _start(ctx, relay_main, address, args.window, args.frame_kib)
-        relay_port = _recv(relay_conn, "relay")["port"]
-        runs = _run_receivers(ctx, f"127.0.0.1:{relay_port}", ["relayed"], info["refs"], chunk, args.frame_kib)
-        record("relay", runs, ["relayed"])
+    # The machine may be shared: interleave floor and fetches, and keep the best of each.
+    floors: list[float] = []
+    direct: list[float] = []
+    via_relay: list[float] = []
+    for r in range(args.repeats):
+        if not args.no_floor:
+            floors.append(tcp_floor(size))
+        direct.append(fetch(address, [singles[r]])[0]["seconds"])
+        if relay_address is not None:
+            via_relay.append(fetch(relay_address, [relayed[r]])[0]["seconds"])
+    floor_s = min(floors) if floors else None
+    if floor_s is not None:
+        result["floor_s"] = round(floor_s, 3)
+        result["floor_mib_s"] = round(size / floor_s / (1 << 20))
+        result["floor_runs_s"] = [round(x, 3) for x in floors]
+
+    def record(phase: str, seconds: float, streams: int, runs: list[float]) -> None:
+        result[f"{phase}_s"] = round(seconds, 3)
+        result[f"{phase}_mib_s"] = round(streams * size / seconds / (1 << 20))
+        result[f"{phase}_runs_s"] = [round(x, 3) for x in runs]
+        if floor_s is not None:
+            # Aggregate bytes/s over the floor's bytes/s.
+            result[f"{phase}_ratio"] = round(streams * floor_s / seconds, 3)
+
+    record("direct", min(direct), 1, direct)
+    if relay_address is not None:
+        record("relay", min(via_relay), 1, via_relay)
         relay_conn.send("stop")
         result["relay_peak_mib"] = mib(_recv(relay_conn, "relay")["peak"])
         relay.join(60)
     if fan:
-        record("fanout", _run_receivers(ctx, address, fan, info["refs"], chunk, args.frame_kib), fan)
+        fan_seconds = [r["seconds"] for r in fetch(address, fan)]
+        record("fanout", max(fan_seconds), len(fan), fan_seconds)
     final = _recv(pub_conn, "publisher")
     pub.join(60)
     result["all_verified"] = bool(final["ok"]) and not final["failed"]

@@ -120,6 +120,8 @@ class RelayServicer:
     messages through :func:`relay_chunks` (at most ``window_chunks`` queued).
     The downstream deadline and cancellation are passed upstream; an upstream
     error ends the downstream call with the same status code and details.
+    Create ``upstream`` with :func:`fedkube.transfer.wire.relay_channel_options`
+    so gRPC's own receive buffering upstream stays small too.
     """
 
     def __init__(self, upstream: grpc.Channel, *, window_chunks: int = 4) -> None:

@@ -15,8 +15,8 @@ from concurrent import futures
 import grpc
 import numpy as np
 
-from fedkube.transfer import DownloadService, RelayServicer, insecure_channel, serve
-from fedkube.transfer.wire import server_options
+from fedkube.transfer import DownloadService, RelayServicer, serve
+from fedkube.transfer.wire import relay_channel_options, server_options
 
 
 def model(seed: int) -> dict[str, np.ndarray]:
@@ -42,7 +42,8 @@ def publisher(seed: int, receivers: list[str], ttl_s: float) -> int:
 
 def relay(upstream: str) -> int:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=server_options())
-    RelayServicer(insecure_channel(upstream), window_chunks=4).add_to_server(server)
+    upstream_channel = grpc.insecure_channel(upstream, options=relay_channel_options())
+    RelayServicer(upstream_channel, window_chunks=4).add_to_server(server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(json.dumps({"port": port}), flush=True)

@@ -19,7 +19,7 @@ from fedkube.transfer import (
     RelayServicer,
     insecure_channel,
 )
-from fedkube.transfer.wire import FETCH_METHOD, server_options
+from fedkube.transfer.wire import FETCH_METHOD, relay_channel_options, server_options
 from fedkube.wire.v1 import tensor_pb2
 from tests.integration.transfer.conftest import Publisher
 from tests.integration.transfer.helpers import Faults, FaultyServicer, start_server
@@ -29,7 +29,7 @@ FAST = FetchSettings(chunk_timeout_s=5, idle_timeout_s=10, backoff_base_s=0.01, 
 
 
 def _relay(upstream_address: str, window: int = 4) -> tuple[grpc.Server, grpc.Channel, grpc.Channel]:
-    upstream = insecure_channel(upstream_address)
+    upstream = grpc.insecure_channel(upstream_address, options=relay_channel_options())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=server_options())
     RelayServicer(upstream, window_chunks=window).add_to_server(server)
     port = server.add_insecure_port("127.0.0.1:0")
