@@ -23,7 +23,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -40,7 +40,7 @@ from fedkube.transfer.errors import (
     TransferError,
     TransferStalledError,
 )
-from fedkube.transfer.refs import Hasher, TensorRef, array_from_buffer
+from fedkube.transfer.refs import Hasher, TensorRef, array_from_buffer, numpy_dtype
 from fedkube.transfer.wire import (
     COMPLETE_METHOD,
     DEFAULT_CHUNK_BYTES,
@@ -510,7 +510,7 @@ class Fetcher:
     ) -> np.ndarray:
         """Download ``ref`` and return it as an array of its dtype and shape (into ``out`` when given)."""
         if out is not None:
-            if out.shape != ref.shape or out.dtype != array_from_buffer(b"", ref.dtype, (0,)).dtype:
+            if out.shape != ref.shape or out.dtype != numpy_dtype(ref.dtype):
                 raise InvalidRequestError(
                     f"output array is {out.dtype}{list(out.shape)}, the tensor is {ref.dtype}{list(ref.shape)}",
                     **self._ids(ref),
@@ -549,8 +549,3 @@ class Fetcher:
             raise
         self.source.complete(tid, True)
         return result
-
-
-def refs_by_name(refs: Sequence[TensorRef]) -> Mapping[str, TensorRef]:
-    """Refs keyed by tensor name."""
-    return {r.name: r for r in refs}
