@@ -22,9 +22,10 @@ from fedkube.sidecar.config import SidecarConfig
 from fedkube.sidecar.local import TrainerLinkServicer
 from fedkube.sidecar.reverse import SERVER_RECEIVER, Pusher
 from fedkube.sidecar.state import TaskBook, TrainerSnapshot, TrainerTracker
-from fedkube.sidecar.upstream import RELAY_CHANNEL_OPTIONS, RegistrationRejected, Upstream, server_channel
+from fedkube.sidecar.upstream import RegistrationRejected, Upstream, server_channel
+from fedkube.transfer.allocator import tune_allocator
 from fedkube.transfer.relay import RelayServicer
-from fedkube.transfer.wire import channel_options, server_options
+from fedkube.transfer.wire import relay_channel_options, server_options
 from fedkube.wire.v1 import control_pb2, tensor_pb2, tensor_pb2_grpc, trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ class Sidecar:
         with self._lock:
             old = self._trainer_channel
             self._trainer_address = address
-            self._trainer_channel = grpc.insecure_channel(address, options=RELAY_CHANNEL_OPTIONS + channel_options())
+            self._trainer_channel = grpc.insecure_channel(address, options=relay_channel_options())
         if old is not None:
             old.close()
 
@@ -239,33 +240,17 @@ class Sidecar:
                      self.config.site, what)
 
 
-def _fix_malloc_mmap_threshold() -> None:
-    """Keep chunk-sized buffers on mmap, and few arenas, so freed memory goes back to the OS.
-
-    glibc raises its mmap threshold after the first large free, after which
-    every relayed 1 MiB chunk lands in the heap arenas; their fragmentation
-    made the sidecar's RSS creep with the bytes relayed instead of staying at
-    the window's size. Not glibc (e.g. musl): nothing to do.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold, m_arena_max = -3, -8
-        libc.mallopt(m_mmap_threshold, 128 * 1024)
-        # Each relay thread would otherwise get its own arena that keeps its freed chunks.
-        libc.mallopt(m_arena_max, 2)
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the sidecar until SIGTERM (or until Stop with FEDKUBE_SIDECAR_EXIT_ON_STOP=1).
 
     Exit codes: 0 clean stop, 2 configuration error or registration rejected.
     """
     del argv  # configured by environment only, like the pod
-    _fix_malloc_mmap_threshold()
+    # The opposite of the transfer layer's throughput tuning: the sidecar only forwards, so its
+    # chunk buffers go to mmap and back to the OS at once, and few arenas keep freed chunks.
+    # Without this glibc raises its mmap threshold after the first large free, and the relayed
+    # 1 MiB chunks fragment the heap: RSS crept with the bytes relayed.
+    tune_allocator(mmap_threshold=128 << 10, trim_threshold=None, arena_max=2)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from fedkube.sidecar.state import backoff_delay
-from fedkube.transfer.wire import channel_options
+from fedkube.transfer.wire import relay_channel_options
 from fedkube.wire.v1 import control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,11 @@ class _CallDetails(grpc.ClientCallDetails):
     compression: Any
 
 
-# The relay reads streams into a bounded window; gRPC's BDP estimator would
-# otherwise grow each stream's receive window (tens of MiB on a fast link), and
-# that many bytes pile up in the sidecar whenever the reader waits on the
-# window. A fixed read-ahead per stream keeps memory bounded and still fills
-# a fast link.
-RELAY_CHANNEL_OPTIONS: list[tuple[str, Any]] = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 << 20)]
-
 
 def server_channel(address: str, site: str, token: str) -> tuple[grpc.Channel, grpc.Channel]:
     """(raw channel, authenticated channel) to the server; close the raw one when done."""
-    raw = grpc.insecure_channel(address, options=RELAY_CHANNEL_OPTIONS + channel_options())
+    # A fixed per-stream read-ahead keeps the relay's memory bounded (LESSONS.md 4).
+    raw = grpc.insecure_channel(address, options=relay_channel_options())
     return raw, grpc.intercept_channel(raw, _Auth(site, token))
 
 

@@ -37,7 +37,7 @@ from fedkube.trainer_sdk.model import FLModel, params_to_numpy
 from fedkube.transfer.fetch import Fetcher, FetchSettings, GrpcChunkSource
 from fedkube.transfer.refs import TensorRef, numpy_dtype
 from fedkube.transfer.service import DownloadService, serve
-from fedkube.transfer.wire import channel_options
+from fedkube.transfer.wire import relay_channel_options
 from fedkube.wire.v1 import control_pb2, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger("fedkube.trainer_sdk")
@@ -116,10 +116,7 @@ class Session:
         self.download_address = f"127.0.0.1:{port}"
         # A fixed per-stream read-ahead instead of gRPC's BDP-grown window: the bytes
         # in flight would otherwise pile up here on top of the model (LESSONS.md 8).
-        self.channel = grpc.insecure_channel(
-            sidecar_address,
-            options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 << 20), *channel_options()],
-        )
+        self.channel = grpc.insecure_channel(sidecar_address, options=relay_channel_options())
         self.link = trainer_pb2_grpc.TrainerLinkStub(self.channel)
         self.fetcher = Fetcher(
             GrpcChunkSource(self.channel, site, chunk_timeout_s=settings.fetch.chunk_timeout_s), settings.fetch

@@ -33,10 +33,20 @@ ALLOCATOR_ENV = {
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
-def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
-    """Set glibc's mmap and trim thresholds for this process; False where not glibc (nothing changed)."""
+def tune_allocator(
+    mmap_threshold: int = MMAP_THRESHOLD,
+    trim_threshold: int | None = TRIM_THRESHOLD,
+    *,
+    arena_max: int | None = None,
+) -> bool:
+    """Set glibc's allocator thresholds for this process; False where not glibc (nothing changed).
+
+    ``None`` leaves a setting at glibc's default. Setting the mmap threshold
+    at all also stops glibc from raising it after the first large free.
+    """
     name = ctypes.util.find_library("c")
     if name is None:
         return False
@@ -48,6 +58,8 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = T
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
-    log.info("allocator tuned: mmap threshold %d, trim threshold %d (%s)", mmap_threshold, trim_threshold, ok)
+    wanted = [(_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold), (_M_ARENA_MAX, arena_max)]
+    ok = all(bool(mallopt(param, value)) for param, value in wanted if value is not None)
+    log.info("allocator tuned: mmap threshold %s, trim threshold %s, arena max %s (%s)", mmap_threshold,
+             trim_threshold, arena_max, ok)
     return ok
