@@ -21,9 +21,9 @@ from fedkube.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # Set by the chart's Deployment; named here because only the operator reads them.
-WATCH_NAMESPACES = "FEDKUBE_WATCH_NAMESPACES"
-HEALTH_PORT = "FEDKUBE_HEALTH_PORT"
-DEFAULT_HEALTH_PORT = 8080
+WATCH_NAMESPACES = envvars.WATCH_NAMESPACES
+HEALTH_PORT = envvars.HEALTH_PORT
+DEFAULT_HEALTH_PORT = envvars.DEFAULT_HEALTH_PORT
 HEALTH_PATH = "/healthz"
 
 

@@ -40,6 +40,11 @@ MERGE_KEYS: dict[str, str] = {
     "hostAliases": "ip",
     "topologySpreadConstraints": "topologyKey",
 }
+# The same field name merges by another key under another parent: a ServiceSpec's
+# ports merge by "port", a container's by "containerPort". Keyed (parent field, field).
+PARENT_MERGE_KEYS: dict[tuple[str, str], str] = {
+    ("spec", "ports"): "port",
+}
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -55,7 +60,7 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-def strategic_merge_patch(target: Any, patch: Any) -> Any:
+def strategic_merge_patch(target: Any, patch: Any, _parent: str = "") -> Any:
     """Strategic merge patch as kubectl sends it, with the directives it uses.
 
     ``$patch: replace|delete``, ``$retainKeys``, ``$setElementOrder/<field>`` and
@@ -80,10 +85,10 @@ def strategic_merge_patch(target: Any, patch: Any) -> Any:
             continue
         if value is None:
             result.pop(key, None)
-        elif isinstance(value, list) and key in MERGE_KEYS and isinstance(result.get(key), list):
-            result[key] = _merge_list(result[key], value, MERGE_KEYS[key])
+        elif isinstance(value, list) and _merge_key(_parent, key) and isinstance(result.get(key), list):
+            result[key] = _merge_list(result[key], value, _merge_key(_parent, key), key)
         else:
-            merged = strategic_merge_patch(result.get(key), value)
+            merged = strategic_merge_patch(result.get(key), value, key)
             if merged is None and isinstance(value, dict) and value.get("$patch") == "delete":
                 result.pop(key, None)
             else:
@@ -93,7 +98,11 @@ def strategic_merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-def _merge_list(current: list[Any], patch: list[Any], key: str) -> list[Any]:
+def _merge_key(parent: str, field: str) -> str:
+    return PARENT_MERGE_KEYS.get((parent, field)) or MERGE_KEYS.get(field, "")
+
+
+def _merge_list(current: list[Any], patch: list[Any], key: str, field: str) -> list[Any]:
     out = [copy.deepcopy(item) for item in current]
     for item in patch:
         if not isinstance(item, dict) or key not in item:
@@ -103,9 +112,9 @@ def _merge_list(current: list[Any], patch: list[Any], key: str) -> list[Any]:
             if index is not None:
                 del out[index]
         elif index is None:
-            out.append(strategic_merge_patch({}, item))
+            out.append(strategic_merge_patch({}, item, field))
         else:
-            out[index] = strategic_merge_patch(out[index], item)
+            out[index] = strategic_merge_patch(out[index], item, field)
     return out
 
 

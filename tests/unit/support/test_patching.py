@@ -63,3 +63,14 @@ def test_json_patch_operations() -> None:
 def test_json_patch_errors(ops: Any, error: type[Exception]) -> None:
     with pytest.raises(error):
         patching.json_patch({"x": 1, "l": []}, ops)
+
+
+def test_service_ports_merge_by_port_and_container_ports_by_container_port() -> None:
+    service = {"spec": {"ports": [{"name": "grpc", "port": 7070}, {"name": "status", "port": 8080}]}}
+    out = patching.strategic_merge_patch(service, {"spec": {"ports": [{"port": 8080, "name": "http"}]}})
+    assert out["spec"]["ports"] == [{"name": "grpc", "port": 7070}, {"name": "http", "port": 8080}]
+    pod = {"spec": {"containers": [{"name": "c", "ports": [{"containerPort": 1, "name": "a"}]}]}}
+    patch = {"spec": {"containers": [{"name": "c", "ports": [{"containerPort": 1, "name": "b"}]}]}}
+    assert patching.strategic_merge_patch(pod, patch)["spec"]["containers"][0]["ports"] == [
+        {"containerPort": 1, "name": "b"}
+    ]
