@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from fedkube.errors import ConfigError, FedkubeError
 from fedkube.runtime.local import LocalJobRun, RunOptions, RunOutcome, default_run_dir, new_tokens, render_job
-from fedkube.runtime.process import OutputSink, StreamSink
+from fedkube.runtime.process import OutputSink, QuietSink, StreamSink
 
 if TYPE_CHECKING:
     from fedkube.runtime.progress import ProgressDisplay
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with spec.server.checkpoint.enabled, reusing one resumes after its last completed round",
     )
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar (off anyway when not a TTY)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every process's INFO log lines on the console too (they are always in <run dir>/logs/)",
+    )
     parser.add_argument(
         "--json", action="store_true", help="print the final summary as JSON on stdout (process output goes to stderr)"
     )
@@ -89,7 +95,8 @@ def run_main(argv: Sequence[str] | None = None) -> int:
 
     out: IO[str] = sys.stderr if args.json else sys.stdout
     show_progress = not args.no_progress and out.isatty()
-    with _console(out, show_progress) as (sink, display):
+    with _console(out, show_progress) as (console_sink, display):
+        sink = console_sink if args.verbose else QuietSink(console_sink)
         options = RunOptions(
             run_dir=run_dir, base_dir=args.job.resolve().parent, sink=sink, client_grace_s=max(0.0, args.grace)
         )

@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,30 @@ class StreamSink:
         with self._lock:
             stream.write(f"[{prefix}] {line}\n")
             stream.flush()
+
+
+# A routine log line of a fedkube process, in either of fedkube's log formats (text:
+# "<time> LEVEL logger ...", with the stdlib's or ISO time; json: {"time": .., "level": ..}).
+_ROUTINE_LOG_LINE = re.compile(
+    r'^(\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}[.,]\d{3}Z? (DEBUG|INFO) '
+    r'|\{"time": "[^"]*", "level": "(DEBUG|INFO)")'
+)
+
+
+class QuietSink:
+    """Passes on everything but routine (DEBUG/INFO) log lines of fedkube's processes.
+
+    What the user's script prints, warnings, errors and tracebacks reach the
+    console; the routine lines still go to each process's log file, and
+    ``fedkube run --verbose`` shows them too.
+    """
+
+    def __init__(self, inner: OutputSink) -> None:
+        self.inner = inner
+
+    def emit(self, prefix: str, line: str) -> None:
+        if not _ROUTINE_LOG_LINE.match(line):
+            self.inner.emit(prefix, line)
 
 
 class NullSink:

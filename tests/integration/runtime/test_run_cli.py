@@ -83,6 +83,9 @@ def test_run_json_reports_success_and_each_client_has_its_own_workdir(tmp_path: 
     assert proc.stderr.count("[site-a trainer] round 2 w0 2.0") == 1
     assert proc.stderr.count("[site-b trainer] round 2 w0 2.0") == 1
     logs = tmp_path / "run" / "logs"
+    # Routine INFO lines stay out of the console (--verbose shows them) but are all in the log files.
+    assert "INFO fedkube." not in proc.stderr
+    assert "INFO fedkube.server.workflow" in (logs / "cli-server.server.log").read_text()
     assert (logs / "cli-client-site-a.trainer.log").read_text().count("round 2 w0 2.0") == 1
     written = sorted(tmp_path.glob("run/pods/*/volumes/*/mine.txt"))
     assert len(written) == 2 and written[0].parent != written[1].parent  # LESSONS.md 24
