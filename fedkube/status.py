@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from fedkube.errors import FedkubeError
 
 TERMINATION_LIMIT = 4096
 """Kubernetes keeps at most this many bytes of a container's termination message."""
+ROUND_HISTORY = 20
+"""How many recent round durations the status document keeps (``roundSeconds``)."""
 
 EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1
@@ -176,6 +179,25 @@ def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v == v and v not in (float("inf"), float("-inf"))}
 
 
+def _seconds(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise SummaryError(f"{where}: expected a non-negative number of seconds, got {value!r}")
+    return float(value)
+
+
+def _seconds_list(doc: Mapping[str, Any], key: str, where: str) -> list[float]:
+    raw = _opt(doc, key, list, [], where)
+    out: list[float] = []
+    for i, v in enumerate(raw):
+        seconds = _seconds(v, f"{where}.{key}[{i}]")
+        if seconds is None:
+            raise SummaryError(f"{where}.{key}[{i}]: expected a number of seconds, got null")
+        out.append(seconds)
+    return out
+
+
 @dataclass
 class ClientStatus:
     """One client's line in the status: its state, and why when it is not healthy."""
@@ -226,6 +248,10 @@ class JobStatus:
     message: str = ""
     start_time: str | None = None
     finish_time: str | None = None
+    last_round_seconds: float | None = None
+    """Duration of the last completed round: tasks sent to aggregate done and handed to the checkpoint writer."""
+    round_seconds: list[float] = field(default_factory=list)
+    """Durations of the most recent completed rounds, oldest first (at most ROUND_HISTORY)."""
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -244,6 +270,10 @@ class JobStatus:
             d["startTime"] = self.start_time
         if self.finish_time:
             d["finishTime"] = self.finish_time
+        if self.last_round_seconds is not None and math.isfinite(self.last_round_seconds):
+            d["lastRoundSeconds"] = self.last_round_seconds
+        if self.round_seconds:
+            d["roundSeconds"] = [x for x in self.round_seconds[-ROUND_HISTORY:] if math.isfinite(x)]
         return d
 
     def to_json(self) -> str:
@@ -272,6 +302,8 @@ class JobStatus:
             message=_opt(doc, "message", str, "", where),
             start_time=_opt(doc, "startTime", str, None, where),
             finish_time=_opt(doc, "finishTime", str, None, where),
+            last_round_seconds=_seconds(doc.get("lastRoundSeconds"), f"{where}.lastRoundSeconds"),
+            round_seconds=_seconds_list(doc, "roundSeconds", where),
         )
 
     @classmethod

@@ -119,8 +119,13 @@ class FedkubeServer:
     """The server process's parts, startable in-process (tests) or from :func:`main`."""
 
     def __init__(
-        self, config: ServerConfig, *, model_loader: Callable[[], dict[str, np.ndarray]] | None = None
+        self,
+        config: ServerConfig,
+        *,
+        model_loader: Callable[[], dict[str, np.ndarray]] | None = None,
+        checkpoints: CheckpointStore | None = None,
     ) -> None:
+        """``checkpoints`` replaces the store under ``config.checkpoint_dir`` (tests inject slow or failing ones)."""
         self.config = config
         s = config.settings
         self.strategy = build_strategy(s.strategy, s.strategy_options)
@@ -133,8 +138,7 @@ class FedkubeServer:
         if model_loader is None and s.model_source == "file" and s.model_path:
             path = s.model_path
             model_loader = lambda: load_model_file(path)  # noqa: E731
-        checkpoints: CheckpointStore | None = None
-        if config.checkpoint_dir is not None:
+        if checkpoints is None and config.checkpoint_dir is not None:
             checkpoints = _CheckpointAdapter(config.checkpoint_dir, s.job)
         self.workflow = RoundWorkflow(
             s, self.strategy, self.sessions, self.broker, self.downloads,

@@ -19,7 +19,8 @@ A round (DESIGN.md §4-§5)::
     RoundState.decide: close when all delivered or failed, or at the deadline (stragglers
       excluded by name with RoundTimeout) with >= minClients results, else QuorumLost
     finish the aggregate; release the round's transaction and end its downloads before
-      the next round starts (LESSONS.md 14); checkpoint
+      the next round starts (LESSONS.md 14); hand the checkpoint to the background
+      writer and start the next round while it is written
 
 Events carry the connection (``conn_id``) and the task they belong to; the
 registry ignores one from a replaced connection or an old task (LESSONS.md 13).
@@ -27,11 +28,13 @@ registry ignores one from a replaced connection or an old task (LESSONS.md 13).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -59,7 +62,8 @@ from fedkube.server.rounds import (
     decide_start,
 )
 from fedkube.server.strategies import RoundAggregator, Strategy, StrategyState, check_initial_model
-from fedkube.status import JobStatus, Phase, Reason, utc_timestamp
+from fedkube.status import ROUND_HISTORY, JobStatus, Phase, Reason, utc_timestamp
+from fedkube.transfer.allocator import release_free_memory
 from fedkube.transfer.errors import TransferAbortedError, TransferError, TransferStalledError
 from fedkube.transfer.fetch import Fetcher, FetchSettings
 from fedkube.transfer.refs import TensorRef, array_from_buffer
@@ -81,6 +85,10 @@ TASK_KIND_KEY = "fedkube.task"
 # Job-level reasons beyond fedkube.status.Reason (which names client failures).
 TERMINATED = "Terminated"
 NO_INITIAL_MODEL = "NoInitialModel"
+CHECKPOINT_FAILED = "CheckpointFailed"
+
+CHECKPOINT_WAIT_S = 300.0
+"""How long the job's end waits for the checkpoint still being written (a 4 GiB model takes ~12 s here)."""
 
 
 class CheckpointStore(Protocol):
@@ -90,6 +98,106 @@ class CheckpointStore(Protocol):
     def save(
         self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float]
     ) -> None: ...
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    """How one background checkpoint write ended; ``error`` is "" when it was written."""
+
+    round: int
+    seconds: float
+    error: str = ""
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one at a time, so the next round need not wait.
+
+    What it is handed must not change while it writes. The global model does
+    not: every round aggregates into fresh accumulators and only reads the
+    global model it started from (``strategies.FedAvg``/``FedAdam``,
+    ``aggregate.WeightedMean``), and the transfer service only reads the
+    arrays it publishes, so the model is written without a copy. Strategy
+    state tensors may be updated in place by the next round's ``finish()``
+    (FedAdam's m and v are), so the workflow waits for a write that holds
+    any before calling it (:meth:`holds_strategy_tensors`) instead of copying
+    them: a copy would cost 2xS more for as long as the write runs, and the
+    wait costs nothing unless the write outlasts a whole round's transfers.
+
+    Results are kept until :meth:`take_results`; ``on_settled`` is called
+    (on the writer's thread) after each write so the owner can take them.
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        job: str,
+        *,
+        on_settled: Callable[[], None] = lambda: None,
+        timing: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> None:
+        self._store = store
+        self._job = job
+        self._on_settled = on_settled
+        self._timing = timing
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._holds_state = False
+        self._results: list[CheckpointResult] = []
+
+    def submit(
+        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float]
+    ) -> float:
+        """Start writing the checkpoint of ``round_``; returns the seconds spent waiting for the previous write."""
+        t0 = time.perf_counter()
+        self.wait(None)  # one write at a time: also keeps the checkpoints in round order
+        waited = time.perf_counter() - t0
+        self._holds_state = bool(state.tensors)
+        self._thread = threading.Thread(
+            target=self._write, args=(round_, model, state, dict(metrics)), name=f"fedkube-checkpoint-r{round_}",
+            daemon=True,  # a hung disk must not keep a stopped server alive; the write is atomic either way
+        )  # fmt: skip
+        self._thread.start()
+        return waited
+
+    def busy(self) -> bool:
+        """A write is in flight."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def holds_strategy_tensors(self) -> bool:
+        """The write in flight includes strategy state arrays, which the next ``finish()`` may update in place."""
+        return self.busy() and self._holds_state
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait for the write in flight (``None``: without bound); True when none is left."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                return False
+        return True
+
+    def take_results(self) -> list[CheckpointResult]:
+        """The writes that ended since the last call, oldest first."""
+        with self._lock:
+            results, self._results = self._results, []
+        return results
+
+    def _write(self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState,
+               metrics: dict[str, float]) -> None:  # fmt: skip
+        t0 = time.perf_counter()
+        error = ""
+        try:
+            with self._timing():
+                self._store.save(round_, model, state, metrics)
+        except Exception as exc:  # reported to the workflow (status, outcome), never swallowed
+            error = str(exc) if isinstance(exc, FedkubeError) else f"{type(exc).__name__}: {exc}"
+            log.error("job %s round %s: writing the checkpoint failed: %s", self._job, round_, error)
+        seconds = time.perf_counter() - t0
+        if not error:
+            log.info("job %s round %s: checkpoint written (%.2f s, in the background)", self._job, round_, seconds)
+        with self._lock:
+            self._results.append(CheckpointResult(round_, seconds, error))
+        self._on_settled()
 
 
 @dataclass(frozen=True)
@@ -218,6 +326,7 @@ class RoundWorkflow:
         metrics: ServerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        checkpoint_wait_s: float = CHECKPOINT_WAIT_S,
     ) -> None:
         self.settings = settings
         self.telemetry = metrics if metrics is not None else ServerMetrics(new_registry(), settings.job)
@@ -227,6 +336,15 @@ class RoundWorkflow:
         self._service = download_service
         self._initial_model = initial_model
         self._checkpoints = checkpoints
+        self._writer = (
+            CheckpointWriter(checkpoints, settings.job, on_settled=lambda: self._post(self._settle_checkpoints),
+                             timing=self.telemetry.timing_checkpoint)
+            if checkpoints is not None else None
+        )  # fmt: skip
+        self._checkpoint_wait_s = checkpoint_wait_s
+        self._checkpointed_round = 0
+        self._checkpoint_error = ""
+        self._round_seconds: deque[float] = deque(maxlen=ROUND_HISTORY)
         self._clock = clock
         self._wall = wall_clock
         self.registry = Registry(
@@ -324,11 +442,19 @@ class RoundWorkflow:
                 self.telemetry.round_started(number)
                 model = self._run_round(number, participants, model)
                 self._rounds_completed = number
-                if self._checkpoints is not None:
-                    with self.telemetry.timing_checkpoint():
-                        self._checkpoints.save(number, model, self._strategy.state(), self._last_metrics)
-                    log.info("job %s round %s: checkpoint written", s.job, number)
-                self.telemetry.round_completed(self._clock() - started, number=number)
+                if self._writer is not None:
+                    waited = self._writer.submit(number, model, self._strategy.state(), self._last_metrics)
+                    if waited > 0.05:
+                        log.info("job %s round %s: waited %.2f s for the previous checkpoint write", s.job, number,
+                                 waited)
+                    self._settle_checkpoints()
+                duration = self._clock() - started
+                self.telemetry.round_completed(duration, number=number)
+                self._round_seconds.append(duration)
+                log.info("job %s round %s: completed in %.3f s", s.job, number, duration)
+                # The round's receive buffers and chunks are free now; without a trim glibc keeps
+                # a varying part of them resident (bench/README.md, memory variance).
+                release_free_memory()
                 self._refresh()
             outcome = Outcome(True, Phase.SUCCEEDED.value, f"completed {s.rounds} round(s)", self._rounds_completed)
         except JobFailed as exc:
@@ -340,8 +466,51 @@ class RoundWorkflow:
         except Exception as exc:  # a bug must still end the job with a summary, never a hang
             log.exception("job %s: the workflow crashed", s.job)
             outcome = Outcome(False, Reason.INTERNAL.value, f"{type(exc).__name__}: {exc}", self._rounds_completed)
+        outcome = self._await_checkpoint(outcome)
         self._end(outcome)
         return outcome
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def _settle_checkpoints(self) -> None:
+        """Take the writer's finished writes into the status (workflow thread)."""
+        if self._writer is None:
+            return
+        results = self._writer.take_results()
+        for r in results:
+            if r.error:
+                self._checkpoint_error = f"the checkpoint of round {r.round} was not written: {r.error}"
+                if self._final is None:
+                    self._message = self._checkpoint_error
+            else:
+                self._checkpointed_round = max(self._checkpointed_round, r.round)
+                if self._checkpoint_error and self._final is None and self._message == self._checkpoint_error:
+                    self._message = ""  # a later round's checkpoint is in place; resuming works again
+                self._checkpoint_error = ""
+        if results:
+            self._refresh()
+
+    def _await_checkpoint(self, outcome: Outcome) -> Outcome:
+        """The job's end waits (bounded) for the write in flight; a lost last checkpoint fails the job."""
+        writer = self._writer
+        if writer is None:
+            return outcome
+        job = self.settings.job
+        if writer.busy():
+            log.info("job %s: waiting up to %g s for the checkpoint being written", job, self._checkpoint_wait_s)
+        problem = ""
+        if not writer.wait(self._checkpoint_wait_s):
+            problem = (f"the checkpoint of round {self._rounds_completed} was still being written after "
+                       f"{self._checkpoint_wait_s:g} s; a restart resumes from round {self._checkpointed_round}")
+            log.error("job %s: %s", job, problem)
+        self._settle_checkpoints()
+        if not problem and self._checkpoint_error and self._checkpointed_round < self._rounds_completed:
+            problem = self._checkpoint_error
+        if not problem:
+            return outcome
+        if outcome.success:
+            return Outcome(False, CHECKPOINT_FAILED, f"{outcome.message}, but {problem}", outcome.rounds_completed)
+        return Outcome(False, outcome.reason, f"{outcome.message}; also, {problem}", outcome.rounds_completed)
 
     # --- start -------------------------------------------------------------------------------
 
@@ -462,6 +631,13 @@ class RoundWorkflow:
         done = [site for site in participants if site in rnd.results]
         if len(done) < self.policy.min_clients:  # e.g. a committed result lost its client meanwhile
             raise JobFailed(Reason.QUORUM_LOST.value, f"round {number}: only {done} delivered a result")
+        if self._writer is not None and self._writer.holds_strategy_tensors():
+            # The write in flight holds strategy arrays that finish() updates in place (FedAdam's m, v).
+            t_wait = time.perf_counter()
+            self._writer.wait(None)
+            log.info("job %s round %s: waited %.2f s for the previous checkpoint before updating the strategy state",
+                     s.job, number, time.perf_counter() - t_wait)
+            self._settle_checkpoints()
         t0 = time.perf_counter()
         new_model = rnd.sink.finish()
         self.telemetry.aggregated(rnd.aggregation_s + time.perf_counter() - t0)
@@ -925,6 +1101,8 @@ class RoundWorkflow:
             message=self._message,
             start_time=utc_timestamp(self._started_at),
             finish_time=utc_timestamp(self._finished_at) if self._finished_at is not None else None,
+            last_round_seconds=self._round_seconds[-1] if self._round_seconds else None,
+            round_seconds=list(self._round_seconds),
         )
 
     def _refresh(self) -> None:

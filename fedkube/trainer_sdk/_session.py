@@ -34,6 +34,7 @@ from fedkube.trainer_sdk.errors import (
     SidecarUnreachableError,
 )
 from fedkube.trainer_sdk.model import FLModel, params_to_numpy
+from fedkube.transfer.allocator import release_free_memory
 from fedkube.transfer.fetch import Fetcher, FetchSettings, GrpcChunkSource
 from fedkube.transfer.refs import TensorRef, numpy_dtype
 from fedkube.transfer.service import DownloadService, serve
@@ -252,6 +253,8 @@ class Session:
         finally:
             # Drop everything of this round (LESSONS.md 8): the caller may still hold its own arrays.
             del task, model
+            # The round's chunk buffers are freed now; glibc would keep them resident (bench/README.md).
+            release_free_memory()
 
     def _send(self, task: _Task, model: FLModel) -> bool:
         arrays = params_to_numpy(model.params) if model.params is not None else {}

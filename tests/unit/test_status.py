@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fedkube.status import (
     EXIT_FAILED,
     EXIT_SUCCEEDED,
+    ROUND_HISTORY,
     TERMINATION_LIMIT,
     ClientStatus,
     JobStatus,
@@ -133,3 +134,27 @@ def test_reasons_have_stable_names_sentences_and_scopes() -> None:
         assert r.sentence and r.value[0].isupper() and " " not in r.value
     with pytest.raises(SummaryError, match="unknown failure reason 'Oops'; known: NotRegistered"):
         Reason.parse("Oops")
+
+
+def test_round_seconds_round_trip_and_bounded_history() -> None:
+    status = _status()
+    assert "lastRoundSeconds" not in status.to_dict() and "roundSeconds" not in status.to_dict()
+    status.last_round_seconds = 2.5
+    status.round_seconds = [float(i) for i in range(ROUND_HISTORY + 5)]
+    doc = json.loads(status.to_json())
+    assert doc["lastRoundSeconds"] == 2.5
+    assert doc["roundSeconds"] == [float(i) for i in range(5, ROUND_HISTORY + 5)]  # the newest, oldest first
+    back = JobStatus.from_json(status.to_json())
+    assert back.last_round_seconds == 2.5 and back.round_seconds == doc["roundSeconds"]
+    assert JobStatus.from_json(back.to_json()) == back
+
+
+@pytest.mark.parametrize(
+    ("patch", "field_name"),
+    [({"lastRoundSeconds": "3"}, "lastRoundSeconds"), ({"lastRoundSeconds": -1}, "lastRoundSeconds"),
+     ({"roundSeconds": [1.0, "x"]}, "roundSeconds[1]"), ({"roundSeconds": 4}, "roundSeconds")],
+)
+def test_round_seconds_errors_name_the_field(patch: dict[str, object], field_name: str) -> None:
+    doc = json.loads(_status().to_json()) | patch
+    with pytest.raises(SummaryError, match=field_name.replace("[", r"\[").replace("]", r"\]")):
+        JobStatus.from_json(json.dumps(doc))

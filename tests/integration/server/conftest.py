@@ -62,9 +62,9 @@ class Harness:
         self.servers: list[FedkubeServer] = []
         self.sidecars: list[FakeSidecar] = []
 
-    def server(self, config: ServerConfig, model: dict[str, np.ndarray] | None = None) -> FedkubeServer:
+    def server(self, config: ServerConfig, model: dict[str, np.ndarray] | None = None, **kw: Any) -> FedkubeServer:
         loader: Callable[[], dict[str, np.ndarray]] | None = (lambda: model) if model is not None else None
-        srv = FedkubeServer(config, model_loader=loader)
+        srv = FedkubeServer(config, model_loader=loader, **kw)
         srv.start()
         self.servers.append(srv)
         return srv
