@@ -8,6 +8,7 @@ on 127.0.0.1. See docs/protocol.md for the message sequences.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,13 +19,16 @@ import grpc
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.logs import configure_logging, log_format_from_env
+from fedkube.metrics import MetricsServer, SidecarMetrics, new_registry, serve_metrics
+from fedkube.metrics.sidecar import TRAINER_STATES
 from fedkube.sidecar.config import SidecarConfig
 from fedkube.sidecar.local import TrainerLinkServicer
+from fedkube.sidecar.meter import RelayMeter, metered_relay
 from fedkube.sidecar.reverse import SERVER_RECEIVER, Pusher
 from fedkube.sidecar.state import TaskBook, TrainerSnapshot, TrainerTracker
 from fedkube.sidecar.upstream import RegistrationRejected, Upstream, server_channel
 from fedkube.transfer.allocator import tune_allocator
-from fedkube.transfer.relay import RelayServicer
 from fedkube.transfer.wire import relay_channel_options, server_options
 from fedkube.wire.v1 import control_pb2, tensor_pb2, tensor_pb2_grpc, trainer_pb2_grpc
 
@@ -40,6 +44,8 @@ class Sidecar:
     ``start()`` binds the trainer endpoint and starts connecting; ``wait()``
     returns the process exit code (0 after Stop with ``exit_on_stop``, 2 when
     the server rejected the registration); ``stop()`` shuts everything down.
+    ``metrics`` (on ``registry``) is always kept; ``start()`` serves it on
+    ``/metrics`` when ``config.metrics_port`` is set.
     """
 
     def __init__(self, config: SidecarConfig) -> None:
@@ -49,6 +55,11 @@ class Sidecar:
         self._closing = threading.Event()
         self._exit = threading.Event()
         self._exit_code = EXIT_OK
+        self.registry = new_registry()
+        self.metrics = SidecarMetrics(self.registry, config.job, config.site)
+        self.metrics.trainer_state(_trainer_state_name(self.trainer.state.phase))
+        self.meter = RelayMeter(self.metrics.relayed, self.metrics.buffer_bytes)
+        self.metrics_server: MetricsServer | None = None
         self._lock = threading.Lock()
         self._trainer_address = ""
         self._trainer_channel: grpc.Channel | None = None
@@ -66,6 +77,9 @@ class Sidecar:
             on_connected=self._on_connected,
             backoff_base_s=config.backoff_base_s,
             backoff_max_s=config.backoff_max_s,
+            on_state=self.metrics.upstream,
+            on_heartbeat=self.metrics.heartbeat,
+            on_reconnected=self.metrics.reconnected,
         )
         self.pusher = Pusher(
             self._channel,
@@ -73,6 +87,7 @@ class Sidecar:
             trainer_channel=self._get_trainer_channel,
             relayed=self.tasks.relayed,
             window_chunks=config.relay_window_chunks,
+            meter=self.meter,
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"trainer-link-{config.site}"),
@@ -86,11 +101,12 @@ class Sidecar:
             on_hello=self._on_hello,
             on_state=self._on_trainer_state,
             on_result=self._on_result,
-            on_metric=lambda m: self._send(control_pb2.ClientMessage(metrics=m), "metric report"),
+            on_metric=self._on_metric,
             closing=self._closing,
         )
         trainer_pb2_grpc.add_TrainerLinkServicer_to_server(self.link, self._server)
-        RelayServicer(self._channel, window_chunks=config.relay_window_chunks).add_to_server(self._server)
+        metered_relay(self._channel, window_chunks=config.relay_window_chunks, meter=self.meter,
+                      direction="to_trainer").add_to_server(self._server)
         self.port = 0
 
     # --- lifecycle --------------------------------------------------------------
@@ -103,6 +119,8 @@ class Sidecar:
         if not self.port:
             raise ConfigError(f"cannot listen on 127.0.0.1:{self.config.trainer_port} for the trainer (port in use?); "
                               f"fix: choose a free {envvars.TRAINER_PORT}")
+        if self.config.metrics_port:
+            self.metrics_server, _ = serve_metrics(self.registry, self.config.metrics_port)
         self._server.start()
         log.info("site %s: sidecar for job %s listening for its trainer on 127.0.0.1:%d; server is %s",
                  self.config.site, self.config.job, self.port, self.config.server_address)
@@ -134,6 +152,8 @@ class Sidecar:
         if ch is not None:
             ch.close()
         self._raw_channel.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self._exit.set()
 
     def _watch_upstream(self) -> None:
@@ -228,16 +248,32 @@ class Sidecar:
             return self._trainer_channel
 
     def _on_trainer_state(self, snap: TrainerSnapshot) -> None:
+        self.metrics.trainer_state(_trainer_state_name(snap.phase))
         self._send(control_pb2.ClientMessage(trainer_state=snap.to_proto()), "trainer state")
 
     def _on_result(self, ann: control_pb2.ResultAnnouncement) -> None:
         self._send(control_pb2.ClientMessage(result=ann), "result announcement")
+
+    def _on_metric(self, report: control_pb2.MetricReport) -> None:
+        # The SDK's own timings (fedkube.*) become histograms here; only the user's values go to the server.
+        user = self.metrics.record_report(dict(report.values))
+        if not user:
+            return
+        forward = control_pb2.MetricReport(round=report.round, values=user, timestamp_ms=report.timestamp_ms)
+        self._send(control_pb2.ClientMessage(metrics=forward), "metric report")
 
     def _send(self, msg: control_pb2.ClientMessage, what: str) -> None:
         if not self.upstream.send(msg):
             # State rides on every heartbeat and pending results are re-announced on reconnect.
             log.info("site %s: not connected to the server; %s will be resent after reconnecting",
                      self.config.site, what)
+
+
+def _trainer_state_name(phase: int) -> str:
+    """The ``state`` label of a trainer phase: Running, Finished, ...; Unknown for an unset or unknown phase."""
+    name = control_pb2.TrainerPhase.Name(phase) if phase in control_pb2.TrainerPhase.values() else ""
+    label = name.removeprefix("TRAINER_PHASE_").capitalize()
+    return label if label in TRAINER_STATES else "Unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,8 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     # Without this glibc raises its mmap threshold after the first large free, and the relayed
     # 1 MiB chunks fragment the heap: RSS crept with the bytes relayed.
     tune_allocator(mmap_threshold=128 << 10, trim_threshold=None, arena_max=2)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        configure_logging("sidecar", job=os.environ.get(envvars.JOB, ""), site=os.environ.get(envvars.SITE) or None,
+                          fmt=log_format_from_env(os.environ))
+    except ConfigError as exc:
+        print(f"fedkube sidecar: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         config = SidecarConfig.from_env()
         sidecar = Sidecar(config)

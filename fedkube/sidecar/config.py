@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.metrics import metrics_port_from_env
 
 # Set by the local runtime: leave once the job's Stop and the trainer's final
 # state were forwarded (in Kubernetes the sidecar runs until SIGTERM).
@@ -30,6 +31,7 @@ class SidecarConfig:
         backoff_base_s / backoff_max_s: reconnect delays (exponential with jitter between them).
         final_state_grace_s: after Stop, how long to wait for the trainer's final state before exiting anyway.
         relay_window_chunks: chunks buffered per relayed stream (bounds the sidecar's memory).
+        metrics_port: where ``/metrics`` is served (0 = not served; the metrics are still kept).
     """
 
     job: str
@@ -42,6 +44,7 @@ class SidecarConfig:
     backoff_max_s: float = 15.0
     final_state_grace_s: float = 60.0
     relay_window_chunks: int = 4
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarConfig:
@@ -85,4 +88,5 @@ class SidecarConfig:
             token=token,
             trainer_port=int(raw_port),
             exit_on_stop=exit_raw in ("1", "true"),
+            metrics_port=metrics_port_from_env(env),
         )

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from fedkube.sidecar.meter import Counted, RelayMeter, StreamMeter
 from fedkube.transfer.fetch import GrpcChunkSource
 from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.relay import relay_chunks
@@ -65,6 +66,10 @@ def encode_pushed_chunk(request_id: str, offset: int, data: bytes | memoryview =
     return b"".join(parts) + mv + tail if mv.nbytes else b"".join(parts) + tail
 
 
+def _nbytes(item: tuple[int, Any]) -> int:
+    return memoryview(item[1]).nbytes
+
+
 def _identity(raw: bytes) -> bytes:
     return raw
 
@@ -88,7 +93,8 @@ class Pusher:
 
     ``trainer_channel`` returns the channel to the trainer's Download service,
     or None when no trainer is attached; ``relayed(ref, end)`` is told each
-    byte range that went up (it drives the trainer's ``WatchResult`` progress).
+    byte range that went up (it drives the trainer's ``WatchResult`` progress);
+    ``meter`` (optional) counts the bytes relayed and held in the window.
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class Pusher:
         relayed: Callable[[tensor_pb2.TensorRef, int], None],
         window_chunks: int = 4,
         max_workers: int = 8,
+        meter: RelayMeter | None = None,
     ) -> None:
         self._push_call = server.stream_unary(
             PUSH_METHOD, request_serializer=_identity, response_deserializer=control_pb2.PushAck.FromString
@@ -108,6 +115,7 @@ class Pusher:
         self._trainer_channel = trainer_channel
         self._relayed = relayed
         self._window = window_chunks
+        self._meter = meter
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"push-{site}")
         self._lock = threading.Lock()
         self._uploads: dict[str, _Upload] = {}
@@ -139,6 +147,14 @@ class Pusher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _chunks(self, req: control_pb2.UploadRequest, up: _Upload) -> Iterator[bytes]:
+        meter = self._meter.stream("to_server") if self._meter is not None else None
+        try:
+            yield from self._relay(req, up, meter)
+        finally:
+            if meter is not None:
+                meter.close()
+
+    def _relay(self, req: control_pb2.UploadRequest, up: _Upload, meter: StreamMeter | None) -> Iterator[bytes]:
         ref = req.ref
         ids = f"upload {req.request_id} (transaction {ref.transaction_id}, ref {ref.ref_id} {ref.name!r})"
         first = True
@@ -161,13 +177,16 @@ class Pusher:
                 up.fetch = stream
             if up.abort.is_set():
                 return
-            for offset, data in relay_chunks(stream, window=self._window, abort=up.abort):
+            counted = Counted(stream, meter, _nbytes) if meter is not None else stream
+            for offset, data in relay_chunks(counted, window=self._window, abort=up.abort):
                 msg = encode_pushed_chunk(req.request_id if first else "", offset, data)
                 first = False
-                end = offset + memoryview(data).nbytes
+                nbytes = memoryview(data).nbytes
                 del data
                 yield msg
-                self._relayed(ref, end)
+                if meter is not None:
+                    meter.sent(nbytes)
+                self._relayed(ref, offset + nbytes)
         except Exception as exc:  # reported in-band so the server's fetcher knows at once
             if up.abort.is_set():
                 return

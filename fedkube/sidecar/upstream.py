@@ -86,6 +86,10 @@ class Upstream:
     ``on_message`` gets every server message after ``Registered`` (on the
     stream's reader thread: it must not block); ``on_connected`` runs after
     each successful registration (to re-announce pending results).
+    ``on_state`` is told each state of the stream (connecting, connected,
+    backoff, stopped), ``on_heartbeat`` each heartbeat handed to gRPC and
+    ``on_reconnected`` each registration after the first; they feed metrics
+    and must be quick.
     """
 
     def __init__(
@@ -101,12 +105,17 @@ class Upstream:
         on_connected: Callable[[], None] = lambda: None,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 15.0,
+        on_state: Callable[[str], None] = lambda state: None,
+        on_heartbeat: Callable[[], None] = lambda: None,
+        on_reconnected: Callable[[], None] = lambda: None,
     ) -> None:
         self._stub = control_pb2_grpc.ControlStub(channel)
         self._job, self._site, self._address = job, site, address
         self._on_message, self._trainer_state = on_message, trainer_state
         self._resume_task_id, self._on_connected = resume_task_id, on_connected
         self._base, self._max = backoff_base_s, backoff_max_s
+        self._on_state, self._on_heartbeat, self._on_reconnected = on_state, on_heartbeat, on_reconnected
+        self._registrations = 0
         self.session_id = uuid.uuid4().hex
         self._lock = threading.Lock()
         self._out: queue.Queue[object] | None = None
@@ -149,6 +158,7 @@ class Upstream:
                 if not self.connected.is_set():
                     continue
                 seq += 1
+                self._on_heartbeat()
                 yield control_pb2.ClientMessage(
                     heartbeat=control_pb2.Heartbeat(seq=seq, trainer=self._trainer_state())
                 )
@@ -162,6 +172,7 @@ class Upstream:
         attempt = 0
         try:
             while not self._closing.is_set():
+                self._on_state("connecting")
                 reached = self._connect_once()
                 if self.rejected is not None or self._closing.is_set():
                     return
@@ -173,8 +184,10 @@ class Upstream:
                 else:
                     log.warning("site %s: server %s not reachable, retrying in %.1f s (attempt %d)",
                                 self._site, self._address, delay, attempt)
+                self._on_state("backoff")
                 self._closing.wait(delay)
         finally:
+            self._on_state("stopped")
             self.done.set()
 
     def _connect_once(self) -> bool:
@@ -205,6 +218,10 @@ class Upstream:
                     interval[0] = ms / 1000.0
                     with self._lock:
                         self.connected.set()
+                    self._registrations += 1
+                    self._on_state("connected")
+                    if self._registrations > 1:
+                        self._on_reconnected()
                     log.info("site %s: registered with server %s for job %s (session %s, heartbeat every %d ms)",
                              self._site, self._address, msg.registered.job or self._job, self.session_id, ms)
                     # Tell the server the trainer's state right away instead of at the first heartbeat.

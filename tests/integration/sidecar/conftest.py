@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,7 @@ def server() -> Iterator[FakeServer]:
     s.stop()
 
 
-def make_sidecar(address: str, token: str = TOKEN, **kw: object) -> Sidecar:
+def make_sidecar(address: str, token: str = TOKEN, **kw: Any) -> Sidecar:
     cfg = SidecarConfig(
         job=JOB,
         site=SITE,
@@ -34,7 +35,7 @@ def make_sidecar(address: str, token: str = TOKEN, **kw: object) -> Sidecar:
         backoff_base_s=0.1,
         backoff_max_s=0.5,
         **kw,
-    )  # type: ignore[arg-type]
+    )
     return Sidecar(cfg)
 
 

@@ -1,0 +1,144 @@
+"""Byte accounting of the sidecar's relays: bytes relayed per direction and bytes held right now.
+
+A relay reads chunks ahead into a bounded window (``relay_chunks``); what sits
+in that window is what the sidecar holds in memory for transfers. Each relayed
+stream gets a :class:`StreamMeter`: ``read`` when a chunk enters the window,
+``sent`` when it left downstream, ``close`` when the stream ends (chunks still
+queued by a cancelled stream are dropped, so they stop counting as held).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class RelayMeter:
+    """Sums the bytes held by every live relayed stream and reports each change.
+
+    ``on_relayed(direction, nbytes)`` is called for bytes that went downstream;
+    ``on_buffer(total)`` with the bytes held across all streams after each change.
+    """
+
+    def __init__(self, on_relayed: Callable[[str, int], None], on_buffer: Callable[[int], None]) -> None:
+        self._on_relayed = on_relayed
+        self._on_buffer = on_buffer
+        self._lock = threading.Lock()
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        """Bytes read from upstream and not yet sent downstream, over all live streams."""
+        with self._lock:
+            return self._held
+
+    def stream(self, direction: str) -> StreamMeter:
+        """A meter for one relayed stream going ``direction``."""
+        return StreamMeter(self, direction)
+
+    def _change(self, delta: int) -> None:
+        # Reported under the lock so two streams cannot publish totals out of order; the callback only sets a gauge.
+        with self._lock:
+            self._held += delta
+            self._on_buffer(self._held)
+
+    def _relayed(self, direction: str, nbytes: int) -> None:
+        self._on_relayed(direction, nbytes)
+
+
+class StreamMeter:
+    """Accounting of one relayed stream (see :class:`RelayMeter`)."""
+
+    def __init__(self, meter: RelayMeter, direction: str) -> None:
+        self._meter = meter
+        self.direction = direction
+        self._lock = threading.Lock()
+        self._held = 0
+        self._closed = False
+
+    def read(self, nbytes: int) -> None:
+        """A chunk of ``nbytes`` was read from upstream into the relay window."""
+        with self._lock:
+            if self._closed:
+                return
+            self._held += nbytes
+        self._meter._change(nbytes)
+
+    def sent(self, nbytes: int) -> None:
+        """A chunk of ``nbytes`` left downstream."""
+        with self._lock:
+            release = min(nbytes, self._held) if not self._closed else 0
+            self._held -= release
+        if release:
+            self._meter._change(-release)
+        self._meter._relayed(self.direction, nbytes)
+
+    def close(self) -> None:
+        """The stream ended: whatever it still held is gone. Safe to call more than once."""
+        with self._lock:
+            release, self._held, self._closed = self._held, 0, True
+        if release:
+            self._meter._change(-release)
+
+
+class Counted(Generic[T]):
+    """Iterates ``upstream``, telling ``stream.read`` each item's size; ``cancel()`` is passed upstream."""
+
+    def __init__(self, upstream: Any, stream: StreamMeter, size: Callable[[T], int]) -> None:
+        self._it: Iterator[T] = iter(upstream)
+        self._upstream = upstream
+        self._stream = stream
+        self._size = size
+
+    def __iter__(self) -> Counted[T]:
+        return self
+
+    def __next__(self) -> T:
+        item = next(self._it)
+        self._stream.read(self._size(item))
+        return item
+
+    def cancel(self) -> None:
+        """Cancel the upstream call, when it can be cancelled."""
+        cancel = getattr(self._upstream, "cancel", None)
+        if cancel is not None:
+            cancel()
+
+
+def metered_relay(upstream: Any, *, window_chunks: int, meter: RelayMeter, direction: str) -> Any:
+    """A :class:`fedkube.transfer.relay.RelayServicer` whose Fetch streams are counted by ``meter``.
+
+    The relay's upstream call is wrapped so each chunk message is counted when
+    the window reads it, and each message the downstream takes is counted as
+    sent; sizes are whole chunk messages (the payload plus a few bytes of
+    framing), since the relay forwards them without parsing.
+    """
+    from fedkube.transfer.relay import RelayServicer
+
+    class _Metered(RelayServicer):
+        def __init__(self) -> None:
+            super().__init__(upstream, window_chunks=window_chunks)
+            self._local = threading.local()
+            plain = self._fetch
+
+            def fetch(request: Any, timeout: float | None = None) -> Any:
+                # Runs on the Fetch handler's thread, which set the stream's meter just before.
+                stream: StreamMeter = self._local.stream
+                return Counted(plain(request, timeout=timeout), stream, len)
+
+            self._fetch = fetch
+
+        def Fetch(self, request: Any, context: Any) -> Iterator[bytes]:
+            stream = meter.stream(direction)
+            self._local.stream = stream
+            try:
+                for raw in super().Fetch(request, context):
+                    stream.sent(len(raw))
+                    yield raw
+            finally:
+                stream.close()
+
+    return _Metered()
