@@ -50,15 +50,37 @@ VOLUME_TMP = f"{layout.RESERVED_VOLUME_PREFIX}tmp"
 
 Manifest = dict[str, Any]
 
+#: The sidecar's /metrics port. Not the server's 9090: a client pod's containers share one network
+#: namespace, and the user's trainer may well run something of its own on the common 9090.
+SIDECAR_METRICS_PORT = 9091
+METRICS_PATH = "/metrics"
+LOG_FORMATS = ("text", "json")
 
-def build_all(job: FLJob, *, tokens: Mapping[str, str], owner: Mapping[str, Any] | None = None) -> list[Manifest]:
+
+def prometheus_annotations(port: int) -> dict[str, str]:
+    """The ``prometheus.io/*`` annotations a plain Prometheus (kubernetes_sd pod role) scrapes by."""
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": METRICS_PATH}
+
+
+def _check_log_format(log_format: str) -> str:
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"log format must be one of {list(LOG_FORMATS)}, got {log_format!r}; "
+                          f"fix {envvars.LOG_FORMAT} or --log-format of the operator")
+    return log_format
+
+
+def build_all(
+    job: FLJob, *, tokens: Mapping[str, str], owner: Mapping[str, Any] | None = None, log_format: str = "text"
+) -> list[Manifest]:
     """Every object the operator creates for `job`, in creation order (config and secrets before pods).
 
     `tokens` maps each site name to its token. `owner` is the FLJob object as
     the API server returned it (apiVersion, kind, metadata.name, metadata.uid);
     when given, every child gets a controller owner reference so deleting the
-    FLJob deletes them. Raises :class:`SpecError` for an invalid job and
-    :class:`ConfigError` for a missing token or an owner without a uid.
+    FLJob deletes them. ``log_format`` (text or json) is passed to the server
+    and the sidecars as FEDKUBE_LOG_FORMAT. Raises :class:`SpecError` for an
+    invalid job and :class:`ConfigError` for a missing token, an owner without
+    a uid or an unknown log format.
     """
     validate_job(job)
     objs = [
@@ -70,8 +92,8 @@ def build_all(job: FLJob, *, tokens: Mapping[str, str], owner: Mapping[str, Any]
     if pvc is not None:
         objs.append(pvc)
     objs.append(build_server_service(job, owner=owner))
-    objs.append(build_server_pod(job, owner=owner))
-    objs.extend(build_client_pod(job, site.name, owner=owner) for site in job.spec.clients)
+    objs.append(build_server_pod(job, owner=owner, log_format=log_format))
+    objs.extend(build_client_pod(job, site.name, owner=owner, log_format=log_format) for site in job.spec.clients)
     return objs
 
 
@@ -244,8 +266,8 @@ def build_server_service(job: FLJob, *, owner: Mapping[str, Any] | None = None) 
     }
 
 
-def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> Manifest:
-    """The aggregator Pod ``{job}-server``."""
+def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_format: str = "text") -> Manifest:
+    """The aggregator Pod ``{job}-server``, annotated for Prometheus to scrape its ``metrics`` port."""
     server = job.spec.server
     env = [
         _env(envvars.JOB, job.name),
@@ -254,6 +276,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> M
         _env(envvars.GRPC_PORT, str(envvars.DEFAULT_GRPC_PORT)),
         _env(envvars.STATUS_PORT, str(envvars.DEFAULT_STATUS_PORT)),
         _env(envvars.METRICS_PORT, str(envvars.DEFAULT_METRICS_PORT)),
+        _env(envvars.LOG_FORMAT, _check_log_format(log_format)),
         _env(envvars.TOKENS_DIR, layout.TOKENS_DIR),
         _env(envvars.CHECKPOINT_DIR, layout.CHECKPOINT_DIR),
         _env(envvars.TERMINATION_LOG, layout.TERMINATION_LOG),
@@ -310,7 +333,8 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> M
             naming.server_name(job.name),
             naming.ROLE_SERVER,
             owner,
-            annotations={naming.ANNOTATION_SPEC_HASH: spec_hash(job)},
+            annotations={naming.ANNOTATION_SPEC_HASH: spec_hash(job),
+                         **prometheus_annotations(envvars.DEFAULT_METRICS_PORT)},
         ),
         "spec": _pod_spec([container], volumes, server.node_selector, server.tolerations),
     }
@@ -327,11 +351,15 @@ def _site(job: FLJob, site: str) -> ClientSite:
     raise ConfigError(f"job {job.name!r} has no client site {site!r}; fix: use one of {known}")
 
 
-def build_client_pod(job: FLJob, site: str, *, owner: Mapping[str, Any] | None = None) -> Manifest:
+def build_client_pod(
+    job: FLJob, site: str, *, owner: Mapping[str, Any] | None = None, log_format: str = "text"
+) -> Manifest:
     """Client Pod ``{job}-client-{site}``: the job-cell sidecar (native sidecar) and the user's trainer.
 
     Only the sidecar mounts the site's token; the trainer reaches the server
-    solely through the sidecar on localhost.
+    solely through the sidecar on localhost. The pod is annotated for
+    Prometheus to scrape the sidecar's ``metrics`` port (the trainer's own
+    timings and ``log_metric()`` values are exported there too).
     """
     entry = _site(job, site)
     spec, trainer = job.spec, job.spec.trainer
@@ -349,9 +377,10 @@ def build_client_pod(job: FLJob, site: str, *, owner: Mapping[str, Any] | None =
             _env(envvars.SERVER_ADDRESS, naming.server_address(job.name, job.namespace, envvars.DEFAULT_GRPC_PORT)),
             _env(envvars.TOKEN_FILE, f"{layout.TOKEN_DIR}/{layout.TOKEN_FILE_NAME}"),
             _env(envvars.TRAINER_PORT, str(sidecar_port)),
-            _env(envvars.METRICS_PORT, str(envvars.DEFAULT_METRICS_PORT)),
+            _env(envvars.METRICS_PORT, str(SIDECAR_METRICS_PORT)),
+            _env(envvars.LOG_FORMAT, _check_log_format(log_format)),
         ],
-        "ports": [{"name": "metrics", "containerPort": envvars.DEFAULT_METRICS_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "metrics", "containerPort": SIDECAR_METRICS_PORT, "protocol": "TCP"}],
         "volumeMounts": [
             {"name": VOLUME_TOKEN, "mountPath": layout.TOKEN_DIR, "readOnly": True},
             {"name": VOLUME_TMP, "mountPath": layout.TMP_DIR},
@@ -413,7 +442,7 @@ def build_client_pod(job: FLJob, site: str, *, owner: Mapping[str, Any] | None =
             naming.ROLE_CLIENT,
             owner,
             site,
-            annotations={naming.ANNOTATION_SPEC_HASH: spec_hash(job)},
+            annotations={naming.ANNOTATION_SPEC_HASH: spec_hash(job), **prometheus_annotations(SIDECAR_METRICS_PORT)},
         ),
         "spec": pod_spec,
     }

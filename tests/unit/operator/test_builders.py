@@ -444,3 +444,56 @@ def test_cached_validator_agrees_with_kubernetes_validate() -> None:
         assert "bogus" in str(exc) or "containers" in str(exc)
     else:
         raise AssertionError("the cached validator accepted an unknown container field")
+
+
+# --- metrics and log format ---------------------------------------------------------------------------
+
+
+def _scrape_target(pod: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The container whose named ``metrics`` port the pod's prometheus.io annotations point at."""
+    ann = pod["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/path"] == "/metrics"
+    port = int(ann["prometheus.io/port"])
+    containers = [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]
+    owners = [c for c in containers for p in c.get("ports", []) if p["name"] == "metrics"]
+    assert len(owners) == 1, "exactly one container must expose the named metrics port"
+    (c,) = owners
+    assert {p["containerPort"] for p in c["ports"] if p["name"] == "metrics"} == {port}
+    return c, port
+
+
+@pytest.mark.parametrize("which", JOBS)
+def test_server_pod_is_scraped_on_its_metrics_port(which: str) -> None:
+    c, port = _scrape_target(builders.build_server_pod(_job(which)))
+    assert c["name"] == naming.SERVER_CONTAINER and port == envvars.DEFAULT_METRICS_PORT
+    assert _env(c)[envvars.METRICS_PORT] == str(port)
+
+
+@pytest.mark.parametrize("which", JOBS)
+def test_client_pod_is_scraped_on_the_sidecar(which: str) -> None:
+    job = _job(which)
+    pod = builders.build_client_pod(job, job.spec.clients[0].name)
+    c, port = _scrape_target(pod)
+    assert c["name"] == naming.SIDECAR_CONTAINER and port == builders.SIDECAR_METRICS_PORT == 9091
+    assert _env(c)[envvars.METRICS_PORT] == "9091"
+    # The trainer is user code: it is never scraped and serves nothing of ours.
+    (trainer,) = pod["spec"]["containers"]
+    assert envvars.METRICS_PORT not in _env(trainer) and not trainer.get("ports")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_log_format_reaches_server_and_sidecars(fmt: str) -> None:
+    job = _job("full")
+    objs = builders.build_all(job, tokens=_tokens(job), owner=OWNER, log_format=fmt)
+    pods = [o for o in objs if o["kind"] == "Pod"]
+    assert len(pods) == 1 + len(job.spec.clients)
+    for pod in pods:
+        c, _ = _scrape_target(pod)
+        assert _env(c)[envvars.LOG_FORMAT] == fmt, pod["metadata"]["name"]
+
+
+def test_default_log_format_is_text_and_unknown_is_refused() -> None:
+    job = _job("example")
+    assert _env(builders.build_server_pod(job)["spec"]["containers"][0])[envvars.LOG_FORMAT] == "text"
+    with pytest.raises(ConfigError, match=r"log format must be one of .*'yaml'"):
+        builders.build_all(job, tokens=_tokens(job), owner=None, log_format="yaml")
