@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import resource
 import socket
 import threading
 import time
@@ -87,6 +88,12 @@ class PeakRss:
         self.stop()
 
 
+def cpu_s() -> float:
+    """CPU seconds (user + system) this process used so far, all threads."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _floor_receiver(conn: Connection, nbytes: int) -> None:
     buf = bytearray(nbytes)  # zero-filled: its pages are resident before timing starts
     view = memoryview(buf)
@@ -95,6 +102,7 @@ def _floor_receiver(conn: Connection, nbytes: int) -> None:
         sock, _ = listener.accept()
         with sock:
             start = time.perf_counter()
+            cpu0 = cpu_s()
             got = 0
             while got < nbytes:
                 n = sock.recv_into(view[got : got + _IO_BYTES])
@@ -102,25 +110,33 @@ def _floor_receiver(conn: Connection, nbytes: int) -> None:
                     raise ConnectionError(f"floor sender closed after {got} of {nbytes} bytes")
                 got += n
             elapsed = time.perf_counter() - start
+            cpu = cpu_s() - cpu0
             sock.sendall(b"k")
-    conn.send(elapsed)
+    conn.send((elapsed, cpu))
 
 
-def _floor_sender(port: int, nbytes: int) -> None:
+def _floor_sender(conn: Connection, port: int, nbytes: int) -> None:
     block = memoryview(bytes(range(256)) * (_SEND_BLOCK // 256))
     with socket.create_connection(("127.0.0.1", port)) as sock:
+        cpu0 = cpu_s()
         sent = 0
         while sent < nbytes:
             n = min(nbytes - sent, len(block))
             sock.sendall(block[:n])
             sent += n
         sock.recv(1)
+        conn.send(cpu_s() - cpu0)
 
 
 def tcp_floor(nbytes: int, repeats: int = 1) -> float:
     """Seconds to move ``nbytes`` over loopback TCP between two fresh processes (best of ``repeats``)."""
+    return tcp_floor_detail(nbytes, repeats)[0]
+
+
+def tcp_floor_detail(nbytes: int, repeats: int = 1) -> tuple[float, float, float]:
+    """(seconds, receiver CPU seconds, sender CPU seconds) of the fastest of ``repeats`` floor runs."""
     ctx = mp.get_context("spawn")
-    best = float("inf")
+    best = (float("inf"), 0.0, 0.0)
     for _ in range(repeats):
         parent, child = ctx.Pipe()
         receiver = ctx.Process(target=_floor_receiver, args=(child, nbytes))
@@ -128,11 +144,15 @@ def tcp_floor(nbytes: int, repeats: int = 1) -> float:
         if not parent.poll(120):
             raise TimeoutError("floor receiver did not start")
         port = parent.recv()
-        sender = ctx.Process(target=_floor_sender, args=(port, nbytes))
+        sender_parent, sender_child = ctx.Pipe()
+        sender = ctx.Process(target=_floor_sender, args=(sender_child, port, nbytes))
         sender.start()
         if not parent.poll(600):
             raise TimeoutError("floor transfer did not finish in 600 s")
-        best = min(best, float(parent.recv()))
+        elapsed, receiver_cpu = parent.recv()
+        sender_cpu = float(sender_parent.recv()) if sender_parent.poll(60) else float("nan")
+        if elapsed < best[0]:
+            best = (float(elapsed), float(receiver_cpu), sender_cpu)
         sender.join(60)
         receiver.join(60)
     return best

@@ -18,6 +18,7 @@ floor, and the peak RSS (VmHWM) of the publisher, the relay and each receiver.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -29,10 +30,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import current_rss, emit, mib, tcp_floor, vm_hwm
+from _common import cpu_s, current_rss, emit, mib, tcp_floor_detail, vm_hwm
 
 WAIT_S = 1800.0
 _TUNE_ENV = "FEDKUBE_BENCH_TUNE_ALLOCATOR"
+_OPTIONS_ENV = "FEDKUBE_BENCH_GRPC_OPTIONS"
 
 
 def _child_setup() -> None:
@@ -56,7 +58,16 @@ def _make_tensors(total: int, count: int) -> dict[str, np.ndarray]:
 
 
 def _extra(frame_kib: int) -> list[tuple[str, Any]]:
-    return [("grpc.http2.max_frame_size", frame_kib << 10)] if frame_kib else []
+    """Extra gRPC options for every server and channel: the frame size, then ``--grpc-option``s."""
+    extra: list[tuple[str, Any]] = [("grpc.http2.max_frame_size", frame_kib << 10)] if frame_kib else []
+    return extra + [(k, v) for k, v in json.loads(os.environ.get(_OPTIONS_ENV, "[]"))]
+
+
+def _grpc_option(text: str) -> tuple[str, int | str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, int(value) if value.lstrip("-").isdigit() else value
 
 
 def publisher_main(conn: Connection, size: int, tensors: int, receivers: list[str], chunk: int, frame_kib: int) -> None:
@@ -69,6 +80,9 @@ def publisher_main(conn: Connection, size: int, tensors: int, receivers: list[st
     model = _make_tensors(size, tensors)
     txn = service.publish(model, receivers=receivers, ttl_s=WAIT_S)
     conn.send({"port": port, "refs": [r.to_proto().SerializeToString() for r in txn.refs], "baseline": baseline})
+    # Answer CPU probes (the parent reads them around each phase) until told to finish.
+    while conn.recv() == "cpu":
+        conn.send(cpu_s())
     ok = txn.wait(WAIT_S)
     peak = vm_hwm() or current_rss()
     server.stop(grace=1).wait(5)
@@ -95,7 +109,8 @@ def relay_main(conn: Connection, upstream: str, window: int, frame_kib: int, loo
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     conn.send({"port": port, "baseline": current_rss()})
-    conn.recv()  # stop
+    while conn.recv() == "cpu":  # until "stop"
+        conn.send(cpu_s())
     peak = vm_hwm() or current_rss()
     server.stop(grace=1).wait(5)
     conn.send({"peak": peak})
@@ -117,9 +132,11 @@ def receiver_main(conn: Connection, address: str, name: str, refs: list[bytes], 
     fetcher = Fetcher(source, settings)
     conn.recv()  # go
     start = time.perf_counter()
+    cpu0 = cpu_s()
     for ref, out in zip(parsed, outs, strict=True):
         fetcher.fetch_array(ref, out)  # checksum verified inside
     elapsed = time.perf_counter() - start
+    cpu = cpu_s() - cpu0
     source.complete(parsed[0].transaction_id, ok=True)
     # Spot-check content independently of the checksum (without rebuilding the model here).
     for i, out in enumerate(outs):
@@ -128,7 +145,7 @@ def receiver_main(conn: Connection, address: str, name: str, refs: list[bytes], 
         expect = ((idx * np.uint64(2654435761) + np.uint64(i)) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         assert np.array_equal(words[idx.astype(np.int64)], expect), f"{name}: wrong data in tensor {i}"
     channel.close()
-    conn.send({"seconds": elapsed, "peak": vm_hwm() or current_rss(), "attempts": fetcher.attempts})
+    conn.send({"seconds": elapsed, "cpu_s": cpu, "peak": vm_hwm() or current_rss(), "attempts": fetcher.attempts})
 
 
 def _start(ctx: Any, target: Any, *args: Any) -> tuple[Any, Connection]:
@@ -178,11 +195,20 @@ def main() -> None:
         help="fixed HTTP/2 receive window upstream of the relay (relay_channel_options); 0: gRPC's BDP-grown window",
     )
     parser.add_argument("--repeats", type=int, default=3, help="floor/direct/relay rounds; the best of each is kept")
+    parser.add_argument(
+        "--grpc-option",
+        type=_grpc_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra gRPC option for every server and channel (repeatable; integers are passed as ints)",
+    )
     parser.add_argument("--no-relay", action="store_true")
     parser.add_argument("--no-floor", action="store_true")
     args = parser.parse_args()
 
     os.environ[_TUNE_ENV] = "1" if args.allocator == "tuned" else "0"
+    os.environ[_OPTIONS_ENV] = json.dumps(args.grpc_option)
     size = args.size_mib << 20
     chunk = args.chunk_kib << 10
     ctx = mp.get_context("spawn")
@@ -196,6 +222,7 @@ def main() -> None:
         "frame_kib": args.frame_kib,
         "allocator": args.allocator,
         "relay_lookahead_kib": args.relay_lookahead_kib,
+        "grpc_options": dict(args.grpc_option),
         "cpus": os.cpu_count(),
     }
     fan = [f"fan-{i}" for i in range(args.receivers)]
@@ -206,14 +233,33 @@ def main() -> None:
     address = f"127.0.0.1:{info['port']}"
     receivers: dict[str, dict[str, Any]] = {}
     relay_address = None
+    relay_conn: Connection | None = None
     if relayed:
         relay, relay_conn = _start(ctx, relay_main, address, args.window, args.frame_kib, args.relay_lookahead_kib)
         relay_info = _recv(relay_conn, "relay")
         relay_address = f"127.0.0.1:{relay_info['port']}"
         result["relay_baseline_mib"] = mib(relay_info["baseline"])
 
-    def fetch(addr: str, names: list[str]) -> list[dict[str, Any]]:
+    gib = size / (1 << 30)
+    cpu_per_gib: dict[str, list[float]] = {}
+
+    def probe(conn: Connection | None) -> float:
+        if conn is None:
+            return 0.0
+        conn.send("cpu")
+        return float(_recv(conn, "cpu probe"))
+
+    def fetch(addr: str, names: list[str], phase: str) -> list[dict[str, Any]]:
+        relay_conn_now = relay_conn if phase == "relay" else None
+        pub0, relay0 = probe(pub_conn), probe(relay_conn_now)
         runs = _run_receivers(ctx, addr, names, info["refs"], chunk, args.frame_kib)
+        pub1, relay1 = probe(pub_conn), probe(relay_conn_now)
+        # CPU seconds per GiB moved, per process role (getrusage: every thread of the process).
+        moved = gib * len(names)
+        cpu_per_gib.setdefault(f"{phase}_receiver", []).extend(r["cpu_s"] / gib for r in runs)
+        cpu_per_gib.setdefault(f"{phase}_publisher", []).append((pub1 - pub0) / moved)
+        if relay_conn_now is not None:
+            cpu_per_gib.setdefault("relay_relay", []).append((relay1 - relay0) / moved)
         for label, r in zip(names, runs, strict=True):
             receivers[label] = {
                 "peak_mib": mib(r["peak"]),
@@ -224,14 +270,17 @@ def main() -> None:
 
     # The machine may be shared: interleave floor and fetches, and keep the best of each.
     floors: list[float] = []
+    floor_cpu: list[tuple[float, float]] = []
     direct: list[float] = []
     via_relay: list[float] = []
     for r in range(args.repeats):
         if not args.no_floor:
-            floors.append(tcp_floor(size))
-        direct.append(fetch(address, [singles[r]])[0]["seconds"])
+            seconds, receiver_cpu, sender_cpu = tcp_floor_detail(size)
+            floors.append(seconds)
+            floor_cpu.append((receiver_cpu / gib, sender_cpu / gib))
+        direct.append(fetch(address, [singles[r]], "direct")[0]["seconds"])
         if relay_address is not None:
-            via_relay.append(fetch(relay_address, [relayed[r]])[0]["seconds"])
+            via_relay.append(fetch(relay_address, [relayed[r]], "relay")[0]["seconds"])
     floor_s = min(floors) if floors else None
     if floor_s is not None:
         result["floor_s"] = round(floor_s, 3)
@@ -247,14 +296,20 @@ def main() -> None:
             result[f"{phase}_ratio"] = round(streams * floor_s / seconds, 3)
 
     record("direct", min(direct), 1, direct)
-    if relay_address is not None:
+    if relay_address is not None and relay_conn is not None:
         record("relay", min(via_relay), 1, via_relay)
         relay_conn.send("stop")
         result["relay_peak_mib"] = mib(_recv(relay_conn, "relay")["peak"])
         relay.join(60)
     if fan:
-        fan_seconds = [r["seconds"] for r in fetch(address, fan)]
+        fan_seconds = [r["seconds"] for r in fetch(address, fan, "fanout")]
         record("fanout", max(fan_seconds), len(fan), fan_seconds)
+    if floor_cpu:
+        cpu_per_gib["floor_receiver"] = [c[0] for c in floor_cpu]
+        cpu_per_gib["floor_sender"] = [c[1] for c in floor_cpu]
+    # Median over runs: CPU per GiB is what load distorts least (bench/README.md).
+    result["cpu_s_per_gib"] = {k: round(sorted(v)[len(v) // 2], 3) for k, v in sorted(cpu_per_gib.items())}
+    pub_conn.send("finish")
     final = _recv(pub_conn, "publisher")
     pub.join(60)
     result["all_verified"] = bool(final["ok"]) and not final["failed"]
