@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
@@ -106,7 +106,7 @@ def run_main(argv: Sequence[str] | None = None) -> int:
             print(f"fedkube run: {args.job}: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         try:
-            outcome = execute(run, display)
+            outcome = execute(run, display, out=out)
         except ConfigError as exc:
             print(f"fedkube run: {args.job}: {exc}", file=sys.stderr)
             return EXIT_CONFIG
@@ -117,8 +117,10 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     return outcome.exit_code
 
 
-def execute(run: LocalJobRun, display: ProgressDisplay | None = None) -> RunOutcome:
+def execute(run: LocalJobRun, display: ProgressDisplay | None = None, out: IO[str] | None = None) -> RunOutcome:
     """Start ``run``, wait for its outcome, and stop every process whatever happens.
+
+    With ``out``, one line naming every /metrics endpoint is printed there once the pods started.
 
     SIGINT and SIGTERM (when called on the main thread) interrupt the run
     cleanly: every pod's process groups are terminated before this returns.
@@ -126,6 +128,9 @@ def execute(run: LocalJobRun, display: ProgressDisplay | None = None) -> RunOutc
     with _interrupts(run):
         try:
             run.start()
+            urls = run.metrics_urls()
+            if out is not None and urls:
+                print(format_metrics_urls(urls), file=out, flush=True)
             if display is not None:
                 display.watch(run.status_url(), run.metrics_url())
             outcome = run.wait()
@@ -163,7 +168,13 @@ def outcome_json(job_name: str, outcome: RunOutcome) -> dict[str, Any]:
         },
         "notes": list(outcome.notes),
         "runDir": str(outcome.run_dir),
+        "metrics": dict(outcome.metrics_urls),
     }
+
+
+def format_metrics_urls(urls: Mapping[str, str]) -> str:
+    """One line: ``metrics: server http://...  site-a http://...``."""
+    return "metrics: " + "  ".join(f"{name} {url}" for name, url in urls.items())
 
 
 def format_outcome(job_name: str, outcome: RunOutcome) -> str:

@@ -59,6 +59,8 @@ class RunOutcome:
     notes: tuple[str, ...]  # things a person should know that did not change the outcome
     run_dir: Path
     interrupted: bool
+    metrics_urls: Mapping[str, str] = field(default_factory=dict)
+    """Prometheus endpoints of the run: ``server`` and each client site (see :meth:`LocalJobRun.metrics_urls`)."""
 
 
 class LocalJobRun:
@@ -104,6 +106,23 @@ class LocalJobRun:
     def metrics_url(self) -> str | None:
         """The server's Prometheus endpoint on this machine (None when metrics are off)."""
         return self._server_url(envvars.METRICS_PORT, "/metrics")
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Every process's Prometheus endpoint on this machine: ``server`` and each client's site name.
+
+        The sidecar serves its site's metrics (the trainer's reported timings and
+        ``log_metric()`` values included); trainers themselves are not scraped.
+        """
+        urls: dict[str, str] = {}
+        server = self.metrics_url()
+        if server is not None:
+            urls["server"] = server
+        for pod in self._clients:
+            port = _env_of(pod, init=True).get(envvars.METRICS_PORT)
+            if port and port.isdigit() and int(port) > 0:
+                site = _labels(pod).get(SITE_LABEL) or str(pod.get("metadata", {}).get("name"))
+                urls[site] = f"http://{LOCAL_HOST}:{self.resolver.local_port(pod_key_of(pod), int(port))}/metrics"
+        return urls
 
     def _server_url(self, port_var: str, path: str) -> str | None:
         port = _env_of(self._server).get(port_var)
@@ -157,6 +176,7 @@ class LocalJobRun:
             notes=tuple(notes),
             run_dir=self.options.run_dir,
             interrupted=interrupted,
+            metrics_urls=self.metrics_urls(),
         )
 
     def stop_all(self) -> None:
@@ -271,9 +291,12 @@ def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
     return obj.get("metadata", {}).get("labels") or {}
 
 
-def _env_of(pod: Mapping[str, Any]) -> dict[str, str]:
+def _env_of(pod: Mapping[str, Any], *, init: bool = False) -> dict[str, str]:
+    """Literal env values of the pod's containers (and of its init containers, the sidecar among them, if ``init``)."""
     env: dict[str, str] = {}
-    for container in pod.get("spec", {}).get("containers", []) or []:
+    spec = pod.get("spec", {})
+    containers = [*(spec.get("initContainers", []) or [] if init else []), *(spec.get("containers", []) or [])]
+    for container in containers:
         for entry in container.get("env", []) or []:
             if "value" in entry:
                 env[str(entry["name"])] = str(entry["value"])
