@@ -21,6 +21,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import socket
 import sys
 import time
 from multiprocessing.connection import Connection
@@ -148,6 +149,175 @@ def receiver_main(conn: Connection, address: str, name: str, refs: list[bytes], 
     conn.send({"seconds": elapsed, "cpu_s": cpu, "peak": vm_hwm() or current_rss(), "attempts": fetcher.attempts})
 
 
+# --- raw-socket prototype (--raw) -------------------------------------------------
+# Not fedkube code: what the same transfers cost over a plain TCP data plane
+# (sendall from the tensor's memory, recv_into the destination, xxh3 per block;
+# a relay that forwards through one fixed buffer). It bounds what a bulk path
+# outside gRPC-Python could reach on this machine (bench/README.md).
+_RAW_IO = 4 << 20
+
+
+def raw_source_main(conn: Connection, size: int, serves: int) -> None:
+    _child_setup()
+    import xxhash
+
+    view = _make_tensors(size, 1)["layer0.weight"].view(np.uint8).data.cast("B")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        conn.send({"port": listener.getsockname()[1], "checksum": xxhash.xxh3_64_hexdigest(view.toreadonly())})
+        for _ in range(serves):
+            sock, _ = listener.accept()
+            with sock:
+                cpu0 = cpu_s()
+                for pos in range(0, size, _RAW_IO):
+                    sock.sendall(view[pos : pos + _RAW_IO])
+                sock.shutdown(socket.SHUT_WR)
+                sock.recv(1)
+                conn.send(cpu_s() - cpu0)
+
+
+def raw_relay_main(conn: Connection, upstream_port: int, serves: int, window: int) -> None:
+    _child_setup()
+    buf = memoryview(bytearray(window))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        conn.send(listener.getsockname()[1])
+        for _ in range(serves):
+            down, _ = listener.accept()
+            with down, socket.create_connection(("127.0.0.1", upstream_port)) as up:
+                cpu0 = cpu_s()
+                while n := up.recv_into(buf):
+                    down.sendall(buf[:n])
+                down.shutdown(socket.SHUT_WR)
+                up.sendall(down.recv(1))  # the receiver's ack travels back to the source
+                conn.send(cpu_s() - cpu0)
+
+
+def raw_receiver_main(conn: Connection, port: int, size: int) -> None:
+    _child_setup()
+    import xxhash
+
+    out = np.empty(size, dtype=np.uint8)
+    out.fill(0)
+    view = out.data.cast("B")
+    conn.recv()  # go
+    start = time.perf_counter()
+    cpu0 = cpu_s()
+    digest = xxhash.xxh3_64()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        got = 0
+        while got < size:
+            block_start, block_end = got, min(size, got + _RAW_IO)
+            while got < block_end:
+                n = sock.recv_into(view[got:block_end])
+                if n == 0:
+                    raise ConnectionError(f"raw source closed after {got} of {size} bytes")
+                got += n
+            digest.update(view[block_start:block_end].toreadonly())
+        sock.sendall(b"k")
+        sock.recv(1)
+    conn.send((time.perf_counter() - start, cpu_s() - cpu0, digest.hexdigest()))
+
+
+def bare_grpc_server_main(conn: Connection, chunk: int, frame_kib: int) -> None:
+    """gRPC-Python alone: a unary-stream method that yields one prebuilt ``chunk``-byte message ``count`` times."""
+    _child_setup()
+    from concurrent import futures
+
+    import grpc
+
+    from fedkube.transfer.wire import server_options
+
+    message = os.urandom(chunk)
+
+    def stream(count: int, context: grpc.ServicerContext) -> Any:
+        for _ in range(count):
+            yield message
+
+    handler = grpc.unary_stream_rpc_method_handler(
+        stream, request_deserializer=lambda raw: int(raw), response_serializer=lambda m: m
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=server_options(_extra(frame_kib)))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Bare", {"Stream": handler}),))
+    conn.send(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    while conn.recv() == "cpu":  # until "stop"
+        conn.send(cpu_s())
+    server.stop(grace=1).wait(5)
+
+
+def bare_grpc_receiver_main(conn: Connection, port: int, size: int, chunk: int, frame_kib: int) -> None:
+    """Receives ``size`` bytes from :func:`bare_grpc_server_main` and drops each message (no copy, no hash)."""
+    _child_setup()
+    from fedkube.transfer import insecure_channel
+
+    channel = insecure_channel(f"127.0.0.1:{port}", _extra(frame_kib))
+    call = channel.unary_stream(
+        "/bench.Bare/Stream", request_serializer=lambda n: str(n).encode(), response_deserializer=lambda m: m
+    )
+    for _ in call(2):  # connect and warm up outside the timed part
+        pass
+    conn.recv()  # go
+    start = time.perf_counter()
+    cpu0 = cpu_s()
+    got = sum(len(message) for message in call(size // chunk))
+    conn.send((time.perf_counter() - start, cpu_s() - cpu0, got))
+    channel.close()
+
+
+def _bare_grpc_phase(ctx: Any, size: int, chunk: int, repeats: int, frame_kib: int) -> dict[str, Any]:
+    """Best seconds and median CPU/GiB of gRPC-Python alone moving ``size`` bytes in ``chunk`` messages."""
+    gib = size / (1 << 30)
+    server, server_conn = _start(ctx, bare_grpc_server_main, chunk, frame_kib)
+    port = _recv(server_conn, "bare gRPC server")
+    seconds: list[float] = []
+    cpu: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        receiver, conn = _start(ctx, bare_grpc_receiver_main, port, size, chunk, frame_kib)
+        time.sleep(0.5)
+        server_conn.send("cpu")
+        server0 = float(_recv(server_conn, "bare gRPC server"))
+        conn.send("go")
+        elapsed, receiver_cpu, got = _recv(conn, "bare gRPC receiver")
+        server_conn.send("cpu")
+        server1 = float(_recv(server_conn, "bare gRPC server"))
+        if got != size // chunk * chunk:
+            raise AssertionError(f"bare gRPC receiver got {got} bytes, expected {size // chunk * chunk}")
+        seconds.append(elapsed)
+        cpu.setdefault("bare_grpc_receiver", []).append(receiver_cpu / gib)
+        cpu.setdefault("bare_grpc_sender", []).append((server1 - server0) / gib)
+        receiver.join(60)
+    server_conn.send("stop")
+    server.join(60)
+    return {"seconds": seconds, "cpu": cpu}
+
+
+def _raw_phase(ctx: Any, size: int, repeats: int, window: int) -> dict[str, Any]:
+    """Best seconds and median CPU/GiB of the raw-socket prototype, direct and through a relay."""
+    gib = size / (1 << 30)
+    source, source_conn = _start(ctx, raw_source_main, size, 2 * repeats)
+    info = _recv(source_conn, "raw source")
+    relay, relay_conn = _start(ctx, raw_relay_main, info["port"], repeats, window)
+    relay_port = _recv(relay_conn, "raw relay")
+    seconds: dict[str, list[float]] = {"direct": [], "relay": []}
+    cpu: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for phase, port in (("direct", info["port"]), ("relay", relay_port)):
+            receiver, conn = _start(ctx, raw_receiver_main, port, size)
+            time.sleep(0.3)
+            conn.send("go")
+            elapsed, receiver_cpu, checksum = _recv(conn, "raw receiver")
+            if checksum != info["checksum"]:
+                raise AssertionError(f"raw {phase}: checksum {checksum} != {info['checksum']}")
+            seconds[phase].append(elapsed)
+            cpu.setdefault(f"raw_{phase}_receiver", []).append(receiver_cpu / gib)
+            cpu.setdefault(f"raw_{phase}_source", []).append(_recv(source_conn, "raw source") / gib)
+            if phase == "relay":
+                cpu.setdefault("raw_relay_relay", []).append(_recv(relay_conn, "raw relay") / gib)
+            receiver.join(60)
+    source.join(60)
+    relay.join(60)
+    return {"seconds": seconds, "cpu": cpu}
+
+
 def _start(ctx: Any, target: Any, *args: Any) -> tuple[Any, Connection]:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=target, args=(child, *args))
@@ -205,6 +375,16 @@ def main() -> None:
     )
     parser.add_argument("--no-relay", action="store_true")
     parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument(
+        "--bare-grpc",
+        action="store_true",
+        help="also time gRPC-Python alone (prebuilt messages, receiver drops them): the ceiling of any gRPC design",
+    )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="also run the raw-socket prototype (no gRPC): what a plain TCP data plane costs, direct and relayed",
+    )
     args = parser.parse_args()
 
     os.environ[_TUNE_ENV] = "1" if args.allocator == "tuned" else "0"
@@ -304,6 +484,15 @@ def main() -> None:
     if fan:
         fan_seconds = [r["seconds"] for r in fetch(address, fan, "fanout")]
         record("fanout", max(fan_seconds), len(fan), fan_seconds)
+    if args.bare_grpc:
+        bare = _bare_grpc_phase(ctx, size, chunk, args.repeats, args.frame_kib)
+        cpu_per_gib.update(bare["cpu"])
+        record("bare_grpc", min(bare["seconds"]), 1, bare["seconds"])
+    if args.raw:
+        raw = _raw_phase(ctx, size, args.repeats, args.window * chunk)
+        cpu_per_gib.update(raw["cpu"])
+        for phase, runs in raw["seconds"].items():
+            record(f"raw_{phase}", min(runs), 1, runs)
     if floor_cpu:
         cpu_per_gib["floor_receiver"] = [c[0] for c in floor_cpu]
         cpu_per_gib["floor_sender"] = [c[1] for c in floor_cpu]
