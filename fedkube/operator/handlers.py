@@ -19,6 +19,7 @@ point the status poll at the locally running server.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -26,6 +27,8 @@ from typing import Any
 
 import kopf
 
+from fedkube.metrics import OperatorMetrics
+from fedkube.metrics.operator import PHASES
 from fedkube.operator import builders, kube, naming
 from fedkube.operator import status as lifecycle
 from fedkube.spec import API_GROUP, PLURAL, FLJob, SpecError, parse_job
@@ -51,12 +54,16 @@ class Memo:
     * ``status_url``: server pod -> URL of its /status (default :func:`kube.default_status_url`).
     * ``status_timeout``: seconds per status poll.
     * ``clock``: seconds since the epoch (tests may inject one).
+    * ``metrics``: an :class:`fedkube.metrics.OperatorMetrics` to count phases, errors and timeouts (optional).
+    * ``log_format``: FEDKUBE_LOG_FORMAT given to the pods (text or json; default text).
     """
 
     API_CLIENT = "api_client"
     STATUS_URL = "status_url"
     STATUS_TIMEOUT = "status_timeout"
     CLOCK = "clock"
+    METRICS = "metrics"
+    LOG_FORMAT = "log_format"
 
 
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -93,6 +100,48 @@ def _kube(memo: kopf.Memo) -> kube.Kube:
 def _now(memo: kopf.Memo) -> float:
     clock: Clock = memo.get(Memo.CLOCK) or time.time
     return clock()
+
+
+def _metrics(memo: Mapping[str, Any]) -> OperatorMetrics | None:
+    return memo.get(Memo.METRICS)
+
+
+def _instrumented(handler: Callable[..., None]) -> Callable[..., None]:
+    """Count ``handler``'s failures by kind and record the job's phase after each call (when metrics are on)."""
+
+    @functools.wraps(handler)
+    def wrapper(*, memo: kopf.Memo, status: kopf.Status, patch: kopf.Patch, name: str | None,
+                namespace: str | None, **kwargs: Any) -> None:
+        metrics = _metrics(memo)
+        try:
+            handler(memo=memo, status=status, patch=patch, name=name, namespace=namespace, **kwargs)
+        except Exception as exc:
+            if metrics is not None:
+                # The cause says what went wrong (e.g. ApiException); kopf's own wrapper only how to go on.
+                metrics.reconcile_error(type(exc.__cause__ or exc).__name__)
+            raise
+        finally:
+            if metrics is not None and name:
+                phase = patch.status.get("phase") or dict(status).get("phase")
+                if phase in PHASES:
+                    metrics.job_phase(str(namespace or ""), name, str(phase))
+
+    return wrapper
+
+
+def _timeouts_fired(memo: Mapping[str, Any], previous: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+    metrics = _metrics(memo)
+    if metrics is None or "clients" not in status:
+        return
+    for site in lifecycle.operator_failed_sites(status) - lifecycle.operator_failed_sites(previous):
+        metrics.timeout_fired(str((status["clients"].get(site) or {}).get("reason")))
+
+
+def forget(memo: kopf.Memo, name: str | None, namespace: str | None, **_: Any) -> None:
+    """The FLJob is being deleted: it no longer counts in the FLJobs-by-phase gauge."""
+    metrics = _metrics(memo)
+    if metrics is not None and name:
+        metrics.job_deleted(str(namespace or ""), name)
 
 
 def _post(body: kopf.Body, events: list[lifecycle.Event]) -> None:
@@ -175,7 +224,7 @@ def _ensure(
     try:
         stored = api.secret_data(job.namespace, naming.server_tokens_secret_name(job.name))
         tokens = kube.job_tokens(stored, [site.name for site in job.spec.clients])
-        objs = builders.build_all(job, tokens=tokens, owner=body)
+        objs = builders.build_all(job, tokens=tokens, owner=body, log_format=memo.get(Memo.LOG_FORMAT) or "text")
         for obj in objs:
             labels = obj["metadata"].get("labels") or {}
             if obj["kind"] == "Pod" and (not pods or labels.get(naming.LABEL_SITE) in skip_sites):
@@ -265,6 +314,7 @@ def observe(
     api = _kube(memo)
     fresh = api.fljob(str(namespace), str(name))
     if fresh is None:
+        forget(memo, name, namespace)
         return  # deleted meanwhile; owner references take its children
     # Decide from the status as stored now: kopf's body may not show our previous patch yet, and a decision on a
     # stale status would undo it (e.g. Running -> Deploying).
@@ -303,13 +353,14 @@ def observe(
         if url:
             server_status = kube.fetch_server_status(url, float(memo[Memo.STATUS_TIMEOUT]))
     decision = lifecycle.decide(job, previous, lifecycle.Observation(now, server, clients, server_status))
+    _timeouts_fired(memo, previous, decision.status)
     generation = (fresh.get("metadata") or {}).get("generation")
     if isinstance(generation, int):
         decision.status["observedGeneration"] = generation
     if decision.delete_pods:
         api.delete_pods(job.namespace, decision.delete_pods)
     if server_raw is None and decision.status.get("phase") not in lifecycle.TERMINAL:
-        _recreate_server(job, api, body, namespace, name)
+        _recreate_server(job, api, body, namespace, name, memo.get(Memo.LOG_FORMAT) or "text")
     _write(patch, previous, decision.status)
     _post(body, decision.events)
     if decision.status.get("phase") != phase:
@@ -317,12 +368,13 @@ def observe(
                     decision.status.get("round"), job.spec.rounds)
 
 
-def _recreate_server(job: FLJob, api: kube.Kube, body: kopf.Body, namespace: str | None, name: str | None) -> None:
+def _recreate_server(job: FLJob, api: kube.Kube, body: kopf.Body, namespace: str | None, name: str | None,
+                     log_format: str) -> None:
     """The server pod of a live job is gone (deleted, evicted): start it again; it resumes from its checkpoint."""
     latest = api.fljob(job.namespace, job.name)
     if latest is None or (latest.get("spec") or {}).get("suspend"):
         return  # deleted or suspended meanwhile: no server wanted
-    pod = builders.build_server_pod(job, owner=latest)
+    pod = builders.build_server_pod(job, owner=latest, log_format=log_format)
     if api.create_or_patch(pod) == "created":
         logger.warning("job %s/%s: server pod was gone; created it again", namespace, name)
         _post(body, [lifecycle.Event("Warning", "ServerPodRecreated",
@@ -332,10 +384,12 @@ def _recreate_server(job: FLJob, api: kube.Kube, body: kopf.Body, namespace: str
 def register(registry: kopf.OperatorRegistry, *, interval: float = DEFAULT_INTERVAL) -> kopf.OperatorRegistry:
     """Register the FLJob handlers on ``registry``; ``interval`` is the seconds between two looks at a job."""
     kopf.on.startup(registry=registry)(configure)
-    kopf.on.create(*RESOURCE, registry=registry, id="reconcile")(reconcile)
-    kopf.on.resume(*RESOURCE, registry=registry, id="reconcile")(reconcile)
-    kopf.on.update(*RESOURCE, field="spec.suspend", registry=registry, id="suspend")(suspend_changed)
-    kopf.on.update(*RESOURCE, field="spec", registry=registry, id="spec")(spec_changed)
-    kopf.timer(*RESOURCE, interval=interval, registry=registry, id="observe")(observe)
+    kopf.on.create(*RESOURCE, registry=registry, id="reconcile")(_instrumented(reconcile))
+    kopf.on.resume(*RESOURCE, registry=registry, id="reconcile")(_instrumented(reconcile))
+    kopf.on.update(*RESOURCE, field="spec.suspend", registry=registry, id="suspend")(_instrumented(suspend_changed))
+    kopf.on.update(*RESOURCE, field="spec", registry=registry, id="spec")(_instrumented(spec_changed))
+    kopf.timer(*RESOURCE, interval=interval, registry=registry, id="observe")(_instrumented(observe))
+    # optional: no finalizer is added for this; a deletion kopf misses is caught by observe() finding the job gone.
+    kopf.on.delete(*RESOURCE, registry=registry, id="forget", optional=True)(forget)
     return registry
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,40 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
     return OperatorConfig(namespaces, health, metrics, args.interval, log_format)
 
 
+class KopfObjectIds(logging.Filter):
+    """Names the FLJob of kopf's per-object records (``k8s_ref``) in the ``job`` field as ``namespace/name``.
+
+    kopf's own formatters would prefix it; with fedkube's formatter the object
+    would otherwise be lost from lines such as "Handler 'observe' failed".
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ref = getattr(record, "k8s_ref", None)
+        if isinstance(ref, dict) and not getattr(record, "job", None):
+            ns, name = ref.get("namespace"), ref.get("name")
+            record.job = f"{ns}/{name}" if ns else str(name)
+        return True
+
+
+def setup_logging(log_format: str) -> logging.Handler:
+    """fedkube's log format for every line, kopf's included, printed once.
+
+    kopf's ``configure()`` is deliberately not called: it would add a second
+    root handler in kopf's own format, and every line would show twice. One
+    format across server, sidecars and operator lets one log query cover all.
+    """
+    handler = configure_logging("operator", job="", fmt=log_format)
+    handler.addFilter(KopfObjectIds())
+    # kopf logs every successful timer run at INFO ("Timer 'observe' succeeded"): one line per job per interval.
+    # Our handlers log what changed; kopf's warnings and errors still show.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    # What kopf's configure() would have done: asyncio's debug chatter stays out of the operator's log.
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
+    # One line per liveness probe (every few seconds, forever) says nothing; failed probes show in the pod's events.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return handler
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the operator until SIGINT/SIGTERM; 2 for a configuration error."""
     try:
@@ -107,29 +142,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import kopf
 
+    from fedkube.metrics import MetricsServer, OperatorMetrics, new_registry, serve_metrics
     from fedkube.operator import handlers
 
-    kopf.configure(log_format=kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.FULL)
-    # kopf logs every successful timer run at INFO ("Timer 'observe' succeeded"): one line per job per interval.
-    # Our handlers log what changed; kopf's warnings and errors still show.
-    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    setup_logging(config.log_format)
+    metrics_registry = new_registry()
+    metrics = OperatorMetrics(metrics_registry)
+    metrics_server: MetricsServer | None = None
     if config.metrics_port:
-        import prometheus_client
-
-        prometheus_client.start_http_server(config.metrics_port)
+        try:
+            metrics_server, _ = serve_metrics(metrics_registry, config.metrics_port)
+        except ConfigError as exc:
+            print(f"fedkube operator: {exc}")
+            return 2
+    memo = kopf.Memo()
+    memo[handlers.Memo.METRICS] = metrics
+    memo[handlers.Memo.LOG_FORMAT] = config.log_format
     registry = handlers.register(kopf.OperatorRegistry(), interval=config.interval)
     # A registry of our own carries none of kopf's default login handlers: log in the way the handlers'
     # kubernetes client does (in-cluster service account, else the kubeconfig).
     kopf.on.login(registry=registry)(kopf.login_via_client)
     where = ", ".join(config.namespaces) or "every namespace"
     logger.info("fedkube operator: reconciling FLJobs in %s; liveness on port %s", where, config.health_port)
-    kopf.run(
-        registry=registry,
-        standalone=True,  # one replica (the chart's Deployment uses Recreate); no peering objects needed
-        clusterwide=not config.namespaces,
-        namespaces=list(config.namespaces),
-        liveness_endpoint=config.liveness_endpoint if config.health_port else None,
-    )
+    try:
+        kopf.run(
+            registry=registry,
+            standalone=True,  # one replica (the chart's Deployment uses Recreate); no peering objects needed
+            clusterwide=not config.namespaces,
+            namespaces=list(config.namespaces),
+            liveness_endpoint=config.liveness_endpoint if config.health_port else None,
+            memo=memo,
+        )
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,7 +16,9 @@ from typing import Any
 import kubernetes
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from fedkube.metrics.operator import PHASES
 from fedkube.runtime.resolver import free_port
 from tests.e2e.conftest import CRD
 from tests.support import fixtures
@@ -31,6 +35,20 @@ def _get(url: str) -> int:
             return int(resp.status)
     except OSError:
         return 0
+
+
+def _scrape(port: int) -> dict[str, list[Any]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(sample)
+    return out
+
+
+def _phases(port: int) -> dict[str, float]:
+    return {s.labels["phase"]: s.value for s in _scrape(port)["fedkube_operator_fljobs"]}
 
 
 def test_operator_process_serves_liveness_and_reconciles(kube: fixtures.KubeHandle, kubeconfig: Path,
@@ -68,6 +86,15 @@ def test_operator_process_serves_liveness_and_reconciles(kube: fixtures.KubeHand
         secrets: list[Any] = kubernetes.client.CoreV1Api(kube.api_client).list_namespaced_secret(
             "default", label_selector="fedkube.dev/job=proc").items
         assert sorted(s.metadata.name for s in secrets) == ["proc-client-a-token", "proc-server-tokens"]
+
+        # The operator's own registry on /metrics: the job counts in its phase.
+        assert _phases(metrics)["Suspended"] == 1
+        custom.delete_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "proc")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _phases(metrics)["Suspended"] != 0:
+            time.sleep(0.2)
+        assert _phases(metrics) == dict.fromkeys(PHASES, 0.0), (tmp_path / "operator.log").read_text()[-3000:]
+        assert "process_resident_memory_bytes" in _scrape(metrics)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -77,3 +104,29 @@ def test_operator_process_serves_liveness_and_reconciles(kube: fixtures.KubeHand
             proc.wait(5)
         log.close()
     assert proc.returncode == 0, (tmp_path / "operator.log").read_text()[-3000:]
+    # One format (fedkube's JSON lines, kopf's own lines included), each line printed once.
+    lines = [ln for ln in (tmp_path / "operator.log").read_text().splitlines() if ln.strip()]
+    docs = [json.loads(ln) for ln in lines]
+    assert all(d["component"] == "operator" for d in docs), lines[:5]
+    assert sum("reconciling FLJobs" in d["msg"] for d in docs) == 1, lines[:10]
+
+
+def test_operator_logging_names_kopfs_object_and_prints_each_line_once(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedkube.logs import unconfigure_logging
+    from fedkube.operator.main import setup_logging
+
+    quieted = [logging.getLogger(n) for n in ("kopf.objects", "asyncio", "aiohttp.access")]
+    levels = [lg.level for lg in quieted]
+    try:
+        setup_logging("json")
+        setup_logging("json")  # configuring again replaces the handler, it does not add one
+        ref = {"namespace": "ml", "name": "mnist", "kind": "FLJob"}
+        logging.getLogger("kopf.objects").warning("Handler 'observe' failed", extra={"k8s_ref": ref})
+        logging.getLogger("fedkube.operator.handlers").info("plain line")
+    finally:
+        unconfigure_logging()
+        for lg, level in zip(quieted, levels, strict=True):
+            lg.setLevel(level)
+    lines = [json.loads(ln) for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert [(d["msg"], d.get("job")) for d in lines] == [("Handler 'observe' failed", "ml/mnist"), ("plain line", None)]
+    assert {d["component"] for d in lines} == {"operator"}
