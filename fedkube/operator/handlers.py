@@ -102,6 +102,9 @@ def _now(memo: kopf.Memo) -> float:
     return clock()
 
 
+_GONE = "fedkube_job_gone"
+
+
 def _metrics(memo: Mapping[str, Any]) -> OperatorMetrics | None:
     return memo.get(Memo.METRICS)
 
@@ -121,7 +124,8 @@ def _instrumented(handler: Callable[..., None]) -> Callable[..., None]:
                 metrics.reconcile_error(type(exc.__cause__ or exc).__name__)
             raise
         finally:
-            if metrics is not None and name:
+            # A job seen gone keeps out of the gauge: a late call with its stale status must not bring it back.
+            if metrics is not None and name and not memo.get(_GONE):
                 phase = patch.status.get("phase") or dict(status).get("phase")
                 if phase in PHASES:
                     metrics.job_phase(str(namespace or ""), name, str(phase))
@@ -138,10 +142,22 @@ def _timeouts_fired(memo: Mapping[str, Any], previous: Mapping[str, Any], status
 
 
 def forget(memo: kopf.Memo, name: str | None, namespace: str | None, **_: Any) -> None:
-    """The FLJob is being deleted: it no longer counts in the FLJobs-by-phase gauge."""
+    """The FLJob is gone: it no longer counts in the FLJobs-by-phase gauge."""
+    memo[_GONE] = True  # kopf gives each object its own memo; a new job of the same name has a new uid and memo
     metrics = _metrics(memo)
     if metrics is not None and name:
         metrics.job_deleted(str(namespace or ""), name)
+
+
+def watched(memo: kopf.Memo, type: str | None, name: str | None, namespace: str | None, **_: Any) -> None:
+    """Every watch event of an FLJob; a DELETED one drops the job from the metrics.
+
+    An event handler rather than ``on.delete``: FLJobs carry no finalizer, so
+    a delete handler only runs when kopf happens to see the object while its
+    deletion is pending; the watch's DELETED event always arrives.
+    """
+    if type == "DELETED":
+        forget(memo, name, namespace)
 
 
 def _post(body: kopf.Body, events: list[lifecycle.Event]) -> None:
@@ -389,7 +405,6 @@ def register(registry: kopf.OperatorRegistry, *, interval: float = DEFAULT_INTER
     kopf.on.update(*RESOURCE, field="spec.suspend", registry=registry, id="suspend")(_instrumented(suspend_changed))
     kopf.on.update(*RESOURCE, field="spec", registry=registry, id="spec")(_instrumented(spec_changed))
     kopf.timer(*RESOURCE, interval=interval, registry=registry, id="observe")(_instrumented(observe))
-    # optional: no finalizer is added for this; a deletion kopf misses is caught by observe() finding the job gone.
-    kopf.on.delete(*RESOURCE, registry=registry, id="forget", optional=True)(forget)
+    kopf.on.event(*RESOURCE, registry=registry, id="watched")(watched)
     return registry
 

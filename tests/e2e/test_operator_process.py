@@ -130,3 +130,45 @@ def test_operator_logging_names_kopfs_object_and_prints_each_line_once(capsys: p
     lines = [json.loads(ln) for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert [(d["msg"], d.get("job")) for d in lines] == [("Handler 'observe' failed", "ml/mnist"), ("plain line", None)]
     assert {d["component"] for d in lines} == {"operator"}
+
+
+def test_handlers_count_phases_errors_and_each_timeout_once() -> None:
+    import kopf
+
+    from fedkube.metrics import OperatorMetrics, new_registry
+    from fedkube.operator import handlers
+    from fedkube.operator import status as lifecycle
+
+    reg = new_registry()
+    memo = kopf.Memo()
+    memo[handlers.Memo.METRICS] = OperatorMetrics(reg)
+
+    def running(patch: kopf.Patch, **_: Any) -> None:
+        patch.status["phase"] = "Running"
+
+    def refused(**_: Any) -> None:
+        raise kopf.TemporaryError("the API server refused a child", delay=1) from ConnectionRefusedError()
+
+    handlers._instrumented(running)(memo=memo, status={}, patch=kopf.Patch(), name="a", namespace="ns")
+    with pytest.raises(kopf.TemporaryError):
+        handlers._instrumented(refused)(memo=memo, status={"phase": "Deploying"}, patch=kopf.Patch(), name="b",
+                                        namespace="ns")
+    assert reg.get_sample_value("fedkube_operator_fljobs", {"phase": "Running"}) == 1
+    assert reg.get_sample_value("fedkube_operator_fljobs", {"phase": "Deploying"}) == 1
+    assert reg.get_sample_value("fedkube_operator_reconcile_errors_total",
+                                {"reason": "ConnectionRefusedError"}) == 1
+
+    failed = lifecycle.ClientState(lifecycle.CLIENT_FAILED, "PendingTimeout", "stayed Pending").to_dict()
+    before: dict[str, Any] = {"clients": {"x": {"state": "Running"}}}
+    after = {"clients": {"x": failed}}
+    handlers._timeouts_fired(memo, before, after)
+    handlers._timeouts_fired(memo, after, after)  # the next look sees it already failed: not counted again
+    assert reg.get_sample_value("fedkube_operator_timeouts_total", {"reason": "PendingTimeout"}) == 1
+    assert reg.get_sample_value("fedkube_operator_timeouts_total", {"reason": "DeployTimeout"}) == 0
+
+    handlers.watched(memo, "DELETED", "a", "ns")
+    assert reg.get_sample_value("fedkube_operator_fljobs", {"phase": "Running"}) == 0
+    # A late handler call with the deleted job's stale status does not count it again.
+    handlers._instrumented(running)(memo=memo, status={"phase": "Running"}, patch=kopf.Patch(), name="a",
+                                    namespace="ns")
+    assert reg.get_sample_value("fedkube_operator_fljobs", {"phase": "Running"}) == 0
