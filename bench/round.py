@@ -15,11 +15,14 @@ Measured in the same run, per size:
   bench/_common.tcp_floor. Above ``--floor-cap-mib`` the floor is measured for
   S bytes and multiplied by 4 (its receiver holds the whole payload in memory);
   the line says so in ``floor_scaled``;
-* per-round seconds from the server's log: train tasks sent -> aggregate
-  finished (what ``fedkube_server_round_seconds`` measures), and the same up to
-  "checkpoint written". The time targets are judged on rounds 2..R: round 1
-  also holds the trainers' start-up (the server sends its tasks as soon as the
-  sidecars registered);
+* per-round seconds from the server's ``/status`` (``roundSeconds``: round
+  start -> aggregate finished and the checkpoint handed to the background
+  writer, what ``fedkube_server_round_seconds`` measures; ``round_source``
+  says "status"), or from its log (train tasks sent -> aggregate finished,
+  ``round_source`` "log") when the status could not be read; and from the log,
+  round start up to "checkpoint written" (the background write's end). The
+  time targets are judged on rounds 2..R: round 1 also holds the trainers'
+  start-up (the server sends its tasks as soon as the sidecars registered);
 * peak RSS (VmHWM) of every process under the runtime, sampled every 50 ms
   (bench/round_procs.py), and the server's peak/current RSS at the end of
   each round (is it flat over rounds?);
@@ -210,6 +213,8 @@ def measure(size_mib: int, args: argparse.Namespace) -> dict[str, Any]:
         code, outcome, sampler, wall = run_job(workdir, job_file, args.timeout)
         server_logs = sorted((workdir / "run" / "logs").glob("*-server.server.log"))
         times = round_times(server_logs[0] if server_logs else Path("/dev/null"))
+        from_status = sampler.round_seconds()
+        round_source = "status" if len(from_status) == args.rounds else "log"
         check = verify(workdir / "run", sizes, args.rounds) if code == 0 else {"ok": False, "problem": "job failed"}
         if not keep:
             model_path.unlink()
@@ -221,7 +226,8 @@ def measure(size_mib: int, args: argparse.Namespace) -> dict[str, Any]:
         code,
         outcome,
         sampler,
-        times.round_s,
+        from_status if round_source == "status" else times.round_s,
+        round_source,
         times.with_checkpoint_s,
         check,
         wall,
@@ -238,6 +244,7 @@ def report(
     outcome: dict[str, Any],
     sampler: TreeSampler,
     rounds_s: dict[int, float],
+    round_source: str,
     with_ck_s: dict[int, float],
     check: dict[str, Any],
     wall: float,
@@ -295,6 +302,7 @@ def report(
         "floor_4s_s": round(floor_s, 3),
         "floor_scaled": scaled,
         "round_s": [rounds_s[r] for r in sorted(rounds_s)],
+        "round_source": round_source,
         "round_with_checkpoint_s": [with_ck_s[r] for r in sorted(with_ck_s)],
         "round_targets_on": "rounds 2..R" if args.rounds >= 2 else "round 1",
         "round_over_floor": [round(rounds_s[r] / floor_s, 2) for r in sorted(rounds_s)],

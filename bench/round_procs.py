@@ -7,17 +7,23 @@ monotonic peak RSS, bench/_common.vm_hwm) is read every ``interval_s`` until
 it exits; the last value read is the process's peak (a process that lives less
 than one interval is missed, which none of fedkube's does).
 
-The sampler also tails the server's log and, on each "round N: checkpoint
-written" line, records the server's peak and current RSS: the per-round view
-that shows whether the server's memory is flat over rounds.
+The sampler also tails the server's log and, on each "round N: completed"
+line (the round aggregated and its checkpoint handed to the background
+writer), records the server's peak and current RSS: the per-round view that
+shows whether the server's memory is flat over rounds. And it polls the
+server's ``/status`` (port from the server process's ``FEDKUBE_STATUS_PORT``)
+every ``status_interval_s``, keeping the last document: its ``roundSeconds``
+are the per-round times, with the log's timestamps as the fallback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +32,7 @@ import psutil
 from _common import current_rss, vm_hwm
 
 SERVER, SIDECAR, TRAINER = "server", "sidecar", "trainer"
-_ROUND_DONE = re.compile(r"round (\d+): checkpoint written")
+_ROUND_DONE = re.compile(r"round (\d+): completed in")
 
 
 @dataclass
@@ -44,7 +50,7 @@ class ProcPeak:
 
 @dataclass
 class RoundMark:
-    """The server's memory when it logged that round ``round`` was checkpointed."""
+    """The server's memory when it logged that round ``round`` was completed."""
 
     round: int
     server_peak_bytes: int
@@ -87,6 +93,11 @@ class TreeSampler:
     _thread: threading.Thread | None = None
     _log_pos: int = 0
     _log_tail: str = ""
+    status_interval_s: float = 0.1
+    last_status: dict[str, object] = field(default_factory=dict)
+    """The last ``/status`` document the server served (empty when none could be read)."""
+    _status_port: int | None = None
+    _status_at: float = 0.0
 
     def start(self) -> TreeSampler:
         self._thread = threading.Thread(target=self._run, name="round-bench-sampler", daemon=True)
@@ -124,7 +135,32 @@ class TreeSampler:
             with contextlib.suppress(psutil.Error, OSError):
                 cpu = child.cpu_times()
                 known.cpu_user_s, known.cpu_system_s = cpu.user, cpu.system
+            if known.role == SERVER and self._status_port is None:
+                with contextlib.suppress(psutil.Error, OSError, ValueError):
+                    self._status_port = int(child.environ().get("FEDKUBE_STATUS_PORT", ""))
         self._tail_server_log()
+        self._poll_status()
+
+    def _poll_status(self) -> None:
+        now = time.monotonic()
+        if self._status_port is None or now - self._status_at < self.status_interval_s:
+            return
+        self._status_at = now
+        # The server exits right after its last round; a refused or cut-off read just keeps the last document.
+        with contextlib.suppress(OSError, ValueError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{self._status_port}/status", timeout=1.0) as r:
+                doc = json.loads(r.read())
+            if isinstance(doc, dict):
+                self.last_status = doc
+
+    def round_seconds(self) -> dict[int, float]:
+        """Per-round seconds from the last ``/status`` (``roundSeconds``, oldest first, up to ``completedRounds``)."""
+        raw = self.last_status.get("roundSeconds")
+        done = self.last_status.get("completedRounds")
+        if not isinstance(raw, list) or not isinstance(done, int):
+            return {}
+        first = done - len(raw) + 1
+        return {first + i: round(float(x), 3) for i, x in enumerate(raw)}
 
     def _server_pid(self) -> int | None:
         return next((p.pid for p in self.procs.values() if p.role == SERVER), None)

@@ -174,3 +174,18 @@ def test_fedadam_state_is_not_updated_while_it_is_written(harness: Harness, tmp_
     assert store.unchanged == {1: True, 2: True}
     ck = checkpoint.load_latest(tmp_path, JOB)
     assert ck is not None and ck.round == 2 and set(ck.strategy_state.tensors) == {"m/w", "m/b", "v/w", "v/b"}
+
+
+def test_the_end_waits_for_a_write_only_so_long(harness: Harness, tmp_path: Path) -> None:
+    store = GatedStore(tmp_path, gated=(1,))
+    srv = harness.server(make_config(rounds=1), model(), checkpoints=store)
+    srv.workflow._checkpoint_wait_s = 0.5  # the bound is CHECKPOINT_WAIT_S (minutes) in production
+    harness.sidecar(srv, "site-a", add_value(1.0))
+    harness.sidecar(srv, "site-b", add_value(3.0))
+    try:
+        outcome = srv.wait(20)
+        assert outcome is not None and not outcome.success and outcome.reason == "CheckpointFailed", outcome
+        assert "still being written after 0.5 s" in outcome.message and "resumes from round 0" in outcome.message
+        assert checkpoint.load_latest(tmp_path, JOB) is None  # the unfinished write is not mistaken for one
+    finally:
+        store.gates[1].set()
