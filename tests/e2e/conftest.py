@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from fedkube import envvars
+from fedkube.errors import ConfigError
 from fedkube.operator import handlers
 from fedkube.runtime.pod import SIDECAR_EXIT_ON_STOP, PodOptions, PodRun, run_pod
 from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
@@ -33,7 +34,7 @@ from fedkube.spec import API_GROUP, PLURAL
 from fedkube.spec.model import API_VERSION_NAME
 from tests.support import fixtures
 from tests.support.kopfrun import running_operator
-from tests.support.kubelet import TestKubelet
+from tests.support.kubelet import ContainerConfigError, TestKubelet
 
 kube = fixtures.kube
 kubeconfig = fixtures.kubeconfig
@@ -89,6 +90,20 @@ class ApiObjects:
                 return None
             raise
         return dict(json.loads(resp.data))
+
+
+def _require_objects(pod: Mapping[str, Any], objects: ApiObjects) -> None:
+    """Raise the kubelet's ContainerConfigError when a Secret/ConfigMap volume of ``pod`` is missing.
+
+    A real kubelet leaves such a pod Pending and retries; during a cascading
+    delete the objects can vanish before the pod does.
+    """
+    namespace = str(pod["metadata"]["namespace"])
+    for volume in (pod.get("spec") or {}).get("volumes") or []:
+        for kind, field, key in (("Secret", "secret", "secretName"), ("ConfigMap", "configMap", "name")):
+            source = volume.get(field)
+            if source and not source.get("optional") and objects.get(kind, namespace, str(source[key])) is None:
+                raise ContainerConfigError(f"{kind.lower()} {source[key]!r} not found")
 
 
 class LogSink:
@@ -214,7 +229,12 @@ def fl(kube: fixtures.KubeHandle, tmp_path: Path) -> Iterator[FL]:
         started.append(meta["name"])
         options = PodOptions(run_dir=run_dir, resolver=resolver, objects=objects, sink=sink, base_dir=QUICKSTART,
                              extra_env={SIDECAR_EXIT_ON_STOP: "1"}, sidecar_grace_s=3.0, stop_grace_s=3.0)
-        return run_pod(pod, options)
+        _require_objects(pod, objects)
+        try:
+            return run_pod(pod, options)
+        except ConfigError:
+            _require_objects(pod, objects)  # deleted meanwhile (a cascade): wait like a kubelet
+            raise
 
     registry = handlers.register(kopf.OperatorRegistry(), interval=INTERVAL)
     memo = kopf.Memo()

@@ -176,6 +176,9 @@ class LocalPod:
             self.slots.append(_Slot(ContainerState(str(c["name"]), kind, str(c.get("image", ""))), c))
         for c in spec.get("containers") or []:
             self.slots.append(_Slot(ContainerState(str(c["name"]), "main", str(c.get("image", ""))), c))
+        # Resolved up front, as a kubelet does before creating containers: a missing
+        # Secret/ConfigMap raises ContainerConfigError here and the pod waits.
+        self.envs = [env_of(slot.manifest) for slot in self.slots]
         self.stopping = False
         self.failed_init = False
 
@@ -183,7 +186,7 @@ class LocalPod:
         directory = self.workdir / slot.state.name
         directory.mkdir(parents=True, exist_ok=True)
         launch = ContainerLaunch(pod=self.pod, container=slot.manifest, kind=slot.state.kind,
-                                 env=self.env_of(slot.manifest), workdir=directory,
+                                 env=self.envs[self.slots.index(slot)], workdir=directory,
                                  log_path=directory / "log", termination_log=directory / "termination-log")
         slot.launch = launch
         slot.state.started_at = _now()
@@ -259,11 +262,25 @@ class LocalPod:
                 slot.kill_at = time.monotonic() + grace
 
 
+class ContainerConfigError(Exception):
+    """A runner cannot start a pod yet: a Secret or ConfigMap it references does not exist.
+
+    A kubelet keeps such a pod Pending (waiting reason CreateContainerConfigError)
+    and retries, instead of failing: the object may still be created, or the pod
+    deleted (e.g. during a cascading delete).
+    """
+
+
+CONFIG_RETRY_S = 0.5
+
+
 @dataclasses.dataclass
 class _PodEntry:
     pod: dict[str, Any]
     processes: PodProcesses | None = None
     held: str | None = None  # the scheduler's message while held Pending
+    config_error: str | None = None  # why the pod cannot start yet (retried every CONFIG_RETRY_S)
+    retry_at: float = 0.0
     deleted: bool = False
     written: dict[str, Any] | None = None
     since: dict[str, str] = dataclasses.field(default_factory=dict)  # condition -> lastTransitionTime
@@ -387,6 +404,9 @@ class TestKubelet:
                 if entry.deleted and (entry.processes is None or entry.processes.finished()):
                     del self._pods[uid]
                     continue
+                if (not entry.deleted and entry.processes is None and entry.config_error is not None
+                        and time.monotonic() >= entry.retry_at):
+                    self._run(entry)
                 if not entry.deleted:
                     self._report(entry)
             self._stop.wait(self.poll_interval)
@@ -432,11 +452,19 @@ class TestKubelet:
         meta = entry.pod["metadata"]
         directory = self.workdir / str(meta.get("namespace")) / f"{meta['name']}-{meta['uid'][:8]}"
         directory.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.pod_runner is not None:
+                entry.processes = self.pod_runner(entry.pod, directory)
+            else:
+                entry.processes = LocalPod(entry.pod, self.runner, directory,
+                                           lambda c: self.container_env(entry.pod, c))
+        except ContainerConfigError as e:
+            if entry.config_error != str(e):
+                logger.info("test kubelet: pod %s/%s cannot start yet: %s", meta.get("namespace"), meta["name"], e)
+            entry.config_error, entry.retry_at = str(e), time.monotonic() + CONFIG_RETRY_S
+            return
+        entry.config_error = None
         entry.start_time = _now()
-        if self.pod_runner is not None:
-            entry.processes = self.pod_runner(entry.pod, directory)
-        else:
-            entry.processes = LocalPod(entry.pod, self.runner, directory, lambda c: self.container_env(entry.pod, c))
 
     def _shutdown(self) -> None:
         for pod_entry in self._pods.values():
@@ -495,6 +523,8 @@ class TestKubelet:
         except ApiException as e:
             if e.status == 404 and optional:
                 return {}
+            if e.status == 404:
+                raise ContainerConfigError(f"{kind.lower()} {name!r} not found") from e
             raise ValueError(f"{kind} {namespace}/{name} referenced by a pod cannot be read: {e.status}") from e
 
     # -- status -----------------------------------------------------------------------------------
@@ -531,6 +561,13 @@ class TestKubelet:
         return cond
 
     def _status(self, entry: _PodEntry) -> dict[str, Any]:
+        if entry.held is None and entry.processes is None and entry.config_error is not None:
+            waiting = {"reason": "CreateContainerConfigError", "message": entry.config_error}
+            return {"phase": "Pending", "conditions": [self._condition(entry, "PodScheduled", True)],
+                    "containerStatuses": [{"name": str(c.get("name")), "ready": False, "restartCount": 0,
+                                           "image": str(c.get("image", "")), "imageID": "",
+                                           "state": {"waiting": waiting}}
+                                          for c in (entry.pod.get("spec") or {}).get("containers") or []]}
         if entry.held is not None or entry.processes is None:
             return {"phase": "Pending", "conditions": [
                 self._condition(entry, "PodScheduled", False, "Unschedulable", entry.held or "")]}

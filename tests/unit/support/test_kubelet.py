@@ -151,6 +151,22 @@ def test_held_pod_stays_pending_unschedulable_until_released(env: tuple[fixtures
         _wait_for(kube, "stuck", lambda s: s.get("phase") == "Succeeded")
 
 
+def test_pod_waits_for_a_missing_secret_like_a_kubelet(env: tuple[fixtures.KubeHandle, Any],
+                                                       tmp_path: Path) -> None:
+    kube, core = env
+    pod = _pod("needs-secret")
+    [token] = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "TOKEN"]
+    token["valueFrom"]["secretKeyRef"]["name"] = "later"  # a Secret that does not exist yet
+    with TestKubelet(kube.api_client, tmp_path / "kubelet"):
+        core.create_namespaced_pod("default", pod)
+        status = _wait_for(kube, "needs-secret", lambda s: bool(s.get("container_statuses")))
+        assert status["phase"] == "Pending"
+        waiting = status["container_statuses"][0]["state"]["waiting"]
+        assert waiting["reason"] == "CreateContainerConfigError" and "'later' not found" in waiting["message"]
+        core.create_namespaced_secret("default", {"metadata": {"name": "later"}, "stringData": {"token": "t"}})
+        _wait_for(kube, "needs-secret", lambda s: s.get("phase") == "Succeeded")
+
+
 def test_deleting_a_pod_stops_its_processes(env: tuple[fixtures.KubeHandle, Any], tmp_path: Path) -> None:
     kube, core = env
     pid_file = tmp_path / "sidecar.pid"
