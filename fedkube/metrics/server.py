@@ -119,7 +119,9 @@ class ServerMetrics:
         self._set_last_done(number - 1)
 
     def round_completed(self, duration_s: float, *, number: int) -> None:
-        """Round ``number`` was aggregated and checkpointed after ``duration_s`` seconds.
+        """Round ``number`` was aggregated and its checkpoint handed to the background writer after ``duration_s`` s.
+
+        The write itself is timed by ``fedkube_server_checkpoint_duration_seconds``.
 
         ``fedkube_server_rounds_completed_total`` counts rounds this process
         completed (a counter restarts with the process, which ``increase()``
