@@ -105,6 +105,8 @@ class ServerMetrics:
             self._bytes.labels(fljob=job, direction=d)
             self._seconds.labels(fljob=job, direction=d)
             self._stalls.labels(fljob=job, direction=d)
+        for reason in Reason:  # the documented reasons are a fixed, bounded set
+            self._failures.labels(fljob=job, reason=reason.value)
         self.clients({})
         if rounds_planned is not None:
             self.rounds_planned(rounds_planned)

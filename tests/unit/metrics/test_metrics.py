@@ -132,9 +132,19 @@ def test_failure_reasons_are_capped_but_documented_ones_always_count() -> None:
     m.client_failed(Reason.LOST.value)
     reasons = {dict(labels)["reason"] for (name, labels) in samples(reg)
                if name == "fedkube_server_client_failures_total"}
-    assert len(reasons) == server_metrics.EXTRA_REASONS + 2  # the admitted extras, _other, Lost
+    # the admitted extras, _other, and every documented reason (created at 0 up front)
+    extras = {f"Weird{i}" for i in range(server_metrics.EXTRA_REASONS)}
+    assert reasons == extras | {OVERFLOW} | {r.value for r in Reason}
     assert value(reg, "fedkube_server_client_failures_total", fljob="j", reason=OVERFLOW) == 10
     assert value(reg, "fedkube_server_client_failures_total", fljob="j", reason="Lost") == 1
+
+
+def test_documented_failure_reasons_read_zero_before_any_failure() -> None:
+    """A dashboard panel shows 0, not 'No data', for a job nothing has failed in yet."""
+    reg = new_registry()
+    ServerMetrics(reg, "j")
+    for reason in Reason:
+        assert value(reg, "fedkube_server_client_failures_total", fljob="j", reason=reason.value) == 0
 
 
 def test_sidecar_calls_land_in_the_exposition() -> None:
