@@ -149,6 +149,17 @@ def utc_timestamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _object_phase(doc: Any, where: str) -> Phase:
+    """The phase of a status document, after checking it is a JSON object."""
+    if not isinstance(doc, Mapping):
+        raise SummaryError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    phase = _req(doc, "phase", str, where)
+    try:
+        return Phase(phase)
+    except ValueError:
+        raise SummaryError(f"{where}.phase: unknown phase {phase!r}") from None
+
+
 def _req(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if key not in doc:
         raise SummaryError(f"{where}: missing key {key!r}")
@@ -282,13 +293,7 @@ class JobStatus:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> JobStatus:
         where = "status"
-        if not isinstance(doc, Mapping):
-            raise SummaryError(f"{where}: expected a JSON object, got {type(doc).__name__}")
-        phase = _req(doc, "phase", str, where)
-        try:
-            parsed_phase = Phase(phase)
-        except ValueError:
-            raise SummaryError(f"{where}.phase: unknown phase {phase!r}") from None
+        parsed_phase = _object_phase(doc, where)
         clients = _opt(doc, "clients", list, [], where)
         return cls(
             job=_req(doc, "job", str, where),
@@ -441,13 +446,7 @@ class TerminationSummary:
     def from_json(cls, text: str | bytes) -> TerminationSummary:
         where = "termination summary"
         doc = _loads(text, where)
-        if not isinstance(doc, Mapping):
-            raise SummaryError(f"{where}: expected a JSON object, got {type(doc).__name__}")
-        phase = _req(doc, "phase", str, where)
-        try:
-            parsed_phase = Phase(phase)
-        except ValueError:
-            raise SummaryError(f"{where}.phase: unknown phase {phase!r}") from None
+        parsed_phase = _object_phase(doc, where)
         clients = _opt(doc, "clients", list, [], where)
         return cls(
             exit_code=_req(doc, "exitCode", int, where),

@@ -20,6 +20,7 @@ from fedkube.sidecar.meter import Counted, RelayMeter, StreamMeter
 from fedkube.transfer.fetch import GrpcChunkSource
 from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.relay import relay_chunks
+from fedkube.transfer.wire import encode_varint
 from fedkube.wire.v1 import control_pb2, tensor_pb2
 
 log = logging.getLogger(__name__)
@@ -31,18 +32,6 @@ PUSH_METHOD = "/fedkube.v1.Control/Push"
 TRAINER_CHUNK_TIMEOUT_S = 60.0
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def encode_pushed_chunk(request_id: str, offset: int, data: bytes | memoryview = b"", error: str = "") -> bytes:
     """The wire bytes of ``fedkube.v1.PushedChunk``, copying ``data`` exactly once.
 
@@ -52,15 +41,15 @@ def encode_pushed_chunk(request_id: str, offset: int, data: bytes | memoryview =
     parts = []
     if request_id:
         rid = request_id.encode()
-        parts.append(b"\x0a" + _varint(len(rid)) + rid)
+        parts.append(b"\x0a" + encode_varint(len(rid)) + rid)
     if offset:
-        parts.append(b"\x10" + _varint(offset))
+        parts.append(b"\x10" + encode_varint(offset))
     mv = memoryview(data).cast("B")
     if mv.nbytes:
-        parts.append(b"\x1a" + _varint(mv.nbytes))
+        parts.append(b"\x1a" + encode_varint(mv.nbytes))
     if error:
         err = error.encode()
-        tail = b"\x22" + _varint(len(err)) + err
+        tail = b"\x22" + encode_varint(len(err)) + err
     else:
         tail = b""
     return b"".join(parts) + mv + tail if mv.nbytes else b"".join(parts) + tail

@@ -91,7 +91,8 @@ _TAG_OFFSET = 0x08  # field 1, varint
 _TAG_DATA = 0x12  # field 2, length-delimited
 
 
-def _varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """A non-negative int as a protobuf base-128 varint."""
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -108,7 +109,7 @@ def encode_chunk(offset: int, data: Any) -> bytes:
     mv = memoryview(data)
     if offset < 0 or offset >= 1 << 64:
         raise ValueError(f"chunk offset {offset} is outside uint64")
-    header = bytes((_TAG_OFFSET,)) + _varint(offset) + bytes((_TAG_DATA,)) + _varint(mv.nbytes)
+    header = bytes((_TAG_OFFSET,)) + encode_varint(offset) + bytes((_TAG_DATA,)) + encode_varint(mv.nbytes)
     return header + mv  # bytes + buffer -> one new bytes object
 
 
