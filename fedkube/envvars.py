@@ -9,6 +9,8 @@ packages.
 
 from __future__ import annotations
 
+from fedkube.errors import ConfigError
+
 # --- every fedkube process -------------------------------------------------
 JOB = "FEDKUBE_JOB"  # FLJob name
 NAMESPACE = "FEDKUBE_NAMESPACE"
@@ -45,3 +47,14 @@ DEFAULT_STATUS_PORT = 8080
 DEFAULT_METRICS_PORT = 9090
 DEFAULT_TRAINER_PORT = 7071
 DEFAULT_HEALTH_PORT = 8080
+
+
+def parse_port(raw: str, what: str) -> int:
+    """``raw`` as a TCP port number (0-65535); a ConfigError naming ``what`` and the fix otherwise."""
+    try:
+        port = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{what}={raw!r} is not a port number; fix: set it to an integer from 0 to 65535") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what}={port} is out of range; fix: set it to an integer from 0 to 65535")
+    return port

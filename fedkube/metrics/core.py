@@ -227,13 +227,4 @@ def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0")
 def metrics_port_from_env(env: Mapping[str, str]) -> int:
     """The port from ``FEDKUBE_METRICS_PORT``; 0 (off) when unset or empty."""
     raw = env.get(envvars.METRICS_PORT, "").strip()
-    if not raw:
-        return 0
-    try:
-        port = int(raw)
-    except ValueError:
-        raise ConfigError(f"{envvars.METRICS_PORT} must be a port number (0 or unset turns /metrics off), "
-                          f"got {raw!r}") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{envvars.METRICS_PORT} must be within 0..65535, got {port}")
-    return port
+    return envvars.parse_port(raw, envvars.METRICS_PORT) if raw else 0

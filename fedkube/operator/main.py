@@ -45,16 +45,6 @@ class OperatorConfig:
         return f"http://0.0.0.0:{self.health_port}{HEALTH_PATH}"
 
 
-def _port(text: str, what: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise ConfigError(f"{what} must be a port number, got {text!r}; fix: set it to e.g. 8080") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{what} must be between 0 and 65535, got {port}")
-    return port
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedkube operator`` command line."""
     p = argparse.ArgumentParser(prog="fedkube operator", description="Run the fedkube FLJob operator.")
@@ -87,10 +77,10 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
         namespaces = tuple(args.namespace)
     else:
         namespaces = tuple(n.strip() for n in env.get(WATCH_NAMESPACES, "").split(",") if n.strip())
-    health = _port(args.health_port if args.health_port is not None else env.get(HEALTH_PORT) or
-                   str(DEFAULT_HEALTH_PORT), "the health port")
-    metrics = _port(args.metrics_port if args.metrics_port is not None else env.get(envvars.METRICS_PORT) or "0",
-                    "the metrics port")
+    health = envvars.parse_port(args.health_port if args.health_port is not None else env.get(HEALTH_PORT) or
+                                str(DEFAULT_HEALTH_PORT), "health port")
+    metrics = envvars.parse_port(args.metrics_port if args.metrics_port is not None else
+                                 env.get(envvars.METRICS_PORT) or "0", "metrics port")
     if args.interval <= 0:
         raise ConfigError(f"--interval must be positive, got {args.interval}")
     log_format = args.log_format or env.get(envvars.LOG_FORMAT) or "text"

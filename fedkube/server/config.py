@@ -111,15 +111,7 @@ class ServerConfig:
 
 def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer; fix: set it to a port number (0-65535)") from None
-    if not 0 <= value <= 65535:
-        raise ConfigError(f"{name}={value} is out of range; fix: set it to a port number (0-65535)")
-    return value
+    return envvars.parse_port(raw, name) if raw else default
 
 
 def read_tokens(directory: Path, sites: tuple[str, ...]) -> dict[str, bytes]:

@@ -64,7 +64,7 @@ def write_job(tmp_path: Path, *, job: str = "procjob", min_clients: int = 1, tok
     [
         ({envvars.JOB: ""}, "FEDKUBE_JOB is not set"),
         ({envvars.SPEC_FILE: "/nonexistent/fljob.yaml"}, "FEDKUBE_SPEC_FILE='/nonexistent/fljob.yaml' does not exist"),
-        ({envvars.GRPC_PORT: "seventy"}, "FEDKUBE_GRPC_PORT='seventy' is not an integer"),
+        ({envvars.GRPC_PORT: "seventy"}, "FEDKUBE_GRPC_PORT='seventy' is not a port number"),
         ({"min_clients": 3}, "minClients"),
         ({"tokens": ("site-a",)}, "no token file for sites ['site-b']"),
     ],

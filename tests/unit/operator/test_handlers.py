@@ -166,8 +166,8 @@ def test_flags_win_over_the_environment() -> None:
 
 @pytest.mark.parametrize(("argv", "env", "match"), [
     (["-A", "-n", "x"], {}, "exclude each other"),
-    ([], {"FEDKUBE_HEALTH_PORT": "http"}, "health port must be a port number"),
-    (["--metrics-port", "70000"], {}, "between 0 and 65535"),
+    ([], {"FEDKUBE_HEALTH_PORT": "http"}, "health port='http' is not a port number"),
+    (["--metrics-port", "70000"], {}, "metrics port=70000 is out of range"),
     (["--interval", "0"], {}, "--interval must be positive"),
     ([], {"FEDKUBE_LOG_FORMAT": "xml"}, "text or json"),
 ])
