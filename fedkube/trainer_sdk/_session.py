@@ -25,8 +25,15 @@ import numpy as np
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.metrics.sidecar import (
+    DOWNLOAD_WAIT_SECONDS,
+    RECEIVE_SECONDS,
+    RESERVED_PREFIX,
+    SEND_SECONDS,
+)
 from fedkube.status import Reason
 from fedkube.trainer_sdk.errors import (
+    InvalidParamsError,
     JobStoppedError,
     ResultRejectedError,
     ResultTransferError,
@@ -110,6 +117,7 @@ class Session:
         self._stopped: control_pb2.Stop | None = None
         self._task: _Task | None = None  # received, not yet answered
         self._round = 0
+        self._waited = 0.0  # seconds the last send() waited for the server's download
         self._final_reported = False
         self._closed = False
         self.service = DownloadService(site)
@@ -206,6 +214,7 @@ class Session:
         assert got is not None
         with self._lock:
             self._pending = None
+        started = time.monotonic()
         task = _Task(got)
         self._round = task.round
         log.info("job %s site %s round %d: task %s received (%d tensors)", self.job, self.site, task.round,
@@ -214,6 +223,7 @@ class Session:
         params = None if task.config.get(TASK_KIND_KEY) == INIT_TASK else self._fetch(task)
         with self._lock:
             self._task = task
+        self._timing(RECEIVE_SECONDS, time.monotonic() - started)
         return FLModel(
             params=params, round=task.round, total_rounds=task.total_rounds, config=dict(task.config)
         )
@@ -248,9 +258,13 @@ class Session:
                 f"job {self.job} site {self.site}: send() without a task to answer; fix: call fk.receive() "
                 "first, and send() exactly once per received task"
             )
+        started = time.monotonic()
+        self._waited = 0.0
         try:
             return self._send(task, model)
         finally:
+            self._timing(SEND_SECONDS, time.monotonic() - started)
+            self._timing(DOWNLOAD_WAIT_SECONDS, self._waited)
             # Drop everything of this round (LESSONS.md 8): the caller may still hold its own arrays.
             del task, model
             # The round's chunk buffers are freed now; glibc would keep them resident (bench/README.md).
@@ -288,9 +302,11 @@ class Session:
             return True
         total, tid = txn.nbytes, txn.id
         del txn
+        waiting = time.monotonic()
         try:
             return self._wait_received(task, total, idle_s=idle, start_s=start)
         finally:
+            self._waited = time.monotonic() - waiting
             self.service.release(tid)
 
     def _wait_received(self, task: _Task, total: int, *, idle_s: float, start_s: float) -> bool:
@@ -361,7 +377,21 @@ class Session:
         return True
 
     # --- metrics and state -------------------------------------------------------------
+    def _timing(self, name: str, seconds: float) -> None:
+        """Report one of the SDK's own timings (reserved names) to the sidecar's histograms; best effort."""
+        report = control_pb2.MetricReport(round=self._round, values={name: seconds},
+                                          timestamp_ms=int(time.time() * 1000))
+        try:
+            self.link.LogMetric(report, timeout=5.0)
+        except grpc.RpcError as exc:
+            log.debug("job %s site %s: timing %s not delivered: %s", self.job, self.site, name, _rpc_text(exc))
+
     def log_metric(self, name: str, value: float, round: int | None = None) -> None:
+        if str(name).startswith(RESERVED_PREFIX):
+            raise InvalidParamsError(
+                f"metric name {name!r} starts with {RESERVED_PREFIX!r}, which is reserved for fedkube's own "
+                "timings; fix: choose another name"
+            )
         report = control_pb2.MetricReport(
             round=self._round if round is None else int(round),
             values={str(name): float(value)},

@@ -11,10 +11,16 @@ import numpy as np
 import pytest
 
 from fedkube.sidecar.app import Sidecar
-from fedkube.trainer_sdk import FLModel, ResultRejectedError, ResultTransferError, SendWithoutReceiveError
+from fedkube.trainer_sdk import (
+    FLModel,
+    InvalidParamsError,
+    ResultRejectedError,
+    ResultTransferError,
+    SendWithoutReceiveError,
+)
 from fedkube.trainer_sdk._session import Session
 from fedkube.wire.v1 import control_pb2
-from tests.integration.sidecar.conftest import SITE
+from tests.integration.sidecar.conftest import JOB, SITE
 from tests.integration.sidecar.fake_server import FakeServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -153,6 +159,28 @@ def test_round_scoped_refusal_returns_false_and_the_loop_goes_on(
     server.publish_task(SITE, {"w": np.zeros(3, np.float32)}, task_id="s2", round=2)
     assert trainer.is_running()
     assert trainer.receive().round == 2
+
+
+def test_sdk_timings_reach_the_sidecar_histograms(server: FakeServer, sidecar: Sidecar, trainer: Session) -> None:
+    server.publish_task(SITE, {"w": np.zeros(1000, np.float32)}, task_id="m1")
+    model = trainer.receive()
+    assert model.params is not None
+    t, errors = _send_in_thread(trainer, FLModel(params={"w": model.params["w"] + 1}, num_examples=1))
+    ann = server.wait_message("result", lambda r: r.task_id == "m1")
+    server.pull(SITE, ann)
+    server.result_received(SITE, "m1")
+    t.join(10)
+    assert not t.is_alive() and not errors
+
+    def observed(metric: str) -> float | None:
+        return sidecar.registry.get_sample_value(f"{metric}_count", {"fljob": JOB, "site": SITE})
+
+    # The timings are reported before receive()/send() return, so they are there now.
+    assert observed("fedkube_trainer_receive_seconds") == 1
+    assert observed("fedkube_trainer_send_seconds") == 1
+    assert observed("fedkube_trainer_download_wait_seconds") == 1
+    with pytest.raises(InvalidParamsError, match="reserved for fedkube's own timings"):
+        trainer.log_metric("fedkube.receive_seconds", 1.0)
 
 
 def test_trainer_state_and_metrics_forwarded(server: FakeServer, sidecar: Sidecar, trainer: Session) -> None:
