@@ -187,10 +187,12 @@ class TreeSampler:
                 self.rounds.append(RoundMark(int(m.group(1)), peak, rss))
 
 
-_TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
-_SENT = re.compile(_TS + r" INFO fedkube\.server\.workflow: job \S+ round (\d+): train task sent")
-_AGGREGATED = re.compile(_TS + r" INFO fedkube\.server\.workflow: job \S+ round (\d+): aggregated the results")
-_CHECKPOINTED = re.compile(_TS + r" INFO fedkube\.server\.workflow: job \S+ round (\d+): checkpoint written")
+_TS = r"^(\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}[.,]\d{3})Z?"
+# fedkube.logs' text format: "<ISO time> INFO <logger> [component job=..] <message>" (older: "<logger>: ").
+_WF = r" INFO fedkube\.server\.workflow(?::| \[[^\]]*\]) job \S+ round (\d+): "
+_SENT = re.compile(_TS + _WF + "train task sent")
+_AGGREGATED = re.compile(_TS + _WF + "aggregated the results")
+_CHECKPOINTED = re.compile(_TS + _WF + "checkpoint written")
 
 
 @dataclass
@@ -204,7 +206,7 @@ class RoundTimes:
 
 
 def _stamp(text: str) -> float:
-    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return datetime.strptime(text.replace("T", " ").replace(".", ","), "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def round_times(server_log: Path) -> RoundTimes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -27,6 +28,7 @@ import numpy as np
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.logs import configure_logging, log_format_from_env
 from fedkube.metrics.core import new_registry, serve_metrics
 from fedkube.metrics.server import ServerMetrics
 from fedkube.server import checkpoint
@@ -255,17 +257,16 @@ class FedkubeServer:
         return TerminationSummary.from_status(self.workflow.status())
 
 
-def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedkube server``; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="fedkube server", description="Run the fedkube aggregator for one FLJob.")
     parser.add_argument("--bind", default="[::]", help="host to listen on (default: every interface)")
     args = parser.parse_args(argv)
-    _setup_logging()
+    try:
+        configure_logging("server", job=os.environ.get(envvars.JOB, ""), fmt=log_format_from_env(os.environ))
+    except ConfigError as exc:
+        print(f"fedkube server: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         config = load_config(bind_host=args.bind)
         server = FedkubeServer(config)
