@@ -298,7 +298,11 @@ def test_ctrl_c_stops_every_process_and_leaves_no_orphans(tmp_path: Path) -> Non
             line = driver.stdout.readline()
             spawned += line.rstrip().endswith("spawned")
         assert spawned == 3, "server and both trainers should have started"
-        # driver + 3 containers + 3 grandchildren
+        # driver + 3 containers + 3 grandchildren; a process that has just started may not show
+        # its environment yet, so look again for a bounded while rather than once.
+        deadline = time.monotonic() + 10
+        while len(_marked(mark)) < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(_marked(mark)) == 7
         driver.send_signal(signal.SIGINT)
         out, _ = driver.communicate(timeout=30)

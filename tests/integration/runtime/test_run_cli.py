@@ -154,7 +154,12 @@ def test_ctrl_c_stops_server_sidecars_and_trainers(tmp_path: Path) -> None:
             seen.append(line)
             holding += "connected to the sidecar" in line
         assert holding == 2, "".join(seen[-40:])
-        assert len(_marked(mark)) >= 6  # runtime + server + 2 sidecars + 2 trainers
+        # runtime + server + 2 sidecars + 2 trainers; look again for a bounded while (a process
+        # that has just started may not show its environment yet)
+        deadline = time.monotonic() + 10
+        while len(_marked(mark)) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_marked(mark)) >= 6
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 130, out[-3000:]
