@@ -3,7 +3,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -90,3 +90,25 @@ class CompleteRequest(_message.Message):
 class CompleteResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class BulkRequest(_message.Message):
+    __slots__ = ("site", "token", "fetch", "complete", "upload_id")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    token: str
+    fetch: FetchRequest
+    complete: CompleteRequest
+    upload_id: str
+    def __init__(self, site: _Optional[str] = ..., token: _Optional[str] = ..., fetch: _Optional[_Union[FetchRequest, _Mapping]] = ..., complete: _Optional[_Union[CompleteRequest, _Mapping]] = ..., upload_id: _Optional[str] = ...) -> None: ...
+
+class BulkStatus(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
