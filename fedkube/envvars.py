@@ -24,6 +24,8 @@ HEALTH_PORT = "FEDKUBE_HEALTH_PORT"  # liveness endpoint (GET /healthz)
 # --- server ------------------------------------------------------------------
 SPEC_FILE = "FEDKUBE_SPEC_FILE"  # the FLJob spec as JSON (a mounted ConfigMap in a pod)
 GRPC_PORT = "FEDKUBE_GRPC_PORT"  # the server's gRPC listening port
+# The server's plain-TCP bulk data plane (tensor.proto, BulkRequest); 0 = off (gRPC only).
+BULK_PORT = "FEDKUBE_BULK_PORT"
 STATUS_PORT = "FEDKUBE_STATUS_PORT"  # the server's HTTP status endpoint (JSON)
 TOKENS_DIR = "FEDKUBE_TOKENS_DIR"  # one file per site, named after the site, holding its token
 CHECKPOINT_DIR = "FEDKUBE_CHECKPOINT_DIR"
@@ -32,6 +34,8 @@ TERMINATION_LOG = "FEDKUBE_TERMINATION_LOG"  # where the JSON summary goes (/dev
 # --- job-cell sidecar --------------------------------------------------------
 SITE = "FEDKUBE_SITE"  # this client's site name (also given to the trainer)
 SERVER_ADDRESS = "FEDKUBE_SERVER_ADDRESS"  # host:port of the server's gRPC endpoint
+# host:port of the server's bulk port; empty = tensors travel over gRPC only.
+SERVER_BULK_ADDRESS = "FEDKUBE_SERVER_BULK_ADDRESS"
 TOKEN_FILE = "FEDKUBE_TOKEN_FILE"  # this site's token (mounted into the sidecar only)
 TRAINER_PORT = "FEDKUBE_TRAINER_PORT"  # where the sidecar listens for its trainer (localhost)
 # "1": exit once the job's Stop and the trainer's final state were forwarded. Set by the
@@ -43,6 +47,7 @@ SIDECAR_ADDRESS = "FEDKUBE_SIDECAR_ADDRESS"  # host:port of the sidecar's local 
 WORKDIR = "FEDKUBE_WORKDIR"  # this client's own working directory (LESSONS.md 24)
 
 DEFAULT_GRPC_PORT = 7070
+DEFAULT_BULK_PORT = 8471
 DEFAULT_STATUS_PORT = 8080
 DEFAULT_METRICS_PORT = 9090
 DEFAULT_TRAINER_PORT = 7071

@@ -231,7 +231,7 @@ def build_checkpoint_pvc(job: FLJob, *, owner: Mapping[str, Any] | None = None) 
 
 
 def build_server_service(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> Manifest:
-    """ClusterIP Service ``{job}-server``: gRPC for the sidecars, status for the operator, metrics for Prometheus."""
+    """ClusterIP Service ``{job}-server``: gRPC + bulk for sidecars, status for the operator, metrics for Prometheus."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -246,6 +246,13 @@ def build_server_service(job: FLJob, *, owner: Mapping[str, Any] | None = None) 
                     "targetPort": "grpc",
                     "protocol": "TCP",
                     "appProtocol": "kubernetes.io/h2c",
+                },
+                {
+                    # Tensor bytes on plain TCP (docs/protocol.md, "Bulk connections"); control stays on grpc.
+                    "name": "bulk",
+                    "port": envvars.DEFAULT_BULK_PORT,
+                    "targetPort": "bulk",
+                    "protocol": "TCP",
                 },
                 {
                     "name": "status",
@@ -274,6 +281,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         _env(envvars.NAMESPACE, job.namespace),
         _env(envvars.SPEC_FILE, f"{layout.SPEC_DIR}/{layout.SPEC_FILE_NAME}"),
         _env(envvars.GRPC_PORT, str(envvars.DEFAULT_GRPC_PORT)),
+        _env(envvars.BULK_PORT, str(envvars.DEFAULT_BULK_PORT)),
         _env(envvars.STATUS_PORT, str(envvars.DEFAULT_STATUS_PORT)),
         _env(envvars.METRICS_PORT, str(envvars.DEFAULT_METRICS_PORT)),
         _env(envvars.LOG_FORMAT, _check_log_format(log_format)),
@@ -296,6 +304,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         "env": env,
         "ports": [
             {"name": "grpc", "containerPort": envvars.DEFAULT_GRPC_PORT, "protocol": "TCP"},
+            {"name": "bulk", "containerPort": envvars.DEFAULT_BULK_PORT, "protocol": "TCP"},
             {"name": "status", "containerPort": envvars.DEFAULT_STATUS_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": envvars.DEFAULT_METRICS_PORT, "protocol": "TCP"},
         ],
@@ -375,6 +384,8 @@ def build_client_pod(
             _env(envvars.NAMESPACE, job.namespace),
             _env(envvars.SITE, site),
             _env(envvars.SERVER_ADDRESS, naming.server_address(job.name, job.namespace, envvars.DEFAULT_GRPC_PORT)),
+            _env(envvars.SERVER_BULK_ADDRESS,
+                 naming.server_address(job.name, job.namespace, envvars.DEFAULT_BULK_PORT)),
             _env(envvars.TOKEN_FILE, f"{layout.TOKEN_DIR}/{layout.TOKEN_FILE_NAME}"),
             _env(envvars.TRAINER_PORT, str(sidecar_port)),
             _env(envvars.METRICS_PORT, str(SIDECAR_METRICS_PORT)),

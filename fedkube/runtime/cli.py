@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="after the server exits, how long clients may take to stop on their own (default: 20)",
     )
+    parser.add_argument(
+        "--no-bulk",
+        action="store_true",
+        help="move tensors over gRPC only, not over the server's plain-TCP bulk port (to compare the two; "
+        "the default uses bulk wherever the manifests set it up)",
+    )
     return parser
 
 
@@ -98,7 +104,8 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     with _console(out, show_progress) as (console_sink, display):
         sink = console_sink if args.verbose else QuietSink(console_sink)
         options = RunOptions(
-            run_dir=run_dir, base_dir=args.job.resolve().parent, sink=sink, client_grace_s=max(0.0, args.grace)
+            run_dir=run_dir, base_dir=args.job.resolve().parent, sink=sink, client_grace_s=max(0.0, args.grace),
+            bulk=not args.no_bulk,
         )
         try:
             run = LocalJobRun(manifests, options, job_name=job_name)

@@ -47,6 +47,9 @@ class RunOptions:
     client_grace_s: float = 20.0  # after the server exits, for clients to end on their own
     stop_grace_s: float = 5.0  # SIGTERM -> SIGKILL
     server_ready_timeout_s: float = 30.0
+    # False: tensors travel over gRPC only (the server opens no bulk port, sidecars relay no bulk);
+    # for comparing the two data planes (bench/round.py --no-bulk) and for hosts that block the port.
+    bulk: bool = True
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class RunOutcome:
     interrupted: bool
     metrics_urls: Mapping[str, str] = field(default_factory=dict)
     """Prometheus endpoints of the run: ``server`` and each client site (see :meth:`LocalJobRun.metrics_urls`)."""
+
+
+# Overrides the manifests' bulk settings in every container: the server's port off, sidecars on gRPC only.
+_NO_BULK = {envvars.BULK_PORT: "0", envvars.SERVER_BULK_ADDRESS: ""}
 
 
 class LocalJobRun:
@@ -89,7 +96,7 @@ class LocalJobRun:
             objects=ManifestObjects(self._manifests),
             sink=options.sink,
             base_dir=options.base_dir,
-            extra_env={SIDECAR_EXIT_ON_STOP: "1"},
+            extra_env={SIDECAR_EXIT_ON_STOP: "1", **({} if options.bulk else _NO_BULK)},
             stop_grace_s=options.stop_grace_s,
             prefix=_prefix,
         )

@@ -54,8 +54,10 @@ from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
 
 logger = logging.getLogger(__name__)
 
-PORT_VARS = frozenset({envvars.GRPC_PORT, envvars.STATUS_PORT, envvars.METRICS_PORT, envvars.TRAINER_PORT})
-ADDRESS_VARS = frozenset({envvars.SERVER_ADDRESS, envvars.SIDECAR_ADDRESS})
+PORT_VARS = frozenset(
+    {envvars.GRPC_PORT, envvars.BULK_PORT, envvars.STATUS_PORT, envvars.METRICS_PORT, envvars.TRAINER_PORT}
+)
+ADDRESS_VARS = frozenset({envvars.SERVER_ADDRESS, envvars.SERVER_BULK_ADDRESS, envvars.SIDECAR_ADDRESS})
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 # The local runtime's own switch for the sidecar: leave after the job's Stop
 # instead of waiting for a SIGTERM that only Kubernetes would send.

@@ -88,6 +88,9 @@ class ServerConfig:
     settings: JobSettings
     tokens: Mapping[str, bytes]
     grpc_port: int = envvars.DEFAULT_GRPC_PORT
+    # The plain-TCP bulk data plane for tensor bytes (docs/protocol.md, "Bulk connections");
+    # 0 = off, so tensors travel over gRPC only. The operator sets DEFAULT_BULK_PORT.
+    bulk_port: int = 0
     status_port: int = envvars.DEFAULT_STATUS_PORT
     metrics_port: int = 0
     checkpoint_dir: Path | None = None
@@ -234,6 +237,9 @@ def load_config(env: Mapping[str, str] | None = None, *, bind_host: str = "[::]"
         settings=settings,
         tokens=tokens,
         grpc_port=_int_env(env, envvars.GRPC_PORT, envvars.DEFAULT_GRPC_PORT),
+        # Unset means off (not DEFAULT_BULK_PORT): a server started by hand or by an older
+        # manifest must not grab a second port nobody asked for.
+        bulk_port=_int_env(env, envvars.BULK_PORT, 0),
         status_port=_int_env(env, envvars.STATUS_PORT, envvars.DEFAULT_STATUS_PORT),
         metrics_port=_int_env(env, envvars.METRICS_PORT, 0),
         checkpoint_dir=Path(ckpt) if ckpt else None,

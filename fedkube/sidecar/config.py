@@ -32,6 +32,8 @@ class SidecarConfig:
         final_state_grace_s: after Stop, how long to wait for the trainer's final state before exiting anyway.
         relay_window_chunks: chunks buffered per relayed stream (bounds the sidecar's memory).
         metrics_port: where ``/metrics`` is served (0 = not served; the metrics are still kept).
+        server_bulk_address: ``host:port`` of the server's bulk port; empty = tensors travel over
+            gRPC only (no bulk relay for the trainer, results pushed with ``Control.Push``).
     """
 
     job: str
@@ -45,6 +47,7 @@ class SidecarConfig:
     final_state_grace_s: float = 60.0
     relay_window_chunks: int = 4
     metrics_port: int = 0
+    server_bulk_address: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarConfig:
@@ -60,11 +63,10 @@ class SidecarConfig:
         job = need(envvars.JOB, "the FLJob name")
         site = need(envvars.SITE, "its site name")
         server = need(envvars.SERVER_ADDRESS, "the server's gRPC address as host:port")
-        host, sep, port = server.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ConfigError(
-                f"{envvars.SERVER_ADDRESS}={server!r} is not host:port; fix: e.g. {envvars.SERVER_ADDRESS}=server:7070"
-            )
+        _check_address(envvars.SERVER_ADDRESS, server, f"server:{envvars.DEFAULT_GRPC_PORT}")
+        bulk = env.get(envvars.SERVER_BULK_ADDRESS, "").strip()
+        if bulk:
+            _check_address(envvars.SERVER_BULK_ADDRESS, bulk, f"server:{envvars.DEFAULT_BULK_PORT}")
         token_file = need(envvars.TOKEN_FILE, "the path of this site's token file")
         try:
             token = Path(token_file).read_text().strip()
@@ -89,4 +91,14 @@ class SidecarConfig:
             trainer_port=int(raw_port),
             exit_on_stop=exit_raw in ("1", "true"),
             metrics_port=metrics_port_from_env(env),
+            server_bulk_address=bulk,
         )
+
+
+def _check_address(name: str, value: str, example: str) -> None:
+    """``value`` must be ``host:port`` with a port from 1 to 65535; a ConfigError naming ``name`` otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.strip().isdigit():
+        raise ConfigError(f"{name}={value!r} is not host:port; fix: e.g. {name}={example}")
+    if envvars.parse_port(port, name) == 0:
+        raise ConfigError(f"{name}={value!r} names port 0, which cannot be dialed; fix: e.g. {name}={example}")

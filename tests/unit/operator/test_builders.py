@@ -262,6 +262,7 @@ def test_server_service_selects_the_server_pod() -> None:
     ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
     assert ports == {
         "grpc": envvars.DEFAULT_GRPC_PORT,
+        "bulk": envvars.DEFAULT_BULK_PORT,
         "status": envvars.DEFAULT_STATUS_PORT,
         "metrics": envvars.DEFAULT_METRICS_PORT,
     }
@@ -279,6 +280,7 @@ def test_server_pod(which: str) -> None:
     assert env[envvars.JOB] == job.name
     assert env[envvars.SPEC_FILE] == f"{layout.SPEC_DIR}/{layout.SPEC_FILE_NAME}"
     assert env[envvars.GRPC_PORT] == str(envvars.DEFAULT_GRPC_PORT)
+    assert env[envvars.BULK_PORT] == str(envvars.DEFAULT_BULK_PORT)
     assert env[envvars.STATUS_PORT] == str(envvars.DEFAULT_STATUS_PORT)
     assert env[envvars.METRICS_PORT] == str(envvars.DEFAULT_METRICS_PORT)
     assert env[envvars.TOKENS_DIR] == layout.TOKENS_DIR
@@ -325,6 +327,7 @@ def test_client_pod_wiring(site: str) -> None:
     s_env = _env(sidecar)
     assert s_env[envvars.JOB] == "mnist" and s_env[envvars.SITE] == site
     assert s_env[envvars.SERVER_ADDRESS] == f"mnist-server.ml.svc:{envvars.DEFAULT_GRPC_PORT}"
+    assert s_env[envvars.SERVER_BULK_ADDRESS] == f"mnist-server.ml.svc:{envvars.DEFAULT_BULK_PORT}"
     assert s_env[envvars.TOKEN_FILE] == f"{layout.TOKEN_DIR}/{layout.TOKEN_FILE_NAME}"
     assert s_env[envvars.TRAINER_PORT] == str(envvars.DEFAULT_TRAINER_PORT)
     t_env = _env(trainer)
