@@ -200,6 +200,21 @@ class ChunkSource(Protocol):
         ...
 
 
+class IntoSource(Protocol):
+    """A source that writes chunks straight into the caller's buffer (the bulk protocol).
+
+    ``stream_into(ref, offset, buf)`` returns an iterator (with optional
+    ``cancel()``/``close()``) that writes the tensor's bytes into ``buf`` (the
+    whole tensor's flat byte buffer) from ``offset`` on, in order, and yields
+    the byte count of each piece written; it raises like ``stream``.
+    :class:`Fetcher` prefers it to ``stream`` when a source has both.
+    """
+
+    def stream_into(self, ref: TensorRef, offset: int, buf: memoryview) -> Iterator[int]: ...
+
+    def complete(self, transaction_id: str, ok: bool, error: str = "") -> None: ...
+
+
 class _Watchdog:
     """Calls ``on_fire`` once when ``kick()`` was not called for ``timeout_s`` (or ``abort`` is set)."""
 
@@ -345,14 +360,21 @@ class Fetcher:
     """Fetches refs from one :class:`ChunkSource` with the given settings; see the module doc."""
 
     def __init__(
-        self, source: ChunkSource, settings: FetchSettings | None = None, *, abort: threading.Event | None = None
+        self,
+        source: ChunkSource | IntoSource,
+        settings: FetchSettings | None = None,
+        *,
+        abort: threading.Event | None = None,
+        on_retry: Callable[[TransferError], None] | None = None,
     ) -> None:
+        """``on_retry(error)`` is called before each retry (a broken stream, a checksum refetch), for metrics."""
         self.source = source
         self.settings = settings if settings is not None else FetchSettings()
         problems = validate_settings(self.settings)
         if problems:
             raise InvalidRequestError("inconsistent fetch settings: " + "; ".join(map(str, problems)))
         self.abort = abort
+        self.on_retry = on_retry
         self.attempts = 0  # streams opened, over the fetcher's life (for logs, metrics and tests)
 
     def _ids(self, ref: TensorRef) -> dict[str, Any]:
@@ -409,6 +431,9 @@ class Fetcher:
                         "data is corrupt or changed after publishing",
                         **self._ids(ref),
                     )
+                self._notify_retry(
+                    ChecksumMismatchError(f"checksum {got} != {ref.checksum}; refetching", **self._ids(ref))
+                )
                 log.warning(
                     "transaction %s ref %s: checksum mismatch (%s != %s); refetching from 0 (%d/%d)",
                     ref.transaction_id, ref.ref_id, got, ref.checksum, checksum_failures, s.max_checksum_retries,
@@ -418,15 +443,33 @@ class Fetcher:
                 if progress is not None:
                     progress(0)
                 continue
-            stream: Iterator[tuple[int, bytes | memoryview]] | None = None
+            stream: Any = None
             guard: _Watchdog | None = None
             start = offset
             try:
                 self.attempts += 1
-                stream = self.source.stream(ref, offset, s.max_chunk_bytes)
+                into = getattr(self.source, "stream_into", None)
+                if into is not None:
+                    stream = into(ref, offset, buf)
+                else:
+                    stream = self.source.stream(ref, offset, s.max_chunk_bytes)  # type: ignore[union-attr]
                 cancel = getattr(stream, "cancel", None)
                 if self.abort is not None and cancel is not None:
                     guard = _Watchdog(None, cancel, self.abort, f"fedkube-fetch-abort-{ref.transaction_id}")
+                if into is not None:
+                    for n in stream:
+                        if not isinstance(n, int) or n <= 0 or offset + n > ref.nbytes:
+                            raise ProtocolError(
+                                f"source reported {n!r} bytes written at offset {offset}", **self._ids(ref)
+                            )
+                        hasher.update(buf[offset : offset + n])
+                        offset += n
+                        last_progress = time.monotonic()
+                        failures = 0
+                        if progress is not None:
+                            progress(offset)
+                        self._check_abort(ref, offset)
+                    stream = iter(())
                 for chunk_offset, data in stream:
                     n = len(data) if isinstance(data, bytes) else data.nbytes
                     if chunk_offset != offset or n == 0:
@@ -495,6 +538,8 @@ class Fetcher:
                 f"last error: {err}",
                 **self._ids(ref),
             ) from err
+        if isinstance(err, TransferError):
+            self._notify_retry(err)
         log.warning(
             "transaction %s ref %s: attempt failed at offset %d/%d (%s); retry %d in %.2fs",
             ref.transaction_id, ref.ref_id, offset, ref.nbytes, err, failures, delay,
@@ -504,6 +549,14 @@ class Fetcher:
                 raise TransferAbortedError(f"aborted at offset {offset} of {ref.nbytes}", **self._ids(ref)) from err
         else:
             time.sleep(delay)
+
+    def _notify_retry(self, err: TransferError) -> None:
+        if self.on_retry is None:
+            return
+        try:
+            self.on_retry(err)
+        except Exception:  # a metrics hook must never break a transfer
+            log.exception("fetch: on_retry hook failed")
 
     def fetch_array(
         self, ref: TensorRef, out: np.ndarray | None = None, *, progress: Callable[[int], None] | None = None

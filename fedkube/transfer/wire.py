@@ -249,6 +249,13 @@ def error_from_rpc(
     """Classify a failed call into the matching transfer error (retryable ones are StreamBrokenError)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or str(err)
+    return error_from_status(code, details, transaction_id=transaction_id, ref_id=ref_id, receiver=receiver)
+
+
+def error_from_status(
+    code: grpc.StatusCode, details: str, *, transaction_id: str | None, ref_id: str | None, receiver: str | None
+) -> e.TransferError:
+    """The transfer error for a status a source answered (gRPC or the bulk protocol's BulkStatus)."""
     kinds: dict[grpc.StatusCode, type[e.TransferError]] = {
         grpc.StatusCode.NOT_FOUND: e.RefNotFoundError,
         grpc.StatusCode.FAILED_PRECONDITION: e.TransactionExpiredError,

@@ -1,0 +1,740 @@
+"""The bulk data plane: tensor bytes over plain TCP, control stays on gRPC.
+
+gRPC-Python copies every message twice (a serializer returns a whole
+``bytes`` that the core copies again; a received message is a new ``bytes``)
+and costs about 1 CPU-second per GiB on each side (bench/README.md). On a
+plain socket the sender ``sendall``s memoryview slices of the published
+buffers and the receiver ``recv_into``s the destination array: the kernel's
+copies are the only ones.
+
+A connection carries one request (``tensor.proto``, ``BulkRequest``):
+
+    client -> server   b"FKB1", uint32 length, BulkRequest
+    server -> client   uint32 length, BulkStatus                 (code 0 = OK)
+    fetch, when OK     data frames: uint32 n (1..MAX_FRAME_BYTES), n bytes
+                       then uint32 0 (the tensor's end), or
+                       uint32 0xFFFFFFFF, uint32 length, BulkStatus (failed part way)
+
+All integers little-endian. A fetch starts at ``FetchRequest.offset``, so a
+broken connection resumes exactly as with ``Download.Fetch``; the whole-tensor
+checksum is verified by :class:`~fedkube.transfer.fetch.Fetcher` as before.
+Status codes are gRPC's, so errors map to the same
+:class:`~fedkube.transfer.errors.TransferError` subclasses on both paths.
+
+Pieces:
+
+* :class:`BulkServer` serves a :class:`DownloadService` (fetch, complete) and
+  hands sockets of pushed uploads (``upload_id``) to a callback;
+* :class:`BulkChunkSource` is a :class:`Fetcher` source that writes frames
+  straight into the caller's buffer (``stream_into``);
+* :class:`BulkRelay` is the sidecar's forward relay: it stamps the site's
+  identity on a trainer's request and pumps the server's answer back with one
+  fixed buffer per connection (bounded memory, backpressure by TCP);
+* :func:`push_upload` is the sidecar's reverse path: it dials the server with
+  an ``upload_id`` and pumps the trainer's answer to it unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable, Generator
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from fedkube.transfer.errors import (
+    ChunkTimeoutError,
+    InvalidRefError,
+    ProtocolError,
+    SourceUnavailableError,
+    StreamBrokenError,
+    TransferAbortedError,
+    TransferError,
+)
+from fedkube.transfer.refs import TensorRef
+from fedkube.transfer.service import DownloadService
+from fedkube.transfer.wire import MAX_CHUNK_BYTES, error_from_status, status_code_for
+from fedkube.wire.v1 import tensor_pb2
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"FKB1"
+#: Largest BulkRequest / BulkStatus accepted; real ones are a few hundred bytes.
+MAX_MESSAGE_BYTES = 64 * 1024
+#: Frame size a BulkServer sends: slices of the published buffer, so size costs no memory.
+FRAME_BYTES = 4 * 1024 * 1024
+#: Largest data frame a reader accepts.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+#: The relay's and the pusher's one buffer per connection.
+PUMP_BUFFER_BYTES = 1024 * 1024
+_END = 0
+_FAILED = 0xFFFFFFFF
+_U32 = struct.Struct("<I")
+_HEADER = struct.Struct("<4sI")
+
+#: ``authorize(site, token)`` -> (None, "") to admit, or (code, message) to refuse.
+Authorize = Callable[[str, str], tuple["grpc.StatusCode | None", str]]
+#: ``on_upload(site, upload_id, sock)`` -> (None, "") after taking ownership of ``sock``, or (code, message).
+OnUpload = Callable[[str, str, socket.socket], tuple["grpc.StatusCode | None", str]]
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class _Refused(Exception):
+    """A request that is answered with a status and the connection closed."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --- framing --------------------------------------------------------------------------
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock``; EOFError when the peer closed first."""
+    got = 0
+    total = view.nbytes
+    while got < total:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise EOFError(f"connection closed after {got} of {total} bytes")
+        got += n
+
+
+def _recv_u32(sock: socket.socket) -> int:
+    buf = bytearray(4)
+    _recv_into(sock, memoryview(buf))
+    return int(_U32.unpack(buf)[0])
+
+
+def _recv_message(sock: socket.socket, length: int) -> bytes:
+    if length > MAX_MESSAGE_BYTES:
+        raise _Refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"bulk message of {length} bytes is over the {MAX_MESSAGE_BYTES}-byte limit",
+        )
+    buf = bytearray(length)
+    _recv_into(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def send_request(sock: socket.socket, request: tensor_pb2.BulkRequest) -> None:
+    data = request.SerializeToString()
+    sock.sendall(_HEADER.pack(MAGIC, len(data)) + data)
+
+
+def read_request(sock: socket.socket) -> tensor_pb2.BulkRequest:
+    """Read one BulkRequest; raises _Refused for anything that is not one."""
+    head = bytearray(_HEADER.size)
+    _recv_into(sock, memoryview(head))
+    magic, length = _HEADER.unpack(head)
+    if magic != MAGIC:
+        raise _Refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"not a fedkube bulk connection (first bytes {bytes(magic)!r}, expected {MAGIC!r}); "
+            "gRPC clients use the server's gRPC port",
+        )
+    request = tensor_pb2.BulkRequest()
+    try:
+        request.ParseFromString(_recv_message(sock, length))
+    except DecodeError as exc:
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed BulkRequest: {exc}") from None
+    return request
+
+
+def _status_bytes(code: grpc.StatusCode, message: str) -> bytes:
+    data = tensor_pb2.BulkStatus(code=code.value[0], message=message[:4000]).SerializeToString()
+    return _U32.pack(len(data)) + data
+
+
+def send_status(sock: socket.socket, code: grpc.StatusCode, message: str = "") -> None:
+    sock.sendall(_status_bytes(code, message))
+
+
+def _send_failed(sock: socket.socket, code: grpc.StatusCode, message: str) -> None:
+    sock.sendall(_U32.pack(_FAILED) + _status_bytes(code, message))
+
+
+def read_status(sock: socket.socket) -> tuple[grpc.StatusCode, str]:
+    length = _recv_u32(sock)
+    status = tensor_pb2.BulkStatus()
+    try:
+        status.ParseFromString(_recv_message(sock, length))
+    except (DecodeError, _Refused) as exc:
+        raise ProtocolError(f"malformed BulkStatus from the source: {exc}") from None
+    return _CODES.get(status.code, grpc.StatusCode.UNKNOWN), status.message
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) -> (host, port); ValueError with the fix otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bulk address {address!r} is not host:port (e.g. 127.0.0.1:8471)")
+    return host.strip("[]"), int(port)
+
+
+def _connect(address: str, timeout_s: float) -> socket.socket:
+    sock = socket.create_connection(parse_address(address), timeout=timeout_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+# --- reading a fetch answer -------------------------------------------------------------
+
+
+def read_fetch_response(
+    sock: socket.socket,
+    ref: TensorRef,
+    offset: int,
+    buf: memoryview,
+    *,
+    chunk_timeout_s: float,
+    receiver: str | None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> Generator[int, None, None]:
+    """Read a fetch answer from ``sock`` straight into ``buf[offset:]``; yield each frame's byte count.
+
+    ``buf`` is the whole tensor's buffer. Failures raise the same
+    :class:`TransferError` subclasses as the gRPC path: a status from the
+    source maps by code, a silent source past ``chunk_timeout_s`` is a
+    :class:`ChunkTimeoutError`, a broken connection a
+    :class:`StreamBrokenError` (both resumable from the last yielded byte).
+    """
+    ids: dict[str, Any] = {"transaction_id": ref.transaction_id, "ref_id": ref.ref_id, "receiver": receiver}
+    pos = offset
+    try:
+        sock.settimeout(chunk_timeout_s)
+        code, message = read_status(sock)
+        if code != grpc.StatusCode.OK:
+            raise error_from_status(code, message, **ids)
+        while True:
+            n = _recv_u32(sock)
+            if n == _END:
+                return
+            if n == _FAILED:
+                code, message = read_status(sock)
+                raise error_from_status(code, message, **ids)
+            if n > MAX_FRAME_BYTES:
+                raise ProtocolError(f"data frame of {n} bytes is over the {MAX_FRAME_BYTES}-byte limit", **ids)
+            if pos + n > buf.nbytes:
+                raise InvalidRefError(
+                    f"the source's tensor is longer than the reference says ({ref.nbytes} bytes for "
+                    f"{ref.dtype}{list(ref.shape)}): dtype, shape or length do not match what was published",
+                    **ids,
+                )
+            _recv_into(sock, buf[pos : pos + n])
+            pos += n
+            yield n
+    except TransferError as exc:
+        if cancelled():
+            raise TransferAbortedError("fetch cancelled by the caller", **ids) from exc
+        raise
+    except TimeoutError:
+        if cancelled():
+            raise TransferAbortedError("fetch cancelled by the caller", **ids) from None
+        raise ChunkTimeoutError(f"no data for {chunk_timeout_s}s at offset {pos}", **ids) from None
+    except (EOFError, OSError) as exc:
+        if cancelled():
+            raise TransferAbortedError("fetch cancelled by the caller", **ids) from None
+        raise StreamBrokenError(f"bulk connection broke at offset {pos}: {exc}", **ids) from None
+
+
+class _BulkStream:
+    """One fetch over one connection, as an iterator of frame sizes; cancellable from another thread."""
+
+    def __init__(self, source: BulkChunkSource, ref: TensorRef, offset: int, buf: memoryview) -> None:
+        self._cancelled = False
+        self._sock: socket.socket | None = None
+        ids: dict[str, Any] = {"transaction_id": ref.transaction_id, "ref_id": ref.ref_id, "receiver": source.receiver}
+        request = tensor_pb2.BulkRequest(
+            site=source.site,
+            token=source.token,
+            fetch=tensor_pb2.FetchRequest(
+                transaction_id=ref.transaction_id, ref_id=ref.ref_id, receiver=source.receiver, offset=offset
+            ),
+        )
+        try:
+            self._sock = _connect(source.address, source.connect_timeout_s)
+            send_request(self._sock, request)
+        except OSError as exc:
+            _close(self._sock)
+            raise SourceUnavailableError(f"cannot reach the bulk endpoint {source.address}: {exc}", **ids) from None
+        self._frames = read_fetch_response(
+            self._sock, ref, offset, buf, chunk_timeout_s=source.chunk_timeout_s, receiver=source.receiver,
+            cancelled=lambda: self._cancelled,
+        )  # fmt: skip
+
+    def __iter__(self) -> _BulkStream:
+        return self
+
+    def __next__(self) -> int:
+        return next(self._frames)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._sock is not None:
+            with contextlib.suppress(OSError):  # wakes a recv blocked in another thread
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._frames.close()
+        _close(self._sock)
+
+
+class BulkChunkSource:
+    """A :class:`~fedkube.transfer.fetch.Fetcher` source over the bulk protocol.
+
+    ``Fetcher(BulkChunkSource(address, "site-a", chunk_timeout_s=30)).fetch_into(ref, out)``
+    writes each frame straight into ``out``. ``site``/``token`` are sent for
+    authentication (a sidecar talking to the server); a trainer talking to its
+    sidecar leaves them empty (the sidecar adds them).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        receiver: str,
+        *,
+        chunk_timeout_s: float,
+        site: str = "",
+        token: str = "",
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        parse_address(address)
+        self.address = address
+        self.receiver = receiver
+        self.chunk_timeout_s = chunk_timeout_s
+        self.site = site
+        self.token = token
+        self.connect_timeout_s = connect_timeout_s
+
+    def stream_into(self, ref: TensorRef, offset: int, buf: memoryview) -> _BulkStream:
+        return _BulkStream(self, ref, offset, buf)
+
+    def complete(self, transaction_id: str, ok: bool, error: str = "") -> None:
+        ids: dict[str, Any] = {"transaction_id": transaction_id, "ref_id": None, "receiver": self.receiver}
+        request = tensor_pb2.BulkRequest(
+            site=self.site,
+            token=self.token,
+            complete=tensor_pb2.CompleteRequest(
+                transaction_id=transaction_id, receiver=self.receiver, ok=ok, error=error[:4000]
+            ),
+        )
+        sock: socket.socket | None = None
+        try:
+            sock = _connect(self.address, self.connect_timeout_s)
+            sock.settimeout(self.chunk_timeout_s)
+            send_request(sock, request)
+            code, message = read_status(sock)
+        except (OSError, EOFError) as exc:
+            raise SourceUnavailableError(f"cannot report completion to {self.address}: {exc}", **ids) from None
+        finally:
+            _close(sock)
+        if code != grpc.StatusCode.OK:
+            raise error_from_status(code, message, **ids)
+
+
+# --- serving --------------------------------------------------------------------------------
+
+
+class _Listener:
+    """A TCP listener running one daemon thread per connection, at most ``max_connections`` at once."""
+
+    def __init__(self, host: str, port: int, name: str, max_connections: int) -> None:
+        self.name = name
+        self.max_connections = max_connections
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family, backlog=128)
+        self.host = host
+        self.port: int = self._sock.getsockname()[1]
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name=f"fedkube-{name}-accept", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("%s listening on %s", self.name, self.address)
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed by stop()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                log.warning("%s: %d connections open; refusing one more", self.name, self.max_connections)
+                threading.Thread(target=self._refuse_busy, args=(conn,), daemon=True).start()
+                continue
+            threading.Thread(target=self._run, args=(conn,), name=f"fedkube-{self.name}-conn", daemon=True).start()
+
+    def _refuse_busy(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(5.0)
+            send_status(conn, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name} is at its connection limit; retry")
+        except OSError:
+            pass
+        finally:
+            _close(conn)
+
+    def _run(self, conn: socket.socket) -> None:
+        keep = False
+        try:
+            keep = self.handle(conn)
+        except Exception:
+            log.exception("%s: connection handler failed", self.name)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            if not keep:
+                _close(conn)
+
+    def handle(self, conn: socket.socket) -> bool:
+        """Serve one connection; True when its ownership moved elsewhere (do not close it)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5)
+
+
+class BulkServer(_Listener):
+    """Serves ``service`` (fetch, complete) over the bulk protocol; pushed uploads go to ``on_upload``.
+
+    ``authorize(site, token)`` admits or refuses every request before it is
+    looked at (None: no check, for pod-local servers). A request is read
+    within ``request_timeout_s``; a receiver that stops reading for
+    ``send_timeout_s`` is dropped (it resumes with a new fetch).
+    """
+
+    def __init__(
+        self,
+        service: DownloadService | None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        authorize: Authorize | None = None,
+        on_upload: OnUpload | None = None,
+        name: str = "bulk",
+        frame_bytes: int = FRAME_BYTES,
+        max_connections: int = 256,
+        request_timeout_s: float = 10.0,
+        send_timeout_s: float = 120.0,
+    ) -> None:
+        if not 0 < frame_bytes <= MAX_FRAME_BYTES:
+            raise ValueError(f"frame_bytes must be in 1..{MAX_FRAME_BYTES}, got {frame_bytes}")
+        super().__init__(host, port, name, max_connections)
+        self.service = service
+        self.authorize = authorize
+        self.on_upload = on_upload
+        self.frame_bytes = frame_bytes
+        self.request_timeout_s = request_timeout_s
+        self.send_timeout_s = send_timeout_s
+        self.bytes_sent = 0  # over the server's life (a counter; read without a lock)
+
+    def start(self) -> BulkServer:  # type: ignore[override]
+        super().start()
+        return self
+
+    def handle(self, conn: socket.socket) -> bool:
+        conn.settimeout(self.request_timeout_s)
+        try:
+            request = read_request(conn)
+            if self.authorize is not None:
+                code, message = self.authorize(request.site, request.token)
+                if code is not None:
+                    raise _Refused(code, message)
+            op = request.WhichOneof("op")
+            if op == "fetch":
+                self._fetch(conn, request.fetch)
+            elif op == "complete":
+                self._complete(conn, request.complete)
+            elif op == "upload_id":
+                return self._upload(conn, request.site, request.upload_id)
+            else:
+                raise _Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT, "BulkRequest names no operation (fetch, complete, upload_id)"
+                )
+        except _Refused as refused:
+            log.warning("%s: refused a request: %s", self.name, refused.message)
+            with contextlib.suppress(OSError):
+                send_status(conn, refused.code, refused.message)
+        except (EOFError, OSError) as exc:  # the peer went away; it resumes with a new request
+            log.debug("%s: connection ended: %s", self.name, exc)
+        return False
+
+    def _fetch(self, conn: socket.socket, req: tensor_pb2.FetchRequest) -> None:
+        if self.service is None:
+            raise _Refused(grpc.StatusCode.UNIMPLEMENTED, f"{self.name} serves no tensors (uploads only)")
+        frame = min(req.max_chunk_bytes or self.frame_bytes, self.frame_bytes, MAX_CHUNK_BYTES)
+        try:
+            stream = self.service.open_stream(req.transaction_id, req.ref_id, req.receiver, req.offset, frame)
+        except TransferError as exc:
+            raise _Refused(status_code_for(exc), str(exc)) from None
+        send_status(conn, grpc.StatusCode.OK)
+        # sendall's timeout bounds each whole frame; a receiver slower than frame/send_timeout_s is dropped.
+        conn.settimeout(self.send_timeout_s)
+        try:
+            for _, piece in stream:
+                conn.sendall(_U32.pack(piece.nbytes))
+                conn.sendall(piece)  # a slice of the published buffer: no copy in Python
+                self.bytes_sent += piece.nbytes
+        except TransferError as exc:
+            log.warning(
+                "%s: fetch of transaction %s ref %s for %s failed: %s",
+                self.name, req.transaction_id, req.ref_id, req.receiver, exc,
+            )  # fmt: skip
+            _send_failed(conn, status_code_for(exc), str(exc))
+            return
+        conn.sendall(_U32.pack(_END))
+
+    def _complete(self, conn: socket.socket, req: tensor_pb2.CompleteRequest) -> None:
+        if self.service is None:
+            raise _Refused(grpc.StatusCode.UNIMPLEMENTED, f"{self.name} serves no tensors (uploads only)")
+        try:
+            self.service.complete(req.transaction_id, req.receiver, req.ok, req.error)
+        except TransferError as exc:
+            raise _Refused(status_code_for(exc), str(exc)) from None
+        send_status(conn, grpc.StatusCode.OK)
+
+    def _upload(self, conn: socket.socket, site: str, upload_id: str) -> bool:
+        if self.on_upload is None:
+            raise _Refused(grpc.StatusCode.UNIMPLEMENTED, f"{self.name} accepts no uploads")
+        if not upload_id:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "empty upload_id")
+        conn.settimeout(None)
+        code, message = self.on_upload(site, upload_id, conn)
+        if code is not None:
+            raise _Refused(code, message)
+        with contextlib.suppress(OSError):  # the new owner's read sees a broken connection and resumes
+            send_status(conn, grpc.StatusCode.OK)
+        return True
+
+
+# --- relaying ---------------------------------------------------------------------------------
+
+
+def _pump(src: socket.socket, dst: socket.socket, buf: memoryview, on_bytes: Callable[[int], None] | None) -> int:
+    """Copy ``src`` to ``dst`` until ``src`` ends, through one fixed buffer (TCP does the backpressure)."""
+    moved = 0
+    while True:
+        n = src.recv_into(buf)
+        if n == 0:
+            return moved
+        dst.sendall(buf[:n])
+        moved += n
+        if on_bytes is not None:
+            on_bytes(n)
+
+
+class BulkRelay(_Listener):
+    """The sidecar's forward relay: a trainer's bulk request goes upstream with the site's identity.
+
+    Each connection holds one ``buffer_bytes`` buffer while it is open (so
+    memory is connections x buffer whatever the tensor size); the server's
+    answer is pumped back unchanged. The trainer may only fetch and complete
+    as its own site; uploads are refused (the server never asks a trainer
+    directly).
+    """
+
+    def __init__(
+        self,
+        upstream_address: str,
+        *,
+        site: str,
+        token: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        idle_timeout_s: float = 60.0,
+        on_bytes: Callable[[int], None] | None = None,
+        buffer_bytes: int = PUMP_BUFFER_BYTES,
+        max_connections: int = 32,
+        connect_timeout_s: float = 10.0,
+        request_timeout_s: float = 10.0,
+    ) -> None:
+        parse_address(upstream_address)
+        super().__init__(host, port, "bulk relay", max_connections)
+        self.upstream_address = upstream_address
+        self.site = site
+        self.token = token
+        self.idle_timeout_s = idle_timeout_s
+        self.on_bytes = on_bytes
+        self.buffer_bytes = buffer_bytes
+        self.connect_timeout_s = connect_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self._in_use = 0
+        self._count_lock = threading.Lock()
+
+    def start(self) -> BulkRelay:  # type: ignore[override]
+        super().start()
+        return self
+
+    @property
+    def buffer_bytes_in_use(self) -> int:
+        return self._in_use
+
+    def handle(self, conn: socket.socket) -> bool:
+        conn.settimeout(self.request_timeout_s)
+        up: socket.socket | None = None
+        try:
+            request = read_request(conn)
+            op = request.WhichOneof("op")
+            if op == "fetch":
+                receiver = request.fetch.receiver
+            elif op == "complete":
+                receiver = request.complete.receiver
+            else:
+                raise _Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"the trainer may fetch or complete, not {op or 'nothing'}"
+                )
+            if receiver != self.site:
+                raise _Refused(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"receiver {receiver!r} is not this pod's site {self.site!r}; fix: fetch as the site from Hello",
+                )
+            request.site = self.site
+            request.token = self.token
+            try:
+                up = _connect(self.upstream_address, self.connect_timeout_s)
+                send_request(up, request)
+            except OSError as exc:
+                log.warning("bulk relay: cannot reach the server's bulk endpoint %s: %s", self.upstream_address, exc)
+                raise _Refused(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the sidecar cannot reach the server at {self.upstream_address}: {exc}",
+                ) from None
+            up.settimeout(self.idle_timeout_s)
+            conn.settimeout(self.idle_timeout_s)
+            with self._count_lock:
+                self._in_use += self.buffer_bytes
+            try:
+                _pump(up, conn, memoryview(bytearray(self.buffer_bytes)), self.on_bytes)
+            finally:
+                with self._count_lock:
+                    self._in_use -= self.buffer_bytes
+        except _Refused as refused:
+            log.warning("bulk relay: refused a trainer request: %s", refused.message)
+            with contextlib.suppress(OSError):
+                send_status(conn, refused.code, refused.message)
+        except (EOFError, OSError) as exc:  # either side went away; the fetcher resumes
+            log.debug("bulk relay: connection ended: %s", exc)
+        finally:
+            _close(up)
+        return False
+
+
+def push_upload(
+    server_address: str,
+    *,
+    site: str,
+    token: str,
+    upload_id: str,
+    source_address: str,
+    fetch: tensor_pb2.FetchRequest,
+    chunk_timeout_s: float,
+    abort: threading.Event | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    connect_timeout_s: float = 10.0,
+    buffer_bytes: int = PUMP_BUFFER_BYTES,
+) -> int:
+    """Answer the server's UploadRequest ``upload_id`` with the trainer's bytes; returns the bytes moved.
+
+    Dials the server's bulk endpoint (the server cannot dial a client), then
+    the trainer's bulk server with ``fetch``, and pumps the trainer's answer
+    up unchanged; if the trainer cannot be reached the server gets an
+    UNAVAILABLE status instead. Setting ``abort`` closes both connections.
+    Raises :class:`SourceUnavailableError` when the server cannot be reached
+    or refuses the upload (the server then retries with a new request).
+    """
+    ids: dict[str, Any] = {"transaction_id": fetch.transaction_id, "ref_id": fetch.ref_id, "receiver": fetch.receiver}
+    up: socket.socket | None = None
+    src: socket.socket | None = None
+    done = threading.Event()
+
+    def watch() -> None:
+        assert abort is not None
+        while not done.wait(0.05):
+            if abort.is_set():
+                for s in (up, src):
+                    if s is not None:
+                        with contextlib.suppress(OSError):
+                            s.shutdown(socket.SHUT_RDWR)
+                return
+
+    if abort is not None:
+        threading.Thread(target=watch, name=f"fedkube-push-abort-{upload_id}", daemon=True).start()
+    try:
+        try:
+            up = _connect(server_address, connect_timeout_s)
+            up.settimeout(chunk_timeout_s)
+            send_request(up, tensor_pb2.BulkRequest(site=site, token=token, upload_id=upload_id))
+            code, message = read_status(up)
+        except (OSError, EOFError) as exc:
+            raise SourceUnavailableError(f"cannot push upload {upload_id} to {server_address}: {exc}", **ids) from None
+        if code != grpc.StatusCode.OK:
+            raise error_from_status(code, f"server refused upload {upload_id}: {message}", **ids)
+        try:
+            src = _connect(source_address, connect_timeout_s)
+            send_request(src, tensor_pb2.BulkRequest(fetch=fetch))
+        except OSError as exc:
+            log.warning("upload %s: cannot reach the trainer's bulk server %s: %s", upload_id, source_address, exc)
+            with contextlib.suppress(OSError):
+                send_status(up, grpc.StatusCode.UNAVAILABLE, f"the trainer's bulk server {source_address}: {exc}")
+            return 0
+        src.settimeout(chunk_timeout_s)
+        try:
+            return _pump(src, up, memoryview(bytearray(buffer_bytes)), on_bytes)
+        except (OSError, EOFError) as exc:
+            if abort is not None and abort.is_set():
+                raise TransferAbortedError(f"upload {upload_id} cancelled", **ids) from None
+            raise StreamBrokenError(f"upload {upload_id} broke: {exc}", **ids) from None
+    finally:
+        done.set()
+        _close(src)
+        _close(up)
+
+
+__all__ = [
+    "FRAME_BYTES",
+    "MAGIC",
+    "MAX_FRAME_BYTES",
+    "MAX_MESSAGE_BYTES",
+    "BulkChunkSource",
+    "BulkRelay",
+    "BulkServer",
+    "parse_address",
+    "push_upload",
+    "read_fetch_response",
+]
