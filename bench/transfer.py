@@ -3,8 +3,12 @@
     python bench/transfer.py --size-mib 1024 --receivers 2
 
 Runs, in one invocation and each in its own process (spawn): a publisher
-(DownloadService + gRPC server), a relay (RelayServicer), and receivers
-(Fetcher into a preallocated buffer, checksum verified). Phases:
+(DownloadService served on gRPC and on the bulk protocol), a relay, and
+receivers (Fetcher into a preallocated buffer, checksum verified). With
+``--transport bulk`` (the default: what fedkube's processes use) receivers
+fetch over plain TCP (``fedkube.transfer.bulk``) and the relay is a
+``BulkRelay``; with ``--transport grpc`` they use ``Download.Fetch`` and a
+``RelayServicer``. Phases:
 
 1. floor: the same bytes over a plain loopback socket between two processes;
 2. direct: one receiver alone, one stream (per tensor) from the publisher;
@@ -74,19 +78,29 @@ def _grpc_option(text: str) -> tuple[str, int | str]:
 def publisher_main(conn: Connection, size: int, tensors: int, receivers: list[str], chunk: int, frame_kib: int) -> None:
     _child_setup()
     from fedkube.transfer import DownloadService, serve
+    from fedkube.transfer.bulk import BulkServer
 
     baseline = current_rss()
     service = DownloadService("server", chunk_bytes=chunk)
     server, port = serve(service, max_workers=max(16, 2 * len(receivers) + 4), extra_options=_extra(frame_kib))
+    bulk = BulkServer(service).start()
     model = _make_tensors(size, tensors)
     txn = service.publish(model, receivers=receivers, ttl_s=WAIT_S)
-    conn.send({"port": port, "refs": [r.to_proto().SerializeToString() for r in txn.refs], "baseline": baseline})
+    conn.send(
+        {
+            "port": port,
+            "bulk_port": bulk.port,
+            "refs": [r.to_proto().SerializeToString() for r in txn.refs],
+            "baseline": baseline,
+        }
+    )
     # Answer CPU probes (the parent reads them around each phase) until told to finish.
     while conn.recv() == "cpu":
         conn.send(cpu_s())
     ok = txn.wait(WAIT_S)
     peak = vm_hwm() or current_rss()
     server.stop(grace=1).wait(5)
+    bulk.stop()
     service.close()
     conn.send({"ok": ok, "peak": peak, "published": txn.nbytes, "failed": txn.failed_receivers})
 
@@ -117,7 +131,22 @@ def relay_main(conn: Connection, upstream: str, window: int, frame_kib: int, loo
     conn.send({"peak": peak})
 
 
-def receiver_main(conn: Connection, address: str, name: str, refs: list[bytes], chunk: int, frame_kib: int) -> None:
+def bulk_relay_main(conn: Connection, upstream: str, site: str, buffer_kib: int) -> None:
+    _child_setup()
+    from fedkube.transfer.bulk import BulkRelay
+
+    relay = BulkRelay(upstream, site=site, token="", buffer_bytes=buffer_kib << 10).start()
+    conn.send({"port": relay.port, "baseline": current_rss()})
+    while conn.recv() == "cpu":  # until "stop"
+        conn.send(cpu_s())
+    peak = vm_hwm() or current_rss()
+    relay.stop()
+    conn.send({"peak": peak})
+
+
+def receiver_main(
+    conn: Connection, address: str, name: str, refs: list[bytes], chunk: int, frame_kib: int, transport: str
+) -> None:
     _child_setup()
     from fedkube.transfer import Fetcher, FetchSettings, GrpcChunkSource, TensorRef, insecure_channel, numpy_dtype
     from fedkube.wire.v1 import tensor_pb2
@@ -127,9 +156,15 @@ def receiver_main(conn: Connection, address: str, name: str, refs: list[bytes], 
     outs = [np.empty(r.shape, dtype=numpy_dtype(r.dtype)) for r in parsed]
     for out in outs:
         out.reshape(-1).view(np.uint8).fill(0)
+    from fedkube.transfer.bulk import BulkChunkSource
+
     channel = insecure_channel(address, _extra(frame_kib))
     settings = FetchSettings(chunk_timeout_s=60, idle_timeout_s=300, backoff_max_s=5, max_chunk_bytes=chunk)
-    source = GrpcChunkSource(channel, name, chunk_timeout_s=60)
+    source: Any = (
+        BulkChunkSource(address, name, chunk_timeout_s=60)
+        if transport == "bulk"
+        else GrpcChunkSource(channel, name, chunk_timeout_s=60)
+    )
     fetcher = Fetcher(source, settings)
     conn.recv()  # go
     start = time.perf_counter()
@@ -332,9 +367,9 @@ def _recv(conn: Connection, what: str) -> Any:
 
 
 def _run_receivers(
-    ctx: Any, address: str, names: list[str], refs: list[bytes], chunk: int, frame_kib: int
+    ctx: Any, address: str, names: list[str], refs: list[bytes], chunk: int, frame_kib: int, transport: str
 ) -> list[dict[str, Any]]:
-    procs = [_start(ctx, receiver_main, address, n, refs, chunk, frame_kib) for n in names]
+    procs = [_start(ctx, receiver_main, address, n, refs, chunk, frame_kib, transport) for n in names]
     time.sleep(0.5)
     for _, conn in procs:
         conn.send("go")
@@ -373,6 +408,15 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="extra gRPC option for every server and channel (repeatable; integers are passed as ints)",
     )
+    parser.add_argument(
+        "--transport",
+        choices=["bulk", "grpc"],
+        default="bulk",
+        help="bulk: plain-TCP data plane (what fedkube's processes use); grpc: Download.Fetch and RelayServicer",
+    )
+    parser.add_argument(
+        "--relay-buffer-kib", type=int, default=1024, help="the BulkRelay's one buffer per connection (bulk transport)"
+    )
     parser.add_argument("--no-relay", action="store_true")
     parser.add_argument("--no-floor", action="store_true")
     parser.add_argument(
@@ -403,19 +447,26 @@ def main() -> None:
         "allocator": args.allocator,
         "relay_lookahead_kib": args.relay_lookahead_kib,
         "grpc_options": dict(args.grpc_option),
+        "transport": args.transport,
+        "relay_buffer_kib": args.relay_buffer_kib,
         "cpus": os.cpu_count(),
     }
     fan = [f"fan-{i}" for i in range(args.receivers)]
     singles = [f"single-{r}" for r in range(args.repeats)]
-    relayed = [] if args.no_relay else [f"relayed-{r}" for r in range(args.repeats)]
+    # A BulkRelay serves one site (the pod's), so bulk relayed fetches share one receiver name.
+    relay_names = ["relayed"] if args.transport == "bulk" else [f"relayed-{r}" for r in range(args.repeats)]
+    relayed = [] if args.no_relay else relay_names
     pub, pub_conn = _start(ctx, publisher_main, size, args.tensors, singles + relayed + fan, chunk, args.frame_kib)
     info = _recv(pub_conn, "publisher")
-    address = f"127.0.0.1:{info['port']}"
+    address = f"127.0.0.1:{info['bulk_port'] if args.transport == 'bulk' else info['port']}"
     receivers: dict[str, dict[str, Any]] = {}
     relay_address = None
     relay_conn: Connection | None = None
-    if relayed:
+    if relayed and args.transport == "bulk":
+        relay, relay_conn = _start(ctx, bulk_relay_main, address, "relayed", args.relay_buffer_kib)
+    elif relayed:
         relay, relay_conn = _start(ctx, relay_main, address, args.window, args.frame_kib, args.relay_lookahead_kib)
+    if relay_conn is not None:
         relay_info = _recv(relay_conn, "relay")
         relay_address = f"127.0.0.1:{relay_info['port']}"
         result["relay_baseline_mib"] = mib(relay_info["baseline"])
@@ -432,7 +483,7 @@ def main() -> None:
     def fetch(addr: str, names: list[str], phase: str) -> list[dict[str, Any]]:
         relay_conn_now = relay_conn if phase == "relay" else None
         pub0, relay0 = probe(pub_conn), probe(relay_conn_now)
-        runs = _run_receivers(ctx, addr, names, info["refs"], chunk, args.frame_kib)
+        runs = _run_receivers(ctx, addr, names, info["refs"], chunk, args.frame_kib, args.transport)
         pub1, relay1 = probe(pub_conn), probe(relay_conn_now)
         # CPU seconds per GiB moved, per process role (getrusage: every thread of the process).
         moved = gib * len(names)
@@ -460,7 +511,7 @@ def main() -> None:
             floor_cpu.append((receiver_cpu / gib, sender_cpu / gib))
         direct.append(fetch(address, [singles[r]], "direct")[0]["seconds"])
         if relay_address is not None:
-            via_relay.append(fetch(relay_address, [relayed[r]], "relay")[0]["seconds"])
+            via_relay.append(fetch(relay_address, [relayed[r % len(relayed)]], "relay")[0]["seconds"])
     floor_s = min(floors) if floors else None
     if floor_s is not None:
         result["floor_s"] = round(floor_s, 3)
