@@ -11,9 +11,16 @@ Receiver::
 
     source = GrpcChunkSource(insecure_channel(f"host:{port}"), "site-a", chunk_timeout_s=30)
     arrays = Fetcher(source, FetchSettings()).fetch_transaction(refs)
+
+The same bytes over plain TCP (``fedkube.transfer.bulk``, what fedkube's
+processes use for tensors)::
+
+    bulk = BulkServer(service, host="0.0.0.0", port=8471).start()
+    arrays = Fetcher(BulkChunkSource("host:8471", "site-a", chunk_timeout_s=30)).fetch_transaction(refs)
 """
 
 from fedkube.transfer.allocator import ALLOCATOR_ENV, tune_allocator
+from fedkube.transfer.bulk import BulkChunkSource, BulkRelay, BulkServer, push_upload
 from fedkube.transfer.errors import (
     ChecksumMismatchError,
     ChunkTimeoutError,
@@ -67,6 +74,9 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DTYPE_NAMES",
     "MAX_CHUNK_BYTES",
+    "BulkChunkSource",
+    "BulkRelay",
+    "BulkServer",
     "CheckedLock",
     "ChecksumMismatchError",
     "ChunkSource",
@@ -104,6 +114,7 @@ __all__ = [
     "encode_chunk",
     "insecure_channel",
     "numpy_dtype",
+    "push_upload",
     "relay_chunks",
     "serve",
     "server_options",
