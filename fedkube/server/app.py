@@ -1,8 +1,10 @@
 """``fedkube server``: the aggregator process.
 
 Reads its configuration from the environment (``fedkube.server.config``),
-serves the ``Control`` and ``Download`` gRPC services on one port and the
-status endpoint over HTTP, runs the job's rounds, writes the termination
+serves the ``Control`` and ``Download`` gRPC services on one port, the same
+global model and the answers to its upload requests over the bulk protocol on
+another (when ``FEDKUBE_BULK_PORT`` is set), and the status endpoint over
+HTTP, runs the job's rounds, writes the termination
 summary and exits with 0 (succeeded), 1 (failed) or 2 (configuration error).
 SIGTERM/SIGINT stop the job gracefully: clients are told ``Stop``, the summary
 is written, the process exits.
@@ -11,9 +13,11 @@ is written, the process exits.
 from __future__ import annotations
 
 import argparse
+import hmac
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -39,6 +43,7 @@ from fedkube.server.reverse import UploadBroker
 from fedkube.server.strategies import StrategyState, build_strategy
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
 from fedkube.status import EXIT_FAILED, TerminationSummary, write_termination_summary
+from fedkube.transfer.bulk import BulkServer
 from fedkube.transfer.service import DownloadService
 from fedkube.transfer.wire import MAX_CHUNK_BYTES, server_options
 from fedkube.wire.v1 import control_pb2_grpc
@@ -166,6 +171,7 @@ class FedkubeServer:
         control_pb2_grpc.add_ControlServicer_to_server(self._servicer, self._grpc)
         self.downloads.add_to_server(self._grpc)
         self.grpc_port = 0
+        self.bulk: BulkServer | None = None
         self._status = StatusServer(self.status_json, self.ready, host=config.bind_host, port=config.status_port)
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -174,19 +180,43 @@ class FedkubeServer:
         self._stopped = False
 
     def _check_download_call(self, metadata: Sequence[tuple[str, Any]]) -> tuple[grpc.StatusCode | None, str]:
-        import hmac
-
         md = dict(metadata)
-        site = str(md.get(SITE_METADATA, ""))
+        auth = str(md.get(AUTH_METADATA, ""))
+        given = auth[len("Bearer ") :].encode() if auth.startswith("Bearer ") else b""
+        return self._check_site_token(str(md.get(SITE_METADATA, "")), given, "a Download call")
+
+    def _check_bulk_request(self, site: str, token: str) -> tuple[grpc.StatusCode | None, str]:
+        """The bulk port's ``authorize``: the same check as the gRPC Download service's."""
+        return self._check_site_token(site, token.encode(), "a bulk request")
+
+    def _check_site_token(self, site: str, given: bytes, what: str) -> tuple[grpc.StatusCode | None, str]:
         expected = self.config.tokens.get(site)
         if expected is None:
             return grpc.StatusCode.PERMISSION_DENIED, f"site {site!r} is not a client of job {self.config.job!r}"
-        auth = str(md.get(AUTH_METADATA, ""))
-        given = auth[len("Bearer ") :].encode() if auth.startswith("Bearer ") else b""
+        # Constant time, so the comparison does not leak how much of a guess was right.
         if not hmac.compare_digest(given, expected):
-            log.warning("job %s: refused a Download call from site %r: missing or wrong token", self.config.job, site)
+            log.warning("job %s: refused %s from site %r: missing or wrong token", self.config.job, what, site)
             self.metrics.connection_rejected("BadToken")
             return grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong token for site {site!r}"
+        return None, ""
+
+    def _on_bulk_upload(self, site: str, upload_id: str, sock: socket.socket) -> tuple[grpc.StatusCode | None, str]:
+        """A sidecar answers an UploadRequest on the bulk port: hand the socket to that request's fetcher."""
+        upload = self.broker.find(upload_id)
+        if upload is None:
+            return grpc.StatusCode.NOT_FOUND, (
+                f"upload request {upload_id!r} is not outstanding (finished, cancelled or never sent)"
+            )
+        if upload.site != site:
+            log.warning("job %s: site %r answered upload %s of site %r on the bulk port; refused", self.config.job,
+                        site, upload_id, upload.site)
+            self.metrics.connection_rejected("WrongSite")
+            return grpc.StatusCode.PERMISSION_DENIED, f"upload request {upload_id!r} is not for {site!r}"
+        if not upload.attach_socket(sock):
+            if upload.cancelled.is_set():
+                return grpc.StatusCode.CANCELLED, f"upload {upload_id} was cancelled by the server"
+            return grpc.StatusCode.ALREADY_EXISTS, f"upload request {upload_id!r} already has a stream"
+        log.debug("job %s: upload %s from site %s arrives on the bulk port", self.config.job, upload_id, site)
         return None, ""
 
     @property
@@ -208,13 +238,35 @@ class FedkubeServer:
             raise ConfigError(f"cannot listen on {address} ({envvars.GRPC_PORT}): {exc}") from exc
         if self.grpc_port == 0:
             raise ConfigError(f"cannot listen on {address}; fix: pick a free {envvars.GRPC_PORT}")
+        if self.config.bulk_port is not None:
+            self.bulk = self._start_bulk(self.config.bulk_port)
         self._grpc.start()
         self._status.start()
         self._ready.set()
-        log.info("job %s: server listening on gRPC port %s, status port %s", self.config.job, self.grpc_port,
-                 self.status_port)
+        log.info("job %s: server listening on gRPC port %s, bulk port %s, status port %s", self.config.job,
+                 self.grpc_port, self.bulk.port if self.bulk is not None else "off", self.status_port)
         self._thread = threading.Thread(target=self._run, name="fedkube-workflow", daemon=True)
         self._thread.start()
+
+    def _start_bulk(self, port: int) -> BulkServer:
+        # "[::]" and "" mean every interface, as for gRPC; the bulk listener takes a plain host.
+        host = self.config.bind_host.strip("[]")
+        host = "0.0.0.0" if host in ("", "::") else host
+        try:
+            return BulkServer(
+                self.downloads, host=host, port=port, authorize=self._check_bulk_request,
+                on_upload=self._on_bulk_upload, name=f"job {self.config.job} bulk",
+            ).start()  # fmt: skip
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port} for bulk transfers ({envvars.BULK_PORT}): {exc}; "
+                f"fix: pick a free {envvars.BULK_PORT}, or 0 to move tensors over gRPC only"
+            ) from exc
+
+    @property
+    def bulk_port(self) -> int:
+        """The bound bulk port; 0 when the bulk data plane is off."""
+        return self.bulk.port if self.bulk is not None else 0
 
     def _run(self) -> None:
         try:
@@ -249,6 +301,8 @@ class FedkubeServer:
         self._stopped = True
         self._ready.clear()
         self.sessions.close_all()  # streams drain their queues (the Stop message) and end
+        if self.bulk is not None:
+            self.bulk.stop()
         self._grpc.stop(grace_s).wait(grace_s + 1)
         self._status.stop()
         self.downloads.close()

@@ -88,9 +88,10 @@ class ServerConfig:
     settings: JobSettings
     tokens: Mapping[str, bytes]
     grpc_port: int = envvars.DEFAULT_GRPC_PORT
-    # The plain-TCP bulk data plane for tensor bytes (docs/protocol.md, "Bulk connections");
-    # 0 = off, so tensors travel over gRPC only. The operator sets DEFAULT_BULK_PORT.
-    bulk_port: int = 0
+    # The plain-TCP bulk data plane for tensor bytes (docs/protocol.md, "Bulk connections"):
+    # None = off (tensors travel over gRPC only), 0 = any free port (tests), else that port.
+    # FEDKUBE_BULK_PORT unset or 0 means off; the operator sets DEFAULT_BULK_PORT.
+    bulk_port: int | None = None
     status_port: int = envvars.DEFAULT_STATUS_PORT
     metrics_port: int = 0
     checkpoint_dir: Path | None = None
@@ -239,7 +240,7 @@ def load_config(env: Mapping[str, str] | None = None, *, bind_host: str = "[::]"
         grpc_port=_int_env(env, envvars.GRPC_PORT, envvars.DEFAULT_GRPC_PORT),
         # Unset means off (not DEFAULT_BULK_PORT): a server started by hand or by an older
         # manifest must not grab a second port nobody asked for.
-        bulk_port=_int_env(env, envvars.BULK_PORT, 0),
+        bulk_port=_int_env(env, envvars.BULK_PORT, 0) or None,
         status_port=_int_env(env, envvars.STATUS_PORT, envvars.DEFAULT_STATUS_PORT),
         metrics_port=_int_env(env, envvars.METRICS_PORT, 0),
         checkpoint_dir=Path(ckpt) if ckpt else None,

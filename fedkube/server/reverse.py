@@ -12,28 +12,43 @@ checksum verification as the forward path. :class:`UploadBroker` matches Push
 streams to outstanding requests; between the two sits a bounded queue of a few
 chunks, so a slow aggregator slows the client's push (gRPC flow control) instead
 of growing our memory.
+
+A sidecar with a bulk path answers the same request on a plain TCP connection
+to the server's bulk port instead (``BulkRequest.upload_id``, docs/protocol.md):
+the bulk server hands that socket to the request's :class:`Upload`
+(:meth:`Upload.attach_socket`), and :meth:`ReverseChunkSource.stream_into`
+reads the frames straight into the fetcher's buffer, with no copy in Python
+and no gRPC message in between. Either kind of answer works for any request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
+from fedkube.transfer.bulk import read_fetch_response
 from fedkube.transfer.errors import (
     ChunkTimeoutError,
     ProtocolError,
     SourceUnavailableError,
     StreamBrokenError,
+    TransferAbortedError,
 )
 from fedkube.transfer.refs import TensorRef
+from fedkube.transfer.wire import DEFAULT_CHUNK_BYTES
 from fedkube.wire.v1 import control_pb2
 
 log = logging.getLogger(__name__)
+
+# The receiver name of every result fetch: the server pulls, clients serve.
+SERVER_RECEIVER = "server"
 
 # Sends one ServerMessage to the site's current control stream; False when the
 # site has no live stream.
@@ -54,7 +69,14 @@ class _Failed:
     error: str
 
 
-_Item = tuple[int, bytes] | _End | _Failed
+@dataclass(frozen=True)
+class _Socket:
+    """The sidecar answered on a bulk connection: the fetch answer arrives on this socket."""
+
+    sock: socket.socket
+
+
+_Item = tuple[int, bytes] | _End | _Failed | _Socket
 
 
 class Upload:
@@ -79,6 +101,21 @@ class Upload:
                 return False
             self._attached = True
             return True
+
+    def attach_socket(self, sock: socket.socket) -> bool:
+        """Claim the request for a bulk connection and hand its socket to the fetcher.
+
+        False (the caller keeps the socket) when the request already has a
+        stream or was given up. On True the upload owns the socket: the
+        fetcher reads and closes it, or :meth:`cancel` closes it.
+        """
+        with self._lock:
+            if self._attached or self.cancelled.is_set():
+                return False
+            self._attached = True
+            # Never blocks: nothing was queued before the request was attached.
+            self._queue.put_nowait(_Socket(sock))
+        return True
 
     def put(self, item: _Item, *, poll_s: float = 0.1) -> bool:
         """Hand an item to the fetcher, blocking while its window is full; False once cancelled."""
@@ -113,10 +150,12 @@ class Upload:
 
     def cancel(self) -> None:
         self.cancelled.set()
-        # Free a Push handler blocked on a full window right away.
+        # Free a Push handler blocked on a full window right away; close a bulk socket nobody took.
         try:
             while True:
-                self._queue.get_nowait()
+                item = self._queue.get_nowait()
+                if isinstance(item, _Socket):
+                    _close(item.sock)
         except queue.Empty:
             pass
 
@@ -172,20 +211,80 @@ class ReverseChunkSource:
         *,
         chunk_timeout_s: float,
         window_chunks: int = 4,
+        max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
+        """``max_chunk_bytes`` bounds the Push chunks that :meth:`stream_into` asks for (``stream`` is told)."""
         self.site = site
         self._broker = broker
         self._send = send
         self._chunk_timeout_s = chunk_timeout_s
         self._window = window_chunks
+        self._max_chunk_bytes = max_chunk_bytes
+        # Bytes that reached a buffer, by how they came (for logs and tests; one fetcher thread writes them).
+        self.bulk_bytes = 0
+        self.pushed_bytes = 0
 
     def stream(self, ref: TensorRef, offset: int, max_chunk_bytes: int) -> ReverseStream:
         """Ask the site for ``ref``'s bytes from ``offset``; iterate the result for the chunks as they arrive."""
         upload = self._broker.open(self.site, ref, self._window)
         return ReverseStream(upload, self._chunks(upload, ref, offset, max_chunk_bytes))
 
+    def stream_into(self, ref: TensorRef, offset: int, buf: memoryview) -> ReverseIntoStream:
+        """Like :meth:`stream`, but the bytes land in ``buf`` (the whole tensor's buffer) from ``offset`` on.
+
+        Yields the byte count of each piece written. A bulk answer is read
+        from its socket straight into ``buf``; a Push stream's chunks are
+        copied in (the one copy the gRPC path needs anyway).
+        """
+        upload = self._broker.open(self.site, ref, self._window)
+        stream = ReverseIntoStream(upload)
+        stream.attach(self._into(upload, stream, ref, offset, buf))
+        return stream
+
+    def _into(
+        self, upload: Upload, stream: ReverseIntoStream, ref: TensorRef, offset: int, buf: memoryview
+    ) -> Iterator[int]:
+        expected = offset
+        exchange = self._exchange(upload, ref, offset, self._max_chunk_bytes, lambda: expected)
+        with contextlib.closing(exchange) as items:
+            for item in items:
+                if isinstance(item, _Socket):
+                    stream.sock = item.sock
+                    log.debug("upload %s: site %s answers on a bulk connection", upload.request_id, self.site)
+                    for n in read_fetch_response(
+                        item.sock, ref, expected, buf, chunk_timeout_s=self._chunk_timeout_s,
+                        receiver=SERVER_RECEIVER, cancelled=upload.cancelled.is_set,
+                    ):  # fmt: skip
+                        self.bulk_bytes += n
+                        yield n
+                    return
+                chunk_offset, data = item
+                n = len(data)
+                buf[chunk_offset : chunk_offset + n] = data
+                expected += n
+                self.pushed_bytes += n
+                yield n
+
     def _chunks(self, upload: Upload, ref: TensorRef, offset: int, max_chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
-        ids = {"transaction_id": ref.transaction_id, "ref_id": ref.ref_id, "receiver": "server"}
+        expected = offset
+        with contextlib.closing(self._exchange(upload, ref, offset, max_chunk_bytes, lambda: expected)) as items:
+            for item in items:
+                if isinstance(item, _Socket):
+                    _close(item.sock)
+                    # stream() has no buffer to read a bulk answer into; the fetcher uses stream_into.
+                    raise ProtocolError(
+                        f"site {self.site!r} answered upload {upload.request_id} on a bulk connection, which only "
+                        "stream_into can read",
+                        transaction_id=ref.transaction_id, ref_id=ref.ref_id, receiver=SERVER_RECEIVER,
+                    )  # fmt: skip
+                expected += len(item[1])
+                yield item
+
+    def _exchange(
+        self, upload: Upload, ref: TensorRef, offset: int, max_chunk_bytes: int, position: Callable[[], int]
+    ) -> Generator[tuple[int, bytes] | _Socket, None, None]:
+        """Send the UploadRequest; yield checked Push chunks, or the bulk socket that answers instead."""
+        ids = {"transaction_id": ref.transaction_id, "ref_id": ref.ref_id, "receiver": SERVER_RECEIVER}
         finished = False
         try:
             request = control_pb2.ServerMessage(
@@ -200,8 +299,8 @@ class ReverseChunkSource:
                 raise SourceUnavailableError(f"site {self.site!r} has no live control stream to ask for bytes", **ids)
             log.debug("upload %s: asked site %s for ref %s from offset %s", upload.request_id, self.site,
                       ref.ref_id, offset)
-            expected = offset
-            while expected < ref.nbytes:
+            while position() < ref.nbytes:
+                expected = position()
                 item = upload.get(self._chunk_timeout_s)
                 if item is None:
                     raise ChunkTimeoutError(
@@ -210,6 +309,8 @@ class ReverseChunkSource:
                         **ids,
                     )
                 if isinstance(item, _End):
+                    if upload.cancelled.is_set():
+                        raise TransferAbortedError(f"upload {upload.request_id} cancelled by the server", **ids)
                     raise StreamBrokenError(
                         f"push stream from site {self.site!r} ended at offset {expected} of {ref.nbytes}: "
                         f"{item.reason}",
@@ -218,6 +319,12 @@ class ReverseChunkSource:
                 if isinstance(item, _Failed):
                     # The sidecar may be restarting its trainer link; let the fetcher's bounded retries decide.
                     raise SourceUnavailableError(f"site {self.site!r} cannot serve the upload: {item.error}", **ids)
+                if isinstance(item, _Socket):
+                    # From here the bulk connection carries the answer and its reader reports any failure;
+                    # the sidecar sees the socket close, so no CancelUpload is needed.
+                    finished = True
+                    yield item
+                    return
                 chunk_offset, data = item
                 if chunk_offset != expected or not data or len(data) > max_chunk_bytes:
                     raise ProtocolError(
@@ -227,7 +334,6 @@ class ReverseChunkSource:
                     )
                 if chunk_offset + len(data) > ref.nbytes:
                     raise ProtocolError(f"site {self.site!r} pushed bytes past the tensor's end ({ref.nbytes})", **ids)
-                expected += len(data)
                 yield chunk_offset, data
             finished = True
         finally:
@@ -269,6 +375,46 @@ class ReverseStream:
             close()
 
 
+class ReverseIntoStream:
+    """The pieces of one upload written into the fetcher's buffer; ``cancel()`` works from any thread."""
+
+    def __init__(self, upload: Upload) -> None:
+        self._upload = upload
+        self._pieces: Iterator[int] = iter(())
+        self.sock: socket.socket | None = None  # set once the sidecar answered on a bulk connection
+
+    def attach(self, pieces: Iterator[int]) -> None:
+        self._pieces = pieces
+
+    def __iter__(self) -> ReverseIntoStream:
+        return self
+
+    def __next__(self) -> int:
+        return next(self._pieces)
+
+    def cancel(self) -> None:
+        self._upload.cancelled.set()
+        self._upload.end("cancelled by the server")
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # wakes the reader blocked in recv_into
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+        _close(self.sock)
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
 def push_error(upload: Upload, error: str) -> None:
     """The Push stream's first message said the sidecar cannot serve the request."""
     upload.put(_Failed(error or "no reason given"))
@@ -285,7 +431,9 @@ def push_end(upload: Upload, reason: str) -> None:
 
 
 __all__ = [
+    "SERVER_RECEIVER",
     "ReverseChunkSource",
+    "ReverseIntoStream",
     "Upload",
     "UploadBroker",
     "push_chunk",

@@ -954,9 +954,10 @@ class RoundWorkflow:
     def _download(self, rnd: _Round, dl: _Download, refs: list[TensorRef]) -> None:
         """Pull one client's result tensor by tensor into the aggregator, then post the outcome."""
         source = ReverseChunkSource(
-            dl.site, self._broker, self._sessions.send, chunk_timeout_s=self.settings.transfer.chunk_timeout_s
-        )
-        fetcher = Fetcher(source, self._fetch, abort=dl.abort)
+            dl.site, self._broker, self._sessions.send, chunk_timeout_s=self.settings.transfer.chunk_timeout_s,
+            max_chunk_bytes=self._fetch.max_chunk_bytes,
+        )  # fmt: skip
+        fetcher = Fetcher(source, self._fetch, abort=dl.abort, on_retry=self._count_retry)
         ok, reason, message = False, "", ""
         base = 0
         weight = float(max(dl.num_examples, 1))
@@ -984,6 +985,9 @@ class RoundWorkflow:
                 del array, data  # one tensor in flight per download, never a whole result
                 base += ref.nbytes
             ok = True
+            log.info("job %s round %s: pulled %d bytes from %s in %.2f s (%d on the bulk port, %d pushed over gRPC)",
+                     self.settings.job, rnd.number, base, dl.site, self._clock() - dl.started, source.bulk_bytes,
+                     source.pushed_bytes)
         except TransferAbortedError as exc:
             reason, message = Reason.ABORTED.value, str(exc)
         except TransferError as exc:
@@ -996,6 +1000,10 @@ class RoundWorkflow:
             log.exception("job %s round %s: the download from %s failed", self.settings.job, rnd.number, dl.site)
             reason, message = Reason.TRANSFER_FAILED.value, f"{type(exc).__name__}: {exc}"
         self._post(self._on_download_finished, rnd, dl, ok, reason, message)
+
+    def _count_retry(self, err: TransferError) -> None:
+        """A result fetch is tried again (runs on the download's thread; only counts)."""
+        self.telemetry.download_retry(type(err).__name__)
 
     def _on_transfer_event(self, event: TransferEvent) -> None:
         """A receiver finished fetching the global model (runs on the download service's executor)."""

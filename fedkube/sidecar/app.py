@@ -2,7 +2,11 @@
 
 It holds the site's identity and its one control stream to the server, and
 gives the trainer a local endpoint (``TrainerLink`` + a relaying ``Download``)
-on 127.0.0.1. See docs/protocol.md for the message sequences.
+on 127.0.0.1. With ``FEDKUBE_SERVER_BULK_ADDRESS`` set it also runs a bulk
+relay on 127.0.0.1 (named to the trainer in ``HelloResponse.bulk_address``)
+and answers the server's upload requests on the server's bulk port when the
+trainer serves its results on one. See docs/protocol.md for the message
+sequences.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from fedkube.metrics import MetricsServer, SidecarMetrics, new_registry, serve_m
 from fedkube.metrics.sidecar import TRAINER_STATES
 from fedkube.sidecar.config import SidecarConfig
 from fedkube.sidecar.local import TrainerLinkServicer
-from fedkube.sidecar.meter import RelayMeter, metered_relay
+from fedkube.sidecar.meter import RelayMeter, metered_bulk_relay, metered_relay
 from fedkube.sidecar.reverse import SERVER_RECEIVER, Pusher
 from fedkube.sidecar.state import TaskBook, TrainerSnapshot, TrainerTracker
 from fedkube.sidecar.upstream import RegistrationRejected, Upstream, server_channel
 from fedkube.transfer.allocator import tune_allocator
+from fedkube.transfer.bulk import BulkRelay
 from fedkube.transfer.wire import relay_channel_options, server_options
 from fedkube.wire.v1 import control_pb2, tensor_pb2, tensor_pb2_grpc, trainer_pb2_grpc
 
@@ -62,7 +67,9 @@ class Sidecar:
         self.metrics_server: MetricsServer | None = None
         self._lock = threading.Lock()
         self._trainer_address = ""
+        self._trainer_bulk = ""  # the trainer's own bulk server ("" when it has none)
         self._trainer_channel: grpc.Channel | None = None
+        self.bulk_relay: BulkRelay | None = None  # started by start() when the server has a bulk port
         # Calls into the trainer on behalf of upstream messages run here, never on the stream's reader thread.
         self._callouts = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"sidecar-{config.site}")
         self._raw_channel, self._channel = server_channel(config.server_address, config.site, config.token)
@@ -88,6 +95,9 @@ class Sidecar:
             relayed=self.tasks.relayed,
             window_chunks=config.relay_window_chunks,
             meter=self.meter,
+            bulk_address=config.server_bulk_address,
+            token=config.token,
+            trainer_bulk=self._get_trainer_bulk,
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"trainer-link-{config.site}"),
@@ -103,6 +113,7 @@ class Sidecar:
             on_result=self._on_result,
             on_metric=self._on_metric,
             closing=self._closing,
+            bulk_address=lambda: self.bulk_relay.address if self.bulk_relay is not None else "",
         )
         trainer_pb2_grpc.add_TrainerLinkServicer_to_server(self.link, self._server)
         metered_relay(self._channel, window_chunks=config.relay_window_chunks, meter=self.meter,
@@ -119,11 +130,21 @@ class Sidecar:
         if not self.port:
             raise ConfigError(f"cannot listen on 127.0.0.1:{self.config.trainer_port} for the trainer (port in use?); "
                               f"fix: choose a free {envvars.TRAINER_PORT}")
+        if self.config.server_bulk_address:
+            try:
+                self.bulk_relay = metered_bulk_relay(
+                    self.config.server_bulk_address, site=self.config.site, token=self.config.token,
+                    meter=self.meter, direction="to_trainer",
+                ).start()  # fmt: skip
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on 127.0.0.1 for the trainer's bulk fetches: {exc}") from exc
         if self.config.metrics_port:
             self.metrics_server, _ = serve_metrics(self.registry, self.config.metrics_port)
         self._server.start()
-        log.info("site %s: sidecar for job %s listening for its trainer on 127.0.0.1:%d; server is %s",
-                 self.config.site, self.config.job, self.port, self.config.server_address)
+        log.info("site %s: sidecar for job %s listening for its trainer on 127.0.0.1:%d (bulk relay %s); server is "
+                 "%s (bulk %s)", self.config.site, self.config.job, self.port,
+                 self.bulk_relay.address if self.bulk_relay is not None else "off", self.config.server_address,
+                 self.config.server_bulk_address or "off")
         self.upstream.start()
         threading.Thread(target=self._watch_upstream, name="sidecar-watch", daemon=True).start()
         return self.port
@@ -145,6 +166,8 @@ class Sidecar:
         self._closing.set()
         self.upstream.close(timeout=grace)
         self.pusher.shutdown()
+        if self.bulk_relay is not None:
+            self.bulk_relay.stop()
         self._server.stop(grace).wait(grace + 1)
         self._callouts.shutdown(wait=False, cancel_futures=True)
         with self._lock:
@@ -233,13 +256,20 @@ class Sidecar:
         self.request_exit(EXIT_OK)
 
     # --- trainer -> sidecar -------------------------------------------------------
-    def _on_hello(self, address: str) -> None:
+    def _on_hello(self, address: str, bulk_address: str) -> None:
         with self._lock:
             old = self._trainer_channel
             self._trainer_address = address
+            self._trainer_bulk = bulk_address
             self._trainer_channel = grpc.insecure_channel(address, options=relay_channel_options())
         if old is not None:
             old.close()
+
+    def _get_trainer_bulk(self) -> str:
+        with self._lock:
+            if self.trainer.state.final:
+                return ""
+            return self._trainer_bulk
 
     def _get_trainer_channel(self) -> grpc.Channel | None:
         with self._lock:

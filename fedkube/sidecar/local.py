@@ -35,26 +35,32 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
         site: str,
         tasks: TaskBook,
         trainer: TrainerTracker,
-        on_hello: Callable[[str], None],
+        on_hello: Callable[[str, str], None],
         on_state: Callable[[TrainerSnapshot], None],
         on_result: Callable[[control_pb2.ResultAnnouncement], None],
         on_metric: Callable[[control_pb2.MetricReport], None],
         closing: threading.Event,
+        bulk_address: Callable[[], str] = lambda: "",
     ) -> None:
+        """``on_hello(download_address, bulk_address)`` gets the trainer's endpoints; ``bulk_address()`` is
+        the sidecar's bulk relay, told to the trainer in ``HelloResponse`` ("" when there is none)."""
         self._job, self._site = job, site
         self._tasks, self._trainer = tasks, trainer
         self._on_hello, self._on_state = on_hello, on_state
         self._on_result, self._on_metric = on_result, on_metric
         self._closing = closing
+        self._bulk_address = bulk_address
 
     def Hello(self, request: trainer_pb2.HelloRequest, context: Any) -> trainer_pb2.HelloResponse:
         if not request.download_address:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "Hello.download_address is empty; the trainer SDK must start its Download service first")
-        log.info("site %s: trainer (pid %d) says hello; its results are served at %s",
-                 self._site, request.pid, request.download_address)
-        self._on_hello(request.download_address)
-        return trainer_pb2.HelloResponse(job=self._job, site=self._site)
+        relay = self._bulk_address()
+        log.info("site %s: trainer (pid %d) says hello; its results are served at %s (bulk %s); global model "
+                 "over %s", self._site, request.pid, request.download_address, request.bulk_address or "none",
+                 f"the bulk relay at {relay}" if relay else "gRPC")
+        self._on_hello(request.download_address, request.bulk_address)
+        return trainer_pb2.HelloResponse(job=self._job, site=self._site, bulk_address=relay)
 
     def Session(
         self, request: trainer_pb2.SessionRequest, context: Any

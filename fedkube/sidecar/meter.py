@@ -5,6 +5,9 @@ in that window is what the sidecar holds in memory for transfers. Each relayed
 stream gets a :class:`StreamMeter`: ``read`` when a chunk enters the window,
 ``sent`` when it left downstream, ``close`` when the stream ends (chunks still
 queued by a cancelled stream are dropped, so they stop counting as held).
+
+The bulk paths pump bytes through one fixed buffer per connection instead of a
+window of chunks; they report those buffers with :meth:`RelayMeter.fixed`.
 """
 
 from __future__ import annotations
@@ -28,12 +31,27 @@ class RelayMeter:
         self._on_buffer = on_buffer
         self._lock = threading.Lock()
         self._held = 0
+        self._fixed: dict[str, int] = {}
 
     @property
     def held(self) -> int:
-        """Bytes read from upstream and not yet sent downstream, over all live streams."""
+        """Bytes read from upstream and not yet sent downstream, plus the fixed buffers in use."""
         with self._lock:
             return self._held
+
+    def fixed(self, holder: str, nbytes: int) -> None:
+        """``holder`` (a bulk relay, one bulk push) now holds ``nbytes`` of buffers; 0 when it let go."""
+        with self._lock:
+            delta = nbytes - self._fixed.pop(holder, 0)
+            if nbytes:
+                self._fixed[holder] = nbytes
+            if delta:
+                self._held += delta
+                self._on_buffer(self._held)
+
+    def relayed(self, direction: str, nbytes: int) -> None:
+        """``nbytes`` went downstream in ``direction`` outside any :class:`StreamMeter` (the bulk paths)."""
+        self._on_relayed(direction, nbytes)
 
     def stream(self, direction: str) -> StreamMeter:
         """A meter for one relayed stream going ``direction``."""
@@ -142,3 +160,32 @@ def metered_relay(upstream: Any, *, window_chunks: int, meter: RelayMeter, direc
                 stream.close()
 
     return _Metered()
+
+
+def metered_bulk_relay(
+    upstream_address: str, *, site: str, token: str, meter: RelayMeter, direction: str, **options: Any
+) -> Any:
+    """A :class:`fedkube.transfer.bulk.BulkRelay` whose bytes and buffers are counted by ``meter``.
+
+    Every pumped piece counts as relayed in ``direction`` (the server's answer
+    as it is, framing included, like :func:`metered_relay`); the relay's
+    ``buffer_bytes_in_use`` is reported after each piece and after each
+    connection ends, so the gauge drops back when a transfer is over.
+    """
+    from fedkube.transfer.bulk import BulkRelay
+
+    holder = f"bulk relay {direction}"
+
+    class _Metered(BulkRelay):
+        def handle(self, conn: Any) -> bool:
+            try:
+                return bool(super().handle(conn))
+            finally:
+                meter.fixed(holder, self.buffer_bytes_in_use)
+
+    def on_bytes(nbytes: int) -> None:
+        meter.relayed(direction, nbytes)
+        meter.fixed(holder, relay.buffer_bytes_in_use)
+
+    relay = _Metered(upstream_address, site=site, token=token, on_bytes=on_bytes, **options)
+    return relay

@@ -4,12 +4,20 @@ The server cannot dial the client, so it asks for bytes down the control
 stream; for each request the sidecar opens a ``Control.Push`` stream (dialed
 from here) and relays the chunks it fetches from the trainer as they flow,
 through a bounded window so the sidecar never holds more than a few chunks.
+
+With a bulk path (the server has a bulk port and the trainer serves its
+results on one) the sidecar answers on a plain TCP connection instead
+(:func:`fedkube.transfer.bulk.push_upload`): it dials the server's bulk port
+with the request's id and pumps the trainer's bulk answer up unchanged through
+one fixed buffer. When the server's bulk port cannot be reached it pushes that
+request over gRPC and tries bulk again after ``BULK_RETRY_S``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,6 +25,8 @@ from typing import Any
 import grpc
 
 from fedkube.sidecar.meter import Counted, RelayMeter, StreamMeter
+from fedkube.transfer.bulk import PUMP_BUFFER_BYTES, push_upload
+from fedkube.transfer.errors import StreamBrokenError, TransferAbortedError, TransferError
 from fedkube.transfer.fetch import GrpcChunkSource
 from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.relay import relay_chunks
@@ -30,6 +40,8 @@ SERVER_RECEIVER = "server"
 PUSH_METHOD = "/fedkube.v1.Control/Push"
 # Trainer and sidecar share a pod: a chunk that takes this long means the trainer is stuck.
 TRAINER_CHUNK_TIMEOUT_S = 60.0
+# After the server's bulk port could not be reached, results go over gRPC this long before bulk is tried again.
+BULK_RETRY_S = 30.0
 
 
 def encode_pushed_chunk(request_id: str, offset: int, data: bytes | memoryview = b"", error: str = "") -> bytes:
@@ -84,6 +96,9 @@ class Pusher:
     or None when no trainer is attached; ``relayed(ref, end)`` is told each
     byte range that went up (it drives the trainer's ``WatchResult`` progress);
     ``meter`` (optional) counts the bytes relayed and held in the window.
+    ``bulk_address`` is the server's bulk port (empty: gRPC only) and
+    ``trainer_bulk`` returns the trainer's bulk address ("" when it has none);
+    ``token`` is the site's token, sent on each bulk connection.
     """
 
     def __init__(
@@ -96,6 +111,10 @@ class Pusher:
         window_chunks: int = 4,
         max_workers: int = 8,
         meter: RelayMeter | None = None,
+        bulk_address: str = "",
+        token: str = "",
+        trainer_bulk: Callable[[], str] = lambda: "",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._push_call = server.stream_unary(
             PUSH_METHOD, request_serializer=_identity, response_deserializer=control_pb2.PushAck.FromString
@@ -108,6 +127,11 @@ class Pusher:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"push-{site}")
         self._lock = threading.Lock()
         self._uploads: dict[str, _Upload] = {}
+        self._bulk_address = bulk_address
+        self._token = token
+        self._trainer_bulk = trainer_bulk
+        self._clock = clock
+        self._bulk_down_until = 0.0  # while the clock is below it, results go over gRPC
 
     def request(self, req: control_pb2.UploadRequest) -> None:
         """Start serving ``req`` (returns at once; the push runs on the pusher's own pool)."""
@@ -115,9 +139,14 @@ class Pusher:
         with self._lock:
             old = self._uploads.get(req.request_id)
             self._uploads[req.request_id] = up
+            bulk_ok = self._clock() >= self._bulk_down_until
         if old is not None:
             old.cancel()
-        self._pool.submit(self._push, req, up)
+        source = self._trainer_bulk() if self._bulk_address and bulk_ok else ""
+        if source:
+            self._pool.submit(self._push_bulk, req, up, source)
+        else:
+            self._pool.submit(self._push, req, up)
 
     def cancel(self, request_id: str) -> None:
         """The server no longer wants ``request_id`` (CancelUpload)."""
@@ -185,6 +214,62 @@ class Pusher:
         if first and not up.abort.is_set():
             # A zero-length tensor: the stream must still name its request.
             yield encode_pushed_chunk(req.request_id, req.offset)
+
+    def _push_bulk(self, req: control_pb2.UploadRequest, up: _Upload, source: str) -> None:
+        """Answer ``req`` on the server's bulk port with the trainer's bulk answer; gRPC if that port is down."""
+        ref = req.ref
+        fetch = tensor_pb2.FetchRequest(
+            transaction_id=ref.transaction_id, ref_id=ref.ref_id, receiver=SERVER_RECEIVER, offset=req.offset,
+            max_chunk_bytes=req.max_chunk_bytes,
+        )  # fmt: skip
+        moved = 0
+        holder = f"bulk push {req.request_id}"
+
+        def on_bytes(nbytes: int) -> None:
+            nonlocal moved
+            moved += nbytes
+            if self._meter is not None:
+                self._meter.relayed("to_server", nbytes)
+            # What went up includes a few bytes of framing: progress for the trainer's idle timer, capped.
+            self._relayed(ref, min(int(req.offset) + moved, int(ref.nbytes)))
+
+        if self._meter is not None:
+            self._meter.fixed(holder, PUMP_BUFFER_BYTES)
+        fallback = False
+        try:
+            push_upload(
+                self._bulk_address, site=self._site, token=self._token, upload_id=req.request_id,
+                source_address=source, fetch=fetch, chunk_timeout_s=TRAINER_CHUNK_TIMEOUT_S, abort=up.abort,
+                on_bytes=on_bytes,
+            )  # fmt: skip
+        except TransferAbortedError:
+            pass
+        except TransferError as exc:
+            if up.abort.is_set():
+                pass
+            elif moved == 0 and isinstance(exc, StreamBrokenError):
+                # Nothing reached the server: the same request can still be answered over gRPC.
+                with self._lock:
+                    self._bulk_down_until = self._clock() + BULK_RETRY_S
+                log.warning("site %s: cannot push upload %s on the server's bulk port %s (%s); pushing it over "
+                            "gRPC instead and trying bulk again in %.0f s", self._site, req.request_id,
+                            self._bulk_address, exc, BULK_RETRY_S)
+                fallback = True
+            else:
+                log.warning("site %s: bulk push for upload %s ended after %d bytes: %s", self._site, req.request_id,
+                            moved, exc)
+        except Exception:  # a bug must not vanish on the pool's thread; the server's fetcher retries
+            log.exception("site %s: bulk push for upload %s failed", self._site, req.request_id)
+        finally:
+            if self._meter is not None:
+                self._meter.fixed(holder, 0)
+        if fallback:
+            self._push(req, up)
+            return
+        up.cancel()
+        with self._lock:
+            if self._uploads.get(req.request_id) is up:
+                del self._uploads[req.request_id]
 
     def _push(self, req: control_pb2.UploadRequest, up: _Upload) -> None:
         try:

@@ -1,10 +1,17 @@
 """The trainer's connection to its sidecar: the machinery behind ``fedkube.trainer_sdk``.
 
 One ``Session`` per process. It serves the trainer's own ``Download`` service
-(results are pulled from it, zero-copy from the user's arrays), holds the
-``TrainerLink`` channel and a ``Session`` stream to the sidecar (so the
-sidecar learns at once if this process dies), and reports the trainer's
-outcome: finished at exit, or failed with a kind from ``sys.excepthook``.
+(results are pulled from it, zero-copy from the user's arrays) over gRPC and
+over the bulk protocol, holds the ``TrainerLink`` channel and a ``Session``
+stream to the sidecar (so the sidecar learns at once if this process dies),
+and reports the trainer's outcome: finished at exit, or failed with a kind
+from ``sys.excepthook``.
+
+The global model is fetched through the sidecar's bulk relay when the sidecar
+names one in ``HelloResponse.bulk_address`` (frames land straight in the
+arrays handed to the user), else through its gRPC ``Download`` relay. If the
+bulk path fails (say the server's bulk port is unreachable) the session logs
+it once and fetches over gRPC from then on.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
@@ -42,6 +49,13 @@ from fedkube.trainer_sdk.errors import (
 )
 from fedkube.trainer_sdk.model import FLModel, params_to_numpy
 from fedkube.transfer.allocator import release_free_memory
+from fedkube.transfer.bulk import BulkChunkSource, BulkServer
+from fedkube.transfer.errors import (
+    ChecksumMismatchError,
+    InvalidRefError,
+    TransferAbortedError,
+    TransferError,
+)
 from fedkube.transfer.fetch import Fetcher, FetchSettings, GrpcChunkSource
 from fedkube.transfer.refs import TensorRef, numpy_dtype
 from fedkube.transfer.service import DownloadService, serve
@@ -56,6 +70,9 @@ INIT_TASK = "init"
 RESULT_IDLE_TIMEOUT_KEY = "fedkube.result_idle_timeout_s"
 RESULT_START_TIMEOUT_KEY = "fedkube.result_start_timeout_s"
 RESULT_TTL_KEY = "fedkube.result_ttl_s"
+# Attempts on the bulk path before the session falls back to gRPC: a relay that cannot reach the
+# server answers at once, so a few quick tries tell a dead bulk port from a passing break.
+BULK_MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,11 @@ class Session:
         self.service = DownloadService(site)
         self._download_server, port = serve(self.service, "127.0.0.1:0", max_workers=8)
         self.download_address = f"127.0.0.1:{port}"
+        # The same results over the bulk protocol, for a sidecar that pushes them to the server's bulk
+        # port; pod-local like the gRPC one, so no token (the trainer holds none).
+        self._bulk_server = BulkServer(self.service, host="127.0.0.1", port=0, name=f"site {site} results").start()
+        self.bulk_address = self._bulk_server.address
+        self.bulk_fetcher: Fetcher | None = None  # set by connect() when the sidecar has a bulk relay
         # A fixed per-stream read-ahead instead of gRPC's BDP-grown window: the bytes
         # in flight would otherwise pile up here on top of the model (LESSONS.md 8).
         self.channel = grpc.insecure_channel(sidecar_address, options=relay_channel_options())
@@ -137,7 +159,9 @@ class Session:
         """Say hello to the sidecar and open the session stream; raises SidecarUnreachableError."""
         try:
             hello = self.link.Hello(
-                trainer_pb2.HelloRequest(download_address=self.download_address, pid=os.getpid()),
+                trainer_pb2.HelloRequest(
+                    download_address=self.download_address, pid=os.getpid(), bulk_address=self.bulk_address
+                ),
                 timeout=self.settings.connect_timeout_s,
                 wait_for_ready=True,
             )
@@ -153,10 +177,17 @@ class Session:
                         self.job, envvars.SITE, self.site, hello.site)
             self.site = hello.site
         self.job = hello.job or self.job
+        if hello.bulk_address:
+            fs = self.settings.fetch
+            self.bulk_fetcher = Fetcher(
+                BulkChunkSource(hello.bulk_address, self.site, chunk_timeout_s=fs.chunk_timeout_s),
+                replace(fs, max_attempts=min(fs.max_attempts, BULK_MAX_ATTEMPTS)),
+            )
         self._session_call = self.link.Session(trainer_pb2.SessionRequest(pid=os.getpid()))
         threading.Thread(target=self._hold_session, name="fedkube-session", daemon=True).start()
-        log.info("job %s site %s: connected to sidecar %s; results served at %s",
-                 self.job, self.site, self.address, self.download_address)
+        log.info("job %s site %s: connected to sidecar %s; global model over %s; results served at %s and %s (bulk)",
+                 self.job, self.site, self.address, f"bulk via {hello.bulk_address}" if hello.bulk_address else "gRPC",
+                 self.download_address, self.bulk_address)
 
     def _hold_session(self) -> None:
         try:
@@ -234,20 +265,48 @@ class Session:
         by_tx: dict[str, list[TensorRef]] = {}
         for ref in task.refs:
             by_tx.setdefault(ref.transaction_id, []).append(ref)
-        source = self.fetcher.source
         for tid, refs in by_tx.items():
             try:
                 for ref in refs:
                     arr = np.empty(ref.shape, dtype=numpy_dtype(ref.dtype))
-                    out[ref.name] = self.fetcher.fetch_array(ref, arr)
+                    out[ref.name] = self._fetch_one(task, self.bulk_fetcher or self.fetcher, ref, arr)
             except BaseException as exc:
                 try:
-                    source.complete(tid, False, str(exc))
+                    (self.bulk_fetcher or self.fetcher).source.complete(tid, False, str(exc))
                 except Exception:
                     log.info("transaction %s: could not report the failed fetch", tid)
                 raise
-            source.complete(tid, True)
+            self._complete(self.bulk_fetcher or self.fetcher, tid)
         return out
+
+    def _fetch_one(self, task: _Task, fetcher: Fetcher, ref: TensorRef, arr: np.ndarray) -> np.ndarray:
+        if fetcher is self.fetcher:
+            return fetcher.fetch_array(ref, arr)
+        try:
+            return fetcher.fetch_array(ref, arr)
+        except (TransferAbortedError, ChecksumMismatchError, InvalidRefError):
+            raise  # the same on either path
+        except TransferError as exc:
+            self._bulk_failed(task, exc)
+            return self.fetcher.fetch_array(ref, arr)
+
+    def _complete(self, fetcher: Fetcher, tid: str) -> None:
+        if fetcher is self.fetcher:
+            self.fetcher.source.complete(tid, True)
+            return
+        try:
+            fetcher.source.complete(tid, True)
+        except TransferError as exc:
+            # The server releases the transaction at its TTL anyway; gRPC can still tell it now.
+            log.info("job %s site %s: transaction %s: completion over bulk failed (%s); reporting it over gRPC",
+                     self.job, self.site, tid, exc)
+            self.fetcher.source.complete(tid, True)
+
+    def _bulk_failed(self, task: _Task, exc: TransferError) -> None:
+        """The bulk path failed: fetch over gRPC from now on (the transfer is the same, only slower)."""
+        log.warning("job %s site %s round %d: fetching the global model over the bulk relay failed (%s); "
+                    "fetching over gRPC from now on", self.job, self.site, task.round, exc)
+        self.bulk_fetcher = None
 
     # --- results -------------------------------------------------------------------
     def send(self, model: FLModel) -> bool:
@@ -439,6 +498,7 @@ class Session:
         if self._session_call is not None:
             self._session_call.cancel()
         self._download_server.stop(0.5)
+        self._bulk_server.stop()
         self.service.close()
         self.channel.close()
 

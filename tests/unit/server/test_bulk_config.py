@@ -34,8 +34,8 @@ def _env(tmp_path: Path, **over: str) -> dict[str, str]:
 
 
 def test_bulk_port_is_off_unless_set(tmp_path: Path) -> None:
-    assert load_config(_env(tmp_path)).bulk_port == 0
-    assert load_config(_env(tmp_path, **{envvars.BULK_PORT: "0"})).bulk_port == 0
+    assert load_config(_env(tmp_path)).bulk_port is None
+    assert load_config(_env(tmp_path, **{envvars.BULK_PORT: "0"})).bulk_port is None
     assert load_config(_env(tmp_path, **{envvars.BULK_PORT: " 8471 "})).bulk_port == 8471
 
 

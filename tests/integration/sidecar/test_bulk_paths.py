@@ -1,0 +1,182 @@
+"""The whole data plane in one process: real server, real sidecar, real trainer session, bulk on, off or broken.
+
+Over real sockets on localhost: the trainer fetches the global model through the
+sidecar's bulk relay and the server pulls results on its bulk port; with no bulk
+address everything goes over gRPC; with a dead bulk port the sidecar and the SDK
+say so once, without a stack trace, and fall back to gRPC so the job succeeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from fedkube.server.app import FedkubeServer
+from fedkube.server.config import TransferSettings
+from fedkube.sidecar.app import Sidecar
+from fedkube.sidecar.config import SidecarConfig
+from fedkube.trainer_sdk import FLModel
+from fedkube.trainer_sdk._session import Session
+from tests.integration.server.conftest import JOB, make_config, token_of
+from tests.integration.sidecar.conftest import SETTINGS
+
+pytestmark = pytest.mark.timeout(60)
+
+SITE = "site-a"
+ROUNDS = 2
+
+
+def _model() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {
+        "w": rng.standard_normal((300, 257)).astype(np.float32),  # several frames and chunks
+        "b16": rng.standard_normal(1000).astype(ml_dtypes.bfloat16),
+        "step": np.array([7], dtype=np.int64),
+    }
+
+
+def _dead_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
+
+
+class Stack:
+    """Server, sidecar and a trainer loop (in a thread) of one site; closed by the fixture."""
+
+    def __init__(self) -> None:
+        self.server: FedkubeServer | None = None
+        self.sidecar: Sidecar | None = None
+        self.session: Session | None = None
+        self.received: list[dict[str, np.ndarray]] = []
+        self.errors: list[BaseException] = []
+        self.thread: threading.Thread | None = None
+
+    def start(self, bulk: str) -> Stack:
+        config = make_config(
+            (SITE,), rounds=ROUNDS,
+            transfer=TransferSettings(chunk_bytes=64 * 1024, chunk_timeout_s=5.0, idle_timeout_s=10.0, max_attempts=3),
+        )  # fmt: skip
+        self.server = FedkubeServer(dataclasses.replace(config, bulk_port=0), model_loader=_model)
+        self.server.start()
+        address = {"on": f"127.0.0.1:{self.server.bulk_port}", "off": "", "dead": _dead_address()}[bulk]
+        self.sidecar = Sidecar(SidecarConfig(
+            job=JOB, site=SITE, server_address=f"127.0.0.1:{self.server.grpc_port}", token=token_of(SITE),
+            trainer_port=0, backoff_base_s=0.1, backoff_max_s=0.5, server_bulk_address=address,
+        ))  # fmt: skip
+        self.sidecar.start()
+        self.session = Session(f"127.0.0.1:{self.sidecar.port}", site=SITE, job=JOB, settings=SETTINGS)
+        self.session.connect()
+        self.thread = threading.Thread(target=self._train, daemon=True)
+        self.thread.start()
+        return self
+
+    def _train(self) -> None:
+        assert self.session is not None
+        try:
+            while self.session.is_running():
+                model = self.session.receive()
+                assert model.params is not None
+                self.received.append({k: v.copy() for k, v in model.params.items()})
+                for arr in model.params.values():  # in place, as the in-place benchmark trainer does
+                    arr += np.ones((), dtype=arr.dtype)
+                self.session.send(FLModel(params=model.params, num_examples=10))
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.request_stop("test ended")
+            self.server.wait(10)
+            self.server.shutdown(grace_s=0.5)
+        if self.sidecar is not None:
+            self.sidecar.stop(grace=0.5)
+        if self.thread is not None:
+            self.thread.join(5)
+        if self.session is not None:
+            self.session.close()
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    s = Stack()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _sample(sidecar: Sidecar, name: str, **labels: str) -> float:
+    value = sidecar.registry.get_sample_value(name, {"fljob": JOB, "site": SITE, **labels})
+    return value or 0.0
+
+
+def _run(stack: Stack, bulk: str) -> None:
+    stack.start(bulk)
+    assert stack.server is not None and stack.thread is not None
+    outcome = stack.server.wait(30)
+    assert outcome is not None and outcome.success, outcome
+    stack.thread.join(10)
+    assert not stack.errors, stack.errors
+    first = _model()
+    assert len(stack.received) == ROUNDS
+    for name, arr in first.items():
+        np.testing.assert_array_equal(stack.received[0][name], arr)
+        np.testing.assert_array_equal(stack.received[1][name], arr + np.ones((), dtype=arr.dtype))
+
+
+def _pulled(records: list[logging.LogRecord]) -> list[str]:
+    return [r.getMessage() for r in records if "pulled" in r.getMessage()]
+
+
+def test_bulk_on_both_directions_and_metered(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    _run(stack, "on")
+    total = sum(a.nbytes for a in _model().values())
+    pulled = _pulled(caplog.records)
+    assert len(pulled) == ROUNDS and all(f"({total} on the bulk port, 0 pushed over gRPC)" in m for m in pulled)
+    assert stack.session is not None and stack.session.bulk_fetcher is not None  # never fell back to gRPC
+    assert stack.sidecar is not None
+    relayed = "fedkube_sidecar_relayed_bytes_total"
+    # Framing adds a few bytes per frame to what went through the sidecar.
+    assert _sample(stack.sidecar, relayed, direction="to_trainer") >= ROUNDS * total
+    assert _sample(stack.sidecar, relayed, direction="to_server") >= ROUNDS * total
+    assert _sample(stack.sidecar, "fedkube_sidecar_relay_buffer_bytes") == 0  # every pump buffer let go
+    assert stack.sidecar.bulk_relay is not None and stack.sidecar.bulk_relay.buffer_bytes_in_use == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "bulk" in r.getMessage()]
+
+
+def test_no_bulk_address_means_grpc_both_ways(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    _run(stack, "off")
+    total = sum(a.nbytes for a in _model().values())
+    assert stack.sidecar is not None and stack.sidecar.bulk_relay is None
+    assert stack.session is not None and stack.session.bulk_fetcher is None
+    pulled = _pulled(caplog.records)
+    assert len(pulled) == ROUNDS and all(f"(0 on the bulk port, {total} pushed over gRPC)" in m for m in pulled)
+
+
+def test_dead_bulk_port_falls_back_to_grpc_with_one_clear_line_each(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    _run(stack, "dead")
+    total = sum(a.nbytes for a in _model().values())
+    pulled = _pulled(caplog.records)
+    assert len(pulled) == ROUNDS and all(f"(0 on the bulk port, {total} pushed over gRPC)" in m for m in pulled)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    text = "\n".join(r.getMessage() for r in warnings)
+    assert "cannot reach the server's bulk endpoint" in text  # the relay, for the trainer's fetch
+    assert "fetching over gRPC from now on" in text  # the SDK, once
+    assert "pushing it over gRPC instead and trying bulk again in 30 s" in text  # the sidecar's upload
+    assert not [r for r in warnings if r.exc_info], "a fallback is not a crash: no stack traces"
+    # The SDK fell back once and stayed on gRPC; the pusher tried bulk once within its retry interval.
+    assert sum("fetching over gRPC from now on" in r.getMessage() for r in warnings) == 1
+    assert sum("trying bulk again" in r.getMessage() for r in warnings) == 1
