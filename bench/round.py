@@ -170,12 +170,16 @@ def floor_seconds(size_bytes: int, cap_bytes: int) -> tuple[float, bool]:
     return 4 * tcp_floor(size_bytes, repeats), True
 
 
-def run_job(workdir: Path, job_file: Path, timeout_s: float) -> tuple[int | None, dict[str, Any], TreeSampler, float]:
+def run_job(
+    workdir: Path, job_file: Path, timeout_s: float, *, bulk: bool = True
+) -> tuple[int | None, dict[str, Any], TreeSampler, float]:
     run_dir = workdir / "run"
     out = open(workdir / "run.stdout", "wb")  # noqa: SIM115 - closed below, after the process
     err = open(workdir / "run.stderr", "wb")  # noqa: SIM115
     argv = [sys.executable, "-m", "fedkube.cli", "run", str(job_file), "--json", "--no-progress"]
     argv += ["--run-dir", str(run_dir)]
+    if not bulk:
+        argv.append("--no-bulk")
     start = time.perf_counter()
     proc = psutil.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
     sampler = TreeSampler(proc.pid, TRAINER_SCRIPT.name, run_dir / "logs").start()
@@ -201,7 +205,9 @@ def measure(size_mib: int, args: argparse.Namespace) -> dict[str, Any]:
     s_bytes = sum(sizes) * 4
     floor_s, scaled = floor_seconds(s_bytes, args.floor_cap_mib << 20)
     keep = args.keep_dir is not None
-    base = Path(args.keep_dir) / f"{size_mib}MiB-{args.trainer_mode}" if keep else None
+    base = (
+        Path(args.keep_dir) / f"{size_mib}MiB-{args.trainer_mode}{'-grpc' if args.no_bulk else ''}" if keep else None
+    )
     if base is not None:
         base.mkdir(parents=True, exist_ok=True)
     with _workdir(base) as workdir:
@@ -210,7 +216,7 @@ def measure(size_mib: int, args: argparse.Namespace) -> dict[str, Any]:
         job_file = workdir / "fljob.json"
         manifest = job_manifest(model_path, args.rounds, args.trainer_mode, args.chunk_mib)
         job_file.write_text(json.dumps(manifest, indent=2))
-        code, outcome, sampler, wall = run_job(workdir, job_file, args.timeout)
+        code, outcome, sampler, wall = run_job(workdir, job_file, args.timeout, bulk=not args.no_bulk)
         server_logs = sorted((workdir / "run" / "logs").glob("*-server.server.log"))
         times = round_times(server_logs[0] if server_logs else Path("/dev/null"))
         from_status = sampler.round_seconds()
@@ -294,6 +300,7 @@ def report(
         "rounds": args.rounds,
         "trainer_mode": args.trainer_mode,
         "chunk_mib": args.chunk_mib,
+        "bulk": not args.no_bulk,
         "exit_code": code,
         "outcome": outcome.get("outcome"),
         "outcome_reason": (outcome.get("summary") or {}).get("reason") or None,
@@ -349,6 +356,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--chunk-mib", type=int, default=None, help="spec.transfer.chunkBytes in MiB (default: the spec's default)"
+    )
+    parser.add_argument(
+        "--no-bulk", action="store_true", help="tensors over gRPC only (fedkube run --no-bulk), for comparing"
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the job is stopped")
     parser.add_argument(
