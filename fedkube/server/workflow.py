@@ -985,9 +985,9 @@ class RoundWorkflow:
                 del array, data  # one tensor in flight per download, never a whole result
                 base += ref.nbytes
             ok = True
-            log.info("job %s round %s: pulled %d bytes from %s in %.2f s (%d on the bulk port, %d pushed over gRPC)",
-                     self.settings.job, rnd.number, base, dl.site, self._clock() - dl.started, source.bulk_bytes,
-                     source.pushed_bytes)
+            log.info("job %s round %s: pulled %d bytes from %s in %.2f s, %.2f s of it folding into the aggregate "
+                     "(%d on the bulk port, %d pushed over gRPC)", self.settings.job, rnd.number, base, dl.site,
+                     self._clock() - dl.started, dl.add_seconds, source.bulk_bytes, source.pushed_bytes)
         except TransferAbortedError as exc:
             reason, message = Reason.ABORTED.value, str(exc)
         except TransferError as exc:
