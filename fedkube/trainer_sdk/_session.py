@@ -159,15 +159,46 @@ class Session:
                  self.job, self.site, self.address, self.download_address)
 
     def _hold_session(self) -> None:
+        while True:
+            try:
+                for event in self._session_call:
+                    if event.HasField("stop"):
+                        log.info("job %s site %s: the job was stopped (%s)", self.job, self.site,
+                                 event.stop.reason or "done")
+                return  # the sidecar ended the session itself
+            except grpc.RpcError as exc:
+                if self._closed or exc.code() == grpc.StatusCode.CANCELLED:
+                    return
+                log.warning("job %s site %s: lost the session with sidecar %s: %s; attaching again", self.job,
+                            self.site, self.address, _rpc_text(exc))
+            if not self._reattach():
+                return
+
+    def _reattach(self) -> bool:
+        """Hello + Session again after the sidecar restarted (a kubelet restarts a killed native sidecar).
+
+        A new sidecar process knows nothing of this trainer: without a new Hello
+        it cannot serve the trainer's result to the server, and without a
+        Session it cannot tell when the trainer dies. True when attached again.
+        """
         try:
-            for event in self._session_call:
-                if event.HasField("stop"):
-                    log.info("job %s site %s: the job was stopped (%s)", self.job, self.site,
-                             event.stop.reason or "done")
+            self.link.Hello(
+                trainer_pb2.HelloRequest(download_address=self.download_address, pid=os.getpid()),
+                timeout=self.settings.connect_timeout_s,
+                wait_for_ready=True,
+            )
+            call = self.link.Session(trainer_pb2.SessionRequest(pid=os.getpid()))
         except grpc.RpcError as exc:
-            if not self._closed and exc.code() != grpc.StatusCode.CANCELLED:
-                log.warning("job %s site %s: lost the session with sidecar %s: %s", self.job, self.site,
-                            self.address, _rpc_text(exc))
+            if not self._closed:
+                log.warning("job %s site %s: could not attach to sidecar %s again within %.0f s: %s", self.job,
+                            self.site, self.address, self.settings.connect_timeout_s, _rpc_text(exc))
+            return False
+        self._session_call = call
+        if self._closed:  # close() ran meanwhile and cancelled the previous call, not this one
+            call.cancel()
+            return False
+        log.info("job %s site %s: attached to sidecar %s again", self.job, self.site, self.address)
+        return True
 
     # --- tasks ---------------------------------------------------------------------
     def _poll(self, block: bool) -> control_pb2.Task | control_pb2.Stop | None:
