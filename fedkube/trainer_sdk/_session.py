@@ -42,6 +42,7 @@ from fedkube.trainer_sdk.errors import (
 )
 from fedkube.trainer_sdk.model import FLModel, params_to_numpy
 from fedkube.transfer.allocator import release_free_memory
+from fedkube.transfer.errors import RefNotFoundError, TransactionExpiredError
 from fedkube.transfer.fetch import Fetcher, FetchSettings, GrpcChunkSource
 from fedkube.transfer.refs import TensorRef, numpy_dtype
 from fedkube.transfer.service import DownloadService, serve
@@ -236,22 +237,32 @@ class Session:
         return isinstance(self._poll(block=True), control_pb2.Task)
 
     def receive(self) -> FLModel:
-        got = self._poll(block=True)
-        if isinstance(got, control_pb2.Stop):
-            raise JobStoppedError(
-                f"job {self.job} site {self.site}: the job is over ({got.reason or 'stopped'}); "
-                "fix: loop with `while fk.is_running():` before calling receive()"
-            )
-        assert got is not None
-        with self._lock:
-            self._pending = None
-        started = time.monotonic()
-        task = _Task(got)
-        self._round = task.round
-        log.info("job %s site %s round %d: task %s received (%d tensors)", self.job, self.site, task.round,
-                 task.id, len(task.refs))
-        # An init task asks for the script's initial weights: there is nothing to fetch.
-        params = None if task.config.get(TASK_KIND_KEY) == INIT_TASK else self._fetch(task)
+        while True:
+            got = self._poll(block=True)
+            if isinstance(got, control_pb2.Stop):
+                raise JobStoppedError(
+                    f"job {self.job} site {self.site}: the job is over ({got.reason or 'stopped'}); "
+                    "fix: loop with `while fk.is_running():` before calling receive()"
+                )
+            assert got is not None
+            with self._lock:
+                self._pending = None
+            started = time.monotonic()
+            task = _Task(got)
+            self._round = task.round
+            log.info("job %s site %s round %d: task %s received (%d tensors)", self.job, self.site, task.round,
+                     task.id, len(task.refs))
+            try:
+                # An init task asks for the script's initial weights: there is nothing to fetch.
+                params = None if task.config.get(TASK_KIND_KEY) == INIT_TASK else self._fetch(task)
+            except (RefNotFoundError, TransactionExpiredError) as exc:
+                # The publisher no longer serves this task's model: the server restarted from its
+                # checkpoint (it sends the round's task again, under a new id) or gave up on the task.
+                # Nothing can be trained on it; the server's next task or Stop is what counts.
+                log.warning("job %s site %s round %d: task %s is stale, its model is gone (%s); waiting for the "
+                            "server's next task", self.job, self.site, task.round, task.id, exc)
+                continue
+            break
         with self._lock:
             self._task = task
         self._timing(RECEIVE_SECONDS, time.monotonic() - started)
