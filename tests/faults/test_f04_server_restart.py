@@ -7,6 +7,7 @@ final model equals an uninterrupted run's with the same seeds, bit for bit.
 
 from __future__ import annotations
 
+import functools
 import signal
 import textwrap
 from pathlib import Path
@@ -48,7 +49,10 @@ SCRIPT = textwrap.dedent("""
 """)
 ROUNDS = 3
 K = 1  # the server dies after round K's checkpoint, during round K+1
-INITIAL = {"w": (np.arange(4096, dtype=np.float32) / 1024 - 2).reshape(64, 64), "b": np.ones(64, np.float32)}
+INITIAL: dict[str, np.ndarray] = {
+    "w": (np.arange(4096, dtype=np.float32) / 1024 - 2).reshape(64, 64),
+    "b": np.ones(64, np.float32),
+}
 
 
 def _job(tmp_path: Path, name: str, env: dict[str, str] | None) -> Path:
@@ -88,8 +92,7 @@ def test_server_killed_after_round_k_resumes_at_k_plus_1_with_a_bit_exact_final_
         sidecars: dict[str, Samples] = {}
         for site in ("site-a", "site-b"):
             sidecar_url = job.sidecar_metrics_url(site)
-            wait_for(lambda u=sidecar_url: value(try_scrape(u) or {}, "fedkube_sidecar_upstream_connected") == 1,
-                     30, f"{site}'s sidecar to reconnect")
+            wait_for(functools.partial(_connected, sidecar_url), 30, f"{site}'s sidecar to reconnect")
             sidecars[site] = try_scrape(sidecar_url) or {}
         (gate / "go").touch()
         result = job.wait_server(60)
@@ -115,6 +118,10 @@ def test_server_killed_after_round_k_resumes_at_k_plus_1_with_a_bit_exact_final_
     assert value(resumed, "fedkube_server_rounds_completed_total") == 0
     for site, samples in sidecars.items():
         assert value(samples, "fedkube_sidecar_reconnects_total") >= 1, site
+
+
+def _connected(url: str) -> bool:
+    return value(try_scrape(url) or {}, "fedkube_sidecar_upstream_connected") == 1
 
 
 def _checkpointed(job: LocalJob) -> int:
