@@ -956,7 +956,8 @@ class RoundWorkflow:
         source = ReverseChunkSource(
             dl.site, self._broker, self._sessions.send, chunk_timeout_s=self.settings.transfer.chunk_timeout_s
         )
-        fetcher = Fetcher(source, self._fetch, abort=dl.abort)
+        fetcher = Fetcher(source, self._fetch, abort=dl.abort,
+                          on_retry=lambda err: self.telemetry.download_retry(type(err).__name__))
         ok, reason, message = False, "", ""
         base = 0
         weight = float(max(dl.num_examples, 1))

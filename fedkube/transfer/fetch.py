@@ -345,9 +345,17 @@ class Fetcher:
     """Fetches refs from one :class:`ChunkSource` with the given settings; see the module doc."""
 
     def __init__(
-        self, source: ChunkSource, settings: FetchSettings | None = None, *, abort: threading.Event | None = None
+        self,
+        source: ChunkSource,
+        settings: FetchSettings | None = None,
+        *,
+        abort: threading.Event | None = None,
+        on_retry: Callable[[Exception], None] | None = None,
     ) -> None:
         self.source = source
+        # Told about every retry (a resumed stream or a refetch after a checksum mismatch), with its error:
+        # the server counts them in fedkube_server_download_retries_total.
+        self.on_retry = on_retry
         self.settings = settings if settings is not None else FetchSettings()
         problems = validate_settings(self.settings)
         if problems:
@@ -413,6 +421,7 @@ class Fetcher:
                     "transaction %s ref %s: checksum mismatch (%s != %s); refetching from 0 (%d/%d)",
                     ref.transaction_id, ref.ref_id, got, ref.checksum, checksum_failures, s.max_checksum_retries,
                 )  # fmt: skip
+                self._retried(ChecksumMismatchError(f"checksum {got} != {ref.checksum}", **self._ids(ref)))
                 offset = 0
                 hasher = Hasher(ref.checksum_algo)
                 if progress is not None:
@@ -499,11 +508,20 @@ class Fetcher:
             "transaction %s ref %s: attempt failed at offset %d/%d (%s); retry %d in %.2fs",
             ref.transaction_id, ref.ref_id, offset, ref.nbytes, err, failures, delay,
         )  # fmt: skip
+        self._retried(err)
         if self.abort is not None:
             if self.abort.wait(delay):
                 raise TransferAbortedError(f"aborted at offset {offset} of {ref.nbytes}", **self._ids(ref)) from err
         else:
             time.sleep(delay)
+
+    def _retried(self, err: Exception) -> None:
+        if self.on_retry is None:
+            return
+        try:
+            self.on_retry(err)
+        except Exception:  # a metrics hook must never break a transfer
+            log.warning("fetch retry hook failed", exc_info=True)
 
     def fetch_array(
         self, ref: TensorRef, out: np.ndarray | None = None, *, progress: Callable[[int], None] | None = None
