@@ -9,7 +9,9 @@ retries, within the idle timeout, while the job goes on with the others.
 
 from __future__ import annotations
 
+import socket
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.faults._procs_b import UP, LocalJob, scrape, value, wait_for, write_job
+from tests.faults._procs_b import DOWN, UP, LocalJob, TcpProxy, scrape, value, wait_for, write_job
 
 # Weights 1:3 and dyadic values: the running mean is exact, so the aggregate is known bit for bit.
 SCRIPT = textwrap.dedent("""
@@ -133,3 +135,67 @@ def test_permanent_stall_fails_the_client_for_the_round_in_bounded_time(tmp_path
 def _client(doc: dict[str, Any], site: str) -> dict[str, Any]:
     found: dict[str, Any] = next(c for c in doc["clients"] if c["name"] == site)
     return found
+
+
+@pytest.mark.timeout(20)
+def test_proxy_switches_do_what_they_say() -> None:
+    """The proxy itself, against an echo server: counters, flip_byte_at, pause/resume, drop_connections."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def echo() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=_echo_one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=echo, daemon=True).start()
+    proxy = TcpProxy(("127.0.0.1", port), name="echo").start()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+            c.sendall(b"abc")
+            assert _recv(c, 3) == b"abc"
+            proxy.flip_byte_at(4, UP)  # the second byte of the next send
+            c.sendall(b"xyz")
+            assert _recv(c, 3) == bytes([ord("x"), ord("y") ^ 0xFF, ord("z")])
+            assert proxy.flipped == [(UP, 4)] and proxy.bytes == {UP: 6, DOWN: 6}
+            proxy.pause()
+            c.sendall(b"held")
+            c.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                c.recv(10)
+            c.settimeout(5)
+            proxy.resume()
+            assert _recv(c, 4) == b"held"
+            proxy.pause_at(12, UP)
+            c.sendall(b"ab")
+            wait_for(lambda: proxy.paused, 5, "pause_at to trip")
+            proxy.resume()
+            assert _recv(c, 2) == b"ab"
+            proxy.drop_connections()
+            assert c.recv(10) == b""
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c2:  # new connections still work
+            c2.sendall(b"again")
+            assert _recv(c2, 5) == b"again"
+        assert proxy.connections == 2
+    finally:
+        proxy.close()
+        listener.close()
+
+
+def _echo_one(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
