@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.faults._procs_b import LocalJob, Samples, try_scrape, value, wait_for, write_job
+from fedkube.server.checkpoint import Checkpoint
+from tests.faults._procs_b import DOWN, LocalJob, Samples, try_scrape, value, wait_for, write_job
 
 # Every update depends on the model it got (so resuming from the wrong model shows) and on a
 # seeded draw per (site, round) (the "same seeds"). Values are dyadic (k / 2**n) and the weights
@@ -61,13 +62,30 @@ def _job(tmp_path: Path, name: str, env: dict[str, str] | None) -> Path:
                      timeouts={"heartbeatSeconds": 30, "registrationSeconds": 30})
 
 
-@pytest.mark.timeout(90)
-def test_server_killed_after_round_k_resumes_at_k_plus_1_with_a_bit_exact_final_model(tmp_path: Path) -> None:
-    with LocalJob(_job(tmp_path, "plain", None), tmp_path / "run-plain") as plain:
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    """The final checkpoint of the same job, same seeds, with no fault."""
+    tmp_path = tmp_path_factory.mktemp("f04-plain")
+    with LocalJob(_job(tmp_path, "plain", None), tmp_path / "run") as plain:
         assert plain.wait_server(60).phase == "Succeeded", plain.log_text(None, "server")[-3000:]
         expected = plain.checkpoint()
     assert expected.round == ROUNDS
+    return expected
 
+
+def _assert_bit_exact(got: Checkpoint, expected: Checkpoint) -> None:
+    assert got.round == expected.round == ROUNDS
+    assert sorted(got.model) == sorted(expected.model) == ["b", "w"]
+    for name in ("w", "b"):
+        assert got.model[name].dtype == expected.model[name].dtype
+        assert got.model[name].tobytes() == expected.model[name].tobytes(), f"tensor {name} differs"
+
+
+@pytest.mark.timeout(90)
+def test_server_killed_after_round_k_resumes_at_k_plus_1_with_a_bit_exact_final_model(
+    tmp_path: Path, uninterrupted: Checkpoint
+) -> None:
+    expected = uninterrupted
     gate = tmp_path / "gate"
     gate.mkdir()
     env = {"GATE_DIR": str(gate), "HOLD_ROUND": str(K + 1)}
@@ -102,11 +120,7 @@ def test_server_killed_after_round_k_resumes_at_k_plus_1_with_a_bit_exact_final_
     # (a) resumed at K+1: the restarted server ran only rounds K+1..ROUNDS, and the model is bit-exact.
     assert summary["phase"] == "Succeeded" and summary["completedRounds"] == ROUNDS
     assert {c["name"]: c["state"] for c in summary["clients"]} == {"site-a": "Done", "site-b": "Done"}
-    assert got.round == expected.round == ROUNDS
-    assert sorted(got.model) == sorted(expected.model) == ["b", "w"]
-    for name in ("w", "b"):
-        assert got.model[name].dtype == expected.model[name].dtype
-        assert got.model[name].tobytes() == expected.model[name].tobytes(), f"tensor {name} differs"
+    _assert_bit_exact(got, expected)
     # (b) the restarted server's status: round K+1 in progress, K completed, no failure reason.
     assert status["round"] == K + 1 and status["completedRounds"] == K, status
     assert not status.get("reason"), status
@@ -129,3 +143,39 @@ def _checkpointed(job: LocalJob) -> int:
         return job.checkpoint().round
     except AssertionError:
         return 0
+
+
+@pytest.mark.timeout(90)
+def test_server_killed_while_a_trainer_fetches_the_round_model_the_stale_task_is_skipped(
+    tmp_path: Path, uninterrupted: Checkpoint
+) -> None:
+    """The dead server's round-K+1 model is half-way to site-a's trainer: the new server's task replaces it."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = {"GATE_DIR": str(gate), "HOLD_ROUND": str(K)}
+    with LocalJob(_job(tmp_path, "faulted", env), tmp_path / "run", proxied_sites=["site-a"]) as job:
+        proxy = job.proxy("site-a")
+        wait_for(lambda: len(list(gate.glob("holding-*"))) == 2, 30, f"both trainers to hold round {K}")
+        # Only small control messages (round K's answer, round K+1's task: well under 4 KiB) pass before
+        # round K+1's 16 KiB model; the proxy stops site-a's traffic inside that model.
+        proxy.pause_at(proxy.bytes[DOWN] + 4096, DOWN)
+        (gate / "go").touch()
+        wait_for(lambda: proxy.paused and _checkpointed(job) == K, 30,
+                 f"round {K}'s checkpoint and site-a's round {K + 1} download to stop")
+        server = job.servers[0].container_process("server")
+        assert server is not None
+        server.signal_group(signal.SIGKILL)
+        job.wait_server(15)
+        proxy.resume()  # what was held goes to a dead server's connection: it breaks
+        job.start_server()
+        result = job.wait_server(60)
+        assert result.phase == "Succeeded", job.log_text(None, "server")[-3000:]
+        summary = job.summary()
+        got = job.checkpoint()
+        trainer_log = job.log_text("site-a", "trainer")
+    # The trainer met the dead server's transaction gone, skipped that task instead of failing, and trained
+    # the new server's copy of round K+1.
+    assert f"round {K + 1}: task" in trainer_log and "is stale, its model is gone" in trainer_log, trainer_log
+    assert summary["phase"] == "Succeeded" and summary["completedRounds"] == ROUNDS and "reason" not in summary
+    assert {c["name"]: c["state"] for c in summary["clients"]} == {"site-a": "Done", "site-b": "Done"}
+    _assert_bit_exact(got, uninterrupted)
