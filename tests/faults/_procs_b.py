@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 # Sidecar env vars whose address is routed through a TcpProxy for a proxied site.
 PROXIED_ENV: tuple[str, ...] = (envvars.SERVER_ADDRESS,)
+# The one of them whose connection carries tensor bytes (faults 5 and 6 stall or corrupt it). Today
+# chunks share the gRPC connection with the control stream; with a separate bulk data connection,
+# add its address variable to PROXIED_ENV and name it here.
+TENSOR_ENV: str = envvars.SERVER_ADDRESS
 
 UP = "up"  # client -> server
 DOWN = "down"  # server -> client
@@ -162,8 +166,8 @@ class LocalJob:
             raise AssertionError(f"site {site}: the sidecar has no {sorted(missing)} to route through a proxy")
         return out
 
-    def proxy(self, site: str, var: str = envvars.SERVER_ADDRESS) -> TcpProxy:
-        """The proxy carrying ``var`` of ``site``'s sidecar."""
+    def proxy(self, site: str, var: str = TENSOR_ENV) -> TcpProxy:
+        """The proxy carrying ``var`` of ``site``'s sidecar (by default the one tensor bytes travel on)."""
         return self.proxies[site][var]
 
     # --- lifecycle ---
