@@ -92,7 +92,19 @@ class ContextFilter(logging.Filter):
         for key, value in defaults.items():
             if getattr(record, key, None) is None:
                 setattr(record, key, value)
+        if _peer_sent_garbage(record):
+            # gRPC logs a message it cannot parse at ERROR with a traceback and answers the caller
+            # INTERNAL. For a process listening on the network that is an expected condition (a broken
+            # or hostile peer), not a fedkube bug: one warning line, the parse error in it.
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            setattr(record, _EXPECTED, True)
         return True
+
+
+def _peer_sent_garbage(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return (record.name == "grpc._common" and exc is not None and type(exc).__name__ == "DecodeError"
+            and type(exc).__module__.startswith("google.protobuf"))
 
 
 def _ids(record: logging.LogRecord) -> dict[str, Any]:

@@ -1001,7 +1001,7 @@ class RoundWorkflow:
             reason, message = Reason.TRANSFER_FAILED.value, f"{type(exc).__name__}: {exc}"
         self._post(self._on_download_finished, rnd, dl, ok, reason, message)
 
-    def _count_retry(self, err: TransferError) -> None:
+    def _count_retry(self, err: Exception) -> None:
         """A result fetch is tried again (runs on the download's thread; only counts)."""
         self.telemetry.download_retry(type(err).__name__)
 

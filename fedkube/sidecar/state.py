@@ -152,6 +152,9 @@ class TaskBook:
             announcement=ann,
         )
         with self._cond:
+            # A sidecar restarted mid-round queues the server's re-sent copy of the task the
+            # trainer is already working on; its result answers that copy too, so it must not train twice.
+            self._queue = deque(t for t in self._queue if t.task_id != ann.task_id)
             self._results[ann.task_id] = res
             for tx in res.transactions:
                 self._by_transaction[tx] = ann.task_id

@@ -53,6 +53,8 @@ from fedkube.transfer.bulk import BulkChunkSource, BulkServer
 from fedkube.transfer.errors import (
     ChecksumMismatchError,
     InvalidRefError,
+    RefNotFoundError,
+    TransactionExpiredError,
     TransferAbortedError,
     TransferError,
 )
@@ -63,6 +65,11 @@ from fedkube.transfer.wire import relay_channel_options
 from fedkube.wire.v1 import control_pb2, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger("fedkube.trainer_sdk")
+
+# Bulk fetch failures that falling back to gRPC cannot fix.
+_SAME_ON_GRPC = (
+    TransferAbortedError, ChecksumMismatchError, InvalidRefError, RefNotFoundError, TransactionExpiredError,
+)
 
 TASK_KIND_KEY = "fedkube.task"
 INIT_TASK = "init"
@@ -177,12 +184,7 @@ class Session:
                         self.job, envvars.SITE, self.site, hello.site)
             self.site = hello.site
         self.job = hello.job or self.job
-        if hello.bulk_address:
-            fs = self.settings.fetch
-            self.bulk_fetcher = Fetcher(
-                BulkChunkSource(hello.bulk_address, self.site, chunk_timeout_s=fs.chunk_timeout_s),
-                replace(fs, max_attempts=min(fs.max_attempts, BULK_MAX_ATTEMPTS)),
-            )
+        self._use_bulk(hello.bulk_address)
         self._session_call = self.link.Session(trainer_pb2.SessionRequest(pid=os.getpid()))
         threading.Thread(target=self._hold_session, name="fedkube-session", daemon=True).start()
         log.info("job %s site %s: connected to sidecar %s; global model over %s; results served at %s and %s (bulk)",
@@ -190,15 +192,60 @@ class Session:
                  self.download_address, self.bulk_address)
 
     def _hold_session(self) -> None:
+        while True:
+            try:
+                for event in self._session_call:
+                    if event.HasField("stop"):
+                        log.info("job %s site %s: the job was stopped (%s)", self.job, self.site,
+                                 event.stop.reason or "done")
+                return  # the sidecar ended the session itself
+            except grpc.RpcError as exc:
+                if self._closed or exc.code() == grpc.StatusCode.CANCELLED:
+                    return
+                log.warning("job %s site %s: lost the session with sidecar %s: %s; attaching again", self.job,
+                            self.site, self.address, _rpc_text(exc))
+            if not self._reattach():
+                return
+
+    def _use_bulk(self, relay_address: str) -> None:
+        """Fetch the global model through the sidecar's bulk relay at ``relay_address`` (empty: over gRPC)."""
+        if not relay_address:
+            self.bulk_fetcher = None
+            return
+        fs = self.settings.fetch
+        self.bulk_fetcher = Fetcher(
+            BulkChunkSource(relay_address, self.site, chunk_timeout_s=fs.chunk_timeout_s),
+            replace(fs, max_attempts=min(fs.max_attempts, BULK_MAX_ATTEMPTS)),
+        )
+
+    def _reattach(self) -> bool:
+        """Hello + Session again after the sidecar restarted (a kubelet restarts a killed native sidecar).
+
+        A new sidecar process knows nothing of this trainer: without a new Hello
+        it cannot serve the trainer's result to the server, and without a
+        Session it cannot tell when the trainer dies. True when attached again.
+        """
         try:
-            for event in self._session_call:
-                if event.HasField("stop"):
-                    log.info("job %s site %s: the job was stopped (%s)", self.job, self.site,
-                             event.stop.reason or "done")
+            hello = self.link.Hello(
+                trainer_pb2.HelloRequest(
+                    download_address=self.download_address, pid=os.getpid(), bulk_address=self.bulk_address
+                ),
+                timeout=self.settings.connect_timeout_s,
+                wait_for_ready=True,
+            )
+            call = self.link.Session(trainer_pb2.SessionRequest(pid=os.getpid()))
         except grpc.RpcError as exc:
-            if not self._closed and exc.code() != grpc.StatusCode.CANCELLED:
-                log.warning("job %s site %s: lost the session with sidecar %s: %s", self.job, self.site,
-                            self.address, _rpc_text(exc))
+            if not self._closed:
+                log.warning("job %s site %s: could not attach to sidecar %s again within %.0f s: %s", self.job,
+                            self.site, self.address, self.settings.connect_timeout_s, _rpc_text(exc))
+            return False
+        self._session_call = call
+        self._use_bulk(hello.bulk_address)  # a restarted sidecar's relay listens on a new port
+        if self._closed:  # close() ran meanwhile and cancelled the previous call, not this one
+            call.cancel()
+            return False
+        log.info("job %s site %s: attached to sidecar %s again", self.job, self.site, self.address)
+        return True
 
     # --- tasks ---------------------------------------------------------------------
     def _poll(self, block: bool) -> control_pb2.Task | control_pb2.Stop | None:
@@ -236,22 +283,32 @@ class Session:
         return isinstance(self._poll(block=True), control_pb2.Task)
 
     def receive(self) -> FLModel:
-        got = self._poll(block=True)
-        if isinstance(got, control_pb2.Stop):
-            raise JobStoppedError(
-                f"job {self.job} site {self.site}: the job is over ({got.reason or 'stopped'}); "
-                "fix: loop with `while fk.is_running():` before calling receive()"
-            )
-        assert got is not None
-        with self._lock:
-            self._pending = None
-        started = time.monotonic()
-        task = _Task(got)
-        self._round = task.round
-        log.info("job %s site %s round %d: task %s received (%d tensors)", self.job, self.site, task.round,
-                 task.id, len(task.refs))
-        # An init task asks for the script's initial weights: there is nothing to fetch.
-        params = None if task.config.get(TASK_KIND_KEY) == INIT_TASK else self._fetch(task)
+        while True:
+            got = self._poll(block=True)
+            if isinstance(got, control_pb2.Stop):
+                raise JobStoppedError(
+                    f"job {self.job} site {self.site}: the job is over ({got.reason or 'stopped'}); "
+                    "fix: loop with `while fk.is_running():` before calling receive()"
+                )
+            assert got is not None
+            with self._lock:
+                self._pending = None
+            started = time.monotonic()
+            task = _Task(got)
+            self._round = task.round
+            log.info("job %s site %s round %d: task %s received (%d tensors)", self.job, self.site, task.round,
+                     task.id, len(task.refs))
+            try:
+                # An init task asks for the script's initial weights: there is nothing to fetch.
+                params = None if task.config.get(TASK_KIND_KEY) == INIT_TASK else self._fetch(task)
+            except (RefNotFoundError, TransactionExpiredError) as exc:
+                # The publisher no longer serves this task's model: the server restarted from its
+                # checkpoint (it sends the round's task again, under a new id) or gave up on the task.
+                # Nothing can be trained on it; the server's next task or Stop is what counts.
+                log.warning("job %s site %s round %d: task %s is stale, its model is gone (%s); waiting for the "
+                            "server's next task", self.job, self.site, task.round, task.id, exc)
+                continue
+            break
         with self._lock:
             self._task = task
         self._timing(RECEIVE_SECONDS, time.monotonic() - started)
@@ -284,8 +341,8 @@ class Session:
             return fetcher.fetch_array(ref, arr)
         try:
             return fetcher.fetch_array(ref, arr)
-        except (TransferAbortedError, ChecksumMismatchError, InvalidRefError):
-            raise  # the same on either path
+        except _SAME_ON_GRPC:
+            raise  # gRPC would fail the same way (a model that is gone is gone there too)
         except TransferError as exc:
             self._bulk_failed(task, exc)
             return self.fetcher.fetch_array(ref, arr)

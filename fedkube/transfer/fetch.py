@@ -365,7 +365,7 @@ class Fetcher:
         settings: FetchSettings | None = None,
         *,
         abort: threading.Event | None = None,
-        on_retry: Callable[[TransferError], None] | None = None,
+        on_retry: Callable[[Exception], None] | None = None,
     ) -> None:
         """``on_retry(error)`` is called before each retry (a broken stream, a checksum refetch), for metrics."""
         self.source = source
@@ -538,8 +538,7 @@ class Fetcher:
                 f"last error: {err}",
                 **self._ids(ref),
             ) from err
-        if isinstance(err, TransferError):
-            self._notify_retry(err)
+        self._notify_retry(err)
         log.warning(
             "transaction %s ref %s: attempt failed at offset %d/%d (%s); retry %d in %.2fs",
             ref.transaction_id, ref.ref_id, offset, ref.nbytes, err, failures, delay,
@@ -550,7 +549,7 @@ class Fetcher:
         else:
             time.sleep(delay)
 
-    def _notify_retry(self, err: TransferError) -> None:
+    def _notify_retry(self, err: Exception) -> None:
         if self.on_retry is None:
             return
         try:
