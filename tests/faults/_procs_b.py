@@ -7,8 +7,8 @@ handle on every pod so a test can kill, restart or re-route one of them.
 
 ``TcpProxy`` sits between a sidecar and the server. Which sidecar settings go
 through proxies is the one tuple ``PROXIED_ENV``: every address variable named
-there gets its own proxy per proxied site (add the bulk data address there when
-it exists, and every fault that stalls or corrupts traffic covers it too).
+there gets its own proxy per proxied site; tensor bytes travel on the bulk
+data address (``TENSOR_ENV``), so faults that stall or corrupt traffic hit it.
 """
 
 from __future__ import annotations
@@ -40,11 +40,10 @@ from fedkube.spec import load_job
 log = logging.getLogger(__name__)
 
 # Sidecar env vars whose address is routed through a TcpProxy for a proxied site.
-PROXIED_ENV: tuple[str, ...] = (envvars.SERVER_ADDRESS,)
-# The one of them whose connection carries tensor bytes (faults 5 and 6 stall or corrupt it). Today
-# chunks share the gRPC connection with the control stream; with a separate bulk data connection,
-# add its address variable to PROXIED_ENV and name it here.
-TENSOR_ENV: str = envvars.SERVER_ADDRESS
+PROXIED_ENV: tuple[str, ...] = (envvars.SERVER_ADDRESS, envvars.SERVER_BULK_ADDRESS)
+# The one of them whose connection carries tensor bytes (faults 5 and 6 stall or corrupt it): the bulk
+# data plane's plain-TCP connections (docs/protocol.md), next to the gRPC control connection.
+TENSOR_ENV: str = envvars.SERVER_BULK_ADDRESS
 
 UP = "up"  # client -> server
 DOWN = "down"  # server -> client

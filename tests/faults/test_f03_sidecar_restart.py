@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
             deadline = time.monotonic() + 60
             while not (gate / "go").exists() and time.monotonic() < deadline:
                 time.sleep(0.02)
-        if site == "site-a" and model.round == 2:
+        if model.round == 2:  # both sites: nothing of round 2 moves before the test has read round 1's metrics
             deadline = time.monotonic() + 60
             while not (gate / "go-2").exists() and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -88,7 +88,8 @@ def test_sidecar_killed_mid_round_reconnects_and_its_result_counts_once(tmp_path
     assert value(server, "fedkube_server_client_failures_total") == 0
     assert value(server, "fedkube_server_clients", state="Failed") == 0
     assert value(server, "fedkube_server_clients", state="Lost") == 0
-    assert value(sidecar, "fedkube_sidecar_relayed_bytes_total", direction="to_server") == NBYTES
+    # Once: the relay counts what it pumps, the result plus a few bytes of bulk framing (status, frame headers).
+    assert NBYTES <= value(sidecar, "fedkube_sidecar_relayed_bytes_total", direction="to_server") < NBYTES + 64
     assert value(sidecar, "fedkube_sidecar_upstream_connected") == 1.0
     # (a) end state: succeeded, both clients Done with both rounds counted.
     assert summary["phase"] == "Succeeded" and summary["completedRounds"] == 2
