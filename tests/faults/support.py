@@ -38,9 +38,11 @@ from typing import Any, TypeVar
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from fedkube import envvars
 from fedkube.runtime.cli import execute
 from fedkube.runtime.local import LocalJobRun, RunOptions, RunOutcome, new_tokens, render_job
 from fedkube.runtime.process import OutputSink
+from fedkube.runtime.resolver import LOCAL_HOST
 from fedkube.spec import parse_job
 
 T = TypeVar("T")
@@ -286,6 +288,12 @@ class LocalJob:
         url = self.run.status_url()
         assert url is not None, "the server pod has no status port"
         return url
+
+    def server_address(self) -> str:
+        """``host:port`` of the server's gRPC endpoint on this machine (for a hand-made hostile client)."""
+        server = pod_named(self.manifests, f"{self.name}-server")
+        port = next(int(e["value"]) for e in container_env(server, "server") if e["name"] == envvars.GRPC_PORT)
+        return f"{LOCAL_HOST}:{self.run.resolver.local_port(self.run.server_key, port)}"
 
     def metrics_url(self, who: str = "server") -> str:
         """The /metrics URL of the server (``server``) or of a site's sidecar (its site name)."""
