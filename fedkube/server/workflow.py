@@ -1050,7 +1050,7 @@ class RoundWorkflow:
 
     def _check_heartbeats(self) -> None:
         """Seen-then-silent clients become Lost (the registry never loses a client it has not seen)."""
-        for rec in self.registry.check_heartbeats():
+        for rec in self.registry.check_heartbeats(final_round=self.settings.rounds):
             self.telemetry.client_failed(Reason.LOST.value)
             log.warning("job %s: client %s lost: %s", self.settings.job, rec.name, rec.message)
             self._abort_download(rec.name)
