@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -330,6 +331,21 @@ class LocalJob:
             return s if check(s) else None
 
         return self.until(look, what, timeout)
+
+    def sidecar_process(self, site: str) -> psutil.Process:
+        """The running sidecar process of ``site`` (a child of this test; the only one holding a token file)."""
+
+        def mine(p: psutil.Process) -> bool:
+            try:
+                env = p.environ()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                return False
+            return (env.get(envvars.JOB) == self.name and env.get(envvars.SITE) == site
+                    and envvars.TOKEN_FILE in env and p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+
+        found = [p for p in psutil.Process().children(recursive=True) if mine(p)]
+        assert len(found) == 1, f"expected one running sidecar of {site}, found {found}"
+        return found[0]
 
     def log(self, pod: str, container: str) -> str:
         """A process's log file (``pod`` is ``server`` or a site name), as the runtime wrote it so far."""

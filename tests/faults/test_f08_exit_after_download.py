@@ -5,10 +5,17 @@ was downloaded → teardown noise: logged, job status unaffected". site-b exits
 with code 3 as soon as its last ``send()`` returned, while site-a still holds
 its own last result: the server hears of the exit mid-job and must neither fail
 the client nor count a failure.
+
+Then site-b's pod winds down the way Kubernetes ends a pod whose main container
+exited: its (native) sidecar gets SIGTERM. The server stops hearing from site-b
+while site-a still works; a client with nothing left to do is not Lost.
 """
 
 from __future__ import annotations
 
+import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +24,11 @@ from tests.faults.support import CLIENTS, FAILURES, LocalJob, clients_of, job_do
 
 pytestmark = pytest.mark.timeout(90)
 
+HEARTBEAT_S = 3.0
+
 
 def test_nonzero_exit_after_the_final_download_is_teardown_noise(tmp_path: Path) -> None:
-    doc = job_doc("f08", ("site-a", "site-b"), rounds=2, min_clients=2,
+    doc = job_doc("f08", ("site-a", "site-b"), rounds=2, min_clients=2, timeouts={"heartbeatSeconds": HEARTBEAT_S},
                   site_env={"site-b": {"FAULT_EXIT_AFTER_LAST": "3", "FAULT_HOLD_ROUND": "-1"}})
     with LocalJob(doc, tmp_path) as job:
         # site-a holds round 2's result at the gate; site-b delivered it and exited with code 3.
@@ -35,6 +44,18 @@ def test_nonzero_exit_after_the_final_download_is_teardown_noise(tmp_path: Path)
         assert status["phase"] == "Running" and status["round"] == 2
         b = clients_of(status)["site-b"]
         assert b["state"] == "Done" and "reason" not in b, b
+
+        job.sidecar_process("site-b").send_signal(signal.SIGTERM)
+        job.until(lambda: re.search(r"site site-b conn \d+ disconnected", job.log("server", "server")),
+                  "the server to see site-b's sidecar hang up")
+        # Silent for well past heartbeatSeconds (the server looks several times a second) ...
+        time.sleep(HEARTBEAT_S + 1.5)
+        m = job.scrape()
+        assert m.value(FAILURES, reason="Lost") == 0 and m.value(CLIENTS, state="Lost") == 0
+        b = clients_of(job.status())["site-b"]
+        assert b["state"] == "Done" and "reason" not in b, b  # ... and still Done, not Lost
+        a = clients_of(job.status())["site-a"]
+        assert a["state"] == "Training", a  # site-a, still heartbeating, was never in doubt
         job.open_gate()
         outcome = job.result()
 
