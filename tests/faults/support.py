@@ -193,6 +193,10 @@ def container_env(pod: Mapping[str, Any], container: str) -> list[dict[str, Any]
     raise KeyError(f"pod {pod['metadata']['name']!r} has no container {container!r}")
 
 
+class _RunEnded(Exception):
+    """The local run is over while a test still waited for something of it."""
+
+
 class _LinesSink:
     """Keeps every output line of the run (prefixed like the console) for assertions and failure reports."""
 
@@ -309,8 +313,34 @@ class LocalJob:
         return scrape(self.metrics_url(who))
 
     def until(self, check: Callable[[], T | None], what: str, timeout: float = 45.0) -> T:
-        """:func:`until` with this job's output and last status shown on a timeout."""
-        return until(check, what, timeout, context=self.context)
+        """:func:`until` with this job's output and last status shown on a timeout.
+
+        Gives up at once when the run has ended (nothing it serves can change
+        any more), saying how it ended.
+        """
+
+        def look() -> T | None:
+            ended = self._thread is not None and not self._thread.is_alive()
+            try:
+                got = check()
+            except Exception:
+                if ended:
+                    raise _RunEnded() from None
+                raise
+            if not got and ended:
+                raise _RunEnded()
+            return got
+
+        try:
+            return until(look, what, timeout, context=self.context)
+        except _RunEnded:
+            raise AssertionError(f"job {self.name} ended before {what}: {self._ended()}\n{self.context()}") from None
+
+    def _ended(self) -> str:
+        if self._error is not None:
+            return f"the runtime failed: {self._error!r}"
+        o = self._outcome
+        return "no outcome" if o is None else f"exit code {o.exit_code}, summary {o.summary}, notes {o.notes}"
 
     def until_metrics(self, check: Callable[[Metrics], bool], what: str, who: str = "server",
                       timeout: float = 45.0) -> Metrics:
