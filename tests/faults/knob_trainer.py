@@ -9,7 +9,12 @@ FAULT_EXAMPLES=N          num_examples of every result (default 10)
 FAULT_SIZE=N              elements of tensor ``w`` (float32; default 16); ``b`` has one
 FAULT_GATE=PATH           hold the result of round FAULT_HOLD_ROUND (default: the last) until PATH exists, so
                           a test can look at the live job; bounded by FAULT_GATE_TIMEOUT seconds (default 60)
+                          (and touch PATH.<site>.holding meanwhile, for FAULT_RAISE_WHEN)
+FAULT_GATE_THEN=exit      once the gate opens, end the script without sending (for a job that failed meanwhile:
+                          a held send() would wait for a server that is gone)
 FAULT_RAISE_AT_ROUND=N    raise in user code when round N's task arrives (kind ``exception``)
+FAULT_RAISE_WHEN=PATH     ... but only once PATH exists (bounded by FAULT_GATE_TIMEOUT), e.g. once another site
+                          holds its result at the gate
 FAULT_KILL_IN_UPLOAD_AT_ROUND=N
                           SIGKILL this process while the server downloads round N's result, after
                           FAULT_KILL_AFTER_CHUNKS chunks of it were served (default 2)
@@ -102,6 +107,8 @@ def main() -> int:
         rnd = model.round
         print(f"{site} round {rnd} received", flush=True)
         if raise_at and rnd == raise_at:
+            if os.environ.get("FAULT_RAISE_WHEN"):
+                hold(os.environ["FAULT_RAISE_WHEN"], gate_timeout)
             raise RuntimeError(f"injected failure in user code at round {rnd} of {site}")
         if model.params is None:  # the init task: this site's initial weights
             params = {"w": np.zeros(size, dtype=np.float32), "b": np.zeros(1, dtype=np.float32)}
@@ -114,7 +121,11 @@ def main() -> int:
         last = rnd == model.total_rounds
         if gate and rnd == (hold_round or model.total_rounds):
             print(f"{site} round {rnd} holding at the gate", flush=True)
+            open(f"{gate}.{site}.holding", "w").close()
             hold(gate, gate_timeout)
+            if os.environ.get("FAULT_GATE_THEN") == "exit":
+                print(f"{site} round {rnd}: leaving at the gate without sending", flush=True)
+                break
         try:
             fk.send(fk.FLModel(params=params, num_examples=examples))
         except fk.ResultRejectedError as exc:

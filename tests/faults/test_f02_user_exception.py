@@ -58,12 +58,14 @@ def test_exception_above_quorum_fails_that_client_and_the_job_succeeds(tmp_path:
 
 
 def test_exception_below_quorum_fails_the_job_with_quorum_lost_naming_the_client(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"  # LocalJob's gate
     doc = job_doc(
         "f02-below", ("site-a", "site-b"), rounds=2, min_clients=2,
         # site-a holds its round-1 result: its sidecar then waits for it after Stop, and the server,
         # waiting for that sidecar to hang up, still answers /status and /metrics once the job failed.
-        env={"FAULT_HOLD_ROUND": "1"},
-        site_env={"site-b": {"FAULT_RAISE_AT_ROUND": "1"}},
+        # site-b raises only once site-a holds (else site-a may still be fetching round 1's model).
+        site_env={"site-a": {"FAULT_HOLD_ROUND": "1", "FAULT_GATE_THEN": "exit"},
+                  "site-b": {"FAULT_RAISE_AT_ROUND": "1", "FAULT_RAISE_WHEN": f"{gate}.site-a.holding"}},
     )
     with LocalJob(doc, tmp_path) as job:
         status = job.until_status(lambda s: s["phase"] == "Failed", "the job failed")
