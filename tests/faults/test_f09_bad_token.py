@@ -9,7 +9,8 @@ and the job's real clients are not disturbed.
   is refused (and exits 2, as a sidecar does on a refused registration); site-c
   never registers, so it is excluded as NotRegistered, never Lost.
 * missing token: a hand-made gRPC client opens ``Connect`` as site-a, a live
-  client of the job, without an ``authorization`` header.
+  client of the job, without an ``authorization`` header, then tries to fetch
+  from the ``Download`` service the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 from fedkube.operator.naming import client_token_secret_name
 from fedkube.server.control import PROTOCOL_VERSION, SITE_METADATA
 from fedkube.spec.layout import TOKEN_FILE_NAME
-from fedkube.wire.v1 import control_pb2, control_pb2_grpc
+from fedkube.wire.v1 import control_pb2, control_pb2_grpc, tensor_pb2, tensor_pb2_grpc
 from tests.faults.support import CLIENTS, FAILURES, REJECTED, LocalJob, clients_of, job_doc
 
 pytestmark = pytest.mark.timeout(90)
@@ -52,6 +53,19 @@ def _connect_without_token(address: str) -> tuple[list[control_pb2.ServerMessage
     raise AssertionError(f"Connect without a token was not refused; replies: {replies}")
 
 
+def _fetch_without_token(address: str) -> grpc.RpcError:
+    """Ask the server's Download service for a chunk of the global model as site-a, without a token."""
+    request = tensor_pb2.FetchRequest(transaction_id=f"{JOB}-r2", ref_id="t0", receiver="site-a")
+    with grpc.insecure_channel(address) as channel:
+        stream = tensor_pb2_grpc.DownloadStub(channel).Fetch(request, metadata=((SITE_METADATA, "site-a"),),
+                                                              timeout=10)
+        try:
+            got = list(stream)
+        except grpc.RpcError as exc:
+            return exc
+    raise AssertionError(f"Fetch without a token was served: {got}")
+
+
 def test_wrong_and_missing_tokens_are_refused_and_the_others_finish(tmp_path: Path) -> None:
     doc = job_doc(JOB, ("site-a", "site-b", "site-c"), rounds=2, min_clients=2, timeouts={"registrationSeconds": 4})
     with LocalJob(doc, tmp_path, mutate=_wrong_token_for_site_c, client_grace_s=2.0) as job:
@@ -75,6 +89,13 @@ def test_wrong_and_missing_tokens_are_refused_and_the_others_finish(tmp_path: Pa
         job.until_metrics(lambda m: m.value(REJECTED, reason="BadToken") >= before + 1, "the missing token counted")
         job.until(lambda: "refused call from site 'site-a'" in job.log("server", "server"),
                   "the server to log the call without a token")
+        # Nor can a call without a token fetch the global model.
+        before = job.scrape().value(REJECTED, reason="BadToken")
+        error = _fetch_without_token(job.server_address())
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
+        job.until_metrics(lambda m: m.value(REJECTED, reason="BadToken") >= before + 1, "the refused fetch counted")
+        job.until(lambda: "refused a Download call from site 'site-a': missing or wrong token"
+                  in job.log("server", "server"), "the server to log the refused fetch")
         # The real site-a was not disturbed by a stranger using its name.
         a = clients_of(job.status())["site-a"]
         assert a["state"] in ("Training", "Done") and "reason" not in a, a
