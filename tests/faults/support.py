@@ -19,9 +19,16 @@ Typical use::
     doc = job_doc("f01", ("site-a", "site-b", "site-c"), rounds=2, min_clients=2,
                   site_env={"site-c": {"FAULT_RAISE_AT_ROUND": "1"}})
     with LocalJob(doc, tmp_path) as job:
-        job.until(lambda: job.scrape().value(FAILURES, reason="Exception") == 1, "the failure counted")
+        m = job.until_metrics(lambda m: m.value(FAILURES, reason="Exception") == 1, "the failure counted")
+        status = job.status()             # the live /status JSON
         job.open_gate()
-        outcome = job.result()
+        outcome = job.result()            # exit code, termination summary, per-pod results, notes
+
+The fault knobs of the trainer are listed in ``knob_trainer.py``; a test that
+needs a misconfigured pod (a wrong token, a wrong server address) edits the
+rendered manifests with ``LocalJob(..., mutate=...)`` (see :func:`pod_named`,
+:func:`container_env`). The emulated-cluster variant (the real operator) is the
+``operator_cluster`` fixture in ``conftest.py``.
 """
 
 from __future__ import annotations
@@ -227,6 +234,7 @@ class LocalJob:
     tmp_path: Path
     mutate: Callable[[list[dict[str, Any]]], None] | None = None
     client_grace_s: float = 5.0
+    name: str = field(init=False)
     gate: Path = field(init=False)
     run: LocalJobRun = field(init=False)
     manifests: list[dict[str, Any]] = field(init=False)
