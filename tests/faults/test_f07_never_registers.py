@@ -31,7 +31,7 @@ def _wrong_server_address(manifests: list[dict[str, Any]]) -> None:
 def test_client_that_never_registers_is_excluded_never_lost_and_the_job_succeeds(tmp_path: Path) -> None:
     doc = job_doc("f07", ("site-a", "site-b", "site-c"), rounds=2, min_clients=2,
                   # heartbeatSeconds far below the job's length: a never-seen client must still not become Lost
-                  timeouts={"registrationSeconds": 4, "heartbeatSeconds": 4})
+                  timeouts={"registrationSeconds": 8, "heartbeatSeconds": 4})
     with LocalJob(doc, tmp_path, mutate=_wrong_server_address, client_grace_s=2.0) as job:
         # Round 2 is held at the gate: site-c was excluded from rounds 1 and 2 by then.
         m = job.until_metrics(lambda m: m.value(FAILURES, reason="NotRegistered") == 2,

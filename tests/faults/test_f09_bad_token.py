@@ -67,7 +67,7 @@ def _fetch_without_token(address: str) -> grpc.RpcError:
 
 
 def test_wrong_and_missing_tokens_are_refused_and_the_others_finish(tmp_path: Path) -> None:
-    doc = job_doc(JOB, ("site-a", "site-b", "site-c"), rounds=2, min_clients=2, timeouts={"registrationSeconds": 4})
+    doc = job_doc(JOB, ("site-a", "site-b", "site-c"), rounds=2, min_clients=2, timeouts={"registrationSeconds": 8})
     with LocalJob(doc, tmp_path, mutate=_wrong_token_for_site_c, client_grace_s=2.0) as job:
         # Round 2 is held at the gate by site-a and site-b; site-c has been refused by then.
         job.until_status(lambda s: s["round"] == 2, "round 2 under way")

@@ -24,7 +24,7 @@ def test_pod_pending_forever_fails_that_client_with_the_schedulers_reason(operat
     fl = operator_cluster.fl
     fl.holds["f11-client-site-c"] = SCHEDULER  # the kubelet never runs it: unschedulable
     job = quickstart_job("f11", sites=("site-a", "site-b", "site-c"), min_clients=2, rounds=1)
-    job["spec"]["timeouts"].update(pendingSeconds=1.5, registrationSeconds=6)
+    job["spec"]["timeouts"].update(pendingSeconds=1.5, registrationSeconds=8)
     fl.apply(job)
 
     status = fl.wait("f11", lambda s: (s.get("clients") or {}).get("site-c", {}).get("state") == "Failed", 30,
