@@ -369,11 +369,14 @@ class Registry:
             self._records[site] = replace(rec, reason=reason, message=message)
             return True
 
-    def check_heartbeats(self) -> list[ClientRecord]:
+    def check_heartbeats(self, *, final_round: int | None = None) -> list[ClientRecord]:
         """Declare Lost every seen client silent for longer than the heartbeat timeout; returns them.
 
         The server should end a Lost client's stream; the sidecar then
-        reconnects and registers again (Lost -> Registered).
+        reconnects and registers again (Lost -> Registered). A client that
+        delivered its result of ``final_round`` (the job's last) has nothing
+        left to do: its pod may wind down while others still train, and that
+        silence is teardown, not a loss (LESSONS.md 19).
         """
         now = self._clock()
         lost: list[ClientRecord] = []
@@ -382,6 +385,9 @@ class Registry:
                 if not rec.seen or rec.last_seen is None or rec.state not in _ALIVE | {S.FAILED}:
                     continue
                 if rec.failed_for_job:
+                    continue
+                if (final_round is not None and rec.state is S.DONE and rec.round >= final_round
+                        and rec.delivered_task_id == rec.task_id):
                     continue
                 silent = now - rec.last_seen
                 if silent > self.heartbeat_timeout_s:

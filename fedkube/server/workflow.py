@@ -365,6 +365,7 @@ class RoundWorkflow:
         self._last_metrics: dict[str, float] = {}
         self._trainers: dict[str, TrainerReport] = {}
         self._not_in_round: tuple[Exclusion, ...] = ()
+        self._counted_exclusions: set[tuple[int, str]] = set()
         self._waited_for_registration = False
         self._phase = Phase.PENDING
         self._reason = ""
@@ -553,6 +554,7 @@ class RoundWorkflow:
             start = decide_start(self.registry, self.policy, number, waiting_since=self._start_mono, now=now)
             if start.action is Action.START:
                 apply_start(self.registry, start)
+                self._count_not_registered(number, start.excluded)
                 self._not_in_round = tuple(start.excluded)
                 for e in start.excluded:
                     log.warning("job %s round %s: client %s excluded: %s (%s)", self.settings.job, number,
@@ -561,8 +563,19 @@ class RoundWorkflow:
                 return start.participants
             if start.action is Action.FAIL:
                 apply_start(self.registry, start)
+                self._count_not_registered(number, start.excluded)
                 raise JobFailed(start.reason.value if start.reason else Reason.QUORUM_LOST.value, start.message)
             self._pump_once(start.wake_at if start.wake_at is not None else now + 0.2)
+
+    def _count_not_registered(self, number: int, excluded: tuple[Exclusion, ...]) -> None:
+        """Count each NotRegistered exclusion once per round (round 1 is decided twice around the init task).
+
+        Other exclusions at the start repeat a failure that was counted when it happened.
+        """
+        for e in excluded:
+            if e.reason is Reason.NOT_REGISTERED and (number, e.client) not in self._counted_exclusions:
+                self._counted_exclusions.add((number, e.client))
+                self.telemetry.client_failed(e.reason.value)
 
     def _init_from_first_client(self, candidates: tuple[str, ...]) -> dict[str, np.ndarray]:
         """spec.model.source firstClient: ask one client (first by name) for its initial weights."""
@@ -1045,7 +1058,7 @@ class RoundWorkflow:
 
     def _check_heartbeats(self) -> None:
         """Seen-then-silent clients become Lost (the registry never loses a client it has not seen)."""
-        for rec in self.registry.check_heartbeats():
+        for rec in self.registry.check_heartbeats(final_round=self.settings.rounds):
             self.telemetry.client_failed(Reason.LOST.value)
             log.warning("job %s: client %s lost: %s", self.settings.job, rec.name, rec.message)
             self._abort_download(rec.name)

@@ -78,6 +78,10 @@ def test_never_registered_client_is_excluded_by_name_and_quorum_proceeds(harness
     assert clients["site-c"].state == "Pending"
     assert clients["site-c"].reason == "NotRegistered"  # never seen: not "Lost"
     assert clients["site-a"].state == "Done" and clients["site-a"].rounds_completed == 1
+    failures = "fedkube_server_client_failures_total"
+    reg, job = srv.metrics_registry, {"fljob": "job1"}
+    assert reg.get_sample_value(failures, {**job, "reason": "NotRegistered"}) == 1  # the one round it missed
+    assert reg.get_sample_value(failures, {**job, "reason": "Lost"}) == 0
 
 
 def test_straggler_is_excluded_at_the_deadline_and_the_others_aggregate(harness: Harness, tmp_path: Path) -> None:

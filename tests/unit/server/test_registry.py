@@ -121,6 +121,26 @@ def test_heartbeats_keep_a_client_alive_and_silence_makes_it_lost(clock: FakeClo
     assert reg.get("a").state is S.REGISTERED and reg.get("a").reason is None
 
 
+def test_client_done_with_the_final_round_is_not_lost_when_its_pod_winds_down(clock: FakeClock) -> None:
+    reg = make(clock)
+    a, b = connect(reg, "a"), connect(reg, "b")
+    for site, key in (("a", a), ("b", b)):
+        reg.task_sent(site, f"{site}-t2", 2)
+        assert reg.result_announced(key, f"{site}-t2")
+    assert reg.result_done("a", "a-t2")  # a delivered round 2 of 2; b is still uploading
+    reg.disconnected(a)  # its trainer exited, then its sidecar: teardown (LESSONS.md 19)
+    clock.advance(10_000)
+    assert [r.name for r in reg.check_heartbeats(final_round=2)] == ["b"]
+    assert reg.get("a").state is S.DONE and reg.get("a").reason is None
+    # Not the last round: the same silence is a loss.
+    reg2 = make(clock)
+    c = connect(reg2, "a")
+    reg2.task_sent("a", "t1", 1)
+    assert reg2.result_announced(c, "t1") and reg2.result_done("a", "t1")
+    clock.advance(10_000)
+    assert [r.name for r in reg2.check_heartbeats(final_round=2)] == ["a"]
+
+
 def test_failure_rules(clock: FakeClock) -> None:
     reg = make(clock)
     a = connect(reg, "a")
