@@ -149,7 +149,8 @@ class Upload:
                 return None
 
     def cancel(self) -> None:
-        self.cancelled.set()
+        with self._lock:  # so attach_socket either sees it cancelled or queued its socket before the drain
+            self.cancelled.set()
         # Free a Push handler blocked on a full window right away; close a bulk socket nobody took.
         try:
             while True:
