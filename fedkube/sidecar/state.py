@@ -152,6 +152,11 @@ class TaskBook:
             announcement=ann,
         )
         with self._cond:
+            # A sidecar restarted mid-task gets the task re-sent by the server while its trainer,
+            # which took it from the previous sidecar, finishes it: never hand it out a second time.
+            self._seen.add(ann.task_id)
+            if any(t.task_id == ann.task_id for t in self._queue):
+                self._queue = deque(t for t in self._queue if t.task_id != ann.task_id)
             self._results[ann.task_id] = res
             for tx in res.transactions:
                 self._by_transaction[tx] = ann.task_id
