@@ -159,15 +159,43 @@ class Session:
                  self.job, self.site, self.address, self.download_address)
 
     def _hold_session(self) -> None:
-        try:
-            for event in self._session_call:
-                if event.HasField("stop"):
-                    log.info("job %s site %s: the job was stopped (%s)", self.job, self.site,
-                             event.stop.reason or "done")
-        except grpc.RpcError as exc:
-            if not self._closed and exc.code() != grpc.StatusCode.CANCELLED:
+        while True:
+            try:
+                for event in self._session_call:
+                    if event.HasField("stop"):
+                        log.info("job %s site %s: the job was stopped (%s)", self.job, self.site,
+                                 event.stop.reason or "done")
+                return  # the sidecar ended the session: the job is over
+            except grpc.RpcError as exc:
+                if self._closed or exc.code() == grpc.StatusCode.CANCELLED:
+                    return
                 log.warning("job %s site %s: lost the session with sidecar %s: %s", self.job, self.site,
                             self.address, _rpc_text(exc))
+            if not self._reattach():
+                return
+
+    def _reattach(self) -> bool:
+        """Say hello again after the session broke: a restarted sidecar (kubelet restart) knows nothing of us.
+
+        Without it the new sidecar could hand out tasks but could not serve their
+        results' uploads (it learns the download address from Hello only).
+        """
+        try:
+            self.link.Hello(
+                trainer_pb2.HelloRequest(download_address=self.download_address, pid=os.getpid()),
+                timeout=self.settings.connect_timeout_s,
+                wait_for_ready=True,
+            )
+        except grpc.RpcError as exc:
+            if not self._closed:
+                log.warning("job %s site %s: the sidecar %s did not come back: %s", self.job, self.site,
+                            self.address, _rpc_text(exc))
+            return False
+        if self._closed:
+            return False
+        self._session_call = self.link.Session(trainer_pb2.SessionRequest(pid=os.getpid()))
+        log.info("job %s site %s: re-attached to sidecar %s", self.job, self.site, self.address)
+        return True
 
     # --- tasks ---------------------------------------------------------------------
     def _poll(self, block: bool) -> control_pb2.Task | control_pb2.Stop | None:
