@@ -56,6 +56,7 @@ INIT_TASK = "init"
 RESULT_IDLE_TIMEOUT_KEY = "fedkube.result_idle_timeout_s"
 RESULT_START_TIMEOUT_KEY = "fedkube.result_start_timeout_s"
 RESULT_TTL_KEY = "fedkube.result_ttl_s"
+RESUBMITS = 2  # times send() announces a result again to a restarted sidecar
 
 
 @dataclass(frozen=True)
@@ -317,7 +318,7 @@ class Session:
             task_id=task.id, round=task.round, num_examples=int(model.num_examples), metrics=metrics, refs=refs
         )
         try:
-            self.link.SubmitResult(trainer_pb2.SubmitResultRequest(result=ann), timeout=30.0, wait_for_ready=True)
+            self._submit(ann)
         except grpc.RpcError as exc:
             if txn is not None:
                 self.service.release(txn.id)
@@ -332,10 +333,47 @@ class Session:
         del txn
         waiting = time.monotonic()
         try:
-            return self._wait_received(task, total, idle_s=idle, start_s=start)
+            return self._wait_received_across_restarts(task, ann, total, idle_s=idle, start_s=start)
         finally:
             self._waited = time.monotonic() - waiting
             self.service.release(tid)
+
+    def _wait_received_across_restarts(
+        self, task: _Task, ann: control_pb2.ResultAnnouncement, total: int, *, idle_s: float, start_s: float
+    ) -> bool:
+        """``_wait_received``; if the sidecar dies meanwhile, announce the result again to its restart.
+
+        A kubelet restarts a killed sidecar; the result's bytes are still served
+        here under the same transaction (LESSONS.md 6), so the new sidecar can
+        relay them, or learn from the server that the round went on without them.
+        """
+        for attempt in range(RESUBMITS + 1):
+            try:
+                return self._wait_received(task, total, idle_s=idle_s, start_s=start_s)
+            except SidecarUnreachableError as exc:
+                if attempt == RESUBMITS or self._closed:
+                    raise
+                log.warning("%s; announcing the result again once the sidecar is back", exc)
+                try:
+                    self._submit(ann, timeout_s=self.settings.connect_timeout_s)
+                except grpc.RpcError:
+                    raise exc from None
+        raise AssertionError("unreachable")
+
+    def _submit(self, ann: control_pb2.ResultAnnouncement, timeout_s: float = 30.0) -> None:
+        """SubmitResult; again if the sidecar died during the call (its restart takes the same announcement)."""
+        for attempt in range(RESUBMITS + 1):
+            try:
+                self.link.SubmitResult(trainer_pb2.SubmitResultRequest(result=ann), timeout=timeout_s,
+                                       wait_for_ready=True)
+                return
+            except grpc.RpcError as exc:
+                if attempt == RESUBMITS or self._closed or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                log.warning("job %s site %s round %d task %s: the sidecar went away while taking the result (%s); "
+                            "announcing it again once the sidecar is back", self.job, self.site, ann.round,
+                            ann.task_id, _rpc_text(exc))
+                timeout_s = max(timeout_s, self.settings.connect_timeout_s)
 
     def _wait_received(self, task: _Task, total: int, *, idle_s: float, start_s: float) -> bool:
         """Block until the server has the result or refused it; progress-aware (LESSONS.md 1-3)."""

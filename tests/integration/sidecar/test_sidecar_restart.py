@@ -107,3 +107,47 @@ while fk.is_running():
                 p.kill()
                 p.wait(10)
         server.stop()
+
+
+def test_sidecar_killed_while_the_server_downloads_a_result_gets_it_announced_again(tmp_path: Path) -> None:
+    server = FakeServer(JOB, {SITE: TOKEN}).start()
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    port = _free_port()
+    first = _sidecar(server, token, port)
+    second = trainer = None
+    try:
+        server.wait_registered(SITE, timeout=20)
+        trainer = _trainer(
+            tmp_path,
+            """
+fk.init()
+while fk.is_running():
+    model = fk.receive()
+    fk.send(fk.FLModel(params={"w": model.params["w"] + 1}, num_examples=1))
+""",
+            port,
+        )
+        server.publish_task(SITE, {"w": np.zeros(1000, np.float32)}, task_id="t1", round=1)
+        server.wait_message("result", lambda r: r.task_id == "t1", timeout=30)
+        # The trainer now waits in send() for the download; its sidecar dies before the server pulls.
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        second = _sidecar(server, token, port)
+        server.wait_registered(SITE, n=2, timeout=30)
+        anns = server.wait_for(lambda: [a for a in server.of_kind("result", SITE) if a.task_id == "t1"][1:], 30)
+        assert server.pull(SITE, anns[0])["w"][0] == 1.0  # same bytes, served through the new sidecar
+        server.result_received(SITE, "t1")
+        server.publish_task(SITE, {"w": np.full(1000, 5, np.float32)}, task_id="t2", round=2)
+        ann = server.wait_message("result", lambda r: r.task_id == "t2", timeout=30)
+        assert server.pull(SITE, ann)["w"][0] == 6.0
+        server.result_received(SITE, "t2")
+        server.send(SITE, control_pb2.ServerMessage(stop=control_pb2.Stop(success=True, reason="Done")))
+        assert trainer.wait(30) == 0, trainer.communicate()[0]
+    finally:
+        for p in (trainer, first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+        server.stop()
+
