@@ -42,6 +42,13 @@ from fedkube.trainer_sdk.errors import (
 )
 from fedkube.trainer_sdk.model import FLModel, params_to_numpy
 from fedkube.transfer.allocator import release_free_memory
+from fedkube.transfer.errors import (
+    RefNotFoundError,
+    StreamBrokenError,
+    TransactionExpiredError,
+    TransferError,
+    TransferStalledError,
+)
 from fedkube.transfer.fetch import Fetcher, FetchSettings, GrpcChunkSource
 from fedkube.transfer.refs import TensorRef, numpy_dtype
 from fedkube.transfer.service import DownloadService, serve
@@ -57,6 +64,8 @@ RESULT_IDLE_TIMEOUT_KEY = "fedkube.result_idle_timeout_s"
 RESULT_START_TIMEOUT_KEY = "fedkube.result_start_timeout_s"
 RESULT_TTL_KEY = "fedkube.result_ttl_s"
 RESUBMITS = 2  # times send() announces a result again to a restarted sidecar
+# Fetch failures after which a task is dropped (the site sits out the round), not raised to the script.
+_UNREACHABLE_MODEL = (RefNotFoundError, TransactionExpiredError, StreamBrokenError, TransferStalledError)
 
 
 @dataclass(frozen=True)
@@ -234,6 +243,13 @@ class Session:
         return isinstance(self._poll(block=True), control_pb2.Task)
 
     def receive(self) -> FLModel:
+        while True:
+            model = self._receive_one()
+            if model is not None:
+                return model
+
+    def _receive_one(self) -> FLModel | None:
+        """The next task's model; None when its model is gone at the source (the task is dropped)."""
         got = self._poll(block=True)
         if isinstance(got, control_pb2.Stop):
             raise JobStoppedError(
@@ -249,7 +265,15 @@ class Session:
         log.info("job %s site %s round %d: task %s received (%d tensors)", self.job, self.site, task.round,
                  task.id, len(task.refs))
         # An init task asks for the script's initial weights: there is nothing to fetch.
-        params = None if task.config.get(TASK_KIND_KEY) == INIT_TASK else self._fetch(task)
+        try:
+            params = None if task.config.get(TASK_KIND_KEY) == INIT_TASK else self._fetch(task)
+        except _UNREACHABLE_MODEL as exc:
+            # The server restarted (it publishes under new ids and sends its own task for the round)
+            # or stayed out of reach past every retry: this copy can never be done. The site sits out
+            # the round, as for a failed result transfer (DESIGN.md §5), instead of failing the job.
+            log.warning("job %s site %s round %d: dropping task %s, its model cannot be fetched (%s); "
+                        "waiting for the server's next task", self.job, self.site, task.round, task.id, exc)
+            return None
         with self._lock:
             self._task = task
         self._timing(RECEIVE_SECONDS, time.monotonic() - started)
@@ -275,7 +299,11 @@ class Session:
                 except Exception:
                     log.info("transaction %s: could not report the failed fetch", tid)
                 raise
-            source.complete(tid, True)
+            try:
+                source.complete(tid, True)
+            except TransferError as exc:
+                # A courtesy to the publisher (which also releases on its TTL): the model is already here.
+                log.info("transaction %s: fetched, but could not say so to the source: %s", tid, exc)
         return out
 
     # --- results -------------------------------------------------------------------

@@ -151,3 +151,47 @@ while fk.is_running():
                 p.wait(10)
         server.stop()
 
+
+def test_a_task_whose_model_is_gone_at_the_source_is_dropped_not_a_script_failure(tmp_path: Path) -> None:
+    # What a trainer sees when the server restarted after sending a task: the transaction is unknown.
+    server = FakeServer(JOB, {SITE: TOKEN}).start()
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    port = _free_port()
+    sidecar = _sidecar(server, token, port)
+    trainer = None
+    try:
+        server.wait_registered(SITE, timeout=20)
+        trainer = _trainer(
+            tmp_path,
+            """
+fk.init()
+while fk.is_running():
+    model = fk.receive()
+    fk.send(fk.FLModel(params={"w": model.params["w"] + 1}, num_examples=1))
+""",
+            port,
+        )
+        gone = server.downloads.publish({"w": np.zeros(10, np.float32)}, receivers=[SITE], ttl_s=120,
+                                        transaction_id="g-gone")
+        refs = [r.to_proto() for r in gone.refs]
+        server.downloads.release("g-gone")
+        server.send(SITE, control_pb2.ServerMessage(task=control_pb2.Task(task_id="t-gone", round=1, refs=refs)))
+        server.publish_task(SITE, {"w": np.full(10, 5, np.float32)}, task_id="t2", round=2)
+        ann = server.wait_message("result", lambda r: r.task_id == "t2", timeout=30)
+        assert server.pull(SITE, ann)["w"][0] == 6.0
+        server.result_received(SITE, "t2")
+        assert not [a for a in server.of_kind("result", SITE) if a.task_id == "t-gone"]
+        assert not server.of_kind("trainer_state", SITE) or all(
+            s.phase != control_pb2.TRAINER_PHASE_FAILED for s in server.of_kind("trainer_state", SITE)
+        )
+        server.send(SITE, control_pb2.ServerMessage(stop=control_pb2.Stop(success=True, reason="Done")))
+        out = trainer.communicate(timeout=30)[0]
+        assert trainer.returncode == 0, out
+        assert "dropping task t-gone" in out
+    finally:
+        for p in (trainer, sidecar):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+        server.stop()
