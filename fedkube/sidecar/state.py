@@ -237,6 +237,11 @@ class TaskBook:
 
 # --- the trainer ----------------------------------------------------------------
 
+NEVER_ATTACHED = (
+    "the trainer never attached to its sidecar: it exited or crashed before calling fk.init(), or never started; "
+    "fix: check the trainer container's logs (and that the script calls fk.init())"
+)
+
 
 @dataclass(frozen=True)
 class TrainerSnapshot:
@@ -321,6 +326,22 @@ class TrainerTracker:
                 TrainerSnapshot(
                     control_pb2.TRAINER_PHASE_EXITED,
                     message="the trainer process ended without reporting finished or failed",
+                )
+            )
+
+    def never_attached(self) -> TrainerSnapshot | None:
+        """The sidecar stops and no trainer ever opened a session with it: the trainer is gone for good.
+
+        Without this report the server would learn it only from the heartbeat
+        timeout, under a vaguer reason. None when a trainer attached at some point.
+        """
+        with self._lock:
+            if self._session or self._state.phase != control_pb2.TRAINER_PHASE_STARTING:
+                return None
+            return self._set(
+                TrainerSnapshot(
+                    control_pb2.TRAINER_PHASE_EXITED,
+                    message=NEVER_ATTACHED,
                 )
             )
 
