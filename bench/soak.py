@@ -354,12 +354,15 @@ class Soak:
         consecutive draws made in a fixed pattern (seed 4 chose the same kind and direction every time)."""
         return random.Random(f"{self.args.seed}:{round_}:{purpose}")
 
-    def inject(self, kind: str, round_: int) -> Fault:
+    def inject(self, kind: str, round_: int) -> Fault | None:
+        """Hurt the job now; None when the job already reached its last round (nothing left to show recovery)."""
         time.sleep(self.draw(round_, 'when').uniform(0.0, self.args.inject_window_s))  # somewhere inside the round
         now = time.monotonic()
         current = self.job.status().get("round")
         if isinstance(current, int) and current > round_:
             round_ = current  # small rounds go by faster than the window
+        if round_ >= self.args.rounds:
+            return None
         if kind == "sidecar_kill":
             site = self.draw(round_, 'site').choice(sorted(self.job.clients))
             pid = self.job.pid(site, "sidecar")
@@ -390,7 +393,7 @@ class Soak:
 
     def run(self) -> int | None:
         deadline = time.monotonic() + self.args.timeout
-        last_seen = 0
+        last_seen = -1  # the first status (0 rounds completed) may bring a fault into round 1
         while time.monotonic() < deadline:
             server = self.job.server
             assert server is not None
@@ -399,7 +402,8 @@ class Soak:
             done = doc.get("completedRounds")
             if isinstance(done, int) and done > last_seen:
                 last_seen = self.completed = max(self.completed, done)
-                self.sample_rss(done)
+                if done > 0:
+                    self.sample_rss(done)
                 self.check_recovery()
                 # A fault needs a whole round after the one it hits, to show its component came back.
                 room = done + 2 <= self.args.rounds
@@ -407,8 +411,10 @@ class Soak:
                     # Kinds come in a seeded shuffled cycle, so even a short run sees different ones.
                     order = self.draw(0, "order").sample(self.args.kinds, len(self.args.kinds))
                     kind = order[len(self.faults) % len(order)]
-                    self.faults.append(self.inject(kind, done + 1))
-                    log.info("round %s: injected %s", done + 1, self.faults[-1])
+                    fault = self.inject(kind, done + 1)
+                    if fault is not None:
+                        self.faults.append(fault)
+                        log.info("round %s: injected %s", fault.round, fault)
             if ended is not None:
                 main = ended.containers[-1].exit_code
                 self.check_recovery()
