@@ -30,6 +30,8 @@ STATUS_PORT = "FEDKUBE_STATUS_PORT"  # the server's HTTP status endpoint (JSON)
 TOKENS_DIR = "FEDKUBE_TOKENS_DIR"  # one file per site, named after the site, holding its token
 CHECKPOINT_DIR = "FEDKUBE_CHECKPOINT_DIR"
 TERMINATION_LOG = "FEDKUBE_TERMINATION_LOG"  # where the JSON summary goes (/dev/termination-log)
+# Seconds an authenticated control stream may stay open without sending Register (default 30).
+REGISTER_TIMEOUT = "FEDKUBE_REGISTER_TIMEOUT_SECONDS"
 
 # --- job-cell sidecar --------------------------------------------------------
 SITE = "FEDKUBE_SITE"  # this client's site name (also given to the trainer)

@@ -154,6 +154,7 @@ class FedkubeServer:
         self._servicer = ControlServicer(
             s.job, config.tokens, self.workflow, self.sessions, self.broker,
             heartbeat_interval_ms=self.workflow.heartbeat_interval_ms, metrics=self.metrics,
+            register_timeout_s=config.register_timeout_s,
         )  # fmt: skip
         limit = config.message_limit()
         # Every running stream holds a worker: each client has a control stream, a forward fetch

@@ -8,6 +8,7 @@ var or the spec field (LESSONS.md 18), never deep inside a round.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -19,6 +20,9 @@ from fedkube import envvars
 from fedkube.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+DEFAULT_REGISTER_TIMEOUT_S = 30.0
+MAX_REGISTER_TIMEOUT_S = 3600.0  # longer would make the guard pointless
 
 # A site name is also a file name in the tokens dir and a metadata value.
 _SITE_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -101,6 +105,17 @@ class ServerConfig:
     # Largest control/Push message accepted; a bigger one is refused by gRPC
     # before it is buffered, so a hostile client cannot grow our memory.
     max_message_bytes: int = 0
+    # How long an authenticated Connect stream may stay silent before its Register: a stream
+    # that never registers would otherwise hold a server thread for good.
+    register_timeout_s: float = DEFAULT_REGISTER_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        t = self.register_timeout_s
+        if not (math.isfinite(t) and 0 < t <= MAX_REGISTER_TIMEOUT_S):
+            raise ConfigError(
+                f"{envvars.REGISTER_TIMEOUT}={t!r} is not a usable registration timeout; fix: set it to a number "
+                f"of seconds above 0 and at most {MAX_REGISTER_TIMEOUT_S:g} (default {DEFAULT_REGISTER_TIMEOUT_S:g})"
+            )
 
     @property
     def job(self) -> str:
@@ -111,6 +126,16 @@ class ServerConfig:
         if self.max_message_bytes > 0:
             return self.max_message_bytes
         return self.settings.transfer.chunk_bytes + 1024 * 1024
+
+
+def _seconds_env(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds; fix: set it to e.g. {default:g}") from None
 
 
 def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
@@ -246,6 +271,7 @@ def load_config(env: Mapping[str, str] | None = None, *, bind_host: str = "[::]"
         checkpoint_dir=Path(ckpt) if ckpt else None,
         termination_log=Path(term) if term else None,
         bind_host=bind_host,
+        register_timeout_s=_seconds_env(env, envvars.REGISTER_TIMEOUT, DEFAULT_REGISTER_TIMEOUT_S),
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from fedkube import envvars
 from fedkube.metrics.server import ServerMetrics
 from fedkube.server.reverse import UploadBroker, push_chunk, push_end, push_error
 from fedkube.transfer.errors import InvalidRefError
@@ -34,6 +35,7 @@ from fedkube.wire.v1 import control_pb2, control_pb2_grpc
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+REGISTER_TIMEOUT = "RegisterTimeout"  # connections_rejected reason: a stream that never registered
 SITE_METADATA = "x-fedkube-site"
 AUTH_METADATA = "authorization"
 
@@ -165,6 +167,31 @@ class SessionTable:
             s.close()
 
 
+def _first_message(
+    request_iterator: Iterator[control_pb2.ClientMessage], timeout_s: float, site: str
+) -> tuple[control_pb2.ClientMessage | None, bool]:
+    """(first message or None, timed out?): gRPC's request iterator has no timeout of its own.
+
+    The helper thread ends with the call: when the stream is refused after the
+    timeout, gRPC ends the iterator (or raises from it).
+    """
+    box: list[control_pb2.ClientMessage | None] = []
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            box.append(next(request_iterator, None))
+        except Exception:  # the call ended (cancelled, refused): no Register came
+            box.append(None)
+        finally:
+            done.set()
+
+    threading.Thread(target=read, name=f"fedkube-register-{site}", daemon=True).start()
+    if not done.wait(timeout_s):
+        return None, True
+    return box[0], False
+
+
 class ControlServicer(control_pb2_grpc.ControlServicer):
     """Serves ``fedkube.v1.Control``: Connect (the control stream) and Push (result chunks)."""
 
@@ -178,8 +205,10 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         *,
         heartbeat_interval_ms: int,
         metrics: ServerMetrics | None = None,
+        register_timeout_s: float = 30.0,
     ) -> None:
         self._metrics = metrics
+        self._register_timeout_s = register_timeout_s
         self._job = job
         self._tokens = dict(tokens)
         self._events = events
@@ -223,8 +252,15 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     ) -> Iterator[control_pb2.ServerMessage]:
         site, code, reason, message = self._authenticate(context)
         if code is None:
-            first = next(request_iterator, None)
-            code, reason, message = self._check_register(site, first)
+            first, timed_out = _first_message(request_iterator, self._register_timeout_s, site)
+            if timed_out:
+                code, reason, message = grpc.StatusCode.DEADLINE_EXCEEDED, REGISTER_TIMEOUT, (
+                    f"site {site!r} opened a control stream but sent no Register within "
+                    f"{self._register_timeout_s:g} s; fix: send Register as the stream's first message "
+                    f"(the fedkube sidecar does), or raise {envvars.REGISTER_TIMEOUT} on the server"
+                )
+            else:
+                code, reason, message = self._check_register(site, first)
         if code is not None:
             self._refuse(context, site, code, reason, message)
             yield control_pb2.ServerMessage(rejected=control_pb2.Rejected(reason=reason, message=message))

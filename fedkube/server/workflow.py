@@ -281,6 +281,7 @@ class _Round:
     answered: set[str] = field(default_factory=set)
     announced: set[str] = field(default_factory=set)
     attempts: int = 0
+    keys: dict[str, str] = field(default_factory=dict)  # site -> aggregator key of its latest download
     aggregation_s: float = 0.0
     closed: bool = False
 
@@ -882,6 +883,7 @@ class RoundWorkflow:
             site=site, task_id=result.task_id, key=f"{site}#{rnd.attempts}", num_examples=result.num_examples,
             metrics=dict(result.metrics), bytes_total=sum(r.nbytes for r in refs), started=self._clock(),
         )  # fmt: skip
+        self._continue_attempt(rnd, site, dl.key)
         dl.thread = threading.Thread(
             target=self._download, args=(rnd, dl, refs), name=f"fedkube-pull-{site}-r{rnd.number}", daemon=True
         )
@@ -890,6 +892,30 @@ class RoundWorkflow:
         log.info("job %s round %s: pulling %d tensor(s), %d bytes, from %s", self.settings.job, rnd.number, len(refs),
                  dl.bytes_total, site)
         self._refresh()
+
+    def _continue_attempt(self, rnd: _Round, site: str, key: str) -> None:
+        """Make ``key`` the site's new attempt without counting any of its tensors twice.
+
+        A site may deliver again within a round (its sidecar restarted and the
+        task was re-sent) after an earlier download was cut short with some
+        tensors verified and folded in. The earlier attempt is discarded (a
+        no-op when it already was) and reopened under the new key, so the
+        aggregator ignores the new copies of the tensors it kept.
+        """
+        prev = rnd.keys.get(site)
+        rnd.keys[site] = key
+        if prev is None or isinstance(rnd.sink, _InitCollector):
+            return
+        try:
+            rnd.sink.discard(prev)
+            kept = rnd.sink.reopen(prev, key)
+        except FedkubeError as exc:  # the earlier attempt was committed: the workflow never pulls it again
+            log.info("job %s round %s: %s delivers again after %s: %s", self.settings.job, rnd.number, site,
+                     prev, exc)
+            return
+        if kept:
+            log.info("job %s round %s: %s delivers again; %d tensor(s) of its earlier attempt stay and are not "
+                     "added twice", self.settings.job, rnd.number, site, len(kept))
 
     def _on_download_finished(self, rnd: _Round, dl: _Download, ok: bool, reason: str, message: str) -> None:
         if rnd.downloads.get(dl.site) is not dl:

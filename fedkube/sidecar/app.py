@@ -164,6 +164,7 @@ class Sidecar:
         if self._closing.is_set():
             return
         self._closing.set()
+        self._report_never_attached()
         self.upstream.close(timeout=grace)
         self.pusher.shutdown()
         if self.bulk_relay is not None:
@@ -178,6 +179,13 @@ class Sidecar:
         if self.metrics_server is not None:
             self.metrics_server.close()
         self._exit.set()
+
+    def _report_never_attached(self) -> None:
+        # Queued before the upstream's half-close, so it reaches the server before the stream ends.
+        change = self.trainer.never_attached()
+        if change is not None:
+            log.warning("site %s: stopping, and no trainer ever attached; telling the server", self.config.site)
+            self._on_trainer_state(change)
 
     def _watch_upstream(self) -> None:
         self.upstream.done.wait()

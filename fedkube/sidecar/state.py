@@ -152,9 +152,11 @@ class TaskBook:
             announcement=ann,
         )
         with self._cond:
-            # A sidecar restarted mid-round queues the server's re-sent copy of the task the
-            # trainer is already working on; its result answers that copy too, so it must not train twice.
-            self._queue = deque(t for t in self._queue if t.task_id != ann.task_id)
+            # A sidecar restarted mid-task gets the task re-sent by the server while its trainer,
+            # which took it from the previous sidecar, finishes it: never hand it out a second time.
+            self._seen.add(ann.task_id)
+            if any(t.task_id == ann.task_id for t in self._queue):
+                self._queue = deque(t for t in self._queue if t.task_id != ann.task_id)
             self._results[ann.task_id] = res
             for tx in res.transactions:
                 self._by_transaction[tx] = ann.task_id
@@ -234,6 +236,11 @@ class TaskBook:
 
 
 # --- the trainer ----------------------------------------------------------------
+
+NEVER_ATTACHED = (
+    "the trainer never attached to its sidecar: it exited or crashed before calling fk.init(), or never started; "
+    "fix: check the trainer container's logs (and that the script calls fk.init())"
+)
 
 
 @dataclass(frozen=True)
@@ -319,6 +326,22 @@ class TrainerTracker:
                 TrainerSnapshot(
                     control_pb2.TRAINER_PHASE_EXITED,
                     message="the trainer process ended without reporting finished or failed",
+                )
+            )
+
+    def never_attached(self) -> TrainerSnapshot | None:
+        """The sidecar stops and no trainer ever opened a session with it: the trainer is gone for good.
+
+        Without this report the server would learn it only from the heartbeat
+        timeout, under a vaguer reason. None when a trainer attached at some point.
+        """
+        with self._lock:
+            if self._session or self._state.phase != control_pb2.TRAINER_PHASE_STARTING:
+                return None
+            return self._set(
+                TrainerSnapshot(
+                    control_pb2.TRAINER_PHASE_EXITED,
+                    message=NEVER_ATTACHED,
                 )
             )
 

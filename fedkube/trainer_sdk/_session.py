@@ -54,9 +54,11 @@ from fedkube.transfer.errors import (
     ChecksumMismatchError,
     InvalidRefError,
     RefNotFoundError,
+    StreamBrokenError,
     TransactionExpiredError,
     TransferAbortedError,
     TransferError,
+    TransferStalledError,
 )
 from fedkube.transfer.fetch import Fetcher, FetchSettings, GrpcChunkSource
 from fedkube.transfer.refs import TensorRef, numpy_dtype
@@ -80,6 +82,9 @@ RESULT_TTL_KEY = "fedkube.result_ttl_s"
 # Attempts on the bulk path before the session falls back to gRPC: a relay that cannot reach the
 # server answers at once, so a few quick tries tell a dead bulk port from a passing break.
 BULK_MAX_ATTEMPTS = 3
+RESUBMITS = 2  # times send() announces a result again to a restarted sidecar
+# Fetch failures after which a task is dropped (the site sits out the round), not raised to the script.
+_UNREACHABLE_MODEL = (RefNotFoundError, TransactionExpiredError, StreamBrokenError, TransferStalledError)
 
 
 @dataclass(frozen=True)
@@ -284,31 +289,36 @@ class Session:
 
     def receive(self) -> FLModel:
         while True:
-            got = self._poll(block=True)
-            if isinstance(got, control_pb2.Stop):
-                raise JobStoppedError(
-                    f"job {self.job} site {self.site}: the job is over ({got.reason or 'stopped'}); "
-                    "fix: loop with `while fk.is_running():` before calling receive()"
-                )
-            assert got is not None
-            with self._lock:
-                self._pending = None
-            started = time.monotonic()
-            task = _Task(got)
-            self._round = task.round
-            log.info("job %s site %s round %d: task %s received (%d tensors)", self.job, self.site, task.round,
-                     task.id, len(task.refs))
-            try:
-                # An init task asks for the script's initial weights: there is nothing to fetch.
-                params = None if task.config.get(TASK_KIND_KEY) == INIT_TASK else self._fetch(task)
-            except (RefNotFoundError, TransactionExpiredError) as exc:
-                # The publisher no longer serves this task's model: the server restarted from its
-                # checkpoint (it sends the round's task again, under a new id) or gave up on the task.
-                # Nothing can be trained on it; the server's next task or Stop is what counts.
-                log.warning("job %s site %s round %d: task %s is stale, its model is gone (%s); waiting for the "
-                            "server's next task", self.job, self.site, task.round, task.id, exc)
-                continue
-            break
+            model = self._receive_one()
+            if model is not None:
+                return model
+
+    def _receive_one(self) -> FLModel | None:
+        """The next task's model; None when its model is gone at the source (the task is dropped)."""
+        got = self._poll(block=True)
+        if isinstance(got, control_pb2.Stop):
+            raise JobStoppedError(
+                f"job {self.job} site {self.site}: the job is over ({got.reason or 'stopped'}); "
+                "fix: loop with `while fk.is_running():` before calling receive()"
+            )
+        assert got is not None
+        with self._lock:
+            self._pending = None
+        started = time.monotonic()
+        task = _Task(got)
+        self._round = task.round
+        log.info("job %s site %s round %d: task %s received (%d tensors)", self.job, self.site, task.round,
+                 task.id, len(task.refs))
+        # An init task asks for the script's initial weights: there is nothing to fetch.
+        try:
+            params = None if task.config.get(TASK_KIND_KEY) == INIT_TASK else self._fetch(task)
+        except _UNREACHABLE_MODEL as exc:
+            # The server restarted (it publishes under new ids and sends its own task for the round)
+            # or stayed out of reach past every retry: this copy can never be done. The site sits out
+            # the round, as for a failed result transfer (DESIGN.md §5), instead of failing the job.
+            log.warning("job %s site %s round %d: dropping task %s, its model cannot be fetched (%s); "
+                        "waiting for the server's next task", self.job, self.site, task.round, task.id, exc)
+            return None
         with self._lock:
             self._task = task
         self._timing(RECEIVE_SECONDS, time.monotonic() - started)
@@ -333,7 +343,11 @@ class Session:
                 except Exception:
                     log.info("transaction %s: could not report the failed fetch", tid)
                 raise
-            self._complete(self.bulk_fetcher or self.fetcher, tid)
+            try:
+                self._complete(self.bulk_fetcher or self.fetcher, tid)
+            except TransferError as exc:
+                # A courtesy to the publisher (which also releases on its TTL): the model is already here.
+                log.info("transaction %s: fetched, but could not say so to the source: %s", tid, exc)
         return out
 
     def _fetch_one(self, task: _Task, fetcher: Fetcher, ref: TensorRef, arr: np.ndarray) -> np.ndarray:
@@ -405,7 +419,7 @@ class Session:
             task_id=task.id, round=task.round, num_examples=int(model.num_examples), metrics=metrics, refs=refs
         )
         try:
-            self.link.SubmitResult(trainer_pb2.SubmitResultRequest(result=ann), timeout=30.0, wait_for_ready=True)
+            self._submit(ann)
         except grpc.RpcError as exc:
             if txn is not None:
                 self.service.release(txn.id)
@@ -420,10 +434,47 @@ class Session:
         del txn
         waiting = time.monotonic()
         try:
-            return self._wait_received(task, total, idle_s=idle, start_s=start)
+            return self._wait_received_across_restarts(task, ann, total, idle_s=idle, start_s=start)
         finally:
             self._waited = time.monotonic() - waiting
             self.service.release(tid)
+
+    def _wait_received_across_restarts(
+        self, task: _Task, ann: control_pb2.ResultAnnouncement, total: int, *, idle_s: float, start_s: float
+    ) -> bool:
+        """``_wait_received``; if the sidecar dies meanwhile, announce the result again to its restart.
+
+        A kubelet restarts a killed sidecar; the result's bytes are still served
+        here under the same transaction (LESSONS.md 6), so the new sidecar can
+        relay them, or learn from the server that the round went on without them.
+        """
+        for attempt in range(RESUBMITS + 1):
+            try:
+                return self._wait_received(task, total, idle_s=idle_s, start_s=start_s)
+            except SidecarUnreachableError as exc:
+                if attempt == RESUBMITS or self._closed:
+                    raise
+                log.warning("%s; announcing the result again once the sidecar is back", exc)
+                try:
+                    self._submit(ann, timeout_s=self.settings.connect_timeout_s)
+                except grpc.RpcError:
+                    raise exc from None
+        raise AssertionError("unreachable")
+
+    def _submit(self, ann: control_pb2.ResultAnnouncement, timeout_s: float = 30.0) -> None:
+        """SubmitResult; again if the sidecar died during the call (its restart takes the same announcement)."""
+        for attempt in range(RESUBMITS + 1):
+            try:
+                self.link.SubmitResult(trainer_pb2.SubmitResultRequest(result=ann), timeout=timeout_s,
+                                       wait_for_ready=True)
+                return
+            except grpc.RpcError as exc:
+                if attempt == RESUBMITS or self._closed or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                log.warning("job %s site %s round %d task %s: the sidecar went away while taking the result (%s); "
+                            "announcing it again once the sidecar is back", self.job, self.site, ann.round,
+                            ann.task_id, _rpc_text(exc))
+                timeout_s = max(timeout_s, self.settings.connect_timeout_s)
 
     def _wait_received(self, task: _Task, total: int, *, idle_s: float, start_s: float) -> bool:
         """Block until the server has the result or refused it; progress-aware (LESSONS.md 1-3)."""

@@ -37,6 +37,18 @@ def test_duplicate_task_ids_are_queued_once() -> None:
     assert [g.task_id if isinstance(g, control_pb2.Task) else g for g in got] == ["t1", "t2", None]
 
 
+def test_a_task_whose_result_the_trainer_already_sent_is_not_handed_out_again() -> None:
+    # A restarted sidecar: the server re-sends t1, the trainer (which took t1 from the old sidecar) sends its result.
+    book = TaskBook()
+    assert book.offer(_task("t1"))
+    book.announce(_ann("t1", {"a": 10}))
+    assert book.take(0) is None
+    assert not book.offer(_task("t1"))  # a later re-send of it is ignored too
+    assert book.offer(_task("t2"))
+    got = book.take(0)
+    assert isinstance(got, control_pb2.Task) and got.task_id == "t2"
+
+
 def test_stop_comes_after_queued_tasks_and_wakes_a_waiter() -> None:
     book = TaskBook()
     book.offer(_task("t1"))
