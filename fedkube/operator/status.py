@@ -388,7 +388,9 @@ def transition(
     if phase == RUNNING:
         conds = set_condition(conds, COND_DEPLOYED, "True", "PodsReady", "the server and enough clients are up", stamp)
         conds = set_condition(conds, COND_RUNNING, "True", reason, message, stamp)
-    if phase in (SUCCEEDED, FAILED, SUSPENDED) and get_condition(conds, COND_RUNNING) is not None:
+    # A job that succeeded ran, even when it finished between two looks and Running was never seen.
+    if phase in (SUCCEEDED, FAILED, SUSPENDED) and (get_condition(conds, COND_RUNNING) is not None
+                                                    or phase == SUCCEEDED):
         conds = set_condition(conds, COND_RUNNING, "False", reason, message, stamp)
     if phase == SUCCEEDED:
         # A job can finish between two looks at it; having succeeded, it was certainly deployed.

@@ -485,11 +485,14 @@ class Session:
         outcome: trainer_pb2.ResultProgress | None = None
         call = self.link.WatchResult(trainer_pb2.ResultStatusRequest(task_id=task.id))
         watchdog_fired = threading.Event()
+        # Wakes the guard at once when the watch ended: a plain sleep here held every send() up to 0.2 s.
+        watch_over = threading.Event()
 
         def check() -> None:
             nonlocal last_change
             while outcome is None and not watchdog_fired.is_set():
-                time.sleep(0.2)
+                if watch_over.wait(0.2):
+                    return
                 now = time.monotonic()
                 limit = start_s if done <= 0 else idle_s
                 if now - (began if done <= 0 else last_change) > limit:
@@ -522,8 +525,7 @@ class Session:
                 f"{_rpc_text(exc)}"
             ) from None
         finally:
-            if outcome is None:
-                watchdog_fired.set()
+            watch_over.set()
             guard.join(1.0)
         if outcome is None:
             raise SidecarUnreachableError(f"{ids}: the sidecar ended the result watch without an outcome")
