@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
-from fedkube.transfer.bulk import read_fetch_response
+from fedkube.transfer.bulk import close_socket, read_fetch_response
 from fedkube.transfer.errors import (
     ChunkTimeoutError,
     ProtocolError,
@@ -156,7 +156,7 @@ class Upload:
             while True:
                 item = self._queue.get_nowait()
                 if isinstance(item, _Socket):
-                    _close(item.sock)
+                    close_socket(item.sock)
         except queue.Empty:
             pass
 
@@ -271,7 +271,7 @@ class ReverseChunkSource:
         with contextlib.closing(self._exchange(upload, ref, offset, max_chunk_bytes, lambda: expected)) as items:
             for item in items:
                 if isinstance(item, _Socket):
-                    _close(item.sock)
+                    close_socket(item.sock)
                     # stream() has no buffer to read a bulk answer into; the fetcher uses stream_into.
                     raise ProtocolError(
                         f"site {self.site!r} answered upload {upload.request_id} on a bulk connection, which only "
@@ -405,15 +405,7 @@ class ReverseIntoStream:
         close = getattr(self._pieces, "close", None)
         if close is not None:
             close()
-        _close(self.sock)
-
-
-def _close(sock: socket.socket | None) -> None:
-    if sock is None:
-        return
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
+        close_socket(self.sock)
 
 
 def push_error(upload: Upload, error: str) -> None:

@@ -190,7 +190,8 @@ def _connect(address: str, timeout_s: float) -> socket.socket:
     return sock
 
 
-def _close(sock: socket.socket | None) -> None:
+def close_socket(sock: socket.socket | None) -> None:
+    """Shut ``sock`` down both ways (waking any thread blocked on it) and close it; None is fine."""
     if sock is None:
         return
     with contextlib.suppress(OSError):
@@ -276,7 +277,7 @@ class _BulkStream:
             self._sock = _connect(source.address, source.connect_timeout_s)
             send_request(self._sock, request)
         except OSError as exc:
-            _close(self._sock)
+            close_socket(self._sock)
             raise SourceUnavailableError(f"cannot reach the bulk endpoint {source.address}: {exc}", **ids) from None
         self._frames = read_fetch_response(
             self._sock, ref, offset, buf, chunk_timeout_s=source.chunk_timeout_s, receiver=source.receiver,
@@ -297,7 +298,7 @@ class _BulkStream:
 
     def close(self) -> None:
         self._frames.close()
-        _close(self._sock)
+        close_socket(self._sock)
 
 
 class BulkChunkSource:
@@ -348,7 +349,7 @@ class BulkChunkSource:
         except (OSError, EOFError) as exc:
             raise SourceUnavailableError(f"cannot report completion to {self.address}: {exc}", **ids) from None
         finally:
-            _close(sock)
+            close_socket(sock)
         if code != grpc.StatusCode.OK:
             raise error_from_status(code, message, **ids)
 
@@ -403,7 +404,7 @@ class _Listener:
         except OSError:
             pass
         finally:
-            _close(conn)
+            close_socket(conn)
 
     def _run(self, conn: socket.socket) -> None:
         keep = False
@@ -415,7 +416,7 @@ class _Listener:
             with self._lock:
                 self._conns.discard(conn)
             if not keep:
-                _close(conn)
+                close_socket(conn)
 
     def handle(self, conn: socket.socket) -> bool:
         """Serve one connection; True when its ownership moved elsewhere (do not close it)."""
@@ -714,7 +715,7 @@ class BulkRelay(_Listener):
         except (EOFError, OSError) as exc:  # either side went away; the fetcher resumes
             log.debug("bulk relay: connection ended: %s", exc)
         finally:
-            _close(up)
+            close_socket(up)
         return False
 
 
@@ -785,8 +786,8 @@ def push_upload(
             raise StreamBrokenError(f"upload {upload_id} broke: {exc}", **ids) from None
     finally:
         done.set()
-        _close(src)
-        _close(up)
+        close_socket(src)
+        close_socket(up)
 
 
 __all__ = [
@@ -797,6 +798,7 @@ __all__ = [
     "BulkChunkSource",
     "BulkRelay",
     "BulkServer",
+    "close_socket",
     "parse_address",
     "push_upload",
     "read_fetch_response",
