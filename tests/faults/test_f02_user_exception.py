@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedkube.server.checkpoint import load_latest
 from tests.faults.support import CLIENTS, FAILURES, LocalJob, clients_of, expected_fedavg, job_doc
 
 pytestmark = pytest.mark.timeout(90)
@@ -50,22 +49,22 @@ def test_exception_above_quorum_fails_that_client_and_the_job_succeeds(tmp_path:
     # The user still sees the traceback, once (LESSONS.md 21).
     assert job.output.text().count(f"[site-c trainer] RuntimeError: {INJECTED} of site-c") == 1
     # The crashed site's step (100) is in no round's aggregate.
-    ck = load_latest(job.checkpoint_dir(), "f02-above")
-    assert ck is not None and ck.round == 2
+    ck = job.checkpoint()
+    assert ck.round == 2
     want = expected_fedavg(0.0, {"site-a": (1, 10), "site-b": (3, 30)}, rounds=2)
     for name in ("w", "b"):
         np.testing.assert_array_equal(ck.model[name], np.full_like(ck.model[name], want))
 
 
 def test_exception_below_quorum_fails_the_job_with_quorum_lost_naming_the_client(tmp_path: Path) -> None:
-    gate = tmp_path / "gate"  # LocalJob's gate
+    holding = tmp_path / "gate" / "holding-site-a"  # in LocalJob's gate: site-a holds its result
     doc = job_doc(
         "f02-below", ("site-a", "site-b"), rounds=2, min_clients=2,
         # site-a holds its round-1 result: its sidecar then waits for it after Stop, and the server,
         # waiting for that sidecar to hang up, still answers /status and /metrics once the job failed.
         # site-b raises only once site-a holds (else site-a may still be fetching round 1's model).
         site_env={"site-a": {"FAULT_HOLD_ROUND": "1", "FAULT_GATE_THEN": "exit"},
-                  "site-b": {"FAULT_RAISE_AT_ROUND": "1", "FAULT_RAISE_WHEN": f"{gate}.site-a.holding"}},
+                  "site-b": {"FAULT_RAISE_AT_ROUND": "1", "FAULT_RAISE_WHEN": str(holding)}},
     )
     with LocalJob(doc, tmp_path) as job:
         status = job.until_status(lambda s: s["phase"] == "Failed", "the job failed")
