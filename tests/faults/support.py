@@ -137,7 +137,7 @@ while fk.is_running():
 """
 
 
-def until(check: Callable[[], T | None], what: str, timeout: float, *, interval: float = 0.05,
+def until(check: Callable[[], T | None], what: str, timeout: float, *, interval: float = 0.1,
           context: Callable[[], str] = lambda: "") -> T:
     """Poll ``check`` until it returns something truthy, and return it; AssertionError after ``timeout`` s.
 
@@ -471,6 +471,21 @@ class Job:
 
         return self.until(look, what, timeout)
 
+    def until_failed(self, site: str, reason: str, count: int = 1) -> dict[str, Any]:
+        """Wait until the server counts ``count`` failures of ``reason``; return ``site``'s live /status entry.
+
+        Checks on the way that ``reason`` is the only failure counted, that
+        exactly one client is Failed and none Lost, and that the Failed one is
+        ``site``, with ``reason``.
+        """
+        m = self.until_metrics(lambda m: m.value(FAILURES, reason=reason) == count,
+                               f"{count} {reason} failure(s) counted on the server's /metrics")
+        assert {r: v for r, v in m.by(FAILURES, "reason").items() if v} == {reason: count}
+        assert m.value(CLIENTS, state="Failed") == 1 and m.value(CLIENTS, state="Lost") == 0
+        live = clients_of(self.status())[site]
+        assert (live["state"], live["reason"]) == ("Failed", reason), live
+        return live
+
 
 class LocalJob(Job):
     """One FLJob run by the project's local runtime on a background thread; use as a context manager.
@@ -522,6 +537,15 @@ class LocalJob(Job):
             raise AssertionError(f"job {self.name}: the runtime failed: {self._error!r}") from self._error
         assert self._outcome is not None
         return self._outcome
+
+    def succeeded(self, rounds: int, timeout: float = 60.0) -> tuple[RunOutcome, dict[str, Any]]:
+        """The outcome (bounded) of a run that must have succeeded after ``rounds`` rounds, and its summary."""
+        outcome = self.result(timeout)
+        assert outcome.exit_code == 0, outcome.notes
+        summary = outcome.summary
+        assert summary is not None and summary["phase"] == "Succeeded" and summary["completedRounds"] == rounds, (
+            summary)
+        return outcome, summary
 
     def _over(self) -> str | None:
         if self._thread is None or self._thread.is_alive():
@@ -658,6 +682,12 @@ class PodJob(Job):
         result = self.server.wait(timeout)
         assert result is not None, f"the server did not end within {timeout} s\n{self.context()}"
         return result
+
+    def server_succeeded(self, timeout: float) -> dict[str, Any]:
+        """Wait (bounded) for the server pod to end, check that it succeeded, and return its termination summary."""
+        result = self.wait_server(timeout)
+        assert result.phase == "Succeeded", self.log("server", "server")[-3000:]
+        return self.summary()
 
     def summary(self) -> dict[str, Any]:
         """The last server's termination summary (JSON)."""
@@ -846,6 +876,26 @@ class TcpProxy:
                 self._flowing.clear()
                 log.info("proxy %s: paused after %d bytes %s", self.name, end, direction)
         return data
+
+
+#: The healthy sites of the knob-trainer tests: site -> (FAULT_STEP, FAULT_EXAMPLES).
+HEALTHY: dict[str, tuple[float, int]] = {"site-a": (1, 10), "site-b": (3, 30)}
+
+
+def knob_steps(steps: Mapping[str, tuple[float, int]] = HEALTHY) -> dict[str, dict[str, str]]:
+    """``job_doc(site_env=)`` entries giving each site its FAULT_STEP and FAULT_EXAMPLES."""
+    return {site: {"FAULT_STEP": f"{step:g}", "FAULT_EXAMPLES": str(n)} for site, (step, n) in steps.items()}
+
+
+def assert_knob_aggregate(ck: checkpoint.Checkpoint, rounds: int,
+                          steps: Mapping[str, tuple[float, int]] = HEALTHY) -> None:
+    """``ck`` is round ``rounds``' model, its float32 ``w`` and ``b`` exactly the FedAvg of ``steps`` alone."""
+    assert ck.round == rounds
+    assert sorted(ck.model) == ["b", "w"]
+    want = expected_fedavg(0.0, steps, rounds)
+    for name in ("w", "b"):
+        assert ck.model[name].dtype == np.float32
+        np.testing.assert_array_equal(ck.model[name], np.full_like(ck.model[name], want))
 
 
 def expected_fedavg(start: float, steps: Mapping[str, tuple[float, int]], rounds: int) -> float:

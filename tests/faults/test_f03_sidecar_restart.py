@@ -54,9 +54,7 @@ def test_sidecar_killed_mid_round_reconnects_and_its_result_counts_once(tmp_path
         server = job.scrape()
         sidecar = job.scrape("site-b")
         job.open_gate("go-2")
-        result = job.wait_server(60)
-        assert result.phase == "Succeeded", job.log("server", "server")[-3000:]
-        summary = job.summary()
+        summary = job.server_succeeded(60)
         ck = job.checkpoint()
         site_b = job.clients["site-b"].wait(30)  # its sidecar leaves after the job's Stop
         assert site_b is not None and site_b.phase == "Succeeded", site_b

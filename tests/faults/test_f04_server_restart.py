@@ -56,7 +56,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
     """The final checkpoint of the same job, same seeds, with no fault."""
     tmp_path = tmp_path_factory.mktemp("f04-plain")
     with PodJob(_job(tmp_path), tmp_path) as plain:
-        assert plain.wait_server(60).phase == "Succeeded", plain.log("server", "server")[-3000:]
+        plain.server_succeeded(60)
         expected = plain.checkpoint()
     assert expected.round == ROUNDS
     return expected
@@ -91,9 +91,7 @@ def test_server_killed_after_round_k_resumes_at_k_plus_1_with_a_bit_exact_final_
                                             f"{site}'s sidecar to reconnect", site, 30)
                     for site in ("site-a", "site-b")}
         job.open_gate()
-        result = job.wait_server(60)
-        assert result.phase == "Succeeded", job.log("server", "server")[-3000:]
-        summary = job.summary()
+        summary = job.server_succeeded(60)
         got = job.checkpoint()
     # (a) resumed at K+1: the restarted server ran only rounds K+1..ROUNDS, and the model is bit-exact.
     assert summary["phase"] == "Succeeded" and summary["completedRounds"] == ROUNDS
@@ -129,9 +127,7 @@ def test_server_killed_while_a_trainer_fetches_the_round_model_the_stale_task_is
         job.wait_server(15)
         proxy.resume()  # what was held goes to a dead server's connection: it breaks
         job.start_server()
-        result = job.wait_server(60)
-        assert result.phase == "Succeeded", job.log("server", "server")[-3000:]
-        summary = job.summary()
+        summary = job.server_succeeded(60)
         got = job.checkpoint()
         trainer_log = job.log("site-a", "trainer")
     # The trainer met the dead server's transaction gone, skipped that task instead of failing, and trained

@@ -42,9 +42,7 @@ def test_flipped_byte_is_caught_by_the_checksum_refetched_and_the_aggregate_is_e
         sidecar = job.scrape("site-b")
         status = job.status()
         job.open_gate()
-        result = job.wait_server(30)
-        assert result.phase == "Succeeded", job.log("server", "server")[-3000:]
-        summary = job.summary()
+        summary = job.server_succeeded(30)
         ck = job.checkpoint()
         server_log = job.log("server", "server")
         trainer_log = job.log("site-b", "trainer")
