@@ -7,9 +7,10 @@ Knobs come from the environment (the FLJob's ``trainer.env`` and ``clients[].env
 FAULT_STEP=X              add X to every tensor each round (default 1)
 FAULT_EXAMPLES=N          num_examples of every result (default 10)
 FAULT_SIZE=N              elements of tensor ``w`` (float32; default 16); ``b`` has one
-FAULT_GATE=PATH           hold the result of round FAULT_HOLD_ROUND (default: the last) until PATH exists, so
+GATE_DIR=DIR              hold the result of round FAULT_HOLD_ROUND (default: the last) until DIR/go exists, so
                           a test can look at the live job; bounded by FAULT_GATE_TIMEOUT seconds (default 60)
-                          (and touch PATH.<site>.holding meanwhile, for FAULT_RAISE_WHEN)
+                          (and touch DIR/holding-<site> meanwhile, for FAULT_RAISE_WHEN); the fault suite's job
+                          classes set it
 FAULT_GATE_THEN=exit      once the gate opens, end the script without sending (for a job that failed meanwhile:
                           a held send() would wait for a server that is gone)
 FAULT_RAISE_AT_ROUND=N    raise in user code when round N's task arrives (kind ``exception``)
@@ -91,7 +92,7 @@ def main() -> int:
     step = np.float32(float(os.environ.get("FAULT_STEP", "1")))
     examples = _int("FAULT_EXAMPLES", 10)
     size = _int("FAULT_SIZE", 16)
-    gate = os.environ.get("FAULT_GATE", "")
+    gate = os.environ.get("GATE_DIR", "")
     hold_round = _int("FAULT_HOLD_ROUND", 0)
     gate_timeout = float(os.environ.get("FAULT_GATE_TIMEOUT", "60"))
     raise_at = _int("FAULT_RAISE_AT_ROUND", 0)
@@ -121,8 +122,8 @@ def main() -> int:
         last = rnd == model.total_rounds
         if gate and rnd == (hold_round or model.total_rounds):
             print(f"{site} round {rnd} holding at the gate", flush=True)
-            open(f"{gate}.{site}.holding", "w").close()
-            hold(gate, gate_timeout)
+            open(os.path.join(gate, f"holding-{site}"), "w").close()
+            hold(os.path.join(gate, "go"), gate_timeout)
             if os.environ.get("FAULT_GATE_THEN") == "exit":
                 print(f"{site} round {rnd}: leaving at the gate without sending", flush=True)
                 break

@@ -8,27 +8,16 @@ round's aggregate counts that client's result exactly once.
 from __future__ import annotations
 
 import signal
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.faults._procs_b import LocalJob, scrape, try_scrape, value, wait_for, write_job
+from tests.faults.support import CLIENTS, FAILURES, ROUNDS_DONE, PodJob, job_doc, save_model, trainer_script
 
 # Round r: site-a adds 1*r, site-b 2*r, weights 10:30. site-b holds its round-1 result until the test says go;
-# site-a holds round 2's until go-2, so the test can scrape the live server after the faulted round.
-SCRIPT = textwrap.dedent("""
-    import os
-    import time
-    from pathlib import Path
-
-    import numpy as np
-    import fedkube.trainer_sdk as fk
-
-    fk.init()
-    site = os.environ["FEDKUBE_SITE"]
-    gate = Path(os.environ["GATE_DIR"])
+# both sites hold round 2's until go-2, so the test can scrape the live server after the faulted round.
+BODY = """
     k = {"site-a": 1.0, "site-b": 2.0}[site]
     while fk.is_running():
         model = fk.receive()
@@ -36,61 +25,49 @@ SCRIPT = textwrap.dedent("""
         if site == "site-b" and model.round == 1:
             with open(gate / "received-1", "a") as f:  # one line per time the trainer is handed round 1
                 f.write(f"{os.getpid()} ")
-            deadline = time.monotonic() + 60
-            while not (gate / "go").exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            hold("go")
         if model.round == 2:  # both sites: nothing of round 2 moves before the test has read round 1's metrics
-            deadline = time.monotonic() + 60
-            while not (gate / "go-2").exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            hold("go-2")
         fk.send(fk.FLModel(params=params, num_examples=10 if site == "site-a" else 30))
-""")
+"""
 NBYTES = 4000
 INITIAL = np.arange(1000, dtype=np.float32)
 
 
 @pytest.mark.timeout(90)
 def test_sidecar_killed_mid_round_reconnects_and_its_result_counts_once(tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    env = {"GATE_DIR": str(gate)}
-    job_file = write_job(tmp_path / "job", SCRIPT, name="f03", rounds=2, initial={"w": INITIAL},
-                         checkpoint_enabled=True, client_env={"site-a": env, "site-b": env},
-                         timeouts={"heartbeatSeconds": 30})
-    with LocalJob(job_file, tmp_path / "run") as job:
-        wait_for(lambda: (gate / "received-1").exists(), 30, "site-b's trainer to hold round 1's model")
+    doc = job_doc("f03", ("site-a", "site-b"), rounds=2, roomy=True, checkpoint=True,
+                  trainer=trainer_script(tmp_path, BODY), initial=save_model(tmp_path / "initial.npz", {"w": INITIAL}))
+    with PodJob(doc, tmp_path) as job:
+        gate = job.gate
+        job.until(lambda: (gate / "received-1").exists(), "site-b's trainer to hold round 1's model", 30)
         old = job.sidecar("site-b")
         old_pid = old.pid
         old.signal_group(signal.SIGKILL)  # mid-round: the trainer has the task and has not sent its result
         assert old.wait(10) == -signal.SIGKILL
         # The pod supervisor restarts it (restartPolicy Always) with the same command and env.
-        wait_for(lambda: job.sidecar("site-b").pid != old_pid, 20, "the pod to restart site-b's sidecar")
-        url = job.sidecar_metrics_url("site-b")
-        wait_for(lambda: value(try_scrape(url) or {}, "fedkube_sidecar_upstream_connected") == 1.0, 20,
-                 "the restarted sidecar to register with the server")
-        (gate / "go").touch()
-        server_url = job.server_metrics_url()
-        wait_for(lambda: value(scrape(server_url), "fedkube_server_rounds_completed_total") == 1.0, 30,
-                 "round 1 to complete")
-        server = scrape(server_url)
-        sidecar = scrape(url)
-        (gate / "go-2").touch()
-        result = job.wait_server(60)
-        assert result.phase == "Succeeded", job.log_text(None, "server")[-3000:]
-        summary = job.summary()
+        job.until(lambda: job.sidecar("site-b").pid != old_pid, "the pod to restart site-b's sidecar", 20)
+        job.until_metrics(lambda m: m.total("fedkube_sidecar_upstream_connected") == 1.0,
+                          "the restarted sidecar to register with the server", "site-b", 20)
+        job.open_gate("go")
+        job.until_metrics(lambda m: m.total(ROUNDS_DONE) == 1.0, "round 1 to complete", timeout=30)
+        server = job.scrape()
+        sidecar = job.scrape("site-b")
+        job.open_gate("go-2")
+        summary = job.server_succeeded(60)
         ck = job.checkpoint()
         site_b = job.clients["site-b"].wait(30)  # its sidecar leaves after the job's Stop
         assert site_b is not None and site_b.phase == "Succeeded", site_b
         sidecar_result = site_b.container("sidecar")
         assert sidecar_result is not None and sidecar_result.restarts == 1
     # (c) metrics: round 1 pulled exactly two results' bytes (site-b's once, through its new sidecar), no failure.
-    assert value(server, "fedkube_server_transfer_bytes_total", direction="from_clients") == 2 * NBYTES
-    assert value(server, "fedkube_server_client_failures_total") == 0
-    assert value(server, "fedkube_server_clients", state="Failed") == 0
-    assert value(server, "fedkube_server_clients", state="Lost") == 0
+    assert server.total("fedkube_server_transfer_bytes_total", direction="from_clients") == 2 * NBYTES
+    assert server.total(FAILURES) == 0
+    assert server.total(CLIENTS, state="Failed") == 0
+    assert server.total(CLIENTS, state="Lost") == 0
     # Once: the relay counts what it pumps, the result plus a few bytes of bulk framing (status, frame headers).
-    assert NBYTES <= value(sidecar, "fedkube_sidecar_relayed_bytes_total", direction="to_server") < NBYTES + 64
-    assert value(sidecar, "fedkube_sidecar_upstream_connected") == 1.0
+    assert NBYTES <= sidecar.total("fedkube_sidecar_relayed_bytes_total", direction="to_server") < NBYTES + 64
+    assert sidecar.total("fedkube_sidecar_upstream_connected") == 1.0
     # (a) end state: succeeded, both clients Done with both rounds counted.
     assert summary["phase"] == "Succeeded" and summary["completedRounds"] == 2
     assert {c["name"]: (c["state"], c.get("roundsCompleted")) for c in summary["clients"]} == {

@@ -10,7 +10,6 @@ retries, within the idle timeout, while the job goes on with the others.
 from __future__ import annotations
 
 import socket
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -19,64 +18,48 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.faults._procs_b import DOWN, UP, LocalJob, TcpProxy, scrape, value, wait_for, write_job
+from tests.faults.support import (
+    DOWN,
+    FAILURES,
+    ONE_AND_TWO,
+    UP,
+    PodJob,
+    TcpProxy,
+    clients_of,
+    job_doc,
+    save_model,
+    trainer_script,
+    until,
+)
 
-# Weights 1:3 and dyadic values: the running mean is exact, so the aggregate is known bit for bit.
-SCRIPT = textwrap.dedent("""
-    import os
-    import time
-    from pathlib import Path
-
-    import numpy as np
-    import fedkube.trainer_sdk as fk
-
-    fk.init()
-    site = os.environ["FEDKUBE_SITE"]
-    gate = Path(os.environ["GATE_DIR"])
-    k = {"site-a": 1.0, "site-b": 2.0}[site]
-    while fk.is_running():
-        model = fk.receive()
-        params = {n: v + np.float32(k) for n, v in model.params.items()}
-        if site == "site-a" and os.environ.get("HOLD") == "1":  # keeps round 1 open for the test to look at
-            deadline = time.monotonic() + 60
-            while not (gate / "go").exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-        fk.send(fk.FLModel(params=params, num_examples=1 if site == "site-a" else 3))
-""")
 NBYTES = 4 << 20
 INITIAL = {"w": np.arange(NBYTES // 4, dtype=np.float32) / 1024}
+RETRIES = "fedkube_server_download_retries_total"
+STALLS = "fedkube_server_stalls_total"
 TRANSFER = {"chunkBytes": 256 << 10, "chunkTimeoutSeconds": 1.0, "maxAttempts": 20}
 
 
-def _job(tmp_path: Path, *, idle_s: float, hold: bool, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    env = {"GATE_DIR": str(gate), "HOLD": "1" if hold else "0"}
-    job = write_job(tmp_path / "job", SCRIPT, name="f05", rounds=1, min_clients=1, initial=INITIAL,
-                    checkpoint_enabled=True, client_env={"site-a": env, "site-b": env},
-                    transfer={**TRANSFER, "idleTimeoutSeconds": idle_s}, timeouts=extra)
-    return job, gate
+def _job(tmp_path: Path, *, idle_s: float, hold: bool) -> dict[str, Any]:
+    """site-a holding its result (``hold``) keeps round 1 open for the test to look at."""
+    return job_doc("f05", ("site-a", "site-b"), rounds=1, min_clients=1, roomy=True, checkpoint=True,
+                   trainer=trainer_script(tmp_path, ONE_AND_TWO), initial=save_model(tmp_path / "initial.npz", INITIAL),
+                   env={"HOLD": "site-a" if hold else ""}, transfer={**TRANSFER, "idleTimeoutSeconds": idle_s})
 
 
 @pytest.mark.timeout(60)
 def test_temporary_stall_resumes_from_the_offset_and_the_job_succeeds(tmp_path: Path) -> None:
-    job_file, _ = _job(tmp_path, idle_s=20.0, hold=False)
-    with LocalJob(job_file, tmp_path / "run", proxied_sites=["site-b"]) as job:
+    with PodJob(_job(tmp_path, idle_s=20.0, hold=False), tmp_path, proxied_sites=["site-b"]) as job:
         proxy = job.proxy("site-b")
         # Nothing but small control messages goes up before site-b's 4 MiB result: this stops it mid-upload.
         proxy.pause_at(1 << 20, UP)
-        wait_for(lambda: proxy.paused, 30, "site-b's result upload to reach 1 MiB and the proxy to stop it")
+        job.until(lambda: proxy.paused, "site-b's result upload to reach 1 MiB and the proxy to stop it", 30)
         stalled_at = proxy.bytes[UP]
-        url = job.server_metrics_url()
         # The per-chunk timeout (1 s) fires while nothing moves; the server counts the retry.
-        wait_for(lambda: value(scrape(url), "fedkube_server_download_retries_total") >= 1, 15,
-                 "the server to retry the stalled fetch")
-        during = scrape(url)
+        during = job.until_metrics(lambda m: m.total(RETRIES) >= 1, "the server to retry the stalled fetch",
+                                   timeout=15)
         status = job.status()
         proxy.resume()
-        result = job.wait_server(30)
-        assert result.phase == "Succeeded", job.log_text(None, "server")[-3000:]
-        summary = job.summary()
+        summary = job.server_succeeded(30)
         ck = job.checkpoint()
     # (a) the job succeeded with both results; the aggregate is exact.
     assert summary["phase"] == "Succeeded" and "reason" not in summary
@@ -86,36 +69,33 @@ def test_temporary_stall_resumes_from_the_offset_and_the_job_succeeds(tmp_path: 
     assert proxy.bytes[UP] < 2 * NBYTES, proxy.bytes
     assert stalled_at < NBYTES
     # (b) during the stall site-b was still in the round, not failed.
-    states = {c["name"]: c for c in status["clients"]}
+    states = clients_of(status)
     assert states["site-b"]["state"] not in ("Failed", "Lost") and not states["site-b"].get("reason"), states
     # (c) the retry was counted; nothing was declared stalled for good or failed.
-    assert value(during, "fedkube_server_download_retries_total") >= 1
-    assert value(during, "fedkube_server_stalls_total") == 0
-    assert value(during, "fedkube_server_client_failures_total") == 0
+    assert during.total(RETRIES) >= 1
+    assert during.total(STALLS) == 0
+    assert during.total(FAILURES) == 0
 
 
 @pytest.mark.timeout(60)
 def test_permanent_stall_fails_the_client_for_the_round_in_bounded_time(tmp_path: Path) -> None:
     idle_s = 4.0
-    job_file, gate = _job(tmp_path, idle_s=idle_s, hold=True)
-    with LocalJob(job_file, tmp_path / "run", proxied_sites=["site-b"]) as job:
+    with PodJob(_job(tmp_path, idle_s=idle_s, hold=True), tmp_path, proxied_sites=["site-b"]) as job:
         proxy = job.proxy("site-b")
         proxy.pause_at(1 << 20, UP)  # and never resumed
-        wait_for(lambda: proxy.paused, 30, "site-b's result upload to reach 1 MiB and the proxy to stop it")
+        job.until(lambda: proxy.paused, "site-b's result upload to reach 1 MiB and the proxy to stop it", 30)
         t0 = time.monotonic()
         # site-a holds round 1 open, so site-b's state stays what the stall made of it.
-        wait_for(lambda: _client(job.status(), "site-b")["state"] == "Failed", idle_s + 15,
-                 "the server to give up on site-b's stalled upload")
+        job.until(lambda: clients_of(job.status())["site-b"]["state"] == "Failed",
+                  "the server to give up on site-b's stalled upload", idle_s + 15)
         gave_up_s = time.monotonic() - t0
-        metrics = scrape(job.server_metrics_url())
-        b = _client(job.status(), "site-b")
+        metrics = job.scrape()
+        b = clients_of(job.status())["site-b"]
         # The stall stays (new connections stall too); closing the dead ones only spares the
         # server its wait for site-b at the job's end.
         proxy.drop_connections()
-        (gate / "go").touch()
-        result = job.wait_server(30)
-        assert result.phase == "Succeeded", job.log_text(None, "server")[-3000:]
-        summary = job.summary()
+        job.open_gate()
+        summary = job.server_succeeded(30)
         ck = job.checkpoint()
     # (d) bounded: given up after the idle timeout plus backoff slack, not at the round deadline (120 s).
     assert gave_up_s < idle_s + 10, gave_up_s
@@ -123,18 +103,13 @@ def test_permanent_stall_fails_the_client_for_the_round_in_bounded_time(tmp_path
     assert b["reason"] == "TransferFailed", b
     assert "no progress" in b["message"], b
     # (c) the stall and the retries before it are counted, and the failure by its reason.
-    assert value(metrics, "fedkube_server_stalls_total", direction="from_clients") == 1
-    assert value(metrics, "fedkube_server_download_retries_total") >= 1
-    assert value(metrics, "fedkube_server_client_failures_total", reason="TransferFailed") == 1
+    assert metrics.total(STALLS, direction="from_clients") == 1
+    assert metrics.total(RETRIES) >= 1
+    assert metrics.total(FAILURES, reason="TransferFailed") == 1
     # (a) the job went on with site-a: its result alone is the aggregate; site-b ends Failed with the reason.
     assert summary["phase"] == "Succeeded" and summary["completedRounds"] == 1
-    assert _client(summary, "site-b")["reason"] == "TransferFailed"
+    assert clients_of(summary)["site-b"]["reason"] == "TransferFailed"
     np.testing.assert_array_equal(ck.model["w"], INITIAL["w"] + np.float32(1.0))
-
-
-def _client(doc: dict[str, Any], site: str) -> dict[str, Any]:
-    found: dict[str, Any] = next(c for c in doc["clients"] if c["name"] == site)
-    return found
 
 
 @pytest.mark.timeout(20)
@@ -171,7 +146,7 @@ def test_proxy_switches_do_what_they_say() -> None:
             assert _recv(c, 4) == b"held"
             proxy.pause_at(12, UP)
             c.sendall(b"ab")
-            wait_for(lambda: proxy.paused, 5, "pause_at to trip")
+            until(lambda: proxy.paused, "pause_at to trip", 5)
             proxy.resume()
             assert _recv(c, 2) == b"ab"
             proxy.drop_connections()

@@ -9,36 +9,15 @@ sidecar (``down``).
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.faults._procs_b import DOWN, UP, LocalJob, scrape, value, wait_for, write_job
+from tests.faults.support import DOWN, ONE_AND_TWO, UP, PodJob, clients_of, job_doc, save_model, trainer_script
 
-SCRIPT = textwrap.dedent("""
-    import os
-    import time
-    from pathlib import Path
-
-    import numpy as np
-    import fedkube.trainer_sdk as fk
-
-    fk.init()
-    site = os.environ["FEDKUBE_SITE"]
-    gate = Path(os.environ["GATE_DIR"])
-    k = {"site-a": 1.0, "site-b": 2.0}[site]
-    while fk.is_running():
-        model = fk.receive()
-        params = {n: v + np.float32(k) for n, v in model.params.items()}
-        if site == "site-a":  # holds the round open while the test looks at the live processes
-            deadline = time.monotonic() + 60
-            while not (gate / "go").exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-        fk.send(fk.FLModel(params=params, num_examples=1 if site == "site-a" else 3))
-""")
+BYTES = "fedkube_server_transfer_bytes_total"
+RELAYED = "fedkube_sidecar_relayed_bytes_total"
 NBYTES = 1 << 20
 INITIAL = np.arange(NBYTES // 4, dtype=np.float32) / 1024  # unique, dyadic values: exact 1:3 running mean
 # 1 KiB from the middle of the tensor, as it travels: the global model down, site-b's result (+2) up.
@@ -50,29 +29,23 @@ MARKERS = {DOWN: INITIAL[100_000:100_256].tobytes(), UP: (INITIAL + np.float32(2
 def test_flipped_byte_is_caught_by_the_checksum_refetched_and_the_aggregate_is_exact(
     tmp_path: Path, direction: str
 ) -> None:
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    env = {"GATE_DIR": str(gate)}
-    job_file = write_job(tmp_path / "job", SCRIPT, name="f06", rounds=1, initial={"w": INITIAL},
-                         checkpoint_enabled=True, client_env={"site-a": env, "site-b": env},
-                         transfer={"chunkBytes": 256 << 10, "chunkTimeoutSeconds": 5, "idleTimeoutSeconds": 20})
-    with LocalJob(job_file, tmp_path / "run", proxied_sites=["site-b"]) as job:
+    doc = job_doc("f06", ("site-a", "site-b"), rounds=1, roomy=True, checkpoint=True, env={"HOLD": "site-a"},
+                  trainer=trainer_script(tmp_path, ONE_AND_TWO), initial=save_model(tmp_path / "initial.npz",
+                                                                                   {"w": INITIAL}),
+                  transfer={"chunkBytes": 256 << 10, "chunkTimeoutSeconds": 5, "idleTimeoutSeconds": 20})
+    with PodJob(doc, tmp_path, proxied_sites=["site-b"]) as job:
         proxy = job.proxy("site-b")
         proxy.flip_after(MARKERS[direction], direction)
-        server_url = job.server_metrics_url()
         # site-a holds the round; site-b's result is verified and folded in meanwhile.
-        wait_for(lambda: value(scrape(server_url), "fedkube_server_transfer_bytes_total",
-                               direction="from_clients") == NBYTES, 30, "site-b's result to be verified")
-        server = scrape(server_url)
-        sidecar = scrape(job.sidecar_metrics_url("site-b"))
+        server = job.until_metrics(lambda m: m.total(BYTES, direction="from_clients") == NBYTES,
+                                   "site-b's result to be verified", timeout=30)
+        sidecar = job.scrape("site-b")
         status = job.status()
-        (gate / "go").touch()
-        result = job.wait_server(30)
-        assert result.phase == "Succeeded", job.log_text(None, "server")[-3000:]
-        summary = job.summary()
+        job.open_gate()
+        summary = job.server_succeeded(30)
         ck = job.checkpoint()
-        server_log = job.log_text(None, "server")
-        trainer_log = job.log_text("site-b", "trainer")
+        server_log = job.log("server", "server")
+        trainer_log = job.log("site-b", "trainer")
     assert len(proxy.flipped) == 1 and proxy.flipped[0][0] == direction, proxy.flipped
     # (a) the aggregate is exact: (1 * (x + 1) + 3 * (x + 2)) / 4, as if nothing had happened.
     np.testing.assert_array_equal(ck.model["w"], INITIAL + np.float32(1.75))
@@ -81,19 +54,14 @@ def test_flipped_byte_is_caught_by_the_checksum_refetched_and_the_aggregate_is_e
     # (b) the corruption was detected by the checksum, by the receiver of that direction, and refetched.
     detector = server_log if direction == UP else trainer_log
     assert "checksum mismatch" in detector and "refetching from 0" in detector
-    assert _client(status, "site-b").get("reason") is None
+    assert clients_of(status)["site-b"].get("reason") is None
     # (c) metrics: the server counts its refetch by kind; bad bytes are never counted as transferred.
-    retries = value(server, "fedkube_server_download_retries_total", reason="ChecksumMismatchError")
+    retries = server.total("fedkube_server_download_retries_total", reason="ChecksumMismatchError")
     if direction == UP:
         assert retries == 1
-        assert value(server, "fedkube_server_transfer_bytes_total", direction="from_clients") == NBYTES
-        assert value(sidecar, "fedkube_sidecar_relayed_bytes_total", direction="to_server") > NBYTES
+        assert server.total(BYTES, direction="from_clients") == NBYTES
+        assert sidecar.total(RELAYED, direction="to_server") > NBYTES
     else:
         assert retries == 0
         # The model went to the trainer a second time, from offset 0, through the sidecar.
-        assert value(sidecar, "fedkube_sidecar_relayed_bytes_total", direction="to_trainer") > NBYTES
-
-
-def _client(doc: dict[str, Any], site: str) -> dict[str, Any]:
-    found: dict[str, Any] = next(c for c in doc["clients"] if c["name"] == site)
-    return found
+        assert sidecar.total(RELAYED, direction="to_trainer") > NBYTES

@@ -9,9 +9,7 @@ beyond a small bound, and the real clients finish the job normally.
 
 from __future__ import annotations
 
-import base64
 import socket
-import textwrap
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,28 +22,17 @@ import pytest
 
 from fedkube.server.control import AUTH_METADATA, SITE_METADATA
 from fedkube.wire.v1 import control_pb2
-from tests.faults._procs_b import LocalJob, Samples, scrape, value, wait_for, write_job
+from tests.faults.support import (
+    CLIENTS,
+    ONE_AND_TWO,
+    REJECTED,
+    Metrics,
+    PodJob,
+    job_doc,
+    save_model,
+    trainer_script,
+)
 
-SCRIPT = textwrap.dedent("""
-    import os
-    import time
-    from pathlib import Path
-
-    import numpy as np
-    import fedkube.trainer_sdk as fk
-
-    fk.init()
-    site = os.environ["FEDKUBE_SITE"]
-    gate = Path(os.environ["GATE_DIR"])
-    k = {"site-a": 1.0, "site-b": 2.0}[site]
-    while fk.is_running():
-        model = fk.receive()
-        deadline = time.monotonic() + 60
-        while not (gate / "go").exists() and time.monotonic() < deadline:  # the attack runs meanwhile
-            time.sleep(0.02)
-        fk.send(fk.FLModel(params={n: v + np.float32(k) for n, v in model.params.items()},
-                           num_examples=1 if site == "site-a" else 3))
-""")
 INITIAL = np.arange(1 << 16, dtype=np.float32) / 64
 CONNECT = "/fedkube.v1.Control/Connect"
 PUSH = "/fedkube.v1.Control/Push"
@@ -68,43 +55,26 @@ def _code(call: Any) -> grpc.StatusCode | None:
     return None
 
 
-def _token(job: LocalJob, site: str) -> str:
-    secret = next(m for m in job.manifests if m.get("kind") == "Secret" and m["metadata"]["name"].endswith(
-        f"-{site}-token"))
-    if "stringData" in secret:
-        return str(secret["stringData"]["token"])
-    return base64.b64decode(secret["data"]["token"]).decode()
-
-
 @pytest.mark.timeout(90)
 def test_hostile_client_is_refused_memory_stays_flat_and_the_job_succeeds(tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    env = {"GATE_DIR": str(gate)}
-    job_file = write_job(tmp_path / "job", SCRIPT, name="f10", rounds=1, initial={"w": INITIAL},
-                         checkpoint_enabled=True, client_env={"site-a": env, "site-b": env})
-    with LocalJob(job_file, tmp_path / "run") as job:
-        assert job.server is not None
-        server_proc = job.server.container_process("server")
-        assert server_proc is not None
-        server = psutil.Process(server_proc.pid)
-        url = job.server_metrics_url()
+    # Both trainers hold their results while the attack runs.
+    doc = job_doc("f10", ("site-a", "site-b"), rounds=1, roomy=True, checkpoint=True, env={"HOLD": "site-a,site-b"},
+                  trainer=trainer_script(tmp_path, ONE_AND_TWO), initial=save_model(tmp_path / "initial.npz",
+                                                                                   {"w": INITIAL}))
+    with PodJob(doc, tmp_path) as job:
+        server = psutil.Process(job.process(None, "server").pid)
         # Both real clients are in the round (trainers hold their results) before the attack starts.
-        wait_for(lambda: value(scrape(url), "fedkube_server_clients", state="Training") == 2, 30,
-                 "both real clients to be training")
-        before = scrape(url)
+        before = job.until_metrics(lambda m: m.total(CLIENTS, state="Training") == 2,
+                                   "both real clients to be training", timeout=30)
         rss_before = server.memory_info().rss
-        address = f"127.0.0.1:{job.grpc_port()}"
-        codes, closed = _attack(address, _token(job, "site-a"))
+        codes, closed = _attack(job.server_address(), job.tokens["site-a"])
         rss_after = server.memory_info().rss
-        after = scrape(url)
+        after = job.scrape()
         status = job.status()
-        (gate / "go").touch()
-        result = job.wait_server(30)
-        assert result.phase == "Succeeded", job.log_text(None, "server")[-3000:]
-        summary = job.summary()
+        job.open_gate()
+        summary = job.server_succeeded(30)
         ck = job.checkpoint()
-        server_log = job.log_text(None, "server")
+        server_log = job.log("server", "server")
 
     # (b) every hostile call was refused with a status code that says why.
     assert closed == FLOOD_SOCKETS + 1, "the server kept a connection that sent no HTTP/2 open"
@@ -144,12 +114,9 @@ def test_hostile_client_is_refused_memory_stays_flat_and_the_job_succeeds(tmp_pa
     np.testing.assert_array_equal(ck.model["w"], INITIAL + np.float32(1.75))
 
 
-def _delta(before: Samples, after: Samples) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for (name, labels), v in after.items():
-        if name == "fedkube_server_rejected_connections_total":
-            reason = dict(labels)["reason"]
-            out[reason] = v - before.get((name, labels), 0.0)
+def _delta(before: Metrics, after: Metrics) -> dict[str, float]:
+    """Reason -> refusals counted between the two scrapes (reasons that did not move left out)."""
+    out = {r: after.total(REJECTED, reason=r) - before.total(REJECTED, reason=r) for r in after.by(REJECTED, "reason")}
     return {k: v for k, v in out.items() if v}
 
 

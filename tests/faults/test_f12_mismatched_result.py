@@ -14,11 +14,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from fedkube.server.checkpoint import load_latest
-from tests.faults.support import CLIENTS, FAILURES, LocalJob, clients_of, expected_fedavg, job_doc
+from tests.faults.support import LocalJob, assert_knob_aggregate, clients_of, job_doc, knob_steps
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -28,22 +26,16 @@ ROUNDS = 3
 def test_mismatched_results_are_excluded_each_round_and_the_aggregate_is_exact(tmp_path: Path) -> None:
     doc = job_doc(
         "f12", ("site-a", "site-b", "site-c"), rounds=ROUNDS, min_clients=2, checkpoint=True,
-        site_env={"site-a": {"FAULT_STEP": "1", "FAULT_EXAMPLES": "10"},
-                  "site-b": {"FAULT_STEP": "3", "FAULT_EXAMPLES": "30"},
+        site_env={**knob_steps(),
                   "site-c": {"FAULT_STEP": "100", "FAULT_EXAMPLES": "1000", "FAULT_HOLD_ROUND": "-1",
                              "FAULT_BAD_RESULT": "1:shape,2:dtype,3:name"}},
     )
     with LocalJob(doc, tmp_path) as job:
         # site-a and site-b hold round 3's result; site-c's third bad result is refused by then.
-        m = job.until_metrics(lambda m: m.value(FAILURES, reason="InvalidResult") == ROUNDS,
-                              "one InvalidResult per round counted on the server's /metrics")
-        assert {r: v for r, v in m.by(FAILURES, "reason").items() if v} == {"InvalidResult": ROUNDS}
-        assert m.value(CLIENTS, state="Failed") == 1 and m.value(CLIENTS, state="Lost") == 0
-        live = clients_of(job.status())["site-c"]
-        assert (live["state"], live["reason"]) == ("Failed", "InvalidResult"), live
+        live = job.until_failed("site-c", "InvalidResult", count=ROUNDS)  # one per round
         assert "'b'" in live["message"] and "bias" in live["message"], live  # round 3: the renamed tensor
         job.open_gate()
-        outcome = job.result()
+        _, summary = job.succeeded(rounds=ROUNDS)
 
     # Each round's refusal reached the trainer's send(), naming what differs.
     rejected = re.findall(r"\[site-c trainer\] site-c round (\d) rejected: InvalidResult: (.*)", job.output.text())
@@ -53,16 +45,7 @@ def test_mismatched_results_are_excluded_each_round_and_the_aggregate_is_exact(t
     server_log = job.log("server", "server")
     assert len(re.findall(r"round \d: invalid result from site-c: ", server_log)) == ROUNDS
 
-    assert outcome.exit_code == 0, outcome.notes
-    summary = outcome.summary
-    assert summary is not None and summary["phase"] == "Succeeded" and summary["completedRounds"] == ROUNDS
     clients = clients_of(summary)
     assert {s: clients[s]["roundsCompleted"] for s in clients} == {"site-a": 3, "site-b": 3, "site-c": 0}
     # Every round's aggregate is site-a's and site-b's alone, to the bit.
-    ck = load_latest(job.checkpoint_dir(), "f12")
-    assert ck is not None and ck.round == ROUNDS
-    want = expected_fedavg(0.0, {"site-a": (1, 10), "site-b": (3, 30)}, rounds=ROUNDS)
-    assert sorted(ck.model) == ["b", "w"]
-    for name in ("w", "b"):
-        assert ck.model[name].dtype == np.float32
-        np.testing.assert_array_equal(ck.model[name], np.full_like(ck.model[name], want))
+    assert_knob_aggregate(job.checkpoint(), rounds=ROUNDS)
