@@ -170,18 +170,18 @@ def verify(run_dir: Path, seed: int, sizes: list[int], rounds: int, parts: Mappi
 
 
 class ProxyResolver(LocalResolver):
-    """The runtime's resolver, except that one pod reaches the server through the fault proxy."""
+    """The runtime's resolver, except that one pod reaches the server through the fault proxies."""
 
     def __init__(self) -> None:
         super().__init__()
         self.proxied_pod = ""
-        self.proxy_address = ""
-        self.server_address = ""  # the server's gRPC address on this machine: only that goes through the proxy
+        # The server's gRPC and bulk addresses on this machine -> their proxies' (only the proxied pod's).
+        self.proxied: dict[str, str] = {}
 
     def resolve(self, pod_key: str, address: str) -> str:
         real = super().resolve(pod_key, address)
-        if pod_key == self.proxied_pod and self.proxy_address and real == self.server_address:
-            return self.proxy_address
+        if pod_key == self.proxied_pod:
+            return self.proxied.get(real, real)
         return real
 
 
@@ -231,6 +231,7 @@ class Job:
     pods: dict[str, PodRun] = field(default_factory=dict)
     status_url: str = ""
     grpc_port: int = 0
+    bulk_port: int = 0  # 0: the job moves tensors over gRPC only
 
     def start_server(self, timeout_s: float = 30.0) -> None:
         self.server = run_pod(self.server_manifest, self.options)
@@ -286,8 +287,9 @@ def build_job(run_dir: Path, manifest: dict[str, Any], resolver: ProxyResolver) 
     env = {e["name"]: e.get("value") for e in server["spec"]["containers"][0].get("env", [])}
     out.grpc_port = resolver.local_port(key, int(env[envvars.GRPC_PORT]))
     out.status_url = f"http://{LOCAL_HOST}:{resolver.local_port(key, int(env[envvars.STATUS_PORT]))}/status"
+    if int(env.get(envvars.BULK_PORT) or 0):
+        out.bulk_port = resolver.local_port(key, int(env[envvars.BULK_PORT]))
     resolver.proxied_pod = pod_key_of(clients[PROXIED_SITE])
-    resolver.server_address = f"{LOCAL_HOST}:{out.grpc_port}"
     return out
 
 
@@ -509,8 +511,12 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     run_dir = work / "run"
     resolver = ProxyResolver()
     job = build_job(run_dir, job_manifest(model_path, args.rounds, args.round_seconds, control), resolver)
-    proxy = FaultProxy((LOCAL_HOST, job.grpc_port)).start()
-    resolver.proxy_address = proxy.address
+    # Tensor bytes travel on the bulk connection when the job has one: faults go where the bytes are.
+    proxy = FaultProxy((LOCAL_HOST, job.bulk_port or job.grpc_port), bulk=bool(job.bulk_port)).start()
+    control_proxy = FaultProxy((LOCAL_HOST, job.grpc_port)).start() if job.bulk_port else proxy
+    resolver.proxied[f"{LOCAL_HOST}:{job.grpc_port}"] = control_proxy.address
+    if job.bulk_port:
+        resolver.proxied[f"{LOCAL_HOST}:{job.bulk_port}"] = proxy.address
     server_log = run_dir / "logs" / f"{job.server_manifest['metadata']['name']}.server.log"
     s = Soak(args, job, proxy, control, server_log)
     start = time.perf_counter()
@@ -529,6 +535,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for run in [*job.pods.values(), *([job.server] if job.server else [])]:
             run.wait(60)
         proxy.close()
+        control_proxy.close()
     wall = time.perf_counter() - start
     parts = participants_by_round(server_log) if server_log.exists() else {}
     check: dict[str, Any] = {"ok": False, "problem": "job failed"}

@@ -5,12 +5,12 @@ request:
 
 * ``stall(seconds)``: stops forwarding in both directions for that long (the
   sockets stay open, as with a congested or flapping link);
-* ``flip()``: XORs one byte in the middle of the next large HTTP/2 DATA frame
-  (in the direction asked for). gRPC's HTTP/2 framing is parsed just enough to
-  find frame boundaries, so the flipped byte lands in a message payload, which
-  for a frame this large is tensor chunk data: what the per-tensor checksum
-  must catch. Frame headers are never touched (that would only kill the
-  connection, a weaker test).
+* ``flip()``: XORs one byte in the middle of the next large data frame (in the
+  direction asked for): an HTTP/2 DATA frame on the gRPC connection, or a
+  bulk-protocol data frame (``docs/protocol.md``) on the bulk connection. The
+  framing is parsed just enough to find frame boundaries, so the flipped byte
+  lands in tensor bytes: what the per-tensor checksum must catch. Frame headers
+  are never touched (that would only kill the connection, a weaker test).
 
 A dead upstream (the server restarting) closes the accepted connection, so the
 sidecar sees what it would see without the proxy.
@@ -81,11 +81,65 @@ class _Framer:
         return hit
 
 
+@dataclass
+class _BulkFramer:
+    """Tracks bulk-protocol frame boundaries in one direction of a bulk connection.
+
+    A direction carries, in order: an optional request (``FKB1``, length,
+    message), a length-prefixed status, then data frames (uint32 n, n bytes)
+    ended by 0, or 0xFFFFFFFF and a length-prefixed status.
+    """
+
+    word: bytearray = field(default_factory=bytearray)
+    stage: str = "first"  # first | request | status | frames | failed | done
+    remaining: int = 0
+    payload: bool = False
+    frame_len: int = 0
+
+    def flip_at(self, data: bytearray) -> int | None:
+        i = 0
+        hit: int | None = None
+        n = len(data)
+        while i < n:
+            if self.remaining:
+                step = min(self.remaining, n - i)
+                if self.payload and hit is None and self.frame_len >= FLIP_MIN_FRAME:
+                    offset, middle = self.frame_len - self.remaining, self.frame_len // 2
+                    if offset <= middle < offset + step:
+                        hit = i + (middle - offset)
+                self.remaining -= step
+                i += step
+                if not self.remaining:
+                    self.payload = False
+                continue
+            take = data[i : i + 4 - len(self.word)]
+            self.word += take
+            i += len(take)
+            if len(self.word) < 4 or self.stage == "done":
+                continue
+            raw, self.word = bytes(self.word), bytearray()
+            value = int.from_bytes(raw, "little")
+            if self.stage == "first" and raw == b"FKB1":
+                self.stage = "request"
+            elif self.stage == "request":  # the request message; a pushed upload's answer follows it
+                self.remaining, self.stage = value, "status"
+            elif self.stage in ("first", "status", "failed"):
+                self.remaining, self.stage = value, ("done" if self.stage == "failed" else "frames")
+            elif value == 0:
+                self.stage = "done"
+            elif value == 0xFFFFFFFF:
+                self.stage = "failed"
+            else:
+                self.remaining, self.payload, self.frame_len = value, True, value
+        return hit
+
+
 class FaultProxy:
     """``127.0.0.1:<port>`` -> ``target``; ``stall()`` and ``flip()`` inject faults (thread-safe)."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], *, bulk: bool = False) -> None:
         self.target = target
+        self.bulk = bulk  # the bulk data connection (plain TCP) rather than gRPC's HTTP/2
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
         self._lock = threading.Lock()
@@ -146,12 +200,12 @@ class FaultProxy:
             with self._lock:
                 self._socks.update((client, upstream))
                 self.connections += 1
-            threading.Thread(
-                target=self._pump, args=(client, upstream, UP, _Framer(skip=len(_PREFACE))), daemon=True
-            ).start()
-            threading.Thread(target=self._pump, args=(upstream, client, DOWN, _Framer()), daemon=True).start()
+            up: _Framer | _BulkFramer = _BulkFramer() if self.bulk else _Framer(skip=len(_PREFACE))
+            down: _Framer | _BulkFramer = _BulkFramer() if self.bulk else _Framer()
+            threading.Thread(target=self._pump, args=(client, upstream, UP, up), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, DOWN, down), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, framer: _Framer) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, framer: _Framer | _BulkFramer) -> None:
         buf = bytearray(256 << 10)
         view = memoryview(buf)
         try:
