@@ -88,27 +88,40 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _ready(proc: subprocess.Popen[str], status_port: int) -> bool:
+    """Wait (bounded) for the server's /readyz over real HTTP; False when it exited first, e.g. a lost port race."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            assert "bind" in out + err or "listen" in out + err, out + err  # only a lost port race is retried
+            return False
+        assert time.monotonic() < deadline, "server not ready"
+        time.sleep(0.05)
+
+
 def test_sigterm_stops_clients_writes_the_summary_and_exits_1(tmp_path: Path) -> None:
     env = write_job(tmp_path, min_clients=1)
-    grpc_port, status_port, metrics_port = free_port(), free_port(), free_port()
-    env.update({envvars.GRPC_PORT: str(grpc_port), envvars.STATUS_PORT: str(status_port),
-                envvars.METRICS_PORT: str(metrics_port)})
     code = "import sys; from fedkube.server.app import main; sys.exit(main(['--bind', '127.0.0.1']))"
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    for attempt in range(3):
+        # free_port() closes the port again before the server binds it: on a busy machine another process can take
+        # it in between (the server then exits 2, "cannot listen"). Start again on new ports, a bounded few times.
+        grpc_port, status_port, metrics_port = free_port(), free_port(), free_port()
+        env.update({envvars.GRPC_PORT: str(grpc_port), envvars.STATUS_PORT: str(status_port),
+                    envvars.METRICS_PORT: str(metrics_port)})
+        proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        if _ready(proc, status_port) or attempt == 2:
+            break
     sidecar = None
     try:
-        deadline = time.monotonic() + 20
-        while True:  # bounded wait for readiness over real HTTP
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "server not ready"
-            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
         sidecar = FakeSidecar(f"127.0.0.1:{grpc_port}", "procjob", "site-a", token_of("site-a"),
                               lambda task, params: Reply(None)).start()
         sidecar.wait_for(lambda: any(m.WhichOneof("msg") == "registered" for m in sidecar.messages),
