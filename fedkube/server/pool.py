@@ -13,7 +13,8 @@ refers to it. Every Python-level holder of its memory — the workflow's model
 dict, a checkpoint write still in flight, a transfer service's memoryview, a
 numpy view (``.base``), a torch tensor from ``torch.from_numpy`` — holds a
 reference to the array object, so its reference count says whether anyone
-else can still read or write it. Only arrays that own their data are
+else can still read or write it (a weak reference is not counted: a holder
+must keep a strong one, as all of fedkube does). Only arrays that own their data are
 accepted, or views covering the whole of an array that does (what ``np.load``
 returns for an ``.npz``), whose base's count is checked too; a partial view's
 memory may be shared with arrays the pool cannot see.
