@@ -15,7 +15,11 @@ largest value (9.5e-7), against 1.7e-6 for a float32 weighted sum
 (``acc += w*x`` then ``/ W``); tests/unit/server/test_aggregate.py measures
 both (run it with ``-s`` to see the numbers). The running mean is
 chosen because its accumulator *is* the result for float32 models: ``finish``
-returns it without a copy or a division pass. A float64 accumulator would cost
+returns it without a copy or a division pass. The accumulators come from an
+``ArrayPool`` when the strategy has one (``fedkube.server.pool``): the model
+superseded a round ago, recycled once nothing else refers to it, so the first
+contribution is copied into resident pages instead of fresh ones that the
+kernel must fault in and zero. A float64 accumulator would cost
 2xS for the accumulator alone and is not needed at these error levels.
 float16/bfloat16 models are accumulated in float32 and cast back once, in
 ``finish``. The update runs in blocks of ``BLOCK`` elements with a reusable
@@ -82,6 +86,7 @@ import numpy as np
 
 from fedkube.errors import FedkubeError
 from fedkube.server.model import ModelSpec, TensorSpec
+from fedkube.server.pool import ArrayPool
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +148,11 @@ def accumulator_dtype(spec: TensorSpec) -> np.dtype:
 class _Tensor:
     """Accumulation state of one tensor across clients."""
 
-    __slots__ = ("acc", "best", "best_key", "contributors", "lock", "spec", "total_weight")
+    __slots__ = ("acc", "best", "best_key", "contributors", "lock", "pool", "spec", "total_weight")
 
-    def __init__(self, spec: TensorSpec) -> None:
+    def __init__(self, spec: TensorSpec, pool: ArrayPool | None = None) -> None:
         self.spec = spec
+        self.pool = pool
         self.lock = threading.Lock()
         self.acc: np.ndarray | None = None
         self.total_weight = 0.0
@@ -166,8 +172,12 @@ class _Tensor:
             return
         self.total_weight += weight
         if self.acc is None:
-            # The first contribution is the mean so far; astype copies, so the caller's array is not aliased.
-            self.acc = np.asarray(array).astype(accumulator_dtype(self.spec), copy=True)
+            # The first contribution is the mean so far, copied so the caller's array is not aliased;
+            # into a recycled array when the pool has one, whose pages need no fault and no zeroing.
+            dtype = accumulator_dtype(self.spec)
+            acc = self.pool.take(self.spec.shape, dtype) if self.pool is not None else np.empty(self.spec.shape, dtype)
+            np.copyto(acc, array, casting="unsafe")
+            self.acc = acc
             return
         factor = weight / self.total_weight
         flat_acc = self.acc.reshape(-1)
@@ -201,10 +211,10 @@ class WeightedMean:
     ``means()`` once at the end.
     """
 
-    def __init__(self, spec: ModelSpec, *, staged: bool = False) -> None:
+    def __init__(self, spec: ModelSpec, *, staged: bool = False, pool: ArrayPool | None = None) -> None:
         self.spec = spec
         self.staged = staged
-        self._tensors = {t.name: _Tensor(t) for t in spec}
+        self._tensors = {t.name: _Tensor(t, pool) for t in spec}
         self._lock = threading.Lock()
         self._weights: dict[str, float] = {}
         self._added: dict[str, set[str]] = {}

@@ -9,7 +9,10 @@ Layout (no pickle anywhere)::
 
 Atomicity. ``save`` writes everything into ``<dir>/<job>/.tmp-round-…``,
 fsyncs every file and the directory, then renames the directory into place
-with ``os.replace`` and fsyncs the parent. A crash leaves either the previous
+with ``os.replace`` and fsyncs the parent. Written tensor files are dropped
+from the page cache once fsynced (``posix_fadvise(DONTNEED)``; they are read
+only on a restart), so the writer does not leave S bytes of cache per round
+for the kernel to reclaim later. A crash leaves either the previous
 state or the complete new checkpoint, plus possibly a ``.tmp-*`` directory that
 is never read and is removed by the next ``save``.
 
@@ -96,12 +99,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_DROP_CACHE = getattr(os, "POSIX_FADV_DONTNEED", None)
+
+
 def _write_tensor(path: Path, array: np.ndarray) -> tuple[int, str]:
     data = as_bytes(array)  # zero-copy for contiguous little-endian arrays
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+        if _DROP_CACHE is not None:
+            # The bytes are on disk now and are read again only after a restart. Left in the page
+            # cache, every round's S bytes must later be reclaimed under memory pressure, which
+            # bench/checkpoint_cost.py measured at ~1 s of system CPU per GiB saved (0.4 s with this).
+            os.posix_fadvise(f.fileno(), 0, 0, _DROP_CACHE)
     return data.nbytes, checksum_of(data)
 
 

@@ -26,6 +26,7 @@ Strategies:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,8 +44,10 @@ from fedkube.server.aggregate import (
     cast_to,
 )
 from fedkube.server.model import Model, ModelSpec
+from fedkube.server.pool import ArrayPool
 
 JSONValue = Any
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,8 +108,8 @@ class Strategy(Protocol):
 class _MeanAggregator:
     """RoundAggregator whose finish() hands the per-tensor means to a callback."""
 
-    def __init__(self, spec: ModelSpec, staged: bool, finish_fn: Any) -> None:
-        self.engine = WeightedMean(spec, staged=staged)
+    def __init__(self, spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool | None = None) -> None:
+        self.engine = WeightedMean(spec, staged=staged, pool=pool)
         self._finish_fn = finish_fn
 
     def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool:
@@ -130,6 +133,30 @@ class _MeanAggregator:
         return self.engine.committed
 
 
+class _Recycler:
+    """Hands each superseded global model to an ArrayPool, so the next round accumulates into its memory.
+
+    ``begin_round(model)`` means the model of the round before is no longer
+    the global model. It is retired, not reused at once: the pool hands an
+    array out only when nothing else (a checkpoint write, a transfer, the
+    caller) still refers to it.
+    """
+
+    def __init__(self) -> None:
+        self.pool = ArrayPool()
+        self._current: list[np.ndarray] = []
+
+    def supersede(self, global_model: Mapping[str, np.ndarray]) -> None:
+        pool = self.pool
+        if self._current:
+            log.info("accumulators of the round before: %d recycled, %d newly allocated, %d recyclable ones "
+                     "still referenced elsewhere", pool.reused, pool.allocated, pool.busy)
+        pool.reused = pool.allocated = pool.busy = 0
+        previous, self._current = self._current, list(global_model.values())
+        live = {id(a) for a in self._current}
+        pool.retire(a for a in previous if id(a) not in live)
+
+
 def _spec_of(global_model: Mapping[str, np.ndarray]) -> ModelSpec:
     if not global_model:
         raise AggregationError("the global model has no tensors; nothing to aggregate")
@@ -143,10 +170,19 @@ class FedAvg:
 
     def __init__(self, *, staged: bool = False) -> None:
         self.staged = staged
+        self._recycler = _Recycler()
+
+    @property
+    def pool(self) -> ArrayPool:
+        """Where superseded global models wait to become accumulators."""
+        return self._recycler.pool
 
     def begin_round(self, global_model: Mapping[str, np.ndarray]) -> RoundAggregator:
         spec = _spec_of(global_model)
-        return _MeanAggregator(spec, self.staged, lambda means: {t.name: cast_to(t, means[t.name]) for t in spec})
+        self._recycler.supersede(global_model)
+        return _MeanAggregator(
+            spec, self.staged, lambda means: {t.name: cast_to(t, means[t.name]) for t in spec}, self.pool
+        )
 
     def state(self) -> StrategyState:
         return StrategyState(self.name, {"staged": self.staged})
@@ -195,18 +231,25 @@ class FedAdam:
         self.beta2 = float(beta2)
         self.tau = float(tau)
         self.staged = staged
+        self._recycler = _Recycler()
         self.step = 0
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
 
+    @property
+    def pool(self) -> ArrayPool:
+        """Where superseded global models wait to become accumulators (never m or v)."""
+        return self._recycler.pool
+
     def begin_round(self, global_model: Mapping[str, np.ndarray]) -> RoundAggregator:
         spec = _spec_of(global_model)
+        self._recycler.supersede(global_model)
         model = dict(global_model)
 
         def finish(means: dict[str, np.ndarray]) -> Model:
             return self._apply(spec, model, means)
 
-        return _MeanAggregator(spec, self.staged, finish)
+        return _MeanAggregator(spec, self.staged, finish, self.pool)
 
     def _apply(self, spec: ModelSpec, model: Mapping[str, np.ndarray], means: dict[str, np.ndarray]) -> Model:
         out: Model = {}

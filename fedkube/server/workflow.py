@@ -113,10 +113,12 @@ class CheckpointWriter:
     """Writes checkpoints on a background thread, one at a time, so the next round need not wait.
 
     What it is handed must not change while it writes. The global model does
-    not: every round aggregates into fresh accumulators and only reads the
-    global model it started from (``strategies.FedAvg``/``FedAdam``,
-    ``aggregate.WeightedMean``), and the transfer service only reads the
-    arrays it publishes, so the model is written without a copy. Strategy
+    not: every round aggregates into accumulators nothing else refers to and
+    only reads the global model it started from (``strategies.FedAvg``/``FedAdam``,
+    ``aggregate.WeightedMean``; a superseded model's arrays are recycled as
+    accumulators only once their reference count shows no other holder, such
+    as this writer's thread, ``fedkube.server.pool``), and the transfer service
+    only reads the arrays it publishes, so the model is written without a copy. Strategy
     state tensors may be updated in place by the next round's ``finish()``
     (FedAdam's m and v are), so the workflow waits for a write that holds
     any before calling it (:meth:`holds_strategy_tensors`) instead of copying
