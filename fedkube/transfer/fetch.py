@@ -456,36 +456,11 @@ class Fetcher:
                 cancel = getattr(stream, "cancel", None)
                 if self.abort is not None and cancel is not None:
                     guard = _Watchdog(None, cancel, self.abort, f"fedkube-fetch-abort-{ref.transaction_id}")
-                if into is not None:
-                    for n in stream:
-                        if not isinstance(n, int) or n <= 0 or offset + n > ref.nbytes:
-                            raise ProtocolError(
-                                f"source reported {n!r} bytes written at offset {offset}", **self._ids(ref)
-                            )
-                        hasher.update(buf[offset : offset + n])
-                        offset += n
-                        last_progress = time.monotonic()
-                        failures = 0
-                        if progress is not None:
-                            progress(offset)
-                        self._check_abort(ref, offset)
-                    stream = iter(())
-                for chunk_offset, data in stream:
-                    n = len(data) if isinstance(data, bytes) else data.nbytes
-                    if chunk_offset != offset or n == 0:
-                        raise ProtocolError(
-                            f"source sent {n} bytes at offset {chunk_offset}; expected data at {offset}",
-                            **self._ids(ref),
-                        )
-                    if offset + n > ref.nbytes:
-                        raise InvalidRefError(
-                            f"the source's tensor is longer than the reference says ({ref.nbytes} bytes for "
-                            f"{ref.dtype}{list(ref.shape)}): dtype, shape or length do not match what was published",
-                            **self._ids(ref),
-                        )
-                    piece = buf[offset : offset + n]
-                    piece[:] = data
-                    hasher.update(piece)
+                pieces = stream if into is not None else self._copy_chunks(stream, ref, buf, offset)
+                for n in pieces:
+                    if not isinstance(n, int) or n <= 0 or offset + n > ref.nbytes:
+                        raise ProtocolError(f"source reported {n!r} bytes written at offset {offset}", **self._ids(ref))
+                    hasher.update(buf[offset : offset + n])
                     offset += n
                     last_progress = time.monotonic()
                     failures = 0
@@ -515,6 +490,26 @@ class Fetcher:
                 close = getattr(stream, "close", None)
                 if close is not None:
                     close()
+
+    def _copy_chunks(
+        self, chunks: Iterator[tuple[int, bytes | memoryview]], ref: TensorRef, buf: memoryview, offset: int
+    ) -> Iterator[int]:
+        """A (offset, data) chunk stream as an ``stream_into`` one: copy each chunk into ``buf``, yield its size."""
+        for chunk_offset, data in chunks:
+            n = len(data) if isinstance(data, bytes) else data.nbytes
+            if chunk_offset != offset or n == 0:
+                raise ProtocolError(
+                    f"source sent {n} bytes at offset {chunk_offset}; expected data at {offset}", **self._ids(ref)
+                )
+            if offset + n > ref.nbytes:
+                raise InvalidRefError(
+                    f"the source's tensor is longer than the reference says ({ref.nbytes} bytes for "
+                    f"{ref.dtype}{list(ref.shape)}): dtype, shape or length do not match what was published",
+                    **self._ids(ref),
+                )
+            buf[offset : offset + n] = data
+            offset += n
+            yield n
 
     def _retry_or_raise(
         self, ref: TensorRef, err: Exception, offset: int, start: int, failures: int, last_progress: float
