@@ -34,6 +34,14 @@ FLIP_MIN_FRAME = 8192  # control messages are far smaller; a DATA frame this lar
 UP, DOWN = "up", "down"  # sidecar -> server, server -> sidecar
 
 
+def _middle_hit(frame_len: int, remaining: int, step: int, i: int) -> int | None:
+    """Where the middle byte of a large frame's payload falls in the ``step`` bytes at ``i``, if it does."""
+    offset, middle = frame_len - remaining, frame_len // 2
+    if frame_len >= FLIP_MIN_FRAME and offset <= middle < offset + step:
+        return i + (middle - offset)
+    return None
+
+
 @dataclass
 class _Framer:
     """Tracks HTTP/2 frame boundaries in one direction of a connection."""
@@ -67,15 +75,8 @@ class _Framer:
                     self.header.clear()
                 continue
             step = min(self.remaining, n - i)
-            offset_in_payload = self.frame_len - self.remaining
-            middle = self.frame_len // 2
-            if (
-                hit is None
-                and self.frame_type == _DATA
-                and self.frame_len >= FLIP_MIN_FRAME
-                and offset_in_payload <= middle < offset_in_payload + step
-            ):
-                hit = i + (middle - offset_in_payload)
+            if hit is None and self.frame_type == _DATA:
+                hit = _middle_hit(self.frame_len, self.remaining, step, i)
             self.remaining -= step
             i += step
         return hit
@@ -103,10 +104,8 @@ class _BulkFramer:
         while i < n:
             if self.remaining:
                 step = min(self.remaining, n - i)
-                if self.payload and hit is None and self.frame_len >= FLIP_MIN_FRAME:
-                    offset, middle = self.frame_len - self.remaining, self.frame_len // 2
-                    if offset <= middle < offset + step:
-                        hit = i + (middle - offset)
+                if self.payload and hit is None:
+                    hit = _middle_hit(self.frame_len, self.remaining, step, i)
                 self.remaining -= step
                 i += step
                 if not self.remaining:
