@@ -91,7 +91,8 @@ _UNREACHABLE_MODEL = (RefNotFoundError, TransactionExpiredError, StreamBrokenErr
 class SessionSettings:
     """Timeouts of the trainer side.
 
-    * ``connect_timeout_s``: how long ``init()`` waits for the sidecar to answer.
+    * ``connect_timeout_s``: how long ``init()`` waits for the sidecar to answer, and how long a trainer waits
+      for a restarted sidecar when the one it was talking to went away.
     * ``poll_ms``: long-poll length of each NextTask call.
     * ``result_idle_timeout_s``: ``send()`` fails when the server's download of
       the result made no progress for this long (LESSONS.md 3).
@@ -260,6 +261,7 @@ class Session:
                 return self._pending
             if self._stopped is not None:
                 return self._stopped
+        lost_since: float | None = None
         while True:
             try:
                 resp = self.link.NextTask(
@@ -268,10 +270,19 @@ class Session:
                     wait_for_ready=True,
                 )
             except grpc.RpcError as exc:
-                raise SidecarUnreachableError(
-                    f"job {self.job} site {self.site}: the sidecar at {self.address} stopped answering: "
-                    f"{_rpc_text(exc)}"
-                ) from None
+                # A long poll in flight when the sidecar dies fails at once (wait_for_ready covers only calls not
+                # yet started); a kubelet restarts a killed native sidecar, so ask again for up to connect_timeout_s.
+                now = time.monotonic()
+                lost_since = now if lost_since is None else lost_since
+                if (exc.code() != grpc.StatusCode.UNAVAILABLE or self._closed
+                        or now - lost_since > self.settings.connect_timeout_s):
+                    raise SidecarUnreachableError(
+                        f"job {self.job} site {self.site}: the sidecar at {self.address} stopped answering: "
+                        f"{_rpc_text(exc)}"
+                    ) from None
+                time.sleep(0.2)
+                continue
+            lost_since = None
             which = resp.WhichOneof("outcome")
             if which is not None:
                 got: control_pb2.Task | control_pb2.Stop = resp.task if which == "task" else resp.stop

@@ -80,3 +80,44 @@ def test_sidecar_killed_mid_round_reconnects_and_its_result_counts_once(tmp_path
     # site-b's trainer was handed round 1 once: the re-sent copy of the task was not trained again.
     assert len((gate / "received-1").read_text().split()) == 1
 
+
+
+# site-b sends round 1 and waits for round 2's task (inside is_running()'s NextTask long poll) while site-a holds
+# round 1 open; the test kills site-b's sidecar there.
+IDLE_BODY = """
+    k = {"site-a": 1.0, "site-b": 2.0}[site]
+    while fk.is_running():
+        model = fk.receive()
+        params = {n: v + np.float32(k * model.round) for n, v in model.params.items()}
+        if site == "site-a" and model.round == 1:
+            hold("go")
+        fk.send(fk.FLModel(params=params, num_examples=10 if site == "site-a" else 30))
+        if site == "site-b" and model.round == 1:
+            (gate / "sent-1").touch()
+"""
+
+
+@pytest.mark.timeout(90)
+def test_sidecar_killed_while_its_trainer_waits_for_a_task_the_trainer_carries_on(tmp_path: Path) -> None:
+    doc = job_doc("f03b", ("site-a", "site-b"), rounds=2, roomy=True, checkpoint=True,
+                  trainer=trainer_script(tmp_path, IDLE_BODY),
+                  initial=save_model(tmp_path / "initial.npz", {"w": INITIAL}))
+    with PodJob(doc, tmp_path) as job:
+        job.until(lambda: (job.gate / "sent-1").exists(), "site-b to send round 1 and wait for a task", 30)
+        old = job.sidecar("site-b")
+        old_pid = old.pid
+        old.signal_group(signal.SIGKILL)  # the trainer is blocked in NextTask on this sidecar
+        assert old.wait(10) == -signal.SIGKILL
+        job.until(lambda: job.sidecar("site-b").pid != old_pid, "the pod to restart site-b's sidecar", 20)
+        job.until_metrics(lambda m: m.total("fedkube_sidecar_upstream_connected") == 1.0,
+                          "the restarted sidecar to register with the server", "site-b", 20)
+        job.open_gate("go")
+        summary = job.server_succeeded(60)
+        ck = job.checkpoint()
+        site_b = job.clients["site-b"].wait(30)
+        assert site_b is not None and site_b.phase == "Succeeded", site_b
+        trainer = site_b.container("trainer")
+        assert trainer is not None and trainer.exit_code == 0, trainer  # it rode out the restart, no crash
+    assert {c["name"]: (c["state"], c.get("roundsCompleted")) for c in summary["clients"]} == {
+        "site-a": ("Done", 2), "site-b": ("Done", 2)}
+    np.testing.assert_array_equal(ck.model["w"], INITIAL + np.float32(1.75) + np.float32(3.5))
