@@ -259,7 +259,7 @@ class Job:
         return {}
 
 
-def build_job(run_dir: Path, manifest: dict[str, Any], resolver: ProxyResolver) -> Job:
+def build_job(run_dir: Path, manifest: dict[str, Any], resolver: ProxyResolver, transport: str = "bulk") -> Job:
     from fedkube.spec import parse_job
 
     job = parse_job(manifest)
@@ -267,6 +267,10 @@ def build_job(run_dir: Path, manifest: dict[str, Any], resolver: ProxyResolver) 
     pods = [m for m in manifests if m.get("kind") == "Pod"]
     server = next(p for p in pods if p["metadata"]["labels"].get("fedkube.dev/role") == "server")
     clients = {p["metadata"]["labels"]["fedkube.dev/site"]: p for p in pods if p is not server}
+    if transport == "grpc":  # no bulk address: the sidecars, and so the trainers, move tensors over gRPC
+        for pod in clients.values():
+            for c in [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]:
+                c["env"] = [e for e in c.get("env", []) if e["name"] != envvars.SERVER_BULK_ADDRESS]
     for service in (m for m in manifests if m.get("kind") == "Service"):
         selector = service.get("spec", {}).get("selector") or {}
         for pod in pods:
@@ -471,6 +475,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inject-window-s", type=float, default=0.3, help="faults land 0..this many s into a round")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the soak gives up")
     p.add_argument("--keep-dir", default=None, help="keep the run directory here (default: a temp dir)")
+    p.add_argument("--transport", choices=("bulk", "grpc"), default="bulk",
+                   help="how tensors travel between sidecar and server (grpc: no bulk address, the fallback)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -508,7 +514,8 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     control.mkdir(exist_ok=True)
     run_dir = work / "run"
     resolver = ProxyResolver()
-    job = build_job(run_dir, job_manifest(model_path, args.rounds, args.round_seconds, control), resolver)
+    manifest = job_manifest(model_path, args.rounds, args.round_seconds, control)
+    job = build_job(run_dir, manifest, resolver, args.transport)
     proxy = FaultProxy((LOCAL_HOST, job.grpc_port)).start()
     resolver.proxy_address = proxy.address
     server_log = run_dir / "logs" / f"{job.server_manifest['metadata']['name']}.server.log"
@@ -549,6 +556,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ok = code == 0 and bool(check.get("ok")) and all(f.survived for f in s.faults)
     return {
         "bench": "soak",
+        "transport": args.transport,
         "rounds": args.rounds,
         "seed": args.seed,
         "size_mib": args.size_mib,
