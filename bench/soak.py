@@ -260,7 +260,7 @@ class Job:
         return {}
 
 
-def build_job(run_dir: Path, manifest: dict[str, Any], resolver: ProxyResolver) -> Job:
+def build_job(run_dir: Path, manifest: dict[str, Any], resolver: ProxyResolver, transport: str = "bulk") -> Job:
     from fedkube.spec import parse_job
 
     job = parse_job(manifest)
@@ -268,6 +268,10 @@ def build_job(run_dir: Path, manifest: dict[str, Any], resolver: ProxyResolver) 
     pods = [m for m in manifests if m.get("kind") == "Pod"]
     server = next(p for p in pods if p["metadata"]["labels"].get("fedkube.dev/role") == "server")
     clients = {p["metadata"]["labels"]["fedkube.dev/site"]: p for p in pods if p is not server}
+    if transport == "grpc":  # no bulk address: the sidecars, and so the trainers, move tensors over gRPC
+        for pod in clients.values():
+            for c in [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]:
+                c["env"] = [e for e in c.get("env", []) if e["name"] != envvars.SERVER_BULK_ADDRESS]
     for service in (m for m in manifests if m.get("kind") == "Service"):
         selector = service.get("spec", {}).get("selector") or {}
         for pod in pods:
@@ -287,7 +291,7 @@ def build_job(run_dir: Path, manifest: dict[str, Any], resolver: ProxyResolver) 
     env = {e["name"]: e.get("value") for e in server["spec"]["containers"][0].get("env", [])}
     out.grpc_port = resolver.local_port(key, int(env[envvars.GRPC_PORT]))
     out.status_url = f"http://{LOCAL_HOST}:{resolver.local_port(key, int(env[envvars.STATUS_PORT]))}/status"
-    if int(env.get(envvars.BULK_PORT) or 0):
+    if transport == "bulk" and int(env.get(envvars.BULK_PORT) or 0):
         out.bulk_port = resolver.local_port(key, int(env[envvars.BULK_PORT]))
     resolver.proxied_pod = pod_key_of(clients[PROXIED_SITE])
     return out
@@ -473,6 +477,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inject-window-s", type=float, default=0.3, help="faults land 0..this many s into a round")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the soak gives up")
     p.add_argument("--keep-dir", default=None, help="keep the run directory here (default: a temp dir)")
+    p.add_argument("--transport", choices=("bulk", "grpc"), default="bulk",
+                   help="how tensors travel between sidecar and server (grpc: no bulk address, the fallback)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -510,7 +516,8 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     control.mkdir(exist_ok=True)
     run_dir = work / "run"
     resolver = ProxyResolver()
-    job = build_job(run_dir, job_manifest(model_path, args.rounds, args.round_seconds, control), resolver)
+    manifest = job_manifest(model_path, args.rounds, args.round_seconds, control)
+    job = build_job(run_dir, manifest, resolver, args.transport)
     # Tensor bytes travel on the bulk connection when the job has one: faults go where the bytes are.
     proxy = FaultProxy((LOCAL_HOST, job.bulk_port or job.grpc_port), bulk=bool(job.bulk_port)).start()
     control_proxy = FaultProxy((LOCAL_HOST, job.grpc_port)).start() if job.bulk_port else proxy
@@ -556,6 +563,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ok = code == 0 and bool(check.get("ok")) and all(f.survived for f in s.faults)
     return {
         "bench": "soak",
+        "transport": args.transport,
         "rounds": args.rounds,
         "seed": args.seed,
         "size_mib": args.size_mib,
