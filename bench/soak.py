@@ -324,7 +324,9 @@ class Soak:
             if pid is None:
                 continue
             with contextlib.suppress(psutil.Error, OSError):
-                self.rss.setdefault(slot, []).append((round_, pid, int(psutil.Process(pid).memory_info().rss)))
+                rss = int(psutil.Process(pid).memory_info().rss)
+                if rss:  # 0: the process already exited (a zombie not reaped yet), e.g. a trainer after its last round
+                    self.rss.setdefault(slot, []).append((round_, pid, rss))
 
     def open_fault(self) -> Fault | None:
         return next((f for f in self.faults if not f.survived), None)
