@@ -113,6 +113,10 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
         if wrong:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"result refs {wrong} name a source other than this site {self._site!r}")
+        stop = self._tasks.stopped
+        if stop is not None:  # the server takes no more results: say so now instead of letting send() wait
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"the job is over ({stop.reason or 'stopped'}); task {ann.task_id}'s result was not sent")
         self._tasks.announce(ann)
         log.info("site %s: result of task %s (round %d): %d tensors, %d bytes, %d examples",
                  self._site, ann.task_id, ann.round, len(ann.refs), sum(r.nbytes for r in ann.refs),

@@ -434,6 +434,11 @@ class Session:
         except grpc.RpcError as exc:
             if txn is not None:
                 self.service.release(txn.id)
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise JobStoppedError(
+                    f"job {self.job} site {self.site} round {task.round}: {exc.details()}; fix: check "
+                    "fk.is_running() before training on a task, and stop when it is False"
+                ) from None
             raise SidecarUnreachableError(
                 f"job {self.job} site {self.site} round {task.round}: the sidecar at {self.address} did not take "
                 f"the result: {_rpc_text(exc)}"
