@@ -22,7 +22,7 @@ class SendWithoutReceiveError(SDKError):
 
 
 class JobStoppedError(SDKError):
-    """``receive()`` was called after the job ended for this site (check ``fk.is_running()``)."""
+    """The job ended for this site: ``receive()`` after it, or ``send()`` of a task held while it stopped."""
 
 
 class ResultRejectedError(SDKError):
