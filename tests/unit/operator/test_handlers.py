@@ -136,7 +136,8 @@ def test_an_invalid_job_does_not_stop_a_valid_one(kube: fixtures.KubeHandle) -> 
         invalid = {c["type"]: c for c in status("bad")["conditions"]}["Invalid"]
         assert "spec.trainer.command" in invalid["message"] and "fix:" in invalid["message"]
         assert api.job_pods("default", "bad") == []
-        assert status("good")["phase"] in ("Pending", "Deploying")
+        # Its pods exist before its first status patch lands: wait for the phase too.
+        _until(lambda: status("good").get("phase") in ("Pending", "Deploying"))
 
 
 def test_write_removes_client_sites_and_fields_that_are_gone() -> None:
