@@ -31,6 +31,8 @@ import atexit
 import logging
 import os
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 from fedkube import envvars
 from fedkube.trainer_sdk._session import Session, SessionSettings, install_hooks
@@ -134,13 +136,25 @@ def is_running() -> bool:
     return _require("is_running").is_running()
 
 
-def receive() -> FLModel:
+def receive(into: FLModel | Mapping[str, Any] | None = None) -> FLModel:
     """The next task's model: ``params`` fetched into fresh arrays that are yours to modify.
 
     ``params`` is None for an "init" task (``config["fedkube.task"] == "init"``):
     answer it by sending your initial weights.
+
+    ``into`` gives buffers to receive into instead: the params you sent last
+    round (``into=model``), or a network's ``state_dict()``, whose weights are
+    then overwritten in place (a GPU tensor is filled through a host buffer of
+    one tensor at a time). Every tensor whose name, dtype and shape match a
+    writable C-contiguous array or tensor in ``into`` is written there, and
+    ``params[name]`` is that same object; the others arrive in fresh arrays,
+    and one log line says which and why. A loop that hands its buffers back
+    this way allocates nothing per round: the kernel no longer has to map and
+    zero S bytes of fresh memory each round, which on large models is a
+    sizeable share of the trainer's CPU (bench/README.md). Their contents
+    are undefined if ``receive`` raises.
     """
-    return _require("receive").receive()
+    return _require("receive").receive(into)
 
 
 def send(model: FLModel) -> bool:

@@ -47,7 +47,14 @@ from fedkube.trainer_sdk.errors import (
     SendWithoutReceiveError,
     SidecarUnreachableError,
 )
-from fedkube.trainer_sdk.model import FLModel, params_to_numpy
+from fedkube.trainer_sdk.model import (
+    FLModel,
+    ReceiveTarget,
+    into_params,
+    overlapping,
+    params_to_numpy,
+    receive_target,
+)
 from fedkube.transfer.allocator import release_free_memory
 from fedkube.transfer.bulk import BulkChunkSource, BulkServer
 from fedkube.transfer.errors import (
@@ -298,13 +305,14 @@ class Session:
     def is_running(self) -> bool:
         return isinstance(self._poll(block=True), control_pb2.Task)
 
-    def receive(self) -> FLModel:
+    def receive(self, into: Any = None) -> FLModel:
+        buffers = into_params(into)
         while True:
-            model = self._receive_one()
+            model = self._receive_one(buffers)
             if model is not None:
                 return model
 
-    def _receive_one(self) -> FLModel | None:
+    def _receive_one(self, into: Mapping[str, Any] | None = None) -> FLModel | None:
         """The next task's model; None when its model is gone at the source (the task is dropped)."""
         got = self._poll(block=True)
         if isinstance(got, control_pb2.Stop):
@@ -322,7 +330,7 @@ class Session:
                  task.id, len(task.refs))
         # An init task asks for the script's initial weights: there is nothing to fetch.
         try:
-            params = None if task.config.get(TASK_KIND_KEY) == INIT_TASK else self._fetch(task)
+            params = None if task.config.get(TASK_KIND_KEY) == INIT_TASK else self._fetch(task, into)
         except _UNREACHABLE_MODEL as exc:
             # The server restarted (it publishes under new ids and sends its own task for the round)
             # or stayed out of reach past every retry: this copy can never be done. The site sits out
@@ -337,17 +345,53 @@ class Session:
             params=params, round=task.round, total_rounds=task.total_rounds, config=dict(task.config)
         )
 
-    def _fetch(self, task: _Task) -> dict[str, np.ndarray]:
-        """Fetch each global tensor into a buffer that becomes the user's array (no second copy)."""
-        out: dict[str, np.ndarray] = {}
+    def _targets(self, task: _Task, into: Mapping[str, Any] | None) -> dict[str, ReceiveTarget]:
+        """The caller's buffers (``receive(into=...)``) that each global tensor can be written into."""
+        if not into:
+            return {}
+        targets: dict[str, ReceiveTarget] = {}
+        fresh: list[str] = []
+        for ref in task.refs:
+            value = into.get(ref.name)
+            if value is None:
+                fresh.append(f"{ref.name} (not in into)")
+                continue
+            target, why = receive_target(value, tuple(ref.shape), numpy_dtype(ref.dtype))
+            if target is None:
+                fresh.append(f"{ref.name} ({why})")
+            else:
+                targets[ref.name] = target
+        for name in overlapping(targets):
+            del targets[name]
+            fresh.append(f"{name} (its memory overlaps another tensor's in into)")
+        if fresh:
+            shown = "; ".join(fresh[:5]) + (f"; and {len(fresh) - 5} more" if len(fresh) > 5 else "")
+            log.info("job %s site %s round %d: %d of %d tensors arrive in fresh arrays instead of into: %s",
+                     self.job, self.site, task.round, len(fresh), len(task.refs), shown)
+        return targets
+
+    def _fetch(self, task: _Task, into: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Fetch each global tensor into a buffer that becomes the user's array (no second copy).
+
+        The buffer is the caller's own where ``into`` has a fitting one (no
+        allocation, no page faults), else a fresh array.
+        """
+        targets = self._targets(task, into)
+        out: dict[str, Any] = {}
         by_tx: dict[str, list[TensorRef]] = {}
         for ref in task.refs:
             by_tx.setdefault(ref.transaction_id, []).append(ref)
         for tid, refs in by_tx.items():
             try:
                 for ref in refs:
-                    arr = np.empty(ref.shape, dtype=numpy_dtype(ref.dtype))
-                    out[ref.name] = self._fetch_one(task, self.bulk_fetcher or self.fetcher, ref, arr)
+                    target = targets.get(ref.name)
+                    if target is None:
+                        arr = np.empty(ref.shape, dtype=numpy_dtype(ref.dtype))
+                        out[ref.name] = self._fetch_one(task, self.bulk_fetcher or self.fetcher, ref, arr)
+                        continue
+                    self._fetch_one(task, self.bulk_fetcher or self.fetcher, ref, target.buffer())
+                    target.done()
+                    out[ref.name] = target.result
             except BaseException as exc:
                 try:
                     (self.bulk_fetcher or self.fetcher).source.complete(tid, False, str(exc))

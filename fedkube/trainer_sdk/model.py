@@ -120,3 +120,113 @@ def params_to_numpy(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
             raise InvalidParamsError(f"FLModel.params keys must be str tensor names, got {name!r}")
         out[name] = to_numpy(name, value)
     return out
+
+
+# --- receiving into the caller's buffers (``fk.receive(into=...)``) -------------------------------
+
+
+class ReceiveTarget:
+    """Where one received tensor lands, and what the caller gets back under its name.
+
+    ``buffer()`` is the array the transfer layer writes; ``done()`` runs once
+    the tensor arrived; ``result`` is handed to the caller (the object passed
+    in ``into``). A CPU array or tensor is its own buffer. A tensor on another
+    device (a GPU) gets a host buffer of that one tensor when its turn comes,
+    copied over in ``done()``, so the host never holds the whole model.
+    """
+
+    def __init__(self, result: Any, array: np.ndarray | None) -> None:
+        self.result = result
+        self.array = array  # None: staged through host memory in buffer()
+        self._host: Any = None
+
+    def buffer(self) -> np.ndarray:
+        if self.array is not None:
+            return self.array
+        torch = _torch()
+        self._host = torch.empty(tuple(self.result.shape), dtype=self.result.dtype)
+        staged, _ = _writable_view(self._host)
+        assert staged is not None  # its dtype was checked when the target was chosen
+        return staged
+
+    def done(self) -> None:
+        if self._host is not None:
+            torch = _torch()
+            with torch.no_grad():
+                self.result.copy_(self._host)
+            self._host = None
+
+
+def into_params(into: Any) -> Mapping[str, Any] | None:
+    """The name -> buffer mapping of ``receive(into=...)``: an FLModel's params, a mapping, or None."""
+    if into is None:
+        return None
+    if isinstance(into, FLModel):
+        return into.params
+    if isinstance(into, Mapping):
+        return into
+    raise InvalidParamsError(
+        f"receive(into=...) takes an FLModel or a dict of name -> array, got {type(into).__name__}; "
+        "fix: pass the params you sent last round (e.g. into=model) or net.state_dict()"
+    )
+
+
+def _writable_view(value: Any) -> tuple[np.ndarray | None, str]:
+    """A numpy array sharing ``value``'s memory that may be written, or None and why not."""
+    if isinstance(value, np.ndarray):
+        arr = value
+    elif _is_torch_tensor(value):
+        torch = _torch()
+        t = value.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        try:
+            arr = t.numpy()
+        except (RuntimeError, TypeError) as exc:  # a dtype numpy lacks
+            return None, f"its torch dtype has no numpy view ({exc})"
+        if value.dtype == torch.bfloat16:
+            arr = arr.view(_BF16)
+    else:
+        return None, f"it is a {type(value).__name__}, not an array or tensor"
+    if not arr.flags.c_contiguous:
+        return None, "it is not C-contiguous"
+    if not arr.flags.writeable:
+        return None, "it is read-only"
+    return arr, ""
+
+
+def receive_target(value: Any, shape: tuple[int, ...], dtype: np.dtype) -> tuple[ReceiveTarget | None, str]:
+    """The target for a tensor of ``shape``/``dtype`` in ``value`` (an ``into`` entry), or None and why not."""
+    if _is_torch_tensor(value) and value.device.type != "cpu":
+        torch = _torch()
+        probe, why = _writable_view(torch.empty((0,), dtype=value.dtype))
+        if probe is None:
+            return None, why
+        have = tuple(value.shape)
+        if have != shape or probe.dtype != dtype:
+            return None, f"it is {probe.dtype}{list(have)}, the tensor is {dtype}{list(shape)}"
+        return ReceiveTarget(value, None), ""
+    arr, why = _writable_view(value)
+    if arr is None:
+        return None, why
+    if arr.shape != shape or arr.dtype != dtype:
+        return None, f"it is {arr.dtype}{list(arr.shape)}, the tensor is {dtype}{list(shape)}"
+    return ReceiveTarget(value, arr), ""
+
+
+def overlapping(targets: Mapping[str, ReceiveTarget]) -> list[str]:
+    """Names whose target memory overlaps an earlier target's (tied weights): they cannot both be written."""
+    spans = []
+    for name, t in targets.items():
+        if t.array is not None and t.array.nbytes:
+            start = t.array.ctypes.data
+            spans.append((start, start + t.array.nbytes, name))
+    spans.sort()
+    clash: list[str] = []
+    end = -1
+    for start, stop, name in spans:
+        if start < end:
+            clash.append(name)  # not written, so it does not extend the covered span
+        else:
+            end = stop
+    return clash

@@ -15,7 +15,15 @@ import fedkube.trainer_sdk as fk
 from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.trainer_sdk._session import Session, SessionSettings, failure_kind
-from fedkube.trainer_sdk.model import params_to_numpy, to_numpy, to_torch
+from fedkube.trainer_sdk.model import (
+    ReceiveTarget,
+    into_params,
+    overlapping,
+    params_to_numpy,
+    receive_target,
+    to_numpy,
+    to_torch,
+)
 from fedkube.wire.v1 import control_pb2
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -134,3 +142,56 @@ def test_default_logging_only_when_the_script_configured_none(monkeypatch: pytes
     assert len(root.handlers) == 1 and root.level == logging.INFO
     _default_logging()
     assert len(root.handlers) == 1  # never a second handler (no doubled lines)
+
+
+def test_receive_targets_write_into_the_callers_memory_or_say_why_not() -> None:
+    arr = np.zeros((4, 5), np.float32)
+    target, why = receive_target(arr, (4, 5), np.dtype(np.float32))
+    assert target is not None and why == "" and target.buffer() is arr and target.result is arr
+    t = torch.zeros(8, dtype=torch.bfloat16, requires_grad=True)  # a Parameter-like leaf: written without autograd
+    target, _ = receive_target(t, (8,), np.dtype(ml_dtypes.bfloat16))
+    assert target is not None
+    target.buffer()[:] = np.arange(8).astype(ml_dtypes.bfloat16)
+    target.done()
+    assert t.detach().tolist() == list(range(8)) and target.result is t
+    assert receive_target(arr, (5, 4), np.dtype(np.float32))[1] == "it is float32[4, 5], the tensor is float32[5, 4]"
+    assert receive_target(arr.T, (5, 4), np.dtype(np.float32))[1] == "it is not C-contiguous"
+    assert receive_target([1.0], (1,), np.dtype(np.float32))[1] == "it is a list, not an array or tensor"
+
+
+def test_a_device_tensor_is_filled_through_one_host_buffer_at_a_time() -> None:
+    # The staging path of a GPU tensor, driven on a CPU tensor (CI has no GPU): the host buffer exists only
+    # between buffer() and done(), and done() copies it into the caller's tensor.
+    t = torch.zeros(3, 4)
+    target = ReceiveTarget(t, None)
+    host = target.buffer()
+    assert host.ctypes.data != t.data_ptr()  # a separate buffer, not the tensor itself
+    host[:] = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert t.sum().item() == 0
+    target.done()
+    assert t.flatten().tolist() == list(range(12)) and target._host is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_tensor_is_a_receive_target() -> None:
+    t = torch.zeros(16, device="cuda")
+    target, why = receive_target(t, (16,), np.dtype(np.float32))
+    assert target is not None and target.array is None, why
+    target.buffer()[:] = np.arange(16, dtype=np.float32)
+    target.done()
+    assert t.cpu().tolist() == list(range(16))
+
+
+def test_overlapping_receive_targets_are_found() -> None:
+    base = np.zeros(100, np.uint8)
+    targets = {
+        "a": ReceiveTarget(None, base[:40]),
+        "b": ReceiveTarget(None, base[40:80]),  # adjacent to a: fine
+        "c": ReceiveTarget(None, base[70:90]),  # overlaps b
+        "d": ReceiveTarget(None, np.zeros(10, np.uint8)),
+        "e": ReceiveTarget(None, base[:0]),  # empty: holds no bytes
+    }
+    assert overlapping(targets) == ["c"]
+    with pytest.raises(fk.InvalidParamsError, match="takes an FLModel or a dict"):
+        into_params((np.zeros(1),))
+    assert into_params(fk.FLModel(params={"x": base})) == {"x": base}
