@@ -59,6 +59,7 @@ from round_procs import SERVER, SIDECAR, TRAINER, TreeSampler, round_times, wait
 
 TRAINER_SCRIPT = Path(__file__).resolve().with_name("round_trainer.py")
 MODE_ENV = "FEDKUBE_BENCH_TRAINER_MODE"  # read by round_trainer.py
+RECEIVE_ENV = "FEDKUBE_BENCH_TRAINER_RECEIVE"  # read by round_trainer.py: "into" or "fresh"
 ARRAY_MIB = 64
 ROW = 1024  # tensors are (n // ROW, ROW): 2-D, so a shape mix-up would show
 CLIENTS = 2
@@ -114,7 +115,9 @@ def expected_final(initial: np.ndarray, rounds: int) -> np.ndarray:
     return e
 
 
-def job_manifest(model_path: Path, rounds: int, mode: str, chunk_mib: int | None = None) -> dict[str, Any]:
+def job_manifest(
+    model_path: Path, rounds: int, mode: str, chunk_mib: int | None = None, receive: str = "into"
+) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "apiVersion": "fedkube.dev/v1alpha1",
         "kind": "FLJob",
@@ -128,7 +131,7 @@ def job_manifest(model_path: Path, rounds: int, mode: str, chunk_mib: int | None
             "trainer": {
                 "image": "local",
                 "command": [sys.executable, str(TRAINER_SCRIPT)],
-                "env": [{"name": MODE_ENV, "value": mode}],
+                "env": [{"name": MODE_ENV, "value": mode}, {"name": RECEIVE_ENV, "value": receive}],
             },
             "timeouts": {"roundSeconds": 3600},
         },
@@ -206,7 +209,9 @@ def measure(size_mib: int, args: argparse.Namespace) -> dict[str, Any]:
     floor_s, scaled = floor_seconds(s_bytes, args.floor_cap_mib << 20)
     keep = args.keep_dir is not None
     base = (
-        Path(args.keep_dir) / f"{size_mib}MiB-{args.trainer_mode}{'-grpc' if args.no_bulk else ''}" if keep else None
+        Path(args.keep_dir) / f"{size_mib}MiB-{args.trainer_mode}-{args.receive}{'-grpc' if args.no_bulk else ''}"
+        if keep
+        else None
     )
     if base is not None:
         base.mkdir(parents=True, exist_ok=True)
@@ -214,7 +219,7 @@ def measure(size_mib: int, args: argparse.Namespace) -> dict[str, Any]:
         model_path = workdir / "initial.npz"
         write_model(model_path, sizes)
         job_file = workdir / "fljob.json"
-        manifest = job_manifest(model_path, args.rounds, args.trainer_mode, args.chunk_mib)
+        manifest = job_manifest(model_path, args.rounds, args.trainer_mode, args.chunk_mib, args.receive)
         job_file.write_text(json.dumps(manifest, indent=2))
         code, outcome, sampler, wall = run_job(workdir, job_file, args.timeout, bulk=not args.no_bulk)
         server_logs = sorted((workdir / "run" / "logs").glob("*-server.server.log"))
@@ -299,6 +304,7 @@ def report(
         "clients": CLIENTS,
         "rounds": args.rounds,
         "trainer_mode": args.trainer_mode,
+        "receive": args.receive,
         "chunk_mib": args.chunk_mib,
         "bulk": not args.no_bulk,
         "exit_code": code,
@@ -352,6 +358,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("inplace", "copy"),
         default="inplace",
         help="inplace: the trainer updates the received arrays; copy: it builds new ones",
+    )
+    parser.add_argument(
+        "--receive",
+        choices=("into", "fresh"),
+        default="into",
+        help="into: the trainer hands last round's arrays back (fk.receive(into=...)); fresh: plain fk.receive()",
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(

@@ -8,11 +8,19 @@ from the environment (``FEDKUBE_BENCH_TRAINER_MODE``, set in the FLJob):
 * ``copy``: builds new arrays (``a + offset``) and sends them, so it briefly
   holds the received model and the new one, ~2xS.
 
+How it receives comes from ``FEDKUBE_BENCH_TRAINER_RECEIVE``:
+
+* ``into`` (default): it hands the arrays it sent back to the next
+  ``fk.receive(into=...)``, which writes the new global model into them, so
+  the loop allocates nothing per round (in ``copy`` mode ``a + offset`` still
+  does);
+* ``fresh``: plain ``fk.receive()``. The script drops its references to the
+  round's arrays after ``send()`` so the next ``receive()`` does not overlap
+  with them (what a memory-conscious loop does, and what the SDK's memory
+  targets assume); the SDK maps fresh arrays every round.
+
 Every site reports the same ``num_examples`` so the FedAvg of the two offsets
-is their plain mean. The script drops its references to the round's arrays
-after ``send()`` so the next ``receive()`` does not overlap with them: that is
-what a memory-conscious training loop does, and what the SDK's memory targets
-assume.
+is their plain mean.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import fedkube.trainer_sdk as fk
 
 MODE_ENV = "FEDKUBE_BENCH_TRAINER_MODE"
 MODES = ("inplace", "copy")
+RECEIVE_ENV = "FEDKUBE_BENCH_TRAINER_RECEIVE"
+RECEIVES = ("into", "fresh")
 NUM_EXAMPLES = 1000
 
 
@@ -42,10 +52,15 @@ def main() -> int:
     if mode not in MODES:
         print(f"round_trainer: {MODE_ENV}={mode!r} is not one of {', '.join(MODES)}", file=sys.stderr)
         return 2
+    receive = os.environ.get(RECEIVE_ENV, "into")
+    if receive not in RECEIVES:
+        print(f"round_trainer: {RECEIVE_ENV}={receive!r} is not one of {', '.join(RECEIVES)}", file=sys.stderr)
+        return 2
     offset = site_offset(fk.site())
     fk.init()
+    handed_back = None
     while fk.is_running():
-        model = fk.receive()
+        model = fk.receive(into=handed_back)
         if model.params is None:
             raise SystemExit("round_trainer: got an init task; the benchmark's FLJob must use model source file")
         params = model.params
@@ -56,7 +71,8 @@ def main() -> int:
         else:
             result = {name: arr + offset for name, arr in params.items()}
         fk.send(fk.FLModel(params=result, num_examples=NUM_EXAMPLES))
-        del model, params, result  # the next receive() must not overlap with this round's arrays
+        handed_back = result if receive == "into" else None
+        del model, params, result  # with "fresh", the next receive() must not overlap with this round's arrays
     return 0
 
 
