@@ -250,9 +250,11 @@ class FedkubeServer:
         self._thread.start()
 
     def _start_bulk(self, port: int) -> BulkServer:
-        # "[::]" and "" mean every interface, as for gRPC; the bulk listener takes a plain host.
+        # "[::]" and "" mean every interface and both IP families, as for gRPC (an IPv6-only or
+        # dual-stack cluster reaches the pod over IPv6); IPv4 alone where the host has no IPv6.
         host = self.config.bind_host.strip("[]")
-        host = "0.0.0.0" if host in ("", "::") else host
+        if host in ("", "::"):
+            host = "::" if socket.has_dualstack_ipv6() else "0.0.0.0"
         try:
             return BulkServer(
                 self.downloads, host=host, port=port, authorize=self._check_bulk_request,

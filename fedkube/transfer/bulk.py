@@ -364,7 +364,10 @@ class _Listener:
         self.name = name
         self.max_connections = max_connections
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.create_server((host, port), family=family, backlog=128)
+        # "::" means every address, IPv4 included (a dual-stack pod network); create_server alone
+        # would make it IPv6-only.
+        dual = host == "::" and socket.has_dualstack_ipv6()
+        self._sock = socket.create_server((host, port), family=family, backlog=128, dualstack_ipv6=dual)
         self.host = host
         self.port: int = self._sock.getsockname()[1]
         self._lock = threading.Lock()
@@ -374,7 +377,7 @@ class _Listener:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def start(self) -> None:
         self._thread.start()
