@@ -9,12 +9,26 @@ Layout (no pickle anywhere)::
 
 Atomicity. ``save`` writes everything into ``<dir>/<job>/.tmp-round-…``,
 fsyncs every file and the directory, then renames the directory into place
-with ``os.replace`` and fsyncs the parent. Written tensor files are dropped
-from the page cache once fsynced (``posix_fadvise(DONTNEED)``; they are read
-only on a restart), so the writer does not leave S bytes of cache per round
-for the kernel to reclaim later. A crash leaves either the previous
+with ``os.replace`` and fsyncs the parent. A crash leaves either the previous
 state or the complete new checkpoint, plus possibly a ``.tmp-*`` directory that
 is never read and is removed by the next ``save``.
+
+CPU. The server saves S bytes after every round on a background thread that
+competes with the next round for the cores, so a save avoids touching the
+bytes with the CPU (bench/checkpoint_cost.py, ``variants_per_gib_steady``):
+
+* a tensor whose memory starts on a 4096-byte boundary (what
+  ``fedkube.server.pool.ArrayPool.take`` hands the aggregator) is written with
+  ``O_DIRECT`` from that memory: the device reads the array's pages, nothing is
+  copied into the page cache and nothing must be dropped from it; only a
+  sub-block tail goes through the page cache. Other tensors, and filesystems
+  that refuse ``O_DIRECT`` (EINVAL; remembered per device, one DEBUG line),
+  are written through the page cache and dropped from it after the fsync
+  (``posix_fadvise(DONTNEED)``; the files are read only on a restart), so no
+  S bytes of cache are left per round for the kernel to reclaim later;
+* checksums the caller already has (the server's publish of the same arrays
+  for the next round hashes them anyway) are written as given instead of
+  hashing S again; see ``save``'s ``checksums``.
 
 Verification. ``load_latest`` tries checkpoints newest first; a missing or
 unparsable manifest, a missing or short file, or a checksum mismatch (xxh3_64,
