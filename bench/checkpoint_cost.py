@@ -9,6 +9,19 @@ checksumming alone (xxh3 over S), a plain buffered write of S without fsync
 (the kernel's copy into the page cache), and ``fsync`` of that write. One JSON
 line; CPU per GiB is what competes with the round for the box's cores.
 
+``variants`` compares, in the same run and on the same values, the four ways a
+save can go (each ``--repeat`` saves, steady-state mean per GiB):
+
+* ``buffered_hashed``: tensors whose memory is not page-aligned (``np.empty``,
+  16 bytes past a page), so the write goes through the page cache and is
+  dropped with ``posix_fadvise``; xxh3 computed by the save. What the server
+  did before its accumulators were page-aligned and checksums reused;
+* ``buffered_given``: the same, with the checksums passed in (as the server
+  passes those its publish computed);
+* ``direct_hashed``: page-aligned tensors (what ``ArrayPool.take`` hands out),
+  written with ``O_DIRECT`` from their own memory;
+* ``direct_given``: both, what the server does now.
+
     python bench/checkpoint_cost.py --size-mib 1024 --repeat 4
 """
 
@@ -29,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedkube.server import checkpoint
+from fedkube.server.pool import ArrayPool
 from fedkube.server.strategies import StrategyState
 from fedkube.transfer.refs import as_bytes, checksum_of
 
@@ -65,9 +79,38 @@ def main() -> int:
         model[f"t{i:04d}"] = rng.standard_normal(n // 4, dtype=np.float32).reshape(-1, 1024)
         left -= n
         i += 1
+    pool = ArrayPool()
+    aligned = {}
+    for name, a in model.items():
+        aligned[name] = pool.take(a.shape, a.dtype)
+        aligned[name][...] = a
+    if any(a.ctypes.data % checkpoint.DIRECT_ALIGN for a in aligned.values()):
+        print("warning: ArrayPool.take did not return page-aligned arrays; direct_* variants are buffered",
+              file=sys.stderr)
+    published = {name: checksum_of(as_bytes(a)) for name, a in model.items()}
     root = Path(tempfile.mkdtemp(prefix="fedkube-ckbench-", dir=args.dir))
     try:
         state = StrategyState("fedavg", {"staged": False})
+        variants: dict[str, dict[str, float]] = {}
+        gib = size / (1 << 30)
+        for variant, tensors, checksums in (
+            ("buffered_hashed", model, None),
+            ("buffered_given", model, published),
+            ("direct_hashed", aligned, None),
+            ("direct_given", aligned, published),
+        ):
+            job = variant.replace("_", "-")
+            runs = [
+                _timed(lambda r=r, t=tensors, c=checksums, j=job: checkpoint.save(root, j, r, t, state, checksums=c))
+                for r in range(1, args.repeat + 1)
+            ]
+            shutil.rmtree(root / job, ignore_errors=True)
+            tail = runs[1:] or runs
+            variants[variant] = {
+                k: round(sum(x[k] for x in tail) / len(tail) / gib, 3) for k in ("wall_s", "user_s", "sys_s")
+            }
+            variants[variant]["cpu_s"] = round(variants[variant]["user_s"] + variants[variant]["sys_s"], 3)
+        del aligned
         saves = [
             _timed(lambda r=r: checkpoint.save(root, "bench", r, model, state))
             for r in range(1, args.repeat + 1)
@@ -88,11 +131,11 @@ def main() -> int:
         parts["unlink"] = _timed(lambda: raw.unlink())
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    gib = size / (1 << 30)
     steady = saves[1:] or saves
     per_gib = {k: round(sum(s[k] for s in steady) / len(steady) / gib, 3) for k in ("wall_s", "user_s", "sys_s")}
     print(json.dumps({"bench": "checkpoint_cost", "size_mib": args.size_mib, "saves": saves,
-                      "save_per_gib_steady": per_gib, "load": loaded, "parts": parts}))
+                      "save_per_gib_steady": per_gib, "variants_per_gib_steady": variants,
+                      "load": loaded, "parts": parts}))
     return 0
 
 

@@ -96,9 +96,10 @@ class _CheckpointAdapter:
         return ck.round, dict(ck.model), ck.strategy_state
 
     def save(
-        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float]
+        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float],
+        checksums: Mapping[str, str] | None = None,
     ) -> None:
-        checkpoint.save(self._dir, self._job, round_, model, state, metrics=metrics)
+        checkpoint.save(self._dir, self._job, round_, model, state, metrics=metrics, checksums=checksums)
 
 
 class _DownloadAuth(grpc.ServerInterceptor):

@@ -9,12 +9,26 @@ Layout (no pickle anywhere)::
 
 Atomicity. ``save`` writes everything into ``<dir>/<job>/.tmp-round-…``,
 fsyncs every file and the directory, then renames the directory into place
-with ``os.replace`` and fsyncs the parent. Written tensor files are dropped
-from the page cache once fsynced (``posix_fadvise(DONTNEED)``; they are read
-only on a restart), so the writer does not leave S bytes of cache per round
-for the kernel to reclaim later. A crash leaves either the previous
+with ``os.replace`` and fsyncs the parent. A crash leaves either the previous
 state or the complete new checkpoint, plus possibly a ``.tmp-*`` directory that
 is never read and is removed by the next ``save``.
+
+CPU. The server saves S bytes after every round on a background thread that
+competes with the next round for the cores, so a save avoids touching the
+bytes with the CPU (bench/checkpoint_cost.py, ``variants_per_gib_steady``):
+
+* a tensor whose memory starts on a 4096-byte boundary (what
+  ``fedkube.server.pool.ArrayPool.take`` hands the aggregator) is written with
+  ``O_DIRECT`` from that memory: the device reads the array's pages, nothing is
+  copied into the page cache and nothing must be dropped from it; only a
+  sub-block tail goes through the page cache. Other tensors, and filesystems
+  that refuse ``O_DIRECT`` (EINVAL; remembered per device, one DEBUG line),
+  are written through the page cache and dropped from it after the fsync
+  (``posix_fadvise(DONTNEED)``; the files are read only on a restart), so no
+  S bytes of cache are left per round for the kernel to reclaim later;
+* checksums the caller already has (the server's publish of the same arrays
+  for the next round hashes them anyway) are written as given instead of
+  hashing S again; see ``save``'s ``checksums``.
 
 Verification. ``load_latest`` tries checkpoints newest first; a missing or
 unparsable manifest, a missing or short file, or a checksum mismatch (xxh3_64,
@@ -30,6 +44,8 @@ they were unusable, and they must not outrank the new one.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import math
@@ -100,20 +116,86 @@ def _fsync_dir(path: Path) -> None:
 
 
 _DROP_CACHE = getattr(os, "POSIX_FADV_DONTNEED", None)
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+DIRECT_ALIGN = 4096
+"""O_DIRECT needs the buffer address, the file offset and the length aligned to the device's logical
+block; 4096 covers every block size Linux filesystems use in practice."""
+_no_direct_devices: set[int] = set()  # filesystems that refused O_DIRECT once: not asked again
 
 
-def _write_tensor(path: Path, array: np.ndarray) -> tuple[int, str]:
+def _address(data: memoryview) -> int:
+    return int(np.frombuffer(data, np.uint8).ctypes.data) if data.nbytes else 0
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    done = 0
+    while done < data.nbytes:
+        done += os.write(fd, data[done:])
+
+
+def _write_direct(fd: int, data: memoryview) -> int:
+    """Write the block-aligned prefix of ``data`` with O_DIRECT set on ``fd``; returns the bytes written.
+
+    Stops early (returning an aligned count) when the filesystem refuses with EINVAL.
+    """
+    prefix = data.nbytes - data.nbytes % DIRECT_ALIGN
+    done = 0
+    while done < prefix:
+        try:
+            n = os.write(fd, data[done:prefix])
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or done % DIRECT_ALIGN:
+                raise
+            return done
+        done += n
+        if n == 0 or done % DIRECT_ALIGN:
+            break  # a short, unaligned write: the rest goes through the page cache
+    return done
+
+
+def _write_tensor(path: Path, array: np.ndarray, device: int) -> int:
     data = as_bytes(array)  # zero-copy for contiguous little-endian arrays
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        if _DROP_CACHE is not None:
+    direct = (
+        _O_DIRECT != 0
+        and device not in _no_direct_devices
+        and data.nbytes >= DIRECT_ALIGN
+        and _address(data) % DIRECT_ALIGN == 0
+    )
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    fd = -1
+    if direct:
+        try:
+            fd = os.open(path, flags | _O_DIRECT, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # tmpfs (e.g. /dev/shm) has no O_DIRECT; such a filesystem keeps refusing.
+            _no_direct_devices.add(device)
+            log.debug("checkpoint: %s refuses O_DIRECT (%s); writing through the page cache", path.parent, exc)
+            direct = False
+    if fd < 0:
+        fd = os.open(path, flags, 0o644)
+    try:
+        written = 0
+        if direct:
+            # The device reads the array's own pages: no copy into the page cache and nothing to
+            # drop afterwards (bench/checkpoint_cost.py: the copy was ~0.25 CPU-s per GiB saved).
+            written = _write_direct(fd, data)
+            if written == 0:
+                _no_direct_devices.add(device)
+                log.debug("checkpoint: %s refuses O_DIRECT writes; writing through the page cache", path.parent)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        if written < data.nbytes:
+            _write_all(fd, data[written:])  # the sub-block tail, or all of it when O_DIRECT did not apply
+        os.fsync(fd)
+        if written < data.nbytes and _DROP_CACHE is not None:
             # The bytes are on disk now and are read again only after a restart. Left in the page
             # cache, every round's S bytes must later be reclaimed under memory pressure, which
             # bench/checkpoint_cost.py measured at ~1 s of system CPU per GiB saved (0.4 s with this).
-            os.posix_fadvise(f.fileno(), 0, 0, _DROP_CACHE)
-    return data.nbytes, checksum_of(data)
+            os.posix_fadvise(fd, written, 0, _DROP_CACHE)
+    finally:
+        os.close(fd)
+    return data.nbytes
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -129,6 +211,7 @@ def save(
     *,
     metrics: Mapping[str, float] | None = None,
     keep: int = DEFAULT_KEEP,
+    checksums: Mapping[str, str] | None = None,
 ) -> Path:
     """Atomically write the checkpoint of ``round`` completed rounds; returns its directory.
 
@@ -136,6 +219,14 @@ def save(
     that restarted mid-round redoes that round). Raises CheckpointError on
     bad input or I/O failure; nothing partial is ever visible under a round
     directory's name.
+
+    ``checksums`` maps model tensor names (the manifest's group ``model``;
+    strategy tensors are always hashed here) to the xxh3 checksum of exactly
+    the bytes of that array, as the transfer service's refs carry them when it
+    published the same arrays; those tensors are not hashed again. It is read
+    only after every tensor file is written, so a caller may fill it in while
+    the write runs; a tensor it lacks then is hashed here. A wrong checksum is
+    written as given and makes :func:`load` reject the checkpoint.
     """
     if round < 0:
         raise CheckpointError(f"round must be >= 0, got {round}")
@@ -149,7 +240,9 @@ def save(
         _remove_stale_temps(job_dir)
         tmp = job_dir / f".tmp-{_round_dir_name(round)}-{uuid.uuid4().hex[:8]}"
         (tmp / "tensors").mkdir(parents=True)
+        device = os.stat(tmp / "tensors").st_dev
         entries: list[dict[str, Any]] = []
+        arrays: list[np.ndarray] = []
         groups = (("model", model), ("strategy", strategy_state.tensors))
         for group, tensors in groups:
             for name, array in tensors.items():
@@ -158,7 +251,7 @@ def save(
                         f"job {job}: {group} tensor {name!r} is a {type(array).__name__}, not a numpy array"
                     )
                 file = f"tensors/{len(entries):05d}.bin"
-                nbytes, checksum = _write_tensor(tmp / file, array)
+                nbytes = _write_tensor(tmp / file, array, device)
                 entries.append(
                     {
                         "group": group,
@@ -167,9 +260,17 @@ def save(
                         "shape": list(array.shape),
                         "file": file,
                         "nbytes": nbytes,
-                        "checksum": checksum,
                     }
                 )
+                arrays.append(array)
+        given = 0
+        for entry, array in zip(entries, arrays, strict=True):
+            known = checksums.get(entry["name"]) if checksums is not None and entry["group"] == "model" else None
+            if isinstance(known, str) and parse_checksum(known) is not None:
+                entry["checksum"] = known
+                given += 1
+            else:
+                entry["checksum"] = checksum_of(as_bytes(array))
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -199,7 +300,8 @@ def save(
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     _prune(job_dir, keep, round)
-    log.info("job %s: checkpoint of round %d written to %s (%d tensors)", job, round, final, len(entries))
+    log.info("job %s: checkpoint of round %d written to %s (%d tensors, %d checksums given)", job, round, final,
+             len(entries), given)
     return final
 
 

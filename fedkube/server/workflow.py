@@ -96,8 +96,9 @@ class CheckpointStore(Protocol):
 
     def load(self) -> tuple[int, dict[str, np.ndarray], StrategyState | None] | None: ...
     def save(
-        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float]
-    ) -> None: ...
+        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float],
+        checksums: Mapping[str, str] | None = None,
+    ) -> None: ...  # checksums: fedkube.server.checkpoint.save's, read after the tensors are written
 
 
 @dataclass(frozen=True)
@@ -147,15 +148,20 @@ class CheckpointWriter:
         self._results: list[CheckpointResult] = []
 
     def submit(
-        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float]
+        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float],
+        checksums: Mapping[str, str] | None = None,
     ) -> float:
-        """Start writing the checkpoint of ``round_``; returns the seconds spent waiting for the previous write."""
+        """Start writing the checkpoint of ``round_``; returns the seconds spent waiting for the previous write.
+
+        ``checksums`` (model tensor name -> checksum of that array) may be filled in while the write runs.
+        """
         t0 = time.perf_counter()
         self.wait(None)  # one write at a time: also keeps the checkpoints in round order
         waited = time.perf_counter() - t0
         self._holds_state = bool(state.tensors)
         self._thread = threading.Thread(
-            target=self._write, args=(round_, model, state, dict(metrics)), name=f"fedkube-checkpoint-r{round_}",
+            target=self._write, args=(round_, model, state, dict(metrics), checksums),
+            name=f"fedkube-checkpoint-r{round_}",
             daemon=True,  # a hung disk must not keep a stopped server alive; the write is atomic either way
         )  # fmt: skip
         self._thread.start()
@@ -185,12 +191,12 @@ class CheckpointWriter:
         return results
 
     def _write(self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState,
-               metrics: dict[str, float]) -> None:  # fmt: skip
+               metrics: dict[str, float], checksums: Mapping[str, str] | None) -> None:  # fmt: skip
         t0 = time.perf_counter()
         error = ""
         try:
             with self._timing():
-                self._store.save(round_, model, state, metrics)
+                self._store.save(round_, model, state, metrics, checksums)
         except Exception as exc:  # reported to the workflow (status, outcome), never swallowed
             error = str(exc) if isinstance(exc, FedkubeError) else f"{type(exc).__name__}: {exc}"
             log.error("job %s round %s: writing the checkpoint failed: %s", self._job, round_, error)
@@ -383,6 +389,8 @@ class RoundWorkflow:
         self._fetch = _fetch_settings(settings)
         # Global-model transactions, for the "to_clients" transfer metric (read on the service's executor).
         self._published: dict[str, tuple[float, int]] = {}
+        # The model last handed to the checkpoint writer and the checksums its write may use.
+        self._checkpoint_checksums: tuple[Mapping[str, np.ndarray] | None, dict[str, str]] = (None, {})
         download_service.add_listener(self._on_transfer_event)
         self._status_lock = threading.Lock()
         self._status = self._snapshot()
@@ -447,7 +455,11 @@ class RoundWorkflow:
                 model = self._run_round(number, participants, model)
                 self._rounds_completed = number
                 if self._writer is not None:
-                    waited = self._writer.submit(number, model, self._strategy.state(), self._last_metrics)
+                    # The next round publishes these arrays and hashes them anyway; the write reads
+                    # the checksums only after writing the tensors, so it need not hash them again.
+                    self._checkpoint_checksums = (model, {})
+                    waited = self._writer.submit(number, model, self._strategy.state(), self._last_metrics,
+                                                 self._checkpoint_checksums[1])
                     if waited > 0.05:
                         log.info("job %s round %s: waited %.2f s for the previous checkpoint write", s.job, number,
                                  waited)
@@ -685,6 +697,8 @@ class RoundWorkflow:
             )  # fmt: skip
             rnd.refs = rnd.transaction.refs
             rnd.model = model
+            if self._checkpoint_checksums[0] is model:
+                self._checkpoint_checksums[1].update({r.name: r.checksum for r in rnd.refs})
             self.telemetry.model_size(rnd.transaction.nbytes)
             self._published[rnd.transaction.id] = (self._clock(), rnd.transaction.nbytes)
             rnd.state = RoundState(number, participants, now, self.policy)

@@ -20,6 +20,7 @@ import pytest
 from fedkube.server import checkpoint
 from fedkube.server.checkpoint import CheckpointError
 from fedkube.server.strategies import StrategyState
+from fedkube.transfer.refs import as_bytes, checksum_of
 from tests.integration.server.conftest import JOB, Harness, make_config
 from tests.integration.server.fakes import add_value
 
@@ -50,6 +51,7 @@ class GatedStore:
         self.started: dict[int, threading.Event] = {}
         self.finished: set[int] = set()
         self.unchanged: dict[int, bool] = {}  # round -> its arrays were not modified during the write
+        self.checksums: dict[int, Mapping[str, str] | None] = {}  # round -> what the workflow passed
         self._lock = threading.Lock()
 
     def _started(self, round_: int) -> threading.Event:
@@ -61,8 +63,10 @@ class GatedStore:
         return None if ck is None else (ck.round, dict(ck.model), ck.strategy_state)
 
     def save(
-        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float]
+        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float],
+        checksums: Mapping[str, str] | None = None,
     ) -> None:
+        self.checksums[round_] = checksums
         before = {k: v.copy() for k, v in [*model.items(), *(("state/" + k, a) for k, a in state.tensors.items())]}
         self._started(round_).set()
         gate = self.gates.get(round_)
@@ -72,7 +76,7 @@ class GatedStore:
         self.unchanged[round_] = all(np.array_equal(before[k], after[k]) for k in before)
         if round_ in self.fail:
             raise CheckpointError(f"job {JOB}: writing the checkpoint of round {round_} failed: disk full (test)")
-        checkpoint.save(self.directory, JOB, round_, model, state, metrics=metrics)
+        checkpoint.save(self.directory, JOB, round_, model, state, metrics=metrics, checksums=checksums)
         self.finished.add(round_)
 
     def wait_started(self, round_: int) -> None:
@@ -100,6 +104,11 @@ def test_next_round_runs_while_a_slow_write_is_in_flight_and_the_end_waits(harne
     final = checkpoint.load_latest(tmp_path, JOB)
     assert final is not None and final.round == 2
     np.testing.assert_array_equal(final.model["w"], np.full((3000,), 4.0, np.float32))
+    # Round 2 published round 1's model while its write was held: the write got those checksums
+    # (the round's own checkpoint verified them on load); nothing published round 2's model.
+    first = checkpoint.load(tmp_path / JOB / "round-000001")
+    assert dict(store.checksums[1] or {}) == {n: checksum_of(as_bytes(a)) for n, a in first.model.items()}
+    assert store.checksums[2] is not None and not store.checksums[2]
     status = srv.workflow.status()
     assert len(status.round_seconds) == 2 and all(x > 0 for x in status.round_seconds)
     assert status.last_round_seconds == status.round_seconds[-1]

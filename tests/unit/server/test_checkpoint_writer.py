@@ -27,7 +27,8 @@ class HeldStore:
         return None
 
     def save(
-        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float]
+        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float],
+        checksums: Mapping[str, str] | None = None,
     ) -> None:
         assert self.gates.setdefault(round_, threading.Event()).wait(20)
         if round_ in self.fail:
