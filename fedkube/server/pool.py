@@ -33,10 +33,11 @@ data: numpy points every view of it (a reshape, ``as_bytes``'s byte view, a
 slice) at the flat base, never at the view, so the base's reference count
 shows every holder; the view's own count shows holders of the view.
 A retired array of at least ``ALIGNED_MIN`` bytes that is not page-aligned
-(the initial model, loaded with ``np.load``) is not kept: recycled, it would
-become round 2's accumulator, round 4's, and so on, and every other round's
-checkpoint would go through the page cache; round 2 allocates fresh memory
-instead, once per job.
+is not kept: recycled, it would become round 2's accumulator, round 4's, and
+so on, and every other round's checkpoint would go through the page cache.
+The workflow copies a model it loads or receives at start-up into aligned
+memory (:func:`realigned`), so no round needs fresh accumulators after the
+first.
 """
 
 from __future__ import annotations
@@ -71,6 +72,25 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     raw = np.empty(nbytes + ALIGN, np.uint8)
     offset = -raw.ctypes.data % ALIGN
     return raw[offset : offset + nbytes].view(dt).reshape(shape)
+
+
+def realigned(model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``model`` with every large tensor that is not page-aligned copied into aligned memory, in place.
+
+    A model loaded from a file (``np.load``, a checkpoint read back) or
+    downloaded from a client sits at arbitrary addresses; once it is the
+    global model it is what the next round recycles as its accumulators, and
+    what the round after checkpoints. Copied here, at start-up, it can be both
+    (round 2 needs no fresh memory, and its checkpoint takes ``O_DIRECT``).
+    One tensor at a time: the extra memory is one tensor, never a model.
+    """
+    for name, array in model.items():
+        if array.nbytes >= ALIGNED_MIN and array.ctypes.data % ALIGN:
+            copy = aligned_empty(array.shape, array.dtype)
+            np.copyto(copy, array)
+            model[name] = copy
+            del array  # the original goes as soon as nothing else holds it
+    return model
 
 
 def _refcount_at(bucket: list[np.ndarray], index: int) -> int:

@@ -48,6 +48,7 @@ from fedkube.server.aggregate import DiscardOutcome, InvalidResultError, weighte
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
 from fedkube.server.model import ModelSpec, check_result
+from fedkube.server.pool import realigned
 from fedkube.server.registry import ClientState, RegistrationRejected, Registry
 from fedkube.server.reverse import ReverseChunkSource, UploadBroker
 from fedkube.server.rounds import (
@@ -444,11 +445,13 @@ class RoundWorkflow:
         s = self.settings
         try:
             start_round, model = self._initial_state()
+            if model is not None:
+                model = realigned(dict(model))
             for number in range(start_round, s.rounds + 1):
                 participants = self._await_start(number)
                 self._phase = Phase.RUNNING
                 if model is None:
-                    model = self._init_from_first_client(participants)
+                    model = realigned(dict(self._init_from_first_client(participants)))
                     participants = self._await_start(number)
                 started = self._clock()
                 self.telemetry.round_started(number)

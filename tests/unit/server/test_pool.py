@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from fedkube.server import pool
 from fedkube.server.aggregate import BLOCK
 from fedkube.server.pool import ALIGN, ALIGNED_MIN, ArrayPool, aligned_empty
 from fedkube.server.strategies import FedAdam, FedAvg, Strategy
@@ -300,3 +301,22 @@ def test_fedavg_results_are_page_aligned_in_every_round() -> None:
         # Round 2 does not recycle the initial model's unaligned "w", or every even round would be unaligned.
         assert model["w"].ctypes.data % ALIGN == 0, r
     assert strategy.pool.reused == 2  # round 5 accumulates into round 3's arrays
+
+
+def test_realigned_copies_large_unaligned_tensors_once_and_keeps_the_rest() -> None:
+    rng = np.random.default_rng(3)
+    big = rng.standard_normal(1 << 19).astype(np.float32)  # 2 MiB
+    raw = np.empty(big.nbytes + 64, np.uint8)
+    unaligned = raw[16 : 16 + big.nbytes].view(np.float32)  # what np.load / np.fromfile give: not page-aligned
+    unaligned[...] = big
+    aligned = pool.aligned_empty(big.shape, np.float32)
+    aligned[...] = big
+    small = np.arange(10, dtype=np.int64)
+    model = {"u": unaligned, "a": aligned, "s": small}
+    out = pool.realigned(model)
+    assert out is model
+    assert out["u"] is not unaligned and out["u"].ctypes.data % pool.ALIGN == 0
+    np.testing.assert_array_equal(out["u"], big)
+    assert out["a"] is aligned and out["s"] is small  # already fine, or too small to matter: untouched
+    p = pool.ArrayPool()
+    assert p.retire(out.values()) == 3  # every one of them can now be recycled
