@@ -25,14 +25,36 @@ float16/bfloat16 models are accumulated in float32 and cast back once, in
 ``finish``. The update runs in blocks of ``BLOCK`` elements with a reusable
 scratch buffer, so no temporary of a whole tensor's size is ever made.
 
+Receiving into the accumulator. The server's downloads go through
+``WeightedMean.intake``: a float tensor that no client has contributed to yet
+(and whose accumulator has the wire dtype: float32 and float64 models) is
+*claimed* by the first download that reaches it, which receives the bytes
+straight into the array that becomes its accumulator (from the pool), so the
+first contribution costs no copy. Only one download can hold a tensor's claim;
+the others receive into their own buffer as before and, when they are ready to
+fold while the claim is still open, wait for it to end (never folding into an
+accumulator that is still being written; the wait is bounded by the claimer's
+own fetch, i.e. its idle timeout and abort event, and by the waiter's abort
+event). A claim is published only after the tensor verified against its
+checksum, passed the NaN/Inf check and was accepted by the same bookkeeping as
+``add`` (client not discarded, tensor not kept from an earlier attempt); a
+claim that fails (transfer error, checksum failure, abort, non-finite values,
+discarded client) is given back and its array kept for the next first
+contribution, so the tensor is as if never claimed: weights and contributors
+are untouched. Staged mode, float16/bfloat16 tensors (accumulated in float32)
+and integer tensors never claim.
+
 Memory (S = global model bytes, float32 model; the global model stays
 resident because the transfer layer serves it and FedAdam needs it):
 
-* streaming (default): global S + accumulator S + the tensors in flight (one
-  per concurrent download; the benchmark's 64 MiB arrays) + scratch (1 MiB per
-  concurrent add) ≈ 2.1xS, under the 2.5xS target. Measured peak RSS over
-  3 rounds, S = 1 GiB in 64 MiB tensors, 2 clients interleaved: 2.06xS
-  (8 clients: 2.06xS; FedAdam, with m and v: 4.06xS).
+* streaming (default): global S + accumulator S + the tensors in flight (at
+  most one receive buffer per concurrent download; the benchmark's 64 MiB
+  arrays; a claimed tensor is received into its accumulator and needs none) +
+  scratch (1 MiB per concurrent add) ≈ 2.1xS, under the 2.5xS target.
+  Measured peak RSS over 3 rounds, S = 1 GiB in 64 MiB tensors, 2 clients
+  interleaved: 2.06xS (8 clients: 2.06xS; FedAdam, with m and v: 4.06xS),
+  before claims existed; ``bench/round.py --size-mib 1024`` with them: server
+  2.13xS.
 * ``staged=True``: each client's tensors are kept until ``commit`` and folded
   in then: + S per client whose download is in flight, i.e. ≥ 3xS (measured
   3.0xS for the case above). Exact removal of a failed client, at a price the
@@ -59,9 +81,15 @@ those tensors twice.)
 
 Float tensors holding NaN or Inf are rejected (InvalidResultError) before
 any of their values is folded in: one diverged client must not turn the
-global model into NaN for everyone. The check reads the array once (2-14
-GB/s for float32 on the 2-core dev box, depending on load), small next to the
-download.
+global model into NaN for everyone. Through ``intake`` the check runs per
+received frame (``FiniteCheck``, a fetch inspector), right after the fetcher
+hashed the frame, while its bytes are still in cache; its verdict is reset
+when the fetcher refetches from byte 0 and read only after the whole tensor
+verified, so a NaN that a corrupted frame produced ends as a checksum mismatch
+and refetch, never as InvalidResult. ``add`` without a receive-time verdict
+reads the array once more (blockwise ``isfinite``). ``np.add.reduce`` per
+block (a finite sum proving all values finite) was measured slower than
+``isfinite`` on hot 4 MiB frames (0.20 vs 0.12-0.15 ms per frame).
 
 Integer and bool tensors (e.g. BatchNorm's ``num_batches_tracked``, masks)
 cannot be averaged meaningfully: they take the value of the contributing
@@ -69,9 +97,10 @@ client with the largest weight (ties: the smallest client name), so the result
 is always a value some client actually produced and does not depend on
 arrival order. Those arrays are copied (they are usually tiny).
 
-Thread safety: ``add`` may be called from several download threads at once;
-adds to different tensors run in parallel (numpy releases the GIL), adds to
-the same tensor are serialized by a per-tensor lock.
+Thread safety: ``add`` and ``intake`` may be called from several download
+threads at once; adds to different tensors run in parallel (numpy releases the
+GIL), adds to the same tensor are serialized by a per-tensor lock (taken
+before the engine's bookkeeping lock, never the other way round).
 """
 
 from __future__ import annotations
