@@ -35,7 +35,8 @@ the others receive into their own buffer as before and, when they are ready to
 fold while the claim is still open, wait for it to end (never folding into an
 accumulator that is still being written; the wait is bounded by the claimer's
 own fetch, i.e. its idle timeout and abort event, and by the waiter's abort
-event). A claim is published only after the tensor verified against its
+event). The claim of a client discarded meanwhile is revoked rather than
+waited for, and its array never used. A claim is published only after the tensor verified against its
 checksum, passed the NaN/Inf check and was accepted by the same bookkeeping as
 ``add`` (client not discarded, tensor not kept from an earlier attempt); a
 claim that fails (transfer error, checksum failure, abort, non-finite values,
@@ -108,7 +109,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -305,14 +306,20 @@ class _Tensor:
         dtype = accumulator_dtype(self.spec)
         return self.pool.take(self.spec.shape, dtype) if self.pool is not None else np.empty(self.spec.shape, dtype)
 
-    def wait_unclaimed(self, abort: threading.Event | None) -> None:
+    def wait_unclaimed(self, abort: threading.Event | None, discarded: Callable[[str], bool]) -> None:
         """Block until no claim is open; caller holds self.lock.
 
         Never fold into an accumulator that is still being received: a later
         contribution waits for the claimer's fetch to end (bounded by that
-        fetch's own idle timeout and abort event).
+        fetch's own idle timeout and abort event). A claim of a client that
+        was discarded meanwhile is revoked instead of waited for: its array
+        may still be written, so it is never used (the claimer's ``add`` then
+        takes the ordinary path and is ignored as stale).
         """
         while self.claim is not None:
+            if discarded(self.claim.client):
+                self.claim = None
+                return
             if abort is not None and abort.is_set():
                 raise FoldAbortedError(f"aborted while waiting for tensor {self.spec.name!r} to be received")
             self.released.wait(0.1 if abort is not None else None)
@@ -515,7 +522,7 @@ class WeightedMean:
                 return self._register(client, name, weight, array)
         tensor = self._tensors[name]
         with tensor.lock:
-            tensor.wait_unclaimed(abort)
+            tensor.wait_unclaimed(abort, self._is_discarded)
             with self._lock:
                 if not self._register(client, name, weight, None):
                     return False
@@ -544,6 +551,10 @@ class WeightedMean:
         if staged is not None:
             self._staged.setdefault(client, {})[name] = staged
         return True
+
+    def _is_discarded(self, client: str) -> bool:
+        with self._lock:
+            return client in self._discarded
 
     def _may_claim(self, client: str, name: str) -> bool:
         with self._lock:

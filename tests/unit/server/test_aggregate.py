@@ -421,7 +421,8 @@ def test_a_failed_claim_leaves_the_tensor_as_if_never_claimed(failure: str) -> N
     assert not claimer.claimed
     wm.commit("b")
     got = wm.means()["w"]
-    assert got is target  # the given-up array became the waiter's accumulator (copied in)
+    if failure != "discarded":  # (a discarded claim may also be revoked, its array then unused: see below)
+        assert got is target  # the given-up array became the waiter's accumulator (copied in)
     assert np.array_equal(got, xs[1])  # weights and contributors of the failed claimer untouched
     assert wm.contributors("w") == ("b",)
 
@@ -501,3 +502,22 @@ def test_intake_rejects_a_non_finite_tensor_from_the_receive_time_verdict(dtype:
         intake.add(received)
     assert not intake.claimed
     assert wm.discard("a").exact
+
+
+def test_a_discarded_clients_claim_is_revoked_not_waited_for_and_its_array_never_used() -> None:
+    xs, ws = _clients(2, 5000, seed=9)
+    wm = WeightedMean(_spec_w())
+    late = wm.intake("a", "w", "float32", (5000,), ws[0])
+    assert late.claimed and late.target is not None
+    target = late.target
+    other = wm.intake("b", "w", "float32", (5000,), ws[1])
+    assert not other.claimed
+    wm.discard("a")  # e.g. the client was lost; its download thread is still winding down
+    assert other.add(_receive(other, xs[1]))  # no wait for a's fetch
+    assert not late.claimed
+    target[:] = -1.0  # a's fetch keeps writing its array: b's accumulator must not be that memory
+    assert late.add(target) is False  # stale: ignored through the ordinary path
+    late.close()
+    wm.commit("b")
+    got = wm.means()["w"]
+    assert got is not target and np.array_equal(got, xs[1]) and wm.contributors("w") == ("b",)
