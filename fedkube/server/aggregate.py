@@ -25,14 +25,37 @@ float16/bfloat16 models are accumulated in float32 and cast back once, in
 ``finish``. The update runs in blocks of ``BLOCK`` elements with a reusable
 scratch buffer, so no temporary of a whole tensor's size is ever made.
 
+Receiving into the accumulator. The server's downloads go through
+``WeightedMean.intake``: a float tensor that no client has contributed to yet
+(and whose accumulator has the wire dtype: float32 and float64 models) is
+*claimed* by the first download that reaches it, which receives the bytes
+straight into the array that becomes its accumulator (from the pool), so the
+first contribution costs no copy. Only one download can hold a tensor's claim;
+the others receive into their own buffer as before and, when they are ready to
+fold while the claim is still open, wait for it to end (never folding into an
+accumulator that is still being written; the wait is bounded by the claimer's
+own fetch, i.e. its idle timeout and abort event, and by the waiter's abort
+event). The claim of a client discarded meanwhile is revoked rather than
+waited for, and its array never used. A claim is published only after the tensor verified against its
+checksum, passed the NaN/Inf check and was accepted by the same bookkeeping as
+``add`` (client not discarded, tensor not kept from an earlier attempt); a
+claim that fails (transfer error, checksum failure, abort, non-finite values,
+discarded client) is given back and its array kept for the next first
+contribution, so the tensor is as if never claimed: weights and contributors
+are untouched. Staged mode, float16/bfloat16 tensors (accumulated in float32)
+and integer tensors never claim.
+
 Memory (S = global model bytes, float32 model; the global model stays
 resident because the transfer layer serves it and FedAdam needs it):
 
-* streaming (default): global S + accumulator S + the tensors in flight (one
-  per concurrent download; the benchmark's 64 MiB arrays) + scratch (1 MiB per
-  concurrent add) ≈ 2.1xS, under the 2.5xS target. Measured peak RSS over
-  3 rounds, S = 1 GiB in 64 MiB tensors, 2 clients interleaved: 2.06xS
-  (8 clients: 2.06xS; FedAdam, with m and v: 4.06xS).
+* streaming (default): global S + accumulator S + the tensors in flight (at
+  most one receive buffer per concurrent download; the benchmark's 64 MiB
+  arrays; a claimed tensor is received into its accumulator and needs none) +
+  scratch (1 MiB per concurrent add) ≈ 2.1xS, under the 2.5xS target.
+  Measured peak RSS over 3 rounds, S = 1 GiB in 64 MiB tensors, 2 clients
+  interleaved: 2.06xS (8 clients: 2.06xS; FedAdam, with m and v: 4.06xS),
+  before claims existed; ``bench/round.py --size-mib 1024`` with them: server
+  2.13xS.
 * ``staged=True``: each client's tensors are kept until ``commit`` and folded
   in then: + S per client whose download is in flight, i.e. ≥ 3xS (measured
   3.0xS for the case above). Exact removal of a failed client, at a price the
@@ -59,9 +82,15 @@ those tensors twice.)
 
 Float tensors holding NaN or Inf are rejected (InvalidResultError) before
 any of their values is folded in: one diverged client must not turn the
-global model into NaN for everyone. The check reads the array once (2-14
-GB/s for float32 on the 2-core dev box, depending on load), small next to the
-download.
+global model into NaN for everyone. Through ``intake`` the check runs per
+received frame (``FiniteCheck``, a fetch inspector), right after the fetcher
+hashed the frame, while its bytes are still in cache; its verdict is reset
+when the fetcher refetches from byte 0 and read only after the whole tensor
+verified, so a NaN that a corrupted frame produced ends as a checksum mismatch
+and refetch, never as InvalidResult. ``add`` without a receive-time verdict
+reads the array once more (blockwise ``isfinite``). ``np.add.reduce`` per
+block (a finite sum proving all values finite) was measured slower than
+``isfinite`` on hot 4 MiB frames (0.20 vs 0.12-0.15 ms per frame).
 
 Integer and bool tensors (e.g. BatchNorm's ``num_batches_tracked``, masks)
 cannot be averaged meaningfully: they take the value of the contributing
@@ -69,9 +98,10 @@ client with the largest weight (ties: the smallest client name), so the result
 is always a value some client actually produced and does not depend on
 arrival order. Those arrays are copied (they are usually tiny).
 
-Thread safety: ``add`` may be called from several download threads at once;
-adds to different tensors run in parallel (numpy releases the GIL), adds to
-the same tensor are serialized by a per-tensor lock.
+Thread safety: ``add`` and ``intake`` may be called from several download
+threads at once; adds to different tensors run in parallel (numpy releases the
+GIL), adds to the same tensor are serialized by a per-tensor lock (taken
+before the engine's bookkeeping lock, never the other way round).
 """
 
 from __future__ import annotations
@@ -79,7 +109,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,6 +137,10 @@ class InvalidResultError(AggregationError):
         self.detail = message
 
 
+class FoldAbortedError(AggregationError):
+    """An add gave up waiting for another client's tensor to be received, because its abort event was set."""
+
+
 @dataclass(frozen=True)
 class DiscardOutcome:
     """What discarding a client left behind."""
@@ -121,11 +155,8 @@ class DiscardOutcome:
         return not self.kept_tensors
 
 
-def all_finite(array: np.ndarray) -> bool:
-    """True when a float array holds no NaN or Inf; blockwise, so no array-sized temporary."""
-    flat = np.ascontiguousarray(array).reshape(-1)
-    mask = np.empty(min(BLOCK, flat.size), np.bool_)
-    widened = None if flat.dtype.itemsize >= 4 else np.empty(min(BLOCK, flat.size), np.float32)
+def _finite_into(flat: np.ndarray, mask: np.ndarray, widened: np.ndarray | None) -> bool:
+    """True when the flat float array holds no NaN or Inf; ``mask``/``widened`` are BLOCK-sized scratch."""
     for start in range(0, flat.size, BLOCK):
         block = flat[start : start + BLOCK]
         if widened is not None:
@@ -140,6 +171,71 @@ def all_finite(array: np.ndarray) -> bool:
     return True
 
 
+def all_finite(array: np.ndarray) -> bool:
+    """True when a float array holds no NaN or Inf; blockwise, so no array-sized temporary."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    mask = np.empty(min(BLOCK, flat.size), np.bool_)
+    widened = None if flat.dtype.itemsize >= 4 else np.empty(min(BLOCK, flat.size), np.float32)
+    return _finite_into(flat, mask, widened)
+
+
+class FiniteCheck:
+    """Checks a float tensor for NaN/Inf piece by piece while it is received (a fetch ``RangeInspector``).
+
+    The server's download hands it to ``Fetcher.fetch_into``, which calls
+    ``update`` right after hashing each received piece, while its bytes are
+    still in the CPU cache: one read of hot data instead of a cold pass over
+    the whole tensor afterwards. Pieces may end inside an element (a resumed
+    stream); the check stops at the last whole element (``checked`` is always
+    a multiple of the item size) and takes the rest with the next piece.
+
+    ``finite`` is only a record, never a decision: bytes of a corrupted piece
+    can look like NaN, so a verdict counts only once the whole tensor verified
+    against its checksum. A refetch from byte 0 calls ``reset``.
+    """
+
+    __slots__ = ("_mask", "_widened", "checked", "dtype", "finite", "nbytes")
+
+    def __init__(
+        self, dtype: np.dtype, nbytes: int, *, mask: np.ndarray | None = None, widened: np.ndarray | None = None
+    ) -> None:
+        """``mask`` (bool) and ``widened`` (float32, used for 2-byte floats) are optional ``BLOCK``-sized scratch."""
+        self.dtype = np.dtype(dtype)
+        self.nbytes = nbytes
+        self.checked = 0
+        """Bytes from the start of the tensor that were checked (whole elements)."""
+        self.finite = True
+        """False once a NaN or Inf was seen in the checked bytes."""
+        if mask is None or mask.size < BLOCK or mask.dtype != np.bool_:
+            mask = np.empty(BLOCK, np.bool_)
+        if self.dtype.itemsize >= 4:
+            widened = None
+        elif widened is None or widened.size < BLOCK or widened.dtype != np.float32:
+            widened = np.empty(BLOCK, np.float32)
+        self._mask = mask
+        self._widened = widened
+
+    @property
+    def complete(self) -> bool:
+        """True when every byte of the tensor was checked (the verdict covers it all)."""
+        return self.checked == self.nbytes
+
+    def reset(self) -> None:
+        self.checked = 0
+        self.finite = True
+
+    def update(self, buf: memoryview, start: int, stop: int) -> None:
+        item = self.dtype.itemsize
+        end = min(stop, self.nbytes) // item * item
+        if end <= self.checked:
+            return
+        if self.finite:  # one NaN decides the verdict; later pieces only move the watermark
+            count = (end - self.checked) // item
+            flat = np.frombuffer(buf, self.dtype, count=count, offset=self.checked)
+            self.finite = _finite_into(flat, self._mask, self._widened)
+        self.checked = end
+
+
 def accumulator_dtype(spec: TensorSpec) -> np.dtype:
     """float64 for float64 tensors, float32 for the other floats."""
     return np.dtype(np.float64) if spec.dtype == "float64" else np.dtype(np.float32)
@@ -148,12 +244,21 @@ def accumulator_dtype(spec: TensorSpec) -> np.dtype:
 class _Tensor:
     """Accumulation state of one tensor across clients."""
 
-    __slots__ = ("acc", "best", "best_key", "contributors", "lock", "pool", "spec", "total_weight")
+    __slots__ = (
+        "acc", "best", "best_key", "claim", "contributors", "lock", "pool", "released", "spare", "spec",
+        "total_weight",
+    )  # fmt: skip
 
     def __init__(self, spec: TensorSpec, pool: ArrayPool | None = None) -> None:
         self.spec = spec
         self.pool = pool
         self.lock = threading.Lock()
+        self.released = threading.Condition(self.lock)
+        """Notified (under ``lock``) when a claim ends, published or given up."""
+        self.claim: Intake | None = None
+        """The intake receiving the first contribution straight into a would-be accumulator, if any."""
+        self.spare: np.ndarray | None = None
+        """The array of a claim that was given up: the next first contribution goes there."""
         self.acc: np.ndarray | None = None
         self.total_weight = 0.0
         self.contributors: list[str] = []
@@ -174,8 +279,7 @@ class _Tensor:
         if self.acc is None:
             # The first contribution is the mean so far, copied so the caller's array is not aliased;
             # into a recycled array when the pool has one, whose pages need no fault and no zeroing.
-            dtype = accumulator_dtype(self.spec)
-            acc = self.pool.take(self.spec.shape, dtype) if self.pool is not None else np.empty(self.spec.shape, dtype)
+            acc = self.take_accumulator()
             np.copyto(acc, array, casting="unsafe")
             self.acc = acc
             return
@@ -194,6 +298,32 @@ class _Tensor:
             tmp *= factor
             flat_acc[start:stop] += tmp
 
+    def take_accumulator(self) -> np.ndarray:
+        """An array for the accumulator (contents undefined): a given-up claim's, a pooled one or a fresh one."""
+        if self.spare is not None:
+            acc, self.spare = self.spare, None
+            return acc
+        dtype = accumulator_dtype(self.spec)
+        return self.pool.take(self.spec.shape, dtype) if self.pool is not None else np.empty(self.spec.shape, dtype)
+
+    def wait_unclaimed(self, abort: threading.Event | None, discarded: Callable[[str], bool]) -> None:
+        """Block until no claim is open; caller holds self.lock.
+
+        Never fold into an accumulator that is still being received: a later
+        contribution waits for the claimer's fetch to end (bounded by that
+        fetch's own idle timeout and abort event). A claim of a client that
+        was discarded meanwhile is revoked instead of waited for: its array
+        may still be written, so it is never used (the claimer's ``add`` then
+        takes the ordinary path and is ignored as stale).
+        """
+        while self.claim is not None:
+            if discarded(self.claim.client):
+                self.claim = None
+                return
+            if abort is not None and abort.is_set():
+                raise FoldAbortedError(f"aborted while waiting for tensor {self.spec.name!r} to be received")
+            self.released.wait(0.1 if abort is not None else None)
+
     def mean(self) -> np.ndarray:
         """The float accumulator (accumulator dtype) or the chosen integer value."""
         if self.spec.is_float:
@@ -201,6 +331,98 @@ class _Tensor:
             return self.acc
         assert self.best is not None
         return self.best
+
+
+def _non_finite(client: str, name: str) -> InvalidResultError:
+    return InvalidResultError(client, f"tensor {name!r} contains NaN or Inf values; the client's training diverged")
+
+
+class Intake:
+    """One client's tensor on its way into the aggregate; see ``WeightedMean.intake``."""
+
+    __slots__ = ("_done", "abort", "check", "client", "engine", "name", "target", "tensor", "weight")
+
+    def __init__(
+        self, engine: WeightedMean, client: str, name: str, weight: float, tensor: _Tensor | None,
+        abort: threading.Event | None,
+    ) -> None:  # fmt: skip
+        self.engine = engine
+        self.client = client
+        self.name = name
+        self.weight = weight
+        self.tensor = tensor
+        self.abort = abort
+        self.check: FiniteCheck | None = None
+        """Give it to ``Fetcher.fetch_into(inspect=...)``; ``add`` trusts its verdict when it saw every byte."""
+        self.target: np.ndarray | None = None
+        """Receive straight into this array (this intake claimed the tensor), or None: use your own buffer."""
+        self._done = False
+
+    @property
+    def claimed(self) -> bool:
+        """True while this intake holds the tensor's claim (its first contribution goes into ``target``)."""
+        return self.tensor is not None and self.tensor.claim is self
+
+    def add(self, array: np.ndarray) -> bool:
+        """Fold the received, checksum-verified array in; like ``WeightedMean.add``.
+
+        When this intake claimed the tensor, ``array`` must be ``target`` (or a
+        view of its memory): it becomes the accumulator without a copy.
+        """
+        if self._done:
+            raise AggregationError(f"Intake.add({self.client!r}, {self.name!r}) called twice")
+        self._done = True
+        check = self.check
+        finite = check.finite if check is not None and check.complete else None
+        if not self.claimed:
+            return self.engine._add(self.client, self.name, array, self.weight, finite, self.abort)
+        tensor, target = self.tensor, self.target
+        assert tensor is not None and target is not None
+        try:
+            if array.size != target.size or array.ctypes.data != target.ctypes.data:
+                raise AggregationError(
+                    f"Intake.add({self.client!r}, {self.name!r}): the tensor was claimed, so the array must be "
+                    "the intake's target"
+                )
+            spec = self.engine._check(self.client, self.name, array, self.weight)
+            if spec.is_float and not (all_finite(array) if finite is None else finite):
+                raise _non_finite(self.client, self.name)
+            with tensor.lock:
+                with self.engine._lock:
+                    accepted = self.engine._register(self.client, self.name, self.weight, None)
+                if accepted:
+                    assert tensor.acc is None, "an accumulator appeared while the tensor was claimed"
+                    tensor.contributors.append(self.client)
+                    tensor.total_weight += self.weight
+                    tensor.acc = target
+                    self.target = None
+                self._release()
+            return accepted
+        finally:
+            self.close()
+
+    def _release(self) -> None:
+        """Give up the claim (caller holds the tensor's lock); an unpublished target becomes the spare."""
+        tensor = self.tensor
+        assert tensor is not None
+        if tensor.claim is self:
+            tensor.claim = None
+            if self.target is not None:
+                tensor.spare, self.target = self.target, None
+            tensor.released.notify_all()
+
+    def close(self) -> None:
+        """End the intake; a claim that was not published is given back (the tensor is as if never claimed)."""
+        self._done = True
+        if self.tensor is not None and self.tensor.claim is self:
+            with self.tensor.lock:
+                self._release()
+
+    def __enter__(self) -> Intake:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class WeightedMean:
@@ -246,6 +468,13 @@ class WeightedMean:
             self._scratch.buf = buf
         return buf
 
+    def _mask_for(self) -> np.ndarray:
+        mask: np.ndarray | None = getattr(self._scratch, "mask", None)
+        if mask is None:
+            mask = np.empty(BLOCK, np.bool_)
+            self._scratch.mask = mask
+        return mask
+
     def _check(self, client: str, name: str, array: np.ndarray, weight: float) -> TensorSpec:
         spec = self.spec.get(name)
         if spec is None:
@@ -275,39 +504,103 @@ class WeightedMean:
         client is stale. Raises InvalidResultError when the array does not fit
         the global model or the weight differs from the client's earlier one,
         AggregationError when used after commit/finish (a bug in the caller).
+        While another client's first contribution to the tensor is being
+        received straight into the accumulator (``intake``), waits for it.
         """
-        weight = float(weight)
+        return self._add(client, name, array, float(weight), None, None)
+
+    def _add(
+        self, client: str, name: str, array: np.ndarray, weight: float, finite: bool | None,
+        abort: threading.Event | None,
+    ) -> bool:  # fmt: skip
         spec = self._check(client, name, array, weight)
-        if spec.is_float and not all_finite(array):
+        if spec.is_float and not (all_finite(array) if finite is None else finite):
             # Checked before folding: one diverged client must not turn everyone's model into NaN.
-            raise InvalidResultError(
-                client, f"tensor {name!r} contains NaN or Inf values; the client's training diverged"
-            )
-        with self._lock:
-            if self._finished:
-                raise AggregationError(f"add({client!r}, {name!r}) after finish(); the round is over")
-            if client in self._discarded:
-                log.debug("ignoring tensor %s of discarded client %s", name, client)
-                return False
-            if client in self._committed:
-                raise AggregationError(f"add({client!r}, {name!r}) after commit({client!r})")
-            if name in self._kept.get(client, ()):
-                # An earlier attempt of this client already delivered this tensor; count it once.
-                return False
-            known = self._weights.setdefault(client, weight)
-            if known != weight:
-                raise InvalidResultError(client, f"weight changed from {known} to {weight} within one result")
-            added = self._added.setdefault(client, set())
-            if name in added:
-                raise InvalidResultError(client, f"tensor {name!r} was added twice")
-            added.add(name)
-            if self.staged:
-                self._staged.setdefault(client, {})[name] = array
-                return True
+            raise _non_finite(client, name)
+        if self.staged:
+            with self._lock:
+                return self._register(client, name, weight, array)
         tensor = self._tensors[name]
         with tensor.lock:
+            tensor.wait_unclaimed(abort, self._is_discarded)
+            with self._lock:
+                if not self._register(client, name, weight, None):
+                    return False
             tensor.fold(client, array, weight, self._scratch_for())
         return True
+
+    def _register(self, client: str, name: str, weight: float, staged: np.ndarray | None) -> bool:
+        """Record that ``client`` delivered ``name``; False when it must be ignored. Caller holds self._lock."""
+        if self._finished:
+            raise AggregationError(f"add({client!r}, {name!r}) after finish(); the round is over")
+        if client in self._discarded:
+            log.debug("ignoring tensor %s of discarded client %s", name, client)
+            return False
+        if client in self._committed:
+            raise AggregationError(f"add({client!r}, {name!r}) after commit({client!r})")
+        if name in self._kept.get(client, ()):
+            # An earlier attempt of this client already delivered this tensor; count it once.
+            return False
+        known = self._weights.setdefault(client, weight)
+        if known != weight:
+            raise InvalidResultError(client, f"weight changed from {known} to {weight} within one result")
+        added = self._added.setdefault(client, set())
+        if name in added:
+            raise InvalidResultError(client, f"tensor {name!r} was added twice")
+        added.add(name)
+        if staged is not None:
+            self._staged.setdefault(client, {})[name] = staged
+        return True
+
+    def _is_discarded(self, client: str) -> bool:
+        with self._lock:
+            return client in self._discarded
+
+    def _may_claim(self, client: str, name: str) -> bool:
+        with self._lock:
+            return not (
+                self._finished
+                or client in self._discarded
+                or client in self._committed
+                or name in self._kept.get(client, ())
+                or name in self._added.get(client, ())
+            )
+
+    def intake(
+        self, client: str, name: str, dtype: str, shape: tuple[int, ...], weight: float, *,
+        abort: threading.Event | None = None, claim: bool = True,
+    ) -> Intake:  # fmt: skip
+        """Prepare to receive one tensor of one client's result (wire ``dtype`` name and ``shape`` as announced).
+
+        The returned :class:`Intake` says where to receive the bytes
+        (``target``: the tensor's accumulator-to-be when no client has
+        contributed to it yet and this intake claimed it; else None, receive
+        into your own buffer) and carries a :class:`FiniteCheck` to hand to the
+        fetcher. Then call ``Intake.add`` with the verified array, and always
+        ``Intake.close`` (a ``with`` block does), which gives an unpublished
+        claim back: the tensor is then as if never claimed. ``abort`` bounds
+        the wait of a later contribution for an open claim (FoldAbortedError);
+        ``claim=False`` never claims (the caller keeps receiving into its buffer).
+        Announced dtype/shape that do not fit the model get neither a claim
+        nor a check; ``add`` then raises the usual InvalidResultError.
+        """
+        weight = float(weight)
+        spec = self.spec.get(name)
+        tensor = self._tensors.get(name)
+        intake = Intake(self, client, name, weight, tensor, abort)
+        if spec is None or tensor is None:
+            return intake
+        if dtype != spec.dtype or tuple(shape) != spec.shape or not spec.is_float:
+            return intake
+        dt = spec.np_dtype
+        intake.check = FiniteCheck(dt, spec.nbytes, mask=self._mask_for(), widened=self._scratch_for())
+        if not claim or self.staged or accumulator_dtype(spec) != dt:
+            return intake  # staged keeps arrays; half precision accumulates in float32, so no aliasing
+        with tensor.lock:
+            if tensor.acc is None and tensor.claim is None and self._may_claim(client, name):
+                tensor.claim = intake
+                intake.target = tensor.take_accumulator()
+        return intake
 
     def commit(self, client: str) -> None:
         """Mark a client's result complete; every tensor of the model must have been added."""

@@ -44,7 +44,13 @@ import numpy as np
 from fedkube.errors import ConfigError, FedkubeError
 from fedkube.metrics.core import new_registry
 from fedkube.metrics.server import ServerMetrics
-from fedkube.server.aggregate import DiscardOutcome, InvalidResultError, weighted_metrics
+from fedkube.server.aggregate import (
+    DiscardOutcome,
+    FoldAbortedError,
+    InvalidResultError,
+    WeightedMean,
+    weighted_metrics,
+)
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
 from fedkube.server.model import ModelSpec, check_result
@@ -1024,29 +1030,47 @@ class RoundWorkflow:
         # no fresh allocation and page faults per tensor. Staged aggregation keeps the arrays.
         reuse = rnd.kind == TRAIN_TASK and getattr(self._strategy, "staged", True) is False
         buffers: dict[int, bytearray] = {}
+        # The engine's intake checks float tensors for NaN/Inf while each frame is hot (right after it was
+        # hashed) and receives a tensor nobody contributed to yet straight into its accumulator, no copy.
+        engine = getattr(rnd.sink, "engine", None) if reuse else None
+        if not isinstance(engine, WeightedMean):
+            engine = None
         try:
             for ref in refs:
                 def progress(done: int, base: int = base) -> None:
                     dl.bytes_done = base + done
 
-                out = None
-                if reuse:
-                    out = buffers.get(ref.nbytes)
-                    if out is None:
-                        buffers.clear()  # at most one buffer: memory stays one tensor per download
-                        out = buffers[ref.nbytes] = bytearray(ref.nbytes)
-                data = fetcher.fetch_into(ref, out, progress=progress)
-                array = array_from_buffer(data, ref.dtype, ref.shape)
-                t0 = time.perf_counter()
-                rnd.sink.add(dl.key, ref.name, array, weight)
-                dl.add_seconds += time.perf_counter() - t0
-                del array, data  # one tensor in flight per download, never a whole result
+                intake = (
+                    engine.intake(dl.key, ref.name, ref.dtype, ref.shape, weight, abort=dl.abort)
+                    if engine is not None else None
+                )  # fmt: skip
+                try:
+                    out: Any = intake.target if intake is not None and intake.target is not None else None
+                    if out is None and reuse:
+                        out = buffers.get(ref.nbytes)
+                        if out is None:
+                            buffers.clear()  # at most one buffer: memory stays one tensor per download
+                            out = buffers[ref.nbytes] = bytearray(ref.nbytes)
+                    data = fetcher.fetch_into(
+                        ref, out, progress=progress, inspect=intake.check if intake is not None else None
+                    )
+                    array = array_from_buffer(data, ref.dtype, ref.shape)
+                    t0 = time.perf_counter()
+                    if intake is not None:
+                        intake.add(array)
+                    else:
+                        rnd.sink.add(dl.key, ref.name, array, weight)
+                    dl.add_seconds += time.perf_counter() - t0
+                    del array, data, out  # one tensor in flight per download, never a whole result
+                finally:
+                    if intake is not None:
+                        intake.close()  # a claim that did not make it in is given back
                 base += ref.nbytes
             ok = True
             log.info("job %s round %s: pulled %d bytes from %s in %.2f s, %.2f s of it folding into the aggregate "
                      "(%d on the bulk port, %d pushed over gRPC)", self.settings.job, rnd.number, base, dl.site,
                      self._clock() - dl.started, dl.add_seconds, source.bulk_bytes, source.pushed_bytes)
-        except TransferAbortedError as exc:
+        except (TransferAbortedError, FoldAbortedError) as exc:
             reason, message = Reason.ABORTED.value, str(exc)
         except TransferError as exc:
             if isinstance(exc, TransferStalledError):

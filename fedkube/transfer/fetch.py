@@ -13,6 +13,17 @@ control stream). Rules it follows:
   arrived for ``idle_timeout_s`` (LESSONS.md 3: no fixed total deadline, a
   large tensor may take as long as it needs while bytes keep moving);
 * stop promptly when the ``abort`` event is set.
+
+A caller may pass an ``inspect`` object (:class:`RangeInspector`) to look at
+each piece of bytes right after it landed and was hashed, while it is still in
+the CPU cache (the server checks float tensors for NaN/Inf there instead of in
+a second pass over the whole tensor). The fetcher knows nothing of what it
+checks: it calls ``update`` for consecutive byte ranges from the start of the
+tensor, and ``reset`` whenever it starts over from byte 0 (a checksum refetch),
+so the inspector's verdict always describes exactly the bytes that were
+finally verified. A verdict reached on a corrupted first fetch is thus wiped by
+the refetch; acting on it is the caller's business, after ``fetch_into``
+returned.
 """
 
 from __future__ import annotations
@@ -215,6 +226,23 @@ class IntoSource(Protocol):
     def complete(self, transaction_id: str, ok: bool, error: str = "") -> None: ...
 
 
+class RangeInspector(Protocol):
+    """Looks at a tensor's bytes as they arrive; see the module docstring."""
+
+    def reset(self) -> None:
+        """Forget everything seen: the fetch starts again from byte 0."""
+        ...
+
+    def update(self, buf: memoryview, start: int, stop: int) -> None:
+        """Bytes ``buf[start:stop]`` arrived and were hashed; all of ``buf[:start]`` came before.
+
+        ``buf`` is the whole tensor's flat byte buffer, so an inspector may
+        look back at bytes of an earlier range (a range can end in the middle
+        of an element, e.g. after a resumed stream). Must not write to ``buf``.
+        """
+        ...
+
+
 class _Watchdog:
     """Calls ``on_fire`` once when ``kick()`` was not called for ``timeout_s`` (or ``abort`` is set)."""
 
@@ -389,12 +417,19 @@ class Fetcher:
             raise TransferAbortedError(f"aborted at offset {offset} of {ref.nbytes}", **self._ids(ref))
 
     def fetch_into(
-        self, ref: TensorRef, out: Any = None, *, progress: Callable[[int], None] | None = None
+        self,
+        ref: TensorRef,
+        out: Any = None,
+        *,
+        progress: Callable[[int], None] | None = None,
+        inspect: RangeInspector | None = None,
     ) -> memoryview:
         """Download ``ref`` into ``out`` (a writable buffer of exactly ``ref.nbytes``, or None to allocate).
 
         Returns a flat byte memoryview of the verified data. ``progress(done)``
-        is called with the number of bytes received so far after each chunk.
+        is called with the number of bytes received so far after each chunk;
+        ``inspect`` sees each piece after it was hashed (reset on a refetch
+        from 0); an exception it raises ends the fetch.
         """
         ref.validate()
         if out is None:
@@ -413,6 +448,8 @@ class Fetcher:
         failures = 0
         checksum_failures = 0
         last_progress = time.monotonic()
+        if inspect is not None:
+            inspect.reset()
         while True:
             self._check_abort(ref, offset)
             if offset == ref.nbytes:
@@ -440,6 +477,8 @@ class Fetcher:
                 )  # fmt: skip
                 offset = 0
                 hasher = Hasher(ref.checksum_algo)
+                if inspect is not None:
+                    inspect.reset()
                 if progress is not None:
                     progress(0)
                 continue
@@ -461,6 +500,8 @@ class Fetcher:
                     if not isinstance(n, int) or n <= 0 or offset + n > ref.nbytes:
                         raise ProtocolError(f"source reported {n!r} bytes written at offset {offset}", **self._ids(ref))
                     hasher.update(buf[offset : offset + n])
+                    if inspect is not None:
+                        inspect.update(buf, offset, offset + n)
                     offset += n
                     last_progress = time.monotonic()
                     failures = 0

@@ -125,7 +125,8 @@ class FakeSidecar:
         self.fetch_globals = True  # False: never fetch the global model (its transaction stays unfinished)
         self.task_hook: Callable[[control_pb2.Task], None] | None = None  # runs as a task arrives
         self.hang_up_on_stop = True  # like a sidecar with FEDKUBE_SIDECAR_EXIT_ON_STOP=1
-        # Decides how each UploadRequest is answered: "ok", "corrupt" (first chunk flipped), "error", "stall".
+        # Decides how each UploadRequest is answered: "ok", "corrupt" (first chunk flipped), "corrupt_nan"
+        # (first 4 bytes turned into a float32 NaN), "error", "stall".
         self.push_mode: Callable[[control_pb2.UploadRequest], str] | None = None
         self.changed = threading.Condition()
         self._out: queue.Queue[control_pb2.ClientMessage | None] = queue.Queue()
@@ -298,6 +299,8 @@ class FakeSidecar:
                 data = bytes(piece)
                 if mode == "corrupt" and first:
                     data = bytes([data[0] ^ 0xFF]) + data[1:]
+                elif mode == "corrupt_nan" and first:
+                    data = b"\x00\x00\xc0\x7f" + data[4:]  # a float32 NaN that only the corruption put there
                 yield control_pb2.PushedChunk(request_id=req.request_id if first else "", offset=pos, data=data)
                 first = False
 

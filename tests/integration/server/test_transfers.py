@@ -119,3 +119,46 @@ def test_partly_downloaded_result_says_which_tensors_stay_in_the_average(harness
     assert "stay in this round's average" in status["site-c"].message
     outcome = srv.wait(20)
     assert outcome is not None and outcome.success, outcome
+
+
+def test_a_nan_made_by_corruption_is_refetched_not_blamed_on_the_client(harness: Harness) -> None:
+    # The NaN check runs while the bytes arrive; a NaN that only a corrupted fetch carries must end as a
+    # checksum mismatch and refetch (the verdict is reset), never as InvalidResult.
+    srv = harness.server(make_config(rounds=2), model())
+    a = harness.sidecar(srv, "site-a", add_value(1.0))
+    b = harness.sidecar(srv, "site-b", add_value(3.0), start=False)
+    seen: set[str] = set()
+
+    def corrupt_once(req: control_pb2.UploadRequest) -> str:
+        key = f"{req.ref.transaction_id}/{req.ref.ref_id}"
+        first = key not in seen
+        seen.add(key)
+        return "corrupt_nan" if first else "ok"
+
+    b.push_mode = corrupt_once
+    b.start()
+    outcome = srv.wait(20)
+    assert outcome is not None and outcome.success, outcome
+    assert all(answer.ok for answer in b.received.values())
+    assert len(b.upload_requests) >= 2 * len(seen)
+    np.testing.assert_array_equal(a.globals[2]["w"], np.full((50_000,), 2.0, np.float32))
+
+
+def test_a_genuine_nan_result_is_rejected_and_the_others_aggregate_exactly(harness: Harness) -> None:
+    # Whichever download claims a tensor first (straight into the accumulator), the NaN client's claim must
+    # leave no trace: the others' mean is exact.
+    def diverged(task: object, params: dict[str, np.ndarray]) -> Reply:
+        out = {k: v + 7.0 for k, v in params.items()}
+        out["w"][12_345] = np.nan
+        return Reply(out, 5)
+
+    srv = harness.server(make_config(SITES, rounds=2, min_clients=2), model())
+    a = harness.sidecar(srv, "site-a", add_value(1.0))
+    harness.sidecar(srv, "site-b", add_value(3.0))
+    c = harness.sidecar(srv, "site-c", diverged)
+    outcome = srv.wait(20)
+    assert outcome is not None and outcome.success, outcome
+    answers = list(c.received.values())
+    assert answers and not answers[0].ok and answers[0].reason == "InvalidResult"
+    assert "'w' contains NaN or Inf" in answers[0].message
+    np.testing.assert_array_equal(a.globals[2]["w"], np.full((50_000,), 2.0, np.float32))

@@ -13,11 +13,14 @@ from hypothesis import strategies as st
 from fedkube.server.aggregate import (
     BLOCK,
     AggregationError,
+    FoldAbortedError,
+    Intake,
     InvalidResultError,
     WeightedMean,
     weighted_metrics,
 )
 from fedkube.server.model import ModelSpec
+from fedkube.server.pool import ArrayPool
 
 
 def _clients(n: int, size: int, seed: int = 0) -> tuple[list[np.ndarray], list[float]]:
@@ -312,3 +315,209 @@ def test_reopen_under_a_new_key_ignores_the_old_attempts_late_adds() -> None:
     np.testing.assert_allclose(means["a"], _reference([xs[0], xs[1]], [ws[0], ws[1]]), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(means["b"], _reference([xs[0], xs[2]], [ws[0], ws[2]]), rtol=1e-6, atol=1e-6)
     assert wm.contributors("a") == ("s0", "s1#1") and wm.contributors("c") == ("s0", "s1#2")
+
+
+# -- intake: finite check while receiving, first contribution straight into the accumulator ----------------
+
+
+def _receive(intake: Intake, array: np.ndarray, buffer: np.ndarray | None = None) -> np.ndarray:
+    """What the server's download does: write the bytes where the intake says, piece by piece through its check."""
+    out = intake.target if intake.target is not None else (buffer if buffer is not None else np.empty_like(array))
+    flat = out.reshape(-1).view(np.uint8)
+    src = array.reshape(-1).view(np.uint8)
+    if intake.check is not None:
+        intake.check.reset()
+    for start in range(0, src.size, 4099):  # pieces that end inside elements
+        stop = min(start + 4099, src.size)
+        flat[start:stop] = src[start:stop]
+        if intake.check is not None:
+            intake.check.update(flat.data, start, stop)
+    return out
+
+
+def _spec_w(n: int = 5000, dtype: type = np.float32) -> ModelSpec:
+    return ModelSpec.of({"w": np.zeros(n, dtype)})
+
+
+def test_first_contribution_is_received_into_the_accumulator_without_a_copy() -> None:
+    xs, ws = _clients(2, 5000, seed=3)
+    pool = ArrayPool()
+    wm = WeightedMean(_spec_w(), pool=pool)
+    first = wm.intake("a", "w", "float32", (5000,), ws[0])
+    assert first.claimed and first.target is not None and first.check is not None
+    target = first.target
+    assert first.add(_receive(first, xs[0]))
+    first.close()
+    second = wm.intake("b", "w", "float32", (5000,), ws[1])
+    assert not second.claimed and second.target is None  # an accumulator exists: fold as before
+    assert second.add(_receive(second, xs[1]))
+    wm.commit("a")
+    wm.commit("b")
+    got = wm.means()["w"]
+    assert got is target
+    assert float(np.abs(got - _reference(xs, ws)).max()) <= 8 * float(np.spacing(np.float32(np.abs(xs[1]).max())))
+    assert wm.contributors("w") == ("a", "b")
+
+
+def test_two_downloads_race_for_a_tensor_the_loser_folds_after_the_claimer_published() -> None:
+    xs, ws = _clients(2, 5000, seed=4)
+    wm = WeightedMean(_spec_w())
+    claimer = wm.intake("a", "w", "float32", (5000,), ws[0])
+    loser = wm.intake("b", "w", "float32", (5000,), ws[1])
+    assert claimer.claimed and not loser.claimed and loser.target is None
+    received = _receive(loser, xs[1])
+    done = threading.Event()
+    result: list[object] = []
+
+    def fold_loser() -> None:
+        result.append(loser.add(received))
+        done.set()
+
+    t = threading.Thread(target=fold_loser)
+    t.start()
+    _receive(claimer, xs[0])  # the claimer is still writing its accumulator
+    assert not done.wait(0.2), "folded into an accumulator that was still being received"
+    assert wm.contributors("w") == ()
+    assert claimer.add(claimer.target)  # type: ignore[arg-type]
+    assert done.wait(5) and result == [True]
+    t.join(5)
+    wm.commit("a")
+    wm.commit("b")
+    assert wm.contributors("w") == ("a", "b")
+    np.testing.assert_allclose(wm.means()["w"], _reference(xs, ws), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("failure", ["transfer", "non-finite", "discarded"])
+def test_a_failed_claim_leaves_the_tensor_as_if_never_claimed(failure: str) -> None:
+    xs, ws = _clients(2, 5000, seed=5)
+    wm = WeightedMean(_spec_w())
+    claimer = wm.intake("a", "w", "float32", (5000,), ws[0])
+    waiter = wm.intake("b", "w", "float32", (5000,), ws[1])
+    target = claimer.target
+    received = _receive(waiter, xs[1])
+    done = threading.Event()
+    def fold_waiter() -> None:
+        waiter.add(received)
+        done.set()
+
+    t = threading.Thread(target=fold_waiter)
+    t.start()
+    if failure == "transfer":
+        _receive(claimer, xs[0][:100].repeat(50))  # half-written, then the fetch fails: no add
+        claimer.close()
+    elif failure == "non-finite":
+        bad = xs[0].copy()
+        bad[77] = np.inf
+        _receive(claimer, bad)
+        with pytest.raises(InvalidResultError, match="NaN or Inf"):
+            claimer.add(claimer.target)  # type: ignore[arg-type]
+        wm.discard("a")
+    else:
+        _receive(claimer, xs[0])
+        wm.discard("a")  # e.g. the client was lost while its bytes arrived
+        assert claimer.add(claimer.target) is False  # type: ignore[arg-type]
+    assert done.wait(5)
+    t.join(5)
+    assert not claimer.claimed
+    wm.commit("b")
+    got = wm.means()["w"]
+    if failure != "discarded":  # (a discarded claim may also be revoked, its array then unused: see below)
+        assert got is target  # the given-up array became the waiter's accumulator (copied in)
+    assert np.array_equal(got, xs[1])  # weights and contributors of the failed claimer untouched
+    assert wm.contributors("w") == ("b",)
+
+
+def test_a_claim_given_back_is_claimed_again_by_the_next_download() -> None:
+    xs, ws = _clients(1, 5000, seed=6)
+    wm = WeightedMean(_spec_w())
+    first = wm.intake("a#1", "w", "float32", (5000,), ws[0])
+    target = first.target
+    first.close()  # aborted before a byte arrived
+    wm.discard("a#1")
+    assert wm.reopen("a#1", "a#2") == ()
+    again = wm.intake("a#2", "w", "float32", (5000,), ws[0])
+    assert again.claimed and again.target is target
+    assert again.add(_receive(again, xs[0]))
+    wm.commit("a#2")
+    assert np.array_equal(wm.means()["w"], xs[0]) and wm.contributors("w") == ("a#2",)
+
+
+def test_a_waiting_fold_gives_up_when_its_download_is_aborted() -> None:
+    xs, ws = _clients(2, 5000, seed=7)
+    wm = WeightedMean(_spec_w())
+    claimer = wm.intake("a", "w", "float32", (5000,), ws[0])
+    abort = threading.Event()
+    waiter = wm.intake("b", "w", "float32", (5000,), ws[1], abort=abort)
+    received = _receive(waiter, xs[1])
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            waiter.add(received)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    abort.set()
+    t.join(5)
+    assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], FoldAbortedError)
+    assert wm.discard("b").exact  # nothing of b was registered
+    assert claimer.add(_receive(claimer, xs[0]))
+    wm.commit("a")
+    assert np.array_equal(wm.means()["w"], xs[0])
+
+
+def test_no_claim_for_kept_staged_half_precision_or_mismatching_tensors() -> None:
+    xs, ws = _clients(1, 5000, seed=8)
+    wm = WeightedMean(_spec_w())
+    with wm.intake("a", "w", "float32", (5000,), ws[0]) as first:
+        assert first.add(_receive(first, xs[0]))
+    wm.discard("a")
+    wm.reopen("a", "a#2")
+    kept = wm.intake("a#2", "w", "float32", (5000,), ws[0])
+    assert not kept.claimed  # the earlier attempt's value stays; this copy is ignored
+    assert kept.add(_receive(kept, xs[0])) is False
+    staged = WeightedMean(_spec_w(), staged=True).intake("a", "w", "float32", (5000,), 1.0)
+    assert not staged.claimed and staged.check is not None
+    half = WeightedMean(_spec_w(dtype=np.float16)).intake("a", "w", "float16", (5000,), 1.0)
+    assert not half.claimed and half.check is not None  # accumulated in float32: received into a buffer
+    wrong = WeightedMean(_spec_w()).intake("a", "w", "float64", (5000,), 1.0)
+    assert not wrong.claimed and wrong.check is None
+    with pytest.raises(InvalidResultError, match="dtype float64"):
+        wrong.add(np.zeros(5000))
+    ints = WeightedMean(ModelSpec.of({"n": np.zeros(3, np.int64)})).intake("a", "n", "int64", (3,), 1.0)
+    assert not ints.claimed and ints.check is None
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+def test_intake_rejects_a_non_finite_tensor_from_the_receive_time_verdict(dtype: type) -> None:
+    wm = WeightedMean(_spec_w(dtype=dtype))
+    bad: np.ndarray = np.ones(5000, dtype)
+    bad[4999] = np.nan
+    intake = wm.intake("a", "w", np.dtype(dtype).name if dtype is not ml_dtypes.bfloat16 else "bfloat16", (5000,), 1.0)
+    received = _receive(intake, bad)
+    assert intake.check is not None and intake.check.complete and not intake.check.finite
+    with pytest.raises(InvalidResultError, match="NaN or Inf"):
+        intake.add(received)
+    assert not intake.claimed
+    assert wm.discard("a").exact
+
+
+def test_a_discarded_clients_claim_is_revoked_not_waited_for_and_its_array_never_used() -> None:
+    xs, ws = _clients(2, 5000, seed=9)
+    wm = WeightedMean(_spec_w())
+    late = wm.intake("a", "w", "float32", (5000,), ws[0])
+    assert late.claimed and late.target is not None
+    target = late.target
+    other = wm.intake("b", "w", "float32", (5000,), ws[1])
+    assert not other.claimed
+    wm.discard("a")  # e.g. the client was lost; its download thread is still winding down
+    assert other.add(_receive(other, xs[1]))  # no wait for a's fetch
+    assert not late.claimed
+    target[:] = -1.0  # a's fetch keeps writing its array: b's accumulator must not be that memory
+    assert late.add(target) is False  # stale: ignored through the ordinary path
+    late.close()
+    wm.commit("b")
+    got = wm.means()["w"]
+    assert got is not target and np.array_equal(got, xs[1]) and wm.contributors("w") == ("b",)
