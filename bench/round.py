@@ -38,6 +38,7 @@ One JSON line per size. Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -113,6 +114,15 @@ def expected_final(initial: np.ndarray, rounds: int) -> np.ndarray:
             total += e + np.float32(0.5 * (i + 1))  # the trainer's float32 sum, then widened
         e = (total / CLIENTS).astype(np.float32)
     return e
+
+
+def cpu_by_round(marks: list[Any]) -> list[dict[str, Any]]:
+    """CPU seconds each process spent in each round after the first (between two round-completed marks)."""
+    out = []
+    for before, after in itertools.pairwise(marks):
+        spent = {k: round(v - before.cpu_s.get(k, 0.0), 2) for k, v in after.cpu_s.items() if k in before.cpu_s}
+        out.append({"round": after.round, "total": round(sum(spent.values()), 2), **spent})
+    return out
 
 
 def job_manifest(
@@ -324,6 +334,7 @@ def report(
         "peak_mib": {k: mib(v) for k, v in sorted(peaks.items())},
         "peak_x_s": {k: round(v / s_bytes, 3) for k, v in sorted(peaks.items())},
         "cpu_user_sys_s": {k: [round(u, 1), round(s, 1)] for k, (u, s) in sorted(cpu.items())},
+        "cpu_by_round_s": cpu_by_round(sampler.rounds),
         "server_by_round_mib": [
             {"round": m.round, "peak": mib(m.server_peak_bytes), "rss": mib(m.server_rss_bytes)} for m in sampler.rounds
         ],

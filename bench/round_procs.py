@@ -62,6 +62,8 @@ class RoundMark:
     round: int
     server_peak_bytes: int
     server_rss_bytes: int
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """Each process's CPU seconds (user + system) so far, by its label (server, sidecar:site-0, ...)."""
 
 
 def classify(proc: psutil.Process, trainer_script: str) -> tuple[str, str] | None:
@@ -175,6 +177,18 @@ class TreeSampler:
         first = done - len(raw) + 1
         return {first + i: round(float(x), 3) for i, x in enumerate(raw)}
 
+    def _cpu_now(self) -> dict[str, float]:
+        """CPU seconds of every known process, read now (a round mark's snapshot)."""
+        out: dict[str, float] = {}
+        with contextlib.suppress(psutil.Error, OSError):
+            t = psutil.Process(self.root_pid).cpu_times()
+            out["runtime"] = t.user + t.system
+        for p in self.procs.values():
+            with contextlib.suppress(psutil.Error, OSError):
+                t = psutil.Process(p.pid).cpu_times()
+                out[p.role if p.role == SERVER else f"{p.role}:{p.site}"] = t.user + t.system
+        return out
+
     def _server_pid(self) -> int | None:
         return next((p.pid for p in self.procs.values() if p.role == SERVER), None)
 
@@ -197,7 +211,7 @@ class TreeSampler:
                 rss = 0
                 with contextlib.suppress(psutil.Error, OSError):
                     rss = current_rss(pid)
-                self.rounds.append(RoundMark(int(m.group(1)), peak, rss))
+                self.rounds.append(RoundMark(int(m.group(1)), peak, rss, self._cpu_now()))
 
 
 _TS = r"^(\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}[.,]\d{3})Z?"
