@@ -8,28 +8,22 @@ say so once, without a stack trace, and fall back to gRPC so the job succeeds.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import socket
-import threading
 from collections.abc import Iterator
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from fedkube.server.app import FedkubeServer
-from fedkube.server.config import TransferSettings
 from fedkube.sidecar.app import Sidecar
-from fedkube.sidecar.config import SidecarConfig
 from fedkube.trainer_sdk import FLModel
 from fedkube.trainer_sdk._session import Session
-from tests.integration.server.conftest import JOB, make_config, token_of
-from tests.integration.sidecar.conftest import SETTINGS
+from tests.integration.server.conftest import JOB
+from tests.integration.sidecar.one_site import SITE, OneSite
 
 pytestmark = pytest.mark.timeout(60)
 
-SITE = "site-a"
 ROUNDS = 2
 
 
@@ -42,66 +36,20 @@ def _model() -> dict[str, np.ndarray]:
     }
 
 
-def _dead_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
-
-
-class Stack:
-    """Server, sidecar and a trainer loop (in a thread) of one site; closed by the fixture."""
+class Stack(OneSite):
+    """One site whose trainer updates the received arrays in place, as the in-place benchmark trainer does."""
 
     def __init__(self) -> None:
-        self.server: FedkubeServer | None = None
-        self.sidecar: Sidecar | None = None
-        self.session: Session | None = None
+        super().__init__(_model, ROUNDS)
         self.received: list[dict[str, np.ndarray]] = []
-        self.errors: list[BaseException] = []
-        self.thread: threading.Thread | None = None
 
-    def start(self, bulk: str) -> Stack:
-        config = make_config(
-            (SITE,), rounds=ROUNDS,
-            transfer=TransferSettings(chunk_bytes=64 * 1024, chunk_timeout_s=5.0, idle_timeout_s=10.0, max_attempts=3),
-        )  # fmt: skip
-        self.server = FedkubeServer(dataclasses.replace(config, bulk_port=0), model_loader=_model)
-        self.server.start()
-        address = {"on": f"127.0.0.1:{self.server.bulk_port}", "off": "", "dead": _dead_address()}[bulk]
-        self.sidecar = Sidecar(SidecarConfig(
-            job=JOB, site=SITE, server_address=f"127.0.0.1:{self.server.grpc_port}", token=token_of(SITE),
-            trainer_port=0, backoff_base_s=0.1, backoff_max_s=0.5, server_bulk_address=address,
-        ))  # fmt: skip
-        self.sidecar.start()
-        self.session = Session(f"127.0.0.1:{self.sidecar.port}", site=SITE, job=JOB, settings=SETTINGS)
-        self.session.connect()
-        self.thread = threading.Thread(target=self._train, daemon=True)
-        self.thread.start()
-        return self
-
-    def _train(self) -> None:
-        assert self.session is not None
-        try:
-            while self.session.is_running():
-                model = self.session.receive()
-                assert model.params is not None
-                self.received.append({k: v.copy() for k, v in model.params.items()})
-                for arr in model.params.values():  # in place, as the in-place benchmark trainer does
-                    arr += np.ones((), dtype=arr.dtype)
-                self.session.send(FLModel(params=model.params, num_examples=10))
-        except BaseException as exc:
-            self.errors.append(exc)
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.request_stop("test ended")
-            self.server.wait(10)
-            self.server.shutdown(grace_s=0.5)
-        if self.sidecar is not None:
-            self.sidecar.stop(grace=0.5)
-        if self.thread is not None:
-            self.thread.join(5)
-        if self.session is not None:
-            self.session.close()
+    def train(self, session: Session, index: int, _: Any) -> None:
+        model = session.receive()
+        assert model.params is not None
+        self.received.append({k: v.copy() for k, v in model.params.items()})
+        for arr in model.params.values():
+            arr += np.ones((), dtype=arr.dtype)
+        session.send(FLModel(params=model.params, num_examples=10))
 
 
 @pytest.fixture
@@ -119,12 +67,8 @@ def _sample(sidecar: Sidecar, name: str, **labels: str) -> float:
 
 
 def _run(stack: Stack, bulk: str) -> None:
-    stack.start(bulk)
-    assert stack.server is not None and stack.thread is not None
-    outcome = stack.server.wait(30)
-    assert outcome is not None and outcome.success, outcome
-    stack.thread.join(10)
-    assert not stack.errors, stack.errors
+    stack.start(stack.train, bulk)
+    stack.finish()
     first = _model()
     assert len(stack.received) == ROUNDS
     for name, arr in first.items():

@@ -9,10 +9,8 @@ fresh array, and one log line names it and why.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import ml_dtypes
@@ -20,18 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedkube.server.app import FedkubeServer
-from fedkube.server.config import TransferSettings
-from fedkube.sidecar.app import Sidecar
-from fedkube.sidecar.config import SidecarConfig
 from fedkube.trainer_sdk import FLModel
 from fedkube.trainer_sdk._session import Session
-from tests.integration.server.conftest import JOB, make_config, token_of
-from tests.integration.sidecar.conftest import SETTINGS
+from tests.integration.sidecar.one_site import OneSite, Script
 
 pytestmark = pytest.mark.timeout(60)
 
-SITE = "site-a"
 ROUNDS = 3
 
 
@@ -52,77 +44,19 @@ def _expected(round_index: int) -> dict[str, np.ndarray]:
     return model
 
 
-# One round of a training script: (session, round index, what it handed back last round) -> what to hand back next.
-Script = Callable[[Session, int, Any], Any]
-
-
-class Stack:
-    """Server, sidecar and a trainer loop (in a thread) of one site."""
-
-    def __init__(self) -> None:
-        self.server: FedkubeServer | None = None
-        self.sidecar: Sidecar | None = None
-        self.session: Session | None = None
-        self.errors: list[BaseException] = []
-        self.thread: threading.Thread | None = None
-
-    def run(self, script: Script, *, bulk: bool = True) -> None:
-        config = make_config(
-            (SITE,), rounds=ROUNDS,
-            transfer=TransferSettings(chunk_bytes=64 * 1024, chunk_timeout_s=5.0, idle_timeout_s=10.0, max_attempts=3),
-        )  # fmt: skip
-        self.server = FedkubeServer(dataclasses.replace(config, bulk_port=0), model_loader=_model)
-        self.server.start()
-        self.sidecar = Sidecar(SidecarConfig(
-            job=JOB, site=SITE, server_address=f"127.0.0.1:{self.server.grpc_port}", token=token_of(SITE),
-            trainer_port=0, backoff_base_s=0.1, backoff_max_s=0.5,
-            server_bulk_address=f"127.0.0.1:{self.server.bulk_port}" if bulk else "",
-        ))  # fmt: skip
-        self.sidecar.start()
-        self.session = Session(f"127.0.0.1:{self.sidecar.port}", site=SITE, job=JOB, settings=SETTINGS)
-        self.session.connect()
-        self.thread = threading.Thread(target=self._train, args=(script,), daemon=True)
-        self.thread.start()
-        outcome = self.server.wait(30)
-        self.thread.join(10)
-        if self.errors:
-            raise self.errors[0]
-        assert outcome is not None and outcome.success, outcome
-        assert (self.session.bulk_fetcher is not None) == bulk  # the path under test was the one used
-
-    def _train(self, script: Script) -> None:
-        assert self.session is not None
-        handed_back: Any = None
-        try:
-            index = 0
-            while self.session.is_running():
-                handed_back = script(self.session, index, handed_back)
-                index += 1
-        except BaseException as exc:
-            self.errors.append(exc)
-            if self.server is not None:
-                self.server.request_stop("the trainer script failed")  # fail now, not at the round deadline
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.request_stop("test ended")
-            self.server.wait(10)
-            self.server.shutdown(grace_s=0.5)
-        if self.sidecar is not None:
-            self.sidecar.stop(grace=0.5)
-        if self.thread is not None:
-            self.thread.join(5)
-        if self.session is not None:
-            self.session.close()
-
-
 @pytest.fixture
-def stack() -> Iterator[Stack]:
-    s = Stack()
+def stack() -> Iterator[OneSite]:
+    s = OneSite(_model, ROUNDS)
     try:
         yield s
     finally:
         s.close()
+
+
+def _run(stack: OneSite, script: Script, bulk: bool = True) -> None:
+    stack.start(script, "on" if bulk else "off").finish()
+    assert stack.session is not None
+    assert (stack.session.bulk_fetcher is not None) == bulk  # the path under test was the one used
 
 
 def _equal(got: Any, want: np.ndarray) -> None:
@@ -132,7 +66,7 @@ def _equal(got: Any, want: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "grpc"])
-def test_numpy_buffers_handed_back_are_written_in_place_every_round(stack: Stack, bulk: bool) -> None:
+def test_numpy_buffers_handed_back_are_written_in_place_every_round(stack: OneSite, bulk: bool) -> None:
     seen: list[dict[str, int]] = []
 
     def script(session: Session, index: int, last: FLModel | None) -> FLModel:
@@ -149,12 +83,12 @@ def test_numpy_buffers_handed_back_are_written_in_place_every_round(stack: Stack
         session.send(result)
         return result
 
-    stack.run(script, bulk=bulk)
+    _run(stack, script, bulk)
     assert len(seen) == ROUNDS
     assert seen[1] == seen[0] and seen[2] == seen[0]  # one set of buffers for the whole job
 
 
-def test_a_state_dict_is_overwritten_in_place_including_bfloat16(stack: Stack) -> None:
+def test_a_state_dict_is_overwritten_in_place_including_bfloat16(stack: OneSite) -> None:
     net = torch.nn.Linear(257, 300)  # weight (300, 257) float32, bias unused by the global model
     extra = torch.zeros(1000, dtype=torch.bfloat16)
     step = torch.zeros(1, dtype=torch.int64)
@@ -172,11 +106,11 @@ def test_a_state_dict_is_overwritten_in_place_including_bfloat16(stack: Stack) -
                 t += 1
         session.send(FLModel(params=owned, num_examples=10))
 
-    stack.run(script)
+    _run(stack, script)
 
 
 def test_buffers_that_cannot_take_a_tensor_get_fresh_arrays_and_a_log_line(
-    stack: Stack, caplog: pytest.LogCaptureFixture
+    stack: OneSite, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="fedkube.trainer_sdk")
     shared = np.zeros(1000 * 2, dtype=np.uint8)
@@ -208,7 +142,7 @@ def test_buffers_that_cannot_take_a_tensor_get_fresh_arrays_and_a_log_line(
             arr += np.ones((), dtype=arr.dtype)
         session.send(FLModel(params=model.params, num_examples=10))
 
-    stack.run(script)
+    _run(stack, script)
     lines = [r.getMessage() for r in caplog.records if "fresh arrays instead of into" in r.getMessage()]
     assert len(lines) == ROUNDS, lines
     assert "3 of 3 tensors" in lines[0]
@@ -221,7 +155,7 @@ def test_buffers_that_cannot_take_a_tensor_get_fresh_arrays_and_a_log_line(
     assert "1 of 3 tensors" in lines[2] and "overlaps another tensor's" in lines[2]
 
 
-def test_into_must_be_a_model_or_a_mapping(stack: Stack) -> None:
+def test_into_must_be_a_model_or_a_mapping(stack: OneSite) -> None:
     failures: list[str] = []
 
     def script(session: Session, index: int, _: Any) -> None:
@@ -233,5 +167,5 @@ def test_into_must_be_a_model_or_a_mapping(stack: Stack) -> None:
         assert model.params is not None
         session.send(FLModel(params={k: v + 1 for k, v in model.params.items()}, num_examples=10))
 
-    stack.run(script)
+    _run(stack, script)
     assert failures and "receive(into=...) takes an FLModel or a dict" in failures[0]
