@@ -50,6 +50,9 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
         self._on_result, self._on_metric = on_result, on_metric
         self._closing = closing
         self._bulk_address = bulk_address
+        # A restarted sidecar knows no trainer until it says Hello again; a result announced before
+        # that could not be served to the server (the sidecar does not know where the trainer serves).
+        self._hello_seen = threading.Event()
 
     def Hello(self, request: trainer_pb2.HelloRequest, context: Any) -> trainer_pb2.HelloResponse:
         if not request.download_address:
@@ -60,6 +63,7 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
                  "over %s", self._site, request.pid, request.download_address, request.bulk_address or "none",
                  f"the bulk relay at {relay}" if relay else "gRPC")
         self._on_hello(request.download_address, request.bulk_address)
+        self._hello_seen.set()
         return trainer_pb2.HelloResponse(job=self._job, site=self._site, bulk_address=relay)
 
     def Session(
@@ -113,6 +117,12 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
         if wrong:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"result refs {wrong} name a source other than this site {self._site!r}")
+        if not self._hello_seen.is_set():
+            # Retryable: the SDK attaches again (Hello) when its link to a restarted sidecar broke, then
+            # announces the result again.
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"site {self._site}: no trainer has said Hello to this sidecar yet (it restarted?), so it "
+                          f"cannot serve task {ann.task_id}'s result; the trainer SDK attaches again and re-announces")
         stop = self._tasks.stopped
         if stop is not None:  # the server takes no more results: say so now instead of letting send() wait
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,

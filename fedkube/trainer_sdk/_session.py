@@ -157,6 +157,8 @@ class Session:
         self._waited = 0.0  # seconds the last send() waited for the server's download
         self._final_reported = False
         self._closed = False
+        self._attach_cond = threading.Condition()
+        self._attach_gen = 0  # counts attaches to a sidecar (Hello + Session); send() waits on it after a restart
         self.service = DownloadService(site)
         self._download_server, port = serve(self.service, "127.0.0.1:0", max_workers=8)
         self.download_address = f"127.0.0.1:{port}"
@@ -199,6 +201,7 @@ class Session:
         self.job = hello.job or self.job
         self._use_bulk(hello.bulk_address)
         self._session_call = self.link.Session(trainer_pb2.SessionRequest(pid=os.getpid()))
+        self._attached(fresh=True)
         threading.Thread(target=self._hold_session, name="fedkube-session", daemon=True).start()
         log.info("job %s site %s: connected to sidecar %s; global model over %s; results served at %s and %s (bulk)",
                  self.job, self.site, self.address, f"bulk via {hello.bulk_address}" if hello.bulk_address else "gRPC",
@@ -206,12 +209,21 @@ class Session:
 
     def _hold_session(self) -> None:
         while True:
+            stopped = False
             try:
                 for event in self._session_call:
                     if event.HasField("stop"):
+                        stopped = True
                         log.info("job %s site %s: the job was stopped (%s)", self.job, self.site,
                                  event.stop.reason or "done")
-                return  # the sidecar ended the session itself
+                with self._lock:
+                    over = stopped or self._stopped is not None
+                if over or self._closed:
+                    return  # the job is over: nothing to attach to
+                # The sidecar ended the session without a Stop: it is shutting down mid-job, and its
+                # restart must learn of this trainer (Hello) before it can pass a result on.
+                log.info("job %s site %s: sidecar %s ended the session mid-job; attaching again", self.job,
+                         self.site, self.address)
             except grpc.RpcError as exc:
                 if self._closed or exc.code() == grpc.StatusCode.CANCELLED:
                     return
@@ -258,7 +270,19 @@ class Session:
             call.cancel()
             return False
         log.info("job %s site %s: attached to sidecar %s again", self.job, self.site, self.address)
+        self._attached()
         return True
+
+    def _attached(self, fresh: bool = False) -> None:
+        """Count a (re)attach and wake a send() waiting to announce its result to the new sidecar."""
+        with self._attach_cond:
+            self._attach_gen = 1 if fresh else self._attach_gen + 1
+            self._attach_cond.notify_all()
+
+    def _wait_attached_after(self, generation: int, timeout_s: float) -> bool:
+        """Wait (bounded) until the link was attached again since ``generation``; True when it was."""
+        with self._attach_cond:
+            return self._attach_cond.wait_for(lambda: self._attach_gen > generation or self._closed, timeout_s)
 
     # --- tasks ---------------------------------------------------------------------
     def _poll(self, block: bool) -> control_pb2.Task | control_pb2.Stop | None:
@@ -522,7 +546,13 @@ class Session:
         raise AssertionError("unreachable")
 
     def _submit(self, ann: control_pb2.ResultAnnouncement, timeout_s: float = 30.0) -> None:
-        """SubmitResult; again if the sidecar died during the call (its restart takes the same announcement)."""
+        """SubmitResult; again if the sidecar died during the call (its restart takes the same announcement).
+
+        A restarted sidecar refuses the result (UNAVAILABLE) until this trainer
+        said Hello to it again, so before announcing again this waits for the
+        session thread to attach again.
+        """
+        generation = self._attach_gen
         for attempt in range(RESUBMITS + 1):
             try:
                 self.link.SubmitResult(trainer_pb2.SubmitResultRequest(result=ann), timeout=timeout_s,
@@ -531,10 +561,12 @@ class Session:
             except grpc.RpcError as exc:
                 if attempt == RESUBMITS or self._closed or exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                log.warning("job %s site %s round %d task %s: the sidecar went away while taking the result (%s); "
-                            "announcing it again once the sidecar is back", self.job, self.site, ann.round,
-                            ann.task_id, _rpc_text(exc))
+                log.warning("job %s site %s round %d task %s: the sidecar did not take the result (%s); "
+                            "announcing it again once this trainer is attached to it again", self.job, self.site,
+                            ann.round, ann.task_id, _rpc_text(exc))
                 timeout_s = max(timeout_s, self.settings.connect_timeout_s)
+                self._wait_attached_after(generation, self.settings.connect_timeout_s)
+                generation = self._attach_gen
 
     def _wait_received(self, task: _Task, total: int, *, idle_s: float, start_s: float) -> bool:
         """Block until the server has the result or refused it; progress-aware (LESSONS.md 1-3)."""
@@ -665,6 +697,8 @@ class Session:
 
     def close(self) -> None:
         self._closed = True
+        with self._attach_cond:
+            self._attach_cond.notify_all()  # a send() waiting to re-announce gives up now
         if self._session_call is not None:
             self._session_call.cancel()
         self._download_server.stop(0.5)

@@ -26,16 +26,8 @@ def server() -> Iterator[FakeServer]:
 
 
 def make_sidecar(address: str, token: str = TOKEN, **kw: Any) -> Sidecar:
-    cfg = SidecarConfig(
-        job=JOB,
-        site=SITE,
-        server_address=address,
-        token=token,
-        trainer_port=0,
-        backoff_base_s=0.1,
-        backoff_max_s=0.5,
-        **kw,
-    )
+    settings: dict[str, Any] = {"trainer_port": 0, "backoff_base_s": 0.1, "backoff_max_s": 0.5, **kw}
+    cfg = SidecarConfig(job=JOB, site=SITE, server_address=address, token=token, **settings)
     return Sidecar(cfg)
 
 
