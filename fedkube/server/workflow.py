@@ -274,6 +274,23 @@ class _Download:
     add_seconds: float = 0.0  # time spent folding this result into the aggregate
 
 
+def _rotated(refs: list[TensorRef], site: str, sites: Mapping[str, object]) -> list[TensorRef]:
+    """``refs`` starting at this site's share: each participant pulls its tensors in a different order.
+
+    The first download to reach a tensor receives it straight into the
+    accumulator; later ones must fold theirs in. Pulled in the same order,
+    one client would be first for nearly every tensor and the other would
+    fold them all, finishing last while a core idles. Starting each site at
+    its own offset spreads the claims (and the folding) evenly, so the
+    downloads end together. The averages do not depend on the order.
+    """
+    order = sorted(sites)
+    if site not in order or len(order) < 2 or not refs:
+        return refs
+    start = order.index(site) * len(refs) // len(order)
+    return refs[start:] + refs[:start]
+
+
 @dataclass
 class _Round:
     """Transport-side state of the round in progress (client states are in the registry)."""
@@ -1036,7 +1053,7 @@ class RoundWorkflow:
         if not isinstance(engine, WeightedMean):
             engine = None
         try:
-            for ref in refs:
+            for ref in _rotated(refs, dl.site, rnd.tasks):
                 def progress(done: int, base: int = base) -> None:
                     dl.bytes_done = base + done
 
