@@ -109,12 +109,21 @@ def test_partly_downloaded_result_says_which_tensors_stay_in_the_average(harness
     harness.sidecar(srv, "site-a", add_value(1.0))
     harness.sidecar(srv, "site-b", add_value(3.0))
     c = harness.sidecar(srv, "site-c", add_value(5.0), start=False)
-    c.push_mode = lambda req: "error" if req.ref.name == "b" else "ok"  # "w" arrives first and verifies
+    asked: list[str] = []
+
+    def first_only(req: control_pb2.UploadRequest) -> str:
+        # The server pulls each client's tensors from its own starting point: whichever comes first
+        # arrives and verifies, every later one fails.
+        if not asked:
+            asked.append(req.ref.name)
+        return "ok" if req.ref.name == asked[0] else "error"
+
+    c.push_mode = first_only
     c.start()
     c.wait_for(lambda: bool(c.received), timeout=20, what="round 1's answer")
     answer = next(iter(c.received.values()))
     assert not answer.ok and answer.reason == "TransferFailed"
-    assert "1 of its tensors (w) were already verified and stay in this round's average" in answer.message
+    assert f"1 of its tensors ({asked[0]}) were already verified and stay in this round's average" in answer.message
     status = {cl.name: cl for cl in srv.workflow.status().clients}
     assert "stay in this round's average" in status["site-c"].message
     outcome = srv.wait(20)
