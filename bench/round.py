@@ -33,6 +33,7 @@ One JSON line per size. Usage::
 
     python bench/round.py --size-mib 16 --size-mib 1024 --trainer-mode inplace
     python bench/round.py --size-mib 1024 --trainer-mode copy
+    python bench/round.py --size-mib 1024 --receive fresh   # plain fk.receive(), no buffers handed back
 """
 
 from __future__ import annotations

@@ -149,9 +149,8 @@ def receive(into: FLModel | Mapping[str, Any] | None = None) -> FLModel:
     writable C-contiguous array or tensor in ``into`` is written there, and
     ``params[name]`` is that same object; the others arrive in fresh arrays,
     and one log line says which and why. A loop that hands its buffers back
-    this way allocates nothing per round: the kernel no longer has to map and
-    zero S bytes of fresh memory each round, which on large models is a
-    sizeable share of the trainer's CPU (bench/README.md). Their contents
+    this way allocates nothing per round (no fresh S bytes to map and zero),
+    and a ``state_dict`` needs no ``load_state_dict`` copy. Their contents
     are undefined if ``receive`` raises.
     """
     return _require("receive").receive(into)
