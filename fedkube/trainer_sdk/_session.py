@@ -250,20 +250,28 @@ class Session:
         it cannot serve the trainer's result to the server, and without a
         Session it cannot tell when the trainer dies. True when attached again.
         """
-        try:
-            hello = self.link.Hello(
-                trainer_pb2.HelloRequest(
-                    download_address=self.download_address, pid=os.getpid(), bulk_address=self.bulk_address
-                ),
-                timeout=self.settings.connect_timeout_s,
-                wait_for_ready=True,
-            )
-            call = self.link.Session(trainer_pb2.SessionRequest(pid=os.getpid()))
-        except grpc.RpcError as exc:
-            if not self._closed:
-                log.warning("job %s site %s: could not attach to sidecar %s again within %.0f s: %s", self.job,
-                            self.site, self.address, self.settings.connect_timeout_s, _rpc_text(exc))
-            return False
+        deadline = time.monotonic() + self.settings.connect_timeout_s
+        while True:
+            try:
+                hello = self.link.Hello(
+                    trainer_pb2.HelloRequest(
+                        download_address=self.download_address, pid=os.getpid(), bulk_address=self.bulk_address
+                    ),
+                    timeout=max(0.1, deadline - time.monotonic()),
+                    wait_for_ready=True,
+                )
+                call = self.link.Session(trainer_pb2.SessionRequest(pid=os.getpid()))
+                break
+            except grpc.RpcError as exc:
+                # A call made while the dead sidecar's connection is still being torn down fails at once
+                # ("Stream removed") instead of waiting for the restart: try again until the deadline.
+                if not self._closed and exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                if not self._closed:
+                    log.warning("job %s site %s: could not attach to sidecar %s again within %.0f s: %s", self.job,
+                                self.site, self.address, self.settings.connect_timeout_s, _rpc_text(exc))
+                return False
         self._session_call = call
         self._use_bulk(hello.bulk_address)  # a restarted sidecar's relay listens on a new port
         if self._closed:  # close() ran meanwhile and cancelled the previous call, not this one

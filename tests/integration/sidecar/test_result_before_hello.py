@@ -87,3 +87,49 @@ def test_send_waits_for_the_new_hello_before_announcing_again(server: FakeServer
         assert session._attach_gen == 2  # announced again only after the new Hello
     finally:
         session.close()
+
+
+class _StreamRemoved(grpc.RpcError):
+    """What a call made on a dead sidecar's half-closed connection fails with, at once."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "Stream removed (injected)"
+
+
+def test_a_hello_that_fails_at_once_is_tried_again_until_the_restart_answers(
+    server: FakeServer, sidecars: list[Sidecar]
+) -> None:
+    # Seen in the fault suite: the re-attach's Hello went out on the killed sidecar's connection before gRPC
+    # noticed it was gone, failed at once instead of waiting for the restart, and the trainer never attached
+    # again (its next result then waited for an attach that never came).
+    first = make_sidecar(server.address)
+    first.start()
+    sidecars.append(first)
+    server.wait_registered(SITE)
+    session = Session(f"127.0.0.1:{first.port}", site=SITE, job=JOB, settings=SETTINGS)
+    session.connect()
+    hello = session.link.Hello
+    failures = [1]
+
+    def flaky_hello(*args: object, **kwargs: object) -> object:
+        if failures:
+            failures.pop()
+            raise _StreamRemoved()
+        return hello(*args, **kwargs)
+
+    session.link.Hello = flaky_hello  # type: ignore[method-assign]
+    try:
+        port = first.port
+        first.stop(grace=0.2)
+        second = make_sidecar(server.address, trainer_port=port)
+        second.start()
+        sidecars.append(second)
+        assert session._wait_attached_after(1, 10), "the trainer never attached to the restarted sidecar"
+        assert not failures  # the injected failure was met, and tried past
+        session._submit(_announcement("t1"), timeout_s=10)
+        assert server.wait_message("result", lambda r: r.task_id == "t1", timeout=10).num_examples == 3
+    finally:
+        session.close()
