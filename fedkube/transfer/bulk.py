@@ -51,6 +51,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from fedkube.transfer import handoff
 from fedkube.transfer.errors import (
     ChunkTimeoutError,
     InvalidRefError,
@@ -265,6 +266,7 @@ class _BulkStream:
     def __init__(self, source: BulkChunkSource, ref: TensorRef, offset: int, buf: memoryview) -> None:
         self._cancelled = False
         self._sock: socket.socket | None = None
+        self._counts: socket.socket | None = None  # the handoff connection, told each frame read
         ids: dict[str, Any] = {"transaction_id": ref.transaction_id, "ref_id": ref.ref_id, "receiver": source.receiver}
         request = tensor_pb2.BulkRequest(
             site=source.site,
@@ -273,12 +275,7 @@ class _BulkStream:
                 transaction_id=ref.transaction_id, ref_id=ref.ref_id, receiver=source.receiver, offset=offset
             ),
         )
-        try:
-            self._sock = _connect(source.address, source.connect_timeout_s)
-            send_request(self._sock, request)
-        except OSError as exc:
-            close_socket(self._sock)
-            raise SourceUnavailableError(f"cannot reach the bulk endpoint {source.address}: {exc}", **ids) from None
+        self._sock, self._counts = source.open(request, ids)
         self._frames = read_fetch_response(
             self._sock, ref, offset, buf, chunk_timeout_s=source.chunk_timeout_s, receiver=source.receiver,
             cancelled=lambda: self._cancelled,
@@ -288,7 +285,10 @@ class _BulkStream:
         return self
 
     def __next__(self) -> int:
-        return next(self._frames)
+        n = next(self._frames)
+        if self._counts is not None:
+            handoff.count(self._counts, n)
+        return n
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -299,6 +299,7 @@ class _BulkStream:
     def close(self) -> None:
         self._frames.close()
         close_socket(self._sock)
+        close_socket(self._counts)
 
 
 class BulkChunkSource:
@@ -307,7 +308,9 @@ class BulkChunkSource:
     ``Fetcher(BulkChunkSource(address, "site-a", chunk_timeout_s=30)).fetch_into(ref, out)``
     writes each frame straight into ``out``. ``site``/``token`` are sent for
     authentication (a sidecar talking to the server); a trainer talking to its
-    sidecar leaves them empty (the sidecar adds them).
+    sidecar leaves them empty (the sidecar adds them). ``address`` may be a
+    sidecar's :class:`BulkHandoff` (``@...``): each request is then answered
+    by handing over the sidecar's connection to the server.
     """
 
     def __init__(
@@ -320,13 +323,46 @@ class BulkChunkSource:
         token: str = "",
         connect_timeout_s: float = 10.0,
     ) -> None:
-        parse_address(address)
+        if not handoff.is_handoff(address):
+            parse_address(address)
         self.address = address
         self.receiver = receiver
         self.chunk_timeout_s = chunk_timeout_s
         self.site = site
         self.token = token
         self.connect_timeout_s = connect_timeout_s
+
+    def open(
+        self, request: tensor_pb2.BulkRequest, ids: dict[str, Any]
+    ) -> tuple[socket.socket, socket.socket | None]:
+        """Send ``request``; the socket its answer arrives on, and the handoff connection (or None).
+
+        SourceUnavailableError when the endpoint cannot be reached; a handoff
+        the sidecar refused raises the error its status maps to.
+        """
+        if not handoff.is_handoff(self.address):
+            sock: socket.socket | None = None
+            try:
+                sock = _connect(self.address, self.connect_timeout_s)
+                send_request(sock, request)
+            except OSError as exc:
+                close_socket(sock)
+                raise SourceUnavailableError(f"cannot reach the bulk endpoint {self.address}: {exc}", **ids) from None
+            return sock, None
+        conn: socket.socket | None = None
+        try:
+            conn = handoff.connect(self.address, self.connect_timeout_s)
+            send_request(conn, request)
+            conn.settimeout(self.chunk_timeout_s)
+            sock = handoff.recv_socket(conn)
+            if sock is None:
+                code, message = read_status(conn)
+                close_socket(conn)
+                raise error_from_status(code, message, **ids)
+        except (OSError, EOFError, ValueError) as exc:
+            close_socket(conn)
+            raise SourceUnavailableError(f"no connection handed over by {self.address}: {exc}", **ids) from None
+        return sock, conn  # TCP_NODELAY as the sidecar set it
 
     def stream_into(self, ref: TensorRef, offset: int, buf: memoryview) -> _BulkStream:
         return _BulkStream(self, ref, offset, buf)
@@ -341,15 +377,16 @@ class BulkChunkSource:
             ),
         )
         sock: socket.socket | None = None
+        counts: socket.socket | None = None
         try:
-            sock = _connect(self.address, self.connect_timeout_s)
+            sock, counts = self.open(request, ids)
             sock.settimeout(self.chunk_timeout_s)
-            send_request(sock, request)
             code, message = read_status(sock)
         except (OSError, EOFError) as exc:
             raise SourceUnavailableError(f"cannot report completion to {self.address}: {exc}", **ids) from None
         finally:
             close_socket(sock)
+            close_socket(counts)
         if code != grpc.StatusCode.OK:
             raise error_from_status(code, message, **ids)
 
@@ -358,18 +395,26 @@ class BulkChunkSource:
 
 
 class _Listener:
-    """A TCP listener running one daemon thread per connection, at most ``max_connections`` at once."""
+    """A listener running one daemon thread per connection, at most ``max_connections`` at once.
+
+    TCP on ``host:port``, or a Unix socket when ``host`` is an abstract name
+    (``@...``, :mod:`fedkube.transfer.handoff`; ``port`` is then 0).
+    """
 
     def __init__(self, host: str, port: int, name: str, max_connections: int) -> None:
         self.name = name
         self.max_connections = max_connections
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # "::" means every address, IPv4 included (a dual-stack pod network); create_server alone
-        # would make it IPv6-only.
-        dual = host == "::" and socket.has_dualstack_ipv6()
-        self._sock = socket.create_server((host, port), family=family, backlog=128, dualstack_ipv6=dual)
         self.host = host
-        self.port: int = self._sock.getsockname()[1]
+        if handoff.is_handoff(host):
+            self._sock = handoff.listen(host)
+            self.port = 0
+        else:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            # "::" means every address, IPv4 included (a dual-stack pod network); create_server alone
+            # would make it IPv6-only.
+            dual = host == "::" and socket.has_dualstack_ipv6()
+            self._sock = socket.create_server((host, port), family=family, backlog=128, dualstack_ipv6=dual)
+            self.port = self._sock.getsockname()[1]
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._stopped = threading.Event()
@@ -377,6 +422,8 @@ class _Listener:
 
     @property
     def address(self) -> str:
+        if handoff.is_handoff(self.host):
+            return self.host
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def start(self) -> None:
@@ -389,7 +436,8 @@ class _Listener:
                 conn, _ = self._sock.accept()
             except OSError:
                 return  # closed by stop()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 full = len(self._conns) >= self.max_connections
                 if not full:
@@ -480,13 +528,32 @@ class BulkServer(_Listener):
         conn.settimeout(self.request_timeout_s)
         try:
             request = read_request(conn)
+        except _Refused as refused:
+            log.warning("%s: refused a request: %s", self.name, refused.message)
+            with contextlib.suppress(OSError):
+                send_status(conn, refused.code, refused.message)
+            return False
+        except (EOFError, OSError) as exc:
+            log.debug("%s: connection ended: %s", self.name, exc)
+            return False
+        return self.serve(conn, request)
+
+    def serve(
+        self, conn: socket.socket, request: tensor_pb2.BulkRequest, on_frame: Callable[[int], None] | None = None
+    ) -> bool:
+        """Answer ``request`` on ``conn``; True when ``conn``'s ownership moved elsewhere (an upload).
+
+        ``on_frame(n)`` is told each data frame sent (a handed-over socket
+        reports them to the sidecar that dialed it).
+        """
+        try:
             if self.authorize is not None:
                 code, message = self.authorize(request.site, request.token)
                 if code is not None:
                     raise _Refused(code, message)
             op = request.WhichOneof("op")
             if op == "fetch":
-                self._fetch(conn, request.fetch)
+                self._fetch(conn, request.fetch, on_frame)
             elif op == "complete":
                 self._complete(conn, request.complete)
             elif op == "upload_id":
@@ -503,7 +570,9 @@ class BulkServer(_Listener):
             log.debug("%s: connection ended: %s", self.name, exc)
         return False
 
-    def _fetch(self, conn: socket.socket, req: tensor_pb2.FetchRequest) -> None:
+    def _fetch(
+        self, conn: socket.socket, req: tensor_pb2.FetchRequest, on_frame: Callable[[int], None] | None = None
+    ) -> None:
         if self.service is None:
             raise _Refused(grpc.StatusCode.UNIMPLEMENTED, f"{self.name} serves no tensors (uploads only)")
         frame = min(req.max_chunk_bytes or self.frame_bytes, self.frame_bytes, MAX_CHUNK_BYTES)
@@ -519,6 +588,8 @@ class BulkServer(_Listener):
                 conn.sendall(_U32.pack(piece.nbytes))
                 conn.sendall(piece)  # a slice of the published buffer: no copy in Python
                 self.bytes_sent += piece.nbytes
+                if on_frame is not None:
+                    on_frame(piece.nbytes)
         except TransferError as exc:
             log.warning(
                 "%s: fetch of transaction %s ref %s for %s failed: %s",
@@ -704,21 +775,102 @@ class BulkRelay(_Listener):
                 ) from None
             up.settimeout(self.idle_timeout_s)
             conn.settimeout(self.idle_timeout_s)
-            with self._count_lock:
-                self._in_use += self.buffer_bytes
-            try:
-                _pump(up, conn, self.buffer_bytes, self.on_bytes)
-            finally:
-                with self._count_lock:
-                    self._in_use -= self.buffer_bytes
+            up = self._answer(conn, up)
         except _Refused as refused:
-            log.warning("bulk relay: refused a trainer request: %s", refused.message)
+            log.warning("%s: refused a trainer request: %s", self.name, refused.message)
             with contextlib.suppress(OSError):
-                send_status(conn, refused.code, refused.message)
+                self._refuse(conn, refused.code, refused.message)
         except (EOFError, OSError) as exc:  # either side went away; the fetcher resumes
-            log.debug("bulk relay: connection ended: %s", exc)
+            log.debug("%s: connection ended: %s", self.name, exc)
         finally:
             close_socket(up)
+        return False
+
+    def _answer(self, conn: socket.socket, up: socket.socket) -> socket.socket | None:
+        """Get the server's answer on ``up`` to the trainer on ``conn``; the socket left to close, if any."""
+        with self._count_lock:
+            self._in_use += self.buffer_bytes
+        try:
+            _pump(up, conn, self.buffer_bytes, self.on_bytes)
+        finally:
+            with self._count_lock:
+                self._in_use -= self.buffer_bytes
+        return up
+
+    def _refuse(self, conn: socket.socket, code: grpc.StatusCode, message: str) -> None:
+        send_status(conn, code, message)
+
+
+class BulkHandoff(BulkRelay):
+    """The sidecar's forward path without the second hop: the trainer gets the server's socket itself.
+
+    Listens on an abstract Unix socket (``@...``, :mod:`fedkube.transfer.handoff`).
+    A trainer's request is checked and sent upstream with the site's identity
+    exactly as :class:`BulkRelay` does; then the connected socket is passed to
+    the trainer, which reads the answer straight from the server. No bytes
+    pass through the sidecar, so it holds no buffer; the trainer reports each
+    frame it read, for the sidecar's byte metrics.
+    """
+
+    def __init__(self, upstream_address: str, *, site: str, token: str, name: str = "", **options: Any) -> None:
+        options.pop("buffer_bytes", None)
+        super().__init__(
+            upstream_address, site=site, token=token, host=name or handoff.new_name(f"relay-{site}"),
+            buffer_bytes=0, **options,
+        )  # fmt: skip
+        self.name = "bulk handoff"
+        self.handed = 0  # connections handed to the trainer (a counter; read without a lock)
+
+    def _answer(self, conn: socket.socket, up: socket.socket) -> socket.socket | None:
+        handoff.send_socket(conn, up)
+        self.handed += 1
+        up.close()  # the trainer holds it now; shutting it down here would cut the trainer off
+        conn.settimeout(self.idle_timeout_s)
+        with contextlib.suppress(TimeoutError):
+            handoff.read_counts(conn, self.on_bytes)
+        return None
+
+    def _refuse(self, conn: socket.socket, code: grpc.StatusCode, message: str) -> None:
+        handoff.send_refusal(conn, _status_bytes(code, message))
+
+
+class BulkHandoffServer(_Listener):
+    """Receives sockets the sidecar dialed to the server, and answers the request that comes with each.
+
+    The trainer's reverse path without the second hop: the sidecar answers the
+    server's UploadRequest by passing its connection here along with the
+    fetch to serve on it (:func:`push_upload`); ``server`` writes the tensor
+    straight into that socket and each frame sent is reported back.
+    """
+
+    def __init__(self, server: BulkServer, *, name: str = "", max_connections: int = 32) -> None:
+        super().__init__(name or handoff.new_name("results"), 0, f"{server.name} handoff", max_connections)
+        self.server = server
+        self.served = 0  # handed-over requests answered (a counter; read without a lock)
+
+    def start(self) -> BulkHandoffServer:  # type: ignore[override]
+        super().start()
+        return self
+
+    def handle(self, conn: socket.socket) -> bool:
+        conn.settimeout(self.server.request_timeout_s)
+        sock: socket.socket | None = None
+        try:
+            sock = handoff.recv_socket(conn)
+            if sock is None:
+                raise ValueError("a status instead of a socket")
+            request = read_request(conn)
+        except (_Refused, ValueError, EOFError, OSError) as exc:
+            log.warning("%s: not a handed-over request: %s", self.name, getattr(exc, "message", exc))
+            close_socket(sock)
+            return False
+        self.served += 1
+        try:
+            if self.server.serve(sock, request, on_frame=lambda n: handoff.count(conn, n)):
+                sock = None  # not for a trainer (uploads are refused), but keep the contract
+        finally:
+            if sock is not None:
+                sock.close()  # the sidecar still holds it and closes it (with a shutdown) when told we are done
         return False
 
 
@@ -741,7 +893,11 @@ def push_upload(
     Dials the server's bulk endpoint (the server cannot dial a client), then
     the trainer's bulk server with ``fetch``, and pumps the trainer's answer
     up unchanged; if the trainer cannot be reached the server gets an
-    UNAVAILABLE status instead. Setting ``abort`` closes both connections.
+    UNAVAILABLE status instead. When ``source_address`` is the trainer's
+    :class:`BulkHandoffServer` (``@...``) the connection to the server is
+    handed to the trainer with ``fetch`` instead, and the trainer writes its
+    answer itself; the bytes moved are what it reports, frame by frame.
+    Setting ``abort`` closes both connections.
     Raises :class:`SourceUnavailableError` when the server cannot be reached
     or refuses the upload (the server then retries with a new request).
     """
@@ -772,8 +928,13 @@ def push_upload(
             raise SourceUnavailableError(f"cannot push upload {upload_id} to {server_address}: {exc}", **ids) from None
         if code != grpc.StatusCode.OK:
             raise error_from_status(code, f"server refused upload {upload_id}: {message}", **ids)
+        handing = handoff.is_handoff(source_address)
         try:
-            src = _connect(source_address, connect_timeout_s)
+            if handing:
+                src = handoff.connect(source_address, connect_timeout_s)
+                handoff.send_socket(src, up)
+            else:
+                src = _connect(source_address, connect_timeout_s)
             send_request(src, tensor_pb2.BulkRequest(fetch=fetch))
         except OSError as exc:
             log.warning("upload %s: cannot reach the trainer's bulk server %s: %s", upload_id, source_address, exc)
@@ -782,7 +943,10 @@ def push_upload(
             return 0
         src.settimeout(chunk_timeout_s)
         try:
-            return _pump(src, up, buffer_bytes, on_bytes)
+            moved = handoff.read_counts(src, on_bytes) if handing else _pump(src, up, buffer_bytes, on_bytes)
+            if abort is not None and abort.is_set():  # the shutdown ended the stream early, not the trainer
+                raise TransferAbortedError(f"upload {upload_id} cancelled after {moved} bytes", **ids)
+            return moved
         except (OSError, EOFError) as exc:
             if abort is not None and abort.is_set():
                 raise TransferAbortedError(f"upload {upload_id} cancelled", **ids) from None
@@ -799,6 +963,8 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_MESSAGE_BYTES",
     "BulkChunkSource",
+    "BulkHandoff",
+    "BulkHandoffServer",
     "BulkRelay",
     "BulkServer",
     "close_socket",
