@@ -43,6 +43,10 @@ TRAINER_PORT = "FEDKUBE_TRAINER_PORT"  # where the sidecar listens for its train
 # "1": exit once the job's Stop and the trainer's final state were forwarded. Set by the
 # local runtime only; in a pod the sidecar is a native sidecar that the kubelet stops.
 SIDECAR_EXIT_ON_STOP = "FEDKUBE_SIDECAR_EXIT_ON_STOP"
+# "0": relay the trainer's bulk bytes instead of handing it the connection to the server
+# (fedkube.transfer.handoff; Linux only, on by default there). Read by the sidecar and the trainer
+# SDK; either one set to "0" turns it off.
+BULK_HANDOFF = "FEDKUBE_BULK_HANDOFF"
 
 # --- trainer (user script + trainer SDK) --------------------------------------
 SIDECAR_ADDRESS = "FEDKUBE_SIDECAR_ADDRESS"  # host:port of the sidecar's local endpoint

@@ -32,10 +32,11 @@ from fedkube.sidecar.meter import RelayMeter, metered_bulk_relay, metered_relay
 from fedkube.sidecar.reverse import SERVER_RECEIVER, Pusher
 from fedkube.sidecar.state import TaskBook, TrainerSnapshot, TrainerTracker
 from fedkube.sidecar.upstream import RegistrationRejected, Upstream, server_channel
+from fedkube.transfer import handoff
 from fedkube.transfer.allocator import tune_allocator
-from fedkube.transfer.bulk import BulkRelay
+from fedkube.transfer.bulk import BulkHandoff, BulkRelay
 from fedkube.transfer.wire import relay_channel_options, server_options
-from fedkube.wire.v1 import control_pb2, tensor_pb2, tensor_pb2_grpc, trainer_pb2_grpc
+from fedkube.wire.v1 import control_pb2, tensor_pb2, tensor_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,10 @@ class Sidecar:
         self._lock = threading.Lock()
         self._trainer_address = ""
         self._trainer_bulk = ""  # the trainer's own bulk server ("" when it has none)
+        self._trainer_handoff = ""  # where the trainer takes handed-over connections ("" when it does not)
         self._trainer_channel: grpc.Channel | None = None
         self.bulk_relay: BulkRelay | None = None  # started by start() when the server has a bulk port
+        self.bulk_handoff: BulkHandoff | None = None  # and this, where sockets can be handed over
         # Calls into the trainer on behalf of upstream messages run here, never on the stream's reader thread.
         self._callouts = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"sidecar-{config.site}")
         self._raw_channel, self._channel = server_channel(config.server_address, config.site, config.token)
@@ -114,6 +117,7 @@ class Sidecar:
             on_metric=self._on_metric,
             closing=self._closing,
             bulk_address=lambda: self.bulk_relay.address if self.bulk_relay is not None else "",
+            bulk_handoff=lambda: self.bulk_handoff.address if self.bulk_handoff is not None else "",
         )
         trainer_pb2_grpc.add_TrainerLinkServicer_to_server(self.link, self._server)
         metered_relay(self._channel, window_chunks=config.relay_window_chunks, meter=self.meter,
@@ -138,12 +142,22 @@ class Sidecar:
                 ).start()  # fmt: skip
             except OSError as exc:
                 raise ConfigError(f"cannot listen on 127.0.0.1 for the trainer's bulk fetches: {exc}") from exc
+            if self.config.bulk_handoff and handoff.AVAILABLE:
+                try:
+                    self.bulk_handoff = metered_bulk_relay(
+                        self.config.server_bulk_address, site=self.config.site, token=self.config.token,
+                        meter=self.meter, direction="to_trainer", handoff=True,
+                    ).start()  # fmt: skip
+                except OSError as exc:  # the relay still works; only the shortcut is lost
+                    log.warning("site %s: cannot listen for bulk handoffs (%s); relaying the trainer's bytes",
+                                self.config.site, exc)
         if self.config.metrics_port:
             self.metrics_server, _ = serve_metrics(self.registry, self.config.metrics_port)
         self._server.start()
-        log.info("site %s: sidecar for job %s listening for its trainer on 127.0.0.1:%d (bulk relay %s); server is "
-                 "%s (bulk %s)", self.config.site, self.config.job, self.port,
-                 self.bulk_relay.address if self.bulk_relay is not None else "off", self.config.server_address,
+        log.info("site %s: sidecar for job %s listening for its trainer on 127.0.0.1:%d (bulk relay %s, handoff %s); "
+                 "server is %s (bulk %s)", self.config.site, self.config.job, self.port,
+                 self.bulk_relay.address if self.bulk_relay is not None else "off",
+                 self.bulk_handoff.address if self.bulk_handoff is not None else "off", self.config.server_address,
                  self.config.server_bulk_address or "off")
         self.upstream.start()
         threading.Thread(target=self._watch_upstream, name="sidecar-watch", daemon=True).start()
@@ -169,6 +183,8 @@ class Sidecar:
         self.pusher.shutdown()
         if self.bulk_relay is not None:
             self.bulk_relay.stop()
+        if self.bulk_handoff is not None:
+            self.bulk_handoff.stop()
         self._server.stop(grace).wait(grace + 1)
         self._callouts.shutdown(wait=False, cancel_futures=True)
         with self._lock:
@@ -264,12 +280,13 @@ class Sidecar:
         self.request_exit(EXIT_OK)
 
     # --- trainer -> sidecar -------------------------------------------------------
-    def _on_hello(self, address: str, bulk_address: str) -> None:
+    def _on_hello(self, hello: trainer_pb2.HelloRequest) -> None:
         with self._lock:
             old = self._trainer_channel
-            self._trainer_address = address
-            self._trainer_bulk = bulk_address
-            self._trainer_channel = grpc.insecure_channel(address, options=relay_channel_options())
+            self._trainer_address = hello.download_address
+            self._trainer_bulk = hello.bulk_address
+            self._trainer_handoff = hello.bulk_handoff if self.bulk_handoff is not None else ""
+            self._trainer_channel = grpc.insecure_channel(hello.download_address, options=relay_channel_options())
         if old is not None:
             old.close()
 
@@ -277,7 +294,7 @@ class Sidecar:
         with self._lock:
             if self.trainer.state.final:
                 return ""
-            return self._trainer_bulk
+            return self._trainer_handoff or self._trainer_bulk
 
     def _get_trainer_channel(self) -> grpc.Channel | None:
         with self._lock:

@@ -34,6 +34,9 @@ class SidecarConfig:
         metrics_port: where ``/metrics`` is served (0 = not served; the metrics are still kept).
         server_bulk_address: ``host:port`` of the server's bulk port; empty = tensors travel over
             gRPC only (no bulk relay for the trainer, results pushed with ``Control.Push``).
+        bulk_handoff: hand the trainer the connection to the server's bulk port instead of relaying
+            its bytes (:mod:`fedkube.transfer.handoff`); used only where the platform can (Linux)
+            and the trainer offers it.
     """
 
     job: str
@@ -48,6 +51,7 @@ class SidecarConfig:
     relay_window_chunks: int = 4
     metrics_port: int = 0
     server_bulk_address: str = ""
+    bulk_handoff: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarConfig:
@@ -83,6 +87,9 @@ class SidecarConfig:
         exit_raw = env.get(SIDECAR_EXIT_ON_STOP, "").strip().lower()
         if exit_raw not in ("", "0", "1", "true", "false"):
             raise ConfigError(f"{SIDECAR_EXIT_ON_STOP}={exit_raw!r} must be 1 or 0")
+        handoff_raw = env.get(envvars.BULK_HANDOFF, "").strip().lower()
+        if handoff_raw not in ("", "0", "1", "true", "false"):
+            raise ConfigError(f"{envvars.BULK_HANDOFF}={handoff_raw!r} must be 1 or 0 (0: relay the bytes instead)")
         return cls(
             job=job,
             site=site,
@@ -92,6 +99,7 @@ class SidecarConfig:
             exit_on_stop=exit_raw in ("1", "true"),
             metrics_port=metrics_port_from_env(env),
             server_bulk_address=bulk,
+            bulk_handoff=handoff_raw not in ("0", "false"),
         )
 
 

@@ -35,21 +35,23 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
         site: str,
         tasks: TaskBook,
         trainer: TrainerTracker,
-        on_hello: Callable[[str, str], None],
+        on_hello: Callable[[trainer_pb2.HelloRequest], None],
         on_state: Callable[[TrainerSnapshot], None],
         on_result: Callable[[control_pb2.ResultAnnouncement], None],
         on_metric: Callable[[control_pb2.MetricReport], None],
         closing: threading.Event,
         bulk_address: Callable[[], str] = lambda: "",
+        bulk_handoff: Callable[[], str] = lambda: "",
     ) -> None:
-        """``on_hello(download_address, bulk_address)`` gets the trainer's endpoints; ``bulk_address()`` is
-        the sidecar's bulk relay, told to the trainer in ``HelloResponse`` ("" when there is none)."""
+        """``on_hello(request)`` gets the trainer's endpoints; ``bulk_address()`` and ``bulk_handoff()`` are
+        the sidecar's bulk relay and handoff, told to the trainer in ``HelloResponse`` ("" when none)."""
         self._job, self._site = job, site
         self._tasks, self._trainer = tasks, trainer
         self._on_hello, self._on_state = on_hello, on_state
         self._on_result, self._on_metric = on_result, on_metric
         self._closing = closing
         self._bulk_address = bulk_address
+        self._bulk_handoff = bulk_handoff
         # A restarted sidecar knows no trainer until it says Hello again; a result announced before
         # that could not be served to the server (the sidecar does not know where the trainer serves).
         self._hello_seen = threading.Event()
@@ -58,13 +60,14 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
         if not request.download_address:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "Hello.download_address is empty; the trainer SDK must start its Download service first")
-        relay = self._bulk_address()
-        log.info("site %s: trainer (pid %d) says hello; its results are served at %s (bulk %s); global model "
+        relay, handing = self._bulk_address(), self._bulk_handoff()
+        log.info("site %s: trainer (pid %d) says hello; its results are served at %s (bulk %s%s); global model "
                  "over %s", self._site, request.pid, request.download_address, request.bulk_address or "none",
-                 f"the bulk relay at {relay}" if relay else "gRPC")
-        self._on_hello(request.download_address, request.bulk_address)
+                 f", handoff {request.bulk_handoff}" if request.bulk_handoff else "",
+                 f"the bulk relay at {relay}" + (f" (handoff {handing})" if handing else "") if relay else "gRPC")
+        self._on_hello(request)
         self._hello_seen.set()
-        return trainer_pb2.HelloResponse(job=self._job, site=self._site, bulk_address=relay)
+        return trainer_pb2.HelloResponse(job=self._job, site=self._site, bulk_address=relay, bulk_handoff=handing)
 
     def Session(
         self, request: trainer_pb2.SessionRequest, context: Any

@@ -163,20 +163,29 @@ def metered_relay(upstream: Any, *, window_chunks: int, meter: RelayMeter, direc
 
 
 def metered_bulk_relay(
-    upstream_address: str, *, site: str, token: str, meter: RelayMeter, direction: str, **options: Any
+    upstream_address: str,
+    *,
+    site: str,
+    token: str,
+    meter: RelayMeter,
+    direction: str,
+    handoff: bool = False,
+    **options: Any,
 ) -> Any:
     """A :class:`fedkube.transfer.bulk.BulkRelay` whose bytes and buffers are counted by ``meter``.
 
     Every pumped piece counts as relayed in ``direction`` (the server's answer
     as it is, framing included, like :func:`metered_relay`); the relay's
     ``buffer_bytes_in_use`` is reported after each piece and after each
-    connection ends, so the gauge drops back when a transfer is over.
+    connection ends, so the gauge drops back when a transfer is over. With
+    ``handoff`` it is a :class:`~fedkube.transfer.bulk.BulkHandoff`, whose
+    bytes are the frames the trainer reports reading (it holds no buffer).
     """
-    from fedkube.transfer.bulk import BulkRelay
+    from fedkube.transfer.bulk import BulkHandoff, BulkRelay
 
-    holder = f"bulk relay {direction}"
+    holder = f"bulk {'handoff' if handoff else 'relay'} {direction}"
 
-    class _Metered(BulkRelay):
+    class _Metered(BulkHandoff if handoff else BulkRelay):  # type: ignore[misc]
         def handle(self, conn: Any) -> bool:
             try:
                 return bool(super().handle(conn))

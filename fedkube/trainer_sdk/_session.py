@@ -55,8 +55,9 @@ from fedkube.trainer_sdk.model import (
     params_to_numpy,
     receive_target,
 )
+from fedkube.transfer import handoff
 from fedkube.transfer.allocator import release_free_memory
-from fedkube.transfer.bulk import BulkChunkSource, BulkServer
+from fedkube.transfer.bulk import BulkChunkSource, BulkHandoffServer, BulkServer
 from fedkube.transfer.errors import (
     ChecksumMismatchError,
     InvalidRefError,
@@ -166,7 +167,15 @@ class Session:
         # port; pod-local like the gRPC one, so no token (the trainer holds none).
         self._bulk_server = BulkServer(self.service, host="127.0.0.1", port=0, name=f"site {site} results").start()
         self.bulk_address = self._bulk_server.address
+        # Where the sidecar hands over its connection to the server with the fetch to answer on it, so
+        # result bytes go from here straight to the server (fedkube.transfer.handoff; Linux only).
+        self._handoff_ok = handoff.AVAILABLE and os.environ.get(envvars.BULK_HANDOFF, "").strip().lower() not in (
+            "0", "false",
+        )  # fmt: skip
+        self._handoff_server = BulkHandoffServer(self._bulk_server).start() if self._handoff_ok else None
+        self.bulk_handoff = self._handoff_server.address if self._handoff_server is not None else ""
         self.bulk_fetcher: Fetcher | None = None  # set by connect() when the sidecar has a bulk relay
+        self.bulk_via = ""  # the sidecar's handoff or relay that bulk_fetcher fetches through
         # A fixed per-stream read-ahead instead of gRPC's BDP-grown window: the bytes
         # in flight would otherwise pile up here on top of the model (LESSONS.md 8).
         self.channel = grpc.insecure_channel(sidecar_address, options=relay_channel_options())
@@ -181,9 +190,7 @@ class Session:
         """Say hello to the sidecar and open the session stream; raises SidecarUnreachableError."""
         try:
             hello = self.link.Hello(
-                trainer_pb2.HelloRequest(
-                    download_address=self.download_address, pid=os.getpid(), bulk_address=self.bulk_address
-                ),
+                self._hello_request(),
                 timeout=self.settings.connect_timeout_s,
                 wait_for_ready=True,
             )
@@ -199,13 +206,20 @@ class Session:
                         self.job, envvars.SITE, self.site, hello.site)
             self.site = hello.site
         self.job = hello.job or self.job
-        self._use_bulk(hello.bulk_address)
+        self._use_bulk(hello)
         self._session_call = self.link.Session(trainer_pb2.SessionRequest(pid=os.getpid()))
         self._attached(fresh=True)
         threading.Thread(target=self._hold_session, name="fedkube-session", daemon=True).start()
         log.info("job %s site %s: connected to sidecar %s; global model over %s; results served at %s and %s (bulk)",
-                 self.job, self.site, self.address, f"bulk via {hello.bulk_address}" if hello.bulk_address else "gRPC",
+                 self.job, self.site, self.address,
+                 f"bulk via {self.bulk_via}" if self.bulk_fetcher is not None else "gRPC",
                  self.download_address, self.bulk_address)
+
+    def _hello_request(self) -> trainer_pb2.HelloRequest:
+        return trainer_pb2.HelloRequest(
+            download_address=self.download_address, pid=os.getpid(), bulk_address=self.bulk_address,
+            bulk_handoff=self.bulk_handoff,
+        )  # fmt: skip
 
     def _hold_session(self) -> None:
         while True:
@@ -232,8 +246,10 @@ class Session:
             if not self._reattach():
                 return
 
-    def _use_bulk(self, relay_address: str) -> None:
-        """Fetch the global model through the sidecar's bulk relay at ``relay_address`` (empty: over gRPC)."""
+    def _use_bulk(self, hello: trainer_pb2.HelloResponse) -> None:
+        """Fetch the global model through the sidecar's bulk handoff or relay, as ``hello`` names them (or gRPC)."""
+        relay_address = hello.bulk_handoff if hello.bulk_handoff and self._handoff_ok else hello.bulk_address
+        self.bulk_via = relay_address
         if not relay_address:
             self.bulk_fetcher = None
             return
@@ -254,9 +270,7 @@ class Session:
         while True:
             try:
                 hello = self.link.Hello(
-                    trainer_pb2.HelloRequest(
-                        download_address=self.download_address, pid=os.getpid(), bulk_address=self.bulk_address
-                    ),
+                    self._hello_request(),
                     timeout=max(0.1, deadline - time.monotonic()),
                     wait_for_ready=True,
                 )
@@ -273,7 +287,7 @@ class Session:
                                 self.site, self.address, self.settings.connect_timeout_s, _rpc_text(exc))
                 return False
         self._session_call = call
-        self._use_bulk(hello.bulk_address)  # a restarted sidecar's relay listens on a new port
+        self._use_bulk(hello)  # a restarted sidecar listens somewhere new
         if self._closed:  # close() ran meanwhile and cancelled the previous call, not this one
             call.cancel()
             return False
@@ -711,6 +725,8 @@ class Session:
             self._session_call.cancel()
         self._download_server.stop(0.5)
         self._bulk_server.stop()
+        if self._handoff_server is not None:
+            self._handoff_server.stop()
         self.service.close()
         self.channel.close()
 

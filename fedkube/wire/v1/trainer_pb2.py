@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from fedkube.wire.v1 import control_pb2 as fedkube_dot_v1_dot_control__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64kube/v1/trainer.proto\x12\nfedkube.v1\x1a\x18\x66\x65\x64kube/v1/control.proto\"K\n\x0cHelloRequest\x12\x18\n\x10\x64ownload_address\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ulk_address\x18\x03 \x01(\t\"@\n\rHelloResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x14\n\x0c\x62ulk_address\x18\x03 \x01(\t\"\"\n\x0fNextTaskRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\r\"a\n\x10NextTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x10.fedkube.v1.TaskH\x00\x12 \n\x04stop\x18\x02 \x01(\x0b\x32\x10.fedkube.v1.StopH\x00\x42\t\n\x07outcome\"E\n\x13SubmitResultRequest\x12.\n\x06result\x18\x01 \x01(\x0b\x32\x1e.fedkube.v1.ResultAnnouncement\"\x16\n\x14SubmitResultResponse\"&\n\x13ResultStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"x\n\x0eResultProgress\x12\x12\n\nbytes_done\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\"\x07\n\x05\x45mpty\"\x1d\n\x0eSessionRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x03\".\n\x0cSessionEvent\x12\x1e\n\x04stop\x18\x01 \x01(\x0b\x32\x10.fedkube.v1.Stop2\xec\x03\n\x0bTrainerLink\x12<\n\x05Hello\x12\x18.fedkube.v1.HelloRequest\x1a\x19.fedkube.v1.HelloResponse\x12\x45\n\x08NextTask\x12\x1b.fedkube.v1.NextTaskRequest\x1a\x1c.fedkube.v1.NextTaskResponse\x12Q\n\x0cSubmitResult\x12\x1f.fedkube.v1.SubmitResultRequest\x1a .fedkube.v1.SubmitResultResponse\x12L\n\x0bWatchResult\x12\x1f.fedkube.v1.ResultStatusRequest\x1a\x1a.fedkube.v1.ResultProgress0\x01\x12:\n\x0bReportState\x12\x18.fedkube.v1.TrainerState\x1a\x11.fedkube.v1.Empty\x12\x38\n\tLogMetric\x12\x18.fedkube.v1.MetricReport\x1a\x11.fedkube.v1.Empty\x12\x41\n\x07Session\x12\x1a.fedkube.v1.SessionRequest\x1a\x18.fedkube.v1.SessionEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64kube/v1/trainer.proto\x12\nfedkube.v1\x1a\x18\x66\x65\x64kube/v1/control.proto\"a\n\x0cHelloRequest\x12\x18\n\x10\x64ownload_address\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ulk_address\x18\x03 \x01(\t\x12\x14\n\x0c\x62ulk_handoff\x18\x04 \x01(\t\"V\n\rHelloResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x14\n\x0c\x62ulk_address\x18\x03 \x01(\t\x12\x14\n\x0c\x62ulk_handoff\x18\x04 \x01(\t\"\"\n\x0fNextTaskRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\r\"a\n\x10NextTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x10.fedkube.v1.TaskH\x00\x12 \n\x04stop\x18\x02 \x01(\x0b\x32\x10.fedkube.v1.StopH\x00\x42\t\n\x07outcome\"E\n\x13SubmitResultRequest\x12.\n\x06result\x18\x01 \x01(\x0b\x32\x1e.fedkube.v1.ResultAnnouncement\"\x16\n\x14SubmitResultResponse\"&\n\x13ResultStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"x\n\x0eResultProgress\x12\x12\n\nbytes_done\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\"\x07\n\x05\x45mpty\"\x1d\n\x0eSessionRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x03\".\n\x0cSessionEvent\x12\x1e\n\x04stop\x18\x01 \x01(\x0b\x32\x10.fedkube.v1.Stop2\xec\x03\n\x0bTrainerLink\x12<\n\x05Hello\x12\x18.fedkube.v1.HelloRequest\x1a\x19.fedkube.v1.HelloResponse\x12\x45\n\x08NextTask\x12\x1b.fedkube.v1.NextTaskRequest\x1a\x1c.fedkube.v1.NextTaskResponse\x12Q\n\x0cSubmitResult\x12\x1f.fedkube.v1.SubmitResultRequest\x1a .fedkube.v1.SubmitResultResponse\x12L\n\x0bWatchResult\x12\x1f.fedkube.v1.ResultStatusRequest\x1a\x1a.fedkube.v1.ResultProgress0\x01\x12:\n\x0bReportState\x12\x18.fedkube.v1.TrainerState\x1a\x11.fedkube.v1.Empty\x12\x38\n\tLogMetric\x12\x18.fedkube.v1.MetricReport\x1a\x11.fedkube.v1.Empty\x12\x41\n\x07Session\x12\x1a.fedkube.v1.SessionRequest\x1a\x18.fedkube.v1.SessionEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedkube.v1.trainer_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLOREQUEST']._serialized_start=66
-  _globals['_HELLOREQUEST']._serialized_end=141
-  _globals['_HELLORESPONSE']._serialized_start=143
-  _globals['_HELLORESPONSE']._serialized_end=207
-  _globals['_NEXTTASKREQUEST']._serialized_start=209
-  _globals['_NEXTTASKREQUEST']._serialized_end=243
-  _globals['_NEXTTASKRESPONSE']._serialized_start=245
-  _globals['_NEXTTASKRESPONSE']._serialized_end=342
-  _globals['_SUBMITRESULTREQUEST']._serialized_start=344
-  _globals['_SUBMITRESULTREQUEST']._serialized_end=413
-  _globals['_SUBMITRESULTRESPONSE']._serialized_start=415
-  _globals['_SUBMITRESULTRESPONSE']._serialized_end=437
-  _globals['_RESULTSTATUSREQUEST']._serialized_start=439
-  _globals['_RESULTSTATUSREQUEST']._serialized_end=477
-  _globals['_RESULTPROGRESS']._serialized_start=479
-  _globals['_RESULTPROGRESS']._serialized_end=599
-  _globals['_EMPTY']._serialized_start=601
-  _globals['_EMPTY']._serialized_end=608
-  _globals['_SESSIONREQUEST']._serialized_start=610
-  _globals['_SESSIONREQUEST']._serialized_end=639
-  _globals['_SESSIONEVENT']._serialized_start=641
-  _globals['_SESSIONEVENT']._serialized_end=687
-  _globals['_TRAINERLINK']._serialized_start=690
-  _globals['_TRAINERLINK']._serialized_end=1182
+  _globals['_HELLOREQUEST']._serialized_end=163
+  _globals['_HELLORESPONSE']._serialized_start=165
+  _globals['_HELLORESPONSE']._serialized_end=251
+  _globals['_NEXTTASKREQUEST']._serialized_start=253
+  _globals['_NEXTTASKREQUEST']._serialized_end=287
+  _globals['_NEXTTASKRESPONSE']._serialized_start=289
+  _globals['_NEXTTASKRESPONSE']._serialized_end=386
+  _globals['_SUBMITRESULTREQUEST']._serialized_start=388
+  _globals['_SUBMITRESULTREQUEST']._serialized_end=457
+  _globals['_SUBMITRESULTRESPONSE']._serialized_start=459
+  _globals['_SUBMITRESULTRESPONSE']._serialized_end=481
+  _globals['_RESULTSTATUSREQUEST']._serialized_start=483
+  _globals['_RESULTSTATUSREQUEST']._serialized_end=521
+  _globals['_RESULTPROGRESS']._serialized_start=523
+  _globals['_RESULTPROGRESS']._serialized_end=643
+  _globals['_EMPTY']._serialized_start=645
+  _globals['_EMPTY']._serialized_end=652
+  _globals['_SESSIONREQUEST']._serialized_start=654
+  _globals['_SESSIONREQUEST']._serialized_end=683
+  _globals['_SESSIONEVENT']._serialized_start=685
+  _globals['_SESSIONEVENT']._serialized_end=731
+  _globals['_TRAINERLINK']._serialized_start=734
+  _globals['_TRAINERLINK']._serialized_end=1226
 # @@protoc_insertion_point(module_scope)

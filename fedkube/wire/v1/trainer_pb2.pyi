@@ -8,24 +8,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HelloRequest(_message.Message):
-    __slots__ = ("download_address", "pid", "bulk_address")
+    __slots__ = ("download_address", "pid", "bulk_address", "bulk_handoff")
     DOWNLOAD_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     BULK_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BULK_HANDOFF_FIELD_NUMBER: _ClassVar[int]
     download_address: str
     pid: int
     bulk_address: str
-    def __init__(self, download_address: _Optional[str] = ..., pid: _Optional[int] = ..., bulk_address: _Optional[str] = ...) -> None: ...
+    bulk_handoff: str
+    def __init__(self, download_address: _Optional[str] = ..., pid: _Optional[int] = ..., bulk_address: _Optional[str] = ..., bulk_handoff: _Optional[str] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("job", "site", "bulk_address")
+    __slots__ = ("job", "site", "bulk_address", "bulk_handoff")
     JOB_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     BULK_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BULK_HANDOFF_FIELD_NUMBER: _ClassVar[int]
     job: str
     site: str
     bulk_address: str
-    def __init__(self, job: _Optional[str] = ..., site: _Optional[str] = ..., bulk_address: _Optional[str] = ...) -> None: ...
+    bulk_handoff: str
+    def __init__(self, job: _Optional[str] = ..., site: _Optional[str] = ..., bulk_address: _Optional[str] = ..., bulk_handoff: _Optional[str] = ...) -> None: ...
 
 class NextTaskRequest(_message.Message):
     __slots__ = ("wait_ms",)

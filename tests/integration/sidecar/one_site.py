@@ -48,8 +48,9 @@ class OneSite:
         self.errors: list[BaseException] = []
         self.thread: threading.Thread | None = None
 
-    def start(self, script: Script, bulk: str = "on") -> OneSite:
-        """``bulk``: "on" (the server's bulk port), "off" (no bulk address: gRPC) or "dead" (nothing listens)."""
+    def start(self, script: Script, bulk: str = "on", handoff: bool = True) -> OneSite:
+        """``bulk``: "on" (the server's bulk port), "off" (no bulk address: gRPC) or "dead" (nothing listens);
+        ``handoff``: whether the sidecar hands its server connections to the trainer (else it relays)."""
         config = make_config(
             (SITE,), rounds=self.rounds,
             transfer=TransferSettings(chunk_bytes=64 * 1024, chunk_timeout_s=5.0, idle_timeout_s=10.0, max_attempts=3),
@@ -60,6 +61,7 @@ class OneSite:
         self.sidecar = Sidecar(SidecarConfig(
             job=JOB, site=SITE, server_address=f"127.0.0.1:{self.server.grpc_port}", token=token_of(SITE),
             trainer_port=0, backoff_base_s=0.1, backoff_max_s=0.5, server_bulk_address=address,
+            bulk_handoff=handoff,
         ))  # fmt: skip
         self.sidecar.start()
         self.session = Session(f"127.0.0.1:{self.sidecar.port}", site=SITE, job=JOB, settings=SETTINGS)

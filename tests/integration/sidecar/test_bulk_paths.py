@@ -16,9 +16,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from fedkube import envvars
 from fedkube.sidecar.app import Sidecar
 from fedkube.trainer_sdk import FLModel
 from fedkube.trainer_sdk._session import Session
+from fedkube.transfer import handoff
 from tests.integration.server.conftest import JOB
 from tests.integration.sidecar.one_site import SITE, OneSite
 
@@ -66,8 +68,8 @@ def _sample(sidecar: Sidecar, name: str, **labels: str) -> float:
     return value or 0.0
 
 
-def _run(stack: Stack, bulk: str) -> None:
-    stack.start(stack.train, bulk)
+def _run(stack: Stack, bulk: str, handoff: bool = True) -> None:
+    stack.start(stack.train, bulk, handoff=handoff)
     stack.finish()
     first = _model()
     assert len(stack.received) == ROUNDS
@@ -80,21 +82,48 @@ def _pulled(records: list[logging.LogRecord]) -> list[str]:
     return [r.getMessage() for r in records if "pulled" in r.getMessage()]
 
 
-def test_bulk_on_both_directions_and_metered(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("handoff", "trainer_offers"),
+    [
+        pytest.param(True, True, id="handoff", marks=pytest.mark.skipif(not handoff.AVAILABLE, reason="Linux only")),
+        pytest.param(False, True, id="relay"),
+        pytest.param(True, False, id="trainer-without-handoff"),  # an older SDK: the sidecar relays for it
+    ],
+)
+def test_bulk_on_both_directions_and_metered(
+    stack: Stack, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, handoff: bool, trainer_offers: bool
+) -> None:
     caplog.set_level(logging.INFO)
-    _run(stack, "on")
+    if not trainer_offers:
+        monkeypatch.setenv(envvars.BULK_HANDOFF, "0")  # read by the trainer's Session only here
+    _run(stack, "on", handoff=handoff)
     total = sum(a.nbytes for a in _model().values())
     pulled = _pulled(caplog.records)
     assert len(pulled) == ROUNDS and all(f"({total} on the bulk port, 0 pushed over gRPC)" in m for m in pulled)
     assert stack.session is not None and stack.session.bulk_fetcher is not None  # never fell back to gRPC
     assert stack.sidecar is not None
     relayed = "fedkube_sidecar_relayed_bytes_total"
-    # Framing adds a few bytes per frame to what went through the sidecar.
+    # Framing adds a few bytes per frame to what went through a relay; a handoff counts the data bytes.
     assert _sample(stack.sidecar, relayed, direction="to_trainer") >= ROUNDS * total
     assert _sample(stack.sidecar, relayed, direction="to_server") >= ROUNDS * total
     assert _sample(stack.sidecar, "fedkube_sidecar_relay_buffer_bytes") == 0  # every pump buffer let go
     assert stack.sidecar.bulk_relay is not None and stack.sidecar.bulk_relay.buffer_bytes_in_use == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "bulk" in r.getMessage()]
+    handed = stack.sidecar.bulk_handoff
+    taker = stack.session._handoff_server
+    if handoff:
+        assert handed is not None
+        if trainer_offers:
+            # Every fetch and completion of the global model went over the handoff: 3 tensors + 1 completion a
+            # round, and every result tensor was written by the trainer on the server's socket.
+            assert handed.handed == ROUNDS * (len(_model()) + 1)
+            assert stack.session.bulk_via == handed.address
+            assert taker is not None and taker.served == ROUNDS * len(_model())
+        else:
+            assert handed.handed == 0 and taker is None  # the relay carried it all
+    else:
+        assert handed is None
+        assert taker is not None and taker.served == 0  # offered, never used: the sidecar relays
 
 
 def test_no_bulk_address_means_grpc_both_ways(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:

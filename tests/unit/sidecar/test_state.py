@@ -180,6 +180,8 @@ def test_config_from_env(tmp_path: Path) -> None:
     assert (cfg.job, cfg.site, cfg.server_address, cfg.token, cfg.trainer_port, cfg.exit_on_stop) == (
         "j", "a", "server:7070", "s3cret", 7171, True)
     assert SidecarConfig.from_env(_env(tmp_path)).trainer_port == envvars.DEFAULT_TRAINER_PORT
+    assert SidecarConfig.from_env(_env(tmp_path)).bulk_handoff
+    assert not SidecarConfig.from_env(_env(tmp_path, **{envvars.BULK_HANDOFF: "0"})).bulk_handoff
 
 
 @pytest.mark.parametrize(
@@ -191,6 +193,7 @@ def test_config_from_env(tmp_path: Path) -> None:
         ({envvars.TOKEN_FILE: "/nonexistent/token"}, "cannot be read"),
         ({envvars.TRAINER_PORT: "abc"}, "is not a port number"),
         ({SIDECAR_EXIT_ON_STOP: "maybe"}, "must be 1 or 0"),
+        ({envvars.BULK_HANDOFF: "off"}, "FEDKUBE_BULK_HANDOFF='off' must be 1 or 0"),
     ],
 )
 def test_config_errors_name_the_variable(tmp_path: Path, over: dict[str, str], needle: str) -> None:
