@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 # WatchResult sends a progress message at least this often, so the trainer's
 # idle timer sees a live sidecar even while the server is not pulling.
 WATCH_KEEPALIVE_S = 1.0
+# At most this often a WatchResult stream reports bytes moved (the end is reported at once): the SDK only
+# needs them for its idle timer, and a message per 4 MiB frame cost the sidecar and trainer CPU in gRPC.
+WATCH_MIN_INTERVAL_S = 0.2
 NEXT_TASK_MAX_WAIT_S = 30.0
 
 
@@ -143,11 +147,18 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
         if not self._tasks.known(request.task_id):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no result was submitted for task {request.task_id!r}")
         version = -1
+        sent_at: float | None = None
         while context.is_active():
             p = self._tasks.progress(request.task_id, after_version=version, timeout=WATCH_KEEPALIVE_S)
             if p is None:
                 return
+            hold = 0.0 if p.finished or sent_at is None else sent_at + WATCH_MIN_INTERVAL_S - time.monotonic()
+            if hold > 0:  # coalesce the changes of the next moment into one message; an end cuts it short
+                p = self._tasks.progress(request.task_id, after_version=p.version, timeout=hold, finished_only=True)
+                if p is None:
+                    return
             version = p.version
+            sent_at = time.monotonic()
             yield trainer_pb2.ResultProgress(
                 bytes_done=p.bytes_done, bytes_total=p.bytes_total, finished=p.finished,
                 ok=p.ok, reason=p.reason, message=p.message,

@@ -202,15 +202,20 @@ class TaskBook:
         with self._cond:
             return task_id in self._results
 
-    def progress(self, task_id: str, *, after_version: int, timeout: float) -> Progress | None:
-        """Progress of ``task_id`` once it changed past ``after_version`` (or after ``timeout``)."""
+    def progress(
+        self, task_id: str, *, after_version: int, timeout: float, finished_only: bool = False
+    ) -> Progress | None:
+        """Progress of ``task_id`` once it changed past ``after_version`` (or after ``timeout``).
+
+        ``finished_only``: wake early only when the result is finished, not on every change.
+        """
         deadline = time.monotonic() + max(0.0, timeout)
         with self._cond:
             while True:
                 res = self._results.get(task_id)
                 if res is None:
                     return None
-                if self._version > after_version or res.finished:
+                if res.finished or (self._version > after_version and not finished_only):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -15,7 +15,7 @@ from fedkube.errors import ConfigError
 from fedkube.sidecar.config import SIDECAR_EXIT_ON_STOP, SidecarConfig
 from fedkube.sidecar.reverse import encode_pushed_chunk
 from fedkube.sidecar.state import TaskBook, TrainerTracker, backoff_delay
-from fedkube.wire.v1 import control_pb2, tensor_pb2
+from fedkube.wire.v1 import control_pb2, tensor_pb2, trainer_pb2
 
 
 def _task(tid: str) -> control_pb2.Task:
@@ -206,3 +206,51 @@ def test_empty_token_file_is_a_config_error(tmp_path: Path) -> None:
     Path(env[envvars.TOKEN_FILE]).write_text("  \n")
     with pytest.raises(ConfigError, match="is empty"):
         SidecarConfig.from_env(env)
+
+
+class _Context:
+    def __init__(self) -> None:
+        self.active = True
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def abort(self, code: object, details: str) -> None:
+        raise AssertionError(f"aborted: {code} {details}")
+
+
+def test_watch_result_coalesces_progress_but_reports_the_end_at_once() -> None:
+    import time
+
+    from fedkube.sidecar import local
+    from fedkube.sidecar.local import TrainerLinkServicer
+
+    book = TaskBook()
+    ann = _ann("t1", {"a": 10_000})
+    book.announce(ann)
+    link = TrainerLinkServicer(
+        job="j", site="a", tasks=book, trainer=TrainerTracker(), on_hello=lambda _: None, on_state=lambda _: None,
+        on_result=lambda _: None, on_metric=lambda _: None, closing=threading.Event(),
+    )  # fmt: skip
+    messages: list[tuple[float, int, bool]] = []
+
+    def watch() -> None:
+        for p in link.WatchResult(trainer_pb2.ResultStatusRequest(task_id="t1"), _Context()):  # type: ignore[arg-type]
+            messages.append((time.monotonic(), p.bytes_done, p.finished))
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    start = time.monotonic()
+    for end in range(1, 501):  # 500 frames in about half a second: one message each would be 500
+        book.relayed(ann.refs[0], end * 20)
+        time.sleep(0.001)
+    book.received("t1", ok=True, reason="", message="")
+    done_at = time.monotonic()
+    t.join(5)
+    assert not t.is_alive() and messages[-1][1:] == (10_000, True)
+    assert messages[-1][0] - done_at < 0.1  # the end is not held back by the interval
+    spread = done_at - start
+    assert len(messages) <= spread / local.WATCH_MIN_INTERVAL_S + 3, (len(messages), spread)
+    assert len(messages) >= 2  # progress still flows while the bytes move
+    done = [m[1] for m in messages]
+    assert done == sorted(done)
