@@ -266,7 +266,7 @@ class _BulkStream:
     def __init__(self, source: BulkChunkSource, ref: TensorRef, offset: int, buf: memoryview) -> None:
         self._cancelled = False
         self._sock: socket.socket | None = None
-        self._counts: socket.socket | None = None  # the handoff connection, told each frame read
+        self._counts: handoff.Reporter | None = None  # tells the handoff connection the bytes read
         ids: dict[str, Any] = {"transaction_id": ref.transaction_id, "ref_id": ref.ref_id, "receiver": source.receiver}
         request = tensor_pb2.BulkRequest(
             site=source.site,
@@ -275,7 +275,8 @@ class _BulkStream:
                 transaction_id=ref.transaction_id, ref_id=ref.ref_id, receiver=source.receiver, offset=offset
             ),
         )
-        self._sock, self._counts = source.open(request, ids)
+        self._sock, conn = source.open(request, ids)
+        self._counts = handoff.Reporter(conn) if conn is not None else None
         self._frames = read_fetch_response(
             self._sock, ref, offset, buf, chunk_timeout_s=source.chunk_timeout_s, receiver=source.receiver,
             cancelled=lambda: self._cancelled,
@@ -287,7 +288,7 @@ class _BulkStream:
     def __next__(self) -> int:
         n = next(self._frames)
         if self._counts is not None:
-            handoff.count(self._counts, n)
+            self._counts.add(n)
         return n
 
     def cancel(self) -> None:
@@ -299,7 +300,9 @@ class _BulkStream:
     def close(self) -> None:
         self._frames.close()
         close_socket(self._sock)
-        close_socket(self._counts)
+        if self._counts is not None:
+            self._counts.flush()
+            close_socket(self._counts.conn)
 
 
 class BulkChunkSource:
@@ -865,10 +868,12 @@ class BulkHandoffServer(_Listener):
             close_socket(sock)
             return False
         self.served += 1
+        counts = handoff.Reporter(conn)
         try:
-            if self.server.serve(sock, request, on_frame=lambda n: handoff.count(conn, n)):
+            if self.server.serve(sock, request, on_frame=counts.add):
                 sock = None  # not for a trainer (uploads are refused), but keep the contract
         finally:
+            counts.flush()
             if sock is not None:
                 sock.close()  # the sidecar still holds it and closes it (with a shutdown) when told we are done
         return False

@@ -194,7 +194,7 @@ def test_push_upload_hands_the_servers_socket_to_the_trainer_which_writes_its_te
         )  # fmt: skip
         assert uploads.done.wait(5) and uploads.error is None
         assert bytes(uploads.buf) == w.tobytes()
-        assert moved == sum(counted) == w.nbytes and len(counted) == -(-w.nbytes // (64 << 10))  # one per frame
+        assert moved == sum(counted) == w.nbytes  # 19 frames of 64 KiB, reported in one batch
         assert taker.served == 1 and results.bytes_sent == w.nbytes
     finally:
         server.stop()
@@ -317,3 +317,22 @@ def test_names_must_be_abstract() -> None:
     assert handoff.is_handoff(handoff.new_name("x")) and not handoff.is_handoff("127.0.0.1:80")
     with pytest.raises(ValueError, match="not an abstract socket name"):
         handoff.listen("/tmp/some.sock")
+
+
+def test_the_reporter_batches_by_bytes_and_by_time() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        r = handoff.Reporter(a, every_bytes=100, every_s=60)
+        r.add(60)
+        r.add(60)  # over 100: sent as one count
+        r.add(5)
+        r.flush()
+        r.flush()  # nothing pending: nothing sent
+        slow = handoff.Reporter(a, every_bytes=1 << 30, every_s=0.05)
+        slow.add(1)
+        time.sleep(0.06)
+        slow.add(2)  # the interval passed: sent although far below every_bytes
+        a.shutdown(socket.SHUT_WR)
+        got: list[int] = []
+        assert handoff.read_counts(b, got.append) == 128
+        assert got == [120, 5, 3]
