@@ -811,8 +811,9 @@ class BulkHandoff(BulkRelay):
     A trainer's request is checked and sent upstream with the site's identity
     exactly as :class:`BulkRelay` does; then the connected socket is passed to
     the trainer, which reads the answer straight from the server. No bytes
-    pass through the sidecar, so it holds no buffer; the trainer reports each
-    frame it read, for the sidecar's byte metrics.
+    pass through the sidecar, so it holds no buffer; the trainer reports the
+    bytes it read (:class:`~fedkube.transfer.handoff.Reporter`), for the
+    sidecar's byte metrics.
     """
 
     def __init__(self, upstream_address: str, *, site: str, token: str, name: str = "", **options: Any) -> None:
@@ -843,7 +844,7 @@ class BulkHandoffServer(_Listener):
     The trainer's reverse path without the second hop: the sidecar answers the
     server's UploadRequest by passing its connection here along with the
     fetch to serve on it (:func:`push_upload`); ``server`` writes the tensor
-    straight into that socket and each frame sent is reported back.
+    straight into that socket and the bytes sent are reported back.
     """
 
     def __init__(self, server: BulkServer, *, name: str = "", max_connections: int = 32) -> None:
@@ -901,7 +902,7 @@ def push_upload(
     UNAVAILABLE status instead. When ``source_address`` is the trainer's
     :class:`BulkHandoffServer` (``@...``) the connection to the server is
     handed to the trainer with ``fetch`` instead, and the trainer writes its
-    answer itself; the bytes moved are what it reports, frame by frame.
+    answer itself; the bytes moved are what it reports, in batches.
     Setting ``abort`` closes both connections.
     Raises :class:`SourceUnavailableError` when the server cannot be reached
     or refuses the upload (the server then retries with a new request).
