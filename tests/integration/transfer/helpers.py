@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from fedkube.transfer import DownloadService
+from fedkube.transfer.bulk import read_fetch_response
 from fedkube.transfer.service import DownloadServicer
 from fedkube.transfer.wire import add_download_servicer, server_options
 from fedkube.wire.v1 import tensor_pb2
@@ -134,3 +135,36 @@ class CuttingProxy:
         with contextlib.suppress(OSError):
             self.listener.close()
         self.cut_all()
+
+
+class Uploads:
+    """What the server does with pushed bulk uploads: read the answer to ``up-1`` into a buffer.
+
+    The reverse path without its control stream: pass ``on_upload`` to a
+    ``BulkServer``; any other upload id is refused with NOT_FOUND.
+    """
+
+    def __init__(self, ref: object, nbytes: int) -> None:
+        self.ref = ref
+        self.buf = memoryview(bytearray(nbytes))
+        self.error: Exception | None = None
+        self.done = threading.Event()
+        self.sites: list[str] = []
+
+    def on_upload(self, site: str, upload_id: str, sock: socket.socket) -> tuple[grpc.StatusCode | None, str]:
+        if upload_id != "up-1":
+            return grpc.StatusCode.NOT_FOUND, f"no upload {upload_id!r} is pending"
+        self.sites.append(site)
+
+        def consume() -> None:
+            try:
+                for _ in read_fetch_response(sock, self.ref, 0, self.buf, chunk_timeout_s=5, receiver="server"):  # type: ignore[arg-type]
+                    pass
+            except Exception as exc:
+                self.error = exc
+            finally:
+                sock.close()
+                self.done.set()
+
+        threading.Thread(target=consume, daemon=True).start()
+        return None, ""

@@ -30,20 +30,21 @@ from fedkube.transfer import (
     TransferError,
     TransferStalledError,
     bulk,
+    handoff,
 )
 from fedkube.transfer.bulk import (
     MAGIC,
     BulkChunkSource,
+    BulkHandoff,
     BulkRelay,
     BulkServer,
     push_upload,
-    read_fetch_response,
     read_request,
     read_status,
     send_request,
 )
 from fedkube.wire.v1 import tensor_pb2
-from tests.integration.transfer.helpers import CuttingProxy
+from tests.integration.transfer.helpers import CuttingProxy, Uploads
 
 FAST = FetchSettings(chunk_timeout_s=2.0, idle_timeout_s=6.0, max_attempts=4, backoff_base_s=0.02, backoff_max_s=0.1)
 
@@ -404,53 +405,31 @@ def test_relay_stamps_identity_checks_the_receiver_and_frees_its_buffer(
         srv.stop()
 
 
-def test_relay_to_a_dead_server_answers_unavailable_which_is_retryable() -> None:
+@pytest.mark.parametrize(
+    "kind",
+    [BulkRelay, pytest.param(BulkHandoff, marks=pytest.mark.skipif(not handoff.AVAILABLE, reason="Linux only"))],
+    ids=["relay", "handoff"],
+)
+def test_relay_to_a_dead_server_answers_unavailable_which_is_retryable(kind: type[BulkRelay]) -> None:
     dead = socket.create_server(("127.0.0.1", 0))
     port = dead.getsockname()[1]
     dead.close()
-    relay = BulkRelay(f"127.0.0.1:{port}", site="a", token="t").start()
+    relay = kind(f"127.0.0.1:{port}", site="a", token="t").start()
     svc = DownloadService("x")
     try:
         txn = svc.publish({"w": np.ones(8, np.float32)}, receivers=["a"], ttl_s=30)
-        stream = BulkChunkSource(relay.address, "a", chunk_timeout_s=2).stream_into(
-            txn.refs[0], 0, memoryview(bytearray(32))
-        )
+        source = BulkChunkSource(relay.address, "a", chunk_timeout_s=2)
         with pytest.raises(SourceUnavailableError, match="cannot reach the server") as info:
-            next(iter(stream))
+            # The relay answers once the stream is read; the handoff refuses before handing anything over.
+            stream = source.stream_into(txn.refs[0], 0, memoryview(bytearray(32)))
+            try:
+                next(iter(stream))
+            finally:
+                stream.close()
         assert info.value.retryable
-        stream.close()
     finally:
         relay.stop()
         svc.close()
-
-
-class _Uploads:
-    """What the server does with pushed uploads: read each into a buffer (the reverse path without its control)."""
-
-    def __init__(self, ref: tensor_pb2.TensorRef | object, nbytes: int) -> None:
-        self.ref = ref
-        self.buf = memoryview(bytearray(nbytes))
-        self.error: Exception | None = None
-        self.done = threading.Event()
-        self.sites: list[str] = []
-
-    def on_upload(self, site: str, upload_id: str, sock: socket.socket) -> tuple[grpc.StatusCode | None, str]:
-        if upload_id != "up-1":
-            return grpc.StatusCode.NOT_FOUND, f"no upload {upload_id!r} is pending"
-        self.sites.append(site)
-
-        def consume() -> None:
-            try:
-                for _ in read_fetch_response(sock, self.ref, 0, self.buf, chunk_timeout_s=2, receiver="server"):  # type: ignore[arg-type]
-                    pass
-            except Exception as exc:
-                self.error = exc
-            finally:
-                sock.close()
-                self.done.set()
-
-        threading.Thread(target=consume, daemon=True).start()
-        return None, ""
 
 
 def test_push_upload_pumps_the_trainers_bytes_to_the_server_unchanged() -> None:
@@ -458,7 +437,7 @@ def test_push_upload_pumps_the_trainers_bytes_to_the_server_unchanged() -> None:
     trainer = BulkServer(trainer_svc).start()
     w = np.random.default_rng(3).standard_normal(300_000).astype(np.float32)
     txn = trainer_svc.publish({"w": w}, receivers=["server"], ttl_s=30)
-    uploads = _Uploads(txn.refs[0], w.nbytes)
+    uploads = Uploads(txn.refs[0], w.nbytes)
     server = BulkServer(None, on_upload=uploads.on_upload).start()
     try:
         fetch = tensor_pb2.FetchRequest(transaction_id=txn.id, ref_id="t0", receiver="server")
@@ -479,28 +458,28 @@ def test_push_upload_pumps_the_trainers_bytes_to_the_server_unchanged() -> None:
         trainer_svc.close()
 
 
-def test_push_upload_reports_an_unreachable_trainer_to_the_server() -> None:
-    dead = socket.create_server(("127.0.0.1", 0))
-    port = dead.getsockname()[1]
-    dead.close()
+@pytest.mark.parametrize(
+    "kind",
+    ["tcp", pytest.param("handoff", marks=pytest.mark.skipif(not handoff.AVAILABLE, reason="Linux only"))],
+)
+def test_push_upload_reports_an_unreachable_trainer_to_the_server(kind: str) -> None:
+    if kind == "tcp":
+        dead = socket.create_server(("127.0.0.1", 0))
+        source = f"127.0.0.1:{dead.getsockname()[1]}"
+        dead.close()
+    else:
+        source = handoff.new_name("gone")  # nobody listens there
     svc = DownloadService("site-a")
     txn = svc.publish({"w": np.ones(4, np.float32)}, receivers=["server"], ttl_s=30)
-    uploads = _Uploads(txn.refs[0], 16)
+    uploads = Uploads(txn.refs[0], 16)
     server = BulkServer(None, on_upload=uploads.on_upload).start()
     try:
         fetch = tensor_pb2.FetchRequest(transaction_id=txn.id, ref_id="t0", receiver="server")
-        assert (
-            push_upload(
-                server.address,
-                site="site-a",
-                token="t",
-                upload_id="up-1",
-                source_address=f"127.0.0.1:{port}",
-                fetch=fetch,
-                chunk_timeout_s=2,
-            )
-            == 0
-        )
+        moved = push_upload(
+            server.address, site="site-a", token="t", upload_id="up-1", source_address=source, fetch=fetch,
+            chunk_timeout_s=2,
+        )  # fmt: skip
+        assert moved == 0
         assert uploads.done.wait(5)
         assert isinstance(uploads.error, SourceUnavailableError) and "trainer's bulk server" in str(uploads.error)
     finally:

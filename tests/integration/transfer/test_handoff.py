@@ -35,10 +35,10 @@ from fedkube.transfer.bulk import (
     BulkHandoffServer,
     BulkServer,
     push_upload,
-    read_fetch_response,
     send_request,
 )
 from fedkube.wire.v1 import tensor_pb2
+from tests.integration.transfer.helpers import Uploads
 
 pytestmark = [
     pytest.mark.skipif(not handoff.AVAILABLE, reason="socket handoff needs Linux (abstract sockets, SCM_RIGHTS)"),
@@ -110,24 +110,6 @@ def test_a_foreign_receiver_is_refused_with_a_status_and_no_socket(service: Down
         srv.stop()
 
 
-def test_an_unreachable_server_is_a_retryable_unavailable() -> None:
-    dead = socket.create_server(("127.0.0.1", 0))
-    port = dead.getsockname()[1]
-    dead.close()
-    sidecar = BulkHandoff(f"127.0.0.1:{port}", site="a", token="t").start()
-    svc = DownloadService("x")
-    try:
-        txn = svc.publish({"w": np.ones(8, np.float32)}, receivers=["a"], ttl_s=30)
-        with pytest.raises(SourceUnavailableError, match="cannot reach the server") as info:
-            BulkChunkSource(sidecar.address, "a", chunk_timeout_s=2).stream_into(
-                txn.refs[0], 0, memoryview(bytearray(32))
-            )
-        assert info.value.retryable
-    finally:
-        sidecar.stop()
-        svc.close()
-
-
 def test_no_sidecar_listening_is_a_retryable_unavailable() -> None:
     svc = DownloadService("x")
     try:
@@ -139,31 +121,6 @@ def test_no_sidecar_listening_is_a_retryable_unavailable() -> None:
         assert info.value.retryable
     finally:
         svc.close()
-
-
-class _Uploads:
-    """The server's side of pushed uploads: read each answer into a buffer."""
-
-    def __init__(self, ref: object, nbytes: int) -> None:
-        self.ref = ref
-        self.buf = memoryview(bytearray(nbytes))
-        self.error: Exception | None = None
-        self.done = threading.Event()
-        self.started = threading.Event()
-
-    def on_upload(self, site: str, upload_id: str, sock: socket.socket) -> tuple[grpc.StatusCode | None, str]:
-        def consume() -> None:
-            try:
-                for _ in read_fetch_response(sock, self.ref, 0, self.buf, chunk_timeout_s=5, receiver="server"):  # type: ignore[arg-type]
-                    self.started.set()
-            except Exception as exc:
-                self.error = exc
-            finally:
-                sock.close()
-                self.done.set()
-
-        threading.Thread(target=consume, daemon=True).start()
-        return None, ""
 
 
 @pytest.fixture
@@ -183,7 +140,7 @@ def test_push_upload_hands_the_servers_socket_to_the_trainer_which_writes_its_te
     svc, results, taker = trainer
     w = np.random.default_rng(3).standard_normal(300_000).astype(np.float32)
     txn = svc.publish({"w": w}, receivers=["server"], ttl_s=30)
-    uploads = _Uploads(txn.refs[0], w.nbytes)
+    uploads = Uploads(txn.refs[0], w.nbytes)
     server = BulkServer(None, on_upload=uploads.on_upload).start()
     counted: list[int] = []
     try:
@@ -198,25 +155,6 @@ def test_push_upload_hands_the_servers_socket_to_the_trainer_which_writes_its_te
         assert taker.served == 1 and results.bytes_sent == w.nbytes
     finally:
         server.stop()
-
-
-def test_push_upload_to_a_trainer_that_is_gone_tells_the_server_unavailable() -> None:
-    svc = DownloadService("site-a")
-    txn = svc.publish({"w": np.ones(4, np.float32)}, receivers=["server"], ttl_s=30)
-    uploads = _Uploads(txn.refs[0], 16)
-    server = BulkServer(None, on_upload=uploads.on_upload).start()
-    try:
-        fetch = tensor_pb2.FetchRequest(transaction_id=txn.id, ref_id="t0", receiver="server")
-        moved = push_upload(
-            server.address, site="site-a", token="t", upload_id="up-1", source_address=handoff.new_name("gone"),
-            fetch=fetch, chunk_timeout_s=2,
-        )  # fmt: skip
-        assert moved == 0
-        assert uploads.done.wait(5)
-        assert isinstance(uploads.error, SourceUnavailableError) and "trainer's bulk server" in str(uploads.error)
-    finally:
-        server.stop()
-        svc.close()
 
 
 def test_abort_cuts_a_handed_over_upload_that_the_server_stopped_reading(
@@ -281,7 +219,7 @@ def test_the_trainers_taker_shrugs_off_garbage_and_keeps_serving(
     # ... and still serves a real one.
     w = np.arange(1000, dtype=np.float32)
     txn = svc.publish({"w": w}, receivers=["server"], ttl_s=30)
-    uploads = _Uploads(txn.refs[0], w.nbytes)
+    uploads = Uploads(txn.refs[0], w.nbytes)
     server = BulkServer(None, on_upload=uploads.on_upload).start()
     try:
         push_upload(
