@@ -113,7 +113,12 @@ def encode_chunk(offset: int, data: Any) -> bytes:
     return header + mv  # bytes + buffer -> one new bytes object
 
 
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+_U64 = (1 << 64) - 1
+
+
+def _read_varint(buf: memoryview, pos: int, *, wrap: bool = False) -> tuple[int, int]:
+    """A varint at ``pos``; ``wrap``: keep its low 64 bits, as protobuf does for a field value
+    (a tag or a length over 64 bits is refused, as protobuf refuses it)."""
     result = 0
     shift = 0
     while True:
@@ -123,8 +128,10 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         pos += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            if result >= 1 << 64:
-                raise ValueError("varint larger than 64 bits in Chunk message")
+            if result > _U64:
+                if not wrap:
+                    raise ValueError("varint larger than 64 bits in Chunk message")
+                result &= _U64
             return result, pos
         shift += 7
         if shift >= 70:
@@ -150,7 +157,7 @@ def decode_chunk(raw: bytes) -> tuple[int, memoryview]:
             raise ValueError(f"invalid field tag {key} in Chunk message")
         # A known field with an unexpected wire type is skipped as unknown, as protobuf does.
         if wire_type == 0:
-            value, pos = _read_varint(buf, pos)
+            value, pos = _read_varint(buf, pos, wrap=True)
             if field == 1:
                 offset = value
         elif wire_type == 2:

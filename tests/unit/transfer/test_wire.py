@@ -51,6 +51,21 @@ def test_fuzz_decode_agrees_with_protobuf_or_refuses(raw: bytes) -> None:
     assert (offset, bytes(data)) == (expected.offset, expected.data)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Found by the fuzz test above in CI: a 10-byte value varint with bits past 64, which protobuf
+        # truncates to its low 64 bits; a length or a tag that long is refused by both.
+        b"\x08\x80\x80\x80\x80\x80\x80\x80\x80\x80\x02\x85\x01\x00\x00\x00\x00\x08\x00",
+        b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x7f",
+        b"\x12\x80\x80\x80\x80\x80\x80\x80\x80\x80\x02",
+        b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x02\x00",
+    ],
+)
+def test_overlong_varints_are_read_as_protobuf_reads_them(raw: bytes) -> None:
+    test_fuzz_decode_agrees_with_protobuf_or_refuses.hypothesis.inner_test(raw)  # type: ignore[attr-defined]
+
+
 def test_decode_skips_unknown_fields_and_is_zero_copy() -> None:
     msg = tensor_pb2.Chunk(offset=7, data=b"hello").SerializeToString()
     unknown = bytes([0x18, 0x05, 0x22, 0x02]) + b"zz" + bytes([0x2D]) + b"\x00\x00\x00\x00"
