@@ -31,6 +31,7 @@ def test_soak_three_rounds_with_faults_completes_and_verifies(tmp_path: Path) ->
     assert out["faults_survived"] == out["faults_injected"], where
     assert sum(k["injected"] for k in out["faults"].values()) == out["faults_injected"], where
     assert all(f["survived"] for f in out["fault_log"]), where
+    assert all(v["why"] for v in out["faults_voided"]), where  # set aside only with a reason
     # Every component's RSS was sampled at the round ends it lived through.
     assert set(out["rss_mib_by_round"]) == SLOTS, where
     assert all(samples and all(mib > 10 for _, mib in samples) for samples in out["rss_mib_by_round"].values()), where
