@@ -164,8 +164,9 @@ class FedkubeServer:
         options = [
             (k, v) for k, v in server_options() if k not in ("grpc.max_receive_message_length",)
         ] + [("grpc.max_receive_message_length", limit)]
+        self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedkube-server-grpc")
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedkube-server-grpc"),
+            self._executor,
             options=options,
             interceptors=[_DownloadAuth(self._check_download_call)],
             maximum_concurrent_rpcs=workers,
@@ -308,6 +309,9 @@ class FedkubeServer:
         if self.bulk is not None:
             self.bulk.stop()
         self._grpc.stop(grace_s).wait(grace_s + 1)
+        # grpc leaves its executor to us: without this its idle workers outlive the server (an in-process server
+        # of a test keeps them for the whole session). No wait: a handler past the grace must not hang shutdown.
+        self._executor.shutdown(wait=False)
         self._status.stop()
         self.downloads.close()
 

@@ -50,7 +50,6 @@ import logging
 import socket
 import textwrap
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -78,10 +77,14 @@ from fedkube.runtime.process import ManagedProcess
 from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
 from fedkube.server import checkpoint
 from fedkube.spec import parse_job
+from tests.support import waiting
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: What :func:`until` treats as "not yet" rather than a failure of ``check``.
+_NOT_YET: tuple[type[BaseException], ...] = (OSError, AssertionError, ValueError, KeyError)
 
 TRAINER = Path(__file__).with_name("knob_trainer.py")
 
@@ -139,25 +142,14 @@ while fk.is_running():
 
 def until(check: Callable[[], T | None], what: str, timeout: float, *, interval: float = 0.1,
           context: Callable[[], str] = lambda: "") -> T:
-    """Poll ``check`` until it returns something truthy, and return it; AssertionError after ``timeout`` s.
+    """:func:`tests.support.waiting.until`, where an endpoint that is not up yet counts as "not yet".
 
-    An exception from ``check`` counts as "not yet" (an endpoint that is not
-    up yet, a checkpoint not written yet) and is shown if the wait times out.
-    ``context`` adds what a person needs to see on failure (logs, the last status).
+    An exception from ``check`` of the kinds in :data:`_NOT_YET` (an endpoint
+    that is not up yet, a checkpoint not written yet) is retried and shown if
+    the wait times out. ``context`` adds what a person needs to see on failure
+    (logs, the last status).
     """
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            got = check()
-            if got:
-                return got
-        except (OSError, AssertionError, ValueError, KeyError) as exc:
-            last_error = exc
-        if time.monotonic() >= deadline:
-            detail = f"; last error: {last_error!r}" if last_error is not None else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}\n{context()}")
-        time.sleep(interval)
+    return waiting.until(check, what, timeout, interval=interval, retry_on=_NOT_YET, context=context)
 
 
 # --- metrics and status -------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import textwrap
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -25,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from fedkube.runtime.pod import fedkube_command
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -132,14 +132,6 @@ def value(samples: dict[str, list[Sample]], metric: str, **labels: str) -> float
     return got[0]
 
 
-def _until(check: Callable[[], bool], what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
-
-
 def test_fedkube_run_serves_server_and_sidecar_metrics_that_the_dashboard_uses(tmp_path: Path) -> None:
     job_dir = tmp_path / "job"
     job_dir.mkdir()
@@ -165,7 +157,7 @@ def test_fedkube_run_serves_server_and_sidecar_metrics_that_the_dashboard_uses(t
 
         server_url, sidecar_url = urls["server"], urls["site-a"]
         # Rounds 1 and 2 are done once the server says so; round 3 then waits on the gate.
-        _until(lambda: value(scrape(server_url), "fedkube_server_rounds_completed_total", fljob="metrics-live")
+        until(lambda: value(scrape(server_url), "fedkube_server_rounds_completed_total", fljob="metrics-live")
                >= ROUNDS - 1, "two completed rounds", timeout=90)
         declared: dict[str, str] = {}
         server = scrape(server_url, declared)

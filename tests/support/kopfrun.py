@@ -36,6 +36,9 @@ def running_operator(
     def _login(**_: Any) -> kopf.ConnectionInfo:
         return kopf.ConnectionInfo(server=url, insecure=True)
 
+    # Ours, so that its executor (kopf runs sync handlers there and never shuts it down) can be shut down below:
+    # its idle threads would outlive the operator and the test otherwise.
+    own_settings = settings if settings is not None else kopf.OperatorSettings()
     ready = threading.Event()
     stop = threading.Event()
     failure: list[BaseException] = []
@@ -44,7 +47,7 @@ def running_operator(
         loop = asyncio.new_event_loop()
         try:
             loop.run_until_complete(kopf.operator(
-                registry=registry, settings=settings, standalone=True, memo=memo,
+                registry=registry, settings=own_settings, standalone=True, memo=memo,
                 clusterwide=not namespaces, namespaces=list(namespaces),
                 ready_flag=ready, stop_flag=stop,
             ))
@@ -53,6 +56,7 @@ def running_operator(
             ready.set()
         finally:
             loop.close()
+            own_settings.execution.executor.shutdown(wait=True)
 
     thread = threading.Thread(target=run, name="kopf-operator", daemon=True)
     thread.start()

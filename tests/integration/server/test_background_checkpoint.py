@@ -23,6 +23,7 @@ from fedkube.server.strategies import StrategyState
 from fedkube.transfer.refs import as_bytes, checksum_of
 from tests.integration.server.conftest import JOB, Harness, make_config
 from tests.integration.server.fakes import add_value
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,14 +32,6 @@ GATE_S = 30.0  # a gate never opened fails the write instead of hanging the test
 
 def model() -> dict[str, np.ndarray]:
     return {"w": np.zeros((3000,), np.float32), "b": np.ones((4,), np.float32)}
-
-
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 class GatedStore:
@@ -143,7 +136,7 @@ def test_a_failed_write_is_reported_and_a_later_one_clears_it(
     harness.sidecar(srv, "site-a", add_value(1.0))
     harness.sidecar(srv, "site-b", add_value(3.0))
     store.wait_started(2)  # round 1's write failed before round 2's could start
-    wait_until(lambda: "round 1 was not written" in srv.workflow.status().message, what="the failure in the status")
+    until(lambda: "round 1 was not written" in srv.workflow.status().message, "the failure in the status")
     assert "disk full (test)" in srv.workflow.status().message
     assert any("writing the checkpoint failed" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
     store.gates[2].set()

@@ -15,20 +15,13 @@ import pytest
 from fedkube.wire.v1 import control_pb2
 from tests.integration.server.conftest import Harness, make_config
 from tests.integration.server.fakes import Reply, add_value
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def model() -> dict[str, np.ndarray]:
     return {"w": np.zeros((3000,), np.float32), "b": np.ones((4,), np.float32)}
-
-
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_checkpoint_then_restart_resumes_at_the_next_round(harness: Harness, tmp_path: Path) -> None:
@@ -44,7 +37,7 @@ def test_checkpoint_then_restart_resumes_at_the_next_round(harness: Harness, tmp
     first = harness.server(cfg, model())
     harness.sidecar(first, "site-a", trainer(1.0))
     harness.sidecar(first, "site-b", trainer(3.0))
-    wait_until(lambda: first.workflow.status().completed_rounds == 1, what="round 1's checkpoint")
+    until(lambda: first.workflow.status().completed_rounds == 1, "round 1's checkpoint")
     first.request_stop("test: simulated restart")
     out1 = first.wait(10)
     assert out1 is not None and not out1.success and out1.reason == "Terminated"

@@ -5,20 +5,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fedkube import envvars
+from fedkube.logs import unconfigure_logging
 from fedkube.server.app import main
 from fedkube.status import TerminationSummary
 from tests.integration.server.conftest import token_of
 from tests.integration.server.fakes import FakeSidecar, Reply
+from tests.support.waiting import free_port, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,6 +60,14 @@ def write_job(tmp_path: Path, *, job: str = "procjob", min_clients: int = 1, tok
     }
 
 
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """``main()`` in this process installs its log handler on this test's captured stderr: take it off again."""
+    yield
+    unconfigure_logging()
+
+
+@pytest.mark.usefixtures("restored_logging")
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -82,28 +91,23 @@ def test_configuration_errors_exit_2_naming_the_setting(
     assert expected in capsys.readouterr().err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ready(proc: subprocess.Popen[str], status_port: int) -> bool:
     """Wait (bounded) for the server's /readyz over real HTTP; False when it exited first, e.g. a lost port race."""
-    deadline = time.monotonic() + 20
-    while True:
+
+    def up() -> str | None:
+        if proc.poll() is not None:
+            return "exited"
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return True
+                return "ready" if r.status == 200 else None
         except OSError:
-            pass
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            assert "bind" in out + err or "listen" in out + err, out + err  # only a lost port race is retried
-            return False
-        assert time.monotonic() < deadline, "server not ready"
-        time.sleep(0.05)
+            return None
+
+    if until(up, "the server's /readyz", timeout=20) == "ready":
+        return True
+    out, err = proc.communicate()
+    assert "bind" in out + err or "listen" in out + err, out + err  # only a lost port race is retried
+    return False
 
 
 def test_sigterm_stops_clients_writes_the_summary_and_exits_1(tmp_path: Path) -> None:
@@ -126,14 +130,14 @@ def test_sigterm_stops_clients_writes_the_summary_and_exits_1(tmp_path: Path) ->
                               lambda task, params: Reply(None)).start()
         sidecar.wait_for(lambda: any(m.WhichOneof("msg") == "registered" for m in sidecar.messages),
                          what="registration")
-        deadline = time.monotonic() + 10
         wanted = 'fedkube_server_clients{fljob="procjob",state="Registered"} 1.0'
-        while True:  # the status snapshot and the gauge follow the registration shortly after it
+
+        def registered() -> bool:
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-                if wanted in r.read().decode():
-                    break
-            assert time.monotonic() < deadline, f"metrics never showed {wanted}"
-            time.sleep(0.05)
+                return wanted in r.read().decode()
+
+        # The status snapshot and the gauge follow the registration shortly after it.
+        until(registered, f"/metrics to show {wanted}", timeout=10)
         proc.send_signal(signal.SIGTERM)
         stop = sidecar.wait_stop(timeout=15)
         assert not stop.success and stop.reason == "Terminated" and "SIGTERM" in stop.message

@@ -20,6 +20,7 @@ from fedkube.server.control import AUTH_METADATA, REGISTER_TIMEOUT, SITE_METADAT
 from fedkube.wire.v1 import control_pb2, control_pb2_grpc
 from tests.integration.server.conftest import Harness, make_config, token_of
 from tests.integration.server.fakes import add_value
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,10 +58,8 @@ def test_stream_without_register_is_closed_with_a_reason_log_and_metric(
         )
         assert value == 1.0
         # The helper thread that waited for the first message ends with the call.
-        deadline = time.monotonic() + 5
-        while any(t.name == "fedkube-register-site-a" for t in threading.enumerate()):
-            assert time.monotonic() < deadline, "the registration reader outlived its call"
-            time.sleep(0.05)
+        until(lambda: not any(t.name == "fedkube-register-site-a" for t in threading.enumerate()),
+              "the registration reader to end with its call", timeout=5)
     finally:
         release.set()
         channel.close()

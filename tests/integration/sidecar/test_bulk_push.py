@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -16,6 +15,7 @@ from fedkube.sidecar.reverse import Pusher
 from fedkube.transfer.bulk import BulkServer
 from fedkube.transfer.service import DownloadService
 from fedkube.wire.v1 import control_pb2, tensor_pb2
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -73,17 +73,13 @@ def test_cancel_upload_stops_a_blocked_bulk_push_and_frees_its_buffer(
     try:
         pusher.request(control_pb2.UploadRequest(request_id="up-1", ref=ref.to_proto(), offset=0))
         assert server.arrived.wait(5)
-        deadline = time.monotonic() + 5
-        while not progress and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert progress and progress[-1] < ref.nbytes  # moving, and stuck: the server side reads nothing
+        until(lambda: progress, "push progress", timeout=5)
+        assert progress[-1] < ref.nbytes  # moving, and stuck: the server side reads nothing
         assert meter.held > 0
         pusher.cancel("up-1")
         # The push ends without the server side reading anything more, and its buffer is freed.
-        deadline = time.monotonic() + 5
-        while meter.held and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert meter.held == 0 and held[-1] == 0
+        until(lambda: meter.held == 0, "the cancelled push's buffer to be freed", timeout=5)
+        assert held[-1] == 0
         # Its connections were closed: what the server side can still read is what sat in socket buffers.
         sock = server.sockets[0]
         sock.settimeout(5)

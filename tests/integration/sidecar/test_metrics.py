@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 import urllib.request
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -18,6 +15,7 @@ from fedkube.trainer_sdk._session import Session
 from fedkube.wire.v1 import control_pb2
 from tests.integration.sidecar.conftest import JOB, SITE, TOKEN, make_sidecar
 from tests.integration.sidecar.fake_server import FakeServer
+from tests.support.waiting import free_port, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,14 +26,6 @@ def _value(sidecar: Sidecar, metric: str, **labels: str) -> float:
     got = sidecar.registry.get_sample_value(metric, {**LABELS, **labels})
     assert got is not None, f"{metric}{labels} is not exported"
     return got
-
-
-def _until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_relayed_bytes_both_ways_and_the_window_empties(server: FakeServer, sidecar: Sidecar,
@@ -69,7 +59,7 @@ def test_relayed_bytes_both_ways_and_the_window_empties(server: FakeServer, side
     assert not t.is_alive() and not errors, errors
     assert _value(sidecar, "fedkube_sidecar_relayed_bytes_total", direction="to_server") == g_bytes
     # Every stream ended: nothing is held any more.
-    _until(lambda: _value(sidecar, "fedkube_sidecar_relay_buffer_bytes") == 0, "the relay window to empty")
+    until(lambda: _value(sidecar, "fedkube_sidecar_relay_buffer_bytes") == 0, "the relay window to empty")
     assert sidecar.meter.held == 0
 
 
@@ -93,37 +83,31 @@ def test_sdk_timings_feed_histograms_and_only_user_metrics_go_upstream(server: F
 
 
 def test_trainer_state_follows_the_trainer(server: FakeServer, sidecar: Sidecar, trainer: Session) -> None:
-    _until(lambda: _value(sidecar, "fedkube_sidecar_trainer_state", state="Running") == 1, "state Running")
+    until(lambda: _value(sidecar, "fedkube_sidecar_trainer_state", state="Running") == 1, "state Running")
     trainer.report(control_pb2.TRAINER_PHASE_FINISHED, message="done")
-    _until(lambda: _value(sidecar, "fedkube_sidecar_trainer_state", state="Finished") == 1, "state Finished")
+    until(lambda: _value(sidecar, "fedkube_sidecar_trainer_state", state="Finished") == 1, "state Finished")
     assert _value(sidecar, "fedkube_sidecar_trainer_state", state="Running") == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_upstream_state_reconnects_heartbeat_and_metrics_endpoint() -> None:
     server = FakeServer(JOB, {SITE: TOKEN}).start()
     port = server.port
-    sc = make_sidecar(server.address, metrics_port=_free_port())
+    sc = make_sidecar(server.address, metrics_port=free_port())
     try:
         sc.start()
         server.wait_registered(SITE)
-        _until(lambda: _value(sc, "fedkube_sidecar_upstream_connected") == 1, "connected")
+        until(lambda: _value(sc, "fedkube_sidecar_upstream_connected") == 1, "connected")
         assert _value(sc, "fedkube_sidecar_upstream_state", state="connected") == 1
         server.wait_message("heartbeat")
-        _until(lambda: 0 < _value(sc, "fedkube_sidecar_heartbeat_age_seconds") < 5, "a recent heartbeat")
+        until(lambda: 0 < _value(sc, "fedkube_sidecar_heartbeat_age_seconds") < 5, "a recent heartbeat")
         assert _value(sc, "fedkube_sidecar_reconnects_total") == 0
 
         server.stop()
-        _until(lambda: _value(sc, "fedkube_sidecar_upstream_connected") == 0, "disconnected")
+        until(lambda: _value(sc, "fedkube_sidecar_upstream_connected") == 0, "disconnected")
         server = FakeServer(JOB, {SITE: TOKEN}, port=port).start()
         server.wait_registered(SITE)
-        _until(lambda: _value(sc, "fedkube_sidecar_reconnects_total") == 1, "one reconnect")
-        _until(lambda: _value(sc, "fedkube_sidecar_upstream_connected") == 1, "connected again")
+        until(lambda: _value(sc, "fedkube_sidecar_reconnects_total") == 1, "one reconnect")
+        until(lambda: _value(sc, "fedkube_sidecar_upstream_connected") == 1, "connected again")
 
         assert sc.metrics_server is not None
         url = f"http://127.0.0.1:{sc.metrics_server.port}/metrics"

@@ -18,6 +18,7 @@ from fedkube.sidecar.state import NEVER_ATTACHED, TrainerTracker
 from fedkube.wire.v1 import control_pb2
 from tests.integration.server.conftest import JOB, Harness, make_config, token_of
 from tests.integration.server.fakes import add_value
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[3]
@@ -66,10 +67,8 @@ def test_sidecar_stopped_without_a_trainer_tells_the_server_at_once(harness: Har
     )  # fmt: skip
     try:
         harness.sidecar(srv, "site-b", add_value(1.0))
-        deadline = time.monotonic() + 20
-        while _client(srv, "site-a").state != "Training":
-            assert time.monotonic() < deadline, f"site-a never got its task: {_client(srv, 'site-a')}"
-            time.sleep(0.05)
+        until(lambda: _client(srv, "site-a").state == "Training", "site-a to get its task", timeout=20,
+              context=lambda: str(_client(srv, "site-a")))
         # The trainer container crashed before fk.init(); the kubelet (or fedkube run) stops the sidecar.
         trainer = subprocess.run([sys.executable, "-c", "raise SystemExit('dataset not found')"], check=False)
         assert trainer.returncode != 0

@@ -22,15 +22,10 @@ from fedkube.sidecar.config import SIDECAR_EXIT_ON_STOP
 from fedkube.wire.v1 import control_pb2
 from tests.integration.sidecar.conftest import JOB, SITE, TOKEN, make_sidecar
 from tests.integration.sidecar.fake_server import FakeServer
+from tests.support.waiting import free_port
 
 pytestmark = pytest.mark.timeout(90)
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _trainer(tmp_path: Path, body: str, sidecar_port: int) -> subprocess.Popen[str]:
@@ -158,7 +153,7 @@ def test_sidecar_process_full_round_bounded_memory_and_exit_on_stop(tmp_path: Pa
     server = FakeServer(JOB, {SITE: TOKEN}).start()
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         envvars.JOB: JOB,
@@ -227,7 +222,7 @@ def test_rejected_registration_exits_2(server: FakeServer, tmp_path: Path) -> No
         envvars.SITE: SITE,
         envvars.SERVER_ADDRESS: server.address,
         envvars.TOKEN_FILE: str(token),
-        envvars.TRAINER_PORT: str(_free_port()),
+        envvars.TRAINER_PORT: str(free_port()),
         "PYTHONPATH": str(ROOT),
     }
     proc = subprocess.run(
@@ -264,7 +259,7 @@ def test_missing_token_file_is_a_config_error_exit_2(tmp_path: Path) -> None:
 
 
 def test_unreachable_server_retries_without_traceback_then_connects(caplog: pytest.LogCaptureFixture) -> None:
-    port = _free_port()
+    port = free_port()
     sc = make_sidecar(f"127.0.0.1:{port}")
     caplog.set_level(logging.INFO, logger="fedkube.sidecar")
     sc.start()
@@ -290,7 +285,7 @@ def test_unreachable_server_retries_without_traceback_then_connects(caplog: pyte
 
 
 def test_reconnect_resumes_task_and_reannounces_result(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     server = FakeServer(JOB, {SITE: TOKEN}, port=port).start()
     sc = make_sidecar(server.address)
     sc.start()

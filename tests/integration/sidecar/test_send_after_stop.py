@@ -19,6 +19,7 @@ from fedkube.trainer_sdk import FLModel, JobStoppedError
 from fedkube.trainer_sdk._session import Session
 from tests.integration.server.conftest import JOB, make_config, token_of
 from tests.integration.sidecar.conftest import SETTINGS
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 SITE = "site-a"
@@ -37,10 +38,7 @@ def test_send_after_the_job_stopped_raises_job_stopped_at_once() -> None:
         session.connect()
         model = session.receive()  # round 1's task, held by the "user code" while the job is stopped
         server.request_stop("stopped by the test")
-        deadline = time.monotonic() + 20
-        while sidecar.tasks.stopped is None:  # the server's Stop reached the sidecar
-            assert time.monotonic() < deadline, "the sidecar never got the job's Stop"
-            time.sleep(0.02)
+        until(lambda: sidecar.tasks.stopped is not None, "the job's Stop to reach the sidecar", timeout=20)
         started = time.monotonic()
         with pytest.raises(JobStoppedError, match=r"the job is over \(.*\).*fix: check fk.is_running\(\)"):
             session.send(FLModel(params=model.params, num_examples=1))

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,8 @@ from fedkube.sidecar.config import SIDECAR_EXIT_ON_STOP
 from fedkube.wire.v1 import control_pb2
 from tests.integration.sidecar.conftest import JOB, SITE, TOKEN
 from tests.integration.sidecar.fake_server import FakeServer
-from tests.integration.sidecar.test_processes import ROOT, _free_port, _state, _trainer
+from tests.integration.sidecar.test_processes import ROOT, _state, _trainer
+from tests.support.waiting import free_port, until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -46,7 +46,7 @@ def test_trainer_reattaches_to_a_restarted_sidecar_and_never_trains_a_task_twice
     server = FakeServer(JOB, {SITE: TOKEN}).start()
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
-    port = _free_port()
+    port = free_port()
     first = _sidecar(server, token, port)
     second = trainer = None
     marks = tmp_path / "marks"
@@ -79,10 +79,7 @@ while fk.is_running():
         # Task t2 reaches the trainer; the sidecar dies while the trainer works on it.
         w2 = np.ones(1000, np.float32)
         t2 = server.publish_task(SITE, {"w": w2}, task_id="t2", round=2)
-        deadline = time.monotonic() + 20
-        while not (marks / "round-2").exists():
-            assert time.monotonic() < deadline, "the trainer never received task t2"
-            time.sleep(0.05)
+        until((marks / "round-2").exists, "the trainer to receive task t2", timeout=20)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         second = _sidecar(server, token, port)
@@ -113,7 +110,7 @@ def test_sidecar_killed_while_the_server_downloads_a_result_gets_it_announced_ag
     server = FakeServer(JOB, {SITE: TOKEN}).start()
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
-    port = _free_port()
+    port = free_port()
     first = _sidecar(server, token, port)
     second = trainer = None
     try:
@@ -157,7 +154,7 @@ def test_a_task_whose_model_is_gone_at_the_source_is_dropped_not_a_script_failur
     server = FakeServer(JOB, {SITE: TOKEN}).start()
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
-    port = _free_port()
+    port = free_port()
     sidecar = _sidecar(server, token, port)
     trainer = None
     try:

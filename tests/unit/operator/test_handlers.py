@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -18,6 +17,7 @@ from fedkube.operator.builders import build_all
 from fedkube.spec import parse_job
 from tests.support import fixtures
 from tests.support.kopfrun import running_operator
+from tests.support.waiting import until
 
 kube = fixtures.kube
 
@@ -41,23 +41,24 @@ def _crd(k: fixtures.KubeHandle) -> None:
         yaml.safe_load(CRD.read_text()))
 
 
-def _until(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
 def _status(custom: Any, name: str) -> dict[str, Any]:
     obj: dict[str, Any] = custom.get_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", name)
     return dict(obj.get("status") or {})
 
 
-def _operator(k: fixtures.KubeHandle) -> Any:
+def _operator(k: fixtures.KubeHandle, resumed: set[str] | None = None) -> Any:
+    """The operator in a thread; with ``resumed``, the name of each job it has resumed is added to that set.
+
+    The probe is a resume handler registered after the operator's own: kopf's default lifecycle runs one
+    handler per pass in registration order, so a job's name arrives once the operator's resume handling
+    of it has run. A test that checks what a restarted operator does *not* do waits for that, not a while.
+    """
     registry = handlers.register(kopf.OperatorRegistry(), interval=0.2)
+    if resumed is not None:
+        @kopf.on.resume(*handlers.RESOURCE, registry=registry, id="test-resumed")
+        def _resumed(name: str | None, **_: Any) -> None:
+            resumed.add(str(name))
+
     memo = kopf.Memo()
     memo[handlers.Memo.API_CLIENT] = k.api_client
     return running_operator(k.url, registry, memo=memo)
@@ -109,12 +110,13 @@ def test_suspended_job_gets_no_pods_and_keeps_its_tokens_across_operator_restart
     with _operator(kube):
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs",
                                                _doc("held", suspend=True))
-        _until(lambda: _status(custom, "held").get("phase") == "Suspended")
+        until(lambda: _status(custom, "held").get("phase") == "Suspended", "job held Suspended")
         tokens = api.secret_data("default", "held-server-tokens")
         assert tokens is not None and set(tokens) == {"a", "b"}
         assert api.job_pods("default", "held") == []
-    with _operator(kube):  # a restarted operator resumes the job: same tokens, still no pods
-        time.sleep(1.0)
+    resumed: set[str] = set()
+    with _operator(kube, resumed):  # a restarted operator resumes the job: same tokens, still no pods
+        until(lambda: "held" in resumed, "the restarted operator to resume job held")
         assert api.secret_data("default", "held-server-tokens") == tokens
         assert api.job_pods("default", "held") == []
 
@@ -131,13 +133,13 @@ def test_an_invalid_job_does_not_stop_a_valid_one(kube: fixtures.KubeHandle) -> 
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs",
                                                _doc("bad", trainer={"image": "t", "command": []}))
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", _doc("good"))
-        _until(lambda: status("bad").get("phase") == "Failed")
-        _until(lambda: len(api.job_pods("default", "good")) == 3)
+        until(lambda: status("bad").get("phase") == "Failed", "job bad Failed")
+        until(lambda: len(api.job_pods("default", "good")) == 3, "the 3 pods of job good")
         invalid = {c["type"]: c for c in status("bad")["conditions"]}["Invalid"]
         assert "spec.trainer.command" in invalid["message"] and "fix:" in invalid["message"]
         assert api.job_pods("default", "bad") == []
         # Its pods exist before its first status patch lands: wait for the phase too.
-        _until(lambda: status("good").get("phase") in ("Pending", "Deploying"))
+        until(lambda: status("good").get("phase") in ("Pending", "Deploying"), "job good Pending or Deploying")
 
 
 def test_write_removes_client_sites_and_fields_that_are_gone() -> None:
@@ -189,14 +191,16 @@ def test_a_deleted_server_pod_of_a_live_job_is_created_again(kube: fixtures.Kube
     core = kubernetes.client.CoreV1Api(kube.api_client)
     with _operator(kube):
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", _doc("again"))
-        first = _until(lambda: [p for p in api.job_pods("default", "again") if p["metadata"]["name"] == "again-server"])
+        first = until(lambda: [p for p in api.job_pods("default", "again") if p["metadata"]["name"] == "again-server"],
+                      "the server pod of job again")
         core.delete_namespaced_pod("again-server", "default")
-        second = _until(lambda: [p for p in api.job_pods("default", "again")
+        second = until(lambda: [p for p in api.job_pods("default", "again")
                                  if p["metadata"]["name"] == "again-server"
-                                 and p["metadata"]["uid"] != first[0]["metadata"]["uid"]])
+                                 and p["metadata"]["uid"] != first[0]["metadata"]["uid"]],
+                       "a new server pod of job again")
         assert second[0]["metadata"]["ownerReferences"][0]["name"] == "again"
-        _until(lambda: any(e.reason == "ServerPodRecreated" for e in core.list_namespaced_event(
-            "default", field_selector="involvedObject.name=again").items))
+        until(lambda: any(e.reason == "ServerPodRecreated" for e in core.list_namespaced_event(
+            "default", field_selector="involvedObject.name=again").items), "a ServerPodRecreated event")
 
 
 def test_an_operator_restart_does_not_bring_back_a_client_it_failed(kube: fixtures.KubeHandle) -> None:
@@ -209,14 +213,16 @@ def test_an_operator_restart_does_not_bring_back_a_client_it_failed(kube: fixtur
     ready = {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
     with _operator(kube):
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", doc)
-        _until(lambda: len(api.job_pods("default", "restart")) == 4)
+        until(lambda: len(api.job_pods("default", "restart")) == 4, "the 4 pods of job restart")
         for pod in ("restart-server", "restart-client-a", "restart-client-b"):  # a kubelet's word: these are Ready
             core.patch_namespaced_pod_status(pod, "default", ready)
-        _until(lambda: ((_status(custom, "restart").get("clients") or {}).get("c") or {}).get("reason")
-               == "DeployTimeout")
-        _until(lambda: "restart-client-c" not in {p["metadata"]["name"] for p in api.job_pods("default", "restart")})
-    with _operator(kube):
-        time.sleep(1.0)
+        until(lambda: ((_status(custom, "restart").get("clients") or {}).get("c") or {}).get("reason")
+               == "DeployTimeout", "client c DeployTimeout")
+        until(lambda: "restart-client-c" not in {p["metadata"]["name"] for p in api.job_pods("default", "restart")},
+              "pod restart-client-c deleted")
+    resumed: set[str] = set()
+    with _operator(kube, resumed):
+        until(lambda: "restart" in resumed, "the restarted operator to resume job restart")
         names = {p["metadata"]["name"] for p in api.job_pods("default", "restart")}
         assert names == {"restart-server", "restart-client-a", "restart-client-b"}
         assert _status(custom, "restart")["phase"] in ("Deploying", "Running")
@@ -229,11 +235,12 @@ def test_fixing_an_invalid_spec_starts_the_job(kube: fixtures.KubeHandle) -> Non
     with _operator(kube):
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs",
                                                _doc("fixme", minClients=3))
-        _until(lambda: _status(custom, "fixme").get("phase") == "Failed")
+        until(lambda: _status(custom, "fixme").get("phase") == "Failed", "job fixme Failed")
         custom.patch_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "fixme",
                                               {"spec": {"minClients": 2}})
-        _until(lambda: _status(custom, "fixme").get("phase") in ("Pending", "Deploying"))
-        _until(lambda: len(api.job_pods("default", "fixme")) == 3)
+        until(lambda: _status(custom, "fixme").get("phase") in ("Pending", "Deploying"),
+              "job fixme Pending or Deploying")
+        until(lambda: len(api.job_pods("default", "fixme")) == 3, "the 3 pods of job fixme")
         status = _status(custom, "fixme")
         conds = {c["type"]: c["status"] for c in status["conditions"]}
         assert conds["Invalid"] == "False" and conds["Failed"] == "False"
@@ -246,9 +253,9 @@ def test_a_job_suspended_while_the_operator_was_away_loses_its_pods_on_restart(k
     api = kubeops.Kube(kube.api_client)
     with _operator(kube):
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", _doc("away"))
-        _until(lambda: len(api.job_pods("default", "away")) == 3)
+        until(lambda: len(api.job_pods("default", "away")) == 3, "the 3 pods of job away")
     custom.patch_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "away",
                                           {"spec": {"suspend": True}})
     with _operator(kube):
-        _until(lambda: _status(custom, "away").get("phase") == "Suspended")
-        _until(lambda: api.job_pods("default", "away") == [])
+        until(lambda: _status(custom, "away").get("phase") == "Suspended", "job away Suspended")
+        until(lambda: api.job_pods("default", "away") == [], "the pods of job away deleted")

@@ -243,7 +243,7 @@ def test_watch_result_coalesces_progress_but_reports_the_end_at_once() -> None:
     start = time.monotonic()
     for end in range(1, 501):  # 500 frames in about half a second: one message each would be 500
         book.relayed(ann.refs[0], end * 20)
-        time.sleep(0.001)
+        time.sleep(0.001)  # the scenario itself: bytes relayed over time, not a wait for something
     book.received("t1", ok=True, reason="", message="")
     done_at = time.monotonic()
     t.join(5)

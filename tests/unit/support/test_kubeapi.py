@@ -6,7 +6,6 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from tests.support import fixtures
 from tests.support.kopfrun import running_operator
 from tests.support.kubeapi import EmulatedCluster
+from tests.support.waiting import until
 
 kube = fixtures.kube
 kubeconfig = fixtures.kubeconfig
@@ -42,14 +42,6 @@ def _owner(obj: dict[str, Any]) -> dict[str, Any]:
 def _status(err: ApiException) -> dict[str, Any]:
     assert err.body, f"no Status body in the {err.status} answer"
     return dict(json.loads(err.body))
-
-
-def _wait(what: str, check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _core(kube: fixtures.KubeHandle) -> Any:
@@ -248,7 +240,7 @@ def test_official_client_watch_sees_added_modified_deleted(kube: fixtures.KubeHa
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
-    _wait("the initial ADDED", lambda: ("ADDED", "before") in seen)
+    until(lambda: ("ADDED", "before") in seen, "the initial ADDED")
     core.create_namespaced_pod("default", _pod("other", {"w": "0"}))  # outside the selector
     core.patch_namespaced_pod("before", "default", {"metadata": {"annotations": {"x": "y"}}})
     core.delete_namespaced_pod("before", "default")
@@ -409,17 +401,16 @@ def test_kopf_operator_reconciles_adopts_and_finalizes(kube: fixtures.KubeHandle
 
         def status() -> dict[str, Any]:
             return co.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "demo").get("status", {})
-        _wait("status.phase from the kopf handler", lambda: status().get("phase") == "Deploying")
+        until(lambda: status().get("phase") == "Deploying", "status.phase from the kopf handler")
         obj = co.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "demo")
         assert obj["metadata"]["finalizers"], "kopf did not add its finalizer"
         assert _pod_names(kube, label_selector="fedkube.dev/job=demo") == ["demo-server"]
         # kopf posts Events with generateName, the server names them
-        _wait("kopf's event", lambda: bool(core.list_namespaced_event(
-            "default", field_selector="involvedObject.name=demo,reason=Deploying").items))
+        until(lambda: bool(core.list_namespaced_event(
+            "default", field_selector="involvedObject.name=demo,reason=Deploying").items), "kopf's event")
         co.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "demo")
-        _wait("the FLJob and its pod to be gone",
-              lambda: not co.list_namespaced_custom_object(GROUP, VERSION, "default", PLURAL)["items"]
-              and not _pod_names(kube))
+        until(lambda: not co.list_namespaced_custom_object(GROUP, VERSION, "default", PLURAL)["items"]
+              and not _pod_names(kube), "the FLJob and its pod to be gone")
     assert deleted == ["demo"]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 
 from tests.support import fixtures
 from tests.support.kubelet import TestKubelet, which_python
+from tests.support.waiting import until
 
 kube = fixtures.kube
 PY = which_python()
@@ -56,14 +56,13 @@ def _pod(name: str, exit_code: int = 0, *, sidecar_pid_file: Path | None = None,
 def _wait_for(kube: fixtures.KubeHandle, name: str, check: Callable[[Mapping[str, Any]], bool],
               timeout: float = 20.0) -> dict[str, Any]:
     core = kubernetes.client.CoreV1Api(kube.api_client)
-    deadline = time.monotonic() + timeout
-    status: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        status = core.read_namespaced_pod(name, "default").to_dict()["status"] or {}
-        if check(status):
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"pod {name}: status never matched within {timeout} s; last: {status}")
+
+    def matched() -> dict[str, Any] | None:
+        status: dict[str, Any] = core.read_namespaced_pod(name, "default").to_dict()["status"] or {}
+        return status if check(status) else None
+
+    return until(matched, f"pod {name}'s status to match", timeout=timeout,
+                 context=lambda: f"last: {core.read_namespaced_pod(name, 'default').to_dict()['status']}")
 
 
 def _alive(pid: int) -> bool:
@@ -176,15 +175,10 @@ def test_deleting_a_pod_stops_its_processes(env: tuple[fixtures.KubeHandle, Any]
     with TestKubelet(kube.api_client, tmp_path / "kubelet", stop_grace=2.0):
         core.create_namespaced_pod("default", pod)
         _wait_for(kube, "doomed", lambda s: s.get("phase") == "Running")
-        deadline = time.monotonic() + 10
-        while not pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        until(pid_file.exists, "the sidecar's pid file")
         pid = int(pid_file.read_text())
         core.delete_namespaced_pod("doomed", "default")
-        deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(pid), "the deleted pod's sidecar is still running"
+        until(lambda: not _alive(pid), "the deleted pod's sidecar to stop")
 
 
 def test_container_without_command_fails_with_a_clear_message(env: tuple[fixtures.KubeHandle, Any],
@@ -228,12 +222,7 @@ def test_kopf_operator_and_kubelet_together(env: tuple[fixtures.KubeHandle, Any]
     with TestKubelet(kube.api_client, tmp_path / "kubelet"), running_operator(kube.url, registry):
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", {
             "apiVersion": "fedkube.dev/v1alpha1", "kind": "FLJob", "metadata": {"name": "chain"}, "spec": {}})
-        deadline = time.monotonic() + 20
-        phase = None
-        while time.monotonic() < deadline and phase != "Succeeded":
-            job = custom.get_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "chain")
-            phase = (job.get("status") or {}).get("phase")
-            time.sleep(0.05)
-        assert phase == "Succeeded"
+        until(lambda: (custom.get_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "chain")
+                       .get("status") or {}).get("phase") == "Succeeded", "job chain Succeeded", timeout=20)
         custom.delete_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "chain")
         assert core.list_namespaced_pod("default").items == [], "the job's pod was not garbage-collected"

@@ -34,7 +34,12 @@ class _Upstream:
 
 
 def _settle(up: _Upstream, timeout: float = 5) -> int:
-    """Wait until the reader stops advancing (it is blocked on the full window)."""
+    """Wait until the reader stops advancing (it is blocked on the full window).
+
+    The tests claim upstream is read no further "however long we wait": a
+    negative, so this watches for a quiet 0.1 s rather than for an event; a
+    reader that runs ahead is seen moving and the bound check fails.
+    """
     deadline = time.monotonic() + timeout
     last = -1
     while time.monotonic() < deadline:
