@@ -217,6 +217,9 @@ class ClientSite(_Model):
     )
 
 
+StrategyName = Literal["fedavg", "fedadam"]
+ModelSourceKind = Literal["file", "firstClient"]
+
 FEDADAM_DEFAULTS: dict[str, float] = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
 
 
@@ -228,7 +231,7 @@ class Strategy(_Model):
     al., Adaptive Federated Optimization); its parameters are only valid for it.
     """
 
-    name: Literal["fedavg", "fedadam"] = Field(default="fedavg", description="fedavg or fedadam.")
+    name: StrategyName = Field(default="fedavg", description="fedavg or fedadam.")
     server_lr: float | None = Field(default=None, alias="serverLr", gt=0, description="fedadam: server learning rate.")
     beta1: float | None = Field(default=None, ge=0, lt=1, description="fedadam: first-moment decay.")
     beta2: float | None = Field(default=None, ge=0, lt=1, description="fedadam: second-moment decay.")
@@ -247,7 +250,7 @@ class Strategy(_Model):
 class ModelSource(_Model):
     """Where round 1's global model comes from."""
 
-    source: Literal["file", "firstClient"] = Field(
+    source: ModelSourceKind = Field(
         default="firstClient", description="file: load `path` in the server; firstClient: ask one client."
     )
     path: str | None = Field(default=None, description="With source file: path of the weights in the server pod.")
