@@ -13,6 +13,7 @@ is written, the process exits.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hmac
 import logging
 import os
@@ -42,7 +43,7 @@ from fedkube.server.http import StatusServer
 from fedkube.server.reverse import UploadBroker
 from fedkube.server.strategies import StrategyState, build_strategy
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
-from fedkube.status import EXIT_FAILED, TerminationSummary, write_termination_summary
+from fedkube.status import EXIT_FAILED, Reason, TerminationSummary, write_termination_summary
 from fedkube.transfer.bulk import BulkServer
 from fedkube.transfer.service import DownloadService
 from fedkube.transfer.wire import MAX_CHUNK_BYTES, server_options
@@ -56,14 +57,15 @@ SERVER_SOURCE = "server"  # the name clients see as the global model's source
 _DOWNLOAD_PREFIX = "/fedkube.v1.Download/"
 
 
-def load_model_file(path: str | Path) -> dict[str, np.ndarray]:
-    """Initial weights from a ``.npz`` file (never unpickled) or a fedkube checkpoint directory."""
+def check_model_file(path: str | Path) -> None:
+    """The cheap checks of :func:`load_model_file` (exists, is a .npz or a directory), without reading weights.
+
+    The server runs them before it listens: a job whose model cannot be read fails at once with
+    exit 2, instead of after its clients were started and had to be waited for.
+    """
     p = Path(path)
     if p.is_dir():
-        ck = checkpoint.load_latest(p, None)
-        if ck is None:
-            raise ConfigError(f"spec.model.path={str(p)!r} is a directory without a usable fedkube checkpoint")
-        return dict(ck.model)
+        return
     if not p.is_file():
         raise ConfigError(f"spec.model.path={str(p)!r} does not exist; fix: give the path of a .npz file")
     with open(p, "rb") as f:
@@ -73,6 +75,17 @@ def load_model_file(path: str | Path) -> dict[str, np.ndarray]:
             f"spec.model.path={str(p)!r} is not a .npz file; fix: save the weights with numpy.savez "
             "(one array per tensor name) or point at a fedkube checkpoint directory"
         )
+
+
+def load_model_file(path: str | Path) -> dict[str, np.ndarray]:
+    """Initial weights from a ``.npz`` file (never unpickled) or a fedkube checkpoint directory."""
+    p = Path(path)
+    if p.is_dir():
+        ck = checkpoint.load_latest(p, None)
+        if ck is None:
+            raise ConfigError(f"spec.model.path={str(p)!r} is a directory without a usable fedkube checkpoint")
+        return dict(ck.model)
+    check_model_file(p)
     try:
         with np.load(p, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
@@ -331,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         config = load_config(bind_host=args.bind)
+        if config.settings.model_source == "file" and config.settings.model_path:
+            check_model_file(config.settings.model_path)
         server = FedkubeServer(config)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
@@ -363,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         server.linger(LINGER_S)
         server.shutdown()
         summary = server.summary()
+        if not outcome.success:
+            # A configuration error found once the job ran (a checkpoint of another strategy, a model
+            # that does not load, a trainer's ConfigError) exits 2 like one found at start; the
+            # summary carries the same code as the process.
+            code = EXIT_CONFIG if outcome.reason == Reason.CONFIG_ERROR.value else EXIT_FAILED
+            summary = dataclasses.replace(summary, exit_code=code)
         if config.termination_log is not None:
             try:
                 write_termination_summary(config.termination_log, summary)
@@ -370,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("could not write the termination summary to %s: %s", config.termination_log, exc)
         print(summary.to_json(), file=sys.stderr)
         log.info("job %s: %s (%s) %s", config.job, summary.phase.value, outcome.reason, outcome.message)
-        return summary.exit_code if outcome.success else EXIT_FAILED
+        return summary.exit_code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

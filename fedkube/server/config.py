@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,71 +17,82 @@ from typing import Any
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.spec import FLJobSpec, ModelSource, Strategy, Timeouts, Transfer, load_job
+from fedkube.spec.model import ModelSourceKind, StrategyName
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REGISTER_TIMEOUT_S = 30.0
 MAX_REGISTER_TIMEOUT_S = 3600.0  # longer would make the guard pointless
 
-# A site name is also a file name in the tokens dir and a metadata value.
-_SITE_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+# The spec model is the one source of every default: these instances carry them.
+_TRANSFER = Transfer()
+_TIMEOUTS = Timeouts()
+_MODEL = ModelSource()
+_STRATEGY = Strategy()
 
 
 @dataclass(frozen=True)
 class TransferSettings:
-    """How the server pulls result tensors from clients (and serves the global model)."""
+    """How the server pulls result tensors from clients (and serves the global model); spec.transfer."""
 
-    chunk_bytes: int = 4 * 1024 * 1024
-    chunk_timeout_s: float = 30.0
-    idle_timeout_s: float = 60.0
-    max_attempts: int = 5
+    chunk_bytes: int = _TRANSFER.chunk_bytes
+    chunk_timeout_s: float = _TRANSFER.chunk_timeout_seconds
+    idle_timeout_s: float = _TRANSFER.idle_timeout_seconds
+    max_attempts: int = _TRANSFER.max_attempts
+
+    @classmethod
+    def from_spec(cls, transfer: Transfer) -> TransferSettings:
+        """The settings of a checked ``spec.transfer``."""
+        return cls(
+            chunk_bytes=transfer.chunk_bytes,
+            chunk_timeout_s=transfer.chunk_timeout_seconds,
+            idle_timeout_s=transfer.idle_timeout_seconds,
+            max_attempts=transfer.max_attempts,
+        )
 
 
 @dataclass(frozen=True)
 class JobSettings:
-    """The parts of the FLJob spec that the server acts on."""
+    """The parts of the FLJob spec that the server acts on.
+
+    Built from a validated :class:`~fedkube.spec.FLJobSpec` by :meth:`from_spec`; the spec
+    model checked every value, so nothing is checked again here. The defaults are the spec
+    model's, for tests that build settings directly.
+    """
 
     job: str
     rounds: int
     min_clients: int
     clients: tuple[str, ...]
-    strategy: str = "fedavg"
+    strategy: StrategyName = _STRATEGY.name
+    # The strategy's parameters by their spec names (serverLr, ...), as the strategy builder takes them.
     strategy_options: Mapping[str, Any] = field(default_factory=dict)
-    model_source: str = "file"  # "file" or "firstClient"
-    model_path: str | None = None
-    round_timeout_s: float = 600.0
-    heartbeat_timeout_s: float = 30.0
-    registration_timeout_s: float = 120.0
+    model_source: ModelSourceKind = _MODEL.source
+    model_path: str | None = _MODEL.path
+    round_timeout_s: float = _TIMEOUTS.round_seconds
+    heartbeat_timeout_s: float = _TIMEOUTS.heartbeat_seconds
+    registration_timeout_s: float = _TIMEOUTS.registration_seconds
     transfer: TransferSettings = field(default_factory=TransferSettings)
 
-    def __post_init__(self) -> None:
-        problems = []
-        if self.rounds < 1:
-            problems.append(f"spec.rounds is {self.rounds}; fix: set it to 1 or more")
-        if not self.clients:
-            problems.append("spec.clients is empty; fix: list at least one client site")
-        if not 1 <= self.min_clients <= max(len(self.clients), 1):
-            problems.append(
-                f"spec.minClients is {self.min_clients} but the job has {len(self.clients)} clients; "
-                "fix: set it between 1 and the number of clients"
-            )
-        if len(set(self.clients)) != len(self.clients):
-            problems.append(f"spec.clients has duplicate names: {sorted(self.clients)}; fix: name each site once")
-        if self.model_source not in ("file", "firstClient"):
-            problems.append(f"spec.model.source is {self.model_source!r}; fix: use 'file' or 'firstClient'")
-        if self.model_source == "file" and not self.model_path:
-            problems.append("spec.model.path is empty while spec.model.source is 'file'; fix: give the model's path")
-        for name, value in (
-            ("spec.timeouts.roundSeconds", self.round_timeout_s),
-            ("spec.timeouts.heartbeatSeconds", self.heartbeat_timeout_s),
-            ("spec.timeouts.registrationSeconds", self.registration_timeout_s),
-            ("spec.transfer.chunkTimeoutSeconds", self.transfer.chunk_timeout_s),
-            ("spec.transfer.idleTimeoutSeconds", self.transfer.idle_timeout_s),
-        ):
-            if not value > 0:
-                problems.append(f"{name} is {value}; fix: set a positive number of seconds")
-        if problems:
-            raise ConfigError(f"FLJob {self.job!r} cannot run: " + "; ".join(problems))
+    @classmethod
+    def from_spec(cls, job: str, spec: FLJobSpec) -> JobSettings:
+        """The server's settings of job ``job`` from its checked spec."""
+        strategy = spec.strategy
+        return cls(
+            job=job,
+            rounds=spec.rounds,
+            min_clients=spec.quorum,
+            clients=tuple(c.name for c in spec.clients),
+            strategy=strategy.name,
+            strategy_options=strategy.model_dump(by_alias=True, exclude={"name"}, exclude_none=True),
+            model_source=spec.model.source,
+            model_path=spec.model.path,
+            round_timeout_s=spec.timeouts.round_seconds,
+            heartbeat_timeout_s=spec.timeouts.heartbeat_seconds,
+            registration_timeout_s=spec.timeouts.registration_seconds,
+            transfer=TransferSettings.from_spec(spec.transfer),
+        )
 
 
 @dataclass(frozen=True)
@@ -173,68 +183,9 @@ def read_tokens(directory: Path, sites: tuple[str, ...]) -> dict[str, bytes]:
     return tokens
 
 
-def settings_from_spec(job_name: str, spec: Any) -> JobSettings:
-    """Map the FLJob spec model (fedkube.spec) onto the server's settings.
-
-    This is the one place that knows the spec model's attribute names.
-    """
-    model = getattr(spec, "model", None)
-    timeouts = getattr(spec, "timeouts", None)
-    transfer = getattr(spec, "transfer", None)
-    strategy = getattr(spec, "strategy", "fedavg")
-    strategy_name, strategy_options = _strategy_of(strategy)
-    source = getattr(model, "source", "file") if model is not None else "file"
-    source = getattr(source, "value", source)
-    defaults = TransferSettings()
-    ts = TransferSettings(
-        chunk_bytes=int(_attr(transfer, "chunk_bytes", defaults.chunk_bytes)),
-        chunk_timeout_s=float(_attr(transfer, "chunk_timeout_seconds", defaults.chunk_timeout_s)),
-        idle_timeout_s=float(_attr(transfer, "idle_timeout_seconds", defaults.idle_timeout_s)),
-        max_attempts=int(_attr(transfer, "max_attempts", defaults.max_attempts)),
-    )
-    clients = tuple(str(getattr(c, "name", c)) for c in (getattr(spec, "clients", None) or ()))
-    for site in clients:
-        if not _SITE_RE.match(site):
-            raise ConfigError(f"spec.clients name {site!r} is not a valid site name; fix: use lowercase a-z, 0-9, '-'")
-    rounds = int(getattr(spec, "rounds", 1))
-    return JobSettings(
-        job=job_name,
-        rounds=rounds,
-        min_clients=int(_attr(spec, "min_clients", len(clients))),
-        clients=clients,
-        strategy=strategy_name,
-        strategy_options=strategy_options,
-        model_source=str(source),
-        model_path=_attr(model, "path", None),
-        round_timeout_s=float(_attr(timeouts, "round_seconds", 600.0)),
-        heartbeat_timeout_s=float(_attr(timeouts, "heartbeat_seconds", 30.0)),
-        registration_timeout_s=float(_attr(timeouts, "registration_seconds", 120.0)),
-        transfer=ts,
-    )
-
-
-def _attr(obj: Any, name: str, default: Any) -> Any:
-    if obj is None:
-        return default
-    value = getattr(obj, name, None)
-    return default if value is None else value
-
-
-def _strategy_of(strategy: Any) -> tuple[str, dict[str, Any]]:
-    """The spec may give the strategy as a plain name or as an object with a name and options."""
-    if isinstance(strategy, str):
-        return strategy, {}
-    strategy = getattr(strategy, "value", strategy)
-    if isinstance(strategy, str):
-        return strategy, {}
-    name = getattr(strategy, "name", None) or getattr(strategy, "type", None) or "fedavg"
-    name = getattr(name, "value", name)
-    options: dict[str, Any] = {}
-    dump = getattr(strategy, "model_dump", None)
-    if callable(dump):
-        # camelCase, as the strategy builder takes the spec's own parameter names (serverLr, ...).
-        options = {k: v for k, v in dump(by_alias=True).items() if k not in ("name", "type") and v is not None}
-    return str(name), options
+def settings_from_spec(job_name: str, spec: FLJobSpec) -> JobSettings:
+    """Map the FLJob spec model (fedkube.spec) onto the server's settings."""
+    return JobSettings.from_spec(job_name, spec)
 
 
 def load_config(env: Mapping[str, str] | None = None, *, bind_host: str = "[::]") -> ServerConfig:
@@ -275,12 +226,9 @@ def load_config(env: Mapping[str, str] | None = None, *, bind_host: str = "[::]"
     )
 
 
-def _load_spec(path: Path) -> Any:
+def _load_spec(path: Path) -> FLJobSpec:
     """Parse the FLJob file with the spec model; its errors already name the field."""
-    from fedkube.spec import load_job
-
     try:
-        job = load_job(path)
+        return load_job(path).spec
     except ConfigError as exc:
         raise ConfigError(f"{envvars.SPEC_FILE}={str(path)!r}: {exc}") from exc
-    return getattr(job, "spec", job)

@@ -2,7 +2,7 @@
 
 Kubernetes wants a *structural* OpenAPI v3 schema: every node typed, no
 ``$ref``, no ``anyOf`` over types, ``additionalProperties`` never next to
-``properties``, OpenAPI-style boolean ``exclusiveMinimum``. Pydantic emits JSON
+``properties``; bounds are inclusive only (``minimum``/``maximum``). Pydantic emits JSON
 Schema 2020-12; :func:`to_structural` rewrites it. Defaults are left out of the
 CRD and applied by the spec model instead (the server, the operator and
 ``fedkube run`` all load jobs through it), but are named in each description so
@@ -46,9 +46,13 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             continue
         if key == "const":
             out["enum"] = [value]
-        elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
-            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
-            out[key] = True
+        elif key in ("exclusiveMinimum", "exclusiveMaximum"):
+            # OpenAPI v3.0 spells it `minimum: 0` + `exclusiveMinimum: true`, which JSON Schema
+            # tools (and readers) take to allow 0 while the model refuses it.
+            raise ValueError(
+                f"{key} {value!r} has no reading that every CRD consumer shares; "
+                "use an inclusive bound (ge=/le=) with the smallest value that makes sense"
+            )
         elif key == "properties":
             out[key] = {k: _convert(v, defs) for k, v in value.items()}
         elif key == "items":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -48,7 +49,7 @@ def read_document(source: PathOrText) -> tuple[Any, str]:
                 [Problem("<file>", f"cannot read {path}: {exc}", "pass a readable YAML/JSON file")], where
             ) from None
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs, duplicates = _parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -62,6 +63,8 @@ def read_document(source: PathOrText) -> tuple[Any, str]:
             ],
             where,
         ) from None
+    if duplicates:
+        raise SpecError(duplicates, where)
     if len(docs) != 1:
         raise SpecError(
             [
@@ -72,6 +75,58 @@ def read_document(source: PathOrText) -> tuple[Any, str]:
             where,
         )
     return docs[0], where
+
+
+def _parse_yaml(text: str) -> tuple[list[Any], list[Problem]]:
+    """The documents in ``text`` (empty ones dropped), and a problem for each key a mapping repeats.
+
+    YAML keeps the last of two equal keys without a word, so a second ``rounds:`` further down
+    would silently win over the one the reader saw.
+    """
+    loader = yaml.SafeLoader(text)
+    docs: list[Any] = []
+    problems: list[Problem] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            _find_duplicate_keys(node, (), set(), problems)
+            doc = loader.construct_document(node)
+            if doc is not None:
+                docs.append(doc)
+    finally:
+        loader.dispose()
+    return docs, problems
+
+
+def _find_duplicate_keys(node: yaml.Node, loc: tuple[str | int, ...], seen: set[int], out: list[Problem]) -> None:
+    if id(node) in seen:  # an alias: checked where it was defined (and it may refer to itself)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _find_duplicate_keys(item, (*loc, i), seen, out)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], yaml.Node] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` overrides the base's keys on purpose
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # never a field name; the model reports it
+            key = key_node.value
+            earlier = first.setdefault((key_node.tag, key), key_node)
+            if earlier is not key_node:
+                a, b = earlier.start_mark.line + 1, key_node.start_mark.line + 1
+                where = f"at lines {a} and {b}" if a != b else f"on line {a}"
+                out.append(
+                    Problem(
+                        format_path((*loc, key)),
+                        f"{key!r} is given twice {where}; YAML would silently keep only the last",
+                        "remove one of them",
+                    )
+                )
+            _find_duplicate_keys(value_node, (*loc, key), seen, out)
 
 
 def parse_job(data: Any, source: str | None = None) -> FLJob:
@@ -151,11 +206,39 @@ def _problem(err: ErrorDetails) -> Problem:
         return Problem(path, what, fix or "correct the value")
     if kind == "literal_error":
         return Problem(path, f"{err['input']!r} is not allowed", f"use {ctx.get('expected', 'a listed value')}")
+    if kind in _WANTED:
+        return _wrong_type(path, _WANTED[kind], err.get("input"))
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return Problem(path, f"{err['input']!r}: {message.lower()}", "change the value to fit the bound")
     if kind in ("too_short", "too_long"):
         return Problem(path, message, "add the missing entries" if kind == "too_short" else "shorten it")
     return Problem(path, f"{message} (got {err.get('input')!r})", "correct the value's type/format")
+
+
+# What a strict field takes, by pydantic's error type; the CRD's schema types are the same.
+_WANTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false", "string_type": "a string"}
+
+
+def _wrong_type(path: str, wanted: str, given: Any) -> Problem:
+    """A value of the wrong JSON type: say which type it has, and how to write the right one."""
+    if isinstance(given, str) and wanted != "a string":
+        if wanted == "true or false":
+            fix = "write true or false, without quotes"
+        else:
+            fix = f"write {given.strip()} without quotes" if _is_number(given, wanted) else f"give {wanted}"
+        return Problem(path, f"{given!r} is a string, but {path} takes {wanted}", fix)
+    kind = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(given), type(given).__name__)  # fmt: skip
+    return Problem(path, f"{given!r} is {kind}, but {path} takes {wanted}", f"give {wanted}")
+
+
+def _is_number(text: str, wanted: str) -> bool:
+    if wanted == "an integer":
+        return text.strip().lstrip("+-").isdigit()
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _pattern_fix(pattern: str) -> str:

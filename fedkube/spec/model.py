@@ -42,12 +42,23 @@ LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 
 _QUANTITY_RE = re.compile(QUANTITY)
 
+# Bounds are inclusive (ge/le) everywhere: the CRD's OpenAPI v3.0 can only say "greater than 0" as
+# `minimum: 0` plus a boolean `exclusiveMinimum`, which JSON Schema tools and readers take to allow
+# 0 (issue 11). These are the smallest (largest) values that make sense, so the schema means the
+# same to every reader; fedkube.spec.crd refuses exclusive bounds.
+MIN_SECONDS = 0.001  # every timeout
+MIN_POSITIVE = 1e-12  # fedadam's serverLr and tau
+MAX_BETA = 0.999999999  # fedadam's moment decays must stay below 1
+
 
 class _Model(BaseModel):
+    # strict: a value of the wrong JSON type is refused as the CRD's schema refuses it (rounds: "3",
+    # suspend: "yes"), instead of being converted here and rejected by the API server.
     model_config = ConfigDict(
         extra="forbid",
         populate_by_name=True,
         validate_default=True,
+        strict=True,
     )
 
 
@@ -217,6 +228,9 @@ class ClientSite(_Model):
     )
 
 
+StrategyName = Literal["fedavg", "fedadam"]
+ModelSourceKind = Literal["file", "firstClient"]
+
 FEDADAM_DEFAULTS: dict[str, float] = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
 
 
@@ -228,11 +242,13 @@ class Strategy(_Model):
     al., Adaptive Federated Optimization); its parameters are only valid for it.
     """
 
-    name: Literal["fedavg", "fedadam"] = Field(default="fedavg", description="fedavg or fedadam.")
-    server_lr: float | None = Field(default=None, alias="serverLr", gt=0, description="fedadam: server learning rate.")
-    beta1: float | None = Field(default=None, ge=0, lt=1, description="fedadam: first-moment decay.")
-    beta2: float | None = Field(default=None, ge=0, lt=1, description="fedadam: second-moment decay.")
-    tau: float | None = Field(default=None, gt=0, description="fedadam: adaptivity (epsilon).")
+    name: StrategyName = Field(default="fedavg", description="fedavg or fedadam.")
+    server_lr: float | None = Field(
+        default=None, alias="serverLr", ge=MIN_POSITIVE, description="fedadam: server learning rate."
+    )
+    beta1: float | None = Field(default=None, ge=0, le=MAX_BETA, description="fedadam: first-moment decay.")
+    beta2: float | None = Field(default=None, ge=0, le=MAX_BETA, description="fedadam: second-moment decay.")
+    tau: float | None = Field(default=None, ge=MIN_POSITIVE, description="fedadam: adaptivity (epsilon).")
 
     @model_validator(mode="after")
     def _fill_fedadam_defaults(self) -> Strategy:
@@ -247,7 +263,7 @@ class Strategy(_Model):
 class ModelSource(_Model):
     """Where round 1's global model comes from."""
 
-    source: Literal["file", "firstClient"] = Field(
+    source: ModelSourceKind = Field(
         default="firstClient", description="file: load `path` in the server; firstClient: ask one client."
     )
     path: str | None = Field(default=None, description="With source file: path of the weights in the server pod.")
@@ -270,10 +286,13 @@ class Transfer(_Model):
     # stays free of grpc, and a chunk above the transfer layer's gRPC message size could never be sent.
     chunk_bytes: int = Field(default=1 << 20, alias="chunkBytes", ge=4096, le=16 << 20, description="Bytes per chunk.")
     chunk_timeout_seconds: float = Field(
-        default=30.0, alias="chunkTimeoutSeconds", gt=0, description="Timeout of one chunk request."
+        default=30.0, alias="chunkTimeoutSeconds", ge=MIN_SECONDS, description="Timeout of one chunk request."
     )
     idle_timeout_seconds: float = Field(
-        default=120.0, alias="idleTimeoutSeconds", gt=0, description="A transfer with no progress this long fails."
+        default=120.0,
+        alias="idleTimeoutSeconds",
+        ge=MIN_SECONDS,
+        description="A transfer with no progress this long fails.",
     )
     max_attempts: int = Field(default=5, alias="maxAttempts", ge=1, le=100, description="Attempts per transfer.")
 
@@ -281,18 +300,23 @@ class Transfer(_Model):
 class Timeouts(_Model):
     """Job lifecycle timeouts, in seconds."""
 
-    round_seconds: float = Field(default=3600.0, alias="roundSeconds", gt=0, description="Deadline of one round.")
+    round_seconds: float = Field(
+        default=3600.0, alias="roundSeconds", ge=MIN_SECONDS, description="Deadline of one round."
+    )
     heartbeat_seconds: float = Field(
-        default=30.0, alias="heartbeatSeconds", gt=0, description="A registered client silent this long is lost."
+        default=30.0,
+        alias="heartbeatSeconds",
+        ge=MIN_SECONDS,
+        description="A registered client silent this long is lost.",
     )
     registration_seconds: float = Field(
-        default=600.0, alias="registrationSeconds", gt=0, description="How long round 1 waits for clients."
+        default=600.0, alias="registrationSeconds", ge=MIN_SECONDS, description="How long round 1 waits for clients."
     )
     deploy_seconds: float = Field(
-        default=600.0, alias="deploySeconds", gt=0, description="A client pod not Ready this long fails."
+        default=600.0, alias="deploySeconds", ge=MIN_SECONDS, description="A client pod not Ready this long fails."
     )
     pending_seconds: float = Field(
-        default=300.0, alias="pendingSeconds", gt=0, description="A pod Pending this long fails."
+        default=300.0, alias="pendingSeconds", ge=MIN_SECONDS, description="A pod Pending this long fails."
     )
 
 
@@ -333,7 +357,7 @@ class FLJobSpec(_Model):
 class ObjectMeta(_Model):
     """The part of Kubernetes metadata fedkube reads; what the API server adds is ignored."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
     name: str = Field(min_length=1, max_length=63, pattern=DNS1035_LABEL, description="FLJob name.")
     namespace: str | None = Field(default=None, max_length=63, pattern=DNS1123_LABEL, description="Namespace.")
@@ -345,7 +369,7 @@ class FLJob(_Model):
     """A federated learning job (apiVersion fedkube.dev/v1alpha1, kind FLJob)."""
 
     # The API server adds status; the spec model reads only what it owns.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True, strict=True)
 
     api_version: Literal["fedkube.dev/v1alpha1"] = Field(default="fedkube.dev/v1alpha1", alias="apiVersion")
     kind: Literal["FLJob"] = "FLJob"

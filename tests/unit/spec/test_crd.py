@@ -13,8 +13,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from fedkube.spec import parse_job
+from fedkube.spec import SpecError, parse_job
 from fedkube.spec.crd import build_crd, to_structural
+from fedkube.spec.model import MAX_BETA, MIN_POSITIVE, MIN_SECONDS
+from fedkube.spec.problems import format_path
 from tests.unit.spec.manifests import ROOT, example_manifest, full_manifest
 
 CRD_FILE = ROOT / "crds" / "fedkube.dev_fljobs.yaml"
@@ -32,9 +34,15 @@ def schema(crd: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _validator(schema: dict[str, Any]) -> jsonschema.Validator:
-    # OpenAPI v3.0 schema objects follow draft 4 semantics (boolean exclusiveMinimum); x- keys are ignored.
-    return jsonschema.Draft4Validator(schema)
+def _validator(schema: dict[str, Any], dialect: type[jsonschema.Validator] = jsonschema.Draft4Validator) -> Any:
+    # The API server reads OpenAPI v3.0 (draft 4 semantics); editors, kubeconform and readers often
+    # read the same schema as a newer JSON Schema. Both must agree with the spec model. x- keys are ignored.
+    return dialect(schema)
+
+
+DIALECTS = pytest.mark.parametrize(
+    "dialect", [jsonschema.Draft4Validator, jsonschema.Draft202012Validator], ids=["draft4", "draft2020"]
+)
 
 
 def test_checked_in_crd_matches_the_model() -> None:
@@ -89,8 +97,8 @@ def test_schema_is_structural(schema: dict[str, Any]) -> None:
         )
         assert typed, f"{path} has no type"
         assert not ("properties" in node and "additionalProperties" in node), path
-        if "exclusiveMinimum" in node:
-            assert node["exclusiveMinimum"] is True and "minimum" in node, path
+        # A boolean exclusive bound reads as "minimum: 0 allows 0" outside OpenAPI v3.0 (issue 11).
+        assert not {"exclusiveMinimum", "exclusiveMaximum"} & node.keys(), path
 
 
 def test_schema_describes_the_status(schema: dict[str, Any]) -> None:
@@ -139,25 +147,64 @@ def test_manifests_validate_against_the_crd(schema: dict[str, Any], make: Any) -
     _validator(schema).validate(parse_job(data).to_manifest())
 
 
+def _with(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    data = copy.deepcopy(example_manifest())
+    node: Any = data
+    for key in path[:-1]:
+        node = node[key] if isinstance(node, list) else node.setdefault(key, {})
+    node[path[-1]] = value
+    return data
+
+
+@DIALECTS
 @pytest.mark.parametrize(
     ("path", "value"),
     [
         (("spec", "rounds"), 0),
+        (("spec", "rounds"), "3"),
+        (("spec", "rounds"), 2.5),
+        (("spec", "suspend"), "true"),
         (("spec", "strategy", "name"), "fedprox"),
+        (("spec", "strategy", "beta1"), 1),
+        (("spec", "strategy", "tau"), 0),
         (("spec", "clients"), []),
         (("spec", "trainer", "command"), "python train.py"),
         (("spec", "timeouts", "roundSeconds"), 0),
+        (("spec", "timeouts", "roundSeconds"), "90"),
+        (("spec", "transfer", "idleTimeoutSeconds"), 0),
         (("spec", "clients", 0, "name"), "Site A"),
     ],
-    ids=["rounds-zero", "strategy", "no-clients", "command-string", "zero-timeout", "site-name"],
+    ids=["rounds-zero", "rounds-string", "rounds-fraction", "suspend-string", "strategy", "beta-one", "tau-zero",
+         "no-clients", "command-string", "zero-timeout", "timeout-string", "zero-idle", "site-name"],
 )
-def test_crd_schema_rejects_bad_values(schema: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
-    data = copy.deepcopy(example_manifest())
-    node: Any = data
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = value
-    assert list(_validator(schema).iter_errors(data)), f"{path}={value!r} was accepted"
+def test_crd_and_model_reject_the_same_bad_values(
+    schema: dict[str, Any], dialect: type[jsonschema.Validator], path: tuple[Any, ...], value: Any
+) -> None:
+    data = _with(path, value)
+    assert list(_validator(schema, dialect).iter_errors(data)), f"the CRD accepts {path}={value!r}"
+    with pytest.raises(SpecError) as info:
+        parse_job(data)
+    assert format_path(path) in {p.path for p in info.value.problems}, info.value
+
+
+@DIALECTS
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("spec", "transfer"), {"chunkTimeoutSeconds": MIN_SECONDS, "idleTimeoutSeconds": 2 * MIN_SECONDS}),
+        (("spec", "transfer", "chunkTimeoutSeconds"), 1),  # an integer where the CRD says number
+        (("spec", "strategy"), {"name": "fedadam", "beta2": MAX_BETA, "tau": MIN_POSITIVE}),
+        (("spec", "server", "resources"), {"requests": {"memory": "1Gi", "cpu": 1}, "limits": {"cpu": 1.5}}),
+        (("spec", "server", "checkpoint"), {"enabled": True, "storageSize": 1073741824}),
+    ],
+    ids=["least-timeout", "integer-number", "fedadam-bounds", "quantities", "quantity-integer"],
+)
+def test_crd_and_model_accept_the_same_edge_values(
+    schema: dict[str, Any], dialect: type[jsonschema.Validator], path: tuple[Any, ...], value: Any
+) -> None:
+    data = _with(path, value)
+    assert not list(_validator(schema, dialect).iter_errors(data))
+    parse_job(data)
 
 
 def test_to_structural_rejects_real_unions() -> None:
@@ -165,10 +212,15 @@ def test_to_structural_rejects_real_unions() -> None:
         to_structural({"anyOf": [{"type": "string"}, {"type": "integer"}]})
 
 
-def test_to_structural_inlines_refs_and_converts_exclusive_bounds() -> None:
+def test_to_structural_refuses_exclusive_bounds() -> None:
+    with pytest.raises(ValueError, match="inclusive bound"):
+        to_structural({"type": "object", "properties": {"v": {"type": "number", "exclusiveMinimum": 0}}})
+
+
+def test_to_structural_inlines_refs() -> None:
     out = to_structural(
         {
-            "$defs": {"X": {"type": "object", "properties": {"v": {"type": "number", "exclusiveMinimum": 0}}}},
+            "$defs": {"X": {"type": "object", "properties": {"v": {"type": "number", "minimum": 0}}}},
             "type": "object",
             "properties": {"x": {"$ref": "#/$defs/X", "description": "an x"}, "k": {"const": "a", "default": "a"}},
         }
@@ -176,6 +228,6 @@ def test_to_structural_inlines_refs_and_converts_exclusive_bounds() -> None:
     assert out["properties"]["x"] == {
         "type": "object",
         "description": "an x",
-        "properties": {"v": {"type": "number", "minimum": 0, "exclusiveMinimum": True}},
+        "properties": {"v": {"type": "number", "minimum": 0}},
     }
     assert out["properties"]["k"] == {"enum": ["a"], "type": "string", "description": 'Default: "a".'}

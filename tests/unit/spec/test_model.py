@@ -206,8 +206,18 @@ BAD = [
         "negative-timeout",
         _set("spec.timeouts.heartbeatSeconds", -1),
         "spec.timeouts.heartbeatSeconds",
-        "greater than 0",
+        "greater than or equal to 0.001",
     ),
+    ("zero-round-timeout", _set("spec.timeouts.roundSeconds", 0), "spec.timeouts.roundSeconds", "0.001"),
+    # Strings where the CRD's schema wants a number or a boolean are refused, as the API server would.
+    ("rounds-string", _set("spec.rounds", "5"), "spec.rounds", "write 5 without quotes"),
+    ("rounds-fraction", _set("spec.rounds", 2.5), "spec.rounds", "takes an integer"),
+    ("timeout-string", _set("spec.timeouts.roundSeconds", "900"), "spec.timeouts.roundSeconds", "without quotes"),
+    ("suspend-string", _set("spec.suspend", "false"), "spec.suspend", "true or false"),
+    ("suspend-number", _set("spec.suspend", 0), "spec.suspend", "true or false"),
+    ("read-only-string", _set("spec.server.volumeMounts.0.readOnly", "yes"), "spec.server.volumeMounts[0].readOnly",
+     "true or false"),
+    ("arg-number", _set("spec.trainer.args.1", 0.1), "spec.trainer.args[1]", "takes a string"),
     ("chunk-too-small", _set("spec.transfer.chunkBytes", 10), "spec.transfer.chunkBytes", "4096"),
     ("chunk-too-big", _set("spec.transfer.chunkBytes", 32 << 20), "spec.transfer.chunkBytes", "16777216"),
     ("long-name", _set("metadata.name", "j" * 60), "metadata.name", "at most 56"),
@@ -310,6 +320,38 @@ def test_load_job_rejects_what_is_not_an_fljob(text: str, path: str, words: str)
         load_job(text)
     assert info.value.problems[0].path == path
     assert words in str(info.value)
+
+
+DUPLICATES = """\
+apiVersion: fedkube.dev/v1alpha1
+kind: FLJob
+metadata: {name: dup}
+spec:
+  rounds: 3
+  clients: [{name: site-a, name: site-b}]
+  trainer: {image: example/trainer:1, command: [python, train.py]}
+  rounds: 30
+"""
+
+
+def test_duplicate_keys_are_refused_naming_the_key_and_the_lines(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(DUPLICATES)
+    for source in (DUPLICATES, path):
+        with pytest.raises(SpecError) as info:
+            load_job(source)
+        found = {p.path: p.message for p in info.value.problems}
+        assert found.keys() == {"spec.rounds", "spec.clients[0].name"}
+        assert "'rounds' is given twice at lines 5 and 8" in found["spec.rounds"]
+        assert "'name' is given twice on line 6" in found["spec.clients[0].name"]
+    as_json = '{"apiVersion": "fedkube.dev/v1alpha1", "kind": "FLJob",\n "kind": "FLJob"}'
+    with pytest.raises(SpecError, match="'kind' is given twice at lines 1 and 2"):
+        load_job(as_json)
+
+
+def test_merge_keys_may_override_without_being_duplicates() -> None:
+    text = DUPLICATES.replace("  rounds: 3\n", "  <<: {rounds: 3}\n").replace("name: site-a, name: site-b", "name: a")
+    assert load_job(text).spec.rounds == 30
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,0 +1,72 @@
+"""The server's settings come from the typed spec model, and their defaults are the spec's own."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from fedkube.server.config import JobSettings, TransferSettings, settings_from_spec
+from fedkube.spec import FLJobSpec, Transfer, parse_job
+
+MINIMAL: dict[str, Any] = {
+    "apiVersion": "fedkube.dev/v1alpha1",
+    "kind": "FLJob",
+    "metadata": {"name": "cfg"},
+    "spec": {
+        "rounds": 3,
+        "clients": [{"name": "site-a"}, {"name": "site-b"}],
+        "trainer": {"image": "example/trainer:1", "command": ["python", "train.py"]},
+    },
+}
+
+# Every value the server reads, set away from its default.
+EVERYTHING: dict[str, Any] = {
+    **MINIMAL["spec"],
+    "minClients": 1,
+    "strategy": {"name": "fedadam", "serverLr": 0.5},
+    "model": {"source": "file", "path": "/models/init.npz"},
+    "transfer": {"chunkBytes": 65536, "chunkTimeoutSeconds": 7, "idleTimeoutSeconds": 30, "maxAttempts": 4},
+    "timeouts": {"roundSeconds": 90, "heartbeatSeconds": 12, "registrationSeconds": 40},
+}
+
+
+def _spec(spec: dict[str, Any]) -> FLJobSpec:
+    return parse_job({**MINIMAL, "spec": spec}).spec
+
+
+def test_server_defaults_are_the_spec_defaults() -> None:
+    """A job that sets nothing optional runs with exactly the settings the dataclasses default to."""
+    from_spec = settings_from_spec("cfg", _spec(MINIMAL["spec"]))
+    assert from_spec == JobSettings(job="cfg", rounds=3, min_clients=2, clients=("site-a", "site-b"))
+    assert TransferSettings() == TransferSettings.from_spec(Transfer())
+
+
+def test_every_setting_is_read_from_the_spec() -> None:
+    """No settings field keeps its default when the spec sets it: none is forgotten by the mapping."""
+    s = settings_from_spec("cfg", _spec(EVERYTHING))
+    defaults = JobSettings(job="cfg", rounds=1, min_clients=2, clients=())
+    for f in dataclasses.fields(JobSettings):
+        if f.name != "job":
+            assert getattr(s, f.name) != getattr(defaults, f.name), f.name
+    for f in dataclasses.fields(TransferSettings):
+        assert getattr(s.transfer, f.name) != getattr(TransferSettings(), f.name), f.name
+    assert s.transfer == TransferSettings(chunk_bytes=65536, chunk_timeout_s=7.0, idle_timeout_s=30.0, max_attempts=4)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "options"),
+    [
+        ({"name": "fedavg"}, {}),
+        ({"name": "fedadam"}, {"serverLr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}),
+        ({"name": "fedadam", "tau": 0.5}, {"serverLr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 0.5}),
+    ],
+    ids=["fedavg", "fedadam-defaults", "fedadam-tau"],
+)
+def test_strategy_options_are_the_spec_parameters_by_their_spec_names(
+    strategy: dict[str, Any], options: dict[str, float]
+) -> None:
+    s = settings_from_spec("cfg", _spec({**MINIMAL["spec"], "strategy": strategy}))
+    assert s.strategy == strategy["name"]
+    assert dict(s.strategy_options) == options
