@@ -55,7 +55,7 @@ from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
 from fedkube.server.model import ModelSpec, check_result
 from fedkube.server.pool import realigned
-from fedkube.server.registry import ClientState, RegistrationRejected, Registry
+from fedkube.server.registry import ClientState, LoopWatch, RegistrationRejected, Registry
 from fedkube.server.reverse import ReverseChunkSource, UploadBroker
 from fedkube.server.rounds import (
     Action,
@@ -383,6 +383,7 @@ class RoundWorkflow:
         self.registry = Registry(
             sorted(settings.clients), heartbeat_timeout_s=settings.heartbeat_timeout_s, clock=clock, job=settings.job
         )
+        self._loop_watch = LoopWatch(settings.heartbeat_timeout_s, clock)
         self.policy = RoundPolicy(
             rounds=settings.rounds,
             min_clients=settings.min_clients,
@@ -1144,6 +1145,9 @@ class RoundWorkflow:
 
     def _check_heartbeats(self) -> None:
         """Seen-then-silent clients become Lost (the registry never loses a client it has not seen)."""
+        stalled = self._loop_watch.tick()
+        if stalled:
+            self.registry.server_stalled(stalled)
         for rec in self.registry.check_heartbeats(final_round=self.settings.rounds):
             self.telemetry.client_failed(Reason.LOST.value)
             log.warning("job %s: client %s lost: %s", self.settings.job, rec.name, rec.message)
