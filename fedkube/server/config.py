@@ -54,6 +54,8 @@ class JobSettings:
     heartbeat_timeout_s: float = 30.0
     registration_timeout_s: float = 120.0
     transfer: TransferSettings = field(default_factory=TransferSettings)
+    # spec.server.checkpoint.onUnusable == StartFresh: train from round 1 when no checkpoint loads.
+    checkpoint_start_fresh: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -210,6 +212,8 @@ def settings_from_spec(job_name: str, spec: Any) -> JobSettings:
         heartbeat_timeout_s=float(_attr(timeouts, "heartbeat_seconds", 30.0)),
         registration_timeout_s=float(_attr(timeouts, "registration_seconds", 120.0)),
         transfer=ts,
+        checkpoint_start_fresh=_attr(_attr(getattr(spec, "server", None), "checkpoint", None), "on_unusable", "Fail")
+        == "StartFresh",
     )
 
 

@@ -51,6 +51,7 @@ from fedkube.server.aggregate import (
     WeightedMean,
     weighted_metrics,
 )
+from fedkube.server.checkpoint import check_resume_rounds, completion_message
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
 from fedkube.server.model import ModelSpec, check_result
@@ -499,7 +500,8 @@ class RoundWorkflow:
                 # a varying part of them resident (bench/README.md, memory variance).
                 release_free_memory()
                 self._refresh()
-            outcome = Outcome(True, Phase.SUCCEEDED.value, f"completed {s.rounds} round(s)", self._rounds_completed)
+            outcome = Outcome(True, Phase.SUCCEEDED.value, completion_message(s.rounds, start_round),
+                              self._rounds_completed)
         except JobFailed as exc:
             log.error("job %s failed: %s", s.job, exc)
             outcome = Outcome(False, exc.reason, exc.message, self._rounds_completed)
@@ -563,6 +565,7 @@ class RoundWorkflow:
             loaded = self._checkpoints.load()
             if loaded is not None:
                 done, model, state = loaded
+                check_resume_rounds(s.job, done, s.rounds)
                 check_initial_model(model)
                 if state is not None:
                     self._strategy.load_state(state)
