@@ -98,12 +98,13 @@ def load_model_file(path: str | Path) -> dict[str, np.ndarray]:
 class _CheckpointAdapter:
     """The workflow's CheckpointStore over fedkube.server.checkpoint."""
 
-    def __init__(self, directory: Path, job: str) -> None:
+    def __init__(self, directory: Path, job: str, *, start_fresh: bool = False) -> None:
         self._dir = directory
         self._job = job
+        self._start_fresh = start_fresh
 
     def load(self) -> tuple[int, dict[str, np.ndarray], StrategyState | None] | None:
-        ck = checkpoint.load_latest(self._dir, self._job)
+        ck = checkpoint.resume_point(self._dir, self._job, start_fresh=self._start_fresh)
         if ck is None:
             return None
         return ck.round, dict(ck.model), ck.strategy_state
@@ -160,7 +161,7 @@ class FedkubeServer:
             path = s.model_path
             model_loader = lambda: load_model_file(path)  # noqa: E731
         if checkpoints is None and config.checkpoint_dir is not None:
-            checkpoints = _CheckpointAdapter(config.checkpoint_dir, s.job)
+            checkpoints = _CheckpointAdapter(config.checkpoint_dir, s.job, start_fresh=s.checkpoint_start_fresh)
         self.workflow = RoundWorkflow(
             s, self.strategy, self.sessions, self.broker, self.downloads,
             initial_model=model_loader, checkpoints=checkpoints, metrics=self.metrics,

@@ -36,6 +36,15 @@ the transfer layer's algorithm) makes it warn and fall back to the previous
 one. bfloat16 round-trips bit-exactly: bytes are written and read back as they
 are, typed by ml_dtypes.
 
+Resuming (``resume_point``, what a restarted server calls). When a job has
+checkpoints but not one of them loads, training from round 1 would silently
+throw away the job's progress, and the next save would prune the rejected
+ones. So the server refuses to start instead (``NoUsableCheckpoint``, a
+configuration error naming each checkpoint and why it was rejected) and
+deletes nothing; only ``spec.server.checkpoint.onUnusable: StartFresh`` starts
+from round 1, after moving each rejected checkpoint aside to
+``<dir>/<job>/unusable-round-…`` (never read, pruned or deleted by fedkube).
+
 Retention: the newest ``keep`` checkpoints stay (default 3); older ones are
 deleted after a new one is in place, never before. Checkpoints of rounds after
 the one just saved are deleted too: the server resumed from an older one, so
@@ -61,7 +70,7 @@ from typing import Any
 
 import numpy as np
 
-from fedkube.errors import FedkubeError
+from fedkube.errors import ConfigError, FedkubeError
 from fedkube.server.model import Model, dtype_name, numpy_dtype
 from fedkube.server.strategies import StrategyState
 from fedkube.transfer.refs import as_bytes, checksum_of, parse_checksum
@@ -78,6 +87,33 @@ _JOB_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 class CheckpointError(FedkubeError):
     """A checkpoint could not be written, or one that was asked for explicitly is unusable."""
+
+
+START_FRESH = "StartFresh"
+"""``spec.server.checkpoint.onUnusable`` value that trains from round 1 when no checkpoint can be resumed from."""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A checkpoint that could not be resumed from, and why."""
+
+    round: int
+    path: Path
+    why: str
+
+
+class NoUsableCheckpoint(CheckpointError, ConfigError):
+    """A job has checkpoints and none of them can be resumed from; ``rejected`` says which and why."""
+
+    def __init__(self, job: str, job_dir: Path, rejected: list[Rejected]) -> None:
+        listed = "; ".join(f"{r.path.name}: {r.why}" for r in rejected)
+        super().__init__(
+            f"job {job}: none of the {len(rejected)} checkpoint(s) under {job_dir} can be resumed from ({listed}); "
+            "they were left as they are. Fix: restore them (or find what damaged them) and start the server "
+            f"again, or set spec.server.checkpoint.onUnusable: {START_FRESH} to train from round 1 "
+            "(the unusable checkpoints are then moved aside, not deleted)"
+        )
+        self.rejected = rejected
 
 
 @dataclass
@@ -426,14 +462,75 @@ def load_latest(directory: str | os.PathLike[str], job: str | None) -> Checkpoin
         if len(jobs) != 1:
             return None
         job_dir = jobs[0]
+    return _newest_valid(job_dir, job)[0]
+
+
+def _newest_valid(job_dir: Path, job: str | None) -> tuple[Checkpoint | None, list[Rejected]]:
+    """The newest checkpoint under ``job_dir`` that loads, and those newer than it that did not (warned)."""
+    rejected: list[Rejected] = []
     for round, path in _round_dirs(job_dir):
         try:
             ck = load(path)
         except (CheckpointError, FedkubeError, OSError, ValueError) as exc:
             log.warning("job %s: skipping checkpoint of round %d at %s: %s", job or job_dir.name, round, path, exc)
+            why = str(exc)
+            rejected.append(Rejected(round, path, why.removeprefix(f"{path}: ")))
             continue
         if job is not None and ck.job != job:
             log.warning("job %s: skipping checkpoint at %s: it belongs to job %r", job, path, ck.job)
+            rejected.append(Rejected(round, path, f"it belongs to job {ck.job!r}"))
             continue
-        return ck
+        return ck, rejected
+    return None, rejected
+
+
+def resume_point(directory: str | os.PathLike[str], job: str, *, start_fresh: bool = False) -> Checkpoint | None:
+    """The checkpoint a (re)started server of ``job`` resumes from; None when the job has none yet.
+
+    The newest valid one, as :func:`load_latest`. When there are checkpoints
+    and none is valid: raises :class:`NoUsableCheckpoint` and leaves them as
+    they are, or with ``start_fresh`` moves each aside (see the module doc)
+    and returns None.
+    """
+    job_dir = _job_dir(Path(directory), job)
+    found, rejected = _newest_valid(job_dir, job)
+    if found is not None or not rejected:
+        return found
+    if not start_fresh:
+        raise NoUsableCheckpoint(job, job_dir, rejected)
+    for r in rejected:
+        aside = job_dir / f"unusable-{r.path.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(r.path, aside)
+        except OSError as exc:
+            raise CheckpointError(
+                f"job {job}: cannot move the unusable checkpoint {r.path} aside to {aside}: {exc}; "
+                "fix: make the checkpoint directory writable, or move it away by hand"
+            ) from exc
+        log.warning("job %s: %s=%s: starting from round 1; the unusable checkpoint of round %d (%s) is kept at %s",
+                    job, "spec.server.checkpoint.onUnusable", START_FRESH, r.round, r.why, aside)
     return None
+
+
+def check_resume_rounds(job: str, completed: int, rounds: int) -> None:
+    """Refuse to resume from a checkpoint that has more rounds behind it than the job asks for.
+
+    Reporting success would hand over a model trained ``completed`` rounds as
+    the result of a ``rounds``-round job (issue 11 §2.7); usually the spec's
+    rounds were lowered or the checkpoint belongs to an earlier run.
+    """
+    if completed > rounds:
+        raise ConfigError(
+            f"job {job}: the checkpoint holds {completed} completed round(s) but spec.rounds is {rounds}, so "
+            f"there is nothing to run and the model is not a {rounds}-round model. Fix: set spec.rounds to "
+            f"{completed} or more to resume from it, or start with an empty checkpoint directory "
+            f"(`fedkube run`: a new run directory) to train {rounds} round(s) from the start"
+        )
+
+
+def completion_message(rounds: int, first_round: int) -> str:
+    """How a successful job's end reads when this server started at ``first_round``; plain when nothing ran."""
+    if first_round > rounds:
+        return (f"all {rounds} round(s) were completed before this server started (it resumed from the "
+                f"checkpoint of round {first_round - 1}); nothing ran")
+    return f"completed {rounds} round(s)"

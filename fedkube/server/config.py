@@ -74,6 +74,8 @@ class JobSettings:
     heartbeat_timeout_s: float = _TIMEOUTS.heartbeat_seconds
     registration_timeout_s: float = _TIMEOUTS.registration_seconds
     transfer: TransferSettings = field(default_factory=TransferSettings)
+    # spec.server.checkpoint.onUnusable == StartFresh: train from round 1 when no checkpoint loads.
+    checkpoint_start_fresh: bool = False
 
     @classmethod
     def from_spec(cls, job: str, spec: FLJobSpec) -> JobSettings:
@@ -92,6 +94,7 @@ class JobSettings:
             heartbeat_timeout_s=spec.timeouts.heartbeat_seconds,
             registration_timeout_s=spec.timeouts.registration_seconds,
             transfer=TransferSettings.from_spec(spec.transfer),
+            checkpoint_start_fresh=spec.server.checkpoint.on_unusable == "StartFresh",
         )
 
 

@@ -25,6 +25,15 @@ than ``heartbeat_timeout_s``; a client never seen stays Pending, which the
 round logic reports as NotRegistered. A disconnect alone changes nothing: the
 sidecar reconnects with backoff, and only silence past the timeout counts.
 
+The server's own stalls (issue 11 §2.2). Heartbeats are read by the server's
+loop; while that loop does not run (the process stopped, a VM paused, a long
+GC pause, a handler that blocked) they queue up unread, and the silence it
+measures afterwards is its own. The loop ticks a :class:`LoopWatch` on every
+pass; a gap longer than its limit is reported with :meth:`Registry.server_stalled`,
+and from then on every client's silence counts from the resume, not from its
+last heartbeat read before the stall: each gets one full heartbeat timeout,
+judged on what arrives after the server runs again.
+
 Thread safety: every method takes the registry's lock and returns data; none
 calls out (LESSONS.md 10), so gRPC threads may call it directly.
 """
@@ -173,6 +182,8 @@ class Registry:
         self.heartbeat_timeout_s = float(heartbeat_timeout_s)
         self._lock = threading.Lock()
         self._records: dict[str, ClientRecord] = {n: ClientRecord(n) for n in names}
+        # When the server last ran again after a stall of its own: no silence counts from before it.
+        self._resumed_at: float | None = None
 
     # -- reading -----------------------------------------------------------------
 
@@ -369,6 +380,22 @@ class Registry:
             self._records[site] = replace(rec, reason=reason, message=message)
             return True
 
+    def server_stalled(self, seconds: float) -> None:
+        """The server's loop did not run for ``seconds``, up to now: blame no client for that silence.
+
+        Heartbeats that arrived meanwhile were not read (they may still be
+        queued), so every client's silence counts from now: each gets one full
+        heartbeat timeout from the resume (see the module doc).
+        """
+        now = self._clock()
+        with self._lock:
+            self._resumed_at = now
+        log.warning(
+            "job %s: the server itself did not run for %.1f s (process stopped, VM paused, long GC pause or a "
+            "blocked loop); it read no heartbeats meanwhile, so every client gets a fresh heartbeat timeout "
+            "(%g s) from now", self._job, seconds, self.heartbeat_timeout_s,
+        )
+
     def check_heartbeats(self, *, final_round: int | None = None) -> list[ClientRecord]:
         """Declare Lost every seen client silent for longer than the heartbeat timeout; returns them.
 
@@ -389,11 +416,44 @@ class Registry:
                 if (final_round is not None and rec.state is S.DONE and rec.round >= final_round
                         and rec.delivered_task_id == rec.task_id):
                     continue
-                silent = now - rec.last_seen
+                since = rec.last_seen
+                if self._resumed_at is not None and self._resumed_at > since:
+                    since = self._resumed_at
+                silent = now - since
                 if silent > self.heartbeat_timeout_s:
+                    after = " since the server resumed from a stall of its own" if since != rec.last_seen else ""
                     msg = (
-                        f"no heartbeat for {silent:.1f} s (heartbeatSeconds={self.heartbeat_timeout_s:g}); "
+                        f"no heartbeat for {silent:.1f} s{after} (heartbeatSeconds={self.heartbeat_timeout_s:g}); "
                         "check the client's network and its sidecar's logs"
                     )
                     lost.append(self._move(rec, S.LOST, reason=Reason.LOST, message=msg, connected=False))
         return lost
+
+
+STALL_FLOOR_S = 1.0
+"""The shortest gap a :class:`LoopWatch` reports: well above the server loop's own waits (at most 0.2 s)."""
+
+
+class LoopWatch:
+    """Notices that a loop which calls :meth:`tick` on every pass did not run for a while.
+
+    The limit is a third of the heartbeat timeout (the sidecars' heartbeat
+    interval), at least :data:`STALL_FLOOR_S`: a shorter gap cannot make a
+    healthy client look silent for a whole timeout, and a gap near the loop's
+    normal pace must not count, or a dead client would get a fresh grace on
+    every pass and never be Lost. Pure: the clock is injected.
+    """
+
+    def __init__(self, heartbeat_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit_s = max(STALL_FLOOR_S, heartbeat_timeout_s / 3)
+        self._clock = clock
+        self._last: float | None = None
+
+    def tick(self) -> float:
+        """One pass of the loop; the length of the gap since the previous pass when it exceeds the limit, else 0."""
+        now = self._clock()
+        last, self._last = self._last, now
+        if last is None:
+            return 0.0
+        gap = now - last
+        return gap if gap > self.limit_s else 0.0

@@ -51,11 +51,12 @@ from fedkube.server.aggregate import (
     WeightedMean,
     weighted_metrics,
 )
+from fedkube.server.checkpoint import check_resume_rounds, completion_message
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
 from fedkube.server.model import ModelSpec, check_result
 from fedkube.server.pool import realigned
-from fedkube.server.registry import ClientState, RegistrationRejected, Registry
+from fedkube.server.registry import ClientState, LoopWatch, RegistrationRejected, Registry
 from fedkube.server.reverse import ReverseChunkSource, UploadBroker
 from fedkube.server.rounds import (
     Action,
@@ -383,6 +384,7 @@ class RoundWorkflow:
         self.registry = Registry(
             sorted(settings.clients), heartbeat_timeout_s=settings.heartbeat_timeout_s, clock=clock, job=settings.job
         )
+        self._loop_watch = LoopWatch(settings.heartbeat_timeout_s, clock)
         self.policy = RoundPolicy(
             rounds=settings.rounds,
             min_clients=settings.min_clients,
@@ -498,7 +500,8 @@ class RoundWorkflow:
                 # a varying part of them resident (bench/README.md, memory variance).
                 release_free_memory()
                 self._refresh()
-            outcome = Outcome(True, Phase.SUCCEEDED.value, f"completed {s.rounds} round(s)", self._rounds_completed)
+            outcome = Outcome(True, Phase.SUCCEEDED.value, completion_message(s.rounds, start_round),
+                              self._rounds_completed)
         except JobFailed as exc:
             log.error("job %s failed: %s", s.job, exc)
             outcome = Outcome(False, exc.reason, exc.message, self._rounds_completed)
@@ -562,6 +565,7 @@ class RoundWorkflow:
             loaded = self._checkpoints.load()
             if loaded is not None:
                 done, model, state = loaded
+                check_resume_rounds(s.job, done, s.rounds)
                 check_initial_model(model)
                 if state is not None:
                     self._strategy.load_state(state)
@@ -1144,6 +1148,9 @@ class RoundWorkflow:
 
     def _check_heartbeats(self) -> None:
         """Seen-then-silent clients become Lost (the registry never loses a client it has not seen)."""
+        stalled = self._loop_watch.tick()
+        if stalled:
+            self.registry.server_stalled(stalled)
         for rec in self.registry.check_heartbeats(final_round=self.settings.rounds):
             self.telemetry.client_failed(Reason.LOST.value)
             log.warning("job %s: client %s lost: %s", self.settings.job, rec.name, rec.message)

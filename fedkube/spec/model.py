@@ -186,6 +186,12 @@ class Checkpoint(_Model):
     storage_class_name: str | None = Field(
         default=None, alias="storageClassName", description="StorageClass of the claim; empty uses the default."
     )
+    on_unusable: Literal["Fail", "StartFresh"] = Field(
+        default="Fail",
+        alias="onUnusable",
+        description="When checkpoints exist but none can be loaded: Fail (the server refuses to start and names "
+        "each) or StartFresh (train from round 1; the unusable checkpoints are moved aside, never deleted).",
+    )
 
 
 class ServerTemplate(_ContainerTemplate):

@@ -44,8 +44,8 @@ INITIAL: dict[str, np.ndarray] = {
 }
 
 
-def _job(tmp_path: Path, hold_round: int | None = None) -> dict[str, Any]:
-    return job_doc("f04", ("site-a", "site-b"), rounds=ROUNDS, roomy=True, checkpoint=True,
+def _job(tmp_path: Path, hold_round: int | None = None, *, rounds: int = ROUNDS) -> dict[str, Any]:
+    return job_doc("f04", ("site-a", "site-b"), rounds=rounds, roomy=True, checkpoint=True,
                    timeouts={"registrationSeconds": 30}, trainer=trainer_script(tmp_path, BODY),
                    initial=save_model(tmp_path / "initial.npz", INITIAL),
                    env={} if hold_round is None else {"HOLD_ROUND": str(hold_round)})
@@ -136,3 +136,82 @@ def test_server_killed_while_a_trainer_fetches_the_round_model_the_stale_task_is
     assert summary["phase"] == "Succeeded" and summary["completedRounds"] == ROUNDS and "reason" not in summary
     assert {c["name"]: c["state"] for c in summary["clients"]} == {"site-a": "Done", "site-b": "Done"}
     _assert_bit_exact(got, uninterrupted)
+
+
+# --- restarts the checkpoints cannot serve (issue 11 §2.5, §2.7) ---------------------------------------------------
+
+FINISHED = 2  # rounds of the job whose checkpoints the restarted servers find
+
+
+def _finished_job(tmp_path: Path) -> Path:
+    """Run the job to the end (FINISHED rounds, a checkpoint after each) and return its checkpoint directory."""
+    with PodJob(_job(tmp_path, rounds=FINISHED), tmp_path) as job:
+        job.server_succeeded(60)
+        assert job.checkpoint().round == FINISHED
+        return job.checkpoint_dir() / job.name
+
+
+def _server_alone(doc: dict[str, Any], tmp_path: Path) -> tuple[int, dict[str, Any], str]:
+    """Start only the server pod of ``doc`` on ``tmp_path``'s claim; its exit code, summary and log (bounded)."""
+    job = PodJob(doc, tmp_path)
+    try:
+        job.start_server()
+        result = job.wait_server(20)  # no round can run without clients: it must decide alone, at once
+        return result.containers[0].exit_code, job.summary(), job.log("server", "server")
+    finally:
+        job.close()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.timeout(150)
+def test_every_checkpoint_corrupt_refuses_to_start_keeps_them_and_start_fresh_is_explicit(tmp_path: Path) -> None:
+    ck_dir = _finished_job(tmp_path)
+    rounds = sorted(p.name for p in ck_dir.iterdir())
+    assert rounds == ["round-000001", "round-000002"]
+    for name in rounds:
+        tensor = ck_dir / name / "tensors" / "00000.bin"
+        data = bytearray(tensor.read_bytes())
+        data[7] ^= 0xFF
+        tensor.write_bytes(bytes(data))
+    damaged = _files(ck_dir)
+    # A restarted server refuses: no silent round 1, every checkpoint named with why, nothing deleted.
+    code, summary, _ = _server_alone(_job(tmp_path, rounds=FINISHED), tmp_path)
+    assert code == 2  # 2 where server-side configuration errors exit 2 (issue 11 §2.10)
+    assert summary["phase"] == "Failed" and summary["reason"] == "ConfigError", summary
+    for name in rounds:
+        assert f"{name}: " in summary["message"], summary["message"]
+    assert "fails its checksum" in summary["message"] and "onUnusable: StartFresh" in summary["message"]
+    assert summary["round"] == 0 and summary["completedRounds"] == 0, summary  # it refused before any round
+    assert _files(ck_dir) == damaged
+    # Asked to, the job trains from round 1 and sets the unusable checkpoints aside instead of deleting them.
+    doc = _job(tmp_path, rounds=FINISHED)
+    doc["spec"]["server"]["checkpoint"]["onUnusable"] = "StartFresh"
+    with PodJob(doc, tmp_path) as job:
+        summary = job.server_succeeded(60)
+        fresh = job.checkpoint()
+    assert summary["phase"] == "Succeeded" and summary["completedRounds"] == FINISHED
+    assert fresh.round == FINISHED
+    aside = sorted(p for p in ck_dir.iterdir() if p.name.startswith("unusable-"))
+    assert [p.name.rsplit("-", 1)[0] for p in aside] == ["unusable-round-000001", "unusable-round-000002"]
+    assert sorted(v for p in aside for v in _files(p).values()) == sorted(damaged.values())
+
+
+@pytest.mark.timeout(120)
+def test_restart_after_the_last_round_says_nothing_ran_and_fewer_rounds_are_refused(tmp_path: Path) -> None:
+    ck_dir = _finished_job(tmp_path)
+    kept = _files(ck_dir)
+    # Same spec: the job is complete; the new server says so plainly.
+    code, summary, _ = _server_alone(_job(tmp_path, rounds=FINISHED), tmp_path)
+    assert code == 0 and summary["phase"] == "Succeeded" and summary["completedRounds"] == FINISHED, summary
+    assert summary["message"] == (f"all {FINISHED} round(s) were completed before this server started "
+                                  f"(it resumed from the checkpoint of round {FINISHED}); nothing ran")
+    # Fewer rounds than the checkpoint holds: refused with the fix, not "completed 1 round(s)" at rounds 2/1.
+    code, summary, _ = _server_alone(_job(tmp_path, rounds=FINISHED - 1), tmp_path)
+    assert code == 2  # 2 where server-side configuration errors exit 2 (issue 11 §2.10)
+    assert summary["phase"] == "Failed" and summary["reason"] == "ConfigError", summary
+    assert (f"holds {FINISHED} completed round(s) but spec.rounds is {FINISHED - 1}" in summary["message"]
+            and f"set spec.rounds to {FINISHED} or more" in summary["message"]), summary["message"]
+    assert _files(ck_dir) == kept

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +16,18 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from fedkube.errors import ConfigError
 from fedkube.server import checkpoint
-from fedkube.server.checkpoint import CheckpointError, load, load_latest, save
+from fedkube.server.checkpoint import (
+    CheckpointError,
+    NoUsableCheckpoint,
+    check_resume_rounds,
+    completion_message,
+    load,
+    load_latest,
+    resume_point,
+    save,
+)
 from fedkube.server.strategies import FedAdam, StrategyState
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -195,3 +206,72 @@ def test_resaving_after_fallback_never_loses_the_new_checkpoint(tmp_path: Path) 
     ck = load_latest(tmp_path, "j")
     assert ck is not None and ck.round == 2
     _assert_models_equal(ck.model, _model(20))
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_point_refuses_when_every_checkpoint_is_unusable_and_deletes_none(tmp_path: Path) -> None:
+    """Issue 11 §2.5: no silent restart from round 1, each checkpoint named with why, nothing deleted."""
+    for r in (1, 2, 3):
+        save(tmp_path, "j", r, _model(r), StrategyState("fedavg"))
+    _corrupt_byte(tmp_path / "j" / "round-000003" / "tensors" / "00001.bin")
+    (tmp_path / "j" / "round-000002" / "manifest.json").unlink()
+    other = save(tmp_path, "other", 1, _model(1), StrategyState("fedavg"))  # a copy from another job
+    shutil.rmtree(tmp_path / "j" / "round-000001")
+    shutil.copytree(other, tmp_path / "j" / "round-000001")
+    before = _tree(tmp_path / "j")
+    with pytest.raises(NoUsableCheckpoint) as err:
+        resume_point(tmp_path, "j")
+    assert isinstance(err.value, ConfigError)  # the server's configuration error: exit code 2
+    message = str(err.value)
+    assert "none of the 3 checkpoint(s)" in message
+    assert "round-000003: " in message and "fails its checksum" in message
+    assert "round-000002: " in message and "no manifest.json" in message
+    assert "round-000001: it belongs to job 'other'" in message
+    assert "spec.server.checkpoint.onUnusable: StartFresh" in message
+    assert [(r.round, r.path.name) for r in err.value.rejected] == [
+        (3, "round-000003"), (2, "round-000002"), (1, "round-000001")]
+    assert _tree(tmp_path / "j") == before  # every file kept, unchanged
+    with pytest.raises(NoUsableCheckpoint):
+        resume_point(tmp_path, "j")  # and refused again on the next start
+
+
+def test_resume_point_starts_fresh_only_when_asked_and_moves_the_unusable_ones_aside(tmp_path: Path) -> None:
+    for r in (1, 2):
+        save(tmp_path, "j", r, _model(r), StrategyState("fedavg"))
+    for r in (1, 2):
+        _corrupt_byte(tmp_path / "j" / f"round-00000{r}" / "tensors" / "00001.bin")
+    before = _tree(tmp_path / "j")
+    assert resume_point(tmp_path, "j", start_fresh=True) is None
+    aside = sorted(p.name for p in (tmp_path / "j").iterdir())
+    assert [n.rsplit("-", 1)[0] for n in aside] == ["unusable-round-000001", "unusable-round-000002"]
+    assert sorted(_tree(tmp_path / "j").values()) == sorted(before.values())  # moved, not deleted
+    # The fresh run's saves neither read nor prune what was set aside.
+    save(tmp_path, "j", 1, _model(10), StrategyState("fedavg"), keep=1)
+    ck = resume_point(tmp_path, "j")
+    assert ck is not None and ck.round == 1
+    assert sum(p.name.startswith("unusable-") for p in (tmp_path / "j").iterdir()) == 2
+
+
+def test_resume_point_is_load_latest_when_one_loads_or_there_is_none(tmp_path: Path) -> None:
+    assert resume_point(tmp_path, "j") is None  # a new job: nothing to resume, no error
+    save(tmp_path, "j", 1, _model(1), StrategyState("fedavg"))
+    save(tmp_path, "j", 2, _model(2), StrategyState("fedavg"))
+    _corrupt_byte(tmp_path / "j" / "round-000002" / "tensors" / "00001.bin")
+    ck = resume_point(tmp_path, "j")
+    assert ck is not None and ck.round == 1  # the documented fallback to an older valid checkpoint
+
+
+def test_resuming_with_fewer_rounds_than_completed_is_refused_and_a_finished_job_says_nothing_ran() -> None:
+    """Issue 11 §2.7: not "completed 2 round(s)" with rounds 3/2."""
+    with pytest.raises(ConfigError, match=r"holds 3 completed round\(s\) but spec.rounds is 2.*set spec.rounds to 3"):
+        check_resume_rounds("j", 3, 2)
+    check_resume_rounds("j", 2, 2)
+    check_resume_rounds("j", 1, 2)
+    assert completion_message(2, 1) == "completed 2 round(s)"
+    assert completion_message(2, 2) == "completed 2 round(s)"
+    assert completion_message(2, 3) == (
+        "all 2 round(s) were completed before this server started (it resumed from the checkpoint of round 2); "
+        "nothing ran")

@@ -29,6 +29,7 @@ EVERYTHING: dict[str, Any] = {
     "model": {"source": "file", "path": "/models/init.npz"},
     "transfer": {"chunkBytes": 65536, "chunkTimeoutSeconds": 7, "idleTimeoutSeconds": 30, "maxAttempts": 4},
     "timeouts": {"roundSeconds": 90, "heartbeatSeconds": 12, "registrationSeconds": 40},
+    "server": {"checkpoint": {"onUnusable": "StartFresh"}},
 }
 
 

@@ -7,8 +7,10 @@ import itertools
 import pytest
 
 from fedkube.server.registry import (
+    STALL_FLOOR_S,
     ClientState,
     InvalidTransition,
+    LoopWatch,
     RegistrationRejected,
     Registry,
     SessionKey,
@@ -119,6 +121,61 @@ def test_heartbeats_keep_a_client_alive_and_silence_makes_it_lost(clock: FakeClo
     assert not reg.heartbeat(a)  # the lost connection's events are stale
     connect(reg, "a", "s9")
     assert reg.get("a").state is S.REGISTERED and reg.get("a").reason is None
+
+
+def test_loop_watch_reports_only_gaps_longer_than_a_third_of_the_heartbeat_timeout(clock: FakeClock) -> None:
+    watch = LoopWatch(30, clock)
+    assert watch.limit_s == 10
+    assert watch.tick() == 0  # the first pass has nothing to compare with
+    clock.advance(9.9)
+    assert watch.tick() == 0
+    clock.advance(10.5)
+    assert watch.tick() == 10.5
+    clock.advance(0.2)
+    assert watch.tick() == 0
+    # A short timeout keeps a floor above the loop's own pace: otherwise every pass would look like a stall.
+    fast = LoopWatch(0.6, clock)
+    assert fast.limit_s == STALL_FLOOR_S
+    fast.tick()
+    clock.advance(0.9)
+    assert fast.tick() == 0
+
+
+def _loop(reg: Registry, watch: LoopWatch, clock: FakeClock, seconds: int,
+          beating: dict[str, SessionKey]) -> list[tuple[float, str, str]]:
+    """The server's loop, a pass a second; ``beating`` heartbeat every 10 s. Returns (time, site, message) of losses."""
+    lost = []
+    for _ in range(seconds):
+        clock.advance(1)
+        if round(clock.now) % 10 == 0:
+            for key in beating.values():
+                reg.heartbeat(key)
+        stalled = watch.tick()
+        if stalled:
+            reg.server_stalled(stalled)
+        lost += [(clock.now, r.name, r.message) for r in reg.check_heartbeats()]
+    return lost
+
+
+def test_a_stall_of_the_server_itself_gives_every_client_a_fresh_timeout_from_the_resume(clock: FakeClock) -> None:
+    """Issue 11 §2.2: the server stopped for 45 s (timeout 30 s) blames nobody; clients are judged after it."""
+    reg, watch = make(clock, "a", "b"), LoopWatch(30, clock)
+    keys = {s: connect(reg, s) for s in ("a", "b")}
+    assert _loop(reg, watch, clock, 25, keys) == []
+    clock.advance(45)  # the process is stopped: no pass of the loop, no heartbeat read
+    resumed = clock.now + 1  # the loop's first pass after the stall
+    b_died = {"a": keys["a"]}  # b died during the stall; a's heartbeats go on
+    lost = _loop(reg, watch, clock, 60, b_died)
+    # Nobody was blamed for the stall; b is Lost one timeout after the resume, not at once.
+    assert [(site, when - resumed) for when, site, _ in lost] == [("b", 31)]
+    assert "no heartbeat for 31.0 s since the server resumed from a stall of its own" in lost[0][2]
+    assert reg.get("a").state is S.REGISTERED
+    # Without the stall report (the bug), the same stall loses both clients on the first pass after it.
+    reg2 = make(clock, "a", "b")
+    for site in ("a", "b"):
+        connect(reg2, site)
+    clock.advance(45)
+    assert sorted(r.name for r in reg2.check_heartbeats()) == ["a", "b"]
 
 
 def test_client_done_with_the_final_round_is_not_lost_when_its_pod_winds_down(clock: FakeClock) -> None:
