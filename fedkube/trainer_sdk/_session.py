@@ -43,6 +43,7 @@ from fedkube.status import Reason
 from fedkube.trainer_sdk.errors import (
     InvalidParamsError,
     JobStoppedError,
+    ReceiveWithoutSendError,
     ResultRejectedError,
     ResultTransferError,
     SendWithoutReceiveError,
@@ -51,6 +52,7 @@ from fedkube.trainer_sdk.errors import (
 from fedkube.trainer_sdk.model import (
     FLModel,
     ReceiveTarget,
+    check_num_examples,
     into_params,
     overlapping,
     params_to_numpy,
@@ -341,14 +343,33 @@ class Session:
                 return None
 
     def is_running(self) -> bool:
+        self._check_answered("is_running")
         return isinstance(self._poll(block=True), control_pb2.Task)
 
     def receive(self, into: Any = None) -> FLModel:
+        self._check_answered("receive")
         buffers = into_params(into)
         while True:
             model = self._receive_one(buffers)
             if model is not None:
                 return model
+
+    def _check_answered(self, call: str) -> None:
+        """Raise ReceiveWithoutSendError while the task last received waits for its send() (unless the job is over).
+
+        The server sends a site its next task only after the result of this
+        one (or the round's deadline), so waiting for it here would block until
+        that deadline and get the site dropped as a straggler.
+        """
+        with self._lock:
+            task = self._task if self._stopped is None else None
+        if task is not None:
+            raise ReceiveWithoutSendError(
+                f"job {self.job} site {self.site} round {task.round}: {call}() was called while task {task.id} "
+                f"of round {task.round} is still unanswered; the server waits for its result until the round's "
+                "deadline; fix: call fk.send() exactly once for each task fk.receive() returned, before asking "
+                "for the next one"
+            )
 
     def _receive_one(self, into: Mapping[str, Any] | None = None) -> FLModel | None:
         """The next task's model; None when its model is gone at the source (the task is dropped)."""
@@ -476,6 +497,12 @@ class Session:
     def send(self, model: FLModel) -> bool:
         with self._lock:
             task, self._task = self._task, None
+            if task is not None:
+                try:
+                    num_examples = check_num_examples(model.num_examples, training=task.kind == protocol.TASK_TRAIN)
+                except InvalidParamsError:
+                    self._task = task  # nothing was sent: a corrected send() can still answer the task
+                    raise
         if task is None:
             raise SendWithoutReceiveError(
                 f"job {self.job} site {self.site}: send() without a task to answer; fix: call fk.receive() "
@@ -484,7 +511,7 @@ class Session:
         started = time.monotonic()
         self._waited = 0.0
         try:
-            return self._send(task, model)
+            return self._send(task, model, num_examples)
         finally:
             self._timing(SEND_SECONDS, time.monotonic() - started)
             self._timing(DOWNLOAD_WAIT_SECONDS, self._waited)
@@ -493,7 +520,7 @@ class Session:
             # The round's chunk buffers are freed now; glibc would keep them resident (bench/README.md).
             release_free_memory()
 
-    def _send(self, task: _Task, model: FLModel) -> bool:
+    def _send(self, task: _Task, model: FLModel, num_examples: int) -> bool:
         arrays = params_to_numpy(model.params) if model.params is not None else {}
         timeouts = ResultTimeouts.from_config(task.config, self.settings.result_timeouts())
         idle, start, ttl = timeouts.idle_s, timeouts.start_s, timeouts.ttl_s
@@ -508,7 +535,7 @@ class Session:
             refs = [r.to_proto() for r in txn.refs]
         del arrays
         ann = control_pb2.ResultAnnouncement(
-            task_id=task.id, round=task.round, num_examples=int(model.num_examples), metrics=metrics, refs=refs
+            task_id=task.id, round=task.round, num_examples=num_examples, metrics=metrics, refs=refs
         )
         try:
             self._submit(ann)
