@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from fedkube.errors import ConfigError
 from fedkube.wire.v1 import control_pb2
@@ -46,7 +47,7 @@ _KIND_PREFIX = "TASK_KIND_"
 def task_kind_name(kind: int) -> str:
     """The short name of a ``TaskKind`` ("train", "init"; "unspecified" for 0, "kind <n>" for a newer one)."""
     try:
-        return control_pb2.TaskKind.Name(kind).removeprefix(_KIND_PREFIX).lower()  # type: ignore[arg-type]
+        return control_pb2.TaskKind.Name(kind).removeprefix(_KIND_PREFIX).lower()
     except ValueError:
         return f"kind {kind}"
 
@@ -56,9 +57,9 @@ INIT_TASK = task_kind_name(TASK_INIT)
 TRAIN_TASK = task_kind_name(TASK_TRAIN)
 
 
-def task_kind(name: str) -> control_pb2.TaskKind.ValueType:
+def task_kind(name: str) -> control_pb2.TaskKind:
     """The ``TaskKind`` of a short name (inverse of :func:`task_kind_name`); ValueError for an unknown one."""
-    return control_pb2.TaskKind.Value(_KIND_PREFIX + name.upper())
+    return cast(control_pb2.TaskKind, control_pb2.TaskKind.Value(_KIND_PREFIX + name.upper()))
 
 
 #: Where the trainer SDK shows a script the task's kind among ``FLModel.config`` (``"init"`` or ``"train"``).

@@ -188,7 +188,7 @@ class FakeServer(control_pb2_grpc.ControlServicer):
         round: int = 1,
         total_rounds: int = 1,
         config: dict[str, str] | None = None,
-        kind: control_pb2.TaskKind.ValueType = control_pb2.TASK_KIND_TRAIN,
+        kind: control_pb2.TaskKind = control_pb2.TASK_KIND_TRAIN,
     ) -> control_pb2.Task:
         refs: list[Any] = []
         if params:
