@@ -52,15 +52,15 @@ def test_send_gives_up_after_the_jobs_idle_timeout_not_the_sdk_default() -> None
     session = Session(f"127.0.0.1:{sidecar.port}", site=SITE, job=JOB, settings=defaults)
     try:
         session.connect()
-        model = session.receive()
-        assert model.params is not None
+        params = session.receive().params
+        assert params is not None
         # Stop everything between the sidecar and the server 1 MiB into the result's upload.
         proxy.pause_at(proxy.bytes[UP] + (1 << 20), UP)
         outcome: list[BaseException | bool] = []
 
         def send() -> None:
             try:
-                outcome.append(session.send(FLModel(params={"w": model.params["w"] + 1}, num_examples=1)))
+                outcome.append(session.send(FLModel(params={"w": params["w"] + 1}, num_examples=1)))
             except BaseException as exc:
                 outcome.append(exc)
 

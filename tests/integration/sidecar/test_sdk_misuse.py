@@ -102,7 +102,7 @@ def test_num_examples_is_checked_again_at_send_and_the_task_stays_answerable(
     with pytest.raises(InvalidParamsError, match=r"num_examples is 0 in the result of a training task.*fix: pass"):
         trainer.send(result)
     assert not server.of_kind("result")  # nothing was announced
-    result.num_examples = np.uint64(2**64 - 1)  # numpy integers count; the whole uint64 range travels
+    result.num_examples = np.uint64(2**64 - 1)  # type: ignore[assignment]  # numpy ints count; all of uint64 travels
     assert _answer(server, trainer, "t1", result).num_examples == 2**64 - 1
 
 
