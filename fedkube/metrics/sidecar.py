@@ -31,6 +31,7 @@ from fedkube.metrics.core import (
     component_info,
     one_of,
 )
+from fedkube.protocol import DOWNLOAD_WAIT_SECONDS, RECEIVE_SECONDS, RESERVED_METRIC_PREFIX, SEND_SECONDS
 
 #: States of the sidecar's control stream to the server.
 UPSTREAM_STATES = ("connecting", "connected", "backoff", "stopped")
@@ -38,13 +39,7 @@ UPSTREAM_STATES = ("connecting", "connected", "backoff", "stopped")
 TRAINER_STATES = ("Unknown", "Starting", "Running", "Finished", "Failed", "Exited")
 #: ``direction`` of relayed chunk streams: the global model down to the trainer, results up to the server.
 DIRECTIONS = ("to_trainer", "to_server")
-
-#: Names under which the trainer SDK reports its own timings through ``LogMetric``. The sidecar turns
-#: them into the ``fedkube_trainer_*_seconds`` histograms and never forwards them as user metrics.
-RESERVED_PREFIX = "fedkube."
-RECEIVE_SECONDS = "fedkube.receive_seconds"
-SEND_SECONDS = "fedkube.send_seconds"
-DOWNLOAD_WAIT_SECONDS = "fedkube.download_wait_seconds"
+# The trainer SDK's own timings arrive under fedkube.protocol's reserved metric names.
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +170,7 @@ class SidecarMetrics:
         """Record one ``MetricReport`` from the trainer; return the user metrics to forward to the server.
 
         Values under the reserved names (:data:`RECEIVE_SECONDS`, ...) feed the
-        timing histograms; other names starting with :data:`RESERVED_PREFIX`
+        timing histograms; other names starting with :data:`RESERVED_METRIC_PREFIX`
         are dropped (reserved for future SDK timings, so an older sidecar does
         not forward them as user metrics); everything else is a user metric.
         The trainer is user code: a timing that is negative or not finite is
@@ -185,7 +180,7 @@ class SidecarMetrics:
                    DOWNLOAD_WAIT_SECONDS: self.trainer_download_wait}
         user: dict[str, float] = {}
         for name, value in values.items():
-            if not name.startswith(RESERVED_PREFIX):
+            if not name.startswith(RESERVED_METRIC_PREFIX):
                 self.user_metric(name, value)
                 user[name] = value
             elif name in timings and math.isfinite(value) and value >= 0:

@@ -36,6 +36,7 @@ from fedkube.errors import ConfigError
 from fedkube.logs import configure_logging, log_format_from_env
 from fedkube.metrics.core import new_registry, serve_metrics
 from fedkube.metrics.server import ServerMetrics
+from fedkube.protocol import SERVER
 from fedkube.server import checkpoint
 from fedkube.server.config import ServerConfig, load_config
 from fedkube.server.control import AUTH_METADATA, SITE_METADATA, ControlServicer, SessionTable
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
 LINGER_S = 5.0  # how long a finished server waits for its clients to hang up
-SERVER_SOURCE = "server"  # the name clients see as the global model's source
+SERVER_SOURCE = SERVER  # the name clients see as the global model's source
 _DOWNLOAD_PREFIX = "/fedkube.v1.Download/"
 
 

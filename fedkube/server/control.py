@@ -27,6 +27,7 @@ import grpc
 
 from fedkube import envvars
 from fedkube.metrics.server import ServerMetrics
+from fedkube.protocol import AUTH_METADATA, PROTOCOL_VERSION, SITE_METADATA
 from fedkube.server.reverse import UploadBroker, push_chunk, push_end, push_error
 from fedkube.transfer.errors import InvalidRefError
 from fedkube.transfer.refs import TensorRef
@@ -34,10 +35,7 @@ from fedkube.wire.v1 import control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
 REGISTER_TIMEOUT = "RegisterTimeout"  # connections_rejected reason: a stream that never registered
-SITE_METADATA = "x-fedkube-site"
-AUTH_METADATA = "authorization"
 
 _PHASES = {
     control_pb2.TRAINER_PHASE_UNSPECIFIED: "Unknown",

@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
+from fedkube.protocol import SERVER
 from fedkube.transfer.bulk import close_socket, read_fetch_response
 from fedkube.transfer.errors import (
     ChunkTimeoutError,
@@ -48,7 +49,7 @@ from fedkube.wire.v1 import control_pb2
 log = logging.getLogger(__name__)
 
 # The receiver name of every result fetch: the server pulls, clients serve.
-SERVER_RECEIVER = "server"
+SERVER_RECEIVER = SERVER
 
 # Sends one ServerMessage to the site's current control stream; False when the
 # site has no live stream.

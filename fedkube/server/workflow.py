@@ -44,6 +44,7 @@ import numpy as np
 from fedkube.errors import ConfigError, FedkubeError
 from fedkube.metrics.core import new_registry
 from fedkube.metrics.server import ServerMetrics
+from fedkube.protocol import INIT_TASK, TRAIN_TASK, ResultTimeouts, task_kind
 from fedkube.server.aggregate import (
     DiscardOutcome,
     FoldAbortedError,
@@ -85,10 +86,6 @@ from fedkube.transfer.service import (
 from fedkube.wire.v1 import control_pb2
 
 log = logging.getLogger(__name__)
-
-INIT_TASK = "init"
-TRAIN_TASK = "train"
-TASK_KIND_KEY = "fedkube.task"
 
 # Job-level reasons beyond fedkube.status.Reason (which names client failures).
 TERMINATED = "Terminated"
@@ -763,7 +760,12 @@ class RoundWorkflow:
                 task_id=task_id,
                 round=rnd.number,
                 refs=[r.to_proto() for r in refs],
-                config={TASK_KIND_KEY: rnd.kind},
+                kind=task_kind(rnd.kind),
+                # How long the trainer's send() waits for this server's download of its result.
+                config=ResultTimeouts.for_job(
+                    idle_timeout_s=self._fetch.idle_timeout_s, chunk_timeout_s=self._fetch.chunk_timeout_s,
+                    round_timeout_s=self.settings.round_timeout_s,
+                ).to_config(),
                 total_rounds=self.settings.rounds,
             )
         )

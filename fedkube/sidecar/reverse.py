@@ -24,47 +24,25 @@ from typing import Any
 
 import grpc
 
+from fedkube.protocol import SERVER
 from fedkube.sidecar.meter import Counted, RelayMeter, StreamMeter
 from fedkube.transfer.bulk import PUMP_BUFFER_BYTES, push_upload
 from fedkube.transfer.errors import StreamBrokenError, TransferAbortedError, TransferError
 from fedkube.transfer.fetch import GrpcChunkSource
 from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.relay import relay_chunks
-from fedkube.transfer.wire import encode_varint
+from fedkube.transfer.wire import encode_pushed_chunk
 from fedkube.wire.v1 import control_pb2, tensor_pb2
 
 log = logging.getLogger(__name__)
 
 # The server is the one receiver of every result transaction the trainer publishes.
-SERVER_RECEIVER = "server"
+SERVER_RECEIVER = SERVER
 PUSH_METHOD = "/fedkube.v1.Control/Push"
 # Trainer and sidecar share a pod: a chunk that takes this long means the trainer is stuck.
 TRAINER_CHUNK_TIMEOUT_S = 60.0
 # After the server's bulk port could not be reached, results go over gRPC this long before bulk is tried again.
 BULK_RETRY_S = 30.0
-
-
-def encode_pushed_chunk(request_id: str, offset: int, data: bytes | memoryview = b"", error: str = "") -> bytes:
-    """The wire bytes of ``fedkube.v1.PushedChunk``, copying ``data`` exactly once.
-
-    Building the message by hand avoids a second copy of every relayed chunk
-    into a protobuf object; the bytes are a valid PushedChunk for any parser.
-    """
-    parts = []
-    if request_id:
-        rid = request_id.encode()
-        parts.append(b"\x0a" + encode_varint(len(rid)) + rid)
-    if offset:
-        parts.append(b"\x10" + encode_varint(offset))
-    mv = memoryview(data).cast("B")
-    if mv.nbytes:
-        parts.append(b"\x1a" + encode_varint(mv.nbytes))
-    if error:
-        err = error.encode()
-        tail = b"\x22" + encode_varint(len(err)) + err
-    else:
-        tail = b""
-    return b"".join(parts) + mv + tail if mv.nbytes else b"".join(parts) + tail
 
 
 def _nbytes(item: tuple[int, Any]) -> int:

@@ -12,13 +12,12 @@ from typing import Any
 
 import grpc
 
+from fedkube.protocol import AUTH_METADATA, BEARER, PROTOCOL_VERSION, SITE_METADATA
 from fedkube.sidecar.state import backoff_delay
 from fedkube.transfer.wire import relay_channel_options
 from fedkube.wire.v1 import control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-PROTOCOL_VERSION = 1
 
 
 class _Auth(
@@ -30,7 +29,7 @@ class _Auth(
     """Adds the site's token and name to every call, so the relayed Download calls carry them too."""
 
     def __init__(self, site: str, token: str) -> None:
-        self._md = (("authorization", f"Bearer {token}"), ("x-fedkube-site", site))
+        self._md = ((AUTH_METADATA, BEARER + token), (SITE_METADATA, site))
 
     def _details(self, details: Any) -> Any:
         md = list(details.metadata or ()) + list(self._md)

@@ -40,6 +40,7 @@ from fedkube.trainer_sdk.errors import (
     InvalidParamsError,
     JobStoppedError,
     NotInitializedError,
+    ReceiveWithoutSendError,
     ResultRejectedError,
     ResultTransferError,
     SDKError,
@@ -54,6 +55,7 @@ __all__ = [
     "InvalidParamsError",
     "JobStoppedError",
     "NotInitializedError",
+    "ReceiveWithoutSendError",
     "ResultRejectedError",
     "ResultTransferError",
     "SDKError",
@@ -132,7 +134,11 @@ def init(*, settings: SessionSettings | None = None) -> None:
 
 
 def is_running() -> bool:
-    """True while the job has a task for this site; waits for the next task (False after the job's Stop)."""
+    """True while the job has a task for this site; waits for the next task (False after the job's Stop).
+
+    Raises :class:`ReceiveWithoutSendError` while the task last received is still unanswered (call
+    ``send()`` first): the next task comes only after its result.
+    """
     return _require("is_running").is_running()
 
 
@@ -141,6 +147,11 @@ def receive(into: FLModel | Mapping[str, Any] | None = None) -> FLModel:
 
     ``params`` is None for an "init" task (``config["fedkube.task"] == "init"``):
     answer it by sending your initial weights.
+
+    Each received task must be answered with exactly one ``send()`` before the
+    next ``receive()``; a second ``receive()`` raises
+    :class:`ReceiveWithoutSendError` at once (the server would wait for the
+    missing result until the round's deadline).
 
     ``into`` gives buffers to receive into instead: the params you sent last
     round (``into=model``), or a network's ``state_dict()``, whose weights are

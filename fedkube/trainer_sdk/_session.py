@@ -30,18 +30,20 @@ from typing import Any
 import grpc
 import numpy as np
 
-from fedkube import envvars
+from fedkube import envvars, protocol
 from fedkube.errors import ConfigError
-from fedkube.metrics.sidecar import (
+from fedkube.protocol import (
     DOWNLOAD_WAIT_SECONDS,
     RECEIVE_SECONDS,
-    RESERVED_PREFIX,
+    RESERVED_METRIC_PREFIX,
     SEND_SECONDS,
+    ResultTimeouts,
 )
 from fedkube.status import Reason
 from fedkube.trainer_sdk.errors import (
     InvalidParamsError,
     JobStoppedError,
+    ReceiveWithoutSendError,
     ResultRejectedError,
     ResultTransferError,
     SendWithoutReceiveError,
@@ -50,6 +52,7 @@ from fedkube.trainer_sdk.errors import (
 from fedkube.trainer_sdk.model import (
     FLModel,
     ReceiveTarget,
+    check_num_examples,
     into_params,
     overlapping,
     params_to_numpy,
@@ -81,12 +84,6 @@ _SAME_ON_GRPC = (
     TransferAbortedError, ChecksumMismatchError, InvalidRefError, RefNotFoundError, TransactionExpiredError,
 )
 
-TASK_KIND_KEY = "fedkube.task"
-INIT_TASK = "init"
-# Optional per-task settings the server may put into Task.config (seconds).
-RESULT_IDLE_TIMEOUT_KEY = "fedkube.result_idle_timeout_s"
-RESULT_START_TIMEOUT_KEY = "fedkube.result_start_timeout_s"
-RESULT_TTL_KEY = "fedkube.result_ttl_s"
 # Attempts on the bulk path before the session falls back to gRPC: a relay that cannot reach the
 # server answers at once, so a few quick tries tell a dead bulk port from a passing break.
 BULK_MAX_ATTEMPTS = 3
@@ -108,6 +105,9 @@ class SessionSettings:
       start within this long (the server pulls results as they arrive).
     * ``result_ttl_s``: the result's transaction is dropped after this long even
       if the server never completed it.
+
+    The three ``result_*`` values are defaults: the server sends its job's own
+    with every task (:class:`fedkube.protocol.ResultTimeouts`), and those win.
     """
 
     connect_timeout_s: float = 60.0
@@ -117,20 +117,9 @@ class SessionSettings:
     result_ttl_s: float = 3 * 3600.0
     fetch: FetchSettings = field(default_factory=FetchSettings)
 
-
-def _float_setting(config: Mapping[str, str], key: str, default: float) -> float:
-    raw = config.get(key)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(
-            f"task config {key}={raw!r} is not a number of seconds; fix the server's task settings"
-        ) from None
-    if not value > 0:
-        raise ConfigError(f"task config {key}={raw!r} must be > 0 seconds")
-    return value
+    def result_timeouts(self) -> ResultTimeouts:
+        """The ``result_*`` defaults, for a task whose config does not set them."""
+        return ResultTimeouts(self.result_idle_timeout_s, self.result_start_timeout_s, self.result_ttl_s)
 
 
 class _Task:
@@ -138,8 +127,13 @@ class _Task:
         self.id = task.task_id
         self.round = int(task.round)
         self.total_rounds = int(task.total_rounds)
+        self.kind = task.kind
         self.config = dict(task.config)
         self.refs = [TensorRef.from_proto(r) for r in task.refs]
+
+    def script_config(self) -> dict[str, str]:
+        """The config a script sees: the task's settings plus its kind by name (``fedkube.task``)."""
+        return {**self.config, protocol.TASK_KIND_KEY: protocol.task_kind_name(self.kind)}
 
 
 class Session:
@@ -349,14 +343,33 @@ class Session:
                 return None
 
     def is_running(self) -> bool:
+        self._check_answered("is_running")
         return isinstance(self._poll(block=True), control_pb2.Task)
 
     def receive(self, into: Any = None) -> FLModel:
+        self._check_answered("receive")
         buffers = into_params(into)
         while True:
             model = self._receive_one(buffers)
             if model is not None:
                 return model
+
+    def _check_answered(self, call: str) -> None:
+        """Raise ReceiveWithoutSendError while the task last received waits for its send() (unless the job is over).
+
+        The server sends a site its next task only after the result of this
+        one (or the round's deadline), so waiting for it here would block until
+        that deadline and get the site dropped as a straggler.
+        """
+        with self._lock:
+            task = self._task if self._stopped is None else None
+        if task is not None:
+            raise ReceiveWithoutSendError(
+                f"job {self.job} site {self.site} round {task.round}: {call}() was called while task {task.id} "
+                f"of round {task.round} is still unanswered; the server waits for its result until the round's "
+                "deadline; fix: call fk.send() exactly once for each task fk.receive() returned, before asking "
+                "for the next one"
+            )
 
     def _receive_one(self, into: Mapping[str, Any] | None = None) -> FLModel | None:
         """The next task's model; None when its model is gone at the source (the task is dropped)."""
@@ -376,7 +389,7 @@ class Session:
                  task.id, len(task.refs))
         # An init task asks for the script's initial weights: there is nothing to fetch.
         try:
-            params = None if task.config.get(TASK_KIND_KEY) == INIT_TASK else self._fetch(task, into)
+            params = None if task.kind == protocol.TASK_INIT else self._fetch(task, into)
         except _UNREACHABLE_MODEL as exc:
             # The server restarted (it publishes under new ids and sends its own task for the round)
             # or stayed out of reach past every retry: this copy can never be done. The site sits out
@@ -388,7 +401,7 @@ class Session:
             self._task = task
         self._timing(RECEIVE_SECONDS, time.monotonic() - started)
         return FLModel(
-            params=params, round=task.round, total_rounds=task.total_rounds, config=dict(task.config)
+            params=params, round=task.round, total_rounds=task.total_rounds, config=task.script_config()
         )
 
     def _targets(self, task: _Task, into: Mapping[str, Any] | None) -> dict[str, ReceiveTarget]:
@@ -484,6 +497,12 @@ class Session:
     def send(self, model: FLModel) -> bool:
         with self._lock:
             task, self._task = self._task, None
+            if task is not None:
+                try:
+                    num_examples = check_num_examples(model.num_examples, training=task.kind == protocol.TASK_TRAIN)
+                except InvalidParamsError:
+                    self._task = task  # nothing was sent: a corrected send() can still answer the task
+                    raise
         if task is None:
             raise SendWithoutReceiveError(
                 f"job {self.job} site {self.site}: send() without a task to answer; fix: call fk.receive() "
@@ -492,7 +511,7 @@ class Session:
         started = time.monotonic()
         self._waited = 0.0
         try:
-            return self._send(task, model)
+            return self._send(task, model, num_examples)
         finally:
             self._timing(SEND_SECONDS, time.monotonic() - started)
             self._timing(DOWNLOAD_WAIT_SECONDS, self._waited)
@@ -501,23 +520,22 @@ class Session:
             # The round's chunk buffers are freed now; glibc would keep them resident (bench/README.md).
             release_free_memory()
 
-    def _send(self, task: _Task, model: FLModel) -> bool:
+    def _send(self, task: _Task, model: FLModel, num_examples: int) -> bool:
         arrays = params_to_numpy(model.params) if model.params is not None else {}
-        cfg = task.config
-        s = self.settings
-        idle = _float_setting(cfg, RESULT_IDLE_TIMEOUT_KEY, s.result_idle_timeout_s)
-        start = _float_setting(cfg, RESULT_START_TIMEOUT_KEY, s.result_start_timeout_s)
-        ttl = max(_float_setting(cfg, RESULT_TTL_KEY, s.result_ttl_s), start + idle)
+        timeouts = ResultTimeouts.from_config(task.config, self.settings.result_timeouts())
+        idle, start, ttl = timeouts.idle_s, timeouts.start_s, timeouts.ttl_s
         metrics = {str(k): float(v) for k, v in (model.metrics or {}).items()}
         txn = None
         refs = []
         if arrays:
             # Task ids are the server's to choose; a fresh id is always a valid transaction id.
-            txn = self.service.publish(arrays, receivers=["server"], ttl_s=ttl, transaction_id=f"r-{uuid.uuid4().hex}")
+            txn = self.service.publish(
+                arrays, receivers=[protocol.SERVER], ttl_s=ttl, transaction_id=f"r-{uuid.uuid4().hex}"
+            )
             refs = [r.to_proto() for r in txn.refs]
         del arrays
         ann = control_pb2.ResultAnnouncement(
-            task_id=task.id, round=task.round, num_examples=int(model.num_examples), metrics=metrics, refs=refs
+            task_id=task.id, round=task.round, num_examples=num_examples, metrics=metrics, refs=refs
         )
         try:
             self._submit(ann)
@@ -670,9 +688,9 @@ class Session:
             log.debug("job %s site %s: timing %s not delivered: %s", self.job, self.site, name, _rpc_text(exc))
 
     def log_metric(self, name: str, value: float, round: int | None = None) -> None:
-        if str(name).startswith(RESERVED_PREFIX):
+        if str(name).startswith(RESERVED_METRIC_PREFIX):
             raise InvalidParamsError(
-                f"metric name {name!r} starts with {RESERVED_PREFIX!r}, which is reserved for fedkube's own "
+                f"metric name {name!r} starts with {RESERVED_METRIC_PREFIX!r}, which is reserved for fedkube's own "
                 "timings; fix: choose another name"
             )
         report = control_pb2.MetricReport(

@@ -21,6 +21,15 @@ class SendWithoutReceiveError(SDKError):
     """``send()`` was called without a task to answer (no ``receive()`` first, or the task was already answered)."""
 
 
+class ReceiveWithoutSendError(SDKError):
+    """``receive()`` (or ``is_running()``) was called while the task last received is still unanswered.
+
+    The server waits for that task's result until the round's deadline; a
+    second ``receive()`` would block that long and the site would then be
+    dropped from the round as a straggler.
+    """
+
+
 class JobStoppedError(SDKError):
     """The job ended for this site: ``receive()`` after it, or ``send()`` of a task held while it stopped."""
 
@@ -38,4 +47,5 @@ class ResultTransferError(SDKError):
 
 
 class InvalidParamsError(SDKError):
-    """``FLModel.params`` holds something that cannot be sent (e.g. not an array or tensor)."""
+    """An ``FLModel`` holds something that cannot be sent (params that are not arrays or tensors, a
+    ``num_examples`` that is not a count) or a metric name is reserved."""

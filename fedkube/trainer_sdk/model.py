@@ -9,6 +9,7 @@ through an int16 view of the same bytes, so it round-trips bit-exactly.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     import torch
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+#: ``ResultAnnouncement.num_examples`` is a uint64.
+MAX_NUM_EXAMPLES = (1 << 64) - 1
 
 
 @dataclass
@@ -33,7 +36,9 @@ class FLModel:
         params: tensor name -> ``np.ndarray`` (or ``torch.Tensor`` when sending). ``None`` in a
             task that asks for initial weights (``config["fedkube.task"] == "init"``), and in a
             metrics-only result.
-        num_examples: how many examples produced this update (FedAvg weighs results by it).
+        num_examples: how many examples produced this update (FedAvg weighs results by it): a
+            whole number from 0 to 2**64-1, and above 0 in the result of a training task (the
+            server refuses a training result of weight 0); 0 (the default) fits an init task.
         metrics: scalar metrics of this update (e.g. ``{"loss": 0.12}``).
         round: the round this model belongs to (0 for the init task).
         total_rounds: the job's number of rounds, so a script can tell the last one.
@@ -47,6 +52,9 @@ class FLModel:
     total_rounds: int = 0
     config: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_num_examples(self.num_examples)
+
     def params_torch(self) -> dict[str, torch.Tensor] | None:
         """``params`` as CPU torch tensors sharing the same memory (no copy); None if there are none.
 
@@ -55,6 +63,39 @@ class FLModel:
         if self.params is None:
             return None
         return {name: to_torch(value) for name, value in self.params.items()}
+
+
+def check_num_examples(value: Any, *, training: bool = False) -> int:
+    """``value`` as a result's example count; InvalidParamsError naming the value and the fix.
+
+    ``training``: the result answers a training task, whose weight must be
+    positive (the server refuses 0 as an invalid result, which would cost the
+    site the round; the SDK says so before anything is sent).
+    """
+    if isinstance(value, bool):
+        n = None
+    else:
+        try:
+            n = operator.index(value)  # int, numpy and torch integers; never a float that would be truncated
+        except TypeError:
+            n = None
+    if n is None:
+        raise InvalidParamsError(
+            f"FLModel.num_examples is {value!r} ({type(value).__name__}), not a whole number of examples; "
+            "fix: pass an int, e.g. num_examples=len(train_dataset)"
+        )
+    if not 0 <= n <= MAX_NUM_EXAMPLES:
+        raise InvalidParamsError(
+            f"FLModel.num_examples is {n}, outside 0..2**64-1; fix: pass how many examples this update was "
+            "trained on, e.g. num_examples=len(train_dataset)"
+        )
+    if training and n == 0:
+        raise InvalidParamsError(
+            "FLModel.num_examples is 0 in the result of a training task; the server weighs each result by it "
+            "(FedAvg) and refuses a weight of 0; fix: pass how many examples this update was trained on, "
+            "e.g. num_examples=len(train_dataset)"
+        )
+    return n
 
 
 def _torch() -> Any:

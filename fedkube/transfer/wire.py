@@ -1,4 +1,4 @@
-"""The Download service on the wire: chunk encoding, method names, gRPC options.
+"""Hand-encoded messages on the wire (Chunk, PushedChunk), the Download service's method names, gRPC options.
 
 Chunks are built and parsed here without the generated protobuf classes: the
 publisher writes the ``fedkube.v1.Chunk`` bytes straight from a memoryview of
@@ -6,7 +6,10 @@ the tensor (one copy, into the message; ``Chunk(data=bytes(view))`` would make
 two) and the receiver reads the payload as a memoryview into the received
 message (zero copies before the final write into the caller's buffer). The
 bytes are ordinary ``fedkube.v1.Chunk`` messages: the generated stub parses
-them, and a test checks both directions against it.
+them, and a test checks both directions against it. The sidecar's
+``fedkube.v1.PushedChunk`` (a result chunk on its way up to the server) is
+written the same way, and nowhere else: this is the one module that encodes
+protobuf messages by hand.
 """
 
 from __future__ import annotations
@@ -111,6 +114,40 @@ def encode_chunk(offset: int, data: Any) -> bytes:
         raise ValueError(f"chunk offset {offset} is outside uint64")
     header = bytes((_TAG_OFFSET,)) + encode_varint(offset) + bytes((_TAG_DATA,)) + encode_varint(mv.nbytes)
     return header + mv  # bytes + buffer -> one new bytes object
+
+
+# Field tags of fedkube.v1.PushedChunk (control.proto): request_id = 1, offset = 2, data = 3, error = 4.
+_PUSH_REQUEST_ID = b"\x0a"  # field 1, length-delimited
+_PUSH_OFFSET = b"\x10"  # field 2, varint
+_PUSH_DATA = b"\x1a"  # field 3, length-delimited
+_PUSH_ERROR = b"\x22"  # field 4, length-delimited
+
+
+def encode_pushed_chunk(request_id: str, offset: int, data: bytes | memoryview = b"", error: str = "") -> bytes:
+    """The wire bytes of ``fedkube.v1.PushedChunk``, copying ``data`` exactly once.
+
+    The sidecar relays every result chunk up a ``Control.Push`` stream in one
+    of these; building the message by hand avoids a second copy of each chunk
+    into a protobuf object. The bytes are a valid PushedChunk for any parser
+    (fields in tag order, defaults left out, as protobuf writes them).
+    """
+    if offset < 0 or offset >= 1 << 64:
+        raise ValueError(f"pushed chunk offset {offset} is outside uint64")
+    parts = []
+    if request_id:
+        rid = request_id.encode()
+        parts.append(_PUSH_REQUEST_ID + encode_varint(len(rid)) + rid)
+    if offset:
+        parts.append(_PUSH_OFFSET + encode_varint(offset))
+    mv = memoryview(data).cast("B")
+    if mv.nbytes:
+        parts.append(_PUSH_DATA + encode_varint(mv.nbytes))
+    if error:
+        err = error.encode()
+        tail = _PUSH_ERROR + encode_varint(len(err)) + err
+    else:
+        tail = b""
+    return b"".join(parts) + mv + tail if mv.nbytes else b"".join(parts) + tail
 
 
 _U64 = (1 << 64) - 1

@@ -34,8 +34,9 @@ def _files(sub: str) -> list[Path]:
 
 # (package, forbidden import prefixes, why)
 LAYERS = [
-    ("trainer_sdk", ("fedkube.server", "fedkube.operator", "fedkube.runtime", "kopf", "kubernetes"),
-     "user scripts import the SDK; it must not drag in the server or the operator"),
+    ("trainer_sdk", ("fedkube.server", "fedkube.operator", "fedkube.runtime", "fedkube.sidecar", "fedkube.metrics",
+                     "prometheus_client", "kopf", "kubernetes"),
+     "user scripts import the SDK; it must not drag in the server, the sidecar, the operator or their metrics"),
     ("operator", ("grpc", "fedkube.wire", "fedkube.server", "fedkube.sidecar", "torch"),
      "the operator talks to Kubernetes and HTTP only"),
     ("wire", ("fedkube",), "generated wire code imports nothing of ours"),
@@ -56,6 +57,35 @@ def test_layering(sub: str, forbidden: tuple[str, ...], why: str) -> None:
             if any(name == f or name.startswith(f + ".") for f in forbidden):
                 bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not bad, f"layering broken ({why}):\n" + "\n".join(bad)
+
+
+def test_protocol_module_imports_only_the_wire_code() -> None:
+    """fedkube.protocol is imported by every side (the trainer SDK included), so it imports nothing else of ours."""
+    ours = {n for n in _imports(PKG / "protocol.py") if n == "fedkube" or n.startswith("fedkube.")}
+    assert ours <= {"fedkube.errors", "fedkube.wire.v1"}, ours
+
+
+# Values of fedkube.protocol that no other module may spell: each has exactly one definition. ("server",
+# "init" and "train" are left out: the same words also name a Kubernetes role, init containers, fk.init.
+# The task kinds' names come from control.proto's TaskKind.)
+_VOCABULARY = ("SITE_METADATA", "AUTH_METADATA", "TASK_KIND_KEY", "RESULT_IDLE_TIMEOUT_KEY",
+               "RESULT_START_TIMEOUT_KEY", "RESULT_TTL_KEY", "RECEIVE_SECONDS", "SEND_SECONDS",
+               "DOWNLOAD_WAIT_SECONDS")
+
+
+def test_wire_vocabulary_is_defined_once() -> None:
+    from fedkube import protocol
+
+    values = {getattr(protocol, name): name for name in _VOCABULARY if isinstance(getattr(protocol, name), str)}
+    bad = []
+    for path in PKG.rglob("*.py"):
+        if path.name == "protocol.py" or "v1" in path.relative_to(PKG).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in values:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} spells {node.value!r}; "
+                           f"use fedkube.protocol.{values[node.value]}")
+    assert not bad, "\n".join(bad)
 
 
 def test_torch_is_optional_for_server_and_sidecar() -> None:

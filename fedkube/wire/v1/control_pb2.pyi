@@ -25,6 +25,12 @@ class FailureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILURE_KIND_CONFIG_ERROR: _ClassVar[FailureKind]
     FAILURE_KIND_ABORTED: _ClassVar[FailureKind]
     FAILURE_KIND_EXITED_BEFORE_DOWNLOAD: _ClassVar[FailureKind]
+
+class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
+    TASK_KIND_TRAIN: _ClassVar[TaskKind]
+    TASK_KIND_INIT: _ClassVar[TaskKind]
 TRAINER_PHASE_UNSPECIFIED: TrainerPhase
 TRAINER_PHASE_STARTING: TrainerPhase
 TRAINER_PHASE_RUNNING: TrainerPhase
@@ -36,6 +42,9 @@ FAILURE_KIND_EXCEPTION: FailureKind
 FAILURE_KIND_CONFIG_ERROR: FailureKind
 FAILURE_KIND_ABORTED: FailureKind
 FAILURE_KIND_EXITED_BEFORE_DOWNLOAD: FailureKind
+TASK_KIND_UNSPECIFIED: TaskKind
+TASK_KIND_TRAIN: TaskKind
+TASK_KIND_INIT: TaskKind
 
 class TrainerState(_message.Message):
     __slots__ = ("phase", "kind", "message", "exit_code")
@@ -148,7 +157,7 @@ class Rejected(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "round", "refs", "config", "total_rounds")
+    __slots__ = ("task_id", "round", "refs", "config", "total_rounds", "kind")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -161,12 +170,14 @@ class Task(_message.Message):
     REFS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round: int
     refs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorRef]
     config: _containers.ScalarMap[str, str]
     total_rounds: int
-    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., refs: _Optional[_Iterable[_Union[_tensor_pb2.TensorRef, _Mapping]]] = ..., config: _Optional[_Mapping[str, str]] = ..., total_rounds: _Optional[int] = ...) -> None: ...
+    kind: TaskKind
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., refs: _Optional[_Iterable[_Union[_tensor_pb2.TensorRef, _Mapping]]] = ..., config: _Optional[_Mapping[str, str]] = ..., total_rounds: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ...) -> None: ...
 
 class UploadRequest(_message.Message):
     __slots__ = ("request_id", "ref", "offset", "max_chunk_bytes")

@@ -183,7 +183,7 @@ def test_first_client_provides_the_initial_model(harness: Harness) -> None:
         from fedkube.wire.v1 import control_pb2
 
         assert isinstance(task, control_pb2.Task)
-        if task.config["fedkube.task"] == "init":
+        if task.kind == control_pb2.TASK_KIND_INIT:
             assert task.round == 0 and not params
             return Reply({k: v.copy() for k, v in init.items()})
         return add_value(1.0)(task, params)

@@ -188,12 +188,15 @@ class FakeServer(control_pb2_grpc.ControlServicer):
         round: int = 1,
         total_rounds: int = 1,
         config: dict[str, str] | None = None,
+        kind: control_pb2.TaskKind = control_pb2.TASK_KIND_TRAIN,
     ) -> control_pb2.Task:
         refs: list[Any] = []
         if params:
             txn = self.downloads.publish(params, receivers=[site], ttl_s=120, transaction_id=f"g-{task_id}")
             refs = [r.to_proto() for r in txn.refs]
-        task = control_pb2.Task(task_id=task_id, round=round, refs=refs, config=config or {}, total_rounds=total_rounds)
+        task = control_pb2.Task(
+            task_id=task_id, round=round, refs=refs, config=config or {}, total_rounds=total_rounds, kind=kind
+        )
         self.send(site, control_pb2.ServerMessage(task=task))
         return task
 

@@ -95,7 +95,7 @@ def test_task_relay_forward_fetch_reverse_push_and_gating(
 
 
 def test_result_without_tensors_returns_at_once(server: FakeServer, sidecar: Sidecar, trainer: Session) -> None:
-    server.publish_task(SITE, {}, task_id="v1", config={"fedkube.task": "validate"})
+    server.publish_task(SITE, {}, task_id="v1")
     trainer.receive()
     # No ResultReceived is ever sent: a metrics-only result must not wait for one (LESSONS.md 2).
     trainer.send(FLModel(params=None, num_examples=5, metrics={"acc": 0.9}))
@@ -108,7 +108,7 @@ def test_init_task_has_no_params_and_send_without_receive_fails(
 ) -> None:
     with pytest.raises(SendWithoutReceiveError, match="receive"):
         trainer.send(FLModel(params=None))
-    server.publish_task(SITE, {}, task_id="init", round=0, config={"fedkube.task": "init"})
+    server.publish_task(SITE, {}, task_id="init", round=0, kind=control_pb2.TASK_KIND_INIT)
     model = trainer.receive()
     assert model.params is None and model.round == 0
     t, errors = _send_in_thread(trainer, FLModel(params={"w": np.ones(4, np.float32)}, num_examples=1))
@@ -120,11 +120,11 @@ def test_init_task_has_no_params_and_send_without_receive_fails(
 
 
 def test_duplicate_task_is_acked_but_delivered_once(server: FakeServer, sidecar: Sidecar, trainer: Session) -> None:
-    task = server.publish_task(SITE, {}, task_id="d1", config={"fedkube.task": "validate"})
+    task = server.publish_task(SITE, {}, task_id="d1")
     server.send(SITE, control_pb2.ServerMessage(task=task))
     server.wait_for(lambda: len(server.of_kind("task_ack")) == 2)
-    assert trainer.receive().config["fedkube.task"] == "validate"
-    trainer.send(FLModel(metrics={"a": 1.0}))
+    assert trainer.receive().config["fedkube.task"] == "train"  # the task's kind, as the SDK shows it to scripts
+    trainer.send(FLModel(metrics={"a": 1.0}, num_examples=1))
     server.send(SITE, control_pb2.ServerMessage(stop=control_pb2.Stop(success=True, reason="Done")))
     assert not trainer.is_running()
 
@@ -195,7 +195,7 @@ def test_trainer_state_and_metrics_forwarded(server: FakeServer, sidecar: Sideca
 
 
 def test_cancel_upload_stops_the_push(server: FakeServer, sidecar: Sidecar, trainer: Session) -> None:
-    server.publish_task(SITE, {}, task_id="c1", config={"fedkube.task": "init"})
+    server.publish_task(SITE, {}, task_id="c1", kind=control_pb2.TASK_KIND_INIT)
     trainer.receive()
     big = np.zeros(8 << 20, np.uint8)
     t, errors = _send_in_thread(trainer, FLModel(params={"x": big}, num_examples=1))
@@ -235,7 +235,7 @@ def _fast_timeouts(trainer: Session, *, idle: float, start: float) -> None:
 
 def test_send_fails_when_the_download_never_starts(server: FakeServer, sidecar: Sidecar, trainer: Session) -> None:
     _fast_timeouts(trainer, idle=30, start=0.8)
-    server.publish_task(SITE, {}, task_id="n1", config={"fedkube.task": "init"})
+    server.publish_task(SITE, {}, task_id="n1", kind=control_pb2.TASK_KIND_INIT)
     trainer.receive()
     with pytest.raises(ResultTransferError, match=r"did not start downloading the result \(4000 bytes\) within 1 s"):
         trainer.send(FLModel(params={"w": np.zeros(1000, np.float32)}, num_examples=1))
@@ -244,7 +244,7 @@ def test_send_fails_when_the_download_never_starts(server: FakeServer, sidecar: 
 
 def test_send_fails_when_the_download_stalls(server: FakeServer, sidecar: Sidecar, trainer: Session) -> None:
     _fast_timeouts(trainer, idle=0.8, start=30)
-    server.publish_task(SITE, {}, task_id="s1", config={"fedkube.task": "init"})
+    server.publish_task(SITE, {}, task_id="s1", kind=control_pb2.TASK_KIND_INIT)
     trainer.receive()
     t, errors = _send_in_thread(trainer, FLModel(params={"w": np.zeros(1 << 20, np.uint8)}, num_examples=1))
     ann = server.wait_message("result", lambda r: r.task_id == "s1")

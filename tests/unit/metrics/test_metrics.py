@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedkube import envvars
+from fedkube import envvars, protocol
 from fedkube.errors import ConfigError
 from fedkube.metrics import (
     ALLOWED_LABELS,
@@ -359,9 +359,9 @@ def test_trainer_report_splits_timings_from_user_metrics() -> None:
     reg = new_registry()
     m = SidecarMetrics(reg, "j", "a")
     forwarded = m.record_report({
-        sidecar_metrics.RECEIVE_SECONDS: 2.0,
-        sidecar_metrics.SEND_SECONDS: 3.0,
-        sidecar_metrics.DOWNLOAD_WAIT_SECONDS: 1.5,
+        protocol.RECEIVE_SECONDS: 2.0,
+        protocol.SEND_SECONDS: 3.0,
+        protocol.DOWNLOAD_WAIT_SECONDS: 1.5,
         "fedkube.future_timing": 9.0,  # reserved: neither a timing we know nor a user metric
         "accuracy": 0.9,
     })
@@ -378,7 +378,7 @@ def test_trainer_report_splits_timings_from_user_metrics() -> None:
 def test_trainer_report_skips_impossible_timings_without_raising() -> None:
     reg = new_registry()
     m = SidecarMetrics(reg, "j", "a")
-    assert m.record_report({sidecar_metrics.SEND_SECONDS: -1.0, sidecar_metrics.RECEIVE_SECONDS: float("nan")}) == {}
+    assert m.record_report({protocol.SEND_SECONDS: -1.0, protocol.RECEIVE_SECONDS: float("nan")}) == {}
     js = {"fljob": "j", "site": "a"}
     assert value(reg, "fedkube_trainer_send_seconds_count", **js) == 0
     assert value(reg, "fedkube_trainer_receive_seconds_count", **js) == 0

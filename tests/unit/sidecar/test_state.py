@@ -1,4 +1,4 @@
-"""The sidecar's pure parts: task book, trainer tracker, backoff, config, PushedChunk encoding."""
+"""The sidecar's pure parts: task book, trainer tracker, backoff, config."""
 
 from __future__ import annotations
 
@@ -7,13 +7,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.sidecar.config import SIDECAR_EXIT_ON_STOP, SidecarConfig
-from fedkube.sidecar.reverse import encode_pushed_chunk
 from fedkube.sidecar.state import TaskBook, TrainerTracker, backoff_delay
 from fedkube.wire.v1 import control_pb2, tensor_pb2, trainer_pb2
 
@@ -158,13 +155,6 @@ def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
     assert delays[-1] <= 15
     with pytest.raises(ValueError, match="attempt"):
         backoff_delay(0, base_s=1, max_s=2)
-
-
-@given(rid=st.text(max_size=40), offset=st.integers(0, 2**64 - 1), data=st.binary(max_size=3000),
-       error=st.text(max_size=50))
-def test_encoded_pushed_chunk_parses_with_the_generated_code(rid: str, offset: int, data: bytes, error: str) -> None:
-    msg = control_pb2.PushedChunk.FromString(encode_pushed_chunk(rid, offset, data, error))
-    assert (msg.request_id, msg.offset, msg.data, msg.error) == (rid, offset, data, error)
 
 
 def _env(tmp_path: Path, **over: str) -> dict[str, str]:

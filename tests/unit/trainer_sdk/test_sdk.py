@@ -96,6 +96,17 @@ def test_sdk_import_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False", out.stderr
 
 
+def test_sdk_import_does_not_import_prometheus_client_or_the_sidecar() -> None:
+    """The SDK runs inside user scripts: it takes the wire vocabulary from fedkube.protocol, not from metrics."""
+    code = (
+        "import sys, fedkube.trainer_sdk\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prometheus_client'\n"
+        "             or m.startswith(('fedkube.metrics', 'fedkube.sidecar', 'fedkube.server'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_calls_before_init_fail_with_the_fix() -> None:
     with pytest.raises(fk.NotInitializedError, match=r"fk.receive\(\) was called before fk.init\(\)"):
         fk.receive()

@@ -1,4 +1,4 @@
-"""Chunk encoding against the generated protobuf code, and the message-size limits."""
+"""Chunk and PushedChunk encoding against the generated protobuf code, and the message-size limits."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from fedkube.transfer.wire import (
     channel_options,
     decode_chunk,
     encode_chunk,
+    encode_pushed_chunk,
     server_options,
 )
-from fedkube.wire.v1 import tensor_pb2
+from fedkube.wire.v1 import control_pb2, tensor_pb2
 
 
 @settings(max_examples=300, deadline=None)
@@ -24,6 +25,24 @@ from fedkube.wire.v1 import tensor_pb2
 def test_encoded_chunks_parse_with_the_generated_stub(offset: int, data: bytes) -> None:
     msg = tensor_pb2.Chunk.FromString(encode_chunk(offset, memoryview(data)))
     assert (msg.offset, msg.data) == (offset, data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rid=st.text(max_size=40), offset=st.integers(0, 2**64 - 1), data=st.binary(max_size=3000),
+       error=st.text(max_size=50))
+def test_encoded_pushed_chunk_parses_with_the_generated_code(rid: str, offset: int, data: bytes, error: str) -> None:
+    raw = encode_pushed_chunk(rid, offset, memoryview(data), error)
+    msg = control_pb2.PushedChunk.FromString(raw)
+    assert (msg.request_id, msg.offset, msg.data, msg.error) == (rid, offset, data, error)
+    # The same bytes protobuf writes: fields in tag order, defaults left out.
+    assert raw == msg.SerializeToString()
+
+
+def test_pushed_chunk_offset_outside_uint64_is_refused() -> None:
+    with pytest.raises(ValueError, match="outside uint64"):
+        encode_pushed_chunk("r", 1 << 64)
+    with pytest.raises(ValueError, match="outside uint64"):
+        encode_pushed_chunk("r", -1)
 
 
 @settings(max_examples=300, deadline=None)
