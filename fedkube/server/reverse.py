@@ -43,6 +43,7 @@ from fedkube.transfer.errors import (
     StreamBrokenError,
     TransferAbortedError,
 )
+from fedkube.transfer.fetch import Closeable
 from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.wire import DEFAULT_CHUNK_BYTES
 from fedkube.wire.v1 import control_pb2
@@ -408,9 +409,8 @@ class ReverseStream:
         self._upload.end("cancelled by the server")
 
     def close(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
+        if isinstance(self._chunks, Closeable):
+            self._chunks.close()
 
 
 class ReverseIntoStream:
@@ -439,9 +439,8 @@ class ReverseIntoStream:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        close = getattr(self._pieces, "close", None)
-        if close is not None:
-            close()
+        if isinstance(self._pieces, Closeable):
+            self._pieces.close()
         close_socket(self.sock)
 
 

@@ -1,13 +1,21 @@
-"""Where fedkube's connections between pods are made: the one place TLS plugs in.
+"""Where fedkube's connections are made: the one place TLS plugs in.
 
 Every TCP socket of the bulk protocol is dialed by :func:`dial` and every
 listening one is made by :func:`listen`; the gRPC channel a sidecar opens to
 the server comes from :func:`channel` and the server's gRPC port is bound by
-:func:`add_port`. Today all four are plain (the cluster network is trusted,
-docs/protocol.md). TLS wraps exactly these four: the socket :func:`dial`
-returns and the ones :func:`listen`'s socket accepts, and the credentials of
-:func:`channel` and :func:`add_port`. Pod-local links (trainer and sidecar
-share a network namespace) keep using them too, so one setting can decide.
+:func:`add_port`. Today all are plain (the cluster network is trusted,
+docs/protocol.md).
+
+For TLS, the links between pods are what needs wrapping: the server's gRPC
+port (:func:`add_port` in ``fedkube.server.app``) and bulk listener
+(:class:`~fedkube.transfer.bulk.BulkServer` on the server's bind address),
+and their dialers, the sidecar's channel (:func:`channel`) and its dials to
+the server's bulk port (:class:`~fedkube.transfer.bulk.ForwardEndpoint`, the
+server leg of :func:`~fedkube.transfer.bulk.push_upload`). Pod-local links
+(127.0.0.1, abstract handoff sockets) need none. A TLS socket's state lives in
+the process that holds it, so it can neither be spliced nor handed to another
+process: with TLS on the server hop, :func:`fedkube.transfer.route.choose_route`
+is where the handoff is turned off and the relay's pump must copy.
 """
 
 from __future__ import annotations
