@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hmac
 import logging
 import os
 import signal
@@ -22,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
@@ -38,13 +37,15 @@ from fedkube.metrics.core import new_registry, serve_metrics
 from fedkube.metrics.server import ServerMetrics
 from fedkube.protocol import SERVER
 from fedkube.server import checkpoint
+from fedkube.server.auth import Authenticator, AuthError, credentials_from_metadata
 from fedkube.server.config import ServerConfig, load_config
-from fedkube.server.control import AUTH_METADATA, SITE_METADATA, ControlServicer, SessionTable
+from fedkube.server.control import ControlServicer, SessionTable
 from fedkube.server.http import StatusServer
-from fedkube.server.reverse import UploadBroker
+from fedkube.server.reverse import ClaimRefused, UploadBroker
 from fedkube.server.strategies import StrategyState, build_strategy
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
 from fedkube.status import EXIT_FAILED, Reason, TerminationSummary, write_termination_summary
+from fedkube.transfer import endpoints
 from fedkube.transfer.bulk import BulkServer
 from fedkube.transfer.service import DownloadService
 from fedkube.transfer.wire import MAX_CHUNK_BYTES, server_options
@@ -118,20 +119,24 @@ class _CheckpointAdapter:
 
 
 class _DownloadAuth(grpc.ServerInterceptor):
-    """Only the job's clients may fetch the global model (same token check as Control)."""
+    """Only the job's clients may fetch the global model (the same check as Control's)."""
 
-    def __init__(self, check: Callable[[Sequence[tuple[str, Any]]], tuple[grpc.StatusCode | None, str]]) -> None:
-        self._check = check
+    def __init__(self, auth: Authenticator) -> None:
+        self._auth = auth
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         if not details.method.startswith(_DOWNLOAD_PREFIX):
             return continuation(details)
-        code, message = self._check(details.invocation_metadata or ())
-        if code is None:
+        site, token = credentials_from_metadata(details.invocation_metadata)
+        try:
+            self._auth.authenticate(site, token, what="a Download call")
+        except AuthError as exc:
+            refused = exc
+        else:
             return continuation(details)
 
         def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(code, message)
+            context.abort(refused.code, refused.message)
 
         if details.method.endswith("/Fetch"):
             return grpc.unary_stream_rpc_method_handler(deny)
@@ -167,9 +172,10 @@ class FedkubeServer:
             s, self.strategy, self.sessions, self.broker, self.downloads,
             initial_model=model_loader, checkpoints=checkpoints, metrics=self.metrics,
         )  # fmt: skip
+        self.auth = Authenticator(s.job, config.tokens, self.metrics)
         self._servicer = ControlServicer(
-            s.job, config.tokens, self.workflow, self.sessions, self.broker,
-            heartbeat_interval_ms=self.workflow.heartbeat_interval_ms, metrics=self.metrics,
+            s.job, self.auth, self.workflow, self.sessions, self.broker,
+            heartbeat_interval_ms=self.workflow.heartbeat_interval_ms,
             register_timeout_s=config.register_timeout_s,
         )  # fmt: skip
         limit = config.message_limit()
@@ -183,7 +189,7 @@ class FedkubeServer:
         self._grpc = grpc.server(
             self._executor,
             options=options,
-            interceptors=[_DownloadAuth(self._check_download_call)],
+            interceptors=[_DownloadAuth(self.auth)],
             maximum_concurrent_rpcs=workers,
         )
         control_pb2_grpc.add_ControlServicer_to_server(self._servicer, self._grpc)
@@ -197,43 +203,14 @@ class FedkubeServer:
         self._done = threading.Event()
         self._stopped = False
 
-    def _check_download_call(self, metadata: Sequence[tuple[str, Any]]) -> tuple[grpc.StatusCode | None, str]:
-        md = dict(metadata)
-        auth = str(md.get(AUTH_METADATA, ""))
-        given = auth[len("Bearer ") :].encode() if auth.startswith("Bearer ") else b""
-        return self._check_site_token(str(md.get(SITE_METADATA, "")), given, "a Download call")
-
-    def _check_bulk_request(self, site: str, token: str) -> tuple[grpc.StatusCode | None, str]:
-        """The bulk port's ``authorize``: the same check as the gRPC Download service's."""
-        return self._check_site_token(site, token.encode(), "a bulk request")
-
-    def _check_site_token(self, site: str, given: bytes, what: str) -> tuple[grpc.StatusCode | None, str]:
-        expected = self.config.tokens.get(site)
-        if expected is None:
-            return grpc.StatusCode.PERMISSION_DENIED, f"site {site!r} is not a client of job {self.config.job!r}"
-        # Constant time, so the comparison does not leak how much of a guess was right.
-        if not hmac.compare_digest(given, expected):
-            log.warning("job %s: refused %s from site %r: missing or wrong token", self.config.job, what, site)
-            self.metrics.connection_rejected("BadToken")
-            return grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong token for site {site!r}"
-        return None, ""
-
     def _on_bulk_upload(self, site: str, upload_id: str, sock: socket.socket) -> tuple[grpc.StatusCode | None, str]:
         """A sidecar answers an UploadRequest on the bulk port: hand the socket to that request's fetcher."""
-        upload = self.broker.find(upload_id)
-        if upload is None:
-            return grpc.StatusCode.NOT_FOUND, (
-                f"upload request {upload_id!r} is not outstanding (finished, cancelled or never sent)"
-            )
-        if upload.site != site:
-            log.warning("job %s: site %r answered upload %s of site %r on the bulk port; refused", self.config.job,
-                        site, upload_id, upload.site)
-            self.metrics.connection_rejected("WrongSite")
-            return grpc.StatusCode.PERMISSION_DENIED, f"upload request {upload_id!r} is not for {site!r}"
-        if not upload.attach_socket(sock):
-            if upload.cancelled.is_set():
-                return grpc.StatusCode.CANCELLED, f"upload {upload_id} was cancelled by the server"
-            return grpc.StatusCode.ALREADY_EXISTS, f"upload request {upload_id!r} already has a stream"
+        try:
+            self.broker.claim(site, upload_id, sock)
+        except ClaimRefused as exc:
+            if exc.reason:
+                self.auth.refuse(AuthError(site, exc.code, exc.reason, exc.message), "a bulk upload")
+            return exc.code, exc.message
         log.debug("job %s: upload %s from site %s arrives on the bulk port", self.config.job, upload_id, site)
         return None, ""
 
@@ -251,7 +228,7 @@ class FedkubeServer:
         """Bind the ports and start the job's workflow thread."""
         address = f"{self.config.bind_host}:{self.config.grpc_port}"
         try:
-            self.grpc_port = self._grpc.add_insecure_port(address)
+            self.grpc_port = endpoints.add_port(self._grpc, address)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address} ({envvars.GRPC_PORT}): {exc}") from exc
         if self.grpc_port == 0:
@@ -274,7 +251,7 @@ class FedkubeServer:
             host = "::" if socket.has_dualstack_ipv6() else "0.0.0.0"
         try:
             return BulkServer(
-                self.downloads, host=host, port=port, authorize=self._check_bulk_request,
+                self.downloads, host=host, port=port, authorize=self.auth.authorize_bulk,
                 on_upload=self._on_bulk_upload, name=f"job {self.config.job} bulk",
             ).start()  # fmt: skip
         except OSError as exc:

@@ -1,6 +1,7 @@
 """The ``Control`` gRPC servicer: proto <-> domain, authentication, sessions.
 
-Thin by design (STYLE.md "thin servicers"): it authenticates each call,
+Thin by design (STYLE.md "thin servicers"): it authenticates each call
+(:mod:`fedkube.server.auth`),
 turns client messages into :class:`ControlEvents` calls carrying the identity
 of the stream they came from, and writes the workflow's messages to the right
 stream through a per-stream queue (a gRPC stream is not safe for concurrent
@@ -14,7 +15,6 @@ with their old ``conn_id``, and the workflow ignores them (LESSONS.md 13).
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import logging
 import queue
@@ -26,9 +26,11 @@ from typing import Any, Protocol
 import grpc
 
 from fedkube import envvars
-from fedkube.metrics.server import ServerMetrics
-from fedkube.protocol import AUTH_METADATA, PROTOCOL_VERSION, SITE_METADATA
-from fedkube.server.reverse import UploadBroker, push_chunk, push_end, push_error
+from fedkube.protocol import AUTH_METADATA as AUTH_METADATA  # re-exported: clients' metadata keys
+from fedkube.protocol import PROTOCOL_VERSION
+from fedkube.protocol import SITE_METADATA as SITE_METADATA
+from fedkube.server.auth import Authenticator, AuthError, credentials_from_metadata
+from fedkube.server.reverse import ClaimRefused, UploadBroker, push_chunk, push_end, push_error
 from fedkube.transfer.errors import InvalidRefError
 from fedkube.transfer.refs import TensorRef
 from fedkube.wire.v1 import control_pb2, control_pb2_grpc
@@ -196,60 +198,45 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     def __init__(
         self,
         job: str,
-        tokens: Mapping[str, bytes],
+        auth: Authenticator,
         events: ControlEvents,
         sessions: SessionTable,
         broker: UploadBroker,
         *,
         heartbeat_interval_ms: int,
-        metrics: ServerMetrics | None = None,
         register_timeout_s: float = 30.0,
     ) -> None:
-        self._metrics = metrics
         self._register_timeout_s = register_timeout_s
         self._job = job
-        self._tokens = dict(tokens)
+        self._auth = auth
         self._events = events
         self._sessions = sessions
         self._broker = broker
         self._heartbeat_interval_ms = heartbeat_interval_ms
 
-    # --- authentication -------------------------------------------------------
-
-    def _authenticate(self, context: grpc.ServicerContext) -> tuple[str, grpc.StatusCode | None, str, str]:
-        """(site, error code or None, reason, message) for the call's metadata."""
-        md = dict(context.invocation_metadata() or ())
-        site = str(md.get(SITE_METADATA, ""))
-        expected = self._tokens.get(site)
-        if expected is None:
-            return site, grpc.StatusCode.PERMISSION_DENIED, "UnknownSite", (
-                f"site {site!r} is not a client of job {self._job!r}; "
-                f"fix: send the {SITE_METADATA} metadata with one of the job's client names"
-            )
-        auth = str(md.get(AUTH_METADATA, ""))
-        given = auth[len("Bearer ") :].encode() if auth.startswith("Bearer ") else b""
-        # Constant time, so the comparison does not leak how much of a guess was right.
-        if not hmac.compare_digest(given, expected):
-            return site, grpc.StatusCode.UNAUTHENTICATED, "BadToken", (
-                f"missing or wrong token for site {site!r}; fix: send 'authorization: Bearer <token>' with the "
-                "token from the site's secret"
-            )
-        return site, None, "", ""
+    # --- refusals --------------------------------------------------------------
 
     def _refuse(
         self, context: grpc.ServicerContext, site: str, code: grpc.StatusCode, reason: str, message: str
     ) -> None:
-        if self._metrics is not None:
-            self._metrics.connection_rejected(reason)
-        log.warning("job %s: refused call from site %r (peer %s): %s", self._job, site, context.peer(), message)
+        self._auth.refuse(AuthError(site, code, reason, message), "call", context.peer())
+
+    def _identify(self, context: grpc.ServicerContext) -> tuple[str, AuthError | None]:
+        """(site, None) for an authenticated call, (claimed site, refusal) otherwise (logged and counted)."""
+        site, token = credentials_from_metadata(context.invocation_metadata())
+        try:
+            return self._auth.authenticate(site, token, what="call", peer=context.peer()).site, None
+        except AuthError as exc:
+            return site, exc
 
     # --- Connect --------------------------------------------------------------
 
     def Connect(
         self, request_iterator: Iterator[control_pb2.ClientMessage], context: grpc.ServicerContext
     ) -> Iterator[control_pb2.ServerMessage]:
-        site, code, reason, message = self._authenticate(context)
-        if code is None:
+        site, refused = self._identify(context)
+        code, reason, message = (refused.code, refused.reason, refused.message) if refused else (None, "", "")
+        if refused is None:
             first, timed_out = _first_message(request_iterator, self._register_timeout_s, site)
             if timed_out:
                 code, reason, message = grpc.StatusCode.DEADLINE_EXCEEDED, REGISTER_TIMEOUT, (
@@ -259,8 +246,9 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                 )
             else:
                 code, reason, message = self._check_register(site, first)
+            if code is not None:
+                self._refuse(context, site, code, reason, message)
         if code is not None:
-            self._refuse(context, site, code, reason, message)
             yield control_pb2.ServerMessage(rejected=control_pb2.Rejected(reason=reason, message=message))
             context.abort(code, message)
             return
@@ -367,26 +355,19 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     def Push(
         self, request_iterator: Iterator[control_pb2.PushedChunk], context: grpc.ServicerContext
     ) -> control_pb2.PushAck:
-        site, code, reason, message = self._authenticate(context)
-        if code is not None:
-            self._refuse(context, site, code, reason, message)
-            context.abort(code, message)
+        site, refused = self._identify(context)
+        if refused is not None:
+            context.abort(refused.code, refused.message)
         first = next(request_iterator, None)
         if first is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty Push stream; the first chunk must name a request_id")
         assert first is not None
-        upload = self._broker.find(first.request_id)
-        if upload is None:
-            context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"upload request {first.request_id!r} is not outstanding (finished, cancelled or never sent)",
-            )
-        assert upload is not None
-        if upload.site != site:
-            self._refuse(context, site, grpc.StatusCode.PERMISSION_DENIED, "WrongSite", "push for another site")
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"upload request {first.request_id!r} is not for {site!r}")
-        if not upload.attach():
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"upload request {first.request_id!r} already has a stream")
+        try:
+            upload = self._broker.claim(site, first.request_id)
+        except ClaimRefused as exc:
+            if exc.reason:
+                self._refuse(context, site, exc.code, exc.reason, exc.message)
+            context.abort(exc.code, exc.message)
         if first.error:
             push_error(upload, first.error)
             return control_pb2.PushAck()

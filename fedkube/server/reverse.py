@@ -33,6 +33,8 @@ import uuid
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
+import grpc
+
 from fedkube.protocol import SERVER
 from fedkube.transfer.bulk import close_socket, read_fetch_response
 from fedkube.transfer.errors import (
@@ -42,6 +44,7 @@ from fedkube.transfer.errors import (
     StreamBrokenError,
     TransferAbortedError,
 )
+from fedkube.transfer.fetch import Closeable
 from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.wire import DEFAULT_CHUNK_BYTES
 from fedkube.wire.v1 import control_pb2
@@ -162,8 +165,22 @@ class Upload:
             pass
 
 
+class ClaimRefused(Exception):
+    """An answer to an upload request that is not taken: the status to end it with.
+
+    ``reason`` is the ``connections_rejected`` label when the refusal says
+    something about the caller (another site's request), "" otherwise.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+
+
 class UploadBroker:
-    """Outstanding upload requests by id; the Control servicer's Push handler looks them up here."""
+    """Outstanding upload requests by id; a Push stream or a bulk connection claims its request here."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -184,6 +201,27 @@ class UploadBroker:
     def find(self, request_id: str) -> Upload | None:
         with self._lock:
             return self._uploads.get(request_id)
+
+    def claim(self, site: str, request_id: str, sock: socket.socket | None = None) -> Upload:
+        """The upload ``request_id``, now answered by ``site``'s Push stream or bulk connection ``sock``.
+
+        ``site`` is the caller's authenticated identity. On success a bulk
+        ``sock`` belongs to the upload (:meth:`Upload.attach_socket`). Raises
+        :class:`ClaimRefused` for a request that is not outstanding, is
+        another site's, was cancelled or already has an answer.
+        """
+        upload = self.find(request_id)
+        if upload is None:
+            raise ClaimRefused(grpc.StatusCode.NOT_FOUND,
+                               f"upload request {request_id!r} is not outstanding (finished, cancelled or never sent)")
+        if upload.site != site:
+            raise ClaimRefused(grpc.StatusCode.PERMISSION_DENIED,
+                               f"upload request {request_id!r} is not for {site!r}", reason="WrongSite")
+        if not (upload.attach_socket(sock) if sock is not None else upload.attach()):
+            if upload.cancelled.is_set():
+                raise ClaimRefused(grpc.StatusCode.CANCELLED, f"upload {request_id} was cancelled by the server")
+            raise ClaimRefused(grpc.StatusCode.ALREADY_EXISTS, f"upload request {request_id!r} already has a stream")
+        return upload
 
     def site_gone(self, site: str, reason: str) -> None:
         """End every upload of a site whose control stream went away; fetchers resume on the next one."""
@@ -372,9 +410,8 @@ class ReverseStream:
         self._upload.end("cancelled by the server")
 
     def close(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
+        if isinstance(self._chunks, Closeable):
+            self._chunks.close()
 
 
 class ReverseIntoStream:
@@ -403,9 +440,8 @@ class ReverseIntoStream:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        close = getattr(self._pieces, "close", None)
-        if close is not None:
-            close()
+        if isinstance(self._pieces, Closeable):
+            self._pieces.close()
         close_socket(self.sock)
 
 
@@ -426,6 +462,7 @@ def push_end(upload: Upload, reason: str) -> None:
 
 __all__ = [
     "SERVER_RECEIVER",
+    "ClaimRefused",
     "ReverseChunkSource",
     "ReverseIntoStream",
     "Upload",

@@ -28,13 +28,13 @@ from fedkube.metrics import MetricsServer, SidecarMetrics, new_registry, serve_m
 from fedkube.metrics.sidecar import TRAINER_STATES
 from fedkube.sidecar.config import SidecarConfig
 from fedkube.sidecar.local import TrainerLinkServicer
-from fedkube.sidecar.meter import RelayMeter, metered_bulk_relay, metered_relay
+from fedkube.sidecar.meter import RelayMeter, metered_bulk_handoff, metered_bulk_relay, metered_relay
 from fedkube.sidecar.reverse import SERVER_RECEIVER, Pusher
 from fedkube.sidecar.state import TaskBook, TrainerSnapshot, TrainerTracker
 from fedkube.sidecar.upstream import RegistrationRejected, Upstream, server_channel
-from fedkube.transfer import handoff
 from fedkube.transfer.allocator import tune_allocator
 from fedkube.transfer.bulk import BulkHandoff, BulkRelay
+from fedkube.transfer.route import handoff_enabled
 from fedkube.transfer.wire import relay_channel_options, server_options
 from fedkube.wire.v1 import control_pb2, tensor_pb2, tensor_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
@@ -101,6 +101,7 @@ class Sidecar:
             bulk_address=config.server_bulk_address,
             token=config.token,
             trainer_bulk=self._get_trainer_bulk,
+            trainer_handoff=self._get_trainer_handoff,
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"trainer-link-{config.site}"),
@@ -142,11 +143,11 @@ class Sidecar:
                 ).start()  # fmt: skip
             except OSError as exc:
                 raise ConfigError(f"cannot listen on 127.0.0.1 for the trainer's bulk fetches: {exc}") from exc
-            if self.config.bulk_handoff and handoff.AVAILABLE:
+            if handoff_enabled(self.config.bulk_handoff):
                 try:
-                    self.bulk_handoff = metered_bulk_relay(
+                    self.bulk_handoff = metered_bulk_handoff(
                         self.config.server_bulk_address, site=self.config.site, token=self.config.token,
-                        meter=self.meter, direction="to_trainer", handoff=True,
+                        meter=self.meter, direction="to_trainer",
                     ).start()  # fmt: skip
                 except OSError as exc:  # the relay still works; only the shortcut is lost
                     log.warning("site %s: cannot listen for bulk handoffs (%s); relaying the trainer's bytes",
@@ -292,9 +293,11 @@ class Sidecar:
 
     def _get_trainer_bulk(self) -> str:
         with self._lock:
-            if self.trainer.state.final:
-                return ""
-            return self._trainer_handoff or self._trainer_bulk
+            return "" if self.trainer.state.final else self._trainer_bulk
+
+    def _get_trainer_handoff(self) -> str:
+        with self._lock:
+            return "" if self.trainer.state.final else self._trainer_handoff
 
     def _get_trainer_channel(self) -> grpc.Channel | None:
         with self._lock:

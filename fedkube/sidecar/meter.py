@@ -13,10 +13,13 @@ window of chunks; they report those buffers with :meth:`RelayMeter.fixed`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any
 
-T = TypeVar("T")
+from fedkube.transfer.bulk import BulkHandoff, BulkRelay
+from fedkube.transfer.relay import Counted, RelayServicer
+
+__all__ = ["Counted", "RelayMeter", "StreamMeter", "metered_bulk_handoff", "metered_bulk_relay", "metered_relay"]
 
 
 class RelayMeter:
@@ -68,7 +71,7 @@ class RelayMeter:
 
 
 class StreamMeter:
-    """Accounting of one relayed stream (see :class:`RelayMeter`)."""
+    """Accounting of one relayed stream (see :class:`RelayMeter`): a relay's ``StreamHook``."""
 
     def __init__(self, meter: RelayMeter, direction: str) -> None:
         self._meter = meter
@@ -102,99 +105,33 @@ class StreamMeter:
             self._meter._change(-release)
 
 
-class Counted(Generic[T]):
-    """Iterates ``upstream``, telling ``stream.read`` each item's size; ``cancel()`` is passed upstream."""
+def metered_relay(upstream: Any, *, window_chunks: int, meter: RelayMeter, direction: str) -> RelayServicer:
+    """A :class:`~fedkube.transfer.relay.RelayServicer` whose Fetch streams are counted by ``meter``.
 
-    def __init__(self, upstream: Any, stream: StreamMeter, size: Callable[[T], int]) -> None:
-        self._it: Iterator[T] = iter(upstream)
-        self._upstream = upstream
-        self._stream = stream
-        self._size = size
-
-    def __iter__(self) -> Counted[T]:
-        return self
-
-    def __next__(self) -> T:
-        item = next(self._it)
-        self._stream.read(self._size(item))
-        return item
-
-    def cancel(self) -> None:
-        """Cancel the upstream call, when it can be cancelled."""
-        cancel = getattr(self._upstream, "cancel", None)
-        if cancel is not None:
-            cancel()
-
-
-def metered_relay(upstream: Any, *, window_chunks: int, meter: RelayMeter, direction: str) -> Any:
-    """A :class:`fedkube.transfer.relay.RelayServicer` whose Fetch streams are counted by ``meter``.
-
-    The relay's upstream call is wrapped so each chunk message is counted when
-    the window reads it, and each message the downstream takes is counted as
-    sent; sizes are whole chunk messages (the payload plus a few bytes of
-    framing), since the relay forwards them without parsing.
+    Each Fetch gets its own :class:`StreamMeter` through the relay's public
+    ``on_stream`` hook; sizes are whole chunk messages (the payload plus a few
+    bytes of framing), since the relay forwards them without parsing.
     """
-    from fedkube.transfer.relay import RelayServicer
-
-    class _Metered(RelayServicer):
-        def __init__(self) -> None:
-            super().__init__(upstream, window_chunks=window_chunks)
-            self._local = threading.local()
-            plain = self._fetch
-
-            def fetch(request: Any, timeout: float | None = None) -> Any:
-                # Runs on the Fetch handler's thread, which set the stream's meter just before.
-                stream: StreamMeter = self._local.stream
-                return Counted(plain(request, timeout=timeout), stream, len)
-
-            self._fetch = fetch
-
-        def Fetch(self, request: Any, context: Any) -> Iterator[bytes]:
-            stream = meter.stream(direction)
-            self._local.stream = stream
-            try:
-                for raw in super().Fetch(request, context):
-                    stream.sent(len(raw))
-                    yield raw
-            finally:
-                stream.close()
-
-    return _Metered()
+    return RelayServicer(upstream, window_chunks=window_chunks, on_stream=lambda: meter.stream(direction))
 
 
-def metered_bulk_relay(
-    upstream_address: str,
-    *,
-    site: str,
-    token: str,
-    meter: RelayMeter,
-    direction: str,
-    handoff: bool = False,
-    **options: Any,
-) -> Any:
-    """A :class:`fedkube.transfer.bulk.BulkRelay` whose bytes and buffers are counted by ``meter``.
+def metered_bulk_relay(upstream_address: str, *, site: str, token: str, meter: RelayMeter, direction: str) -> BulkRelay:
+    """A :class:`~fedkube.transfer.bulk.BulkRelay` whose bytes and buffers are counted by ``meter``.
 
-    Every pumped piece counts as relayed in ``direction`` (the server's answer
-    as it is, framing included, like :func:`metered_relay`); the relay's
-    ``buffer_bytes_in_use`` is reported after each piece and after each
-    connection ends, so the gauge drops back when a transfer is over. With
-    ``handoff`` it is a :class:`~fedkube.transfer.bulk.BulkHandoff`, whose
-    bytes are the frames the trainer reports reading (it holds no buffer).
+    Through the relay's byte hooks: every pumped piece counts as relayed in
+    ``direction`` (the server's answer as it is, framing included, like
+    :func:`metered_relay`), and the buffers it holds are reported as they
+    change, so the gauge drops back when a transfer is over.
     """
-    from fedkube.transfer.bulk import BulkHandoff, BulkRelay
+    holder = f"bulk relay {direction}"
+    return BulkRelay(
+        upstream_address, site=site, token=token, on_bytes=lambda n: meter.relayed(direction, n),
+        on_buffer=lambda n: meter.fixed(holder, n),
+    )  # fmt: skip
 
-    holder = f"bulk {'handoff' if handoff else 'relay'} {direction}"
 
-    class _Metered(BulkHandoff if handoff else BulkRelay):  # type: ignore[misc]
-        def handle(self, conn: Any) -> bool:
-            try:
-                return bool(super().handle(conn))
-            finally:
-                meter.fixed(holder, self.buffer_bytes_in_use)
-
-    def on_bytes(nbytes: int) -> None:
-        meter.relayed(direction, nbytes)
-        meter.fixed(holder, relay.buffer_bytes_in_use)
-
-    relay = _Metered(upstream_address, site=site, token=token, on_bytes=on_bytes, **options)
-    return relay
+def metered_bulk_handoff(
+    upstream_address: str, *, site: str, token: str, meter: RelayMeter, direction: str
+) -> BulkHandoff:
+    """A :class:`~fedkube.transfer.bulk.BulkHandoff` whose bytes (what the trainer reports reading) go to ``meter``."""
+    return BulkHandoff(upstream_address, site=site, token=token, on_bytes=lambda n: meter.relayed(direction, n))

@@ -31,6 +31,7 @@ from fedkube.transfer.errors import StreamBrokenError, TransferAbortedError, Tra
 from fedkube.transfer.fetch import GrpcChunkSource
 from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.relay import relay_chunks
+from fedkube.transfer.route import Path, choose_route
 from fedkube.transfer.wire import encode_pushed_chunk
 from fedkube.wire.v1 import control_pb2, tensor_pb2
 
@@ -75,7 +76,8 @@ class Pusher:
     byte range that went up (it drives the trainer's ``WatchResult`` progress);
     ``meter`` (optional) counts the bytes relayed and held in the window.
     ``bulk_address`` is the server's bulk port (empty: gRPC only) and
-    ``trainer_bulk`` returns the trainer's bulk address ("" when it has none);
+    ``trainer_bulk`` and ``trainer_handoff`` return the trainer's bulk address
+    and handoff name ("" when it has none; :func:`choose_route` picks);
     ``token`` is the site's token, sent on each bulk connection.
     """
 
@@ -92,6 +94,7 @@ class Pusher:
         bulk_address: str = "",
         token: str = "",
         trainer_bulk: Callable[[], str] = lambda: "",
+        trainer_handoff: Callable[[], str] = lambda: "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._push_call = server.stream_unary(
@@ -108,6 +111,7 @@ class Pusher:
         self._bulk_address = bulk_address
         self._token = token
         self._trainer_bulk = trainer_bulk
+        self._trainer_handoff = trainer_handoff
         self._clock = clock
         self._bulk_down_until = 0.0  # while the clock is below it, results go over gRPC
 
@@ -120,11 +124,13 @@ class Pusher:
             bulk_ok = self._clock() >= self._bulk_down_until
         if old is not None:
             old.cancel()
-        source = self._trainer_bulk() if self._bulk_address and bulk_ok else ""
-        if source:
-            self._pool.submit(self._push_bulk, req, up, source)
-        else:
+        route = choose_route(
+            bulk=self._trainer_bulk(), handoff=self._trainer_handoff(), bulk_ok=bool(self._bulk_address) and bulk_ok
+        )
+        if route.path is Path.GRPC:
             self._pool.submit(self._push, req, up)
+        else:
+            self._pool.submit(self._push_bulk, req, up, route.address)
 
     def cancel(self, request_id: str) -> None:
         """The server no longer wants ``request_id`` (CancelUpload)."""

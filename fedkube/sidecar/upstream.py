@@ -14,6 +14,7 @@ import grpc
 
 from fedkube.protocol import AUTH_METADATA, BEARER, PROTOCOL_VERSION, SITE_METADATA
 from fedkube.sidecar.state import backoff_delay
+from fedkube.transfer import endpoints
 from fedkube.transfer.wire import relay_channel_options
 from fedkube.wire.v1 import control_pb2, control_pb2_grpc
 
@@ -63,7 +64,7 @@ class _CallDetails(grpc.ClientCallDetails):
 def server_channel(address: str, site: str, token: str) -> tuple[grpc.Channel, grpc.Channel]:
     """(raw channel, authenticated channel) to the server; close the raw one when done."""
     # A fixed per-stream read-ahead keeps the relay's memory bounded (LESSONS.md 4).
-    raw = grpc.insecure_channel(address, options=relay_channel_options())
+    raw = endpoints.channel(address, relay_channel_options())
     return raw, grpc.intercept_channel(raw, _Auth(site, token))
 
 

@@ -58,7 +58,6 @@ from fedkube.trainer_sdk.model import (
     params_to_numpy,
     receive_target,
 )
-from fedkube.transfer import handoff
 from fedkube.transfer.allocator import release_free_memory
 from fedkube.transfer.bulk import BulkChunkSource, BulkHandoffServer, BulkServer
 from fedkube.transfer.errors import (
@@ -73,6 +72,7 @@ from fedkube.transfer.errors import (
 )
 from fedkube.transfer.fetch import Fetcher, FetchSettings, GrpcChunkSource
 from fedkube.transfer.refs import TensorRef, numpy_dtype
+from fedkube.transfer.route import choose_route, handoff_enabled
 from fedkube.transfer.service import DownloadService, serve
 from fedkube.transfer.wire import relay_channel_options
 from fedkube.wire.v1 import control_pb2, trainer_pb2, trainer_pb2_grpc
@@ -163,9 +163,9 @@ class Session:
         self.bulk_address = self._bulk_server.address
         # Where the sidecar hands over its connection to the server with the fetch to answer on it, so
         # result bytes go from here straight to the server (fedkube.transfer.handoff; Linux only).
-        self._handoff_ok = handoff.AVAILABLE and os.environ.get(envvars.BULK_HANDOFF, "").strip().lower() not in (
-            "0", "false",
-        )  # fmt: skip
+        self._handoff_ok = handoff_enabled(
+            os.environ.get(envvars.BULK_HANDOFF, "").strip().lower() not in ("0", "false")
+        )
         self._handoff_server = BulkHandoffServer(self._bulk_server).start() if self._handoff_ok else None
         self.bulk_handoff = self._handoff_server.address if self._handoff_server is not None else ""
         self.bulk_fetcher: Fetcher | None = None  # set by connect() when the sidecar has a bulk relay
@@ -242,7 +242,9 @@ class Session:
 
     def _use_bulk(self, hello: trainer_pb2.HelloResponse) -> None:
         """Fetch the global model through the sidecar's bulk handoff or relay, as ``hello`` names them (or gRPC)."""
-        relay_address = hello.bulk_handoff if hello.bulk_handoff and self._handoff_ok else hello.bulk_address
+        relay_address = choose_route(
+            bulk=hello.bulk_address, handoff=hello.bulk_handoff, handoff_ok=self._handoff_ok
+        ).address
         self.bulk_via = relay_address
         if not relay_address:
             self.bulk_fetcher = None

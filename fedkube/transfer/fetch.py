@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import grpc
 import numpy as np
@@ -52,6 +52,7 @@ from fedkube.transfer.errors import (
     TransferStalledError,
 )
 from fedkube.transfer.refs import Hasher, TensorRef, array_from_buffer, numpy_dtype
+from fedkube.transfer.relay import Cancellable
 from fedkube.transfer.wire import (
     COMPLETE_METHOD,
     DEFAULT_CHUNK_BYTES,
@@ -211,6 +212,7 @@ class ChunkSource(Protocol):
         ...
 
 
+@runtime_checkable
 class IntoSource(Protocol):
     """A source that writes chunks straight into the caller's buffer (the bulk protocol).
 
@@ -224,6 +226,20 @@ class IntoSource(Protocol):
     def stream_into(self, ref: TensorRef, offset: int, buf: memoryview) -> Iterator[int]: ...
 
     def complete(self, transaction_id: str, ok: bool, error: str = "") -> None: ...
+
+
+@runtime_checkable
+class Closeable(Protocol):
+    """A stream that holds something (a socket, a call) until closed."""
+
+    def close(self) -> Any: ...
+
+
+@runtime_checkable
+class Receiving(Protocol):
+    """A source that fetches as a named receiver (named in errors)."""
+
+    receiver: str
 
 
 class RangeInspector(Protocol):
@@ -409,7 +425,7 @@ class Fetcher:
         return {
             "transaction_id": ref.transaction_id,
             "ref_id": ref.ref_id,
-            "receiver": getattr(self.source, "receiver", None),
+            "receiver": self.source.receiver if isinstance(self.source, Receiving) else None,
         }
 
     def _check_abort(self, ref: TensorRef, offset: int) -> None:
@@ -487,15 +503,14 @@ class Fetcher:
             start = offset
             try:
                 self.attempts += 1
-                into = getattr(self.source, "stream_into", None)
-                if into is not None:
-                    stream = into(ref, offset, buf)
+                pieces: Iterator[int]
+                if isinstance(self.source, IntoSource):
+                    stream = pieces = self.source.stream_into(ref, offset, buf)
                 else:
-                    stream = self.source.stream(ref, offset, s.max_chunk_bytes)  # type: ignore[union-attr]
-                cancel = getattr(stream, "cancel", None)
-                if self.abort is not None and cancel is not None:
-                    guard = _Watchdog(None, cancel, self.abort, f"fedkube-fetch-abort-{ref.transaction_id}")
-                pieces = stream if into is not None else self._copy_chunks(stream, ref, buf, offset)
+                    stream = self.source.stream(ref, offset, s.max_chunk_bytes)
+                    pieces = self._copy_chunks(stream, ref, buf, offset)
+                if self.abort is not None and isinstance(stream, Cancellable):
+                    guard = _Watchdog(None, stream.cancel, self.abort, f"fedkube-fetch-abort-{ref.transaction_id}")
                 for n in pieces:
                     if not isinstance(n, int) or n <= 0 or offset + n > ref.nbytes:
                         raise ProtocolError(f"source reported {n!r} bytes written at offset {offset}", **self._ids(ref))
@@ -528,9 +543,8 @@ class Fetcher:
             finally:
                 if guard is not None:
                     guard.stop()
-                close = getattr(stream, "close", None)
-                if close is not None:
-                    close()
+                if isinstance(stream, Closeable):
+                    stream.close()
 
     def _copy_chunks(
         self, chunks: Iterator[tuple[int, bytes | memoryview]], ref: TensorRef, buf: memoryview, offset: int
@@ -556,7 +570,7 @@ class Fetcher:
         self, ref: TensorRef, err: Exception, offset: int, start: int, failures: int, last_progress: float
     ) -> None:
         s = self.settings
-        if not getattr(err, "retryable", False):
+        if not (isinstance(err, TransferError) and err.retryable):
             raise err
         if offset > start:
             failures = 1  # this attempt made progress: the streak of failures starts again

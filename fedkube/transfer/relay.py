@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import grpc
 
@@ -25,6 +25,51 @@ from fedkube.wire.v1 import tensor_pb2
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+
+@runtime_checkable
+class Cancellable(Protocol):
+    """An upstream that can be told to stop (a gRPC call, a fetch stream)."""
+
+    def cancel(self) -> Any: ...
+
+
+class StreamHook(Protocol):
+    """The byte hook of one relayed stream: called on the relay's threads, so be quick.
+
+    ``read(n)``: an item of ``n`` bytes entered the relay's window from
+    upstream; ``sent(n)``: it left downstream; ``close()``: the stream ended
+    (whatever was still queued is dropped). ``close`` may be called twice.
+    """
+
+    def read(self, nbytes: int) -> None: ...
+    def sent(self, nbytes: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class Counted(Generic[T]):
+    """Iterates ``upstream``, telling ``hook.read`` each item's size; ``cancel()`` is passed upstream."""
+
+    def __init__(self, upstream: Iterable[T], hook: StreamHook, size: Callable[[T], int]) -> None:
+        self._it: Iterator[T] = iter(upstream)
+        self._upstream = upstream
+        self._hook = hook
+        self._size = size
+
+    def __iter__(self) -> Counted[T]:
+        return self
+
+    def __next__(self) -> T:
+        item = next(self._it)
+        self._hook.read(self._size(item))
+        return item
+
+    def cancel(self) -> None:
+        """Cancel the upstream call, when it can be cancelled."""
+        if isinstance(self._upstream, Cancellable):
+            self._upstream.cancel()
+
 
 _ITEM, _END, _ERROR = 0, 1, 2
 # How often blocked puts/gets re-check the stop/abort flags; a put or get
@@ -87,9 +132,8 @@ def relay_chunks(upstream: Iterable[T], *, window: int, abort: threading.Event |
                     raise TransferAbortedError("relay aborted")
         finally:
             stop.set()
-            cancel = getattr(upstream, "cancel", None)
-            if cancel is not None:
-                cancel()
+            if isinstance(upstream, Cancellable):
+                upstream.cancel()
             # Unblock a reader stuck in put() and drop queued chunks now.
             while True:
                 try:
@@ -122,12 +166,24 @@ class RelayServicer:
     error ends the downstream call with the same status code and details.
     Create ``upstream`` with :func:`fedkube.transfer.wire.relay_channel_options`
     so gRPC's own receive buffering upstream stays small too.
+
+    ``on_stream()`` (optional) gives each Fetch its :class:`StreamHook`: it
+    is told each chunk message as the window reads it and as downstream
+    takes it (whole messages, payload plus a few bytes of framing, since
+    they are forwarded without parsing).
     """
 
-    def __init__(self, upstream: grpc.Channel, *, window_chunks: int = 4) -> None:
+    def __init__(
+        self,
+        upstream: grpc.Channel,
+        *,
+        window_chunks: int = 4,
+        on_stream: Callable[[], StreamHook] | None = None,
+    ) -> None:
         if window_chunks < 1:
             raise ValueError(f"window_chunks must be >= 1, got {window_chunks}")
         self.window_chunks = window_chunks
+        self._on_stream = on_stream
         self._fetch = upstream.unary_stream(
             FETCH_METHOD, request_serializer=tensor_pb2.FetchRequest.SerializeToString, response_deserializer=_raw
         )
@@ -145,16 +201,25 @@ class RelayServicer:
             "relay: transaction %s ref %s for %s from offset %d",
             request.transaction_id, request.ref_id, request.receiver, request.offset,
         )  # fmt: skip
+        hook = self._on_stream() if self._on_stream is not None else None
         try:
-            yield from relay_chunks(call, window=self.window_chunks)
+            if hook is None:
+                yield from relay_chunks(call, window=self.window_chunks)
+            else:
+                for raw in relay_chunks(Counted(call, hook, len), window=self.window_chunks):
+                    hook.sent(len(raw))
+                    yield raw
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
             if context.is_active():
                 log.warning(
                     "relay: transaction %s ref %s for %s: upstream failed with %s",
                     request.transaction_id, request.ref_id, request.receiver, code,
                 )  # fmt: skip
                 context.abort(code, exc.details() or "upstream failed")
+        finally:
+            if hook is not None:
+                hook.close()
 
     def Complete(
         self, request: tensor_pb2.CompleteRequest, context: grpc.ServicerContext

@@ -29,7 +29,6 @@ from fedkube.transfer import (
     TransferAbortedError,
     TransferError,
     TransferStalledError,
-    bulk,
     handoff,
 )
 from fedkube.transfer.bulk import (
@@ -38,11 +37,13 @@ from fedkube.transfer.bulk import (
     BulkHandoff,
     BulkRelay,
     BulkServer,
+    Refused,
     push_upload,
     read_request,
     read_status,
     send_request,
 )
+from fedkube.transfer.bulk import relay as bulk_relay
 from fedkube.wire.v1 import tensor_pb2
 from tests.integration.transfer.helpers import CuttingProxy, Uploads
 
@@ -365,7 +366,7 @@ def test_read_request_never_fails_other_than_refusing(data: bytes) -> None:
         except EOFError:
             pass
         except Exception as exc:
-            assert type(exc).__name__ == "_Refused", repr(exc)
+            assert isinstance(exc, Refused), repr(exc)
     finally:
         a.close()
         b.close()
@@ -378,7 +379,7 @@ def test_read_request_never_fails_other_than_refusing(data: bytes) -> None:
 def test_relay_stamps_identity_checks_the_receiver_and_frees_its_buffer(
     service: DownloadService, splice: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bulk, "USE_SPLICE", splice)
+    monkeypatch.setattr(bulk_relay, "USE_SPLICE", splice)
     tokens = {"site-a": "tok-a"}
 
     def authorize(site: str, token: str) -> tuple[grpc.StatusCode | None, str]:

@@ -1,0 +1,261 @@
+"""Bulk listeners: the accept loop every bulk endpoint shares, and :class:`BulkServer`, which answers requests."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from fedkube.transfer import endpoints, handoff
+from fedkube.transfer.bulk.frames import (
+    END,
+    FRAME_BYTES,
+    MAX_FRAME_BYTES,
+    U32,
+    Refused,
+    read_request,
+    send_failed,
+    send_status,
+)
+from fedkube.transfer.endpoints import close_socket
+from fedkube.transfer.errors import TransferError
+from fedkube.transfer.service import DownloadService
+from fedkube.transfer.wire import MAX_CHUNK_BYTES, status_code_for
+from fedkube.wire.v1 import tensor_pb2
+
+log = logging.getLogger(__name__)
+
+#: ``authorize(site, token)`` -> (None, "") to admit, or (code, message) to refuse.
+Authorize = Callable[[str, str], tuple["grpc.StatusCode | None", str]]
+#: ``on_upload(site, upload_id, sock)`` -> (None, "") after taking ownership of ``sock``, or (code, message).
+OnUpload = Callable[[str, str, socket.socket], tuple["grpc.StatusCode | None", str]]
+
+
+class Listener:
+    """A listener running one daemon thread per connection, at most ``max_connections`` at once.
+
+    TCP on ``host:port`` (made by :func:`fedkube.transfer.endpoints.listen`), or
+    a Unix socket when ``host`` is an abstract name (``@...``,
+    :mod:`fedkube.transfer.handoff`; ``port`` is then 0). Subclasses answer
+    each connection in :meth:`handle`.
+    """
+
+    def __init__(self, host: str, port: int, name: str, max_connections: int) -> None:
+        self.name = name
+        self.max_connections = max_connections
+        self.host = host
+        if handoff.is_handoff(host):
+            self._sock = handoff.listen(host)
+            self.port = 0
+        else:
+            self._sock = endpoints.listen(host, port)
+            self.port = self._sock.getsockname()[1]
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name=f"fedkube-{name}-accept", daemon=True)
+
+    @property
+    def address(self) -> str:
+        if handoff.is_handoff(self.host):
+            return self.host
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def _start(self) -> None:
+        self._thread.start()
+        log.info("%s listening on %s", self.name, self.address)
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed by stop()
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                log.warning("%s: %d connections open; refusing one more", self.name, self.max_connections)
+                threading.Thread(target=self._refuse_busy, args=(conn,), daemon=True).start()
+                continue
+            threading.Thread(target=self._run, args=(conn,), name=f"fedkube-{self.name}-conn", daemon=True).start()
+
+    def _refuse_busy(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(5.0)
+            send_status(conn, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name} is at its connection limit; retry")
+        except OSError:
+            pass
+        finally:
+            close_socket(conn)
+
+    def _run(self, conn: socket.socket) -> None:
+        keep = False
+        try:
+            keep = self.handle(conn)
+        except Exception:
+            log.exception("%s: connection handler failed", self.name)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            if not keep:
+                close_socket(conn)
+
+    def handle(self, conn: socket.socket) -> bool:
+        """Serve one connection; True when its ownership moved elsewhere (do not close it)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5)
+
+
+class BulkServer(Listener):
+    """Serves ``service`` (fetch, complete) over the bulk protocol; pushed uploads go to ``on_upload``.
+
+    ``authorize(site, token)`` admits or refuses every request before it is
+    looked at (None: no check, for pod-local servers). A request is read
+    within ``request_timeout_s``; a receiver that stops reading for
+    ``send_timeout_s`` is dropped (it resumes with a new fetch).
+    """
+
+    def __init__(
+        self,
+        service: DownloadService | None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        authorize: Authorize | None = None,
+        on_upload: OnUpload | None = None,
+        name: str = "bulk",
+        frame_bytes: int = FRAME_BYTES,
+        max_connections: int = 256,
+        request_timeout_s: float = 10.0,
+        send_timeout_s: float = 120.0,
+    ) -> None:
+        if not 0 < frame_bytes <= MAX_FRAME_BYTES:
+            raise ValueError(f"frame_bytes must be in 1..{MAX_FRAME_BYTES}, got {frame_bytes}")
+        super().__init__(host, port, name, max_connections)
+        self.service = service
+        self.authorize = authorize
+        self.on_upload = on_upload
+        self.frame_bytes = frame_bytes
+        self.request_timeout_s = request_timeout_s
+        self.send_timeout_s = send_timeout_s
+        self.bytes_sent = 0  # over the server's life (a counter; read without a lock)
+
+    def start(self) -> BulkServer:
+        self._start()
+        return self
+
+    def handle(self, conn: socket.socket) -> bool:
+        conn.settimeout(self.request_timeout_s)
+        try:
+            request = read_request(conn)
+        except Refused as refused:
+            log.warning("%s: refused a request: %s", self.name, refused.message)
+            with contextlib.suppress(OSError):
+                send_status(conn, refused.code, refused.message)
+            return False
+        except (EOFError, OSError) as exc:
+            log.debug("%s: connection ended: %s", self.name, exc)
+            return False
+        return self.serve(conn, request)
+
+    def serve(
+        self, conn: socket.socket, request: tensor_pb2.BulkRequest, on_frame: Callable[[int], None] | None = None
+    ) -> bool:
+        """Answer ``request`` on ``conn``; True when ``conn``'s ownership moved elsewhere (an upload).
+
+        ``on_frame(n)`` is told each data frame sent (a handed-over socket
+        reports them to the sidecar that dialed it).
+        """
+        try:
+            if self.authorize is not None:
+                code, message = self.authorize(request.site, request.token)
+                if code is not None:
+                    raise Refused(code, message)
+            op = request.WhichOneof("op")
+            if op == "fetch":
+                self._fetch(conn, request.fetch, on_frame)
+            elif op == "complete":
+                self._complete(conn, request.complete)
+            elif op == "upload_id":
+                return self._upload(conn, request.site, request.upload_id)
+            else:
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT, "BulkRequest names no operation (fetch, complete, upload_id)"
+                )
+        except Refused as refused:
+            log.warning("%s: refused a request: %s", self.name, refused.message)
+            with contextlib.suppress(OSError):
+                send_status(conn, refused.code, refused.message)
+        except (EOFError, OSError) as exc:  # the peer went away; it resumes with a new request
+            log.debug("%s: connection ended: %s", self.name, exc)
+        return False
+
+    def _fetch(
+        self, conn: socket.socket, req: tensor_pb2.FetchRequest, on_frame: Callable[[int], None] | None = None
+    ) -> None:
+        if self.service is None:
+            raise Refused(grpc.StatusCode.UNIMPLEMENTED, f"{self.name} serves no tensors (uploads only)")
+        frame = min(req.max_chunk_bytes or self.frame_bytes, self.frame_bytes, MAX_CHUNK_BYTES)
+        try:
+            stream = self.service.open_stream(req.transaction_id, req.ref_id, req.receiver, req.offset, frame)
+        except TransferError as exc:
+            raise Refused(status_code_for(exc), str(exc)) from None
+        send_status(conn, grpc.StatusCode.OK)
+        # sendall's timeout bounds each whole frame; a receiver slower than frame/send_timeout_s is dropped.
+        conn.settimeout(self.send_timeout_s)
+        try:
+            for _, piece in stream:
+                conn.sendall(U32.pack(piece.nbytes))
+                conn.sendall(piece)  # a slice of the published buffer: no copy in Python
+                self.bytes_sent += piece.nbytes
+                if on_frame is not None:
+                    on_frame(piece.nbytes)
+        except TransferError as exc:
+            log.warning(
+                "%s: fetch of transaction %s ref %s for %s failed: %s",
+                self.name, req.transaction_id, req.ref_id, req.receiver, exc,
+            )  # fmt: skip
+            send_failed(conn, status_code_for(exc), str(exc))
+            return
+        conn.sendall(U32.pack(END))
+
+    def _complete(self, conn: socket.socket, req: tensor_pb2.CompleteRequest) -> None:
+        if self.service is None:
+            raise Refused(grpc.StatusCode.UNIMPLEMENTED, f"{self.name} serves no tensors (uploads only)")
+        try:
+            self.service.complete(req.transaction_id, req.receiver, req.ok, req.error)
+        except TransferError as exc:
+            raise Refused(status_code_for(exc), str(exc)) from None
+        send_status(conn, grpc.StatusCode.OK)
+
+    def _upload(self, conn: socket.socket, site: str, upload_id: str) -> bool:
+        if self.on_upload is None:
+            raise Refused(grpc.StatusCode.UNIMPLEMENTED, f"{self.name} accepts no uploads")
+        if not upload_id:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "empty upload_id")
+        conn.settimeout(None)
+        code, message = self.on_upload(site, upload_id, conn)
+        if code is not None:
+            raise Refused(code, message)
+        with contextlib.suppress(OSError):  # the new owner's read sees a broken connection and resumes
+            send_status(conn, grpc.StatusCode.OK)
+        return True
