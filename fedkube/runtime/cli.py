@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir",
         type=Path,
         default=None,
-        help="where logs, volumes and working directories go (default: ./runs/<job>-<timestamp>); "
-        "with spec.server.checkpoint.enabled, reusing one resumes after its last completed round",
+        help="where logs, volumes and working directories go (default: a new ./runs/<job>-<timestamp>[-N]); "
+        "with spec.server.checkpoint.enabled, reusing one resumes after its last completed round; "
+        "a run dir another fedkube run is using is refused (exit code 2)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar (off anyway when not a TTY)")
     parser.add_argument(
@@ -91,10 +92,10 @@ def run_main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    run_dir = (args.run_dir or default_run_dir(job_name)).resolve()
     tokens = new_tokens([c.name for c in job.spec.clients])
     try:
         manifests = render_job(job, tokens)
+        run_dir = (args.run_dir or default_run_dir(job_name)).resolve()
     except FedkubeError as exc:
         print(f"fedkube run: {args.job}: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,9 @@ from fedkube.errors import ConfigError
 from fedkube.runtime.pod import SIDECAR_EXIT_ON_STOP, ManifestObjects, PodOptions, PodResult, PodRun, run_pod
 from fedkube.runtime.process import OutputSink, StreamSink
 from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
+from fedkube.runtime.rundir import RunDirLock, default_run_dir
+
+__all__ = ["LocalJobRun", "RunOptions", "RunOutcome", "default_run_dir", "new_tokens", "render_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class LocalJobRun:
         self._manifests = list(manifests)
         self._interrupt = threading.Event()
         self._pods: dict[str, PodRun] = {}
+        self._lock = RunDirLock(options.run_dir)
         pods = [m for m in self._manifests if m.get("kind") == "Pod"]
         servers = [p for p in pods if _labels(p).get(ROLE_LABEL) == "server"]
         if len(servers) != 1:
@@ -138,8 +141,11 @@ class LocalJobRun:
         return f"http://{LOCAL_HOST}:{self.resolver.local_port(self.server_key, int(port))}{path}"
 
     def start(self) -> None:
-        """Start the server pod, wait (bounded) until it accepts connections, then the client pods."""
-        self.options.run_dir.mkdir(parents=True, exist_ok=True)
+        """Start the server pod, wait (bounded) until it accepts connections, then the client pods.
+
+        Raises ``RunDirInUse`` (a ``ConfigError``) before anything starts when another run holds the run dir.
+        """
+        self._lock.acquire()  # held until stop_all(): nothing else may write this run dir meanwhile
         for service in (m for m in self._manifests if m.get("kind") == "Service"):
             selector = service.get("spec", {}).get("selector") or {}
             for pod in (m for m in self._manifests if m.get("kind") == "Pod"):
@@ -187,11 +193,12 @@ class LocalJobRun:
         )
 
     def stop_all(self) -> None:
-        """Stop every pod and wait for each (bounded); safe to call more than once."""
+        """Stop every pod and wait for each (bounded), then release the run dir; safe to call more than once."""
         for run in self._pods.values():
             run.stop()
         for run in self._pods.values():
             self._final(run)
+        self._lock.release()
 
     def pids(self) -> list[int]:
         """pids of every container process started so far (for tests)."""
@@ -317,12 +324,6 @@ def _prefix(pod: Mapping[str, Any], container: str) -> str:
         return "server" if short in ("server", "") else f"server {short}"
     site = labels.get(SITE_LABEL) or str(pod.get("metadata", {}).get("name"))
     return f"{site} {short}"
-
-
-def default_run_dir(job_name: str, root: Path | None = None) -> Path:
-    """``runs/<job>-<UTC timestamp>`` under ``root`` (the current directory by default)."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return (root or Path.cwd()) / "runs" / f"{job_name}-{stamp}"
 
 
 def new_tokens(sites: Sequence[str]) -> dict[str, str]:

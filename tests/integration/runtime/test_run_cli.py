@@ -195,3 +195,32 @@ def test_reusing_the_run_dir_resumes_from_the_checkpoint_claim(tmp_path: Path) -
     # The claim (a directory under the run dir) outlived the first server: rounds 0 and 1 are not run again.
     assert "[site-a trainer] round 2 w0 2.0" in second.stderr
     assert "[site-a trainer] round 0 " not in second.stderr and "round 1 w0" not in second.stderr
+
+
+def test_a_second_run_on_a_run_dir_in_use_is_refused_and_leaves_the_first_alone(tmp_path: Path) -> None:
+    job = write_job(tmp_path, HANG, sites=("site-a",))
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(
+        [*fedkube_command(), "run", str(job), "--no-progress", "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert first.stdout is not None
+        seen: list[str] = []
+        while not any("connected to the sidecar" in line for line in seen[-1:]):
+            line = first.stdout.readline()
+            assert line, "".join(seen[-40:])
+            seen.append(line)
+        before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+        second = fedkube_run(str(job), "--no-progress", "--run-dir", str(run_dir), timeout=40)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"pid {first.pid}" in second.stderr and "--run-dir" in second.stderr, second.stderr[-3000:]
+        assert first.poll() is None  # the first run goes on, its files untouched
+        assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    finally:
+        first.send_signal(signal.SIGINT)
+        try:
+            first.communicate(timeout=60)
+        finally:
+            if first.poll() is None:
+                first.kill()
