@@ -66,6 +66,8 @@ class RunOutcome:
     interrupted: bool
     metrics_urls: Mapping[str, str] = field(default_factory=dict)
     """Prometheus endpoints of the run: ``server`` and each client site (see :meth:`LocalJobRun.metrics_urls`)."""
+    client_sites: Mapping[str, str] = field(default_factory=dict)
+    """Pod name -> site name of every client pod."""
 
 
 # Overrides the manifests' bulk settings in every container: the server's port off, sidecars on gRPC only.
@@ -190,6 +192,7 @@ class LocalJobRun:
             run_dir=self.options.run_dir,
             interrupted=interrupted,
             metrics_urls=self.metrics_urls(),
+            client_sites={str(p["metadata"]["name"]): _site_of(p) for p in self._clients},
         )
 
     def stop_all(self) -> None:
@@ -299,6 +302,10 @@ def _server_exit_code(result: PodResult) -> int:
     if main.exit_code in (0, 1, 2):
         return int(main.exit_code)
     return 1  # killed by a signal or an unexpected code: the job did not succeed
+
+
+def _site_of(pod: Mapping[str, Any]) -> str:
+    return _labels(pod).get(SITE_LABEL) or str(pod.get("metadata", {}).get("name"))
 
 
 def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
