@@ -183,7 +183,7 @@ class LocalJobRun:
         server_result = results[server.name]
         summary = self._read_summary(server)
         exit_code = EXIT_INTERRUPTED if interrupted else _server_exit_code(server_result)
-        notes = self._notes(results, server.name, exit_code)
+        notes = self._notes(results, server.name, exit_code, summary)
         return RunOutcome(
             exit_code=exit_code,
             summary=summary,
@@ -271,8 +271,11 @@ class LocalJobRun:
             return value if isinstance(value, dict) else {"summary": value}
         return None
 
-    def _notes(self, results: Mapping[str, PodResult], server_name: str, exit_code: int) -> list[str]:
+    def _notes(
+        self, results: Mapping[str, PodResult], server_name: str, exit_code: int, summary: Mapping[str, Any] | None
+    ) -> list[str]:
         notes: list[str] = []
+        judged = _client_states(summary)
         for name, result in results.items():
             if name == server_name:
                 continue
@@ -287,11 +290,36 @@ class LocalJobRun:
                         f"(exit {c.exit_code})"
                     )
                 elif c.exit_code != 0:
-                    after = " after the job succeeded; teardown noise, not a job failure" if exit_code == 0 else ""
-                    notes.append(f"{site} {c.name}: exited with code {c.exit_code}{after}")
+                    notes.append(f"{site} {c.name}: exited with code {c.exit_code}{_when(judged.get(site), exit_code)}")
                 if c.restarts:
                     notes.append(f"{site} {c.name}: restarted {c.restarts} time(s)")
         return notes
+
+
+_UNHEALTHY = ("Failed", "Lost")
+
+
+def _client_states(summary: Mapping[str, Any] | None) -> dict[str, tuple[str, str]]:
+    """site -> (state, reason) of each client the server's summary lists."""
+    clients = (summary or {}).get("clients")
+    if not isinstance(clients, list):
+        return {}
+    return {
+        str(c["name"]): (str(c.get("state", "")), str(c.get("reason", "")))
+        for c in clients
+        if isinstance(c, dict) and "name" in c
+    }
+
+
+def _when(judged: tuple[str, str] | None, exit_code: int) -> str:
+    """What a client container's non-zero exit meant, as far as the server's summary tells."""
+    if judged is not None and judged[0] in _UNHEALTHY:
+        state, reason = judged
+        return f" during the job (the server marked the client {state}{f': {reason}' if reason else ''})"
+    if judged is not None and exit_code == 0:
+        # The server counted this client healthy to the end: the exit came after its part was done.
+        return " after the job succeeded; teardown noise, not a job failure"
+    return ""
 
 
 def _server_exit_code(result: PodResult) -> int:

@@ -224,3 +224,29 @@ def test_a_second_run_on_a_run_dir_in_use_is_refused_and_leaves_the_first_alone(
         finally:
             if first.poll() is None:
                 first.kill()
+
+
+CRASH_ON_C = textwrap.dedent("""
+    import os
+    import numpy as np
+    import fedkube.trainer_sdk as fk
+
+    fk.init()
+    while fk.is_running():
+        model = fk.receive()
+        if os.environ["FEDKUBE_SITE"] == "site-c":
+            raise SystemExit("site-c crashes mid-job")
+        params = {"w": np.zeros(4, dtype=np.float32)} if model.params is None else {"w": model.params["w"] + 1}
+        fk.send(fk.FLModel(params=params, num_examples=10))
+""")
+
+
+def test_a_trainer_that_crashed_mid_job_is_not_called_teardown_noise(tmp_path: Path) -> None:
+    job = write_job(tmp_path, CRASH_ON_C, sites=("site-a", "site-b", "site-c"))
+    job.write_text(job.read_text().replace("minClients: 3", "minClients: 2"))
+    proc = fedkube_run(str(job), "--json", "--no-progress", "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    notes = [n for n in result["notes"] if n.startswith("site-c trainer")]
+    assert notes and all("teardown noise" not in n and "after the job succeeded" not in n for n in notes), notes
+    assert any("exited with code 1 during the job" in n for n in notes), notes
