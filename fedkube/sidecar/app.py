@@ -118,6 +118,7 @@ class Sidecar:
             closing=self._closing,
             bulk_address=lambda: self.bulk_relay.address if self.bulk_relay is not None else "",
             bulk_handoff=lambda: self.bulk_handoff.address if self.bulk_handoff is not None else "",
+            server_connected=self.upstream.connected.is_set,
         )
         trainer_pb2_grpc.add_TrainerLinkServicer_to_server(self.link, self._server)
         metered_relay(self._channel, window_chunks=config.relay_window_chunks, meter=self.meter,
