@@ -283,7 +283,7 @@ class LocalJobRun:
             site = _labels(pod).get(SITE_LABEL, name)
             for c in result.containers:
                 if c.exit_code is None:
-                    notes.append(f"{site} {c.name}: never started")
+                    notes.append(f"{site} {c.name}: never started{f' ({result.message})' if result.message else ''}")
                 elif c.stopped_by_runtime:
                     notes.append(
                         f"{site} {c.name}: still running after the job ended; stopped by the runtime "

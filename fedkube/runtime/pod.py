@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedkube import envvars
-from fedkube.errors import ConfigError
+from fedkube.errors import ConfigError, FedkubeError
 from fedkube.runtime.process import ManagedProcess, OutputSink, ProcessSpec, StreamSink
 from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
 
@@ -478,6 +478,9 @@ class PodRun:
         message = ""
         try:
             message = self._run_containers()
+        except FedkubeError as exc:  # says what and the fix already: a traceback would bury it
+            logger.error("pod %s: %s", self.key, exc)
+            message = str(exc)
         except Exception as exc:  # the pod fails; the runtime must still learn about it
             logger.exception("pod %s: supervisor failed", self.key)
             message = f"{type(exc).__name__}: {exc}"

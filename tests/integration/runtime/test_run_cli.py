@@ -250,3 +250,16 @@ def test_a_trainer_that_crashed_mid_job_is_not_called_teardown_noise(tmp_path: P
     notes = [n for n in result["notes"] if n.startswith("site-c trainer")]
     assert notes and all("teardown noise" not in n and "after the job succeeded" not in n for n in notes), notes
     assert any("exited with code 1 during the job" in n for n in notes), notes
+
+
+def test_a_trainer_command_that_does_not_exist_is_one_clear_error_without_tracebacks(tmp_path: Path) -> None:
+    job = write_job(tmp_path, ADD_ONE, sites=("site-a",), rounds=1)
+    job.write_text(job.read_text().replace('command: ["python", "train.py"]', 'command: ["no-such-trainer-7", "x"]'))
+    proc = fedkube_run(str(job), "--no-progress", "--grace", "3", "--run-dir", str(tmp_path / "run"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+    errors = [line for line in out.splitlines() if "could not start" in line and "ERROR" in line]
+    assert len(errors) == 1, out[-4000:]
+    assert "site-a trainer" in errors[0] and "program 'no-such-trainer-7' not found" in errors[0]
+    assert "fix:" in errors[0] and "command" in errors[0]
