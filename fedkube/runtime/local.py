@@ -104,6 +104,7 @@ class LocalJobRun:
             extra_env={SIDECAR_EXIT_ON_STOP: "1", **({} if options.bulk else _NO_BULK)},
             stop_grace_s=options.stop_grace_s,
             prefix=_prefix,
+            ports_reported=True,  # no port is reserved in advance: another socket could take it (issue 11)
         )
 
     @property
@@ -119,12 +120,14 @@ class LocalJobRun:
         """The server's Prometheus endpoint on this machine (None when metrics are off)."""
         return self._server_url(envvars.METRICS_PORT, "/metrics")
 
-    def metrics_urls(self) -> dict[str, str]:
+    def metrics_urls(self, wait_s: float = 10.0) -> dict[str, str]:
         """Every process's Prometheus endpoint on this machine: ``server`` and each client's site name.
 
         The sidecar serves its site's metrics (the trainer's reported timings and
         ``log_metric()`` values included); trainers themselves are not scraped.
+        A process that has not reported its port within ``wait_s`` (all together) is left out.
         """
+        deadline = time.monotonic() + wait_s
         urls: dict[str, str] = {}
         server = self.metrics_url()
         if server is not None:
@@ -132,15 +135,17 @@ class LocalJobRun:
         for pod in self._clients:
             port = _env_of(pod, init=True).get(envvars.METRICS_PORT)
             if port and port.isdigit() and int(port) > 0:
-                site = _labels(pod).get(SITE_LABEL) or str(pod.get("metadata", {}).get("name"))
-                urls[site] = f"http://{LOCAL_HOST}:{self.resolver.local_port(pod_key_of(pod), int(port))}/metrics"
+                local = self.resolver.reported(pod_key_of(pod), int(port), max(0.0, deadline - time.monotonic()))
+                if local is not None:
+                    urls[_site_of(pod)] = f"http://{LOCAL_HOST}:{local}/metrics"
         return urls
 
     def _server_url(self, port_var: str, path: str) -> str | None:
         port = _env_of(self._server).get(port_var)
         if not port or not port.isdigit() or int(port) == 0:
             return None
-        return f"http://{LOCAL_HOST}:{self.resolver.local_port(self.server_key, int(port))}{path}"
+        local = self.resolver.reported(self.server_key, int(port), self.options.server_ready_timeout_s)
+        return None if local is None else f"http://{LOCAL_HOST}:{local}{path}"
 
     def start(self) -> None:
         """Start the server pod, wait (bounded) until it accepts connections, then the client pods.
@@ -212,19 +217,22 @@ class LocalJobRun:
         port = _env_of(self._server).get(envvars.GRPC_PORT)
         if not port or not port.isdigit():
             return
-        local = self.resolver.local_port(self.server_key, int(port))
         deadline = time.monotonic() + self.options.server_ready_timeout_s
+        local: int | None = None
         while time.monotonic() < deadline and not self._interrupt.is_set():
             if server.wait(0) is not None:
                 return  # it exited already (e.g. a configuration error): wait() reports it
-            with contextlib.suppress(OSError), socket.create_connection((LOCAL_HOST, local), timeout=0.5):
-                return
+            # The server reports its ports once it listens (fedkube.portfile); the connect confirms it.
+            local = local or self.resolver.reported(self.server_key, int(port), 0.1)
+            if local is not None:
+                with contextlib.suppress(OSError), socket.create_connection((LOCAL_HOST, local), timeout=0.5):
+                    return
             time.sleep(0.05)
         logger.warning(
             "job %s: the server is not listening on %s:%s after %.0f s; starting the clients anyway",
             self.job_name,
             LOCAL_HOST,
-            local,
+            local or "(port not reported)",
             self.options.server_ready_timeout_s,
         )
 
@@ -316,8 +324,9 @@ def _when(judged: tuple[str, str] | None, exit_code: int) -> str:
     if judged is not None and judged[0] in _UNHEALTHY:
         state, reason = judged
         return f" during the job (the server marked the client {state}{f': {reason}' if reason else ''})"
-    if judged is not None and exit_code == 0:
-        # The server counted this client healthy to the end: the exit came after its part was done.
+    if exit_code == 0:
+        # The server did not count this client failed (failed and lost clients are the last ones
+        # its summary leaves out): the exit came after the client's part was done.
         return " after the job succeeded; teardown noise, not a job failure"
     return ""
 

@@ -47,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedkube import envvars
+from fedkube import envvars, portfile
 from fedkube.errors import ConfigError, FedkubeError
 from fedkube.runtime.process import ManagedProcess, OutputSink, ProcessSpec, StreamSink
 from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
@@ -129,6 +129,10 @@ class PodOptions:
     stop_grace_s: float = 5.0  # SIGTERM -> SIGKILL
     sidecar_max_restarts: int = 5
     prefix: Callable[[Mapping[str, Any], str], str] | None = None  # console prefix for (pod, container)
+    # True (fedkube run): a container with port variables binds ports the OS picks and reports them in
+    # FEDKUBE_PORTS_FILE (fedkube.portfile), and the pod's next containers start once it did. False:
+    # the resolver reserves each port in advance (for stand-in processes that bind the number given).
+    ports_reported: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,9 @@ class _Container:
     restarts: int = 0
     started_at: str | None = None
     finished_at: str | None = None
+    listens: dict[str, int] = field(default_factory=dict)  # port variable -> container port it reports
+    ports_file: Path | None = None  # where it reports them (ports_reported only)
+    reported: bool = False
 
 
 @dataclass
@@ -198,6 +205,7 @@ class PodRun:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._containers: list[_Container] = []
+        self._volumes: dict[str, Path] = {}
         self._result: PodResult | None = None
         self._phase = "Pending"
         self._thread: threading.Thread | None = None
@@ -282,15 +290,25 @@ class PodRun:
     def _prepare(self) -> list[_Container]:
         spec = self.pod.get("spec", {})
         self.dir.mkdir(parents=True, exist_ok=True)
-        volumes = {str(v["name"]): self._materialize(v) for v in spec.get("volumes", []) or []}
+        self._volumes = {str(v["name"]): self._materialize(v) for v in spec.get("volumes", []) or []}
         containers: list[_Container] = []
         for manifest in spec.get("initContainers", []) or []:
             kind = "sidecar" if manifest.get("restartPolicy") == "Always" else "init"
-            containers.append(_Container(manifest, self._process_spec(manifest, volumes), kind))
+            containers.append(_Container(manifest, self._process_spec(manifest), kind))
         for manifest in spec.get("containers", []) or []:
-            containers.append(_Container(manifest, self._process_spec(manifest, volumes), "main"))
+            containers.append(_Container(manifest, self._process_spec(manifest), "main"))
         if not any(c.kind == "main" for c in containers):
             raise ConfigError(f"pod {self.key} has no containers; fix: give spec.containers at least one entry")
+        if self.options.ports_reported:
+            for c in containers:
+                c.listens = {
+                    var: int(value) for var in PORT_VARS if (value := c.spec.env.get(var, "")).isdigit() and int(value)
+                }
+                if c.listens:
+                    c.ports_file = Path(c.spec.env[envvars.PORTS_FILE])
+                    c.ports_file.unlink(missing_ok=True)  # a new pod binds fresh ports; a restart reuses them
+                    for port in c.listens.values():
+                        self.options.resolver.expect(self.key, port)
         return containers
 
     def _materialize(self, volume: Mapping[str, Any]) -> Path:
@@ -330,7 +348,14 @@ class PodRun:
             "persistentVolumeClaim or hostPath"
         )
 
-    def _process_spec(self, manifest: Mapping[str, Any], volumes: Mapping[str, Path]) -> ProcessSpec:
+    def _process_spec(self, manifest: Mapping[str, Any], *, resolve: bool = False) -> ProcessSpec:
+        """The process of container ``manifest``; addresses go through the resolver only with ``resolve``.
+
+        With ``ports_reported`` the addresses may name ports a container of this pod has yet to
+        report, so the spec is built again, resolved, when the container starts.
+        """
+        volumes = self._volumes
+        resolve = resolve or not self.options.ports_reported
         cname = str(manifest.get("name", ""))
         mounts: list[tuple[str, Path]] = []
         for mount in manifest.get("volumeMounts", []) or []:
@@ -357,7 +382,9 @@ class PodRun:
                     return str(local / value[len(mount_path) + 1 :])
             return value
 
-        env = self._env(manifest, local_path)
+        env = self._env(manifest, local_path, resolve)
+        if self.options.ports_reported and any(v.isdigit() and int(v) for k, v in env.items() if k in PORT_VARS):
+            env[envvars.PORTS_FILE] = str(self.dir / f"{cname}.ports")
         tmp = local_path("/tmp")
         if tmp != "/tmp":  # an emptyDir at /tmp: make programs use it, as they would in the pod
             env["TMPDIR"] = tmp
@@ -387,7 +414,7 @@ class PodRun:
             log_path=self.options.run_dir / "logs" / f"{self.name}.{cname}.log",
         )
 
-    def _env(self, manifest: Mapping[str, Any], local_path: Callable[[str], str]) -> dict[str, str]:
+    def _env(self, manifest: Mapping[str, Any], local_path: Callable[[str], str], resolve: bool) -> dict[str, str]:
         # The host environment (PATH, HOME, the virtualenv) minus fedkube's own
         # settings, which must come from the manifest only.
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDKUBE_")}
@@ -400,15 +427,17 @@ class PodRun:
                 value = self._value_from(name, entry["valueFrom"])
             else:
                 value = ""
-            env[name] = self._rewrite_env(name, value, local_path)
+            env[name] = self._rewrite_env(name, value, local_path, resolve)
         env.update(self.options.extra_env)
         return env
 
-    def _rewrite_env(self, name: str, value: str, local_path: Callable[[str], str]) -> str:
+    def _rewrite_env(self, name: str, value: str, local_path: Callable[[str], str], resolve: bool) -> str:
         if name in PORT_VARS and value.isdigit() and int(value) > 0:
+            if self.options.ports_reported:
+                return value  # only says the listener is on: the process binds a port of its own and reports it
             return str(self.options.resolver.local_port(self.key, int(value)))
         if name in ADDRESS_VARS:
-            return self.options.resolver.resolve(self.key, value)
+            return self.options.resolver.resolve(self.key, value) if resolve else value
         return local_path(value) if value.startswith("/") else value
 
     def _value_from(self, name: str, source: Mapping[str, Any]) -> str:
@@ -467,6 +496,8 @@ class PodRun:
 
     # --- supervision ----------------------------------------------------------
     def _start(self, container: _Container) -> None:
+        if self.options.ports_reported:
+            container.spec = self._process_spec(container.manifest, resolve=True)
         process = ManagedProcess(container.spec, self.options.sink)
         process.start()
         with self._lock:
@@ -508,12 +539,32 @@ class PodRun:
             self._start(c)
         backoff: dict[int, float] = {}
         while not self._stop.is_set():
+            for c in self._containers:
+                self._collect_ports(c)
             if all(c.process is not None and c.process.returncode is not None for c in mains):
                 return ""
             for c in (c for c in self._containers if c.kind == "sidecar"):
                 self._maybe_restart(c, backoff)
             self._stop.wait(0.1)
         return "stopped"
+
+    def _collect_ports(self, c: _Container) -> bool:
+        """Route the ports ``c`` reported (True once it did); stop waiting for them once it ended without."""
+        if c.ports_file is None or c.reported:
+            return True
+        ports = portfile.read(c.ports_file)
+        if ports is not None:
+            c.reported = True
+            for var, container_port in c.listens.items():
+                if var in ports:
+                    self.options.resolver.bind(self.key, container_port, ports[var])
+                else:
+                    self.options.resolver.give_up(self.key, container_port)
+            return True
+        if c.process is not None and c.process.returncode is not None:
+            for container_port in c.listens.values():
+                self.options.resolver.give_up(self.key, container_port)
+        return False
 
     def _maybe_restart(self, c: _Container, backoff: dict[int, float]) -> None:
         if c.process is None or (code := c.process.returncode) is None or code == 0:
@@ -536,15 +587,18 @@ class PodRun:
         self._start(c)
 
     def _wait_listening(self, c: _Container) -> None:
-        port = self._sidecar_port(c)
-        if port is None:
+        port = None if c.ports_file is not None else self._sidecar_port(c)
+        if port is None and c.ports_file is None:
             return
         deadline = time.monotonic() + self.options.sidecar_ready_timeout_s
         while time.monotonic() < deadline and not self._stop.is_set():
+            if c.ports_file is not None and self._collect_ports(c):
+                return  # it reports its ports once it listens on them
             if c.process is None or c.process.returncode is not None:
                 return  # it died; the restart logic and the main container's errors tell the story
-            with contextlib.suppress(OSError), socket.create_connection((LOCAL_HOST, port), timeout=0.5):
-                return
+            if port is not None:
+                with contextlib.suppress(OSError), socket.create_connection((LOCAL_HOST, port), timeout=0.5):
+                    return
             time.sleep(0.05)
         logger.warning(
             "pod %s: sidecar %r is not listening on %s:%s after %.0f s; starting the main containers anyway",
@@ -580,6 +634,10 @@ class PodRun:
             c.process.stop(self._stop_grace)
 
     def _finish(self, message: str) -> None:
+        for c in self._containers:
+            if not self._collect_ports(c):
+                for container_port in c.listens.values():
+                    self.options.resolver.give_up(self.key, container_port)
         results = []
         for c in self._containers:
             p = c.process

@@ -187,9 +187,19 @@ def _job_manifests(server_code: str, trainer_code: str, sites: tuple[str, ...] =
     return [server, service, *clients]
 
 
-SERVER_OK = """
+# As fedkube's own processes do under LocalJobRun: bind a port the OS picks, report it (fedkube.portfile).
+LISTEN = """
+    import os, socket
+    from fedkube import portfile
+    ports_file = portfile.path_from_env()
+    s = socket.socket()
+    s.bind(("127.0.0.1", portfile.chosen(ports_file, "FEDKUBE_GRPC_PORT", int(os.environ["FEDKUBE_GRPC_PORT"]))))
+    s.listen()
+    portfile.report(ports_file, {"FEDKUBE_GRPC_PORT": s.getsockname()[1]})
+"""
+
+SERVER_OK = LISTEN + """
     import json, os, socket, time
-    s = socket.socket(); s.bind(("127.0.0.1", int(os.environ["FEDKUBE_GRPC_PORT"]))); s.listen()
     time.sleep(0.5)
     open(os.environ["FEDKUBE_TERMINATION_LOG"], "w").write(json.dumps({"phase": "Succeeded", "round": 3, "rounds": 3}))
 """
@@ -260,7 +270,7 @@ sys.exit(outcome.exit_code)
 SPAWNER = """
 import os, socket, subprocess, sys, time
 if "FEDKUBE_GRPC_PORT" in os.environ:  # the server: listen, so the runtime starts the clients at once
-    s = socket.socket(); s.bind(("127.0.0.1", int(os.environ["FEDKUBE_GRPC_PORT"]))); s.listen()
+""" + textwrap.indent(textwrap.dedent(LISTEN), "    ") + """
 subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
 print("spawned", flush=True)
 time.sleep(300)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import textwrap
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fedkube.runtime import resolver
 from fedkube.runtime.cli import run_main
 from fedkube.runtime.pod import fedkube_command
 
@@ -263,3 +265,30 @@ def test_a_trainer_command_that_does_not_exist_is_one_clear_error_without_traceb
     assert len(errors) == 1, out[-4000:]
     assert "site-a trainer" in errors[0] and "program 'no-such-trainer-7' not found" in errors[0]
     assert "fix:" in errors[0] and "command" in errors[0]
+
+
+def test_a_port_taken_between_reservation_and_bind_cannot_stop_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The race of a busy machine made certain: the first port the runtime would reserve in advance is
+    # already taken by another socket when the process gets to bind it (issue 11 §2.4).
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real_free_port = resolver.free_port
+    handed_out: list[int] = []
+
+    def reserve() -> int:
+        handed_out.append(taken.getsockname()[1] if not handed_out else real_free_port())
+        return handed_out[-1]
+
+    monkeypatch.setattr(resolver, "free_port", reserve)
+    job = write_job(tmp_path, ADD_ONE, rounds=1)
+    try:
+        code = run_main([str(job), "--json", "--no-progress", "--grace", "5", "--run-dir", str(tmp_path / "run")])
+    finally:
+        taken.close()
+    out = capsys.readouterr()
+    assert code == 0, out.err[-4000:]
+    assert json.loads(out.out)["summary"]["completedRounds"] == 1
+    assert handed_out == []  # no listener of the job was given a port reserved in advance
