@@ -561,7 +561,8 @@ class PodRun:
                 else:
                     self.options.resolver.give_up(self.key, container_port)
             return True
-        if c.process is not None and c.process.returncode is not None:
+        restarts_left = c.kind == "sidecar" and c.restarts < self.options.sidecar_max_restarts
+        if c.process is not None and c.process.returncode is not None and not restarts_left:
             for container_port in c.listens.values():
                 self.options.resolver.give_up(self.key, container_port)
         return False
@@ -591,10 +592,18 @@ class PodRun:
         if port is None and c.ports_file is None:
             return
         deadline = time.monotonic() + self.options.sidecar_ready_timeout_s
+        backoff: dict[int, float] = {}
         while time.monotonic() < deadline and not self._stop.is_set():
             if c.ports_file is not None and self._collect_ports(c):
                 return  # it reports its ports once it listens on them
             if c.process is None or c.process.returncode is not None:
+                crashed = c.process is not None and c.process.returncode != 0
+                if c.ports_file is not None and crashed and c.restarts < self.options.sidecar_max_restarts:
+                    # Its ports are not known before it listens: the main containers must not start
+                    # with an address nobody will serve, so it restarts here (bounded, with backoff).
+                    self._maybe_restart(c, backoff)
+                    time.sleep(0.05)
+                    continue
                 return  # it died; the restart logic and the main container's errors tell the story
             if port is not None:
                 with contextlib.suppress(OSError), socket.create_connection((LOCAL_HOST, port), timeout=0.5):
