@@ -3,8 +3,11 @@
 What a pod gets on Kubernetes and must differ on one machine is rewritten here,
 and only here:
 
-* **Ports and addresses.** Port variables (``FEDKUBE_*_PORT``) become free
-  localhost ports, one per (pod, port); address variables
+* **Ports and addresses.** Each (pod, port) has its own localhost port. With
+  ``PodOptions.ports_reported`` (``fedkube run``) a container with port
+  variables (``FEDKUBE_*_PORT``) binds ports the OS picks and reports them in
+  ``FEDKUBE_PORTS_FILE`` (``fedkube.portfile``); otherwise the variables are
+  rewritten to ports reserved in advance. Address variables
   (``FEDKUBE_*_ADDRESS``) go through the ``LocalResolver``: loopback stays in
   the pod, a Service name goes to the pod behind it.
 * **Volumes.** Secret and ConfigMap volumes are written as files (mode kept);
@@ -23,10 +26,10 @@ and only here:
 
 Container order follows Kubernetes: plain init containers run to completion
 one after the other; native sidecars (init containers with ``restartPolicy:
-Always``) start next, each waited for until its port accepts connections, and
-are restarted (bounded, with backoff) if they exit non-zero while the pod's
-main containers run; then the main containers. When every main container has
-exited, sidecars get ``sidecar_grace_s`` to finish on their own (the fedkube
+Always``) start next, each waited for until its port accepts connections (or
+it reported its ports), and are restarted (bounded, with backoff) if they exit
+non-zero before that or while the pod's main containers run; then the main
+containers. When every main container has exited, sidecars get ``sidecar_grace_s`` to finish on their own (the fedkube
 sidecar forwards the trainer's final state, then exits), then SIGTERM.
 """
 
