@@ -35,7 +35,6 @@ sidecar forwards the trainer's final state, then exits), then SIGTERM.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import os
@@ -44,18 +43,24 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from fedkube import envvars, portfile
 from fedkube.errors import ConfigError, FedkubeError
+from fedkube.runtime.objects import ApiObjects, ManifestObjects, ObjectLookup, object_files, write_files
 from fedkube.runtime.process import ManagedProcess, OutputSink, ProcessSpec, StreamSink
 from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SIDECAR_EXIT_ON_STOP", "ApiObjects", "ContainerResult", "ContainerStatus", "ManifestObjects", "ObjectLookup",
+    "PodOptions", "PodResult", "PodRun", "fedkube_command", "run_pod",
+]
 
 PORT_VARS = frozenset(
     {envvars.GRPC_PORT, envvars.BULK_PORT, envvars.STATUS_PORT, envvars.METRICS_PORT, envvars.TRAINER_PORT}
@@ -65,56 +70,6 @@ DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 # The local runtime's own switch for the sidecar: leave after the job's Stop
 # instead of waiting for a SIGTERM that only Kubernetes would send.
 SIDECAR_EXIT_ON_STOP = envvars.SIDECAR_EXIT_ON_STOP
-
-
-class ObjectLookup(Protocol):
-    """Finds the Secrets and ConfigMaps a pod's volumes and env refer to."""
-
-    def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
-        """The manifest of ``kind`` (``Secret`` or ``ConfigMap``) named ``name``, or None."""
-
-
-class ManifestObjects:
-    """An ``ObjectLookup`` over a list of rendered manifests."""
-
-    def __init__(self, manifests: Sequence[Mapping[str, Any]]) -> None:
-        self._objects: dict[tuple[str, str, str], Mapping[str, Any]] = {}
-        for obj in manifests:
-            meta = obj.get("metadata", {})
-            key = (str(obj.get("kind")), str(meta.get("namespace") or "default"), str(meta.get("name")))
-            self._objects[key] = obj
-
-    def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
-        return self._objects.get((kind, namespace, name))
-
-
-class ApiObjects:
-    """An ``ObjectLookup`` that reads Secrets and ConfigMaps from a Kubernetes API.
-
-    ``api_client`` is a ``kubernetes.client.ApiClient`` (duck-typed, so the
-    runtime does not import the Kubernetes client): this is how the runtime
-    serves as a kubelet for pods created in an (emulated) cluster.
-    """
-
-    def __init__(self, api_client: Any) -> None:
-        self._api_client = api_client
-
-    def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
-        import kubernetes
-
-        core = kubernetes.client.CoreV1Api(self._api_client)
-        read = {"Secret": core.read_namespaced_secret, "ConfigMap": core.read_namespaced_config_map}.get(kind)
-        if read is None:
-            return None
-        try:
-            obj = read(name, namespace)
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        doc: dict[str, Any] = self._api_client.sanitize_for_serialization(obj)
-        doc.setdefault("kind", kind)
-        return doc
 
 
 @dataclass
@@ -343,7 +298,7 @@ class PodRun:
                     )
                 shutil.rmtree(target, ignore_errors=True)
                 target.mkdir(parents=True)
-                _write_files(target, _object_files(obj), source.get("items"), source.get("defaultMode"))
+                write_files(target, object_files(obj), source.get("items"), source.get("defaultMode"))
                 return target
         raise ConfigError(
             f"pod {self.key}: volume {name!r} has a type the local runtime cannot provide "
@@ -462,7 +417,7 @@ class PodRun:
         for kind, ref in (("Secret", "secretKeyRef"), ("ConfigMap", "configMapKeyRef")):
             if ref in source:
                 obj = self.options.objects.get(kind, namespace, str(source[ref].get("name")))
-                files = _object_files(obj) if obj is not None else {}
+                files = object_files(obj) if obj is not None else {}
                 key = str(source[ref].get("key"))
                 if key in files:
                     return files[key].decode("utf-8")
@@ -700,38 +655,3 @@ def fedkube_command() -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-c", "import sys; from fedkube.cli import main; sys.exit(main(sys.argv[1:]))"]
-
-
-def _object_files(obj: Mapping[str, Any]) -> dict[str, bytes]:
-    files: dict[str, bytes] = {}
-    if obj.get("kind") == "Secret":
-        for key, value in (obj.get("data") or {}).items():
-            files[str(key)] = base64.b64decode(value)
-        for key, value in (obj.get("stringData") or {}).items():
-            files[str(key)] = str(value).encode()
-    else:
-        for key, value in (obj.get("data") or {}).items():
-            files[str(key)] = str(value).encode()
-        for key, value in (obj.get("binaryData") or {}).items():
-            files[str(key)] = base64.b64decode(value)
-    return files
-
-
-def _write_files(
-    target: Path, files: Mapping[str, bytes], items: Sequence[Mapping[str, Any]] | None, default_mode: int | None
-) -> None:
-    chosen = (
-        [(str(i["key"]), str(i.get("path", i["key"])), i.get("mode")) for i in items]
-        if items
-        else [(key, key, None) for key in files]
-    )
-    for key, rel, mode in chosen:
-        if key not in files:
-            raise ConfigError(
-                f"volume item {key!r} is not a key of its Secret/ConfigMap; fix: use one of {sorted(files)}"
-            )
-        path = target / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(files[key])
-        chosen_mode = mode if mode is not None else default_mode
-        path.chmod((int(chosen_mode) if chosen_mode is not None else 0o644) & 0o777)
