@@ -17,6 +17,12 @@ NAMESPACE = "FEDKUBE_NAMESPACE"
 LOG_FORMAT = "FEDKUBE_LOG_FORMAT"  # "text" (default) or "json"
 METRICS_PORT = "FEDKUBE_METRICS_PORT"  # Prometheus /metrics; 0 or unset = off
 
+# Set by the local runtime only (``fedkube run``): every listening port of the process is one the
+# OS picks (the port variables then only say which listeners are on), and the process writes the
+# ports it bound to this file as JSON ({variable: port}) once it listens; a restarted process binds
+# the ports the file already names (see fedkube.portfile).
+PORTS_FILE = "FEDKUBE_PORTS_FILE"
+
 # --- operator ----------------------------------------------------------------
 WATCH_NAMESPACES = "FEDKUBE_WATCH_NAMESPACES"  # comma-separated; empty = the whole cluster
 HEALTH_PORT = "FEDKUBE_HEALTH_PORT"  # liveness endpoint (GET /healthz)

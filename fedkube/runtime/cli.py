@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir",
         type=Path,
         default=None,
-        help="where logs, volumes and working directories go (default: ./runs/<job>-<timestamp>); "
-        "with spec.server.checkpoint.enabled, reusing one resumes after its last completed round",
+        help="where logs, volumes and working directories go (default: a new ./runs/<job>-<timestamp>[-N]); "
+        "with spec.server.checkpoint.enabled, reusing one resumes after its last completed round; "
+        "a run dir another fedkube run is using is refused (exit code 2)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar (off anyway when not a TTY)")
     parser.add_argument(
@@ -91,10 +92,10 @@ def run_main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    run_dir = (args.run_dir or default_run_dir(job_name)).resolve()
     tokens = new_tokens([c.name for c in job.spec.clients])
     try:
         manifests = render_job(job, tokens)
+        run_dir = (args.run_dir or default_run_dir(job_name)).resolve()
     except FedkubeError as exc:
         print(f"fedkube run: {args.job}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -197,15 +198,37 @@ def format_outcome(job_name: str, outcome: RunOutcome) -> str:
     clients = summary.get("clients")
     if isinstance(clients, dict):
         clients = [dict(v, name=k) if isinstance(v, dict) else {"name": k, "state": v} for k, v in clients.items()]
+    listed: set[str] = set()
     if isinstance(clients, list):
         for c in clients:
             if isinstance(c, dict):
                 reason = f" ({c['reason']})" if c.get("reason") else ""
-                lines.append(f"  client {c.get('name', c.get('site', '?'))}: {c.get('state', '?')}{reason}")
+                name = str(c.get("name", c.get("site", "?")))
+                listed.add(name)
+                lines.append(f"  client {name}: {c.get('state', '?')}{reason}")
+    omitted = summary.get("clientsOmitted")
+    if isinstance(omitted, int) and omitted > 0:
+        lines.append(_omitted_line(omitted, listed, outcome))
     for note in outcome.notes:
         lines.append(f"  note: {note}")
     lines.append(f"  logs: {outcome.run_dir / 'logs'}")
     return "\n".join(lines)
+
+
+def _omitted_line(omitted: int, listed: set[str], outcome: RunOutcome) -> str:
+    # The server's termination summary is capped at 4096 bytes (a Kubernetes termination
+    # message), leaving healthy clients out first; the runtime still knows every client pod.
+    phases: dict[str, int] = {}
+    for pod, site in outcome.client_sites.items():
+        result = outcome.pods.get(pod)
+        if site not in listed and result is not None:
+            phases[result.phase] = phases.get(result.phase, 0) + 1
+    pods = f"; their pods: {', '.join(f'{n} {p}' for p, n in sorted(phases.items()))}" if phases else ""
+    return (
+        f"  \u2026 and {omitted} more client(s) the server's summary leaves out (it is capped at 4096 bytes and "
+        f"drops healthy clients first){pods}; to see all: `--json` lists every pod, "
+        f"{outcome.run_dir / 'logs'}/<job>-client-<site>.*.log holds each client's log"
+    )
 
 
 def _configure_logging() -> None:

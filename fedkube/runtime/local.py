@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,9 @@ from fedkube.errors import ConfigError
 from fedkube.runtime.pod import SIDECAR_EXIT_ON_STOP, ManifestObjects, PodOptions, PodResult, PodRun, run_pod
 from fedkube.runtime.process import OutputSink, StreamSink
 from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
+from fedkube.runtime.rundir import RunDirLock, default_run_dir
+
+__all__ = ["LocalJobRun", "RunOptions", "RunOutcome", "default_run_dir", "new_tokens", "render_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class RunOutcome:
     interrupted: bool
     metrics_urls: Mapping[str, str] = field(default_factory=dict)
     """Prometheus endpoints of the run: ``server`` and each client site (see :meth:`LocalJobRun.metrics_urls`)."""
+    client_sites: Mapping[str, str] = field(default_factory=dict)
+    """Pod name -> site name of every client pod."""
 
 
 # Overrides the manifests' bulk settings in every container: the server's port off, sidecars on gRPC only.
@@ -80,6 +84,7 @@ class LocalJobRun:
         self._manifests = list(manifests)
         self._interrupt = threading.Event()
         self._pods: dict[str, PodRun] = {}
+        self._lock = RunDirLock(options.run_dir)
         pods = [m for m in self._manifests if m.get("kind") == "Pod"]
         servers = [p for p in pods if _labels(p).get(ROLE_LABEL) == "server"]
         if len(servers) != 1:
@@ -99,6 +104,7 @@ class LocalJobRun:
             extra_env={SIDECAR_EXIT_ON_STOP: "1", **({} if options.bulk else _NO_BULK)},
             stop_grace_s=options.stop_grace_s,
             prefix=_prefix,
+            ports_reported=True,  # no port is reserved in advance: another socket could take it (issue 11)
         )
 
     @property
@@ -114,12 +120,14 @@ class LocalJobRun:
         """The server's Prometheus endpoint on this machine (None when metrics are off)."""
         return self._server_url(envvars.METRICS_PORT, "/metrics")
 
-    def metrics_urls(self) -> dict[str, str]:
+    def metrics_urls(self, wait_s: float = 10.0) -> dict[str, str]:
         """Every process's Prometheus endpoint on this machine: ``server`` and each client's site name.
 
         The sidecar serves its site's metrics (the trainer's reported timings and
         ``log_metric()`` values included); trainers themselves are not scraped.
+        A process that has not reported its port within ``wait_s`` (all together) is left out.
         """
+        deadline = time.monotonic() + wait_s
         urls: dict[str, str] = {}
         server = self.metrics_url()
         if server is not None:
@@ -127,19 +135,24 @@ class LocalJobRun:
         for pod in self._clients:
             port = _env_of(pod, init=True).get(envvars.METRICS_PORT)
             if port and port.isdigit() and int(port) > 0:
-                site = _labels(pod).get(SITE_LABEL) or str(pod.get("metadata", {}).get("name"))
-                urls[site] = f"http://{LOCAL_HOST}:{self.resolver.local_port(pod_key_of(pod), int(port))}/metrics"
+                local = self.resolver.reported(pod_key_of(pod), int(port), max(0.0, deadline - time.monotonic()))
+                if local is not None:
+                    urls[_site_of(pod)] = f"http://{LOCAL_HOST}:{local}/metrics"
         return urls
 
     def _server_url(self, port_var: str, path: str) -> str | None:
         port = _env_of(self._server).get(port_var)
         if not port or not port.isdigit() or int(port) == 0:
             return None
-        return f"http://{LOCAL_HOST}:{self.resolver.local_port(self.server_key, int(port))}{path}"
+        local = self.resolver.reported(self.server_key, int(port), self.options.server_ready_timeout_s)
+        return None if local is None else f"http://{LOCAL_HOST}:{local}{path}"
 
     def start(self) -> None:
-        """Start the server pod, wait (bounded) until it accepts connections, then the client pods."""
-        self.options.run_dir.mkdir(parents=True, exist_ok=True)
+        """Start the server pod, wait (bounded) until it accepts connections, then the client pods.
+
+        Raises ``RunDirInUse`` (a ``ConfigError``) before anything starts when another run holds the run dir.
+        """
+        self._lock.acquire()  # held until stop_all(): nothing else may write this run dir meanwhile
         for service in (m for m in self._manifests if m.get("kind") == "Service"):
             selector = service.get("spec", {}).get("selector") or {}
             for pod in (m for m in self._manifests if m.get("kind") == "Pod"):
@@ -175,7 +188,7 @@ class LocalJobRun:
         server_result = results[server.name]
         summary = self._read_summary(server)
         exit_code = EXIT_INTERRUPTED if interrupted else _server_exit_code(server_result)
-        notes = self._notes(results, server.name, exit_code)
+        notes = self._notes(results, server.name, exit_code, summary)
         return RunOutcome(
             exit_code=exit_code,
             summary=summary,
@@ -184,14 +197,16 @@ class LocalJobRun:
             run_dir=self.options.run_dir,
             interrupted=interrupted,
             metrics_urls=self.metrics_urls(),
+            client_sites={str(p["metadata"]["name"]): _site_of(p) for p in self._clients},
         )
 
     def stop_all(self) -> None:
-        """Stop every pod and wait for each (bounded); safe to call more than once."""
+        """Stop every pod and wait for each (bounded), then release the run dir; safe to call more than once."""
         for run in self._pods.values():
             run.stop()
         for run in self._pods.values():
             self._final(run)
+        self._lock.release()
 
     def pids(self) -> list[int]:
         """pids of every container process started so far (for tests)."""
@@ -202,19 +217,22 @@ class LocalJobRun:
         port = _env_of(self._server).get(envvars.GRPC_PORT)
         if not port or not port.isdigit():
             return
-        local = self.resolver.local_port(self.server_key, int(port))
         deadline = time.monotonic() + self.options.server_ready_timeout_s
+        local: int | None = None
         while time.monotonic() < deadline and not self._interrupt.is_set():
             if server.wait(0) is not None:
                 return  # it exited already (e.g. a configuration error): wait() reports it
-            with contextlib.suppress(OSError), socket.create_connection((LOCAL_HOST, local), timeout=0.5):
-                return
+            # The server reports its ports once it listens (fedkube.portfile); the connect confirms it.
+            local = local or self.resolver.reported(self.server_key, int(port), 0.1)
+            if local is not None:
+                with contextlib.suppress(OSError), socket.create_connection((LOCAL_HOST, local), timeout=0.5):
+                    return
             time.sleep(0.05)
         logger.warning(
             "job %s: the server is not listening on %s:%s after %.0f s; starting the clients anyway",
             self.job_name,
             LOCAL_HOST,
-            local,
+            local or "(port not reported)",
             self.options.server_ready_timeout_s,
         )
 
@@ -261,8 +279,11 @@ class LocalJobRun:
             return value if isinstance(value, dict) else {"summary": value}
         return None
 
-    def _notes(self, results: Mapping[str, PodResult], server_name: str, exit_code: int) -> list[str]:
+    def _notes(
+        self, results: Mapping[str, PodResult], server_name: str, exit_code: int, summary: Mapping[str, Any] | None
+    ) -> list[str]:
         notes: list[str] = []
+        judged = _client_states(summary)
         for name, result in results.items():
             if name == server_name:
                 continue
@@ -270,18 +291,44 @@ class LocalJobRun:
             site = _labels(pod).get(SITE_LABEL, name)
             for c in result.containers:
                 if c.exit_code is None:
-                    notes.append(f"{site} {c.name}: never started")
+                    notes.append(f"{site} {c.name}: never started{f' ({result.message})' if result.message else ''}")
                 elif c.stopped_by_runtime:
                     notes.append(
                         f"{site} {c.name}: still running after the job ended; stopped by the runtime "
                         f"(exit {c.exit_code})"
                     )
                 elif c.exit_code != 0:
-                    after = " after the job succeeded; teardown noise, not a job failure" if exit_code == 0 else ""
-                    notes.append(f"{site} {c.name}: exited with code {c.exit_code}{after}")
+                    notes.append(f"{site} {c.name}: exited with code {c.exit_code}{_when(judged.get(site), exit_code)}")
                 if c.restarts:
                     notes.append(f"{site} {c.name}: restarted {c.restarts} time(s)")
         return notes
+
+
+_UNHEALTHY = ("Failed", "Lost")
+
+
+def _client_states(summary: Mapping[str, Any] | None) -> dict[str, tuple[str, str]]:
+    """site -> (state, reason) of each client the server's summary lists."""
+    clients = (summary or {}).get("clients")
+    if not isinstance(clients, list):
+        return {}
+    return {
+        str(c["name"]): (str(c.get("state", "")), str(c.get("reason", "")))
+        for c in clients
+        if isinstance(c, dict) and "name" in c
+    }
+
+
+def _when(judged: tuple[str, str] | None, exit_code: int) -> str:
+    """What a client container's non-zero exit meant, as far as the server's summary tells."""
+    if judged is not None and judged[0] in _UNHEALTHY:
+        state, reason = judged
+        return f" during the job (the server marked the client {state}{f': {reason}' if reason else ''})"
+    if exit_code == 0:
+        # The server did not count this client failed (failed and lost clients are the last ones
+        # its summary leaves out): the exit came after the client's part was done.
+        return " after the job succeeded; teardown noise, not a job failure"
+    return ""
 
 
 def _server_exit_code(result: PodResult) -> int:
@@ -292,6 +339,10 @@ def _server_exit_code(result: PodResult) -> int:
     if main.exit_code in (0, 1, 2):
         return int(main.exit_code)
     return 1  # killed by a signal or an unexpected code: the job did not succeed
+
+
+def _site_of(pod: Mapping[str, Any]) -> str:
+    return _labels(pod).get(SITE_LABEL) or str(pod.get("metadata", {}).get("name"))
 
 
 def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
@@ -317,12 +368,6 @@ def _prefix(pod: Mapping[str, Any], container: str) -> str:
         return "server" if short in ("server", "") else f"server {short}"
     site = labels.get(SITE_LABEL) or str(pod.get("metadata", {}).get("name"))
     return f"{site} {short}"
-
-
-def default_run_dir(job_name: str, root: Path | None = None) -> Path:
-    """``runs/<job>-<UTC timestamp>`` under ``root`` (the current directory by default)."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return (root or Path.cwd()) / "runs" / f"{job_name}-{stamp}"
 
 
 def new_tokens(sites: Sequence[str]) -> dict[str, str]:

@@ -3,8 +3,11 @@
 What a pod gets on Kubernetes and must differ on one machine is rewritten here,
 and only here:
 
-* **Ports and addresses.** Port variables (``FEDKUBE_*_PORT``) become free
-  localhost ports, one per (pod, port); address variables
+* **Ports and addresses.** Each (pod, port) has its own localhost port. With
+  ``PodOptions.ports_reported`` (``fedkube run``) a container with port
+  variables (``FEDKUBE_*_PORT``) binds ports the OS picks and reports them in
+  ``FEDKUBE_PORTS_FILE`` (``fedkube.portfile``); otherwise the variables are
+  rewritten to ports reserved in advance. Address variables
   (``FEDKUBE_*_ADDRESS``) go through the ``LocalResolver``: loopback stays in
   the pod, a Service name goes to the pod behind it.
 * **Volumes.** Secret and ConfigMap volumes are written as files (mode kept);
@@ -23,16 +26,15 @@ and only here:
 
 Container order follows Kubernetes: plain init containers run to completion
 one after the other; native sidecars (init containers with ``restartPolicy:
-Always``) start next, each waited for until its port accepts connections, and
-are restarted (bounded, with backoff) if they exit non-zero while the pod's
-main containers run; then the main containers. When every main container has
-exited, sidecars get ``sidecar_grace_s`` to finish on their own (the fedkube
+Always``) start next, each waited for until its port accepts connections (or
+it reported its ports), and are restarted (bounded, with backoff) if they exit
+non-zero before that or while the pod's main containers run; then the main
+containers. When every main container has exited, sidecars get ``sidecar_grace_s`` to finish on their own (the fedkube
 sidecar forwards the trainer's final state, then exits), then SIGTERM.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import os
@@ -41,18 +43,24 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from fedkube import envvars
-from fedkube.errors import ConfigError
+from fedkube import envvars, portfile
+from fedkube.errors import ConfigError, FedkubeError
+from fedkube.runtime.objects import ApiObjects, ManifestObjects, ObjectLookup, object_files, write_files
 from fedkube.runtime.process import ManagedProcess, OutputSink, ProcessSpec, StreamSink
 from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SIDECAR_EXIT_ON_STOP", "ApiObjects", "ContainerResult", "ContainerStatus", "ManifestObjects", "ObjectLookup",
+    "PodOptions", "PodResult", "PodRun", "fedkube_command", "run_pod",
+]
 
 PORT_VARS = frozenset(
     {envvars.GRPC_PORT, envvars.BULK_PORT, envvars.STATUS_PORT, envvars.METRICS_PORT, envvars.TRAINER_PORT}
@@ -62,56 +70,6 @@ DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 # The local runtime's own switch for the sidecar: leave after the job's Stop
 # instead of waiting for a SIGTERM that only Kubernetes would send.
 SIDECAR_EXIT_ON_STOP = envvars.SIDECAR_EXIT_ON_STOP
-
-
-class ObjectLookup(Protocol):
-    """Finds the Secrets and ConfigMaps a pod's volumes and env refer to."""
-
-    def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
-        """The manifest of ``kind`` (``Secret`` or ``ConfigMap``) named ``name``, or None."""
-
-
-class ManifestObjects:
-    """An ``ObjectLookup`` over a list of rendered manifests."""
-
-    def __init__(self, manifests: Sequence[Mapping[str, Any]]) -> None:
-        self._objects: dict[tuple[str, str, str], Mapping[str, Any]] = {}
-        for obj in manifests:
-            meta = obj.get("metadata", {})
-            key = (str(obj.get("kind")), str(meta.get("namespace") or "default"), str(meta.get("name")))
-            self._objects[key] = obj
-
-    def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
-        return self._objects.get((kind, namespace, name))
-
-
-class ApiObjects:
-    """An ``ObjectLookup`` that reads Secrets and ConfigMaps from a Kubernetes API.
-
-    ``api_client`` is a ``kubernetes.client.ApiClient`` (duck-typed, so the
-    runtime does not import the Kubernetes client): this is how the runtime
-    serves as a kubelet for pods created in an (emulated) cluster.
-    """
-
-    def __init__(self, api_client: Any) -> None:
-        self._api_client = api_client
-
-    def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
-        import kubernetes
-
-        core = kubernetes.client.CoreV1Api(self._api_client)
-        read = {"Secret": core.read_namespaced_secret, "ConfigMap": core.read_namespaced_config_map}.get(kind)
-        if read is None:
-            return None
-        try:
-            obj = read(name, namespace)
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        doc: dict[str, Any] = self._api_client.sanitize_for_serialization(obj)
-        doc.setdefault("kind", kind)
-        return doc
 
 
 @dataclass
@@ -129,6 +87,10 @@ class PodOptions:
     stop_grace_s: float = 5.0  # SIGTERM -> SIGKILL
     sidecar_max_restarts: int = 5
     prefix: Callable[[Mapping[str, Any], str], str] | None = None  # console prefix for (pod, container)
+    # True (fedkube run): a container with port variables binds ports the OS picks and reports them in
+    # FEDKUBE_PORTS_FILE (fedkube.portfile), and the pod's next containers start once it did. False:
+    # the resolver reserves each port in advance (for stand-in processes that bind the number given).
+    ports_reported: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +126,9 @@ class _Container:
     restarts: int = 0
     started_at: str | None = None
     finished_at: str | None = None
+    listens: dict[str, int] = field(default_factory=dict)  # port variable -> container port it reports
+    ports_file: Path | None = None  # where it reports them (ports_reported only)
+    reported: bool = False
 
 
 @dataclass
@@ -198,6 +163,7 @@ class PodRun:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._containers: list[_Container] = []
+        self._volumes: dict[str, Path] = {}
         self._result: PodResult | None = None
         self._phase = "Pending"
         self._thread: threading.Thread | None = None
@@ -282,15 +248,25 @@ class PodRun:
     def _prepare(self) -> list[_Container]:
         spec = self.pod.get("spec", {})
         self.dir.mkdir(parents=True, exist_ok=True)
-        volumes = {str(v["name"]): self._materialize(v) for v in spec.get("volumes", []) or []}
+        self._volumes = {str(v["name"]): self._materialize(v) for v in spec.get("volumes", []) or []}
         containers: list[_Container] = []
         for manifest in spec.get("initContainers", []) or []:
             kind = "sidecar" if manifest.get("restartPolicy") == "Always" else "init"
-            containers.append(_Container(manifest, self._process_spec(manifest, volumes), kind))
+            containers.append(_Container(manifest, self._process_spec(manifest), kind))
         for manifest in spec.get("containers", []) or []:
-            containers.append(_Container(manifest, self._process_spec(manifest, volumes), "main"))
+            containers.append(_Container(manifest, self._process_spec(manifest), "main"))
         if not any(c.kind == "main" for c in containers):
             raise ConfigError(f"pod {self.key} has no containers; fix: give spec.containers at least one entry")
+        if self.options.ports_reported:
+            for c in containers:
+                c.listens = {
+                    var: int(value) for var in PORT_VARS if (value := c.spec.env.get(var, "")).isdigit() and int(value)
+                }
+                if c.listens:
+                    c.ports_file = Path(c.spec.env[envvars.PORTS_FILE])
+                    c.ports_file.unlink(missing_ok=True)  # a new pod binds fresh ports; a restart reuses them
+                    for port in c.listens.values():
+                        self.options.resolver.expect(self.key, port)
         return containers
 
     def _materialize(self, volume: Mapping[str, Any]) -> Path:
@@ -322,7 +298,7 @@ class PodRun:
                     )
                 shutil.rmtree(target, ignore_errors=True)
                 target.mkdir(parents=True)
-                _write_files(target, _object_files(obj), source.get("items"), source.get("defaultMode"))
+                write_files(target, object_files(obj), source.get("items"), source.get("defaultMode"))
                 return target
         raise ConfigError(
             f"pod {self.key}: volume {name!r} has a type the local runtime cannot provide "
@@ -330,7 +306,14 @@ class PodRun:
             "persistentVolumeClaim or hostPath"
         )
 
-    def _process_spec(self, manifest: Mapping[str, Any], volumes: Mapping[str, Path]) -> ProcessSpec:
+    def _process_spec(self, manifest: Mapping[str, Any], *, resolve: bool = False) -> ProcessSpec:
+        """The process of container ``manifest``; addresses go through the resolver only with ``resolve``.
+
+        With ``ports_reported`` the addresses may name ports a container of this pod has yet to
+        report, so the spec is built again, resolved, when the container starts.
+        """
+        volumes = self._volumes
+        resolve = resolve or not self.options.ports_reported
         cname = str(manifest.get("name", ""))
         mounts: list[tuple[str, Path]] = []
         for mount in manifest.get("volumeMounts", []) or []:
@@ -357,7 +340,9 @@ class PodRun:
                     return str(local / value[len(mount_path) + 1 :])
             return value
 
-        env = self._env(manifest, local_path)
+        env = self._env(manifest, local_path, resolve)
+        if self.options.ports_reported and any(v.isdigit() and int(v) for k, v in env.items() if k in PORT_VARS):
+            env[envvars.PORTS_FILE] = str(self.dir / f"{cname}.ports")
         tmp = local_path("/tmp")
         if tmp != "/tmp":  # an emptyDir at /tmp: make programs use it, as they would in the pod
             env["TMPDIR"] = tmp
@@ -387,7 +372,7 @@ class PodRun:
             log_path=self.options.run_dir / "logs" / f"{self.name}.{cname}.log",
         )
 
-    def _env(self, manifest: Mapping[str, Any], local_path: Callable[[str], str]) -> dict[str, str]:
+    def _env(self, manifest: Mapping[str, Any], local_path: Callable[[str], str], resolve: bool) -> dict[str, str]:
         # The host environment (PATH, HOME, the virtualenv) minus fedkube's own
         # settings, which must come from the manifest only.
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDKUBE_")}
@@ -400,15 +385,17 @@ class PodRun:
                 value = self._value_from(name, entry["valueFrom"])
             else:
                 value = ""
-            env[name] = self._rewrite_env(name, value, local_path)
+            env[name] = self._rewrite_env(name, value, local_path, resolve)
         env.update(self.options.extra_env)
         return env
 
-    def _rewrite_env(self, name: str, value: str, local_path: Callable[[str], str]) -> str:
+    def _rewrite_env(self, name: str, value: str, local_path: Callable[[str], str], resolve: bool) -> str:
         if name in PORT_VARS and value.isdigit() and int(value) > 0:
+            if self.options.ports_reported:
+                return value  # only says the listener is on: the process binds a port of its own and reports it
             return str(self.options.resolver.local_port(self.key, int(value)))
         if name in ADDRESS_VARS:
-            return self.options.resolver.resolve(self.key, value)
+            return self.options.resolver.resolve(self.key, value) if resolve else value
         return local_path(value) if value.startswith("/") else value
 
     def _value_from(self, name: str, source: Mapping[str, Any]) -> str:
@@ -430,7 +417,7 @@ class PodRun:
         for kind, ref in (("Secret", "secretKeyRef"), ("ConfigMap", "configMapKeyRef")):
             if ref in source:
                 obj = self.options.objects.get(kind, namespace, str(source[ref].get("name")))
-                files = _object_files(obj) if obj is not None else {}
+                files = object_files(obj) if obj is not None else {}
                 key = str(source[ref].get("key"))
                 if key in files:
                     return files[key].decode("utf-8")
@@ -467,6 +454,8 @@ class PodRun:
 
     # --- supervision ----------------------------------------------------------
     def _start(self, container: _Container) -> None:
+        if self.options.ports_reported:
+            container.spec = self._process_spec(container.manifest, resolve=True)
         process = ManagedProcess(container.spec, self.options.sink)
         process.start()
         with self._lock:
@@ -478,6 +467,9 @@ class PodRun:
         message = ""
         try:
             message = self._run_containers()
+        except FedkubeError as exc:  # says what and the fix already: a traceback would bury it
+            logger.error("pod %s: %s", self.key, exc)
+            message = str(exc)
         except Exception as exc:  # the pod fails; the runtime must still learn about it
             logger.exception("pod %s: supervisor failed", self.key)
             message = f"{type(exc).__name__}: {exc}"
@@ -505,12 +497,33 @@ class PodRun:
             self._start(c)
         backoff: dict[int, float] = {}
         while not self._stop.is_set():
+            for c in self._containers:
+                self._collect_ports(c)
             if all(c.process is not None and c.process.returncode is not None for c in mains):
                 return ""
             for c in (c for c in self._containers if c.kind == "sidecar"):
                 self._maybe_restart(c, backoff)
             self._stop.wait(0.1)
         return "stopped"
+
+    def _collect_ports(self, c: _Container) -> bool:
+        """Route the ports ``c`` reported (True once it did); stop waiting for them once it ended without."""
+        if c.ports_file is None or c.reported:
+            return True
+        ports = portfile.read(c.ports_file)
+        if ports is not None:
+            c.reported = True
+            for var, container_port in c.listens.items():
+                if var in ports:
+                    self.options.resolver.bind(self.key, container_port, ports[var])
+                else:
+                    self.options.resolver.give_up(self.key, container_port)
+            return True
+        restarts_left = c.kind == "sidecar" and c.restarts < self.options.sidecar_max_restarts
+        if c.process is not None and c.process.returncode is not None and not restarts_left:
+            for container_port in c.listens.values():
+                self.options.resolver.give_up(self.key, container_port)
+        return False
 
     def _maybe_restart(self, c: _Container, backoff: dict[int, float]) -> None:
         if c.process is None or (code := c.process.returncode) is None or code == 0:
@@ -533,15 +546,26 @@ class PodRun:
         self._start(c)
 
     def _wait_listening(self, c: _Container) -> None:
-        port = self._sidecar_port(c)
-        if port is None:
+        port = None if c.ports_file is not None else self._sidecar_port(c)
+        if port is None and c.ports_file is None:
             return
         deadline = time.monotonic() + self.options.sidecar_ready_timeout_s
+        backoff: dict[int, float] = {}
         while time.monotonic() < deadline and not self._stop.is_set():
+            if c.ports_file is not None and self._collect_ports(c):
+                return  # it reports its ports once it listens on them
             if c.process is None or c.process.returncode is not None:
+                crashed = c.process is not None and c.process.returncode != 0
+                if c.ports_file is not None and crashed and c.restarts < self.options.sidecar_max_restarts:
+                    # Its ports are not known before it listens: the main containers must not start
+                    # with an address nobody will serve, so it restarts here (bounded, with backoff).
+                    self._maybe_restart(c, backoff)
+                    time.sleep(0.05)
+                    continue
                 return  # it died; the restart logic and the main container's errors tell the story
-            with contextlib.suppress(OSError), socket.create_connection((LOCAL_HOST, port), timeout=0.5):
-                return
+            if port is not None:
+                with contextlib.suppress(OSError), socket.create_connection((LOCAL_HOST, port), timeout=0.5):
+                    return
             time.sleep(0.05)
         logger.warning(
             "pod %s: sidecar %r is not listening on %s:%s after %.0f s; starting the main containers anyway",
@@ -577,6 +601,10 @@ class PodRun:
             c.process.stop(self._stop_grace)
 
     def _finish(self, message: str) -> None:
+        for c in self._containers:
+            if not self._collect_ports(c):
+                for container_port in c.listens.values():
+                    self.options.resolver.give_up(self.key, container_port)
         results = []
         for c in self._containers:
             p = c.process
@@ -627,38 +655,3 @@ def fedkube_command() -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-c", "import sys; from fedkube.cli import main; sys.exit(main(sys.argv[1:]))"]
-
-
-def _object_files(obj: Mapping[str, Any]) -> dict[str, bytes]:
-    files: dict[str, bytes] = {}
-    if obj.get("kind") == "Secret":
-        for key, value in (obj.get("data") or {}).items():
-            files[str(key)] = base64.b64decode(value)
-        for key, value in (obj.get("stringData") or {}).items():
-            files[str(key)] = str(value).encode()
-    else:
-        for key, value in (obj.get("data") or {}).items():
-            files[str(key)] = str(value).encode()
-        for key, value in (obj.get("binaryData") or {}).items():
-            files[str(key)] = base64.b64decode(value)
-    return files
-
-
-def _write_files(
-    target: Path, files: Mapping[str, bytes], items: Sequence[Mapping[str, Any]] | None, default_mode: int | None
-) -> None:
-    chosen = (
-        [(str(i["key"]), str(i.get("path", i["key"])), i.get("mode")) for i in items]
-        if items
-        else [(key, key, None) for key in files]
-    )
-    for key, rel, mode in chosen:
-        if key not in files:
-            raise ConfigError(
-                f"volume item {key!r} is not a key of its Secret/ConfigMap; fix: use one of {sorted(files)}"
-            )
-        path = target / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(files[key])
-        chosen_mode = mode if mode is not None else default_mode
-        path.chmod((int(chosen_mode) if chosen_mode is not None else 0o644) & 0o777)

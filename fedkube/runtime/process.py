@@ -137,10 +137,16 @@ class ManagedProcess:
                 start_new_session=True,
             )
         except OSError as exc:
+            program = spec.argv[0] if spec.argv else ""
+            why = {
+                FileNotFoundError: f"program {program!r} not found",
+                PermissionError: f"program {program!r} is not executable",
+            }.get(type(exc), f"{type(exc).__name__}: {exc.strerror or exc}")
             raise ProcessStartError(
-                f"could not start {spec.name} ({' '.join(spec.argv)!r} in {spec.cwd}): {exc}; "
-                "fix: check the container's command in the job spec and that the program is installed"
-            ) from exc
+                f"could not start {spec.name}: {why} (command {' '.join(spec.argv)!r}, in {spec.cwd}); fix: set the "
+                "container's command in the job spec to a program installed on this machine (on PATH, or a path; "
+                "a relative script path resolves in the job file's directory)"
+            ) from None
         self.started_at = time.monotonic()
         with _LIVE_LOCK:
             _LIVE_GROUPS.add(self._popen.pid)

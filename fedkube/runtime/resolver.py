@@ -2,20 +2,27 @@
 
 In Kubernetes every pod has its own network namespace, so the server can listen
 on 7070 and every client pod's sidecar on 7071. On one machine those ports
-collide, so each (pod, container port) pair gets its own free localhost port,
+collide, so each (pod, container port) pair stands for its own localhost port,
 and each Service DNS name is mapped to the local port of the pod behind it.
-The same resolver object serves the e2e tests, where pods created in an
-emulated Kubernetes API are run one at a time by ``run_pod``.
+
+Where that port comes from: ``fedkube run`` lets each process bind a port the
+OS picks and report it (``fedkube.portfile``); the pod says which ports it will
+report (``expect``), lookups of those wait until it did (``bind``) or gave up
+(``give_up``). A pair nobody reports gets a port reserved in advance
+(``free_port``), which another socket can take before the process binds it:
+that is what the e2e tests' emulated kubelet and the fault harness still use,
+whose stand-in processes take the number they are given.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
-from fedkube.errors import ConfigError
+from fedkube.errors import ConfigError, FedkubeError
 
 LOCAL_HOST = "127.0.0.1"
 _LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
@@ -37,17 +44,61 @@ def free_port() -> int:
 class LocalResolver:
     """Maps pod ports and Service names of a rendered job onto localhost ports (thread-safe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, report_timeout_s: float = 60.0) -> None:
         self._lock = threading.Lock()
+        self._reported = threading.Condition(self._lock)
         self._ports: dict[tuple[str, int], int] = {}
         self._taken: set[int] = set()
+        self._pending: set[tuple[str, int]] = set()  # ports a starting process will report
         self._services: dict[tuple[str, int], tuple[str, int]] = {}  # (host, port) -> (pod key, container port)
+        self.report_timeout_s = report_timeout_s
+
+    def expect(self, pod_key: str, container_port: int) -> None:
+        """A process of ``pod_key`` will bind ``container_port``'s listener itself and report the port."""
+        with self._lock:
+            if (pod_key, container_port) not in self._ports:
+                self._pending.add((pod_key, container_port))
+
+    def bind(self, pod_key: str, container_port: int, local: int) -> None:
+        """The process reported ``local`` for ``container_port`` of ``pod_key``: route there from now on."""
+        with self._lock:
+            self._ports[(pod_key, container_port)] = local
+            self._taken.add(local)
+            self._pending.discard((pod_key, container_port))
+            self._reported.notify_all()
+
+    def give_up(self, pod_key: str, container_port: int) -> None:
+        """The process ended without reporting ``container_port``: stop waiting for it."""
+        with self._lock:
+            self._pending.discard((pod_key, container_port))
+            self._reported.notify_all()
+
+    def reported(self, pod_key: str, container_port: int, wait_s: float = 0.0) -> int | None:
+        """The local port of ``container_port`` if known, waiting up to ``wait_s`` for a pending report."""
+        deadline = time.monotonic() + wait_s
+        with self._lock:
+            while (pod_key, container_port) in self._pending and (left := deadline - time.monotonic()) > 0:
+                self._reported.wait(left)
+            return self._ports.get((pod_key, container_port))
 
     def local_port(self, pod_key: str, container_port: int) -> int:
-        """The localhost port that stands for ``container_port`` of the pod ``pod_key`` (stable)."""
+        """The localhost port that stands for ``container_port`` of the pod ``pod_key`` (stable).
+
+        A port its process will report is waited for (up to ``report_timeout_s``); one nobody
+        reports is reserved now.
+        """
         if container_port <= 0:
             raise ValueError(f"container port must be positive, got {container_port}")
+        deadline = time.monotonic() + self.report_timeout_s
         with self._lock:
+            while (pod_key, container_port) in self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PortNotReported(
+                        f"pod {pod_key} has not reported the local port of its port {container_port} after "
+                        f"{self.report_timeout_s:.0f} s; fix: see that pod's logs under <run dir>/logs/"
+                    )
+                self._reported.wait(left)
             known = self._ports.get((pod_key, container_port))
             if known is not None:
                 return known
@@ -101,6 +152,10 @@ class LocalResolver:
         if target is None:
             return address
         return f"{LOCAL_HOST}:{self.local_port(*target)}"
+
+
+class PortNotReported(FedkubeError):
+    """A process that was to report the port it listens on did not, in time."""
 
 
 def pod_key_of(pod: Mapping[str, Any]) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from fedkube import envvars
+from fedkube import envvars, portfile
 from fedkube.errors import ConfigError
 from fedkube.logs import configure_logging, log_format_from_env
 from fedkube.metrics.core import new_registry, serve_metrics
@@ -321,19 +321,29 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedkube server: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    ports_file = portfile.path_from_env()  # under fedkube run: the OS picks every port, reported there
     try:
         config = load_config(bind_host=args.bind)
         if config.settings.model_source == "file" and config.settings.model_path:
             check_model_file(config.settings.model_path)
+        if ports_file is not None:
+            config = dataclasses.replace(
+                config,
+                grpc_port=portfile.chosen(ports_file, envvars.GRPC_PORT, config.grpc_port),
+                bulk_port=None if config.bulk_port is None else portfile.chosen(ports_file, envvars.BULK_PORT, 0),
+                status_port=portfile.chosen(ports_file, envvars.STATUS_PORT, config.status_port),
+            )
         server = FedkubeServer(config)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         print(f"fedkube server: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    bound: dict[str, int] = {}
     if config.metrics_port:
         try:
-            serve_metrics(server.metrics_registry, config.metrics_port,
-                          addr="0.0.0.0" if args.bind in ("[::]", "") else args.bind.strip("[]"))
+            _, bound[envvars.METRICS_PORT] = serve_metrics(
+                server.metrics_registry, portfile.chosen(ports_file, envvars.METRICS_PORT, config.metrics_port),
+                addr="0.0.0.0" if args.bind in ("[::]", "") else args.bind.strip("[]"))
         except ConfigError as exc:
             log.error("configuration error: %s", exc)
             return EXIT_CONFIG
@@ -347,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             server.start()
+            bound.update({envvars.GRPC_PORT: server.grpc_port, envvars.STATUS_PORT: server.status_port})
+            if server.bulk_port:
+                bound[envvars.BULK_PORT] = server.bulk_port
+            portfile.report(ports_file, bound)
         except ConfigError as exc:
             log.error("configuration error: %s", exc)
             return EXIT_CONFIG

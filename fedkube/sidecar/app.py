@@ -21,7 +21,7 @@ from types import FrameType
 
 import grpc
 
-from fedkube import envvars
+from fedkube import envvars, portfile
 from fedkube.errors import ConfigError
 from fedkube.logs import configure_logging, log_format_from_env
 from fedkube.metrics import MetricsServer, SidecarMetrics, new_registry, serve_metrics
@@ -119,6 +119,7 @@ class Sidecar:
             closing=self._closing,
             bulk_address=lambda: self.bulk_relay.address if self.bulk_relay is not None else "",
             bulk_handoff=lambda: self.bulk_handoff.address if self.bulk_handoff is not None else "",
+            server_connected=self.upstream.connected.is_set,
         )
         trainer_pb2_grpc.add_TrainerLinkServicer_to_server(self.link, self._server)
         metered_relay(self._channel, window_chunks=config.relay_window_chunks, meter=self.meter,
@@ -128,12 +129,14 @@ class Sidecar:
     # --- lifecycle --------------------------------------------------------------
     def start(self) -> int:
         """Bind the trainer endpoint on 127.0.0.1 and start the upstream stream; returns the bound port."""
+        ports_file = self.config.ports_file
+        trainer_port = portfile.chosen(ports_file, envvars.TRAINER_PORT, self.config.trainer_port)
         try:
-            self.port = self._server.add_insecure_port(f"127.0.0.1:{self.config.trainer_port}")
+            self.port = self._server.add_insecure_port(f"127.0.0.1:{trainer_port}")
         except RuntimeError:
             self.port = 0
         if not self.port:
-            raise ConfigError(f"cannot listen on 127.0.0.1:{self.config.trainer_port} for the trainer (port in use?); "
+            raise ConfigError(f"cannot listen on 127.0.0.1:{trainer_port} for the trainer (port in use?); "
                               f"fix: choose a free {envvars.TRAINER_PORT}")
         if self.config.server_bulk_address:
             try:
@@ -152,9 +155,12 @@ class Sidecar:
                 except OSError as exc:  # the relay still works; only the shortcut is lost
                     log.warning("site %s: cannot listen for bulk handoffs (%s); relaying the trainer's bytes",
                                 self.config.site, exc)
+        bound = {envvars.TRAINER_PORT: self.port}
         if self.config.metrics_port:
-            self.metrics_server, _ = serve_metrics(self.registry, self.config.metrics_port)
+            self.metrics_server, bound[envvars.METRICS_PORT] = serve_metrics(
+                self.registry, portfile.chosen(ports_file, envvars.METRICS_PORT, self.config.metrics_port))
         self._server.start()
+        portfile.report(ports_file, bound)  # the local runtime starts the trainer once it reads this
         log.info("site %s: sidecar for job %s listening for its trainer on 127.0.0.1:%d (bulk relay %s, handoff %s); "
                  "server is %s (bulk %s)", self.config.site, self.config.job, self.port,
                  self.bulk_relay.address if self.bulk_relay is not None else "off",
@@ -196,6 +202,25 @@ class Sidecar:
         if self.metrics_server is not None:
             self.metrics_server.close()
         self._exit.set()
+
+    def tell_server_it_cannot_start(self, problem: str, timeout_s: float = 10.0) -> bool:
+        """This sidecar cannot run (``start()`` failed): register anyway and say so, then close.
+
+        Without it the server would wait out ``registrationSeconds`` for a client that will never
+        come; with it the client fails at once with the reason. True when the server was reached.
+        """
+        self.trainer.reported(control_pb2.TrainerState(
+            phase=control_pb2.TRAINER_PHASE_EXITED,
+            message=f"the sidecar of site {self.config.site} could not start, so its trainer cannot run: {problem}",
+        ))  # fmt: skip
+        self.upstream.start()
+        reached = self.upstream.connected.wait(timeout_s)
+        if reached:
+            self._on_trainer_state(self.trainer.state)
+        self._closing.set()
+        self.upstream.close(timeout=2.0)
+        self._raw_channel.close()
+        return reached
 
     def _report_never_attached(self) -> None:
         # Queued before the upstream's half-close, so it reaches the server before the stream ends.
@@ -354,10 +379,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = SidecarConfig.from_env()
         sidecar = Sidecar(config)
-        sidecar.start()
     except ConfigError as exc:
         log.error("sidecar configuration error: %s", exc)
         print(f"fedkube sidecar: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        sidecar.start()
+    except ConfigError as exc:
+        log.error("site %s: the sidecar cannot start: %s; telling the server", config.site, exc)
+        print(f"fedkube sidecar: configuration error: {exc}", file=sys.stderr)
+        if not sidecar.tell_server_it_cannot_start(str(exc)):
+            log.warning("site %s: could not reach the server at %s to tell it", config.site, config.server_address)
         return EXIT_CONFIG
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

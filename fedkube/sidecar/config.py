@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedkube import envvars
+from fedkube import envvars, portfile
 from fedkube.errors import ConfigError
 from fedkube.metrics import metrics_port_from_env
 
@@ -37,6 +37,8 @@ class SidecarConfig:
         bulk_handoff: hand the trainer the connection to the server's bulk port instead of relaying
             its bytes (:mod:`fedkube.transfer.handoff`); used only where the platform can (Linux)
             and the trainer offers it.
+        ports_file: set by the local runtime: bind the listeners to ports the OS picks (or those the
+            file names, after a restart) and write them there (:mod:`fedkube.portfile`).
     """
 
     job: str
@@ -52,6 +54,7 @@ class SidecarConfig:
     metrics_port: int = 0
     server_bulk_address: str = ""
     bulk_handoff: bool = True
+    ports_file: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarConfig:
@@ -100,6 +103,7 @@ class SidecarConfig:
             metrics_port=metrics_port_from_env(env),
             server_bulk_address=bulk,
             bulk_handoff=handoff_raw not in ("0", "false"),
+            ports_file=portfile.path_from_env(env),
         )
 
 

@@ -46,6 +46,7 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
         closing: threading.Event,
         bulk_address: Callable[[], str] = lambda: "",
         bulk_handoff: Callable[[], str] = lambda: "",
+        server_connected: Callable[[], bool] = lambda: True,
     ) -> None:
         """``on_hello(request)`` gets the trainer's endpoints; ``bulk_address()`` and ``bulk_handoff()`` are
         the sidecar's bulk relay and handoff, told to the trainer in ``HelloResponse`` ("" when none)."""
@@ -56,6 +57,7 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
         self._closing = closing
         self._bulk_address = bulk_address
         self._bulk_handoff = bulk_handoff
+        self._server_connected = server_connected
         # A restarted sidecar knows no trainer until it says Hello again; a result announced before
         # that could not be served to the server (the sidecar does not know where the trainer serves).
         self._hello_seen = threading.Event()
@@ -84,7 +86,12 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
         def on_done() -> None:
             # Runs when the RPC ends for any reason: the trainer process ended or dropped the link.
             gone.set()
-            change = self._trainer.gone(session, downloads_outstanding=bool(self._tasks.downloads_outstanding()))
+            change = self._trainer.gone(
+                session,
+                downloads_outstanding=bool(self._tasks.downloads_outstanding()),
+                job_stopped=self._tasks.stopped is not None,
+                server_connected=self._server_connected(),
+            )
             if change is not None:
                 log.warning("site %s: trainer (pid %d) is gone: %s", self._site, request.pid, change.message)
                 self._on_state(change)

@@ -310,19 +310,40 @@ class TrainerTracker:
         with self._lock:
             return self._set(snap)
 
-    def gone(self, session: int, *, downloads_outstanding: bool) -> TrainerSnapshot | None:
-        """The trainer's session dropped (its process ended or lost the link)."""
+    def gone(
+        self, session: int, *, downloads_outstanding: bool, job_stopped: bool = False, server_connected: bool = True
+    ) -> TrainerSnapshot | None:
+        """The trainer's session dropped (its process ended or lost the link).
+
+        ``job_stopped``: the server already sent the job's Stop; ``server_connected``: the sidecar's
+        control stream is up. They decide what an undownloaded result means: only while the job
+        runs and the server is there was the server still downloading it.
+        """
         with self._lock:
             if session != self._session:
                 return None
             cur = self._state
-            if downloads_outstanding and cur.kind != control_pb2.FAILURE_KIND_EXCEPTION:
+            if downloads_outstanding and job_stopped and not cur.final:
+                # The job is over (the server exited or is about to): nobody waits for that result any more,
+                # and the trainer was most likely stopped from outside (fedkube run, the kubelet).
+                return self._set(
+                    TrainerSnapshot(
+                        control_pb2.TRAINER_PHASE_EXITED,
+                        message="the trainer process ended after the server had stopped the job; its last result "
+                        "was never downloaded, and the job no longer needed it",
+                    )
+                )
+            if downloads_outstanding and cur.kind != control_pb2.FAILURE_KIND_EXCEPTION and not job_stopped:
                 return self._set(
                     TrainerSnapshot(
                         control_pb2.TRAINER_PHASE_FAILED,
                         control_pb2.FAILURE_KIND_EXITED_BEFORE_DOWNLOAD,
                         "the trainer exited while the server was still downloading its result; "
-                        "fix: keep the script running until send() returns (it blocks until the server has the bytes)",
+                        "fix: keep the script running until send() returns (it blocks until the server has the bytes)"
+                        if server_connected
+                        else "the trainer exited before the server downloaded its result, while the sidecar was not "
+                        "connected to the server (it exited, or is unreachable); if the server comes back it will not "
+                        "get that result",
                     )
                 )
             if cur.final:

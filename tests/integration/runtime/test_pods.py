@@ -158,6 +158,51 @@ def test_failing_init_container_fails_the_pod_without_starting_main(tmp_path: Pa
     assert not any(line == "must not run" for _, line in sink.lines)
 
 
+def test_reported_ports_reach_the_main_container_even_after_the_sidecar_crashed_before_listening(
+    tmp_path: Path,
+) -> None:
+    marker = tmp_path / "attempts"
+    sidecar = _container(
+        "sidecar",
+        f"""
+        import json, os, pathlib, socket, sys
+        from fedkube import portfile
+        m = pathlib.Path({str(marker)!r}); n = int(m.read_text()) if m.exists() else 0
+        m.write_text(str(n + 1))
+        if n == 0:
+            sys.exit(3)  # before it listens: the port it will get is not known yet
+        ports_file = portfile.path_from_env()
+        assert ports_file is not None and os.environ["FEDKUBE_TRAINER_PORT"] == "7071"
+        s = socket.socket(); s.bind(("127.0.0.1", portfile.chosen(ports_file, "FEDKUBE_TRAINER_PORT", 7071)))
+        s.listen()
+        portfile.report(ports_file, {{"FEDKUBE_TRAINER_PORT": s.getsockname()[1]}})
+        while True:
+            conn, _ = s.accept(); conn.sendall(b"hello"); conn.close()
+        """,
+        {envvars.TRAINER_PORT: "7071"},
+        restartPolicy="Always",
+    )
+    main = _container(
+        "trainer",
+        """
+        import os, socket
+        host, port = os.environ["FEDKUBE_SIDECAR_ADDRESS"].split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as c:
+            print("got", c.recv(5).decode())
+        """,
+        {envvars.SIDECAR_ADDRESS: "127.0.0.1:7071"},
+    )
+    sink = CollectSink()
+    options = _options(tmp_path, sink, sidecar_grace_s=0.2, ports_reported=True)
+    result = run_pod(_pod("p", [main], init=[sidecar]), options).wait(40)
+    assert result is not None and result.phase == "Succeeded", (result, sink.lines)
+    assert ("p trainer", "got hello") in sink.lines
+    side = result.container("sidecar")
+    assert side is not None and side.restarts == 1
+    reported = json.loads((tmp_path / "pods" / "p" / "sidecar.ports").read_text())["FEDKUBE_TRAINER_PORT"]
+    assert options.resolver.reported("default/p", 7071) == reported != 7071
+
+
 def _job_manifests(server_code: str, trainer_code: str, sites: tuple[str, ...] = ("site-a",)) -> list[dict]:
     server = _pod(
         "job-server",
@@ -187,9 +232,19 @@ def _job_manifests(server_code: str, trainer_code: str, sites: tuple[str, ...] =
     return [server, service, *clients]
 
 
-SERVER_OK = """
+# As fedkube's own processes do under LocalJobRun: bind a port the OS picks, report it (fedkube.portfile).
+LISTEN = """
+    import os, socket
+    from fedkube import portfile
+    ports_file = portfile.path_from_env()
+    s = socket.socket()
+    s.bind(("127.0.0.1", portfile.chosen(ports_file, "FEDKUBE_GRPC_PORT", int(os.environ["FEDKUBE_GRPC_PORT"]))))
+    s.listen()
+    portfile.report(ports_file, {"FEDKUBE_GRPC_PORT": s.getsockname()[1]})
+"""
+
+SERVER_OK = LISTEN + """
     import json, os, socket, time
-    s = socket.socket(); s.bind(("127.0.0.1", int(os.environ["FEDKUBE_GRPC_PORT"]))); s.listen()
     time.sleep(0.5)
     open(os.environ["FEDKUBE_TERMINATION_LOG"], "w").write(json.dumps({"phase": "Succeeded", "round": 3, "rounds": 3}))
 """
@@ -260,7 +315,7 @@ sys.exit(outcome.exit_code)
 SPAWNER = """
 import os, socket, subprocess, sys, time
 if "FEDKUBE_GRPC_PORT" in os.environ:  # the server: listen, so the runtime starts the clients at once
-    s = socket.socket(); s.bind(("127.0.0.1", int(os.environ["FEDKUBE_GRPC_PORT"]))); s.listen()
+""" + textwrap.indent(textwrap.dedent(LISTEN), "    ") + """
 subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
 print("spawned", flush=True)
 time.sleep(300)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import textwrap
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fedkube.runtime import resolver
 from fedkube.runtime.cli import run_main
 from fedkube.runtime.pod import fedkube_command
 
@@ -195,3 +197,98 @@ def test_reusing_the_run_dir_resumes_from_the_checkpoint_claim(tmp_path: Path) -
     # The claim (a directory under the run dir) outlived the first server: rounds 0 and 1 are not run again.
     assert "[site-a trainer] round 2 w0 2.0" in second.stderr
     assert "[site-a trainer] round 0 " not in second.stderr and "round 1 w0" not in second.stderr
+
+
+def test_a_second_run_on_a_run_dir_in_use_is_refused_and_leaves_the_first_alone(tmp_path: Path) -> None:
+    job = write_job(tmp_path, HANG, sites=("site-a",))
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(
+        [*fedkube_command(), "run", str(job), "--no-progress", "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert first.stdout is not None
+        seen: list[str] = []
+        while not any("connected to the sidecar" in line for line in seen[-1:]):
+            line = first.stdout.readline()
+            assert line, "".join(seen[-40:])
+            seen.append(line)
+        before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+        second = fedkube_run(str(job), "--no-progress", "--run-dir", str(run_dir), timeout=40)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"pid {first.pid}" in second.stderr and "--run-dir" in second.stderr, second.stderr[-3000:]
+        assert first.poll() is None  # the first run goes on, its files untouched
+        assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    finally:
+        first.send_signal(signal.SIGINT)
+        try:
+            first.communicate(timeout=60)
+        finally:
+            if first.poll() is None:
+                first.kill()
+
+
+CRASH_ON_C = textwrap.dedent("""
+    import os
+    import numpy as np
+    import fedkube.trainer_sdk as fk
+
+    fk.init()
+    while fk.is_running():
+        model = fk.receive()
+        if os.environ["FEDKUBE_SITE"] == "site-c":
+            raise SystemExit("site-c crashes mid-job")
+        params = {"w": np.zeros(4, dtype=np.float32)} if model.params is None else {"w": model.params["w"] + 1}
+        fk.send(fk.FLModel(params=params, num_examples=10))
+""")
+
+
+def test_a_trainer_that_crashed_mid_job_is_not_called_teardown_noise(tmp_path: Path) -> None:
+    job = write_job(tmp_path, CRASH_ON_C, sites=("site-a", "site-b", "site-c"))
+    job.write_text(job.read_text().replace("minClients: 3", "minClients: 2"))
+    proc = fedkube_run(str(job), "--json", "--no-progress", "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    notes = [n for n in result["notes"] if n.startswith("site-c trainer")]
+    assert notes and all("teardown noise" not in n and "after the job succeeded" not in n for n in notes), notes
+    assert any("exited with code 1 during the job" in n for n in notes), notes
+
+
+def test_a_trainer_command_that_does_not_exist_is_one_clear_error_without_tracebacks(tmp_path: Path) -> None:
+    job = write_job(tmp_path, ADD_ONE, sites=("site-a",), rounds=1)
+    job.write_text(job.read_text().replace('command: ["python", "train.py"]', 'command: ["no-such-trainer-7", "x"]'))
+    proc = fedkube_run(str(job), "--no-progress", "--grace", "3", "--run-dir", str(tmp_path / "run"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+    errors = [line for line in out.splitlines() if "could not start" in line and "ERROR" in line]
+    assert len(errors) == 1, out[-4000:]
+    assert "site-a trainer" in errors[0] and "program 'no-such-trainer-7' not found" in errors[0]
+    assert "fix:" in errors[0] and "command" in errors[0]
+
+
+def test_a_port_taken_between_reservation_and_bind_cannot_stop_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The race of a busy machine made certain: the first port the runtime would reserve in advance is
+    # already taken by another socket when the process gets to bind it (issue 11 §2.4).
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real_free_port = resolver.free_port
+    handed_out: list[int] = []
+
+    def reserve() -> int:
+        handed_out.append(taken.getsockname()[1] if not handed_out else real_free_port())
+        return handed_out[-1]
+
+    monkeypatch.setattr(resolver, "free_port", reserve)
+    job = write_job(tmp_path, ADD_ONE, rounds=1)
+    try:
+        code = run_main([str(job), "--json", "--no-progress", "--grace", "5", "--run-dir", str(tmp_path / "run")])
+    finally:
+        taken.close()
+    out = capsys.readouterr()
+    assert code == 0, out.err[-4000:]
+    assert json.loads(out.out)["summary"]["completedRounds"] == 1
+    assert handed_out == []  # no listener of the job was given a port reserved in advance

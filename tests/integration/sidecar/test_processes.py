@@ -116,6 +116,40 @@ while fk.is_running():
         server.pull(SITE, ann)
 
 
+@pytest.mark.parametrize("server_end", ["stop", "gone"])
+def test_trainer_stopped_after_the_server_ended_is_not_blamed_for_a_download(
+    server: FakeServer, sidecar: Sidecar, tmp_path: Path, server_end: str
+) -> None:
+    # What fedkube run does once the server exited: it stops the trainers still blocked in send().
+    proc = _trainer(
+        tmp_path,
+        """
+fk.init()
+while fk.is_running():
+    model = fk.receive()
+    fk.send(fk.FLModel(params={"w": model.params["w"] + 1}, num_examples=3))
+""",
+        sidecar.port,
+    )
+    server.publish_task(SITE, {"w": np.zeros(1000, np.float32)}, task_id="t1")
+    server.wait_message("result", lambda r: r.task_id == "t1")
+    if server_end == "stop":
+        server.send(SITE, control_pb2.ServerMessage(stop=control_pb2.Stop(success=True, reason="Completed")))
+        server.wait_for(lambda: sidecar.tasks.stopped is not None)
+    else:
+        server.stop()
+        server.wait_for(lambda: not sidecar.upstream.connected.is_set())
+    proc.kill()
+    proc.wait(10)
+    state = server.wait_for(lambda: sidecar.trainer.state if sidecar.trainer.state.final else None)
+    assert "still downloading" not in state.message
+    if server_end == "stop":
+        assert state.phase == control_pb2.TRAINER_PHASE_EXITED
+        assert "after the server had stopped the job" in state.message
+    else:
+        assert "not connected to the server" in state.message
+
+
 def test_script_leaving_before_the_job_ends_is_exited_not_finished(
     server: FakeServer, sidecar: Sidecar, tmp_path: Path
 ) -> None:
