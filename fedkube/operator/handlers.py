@@ -29,11 +29,11 @@ import kopf
 
 from fedkube.metrics import OperatorMetrics
 from fedkube.metrics.operator import PHASES
-from fedkube.operator import builders, kube, naming
+from fedkube.operator import builders, kube, naming, views
 from fedkube.operator import status as lifecycle
 from fedkube.spec import API_GROUP, PLURAL, FLJob, SpecError, parse_job
 from fedkube.spec.model import API_VERSION_NAME
-from fedkube.status import JobStatus
+from fedkube.status import JobStatus, Phase
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def reconcile(
         return
     if job.spec.suspend:
         _ensure(job, body, memo, pods=False)
-        if phase != lifecycle.SUSPENDED:
+        if phase != Phase.SUSPENDED:
             # Suspended while the operator was away: its pods may still run.
             api = _kube(memo)
             api.delete_pods(job.namespace, [p["metadata"]["name"] for p in api.job_pods(job.namespace, job.name)])
@@ -222,9 +222,9 @@ def reconcile(
             _post(body, events)
         return
     # An operator restart finds a job in progress: clients the operator already failed stay without a pod.
-    failed = set() if phase in (None, lifecycle.SUSPENDED) else lifecycle.operator_failed_sites(previous)
+    failed = set() if phase in (None, Phase.SUSPENDED) else lifecycle.operator_failed_sites(previous)
     _ensure(job, body, memo, pods=True, skip_sites=failed)
-    if phase in (None, lifecycle.SUSPENDED):
+    if phase in (None, Phase.SUSPENDED):
         fields, events = lifecycle.resumed(previous, job, now)
         _write(patch, previous, fields)
         _post(body, events)
@@ -336,7 +336,7 @@ def observe(
     # stale status would undo it (e.g. Running -> Deploying).
     previous = dict(fresh.get("status") or {})
     phase = previous.get("phase")
-    if phase is None or phase == lifecycle.SUSPENDED:
+    if phase is None or phase == Phase.SUSPENDED:
         return  # not reconciled yet, or nothing runs
     try:
         job = _parse(fresh)
@@ -355,16 +355,16 @@ def observe(
         return
     pods = api.job_pods(job.namespace, job.name)
     server_raw: Mapping[str, Any] | None = None
-    clients: dict[str, lifecycle.PodView] = {}
+    clients: dict[str, views.PodView] = {}
     for pod in pods:
         labels = (pod.get("metadata") or {}).get("labels") or {}
         if labels.get(naming.LABEL_ROLE) == naming.ROLE_SERVER:
             server_raw = pod
         elif labels.get(naming.LABEL_ROLE) == naming.ROLE_CLIENT and labels.get(naming.LABEL_SITE):
-            clients[str(labels[naming.LABEL_SITE])] = lifecycle.pod_view(pod, naming.TRAINER_CONTAINER)
-    server = lifecycle.pod_view(server_raw, naming.SERVER_CONTAINER) if server_raw is not None else None
+            clients[str(labels[naming.LABEL_SITE])] = views.pod_view(pod, naming.TRAINER_CONTAINER)
+    server = views.pod_view(server_raw, naming.SERVER_CONTAINER) if server_raw is not None else None
     server_status = None
-    if server_raw is not None and server is not None and server.phase == lifecycle.RUNNING:
+    if server_raw is not None and server is not None and server.phase == views.POD_RUNNING:
         url = memo[Memo.STATUS_URL](server_raw)
         if url:
             server_status = kube.fetch_server_status(url, float(memo[Memo.STATUS_TIMEOUT]))
