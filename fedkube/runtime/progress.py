@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from fedkube.status import STATUS_LIMIT
+
 logger = logging.getLogger(__name__)
 
 READY_STATES = frozenset({"registered", "training", "uploading", "done", "ready", "idle"})
@@ -99,11 +101,18 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def fetch_status(url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
-    """GET the status document; None while the server is not answering (starting, exiting)."""
+    """GET the status document; None while the server is not answering (starting, exiting) or answers garbage.
+
+    Read as boundedly as the operator reads it (fedkube.status.STATUS_LIMIT): a runaway answer must not stall
+    or kill the display's thread.
+    """
     try:
         with _OPENER.open(url, timeout=timeout_s) as response:
-            doc = json.loads(response.read())
-    except (OSError, urllib.error.URLError, ValueError):
+            body = response.read(STATUS_LIMIT + 1)
+        if len(body) > STATUS_LIMIT:
+            return None
+        doc = json.loads(body)
+    except (OSError, urllib.error.URLError, ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
 
