@@ -167,9 +167,17 @@ def _post(body: kopf.Body, events: list[lifecycle.Event]) -> None:
         kopf.event(body, type=event.type, reason=event.reason, message=message)
 
 
-def _write(patch: kopf.Patch, previous: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
-    """Merge ``fields`` into the status patch; a client site that disappeared is removed (null in a merge patch)."""
+def _write(patch: kopf.Patch, previous: Mapping[str, Any], fields: Mapping[str, Any], *,
+           only_changed: bool = False) -> None:
+    """Merge ``fields`` into the status patch; a client site that disappeared is removed (null in a merge patch).
+
+    With ``only_changed`` (for a ``previous`` read fresh from the API, not kopf's possibly older body) a field
+    equal to the stored one stays out: a look that changed nothing sends no request at all (kopf skips an empty
+    patch), and conditions keep their lastTransitionTime because set_condition kept it.
+    """
     for key, value in fields.items():
+        if only_changed and previous.get(key) == value:
+            continue
         if key == "clients":
             old = previous.get("clients") or {}
             merged: dict[str, Any] = {site: None for site in old if site not in value}
@@ -377,7 +385,7 @@ def observe(
         api.delete_pods(job.namespace, decision.delete_pods)
     if server_raw is None and decision.status.get("phase") not in lifecycle.TERMINAL:
         _recreate_server(job, api, body, namespace, name, memo.get(Memo.LOG_FORMAT) or "text")
-    _write(patch, previous, decision.status)
+    _write(patch, previous, decision.status, only_changed=True)
     _post(body, decision.events)
     if decision.status.get("phase") != phase:
         logger.info("job %s/%s: %s -> %s (round %s/%s)", namespace, name, phase, decision.status.get("phase"),
