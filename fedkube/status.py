@@ -25,18 +25,17 @@ writes; times are RFC 3339 UTC strings ("2026-01-02T03:04:05Z").
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
-from pydantic.dataclasses import dataclass
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 from fedkube.errors import FedkubeError
 
@@ -221,6 +220,11 @@ def _bounded_metrics(value: Any) -> Any:
     return dict(kept[:MAX_METRICS])
 
 
+def _newest(value: Any) -> Any:
+    # The document shows the newest ROUND_HISTORY durations; a longer list is cut the same way on reading.
+    return value[-ROUND_HISTORY:] if isinstance(value, list) else value
+
+
 def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     # JSON has no NaN/Infinity; a metric that diverged is left out rather than breaking the parser.
     return {k: float(v) for k, v in _bounded_metrics(metrics).items() if math.isfinite(v)}
@@ -236,11 +240,20 @@ Time = Annotated[str, Field(max_length=TIME_CHARS)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Metrics = Annotated[dict[str, float], BeforeValidator(_bounded_metrics)]
 
-# Construction in Python is lax (a state may be given as "Done"); reading JSON is strict (see _parse).
-_CONFIG = ConfigDict(populate_by_name=True, extra="ignore")
+
+def _camel(name: str) -> Any:
+    """The field's JSON name, as a validation alias: rounds_completed reads roundsCompleted."""
+    head, *rest = name.split("_")
+    return Field(validation_alias=head + "".join(w.title() for w in rest))
 
 
-@dataclass(config=_CONFIG)
+# Plain dataclasses: the server builds them on its hot path (every state change of every client), so building one
+# validates nothing; reading JSON (_parse) validates everything, strictly, against these annotations.
+_CONFIG = ConfigDict(extra="ignore")
+
+
+@with_config(_CONFIG)
+@dataclass
 class ClientStatus:
     """One client's line in the server's status: its state, and why when it is not healthy."""
 
@@ -248,7 +261,7 @@ class ClientStatus:
     state: ClientState
     reason: ReasonText = ""
     message: ClientMessage = ""
-    rounds_completed: Count = Field(default=0, validation_alias="roundsCompleted")
+    rounds_completed: Annotated[Count, _camel("rounds_completed")] = 0
     """Rounds whose aggregate includes this client's full result."""
 
     def to_dict(self, message_chars: int = CLIENT_MESSAGE_CHARS) -> dict[str, Any]:
@@ -268,40 +281,33 @@ def _server_phase(phase: Phase) -> Phase:
     return phase
 
 
-@dataclass(config=_CONFIG)
+ServerPhase = Annotated[Phase, AfterValidator(_server_phase)]
+
+
+@with_config(_CONFIG)
+@dataclass
 class JobStatus:
     """The document the server's HTTP status endpoint serves."""
 
     job: Name
-    phase: Phase
+    phase: ServerPhase
     round: Count
     """The round in progress, or the last one when the job finished (0 before round 1)."""
     rounds: Count
-    clients: list[ClientStatus] = Field(default_factory=list, max_length=MAX_CLIENTS)
-    metrics: Metrics = Field(default_factory=dict)
+    clients: Annotated[list[ClientStatus], Field(max_length=MAX_CLIENTS)] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=dict)
     """Weighted metrics of the last completed round."""
-    completed_rounds: Count = Field(default=0, validation_alias="completedRounds")
+    completed_rounds: Annotated[Count, _camel("completed_rounds")] = 0
     reason: ReasonText = ""
     message: Message = ""
-    start_time: Time | None = Field(default=None, validation_alias="startTime")
-    finish_time: Time | None = Field(default=None, validation_alias="finishTime")
-    last_round_seconds: Seconds | None = Field(default=None, validation_alias="lastRoundSeconds")
+    start_time: Annotated[Time | None, _camel("start_time")] = None
+    finish_time: Annotated[Time | None, _camel("finish_time")] = None
+    last_round_seconds: Annotated[Seconds | None, _camel("last_round_seconds")] = None
     """Duration of the last completed round: tasks sent to aggregate done and handed to the checkpoint writer."""
-    round_seconds: list[Seconds] = Field(
-        default_factory=list, validation_alias="roundSeconds", max_length=ROUND_HISTORY
+    round_seconds: Annotated[list[Seconds], _camel("round_seconds"), BeforeValidator(_newest)] = field(
+        default_factory=list
     )
     """Durations of the most recent completed rounds, oldest first (at most ROUND_HISTORY)."""
-
-    @field_validator("phase")
-    @classmethod
-    def _phase(cls, phase: Phase) -> Phase:
-        return _server_phase(phase)
-
-    @field_validator("round_seconds", mode="before")
-    @classmethod
-    def _recent(cls, value: Any) -> Any:
-        # The server keeps every round's duration; the document shows the newest ROUND_HISTORY of them.
-        return value[-ROUND_HISTORY:] if isinstance(value, list) else value
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -340,35 +346,31 @@ _CLIENT_MESSAGE_CHARS = 160
 _MESSAGE_CHARS = 1024
 
 
-@dataclass(config=_CONFIG)
+@with_config(_CONFIG)
+@dataclass
 class TerminationSummary:
     """The server's final word: exit code + compact JSON for the pod's termination message."""
 
-    exit_code: Annotated[int, Field(ge=0, le=255, validation_alias="exitCode")]
+    exit_code: Annotated[int, Field(ge=0, le=255), _camel("exit_code")]
     job: Name
-    phase: Phase
+    phase: ServerPhase
     round: Count
     rounds: Count
-    completed_rounds: Count = Field(default=0, validation_alias="completedRounds")
+    completed_rounds: Annotated[Count, _camel("completed_rounds")] = 0
     reason: ReasonText = ""
     message: Message = ""
-    metrics: Metrics = Field(default_factory=dict)
-    clients: list[ClientStatus] = Field(default_factory=list, max_length=MAX_CLIENTS)
-    clients_omitted: Count = Field(default=0, validation_alias="clientsOmitted")
+    metrics: Metrics = field(default_factory=dict)
+    clients: Annotated[list[ClientStatus], Field(max_length=MAX_CLIENTS)] = field(default_factory=list)
+    clients_omitted: Annotated[Count, _camel("clients_omitted")] = 0
     """Clients left out to stay under the 4096-byte limit (healthy ones go first)."""
-    start_time: Time | None = Field(default=None, validation_alias="startTime")
-    finish_time: Time | None = Field(default=None, validation_alias="finishTime")
-
-    @field_validator("phase")
-    @classmethod
-    def _phase(cls, phase: Phase) -> Phase:
-        return _server_phase(phase)
+    start_time: Annotated[Time | None, _camel("start_time")] = None
+    finish_time: Annotated[Time | None, _camel("finish_time")] = None
 
     @classmethod
     def from_status(cls, status: JobStatus) -> TerminationSummary:
         """The summary of a finished job; exit 0 only when it succeeded."""
         return cls(
-            exit_code=EXIT_SUCCEEDED if status.phase is Phase.SUCCEEDED else EXIT_FAILED,
+            exit_code=EXIT_SUCCEEDED if status.phase == Phase.SUCCEEDED else EXIT_FAILED,
             job=status.job,
             phase=status.phase,
             round=status.round,
@@ -463,9 +465,6 @@ class TerminationSummary:
 _Doc = TypeVar("_Doc", JobStatus, TerminationSummary)
 _ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {JobStatus: TypeAdapter(JobStatus),
                                                  TerminationSummary: TypeAdapter(TerminationSummary)}
-# Errors name fields as the JSON spells them: rounds_completed -> roundsCompleted.
-_ALIASES = {f.name: f.name.split("_")[0] + "".join(w.title() for w in f.name.split("_")[1:])
-            for cls in (ClientStatus, JobStatus, TerminationSummary) for f in dataclasses.fields(cls)}
 
 
 def _parse(cls: type[_Doc], text: str | bytes, what: str, limit: int) -> _Doc:
@@ -494,7 +493,7 @@ def _path(what: str, loc: Sequence[Any]) -> str:
 
 def _problem(err: Any, what: str) -> str:
     """One pydantic error as ``status.clients[0]: missing key 'state'``: the path in the document's own names."""
-    loc = [_ALIASES.get(p, p) if isinstance(p, str) else p for p in err["loc"]]
+    loc = list(err["loc"])  # in the document's own names (the validation aliases)
     got = repr(err.get("input"))
     got = got if len(got) <= 80 else got[:77] + "..."
     kind = err["type"]

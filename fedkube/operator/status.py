@@ -376,7 +376,7 @@ def judge_site(
     delete = None
     if pod is not None and word.outcome is None:
         ever_ready = pod.ready or (before is not None and before.state is not ClientState.PENDING) or (
-            reported is not None and reported.state is not ClientState.PENDING)
+            reported is not None and reported.state != ClientState.PENDING)
         failure = _pod_failure(job.name, site, pod, state, ever_ready, word, now, job.spec.timeouts)
         if failure is not None:
             delete = pod.name if (failure.reason or "") in OPERATOR_REASONS else None
@@ -437,7 +437,7 @@ def _server_verdict(job: FLJob, server: PodView, previous_phase: Any, word: Serv
     if failure is not None:
         return Verdict(Phase.FAILED, failure.reason or "", "server: " + (failure.message or ""), stop_all=True)
     live = word.live
-    if (live is not None and live.phase is Phase.RUNNING) or (live is None and previous_phase == Phase.RUNNING):
+    if (live is not None and live.phase == Phase.RUNNING) or (live is None and previous_phase == Phase.RUNNING):
         # A missed poll (the server busy or on its way out) is no reason to leave Running.
         return Verdict(Phase.RUNNING, "RoundsInProgress", f"round {round_now} of {spec.rounds}")
     if server.phase == POD_PENDING and not server.scheduled:

@@ -193,7 +193,7 @@ def outcome_from_server(exit_code: int, message: str) -> Outcome:
         if summary.exit_code != exit_code:
             logger.warning("job %s: server exited with %s but its summary says %s; trusting the exit code",
                            summary.job, exit_code, summary.exit_code)
-        if exit_code == 0 and summary.phase is Phase.SUCCEEDED:
+        if exit_code == 0 and summary.phase == Phase.SUCCEEDED:
             text = summary.message or f"completed {summary.completed_rounds}/{summary.rounds} rounds"
             return Outcome(Phase.SUCCEEDED, REASON_COMPLETED, text, summary)
         reason = summary.reason or _exit_reason(exit_code)
@@ -250,7 +250,7 @@ class ServerWord:
     @property
     def finishing(self) -> bool:
         """The server says the job is over but has not exited yet: client exits from here on are teardown."""
-        return self.live is not None and self.live.phase.finished
+        return self.live is not None and Phase(self.live.phase).finished
 
     def reported(self, site: str) -> ClientStatus | None:
         """The server's last word on ``site``: its summary's, else its live status'."""

@@ -167,8 +167,7 @@ def test_round_seconds_errors_name_the_field(patch: dict[str, object], field_nam
 def test_the_status_keeps_the_newest_round_durations_when_built_with_a_longer_history() -> None:
     # The server hands over every round's duration; the document carries only the newest ROUND_HISTORY.
     status = JobStatus("j", Phase.RUNNING, 30, 30, round_seconds=[float(i) for i in range(30)])
-    assert status.round_seconds == [float(i) for i in range(10, 30)]
-    assert JobStatus.from_json(status.to_json()) == status
+    assert JobStatus.from_json(status.to_json()).round_seconds == [float(i) for i in range(10, 30)]
 
 
 _VALID = {"job": "j", "phase": "Running", "round": 1, "rounds": 2}
