@@ -230,15 +230,21 @@ def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in _bounded_metrics(metrics).items() if math.isfinite(v)}
 
 
+def _null_is(default: Callable[[], Any]) -> BeforeValidator:
+    # An optional field given as null reads as absent, as it always did.
+    return BeforeValidator(lambda value: default() if value is None else value)
+
+
 Name = Annotated[str, Field(min_length=1, max_length=NAME_CHARS)]
-ReasonText = Annotated[str, Field(max_length=REASON_CHARS)]
+ReasonText = Annotated[str, Field(max_length=REASON_CHARS), _null_is(str)]
 """A :class:`Reason` value, or a job-level reason the server or operator adds (e.g. ``Completed``)."""
-Message = Annotated[str, BeforeValidator(_clipped(MESSAGE_CHARS))]
-ClientMessage = Annotated[str, BeforeValidator(_clipped(CLIENT_MESSAGE_CHARS))]
+Message = Annotated[str, BeforeValidator(_clipped(MESSAGE_CHARS)), _null_is(str)]
+ClientMessage = Annotated[str, BeforeValidator(_clipped(CLIENT_MESSAGE_CHARS)), _null_is(str)]
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+OptionalCount = Annotated[Count, _null_is(int)]
 Time = Annotated[str, Field(max_length=TIME_CHARS)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Metrics = Annotated[dict[str, float], BeforeValidator(_bounded_metrics)]
+Metrics = Annotated[dict[str, float], BeforeValidator(_bounded_metrics), _null_is(dict)]
 
 
 def _camel(name: str) -> Any:
@@ -261,7 +267,7 @@ class ClientStatus:
     state: ClientState
     reason: ReasonText = ""
     message: ClientMessage = ""
-    rounds_completed: Annotated[Count, _camel("rounds_completed")] = 0
+    rounds_completed: Annotated[OptionalCount, _camel("rounds_completed")] = 0
     """Rounds whose aggregate includes this client's full result."""
 
     def to_dict(self, message_chars: int = CLIENT_MESSAGE_CHARS) -> dict[str, Any]:
@@ -294,17 +300,17 @@ class JobStatus:
     round: Count
     """The round in progress, or the last one when the job finished (0 before round 1)."""
     rounds: Count
-    clients: Annotated[list[ClientStatus], Field(max_length=MAX_CLIENTS)] = field(default_factory=list)
+    clients: Annotated[list[ClientStatus], Field(max_length=MAX_CLIENTS), _null_is(list)] = field(default_factory=list)
     metrics: Metrics = field(default_factory=dict)
     """Weighted metrics of the last completed round."""
-    completed_rounds: Annotated[Count, _camel("completed_rounds")] = 0
+    completed_rounds: Annotated[OptionalCount, _camel("completed_rounds")] = 0
     reason: ReasonText = ""
     message: Message = ""
     start_time: Annotated[Time | None, _camel("start_time")] = None
     finish_time: Annotated[Time | None, _camel("finish_time")] = None
     last_round_seconds: Annotated[Seconds | None, _camel("last_round_seconds")] = None
     """Duration of the last completed round: tasks sent to aggregate done and handed to the checkpoint writer."""
-    round_seconds: Annotated[list[Seconds], _camel("round_seconds"), BeforeValidator(_newest)] = field(
+    round_seconds: Annotated[list[Seconds], _camel("round_seconds"), BeforeValidator(_newest), _null_is(list)] = field(
         default_factory=list
     )
     """Durations of the most recent completed rounds, oldest first (at most ROUND_HISTORY)."""
@@ -356,12 +362,12 @@ class TerminationSummary:
     phase: ServerPhase
     round: Count
     rounds: Count
-    completed_rounds: Annotated[Count, _camel("completed_rounds")] = 0
+    completed_rounds: Annotated[OptionalCount, _camel("completed_rounds")] = 0
     reason: ReasonText = ""
     message: Message = ""
     metrics: Metrics = field(default_factory=dict)
-    clients: Annotated[list[ClientStatus], Field(max_length=MAX_CLIENTS)] = field(default_factory=list)
-    clients_omitted: Annotated[Count, _camel("clients_omitted")] = 0
+    clients: Annotated[list[ClientStatus], Field(max_length=MAX_CLIENTS), _null_is(list)] = field(default_factory=list)
+    clients_omitted: Annotated[OptionalCount, _camel("clients_omitted")] = 0
     """Clients left out to stay under the 4096-byte limit (healthy ones go first)."""
     start_time: Annotated[Time | None, _camel("start_time")] = None
     finish_time: Annotated[Time | None, _camel("finish_time")] = None
@@ -468,7 +474,10 @@ _ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {JobStatus: TypeAdapter(JobStatus
 
 
 def _parse(cls: type[_Doc], text: str | bytes, what: str, limit: int) -> _Doc:
-    size = len(text.encode("utf-8")) if isinstance(text, str) else len(text)
+    if isinstance(text, str):
+        # A lone surrogate (possible in a str decoded leniently elsewhere) is not text the parser could read.
+        text = text.encode("utf-8", "replace")
+    size = len(text)
     if size > limit:
         raise SummaryError(f"the {what} is {size} bytes, more than the {limit} a reader accepts")
     try:

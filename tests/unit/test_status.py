@@ -224,3 +224,21 @@ def test_a_termination_summary_larger_than_kubernetes_keeps_is_refused() -> None
         TerminationSummary.from_json(json.dumps(doc | {"message": "x" * TERMINATION_LIMIT}))
     with pytest.raises(SummaryError, match="not valid JSON"):
         TerminationSummary.from_json("[" * 4000)
+
+
+def test_null_optional_fields_read_as_absent_as_the_hand_written_parser_had_it() -> None:
+    doc = _VALID | {"reason": None, "message": None, "clients": None, "metrics": None, "completedRounds": None,
+                    "startTime": None, "lastRoundSeconds": None, "roundSeconds": None}
+    status = JobStatus.from_json(json.dumps(doc))
+    assert (status.reason, status.message, status.clients, status.metrics, status.completed_rounds) == (
+        "", "", [], {}, 0)
+    with pytest.raises(SummaryError, match=r"status\.round: expected int, got None"):
+        JobStatus.from_json(json.dumps(_VALID | {"round": None}))  # required: null is no round
+
+
+def test_text_the_parser_cannot_read_is_a_summary_error() -> None:
+    with pytest.raises(SummaryError, match="not valid JSON"):
+        JobStatus.from_json(b"\xff\xfe")
+    # A lone surrogate (a str decoded leniently elsewhere) raised UnicodeEncodeError.
+    with pytest.raises(SummaryError):
+        JobStatus.from_json('{"job": "\ud800", "phase": "Running", "round": 1, "rounds": 1')
