@@ -26,6 +26,7 @@ writes; times are RFC 3339 UTC strings ("2026-01-02T03:04:05Z").
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import math
 import os
@@ -469,8 +470,12 @@ class TerminationSummary:
 # --- reading ---------------------------------------------------------------------------------------------------
 
 _Doc = TypeVar("_Doc", JobStatus, TerminationSummary)
-_ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {JobStatus: TypeAdapter(JobStatus),
-                                                 TerminationSummary: TypeAdapter(TerminationSummary)}
+
+
+@functools.cache
+def _adapter(cls: type[Any]) -> TypeAdapter[Any]:
+    # Built on first read: the trainer SDK imports this module for Reason and never parses a document.
+    return TypeAdapter(cls)
 
 
 def _parse(cls: type[_Doc], text: str | bytes, what: str, limit: int) -> _Doc:
@@ -481,7 +486,7 @@ def _parse(cls: type[_Doc], text: str | bytes, what: str, limit: int) -> _Doc:
     if size > limit:
         raise SummaryError(f"the {what} is {size} bytes, more than the {limit} a reader accepts")
     try:
-        doc: _Doc = _ADAPTERS[cls].validate_json(text, strict=True)
+        doc: _Doc = _adapter(cls).validate_json(text, strict=True)
     except ValidationError as exc:
         raise SummaryError(_problems(exc, what)) from None
     return doc
