@@ -26,7 +26,6 @@ writes; times are RFC 3339 UTC strings ("2026-01-02T03:04:05Z").
 from __future__ import annotations
 
 import enum
-import functools
 import json
 import math
 import os
@@ -472,10 +471,16 @@ class TerminationSummary:
 _Doc = TypeVar("_Doc", JobStatus, TerminationSummary)
 
 
-@functools.cache
+_ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
+
+
 def _adapter(cls: type[Any]) -> TypeAdapter[Any]:
     # Built on first read: the trainer SDK imports this module for Reason and never parses a document.
-    return TypeAdapter(cls)
+    # Two threads racing here build it twice, harmlessly.
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
+    return adapter
 
 
 def _parse(cls: type[_Doc], text: str | bytes, what: str, limit: int) -> _Doc:
