@@ -1,14 +1,23 @@
-"""Status vocabulary and documents: failure reasons, the status JSON, the termination summary.
+"""The one status model: phases, client states, failure reasons, the status JSON and the termination summary.
 
 The server serves ``JobStatus`` on its HTTP status endpoint and writes a
 ``TerminationSummary`` (compact JSON, at most 4096 bytes, because Kubernetes
 truncates a termination message there) to the pod's termination-message path
-before it exits; the operator reads both with ``from_json`` and copies the
-reasons into the FLJob status, Events and metric labels.
+before it exits; the operator and ``fedkube run`` read both with
+``from_json``, and the FLJob status (``fedkube.spec.status``, the CRD's
+source) is built from the same ``Phase`` and ``ClientState``. Every status
+enum is defined here and nowhere else.
 
-It lives outside ``fedkube.server`` and imports nothing else of fedkube,
-because the operator (which must not import ``fedkube.server``, see
-tests/unit/test_project.py) parses the same documents.
+It lives outside ``fedkube.server`` and imports nothing else of fedkube but
+its errors, because the operator (which must not import ``fedkube.server``,
+see tests/unit/test_project.py) parses the same documents.
+
+Both documents come from another process (an HTTP answer, a pod's
+termination message), so ``from_json`` treats them as untrusted: a size limit
+before parsing, strict types (no ``"1"`` for 1, no ``true`` for 1), bounded
+counts and lengths, and one ``SummaryError`` naming the field. Long messages
+are shortened rather than refused, on reading and writing alike, so a long
+traceback never costs the reader the whole document.
 
 JSON keys are camelCase like the rest of the Kubernetes status the operator
 writes; times are RFC 3339 UTC strings ("2026-01-02T03:04:05Z").
@@ -20,11 +29,13 @@ import enum
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 from fedkube.errors import FedkubeError
 
@@ -33,8 +44,26 @@ TERMINATION_LIMIT = 4096
 ROUND_HISTORY = 20
 """How many recent round durations the status document keeps (``roundSeconds``)."""
 
+STATUS_LIMIT = 1 << 20
+"""The largest status document a reader accepts, in bytes (the operator reads at most this much of an answer)."""
+
 EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1
+EXIT_CONFIG_ERROR = 2
+"""The server's exit code for a configuration error (the process contract the operator reads)."""
+
+# Bounds on what a reader accepts. Generous for any job the spec allows, small enough that a hostile or broken
+# document cannot make the operator write an FLJob status etcd refuses, or loop over millions of entries.
+NAME_CHARS = 253
+REASON_CHARS = 128
+TIME_CHARS = 64
+MESSAGE_CHARS = 16384
+CLIENT_MESSAGE_CHARS = 4096
+MAX_CLIENTS = 100_000
+MAX_METRICS = 1024
+METRIC_NAME_CHARS = 256
+MAX_COUNT = 10**12
+"""Rounds, round numbers and per-client counts: far above any job, far below a number that costs to handle."""
 
 
 class SummaryError(FedkubeError):
@@ -131,17 +160,39 @@ _SCOPES: dict[Reason, Scope] = {
 
 
 class Phase(str, enum.Enum):
-    """The server's view of the job's phase (the operator adds Deploying/Suspended around it)."""
+    """An FLJob's phase. The server's status document uses four of them (``SERVER_PHASES``); the operator adds
+    Deploying and Suspended around them in the FLJob status."""
 
     PENDING = "Pending"
-    """Waiting for clients to register before round 1."""
+    """Waiting for clients to register before round 1 (server), or for the pods (operator)."""
+    DEPLOYING = "Deploying"
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    SUSPENDED = "Suspended"
 
     @property
     def finished(self) -> bool:
         return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+SERVER_PHASES = (Phase.PENDING, Phase.RUNNING, Phase.SUCCEEDED, Phase.FAILED)
+
+
+class ClientState(str, enum.Enum):
+    """Where a client is in the job (the server's registry moves it; the operator shows it per site)."""
+
+    PENDING = "Pending"
+    REGISTERED = "Registered"
+    TRAINING = "Training"
+    UPLOADING = "Uploading"
+    DONE = "Done"
+    FAILED = "Failed"
+    LOST = "Lost"
+
+    @property
+    def unhealthy(self) -> bool:
+        return self in (ClientState.FAILED, ClientState.LOST)
 
 
 def utc_timestamp(seconds: float) -> str:
@@ -149,134 +200,135 @@ def utc_timestamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _object_phase(doc: Any, where: str) -> Phase:
-    """The phase of a status document, after checking it is a JSON object."""
-    if not isinstance(doc, Mapping):
-        raise SummaryError(f"{where}: expected a JSON object, got {type(doc).__name__}")
-    phase = _req(doc, "phase", str, where)
-    try:
-        return Phase(phase)
-    except ValueError:
-        raise SummaryError(f"{where}.phase: unknown phase {phase!r}") from None
+def clip(text: str, limit: int) -> str:
+    """``text`` shortened to ``limit`` characters, the cut marked with an ellipsis."""
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "\u2026"
 
 
-def _req(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in doc:
-        raise SummaryError(f"{where}: missing key {key!r}")
-    value = doc[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise SummaryError(f"{where}.{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
+def _clipped(limit: int) -> Callable[[Any], Any]:
+    def shorten(value: Any) -> Any:
+        return clip(value, limit) if isinstance(value, str) else value
+
+    return shorten
 
 
-def _opt(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any, where: str) -> Any:
-    if doc.get(key) is None:
-        return default
-    return _req(doc, key, kind, where)
+def _bounded_metrics(value: Any) -> Any:
+    # A trainer names its metrics freely: keep the first MAX_METRICS reasonable names instead of refusing them all.
+    if not isinstance(value, Mapping):
+        return value
+    kept = [(k, v) for k, v in value.items() if not isinstance(k, str) or len(k) <= METRIC_NAME_CHARS]
+    return dict(kept[:MAX_METRICS])
 
 
-def _metrics(doc: Mapping[str, Any], where: str) -> dict[str, float]:
-    raw = _opt(doc, "metrics", dict, {}, where)
-    out: dict[str, float] = {}
-    for k, v in raw.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise SummaryError(f"{where}.metrics.{k}: expected a number, got {v!r}")
-        out[str(k)] = float(v)
-    return out
+def _newest(value: Any) -> Any:
+    # The document shows the newest ROUND_HISTORY durations; a longer list is cut the same way on reading.
+    return value[-ROUND_HISTORY:] if isinstance(value, list) else value
 
 
 def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     # JSON has no NaN/Infinity; a metric that diverged is left out rather than breaking the parser.
-    return {k: float(v) for k, v in metrics.items() if v == v and v not in (float("inf"), float("-inf"))}
+    return {k: float(v) for k, v in _bounded_metrics(metrics).items() if math.isfinite(v)}
 
 
-def _seconds(value: Any, where: str) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise SummaryError(f"{where}: expected a non-negative number of seconds, got {value!r}")
-    return float(value)
+def _null_is(default: Callable[[], Any]) -> BeforeValidator:
+    # An optional field given as null reads as absent, as it always did.
+    return BeforeValidator(lambda value: default() if value is None else value)
 
 
-def _seconds_list(doc: Mapping[str, Any], key: str, where: str) -> list[float]:
-    raw = _opt(doc, key, list, [], where)
-    out: list[float] = []
-    for i, v in enumerate(raw):
-        seconds = _seconds(v, f"{where}.{key}[{i}]")
-        if seconds is None:
-            raise SummaryError(f"{where}.{key}[{i}]: expected a number of seconds, got null")
-        out.append(seconds)
-    return out
+Name = Annotated[str, Field(min_length=1, max_length=NAME_CHARS)]
+ReasonText = Annotated[str, Field(max_length=REASON_CHARS), _null_is(str)]
+"""A :class:`Reason` value, or a job-level reason the server or operator adds (e.g. ``Completed``)."""
+Message = Annotated[str, BeforeValidator(_clipped(MESSAGE_CHARS)), _null_is(str)]
+ClientMessage = Annotated[str, BeforeValidator(_clipped(CLIENT_MESSAGE_CHARS)), _null_is(str)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+OptionalCount = Annotated[Count, _null_is(int)]
+Time = Annotated[str, Field(max_length=TIME_CHARS)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Metrics = Annotated[dict[str, float], BeforeValidator(_bounded_metrics), _null_is(dict)]
 
 
+def _camel(name: str) -> Any:
+    """The field's JSON name, as a validation alias: rounds_completed reads roundsCompleted."""
+    head, *rest = name.split("_")
+    return Field(validation_alias=head + "".join(w.title() for w in rest))
+
+
+# Plain dataclasses: the server builds them on its hot path (every state change of every client), so building one
+# validates nothing; reading JSON (_parse) validates everything, strictly, against these annotations.
+_CONFIG = ConfigDict(extra="ignore")
+
+
+@with_config(_CONFIG)
 @dataclass
 class ClientStatus:
-    """One client's line in the status: its state, and why when it is not healthy."""
+    """One client's line in the server's status: its state, and why when it is not healthy."""
 
-    name: str
-    state: str
-    reason: str = ""
-    message: str = ""
-    rounds_completed: int = 0
+    name: Name
+    state: ClientState
+    reason: ReasonText = ""
+    message: ClientMessage = ""
+    rounds_completed: Annotated[OptionalCount, _camel("rounds_completed")] = 0
     """Rounds whose aggregate includes this client's full result."""
 
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "state": self.state}
+    def to_dict(self, message_chars: int = CLIENT_MESSAGE_CHARS) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "state": ClientState(self.state).value}
         if self.reason:
             d["reason"] = self.reason
         if self.message:
-            d["message"] = self.message
+            d["message"] = clip(self.message, message_chars)
         d["roundsCompleted"] = self.rounds_completed
         return d
 
-    @classmethod
-    def from_dict(cls, doc: Mapping[str, Any], where: str = "clients[]") -> ClientStatus:
-        if not isinstance(doc, Mapping):
-            raise SummaryError(f"{where}: expected an object, got {doc!r}")
-        return cls(
-            name=_req(doc, "name", str, where),
-            state=_req(doc, "state", str, where),
-            reason=_opt(doc, "reason", str, "", where),
-            message=_opt(doc, "message", str, "", where),
-            rounds_completed=_opt(doc, "roundsCompleted", int, 0, where),
-        )
+
+def _server_phase(phase: Phase) -> Phase:
+    if phase not in SERVER_PHASES:
+        known = ", ".join(p.value for p in SERVER_PHASES)
+        raise ValueError(f"unknown phase {phase.value!r} for the server; it reports {known}")
+    return phase
 
 
+ServerPhase = Annotated[Phase, AfterValidator(_server_phase)]
+
+
+@with_config(_CONFIG)
 @dataclass
 class JobStatus:
     """The document the server's HTTP status endpoint serves."""
 
-    job: str
-    phase: Phase
-    round: int
+    job: Name
+    phase: ServerPhase
+    round: Count
     """The round in progress, or the last one when the job finished (0 before round 1)."""
-    rounds: int
-    clients: list[ClientStatus] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
+    rounds: Count
+    clients: Annotated[list[ClientStatus], Field(max_length=MAX_CLIENTS), _null_is(list)] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=dict)
     """Weighted metrics of the last completed round."""
-    completed_rounds: int = 0
-    reason: str = ""
-    message: str = ""
-    start_time: str | None = None
-    finish_time: str | None = None
-    last_round_seconds: float | None = None
+    completed_rounds: Annotated[OptionalCount, _camel("completed_rounds")] = 0
+    reason: ReasonText = ""
+    message: Message = ""
+    start_time: Annotated[Time | None, _camel("start_time")] = None
+    finish_time: Annotated[Time | None, _camel("finish_time")] = None
+    last_round_seconds: Annotated[Seconds | None, _camel("last_round_seconds")] = None
     """Duration of the last completed round: tasks sent to aggregate done and handed to the checkpoint writer."""
-    round_seconds: list[float] = field(default_factory=list)
+    round_seconds: Annotated[list[Seconds], _camel("round_seconds"), BeforeValidator(_newest), _null_is(list)] = field(
+        default_factory=list
+    )
     """Durations of the most recent completed rounds, oldest first (at most ROUND_HISTORY)."""
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "job": self.job,
-            "phase": self.phase.value,
+            "phase": Phase(self.phase).value,
             "round": self.round,
             "rounds": self.rounds,
             "completedRounds": self.completed_rounds,
             "clients": [c.to_dict() for c in self.clients],
             "metrics": _finite_metrics(self.metrics),
         }
-        for key, value in (("reason", self.reason), ("message", self.message)):
-            if value:
-                d[key] = value
+        if self.reason:
+            d["reason"] = self.reason
+        if self.message:
+            d["message"] = clip(self.message, MESSAGE_CHARS)
         if self.start_time:
             d["startTime"] = self.start_time
         if self.finish_time:
@@ -291,71 +343,40 @@ class JobStatus:
         return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, doc: Mapping[str, Any]) -> JobStatus:
-        where = "status"
-        parsed_phase = _object_phase(doc, where)
-        clients = _opt(doc, "clients", list, [], where)
-        return cls(
-            job=_req(doc, "job", str, where),
-            phase=parsed_phase,
-            round=_req(doc, "round", int, where),
-            rounds=_req(doc, "rounds", int, where),
-            completed_rounds=_opt(doc, "completedRounds", int, 0, where),
-            clients=[ClientStatus.from_dict(c, f"{where}.clients[{i}]") for i, c in enumerate(clients)],
-            metrics=_metrics(doc, where),
-            reason=_opt(doc, "reason", str, "", where),
-            message=_opt(doc, "message", str, "", where),
-            start_time=_opt(doc, "startTime", str, None, where),
-            finish_time=_opt(doc, "finishTime", str, None, where),
-            last_round_seconds=_seconds(doc.get("lastRoundSeconds"), f"{where}.lastRoundSeconds"),
-            round_seconds=_seconds_list(doc, "roundSeconds", where),
-        )
-
-    @classmethod
     def from_json(cls, text: str | bytes) -> JobStatus:
-        return cls.from_dict(_loads(text, "status"))
-
-
-def _loads(text: str | bytes, what: str) -> Any:
-    try:
-        return json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SummaryError(f"the {what} is not valid JSON: {exc}") from exc
+        """Parse a status document; SummaryError naming the field that is wrong."""
+        return _parse(cls, text, "status", STATUS_LIMIT)
 
 
 _CLIENT_MESSAGE_CHARS = 160
 _MESSAGE_CHARS = 1024
-_UNHEALTHY_FIRST = ("Failed", "Lost")
 
 
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: max(0, limit - 1)] + "\u2026"
-
-
+@with_config(_CONFIG)
 @dataclass
 class TerminationSummary:
     """The server's final word: exit code + compact JSON for the pod's termination message."""
 
-    exit_code: int
-    job: str
-    phase: Phase
-    round: int
-    rounds: int
-    completed_rounds: int = 0
-    reason: str = ""
-    message: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-    clients: list[ClientStatus] = field(default_factory=list)
-    clients_omitted: int = 0
+    exit_code: Annotated[int, Field(ge=0, le=255), _camel("exit_code")]
+    job: Name
+    phase: ServerPhase
+    round: Count
+    rounds: Count
+    completed_rounds: Annotated[OptionalCount, _camel("completed_rounds")] = 0
+    reason: ReasonText = ""
+    message: Message = ""
+    metrics: Metrics = field(default_factory=dict)
+    clients: Annotated[list[ClientStatus], Field(max_length=MAX_CLIENTS), _null_is(list)] = field(default_factory=list)
+    clients_omitted: Annotated[OptionalCount, _camel("clients_omitted")] = 0
     """Clients left out to stay under the 4096-byte limit (healthy ones go first)."""
-    start_time: str | None = None
-    finish_time: str | None = None
+    start_time: Annotated[Time | None, _camel("start_time")] = None
+    finish_time: Annotated[Time | None, _camel("finish_time")] = None
 
     @classmethod
     def from_status(cls, status: JobStatus) -> TerminationSummary:
         """The summary of a finished job; exit 0 only when it succeeded."""
         return cls(
-            exit_code=EXIT_SUCCEEDED if status.phase is Phase.SUCCEEDED else EXIT_FAILED,
+            exit_code=EXIT_SUCCEEDED if status.phase == Phase.SUCCEEDED else EXIT_FAILED,
             job=status.job,
             phase=status.phase,
             round=status.round,
@@ -369,11 +390,11 @@ class TerminationSummary:
             finish_time=status.finish_time,
         )
 
-    def _doc(self, clients: Sequence[ClientStatus], omitted: int, message: str, metrics: bool) -> dict[str, Any]:
+    def _doc(self, clients: Sequence[dict[str, Any]], omitted: int, message: str, metrics: bool) -> dict[str, Any]:
         d: dict[str, Any] = {
             "exitCode": self.exit_code,
             "job": self.job,
-            "phase": self.phase.value,
+            "phase": Phase(self.phase).value,
             "round": self.round,
             "rounds": self.rounds,
             "completedRounds": self.completed_rounds,
@@ -384,7 +405,7 @@ class TerminationSummary:
             d["message"] = message
         if metrics and self.metrics:
             d["metrics"] = _finite_metrics(self.metrics)
-        d["clients"] = [c.to_dict() for c in clients]
+        d["clients"] = list(clients)
         if omitted:
             d["clientsOmitted"] = omitted
         if self.start_time:
@@ -401,14 +422,11 @@ class TerminationSummary:
         counted in ``clientsOmitted``; then the metrics; then the message is
         shortened.
         """
-        ordered = sorted(
-            (
-                ClientStatus(c.name, c.state, c.reason, _clip(c.message, _CLIENT_MESSAGE_CHARS), c.rounds_completed)
-                for c in self.clients
-            ),
-            key=lambda c: (c.state not in _UNHEALTHY_FIRST and not c.reason, c.name),
-        )
-        message = _clip(self.message, _MESSAGE_CHARS)
+        ordered = [
+            c.to_dict(_CLIENT_MESSAGE_CHARS)
+            for c in sorted(self.clients, key=lambda c: (not ClientState(c.state).unhealthy and not c.reason, c.name))
+        ]
+        message = clip(self.message, _MESSAGE_CHARS)
 
         def encode(k: int, msg: str, metrics: bool) -> str:
             doc = self._doc(ordered[:k], len(ordered) - k, msg, metrics)
@@ -433,7 +451,7 @@ class TerminationSummary:
             return text
         text = encode(0, message, False)
         while not fits(text) and message:
-            message = _clip(message, len(message) // 2) if len(message) > 8 else ""
+            message = clip(message, len(message) // 2) if len(message) > 8 else ""
             text = encode(0, message, False)
         if not fits(text):
             raise SummaryError(
@@ -444,25 +462,73 @@ class TerminationSummary:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> TerminationSummary:
-        where = "termination summary"
-        doc = _loads(text, where)
-        parsed_phase = _object_phase(doc, where)
-        clients = _opt(doc, "clients", list, [], where)
-        return cls(
-            exit_code=_req(doc, "exitCode", int, where),
-            job=_req(doc, "job", str, where),
-            phase=parsed_phase,
-            round=_req(doc, "round", int, where),
-            rounds=_req(doc, "rounds", int, where),
-            completed_rounds=_opt(doc, "completedRounds", int, 0, where),
-            reason=_opt(doc, "reason", str, "", where),
-            message=_opt(doc, "message", str, "", where),
-            metrics=_metrics(doc, where),
-            clients=[ClientStatus.from_dict(c, f"{where}.clients[{i}]") for i, c in enumerate(clients)],
-            clients_omitted=_opt(doc, "clientsOmitted", int, 0, where),
-            start_time=_opt(doc, "startTime", str, None, where),
-            finish_time=_opt(doc, "finishTime", str, None, where),
-        )
+        """Parse a termination summary; SummaryError naming the field that is wrong."""
+        return _parse(cls, text, "termination summary", TERMINATION_LIMIT)
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+_Doc = TypeVar("_Doc", JobStatus, TerminationSummary)
+
+
+_ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
+
+
+def _adapter(cls: type[Any]) -> TypeAdapter[Any]:
+    # Built on first read: the trainer SDK imports this module for Reason and never parses a document.
+    # Two threads racing here build it twice, harmlessly.
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
+    return adapter
+
+
+def _parse(cls: type[_Doc], text: str | bytes, what: str, limit: int) -> _Doc:
+    if isinstance(text, str):
+        # A lone surrogate (possible in a str decoded leniently elsewhere) is not text the parser could read.
+        text = text.encode("utf-8", "replace")
+    size = len(text)
+    if size > limit:
+        raise SummaryError(f"the {what} is {size} bytes, more than the {limit} a reader accepts")
+    try:
+        doc: _Doc = _adapter(cls).validate_json(text, strict=True)
+    except ValidationError as exc:
+        raise SummaryError(_problems(exc, what)) from None
+    return doc
+
+
+def _problems(exc: ValidationError, what: str) -> str:
+    errors = exc.errors(include_url=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        return f"the {what} is not valid JSON: {errors[0]['msg']}"
+    lines = [_problem(err, what) for err in errors[:5]]
+    more = f" (and {len(errors) - 5} more problems)" if len(errors) > 5 else ""
+    return "; ".join(lines) + more
+
+
+def _path(what: str, loc: Sequence[Any]) -> str:
+    return what + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+
+
+def _problem(err: Any, what: str) -> str:
+    """One pydantic error as ``status.clients[0]: missing key 'state'``: the path in the document's own names."""
+    loc = list(err["loc"])  # in the document's own names (the validation aliases)
+    got = repr(err.get("input"))
+    got = got if len(got) <= 80 else got[:77] + "..."
+    kind = err["type"]
+    if kind == "missing" and loc:
+        return f"{_path(what, loc[:-1])}: missing key {loc[-1]!r}"
+    if kind == "enum" and loc:
+        return f"{_path(what, loc)}: unknown {loc[-1]} {err.get('input')!r}; known: {err['ctx']['expected']}"
+    if kind == "value_error":
+        return f"{_path(what, loc)}: {err['ctx']['error']}"
+    if kind in ("dataclass_type", "dict_type", "model_type"):
+        return f"{_path(what, loc)}: expected a JSON object, got {got}"
+    expected = {"int_type": "int", "int_parsing": "int", "string_type": "str", "float_type": "a number",
+                "list_type": "a list"}.get(kind)
+    if expected is not None:
+        return f"{_path(what, loc)}: expected {expected}, got {got}"
+    return f"{_path(what, loc)}: {err['msg']}, got {got}"
 
 
 def write_termination_summary(path: str | os.PathLike[str], summary: TerminationSummary) -> str:

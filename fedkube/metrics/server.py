@@ -18,11 +18,10 @@ from collections.abc import Iterator, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from fedkube.metrics.core import CappedValues, add_process_collectors, check_labels, component_info, one_of
-from fedkube.status import Reason
+from fedkube.status import ClientState, Reason
 
-#: Client states, as the server's registry names them (fedkube.server.registry.ClientState;
-#: a unit test keeps the two in step without this module importing the server).
-CLIENT_STATES = ("Pending", "Registered", "Training", "Uploading", "Done", "Failed", "Lost")
+#: Client states, as the server's registry moves them (defined once, in fedkube.status).
+CLIENT_STATES = tuple(s.value for s in ClientState)
 
 #: ``direction`` of server transfers: the global model going out, results coming in.
 DIRECTIONS = ("to_clients", "from_clients")

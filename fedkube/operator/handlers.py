@@ -29,11 +29,11 @@ import kopf
 
 from fedkube.metrics import OperatorMetrics
 from fedkube.metrics.operator import PHASES
-from fedkube.operator import builders, kube, naming
+from fedkube.operator import builders, kube, naming, views
 from fedkube.operator import status as lifecycle
 from fedkube.spec import API_GROUP, PLURAL, FLJob, SpecError, parse_job
 from fedkube.spec.model import API_VERSION_NAME
-from fedkube.status import JobStatus
+from fedkube.status import JobStatus, Phase
 
 logger = logging.getLogger(__name__)
 
@@ -167,9 +167,17 @@ def _post(body: kopf.Body, events: list[lifecycle.Event]) -> None:
         kopf.event(body, type=event.type, reason=event.reason, message=message)
 
 
-def _write(patch: kopf.Patch, previous: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
-    """Merge ``fields`` into the status patch; a client site that disappeared is removed (null in a merge patch)."""
+def _write(patch: kopf.Patch, previous: Mapping[str, Any], fields: Mapping[str, Any], *,
+           only_changed: bool = False) -> None:
+    """Merge ``fields`` into the status patch; a client site that disappeared is removed (null in a merge patch).
+
+    With ``only_changed`` (for a ``previous`` read fresh from the API, not kopf's possibly older body) a field
+    equal to the stored one stays out: a look that changed nothing sends no request at all (kopf skips an empty
+    patch), and conditions keep their lastTransitionTime because set_condition kept it.
+    """
     for key, value in fields.items():
+        if only_changed and previous.get(key) == value:
+            continue
         if key == "clients":
             old = previous.get("clients") or {}
             merged: dict[str, Any] = {site: None for site in old if site not in value}
@@ -213,7 +221,7 @@ def reconcile(
         return
     if job.spec.suspend:
         _ensure(job, body, memo, pods=False)
-        if phase != lifecycle.SUSPENDED:
+        if phase != Phase.SUSPENDED:
             # Suspended while the operator was away: its pods may still run.
             api = _kube(memo)
             api.delete_pods(job.namespace, [p["metadata"]["name"] for p in api.job_pods(job.namespace, job.name)])
@@ -222,9 +230,9 @@ def reconcile(
             _post(body, events)
         return
     # An operator restart finds a job in progress: clients the operator already failed stay without a pod.
-    failed = set() if phase in (None, lifecycle.SUSPENDED) else lifecycle.operator_failed_sites(previous)
+    failed = set() if phase in (None, Phase.SUSPENDED) else lifecycle.operator_failed_sites(previous)
     _ensure(job, body, memo, pods=True, skip_sites=failed)
-    if phase in (None, lifecycle.SUSPENDED):
+    if phase in (None, Phase.SUSPENDED):
         fields, events = lifecycle.resumed(previous, job, now)
         _write(patch, previous, fields)
         _post(body, events)
@@ -336,7 +344,7 @@ def observe(
     # stale status would undo it (e.g. Running -> Deploying).
     previous = dict(fresh.get("status") or {})
     phase = previous.get("phase")
-    if phase is None or phase == lifecycle.SUSPENDED:
+    if phase is None or phase == Phase.SUSPENDED:
         return  # not reconciled yet, or nothing runs
     try:
         job = _parse(fresh)
@@ -355,16 +363,16 @@ def observe(
         return
     pods = api.job_pods(job.namespace, job.name)
     server_raw: Mapping[str, Any] | None = None
-    clients: dict[str, lifecycle.PodView] = {}
+    clients: dict[str, views.PodView] = {}
     for pod in pods:
         labels = (pod.get("metadata") or {}).get("labels") or {}
         if labels.get(naming.LABEL_ROLE) == naming.ROLE_SERVER:
             server_raw = pod
         elif labels.get(naming.LABEL_ROLE) == naming.ROLE_CLIENT and labels.get(naming.LABEL_SITE):
-            clients[str(labels[naming.LABEL_SITE])] = lifecycle.pod_view(pod, naming.TRAINER_CONTAINER)
-    server = lifecycle.pod_view(server_raw, naming.SERVER_CONTAINER) if server_raw is not None else None
+            clients[str(labels[naming.LABEL_SITE])] = views.pod_view(pod, naming.TRAINER_CONTAINER)
+    server = views.pod_view(server_raw, naming.SERVER_CONTAINER) if server_raw is not None else None
     server_status = None
-    if server_raw is not None and server is not None and server.phase == lifecycle.RUNNING:
+    if server_raw is not None and server is not None and server.phase == views.POD_RUNNING:
         url = memo[Memo.STATUS_URL](server_raw)
         if url:
             server_status = kube.fetch_server_status(url, float(memo[Memo.STATUS_TIMEOUT]))
@@ -377,7 +385,7 @@ def observe(
         api.delete_pods(job.namespace, decision.delete_pods)
     if server_raw is None and decision.status.get("phase") not in lifecycle.TERMINAL:
         _recreate_server(job, api, body, namespace, name, memo.get(Memo.LOG_FORMAT) or "text")
-    _write(patch, previous, decision.status)
+    _write(patch, previous, decision.status, only_changed=True)
     _post(body, decision.events)
     if decision.status.get("phase") != phase:
         logger.info("job %s/%s: %s -> %s (round %s/%s)", namespace, name, phase, decision.status.get("phase"),

@@ -20,7 +20,7 @@ from typing import Any
 from fedkube import envvars
 from fedkube.operator import naming
 from fedkube.spec.model import API_GROUP, API_VERSION_NAME, PLURAL
-from fedkube.status import JobStatus, SummaryError
+from fedkube.status import STATUS_LIMIT, JobStatus, SummaryError
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def fetch_server_status(url: str, timeout: float = STATUS_TIMEOUT) -> JobStatus 
     """
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
-            body = resp.read(1 << 20)
+            body = resp.read(STATUS_LIMIT + 1)  # one byte more: an oversized answer is refused, not cut
     except (urllib.error.URLError, OSError, ValueError) as exc:
         logger.debug("server status %s: no answer (%s)", url, exc)
         return None

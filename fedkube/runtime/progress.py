@@ -1,14 +1,15 @@
 """Progress of a local run: the server's HTTP status endpoint, polled, shown with rich.
 
 The display reads only the status document the server serves for the operator
-(``GET /status``), so what ``fedkube run`` shows is what Kubernetes will show.
-The document is read defensively: a field that is missing (an older server, a
-server still starting) shows as unknown instead of breaking the display.
+(``GET /status``), with the operator's model and bounds
+(:class:`fedkube.status.JobStatus`), so what ``fedkube run`` shows is what
+Kubernetes will show. :func:`parse_status` turns a document into the view and
+is tolerant of missing fields, because the run's final update comes from the
+termination summary as the runtime read it (a plain dict).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import urllib.error
@@ -21,6 +22,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
+
+from fedkube.status import STATUS_LIMIT, JobStatus, SummaryError
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +101,22 @@ def _bytes(doc: Mapping[str, Any]) -> int | None:
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def fetch_status(url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
-    """GET the status document; None while the server is not answering (starting, exiting)."""
+def fetch_status(url: str, timeout_s: float = 1.0) -> JobStatus | None:
+    """GET the server's status document; None while it is not answering (starting, exiting) or answers garbage.
+
+    Read with the operator's model and bounds (fedkube.status), so the display shows exactly what the operator
+    would accept, and a runaway answer can neither stall nor kill the display's thread.
+    """
     try:
         with _OPENER.open(url, timeout=timeout_s) as response:
-            doc = json.loads(response.read())
+            body = response.read(STATUS_LIMIT + 1)
     except (OSError, urllib.error.URLError, ValueError):
         return None
-    return doc if isinstance(doc, dict) else None
+    try:
+        return JobStatus.from_json(body)
+    except SummaryError as exc:
+        logger.debug("status %s: unreadable document: %s", url, exc)
+        return None
 
 
 def fetch_bytes_total(url: str, timeout_s: float = 1.0) -> int | None:
@@ -197,8 +208,8 @@ class ProgressDisplay:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            if self._url is not None and (doc := fetch_status(self._url)) is not None:
-                view = parse_status(doc)
+            if self._url is not None and (status := fetch_status(self._url)) is not None:
+                view = parse_status(status.to_dict())
                 if view.bytes_transferred is None and self._metrics_url is not None:
                     view = replace(view, bytes_transferred=fetch_bytes_total(self._metrics_url))
                 self.update(view)

@@ -40,7 +40,6 @@ calls out (LESSONS.md 10), so gRPC threads may call it directly.
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
@@ -49,21 +48,12 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from fedkube.errors import FedkubeError
+
+# ClientState is defined once, with the status documents that carry it; importing it from here keeps working.
+from fedkube.status import ClientState as ClientState
 from fedkube.status import ClientStatus, Reason, Scope
 
 log = logging.getLogger(__name__)
-
-
-class ClientState(str, enum.Enum):
-    """Where a client is in the job."""
-
-    PENDING = "Pending"
-    REGISTERED = "Registered"
-    TRAINING = "Training"
-    UPLOADING = "Uploading"
-    DONE = "Done"
-    FAILED = "Failed"
-    LOST = "Lost"
 
 
 S = ClientState
@@ -141,7 +131,7 @@ class ClientRecord:
     def status(self) -> ClientStatus:
         return ClientStatus(
             self.name,
-            self.state.value,
+            self.state,
             self.reason.value if self.reason else "",
             self.message,
             self.rounds_completed,

@@ -1,19 +1,27 @@
 """The FLJob status the operator writes: the shape it has in the CRD, shared by the operator and the docs.
 
-The operator owns the values (phase transitions, conditions, per-client
-states); this module only fixes their names and types so that `kubectl get
-flj` and the CRD schema agree with what is written.
+The operator owns the values (phase transitions, conditions, per-site
+states); this module fixes their names and types so that `kubectl get flj`,
+the CRD schema (generated from :class:`FLJobStatus`) and what is written
+agree. ``Phase`` and ``ClientState`` are the ones of :mod:`fedkube.status`,
+the server's status document, so a state means the same in both.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
-Phase = Literal["Pending", "Deploying", "Running", "Succeeded", "Failed", "Suspended"]
-# Documented, not enforced: a status patch the API server rejects would hide the very state it reports.
-CLIENT_STATES = ("Pending", "Registered", "Training", "Uploading", "Done", "Failed", "Lost")
+from fedkube.status import ClientState, Phase
+
+__all__ = ["ClientState", "Condition", "ConditionStatus", "FLJobStatus", "Phase", "SiteStatus"]
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+# Documented, not enforced in the CRD: a status patch the API server rejects would hide the very state it reports.
+_State = Annotated[ClientState, WithJsonSchema({"type": "string"})]
 
 
 class _Status(BaseModel):
@@ -21,20 +29,39 @@ class _Status(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
-class ClientStatus(_Status):
+class SiteStatus(_Status):
     """One client site's state and, when it is not healthy, why."""
 
-    state: str = Field(description="Pending, Registered, Training, Uploading, Done, Failed or Lost.")
+    state: _State = Field(description="Pending, Registered, Training, Uploading, Done, Failed or Lost.")
     reason: str | None = Field(default=None, description="Machine-readable reason, e.g. PendingTimeout.")
     message: str | None = Field(default=None, description="What happened and what to do about it.")
     pod: str | None = Field(default=None, description="The client's pod.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as written: empty fields left out (the status merge patch nulls the ones that went away)."""
+        out: dict[str, Any] = {"state": ClientState(self.state).value}
+        for key in ("reason", "message", "pod"):
+            value = getattr(self, key)
+            if value:
+                out[key] = value
+        return out
+
+    @classmethod
+    def read(cls, doc: Any) -> SiteStatus | None:
+        """The entry of a stored status, or None when it is not one (hand-edited, or from an unknown version)."""
+        if not isinstance(doc, Mapping):
+            return None
+        try:
+            return cls.model_validate(doc)
+        except ValidationError:
+            return None
 
 
 class Condition(_Status):
     """A Kubernetes-style condition (Ready, Invalid, Succeeded, Failed, ...)."""
 
     type: str = Field(description="Condition type.")
-    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str | None = Field(default=None, description="Machine-readable reason in CamelCase.")
     message: str | None = Field(default=None, description="Human-readable explanation.")
     last_transition_time: str | None = Field(
@@ -53,7 +80,7 @@ class FLJobStatus(_Status):
     round: int | None = Field(default=None, description="Current (or last completed) round.")
     rounds: int | None = Field(default=None, description="Total rounds.")
     round_display: str | None = Field(default=None, alias="roundDisplay", description="round/rounds, e.g. 3/20.")
-    clients: dict[str, ClientStatus] = Field(default_factory=dict, description="Per-site state, keyed by site name.")
+    clients: dict[str, SiteStatus] = Field(default_factory=dict, description="Per-site state, keyed by site name.")
     clients_ready: int | None = Field(default=None, alias="clientsReady", description="Healthy client sites.")
     clients_total: int | None = Field(default=None, alias="clientsTotal", description="Client sites in the spec.")
     clients_display: str | None = Field(

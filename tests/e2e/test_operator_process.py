@@ -137,7 +137,7 @@ def test_handlers_count_phases_errors_and_each_timeout_once() -> None:
 
     from fedkube.metrics import OperatorMetrics, new_registry
     from fedkube.operator import handlers
-    from fedkube.operator import status as lifecycle
+    from fedkube.spec.status import ClientState, SiteStatus
 
     reg = new_registry()
     memo = kopf.Memo()
@@ -158,7 +158,7 @@ def test_handlers_count_phases_errors_and_each_timeout_once() -> None:
     assert reg.get_sample_value("fedkube_operator_reconcile_errors_total",
                                 {"reason": "ConnectionRefusedError"}) == 1
 
-    failed = lifecycle.ClientState(lifecycle.CLIENT_FAILED, "PendingTimeout", "stayed Pending").to_dict()
+    failed = SiteStatus(state=ClientState.FAILED, reason="PendingTimeout", message="stayed Pending").to_dict()
     before: dict[str, Any] = {"clients": {"x": {"state": "Running"}}}
     after = {"clients": {"x": failed}}
     handlers._timeouts_fired(memo, before, after)

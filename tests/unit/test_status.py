@@ -10,9 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedkube.status import (
+    CLIENT_MESSAGE_CHARS,
     EXIT_FAILED,
     EXIT_SUCCEEDED,
+    MAX_METRICS,
+    MESSAGE_CHARS,
     ROUND_HISTORY,
+    STATUS_LIMIT,
     TERMINATION_LIMIT,
     ClientStatus,
     JobStatus,
@@ -158,3 +162,83 @@ def test_round_seconds_errors_name_the_field(patch: dict[str, object], field_nam
     doc = json.loads(_status().to_json()) | patch
     with pytest.raises(SummaryError, match=field_name.replace("[", r"\[").replace("]", r"\]")):
         JobStatus.from_json(json.dumps(doc))
+
+
+def test_the_status_keeps_the_newest_round_durations_when_built_with_a_longer_history() -> None:
+    # The server hands over every round's duration; the document carries only the newest ROUND_HISTORY.
+    status = JobStatus("j", Phase.RUNNING, 30, 30, round_seconds=[float(i) for i in range(30)])
+    assert JobStatus.from_json(status.to_json()).round_seconds == [float(i) for i in range(10, 30)]
+
+
+_VALID = {"job": "j", "phase": "Running", "round": 1, "rounds": 2}
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        # Deep nesting made the stdlib parser raise RecursionError, which no caller expects.
+        ("[" * 5000, "not valid JSON"),
+        ('{"job": ' + "[" * 5000, "not valid JSON"),
+        (json.dumps(_VALID | {"message": "x" * STATUS_LIMIT}), f"more than the {STATUS_LIMIT}"),
+        (json.dumps(_VALID | {"clients": [{"name": "a", "state": "Zombie"}]}), r"clients\[0\]\.state: unknown state"),
+        (json.dumps(_VALID | {"clients": [{"name": "", "state": "Done"}]}), r"clients\[0\]\.name"),
+        (json.dumps(_VALID | {"clients": [{"name": "a" * 300, "state": "Done"}]}), r"clients\[0\]\.name"),
+        (json.dumps(_VALID | {"clients": [{"name": "a", "state": "Done", "roundsCompleted": -1}]}),
+         r"clients\[0\]\.roundsCompleted"),
+        (json.dumps(_VALID | {"round": -1}), "status.round:"),
+        (json.dumps(_VALID | {"rounds": 10**30}), "status.rounds:"),
+        (json.dumps(_VALID | {"round": "1"}), "status.round: expected int"),
+        (json.dumps(_VALID | {"reason": "R" * 1000}), "status.reason"),
+        (json.dumps(_VALID | {"startTime": "t" * 1000}), "status.startTime"),
+        (json.dumps(_VALID | {"phase": "Suspended"}), "unknown phase 'Suspended' for the server"),
+        (json.dumps(_VALID | {"metrics": {"loss": "low"}}), r"status.metrics.loss: expected a number"),
+        (json.dumps(_VALID | {"clients": {"a": "Done"}}), "status.clients: expected a list"),
+        ('{"job": "j", "phase": "Running", "round": 1, "rounds": 2, "lastRoundSeconds": 1e999}', "lastRoundSeconds"),
+        (json.dumps(["not", "an", "object"]), "status: expected a JSON object"),
+    ],
+)
+def test_a_hostile_status_document_is_refused_with_the_field_named(text: str, problem: str) -> None:
+    with pytest.raises(SummaryError, match=problem):
+        JobStatus.from_json(text)
+
+
+def test_a_hostile_status_document_is_bounded_where_it_is_not_refused() -> None:
+    doc = _VALID | {
+        "message": "m" * (10 * MESSAGE_CHARS),
+        "clients": [{"name": "a", "state": "Failed", "message": "t" * (10 * CLIENT_MESSAGE_CHARS)}],
+        "metrics": {f"m{i}": 1.0 for i in range(MAX_METRICS + 500)} | {"x" * 10_000: 2.0},
+        "roundSeconds": [1.0] * 500,
+        "unknownField": {"deep": [1, 2, 3]},
+    }
+    status = JobStatus.from_json(json.dumps(doc))
+    assert len(status.message) == MESSAGE_CHARS and status.message.endswith("\u2026")
+    assert len(status.clients[0].message) == CLIENT_MESSAGE_CHARS
+    assert len(status.metrics) == MAX_METRICS and all(len(k) <= 256 for k in status.metrics)
+    assert len(status.round_seconds) == ROUND_HISTORY
+
+
+def test_a_termination_summary_larger_than_kubernetes_keeps_is_refused() -> None:
+    doc = {"exitCode": 1, "job": "job", "phase": "Failed", "round": 1, "rounds": 2}
+    assert TerminationSummary.from_json(json.dumps(doc | {"message": "x" * 3000})).exit_code == 1
+    with pytest.raises(SummaryError, match=f"more than the {TERMINATION_LIMIT}"):
+        TerminationSummary.from_json(json.dumps(doc | {"message": "x" * TERMINATION_LIMIT}))
+    with pytest.raises(SummaryError, match="not valid JSON"):
+        TerminationSummary.from_json("[" * 4000)
+
+
+def test_null_optional_fields_read_as_absent_as_the_hand_written_parser_had_it() -> None:
+    doc = _VALID | {"reason": None, "message": None, "clients": None, "metrics": None, "completedRounds": None,
+                    "startTime": None, "lastRoundSeconds": None, "roundSeconds": None}
+    status = JobStatus.from_json(json.dumps(doc))
+    assert (status.reason, status.message, status.clients, status.metrics, status.completed_rounds) == (
+        "", "", [], {}, 0)
+    with pytest.raises(SummaryError, match=r"status\.round: expected int, got None"):
+        JobStatus.from_json(json.dumps(_VALID | {"round": None}))  # required: null is no round
+
+
+def test_text_the_parser_cannot_read_is_a_summary_error() -> None:
+    with pytest.raises(SummaryError, match="not valid JSON"):
+        JobStatus.from_json(b"\xff\xfe")
+    # A lone surrogate (a str decoded leniently elsewhere) raised UnicodeEncodeError.
+    with pytest.raises(SummaryError):
+        JobStatus.from_json('{"job": "\ud800", "phase": "Running", "round": 1, "rounds": 1')

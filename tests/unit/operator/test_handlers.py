@@ -149,6 +149,16 @@ def test_write_removes_client_sites_and_fields_that_are_gone() -> None:
     assert patch["status"] == {"clients": {"a": {"state": "Done", "message": None}, "b": None}, "phase": "Pending"}
 
 
+def test_write_patches_only_what_changed() -> None:
+    previous = {"phase": "Running", "round": 2, "clients": {"a": {"state": "Training"}},
+                "conditions": [{"type": "Running", "status": "True", "lastTransitionTime": "t0"}]}
+    patch = kopf.Patch()
+    handlers._write(patch, previous, {**previous, "completionTime": None}, only_changed=True)
+    assert not patch  # an unchanged look sends no request
+    handlers._write(patch, previous, {**previous, "round": 3}, only_changed=True)
+    assert patch["status"] == {"round": 3}
+
+
 # --- fedkube operator: configuration ---------------------------------------------------------------
 
 

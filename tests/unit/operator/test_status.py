@@ -424,10 +424,10 @@ def test_a_client_exit_without_the_servers_fresh_word_is_not_judged_yet() -> Non
 
 def test_a_job_that_finished_between_two_looks_shows_it_ran() -> None:
     # Deploying, then Succeeded at the next look: Running was never seen, but the job certainly ran.
-    status, _ = st.transition({}, st.DEPLOYING, "Creating", "creating pods", 0.0)
-    status, _ = st.transition(status, st.SUCCEEDED, "Completed", "3 of 3 rounds", 5.0)
+    status, _ = st.transition({}, Phase.DEPLOYING, "Creating", "creating pods", 0.0)
+    status, _ = st.transition(status, Phase.SUCCEEDED, "Completed", "3 of 3 rounds", 5.0)
     conds = {c["type"]: c["status"] for c in status["conditions"]}
     assert conds["Deployed"] == "True" and conds["Running"] == "False" and conds["Succeeded"] == "True"
     # A job that failed before it ran says nothing about running.
-    failed, _ = st.transition({}, st.FAILED, "QuorumLost", "no clients", 5.0)
+    failed, _ = st.transition({}, Phase.FAILED, "QuorumLost", "no clients", 5.0)
     assert "Running" not in {c["type"] for c in failed["conditions"]}

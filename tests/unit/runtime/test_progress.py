@@ -12,6 +12,7 @@ import pytest
 from rich.console import Console
 
 from fedkube.runtime.progress import ConsoleSink, ProgressDisplay, fetch_bytes_total, fetch_status, parse_status
+from fedkube.status import STATUS_LIMIT, JobStatus
 
 METRICS = """# HELP fedkube_server_result_bytes_total Verified result bytes pulled from clients.
 # TYPE fedkube_server_result_bytes_total counter
@@ -33,6 +34,8 @@ DOC = {
     "transfer": {"bytesSent": 1000, "bytesReceived": 24},
     "metrics": {"loss": 0.25, "flag": True},
 }
+# What the server really serves (DOC above also carries what parse_status tolerates but no server writes).
+LIVE = {k: v for k, v in DOC.items() if k != "transfer"} | {"metrics": {"loss": 0.25}}
 
 
 def test_parse_status_counts_ready_clients_and_bytes() -> None:
@@ -56,8 +59,14 @@ def status_url() -> Iterator[str]:
         def do_GET(self) -> None:
             if self.path == "/metrics":
                 body = METRICS.encode()
+            elif self.path == "/nested":
+                body = b"[" * 100_000
+            elif self.path == "/zombie":
+                body = json.dumps(LIVE | {"clients": [{"name": "a", "state": "Zombie"}]}).encode()
+            elif self.path == "/huge":
+                body = json.dumps(DOC | {"message": "x" * STATUS_LIMIT}).encode()
             else:
-                body = json.dumps(DOC).encode() if self.path == "/status" else b"not json"
+                body = json.dumps(LIVE).encode() if self.path == "/status" else b"not json"
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -75,9 +84,15 @@ def status_url() -> Iterator[str]:
 
 
 def test_fetch_status_over_http_and_none_when_unusable(status_url: str) -> None:
-    assert fetch_status(status_url + "/status") == DOC
+    assert fetch_status(status_url + "/status") == JobStatus.from_json(json.dumps(LIVE))
     assert fetch_status(status_url + "/other") is None  # not JSON
     assert fetch_status("http://127.0.0.1:1/status", timeout_s=0.5) is None  # nobody listening
+
+
+def test_fetch_status_refuses_a_hostile_answer(status_url: str) -> None:
+    assert fetch_status(status_url + "/nested") is None  # raised RecursionError out of the display's thread
+    assert fetch_status(status_url + "/huge") is None  # larger than the operator would read either
+    assert fetch_status(status_url + "/zombie") is None  # a state the operator would refuse
 
 
 def test_display_polls_and_sink_prints_prefixed_lines(status_url: str) -> None:
