@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
+from fedkube.server import outbox
 from fedkube.transfer.bulk import close_socket, read_fetch_response
 from fedkube.transfer.errors import (
     ChunkTimeoutError,
@@ -288,14 +289,7 @@ class ReverseChunkSource:
         ids = {"transaction_id": ref.transaction_id, "ref_id": ref.ref_id, "receiver": SERVER_RECEIVER}
         finished = False
         try:
-            request = control_pb2.ServerMessage(
-                upload=control_pb2.UploadRequest(
-                    request_id=upload.request_id,
-                    ref=ref.to_proto(),
-                    offset=offset,
-                    max_chunk_bytes=max_chunk_bytes,
-                )
-            )
+            request = outbox.upload_request(upload.request_id, ref, offset, max_chunk_bytes)
             if not self._send(self.site, request):
                 raise SourceUnavailableError(f"site {self.site!r} has no live control stream to ask for bytes", **ids)
             log.debug("upload %s: asked site %s for ref %s from offset %s", upload.request_id, self.site,
@@ -343,7 +337,7 @@ class ReverseChunkSource:
                 # Best effort: a sidecar that is gone cannot be told, and needs not be.
                 self._send(
                     self.site,
-                    control_pb2.ServerMessage(cancel_upload=control_pb2.CancelUpload(request_id=upload.request_id)),
+                    outbox.cancel_upload(upload.request_id),
                 )
 
     def complete(self, transaction_id: str, ok: bool, error: str = "") -> None:

@@ -37,13 +37,14 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from fedkube.errors import ConfigError, FedkubeError
 from fedkube.metrics.core import new_registry
 from fedkube.metrics.server import ServerMetrics
+from fedkube.server import outbox
 from fedkube.server.aggregate import (
     DiscardOutcome,
     FoldAbortedError,
@@ -53,6 +54,17 @@ from fedkube.server.aggregate import (
 )
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
+from fedkube.server.jobs import (
+    CHECKPOINT_FAILED,
+    CHECKPOINT_WAIT_S,
+    INIT_TASK,
+    NO_INITIAL_MODEL,
+    TERMINATED,
+    TRAIN_TASK,
+    CheckpointStore,
+    JobFailed,
+    Outcome,
+)
 from fedkube.server.model import ModelSpec, check_result
 from fedkube.server.pool import realigned
 from fedkube.server.registry import ClientState, RegistrationRejected, Registry
@@ -81,32 +93,8 @@ from fedkube.transfer.service import (
     Transaction,
     TransferEvent,
 )
-from fedkube.wire.v1 import control_pb2
 
 log = logging.getLogger(__name__)
-
-INIT_TASK = "init"
-TRAIN_TASK = "train"
-TASK_KIND_KEY = "fedkube.task"
-
-# Job-level reasons beyond fedkube.status.Reason (which names client failures).
-TERMINATED = "Terminated"
-NO_INITIAL_MODEL = "NoInitialModel"
-CHECKPOINT_FAILED = "CheckpointFailed"
-
-CHECKPOINT_WAIT_S = 300.0
-"""How long the job's end waits for the checkpoint still being written (a 4 GiB model takes ~12 s here)."""
-
-
-class CheckpointStore(Protocol):
-    """Where completed rounds are kept (fedkube.server.checkpoint behind an adapter in app.py)."""
-
-    def load(self) -> tuple[int, dict[str, np.ndarray], StrategyState | None] | None: ...
-    def save(
-        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float],
-        checksums: Mapping[str, str] | None = None,
-    ) -> None: ...  # checksums: fedkube.server.checkpoint.save's, read after the tensors are written
-
 
 @dataclass(frozen=True)
 class CheckpointResult:
@@ -213,25 +201,6 @@ class CheckpointWriter:
         with self._lock:
             self._results.append(CheckpointResult(round_, seconds, error))
         self._on_settled()
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How the job ended."""
-
-    success: bool
-    reason: str
-    message: str
-    rounds_completed: int
-
-
-class JobFailed(FedkubeError):
-    """The job cannot go on; ``reason`` is a machine-readable name."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
 
 
 class _InitCollector:
@@ -754,15 +723,7 @@ class RoundWorkflow:
             rnd.republished.append(again)
             self._published[again.id] = (self._clock(), again.nbytes)
             refs = again.refs
-        msg = control_pb2.ServerMessage(
-            task=control_pb2.Task(
-                task_id=task_id,
-                round=rnd.number,
-                refs=[r.to_proto() for r in refs],
-                config={TASK_KIND_KEY: rnd.kind},
-                total_rounds=self.settings.rounds,
-            )
-        )
+        msg = outbox.task(task_id, rnd.number, rnd.kind, refs, self.settings.rounds)
         if not self._sessions.send(site, msg):
             log.info("job %s round %s: client %s has no live stream; its task goes out when it reconnects",
                      self.settings.job, rnd.number, site)
@@ -801,14 +762,14 @@ class RoundWorkflow:
     def _on_connected(self, session: Session, resume_task_id: str) -> None:
         job = self.settings.job
         if self._final is not None:
-            session.send(_stop_msg(self._final.success, self._final.reason, self._final.message))
+            session.send(outbox.stop(self._final.success, self._final.reason, self._final.message))
             return
         try:
             reg = self.registry.register(session, resume_task_id)
         except RegistrationRejected as exc:
             rec = self.registry.get(session.site)
             log.warning("job %s: %s", job, exc)
-            session.send(_stop_msg(False, rec.reason.value if rec.reason else Reason.REJECTED.value, str(exc)))
+            session.send(outbox.stop(False, rec.reason.value if rec.reason else Reason.REJECTED.value, str(exc)))
             return
         if reg is None:
             return  # an older stream's registration, processed after a newer one
@@ -857,7 +818,7 @@ class RoundWorkflow:
             self._abort_download(site)
             if self._round is not None and self._round.kind == INIT_TASK and site in self._round.tasks:
                 self._round.failed[site] = (verdict.reason.value, verdict.message)
-            self._sessions.send(site, _stop_msg(False, verdict.reason.value, verdict.message))
+            self._sessions.send(site, outbox.stop(False, verdict.reason.value, verdict.message))
         self._refresh()
 
     def _on_result(self, session: Session, result: ResultAnnounced) -> None:
@@ -1165,12 +1126,7 @@ class RoundWorkflow:
         self._result_received(site, rnd.tasks[site], ok, reason, message)
 
     def _result_received(self, site: str, task_id: str, ok: bool, reason: str, message: str) -> None:
-        self._sessions.send(
-            site,
-            control_pb2.ServerMessage(
-                result_received=control_pb2.ResultReceived(task_id=task_id, ok=ok, reason=reason, message=message)
-            ),
-        )
+        self._sessions.send(site, outbox.result_received(task_id, ok, reason, message))
 
     def _end(self, outcome: Outcome) -> None:
         rnd = self._round
@@ -1185,7 +1141,7 @@ class RoundWorkflow:
         self._finished_at = self._wall()
         for rec in self.registry.records():
             if not rec.failed_for_job:
-                self._sessions.send(rec.name, _stop_msg(outcome.success, outcome.reason, outcome.message))
+                self._sessions.send(rec.name, outbox.stop(outcome.success, outcome.reason, outcome.message))
         self._refresh()
 
     def _snapshot(self) -> JobStatus:
@@ -1221,6 +1177,3 @@ class RoundWorkflow:
         with self._status_lock:
             self._status = snap
 
-
-def _stop_msg(success: bool, reason: str, message: str) -> control_pb2.ServerMessage:
-    return control_pb2.ServerMessage(stop=control_pb2.Stop(success=success, reason=reason, message=message))
