@@ -47,13 +47,12 @@ from fedkube.metrics.server import ServerMetrics
 from fedkube.server import outbox
 from fedkube.server.aggregate import (
     DiscardOutcome,
-    FoldAbortedError,
     InvalidResultError,
-    WeightedMean,
     weighted_metrics,
 )
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
+from fedkube.server.downloads import Download, Downloader, fetch_settings
 from fedkube.server.jobs import (
     CHECKPOINT_FAILED,
     CHECKPOINT_WAIT_S,
@@ -68,7 +67,7 @@ from fedkube.server.jobs import (
 from fedkube.server.model import ModelSpec, check_result
 from fedkube.server.pool import realigned
 from fedkube.server.registry import ClientState, RegistrationRejected, Registry
-from fedkube.server.reverse import ReverseChunkSource, UploadBroker
+from fedkube.server.reverse import UploadBroker
 from fedkube.server.rounds import (
     Action,
     Exclusion,
@@ -83,9 +82,7 @@ from fedkube.server.rounds import (
 from fedkube.server.strategies import RoundAggregator, Strategy, StrategyState, check_initial_model
 from fedkube.status import ROUND_HISTORY, JobStatus, Phase, Reason, utc_timestamp
 from fedkube.transfer.allocator import release_free_memory
-from fedkube.transfer.errors import TransferAbortedError, TransferError, TransferStalledError
-from fedkube.transfer.fetch import Fetcher, FetchSettings
-from fedkube.transfer.refs import TensorRef, array_from_buffer
+from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.service import (
     RECEIVER_FINISHED,
     TRANSACTION_RELEASED,
@@ -227,40 +224,6 @@ class _InitCollector:
 
 
 @dataclass
-class _Download:
-    """One client's result being pulled; ``key`` names this attempt in the aggregator."""
-
-    site: str
-    task_id: str
-    key: str
-    num_examples: int
-    metrics: dict[str, float]
-    abort: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-    bytes_done: int = 0
-    bytes_total: int = 0
-    started: float = 0.0
-    add_seconds: float = 0.0  # time spent folding this result into the aggregate
-
-
-def _rotated(refs: list[TensorRef], site: str, sites: Mapping[str, object]) -> list[TensorRef]:
-    """``refs`` starting at this site's share: each participant pulls its tensors in a different order.
-
-    The first download to reach a tensor receives it straight into the
-    accumulator; later ones must fold theirs in. Pulled in the same order,
-    one client would be first for nearly every tensor and the other would
-    fold them all, finishing last while a core idles. Starting each site at
-    its own offset spreads the claims (and the folding) evenly, so the
-    downloads end together. The averages do not depend on the order.
-    """
-    order = sorted(sites)
-    if site not in order or len(order) < 2 or not refs:
-        return refs
-    start = order.index(site) * len(refs) // len(order)
-    return refs[start:] + refs[:start]
-
-
-@dataclass
 class _Round:
     """Transport-side state of the round in progress (client states are in the registry)."""
 
@@ -275,8 +238,8 @@ class _Round:
     refs: list[TensorRef] = field(default_factory=list)
     model: dict[str, np.ndarray] | None = None
     republished: list[Transaction] = field(default_factory=list)  # for clients that lost the model
-    downloads: dict[str, _Download] = field(default_factory=dict)
-    superseded: list[_Download] = field(default_factory=list)  # aborted for a re-sent task, still ending
+    downloads: dict[str, Download] = field(default_factory=dict)
+    superseded: list[Download] = field(default_factory=list)  # aborted for a re-sent task, still ending
     results: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict)  # site -> (num_examples, metrics)
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # init task only: site -> (reason, message)
     answered: set[str] = field(default_factory=set)
@@ -285,31 +248,6 @@ class _Round:
     keys: dict[str, str] = field(default_factory=dict)  # site -> aggregator key of its latest download
     aggregation_s: float = 0.0
     closed: bool = False
-
-
-def _fetch_settings(settings: JobSettings) -> FetchSettings:
-    """The server's fetch policy for result downloads, from spec.transfer.
-
-    The spec checks these relationships at submission; an inconsistent pair is
-    widened here (idle above the chunk timeout) with a warning rather than
-    failing a running job.
-    """
-    t = settings.transfer
-    idle = t.idle_timeout_s
-    if idle <= t.chunk_timeout_s:
-        idle = 2 * t.chunk_timeout_s
-        log.warning(
-            "job %s: spec.transfer.idleTimeoutSeconds=%g is not above chunkTimeoutSeconds=%g; using %g",
-            settings.job, t.idle_timeout_s, t.chunk_timeout_s, idle,
-        )  # fmt: skip
-    return FetchSettings(
-        chunk_timeout_s=t.chunk_timeout_s,
-        idle_timeout_s=idle,
-        max_attempts=t.max_attempts,
-        max_chunk_bytes=t.chunk_bytes,
-        backoff_base_s=min(0.2, idle / 8),
-        backoff_max_s=min(10.0, idle / 4),
-    )
 
 
 class RoundWorkflow:
@@ -379,7 +317,10 @@ class RoundWorkflow:
         # Task and transaction ids differ between server runs: a restarted server sends its
         # round again, and a sidecar ignores a task id it has already seen.
         self._run_id = uuid.uuid4().hex[:8]
-        self._fetch = _fetch_settings(settings)
+        self._downloads = Downloader(
+            settings.job, broker, sessions.send, fetch_settings(settings), clock=clock, on_retry=self._count_retry,
+            on_stalled=lambda: self.telemetry.stalled("from_clients"),
+        )  # fmt: skip
         # Global-model transactions, for the "to_clients" transfer metric (read on the service's executor).
         self._published: dict[str, tuple[float, int]] = {}
         # The model last handed to the checkpoint writer and the checksums its write may use.
@@ -733,7 +674,7 @@ class RoundWorkflow:
         rnd.closed = True
         for dl in rnd.downloads.values():
             dl.abort.set()
-        bound = self._clock() + self._fetch.chunk_timeout_s + 5.0
+        bound = self._clock() + self._downloads.fetch.chunk_timeout_s + 5.0
         for dl in [*rnd.downloads.values(), *rnd.superseded]:
             if dl.thread is not None:
                 dl.thread.join(timeout=max(0.0, bound - self._clock()))
@@ -882,16 +823,17 @@ class RoundWorkflow:
         order = {name: i for i, name in enumerate(rnd.spec.names)} if rnd.spec is not None else {}
         refs = sorted(result.refs, key=lambda r: order.get(r.name, 0))
         rnd.attempts += 1
-        dl = _Download(
+        dl = Download(
             site=site, task_id=result.task_id, key=f"{site}#{rnd.attempts}", num_examples=result.num_examples,
             metrics=dict(result.metrics), bytes_total=sum(r.nbytes for r in refs), started=self._clock(),
         )  # fmt: skip
         self._continue_attempt(rnd, site, dl.key)
-        dl.thread = threading.Thread(
-            target=self._download, args=(rnd, dl, refs), name=f"fedkube-pull-{site}-r{rnd.number}", daemon=True
-        )
         rnd.downloads[site] = dl
-        dl.thread.start()
+        self._downloads.start(
+            rnd.number, dl, refs, rnd.sink, rnd.tasks,
+            on_finished=lambda d, ok, reason, message: self._post(self._on_download_finished, rnd, d, ok, reason,
+                                                                  message),
+        )  # fmt: skip
         log.info("job %s round %s: pulling %d tensor(s), %d bytes, from %s", self.settings.job, rnd.number, len(refs),
                  dl.bytes_total, site)
         self._refresh()
@@ -920,7 +862,7 @@ class RoundWorkflow:
             log.info("job %s round %s: %s delivers again; %d tensor(s) of its earlier attempt stay and are not "
                      "added twice", self.settings.job, rnd.number, site, len(kept))
 
-    def _on_download_finished(self, rnd: _Round, dl: _Download, ok: bool, reason: str, message: str) -> None:
+    def _on_download_finished(self, rnd: _Round, dl: Download, ok: bool, reason: str, message: str) -> None:
         if rnd.downloads.get(dl.site) is not dl:
             self._discard(rnd, dl)  # superseded by a re-sent task's download
             return
@@ -963,7 +905,7 @@ class RoundWorkflow:
             self.telemetry.client_failed(reason.value)
         return changed
 
-    def _discard(self, rnd: _Round, dl: _Download) -> str:
+    def _discard(self, rnd: _Round, dl: Download) -> str:
         """Take a client's result out of the round; returns a note when part of it had to stay.
 
         The streaming aggregator cannot subtract what it already folded (the
@@ -990,76 +932,6 @@ class RoundWorkflow:
         rnd = self._round
         if rnd is not None and site in rnd.downloads:
             rnd.downloads[site].abort.set()
-
-    # --- downloads (own threads) ------------------------------------------------------------------
-
-    def _download(self, rnd: _Round, dl: _Download, refs: list[TensorRef]) -> None:
-        """Pull one client's result tensor by tensor into the aggregator, then post the outcome."""
-        source = ReverseChunkSource(
-            dl.site, self._broker, self._sessions.send, chunk_timeout_s=self.settings.transfer.chunk_timeout_s,
-            max_chunk_bytes=self._fetch.max_chunk_bytes,
-        )  # fmt: skip
-        fetcher = Fetcher(source, self._fetch, abort=dl.abort, on_retry=self._count_retry)
-        ok, reason, message = False, "", ""
-        base = 0
-        weight = float(max(dl.num_examples, 1))
-        # A streaming aggregator folds each tensor into its accumulator (copying) before add()
-        # returns, so one receive buffer per download can serve every tensor of the same size:
-        # no fresh allocation and page faults per tensor. Staged aggregation keeps the arrays.
-        reuse = rnd.kind == TRAIN_TASK and getattr(self._strategy, "staged", True) is False
-        buffers: dict[int, bytearray] = {}
-        # The engine's intake checks float tensors for NaN/Inf while each frame is hot (right after it was
-        # hashed) and receives a tensor nobody contributed to yet straight into its accumulator, no copy.
-        engine = getattr(rnd.sink, "engine", None) if reuse else None
-        if not isinstance(engine, WeightedMean):
-            engine = None
-        try:
-            for ref in _rotated(refs, dl.site, rnd.tasks):
-                def progress(done: int, base: int = base) -> None:
-                    dl.bytes_done = base + done
-
-                intake = (
-                    engine.intake(dl.key, ref.name, ref.dtype, ref.shape, weight, abort=dl.abort)
-                    if engine is not None else None
-                )  # fmt: skip
-                try:
-                    out: Any = intake.target if intake is not None and intake.target is not None else None
-                    if out is None and reuse:
-                        out = buffers.get(ref.nbytes)
-                        if out is None:
-                            buffers.clear()  # at most one buffer: memory stays one tensor per download
-                            out = buffers[ref.nbytes] = bytearray(ref.nbytes)
-                    data = fetcher.fetch_into(
-                        ref, out, progress=progress, inspect=intake.check if intake is not None else None
-                    )
-                    array = array_from_buffer(data, ref.dtype, ref.shape)
-                    t0 = time.perf_counter()
-                    if intake is not None:
-                        intake.add(array)
-                    else:
-                        rnd.sink.add(dl.key, ref.name, array, weight)
-                    dl.add_seconds += time.perf_counter() - t0
-                    del array, data, out  # one tensor in flight per download, never a whole result
-                finally:
-                    if intake is not None:
-                        intake.close()  # a claim that did not make it in is given back
-                base += ref.nbytes
-            ok = True
-            log.info("job %s round %s: pulled %d bytes from %s in %.2f s, %.2f s of it folding into the aggregate "
-                     "(%d on the bulk port, %d pushed over gRPC)", self.settings.job, rnd.number, base, dl.site,
-                     self._clock() - dl.started, dl.add_seconds, source.bulk_bytes, source.pushed_bytes)
-        except (TransferAbortedError, FoldAbortedError) as exc:
-            reason, message = Reason.ABORTED.value, str(exc)
-        except TransferError as exc:
-            if isinstance(exc, TransferStalledError):
-                self.telemetry.stalled("from_clients")
-            reason, message = Reason.TRANSFER_FAILED.value, str(exc)
-        except InvalidResultError as exc:
-            reason, message = Reason.INVALID_RESULT.value, exc.detail
-        except Exception as exc:
-            log.exception("job %s round %s: the download from %s failed", self.settings.job, rnd.number, dl.site)
-            reason, message = Reason.TRANSFER_FAILED.value, f"{type(exc).__name__}: {exc}"
-        self._post(self._on_download_finished, rnd, dl, ok, reason, message)
 
     def _count_retry(self, err: Exception) -> None:
         """A result fetch is tried again (runs on the download's thread; only counts)."""
