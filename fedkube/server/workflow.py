@@ -28,7 +28,6 @@ registry ignores one from a replaced connection or an old task (LESSONS.md 13).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -50,11 +49,11 @@ from fedkube.server.aggregate import (
     InvalidResultError,
     weighted_metrics,
 )
+from fedkube.server.checkpointing import Checkpointing
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
 from fedkube.server.downloads import Download, Downloader, fetch_settings
 from fedkube.server.jobs import (
-    CHECKPOINT_FAILED,
     CHECKPOINT_WAIT_S,
     INIT_TASK,
     NO_INITIAL_MODEL,
@@ -79,7 +78,7 @@ from fedkube.server.rounds import (
     classify_trainer_report,
     decide_start,
 )
-from fedkube.server.strategies import RoundAggregator, Strategy, StrategyState, check_initial_model
+from fedkube.server.strategies import RoundAggregator, Strategy, check_initial_model
 from fedkube.status import ROUND_HISTORY, JobStatus, Phase, Reason, utc_timestamp
 from fedkube.transfer.allocator import release_free_memory
 from fedkube.transfer.refs import TensorRef
@@ -92,113 +91,6 @@ from fedkube.transfer.service import (
 )
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class CheckpointResult:
-    """How one background checkpoint write ended; ``error`` is "" when it was written."""
-
-    round: int
-    seconds: float
-    error: str = ""
-
-
-class CheckpointWriter:
-    """Writes checkpoints on a background thread, one at a time, so the next round need not wait.
-
-    What it is handed must not change while it writes. The global model does
-    not: every round aggregates into accumulators nothing else refers to and
-    only reads the global model it started from (``strategies.FedAvg``/``FedAdam``,
-    ``aggregate.WeightedMean``; a superseded model's arrays are recycled as
-    accumulators only once their reference count shows no other holder, such
-    as this writer's thread, ``fedkube.server.pool``), and the transfer service
-    only reads the arrays it publishes, so the model is written without a copy. Strategy
-    state tensors may be updated in place by the next round's ``finish()``
-    (FedAdam's m and v are), so the workflow waits for a write that holds
-    any before calling it (:meth:`holds_strategy_tensors`) instead of copying
-    them: a copy would cost 2xS more for as long as the write runs, and the
-    wait costs nothing unless the write outlasts a whole round's transfers.
-
-    Results are kept until :meth:`take_results`; ``on_settled`` is called
-    (on the writer's thread) after each write so the owner can take them.
-    """
-
-    def __init__(
-        self,
-        store: CheckpointStore,
-        job: str,
-        *,
-        on_settled: Callable[[], None] = lambda: None,
-        timing: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
-    ) -> None:
-        self._store = store
-        self._job = job
-        self._on_settled = on_settled
-        self._timing = timing
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._holds_state = False
-        self._results: list[CheckpointResult] = []
-
-    def submit(
-        self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float],
-        checksums: Mapping[str, str] | None = None,
-    ) -> float:
-        """Start writing the checkpoint of ``round_``; returns the seconds spent waiting for the previous write.
-
-        ``checksums`` (model tensor name -> checksum of that array) may be filled in while the write runs.
-        """
-        t0 = time.perf_counter()
-        self.wait(None)  # one write at a time: also keeps the checkpoints in round order
-        waited = time.perf_counter() - t0
-        self._holds_state = bool(state.tensors)
-        self._thread = threading.Thread(
-            target=self._write, args=(round_, model, state, dict(metrics), checksums),
-            name=f"fedkube-checkpoint-r{round_}",
-            daemon=True,  # a hung disk must not keep a stopped server alive; the write is atomic either way
-        )  # fmt: skip
-        self._thread.start()
-        return waited
-
-    def busy(self) -> bool:
-        """A write is in flight."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def holds_strategy_tensors(self) -> bool:
-        """The write in flight includes strategy state arrays, which the next ``finish()`` may update in place."""
-        return self.busy() and self._holds_state
-
-    def wait(self, timeout: float | None) -> bool:
-        """Wait for the write in flight (``None``: without bound); True when none is left."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-            if thread.is_alive():
-                return False
-        return True
-
-    def take_results(self) -> list[CheckpointResult]:
-        """The writes that ended since the last call, oldest first."""
-        with self._lock:
-            results, self._results = self._results, []
-        return results
-
-    def _write(self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState,
-               metrics: dict[str, float], checksums: Mapping[str, str] | None) -> None:  # fmt: skip
-        t0 = time.perf_counter()
-        error = ""
-        try:
-            with self._timing():
-                self._store.save(round_, model, state, metrics, checksums)
-        except Exception as exc:  # reported to the workflow (status, outcome), never swallowed
-            error = str(exc) if isinstance(exc, FedkubeError) else f"{type(exc).__name__}: {exc}"
-            log.error("job %s round %s: writing the checkpoint failed: %s", self._job, round_, error)
-        seconds = time.perf_counter() - t0
-        if not error:
-            log.info("job %s round %s: checkpoint written (%.2f s, in the background)", self._job, round_, seconds)
-        with self._lock:
-            self._results.append(CheckpointResult(round_, seconds, error))
-        self._on_settled()
-
 
 class _InitCollector:
     """The 'aggregator' of the init task: the one client's tensors become the initial model."""
@@ -276,14 +168,12 @@ class RoundWorkflow:
         self._service = download_service
         self._initial_model = initial_model
         self._checkpoints = checkpoints
-        self._writer = (
-            CheckpointWriter(checkpoints, settings.job, on_settled=lambda: self._post(self._settle_checkpoints),
-                             timing=self.telemetry.timing_checkpoint)
+        self._checkpointing = (
+            Checkpointing(checkpoints, settings.job, on_settled=lambda: self._post(self._settle_checkpoints),
+                          on_status=self._on_checkpoint_status, timing=self.telemetry.timing_checkpoint,
+                          wait_s=checkpoint_wait_s)
             if checkpoints is not None else None
         )  # fmt: skip
-        self._checkpoint_wait_s = checkpoint_wait_s
-        self._checkpointed_round = 0
-        self._checkpoint_error = ""
         self._round_seconds: deque[float] = deque(maxlen=ROUND_HISTORY)
         self._clock = clock
         self._wall = wall_clock
@@ -323,8 +213,6 @@ class RoundWorkflow:
         )  # fmt: skip
         # Global-model transactions, for the "to_clients" transfer metric (read on the service's executor).
         self._published: dict[str, tuple[float, int]] = {}
-        # The model last handed to the checkpoint writer and the checksums its write may use.
-        self._checkpoint_checksums: tuple[Mapping[str, np.ndarray] | None, dict[str, str]] = (None, {})
         download_service.add_listener(self._on_transfer_event)
         self._status_lock = threading.Lock()
         self._status = self._snapshot()
@@ -390,15 +278,8 @@ class RoundWorkflow:
                 self.telemetry.round_started(number)
                 model = self._run_round(number, participants, model)
                 self._rounds_completed = number
-                if self._writer is not None:
-                    # The next round publishes these arrays and hashes them anyway; the write reads
-                    # the checksums only after writing the tensors, so it need not hash them again.
-                    self._checkpoint_checksums = (model, {})
-                    waited = self._writer.submit(number, model, self._strategy.state(), self._last_metrics,
-                                                 self._checkpoint_checksums[1])
-                    if waited > 0.05:
-                        log.info("job %s round %s: waited %.2f s for the previous checkpoint write", s.job, number,
-                                 waited)
+                if self._checkpointing is not None:
+                    self._checkpointing.submit(number, model, self._strategy.state(), self._last_metrics)
                     self._settle_checkpoints()
                 duration = self._clock() - started
                 self.telemetry.round_completed(duration, number=number)
@@ -418,51 +299,26 @@ class RoundWorkflow:
         except Exception as exc:  # a bug must still end the job with a summary, never a hang
             log.exception("job %s: the workflow crashed", s.job)
             outcome = Outcome(False, Reason.INTERNAL.value, f"{type(exc).__name__}: {exc}", self._rounds_completed)
-        outcome = self._await_checkpoint(outcome)
+        if self._checkpointing is not None:
+            outcome = self._checkpointing.finish(outcome, self._rounds_completed)
         self._end(outcome)
         return outcome
 
     # --- checkpoints ----------------------------------------------------------------------------
 
     def _settle_checkpoints(self) -> None:
-        """Take the writer's finished writes into the status (workflow thread)."""
-        if self._writer is None:
-            return
-        results = self._writer.take_results()
-        for r in results:
-            if r.error:
-                self._checkpoint_error = f"the checkpoint of round {r.round} was not written: {r.error}"
-                if self._final is None:
-                    self._message = self._checkpoint_error
-            else:
-                self._checkpointed_round = max(self._checkpointed_round, r.round)
-                if self._checkpoint_error and self._final is None and self._message == self._checkpoint_error:
-                    self._message = ""  # a later round's checkpoint is in place; resuming works again
-                self._checkpoint_error = ""
-        if results:
+        """Take the finished background writes into the status (workflow thread)."""
+        if self._checkpointing is not None and self._checkpointing.settle():
             self._refresh()
 
-    def _await_checkpoint(self, outcome: Outcome) -> Outcome:
-        """The job's end waits (bounded) for the write in flight; a lost last checkpoint fails the job."""
-        writer = self._writer
-        if writer is None:
-            return outcome
-        job = self.settings.job
-        if writer.busy():
-            log.info("job %s: waiting up to %g s for the checkpoint being written", job, self._checkpoint_wait_s)
-        problem = ""
-        if not writer.wait(self._checkpoint_wait_s):
-            problem = (f"the checkpoint of round {self._rounds_completed} was still being written after "
-                       f"{self._checkpoint_wait_s:g} s; a restart resumes from round {self._checkpointed_round}")
-            log.error("job %s: %s", job, problem)
-        self._settle_checkpoints()
-        if not problem and self._checkpoint_error and self._checkpointed_round < self._rounds_completed:
-            problem = self._checkpoint_error
-        if not problem:
-            return outcome
-        if outcome.success:
-            return Outcome(False, CHECKPOINT_FAILED, f"{outcome.message}, but {problem}", outcome.rounds_completed)
-        return Outcome(False, outcome.reason, f"{outcome.message}; also, {problem}", outcome.rounds_completed)
+    def _on_checkpoint_status(self, message: str, cleared: str) -> None:
+        """A write failed (``message``), or a later one made the failure ``cleared`` stale."""
+        if self._final is not None:
+            return
+        if message:
+            self._message = message
+        elif cleared and self._message == cleared:
+            self._message = ""
 
     # --- start -------------------------------------------------------------------------------
 
@@ -595,12 +451,8 @@ class RoundWorkflow:
         done = [site for site in participants if site in rnd.results]
         if len(done) < self.policy.min_clients:  # e.g. a committed result lost its client meanwhile
             raise JobFailed(Reason.QUORUM_LOST.value, f"round {number}: only {done} delivered a result")
-        if self._writer is not None and self._writer.holds_strategy_tensors():
-            # The write in flight holds strategy arrays that finish() updates in place (FedAdam's m, v).
-            t_wait = time.perf_counter()
-            self._writer.wait(None)
-            log.info("job %s round %s: waited %.2f s for the previous checkpoint before updating the strategy state",
-                     s.job, number, time.perf_counter() - t_wait)
+        if self._checkpointing is not None:
+            self._checkpointing.before_strategy_update(number)
             self._settle_checkpoints()
         t0 = time.perf_counter()
         new_model = rnd.sink.finish()
@@ -633,8 +485,8 @@ class RoundWorkflow:
             )  # fmt: skip
             rnd.refs = rnd.transaction.refs
             rnd.model = model
-            if self._checkpoint_checksums[0] is model:
-                self._checkpoint_checksums[1].update({r.name: r.checksum for r in rnd.refs})
+            if self._checkpointing is not None:
+                self._checkpointing.published(number, rnd.refs)
             self.telemetry.model_size(rnd.transaction.nbytes)
             self._published[rnd.transaction.id] = (self._clock(), rnd.transaction.nbytes)
             rnd.state = RoundState(number, participants, now, self.policy)
