@@ -13,12 +13,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from fedkube.server.aggregate import FoldAbortedError, InvalidResultError
+import numpy as np
+
+from fedkube.server.aggregate import DiscardOutcome, FoldAbortedError, InvalidResultError
 from fedkube.server.config import JobSettings
 from fedkube.server.reverse import ReverseChunkSource, SendFn, UploadBroker
-from fedkube.server.strategies import RoundAggregator, StreamingAggregator
+from fedkube.server.strategies import StreamingAggregator
 from fedkube.status import Reason
 from fedkube.transfer.errors import TransferAbortedError, TransferError, TransferStalledError
 from fedkube.transfer.fetch import Fetcher, FetchSettings
@@ -42,6 +44,13 @@ class Download:
     bytes_total: int = 0
     started: float = 0.0
     add_seconds: float = 0.0  # time spent folding this result into the aggregate
+
+
+class ResultSink(Protocol):
+    """What receives a round's result tensors (downloads ``add``; a failed attempt is discarded)."""
+
+    def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool: ...
+    def discard(self, client: str) -> DiscardOutcome: ...
 
 
 # (download, ok, reason, message): how a download ended, called on its own thread.
@@ -113,7 +122,7 @@ class Downloader:
         self._on_stalled = on_stalled
 
     def start(
-        self, round_: int, dl: Download, refs: list[TensorRef], sink: RoundAggregator, sites: Mapping[str, object],
+        self, round_: int, dl: Download, refs: list[TensorRef], sink: ResultSink, sites: Mapping[str, object],
         on_finished: FinishedFn,
     ) -> None:  # fmt: skip
         """Pull ``refs`` into ``sink`` on a new thread (``sites``: the round's participants, for the order)."""
@@ -124,7 +133,7 @@ class Downloader:
         dl.thread.start()
 
     def _download(
-        self, round_: int, dl: Download, refs: list[TensorRef], sink: RoundAggregator, sites: Mapping[str, object],
+        self, round_: int, dl: Download, refs: list[TensorRef], sink: ResultSink, sites: Mapping[str, object],
         on_finished: FinishedFn,
     ) -> None:  # fmt: skip
         """Pull one client's result tensor by tensor into the aggregator, then report the outcome."""

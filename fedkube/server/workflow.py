@@ -35,7 +35,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,8 +44,6 @@ from fedkube.metrics.core import new_registry
 from fedkube.metrics.server import ServerMetrics
 from fedkube.server import outbox
 from fedkube.server.aggregate import (
-    DiscardOutcome,
-    InvalidResultError,
     weighted_metrics,
 )
 from fedkube.server.checkpointing import Checkpointing
@@ -55,15 +52,14 @@ from fedkube.server.control import ResultAnnounced, Session, SessionTable, Train
 from fedkube.server.downloads import Download, Downloader, fetch_settings
 from fedkube.server.jobs import (
     CHECKPOINT_WAIT_S,
-    INIT_TASK,
     NO_INITIAL_MODEL,
     TERMINATED,
-    TRAIN_TASK,
     CheckpointStore,
     JobFailed,
     Outcome,
 )
-from fedkube.server.model import ModelSpec, check_result
+from fedkube.server.live_round import InitRound, LiveRound, TrainRound
+from fedkube.server.model import ModelSpec
 from fedkube.server.pool import realigned
 from fedkube.server.registry import ClientState, RegistrationRejected, Registry
 from fedkube.server.reverse import UploadBroker
@@ -78,69 +74,17 @@ from fedkube.server.rounds import (
     classify_trainer_report,
     decide_start,
 )
-from fedkube.server.strategies import RoundAggregator, Strategy, check_initial_model
+from fedkube.server.strategies import Strategy, check_initial_model
 from fedkube.status import ROUND_HISTORY, JobStatus, Phase, Reason, utc_timestamp
 from fedkube.transfer.allocator import release_free_memory
-from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.service import (
     RECEIVER_FINISHED,
     TRANSACTION_RELEASED,
     DownloadService,
-    Transaction,
     TransferEvent,
 )
 
 log = logging.getLogger(__name__)
-
-class _InitCollector:
-    """The 'aggregator' of the init task: the one client's tensors become the initial model."""
-
-    def __init__(self) -> None:
-        self.model: dict[str, np.ndarray] = {}
-
-    def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool:
-        if name in self.model:
-            raise InvalidResultError(client, f"tensor {name!r} was sent twice")
-        self.model[name] = array
-        return True
-
-    def commit(self, client: str) -> None:
-        """Nothing to fold: the collected tensors are the model."""
-
-    def discard(self, client: str) -> DiscardOutcome:
-        self.model = {}
-        return DiscardOutcome(client, ())
-
-    def finish(self) -> dict[str, np.ndarray]:
-        return self.model
-
-
-@dataclass
-class _Round:
-    """Transport-side state of the round in progress (client states are in the registry)."""
-
-    number: int
-    kind: str
-    spec: ModelSpec | None
-    sink: RoundAggregator | _InitCollector
-    tasks: dict[str, str]  # site -> task id
-    deadline: float
-    state: RoundState | None = None
-    transaction: Transaction | None = None
-    refs: list[TensorRef] = field(default_factory=list)
-    model: dict[str, np.ndarray] | None = None
-    republished: list[Transaction] = field(default_factory=list)  # for clients that lost the model
-    downloads: dict[str, Download] = field(default_factory=dict)
-    superseded: list[Download] = field(default_factory=list)  # aborted for a re-sent task, still ending
-    results: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict)  # site -> (num_examples, metrics)
-    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # init task only: site -> (reason, message)
-    answered: set[str] = field(default_factory=set)
-    announced: set[str] = field(default_factory=set)
-    attempts: int = 0
-    keys: dict[str, str] = field(default_factory=dict)  # site -> aggregator key of its latest download
-    aggregation_s: float = 0.0
-    closed: bool = False
-
 
 class RoundWorkflow:
     """Runs a job's rounds; implements ``ControlEvents`` for the control servicer."""
@@ -189,7 +133,7 @@ class RoundWorkflow:
         self._events: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.Queue()
         self._stop = threading.Event()
         self._stop_reason = ""
-        self._round: _Round | None = None
+        self._round: LiveRound | None = None
         self._round_number = 0
         self._rounds_completed = 0
         self._last_metrics: dict[str, float] = {}
@@ -391,7 +335,9 @@ class RoundWorkflow:
             rec = self.registry.get(site)
             if rec.state is not ClientState.REGISTERED:
                 continue
-            rnd = self._open_round(0, INIT_TASK, (site,), None)
+            rnd = InitRound(number=0, job=self.settings.job, tasks=self._task_ids(0, (site,)),
+                            deadline=self._clock() + self.settings.round_timeout_s)
+            self._open_round(rnd)
             while site not in rnd.results and site not in rnd.failed:
                 if self._clock() >= rnd.deadline:
                     rnd.failed[site] = (Reason.ROUND_TIMEOUT.value,
@@ -404,8 +350,7 @@ class RoundWorkflow:
                 self._pump_once(rnd.deadline)
             self._close_round(rnd)
             if site in rnd.results:
-                assert isinstance(rnd.sink, _InitCollector)
-                model = rnd.sink.finish()
+                model = rnd.collector.finish()
                 check_initial_model(model)
                 log.info("job %s: initial model from client %s (%d tensors)", self.settings.job, site, len(model))
                 return model
@@ -423,9 +368,8 @@ class RoundWorkflow:
         self, number: int, participants: tuple[str, ...], model: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         s = self.settings
-        rnd = self._open_round(number, TRAIN_TASK, participants, model)
+        rnd = self._open_train_round(number, participants, model)
         state = rnd.state
-        assert state is not None
         try:
             while True:
                 decision = state.decide(self.registry, self._clock())
@@ -455,7 +399,7 @@ class RoundWorkflow:
             self._checkpointing.before_strategy_update(number)
             self._settle_checkpoints()
         t0 = time.perf_counter()
-        new_model = rnd.sink.finish()
+        new_model = rnd.aggregator.finish()
         self.telemetry.aggregated(rnd.aggregation_s + time.perf_counter() - t0)
         self._last_metrics = weighted_metrics({k: (float(n), m) for k, (n, m) in rnd.results.items()})
         log.info("job %s round %s: aggregated the results of %s; metrics %s", s.job, number, ",".join(done),
@@ -463,47 +407,44 @@ class RoundWorkflow:
         self._refresh()
         return new_model
 
-    def _open_round(
-        self, number: int, kind: str, participants: tuple[str, ...], model: dict[str, np.ndarray] | None
-    ) -> _Round:
-        s = self.settings
-        self._round_number = number
-        now = self._clock()
-        rnd = _Round(
-            number=number,
-            kind=kind,
-            spec=ModelSpec.of(model) if model is not None else None,
-            sink=self._strategy.begin_round(model) if model is not None else _InitCollector(),
-            tasks={site: f"{s.job}-r{number}-{self._run_id}-{site}" for site in participants},
-            deadline=now + s.round_timeout_s,
-        )
-        if model is not None:
-            # Serialize once, serve many: one transaction per round for all its clients.
-            rnd.transaction = self._service.publish(
-                model, receivers=participants, ttl_s=s.round_timeout_s,
-                transaction_id=f"{s.job}-r{number}-{self._run_id}",
-            )  # fmt: skip
-            rnd.refs = rnd.transaction.refs
-            rnd.model = model
-            if self._checkpointing is not None:
-                self._checkpointing.published(number, rnd.refs)
-            self.telemetry.model_size(rnd.transaction.nbytes)
-            self._published[rnd.transaction.id] = (self._clock(), rnd.transaction.nbytes)
-            rnd.state = RoundState(number, participants, now, self.policy)
+    def _task_ids(self, number: int, participants: tuple[str, ...]) -> dict[str, str]:
+        return {site: f"{self.settings.job}-r{number}-{self._run_id}-{site}" for site in participants}
+
+    def _open_round(self, rnd: LiveRound) -> None:
+        """Make ``rnd`` the round in progress and send its tasks."""
+        self._round_number = rnd.number
         self._round = rnd
-        for site in participants:
+        for site in rnd.tasks:
             self._send_task(rnd, site)
-        log.info("job %s round %s: %s task sent to %s", s.job, number, kind, ",".join(participants))
+        log.info("job %s round %s: %s task sent to %s", self.settings.job, rnd.number, rnd.kind, ",".join(rnd.tasks))
         self._refresh()
+
+    def _open_train_round(
+        self, number: int, participants: tuple[str, ...], model: dict[str, np.ndarray]
+    ) -> TrainRound:
+        s = self.settings
+        now = self._clock()
+        aggregator = self._strategy.begin_round(model)
+        # Serialize once, serve many: one transaction per round for all its clients.
+        transaction = self._service.publish(
+            model, receivers=participants, ttl_s=s.round_timeout_s, transaction_id=f"{s.job}-r{number}-{self._run_id}",
+        )  # fmt: skip
+        rnd = TrainRound(
+            number=number, job=s.job, tasks=self._task_ids(number, participants), deadline=now + s.round_timeout_s,
+            spec=ModelSpec.of(model), aggregator=aggregator, state=RoundState(number, participants, now, self.policy),
+            transaction=transaction, refs=transaction.refs, model=model, telemetry=self.telemetry, clock=self._clock,
+        )  # fmt: skip
+        if self._checkpointing is not None:
+            self._checkpointing.published(number, rnd.refs)
+        self.telemetry.model_size(transaction.nbytes)
+        self._published[transaction.id] = (self._clock(), transaction.nbytes)
+        self._open_round(rnd)
         return rnd
 
-    def _send_task(self, rnd: _Round, site: str) -> None:
+    def _send_task(self, rnd: LiveRound, site: str) -> None:
         """Give ``site`` the round's task (again, after a reconnect that did not resume it)."""
         task_id = rnd.tasks[site]
-        if rnd.state is not None:
-            rec = self.registry.get(site)
-            if not (rec.state is ClientState.TRAINING and rec.task_id == task_id):
-                rnd.state.assign(self.registry, site, task_id)
+        rnd.assign(self.registry, site, task_id)
         refs = rnd.refs
         txn = rnd.transaction
         if txn is not None and rnd.model is not None and (txn.released or site in txn.done_receivers):
@@ -521,7 +462,7 @@ class RoundWorkflow:
             log.info("job %s round %s: client %s has no live stream; its task goes out when it reconnects",
                      self.settings.job, rnd.number, site)
 
-    def _close_round(self, rnd: _Round) -> None:
+    def _close_round(self, rnd: LiveRound) -> None:
         """End the round's downloads (bounded), settle the aggregator, release the transaction."""
         rnd.closed = True
         for dl in rnd.downloads.values():
@@ -576,7 +517,7 @@ class RoundWorkflow:
                     dl.abort.set()
                     rnd.superseded.append(dl)
                 # RoundState.decide lists the site in needs_task and the round loop re-sends its task.
-            elif rnd.kind == INIT_TASK and site not in rnd.results and resume_task_id != rnd.tasks[site]:
+            elif rnd.resend_on_reconnect(site, resume_task_id):
                 self._send_task(rnd, site)
         self._refresh()
 
@@ -609,8 +550,8 @@ class RoundWorkflow:
             log.warning("job %s: client %s failed for the job: %s (%s)", job, site, verdict.reason.value,
                         verdict.message)
             self._abort_download(site)
-            if self._round is not None and self._round.kind == INIT_TASK and site in self._round.tasks:
-                self._round.failed[site] = (verdict.reason.value, verdict.message)
+            if self._round is not None:
+                self._round.keep_failure(site, verdict.reason.value, verdict.message)
             self._sessions.send(site, outbox.stop(False, verdict.reason.value, verdict.message))
         self._refresh()
 
@@ -634,52 +575,31 @@ class RoundWorkflow:
         if site in rnd.downloads:
             log.info("job %s round %s: duplicate result announcement from %s ignored", job, rnd.number, site)
             return
-        if rnd.kind == TRAIN_TASK and rec.state is not ClientState.TRAINING:
+        if not rnd.expects_result(rec):
             log.info("job %s round %s: result from %s in state %s ignored", job, rnd.number, site, rec.state.value)
             return
         rnd.announced.add(site)
-        problem = self._check_result(rnd, site, result)
+        problem = rnd.check_result(site, result)
         if problem:
-            if rnd.kind == INIT_TASK:
-                rnd.failed[site] = (Reason.INVALID_RESULT.value, problem)
-            else:
+            if not rnd.keep_failure(site, Reason.INVALID_RESULT.value, problem):
                 self._fail(site, Reason.INVALID_RESULT, problem, task_id=result.task_id)
             log.warning("job %s round %s: invalid result from %s: %s", job, rnd.number, site, problem)
             self._answer(rnd, site, False, Reason.INVALID_RESULT.value, problem)
             self._refresh()
             return
-        if rnd.kind == TRAIN_TASK and not self.registry.result_announced(session, result.task_id):
+        if not rnd.claim(self.registry, session, result.task_id):
             return
         self._start_download(rnd, site, result)
 
-    def _check_result(self, rnd: _Round, site: str, result: ResultAnnounced) -> str:
-        """Why the announced result cannot be used, or "" (nothing is downloaded for a bad one)."""
-        if result.problem:
-            return result.problem
-        if rnd.kind == INIT_TASK:
-            if not result.refs:
-                return "the initial model has no tensors"
-        else:
-            if result.num_examples <= 0:
-                return f"num_examples is {result.num_examples}; a training result must say how many examples it used"
-            assert rnd.spec is not None
-            mismatch = check_result(rnd.spec, result.refs)
-            if mismatch:
-                return mismatch
-        foreign = [r.ref_id for r in result.refs if r.source != site]
-        if foreign:
-            return f"refs {foreign} name another source than {site!r}; a client can only offer its own tensors"
-        return ""
-
-    def _start_download(self, rnd: _Round, site: str, result: ResultAnnounced) -> None:
-        order = {name: i for i, name in enumerate(rnd.spec.names)} if rnd.spec is not None else {}
+    def _start_download(self, rnd: LiveRound, site: str, result: ResultAnnounced) -> None:
+        order = rnd.tensor_order
         refs = sorted(result.refs, key=lambda r: order.get(r.name, 0))
         rnd.attempts += 1
         dl = Download(
             site=site, task_id=result.task_id, key=f"{site}#{rnd.attempts}", num_examples=result.num_examples,
             metrics=dict(result.metrics), bytes_total=sum(r.nbytes for r in refs), started=self._clock(),
         )  # fmt: skip
-        self._continue_attempt(rnd, site, dl.key)
+        rnd.continue_attempt(site, dl.key)
         rnd.downloads[site] = dl
         self._downloads.start(
             rnd.number, dl, refs, rnd.sink, rnd.tasks,
@@ -690,48 +610,15 @@ class RoundWorkflow:
                  dl.bytes_total, site)
         self._refresh()
 
-    def _continue_attempt(self, rnd: _Round, site: str, key: str) -> None:
-        """Make ``key`` the site's new attempt without counting any of its tensors twice.
-
-        A site may deliver again within a round (its sidecar restarted and the
-        task was re-sent) after an earlier download was cut short with some
-        tensors verified and folded in. The earlier attempt is discarded (a
-        no-op when it already was) and reopened under the new key, so the
-        aggregator ignores the new copies of the tensors it kept.
-        """
-        prev = rnd.keys.get(site)
-        rnd.keys[site] = key
-        if prev is None or isinstance(rnd.sink, _InitCollector):
-            return
-        try:
-            rnd.sink.discard(prev)
-            kept = rnd.sink.reopen(prev, key)
-        except FedkubeError as exc:  # the earlier attempt was committed: the workflow never pulls it again
-            log.info("job %s round %s: %s delivers again after %s: %s", self.settings.job, rnd.number, site,
-                     prev, exc)
-            return
-        if kept:
-            log.info("job %s round %s: %s delivers again; %d tensor(s) of its earlier attempt stay and are not "
-                     "added twice", self.settings.job, rnd.number, site, len(kept))
-
-    def _on_download_finished(self, rnd: _Round, dl: Download, ok: bool, reason: str, message: str) -> None:
+    def _on_download_finished(self, rnd: LiveRound, dl: Download, ok: bool, reason: str, message: str) -> None:
         if rnd.downloads.get(dl.site) is not dl:
             self._discard(rnd, dl)  # superseded by a re-sent task's download
             return
         del rnd.downloads[dl.site]
         job = self.settings.job
-        if ok and rnd.kind == INIT_TASK and not rnd.closed:
+        if ok and rnd.accept(self.registry, dl):
             rnd.results[dl.site] = (dl.num_examples, dl.metrics)
             self._answer(rnd, dl.site, True, "", "")
-            return
-        # Commit only while the registry still expects this very result (it may have been lost meanwhile).
-        if ok and rnd.kind == TRAIN_TASK and self.registry.result_done(dl.site, dl.task_id):
-            rnd.sink.commit(dl.key)
-            rnd.aggregation_s += dl.add_seconds
-            self.telemetry.transferred("from_clients", dl.bytes_total, max(0.0, self._clock() - dl.started))
-            rnd.results[dl.site] = (dl.num_examples, dl.metrics)
-            self._answer(rnd, dl.site, True, "", "")
-            log.info("job %s round %s: result of %s verified and aggregated", job, rnd.number, dl.site)
             self._refresh()
             return
         note = self._discard(rnd, dl)
@@ -739,9 +626,7 @@ class RoundWorkflow:
             return  # the client left the round while its bytes arrived; already answered or failed
         if note:
             message = f"{message}; {note}" if message else note
-        if rnd.kind == INIT_TASK:
-            rnd.failed[dl.site] = (reason, message)
-        elif reason != Reason.ABORTED.value:
+        if not rnd.keep_failure(dl.site, reason, message) and reason != Reason.ABORTED.value:
             self._fail(dl.site, Reason(reason), message, task_id=dl.task_id)
         log.warning("job %s round %s: result of %s not used: %s (%s)", job, rnd.number, dl.site, reason, message)
         rec = self.registry.get(dl.site)
@@ -757,7 +642,7 @@ class RoundWorkflow:
             self.telemetry.client_failed(reason.value)
         return changed
 
-    def _discard(self, rnd: _Round, dl: Download) -> str:
+    def _discard(self, rnd: LiveRound, dl: Download) -> str:
         """Take a client's result out of the round; returns a note when part of it had to stay.
 
         The streaming aggregator cannot subtract what it already folded (the
@@ -834,15 +719,15 @@ class RoundWorkflow:
             log.warning("job %s: client %s lost: %s", self.settings.job, rec.name, rec.message)
             self._abort_download(rec.name)
             rnd = self._round
-            if rnd is not None and rnd.kind == INIT_TASK and rec.name in rnd.tasks:
-                rnd.failed[rec.name] = (Reason.LOST.value, rec.message)
+            if rnd is not None:
+                rnd.keep_failure(rec.name, Reason.LOST.value, rec.message)
             session = self._sessions.current(rec.name)
             if session is not None:
                 # End its stream: a live sidecar reconnects and registers again (Lost -> Registered).
                 self._sessions.remove(session)
             self._refresh()
 
-    def _answer(self, rnd: _Round, site: str, ok: bool, reason: str, message: str, *, again: bool = False) -> None:
+    def _answer(self, rnd: LiveRound, site: str, ok: bool, reason: str, message: str, *, again: bool = False) -> None:
         """ResultReceived for ``site``'s task of ``rnd``, once (``again`` repeats a positive answer)."""
         if site in rnd.answered and not again:
             return
