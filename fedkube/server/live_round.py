@@ -121,6 +121,28 @@ class LiveRound:
     def _check_content(self, result: ResultAnnounced) -> str:
         raise NotImplementedError
 
+    def discard(self, dl: Download) -> str:
+        """Take a client's result out of the round; returns a note when part of it had to stay.
+
+        The streaming aggregator cannot subtract what it already folded (the
+        arrays are gone), so tensors of this client that were fully downloaded
+        and verified before the failure stay in their averages. That is said in
+        the log and in the client's failure message, never hidden.
+        """
+        try:
+            outcome = self.sink.discard(dl.key)
+        except FedkubeError:
+            log.exception("job %s round %s: could not discard the result of %s", self.job, self.number, dl.site)
+            return ""
+        if outcome.exact:
+            return ""
+        kept = outcome.kept_tensors
+        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        note = (f"{len(kept)} of its tensors ({shown}) were already verified and stay in this round's average; "
+                f"set strategy param staged: true for all-or-nothing exclusion")
+        log.warning("job %s round %s: result of %s partly used: %s", self.job, self.number, dl.site, note)
+        return note
+
     def continue_attempt(self, site: str, key: str) -> None:
         """Make ``key`` the site's new attempt without counting any of its tensors twice."""
         self.keys[site] = key

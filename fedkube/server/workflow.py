@@ -33,13 +33,12 @@ import queue
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from fedkube.errors import ConfigError, FedkubeError
+from fedkube.errors import ConfigError
 from fedkube.metrics.core import new_registry
 from fedkube.metrics.server import ServerMetrics
 from fedkube.server import outbox
@@ -61,6 +60,8 @@ from fedkube.server.jobs import (
 from fedkube.server.live_round import InitRound, LiveRound, TrainRound
 from fedkube.server.model import ModelSpec
 from fedkube.server.pool import realigned
+from fedkube.server.progress import JobProgress
+from fedkube.server.publisher import ModelPublisher
 from fedkube.server.registry import ClientState, RegistrationRejected, Registry
 from fedkube.server.reverse import UploadBroker
 from fedkube.server.rounds import (
@@ -75,13 +76,10 @@ from fedkube.server.rounds import (
     decide_start,
 )
 from fedkube.server.strategies import Strategy, check_initial_model
-from fedkube.status import ROUND_HISTORY, JobStatus, Phase, Reason, utc_timestamp
+from fedkube.status import JobStatus, Phase, Reason
 from fedkube.transfer.allocator import release_free_memory
 from fedkube.transfer.service import (
-    RECEIVER_FINISHED,
-    TRANSACTION_RELEASED,
     DownloadService,
-    TransferEvent,
 )
 
 log = logging.getLogger(__name__)
@@ -109,7 +107,6 @@ class RoundWorkflow:
         self._strategy = strategy
         self._sessions = sessions
         self._broker = broker
-        self._service = download_service
         self._initial_model = initial_model
         self._checkpoints = checkpoints
         self._checkpointing = (
@@ -118,11 +115,12 @@ class RoundWorkflow:
                           wait_s=checkpoint_wait_s)
             if checkpoints is not None else None
         )  # fmt: skip
-        self._round_seconds: deque[float] = deque(maxlen=ROUND_HISTORY)
         self._clock = clock
-        self._wall = wall_clock
         self.registry = Registry(
             sorted(settings.clients), heartbeat_timeout_s=settings.heartbeat_timeout_s, clock=clock, job=settings.job
+        )
+        self._progress = JobProgress(
+            settings.job, settings.rounds, self.registry, self.telemetry, wall_clock=wall_clock
         )
         self.policy = RoundPolicy(
             rounds=settings.rounds,
@@ -134,19 +132,11 @@ class RoundWorkflow:
         self._stop = threading.Event()
         self._stop_reason = ""
         self._round: LiveRound | None = None
-        self._round_number = 0
-        self._rounds_completed = 0
-        self._last_metrics: dict[str, float] = {}
         self._trainers: dict[str, TrainerReport] = {}
         self._not_in_round: tuple[Exclusion, ...] = ()
         self._counted_exclusions: set[tuple[int, str]] = set()
         self._waited_for_registration = False
-        self._phase = Phase.PENDING
-        self._reason = ""
-        self._message = ""
-        self._started_at = self._wall()
         self._start_mono = self._clock()
-        self._finished_at: float | None = None
         self._final: Outcome | None = None
         # Task and transaction ids differ between server runs: a restarted server sends its
         # round again, and a sidecar ignores a task id it has already seen.
@@ -155,11 +145,7 @@ class RoundWorkflow:
             settings.job, broker, sessions.send, fetch_settings(settings), clock=clock, on_retry=self._count_retry,
             on_stalled=lambda: self.telemetry.stalled("from_clients"),
         )  # fmt: skip
-        # Global-model transactions, for the "to_clients" transfer metric (read on the service's executor).
-        self._published: dict[str, tuple[float, int]] = {}
-        download_service.add_listener(self._on_transfer_event)
-        self._status_lock = threading.Lock()
-        self._status = self._snapshot()
+        self._publisher = ModelPublisher(download_service, self.telemetry, clock=clock)
 
     # --- ControlEvents: called on gRPC threads, only enqueue ------------------------------
 
@@ -197,8 +183,7 @@ class RoundWorkflow:
 
     def status(self) -> JobStatus:
         """The latest status snapshot (thread-safe; rebuilt by the workflow thread)."""
-        with self._status_lock:
-            return self._status
+        return self._progress.status()
 
     @property
     def heartbeat_interval_ms(self) -> int:
@@ -214,37 +199,37 @@ class RoundWorkflow:
                 model = realigned(dict(model))
             for number in range(start_round, s.rounds + 1):
                 participants = self._await_start(number)
-                self._phase = Phase.RUNNING
+                self._progress.phase = Phase.RUNNING
                 if model is None:
                     model = realigned(dict(self._init_from_first_client(participants)))
                     participants = self._await_start(number)
                 started = self._clock()
                 self.telemetry.round_started(number)
                 model = self._run_round(number, participants, model)
-                self._rounds_completed = number
+                self._progress.completed = number
                 if self._checkpointing is not None:
-                    self._checkpointing.submit(number, model, self._strategy.state(), self._last_metrics)
+                    self._checkpointing.submit(number, model, self._strategy.state(), self._progress.metrics)
                     self._settle_checkpoints()
                 duration = self._clock() - started
                 self.telemetry.round_completed(duration, number=number)
-                self._round_seconds.append(duration)
+                self._progress.round_seconds.append(duration)
                 log.info("job %s round %s: completed in %.3f s", s.job, number, duration)
                 # The round's receive buffers and chunks are free now; without a trim glibc keeps
                 # a varying part of them resident (bench/README.md, memory variance).
                 release_free_memory()
                 self._refresh()
-            outcome = Outcome(True, Phase.SUCCEEDED.value, f"completed {s.rounds} round(s)", self._rounds_completed)
+            outcome = Outcome(True, Phase.SUCCEEDED.value, f"completed {s.rounds} round(s)", self._progress.completed)
         except JobFailed as exc:
             log.error("job %s failed: %s", s.job, exc)
-            outcome = Outcome(False, exc.reason, exc.message, self._rounds_completed)
+            outcome = Outcome(False, exc.reason, exc.message, self._progress.completed)
         except ConfigError as exc:
             log.error("job %s failed: %s", s.job, exc)
-            outcome = Outcome(False, Reason.CONFIG_ERROR.value, str(exc), self._rounds_completed)
+            outcome = Outcome(False, Reason.CONFIG_ERROR.value, str(exc), self._progress.completed)
         except Exception as exc:  # a bug must still end the job with a summary, never a hang
             log.exception("job %s: the workflow crashed", s.job)
-            outcome = Outcome(False, Reason.INTERNAL.value, f"{type(exc).__name__}: {exc}", self._rounds_completed)
+            outcome = Outcome(False, Reason.INTERNAL.value, f"{type(exc).__name__}: {exc}", self._progress.completed)
         if self._checkpointing is not None:
-            outcome = self._checkpointing.finish(outcome, self._rounds_completed)
+            outcome = self._checkpointing.finish(outcome, self._progress.completed)
         self._end(outcome)
         return outcome
 
@@ -260,9 +245,9 @@ class RoundWorkflow:
         if self._final is not None:
             return
         if message:
-            self._message = message
-        elif cleared and self._message == cleared:
-            self._message = ""
+            self._progress.message = message
+        elif cleared and self._progress.message == cleared:
+            self._progress.message = ""
 
     # --- start -------------------------------------------------------------------------------
 
@@ -275,7 +260,7 @@ class RoundWorkflow:
                 check_initial_model(model)
                 if state is not None:
                     self._strategy.load_state(state)
-                self._rounds_completed = self._round_number = done
+                self._progress.completed = self._progress.round = done
                 log.info("job %s: resuming after the checkpoint of round %s", s.job, done)
                 return done + 1, model
         if s.model_source == "file":
@@ -401,9 +386,9 @@ class RoundWorkflow:
         t0 = time.perf_counter()
         new_model = rnd.aggregator.finish()
         self.telemetry.aggregated(rnd.aggregation_s + time.perf_counter() - t0)
-        self._last_metrics = weighted_metrics({k: (float(n), m) for k, (n, m) in rnd.results.items()})
+        self._progress.metrics = weighted_metrics({k: (float(n), m) for k, (n, m) in rnd.results.items()})
         log.info("job %s round %s: aggregated the results of %s; metrics %s", s.job, number, ",".join(done),
-                 self._last_metrics)
+                 self._progress.metrics)
         self._refresh()
         return new_model
 
@@ -412,7 +397,7 @@ class RoundWorkflow:
 
     def _open_round(self, rnd: LiveRound) -> None:
         """Make ``rnd`` the round in progress and send its tasks."""
-        self._round_number = rnd.number
+        self._progress.round = rnd.number
         self._round = rnd
         for site in rnd.tasks:
             self._send_task(rnd, site)
@@ -426,9 +411,9 @@ class RoundWorkflow:
         now = self._clock()
         aggregator = self._strategy.begin_round(model)
         # Serialize once, serve many: one transaction per round for all its clients.
-        transaction = self._service.publish(
-            model, receivers=participants, ttl_s=s.round_timeout_s, transaction_id=f"{s.job}-r{number}-{self._run_id}",
-        )  # fmt: skip
+        transaction = self._publisher.publish(
+            model, participants, s.round_timeout_s, transaction_id=f"{s.job}-r{number}-{self._run_id}"
+        )
         rnd = TrainRound(
             number=number, job=s.job, tasks=self._task_ids(number, participants), deadline=now + s.round_timeout_s,
             spec=ModelSpec.of(model), aggregator=aggregator, state=RoundState(number, participants, now, self.policy),
@@ -437,7 +422,6 @@ class RoundWorkflow:
         if self._checkpointing is not None:
             self._checkpointing.published(number, rnd.refs)
         self.telemetry.model_size(transaction.nbytes)
-        self._published[transaction.id] = (self._clock(), transaction.nbytes)
         self._open_round(rnd)
         return rnd
 
@@ -447,15 +431,12 @@ class RoundWorkflow:
         rnd.assign(self.registry, site, task_id)
         refs = rnd.refs
         txn = rnd.transaction
-        if txn is not None and rnd.model is not None and (txn.released or site in txn.done_receivers):
+        if txn is not None and rnd.model is not None and self._publisher.refetch_needed(txn, site):
             # The client fetched the model and then lost it (its sidecar restarted): publish the
             # same arrays again for it alone; the views cost no copy.
-            again = self._service.publish(
-                rnd.model, receivers=[site], ttl_s=max(1.0, rnd.deadline - self._clock()),
-                transaction_id=f"{txn.id}-{site}-{len(rnd.republished) + 1}",
-            )  # fmt: skip
+            again = self._publisher.publish(rnd.model, [site], max(1.0, rnd.deadline - self._clock()),
+                                            f"{txn.id}-{site}-{len(rnd.republished) + 1}")
             rnd.republished.append(again)
-            self._published[again.id] = (self._clock(), again.nbytes)
             refs = again.refs
         msg = outbox.task(task_id, rnd.number, rnd.kind, refs, self.settings.rounds)
         if not self._sessions.send(site, msg):
@@ -476,11 +457,9 @@ class RoundWorkflow:
                               rnd.number, dl.site)
         self._drain()  # downloads that finished as the round closed
         for dl in list(rnd.downloads.values()):
-            self._discard(rnd, dl)
+            rnd.discard(dl)
         rnd.downloads.clear()
-        for txn in [rnd.transaction, *rnd.republished]:
-            if txn is not None and not txn.released:
-                self._service.release(txn.id)
+        self._publisher.release([rnd.transaction, *rnd.republished])
         rnd.model = None
         # Whoever announced a result that did not make it learns so now, so its send() returns.
         for site, task_id in rnd.tasks.items():
@@ -612,7 +591,7 @@ class RoundWorkflow:
 
     def _on_download_finished(self, rnd: LiveRound, dl: Download, ok: bool, reason: str, message: str) -> None:
         if rnd.downloads.get(dl.site) is not dl:
-            self._discard(rnd, dl)  # superseded by a re-sent task's download
+            rnd.discard(dl)  # superseded by a re-sent task's download
             return
         del rnd.downloads[dl.site]
         job = self.settings.job
@@ -621,7 +600,7 @@ class RoundWorkflow:
             self._answer(rnd, dl.site, True, "", "")
             self._refresh()
             return
-        note = self._discard(rnd, dl)
+        note = rnd.discard(dl)
         if ok:
             return  # the client left the round while its bytes arrived; already answered or failed
         if note:
@@ -642,29 +621,6 @@ class RoundWorkflow:
             self.telemetry.client_failed(reason.value)
         return changed
 
-    def _discard(self, rnd: LiveRound, dl: Download) -> str:
-        """Take a client's result out of the round; returns a note when part of it had to stay.
-
-        The streaming aggregator cannot subtract what it already folded (the
-        arrays are gone), so tensors of this client that were fully downloaded
-        and verified before the failure stay in their averages. That is said in
-        the log and in the client's failure message, never hidden.
-        """
-        try:
-            outcome = rnd.sink.discard(dl.key)
-        except FedkubeError:
-            log.exception("job %s round %s: could not discard the result of %s", self.settings.job, rnd.number,
-                          dl.site)
-            return ""
-        if outcome.exact:
-            return ""
-        kept = outcome.kept_tensors
-        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
-        note = (f"{len(kept)} of its tensors ({shown}) were already verified and stay in this round's average; "
-                f"set strategy param staged: true for all-or-nothing exclusion")
-        log.warning("job %s round %s: result of %s partly used: %s", self.settings.job, rnd.number, dl.site, note)
-        return note
-
     def _abort_download(self, site: str) -> None:
         rnd = self._round
         if rnd is not None and site in rnd.downloads:
@@ -673,16 +629,6 @@ class RoundWorkflow:
     def _count_retry(self, err: Exception) -> None:
         """A result fetch is tried again (runs on the download's thread; only counts)."""
         self.telemetry.download_retry(type(err).__name__)
-
-    def _on_transfer_event(self, event: TransferEvent) -> None:
-        """A receiver finished fetching the global model (runs on the download service's executor)."""
-        if event.kind == RECEIVER_FINISHED and event.ok:
-            published = self._published.get(event.transaction_id)
-            if published is not None:
-                start, nbytes = published
-                self.telemetry.transferred("to_clients", nbytes, max(0.0, self._clock() - start))
-        elif event.kind == TRANSACTION_RELEASED:
-            self._published.pop(event.transaction_id, None)
 
     # --- plumbing -----------------------------------------------------------------------------------
 
@@ -745,44 +691,11 @@ class RoundWorkflow:
             except Exception:
                 log.exception("job %s: closing round %s failed", self.settings.job, rnd.number)
         self._final = outcome
-        self._phase = Phase.SUCCEEDED if outcome.success else Phase.FAILED
-        self._reason, self._message = ("" if outcome.success else outcome.reason), outcome.message
-        self._finished_at = self._wall()
+        self._progress.finish(outcome)
         for rec in self.registry.records():
             if not rec.failed_for_job:
                 self._sessions.send(rec.name, outbox.stop(outcome.success, outcome.reason, outcome.message))
         self._refresh()
 
-    def _snapshot(self) -> JobStatus:
-        rnd = self._round
-        clients = self.registry.statuses()
-        if rnd is not None:
-            for c in clients:
-                dl = rnd.downloads.get(c.name)
-                if dl is not None:
-                    c.message = f"uploading its result: {dl.bytes_done} of {dl.bytes_total} bytes received"
-        return JobStatus(
-            job=self.settings.job,
-            phase=self._phase,
-            round=self._round_number,
-            rounds=self.settings.rounds,
-            clients=clients,
-            metrics=dict(self._last_metrics),
-            completed_rounds=self._rounds_completed,
-            reason=self._reason,
-            message=self._message,
-            start_time=utc_timestamp(self._started_at),
-            finish_time=utc_timestamp(self._finished_at) if self._finished_at is not None else None,
-            last_round_seconds=self._round_seconds[-1] if self._round_seconds else None,
-            round_seconds=list(self._round_seconds),
-        )
-
     def _refresh(self) -> None:
-        snap = self._snapshot()
-        counts = dict.fromkeys((st.value for st in ClientState), 0)
-        for c in snap.clients:
-            counts[c.state] = counts.get(c.state, 0) + 1
-        self.telemetry.clients(counts)
-        with self._status_lock:
-            self._status = snap
-
+        self._progress.publish(self._round.downloads if self._round is not None else {})
