@@ -66,15 +66,13 @@ from fedkube.server.registry import ClientState, RegistrationRejected, Registry
 from fedkube.server.reverse import UploadBroker
 from fedkube.server.rounds import (
     Action,
-    Exclusion,
     RoundPolicy,
     RoundState,
     Verdict,
-    apply_start,
     apply_stragglers,
     classify_trainer_report,
-    decide_start,
 )
+from fedkube.server.start import RoundStarter
 from fedkube.server.strategies import Strategy, check_initial_model
 from fedkube.status import JobStatus, Phase, Reason
 from fedkube.transfer.allocator import release_free_memory
@@ -133,10 +131,10 @@ class RoundWorkflow:
         self._stop_reason = ""
         self._round: LiveRound | None = None
         self._trainers: dict[str, TrainerReport] = {}
-        self._not_in_round: tuple[Exclusion, ...] = ()
-        self._counted_exclusions: set[tuple[int, str]] = set()
-        self._waited_for_registration = False
-        self._start_mono = self._clock()
+        self._starter = RoundStarter(
+            settings.job, self.registry, self.policy, self.telemetry, clock=clock, pump=self._pump_once,
+            on_change=self._refresh,
+        )  # fmt: skip
         self._final: Outcome | None = None
         # Task and transaction ids differ between server runs: a restarted server sends its
         # round again, and a sidecar ignores a task id it has already seen.
@@ -198,11 +196,11 @@ class RoundWorkflow:
             if model is not None:
                 model = realigned(dict(model))
             for number in range(start_round, s.rounds + 1):
-                participants = self._await_start(number)
+                participants = self._starter.await_start(number)
                 self._progress.phase = Phase.RUNNING
                 if model is None:
                     model = realigned(dict(self._init_from_first_client(participants)))
-                    participants = self._await_start(number)
+                    participants = self._starter.await_start(number)
                 started = self._clock()
                 self.telemetry.round_started(number)
                 model = self._run_round(number, participants, model)
@@ -271,48 +269,6 @@ class RoundWorkflow:
             return 1, model
         return 1, None
 
-    def _await_start(self, number: int) -> tuple[str, ...]:
-        """Wait until round ``number`` may start; its participants.
-
-        The first round this server runs waits for registrations (up to
-        registrationSeconds, or until every client is in), also when it resumes
-        from a checkpoint at a later round: its clients must reconnect first.
-        """
-        if number > 1 and not self._waited_for_registration:
-            deadline = self._start_mono + self.policy.registration_timeout_s
-            while self._clock() < deadline and any(
-                r.state is ClientState.PENDING for r in self.registry.records()
-            ):
-                self._pump_once(deadline)
-        self._waited_for_registration = True
-        while True:
-            now = self._clock()
-            start = decide_start(self.registry, self.policy, number, waiting_since=self._start_mono, now=now)
-            if start.action is Action.START:
-                apply_start(self.registry, start)
-                self._count_not_registered(number, start.excluded)
-                self._not_in_round = tuple(start.excluded)
-                for e in start.excluded:
-                    log.warning("job %s round %s: client %s excluded: %s (%s)", self.settings.job, number,
-                                e.client, e.reason.value, e.message)
-                self._refresh()
-                return start.participants
-            if start.action is Action.FAIL:
-                apply_start(self.registry, start)
-                self._count_not_registered(number, start.excluded)
-                raise JobFailed(start.reason.value if start.reason else Reason.QUORUM_LOST.value, start.message)
-            self._pump_once(start.wake_at if start.wake_at is not None else now + 0.2)
-
-    def _count_not_registered(self, number: int, excluded: tuple[Exclusion, ...]) -> None:
-        """Count each NotRegistered exclusion once per round (round 1 is decided twice around the init task).
-
-        Other exclusions at the start repeat a failure that was counted when it happened.
-        """
-        for e in excluded:
-            if e.reason is Reason.NOT_REGISTERED and (number, e.client) not in self._counted_exclusions:
-                self._counted_exclusions.add((number, e.client))
-                self.telemetry.client_failed(e.reason.value)
-
     def _init_from_first_client(self, candidates: tuple[str, ...]) -> dict[str, np.ndarray]:
         """spec.model.source firstClient: ask one client (first by name) for its initial weights."""
         tried: list[str] = []
@@ -361,9 +317,9 @@ class RoundWorkflow:
                 if decision.action is Action.FAIL:
                     apply_stragglers(self.registry, state, decision)
                     message = decision.message
-                    if decision.reason is Reason.QUORUM_LOST and self._not_in_round:
+                    if decision.reason is Reason.QUORUM_LOST and self._starter.not_in_round:
                         # Name every missing client, also those that were not in the round at all.
-                        message += "; not in this round: " + "; ".join(str(e) for e in self._not_in_round)
+                        message += "; not in this round: " + "; ".join(str(e) for e in self._starter.not_in_round)
                     raise JobFailed(decision.reason.value if decision.reason else Reason.QUORUM_LOST.value, message)
                 if decision.action is Action.CLOSE:
                     for site in apply_stragglers(self.registry, state, decision):
