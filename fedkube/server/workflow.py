@@ -48,7 +48,7 @@ from fedkube.server.aggregate import (
 from fedkube.server.checkpointing import Checkpointing
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
-from fedkube.server.downloads import Download, Downloader, fetch_settings
+from fedkube.server.downloads import Downloader, fetch_settings
 from fedkube.server.jobs import (
     CHECKPOINT_WAIT_S,
     NO_INITIAL_MODEL,
@@ -63,6 +63,7 @@ from fedkube.server.pool import realigned
 from fedkube.server.progress import JobProgress
 from fedkube.server.publisher import ModelPublisher
 from fedkube.server.registry import ClientState, RegistrationRejected, Registry
+from fedkube.server.results import ResultDesk
 from fedkube.server.reverse import UploadBroker
 from fedkube.server.rounds import (
     Action,
@@ -144,6 +145,10 @@ class RoundWorkflow:
             on_stalled=lambda: self.telemetry.stalled("from_clients"),
         )  # fmt: skip
         self._publisher = ModelPublisher(download_service, self.telemetry, clock=clock)
+        self._results = ResultDesk(
+            settings.job, self.registry, self._downloads, sessions.send, clock=clock, post=self._post, fail=self._fail,
+            on_change=self._refresh,
+        )  # fmt: skip
 
     # --- ControlEvents: called on gRPC threads, only enqueue ------------------------------
 
@@ -422,7 +427,7 @@ class RoundWorkflow:
             if site in rnd.announced and site not in rnd.answered:
                 rec = self.registry.get(site)
                 if rec.state is ClientState.FAILED and rec.task_id == task_id and rec.reason is not None:
-                    self._answer(rnd, site, False, rec.reason.value, rec.message)
+                    self._results.answer(rnd, site, False, rec.reason.value, rec.message)
         self._round = None
         self._refresh()
 
@@ -491,84 +496,7 @@ class RoundWorkflow:
         self._refresh()
 
     def _on_result(self, session: Session, result: ResultAnnounced) -> None:
-        if not self.registry.heartbeat(session):
-            return  # from a replaced connection
-        site = session.site
-        job = self.settings.job
-        rnd = self._round
-        rec = self.registry.get(site)
-        if rnd is None or rnd.tasks.get(site) != result.task_id or rnd.closed:
-            # An old task's result (e.g. a straggler's): answer so its send() returns; never count it.
-            log.info("job %s: result for task %s from %s is not for the current round; ignored", job,
-                     result.task_id, site)
-            self._result_received(site, result.task_id, False, Reason.ROUND_TIMEOUT.value,
-                                  "the round this result belongs to is over")
-            return
-        if site in rnd.results:
-            self._answer(rnd, site, True, "", "already received", again=True)
-            return
-        if site in rnd.downloads:
-            log.info("job %s round %s: duplicate result announcement from %s ignored", job, rnd.number, site)
-            return
-        if not rnd.expects_result(rec):
-            log.info("job %s round %s: result from %s in state %s ignored", job, rnd.number, site, rec.state.value)
-            return
-        rnd.announced.add(site)
-        problem = rnd.check_result(site, result)
-        if problem:
-            if not rnd.keep_failure(site, Reason.INVALID_RESULT.value, problem):
-                self._fail(site, Reason.INVALID_RESULT, problem, task_id=result.task_id)
-            log.warning("job %s round %s: invalid result from %s: %s", job, rnd.number, site, problem)
-            self._answer(rnd, site, False, Reason.INVALID_RESULT.value, problem)
-            self._refresh()
-            return
-        if not rnd.claim(self.registry, session, result.task_id):
-            return
-        self._start_download(rnd, site, result)
-
-    def _start_download(self, rnd: LiveRound, site: str, result: ResultAnnounced) -> None:
-        order = rnd.tensor_order
-        refs = sorted(result.refs, key=lambda r: order.get(r.name, 0))
-        rnd.attempts += 1
-        dl = Download(
-            site=site, task_id=result.task_id, key=f"{site}#{rnd.attempts}", num_examples=result.num_examples,
-            metrics=dict(result.metrics), bytes_total=sum(r.nbytes for r in refs), started=self._clock(),
-        )  # fmt: skip
-        rnd.continue_attempt(site, dl.key)
-        rnd.downloads[site] = dl
-        self._downloads.start(
-            rnd.number, dl, refs, rnd.sink, rnd.tasks,
-            on_finished=lambda d, ok, reason, message: self._post(self._on_download_finished, rnd, d, ok, reason,
-                                                                  message),
-        )  # fmt: skip
-        log.info("job %s round %s: pulling %d tensor(s), %d bytes, from %s", self.settings.job, rnd.number, len(refs),
-                 dl.bytes_total, site)
-        self._refresh()
-
-    def _on_download_finished(self, rnd: LiveRound, dl: Download, ok: bool, reason: str, message: str) -> None:
-        if rnd.downloads.get(dl.site) is not dl:
-            rnd.discard(dl)  # superseded by a re-sent task's download
-            return
-        del rnd.downloads[dl.site]
-        job = self.settings.job
-        if ok and rnd.accept(self.registry, dl):
-            rnd.results[dl.site] = (dl.num_examples, dl.metrics)
-            self._answer(rnd, dl.site, True, "", "")
-            self._refresh()
-            return
-        note = rnd.discard(dl)
-        if ok:
-            return  # the client left the round while its bytes arrived; already answered or failed
-        if note:
-            message = f"{message}; {note}" if message else note
-        if not rnd.keep_failure(dl.site, reason, message) and reason != Reason.ABORTED.value:
-            self._fail(dl.site, Reason(reason), message, task_id=dl.task_id)
-        log.warning("job %s round %s: result of %s not used: %s (%s)", job, rnd.number, dl.site, reason, message)
-        rec = self.registry.get(dl.site)
-        if reason != Reason.ABORTED.value or rec.state is ClientState.FAILED:
-            shown = rec.reason.value if rec.reason is not None and reason == Reason.ABORTED.value else reason
-            self._answer(rnd, dl.site, False, shown, message if reason != Reason.ABORTED.value else rec.message)
-        self._refresh()
+        self._results.on_result(self._round, session, result)
 
     def _fail(self, site: str, reason: Reason, message: str, *, task_id: str | None = None) -> bool:
         """registry.fail, counted by reason when it changed the client."""
@@ -628,16 +556,6 @@ class RoundWorkflow:
                 # End its stream: a live sidecar reconnects and registers again (Lost -> Registered).
                 self._sessions.remove(session)
             self._refresh()
-
-    def _answer(self, rnd: LiveRound, site: str, ok: bool, reason: str, message: str, *, again: bool = False) -> None:
-        """ResultReceived for ``site``'s task of ``rnd``, once (``again`` repeats a positive answer)."""
-        if site in rnd.answered and not again:
-            return
-        rnd.answered.add(site)
-        self._result_received(site, rnd.tasks[site], ok, reason, message)
-
-    def _result_received(self, site: str, task_id: str, ok: bool, reason: str, message: str) -> None:
-        self._sessions.send(site, outbox.result_received(task_id, ok, reason, message))
 
     def _end(self, outcome: Outcome) -> None:
         rnd = self._round
