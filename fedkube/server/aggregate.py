@@ -240,6 +240,14 @@ class Intake:
         self.close()
 
 
+class _Scratch(threading.local):
+    """Per-thread BLOCK-sized buffers of the adds and intakes running on that thread (made on first use)."""
+
+    def __init__(self) -> None:
+        self.buf: np.ndarray | None = None
+        self.mask: np.ndarray | None = None
+
+
 class WeightedMean:
     """Per-tensor weighted mean of client results; the engine behind FedAvg and FedAdam.
 
@@ -260,7 +268,7 @@ class WeightedMean:
         self._discarded: set[str] = set()
         self._kept: dict[str, set[str]] = {}
         self._finished = False
-        self._scratch = threading.local()
+        self._scratch = _Scratch()
 
     # -- bookkeeping -----------------------------------------------------------
 
@@ -277,14 +285,14 @@ class WeightedMean:
             return tuple(c for c in self._added if c not in self._discarded and c not in self._committed)
 
     def _scratch_for(self) -> np.ndarray:
-        buf: np.ndarray | None = getattr(self._scratch, "buf", None)
+        buf = self._scratch.buf
         if buf is None:
             buf = np.empty(BLOCK, np.float32)
             self._scratch.buf = buf
         return buf
 
     def _mask_for(self) -> np.ndarray:
-        mask: np.ndarray | None = getattr(self._scratch, "mask", None)
+        mask = self._scratch.mask
         if mask is None:
             mask = np.empty(BLOCK, np.bool_)
             self._scratch.mask = mask
@@ -294,7 +302,7 @@ class WeightedMean:
         spec = self.spec.get(name)
         if spec is None:
             raise InvalidResultError(client, f"tensor {name!r} is not in the global model")
-        arr_dtype = getattr(array, "dtype", None)
+        arr_dtype = array.dtype if isinstance(array, (np.ndarray, np.generic)) else None
         if arr_dtype is None or spec.np_dtype != arr_dtype:
             raise InvalidResultError(
                 client, f"tensor {name!r} has dtype {arr_dtype}, the global model has {spec.dtype}"

@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from fedkube.server import outbox
@@ -245,7 +245,7 @@ class ReverseChunkSource:
 
     def _into(
         self, upload: Upload, stream: ReverseIntoStream, ref: TensorRef, offset: int, buf: memoryview
-    ) -> Iterator[int]:
+    ) -> Generator[int, None, None]:
         expected = offset
         exchange = self._exchange(upload, ref, offset, self._max_chunk_bytes, lambda: expected)
         with contextlib.closing(exchange) as items:
@@ -267,7 +267,9 @@ class ReverseChunkSource:
                 self.pushed_bytes += n
                 yield n
 
-    def _chunks(self, upload: Upload, ref: TensorRef, offset: int, max_chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
+    def _chunks(
+        self, upload: Upload, ref: TensorRef, offset: int, max_chunk_bytes: int
+    ) -> Generator[tuple[int, bytes], None, None]:
         expected = offset
         with contextlib.closing(self._exchange(upload, ref, offset, max_chunk_bytes, lambda: expected)) as items:
             for item in items:
@@ -351,7 +353,7 @@ class ReverseStream:
     round never waits out a chunk timeout.
     """
 
-    def __init__(self, upload: Upload, chunks: Iterator[tuple[int, bytes]]) -> None:
+    def __init__(self, upload: Upload, chunks: Generator[tuple[int, bytes], None, None]) -> None:
         self._upload = upload
         self._chunks = chunks
 
@@ -365,9 +367,11 @@ class ReverseStream:
         self._upload.end("cancelled by the server")
 
     def close(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
+        self._chunks.close()
+
+
+def _no_pieces() -> Generator[int, None, None]:
+    yield from ()
 
 
 class ReverseIntoStream:
@@ -375,10 +379,10 @@ class ReverseIntoStream:
 
     def __init__(self, upload: Upload) -> None:
         self._upload = upload
-        self._pieces: Iterator[int] = iter(())
+        self._pieces: Generator[int, None, None] = _no_pieces()
         self.sock: socket.socket | None = None  # set once the sidecar answered on a bulk connection
 
-    def attach(self, pieces: Iterator[int]) -> None:
+    def attach(self, pieces: Generator[int, None, None]) -> None:
         self._pieces = pieces
 
     def __iter__(self) -> ReverseIntoStream:
@@ -396,9 +400,7 @@ class ReverseIntoStream:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        close = getattr(self._pieces, "close", None)
-        if close is not None:
-            close()
+        self._pieces.close()
         close_socket(self.sock)
 
 
