@@ -7,6 +7,20 @@ order, with no lock held while anything is called (LESSONS.md 10). Client
 states live in the thread-safe :class:`~fedkube.server.registry.Registry`;
 what to do next is asked of :mod:`fedkube.server.rounds` (pure functions).
 
+:class:`RoundWorkflow` is the coordinator: the event queue, the loop over
+rounds and the client lifecycle events. The rest is done by collaborators it
+creates and that report back through callbacks:
+
+* ``start.RoundStarter``: when a round starts and with whom;
+* ``live_round``: the round in progress, a ``TrainRound`` or the init task's
+  ``InitRound`` (``spec.model.source: firstClient``);
+* ``publisher.ModelPublisher``: the global model's transactions;
+* ``results.ResultDesk`` and ``downloads.Downloader``: announced results,
+  their downloads and the answers;
+* ``checkpointing.Checkpointing``: background checkpoint writes;
+* ``progress.JobProgress``: the status snapshots;
+* ``outbox``: every message sent to a client.
+
 A round (DESIGN.md §4-§5)::
 
     decide_start: who takes part (round 1 waits up to registrationSeconds; never-registered
@@ -42,9 +56,7 @@ from fedkube.errors import ConfigError
 from fedkube.metrics.core import new_registry
 from fedkube.metrics.server import ServerMetrics
 from fedkube.server import outbox
-from fedkube.server.aggregate import (
-    weighted_metrics,
-)
+from fedkube.server.aggregate import weighted_metrics
 from fedkube.server.checkpointing import Checkpointing
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
@@ -77,11 +89,13 @@ from fedkube.server.start import RoundStarter
 from fedkube.server.strategies import Strategy, check_initial_model
 from fedkube.status import JobStatus, Phase, Reason
 from fedkube.transfer.allocator import release_free_memory
-from fedkube.transfer.service import (
-    DownloadService,
-)
+from fedkube.transfer.service import DownloadService
+
+# Outcome, JobFailed and CheckpointStore live in fedkube.server.jobs; app.py and tests import them from here too.
+__all__ = ["CheckpointStore", "JobFailed", "Outcome", "RoundWorkflow"]
 
 log = logging.getLogger(__name__)
+
 
 class RoundWorkflow:
     """Runs a job's rounds; implements ``ControlEvents`` for the control servicer."""
@@ -105,7 +119,6 @@ class RoundWorkflow:
         self.telemetry = metrics if metrics is not None else ServerMetrics(new_registry(), settings.job)
         self._strategy = strategy
         self._sessions = sessions
-        self._broker = broker
         self._initial_model = initial_model
         self._checkpoints = checkpoints
         self._checkpointing = (
