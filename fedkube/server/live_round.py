@@ -21,6 +21,7 @@ firstClient``) differ, so the workflow asks instead of branching on a kind:
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -64,7 +65,7 @@ class InitCollector:
 
 
 @dataclass(kw_only=True)
-class LiveRound:
+class LiveRound(ABC):
     """Transport-side state of the round in progress (client states are in the registry)."""
 
     kind: ClassVar[str]
@@ -87,15 +88,16 @@ class LiveRound:
     closed: bool = False
 
     @property
+    @abstractmethod
     def sink(self) -> ResultSink:
-        raise NotImplementedError
+        """What receives this round's result tensors."""
 
     @property
     def tensor_order(self) -> dict[str, int]:
         """Tensor name -> position in the global model (empty when there is none yet)."""
         return {}
 
-    def assign(self, registry: Registry, site: str, task_id: str) -> None:
+    def assign(self, registry: Registry, site: str, task_id: str) -> None:  # noqa: B027 (the init task tracks none)
         """``site`` is (again) given its task."""
 
     def expects_result(self, rec: ClientRecord) -> bool:
@@ -118,8 +120,9 @@ class LiveRound:
             return f"refs {foreign} name another source than {site!r}; a client can only offer its own tensors"
         return ""
 
+    @abstractmethod
     def _check_content(self, result: ResultAnnounced) -> str:
-        raise NotImplementedError
+        """The variant's own checks of an announced result ("" when it fits)."""
 
     def discard(self, dl: Download) -> str:
         """Take a client's result out of the round; returns a note when part of it had to stay.
@@ -147,9 +150,9 @@ class LiveRound:
         """Make ``key`` the site's new attempt without counting any of its tensors twice."""
         self.keys[site] = key
 
+    @abstractmethod
     def accept(self, registry: Registry, dl: Download) -> bool:
         """A download ended well: whether its result becomes this round's (the sink then has it)."""
-        raise NotImplementedError
 
     def keep_failure(self, site: str, reason: str, message: str) -> bool:
         """A client of this round failed; True when the round keeps the failure (the registry need not)."""
