@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from fedkube.server import outbox
 from fedkube.server.control import ResultAnnounced
@@ -51,7 +51,7 @@ class ResultDesk:
         self._downloader = downloader
         self._send = send
         self._clock = clock
-        self._post: Callable[..., Any] = post
+        self._post = post
         self._fail = fail
         self._on_change = on_change
 
