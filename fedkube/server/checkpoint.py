@@ -373,7 +373,8 @@ def _prune(job_dir: Path, keep: int, current: int) -> None:
 def _req(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     value = doc.get(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise CheckpointError(f"manifest key {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
+        shown = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise CheckpointError(f"manifest key {key!r} is missing or not a {shown}")
     return value
 
 

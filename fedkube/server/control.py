@@ -29,6 +29,7 @@ from fedkube import envvars
 from fedkube.protocol import AUTH_METADATA as AUTH_METADATA  # re-exported: clients' metadata keys
 from fedkube.protocol import PROTOCOL_VERSION
 from fedkube.protocol import SITE_METADATA as SITE_METADATA
+from fedkube.server import outbox
 from fedkube.server.auth import Authenticator, AuthError, credentials_from_metadata
 from fedkube.server.reverse import ClaimRefused, UploadBroker, push_chunk, push_end, push_error
 from fedkube.transfer.errors import InvalidRefError
@@ -249,7 +250,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             if code is not None:
                 self._refuse(context, site, code, reason, message)
         if code is not None:
-            yield control_pb2.ServerMessage(rejected=control_pb2.Rejected(reason=reason, message=message))
+            yield outbox.rejected(reason, message)
             context.abort(code, message)
             return
         assert first is not None
@@ -257,11 +258,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         conn_id = self._sessions.next_conn_id()
         session = Session(site=site, session_id=reg.session_id, conn_id=conn_id, peer=context.peer())
         # Registered goes first on the stream: queue it before anyone can send a task.
-        session.send(
-            control_pb2.ServerMessage(
-                registered=control_pb2.Registered(job=self._job, heartbeat_interval_ms=self._heartbeat_interval_ms)
-            )
-        )
+        session.send(outbox.registered(self._job, self._heartbeat_interval_ms))
         replaced = self._sessions.install(session)
         if replaced is not None:
             self._broker.site_gone(site, "the site opened a new control stream")

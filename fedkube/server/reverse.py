@@ -30,12 +30,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import grpc
 
 from fedkube.protocol import SERVER
+from fedkube.server import outbox
 from fedkube.transfer.bulk import close_socket, read_fetch_response
 from fedkube.transfer.errors import (
     ChunkTimeoutError,
@@ -44,7 +45,6 @@ from fedkube.transfer.errors import (
     StreamBrokenError,
     TransferAbortedError,
 )
-from fedkube.transfer.fetch import Closeable
 from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.wire import DEFAULT_CHUNK_BYTES
 from fedkube.wire.v1 import control_pb2
@@ -283,7 +283,7 @@ class ReverseChunkSource:
 
     def _into(
         self, upload: Upload, stream: ReverseIntoStream, ref: TensorRef, offset: int, buf: memoryview
-    ) -> Iterator[int]:
+    ) -> Generator[int, None, None]:
         expected = offset
         exchange = self._exchange(upload, ref, offset, self._max_chunk_bytes, lambda: expected)
         with contextlib.closing(exchange) as items:
@@ -305,7 +305,9 @@ class ReverseChunkSource:
                 self.pushed_bytes += n
                 yield n
 
-    def _chunks(self, upload: Upload, ref: TensorRef, offset: int, max_chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
+    def _chunks(
+        self, upload: Upload, ref: TensorRef, offset: int, max_chunk_bytes: int
+    ) -> Generator[tuple[int, bytes], None, None]:
         expected = offset
         with contextlib.closing(self._exchange(upload, ref, offset, max_chunk_bytes, lambda: expected)) as items:
             for item in items:
@@ -327,14 +329,7 @@ class ReverseChunkSource:
         ids = {"transaction_id": ref.transaction_id, "ref_id": ref.ref_id, "receiver": SERVER_RECEIVER}
         finished = False
         try:
-            request = control_pb2.ServerMessage(
-                upload=control_pb2.UploadRequest(
-                    request_id=upload.request_id,
-                    ref=ref.to_proto(),
-                    offset=offset,
-                    max_chunk_bytes=max_chunk_bytes,
-                )
-            )
+            request = outbox.upload_request(upload.request_id, ref, offset, max_chunk_bytes)
             if not self._send(self.site, request):
                 raise SourceUnavailableError(f"site {self.site!r} has no live control stream to ask for bytes", **ids)
             log.debug("upload %s: asked site %s for ref %s from offset %s", upload.request_id, self.site,
@@ -382,7 +377,7 @@ class ReverseChunkSource:
                 # Best effort: a sidecar that is gone cannot be told, and needs not be.
                 self._send(
                     self.site,
-                    control_pb2.ServerMessage(cancel_upload=control_pb2.CancelUpload(request_id=upload.request_id)),
+                    outbox.cancel_upload(upload.request_id),
                 )
 
     def complete(self, transaction_id: str, ok: bool, error: str = "") -> None:
@@ -396,7 +391,7 @@ class ReverseStream:
     round never waits out a chunk timeout.
     """
 
-    def __init__(self, upload: Upload, chunks: Iterator[tuple[int, bytes]]) -> None:
+    def __init__(self, upload: Upload, chunks: Generator[tuple[int, bytes], None, None]) -> None:
         self._upload = upload
         self._chunks = chunks
 
@@ -410,8 +405,11 @@ class ReverseStream:
         self._upload.end("cancelled by the server")
 
     def close(self) -> None:
-        if isinstance(self._chunks, Closeable):
-            self._chunks.close()
+        self._chunks.close()
+
+
+def _no_pieces() -> Generator[int, None, None]:
+    yield from ()
 
 
 class ReverseIntoStream:
@@ -419,10 +417,10 @@ class ReverseIntoStream:
 
     def __init__(self, upload: Upload) -> None:
         self._upload = upload
-        self._pieces: Iterator[int] = iter(())
+        self._pieces: Generator[int, None, None] = _no_pieces()
         self.sock: socket.socket | None = None  # set once the sidecar answered on a bulk connection
 
-    def attach(self, pieces: Iterator[int]) -> None:
+    def attach(self, pieces: Generator[int, None, None]) -> None:
         self._pieces = pieces
 
     def __iter__(self) -> ReverseIntoStream:
@@ -440,8 +438,7 @@ class ReverseIntoStream:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        if isinstance(self._pieces, Closeable):
-            self._pieces.close()
+        self._pieces.close()
         close_socket(self.sock)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -39,6 +40,7 @@ from fedkube.server.aggregate import (
     BLOCK,
     AggregationError,
     DiscardOutcome,
+    Intake,
     WeightedMean,
     accumulator_dtype,
     cast_to,
@@ -83,6 +85,25 @@ class RoundAggregator(Protocol):
 
     def finish(self) -> Model:
         """The new global model, in the global model's dtypes and order."""
+        ...
+
+
+@runtime_checkable
+class StreamingAggregator(RoundAggregator, Protocol):
+    """A RoundAggregator that folds each tensor as it arrives and can receive it in place.
+
+    The optional capability the server's downloads look for (``isinstance``):
+    such an aggregator copies a tensor into its accumulator before ``add``
+    returns, so a download may reuse one receive buffer for every tensor, and
+    :meth:`intake` may offer the accumulator itself as the receive target.
+    A staged aggregator keeps the arrays it is given and must not offer it.
+    """
+
+    def intake(
+        self, client: str, name: str, dtype: str, shape: tuple[int, ...], weight: float, *,
+        abort: threading.Event | None = None,
+    ) -> Intake:  # fmt: skip
+        """Prepare to receive one tensor (see ``WeightedMean.intake``); always ``close()`` what it returns."""
         ...
 
 
@@ -133,6 +154,25 @@ class _MeanAggregator:
         return self.engine.committed
 
 
+class _StreamingMeanAggregator(_MeanAggregator):
+    """The streaming (not staged) mean: a StreamingAggregator, receiving into its accumulators."""
+
+    def __init__(self, spec: ModelSpec, finish_fn: Any, pool: ArrayPool | None = None) -> None:
+        super().__init__(spec, False, finish_fn, pool)
+
+    def intake(
+        self, client: str, name: str, dtype: str, shape: tuple[int, ...], weight: float, *,
+        abort: threading.Event | None = None,
+    ) -> Intake:  # fmt: skip
+        return self.engine.intake(client, name, dtype, shape, weight, abort=abort)
+
+
+def _mean_aggregator(spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool) -> RoundAggregator:
+    if staged:
+        return _MeanAggregator(spec, True, finish_fn, pool)
+    return _StreamingMeanAggregator(spec, finish_fn, pool)
+
+
 class _Recycler:
     """Hands each superseded global model to an ArrayPool, so the next round accumulates into its memory.
 
@@ -180,7 +220,7 @@ class FedAvg:
     def begin_round(self, global_model: Mapping[str, np.ndarray]) -> RoundAggregator:
         spec = _spec_of(global_model)
         self._recycler.supersede(global_model)
-        return _MeanAggregator(
+        return _mean_aggregator(
             spec, self.staged, lambda means: {t.name: cast_to(t, means[t.name]) for t in spec}, self.pool
         )
 
@@ -249,7 +289,7 @@ class FedAdam:
         def finish(means: dict[str, np.ndarray]) -> Model:
             return self._apply(spec, model, means)
 
-        return _MeanAggregator(spec, self.staged, finish, self.pool)
+        return _mean_aggregator(spec, self.staged, finish, self.pool)
 
     def _apply(self, spec: ModelSpec, model: Mapping[str, np.ndarray], means: dict[str, np.ndarray]) -> Model:
         out: Model = {}

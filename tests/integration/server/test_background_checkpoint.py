@@ -181,7 +181,7 @@ def test_fedadam_state_is_not_updated_while_it_is_written(harness: Harness, tmp_
 def test_the_end_waits_for_a_write_only_so_long(harness: Harness, tmp_path: Path) -> None:
     store = GatedStore(tmp_path, gated=(1,))
     srv = harness.server(make_config(rounds=1), model(), checkpoints=store)
-    srv.workflow._checkpoint_wait_s = 0.5  # the bound is CHECKPOINT_WAIT_S (minutes) in production
+    srv.workflow._checkpointing.wait_s = 0.5  # the bound is CHECKPOINT_WAIT_S (minutes) in production
     harness.sidecar(srv, "site-a", add_value(1.0))
     harness.sidecar(srv, "site-b", add_value(3.0))
     try:

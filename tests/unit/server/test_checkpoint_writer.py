@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from fedkube.server.checkpoint import CheckpointError
+from fedkube.server.checkpointing import Checkpointing, CheckpointResult, CheckpointWriter
+from fedkube.server.jobs import CHECKPOINT_FAILED, Outcome
 from fedkube.server.strategies import StrategyState
-from fedkube.server.workflow import CheckpointResult, CheckpointWriter
+from fedkube.transfer.refs import TensorRef
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -22,6 +24,7 @@ class HeldStore:
         self.gates: dict[int, threading.Event] = {}
         self.saved: list[int] = []
         self.fail: set[int] = set()
+        self.checksums: dict[int, dict[str, str]] = {}
 
     def load(self) -> None:
         return None
@@ -34,6 +37,7 @@ class HeldStore:
         if round_ in self.fail:
             raise CheckpointError(f"round {round_}: no space left (test)")
         self.saved.append(round_)
+        self.checksums[round_] = dict(checksums or {})
 
 
 def test_submit_returns_while_the_write_runs_and_the_next_waits_for_it() -> None:
@@ -82,3 +86,41 @@ def test_holds_strategy_tensors_only_while_such_a_write_runs() -> None:
     assert writer.holds_strategy_tensors()
     store.gates[1].set()
     assert writer.wait(10) and not writer.holds_strategy_tensors()
+
+
+def _refs(model: Mapping[str, np.ndarray], tag: str) -> list[TensorRef]:
+    return [TensorRef.for_array(a, source="server", transaction_id="t", ref_id=n, name=n,
+                                checksum=f"xxh3_64:{tag:0>16}") for n, a in model.items()]
+
+
+def test_the_next_rounds_published_checksums_reach_the_write_and_no_other_rounds_do() -> None:
+    store = HeldStore()
+    ckpt = Checkpointing(store, "job1", on_settled=lambda: None, on_status=lambda message, cleared: None)
+    model = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float32)}
+    store.gates[4] = threading.Event()
+    ckpt.submit(4, model, StrategyState("fedavg"), {})
+    ckpt.published(4, _refs(model, "aa"))  # a re-run of round 4 is not the model round 4's write holds
+    ckpt.published(6, _refs(model, "bb"))
+    ckpt.published(5, _refs(model, "cc"))  # round 5 publishes what round 4 produced
+    store.gates[4].set()
+    assert ckpt.finish(Outcome(True, "Succeeded", "done", 4), 4) == Outcome(True, "Succeeded", "done", 4)
+    assert store.checksums[4] == {"w": "xxh3_64:" + "0" * 14 + "cc", "b": "xxh3_64:" + "0" * 14 + "cc"}
+    assert ckpt.written_round == 4
+
+
+def test_a_failed_write_is_reported_then_cleared_and_fails_the_job_only_when_it_was_the_last() -> None:
+    store = HeldStore()
+    store.fail.add(1)
+    reports: list[tuple[str, str]] = []
+    ckpt = Checkpointing(store, "job1", on_settled=lambda: None, on_status=lambda m, c: reports.append((m, c)))
+    model = {"w": np.zeros(4, np.float32)}
+    for r in (1, 2):
+        store.gates[r] = threading.Event()
+        store.gates[r].set()
+    ckpt.submit(1, model, StrategyState("fedavg"), {})
+    ckpt.before_strategy_update(2)  # holds no strategy tensors: returns at once
+    assert ckpt.finish(Outcome(True, "Succeeded", "done", 1), 1).reason == CHECKPOINT_FAILED
+    assert reports == [("the checkpoint of round 1 was not written: round 1: no space left (test)", "")]
+    ckpt.submit(2, model, StrategyState("fedavg"), {})
+    assert ckpt.finish(Outcome(True, "Succeeded", "done", 2), 2).success
+    assert reports[-1] == ("", reports[0][0])

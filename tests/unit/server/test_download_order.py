@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedkube.server.workflow import _rotated
+from fedkube.server.downloads import rotated as _rotated
 from fedkube.transfer.refs import TensorRef
 
 

@@ -1,0 +1,210 @@
+"""Pulling a client's announced result, tensor by tensor, into the round's aggregator.
+
+Each download runs on its own thread and reports how it ended through the
+``on_finished`` callback it was started with (the workflow posts that to its
+event queue); it never touches the workflow's state. Retries and stalls are
+reported through callbacks as well, for the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedkube.protocol import ResultTimeouts
+from fedkube.server.aggregate import DiscardOutcome, FoldAbortedError, InvalidResultError
+from fedkube.server.config import JobSettings
+from fedkube.server.reverse import ReverseChunkSource, SendFn, UploadBroker
+from fedkube.server.strategies import StreamingAggregator
+from fedkube.status import Reason
+from fedkube.transfer.errors import TransferAbortedError, TransferError, TransferStalledError
+from fedkube.transfer.fetch import Fetcher, FetchSettings
+from fedkube.transfer.refs import TensorRef, array_from_buffer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Download:
+    """One client's result being pulled; ``key`` names this attempt in the aggregator."""
+
+    site: str
+    task_id: str
+    key: str
+    num_examples: int
+    metrics: dict[str, float]
+    abort: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    bytes_done: int = 0
+    bytes_total: int = 0
+    started: float = 0.0
+    add_seconds: float = 0.0  # time spent folding this result into the aggregate
+
+
+class ResultSink(Protocol):
+    """What receives a round's result tensors (downloads ``add``; a failed attempt is discarded)."""
+
+    def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool: ...
+    def discard(self, client: str) -> DiscardOutcome: ...
+
+
+# (download, ok, reason, message): how a download ended, called on its own thread.
+FinishedFn = Callable[[Download, bool, str, str], None]
+
+
+def rotated(refs: list[TensorRef], site: str, sites: Mapping[str, object]) -> list[TensorRef]:
+    """``refs`` starting at this site's share: each participant pulls its tensors in a different order.
+
+    The first download to reach a tensor receives it straight into the
+    accumulator; later ones must fold theirs in. Pulled in the same order,
+    one client would be first for nearly every tensor and the other would
+    fold them all, finishing last while a core idles. Starting each site at
+    its own offset spreads the claims (and the folding) evenly, so the
+    downloads end together. The averages do not depend on the order.
+    """
+    order = sorted(sites)
+    if site not in order or len(order) < 2 or not refs:
+        return refs
+    start = order.index(site) * len(refs) // len(order)
+    return refs[start:] + refs[:start]
+
+
+def fetch_settings(settings: JobSettings) -> FetchSettings:
+    """The server's fetch policy for result downloads, from spec.transfer.
+
+    The spec checks these relationships at submission; an inconsistent pair is
+    widened here (idle above the chunk timeout) with a warning rather than
+    failing a running job.
+    """
+    t = settings.transfer
+    idle = t.idle_timeout_s
+    if idle <= t.chunk_timeout_s:
+        idle = 2 * t.chunk_timeout_s
+        log.warning(
+            "job %s: spec.transfer.idleTimeoutSeconds=%g is not above chunkTimeoutSeconds=%g; using %g",
+            settings.job, t.idle_timeout_s, t.chunk_timeout_s, idle,
+        )  # fmt: skip
+    return FetchSettings(
+        chunk_timeout_s=t.chunk_timeout_s,
+        idle_timeout_s=idle,
+        max_attempts=t.max_attempts,
+        max_chunk_bytes=t.chunk_bytes,
+        backoff_base_s=min(0.2, idle / 8),
+        backoff_max_s=min(10.0, idle / 4),
+    )
+
+
+def result_timeouts(settings: JobSettings, fetch: FetchSettings) -> ResultTimeouts:
+    """How long a trainer's ``send()`` waits for these downloads of its result (sent with every task)."""
+    return ResultTimeouts.for_job(
+        idle_timeout_s=fetch.idle_timeout_s, chunk_timeout_s=fetch.chunk_timeout_s,
+        round_timeout_s=settings.round_timeout_s,
+    )  # fmt: skip
+
+
+class Downloader:
+    """Starts result downloads over the reverse path; each reports back through its ``on_finished``."""
+
+    def __init__(
+        self,
+        job: str,
+        broker: UploadBroker,
+        send: SendFn,
+        fetch: FetchSettings,
+        *,
+        clock: Callable[[], float],
+        on_retry: Callable[[Exception], None] = lambda err: None,
+        on_stalled: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._job = job
+        self._broker = broker
+        self._send = send
+        self.fetch = fetch
+        self._clock = clock
+        self._on_retry = on_retry
+        self._on_stalled = on_stalled
+
+    def start(
+        self, round_: int, dl: Download, refs: list[TensorRef], sink: ResultSink, sites: Mapping[str, object],
+        on_finished: FinishedFn,
+    ) -> None:  # fmt: skip
+        """Pull ``refs`` into ``sink`` on a new thread (``sites``: the round's participants, for the order)."""
+        dl.thread = threading.Thread(
+            target=self._download, args=(round_, dl, refs, sink, sites, on_finished),
+            name=f"fedkube-pull-{dl.site}-r{round_}", daemon=True,
+        )  # fmt: skip
+        dl.thread.start()
+
+    def _download(
+        self, round_: int, dl: Download, refs: list[TensorRef], sink: ResultSink, sites: Mapping[str, object],
+        on_finished: FinishedFn,
+    ) -> None:  # fmt: skip
+        """Pull one client's result tensor by tensor into the aggregator, then report the outcome."""
+        source = ReverseChunkSource(
+            dl.site, self._broker, self._send, chunk_timeout_s=self.fetch.chunk_timeout_s,
+            max_chunk_bytes=self.fetch.max_chunk_bytes,
+        )  # fmt: skip
+        fetcher = Fetcher(source, self.fetch, abort=dl.abort, on_retry=self._on_retry)
+        ok, reason, message = False, "", ""
+        base = 0
+        weight = float(max(dl.num_examples, 1))
+        # A streaming aggregator folds each tensor into its accumulator (copying) before add()
+        # returns, so one receive buffer per download can serve every tensor of the same size:
+        # no fresh allocation and page faults per tensor. Staged aggregation keeps the arrays.
+        # Its intake checks float tensors for NaN/Inf while each frame is hot (right after it was
+        # hashed) and receives a tensor nobody contributed to yet straight into its accumulator, no copy.
+        streaming = sink if isinstance(sink, StreamingAggregator) else None
+        buffers: dict[int, bytearray] = {}
+        try:
+            for ref in rotated(refs, dl.site, sites):
+                def progress(done: int, base: int = base) -> None:
+                    dl.bytes_done = base + done
+
+                intake = (
+                    streaming.intake(dl.key, ref.name, ref.dtype, ref.shape, weight, abort=dl.abort)
+                    if streaming is not None else None
+                )  # fmt: skip
+                try:
+                    out: Any = intake.target if intake is not None and intake.target is not None else None
+                    if out is None and streaming is not None:
+                        out = buffers.get(ref.nbytes)
+                        if out is None:
+                            buffers.clear()  # at most one buffer: memory stays one tensor per download
+                            out = buffers[ref.nbytes] = bytearray(ref.nbytes)
+                    data = fetcher.fetch_into(
+                        ref, out, progress=progress, inspect=intake.check if intake is not None else None
+                    )
+                    array = array_from_buffer(data, ref.dtype, ref.shape)
+                    t0 = time.perf_counter()
+                    if intake is not None:
+                        intake.add(array)
+                    else:
+                        sink.add(dl.key, ref.name, array, weight)
+                    dl.add_seconds += time.perf_counter() - t0
+                    del array, data, out  # one tensor in flight per download, never a whole result
+                finally:
+                    if intake is not None:
+                        intake.close()  # a claim that did not make it in is given back
+                base += ref.nbytes
+            ok = True
+            log.info("job %s round %s: pulled %d bytes from %s in %.2f s, %.2f s of it folding into the aggregate "
+                     "(%d on the bulk port, %d pushed over gRPC)", self._job, round_, base, dl.site,
+                     self._clock() - dl.started, dl.add_seconds, source.bulk_bytes, source.pushed_bytes)
+        except (TransferAbortedError, FoldAbortedError) as exc:
+            reason, message = Reason.ABORTED.value, str(exc)
+        except TransferError as exc:
+            if isinstance(exc, TransferStalledError):
+                self._on_stalled()
+            reason, message = Reason.TRANSFER_FAILED.value, str(exc)
+        except InvalidResultError as exc:
+            reason, message = Reason.INVALID_RESULT.value, exc.detail
+        except Exception as exc:
+            log.exception("job %s round %s: the download from %s failed", self._job, round_, dl.site)
+            reason, message = Reason.TRANSFER_FAILED.value, f"{type(exc).__name__}: {exc}"
+        on_finished(dl, ok, reason, message)

@@ -1,0 +1,58 @@
+"""Types the server's job modules share: how a job ends, why it fails, the checkpoint store.
+
+Kept apart from the workflow so that its collaborators (``outbox``,
+``downloads``, ``checkpointing``, ``live_round``) can name them without
+importing the workflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from fedkube.errors import FedkubeError
+from fedkube.server.strategies import StrategyState
+
+# Job-level reasons beyond fedkube.status.Reason (which names client failures).
+TERMINATED = "Terminated"
+NO_INITIAL_MODEL = "NoInitialModel"
+CHECKPOINT_FAILED = "CheckpointFailed"
+
+CHECKPOINT_WAIT_S = 300.0
+"""How long the job's end waits for the checkpoint still being written (a 4 GiB model takes ~12 s here)."""
+
+
+class CheckpointStore(Protocol):
+    """Where completed rounds are kept (fedkube.server.checkpoint behind an adapter in app.py)."""
+
+    def load(self) -> tuple[int, dict[str, np.ndarray], StrategyState | None] | None: ...
+    def save(
+        self,
+        round_: int,
+        model: Mapping[str, np.ndarray],
+        state: StrategyState,
+        metrics: Mapping[str, float],
+        checksums: Mapping[str, str] | None = None,
+    ) -> None: ...  # checksums: fedkube.server.checkpoint.save's, read after the tensors are written
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the job ended."""
+
+    success: bool
+    reason: str
+    message: str
+    rounds_completed: int
+
+
+class JobFailed(FedkubeError):
+    """The job cannot go on; ``reason`` is a machine-readable name."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message

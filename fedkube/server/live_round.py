@@ -1,0 +1,259 @@
+"""The round in progress: a training round or the init task, behind one small interface.
+
+Client states live in the registry and what to do next is decided by
+:mod:`fedkube.server.rounds`; a :class:`LiveRound` holds the transport side of
+one round (tasks, the published model, downloads, results) and answers the
+questions on which a training round and the init task (``spec.model.source:
+firstClient``) differ, so the workflow asks instead of branching on a kind:
+
+* which sink receives the results (:attr:`TrainRound.sink` is the strategy's
+  aggregator, :attr:`InitRound.sink` an :class:`InitCollector`);
+* whether a client is expected to deliver, and whether the registry must
+  claim its result (:meth:`LiveRound.expects_result`, :meth:`LiveRound.claim`);
+* what an announced result must satisfy (:meth:`LiveRound.check_result`);
+* whether a downloaded result is taken (:meth:`LiveRound.accept`), and where a
+  failure is kept (:meth:`LiveRound.keep_failure`: the init task keeps it
+  for its own report; a training round leaves it to the registry);
+* what a repeated attempt does to the sink (:meth:`LiveRound.continue_attempt`)
+  and whether a reconnect re-sends the task (:meth:`LiveRound.resend_on_reconnect`).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from fedkube.errors import FedkubeError
+from fedkube.metrics.server import ServerMetrics
+from fedkube.protocol import INIT_TASK, TRAIN_TASK
+from fedkube.server.aggregate import DiscardOutcome, InvalidResultError
+from fedkube.server.control import ResultAnnounced
+from fedkube.server.downloads import Download, ResultSink
+from fedkube.server.model import ModelSpec, check_result
+from fedkube.server.registry import ClientRecord, ClientState, Registry, SessionLike
+from fedkube.server.rounds import RoundState
+from fedkube.server.strategies import RoundAggregator
+from fedkube.transfer.refs import TensorRef
+from fedkube.transfer.service import Transaction
+
+log = logging.getLogger(__name__)
+
+
+class InitCollector:
+    """The sink of the init task: the one client's tensors become the initial model."""
+
+    def __init__(self) -> None:
+        self.model: dict[str, np.ndarray] = {}
+
+    def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool:
+        if name in self.model:
+            raise InvalidResultError(client, f"tensor {name!r} was sent twice")
+        self.model[name] = array
+        return True
+
+    def discard(self, client: str) -> DiscardOutcome:
+        self.model = {}
+        return DiscardOutcome(client, ())
+
+    def finish(self) -> dict[str, np.ndarray]:
+        return self.model
+
+
+@dataclass(kw_only=True)
+class LiveRound(ABC):
+    """Transport-side state of the round in progress (client states are in the registry)."""
+
+    kind: ClassVar[str]
+    number: int
+    job: str
+    tasks: dict[str, str]  # site -> task id
+    deadline: float
+    transaction: Transaction | None = None
+    refs: list[TensorRef] = field(default_factory=list)
+    model: dict[str, np.ndarray] | None = None
+    republished: list[Transaction] = field(default_factory=list)  # for clients that lost the model
+    downloads: dict[str, Download] = field(default_factory=dict)
+    superseded: list[Download] = field(default_factory=list)  # aborted for a re-sent task, still ending
+    results: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict)  # site -> (num_examples, metrics)
+    answered: set[str] = field(default_factory=set)
+    announced: set[str] = field(default_factory=set)
+    attempts: int = 0
+    keys: dict[str, str] = field(default_factory=dict)  # site -> sink key of its latest download
+    aggregation_s: float = 0.0
+    closed: bool = False
+
+    @property
+    @abstractmethod
+    def sink(self) -> ResultSink:
+        """What receives this round's result tensors."""
+
+    @property
+    def tensor_order(self) -> dict[str, int]:
+        """Tensor name -> position in the global model (empty when there is none yet)."""
+        return {}
+
+    def assign(self, registry: Registry, site: str, task_id: str) -> None:  # noqa: B027 (the init task tracks none)
+        """``site`` is (again) given its task."""
+
+    def expects_result(self, rec: ClientRecord) -> bool:
+        """Whether a result from this client is considered at all."""
+        return True
+
+    def claim(self, registry: Registry, session: SessionLike, task_id: str) -> bool:
+        """Take the announced result for download; False: the registry does not expect it."""
+        return True
+
+    def check_result(self, site: str, result: ResultAnnounced) -> str:
+        """Why the announced result cannot be used, or "" (nothing is downloaded for a bad one)."""
+        if result.problem:
+            return result.problem
+        problem = self._check_content(result)
+        if problem:
+            return problem
+        foreign = [r.ref_id for r in result.refs if r.source != site]
+        if foreign:
+            return f"refs {foreign} name another source than {site!r}; a client can only offer its own tensors"
+        return ""
+
+    @abstractmethod
+    def _check_content(self, result: ResultAnnounced) -> str:
+        """The variant's own checks of an announced result ("" when it fits)."""
+
+    def discard(self, dl: Download) -> str:
+        """Take a client's result out of the round; returns a note when part of it had to stay.
+
+        The streaming aggregator cannot subtract what it already folded (the
+        arrays are gone), so tensors of this client that were fully downloaded
+        and verified before the failure stay in their averages. That is said in
+        the log and in the client's failure message, never hidden.
+        """
+        try:
+            outcome = self.sink.discard(dl.key)
+        except FedkubeError:
+            log.exception("job %s round %s: could not discard the result of %s", self.job, self.number, dl.site)
+            return ""
+        if outcome.exact:
+            return ""
+        kept = outcome.kept_tensors
+        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        note = (f"{len(kept)} of its tensors ({shown}) were already verified and stay in this round's average; "
+                f"set strategy param staged: true for all-or-nothing exclusion")
+        log.warning("job %s round %s: result of %s partly used: %s", self.job, self.number, dl.site, note)
+        return note
+
+    def continue_attempt(self, site: str, key: str) -> None:
+        """Make ``key`` the site's new attempt without counting any of its tensors twice."""
+        self.keys[site] = key
+
+    @abstractmethod
+    def accept(self, registry: Registry, dl: Download) -> bool:
+        """A download ended well: whether its result becomes this round's (the sink then has it)."""
+
+    def keep_failure(self, site: str, reason: str, message: str) -> bool:
+        """A client of this round failed; True when the round keeps the failure (the registry need not)."""
+        return False
+
+    def resend_on_reconnect(self, site: str, resume_task_id: str) -> bool:
+        """A client reconnected without losing its task: whether to send the task again now."""
+        return False
+
+
+@dataclass(kw_only=True)
+class TrainRound(LiveRound):
+    """A training round: results fold into the strategy's aggregator; the registry tracks each client."""
+
+    kind: ClassVar[str] = TRAIN_TASK
+    spec: ModelSpec
+    aggregator: RoundAggregator
+    state: RoundState
+    telemetry: ServerMetrics
+    clock: Callable[[], float]
+
+    @property
+    def sink(self) -> RoundAggregator:
+        return self.aggregator
+
+    @property
+    def tensor_order(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.spec.names)}
+
+    def assign(self, registry: Registry, site: str, task_id: str) -> None:
+        rec = registry.get(site)
+        if not (rec.state is ClientState.TRAINING and rec.task_id == task_id):
+            self.state.assign(registry, site, task_id)
+
+    def expects_result(self, rec: ClientRecord) -> bool:
+        return rec.state is ClientState.TRAINING
+
+    def claim(self, registry: Registry, session: SessionLike, task_id: str) -> bool:
+        return registry.result_announced(session, task_id)
+
+    def _check_content(self, result: ResultAnnounced) -> str:
+        if result.num_examples <= 0:
+            return f"num_examples is {result.num_examples}; a training result must say how many examples it used"
+        return check_result(self.spec, result.refs) or ""
+
+    def continue_attempt(self, site: str, key: str) -> None:
+        """A site may deliver again within a round (its sidecar restarted and the task was re-sent).
+
+        Its earlier download may have been cut short with some tensors verified
+        and folded in. The earlier attempt is discarded (a no-op when it already
+        was) and reopened under the new key, so the aggregator ignores the new
+        copies of the tensors it kept.
+        """
+        prev = self.keys.get(site)
+        self.keys[site] = key
+        if prev is None:
+            return
+        try:
+            self.aggregator.discard(prev)
+            kept = self.aggregator.reopen(prev, key)
+        except FedkubeError as exc:  # the earlier attempt was committed: the workflow never pulls it again
+            log.info("job %s round %s: %s delivers again after %s: %s", self.job, self.number, site, prev, exc)
+            return
+        if kept:
+            log.info("job %s round %s: %s delivers again; %d tensor(s) of its earlier attempt stay and are not "
+                     "added twice", self.job, self.number, site, len(kept))
+
+    def accept(self, registry: Registry, dl: Download) -> bool:
+        # Commit only while the registry still expects this very result (it may have been lost meanwhile).
+        if not registry.result_done(dl.site, dl.task_id):
+            return False
+        self.aggregator.commit(dl.key)
+        self.aggregation_s += dl.add_seconds
+        self.telemetry.transferred("from_clients", dl.bytes_total, max(0.0, self.clock() - dl.started))
+        log.info("job %s round %s: result of %s verified and aggregated", self.job, self.number, dl.site)
+        return True
+
+
+@dataclass(kw_only=True)
+class InitRound(LiveRound):
+    """The init task (round 0): one client's tensors become the initial model; no global model is sent."""
+
+    kind: ClassVar[str] = INIT_TASK
+    collector: InitCollector = field(default_factory=InitCollector)
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # site -> (reason, message)
+
+    @property
+    def sink(self) -> InitCollector:
+        return self.collector
+
+    def _check_content(self, result: ResultAnnounced) -> str:
+        return "" if result.refs else "the initial model has no tensors"
+
+    def accept(self, registry: Registry, dl: Download) -> bool:
+        return not self.closed
+
+    def keep_failure(self, site: str, reason: str, message: str) -> bool:
+        if site not in self.tasks:
+            return False
+        self.failed[site] = (reason, message)
+        return True
+
+    def resend_on_reconnect(self, site: str, resume_task_id: str) -> bool:
+        return site not in self.results and resume_task_id != self.tasks[site]

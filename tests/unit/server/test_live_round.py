@@ -1,0 +1,69 @@
+"""The round in progress answers, per variant, what the workflow used to decide by branching on the task kind."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedkube.metrics.core import new_registry
+from fedkube.metrics.server import ServerMetrics
+from fedkube.server.control import ResultAnnounced
+from fedkube.server.downloads import Download
+from fedkube.server.live_round import InitCollector, InitRound, TrainRound
+from fedkube.server.model import ModelSpec
+from fedkube.server.registry import ClientState, Registry
+from fedkube.server.rounds import RoundPolicy, RoundState
+from fedkube.server.strategies import FedAvg, StreamingAggregator
+from fedkube.transfer.refs import TensorRef
+
+MODEL = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float32)}
+
+
+def _refs(source: str, model: dict[str, np.ndarray] = MODEL) -> tuple[TensorRef, ...]:
+    return tuple(TensorRef.for_array(a, source=source, transaction_id="t", ref_id=f"{source}-{n}", name=n,
+                                     checksum="xxh3_64:" + "0" * 16) for n, a in model.items())  # fmt: skip
+
+
+def _result(site: str, num_examples: int = 10, refs: tuple[TensorRef, ...] | None = None) -> ResultAnnounced:
+    return ResultAnnounced("task", 1, num_examples, {}, _refs(site) if refs is None else refs)
+
+
+def _train_round() -> TrainRound:
+    policy = RoundPolicy(rounds=2, min_clients=1, round_timeout_s=60, registration_timeout_s=60)
+    return TrainRound(
+        number=1, job="job", tasks={"a": "t-a", "b": "t-b"}, deadline=60.0, spec=ModelSpec.of(MODEL),
+        aggregator=FedAvg().begin_round(MODEL), state=RoundState(1, ("a", "b"), 0.0, policy),
+        telemetry=ServerMetrics(new_registry(), "job"), clock=lambda: 1.0,
+    )  # fmt: skip
+
+
+def test_init_round_keeps_its_clients_failures_and_collects_into_a_non_streaming_sink() -> None:
+    rnd = InitRound(number=0, job="job", tasks={"a": "t-a"}, deadline=60.0)
+    assert isinstance(rnd.sink, InitCollector) and not isinstance(rnd.sink, StreamingAggregator)
+    assert rnd.keep_failure("a", "Lost", "no heartbeat")
+    assert rnd.failed == {"a": ("Lost", "no heartbeat")}
+    assert not rnd.keep_failure("z", "Lost", "not in this round")  # not its client: nothing kept
+    assert rnd.check_result("a", _result("a", num_examples=0)) == ""  # the init model needs no examples
+    assert rnd.check_result("a", _result("a", refs=())) == "the initial model has no tensors"
+    assert "another source" in rnd.check_result("a", _result("b"))
+    assert rnd.resend_on_reconnect("a", resume_task_id="") and not rnd.resend_on_reconnect("a", "t-a")
+    dl = Download(site="a", task_id="t-a", key="a#1", num_examples=0, metrics={})
+    assert rnd.accept(Registry(["a"], heartbeat_timeout_s=30), dl)
+    rnd.closed = True
+    assert not rnd.accept(Registry(["a"], heartbeat_timeout_s=30), dl)  # landed after the round closed: not taken
+
+
+def test_train_round_leaves_failures_to_the_registry_and_checks_results_against_the_model() -> None:
+    rnd = _train_round()
+    assert isinstance(rnd.sink, StreamingAggregator)
+    assert not rnd.keep_failure("a", "Lost", "no heartbeat")
+    assert not rnd.resend_on_reconnect("a", resume_task_id="")  # the round loop re-sends from needs_task
+    assert "num_examples is 0" in rnd.check_result("a", _result("a", num_examples=0))
+    assert rnd.check_result("a", _result("a", refs=_refs("a", {"w": MODEL["w"]})))  # a tensor is missing
+    assert rnd.check_result("a", _result("a")) == ""
+    assert rnd.tensor_order == {"w": 0, "b": 1}
+    registry = Registry(["a", "b"], heartbeat_timeout_s=30)
+    assert not rnd.expects_result(registry.get("a"))
+    assert registry.get("a").state is not ClientState.TRAINING
+    dl = Download(site="a", task_id="t-a", key="a#1", num_examples=10, metrics={})
+    assert not rnd.accept(registry, dl)  # the registry never expected this result: nothing is committed
+    assert rnd.aggregation_s == 0.0
