@@ -35,7 +35,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedkube import envvars
-from fedkube.trainer_sdk._session import Session, SessionSettings, install_hooks
+from fedkube.trainer_sdk._hooks import install_hooks
+from fedkube.trainer_sdk._session import Session, SessionSettings
 from fedkube.trainer_sdk.errors import (
     InvalidParamsError,
     JobStoppedError,

@@ -1,7 +1,8 @@
 """The receiver side: resumable, verified, progress-aware chunk fetching.
 
 :class:`Fetcher` downloads one ref into a preallocated buffer from any
-:class:`ChunkSource` (gRPC here; the server implements another one over its
+:class:`ChunkSource` (protocols in :mod:`~fedkube.transfer.sources`; gRPC in
+:mod:`~fedkube.transfer.grpc_source`, also the bulk protocol and the server's
 control stream). Rules it follows:
 
 * resume from the last good offset after a broken stream (bytes already
@@ -30,20 +31,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import grpc
 import numpy as np
 
 from fedkube.transfer.errors import (
     ChecksumMismatchError,
-    ChunkTimeoutError,
     InvalidRefError,
     InvalidRequestError,
     ProtocolError,
@@ -51,353 +48,30 @@ from fedkube.transfer.errors import (
     TransferError,
     TransferStalledError,
 )
+from fedkube.transfer.fetch_settings import FetchSettings, SettingsProblem, validate_settings
+from fedkube.transfer.grpc_source import GrpcChunkSource
 from fedkube.transfer.refs import Hasher, TensorRef, array_from_buffer, numpy_dtype
 from fedkube.transfer.relay import Cancellable
-from fedkube.transfer.wire import (
-    COMPLETE_METHOD,
-    DEFAULT_CHUNK_BYTES,
-    FETCH_METHOD,
-    MAX_CHUNK_BYTES,
-    decode_chunk,
-    error_from_rpc,
-)
-from fedkube.wire.v1 import tensor_pb2
+from fedkube.transfer.sources import ChunkSource, Closeable, IntoSource, RangeInspector, Receiving
+from fedkube.transfer.watchdog import Watchdog
+from fedkube.transfer.wire import error_from_rpc
+
+# The fetcher's vocabulary, importable from here as before the settings, the sources and the gRPC
+# source got modules of their own.
+__all__ = [
+    "ChunkSource",
+    "Closeable",
+    "FetchSettings",
+    "Fetcher",
+    "GrpcChunkSource",
+    "IntoSource",
+    "RangeInspector",
+    "Receiving",
+    "SettingsProblem",
+    "validate_settings",
+]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FetchSettings:
-    """Timeouts and retry policy of a fetch. Check them with :func:`validate_settings`.
-
-    * ``chunk_timeout_s``: longest wait for the next chunk of a stream (or the
-      first one) before the stream is cancelled and resumed.
-    * ``idle_timeout_s``: give up when no byte arrived for this long, across
-      retries; never a limit on the total duration.
-    * ``max_attempts``: consecutive failed attempts without progress before giving up.
-    * ``backoff_base_s`` / ``backoff_max_s``: retry delay ``base * 2**(n-1)``
-      capped at max, with jitter (a uniform factor in [0.5, 1]).
-    * ``max_chunk_bytes``: chunk size asked of the source (at most the wire limit).
-    * ``max_checksum_retries``: refetches from 0 after a checksum mismatch.
-    """
-
-    chunk_timeout_s: float = 30.0
-    idle_timeout_s: float = 120.0
-    max_attempts: int = 8
-    backoff_base_s: float = 0.2
-    backoff_max_s: float = 10.0
-    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    max_checksum_retries: int = 2
-
-    def backoff(self, failures: int) -> float:
-        """Delay before retry number ``failures`` (1-based), with jitter."""
-        exp = min(self.backoff_max_s, self.backoff_base_s * (2 ** min(failures - 1, 60)))
-        return exp * random.uniform(0.5, 1.0)
-
-
-@dataclass(frozen=True)
-class SettingsProblem:
-    """One inconsistent setting: which field, what is wrong, and the fix to apply."""
-
-    field: str
-    message: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}; fix: {self.fix}"
-
-
-def validate_settings(
-    settings: FetchSettings, *, ttl_s: float | None = None, round_timeout_s: float | None = None
-) -> list[SettingsProblem]:
-    """Every inconsistency between the fetch settings, the transaction TTL and the round timeout.
-
-    Meant for job submission time (LESSONS.md 22), so a bad combination is
-    reported with its fix before any transfer starts; empty means consistent.
-    """
-    s = settings
-    out: list[SettingsProblem] = []
-    for f in fields(s):
-        value = getattr(s, f.name)
-        if isinstance(value, float) and not (math.isfinite(value) and value > 0):
-            out.append(SettingsProblem(f.name, f"must be a finite number > 0, got {value}", f"set {f.name} > 0"))
-    if s.max_attempts < 1:
-        out.append(SettingsProblem("max_attempts", f"must be >= 1, got {s.max_attempts}", "set max_attempts >= 1"))
-    if s.max_checksum_retries < 0:
-        out.append(
-            SettingsProblem(
-                "max_checksum_retries", "must be >= 0", "set max_checksum_retries to 0 or more (2 is usual)"
-            )
-        )
-    if not 0 < s.max_chunk_bytes <= MAX_CHUNK_BYTES:
-        out.append(
-            SettingsProblem(
-                "max_chunk_bytes",
-                f"{s.max_chunk_bytes} is outside 1..{MAX_CHUNK_BYTES}",
-                f"use {DEFAULT_CHUNK_BYTES} (the measured best) or any value up to {MAX_CHUNK_BYTES}",
-            )
-        )
-    if s.idle_timeout_s <= s.chunk_timeout_s:
-        out.append(
-            SettingsProblem(
-                "idle_timeout_s",
-                f"idle timeout {s.idle_timeout_s}s is not above the per-chunk timeout {s.chunk_timeout_s}s, "
-                "so a single slow chunk ends the whole transfer without a retry",
-                f"set idle_timeout_s to at least 2x chunk_timeout_s (e.g. {2 * s.chunk_timeout_s:g})",
-            )
-        )
-    if s.backoff_max_s < s.backoff_base_s:
-        out.append(
-            SettingsProblem(
-                "backoff_max_s",
-                f"backoff_max_s {s.backoff_max_s}s is below backoff_base_s {s.backoff_base_s}s",
-                "set backoff_max_s >= backoff_base_s",
-            )
-        )
-    if s.backoff_max_s >= s.idle_timeout_s:
-        out.append(
-            SettingsProblem(
-                "backoff_max_s",
-                f"a retry may wait {s.backoff_max_s}s, not less than the idle timeout {s.idle_timeout_s}s, "
-                "so the transfer is declared stalled while it is only backing off",
-                f"set backoff_max_s below idle_timeout_s (e.g. {s.idle_timeout_s / 4:g})",
-            )
-        )
-    if ttl_s is not None:
-        if ttl_s <= s.idle_timeout_s:
-            out.append(
-                SettingsProblem(
-                    "ttl_s",
-                    f"transaction TTL {ttl_s}s is not above the idle timeout {s.idle_timeout_s}s: the publisher "
-                    "may drop the tensors while a receiver is still allowed to resume",
-                    f"set the TTL well above idle_timeout_s (e.g. {4 * s.idle_timeout_s:g}s or the round timeout)",
-                )
-            )
-        if round_timeout_s is not None and ttl_s < round_timeout_s:
-            out.append(
-                SettingsProblem(
-                    "ttl_s",
-                    f"transaction TTL {ttl_s}s is shorter than the round timeout {round_timeout_s}s: a slow but "
-                    "healthy client loses the model mid-round (LESSONS.md 7)",
-                    "derive the TTL from the round timeout (ttl_s >= round_timeout_s)",
-                )
-            )
-    if round_timeout_s is not None and round_timeout_s <= s.idle_timeout_s:
-        out.append(
-            SettingsProblem(
-                "round_timeout_s",
-                f"round timeout {round_timeout_s}s is not above the idle timeout {s.idle_timeout_s}s, "
-                "so a stalled transfer is never detected before the round ends",
-                "lower idle_timeout_s or raise the round timeout",
-            )
-        )
-    return out
-
-
-class ChunkSource(Protocol):
-    """Where a :class:`Fetcher` gets chunks from (gRPC, or the server's control stream)."""
-
-    def stream(self, ref: TensorRef, offset: int, max_chunk_bytes: int) -> Iterator[tuple[int, bytes | memoryview]]:
-        """Yield (offset, data) chunks of ``ref`` from ``offset`` on.
-
-        Raise :class:`TransferError` subclasses (retryable ones derive from
-        :class:`StreamBrokenError`) or ``grpc.RpcError``. The returned
-        iterator may have a ``cancel()`` method; the fetcher calls it (from
-        another thread) when its abort event is set.
-        """
-        ...
-
-    def complete(self, transaction_id: str, ok: bool, error: str = "") -> None:
-        """Tell the publisher this receiver finished (or gave up on) the transaction."""
-        ...
-
-
-@runtime_checkable
-class IntoSource(Protocol):
-    """A source that writes chunks straight into the caller's buffer (the bulk protocol).
-
-    ``stream_into(ref, offset, buf)`` returns an iterator (with optional
-    ``cancel()``/``close()``) that writes the tensor's bytes into ``buf`` (the
-    whole tensor's flat byte buffer) from ``offset`` on, in order, and yields
-    the byte count of each piece written; it raises like ``stream``.
-    :class:`Fetcher` prefers it to ``stream`` when a source has both.
-    """
-
-    def stream_into(self, ref: TensorRef, offset: int, buf: memoryview) -> Iterator[int]: ...
-
-    def complete(self, transaction_id: str, ok: bool, error: str = "") -> None: ...
-
-
-@runtime_checkable
-class Closeable(Protocol):
-    """A stream that holds something (a socket, a call) until closed."""
-
-    def close(self) -> Any: ...
-
-
-@runtime_checkable
-class Receiving(Protocol):
-    """A source that fetches as a named receiver (named in errors)."""
-
-    receiver: str
-
-
-class RangeInspector(Protocol):
-    """Looks at a tensor's bytes as they arrive; see the module docstring."""
-
-    def reset(self) -> None:
-        """Forget everything seen: the fetch starts again from byte 0."""
-        ...
-
-    def update(self, buf: memoryview, start: int, stop: int) -> None:
-        """Bytes ``buf[start:stop]`` arrived and were hashed; all of ``buf[:start]`` came before.
-
-        ``buf`` is the whole tensor's flat byte buffer, so an inspector may
-        look back at bytes of an earlier range (a range can end in the middle
-        of an element, e.g. after a resumed stream). Must not write to ``buf``.
-        """
-        ...
-
-
-class _Watchdog:
-    """Calls ``on_fire`` once when ``kick()`` was not called for ``timeout_s`` (or ``abort`` is set)."""
-
-    def __init__(
-        self, timeout_s: float | None, on_fire: Callable[[], None], abort: threading.Event | None, name: str
-    ) -> None:
-        self._timeout = timeout_s
-        self._on_fire = on_fire
-        self._abort = abort
-        self._last = time.monotonic()
-        self._stopped = threading.Event()
-        self.fired = False
-        self.aborted = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def kick(self) -> None:
-        self._last = time.monotonic()  # a float store is atomic; no lock needed
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def _run(self) -> None:
-        poll = 0.05 if self._abort is not None else None
-        while True:
-            if self._timeout is not None:
-                remaining = self._last + self._timeout - time.monotonic()
-                if remaining <= 0:
-                    self.fired = True
-                    break
-                wait = remaining if poll is None else min(poll, remaining)
-            else:
-                wait = poll if poll is not None else 3600.0
-            if self._stopped.wait(wait):
-                return
-            if self._abort is not None and self._abort.is_set():
-                self.aborted = True
-                break
-        try:
-            self._on_fire()
-        except Exception:  # cancelling a finished call is harmless
-            log.debug("watchdog %s: cancel raised", self._thread.name, exc_info=True)
-
-
-def _raw(x: bytes) -> bytes:
-    return x
-
-
-class GrpcChunkSource:
-    """A :class:`ChunkSource` over a gRPC channel to a Download service (or a relay).
-
-    ``chunk_timeout_s`` bounds the wait for each chunk (the stream is
-    cancelled and reported as :class:`ChunkTimeoutError`, so the fetcher
-    resumes) and each Complete call.
-    """
-
-    def __init__(self, channel: grpc.Channel, receiver: str, *, chunk_timeout_s: float) -> None:
-        self.receiver = receiver
-        self.chunk_timeout_s = chunk_timeout_s
-        self._fetch = channel.unary_stream(
-            FETCH_METHOD, request_serializer=tensor_pb2.FetchRequest.SerializeToString, response_deserializer=_raw
-        )
-        self._complete = channel.unary_unary(
-            COMPLETE_METHOD,
-            request_serializer=tensor_pb2.CompleteRequest.SerializeToString,
-            response_deserializer=tensor_pb2.CompleteResponse.FromString,
-        )
-
-    def stream(self, ref: TensorRef, offset: int, max_chunk_bytes: int) -> Iterator[tuple[int, bytes | memoryview]]:
-        return _GrpcStream(self, ref, offset, max_chunk_bytes)
-
-    def complete(self, transaction_id: str, ok: bool, error: str = "") -> None:
-        request = tensor_pb2.CompleteRequest(
-            transaction_id=transaction_id, receiver=self.receiver, ok=ok, error=error[:4000]
-        )
-        try:
-            self._complete(request, timeout=self.chunk_timeout_s)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, transaction_id=transaction_id, ref_id=None, receiver=self.receiver) from None
-
-
-class _GrpcStream:
-    """One Fetch call as an iterator of (offset, data); cancellable from another thread."""
-
-    def __init__(self, source: GrpcChunkSource, ref: TensorRef, offset: int, max_chunk_bytes: int) -> None:
-        self._ref = ref
-        self._receiver = source.receiver
-        request = tensor_pb2.FetchRequest(
-            transaction_id=ref.transaction_id,
-            ref_id=ref.ref_id,
-            receiver=source.receiver,
-            offset=offset,
-            max_chunk_bytes=max_chunk_bytes,
-        )
-        self._call = source._fetch(request)
-        self._cancelled_by_caller = False
-        self._watchdog = _Watchdog(
-            source.chunk_timeout_s, self._call.cancel, None, f"fedkube-fetch-watchdog-{ref.transaction_id}-{ref.ref_id}"
-        )
-
-    def __iter__(self) -> _GrpcStream:
-        return self
-
-    def __next__(self) -> tuple[int, memoryview]:
-        try:
-            raw = next(self._call)
-        except StopIteration:
-            self._watchdog.stop()
-            raise
-        except grpc.RpcError as exc:
-            self._watchdog.stop()
-            ids = {"transaction_id": self._ref.transaction_id, "ref_id": self._ref.ref_id, "receiver": self._receiver}
-            if self._watchdog.fired:
-                raise ChunkTimeoutError(
-                    "no chunk within the per-chunk timeout; the stream was cancelled", **ids
-                ) from None
-            if self._cancelled_by_caller:
-                raise TransferAbortedError("fetch cancelled by the caller", **ids) from None
-            raise error_from_rpc(exc, **ids) from None
-        self._watchdog.kick()
-        try:
-            return decode_chunk(raw)
-        except ValueError as exc:
-            self.cancel()
-            raise ProtocolError(
-                f"malformed Chunk message: {exc}",
-                transaction_id=self._ref.transaction_id,
-                ref_id=self._ref.ref_id,
-                receiver=self._receiver,
-            ) from None
-
-    def cancel(self) -> None:
-        self._cancelled_by_caller = True
-        self._watchdog.stop()
-        self._call.cancel()
-
-    def close(self) -> None:
-        self._watchdog.stop()
-        self._call.cancel()
 
 
 class Fetcher:
@@ -499,7 +173,7 @@ class Fetcher:
                     progress(0)
                 continue
             stream: Any = None
-            guard: _Watchdog | None = None
+            guard: Watchdog | None = None
             start = offset
             try:
                 self.attempts += 1
@@ -510,7 +184,7 @@ class Fetcher:
                     stream = self.source.stream(ref, offset, s.max_chunk_bytes)
                     pieces = self._copy_chunks(stream, ref, buf, offset)
                 if self.abort is not None and isinstance(stream, Cancellable):
-                    guard = _Watchdog(None, stream.cancel, self.abort, f"fedkube-fetch-abort-{ref.transaction_id}")
+                    guard = Watchdog(None, stream.cancel, self.abort, f"fedkube-fetch-abort-{ref.transaction_id}")
                 for n in pieces:
                     if not isinstance(n, int) or n <= 0 or offset + n > ref.nbytes:
                         raise ProtocolError(f"source reported {n!r} bytes written at offset {offset}", **self._ids(ref))

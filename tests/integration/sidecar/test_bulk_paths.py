@@ -100,7 +100,7 @@ def test_bulk_on_both_directions_and_metered(
     total = sum(a.nbytes for a in _model().values())
     pulled = _pulled(caplog.records)
     assert len(pulled) == ROUNDS and all(f"({total} on the bulk port, 0 pushed over gRPC)" in m for m in pulled)
-    assert stack.session is not None and stack.session.bulk_fetcher is not None  # never fell back to gRPC
+    assert stack.session is not None and stack.session.model.bulk_fetcher is not None  # never fell back to gRPC
     assert stack.sidecar is not None
     relayed = "fedkube_sidecar_relayed_bytes_total"
     # Framing adds a few bytes per frame to what went through a relay; a handoff counts the data bytes.
@@ -110,14 +110,14 @@ def test_bulk_on_both_directions_and_metered(
     assert stack.sidecar.bulk_relay is not None and stack.sidecar.bulk_relay.buffer_bytes_in_use == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "bulk" in r.getMessage()]
     handed = stack.sidecar.bulk_handoff
-    taker = stack.session._handoff_server
+    taker = stack.session.results.handoff_server
     if handoff:
         assert handed is not None
         if trainer_offers:
             # Every fetch and completion of the global model went over the handoff: 3 tensors + 1 completion a
             # round, and every result tensor was written by the trainer on the server's socket.
             assert handed.handed == ROUNDS * (len(_model()) + 1)
-            assert stack.session.bulk_via == handed.address
+            assert stack.session.model.bulk_via == handed.address
             assert taker is not None and taker.served == ROUNDS * len(_model())
         else:
             assert handed.handed == 0 and taker is None  # the relay carried it all
@@ -131,7 +131,7 @@ def test_no_bulk_address_means_grpc_both_ways(stack: Stack, caplog: pytest.LogCa
     _run(stack, "off")
     total = sum(a.nbytes for a in _model().values())
     assert stack.sidecar is not None and stack.sidecar.bulk_relay is None
-    assert stack.session is not None and stack.session.bulk_fetcher is None
+    assert stack.session is not None and stack.session.model.bulk_fetcher is None
     pulled = _pulled(caplog.records)
     assert len(pulled) == ROUNDS and all(f"(0 on the bulk port, {total} pushed over gRPC)" in m for m in pulled)
 

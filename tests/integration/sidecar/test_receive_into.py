@@ -56,7 +56,7 @@ def stack() -> Iterator[OneSite]:
 def _run(stack: OneSite, script: Script, bulk: bool = True) -> None:
     stack.start(script, "on" if bulk else "off").finish()
     assert stack.session is not None
-    assert (stack.session.bulk_fetcher is not None) == bulk  # the path under test was the one used
+    assert (stack.session.model.bulk_fetcher is not None) == bulk  # the path under test was the one used
 
 
 def _equal(got: Any, want: np.ndarray) -> None:

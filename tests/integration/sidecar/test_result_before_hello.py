@@ -59,20 +59,20 @@ def test_send_waits_for_the_new_hello_before_announcing_again(server: FakeServer
     # Hold the session thread's re-attach until the result was refused once, forcing the order the
     # suite hit by chance: announce to the restarted sidecar first, Hello second.
     refused = threading.Event()
-    reattach = session._reattach
+    reattach = session.sidecar.reattach
 
     def late_reattach() -> bool:
         assert refused.wait(20), "send() never reached the restarted sidecar"
         return reattach()
 
-    session._reattach = late_reattach  # type: ignore[method-assign]
-    original_wait = session._wait_attached_after
+    session.sidecar.reattach = late_reattach  # type: ignore[method-assign]
+    original_wait = session.sidecar.wait_attached_after
 
     def note_refusal(generation: int, timeout_s: float) -> bool:
         refused.set()
         return original_wait(generation, timeout_s)
 
-    session._wait_attached_after = note_refusal  # type: ignore[method-assign]
+    session.sidecar.wait_attached_after = note_refusal  # type: ignore[method-assign]
     try:
         port = first.port
         first.stop(grace=0.2)
@@ -80,11 +80,11 @@ def test_send_waits_for_the_new_hello_before_announcing_again(server: FakeServer
         second.start()
         sidecars.append(second)
         server.wait_registered(SITE, n=2)
-        session._submit(_announcement("t1"), timeout_s=10)
+        session.sender.submit(_announcement("t1"), timeout_s=10)
         assert refused.is_set()  # the first try was refused, not silently passed on
         got = server.wait_message("result", lambda r: r.task_id == "t1", timeout=10)
         assert got.num_examples == 3
-        assert session._attach_gen == 2  # announced again only after the new Hello
+        assert session.sidecar.attach_gen == 2  # announced again only after the new Hello
     finally:
         session.close()
 
@@ -127,9 +127,9 @@ def test_a_hello_that_fails_at_once_is_tried_again_until_the_restart_answers(
         second = make_sidecar(server.address, trainer_port=port)
         second.start()
         sidecars.append(second)
-        assert session._wait_attached_after(1, 10), "the trainer never attached to the restarted sidecar"
+        assert session.sidecar.wait_attached_after(1, 10), "the trainer never attached to the restarted sidecar"
         assert not failures  # the injected failure was met, and tried past
-        session._submit(_announcement("t1"), timeout_s=10)
+        session.sender.submit(_announcement("t1"), timeout_s=10)
         assert server.wait_message("result", lambda r: r.task_id == "t1", timeout=10).num_examples == 3
     finally:
         session.close()

@@ -14,7 +14,8 @@ import torch
 import fedkube.trainer_sdk as fk
 from fedkube import envvars
 from fedkube.errors import ConfigError
-from fedkube.trainer_sdk._session import Session, SessionSettings, failure_kind
+from fedkube.trainer_sdk._hooks import failure_kind
+from fedkube.trainer_sdk._session import Session, SessionSettings
 from fedkube.trainer_sdk.model import (
     ReceiveTarget,
     into_params,
