@@ -7,6 +7,9 @@ num_examples, so each round moves the model by exactly 0.75. The job is an
 ordinary FLJob (model source ``file``: an .npz written to a temporary
 directory) run by the local runtime as a subprocess, so the server, the
 sidecars and the trainers are separate processes exactly as in production.
+With ``--model-source firstClient`` the server gets no file: it asks the first
+client (site-0) for its initial weights, and that trainer sends the same .npz,
+so everything after the init task, the final model included, is the same.
 
 Measured in the same run, per size:
 
@@ -34,6 +37,7 @@ One JSON line per size. Usage::
     python bench/round.py --size-mib 16 --size-mib 1024 --trainer-mode inplace
     python bench/round.py --size-mib 1024 --trainer-mode copy
     python bench/round.py --size-mib 1024 --receive fresh   # plain fk.receive(), no buffers handed back
+    python bench/round.py --size-mib 1024 --model-source firstClient   # the initial model comes from site-0
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ from round_procs import SERVER, SIDECAR, TRAINER, TreeSampler, round_times, wait
 TRAINER_SCRIPT = Path(__file__).resolve().with_name("round_trainer.py")
 MODE_ENV = "FEDKUBE_BENCH_TRAINER_MODE"  # read by round_trainer.py
 RECEIVE_ENV = "FEDKUBE_BENCH_TRAINER_RECEIVE"  # read by round_trainer.py: "into" or "fresh"
+INITIAL_MODEL_ENV = "FEDKUBE_BENCH_INITIAL_MODEL"  # read by round_trainer.py: what it answers an init task with
+MODEL_SOURCES = ("file", "firstClient")
 ARRAY_MIB = 64
 ROW = 1024  # tensors are (n // ROW, ROW): 2-D, so a shape mix-up would show
 CLIENTS = 2
@@ -127,8 +133,16 @@ def cpu_by_round(marks: list[Any]) -> list[dict[str, Any]]:
 
 
 def job_manifest(
-    model_path: Path, rounds: int, mode: str, chunk_mib: int | None = None, receive: str = "into"
+    model_path: Path,
+    rounds: int,
+    mode: str,
+    chunk_mib: int | None = None,
+    receive: str = "into",
+    model_source: str = "file",
 ) -> dict[str, Any]:
+    model: dict[str, Any] = {"source": "file", "path": str(model_path)}
+    if model_source == "firstClient":
+        model = {"source": "firstClient"}
     manifest: dict[str, Any] = {
         "apiVersion": "fedkube.dev/v1alpha1",
         "kind": "FLJob",
@@ -137,12 +151,16 @@ def job_manifest(
             "rounds": rounds,
             "minClients": CLIENTS,
             "strategy": {"name": "fedavg"},
-            "model": {"source": "file", "path": str(model_path)},
+            "model": model,
             "clients": [{"name": f"site-{i}"} for i in range(CLIENTS)],
             "trainer": {
                 "image": "local",
                 "command": [sys.executable, str(TRAINER_SCRIPT)],
-                "env": [{"name": MODE_ENV, "value": mode}, {"name": RECEIVE_ENV, "value": receive}],
+                "env": [
+                    {"name": MODE_ENV, "value": mode},
+                    {"name": RECEIVE_ENV, "value": receive},
+                    {"name": INITIAL_MODEL_ENV, "value": str(model_path)},
+                ],
             },
             "timeouts": {"roundSeconds": 3600},
         },
@@ -221,6 +239,7 @@ def measure(size_mib: int, args: argparse.Namespace) -> dict[str, Any]:
     keep = args.keep_dir is not None
     base = (
         Path(args.keep_dir) / f"{size_mib}MiB-{args.trainer_mode}-{args.receive}{'-grpc' if args.no_bulk else ''}"
+        f"{'-first-client' if args.model_source == 'firstClient' else ''}"
         if keep
         else None
     )
@@ -230,7 +249,9 @@ def measure(size_mib: int, args: argparse.Namespace) -> dict[str, Any]:
         model_path = workdir / "initial.npz"
         write_model(model_path, sizes)
         job_file = workdir / "fljob.json"
-        manifest = job_manifest(model_path, args.rounds, args.trainer_mode, args.chunk_mib, args.receive)
+        manifest = job_manifest(
+            model_path, args.rounds, args.trainer_mode, args.chunk_mib, args.receive, args.model_source
+        )
         job_file.write_text(json.dumps(manifest, indent=2))
         code, outcome, sampler, wall = run_job(workdir, job_file, args.timeout, bulk=not args.no_bulk)
         server_logs = sorted((workdir / "run" / "logs").glob("*-server.server.log"))
@@ -316,6 +337,7 @@ def report(
         "rounds": args.rounds,
         "trainer_mode": args.trainer_mode,
         "receive": args.receive,
+        "model_source": args.model_source,
         "chunk_mib": args.chunk_mib,
         "bulk": not args.no_bulk,
         "exit_code": code,
@@ -376,6 +398,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("into", "fresh"),
         default="into",
         help="into: the trainer hands last round's arrays back (fk.receive(into=...)); fresh: plain fk.receive()",
+    )
+    parser.add_argument(
+        "--model-source",
+        choices=MODEL_SOURCES,
+        default="file",
+        help="spec.model.source: file (the server loads the .npz) or firstClient (site-0's trainer sends it)",
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
