@@ -28,7 +28,8 @@ Measured in the same run, per size:
   start-up (the server sends its tasks as soon as the sidecars registered);
 * peak RSS (VmHWM) of every process under the runtime, sampled every 50 ms
   (bench/round_procs.py), and the server's peak/current RSS at the end of
-  each round (is it flat over rounds?);
+  each round (is it flat over rounds?) and when it sends round 1's tasks
+  (``server_at_start_mib``: what the initial model cost it);
 * the final model, read from the server's last checkpoint, against the
   initial model + 0.75 per round (every element, shapes and dtypes).
 
@@ -358,6 +359,11 @@ def report(
         "peak_x_s": {k: round(v / s_bytes, 3) for k, v in sorted(peaks.items())},
         "cpu_user_sys_s": {k: [round(u, 1), round(s, 1)] for k, (u, s) in sorted(cpu.items())},
         "cpu_by_round_s": cpu_by_round(sampler.rounds),
+        "server_at_start_mib": (
+            {"peak": mib(sampler.first_round.server_peak_bytes), "rss": mib(sampler.first_round.server_rss_bytes)}
+            if sampler.first_round is not None
+            else None
+        ),
         "server_by_round_mib": [
             {"round": m.round, "peak": mib(m.server_peak_bytes), "rss": mib(m.server_rss_bytes)} for m in sampler.rounds
         ],
