@@ -46,7 +46,6 @@ from fedkube.metrics.core import new_registry
 from fedkube.metrics.server import ServerMetrics
 from fedkube.protocol import INIT_TASK, TRAIN_TASK, ResultTimeouts, task_kind
 from fedkube.server.aggregate import (
-    DiscardOutcome,
     FoldAbortedError,
     InvalidResultError,
     WeightedMean,
@@ -55,6 +54,7 @@ from fedkube.server.aggregate import (
 from fedkube.server.checkpoint import check_resume_rounds, completion_message
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
+from fedkube.server.init_collector import InitCollector
 from fedkube.server.model import ModelSpec, check_result
 from fedkube.server.pool import realigned
 from fedkube.server.registry import ClientState, LoopWatch, RegistrationRejected, Registry
@@ -232,29 +232,6 @@ class JobFailed(FedkubeError):
         self.message = message
 
 
-class _InitCollector:
-    """The 'aggregator' of the init task: the one client's tensors become the initial model."""
-
-    def __init__(self) -> None:
-        self.model: dict[str, np.ndarray] = {}
-
-    def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool:
-        if name in self.model:
-            raise InvalidResultError(client, f"tensor {name!r} was sent twice")
-        self.model[name] = array
-        return True
-
-    def commit(self, client: str) -> None:
-        """Nothing to fold: the collected tensors are the model."""
-
-    def discard(self, client: str) -> DiscardOutcome:
-        self.model = {}
-        return DiscardOutcome(client, ())
-
-    def finish(self) -> dict[str, np.ndarray]:
-        return self.model
-
-
 @dataclass
 class _Download:
     """One client's result being pulled; ``key`` names this attempt in the aggregator."""
@@ -296,7 +273,7 @@ class _Round:
     number: int
     kind: str
     spec: ModelSpec | None
-    sink: RoundAggregator | _InitCollector
+    sink: RoundAggregator | InitCollector
     tasks: dict[str, str]  # site -> task id
     deadline: float
     state: RoundState | None = None
@@ -639,7 +616,7 @@ class RoundWorkflow:
                 self._pump_once(rnd.deadline)
             self._close_round(rnd)
             if site in rnd.results:
-                assert isinstance(rnd.sink, _InitCollector)
+                assert isinstance(rnd.sink, InitCollector)
                 model = rnd.sink.finish()
                 check_initial_model(model)
                 log.info("job %s: initial model from client %s (%d tensors)", self.settings.job, site, len(model))
@@ -712,7 +689,7 @@ class RoundWorkflow:
             number=number,
             kind=kind,
             spec=ModelSpec.of(model) if model is not None else None,
-            sink=self._strategy.begin_round(model) if model is not None else _InitCollector(),
+            sink=self._strategy.begin_round(model) if model is not None else InitCollector(),
             tasks={site: f"{s.job}-r{number}-{self._run_id}-{site}" for site in participants},
             deadline=now + s.round_timeout_s,
         )
@@ -952,7 +929,7 @@ class RoundWorkflow:
         """
         prev = rnd.keys.get(site)
         rnd.keys[site] = key
-        if prev is None or isinstance(rnd.sink, _InitCollector):
+        if prev is None or isinstance(rnd.sink, InitCollector):
             return
         try:
             rnd.sink.discard(prev)
@@ -1058,6 +1035,8 @@ class RoundWorkflow:
         engine = getattr(rnd.sink, "engine", None) if reuse else None
         if not isinstance(engine, WeightedMean):
             engine = None
+        # The init task's tensors become the global model: received into the aligned arrays it keeps.
+        init = rnd.sink if isinstance(rnd.sink, InitCollector) else None
         try:
             for ref in _rotated(refs, dl.site, rnd.tasks):
                 def progress(done: int, base: int = base) -> None:
@@ -1069,6 +1048,8 @@ class RoundWorkflow:
                 )  # fmt: skip
                 try:
                     out: Any = intake.target if intake is not None and intake.target is not None else None
+                    if init is not None:
+                        out = init.target(ref.name, ref.dtype, ref.shape)
                     if out is None and reuse:
                         out = buffers.get(ref.nbytes)
                         if out is None:
