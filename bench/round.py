@@ -1,7 +1,7 @@
 """Round benchmark of issue 5: a real FedAvg job through ``fedkube run``, timed and memory-profiled.
 
 The peer workload: FedAvg, 2 clients, 3 rounds, a random float32 model of S MiB
-in 64 MiB tensors (one smaller tensor when S < 64). Client ``site-i`` adds
+in 64 MiB tensors (``--tensor-mib``; one smaller tensor when S < 64). Client ``site-i`` adds
 0.5·(i+1) to every parameter (bench/round_trainer.py), both report the same
 num_examples, so each round moves the model by exactly 0.75. The job is an
 ordinary FLJob (model source ``file``: an .npz written to a temporary
@@ -85,10 +85,10 @@ TARGET_FLAT_X = 0.1  # server peak growth from round 1 to the last, as a multipl
 LARGE_MIB = 1024  # the multiples-of-S targets are judged from this size up (below, fixed costs dominate)
 
 
-def tensor_sizes(size_mib: int) -> list[int]:
-    """Element counts of the model's tensors: 64 MiB each, the remainder in one smaller tensor."""
+def tensor_sizes(size_mib: int, tensor_mib: int = ARRAY_MIB) -> list[int]:
+    """Element counts of the model's tensors: ``tensor_mib`` (64) MiB each, the remainder in one smaller tensor."""
     total = size_mib * (1 << 20) // 4
-    per = ARRAY_MIB * (1 << 20) // 4
+    per = tensor_mib * (1 << 20) // 4
     sizes = [per] * (total // per)
     if total % per:
         sizes.append(total % per)
@@ -234,13 +234,14 @@ def run_job(
 
 
 def measure(size_mib: int, args: argparse.Namespace) -> dict[str, Any]:
-    sizes = tensor_sizes(size_mib)
+    sizes = tensor_sizes(size_mib, args.tensor_mib)
     s_bytes = sum(sizes) * 4
     floor_s, scaled = floor_seconds(s_bytes, args.floor_cap_mib << 20)
     keep = args.keep_dir is not None
     base = (
         Path(args.keep_dir) / f"{size_mib}MiB-{args.trainer_mode}-{args.receive}{'-grpc' if args.no_bulk else ''}"
         f"{'-first-client' if args.model_source == 'firstClient' else ''}"
+        f"{f'-t{args.tensor_mib}' if args.tensor_mib != ARRAY_MIB else ''}"
         if keep
         else None
     )
@@ -333,7 +334,8 @@ def report(
     return {
         "bench": "round",
         "size_mib": size_mib,
-        "tensors": len(tensor_sizes(size_mib)),
+        "tensors": len(tensor_sizes(size_mib, args.tensor_mib)),
+        "tensor_mib": args.tensor_mib,
         "clients": CLIENTS,
         "rounds": args.rounds,
         "trainer_mode": args.trainer_mode,
@@ -411,6 +413,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="file",
         help="spec.model.source: file (the server loads the .npz) or firstClient (site-0's trainer sends it)",
     )
+    parser.add_argument(
+        "--tensor-mib",
+        type=int,
+        default=ARRAY_MIB,
+        help="size of the model's tensors in MiB (the server's peak grows with its largest tensor)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--chunk-mib", type=int, default=None, help="spec.transfer.chunkBytes in MiB (default: the spec's default)"
@@ -431,6 +439,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for s in args.size_mib:
         if s < 1:
             parser.error(f"--size-mib {s}: must be at least 1")
+    if args.tensor_mib < 1:
+        parser.error(f"--tensor-mib {args.tensor_mib}: must be at least 1")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     return args
