@@ -1,12 +1,15 @@
 """Round benchmark of issue 5: a real FedAvg job through ``fedkube run``, timed and memory-profiled.
 
 The peer workload: FedAvg, 2 clients, 3 rounds, a random float32 model of S MiB
-in 64 MiB tensors (one smaller tensor when S < 64). Client ``site-i`` adds
+in 64 MiB tensors (``--tensor-mib``; one smaller tensor when S < 64). Client ``site-i`` adds
 0.5·(i+1) to every parameter (bench/round_trainer.py), both report the same
 num_examples, so each round moves the model by exactly 0.75. The job is an
 ordinary FLJob (model source ``file``: an .npz written to a temporary
 directory) run by the local runtime as a subprocess, so the server, the
 sidecars and the trainers are separate processes exactly as in production.
+With ``--model-source firstClient`` the server gets no file: it asks the first
+client (site-0) for its initial weights, and that trainer sends the same .npz,
+so everything after the init task, the final model included, is the same.
 
 Measured in the same run, per size:
 
@@ -25,7 +28,8 @@ Measured in the same run, per size:
   start-up (the server sends its tasks as soon as the sidecars registered);
 * peak RSS (VmHWM) of every process under the runtime, sampled every 50 ms
   (bench/round_procs.py), and the server's peak/current RSS at the end of
-  each round (is it flat over rounds?);
+  each round (is it flat over rounds?) and when it sends round 1's tasks
+  (``server_at_start_mib``: what the initial model cost it);
 * the final model, read from the server's last checkpoint, against the
   initial model + 0.75 per round (every element, shapes and dtypes).
 
@@ -34,6 +38,7 @@ One JSON line per size. Usage::
     python bench/round.py --size-mib 16 --size-mib 1024 --trainer-mode inplace
     python bench/round.py --size-mib 1024 --trainer-mode copy
     python bench/round.py --size-mib 1024 --receive fresh   # plain fk.receive(), no buffers handed back
+    python bench/round.py --size-mib 1024 --model-source firstClient   # the initial model comes from site-0
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ from round_procs import SERVER, SIDECAR, TRAINER, TreeSampler, round_times, wait
 TRAINER_SCRIPT = Path(__file__).resolve().with_name("round_trainer.py")
 MODE_ENV = "FEDKUBE_BENCH_TRAINER_MODE"  # read by round_trainer.py
 RECEIVE_ENV = "FEDKUBE_BENCH_TRAINER_RECEIVE"  # read by round_trainer.py: "into" or "fresh"
+INITIAL_MODEL_ENV = "FEDKUBE_BENCH_INITIAL_MODEL"  # read by round_trainer.py: what it answers an init task with
+MODEL_SOURCES = ("file", "firstClient")
 ARRAY_MIB = 64
 ROW = 1024  # tensors are (n // ROW, ROW): 2-D, so a shape mix-up would show
 CLIENTS = 2
@@ -78,10 +85,10 @@ TARGET_FLAT_X = 0.1  # server peak growth from round 1 to the last, as a multipl
 LARGE_MIB = 1024  # the multiples-of-S targets are judged from this size up (below, fixed costs dominate)
 
 
-def tensor_sizes(size_mib: int) -> list[int]:
-    """Element counts of the model's tensors: 64 MiB each, the remainder in one smaller tensor."""
+def tensor_sizes(size_mib: int, tensor_mib: int = ARRAY_MIB) -> list[int]:
+    """Element counts of the model's tensors: ``tensor_mib`` (64) MiB each, the remainder in one smaller tensor."""
     total = size_mib * (1 << 20) // 4
-    per = ARRAY_MIB * (1 << 20) // 4
+    per = tensor_mib * (1 << 20) // 4
     sizes = [per] * (total // per)
     if total % per:
         sizes.append(total % per)
@@ -127,8 +134,16 @@ def cpu_by_round(marks: list[Any]) -> list[dict[str, Any]]:
 
 
 def job_manifest(
-    model_path: Path, rounds: int, mode: str, chunk_mib: int | None = None, receive: str = "into"
+    model_path: Path,
+    rounds: int,
+    mode: str,
+    chunk_mib: int | None = None,
+    receive: str = "into",
+    model_source: str = "file",
 ) -> dict[str, Any]:
+    model: dict[str, Any] = {"source": "file", "path": str(model_path)}
+    if model_source == "firstClient":
+        model = {"source": "firstClient"}
     manifest: dict[str, Any] = {
         "apiVersion": "fedkube.dev/v1alpha1",
         "kind": "FLJob",
@@ -137,12 +152,16 @@ def job_manifest(
             "rounds": rounds,
             "minClients": CLIENTS,
             "strategy": {"name": "fedavg"},
-            "model": {"source": "file", "path": str(model_path)},
+            "model": model,
             "clients": [{"name": f"site-{i}"} for i in range(CLIENTS)],
             "trainer": {
                 "image": "local",
                 "command": [sys.executable, str(TRAINER_SCRIPT)],
-                "env": [{"name": MODE_ENV, "value": mode}, {"name": RECEIVE_ENV, "value": receive}],
+                "env": [
+                    {"name": MODE_ENV, "value": mode},
+                    {"name": RECEIVE_ENV, "value": receive},
+                    {"name": INITIAL_MODEL_ENV, "value": str(model_path)},
+                ],
             },
             "timeouts": {"roundSeconds": 3600},
         },
@@ -215,12 +234,14 @@ def run_job(
 
 
 def measure(size_mib: int, args: argparse.Namespace) -> dict[str, Any]:
-    sizes = tensor_sizes(size_mib)
+    sizes = tensor_sizes(size_mib, args.tensor_mib)
     s_bytes = sum(sizes) * 4
     floor_s, scaled = floor_seconds(s_bytes, args.floor_cap_mib << 20)
     keep = args.keep_dir is not None
     base = (
         Path(args.keep_dir) / f"{size_mib}MiB-{args.trainer_mode}-{args.receive}{'-grpc' if args.no_bulk else ''}"
+        f"{'-first-client' if args.model_source == 'firstClient' else ''}"
+        f"{f'-t{args.tensor_mib}' if args.tensor_mib != ARRAY_MIB else ''}"
         if keep
         else None
     )
@@ -230,7 +251,9 @@ def measure(size_mib: int, args: argparse.Namespace) -> dict[str, Any]:
         model_path = workdir / "initial.npz"
         write_model(model_path, sizes)
         job_file = workdir / "fljob.json"
-        manifest = job_manifest(model_path, args.rounds, args.trainer_mode, args.chunk_mib, args.receive)
+        manifest = job_manifest(
+            model_path, args.rounds, args.trainer_mode, args.chunk_mib, args.receive, args.model_source
+        )
         job_file.write_text(json.dumps(manifest, indent=2))
         code, outcome, sampler, wall = run_job(workdir, job_file, args.timeout, bulk=not args.no_bulk)
         server_logs = sorted((workdir / "run" / "logs").glob("*-server.server.log"))
@@ -311,11 +334,13 @@ def report(
     return {
         "bench": "round",
         "size_mib": size_mib,
-        "tensors": len(tensor_sizes(size_mib)),
+        "tensors": len(tensor_sizes(size_mib, args.tensor_mib)),
+        "tensor_mib": args.tensor_mib,
         "clients": CLIENTS,
         "rounds": args.rounds,
         "trainer_mode": args.trainer_mode,
         "receive": args.receive,
+        "model_source": args.model_source,
         "chunk_mib": args.chunk_mib,
         "bulk": not args.no_bulk,
         "exit_code": code,
@@ -336,6 +361,11 @@ def report(
         "peak_x_s": {k: round(v / s_bytes, 3) for k, v in sorted(peaks.items())},
         "cpu_user_sys_s": {k: [round(u, 1), round(s, 1)] for k, (u, s) in sorted(cpu.items())},
         "cpu_by_round_s": cpu_by_round(sampler.rounds),
+        "server_at_start_mib": (
+            {"peak": mib(sampler.first_round.server_peak_bytes), "rss": mib(sampler.first_round.server_rss_bytes)}
+            if sampler.first_round is not None
+            else None
+        ),
         "server_by_round_mib": [
             {"round": m.round, "peak": mib(m.server_peak_bytes), "rss": mib(m.server_rss_bytes)} for m in sampler.rounds
         ],
@@ -377,6 +407,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="into",
         help="into: the trainer hands last round's arrays back (fk.receive(into=...)); fresh: plain fk.receive()",
     )
+    parser.add_argument(
+        "--model-source",
+        choices=MODEL_SOURCES,
+        default="file",
+        help="spec.model.source: file (the server loads the .npz) or firstClient (site-0's trainer sends it)",
+    )
+    parser.add_argument(
+        "--tensor-mib",
+        type=int,
+        default=ARRAY_MIB,
+        help="size of the model's tensors in MiB (the server's peak grows with its largest tensor)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--chunk-mib", type=int, default=None, help="spec.transfer.chunkBytes in MiB (default: the spec's default)"
@@ -397,6 +439,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for s in args.size_mib:
         if s < 1:
             parser.error(f"--size-mib {s}: must be at least 1")
+    if args.tensor_mib < 1:
+        parser.error(f"--tensor-mib {args.tensor_mib}: must be at least 1")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     return args

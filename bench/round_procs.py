@@ -17,7 +17,9 @@ poll took about 3 % of the machine during rounds.
 The sampler also tails the server's log and, on each "round N: completed"
 line (the round aggregated and its checkpoint handed to the background
 writer), records the server's peak and current RSS: the per-round view that
-shows whether the server's memory is flat over rounds. And it polls the
+shows whether the server's memory is flat over rounds. On the first "train
+task sent" line it records the same once more (``first_round``): what loading or
+receiving the initial model cost before the first round. And it polls the
 server's ``/status`` (port from the server process's ``FEDKUBE_STATUS_PORT``)
 every ``status_interval_s``, keeping the last document: its ``roundSeconds``
 are the per-round times, with the log's timestamps as the fallback.
@@ -40,6 +42,7 @@ from _common import current_rss, vm_hwm
 
 SERVER, SIDECAR, TRAINER = "server", "sidecar", "trainer"
 _ROUND_DONE = re.compile(r"round (\d+): completed in")
+_FIRST_TRAIN = re.compile(r"round (\d+): train task sent")
 
 
 @dataclass
@@ -97,6 +100,8 @@ class TreeSampler:
     interval_s: float = 0.05
     procs: dict[int, ProcPeak] = field(default_factory=dict)
     rounds: list[RoundMark] = field(default_factory=list)
+    first_round: RoundMark | None = None
+    """The server's memory when it sent the first round's train tasks (the initial model in place)."""
     root_peak_bytes: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -205,13 +210,22 @@ class TreeSampler:
         self._log_tail = lines.pop()  # an unfinished last line waits for the next read
         pid = self._server_pid()
         for line in lines:
+            if pid is None:
+                break
             m = _ROUND_DONE.search(line)
-            if m and pid is not None:
-                peak = vm_hwm(pid) or 0
-                rss = 0
-                with contextlib.suppress(psutil.Error, OSError):
-                    rss = current_rss(pid)
-                self.rounds.append(RoundMark(int(m.group(1)), peak, rss, self._cpu_now()))
+            if m:
+                self.rounds.append(self._mark(pid, int(m.group(1))))
+            elif self.first_round is None:
+                m = _FIRST_TRAIN.search(line)
+                if m:
+                    self.first_round = self._mark(pid, int(m.group(1)))
+
+    def _mark(self, pid: int, round_: int) -> RoundMark:
+        peak = vm_hwm(pid) or 0
+        rss = 0
+        with contextlib.suppress(psutil.Error, OSError):
+            rss = current_rss(pid)
+        return RoundMark(round_, peak, rss, self._cpu_now())
 
 
 _TS = r"^(\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}[.,]\d{3})Z?"

@@ -21,6 +21,11 @@ How it receives comes from ``FEDKUBE_BENCH_TRAINER_RECEIVE``:
 
 Every site reports the same ``num_examples`` so the FedAvg of the two offsets
 is their plain mean.
+
+With ``model.source: firstClient`` the server first sends one site an init
+task; the trainer answers it with the initial model the file source would
+have loaded (the ``.npz`` named by ``FEDKUBE_BENCH_INITIAL_MODEL``), so the
+rounds and the final model are the same as with ``model.source: file``.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ import sys
 import numpy as np
 
 import fedkube.trainer_sdk as fk
+from fedkube.protocol import INIT_TASK, TASK_KIND_KEY
 
 MODE_ENV = "FEDKUBE_BENCH_TRAINER_MODE"
 MODES = ("inplace", "copy")
 RECEIVE_ENV = "FEDKUBE_BENCH_TRAINER_RECEIVE"
 RECEIVES = ("into", "fresh")
+INITIAL_MODEL_ENV = "FEDKUBE_BENCH_INITIAL_MODEL"
 NUM_EXAMPLES = 1000
 
 
@@ -45,6 +52,15 @@ def site_offset(site: str) -> np.float32:
     if not suffix.isdigit():
         raise SystemExit(f"round_trainer: site name {site!r} must end in -<index> (e.g. site-0)")
     return np.float32(0.5 * (int(suffix) + 1))
+
+
+def initial_model() -> dict[str, np.ndarray]:
+    """The benchmark's initial weights, as ``model.source: file`` would load them."""
+    path = os.environ.get(INITIAL_MODEL_ENV)
+    if not path:
+        raise SystemExit(f"round_trainer: got an init task but {INITIAL_MODEL_ENV} is not set; fix: run bench/round.py")
+    with np.load(path, allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
 
 
 def main() -> int:
@@ -61,8 +77,15 @@ def main() -> int:
     handed_back = None
     while fk.is_running():
         model = fk.receive(into=handed_back)
+        if model.config.get(TASK_KIND_KEY) == INIT_TASK:
+            init = initial_model()
+            fk.send(fk.FLModel(params=init))
+            # The next receive() writes round 1's model into these arrays, as into last round's result.
+            handed_back = init if receive == "into" else None
+            del model, init
+            continue
         if model.params is None:
-            raise SystemExit("round_trainer: got an init task; the benchmark's FLJob must use model source file")
+            raise SystemExit(f"round_trainer: a {model.config.get(TASK_KIND_KEY)!r} task without a model")
         params = model.params
         if mode == "inplace":
             for arr in params.values():

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -52,6 +52,13 @@ class ResultSink(Protocol):
 
     def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool: ...
     def discard(self, client: str) -> DiscardOutcome: ...
+
+
+@runtime_checkable
+class ReceivesInPlace(Protocol):
+    """A sink that hands out the array each tensor is received into, and keeps it as it is (no copy)."""
+
+    def target(self, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray: ...
 
 
 # (download, ok, reason, message): how a download ended, called on its own thread.
@@ -172,6 +179,8 @@ class Downloader:
                 )  # fmt: skip
                 try:
                     out: Any = intake.target if intake is not None and intake.target is not None else None
+                    if out is None and isinstance(sink, ReceivesInPlace):
+                        out = sink.target(ref.name, ref.dtype, ref.shape)
                     if out is None and streaming is not None:
                         out = buffers.get(ref.nbytes)
                         if out is None:

@@ -31,9 +31,9 @@ import numpy as np
 from fedkube.errors import FedkubeError
 from fedkube.metrics.server import ServerMetrics
 from fedkube.protocol import INIT_TASK, TRAIN_TASK
-from fedkube.server.aggregate import DiscardOutcome, InvalidResultError
 from fedkube.server.control import ResultAnnounced
 from fedkube.server.downloads import Download, ResultSink
+from fedkube.server.init_collector import InitCollector
 from fedkube.server.model import ModelSpec, check_result
 from fedkube.server.registry import ClientRecord, ClientState, Registry, SessionLike
 from fedkube.server.rounds import RoundState
@@ -42,26 +42,6 @@ from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.service import Transaction
 
 log = logging.getLogger(__name__)
-
-
-class InitCollector:
-    """The sink of the init task: the one client's tensors become the initial model."""
-
-    def __init__(self) -> None:
-        self.model: dict[str, np.ndarray] = {}
-
-    def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool:
-        if name in self.model:
-            raise InvalidResultError(client, f"tensor {name!r} was sent twice")
-        self.model[name] = array
-        return True
-
-    def discard(self, client: str) -> DiscardOutcome:
-        self.model = {}
-        return DiscardOutcome(client, ())
-
-    def finish(self) -> dict[str, np.ndarray]:
-        return self.model
 
 
 @dataclass(kw_only=True)

@@ -221,7 +221,7 @@ class RoundWorkflow:
                 participants = self._starter.await_start(number)
                 self._progress.phase = Phase.RUNNING
                 if model is None:
-                    model = realigned(dict(self._init_from_first_client(participants)))
+                    model = realigned(self._init_from_first_client(participants))  # handed over: no other holder
                     participants = self._starter.await_start(number)
                 started = self._clock()
                 self.telemetry.round_started(number)

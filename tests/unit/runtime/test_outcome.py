@@ -8,7 +8,7 @@ from pathlib import Path
 from fedkube.runtime.cli import format_outcome
 from fedkube.runtime.local import RunOutcome
 from fedkube.runtime.pod import ContainerResult, PodResult
-from fedkube.status import ClientStatus, Phase, TerminationSummary
+from fedkube.status import ClientState, ClientStatus, Phase, TerminationSummary
 
 
 def _pod(name: str, phase: str = "Succeeded") -> PodResult:
@@ -19,7 +19,7 @@ def test_clients_the_server_summary_leaves_out_are_counted_with_where_to_see_the
     sites = [f"site-{i:03d}" for i in range(100)]
     summary = TerminationSummary(
         exit_code=0, job="big", phase=Phase.SUCCEEDED, round=3, rounds=3, completed_rounds=3,
-        clients=[ClientStatus(s, "Finished", rounds_completed=3) for s in sites],
+        clients=[ClientStatus(s, ClientState.DONE, rounds_completed=3) for s in sites],
     )  # fmt: skip
     doc = json.loads(summary.to_json())
     omitted = doc["clientsOmitted"]

@@ -8,7 +8,8 @@ from fedkube.metrics.core import new_registry
 from fedkube.metrics.server import ServerMetrics
 from fedkube.server.control import ResultAnnounced
 from fedkube.server.downloads import Download
-from fedkube.server.live_round import InitCollector, InitRound, TrainRound
+from fedkube.server.init_collector import InitCollector
+from fedkube.server.live_round import InitRound, TrainRound
 from fedkube.server.model import ModelSpec
 from fedkube.server.registry import ClientState, Registry
 from fedkube.server.rounds import RoundPolicy, RoundState
