@@ -429,7 +429,8 @@ class TerminationSummary:
         message = clip(self.message, _MESSAGE_CHARS)
 
         def encode(k: int, msg: str, metrics: bool) -> str:
-            doc = self._doc(ordered[:k], len(ordered) - k, msg, metrics)
+            # A summary read back keeps counting the clients its writer already left out.
+            doc = self._doc(ordered[:k], self.clients_omitted + len(ordered) - k, msg, metrics)
             return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
         def fits(text: str) -> bool:

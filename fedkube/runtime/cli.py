@@ -20,8 +20,17 @@ from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
 from fedkube.errors import ConfigError, FedkubeError
-from fedkube.runtime.local import LocalJobRun, RunOptions, RunOutcome, default_run_dir, new_tokens, render_job
+from fedkube.runtime.local import (
+    LocalJobRun,
+    RunOptions,
+    RunOutcome,
+    default_run_dir,
+    new_tokens,
+    render_job,
+    summary_document,
+)
 from fedkube.runtime.process import OutputSink, QuietSink, StreamSink
+from fedkube.status import TERMINATION_LIMIT, ClientState
 
 if TYPE_CHECKING:
     from fedkube.runtime.progress import ProgressDisplay
@@ -145,7 +154,8 @@ def execute(run: LocalJobRun, display: ProgressDisplay | None = None, out: IO[st
             if display is not None and outcome.summary is not None:
                 from fedkube.runtime.progress import parse_status
 
-                display.update(parse_status(outcome.summary))  # the bar ends on the final state, not the last poll
+                # The bar ends on the final state, not the last poll.
+                display.update(parse_status(summary_document(outcome.summary)))
             return outcome
         finally:
             run.stop_all()  # whatever happened, no process outlives the run
@@ -157,7 +167,7 @@ def outcome_json(job_name: str, outcome: RunOutcome) -> dict[str, Any]:
         "job": job_name,
         "outcome": OUTCOMES.get(outcome.exit_code, "Failed"),
         "exitCode": outcome.exit_code,
-        "summary": outcome.summary,
+        "summary": summary_document(outcome.summary) if outcome.summary is not None else None,
         "pods": {
             name: {
                 "phase": result.phase,
@@ -189,26 +199,20 @@ def format_outcome(job_name: str, outcome: RunOutcome) -> str:
     """The final summary of a run for a person."""
     verdict = OUTCOMES.get(outcome.exit_code, "Failed")
     lines = [f"job {job_name}: {verdict} (exit code {outcome.exit_code})"]
-    summary = outcome.summary or {}
-    if summary.get("round") is not None or summary.get("rounds") is not None:
-        lines.append(f"  rounds: {summary.get('round', '?')}/{summary.get('rounds', '?')}")
-    for key in ("reason", "message"):
-        if summary.get(key):
-            lines.append(f"  {key}: {summary[key]}")
-    clients = summary.get("clients")
-    if isinstance(clients, dict):
-        clients = [dict(v, name=k) if isinstance(v, dict) else {"name": k, "state": v} for k, v in clients.items()]
+    summary = outcome.summary
     listed: set[str] = set()
-    if isinstance(clients, list):
-        for c in clients:
-            if isinstance(c, dict):
-                reason = f" ({c['reason']})" if c.get("reason") else ""
-                name = str(c.get("name", c.get("site", "?")))
-                listed.add(name)
-                lines.append(f"  client {name}: {c.get('state', '?')}{reason}")
-    omitted = summary.get("clientsOmitted")
-    if isinstance(omitted, int) and omitted > 0:
-        lines.append(_omitted_line(omitted, listed, outcome))
+    if summary is not None:
+        lines.append(f"  rounds: {summary.round}/{summary.rounds}")
+        if summary.reason:
+            lines.append(f"  reason: {summary.reason}")
+        if summary.message:
+            lines.append(f"  message: {summary.message}")
+        for c in summary.clients:
+            listed.add(c.name)
+            reason = f" ({c.reason})" if c.reason else ""
+            lines.append(f"  client {c.name}: {ClientState(c.state).value}{reason}")
+        if summary.clients_omitted > 0:
+            lines.append(_omitted_line(summary.clients_omitted, listed, outcome))
     for note in outcome.notes:
         lines.append(f"  note: {note}")
     lines.append(f"  logs: {outcome.run_dir / 'logs'}")
@@ -216,7 +220,7 @@ def format_outcome(job_name: str, outcome: RunOutcome) -> str:
 
 
 def _omitted_line(omitted: int, listed: set[str], outcome: RunOutcome) -> str:
-    # The server's termination summary is capped at 4096 bytes (a Kubernetes termination
+    # The server's termination summary is capped at TERMINATION_LIMIT bytes (a Kubernetes termination
     # message), leaving healthy clients out first; the runtime still knows every client pod.
     phases: dict[str, int] = {}
     for pod, site in outcome.client_sites.items():
@@ -225,8 +229,8 @@ def _omitted_line(omitted: int, listed: set[str], outcome: RunOutcome) -> str:
             phases[result.phase] = phases.get(result.phase, 0) + 1
     pods = f"; their pods: {', '.join(f'{n} {p}' for p, n in sorted(phases.items()))}" if phases else ""
     return (
-        f"  \u2026 and {omitted} more client(s) the server's summary leaves out (it is capped at 4096 bytes and "
-        f"drops healthy clients first){pods}; to see all: `--json` lists every pod, "
+        f"  \u2026 and {omitted} more client(s) the server's summary leaves out (it is capped at {TERMINATION_LIMIT} "
+        f"bytes and drops healthy clients first){pods}; to see all: `--json` lists every pod, "
         f"{outcome.run_dir / 'logs'}/<job>-client-<site>.*.log holds each client's log"
     )
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import secrets
 import socket
+import stat
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -29,8 +31,12 @@ from fedkube.runtime.pod import SIDECAR_EXIT_ON_STOP, ManifestObjects, PodOption
 from fedkube.runtime.process import OutputSink, StreamSink
 from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
 from fedkube.runtime.rundir import RunDirLock, default_run_dir
+from fedkube.status import STATUS_LIMIT, TERMINATION_LIMIT, ClientState, SummaryError, TerminationSummary
 
-__all__ = ["LocalJobRun", "RunOptions", "RunOutcome", "default_run_dir", "new_tokens", "render_job"]
+__all__ = [
+    "LocalJobRun", "RunOptions", "RunOutcome", "default_run_dir", "new_tokens", "read_summary_file", "render_job",
+    "summary_document",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +65,8 @@ class RunOutcome:
     """The result of a local run."""
 
     exit_code: int
-    summary: dict[str, Any] | None  # the server's termination summary (JSON), if it wrote one
+    summary: TerminationSummary | None
+    """The server's termination summary, if it wrote one that reads as one (otherwise a note says what was wrong)."""
     pods: Mapping[str, PodResult]
     notes: tuple[str, ...]  # things a person should know that did not change the outcome
     run_dir: Path
@@ -186,9 +193,16 @@ class LocalJobRun:
             self._grace_for_clients()
         results = {name: self._final(run) for name, run in self._pods.items()}
         server_result = results[server.name]
-        summary = self._read_summary(server)
+        summary, problem = self._read_summary(server)
         exit_code = EXIT_INTERRUPTED if interrupted else _server_exit_code(server_result)
         notes = self._notes(results, server.name, exit_code, summary)
+        if problem:
+            logs = self.options.run_dir / "logs"
+            notes.insert(
+                0,
+                f"the server's termination summary was ignored: {problem}; the outcome comes from the server's exit "
+                f"code alone; what the server did is in {logs}/{server.name}.*.log",
+            )
         return RunOutcome(
             exit_code=exit_code,
             summary=summary,
@@ -264,23 +278,22 @@ class LocalJobRun:
             raise RuntimeError(f"pod {run.key} did not stop within {bound:.0f} s")
         return result
 
-    def _read_summary(self, server: PodRun) -> dict[str, Any] | None:
+    def _read_summary(self, server: PodRun) -> tuple[TerminationSummary | None, str]:
+        """The server's summary, or None and what was wrong with the file it wrote ("" when it wrote none)."""
         for path in sorted(server.dir.glob("*.termination-log")):
-            text = path.read_text(errors="replace").strip()
-            if not text:
-                continue
             try:
-                value = json.loads(text)
-            except json.JSONDecodeError:
-                logger.warning(
-                    "job %s: the server's termination summary %s is not JSON: %.200s", self.job_name, path, text
-                )
-                return {"message": text}
-            return value if isinstance(value, dict) else {"summary": value}
-        return None
+                summary = read_summary_file(path)
+            except (OSError, SummaryError) as exc:
+                # Another process wrote this file: whatever it holds, the run reports it and goes on.
+                problem = f"{path}: {exc}"
+                logger.warning("job %s: the server's termination summary is unusable: %s", self.job_name, problem)
+                return None, problem
+            if summary is not None:
+                return summary, ""
+        return None, ""
 
     def _notes(
-        self, results: Mapping[str, PodResult], server_name: str, exit_code: int, summary: Mapping[str, Any] | None
+        self, results: Mapping[str, PodResult], server_name: str, exit_code: int, summary: TerminationSummary | None
     ) -> list[str]:
         notes: list[str] = []
         judged = _client_states(summary)
@@ -304,26 +317,50 @@ class LocalJobRun:
         return notes
 
 
-_UNHEALTHY = ("Failed", "Lost")
+def read_summary_file(path: Path) -> TerminationSummary | None:
+    """The termination summary in ``path``; None when the file is empty.
+
+    The file comes from another process, so at most ``TERMINATION_LIMIT`` + 1
+    bytes of it are read, and only from a regular file (a FIFO put there would
+    block the runtime, a device could be endless). SummaryError says what is
+    wrong with it (size, JSON, the field) in ``fedkube.status``'s words.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise SummaryError("it is not a regular file; the server writes its summary as one")
+        data = f.read(TERMINATION_LIMIT + 1)
+    if len(data) > TERMINATION_LIMIT:
+        size = max(info.st_size, len(data))
+        raise SummaryError(
+            f"it is {size} bytes, more than the {TERMINATION_LIMIT} a termination summary may have "
+            "(Kubernetes keeps no more of a termination message)"
+        )
+    if not data.strip():
+        return None
+    return TerminationSummary.from_json(data)
 
 
-def _client_states(summary: Mapping[str, Any] | None) -> dict[str, tuple[str, str]]:
+def summary_document(summary: TerminationSummary) -> dict[str, Any]:
+    """``summary`` as the JSON document the server writes (camelCase keys), for ``--json`` and the progress bar."""
+    # A limit far above TERMINATION_LIMIT: a summary already read keeps every client it lists.
+    doc: dict[str, Any] = json.loads(summary.to_json(limit=STATUS_LIMIT))
+    return doc
+
+
+def _client_states(summary: TerminationSummary | None) -> dict[str, tuple[ClientState, str]]:
     """site -> (state, reason) of each client the server's summary lists."""
-    clients = (summary or {}).get("clients")
-    if not isinstance(clients, list):
+    if summary is None:
         return {}
-    return {
-        str(c["name"]): (str(c.get("state", "")), str(c.get("reason", "")))
-        for c in clients
-        if isinstance(c, dict) and "name" in c
-    }
+    return {c.name: (ClientState(c.state), c.reason) for c in summary.clients}
 
 
-def _when(judged: tuple[str, str] | None, exit_code: int) -> str:
+def _when(judged: tuple[ClientState, str] | None, exit_code: int) -> str:
     """What a client container's non-zero exit meant, as far as the server's summary tells."""
-    if judged is not None and judged[0] in _UNHEALTHY:
+    if judged is not None and judged[0].unhealthy:
         state, reason = judged
-        return f" during the job (the server marked the client {state}{f': {reason}' if reason else ''})"
+        return f" during the job (the server marked the client {state.value}{f': {reason}' if reason else ''})"
     if exit_code == 0:
         # The server did not count this client failed (failed and lost clients are the last ones
         # its summary leaves out): the exit came after the client's part was done.

@@ -1,28 +1,8 @@
 """Run one Kubernetes Pod manifest as local processes (a tiny kubelet).
 
-What a pod gets on Kubernetes and must differ on one machine is rewritten here,
-and only here:
-
-* **Ports and addresses.** Each (pod, port) has its own localhost port. With
-  ``PodOptions.ports_reported`` (``fedkube run``) a container with port
-  variables (``FEDKUBE_*_PORT``) binds ports the OS picks and reports them in
-  ``FEDKUBE_PORTS_FILE`` (``fedkube.portfile``); otherwise the variables are
-  rewritten to ports reserved in advance. Address variables
-  (``FEDKUBE_*_ADDRESS``) go through the ``LocalResolver``: loopback stays in
-  the pod, a Service name goes to the pod behind it.
-* **Volumes.** Secret and ConfigMap volumes are written as files (mode kept);
-  emptyDir is a fresh directory per pod; a PersistentVolumeClaim is a directory
-  under the run dir that outlives the pod (so a restarted server finds its
-  checkpoint); hostPath is used as is. Every path in env, command, args and
-  ``workingDir`` under a mount path is rewritten to the local directory, and
-  the termination-message path becomes a file in the pod's directory.
-* **Programs.** ``python``/``python3`` is the interpreter running fedkube (the
-  user's virtualenv); ``fedkube`` is the console script next to it. A relative
-  command/argument naming a file that exists in ``base_dir`` (the job file's
-  directory, standing in for the trainer image's contents) is made absolute,
-  and ``base_dir`` is put on ``PYTHONPATH``, because each container's working
-  directory is its pod's own fresh directory (LESSONS.md 24), not the
-  directory the user's files are in.
+``fedkube.runtime.mapping`` rewrites what a pod gets on Kubernetes and must
+differ on one machine (ports, addresses, volumes, env, programs) into one
+``ProcessSpec`` per container; this module runs and supervises them.
 
 Container order follows Kubernetes: plain init containers run to completion
 one after the other; native sidecars (init containers with ``restartPolicy:
@@ -37,13 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import socket
-import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,70 +28,23 @@ from typing import Any
 
 from fedkube import envvars, portfile
 from fedkube.errors import ConfigError, FedkubeError
-from fedkube.runtime.objects import ApiObjects, ManifestObjects, ObjectLookup, object_files, write_files
-from fedkube.runtime.process import ManagedProcess, OutputSink, ProcessSpec, StreamSink
-from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
+from fedkube.runtime.mapping import PORT_VARS, PodMapping, fedkube_command
+from fedkube.runtime.objects import ApiObjects, ManifestObjects, ObjectLookup
+from fedkube.runtime.podtypes import ContainerResult, ContainerStatus, PodOptions, PodResult
+from fedkube.runtime.process import ManagedProcess, ProcessSpec
+from fedkube.runtime.resolver import LOCAL_HOST, pod_key_of
 
 logger = logging.getLogger(__name__)
 
+# ApiObjects, ManifestObjects, ObjectLookup and fedkube_command are re-exported: callers build a pod run from here.
 __all__ = [
     "SIDECAR_EXIT_ON_STOP", "ApiObjects", "ContainerResult", "ContainerStatus", "ManifestObjects", "ObjectLookup",
     "PodOptions", "PodResult", "PodRun", "fedkube_command", "run_pod",
 ]
 
-PORT_VARS = frozenset(
-    {envvars.GRPC_PORT, envvars.BULK_PORT, envvars.STATUS_PORT, envvars.METRICS_PORT, envvars.TRAINER_PORT}
-)
-ADDRESS_VARS = frozenset({envvars.SERVER_ADDRESS, envvars.SERVER_BULK_ADDRESS, envvars.SIDECAR_ADDRESS})
-DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 # The local runtime's own switch for the sidecar: leave after the job's Stop
 # instead of waiting for a SIGTERM that only Kubernetes would send.
 SIDECAR_EXIT_ON_STOP = envvars.SIDECAR_EXIT_ON_STOP
-
-
-@dataclass
-class PodOptions:
-    """How ``run_pod`` maps a pod onto this machine."""
-
-    run_dir: Path  # pods/<name>/ and volumes/ go here
-    resolver: LocalResolver
-    objects: ObjectLookup
-    sink: OutputSink = field(default_factory=StreamSink)
-    base_dir: Path | None = None  # where relative script paths of containers resolve
-    extra_env: Mapping[str, str] = field(default_factory=dict)  # added to every container
-    sidecar_ready_timeout_s: float = 20.0
-    sidecar_grace_s: float = 10.0
-    stop_grace_s: float = 5.0  # SIGTERM -> SIGKILL
-    sidecar_max_restarts: int = 5
-    prefix: Callable[[Mapping[str, Any], str], str] | None = None  # console prefix for (pod, container)
-    # True (fedkube run): a container with port variables binds ports the OS picks and reports them in
-    # FEDKUBE_PORTS_FILE (fedkube.portfile), and the pod's next containers start once it did. False:
-    # the resolver reserves each port in advance (for stand-in processes that bind the number given).
-    ports_reported: bool = False
-
-
-@dataclass(frozen=True)
-class ContainerResult:
-    """How one container ended."""
-
-    name: str
-    exit_code: int | None  # None: never started
-    stopped_by_runtime: bool  # ended by SIGTERM/SIGKILL from the runtime, not by itself
-    restarts: int = 0
-
-
-@dataclass(frozen=True)
-class PodResult:
-    """How a pod ended: phase as Kubernetes would report it, plus each container's exit."""
-
-    name: str
-    phase: str  # "Succeeded" or "Failed"
-    containers: tuple[ContainerResult, ...]
-    message: str = ""
-
-    def container(self, name: str) -> ContainerResult | None:
-        """The result of the container called ``name``, if it exists."""
-        return next((c for c in self.containers if c.name == name), None)
 
 
 @dataclass
@@ -131,25 +61,6 @@ class _Container:
     reported: bool = False
 
 
-@dataclass
-class ContainerStatus:
-    """One container as a kubelet reports it (the fields of a Pod's containerStatuses)."""
-
-    name: str
-    kind: str  # "init", "sidecar" or "main"
-    image: str = ""
-    started_at: str | None = None  # RFC 3339, UTC
-    finished_at: str | None = None
-    exit_code: int | None = None
-    reason: str = ""  # Completed, Error
-    message: str = ""  # the termination message the container wrote
-
-    @property
-    def running(self) -> bool:
-        """Started and not yet finished."""
-        return self.started_at is not None and self.finished_at is None
-
-
 class PodRun:
     """A pod running as local processes; ``wait()`` for its result, ``stop()`` to end it."""
 
@@ -163,7 +74,7 @@ class PodRun:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._containers: list[_Container] = []
-        self._volumes: dict[str, Path] = {}
+        self._mapping = PodMapping(pod, options, self.dir)
         self._result: PodResult | None = None
         self._phase = "Pending"
         self._thread: threading.Thread | None = None
@@ -248,13 +159,13 @@ class PodRun:
     def _prepare(self) -> list[_Container]:
         spec = self.pod.get("spec", {})
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._volumes = {str(v["name"]): self._materialize(v) for v in spec.get("volumes", []) or []}
+        self._mapping.materialize_volumes()
         containers: list[_Container] = []
         for manifest in spec.get("initContainers", []) or []:
             kind = "sidecar" if manifest.get("restartPolicy") == "Always" else "init"
-            containers.append(_Container(manifest, self._process_spec(manifest), kind))
+            containers.append(_Container(manifest, self._mapping.process_spec(manifest), kind))
         for manifest in spec.get("containers", []) or []:
-            containers.append(_Container(manifest, self._process_spec(manifest), "main"))
+            containers.append(_Container(manifest, self._mapping.process_spec(manifest), "main"))
         if not any(c.kind == "main" for c in containers):
             raise ConfigError(f"pod {self.key} has no containers; fix: give spec.containers at least one entry")
         if self.options.ports_reported:
@@ -269,193 +180,10 @@ class PodRun:
                         self.options.resolver.expect(self.key, port)
         return containers
 
-    def _materialize(self, volume: Mapping[str, Any]) -> Path:
-        name = str(volume["name"])
-        namespace = self.key.split("/", 1)[0]
-        target = self.dir / "volumes" / name
-        if "emptyDir" in volume:
-            shutil.rmtree(target, ignore_errors=True)  # a new pod gets an empty directory
-            target.mkdir(parents=True)
-            return target
-        if "persistentVolumeClaim" in volume:
-            claim = str(volume["persistentVolumeClaim"]["claimName"])
-            path = self.options.run_dir / "volumes" / f"{namespace}-{claim}"
-            path.mkdir(parents=True, exist_ok=True)
-            return path
-        if "hostPath" in volume:
-            return Path(str(volume["hostPath"]["path"]))
-        for kind, field_name, ref_key in (("Secret", "secret", "secretName"), ("ConfigMap", "configMap", "name")):
-            if field_name in volume:
-                source = volume[field_name]
-                obj = self.options.objects.get(kind, namespace, str(source.get(ref_key)))
-                if obj is None:
-                    if source.get("optional"):
-                        target.mkdir(parents=True, exist_ok=True)
-                        return target
-                    raise ConfigError(
-                        f"pod {self.key}: volume {name!r} needs {kind} {source.get(ref_key)!r}, which does not exist; "
-                        f"fix: create the {kind} before the pod"
-                    )
-                shutil.rmtree(target, ignore_errors=True)
-                target.mkdir(parents=True)
-                write_files(target, object_files(obj), source.get("items"), source.get("defaultMode"))
-                return target
-        raise ConfigError(
-            f"pod {self.key}: volume {name!r} has a type the local runtime cannot provide "
-            f"({sorted(k for k in volume if k != 'name')}); fix: use emptyDir, secret, configMap, "
-            "persistentVolumeClaim or hostPath"
-        )
-
-    def _process_spec(self, manifest: Mapping[str, Any], *, resolve: bool = False) -> ProcessSpec:
-        """The process of container ``manifest``; addresses go through the resolver only with ``resolve``.
-
-        With ``ports_reported`` the addresses may name ports a container of this pod has yet to
-        report, so the spec is built again, resolved, when the container starts.
-        """
-        volumes = self._volumes
-        resolve = resolve or not self.options.ports_reported
-        cname = str(manifest.get("name", ""))
-        mounts: list[tuple[str, Path]] = []
-        for mount in manifest.get("volumeMounts", []) or []:
-            vol = str(mount["name"])
-            if vol not in volumes:
-                raise ConfigError(
-                    f"pod {self.key}: container {cname!r} mounts volume {vol!r}, which the pod does not declare; "
-                    "fix: add it to spec.volumes"
-                )
-            local = volumes[vol] / mount["subPath"] if mount.get("subPath") else volumes[vol]
-            mounts.append((str(mount["mountPath"]).rstrip("/") or "/", local))
-        mounts.sort(key=lambda m: len(m[0]), reverse=True)
-        termination = str(manifest.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH)
-        termination_local = self.dir / f"{cname}.termination-log"
-        termination_local.unlink(missing_ok=True)  # a reused run dir must not show an old run's message
-
-        def local_path(value: str) -> str:
-            if value == termination:
-                return str(termination_local)
-            for mount_path, local in mounts:
-                if value == mount_path:
-                    return str(local)
-                if value.startswith(mount_path + "/"):
-                    return str(local / value[len(mount_path) + 1 :])
-            return value
-
-        env = self._env(manifest, local_path, resolve)
-        if self.options.ports_reported and any(v.isdigit() and int(v) for k, v in env.items() if k in PORT_VARS):
-            env[envvars.PORTS_FILE] = str(self.dir / f"{cname}.ports")
-        tmp = local_path("/tmp")
-        if tmp != "/tmp":  # an emptyDir at /tmp: make programs use it, as they would in the pod
-            env["TMPDIR"] = tmp
-        working_dir = manifest.get("workingDir")
-        mapped = local_path(str(working_dir)) if working_dir else None
-        # A workingDir outside every mount is a directory of the image; here
-        # every container gets its own fresh directory instead (LESSONS.md 24).
-        # The pod's own FEDKUBE_WORKDIR (an emptyDir) is the next best choice.
-        workdir = env.get(envvars.WORKDIR, "")
-        if mapped and mapped != working_dir:
-            cwd = Path(mapped)
-        elif workdir.startswith(str(self.dir)):
-            cwd = Path(workdir)
-        else:
-            cwd = self.dir / "work" / cname
-        if envvars.WORKDIR in env and not workdir.startswith(str(self.dir)):
-            env[envvars.WORKDIR] = str(cwd)
-        argv = self._argv(manifest, local_path)
-        if self.options.base_dir is not None:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.options.base_dir), env.get("PYTHONPATH")) if p)
-        prefix = self.options.prefix(self.pod, cname) if self.options.prefix else f"{self.name} {cname}"
-        return ProcessSpec(
-            name=prefix,
-            argv=argv,
-            env=env,
-            cwd=cwd,
-            log_path=self.options.run_dir / "logs" / f"{self.name}.{cname}.log",
-        )
-
-    def _env(self, manifest: Mapping[str, Any], local_path: Callable[[str], str], resolve: bool) -> dict[str, str]:
-        # The host environment (PATH, HOME, the virtualenv) minus fedkube's own
-        # settings, which must come from the manifest only.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FEDKUBE_")}
-        env["PYTHONUNBUFFERED"] = "1"  # output reaches the console as it happens
-        for entry in manifest.get("env", []) or []:
-            name = str(entry["name"])
-            if "value" in entry:
-                value = str(entry["value"] if entry["value"] is not None else "")
-            elif "valueFrom" in entry:
-                value = self._value_from(name, entry["valueFrom"])
-            else:
-                value = ""
-            env[name] = self._rewrite_env(name, value, local_path, resolve)
-        env.update(self.options.extra_env)
-        return env
-
-    def _rewrite_env(self, name: str, value: str, local_path: Callable[[str], str], resolve: bool) -> str:
-        if name in PORT_VARS and value.isdigit() and int(value) > 0:
-            if self.options.ports_reported:
-                return value  # only says the listener is on: the process binds a port of its own and reports it
-            return str(self.options.resolver.local_port(self.key, int(value)))
-        if name in ADDRESS_VARS:
-            return self.options.resolver.resolve(self.key, value) if resolve else value
-        return local_path(value) if value.startswith("/") else value
-
-    def _value_from(self, name: str, source: Mapping[str, Any]) -> str:
-        meta = self.pod.get("metadata", {})
-        namespace = self.key.split("/", 1)[0]
-        if "fieldRef" in source:
-            path = str(source["fieldRef"].get("fieldPath"))
-            fields = {
-                "metadata.name": str(meta.get("name", "")),
-                "metadata.namespace": namespace,
-                "status.podIP": LOCAL_HOST,
-                "status.hostIP": LOCAL_HOST,
-                "spec.nodeName": "localhost",
-            }
-            if path in fields:
-                return fields[path]
-            if path.startswith("metadata.labels['") and path.endswith("']"):
-                return str(meta.get("labels", {}).get(path[len("metadata.labels['") : -2], ""))
-        for kind, ref in (("Secret", "secretKeyRef"), ("ConfigMap", "configMapKeyRef")):
-            if ref in source:
-                obj = self.options.objects.get(kind, namespace, str(source[ref].get("name")))
-                files = object_files(obj) if obj is not None else {}
-                key = str(source[ref].get("key"))
-                if key in files:
-                    return files[key].decode("utf-8")
-                if source[ref].get("optional"):
-                    return ""
-        raise ConfigError(
-            f"pod {self.key}: env var {name!r} has a valueFrom the local runtime cannot resolve ({dict(source)}); "
-            "fix: use a literal value, fieldRef (name/namespace/podIP/labels), secretKeyRef or configMapKeyRef"
-        )
-
-    def _argv(self, manifest: Mapping[str, Any], local_path: Callable[[str], str]) -> list[str]:
-        argv = [str(a) for a in [*(manifest.get("command") or []), *(manifest.get("args") or [])]]
-        if not argv:
-            raise ConfigError(
-                f"pod {self.key}: container {manifest.get('name')!r} has no command; the local runtime has no image "
-                "entrypoint to fall back to; fix: set command in the container template"
-            )
-        argv = [local_path(a) if a.startswith("/") else a for a in argv]
-        program = argv[0]
-        if program in ("python", "python3"):
-            argv[0] = sys.executable
-        elif program == "fedkube":
-            argv[0:1] = fedkube_command()
-        base = self.options.base_dir
-        if base is not None:
-            for i, arg in enumerate(argv):
-                if i == 0 and arg != program:
-                    continue
-                if arg and not arg.startswith(("-", "/")) and not any(ch.isspace() for ch in arg):
-                    candidate = base / arg
-                    if candidate.is_file():
-                        argv[i] = str(candidate.resolve())
-        return argv
-
     # --- supervision ----------------------------------------------------------
     def _start(self, container: _Container) -> None:
         if self.options.ports_reported:
-            container.spec = self._process_spec(container.manifest, resolve=True)
+            container.spec = self._mapping.process_spec(container.manifest, resolve=True)
         process = ManagedProcess(container.spec, self.options.sink)
         process.start()
         with self._lock:
@@ -644,14 +372,3 @@ def _exit_code(returncode: int | None) -> int | None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def fedkube_command() -> list[str]:
-    """How to start the ``fedkube`` command of this installation."""
-    script = Path(sys.executable).parent / "fedkube"
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    found = shutil.which("fedkube")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from fedkube.cli import main; sys.exit(main(sys.argv[1:]))"]

@@ -5,7 +5,8 @@ The display reads only the status document the server serves for the operator
 (:class:`fedkube.status.JobStatus`), so what ``fedkube run`` shows is what
 Kubernetes will show. :func:`parse_status` turns a document into the view and
 is tolerant of missing fields, because the run's final update comes from the
-termination summary as the runtime read it (a plain dict).
+termination summary (``fedkube.runtime.local.summary_document``), which has
+fewer fields than the status document.
 """
 
 from __future__ import annotations

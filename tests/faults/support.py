@@ -71,12 +71,14 @@ from fedkube.runtime.local import (
     RunOutcome,
     new_tokens,
     render_job,
+    summary_document,
 )
 from fedkube.runtime.pod import SIDECAR_EXIT_ON_STOP, ManifestObjects, PodOptions, PodResult, PodRun, run_pod
 from fedkube.runtime.process import ManagedProcess
 from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
 from fedkube.server import checkpoint
 from fedkube.spec import parse_job
+from fedkube.status import Phase
 from tests.support import waiting
 
 log = logging.getLogger(__name__)
@@ -535,9 +537,9 @@ class LocalJob(Job):
         outcome = self.result(timeout)
         assert outcome.exit_code == 0, outcome.notes
         summary = outcome.summary
-        assert summary is not None and summary["phase"] == "Succeeded" and summary["completedRounds"] == rounds, (
+        assert summary is not None and summary.phase == Phase.SUCCEEDED and summary.completed_rounds == rounds, (
             summary)
-        return outcome, summary
+        return outcome, summary_document(summary)
 
     def _over(self) -> str | None:
         if self._thread is None or self._thread.is_alive():

@@ -18,9 +18,11 @@ import psutil
 import pytest
 
 from fedkube import envvars
+from fedkube.runtime.cli import format_outcome, outcome_json
 from fedkube.runtime.local import LocalJobRun, RunOptions
 from fedkube.runtime.pod import ManifestObjects, PodOptions, run_pod
 from fedkube.runtime.resolver import LocalResolver
+from fedkube.status import Phase
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -243,10 +245,11 @@ LISTEN = """
     portfile.report(ports_file, {"FEDKUBE_GRPC_PORT": s.getsockname()[1]})
 """
 
-SERVER_OK = LISTEN + """
+SUMMARY_OK = {"exitCode": 0, "job": "job", "phase": "Succeeded", "round": 3, "rounds": 3, "completedRounds": 3}
+SERVER_OK = LISTEN + f"""
     import json, os, socket, time
     time.sleep(0.5)
-    open(os.environ["FEDKUBE_TERMINATION_LOG"], "w").write(json.dumps({"phase": "Succeeded", "round": 3, "rounds": 3}))
+    open(os.environ["FEDKUBE_TERMINATION_LOG"], "w").write(json.dumps({SUMMARY_OK!r}))
 """
 
 
@@ -264,7 +267,9 @@ def test_server_exit_decides_and_trainer_teardown_noise_is_only_noted(tmp_path: 
     outcome = run.wait()
     run.stop_all()
     assert outcome.exit_code == 0
-    assert outcome.summary == {"phase": "Succeeded", "round": 3, "rounds": 3}
+    assert outcome.summary is not None
+    assert (outcome.summary.phase, outcome.summary.round, outcome.summary.rounds) == (Phase.SUCCEEDED, 3, 3)
+    assert outcome_json("job", outcome)["summary"] == SUMMARY_OK | {"clients": []}
     assert ("site-a trainer", "reached the server through its Service name") in sink.lines
     assert any("site-a trainer: exited with code 1" in n and "teardown noise" in n for n in outcome.notes)
 
@@ -280,6 +285,44 @@ def test_server_failure_and_config_error_codes_pass_through(tmp_path: Path, code
     run.stop_all()
     assert outcome.exit_code == code
     assert outcome.summary is None
+
+
+# What a hostile or broken server could leave at its termination-message path.
+HOSTILE_SUMMARIES = {
+    "oversized": "open(path, 'wb').truncate(64 << 20)",  # 64 MiB: the runtime must not read it whole
+    "nesting": "open(path, 'w').write('[' * 4000)",
+    "wrong-types": "open(path, 'w').write(json.dumps({'exitCode': '0', 'job': 7, 'phase': 'Done', 'round': -1}))",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_SUMMARIES))
+def test_a_hostile_summary_is_reported_clearly_and_the_exit_code_decides(tmp_path: Path, kind: str) -> None:
+    server = LISTEN + f"""
+    import json, os, sys
+    path = os.environ["FEDKUBE_TERMINATION_LOG"]
+    {HOSTILE_SUMMARIES[kind]}
+    sys.exit(1)
+"""
+    run = LocalJobRun(
+        _job_manifests(server, "print('ok')"), RunOptions(run_dir=tmp_path, sink=CollectSink()), job_name="job"
+    )
+    run.start()
+    outcome = run.wait()
+    run.stop_all()
+    assert outcome.exit_code == 1 and outcome.summary is None  # the exit code decides, as with no summary
+    path = tmp_path / "pods" / "job-server" / "server.termination-log"
+    note = outcome.notes[0]
+    assert f"termination summary was ignored: {path}: " in note and "exit code" in note, outcome.notes
+    expected = {
+        "oversized": f"{64 << 20} bytes, more than the 4096",
+        "nesting": "not valid JSON",
+        "wrong-types": "termination summary.exitCode: expected int, got '0'",
+    }[kind]
+    assert expected in note
+    text = format_outcome("job", outcome)
+    assert text.startswith("job job: Failed (exit code 1)") and note in text and "rounds:" not in text
+    doc = json.loads(json.dumps(outcome_json("job", outcome)))
+    assert doc["summary"] is None and doc["notes"][0] == note
 
 
 def test_clients_still_running_after_the_grace_are_stopped(tmp_path: Path) -> None:
