@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fedkube.runtime.local import summary_document
 from tests.faults.support import FAILURES, LocalJob, assert_knob_aggregate, clients_of, job_doc, knob_steps
 
 pytestmark = pytest.mark.timeout(90)
@@ -62,8 +63,9 @@ def test_exception_below_quorum_fails_the_job_with_quorum_lost_naming_the_client
     assert "site-b: Exception" in status["message"] and INJECTED in status["message"], status["message"]
     assert {r: v for r, v in m.by(FAILURES, "reason").items() if v} == {"Exception": 1.0}
     assert outcome.exit_code == 1
-    summary = outcome.summary
-    assert summary is not None and summary["phase"] == "Failed" and summary["reason"] == "QuorumLost"
+    assert outcome.summary is not None
+    summary = summary_document(outcome.summary)
+    assert summary["phase"] == "Failed" and summary["reason"] == "QuorumLost"
     assert "site-b: Exception" in summary["message"]
     b = clients_of(summary)["site-b"]
     assert (b["state"], b["reason"]) == ("Failed", "Exception")
