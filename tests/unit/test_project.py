@@ -44,6 +44,9 @@ LAYERS = [
      "the transfer layer is the bottom layer and torch-free"),
     ("spec", ("grpc", "fedkube.server", "fedkube.sidecar", "fedkube.operator", "fedkube.runtime", "torch"),
      "the spec model is pure"),
+    ("security", ("fedkube.server", "fedkube.sidecar", "fedkube.operator", "fedkube.runtime", "fedkube.trainer_sdk",
+                  "fedkube.transfer", "torch"),
+     "the PKI is used by the operator, the server and the sidecar, so it depends on none of them"),
 ]
 
 
@@ -57,6 +60,18 @@ def test_layering(sub: str, forbidden: tuple[str, ...], why: str) -> None:
             if any(name == f or name.startswith(f + ".") for f in forbidden):
                 bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not bad, f"layering broken ({why}):\n" + "\n".join(bad)
+
+
+def test_certificate_making_needs_no_grpc() -> None:
+    """The operator makes the job's certificates and must not import grpc; only security/contexts.py may."""
+    bad = [
+        f"{p.relative_to(ROOT)} imports {n}"
+        for p in _files("security")
+        if p.name != "contexts.py"
+        for n in _imports(p)
+        if n == "grpc" or n.startswith("grpc.") or n == "fedkube.security.contexts"
+    ]
+    assert not bad, "\n".join(bad)
 
 
 def test_protocol_module_imports_only_the_wire_code() -> None:
