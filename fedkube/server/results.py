@@ -163,8 +163,7 @@ class ResultDesk:
             )  # fmt: skip
 
     def on_rebuild_finished(self, rnd: LiveRound, dl: Download, ok: bool, reason: str, message: str) -> None:
-        if dl in rnd.rebuilds:
-            rnd.rebuilds.remove(dl)
+        rnd.rebuilds[:] = [d for d in rnd.rebuilds if d is not dl]  # by identity: two pulls may look alike
         owed = rnd.aggregator.owed() if isinstance(rnd, TrainRound) else {}
         if not ok and any(dl.key in owed.get(r.name, ()) for r in dl.refs):  # else: excluded meanwhile itself
             names = ", ".join(repr(r.name) for r in dl.refs)
