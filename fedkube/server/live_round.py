@@ -156,7 +156,8 @@ class LiveRound(ABC):
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         sites = sorted({self.sources[k].site if k in self.sources else k for k in by_key})
         # Short: the status summary shows the first 160 characters of a client's message.
-        note = f"nothing of it kept: {shown} rebuilt from {len(sites)} other client(s) ({', '.join(sites)})"
+        note = (f"nothing of it kept: {shown} rebuilt from {len(sites)} other client(s) ({', '.join(sites)})"
+                if sites else f"nothing of it kept: {shown} emptied (no other client had contributed yet)")
         log.warning("job %s round %s: result of %s excluded; nothing of it stays in the aggregate: the %d tensor(s) "
                     "of it already folded (%s) are emptied and rebuilt from the other clients' results (%s)",
                     self.job, self.number, dl.site, len(names), shown, ", ".join(sites))
