@@ -1,7 +1,8 @@
-"""The per-tensor pieces of the streaming mean (``fedkube.server.aggregate``): accumulators and finite checks.
+"""The per-tensor pieces of the streaming mean (``fedkube.server.aggregate``): accumulators, intakes, finite checks.
 
 :class:`TensorAccumulator` holds one tensor's running weighted mean (or, for
 integer tensors, the chosen value), its lock and its open receive claim;
+:class:`Intake` is one client's tensor on its way in (``WeightedMean.intake``);
 :class:`FiniteCheck` and :func:`all_finite` reject NaN/Inf before anything is
 folded in. The errors the aggregation raises are defined here too, so both
 modules can raise them. The design and the memory math are in the docstring
@@ -21,7 +22,7 @@ from fedkube.server.model import TensorSpec
 from fedkube.server.pool import ArrayPool
 
 if TYPE_CHECKING:
-    from fedkube.server.aggregate import Intake
+    from fedkube.server.aggregate import WeightedMean
 
 BLOCK = 1 << 18
 """Elements per block of the accumulate loop (1 MiB of float32 scratch: measured fastest, it stays in cache)."""
@@ -187,6 +188,25 @@ class TensorAccumulator:
             tmp *= factor
             flat_acc[start:stop] += tmp
 
+    def reset(self, gone: str) -> None:
+        """Forget every contribution (caller holds self.lock): the tensor is rebuilt from the clients still in.
+
+        The accumulator's array is kept as the spare, so refolding costs no
+        allocation. An open claim of another client stays (it was registered
+        for nothing yet and publishes into the emptied tensor); one of the
+        client ``gone`` is revoked, its array never used.
+        """
+        if self.claim is not None and self.claim.client == gone:
+            self.claim = None
+            self.released.notify_all()
+        if self.acc is not None and self.spare is None:
+            self.spare = self.acc
+        self.acc = None
+        self.total_weight = 0.0
+        self.contributors = []
+        self.best = None
+        self.best_key = None
+
     def take_accumulator(self) -> np.ndarray:
         """An array for the accumulator (contents undefined): a given-up claim's, a pooled one or a fresh one."""
         if self.spare is not None:
@@ -220,3 +240,95 @@ class TensorAccumulator:
             return self.acc
         assert self.best is not None
         return self.best
+
+
+def non_finite(client: str, name: str) -> InvalidResultError:
+    return InvalidResultError(client, f"tensor {name!r} contains NaN or Inf values; the client's training diverged")
+
+
+class Intake:
+    """One client's tensor on its way into the aggregate; see ``WeightedMean.intake``."""
+
+    __slots__ = ("_done", "abort", "check", "client", "engine", "name", "target", "tensor", "weight")
+
+    def __init__(
+        self, engine: WeightedMean, client: str, name: str, weight: float, tensor: TensorAccumulator | None,
+        abort: threading.Event | None,
+    ) -> None:  # fmt: skip
+        self.engine = engine
+        self.client = client
+        self.name = name
+        self.weight = weight
+        self.tensor = tensor
+        self.abort = abort
+        self.check: FiniteCheck | None = None
+        """Give it to ``Fetcher.fetch_into(inspect=...)``; ``add`` trusts its verdict when it saw every byte."""
+        self.target: np.ndarray | None = None
+        """Receive straight into this array (this intake claimed the tensor), or None: use your own buffer."""
+        self._done = False
+
+    @property
+    def claimed(self) -> bool:
+        """True while this intake holds the tensor's claim (its first contribution goes into ``target``)."""
+        return self.tensor is not None and self.tensor.claim is self
+
+    def add(self, array: np.ndarray) -> bool:
+        """Fold the received, checksum-verified array in; like ``WeightedMean.add``.
+
+        When this intake claimed the tensor, ``array`` must be ``target`` (or a
+        view of its memory): it becomes the accumulator without a copy.
+        """
+        if self._done:
+            raise AggregationError(f"Intake.add({self.client!r}, {self.name!r}) called twice")
+        self._done = True
+        check = self.check
+        finite = check.finite if check is not None and check.complete else None
+        if not self.claimed:
+            return self.engine._add(self.client, self.name, array, self.weight, finite, self.abort)
+        tensor, target = self.tensor, self.target
+        assert tensor is not None and target is not None
+        try:
+            if array.size != target.size or array.ctypes.data != target.ctypes.data:
+                raise AggregationError(
+                    f"Intake.add({self.client!r}, {self.name!r}): the tensor was claimed, so the array must be "
+                    "the intake's target"
+                )
+            spec = self.engine._check(self.client, self.name, array, self.weight)
+            if spec.is_float and not (all_finite(array) if finite is None else finite):
+                raise non_finite(self.client, self.name)
+            with tensor.lock:
+                with self.engine._lock:
+                    accepted = self.engine._register(self.client, self.name, self.weight, None)
+                if accepted:
+                    assert tensor.acc is None, "an accumulator appeared while the tensor was claimed"
+                    tensor.contributors.append(self.client)
+                    tensor.total_weight += self.weight
+                    tensor.acc = target
+                    self.target = None
+                self._release()
+            return accepted
+        finally:
+            self.close()
+
+    def _release(self) -> None:
+        """Give up the claim (caller holds the tensor's lock); an unpublished target becomes the spare."""
+        tensor = self.tensor
+        assert tensor is not None
+        if tensor.claim is self:
+            tensor.claim = None
+            if self.target is not None:
+                tensor.spare, self.target = self.target, None
+            tensor.released.notify_all()
+
+    def close(self) -> None:
+        """End the intake; a claim that was not published is given back (the tensor is as if never claimed)."""
+        self._done = True
+        if self.tensor is not None and self.tensor.claim is self:
+            with self.tensor.lock:
+                self._release()
+
+    def __enter__(self) -> Intake:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

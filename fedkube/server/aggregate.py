@@ -56,29 +56,36 @@ resident because the transfer layer serves it and FedAdam needs it):
   interleaved: 2.06xS (8 clients: 2.06xS; FedAdam, with m and v: 4.06xS),
   before claims existed; ``bench/round.py --size-mib 1024`` with them: server
   2.13xS.
-* ``staged=True``: each client's tensors are kept until ``commit`` and folded
-  in then: + S per client whose download is in flight, i.e. ≥ 3xS (measured
-  3.0xS for the case above). Exact removal of a failed client, at a price the
-  target does not allow.
+* ``staged=True`` (an internal option, not in the job spec): each client's
+  tensors are kept until ``commit`` and folded in then: + S per client whose
+  download is in flight, i.e. ≥ 3xS (measured 3.0xS for the case above).
 
-Dropping a client whose download fails midway. Removing a contribution by
-subtraction needs the client's tensors again, and streaming has already let
-them go (keeping them is the staged mode, and re-fetching them is impossible
-when the client is gone). So in streaming mode ``discard(client)`` removes the
-client from every tensor it has not delivered yet, and each tensor's result is
-the weighted mean over exactly the clients that delivered *that* tensor
-(per-tensor weight totals make this exact, not an approximation). Tensors it
-did deliver were fully downloaded and checksum-verified, so every tensor of the
-new model is a proper weighted mean of genuine client tensors. ``discard``
-reports which tensors kept the failed client's contribution, so the server can
-say so in the client's status message. Whoever needs strict all-or-nothing
-exclusion uses ``staged=True``.
+Taking out a client whose result fails midway (rejected for NaN/Inf, a
+download cut off, a client lost) after some of its tensors were folded.
+Subtracting its contribution is not exact: floating point is not reversible,
+and a poisoned 1e6 contribution subtracted back would wipe out the other
+clients' precision; keeping every result until it is complete is the staged
+mode's +S per client. So ``discard(client)`` *rebuilds* each tensor the client
+had contributed to: the tensor is emptied (``TensorAccumulator.reset``, under
+its lock; the accumulator array becomes the spare for the next first
+contribution) and ``DiscardOutcome.rebuild`` names its other contributors. The
+server pulls their tensors again (each trainer serves its result until its
+next task; the refs carry the same checksums, so bytes changed since fail)
+and hands them to ``refold``, which folds them with the weight their result
+had; contributions of downloads still in flight fold as usual. ``means``
+refuses to end the round while a contribution is still owed, and a tensor that
+cannot be pulled again fails the round (the server's ``RebuildFailed``) rather
+than end it with a tensor that is not the weighted mean of exactly the
+delivered results. A tensor of the failed client that was never folded needs
+nothing. The common case pays nothing: without a discard nothing is pulled
+twice and no memory is held beyond streaming's.
 
 When a discarded client delivers again (its task was re-sent after a
-reconnect), ``reopen(old_key, new_key)`` accepts the new attempt: tensors the
-earlier attempt left in the aggregate are not added a second time, so no
-tensor ever counts a client twice. (A fresh key without ``reopen`` would count
-those tensors twice.)
+reconnect: the same result), ``discard(old_key, rebuild=False)`` and
+``reopen(old_key, new_key)`` accept the new attempt: tensors the earlier
+attempt verified stay, now counted under the new key (so discarding the new
+attempt takes them out too), and are not added a second time, so no tensor
+ever counts a client twice.
 
 Float tensors holding NaN or Inf are rejected (InvalidResultError) before
 any of their values is folded in: one diverged client must not turn the
@@ -110,7 +117,7 @@ import logging
 import math
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -119,10 +126,12 @@ from fedkube.server.accumulator import (
     AggregationError,
     FiniteCheck,
     FoldAbortedError,
+    Intake,
     InvalidResultError,
     TensorAccumulator,
     accumulator_dtype,
     all_finite,
+    non_finite,
 )
 from fedkube.server.model import ModelSpec, TensorSpec
 from fedkube.server.pool import ArrayPool
@@ -136,108 +145,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DiscardOutcome:
-    """What discarding a client left behind."""
+    """What discarding a client left behind, and what must be fetched again to take it out exactly."""
 
     client: str
-    kept_tensors: tuple[str, ...]
-    """Tensors whose verified contribution from this client stays in the average (streaming mode)."""
+    kept_tensors: tuple[str, ...] = ()
+    """Tensors whose verified contribution from this client stays in the average (only ``discard(rebuild=False)``,
+    for a retry of the same result)."""
+    rebuild: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Tensor -> the other clients whose contribution to it must be fetched again and given to ``refold``:
+    the tensor was emptied because this client's contribution was folded into it."""
 
     @property
     def exact(self) -> bool:
-        """True when nothing of the client is left in the aggregate."""
+        """True when nothing of the client is left in the aggregate (once ``rebuild`` is refolded)."""
         return not self.kept_tensors
-
-
-def _non_finite(client: str, name: str) -> InvalidResultError:
-    return InvalidResultError(client, f"tensor {name!r} contains NaN or Inf values; the client's training diverged")
-
-
-class Intake:
-    """One client's tensor on its way into the aggregate; see ``WeightedMean.intake``."""
-
-    __slots__ = ("_done", "abort", "check", "client", "engine", "name", "target", "tensor", "weight")
-
-    def __init__(
-        self, engine: WeightedMean, client: str, name: str, weight: float, tensor: TensorAccumulator | None,
-        abort: threading.Event | None,
-    ) -> None:  # fmt: skip
-        self.engine = engine
-        self.client = client
-        self.name = name
-        self.weight = weight
-        self.tensor = tensor
-        self.abort = abort
-        self.check: FiniteCheck | None = None
-        """Give it to ``Fetcher.fetch_into(inspect=...)``; ``add`` trusts its verdict when it saw every byte."""
-        self.target: np.ndarray | None = None
-        """Receive straight into this array (this intake claimed the tensor), or None: use your own buffer."""
-        self._done = False
-
-    @property
-    def claimed(self) -> bool:
-        """True while this intake holds the tensor's claim (its first contribution goes into ``target``)."""
-        return self.tensor is not None and self.tensor.claim is self
-
-    def add(self, array: np.ndarray) -> bool:
-        """Fold the received, checksum-verified array in; like ``WeightedMean.add``.
-
-        When this intake claimed the tensor, ``array`` must be ``target`` (or a
-        view of its memory): it becomes the accumulator without a copy.
-        """
-        if self._done:
-            raise AggregationError(f"Intake.add({self.client!r}, {self.name!r}) called twice")
-        self._done = True
-        check = self.check
-        finite = check.finite if check is not None and check.complete else None
-        if not self.claimed:
-            return self.engine._add(self.client, self.name, array, self.weight, finite, self.abort)
-        tensor, target = self.tensor, self.target
-        assert tensor is not None and target is not None
-        try:
-            if array.size != target.size or array.ctypes.data != target.ctypes.data:
-                raise AggregationError(
-                    f"Intake.add({self.client!r}, {self.name!r}): the tensor was claimed, so the array must be "
-                    "the intake's target"
-                )
-            spec = self.engine._check(self.client, self.name, array, self.weight)
-            if spec.is_float and not (all_finite(array) if finite is None else finite):
-                raise _non_finite(self.client, self.name)
-            with tensor.lock:
-                with self.engine._lock:
-                    accepted = self.engine._register(self.client, self.name, self.weight, None)
-                if accepted:
-                    assert tensor.acc is None, "an accumulator appeared while the tensor was claimed"
-                    tensor.contributors.append(self.client)
-                    tensor.total_weight += self.weight
-                    tensor.acc = target
-                    self.target = None
-                self._release()
-            return accepted
-        finally:
-            self.close()
-
-    def _release(self) -> None:
-        """Give up the claim (caller holds the tensor's lock); an unpublished target becomes the spare."""
-        tensor = self.tensor
-        assert tensor is not None
-        if tensor.claim is self:
-            tensor.claim = None
-            if self.target is not None:
-                tensor.spare, self.target = self.target, None
-            tensor.released.notify_all()
-
-    def close(self) -> None:
-        """End the intake; a claim that was not published is given back (the tensor is as if never claimed)."""
-        self._done = True
-        if self.tensor is not None and self.tensor.claim is self:
-            with self.tensor.lock:
-                self._release()
-
-    def __enter__(self) -> Intake:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class _Scratch(threading.local):
@@ -267,6 +188,8 @@ class WeightedMean:
         self._committed: list[str] = []
         self._discarded: set[str] = set()
         self._kept: dict[str, set[str]] = {}
+        self._kept_weight: dict[str, float] = {}  # new key -> the weight its kept contributions were folded with
+        self._owed: dict[str, set[str]] = {}  # tensor -> clients whose emptied contribution must be refolded
         self._finished = False
         self._scratch = _Scratch()
 
@@ -339,7 +262,7 @@ class WeightedMean:
         spec = self._check(client, name, array, weight)
         if spec.is_float and not (all_finite(array) if finite is None else finite):
             # Checked before folding: one diverged client must not turn everyone's model into NaN.
-            raise _non_finite(client, name)
+            raise non_finite(client, name)
         if self.staged:
             with self._lock:
                 return self._register(client, name, weight, array)
@@ -447,20 +370,81 @@ class WeightedMean:
             with tensor.lock:
                 tensor.fold(client, staged.pop(name), weight, self._scratch_for())
 
-    def discard(self, client: str) -> DiscardOutcome:
-        """Drop a client from the round; later adds from it are ignored."""
+    def discard(self, client: str, *, rebuild: bool = True) -> DiscardOutcome:
+        """Drop a client from the round; later adds from it are ignored.
+
+        Streaming mode: each tensor the client already contributed to is
+        emptied (``TensorAccumulator.reset``) and its other contributors are
+        returned in ``DiscardOutcome.rebuild``: the caller fetches their
+        tensors again and hands them to ``refold``; ``means`` refuses to end
+        the round until every one was refolded. Subtracting the contribution
+        instead is not exact in floating point (and a huge rejected value
+        would wipe out the others' precision). ``rebuild=False`` keeps the
+        contribution instead (``kept_tensors``): only for a retry of the very
+        same result, followed by ``reopen``.
+        """
         with self._lock:
             if client in self._committed:
                 raise AggregationError(f"discard({client!r}) after commit({client!r}); its result is already in")
             self._discarded.add(client)
             self._staged.pop(client, None)
-            kept = () if self.staged else tuple(n for n in self.spec.names if n in self._added.get(client, set()))
-        if kept:
-            log.warning(
-                "client %s discarded after %d of %d tensors; their verified values stay in the per-tensor mean",
-                client, len(kept), len(self.spec),
-            )
-        return DiscardOutcome(client, kept)
+            added = self._added.get(client, set())
+            for name, owed in self._owed.items():
+                if client in owed:
+                    # Emptied by an earlier discard and not refolded: nothing of it is in the tensor.
+                    owed.discard(client)
+                    added.discard(name)
+            touched = () if self.staged else tuple(n for n in self.spec.names if n in added)
+        if not rebuild:
+            if touched:
+                log.info("client %s discarded after %d of %d tensors; kept for its next attempt", client,
+                         len(touched), len(self.spec))
+            return DiscardOutcome(client, touched)
+        again: dict[str, tuple[str, ...]] = {}
+        for name in touched:
+            tensor = self._tensors[name]
+            with tensor.lock, self._lock:
+                if client not in tensor.contributors:
+                    continue
+                others = tuple(c for c in tensor.contributors if c != client and c not in self._discarded)
+                tensor.reset(client)
+                self._owed.setdefault(name, set()).update(others)
+                again[name] = others
+        with self._lock:
+            self._added.get(client, set()).difference_update(touched)  # nothing of it is left to keep
+        if again:
+            log.info("client %s discarded after %d of its tensors were folded; they are rebuilt from the other "
+                     "contributors", client, len(again))
+        return DiscardOutcome(client, rebuild=again)
+
+    def refold(self, client: str, name: str, array: np.ndarray, *, abort: threading.Event | None = None) -> bool:
+        """Fold ``client``'s tensor ``name`` again after a ``discard`` emptied it (``DiscardOutcome.rebuild``).
+
+        ``array`` must be the same verified bytes as the first time (the
+        caller fetches them against the same checksum); the weight is the one
+        the client's result had. Returns False when nothing is owed (the
+        client was discarded meanwhile, or already refolded).
+        """
+        tensor = self._tensors[name]
+        with tensor.lock:
+            tensor.wait_unclaimed(abort, self._is_discarded)
+            with self._lock:
+                if self._finished:
+                    raise AggregationError(f"refold({client!r}, {name!r}) after finish(); the round is over")
+                owed = self._owed.get(name, set())
+                if client not in owed or client in self._discarded:
+                    return False
+                weight = self._kept_weight[client] if name in self._kept.get(client, ()) else self._weights[client]
+            self._check(client, name, array, weight)
+            with self._lock:
+                owed.discard(client)
+            tensor.fold(client, array, weight, self._scratch_for())
+        return True
+
+    def owed(self) -> dict[str, tuple[str, ...]]:
+        """Tensor -> clients whose contribution was emptied by a discard and is not refolded yet."""
+        with self._lock:
+            return {n: tuple(sorted(c)) for n, c in self._owed.items() if c}
 
     def reopen(self, client: str, new_key: str | None = None) -> tuple[str, ...]:
         """Accept a new attempt of a discarded client's result (e.g. its task was re-sent after a reconnect).
@@ -488,6 +472,15 @@ class WeightedMean:
             self._weights.pop(key, None)
             self._kept[key] = kept
             self._added[key] = set(kept)
+        if key != client:
+            # The kept contributions are the new attempt's now: discarding it must take them out too.
+            for name in kept:
+                tensor = self._tensors[name]
+                with tensor.lock:
+                    tensor.contributors = [key if c == client else c for c in tensor.contributors]
+            with self._lock:
+                if kept:
+                    self._kept_weight[key] = self._weights[client]
         return tuple(n for n in self.spec.names if n in kept)
 
     def means(self) -> dict[str, np.ndarray]:
@@ -506,6 +499,12 @@ class WeightedMean:
                 )
             if not self._committed:
                 raise AggregationError("no client result was committed this round; nothing to aggregate")
+            owed = {n: sorted(c) for n, c in self._owed.items() if c}
+            if owed:
+                raise AggregationError(
+                    f"tensors {sorted(owed)} were emptied to take a discarded client out and still wait for "
+                    f"{owed} to be refolded; the round cannot end before they are (or fails)"
+                )
             self._finished = True
         return {name: t.mean() for name, t in self._tensors.items()}
 

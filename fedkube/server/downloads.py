@@ -21,7 +21,7 @@ from fedkube.protocol import ResultTimeouts
 from fedkube.server.aggregate import DiscardOutcome, FoldAbortedError, InvalidResultError
 from fedkube.server.config import JobSettings
 from fedkube.server.reverse import ReverseChunkSource, SendFn, UploadBroker
-from fedkube.server.strategies import StreamingAggregator
+from fedkube.server.strategies import RoundAggregator, StreamingAggregator
 from fedkube.status import Reason
 from fedkube.transfer.errors import TransferAbortedError, TransferError, TransferStalledError
 from fedkube.transfer.fetch import Fetcher, FetchSettings
@@ -45,6 +45,7 @@ class Download:
     bytes_total: int = 0
     started: float = 0.0
     add_seconds: float = 0.0  # time spent folding this result into the aggregate
+    refs: list[TensorRef] = field(default_factory=list)  # what it pulls, in its order
 
 
 class ResultSink(Protocol):
@@ -147,6 +148,47 @@ class Downloader:
             name=f"fedkube-pull-{dl.site}-r{round_}", daemon=True,
         )  # fmt: skip
         dl.thread.start()
+
+    def rebuild(
+        self, round_: int, dl: Download, refs: list[TensorRef], sink: RoundAggregator, on_finished: FinishedFn
+    ) -> None:
+        """Pull ``refs`` of an already received result again into ``sink.refold``, on a new thread.
+
+        A discard emptied these tensors (``DiscardOutcome.rebuild``); the
+        client still serves its result until its next task. The refs carry
+        the checksums of the first download, so bytes that changed since
+        (a trainer that modified its arrays after ``send()``) fail here.
+        """
+        dl.thread = threading.Thread(
+            target=self._rebuild, args=(round_, dl, refs, sink, on_finished),
+            name=f"fedkube-rebuild-{dl.site}-r{round_}", daemon=True,
+        )  # fmt: skip
+        dl.thread.start()
+
+    def _rebuild(
+        self, round_: int, dl: Download, refs: list[TensorRef], sink: RoundAggregator, on_finished: FinishedFn
+    ) -> None:
+        source = ReverseChunkSource(
+            dl.site, self._broker, self._send, chunk_timeout_s=self.fetch.chunk_timeout_s,
+            max_chunk_bytes=self.fetch.max_chunk_bytes,
+        )  # fmt: skip
+        fetcher = Fetcher(source, self.fetch, abort=dl.abort, on_retry=self._on_retry)
+        ok, reason, message = False, "", ""
+        try:
+            for ref in refs:
+                data = fetcher.fetch_into(ref, bytearray(ref.nbytes))
+                sink.refold(dl.key, ref.name, array_from_buffer(data, ref.dtype, ref.shape), abort=dl.abort)
+                dl.bytes_done += ref.nbytes
+                del data
+            ok = True
+            log.info("job %s round %s: pulled %d tensor(s) of %s again to rebuild the aggregate", self._job, round_,
+                     len(refs), dl.site)
+        except (TransferAbortedError, FoldAbortedError) as exc:
+            reason, message = Reason.ABORTED.value, str(exc)
+        except Exception as exc:  # transfer error, checksum that no longer matches, bug: the round cannot be exact
+            log.warning("job %s round %s: pulling tensors of %s again failed: %s", self._job, round_, dl.site, exc)
+            reason, message = Reason.TRANSFER_FAILED.value, f"{type(exc).__name__}: {exc}"
+        on_finished(dl, ok, reason, message)
 
     def _download(
         self, round_: int, dl: Download, refs: list[TensorRef], sink: ResultSink, sites: Mapping[str, object],

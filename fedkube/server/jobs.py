@@ -20,6 +20,7 @@ from fedkube.server.strategies import StrategyState
 TERMINATED = "Terminated"
 NO_INITIAL_MODEL = "NoInitialModel"
 CHECKPOINT_FAILED = "CheckpointFailed"
+REBUILD_FAILED = "RebuildFailed"  # an excluded result's folded tensors could not be rebuilt from the others
 
 CHECKPOINT_WAIT_S = 300.0
 """How long the job's end waits for the checkpoint still being written (a 4 GiB model takes ~12 s here)."""

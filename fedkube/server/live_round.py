@@ -34,6 +34,7 @@ from fedkube.protocol import INIT_TASK, TRAIN_TASK
 from fedkube.server.control import ResultAnnounced
 from fedkube.server.downloads import Download, ResultSink
 from fedkube.server.init_collector import InitCollector
+from fedkube.server.jobs import REBUILD_FAILED, JobFailed
 from fedkube.server.model import ModelSpec, check_result
 from fedkube.server.registry import ClientRecord, ClientState, Registry, SessionLike
 from fedkube.server.rounds import RoundState
@@ -64,6 +65,11 @@ class LiveRound(ABC):
     announced: set[str] = field(default_factory=set)
     attempts: int = 0
     keys: dict[str, str] = field(default_factory=dict)  # site -> sink key of its latest download
+    sources: dict[str, Download] = field(default_factory=dict)  # sink key -> its download (refs, site), to pull again
+    to_rebuild: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)  # (key, tensors) to pull again
+    rebuilds: list[Download] = field(default_factory=list)  # pulling tensors again that a discard emptied
+    rebuild_failures: list[str] = field(default_factory=list)
+    settle_until: float | None = None  # when the closing round stops waiting for downloads to end
     aggregation_s: float = 0.0
     closed: bool = False
 
@@ -105,26 +111,69 @@ class LiveRound(ABC):
         """The variant's own checks of an announced result ("" when it fits)."""
 
     def discard(self, dl: Download) -> str:
-        """Take a client's result out of the round; returns a note when part of it had to stay.
+        """Take a client's result out of the round; returns a note on what that took, for its status message.
 
-        The streaming aggregator cannot subtract what it already folded (the
-        arrays are gone), so tensors of this client that were fully downloaded
-        and verified before the failure stay in their averages. That is said in
-        the log and in the client's failure message, never hidden.
+        The streaming aggregator cannot subtract what it already folded
+        (floating point is not reversible), so each tensor of this client that
+        was already folded is emptied and rebuilt from its other contributors:
+        their tensors are pulled again (:attr:`to_rebuild`, started by the
+        result desk) and the round waits for them. Nothing of the discarded
+        result stays in the aggregate.
         """
         try:
             outcome = self.sink.discard(dl.key)
         except FedkubeError:
             log.exception("job %s round %s: could not discard the result of %s", self.job, self.number, dl.site)
             return ""
-        if outcome.exact:
+        if not outcome.rebuild:
             return ""
-        kept = outcome.kept_tensors
-        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
-        note = (f"{len(kept)} of its tensors ({shown}) were already verified and stay in this round's average; "
-                f"set strategy param staged: true for all-or-nothing exclusion")
-        log.warning("job %s round %s: result of %s partly used: %s", self.job, self.number, dl.site, note)
+        by_key: dict[str, list[str]] = {}
+        for name, keys in outcome.rebuild.items():
+            for key in keys:
+                by_key.setdefault(key, []).append(name)
+        self.to_rebuild += [(key, tuple(names)) for key, names in by_key.items()]
+        names = tuple(outcome.rebuild)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        sites = sorted({self.sources[k].site if k in self.sources else k for k in by_key})
+        # Short: the status summary shows the first 160 characters of a client's message.
+        note = (f"nothing of it kept: {shown} rebuilt from {len(sites)} other client(s) ({', '.join(sites)})"
+                if sites else f"nothing of it kept: {shown} emptied (no other client had contributed yet)")
+        log.warning("job %s round %s: result of %s excluded; nothing of it stays in the aggregate: the %d tensor(s) "
+                    "of it already folded (%s) are emptied and rebuilt from the other clients' results (%s)",
+                    self.job, self.number, dl.site, len(names), shown, ", ".join(sites))
         return note
+
+    def settling(self, now: float, bound_s: float) -> bool:
+        """Whether the closing round must still wait: for downloads to end (``bound_s``) or tensors to be rebuilt.
+
+        A download still listed belongs to a client that left the round (it
+        is aborted here); its discard may empty tensors that must be rebuilt
+        before the aggregate is final (:meth:`discard`).
+        """
+        if self.downloads:
+            if self.settle_until is None:
+                self.settle_until = now + bound_s
+                for dl in self.downloads.values():
+                    dl.abort.set()
+            return now < self.settle_until or bool(self.rebuilds)
+        return bool(self.rebuilds)
+
+    def check_rebuilt(self) -> None:
+        """Raise JobFailed(RebuildFailed) when a tensor an exclusion emptied could not be rebuilt exactly.
+
+        The round fails rather than end with a tensor that is not the mean of
+        exactly the results delivered; a retry of the round would need every
+        client to train again, and a resumed job does just that.
+        """
+        for key, names in self.to_rebuild:  # emptied by the discard of a download that ended only at the close
+            self.rebuild_failures.append(f"tensor(s) {', '.join(names)} of {key} were not pulled again before the "
+                                         "round closed")
+        self.to_rebuild.clear()
+        if self.rebuild_failures:
+            raise JobFailed(REBUILD_FAILED, (
+                f"round {self.number}: a result excluded from the round had been folded into tensors that could not "
+                "be rebuilt exactly from the other clients' results: " + "; ".join(self.rebuild_failures)
+                + "; fix: see those clients' logs for why they stopped serving their result, then resume the job"))
 
     def continue_attempt(self, site: str, key: str) -> None:
         """Make ``key`` the site's new attempt without counting any of its tensors twice."""
@@ -191,7 +240,8 @@ class TrainRound(LiveRound):
         if prev is None:
             return
         try:
-            self.aggregator.discard(prev)
+            # The same result again: what the earlier attempt verified stays, under the new key.
+            self.aggregator.discard(prev, rebuild=False)
             kept = self.aggregator.reopen(prev, key)
         except FedkubeError as exc:  # the earlier attempt was committed: the workflow never pulls it again
             log.info("job %s round %s: %s delivers again after %s: %s", self.job, self.number, site, prev, exc)

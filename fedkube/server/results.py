@@ -17,7 +17,7 @@ from typing import Protocol
 from fedkube.server import outbox
 from fedkube.server.control import ResultAnnounced
 from fedkube.server.downloads import Download, Downloader
-from fedkube.server.live_round import LiveRound
+from fedkube.server.live_round import LiveRound, TrainRound
 from fedkube.server.registry import ClientState, Registry, SessionLike
 from fedkube.server.reverse import SendFn
 from fedkube.status import Reason
@@ -101,6 +101,8 @@ class ResultDesk:
         )  # fmt: skip
         rnd.continue_attempt(site, dl.key)
         rnd.downloads[site] = dl
+        rnd.sources[dl.key] = dl
+        dl.refs = refs
         self._downloader.start(
             rnd.number, dl, refs, rnd.sink, rnd.tasks,
             on_finished=lambda d, ok, reason, message: self._post(self.on_download_finished, rnd, d, ok, reason,
@@ -113,6 +115,7 @@ class ResultDesk:
     def on_download_finished(self, rnd: LiveRound, dl: Download, ok: bool, reason: str, message: str) -> None:
         if rnd.downloads.get(dl.site) is not dl:
             rnd.discard(dl)  # superseded by a re-sent task's download
+            self.start_rebuilds(rnd)
             return
         del rnd.downloads[dl.site]
         job = self._job
@@ -122,6 +125,7 @@ class ResultDesk:
             self._on_change()
             return
         note = rnd.discard(dl)
+        self.start_rebuilds(rnd)
         if ok:
             return  # the client left the round while its bytes arrived; already answered or failed
         if note:
@@ -133,6 +137,38 @@ class ResultDesk:
         if reason != Reason.ABORTED.value or rec.state is ClientState.FAILED:
             shown = rec.reason.value if rec.reason is not None and reason == Reason.ABORTED.value else reason
             self.answer(rnd, dl.site, False, shown, message if reason != Reason.ABORTED.value else rec.message)
+        self._on_change()
+
+    def start_rebuilds(self, rnd: LiveRound) -> None:
+        """Pull again the tensors that discards emptied (``LiveRound.to_rebuild``), from their other contributors."""
+        if not isinstance(rnd, TrainRound):
+            return
+        while rnd.to_rebuild:
+            key, names = rnd.to_rebuild.pop(0)
+            first = rnd.sources.get(key)
+            if first is None:
+                rnd.rebuild_failures.append(f"{names} of {key}: no download of {key} is known (a bug)")
+                continue
+            wanted = set(names)
+            refs = [r for r in first.refs if r.name in wanted]
+            again = Download(site=first.site, task_id=first.task_id, key=key, num_examples=first.num_examples,
+                             metrics={}, bytes_total=sum(r.nbytes for r in refs), started=self._clock(), refs=refs)
+            rnd.rebuilds.append(again)
+            log.info("job %s round %s: pulling %d tensor(s) of %s again: %s", self._job, rnd.number, len(refs),
+                     first.site, ", ".join(r.name for r in refs))
+            self._downloader.rebuild(
+                rnd.number, again, refs, rnd.aggregator,
+                on_finished=lambda d, ok, reason, message: self._post(self.on_rebuild_finished, rnd, d, ok, reason,
+                                                                      message),
+            )  # fmt: skip
+
+    def on_rebuild_finished(self, rnd: LiveRound, dl: Download, ok: bool, reason: str, message: str) -> None:
+        rnd.rebuilds[:] = [d for d in rnd.rebuilds if d is not dl]  # by identity: two pulls may look alike
+        owed = rnd.aggregator.owed() if isinstance(rnd, TrainRound) else {}
+        if not ok and any(dl.key in owed.get(r.name, ()) for r in dl.refs):  # else: excluded meanwhile itself
+            names = ", ".join(repr(r.name) for r in dl.refs)
+            rnd.rebuild_failures.append(f"tensor(s) {names} of {dl.site} could not be pulled again ({reason}: "
+                                        f"{message})")
         self._on_change()
 
     def answer(self, rnd: LiveRound, site: str, ok: bool, reason: str, message: str, *, again: bool = False) -> None:

@@ -75,8 +75,16 @@ class RoundAggregator(Protocol):
         """The client's whole result was added and verified."""
         ...
 
-    def discard(self, client: str) -> DiscardOutcome:
-        """The client's download failed or it was excluded; drop what can be dropped."""
+    def discard(self, client: str, *, rebuild: bool = True) -> DiscardOutcome:
+        """The client's download failed or it was excluded; see ``WeightedMean.discard``."""
+        ...
+
+    def refold(self, client: str, name: str, array: np.ndarray, *, abort: threading.Event | None = None) -> bool:
+        """Fold a tensor again that a discard emptied (``DiscardOutcome.rebuild``); see ``WeightedMean.refold``."""
+        ...
+
+    def owed(self) -> dict[str, tuple[str, ...]]:
+        """Tensor -> clients whose emptied contribution is not refolded yet."""
         ...
 
     def reopen(self, client: str, new_key: str | None = None) -> tuple[str, ...]:
@@ -139,8 +147,14 @@ class _MeanAggregator:
     def commit(self, client: str) -> None:
         self.engine.commit(client)
 
-    def discard(self, client: str) -> DiscardOutcome:
-        return self.engine.discard(client)
+    def discard(self, client: str, *, rebuild: bool = True) -> DiscardOutcome:
+        return self.engine.discard(client, rebuild=rebuild)
+
+    def refold(self, client: str, name: str, array: np.ndarray, *, abort: threading.Event | None = None) -> bool:
+        return self.engine.refold(client, name, array, abort=abort)
+
+    def owed(self) -> dict[str, tuple[str, ...]]:
+        return self.engine.owed()
 
     def reopen(self, client: str, new_key: str | None = None) -> tuple[str, ...]:
         return self.engine.reopen(client, new_key)

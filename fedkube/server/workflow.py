@@ -350,13 +350,15 @@ class RoundWorkflow:
                         self.telemetry.client_failed(Reason.ROUND_TIMEOUT.value)
                         log.warning("job %s round %s: client %s excluded as a straggler (RoundTimeout)", s.job,
                                     number, site)
-                    break
+                    if not rnd.settling(self._clock(), self._downloads.fetch.chunk_timeout_s + 5.0):
+                        break  # else: wait for downloads that must end and tensors being rebuilt
                 for site in decision.needs_task:
                     self._send_task(rnd, site)
                 wake = decision.wake_at if decision.wake_at is not None else self._clock() + 0.2
                 self._pump_once(min(wake, self._clock() + 0.5))
         finally:
             self._close_round(rnd)
+        rnd.check_rebuilt()
         done = [site for site in participants if site in rnd.results]
         if len(done) < self.policy.min_clients:  # e.g. a committed result lost its client meanwhile
             raise JobFailed(Reason.QUORUM_LOST.value, f"round {number}: only {done} delivered a result")
@@ -426,10 +428,10 @@ class RoundWorkflow:
     def _close_round(self, rnd: LiveRound) -> None:
         """End the round's downloads (bounded), settle the aggregator, release the transaction."""
         rnd.closed = True
-        for dl in rnd.downloads.values():
+        for dl in [*rnd.downloads.values(), *rnd.rebuilds]:
             dl.abort.set()
         bound = self._clock() + self._downloads.fetch.chunk_timeout_s + 5.0
-        for dl in [*rnd.downloads.values(), *rnd.superseded]:
+        for dl in [*rnd.downloads.values(), *rnd.superseded, *rnd.rebuilds]:
             if dl.thread is not None:
                 dl.thread.join(timeout=max(0.0, bound - self._clock()))
                 if dl.thread.is_alive():

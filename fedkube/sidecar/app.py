@@ -269,10 +269,12 @@ class Sidecar:
             log.info("site %s: ResultReceived for unknown or finished task %s ignored", self.config.site, rr.task_id)
             return
         if rr.ok:
+            # Not completed on the trainer: it keeps serving the result until its next task, for the server
+            # may pull tensors of it again this round (to rebuild its aggregate without an excluded result).
             log.info("site %s: server received the result of task %s", self.config.site, rr.task_id)
-        else:
-            log.warning("site %s: server refused the result of task %s (%s): %s", self.config.site, rr.task_id,
-                        rr.reason, rr.message)
+            return
+        log.warning("site %s: server refused the result of task %s (%s): %s", self.config.site, rr.task_id,
+                    rr.reason, rr.message)
         ch = self._get_trainer_channel()
         if ch is None:
             return
@@ -280,8 +282,8 @@ class Sidecar:
         for tx in txs:
             try:
                 stub.Complete(
-                    tensor_pb2.CompleteRequest(transaction_id=tx, receiver=SERVER_RECEIVER, ok=rr.ok,
-                                               error="" if rr.ok else f"{rr.reason}: {rr.message}"),
+                    tensor_pb2.CompleteRequest(transaction_id=tx, receiver=SERVER_RECEIVER, ok=False,
+                                               error=f"{rr.reason}: {rr.message}"),
                     timeout=10.0,
                 )
             except grpc.RpcError as exc:

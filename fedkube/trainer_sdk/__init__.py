@@ -172,8 +172,11 @@ def send(model: FLModel) -> bool:
     """Send the result of the task last received; returns once the server has all of it.
 
     Tensors are served straight from your arrays (no copy): do not modify
-    them until ``send()`` returns. Names, dtypes and shapes must match the
-    model you received.
+    them until your next ``is_running()``/``receive()`` has returned. A result
+    the server used stays served until the next task arrives, because the
+    server may pull tensors of it again to take another client's excluded
+    result out of the average exactly. Names, dtypes and shapes must match
+    the model you received.
 
     Returns True when the server downloaded, verified and used the result,
     False when it set this round's result aside for a round-scoped reason

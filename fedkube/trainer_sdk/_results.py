@@ -82,6 +82,8 @@ class ResultSender:
         self.link = link
         self.ids = ids
         self.waited = 0.0  # seconds the last send() waited for the server's download
+        self._lock = threading.Lock()
+        self._served: str | None = None  # the transaction of the last result the server took, still published
 
     def send(self, task: Task, model: FLModel, num_examples: int, defaults: ResultTimeouts) -> bool:
         """The result of ``task``; True when the server used it, False when it set it aside for this round."""
@@ -123,11 +125,28 @@ class ResultSender:
         total, tid = txn.nbytes, txn.id
         del txn
         waiting = time.monotonic()
+        used = False
         try:
-            return self._wait_received_across_restarts(task, ann, total, idle_s=idle, start_s=start)
+            used = self._wait_received_across_restarts(task, ann, total, idle_s=idle, start_s=start)
+            return used
         finally:
             self.waited = time.monotonic() - waiting
-            service.release(tid)
+            if used:
+                # Still served until the next task or the job's end: if the server excludes another
+                # client's result this round, it pulls tensors of this one again to rebuild the
+                # aggregate exactly (fedkube.server.aggregate). The arrays are the caller's own.
+                with self._lock:
+                    self._served = tid
+            else:
+                service.release(tid)
+
+    def release_served(self) -> None:
+        """Stop serving the last result: a new task arrived (before its model is received into any array)
+        or the job is over. The round the result belonged to is closed by then, so nobody pulls it again."""
+        with self._lock:
+            tid, self._served = self._served, None
+        if tid is not None:
+            self.server.service.release(tid)
 
     def _wait_received_across_restarts(
         self, task: Task, ann: control_pb2.ResultAnnouncement, total: int, *, idle_s: float, start_s: float

@@ -129,6 +129,9 @@ class Session:
             which = resp.WhichOneof("outcome")
             if which is not None:
                 got: control_pb2.Task | control_pb2.Stop = resp.task if which == "task" else resp.stop
+                # The server is done with the round of the last result (LESSONS.md 8: drop it before the
+                # next model is received, perhaps into the very same arrays).
+                self.sender.release_served()
                 with self._lock:
                     if which == "stop":
                         self._stopped = resp.stop
@@ -285,6 +288,7 @@ class Session:
             return self._final_reported
 
     def close(self) -> None:
+        self.sender.release_served()
         self.sidecar.detach()
         self.results.close()
         self.channel.close()

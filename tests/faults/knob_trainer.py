@@ -20,6 +20,7 @@ FAULT_KILL_IN_UPLOAD_AT_ROUND=N
                           SIGKILL this process while the server downloads round N's result, after
                           FAULT_KILL_AFTER_CHUNKS chunks of it were served (default 2)
 FAULT_EXIT_AFTER_LAST=C   once the last round's send() returned (the server has the bytes), exit with code C
+FAULT_NAN_FROM_ROUND=N    from round N on, the last element of ``w`` is NaN (the server rejects it: InvalidResult)
 FAULT_BAD_RESULT=R:K,...  in round R send a result that does not match the global model; K is ``shape``
                           (``w`` one element short), ``dtype`` (``w`` as float64) or ``name`` (``b`` renamed)
 """
@@ -117,6 +118,8 @@ def main() -> int:
             params = {name: (arr + step).astype(np.float32) for name, arr in model.params.items()}
         if rnd in bad_rounds:
             params = bad(params, bad_rounds[rnd])
+        if 0 < _int("FAULT_NAN_FROM_ROUND", 0) <= rnd:
+            params["w"][-1] = np.nan
         if kill_at and rnd == kill_at:
             arm_kill_after_chunks(_int("FAULT_KILL_AFTER_CHUNKS", 2))
         last = rnd == model.total_rounds

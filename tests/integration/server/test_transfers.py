@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from fedkube.server import checkpoint
 from fedkube.wire.v1 import control_pb2
 from tests.integration.server.conftest import Harness, make_config
 from tests.integration.server.fakes import Reply, add_value
@@ -103,12 +106,19 @@ def test_silent_client_is_lost_and_never_registered_one_is_not(harness: Harness)
     assert status["site-c"].state == "Pending" and status["site-c"].reason == "NotRegistered"
 
 
-def test_partly_downloaded_result_says_which_tensors_stay_in_the_average(harness: Harness) -> None:
-    """Streaming aggregation cannot take back a verified tensor; the client is told, not misled."""
-    srv = harness.server(make_config(SITES, rounds=1, min_clients=2), model())
-    harness.sidecar(srv, "site-a", add_value(1.0))
-    harness.sidecar(srv, "site-b", add_value(3.0))
-    c = harness.sidecar(srv, "site-c", add_value(5.0), start=False)
+def test_partly_downloaded_result_leaves_nothing_in_the_average(harness: Harness, tmp_path: Path) -> None:
+    """The tensor of a failed result that was already folded is emptied and rebuilt from the others' results."""
+    srv = harness.server(make_config(SITES, rounds=1, min_clients=2, checkpoint_dir=tmp_path), model())
+    a = harness.sidecar(srv, "site-a", add_value(1.0))
+    b = harness.sidecar(srv, "site-b", add_value(3.0))
+
+    def after_a_and_b(task: control_pb2.Task, params: dict[str, np.ndarray]) -> Reply:
+        # site-c delivers after both, so its first tensor is folded into theirs before the rest of it fails.
+        a.wait_for(lambda: bool(a.received), timeout=20, what="site-a's answer")
+        b.wait_for(lambda: bool(b.received), timeout=20, what="site-b's answer")
+        return add_value(5000.0)(task, params)
+
+    c = harness.sidecar(srv, "site-c", after_a_and_b, start=False)
     asked: list[str] = []
 
     def first_only(req: control_pb2.UploadRequest) -> str:
@@ -123,11 +133,36 @@ def test_partly_downloaded_result_says_which_tensors_stay_in_the_average(harness
     c.wait_for(lambda: bool(c.received), timeout=20, what="round 1's answer")
     answer = next(iter(c.received.values()))
     assert not answer.ok and answer.reason == "TransferFailed"
-    assert f"1 of its tensors ({asked[0]}) were already verified and stay in this round's average" in answer.message
-    status = {cl.name: cl for cl in srv.workflow.status().clients}
-    assert "stay in this round's average" in status["site-c"].message
+    assert f"nothing of it kept: {asked[0]} rebuilt from 2 other client(s) (site-a, site-b)" in answer.message
     outcome = srv.wait(20)
     assert outcome is not None and outcome.success, outcome
+    final = checkpoint.load_latest(tmp_path, "job1")
+    assert final is not None
+    for name, arr in model().items():  # the mean of site-a's +1 and site-b's +3 alone
+        np.testing.assert_array_equal(final.model[name], arr + 2.0, err_msg=name)
+
+
+def test_a_tensor_that_cannot_be_rebuilt_fails_the_round_naming_it(harness: Harness, tmp_path: Path) -> None:
+    """An exclusion that cannot be made exact (a contributor stopped serving its result) fails loudly."""
+    srv = harness.server(make_config(SITES, rounds=1, min_clients=2, checkpoint_dir=tmp_path), model())
+    a = harness.sidecar(srv, "site-a", add_value(1.0))
+    b = harness.sidecar(srv, "site-b", add_value(3.0))
+    # Once its result was taken, site-a serves it no more (as a trainer whose arrays changed, or gone).
+    a.push_mode = lambda req: "error" if a.received else "ok"
+
+    def after_a_and_b(task: control_pb2.Task, params: dict[str, np.ndarray]) -> Reply:
+        a.wait_for(lambda: bool(a.received), timeout=20, what="site-a's answer")
+        b.wait_for(lambda: bool(b.received), timeout=20, what="site-b's answer")
+        return add_value(5000.0)(task, params)
+
+    c = harness.sidecar(srv, "site-c", after_a_and_b, start=False)
+    c.push_mode = lambda req: "ok" if req.ref.name == "b" else "error"  # b is folded, then w fails
+    c.start()
+    outcome = srv.wait(40)
+    assert outcome is not None and not outcome.success, outcome
+    assert outcome.reason == "RebuildFailed", outcome
+    assert "round 1:" in outcome.message and "'b' of site-a could not be pulled again" in outcome.message, outcome
+    assert checkpoint.load_latest(tmp_path, "job1") is None  # no round with an inexact tensor was kept
 
 
 def test_a_nan_made_by_corruption_is_refetched_not_blamed_on_the_client(harness: Harness) -> None:

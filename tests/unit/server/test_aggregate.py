@@ -100,16 +100,27 @@ def test_streaming_discard_midway_keeps_per_tensor_means_exact() -> None:
         for name in model:
             wm.add(f"c{i}", name, xs[i], ws[i])
         wm.commit(f"c{i}")
-    # c2 delivers 'a' and then its download of 'b' fails.
+    # c2 delivers 'a' and then its download of 'b' fails: 'a' is emptied and owed to c0 and c1 again.
     wm.add("c2", "a", xs[2], ws[2])
     outcome = wm.discard("c2")
-    assert outcome.kept_tensors == ("a",) and not outcome.exact
+    assert outcome.exact and outcome.rebuild == {"a": ("c0", "c1")}
     assert wm.add("c2", "b", xs[2], ws[2]) is False
-    means = wm.means()
-    np.testing.assert_allclose(means["a"], _reference(xs, ws), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(means["b"], _reference(xs[:2], ws[:2]), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(means["c"], _reference(xs[:2], ws[:2]), rtol=1e-6, atol=1e-6)
-    assert wm.contributors("a") == ("c0", "c1", "c2") and wm.contributors("b") == ("c0", "c1")
+    assert wm.refold("c2", "a", xs[2]) is False  # nothing of a discarded client is taken back
+    with pytest.raises(AggregationError, match=r"\['a'\].*refolded"):
+        wm.means()
+    wm2 = WeightedMean(ModelSpec.of(model))  # the same, refolded: means over exactly c0 and c1
+    for i in (0, 1):
+        for name in model:
+            wm2.add(f"c{i}", name, xs[i], ws[i])
+        wm2.commit(f"c{i}")
+    wm2.add("c2", "a", xs[2], ws[2])
+    wm2.discard("c2")
+    assert wm2.refold("c1", "a", xs[1]) and wm2.refold("c0", "a", xs[0])
+    assert wm2.refold("c0", "a", xs[0]) is False  # owed once
+    means = wm2.means()
+    for name in model:
+        np.testing.assert_allclose(means[name], _reference(xs[:2], ws[:2]), rtol=1e-6, atol=1e-6)
+    assert wm2.contributors("a") == ("c1", "c0") and wm2.contributors("b") == ("c0", "c1")
 
 
 def test_staged_discard_midway_removes_everything_and_order_does_not_matter() -> None:
@@ -213,7 +224,7 @@ def test_reopen_after_a_partial_attempt_counts_each_tensor_once() -> None:
         wm.add("c0", name, xs[0], ws[0])
     wm.commit("c0")
     wm.add("c1", "a", xs[1], ws[1])  # first attempt: 'a' arrives, then the connection drops
-    assert wm.discard("c1").kept_tensors == ("a",)
+    assert wm.discard("c1", rebuild=False).kept_tensors == ("a",)
     with pytest.raises(AggregationError, match="not discarded"):
         wm.reopen("c0")
     assert wm.reopen("c1") == ("a",)
@@ -254,10 +265,18 @@ def test_random_interleavings_and_discards_match_per_tensor_reference(data: st.D
     pending = {c: data.draw(st.permutations(names)) for c in range(n_clients)}
     fails_after = {c: data.draw(st.one_of(st.none(), st.integers(0, len(names) - 1))) for c in range(n_clients)}
     delivered: dict[int, list[str]] = {c: [] for c in range(n_clients)}
-    while any(pending.values()):
-        c = data.draw(st.sampled_from([c for c, left in pending.items() if left]))
+    refolds: list[tuple[str, str]] = []  # (client, tensor) a discard emptied, fetched again later in any order
+    while any(pending.values()) or refolds:
+        choices = [c for c, left in pending.items() if left] + ([-1] if refolds else [])
+        c = data.draw(st.sampled_from(choices))
+        if c == -1:
+            key, name = refolds.pop(data.draw(st.integers(0, len(refolds) - 1)))
+            wm.refold(key, name, values[(int(key[1:]), name)])
+            continue
         if fails_after[c] is not None and len(delivered[c]) == fails_after[c]:
-            wm.discard(f"c{c}")
+            outcome = wm.discard(f"c{c}")
+            assert outcome.exact and (not staged or not outcome.rebuild)
+            refolds += [(key, name) for name, keys in outcome.rebuild.items() for key in keys]
             pending[c] = []
             continue
         name = pending[c].pop(0)
@@ -272,11 +291,10 @@ def test_random_interleavings_and_discards_match_per_tensor_reference(data: st.D
         return
     means = wm.means()
     for name in names:
-        # Streaming keeps a failed client's delivered tensors; staged keeps only committed clients.
-        contributors = [c for c in range(n_clients) if c in committed or (not staged and name in delivered[c])]
-        ref = _reference([values[(c, name)] for c in contributors], [weights[c] for c in contributors])
+        # A failed client leaves nothing behind, streamed or staged: its tensors were rebuilt without it.
+        ref = _reference([values[(c, name)] for c in committed], [weights[c] for c in committed])
         np.testing.assert_allclose(means[name], ref, rtol=1e-5, atol=1e-6)
-        assert sorted(wm.contributors(name)) == sorted(f"c{c}" for c in contributors)
+        assert sorted(wm.contributors(name)) == sorted(f"c{c}" for c in committed)
 
 
 @pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)])
@@ -302,7 +320,7 @@ def test_reopen_under_a_new_key_ignores_the_old_attempts_late_adds() -> None:
         wm.add("s0", name, xs[0], ws[0])
     wm.commit("s0")
     wm.add("s1#1", "a", xs[1], ws[1])
-    wm.discard("s1#1")  # superseded: the task was re-sent after a reconnect
+    wm.discard("s1#1", rebuild=False)  # superseded: the task was re-sent after a reconnect
     assert wm.reopen("s1#1", "s1#2") == ("a",)
     assert wm.add("s1#1", "b", xs[1], ws[1]) is False  # the old download winding down
     assert wm.add("s1#2", "a", xs[2], ws[2]) is False  # already counted by attempt 1
@@ -314,7 +332,8 @@ def test_reopen_under_a_new_key_ignores_the_old_attempts_late_adds() -> None:
     means = wm.means()
     np.testing.assert_allclose(means["a"], _reference([xs[0], xs[1]], [ws[0], ws[1]]), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(means["b"], _reference([xs[0], xs[2]], [ws[0], ws[2]]), rtol=1e-6, atol=1e-6)
-    assert wm.contributors("a") == ("s0", "s1#1") and wm.contributors("c") == ("s0", "s1#2")
+    # The kept contribution is the new attempt's: discarding that one would take it out too.
+    assert wm.contributors("a") == ("s0", "s1#2") and wm.contributors("c") == ("s0", "s1#2")
 
 
 # -- intake: finite check while receiving, first contribution straight into the accumulator ----------------
@@ -473,7 +492,7 @@ def test_no_claim_for_kept_staged_half_precision_or_mismatching_tensors() -> Non
     wm = WeightedMean(_spec_w())
     with wm.intake("a", "w", "float32", (5000,), ws[0]) as first:
         assert first.add(_receive(first, xs[0]))
-    wm.discard("a")
+    wm.discard("a", rebuild=False)
     wm.reopen("a", "a#2")
     kept = wm.intake("a#2", "w", "float32", (5000,), ws[0])
     assert not kept.claimed  # the earlier attempt's value stays; this copy is ignored
