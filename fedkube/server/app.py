@@ -37,7 +37,7 @@ from fedkube.metrics.core import new_registry, serve_metrics
 from fedkube.metrics.server import ServerMetrics
 from fedkube.protocol import SERVER
 from fedkube.server import checkpoint
-from fedkube.server.auth import Authenticator, AuthError, credentials_from_metadata
+from fedkube.server.auth import Authenticator, AuthError, Identity, credentials_from_metadata
 from fedkube.server.config import ServerConfig, load_config
 from fedkube.server.control import ControlServicer, SessionTable
 from fedkube.server.http import StatusServer
@@ -119,7 +119,14 @@ class _CheckpointAdapter:
 
 
 class _DownloadAuth(grpc.ServerInterceptor):
-    """Only the job's clients may fetch the global model (the same check as Control's)."""
+    """Only the job's clients may fetch the global model (the same check as Control's), each only its own copy.
+
+    A refusal is decided from the headers alone: the deny handler takes a request *stream*, so gRPC
+    runs it at once instead of waiting for a request message that an unauthenticated caller may
+    never send (with a unary deny handler, 16 such half-open calls held every worker and every
+    ``maximum_concurrent_rpcs`` slot, and real sidecars got RESOURCE_EXHAUSTED). An admitted call's
+    ``receiver`` must be the authenticated site (:meth:`Authenticator.check_receiver`).
+    """
 
     def __init__(self, auth: Authenticator) -> None:
         self._auth = auth
@@ -129,18 +136,42 @@ class _DownloadAuth(grpc.ServerInterceptor):
             return continuation(details)
         site, token = credentials_from_metadata(details.invocation_metadata)
         try:
-            self._auth.authenticate(site, token, what="a Download call")
+            identity = self._auth.authenticate(site, token, what="a Download call")
         except AuthError as exc:
-            refused = exc
-        else:
-            return continuation(details)
+            return _deny_at_headers(details.method, exc)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        return _bind_receiver(handler, identity, self._auth)
 
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(refused.code, refused.message)
 
-        if details.method.endswith("/Fetch"):
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+def _deny_at_headers(method: str, refused: AuthError) -> grpc.RpcMethodHandler:
+    def deny(requests: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(refused.code, refused.message)
+
+    if method.endswith("/Fetch"):
+        return grpc.stream_stream_rpc_method_handler(deny)
+    return grpc.stream_unary_rpc_method_handler(deny)
+
+
+def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator) -> Any:
+    """``handler`` with its behaviour run only for requests whose ``receiver`` is ``identity``'s site."""
+
+    def bound(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                auth.check_receiver(identity, request.receiver, what="a Download call", peer=context.peer())
+            except AuthError as exc:
+                context.abort(exc.code, exc.message)
+            return behavior(request, context)
+
+        return checked
+
+    if handler.unary_stream is not None:
+        return handler._replace(unary_stream=bound(handler.unary_stream))
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=bound(handler.unary_unary))
+    return handler
 
 
 class FedkubeServer:

@@ -29,8 +29,9 @@ from fedkube.wire.v1 import tensor_pb2
 
 log = logging.getLogger(__name__)
 
-#: ``authorize(site, token)`` -> (None, "") to admit, or (code, message) to refuse.
-Authorize = Callable[[str, str], tuple["grpc.StatusCode | None", str]]
+#: ``authorize(site, token, receiver)`` -> (None, "") to admit, or (code, message) to refuse. ``receiver`` is
+#: the fetch's or completion's (None for an upload); an authorizer refuses one that is not ``site``.
+Authorize = Callable[[str, str, "str | None"], tuple["grpc.StatusCode | None", str]]
 #: ``on_upload(site, upload_id, sock)`` -> (None, "") after taking ownership of ``sock``, or (code, message).
 OnUpload = Callable[[str, str, socket.socket], tuple["grpc.StatusCode | None", str]]
 
@@ -128,8 +129,8 @@ class Listener:
 class BulkServer(Listener):
     """Serves ``service`` (fetch, complete) over the bulk protocol; pushed uploads go to ``on_upload``.
 
-    ``authorize(site, token)`` admits or refuses every request before it is
-    looked at (None: no check, for pod-local servers). A request is read
+    ``authorize(site, token, receiver)`` admits or refuses every request before
+    it is looked at (None: no check, for pod-local servers). A request is read
     within ``request_timeout_s``; a receiver that stops reading for
     ``send_timeout_s`` is dropped (it resumes with a new fetch).
     """
@@ -186,11 +187,13 @@ class BulkServer(Listener):
         reports them to the sidecar that dialed it).
         """
         try:
+            op = request.WhichOneof("op")
             if self.authorize is not None:
-                code, message = self.authorize(request.site, request.token)
+                receiver = request.fetch.receiver if op == "fetch" else (
+                    request.complete.receiver if op == "complete" else None)
+                code, message = self.authorize(request.site, request.token, receiver)
                 if code is not None:
                     raise Refused(code, message)
-            op = request.WhichOneof("op")
             if op == "fetch":
                 self._fetch(conn, request.fetch, on_frame)
             elif op == "complete":

@@ -117,7 +117,7 @@ def test_refusals_carry_the_ids_and_the_server_keeps_serving(service: DownloadSe
 def test_authorize_refuses_a_wrong_token_before_looking_at_the_request(service: DownloadService) -> None:
     seen: list[tuple[str, str]] = []
 
-    def authorize(site: str, token: str) -> tuple[grpc.StatusCode | None, str]:
+    def authorize(site: str, token: str, receiver: str | None) -> tuple[grpc.StatusCode | None, str]:
         seen.append((site, token))
         if token != "s3cret":
             return grpc.StatusCode.UNAUTHENTICATED, f"wrong token for site {site!r}"
@@ -382,7 +382,7 @@ def test_relay_stamps_identity_checks_the_receiver_and_frees_its_buffer(
     monkeypatch.setattr(bulk_relay, "USE_SPLICE", splice)
     tokens = {"site-a": "tok-a"}
 
-    def authorize(site: str, token: str) -> tuple[grpc.StatusCode | None, str]:
+    def authorize(site: str, token: str, receiver: str | None) -> tuple[grpc.StatusCode | None, str]:
         return (None, "") if tokens.get(site) == token else (grpc.StatusCode.UNAUTHENTICATED, f"bad token for {site!r}")
 
     srv = BulkServer(service, authorize=authorize, frame_bytes=128 << 10).start()
