@@ -227,7 +227,10 @@ class FedkubeServer:
         self.downloads.add_to_server(self._grpc)
         self.grpc_port = 0
         self.bulk: BulkServer | None = None
-        self._status = StatusServer(self.status_json, self.ready, host=config.bind_host, port=config.status_port)
+        self._status = StatusServer(
+            self.status_json, self.ready, host=config.bind_host, port=config.status_port,
+            on_refused=self.metrics.connection_rejected,
+        )  # fmt: skip
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._outcome: Outcome | None = None
