@@ -287,6 +287,7 @@ class FedkubeServer:
             return BulkServer(
                 self.downloads, host=host, port=port, authorize=self.auth.authorize_bulk,
                 on_upload=self._on_bulk_upload, name=f"job {self.config.job} bulk",
+                on_refused=self.metrics.connection_rejected,
             ).start()  # fmt: skip
         except OSError as exc:
             raise ConfigError(
