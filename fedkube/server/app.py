@@ -128,8 +128,9 @@ class _DownloadAuth(grpc.ServerInterceptor):
     ``receiver`` must be the authenticated site (:meth:`Authenticator.check_receiver`).
     """
 
-    def __init__(self, auth: Authenticator) -> None:
+    def __init__(self, auth: Authenticator, budget: int) -> None:
         self._auth = auth
+        self._budget = _Budget(budget)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         if not details.method.startswith(_DOWNLOAD_PREFIX):
@@ -142,7 +143,41 @@ class _DownloadAuth(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        return _bind_receiver(handler, identity, self._auth)
+        return _bind_receiver(handler, identity, self._auth, self._budget)
+
+
+class _Budget:
+    """At most ``limit`` Download calls run at once, so fetches cannot take the workers Control needs.
+
+    Every call holds a worker of the server's pool until it ends; the pool and
+    ``maximum_concurrent_rpcs`` are shared by both services, so without a
+    budget of its own, N stalled fetches would leave no worker for a
+    sidecar's Connect or Push. A refused fetch gets RESOURCE_EXHAUSTED, which
+    fetchers retry with backoff.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._running = 0
+
+    def take(self, context: grpc.ServicerContext) -> bool:
+        """True after reserving a slot that is given back when the call ends; False when none is free."""
+        with self._lock:
+            if self._running >= self.limit:
+                return False
+            self._running += 1
+        given_back = threading.Event()
+
+        def give_back() -> None:
+            if not given_back.is_set():
+                given_back.set()
+                with self._lock:
+                    self._running -= 1
+
+        if not context.add_callback(give_back):  # the call already ended
+            give_back()
+        return True
 
 
 def _deny_at_headers(method: str, refused: AuthError) -> grpc.RpcMethodHandler:
@@ -154,8 +189,9 @@ def _deny_at_headers(method: str, refused: AuthError) -> grpc.RpcMethodHandler:
     return grpc.stream_unary_rpc_method_handler(deny)
 
 
-def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator) -> Any:
-    """``handler`` with its behaviour run only for requests whose ``receiver`` is ``identity``'s site."""
+def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator, budget: _Budget) -> Any:
+    """``handler`` with its behaviour run only for requests whose ``receiver`` is ``identity``'s site,
+    and only while ``budget`` has room."""
 
     def bound(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
@@ -163,6 +199,13 @@ def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator) -> Any
                 auth.check_receiver(identity, request.receiver, what="a Download call", peer=context.peer())
             except AuthError as exc:
                 context.abort(exc.code, exc.message)
+            if not budget.take(context):
+                busy = AuthError(identity.site, grpc.StatusCode.RESOURCE_EXHAUSTED, "DownloadBudget", (
+                    f"{budget.limit} Download calls are running, the most the server serves at once beside "
+                    "its control streams; fix: retry with backoff (fetchers do)"
+                ))  # fmt: skip
+                auth.refuse(busy, "a Download call", context.peer())
+                context.abort(busy.code, busy.message)
             return behavior(request, context)
 
         return checked
@@ -211,7 +254,8 @@ class FedkubeServer:
         )  # fmt: skip
         limit = config.message_limit()
         # Every running stream holds a worker: each client has a control stream, a forward fetch
-        # and a push at most at once; the rest is headroom for reconnect overlaps.
+        # and a push at most at once; the rest is headroom for reconnect overlaps. Download calls
+        # get at most half (_Budget), so stalled or hostile fetches leave Control its half.
         workers = max(16, 4 * len(s.clients) + 8)
         options = [
             (k, v) for k, v in server_options() if k not in ("grpc.max_receive_message_length",)
@@ -220,7 +264,7 @@ class FedkubeServer:
         self._grpc = grpc.server(
             self._executor,
             options=options,
-            interceptors=[_DownloadAuth(self.auth)],
+            interceptors=[_DownloadAuth(self.auth, budget=workers // 2)],
             maximum_concurrent_rpcs=workers,
         )
         control_pb2_grpc.add_ControlServicer_to_server(self._servicer, self._grpc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -23,6 +24,7 @@ from fedkube.transfer.service import Transaction
 from fedkube.transfer.wire import SERVICE_NAME
 from fedkube.wire.v1 import tensor_pb2, tensor_pb2_grpc
 from tests.integration.server.conftest import JOB, Harness, make_config, token_of
+from tests.integration.server.fakes import add_value
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -122,3 +124,28 @@ def test_half_open_unauthenticated_calls_do_not_hold_the_servers_slots(server: F
             for call in calls:
                 call.cancel()
     assert txn.done_receivers == frozenset({"site-a"})
+
+
+def test_stalled_fetches_leave_control_its_workers(harness: Harness, server: FedkubeServer) -> None:
+    """16 fetches that never read (a stalled or hostile site) used to take every worker: Connect was refused.
+
+    Download calls now get half the server's workers; the rest are refused
+    retryably, and a sidecar still connects.
+    """
+    big = server.downloads.publish({"w": np.zeros(8 << 20, np.float32)}, receivers=["site-a"], ttl_s=60.0)
+    request = tensor_pb2.FetchRequest(transaction_id=big.id, ref_id=big.refs[0].ref_id, receiver="site-a")
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = tensor_pb2_grpc.DownloadStub(channel)
+        stalled = [stub.Fetch(request, metadata=_credentials("site-a"), timeout=20) for _ in range(16)]
+        try:
+            deadline = time.monotonic() + 10
+            while _rejected(server, "DownloadBudget") < 8 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _rejected(server, "DownloadBudget") == 8  # 16 workers for 2 clients: 8 for Download
+            harness.sidecar(server, "site-b", add_value(1.0))
+            while server.sessions.live() < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.sessions.live() == 1, "site-b's Connect found no worker"
+        finally:
+            for call in stalled:
+                call.cancel()
