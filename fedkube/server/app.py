@@ -35,7 +35,7 @@ from fedkube.errors import ConfigError
 from fedkube.logs import configure_logging, log_format_from_env
 from fedkube.metrics.core import new_registry, serve_metrics
 from fedkube.metrics.server import ServerMetrics
-from fedkube.protocol import SERVER
+from fedkube.protocol import DOWNLOAD_BUDGET, SERVER
 from fedkube.server import checkpoint
 from fedkube.server.auth import Authenticator, AuthError, Identity, credentials_from_metadata
 from fedkube.server.config import ServerConfig, load_config
@@ -200,7 +200,7 @@ def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator, budget
             except AuthError as exc:
                 context.abort(exc.code, exc.message)
             if not budget.take(context):
-                busy = AuthError(identity.site, grpc.StatusCode.RESOURCE_EXHAUSTED, "DownloadBudget", (
+                busy = AuthError(identity.site, grpc.StatusCode.RESOURCE_EXHAUSTED, DOWNLOAD_BUDGET, (
                     f"{budget.limit} Download calls are running, the most the server serves at once beside "
                     "its control streams; fix: retry with backoff (fetchers do)"
                 ))  # fmt: skip

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from fedkube.metrics.server import ServerMetrics
-from fedkube.protocol import AUTH_METADATA, BEARER, SITE_METADATA
+from fedkube.protocol import AUTH_METADATA, BEARER, RECEIVER_MISMATCH, SITE_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Authenticator:
         round's model before the real receiver has it.
         """
         if receiver != identity.site:
-            raise self.refuse(AuthError(identity.site, grpc.StatusCode.PERMISSION_DENIED, "ReceiverMismatch", (
+            raise self.refuse(AuthError(identity.site, grpc.StatusCode.PERMISSION_DENIED, RECEIVER_MISMATCH, (
                 f"site {identity.site!r} asked as receiver {receiver!r}; a site fetches and completes only its "
                 "own transfers; fix: set the request's receiver to the site the token belongs to"
             )), what, peer)  # fmt: skip

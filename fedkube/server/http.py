@@ -19,6 +19,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from fedkube.protocol import STATUS_CONNECTION_LIMIT, STATUS_DEADLINE
+
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +66,7 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
             for conn in late:
                 log.info("status endpoint: closing a connection still open after %.1fs", self._deadline_s)
                 if self._on_refused is not None:
-                    self._on_refused("StatusDeadline")
+                    self._on_refused(STATUS_DEADLINE)
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
 
@@ -76,7 +78,7 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         if not self._slots.acquire(blocking=False):
             log.warning("status endpoint: %d connections open; closing one more from %s", self._max, client_address)
             if self._on_refused is not None:
-                self._on_refused("StatusConnectionLimit")
+                self._on_refused(STATUS_CONNECTION_LIMIT)
             self.shutdown_request(request)
             return
         try:

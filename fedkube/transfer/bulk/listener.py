@@ -12,6 +12,12 @@ from collections.abc import Callable
 
 import grpc
 
+from fedkube.protocol import (
+    CONNECTION_LIMIT,
+    PEER_CONNECTION_LIMIT,
+    REQUEST_DEADLINE,
+    UNAUTHENTICATED_LIMIT,
+)
 from fedkube.transfer import endpoints, handoff
 from fedkube.transfer.bulk.frames import (
     END,
@@ -38,16 +44,16 @@ Authorize = Callable[[str, str, "str | None"], tuple["grpc.StatusCode | None", s
 OnUpload = Callable[[str, str, socket.socket], tuple["grpc.StatusCode | None", str]]
 
 
-#: ``on_refused(reason)``: a connection was refused before it had any effect (a bounded set of reasons:
-#: ConnectionLimit, UnauthenticatedLimit, PeerConnectionLimit, RequestDeadline).
+#: ``on_refused(reason)``: a connection was refused before it had any effect (one of the bulk port's
+#: reasons in :data:`fedkube.protocol.PORT_REFUSALS`).
 OnRefused = Callable[[str], None]
 
 
 _REASONS = {
-    "ConnectionLimit": "at its connection limit (every slot is taken)",
-    "UnauthenticatedLimit": "at its connection limit for connections that have not authenticated yet",
-    "PeerConnectionLimit": "at its connection limit for one address's unauthenticated connections",
-    "RequestDeadline": "the request did not arrive in time",
+    CONNECTION_LIMIT: "at its connection limit (every slot is taken)",
+    UNAUTHENTICATED_LIMIT: "at its connection limit for connections that have not authenticated yet",
+    PEER_CONNECTION_LIMIT: "at its connection limit for one address's unauthenticated connections",
+    REQUEST_DEADLINE: "the request did not arrive in time",
 }
 
 
@@ -120,11 +126,11 @@ class Listener:
     def _admit_locked(self, conn: socket.socket, peer: str) -> str:
         """"" after taking ``conn`` on as unauthenticated, or the reason it is refused."""
         if len(self._conns) >= self.max_connections:
-            return "ConnectionLimit"
+            return CONNECTION_LIMIT
         if len(self._unauthenticated) >= self.max_unauthenticated:
-            return "UnauthenticatedLimit"
+            return UNAUTHENTICATED_LIMIT
         if self._per_peer[peer] >= self.max_per_peer:
-            return "PeerConnectionLimit"
+            return PEER_CONNECTION_LIMIT
         self._conns.add(conn)
         self._unauthenticated[conn] = peer
         self._per_peer[peer] += 1
@@ -247,7 +253,7 @@ class BulkServer(Listener):
         try:
             request = read_request(conn, time.monotonic() + self.request_timeout_s)
         except TimeoutError:
-            self.refuse("RequestDeadline", _peer_of(conn))
+            self.refuse(REQUEST_DEADLINE, _peer_of(conn))
             with contextlib.suppress(OSError):
                 conn.settimeout(1.0)  # a peer that reads nothing must not hold the thread now
                 send_status(conn, grpc.StatusCode.DEADLINE_EXCEEDED,
