@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
@@ -190,15 +190,15 @@ def _deny_at_headers(method: str, refused: AuthError) -> grpc.RpcMethodHandler:
 
 
 def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator, budget: _Budget) -> Any:
-    """``handler`` with its behaviour run only for requests whose ``receiver`` is ``identity``'s site,
-    and only while ``budget`` has room."""
+    """``handler`` run within ``budget``, and only for a request whose ``receiver`` is ``identity``'s site.
+
+    The returned handler takes a request *stream* (the client still sends one message; the wire is the
+    same), so its slot in ``budget`` is taken before the request message is awaited: a site that opens
+    calls and never sends their message waits inside the Download budget, not in Control's workers.
+    """
 
     def bound(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
-        def checked(request: Any, context: grpc.ServicerContext) -> Any:
-            try:
-                auth.check_receiver(identity, request.receiver, what="a Download call", peer=context.peer())
-            except AuthError as exc:
-                context.abort(exc.code, exc.message)
+        def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             if not budget.take(context):
                 busy = AuthError(identity.site, grpc.StatusCode.RESOURCE_EXHAUSTED, DOWNLOAD_BUDGET, (
                     f"{budget.limit} Download calls are running, the most the server serves at once beside "
@@ -206,14 +206,23 @@ def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator, budget
                 ))  # fmt: skip
                 auth.refuse(busy, "a Download call", context.peer())
                 context.abort(busy.code, busy.message)
+            request = next(requests, None)
+            if request is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
+            try:
+                auth.check_receiver(identity, request.receiver, what="a Download call", peer=context.peer())
+            except AuthError as exc:
+                context.abort(exc.code, exc.message)
             return behavior(request, context)
 
         return checked
 
+    options = {"request_deserializer": handler.request_deserializer,
+               "response_serializer": handler.response_serializer}  # fmt: skip
     if handler.unary_stream is not None:
-        return handler._replace(unary_stream=bound(handler.unary_stream))
+        return grpc.stream_stream_rpc_method_handler(bound(handler.unary_stream), **options)
     if handler.unary_unary is not None:
-        return handler._replace(unary_unary=bound(handler.unary_unary))
+        return grpc.stream_unary_rpc_method_handler(bound(handler.unary_unary), **options)
     return handler
 
 

@@ -149,3 +149,33 @@ def test_stalled_fetches_leave_control_its_workers(harness: Harness, server: Fed
         finally:
             for call in stalled:
                 call.cancel()
+
+
+def test_a_site_holding_half_open_fetches_leaves_control_its_workers(harness: Harness, server: FedkubeServer) -> None:
+    """A site with a valid token opens 16 fetches and never sends their request message.
+
+    They wait inside the Download budget (half the workers), not in the slots a sidecar's Connect needs.
+    """
+    never = threading.Event()
+
+    def silent() -> Iterator[bytes]:
+        never.wait(20)
+        yield b""
+
+    calls = []
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        half_open = channel.stream_stream(f"/{SERVICE_NAME}/Fetch")
+        try:
+            calls = [half_open(silent(), metadata=_credentials("site-a"), timeout=15) for _ in range(16)]
+            deadline = time.monotonic() + 10
+            while _rejected(server, "DownloadBudget") < 8 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _rejected(server, "DownloadBudget") == 8
+            harness.sidecar(server, "site-b", add_value(1.0))
+            while server.sessions.live() < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.sessions.live() == 1, "site-b's Connect found no worker"
+        finally:
+            never.set()
+            for call in calls:
+                call.cancel()
