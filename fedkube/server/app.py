@@ -206,7 +206,7 @@ def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator, budget
                 ))  # fmt: skip
                 auth.refuse(busy, "a Download call", context.peer())
                 context.abort(busy.code, busy.message)
-            request = next(requests, None)
+            request: Any = next(requests, None)
             if request is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
             try:
