@@ -152,3 +152,20 @@ RESERVED_METRIC_PREFIX = "fedkube."
 RECEIVE_SECONDS = "fedkube.receive_seconds"
 SEND_SECONDS = "fedkube.send_seconds"
 DOWNLOAD_WAIT_SECONDS = "fedkube.download_wait_seconds"
+
+
+# --- why a server port refused a call or connection ---------------------------------------------
+#: ``reason`` values of ``fedkube_server_rejected_connections_total`` for the ports' limits
+#: (docs/protocol.md, "Hardening"); a fixed set, so the metric's series are bounded.
+RECEIVER_MISMATCH = "ReceiverMismatch"  # a fetch or completion naming another site than the caller's
+DOWNLOAD_BUDGET = "DownloadBudget"  # more Download calls at once than the server serves beside Control
+REQUEST_DEADLINE = "RequestDeadline"  # a bulk request not complete within its deadline from accept
+CONNECTION_LIMIT = "ConnectionLimit"  # every bulk connection slot taken
+UNAUTHENTICATED_LIMIT = "UnauthenticatedLimit"  # every bulk slot for not-yet-authenticated connections taken
+PEER_CONNECTION_LIMIT = "PeerConnectionLimit"  # one address holds its most unauthenticated bulk connections
+STATUS_CONNECTION_LIMIT = "StatusConnectionLimit"  # every status-port connection thread taken
+STATUS_DEADLINE = "StatusDeadline"  # a status-port connection still open at its deadline
+PORT_REFUSALS = (
+    RECEIVER_MISMATCH, DOWNLOAD_BUDGET, REQUEST_DEADLINE, CONNECTION_LIMIT, UNAUTHENTICATED_LIMIT,
+    PEER_CONNECTION_LIMIT, STATUS_CONNECTION_LIMIT, STATUS_DEADLINE,
+)  # fmt: skip

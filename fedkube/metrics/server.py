@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from fedkube.metrics.core import CappedValues, add_process_collectors, check_labels, component_info, one_of
+from fedkube.protocol import PORT_REFUSALS
 from fedkube.status import ClientState, Reason
 
 #: Client states, as the server's registry moves them (defined once, in fedkube.status).
@@ -93,7 +94,7 @@ class ServerMetrics:
                                  check_labels(["fljob", "reason"]), registry=registry)
         self._reasons = CappedValues("failure reason", EXTRA_REASONS, known=(r.value for r in Reason))
         self._retry_kinds = CappedValues("retry reason", EXTRA_REASONS)
-        self._reject_reasons = CappedValues("rejection reason", EXTRA_REASONS)
+        self._reject_reasons = CappedValues("rejection reason", EXTRA_REASONS, known=PORT_REFUSALS)
         # Series that exist from the start read 0 instead of "no data" on the dashboard.
         self._rounds.labels(fljob=job)
         for h in (self._round_seconds, self._aggregation, self._checkpoint):
@@ -192,5 +193,5 @@ class ServerMetrics:
         self._model_bytes.labels(fljob=self.job).set(nbytes)
 
     def connection_rejected(self, reason: str) -> None:
-        """A call to the control service was refused (``reason``: e.g. Unauthenticated, UnknownSite)."""
+        """A call or connection was refused before any effect (``reason``: e.g. BadToken, ConnectionLimit)."""
         self._rejected.labels(fljob=self.job, reason=self._reject_reasons.admit(reason)).inc()

@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
@@ -35,9 +35,9 @@ from fedkube.errors import ConfigError
 from fedkube.logs import configure_logging, log_format_from_env
 from fedkube.metrics.core import new_registry, serve_metrics
 from fedkube.metrics.server import ServerMetrics
-from fedkube.protocol import SERVER
+from fedkube.protocol import DOWNLOAD_BUDGET, SERVER
 from fedkube.server import checkpoint
-from fedkube.server.auth import Authenticator, AuthError, credentials_from_metadata
+from fedkube.server.auth import Authenticator, AuthError, Identity, credentials_from_metadata
 from fedkube.server.config import ServerConfig, load_config
 from fedkube.server.control import ControlServicer, SessionTable
 from fedkube.server.http import StatusServer
@@ -119,28 +119,111 @@ class _CheckpointAdapter:
 
 
 class _DownloadAuth(grpc.ServerInterceptor):
-    """Only the job's clients may fetch the global model (the same check as Control's)."""
+    """Only the job's clients may fetch the global model (the same check as Control's), each only its own copy.
 
-    def __init__(self, auth: Authenticator) -> None:
+    A refusal is decided from the headers alone: the deny handler takes a request *stream*, so gRPC
+    runs it at once instead of waiting for a request message that an unauthenticated caller may
+    never send (with a unary deny handler, 16 such half-open calls held every worker and every
+    ``maximum_concurrent_rpcs`` slot, and real sidecars got RESOURCE_EXHAUSTED). An admitted call's
+    ``receiver`` must be the authenticated site (:meth:`Authenticator.check_receiver`).
+    """
+
+    def __init__(self, auth: Authenticator, budget: int) -> None:
         self._auth = auth
+        self._budget = _Budget(budget)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         if not details.method.startswith(_DOWNLOAD_PREFIX):
             return continuation(details)
         site, token = credentials_from_metadata(details.invocation_metadata)
         try:
-            self._auth.authenticate(site, token, what="a Download call")
+            identity = self._auth.authenticate(site, token, what="a Download call")
         except AuthError as exc:
-            refused = exc
-        else:
-            return continuation(details)
+            return _deny_at_headers(details.method, exc)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        return _bind_receiver(handler, identity, self._auth, self._budget)
 
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(refused.code, refused.message)
 
-        if details.method.endswith("/Fetch"):
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+class _Budget:
+    """At most ``limit`` Download calls run at once, so fetches cannot take the workers Control needs.
+
+    Every call holds a worker of the server's pool until it ends; the pool and
+    ``maximum_concurrent_rpcs`` are shared by both services, so without a
+    budget of its own, N stalled fetches would leave no worker for a
+    sidecar's Connect or Push. A refused fetch gets RESOURCE_EXHAUSTED, which
+    fetchers retry with backoff.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._running = 0
+
+    def take(self, context: grpc.ServicerContext) -> bool:
+        """True after reserving a slot that is given back when the call ends; False when none is free."""
+        with self._lock:
+            if self._running >= self.limit:
+                return False
+            self._running += 1
+        given_back = threading.Event()
+
+        def give_back() -> None:
+            if not given_back.is_set():
+                given_back.set()
+                with self._lock:
+                    self._running -= 1
+
+        if not context.add_callback(give_back):  # the call already ended
+            give_back()
+        return True
+
+
+def _deny_at_headers(method: str, refused: AuthError) -> grpc.RpcMethodHandler:
+    def deny(requests: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(refused.code, refused.message)
+
+    if method.endswith("/Fetch"):
+        return grpc.stream_stream_rpc_method_handler(deny)
+    return grpc.stream_unary_rpc_method_handler(deny)
+
+
+def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator, budget: _Budget) -> Any:
+    """``handler`` run within ``budget``, and only for a request whose ``receiver`` is ``identity``'s site.
+
+    The returned handler takes a request *stream* (the client still sends one message; the wire is the
+    same), so its slot in ``budget`` is taken before the request message is awaited: a site that opens
+    calls and never sends their message waits inside the Download budget, not in Control's workers.
+    """
+
+    def bound(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            if not budget.take(context):
+                busy = AuthError(identity.site, grpc.StatusCode.RESOURCE_EXHAUSTED, DOWNLOAD_BUDGET, (
+                    f"{budget.limit} Download calls are running, the most the server serves at once beside "
+                    "its control streams; fix: retry with backoff (fetchers do)"
+                ))  # fmt: skip
+                auth.refuse(busy, "a Download call", context.peer())
+                context.abort(busy.code, busy.message)
+            request: Any = next(requests, None)
+            if request is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
+            try:
+                auth.check_receiver(identity, request.receiver, what="a Download call", peer=context.peer())
+            except AuthError as exc:
+                context.abort(exc.code, exc.message)
+            return behavior(request, context)
+
+        return checked
+
+    options = {"request_deserializer": handler.request_deserializer,
+               "response_serializer": handler.response_serializer}  # fmt: skip
+    if handler.unary_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(bound(handler.unary_stream), **options)
+    if handler.unary_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(bound(handler.unary_unary), **options)
+    return handler
 
 
 class FedkubeServer:
@@ -180,7 +263,8 @@ class FedkubeServer:
         )  # fmt: skip
         limit = config.message_limit()
         # Every running stream holds a worker: each client has a control stream, a forward fetch
-        # and a push at most at once; the rest is headroom for reconnect overlaps.
+        # and a push at most at once; the rest is headroom for reconnect overlaps. Download calls
+        # get at most half (_Budget), so stalled or hostile fetches leave Control its half.
         workers = max(16, 4 * len(s.clients) + 8)
         options = [
             (k, v) for k, v in server_options() if k not in ("grpc.max_receive_message_length",)
@@ -189,14 +273,17 @@ class FedkubeServer:
         self._grpc = grpc.server(
             self._executor,
             options=options,
-            interceptors=[_DownloadAuth(self.auth)],
+            interceptors=[_DownloadAuth(self.auth, budget=workers // 2)],
             maximum_concurrent_rpcs=workers,
         )
         control_pb2_grpc.add_ControlServicer_to_server(self._servicer, self._grpc)
         self.downloads.add_to_server(self._grpc)
         self.grpc_port = 0
         self.bulk: BulkServer | None = None
-        self._status = StatusServer(self.status_json, self.ready, host=config.bind_host, port=config.status_port)
+        self._status = StatusServer(
+            self.status_json, self.ready, host=config.bind_host, port=config.status_port,
+            on_refused=self.metrics.connection_rejected,
+        )  # fmt: skip
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._outcome: Outcome | None = None
@@ -253,6 +340,7 @@ class FedkubeServer:
             return BulkServer(
                 self.downloads, host=host, port=port, authorize=self.auth.authorize_bulk,
                 on_upload=self._on_bulk_upload, name=f"job {self.config.job} bulk",
+                on_refused=self.metrics.connection_rejected,
             ).start()  # fmt: skip
         except OSError as exc:
             raise ConfigError(

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from fedkube.metrics.server import ServerMetrics
-from fedkube.protocol import AUTH_METADATA, BEARER, SITE_METADATA
+from fedkube.protocol import AUTH_METADATA, BEARER, RECEIVER_MISMATCH, SITE_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,18 @@ class Authenticator:
             )), what, peer)  # fmt: skip
         return Identity(site)
 
+    def check_receiver(self, identity: Identity, receiver: str, *, what: str, peer: str = "") -> None:
+        """Refuse a request whose ``receiver`` is not the authenticated site (raises :class:`AuthError`).
+
+        Without it one site could fetch another's copy and report it complete, which releases the
+        round's model before the real receiver has it.
+        """
+        if receiver != identity.site:
+            raise self.refuse(AuthError(identity.site, grpc.StatusCode.PERMISSION_DENIED, RECEIVER_MISMATCH, (
+                f"site {identity.site!r} asked as receiver {receiver!r}; a site fetches and completes only its "
+                "own transfers; fix: set the request's receiver to the site the token belongs to"
+            )), what, peer)  # fmt: skip
+
     def refuse(self, error: AuthError, what: str, peer: str = "") -> AuthError:
         """Log and count ``error`` (also for refusals decided after authentication); returns it, to raise."""
         if self._metrics is not None:
@@ -84,10 +96,15 @@ class Authenticator:
                     f" (peer {peer})" if peer else "")
         return error
 
-    def authorize_bulk(self, site: str, token: str) -> tuple[grpc.StatusCode | None, str]:
-        """The bulk port's ``authorize`` callback (:class:`fedkube.transfer.bulk.BulkServer`)."""
+    def authorize_bulk(self, site: str, token: str, receiver: str | None = None) -> tuple[grpc.StatusCode | None, str]:
+        """The bulk port's ``authorize`` callback (:class:`fedkube.transfer.bulk.BulkServer`).
+
+        ``receiver`` is the fetch's or completion's receiver (None for an upload): it must be ``site``.
+        """
         try:
-            self.authenticate(site, token, what="a bulk request")
+            identity = self.authenticate(site, token, what="a bulk request")
+            if receiver is not None:
+                self.check_receiver(identity, receiver, what="a bulk request")
         except AuthError as exc:
             return exc.code, exc.message
         return None, ""

@@ -14,8 +14,10 @@ the JAX team. The trainer SDK converts torch tensors to/from these arrays.
 **Checksums use xxh3_64 (package xxhash).** Measured on the 2-core dev box over
 a 256 MiB buffer (bench/README.md): xxh3_64 ~17 GB/s, zlib.crc32 ~3.5 GB/s,
 sha256 ~1.5 GB/s, blake2b ~0.8 GB/s. A checksum guards against corruption and
-bugs, not against an attacker (TLS does that), so a fast non-cryptographic
-hash is the right tool; crc32 would cost as much time as the loopback copy
+bugs, not against an attacker: a tampered tensor with a recomputed checksum
+passes, and nothing on the wire stops that today (the connections are
+plaintext; mutual TLS is the planned protection). So a fast
+non-cryptographic hash is the right tool; crc32 would cost as much time as the loopback copy
 itself. ``crc32`` remains accepted when verifying, so a peer without xxhash can
 still publish.
 """

@@ -84,7 +84,11 @@ def relay_channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[s
 
 
 def insecure_channel(address: str, extra: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-    """A plaintext channel with :func:`channel_options` (localhost and tests; production uses TLS)."""
+    """A plaintext channel with :func:`channel_options`.
+
+    Every fedkube connection is plaintext in this version, between pods too: nothing here encrypts or
+    authenticates the server (mutual TLS is issue 12's next step; docs/protocol.md, "Hardening").
+    """
     return grpc.insecure_channel(address, options=channel_options(extra))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -58,11 +59,20 @@ class Refused(Exception):
         self.message = message
 
 
-def recv_into(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from ``sock``; EOFError when the peer closed first."""
+def recv_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill ``view`` from ``sock``; EOFError when the peer closed first.
+
+    ``deadline`` (``time.monotonic()``) bounds the whole read, not each ``recv``: TimeoutError past it,
+    so a peer trickling a byte at a time cannot stretch it.
+    """
     got = 0
     total = view.nbytes
     while got < total:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"deadline passed after {got} of {total} bytes")
+            sock.settimeout(left)
         n = sock.recv_into(view[got:])
         if n == 0:
             raise EOFError(f"connection closed after {got} of {total} bytes")
@@ -75,14 +85,14 @@ def recv_u32(sock: socket.socket) -> int:
     return int(U32.unpack(buf)[0])
 
 
-def _recv_message(sock: socket.socket, length: int) -> bytes:
+def _recv_message(sock: socket.socket, length: int, deadline: float | None = None) -> bytes:
     if length > MAX_MESSAGE_BYTES:
         raise Refused(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"bulk message of {length} bytes is over the {MAX_MESSAGE_BYTES}-byte limit",
         )
     buf = bytearray(length)
-    recv_into(sock, memoryview(buf))
+    recv_into(sock, memoryview(buf), deadline)
     return bytes(buf)
 
 
@@ -91,10 +101,10 @@ def send_request(sock: socket.socket, request: tensor_pb2.BulkRequest) -> None:
     sock.sendall(_HEADER.pack(MAGIC, len(data)) + data)
 
 
-def read_request(sock: socket.socket) -> tensor_pb2.BulkRequest:
-    """Read one BulkRequest; raises :class:`Refused` for anything that is not one."""
+def read_request(sock: socket.socket, deadline: float | None = None) -> tensor_pb2.BulkRequest:
+    """Read one BulkRequest, all of it before ``deadline`` (:func:`recv_into`); :class:`Refused` for a non-request."""
     head = bytearray(_HEADER.size)
-    recv_into(sock, memoryview(head))
+    recv_into(sock, memoryview(head), deadline)
     magic, length = _HEADER.unpack(head)
     if magic != MAGIC:
         raise Refused(
@@ -104,7 +114,7 @@ def read_request(sock: socket.socket) -> tensor_pb2.BulkRequest:
         )
     request = tensor_pb2.BulkRequest()
     try:
-        request.ParseFromString(_recv_message(sock, length))
+        request.ParseFromString(_recv_message(sock, length, deadline))
     except DecodeError as exc:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed BulkRequest: {exc}") from None
     return request

@@ -6,10 +6,18 @@ import contextlib
 import logging
 import socket
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 
 import grpc
 
+from fedkube.protocol import (
+    CONNECTION_LIMIT,
+    PEER_CONNECTION_LIMIT,
+    REQUEST_DEADLINE,
+    UNAUTHENTICATED_LIMIT,
+)
 from fedkube.transfer import endpoints, handoff
 from fedkube.transfer.bulk.frames import (
     END,
@@ -29,10 +37,24 @@ from fedkube.wire.v1 import tensor_pb2
 
 log = logging.getLogger(__name__)
 
-#: ``authorize(site, token)`` -> (None, "") to admit, or (code, message) to refuse.
-Authorize = Callable[[str, str], tuple["grpc.StatusCode | None", str]]
+#: ``authorize(site, token, receiver)`` -> (None, "") to admit, or (code, message) to refuse. ``receiver`` is
+#: the fetch's or completion's (None for an upload); an authorizer refuses one that is not ``site``.
+Authorize = Callable[[str, str, "str | None"], tuple["grpc.StatusCode | None", str]]
 #: ``on_upload(site, upload_id, sock)`` -> (None, "") after taking ownership of ``sock``, or (code, message).
 OnUpload = Callable[[str, str, socket.socket], tuple["grpc.StatusCode | None", str]]
+
+
+#: ``on_refused(reason)``: a connection was refused before it had any effect (one of the bulk port's
+#: reasons in :data:`fedkube.protocol.PORT_REFUSALS`).
+OnRefused = Callable[[str], None]
+
+
+_REASONS = {
+    CONNECTION_LIMIT: "at its connection limit (every slot is taken)",
+    UNAUTHENTICATED_LIMIT: "at its connection limit for connections that have not authenticated yet",
+    PEER_CONNECTION_LIMIT: "at its connection limit for one address's unauthenticated connections",
+    REQUEST_DEADLINE: "the request did not arrive in time",
+}
 
 
 class Listener:
@@ -42,11 +64,23 @@ class Listener:
     a Unix socket when ``host`` is an abstract name (``@...``,
     :mod:`fedkube.transfer.handoff`; ``port`` is then 0). Subclasses answer
     each connection in :meth:`handle`.
+
+    A connection counts as *unauthenticated* until the subclass calls
+    :meth:`admitted`: at most ``max_unauthenticated`` of those at once, and at
+    most ``max_per_peer`` from one address, so strangers holding idle
+    connections cannot take the slots of the sites that authenticated (by
+    default both are ``max_connections``: no separate budget).
     """
 
-    def __init__(self, host: str, port: int, name: str, max_connections: int) -> None:
+    def __init__(
+        self, host: str, port: int, name: str, max_connections: int, *, max_unauthenticated: int | None = None,
+        max_per_peer: int | None = None, on_refused: OnRefused | None = None,
+    ) -> None:  # fmt: skip
         self.name = name
         self.max_connections = max_connections
+        self.max_unauthenticated = max_connections if max_unauthenticated is None else max_unauthenticated
+        self.max_per_peer = max_connections if max_per_peer is None else max_per_peer
+        self.on_refused = on_refused
         self.host = host
         if handoff.is_handoff(host):
             self._sock = handoff.listen(host)
@@ -56,6 +90,8 @@ class Listener:
             self.port = self._sock.getsockname()[1]
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
+        self._unauthenticated: dict[socket.socket, str] = {}  # connection -> its peer's address
+        self._per_peer: Counter[str] = Counter()  # unauthenticated connections by peer address
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._accept, name=f"fedkube-{name}-accept", daemon=True)
 
@@ -72,25 +108,56 @@ class Listener:
     def _accept(self) -> None:
         while not self._stopped.is_set():
             try:
-                conn, _ = self._sock.accept()
+                conn, addr = self._sock.accept()
             except OSError:
                 return  # closed by stop()
+            peer = ""
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = str(addr[0])
             with self._lock:
-                full = len(self._conns) >= self.max_connections
-                if not full:
-                    self._conns.add(conn)
-            if full:
-                log.warning("%s: %d connections open; refusing one more", self.name, self.max_connections)
-                threading.Thread(target=self._refuse_busy, args=(conn,), daemon=True).start()
+                reason = self._admit_locked(conn, peer)
+            if reason:
+                self.refuse(reason, peer or "a local process")
+                threading.Thread(target=self._refuse_busy, args=(conn, reason), daemon=True).start()
                 continue
             threading.Thread(target=self._run, args=(conn,), name=f"fedkube-{self.name}-conn", daemon=True).start()
 
-    def _refuse_busy(self, conn: socket.socket) -> None:
+    def _admit_locked(self, conn: socket.socket, peer: str) -> str:
+        """"" after taking ``conn`` on as unauthenticated, or the reason it is refused."""
+        if len(self._conns) >= self.max_connections:
+            return CONNECTION_LIMIT
+        if len(self._unauthenticated) >= self.max_unauthenticated:
+            return UNAUTHENTICATED_LIMIT
+        if self._per_peer[peer] >= self.max_per_peer:
+            return PEER_CONNECTION_LIMIT
+        self._conns.add(conn)
+        self._unauthenticated[conn] = peer
+        self._per_peer[peer] += 1
+        return ""
+
+    def admitted(self, conn: socket.socket) -> None:
+        """``conn`` authenticated: it no longer counts against the unauthenticated and per-peer limits."""
+        with self._lock:
+            self._forget_unauthenticated_locked(conn)
+
+    def _forget_unauthenticated_locked(self, conn: socket.socket) -> None:
+        peer = self._unauthenticated.pop(conn, None)
+        if peer is not None:
+            self._per_peer[peer] -= 1
+            if self._per_peer[peer] <= 0:
+                del self._per_peer[peer]
+
+    def refuse(self, reason: str, peer: str) -> None:
+        """Log and count a connection refused before it had any effect."""
+        log.warning("%s: refused a connection from %s: %s", self.name, peer, _REASONS.get(reason, reason))
+        if self.on_refused is not None:
+            self.on_refused(reason)
+
+    def _refuse_busy(self, conn: socket.socket, reason: str) -> None:
         try:
             conn.settimeout(5.0)
-            send_status(conn, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name} is at its connection limit; retry")
+            send_status(conn, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name}: {_REASONS[reason]}; retry")
         except OSError:
             pass
         finally:
@@ -105,6 +172,7 @@ class Listener:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                self._forget_unauthenticated_locked(conn)
             if not keep:
                 close_socket(conn)
 
@@ -125,13 +193,25 @@ class Listener:
         self._thread.join(timeout=5)
 
 
+def _peer_of(conn: socket.socket) -> str:
+    try:
+        return str(conn.getpeername()[0]) if conn.family != socket.AF_UNIX else "a local process"
+    except OSError:
+        return "a peer that has gone"
+
+
 class BulkServer(Listener):
     """Serves ``service`` (fetch, complete) over the bulk protocol; pushed uploads go to ``on_upload``.
 
-    ``authorize(site, token)`` admits or refuses every request before it is
-    looked at (None: no check, for pod-local servers). A request is read
-    within ``request_timeout_s``; a receiver that stops reading for
-    ``send_timeout_s`` is dropped (it resumes with a new fetch).
+    ``authorize(site, token, receiver)`` admits or refuses every request before
+    it is looked at (None: no check, for pod-local servers). A whole request
+    must arrive within ``request_timeout_s`` of the connection's accept (an
+    absolute deadline: trickling bytes does not extend it); a receiver that
+    stops reading for ``send_timeout_s`` is dropped (it resumes with a new
+    fetch). Until its request is authorized a connection counts against
+    ``max_unauthenticated`` and ``max_per_peer`` (:class:`Listener`), so the
+    rest of ``max_connections`` stays for the sites; ``on_refused(reason)``
+    counts each refusal of a connection.
     """
 
     def __init__(
@@ -145,12 +225,18 @@ class BulkServer(Listener):
         name: str = "bulk",
         frame_bytes: int = FRAME_BYTES,
         max_connections: int = 256,
+        max_unauthenticated: int = 64,
+        max_per_peer: int = 16,
         request_timeout_s: float = 10.0,
         send_timeout_s: float = 120.0,
+        on_refused: OnRefused | None = None,
     ) -> None:
         if not 0 < frame_bytes <= MAX_FRAME_BYTES:
             raise ValueError(f"frame_bytes must be in 1..{MAX_FRAME_BYTES}, got {frame_bytes}")
-        super().__init__(host, port, name, max_connections)
+        super().__init__(
+            host, port, name, max_connections, max_unauthenticated=min(max_unauthenticated, max_connections),
+            max_per_peer=max_per_peer, on_refused=on_refused,
+        )  # fmt: skip
         self.service = service
         self.authorize = authorize
         self.on_upload = on_upload
@@ -164,9 +250,15 @@ class BulkServer(Listener):
         return self
 
     def handle(self, conn: socket.socket) -> bool:
-        conn.settimeout(self.request_timeout_s)
         try:
-            request = read_request(conn)
+            request = read_request(conn, time.monotonic() + self.request_timeout_s)
+        except TimeoutError:
+            self.refuse(REQUEST_DEADLINE, _peer_of(conn))
+            with contextlib.suppress(OSError):
+                conn.settimeout(1.0)  # a peer that reads nothing must not hold the thread now
+                send_status(conn, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"{self.name}: no complete request within {self.request_timeout_s:g} s")
+            return False
         except Refused as refused:
             log.warning("%s: refused a request: %s", self.name, refused.message)
             with contextlib.suppress(OSError):
@@ -186,11 +278,14 @@ class BulkServer(Listener):
         reports them to the sidecar that dialed it).
         """
         try:
+            op = request.WhichOneof("op")
             if self.authorize is not None:
-                code, message = self.authorize(request.site, request.token)
+                receiver = request.fetch.receiver if op == "fetch" else (
+                    request.complete.receiver if op == "complete" else None)
+                code, message = self.authorize(request.site, request.token, receiver)
                 if code is not None:
                     raise Refused(code, message)
-            op = request.WhichOneof("op")
+            self.admitted(conn)
             if op == "fetch":
                 self._fetch(conn, request.fetch, on_frame)
             elif op == "complete":

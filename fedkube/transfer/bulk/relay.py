@@ -26,6 +26,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -171,10 +172,9 @@ class ForwardEndpoint(Listener):
         return 0
 
     def handle(self, conn: socket.socket) -> bool:
-        conn.settimeout(self.limits.request_timeout_s)
         up: socket.socket | None = None
         try:
-            request = read_request(conn)
+            request = read_request(conn, time.monotonic() + self.limits.request_timeout_s)
             op = request.WhichOneof("op")
             if op == "fetch":
                 receiver = request.fetch.receiver

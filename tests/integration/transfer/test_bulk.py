@@ -117,7 +117,7 @@ def test_refusals_carry_the_ids_and_the_server_keeps_serving(service: DownloadSe
 def test_authorize_refuses_a_wrong_token_before_looking_at_the_request(service: DownloadService) -> None:
     seen: list[tuple[str, str]] = []
 
-    def authorize(site: str, token: str) -> tuple[grpc.StatusCode | None, str]:
+    def authorize(site: str, token: str, receiver: str | None) -> tuple[grpc.StatusCode | None, str]:
         seen.append((site, token))
         if token != "s3cret":
             return grpc.StatusCode.UNAUTHENTICATED, f"wrong token for site {site!r}"
@@ -334,7 +334,9 @@ def test_a_client_that_sends_nothing_is_dropped_after_the_request_timeout(servic
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
             start = time.monotonic()
-            assert s.recv(10) == b""  # closed by the server, not by our timeout
+            code, _ = read_status(s)  # told why, then closed by the server, not by our timeout
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert s.recv(10) == b""
             assert time.monotonic() - start < 3
     finally:
         srv.stop()
@@ -382,7 +384,7 @@ def test_relay_stamps_identity_checks_the_receiver_and_frees_its_buffer(
     monkeypatch.setattr(bulk_relay, "USE_SPLICE", splice)
     tokens = {"site-a": "tok-a"}
 
-    def authorize(site: str, token: str) -> tuple[grpc.StatusCode | None, str]:
+    def authorize(site: str, token: str, receiver: str | None) -> tuple[grpc.StatusCode | None, str]:
         return (None, "") if tokens.get(site) == token else (grpc.StatusCode.UNAUTHENTICATED, f"bad token for {site!r}")
 
     srv = BulkServer(service, authorize=authorize, frame_bytes=128 << 10).start()

@@ -71,7 +71,7 @@ def _wait_for(check: object, timeout_s: float = 3.0) -> bool:
 def test_a_fetch_reads_the_servers_socket_and_the_sidecar_counts_every_frame(service: DownloadService) -> None:
     seen: list[tuple[str, str]] = []
 
-    def authorize(site: str, token: str) -> tuple[grpc.StatusCode | None, str]:
+    def authorize(site: str, token: str, receiver: str | None) -> tuple[grpc.StatusCode | None, str]:
         seen.append((site, token))
         return (None, "") if (site, token) == ("site-a", "tok-a") else (grpc.StatusCode.UNAUTHENTICATED, "bad")
 

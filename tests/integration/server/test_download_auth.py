@@ -1,0 +1,181 @@
+"""The server authenticates Download callers from their headers and binds the receiver to them (issue 12, item 5).
+
+The attacker is site-a with its own valid token: it asks for site-b's copy of
+the round's model and reports site-b finished, which (before the receiver was
+bound to the authenticated site) released the model before site-b had it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from fedkube.protocol import AUTH_METADATA, BEARER, SITE_METADATA
+from fedkube.server.app import FedkubeServer
+from fedkube.transfer.bulk import read_status, send_request
+from fedkube.transfer.service import Transaction
+from fedkube.transfer.wire import SERVICE_NAME
+from fedkube.wire.v1 import tensor_pb2, tensor_pb2_grpc
+from tests.integration.server.conftest import JOB, Harness, make_config, token_of
+from tests.integration.server.fakes import add_value
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def server(harness: Harness) -> FedkubeServer:
+    config = dataclasses.replace(make_config(rounds=1, registration_timeout_s=30.0), bulk_port=0)
+    return harness.server(config, {"w": np.zeros(16, np.float32)})
+
+
+def _publish(srv: FedkubeServer) -> Transaction:
+    return srv.downloads.publish({"w": np.arange(64, dtype=np.float32)}, receivers=["site-a", "site-b"], ttl_s=60.0)
+
+
+def _credentials(site: str) -> tuple[tuple[str, str], ...]:
+    return (SITE_METADATA, site), (AUTH_METADATA, BEARER + token_of(site))
+
+
+def _rejected(srv: FedkubeServer, reason: str) -> float:
+    value = srv.metrics_registry.get_sample_value(
+        "fedkube_server_rejected_connections_total", {"fljob": JOB, "reason": reason}
+    )
+    return value or 0.0
+
+
+def test_grpc_fetch_and_complete_as_another_site_are_refused(server: FedkubeServer) -> None:
+    txn = _publish(server)
+    ref_id = txn.refs[0].ref_id
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = tensor_pb2_grpc.DownloadStub(channel)
+        fetch_b = tensor_pb2.FetchRequest(transaction_id=txn.id, ref_id=ref_id, receiver="site-b")
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Fetch(fetch_b, metadata=_credentials("site-a"), timeout=5))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "site 'site-a' asked as receiver 'site-b'" in str(info.value.details())
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Complete(tensor_pb2.CompleteRequest(transaction_id=txn.id, receiver="site-b", ok=True),
+                          metadata=_credentials("site-a"), timeout=5)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert txn.done_receivers == frozenset() and not txn.released
+        assert _rejected(server, "ReceiverMismatch") == 2
+        # site-a's own copy and its own completion still work.
+        fetch_a = tensor_pb2.FetchRequest(transaction_id=txn.id, ref_id=ref_id, receiver="site-a")
+        assert list(stub.Fetch(fetch_a, metadata=_credentials("site-a"), timeout=5))
+        stub.Complete(tensor_pb2.CompleteRequest(transaction_id=txn.id, receiver="site-a", ok=True),
+                      metadata=_credentials("site-a"), timeout=5)
+    assert txn.done_receivers == frozenset({"site-a"}) and not txn.released
+
+
+def _ask(srv: FedkubeServer, request: tensor_pb2.BulkRequest) -> tuple[grpc.StatusCode, str]:
+    with socket.create_connection(("127.0.0.1", srv.bulk_port), timeout=5) as sock:
+        send_request(sock, request)
+        return read_status(sock)
+
+
+def test_bulk_fetch_and_complete_as_another_site_are_refused(server: FedkubeServer) -> None:
+    txn = _publish(server)
+    as_a = {"site": "site-a", "token": token_of("site-a")}
+    fetch_b = tensor_pb2.FetchRequest(transaction_id=txn.id, ref_id=txn.refs[0].ref_id, receiver="site-b")
+    code, message = _ask(server, tensor_pb2.BulkRequest(fetch=fetch_b, **as_a))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "asked as receiver 'site-b'" in message
+    complete_b = tensor_pb2.CompleteRequest(transaction_id=txn.id, receiver="site-b", ok=True)
+    code, _ = _ask(server, tensor_pb2.BulkRequest(complete=complete_b, **as_a))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert txn.done_receivers == frozenset() and not txn.released
+    assert _rejected(server, "ReceiverMismatch") == 2
+    complete_a = tensor_pb2.CompleteRequest(transaction_id=txn.id, receiver="site-a", ok=True)
+    assert _ask(server, tensor_pb2.BulkRequest(complete=complete_a, **as_a))[0] == grpc.StatusCode.OK
+    assert txn.done_receivers == frozenset({"site-a"})
+
+
+def test_half_open_unauthenticated_calls_do_not_hold_the_servers_slots(server: FedkubeServer) -> None:
+    """Calls that send headers but never a request message are refused at once, so they hold no worker.
+
+    Before, each one waited for its message in a worker while counting against
+    ``maximum_concurrent_rpcs`` (16 here): the real client below got RESOURCE_EXHAUSTED.
+    """
+    txn = _publish(server)
+    never = threading.Event()
+
+    def silent() -> Iterator[bytes]:
+        never.wait(20)  # bounded: the call ends when the test does at the latest
+        yield b""
+
+    calls = []
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        half_open = channel.stream_stream(f"/{SERVICE_NAME}/Fetch")
+        try:
+            calls = [half_open(silent(), metadata=((SITE_METADATA, "site-a"),), timeout=15) for _ in range(24)]
+            codes = [call.code() for call in calls]  # blocks until each call ended
+            assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}, codes
+            stub = tensor_pb2_grpc.DownloadStub(channel)
+            stub.Complete(tensor_pb2.CompleteRequest(transaction_id=txn.id, receiver="site-a", ok=True),
+                          metadata=_credentials("site-a"), timeout=5)
+        finally:
+            never.set()
+            for call in calls:
+                call.cancel()
+    assert txn.done_receivers == frozenset({"site-a"})
+
+
+def test_stalled_fetches_leave_control_its_workers(harness: Harness, server: FedkubeServer) -> None:
+    """16 fetches that never read (a stalled or hostile site) used to take every worker: Connect was refused.
+
+    Download calls now get half the server's workers; the rest are refused
+    retryably, and a sidecar still connects.
+    """
+    big = server.downloads.publish({"w": np.zeros(8 << 20, np.float32)}, receivers=["site-a"], ttl_s=60.0)
+    request = tensor_pb2.FetchRequest(transaction_id=big.id, ref_id=big.refs[0].ref_id, receiver="site-a")
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = tensor_pb2_grpc.DownloadStub(channel)
+        stalled = [stub.Fetch(request, metadata=_credentials("site-a"), timeout=20) for _ in range(16)]
+        try:
+            deadline = time.monotonic() + 10
+            while _rejected(server, "DownloadBudget") < 8 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _rejected(server, "DownloadBudget") == 8  # 16 workers for 2 clients: 8 for Download
+            harness.sidecar(server, "site-b", add_value(1.0))
+            while server.sessions.live() < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.sessions.live() == 1, "site-b's Connect found no worker"
+        finally:
+            for call in stalled:
+                call.cancel()
+
+
+def test_a_site_holding_half_open_fetches_leaves_control_its_workers(harness: Harness, server: FedkubeServer) -> None:
+    """A site with a valid token opens 16 fetches and never sends their request message.
+
+    They wait inside the Download budget (half the workers), not in the slots a sidecar's Connect needs.
+    """
+    never = threading.Event()
+
+    def silent() -> Iterator[bytes]:
+        never.wait(20)
+        yield b""
+
+    calls = []
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        half_open = channel.stream_stream(f"/{SERVICE_NAME}/Fetch")
+        try:
+            calls = [half_open(silent(), metadata=_credentials("site-a"), timeout=15) for _ in range(16)]
+            deadline = time.monotonic() + 10
+            while _rejected(server, "DownloadBudget") < 8 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _rejected(server, "DownloadBudget") == 8
+            harness.sidecar(server, "site-b", add_value(1.0))
+            while server.sessions.live() < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.sessions.live() == 1, "site-b's Connect found no worker"
+        finally:
+            never.set()
+            for call in calls:
+                call.cancel()
