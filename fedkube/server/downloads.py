@@ -143,11 +143,7 @@ class Downloader:
         on_finished: FinishedFn,
     ) -> None:  # fmt: skip
         """Pull ``refs`` into ``sink`` on a new thread (``sites``: the round's participants, for the order)."""
-        dl.thread = threading.Thread(
-            target=self._download, args=(round_, dl, refs, sink, sites, on_finished),
-            name=f"fedkube-pull-{dl.site}-r{round_}", daemon=True,
-        )  # fmt: skip
-        dl.thread.start()
+        self._spawn(dl, f"fedkube-pull-{dl.site}-r{round_}", self._download, round_, dl, refs, sink, sites, on_finished)
 
     def rebuild(
         self, round_: int, dl: Download, refs: list[TensorRef], sink: RoundAggregator, on_finished: FinishedFn
@@ -159,20 +155,25 @@ class Downloader:
         the checksums of the first download, so bytes that changed since
         (a trainer that modified its arrays after ``send()``) fail here.
         """
-        dl.thread = threading.Thread(
-            target=self._rebuild, args=(round_, dl, refs, sink, on_finished),
-            name=f"fedkube-rebuild-{dl.site}-r{round_}", daemon=True,
-        )  # fmt: skip
+        self._spawn(dl, f"fedkube-rebuild-{dl.site}-r{round_}", self._rebuild, round_, dl, refs, sink, on_finished)
+
+    @staticmethod
+    def _spawn(dl: Download, name: str, target: Callable[..., None], *args: object) -> None:
+        dl.thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         dl.thread.start()
 
-    def _rebuild(
-        self, round_: int, dl: Download, refs: list[TensorRef], sink: RoundAggregator, on_finished: FinishedFn
-    ) -> None:
+    def _fetcher(self, dl: Download) -> tuple[ReverseChunkSource, Fetcher]:
+        """A fetcher of ``dl``'s tensors over the reverse path (the server cannot dial a client), and its source."""
         source = ReverseChunkSource(
             dl.site, self._broker, self._send, chunk_timeout_s=self.fetch.chunk_timeout_s,
             max_chunk_bytes=self.fetch.max_chunk_bytes,
         )  # fmt: skip
-        fetcher = Fetcher(source, self.fetch, abort=dl.abort, on_retry=self._on_retry)
+        return source, Fetcher(source, self.fetch, abort=dl.abort, on_retry=self._on_retry)
+
+    def _rebuild(
+        self, round_: int, dl: Download, refs: list[TensorRef], sink: RoundAggregator, on_finished: FinishedFn
+    ) -> None:
+        _, fetcher = self._fetcher(dl)
         ok, reason, message = False, "", ""
         try:
             for ref in refs:
@@ -195,11 +196,7 @@ class Downloader:
         on_finished: FinishedFn,
     ) -> None:  # fmt: skip
         """Pull one client's result tensor by tensor into the aggregator, then report the outcome."""
-        source = ReverseChunkSource(
-            dl.site, self._broker, self._send, chunk_timeout_s=self.fetch.chunk_timeout_s,
-            max_chunk_bytes=self.fetch.max_chunk_bytes,
-        )  # fmt: skip
-        fetcher = Fetcher(source, self.fetch, abort=dl.abort, on_retry=self._on_retry)
+        source, fetcher = self._fetcher(dl)
         ok, reason, message = False, "", ""
         base = 0
         weight = float(max(dl.num_examples, 1))
