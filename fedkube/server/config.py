@@ -18,7 +18,7 @@ from typing import Any
 from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.spec import FLJobSpec, ModelSource, Strategy, Timeouts, Transfer, load_job
-from fedkube.spec.model import ModelSourceKind, StrategyName
+from fedkube.spec.model import DEFAULT_MAX_BYTES, ModelSourceKind, StrategyName, model_max_bytes
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class JobSettings:
     strategy_options: Mapping[str, Any] = field(default_factory=dict)
     model_source: ModelSourceKind = _MODEL.source
     model_path: str | None = _MODEL.path
+    # spec.model.maxBytes, or its default derived from the server's memory limit: the init model's bound.
+    model_max_bytes: int = DEFAULT_MAX_BYTES
     round_timeout_s: float = _TIMEOUTS.round_seconds
     heartbeat_timeout_s: float = _TIMEOUTS.heartbeat_seconds
     registration_timeout_s: float = _TIMEOUTS.registration_seconds
@@ -90,6 +92,7 @@ class JobSettings:
             strategy_options=strategy.model_dump(by_alias=True, exclude={"name"}, exclude_none=True),
             model_source=spec.model.source,
             model_path=spec.model.path,
+            model_max_bytes=model_max_bytes(spec.model, spec.server.resources.limits.get("memory")),
             round_timeout_s=spec.timeouts.round_seconds,
             heartbeat_timeout_s=spec.timeouts.heartbeat_seconds,
             registration_timeout_s=spec.timeouts.registration_seconds,

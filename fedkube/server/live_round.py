@@ -35,10 +35,11 @@ from fedkube.server.control import ResultAnnounced
 from fedkube.server.downloads import Download, ResultSink
 from fedkube.server.init_collector import InitCollector
 from fedkube.server.jobs import REBUILD_FAILED, JobFailed
-from fedkube.server.model import ModelSpec, check_result
+from fedkube.server.model import ModelSpec, check_init_result, check_result
 from fedkube.server.registry import ClientRecord, ClientState, Registry, SessionLike
 from fedkube.server.rounds import RoundState
 from fedkube.server.strategies import RoundAggregator
+from fedkube.spec.model import DEFAULT_MAX_BYTES
 from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.service import Transaction
 
@@ -268,13 +269,16 @@ class InitRound(LiveRound):
     kind: ClassVar[str] = INIT_TASK
     collector: InitCollector = field(default_factory=InitCollector)
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # site -> (reason, message)
+    max_bytes: int = DEFAULT_MAX_BYTES  # spec.model.maxBytes: checked before the collector allocates anything
 
     @property
     def sink(self) -> InitCollector:
         return self.collector
 
     def _check_content(self, result: ResultAnnounced) -> str:
-        return "" if result.refs else "the initial model has no tensors"
+        if not result.refs:
+            return "the initial model has no tensors"
+        return check_init_result(result.refs, self.max_bytes) or ""
 
     def accept(self, registry: Registry, dl: Download) -> bool:
         return not self.closed

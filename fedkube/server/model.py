@@ -14,7 +14,7 @@ dtype table is the transfer layer's (fedkube.transfer.refs).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -153,6 +153,40 @@ class ModelSpec:
 
 
 _MAX_LISTED = 5
+
+
+# The init task announces a model the server has never seen, so nothing else bounds how many tensors it names; each
+# costs a fetch and a receive buffer (a page, once aligned), so a flood of empty tensors is bounded here. Real models
+# have hundreds to a few thousand tensors.
+MAX_INIT_TENSORS = 1 << 16
+
+
+class SizedMeta(TensorMeta, Protocol):
+    """An announced tensor with its byte count (the refs check nbytes against dtype and shape when parsed)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+def check_init_result(announced: Sequence[SizedMeta], max_bytes: int) -> str | None:
+    """Whether the server may allocate the initial model a client announces, before anything is allocated.
+
+    Returns None when at most :data:`MAX_INIT_TENSORS` tensors of at most
+    ``max_bytes`` (``spec.model.maxBytes``) in all are announced, otherwise
+    one sentence naming the announced size, the bound and the fix.
+    """
+    if len(announced) > MAX_INIT_TENSORS:
+        return (
+            f"the initial model has {len(announced)} tensors, more than the {MAX_INIT_TENSORS} the server accepts "
+            "(the trainer must send its model's tensors, not more)"
+        )
+    total = sum(int(meta.nbytes) for meta in announced)
+    if total > max_bytes:
+        return (
+            f"the initial model announces {total} bytes, more than spec.model.maxBytes={max_bytes}; "
+            "raise spec.model.maxBytes (and the server's memory limit, about 2.5x the model) if the model is that big"
+        )
+    return None
 
 
 def _shape_str(shape: tuple[int, ...]) -> str:

@@ -300,8 +300,8 @@ class RoundWorkflow:
             rec = self.registry.get(site)
             if rec.state is not ClientState.REGISTERED:
                 continue
-            rnd = InitRound(number=0, job=self.settings.job, tasks=self._task_ids(0, (site,)),
-                            deadline=self._clock() + self.settings.round_timeout_s)
+            rnd = InitRound(number=0, job=self.settings.job, max_bytes=self.settings.model_max_bytes,
+                            tasks=self._task_ids(0, (site,)), deadline=self._clock() + self.settings.round_timeout_s)
             self._open_round(rnd)
             while site not in rnd.results and site not in rnd.failed:
                 if self._clock() >= rnd.deadline:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 import fedkube
+from fedkube.spec.quantity import parse_quantity
 
 API_GROUP = "fedkube.dev"
 API_VERSION_NAME = "v1alpha1"
@@ -273,6 +274,31 @@ class ModelSource(_Model):
         default="firstClient", description="file: load `path` in the server; firstClient: ask one client."
     )
     path: str | None = Field(default=None, description="With source file: path of the weights in the server pod.")
+    max_bytes: int | None = Field(
+        default=None,
+        alias="maxBytes",
+        ge=1,
+        description=(
+            "Largest initial model (bytes, all tensors) the server accepts from the first client; a larger "
+            "announcement is refused before anything is allocated. The server holds about 2.2x the model during a "
+            "round, so the model must stay below limit/2.5. Default: 40% of spec.server.resources.limits.memory "
+            "when set, otherwise 64 GiB."
+        ),
+    )
+
+
+# The server holds ~2.2x S during a round (bench/README.md); 40% of its memory limit keeps 2.5x S under it.
+MAX_BYTES_SHARE_OF_MEMORY_PERCENT = 40
+DEFAULT_MAX_BYTES = 64 << 30
+
+
+def model_max_bytes(model: ModelSource, server_memory_limit: str | None) -> int:
+    """The bound on the initial model's bytes: ``maxBytes``, else derived from the server's memory limit."""
+    if model.max_bytes is not None:
+        return model.max_bytes
+    if server_memory_limit is None:
+        return DEFAULT_MAX_BYTES
+    return max(1, int(parse_quantity(server_memory_limit) * MAX_BYTES_SHARE_OF_MEMORY_PERCENT / 100))
 
 
 class Sidecar(_Model):

@@ -26,7 +26,7 @@ EVERYTHING: dict[str, Any] = {
     **MINIMAL["spec"],
     "minClients": 1,
     "strategy": {"name": "fedadam", "serverLr": 0.5},
-    "model": {"source": "file", "path": "/models/init.npz"},
+    "model": {"source": "file", "path": "/models/init.npz", "maxBytes": 123456},
     "transfer": {"chunkBytes": 65536, "chunkTimeoutSeconds": 7, "idleTimeoutSeconds": 30, "maxAttempts": 4},
     "timeouts": {"roundSeconds": 90, "heartbeatSeconds": 12, "registrationSeconds": 40},
     "server": {"checkpoint": {"onUnusable": "StartFresh"}},
@@ -54,6 +54,11 @@ def test_every_setting_is_read_from_the_spec() -> None:
     for f in dataclasses.fields(TransferSettings):
         assert getattr(s.transfer, f.name) != getattr(TransferSettings(), f.name), f.name
     assert s.transfer == TransferSettings(chunk_bytes=65536, chunk_timeout_s=7.0, idle_timeout_s=30.0, max_attempts=4)
+
+
+def test_model_max_bytes_defaults_to_a_share_of_the_server_memory_limit() -> None:
+    spec = _spec({**MINIMAL["spec"], "server": {"resources": {"limits": {"memory": "10Gi"}}}})
+    assert settings_from_spec("cfg", spec).model_max_bytes == 4 * 2**30
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from fedkube.server.control import ResultAnnounced
 from fedkube.server.downloads import Download
 from fedkube.server.init_collector import InitCollector
 from fedkube.server.live_round import InitRound, TrainRound
-from fedkube.server.model import ModelSpec
+from fedkube.server.model import MAX_INIT_TENSORS, ModelSpec
 from fedkube.server.registry import ClientState, Registry
 from fedkube.server.rounds import RoundPolicy, RoundState
 from fedkube.server.strategies import FedAvg, StreamingAggregator
@@ -51,6 +51,33 @@ def test_init_round_keeps_its_clients_failures_and_collects_into_a_non_streaming
     assert rnd.accept(Registry(["a"], heartbeat_timeout_s=30), dl)
     rnd.closed = True
     assert not rnd.accept(Registry(["a"], heartbeat_timeout_s=30), dl)  # landed after the round closed: not taken
+
+
+def _announced(site: str, name: str, shape: tuple[int, ...]) -> TensorRef:
+    """A float32 tensor announced without any array behind it: what a client may claim."""
+    ref = TensorRef(source=site, transaction_id="t", ref_id=f"{site}-{name}", name=name, dtype="float32",
+                    shape=shape, nbytes=4 * int(np.prod(shape)), checksum="xxh3_64:" + "0" * 16)  # fmt: skip
+    return ref.validate()
+
+
+def test_init_round_refuses_a_model_over_max_bytes_before_allocating_anything() -> None:
+    rnd = InitRound(number=0, job="job", tasks={"a": "t-a"}, deadline=60.0, max_bytes=1 << 20)
+    gib = _result("a", refs=(_announced("a", "w", (1 << 28,)),))  # 1 GiB claimed, nothing sent
+    problem = rnd.check_result("a", gib)
+    assert str(1 << 30) in problem and "spec.model.maxBytes=1048576" in problem, problem
+    assert not rnd.collector._targets  # no receive buffer was handed out for it
+    split = _result("a", refs=(_announced("a", "w", (1 << 17,)), _announced("a", "v", ((1 << 17) + 1,))))
+    assert "spec.model.maxBytes" in rnd.check_result("a", split)  # the sum counts, not the largest tensor
+    at_bound = _result("a", refs=(_announced("a", "w", (1 << 18,)),))  # exactly 1 MiB
+    assert rnd.check_result("a", at_bound) == ""
+
+
+def test_init_round_refuses_more_tensors_than_any_model_has() -> None:
+    rnd = InitRound(number=0, job="job", tasks={"a": "t-a"}, deadline=60.0)
+    flood = _result("a", refs=tuple(_announced("a", f"t{i}", (0,)) for i in range(MAX_INIT_TENSORS + 1)))
+    assert f"more than the {MAX_INIT_TENSORS}" in rnd.check_result("a", flood)
+    enough = _result("a", refs=flood.refs[:MAX_INIT_TENSORS])
+    assert rnd.check_result("a", enough) == ""
 
 
 def test_train_round_leaves_failures_to_the_registry_and_checks_results_against_the_model() -> None:

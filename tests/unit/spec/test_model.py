@@ -22,6 +22,7 @@ from fedkube.spec import (
     parse_job,
     validate_job,
 )
+from fedkube.spec.model import DEFAULT_MAX_BYTES, ModelSource, model_max_bytes
 from fedkube.spec.problems import format_path
 from fedkube.spec.quantity import parse_quantity
 from fedkube.spec.status import FLJobStatus
@@ -115,6 +116,8 @@ BAD = [
     ("fedavg-with-lr", _set("spec.strategy", {"name": "fedavg", "serverLr": 0.1}), "spec.strategy.serverLr", "fedadam"),
     ("file-without-path", _set("spec.model.path", _DELETE), "spec.model.path", "no path"),
     ("path-without-file", _set("spec.model", {"source": "firstClient", "path": "/x"}), "spec.model.path", "ignores"),
+    ("max-bytes-zero", _set("spec.model.maxBytes", 0), "spec.model.maxBytes", "greater than or equal to 1"),
+    ("max-bytes-string", _set("spec.model.maxBytes", "1Gi"), "spec.model.maxBytes", "integer"),
     (
         "bad-quantity",
         _set("spec.trainer.resources.limits", {"nvidia.com/gpu": "half"}),
@@ -419,3 +422,20 @@ def test_chunk_bounds_match_the_transfer_layer() -> None:
     field = Transfer.model_fields["chunk_bytes"]
     assert field.default == wire.DEFAULT_CHUNK_BYTES
     assert {"le": wire.MAX_CHUNK_BYTES} in [{"le": getattr(m, "le", None)} for m in field.metadata]
+
+
+@pytest.mark.parametrize(
+    ("max_bytes", "memory_limit", "bound"),
+    [
+        (None, None, DEFAULT_MAX_BYTES),
+        (None, "10Gi", 4 * 2**30),  # 40%: the ~2.2x S a round holds stays under the limit
+        (None, "1000", 400),
+        (None, "1m", 1),  # never 0: a bound of 0 would refuse every model
+        (12345, "10Gi", 12345),  # the explicit value wins over the derivation
+        (12345, None, 12345),
+    ],
+)
+def test_model_max_bytes_default_is_derived_from_the_server_memory_limit(
+    max_bytes: int | None, memory_limit: str | None, bound: int
+) -> None:
+    assert model_max_bytes(ModelSource(max_bytes=max_bytes), memory_limit) == bound
