@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 import fedkube
 
@@ -155,6 +155,16 @@ _REFUSED_WHY = {
 FileMode = Annotated[int, Field(ge=0, le=0o777, description="File mode bits (0-0777, e.g. 0644 = 420).")]
 
 
+def _relative_path(value: str) -> str:
+    # The kubelet refuses these too, but only when the pod is created; `fedkube run` would write outside the volume.
+    if value.startswith("/") or ".." in value.split("/"):
+        raise ValueError(f"{value!r} leaves the volume; fix: give a relative path without '..', e.g. config/app.yaml")
+    return value
+
+
+VolumePath = Annotated[str, Field(min_length=1), AfterValidator(_relative_path)]
+
+
 def _one_kind(value: Any, allowed: tuple[str, ...], what: str, fix: str) -> Any:
     """Refuse a source kind outside `allowed` (naming it and why), and require exactly one source."""
     if not isinstance(value, dict):
@@ -174,7 +184,7 @@ class KeyToPath(_Model):
     """One key of a ConfigMap or Secret written as a file (Kubernetes KeyToPath)."""
 
     key: str = Field(min_length=1, description="Key to project.")
-    path: str = Field(min_length=1, description="Relative path of the file in the volume.")
+    path: VolumePath = Field(description="Relative path of the file in the volume.")
     mode: FileMode | None = Field(default=None, description="File mode bits of this file.")
 
 
@@ -221,12 +231,18 @@ class ProjectedKeys(_Model):
 class DownwardAPIFile(_Model):
     """One file holding a field of the pod or a container resource."""
 
-    path: str = Field(min_length=1, description="Relative path of the file.")
+    path: VolumePath = Field(description="Relative path of the file in the volume.")
     field_ref: FieldRef | None = Field(default=None, alias="fieldRef", description="A field of the pod.")
     resource_field_ref: ResourceFieldRef | None = Field(
         default=None, alias="resourceFieldRef", description="A resource request/limit."
     )
     mode: FileMode | None = Field(default=None, description="File mode bits of this file.")
+
+    @model_validator(mode="after")
+    def _one_field(self) -> DownwardAPIFile:
+        if (self.field_ref is None) == (self.resource_field_ref is None):
+            raise ValueError(f"file {self.path!r} needs exactly one of fieldRef and resourceFieldRef; fix: give one")
+        return self
 
 
 class DownwardAPIProjection(_Model):
@@ -258,8 +274,9 @@ class ProjectedSource(_Model):
 
 
 class Volume(_Model):
-    """A volume added to the pod; exactly one source among emptyDir, configMap, secret, persistentVolumeClaim and
-    projected (hostPath, serviceAccountToken projections and other kinds are refused)."""
+    """A pod volume with exactly one source: emptyDir, configMap, secret, persistentVolumeClaim or projected."""
+
+    # hostPath, serviceAccountToken projections and every other kind are refused by _allowed_kind.
 
     name: str = Field(min_length=1, description="Volume name (a DNS label not starting with fedkube-).")
     empty_dir: EmptyDirSource | None = Field(default=None, alias="emptyDir", description="A fresh directory.")

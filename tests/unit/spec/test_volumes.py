@@ -51,6 +51,16 @@ ATTACKS = [
      "spec.trainer.volumes[0]", "'csi' is not allowed"),
     ("two-sources", "trainer", {"name": "d", "emptyDir": {}, "secret": {"secretName": "s"}},
      "spec.trainer.volumes[0]", "exactly one source"),
+    ("item-outside-the-volume", "trainer",
+     {"name": "c", "configMap": {"name": "c", "items": [{"key": "k", "path": "../../etc/cron.d/x"}]}},
+     "spec.trainer.volumes[0].configMap.items[0].path", "leaves the volume"),
+    ("absolute-downward-file", "server",
+     {"name": "d", "projected": {"sources": [{"downwardAPI": {"items": [
+         {"path": "/etc/passwd", "fieldRef": {"fieldPath": "metadata.name"}}]}}]}},
+     "spec.server.volumes[0].projected.sources[0].downwardAPI.items[0].path", "leaves the volume"),
+    ("downward-file-without-a-field", "trainer",
+     {"name": "d", "projected": {"sources": [{"downwardAPI": {"items": [{"path": "x"}]}}]}},
+     "spec.trainer.volumes[0].projected.sources[0].downwardAPI.items[0]", "exactly one of fieldRef"),
     ("hostpath-in-source-fields", "trainer", {"name": "d", "emptyDir": {"path": "/"}},
      "spec.trainer.volumes[0].emptyDir.path", "unknown field"),
 ]  # fmt: skip
