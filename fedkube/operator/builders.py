@@ -332,7 +332,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         },
         {"name": VOLUME_CHECKPOINT, **checkpoint},
         {"name": VOLUME_TMP, "emptyDir": {}},
-        *(dict(v) for v in server.volumes),
+        *(v.manifest() for v in server.volumes),
     ]
     return {
         "apiVersion": "v1",
@@ -438,7 +438,7 @@ def build_client_pod(
         },
         {"name": VOLUME_WORKDIR, "emptyDir": {}},
         {"name": VOLUME_TMP, "emptyDir": {}},
-        *(dict(v) for v in trainer.volumes),
+        *(v.manifest() for v in trainer.volumes),
     ]
     node_selector = {**trainer.node_selector, **entry.node_selector}
     tolerations = entry.tolerations if entry.tolerations is not None else trainer.tolerations

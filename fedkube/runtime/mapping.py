@@ -13,7 +13,8 @@ and only here (``fedkube.runtime.pod`` runs what this builds):
 * **Volumes.** Secret and ConfigMap volumes are written as files (mode kept);
   emptyDir is a fresh directory per pod; a PersistentVolumeClaim is a directory
   under the run dir that outlives the pod (so a restarted server finds its
-  checkpoint); hostPath is used as is. Every path in env, command, args and
+  checkpoint); a projected volume merges its Secrets, ConfigMaps and pod fields
+  into one directory; hostPath is used as is. Every path in env, command, args and
   ``workingDir`` under a mount path is rewritten to the local directory, and
   the termination-message path becomes a file in the pod's directory.
 * **Programs.** ``python``/``python3`` is the interpreter running fedkube (the
@@ -84,6 +85,8 @@ class PodMapping:
             return path
         if "hostPath" in volume:
             return Path(str(volume["hostPath"]["path"]))
+        if "projected" in volume:
+            return self._projected(name, volume["projected"], target)
         for kind, field_name, ref_key in (("Secret", "secret", "secretName"), ("ConfigMap", "configMap", "name")):
             if field_name in volume:
                 source = volume[field_name]
@@ -103,8 +106,39 @@ class PodMapping:
         raise ConfigError(
             f"pod {self.key}: volume {name!r} has a type the local runtime cannot provide "
             f"({sorted(k for k in volume if k != 'name')}); fix: use emptyDir, secret, configMap, "
-            "persistentVolumeClaim or hostPath"
+            "persistentVolumeClaim, projected or hostPath"
         )
+
+    def _projected(self, name: str, source: Mapping[str, Any], target: Path) -> Path:
+        """One directory holding every projection's files, as the kubelet writes a projected volume."""
+        namespace = self.key.split("/", 1)[0]
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        mode = source.get("defaultMode")
+        for part in source.get("sources") or []:
+            for kind, field_name in (("Secret", "secret"), ("ConfigMap", "configMap")):
+                if field_name not in part:
+                    continue
+                ref = part[field_name]
+                obj = self.options.objects.get(kind, namespace, str(ref.get("name")))
+                if obj is None:
+                    if ref.get("optional"):
+                        continue
+                    raise ConfigError(
+                        f"pod {self.key}: volume {name!r} projects {kind} {ref.get('name')!r}, which does not "
+                        f"exist; fix: create the {kind} before the pod"
+                    )
+                write_files(target, object_files(obj), ref.get("items"), mode)
+            for item in (part.get("downwardAPI") or {}).get("items") or []:
+                value = self._value_from(f"{name}/{item.get('path')}", item).encode()
+                write_files(target, {"v": value}, [{"key": "v", "path": item["path"], "mode": item.get("mode")}], mode)
+            unknown = set(part) - {"secret", "configMap", "downwardAPI"}
+            if unknown:
+                raise ConfigError(
+                    f"pod {self.key}: volume {name!r} projects {sorted(unknown)}, which the local runtime cannot "
+                    "provide; fix: project only secret, configMap or downwardAPI"
+                )
+        return target
 
     def process_spec(self, manifest: Mapping[str, Any], *, resolve: bool = False) -> ProcessSpec:
         """The process of container ``manifest``; addresses go through the resolver only with ``resolve``.

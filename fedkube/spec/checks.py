@@ -10,7 +10,6 @@ import posixpath
 import re
 from collections.abc import Iterator, Sequence
 from decimal import InvalidOperation
-from typing import Any
 
 from fedkube.spec import layout
 from fedkube.spec.model import (
@@ -22,6 +21,7 @@ from fedkube.spec.model import (
     FLJob,
     Resources,
     Toleration,
+    Volume,
     VolumeMount,
 )
 from fedkube.spec.problems import Problem
@@ -273,12 +273,12 @@ def _tolerations(path: str, tolerations: Sequence[Toleration]) -> Iterator[Probl
             )
 
 
-def _volumes(path: str, volumes: Sequence[dict[str, Any]], mounts: Sequence[VolumeMount]) -> Iterator[Problem]:
+def _volumes(path: str, volumes: Sequence[Volume], mounts: Sequence[VolumeMount]) -> Iterator[Problem]:
     names: set[str] = set()
     for i, vol in enumerate(volumes):
-        name = vol.get("name")
+        name = vol.name
         where = f"{path}.volumes[{i}]"
-        if not isinstance(name, str) or not _DNS_LABEL_RE.match(name) or len(name) > 63:
+        if not _DNS_LABEL_RE.match(name) or len(name) > 63:
             yield Problem(
                 f"{where}.name",
                 f"volume name {name!r} is missing or not a DNS label",
@@ -294,12 +294,6 @@ def _volumes(path: str, volumes: Sequence[dict[str, Any]], mounts: Sequence[Volu
         if name in names:
             yield Problem(f"{where}.name", f"volume {name!r} is declared twice", "give each volume a unique name")
         names.add(name)
-        if len(vol) < 2:
-            yield Problem(
-                where,
-                f"volume {name!r} has no source",
-                "add a source such as emptyDir, configMap, secret or persistentVolumeClaim",
-            )
     paths: set[str] = set()
     for i, mount in enumerate(mounts):
         where = f"{path}.volumeMounts[{i}]"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 import fedkube
 from fedkube.spec.quantity import parse_quantity
@@ -81,7 +81,7 @@ Quantity = Annotated[
     WithJsonSchema({"x-kubernetes-int-or-string": True, "description": "A Kubernetes quantity, e.g. 500m, 2Gi, 1."}),
 ]
 
-# Pass-through Kubernetes objects (volumes: dozens of source types): the API server validates them in the pod.
+# A pass-through object (the status the operator writes): the API server keeps it as given.
 PassThrough = Annotated[
     dict[str, Any],
     WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
@@ -141,6 +141,164 @@ class VolumeMount(_Model):
     sub_path: str | None = Field(default=None, alias="subPath", description="Sub-path of the volume to mount.")
 
 
+# Volume kinds a job may add. Whoever creates an FLJob gets pods from the operator, so a volume kind that
+# reaches outside the namespace's own objects (hostPath: the node's files and container runtime socket;
+# serviceAccountToken: an API credential; csi/ephemeral/nfs/...: storage an admin has not granted) would let
+# them do through the operator what they may not do themselves (issue 13).
+ALLOWED_VOLUME_KINDS = ("emptyDir", "configMap", "secret", "persistentVolumeClaim", "projected")
+ALLOWED_PROJECTIONS = ("configMap", "secret", "downwardAPI")
+_VOLUME_FIX = "use one of " + ", ".join(ALLOWED_VOLUME_KINDS)
+_REFUSED_WHY = {
+    "hostPath": "it exposes the node's files (e.g. / or /run/containerd) to the job's pods",
+    "serviceAccountToken": "it hands the job's pods a Kubernetes API credential",
+}
+
+FileMode = Annotated[int, Field(ge=0, le=0o777, description="File mode bits (0-0777, e.g. 0644 = 420).")]
+
+
+def _relative_path(value: str) -> str:
+    # The kubelet refuses these too, but only when the pod is created; `fedkube run` would write outside the volume.
+    if value.startswith("/") or ".." in value.split("/"):
+        raise ValueError(f"{value!r} leaves the volume; fix: give a relative path without '..', e.g. config/app.yaml")
+    return value
+
+
+VolumePath = Annotated[str, Field(min_length=1), AfterValidator(_relative_path)]
+
+
+def _one_kind(value: Any, allowed: tuple[str, ...], what: str, fix: str) -> Any:
+    """Refuse a source kind outside `allowed` (naming it and why), and require exactly one source."""
+    if not isinstance(value, dict):
+        return value  # the strict model reports the wrong type
+    kinds = [k for k in value if k not in ("name", "defaultMode")]
+    for kind in kinds:
+        if kind not in allowed:
+            why = _REFUSED_WHY.get(kind, "fedkube admits only kinds that stay within the job's namespace")
+            raise ValueError(f"{what} kind {kind!r} is not allowed: {why}; fix: {fix}")
+    if len(kinds) != 1:
+        found = f"{len(kinds)} ({', '.join(kinds)})" if kinds else "none"
+        raise ValueError(f"{what} needs exactly one source, found {found}; fix: {fix}")
+    return value
+
+
+class KeyToPath(_Model):
+    """One key of a ConfigMap or Secret written as a file (Kubernetes KeyToPath)."""
+
+    key: str = Field(min_length=1, description="Key to project.")
+    path: VolumePath = Field(description="Relative path of the file in the volume.")
+    mode: FileMode | None = Field(default=None, description="File mode bits of this file.")
+
+
+class EmptyDirSource(_Model):
+    """A fresh directory for the pod's lifetime."""
+
+    medium: Literal["", "Memory"] | None = Field(default=None, description="'' (node disk) or Memory (tmpfs).")
+    size_limit: Quantity | None = Field(default=None, alias="sizeLimit", description="Size limit, e.g. 1Gi.")
+
+
+class ConfigMapSource(_Model):
+    """A ConfigMap of the job's namespace, its keys as files."""
+
+    name: str = Field(min_length=1, description="ConfigMap name.")
+    items: list[KeyToPath] | None = Field(default=None, description="Keys to project; all when absent.")
+    default_mode: FileMode | None = Field(default=None, alias="defaultMode", description="Mode of the files.")
+    optional: bool | None = Field(default=None, description="Allow the ConfigMap to be missing.")
+
+
+class SecretSource(_Model):
+    """A Secret of the job's namespace, its keys as files."""
+
+    secret_name: str = Field(alias="secretName", min_length=1, description="Secret name.")
+    items: list[KeyToPath] | None = Field(default=None, description="Keys to project; all when absent.")
+    default_mode: FileMode | None = Field(default=None, alias="defaultMode", description="Mode of the files.")
+    optional: bool | None = Field(default=None, description="Allow the Secret to be missing.")
+
+
+class PersistentVolumeClaimSource(_Model):
+    """A PersistentVolumeClaim of the job's namespace."""
+
+    claim_name: str = Field(alias="claimName", min_length=1, description="Claim name.")
+    read_only: bool | None = Field(default=None, alias="readOnly", description="Mount read-only.")
+
+
+class ProjectedKeys(_Model):
+    """A ConfigMap's or Secret's keys inside a projected volume."""
+
+    name: str = Field(min_length=1, description="ConfigMap or Secret name.")
+    items: list[KeyToPath] | None = Field(default=None, description="Keys to project; all when absent.")
+    optional: bool | None = Field(default=None, description="Allow the object to be missing.")
+
+
+class DownwardAPIFile(_Model):
+    """One file holding a field of the pod or a container resource."""
+
+    path: VolumePath = Field(description="Relative path of the file in the volume.")
+    field_ref: FieldRef | None = Field(default=None, alias="fieldRef", description="A field of the pod.")
+    resource_field_ref: ResourceFieldRef | None = Field(
+        default=None, alias="resourceFieldRef", description="A resource request/limit."
+    )
+    mode: FileMode | None = Field(default=None, description="File mode bits of this file.")
+
+    @model_validator(mode="after")
+    def _one_field(self) -> DownwardAPIFile:
+        if (self.field_ref is None) == (self.resource_field_ref is None):
+            raise ValueError(f"file {self.path!r} needs exactly one of fieldRef and resourceFieldRef; fix: give one")
+        return self
+
+
+class DownwardAPIProjection(_Model):
+    """Fields of the pod as files."""
+
+    items: list[DownwardAPIFile] | None = Field(default=None, description="Files to write.")
+
+
+class VolumeProjection(_Model):
+    """One source of a projected volume: configMap, secret or downwardAPI (never serviceAccountToken)."""
+
+    config_map: ProjectedKeys | None = Field(default=None, alias="configMap", description="ConfigMap keys.")
+    secret: ProjectedKeys | None = Field(default=None, description="Secret keys.")
+    downward_api: DownwardAPIProjection | None = Field(
+        default=None, alias="downwardAPI", description="Fields of the pod."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _allowed_projection(cls, value: Any) -> Any:
+        return _one_kind(value, ALLOWED_PROJECTIONS, "projection", "use one of " + ", ".join(ALLOWED_PROJECTIONS))
+
+
+class ProjectedSource(_Model):
+    """Several ConfigMaps, Secrets and pod fields in one directory."""
+
+    sources: list[VolumeProjection] = Field(min_length=1, description="What to project.")
+    default_mode: FileMode | None = Field(default=None, alias="defaultMode", description="Mode of the files.")
+
+
+class Volume(_Model):
+    """A pod volume with exactly one source: emptyDir, configMap, secret, persistentVolumeClaim or projected."""
+
+    # hostPath, serviceAccountToken projections and every other kind are refused by _allowed_kind.
+
+    name: str = Field(min_length=1, description="Volume name (a DNS label not starting with fedkube-).")
+    empty_dir: EmptyDirSource | None = Field(default=None, alias="emptyDir", description="A fresh directory.")
+    config_map: ConfigMapSource | None = Field(default=None, alias="configMap", description="A ConfigMap.")
+    secret: SecretSource | None = Field(default=None, description="A Secret.")
+    persistent_volume_claim: PersistentVolumeClaimSource | None = Field(
+        default=None, alias="persistentVolumeClaim", description="A PersistentVolumeClaim."
+    )
+    projected: ProjectedSource | None = Field(default=None, description="ConfigMaps, Secrets and pod fields.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _allowed_kind(cls, value: Any) -> Any:
+        name = value.get("name") if isinstance(value, dict) else None
+        return _one_kind(value, ALLOWED_VOLUME_KINDS, f"volume {name!r}:", _VOLUME_FIX)
+
+    def manifest(self) -> dict[str, Any]:
+        """The Kubernetes volume object for the pod."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
 class Resources(_Model):
     """Compute resources, as in a Kubernetes container (`nvidia.com/gpu` and other extended resources included)."""
 
@@ -171,7 +329,7 @@ class _PodPlacement(_Model):
 
 class _ContainerTemplate(_PodPlacement):
     args: list[str] = Field(default_factory=list, description="Arguments appended to the command.")
-    volumes: list[PassThrough] = Field(
+    volumes: list[Volume] = Field(
         default_factory=list, description="Kubernetes volumes added to the pod (names must not start with fedkube-)."
     )
     volume_mounts: list[VolumeMount] = Field(

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from fedkube.operator import builders
 from fedkube.spec import SpecError, parse_job
+from fedkube.spec.model import ALLOWED_PROJECTIONS, ALLOWED_VOLUME_KINDS
 from tests.unit.operator.kvalidate import assert_valid
 from tests.unit.spec.manifests import example_manifest, full_manifest
 
@@ -68,10 +69,18 @@ volume = st.sampled_from(
         {"name": "data", "emptyDir": {"sizeLimit": "1Gi"}},
         {"name": "cfg", "configMap": {"name": "my-config"}},
         {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+        {"name": "creds", "secret": {"secretName": "s3-creds", "defaultMode": 0o400}},
+        {"name": "mix", "projected": {"sources": [{"configMap": {"name": "c"}}, {"downwardAPI": {"items": []}}]}},
         {"name": "fedkube-work", "emptyDir": {}},
         {"name": "nosource"},
+        # An FLJob author must not get, through the operator, what they may not mount themselves (issue 13).
+        {"name": "root", "hostPath": {"path": "/"}},
+        {"name": "sa", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}},
+        {"name": "driver", "csi": {"driver": "secrets-store.csi.k8s.io"}},
+        {"name": "both", "emptyDir": {}, "secret": {"secretName": "s"}},
     ]
 )
+_ATTACKS = {"nosource", "root", "sa", "driver", "both"}
 mount = st.fixed_dictionaries(
     {
         "name": st.sampled_from(["data", "cfg", "models", "ghost"]),
@@ -210,7 +219,7 @@ def valid_manifests(draw: st.DrawFn) -> dict[str, Any]:
     idle = chunk * draw(st.integers(1, 4))
     vols = draw(
         st.lists(
-            volume.filter(lambda v: len(v) > 1 and not v["name"].startswith("fedkube-")),
+            volume.filter(lambda v: v["name"] not in _ATTACKS and not v["name"].startswith("fedkube-")),
             max_size=2,
             unique_by=lambda v: v["name"],
         )
@@ -289,6 +298,12 @@ def _check(data: dict[str, Any], *, must_build: bool = False) -> None:
             assert len(value) <= 63, value
         for version in VERSIONS:
             assert_valid(obj, version)
+    for pod in (o for o in objs if o["kind"] == "Pod"):
+        for vol in pod["spec"]["volumes"]:
+            kinds = set(vol) - {"name"}
+            assert len(kinds) == 1 and kinds <= set(ALLOWED_VOLUME_KINDS), vol
+            for source in vol.get("projected", {}).get("sources", []):
+                assert set(source) <= set(ALLOWED_PROJECTIONS), vol
 
 
 @FUZZ
@@ -323,9 +338,8 @@ def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return out
 
 
-# Volumes are Kubernetes objects passed through unchanged (x-kubernetes-preserve-unknown-fields): the API server
-# validates their contents when the pod is created. Everything else the spec model owns must be caught here.
-_FULL_PATHS = [p for p in _paths(full_manifest()) if "volumes" not in p[:-1]]
+# Volumes are typed like the rest of the spec (issue 13), so their fields are mutated too.
+_FULL_PATHS = _paths(full_manifest())
 
 
 @FUZZ

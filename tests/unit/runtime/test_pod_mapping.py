@@ -221,3 +221,48 @@ def test_service_with_unknown_named_port_is_rejected() -> None:
     service["spec"]["ports"][0]["targetPort"] = "nope"
     with pytest.raises(ConfigError, match="'nope'"):
         LocalResolver().add_service(service, server)
+
+
+def test_every_allowed_volume_kind_of_an_fljob_runs_locally(tmp_path: Path) -> None:
+    from fedkube.operator import builders
+    from fedkube.spec import parse_job
+    from tests.unit.spec.manifests import full_manifest
+
+    data = full_manifest()
+    data["spec"]["trainer"]["volumes"] = [
+        {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}},
+        {"name": "cfg", "configMap": {"name": "c", "items": [{"key": "k", "path": "k.txt"}]}},
+        {"name": "creds", "secret": {"secretName": "s", "defaultMode": 0o400}},
+        {"name": "models", "persistentVolumeClaim": {"claimName": "m", "readOnly": True}},
+        {"name": "mix", "projected": {"defaultMode": 0o440, "sources": [
+            {"configMap": {"name": "c"}},
+            {"secret": {"name": "s", "items": [{"key": "password", "path": "pw", "mode": 0o400}]}},
+            {"secret": {"name": "absent", "optional": True}},
+            {"downwardAPI": {"items": [{"path": "pod", "fieldRef": {"fieldPath": "metadata.name"}}]}},
+        ]}},
+    ]  # fmt: skip
+    data["spec"]["trainer"]["volumeMounts"] = []
+    job = parse_job(data)
+    site = job.spec.clients[0].name
+    pod = builders.build_client_pod(job, site)
+    configmap = {"kind": "ConfigMap", "metadata": {"name": "c", "namespace": job.namespace}, "data": {"k": "v"}}
+
+    def in_job_ns(obj: dict[str, Any]) -> dict[str, Any]:
+        return obj | {"metadata": {**obj["metadata"], "namespace": job.namespace}}
+
+    secret = in_job_ns(_secret("s", {"password": "hunter2"}))
+    # fedkube's own token Secret, which the operator creates beside the pod
+    tokens = [in_job_ns(_secret(v["secret"]["secretName"], {"token": "t"})) for v in pod["spec"]["volumes"]
+              if v["name"].startswith("fedkube-") and "secret" in v]  # fmt: skip
+    objects = ManifestObjects([configmap, secret, *tokens])
+    options = PodOptions(run_dir=tmp_path, resolver=LocalResolver(), objects=objects, sink=NullSink())
+    run = PodRun(pod, options)
+    run._prepare()
+    vols = run._mapping.volumes
+    assert (vols["cfg"] / "k.txt").read_text() == "v"
+    assert (vols["creds"] / "password").read_text() == "hunter2"
+    assert vols["scratch"].is_dir() and vols["models"].is_dir()
+    mix = vols["mix"]
+    assert (mix / "k").read_text() == "v" and stat.S_IMODE((mix / "k").stat().st_mode) == 0o440
+    assert (mix / "pw").read_text() == "hunter2" and stat.S_IMODE((mix / "pw").stat().st_mode) == 0o400
+    assert (mix / "pod").read_text() == pod["metadata"]["name"]

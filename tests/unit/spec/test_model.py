@@ -178,7 +178,12 @@ BAD = [
         "spec.trainer.volumes[0].name",
         "reserved",
     ),
-    ("sourceless-volume", _set("spec.trainer.volumes", [{"name": "data"}]), "spec.trainer.volumes[0]", "no source"),
+    (
+        "sourceless-volume",
+        _set("spec.trainer.volumes", [{"name": "data"}]),
+        "spec.trainer.volumes[0]",
+        "exactly one source",
+    ),
     ("relative-workdir", _set("spec.trainer.workingDir", "app"), "spec.trainer.workingDir", "absolute"),
     (
         "exists-with-value",
@@ -218,8 +223,12 @@ BAD = [
     ("timeout-string", _set("spec.timeouts.roundSeconds", "900"), "spec.timeouts.roundSeconds", "without quotes"),
     ("suspend-string", _set("spec.suspend", "false"), "spec.suspend", "true or false"),
     ("suspend-number", _set("spec.suspend", 0), "spec.suspend", "true or false"),
-    ("read-only-string", _set("spec.server.volumeMounts.0.readOnly", "yes"), "spec.server.volumeMounts[0].readOnly",
-     "true or false"),
+    (
+        "read-only-string",
+        _set("spec.server.volumeMounts.0.readOnly", "yes"),
+        "spec.server.volumeMounts[0].readOnly",
+        "true or false",
+    ),
     ("arg-number", _set("spec.trainer.args.1", 0.1), "spec.trainer.args[1]", "takes a string"),
     ("chunk-too-small", _set("spec.transfer.chunkBytes", 10), "spec.transfer.chunkBytes", "4096"),
     ("chunk-too-big", _set("spec.transfer.chunkBytes", 32 << 20), "spec.transfer.chunkBytes", "16777216"),
