@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +14,11 @@ import pytest
 
 from fedkube import envvars
 from tests.integration.server.conftest import JOB, Harness, make_config, token_of
+from tests.integration.server.conftest import harness as harness  # the server tests' real-server fixture
 from tests.integration.server.fakes import add_value
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    h = Harness()
-    try:
-        yield h
-    finally:
-        h.close()
 
 
 def test_sidecar_that_cannot_listen_for_its_trainer_fails_its_client_at_once(

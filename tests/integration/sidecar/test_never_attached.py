@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from fedkube import envvars
 from fedkube.sidecar.state import NEVER_ATTACHED, TrainerTracker
 from fedkube.wire.v1 import control_pb2
 from tests.integration.server.conftest import JOB, Harness, make_config, token_of
+from tests.integration.server.conftest import harness as harness  # the server tests' real-server fixture
 from tests.integration.server.fakes import add_value
 from tests.support.waiting import until
 
@@ -33,15 +33,6 @@ def test_tracker_reports_never_attached_only_when_no_trainer_ever_came() -> None
     session, _ = seen.attached()
     seen.gone(session, downloads_outstanding=False)
     assert seen.never_attached() is None  # it attached, then left: the session's end already said so
-
-
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    h = Harness()
-    try:
-        yield h
-    finally:
-        h.close()
 
 
 def test_sidecar_stopped_without_a_trainer_tells_the_server_at_once(harness: Harness, tmp_path: Path) -> None:
