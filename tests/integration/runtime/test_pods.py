@@ -52,6 +52,20 @@ def _container(name: str, code: str, env: dict[str, str] | None = None, **extra:
     }
 
 
+def _greeted_trainer() -> dict[str, Any]:
+    """A main container that reads the sidecar's greeting at FEDKUBE_SIDECAR_ADDRESS and prints it."""
+    return _container(
+        "trainer",
+        """
+        import os, socket
+        host, port = os.environ["FEDKUBE_SIDECAR_ADDRESS"].split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as c:
+            print("got", c.recv(5).decode())
+        """,
+        {envvars.SIDECAR_ADDRESS: "127.0.0.1:7071"},
+    )
+
+
 def _pod(name: str, containers: list[dict[str, Any]], init: list[dict[str, Any]] | None = None, **labels: str) -> dict:
     return {
         "kind": "Pod",
@@ -94,16 +108,7 @@ def test_sidecar_is_listening_before_main_starts_and_is_stopped_after(tmp_path: 
         {envvars.TRAINER_PORT: "7071"},
         restartPolicy="Always",
     )
-    main = _container(
-        "trainer",
-        """
-        import os, socket
-        host, port = os.environ["FEDKUBE_SIDECAR_ADDRESS"].split(":")
-        with socket.create_connection((host, int(port)), timeout=5) as c:
-            print("got", c.recv(5).decode())
-        """,
-        {envvars.SIDECAR_ADDRESS: "127.0.0.1:7071"},
-    )
+    main = _greeted_trainer()
     sink = CollectSink()
     run = run_pod(_pod("p", [main], init=[sidecar]), _options(tmp_path, sink, sidecar_grace_s=0.2))
     result = run.wait(30)
@@ -184,16 +189,7 @@ def test_reported_ports_reach_the_main_container_even_after_the_sidecar_crashed_
         {envvars.TRAINER_PORT: "7071"},
         restartPolicy="Always",
     )
-    main = _container(
-        "trainer",
-        """
-        import os, socket
-        host, port = os.environ["FEDKUBE_SIDECAR_ADDRESS"].split(":")
-        with socket.create_connection((host, int(port)), timeout=5) as c:
-            print("got", c.recv(5).decode())
-        """,
-        {envvars.SIDECAR_ADDRESS: "127.0.0.1:7071"},
-    )
+    main = _greeted_trainer()
     sink = CollectSink()
     options = _options(tmp_path, sink, sidecar_grace_s=0.2, ports_reported=True)
     result = run_pod(_pod("p", [main], init=[sidecar]), options).wait(40)
