@@ -88,9 +88,9 @@ while fk.is_running():
     assert "Traceback" in out  # the user still sees their traceback (the SDK chains sys.excepthook)
 
 
-def test_trainer_killed_before_download_is_exited_before_download(
-    server: FakeServer, sidecar: Sidecar, tmp_path: Path
-) -> None:
+
+def _blocked_in_send(server: FakeServer, sidecar: Sidecar, tmp_path: Path) -> subprocess.Popen[str]:
+    """A trainer that announced its result of task t1 and is blocked in send(): the server has not pulled it."""
     proc = _trainer(
         tmp_path,
         """
@@ -103,6 +103,13 @@ while fk.is_running():
     )
     server.publish_task(SITE, {"w": np.zeros(1000, np.float32)}, task_id="t1")
     server.wait_message("result", lambda r: r.task_id == "t1")
+    return proc
+
+
+def test_trainer_killed_before_download_is_exited_before_download(
+    server: FakeServer, sidecar: Sidecar, tmp_path: Path
+) -> None:
+    proc = _blocked_in_send(server, sidecar, tmp_path)
     # The server has not downloaded the result: the trainer is still blocked in send(). Kill it there.
     assert proc.poll() is None
     proc.kill()
@@ -121,18 +128,7 @@ def test_trainer_stopped_after_the_server_ended_is_not_blamed_for_a_download(
     server: FakeServer, sidecar: Sidecar, tmp_path: Path, server_end: str
 ) -> None:
     # What fedkube run does once the server exited: it stops the trainers still blocked in send().
-    proc = _trainer(
-        tmp_path,
-        """
-fk.init()
-while fk.is_running():
-    model = fk.receive()
-    fk.send(fk.FLModel(params={"w": model.params["w"] + 1}, num_examples=3))
-""",
-        sidecar.port,
-    )
-    server.publish_task(SITE, {"w": np.zeros(1000, np.float32)}, task_id="t1")
-    server.wait_message("result", lambda r: r.task_id == "t1")
+    proc = _blocked_in_send(server, sidecar, tmp_path)
     if server_end == "stop":
         server.send(SITE, control_pb2.ServerMessage(stop=control_pb2.Stop(success=True, reason="Completed")))
         server.wait_for(lambda: sidecar.tasks.stopped is not None)
