@@ -110,4 +110,4 @@ class Authenticator:
         return None, ""
 
 
-__all__ = ["AUTH_METADATA", "SITE_METADATA", "AuthError", "Authenticator", "Identity", "credentials_from_metadata"]
+__all__ = ["AuthError", "Authenticator", "Identity", "credentials_from_metadata"]

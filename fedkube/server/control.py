@@ -26,9 +26,7 @@ from typing import Any, Protocol
 import grpc
 
 from fedkube import envvars
-from fedkube.protocol import AUTH_METADATA as AUTH_METADATA  # re-exported: clients' metadata keys
 from fedkube.protocol import PROTOCOL_VERSION
-from fedkube.protocol import SITE_METADATA as SITE_METADATA
 from fedkube.server import outbox
 from fedkube.server.auth import Authenticator, AuthError, credentials_from_metadata
 from fedkube.server.reverse import ClaimRefused, UploadBroker, push_chunk, push_end, push_error

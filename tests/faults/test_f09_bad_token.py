@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from fedkube.operator.naming import client_token_secret_name
-from fedkube.server.control import PROTOCOL_VERSION, SITE_METADATA
+from fedkube.protocol import PROTOCOL_VERSION, SITE_METADATA
 from fedkube.spec.layout import TOKEN_FILE_NAME
 from fedkube.wire.v1 import control_pb2, control_pb2_grpc, tensor_pb2, tensor_pb2_grpc
 from tests.faults.support import CLIENTS, FAILURES, REJECTED, LocalJob, clients_of, job_doc

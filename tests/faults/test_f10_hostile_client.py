@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 
-from fedkube.server.control import AUTH_METADATA, SITE_METADATA
+from fedkube.protocol import AUTH_METADATA, SITE_METADATA
 from fedkube.wire.v1 import control_pb2
 from tests.faults.support import (
     CLIENTS,

@@ -15,8 +15,9 @@ import pytest
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.protocol import AUTH_METADATA, SITE_METADATA
 from fedkube.server.config import DEFAULT_REGISTER_TIMEOUT_S, ServerConfig, _seconds_env
-from fedkube.server.control import AUTH_METADATA, REGISTER_TIMEOUT, SITE_METADATA
+from fedkube.server.control import REGISTER_TIMEOUT
 from fedkube.wire.v1 import control_pb2, control_pb2_grpc
 from tests.integration.server.conftest import Harness, make_config, token_of
 from tests.integration.server.fakes import add_value
