@@ -54,6 +54,17 @@ SIDECAR_EXIT_ON_STOP = "FEDKUBE_SIDECAR_EXIT_ON_STOP"
 # SDK; either one set to "0" turns it off.
 BULK_HANDOFF = "FEDKUBE_BULK_HANDOFF"
 
+# --- mutual TLS (server and sidecar; fedkube.security) ------------------------
+# "enabled" (the default when unset) or "disabled" (the FLJob says security.tls: disabled). Enabled with no
+# TLS_DIR is a configuration error: a process never falls back to plaintext on its own.
+TLS = "FEDKUBE_TLS"
+# Directory holding ca.crt (the job CA), tls.crt and tls.key (this party's certificate and key): the key
+# names of a Kubernetes TLS Secret, which cert-manager also writes (fedkube.security.material).
+TLS_DIR = "FEDKUBE_TLS_DIR"
+# Sidecar only: the name the server's certificate must carry (default: the host of SERVER_ADDRESS).
+# Lets a sidecar dial 127.0.0.1 (local mode, a port-forward) and still check the Service name.
+TLS_SERVER_NAME = "FEDKUBE_TLS_SERVER_NAME"
+
 # --- trainer (user script + trainer SDK) --------------------------------------
 SIDECAR_ADDRESS = "FEDKUBE_SIDECAR_ADDRESS"  # host:port of the sidecar's local endpoint
 WORKDIR = "FEDKUBE_WORKDIR"  # this client's own working directory (LESSONS.md 24)

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 import fedkube
 from fedkube.spec.quantity import parse_quantity
+from fedkube.spec.security import Security
 
 API_GROUP = "fedkube.dev"
 API_VERSION_NAME = "v1alpha1"
@@ -530,6 +531,7 @@ class FLJobSpec(_Model):
     sidecar: Sidecar = Field(default_factory=Sidecar, description="Job-cell sidecar.")
     transfer: Transfer = Field(default_factory=Transfer, description="Tensor transfer settings.")
     timeouts: Timeouts = Field(default_factory=Timeouts, description="Lifecycle timeouts.")
+    security: Security = Field(default_factory=Security, description="Mutual TLS between the server and sites.")
     suspend: bool = Field(default=False, description="Remove the pods and keep the checkpoint; false resumes.")
     ttl_seconds_after_finished: int | None = Field(
         default=None,
