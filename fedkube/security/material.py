@@ -29,7 +29,7 @@ CA_CERT_FILE = "ca.crt"
 CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
 #: Where a pod mounts its party's TLS Secret (the server container, and the sidecar only: never the trainer).
-MOUNT_PATH = "/var/run/fedkube/tls"
+MOUNT_PATH = "/var/run/secrets/fedkube/tls"
 #: The Secret type cert-manager and kubectl create for a certificate and its key.
 SECRET_TYPE = "kubernetes.io/tls"
 
@@ -95,5 +95,12 @@ class JobTls:
 
 
 __all__ = [
-    "CA_CERT_FILE", "CERT_FILE", "KEY_FILE", "MOUNT_PATH", "SECRET_TYPE", "JobTls", "PartyTls", "files_in",
+    "CA_CERT_FILE",
+    "CERT_FILE",
+    "KEY_FILE",
+    "MOUNT_PATH",
+    "SECRET_TYPE",
+    "JobTls",
+    "PartyTls",
+    "files_in",
 ]

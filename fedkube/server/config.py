@@ -18,7 +18,8 @@ from typing import Any
 from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.spec import FLJobSpec, ModelSource, Strategy, Timeouts, Transfer, load_job
-from fedkube.spec.model import DEFAULT_MAX_BYTES, ModelSourceKind, StrategyName, model_max_bytes
+from fedkube.spec.model import DEFAULT_MAX_BYTES, ModelSourceKind, model_max_bytes
+from fedkube.spec.strategy import StrategyName
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from decimal import InvalidOperation
 from fedkube.spec import layout
 from fedkube.spec.model import (
     DNS1123_LABEL,
-    FEDADAM_DEFAULTS,
     LABEL_KEY,
     LABEL_VALUE,
     EnvVar,
@@ -26,6 +25,7 @@ from fedkube.spec.model import (
 )
 from fedkube.spec.problems import Problem
 from fedkube.spec.quantity import parse_quantity
+from fedkube.spec.strategy import FEDADAM_DEFAULTS
 
 _DNS_LABEL_RE = re.compile(DNS1123_LABEL)
 _LABEL_KEY_RE = re.compile(LABEL_KEY)

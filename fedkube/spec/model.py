@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 import fedkube
 from fedkube.spec.quantity import parse_quantity
 from fedkube.spec.security import Security
+from fedkube.spec.strategy import Strategy
 
 API_GROUP = "fedkube.dev"
 API_VERSION_NAME = "v1alpha1"
@@ -49,8 +50,6 @@ _QUANTITY_RE = re.compile(QUANTITY)
 # 0 (issue 11). These are the smallest (largest) values that make sense, so the schema means the
 # same to every reader; fedkube.spec.crd refuses exclusive bounds.
 MIN_SECONDS = 0.001  # every timeout
-MIN_POSITIVE = 1e-12  # fedadam's serverLr and tau
-MAX_BETA = 0.999999999  # fedadam's moment decays must stay below 1
 
 
 class _Model(BaseModel):
@@ -394,36 +393,7 @@ class ClientSite(_Model):
     )
 
 
-StrategyName = Literal["fedavg", "fedadam"]
 ModelSourceKind = Literal["file", "firstClient"]
-
-FEDADAM_DEFAULTS: dict[str, float] = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
-
-
-class Strategy(_Model):
-    """How the server combines client results.
-
-    fedavg averages weighted by each client's num_examples. fedadam treats the
-    averaged update as a pseudo-gradient for a server-side Adam step (Reddi et
-    al., Adaptive Federated Optimization); its parameters are only valid for it.
-    """
-
-    name: StrategyName = Field(default="fedavg", description="fedavg or fedadam.")
-    server_lr: float | None = Field(
-        default=None, alias="serverLr", ge=MIN_POSITIVE, description="fedadam: server learning rate."
-    )
-    beta1: float | None = Field(default=None, ge=0, le=MAX_BETA, description="fedadam: first-moment decay.")
-    beta2: float | None = Field(default=None, ge=0, le=MAX_BETA, description="fedadam: second-moment decay.")
-    tau: float | None = Field(default=None, ge=MIN_POSITIVE, description="fedadam: adaptivity (epsilon).")
-
-    @model_validator(mode="after")
-    def _fill_fedadam_defaults(self) -> Strategy:
-        # Filled here rather than as field defaults so fedavg carries no parameters it would ignore.
-        if self.name == "fedadam":
-            for field, value in FEDADAM_DEFAULTS.items():
-                if getattr(self, field) is None:
-                    setattr(self, field, value)
-        return self
 
 
 class ModelSource(_Model):

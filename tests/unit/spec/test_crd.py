@@ -15,8 +15,9 @@ import yaml
 
 from fedkube.spec import SpecError, parse_job
 from fedkube.spec.crd import build_crd, to_structural
-from fedkube.spec.model import MAX_BETA, MIN_POSITIVE, MIN_SECONDS
+from fedkube.spec.model import MIN_SECONDS
 from fedkube.spec.problems import format_path
+from fedkube.spec.strategy import MAX_BETA, MIN_POSITIVE
 from tests.unit.spec.manifests import ROOT, example_manifest, full_manifest
 
 CRD_FILE = ROOT / "crds" / "fedkube.dev_fljobs.yaml"

@@ -1,0 +1,50 @@
+"""The FLJob's `spec.strategy`: how the server combines client results, and each strategy's parameters."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Inclusive bounds (see fedkube.spec.model on why the CRD has no exclusive ones).
+MIN_POSITIVE = 1e-12  # fedadam's serverLr and tau
+MAX_BETA = 0.999999999  # fedadam's moment decays must stay below 1
+
+
+class _Model(BaseModel):
+    # The same strictness as every spec model (fedkube.spec.model._Model).
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True, strict=True)
+
+
+StrategyName = Literal["fedavg", "fedadam"]
+
+FEDADAM_DEFAULTS: dict[str, float] = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+
+
+class Strategy(_Model):
+    """How the server combines client results.
+
+    fedavg averages weighted by each client's num_examples. fedadam treats the
+    averaged update as a pseudo-gradient for a server-side Adam step (Reddi et
+    al., Adaptive Federated Optimization); its parameters are only valid for it.
+    """
+
+    name: StrategyName = Field(default="fedavg", description="fedavg or fedadam.")
+    server_lr: float | None = Field(
+        default=None, alias="serverLr", ge=MIN_POSITIVE, description="fedadam: server learning rate."
+    )
+    beta1: float | None = Field(default=None, ge=0, le=MAX_BETA, description="fedadam: first-moment decay.")
+    beta2: float | None = Field(default=None, ge=0, le=MAX_BETA, description="fedadam: second-moment decay.")
+    tau: float | None = Field(default=None, ge=MIN_POSITIVE, description="fedadam: adaptivity (epsilon).")
+
+    @model_validator(mode="after")
+    def _fill_fedadam_defaults(self) -> Strategy:
+        # Filled here rather than as field defaults so fedavg carries no parameters it would ignore.
+        if self.name == "fedadam":
+            for field, value in FEDADAM_DEFAULTS.items():
+                if getattr(self, field) is None:
+                    setattr(self, field, value)
+        return self
+
+
+__all__ = ["FEDADAM_DEFAULTS", "MAX_BETA", "MIN_POSITIVE", "Strategy", "StrategyName"]
