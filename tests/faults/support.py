@@ -714,6 +714,7 @@ def _accepts(host: str, port: int) -> bool:
 
 UP = "up"  # client -> server
 DOWN = "down"  # server -> client
+RECORD_LIMIT = 256 << 20  # bytes a recording proxy keeps: a round of a small model fits many times
 
 
 class TcpProxy:
@@ -727,6 +728,8 @@ class TcpProxy:
     * ``flip_after(marker, direction)``: flip the last byte of the first occurrence
       of ``marker`` from now on (a tensor's known bytes), once.
     * ``drop_connections()``: close every open connection (new ones still work).
+    * ``record()``: from now on keep every byte forwarded, per direction and connection
+      (``recorded``), up to :data:`RECORD_LIMIT` bytes in all: what a wiretap sees.
     """
 
     def __init__(self, upstream: tuple[str, int], *, name: str = "proxy") -> None:
@@ -749,6 +752,9 @@ class TcpProxy:
         self._flip_marker: dict[str, bytes] = {}
         self._tail: dict[int, bytes] = {}
         self.flipped: list[tuple[str, int]] = []  # (direction, offset) of each flip done
+        self._recording = False
+        self._recorded_total = 0
+        self.recorded: dict[tuple[int, str], bytearray] = {}  # (connection key, direction) -> bytes, in order
         self._thread = threading.Thread(target=self._accept, name=f"proxy-{name}", daemon=True)
 
     def start(self) -> TcpProxy:
@@ -758,6 +764,14 @@ class TcpProxy:
     @property
     def address(self) -> str:
         return f"{LOCAL_HOST}:{self.port}"
+
+    def record(self) -> None:
+        with self._lock:
+            self._recording = True
+
+    def recorded_bytes(self) -> int:
+        with self._lock:
+            return self._recorded_total
 
     def pause(self) -> None:
         self._flowing.clear()
@@ -847,6 +861,9 @@ class TcpProxy:
             start = self.bytes[direction]
             end = start + len(data)
             self.bytes[direction] = end
+            if self._recording and self._recorded_total + len(data) <= RECORD_LIMIT:
+                self.recorded.setdefault((key, direction), bytearray()).extend(data)
+                self._recorded_total += len(data)
             at = self._flip_at.get(direction)
             if at is not None and start <= at < end:
                 data[at - start] ^= 0xFF
