@@ -46,7 +46,9 @@ class Strategy(_Model):
         description=(
             "fedavg (weighted mean), fedadam (server-side Adam), median (coordinate-wise median; >= 3 results "
             "per round), trimmedmean (coordinate-wise mean without the trimFraction largest and smallest values) "
-            "or krum (mean of the krumSelect results closest to the others; more than 2*byzantine+2 results)."
+            "or krum (mean of the krumSelect results closest to the others; more than 2*byzantine+2 results). "
+            "median, trimmedmean and krum ignore num_examples and stage each round's results on the server's "
+            "checkpoint volume: size it for N results more than the checkpoints (N x the model's bytes)."
         ),
     )
     server_lr: float | None = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import ml_dtypes
@@ -358,3 +359,30 @@ def test_load_state_refuses_another_strategys_checkpoint() -> None:
     median.load_state(StrategyState("median"))
     with pytest.raises(ConfigError, match="'fedavg'"):
         median.load_state(StrategyState("fedavg", {"staged": False}))
+
+
+def test_concurrent_downloads_stage_independently(tmp_path: Path) -> None:
+    """The server pulls several results at once: adds from many threads, a discard among them, one exact result."""
+    rng = np.random.default_rng(5)
+    model = _model(rng, np.dtype(np.float32), shape=(300, 200))
+    results = _results(rng, model, 7)
+    agg = Krum(byzantine=1, krum_select=3, spill_dir=tmp_path, block_bytes=SMALL_BLOCKS * 16).begin_round(model)
+    barrier = threading.Barrier(len(results) + 1)
+
+    def deliver(client: str, tensors: dict[str, np.ndarray]) -> None:
+        barrier.wait()
+        for name, arr in tensors.items():
+            agg.add(client, name, arr, 1.0)
+        agg.commit(client)
+
+    def fail_midway() -> None:
+        barrier.wait()
+        agg.add("lost", "w", model["w"] * np.float32(1e6), 1.0)
+        agg.discard("lost")
+
+    threads = [threading.Thread(target=deliver, args=r) for r in results] + [threading.Thread(target=fail_midway)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    _assert_exact(agg.finish(), {k: ref_krum(sorted(results), k, 1, 3) for k in model})
