@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedkube.errors import ConfigError
+from fedkube.server import checkpoint
 from fedkube.server.aggregate import InvalidResultError, accumulator_dtype
 from fedkube.server.model import TensorSpec, dtype_name
 from fedkube.server.robust import (
@@ -386,3 +387,16 @@ def test_concurrent_downloads_stage_independently(tmp_path: Path) -> None:
     for t in threads:
         t.join(30)
     _assert_exact(agg.finish(), {k: ref_krum(sorted(results), k, 1, 3) for k in model})
+
+
+def test_state_survives_a_checkpoint_next_to_the_staging_dir(tmp_path: Path) -> None:
+    """The staging directory shares the checkpoint volume: saving, pruning and loading ignore it."""
+    model = {"w": np.ones(10, np.float32)}
+    strategy = TrimmedMean(trim_fraction=0.25, spill_dir=tmp_path)
+    agg = strategy.begin_round(model)  # a round in progress: its staging directory exists
+    agg.add("a", "w", model["w"], 1.0)
+    checkpoint.save(tmp_path, "job1", 1, model, strategy.state())
+    loaded = checkpoint.load_latest(tmp_path, None)
+    assert loaded is not None and loaded.strategy_state == StrategyState("trimmedmean", {"trimFraction": 0.25})
+    TrimmedMean(spill_dir=tmp_path).load_state(loaded.strategy_state)
+    assert agg.directory.exists()
