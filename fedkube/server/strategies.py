@@ -22,6 +22,9 @@ Strategies:
   Integer/bool tensors have no gradient; they take FedAvg's value. FedAdam
   needs 2xS more memory than FedAvg for m and v: that is the optimizer's
   state, not an aggregation cost.
+* ``median``, ``trimmedmean``, ``krum``: robust to a minority of bad
+  results; they need all N results at once and stage them on disk
+  (``fedkube.server.robust``, which documents their memory and disk cost).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -47,6 +51,7 @@ from fedkube.server.aggregate import (
 )
 from fedkube.server.model import Model, ModelSpec
 from fedkube.server.pool import ArrayPool
+from fedkube.server.robust import ROBUST_STRATEGIES, build_robust
 
 JSONValue = Any
 log = logging.getLogger(__name__)
@@ -381,12 +386,18 @@ class FedAdam:
         self.v = {k: np.array(a, copy=True) for k, a in v.items()}
 
 
-STRATEGIES = ("fedavg", "fedadam")
+STRATEGIES = ("fedavg", "fedadam", *ROBUST_STRATEGIES)
 
 
-def build_strategy(name: str, params: Mapping[str, Any] | None = None) -> Strategy:
-    """The strategy named in the spec, with its camelCase parameters (e.g. ``serverLr``)."""
+def build_strategy(name: str, params: Mapping[str, Any] | None = None, *, spill_dir: Path | None = None) -> Strategy:
+    """The strategy named in the spec, with its camelCase parameters (e.g. ``serverLr``).
+
+    ``spill_dir`` is where the robust strategies (``fedkube.server.robust``) stage a round's results on disk:
+    the server's checkpoint directory, or None for a temp dir.
+    """
     params = dict(params or {})
+    if name in ROBUST_STRATEGIES:
+        return build_robust(name, params, spill_dir)
     staged = bool(params.pop("staged", False))
     if name == "fedavg":
         if params:

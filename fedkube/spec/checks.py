@@ -25,7 +25,7 @@ from fedkube.spec.model import (
 )
 from fedkube.spec.problems import Problem
 from fedkube.spec.quantity import parse_quantity
-from fedkube.spec.strategy import FEDADAM_DEFAULTS
+from fedkube.spec.strategy import FEDADAM_DEFAULTS, ROBUST_DEFAULTS, min_results
 
 _DNS_LABEL_RE = re.compile(DNS1123_LABEL)
 _LABEL_KEY_RE = re.compile(LABEL_KEY)
@@ -95,15 +95,16 @@ def _clients(job: FLJob) -> Iterator[Problem]:
 
 def _strategy_and_model(job: FLJob) -> Iterator[Problem]:
     strategy, model = job.spec.strategy, job.spec.model
-    if strategy.name == "fedavg":
-        aliases = {"server_lr": "serverLr", "beta1": "beta1", "beta2": "beta2", "tau": "tau"}
-        for field in FEDADAM_DEFAULTS:
-            if getattr(strategy, field) is not None:
-                yield Problem(
-                    f"spec.strategy.{aliases[field]}",
-                    f"{aliases[field]} is a fedadam parameter but the strategy is fedavg",
-                    "remove it, or set spec.strategy.name to fedadam",
-                )
+    owners = {**dict.fromkeys(FEDADAM_DEFAULTS, "fedadam"), **{f: o for f, (o, _) in ROBUST_DEFAULTS.items()}}
+    for field, owner in owners.items():
+        if getattr(strategy, field) is not None and strategy.name != owner:
+            alias = type(strategy).model_fields[field].alias or field
+            yield Problem(
+                f"spec.strategy.{alias}",
+                f"{alias} is a {owner} parameter but the strategy is {strategy.name}",
+                f"remove it, or set spec.strategy.name to {owner}",
+            )
+    yield from _robust_results(job)
     if model.source == "file" and not model.path:
         yield Problem(
             "spec.model.path",
@@ -116,6 +117,29 @@ def _strategy_and_model(job: FLJob) -> Iterator[Problem]:
             "a path is given but the model source is 'firstClient', which ignores it",
             "remove spec.model.path, or set spec.model.source to file",
         )
+
+
+def _robust_results(job: FLJob) -> Iterator[Problem]:
+    # A robust strategy with too few results protects against nothing; the server fails such a round
+    # (fedkube.server.robust), so a job whose clients can never deliver enough is an error.
+    spec = job.spec
+    need = min_results(spec.strategy)
+    if len(spec.clients) < need:
+        yield Problem(
+            "spec.strategy.name",
+            f"{spec.strategy.name} {_robust_terms(job)}needs at least {need} results per round, but only "
+            f"{len(spec.clients)} client site(s) are listed; every round would fail",
+            f"add client sites (at least {need}), or choose a strategy or parameters that need fewer",
+        )
+
+
+def _robust_terms(job: FLJob) -> str:
+    s = job.spec.strategy
+    if s.name == "trimmedmean":
+        return f"with trimFraction={s.trim_fraction:g} "
+    if s.name == "krum":
+        return f"with byzantine={s.byzantine}, krumSelect={s.krum_select} "
+    return ""
 
 
 def _containers(job: FLJob) -> Iterator[Problem]:
@@ -343,6 +367,15 @@ def _timeout_errors(job: FLJob) -> Iterator[Problem]:
 
 def _warnings(job: FLJob) -> Iterator[Problem]:
     t, x = job.spec.timeouts, job.spec.transfer
+    need = min_results(job.spec.strategy)
+    if job.spec.quorum < need <= len(job.spec.clients):
+        yield Problem(
+            "spec.minClients",
+            f"minClients is {job.spec.quorum} but {job.spec.strategy.name} {_robust_terms(job)}needs at least "
+            f"{need} results per round; a round that closes with fewer fails with a ConfigError rather than "
+            "aggregate them",
+            f"set minClients to at least {need}",
+        )
     if job.spec.suspend and not job.spec.server.checkpoint.enabled:
         yield Problem(
             "spec.server.checkpoint.enabled",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -9,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # Inclusive bounds (see fedkube.spec.model on why the CRD has no exclusive ones).
 MIN_POSITIVE = 1e-12  # fedadam's serverLr and tau
 MAX_BETA = 0.999999999  # fedadam's moment decays must stay below 1
+MAX_TRIM_FRACTION = 0.499999999  # trimmedmean trims < half at each end, so something is always left
 
 
 class _Model(BaseModel):
@@ -16,9 +18,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True, strict=True)
 
 
-StrategyName = Literal["fedavg", "fedadam"]
+StrategyName = Literal["fedavg", "fedadam", "median", "trimmedmean", "krum"]
 
 FEDADAM_DEFAULTS: dict[str, float] = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+# The robust strategies' parameters (fedkube.server.robust): field -> (owning strategy, default).
+ROBUST_DEFAULTS: dict[str, tuple[str, float | int]] = {
+    "trim_fraction": ("trimmedmean", 0.2),
+    "byzantine": ("krum", 1),
+    "krum_select": ("krum", 1),
+}
 
 
 class Strategy(_Model):
@@ -26,16 +34,48 @@ class Strategy(_Model):
 
     fedavg averages weighted by each client's num_examples. fedadam treats the
     averaged update as a pseudo-gradient for a server-side Adam step (Reddi et
-    al., Adaptive Federated Optimization); its parameters are only valid for it.
+    al., Adaptive Federated Optimization). median, trimmedmean and krum are
+    robust to a minority of bad sites: they ignore num_examples, stage each
+    round's results on the server's disk (checkpoint volume) and need a
+    minimum number of results per round (see min_results). Each strategy's
+    parameters are only valid for it.
     """
 
-    name: StrategyName = Field(default="fedavg", description="fedavg or fedadam.")
+    name: StrategyName = Field(
+        default="fedavg",
+        description=(
+            "fedavg (weighted mean), fedadam (server-side Adam), median (coordinate-wise median; >= 3 results "
+            "per round), trimmedmean (coordinate-wise mean without the trimFraction largest and smallest values) "
+            "or krum (mean of the krumSelect results closest to the others; more than 2*byzantine+2 results). "
+            "median, trimmedmean and krum ignore num_examples and stage each round's results on the server's "
+            "checkpoint volume: size it for N results more than the checkpoints (N x the model's bytes)."
+        ),
+    )
     server_lr: float | None = Field(
         default=None, alias="serverLr", ge=MIN_POSITIVE, description="fedadam: server learning rate."
     )
     beta1: float | None = Field(default=None, ge=0, le=MAX_BETA, description="fedadam: first-moment decay.")
     beta2: float | None = Field(default=None, ge=0, le=MAX_BETA, description="fedadam: second-moment decay.")
     tau: float | None = Field(default=None, ge=MIN_POSITIVE, description="fedadam: adaptivity (epsilon).")
+    # The robust strategies' parameters (fedkube.server.robust).
+    trim_fraction: float | None = Field(
+        default=None, alias="trimFraction", ge=0, le=MAX_TRIM_FRACTION,
+        description=(
+            "trimmedmean: fraction of the results trimmed at each end per coordinate, 0 <= beta < 0.5 (default "
+            "0.2); floor(beta*N) values are dropped at each end, so N must be at least 1/beta."
+        ),
+    )  # fmt: skip
+    byzantine: int | None = Field(
+        default=None, ge=0,
+        description="krum: how many bad sites to tolerate, f (default 1); a round needs more than 2f+2 results.",
+    )  # fmt: skip
+    krum_select: int | None = Field(
+        default=None, alias="krumSelect", ge=1,
+        description=(
+            "krum: how many of the best-scored results are averaged, m (default 1: Krum; more: multi-Krum); at "
+            "most N - byzantine."
+        ),
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _fill_fedadam_defaults(self) -> Strategy:
@@ -44,7 +84,40 @@ class Strategy(_Model):
             for field, value in FEDADAM_DEFAULTS.items():
                 if getattr(self, field) is None:
                     setattr(self, field, value)
+        for field, (owner, default) in ROBUST_DEFAULTS.items():
+            if self.name == owner and getattr(self, field) is None:
+                setattr(self, field, default)
         return self
 
 
-__all__ = ["FEDADAM_DEFAULTS", "MAX_BETA", "MIN_POSITIVE", "Strategy", "StrategyName"]
+def trim_count(beta: float, n: int) -> int:
+    """Values trimmedmean drops at each end of n: floor(beta*n); the epsilon keeps 0.29*100 at 29, not 28.99…"""
+    return math.floor(beta * n + 1e-9)
+
+
+def min_results(strategy: Strategy) -> int:
+    """The fewest results per round with which the strategy does what it promises (1 for fedavg and fedadam).
+
+    median: 3 (with 2 it is their mean); trimmedmean: the smallest N that trims at least one value at each end
+    (1 when trimFraction is 0); krum: 2*byzantine + 3, and byzantine + krumSelect so that krumSelect ≤ N - f.
+    """
+    if strategy.name == "median":
+        return 3
+    if strategy.name == "trimmedmean":
+        beta = strategy.trim_fraction or 0.0
+        if beta <= 0:
+            return 1
+        n = 1
+        while trim_count(beta, n) < 1:
+            n += 1
+        return n
+    if strategy.name == "krum":
+        f, m = strategy.byzantine or 0, strategy.krum_select or 1
+        return max(2 * f + 3, f + m)
+    return 1
+
+
+__all__ = [
+    "FEDADAM_DEFAULTS", "MAX_BETA", "MAX_TRIM_FRACTION", "MIN_POSITIVE", "ROBUST_DEFAULTS", "Strategy", "StrategyName",
+    "min_results", "trim_count",
+]  # fmt: skip

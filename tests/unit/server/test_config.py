@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fedkube.server.config import JobSettings, TransferSettings, settings_from_spec
+from fedkube.server.strategies import build_strategy
 from fedkube.spec import FLJobSpec, Transfer, parse_job
+from fedkube.spec.strategy import Strategy as SpecStrategy
+from fedkube.spec.strategy import StrategyName
 
 MINIMAL: dict[str, Any] = {
     "apiVersion": "fedkube.dev/v1alpha1",
@@ -67,12 +72,31 @@ def test_model_max_bytes_defaults_to_a_share_of_the_server_memory_limit() -> Non
         ({"name": "fedavg"}, {}),
         ({"name": "fedadam"}, {"serverLr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}),
         ({"name": "fedadam", "tau": 0.5}, {"serverLr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 0.5}),
+        ({"name": "median"}, {}),
+        ({"name": "trimmedmean"}, {"trimFraction": 0.2}),
+        ({"name": "trimmedmean", "trimFraction": 0.4}, {"trimFraction": 0.4}),
+        ({"name": "krum"}, {"byzantine": 1, "krumSelect": 1}),
+        ({"name": "krum", "byzantine": 0, "krumSelect": 2}, {"byzantine": 0, "krumSelect": 2}),
     ],
-    ids=["fedavg", "fedadam-defaults", "fedadam-tau"],
+    ids=["fedavg", "fedadam-defaults", "fedadam-tau", "median", "trimmed-default", "trimmed", "krum-defaults", "krum"],
 )
 def test_strategy_options_are_the_spec_parameters_by_their_spec_names(
     strategy: dict[str, Any], options: dict[str, float]
 ) -> None:
-    s = settings_from_spec("cfg", _spec({**MINIMAL["spec"], "strategy": strategy}))
+    s = settings_from_spec("cfg", _spec({**MINIMAL["spec"], "clients": FIVE, "strategy": strategy}))
     assert s.strategy == strategy["name"]
     assert dict(s.strategy_options) == options
+
+
+FIVE = [{"name": f"site-{i}"} for i in range(5)]  # enough results for every strategy (krum's default needs 5)
+
+
+def test_every_strategy_parameter_reaches_the_server_and_its_builder(tmp_path: Path) -> None:
+    """Drift guard: each spec.strategy field is in some strategy's options, and build_strategy takes them."""
+    seen: set[str] = set()
+    for name in typing.get_args(StrategyName):
+        s = settings_from_spec("cfg", _spec({**MINIMAL["spec"], "clients": FIVE, "strategy": {"name": name}}))
+        build_strategy(s.strategy, s.strategy_options, spill_dir=tmp_path)
+        seen |= set(s.strategy_options)
+    fields = {f.alias or n for n, f in SpecStrategy.model_fields.items() if n != "name"}
+    assert seen == fields
