@@ -219,8 +219,8 @@ class Kube:
     def job_pods(self, job: JobRef) -> list[dict[str, Any]]:
         """``job``'s pods (its label and its uid; a look-alike pod of someone else is not one), as plain dicts."""
         selector = ",".join(f"{k}={v}" for k, v in naming.job_selector(job.name).items())
-        resp = self.core.list_namespaced_pod(job.namespace, label_selector=selector, _preload_content=False,
-                                             _request_timeout=self.timeout)
+        resp: Any = self.core.list_namespaced_pod(job.namespace, label_selector=selector, _preload_content=False,
+                                                  _request_timeout=self.timeout)
         doc = json.loads(resp.data)
         return [item for item in doc.get("items") or [] if isinstance(item, dict) and foreign(item, job) is None]
 
