@@ -258,7 +258,8 @@ def _ensure(
             labels = obj["metadata"].get("labels") or {}
             if obj["kind"] == "Pod" and (not pods or labels.get(naming.LABEL_SITE) in skip_sites):
                 continue
-            kopf.adopt(obj, owner=body)  # builders set the owner reference already; adopt keeps kopf's view in line
+            # No kopf.adopt(): the builders set the owner reference, and adopt would also copy the FLJob's labels
+            # onto the pods, so an author could label them into someone else's Service (app=payments).
             result = api.create_or_patch(obj, ref)
             logger.debug("job %s/%s: %s %s %s", job.namespace, job.name, obj["kind"], obj["metadata"]["name"], result)
     except kube.NameConflict as exc:

@@ -179,3 +179,20 @@ def _obj(labels: dict[str, str], uids: list[str]) -> dict[str, Any]:
 ])
 def test_an_object_is_the_jobs_only_with_its_label_and_its_uid(obj: dict[str, Any], reason: str | None) -> None:
     assert kubeops.foreign(obj, kubeops.JobRef("ns", "j", "u1")) == reason
+
+
+def test_the_fljobs_labels_do_not_reach_its_pods_and_service(kube: fixtures.KubeHandle) -> None:
+    """kopf.adopt copies the owner's labels: an FLJob labelled app=payments would put its trainer pods (the author's
+    image) behind the victim's Service that selects app=payments, and receive that Service's traffic."""
+    job = "lure"
+    _crd(kube)
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client)
+    doc = _doc(job)
+    doc["metadata"]["labels"] = VICTIM_LABELS
+    with _operator(kube):
+        custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", NS, "fljobs", doc)
+        until(lambda: len(_job_pods(kube, job)) == 3, f"the 3 pods of job {job}")
+        selected = _core(kube).list_namespaced_pod(NS, label_selector="app=payments").items
+        assert [p.metadata.name for p in selected] == []
+        service = _read(kube, "Service", f"{job}-server")
+        assert service is not None and "app" not in service["metadata"]["labels"]
