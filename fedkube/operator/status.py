@@ -263,6 +263,9 @@ def name_conflict(previous: Mapping[str, Any], message: str, now: float) -> tupl
     out, events = transition(previous, Phase.FAILED, REASON_NAME_CONFLICT, message, now)
     out["conditions"] = set_condition(out["conditions"], Cond.NAME_CONFLICT, "True", REASON_NAME_CONFLICT, message,
                                       format_time(now))
+    if is_invalid(previous):  # the spec was fixed (spec_changed got this far); it is the name that is wrong now
+        out["conditions"] = set_condition(out["conditions"], Cond.INVALID, "False", "SpecFixed",
+                                          "the spec is valid now", format_time(now))
     events = [e for e in events if e.reason == Phase.FAILED.value]
     return out, [Event("Warning", REASON_NAME_CONFLICT, message), *events]
 
