@@ -130,6 +130,8 @@ def test_ttl_cleanup_deletes_only_what_the_job_owns(kube: fixtures.KubeHandle) -
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", NS, "fljobs",
                                                _doc(job, ttlSecondsAfterFinished=0))
         until(lambda: len(_job_pods(kube, job)) == 3, f"the 3 pods of job {job}")
+        # The pods exist before the first status patch lands; ours must come after it, not be overwritten by it.
+        until(lambda: _status(custom, job).get("phase") in ("Pending", "Deploying"), f"job {job} Pending")
         # Someone else's objects that look like the job's: the same label, one of them under a child's name
         # (the job's own ConfigMap was deleted and the name taken), one a pod the label selects.
         core.delete_namespaced_config_map(f"{job}-spec", NS)
