@@ -23,7 +23,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 
@@ -220,18 +220,18 @@ def reconcile(
         logger.info("job %s/%s: already %s; nothing to do", namespace, name, phase)
         return
     if job.spec.suspend:
-        _ensure(job, body, memo, pods=False)
+        _ensure(job, body, memo, patch, pods=False)
         if phase != Phase.SUSPENDED:
             # Suspended while the operator was away: its pods may still run.
-            api = _kube(memo)
-            api.delete_pods(job.namespace, [p["metadata"]["name"] for p in api.job_pods(job.namespace, job.name)])
+            api, ref = _kube(memo), kube.JobRef.of(body)
+            api.delete_pods(ref, api.job_pods(ref))
             fields, events = lifecycle.suspended(previous, now)
             _write(patch, previous, fields)
             _post(body, events)
         return
     # An operator restart finds a job in progress: clients the operator already failed stay without a pod.
     failed = set() if phase in (None, Phase.SUSPENDED) else lifecycle.operator_failed_sites(previous)
-    _ensure(job, body, memo, pods=True, skip_sites=failed)
+    _ensure(job, body, memo, patch, pods=True, skip_sites=failed)
     if phase in (None, Phase.SUSPENDED):
         fields, events = lifecycle.resumed(previous, job, now)
         _write(patch, previous, fields)
@@ -239,29 +239,56 @@ def reconcile(
 
 
 def _ensure(
-    job: FLJob, body: kopf.Body, memo: kopf.Memo, *, pods: bool, skip_sites: Collection[str] = frozenset()
+    job: FLJob, body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, *, pods: bool,
+    skip_sites: Collection[str] = frozenset(),
 ) -> None:
-    """Create-or-patch the job's children, reusing the tokens already stored for it."""
+    """Create-or-patch the job's children, reusing the tokens already stored for it.
+
+    A child's name taken by an object that is not this FLJob's fails the job
+    (:func:`_name_conflict`) before that object is read, patched or mounted.
+    """
     from kubernetes.client.exceptions import ApiException
 
-    api = _kube(memo)
+    api, ref = _kube(memo), kube.JobRef.of(body)
     try:
-        stored = api.secret_data(job.namespace, naming.server_tokens_secret_name(job.name))
+        stored = api.job_secret_data(ref, naming.server_tokens_secret_name(job.name))
         tokens = kube.job_tokens(stored, [site.name for site in job.spec.clients])
         objs = builders.build_all(job, tokens=tokens, owner=body, log_format=memo.get(Memo.LOG_FORMAT) or "text")
         for obj in objs:
             labels = obj["metadata"].get("labels") or {}
             if obj["kind"] == "Pod" and (not pods or labels.get(naming.LABEL_SITE) in skip_sites):
                 continue
-            kopf.adopt(obj, owner=body)  # builders set the owner reference already; adopt keeps kopf's view in line
-            result = api.create_or_patch(obj)
+            # No kopf.adopt(): the builders set the owner reference, and adopt would also copy the FLJob's labels
+            # onto the pods, so an author could label them into someone else's Service (app=payments).
+            result = api.create_or_patch(obj, ref)
             logger.debug("job %s/%s: %s %s %s", job.namespace, job.name, obj["kind"], obj["metadata"]["name"], result)
+    except kube.NameConflict as exc:
+        _name_conflict(api, ref, body, patch, dict(body.get("status") or {}), _now(memo), exc)
     except ApiException as exc:
         # Creation is idempotent, so trying again soon is safe; kopf's default backoff would be a minute.
         raise kopf.TemporaryError(
             f"job {job.namespace}/{job.name}: the API server refused a child ({exc.status} {exc.reason}); retrying",
             delay=RETRY_DELAY,
         ) from exc
+
+
+def _name_conflict(api: kube.Kube, ref: kube.JobRef, body: kopf.Body, patch: kopf.Patch,
+                   previous: Mapping[str, Any], now: float, exc: kube.NameConflict) -> NoReturn:
+    """Fail the job for a name it cannot have: NameConflict condition, a Warning Event, none of its pods left."""
+    logger.warning("job %s/%s: %s", ref.namespace, ref.name, exc)
+    # Pods come last, but a conflict on a client pod's name comes after the server pod was created.
+    api.delete_pods(ref, api.job_pods(ref))
+    fields, events = lifecycle.name_conflict(previous, str(exc), now)
+    _write(patch, previous, fields)
+    _post(body, events)
+    raise kopf.PermanentError(str(exc)) from None
+
+
+def _children(job: FLJob) -> list[tuple[str, str]]:
+    """(kind, name) of every child but the pods, as :func:`_ensure` creates them (TTL cleanup deletes these)."""
+    placeholders = {site.name: naming.TOKEN_PLACEHOLDER for site in job.spec.clients}
+    return [(str(o["kind"]), str(o["metadata"]["name"])) for o in builders.build_all(job, tokens=placeholders)
+            if o["kind"] != "Pod"]
 
 
 # --- suspend / resume ---------------------------------------------------------------------------------
@@ -280,14 +307,14 @@ def suspend_changed(
     except SpecError:
         return  # the create/resume handler reports it
     now = _now(memo)
-    api = _kube(memo)
+    api, ref = _kube(memo), kube.JobRef.of(body)
     if new:
-        pods = [p["metadata"]["name"] for p in api.job_pods(job.namespace, job.name)]
-        api.delete_pods(job.namespace, pods)
-        logger.info("job %s/%s: suspended; deleted pods %s", namespace, name, pods)
+        pods = api.job_pods(ref)
+        api.delete_pods(ref, pods)
+        logger.info("job %s/%s: suspended; deleted pods %s", namespace, name, [p["metadata"]["name"] for p in pods])
         fields, events = lifecycle.suspended(previous, now)
     else:
-        _ensure(job, body, memo, pods=True)
+        _ensure(job, body, memo, patch, pods=True)
         logger.info("job %s/%s: resumed; pods recreated", namespace, name)
         fields, events = lifecycle.resumed(previous, job, now)
     _write(patch, previous, fields)
@@ -309,7 +336,7 @@ def spec_changed(
             _write(patch, previous, fields)
             _post(body, events)
             raise kopf.PermanentError(f"invalid FLJob: {'; '.join(str(p) for p in exc.problems)}") from None
-        _ensure(job, body, memo, pods=not job.spec.suspend)
+        _ensure(job, body, memo, patch, pods=not job.spec.suspend)
         fields, events = (lifecycle.suspended(previous, now) if job.spec.suspend else
                           lifecycle.revalidated(previous, job, now))
         _write(patch, previous, fields)
@@ -353,15 +380,16 @@ def observe(
     if job.spec.suspend:
         return  # the suspend handler is about to act
     now = _now(memo)
+    ref = kube.JobRef.of(fresh)
     if phase in lifecycle.TERMINAL:
         if lifecycle.ttl_expired(job, previous, now):
-            count = api.delete_children(job.namespace, job.name)
+            count = api.delete_children(ref, _children(job))
             logger.info("job %s/%s: TTL expired; deleted %s children", namespace, name, count)
             fields, events = lifecycle.cleaned_up(previous, job.spec.ttl_seconds_after_finished or 0, now)
             _write(patch, previous, fields)
             _post(body, events)
         return
-    pods = api.job_pods(job.namespace, job.name)
+    pods = api.job_pods(ref)
     server_raw: Mapping[str, Any] | None = None
     clients: dict[str, views.PodView] = {}
     for pod in pods:
@@ -382,9 +410,12 @@ def observe(
     if isinstance(generation, int):
         decision.status["observedGeneration"] = generation
     if decision.delete_pods:
-        api.delete_pods(job.namespace, decision.delete_pods)
+        api.delete_pods(ref, [p for p in pods if p["metadata"]["name"] in decision.delete_pods])
     if server_raw is None and decision.status.get("phase") not in lifecycle.TERMINAL:
-        _recreate_server(job, api, body, namespace, name, memo.get(Memo.LOG_FORMAT) or "text")
+        try:
+            _recreate_server(job, api, body, namespace, name, memo.get(Memo.LOG_FORMAT) or "text")
+        except kube.NameConflict as exc:
+            _name_conflict(api, ref, body, patch, previous, now, exc)
     _write(patch, previous, decision.status, only_changed=True)
     _post(body, decision.events)
     if decision.status.get("phase") != phase:
@@ -399,7 +430,7 @@ def _recreate_server(job: FLJob, api: kube.Kube, body: kopf.Body, namespace: str
     if latest is None or (latest.get("spec") or {}).get("suspend"):
         return  # deleted or suspended meanwhile: no server wanted
     pod = builders.build_server_pod(job, owner=latest, log_format=log_format)
-    if api.create_or_patch(pod) == "created":
+    if api.create_or_patch(pod, kube.JobRef.of(latest)) == "created":
         logger.warning("job %s/%s: server pod was gone; created it again", namespace, name)
         _post(body, [lifecycle.Event("Warning", "ServerPodRecreated",
                                      "the server pod was gone; it was created again and resumes from its checkpoint")])

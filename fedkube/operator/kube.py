@@ -15,9 +15,11 @@ import urllib.error
 import urllib.request
 from base64 import b64decode
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fedkube import envvars
+from fedkube.errors import FedkubeError
 from fedkube.operator import naming
 from fedkube.spec.model import API_GROUP, API_VERSION_NAME, PLURAL
 from fedkube.status import STATUS_LIMIT, JobStatus, SummaryError
@@ -34,66 +36,167 @@ CHILD_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "Pod")
 _IMMUTABLE = frozenset({"Pod", "PersistentVolumeClaim"})
 
 
+@dataclass(frozen=True)
+class JobRef:
+    """The FLJob that owns children: its namespace, name and uid (a new FLJob of the same name has a new uid)."""
+
+    namespace: str
+    name: str
+    uid: str
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> JobRef:
+        """The reference of an FLJob as read from the API server (kopf's body or a fresh GET)."""
+        meta = body.get("metadata") or {}
+        if not (meta.get("namespace") and meta.get("name") and meta.get("uid")):
+            raise ValueError("an FLJob read from the API server has a namespace, a name and a uid; this one lacks "
+                             f"some: {dict(meta)!r}")
+        return cls(str(meta["namespace"]), str(meta["name"]), str(meta["uid"]))
+
+
+class NameConflict(FedkubeError):
+    """An object the job needs exists already and is not this FLJob's: the operator leaves it untouched."""
+
+    def __init__(self, job: JobRef, kind: str, name: str, why: str) -> None:
+        self.job, self.kind, self.name = job, kind, name
+        super().__init__(
+            f"{kind} {job.namespace}/{name} already exists and does not belong to FLJob {job.namespace}/{job.name} "
+            f"({why}); the operator neither changes, uses nor deletes it, and the job failed. Fix: create the FLJob "
+            f"under another name, or, if that {kind} is a leftover nobody needs, delete it and create the FLJob again")
+
+
+def foreign(obj: Mapping[str, Any], job: JobRef) -> str | None:
+    """Why ``obj`` is not a child of ``job``, or None when it is (it carries the job's label and its uid).
+
+    Both are needed: the label alone can be set by anyone who may create
+    objects in the namespace, and an owner reference alone may be a leftover of
+    a deleted job's child adopted by hand. The uid is fresh for every FLJob, so
+    an object created before the job cannot carry it by accident.
+    """
+    meta = obj.get("metadata") or {}
+    if (meta.get("labels") or {}).get(naming.LABEL_JOB) != job.name:
+        return f"it lacks the label {naming.LABEL_JOB}={job.name}"
+    if not any(ref.get("uid") == job.uid for ref in meta.get("ownerReferences") or []):
+        return f"no ownerReference names the FLJob's uid {job.uid}"
+    return None
+
+
 class Kube:
-    """Create, adopt-aware create-or-patch, list and delete an FLJob's children through the core/v1 API."""
+    """Create, create-or-patch, read, list and delete an FLJob's children through the core/v1 API.
+
+    Every write is limited to objects this FLJob owns (:func:`foreign`): an
+    object of the same name that belongs to someone else is never patched,
+    read as the job's own or deleted. The client methods are named literally
+    (no ``getattr`` on built names): tests/unit/chart/test_rbac.py reads them
+    from this file to derive the chart's RBAC rules, which then cannot drift.
+    """
 
     def __init__(self, api_client: Any, *, timeout: float = REQUEST_TIMEOUT) -> None:
         import kubernetes
 
-        self.core = kubernetes.client.CoreV1Api(api_client)
+        core = kubernetes.client.CoreV1Api(api_client)
+        self.core = core
         self.timeout = timeout
+        self._create: dict[str, Callable[..., Any]] = {
+            "ConfigMap": core.create_namespaced_config_map,
+            "Secret": core.create_namespaced_secret,
+            "PersistentVolumeClaim": core.create_namespaced_persistent_volume_claim,
+            "Service": core.create_namespaced_service,
+            "Pod": core.create_namespaced_pod,
+        }
+        self._read: dict[str, Callable[..., Any]] = {
+            "ConfigMap": core.read_namespaced_config_map,
+            "Secret": core.read_namespaced_secret,
+            "PersistentVolumeClaim": core.read_namespaced_persistent_volume_claim,
+            "Service": core.read_namespaced_service,
+            "Pod": core.read_namespaced_pod,
+        }
+        # Pods and claims are never patched (_IMMUTABLE), so the operator is not granted that.
+        self._patch: dict[str, Callable[..., Any]] = {
+            "ConfigMap": core.patch_namespaced_config_map,
+            "Secret": core.patch_namespaced_secret,
+            "Service": core.patch_namespaced_service,
+        }
+        self._delete: dict[str, Callable[..., Any]] = {
+            "ConfigMap": core.delete_namespaced_config_map,
+            "Secret": core.delete_namespaced_secret,
+            "PersistentVolumeClaim": core.delete_namespaced_persistent_volume_claim,
+            "Service": core.delete_namespaced_service,
+            "Pod": core.delete_namespaced_pod,
+        }
+
+    def _fn(self, table: Mapping[str, Callable[..., Any]], kind: str) -> Callable[..., Any]:
+        fn = table.get(kind)
+        if fn is None:
+            raise ValueError(f"the operator does not handle objects of kind {kind!r} this way")
+        return fn
 
     # --- create or patch ------------------------------------------------------------------
-    def _ops(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        suffix = {
-            "ConfigMap": "config_map",
-            "Secret": "secret",
-            "PersistentVolumeClaim": "persistent_volume_claim",
-            "Service": "service",
-            "Pod": "pod",
-        }.get(kind)
-        if suffix is None:
-            raise ValueError(f"the operator does not create objects of kind {kind!r}")
-        return (getattr(self.core, f"create_namespaced_{suffix}"), getattr(self.core, f"patch_namespaced_{suffix}"))
+    def create_or_patch(self, manifest: Mapping[str, Any], job: JobRef) -> str:
+        """Create ``manifest``; when it exists (409) and is ``job``'s own, patch it (pods and claims: leave it).
 
-    def create_or_patch(self, manifest: Mapping[str, Any]) -> str:
-        """Create ``manifest``; when it exists (409), patch it, except pods and claims (immutable spec).
-
-        Returns "created", "patched" or "exists". Idempotent: running it again
-        for the same job changes nothing.
+        Returns "created", "patched" or "exists"; raises :class:`NameConflict`
+        when the existing object is not ``job``'s (it is then not touched).
+        Idempotent: running it again for the same job changes nothing.
         """
         from kubernetes.client.exceptions import ApiException
 
         kind = str(manifest["kind"])
         meta = manifest["metadata"]
         name, namespace = str(meta["name"]), str(meta["namespace"])
-        create, patch = self._ops(kind)
         try:
-            create(namespace, dict(manifest), _request_timeout=self.timeout)
+            self._fn(self._create, kind)(namespace, dict(manifest), _request_timeout=self.timeout)
             logger.info("created %s %s/%s", kind, namespace, name)
             return "created"
         except ApiException as exc:
             if exc.status != 409:
                 raise
+        # A 404 here (deleted since the 409) is an ApiException too: the caller retries, and then creates it.
+        existing = self._get(kind, namespace, name)
+        why = foreign(existing, job)
+        if why is not None:
+            raise NameConflict(job, kind, name, why)
         if kind in _IMMUTABLE:
             return "exists"
         # A JSON merge patch: we own these objects whole, so lists (ports, data keys) are replaced, not merged.
-        patch(name, namespace, dict(manifest), _request_timeout=self.timeout,
-              _content_type="application/merge-patch+json")
+        # The resourceVersion we checked ownership at is a precondition: a change since then is a 409, not a write.
+        body = {**manifest, "metadata": {**meta, "resourceVersion": existing["metadata"]["resourceVersion"]}}
+        self._fn(self._patch, kind)(name, namespace, body, _request_timeout=self.timeout,
+                                    _content_type="application/merge-patch+json")
         return "patched"
 
     # --- read ---------------------------------------------------------------------------
-    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
-        """The decoded data of a Secret, or None when it does not exist."""
+    def _get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        resp = self._fn(self._read, kind)(name, namespace, _preload_content=False, _request_timeout=self.timeout)
+        doc = json.loads(resp.data)
+        if not isinstance(doc, dict):
+            raise ValueError(f"the API server answered a GET of {kind} {namespace}/{name} with no object")
+        return doc
+
+    def _get_or_none(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            secret = self.core.read_namespaced_secret(name, namespace, _request_timeout=self.timeout)
+            return self._get(kind, namespace, name)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return {k: b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+    def job_secret_data(self, job: JobRef, name: str) -> dict[str, str] | None:
+        """The decoded data of ``job``'s Secret ``name``; None when it does not exist.
+
+        Raises :class:`NameConflict` when a Secret of that name exists but is
+        not the job's: its content must never become the job's tokens (they are
+        mounted into pods that run images the FLJob's author chose).
+        """
+        secret = self._get_or_none("Secret", job.namespace, name)
+        if secret is None:
+            return None
+        why = foreign(secret, job)
+        if why is not None:
+            raise NameConflict(job, "Secret", name, why)
+        return {k: b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
 
     def fljob(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The FLJob as the API server has it now (kopf's cached body may lag behind our last status patch)."""
@@ -113,42 +216,55 @@ class Kube:
         doc = json.loads(resp.data)
         return doc if isinstance(doc, dict) else None
 
-    def job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
-        """Every pod of ``job`` (by the ``fedkube.dev/job`` label), as plain dicts in API field names."""
-        return self._list("pod", namespace, job)
-
-    def _list(self, suffix: str, namespace: str, job: str) -> list[dict[str, Any]]:
-        selector = ",".join(f"{k}={v}" for k, v in naming.job_selector(job).items())
-        fn = getattr(self.core, f"list_namespaced_{suffix}")
-        resp = fn(namespace, label_selector=selector, _preload_content=False, _request_timeout=self.timeout)
+    def job_pods(self, job: JobRef) -> list[dict[str, Any]]:
+        """``job``'s pods (its label and its uid; a look-alike pod of someone else is not one), as plain dicts."""
+        selector = ",".join(f"{k}={v}" for k, v in naming.job_selector(job.name).items())
+        resp: Any = self.core.list_namespaced_pod(job.namespace, label_selector=selector, _preload_content=False,
+                                                  _request_timeout=self.timeout)
         doc = json.loads(resp.data)
-        return [item for item in doc.get("items") or [] if isinstance(item, dict)]
+        return [item for item in doc.get("items") or [] if isinstance(item, dict) and foreign(item, job) is None]
 
     # --- delete ---------------------------------------------------------------------------
-    def delete_pods(self, namespace: str, names: Iterable[str]) -> None:
-        """Delete these pods; one already gone is fine."""
-        for name in names:
-            self._delete("pod", namespace, name)
+    def delete_pods(self, job: JobRef, pods: Iterable[Mapping[str, Any]]) -> None:
+        """Delete these pods of ``job`` (as :meth:`job_pods` gave them); one already gone or replaced is fine."""
+        for pod in pods:
+            self._delete_owned("Pod", job, pod)
 
-    def delete_children(self, namespace: str, job: str) -> int:
-        """Delete every child of ``job`` (pods first); returns how many objects were deleted."""
-        count = 0
-        for suffix in ("pod", "service", "secret", "config_map", "persistent_volume_claim"):
-            for item in self._list(suffix, namespace, job):
-                if self._delete(suffix, namespace, str(item["metadata"]["name"])):
-                    count += 1
+    def delete_children(self, job: JobRef, children: Iterable[tuple[str, str]]) -> int:
+        """Delete ``job``'s pods, then each (kind, name) in ``children`` that is ``job``'s; returns how many went.
+
+        The children are named, not listed: listing Secrets would read every
+        Secret of the namespace, and a label selector alone would also match
+        someone else's look-alike. An object that is not the job's stays.
+        """
+        count = sum(self._delete_owned("Pod", job, pod) for pod in self.job_pods(job))
+        for kind, name in children:
+            obj = self._get_or_none(kind, job.namespace, name)
+            if obj is None:
+                continue
+            why = foreign(obj, job)
+            if why is not None:
+                logger.warning("job %s/%s: %s %s is not the job's (%s); left in place", job.namespace, job.name,
+                               kind, name, why)
+                continue
+            count += self._delete_owned(kind, job, obj)
         return count
 
-    def _delete(self, suffix: str, namespace: str, name: str) -> bool:
+    def _delete_owned(self, kind: str, job: JobRef, obj: Mapping[str, Any]) -> bool:
+        """Delete ``obj`` (checked to be ``job``'s) only while it is the same object: its uid is a precondition."""
         from kubernetes.client.exceptions import ApiException
 
+        meta = obj.get("metadata") or {}
+        name = str(meta["name"])
+        body = {"preconditions": {"uid": meta["uid"]}}
         try:
-            getattr(self.core, f"delete_namespaced_{suffix}")(name, namespace, _request_timeout=self.timeout)
+            self._fn(self._delete, kind)(name, job.namespace, body=body, _request_timeout=self.timeout)
         except ApiException as exc:
-            if exc.status == 404:
+            # 404: gone already; 409: the name now holds another object (precondition failed), not ours to delete.
+            if exc.status in (404, 409):
                 return False
             raise
-        logger.info("deleted %s %s/%s", suffix, namespace, name)
+        logger.info("job %s/%s: deleted %s %s", job.namespace, job.name, kind, name)
         return True
 
 

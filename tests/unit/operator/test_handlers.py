@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from typing import Any
 
@@ -46,6 +48,34 @@ def _status(custom: Any, name: str) -> dict[str, Any]:
     return dict(obj.get("status") or {})
 
 
+def _owner(k: fixtures.KubeHandle, name: str) -> dict[str, Any]:
+    """An FLJob created in the API (no operator runs): the owner its children need, or garbage collection takes them."""
+    _crd(k)
+    custom = kubernetes.client.CustomObjectsApi(k.api_client)
+    return dict(custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", _doc(name)))
+
+
+class _Labelled:
+    """What the API holds for a job by its label alone (the tests' view; the operator also checks ownership)."""
+
+    def __init__(self, k: fixtures.KubeHandle) -> None:
+        self.core = kubernetes.client.CoreV1Api(k.api_client)
+
+    def job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
+        resp = self.core.list_namespaced_pod(namespace, label_selector=f"fedkube.dev/job={job}",
+                                             _preload_content=False)
+        return list(json.loads(resp.data)["items"])
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except kubernetes.client.exceptions.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
 def _operator(k: fixtures.KubeHandle, resumed: set[str] | None = None) -> Any:
     """The operator in a thread; with ``resumed``, the name of each job it has resumed is added to that set.
 
@@ -66,16 +96,19 @@ def _operator(k: fixtures.KubeHandle, resumed: set[str] | None = None) -> Any:
 
 def test_create_or_patch_is_idempotent_and_leaves_pods_alone(kube: fixtures.KubeHandle) -> None:
     api = kubeops.Kube(kube.api_client)
-    objs = build_all(parse_job(_doc("idem")), tokens={"a": "ta", "b": "tb"})
-    assert [api.create_or_patch(o) for o in objs] == ["created"] * len(objs)
-    again = [api.create_or_patch(o) for o in objs]
+    owner = _owner(kube, "idem")
+    ref = kubeops.JobRef.of(owner)
+    objs = build_all(parse_job(_doc("idem")), tokens={"a": "ta", "b": "tb"}, owner=owner)
+    assert [api.create_or_patch(o, ref) for o in objs] == ["created"] * len(objs)
+    again = [api.create_or_patch(o, ref) for o in objs]
     assert again == ["exists" if o["kind"] == "Pod" else "patched" for o in objs]
-    assert sorted(p["metadata"]["name"] for p in api.job_pods("default", "idem")) == [
+    assert sorted(p["metadata"]["name"] for p in api.job_pods(ref)) == [
         "idem-client-a", "idem-client-b", "idem-server"]
-    assert api.secret_data("default", "idem-server-tokens") == {"a": "ta", "b": "tb"}
-    assert api.secret_data("default", "nope") is None
-    assert api.delete_children("default", "idem") == len(objs)
-    assert api.job_pods("default", "idem") == []
+    assert api.job_secret_data(ref, "idem-server-tokens") == {"a": "ta", "b": "tb"}
+    assert api.job_secret_data(ref, "nope") is None
+    children = [(o["kind"], o["metadata"]["name"]) for o in objs if o["kind"] != "Pod"]
+    assert api.delete_children(ref, children) == len(objs)
+    assert api.job_pods(ref) == []
 
 
 def test_job_tokens_are_generated_once_and_kept() -> None:
@@ -106,7 +139,7 @@ def test_suspended_job_gets_no_pods_and_keeps_its_tokens_across_operator_restart
 ) -> None:
     _crd(kube)
     custom = kubernetes.client.CustomObjectsApi(kube.api_client)
-    api = kubeops.Kube(kube.api_client)
+    api = _Labelled(kube)
     with _operator(kube):
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs",
                                                _doc("held", suspend=True))
@@ -124,7 +157,7 @@ def test_suspended_job_gets_no_pods_and_keeps_its_tokens_across_operator_restart
 def test_an_invalid_job_does_not_stop_a_valid_one(kube: fixtures.KubeHandle) -> None:
     _crd(kube)
     custom = kubernetes.client.CustomObjectsApi(kube.api_client)
-    api = kubeops.Kube(kube.api_client)
+    api = _Labelled(kube)
 
     def status(name: str) -> dict[str, Any]:
         return _status(custom, name)
@@ -197,7 +230,7 @@ def test_main_returns_2_on_bad_configuration(capsys: pytest.CaptureFixture[str])
 def test_a_deleted_server_pod_of_a_live_job_is_created_again(kube: fixtures.KubeHandle) -> None:
     _crd(kube)
     custom = kubernetes.client.CustomObjectsApi(kube.api_client)
-    api = kubeops.Kube(kube.api_client)
+    api = _Labelled(kube)
     core = kubernetes.client.CoreV1Api(kube.api_client)
     with _operator(kube):
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", _doc("again"))
@@ -216,7 +249,7 @@ def test_a_deleted_server_pod_of_a_live_job_is_created_again(kube: fixtures.Kube
 def test_an_operator_restart_does_not_bring_back_a_client_it_failed(kube: fixtures.KubeHandle) -> None:
     _crd(kube)
     custom = kubernetes.client.CustomObjectsApi(kube.api_client)
-    api = kubeops.Kube(kube.api_client)
+    api = _Labelled(kube)
     core = kubernetes.client.CoreV1Api(kube.api_client)
     doc = _doc("restart", clients=[{"name": "a"}, {"name": "b"}, {"name": "c"}], minClients=2,
                timeouts={"deploySeconds": 1, "pendingSeconds": 1})
@@ -241,7 +274,7 @@ def test_an_operator_restart_does_not_bring_back_a_client_it_failed(kube: fixtur
 def test_fixing_an_invalid_spec_starts_the_job(kube: fixtures.KubeHandle) -> None:
     _crd(kube)
     custom = kubernetes.client.CustomObjectsApi(kube.api_client)
-    api = kubeops.Kube(kube.api_client)
+    api = _Labelled(kube)
     with _operator(kube):
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs",
                                                _doc("fixme", minClients=3))
@@ -260,7 +293,7 @@ def test_fixing_an_invalid_spec_starts_the_job(kube: fixtures.KubeHandle) -> Non
 def test_a_job_suspended_while_the_operator_was_away_loses_its_pods_on_restart(kube: fixtures.KubeHandle) -> None:
     _crd(kube)
     custom = kubernetes.client.CustomObjectsApi(kube.api_client)
-    api = kubeops.Kube(kube.api_client)
+    api = _Labelled(kube)
     with _operator(kube):
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", _doc("away"))
         until(lambda: len(api.job_pods("default", "away")) == 3, "the 3 pods of job away")

@@ -347,6 +347,24 @@ def test_revalidated_lifts_the_invalid_verdict() -> None:
     assert not st.is_invalid({**failed, **fields})
 
 
+def test_a_name_conflict_fails_the_job_and_says_which_object() -> None:
+    message = "Service ns/j-server already exists and does not belong to FLJob ns/j (...). Fix: ..."
+    fields, events = st.name_conflict({"phase": "Pending"}, message, T0)
+    conds = {c["type"]: c for c in fields["conditions"]}
+    assert fields["phase"] == "Failed" and fields["completionTime"] == st.format_time(T0)
+    assert (conds["NameConflict"]["status"], conds["NameConflict"]["reason"]) == ("True", "NameConflict")
+    assert conds["Failed"]["reason"] == "NameConflict" and conds["NameConflict"]["message"] == message
+    assert (events[0].type, events[0].reason, events[0].message) == ("Warning", "NameConflict", message)
+    assert [e.reason for e in events] == ["NameConflict", "Failed"]
+    # An Invalid job whose fixed spec then meets a taken name: the spec is no longer what is wrong.
+    from fedkube.spec import Problem
+
+    invalid, _ = st.invalid({}, [Problem("spec.minClients", "too many", "lower it")], T0)
+    fields, events = st.name_conflict(invalid, message, T0 + 5)
+    assert not st.is_invalid({**invalid, **fields}) and fields["phase"] == "Failed"
+    assert [e.reason for e in events] == ["NameConflict"]  # it was Failed already
+
+
 def _status_schema() -> dict[str, Any]:
     import yaml
 
