@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 import fedkube
+from fedkube.spec.egress import Egress
 from fedkube.spec.quantity import parse_quantity
 from fedkube.spec.security import Security
 from fedkube.spec.strategy import Strategy
@@ -371,6 +372,7 @@ class TrainerTemplate(_ContainerTemplate):
     working_dir: str | None = Field(
         default=None, alias="workingDir", description="Working directory of the command (absolute path)."
     )
+    egress: Egress = Field(default_factory=list)
 
 
 class ClientSite(_Model):
