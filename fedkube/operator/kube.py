@@ -41,10 +41,13 @@ class Kube:
         import kubernetes
 
         self.core = kubernetes.client.CoreV1Api(api_client)
+        self.networking = kubernetes.client.NetworkingV1Api(api_client)
         self.timeout = timeout
 
     # --- create or patch ------------------------------------------------------------------
     def _ops(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        if kind == "NetworkPolicy":  # fedkube.operator.netpol; networking.k8s.io, not core
+            return self.networking.create_namespaced_network_policy, self.networking.patch_namespaced_network_policy
         suffix = {
             "ConfigMap": "config_map",
             "Secret": "secret",

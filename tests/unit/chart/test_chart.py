@@ -107,13 +107,14 @@ CHILDREN = _grid([""], ["pods", "services", "secrets", "configmaps", "persistent
 FLJOBS = _grid(["fedkube.dev"], ["fljobs"], ["get", "list", "watch", "patch"]) | {
     ("fedkube.dev", "fljobs/status", "patch")}
 EVENTS = _grid([""], ["events"], ["create", "patch"])
+NETPOLS = _grid(["networking.k8s.io"], ["networkpolicies"], ["create", "patch"])  # fedkube.operator.netpol
 CRDS = _grid(["apiextensions.k8s.io"], ["customresourcedefinitions"], ["get", "list", "watch"])
 
 
 def test_cluster_scope_rbac_is_exactly_what_the_operator_uses(k8s_tools: fixtures.KubeTools) -> None:
     docs = _render(k8s_tools)
     namespaces = _grid([""], ["namespaces"], ["list", "watch"])
-    assert _rules(docs, "ClusterRole") == FLJOBS | CHILDREN | EVENTS | CRDS | namespaces
+    assert _rules(docs, "ClusterRole") == FLJOBS | CHILDREN | NETPOLS | EVENTS | CRDS | namespaces
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
     binding = _one(docs, "ClusterRoleBinding")
     account = _one(docs, "ServiceAccount")
@@ -126,7 +127,7 @@ def test_namespace_scope_rbac_stays_in_the_namespace(k8s_tools: fixtures.KubeToo
     docs = _render(k8s_tools, "namespace-scope")
     role = _one(docs, "Role")
     assert role["metadata"]["namespace"] == NAMESPACE
-    assert _rules(docs, "Role") == FLJOBS | CHILDREN | EVENTS
+    assert _rules(docs, "Role") == FLJOBS | CHILDREN | NETPOLS | EVENTS
     assert _rules(docs, "ClusterRole") == CRDS  # CRDs are cluster-scoped; nothing else is cluster-wide
     deployment = _one(docs, "Deployment")
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
