@@ -162,15 +162,16 @@ class AdminPolicy:
 
 def _under(image: str, prefix: str) -> bool:
     # Whole components only: "registry.example.com/team" must not admit "registry.example.com/team-evil/x",
-    # nor a bare host "registry.example.com" admit "registry.example.com.evil.io/x" or another port.
+    # nor a bare host "registry.example.com" admit "registry.example.com.evil.io/x" or another port of it
+    # ("registry.example.com:5000/x"); a one-word prefix ("python") still admits its tags ("python:3.12").
     if prefix.endswith(("/", ":", "@")):
         return image.startswith(prefix)
     if not image.startswith(prefix):
         return False
     rest = image[len(prefix):]
-    if not rest:
+    if not rest or rest[0] == "/":
         return True
-    return rest[0] == "/" or ("/" in prefix and rest[0] in ":@")
+    return rest[0] in ":@" and ("/" in prefix or "/" not in rest)
 
 
 # --- parsing ---------------------------------------------------------------------------------

@@ -51,6 +51,9 @@ def test_an_image_that_only_looks_allowed_is_refused_with_path_value_and_rule(im
     ("registry.example.com", "registry.example.com.evil.io/x:1", False),  # a host that merely starts the same
     ("registry.example.com", "registry.example.com:5000/x:1", False),  # another registry on another port
     ("registry.example.com:5000/", "registry.example.com:5000/x", True),
+    ("python", "python:3.12", True),  # a one-word prefix is an image name, and its tags belong to it
+    ("python", "python@sha256:" + "a" * 64, True),
+    ("python", "python:3.12/../x", False),
 ])
 def test_a_bare_host_prefix_admits_only_that_host(prefix: str, image: str, allowed: bool) -> None:
     assert parse_policy({"allowedImagePrefixes": [prefix]}).allows_image(image) is allowed
