@@ -7,6 +7,10 @@ from typing import Any
 
 import pytest
 
+from fedkube import envvars
+from fedkube.errors import ConfigError
+from fedkube.operator import main
+from fedkube.operator.netpol import ENV_NETWORK_POLICY, NetworkPolicyConfig
 from fedkube.operator.policy import ENV_POLICY, AdminPolicy, PolicyError, parse_policy, policy_from_env
 from fedkube.spec import FLJob, SpecError, parse_job
 
@@ -143,3 +147,15 @@ def test_policy_from_the_environment() -> None:
         policy_from_env({ENV_POLICY: "{nope"})
     with pytest.raises(PolicyError, match="more than"):
         policy_from_env({ENV_POLICY: json.dumps({"allowedImagePrefixes": ["x" * 500] * 200})})
+
+
+def test_the_operator_reads_its_policy_and_network_settings_from_the_environment() -> None:
+    env = {ENV_POLICY: json.dumps({"allowedImagePrefixes": ["a.io/x"]}),
+           ENV_NETWORK_POLICY: json.dumps({"enabled": True}), envvars.NAMESPACE: "ops"}
+    config = main.parse_config([], env)
+    assert config.policy.image_prefixes == ("a.io/x",)
+    assert config.network == NetworkPolicyConfig("ops")
+    bare = main.parse_config([], {})
+    assert bare.policy == AdminPolicy() and bare.network is None
+    with pytest.raises(ConfigError, match="allowedVolumeKinds"):
+        main.parse_config([], {ENV_POLICY: json.dumps({"allowedVolumeKinds": ["hostPath"]})})
