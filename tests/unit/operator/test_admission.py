@@ -122,3 +122,6 @@ def test_the_operator_creates_the_jobs_network_policies(kube: fixtures.KubeHandl
         policies = {p.metadata.name: p for p in net.list_namespaced_network_policy("default").items}
         assert set(policies) == {"fenced-server", "fenced-clients"}
         assert all(p.metadata.owner_references[0].name == "fenced" for p in policies.values())
+        custom.delete_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "fenced")
+        until(lambda: net.list_namespaced_network_policy("default").items == [],
+              "the NetworkPolicies of job fenced gone with it")
