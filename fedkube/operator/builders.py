@@ -32,7 +32,7 @@ from typing import Any
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
-from fedkube.operator import naming
+from fedkube.operator import naming, netpol
 from fedkube.spec import layout
 from fedkube.spec.checks import merge_env, merge_resources
 from fedkube.spec.load import validate_job
@@ -70,7 +70,8 @@ def _check_log_format(log_format: str) -> str:
 
 
 def build_all(
-    job: FLJob, *, tokens: Mapping[str, str], owner: Mapping[str, Any] | None = None, log_format: str = "text"
+    job: FLJob, *, tokens: Mapping[str, str], owner: Mapping[str, Any] | None = None, log_format: str = "text",
+    network: netpol.NetworkPolicyConfig | None = None,
 ) -> list[Manifest]:
     """Every object the operator creates for `job`, in creation order (config and secrets before pods).
 
@@ -80,7 +81,8 @@ def build_all(
     FLJob deletes them. ``log_format`` (text or json) is passed to the server
     and the sidecars as FEDKUBE_LOG_FORMAT. Raises :class:`SpecError` for an
     invalid job and :class:`ConfigError` for a missing token, an owner without
-    a uid or an unknown log format.
+    a uid or an unknown log format. With ``network`` the job's NetworkPolicies
+    (:mod:`fedkube.operator.netpol`) come before its pods.
     """
     validate_job(job)
     objs = [
@@ -91,6 +93,7 @@ def build_all(
     pvc = build_checkpoint_pvc(job, owner=owner)
     if pvc is not None:
         objs.append(pvc)
+    objs.extend(netpol.build_network_policies(job, network, owner_references(owner)))  # before any pod runs
     objs.append(build_server_service(job, owner=owner))
     objs.append(build_server_pod(job, owner=owner, log_format=log_format))
     objs.extend(build_client_pod(job, site.name, owner=owner, log_format=log_format) for site in job.spec.clients)

@@ -31,6 +31,7 @@ from fedkube.metrics import OperatorMetrics
 from fedkube.metrics.operator import PHASES
 from fedkube.operator import builders, kube, naming, views
 from fedkube.operator import status as lifecycle
+from fedkube.operator.policy import AdminPolicy
 from fedkube.spec import API_GROUP, PLURAL, FLJob, SpecError, parse_job
 from fedkube.spec.model import API_VERSION_NAME
 from fedkube.status import JobStatus, Phase
@@ -56,6 +57,8 @@ class Memo:
     * ``clock``: seconds since the epoch (tests may inject one).
     * ``metrics``: an :class:`fedkube.metrics.OperatorMetrics` to count phases, errors and timeouts (optional).
     * ``log_format``: FEDKUBE_LOG_FORMAT given to the pods (text or json; default text).
+    * ``policy``: the admin's :class:`fedkube.operator.policy.AdminPolicy` (default: the safe one).
+    * ``network``: a :class:`fedkube.operator.netpol.NetworkPolicyConfig`, or None for no NetworkPolicies.
     """
 
     API_CLIENT = "api_client"
@@ -64,6 +67,8 @@ class Memo:
     CLOCK = "clock"
     METRICS = "metrics"
     LOG_FORMAT = "log_format"
+    POLICY = "policy"
+    NETWORK = "network"
 
 
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -81,6 +86,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.setdefault(Memo.STATUS_URL, kube.default_status_url)
     memo.setdefault(Memo.STATUS_TIMEOUT, kube.STATUS_TIMEOUT)
     memo.setdefault(Memo.CLOCK, time.time)
+    memo.setdefault(Memo.POLICY, AdminPolicy())
 
 
 def _default_api_client() -> Any:
@@ -197,6 +203,29 @@ def _parse(body: Mapping[str, Any]) -> FLJob:
     return parse_job(doc, source=f"FLJob {meta.get('namespace')}/{meta.get('name')}")
 
 
+def _admitted(body: Mapping[str, Any], memo: Mapping[str, Any]) -> FLJob:
+    """The job, parsed and within the admin policy; SpecError names every problem of either kind.
+
+    Every path that builds pods goes through here (create, resume, a fixed
+    spec, un-suspending, recreating the server), so editing a running job's
+    spec cannot slip past the policy at the next pod creation.
+    """
+    job = _parse(body)
+    policy: AdminPolicy = memo.get(Memo.POLICY) or AdminPolicy()
+    policy.check(job)
+    return job
+
+
+def _refuse(body: kopf.Body, patch: kopf.Patch, previous: Mapping[str, Any], exc: SpecError, now: float) -> str:
+    """Write the Invalid condition and its Events for ``exc``; returns the text for kopf's PermanentError."""
+    fields, events = lifecycle.invalid(previous, exc.problems, now)
+    _write(patch, previous, fields)
+    _post(body, events)
+    meta = body.get("metadata") or {}
+    logger.warning("job %s/%s: invalid spec: %s", meta.get("namespace"), meta.get("name"), exc)
+    return f"invalid FLJob: {'; '.join(str(p) for p in exc.problems)}"
+
+
 # --- create / resume ------------------------------------------------------------------------------
 
 
@@ -208,13 +237,9 @@ def reconcile(
     previous = dict(status)
     now = _now(memo)
     try:
-        job = _parse(body)
+        job = _admitted(body, memo)
     except SpecError as exc:
-        fields, events = lifecycle.invalid(previous, exc.problems, now)
-        _write(patch, previous, fields)
-        _post(body, events)
-        logger.warning("job %s/%s: invalid spec: %s", namespace, name, exc)
-        raise kopf.PermanentError(f"invalid FLJob: {'; '.join(str(p) for p in exc.problems)}") from None
+        raise kopf.PermanentError(_refuse(body, patch, previous, exc, now)) from None
     phase = previous.get("phase")
     if phase in lifecycle.TERMINAL:
         logger.info("job %s/%s: already %s; nothing to do", namespace, name, phase)
@@ -253,7 +278,8 @@ def _ensure(
     try:
         stored = api.job_secret_data(ref, naming.server_tokens_secret_name(job.name))
         tokens = kube.job_tokens(stored, [site.name for site in job.spec.clients])
-        objs = builders.build_all(job, tokens=tokens, owner=body, log_format=memo.get(Memo.LOG_FORMAT) or "text")
+        objs = builders.build_all(job, tokens=tokens, owner=body, log_format=memo.get(Memo.LOG_FORMAT) or "text",
+                                  network=memo.get(Memo.NETWORK))
         for obj in objs:
             labels = obj["metadata"].get("labels") or {}
             if obj["kind"] == "Pod" and (not pods or labels.get(naming.LABEL_SITE) in skip_sites):
@@ -302,11 +328,14 @@ def suspend_changed(
     previous = dict(status)
     if previous.get("phase") in lifecycle.TERMINAL:
         return
-    try:
-        job = _parse(body)
-    except SpecError:
-        return  # the create/resume handler reports it
     now = _now(memo)
+    try:
+        # Suspending needs no admission (it only deletes); resuming creates pods from the spec as it is now.
+        job = _parse(body) if new else _admitted(body, memo)
+    except SpecError as exc:
+        if new:
+            return  # the create/resume handler reports it
+        raise kopf.PermanentError(_refuse(body, patch, previous, exc, now)) from None
     api, ref = _kube(memo), kube.JobRef.of(body)
     if new:
         pods = api.job_pods(ref)
@@ -330,12 +359,9 @@ def spec_changed(
     now = _now(memo)
     if lifecycle.is_invalid(previous):
         try:
-            job = _parse(body)
+            job = _admitted(body, memo)
         except SpecError as exc:
-            fields, events = lifecycle.invalid(previous, exc.problems, now)
-            _write(patch, previous, fields)
-            _post(body, events)
-            raise kopf.PermanentError(f"invalid FLJob: {'; '.join(str(p) for p in exc.problems)}") from None
+            raise kopf.PermanentError(_refuse(body, patch, previous, exc, now)) from None
         _ensure(job, body, memo, patch, pods=not job.spec.suspend)
         fields, events = (lifecycle.suspended(previous, now) if job.spec.suspend else
                           lifecycle.revalidated(previous, job, now))
@@ -381,6 +407,15 @@ def observe(
         return  # the suspend handler is about to act
     now = _now(memo)
     ref = kube.JobRef.of(fresh)
+    if phase not in lifecycle.TERMINAL:
+        try:
+            _admitted(fresh, memo)
+        except SpecError as exc:
+            # The spec was edited past the policy (or the admin tightened it) while the job ran: the next pod it
+            # would create (a lost server) must not come from it, so the job stops here, visibly.
+            api.delete_pods(ref, api.job_pods(ref))
+            _refuse(body, patch, previous, exc, now)
+            return
     if phase in lifecycle.TERMINAL:
         if lifecycle.ttl_expired(job, previous, now):
             count = api.delete_children(ref, _children(job))

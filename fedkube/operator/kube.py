@@ -96,6 +96,9 @@ class Kube:
 
         core = kubernetes.client.CoreV1Api(api_client)
         self.core = core
+        # fedkube.operator.netpol's policies are networking.k8s.io, not core.
+        networking = kubernetes.client.NetworkingV1Api(api_client)
+        self.networking = networking
         self.timeout = timeout
         self._create: dict[str, Callable[..., Any]] = {
             "ConfigMap": core.create_namespaced_config_map,
@@ -103,6 +106,7 @@ class Kube:
             "PersistentVolumeClaim": core.create_namespaced_persistent_volume_claim,
             "Service": core.create_namespaced_service,
             "Pod": core.create_namespaced_pod,
+            "NetworkPolicy": networking.create_namespaced_network_policy,
         }
         self._read: dict[str, Callable[..., Any]] = {
             "ConfigMap": core.read_namespaced_config_map,
@@ -110,12 +114,14 @@ class Kube:
             "PersistentVolumeClaim": core.read_namespaced_persistent_volume_claim,
             "Service": core.read_namespaced_service,
             "Pod": core.read_namespaced_pod,
+            "NetworkPolicy": networking.read_namespaced_network_policy,
         }
         # Pods and claims are never patched (_IMMUTABLE), so the operator is not granted that.
         self._patch: dict[str, Callable[..., Any]] = {
             "ConfigMap": core.patch_namespaced_config_map,
             "Secret": core.patch_namespaced_secret,
             "Service": core.patch_namespaced_service,
+            "NetworkPolicy": networking.patch_namespaced_network_policy,
         }
         self._delete: dict[str, Callable[..., Any]] = {
             "ConfigMap": core.delete_namespaced_config_map,

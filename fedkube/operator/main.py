@@ -3,8 +3,9 @@
 Configuration comes from flags, defaulting to the environment the Helm chart
 sets (charts/fedkube/templates/deployment.yaml): FEDKUBE_WATCH_NAMESPACES
 (comma-separated; empty = every namespace), FEDKUBE_HEALTH_PORT (kopf's
-liveness endpoint, GET /healthz, which the chart probes), FEDKUBE_METRICS_PORT
-and FEDKUBE_LOG_FORMAT.
+liveness endpoint, GET /healthz, which the chart probes), FEDKUBE_METRICS_PORT,
+FEDKUBE_LOG_FORMAT, FEDKUBE_ADMIN_POLICY (fedkube.operator.policy) and
+FEDKUBE_NETWORK_POLICY (fedkube.operator.netpol).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.logs import configure_logging
+from fedkube.operator.netpol import NetworkPolicyConfig, network_config_from_env
+from fedkube.operator.policy import AdminPolicy, policy_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,10 @@ class OperatorConfig:
     metrics_port: int
     interval: float
     log_format: str
+    policy: AdminPolicy = field(default_factory=AdminPolicy)
+    """The admin policy every FLJob must keep (FEDKUBE_ADMIN_POLICY, from the chart's policy: values)."""
+    network: NetworkPolicyConfig | None = None
+    """NetworkPolicies per FLJob (FEDKUBE_NETWORK_POLICY), None for none."""
 
     @property
     def liveness_endpoint(self) -> str:
@@ -86,7 +93,8 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
     log_format = args.log_format or env.get(envvars.LOG_FORMAT) or "text"
     if log_format not in ("text", "json"):
         raise ConfigError(f"{envvars.LOG_FORMAT} must be text or json, got {log_format!r}")
-    return OperatorConfig(namespaces, health, metrics, args.interval, log_format)
+    return OperatorConfig(namespaces, health, metrics, args.interval, log_format, policy_from_env(env),
+                          network_config_from_env(env))
 
 
 class KopfObjectIds(logging.Filter):
@@ -148,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     memo = kopf.Memo()
     memo[handlers.Memo.METRICS] = metrics
     memo[handlers.Memo.LOG_FORMAT] = config.log_format
+    memo[handlers.Memo.POLICY] = config.policy
+    memo[handlers.Memo.NETWORK] = config.network
     registry = handlers.register(kopf.OperatorRegistry(), interval=config.interval)
     # A registry of our own carries none of kopf's default login handlers: log in the way the handlers'
     # kubernetes client does (in-cluster service account, else the kubeconfig).

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 import fedkube
+from fedkube.spec.egress import Egress
 from fedkube.spec.quantity import parse_quantity
 from fedkube.spec.security import Security
 from fedkube.spec.strategy import Strategy
@@ -170,7 +171,8 @@ def _one_kind(value: Any, allowed: tuple[str, ...], what: str, fix: str) -> Any:
     """Refuse a source kind outside `allowed` (naming it and why), and require exactly one source."""
     if not isinstance(value, dict):
         return value  # the strict model reports the wrong type
-    kinds = [k for k in value if k not in ("name", "defaultMode")]
+    # A source given as null is no source: counted, it would let a volume with none through to the pod.
+    kinds = [k for k, v in value.items() if k not in ("name", "defaultMode") and v is not None]
     for kind in kinds:
         if kind not in allowed:
             why = _REFUSED_WHY.get(kind, "fedkube admits only kinds that stay within the job's namespace")
@@ -371,6 +373,7 @@ class TrainerTemplate(_ContainerTemplate):
     working_dir: str | None = Field(
         default=None, alias="workingDir", description="Working directory of the command (absolute path)."
     )
+    egress: Egress = Field(default_factory=list)
 
 
 class ClientSite(_Model):

@@ -63,6 +63,8 @@ def _rule(method: str) -> Rule | None:
         what, sub = what[: -len("_status")], "/status"
     if what == "custom_object":  # the operator knows one custom resource: the FLJob
         return (GROUP, PLURAL + sub, verb)
+    if what == "network_policy":  # fedkube.operator.netpol; the only call outside the core group
+        return ("networking.k8s.io", "networkpolicies" + sub, verb)
     return ("", what.replace("_", "") + "s" + sub, verb)
 
 
