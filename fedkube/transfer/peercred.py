@@ -1,0 +1,175 @@
+"""Pod-local endpoints serve only processes of their own user (SO_PEERCRED, and its TCP stand-in).
+
+The sidecar's bulk handoff (an abstract Unix socket) answers whoever connects
+with a server connection that already carries the site's token; the trainer's
+handoff taker writes the site's update into whatever socket it is handed. An
+abstract socket has no file, so no file mode keeps anyone out: in a pod only
+the pod's containers share its namespace, but under ``fedkube run`` every
+local user does. So every listener that is meant for the processes beside it
+(an abstract name, or a loopback address) admits a connection only when the
+peer runs as the same user as the listener:
+
+* a Unix socket says who connected (``SO_PEERCRED``: the peer's pid, uid and
+  gid when it called ``connect``);
+* TCP has no such option, but on loopback both ends of a connection are
+  sockets of this host: the peer's socket is the row of ``/proc/net/tcp{,6}``
+  whose local address is the peer's and whose remote address is ours, and
+  that row names its owner's uid. A host without ``/proc`` (not Linux) cannot
+  check: its loopback listeners stay open to every local user, as before.
+
+In a pod every container runs as the pod's user (``runAsUser``, set by the
+operator's builders), so the sidecar and the trainer pass and nothing else in
+the pod's network namespace does unless it runs as that user too. Root is not
+let in on its own account: a process of another user is refused whoever it is,
+and root can already read the sidecar's files and memory by other means.
+
+A refusal is logged (naming the endpoint, the peer's uid and pid) and counted:
+``refusals()`` for this process, and every callback given to ``observe()`` (the
+sidecar's ``fedkube_sidecar_rejected_local_connections_total``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import struct
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: The refusal's ``reason`` label: the peer runs as another user than this process.
+PEER_UID_MISMATCH = "PeerUidMismatch"
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_NOT_A_CONNECTION = frozenset({"06", "0A"})  # TIME_WAIT (owned by no one: uid 0), LISTEN
+_PROC_NET = Path("/proc/net")
+
+_lock = threading.Lock()
+_refused: Counter[str] = Counter()
+_observers: list[Callable[[str], None]] = []
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is at the other end of a local connection; ``pid`` is -1 where the kernel does not say (TCP)."""
+
+    uid: int
+    pid: int = -1
+
+
+def own_user_only(host: str) -> bool:
+    """Whether a listener on ``host`` is pod-local: an abstract Unix name (``@...``) or a loopback address."""
+    if host.startswith("@"):
+        return True
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def peer_of(conn: socket.socket) -> Peer | None:
+    """The user (and pid) of the process that connected ``conn``; None when it cannot be told.
+
+    None for a TCP peer that is not on loopback, on a host without ``/proc``, and
+    for a TCP peer whose socket is already gone (then the connection is too).
+    """
+    if conn.family == socket.AF_UNIX:
+        pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        return Peer(uid=uid, pid=pid)
+    if conn.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        peer_addr, ours = conn.getpeername(), conn.getsockname()
+    except OSError:
+        return None
+    if not ipaddress.ip_address(peer_addr[0]).is_loopback:
+        return None
+    uid = _tcp_owner(conn.family, (str(peer_addr[0]), int(peer_addr[1])), (str(ours[0]), int(ours[1])))
+    return None if uid is None else Peer(uid=uid)
+
+
+def admit(conn: socket.socket, endpoint: str) -> bool:
+    """True when ``conn``'s peer may use ``endpoint`` (a pod-local listener); otherwise log, count, and False.
+
+    A peer that cannot be told is refused too, except where nothing can be told
+    at all (no ``/proc`` on this host: not Linux).
+    """
+    peer = peer_of(conn)
+    own = os.geteuid()
+    if peer is not None and peer.uid == own:
+        return True
+    if peer is None and not _can_tell(conn):
+        return True
+    who = "a peer whose user cannot be told" if peer is None else (
+        f"uid {peer.uid}" + (f" (pid {peer.pid})" if peer.pid > 0 else ""))
+    log.warning(
+        "%s: refused a connection from %s: only processes of uid %d (this process's user) may use this pod-local "
+        "endpoint (reason %s); fix: run the trainer as the same user as the sidecar (in a pod: the pod's "
+        "securityContext.runAsUser)", endpoint, who, own, PEER_UID_MISMATCH,
+    )  # fmt: skip
+    with _lock:
+        _refused[PEER_UID_MISMATCH] += 1
+        observers = list(_observers)
+    for observer in observers:
+        observer(PEER_UID_MISMATCH)
+    return False
+
+
+def observe(callback: Callable[[str], None]) -> None:
+    """Call ``callback(reason)`` for every connection refused in this process from now on (a metric)."""
+    with _lock:
+        _observers.append(callback)
+
+
+def unobserve(callback: Callable[[str], None]) -> None:
+    """Stop calling ``callback`` (a stopped sidecar of a test process must not keep counting)."""
+    with _lock:
+        if callback in _observers:
+            _observers.remove(callback)
+
+
+def refusals() -> dict[str, int]:
+    """Connections refused in this process so far, by reason."""
+    with _lock:
+        return dict(_refused)
+
+
+def _can_tell(conn: socket.socket) -> bool:
+    return conn.family == socket.AF_UNIX or (_PROC_NET / "tcp").exists()
+
+
+def _hex_address(family: int, host: str, port: int) -> str:
+    """``host:port`` as ``/proc/net/tcp{,6}`` prints it: each 32-bit word of the address in host byte order."""
+    packed = socket.inet_pton(family, host)
+    words = "".join(f"{int.from_bytes(packed[i : i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4))
+    return f"{words}:{port:04X}"
+
+
+def _tcp_owner(family: int, peer: tuple[str, int], ours: tuple[str, int]) -> int | None:
+    """The uid owning the socket at ``peer`` that is connected to ``ours`` (both on this host)."""
+    local, remote = _hex_address(family, *peer), _hex_address(family, *ours)
+    table = _PROC_NET / ("tcp6" if family == socket.AF_INET6 else "tcp")
+    try:
+        with table.open() as f:
+            next(f, None)  # the header
+            for line in f:
+                fields = line.split()
+                # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+                if len(fields) > 7 and (fields[1], fields[2]) == (local, remote) and fields[3] not in _NOT_A_CONNECTION:
+                    return int(fields[7])
+    except OSError:
+        return None
+    return None
+
+
+__all__ = ["PEER_UID_MISMATCH", "Peer", "admit", "observe", "own_user_only", "peer_of", "refusals", "unobserve"]
