@@ -158,7 +158,8 @@ class Sidecar:
         bound = {envvars.TRAINER_PORT: self.port}
         if self.config.metrics_port:
             self.metrics_server, bound[envvars.METRICS_PORT] = serve_metrics(
-                self.registry, portfile.chosen(ports_file, envvars.METRICS_PORT, self.config.metrics_port))
+                self.registry, portfile.chosen(ports_file, envvars.METRICS_PORT, self.config.metrics_port),
+                addr=self.config.metrics_host)
         self._server.start()
         portfile.report(ports_file, bound)  # the local runtime starts the trainer once it reads this
         log.info("site %s: sidecar for job %s listening for its trainer on 127.0.0.1:%d (bulk relay %s, handoff %s); "
