@@ -32,6 +32,7 @@ from fedkube.sidecar.meter import RelayMeter, metered_bulk_handoff, metered_bulk
 from fedkube.sidecar.reverse import SERVER_RECEIVER, Pusher
 from fedkube.sidecar.state import TaskBook, TrainerSnapshot, TrainerTracker
 from fedkube.sidecar.upstream import RegistrationRejected, Upstream, server_channel
+from fedkube.transfer import peercred
 from fedkube.transfer.allocator import tune_allocator
 from fedkube.transfer.bulk import BulkHandoff, BulkRelay
 from fedkube.transfer.route import handoff_enabled
@@ -65,6 +66,7 @@ class Sidecar:
         self.metrics = SidecarMetrics(self.registry, config.job, config.site)
         self.metrics.trainer_state(_trainer_state_name(self.trainer.state.phase))
         self.meter = RelayMeter(self.metrics.relayed, self.metrics.buffer_bytes)
+        peercred.observe(self.metrics.local_connection_rejected)  # refusals of this process's pod-local endpoints
         self.metrics_server: MetricsServer | None = None
         self._lock = threading.Lock()
         self._trainer_address = ""
@@ -106,6 +108,7 @@ class Sidecar:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"trainer-link-{config.site}"),
             options=server_options(),
+            interceptors=[peercred.SameUserInterceptor(f"site {config.site} trainer port", lambda: self.port)],
         )
         self.link = TrainerLinkServicer(
             job=config.job,
@@ -186,6 +189,7 @@ class Sidecar:
         if self._closing.is_set():
             return
         self._closing.set()
+        peercred.unobserve(self.metrics.local_connection_rejected)
         self._report_never_attached()
         self.upstream.close(timeout=grace)
         self.pusher.shutdown()

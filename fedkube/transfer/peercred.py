@@ -16,6 +16,9 @@ peer runs as the same user as the listener:
   whose local address is the peer's and whose remote address is ours, and
   that row names its owner's uid. A host without ``/proc`` (not Linux) cannot
   check: its loopback listeners stay open to every local user, as before.
+  gRPC servers on loopback (the sidecar's trainer port, the trainer's Download
+  service) get the same check per call from :class:`SameUserInterceptor`,
+  since gRPC accepts their connections itself.
 
 In a pod every container runs as the pod's user (``runAsUser``, set by the
 operator's builders), so the sidecar and the trainer pass and nothing else in
@@ -41,6 +44,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +98,12 @@ def peer_of(conn: socket.socket) -> Peer | None:
         peer_addr, ours = conn.getpeername(), conn.getsockname()
     except OSError:
         return None
-    if not ipaddress.ip_address(peer_addr[0]).is_loopback:
+    ip = ipaddress.ip_address(peer_addr[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if not ip.is_loopback:
         return None
-    uid = _tcp_owner(conn.family, (str(peer_addr[0]), int(peer_addr[1])), (str(ours[0]), int(ours[1])))
+    uid = _tcp_owner(str(ip), int(peer_addr[1]), int(ours[1]))
     return None if uid is None else Peer(uid=uid)
 
 
@@ -104,11 +113,77 @@ def admit(conn: socket.socket, endpoint: str) -> bool:
     A peer that cannot be told is refused too, except where nothing can be told
     at all (no ``/proc`` on this host: not Linux).
     """
-    peer = peer_of(conn)
+    return _judge(peer_of(conn), conn.family == socket.AF_UNIX or _proc_tcp_readable(), endpoint)
+
+
+def admit_grpc(context: grpc.ServicerContext, port: int, endpoint: str) -> bool:
+    """:func:`admit` for a call on a gRPC server listening on loopback ``port`` (the peer is a TCP socket)."""
+    host, _, peer_port = context.peer().partition(":")[2].rpartition(":")
+    host = host.strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # not TCP (a unix: peer): not this check's business
+        return True
+    if not loopback or not peer_port.isdigit():
+        return True
+    uid = _tcp_owner(host, int(peer_port), port)
+    return _judge(None if uid is None else Peer(uid=uid), _proc_tcp_readable(), endpoint)
+
+
+class SameUserInterceptor(grpc.ServerInterceptor):
+    """Refuses every call from a process of another user on a gRPC server that listens on loopback.
+
+    ``port()`` is the server's bound port (known only after ``add_insecure_port``).
+    The call ends with PERMISSION_DENIED before its handler runs.
+    """
+
+    def __init__(self, endpoint: str, port: Callable[[], int]) -> None:
+        self.endpoint = endpoint
+        self.port = port
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        return _guarded(handler, self._check)
+
+    def _check(self, context: grpc.ServicerContext) -> None:
+        if not admit_grpc(context, self.port(), self.endpoint):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{self.endpoint} serves only processes of this pod's user ({PEER_UID_MISMATCH})")
+
+
+def _guarded(handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerContext], None]) -> grpc.RpcMethodHandler:
+    def wrap(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            check(context)
+            return behavior(request, context)
+
+        return guarded
+
+    kinds = {
+        (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    }
+    attr, make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(  # type: ignore[no-any-return,operator]
+        wrap(getattr(handler, attr)),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _judge(peer: Peer | None, can_tell: bool, endpoint: str) -> bool:
     own = os.geteuid()
     if peer is not None and peer.uid == own:
         return True
-    if peer is None and not _can_tell(conn):
+    if peer is None and not can_tell:
         return True
     who = "a peer whose user cannot be told" if peer is None else (
         f"uid {peer.uid}" + (f" (pid {peer.pid})" if peer.pid > 0 else ""))
@@ -144,32 +219,57 @@ def refusals() -> dict[str, int]:
         return dict(_refused)
 
 
-def _can_tell(conn: socket.socket) -> bool:
-    return conn.family == socket.AF_UNIX or (_PROC_NET / "tcp").exists()
+def _proc_tcp_readable() -> bool:
+    return (_PROC_NET / "tcp").exists()
 
 
-def _hex_address(family: int, host: str, port: int) -> str:
-    """``host:port`` as ``/proc/net/tcp{,6}`` prints it: each 32-bit word of the address in host byte order."""
-    packed = socket.inet_pton(family, host)
+def _hex(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
+    """``ip:port`` as ``/proc/net/tcp{,6}`` prints it: each 32-bit word of the address in host byte order."""
+    packed = ip.packed
     words = "".join(f"{int.from_bytes(packed[i : i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4))
     return f"{words}:{port:04X}"
 
 
-def _tcp_owner(family: int, peer: tuple[str, int], ours: tuple[str, int]) -> int | None:
-    """The uid owning the socket at ``peer`` that is connected to ``ours`` (both on this host)."""
-    local, remote = _hex_address(family, *peer), _hex_address(family, *ours)
-    table = _PROC_NET / ("tcp6" if family == socket.AF_INET6 else "tcp")
-    try:
-        with table.open() as f:
-            next(f, None)  # the header
-            for line in f:
-                fields = line.split()
-                # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
-                if len(fields) > 7 and (fields[1], fields[2]) == (local, remote) and fields[3] not in _NOT_A_CONNECTION:
-                    return int(fields[7])
-    except OSError:
-        return None
+def _tcp_owner(peer_host: str, peer_port: int, our_port: int) -> int | None:
+    """The uid owning the socket at ``peer_host:peer_port`` connected to our ``our_port`` on loopback.
+
+    Either end may be an IPv6 socket speaking IPv4 (gRPC's are: ``::ffff:127.0.0.1``), so an IPv4
+    connection is looked for in both tables; our end is matched by port only (any loopback address).
+    """
+    ip = ipaddress.ip_address(peer_host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    spellings: list[tuple[str, str]] = []  # (table, the peer's address as the table prints it)
+    if isinstance(ip, ipaddress.IPv4Address):
+        spellings = [("tcp", _hex(ip, peer_port)), ("tcp6", _hex(ipaddress.IPv6Address(f"::ffff:{ip}"), peer_port))]
+    else:
+        spellings = [("tcp6", _hex(ip, peer_port))]
+    port_suffix = f":{our_port:04X}"
+    for table, local in spellings:
+        try:
+            with (_PROC_NET / table).open() as f:
+                next(f, None)  # the header
+                for line in f:
+                    fields = line.split()
+                    # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+                    if (len(fields) > 7 and fields[1] == local and fields[2].endswith(port_suffix)
+                            and _is_loopback_hex(fields[2]) and fields[3] not in _NOT_A_CONNECTION):
+                        return int(fields[7])
+        except OSError:
+            continue
     return None
 
 
-__all__ = ["PEER_UID_MISMATCH", "Peer", "admit", "observe", "own_user_only", "peer_of", "refusals", "unobserve"]
+def _is_loopback_hex(address: str) -> bool:
+    words = address.partition(":")[0]
+    packed = b"".join(int(words[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(words), 8))
+    ip = ipaddress.ip_address(packed)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+__all__ = [
+    "PEER_UID_MISMATCH", "Peer", "SameUserInterceptor", "admit", "admit_grpc", "observe", "own_user_only", "peer_of",
+    "refusals", "unobserve",
+]

@@ -113,9 +113,9 @@ class Listener:
             except OSError:
                 return  # closed by stop()
             if self._own_user_only and not peercred.admit(conn, self.name):
-                close_socket(conn)  # no answer: a stranger learns nothing about the endpoint
                 if self.on_refused is not None:
                     self.on_refused(peercred.PEER_UID_MISMATCH)
+                close_socket(conn)  # no answer: a stranger learns nothing about the endpoint
                 continue
             peer = ""
             if conn.family != socket.AF_UNIX:

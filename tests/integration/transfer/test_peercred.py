@@ -20,7 +20,8 @@ import pytest
 from fedkube.transfer import DownloadService, handoff, peercred
 from fedkube.transfer.bulk import BulkHandoff, BulkHandoffServer, BulkRelay, BulkServer, send_request
 from fedkube.transfer.bulk.frames import read_status
-from fedkube.wire.v1 import tensor_pb2
+from fedkube.transfer.service import serve
+from fedkube.wire.v1 import tensor_pb2, tensor_pb2_grpc
 
 NOBODY = 65534
 
@@ -243,3 +244,76 @@ def test_a_tcp_peer_of_this_user_is_told_by_its_uid() -> None:
         with client, conn:
             peer = peercred.peer_of(conn)
             assert peer is not None and peer.uid == os.geteuid()
+
+
+class _Context:
+    """What admit_grpc reads of a gRPC call: the peer as gRPC spells it."""
+
+    def __init__(self, peer: str) -> None:
+        self._peer = peer
+
+    def peer(self) -> str:
+        return self._peer
+
+
+def test_a_loopback_grpc_port_tells_a_connection_of_another_user_by_its_uid() -> None:
+    svc = DownloadService("site-a")
+    server, port = serve(svc, "127.0.0.1:0", max_workers=2)  # the trainer's results, as the SDK serves them
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a raw TCP connection (grpc is not fork-safe): enough for the kernel to list its owner
+        os.close(r)
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+            os.write(w, str(conn.getsockname()[1]).encode())
+            os.close(w)
+            conn.recv(1)  # held open until the server goes away
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        child_port = int(os.read(r, 16))
+        theirs = _Context(f"ipv4:127.0.0.1:{child_port}")
+        assert not peercred.admit_grpc(theirs, port, "download service")  # type: ignore[arg-type]
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            mine = _Context(f"ipv4:127.0.0.1:{conn.getsockname()[1]}")
+            assert peercred.admit_grpc(mine, port, "download service")  # type: ignore[arg-type]
+    finally:
+        os.close(r)
+        server.stop(0)
+        os.waitpid(pid, 0)
+        svc.close()
+
+
+def test_a_call_from_another_user_on_a_loopback_grpc_port_is_denied_before_its_handler(
+    monkeypatch: pytest.MonkeyPatch, counted: list[str]
+) -> None:
+    svc = DownloadService("site-a")
+    txn = svc.publish({"w": np.ones(8, np.float32)}, receivers=["server"], ttl_s=30)
+    server, port = serve(svc, "127.0.0.1:0", max_workers=2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            fetch = tensor_pb2_grpc.DownloadStub(channel).Fetch
+            request = tensor_pb2.FetchRequest(transaction_id=txn.id, ref_id=txn.refs[0].ref_id, receiver="server")
+            assert list(fetch(request, timeout=5))  # this user: served
+            monkeypatch.setattr(peercred.os, "geteuid", lambda: 4242)  # now this process is "another user"
+            with pytest.raises(grpc.RpcError) as info:
+                list(fetch(request, timeout=5))
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert counted == [peercred.PEER_UID_MISMATCH]
+    finally:
+        server.stop(0)
+        svc.close()
+
+
+def test_the_sidecar_metric_spells_the_reason_as_peercred_does() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from fedkube.metrics.sidecar import SidecarMetrics
+
+    registry = CollectorRegistry()
+    SidecarMetrics(registry, "j", "s")
+    labels = {"fljob": "j", "site": "s", "reason": peercred.PEER_UID_MISMATCH}
+    assert registry.get_sample_value("fedkube_sidecar_rejected_local_connections_total", labels) == 0
