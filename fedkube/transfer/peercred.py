@@ -12,10 +12,12 @@ peer runs as the same user as the listener:
 * a Unix socket says who connected (``SO_PEERCRED``: the peer's pid, uid and
   gid when it called ``connect``);
 * TCP has no such option, but on loopback both ends of a connection are
-  sockets of this host: the peer's socket is the row of ``/proc/net/tcp{,6}``
-  whose local address is the peer's and whose remote address is ours, and
-  that row names its owner's uid. A host without ``/proc`` (not Linux) cannot
-  check: its loopback listeners stay open to every local user, as before.
+  sockets of this host, and the kernel tells the owner of the peer's: one
+  ``sock_diag`` netlink query for the exact 4-tuple (0.07-0.25 ms on this
+  2-core box), or, where netlink is not allowed, a scan of ``/proc/net/tcp{,6}``
+  (13 ms with 260 sockets open, 90 ms with 6,000: the fallback only). A host with neither
+  (not Linux) cannot check: its loopback listeners stay open to every local
+  user, as before.
   gRPC servers on loopback (the sidecar's trainer port, the trainer's Download
   service) get the same check per call from :class:`SameUserInterceptor`,
   since gRPC accepts their connections itself.
@@ -33,6 +35,7 @@ sidecar's ``fedkube_sidecar_rejected_local_connections_total``).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -103,7 +106,7 @@ def peer_of(conn: socket.socket) -> Peer | None:
         ip = ip.ipv4_mapped
     if not ip.is_loopback:
         return None
-    uid = _tcp_owner(str(ip), int(peer_addr[1]), int(ours[1]))
+    uid = _tcp_owner(str(ip), int(peer_addr[1]), int(ours[1]), str(ours[0]))
     return None if uid is None else Peer(uid=uid)
 
 
@@ -230,15 +233,77 @@ def _hex(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
     return f"{words}:{port:04X}"
 
 
-def _tcp_owner(peer_host: str, peer_port: int, our_port: int) -> int | None:
+def _tcp_owner(peer_host: str, peer_port: int, our_port: int, our_host: str = "") -> int | None:
     """The uid owning the socket at ``peer_host:peer_port`` connected to our ``our_port`` on loopback.
 
-    Either end may be an IPv6 socket speaking IPv4 (gRPC's are: ``::ffff:127.0.0.1``), so an IPv4
-    connection is looked for in both tables; our end is matched by port only (any loopback address).
+    ``our_host`` defaults to the loopback address of the peer's family.
     """
     ip = ipaddress.ip_address(peer_host)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    ours = ipaddress.ip_address(our_host) if our_host else ipaddress.ip_address(
+        "127.0.0.1" if isinstance(ip, ipaddress.IPv4Address) else "::1")
+    if isinstance(ours, ipaddress.IPv6Address) and ours.ipv4_mapped is not None:
+        ours = ours.ipv4_mapped
+    try:
+        return _diag_owner(ip, peer_port, ours, our_port)
+    except _NotFound:
+        pass  # e.g. our end is another loopback address than assumed: the scan matches any
+    except OSError as exc:  # netlink refused (a seccomp profile, an old kernel): the slow way
+        log.debug("sock_diag lookup failed (%s); scanning /proc/net/tcp", exc)
+    return _scan_owner(ip, peer_port, our_port)
+
+
+class _NotFound(Exception):
+    """sock_diag knows no socket with that 4-tuple."""
+
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+_NLMSG = struct.Struct("=LHHLL")  # nlmsghdr: len, type, flags, seq, pid
+_DIAG_REQ = struct.Struct("=BBBBI")  # inet_diag_req_v2 up to its sockid: family, protocol, ext, pad, states
+_TCP_TIME_WAIT = 6
+_UID_AT = _NLMSG.size + 4 + 48 + 12  # inet_diag_msg: 4 bytes, sockid (48), expires, rqueue, wqueue, then uid
+
+
+def _diag_owner(
+    peer: ipaddress.IPv4Address | ipaddress.IPv6Address, peer_port: int,
+    ours: ipaddress.IPv4Address | ipaddress.IPv6Address, our_port: int,
+) -> int:  # fmt: skip
+    """The uid of the socket whose local end is ``peer:peer_port`` and remote end ``ours:our_port`` (sock_diag).
+
+    An IPv4 query also finds an IPv6 socket speaking IPv4 (gRPC's): both are in the same hash.
+    """
+    family = socket.AF_INET if isinstance(peer, ipaddress.IPv4Address) else socket.AF_INET6
+    sockid = (struct.pack("!HH", peer_port, our_port) + peer.packed.ljust(16, b"\0") + ours.packed.ljust(16, b"\0")
+              + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF))  # any interface, no cookie
+    request = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(1.0)
+        nl.sendto(_NLMSG.pack(_NLMSG.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + request, (0, 0))
+        reply = nl.recv(8192)
+    _length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(reply)
+    if kind == _NLMSG_ERROR:
+        (error,) = struct.unpack_from("=i", reply, _NLMSG.size)
+        if -error == errno.ENOENT:
+            raise _NotFound
+        raise OSError(-error, os.strerror(-error))
+    if kind != _SOCK_DIAG_BY_FAMILY or len(reply) < _UID_AT + 4:
+        raise OSError(errno.EPROTO, f"unexpected sock_diag answer (type {kind}, {len(reply)} bytes)")
+    if reply[_NLMSG.size + 1] == _TCP_TIME_WAIT:  # a closed connection's leftover, owned by no one (uid 0)
+        raise _NotFound
+    (uid,) = struct.unpack_from("=I", reply, _UID_AT)
+    return int(uid)
+
+
+def _scan_owner(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, peer_port: int, our_port: int) -> int | None:
+    """:func:`_tcp_owner` by reading ``/proc/net/tcp{,6}``; our end is matched by port (any loopback address).
+
+    Either end may be an IPv6 socket speaking IPv4 (gRPC's are: ``::ffff:127.0.0.1``), so an IPv4
+    connection is looked for in both tables.
+    """
     spellings: list[tuple[str, str]] = []  # (table, the peer's address as the table prints it)
     if isinstance(ip, ipaddress.IPv4Address):
         spellings = [("tcp", _hex(ip, peer_port)), ("tcp6", _hex(ipaddress.IPv6Address(f"::ffff:{ip}"), peer_port))]

@@ -119,7 +119,7 @@ def test_another_user_gets_no_server_connection_from_the_sidecars_handoff(
 
 
 def test_another_user_cannot_fetch_through_the_sidecars_tcp_relay(
-    published: tuple[DownloadService, str], counted: list[str]
+    published: tuple[DownloadService, str], counted: list[str], lookup: str
 ) -> None:
     svc, txn = published
     srv = BulkServer(svc).start()
@@ -237,7 +237,18 @@ def test_which_listeners_are_pod_local(host: str, pod_local: bool) -> None:
     assert peercred.own_user_only(host) is pod_local
 
 
-def test_a_tcp_peer_of_this_user_is_told_by_its_uid() -> None:
+@pytest.fixture(params=["sock_diag", "proc_scan"])
+def lookup(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each way of telling a TCP peer's user: netlink, and the /proc scan used where netlink is refused."""
+    if request.param == "proc_scan":
+        def refused(*args: object) -> int:
+            raise PermissionError(1, "netlink refused")
+
+        monkeypatch.setattr(peercred, "_diag_owner", refused)
+    return str(request.param)
+
+
+def test_a_tcp_peer_of_this_user_is_told_by_its_uid(lookup: str) -> None:
     with socket.create_server(("127.0.0.1", 0)) as lsock:
         client = socket.create_connection(lsock.getsockname())
         conn, _ = lsock.accept()
@@ -256,7 +267,7 @@ class _Context:
         return self._peer
 
 
-def test_a_loopback_grpc_port_tells_a_connection_of_another_user_by_its_uid() -> None:
+def test_a_loopback_grpc_port_tells_a_connection_of_another_user_by_its_uid(lookup: str) -> None:
     svc = DownloadService("site-a")
     server, port = serve(svc, "127.0.0.1:0", max_workers=2)  # the trainer's results, as the SDK serves them
     r, w = os.pipe()
