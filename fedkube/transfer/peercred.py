@@ -175,7 +175,7 @@ def _guarded(handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerConte
         (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
     }
     attr, make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(  # type: ignore[no-any-return,operator]
+    return make(
         wrap(getattr(handler, attr)),
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
