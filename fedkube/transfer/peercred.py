@@ -43,6 +43,7 @@ import socket
 import struct
 import sys
 import threading
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,16 +121,22 @@ def admit(conn: socket.socket, endpoint: str) -> bool:
 
 
 def admit_grpc(context: grpc.ServicerContext, port: int, endpoint: str) -> bool:
-    """:func:`admit` for a call on a gRPC server listening on loopback ``port`` (the peer is a TCP socket)."""
-    host, _, peer_port = context.peer().partition(":")[2].rpartition(":")
-    host = host.strip("[]")
+    """:func:`admit` for a call on a gRPC server listening on loopback ``port``.
+
+    The peer is ``ipv4:127.0.0.1:<port>`` or ``ipv6:[::1]:<port>`` (brackets
+    percent-encoded by newer gRPC). Anything else cannot reach a loopback
+    listener, so a peer that does not read as one is refused, not waved through.
+    """
+    host, _, peer_port = urllib.parse.unquote(context.peer()).partition(":")[2].rpartition(":")
+    uid: int | None = None
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:  # not TCP (a unix: peer): not this check's business
-        return True
-    if not loopback or not peer_port.isdigit():
-        return True
-    uid = _tcp_owner(host, int(peer_port), port)
+        ip = ipaddress.ip_address(host.strip("[]"))
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_loopback and peer_port.isdigit():
+            uid = _tcp_owner(str(ip), int(peer_port), port)
+    except ValueError:
+        pass
     return _judge(None if uid is None else Peer(uid=uid), _proc_tcp_readable(), endpoint)
 
 

@@ -289,8 +289,12 @@ def test_a_loopback_grpc_port_tells_a_connection_of_another_user_by_its_uid(look
         theirs = _Context(f"ipv4:127.0.0.1:{child_port}")
         assert not peercred.admit_grpc(theirs, port, "download service")  # type: ignore[arg-type]
         with socket.create_connection(("127.0.0.1", port)) as conn:
-            mine = _Context(f"ipv4:127.0.0.1:{conn.getsockname()[1]}")
-            assert peercred.admit_grpc(mine, port, "download service")  # type: ignore[arg-type]
+            mine = conn.getsockname()[1]
+            for spelling in (f"ipv4:127.0.0.1:{mine}", f"ipv6:%5B::ffff:127.0.0.1%5D:{mine}"):
+                assert peercred.admit_grpc(_Context(spelling), port, "download service")  # type: ignore[arg-type]
+            # What cannot be a peer of a loopback port is refused, not waved through.
+            for spelling in ("unix:/tmp/x", f"ipv4:10.0.0.1:{mine}", "garbage"):
+                assert not peercred.admit_grpc(_Context(spelling), port, "download service")  # type: ignore[arg-type]
     finally:
         os.close(r)
         server.stop(0)
