@@ -22,6 +22,10 @@ METRICS_PORT = "FEDKUBE_METRICS_PORT"  # Prometheus /metrics; 0 or unset = off
 # ports it bound to this file as JSON ({variable: port}) once it listens; a restarted process binds
 # the ports the file already names (see fedkube.portfile).
 PORTS_FILE = "FEDKUBE_PORTS_FILE"
+# Set by the local runtime only (``fedkube run --bind``; 127.0.0.1 by default): the host that the listeners
+# meant for other hosts bind (the server's gRPC, bulk, status and metrics ports, the sidecar's metrics), "[::]"
+# for every interface. Unset (in a pod): every interface. Pod-local listeners stay on loopback whatever it says.
+BIND_ADDRESS = "FEDKUBE_BIND_ADDRESS"
 
 # --- operator ----------------------------------------------------------------
 WATCH_NAMESPACES = "FEDKUBE_WATCH_NAMESPACES"  # comma-separated; empty = the whole cluster

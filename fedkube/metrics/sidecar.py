@@ -72,6 +72,11 @@ class SidecarMetrics:
             "upstream", UPSTREAM_STATES, self._labels)
         self._reconnects = Counter("fedkube_sidecar_reconnects_total",
                                    "Times the control stream was re-established after a loss.", js, registry=registry)
+        self._local_rejected = Counter(
+            "fedkube_sidecar_rejected_local_connections_total",
+            "Connections to the pod-local endpoints (trainer port, bulk relay and handoff) refused, by reason "
+            "(PeerUidMismatch: a process of another user).", check_labels(["fljob", "site", "reason"]),
+            registry=registry)
         self._relayed = Counter("fedkube_sidecar_relayed_bytes_total", "Chunk bytes relayed, by direction.",
                                 check_labels(["fljob", "site", "direction"]), registry=registry)
         self._buffer = Gauge("fedkube_sidecar_relay_buffer_bytes",
@@ -108,6 +113,9 @@ class SidecarMetrics:
         self._upstream.set("connecting")
         self._trainer.set("Unknown")
         self._reconnects.labels(**self._labels)
+        # fedkube.transfer.peercred.PEER_UID_MISMATCH, spelled out: importing the transfer layer here would
+        # bring grpc into the operator, which imports fedkube.metrics.
+        self._local_rejected.labels(**self._labels, reason="PeerUidMismatch")
         self._buffer.labels(**self._labels).set(0)
         for d in DIRECTIONS:
             self._relayed.labels(**self._labels, direction=d)
@@ -124,6 +132,10 @@ class SidecarMetrics:
     def reconnected(self) -> None:
         """The control stream came back after a loss (not counted for the first connection)."""
         self._reconnects.labels(**self._labels).inc()
+
+    def local_connection_rejected(self, reason: str) -> None:
+        """A pod-local endpoint refused a connection (``reason``: see :mod:`fedkube.transfer.peercred`)."""
+        self._local_rejected.labels(**self._labels, reason=reason).inc()
 
     def heartbeat(self) -> None:
         """A heartbeat was delivered to the server now."""

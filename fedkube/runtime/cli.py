@@ -30,6 +30,7 @@ from fedkube.runtime.local import (
     summary_document,
 )
 from fedkube.runtime.process import OutputSink, QuietSink, StreamSink
+from fedkube.runtime.resolver import LOCAL_HOST
 from fedkube.status import TERMINATION_LIMIT, ClientState
 
 if TYPE_CHECKING:
@@ -79,7 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="move tensors over gRPC only, not over the server's plain-TCP bulk port (to compare the two; "
         "the default uses bulk wherever the manifests set it up)",
     )
+    parser.add_argument(
+        "--bind",
+        type=bind_address,
+        default=LOCAL_HOST,
+        metavar="ADDR",
+        help="the address the server's ports (gRPC, bulk, status, metrics) and the sidecars' metrics listen on: "
+        "127.0.0.1 (the default: nothing of the run is reachable from another machine), 0.0.0.0 (every IPv4 "
+        "interface) or :: (every interface); the trainers' and sidecars' pod-local endpoints stay on 127.0.0.1",
+    )
     return parser
+
+
+#: What ``--bind`` accepts, and what the processes are told (gRPC spells IPv6's "every interface" ``[::]``).
+BIND_CHOICES = {LOCAL_HOST: LOCAL_HOST, "localhost": LOCAL_HOST, "0.0.0.0": "0.0.0.0", "::": "[::]", "[::]": "[::]"}
+
+
+def bind_address(text: str) -> str:
+    """``--bind``'s value as the processes take it; an argparse error naming the choices otherwise.
+
+    Only loopback and the wildcards: the runtime and the clients reach the server at 127.0.0.1,
+    which a listener on one other interface would not answer.
+    """
+    chosen = BIND_CHOICES.get(text.strip())
+    if chosen is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not one of 127.0.0.1, 0.0.0.0, ::; fix: 0.0.0.0 (or ::) to be reachable from other "
+            "machines, with a firewall for the interfaces that must not be"
+        )
+    return chosen
 
 
 def run_main(argv: Sequence[str] | None = None) -> int:
@@ -115,7 +144,7 @@ def run_main(argv: Sequence[str] | None = None) -> int:
         sink = console_sink if args.verbose else QuietSink(console_sink)
         options = RunOptions(
             run_dir=run_dir, base_dir=args.job.resolve().parent, sink=sink, client_grace_s=max(0.0, args.grace),
-            bulk=not args.no_bulk,
+            bulk=not args.no_bulk, bind=args.bind,
         )
         try:
             run = LocalJobRun(manifests, options, job_name=job_name)

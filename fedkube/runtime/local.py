@@ -58,6 +58,9 @@ class RunOptions:
     # False: tensors travel over gRPC only (the server opens no bulk port, sidecars relay no bulk);
     # for comparing the two data planes (bench/round.py --no-bulk) and for hosts that block the port.
     bulk: bool = True
+    # The host the listeners meant for other hosts bind (server ports, sidecar metrics); pod-local ones
+    # stay on loopback. 127.0.0.1: nothing of the run is reachable from another machine (fedkube run --bind).
+    bind: str = LOCAL_HOST
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,9 @@ class LocalJobRun:
             objects=ManifestObjects(self._manifests),
             sink=options.sink,
             base_dir=options.base_dir,
-            extra_env={SIDECAR_EXIT_ON_STOP: "1", **({} if options.bulk else _NO_BULK)},
+            extra_env={
+                SIDECAR_EXIT_ON_STOP: "1", envvars.BIND_ADDRESS: options.bind, **({} if options.bulk else _NO_BULK)
+            },
             stop_grace_s=options.stop_grace_s,
             prefix=_prefix,
             ports_reported=True,  # no port is reserved in advance: another socket could take it (issue 11)

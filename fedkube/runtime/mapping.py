@@ -16,7 +16,10 @@ and only here (``fedkube.runtime.pod`` runs what this builds):
   checkpoint); a projected volume merges its Secrets, ConfigMaps and pod fields
   into one directory; hostPath is used as is. Every path in env, command, args and
   ``workingDir`` under a mount path is rewritten to the local directory, and
-  the termination-message path becomes a file in the pod's directory.
+  the termination-message path becomes a file in the pod's directory. A
+  Secret's files live as long as the pod, as on a node (where they are a
+  tmpfs the kubelet unmounts): ``remove_secrets()`` deletes them when the pod
+  ended, however it ended; logs, checkpoints and the summary stay.
 * **Programs.** ``python``/``python3`` is the interpreter running fedkube (the
   user's virtualenv); ``fedkube`` is the console script next to it. A relative
   command/argument naming a file that exists in ``base_dir`` (the job file's
@@ -64,11 +67,25 @@ class PodMapping:
         self.name = str(pod.get("metadata", {}).get("name", ""))
         self.dir = directory
         self.volumes: dict[str, Path] = {}
+        self.secret_dirs: list[Path] = []  # volumes holding a Secret's files (tokens, TLS keys)
 
     def materialize_volumes(self) -> None:
         """Make every volume of the pod a local directory (Secrets and ConfigMaps written as files)."""
         spec = self.pod.get("spec", {})
-        self.volumes = {str(v["name"]): self._materialize(v) for v in spec.get("volumes", []) or []}
+        self.volumes = {}
+        for volume in spec.get("volumes", []) or []:
+            if _holds_secret(volume):  # noted first: a volume that fails half-written is removed too
+                self.secret_dirs.append(self.dir / "volumes" / str(volume["name"]))
+            self.volumes[str(volume["name"])] = self._materialize(volume)
+
+    def remove_secrets(self) -> list[Path]:
+        """Delete the files of every Secret volume of the pod (its processes have ended); the paths removed."""
+        removed = []
+        for path in self.secret_dirs:
+            if path.exists():
+                shutil.rmtree(path)
+                removed.append(path)
+        return removed
 
     def _materialize(self, volume: Mapping[str, Any]) -> Path:
         name = str(volume["name"])
@@ -285,6 +302,13 @@ class PodMapping:
                     if candidate.is_file():
                         argv[i] = str(candidate.resolve())
         return argv
+
+
+def _holds_secret(volume: Mapping[str, Any]) -> bool:
+    """A Secret volume, or a projected volume with a Secret among its sources."""
+    if "secret" in volume:
+        return True
+    return any("secret" in part for part in (volume.get("projected") or {}).get("sources") or [])
 
 
 def fedkube_command() -> list[str]:

@@ -88,7 +88,12 @@ class PodRun:
 
     def start(self) -> None:
         """Prepare volumes and start the pod's supervisor thread (which starts the containers)."""
-        self._containers = self._prepare()
+        try:
+            self._containers = self._prepare()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self._mapping.remove_secrets()  # the pod never runs: nothing may read them
+            raise
         self._thread = threading.Thread(target=self._supervise, name=f"pod-{self.name}", daemon=True)
         self._thread.start()
 
@@ -203,6 +208,7 @@ class PodRun:
             message = f"{type(exc).__name__}: {exc}"
         finally:
             self._teardown()
+            self._remove_secrets()
             self._finish(message)
 
     def _run_containers(self) -> str:
@@ -327,6 +333,17 @@ class PodRun:
         for c in reversed(sidecars):
             assert c.process is not None
             c.process.stop(self._stop_grace)
+
+    def _remove_secrets(self) -> None:
+        # Every container has ended: the token and key files have no reader left (success, failure or Ctrl-C).
+        try:
+            removed = self._mapping.remove_secrets()
+        except OSError as exc:  # the pod's result matters more; say what is left behind
+            logger.warning("pod %s: could not remove its Secret files: %s; fix: delete %s/volumes by hand",
+                           self.key, exc, self.dir)
+            return
+        if removed:
+            logger.debug("pod %s: removed its Secret files %s", self.key, [str(p) for p in removed])
 
     def _finish(self, message: str) -> None:
         for c in self._containers:

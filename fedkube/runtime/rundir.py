@@ -29,7 +29,8 @@ def default_run_dir(job_name: str, root: Path | None = None) -> Path:
     """Create and return a fresh ``runs/<job>-<UTC timestamp>[-N]`` under ``root`` (the current directory).
 
     The directory is made with an exclusive ``mkdir``, so two runs started in
-    the same second never get the same one.
+    the same second never get the same one, and mode 0700: only this user may
+    enter it while the pods' Secret files are in it.
     """
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     parent = (root or Path.cwd()) / "runs"
@@ -37,7 +38,7 @@ def default_run_dir(job_name: str, root: Path | None = None) -> Path:
     for n in range(1, 10_000):
         path = parent / (f"{job_name}-{stamp}" if n == 1 else f"{job_name}-{stamp}-{n}")
         try:
-            path.mkdir()
+            path.mkdir(mode=0o700)  # the pods' Secrets (tokens, TLS keys) are written under it
         except FileExistsError:
             continue
         return path
@@ -56,7 +57,7 @@ class RunDirLock:
         """Take the lock (idempotent) and write this process's pid into the lock file."""
         if self._fd is not None:
             return self
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one is the run's alone; an old one is kept
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -402,7 +402,8 @@ class FedkubeServer:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedkube server``; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="fedkube server", description="Run the fedkube aggregator for one FLJob.")
-    parser.add_argument("--bind", default="[::]", help="host to listen on (default: every interface)")
+    parser.add_argument("--bind", default=os.environ.get(envvars.BIND_ADDRESS, "").strip() or "[::]",
+                        help=f"host to listen on (default: {envvars.BIND_ADDRESS}, else every interface)")
     args = parser.parse_args(argv)
     try:
         configure_logging("server", job=os.environ.get(envvars.JOB, ""), fmt=log_format_from_env(os.environ))

@@ -32,6 +32,7 @@ from fedkube.sidecar.meter import RelayMeter, metered_bulk_handoff, metered_bulk
 from fedkube.sidecar.reverse import SERVER_RECEIVER, Pusher
 from fedkube.sidecar.state import TaskBook, TrainerSnapshot, TrainerTracker
 from fedkube.sidecar.upstream import RegistrationRejected, Upstream, server_channel
+from fedkube.transfer import peercred
 from fedkube.transfer.allocator import tune_allocator
 from fedkube.transfer.bulk import BulkHandoff, BulkRelay
 from fedkube.transfer.route import handoff_enabled
@@ -65,6 +66,7 @@ class Sidecar:
         self.metrics = SidecarMetrics(self.registry, config.job, config.site)
         self.metrics.trainer_state(_trainer_state_name(self.trainer.state.phase))
         self.meter = RelayMeter(self.metrics.relayed, self.metrics.buffer_bytes)
+        peercred.observe(self.metrics.local_connection_rejected)  # refusals of this process's pod-local endpoints
         self.metrics_server: MetricsServer | None = None
         self._lock = threading.Lock()
         self._trainer_address = ""
@@ -106,6 +108,7 @@ class Sidecar:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"trainer-link-{config.site}"),
             options=server_options(),
+            interceptors=[peercred.SameUserInterceptor(f"site {config.site} trainer port", lambda: self.port)],
         )
         self.link = TrainerLinkServicer(
             job=config.job,
@@ -158,7 +161,8 @@ class Sidecar:
         bound = {envvars.TRAINER_PORT: self.port}
         if self.config.metrics_port:
             self.metrics_server, bound[envvars.METRICS_PORT] = serve_metrics(
-                self.registry, portfile.chosen(ports_file, envvars.METRICS_PORT, self.config.metrics_port))
+                self.registry, portfile.chosen(ports_file, envvars.METRICS_PORT, self.config.metrics_port),
+                addr=self.config.metrics_host)
         self._server.start()
         portfile.report(ports_file, bound)  # the local runtime starts the trainer once it reads this
         log.info("site %s: sidecar for job %s listening for its trainer on 127.0.0.1:%d (bulk relay %s, handoff %s); "
@@ -185,6 +189,7 @@ class Sidecar:
         if self._closing.is_set():
             return
         self._closing.set()
+        peercred.unobserve(self.metrics.local_connection_rejected)
         self._report_never_attached()
         self.upstream.close(timeout=grace)
         self.pusher.shutdown()

@@ -39,6 +39,8 @@ class SidecarConfig:
             and the trainer offers it.
         ports_file: set by the local runtime: bind the listeners to ports the OS picks (or those the
             file names, after a restart) and write them there (:mod:`fedkube.portfile`).
+        metrics_host: the host ``/metrics`` binds (``FEDKUBE_BIND_ADDRESS``; every interface when unset, as
+            Prometheus scrapes a pod from outside; the trainer's endpoints are on 127.0.0.1 whatever it says).
     """
 
     job: str
@@ -55,6 +57,7 @@ class SidecarConfig:
     server_bulk_address: str = ""
     bulk_handoff: bool = True
     ports_file: Path | None = None
+    metrics_host: str = "0.0.0.0"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarConfig:
@@ -104,6 +107,7 @@ class SidecarConfig:
             server_bulk_address=bulk,
             bulk_handoff=handoff_raw not in ("0", "false"),
             ports_file=portfile.path_from_env(env),
+            metrics_host=env.get(envvars.BIND_ADDRESS, "").strip().strip("[]") or "0.0.0.0",
         )
 
 

@@ -28,6 +28,7 @@ round for a 1 GiB model.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import socket
@@ -35,6 +36,8 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+
+from fedkube.transfer import peercred
 
 #: Whether this platform can hand sockets over (abstract Unix sockets + SCM_RIGHTS).
 AVAILABLE = sys.platform.startswith("linux") and hasattr(socket, "send_fds") and hasattr(socket, "recv_fds")
@@ -77,13 +80,29 @@ def listen(name: str, backlog: int = 128) -> socket.socket:
 
 
 def connect(name: str, timeout_s: float) -> socket.socket:
+    """A connection to the handoff endpoint ``name``, served by a process of this process's user.
+
+    PermissionError when another user serves ``name``: an abstract name is free
+    for anyone to take once its owner exits (a restarted sidecar), and whoever
+    took it would get the trainer's requests and could hand it a socket of
+    its own (the listening side is checked by :mod:`fedkube.transfer.peercred`).
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
     try:
         sock.connect(_sockaddr(name))
+        peer = peercred.peer_of(sock)
     except OSError:
         sock.close()
         raise
+    if peer is None or peer.uid != os.geteuid():
+        sock.close()
+        who = "a process whose user cannot be told" if peer is None else f"uid {peer.uid} (pid {peer.pid})"
+        raise PermissionError(
+            errno.EACCES,
+            f"handoff endpoint {name} is served by {who}, not by this process's user (uid {os.geteuid()}), so it is "
+            "not this pod's sidecar; not using it (fix: run the sidecar and the trainer as the same user)",
+        )
     return sock
 
 

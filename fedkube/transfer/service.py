@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fedkube.transfer import peercred
 from fedkube.transfer.errors import (
     InvalidRequestError,
     OffsetOutOfRangeError,
@@ -563,12 +564,18 @@ def serve(
     duration, so size it above the number of concurrent receivers.
     ``extra_options`` are appended to :func:`server_options`.
     """
+    bound: list[int] = []
+    # On loopback (the trainer's results, pulled by its sidecar): only this process's user may fetch them.
+    guard = peercred.own_user_only(address.rpartition(":")[0])
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedkube-download"),
         options=server_options(extra_options),
+        interceptors=[peercred.SameUserInterceptor(f"download service {service.source}", lambda: bound[0])] if guard
+        else None,
     )
     service.add_to_server(server)
     port = server.add_insecure_port(address)
+    bound.append(port)
     if port == 0:
         raise InvalidRequestError(f"could not bind the download server to {address!r}; is the port in use?")
     server.start()

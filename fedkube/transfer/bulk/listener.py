@@ -18,7 +18,7 @@ from fedkube.protocol import (
     REQUEST_DEADLINE,
     UNAUTHENTICATED_LIMIT,
 )
-from fedkube.transfer import endpoints, handoff
+from fedkube.transfer import endpoints, handoff, peercred
 from fedkube.transfer.bulk.frames import (
     END,
     FRAME_BYTES,
@@ -82,6 +82,7 @@ class Listener:
         self.max_per_peer = max_connections if max_per_peer is None else max_per_peer
         self.on_refused = on_refused
         self.host = host
+        self._own_user_only = peercred.own_user_only(host)  # pod-local: only this process's user may connect
         if handoff.is_handoff(host):
             self._sock = handoff.listen(host)
             self.port = 0
@@ -111,6 +112,11 @@ class Listener:
                 conn, addr = self._sock.accept()
             except OSError:
                 return  # closed by stop()
+            if self._own_user_only and not peercred.admit(conn, self.name):
+                if self.on_refused is not None:
+                    self.on_refused(peercred.PEER_UID_MISMATCH)
+                close_socket(conn)  # no answer: a stranger learns nothing about the endpoint
+                continue
             peer = ""
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

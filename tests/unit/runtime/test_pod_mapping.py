@@ -266,3 +266,20 @@ def test_every_allowed_volume_kind_of_an_fljob_runs_locally(tmp_path: Path) -> N
     assert (mix / "k").read_text() == "v" and stat.S_IMODE((mix / "k").stat().st_mode) == 0o440
     assert (mix / "pw").read_text() == "hunter2" and stat.S_IMODE((mix / "pw").stat().st_mode) == 0o400
     assert (mix / "pod").read_text() == pod["metadata"]["name"]
+
+
+def test_a_pod_that_cannot_start_leaves_no_secret_file_behind(tmp_path: Path) -> None:
+    """The token volume is written before a later volume fails: start() removes it again (item 4 of issue 12)."""
+    objects = ManifestObjects([_secret("job-site-a-token", {"token": "s3cret"}), _secret("tls", {"tls.key": "k"})])
+    options = PodOptions(run_dir=tmp_path, resolver=LocalResolver(), objects=objects, sink=NullSink())
+    pod = _client_pod()
+    pod["spec"]["volumes"] += [
+        {"name": "tls", "projected": {"sources": [{"secret": {"name": "tls"}}]}},
+        {"name": "config", "configMap": {"name": "nowhere"}},
+    ]
+    run = PodRun(pod, options)
+    with pytest.raises(ConfigError, match="nowhere"):
+        run.start()
+    volumes = tmp_path / "pods" / "job-client-site-a" / "volumes"
+    assert not (volumes / "fedkube-token").exists() and not (volumes / "tls").exists()
+    assert (volumes / "fedkube-work").is_dir()  # not a Secret: left as it is

@@ -38,3 +38,13 @@ def test_a_locked_run_dir_is_refused_naming_the_holder_pid_and_the_fix(tmp_path:
         holder.wait()
     # The kernel dropped the dead holder's lock: no stale lock file blocks the next run.
     RunDirLock(tmp_path).acquire().release()
+
+
+def test_a_run_dir_the_run_makes_is_private_to_its_user(tmp_path: Path) -> None:
+    assert (default_run_dir("job", tmp_path).stat().st_mode & 0o777) == 0o700
+    given = tmp_path / "given" / "run"
+    lock = RunDirLock(given).acquire()
+    try:
+        assert (given.stat().st_mode & 0o777) == 0o700
+    finally:
+        lock.release()
