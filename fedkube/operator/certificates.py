@@ -55,7 +55,6 @@ FILE_MODE_TLS = 0o400
 
 CERT_MANAGER_API_VERSION = "cert-manager.io/v1"
 CERTIFICATE_KIND = "Certificate"
-CERTIFICATE_PLURAL = "certificates"
 TLS_ENABLED, TLS_DISABLED = "enabled", "disabled"
 
 COND_TLS_DISABLED = "TLSDisabled"
@@ -304,17 +303,14 @@ def provision(job: FLJob, stored: StoredTls, *, now: dt.datetime, rotate: bool) 
         rotate = True  # nothing the old CA signed is trusted any more
     assert ca is not None
     leaf_validity = pki.Validity(validity.not_before, min(validity.not_after, ca.cert.not_valid_after_utc))
-    server = None if rotate else _load(stored.server)
-    if not _leaf_ok(server, ca, now, pki.server_dns_names(ns, name), []):
-        server = pki.issue_server_cert(ca, ns, name, leaf_validity)
+    kept = None if rotate else _load(stored.server)
+    server = kept if _leaf_ok(kept, ca, now, pki.server_dns_names(ns, name), []) else None
     sites: dict[str, pki.Issued] = {}
     for site in (c.name for c in job.spec.clients):
         leaf = None if rotate else _load(stored.sites.get(site))
-        if not _leaf_ok(leaf, ca, now, [], [pki.site_uri(ns, name, site)]):
-            leaf = pki.issue_site_cert(ca, ns, name, site, leaf_validity)
-        sites[site] = leaf
-    assert server is not None
-    return JobTls(ca=ca, server=server, sites=sites)
+        ok = leaf if _leaf_ok(leaf, ca, now, [], [pki.site_uri(ns, name, site)]) else None
+        sites[site] = ok or pki.issue_site_cert(ca, ns, name, site, leaf_validity)
+    return JobTls(ca=ca, server=server or pki.issue_server_cert(ca, ns, name, leaf_validity), sites=sites)
 
 
 def stored_names(job: FLJob) -> tuple[str, str, dict[str, str]]:

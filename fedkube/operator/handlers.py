@@ -19,6 +19,7 @@ point the status poll at the locally running server.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import time
@@ -29,8 +30,9 @@ import kopf
 
 from fedkube.metrics import OperatorMetrics
 from fedkube.metrics.operator import PHASES
-from fedkube.operator import builders, kube, naming, views
+from fedkube.operator import builders, certificates, kube, naming, views
 from fedkube.operator import status as lifecycle
+from fedkube.security.material import JobTls
 from fedkube.spec import API_GROUP, PLURAL, FLJob, SpecError, parse_job
 from fedkube.spec.model import API_VERSION_NAME
 from fedkube.status import JobStatus, Phase
@@ -219,42 +221,52 @@ def reconcile(
     if phase in lifecycle.TERMINAL:
         logger.info("job %s/%s: already %s; nothing to do", namespace, name, phase)
         return
+    fields, events = {}, []  # what this reconcile writes besides the certificates: nothing, unless below
     if job.spec.suspend:
-        _ensure(job, body, memo, pods=False)
+        tls = _ensure(job, body, memo, pods=False)
         if phase != Phase.SUSPENDED:
             # Suspended while the operator was away: its pods may still run.
             api = _kube(memo)
             api.delete_pods(job.namespace, [p["metadata"]["name"] for p in api.job_pods(job.namespace, job.name)])
             fields, events = lifecycle.suspended(previous, now)
-            _write(patch, previous, fields)
-            _post(body, events)
-        return
-    # An operator restart finds a job in progress: clients the operator already failed stay without a pod.
-    failed = set() if phase in (None, Phase.SUSPENDED) else lifecycle.operator_failed_sites(previous)
-    _ensure(job, body, memo, pods=True, skip_sites=failed)
-    if phase in (None, Phase.SUSPENDED):
-        fields, events = lifecycle.resumed(previous, job, now)
-        _write(patch, previous, fields)
-        _post(body, events)
+    else:
+        # An operator restart finds a job in progress: clients the operator already failed stay without a pod.
+        failed = set() if phase in (None, Phase.SUSPENDED) else lifecycle.operator_failed_sites(previous)
+        # Resumed while the operator was away: new pods, so new leaf certificates (as in suspend_changed).
+        tls = _ensure(job, body, memo, pods=True, skip_sites=failed, rotate=phase == Phase.SUSPENDED)
+        if phase in (None, Phase.SUSPENDED):
+            fields, events = lifecycle.resumed(previous, job, now)
+    _write(patch, previous, certificates.with_tls_status(job, previous, fields, tls, lifecycle.format_time(now)))
+    _post(body, events)
 
 
 def _ensure(
-    job: FLJob, body: kopf.Body, memo: kopf.Memo, *, pods: bool, skip_sites: Collection[str] = frozenset()
-) -> None:
-    """Create-or-patch the job's children, reusing the tokens already stored for it."""
+    job: FLJob, body: kopf.Body, memo: kopf.Memo, *, pods: bool, skip_sites: Collection[str] = frozenset(),
+    rotate: bool = False,
+) -> JobTls | None:
+    """Create-or-patch the job's children, reusing the tokens and certificates already stored for it.
+
+    ``rotate`` (the pods are new: resume after suspend) issues new leaf certificates. Returns the job's TLS
+    material (None when TLS is disabled or cert-manager issues), for the status.
+    """
     from kubernetes.client.exceptions import ApiException
 
     api = _kube(memo)
     try:
         stored = api.secret_data(job.namespace, naming.server_tokens_secret_name(job.name))
         tokens = kube.job_tokens(stored, [site.name for site in job.spec.clients])
-        objs = builders.build_all(job, tokens=tokens, owner=body, log_format=memo.get(Memo.LOG_FORMAT) or "text")
+        tls = _job_tls(job, api, _now(memo), rotate=rotate)
+        objs = builders.build_all(job, tokens=tokens, tls=tls, owner=body,
+                                  log_format=memo.get(Memo.LOG_FORMAT) or "text")
         for obj in objs:
             labels = obj["metadata"].get("labels") or {}
             if obj["kind"] == "Pod" and (not pods or labels.get(naming.LABEL_SITE) in skip_sites):
                 continue
             kopf.adopt(obj, owner=body)  # builders set the owner reference already; adopt keeps kopf's view in line
-            result = api.create_or_patch(obj)
+            if obj["kind"] == certificates.CERTIFICATE_KIND:
+                result = api.create_or_patch_custom(obj, kube.CERTIFICATE_PLURAL)
+            else:
+                result = api.create_or_patch(obj)
             logger.debug("job %s/%s: %s %s %s", job.namespace, job.name, obj["kind"], obj["metadata"]["name"], result)
     except ApiException as exc:
         # Creation is idempotent, so trying again soon is safe; kopf's default backoff would be a minute.
@@ -262,6 +274,21 @@ def _ensure(
             f"job {job.namespace}/{job.name}: the API server refused a child ({exc.status} {exc.reason}); retrying",
             delay=RETRY_DELAY,
         ) from exc
+    return tls
+
+
+def _job_tls(job: FLJob, api: kube.Kube, now: float, *, rotate: bool) -> JobTls | None:
+    """The job's own CA and certificates: the stored ones while good, new ones where not (or on ``rotate``)."""
+    if not certificates.tls_enabled(job) or certificates.uses_issuer(job):
+        return None
+    ca, server, sites = certificates.stored_names(job)
+    stored = certificates.StoredTls(
+        ca=api.secret_data(job.namespace, ca),
+        server=api.secret_data(job.namespace, server),
+        sites={site: api.secret_data(job.namespace, name) for site, name in sites.items()},
+    )
+    moment = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    return certificates.provision(job, stored, now=moment, rotate=rotate)
 
 
 # --- suspend / resume ---------------------------------------------------------------------------------
@@ -287,9 +314,10 @@ def suspend_changed(
         logger.info("job %s/%s: suspended; deleted pods %s", namespace, name, pods)
         fields, events = lifecycle.suspended(previous, now)
     else:
-        _ensure(job, body, memo, pods=True)
-        logger.info("job %s/%s: resumed; pods recreated", namespace, name)
+        tls = _ensure(job, body, memo, pods=True, rotate=True)  # new pods get new keys: rotation on resume
+        logger.info("job %s/%s: resumed; pods recreated with new certificates", namespace, name)
         fields, events = lifecycle.resumed(previous, job, now)
+        fields = certificates.with_tls_status(job, previous, fields, tls, lifecycle.format_time(now))
     _write(patch, previous, fields)
     _post(body, events)
 
@@ -309,10 +337,10 @@ def spec_changed(
             _write(patch, previous, fields)
             _post(body, events)
             raise kopf.PermanentError(f"invalid FLJob: {'; '.join(str(p) for p in exc.problems)}") from None
-        _ensure(job, body, memo, pods=not job.spec.suspend)
+        tls = _ensure(job, body, memo, pods=not job.spec.suspend)
         fields, events = (lifecycle.suspended(previous, now) if job.spec.suspend else
                           lifecycle.revalidated(previous, job, now))
-        _write(patch, previous, fields)
+        _write(patch, previous, certificates.with_tls_status(job, previous, fields, tls, lifecycle.format_time(now)))
         _post(body, events)
         logger.info("job %s/%s: spec fixed; job created", namespace, name)
         return

@@ -28,6 +28,8 @@ REQUEST_TIMEOUT = 10.0  # seconds per Kubernetes API call
 STATUS_TIMEOUT = 2.0  # seconds per poll of a server's /status
 TOKEN_BYTES = 32
 
+CERTIFICATE_GROUP_VERSION = ("cert-manager.io", "v1")
+CERTIFICATE_PLURAL = "certificates"
 # Kinds the operator creates, in the order a job needs them; deleted in reverse on TTL.
 CHILD_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "Pod")
 # Objects whose spec the API server does not let us change in place: an existing one is left as it is.
@@ -82,6 +84,28 @@ class Kube:
               _content_type="application/merge-patch+json")
         return "patched"
 
+    def create_or_patch_custom(self, manifest: Mapping[str, Any], plural: str) -> str:
+        """``create_or_patch`` for a namespaced custom object (a cert-manager Certificate): "created" or "patched"."""
+        import kubernetes
+        from kubernetes.client.exceptions import ApiException
+
+        custom = kubernetes.client.CustomObjectsApi(self.core.api_client)
+        group, _, version = str(manifest["apiVersion"]).rpartition("/")
+        meta = manifest["metadata"]
+        name, namespace = str(meta["name"]), str(meta["namespace"])
+        try:
+            custom.create_namespaced_custom_object(group, version, namespace, plural, dict(manifest),
+                                                   _request_timeout=self.timeout)
+            logger.info("created %s %s/%s", manifest["kind"], namespace, name)
+            return "created"
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        custom.patch_namespaced_custom_object(group, version, namespace, plural, name, dict(manifest),
+                                              _request_timeout=self.timeout,
+                                              _content_type="application/merge-patch+json")
+        return "patched"
+
     # --- read ---------------------------------------------------------------------------
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """The decoded data of a Secret, or None when it does not exist."""
@@ -132,11 +156,42 @@ class Kube:
 
     def delete_children(self, namespace: str, job: str) -> int:
         """Delete every child of ``job`` (pods first); returns how many objects were deleted."""
-        count = 0
+        # Certificates before Secrets: a Certificate left behind has cert-manager write its Secret again.
+        count = self._delete_certificates(namespace, job)
         for suffix in ("pod", "service", "secret", "config_map", "persistent_volume_claim"):
             for item in self._list(suffix, namespace, job):
                 if self._delete(suffix, namespace, str(item["metadata"]["name"])):
                     count += 1
+        return count
+
+    def _delete_certificates(self, namespace: str, job: str) -> int:
+        """Delete the job's cert-manager Certificates; none (and no cert-manager installed) is fine."""
+        import kubernetes
+        from kubernetes.client.exceptions import ApiException
+
+        custom = kubernetes.client.CustomObjectsApi(self.core.api_client)
+        selector = ",".join(f"{k}={v}" for k, v in naming.job_selector(job).items())
+        group, version = CERTIFICATE_GROUP_VERSION
+        try:
+            resp: Any = custom.list_namespaced_custom_object(group, version, namespace, CERTIFICATE_PLURAL,
+                                                        label_selector=selector, _preload_content=False,
+                                                        _request_timeout=self.timeout)
+        except ApiException as exc:
+            if exc.status == 404:
+                return 0  # cert-manager's CRD is not installed: no job of this cluster has Certificates
+            raise
+        count = 0
+        for item in json.loads(resp.data).get("items") or []:
+            name = str(item["metadata"]["name"])
+            try:
+                custom.delete_namespaced_custom_object(group, version, namespace, CERTIFICATE_PLURAL, name,
+                                                       _request_timeout=self.timeout)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                continue
+            logger.info("deleted certificate %s/%s", namespace, name)
+            count += 1
         return count
 
     def _delete(self, suffix: str, namespace: str, name: str) -> bool:
