@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from fedkube.operator.builders import build_all
-from fedkube.operator.certificates import TlsPlaceholder
+from fedkube.operator.certificates import TlsPlaceholder, uses_issuer
 from fedkube.operator.naming import TOKEN_PLACEHOLDER
 from fedkube.spec.load import load_job
 from fedkube.spec.model import DNS1123_LABEL, FLJob
@@ -30,7 +30,9 @@ def render(job: FLJob, namespace: str | None = None) -> list[dict[str, Any]]:
     if namespace is not None:
         job = job.model_copy(update={"metadata": job.metadata.model_copy(update={"namespace": namespace})})
     tokens = {site.name: TOKEN_PLACEHOLDER for site in job.spec.clients}
-    return build_all(job, tokens=tokens, tls=TlsPlaceholder(), owner=None)
+    # As the operator does: a job cert-manager issues for gets Certificates, not Secrets with our keys.
+    tls = None if uses_issuer(job) else TlsPlaceholder()
+    return build_all(job, tokens=tokens, tls=tls, owner=None)
 
 
 class _Dumper(yaml.SafeDumper):

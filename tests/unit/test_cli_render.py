@@ -52,6 +52,17 @@ def test_render_marks_tokens_and_tls_keys_as_placeholders(capsys: pytest.Capture
         assert "BEGIN" not in yaml.safe_dump(secret)
 
 
+def test_render_with_an_issuer_ref_prints_certificates_not_keys(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    data = example_manifest()
+    data["spec"]["security"] = {"issuerRef": {"name": "org-ca", "kind": "ClusterIssuer"}}
+    assert main(["render", str(_write(tmp_path, data))]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Certificate") == [
+        "quickstart-numpy-client-site-a-tls", "quickstart-numpy-client-site-b-tls", "quickstart-numpy-server-tls"]
+    assert not [d for d in docs if d["kind"] == "Secret" and d["type"] == "kubernetes.io/tls"]
+
+
 @pytest.mark.parametrize("flag", ["--namespace", "-n"])
 def test_render_namespace_override(flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _write(tmp_path, full_manifest())  # names namespace "ml"; the flag wins
