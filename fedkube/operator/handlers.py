@@ -383,7 +383,7 @@ def observe(
     now = _now(memo)
     if phase in lifecycle.TERMINAL:
         if lifecycle.ttl_expired(job, previous, now):
-            count = api.delete_children(job.namespace, job.name)
+            count = api.delete_children(job.namespace, job.name, certificates=certificates.uses_issuer(job))
             logger.info("job %s/%s: TTL expired; deleted %s children", namespace, name, count)
             fields, events = lifecycle.cleaned_up(previous, job.spec.ttl_seconds_after_finished or 0, now)
             _write(patch, previous, fields)

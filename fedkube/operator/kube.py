@@ -154,10 +154,14 @@ class Kube:
         for name in names:
             self._delete("pod", namespace, name)
 
-    def delete_children(self, namespace: str, job: str) -> int:
-        """Delete every child of ``job`` (pods first); returns how many objects were deleted."""
+    def delete_children(self, namespace: str, job: str, *, certificates: bool = False) -> int:
+        """Delete every child of ``job`` (pods first); returns how many objects were deleted.
+
+        ``certificates``: the job has cert-manager Certificates (``spec.security.issuerRef``); only then is
+        cert-manager's API called, which a cluster without cert-manager (or the RBAC rule for it) refuses.
+        """
         # Certificates before Secrets: a Certificate left behind has cert-manager write its Secret again.
-        count = self._delete_certificates(namespace, job)
+        count = self._delete_certificates(namespace, job) if certificates else 0
         for suffix in ("pod", "service", "secret", "config_map", "persistent_volume_claim"):
             for item in self._list(suffix, namespace, job):
                 if self._delete(suffix, namespace, str(item["metadata"]["name"])):

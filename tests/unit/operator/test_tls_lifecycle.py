@@ -163,5 +163,5 @@ def test_with_an_issuer_ref_cert_manager_gets_certificates_and_no_key_is_made(ku
         assert _secrets(api) == dict.fromkeys(SECRETS)  # cert-manager writes them; we made no key, no CA
         until(lambda: _status(custom, "j").get("certificates"), "status.certificates")
         assert _status(custom, "j")["certificates"] == {"issuer": "Issuer/org-ca"}
-        assert api.delete_children("default", "j") >= 3
+        assert api.delete_children("default", "j", certificates=True) >= 3
         assert certs() == {}
