@@ -32,7 +32,8 @@ from typing import Any
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
-from fedkube.operator import naming, netpol
+from fedkube.operator import certificates, naming, netpol
+from fedkube.operator.certificates import TlsMaterial
 from fedkube.spec import layout
 from fedkube.spec.checks import merge_env, merge_resources
 from fedkube.spec.load import validate_job
@@ -70,7 +71,12 @@ def _check_log_format(log_format: str) -> str:
 
 
 def build_all(
-    job: FLJob, *, tokens: Mapping[str, str], owner: Mapping[str, Any] | None = None, log_format: str = "text",
+    job: FLJob,
+    *,
+    tokens: Mapping[str, str],
+    tls: TlsMaterial | None = None,
+    owner: Mapping[str, Any] | None = None,
+    log_format: str = "text",
     network: netpol.NetworkPolicyConfig | None = None,
 ) -> list[Manifest]:
     """Every object the operator creates for `job`, in creation order (config and secrets before pods).
@@ -79,16 +85,22 @@ def build_all(
     the API server returned it (apiVersion, kind, metadata.name, metadata.uid);
     when given, every child gets a controller owner reference so deleting the
     FLJob deletes them. ``log_format`` (text or json) is passed to the server
-    and the sidecars as FEDKUBE_LOG_FORMAT. Raises :class:`SpecError` for an
-    invalid job and :class:`ConfigError` for a missing token, an owner without
-    a uid or an unknown log format. With ``network`` the job's NetworkPolicies
-    (:mod:`fedkube.operator.netpol`) come before its pods.
+    and the sidecars as FEDKUBE_LOG_FORMAT. ``tls`` is the job's TLS material
+    (rendered as the TLS Secrets, see :mod:`fedkube.operator.certificates`);
+    None renders cert-manager Certificates when ``spec.security.issuerRef`` is
+    set, and is needed for nothing when ``spec.security.tls`` is disabled.
+    With ``network`` the job's NetworkPolicies (:mod:`fedkube.operator.netpol`)
+    come before its pods. Raises :class:`SpecError` for an invalid job and
+    :class:`ConfigError` for a missing token or TLS material, an owner without
+    a uid or an unknown log format.
     """
     validate_job(job)
     objs = [
         build_spec_configmap(job, owner=owner),
         build_server_tokens_secret(job, tokens=tokens, owner=owner),
         *(build_client_token_secret(job, site.name, tokens=tokens, owner=owner) for site in job.spec.clients),
+        *certificates.build_tls_objects(
+            job, tls, lambda name, role, site: _meta(job, name, role, owner, site)),
     ]
     pvc = build_checkpoint_pvc(job, owner=owner)
     if pvc is not None:
@@ -291,6 +303,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         _env(envvars.TOKENS_DIR, layout.TOKENS_DIR),
         _env(envvars.CHECKPOINT_DIR, layout.CHECKPOINT_DIR),
         _env(envvars.TERMINATION_LOG, layout.TERMINATION_LOG),
+        *certificates.tls_env(job, sidecar=False),
         *(_env_var(e) for e in server.env),
     ]
     mounts = [
@@ -298,6 +311,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         {"name": VOLUME_TOKENS, "mountPath": layout.TOKENS_DIR, "readOnly": True},
         {"name": VOLUME_CHECKPOINT, "mountPath": layout.CHECKPOINT_DIR},
         {"name": VOLUME_TMP, "mountPath": layout.TMP_DIR},
+        *certificates.tls_mounts(job),
         *(m.model_dump(by_alias=True, exclude_none=True) for m in server.volume_mounts),
     ]
     container: dict[str, Any] = {
@@ -335,6 +349,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         },
         {"name": VOLUME_CHECKPOINT, **checkpoint},
         {"name": VOLUME_TMP, "emptyDir": {}},
+        *certificates.tls_volumes(job, None),
         *(v.manifest() for v in server.volumes),
     ]
     return {
@@ -393,11 +408,13 @@ def build_client_pod(
             _env(envvars.TRAINER_PORT, str(sidecar_port)),
             _env(envvars.METRICS_PORT, str(SIDECAR_METRICS_PORT)),
             _env(envvars.LOG_FORMAT, _check_log_format(log_format)),
+            *certificates.tls_env(job, sidecar=True),
         ],
         "ports": [{"name": "metrics", "containerPort": SIDECAR_METRICS_PORT, "protocol": "TCP"}],
         "volumeMounts": [
             {"name": VOLUME_TOKEN, "mountPath": layout.TOKEN_DIR, "readOnly": True},
             {"name": VOLUME_TMP, "mountPath": layout.TMP_DIR},
+            *certificates.tls_mounts(job),  # the sidecar's only: the trainer never gets the site's key
         ],
         "securityContext": _container_security(read_only_root=True),
     }
@@ -441,6 +458,7 @@ def build_client_pod(
         },
         {"name": VOLUME_WORKDIR, "emptyDir": {}},
         {"name": VOLUME_TMP, "emptyDir": {}},
+        *certificates.tls_volumes(job, site),
         *(v.manifest() for v in trainer.volumes),
     ]
     node_selector = {**trainer.node_selector, **entry.node_selector}

@@ -19,6 +19,7 @@ point the status poll at the locally running server.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import time
@@ -29,9 +30,10 @@ import kopf
 
 from fedkube.metrics import OperatorMetrics
 from fedkube.metrics.operator import PHASES
-from fedkube.operator import builders, kube, naming, views
+from fedkube.operator import builders, certificates, kube, naming, views
 from fedkube.operator import status as lifecycle
 from fedkube.operator.policy import AdminPolicy
+from fedkube.security.material import JobTls
 from fedkube.spec import API_GROUP, PLURAL, FLJob, SpecError, parse_job
 from fedkube.spec.model import API_VERSION_NAME
 from fedkube.status import JobStatus, Phase
@@ -244,33 +246,37 @@ def reconcile(
     if phase in lifecycle.TERMINAL:
         logger.info("job %s/%s: already %s; nothing to do", namespace, name, phase)
         return
+    # What this reconcile writes besides the certificates: nothing, unless below.
+    fields: dict[str, Any] = {}
+    events: list[lifecycle.Event] = []
     if job.spec.suspend:
-        _ensure(job, body, memo, patch, pods=False)
+        tls = _ensure(job, body, memo, patch, pods=False)
         if phase != Phase.SUSPENDED:
             # Suspended while the operator was away: its pods may still run.
             api, ref = _kube(memo), kube.JobRef.of(body)
             api.delete_pods(ref, api.job_pods(ref))
             fields, events = lifecycle.suspended(previous, now)
-            _write(patch, previous, fields)
-            _post(body, events)
-        return
-    # An operator restart finds a job in progress: clients the operator already failed stay without a pod.
-    failed = set() if phase in (None, Phase.SUSPENDED) else lifecycle.operator_failed_sites(previous)
-    _ensure(job, body, memo, patch, pods=True, skip_sites=failed)
-    if phase in (None, Phase.SUSPENDED):
-        fields, events = lifecycle.resumed(previous, job, now)
-        _write(patch, previous, fields)
-        _post(body, events)
+    else:
+        # An operator restart finds a job in progress: clients the operator already failed stay without a pod.
+        failed = set() if phase in (None, Phase.SUSPENDED) else lifecycle.operator_failed_sites(previous)
+        # Resumed while the operator was away: new pods, so new leaf certificates (as in suspend_changed).
+        tls = _ensure(job, body, memo, patch, pods=True, skip_sites=failed, rotate=phase == Phase.SUSPENDED)
+        if phase in (None, Phase.SUSPENDED):
+            fields, events = lifecycle.resumed(previous, job, now)
+    _write(patch, previous, certificates.with_tls_status(job, previous, fields, tls, lifecycle.format_time(now)))
+    _post(body, events)
 
 
 def _ensure(
     job: FLJob, body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, *, pods: bool,
-    skip_sites: Collection[str] = frozenset(),
-) -> None:
-    """Create-or-patch the job's children, reusing the tokens already stored for it.
+    skip_sites: Collection[str] = frozenset(), rotate: bool = False,
+) -> JobTls | None:
+    """Create-or-patch the job's children, reusing the tokens and certificates already stored for it.
 
-    A child's name taken by an object that is not this FLJob's fails the job
-    (:func:`_name_conflict`) before that object is read, patched or mounted.
+    ``rotate`` (the pods are new: resume after suspend) issues new leaf certificates. Returns the job's TLS
+    material (None when TLS is disabled or cert-manager issues), for the status. A child's name taken by an
+    object that is not this FLJob's fails the job (:func:`_name_conflict`) before that object is read, patched
+    or mounted.
     """
     from kubernetes.client.exceptions import ApiException
 
@@ -278,8 +284,9 @@ def _ensure(
     try:
         stored = api.job_secret_data(ref, naming.server_tokens_secret_name(job.name))
         tokens = kube.job_tokens(stored, [site.name for site in job.spec.clients])
-        objs = builders.build_all(job, tokens=tokens, owner=body, log_format=memo.get(Memo.LOG_FORMAT) or "text",
-                                  network=memo.get(Memo.NETWORK))
+        tls = _job_tls(job, api, ref, _now(memo), rotate=rotate)
+        objs = builders.build_all(job, tokens=tokens, tls=tls, owner=body,
+                                  log_format=memo.get(Memo.LOG_FORMAT) or "text", network=memo.get(Memo.NETWORK))
         for obj in objs:
             labels = obj["metadata"].get("labels") or {}
             if obj["kind"] == "Pod" and (not pods or labels.get(naming.LABEL_SITE) in skip_sites):
@@ -296,6 +303,25 @@ def _ensure(
             f"job {job.namespace}/{job.name}: the API server refused a child ({exc.status} {exc.reason}); retrying",
             delay=RETRY_DELAY,
         ) from exc
+    return tls
+
+
+def _job_tls(job: FLJob, api: kube.Kube, ref: kube.JobRef, now: float, *, rotate: bool) -> JobTls | None:
+    """The job's own CA and certificates: the stored ones while good, new ones where not (or on ``rotate``).
+
+    Read through the ownership check: a look-alike `<job>-ca` Secret of someone else is a NameConflict, never
+    the job's CA (whoever holds its key could mint every identity of the job).
+    """
+    if not certificates.tls_enabled(job) or certificates.uses_issuer(job):
+        return None
+    ca, server, sites = certificates.stored_names(job)
+    stored = certificates.StoredTls(
+        ca=api.job_secret_data(ref, ca),
+        server=api.job_secret_data(ref, server),
+        sites={site: api.job_secret_data(ref, name) for site, name in sites.items()},
+    )
+    moment = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    return certificates.provision(job, stored, now=moment, rotate=rotate)
 
 
 def _name_conflict(api: kube.Kube, ref: kube.JobRef, body: kopf.Body, patch: kopf.Patch,
@@ -313,8 +339,11 @@ def _name_conflict(api: kube.Kube, ref: kube.JobRef, body: kopf.Body, patch: kop
 def _children(job: FLJob) -> list[tuple[str, str]]:
     """(kind, name) of every child but the pods, as :func:`_ensure` creates them (TTL cleanup deletes these)."""
     placeholders = {site.name: naming.TOKEN_PLACEHOLDER for site in job.spec.clients}
-    return [(str(o["kind"]), str(o["metadata"]["name"])) for o in builders.build_all(job, tokens=placeholders)
-            if o["kind"] != "Pod"]
+    tls = None if certificates.uses_issuer(job) else certificates.TlsPlaceholder()
+    built = [o for o in builders.build_all(job, tokens=placeholders, tls=tls) if o["kind"] != "Pod"]
+    # cert-manager Certificates before Secrets: a Certificate left behind has cert-manager write its Secret again.
+    built.sort(key=lambda o: o["kind"] != certificates.CERTIFICATE_KIND)
+    return [(str(o["kind"]), str(o["metadata"]["name"])) for o in built]
 
 
 # --- suspend / resume ---------------------------------------------------------------------------------
@@ -343,9 +372,10 @@ def suspend_changed(
         logger.info("job %s/%s: suspended; deleted pods %s", namespace, name, [p["metadata"]["name"] for p in pods])
         fields, events = lifecycle.suspended(previous, now)
     else:
-        _ensure(job, body, memo, patch, pods=True)
-        logger.info("job %s/%s: resumed; pods recreated", namespace, name)
+        tls = _ensure(job, body, memo, patch, pods=True, rotate=True)  # new pods get new keys: rotation on resume
+        logger.info("job %s/%s: resumed; pods recreated with new certificates", namespace, name)
         fields, events = lifecycle.resumed(previous, job, now)
+        fields = certificates.with_tls_status(job, previous, fields, tls, lifecycle.format_time(now))
     _write(patch, previous, fields)
     _post(body, events)
 
@@ -362,10 +392,10 @@ def spec_changed(
             job = _admitted(body, memo)
         except SpecError as exc:
             raise kopf.PermanentError(_refuse(body, patch, previous, exc, now)) from None
-        _ensure(job, body, memo, patch, pods=not job.spec.suspend)
+        tls = _ensure(job, body, memo, patch, pods=not job.spec.suspend)
         fields, events = (lifecycle.suspended(previous, now) if job.spec.suspend else
                           lifecycle.revalidated(previous, job, now))
-        _write(patch, previous, fields)
+        _write(patch, previous, certificates.with_tls_status(job, previous, fields, tls, lifecycle.format_time(now)))
         _post(body, events)
         logger.info("job %s/%s: spec fixed; job created", namespace, name)
         return

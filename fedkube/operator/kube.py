@@ -21,6 +21,7 @@ from typing import Any
 from fedkube import envvars
 from fedkube.errors import FedkubeError
 from fedkube.operator import naming
+from fedkube.operator.certapi import CertificateApi
 from fedkube.spec.model import API_GROUP, API_VERSION_NAME, PLURAL
 from fedkube.status import STATUS_LIMIT, JobStatus, SummaryError
 
@@ -99,6 +100,8 @@ class Kube:
         # fedkube.operator.netpol's policies are networking.k8s.io, not core.
         networking = kubernetes.client.NetworkingV1Api(api_client)
         self.networking = networking
+        # cert-manager Certificates (spec.security.issuerRef): a custom resource, called the way core kinds are.
+        certificates = CertificateApi(api_client)
         self.timeout = timeout
         self._create: dict[str, Callable[..., Any]] = {
             "ConfigMap": core.create_namespaced_config_map,
@@ -107,6 +110,7 @@ class Kube:
             "Service": core.create_namespaced_service,
             "Pod": core.create_namespaced_pod,
             "NetworkPolicy": networking.create_namespaced_network_policy,
+            "Certificate": certificates.create,
         }
         self._read: dict[str, Callable[..., Any]] = {
             "ConfigMap": core.read_namespaced_config_map,
@@ -115,6 +119,7 @@ class Kube:
             "Service": core.read_namespaced_service,
             "Pod": core.read_namespaced_pod,
             "NetworkPolicy": networking.read_namespaced_network_policy,
+            "Certificate": certificates.read,
         }
         # Pods and claims are never patched (_IMMUTABLE), so the operator is not granted that.
         self._patch: dict[str, Callable[..., Any]] = {
@@ -122,6 +127,7 @@ class Kube:
             "Secret": core.patch_namespaced_secret,
             "Service": core.patch_namespaced_service,
             "NetworkPolicy": networking.patch_namespaced_network_policy,
+            "Certificate": certificates.patch,
         }
         self._delete: dict[str, Callable[..., Any]] = {
             "ConfigMap": core.delete_namespaced_config_map,
@@ -129,6 +135,7 @@ class Kube:
             "PersistentVolumeClaim": core.delete_namespaced_persistent_volume_claim,
             "Service": core.delete_namespaced_service,
             "Pod": core.delete_namespaced_pod,
+            "Certificate": certificates.delete,
         }
 
     def _fn(self, table: Mapping[str, Callable[..., Any]], kind: str) -> Callable[..., Any]:

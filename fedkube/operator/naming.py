@@ -10,6 +10,8 @@ ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
 
 ROLE_SERVER = "server"
 ROLE_CLIENT = "client"
+#: The job CA's Secret: read by the operator only, mounted by no pod.
+ROLE_CA = "ca"
 
 SERVER_CONTAINER = "server"
 SIDECAR_CONTAINER = "sidecar"
@@ -42,6 +44,24 @@ def server_tokens_secret_name(job: str) -> str:
 def client_token_secret_name(job: str, site: str) -> str:
     """The Secret with one site's token, mounted only into that site's sidecar."""
     return f"{job}-client-{site}-token"
+
+
+def ca_secret_name(job: str) -> str:
+    """The Secret with the job CA's certificate and key; only the operator reads it."""
+    return f"{job}-ca"
+
+
+def server_tls_secret_name(job: str) -> str:
+    """The server's TLS Secret (job CA, its certificate and key), mounted only into the server container."""
+    return f"{job}-server-tls"
+
+
+def client_tls_secret_name(job: str, site: str) -> str:
+    """One site's TLS Secret, mounted only into that site's sidecar.
+
+    ``{job}-client-{site}-tls`` like the token Secret, not ``{job}-{site}-tls``: a site may be named ``server``.
+    """
+    return f"{job}-client-{site}-tls"
 
 
 def checkpoint_pvc_name(job: str) -> str:

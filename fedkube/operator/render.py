@@ -1,7 +1,7 @@
 """``fedkube render job.yaml``: print exactly the objects the operator creates, as a YAML stream.
 
-Tokens are replaced by a marked placeholder, so the output is safe to share;
-the operator generates real ones. No owner references: they need the uid the
+Tokens and TLS keys and certificates are replaced by a marked placeholder,
+so the output is safe to share; the operator generates real ones. No owner references: they need the uid the
 API server assigns to the FLJob.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from fedkube.operator.builders import build_all
+from fedkube.operator.certificates import TlsPlaceholder, uses_issuer
 from fedkube.operator.naming import TOKEN_PLACEHOLDER
 from fedkube.spec.load import load_job
 from fedkube.spec.model import DNS1123_LABEL, FLJob
@@ -25,11 +26,13 @@ EXIT_OK, EXIT_INVALID = 0, 1
 
 
 def render(job: FLJob, namespace: str | None = None) -> list[dict[str, Any]]:
-    """``build_all`` of `job` (moved to `namespace` when given) with placeholder tokens."""
+    """``build_all`` of `job` (moved to `namespace` when given) with placeholder tokens and TLS material."""
     if namespace is not None:
         job = job.model_copy(update={"metadata": job.metadata.model_copy(update={"namespace": namespace})})
     tokens = {site.name: TOKEN_PLACEHOLDER for site in job.spec.clients}
-    return build_all(job, tokens=tokens, owner=None)
+    # As the operator does: a job cert-manager issues for gets Certificates, not Secrets with our keys.
+    tls = None if uses_issuer(job) else TlsPlaceholder()
+    return build_all(job, tokens=tokens, tls=tls, owner=None)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -25,6 +25,7 @@ from fedkube.runtime.local import (
     RunOptions,
     RunOutcome,
     default_run_dir,
+    new_tls,
     new_tokens,
     render_job,
     summary_document,
@@ -132,7 +133,7 @@ def run_main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     tokens = new_tokens([c.name for c in job.spec.clients])
     try:
-        manifests = render_job(job, tokens)
+        manifests = render_job(job, tokens, new_tls(job))
         run_dir = (args.run_dir or default_run_dir(job_name)).resolve()
     except FedkubeError as exc:
         print(f"fedkube run: {args.job}: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ point is reported, never promoted to a job failure (LESSONS.md 19).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -31,17 +32,19 @@ from fedkube.runtime.pod import SIDECAR_EXIT_ON_STOP, ManifestObjects, PodOption
 from fedkube.runtime.process import OutputSink, StreamSink
 from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
 from fedkube.runtime.rundir import RunDirLock, default_run_dir
+from fedkube.security.material import JobTls
 from fedkube.status import STATUS_LIMIT, TERMINATION_LIMIT, ClientState, SummaryError, TerminationSummary
 
 __all__ = [
-    "LocalJobRun", "RunOptions", "RunOutcome", "default_run_dir", "new_tokens", "read_summary_file", "render_job",
-    "summary_document",
+    "LocalJobRun", "RunOptions", "RunOutcome", "default_run_dir", "new_tls", "new_tokens", "read_summary_file",
+    "render_job", "summary_document",
 ]
 
 logger = logging.getLogger(__name__)
 
 ROLE_LABEL = "fedkube.dev/role"
 SITE_LABEL = "fedkube.dev/site"
+LOCAL_NAME = "localhost"
 EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C
 
 
@@ -165,6 +168,8 @@ class LocalJobRun:
         Raises ``RunDirInUse`` (a ``ConfigError``) before anything starts when another run holds the run dir.
         """
         self._lock.acquire()  # held until stop_all(): nothing else may write this run dir meanwhile
+        # The pods' Secrets (tokens, TLS keys) become files below it: no other user may even look inside.
+        os.chmod(self.options.run_dir, 0o700)
         for service in (m for m in self._manifests if m.get("kind") == "Service"):
             selector = service.get("spec", {}).get("selector") or {}
             for pod in (m for m in self._manifests if m.get("kind") == "Pod"):
@@ -417,8 +422,29 @@ def new_tokens(sites: Sequence[str]) -> dict[str, str]:
     return {site: secrets.token_urlsafe(32) for site in sites}
 
 
-def render_job(job: Any, tokens: Mapping[str, str]) -> list[dict[str, Any]]:
-    """The manifests the operator would create for ``job`` (an ``FLJob``), with these tokens."""
+def new_tls(job: Any, now: datetime.datetime | None = None) -> JobTls | None:
+    """A fresh job CA and certificates for one run of ``job`` (an ``FLJob``); None when its TLS is disabled.
+
+    Made here even when the job names a cert-manager ``issuerRef``: a local run has no cert-manager. Validity:
+    ``pki.job_validity`` of the job (``fedkube.operator.certificates.job_validity``). The server certificate
+    also names ``localhost`` and 127.0.0.1, where its local clients reach it.
+    """
+    from fedkube.operator import certificates
+
+    if not certificates.tls_enabled(job):
+        return None
+    start = now or datetime.datetime.now(datetime.timezone.utc)
+    return JobTls.generate(
+        job.namespace, job.name, [c.name for c in job.spec.clients], certificates.job_validity(job, start),
+        extra_dns=[LOCAL_NAME], extra_ips=[LOCAL_HOST],
+    )
+
+
+def render_job(job: Any, tokens: Mapping[str, str], tls: JobTls | None = None) -> list[dict[str, Any]]:
+    """The manifests the operator would create for ``job`` (an ``FLJob``), with these tokens and TLS material.
+
+    ``tls`` None makes a fresh one (:func:`new_tls`) when the job uses TLS: a run is never plaintext by accident.
+    """
     from fedkube.operator.builders import build_all
 
-    return list(build_all(job, tokens=tokens, owner=None))
+    return list(build_all(job, tokens=tokens, tls=tls if tls is not None else new_tls(job), owner=None))

@@ -367,6 +367,13 @@ def _timeout_errors(job: FLJob) -> Iterator[Problem]:
 
 def _warnings(job: FLJob) -> Iterator[Problem]:
     t, x = job.spec.timeouts, job.spec.transfer
+    if job.spec.security.tls == "disabled":
+        yield Problem(
+            "spec.security.tls",
+            "TLS is disabled: every site's token, the global model and each site's private update travel in "
+            "plaintext, and the server is not authenticated, so anyone on the network path can read or alter them",
+            "remove spec.security.tls (mutual TLS is the default); disable it only on a trusted test cluster",
+        )
     need = min_results(job.spec.strategy)
     if job.spec.quorum < need <= len(job.spec.clients):
         yield Problem(

@@ -17,6 +17,9 @@ SPEC_FILE_NAME = "job.json"
 TOKENS_DIR = "/var/run/secrets/fedkube/tokens"
 TOKEN_DIR = "/var/run/secrets/fedkube/token"
 TOKEN_FILE_NAME = "token"
+# The server's and each sidecar's TLS Secret (fedkube.security.material.MOUNT_PATH, not imported: the spec
+# stays free of the PKI; a test keeps the two equal).
+TLS_DIR = "/var/run/secrets/fedkube/tls"
 CHECKPOINT_DIR = "/var/lib/fedkube/checkpoint"
 WORKDIR = "/var/lib/fedkube/work"
 TMP_DIR = "/tmp"
@@ -43,6 +46,9 @@ RESERVED_ENV = frozenset(
         envvars.TRAINER_PORT,
         envvars.SIDECAR_ADDRESS,
         envvars.WORKDIR,
+        envvars.TLS,
+        envvars.TLS_DIR,
+        envvars.TLS_SERVER_NAME,
     }
 )
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 
 from fedkube.status import ClientState, Phase
 
-__all__ = ["ClientState", "Condition", "ConditionStatus", "FLJobStatus", "Phase", "SiteStatus"]
+__all__ = ["CertificatesStatus", "ClientState", "Condition", "ConditionStatus", "FLJobStatus", "Phase", "SiteStatus"]
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -70,6 +70,18 @@ class Condition(_Status):
     observed_generation: int | None = Field(default=None, alias="observedGeneration", description="Spec generation.")
 
 
+class CertificatesStatus(_Status):
+    """The job's TLS certificates as the operator provisioned them."""
+
+    not_after: str | None = Field(
+        default=None, alias="notAfter",
+        description="When the first of the job's certificates expires (RFC 3339); resuming the job renews them.",
+    )
+    issuer: str | None = Field(
+        default=None, description="job-ca (the operator's own CA per job) or the cert-manager issuer, Kind/name.",
+    )
+
+
 class FLJobStatus(_Status):
     """What the operator reports about an FLJob."""
 
@@ -97,4 +109,7 @@ class FLJobStatus(_Status):
     )
     observed_generation: int | None = Field(
         default=None, alias="observedGeneration", description="The spec generation this status describes."
+    )
+    certificates: CertificatesStatus | None = Field(
+        default=None, description="The job's mutual-TLS certificates; absent when spec.security.tls is disabled."
     )

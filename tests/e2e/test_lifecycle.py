@@ -76,7 +76,8 @@ def test_delete_cascades_to_every_child(fl: FL) -> None:
     children = fl.children("gone")
     assert sorted(children["Pod"]) == ["gone-client-site-a", "gone-client-site-b", "gone-server"]
     assert children["Service"] == ["gone-server"]
-    assert sorted(children["Secret"]) == ["gone-client-site-a-token", "gone-client-site-b-token",
+    assert sorted(children["Secret"]) == ["gone-ca", "gone-client-site-a-tls", "gone-client-site-a-token",
+                                          "gone-client-site-b-tls", "gone-client-site-b-token", "gone-server-tls",
                                           "gone-server-tokens"]
     assert children["ConfigMap"] == ["gone-spec"] and children["PersistentVolumeClaim"] == ["gone-checkpoint"]
     fl.delete("gone")
@@ -216,7 +217,7 @@ def test_suspend_removes_pods_keeps_state_and_resume_continues_from_the_checkpoi
     kept = fl.children("pause")
     assert kept["Pod"] == []
     assert kept["PersistentVolumeClaim"] == ["pause-checkpoint"] and kept["ConfigMap"] == ["pause-spec"]
-    assert len(kept["Secret"]) == 3 and kept["Service"] == ["pause-server"]
+    assert len(kept["Secret"]) == 7 and kept["Service"] == ["pause-server"]  # tokens, CA, server and site TLS
     time.sleep(1.0)  # the trainers' processes are gone: nothing more is trained while suspended
     seen_before = _rounds_seen(log)
     last_before = max(r for _, r in seen_before)

@@ -85,7 +85,8 @@ def test_operator_process_serves_liveness_and_reconciles(kube: fixtures.KubeHand
         assert phase == "Suspended", (tmp_path / "operator.log").read_text()
         secrets: list[Any] = kubernetes.client.CoreV1Api(kube.api_client).list_namespaced_secret(
             "default", label_selector="fedkube.dev/job=proc").items
-        assert sorted(s.metadata.name for s in secrets) == ["proc-client-a-token", "proc-server-tokens"]
+        assert sorted(s.metadata.name for s in secrets) == [
+            "proc-ca", "proc-client-a-tls", "proc-client-a-token", "proc-server-tls", "proc-server-tokens"]
 
         # The operator's own registry on /metrics: the job counts in its phase.
         assert _phases(metrics)["Suspended"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import yaml
 
 from fedkube.cli import COMMANDS, main
 from fedkube.operator import builders
+from fedkube.operator.certificates import TlsPlaceholder
 from fedkube.operator.naming import TOKEN_PLACEHOLDER
 from fedkube.operator.render import render, to_yaml_stream
 from fedkube.spec import load_job
@@ -30,18 +32,35 @@ def test_render_prints_exactly_build_all(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     docs = list(yaml.safe_load_all(out))
     job = load_job(EXAMPLE)
-    expected = builders.build_all(job, tokens={c.name: TOKEN_PLACEHOLDER for c in job.spec.clients}, owner=None)
+    expected = builders.build_all(job, tokens={c.name: TOKEN_PLACEHOLDER for c in job.spec.clients},
+                                  tls=TlsPlaceholder(), owner=None)
     assert docs == expected
     assert out == to_yaml_stream(render(job))
     assert "&id0" not in out and "*id0" not in out
 
 
-def test_render_marks_tokens_as_placeholders(capsys: pytest.CaptureFixture[str]) -> None:
+def test_render_marks_tokens_and_tls_keys_as_placeholders(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["render", str(EXAMPLE)]) == 0
     secrets = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d["kind"] == "Secret"]
-    assert len(secrets) == 3
-    for secret in secrets:
+    tokens = [s for s in secrets if s["type"] == "Opaque"]
+    tls = [s for s in secrets if s["type"] == "kubernetes.io/tls"]
+    assert len(tokens) == 3 and len(tls) == 4  # the CA, the server, two sites
+    for secret in tokens:
         assert set(secret["stringData"].values()) == {TOKEN_PLACEHOLDER}
+    for secret in tls:
+        assert {base64.b64decode(v).decode() for v in secret["data"].values()} == {TOKEN_PLACEHOLDER}
+        assert "BEGIN" not in yaml.safe_dump(secret)
+
+
+def test_render_with_an_issuer_ref_prints_certificates_not_keys(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    data = example_manifest()
+    data["spec"]["security"] = {"issuerRef": {"name": "org-ca", "kind": "ClusterIssuer"}}
+    assert main(["render", str(_write(tmp_path, data))]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Certificate") == [
+        "quickstart-numpy-client-site-a-tls", "quickstart-numpy-client-site-b-tls", "quickstart-numpy-server-tls"]
+    assert not [d for d in docs if d["kind"] == "Secret" and d["type"] == "kubernetes.io/tls"]
 
 
 @pytest.mark.parametrize("flag", ["--namespace", "-n"])

@@ -292,3 +292,46 @@ def test_a_port_taken_between_reservation_and_bind_cannot_stop_the_job(
     assert code == 0, out.err[-4000:]
     assert json.loads(out.out)["summary"]["completedRounds"] == 1
     assert handed_out == []  # no listener of the job was given a port reserved in advance
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in root.rglob("*") if not p.is_symlink()}
+
+
+@pytest.mark.parametrize("tls", ["enabled", "disabled"])
+def test_run_writes_each_partys_tls_bundle_into_the_private_run_dir(tmp_path: Path, tls: str) -> None:
+    from cryptography import x509
+
+    from fedkube.security import pki
+    from fedkube.security.material import files_in
+
+    job = write_job(tmp_path, ADD_ONE, name="tlsrun")
+    if tls == "disabled":
+        job.write_text(job.read_text() + "  security:\n    tls: disabled\n")
+    run = tmp_path / "run"
+    proc = fedkube_run(str(job), "--json", "--no-progress", "--run-dir", str(run))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert run.stat().st_mode & 0o777 == 0o700  # nobody else may look inside: tokens and keys lie below
+    bundles = sorted(p.parent.relative_to(run) for p in run.rglob("tls.key"))
+    if tls == "disabled":
+        assert bundles == []
+        return
+    # The server and each sidecar get theirs; the trainer nothing; the CA key is written nowhere.
+    assert [str(b) for b in bundles] == [
+        "pods/tlsrun-client-site-a/volumes/fedkube-tls", "pods/tlsrun-client-site-b/volumes/fedkube-tls",
+        "pods/tlsrun-server/volumes/fedkube-tls"]
+    for bundle in bundles:
+        modes = _modes(run / bundle)
+        assert modes == {"ca.crt": 0o400, "tls.crt": 0o400, "tls.key": 0o400}, modes
+        files = files_in(run / bundle)
+        issued = pki.load_issued(files.cert.read_bytes(), files.key.read_bytes())  # the key is the cert's
+        ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+        issued.cert.verify_directly_issued_by(ca)
+        san = issued.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        site = str(bundle).split("/")[1].removeprefix("tlsrun-client-")
+        if site == "tlsrun-server":
+            assert "tlsrun-server.default.svc" in san.get_values_for_type(x509.DNSName)
+        else:
+            assert san.get_values_for_type(x509.UniformResourceIdentifier) == [pki.site_uri("default", "tlsrun", site)]
+    keys = [p for p in run.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+    assert sorted(p.parent.relative_to(run) for p in keys) == bundles

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from fedkube.operator import builders, handlers
+from fedkube.operator import builders, certapi, handlers
+from fedkube.operator.certificates import TlsPlaceholder
 from fedkube.spec import parse_job
 from tests.support import fixtures
 from tests.unit.chart.test_chart import NAMESPACE, _one, _render, _rules
@@ -52,8 +53,14 @@ def _operator_sources() -> list[Path]:
     return sorted(OPERATOR.glob("*.py"))
 
 
-def _rule(method: str) -> Rule | None:
-    """The rule a ``kubernetes`` client method needs, or None for a name that is no API call."""
+# The one module whose custom-object calls are cert-manager's Certificates, not FLJobs (fedkube.operator.certapi).
+CERTAPI = OPERATOR / "certapi.py"
+
+
+def _rule(method: str, custom: tuple[str, str] = (GROUP, PLURAL)) -> Rule | None:
+    """The rule a ``kubernetes`` client method needs, or None for a name that is no API call.
+
+    ``custom``: (group, plural) of the custom resource the module's custom-object calls address."""
     m = _NAMESPACED.match(method)
     if m is None:
         return None
@@ -61,8 +68,8 @@ def _rule(method: str) -> Rule | None:
     sub = ""
     if what.endswith("_status"):
         what, sub = what[: -len("_status")], "/status"
-    if what == "custom_object":  # the operator knows one custom resource: the FLJob
-        return (GROUP, PLURAL + sub, verb)
+    if what == "custom_object":
+        return (custom[0], custom[1] + sub, verb)
     if what == "network_policy":  # fedkube.operator.netpol; the only call outside the core group
         return ("networking.k8s.io", "networkpolicies" + sub, verb)
     return ("", what.replace("_", "") + "s" + sub, verb)
@@ -72,9 +79,10 @@ def code_rules() -> set[Rule]:
     """Every rule the operator package's own API calls need (the client methods it names)."""
     out: set[Rule] = set()
     for path in _operator_sources():
+        custom = (certapi.GROUP, certapi.PLURAL) if path == CERTAPI else (GROUP, PLURAL)
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             name = node.attr if isinstance(node, ast.Attribute) else None
-            rule = _rule(name) if name else None
+            rule = _rule(name, custom) if name else None
             if rule is not None:
                 out.add(rule)
     return out
@@ -86,7 +94,7 @@ def owner_rules() -> set[Rule]:
     job = parse_job({"apiVersion": f"{GROUP}/v1alpha1", "kind": "FLJob", "metadata": {"name": "j", "namespace": "n"},
                      "spec": {"rounds": 1, "clients": [{"name": "a"}],
                               "trainer": {"image": "t", "command": ["python"]}}})
-    children = builders.build_all(job, tokens={"a": "t"}, owner=owner)
+    children = builders.build_all(job, tokens={"a": "t"}, tls=TlsPlaceholder(), owner=owner)
     blocking = any(ref.get("blockOwnerDeletion") for c in children for ref in c["metadata"]["ownerReferences"])
     return {(GROUP, f"{PLURAL}/finalizers", "update")} if blocking else set()
 

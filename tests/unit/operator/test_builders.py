@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +15,8 @@ import pytest
 from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.operator import builders, naming
+from fedkube.security import pki
+from fedkube.security.material import JobTls
 from fedkube.spec import FLJob, SpecError, layout, load_job, parse_job
 from tests.unit.operator.kvalidate import K8S_VERSIONS, assert_valid
 from tests.unit.spec.manifests import EXAMPLE, example_manifest, full_manifest
@@ -33,9 +37,21 @@ def _tokens(job: FLJob) -> dict[str, str]:
     return {c.name: f"token-of-{c.name}" for c in job.spec.clients}
 
 
+@functools.cache
+def _material(namespace: str, name: str, sites: tuple[str, ...]) -> JobTls:
+    start = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    validity = pki.Validity(start, start + dt.timedelta(days=30))
+    return JobTls.generate(namespace, name, sites, validity)
+
+
+def _tls(job: FLJob) -> JobTls:
+    """One job's TLS material, made once per job (a key pair costs a millisecond; a test builds hundreds)."""
+    return _material(job.namespace, job.name, tuple(c.name for c in job.spec.clients))
+
+
 def _build(which: str, owner: dict[str, Any] | None = OWNER) -> list[dict[str, Any]]:
     job = _job(which)
-    return builders.build_all(job, tokens=_tokens(job), owner=owner)
+    return builders.build_all(job, tokens=_tokens(job), tls=_tls(job), owner=owner)
 
 
 def _by_name(objs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -70,6 +86,10 @@ def test_every_object_validates_strictly(which: str, version: str) -> None:
                 ("Secret", "quickstart-numpy-server-tokens"),
                 ("Secret", "quickstart-numpy-client-site-a-token"),
                 ("Secret", "quickstart-numpy-client-site-b-token"),
+                ("Secret", "quickstart-numpy-ca"),
+                ("Secret", "quickstart-numpy-server-tls"),
+                ("Secret", "quickstart-numpy-client-site-a-tls"),
+                ("Secret", "quickstart-numpy-client-site-b-tls"),
                 ("Service", "quickstart-numpy-server"),
                 ("Pod", "quickstart-numpy-server"),
                 ("Pod", "quickstart-numpy-client-site-a"),
@@ -84,6 +104,11 @@ def test_every_object_validates_strictly(which: str, version: str) -> None:
                 ("Secret", "mnist-client-site-a-token"),
                 ("Secret", "mnist-client-site-b-token"),
                 ("Secret", "mnist-client-site-c-token"),
+                ("Secret", "mnist-ca"),
+                ("Secret", "mnist-server-tls"),
+                ("Secret", "mnist-client-site-a-tls"),
+                ("Secret", "mnist-client-site-b-tls"),
+                ("Secret", "mnist-client-site-c-tls"),
                 ("PersistentVolumeClaim", "mnist-checkpoint"),
                 ("Service", "mnist-server"),
                 ("Pod", "mnist-server"),
@@ -104,10 +129,10 @@ def test_build_all_objects_in_creation_order(which: str, expected: list[tuple[st
 @pytest.mark.parametrize("which", JOBS)
 def test_labels_and_owner_references_on_every_object(which: str) -> None:
     job = _job(which)
-    for obj in builders.build_all(job, tokens=_tokens(job), owner=OWNER):
+    for obj in builders.build_all(job, tokens=_tokens(job), tls=_tls(job), owner=OWNER):
         labels = obj["metadata"]["labels"]
         assert labels[naming.LABEL_JOB] == job.name
-        assert labels[naming.LABEL_ROLE] in ("server", "client")
+        assert labels[naming.LABEL_ROLE] in ("server", "client", "ca")
         assert labels["app.kubernetes.io/instance"] == job.name
         assert (naming.LABEL_SITE in labels) == (labels[naming.LABEL_ROLE] == "client")
         (ref,) = obj["metadata"]["ownerReferences"]
@@ -119,7 +144,7 @@ def test_labels_and_owner_references_on_every_object(which: str) -> None:
             "controller": True,
             "blockOwnerDeletion": True,
         }
-    for obj in builders.build_all(job, tokens=_tokens(job), owner=None):
+    for obj in builders.build_all(job, tokens=_tokens(job), tls=_tls(job), owner=None):
         assert "ownerReferences" not in obj["metadata"]
 
 
@@ -136,10 +161,10 @@ def test_owner_without_identity_is_rejected(owner: dict[str, Any]) -> None:
 def test_builders_are_pure() -> None:
     job = _job("full")
     before = job.model_dump()
-    first = builders.build_all(job, tokens=_tokens(job), owner=OWNER)
+    first = builders.build_all(job, tokens=_tokens(job), tls=_tls(job), owner=OWNER)
     snapshot = copy.deepcopy(first)
     first[-1]["spec"]["containers"][0]["env"].clear()  # callers may mutate what they get back
-    assert builders.build_all(job, tokens=_tokens(job), owner=OWNER) == snapshot
+    assert builders.build_all(job, tokens=_tokens(job), tls=_tls(job), owner=OWNER) == snapshot
     assert job.model_dump() == before
 
 
@@ -147,13 +172,13 @@ def test_invalid_job_raises_spec_error() -> None:
     job = _job("example")
     job.spec.min_clients = 5
     with pytest.raises(SpecError, match=r"spec\.minClients"):
-        builders.build_all(job, tokens=_tokens(job), owner=None)
+        builders.build_all(job, tokens=_tokens(job), tls=_tls(job), owner=None)
 
 
 @pytest.mark.parametrize("tokens", [{"site-a": "t"}, {"site-a": "t", "site-b": ""}], ids=["missing", "empty"])
 def test_missing_token_is_a_clear_error(tokens: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match="no token for site 'site-b'"):
-        builders.build_all(_job("example"), tokens=tokens, owner=None)
+        builders.build_all(_job("example"), tokens=tokens, tls=_tls(_job("example")), owner=None)
 
 
 @pytest.mark.parametrize("which", JOBS)
@@ -487,7 +512,7 @@ def test_client_pod_is_scraped_on_the_sidecar(which: str) -> None:
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_log_format_reaches_server_and_sidecars(fmt: str) -> None:
     job = _job("full")
-    objs = builders.build_all(job, tokens=_tokens(job), owner=OWNER, log_format=fmt)
+    objs = builders.build_all(job, tokens=_tokens(job), tls=_tls(job), owner=OWNER, log_format=fmt)
     pods = [o for o in objs if o["kind"] == "Pod"]
     assert len(pods) == 1 + len(job.spec.clients)
     for pod in pods:
@@ -499,4 +524,4 @@ def test_default_log_format_is_text_and_unknown_is_refused() -> None:
     job = _job("example")
     assert _env(builders.build_server_pod(job)["spec"]["containers"][0])[envvars.LOG_FORMAT] == "text"
     with pytest.raises(ConfigError, match=r"log format must be one of .*'yaml'"):
-        builders.build_all(job, tokens=_tokens(job), owner=None, log_format="yaml")
+        builders.build_all(job, tokens=_tokens(job), tls=_tls(job), owner=None, log_format="yaml")

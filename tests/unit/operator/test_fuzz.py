@@ -6,6 +6,7 @@ Nothing in between: no crash, no manifest the API server would reject.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import os
 from typing import Any
 
@@ -13,12 +14,15 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from fedkube.operator import builders
+from fedkube.runtime.local import new_tls
 from fedkube.spec import SpecError, parse_job
 from fedkube.spec.model import ALLOWED_PROJECTIONS, ALLOWED_VOLUME_KINDS
+from tests.unit.operator.certmanager import assert_valid_certificate
 from tests.unit.operator.kvalidate import assert_valid
 from tests.unit.spec.manifests import example_manifest, full_manifest
 
 VERSIONS = ("1.29.0", "1.37.0")
+NOW = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 OWNER = {"apiVersion": "fedkube.dev/v1alpha1", "kind": "FLJob", "metadata": {"name": "j", "uid": "u-1"}}
 FUZZ = settings(
     max_examples=int(os.environ.get("FEDKUBE_FUZZ_EXAMPLES", "100")),
@@ -269,6 +273,9 @@ def valid_manifests(draw: st.DrawFn) -> dict[str, Any]:
         "transfer": {"chunkTimeoutSeconds": chunk, "idleTimeoutSeconds": idle},
         "timeouts": {"roundSeconds": idle * draw(st.integers(1, 100))},
         "suspend": draw(st.booleans()),
+        "security": draw(st.sampled_from([
+            {}, {"tls": "disabled"}, {"issuerRef": {"name": "job-issuer"}},
+            {"issuerRef": {"name": "org-ca", "kind": "ClusterIssuer"}}])),
     }
     namespace = draw(st.sampled_from([None, "default", "team-a"]))
     meta: dict[str, Any] = {"name": draw(st.from_regex(r"\A[a-z]([-a-z0-9]{0,20}[a-z0-9])?\Z"))}
@@ -290,12 +297,17 @@ def _check(data: dict[str, Any], *, must_build: bool = False) -> None:
         return
     event("built")
     tokens = {c.name: "t0ken" for c in job.spec.clients}
-    objs = builders.build_all(job, tokens=tokens, owner=OWNER)
+    # The operator leaves cert-manager's jobs without material of its own (Certificates are rendered instead).
+    tls = None if job.spec.security.issuer_ref is not None else new_tls(job, NOW)
+    objs = builders.build_all(job, tokens=tokens, tls=tls, owner=OWNER)
     assert sum(o["kind"] == "Pod" for o in objs) == len(job.spec.clients) + 1
     for obj in objs:
         assert len(obj["metadata"]["name"]) <= 253
         for value in obj["metadata"]["labels"].values():
             assert len(value) <= 63, value
+        if obj["kind"] == "Certificate":
+            assert_valid_certificate(obj)
+            continue
         for version in VERSIONS:
             assert_valid(obj, version)
     for pod in (o for o in objs if o["kind"] == "Pod"):

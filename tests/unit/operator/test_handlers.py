@@ -16,6 +16,7 @@ from fedkube.errors import ConfigError
 from fedkube.operator import handlers, main
 from fedkube.operator import kube as kubeops
 from fedkube.operator.builders import build_all
+from fedkube.runtime.local import new_tls
 from fedkube.spec import parse_job
 from tests.support import fixtures
 from tests.support.kopfrun import running_operator
@@ -98,7 +99,8 @@ def test_create_or_patch_is_idempotent_and_leaves_pods_alone(kube: fixtures.Kube
     api = kubeops.Kube(kube.api_client)
     owner = _owner(kube, "idem")
     ref = kubeops.JobRef.of(owner)
-    objs = build_all(parse_job(_doc("idem")), tokens={"a": "ta", "b": "tb"}, owner=owner)
+    job = parse_job(_doc("idem"))
+    objs = build_all(job, tokens={"a": "ta", "b": "tb"}, tls=new_tls(job), owner=owner)
     assert [api.create_or_patch(o, ref) for o in objs] == ["created"] * len(objs)
     again = [api.create_or_patch(o, ref) for o in objs]
     assert again == ["exists" if o["kind"] == "Pod" else "patched" for o in objs]

@@ -10,6 +10,7 @@ import pytest
 from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.operator import builders, naming
+from fedkube.operator.certificates import TlsPlaceholder
 from fedkube.operator.netpol import (
     ENV_NETWORK_POLICY,
     NetworkPolicyConfig,
@@ -33,7 +34,7 @@ def _job(**trainer: Any) -> FLJob:
 
 
 def _policies(job: FLJob, config: NetworkPolicyConfig | None = CONFIG) -> dict[str, dict[str, Any]]:
-    objs = builders.build_all(job, tokens={"a": "x", "b": "y"}, owner=OWNER, network=config)
+    objs = builders.build_all(job, tokens={"a": "x", "b": "y"}, tls=TlsPlaceholder(), owner=OWNER, network=config)
     return {o["metadata"]["name"]: o for o in objs if o["kind"] == "NetworkPolicy"}
 
 
@@ -51,7 +52,7 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
 
 def test_the_server_takes_grpc_and_bulk_only_from_its_own_jobs_client_pods() -> None:
     job = _job()
-    objs = builders.build_all(job, tokens={"a": "x", "b": "y"}, owner=OWNER, network=CONFIG)
+    objs = builders.build_all(job, tokens={"a": "x", "b": "y"}, tls=TlsPlaceholder(), owner=OWNER, network=CONFIG)
     server = _policies(job)["j-server"]
     assert _selects(server["spec"]["podSelector"], _pod_labels(objs, "j-server"))
     assert not _selects(server["spec"]["podSelector"], _pod_labels(objs, "j-client-a"))
@@ -78,7 +79,7 @@ def test_the_server_takes_grpc_and_bulk_only_from_its_own_jobs_client_pods() -> 
 
 def test_client_pods_reach_only_their_server_and_dns_unless_the_job_lists_more() -> None:
     job = _job()
-    objs = builders.build_all(job, tokens={"a": "x", "b": "y"}, owner=OWNER, network=CONFIG)
+    objs = builders.build_all(job, tokens={"a": "x", "b": "y"}, tls=TlsPlaceholder(), owner=OWNER, network=CONFIG)
     clients = _policies(job)["j-clients"]
     assert _selects(clients["spec"]["podSelector"], _pod_labels(objs, "j-client-b"))
     assert not _selects(clients["spec"]["podSelector"], _pod_labels(objs, "j-server"))
@@ -120,7 +121,7 @@ def test_a_bad_egress_rule_is_named(egress: list[dict[str, Any]], match: str) ->
 
 
 def test_the_policies_come_before_the_pods_and_are_owned_by_the_job() -> None:
-    objs = builders.build_all(_job(), tokens={"a": "x", "b": "y"}, owner=OWNER, network=CONFIG)
+    objs = builders.build_all(_job(), tokens={"a": "x", "b": "y"}, tls=TlsPlaceholder(), owner=OWNER, network=CONFIG)
     kinds = [o["kind"] for o in objs]
     assert kinds.index("NetworkPolicy") < kinds.index("Pod")
     for policy in (o for o in objs if o["kind"] == "NetworkPolicy"):

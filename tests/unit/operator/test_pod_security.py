@@ -14,6 +14,7 @@ from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from fedkube.operator import builders
+from fedkube.operator.certificates import TlsPlaceholder
 from fedkube.operator.policy import AdminPolicy, parse_policy
 from fedkube.spec import SpecError, parse_job
 from fedkube.spec.layout import RESERVED_VOLUME_PREFIX
@@ -44,7 +45,8 @@ def _admitted_pods(data: dict[str, Any], policy: AdminPolicy) -> list[dict[str, 
         event("refused by the policy")
         return None
     event("admitted")
-    objs = builders.build_all(job, tokens={c.name: "t0ken" for c in job.spec.clients}, owner=OWNER)
+    tokens = {c.name: "t0ken" for c in job.spec.clients}
+    objs = builders.build_all(job, tokens=tokens, tls=TlsPlaceholder(), owner=OWNER)
     return [o for o in objs if o["kind"] == "Pod"]
 
 
