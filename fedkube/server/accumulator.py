@@ -296,9 +296,10 @@ class Intake:
             spec = self.engine._check(self.client, self.name, array, self.weight)
             if spec.is_float and not (all_finite(array) if finite is None else finite):
                 raise non_finite(self.client, self.name)
+            sq = self.engine.distance(spec, array)  # before publishing: then other folds change the array
             with tensor.lock:
                 with self.engine._lock:
-                    accepted = self.engine._register(self.client, self.name, self.weight, None)
+                    accepted = self.engine._register(self.client, self.name, self.weight, None, sq)
                 if accepted:
                     assert tensor.acc is None, "an accumulator appeared while the tensor was claimed"
                     tensor.contributors.append(self.client)

@@ -7,8 +7,12 @@ A round goes::
     agg.commit(client) | agg.discard(client)        # result complete | download failed
     new_global = agg.finish()                       # dict name -> ndarray, global dtypes
 
-``weight`` is the client's ``num_examples``. The averaging engine, its
-accumulator precision and its memory math are in ``fedkube.server.aggregate``.
+``weight`` is the client's claimed ``num_examples``; the mean aggregators
+weight it as ``spec.strategy.weighting``/``maxExamplesPerSite`` say and, after
+a result's last tensor, ``bound(client)`` (the :class:`BoundsInfluence`
+capability) clips its update to ``clipNorm``: ``fedkube.server.influence``
+has the design and its costs. The averaging engine, its accumulator
+precision and its memory math are in ``fedkube.server.aggregate``.
 
 Strategies:
 
@@ -45,6 +49,7 @@ from fedkube.server.aggregate import (
     accumulator_dtype,
     cast_to,
 )
+from fedkube.server.influence import Bounded, Influence, SiteInfluence
 from fedkube.server.model import Model, ModelSpec
 from fedkube.server.pool import ArrayPool
 
@@ -116,6 +121,18 @@ class StreamingAggregator(RoundAggregator, Protocol):
 
 
 @runtime_checkable
+class BoundsInfluence(Protocol):
+    """A RoundAggregator that bounds each result's influence (``fedkube.server.influence``).
+
+    The round calls ``bound`` once per result, after its last tensor was
+    added and before ``commit``; the tensors in ``Bounded.rebuild`` must then
+    be pulled again and handed to ``refold``, as after a ``discard``.
+    """
+
+    def bound(self, client: str) -> Bounded: ...
+
+
+@runtime_checkable
 class Strategy(Protocol):
     """A federated optimization strategy."""
 
@@ -135,14 +152,35 @@ class Strategy(Protocol):
 
 
 class _MeanAggregator:
-    """RoundAggregator whose finish() hands the per-tensor means to a callback."""
+    """RoundAggregator whose finish() hands the per-tensor means to a callback; bounds each result's influence."""
 
-    def __init__(self, spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool | None = None) -> None:
-        self.engine = WeightedMean(spec, staged=staged, pool=pool)
+    def __init__(
+        self, spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool | None = None,
+        influence: Influence | None = None, reference: Mapping[str, np.ndarray] | None = None,
+    ) -> None:  # fmt: skip
+        self.influence = influence or Influence()
+        measure = reference if self.influence.measures_norm else None
+        self.engine = WeightedMean(spec, staged=staged, pool=pool, reference=measure)
         self._finish_fn = finish_fn
+        self._claims: dict[str, float] = {}  # client -> num_examples as claimed
+
+    def _weight(self, client: str, claimed: float) -> float:
+        self._claims[client] = float(claimed)
+        return self.influence.weight(float(claimed))
 
     def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool:
-        return self.engine.add(client, name, array, weight)
+        return self.engine.add(client, name, array, self._weight(client, weight))
+
+    def bound(self, client: str) -> Bounded:
+        """Measure ``client``'s finished result and clip its update (see ``BoundsInfluence``)."""
+        claimed = self._claims.get(client)
+        weight = self.influence.weight(claimed) if claimed is not None else 0.0
+        norm = self.engine.update_norm(client)
+        scale = self.influence.scale(norm) if norm is not None else 1.0
+        rebuild = self.engine.rescale(client, scale) if scale < 1.0 else {}
+        capped = claimed is not None and self.influence.capped(claimed)
+        site = SiteInfluence(client, claimed if claimed is not None else 0.0, weight, norm, scale, capped)
+        return Bounded(site, rebuild)
 
     def commit(self, client: str) -> None:
         self.engine.commit(client)
@@ -171,20 +209,26 @@ class _MeanAggregator:
 class _StreamingMeanAggregator(_MeanAggregator):
     """The streaming (not staged) mean: a StreamingAggregator, receiving into its accumulators."""
 
-    def __init__(self, spec: ModelSpec, finish_fn: Any, pool: ArrayPool | None = None) -> None:
-        super().__init__(spec, False, finish_fn, pool)
+    def __init__(
+        self, spec: ModelSpec, finish_fn: Any, pool: ArrayPool | None = None, influence: Influence | None = None,
+        reference: Mapping[str, np.ndarray] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(spec, False, finish_fn, pool, influence, reference)
 
     def intake(
         self, client: str, name: str, dtype: str, shape: tuple[int, ...], weight: float, *,
         abort: threading.Event | None = None,
     ) -> Intake:  # fmt: skip
-        return self.engine.intake(client, name, dtype, shape, weight, abort=abort)
+        return self.engine.intake(client, name, dtype, shape, self._weight(client, weight), abort=abort)
 
 
-def _mean_aggregator(spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool) -> RoundAggregator:
+def _mean_aggregator(
+    spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool, influence: Influence,
+    reference: Mapping[str, np.ndarray],
+) -> RoundAggregator:  # fmt: skip
     if staged:
-        return _MeanAggregator(spec, True, finish_fn, pool)
-    return _StreamingMeanAggregator(spec, finish_fn, pool)
+        return _MeanAggregator(spec, True, finish_fn, pool, influence, reference)
+    return _StreamingMeanAggregator(spec, finish_fn, pool, influence, reference)
 
 
 class _Recycler:
@@ -222,8 +266,9 @@ class FedAvg:
 
     name = "fedavg"
 
-    def __init__(self, *, staged: bool = False) -> None:
+    def __init__(self, *, staged: bool = False, influence: Influence | None = None) -> None:
         self.staged = staged
+        self.influence = influence or Influence()
         self._recycler = _Recycler()
 
     @property
@@ -235,8 +280,9 @@ class FedAvg:
         spec = _spec_of(global_model)
         self._recycler.supersede(global_model)
         return _mean_aggregator(
-            spec, self.staged, lambda means: {t.name: cast_to(t, means[t.name]) for t in spec}, self.pool
-        )
+            spec, self.staged, lambda means: {t.name: cast_to(t, means[t.name]) for t in spec}, self.pool,
+            self.influence, global_model,
+        )  # fmt: skip
 
     def state(self) -> StrategyState:
         return StrategyState(self.name, {"staged": self.staged})
@@ -266,6 +312,7 @@ class FedAdam:
         beta2: float = 0.99,
         tau: float = 1e-3,
         staged: bool = False,
+        influence: Influence | None = None,
     ) -> None:
         for field_name, value, lo, hi in (
             ("serverLr", server_lr, 0.0, math.inf),
@@ -285,6 +332,7 @@ class FedAdam:
         self.beta2 = float(beta2)
         self.tau = float(tau)
         self.staged = staged
+        self.influence = influence or Influence()
         self._recycler = _Recycler()
         self.step = 0
         self.m: dict[str, np.ndarray] = {}
@@ -303,7 +351,7 @@ class FedAdam:
         def finish(means: dict[str, np.ndarray]) -> Model:
             return self._apply(spec, model, means)
 
-        return _mean_aggregator(spec, self.staged, finish, self.pool)
+        return _mean_aggregator(spec, self.staged, finish, self.pool, self.influence, model)
 
     def _apply(self, spec: ModelSpec, model: Mapping[str, np.ndarray], means: dict[str, np.ndarray]) -> Model:
         out: Model = {}
@@ -384,20 +432,22 @@ class FedAdam:
 STRATEGIES = ("fedavg", "fedadam")
 
 
-def build_strategy(name: str, params: Mapping[str, Any] | None = None) -> Strategy:
-    """The strategy named in the spec, with its camelCase parameters (e.g. ``serverLr``)."""
+def build_strategy(
+    name: str, params: Mapping[str, Any] | None = None, influence: Influence | None = None
+) -> Strategy:
+    """The strategy named in the spec, with its camelCase parameters (e.g. ``serverLr``) and influence bounds."""
     params = dict(params or {})
     staged = bool(params.pop("staged", False))
     if name == "fedavg":
         if params:
             raise ConfigError(f"spec.strategy: fedavg takes no parameters, got {sorted(params)}")
-        return FedAvg(staged=staged)
+        return FedAvg(staged=staged, influence=influence)
     if name == "fedadam":
         known = {"serverLr": "server_lr", "beta1": "beta1", "beta2": "beta2", "tau": "tau"}
         unknown = sorted(set(params) - set(known))
         if unknown:
             raise ConfigError(f"spec.strategy: unknown fedadam parameter(s) {unknown}; known: {sorted(known)}")
-        return FedAdam(staged=staged, **{known[k]: float(v) for k, v in params.items()})
+        return FedAdam(staged=staged, influence=influence, **{known[k]: float(v) for k, v in params.items()})
     raise ConfigError(f"spec.strategy.name={name!r} is not a known strategy; use one of {', '.join(STRATEGIES)}")
 
 
