@@ -17,6 +17,7 @@ from typing import Any
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.server.influence import Influence
 from fedkube.spec import FLJobSpec, ModelSource, Strategy, Timeouts, Transfer, load_job
 from fedkube.spec.model import DEFAULT_MAX_BYTES, ModelSourceKind, model_max_bytes
 from fedkube.spec.strategy import StrategyName
@@ -31,6 +32,7 @@ _TRANSFER = Transfer()
 _TIMEOUTS = Timeouts()
 _MODEL = ModelSource()
 _STRATEGY = Strategy()
+_INFLUENCE = ("weighting", "max_examples_per_site", "clip_norm")  # the spec.strategy fields of JobSettings.influence
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,10 @@ class JobSettings:
     strategy: StrategyName = _STRATEGY.name
     # The strategy's parameters by their spec names (serverLr, ...), as the strategy builder takes them.
     strategy_options: Mapping[str, Any] = field(default_factory=dict)
+    # spec.strategy.weighting, maxExamplesPerSite, clipNorm: bounds for every strategy, not its parameters.
+    influence: Influence = field(
+        default_factory=lambda: Influence(_STRATEGY.weighting, _STRATEGY.max_examples_per_site, _STRATEGY.clip_norm)
+    )
     model_source: ModelSourceKind = _MODEL.source
     model_path: str | None = _MODEL.path
     # spec.model.maxBytes, or its default derived from the server's memory limit: the init model's bound.
@@ -90,7 +96,8 @@ class JobSettings:
             min_clients=spec.quorum,
             clients=tuple(c.name for c in spec.clients),
             strategy=strategy.name,
-            strategy_options=strategy.model_dump(by_alias=True, exclude={"name"}, exclude_none=True),
+            strategy_options=strategy.model_dump(by_alias=True, exclude={"name", *_INFLUENCE}, exclude_none=True),
+            influence=Influence(strategy.weighting, strategy.max_examples_per_site, strategy.clip_norm),
             model_source=spec.model.source,
             model_path=spec.model.path,
             model_max_bytes=model_max_bytes(spec.model, spec.server.resources.limits.get("memory")),

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # Inclusive bounds (see fedkube.spec.model on why the CRD has no exclusive ones).
 MIN_POSITIVE = 1e-12  # fedadam's serverLr and tau
 MAX_BETA = 0.999999999  # fedadam's moment decays must stay below 1
+MAX_EXAMPLES = 2**63 - 1  # the CRD's int64; num_examples on the wire is uint64
 
 
 class _Model(BaseModel):
@@ -17,6 +18,7 @@ class _Model(BaseModel):
 
 
 StrategyName = Literal["fedavg", "fedadam"]
+Weighting = Literal["examples", "equal"]
 
 FEDADAM_DEFAULTS: dict[str, float] = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
 
@@ -37,6 +39,23 @@ class Strategy(_Model):
     beta2: float | None = Field(default=None, ge=0, le=MAX_BETA, description="fedadam: second-moment decay.")
     tau: float | None = Field(default=None, ge=MIN_POSITIVE, description="fedadam: adaptivity (epsilon).")
 
+    # Bounded influence (every strategy): how much one site's result can move the global model.
+    # fedkube.server.influence applies them; its docstring says why there is no default cap.
+    weighting: Weighting = Field(
+        default="examples",
+        description="examples: weight each site's result by its num_examples (capped by maxExamplesPerSite); "
+        "equal: every site weighs 1, whatever it claims.",
+    )
+    max_examples_per_site: int | None = Field(
+        default=None, alias="maxExamplesPerSite", ge=1, le=MAX_EXAMPLES,
+        description="weighting=examples: a site claiming more examples counts as this many (unset: no cap).",
+    )  # fmt: skip
+    clip_norm: float | None = Field(
+        default=None, alias="clipNorm", ge=MIN_POSITIVE, allow_inf_nan=False,
+        description="Clip each site's update (its result minus the global model, L2 norm over every float "
+        "tensor) to this norm before it counts (unset: no clipping).",
+    )  # fmt: skip
+
     @model_validator(mode="after")
     def _fill_fedadam_defaults(self) -> Strategy:
         # Filled here rather than as field defaults so fedavg carries no parameters it would ignore.
@@ -46,5 +65,14 @@ class Strategy(_Model):
                     setattr(self, field, value)
         return self
 
+    @model_validator(mode="after")
+    def _check_influence(self) -> Strategy:
+        if self.weighting == "equal" and self.max_examples_per_site is not None:
+            raise ValueError(
+                "maxExamplesPerSite caps num_examples, which weighting=equal ignores; remove maxExamplesPerSite "
+                "or set weighting to examples"
+            )
+        return self
 
-__all__ = ["FEDADAM_DEFAULTS", "MAX_BETA", "MIN_POSITIVE", "Strategy", "StrategyName"]
+
+__all__ = ["FEDADAM_DEFAULTS", "MAX_BETA", "MAX_EXAMPLES", "MIN_POSITIVE", "Strategy", "StrategyName", "Weighting"]
