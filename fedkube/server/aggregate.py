@@ -132,8 +132,9 @@ from fedkube.server.accumulator import (
     accumulator_dtype,
     all_finite,
     non_finite,
+    squared_distance,
+    toward,
 )
-from fedkube.server.influence import squared_distance, toward
 from fedkube.server.model import ModelSpec, TensorSpec
 from fedkube.server.pool import ArrayPool
 
@@ -264,13 +265,13 @@ class WeightedMean:
 
     def _add(
         self, client: str, name: str, array: np.ndarray, weight: float, finite: bool | None,
-        abort: threading.Event | None,
+        abort: threading.Event | None, sq: float | None = None,
     ) -> bool:  # fmt: skip
         spec = self._check(client, name, array, weight)
         if spec.is_float and not (all_finite(array) if finite is None else finite):
             # Checked before folding: one diverged client must not turn everyone's model into NaN.
             raise non_finite(client, name)
-        sq = self.distance(spec, array)
+        sq = self.distance(spec, array) if sq is None else sq
         if self.staged:
             with self._lock:
                 return self._register(client, name, weight, array, sq)
@@ -285,9 +286,8 @@ class WeightedMean:
 
     def distance(self, spec: TensorSpec, array: np.ndarray) -> float | None:
         """``‖array - reference‖²`` of a float tensor (None without a reference, or for integer tensors)."""
-        if self.reference is None or not spec.is_float:
-            return None
-        return squared_distance(array, self.reference[spec.name], self._scratch_for())
+        ref = self.reference[spec.name] if self.reference is not None and spec.is_float else None
+        return None if ref is None else squared_distance(array, ref, self._scratch_for())
 
     def _register(self, client: str, name: str, weight: float, staged: np.ndarray | None, sq: float | None) -> bool:
         """Record that ``client`` delivered ``name``; False when it must be ignored. Caller holds self._lock."""
@@ -355,7 +355,8 @@ class WeightedMean:
         if dtype != spec.dtype or tuple(shape) != spec.shape or not spec.is_float:
             return intake
         dt = spec.np_dtype
-        intake.check = FiniteCheck(dt, spec.nbytes, mask=self._mask_for(), widened=self._scratch_for())
+        intake.check = FiniteCheck(dt, spec.nbytes, mask=self._mask_for(), widened=self._scratch_for(),
+                                   reference=None if self.reference is None else self.reference[name])  # fmt: skip
         if not claim or self.staged or accumulator_dtype(spec) != dt:
             return intake  # staged keeps arrays; half precision accumulates in float32, so no aliasing
         with tensor.lock:

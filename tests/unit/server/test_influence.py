@@ -241,3 +241,23 @@ def test_rescale_is_refused_after_commit_and_without_a_reference() -> None:
     wm.commit("a")
     with pytest.raises(AggregationError, match="committed"):
         wm.rescale("a", 0.5)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float64)], ids=str)
+def test_the_norm_summed_while_receiving_equals_the_norm_of_the_whole_tensor(dtype: np.dtype) -> None:
+    """The intake's check sums ‖x - g‖² per received piece (pieces may split an element); a refetch restarts it."""
+    g = {"t": np.random.default_rng(1).standard_normal(3001).astype(np.float32).astype(dtype)}
+    x = (g["t"].astype(np.float32) + np.float32(0.25)).astype(dtype)
+    raw = x.tobytes()
+    wm = WeightedMean(ModelSpec.of(g), reference=g)
+    with wm.intake("c", "t", g["t"].dtype.name, x.shape, 1.0, claim=False) as intake:
+        check = intake.check
+        assert check is not None
+        check.update(memoryview(raw), 0, 999)  # a first attempt, abandoned: the fetcher starts again at 0
+        check.reset()
+        for start in range(0, len(raw), 1001):  # pieces end inside elements
+            check.update(memoryview(raw), start, min(start + 1001, len(raw)))
+        assert check.complete and check.sq == pytest.approx(_norm(g, {"t": x}) ** 2, rel=1e-5)
+        check.sq = 4.0  # the engine takes the received sum and does not read the array again
+        assert intake.add(x)
+    assert wm.update_norm("c") == 2.0
