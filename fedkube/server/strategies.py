@@ -195,6 +195,8 @@ class _MeanAggregator:
         return self.engine.owed()
 
     def reopen(self, client: str, new_key: str | None = None) -> tuple[str, ...]:
+        if new_key is not None and client in self._claims:  # the same result: its claim, should nothing be re-added
+            self._claims.setdefault(new_key, self._claims[client])
         return self.engine.reopen(client, new_key)
 
     def finish(self) -> Model:

@@ -261,3 +261,29 @@ def test_the_norm_summed_while_receiving_equals_the_norm_of_the_whole_tensor(dty
         check.sq = 4.0  # the engine takes the received sum and does not read the array again
         assert intake.add(x)
     assert wm.update_norm("c") == 2.0
+
+
+def test_a_result_delivered_again_under_a_new_key_is_measured_and_clipped_once() -> None:
+    """A re-sent task's second attempt keeps what the first verified; the norm covers both parts, counted once."""
+    g = _global()
+    results = {"site-a": (_honest(g, 1), 4.0), "site-c": (_poisoned(g, 1e4), 4.0)}
+    influence = Influence(clip_norm=1.0)  # above site-a's norm (~0.35)
+    agg = FedAvg(influence=influence).begin_round(g)
+    assert isinstance(agg, BoundsInfluence)
+    for name in g:
+        agg.add("site-a", name, results["site-a"][0][name], 4.0)
+    assert not agg.bound("site-a").influence.clipped
+    agg.commit("site-a")
+    poison = results["site-c"][0]
+    agg.add("c#1", "w", poison["w"], 4.0)  # then the sidecar restarted
+    agg.discard("c#1", rebuild=False)
+    assert agg.reopen("c#1", "c#2") == ("w",)
+    for name in ("b", "steps"):
+        agg.add("c#2", name, poison[name], 4.0)
+    b = agg.bound("c#2")
+    assert b.influence.norm == pytest.approx(_norm(g, poison), rel=1e-4) and b.influence.weight == 4.0
+    for name, keys in b.rebuild.items():
+        for key in keys:
+            assert agg.refold(key, name, (poison if key == "c#2" else results["site-a"][0])[name])
+    agg.commit("c#2")
+    _assert_close(agg.finish(), _reference(g, results, influence), atol=1e-5)
