@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fedkube.server.aggregate import AggregationError, WeightedMean
+from fedkube.server.aggregate import AggregationError, InvalidResultError, WeightedMean
 from fedkube.server.influence import Influence, squared_distance, toward
 from fedkube.server.model import ModelSpec
 from fedkube.server.strategies import BoundsInfluence, FedAdam, FedAvg, build_strategy
@@ -287,3 +287,20 @@ def test_a_result_delivered_again_under_a_new_key_is_measured_and_clipped_once()
             assert agg.refold(key, name, (poison if key == "c#2" else results["site-a"][0])[name])
     agg.commit("c#2")
     _assert_close(agg.finish(), _reference(g, results, influence), atol=1e-5)
+
+
+def test_nan_is_still_refused_before_anything_is_measured_or_folded_when_clipping() -> None:
+    g = _global()
+    bad = _honest(g, 1)
+    bad["b"][3] = np.nan
+    agg = FedAvg(influence=Influence(clip_norm=1.0)).begin_round(g)
+    assert isinstance(agg, BoundsInfluence)
+    agg.add("site-a", "w", bad["w"], 1.0)
+    with pytest.raises(InvalidResultError, match="NaN or Inf"):
+        agg.add("site-a", "b", bad["b"], 1.0)
+    agg.discard("site-a")
+    for name in g:
+        agg.add("site-b", name, g[name], 1.0)
+    assert agg.bound("site-b").influence.norm == 0.0
+    agg.commit("site-b")
+    _assert_close(agg.finish(), {k: v.astype(np.float64) for k, v in g.items() if k != "steps"}, atol=0)
