@@ -64,11 +64,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 from fedkube.server.accumulator import squared_distance, toward
-
-Weighting = Literal["examples", "equal"]
+from fedkube.spec.strategy import Weighting
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ class Influence:
 
     @property
     def measures_norm(self) -> bool:
-        """Whether each result's update norm is computed (it costs a pass over the result and the global model)."""
+        """Whether each result's update norm is computed (summed as it is received; see the module docstring)."""
         return self.clip_norm is not None
 
     def weight(self, claimed: float) -> float:
