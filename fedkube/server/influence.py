@@ -44,8 +44,18 @@ model. :class:`Influence` bounds both, for every strategy that averages:
   fails (RebuildFailed) if a site stops serving its result meanwhile.
   Memory otherwise stays streaming's (global + accumulator + one tensor per
   download). An honest round clips nobody and pays only the norm.
-  Adaptive quantile clipping (Andrew et al. 2021) is not implemented: the
-  bound is fixed.
+
+* **Adaptive bound.** With ``clipQuantile`` (q), ``clipNorm`` is only the first
+  round's bound C; after each round it moves toward the q-quantile of the
+  sites' update norms by the geometric update of Andrew et al. 2021
+  ("Differentially Private Learning with Adaptive Clipping"), without the
+  noise on the count, which only private training needs:
+  ``C ← C·exp(-η·(b̄ - q))``, with ``b̄`` the fraction of the round's
+  accepted results whose norm was within C and η ``clipLearningRate``
+  (0.2, the paper's). The current C is strategy state, kept in every
+  checkpoint, so a resumed job goes on with it. One site's norm changes the
+  round's factor by at most ``exp(η/N)`` with N accepted results, so a
+  poisoner cannot pull the bound up alone.
 
 * **Zero update.** A site that sends the global model unchanged has norm 0;
   it is not clipped and counts with its weight, pulling the average toward
@@ -62,11 +72,13 @@ once per round with the numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from fedkube.server.accumulator import squared_distance, toward
-from fedkube.spec.strategy import Weighting
+from fedkube.spec.strategy import CLIP_LEARNING_RATE, MIN_POSITIVE, Weighting
+
+MAX_CLIP_NORM = 1e300
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,9 @@ class Influence:
     weighting: Weighting = "examples"
     max_examples: int | None = None
     clip_norm: float | None = None
+    clip_quantile: float | None = None
+    """Adapt clip_norm toward this quantile of the update norms after each round (None: fixed)."""
+    clip_learning_rate: float = CLIP_LEARNING_RATE
 
     def __post_init__(self) -> None:
         if self.weighting not in ("examples", "equal"):
@@ -84,6 +99,17 @@ class Influence:
             raise ValueError(f"maxExamplesPerSite must be >= 1, not {self.max_examples}")
         if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise ValueError(f"clipNorm must be a finite number > 0, not {self.clip_norm}")
+        if self.clip_quantile is not None and (self.clip_norm is None or not 0 <= self.clip_quantile <= 1):
+            raise ValueError(f"clipQuantile={self.clip_quantile} needs clipNorm and must be in [0, 1]")
+
+    def adapted(self, norms: Sequence[float]) -> Influence:
+        """The bounds for the next round after a round whose accepted results had these update ``norms``."""
+        if self.clip_quantile is None or self.clip_norm is None or not norms:
+            return self
+        within = sum(1 for n in norms if n <= self.clip_norm) / len(norms)
+        bound = self.clip_norm * math.exp(-self.clip_learning_rate * (within - self.clip_quantile))
+        # Kept a finite positive float whatever the rounds do (ever-zero updates shrink it geometrically).
+        return replace(self, clip_norm=min(max(bound, MIN_POSITIVE), MAX_CLIP_NORM))
 
     @property
     def measures_norm(self) -> bool:

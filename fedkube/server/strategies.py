@@ -30,10 +30,11 @@ Strategies:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -163,6 +164,8 @@ class _MeanAggregator:
         self.engine = WeightedMean(spec, staged=staged, pool=pool, reference=measure)
         self._finish_fn = finish_fn
         self._claims: dict[str, float] = {}  # client -> num_examples as claimed
+        self._norms: dict[str, float] = {}  # client -> its update norm, measured by bound()
+        self.adapt: Callable[[list[float]], None] = lambda norms: None  # the strategy's, for the next round
 
     def _weight(self, client: str, claimed: float) -> float:
         self._claims[client] = float(claimed)
@@ -178,6 +181,8 @@ class _MeanAggregator:
         norm = self.engine.update_norm(client)
         scale = self.influence.scale(norm) if norm is not None else 1.0
         rebuild = self.engine.rescale(client, scale) if scale < 1.0 else {}
+        if norm is not None:
+            self._norms[client] = norm
         capped = claimed is not None and self.influence.capped(claimed)
         site = SiteInfluence(client, claimed if claimed is not None else 0.0, weight, norm, scale, capped)
         return Bounded(site, rebuild)
@@ -201,7 +206,12 @@ class _MeanAggregator:
 
     def finish(self) -> Model:
         result: Model = self._finish_fn(self.engine.means())
+        self.adapt(self.norms())  # the next round's bound (fedkube.server.influence, "Adaptive bound")
         return result
+
+    def norms(self) -> list[float]:
+        """Update norms of the committed results (after ``finish``: the round's accepted results)."""
+        return [self._norms[c] for c in self.engine.committed if c in self._norms]
 
     @property
     def committed(self) -> tuple[str, ...]:
@@ -226,11 +236,12 @@ class _StreamingMeanAggregator(_MeanAggregator):
 
 def _mean_aggregator(
     spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool, influence: Influence,
-    reference: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray], adapt: Callable[[list[float]], None],
 ) -> RoundAggregator:  # fmt: skip
-    if staged:
-        return _MeanAggregator(spec, True, finish_fn, pool, influence, reference)
-    return _StreamingMeanAggregator(spec, finish_fn, pool, influence, reference)
+    agg = (_MeanAggregator(spec, True, finish_fn, pool, influence, reference) if staged
+           else _StreamingMeanAggregator(spec, finish_fn, pool, influence, reference))  # fmt: skip
+    agg.adapt = adapt
+    return agg
 
 
 class _Recycler:
@@ -283,14 +294,43 @@ class FedAvg:
         self._recycler.supersede(global_model)
         return _mean_aggregator(
             spec, self.staged, lambda means: {t.name: cast_to(t, means[t.name]) for t in spec}, self.pool,
-            self.influence, global_model,
+            self.influence, global_model, self._adapt,
         )  # fmt: skip
 
+    def _adapt(self, norms: list[float]) -> None:
+        self.influence = _adapted(self.influence, norms)
+
     def state(self) -> StrategyState:
-        return StrategyState(self.name, {"staged": self.staged})
+        return StrategyState(self.name, {"staged": self.staged, **_clip_state(self.influence)})
 
     def load_state(self, state: StrategyState) -> None:
         _check_name(self.name, state)
+        self.influence = _load_clip(self.influence, state)
+
+
+def _adapted(influence: Influence, norms: list[float]) -> Influence:
+    after = influence.adapted(norms)
+    if after.clip_norm != influence.clip_norm:
+        log.info("clipNorm adapted from %.6g to %.6g: %d of %d update norms were within it (clipQuantile %g)",
+                 influence.clip_norm, after.clip_norm, sum(1 for n in norms if n <= (influence.clip_norm or 0)),
+                 len(norms), influence.clip_quantile)  # fmt: skip
+    return after
+
+
+def _clip_state(influence: Influence) -> dict[str, JSONValue]:
+    """The adapted clipNorm, for the checkpoint (nothing when the bound is fixed: the spec has it)."""
+    return {"clipNorm": influence.clip_norm} if influence.clip_quantile is not None else {}
+
+
+def _load_clip(influence: Influence, state: StrategyState) -> Influence:
+    """The bounds to resume with: the checkpoint's adapted clipNorm when the spec still adapts it."""
+    value = state.meta.get("clipNorm")
+    if influence.clip_quantile is None or value is None:
+        return influence
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"the checkpoint's adapted clipNorm {value!r} is not a positive number; start from a "
+                          "fresh checkpoint directory or remove spec.strategy.clipQuantile")
+    return dataclasses.replace(influence, clip_norm=float(value))
 
 
 def _check_name(expected: str, state: StrategyState) -> None:
@@ -353,7 +393,10 @@ class FedAdam:
         def finish(means: dict[str, np.ndarray]) -> Model:
             return self._apply(spec, model, means)
 
-        return _mean_aggregator(spec, self.staged, finish, self.pool, self.influence, model)
+        return _mean_aggregator(spec, self.staged, finish, self.pool, self.influence, model, self._adapt)
+
+    def _adapt(self, norms: list[float]) -> None:
+        self.influence = _adapted(self.influence, norms)
 
     def _apply(self, spec: ModelSpec, model: Mapping[str, np.ndarray], means: dict[str, np.ndarray]) -> Model:
         out: Model = {}
@@ -411,6 +454,7 @@ class FedAdam:
             "beta2": self.beta2,
             "tau": self.tau,
             "step": self.step,
+            **_clip_state(self.influence),
         }
         return StrategyState(self.name, meta, tensors)
 
@@ -427,6 +471,7 @@ class FedAdam:
             raise ConfigError(f"FedAdam state is inconsistent: m has {sorted(m)}, v has {sorted(v)}")
         # Hyper-parameters come from the spec (a user may change serverLr on resume); step comes from the state.
         self.step = int(state.meta.get("step", 0))
+        self.influence = _load_clip(self.influence, state)
         self.m = {k: np.array(a, copy=True) for k, a in m.items()}
         self.v = {k: np.array(a, copy=True) for k, a in v.items()}
 

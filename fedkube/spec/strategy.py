@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MIN_POSITIVE = 1e-12  # fedadam's serverLr and tau
 MAX_BETA = 0.999999999  # fedadam's moment decays must stay below 1
 MAX_EXAMPLES = 2**63 - 1  # the CRD's int64; num_examples on the wire is uint64
+CLIP_LEARNING_RATE = 0.2  # Andrew et al. 2021's eta_C
 
 
 class _Model(BaseModel):
@@ -53,7 +54,17 @@ class Strategy(_Model):
     clip_norm: float | None = Field(
         default=None, alias="clipNorm", ge=MIN_POSITIVE, allow_inf_nan=False,
         description="Clip each site's update (its result minus the global model, L2 norm over every float "
-        "tensor) to this norm before it counts (unset: no clipping).",
+        "tensor) to this norm before it counts (unset: no clipping). With clipQuantile: the first round's bound.",
+    )  # fmt: skip
+    clip_quantile: float | None = Field(
+        default=None, alias="clipQuantile", ge=0, le=1,
+        description="Adapt clipNorm after each round toward this quantile of the sites' update norms "
+        "(Andrew et al. 2021, geometric update; unset: clipNorm stays fixed).",
+    )  # fmt: skip
+    clip_learning_rate: float | None = Field(
+        default=None, alias="clipLearningRate", ge=MIN_POSITIVE, le=10,
+        description="clipQuantile: step of the geometric update, clipNorm *= exp(-rate * (fraction of sites "
+        f"within clipNorm - clipQuantile)) (default {CLIP_LEARNING_RATE}).",
     )  # fmt: skip
 
     @model_validator(mode="after")
@@ -72,7 +83,18 @@ class Strategy(_Model):
                 "maxExamplesPerSite caps num_examples, which weighting=equal ignores; remove maxExamplesPerSite "
                 "or set weighting to examples"
             )
+        if self.clip_quantile is None:
+            if self.clip_learning_rate is not None:
+                raise ValueError("clipLearningRate is the step of clipQuantile's adaptation; set clipQuantile too "
+                                 "or remove clipLearningRate")
+        elif self.clip_norm is None:
+            raise ValueError("clipQuantile adapts clipNorm from its first value; set clipNorm too (e.g. 1.0)")
+        elif self.clip_learning_rate is None:
+            self.clip_learning_rate = CLIP_LEARNING_RATE
         return self
 
 
-__all__ = ["FEDADAM_DEFAULTS", "MAX_BETA", "MAX_EXAMPLES", "MIN_POSITIVE", "Strategy", "StrategyName", "Weighting"]
+__all__ = [
+    "CLIP_LEARNING_RATE", "FEDADAM_DEFAULTS", "MAX_BETA", "MAX_EXAMPLES", "MIN_POSITIVE", "Strategy", "StrategyName",
+    "Weighting",
+]  # fmt: skip

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fedkube.server import checkpoint
 from fedkube.server.config import ServerConfig
 from fedkube.server.influence import Influence
 from fedkube.wire.v1 import control_pb2
@@ -119,3 +121,23 @@ def test_an_unchanged_model_counts_with_its_weight_and_norm_zero(harness: Harnes
     np.testing.assert_allclose(a.globals[2]["fc.weight"], 1.0)  # (1*3 + 2*0)/3
     b = {c.name: c for c in srv.workflow.status().clients}["site-b"]
     assert b.update_norm == 0.0 and b.weight == 2.0 and b.bounded == ""
+
+
+def test_the_adaptive_bound_moves_each_round_and_is_kept_in_the_checkpoint(harness: Harness, tmp_path: Path) -> None:
+    cfg = make_config(SITES, rounds=2, checkpoint_dir=tmp_path)
+    influence = Influence(clip_norm=200.0, clip_quantile=0.5)
+    cfg = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings, influence=influence))
+    srv = harness.server(cfg, model())
+    a = harness.sidecar(srv, "site-a", add_value(1.0))  # norm ~139: within 200
+    harness.sidecar(srv, "site-b", add_value(3.0))  # ~416: clipped
+    harness.sidecar(srv, "site-c", add_value(1e6))  # clipped
+    outcome = srv.wait(40)
+    assert outcome is not None and outcome.success, outcome
+    # Round 1 clipped site-b and site-c to 200 (each counts global + 200/norm * update); 1 of 3 within.
+    step = 200.0 / math.sqrt(FLOATS)
+    np.testing.assert_allclose(a.globals[2]["fc.weight"], (1.0 + step + step) / 3, rtol=1e-5)
+    after_1 = 200.0 * math.exp(-0.2 * (1 / 3 - 0.5))
+    after_2 = after_1 * math.exp(-0.2 * (1 / 3 - 0.5))  # round 2: the same norms, still only site-a within
+    saved = checkpoint.load_latest(tmp_path, "job1")
+    assert saved is not None and saved.round == 2 and saved.strategy_state is not None
+    assert saved.strategy_state.meta["clipNorm"] == pytest.approx(after_2)

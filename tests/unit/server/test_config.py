@@ -26,7 +26,10 @@ MINIMAL: dict[str, Any] = {
 EVERYTHING: dict[str, Any] = {
     **MINIMAL["spec"],
     "minClients": 1,
-    "strategy": {"name": "fedadam", "serverLr": 0.5, "maxExamplesPerSite": 1000, "clipNorm": 2.5},
+    "strategy": {
+        "name": "fedadam", "serverLr": 0.5, "maxExamplesPerSite": 1000, "clipNorm": 2.5, "clipQuantile": 0.5,
+        "clipLearningRate": 0.1,
+    },
     "model": {"source": "file", "path": "/models/init.npz", "maxBytes": 123456},
     "transfer": {"chunkBytes": 65536, "chunkTimeoutSeconds": 7, "idleTimeoutSeconds": 30, "maxAttempts": 4},
     "timeouts": {"roundSeconds": 90, "heartbeatSeconds": 12, "registrationSeconds": 40},
@@ -82,8 +85,8 @@ def test_strategy_options_are_the_spec_parameters_by_their_spec_names(
 def test_influence_bounds_are_settings_of_their_own_not_strategy_parameters() -> None:
     """weighting/maxExamplesPerSite/clipNorm reach JobSettings.influence and never the strategy's parameters."""
     capped = settings_from_spec("cfg", _spec(EVERYTHING))
-    assert capped.influence == Influence("examples", 1000, 2.5)
-    assert "clipNorm" not in capped.strategy_options and "maxExamplesPerSite" not in capped.strategy_options
+    assert capped.influence == Influence("examples", 1000, 2.5, 0.5, 0.1)
+    assert dict(capped.strategy_options) == {"serverLr": 0.5, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
     equal = settings_from_spec("cfg", _spec({**MINIMAL["spec"], "strategy": {"weighting": "equal"}}))
     assert equal.influence == Influence("equal") and dict(equal.strategy_options) == {}
     assert settings_from_spec("cfg", _spec(MINIMAL["spec"])).influence == Influence()

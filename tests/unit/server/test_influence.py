@@ -7,6 +7,7 @@ model stays next to the honest average; without them it does not.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -14,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from fedkube.errors import ConfigError
 from fedkube.server.aggregate import AggregationError, InvalidResultError, WeightedMean
 from fedkube.server.influence import Influence, squared_distance, toward
 from fedkube.server.model import ModelSpec
@@ -304,3 +306,34 @@ def test_nan_is_still_refused_before_anything_is_measured_or_folded_when_clippin
     assert agg.bound("site-b").influence.norm == 0.0
     agg.commit("site-b")
     _assert_close(agg.finish(), {k: v.astype(np.float64) for k, v in g.items() if k != "steps"}, atol=0)
+
+
+def test_the_adaptive_bound_follows_the_geometric_update_and_settles_at_the_quantile() -> None:
+    influence = Influence(clip_norm=5.0, clip_quantile=0.5)
+    assert influence.adapted([1, 2, 3, 10]).clip_norm == pytest.approx(5.0 * math.exp(-0.2 * (0.75 - 0.5)))
+    assert influence.adapted([]) == influence and Influence(clip_norm=5.0).adapted([1.0]) == Influence(clip_norm=5.0)
+    bound = Influence(clip_norm=100.0, clip_quantile=0.5)
+    for _ in range(60):
+        bound = bound.adapted([1.0, 2.0, 3.0])
+    assert 1.0 <= (bound.clip_norm or 0) <= 3.3  # it oscillates around the median, 2
+
+
+def test_fedavg_adapts_its_bound_each_round_and_a_checkpoint_resumes_it() -> None:
+    g = _global()
+    results = {"site-a": (_honest(g, 1), 1.0), "site-b": (_honest(g, 2), 1.0), "site-c": (_poisoned(g, 1e6), 1.0)}
+    strategy = FedAvg(influence=Influence(clip_norm=0.1, clip_quantile=0.5))
+    got, bounded = _run(strategy, g, results)  # every norm (~0.35, 0.35, 3.5e5) is above 0.1: all clipped
+    assert all(b.clipped for b in bounded.values())
+    _assert_close(got, _reference(g, results, Influence(clip_norm=0.1)), atol=1e-6)
+    assert strategy.influence.clip_norm == pytest.approx(0.1 * math.exp(0.2 * 0.5))
+    state = strategy.state()
+    assert state.meta["clipNorm"] == strategy.influence.clip_norm
+    resumed = FedAvg(influence=Influence(clip_norm=0.1, clip_quantile=0.5))
+    resumed.load_state(state)
+    assert resumed.influence == strategy.influence
+    fixed = FedAvg(influence=Influence(clip_norm=0.1))  # the spec no longer adapts: its own bound
+    fixed.load_state(state)
+    assert fixed.influence.clip_norm == 0.1 and "clipNorm" not in fixed.state().meta
+    adam = FedAdam(influence=Influence(clip_norm=0.1, clip_quantile=0.5))
+    with pytest.raises(ConfigError, match="clipNorm"):
+        adam.load_state(dataclasses.replace(adam.state(), meta={"clipNorm": -1.0}))
