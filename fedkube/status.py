@@ -244,6 +244,7 @@ Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 OptionalCount = Annotated[Count, _null_is(int)]
 Time = Annotated[str, Field(max_length=TIME_CHARS)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Magnitude = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Metrics = Annotated[dict[str, float], BeforeValidator(_bounded_metrics), _null_is(dict)]
 
 
@@ -269,6 +270,12 @@ class ClientStatus:
     message: ClientMessage = ""
     rounds_completed: Annotated[OptionalCount, _camel("rounds_completed")] = 0
     """Rounds whose aggregate includes this client's full result."""
+    weight: Magnitude | None = None
+    """The weight its result had in the last completed round it delivered to (after weighting and the cap)."""
+    update_norm: Annotated[Magnitude | None, _camel("update_norm")] = None
+    """L2 norm of that result's update before clipping (only with spec.strategy.clipNorm)."""
+    bounded: ClientMessage = ""
+    """How that result's influence was bounded ("" when it was not): capped num_examples, clipped update."""
 
     def to_dict(self, message_chars: int = CLIENT_MESSAGE_CHARS) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "state": ClientState(self.state).value}
@@ -277,6 +284,11 @@ class ClientStatus:
         if self.message:
             d["message"] = clip(self.message, message_chars)
         d["roundsCompleted"] = self.rounds_completed
+        for key, value in (("weight", self.weight), ("updateNorm", self.update_norm)):
+            if value is not None and math.isfinite(value):
+                d[key] = value
+        if self.bounded:
+            d["bounded"] = clip(self.bounded, message_chars)
         return d
 
 

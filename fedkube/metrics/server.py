@@ -35,6 +35,12 @@ STEP_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800
 # Failure reasons beyond fedkube.status.Reason get their own series up to this many; the rest are _other.
 EXTRA_REASONS = 16
 
+#: ``reason`` of a result whose influence was bounded (fedkube.server.influence).
+BOUNDS = ("capped", "clipped")
+# Only the spec's sites can deliver a result (the server refuses any other), so the site label is bounded by the
+# spec; this cap is a second line behind it.
+MAX_SITE_SERIES = 1024
+
 
 class ServerMetrics:
     """The server's metrics for one FL job, registered on ``registry``.
@@ -92,6 +98,20 @@ class ServerMetrics:
         self._rejected = Counter("fedkube_server_rejected_connections_total",
                                  "Calls refused before any effect (bad token, unknown site, bad message), by reason.",
                                  check_labels(["fljob", "reason"]), registry=registry)
+        s = check_labels(["fljob", "site"])
+        self._site_weight = Gauge("fedkube_server_site_weight",
+                                  "Weight the site's last result was averaged with (after spec.strategy.weighting "
+                                  "and maxExamplesPerSite).", s, registry=registry)
+        self._site_claimed = Gauge("fedkube_server_site_claimed_examples",
+                                   "num_examples the site's last result claimed.", s, registry=registry)
+        self._site_norm = Gauge("fedkube_server_site_update_norm",
+                                "L2 norm of the site's last update (result minus global model) before clipping; "
+                                "measured only with spec.strategy.clipNorm.", s, registry=registry)
+        self._bounded = Counter("fedkube_server_bounded_results_total",
+                                "Results whose influence was bounded, by site and reason (capped: num_examples "
+                                "above maxExamplesPerSite; clipped: update norm above clipNorm).",
+                                check_labels(["fljob", "site", "reason"]), registry=registry)
+        self._sites = CappedValues("site", MAX_SITE_SERIES)
         self._reasons = CappedValues("failure reason", EXTRA_REASONS, known=(r.value for r in Reason))
         self._retry_kinds = CappedValues("retry reason", EXTRA_REASONS)
         self._reject_reasons = CappedValues("rejection reason", EXTRA_REASONS, known=PORT_REFUSALS)
@@ -191,6 +211,18 @@ class ServerMetrics:
     def model_size(self, nbytes: int) -> None:
         """The global model's size in bytes."""
         self._model_bytes.labels(fljob=self.job).set(nbytes)
+
+    def site_influence(self, site: str, *, claimed: float, weight: float, norm: float | None, capped: bool,
+                       clipped: bool) -> None:  # fmt: skip
+        """How much ``site``'s result counted in the round that just took it (fedkube.server.influence)."""
+        label = self._sites.admit(site)
+        self._site_claimed.labels(fljob=self.job, site=label).set(claimed)
+        self._site_weight.labels(fljob=self.job, site=label).set(weight)
+        if norm is not None:
+            self._site_norm.labels(fljob=self.job, site=label).set(norm)
+        for bound, hit in zip(BOUNDS, (capped, clipped), strict=True):
+            if hit:
+                self._bounded.labels(fljob=self.job, site=label, reason=bound).inc()
 
     def connection_rejected(self, reason: str) -> None:
         """A call or connection was refused before any effect (``reason``: e.g. BadToken, ConnectionLimit)."""

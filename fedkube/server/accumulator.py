@@ -11,6 +11,7 @@ of ``fedkube.server.aggregate``.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -84,26 +85,33 @@ class FiniteCheck:
     against its checksum. A refetch from byte 0 calls ``reset``.
     """
 
-    __slots__ = ("_mask", "_widened", "checked", "dtype", "finite", "nbytes")
+    __slots__ = ("_mask", "_scratch", "_widened", "checked", "dtype", "finite", "nbytes", "reference", "sq")
 
     def __init__(
-        self, dtype: np.dtype, nbytes: int, *, mask: np.ndarray | None = None, widened: np.ndarray | None = None
-    ) -> None:
-        """``mask`` (bool) and ``widened`` (float32, used for 2-byte floats) are optional ``BLOCK``-sized scratch."""
+        self, dtype: np.dtype, nbytes: int, *, mask: np.ndarray | None = None, widened: np.ndarray | None = None,
+        reference: np.ndarray | None = None,
+    ) -> None:  # fmt: skip
+        """``mask`` (bool) and ``widened`` (float32, used for 2-byte floats) are optional ``BLOCK``-sized scratch.
+
+        With ``reference`` (the global model's tensor) it also sums ``‖x - reference‖²`` of the checked
+        bytes (``sq``), the update norm that clipping needs, while each piece is hot.
+        """
         self.dtype = np.dtype(dtype)
         self.nbytes = nbytes
         self.checked = 0
         """Bytes from the start of the tensor that were checked (whole elements)."""
         self.finite = True
         """False once a NaN or Inf was seen in the checked bytes."""
+        self.reference = None if reference is None else np.ascontiguousarray(reference).reshape(-1)
+        self.sq = 0.0
+        """``‖x - reference‖²`` over the checked bytes (with a reference)."""
         if mask is None or mask.size < BLOCK or mask.dtype != np.bool_:
             mask = np.empty(BLOCK, np.bool_)
-        if self.dtype.itemsize >= 4:
-            widened = None
-        elif widened is None or widened.size < BLOCK or widened.dtype != np.float32:
-            widened = np.empty(BLOCK, np.float32)
+        if widened is None or widened.size < BLOCK or widened.dtype != np.float32:
+            widened = np.empty(BLOCK, np.float32) if self.dtype.itemsize < 4 or reference is not None else None
         self._mask = mask
-        self._widened = widened
+        self._widened = widened if self.dtype.itemsize < 4 else None
+        self._scratch = widened  # float32 scratch of the norm: the widening buffer, which the finite check is done with
 
     @property
     def complete(self) -> bool:
@@ -113,6 +121,7 @@ class FiniteCheck:
     def reset(self) -> None:
         self.checked = 0
         self.finite = True
+        self.sq = 0.0
 
     def update(self, buf: memoryview, start: int, stop: int) -> None:
         item = self.dtype.itemsize
@@ -123,7 +132,54 @@ class FiniteCheck:
             count = (end - self.checked) // item
             flat = np.frombuffer(buf, self.dtype, count=count, offset=self.checked)
             self.finite = _finite_into(flat, self._mask, self._widened)
+            if self.finite and self.reference is not None:
+                first = self.checked // item
+                assert self._scratch is not None
+                self.sq += squared_distance(flat, self.reference[first : first + count], self._scratch)
         self.checked = end
+
+
+def squared_distance(x: np.ndarray, g: np.ndarray, scratch: np.ndarray) -> float:
+    """``‖x - g‖²``, an update's squared norm (fedkube.server.influence), blockwise: no array-sized temporary.
+
+    ``scratch`` is BLOCK float32 (float64 tensors use their own). A block whose
+    float32 square sum overflows (differences above ~1e19) is summed again in
+    float64, so a huge update gets its true norm, not Inf.
+    """
+    fx = np.ascontiguousarray(x).reshape(-1)
+    fg = np.ascontiguousarray(g).reshape(-1)
+    if fg.dtype == np.float64 and scratch.dtype != np.float64:
+        scratch = np.empty(min(BLOCK, fg.size), np.float64)
+    total = 0.0
+    for start in range(0, fx.size, BLOCK):
+        stop = min(start + BLOCK, fx.size)
+        d = scratch[: stop - start]
+        if fx.dtype == d.dtype and fg.dtype == d.dtype:
+            np.subtract(fx[start:stop], fg[start:stop], out=d)
+        else:  # half precision: widen first
+            d[...] = fx[start:stop]
+            d -= fg[start:stop]
+        with np.errstate(over="ignore"):
+            part = float(np.dot(d, d))
+        if not math.isfinite(part):
+            d64 = d.astype(np.float64)
+            part = float(np.dot(d64, d64))
+        total += part
+    return total
+
+
+def toward(g: np.ndarray, x: np.ndarray, scale: float, dtype: np.dtype) -> np.ndarray:
+    """``g + scale·(x - g)`` in ``dtype`` (the accumulator's): the clipped result, one tensor-sized array."""
+    out = np.empty(g.shape, dtype)
+    fo, fx, fg = out.reshape(-1), np.ascontiguousarray(x).reshape(-1), np.ascontiguousarray(g).reshape(-1)
+    for start in range(0, fo.size, BLOCK):
+        stop = min(start + BLOCK, fo.size)
+        o = fo[start:stop]
+        o[...] = fx[start:stop]
+        o -= fg[start:stop]
+        o *= scale
+        o += fg[start:stop]
+    return out
 
 
 def accumulator_dtype(spec: TensorSpec) -> np.dtype:
@@ -283,8 +339,10 @@ class Intake:
         self._done = True
         check = self.check
         finite = check.finite if check is not None and check.complete else None
+        # The norm the check summed while each piece was hot, else None: the engine reads the array again.
+        sq = check.sq if finite and check is not None and check.reference is not None else None
         if not self.claimed:
-            return self.engine._add(self.client, self.name, array, self.weight, finite, self.abort)
+            return self.engine._add(self.client, self.name, array, self.weight, finite, self.abort, sq)
         tensor, target = self.tensor, self.target
         assert tensor is not None and target is not None
         try:
@@ -296,9 +354,11 @@ class Intake:
             spec = self.engine._check(self.client, self.name, array, self.weight)
             if spec.is_float and not (all_finite(array) if finite is None else finite):
                 raise non_finite(self.client, self.name)
+            if sq is None:  # before publishing: then other folds change the array
+                sq = self.engine.distance(spec, array)
             with tensor.lock:
                 with self.engine._lock:
-                    accepted = self.engine._register(self.client, self.name, self.weight, None)
+                    accepted = self.engine._register(self.client, self.name, self.weight, None, sq)
                 if accepted:
                     assert tensor.acc is None, "an accumulator appeared while the tensor was claimed"
                     tensor.contributors.append(self.client)

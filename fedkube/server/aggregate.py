@@ -132,6 +132,8 @@ from fedkube.server.accumulator import (
     accumulator_dtype,
     all_finite,
     non_finite,
+    squared_distance,
+    toward,
 )
 from fedkube.server.model import ModelSpec, TensorSpec
 from fedkube.server.pool import ArrayPool
@@ -177,8 +179,12 @@ class WeightedMean:
     ``means()`` once at the end.
     """
 
-    def __init__(self, spec: ModelSpec, *, staged: bool = False, pool: ArrayPool | None = None) -> None:
+    def __init__(
+        self, spec: ModelSpec, *, staged: bool = False, pool: ArrayPool | None = None,
+        reference: Mapping[str, np.ndarray] | None = None,
+    ) -> None:  # fmt: skip
         self.spec = spec
+        self.reference = reference  # the global model: given, update norms are measured and can be clipped (rescale)
         self.staged = staged
         self._tensors = {t.name: TensorAccumulator(t, pool) for t in spec}
         self._lock = threading.Lock()
@@ -190,6 +196,8 @@ class WeightedMean:
         self._kept: dict[str, set[str]] = {}
         self._kept_weight: dict[str, float] = {}  # new key -> the weight its kept contributions were folded with
         self._owed: dict[str, set[str]] = {}  # tensor -> clients whose emptied contribution must be refolded
+        self._sq: dict[str, dict[str, float]] = {}  # client -> tensor -> ||x - reference||^2 (with a reference)
+        self._scale: dict[str, float] = {}  # client -> its update's clip factor, applied when it is folded again
         self._finished = False
         self._scratch = _Scratch()
 
@@ -257,25 +265,31 @@ class WeightedMean:
 
     def _add(
         self, client: str, name: str, array: np.ndarray, weight: float, finite: bool | None,
-        abort: threading.Event | None,
+        abort: threading.Event | None, sq: float | None = None,
     ) -> bool:  # fmt: skip
         spec = self._check(client, name, array, weight)
         if spec.is_float and not (all_finite(array) if finite is None else finite):
             # Checked before folding: one diverged client must not turn everyone's model into NaN.
             raise non_finite(client, name)
+        sq = self.distance(spec, array) if sq is None else sq
         if self.staged:
             with self._lock:
-                return self._register(client, name, weight, array)
+                return self._register(client, name, weight, array, sq)
         tensor = self._tensors[name]
         with tensor.lock:
             tensor.wait_unclaimed(abort, self._is_discarded)
             with self._lock:
-                if not self._register(client, name, weight, None):
+                if not self._register(client, name, weight, None, sq):
                     return False
             tensor.fold(client, array, weight, self._scratch_for())
         return True
 
-    def _register(self, client: str, name: str, weight: float, staged: np.ndarray | None) -> bool:
+    def distance(self, spec: TensorSpec, array: np.ndarray) -> float | None:
+        """``‖array - reference‖²`` of a float tensor (None without a reference, or for integer tensors)."""
+        ref = self.reference[spec.name] if self.reference is not None and spec.is_float else None
+        return None if ref is None else squared_distance(array, ref, self._scratch_for())
+
+    def _register(self, client: str, name: str, weight: float, staged: np.ndarray | None, sq: float | None) -> bool:
         """Record that ``client`` delivered ``name``; False when it must be ignored. Caller holds self._lock."""
         if self._finished:
             raise AggregationError(f"add({client!r}, {name!r}) after finish(); the round is over")
@@ -294,6 +308,8 @@ class WeightedMean:
         if name in added:
             raise InvalidResultError(client, f"tensor {name!r} was added twice")
         added.add(name)
+        if sq is not None:
+            self._sq.setdefault(client, {})[name] = sq
         if staged is not None:
             self._staged.setdefault(client, {})[name] = staged
         return True
@@ -339,7 +355,8 @@ class WeightedMean:
         if dtype != spec.dtype or tuple(shape) != spec.shape or not spec.is_float:
             return intake
         dt = spec.np_dtype
-        intake.check = FiniteCheck(dt, spec.nbytes, mask=self._mask_for(), widened=self._scratch_for())
+        intake.check = FiniteCheck(dt, spec.nbytes, mask=self._mask_for(), widened=self._scratch_for(),
+                                   reference=None if self.reference is None else self.reference[name])  # fmt: skip
         if not claim or self.staged or accumulator_dtype(spec) != dt:
             return intake  # staged keeps arrays; half precision accumulates in float32, so no aliasing
         with tensor.lock:
@@ -367,8 +384,9 @@ class WeightedMean:
         # Fold staged tensors in model order so the result does not depend on download order.
         for name in self.spec.names if staged else ():
             tensor = self._tensors[name]
+            array = self._clipped(client, name, staged.pop(name))
             with tensor.lock:
-                tensor.fold(client, staged.pop(name), weight, self._scratch_for())
+                tensor.fold(client, array, weight, self._scratch_for())
 
     def discard(self, client: str, *, rebuild: bool = True) -> DiscardOutcome:
         """Drop a client from the round; later adds from it are ignored.
@@ -438,8 +456,44 @@ class WeightedMean:
             self._check(client, name, array, weight)
             with self._lock:
                 owed.discard(client)
-            tensor.fold(client, array, weight, self._scratch_for())
+            tensor.fold(client, self._clipped(client, name, array), weight, self._scratch_for())
         return True
+
+    def update_norm(self, client: str) -> float | None:
+        """L2 norm of ``client``'s update over the float tensors it delivered (None without a reference)."""
+        with self._lock:
+            return None if self.reference is None else math.sqrt(sum(self._sq.get(client, {}).values()))
+
+    def rescale(self, client: str, scale: float) -> dict[str, tuple[str, ...]]:
+        """Count ``client``'s update as ``scale·(result - reference)``; after its last add, before commit.
+
+        Staged mode folds it scaled at ``commit``. Streaming mode folded it unscaled, so each float tensor
+        holding it is emptied as by ``discard`` and all its contributors (``client`` too) are owed to
+        ``refold``, which folds ``client``'s scaled. Returns tensor -> contributors to fold again.
+        """
+        with self._lock:
+            if self.reference is None or not (0.0 <= scale < 1.0) or client in self._committed + list(self._discarded):
+                raise AggregationError(f"rescale({client!r}, {scale}) needs a reference model, a factor in [0, 1) "
+                                       "and a result neither committed nor discarded")
+            self._scale[client] = scale
+        again: dict[str, tuple[str, ...]] = {}
+        # Integer tensors take a value some client produced: clipping does not apply to them.
+        for spec in () if self.staged else [t for t in self.spec if t.is_float]:
+            tensor = self._tensors[spec.name]
+            with tensor.lock, self._lock:
+                if client not in tensor.contributors:
+                    continue
+                others = tuple(c for c in tensor.contributors if c not in self._discarded)
+                tensor.reset(client)
+                self._owed.setdefault(spec.name, set()).update(others)
+                again[spec.name] = others
+        return again
+
+    def _clipped(self, client: str, name: str, array: np.ndarray) -> np.ndarray:
+        scale, spec = self._scale.get(client), self.spec[name]
+        if scale is None or self.reference is None or not spec.is_float:
+            return array
+        return toward(self.reference[name], array, scale, accumulator_dtype(spec))
 
     def owed(self) -> dict[str, tuple[str, ...]]:
         """Tensor -> clients whose contribution was emptied by a discard and is not refolded yet."""
@@ -472,6 +526,8 @@ class WeightedMean:
             self._weights.pop(key, None)
             self._kept[key] = kept
             self._added[key] = set(kept)
+            measured = self._sq.pop(client, {}) if key != client else self._sq.get(client, {})
+            self._sq[key] = {n: v for n, v in measured.items() if n in kept}
         if key != client:
             # The kept contributions are the new attempt's now: discarding it must take them out too.
             for name in kept:

@@ -17,9 +17,10 @@ from typing import Any
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.server.influence import Influence
 from fedkube.spec import FLJobSpec, ModelSource, Strategy, Timeouts, Transfer, load_job
 from fedkube.spec.model import DEFAULT_MAX_BYTES, ModelSourceKind, model_max_bytes
-from fedkube.spec.strategy import StrategyName
+from fedkube.spec.strategy import CLIP_LEARNING_RATE, StrategyName
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ _TRANSFER = Transfer()
 _TIMEOUTS = Timeouts()
 _MODEL = ModelSource()
 _STRATEGY = Strategy()
+# The spec.strategy fields of JobSettings.influence.
+_INFLUENCE = ("weighting", "max_examples_per_site", "clip_norm", "clip_quantile", "clip_learning_rate")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,14 @@ class TransferSettings:
         )
 
 
+def influence_of(strategy: Strategy) -> Influence:
+    """The bounds on one site's influence that ``spec.strategy`` sets."""
+    return Influence(
+        strategy.weighting, strategy.max_examples_per_site, strategy.clip_norm, strategy.clip_quantile,
+        strategy.clip_learning_rate if strategy.clip_learning_rate is not None else CLIP_LEARNING_RATE,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """The parts of the FLJob spec that the server acts on.
@@ -69,6 +80,8 @@ class JobSettings:
     strategy: StrategyName = _STRATEGY.name
     # The strategy's parameters by their spec names (serverLr, ...), as the strategy builder takes them.
     strategy_options: Mapping[str, Any] = field(default_factory=dict)
+    # spec.strategy.weighting, maxExamplesPerSite, clipNorm: bounds for every strategy, not its parameters.
+    influence: Influence = field(default_factory=lambda: influence_of(_STRATEGY))
     model_source: ModelSourceKind = _MODEL.source
     model_path: str | None = _MODEL.path
     # spec.model.maxBytes, or its default derived from the server's memory limit: the init model's bound.
@@ -90,7 +103,8 @@ class JobSettings:
             min_clients=spec.quorum,
             clients=tuple(c.name for c in spec.clients),
             strategy=strategy.name,
-            strategy_options=strategy.model_dump(by_alias=True, exclude={"name"}, exclude_none=True),
+            strategy_options=strategy.model_dump(by_alias=True, exclude={"name", *_INFLUENCE}, exclude_none=True),
+            influence=influence_of(strategy),
             model_source=spec.model.source,
             model_path=spec.model.path,
             model_max_bytes=model_max_bytes(spec.model, spec.server.resources.limits.get("memory")),

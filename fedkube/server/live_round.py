@@ -20,9 +20,10 @@ firstClient``) differ, so the workflow asks instead of branching on a kind:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -33,12 +34,13 @@ from fedkube.metrics.server import ServerMetrics
 from fedkube.protocol import INIT_TASK, TRAIN_TASK
 from fedkube.server.control import ResultAnnounced
 from fedkube.server.downloads import Download, ResultSink
+from fedkube.server.influence import SiteInfluence
 from fedkube.server.init_collector import InitCollector
 from fedkube.server.jobs import REBUILD_FAILED, JobFailed
 from fedkube.server.model import ModelSpec, check_init_result, check_result
 from fedkube.server.registry import ClientRecord, ClientState, Registry, SessionLike
 from fedkube.server.rounds import RoundState
-from fedkube.server.strategies import RoundAggregator
+from fedkube.server.strategies import BoundsInfluence, RoundAggregator
 from fedkube.spec.model import DEFAULT_MAX_BYTES
 from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.service import Transaction
@@ -128,14 +130,7 @@ class LiveRound(ABC):
             return ""
         if not outcome.rebuild:
             return ""
-        by_key: dict[str, list[str]] = {}
-        for name, keys in outcome.rebuild.items():
-            for key in keys:
-                by_key.setdefault(key, []).append(name)
-        self.to_rebuild += [(key, tuple(names)) for key, names in by_key.items()]
-        names = tuple(outcome.rebuild)
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        sites = sorted({self.sources[k].site if k in self.sources else k for k in by_key})
+        names, shown, sites = self._queue_rebuild(outcome.rebuild)
         # Short: the status summary shows the first 160 characters of a client's message.
         note = (f"nothing of it kept: {shown} rebuilt from {len(sites)} other client(s) ({', '.join(sites)})"
                 if sites else f"nothing of it kept: {shown} emptied (no other client had contributed yet)")
@@ -143,6 +138,21 @@ class LiveRound(ABC):
                     "of it already folded (%s) are emptied and rebuilt from the other clients' results (%s)",
                     self.job, self.number, dl.site, len(names), shown, ", ".join(sites))
         return note
+
+    def _queue_rebuild(self, rebuild: Mapping[str, tuple[str, ...]]) -> tuple[tuple[str, ...], str, list[str]]:
+        """Queue the tensors ``rebuild`` names to be pulled again; (their names, a short list of them, the sites)."""
+        by_key: dict[str, list[str]] = {}
+        for name, keys in rebuild.items():
+            for key in keys:
+                by_key.setdefault(key, []).append(name)
+        self.to_rebuild += [(key, tuple(names)) for key, names in by_key.items()]
+        names = tuple(rebuild)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return names, shown, sorted({self.sources[k].site if k in self.sources else k for k in by_key})
+
+    def weight_of(self, site: str, claimed: int) -> int:
+        """The weight ``site``'s accepted result counts with (its claim where nothing bounds it)."""
+        return claimed
 
     def settling(self, now: float, bound_s: float) -> bool:
         """Whether the closing round must still wait: for downloads to end (``bound_s``) or tensors to be rebuilt.
@@ -203,6 +213,7 @@ class TrainRound(LiveRound):
     state: RoundState
     telemetry: ServerMetrics
     clock: Callable[[], float]
+    influence: dict[str, SiteInfluence] = field(default_factory=dict)  # site -> how much its result counted
 
     @property
     def sink(self) -> RoundAggregator:
@@ -255,11 +266,35 @@ class TrainRound(LiveRound):
         # Commit only while the registry still expects this very result (it may have been lost meanwhile).
         if not registry.result_done(dl.site, dl.task_id):
             return False
+        self._bound(dl)
         self.aggregator.commit(dl.key)
         self.aggregation_s += dl.add_seconds
         self.telemetry.transferred("from_clients", dl.bytes_total, max(0.0, self.clock() - dl.started))
         log.info("job %s round %s: result of %s verified and aggregated", self.job, self.number, dl.site)
         return True
+
+    def _bound(self, dl: Download) -> None:
+        """Bound the influence of ``dl``'s complete result (fedkube.server.influence); queue what a clip re-pulls."""
+        if not isinstance(self.aggregator, BoundsInfluence):
+            return
+        bounded = self.aggregator.bound(dl.key)
+        site = dataclasses.replace(bounded.influence, site=dl.site)
+        self.influence[dl.site] = site
+        self.telemetry.site_influence(dl.site, claimed=site.claimed, weight=site.weight, norm=site.norm,
+                                      capped=site.capped, clipped=site.clipped)
+        if site.capped:
+            log.warning("job %s round %s: %s claimed num_examples=%g, above spec.strategy.maxExamplesPerSite; its "
+                        "result counts with weight %g", self.job, self.number, dl.site, site.claimed, site.weight)
+        if site.clipped:
+            _, shown, sites = self._queue_rebuild(bounded.rebuild) if bounded.rebuild else ((), "", [])
+            log.warning("job %s round %s: the update of %s has L2 norm %.6g, above spec.strategy.clipNorm; it counts "
+                        "scaled by %.6g (norm %.6g); tensors already folded (%s) are rebuilt from %s", self.job,
+                        self.number, dl.site, site.norm, site.scale, (site.norm or 0.0) * site.scale, shown or "none",
+                        ", ".join(sites) or "nobody")
+
+    def weight_of(self, site: str, claimed: int) -> int:
+        bounded = self.influence.get(site)
+        return claimed if bounded is None else round(bounded.weight)
 
 
 @dataclass(kw_only=True)

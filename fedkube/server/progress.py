@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 
 from fedkube.metrics.server import ServerMetrics
 from fedkube.server.downloads import Download
+from fedkube.server.influence import SiteInfluence
 from fedkube.server.jobs import Outcome
 from fedkube.server.registry import ClientState, Registry
 from fedkube.status import ROUND_HISTORY, JobStatus, Phase, utc_timestamp
@@ -35,6 +36,7 @@ class JobProgress:
         self.round = 0  # the round in progress (or last begun)
         self.completed = 0
         self.metrics: dict[str, float] = {}
+        self.influence: dict[str, SiteInfluence] = {}  # site -> how much its result counted in its last round
         self.round_seconds: deque[float] = deque(maxlen=ROUND_HISTORY)
         self.started_at = wall_clock()
         self.finished_at: float | None = None
@@ -54,6 +56,9 @@ class JobProgress:
             dl = downloads.get(c.name)
             if dl is not None:
                 c.message = f"uploading its result: {dl.bytes_done} of {dl.bytes_total} bytes received"
+            bounded = self.influence.get(c.name)
+            if bounded is not None:
+                c.weight, c.update_norm, c.bounded = bounded.weight, bounded.norm, bounded.note()
         return JobStatus(
             job=self._job,
             phase=self.phase,

@@ -120,7 +120,9 @@ class ResultDesk:
         del rnd.downloads[dl.site]
         job = self._job
         if ok and rnd.accept(self._registry, dl):
-            rnd.results[dl.site] = (dl.num_examples, dl.metrics)
+            # The round's metrics are weighted as the result was: a claim the cap cut counts capped there too.
+            rnd.results[dl.site] = (rnd.weight_of(dl.site, dl.num_examples), dl.metrics)
+            self.start_rebuilds(rnd)  # a clipped update is refolded scaled (fedkube.server.influence)
             self.answer(rnd, dl.site, True, "", "")
             self._on_change()
             return

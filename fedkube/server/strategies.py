@@ -7,8 +7,12 @@ A round goes::
     agg.commit(client) | agg.discard(client)        # result complete | download failed
     new_global = agg.finish()                       # dict name -> ndarray, global dtypes
 
-``weight`` is the client's ``num_examples``. The averaging engine, its
-accumulator precision and its memory math are in ``fedkube.server.aggregate``.
+``weight`` is the client's claimed ``num_examples``; the mean aggregators
+weight it as ``spec.strategy.weighting``/``maxExamplesPerSite`` say and, after
+a result's last tensor, ``bound(client)`` (the :class:`BoundsInfluence`
+capability) clips its update to ``clipNorm``: ``fedkube.server.influence``
+has the design and its costs. The averaging engine, its accumulator
+precision and its memory math are in ``fedkube.server.aggregate``.
 
 Strategies:
 
@@ -29,10 +33,11 @@ Strategies:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -49,6 +54,7 @@ from fedkube.server.aggregate import (
     accumulator_dtype,
     cast_to,
 )
+from fedkube.server.influence import Bounded, Influence, SiteInfluence
 from fedkube.server.model import Model, ModelSpec
 from fedkube.server.pool import ArrayPool
 from fedkube.server.robust import ROBUST_STRATEGIES, build_robust
@@ -121,6 +127,18 @@ class StreamingAggregator(RoundAggregator, Protocol):
 
 
 @runtime_checkable
+class BoundsInfluence(Protocol):
+    """A RoundAggregator that bounds each result's influence (``fedkube.server.influence``).
+
+    The round calls ``bound`` once per result, after its last tensor was
+    added and before ``commit``; the tensors in ``Bounded.rebuild`` must then
+    be pulled again and handed to ``refold``, as after a ``discard``.
+    """
+
+    def bound(self, client: str) -> Bounded: ...
+
+
+@runtime_checkable
 class Strategy(Protocol):
     """A federated optimization strategy."""
 
@@ -140,14 +158,39 @@ class Strategy(Protocol):
 
 
 class _MeanAggregator:
-    """RoundAggregator whose finish() hands the per-tensor means to a callback."""
+    """RoundAggregator whose finish() hands the per-tensor means to a callback; bounds each result's influence."""
 
-    def __init__(self, spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool | None = None) -> None:
-        self.engine = WeightedMean(spec, staged=staged, pool=pool)
+    def __init__(
+        self, spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool | None = None,
+        influence: Influence | None = None, reference: Mapping[str, np.ndarray] | None = None,
+    ) -> None:  # fmt: skip
+        self.influence = influence or Influence()
+        measure = reference if self.influence.measures_norm else None
+        self.engine = WeightedMean(spec, staged=staged, pool=pool, reference=measure)
         self._finish_fn = finish_fn
+        self._claims: dict[str, float] = {}  # client -> num_examples as claimed
+        self._norms: dict[str, float] = {}  # client -> its update norm, measured by bound()
+        self.adapt: Callable[[list[float]], None] = lambda norms: None  # the strategy's, for the next round
+
+    def _weight(self, client: str, claimed: float) -> float:
+        self._claims[client] = float(claimed)
+        return self.influence.weight(float(claimed))
 
     def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool:
-        return self.engine.add(client, name, array, weight)
+        return self.engine.add(client, name, array, self._weight(client, weight))
+
+    def bound(self, client: str) -> Bounded:
+        """Measure ``client``'s finished result and clip its update (see ``BoundsInfluence``)."""
+        claimed = self._claims.get(client)
+        weight = self.influence.weight(claimed) if claimed is not None else 0.0
+        norm = self.engine.update_norm(client)
+        scale = self.influence.scale(norm) if norm is not None else 1.0
+        rebuild = self.engine.rescale(client, scale) if scale < 1.0 else {}
+        if norm is not None:
+            self._norms[client] = norm
+        capped = claimed is not None and self.influence.capped(claimed)
+        site = SiteInfluence(client, claimed if claimed is not None else 0.0, weight, norm, scale, capped)
+        return Bounded(site, rebuild)
 
     def commit(self, client: str) -> None:
         self.engine.commit(client)
@@ -162,11 +205,18 @@ class _MeanAggregator:
         return self.engine.owed()
 
     def reopen(self, client: str, new_key: str | None = None) -> tuple[str, ...]:
+        if new_key is not None and client in self._claims:  # the same result: its claim, should nothing be re-added
+            self._claims.setdefault(new_key, self._claims[client])
         return self.engine.reopen(client, new_key)
 
     def finish(self) -> Model:
         result: Model = self._finish_fn(self.engine.means())
+        self.adapt(self.norms())  # the next round's bound (fedkube.server.influence, "Adaptive bound")
         return result
+
+    def norms(self) -> list[float]:
+        """Update norms of the committed results (after ``finish``: the round's accepted results)."""
+        return [self._norms[c] for c in self.engine.committed if c in self._norms]
 
     @property
     def committed(self) -> tuple[str, ...]:
@@ -176,20 +226,27 @@ class _MeanAggregator:
 class _StreamingMeanAggregator(_MeanAggregator):
     """The streaming (not staged) mean: a StreamingAggregator, receiving into its accumulators."""
 
-    def __init__(self, spec: ModelSpec, finish_fn: Any, pool: ArrayPool | None = None) -> None:
-        super().__init__(spec, False, finish_fn, pool)
+    def __init__(
+        self, spec: ModelSpec, finish_fn: Any, pool: ArrayPool | None = None, influence: Influence | None = None,
+        reference: Mapping[str, np.ndarray] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(spec, False, finish_fn, pool, influence, reference)
 
     def intake(
         self, client: str, name: str, dtype: str, shape: tuple[int, ...], weight: float, *,
         abort: threading.Event | None = None,
     ) -> Intake:  # fmt: skip
-        return self.engine.intake(client, name, dtype, shape, weight, abort=abort)
+        return self.engine.intake(client, name, dtype, shape, self._weight(client, weight), abort=abort)
 
 
-def _mean_aggregator(spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool) -> RoundAggregator:
-    if staged:
-        return _MeanAggregator(spec, True, finish_fn, pool)
-    return _StreamingMeanAggregator(spec, finish_fn, pool)
+def _mean_aggregator(
+    spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool, influence: Influence,
+    reference: Mapping[str, np.ndarray], adapt: Callable[[list[float]], None],
+) -> RoundAggregator:  # fmt: skip
+    agg = (_MeanAggregator(spec, True, finish_fn, pool, influence, reference) if staged
+           else _StreamingMeanAggregator(spec, finish_fn, pool, influence, reference))  # fmt: skip
+    agg.adapt = adapt
+    return agg
 
 
 class _Recycler:
@@ -227,8 +284,9 @@ class FedAvg:
 
     name = "fedavg"
 
-    def __init__(self, *, staged: bool = False) -> None:
+    def __init__(self, *, staged: bool = False, influence: Influence | None = None) -> None:
         self.staged = staged
+        self.influence = influence or Influence()
         self._recycler = _Recycler()
 
     @property
@@ -240,14 +298,44 @@ class FedAvg:
         spec = _spec_of(global_model)
         self._recycler.supersede(global_model)
         return _mean_aggregator(
-            spec, self.staged, lambda means: {t.name: cast_to(t, means[t.name]) for t in spec}, self.pool
-        )
+            spec, self.staged, lambda means: {t.name: cast_to(t, means[t.name]) for t in spec}, self.pool,
+            self.influence, global_model, self._adapt,
+        )  # fmt: skip
+
+    def _adapt(self, norms: list[float]) -> None:
+        self.influence = _adapted(self.influence, norms)
 
     def state(self) -> StrategyState:
-        return StrategyState(self.name, {"staged": self.staged})
+        return StrategyState(self.name, {"staged": self.staged, **_clip_state(self.influence)})
 
     def load_state(self, state: StrategyState) -> None:
         _check_name(self.name, state)
+        self.influence = _load_clip(self.influence, state)
+
+
+def _adapted(influence: Influence, norms: list[float]) -> Influence:
+    after = influence.adapted(norms)
+    if after.clip_norm != influence.clip_norm:
+        log.info("clipNorm adapted from %.6g to %.6g: %d of %d update norms were within it (clipQuantile %g)",
+                 influence.clip_norm, after.clip_norm, sum(1 for n in norms if n <= (influence.clip_norm or 0)),
+                 len(norms), influence.clip_quantile)  # fmt: skip
+    return after
+
+
+def _clip_state(influence: Influence) -> dict[str, JSONValue]:
+    """The adapted clipNorm, for the checkpoint (nothing when the bound is fixed: the spec has it)."""
+    return {"clipNorm": influence.clip_norm} if influence.clip_quantile is not None else {}
+
+
+def _load_clip(influence: Influence, state: StrategyState) -> Influence:
+    """The bounds to resume with: the checkpoint's adapted clipNorm when the spec still adapts it."""
+    value = state.meta.get("clipNorm")
+    if influence.clip_quantile is None or value is None:
+        return influence
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"the checkpoint's adapted clipNorm {value!r} is not a positive number; start from a "
+                          "fresh checkpoint directory or remove spec.strategy.clipQuantile")
+    return dataclasses.replace(influence, clip_norm=float(value))
 
 
 def _check_name(expected: str, state: StrategyState) -> None:
@@ -271,6 +359,7 @@ class FedAdam:
         beta2: float = 0.99,
         tau: float = 1e-3,
         staged: bool = False,
+        influence: Influence | None = None,
     ) -> None:
         for field_name, value, lo, hi in (
             ("serverLr", server_lr, 0.0, math.inf),
@@ -290,6 +379,7 @@ class FedAdam:
         self.beta2 = float(beta2)
         self.tau = float(tau)
         self.staged = staged
+        self.influence = influence or Influence()
         self._recycler = _Recycler()
         self.step = 0
         self.m: dict[str, np.ndarray] = {}
@@ -308,7 +398,10 @@ class FedAdam:
         def finish(means: dict[str, np.ndarray]) -> Model:
             return self._apply(spec, model, means)
 
-        return _mean_aggregator(spec, self.staged, finish, self.pool)
+        return _mean_aggregator(spec, self.staged, finish, self.pool, self.influence, model, self._adapt)
+
+    def _adapt(self, norms: list[float]) -> None:
+        self.influence = _adapted(self.influence, norms)
 
     def _apply(self, spec: ModelSpec, model: Mapping[str, np.ndarray], means: dict[str, np.ndarray]) -> Model:
         out: Model = {}
@@ -366,6 +459,7 @@ class FedAdam:
             "beta2": self.beta2,
             "tau": self.tau,
             "step": self.step,
+            **_clip_state(self.influence),
         }
         return StrategyState(self.name, meta, tensors)
 
@@ -382,6 +476,7 @@ class FedAdam:
             raise ConfigError(f"FedAdam state is inconsistent: m has {sorted(m)}, v has {sorted(v)}")
         # Hyper-parameters come from the spec (a user may change serverLr on resume); step comes from the state.
         self.step = int(state.meta.get("step", 0))
+        self.influence = _load_clip(self.influence, state)
         self.m = {k: np.array(a, copy=True) for k, a in m.items()}
         self.v = {k: np.array(a, copy=True) for k, a in v.items()}
 
@@ -389,26 +484,32 @@ class FedAdam:
 STRATEGIES = ("fedavg", "fedadam", *ROBUST_STRATEGIES)
 
 
-def build_strategy(name: str, params: Mapping[str, Any] | None = None, *, spill_dir: Path | None = None) -> Strategy:
-    """The strategy named in the spec, with its camelCase parameters (e.g. ``serverLr``).
+def build_strategy(
+    name: str, params: Mapping[str, Any] | None = None, influence: Influence | None = None, *,
+    spill_dir: Path | None = None,
+) -> Strategy:
+    """The strategy named in the spec, with its camelCase parameters (e.g. ``serverLr``) and influence bounds.
 
     ``spill_dir`` is where the robust strategies (``fedkube.server.robust``) stage a round's results on disk:
-    the server's checkpoint directory, or None for a temp dir.
+    the server's checkpoint directory, or None for a temp dir. They weigh every result once and do not clip,
+    so they take no ``influence`` bounds (the spec refuses them together).
     """
     params = dict(params or {})
     if name in ROBUST_STRATEGIES:
+        if influence is not None and influence != Influence():
+            raise ConfigError(f"spec.strategy: {name} takes no weighting, maxExamplesPerSite or clipNorm")
         return build_robust(name, params, spill_dir)
     staged = bool(params.pop("staged", False))
     if name == "fedavg":
         if params:
             raise ConfigError(f"spec.strategy: fedavg takes no parameters, got {sorted(params)}")
-        return FedAvg(staged=staged)
+        return FedAvg(staged=staged, influence=influence)
     if name == "fedadam":
         known = {"serverLr": "server_lr", "beta1": "beta1", "beta2": "beta2", "tau": "tau"}
         unknown = sorted(set(params) - set(known))
         if unknown:
             raise ConfigError(f"spec.strategy: unknown fedadam parameter(s) {unknown}; known: {sorted(known)}")
-        return FedAdam(staged=staged, **{known[k]: float(v) for k, v in params.items()})
+        return FedAdam(staged=staged, influence=influence, **{known[k]: float(v) for k, v in params.items()})
     raise ConfigError(f"spec.strategy.name={name!r} is not a known strategy; use one of {', '.join(STRATEGIES)}")
 
 

@@ -369,6 +369,7 @@ class RoundWorkflow:
         new_model = rnd.aggregator.finish()
         self.telemetry.aggregated(rnd.aggregation_s + time.perf_counter() - t0)
         self._progress.metrics = weighted_metrics({k: (float(n), m) for k, (n, m) in rnd.results.items()})
+        self._progress.influence.update(rnd.influence)
         log.info("job %s round %s: aggregated the results of %s; metrics %s", s.job, number, ",".join(done),
                  self._progress.metrics)
         self._refresh()

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MIN_POSITIVE = 1e-12  # fedadam's serverLr and tau
 MAX_BETA = 0.999999999  # fedadam's moment decays must stay below 1
 MAX_TRIM_FRACTION = 0.499999999  # trimmedmean trims < half at each end, so something is always left
+MAX_EXAMPLES = 2**63 - 1  # the CRD's int64; num_examples on the wire is uint64
+CLIP_LEARNING_RATE = 0.2  # Andrew et al. 2021's eta_C
 
 
 class _Model(BaseModel):
@@ -19,6 +21,7 @@ class _Model(BaseModel):
 
 
 StrategyName = Literal["fedavg", "fedadam", "median", "trimmedmean", "krum"]
+Weighting = Literal["examples", "equal"]
 
 FEDADAM_DEFAULTS: dict[str, float] = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
 # The robust strategies' parameters (fedkube.server.robust): field -> (owning strategy, default).
@@ -27,6 +30,7 @@ ROBUST_DEFAULTS: dict[str, tuple[str, float | int]] = {
     "byzantine": ("krum", 1),
     "krum_select": ("krum", 1),
 }
+ROBUST_STRATEGY_NAMES = ("median", "trimmedmean", "krum")
 
 
 class Strategy(_Model):
@@ -77,6 +81,33 @@ class Strategy(_Model):
         ),
     )  # fmt: skip
 
+    # Bounded influence (every strategy): how much one site's result can move the global model.
+    # fedkube.server.influence applies them; its docstring says why there is no default cap.
+    weighting: Weighting = Field(
+        default="examples",
+        description="examples: weight each site's result by its num_examples (capped by maxExamplesPerSite); "
+        "equal: every site weighs 1, whatever it claims.",
+    )
+    max_examples_per_site: int | None = Field(
+        default=None, alias="maxExamplesPerSite", ge=1, le=MAX_EXAMPLES,
+        description="weighting=examples: a site claiming more examples counts as this many (unset: no cap).",
+    )  # fmt: skip
+    clip_norm: float | None = Field(
+        default=None, alias="clipNorm", ge=MIN_POSITIVE, allow_inf_nan=False,
+        description="Clip each site's update (its result minus the global model, L2 norm over every float "
+        "tensor) to this norm before it counts (unset: no clipping). With clipQuantile: the first round's bound.",
+    )  # fmt: skip
+    clip_quantile: float | None = Field(
+        default=None, alias="clipQuantile", ge=0, le=1,
+        description="Adapt clipNorm after each round toward this quantile of the sites' update norms "
+        "(Andrew et al. 2021, geometric update; unset: clipNorm stays fixed).",
+    )  # fmt: skip
+    clip_learning_rate: float | None = Field(
+        default=None, alias="clipLearningRate", ge=MIN_POSITIVE, le=10,
+        description="clipQuantile: step of the geometric update, clipNorm *= exp(-rate * (fraction of sites "
+        f"within clipNorm - clipQuantile)) (default {CLIP_LEARNING_RATE}).",
+    )  # fmt: skip
+
     @model_validator(mode="after")
     def _fill_fedadam_defaults(self) -> Strategy:
         # Filled here rather than as field defaults so fedavg carries no parameters it would ignore.
@@ -89,6 +120,30 @@ class Strategy(_Model):
                 setattr(self, field, default)
         return self
 
+    @model_validator(mode="after")
+    def _check_influence(self) -> Strategy:
+        if self.weighting == "equal" and self.max_examples_per_site is not None:
+            raise ValueError(
+                "maxExamplesPerSite caps num_examples, which weighting=equal ignores; remove maxExamplesPerSite "
+                "or set weighting to examples"
+            )
+        if self.clip_quantile is None:
+            if self.clip_learning_rate is not None:
+                raise ValueError("clipLearningRate is the step of clipQuantile's adaptation; set clipQuantile too "
+                                 "or remove clipLearningRate")
+        elif self.clip_norm is None:
+            raise ValueError("clipQuantile adapts clipNorm from its first value; set clipNorm too (e.g. 1.0)")
+        elif self.clip_learning_rate is None:
+            self.clip_learning_rate = CLIP_LEARNING_RATE
+        bounded = self.weighting != "examples" or self.max_examples_per_site is not None or self.clip_norm is not None
+        if self.name in ROBUST_STRATEGY_NAMES and bounded:
+            # The robust rules weigh every result once and do not clip (fedkube.server.robust): a bound set here
+            # would look like protection it is not.
+            raise ValueError(
+                f"{self.name} ignores num_examples and does not clip, so weighting, maxExamplesPerSite and clipNorm "
+                "do not apply to it; remove them, or use fedavg/fedadam with these bounds"
+            )
+        return self
 
 def trim_count(beta: float, n: int) -> int:
     """Values trimmedmean drops at each end of n: floor(beta*n); the epsilon keeps 0.29*100 at 29, not 28.99…"""
@@ -118,6 +173,6 @@ def min_results(strategy: Strategy) -> int:
 
 
 __all__ = [
-    "FEDADAM_DEFAULTS", "MAX_BETA", "MAX_TRIM_FRACTION", "MIN_POSITIVE", "ROBUST_DEFAULTS", "Strategy", "StrategyName",
-    "min_results", "trim_count",
+    "CLIP_LEARNING_RATE", "FEDADAM_DEFAULTS", "MAX_BETA", "MAX_EXAMPLES", "MAX_TRIM_FRACTION", "MIN_POSITIVE",
+    "ROBUST_DEFAULTS", "Strategy", "StrategyName", "Weighting", "min_results", "trim_count",
 ]  # fmt: skip

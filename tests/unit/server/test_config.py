@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from fedkube.server.config import JobSettings, TransferSettings, settings_from_spec
+from fedkube.server.influence import Influence
 from fedkube.server.strategies import build_strategy
 from fedkube.spec import FLJobSpec, Transfer, parse_job
 from fedkube.spec.strategy import Strategy as SpecStrategy
@@ -30,7 +31,10 @@ MINIMAL: dict[str, Any] = {
 EVERYTHING: dict[str, Any] = {
     **MINIMAL["spec"],
     "minClients": 1,
-    "strategy": {"name": "fedadam", "serverLr": 0.5},
+    "strategy": {
+        "name": "fedadam", "serverLr": 0.5, "maxExamplesPerSite": 1000, "clipNorm": 2.5, "clipQuantile": 0.5,
+        "clipLearningRate": 0.1,
+    },
     "model": {"source": "file", "path": "/models/init.npz", "maxBytes": 123456},
     "transfer": {"chunkBytes": 65536, "chunkTimeoutSeconds": 7, "idleTimeoutSeconds": 30, "maxAttempts": 4},
     "timeouts": {"roundSeconds": 90, "heartbeatSeconds": 12, "registrationSeconds": 40},
@@ -98,5 +102,16 @@ def test_every_strategy_parameter_reaches_the_server_and_its_builder(tmp_path: P
         s = settings_from_spec("cfg", _spec({**MINIMAL["spec"], "clients": FIVE, "strategy": {"name": name}}))
         build_strategy(s.strategy, s.strategy_options, spill_dir=tmp_path)
         seen |= set(s.strategy_options)
-    fields = {f.alias or n for n, f in SpecStrategy.model_fields.items() if n != "name"}
+    influence = {"weighting", "maxExamplesPerSite", "clipNorm", "clipQuantile", "clipLearningRate"}
+    fields = {f.alias or n for n, f in SpecStrategy.model_fields.items() if n != "name"} - influence
     assert seen == fields
+
+
+def test_influence_bounds_are_settings_of_their_own_not_strategy_parameters() -> None:
+    """weighting/maxExamplesPerSite/clipNorm reach JobSettings.influence and never the strategy's parameters."""
+    capped = settings_from_spec("cfg", _spec(EVERYTHING))
+    assert capped.influence == Influence("examples", 1000, 2.5, 0.5, 0.1)
+    assert dict(capped.strategy_options) == {"serverLr": 0.5, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+    equal = settings_from_spec("cfg", _spec({**MINIMAL["spec"], "strategy": {"weighting": "equal"}}))
+    assert equal.influence == Influence("equal") and dict(equal.strategy_options) == {}
+    assert settings_from_spec("cfg", _spec(MINIMAL["spec"])).influence == Influence()
