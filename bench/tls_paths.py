@@ -227,7 +227,8 @@ def trainer_main(conn: Connection, size: int, tls_dir: str) -> None:
         cpu0 = cpu_s()
         sock = _connect("unix" if kind == "unix" else "tcp", address)
         if kind == "tls":
-            sock = ticket.wrap_socket(sock, server_hostname=server_name)
+            sock = ticket.wrap_socket(sock, server_hostname=server_name)  # the handshake happens here
+        connect_s = time.perf_counter() - start
         with sock:
             if direction == "down":
                 _recv_exact(sock, data.data.cast("B"))
@@ -241,7 +242,7 @@ def trainer_main(conn: Connection, size: int, tls_dir: str) -> None:
                 _recv_ack(sock)
                 elapsed = time.perf_counter() - start
                 cpu = cpu_s() - cpu0
-            conn.send({"seconds": elapsed, "cpu_s": cpu, "tls": _tls_info(sock)})
+            conn.send({"seconds": elapsed, "connect_s": connect_s, "cpu_s": cpu, "tls": _tls_info(sock)})
 
 
 # --- the paths -----------------------------------------------------------------------------------
@@ -298,7 +299,8 @@ def run_path(roles: Roles, path: Route) -> dict[str, Any]:
     roles.trainer.send((target, path.direction))
     trainer = _recv(roles.trainer, f"trainer on {path.name}")
     server = _recv(roles.server, f"server on {path.name}")
-    out = {"seconds": trainer["seconds"], "cpu": {"server": server["cpu_s"], "trainer": trainer["cpu_s"]}}
+    out = {"seconds": trainer["seconds"], "connect_s": trainer["connect_s"]}
+    out["cpu"] = {"server": server["cpu_s"], "trainer": trainer["cpu_s"]}
     out["tls"] = {"server": server["tls"], "trainer": trainer["tls"]}
     if path.sidecar is not None:
         sidecar = _recv(roles.sidecar, f"sidecar on {path.name}")
@@ -420,6 +422,7 @@ def main() -> None:
         roles = Roles(server, sidecar, trainer, ports, _recv(sidecar, "sidecar"))
         _recv(trainer, "trainer")
         seconds: dict[str, list[float]] = {p.name: [] for p in paths}
+        connects: dict[str, list[float]] = {p.name: [] for p in paths}
         cpu: dict[str, dict[str, list[float]]] = {p.name: {} for p in paths}
         tls: dict[str, dict[str, str]] = {}
         floors: list[float] = []
@@ -433,6 +436,7 @@ def main() -> None:
             for path in paths:
                 run = run_path(roles, path)
                 seconds[path.name].append(run["seconds"])
+                connects[path.name].append(run["connect_s"])
                 for who, c in run["cpu"].items():
                     cpu[path.name].setdefault(who, []).append(c / gib)
                 tls[path.name] = run["tls"]
@@ -456,6 +460,8 @@ def main() -> None:
             "mib_s": round(size / best / (1 << 20)),
             "over_floor": round(best / floor, 2),
             "runs_s": [round(x, 3) for x in seconds[path.name]],
+            # The trainer's connect (+ TLS handshake on tls_direct; a relay's upstream dial is in the transfer).
+            "connect_ms_median": round(1000 * statistics.median(connects[path.name]), 2),
             "cpu_s_per_gib": {who: round(v, 3) for who, v in medians[path.name].items()},
             "cpu_s_per_gib_total": round(sum(medians[path.name].values()), 3),
             "tls": tls[path.name],
