@@ -330,12 +330,12 @@ def cpu_flags() -> dict[str, bool]:
     return {flag: flag in flags for flag in ("aes", "pclmulqdq", "avx2", "vaes", "vpclmulqdq")}
 
 
-def cipher_only(size: int, record: int = 16 << 10) -> dict[str, float]:
-    """CPU seconds per GiB of AES-256-GCM alone (`cryptography`'s OpenSSL, this process, one thread), sealing
+def cipher_only(size: int, bits: int = 256, record: int = 16 << 10) -> dict[str, float]:
+    """CPU seconds per GiB of AES-GCM alone (`cryptography`'s OpenSSL, this process, one thread), sealing
     and opening ``size`` bytes in TLS-record-sized pieces: the floor under any TLS path's crypto."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    aead = AESGCM(AESGCM.generate_key(bit_length=256))
+    aead = AESGCM(AESGCM.generate_key(bit_length=bits))
     nonce = os.urandom(12)  # one nonce for every piece: a benchmark, nothing is kept
     plain = _pattern(min(size, 64 << 20)).tobytes()
     pieces = [plain[i : i + record] for i in range(0, len(plain), record)]
@@ -381,12 +381,32 @@ def _derived(cpu: dict[str, dict[str, float]]) -> dict[str, float]:
     return {k: round(a - b, 3) for k, (a, b) in pairs.items() if a is not None and b is not None}
 
 
+def _openssl_conf(directory: Path, ciphersuites: str) -> None:
+    """Make every process started from now on offer only ``ciphersuites`` in TLS 1.3.
+
+    Python's ssl module cannot set TLS 1.3 suites (``set_ciphers`` is for TLS <= 1.2), but OpenSSL applies its
+    config file's ``system_default`` section to every context it makes; the spawned roles read it at start-up.
+    """
+    conf = directory / "openssl.cnf"
+    conf.write_text(
+        "openssl_conf = default_conf\n[default_conf]\nssl_conf = ssl_sect\n[ssl_sect]\n"
+        f"system_default = system_default_sect\n[system_default_sect]\nCiphersuites = {ciphersuites}\n"
+    )
+    os.environ["OPENSSL_CONF"] = str(conf)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=256, help="bytes moved per transfer, in MiB")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of floor + every path; best time is kept")
     parser.add_argument(
         "--path", action="append", default=[], help="measure only these paths (repeatable; default: all)"
+    )
+    parser.add_argument(
+        "--ciphersuites",
+        default=None,
+        metavar="SUITES",
+        help="TLS 1.3 suites to offer, e.g. TLS_AES_128_GCM_SHA256 (default: OpenSSL's, which picks AES-256-GCM)",
     )
     args = parser.parse_args()
     paths = [p for p in _paths() if not args.path or p.name in args.path]
@@ -402,10 +422,13 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "cpu_flags": cpu_flags(),
         "openssl": ssl.OPENSSL_VERSION,
+        "ciphersuites": args.ciphersuites or "openssl default",
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
     }
     with tempfile.TemporaryDirectory(prefix="fedkube-tls-bench-") as tmp:
         _write_material(Path(tmp))
+        if args.ciphersuites:
+            _openssl_conf(Path(tmp), args.ciphersuites)
         procs = []
 
         def start(target: Any, *fargs: Any) -> Connection:
@@ -468,7 +491,8 @@ def main() -> None:
         }
     result["paths"] = table
     result["derived_cpu_s_per_gib"] = _derived(medians)
-    result["aes_256_gcm_only_cpu_s_per_gib"] = cipher_only(size)
+    bits = 128 if "AES_128" in (args.ciphersuites or "") else 256
+    result[f"aes_{bits}_gcm_only_cpu_s_per_gib"] = cipher_only(size, bits)
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     result["moved_mib"] = mib(size)
     emit(result)
