@@ -73,22 +73,94 @@ def _expected(idx: np.ndarray) -> np.ndarray:
     return ((idx.astype(np.uint64) * np.uint64(2654435761)) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
-def _tls_info(sock: socket.socket) -> str:
-    if isinstance(sock, ssl.SSLSocket):
+class BioTls:
+    """A TLS session driven through memory BIOs: one socket read or write per MiB of ciphertext.
+
+    An `ssl.SSLSocket` makes two read syscalls per TLS record (header, then body: <= 16 KiB) and one write per
+    record; here the socket moves up to RELAY_BUFFER bytes per call and OpenSSL works on memory. The same
+    `ssl.SSLContext`, certificates and checks as `wrap_socket`.
+    """
+
+    def __init__(
+        self, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+    ) -> None:
+        self.sock = sock
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=server_hostname)
+        self._raw = memoryview(bytearray(RELAY_BUFFER))
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill()
+        self._flush()  # the last handshake flight (and a server's session tickets)
+
+    def _flush(self) -> None:
+        if self._out.pending:
+            self.sock.sendall(self._out.read())
+
+    def _fill(self) -> None:
+        n = self.sock.recv_into(self._raw)
+        if n == 0:
+            self._in.write_eof()
+        else:
+            self._in.write(self._raw[:n])
+
+    def recv_into(self, view: memoryview) -> int:
+        while True:
+            try:
+                return self.obj.read(len(view), view)
+            except ssl.SSLWantReadError:
+                self._fill()
+            except ssl.SSLZeroReturnError:
+                return 0
+
+    def recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        return bytes(buf[: self.recv_into(memoryview(buf))])
+
+    def sendall(self, view: bytes | memoryview) -> None:
+        mv = memoryview(view)
+        for pos in range(0, len(mv), RELAY_BUFFER):  # encrypt a MiB into the BIO, then one write
+            self.obj.write(mv[pos : pos + RELAY_BUFFER])
+            self._flush()
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        return self.obj.cipher()
+
+    def __enter__(self) -> BioTls:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+#: A connection of the benchmark: plain, an SSLSocket, or a memory-BIO TLS session.
+Conn = Any
+
+
+def _is_tls(sock: Conn) -> bool:
+    return isinstance(sock, (ssl.SSLSocket, BioTls))
+
+
+def _tls_info(sock: Conn) -> str:
+    if _is_tls(sock):
         name, version, bits = sock.cipher() or ("?", "?", 0)
-        return f"{version} {name} ({bits} bit)"
+        return f"{version} {name} ({bits} bit){' via memory BIOs' if isinstance(sock, BioTls) else ''}"
     return "plaintext"
 
 
-def _send_all(sock: socket.socket, view: memoryview) -> None:
+def _send_all(sock: Conn, view: memoryview) -> None:
     for pos in range(0, len(view), IO_BYTES):
         sock.sendall(view[pos : pos + IO_BYTES])
-    if not isinstance(sock, ssl.SSLSocket):
+    if not _is_tls(sock):
         # The plain relay pumps until EOF (as fedkube's does); a TLS socket keeps its session for the ack instead.
         sock.shutdown(socket.SHUT_WR)
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+def _recv_exact(sock: Conn, view: memoryview) -> None:
     got = 0
     while got < len(view):
         n = sock.recv_into(view[got : got + IO_BYTES])
@@ -97,7 +169,7 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def _recv_ack(sock: socket.socket) -> bytes:
+def _recv_ack(sock: Conn) -> bytes:
     ack = sock.recv(1)
     if ack != ACK:
         raise ConnectionError(f"expected the receiver's acknowledgement, got {ack!r}")
@@ -118,7 +190,7 @@ def _connect(kind: str, address: str | int) -> socket.socket:
 
 
 def server_main(conn: Connection, size: int, tls_dir: str) -> None:
-    """Serves one connection per command: ("plain"|"mtls"|"ticket", "down"|"up")."""
+    """Serves one connection per command: ("plain"|"mtls"|"ticket", "down"|"up", memory BIOs or not)."""
     from fedkube.security import contexts, material
     from fedkube.transfer import endpoints
 
@@ -132,12 +204,13 @@ def server_main(conn: Connection, size: int, tls_dir: str) -> None:
     listeners = {kind: endpoints.listen("127.0.0.1", 0) for kind in ("plain", "mtls", "ticket")}
     conn.send({kind: sock.getsockname()[1] for kind, sock in listeners.items()})
     while (cmd := conn.recv()) != "stop":
-        kind, direction = cmd
+        kind, direction, bio = cmd
         raw, _ = listeners[kind].accept()
         cpu0 = cpu_s()
-        sock: socket.socket = raw
+        sock: Conn = raw
         if kind != "plain":
-            sock = (mtls if kind == "mtls" else ticket).wrap_socket(raw, server_side=True)
+            ctx = mtls if kind == "mtls" else ticket
+            sock = BioTls(raw, ctx, server_side=True) if bio else ctx.wrap_socket(raw, server_side=True)
         with sock:
             if direction == "down":
                 _send_all(sock, source.data.cast("B"))
@@ -172,7 +245,7 @@ def _copy(src: socket.socket, dst: socket.socket, buf: memoryview, nbytes: int, 
 
 
 def sidecar_main(conn: Connection, size: int, tls_dir: str, server_ports: dict[str, int]) -> None:
-    """Relays one connection per command: ("tcp"|"unix", "plain"|"tls"|"tls_fill", "down"|"up")."""
+    """Relays one connection per command: ("tcp"|"unix", "plain"|"tls"|"tls_fill"|"tls_bio", "down"|"up")."""
     from fedkube.security import contexts, material
     from fedkube.transfer import endpoints
     from fedkube.transfer.bulk.relay import pump
@@ -190,8 +263,10 @@ def sidecar_main(conn: Connection, size: int, tls_dir: str, server_ports: dict[s
         local_kind, upstream, direction = cmd
         local, _ = listeners[local_kind].accept()
         cpu0 = cpu_s()
-        up = endpoints.dial(f"127.0.0.1:{server_ports['plain' if upstream == 'plain' else 'mtls']}", 60)
-        if upstream != "plain":
+        up: Conn = endpoints.dial(f"127.0.0.1:{server_ports['plain' if upstream == 'plain' else 'mtls']}", 60)
+        if upstream == "tls_bio":
+            up = BioTls(up, client, server_side=False, server_hostname=server_name)
+        elif upstream != "plain":
             up = client.wrap_socket(up, server_hostname=server_name)
         src, dst = (up, local) if direction == "down" else (local, up)
         with local, up:
@@ -199,7 +274,7 @@ def sidecar_main(conn: Connection, size: int, tls_dir: str, server_ports: dict[s
                 pump(src, dst, RELAY_BUFFER, None)  # splice(2): the bytes never enter this process
                 dst.shutdown(socket.SHUT_WR)
             else:  # splice cannot read a TLS session: decrypt (or encrypt) through the buffer
-                _copy(src, dst, buf, size, fill=upstream == "tls_fill")
+                _copy(src, dst, buf, size, fill=upstream != "tls")
             src.sendall(_recv_ack(dst))
             conn.send({"cpu_s": cpu_s() - cpu0, "tls": _tls_info(up)})
 
@@ -208,7 +283,7 @@ def sidecar_main(conn: Connection, size: int, tls_dir: str, server_ports: dict[s
 
 
 def trainer_main(conn: Connection, size: int, tls_dir: str) -> None:
-    """One transfer per command: (("server"|"tcp"|"unix"|"tls", address), "down"|"up"); times it."""
+    """One transfer per command: (("server"|"tcp"|"unix"|"tls"|"tls_bio", address), "down"|"up"); times it."""
     from fedkube.transfer import endpoints  # noqa: F401  (not inside the first timed run)
 
     data = _pattern(size)  # uploads send it; downloads overwrite it with the same pattern
@@ -225,9 +300,12 @@ def trainer_main(conn: Connection, size: int, tls_dir: str) -> None:
             data.view(np.uint32)[idx] = 0
         start = time.perf_counter()
         cpu0 = cpu_s()
-        sock = _connect("unix" if kind == "unix" else "tcp", address)
+        sock: Conn = _connect("unix" if kind == "unix" else "tcp", address)
+        # The handshake happens here.
         if kind == "tls":
-            sock = ticket.wrap_socket(sock, server_hostname=server_name)  # the handshake happens here
+            sock = ticket.wrap_socket(sock, server_hostname=server_name)
+        elif kind == "tls_bio":
+            sock = BioTls(sock, ticket, server_side=False, server_hostname=server_name)
         connect_s = time.perf_counter() - start
         with sock:
             if direction == "down":
@@ -255,8 +333,9 @@ class Route:
     name: str
     direction: str  # "down": server -> trainer; "up": trainer -> server
     server: str  # listener: plain | mtls | ticket
-    trainer: str  # what the trainer dials: server (plain, direct) | tls (direct) | tcp | unix (the sidecar)
-    sidecar: str | None = None  # upstream mode: plain | tls | tls_fill
+    trainer: str  # what the trainer dials: server (plain, direct) | tls | tls_bio (direct) | tcp | unix (the sidecar)
+    sidecar: str | None = None  # upstream mode: plain | tls | tls_fill | tls_bio
+    bio: bool = False  # the server's TLS end through memory BIOs (BioTls)
 
 
 def _paths() -> list[Route]:
@@ -269,8 +348,11 @@ def _paths() -> list[Route]:
         Route("tls_relay_fill_tcp", "down", "mtls", "tcp", "tls_fill"),
         Route("tls_relay_fill_unix", "down", "mtls", "unix", "tls_fill"),
         Route("tls_direct", "down", "ticket", "tls"),
+        # Every TLS end through memory BIOs: how much of TLS's cost is the per-record syscalls.
+        Route("tls_relay_bio_unix", "down", "mtls", "unix", "tls_bio", bio=True),
+        Route("tls_direct_bio", "down", "ticket", "tls_bio", bio=True),
     ]
-    return down + [Route(f"up_{p.name}", "up", p.server, p.trainer, p.sidecar) for p in down]
+    return down + [Route(f"up_{p.name}", "up", p.server, p.trainer, p.sidecar, p.bio) for p in down]
 
 
 @dataclass
@@ -290,7 +372,7 @@ def _recv(conn: Connection, what: str) -> Any:
 
 def run_path(roles: Roles, path: Route) -> dict[str, Any]:
     """Moves S bytes along ``path`` once; the receiver's seconds and every role's CPU seconds."""
-    roles.server.send((path.server, path.direction))
+    roles.server.send((path.server, path.direction, path.bio))
     if path.sidecar is not None:
         roles.sidecar.send((path.trainer, path.sidecar, path.direction))
         target = (path.trainer, roles.sidecar_addresses[path.trainer])
@@ -374,6 +456,11 @@ def _derived(cpu: dict[str, dict[str, float]]) -> dict[str, float]:
         "encrypt_server": (role("tls_direct", "server"), role("plain_handoff", "server")),
         "tls_direct_over_plain_handoff": (total("tls_direct"), total("plain_handoff")),
         "tls_relay_unix_over_plain_relay_unix": (total("tls_relay_unix"), total("plain_relay_splice_unix")),
+        # What memory BIOs (one socket call per MiB instead of per 16 KiB record) save.
+        "bio_saves_direct": (total("tls_direct"), total("tls_direct_bio")),
+        "bio_saves_relay_unix": (total("tls_relay_fill_unix"), total("tls_relay_bio_unix")),
+        "relay_hop_tls_bio_unix": (total("tls_relay_bio_unix"), total("tls_direct_bio")),
+        "up_bio_saves_direct": (total("up_tls_direct"), total("up_tls_direct_bio")),
         "up_relay_hop_tls_unix": (total("up_tls_relay_unix"), total("up_tls_direct")),
         "up_encrypt_trainer": (role("up_tls_direct", "trainer"), role("up_plain_handoff", "trainer")),
         "up_decrypt_server": (role("up_tls_direct", "server"), role("up_plain_handoff", "server")),
