@@ -1,6 +1,7 @@
 """What TLS costs on the bulk data plane: the handoff/relay options of issue 12 item 3, against the TCP floor.
 
-    python bench/tls_paths.py --size-mib 256 --repeats 3
+    python bench/tls_paths.py --size-mib 256 --repeats 7
+    python bench/tls_paths.py --ciphersuites TLS_AES_128_GCM_SHA256 --path tls_direct --path tls_relay_fill_unix
 
 Three long-lived processes (multiprocessing spawn), each holding its buffers from the start: a *server* (sends
 S bytes from a resident pattern buffer, receives uploads into a preallocated one), a *sidecar* (listens on
@@ -17,6 +18,8 @@ preallocated resident buffer, uploads from it). TLS uses the real material and c
 * ``tls_relay_fill_{tcp,unix}``: the same, but the sidecar fills its 1 MiB buffer (several reads) before each send;
 * ``tls_direct`` (option b, the one-transfer ticket): server -TLS-> trainer, one hop. The trainer verifies the
   server against the job CA and presents no certificate (it holds no site key; the ticket would travel inside);
+* ``tls_direct_bio``, ``tls_relay_bio_unix``: the same with every TLS end driven through memory BIOs
+  (`BioTls`: one socket call per MiB of ciphertext instead of per record);
 * ``up_*``: the same paths in the other direction (trainer -> server, a result upload).
 
 Each run is timed by the receiving end from its connect (handshake included) to its last byte (uploads: to the
@@ -24,8 +27,9 @@ server's 1-byte acknowledgement); every role reports its CPU seconds for the run
 The floor (`_common.tcp_floor_detail`) is measured in the same run, interleaved with the paths, best of N.
 
 Prints one JSON line: per path the best seconds, ``over_floor`` (seconds / floor seconds), the median CPU
-seconds per GiB of each role and their total, the cipher negotiated; ``derived`` subtracts paths to separate
-the relay hop's cost from the encryption's; the load average before and after, and the CPU's AES flags.
+seconds per GiB of each role and their total, the cipher negotiated; ``derived_cpu_s_per_gib`` subtracts paths
+to separate the relay hop's cost from the encryption's; AES-GCM's cost alone (no sockets); the load average
+before and after, and the CPU's AES flags. bench/README.md ("TLS") has the numbers and what they decided.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -111,7 +115,7 @@ class BioTls:
     def recv_into(self, view: memoryview) -> int:
         while True:
             try:
-                return self.obj.read(len(view), view)
+                return cast(int, self.obj.read(len(view), view))  # given a buffer, read() returns a count
             except ssl.SSLWantReadError:
                 self._fill()
             except ssl.SSLZeroReturnError:
@@ -227,7 +231,7 @@ def server_main(conn: Connection, size: int, tls_dir: str) -> None:
 # --- the sidecar ---------------------------------------------------------------------------------
 
 
-def _copy(src: socket.socket, dst: socket.socket, buf: memoryview, nbytes: int, fill: bool) -> None:
+def _copy(src: Conn, dst: Conn, buf: memoryview, nbytes: int, fill: bool) -> None:
     """Move ``nbytes`` through ``buf``: one receive per send, or (``fill``) as many receives as fill it."""
     left = nbytes
     while left:
