@@ -466,6 +466,7 @@ def _derived(cpu: dict[str, dict[str, float]]) -> dict[str, float]:
         "relay_hop_tls_bio_unix": (total("tls_relay_bio_unix"), total("tls_direct_bio")),
         "up_bio_saves_direct": (total("up_tls_direct"), total("up_tls_direct_bio")),
         "up_relay_hop_tls_unix": (total("up_tls_relay_unix"), total("up_tls_direct")),
+        "up_relay_hop_tls_fill_unix": (total("up_tls_relay_fill_unix"), total("up_tls_direct")),
         "up_encrypt_trainer": (role("up_tls_direct", "trainer"), role("up_plain_handoff", "trainer")),
         "up_decrypt_server": (role("up_tls_direct", "server"), role("up_plain_handoff", "server")),
     }
