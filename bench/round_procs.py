@@ -56,6 +56,8 @@ class ProcPeak:
     cpu_user_s: float = 0.0
     cpu_system_s: float = 0.0
     """CPU seconds at the last sample (a process's time after that is not seen)."""
+    tls_env: str | None = None
+    """Its FEDKUBE_TLS when it was found (None: unset or unreadable): shows which mode a process really ran."""
 
 
 @dataclass
@@ -149,6 +151,8 @@ class TreeSampler:
                 if kind is None:
                     continue
                 known = self.procs[child.pid] = ProcPeak(child.pid, kind[0], kind[1])
+                with contextlib.suppress(psutil.Error, OSError):
+                    known.tls_env = child.environ().get("FEDKUBE_TLS")
             hwm = vm_hwm(child.pid)
             if hwm is not None:
                 known.peak_bytes = max(known.peak_bytes, hwm)
