@@ -300,10 +300,17 @@ def _modes(root: Path) -> dict[str, int]:
 
 @pytest.mark.parametrize("tls", ["enabled", "disabled"])
 def test_run_writes_each_partys_tls_bundle_into_the_private_run_dir(tmp_path: Path, tls: str) -> None:
+    """A real run succeeds over TLS (or without it) and leaves no key behind; the bundles it wrote while it ran
+    are the pods' own Secret volumes, made by the same mapping, checked here file by file."""
     from cryptography import x509
 
+    from fedkube.runtime.local import new_tls, render_job
+    from fedkube.runtime.mapping import PodMapping
+    from fedkube.runtime.pod import ManifestObjects, PodOptions
+    from fedkube.runtime.resolver import LocalResolver
     from fedkube.security import pki
     from fedkube.security.material import files_in
+    from fedkube.spec import load_job
 
     job = write_job(tmp_path, ADD_ONE, name="tlsrun")
     if tls == "disabled":
@@ -311,8 +318,16 @@ def test_run_writes_each_partys_tls_bundle_into_the_private_run_dir(tmp_path: Pa
     run = tmp_path / "run"
     proc = fedkube_run(str(job), "--json", "--no-progress", "--run-dir", str(run))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert run.stat().st_mode & 0o777 == 0o700  # nobody else may look inside: tokens and keys lie below
-    bundles = sorted(p.parent.relative_to(run) for p in run.rglob("tls.key"))
+    assert run.stat().st_mode & 0o777 == 0o700  # nobody else may look inside: tokens and keys lay below
+    assert [p for p in run.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()] == []  # removed at the end
+
+    parsed = load_job(job)
+    manifests = render_job(parsed, {c.name: "t" for c in parsed.spec.clients}, new_tls(parsed))
+    options = PodOptions(run_dir=tmp_path / "mapped", resolver=LocalResolver(), objects=ManifestObjects(manifests))
+    for pod in (m for m in manifests if m["kind"] == "Pod"):
+        PodMapping(pod, options, tmp_path / "mapped" / "pods" / pod["metadata"]["name"]).materialize_volumes()
+    mapped = tmp_path / "mapped"
+    bundles = sorted(p.parent.relative_to(mapped) for p in mapped.rglob("tls.key"))
     if tls == "disabled":
         assert bundles == []
         return
@@ -321,9 +336,9 @@ def test_run_writes_each_partys_tls_bundle_into_the_private_run_dir(tmp_path: Pa
         "pods/tlsrun-client-site-a/volumes/fedkube-tls", "pods/tlsrun-client-site-b/volumes/fedkube-tls",
         "pods/tlsrun-server/volumes/fedkube-tls"]
     for bundle in bundles:
-        modes = _modes(run / bundle)
+        modes = _modes(mapped / bundle)
         assert modes == {"ca.crt": 0o400, "tls.crt": 0o400, "tls.key": 0o400}, modes
-        files = files_in(run / bundle)
+        files = files_in(mapped / bundle)
         issued = pki.load_issued(files.cert.read_bytes(), files.key.read_bytes())  # the key is the cert's
         ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
         issued.cert.verify_directly_issued_by(ca)
@@ -333,5 +348,5 @@ def test_run_writes_each_partys_tls_bundle_into_the_private_run_dir(tmp_path: Pa
             assert "tlsrun-server.default.svc" in san.get_values_for_type(x509.DNSName)
         else:
             assert san.get_values_for_type(x509.UniformResourceIdentifier) == [pki.site_uri("default", "tlsrun", site)]
-    keys = [p for p in run.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
-    assert sorted(p.parent.relative_to(run) for p in keys) == bundles
+    keys = [p for p in mapped.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+    assert sorted(p.parent.relative_to(mapped) for p in keys) == bundles
