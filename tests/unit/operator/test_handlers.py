@@ -269,8 +269,14 @@ def test_an_operator_restart_does_not_bring_back_a_client_it_failed(kube: fixtur
     with _operator(kube, resumed):
         until(lambda: "restart" in resumed, "the restarted operator to resume job restart")
         names = {p["metadata"]["name"] for p in api.job_pods("default", "restart")}
-        assert names == {"restart-server", "restart-client-a", "restart-client-b"}
-        assert _status(custom, "restart")["phase"] in ("Deploying", "Running")
+        phase = _status(custom, "restart")["phase"]
+        assert "restart-client-c" not in names, names
+        # With 1 s deploy/pending timeouts a loaded machine may let the job end before this look (its stand-in
+        # server never answers /status); while it runs, it must run with exactly the pods it had.
+        if phase in ("Deploying", "Running"):
+            assert names == {"restart-server", "restart-client-a", "restart-client-b"}
+        else:
+            assert phase == "Failed" and not names, (phase, names)
 
 
 def test_fixing_an_invalid_spec_starts_the_job(kube: fixtures.KubeHandle) -> None:
