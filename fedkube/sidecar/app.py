@@ -34,6 +34,7 @@ from fedkube.sidecar.state import TaskBook, TrainerSnapshot, TrainerTracker
 from fedkube.sidecar.upstream import RegistrationRejected, Upstream, server_channel
 from fedkube.transfer.allocator import tune_allocator
 from fedkube.transfer.bulk import BulkHandoff, BulkRelay
+from fedkube.transfer.endpoints import ClientTls
 from fedkube.transfer.route import handoff_enabled
 from fedkube.transfer.wire import relay_channel_options, server_options
 from fedkube.wire.v1 import control_pb2, tensor_pb2, tensor_pb2_grpc, trainer_pb2, trainer_pb2_grpc
@@ -75,7 +76,9 @@ class Sidecar:
         self.bulk_handoff: BulkHandoff | None = None  # and this, where sockets can be handed over
         # Calls into the trainer on behalf of upstream messages run here, never on the stream's reader thread.
         self._callouts = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"sidecar-{config.site}")
-        self._raw_channel, self._channel = server_channel(config.server_address, config.site, config.token)
+        # Built once: a bad bundle fails the start (ConfigError), not the first dial.
+        self.tls = ClientTls.from_settings(config.tls)
+        self._raw_channel, self._channel = server_channel(config.server_address, config.site, config.token, self.tls)
         self.upstream = Upstream(
             self._channel,
             job=config.job,
@@ -102,6 +105,7 @@ class Sidecar:
             token=config.token,
             trainer_bulk=self._get_trainer_bulk,
             trainer_handoff=self._get_trainer_handoff,
+            tls=self.tls,
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"trainer-link-{config.site}"),
@@ -142,11 +146,11 @@ class Sidecar:
             try:
                 self.bulk_relay = metered_bulk_relay(
                     self.config.server_bulk_address, site=self.config.site, token=self.config.token,
-                    meter=self.meter, direction="to_trainer",
+                    meter=self.meter, direction="to_trainer", tls=self.tls,
                 ).start()  # fmt: skip
             except OSError as exc:
                 raise ConfigError(f"cannot listen on 127.0.0.1 for the trainer's bulk fetches: {exc}") from exc
-            if handoff_enabled(self.config.bulk_handoff):
+            if handoff_enabled(self.config.bulk_handoff, server_tls=self.tls is not None):
                 try:
                     self.bulk_handoff = metered_bulk_handoff(
                         self.config.server_bulk_address, site=self.config.site, token=self.config.token,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedkube import envvars, portfile
 from fedkube.errors import ConfigError
 from fedkube.metrics import metrics_port_from_env
+from fedkube.security.settings import TlsSettings
 
 # Set by the local runtime: leave once the job's Stop and the trainer's final
 # state were forwarded (in Kubernetes the sidecar runs until SIGTERM).
@@ -39,6 +40,9 @@ class SidecarConfig:
             and the trainer offers it.
         ports_file: set by the local runtime: bind the listeners to ports the OS picks (or those the
             file names, after a restart) and write them there (:mod:`fedkube.portfile`).
+        tls: this site's certificate and the server name it checks (FEDKUBE_TLS, _TLS_DIR, _TLS_SERVER_NAME),
+            for both the gRPC channel and the bulk dials; off only with FEDKUBE_TLS=disabled (or when built
+            by hand in a test).
     """
 
     job: str
@@ -55,6 +59,7 @@ class SidecarConfig:
     server_bulk_address: str = ""
     bulk_handoff: bool = True
     ports_file: Path | None = None
+    tls: TlsSettings = field(default_factory=TlsSettings.disabled)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarConfig:
@@ -104,6 +109,7 @@ class SidecarConfig:
             server_bulk_address=bulk,
             bulk_handoff=handoff_raw not in ("0", "false"),
             ports_file=portfile.path_from_env(env),
+            tls=TlsSettings.from_env(env, server_address=server),
         )
 
 

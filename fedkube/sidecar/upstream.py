@@ -61,10 +61,16 @@ class _CallDetails(grpc.ClientCallDetails):
 
 
 
-def server_channel(address: str, site: str, token: str) -> tuple[grpc.Channel, grpc.Channel]:
-    """(raw channel, authenticated channel) to the server; close the raw one when done."""
+def server_channel(
+    address: str, site: str, token: str, tls: endpoints.ClientTls | None = None
+) -> tuple[grpc.Channel, grpc.Channel]:
+    """(raw channel, authenticated channel) to the server; close the raw one when done.
+
+    With ``tls`` the channel is mutual TLS: the site's certificate, and the server's verified against the job
+    CA for ``tls.server_name``; the token still rides along as the second factor.
+    """
     # A fixed per-stream read-ahead keeps the relay's memory bounded (LESSONS.md 4).
-    raw = endpoints.channel(address, relay_channel_options())
+    raw = endpoints.channel(address, relay_channel_options(), tls)
     return raw, grpc.intercept_channel(raw, _Auth(site, token))
 
 
