@@ -16,6 +16,7 @@ from fedkube import envvars
 from tests.integration.server.conftest import JOB, Harness, make_config, token_of
 from tests.integration.server.conftest import harness as harness  # the server tests' real-server fixture
 from tests.integration.server.fakes import add_value
+from tests.support.tls import session_pki
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[3]
@@ -40,6 +41,7 @@ def test_sidecar_that_cannot_listen_for_its_trainer_fails_its_client_at_once(
         envvars.SITE: "site-a",
         envvars.SERVER_ADDRESS: f"127.0.0.1:{srv.grpc_port}",
         envvars.TOKEN_FILE: str(token),
+        **session_pki().site_env("site-a"),
         envvars.TRAINER_PORT: str(taken.getsockname()[1]),
         "PYTHONPATH": str(ROOT),
     }
