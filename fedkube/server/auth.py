@@ -143,8 +143,8 @@ class Authenticator:
         """Log and count ``error`` (also for refusals decided after authentication); returns it, to raise."""
         if self._metrics is not None:
             self._metrics.connection_rejected(error.reason, plane)
-        log.warning("job %s: refused %s from site %r: %s%s", self._job, what, error.site, error.message,
-                    f" (peer {peer})" if peer else "")
+        log.warning("job %s: refused %s from site %r: %s (reason %s%s)", self._job, what, error.site, error.message,
+                    error.reason, f", peer {peer}" if peer else "")
         return error
 
     def authorize_bulk(

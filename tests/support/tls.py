@@ -63,6 +63,37 @@ class SessionPki:
                 self._dirs[site] = self._bundle(f"site-{site}", issued)
             return self._dirs[site]
 
+    def attacker_dir(self, kind: str) -> Path:
+        """A bundle an attacker (or a misconfiguration) would present as site-a, trusting the real job CA:
+
+        ``other_ca`` (right names, another CA's key), ``expired``, ``not_yet_valid``, ``other_job`` and
+        ``other_namespace`` (this CA, another job's identity: a CA shared between jobs), ``server_as_client``
+        (the server's own certificate), ``site_b`` (a real site-b certificate).
+        """
+        with self._lock:
+            key = f"@attacker-{kind}"
+            if key not in self._dirs:
+                self._dirs[key] = self._bundle(f"attacker-{kind}", self._attacker(kind))
+            return self._dirs[key]
+
+    def _attacker(self, kind: str) -> pki.Issued:
+        ns, job, now = self.namespace, self.job, dt.datetime.now(dt.timezone.utc)
+        if kind == "other_ca":
+            return pki.issue_site_cert(pki.make_job_ca(ns, job, self.validity), ns, job, "site-a", self.validity)
+        if kind == "expired":
+            return pki.issue_site_cert(self.tls.ca, ns, job, "site-a", pki.Validity(
+                now - dt.timedelta(days=2), now - dt.timedelta(days=1)))  # fmt: skip
+        if kind == "not_yet_valid":
+            return pki.issue_site_cert(self.tls.ca, ns, job, "site-a", pki.Validity(
+                now + dt.timedelta(days=1), now + dt.timedelta(days=2)))  # fmt: skip
+        if kind == "other_job":
+            return pki.issue_site_cert(self.tls.ca, ns, f"{job}-other", "site-a", self.validity)
+        if kind == "other_namespace":
+            return pki.issue_site_cert(self.tls.ca, f"{ns}-other", job, "site-a", self.validity)
+        if kind == "server_as_client":
+            return self.tls.server
+        raise ValueError(f"no attacker bundle {kind!r}")
+
     # --- what the processes and the in-process parts take -------------------------------------
     def server_settings(self) -> TlsSettings:
         return TlsSettings(files=files_in(self.server_dir()))

@@ -156,8 +156,8 @@ class Listener:
 
     def refuse(self, reason: str, peer: str, detail: str = "") -> None:
         """Log and count a connection refused before it had any effect."""
-        log.warning("%s: refused a connection from %s: %s", self.name, peer,
-                    detail or _REASONS.get(reason, reason))
+        log.warning("%s: refused a connection from %s: %s (reason %s)", self.name, peer,
+                    detail or _REASONS.get(reason, reason), reason)
         if self.on_refused is not None:
             self.on_refused(reason)
 
