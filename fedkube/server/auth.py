@@ -10,6 +10,13 @@ With mutual TLS the site is the one the client certificate names
 bulk listener after its handshake); the token stays as a second factor and
 must be that same site's (a certificate of A with the token of B is refused,
 ``token_site_mismatch``). Without TLS the token is the only factor.
+
+On the gRPC port a failed handshake (another CA, expired, no certificate,
+plaintext, the server's certificate as a client's) ends inside gRPC's core:
+no servicer or interceptor runs, so it is neither logged here nor counted
+(gRPC's own log has the line). Certificates that chain to the job CA but name
+no site of this job, and token mismatches, are counted with their reason.
+The bulk port counts every refusal (:class:`fedkube.transfer.bulk.BulkServer`).
 """
 
 from __future__ import annotations

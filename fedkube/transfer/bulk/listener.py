@@ -162,6 +162,8 @@ class Listener:
             self.on_refused(reason)
 
     def _refuse_busy(self, conn: socket.socket, reason: str) -> None:
+        # Plain bytes even on a TLS port: a handshake per refused connection would cost the CPU the limit
+        # protects. A TLS client sees a failed handshake and retries, as it does for the status.
         try:
             conn.settimeout(5.0)
             send_status(conn, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name}: {_REASONS[reason]}; retry")
