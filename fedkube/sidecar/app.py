@@ -166,10 +166,11 @@ class Sidecar:
         self._server.start()
         portfile.report(ports_file, bound)  # the local runtime starts the trainer once it reads this
         log.info("site %s: sidecar for job %s listening for its trainer on 127.0.0.1:%d (bulk relay %s, handoff %s); "
-                 "server is %s (bulk %s)", self.config.site, self.config.job, self.port,
+                 "server is %s (bulk %s, %s)", self.config.site, self.config.job, self.port,
                  self.bulk_relay.address if self.bulk_relay is not None else "off",
                  self.bulk_handoff.address if self.bulk_handoff is not None else "off", self.config.server_address,
-                 self.config.server_bulk_address or "off")
+                 self.config.server_bulk_address or "off",
+                 f"mutual TLS, server name {self.tls.server_name}" if self.tls is not None else "plaintext")
         self.upstream.start()
         threading.Thread(target=self._watch_upstream, name="sidecar-watch", daemon=True).start()
         return self.port
