@@ -50,10 +50,14 @@ class OneSite:
         self.errors: list[BaseException] = []
         self.thread: threading.Thread | None = None
 
-    def start(self, script: Script, bulk: str = "on", handoff: bool = True, tls: bool = True) -> OneSite:
+    def start(
+        self, script: Script, bulk: str = "on", handoff: bool = True, tls: bool = True,
+        via: Callable[[str], str] = lambda address: address,
+    ) -> OneSite:  # fmt: skip
         """``bulk``: "on" (the server's bulk port), "off" (no bulk address: gRPC) or "dead" (nothing listens);
         ``handoff``: whether the sidecar hands its server connections to the trainer (else it relays; never with
-        TLS); ``tls``: mutual TLS between sidecar and server on both planes (the default, as in the product)."""
+        TLS); ``tls``: mutual TLS between sidecar and server on both planes (the default, as in the product);
+        ``via(address)``: the address the sidecar dials for a server address (e.g. a proxy's in front of it)."""
         config = make_config(
             (SITE,), rounds=self.rounds,
             transfer=TransferSettings(chunk_bytes=64 * 1024, chunk_timeout_s=5.0, idle_timeout_s=10.0, max_attempts=3),
@@ -61,9 +65,9 @@ class OneSite:
         )  # fmt: skip
         self.server = FedkubeServer(dataclasses.replace(config, bulk_port=0), model_loader=self.model)
         self.server.start()
-        address = {"on": f"127.0.0.1:{self.server.bulk_port}", "off": "", "dead": dead_address()}[bulk]
+        address = {"on": via(f"127.0.0.1:{self.server.bulk_port}"), "off": "", "dead": dead_address()}[bulk]
         self.sidecar = Sidecar(SidecarConfig(
-            job=JOB, site=SITE, server_address=f"127.0.0.1:{self.server.grpc_port}", token=token_of(SITE),
+            job=JOB, site=SITE, server_address=via(f"127.0.0.1:{self.server.grpc_port}"), token=token_of(SITE),
             trainer_port=0, backoff_base_s=0.1, backoff_max_s=0.5, server_bulk_address=address,
             bulk_handoff=handoff, tls=session_pki().site_settings(SITE) if tls else TlsSettings.disabled(),
         ))  # fmt: skip
