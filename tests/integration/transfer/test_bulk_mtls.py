@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -12,11 +13,13 @@ import numpy as np
 import pytest
 
 from fedkube.transfer import endpoints
-from fedkube.transfer.bulk import BulkChunkSource, BulkRelay, BulkServer, relay
+from fedkube.transfer.bulk import BulkChunkSource, BulkRelay, BulkServer, read_status, relay, send_request
+from fedkube.transfer.bulk.frames import MAGIC
 from fedkube.transfer.endpoints import TlsHandshakeError
 from fedkube.transfer.fetch import Fetcher, FetchSettings
 from fedkube.transfer.route import Path, choose_route, handoff_enabled
 from fedkube.transfer.service import DownloadService
+from fedkube.wire.v1 import tensor_pb2
 from tests.support.tls import session_pki
 from tests.support.waiting import until
 
@@ -123,3 +126,30 @@ def _third_refused(host: str, port: int) -> bool:
             return third.recv(1024) != b""  # the busy status, sent in plaintext before closing
         except OSError:
             return False
+
+
+
+def test_garbage_after_a_good_handshake_is_refused_and_the_site_still_completes(service: DownloadService) -> None:
+    # The request parser behind TLS sees what it saw in plaintext: random and hostile bytes from a peer that
+    # holds a valid site certificate each get a refusal, and the same site's next request works.
+    srv = BulkServer(service, tls=session_pki().server_tls(), request_timeout_s=0.5).start()
+    rng = np.random.default_rng(12)
+    payloads = [MAGIC + struct.pack("<I", 1 << 30), MAGIC + struct.pack("<I", 3) + b"\xff\xff\xff",
+                b"GET / HTTP/1.1\r\n\r\n", *(MAGIC + rng.bytes(int(n)) for n in rng.integers(1, 300, 20))]
+    try:
+        for payload in payloads:
+            with endpoints.dial(srv.address, 5, session_pki().client_tls("a")) as sock:
+                sock.sendall(payload)
+                try:
+                    code, _ = read_status(sock)
+                except (EOFError, OSError):
+                    continue  # closed without a status: refused all the same
+                assert code != grpc.StatusCode.OK, payload
+        txn = service.publish({"w": np.ones(5, np.float32)}, receivers=["a"], ttl_s=30)
+        with endpoints.dial(srv.address, 5, session_pki().client_tls("a")) as sock:
+            send_request(sock, tensor_pb2.BulkRequest(site="a", complete=tensor_pb2.CompleteRequest(
+                transaction_id=txn.id, receiver="a", ok=True)))  # fmt: skip
+            assert read_status(sock)[0] == grpc.StatusCode.OK
+        assert txn.done_receivers == {"a"}
+    finally:
+        srv.stop()
