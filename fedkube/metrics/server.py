@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from fedkube.metrics.core import CappedValues, add_process_collectors, check_labels, component_info, one_of
 from fedkube.protocol import PORT_REFUSALS
+from fedkube.security.contexts import TLS_REFUSALS
 from fedkube.status import ClientState, Reason
 
 #: Client states, as the server's registry moves them (defined once, in fedkube.status).
@@ -31,6 +32,9 @@ DIRECTIONS = ("to_clients", "from_clients")
 ROUND_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 16 * 3600)
 #: Aggregating or checkpointing takes milliseconds for small models, minutes for tens of GB.
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800)
+
+#: ``plane`` of a refused connection: the gRPC port, the bulk port, the status port.
+PLANES = ("grpc", "bulk", "status")
 
 # Failure reasons beyond fedkube.status.Reason get their own series up to this many; the rest are _other.
 EXTRA_REASONS = 16
@@ -96,8 +100,9 @@ class ServerMetrics:
         self._model_bytes = Gauge("fedkube_server_model_bytes", "Size of the global model's tensors in bytes.",
                                   j, registry=registry)
         self._rejected = Counter("fedkube_server_rejected_connections_total",
-                                 "Calls refused before any effect (bad token, unknown site, bad message), by reason.",
-                                 check_labels(["fljob", "reason"]), registry=registry)
+                                 "Calls and connections refused before any effect (a TLS handshake or certificate, "
+                                 "a bad token, an unknown site, a bad message, a port limit), by port and reason.",
+                                 check_labels(["fljob", "plane", "reason"]), registry=registry)
         s = check_labels(["fljob", "site"])
         self._site_weight = Gauge("fedkube_server_site_weight",
                                   "Weight the site's last result was averaged with (after spec.strategy.weighting "
@@ -114,7 +119,7 @@ class ServerMetrics:
         self._sites = CappedValues("site", MAX_SITE_SERIES)
         self._reasons = CappedValues("failure reason", EXTRA_REASONS, known=(r.value for r in Reason))
         self._retry_kinds = CappedValues("retry reason", EXTRA_REASONS)
-        self._reject_reasons = CappedValues("rejection reason", EXTRA_REASONS, known=PORT_REFUSALS)
+        self._reject_reasons = CappedValues("rejection reason", EXTRA_REASONS, known=PORT_REFUSALS + TLS_REFUSALS)
         # Series that exist from the start read 0 instead of "no data" on the dashboard.
         self._rounds.labels(fljob=job)
         for h in (self._round_seconds, self._aggregation, self._checkpoint):
@@ -224,6 +229,8 @@ class ServerMetrics:
             if hit:
                 self._bounded.labels(fljob=self.job, site=label, reason=bound).inc()
 
-    def connection_rejected(self, reason: str) -> None:
-        """A call or connection was refused before any effect (``reason``: e.g. BadToken, ConnectionLimit)."""
-        self._rejected.labels(fljob=self.job, reason=self._reject_reasons.admit(reason)).inc()
+    def connection_rejected(self, reason: str, plane: str = "grpc") -> None:
+        """A call or connection was refused before any effect (``reason``: e.g. BadToken, ConnectionLimit,
+        unknown_ca) on ``plane`` (one of :data:`PLANES`)."""
+        self._rejected.labels(fljob=self.job, plane=one_of(plane, PLANES, "plane"),
+                              reason=self._reject_reasons.admit(reason)).inc()

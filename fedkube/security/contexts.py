@@ -103,3 +103,52 @@ def grpc_peer_site_identity(context: grpc.ServicerContext, *, namespace: str, jo
             "no_client_certificate", f"the gRPC peer {context.peer()} presented no client certificate"
         )
     return site_identity(certs[0], namespace=namespace, job=job)
+
+
+# --- why a TLS connection was refused ---------------------------------------------------------------
+#: Labels of `fedkube_server_rejected_connections_total{reason}` for refused handshakes, next to
+#: `PeerIdentityError.reason` and the token check's: a fixed set, so the metric's series stay bounded.
+NOT_TLS = "not_tls"  # plaintext (or garbage) on a TLS port
+TLS_VERSION = "tls_version"  # a TLS 1.2 or older client
+UNKNOWN_CA = "unknown_ca"  # a certificate not issued by this job's CA
+CERT_EXPIRED = "cert_expired"
+CERT_NOT_YET_VALID = "cert_not_yet_valid"
+CERT_WRONG_PURPOSE = "cert_wrong_purpose"  # e.g. the server's certificate presented as a client's
+CERT_INVALID = "cert_invalid"  # any other verification failure
+NO_CLIENT_CERT = "no_client_certificate"  # the same label `grpc_peer_site_identity` uses
+HANDSHAKE_FAILED = "tls_handshake"  # the peer hung up or broke the handshake otherwise
+TOKEN_SITE_MISMATCH = "token_site_mismatch"  # the certificate's site and the token's (or request's) differ
+TLS_REFUSALS = (
+    NOT_TLS, TLS_VERSION, UNKNOWN_CA, CERT_EXPIRED, CERT_NOT_YET_VALID, CERT_WRONG_PURPOSE, CERT_INVALID,
+    NO_CLIENT_CERT, HANDSHAKE_FAILED, TOKEN_SITE_MISMATCH, "no_identity", "several_identities", "other_job",
+    "wrong_scheme", "wrong_trust_domain", "malformed_uri", "bad_certificate",
+)  # fmt: skip
+
+# OpenSSL's X509_V_ERR_* codes that have a label of their own.
+_VERIFY_REASONS = {
+    2: UNKNOWN_CA,  # unable to get issuer certificate
+    9: CERT_NOT_YET_VALID,
+    10: CERT_EXPIRED,
+    18: UNKNOWN_CA,  # self-signed leaf
+    19: UNKNOWN_CA,  # self-signed certificate in chain
+    20: UNKNOWN_CA,  # unable to get local issuer certificate
+    21: UNKNOWN_CA,  # unable to verify the first certificate
+    26: CERT_WRONG_PURPOSE,  # unsuitable certificate purpose
+}
+
+
+def handshake_refusal(exc: BaseException) -> str:
+    """The label of a failed server-side handshake (one of `TLS_REFUSALS`) from the exception `ssl` raised."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(exc.verify_code, CERT_INVALID)
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").upper()
+        if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
+            return NO_CLIENT_CERT
+        if "UNSUPPORTED_PROTOCOL" in reason or "PROTOCOL_VERSION" in reason or "NO_PROTOCOLS_AVAILABLE" in reason:
+            return TLS_VERSION
+        if "HTTP_REQUEST" in reason or "WRONG_VERSION_NUMBER" in reason or "UNKNOWN_PROTOCOL" in reason:
+            return NOT_TLS
+        if "CERTIFICATE_VERIFY_FAILED" in reason:
+            return CERT_INVALID
+    return HANDSHAKE_FAILED

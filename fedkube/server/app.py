@@ -47,6 +47,7 @@ from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
 from fedkube.status import EXIT_FAILED, Reason, TerminationSummary, write_termination_summary
 from fedkube.transfer import endpoints
 from fedkube.transfer.bulk import BulkServer
+from fedkube.transfer.endpoints import ServerTls
 from fedkube.transfer.service import DownloadService
 from fedkube.transfer.wire import MAX_CHUNK_BYTES, server_options
 from fedkube.wire.v1 import control_pb2_grpc
@@ -210,7 +211,9 @@ def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator, budget
             if request is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
             try:
-                auth.check_receiver(identity, request.receiver, what="a Download call", peer=context.peer())
+                # The interceptor saw only the headers; the certificate is on the call's context.
+                caller = auth.call_identity(context, what="a Download call") if auth.tls else identity
+                auth.check_receiver(caller, request.receiver, what="a Download call", peer=context.peer())
             except AuthError as exc:
                 context.abort(exc.code, exc.message)
             return behavior(request, context)
@@ -255,7 +258,10 @@ class FedkubeServer:
             s, self.strategy, self.sessions, self.broker, self.downloads,
             initial_model=model_loader, checkpoints=checkpoints, metrics=self.metrics,
         )  # fmt: skip
-        self.auth = Authenticator(s.job, config.tokens, self.metrics)
+        self.tls = ServerTls.from_files(config.tls.files, namespace=config.namespace, job=s.job) if (
+            config.tls.files is not None) else None  # fmt: skip
+        self.auth = Authenticator(s.job, config.tokens, self.metrics,
+                                  tls_namespace=config.namespace if self.tls is not None else None)
         self._servicer = ControlServicer(
             s.job, self.auth, self.workflow, self.sessions, self.broker,
             heartbeat_interval_ms=self.workflow.heartbeat_interval_ms,
@@ -282,7 +288,7 @@ class FedkubeServer:
         self.bulk: BulkServer | None = None
         self._status = StatusServer(
             self.status_json, self.ready, host=config.bind_host, port=config.status_port,
-            on_refused=self.metrics.connection_rejected,
+            on_refused=lambda reason: self.metrics.connection_rejected(reason, "status"),
         )  # fmt: skip
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -296,7 +302,7 @@ class FedkubeServer:
             self.broker.claim(site, upload_id, sock)
         except ClaimRefused as exc:
             if exc.reason:
-                self.auth.refuse(AuthError(site, exc.code, exc.reason, exc.message), "a bulk upload")
+                self.auth.refuse(AuthError(site, exc.code, exc.reason, exc.message), "a bulk upload", plane="bulk")
             return exc.code, exc.message
         log.debug("job %s: upload %s from site %s arrives on the bulk port", self.config.job, upload_id, site)
         return None, ""
@@ -315,7 +321,7 @@ class FedkubeServer:
         """Bind the ports and start the job's workflow thread."""
         address = f"{self.config.bind_host}:{self.config.grpc_port}"
         try:
-            self.grpc_port = endpoints.add_port(self._grpc, address)
+            self.grpc_port = endpoints.add_port(self._grpc, address, self.tls)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address} ({envvars.GRPC_PORT}): {exc}") from exc
         if self.grpc_port == 0:
@@ -325,8 +331,9 @@ class FedkubeServer:
         self._grpc.start()
         self._status.start()
         self._ready.set()
-        log.info("job %s: server listening on gRPC port %s, bulk port %s, status port %s", self.config.job,
-                 self.grpc_port, self.bulk.port if self.bulk is not None else "off", self.status_port)
+        log.info("job %s: server listening on gRPC port %s, bulk port %s, status port %s (%s)", self.config.job,
+                 self.grpc_port, self.bulk.port if self.bulk is not None else "off", self.status_port,
+                 "mutual TLS" if self.tls is not None else "plaintext: security.tls is disabled")
         self._thread = threading.Thread(target=self._run, name="fedkube-workflow", daemon=True)
         self._thread.start()
 
@@ -340,7 +347,7 @@ class FedkubeServer:
             return BulkServer(
                 self.downloads, host=host, port=port, authorize=self.auth.authorize_bulk,
                 on_upload=self._on_bulk_upload, name=f"job {self.config.job} bulk",
-                on_refused=self.metrics.connection_rejected,
+                on_refused=lambda reason: self.metrics.connection_rejected(reason, "bulk"), tls=self.tls,
             ).start()  # fmt: skip
         except OSError as exc:
             raise ConfigError(

@@ -17,6 +17,7 @@ from typing import Any
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.security.settings import TlsSettings
 from fedkube.server.influence import Influence
 from fedkube.spec import FLJobSpec, ModelSource, Strategy, Timeouts, Transfer, load_job
 from fedkube.spec.model import DEFAULT_MAX_BYTES, ModelSourceKind, model_max_bytes
@@ -139,6 +140,11 @@ class ServerConfig:
     # How long an authenticated Connect stream may stay silent before its Register: a stream
     # that never registers would otherwise hold a server thread for good.
     register_timeout_s: float = DEFAULT_REGISTER_TIMEOUT_S
+    # Mutual TLS on the gRPC and bulk ports (FEDKUBE_TLS, _TLS_DIR); off here only for tests that build a
+    # config by hand: load_config turns it on unless the job says security.tls: disabled.
+    tls: TlsSettings = field(default_factory=TlsSettings.disabled)
+    # The FLJob's namespace: a site certificate must name it (with the job) to be one of this job's sites.
+    namespace: str = "default"
 
     def __post_init__(self) -> None:
         t = self.register_timeout_s
@@ -231,6 +237,13 @@ def load_config(env: Mapping[str, str] | None = None, *, bind_host: str = "[::]"
     tokens = read_tokens(Path(tokens_dir), settings.clients)
     ckpt = env.get(envvars.CHECKPOINT_DIR, "").strip()
     term = env.get(envvars.TERMINATION_LOG, "").strip()
+    tls = TlsSettings.from_env(env)
+    namespace = env.get(envvars.NAMESPACE, "").strip()
+    if tls.enabled and not namespace:
+        raise ConfigError(
+            f"{envvars.NAMESPACE} is not set, and with TLS the server checks that each site certificate names this "
+            f"job's namespace; fix: set {envvars.NAMESPACE} to the FLJob's namespace"
+        )
     return ServerConfig(
         settings=settings,
         tokens=tokens,
@@ -244,6 +257,8 @@ def load_config(env: Mapping[str, str] | None = None, *, bind_host: str = "[::]"
         termination_log=Path(term) if term else None,
         bind_host=bind_host,
         register_timeout_s=_seconds_env(env, envvars.REGISTER_TIMEOUT, DEFAULT_REGISTER_TIMEOUT_S),
+        tls=tls,
+        namespace=namespace or "default",
     )
 
 

@@ -28,7 +28,7 @@ import grpc
 from fedkube import envvars
 from fedkube.protocol import PROTOCOL_VERSION
 from fedkube.server import outbox
-from fedkube.server.auth import Authenticator, AuthError, credentials_from_metadata
+from fedkube.server.auth import Authenticator, AuthError
 from fedkube.server.reverse import ClaimRefused, UploadBroker, push_chunk, push_end, push_error
 from fedkube.transfer.errors import InvalidRefError
 from fedkube.transfer.refs import TensorRef
@@ -222,11 +222,10 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
 
     def _identify(self, context: grpc.ServicerContext) -> tuple[str, AuthError | None]:
         """(site, None) for an authenticated call, (claimed site, refusal) otherwise (logged and counted)."""
-        site, token = credentials_from_metadata(context.invocation_metadata())
         try:
-            return self._auth.authenticate(site, token, what="call", peer=context.peer()).site, None
+            return self._auth.call_identity(context, what="call").site, None
         except AuthError as exc:
-            return site, exc
+            return exc.site, exc
 
     # --- Connect --------------------------------------------------------------
 

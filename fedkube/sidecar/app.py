@@ -35,6 +35,7 @@ from fedkube.sidecar.upstream import RegistrationRejected, Upstream, server_chan
 from fedkube.transfer import peercred
 from fedkube.transfer.allocator import tune_allocator
 from fedkube.transfer.bulk import BulkHandoff, BulkRelay
+from fedkube.transfer.endpoints import ClientTls
 from fedkube.transfer.route import handoff_enabled
 from fedkube.transfer.wire import relay_channel_options, server_options
 from fedkube.wire.v1 import control_pb2, tensor_pb2, tensor_pb2_grpc, trainer_pb2, trainer_pb2_grpc
@@ -77,7 +78,9 @@ class Sidecar:
         self.bulk_handoff: BulkHandoff | None = None  # and this, where sockets can be handed over
         # Calls into the trainer on behalf of upstream messages run here, never on the stream's reader thread.
         self._callouts = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"sidecar-{config.site}")
-        self._raw_channel, self._channel = server_channel(config.server_address, config.site, config.token)
+        # Built once: a bad bundle fails the start (ConfigError), not the first dial.
+        self.tls = ClientTls.from_settings(config.tls)
+        self._raw_channel, self._channel = server_channel(config.server_address, config.site, config.token, self.tls)
         self.upstream = Upstream(
             self._channel,
             job=config.job,
@@ -104,6 +107,7 @@ class Sidecar:
             token=config.token,
             trainer_bulk=self._get_trainer_bulk,
             trainer_handoff=self._get_trainer_handoff,
+            tls=self.tls,
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"trainer-link-{config.site}"),
@@ -145,11 +149,11 @@ class Sidecar:
             try:
                 self.bulk_relay = metered_bulk_relay(
                     self.config.server_bulk_address, site=self.config.site, token=self.config.token,
-                    meter=self.meter, direction="to_trainer",
+                    meter=self.meter, direction="to_trainer", tls=self.tls,
                 ).start()  # fmt: skip
             except OSError as exc:
                 raise ConfigError(f"cannot listen on 127.0.0.1 for the trainer's bulk fetches: {exc}") from exc
-            if handoff_enabled(self.config.bulk_handoff):
+            if handoff_enabled(self.config.bulk_handoff, server_tls=self.tls is not None):
                 try:
                     self.bulk_handoff = metered_bulk_handoff(
                         self.config.server_bulk_address, site=self.config.site, token=self.config.token,
@@ -166,10 +170,11 @@ class Sidecar:
         self._server.start()
         portfile.report(ports_file, bound)  # the local runtime starts the trainer once it reads this
         log.info("site %s: sidecar for job %s listening for its trainer on 127.0.0.1:%d (bulk relay %s, handoff %s); "
-                 "server is %s (bulk %s)", self.config.site, self.config.job, self.port,
+                 "server is %s (bulk %s, %s)", self.config.site, self.config.job, self.port,
                  self.bulk_relay.address if self.bulk_relay is not None else "off",
                  self.bulk_handoff.address if self.bulk_handoff is not None else "off", self.config.server_address,
-                 self.config.server_bulk_address or "off")
+                 self.config.server_bulk_address or "off",
+                 f"mutual TLS, server name {self.tls.server_name}" if self.tls is not None else "plaintext")
         self.upstream.start()
         threading.Thread(target=self._watch_upstream, name="sidecar-watch", daemon=True).start()
         return self.port

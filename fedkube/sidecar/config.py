@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedkube import envvars, portfile
 from fedkube.errors import ConfigError
 from fedkube.metrics import metrics_port_from_env
+from fedkube.security.settings import TlsSettings
 
 # Set by the local runtime: leave once the job's Stop and the trainer's final
 # state were forwarded (in Kubernetes the sidecar runs until SIGTERM).
@@ -41,6 +42,9 @@ class SidecarConfig:
             file names, after a restart) and write them there (:mod:`fedkube.portfile`).
         metrics_host: the host ``/metrics`` binds (``FEDKUBE_BIND_ADDRESS``; every interface when unset, as
             Prometheus scrapes a pod from outside; the trainer's endpoints are on 127.0.0.1 whatever it says).
+        tls: this site's certificate and the server name it checks (FEDKUBE_TLS, _TLS_DIR, _TLS_SERVER_NAME),
+            for both the gRPC channel and the bulk dials; off only with FEDKUBE_TLS=disabled (or when built
+            by hand in a test).
     """
 
     job: str
@@ -58,6 +62,7 @@ class SidecarConfig:
     bulk_handoff: bool = True
     ports_file: Path | None = None
     metrics_host: str = "0.0.0.0"
+    tls: TlsSettings = field(default_factory=TlsSettings.disabled)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarConfig:
@@ -108,6 +113,7 @@ class SidecarConfig:
             bulk_handoff=handoff_raw not in ("0", "false"),
             ports_file=portfile.path_from_env(env),
             metrics_host=env.get(envvars.BIND_ADDRESS, "").strip().strip("[]") or "0.0.0.0",
+            tls=TlsSettings.from_env(env, server_address=server),
         )
 
 

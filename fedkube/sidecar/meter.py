@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedkube.transfer.bulk import BulkHandoff, BulkRelay
+from fedkube.transfer.endpoints import ClientTls
 from fedkube.transfer.relay import Counted, RelayServicer
 
 __all__ = ["Counted", "RelayMeter", "StreamMeter", "metered_bulk_handoff", "metered_bulk_relay", "metered_relay"]
@@ -115,7 +116,9 @@ def metered_relay(upstream: Any, *, window_chunks: int, meter: RelayMeter, direc
     return RelayServicer(upstream, window_chunks=window_chunks, on_stream=lambda: meter.stream(direction))
 
 
-def metered_bulk_relay(upstream_address: str, *, site: str, token: str, meter: RelayMeter, direction: str) -> BulkRelay:
+def metered_bulk_relay(
+    upstream_address: str, *, site: str, token: str, meter: RelayMeter, direction: str, tls: ClientTls | None = None
+) -> BulkRelay:
     """A :class:`~fedkube.transfer.bulk.BulkRelay` whose bytes and buffers are counted by ``meter``.
 
     Through the relay's byte hooks: every pumped piece counts as relayed in
@@ -126,7 +129,7 @@ def metered_bulk_relay(upstream_address: str, *, site: str, token: str, meter: R
     holder = f"bulk relay {direction}"
     return BulkRelay(
         upstream_address, site=site, token=token, on_bytes=lambda n: meter.relayed(direction, n),
-        on_buffer=lambda n: meter.fixed(holder, n),
+        on_buffer=lambda n: meter.fixed(holder, n), tls=tls,
     )  # fmt: skip
 
 

@@ -27,6 +27,7 @@ import grpc
 from fedkube.protocol import SERVER
 from fedkube.sidecar.meter import Counted, RelayMeter, StreamMeter
 from fedkube.transfer.bulk import PUMP_BUFFER_BYTES, push_upload
+from fedkube.transfer.endpoints import ClientTls
 from fedkube.transfer.errors import StreamBrokenError, TransferAbortedError, TransferError
 from fedkube.transfer.fetch import GrpcChunkSource
 from fedkube.transfer.refs import TensorRef
@@ -78,7 +79,9 @@ class Pusher:
     ``bulk_address`` is the server's bulk port (empty: gRPC only) and
     ``trainer_bulk`` and ``trainer_handoff`` return the trainer's bulk address
     and handoff name ("" when it has none; :func:`choose_route` picks);
-    ``token`` is the site's token, sent on each bulk connection.
+    ``token`` is the site's token, sent on each bulk connection; ``tls`` the
+    server hop's TLS (None: plaintext), which rules out handing a connection
+    to the trainer.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class Pusher:
         trainer_bulk: Callable[[], str] = lambda: "",
         trainer_handoff: Callable[[], str] = lambda: "",
         clock: Callable[[], float] = time.monotonic,
+        tls: ClientTls | None = None,
     ) -> None:
         self._push_call = server.stream_unary(
             PUSH_METHOD, request_serializer=_identity, response_deserializer=control_pb2.PushAck.FromString
@@ -113,6 +117,7 @@ class Pusher:
         self._trainer_bulk = trainer_bulk
         self._trainer_handoff = trainer_handoff
         self._clock = clock
+        self._tls = tls
         self._bulk_down_until = 0.0  # while the clock is below it, results go over gRPC
 
     def request(self, req: control_pb2.UploadRequest) -> None:
@@ -125,7 +130,8 @@ class Pusher:
         if old is not None:
             old.cancel()
         route = choose_route(
-            bulk=self._trainer_bulk(), handoff=self._trainer_handoff(), bulk_ok=bool(self._bulk_address) and bulk_ok
+            bulk=self._trainer_bulk(), handoff=self._trainer_handoff(), bulk_ok=bool(self._bulk_address) and bulk_ok,
+            server_tls=self._tls is not None,
         )
         if route.path is Path.GRPC:
             self._pool.submit(self._push, req, up)
@@ -224,7 +230,7 @@ class Pusher:
             push_upload(
                 self._bulk_address, site=self._site, token=self._token, upload_id=req.request_id,
                 source_address=source, fetch=fetch, chunk_timeout_s=TRAINER_CHUNK_TIMEOUT_S, abort=up.abort,
-                on_bytes=on_bytes,
+                on_bytes=on_bytes, tls=self._tls,
             )  # fmt: skip
         except TransferAbortedError:
             pass

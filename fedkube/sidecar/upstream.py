@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from fedkube import envvars
 from fedkube.protocol import AUTH_METADATA, BEARER, PROTOCOL_VERSION, SITE_METADATA
 from fedkube.sidecar.state import backoff_delay
 from fedkube.transfer import endpoints
@@ -61,11 +62,23 @@ class _CallDetails(grpc.ClientCallDetails):
 
 
 
-def server_channel(address: str, site: str, token: str) -> tuple[grpc.Channel, grpc.Channel]:
-    """(raw channel, authenticated channel) to the server; close the raw one when done."""
+def server_channel(
+    address: str, site: str, token: str, tls: endpoints.ClientTls | None = None
+) -> tuple[grpc.Channel, grpc.Channel]:
+    """(raw channel, authenticated channel) to the server; close the raw one when done.
+
+    With ``tls`` the channel is mutual TLS: the site's certificate, and the server's verified against the job
+    CA for ``tls.server_name``; the token still rides along as the second factor.
+    """
     # A fixed per-stream read-ahead keeps the relay's memory bounded (LESSONS.md 4).
-    raw = endpoints.channel(address, relay_channel_options())
+    raw = endpoints.channel(address, relay_channel_options(), tls)
     return raw, grpc.intercept_channel(raw, _Auth(site, token))
+
+
+def _tls_failure(details: str) -> bool:
+    """Whether gRPC's error text says the TLS handshake failed (what gRPC's core reports, not a status code)."""
+    text = details.lower()
+    return any(w in text for w in ("handshake", "certificate", "ssl_error", "tls"))
 
 
 class RegistrationRejected(Exception):
@@ -246,6 +259,13 @@ class Upstream:
                 log.error("site %s: %s", self._site, self.rejected)
                 return True
             if code == grpc.StatusCode.UNAVAILABLE and not registered:
+                details = (exc.details() if hasattr(exc, "details") else "") or ""
+                if _tls_failure(details):
+                    # Not an outage: retrying reaches the same certificate (until it is fixed or rotated).
+                    log.error("site %s: the server at %s failed TLS verification (%s); fix: point %s at this job's "
+                              "server, give the sidecar this job's CA (ca.crt in %s) and check that the server "
+                              "certificate carries the name in %s", self._site, self._address, details.strip(),
+                              envvars.SERVER_ADDRESS, envvars.TLS_DIR, envvars.TLS_SERVER_NAME)
                 return False
             details = exc.details() if hasattr(exc, "details") else str(exc)
             log.warning("site %s: control stream to %s broke: %s (%s)", self._site, self._address,

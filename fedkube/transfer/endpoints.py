@@ -3,10 +3,11 @@
 Every TCP socket of the bulk protocol is dialed by :func:`dial` and every
 listening one is made by :func:`listen`; the gRPC channel a sidecar opens to
 the server comes from :func:`channel` and the server's gRPC port is bound by
-:func:`add_port`. Today all are plain (the cluster network is trusted,
-docs/protocol.md).
+:func:`add_port`. Each takes this party's TLS (:class:`ClientTls`,
+:class:`ServerTls`, built from :class:`~fedkube.security.settings.TlsSettings`)
+or None for plaintext (``security.tls: disabled``).
 
-For TLS, the links between pods are what needs wrapping: the server's gRPC
+The links between pods are what is wrapped: the server's gRPC
 port (:func:`add_port` in ``fedkube.server.app``) and bulk listener
 (:class:`~fedkube.transfer.bulk.BulkServer` on the server's bind address),
 and their dialers, the sidecar's channel (:func:`channel`) and its dials to
@@ -22,10 +23,53 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+
+from fedkube.security import contexts
+from fedkube.security.pki import TlsFiles
+from fedkube.security.settings import TlsSettings
+
+
+class TlsHandshakeError(OSError):
+    """A TLS handshake with the server failed; the message names the server and the fix."""
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """A site's side of both planes: its credentials and the name the server's certificate must carry."""
+
+    ssl_context: ssl.SSLContext
+    grpc_credentials: grpc.ChannelCredentials
+    server_name: str
+
+    @classmethod
+    def from_files(cls, files: TlsFiles, server_name: str) -> ClientTls:
+        return cls(contexts.client_ssl_context(files), contexts.grpc_channel_credentials(files), server_name)
+
+    @classmethod
+    def from_settings(cls, settings: TlsSettings) -> ClientTls | None:
+        """None when TLS is off."""
+        return None if settings.files is None else cls.from_files(settings.files, settings.server_name)
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The server's side of both planes; ``namespace``/``job`` are what a site certificate must name."""
+
+    ssl_context: ssl.SSLContext
+    grpc_credentials: grpc.ServerCredentials
+    namespace: str
+    job: str
+
+    @classmethod
+    def from_files(cls, files: TlsFiles, *, namespace: str, job: str) -> ServerTls:
+        return cls(contexts.server_ssl_context(files), contexts.grpc_server_credentials(files), namespace, job)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -36,11 +80,52 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def dial(address: str, timeout_s: float) -> socket.socket:
-    """A connected TCP socket to ``host:port`` with Nagle off (frames are written whole)."""
+def dial(address: str, timeout_s: float, tls: ClientTls | None = None) -> socket.socket:
+    """A connected TCP socket to ``host:port`` with Nagle off (frames are written whole).
+
+    With ``tls`` the socket is a TLS 1.3 client whose handshake is done (within ``timeout_s`` of the dial):
+    the server's certificate was verified against the job CA and ``tls.server_name``. A failed handshake
+    raises :class:`TlsHandshakeError` naming the server and the fix.
+    """
+    deadline = time.monotonic() + timeout_s
     sock = socket.create_connection(parse_address(address), timeout=timeout_s)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    if tls is None:
+        return sock
+    try:
+        tls_sock = tls.ssl_context.wrap_socket(sock, server_hostname=tls.server_name, do_handshake_on_connect=False)
+    except (OSError, ValueError):
+        sock.close()
+        raise
+    try:
+        tls_sock.settimeout(max(0.001, deadline - time.monotonic()))
+        tls_sock.do_handshake()
+        tls_sock.settimeout(timeout_s)
+    except ssl.SSLCertVerificationError as exc:
+        tls_sock.close()
+        raise TlsHandshakeError(
+            f"the server at {address} failed TLS verification ({exc.verify_message}): its certificate must be "
+            f"issued by this job's CA for the name {tls.server_name!r}; fix: point the sidecar at its own job's "
+            "server, or set FEDKUBE_TLS_SERVER_NAME to a name the server certificate carries"
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        tls_sock.close()
+        if isinstance(exc, TimeoutError | socket.timeout):
+            raise
+        raise TlsHandshakeError(
+            f"TLS handshake with the server at {address} failed: {exc}; fix: check that the address is the "
+            "server's TLS bulk port and that this site's certificate is of this job and valid now"
+        ) from None
+    return tls_sock
+
+
+def accept_tls(conn: socket.socket, tls: ServerTls) -> ssl.SSLSocket:
+    """``conn`` (accepted) as a server-side TLS socket whose handshake has not run yet (no I/O here).
+
+    The caller runs :meth:`ssl.SSLSocket.do_handshake` under its own deadline: a handshake counts as part of
+    the request, so a peer that trickles or stalls it is bound by the same absolute deadline and slot limits.
+    """
+    return tls.ssl_context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
 
 
 def listen(host: str, port: int, backlog: int = 128) -> socket.socket:
@@ -60,14 +145,25 @@ def close_socket(sock: socket.socket | None) -> None:
     sock.close()
 
 
-def channel(address: str, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
-    """A gRPC channel to ``address`` (a sidecar's to its server)."""
-    return grpc.insecure_channel(address, options=list(options))
+def channel(address: str, options: Sequence[tuple[str, Any]], tls: ClientTls | None = None) -> grpc.Channel:
+    """A gRPC channel to ``address`` (a sidecar's to its server); mutual TLS with ``tls``."""
+    if tls is None:
+        return grpc.insecure_channel(address, options=list(options))
+    opts = list(options) + contexts.grpc_channel_options(tls.server_name) if tls.server_name else list(options)
+    return grpc.secure_channel(address, tls.grpc_credentials, options=opts)
 
 
-def add_port(server: grpc.Server, address: str) -> int:
-    """Bind ``server`` to ``address``; the port bound, 0 when it could not bind (gRPC's convention)."""
-    return server.add_insecure_port(address)
+def add_port(server: grpc.Server, address: str, tls: ServerTls | None = None) -> int:
+    """Bind ``server`` to ``address``; the port bound, 0 when it could not bind (gRPC's convention).
+
+    With ``tls`` the port takes TLS only, and only clients with a certificate from the job CA.
+    """
+    if tls is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, tls.grpc_credentials)
 
 
-__all__ = ["add_port", "channel", "close_socket", "dial", "listen", "parse_address"]
+__all__ = [
+    "ClientTls", "ServerTls", "TlsHandshakeError", "accept_tls", "add_port", "channel", "close_socket", "dial",
+    "listen", "parse_address",
+]  # fmt: skip

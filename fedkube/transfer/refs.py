@@ -15,8 +15,9 @@ the JAX team. The trainer SDK converts torch tensors to/from these arrays.
 a 256 MiB buffer (bench/README.md): xxh3_64 ~17 GB/s, zlib.crc32 ~3.5 GB/s,
 sha256 ~1.5 GB/s, blake2b ~0.8 GB/s. A checksum guards against corruption and
 bugs, not against an attacker: a tampered tensor with a recomputed checksum
-passes, and nothing on the wire stops that today (the connections are
-plaintext; mutual TLS is the planned protection). So a fast
+passes. Tampering on the wire is stopped by mutual TLS between the pods
+(:mod:`fedkube.transfer.endpoints`; off only with ``security.tls: disabled``),
+whose record MACs cover every byte. So a fast
 non-cryptographic hash is the right tool; crc32 would cost as much time as the loopback copy
 itself. ``crc32`` remains accepted when verifying, so a peer without xxhash can
 still publish.

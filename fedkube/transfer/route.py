@@ -31,23 +31,32 @@ class Route:
 GRPC = Route(Path.GRPC)
 
 
-def handoff_enabled(wanted: bool) -> bool:
-    """Whether this process may offer or take handed-over sockets: wanted by its settings, and possible here."""
-    return wanted and handoff.AVAILABLE
+def handoff_enabled(wanted: bool, *, server_tls: bool = False) -> bool:
+    """Whether this process may offer or take handed-over sockets: wanted by its settings, and possible here.
+
+    Never with ``server_tls`` (the sidecar's hop to the server is TLS): a TLS session's state lives in the
+    process that made it (no kTLS here) and the site's key must never reach the trainer, so the sidecar
+    terminates TLS and relays plaintext to the trainer over the pod-local socket (DESIGN.md section 9,
+    option (a)).
+    """
+    return wanted and handoff.AVAILABLE and not server_tls
 
 
-def choose_route(*, bulk: str, handoff: str = "", bulk_ok: bool = True, handoff_ok: bool = True) -> Route:
+def choose_route(
+    *, bulk: str, handoff: str = "", bulk_ok: bool = True, handoff_ok: bool = True, server_tls: bool = False
+) -> Route:
     """The route for one transfer, from the endpoints the other side offers.
 
     ``bulk``: its bulk TCP address ("" when none); ``handoff``: its handoff
     name ("" when none). ``bulk_ok`` is False while bulk must not be used
     (this side has no bulk path, or it failed lately): then gRPC, whatever is
     offered. ``handoff_ok`` is False when this side will not hand sockets
-    over (switched off, or not this platform).
+    over (switched off, or not this platform); ``server_tls`` is True when the
+    connection that would be handed over is TLS to the server (then never).
     """
     if not bulk_ok:
         return GRPC
-    if handoff and handoff_enabled(handoff_ok):
+    if handoff and handoff_enabled(handoff_ok, server_tls=server_tls):
         return Route(Path.HANDOFF, handoff)
     if bulk:
         return Route(Path.BULK, bulk)

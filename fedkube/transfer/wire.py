@@ -84,10 +84,10 @@ def relay_channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[s
 
 
 def insecure_channel(address: str, extra: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-    """A plaintext channel with :func:`channel_options`.
+    """A plaintext channel with :func:`channel_options`: for pod-local links (trainer <-> sidecar) and tests.
 
-    Every fedkube connection is plaintext in this version, between pods too: nothing here encrypts or
-    authenticates the server (mutual TLS is issue 12's next step; docs/protocol.md, "Hardening").
+    Links between pods go through :func:`fedkube.transfer.endpoints.channel`, which is mutual TLS unless the
+    job says ``security.tls: disabled``.
     """
     return grpc.insecure_channel(address, options=channel_options(extra))
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -18,6 +20,8 @@ from fedkube.protocol import (
     REQUEST_DEADLINE,
     UNAUTHENTICATED_LIMIT,
 )
+from fedkube.security.contexts import HANDSHAKE_FAILED, TOKEN_SITE_MISMATCH, handshake_refusal, peer_site_identity
+from fedkube.security.identity import PeerIdentityError
 from fedkube.transfer import endpoints, handoff, peercred
 from fedkube.transfer.bulk.frames import (
     END,
@@ -29,7 +33,7 @@ from fedkube.transfer.bulk.frames import (
     send_failed,
     send_status,
 )
-from fedkube.transfer.endpoints import close_socket
+from fedkube.transfer.endpoints import ServerTls, close_socket
 from fedkube.transfer.errors import TransferError
 from fedkube.transfer.service import DownloadService
 from fedkube.transfer.wire import MAX_CHUNK_BYTES, status_code_for
@@ -38,8 +42,10 @@ from fedkube.wire.v1 import tensor_pb2
 log = logging.getLogger(__name__)
 
 #: ``authorize(site, token, receiver)`` -> (None, "") to admit, or (code, message) to refuse. ``receiver`` is
-#: the fetch's or completion's (None for an upload); an authorizer refuses one that is not ``site``.
-Authorize = Callable[[str, str, "str | None"], tuple["grpc.StatusCode | None", str]]
+#: the fetch's or completion's (None for an upload); an authorizer refuses one that is not ``site``. On a TLS
+#: listener it is also given ``cert_site=`` (the client certificate's site, which ``site`` already equals:
+#: the token must be that site's) and ``peer=`` (the address, for its log line).
+Authorize = Callable[..., tuple["grpc.StatusCode | None", str]]
 #: ``on_upload(site, upload_id, sock)`` -> (None, "") after taking ownership of ``sock``, or (code, message).
 OnUpload = Callable[[str, str, socket.socket], tuple["grpc.StatusCode | None", str]]
 
@@ -154,13 +160,16 @@ class Listener:
             if self._per_peer[peer] <= 0:
                 del self._per_peer[peer]
 
-    def refuse(self, reason: str, peer: str) -> None:
+    def refuse(self, reason: str, peer: str, detail: str = "") -> None:
         """Log and count a connection refused before it had any effect."""
-        log.warning("%s: refused a connection from %s: %s", self.name, peer, _REASONS.get(reason, reason))
+        log.warning("%s: refused a connection from %s: %s (reason %s)", self.name, peer,
+                    detail or _REASONS.get(reason, reason), reason)
         if self.on_refused is not None:
             self.on_refused(reason)
 
     def _refuse_busy(self, conn: socket.socket, reason: str) -> None:
+        # Plain bytes even on a TLS port: a handshake per refused connection would cost the CPU the limit
+        # protects. A TLS client sees a failed handshake and retries, as it does for the status.
         try:
             conn.settimeout(5.0)
             send_status(conn, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name}: {_REASONS[reason]}; retry")
@@ -169,9 +178,22 @@ class Listener:
         finally:
             close_socket(conn)
 
+    def wrap(self, conn: socket.socket) -> socket.socket:
+        """``conn`` as :meth:`handle` gets it (a TLS listener wraps it, without I/O); by default itself."""
+        return conn
+
     def _run(self, conn: socket.socket) -> None:
         keep = False
         try:
+            wrapped = self.wrap(conn)
+            if wrapped is not conn:  # the limits now track the wrapper (the plain socket was detached into it)
+                with self._lock:
+                    self._conns.discard(conn)
+                    self._conns.add(wrapped)
+                    peer = self._unauthenticated.pop(conn, None)
+                    if peer is not None:
+                        self._unauthenticated[wrapped] = peer
+                conn = wrapped
             keep = self.handle(conn)
         except Exception:
             log.exception("%s: connection handler failed", self.name)
@@ -218,6 +240,13 @@ class BulkServer(Listener):
     ``max_unauthenticated`` and ``max_per_peer`` (:class:`Listener`), so the
     rest of ``max_connections`` stays for the sites; ``on_refused(reason)``
     counts each refusal of a connection.
+
+    With ``tls`` every connection is TLS 1.3 with a client certificate from
+    the job CA. The handshake runs on the connection's own thread, after the
+    connection took its unauthenticated slot and within the same absolute
+    request deadline, so stalled or trickled handshakes are bound like
+    stalled requests. The request's site must be the one the certificate
+    names (:func:`fedkube.security.contexts.peer_site_identity`).
     """
 
     def __init__(
@@ -236,6 +265,7 @@ class BulkServer(Listener):
         request_timeout_s: float = 10.0,
         send_timeout_s: float = 120.0,
         on_refused: OnRefused | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         if not 0 < frame_bytes <= MAX_FRAME_BYTES:
             raise ValueError(f"frame_bytes must be in 1..{MAX_FRAME_BYTES}, got {frame_bytes}")
@@ -250,14 +280,47 @@ class BulkServer(Listener):
         self.request_timeout_s = request_timeout_s
         self.send_timeout_s = send_timeout_s
         self.bytes_sent = 0  # over the server's life (a counter; read without a lock)
+        self.tls = tls
 
     def start(self) -> BulkServer:
         self._start()
         return self
 
-    def handle(self, conn: socket.socket) -> bool:
+    def wrap(self, conn: socket.socket) -> socket.socket:
+        return conn if self.tls is None else endpoints.accept_tls(conn, self.tls)
+
+    def _handshake(self, conn: ssl.SSLSocket, deadline: float) -> str | None:
+        """Run ``conn``'s handshake by ``deadline``; the site its certificate names, or None (refused)."""
+        assert self.tls is not None
+        peer = _peer_of(conn)
         try:
-            request = read_request(conn, time.monotonic() + self.request_timeout_s)
+            # ssl's do_handshake bounds the whole handshake by the socket timeout (one deadline, not per read).
+            conn.settimeout(max(0.001, deadline - time.monotonic()))
+            conn.do_handshake()
+            return peer_site_identity(conn, namespace=self.tls.namespace, job=self.tls.job).site
+        except PeerIdentityError as exc:
+            self.refuse(exc.reason, peer, f"the client certificate is not one of this job's sites: {exc}")
+            with contextlib.suppress(OSError):
+                conn.settimeout(1.0)
+                send_status(conn, grpc.StatusCode.PERMISSION_DENIED, f"{self.name}: {exc}")
+        except TimeoutError:
+            self.refuse(REQUEST_DEADLINE, peer, f"no TLS handshake within {self.request_timeout_s:g} s")
+        except (ssl.SSLError, OSError, EOFError) as exc:
+            reason = handshake_refusal(exc)
+            why = getattr(exc, "verify_message", "") or getattr(exc, "reason", "") or str(exc)
+            self.refuse(reason, peer, f"TLS handshake failed ({reason}: {why})" if reason != HANDSHAKE_FAILED
+                        else f"TLS handshake failed: {exc}")
+        return None
+
+    def handle(self, conn: socket.socket) -> bool:
+        deadline = time.monotonic() + self.request_timeout_s
+        cert_site: str | None = None
+        if isinstance(conn, ssl.SSLSocket):
+            cert_site = self._handshake(conn, deadline)
+            if cert_site is None:
+                return False
+        try:
+            request = read_request(conn, deadline)
         except TimeoutError:
             self.refuse(REQUEST_DEADLINE, _peer_of(conn))
             with contextlib.suppress(OSError):
@@ -273,22 +336,31 @@ class BulkServer(Listener):
         except (EOFError, OSError) as exc:
             log.debug("%s: connection ended: %s", self.name, exc)
             return False
-        return self.serve(conn, request)
+        return self.serve(conn, request, cert_site=cert_site)
 
     def serve(
-        self, conn: socket.socket, request: tensor_pb2.BulkRequest, on_frame: Callable[[int], None] | None = None
-    ) -> bool:
+        self, conn: socket.socket, request: tensor_pb2.BulkRequest, on_frame: Callable[[int], None] | None = None,
+        *, cert_site: str | None = None,
+    ) -> bool:  # fmt: skip
         """Answer ``request`` on ``conn``; True when ``conn``'s ownership moved elsewhere (an upload).
 
         ``on_frame(n)`` is told each data frame sent (a handed-over socket
-        reports them to the sidecar that dialed it).
+        reports them to the sidecar that dialed it). ``cert_site``: the site of
+        the connection's TLS client certificate, which the request must name.
         """
         try:
             op = request.WhichOneof("op")
+            if cert_site is not None and request.site != cert_site:
+                detail = (f"the client certificate is site {cert_site!r}'s but the request names site "
+                          f"{request.site!r}; a site acts only as itself")
+                self.refuse(TOKEN_SITE_MISMATCH, _peer_of(conn), detail)
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"{detail}; fix: give each sidecar its own "
+                              "site's certificate and token")
             if self.authorize is not None:
                 receiver = request.fetch.receiver if op == "fetch" else (
                     request.complete.receiver if op == "complete" else None)
-                code, message = self.authorize(request.site, request.token, receiver)
+                extra: dict[str, Any] = {} if cert_site is None else {"cert_site": cert_site, "peer": _peer_of(conn)}
+                code, message = self.authorize(request.site, request.token, receiver, **extra)
                 if code is not None:
                     raise Refused(code, message)
             self.admitted(conn)

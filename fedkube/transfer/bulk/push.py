@@ -20,7 +20,7 @@ from fedkube.transfer import endpoints, handoff
 from fedkube.transfer.bulk.frames import Refused, read_request, read_status, send_request, send_status
 from fedkube.transfer.bulk.listener import BulkServer, Listener
 from fedkube.transfer.bulk.relay import PUMP_BUFFER_BYTES, ByteHook, pump
-from fedkube.transfer.endpoints import close_socket
+from fedkube.transfer.endpoints import ClientTls, close_socket
 from fedkube.transfer.errors import SourceUnavailableError, StreamBrokenError, TransferAbortedError
 from fedkube.transfer.wire import error_from_status
 from fedkube.wire.v1 import tensor_pb2
@@ -87,6 +87,7 @@ def push_upload(
     on_bytes: ByteHook | None = None,
     connect_timeout_s: float = 10.0,
     buffer_bytes: int = PUMP_BUFFER_BYTES,
+    tls: ClientTls | None = None,
 ) -> int:
     """Answer the server's UploadRequest ``upload_id`` with the trainer's bytes; returns the bytes moved.
 
@@ -98,11 +99,15 @@ def push_upload(
     handed to the trainer with ``fetch`` instead, and the trainer writes its
     answer itself; the bytes moved are what it reports, in batches.
     ``on_bytes`` is the byte hook (per pumped piece or reported batch).
-    Setting ``abort`` closes both connections.
+    Setting ``abort`` closes both connections. ``tls``: the server hop's TLS; a TLS connection cannot be
+    handed to the trainer (:func:`fedkube.transfer.route.choose_route` never picks a handoff then).
     Raises :class:`SourceUnavailableError` when the server cannot be reached
     or refuses the upload (the server then retries with a new request).
     """
     ids: dict[str, Any] = {"transaction_id": fetch.transaction_id, "ref_id": fetch.ref_id, "receiver": fetch.receiver}
+    if tls is not None and handoff.is_handoff(source_address):
+        raise ValueError(f"upload {upload_id}: a TLS connection to the server cannot be handed to the trainer "
+                         f"({source_address}); choose_route must pick the relay")
     up: socket.socket | None = None
     src: socket.socket | None = None
     done = threading.Event()
@@ -121,7 +126,7 @@ def push_upload(
         threading.Thread(target=watch, name=f"fedkube-push-abort-{upload_id}", daemon=True).start()
     try:
         try:
-            up = endpoints.dial(server_address, connect_timeout_s)
+            up = endpoints.dial(server_address, connect_timeout_s, tls)
             up.settimeout(chunk_timeout_s)
             send_request(up, tensor_pb2.BulkRequest(site=site, token=token, upload_id=upload_id))
             code, message = read_status(up)

@@ -25,6 +25,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ import grpc
 from fedkube.transfer import endpoints, handoff
 from fedkube.transfer.bulk.frames import Refused, read_request, send_request, send_status, status_bytes
 from fedkube.transfer.bulk.listener import Listener
-from fedkube.transfer.endpoints import close_socket
+from fedkube.transfer.endpoints import ClientTls, close_socket
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,12 @@ USE_SPLICE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 
 
 def pump(src: socket.socket, dst: socket.socket, buffer_bytes: int, on_bytes: ByteHook | None) -> int:
-    """Forward ``src`` to ``dst`` until ``src`` ends, holding at most ``buffer_bytes`` in flight here."""
-    if USE_SPLICE:
+    """Forward ``src`` to ``dst`` until ``src`` ends, holding at most ``buffer_bytes`` in flight here.
+
+    A TLS socket is always copied: its file descriptor carries records, not the bytes, and splice(2) would
+    move the ciphertext (or steal it from under the TLS state).
+    """
+    if USE_SPLICE and not isinstance(src, ssl.SSLSocket) and not isinstance(dst, ssl.SSLSocket):
         try:
             return _splice_pump(src, dst, buffer_bytes, on_bytes)
         except OSError as exc:
@@ -156,10 +161,12 @@ class ForwardEndpoint(Listener):
         limits: ForwardLimits,
         on_bytes: ByteHook | None,
         on_buffer: ByteHook | None,
+        tls: ClientTls | None = None,
     ) -> None:
         endpoints.parse_address(upstream_address)
         super().__init__(host, port, name, limits.max_connections)
         self.upstream_address = upstream_address
+        self.tls = tls  # the server hop's TLS (None: plaintext); the trainer's side is pod-local and plain
         self.site = site
         self.token = token
         self.limits = limits
@@ -192,7 +199,7 @@ class ForwardEndpoint(Listener):
             request.site = self.site
             request.token = self.token
             try:
-                up = endpoints.dial(self.upstream_address, self.limits.connect_timeout_s)
+                up = endpoints.dial(self.upstream_address, self.limits.connect_timeout_s, self.tls)
                 send_request(up, request)
             except OSError as exc:
                 log.warning("%s: cannot reach the server's bulk endpoint %s: %s", self.name, self.upstream_address,
@@ -242,10 +249,11 @@ class BulkRelay(ForwardEndpoint):
         limits: ForwardLimits = ForwardLimits(),
         on_bytes: ByteHook | None = None,
         on_buffer: ByteHook | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         super().__init__(
             upstream_address, site=site, token=token, host=host, port=port, name="bulk relay", limits=limits,
-            on_bytes=on_bytes, on_buffer=on_buffer,
+            on_bytes=on_bytes, on_buffer=on_buffer, tls=tls,
         )  # fmt: skip
         self.buffer_bytes = buffer_bytes
         self._in_use = 0
@@ -286,6 +294,9 @@ class BulkHandoff(ForwardEndpoint):
     trainer, which reads the answer straight from the server. No bytes pass
     through the sidecar, so it holds no buffer; ``on_bytes`` gets the counts
     the trainer reports (:class:`~fedkube.transfer.handoff.Reporter`).
+
+    Plaintext server hops only: a TLS session lives in the process that made it and the site's key must
+    stay in the sidecar, so with TLS :func:`fedkube.transfer.route.handoff_enabled` keeps this off.
     """
 
     def __init__(

@@ -1,17 +1,27 @@
-"""Fixtures: a real fedkube server on a localhost port, and fake sidecars to drive it."""
+"""Fixtures: a real fedkube server on a localhost port, and fake sidecars to drive it.
+
+Mutual TLS is on by default, as in the product (the session's job PKI, tests.support.tls); a test about
+plaintext passes ``make_config(..., tls=False)``.
+"""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
+from fedkube.security.settings import TlsSettings
 from fedkube.server.app import FedkubeServer
 from fedkube.server.config import JobSettings, ServerConfig, TransferSettings
+from fedkube.transfer import endpoints
+from fedkube.transfer.endpoints import ClientTls
 from tests.integration.server.fakes import Behaviour, FakeSidecar
+from tests.support.tls import NAMESPACE, session_pki
 
 JOB = "job1"
 
@@ -27,6 +37,7 @@ def make_config(
     min_clients: int | None = None,
     checkpoint_dir: Path | None = None,
     transfer: TransferSettings | None = None,
+    tls: bool = True,
     **timeouts: Any,
 ) -> ServerConfig:
     settings = JobSettings(
@@ -52,7 +63,14 @@ def make_config(
         status_port=0,
         checkpoint_dir=checkpoint_dir,
         bind_host="127.0.0.1",
+        tls=session_pki().server_settings() if tls else TlsSettings.disabled(),
+        namespace=NAMESPACE,
     )
+
+
+def client_tls(srv: FedkubeServer, site: str) -> ClientTls | None:
+    """``site``'s TLS towards ``srv``: the session PKI's certificate when the server runs TLS, else None."""
+    return session_pki().client_tls(site) if srv.config.tls.enabled else None
 
 
 class Harness:
@@ -79,6 +97,7 @@ class Harness:
         start: bool = True,
         **kw: Any,
     ) -> FakeSidecar:
+        kw.setdefault("tls", client_tls(srv, site))
         sc = FakeSidecar(f"127.0.0.1:{srv.grpc_port}", srv.config.job, site, token or token_of(site), behaviour, **kw)
         self.sidecars.append(sc)
         return sc.start() if start else sc
@@ -99,3 +118,24 @@ def harness() -> Iterator[Harness]:
         yield h
     finally:
         h.close()
+
+
+def grpc_channel(srv: FedkubeServer, site: str = "site-a") -> grpc.Channel:
+    """A channel to ``srv``'s gRPC port as ``site``'s sidecar would open it (mutual TLS when the server runs it)."""
+    return endpoints.channel(f"127.0.0.1:{srv.grpc_port}", [], client_tls(srv, site))
+
+
+def dial_bulk(
+    srv: FedkubeServer, site: str = "site-a", timeout_s: float = 5.0, host: str = "127.0.0.1"
+) -> socket.socket:
+    """A connection to ``srv``'s bulk port as ``site``'s sidecar would dial it (TLS done when the server runs it)."""
+    address = f"[{host}]:{srv.bulk_port}" if ":" in host else f"{host}:{srv.bulk_port}"
+    return endpoints.dial(address, timeout_s, client_tls(srv, site))
+
+
+def rejected(srv: FedkubeServer, reason: str, plane: str | None = None) -> float:
+    """``fedkube_server_rejected_connections_total`` for ``reason`` on ``plane`` (None: every plane)."""
+    planes = ("grpc", "bulk", "status") if plane is None else (plane,)
+    return sum(srv.metrics_registry.get_sample_value(
+        "fedkube_server_rejected_connections_total", {"fljob": srv.config.job, "plane": p, "reason": reason}) or 0.0
+        for p in planes)  # fmt: skip

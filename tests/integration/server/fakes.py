@@ -20,6 +20,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fedkube.transfer import endpoints
+from fedkube.transfer.endpoints import ClientTls
 from fedkube.transfer.fetch import Fetcher, FetchSettings, GrpcChunkSource
 from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.service import DownloadService
@@ -98,7 +100,9 @@ class FakeSidecar:
         *,
         heartbeat_s: float = 0.2,
         session_id: str | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
+        """``tls``: the site's mutual TLS towards the server (None: plaintext, for a server without TLS)."""
         self.address = address
         self.job = job
         self.site = site
@@ -107,9 +111,10 @@ class FakeSidecar:
         self.heartbeat_s = heartbeat_s
         self.session_id = session_id or uuid.uuid4().hex
         self.md = (("authorization", f"Bearer {token}"), ("x-fedkube-site", site))
-        self.channel = grpc.insecure_channel(address)
+        self.tls = tls
+        self.channel = endpoints.channel(address, [], tls)
         self.stub = control_pb2_grpc.ControlStub(self.channel)
-        self.download_channel = grpc.intercept_channel(grpc.insecure_channel(address), _Metadata(self.md))
+        self.download_channel = grpc.intercept_channel(endpoints.channel(address, [], tls), _Metadata(self.md))
         self.service = DownloadService(site)
         self.messages: list[control_pb2.ServerMessage] = []
         self.tasks: list[control_pb2.Task] = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
 
 import grpc
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from fedkube.server.app import FedkubeServer
 from fedkube.transfer.bulk import read_status, send_request
 from fedkube.wire.v1 import tensor_pb2
-from tests.integration.server.conftest import Harness, make_config
+from tests.integration.server.conftest import Harness, dial_bulk, make_config
 from tests.integration.transfer.test_bulk_ipv6 import _ipv6_loopback
 
 pytestmark = pytest.mark.timeout(30)
@@ -23,7 +22,7 @@ def test_bulk_port_on_every_interface_answers_ipv4_and_ipv6(harness: Harness) ->
     config = dataclasses.replace(make_config(rounds=1, registration_timeout_s=30.0), bulk_port=0, bind_host="[::]")
     srv: FedkubeServer = harness.server(config, {"w": np.zeros(16, np.float32)})
     for host in ("127.0.0.1", "::1"):
-        with socket.create_connection((host, srv.bulk_port), timeout=5) as sock:
+        with dial_bulk(srv, "nobody", host=host) as sock:
             send_request(sock, tensor_pb2.BulkRequest(site="nobody", token="x", upload_id="u"))
             code, message = read_status(sock)
         assert code == grpc.StatusCode.PERMISSION_DENIED and "not a client" in message, (host, code, message)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
 
 import grpc
 import numpy as np
@@ -15,7 +14,7 @@ from fedkube.transfer.bulk import read_status, send_request, send_status
 from fedkube.transfer.errors import SourceUnavailableError
 from fedkube.transfer.refs import TensorRef, as_bytes, checksum_of
 from fedkube.wire.v1 import tensor_pb2
-from tests.integration.server.conftest import JOB, Harness, make_config, token_of
+from tests.integration.server.conftest import Harness, dial_bulk, make_config, rejected, token_of
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -29,7 +28,7 @@ def server(harness: Harness) -> FedkubeServer:
 
 
 def _ask(srv: FedkubeServer, request: tensor_pb2.BulkRequest) -> tuple[grpc.StatusCode, str]:
-    with socket.create_connection(("127.0.0.1", srv.bulk_port), timeout=5) as sock:
+    with dial_bulk(srv, request.site or "site-a") as sock:
         send_request(sock, request)
         return read_status(sock)
 
@@ -40,10 +39,7 @@ def tensor_ref(arr: np.ndarray, *, name: str, source: str, transaction_id: str, 
 
 
 def _rejected(srv: FedkubeServer, reason: str) -> float:
-    value = srv.metrics_registry.get_sample_value(
-        "fedkube_server_rejected_connections_total", {"fljob": JOB, "reason": reason}
-    )
-    return value or 0.0
+    return rejected(srv, reason)
 
 
 def _fetch(site: str, token: str) -> tensor_pb2.BulkRequest:
@@ -78,7 +74,7 @@ def test_upload_answers_reach_only_their_request(server: FedkubeServer) -> None:
         code, _ = _ask(server, tensor_pb2.BulkRequest(site="site-a", token=token_of("site-a"),
                                                       upload_id=upload.request_id))
         assert code == grpc.StatusCode.PERMISSION_DENIED and _rejected(server, "WrongSite") == wrong + 1
-        with socket.create_connection(("127.0.0.1", server.bulk_port), timeout=5) as sock:
+        with dial_bulk(server, "site-b") as sock:
             send_request(sock, tensor_pb2.BulkRequest(site="site-b", token=token_of("site-b"),
                                                       upload_id=upload.request_id))
             assert read_status(sock)[0] == grpc.StatusCode.OK
@@ -101,7 +97,7 @@ def _reverse_fetch(server: FedkubeServer, error: str = "") -> bytes:
         if getattr(msg, "WhichOneof", lambda _: None)("msg") != "upload":
             return True
         req = msg.upload  # type: ignore[attr-defined]
-        sock = socket.create_connection(("127.0.0.1", server.bulk_port), timeout=5)
+        sock = dial_bulk(server, "site-b")
         send_request(sock, tensor_pb2.BulkRequest(site="site-b", token=token_of("site-b"), upload_id=req.request_id))
         assert read_status(sock)[0] == grpc.StatusCode.OK
         # What a sidecar pumps up unchanged from its trainer's bulk server: a status, frames, the end.

@@ -16,6 +16,7 @@ from fedkube.runtime.pod import fedkube_command
 from fedkube.server import checkpoint
 from fedkube.server.strategies import StrategyState
 from tests.integration.server.conftest import token_of
+from tests.support.tls import session_pki
 
 JOB = """\
 apiVersion: fedkube.dev/v1alpha1
@@ -49,6 +50,7 @@ def test_resuming_a_checkpoint_of_another_strategy_exits_2(tmp_path: Path) -> No
         envvars.GRPC_PORT: "0",
         envvars.STATUS_PORT: "0",
         envvars.TERMINATION_LOG: str(term),
+        **session_pki("resume").server_env(),
     }
     proc = subprocess.run([*fedkube_command(), "server", "--bind", "127.0.0.1"], env=env, capture_output=True,
                           text=True, timeout=50)

@@ -8,7 +8,6 @@ bound to the authenticated site) released the model before site-b had it.
 from __future__ import annotations
 
 import dataclasses
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from fedkube.transfer.bulk import read_status, send_request
 from fedkube.transfer.service import Transaction
 from fedkube.transfer.wire import SERVICE_NAME
 from fedkube.wire.v1 import tensor_pb2, tensor_pb2_grpc
-from tests.integration.server.conftest import JOB, Harness, make_config, token_of
+from tests.integration.server.conftest import Harness, dial_bulk, grpc_channel, make_config, rejected, token_of
 from tests.integration.server.fakes import add_value
 
 pytestmark = pytest.mark.timeout(30)
@@ -44,16 +43,13 @@ def _credentials(site: str) -> tuple[tuple[str, str], ...]:
 
 
 def _rejected(srv: FedkubeServer, reason: str) -> float:
-    value = srv.metrics_registry.get_sample_value(
-        "fedkube_server_rejected_connections_total", {"fljob": JOB, "reason": reason}
-    )
-    return value or 0.0
+    return rejected(srv, reason)
 
 
 def test_grpc_fetch_and_complete_as_another_site_are_refused(server: FedkubeServer) -> None:
     txn = _publish(server)
     ref_id = txn.refs[0].ref_id
-    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+    with grpc_channel(server) as channel:
         stub = tensor_pb2_grpc.DownloadStub(channel)
         fetch_b = tensor_pb2.FetchRequest(transaction_id=txn.id, ref_id=ref_id, receiver="site-b")
         with pytest.raises(grpc.RpcError) as info:
@@ -75,7 +71,7 @@ def test_grpc_fetch_and_complete_as_another_site_are_refused(server: FedkubeServ
 
 
 def _ask(srv: FedkubeServer, request: tensor_pb2.BulkRequest) -> tuple[grpc.StatusCode, str]:
-    with socket.create_connection(("127.0.0.1", srv.bulk_port), timeout=5) as sock:
+    with dial_bulk(srv, request.site or "site-a") as sock:
         send_request(sock, request)
         return read_status(sock)
 
@@ -110,7 +106,7 @@ def test_half_open_unauthenticated_calls_do_not_hold_the_servers_slots(server: F
         yield b""
 
     calls = []
-    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+    with grpc_channel(server) as channel:
         half_open = channel.stream_stream(f"/{SERVICE_NAME}/Fetch")
         try:
             calls = [half_open(silent(), metadata=((SITE_METADATA, "site-a"),), timeout=15) for _ in range(24)]
@@ -134,7 +130,7 @@ def test_stalled_fetches_leave_control_its_workers(harness: Harness, server: Fed
     """
     big = server.downloads.publish({"w": np.zeros(8 << 20, np.float32)}, receivers=["site-a"], ttl_s=60.0)
     request = tensor_pb2.FetchRequest(transaction_id=big.id, ref_id=big.refs[0].ref_id, receiver="site-a")
-    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+    with grpc_channel(server) as channel:
         stub = tensor_pb2_grpc.DownloadStub(channel)
         stalled = [stub.Fetch(request, metadata=_credentials("site-a"), timeout=20) for _ in range(16)]
         try:
@@ -163,7 +159,7 @@ def test_a_site_holding_half_open_fetches_leaves_control_its_workers(harness: Ha
         yield b""
 
     calls = []
-    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+    with grpc_channel(server) as channel:
         half_open = channel.stream_stream(f"/{SERVICE_NAME}/Fetch")
         try:
             calls = [half_open(silent(), metadata=_credentials("site-a"), timeout=15) for _ in range(16)]

@@ -19,6 +19,7 @@ from fedkube.server.app import main
 from fedkube.status import TerminationSummary
 from tests.integration.server.conftest import token_of
 from tests.integration.server.fakes import FakeSidecar, Reply
+from tests.support.tls import session_pki
 from tests.support.waiting import free_port, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -57,6 +58,7 @@ def write_job(tmp_path: Path, *, job: str = "procjob", min_clients: int = 1, tok
         envvars.GRPC_PORT: "0",
         envvars.STATUS_PORT: "0",
         envvars.TERMINATION_LOG: str(tmp_path / "termination-log"),
+        **session_pki(job).server_env(),
     }
 
 
@@ -127,7 +129,7 @@ def test_sigterm_stops_clients_writes_the_summary_and_exits_1(tmp_path: Path) ->
     try:
         assert proc.poll() is None, proc.communicate()
         sidecar = FakeSidecar(f"127.0.0.1:{grpc_port}", "procjob", "site-a", token_of("site-a"),
-                              lambda task, params: Reply(None)).start()
+                              lambda task, params: Reply(None), tls=session_pki("procjob").client_tls("site-a")).start()
         sidecar.wait_for(lambda: any(m.WhichOneof("msg") == "registered" for m in sidecar.messages),
                          what="registration")
         wanted = 'fedkube_server_clients{fljob="procjob",state="Registered"} 1.0'

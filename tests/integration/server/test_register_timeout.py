@@ -19,7 +19,7 @@ from fedkube.protocol import AUTH_METADATA, SITE_METADATA
 from fedkube.server.config import DEFAULT_REGISTER_TIMEOUT_S, ServerConfig, _seconds_env
 from fedkube.server.control import REGISTER_TIMEOUT
 from fedkube.wire.v1 import control_pb2, control_pb2_grpc
-from tests.integration.server.conftest import Harness, make_config, token_of
+from tests.integration.server.conftest import Harness, grpc_channel, make_config, rejected, token_of
 from tests.integration.server.fakes import add_value
 from tests.support.waiting import until
 
@@ -39,7 +39,7 @@ def test_stream_without_register_is_closed_with_a_reason_log_and_metric(
     config = dataclasses.replace(make_config(rounds=1), register_timeout_s=0.5)
     srv = harness.server(config, {"w": np.zeros(100, np.float32)})
     release = threading.Event()
-    channel = grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}")
+    channel = grpc_channel(srv)
     try:
         stub = control_pb2_grpc.ControlStub(channel)
         md = ((SITE_METADATA, "site-a"), (AUTH_METADATA, f"Bearer {token_of('site-a')}"))
@@ -53,11 +53,7 @@ def test_stream_without_register_is_closed_with_a_reason_log_and_metric(
         assert [m.rejected.reason for m in got] == [REGISTER_TIMEOUT]
         assert waited < 10, f"the silent stream was held {waited:.1f} s"
         assert any("sent no Register" in r.getMessage() and "site-a" in r.getMessage() for r in caplog.records)
-        reg = srv.metrics_registry
-        value = reg.get_sample_value(
-            "fedkube_server_rejected_connections_total", {"fljob": "job1", "reason": REGISTER_TIMEOUT}
-        )
-        assert value == 1.0
+        assert rejected(srv, REGISTER_TIMEOUT, "grpc") == 1.0
         # The helper thread that waited for the first message ends with the call.
         until(lambda: not any(t.name == "fedkube-register-site-a" for t in threading.enumerate()),
               "the registration reader to end with its call", timeout=5)

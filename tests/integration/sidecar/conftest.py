@@ -12,6 +12,7 @@ from fedkube.sidecar.config import SidecarConfig
 from fedkube.trainer_sdk._session import Session, SessionSettings
 from fedkube.transfer.fetch import FetchSettings
 from tests.integration.sidecar.fake_server import FakeServer
+from tests.support.tls import session_pki
 
 JOB = "job1"
 SITE = "site-a"
@@ -26,7 +27,9 @@ def server() -> Iterator[FakeServer]:
 
 
 def make_sidecar(address: str, token: str = TOKEN, **kw: Any) -> Sidecar:
-    settings: dict[str, Any] = {"trainer_port": 0, "backoff_base_s": 0.1, "backoff_max_s": 0.5, **kw}
+    """A sidecar of SITE towards ``address``, with mutual TLS (the session PKI) unless ``tls=`` says otherwise."""
+    settings: dict[str, Any] = {"trainer_port": 0, "backoff_base_s": 0.1, "backoff_max_s": 0.5,
+                                "tls": session_pki().site_settings(SITE), **kw}
     cfg = SidecarConfig(job=JOB, site=SITE, server_address=address, token=token, **settings)
     return Sidecar(cfg)
 

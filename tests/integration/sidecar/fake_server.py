@@ -22,11 +22,13 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fedkube.transfer import endpoints
 from fedkube.transfer.fetch import Fetcher, FetchSettings
 from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.service import DownloadService
 from fedkube.transfer.wire import server_options
 from fedkube.wire.v1 import control_pb2, control_pb2_grpc
+from tests.support.tls import session_pki
 
 
 class _Stream:
@@ -40,7 +42,10 @@ class _Stream:
 class FakeServer(control_pb2_grpc.ControlServicer):
     """Control servicer + global-model DownloadService on one real gRPC server."""
 
-    def __init__(self, job: str, tokens: dict[str, str], *, heartbeat_ms: int = 200, port: int = 0) -> None:
+    def __init__(
+        self, job: str, tokens: dict[str, str], *, heartbeat_ms: int = 200, port: int = 0, tls: bool = True
+    ) -> None:
+        """``tls``: serve mutual TLS with the session PKI's server certificate of ``job`` (as the real server)."""
         self.job = job
         self.tokens = tokens
         self.heartbeat_ms = heartbeat_ms
@@ -59,7 +64,7 @@ class FakeServer(control_pb2_grpc.ControlServicer):
         )
         control_pb2_grpc.add_ControlServicer_to_server(self, self.grpc)
         self.downloads.add_to_server(self.grpc)
-        self.port = self.grpc.add_insecure_port(f"127.0.0.1:{port}")
+        self.port = endpoints.add_port(self.grpc, f"127.0.0.1:{port}", session_pki(job).server_tls() if tls else None)
         assert self.port, "could not bind the fake server"
         self.address = f"127.0.0.1:{self.port}"
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fedkube.security.settings import TlsSettings
 from fedkube.server.app import FedkubeServer
 from fedkube.server.config import TransferSettings
 from fedkube.sidecar.app import Sidecar
@@ -24,6 +25,7 @@ from fedkube.sidecar.config import SidecarConfig
 from fedkube.trainer_sdk._session import Session
 from tests.integration.server.conftest import JOB, make_config, token_of
 from tests.integration.sidecar.conftest import SETTINGS
+from tests.support.tls import session_pki
 
 SITE = "site-a"
 
@@ -48,20 +50,26 @@ class OneSite:
         self.errors: list[BaseException] = []
         self.thread: threading.Thread | None = None
 
-    def start(self, script: Script, bulk: str = "on", handoff: bool = True) -> OneSite:
+    def start(
+        self, script: Script, bulk: str = "on", handoff: bool = True, tls: bool = True,
+        via: Callable[[str], str] = lambda address: address,
+    ) -> OneSite:  # fmt: skip
         """``bulk``: "on" (the server's bulk port), "off" (no bulk address: gRPC) or "dead" (nothing listens);
-        ``handoff``: whether the sidecar hands its server connections to the trainer (else it relays)."""
+        ``handoff``: whether the sidecar hands its server connections to the trainer (else it relays; never with
+        TLS); ``tls``: mutual TLS between sidecar and server on both planes (the default, as in the product);
+        ``via(address)``: the address the sidecar dials for a server address (e.g. a proxy's in front of it)."""
         config = make_config(
             (SITE,), rounds=self.rounds,
             transfer=TransferSettings(chunk_bytes=64 * 1024, chunk_timeout_s=5.0, idle_timeout_s=10.0, max_attempts=3),
+            tls=tls,
         )  # fmt: skip
         self.server = FedkubeServer(dataclasses.replace(config, bulk_port=0), model_loader=self.model)
         self.server.start()
-        address = {"on": f"127.0.0.1:{self.server.bulk_port}", "off": "", "dead": dead_address()}[bulk]
+        address = {"on": via(f"127.0.0.1:{self.server.bulk_port}"), "off": "", "dead": dead_address()}[bulk]
         self.sidecar = Sidecar(SidecarConfig(
-            job=JOB, site=SITE, server_address=f"127.0.0.1:{self.server.grpc_port}", token=token_of(SITE),
+            job=JOB, site=SITE, server_address=via(f"127.0.0.1:{self.server.grpc_port}"), token=token_of(SITE),
             trainer_port=0, backoff_base_s=0.1, backoff_max_s=0.5, server_bulk_address=address,
-            bulk_handoff=handoff,
+            bulk_handoff=handoff, tls=session_pki().site_settings(SITE) if tls else TlsSettings.disabled(),
         ))  # fmt: skip
         self.sidecar.start()
         self.session = Session(f"127.0.0.1:{self.sidecar.port}", site=SITE, job=JOB, settings=SETTINGS)

@@ -68,8 +68,8 @@ def _sample(sidecar: Sidecar, name: str, **labels: str) -> float:
     return value or 0.0
 
 
-def _run(stack: Stack, bulk: str, handoff: bool = True) -> None:
-    stack.start(stack.train, bulk, handoff=handoff)
+def _run(stack: Stack, bulk: str, handoff: bool = True, tls: bool = True) -> None:
+    stack.start(stack.train, bulk, handoff=handoff, tls=tls)
     stack.finish()
     first = _model()
     assert len(stack.received) == ROUNDS
@@ -83,20 +83,29 @@ def _pulled(records: list[logging.LogRecord]) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("handoff", "trainer_offers"),
+    ("handoff", "trainer_offers", "tls"),
     [
-        pytest.param(True, True, id="handoff", marks=pytest.mark.skipif(not handoff.AVAILABLE, reason="Linux only")),
-        pytest.param(False, True, id="relay"),
-        pytest.param(True, False, id="trainer-without-handoff"),  # an older SDK: the sidecar relays for it
+        # The handoff exists only on a plaintext server hop (security.tls: disabled).
+        pytest.param(True, True, False, id="plaintext-handoff",
+                     marks=pytest.mark.skipif(not handoff.AVAILABLE, reason="Linux only")),
+        pytest.param(False, True, False, id="plaintext-relay"),
+        pytest.param(True, False, False, id="plaintext-trainer-without-handoff"),  # an older SDK: the sidecar relays
+        # mTLS on both planes: the sidecar terminates TLS and relays, whatever the handoff setting says.
+        pytest.param(True, True, True, id="tls"),
     ],
 )
 def test_bulk_on_both_directions_and_metered(
-    stack: Stack, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, handoff: bool, trainer_offers: bool
-) -> None:
+    stack: Stack, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, handoff: bool,
+    trainer_offers: bool, tls: bool,
+) -> None:  # fmt: skip
     caplog.set_level(logging.INFO)
     if not trainer_offers:
         monkeypatch.setenv(envvars.BULK_HANDOFF, "0")  # read by the trainer's Session only here
-    _run(stack, "on", handoff=handoff)
+    _run(stack, "on", handoff=handoff, tls=tls)
+    if tls:
+        assert stack.server is not None and stack.server.tls is not None and stack.server.bulk is not None
+        assert stack.server.bulk.tls is not None and stack.sidecar is not None and stack.sidecar.tls is not None
+        handoff = False  # what the sidecar did: relay every byte
     total = sum(a.nbytes for a in _model().values())
     pulled = _pulled(caplog.records)
     assert len(pulled) == ROUNDS and all(f"({total} on the bulk port, 0 pushed over gRPC)" in m for m in pulled)

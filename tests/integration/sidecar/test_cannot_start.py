@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -16,6 +17,10 @@ from fedkube import envvars
 from tests.integration.server.conftest import JOB, Harness, make_config, token_of
 from tests.integration.server.conftest import harness as harness  # the server tests' real-server fixture
 from tests.integration.server.fakes import add_value
+from tests.integration.sidecar.conftest import make_sidecar
+from tests.integration.sidecar.fake_server import FakeServer
+from tests.support.tls import session_pki
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[3]
@@ -40,6 +45,7 @@ def test_sidecar_that_cannot_listen_for_its_trainer_fails_its_client_at_once(
         envvars.SITE: "site-a",
         envvars.SERVER_ADDRESS: f"127.0.0.1:{srv.grpc_port}",
         envvars.TOKEN_FILE: str(token),
+        **session_pki().site_env("site-a"),
         envvars.TRAINER_PORT: str(taken.getsockname()[1]),
         "PYTHONPATH": str(ROOT),
     }
@@ -66,3 +72,22 @@ def test_sidecar_that_cannot_listen_for_its_trainer_fails_its_client_at_once(
 
 def _client(srv, site):  # type: ignore[no-untyped-def]
     return next(c for c in srv.workflow.status().clients if c.name == site)
+
+
+def test_a_server_whose_certificate_fails_is_refused_naming_its_address_and_the_fix(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A server of another job (its own CA): the sidecar must never register there, and must say why.
+    other = FakeServer("job2", {"site-a": "tok-a"}).start()
+    sidecar = make_sidecar(other.address)
+    try:
+        with caplog.at_level(logging.ERROR, logger="fedkube.sidecar.upstream"):
+            sidecar.start()
+            until(lambda: [r for r in caplog.records if "failed TLS verification" in r.getMessage()],
+                  what="the TLS error", timeout=15)
+        message = next(r.getMessage() for r in caplog.records if "failed TLS verification" in r.getMessage())
+        assert other.address in message and "fix:" in message and "FEDKUBE_TLS_DIR" in message
+        assert not sidecar.upstream.connected.is_set() and not other.registrations
+    finally:
+        sidecar.stop(grace=0.5)
+        other.stop()

@@ -18,6 +18,7 @@ from fedkube.wire.v1 import control_pb2
 from tests.integration.server.conftest import JOB, Harness, make_config, token_of
 from tests.integration.server.conftest import harness as harness  # the server tests' real-server fixture
 from tests.integration.server.fakes import add_value
+from tests.support.tls import session_pki
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,6 +50,7 @@ def test_sidecar_stopped_without_a_trainer_tells_the_server_at_once(harness: Har
         envvars.SITE: "site-a",
         envvars.SERVER_ADDRESS: f"127.0.0.1:{srv.grpc_port}",
         envvars.TOKEN_FILE: str(token),
+        **session_pki().site_env("site-a"),
         envvars.TRAINER_PORT: "0",
         "PYTHONPATH": str(ROOT),
     }

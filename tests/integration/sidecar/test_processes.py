@@ -22,6 +22,7 @@ from fedkube.sidecar.config import SIDECAR_EXIT_ON_STOP
 from fedkube.wire.v1 import control_pb2
 from tests.integration.sidecar.conftest import JOB, SITE, TOKEN, make_sidecar
 from tests.integration.sidecar.fake_server import FakeServer
+from tests.support.tls import session_pki
 from tests.support.waiting import free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -190,6 +191,7 @@ def test_sidecar_process_full_round_bounded_memory_and_exit_on_stop(tmp_path: Pa
         envvars.SITE: SITE,
         envvars.SERVER_ADDRESS: server.address,
         envvars.TOKEN_FILE: str(token),
+        **session_pki().site_env(SITE),
         envvars.TRAINER_PORT: str(port),
         SIDECAR_EXIT_ON_STOP: "1",
         "PYTHONPATH": str(ROOT),
@@ -252,6 +254,7 @@ def test_rejected_registration_exits_2(server: FakeServer, tmp_path: Path) -> No
         envvars.SITE: SITE,
         envvars.SERVER_ADDRESS: server.address,
         envvars.TOKEN_FILE: str(token),
+        **session_pki().site_env(SITE),
         envvars.TRAINER_PORT: str(free_port()),
         "PYTHONPATH": str(ROOT),
     }
@@ -274,6 +277,7 @@ def test_missing_token_file_is_a_config_error_exit_2(tmp_path: Path) -> None:
         envvars.SITE: SITE,
         envvars.SERVER_ADDRESS: "127.0.0.1:1",
         envvars.TOKEN_FILE: str(tmp_path / "missing"),
+        **session_pki().site_env(SITE),
         "PYTHONPATH": str(ROOT),
     }
     proc = subprocess.run(
@@ -378,6 +382,7 @@ def test_trainer_port_in_use_is_a_config_error(tmp_path: Path) -> None:
         token.write_text(TOKEN)
         env = {**os.environ, envvars.JOB: JOB, envvars.SITE: SITE, envvars.SERVER_ADDRESS: "127.0.0.1:1",
                envvars.TOKEN_FILE: str(token), envvars.TRAINER_PORT: str(busy.getsockname()[1]),
+               **session_pki().site_env(SITE),
                "PYTHONPATH": str(ROOT)}
         proc = subprocess.run(
             [sys.executable, "-c", "import sys; from fedkube.sidecar.app import main; sys.exit(main())"],

@@ -25,6 +25,7 @@ from fedkube.trainer_sdk import FLModel, ResultTransferError
 from fedkube.trainer_sdk._session import Session, SessionSettings
 from tests.faults.support import UP, TcpProxy, until
 from tests.integration.server.conftest import JOB, make_config, token_of
+from tests.support.tls import session_pki
 
 SITE = "site-a"
 NBYTES = 32 << 20  # more than the socket buffers between the sidecar and the stopped proxy can hold
@@ -46,7 +47,7 @@ def test_send_gives_up_after_the_jobs_idle_timeout_not_the_sdk_default() -> None
     proxy = TcpProxy(("127.0.0.1", server.grpc_port), name="server").start()
     sidecar = Sidecar(SidecarConfig(
         job=JOB, site=SITE, server_address=proxy.address, token=token_of(SITE), trainer_port=0,
-        backoff_base_s=0.1, backoff_max_s=0.5,
+        backoff_base_s=0.1, backoff_max_s=0.5, tls=session_pki().site_settings(SITE),
     ))  # fmt: skip
     sidecar.start()
     session = Session(f"127.0.0.1:{sidecar.port}", site=SITE, job=JOB, settings=defaults)

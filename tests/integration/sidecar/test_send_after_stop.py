@@ -19,6 +19,7 @@ from fedkube.trainer_sdk import FLModel, JobStoppedError
 from fedkube.trainer_sdk._session import Session
 from tests.integration.server.conftest import JOB, make_config, token_of
 from tests.integration.sidecar.conftest import SETTINGS
+from tests.support.tls import session_pki
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,7 +31,7 @@ def test_send_after_the_job_stopped_raises_job_stopped_at_once() -> None:
     server.start()
     sidecar = Sidecar(SidecarConfig(
         job=JOB, site=SITE, server_address=f"127.0.0.1:{server.grpc_port}", token=token_of(SITE), trainer_port=0,
-        backoff_base_s=0.1, backoff_max_s=0.5,
+        backoff_base_s=0.1, backoff_max_s=0.5, tls=session_pki().site_settings(SITE),
     ))  # fmt: skip
     sidecar.start()
     session = Session(f"127.0.0.1:{sidecar.port}", site=SITE, job=JOB, settings=SETTINGS)

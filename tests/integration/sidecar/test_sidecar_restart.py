@@ -17,6 +17,7 @@ from fedkube.wire.v1 import control_pb2
 from tests.integration.sidecar.conftest import JOB, SITE, TOKEN
 from tests.integration.sidecar.fake_server import FakeServer
 from tests.integration.sidecar.test_processes import ROOT, _state, _trainer
+from tests.support.tls import session_pki
 from tests.support.waiting import free_port, until
 
 pytestmark = pytest.mark.timeout(90)
@@ -29,6 +30,7 @@ def _sidecar(server: FakeServer, token: Path, port: int) -> subprocess.Popen[str
         envvars.SITE: SITE,
         envvars.SERVER_ADDRESS: server.address,
         envvars.TOKEN_FILE: str(token),
+        **session_pki().site_env(SITE),
         envvars.TRAINER_PORT: str(port),
         SIDECAR_EXIT_ON_STOP: "1",
         "PYTHONPATH": str(ROOT),

@@ -93,7 +93,7 @@ def test_server_calls_land_in_the_exposition() -> None:
     assert value(reg, "fedkube_server_aggregation_seconds_count", **j) == 2
     assert value(reg, "fedkube_server_checkpoint_seconds_sum", **j) == pytest.approx(0.1)
     assert value(reg, "fedkube_server_model_bytes", **j) == 4096
-    assert value(reg, "fedkube_server_rejected_connections_total", reason="Unauthenticated", **j) == 1
+    assert value(reg, "fedkube_server_rejected_connections_total", plane="grpc", reason="Unauthenticated", **j) == 1
     assert value(reg, "fedkube_component_info", component="server", fljob="mnist", site="") == 1
 
 

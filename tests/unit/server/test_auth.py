@@ -25,7 +25,7 @@ def _auth() -> tuple[Authenticator, CollectorRegistry]:
 
 def _rejected(registry: CollectorRegistry, reason: str) -> float:
     value = registry.get_sample_value(
-        "fedkube_server_rejected_connections_total", {"fljob": "j", "reason": reason}
+        "fedkube_server_rejected_connections_total", {"fljob": "j", "plane": "grpc", "reason": reason}
     )
     return value or 0.0
 

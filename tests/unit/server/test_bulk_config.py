@@ -9,6 +9,7 @@ import pytest
 from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.server.config import load_config
+from tests.support.tls import session_pki
 
 SPEC = """\
 apiVersion: fedkube.dev/v1alpha1
@@ -28,7 +29,8 @@ def _env(tmp_path: Path, **over: str) -> dict[str, str]:
     tokens = tmp_path / "tokens"
     tokens.mkdir(exist_ok=True)
     (tokens / "site-a").write_text("t0k3n\n")
-    env = {envvars.JOB: "bulkjob", envvars.SPEC_FILE: str(spec), envvars.TOKENS_DIR: str(tokens)}
+    env = {envvars.JOB: "bulkjob", envvars.SPEC_FILE: str(spec), envvars.TOKENS_DIR: str(tokens),
+           **session_pki("bulkjob").server_env()}
     env.update(over)
     return env
 

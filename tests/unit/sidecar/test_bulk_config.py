@@ -9,12 +9,14 @@ import pytest
 from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.sidecar.config import SidecarConfig
+from tests.support.tls import session_pki
 
 
 def _env(tmp_path: Path, **over: str) -> dict[str, str]:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    env = {envvars.JOB: "j", envvars.SITE: "a", envvars.SERVER_ADDRESS: "server:7070", envvars.TOKEN_FILE: str(token)}
+    env = {envvars.JOB: "j", envvars.SITE: "a", envvars.SERVER_ADDRESS: "server:7070", envvars.TOKEN_FILE: str(token),
+           **session_pki("j").site_env("a")}
     env.update(over)
     return env
 

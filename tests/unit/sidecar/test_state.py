@@ -13,6 +13,7 @@ from fedkube.errors import ConfigError
 from fedkube.sidecar.config import SIDECAR_EXIT_ON_STOP, SidecarConfig
 from fedkube.sidecar.state import TaskBook, TrainerTracker, backoff_delay
 from fedkube.wire.v1 import control_pb2, tensor_pb2, trainer_pb2
+from tests.support.tls import session_pki
 
 
 def _task(tid: str) -> control_pb2.Task:
@@ -160,7 +161,8 @@ def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
 def _env(tmp_path: Path, **over: str) -> dict[str, str]:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    env = {envvars.JOB: "j", envvars.SITE: "a", envvars.SERVER_ADDRESS: "server:7070", envvars.TOKEN_FILE: str(token)}
+    env = {envvars.JOB: "j", envvars.SITE: "a", envvars.SERVER_ADDRESS: "server:7070", envvars.TOKEN_FILE: str(token),
+           **session_pki("j").site_env("a")}
     env.update(over)
     return {k: v for k, v in env.items() if v != "<unset>"}
 
