@@ -43,6 +43,7 @@ edits the rendered manifests with ``mutate=`` (see :func:`pod_named`,
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -55,13 +56,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from fedkube import envvars
-from fedkube.operator.naming import SERVER_CONTAINER, SIDECAR_CONTAINER
+from fedkube.operator.naming import SERVER_CONTAINER, SIDECAR_CONTAINER, client_tls_secret_name
 from fedkube.runtime.cli import execute
 from fedkube.runtime.local import (
     ROLE_LABEL,
@@ -76,6 +78,7 @@ from fedkube.runtime.local import (
 from fedkube.runtime.pod import SIDECAR_EXIT_ON_STOP, ManifestObjects, PodOptions, PodResult, PodRun, run_pod
 from fedkube.runtime.process import ManagedProcess
 from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
+from fedkube.security.pki import server_dns_names
 from fedkube.server import checkpoint
 from fedkube.spec import parse_job
 from fedkube.status import Phase
@@ -276,6 +279,21 @@ def job_doc(
     if checkpoint:
         spec["server"] = {"checkpoint": {"enabled": True}}
     return {"apiVersion": "fedkube.dev/v1alpha1", "kind": "FLJob", "metadata": {"name": name}, "spec": spec}
+
+
+def site_channel(manifests: Sequence[dict[str, Any]], job: str, site: str, address: str) -> grpc.Channel:
+    """A gRPC channel to ``job``'s server holding ``site``'s certificate (from its rendered TLS Secret), as that
+    site's sidecar holds it: an attacker who stole the key but not the token. Plaintext when the job has no TLS
+    Secrets (``security.tls: disabled``)."""
+    name = client_tls_secret_name(job, site)
+    secret = next((m for m in manifests if m.get("kind") == "Secret" and m["metadata"]["name"] == name), None)
+    if secret is None:
+        return grpc.insecure_channel(address)
+    files = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    creds = grpc.ssl_channel_credentials(root_certificates=files["ca.crt"], private_key=files["tls.key"],
+                                         certificate_chain=files["tls.crt"])
+    server_name = server_dns_names(str(secret["metadata"]["namespace"]), job)[-1]
+    return grpc.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", server_name)])
 
 
 def pod_named(manifests: Sequence[dict[str, Any]], name: str) -> dict[str, Any]:

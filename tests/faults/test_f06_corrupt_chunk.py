@@ -5,6 +5,11 @@ catches the mismatch before the bytes are used, the tensor is fetched again,
 and the aggregate is bit-exact. Both directions: the server pulling site-b's
 result (``up``) and site-b's trainer fetching the global model through its
 sidecar (``down``).
+
+This is the plaintext job's defence (``security.tls: disabled``), so these run
+without TLS. With TLS (the default) a flipped byte never reaches a checksum:
+the record's AEAD tag fails, the connection is dropped and the transfer is
+retried (the last test).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def test_flipped_byte_is_caught_by_the_checksum_refetched_and_the_aggregate_is_e
                   trainer=trainer_script(tmp_path, ONE_AND_TWO), initial=save_model(tmp_path / "initial.npz",
                                                                                    {"w": INITIAL}),
                   transfer={"chunkBytes": 256 << 10, "chunkTimeoutSeconds": 5, "idleTimeoutSeconds": 20})
+    doc["spec"]["security"] = {"tls": "disabled"}  # the bytes must be in clear for the checksum to be the catch
     with PodJob(doc, tmp_path, proxied_sites=["site-b"]) as job:
         proxy = job.proxy("site-b")
         proxy.flip_after(MARKERS[direction], direction)
@@ -65,3 +71,23 @@ def test_flipped_byte_is_caught_by_the_checksum_refetched_and_the_aggregate_is_e
         assert retries == 0
         # The model went to the trainer a second time, from offset 0, through the sidecar.
         assert sidecar.total(RELAYED, direction="to_trainer") > NBYTES
+
+
+@pytest.mark.timeout(60)
+def test_with_tls_a_flipped_byte_breaks_the_record_and_the_upload_is_retried(tmp_path: Path) -> None:
+    doc = job_doc("f06", ("site-a", "site-b"), rounds=1, roomy=True, checkpoint=True,
+                  trainer=trainer_script(tmp_path, ONE_AND_TWO), initial=save_model(tmp_path / "initial.npz",
+                                                                                   {"w": INITIAL}),
+                  transfer={"chunkBytes": 256 << 10, "chunkTimeoutSeconds": 5, "idleTimeoutSeconds": 20})
+    with PodJob(doc, tmp_path, proxied_sites=["site-b"]) as job:
+        proxy = job.proxy("site-b")
+        # Half a result into what goes up: ciphertext of site-b's result (no marker can be found in it).
+        proxy.flip_byte_at(NBYTES // 2, UP)
+        summary = job.server_succeeded(45)
+        ck = job.checkpoint()
+        server_log = job.log("server", "server")
+    assert len(proxy.flipped) == 1, proxy.flipped
+    np.testing.assert_array_equal(ck.model["w"], INITIAL + np.float32(1.75))
+    assert summary["phase"] == "Succeeded" and summary["completedRounds"] == 1 and "reason" not in summary
+    # Never a checksum mismatch: TLS refused the altered record before any byte of it was used.
+    assert "checksum mismatch" not in server_log

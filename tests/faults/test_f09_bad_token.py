@@ -8,9 +8,10 @@ and the job's real clients are not disturbed.
 * wrong token: site-c's token Secret holds another value, so its real sidecar
   is refused (and exits 2, as a sidecar does on a refused registration); site-c
   never registers, so it is excluded as NotRegistered, never Lost.
-* missing token: a hand-made gRPC client opens ``Connect`` as site-a, a live
-  client of the job, without an ``authorization`` header, then tries to fetch
-  from the ``Download`` service the same way.
+* missing token: a hand-made gRPC client holding site-a's certificate and key
+  (a stolen key: the token is the second factor) opens ``Connect`` as site-a,
+  a live client of the job, without an ``authorization`` header, then tries to
+  fetch from the ``Download`` service the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fedkube.operator.naming import client_token_secret_name
 from fedkube.protocol import PROTOCOL_VERSION, SITE_METADATA
 from fedkube.spec.layout import TOKEN_FILE_NAME
 from fedkube.wire.v1 import control_pb2, control_pb2_grpc, tensor_pb2, tensor_pb2_grpc
-from tests.faults.support import CLIENTS, FAILURES, REJECTED, LocalJob, clients_of, job_doc
+from tests.faults.support import CLIENTS, FAILURES, REJECTED, LocalJob, clients_of, job_doc, site_channel
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,12 +39,12 @@ def _wrong_token_for_site_c(manifests: list[dict[str, Any]]) -> None:
     secret["stringData"][TOKEN_FILE_NAME] = "not-the-token-of-site-c"
 
 
-def _connect_without_token(address: str) -> tuple[list[control_pb2.ServerMessage], grpc.RpcError]:
+def _connect_without_token(job: LocalJob) -> tuple[list[control_pb2.ServerMessage], grpc.RpcError]:
     """Open Connect as site-a with no authorization metadata; the replies and the error that ended the call."""
     register = control_pb2.ClientMessage(register=control_pb2.Register(
         job=JOB, site="site-a", session_id="intruder", protocol_version=PROTOCOL_VERSION))
     replies: list[control_pb2.ServerMessage] = []
-    with grpc.insecure_channel(address) as channel:
+    with site_channel(job.manifests, JOB, "site-a", job.server_address()) as channel:
         call = control_pb2_grpc.ControlStub(channel).Connect(iter([register]), metadata=((SITE_METADATA, "site-a"),),
                                                              timeout=10)
         try:
@@ -53,10 +54,10 @@ def _connect_without_token(address: str) -> tuple[list[control_pb2.ServerMessage
     raise AssertionError(f"Connect without a token was not refused; replies: {replies}")
 
 
-def _fetch_without_token(address: str) -> grpc.RpcError:
+def _fetch_without_token(job: LocalJob) -> grpc.RpcError:
     """Ask the server's Download service for a chunk of the global model as site-a, without a token."""
     request = tensor_pb2.FetchRequest(transaction_id=f"{JOB}-r2", ref_id="t0", receiver="site-a")
-    with grpc.insecure_channel(address) as channel:
+    with site_channel(job.manifests, JOB, "site-a", job.server_address()) as channel:
         stream = tensor_pb2_grpc.DownloadStub(channel).Fetch(request, metadata=((SITE_METADATA, "site-a"),),
                                                               timeout=10)
         try:
@@ -81,7 +82,7 @@ def test_wrong_and_missing_tokens_are_refused_and_the_others_finish(tmp_path: Pa
         assert (c["state"], c["reason"]) == ("Pending", "NotRegistered"), c
 
         before = job.scrape().value(REJECTED, reason="BadToken")
-        replies, error = _connect_without_token(job.server_address())
+        replies, error = _connect_without_token(job)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
         assert "missing or wrong token for site 'site-a'" in str(error.details())
         assert [r.rejected.reason for r in replies] == ["BadToken"]
@@ -91,7 +92,7 @@ def test_wrong_and_missing_tokens_are_refused_and_the_others_finish(tmp_path: Pa
                   "the server to log the call without a token")
         # Nor can a call without a token fetch the global model.
         before = job.scrape().value(REJECTED, reason="BadToken")
-        error = _fetch_without_token(job.server_address())
+        error = _fetch_without_token(job)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
         job.until_metrics(lambda m: m.value(REJECTED, reason="BadToken") >= before + 1, "the refused fetch counted")
         job.until(lambda: "refused a Download call from site 'site-a': missing or wrong token"

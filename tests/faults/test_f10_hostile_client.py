@@ -5,6 +5,11 @@ oversized messages and a flood of connections are each refused with a status
 code (or the connection is closed, for bytes that are not HTTP/2), refusals
 with an identity are counted by reason, the server's memory does not grow
 beyond a small bound, and the real clients finish the job normally.
+
+The job runs with ``security.tls: disabled``: this is the application layer
+that anyone on the network reaches in a plaintext job, and that only holders
+of a site certificate of the job reach with TLS (whose own refusals, plaintext
+and foreign clients included, are tests/integration/server/test_mtls_refusals.py).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ def test_hostile_client_is_refused_memory_stays_flat_and_the_job_succeeds(tmp_pa
     doc = job_doc("f10", ("site-a", "site-b"), rounds=1, roomy=True, checkpoint=True, env={"HOLD": "site-a,site-b"},
                   trainer=trainer_script(tmp_path, ONE_AND_TWO), initial=save_model(tmp_path / "initial.npz",
                                                                                    {"w": INITIAL}))
+    doc["spec"]["security"] = {"tls": "disabled"}
     with PodJob(doc, tmp_path) as job:
         server = psutil.Process(job.process(None, "server").pid)
         # Both real clients are in the round (trainers hold their results) before the attack starts.
