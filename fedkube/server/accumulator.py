@@ -351,7 +351,9 @@ class Intake:
                     f"Intake.add({self.client!r}, {self.name!r}): the tensor was claimed, so the array must be "
                     "the intake's target"
                 )
-            spec = self.engine._check(self.client, self.name, array, self.weight)
+            from fedkube.server.aggregate import check_tensor  # aggregate imports this module: not at the top
+
+            spec = check_tensor(self.engine.spec, self.client, self.name, array, self.weight)
             if spec.is_float and not (all_finite(array) if finite is None else finite):
                 raise non_finite(self.client, self.name)
             if sq is None:  # before publishing: then other folds change the array

@@ -171,6 +171,25 @@ class _Scratch(threading.local):
         self.mask: np.ndarray | None = None
 
 
+def check_tensor(spec: ModelSpec, client: str, name: str, array: np.ndarray, weight: float) -> TensorSpec:
+    """``name``'s spec in the global model, once ``array`` matches it and ``weight`` is a positive finite number;
+    else InvalidResultError naming the tensor (every strategy checks a result's tensors this way)."""
+    found = spec.get(name)
+    if found is None:
+        raise InvalidResultError(client, f"tensor {name!r} is not in the global model")
+    arr_dtype = array.dtype if isinstance(array, (np.ndarray, np.generic)) else None
+    if arr_dtype is None or found.np_dtype != arr_dtype:
+        raise InvalidResultError(client, f"tensor {name!r} has dtype {arr_dtype}, the global model has {found.dtype}")
+    if tuple(array.shape) != found.shape:
+        raise InvalidResultError(
+            client, f"tensor {name!r} has shape {tuple(array.shape)}, the global model has {found.shape}"
+        )
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+        raise InvalidResultError(client, f"weight {weight!r} is not a positive finite number "
+                                 "(num_examples must be > 0)")
+    return found
+
+
 class WeightedMean:
     """Per-tensor weighted mean of client results; the engine behind FedAvg and FedAdam.
 
@@ -229,25 +248,6 @@ class WeightedMean:
             self._scratch.mask = mask
         return mask
 
-    def _check(self, client: str, name: str, array: np.ndarray, weight: float) -> TensorSpec:
-        spec = self.spec.get(name)
-        if spec is None:
-            raise InvalidResultError(client, f"tensor {name!r} is not in the global model")
-        arr_dtype = array.dtype if isinstance(array, (np.ndarray, np.generic)) else None
-        if arr_dtype is None or spec.np_dtype != arr_dtype:
-            raise InvalidResultError(
-                client, f"tensor {name!r} has dtype {arr_dtype}, the global model has {spec.dtype}"
-            )
-        if tuple(array.shape) != spec.shape:
-            raise InvalidResultError(
-                client, f"tensor {name!r} has shape {tuple(array.shape)}, the global model has {spec.shape}"
-            )
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
-            raise InvalidResultError(
-                client, f"weight {weight!r} is not a positive finite number (num_examples must be > 0)"
-            )
-        return spec
-
     # -- the aggregation protocol ----------------------------------------------
 
     def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool:
@@ -267,7 +267,7 @@ class WeightedMean:
         self, client: str, name: str, array: np.ndarray, weight: float, finite: bool | None,
         abort: threading.Event | None, sq: float | None = None,
     ) -> bool:  # fmt: skip
-        spec = self._check(client, name, array, weight)
+        spec = check_tensor(self.spec, client, name, array, weight)
         if spec.is_float and not (all_finite(array) if finite is None else finite):
             # Checked before folding: one diverged client must not turn everyone's model into NaN.
             raise non_finite(client, name)
@@ -453,7 +453,7 @@ class WeightedMean:
                 if client not in owed or client in self._discarded:
                     return False
                 weight = self._kept_weight[client] if name in self._kept.get(client, ()) else self._weights[client]
-            self._check(client, name, array, weight)
+            check_tensor(self.spec, client, name, array, weight)
             with self._lock:
                 owed.discard(client)
             tensor.fold(client, self._clipped(client, name, array), weight, self._scratch_for())

@@ -9,7 +9,6 @@ which reads the same element range of a tensor from every result into an
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import threading
@@ -29,6 +28,7 @@ from fedkube.server.aggregate import (
     InvalidResultError,
     accumulator_dtype,
     all_finite,
+    check_tensor,
 )
 from fedkube.server.model import Model, ModelSpec, TensorSpec
 
@@ -213,27 +213,10 @@ class RobustAggregator:
         """Bytes of staged results on disk now (the files' allocated size)."""
         return sum(p.stat().st_blocks * 512 for p in self.directory.iterdir() if p.is_file())
 
-    def _check(self, client: str, name: str, array: np.ndarray, weight: float) -> TensorSpec:
-        spec = self.spec.get(name)
-        if spec is None:
-            raise InvalidResultError(client, f"tensor {name!r} is not in the global model")
-        dtype = array.dtype if isinstance(array, (np.ndarray, np.generic)) else None
-        if dtype != spec.np_dtype:
-            raise InvalidResultError(client, f"tensor {name!r} has dtype {dtype}, the global model has {spec.dtype}")
-        if tuple(array.shape) != spec.shape:
-            raise InvalidResultError(
-                client, f"tensor {name!r} has shape {tuple(array.shape)}, the global model has {spec.shape}"
-            )
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
-            raise InvalidResultError(
-                client, f"weight {weight!r} is not a positive finite number (num_examples must be > 0)"
-            )
-        return spec
-
     def add(self, client: str, name: str, array: np.ndarray, weight: float) -> bool:
         """Stage one tensor on disk; False (ignored) when the attempt was discarded or an earlier one kept it."""
         weight = float(weight)
-        spec = self._check(client, name, array, weight)
+        spec = check_tensor(self.spec, client, name, array, weight)
         if spec.is_float and not all_finite(array):
             raise InvalidResultError(client, f"tensor {name!r} contains NaN or Inf values; the client's training "
                                      "diverged")  # fmt: skip
