@@ -77,8 +77,9 @@ class _Labelled:
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
 
-def _operator(k: fixtures.KubeHandle, resumed: set[str] | None = None) -> Any:
-    """The operator in a thread; with ``resumed``, the name of each job it has resumed is added to that set.
+def _operator(k: fixtures.KubeHandle, resumed: set[str] | None = None, *, clock: Any = None) -> Any:
+    """The operator in a thread; with ``resumed``, the name of each job it has resumed is added to that set;
+    with ``clock``, the operator's time comes from it (``handlers.Memo.CLOCK``).
 
     The probe is a resume handler registered after the operator's own: kopf's default lifecycle runs one
     handler per pass in registration order, so a job's name arrives once the operator's resume handling
@@ -92,6 +93,8 @@ def _operator(k: fixtures.KubeHandle, resumed: set[str] | None = None) -> Any:
 
     memo = kopf.Memo()
     memo[handlers.Memo.API_CLIENT] = k.api_client
+    if clock is not None:
+        memo[handlers.Memo.CLOCK] = clock
     return running_operator(k.url, registry, memo=memo)
 
 

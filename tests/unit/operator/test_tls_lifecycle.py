@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import kopf
 import kubernetes
 import pytest
 from cryptography import x509
@@ -15,9 +14,8 @@ from fedkube.operator import kube as kubeops
 from fedkube.security import pki
 from fedkube.spec import parse_job
 from tests.support import fixtures
-from tests.support.kopfrun import running_operator
 from tests.support.waiting import until
-from tests.unit.operator.test_handlers import _crd, _doc, _Labelled, _status
+from tests.unit.operator.test_handlers import _crd, _doc, _Labelled, _operator, _status
 
 kube = fixtures.kube
 
@@ -49,19 +47,6 @@ class Clock:
         return time.time() + self.offset
 
 
-def _operator(k: fixtures.KubeHandle, clock: Clock, resumed: set[str] | None = None) -> Any:
-    registry = handlers.register(kopf.OperatorRegistry(), interval=0.2)
-    if resumed is not None:
-        @kopf.on.resume(*handlers.RESOURCE, registry=registry, id="test-resumed")
-        def _resumed(name: str | None, **_: Any) -> None:
-            resumed.add(str(name))
-
-    memo = kopf.Memo()
-    memo[handlers.Memo.API_CLIENT] = k.api_client
-    memo[handlers.Memo.CLOCK] = clock
-    return running_operator(k.url, registry, memo=memo)
-
-
 def _secrets(api: kubeops.Kube) -> dict[str, dict[str, str] | None]:
     return {name: api.secret_data("default", name) for name in SECRETS}
 
@@ -87,7 +72,7 @@ def test_the_job_ca_is_made_once_kept_across_reconciles_and_resume_rotates_the_l
     custom = kubernetes.client.CustomObjectsApi(kube.api_client)
     api = _Labelled(kube)
     clock = Clock()
-    with _operator(kube, clock):
+    with _operator(kube, clock=clock):
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", _doc("j"))
         until(lambda: _status(custom, "j").get("certificates"), "status.certificates of job j")
         first = _secrets(api)
@@ -103,7 +88,7 @@ def test_the_job_ca_is_made_once_kept_across_reconciles_and_resume_rotates_the_l
         assert _status(custom, "j")["certificates"] == {"notAfter": _stamp(earliest), "issuer": "job-ca"}
         assert "j-ca" not in str(api.job_pods("default", "j"))  # the CA key is mounted nowhere
     resumed: set[str] = set()
-    with _operator(kube, clock, resumed):  # a restarted operator reconciles again: nothing changes
+    with _operator(kube, resumed, clock=clock):  # a restarted operator reconciles again: nothing changes
         until(lambda: "j" in resumed, "the restarted operator to resume job j")
         assert _secrets(api) == first
         _suspend(custom, True)
@@ -129,7 +114,7 @@ def test_a_job_without_tls_gets_no_certificates_and_a_tls_disabled_condition(kub
     _crd(kube)
     custom = kubernetes.client.CustomObjectsApi(kube.api_client)
     api = _Labelled(kube)
-    with _operator(kube, Clock()):
+    with _operator(kube, clock=Clock()):
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs",
                                                _doc("j", security={"tls": "disabled"}))
         until(lambda: len(api.job_pods("default", "j")) == 3, "the 3 pods of job j")
@@ -152,7 +137,7 @@ def test_with_an_issuer_ref_cert_manager_gets_certificates_and_no_key_is_made(ku
         items = custom.list_namespaced_custom_object("cert-manager.io", "v1", "default", "certificates")["items"]
         return {c["metadata"]["name"]: c for c in items}
 
-    with _operator(kube, Clock()):
+    with _operator(kube, clock=Clock()):
         custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs",
                                                _doc("j", security={"issuerRef": {"name": "org-ca"}}))
         until(lambda: len(certs()) == 3, "three Certificates")
