@@ -16,6 +16,7 @@ whose stand-in processes take the number they are given.
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -29,13 +30,28 @@ _LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
 _CLUSTER_SUFFIXES = (".svc", ".svc.cluster.local")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now.
+# Ports handed out in advance come from below Linux's ephemeral range (net.ipv4.ip_local_port_range,
+# 32768-60999 by default): an outgoing connection (a sidecar's dial, a TLS handshake's socket) takes its local
+# port from that range, and one that took a reserved port before its listener bound it failed that bind
+# ("Address already in use" on the sidecar's metrics port in the e2e suite).
+RESERVE_RANGE = (20000, 32767)
 
-    The port is closed again before it is returned, so another process could
+
+def free_port() -> int:
+    """A TCP port nothing is bound to right now, on any address, outside the ephemeral range when one is free.
+
+    The port is closed again before it is returned, so another listener could
     take it in between; the pool in ``LocalResolver`` never hands the same port
     out twice, which is the collision that matters here.
     """
+    for _ in range(64):
+        port = random.randint(*RESERVE_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOCAL_HOST, 0))
         return int(sock.getsockname()[1])
