@@ -9,6 +9,10 @@ packages.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from typing import Any
+
 from fedkube.errors import ConfigError
 
 # --- every fedkube process -------------------------------------------------
@@ -90,3 +94,22 @@ def parse_port(raw: str, what: str) -> int:
     if not 0 <= port <= 65535:
         raise ConfigError(f"{what}={port} is out of range; fix: set it to an integer from 0 to 65535")
     return port
+
+
+def json_document(
+    environ: Mapping[str, str], name: str, limit_bytes: int, *, source: str, error: type[ConfigError] = ConfigError
+) -> Any:
+    """The JSON value in ``environ[name]``, None when unset or blank; at most ``limit_bytes`` are read.
+
+    ``source`` names what renders it (e.g. the chart's ``policy:`` values) for the fix; ``error`` is the
+    ConfigError subclass to raise.
+    """
+    text = environ.get(name, "").strip()
+    if not text:
+        return None
+    if len(text.encode()) > limit_bytes:
+        raise error(f"{name} holds more than {limit_bytes} bytes; fix: shorten {source}")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise error(f"{name} is not JSON ({exc}); fix: let the chart render it from {source}") from None

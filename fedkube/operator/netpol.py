@@ -174,17 +174,13 @@ def network_config_from_env(environ: Mapping[str, str]) -> NetworkPolicyConfig |
 
     The operator's namespace comes from ``FEDKUBE_NAMESPACE`` (the chart sets it from the pod's own).
     """
-    text = environ.get(ENV_NETWORK_POLICY, "").strip()
-    if not text:
+    data = envvars.json_document(environ, ENV_NETWORK_POLICY, MAX_CONFIG_BYTES, source="the values' networkPolicy:")
+    if data is None:
         return None
-    if len(text.encode()) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{ENV_NETWORK_POLICY} holds more than {MAX_CONFIG_BYTES} bytes; fix: shorten it")
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"{ENV_NETWORK_POLICY} is not JSON ({exc}); fix: let the chart render it") from None
     if not isinstance(data, dict) or set(data) - {"enabled", "monitoring", "dns"}:
-        raise ConfigError(f"{ENV_NETWORK_POLICY} must be an object with enabled, monitoring and dns, got {text!r}")
+        raise ConfigError(
+            f"{ENV_NETWORK_POLICY} must be an object with enabled, monitoring and dns, got {json.dumps(data)}"
+        )
     if not isinstance(data.get("enabled", True), bool):
         raise ConfigError(f"networkPolicy.enabled must be true or false, got {data['enabled']!r}")
     if not data.get("enabled", True):

@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.spec import FLJob, Problem, SpecError, Toleration
 from fedkube.spec.model import ALLOWED_VOLUME_KINDS, Volume
@@ -250,13 +251,6 @@ def parse_policy(data: Mapping[str, Any]) -> AdminPolicy:
 
 def policy_from_env(environ: Mapping[str, str]) -> AdminPolicy:
     """The policy in ``FEDKUBE_ADMIN_POLICY`` (JSON), or the safe default when it is unset or empty."""
-    text = environ.get(ENV_POLICY, "").strip()
-    if not text:
-        return AdminPolicy()
-    if len(text.encode()) > MAX_POLICY_BYTES:
-        raise PolicyError(f"{ENV_POLICY} holds more than {MAX_POLICY_BYTES} bytes; fix: shorten the policy")
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise PolicyError(f"{ENV_POLICY} is not JSON ({exc}); fix: let the chart render it from policy:") from None
-    return parse_policy(data)
+    data = envvars.json_document(environ, ENV_POLICY, MAX_POLICY_BYTES, source="the values' policy:",
+                                 error=PolicyError)
+    return AdminPolicy() if data is None else parse_policy(data)
