@@ -7,4 +7,7 @@ cd "$(dirname "$0")/.."
 # torch==2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0 -e '.[dev]'
 scripts/get-k8s-tools.sh  # pinned helm/kubectl into .tools/bin for the chart and kubectl tests (no-op when present)
-exec python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+# Two or more workers: most tests wait on real processes, sockets and timeouts rather than the CPU, so two
+# workers on two cores roughly halve the wall time. Capped at 4: the end-to-end tests each start several
+# processes, and more workers than that only trade wall time for timing noise. `scripts/test.sh -n 0` runs serially.
+exec python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --durations=15 "$@"
