@@ -170,8 +170,13 @@ def _make_handler(
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                # A probe that hung up before reading its answer: nothing to answer, and not an error worth
+                # the traceback socketserver would print to stderr.
+                log.debug("http %s hung up before its %d answer was written", self.address_string(), code)
 
         def log_message(self, format: str, *args: object) -> None:
             # Probes hit this every few seconds; keep them out of INFO logs.
