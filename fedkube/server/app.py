@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from fedkube import envvars, portfile
+from fedkube import envvars, formats, portfile
 from fedkube.errors import ConfigError
 from fedkube.logs import configure_logging, log_format_from_env
 from fedkube.metrics.core import new_registry, serve_metrics
@@ -61,41 +61,37 @@ _DOWNLOAD_PREFIX = "/fedkube.v1.Download/"
 
 
 def check_model_file(path: str | Path) -> None:
-    """The cheap checks of :func:`load_model_file` (exists, is a .npz or a directory), without reading weights.
+    """The cheap checks of :func:`load_model_file` (exists, a known format by content), without reading weights.
 
     The server runs them before it listens: a job whose model cannot be read fails at once with
     exit 2, instead of after its clients were started and had to be waited for.
     """
     p = Path(path)
-    if p.is_dir():
-        return
-    if not p.is_file():
-        raise ConfigError(f"spec.model.path={str(p)!r} does not exist; fix: give the path of a .npz file")
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04":  # np.load would take anything else for a pickle (and refuse it, misleadingly)
+    if not p.exists():
         raise ConfigError(
-            f"spec.model.path={str(p)!r} is not a .npz file; fix: save the weights with numpy.savez "
-            "(one array per tensor name) or point at a fedkube checkpoint directory"
+            f"spec.model.path={str(p)!r} does not exist; fix: give the path of a safetensors, torch or .npz model file"
         )
+    if p.is_dir() and checkpoint.is_checkpoint_dir(p):
+        return
+    try:
+        formats.detect(p)
+    except formats.FormatError as exc:
+        raise ConfigError(f"spec.model.path: {exc}") from None
 
 
 def load_model_file(path: str | Path) -> dict[str, np.ndarray]:
-    """Initial weights from a ``.npz`` file (never unpickled) or a fedkube checkpoint directory."""
+    """Initial weights from a model file (safetensors, torch state dict, npz; never unpickled) or a checkpoint."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and checkpoint.is_checkpoint_dir(p):
         ck = checkpoint.load_latest(p, None)
         if ck is None:
             raise ConfigError(f"spec.model.path={str(p)!r} is a directory without a usable fedkube checkpoint")
         return dict(ck.model)
     check_model_file(p)
     try:
-        with np.load(p, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
-    except ValueError as exc:  # object arrays would need pickle: refused
-        raise ConfigError(f"spec.model.path={str(p)!r} cannot be loaded without pickle: {exc}") from exc
-    except OSError as exc:
-        raise ConfigError(f"spec.model.path={str(p)!r} is not a .npz file: {exc}") from exc
+        return formats.load(p)
+    except formats.FormatError as exc:
+        raise ConfigError(f"spec.model.path: {exc}") from None
 
 
 class _CheckpointAdapter:

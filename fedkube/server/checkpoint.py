@@ -466,6 +466,19 @@ def load_latest(directory: str | os.PathLike[str], job: str | None) -> Checkpoin
     return _newest_valid(job_dir, job)[0]
 
 
+def is_checkpoint_dir(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``load_latest(directory, None)`` applies: a checkpoint, a job's rounds or a root of job directories.
+
+    An empty directory counts, so that it is reported as holding no usable checkpoint; a directory of
+    safetensors files does not (fedkube.formats reads it).
+    """
+    root = Path(directory)
+    if (root / MANIFEST).exists() or _round_dirs(root):
+        return True
+    entries = list(root.iterdir()) if root.is_dir() else []
+    return not entries or any(p.is_dir() and _round_dirs(p) for p in entries)
+
+
 def _newest_valid(job_dir: Path, job: str | None) -> tuple[Checkpoint | None, list[Rejected]]:
     """The newest checkpoint under ``job_dir`` that loads, and those newer than it that did not (warned)."""
     rejected: list[Rejected] = []

@@ -405,7 +405,14 @@ class ModelSource(_Model):
     source: ModelSourceKind = Field(
         default="firstClient", description="file: load `path` in the server; firstClient: ask one client."
     )
-    path: str | None = Field(default=None, description="With source file: path of the weights in the server pod.")
+    path: str | None = Field(
+        default=None,
+        description=(
+            "With source file: path of the weights in the server pod: a .safetensors file or a directory of shards "
+            "with model.safetensors.index.json, a torch.save state dict, a numpy .npz, or a fedkube checkpoint "
+            "directory; the format is read from the content."
+        ),
+    )
     max_bytes: int | None = Field(
         default=None,
         alias="maxBytes",
