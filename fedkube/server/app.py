@@ -41,6 +41,7 @@ from fedkube.server.auth import Authenticator, AuthError, Identity, credentials_
 from fedkube.server.config import ServerConfig, load_config
 from fedkube.server.control import ControlServicer, SessionTable
 from fedkube.server.http import StatusServer
+from fedkube.server.output import ModelOutput
 from fedkube.server.reverse import ClaimRefused, UploadBroker
 from fedkube.server.strategies import StrategyState, build_strategy
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
@@ -250,6 +251,9 @@ class FedkubeServer:
             model_loader = lambda: load_model_file(path)  # noqa: E731
         if checkpoints is None and config.checkpoint_dir is not None:
             checkpoints = _CheckpointAdapter(config.checkpoint_dir, s.job, start_fresh=s.checkpoint_start_fresh)
+        if config.output_dir is not None:
+            checkpoints = ModelOutput(config.output_dir, s.job, s.rounds, s.strategy,
+                                      every_round=s.output_every_round, inner=checkpoints)
         self.workflow = RoundWorkflow(
             s, self.strategy, self.sessions, self.broker, self.downloads,
             initial_model=model_loader, checkpoints=checkpoints, metrics=self.metrics,
