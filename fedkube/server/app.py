@@ -45,7 +45,7 @@ from fedkube.server.output import ModelOutput
 from fedkube.server.reverse import ClaimRefused, UploadBroker
 from fedkube.server.strategies import StrategyState, build_strategy
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
-from fedkube.status import EXIT_FAILED, Reason, TerminationSummary, write_termination_summary
+from fedkube.status import EXIT_FAILED, Phase, Reason, TerminationSummary, write_termination_summary
 from fedkube.transfer import endpoints
 from fedkube.transfer.bulk import BulkServer
 from fedkube.transfer.endpoints import ServerTls
@@ -251,9 +251,10 @@ class FedkubeServer:
             model_loader = lambda: load_model_file(path)  # noqa: E731
         if checkpoints is None and config.checkpoint_dir is not None:
             checkpoints = _CheckpointAdapter(config.checkpoint_dir, s.job, start_fresh=s.checkpoint_start_fresh)
+        self.output: ModelOutput | None = None
         if config.output_dir is not None:
-            checkpoints = ModelOutput(config.output_dir, s.job, s.rounds, s.strategy,
-                                      every_round=s.output_every_round, inner=checkpoints)
+            checkpoints = self.output = ModelOutput(config.output_dir, s.job, s.rounds, s.strategy,
+                                                    every_round=s.output_every_round, inner=checkpoints)
         self.workflow = RoundWorkflow(
             s, self.strategy, self.sessions, self.broker, self.downloads,
             initial_model=model_loader, checkpoints=checkpoints, metrics=self.metrics,
@@ -403,7 +404,11 @@ class FedkubeServer:
         self.downloads.close()
 
     def summary(self) -> TerminationSummary:
-        return TerminationSummary.from_status(self.workflow.status())
+        summary = TerminationSummary.from_status(self.workflow.status())
+        final = self.output.final if self.output is not None else None
+        if final is not None and summary.phase == Phase.SUCCEEDED:
+            summary = dataclasses.replace(summary, model_file=final.path.name, model_sha256=final.sha256)
+        return summary
 
 
 def main(argv: list[str] | None = None) -> int:

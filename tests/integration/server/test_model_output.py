@@ -42,6 +42,8 @@ def test_the_final_and_every_rounds_model_are_delivered_with_metadata_and_sha256
     assert index == {"file": final.name, "round": 2, "sha256": hashlib.sha256(final.read_bytes()).hexdigest(),
                      "bytes": final.stat().st_size}
     assert safetensors.load_file(out / f"{JOB}-round-000001.safetensors")[1]["round"] == "1"
+    summary = srv.summary()  # what the operator reads from the termination message
+    assert (summary.model_file, summary.model_sha256) == (final.name, index["sha256"])
     assert not list(out.glob(".tmp-*"))
 
 
