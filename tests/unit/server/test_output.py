@@ -32,7 +32,7 @@ class Recording:
     ("err", "why"),
     [
         (errno.ENOSPC, "the volume is full; fix: give spec.output a larger size"),
-        (errno.EROFS, "the volume is read-only or not writable by the server; fix: mount spec.output's claim read-write"),
+        (errno.EROFS, "the volume is read-only or not writable by the server; fix: mount spec.output's claim"),
         (errno.EACCES, "the volume is read-only or not writable by the server"),
     ],
 )
