@@ -32,6 +32,7 @@ COMMANDS: dict[str, Command] = {
     "run": Command("fedkube.runtime.cli", "run_main", "run an FLJob on this machine (server, sidecars, trainers)"),
     "validate": Command("fedkube.spec.command", "validate_main", "check an FLJob manifest; list problems and warnings"),
     "render": Command("fedkube.operator.render", "render_main", "print the Kubernetes objects the operator creates"),
+    "export": Command("fedkube.server.export", "export_main", "write a checkpoint's model as safetensors/npz/torch"),
     "server": Command("fedkube.server.app", "main", "run the aggregator (what the server pod runs)"),
     "sidecar": Command("fedkube.sidecar.app", "main", "run the job-cell sidecar (what a client pod runs)"),
     "operator": Command("fedkube.operator.main", "main", "run the Kubernetes operator"),

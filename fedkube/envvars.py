@@ -43,6 +43,7 @@ BULK_PORT = "FEDKUBE_BULK_PORT"
 STATUS_PORT = "FEDKUBE_STATUS_PORT"  # the server's HTTP status endpoint (JSON)
 TOKENS_DIR = "FEDKUBE_TOKENS_DIR"  # one file per site, named after the site, holding its token
 CHECKPOINT_DIR = "FEDKUBE_CHECKPOINT_DIR"
+OUTPUT_DIR = "FEDKUBE_OUTPUT_DIR"  # where the server delivers the trained model (fedkube.server.output)
 TERMINATION_LOG = "FEDKUBE_TERMINATION_LOG"  # where the JSON summary goes (/dev/termination-log)
 # Seconds an authenticated control stream may stay open without sending Register (default 30).
 REGISTER_TIMEOUT = "FEDKUBE_REGISTER_TIMEOUT_SECONDS"

@@ -381,6 +381,9 @@ class TerminationSummary:
     clients: Annotated[list[ClientStatus], Field(max_length=MAX_CLIENTS), _null_is(list)] = field(default_factory=list)
     clients_omitted: Annotated[OptionalCount, _camel("clients_omitted")] = 0
     """Clients left out to stay under the 4096-byte limit (healthy ones go first)."""
+    model_file: Annotated[str, Field(max_length=NAME_CHARS), _camel("model_file"), _null_is(str)] = ""
+    """The delivered model's file name in the output directory (fedkube.server.output), "" when none was written."""
+    model_sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$"), _camel("model_sha256"), _null_is(str)] = ""
     start_time: Annotated[Time | None, _camel("start_time")] = None
     finish_time: Annotated[Time | None, _camel("finish_time")] = None
 
@@ -420,6 +423,8 @@ class TerminationSummary:
         d["clients"] = list(clients)
         if omitted:
             d["clientsOmitted"] = omitted
+        if self.model_file:
+            d.update(modelFile=self.model_file, modelSha256=self.model_sha256)
         if self.start_time:
             d["startTime"] = self.start_time
         if self.finish_time:

@@ -38,6 +38,7 @@ from fedkube.spec import layout
 from fedkube.spec.checks import merge_env, merge_resources
 from fedkube.spec.load import validate_job
 from fedkube.spec.model import ClientSite, EnvVar, FLJob, Resources, Toleration
+from fedkube.spec.output import OUTPUT_DIR, OUTPUT_VOLUME, output_claim_name
 
 RUN_AS = 65532
 FILE_MODE_SECRET = 0o440  # group-readable: files belong to root, readable by the fsGroup
@@ -102,9 +103,9 @@ def build_all(
         *certificates.build_tls_objects(
             job, tls, lambda name, role, site: _meta(job, name, role, owner, site)),
     ]
-    pvc = build_checkpoint_pvc(job, owner=owner)
-    if pvc is not None:
-        objs.append(pvc)
+    for pvc in (build_checkpoint_pvc(job, owner=owner), build_output_pvc(job, owner=owner)):
+        if pvc is not None:
+            objs.append(pvc)
     objs.extend(netpol.build_network_policies(job, network, owner_references(owner)))  # before any pod runs
     objs.append(build_server_service(job, owner=owner))
     objs.append(build_server_pod(job, owner=owner, log_format=log_format))
@@ -242,6 +243,22 @@ def build_checkpoint_pvc(job: FLJob, *, owner: Mapping[str, Any] | None = None) 
     }
 
 
+def build_output_pvc(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> Manifest | None:
+    """The claim ``{job}-output`` when ``spec.output.size`` asks for one; None for claimName or no output."""
+    out = job.spec.output
+    if out is None or out.size is None:
+        return None
+    spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": out.size}}}
+    if out.storage_class_name:
+        spec["storageClassName"] = out.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(job, output_claim_name(job.name), naming.ROLE_SERVER, owner),
+        "spec": spec,
+    }
+
+
 # --- server ----------------------------------------------------------------------
 
 
@@ -302,6 +319,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         _env(envvars.LOG_FORMAT, _check_log_format(log_format)),
         _env(envvars.TOKENS_DIR, layout.TOKENS_DIR),
         _env(envvars.CHECKPOINT_DIR, layout.CHECKPOINT_DIR),
+        *([_env(envvars.OUTPUT_DIR, OUTPUT_DIR)] if job.spec.output is not None else []),
         _env(envvars.TERMINATION_LOG, layout.TERMINATION_LOG),
         *certificates.tls_env(job, sidecar=False),
         *(_env_var(e) for e in server.env),
@@ -310,6 +328,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         {"name": VOLUME_SPEC, "mountPath": layout.SPEC_DIR, "readOnly": True},
         {"name": VOLUME_TOKENS, "mountPath": layout.TOKENS_DIR, "readOnly": True},
         {"name": VOLUME_CHECKPOINT, "mountPath": layout.CHECKPOINT_DIR},
+        *([{"name": OUTPUT_VOLUME, "mountPath": OUTPUT_DIR}] if job.spec.output is not None else []),
         {"name": VOLUME_TMP, "mountPath": layout.TMP_DIR},
         *certificates.tls_mounts(job),
         *(m.model_dump(by_alias=True, exclude_none=True) for m in server.volume_mounts),
@@ -348,6 +367,8 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
             "secret": {"secretName": naming.server_tokens_secret_name(job.name), "defaultMode": FILE_MODE_SECRET},
         },
         {"name": VOLUME_CHECKPOINT, **checkpoint},
+        *([{"name": OUTPUT_VOLUME, "persistentVolumeClaim": {
+            "claimName": job.spec.output.claim_name or output_claim_name(job.name)}}] if job.spec.output else []),
         {"name": VOLUME_TMP, "emptyDir": {}},
         *certificates.tls_volumes(job, None),
         *(v.manifest() for v in server.volumes),

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedkube.operator import model_status
 from fedkube.operator.views import (
     OPERATOR_REASONS,
     POD_PENDING,
@@ -508,6 +509,15 @@ def decide(job: FLJob, previous: Mapping[str, Any], obs: Observation) -> Decisio
     }
     fields, phase_events = transition(previous, verdict.phase, verdict.reason, verdict.message, obs.now)
     status.update(fields)
+    if verdict.phase is Phase.SUCCEEDED:  # where the trained model is (fedkube.operator.model_status)
+        model = model_status.model_status(job, word.outcome.summary if word.outcome is not None else None)
+        lost = model_status.not_persisted(job)
+        if model is not None:
+            status["model"] = model
+        elif lost and get_condition(fields["conditions"], model_status.COND_MODEL_NOT_PERSISTED) is None:
+            status["conditions"] = set_condition(fields["conditions"], model_status.COND_MODEL_NOT_PERSISTED, "True",
+                                                 model_status.REASON_NO_OUTPUT, lost, format_time(obs.now))
+            phase_events.append(Event("Warning", model_status.COND_MODEL_NOT_PERSISTED, lost))
     if verdict.stop_all:
         delete = {p.name for p in (obs.server_pod, *obs.client_pods.values()) if p is not None}
     else:

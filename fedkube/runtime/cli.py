@@ -21,6 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from fedkube.errors import ConfigError, FedkubeError
 from fedkube.runtime.local import (
+    MODEL_DIR,
     LocalJobRun,
     RunOptions,
     RunOutcome,
@@ -243,6 +244,8 @@ def format_outcome(job_name: str, outcome: RunOutcome) -> str:
             lines.append(f"  client {c.name}: {ClientState(c.state).value}{reason}")
         if summary.clients_omitted > 0:
             lines.append(_omitted_line(summary.clients_omitted, listed, outcome))
+        if summary.model_file:
+            lines.append(f"  model: {outcome.run_dir / MODEL_DIR / summary.model_file} (sha256 {summary.model_sha256})")
     for note in outcome.notes:
         lines.append(f"  note: {note}")
     lines.append(f"  logs: {outcome.run_dir / 'logs'}")

@@ -42,6 +42,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Where `fedkube run` delivers the trained model (fedkube.server.output), under the run directory.
+MODEL_DIR = "model"
 ROLE_LABEL = "fedkube.dev/role"
 SITE_LABEL = "fedkube.dev/site"
 LOCAL_NAME = "localhost"
@@ -115,7 +117,9 @@ class LocalJobRun:
             sink=options.sink,
             base_dir=options.base_dir,
             extra_env={
-                SIDECAR_EXIT_ON_STOP: "1", envvars.BIND_ADDRESS: options.bind, **({} if options.bulk else _NO_BULK)
+                SIDECAR_EXIT_ON_STOP: "1", envvars.BIND_ADDRESS: options.bind, **({} if options.bulk else _NO_BULK),
+                # The trained model is delivered to runs/<job>/model/ (spec.output's claim has no meaning here).
+                envvars.OUTPUT_DIR: str(options.run_dir / MODEL_DIR),
             },
             stop_grace_s=options.stop_grace_s,
             prefix=_prefix,

@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from fedkube import envvars, portfile
+from fedkube import envvars, formats, portfile
 from fedkube.errors import ConfigError
 from fedkube.logs import configure_logging, log_format_from_env
 from fedkube.metrics.core import new_registry, serve_metrics
@@ -41,10 +41,11 @@ from fedkube.server.auth import Authenticator, AuthError, Identity, credentials_
 from fedkube.server.config import ServerConfig, load_config
 from fedkube.server.control import ControlServicer, SessionTable
 from fedkube.server.http import StatusServer
+from fedkube.server.output import ModelOutput
 from fedkube.server.reverse import ClaimRefused, UploadBroker
 from fedkube.server.strategies import StrategyState, build_strategy
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
-from fedkube.status import EXIT_FAILED, Reason, TerminationSummary, write_termination_summary
+from fedkube.status import EXIT_FAILED, Phase, Reason, TerminationSummary, write_termination_summary
 from fedkube.transfer import endpoints
 from fedkube.transfer.bulk import BulkServer
 from fedkube.transfer.endpoints import ServerTls
@@ -61,41 +62,37 @@ _DOWNLOAD_PREFIX = "/fedkube.v1.Download/"
 
 
 def check_model_file(path: str | Path) -> None:
-    """The cheap checks of :func:`load_model_file` (exists, is a .npz or a directory), without reading weights.
+    """The cheap checks of :func:`load_model_file` (exists, a known format by content), without reading weights.
 
     The server runs them before it listens: a job whose model cannot be read fails at once with
     exit 2, instead of after its clients were started and had to be waited for.
     """
     p = Path(path)
-    if p.is_dir():
-        return
-    if not p.is_file():
-        raise ConfigError(f"spec.model.path={str(p)!r} does not exist; fix: give the path of a .npz file")
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04":  # np.load would take anything else for a pickle (and refuse it, misleadingly)
+    if not p.exists():
         raise ConfigError(
-            f"spec.model.path={str(p)!r} is not a .npz file; fix: save the weights with numpy.savez "
-            "(one array per tensor name) or point at a fedkube checkpoint directory"
+            f"spec.model.path={str(p)!r} does not exist; fix: give the path of a safetensors, torch or .npz model file"
         )
+    if p.is_dir() and checkpoint.is_checkpoint_dir(p):
+        return
+    try:
+        formats.detect(p)
+    except formats.FormatError as exc:
+        raise ConfigError(f"spec.model.path: {exc}") from None
 
 
 def load_model_file(path: str | Path) -> dict[str, np.ndarray]:
-    """Initial weights from a ``.npz`` file (never unpickled) or a fedkube checkpoint directory."""
+    """Initial weights from a model file (safetensors, torch state dict, npz; never unpickled) or a checkpoint."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and checkpoint.is_checkpoint_dir(p):
         ck = checkpoint.load_latest(p, None)
         if ck is None:
             raise ConfigError(f"spec.model.path={str(p)!r} is a directory without a usable fedkube checkpoint")
         return dict(ck.model)
     check_model_file(p)
     try:
-        with np.load(p, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
-    except ValueError as exc:  # object arrays would need pickle: refused
-        raise ConfigError(f"spec.model.path={str(p)!r} cannot be loaded without pickle: {exc}") from exc
-    except OSError as exc:
-        raise ConfigError(f"spec.model.path={str(p)!r} is not a .npz file: {exc}") from exc
+        return formats.load(p)
+    except formats.FormatError as exc:
+        raise ConfigError(f"spec.model.path: {exc}") from None
 
 
 class _CheckpointAdapter:
@@ -254,6 +251,10 @@ class FedkubeServer:
             model_loader = lambda: load_model_file(path)  # noqa: E731
         if checkpoints is None and config.checkpoint_dir is not None:
             checkpoints = _CheckpointAdapter(config.checkpoint_dir, s.job, start_fresh=s.checkpoint_start_fresh)
+        self.output: ModelOutput | None = None
+        if config.output_dir is not None:
+            checkpoints = self.output = ModelOutput(config.output_dir, s.job, s.rounds, s.strategy,
+                                                    every_round=s.output_every_round, inner=checkpoints)
         self.workflow = RoundWorkflow(
             s, self.strategy, self.sessions, self.broker, self.downloads,
             initial_model=model_loader, checkpoints=checkpoints, metrics=self.metrics,
@@ -403,7 +404,11 @@ class FedkubeServer:
         self.downloads.close()
 
     def summary(self) -> TerminationSummary:
-        return TerminationSummary.from_status(self.workflow.status())
+        summary = TerminationSummary.from_status(self.workflow.status())
+        final = self.output.final if self.output is not None else None
+        if final is not None and summary.phase == Phase.SUCCEEDED:
+            summary = dataclasses.replace(summary, model_file=final.path.name, model_sha256=final.sha256)
+        return summary
 
 
 def main(argv: list[str] | None = None) -> int:

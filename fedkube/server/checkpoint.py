@@ -139,7 +139,8 @@ def _job_dir(directory: Path, job: str) -> Path:
     return directory / job
 
 
-def _round_dir_name(round: int) -> str:
+def round_dir_name(round: int) -> str:
+    """The directory name of round ``round``'s checkpoint inside its job's directory."""
     return f"round-{round:06d}"
 
 
@@ -274,7 +275,7 @@ def save(
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(job_dir)
-        tmp = job_dir / f".tmp-{_round_dir_name(round)}-{uuid.uuid4().hex[:8]}"
+        tmp = job_dir / f".tmp-{round_dir_name(round)}-{uuid.uuid4().hex[:8]}"
         (tmp / "tensors").mkdir(parents=True)
         device = os.stat(tmp / "tensors").st_dev
         entries: list[dict[str, Any]] = []
@@ -323,11 +324,11 @@ def save(
             os.fsync(f.fileno())
         _fsync_dir(tmp / "tensors")
         _fsync_dir(tmp)
-        final = job_dir / _round_dir_name(round)
+        final = job_dir / round_dir_name(round)
         old: Path | None = None
         if final.exists():
             # os.replace cannot overwrite a non-empty directory: move the old one aside first.
-            old = job_dir / f".tmp-old-{_round_dir_name(round)}-{uuid.uuid4().hex[:8]}"
+            old = job_dir / f".tmp-old-{round_dir_name(round)}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(job_dir)
@@ -464,6 +465,19 @@ def load_latest(directory: str | os.PathLike[str], job: str | None) -> Checkpoin
             return None
         job_dir = jobs[0]
     return _newest_valid(job_dir, job)[0]
+
+
+def is_checkpoint_dir(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``load_latest(directory, None)`` applies: a checkpoint, a job's rounds or a root of job directories.
+
+    An empty directory counts, so that it is reported as holding no usable checkpoint; a directory of
+    safetensors files does not (fedkube.formats reads it).
+    """
+    root = Path(directory)
+    if (root / MANIFEST).exists() or _round_dirs(root):
+        return True
+    entries = list(root.iterdir()) if root.is_dir() else []
+    return not entries or any(p.is_dir() and _round_dirs(p) for p in entries)
 
 
 def _newest_valid(job_dir: Path, job: str | None) -> tuple[Checkpoint | None, list[Rejected]]:

@@ -93,6 +93,8 @@ class JobSettings:
     transfer: TransferSettings = field(default_factory=TransferSettings)
     # spec.server.checkpoint.onUnusable == StartFresh: train from round 1 when no checkpoint loads.
     checkpoint_start_fresh: bool = False
+    # spec.output.everyRound: deliver each round's model too, not only the final one.
+    output_every_round: bool = False
 
     @classmethod
     def from_spec(cls, job: str, spec: FLJobSpec) -> JobSettings:
@@ -114,6 +116,7 @@ class JobSettings:
             registration_timeout_s=spec.timeouts.registration_seconds,
             transfer=TransferSettings.from_spec(spec.transfer),
             checkpoint_start_fresh=spec.server.checkpoint.on_unusable == "StartFresh",
+            output_every_round=spec.output is not None and spec.output.every_round,
         )
 
 
@@ -131,6 +134,8 @@ class ServerConfig:
     status_port: int = envvars.DEFAULT_STATUS_PORT
     metrics_port: int = 0
     checkpoint_dir: Path | None = None
+    # Where the trained model is delivered (FEDKUBE_OUTPUT_DIR); None keeps it only in checkpoints, if any.
+    output_dir: Path | None = None
     termination_log: Path | None = None
     # Where the gRPC and HTTP servers listen; in a pod every interface.
     bind_host: str = "[::]"
@@ -236,6 +241,7 @@ def load_config(env: Mapping[str, str] | None = None, *, bind_host: str = "[::]"
         raise ConfigError(f"{envvars.TOKENS_DIR} is not set; fix: point it at the directory of per-site token files")
     tokens = read_tokens(Path(tokens_dir), settings.clients)
     ckpt = env.get(envvars.CHECKPOINT_DIR, "").strip()
+    output = env.get(envvars.OUTPUT_DIR, "").strip()
     term = env.get(envvars.TERMINATION_LOG, "").strip()
     tls = TlsSettings.from_env(env)
     namespace = env.get(envvars.NAMESPACE, "").strip()
@@ -254,6 +260,7 @@ def load_config(env: Mapping[str, str] | None = None, *, bind_host: str = "[::]"
         status_port=_int_env(env, envvars.STATUS_PORT, envvars.DEFAULT_STATUS_PORT),
         metrics_port=_int_env(env, envvars.METRICS_PORT, 0),
         checkpoint_dir=Path(ckpt) if ckpt else None,
+        output_dir=Path(output) if output else None,
         termination_log=Path(term) if term else None,
         bind_host=bind_host,
         register_timeout_s=_seconds_env(env, envvars.REGISTER_TIMEOUT, DEFAULT_REGISTER_TIMEOUT_S),

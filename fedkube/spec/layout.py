@@ -38,6 +38,7 @@ RESERVED_ENV = frozenset(
         envvars.STATUS_PORT,
         envvars.TOKENS_DIR,
         envvars.CHECKPOINT_DIR,
+        envvars.OUTPUT_DIR,
         envvars.TERMINATION_LOG,
         envvars.METRICS_PORT,
         envvars.SITE,

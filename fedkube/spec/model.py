@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 import fedkube
 from fedkube.spec.egress import Egress
+from fedkube.spec.output import Output
 from fedkube.spec.quantity import parse_quantity
 from fedkube.spec.security import Security
 from fedkube.spec.strategy import Strategy
@@ -405,7 +406,14 @@ class ModelSource(_Model):
     source: ModelSourceKind = Field(
         default="firstClient", description="file: load `path` in the server; firstClient: ask one client."
     )
-    path: str | None = Field(default=None, description="With source file: path of the weights in the server pod.")
+    path: str | None = Field(
+        default=None,
+        description=(
+            "With source file: path of the weights in the server pod: a .safetensors file or a directory of shards "
+            "with model.safetensors.index.json, a torch.save state dict, a numpy .npz, or a fedkube checkpoint "
+            "directory; the format is read from the content."
+        ),
+    )
     max_bytes: int | None = Field(
         default=None,
         alias="maxBytes",
@@ -493,6 +501,7 @@ class FLJobSpec(_Model):
     )
     strategy: Strategy = Field(default_factory=Strategy, description="Aggregation strategy.")
     model: ModelSource = Field(default_factory=ModelSource, description="Initial global model.")
+    output: Output | None = Field(default=None, description="Where the trained model is delivered (safetensors).")
     server: ServerTemplate = Field(default_factory=ServerTemplate, description="Server (aggregator) container.")
     clients: list[ClientSite] = Field(
         min_length=1,

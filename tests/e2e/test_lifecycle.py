@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedkube import formats
 from fedkube.server.checkpoint import load_latest
 from tests.e2e.conftest import FL, QUICKSTART, quickstart_job
 
@@ -33,7 +35,7 @@ def test_fljob_succeeds_with_a_trained_model_while_an_invalid_one_is_reported(fl
     bad = quickstart_job("broken", min_clients=5)  # more than its two clients
     bad["spec"]["clients"] = [{"name": "x"}, {"name": "x"}]  # and a duplicate site
     fl.apply(bad)
-    fl.apply(quickstart_job("train", server={"checkpoint": {"enabled": True}}))
+    fl.apply(quickstart_job("train", server={"checkpoint": {"enabled": True}}, output={"size": "1Gi"}))
 
     status = fl.wait_phase("train", "Succeeded", timeout=60)
     assert status["round"] == 3 and status["rounds"] == 3 and status["roundDisplay"] == "3/3"
@@ -58,6 +60,12 @@ def test_fljob_succeeds_with_a_trained_model_while_an_invalid_one_is_reported(fl
         trained = float(np.mean((x @ w + b - y) ** 2))
         untrained = float(np.mean(y**2))
         assert trained < 0.2 * untrained, (site, trained, untrained)
+    # ... and it was delivered to spec.output's claim, which the status names with the file's sha256.
+    delivered = fl.run_dir / "volumes" / "default-train-output" / "train.safetensors"
+    assert status["model"] == {"claimName": "train-output", "path": "/var/lib/fedkube/output/train.safetensors",
+                               "sha256": hashlib.sha256(delivered.read_bytes()).hexdigest(), "round": 3}
+    assert formats.load(delivered)["w"].tobytes() == w.tobytes()
+    assert "ModelNotPersisted" not in conds
 
     # The invalid job failed on its own, with a condition naming each field and its fix.
     bad_status = fl.wait_phase("broken", "Failed", timeout=10)
@@ -183,7 +191,10 @@ def test_teardown_error_after_success_leaves_the_job_succeeded_and_ttl_cleans_up
     status = fl.status("teardown")
     assert status["phase"] == "Succeeded"
     assert {s: c["state"] for s, c in status["clients"].items()} == {"site-a": "Done", "site-b": "Done"}
-    assert not any(t == "Warning" for t, _, _ in fl.events("teardown")), fl.events("teardown")
+    warnings = [r for t, r, _ in fl.events("teardown") if t == "Warning"]
+    # The one Warning: the job has neither spec.output nor a checkpoint claim, so its model goes with the pod.
+    assert warnings == ["ModelNotPersisted"], fl.events("teardown")
+    assert _conditions(status)["ModelNotPersisted"]["status"] == "True"
 
     status = fl.wait(
         "teardown",

@@ -47,6 +47,8 @@ LAYERS = [
     ("security", ("fedkube.server", "fedkube.sidecar", "fedkube.operator", "fedkube.runtime", "fedkube.trainer_sdk",
                   "fedkube.transfer", "torch"),
      "the PKI is used by the operator, the server and the sidecar, so it depends on none of them"),
+    ("formats", ("fedkube.server", "fedkube.sidecar", "fedkube.trainer_sdk", "fedkube.operator", "fedkube.runtime"),
+     "the model file formats are read by the server, the CLI and the SDK alike"),
 ]
 
 
@@ -106,7 +108,7 @@ def test_wire_vocabulary_is_defined_once() -> None:
 def test_torch_is_optional_for_server_and_sidecar() -> None:
     """torch may only be imported lazily (inside a function) outside the trainer SDK."""
     bad = []
-    for sub in ("server", "sidecar", "transfer", "wire", "spec", "runtime", "metrics", "operator"):
+    for sub in ("server", "sidecar", "transfer", "wire", "spec", "runtime", "metrics", "operator", "formats"):
         for path in _files(sub):
             tree = ast.parse(path.read_text())
             for node in tree.body:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fedkube import formats
 from fedkube.runtime import resolver
 from fedkube.runtime.cli import run_main
 from fedkube.runtime.pod import fedkube_command
@@ -92,6 +94,11 @@ def test_run_json_reports_success_and_each_client_has_its_own_workdir(tmp_path: 
     written = sorted(tmp_path.glob("run/pods/*/volumes/*/mine.txt"))
     assert len(written) == 2 and written[0].parent != written[1].parent  # LESSONS.md 24
     assert not (job.parent / "mine.txt").exists()
+    # The trained model is delivered to runs/<job>/model/ by default, named in the summary with its sha256.
+    delivered = tmp_path / "run" / "model" / "cli.safetensors"
+    model, meta = formats.safetensors.load_file(delivered)
+    assert model["w"].tolist() == [2.0] * 4 and (meta["job"], meta["round"], meta["metric.w0"]) == ("cli", "2", "2.0")
+    assert result["summary"]["modelSha256"] == hashlib.sha256(delivered.read_bytes()).hexdigest()
 
 
 def test_invalid_spec_exits_2_naming_the_field_and_starts_nothing(tmp_path: Path) -> None:

@@ -51,6 +51,14 @@ def test_clients_the_server_summary_leaves_out_are_counted_with_where_to_see_the
     assert "--json" in text and str(tmp_path / "logs") in text
 
 
+def test_the_delivered_model_is_named_with_its_sha256(tmp_path: Path) -> None:
+    _, outcome = _big_job(tmp_path)
+    assert "  model: " not in format_outcome("big", outcome)  # none delivered
+    assert outcome.summary is not None
+    outcome.summary.model_file, outcome.summary.model_sha256 = "big.safetensors", "0f" * 32
+    assert f"  model: {tmp_path / 'model' / 'big.safetensors'} (sha256 {'0f' * 32})" in format_outcome("big", outcome)
+
+
 def test_json_summary_is_the_document_the_server_wrote(tmp_path: Path) -> None:
     written, outcome = _big_job(tmp_path)
     doc = outcome_json("big", outcome)

@@ -39,6 +39,7 @@ EVERYTHING: dict[str, Any] = {
     "transfer": {"chunkBytes": 65536, "chunkTimeoutSeconds": 7, "idleTimeoutSeconds": 30, "maxAttempts": 4},
     "timeouts": {"roundSeconds": 90, "heartbeatSeconds": 12, "registrationSeconds": 40},
     "server": {"checkpoint": {"onUnusable": "StartFresh"}},
+    "output": {"size": "1Gi", "everyRound": True},
 }
 
 
