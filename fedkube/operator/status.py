@@ -459,8 +459,10 @@ def _server_verdict(job: FLJob, server: PodView, previous_phase: Any, word: Serv
     if failure is not None:
         return Verdict(Phase.FAILED, failure.reason or "", "server: " + (failure.message or ""), stop_all=True)
     live = word.live
-    if (live is not None and live.phase == Phase.RUNNING) or (live is None and previous_phase == Phase.RUNNING):
-        # A missed poll (the server busy or on its way out) is no reason to leave Running.
+    if (live is not None and live.phase == Phase.RUNNING) or (
+            previous_phase == Phase.RUNNING and (live is None or word.finishing)):
+        # A missed poll (the server busy or on its way out) is no reason to leave Running, and neither is a server
+        # that says it is done but has not exited yet: its exit decides the outcome at a later look.
         return Verdict(Phase.RUNNING, "RoundsInProgress", f"round {round_now} of {spec.rounds}")
     if server.phase == POD_PENDING and not server.scheduled:
         return Verdict(Phase.PENDING, server.schedule_reason or "Unschedulable",
