@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 RESOURCE = (API_GROUP, API_VERSION_NAME, PLURAL)
 DEFAULT_INTERVAL = 5.0  # seconds between two looks at a running job
 RETRY_DELAY = 5.0  # seconds before retrying a create/resume the API server refused
+MAX_RETRY_DELAY = 300.0  # a refusal (quota, policy) retried with exponential backoff up to this
 EVENT_MESSAGE_LIMIT = 1000  # Kubernetes keeps about 1 KiB of an Event's message
 
 Clock = Callable[[], float]
@@ -61,6 +62,7 @@ class Memo:
     * ``log_format``: FEDKUBE_LOG_FORMAT given to the pods (text or json; default text).
     * ``policy``: the admin's :class:`fedkube.operator.policy.AdminPolicy` (default: the safe one).
     * ``network``: a :class:`fedkube.operator.netpol.NetworkPolicyConfig`, or None for no NetworkPolicies.
+    * ``retry_delay``: seconds before the first retry of a refused create (default :data:`RETRY_DELAY`).
     """
 
     API_CLIENT = "api_client"
@@ -71,6 +73,7 @@ class Memo:
     LOG_FORMAT = "log_format"
     POLICY = "policy"
     NETWORK = "network"
+    RETRY_DELAY = "retry_delay"
 
 
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -233,7 +236,7 @@ def _refuse(body: kopf.Body, patch: kopf.Patch, previous: Mapping[str, Any], exc
 
 def reconcile(
     body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, name: str | None, namespace: str | None,
-    **_: Any,
+    retry: int = 0, **_: Any,
 ) -> None:
     """Create or resume: check the spec, then make sure every child exists (pods unless suspended)."""
     previous = dict(status)
@@ -250,7 +253,7 @@ def reconcile(
     fields: dict[str, Any] = {}
     events: list[lifecycle.Event] = []
     if job.spec.suspend:
-        tls = _ensure(job, body, memo, patch, pods=False)
+        tls = _ensure(job, body, memo, patch, pods=False, retry=retry)
         if phase != Phase.SUSPENDED:
             # Suspended while the operator was away: its pods may still run.
             api, ref = _kube(memo), kube.JobRef.of(body)
@@ -260,23 +263,26 @@ def reconcile(
         # An operator restart finds a job in progress: clients the operator already failed stay without a pod.
         failed = set() if phase in (None, Phase.SUSPENDED) else lifecycle.operator_failed_sites(previous)
         # Resumed while the operator was away: new pods, so new leaf certificates (as in suspend_changed).
-        tls = _ensure(job, body, memo, patch, pods=True, skip_sites=failed, rotate=phase == Phase.SUSPENDED)
+        tls = _ensure(job, body, memo, patch, pods=True, skip_sites=failed, rotate=phase == Phase.SUSPENDED,
+                      retry=retry)
         if phase in (None, Phase.SUSPENDED):
             fields, events = lifecycle.resumed(previous, job, now)
+    fields = fields or lifecycle.create_succeeded(previous, now)
     _write(patch, previous, certificates.with_tls_status(job, previous, fields, tls, lifecycle.format_time(now)))
     _post(body, events)
 
 
 def _ensure(
     job: FLJob, body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, *, pods: bool,
-    skip_sites: Collection[str] = frozenset(), rotate: bool = False,
+    skip_sites: Collection[str] = frozenset(), rotate: bool = False, retry: int = 0,
 ) -> JobTls | None:
     """Create-or-patch the job's children, reusing the tokens and certificates already stored for it.
 
     ``rotate`` (the pods are new: resume after suspend) issues new leaf certificates. Returns the job's TLS
     material (None when TLS is disabled or cert-manager issues), for the status. A child's name taken by an
     object that is not this FLJob's fails the job (:func:`_name_conflict`) before that object is read, patched
-    or mounted.
+    or mounted. A child the API server refuses (quota, policy) is :func:`_create_refused`; ``retry`` is kopf's
+    count of earlier tries, for the backoff.
     """
     from kubernetes.client.exceptions import ApiException
 
@@ -297,6 +303,8 @@ def _ensure(
             logger.debug("job %s/%s: %s %s %s", job.namespace, job.name, obj["kind"], obj["metadata"]["name"], result)
     except kube.NameConflict as exc:
         _name_conflict(api, ref, body, patch, dict(body.get("status") or {}), _now(memo), exc)
+    except kube.CreateRefused as exc:
+        _create_refused(body, patch, memo, exc, retry)
     except ApiException as exc:
         # Creation is idempotent, so trying again soon is safe; kopf's default backoff would be a minute.
         raise kopf.TemporaryError(
@@ -304,6 +312,19 @@ def _ensure(
             delay=RETRY_DELAY,
         ) from exc
     return tls
+
+
+def _create_refused(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, exc: kube.CreateRefused,
+                    retry: int) -> NoReturn:
+    """Show a refused child on the job (FailedCreate, a Warning Event) and retry with backoff: quotas get freed."""
+    meta = body.get("metadata") or {}
+    logger.warning("job %s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
+    previous = dict(body.get("status") or {})
+    fields, events = lifecycle.failed_create(previous, str(exc), _now(memo))
+    _write(patch, previous, fields)
+    _post(body, events)
+    first = float(memo.get(Memo.RETRY_DELAY) or RETRY_DELAY)
+    raise kopf.TemporaryError(str(exc), delay=min(first * 2 ** min(retry, 16), MAX_RETRY_DELAY)) from exc
 
 
 def _job_tls(job: FLJob, api: kube.Kube, ref: kube.JobRef, now: float, *, rotate: bool) -> JobTls | None:
@@ -481,6 +502,13 @@ def observe(
             _recreate_server(job, api, body, namespace, name, memo.get(Memo.LOG_FORMAT) or "text")
         except kube.NameConflict as exc:
             _name_conflict(api, ref, body, patch, previous, now, exc)
+        except kube.CreateRefused as exc:
+            # The timer's next look tries again; the refusal shows meanwhile.
+            refused, refusal_events = lifecycle.failed_create({**previous, **decision.status}, str(exc), now)
+            decision.status.update(refused)
+            decision.events.extend(refusal_events)
+    elif server_raw is not None:
+        decision.status.update(lifecycle.create_succeeded({**previous, **decision.status}, now))
     _write(patch, previous, decision.status, only_changed=True)
     _post(body, decision.events)
     if decision.status.get("phase") != phase:

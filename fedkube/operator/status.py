@@ -48,10 +48,11 @@ from fedkube.spec.status import ConditionStatus, SiteStatus
 from fedkube.status import ClientState, JobStatus, Phase, Reason, utc_timestamp
 
 __all__ = [
-    "Decision", "Event", "Observation", "Outcome", "PodView", "SiteVerdict", "Verdict", "cleaned_up", "decide",
-    "format_time", "get_condition", "invalid", "is_invalid", "is_teardown_noise", "judge_phase", "judge_site",
-    "name_conflict", "operator_failed_sites", "outcome_from_server", "parse_time", "pod_view", "resumed",
-    "revalidated", "set_condition", "suspended", "timeout_failure", "transition", "ttl_expired",
+    "Decision", "Event", "Observation", "Outcome", "PodView", "SiteVerdict", "Verdict", "cleaned_up",
+    "create_succeeded", "decide", "failed_create", "format_time", "get_condition", "invalid", "is_invalid",
+    "is_teardown_noise", "judge_phase", "judge_site", "name_conflict", "operator_failed_sites",
+    "outcome_from_server", "parse_time", "pod_view", "resumed", "revalidated", "set_condition", "suspended",
+    "timeout_failure", "transition", "ttl_expired",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class Cond:
     SUSPENDED = "Suspended"
     CLEANED_UP = "CleanedUp"
     NAME_CONFLICT = "NameConflict"
+    FAILED_CREATE = "FailedCreate"
+    SPEC_CHANGE_REJECTED = "SpecChangeRejected"
 
 
 # A child's name is taken by an object that is not this FLJob's (reason of the NameConflict and Failed conditions).
@@ -270,6 +273,27 @@ def name_conflict(previous: Mapping[str, Any], message: str, now: float) -> tupl
     return out, [Event("Warning", REASON_NAME_CONFLICT, message), *events]
 
 
+def failed_create(previous: Mapping[str, Any], message: str, now: float) -> tuple[dict[str, Any], list[Event]]:
+    """Status and Event when the API server refused a child: FailedCreate True with its message; the phase stays.
+
+    The Warning Event is posted when the refusal is new or says something else, not at every retry.
+    """
+    before = get_condition(previous.get("conditions"), Cond.FAILED_CREATE)
+    conds = set_condition(previous.get("conditions"), Cond.FAILED_CREATE, "True", Cond.FAILED_CREATE, message,
+                          format_time(now))
+    repeated = before is not None and before.get("status") == "True" and before.get("message") == message
+    return {"conditions": conds}, [] if repeated else [Event("Warning", Cond.FAILED_CREATE, message)]
+
+
+def create_succeeded(previous: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """Status fields after every child was created: FailedCreate False if it was True; otherwise nothing."""
+    before = get_condition(previous.get("conditions"), Cond.FAILED_CREATE)
+    if before is None or before.get("status") != "True":
+        return {}
+    return {"conditions": set_condition(previous.get("conditions"), Cond.FAILED_CREATE, "False", "Created",
+                                        "the API server accepted every child of the job", format_time(now))}
+
+
 def revalidated(previous: Mapping[str, Any], job: FLJob, now: float) -> tuple[dict[str, Any], list[Event]]:
     """Status and Events when a spec that was Invalid was fixed: the Failed verdict is lifted and the job starts."""
     stamp = format_time(now)
@@ -293,6 +317,7 @@ def suspended(previous: Mapping[str, Any], now: float) -> tuple[dict[str, Any], 
     """Status and Events for ``spec.suspend: true``: pods removed, Secrets/ConfigMap/checkpoint kept."""
     out, events = transition(previous, Phase.SUSPENDED, "Suspended",
                              "spec.suspend is true: pods deleted, checkpoint kept; set it to false to resume", now)
+    out.update(create_succeeded({**previous, **out}, now))
     out["clients"] = {site: state.to_dict() for site, state in previous_sites(previous).items()
                       if (state.reason or "") in OPERATOR_REASONS}
     out["clientsReady"] = 0
@@ -303,6 +328,7 @@ def suspended(previous: Mapping[str, Any], now: float) -> tuple[dict[str, Any], 
 def resumed(previous: Mapping[str, Any], job: FLJob, now: float) -> tuple[dict[str, Any], list[Event]]:
     """Status and Events when pods are (re)created: phase Pending, every client Pending again."""
     out, events = transition(previous, Phase.PENDING, "PodsCreated", "the server and client pods were created", now)
+    out.update(create_succeeded({**previous, **out}, now))
     total = len(job.spec.clients)
     out["clients"] = {
         site.name: _site(ClientState.PENDING, pod=f"{job.name}-client-{site.name}").to_dict()
