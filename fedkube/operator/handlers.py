@@ -30,7 +30,7 @@ import kopf
 
 from fedkube.metrics import OperatorMetrics
 from fedkube.metrics.operator import PHASES
-from fedkube.operator import builders, certificates, kube, naming, views
+from fedkube.operator import builders, certificates, edits, kube, naming, views
 from fedkube.operator import status as lifecycle
 from fedkube.operator.policy import AdminPolicy
 from fedkube.security.material import JobTls
@@ -203,8 +203,9 @@ def _write(patch: kopf.Patch, previous: Mapping[str, Any], fields: Mapping[str, 
 
 def _parse(body: Mapping[str, Any]) -> FLJob:
     meta = dict(body.get("metadata") or {})
-    doc = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta,
-           "spec": dict(body.get("spec") or {})}
+    # The spec the job runs on: an edit of a live job is refused (spec_changed), not half-applied.
+    spec = edits.effective_spec(body.get("spec") or {}, body.get("status") or {})
+    doc = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta, "spec": spec}
     return parse_job(doc, source=f"FLJob {meta.get('namespace')}/{meta.get('name')}")
 
 
@@ -267,9 +268,20 @@ def reconcile(
                       retry=retry)
         if phase in (None, Phase.SUSPENDED):
             fields, events = lifecycle.resumed(previous, job, now)
-    fields = fields or lifecycle.create_succeeded(previous, now)
+    fields = {**(fields or lifecycle.create_succeeded(previous, now)), **_accepted(body, previous)}
     _write(patch, previous, certificates.with_tls_status(job, previous, fields, tls, lifecycle.format_time(now)))
     _post(body, events)
+
+
+def _accepted(body: kopf.Body, previous: Mapping[str, Any]) -> dict[str, Any]:
+    """Status fields recording that the job's children now come from its current spec (see fedkube.operator.edits)."""
+    if edits.accepted_spec(previous) is not None:
+        return {}
+    generation = (body.get("metadata") or {}).get("generation")
+    fields: dict[str, Any] = {edits.ACCEPTED_SPEC: dict(body.get("spec") or {})}
+    if isinstance(generation, int):
+        fields["observedGeneration"] = generation
+    return fields
 
 
 def _ensure(
@@ -416,19 +428,19 @@ def spec_changed(
         tls = _ensure(job, body, memo, patch, pods=not job.spec.suspend)
         fields, events = (lifecycle.suspended(previous, now) if job.spec.suspend else
                           lifecycle.revalidated(previous, job, now))
+        fields = {**fields, **_accepted(body, previous)}
         _write(patch, previous, certificates.with_tls_status(job, previous, fields, tls, lifecycle.format_time(now)))
         _post(body, events)
         logger.info("job %s/%s: spec fixed; job created", namespace, name)
         return
-    changed = sorted(k for k in set(old or {}) | set(new or {}) if k != "suspend" and (old or {}).get(k) != (
-        new or {}).get(k))
-    if changed and previous.get("phase") not in lifecycle.TERMINAL:
-        # Running pods cannot change in place (and a new model shape mid-job would break the checkpoint);
-        # suspend and resume to recreate the pods from the new spec.
-        _post(body, [lifecycle.Event(
-            "Normal", "SpecChangeDeferred",
-            f"changed {', '.join('spec.' + k for k in changed)}: running pods keep the old spec; suspend and "
-            "resume the job to recreate them from the new one")])
+    if previous.get("phase") in lifecycle.TERMINAL:
+        return
+    # Running pods cannot change in place (and a new model shape mid-job would break the checkpoint): the job
+    # keeps the spec it started with, and says so, when the API server did not refuse the edit (CEL) itself.
+    generation = (body.get("metadata") or {}).get("generation")
+    fields, events = edits.spec_edit(previous, edits.rejected_fields(new or {}, previous), generation, now)
+    _write(patch, previous, fields)
+    _post(body, events)
 
 
 # --- watching a running job -------------------------------------------------------------------------
@@ -493,7 +505,7 @@ def observe(
     decision = lifecycle.decide(job, previous, lifecycle.Observation(now, server, clients, server_status))
     _timeouts_fired(memo, previous, decision.status)
     generation = (fresh.get("metadata") or {}).get("generation")
-    if isinstance(generation, int):
+    if isinstance(generation, int) and not edits.rejected_fields(fresh.get("spec") or {}, previous):
         decision.status["observedGeneration"] = generation
     if decision.delete_pods:
         api.delete_pods(ref, [p for p in pods if p["metadata"]["name"] in decision.delete_pods])

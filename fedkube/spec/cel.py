@@ -64,7 +64,7 @@ def _field(obj: str, path: tuple[str, ...], default: Any) -> str:
 
 
 def _alias(model: type, field: str) -> str:
-    return model.model_fields[field].alias or field  # type: ignore[attr-defined, no-any-return]
+    return model.model_fields[field].alias or field  # type: ignore[attr-defined]
 
 
 _T, _X = Timeouts(), Transfer()
