@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedkube.operator.rounds import STATUS_KEY as ROUND_METRICS
+from fedkube.operator.rounds import round_metrics
 from fedkube.operator.views import (
     OPERATOR_REASONS,
     POD_PENDING,
@@ -533,6 +535,7 @@ def decide(job: FLJob, previous: Mapping[str, Any], obs: Observation) -> Decisio
         "clientsReady": ready,
         "clientsTotal": total,
         "clientsDisplay": _display(ready, total),
+        ROUND_METRICS: round_metrics(previous, word),
     }
     fields, phase_events = transition(previous, verdict.phase, verdict.reason, verdict.message, obs.now)
     status.update(fields)
