@@ -62,7 +62,8 @@ class Memo:
     * ``log_format``: FEDKUBE_LOG_FORMAT given to the pods (text or json; default text).
     * ``policy``: the admin's :class:`fedkube.operator.policy.AdminPolicy` (default: the safe one).
     * ``network``: a :class:`fedkube.operator.netpol.NetworkPolicyConfig`, or None for no NetworkPolicies.
-    * ``retry_delay``: seconds before the first retry of a refused create (default :data:`RETRY_DELAY`).
+    * ``retry_delay``, ``max_retry_delay``: seconds before the first retry of a refused create, and the most the
+      backoff grows to (default :data:`RETRY_DELAY`, :data:`MAX_RETRY_DELAY`).
     """
 
     API_CLIENT = "api_client"
@@ -74,6 +75,7 @@ class Memo:
     POLICY = "policy"
     NETWORK = "network"
     RETRY_DELAY = "retry_delay"
+    MAX_RETRY_DELAY = "max_retry_delay"
 
 
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -336,7 +338,8 @@ def _create_refused(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, exc: ku
     _write(patch, previous, fields)
     _post(body, events)
     first = float(memo.get(Memo.RETRY_DELAY) or RETRY_DELAY)
-    raise kopf.TemporaryError(str(exc), delay=min(first * 2 ** min(retry, 16), MAX_RETRY_DELAY)) from exc
+    most = float(memo.get(Memo.MAX_RETRY_DELAY) or MAX_RETRY_DELAY)
+    raise kopf.TemporaryError(str(exc), delay=min(first * 2 ** min(retry, 16), most)) from exc
 
 
 def _job_tls(job: FLJob, api: kube.Kube, ref: kube.JobRef, now: float, *, rotate: bool) -> JobTls | None:

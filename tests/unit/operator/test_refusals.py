@@ -38,10 +38,10 @@ class _Quota:
 
 
 def _admission(k: fixtures.KubeHandle, hook: Any) -> None:
-    def install(api: KubeAPI) -> None:
-        api.admission = hook
-
-    k.cluster.call(install)
+    # One attribute store: atomic, so the API's thread sees the old or the new hook, never half of one.
+    api: KubeAPI | None = k.cluster.api
+    assert api is not None
+    api.admission = hook
 
 
 def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -56,7 +56,8 @@ def test_a_refused_pod_shows_the_api_servers_message_and_the_job_proceeds_once_a
     core = kubernetes.client.CoreV1Api(kube.api_client)
     memo = kopf.Memo()
     memo[handlers.Memo.API_CLIENT] = kube.api_client
-    memo[handlers.Memo.RETRY_DELAY] = 0.2
+    memo[handlers.Memo.RETRY_DELAY] = 0.1
+    memo[handlers.Memo.MAX_RETRY_DELAY] = 0.4  # the backoff grows, but the test need not wait for it
     quota = _Quota()
     _admission(kube, quota)
     with running_operator(kube.url, handlers.register(kopf.OperatorRegistry(), interval=0.2), memo=memo):
