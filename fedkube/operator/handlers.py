@@ -30,7 +30,7 @@ import kopf
 
 from fedkube.metrics import OperatorMetrics
 from fedkube.metrics.operator import PHASES
-from fedkube.operator import builders, certificates, kube, naming, views
+from fedkube.operator import builders, certificates, edits, kube, naming, views
 from fedkube.operator import status as lifecycle
 from fedkube.operator.policy import AdminPolicy
 from fedkube.security.material import JobTls
@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 RESOURCE = (API_GROUP, API_VERSION_NAME, PLURAL)
 DEFAULT_INTERVAL = 5.0  # seconds between two looks at a running job
 RETRY_DELAY = 5.0  # seconds before retrying a create/resume the API server refused
+MAX_RETRY_DELAY = 300.0  # a refusal (quota, policy) retried with exponential backoff up to this
 EVENT_MESSAGE_LIMIT = 1000  # Kubernetes keeps about 1 KiB of an Event's message
 
 Clock = Callable[[], float]
@@ -61,6 +62,8 @@ class Memo:
     * ``log_format``: FEDKUBE_LOG_FORMAT given to the pods (text or json; default text).
     * ``policy``: the admin's :class:`fedkube.operator.policy.AdminPolicy` (default: the safe one).
     * ``network``: a :class:`fedkube.operator.netpol.NetworkPolicyConfig`, or None for no NetworkPolicies.
+    * ``retry_delay``, ``max_retry_delay``: seconds before the first retry of a refused create, and the most the
+      backoff grows to (default :data:`RETRY_DELAY`, :data:`MAX_RETRY_DELAY`).
     """
 
     API_CLIENT = "api_client"
@@ -71,6 +74,8 @@ class Memo:
     LOG_FORMAT = "log_format"
     POLICY = "policy"
     NETWORK = "network"
+    RETRY_DELAY = "retry_delay"
+    MAX_RETRY_DELAY = "max_retry_delay"
 
 
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -200,8 +205,9 @@ def _write(patch: kopf.Patch, previous: Mapping[str, Any], fields: Mapping[str, 
 
 def _parse(body: Mapping[str, Any]) -> FLJob:
     meta = dict(body.get("metadata") or {})
-    doc = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta,
-           "spec": dict(body.get("spec") or {})}
+    # The spec the job runs on: an edit of a live job is refused (spec_changed), not half-applied.
+    spec = edits.effective_spec(body.get("spec") or {}, body.get("status") or {})
+    doc = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta, "spec": spec}
     return parse_job(doc, source=f"FLJob {meta.get('namespace')}/{meta.get('name')}")
 
 
@@ -233,7 +239,7 @@ def _refuse(body: kopf.Body, patch: kopf.Patch, previous: Mapping[str, Any], exc
 
 def reconcile(
     body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, name: str | None, namespace: str | None,
-    **_: Any,
+    retry: int = 0, **_: Any,
 ) -> None:
     """Create or resume: check the spec, then make sure every child exists (pods unless suspended)."""
     previous = dict(status)
@@ -250,7 +256,7 @@ def reconcile(
     fields: dict[str, Any] = {}
     events: list[lifecycle.Event] = []
     if job.spec.suspend:
-        tls = _ensure(job, body, memo, patch, pods=False)
+        tls = _ensure(job, body, memo, patch, pods=False, retry=retry)
         if phase != Phase.SUSPENDED:
             # Suspended while the operator was away: its pods may still run.
             api, ref = _kube(memo), kube.JobRef.of(body)
@@ -260,23 +266,37 @@ def reconcile(
         # An operator restart finds a job in progress: clients the operator already failed stay without a pod.
         failed = set() if phase in (None, Phase.SUSPENDED) else lifecycle.operator_failed_sites(previous)
         # Resumed while the operator was away: new pods, so new leaf certificates (as in suspend_changed).
-        tls = _ensure(job, body, memo, patch, pods=True, skip_sites=failed, rotate=phase == Phase.SUSPENDED)
+        tls = _ensure(job, body, memo, patch, pods=True, skip_sites=failed, rotate=phase == Phase.SUSPENDED,
+                      retry=retry)
         if phase in (None, Phase.SUSPENDED):
             fields, events = lifecycle.resumed(previous, job, now)
+    fields = {**(fields or lifecycle.create_succeeded(previous, now)), **_accepted(body, previous)}
     _write(patch, previous, certificates.with_tls_status(job, previous, fields, tls, lifecycle.format_time(now)))
     _post(body, events)
 
 
+def _accepted(body: kopf.Body, previous: Mapping[str, Any]) -> dict[str, Any]:
+    """Status fields recording that the job's children now come from its current spec (see fedkube.operator.edits)."""
+    if edits.accepted_spec(previous) is not None:
+        return {}
+    generation = (body.get("metadata") or {}).get("generation")
+    fields: dict[str, Any] = {edits.ACCEPTED_SPEC: dict(body.get("spec") or {})}
+    if isinstance(generation, int):
+        fields["observedGeneration"] = generation
+    return fields
+
+
 def _ensure(
     job: FLJob, body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, *, pods: bool,
-    skip_sites: Collection[str] = frozenset(), rotate: bool = False,
+    skip_sites: Collection[str] = frozenset(), rotate: bool = False, retry: int = 0,
 ) -> JobTls | None:
     """Create-or-patch the job's children, reusing the tokens and certificates already stored for it.
 
     ``rotate`` (the pods are new: resume after suspend) issues new leaf certificates. Returns the job's TLS
     material (None when TLS is disabled or cert-manager issues), for the status. A child's name taken by an
     object that is not this FLJob's fails the job (:func:`_name_conflict`) before that object is read, patched
-    or mounted.
+    or mounted. A child the API server refuses (quota, policy) is :func:`_create_refused`; ``retry`` is kopf's
+    count of earlier tries, for the backoff.
     """
     from kubernetes.client.exceptions import ApiException
 
@@ -297,6 +317,8 @@ def _ensure(
             logger.debug("job %s/%s: %s %s %s", job.namespace, job.name, obj["kind"], obj["metadata"]["name"], result)
     except kube.NameConflict as exc:
         _name_conflict(api, ref, body, patch, dict(body.get("status") or {}), _now(memo), exc)
+    except kube.CreateRefused as exc:
+        _create_refused(body, patch, memo, exc, retry)
     except ApiException as exc:
         # Creation is idempotent, so trying again soon is safe; kopf's default backoff would be a minute.
         raise kopf.TemporaryError(
@@ -304,6 +326,20 @@ def _ensure(
             delay=RETRY_DELAY,
         ) from exc
     return tls
+
+
+def _create_refused(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, exc: kube.CreateRefused,
+                    retry: int) -> NoReturn:
+    """Show a refused child on the job (FailedCreate, a Warning Event) and retry with backoff: quotas get freed."""
+    meta = body.get("metadata") or {}
+    logger.warning("job %s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
+    previous = dict(body.get("status") or {})
+    fields, events = lifecycle.failed_create(previous, str(exc), _now(memo))
+    _write(patch, previous, fields)
+    _post(body, events)
+    first = float(memo.get(Memo.RETRY_DELAY) or RETRY_DELAY)
+    most = float(memo.get(Memo.MAX_RETRY_DELAY) or MAX_RETRY_DELAY)
+    raise kopf.TemporaryError(str(exc), delay=min(first * 2 ** min(retry, 16), most)) from exc
 
 
 def _job_tls(job: FLJob, api: kube.Kube, ref: kube.JobRef, now: float, *, rotate: bool) -> JobTls | None:
@@ -395,19 +431,19 @@ def spec_changed(
         tls = _ensure(job, body, memo, patch, pods=not job.spec.suspend)
         fields, events = (lifecycle.suspended(previous, now) if job.spec.suspend else
                           lifecycle.revalidated(previous, job, now))
+        fields = {**fields, **_accepted(body, previous)}
         _write(patch, previous, certificates.with_tls_status(job, previous, fields, tls, lifecycle.format_time(now)))
         _post(body, events)
         logger.info("job %s/%s: spec fixed; job created", namespace, name)
         return
-    changed = sorted(k for k in set(old or {}) | set(new or {}) if k != "suspend" and (old or {}).get(k) != (
-        new or {}).get(k))
-    if changed and previous.get("phase") not in lifecycle.TERMINAL:
-        # Running pods cannot change in place (and a new model shape mid-job would break the checkpoint);
-        # suspend and resume to recreate the pods from the new spec.
-        _post(body, [lifecycle.Event(
-            "Normal", "SpecChangeDeferred",
-            f"changed {', '.join('spec.' + k for k in changed)}: running pods keep the old spec; suspend and "
-            "resume the job to recreate them from the new one")])
+    if previous.get("phase") in lifecycle.TERMINAL:
+        return
+    # Running pods cannot change in place (and a new model shape mid-job would break the checkpoint): the job
+    # keeps the spec it started with, and says so, when the API server did not refuse the edit (CEL) itself.
+    generation = (body.get("metadata") or {}).get("generation")
+    fields, events = edits.spec_edit(previous, edits.rejected_fields(new or {}, previous), generation, now)
+    _write(patch, previous, fields)
+    _post(body, events)
 
 
 # --- watching a running job -------------------------------------------------------------------------
@@ -472,7 +508,7 @@ def observe(
     decision = lifecycle.decide(job, previous, lifecycle.Observation(now, server, clients, server_status))
     _timeouts_fired(memo, previous, decision.status)
     generation = (fresh.get("metadata") or {}).get("generation")
-    if isinstance(generation, int):
+    if isinstance(generation, int) and not edits.rejected_fields(fresh.get("spec") or {}, previous):
         decision.status["observedGeneration"] = generation
     if decision.delete_pods:
         api.delete_pods(ref, [p for p in pods if p["metadata"]["name"] in decision.delete_pods])
@@ -481,6 +517,13 @@ def observe(
             _recreate_server(job, api, body, namespace, name, memo.get(Memo.LOG_FORMAT) or "text")
         except kube.NameConflict as exc:
             _name_conflict(api, ref, body, patch, previous, now, exc)
+        except kube.CreateRefused as exc:
+            # The timer's next look tries again; the refusal shows meanwhile.
+            refused, refusal_events = lifecycle.failed_create({**previous, **decision.status}, str(exc), now)
+            decision.status.update(refused)
+            decision.events.extend(refusal_events)
+    elif server_raw is not None:
+        decision.status.update(lifecycle.create_succeeded({**previous, **decision.status}, now))
     _write(patch, previous, decision.status, only_changed=True)
     _post(body, decision.events)
     if decision.status.get("phase") != phase:

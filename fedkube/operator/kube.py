@@ -8,6 +8,7 @@ here blocks the operator's event loop. Every call is bounded by a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -64,6 +65,33 @@ class NameConflict(FedkubeError):
             f"{kind} {job.namespace}/{name} already exists and does not belong to FLJob {job.namespace}/{job.name} "
             f"({why}); the operator neither changes, uses nor deletes it, and the job failed. Fix: create the FLJob "
             f"under another name, or, if that {kind} is a leftover nobody needs, delete it and create the FLJob again")
+
+
+class CreateRefused(FedkubeError):
+    """The API server refused to create a child (quota, PodSecurity, an admission webhook, an invalid object).
+
+    ``message`` is the API server's own words (they name the quota, the policy or the webhook), prefixed with
+    the child's kind and name, since the job's status and Events show it to someone who never saw the request.
+    """
+
+    def __init__(self, kind: str, namespace: str, name: str, code: int, reason: str, detail: str) -> None:
+        self.kind, self.name, self.code, self.reason, self.detail = kind, name, code, reason, detail
+        super().__init__(f"{kind} {namespace}/{name}: the API server refused to create it ({code} {reason}): {detail}")
+
+
+# Answers to a create that say "not this object, not now" rather than "the request was broken or lost": a
+# quota or policy can change, so they are retried with backoff and shown on the job (issue 14).
+_REFUSALS = frozenset({400, 403, 422})
+
+
+def _refusal(exc: Any, kind: str, namespace: str, name: str) -> CreateRefused:
+    body: Any = None
+    with contextlib.suppress(TypeError, ValueError):
+        body = json.loads(exc.body or "")
+    status = body if isinstance(body, dict) else {}
+    detail = str(status.get("message") or exc.body or exc.reason or "no message")
+    return CreateRefused(kind, namespace, name, int(exc.status), str(status.get("reason") or exc.reason or ""),
+                         detail)
 
 
 def foreign(obj: Mapping[str, Any], job: JobRef) -> str | None:
@@ -149,7 +177,8 @@ class Kube:
         """Create ``manifest``; when it exists (409) and is ``job``'s own, patch it (pods and claims: leave it).
 
         Returns "created", "patched" or "exists"; raises :class:`NameConflict`
-        when the existing object is not ``job``'s (it is then not touched).
+        when the existing object is not ``job``'s (it is then not touched), and
+        :class:`CreateRefused` when the API server refuses the create.
         Idempotent: running it again for the same job changes nothing.
         """
         from kubernetes.client.exceptions import ApiException
@@ -162,6 +191,8 @@ class Kube:
             logger.info("created %s %s/%s", kind, namespace, name)
             return "created"
         except ApiException as exc:
+            if exc.status in _REFUSALS:
+                raise _refusal(exc, kind, namespace, name) from exc
             if exc.status != 409:
                 raise
         # A 404 here (deleted since the 409) is an ApiException too: the caller retries, and then creates it.

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedkube.operator import model_status
+from fedkube.operator.rounds import STATUS_KEY as ROUND_METRICS
+from fedkube.operator.rounds import round_metrics
 from fedkube.operator.views import (
     OPERATOR_REASONS,
     POD_PENDING,
@@ -49,10 +51,11 @@ from fedkube.spec.status import ConditionStatus, SiteStatus
 from fedkube.status import ClientState, JobStatus, Phase, Reason, utc_timestamp
 
 __all__ = [
-    "Decision", "Event", "Observation", "Outcome", "PodView", "SiteVerdict", "Verdict", "cleaned_up", "decide",
-    "format_time", "get_condition", "invalid", "is_invalid", "is_teardown_noise", "judge_phase", "judge_site",
-    "name_conflict", "operator_failed_sites", "outcome_from_server", "parse_time", "pod_view", "resumed",
-    "revalidated", "set_condition", "suspended", "timeout_failure", "transition", "ttl_expired",
+    "Decision", "Event", "Observation", "Outcome", "PodView", "SiteVerdict", "Verdict", "cleaned_up",
+    "create_succeeded", "decide", "failed_create", "format_time", "get_condition", "invalid", "is_invalid",
+    "is_teardown_noise", "judge_phase", "judge_site", "name_conflict", "operator_failed_sites",
+    "outcome_from_server", "parse_time", "pod_view", "resumed", "revalidated", "set_condition", "suspended",
+    "timeout_failure", "transition", "ttl_expired",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,6 +74,8 @@ class Cond:
     SUSPENDED = "Suspended"
     CLEANED_UP = "CleanedUp"
     NAME_CONFLICT = "NameConflict"
+    FAILED_CREATE = "FailedCreate"
+    SPEC_CHANGE_REJECTED = "SpecChangeRejected"
 
 
 # A child's name is taken by an object that is not this FLJob's (reason of the NameConflict and Failed conditions).
@@ -271,6 +276,27 @@ def name_conflict(previous: Mapping[str, Any], message: str, now: float) -> tupl
     return out, [Event("Warning", REASON_NAME_CONFLICT, message), *events]
 
 
+def failed_create(previous: Mapping[str, Any], message: str, now: float) -> tuple[dict[str, Any], list[Event]]:
+    """Status and Event when the API server refused a child: FailedCreate True with its message; the phase stays.
+
+    The Warning Event is posted when the refusal is new or says something else, not at every retry.
+    """
+    before = get_condition(previous.get("conditions"), Cond.FAILED_CREATE)
+    conds = set_condition(previous.get("conditions"), Cond.FAILED_CREATE, "True", Cond.FAILED_CREATE, message,
+                          format_time(now))
+    repeated = before is not None and before.get("status") == "True" and before.get("message") == message
+    return {"conditions": conds}, [] if repeated else [Event("Warning", Cond.FAILED_CREATE, message)]
+
+
+def create_succeeded(previous: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """Status fields after every child was created: FailedCreate False if it was True; otherwise nothing."""
+    before = get_condition(previous.get("conditions"), Cond.FAILED_CREATE)
+    if before is None or before.get("status") != "True":
+        return {}
+    return {"conditions": set_condition(previous.get("conditions"), Cond.FAILED_CREATE, "False", "Created",
+                                        "the API server accepted every child of the job", format_time(now))}
+
+
 def revalidated(previous: Mapping[str, Any], job: FLJob, now: float) -> tuple[dict[str, Any], list[Event]]:
     """Status and Events when a spec that was Invalid was fixed: the Failed verdict is lifted and the job starts."""
     stamp = format_time(now)
@@ -294,6 +320,7 @@ def suspended(previous: Mapping[str, Any], now: float) -> tuple[dict[str, Any], 
     """Status and Events for ``spec.suspend: true``: pods removed, Secrets/ConfigMap/checkpoint kept."""
     out, events = transition(previous, Phase.SUSPENDED, "Suspended",
                              "spec.suspend is true: pods deleted, checkpoint kept; set it to false to resume", now)
+    out.update(create_succeeded({**previous, **out}, now))
     out["clients"] = {site: state.to_dict() for site, state in previous_sites(previous).items()
                       if (state.reason or "") in OPERATOR_REASONS}
     out["clientsReady"] = 0
@@ -304,6 +331,7 @@ def suspended(previous: Mapping[str, Any], now: float) -> tuple[dict[str, Any], 
 def resumed(previous: Mapping[str, Any], job: FLJob, now: float) -> tuple[dict[str, Any], list[Event]]:
     """Status and Events when pods are (re)created: phase Pending, every client Pending again."""
     out, events = transition(previous, Phase.PENDING, "PodsCreated", "the server and client pods were created", now)
+    out.update(create_succeeded({**previous, **out}, now))
     total = len(job.spec.clients)
     out["clients"] = {
         site.name: _site(ClientState.PENDING, pod=f"{job.name}-client-{site.name}").to_dict()
@@ -460,8 +488,10 @@ def _server_verdict(job: FLJob, server: PodView, previous_phase: Any, word: Serv
     if failure is not None:
         return Verdict(Phase.FAILED, failure.reason or "", "server: " + (failure.message or ""), stop_all=True)
     live = word.live
-    if (live is not None and live.phase == Phase.RUNNING) or (live is None and previous_phase == Phase.RUNNING):
-        # A missed poll (the server busy or on its way out) is no reason to leave Running.
+    if (live is not None and live.phase == Phase.RUNNING) or (
+            previous_phase == Phase.RUNNING and (live is None or word.finishing)):
+        # A missed poll (the server busy or on its way out) is no reason to leave Running, and neither is a server
+        # that says it is done but has not exited yet: its exit decides the outcome at a later look.
         return Verdict(Phase.RUNNING, "RoundsInProgress", f"round {round_now} of {spec.rounds}")
     if server.phase == POD_PENDING and not server.scheduled:
         return Verdict(Phase.PENDING, server.schedule_reason or "Unschedulable",
@@ -506,6 +536,7 @@ def decide(job: FLJob, previous: Mapping[str, Any], obs: Observation) -> Decisio
         "clientsReady": ready,
         "clientsTotal": total,
         "clientsDisplay": _display(ready, total),
+        ROUND_METRICS: round_metrics(previous, word),
     }
     fields, phase_events = transition(previous, verdict.phase, verdict.reason, verdict.message, obs.now)
     status.update(fields)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fedkube.spec.cel import attach as attach_cel_rules
 from fedkube.spec.model import API_GROUP, API_VERSION_NAME, KIND, PLURAL, SHORT_NAME, FLJob, FLJobSpec
 from fedkube.spec.status import FLJobStatus
 
@@ -85,7 +86,8 @@ def _json_type(value: Any) -> str:
 
 def openapi_schema() -> dict[str, Any]:
     """The CRD's openAPIV3Schema: spec from :class:`FLJobSpec`, status from :class:`FLJobStatus`."""
-    spec = to_structural(FLJobSpec.model_json_schema(by_alias=True, mode="validation"))
+    # Cross-field rules as CEL (fedkube.spec.cel), so `kubectl apply` refuses what the operator would.
+    spec = attach_cel_rules(to_structural(FLJobSpec.model_json_schema(by_alias=True, mode="validation")))
     status = to_structural(FLJobStatus.model_json_schema(by_alias=True, mode="validation"))
     # kopf keeps handler progress under status.kopf; without this the API server would prune it.
     status["x-kubernetes-preserve-unknown-fields"] = True

@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 
 from fedkube.status import ClientState, Phase
 
-__all__ = ["CertificatesStatus", "ClientState", "Condition", "ConditionStatus", "FLJobStatus", "Phase", "SiteStatus"]
+__all__ = [
+    "CertificatesStatus", "ClientState", "Condition", "ConditionStatus", "FLJobStatus", "Phase", "RoundMetrics",
+    "SiteStatus",
+]
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -82,6 +85,17 @@ class CertificatesStatus(_Status):
     )
 
 
+ROUND_METRICS_KEPT = 5  # rounds of metrics the status keeps: enough to see a trend, bounded for etcd
+
+
+class RoundMetrics(_Status):
+    """The server's aggregated metrics of one completed round."""
+
+    round: int = Field(description="The round.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Weighted mean of the clients' metrics.")
+    seconds: float | None = Field(default=None, description="How long the round took.")
+
+
 class FLJobStatus(_Status):
     """What the operator reports about an FLJob."""
 
@@ -110,6 +124,11 @@ class FLJobStatus(_Status):
     observed_generation: int | None = Field(
         default=None, alias="observedGeneration", description="The spec generation this status describes."
     )
+    round_metrics: list[RoundMetrics] = Field(
+        default_factory=list, alias="roundMetrics", max_length=ROUND_METRICS_KEPT,
+        description="The last completed rounds' aggregated metrics the operator saw, oldest first (at most "
+        f"{ROUND_METRICS_KEPT}).",
+    )  # fmt: skip
     certificates: CertificatesStatus | None = Field(
         default=None, description="The job's mutual-TLS certificates; absent when spec.security.tls is disabled."
     )

@@ -47,6 +47,8 @@ def test_fljob_succeeds_with_a_trained_model_while_an_invalid_one_is_reported(fl
     assert conds["Running"]["status"] == "False"
     assert status["startTime"] <= status["completionTime"]
     assert status["observedGeneration"] == fl.get("train")["metadata"]["generation"]
+    # The server's aggregated metrics per round; the last one from its termination summary.
+    assert status["roundMetrics"][-1]["round"] == 3 and "loss" in status["roundMetrics"][-1]["metrics"], status
     reasons = [reason for _, reason, _ in fl.events("train")]
     for phase in ("Pending", "Succeeded"):  # Running too, unless the job finished between two looks at it
         assert phase in reasons, f"no Event for the transition to {phase}: {reasons}"

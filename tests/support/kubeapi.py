@@ -24,8 +24,8 @@ everything else like an API server would:
 * discovery for built-in types and for every CRD POSTed, with Established and
   NamesAccepted conditions on the CRD.
 
-Not emulated: schema validation, defaulting, server-side apply, Table output,
-graceful pod deletion (pods go at once; a test kubelet sees DELETED), RBAC.
+Admission is a test's hook (``KubeAPI.admission``). Not emulated: schema validation, CEL rules,
+defaulting, server-side apply, Table output, graceful pod deletion (pods go at once; a test kubelet sees DELETED), RBAC.
 """
 
 from __future__ import annotations
@@ -291,6 +291,9 @@ class KubeAPI:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._ips = 0
+        # Admission, as quota, PodSecurity or a webhook: called with (kind, object) before a create is stored; it
+        # refuses by raising ApiError (the Status body a real API server would answer). Set it through call().
+        self.admission: Callable[[str, dict[str, Any]], None] | None = None
         for ns in ("default", "kube-system", "kube-public"):
             self._create(self._types[NAMESPACE_KEY], None, {"metadata": {"name": ns}}, "v1")
 
@@ -601,6 +604,8 @@ class KubeAPI:
             obj["status"] = {"Pod": {"phase": "Pending"}, "Namespace": {"phase": "Active"},
                              "PersistentVolumeClaim": {"phase": "Bound"}}.get(t.kind, {})
         self._type_hooks(t, obj, None)
+        if self.admission is not None:
+            self.admission(t.kind, obj)
         if dry_run:
             return obj
         self._commit(t, "ADDED", obj, None)

@@ -46,6 +46,13 @@ def _invalid(custom: Any, name: str) -> dict[str, Any]:
     return {c["type"]: c for c in _status(custom, name)["conditions"]}["Invalid"]
 
 
+def _rejected(custom: Any, name: str) -> dict[str, Any]:
+    """The SpecChangeRejected condition, once True: an edit of a live job's spec is refused (issue 14)."""
+    return until(lambda: next((c for c in _status(custom, name).get("conditions") or []
+                               if c["type"] == "SpecChangeRejected" and c["status"] == "True"), None),
+                 f"job {name}'s edit rejected")
+
+
 def test_a_job_outside_the_policy_is_invalid_and_gets_no_pods(kube: fixtures.KubeHandle) -> None:
     _crd(kube)
     custom = kubernetes.client.CustomObjectsApi(kube.api_client)
@@ -86,8 +93,11 @@ def test_suspend_edit_resume_cannot_slip_an_image_past_the_policy(kube: fixtures
                                               {"spec": {"trainer": _trainer(EVIL)}})
         custom.patch_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "swap",
                                               {"spec": {"suspend": False}})
-        assert "spec.trainer.image" in _invalid(custom, "swap")["message"]
-        assert api.job_pods("default", "swap") == []
+        # The edit is refused (the spec a job started with stays its spec): resumed pods run the admitted image.
+        until(lambda: len(api.job_pods("default", "swap")) == 3, "the 3 pods of job swap again")
+        assert "spec.trainer" in _rejected(custom, "swap")["message"]
+        images = {c["image"] for p in api.job_pods("default", "swap") for c in p["spec"]["containers"]}
+        assert EVIL not in images and GOOD in images
 
 
 def test_a_lost_server_pod_is_not_recreated_from_an_edited_image(kube: fixtures.KubeHandle) -> None:
@@ -102,9 +112,11 @@ def test_a_lost_server_pod_is_not_recreated_from_an_edited_image(kube: fixtures.
         until(lambda: _status(custom, "edit").get("phase") in ("Pending", "Deploying"), "job edit under way")
         custom.patch_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "edit",
                                               {"spec": {"server": {"image": "evil.io/server:1"}}})
+        first = next(p for p in api.job_pods("default", "edit") if p["metadata"]["name"] == "edit-server")
         core.delete_namespaced_pod("edit-server", "default")
-        assert "spec.server.image" in _invalid(custom, "edit")["message"]
-        until(lambda: api.job_pods("default", "edit") == [], "the pods of job edit deleted")
+        assert "spec.server" in _rejected(custom, "edit")["message"]
+        until(lambda: any(p["metadata"]["name"] == "edit-server" and p["metadata"]["uid"] != first["metadata"]["uid"]
+                          for p in api.job_pods("default", "edit")), "the server pod of job edit recreated")
         images = [c.image for p in core.list_namespaced_pod("default").items for c in p.spec.containers]
         assert "evil.io/server:1" not in images
 
