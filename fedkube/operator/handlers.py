@@ -30,7 +30,7 @@ import kopf
 
 from fedkube.metrics import OperatorMetrics
 from fedkube.metrics.operator import PHASES
-from fedkube.operator import builders, certificates, kube, naming, views
+from fedkube.operator import builders, certificates, kube, naming, restarts, views
 from fedkube.operator import status as lifecycle
 from fedkube.operator.policy import AdminPolicy
 from fedkube.security.material import JobTls
@@ -456,21 +456,24 @@ def observe(
         return
     pods = api.job_pods(ref)
     server_raw: Mapping[str, Any] | None = None
-    clients: dict[str, views.PodView] = {}
+    client_raw: dict[str, Mapping[str, Any]] = {}
     for pod in pods:
         labels = (pod.get("metadata") or {}).get("labels") or {}
         if labels.get(naming.LABEL_ROLE) == naming.ROLE_SERVER:
             server_raw = pod
         elif labels.get(naming.LABEL_ROLE) == naming.ROLE_CLIENT and labels.get(naming.LABEL_SITE):
-            clients[str(labels[naming.LABEL_SITE])] = views.pod_view(pod, naming.TRAINER_CONTAINER)
+            client_raw[str(labels[naming.LABEL_SITE])] = pod
     server = views.pod_view(server_raw, naming.SERVER_CONTAINER) if server_raw is not None else None
     server_status = None
     if server_raw is not None and server is not None and server.phase == views.POD_RUNNING:
         url = memo[Memo.STATUS_URL](server_raw)
         if url:
             server_status = kube.fetch_server_status(url, float(memo[Memo.STATUS_TIMEOUT]))
-    decision = lifecycle.decide(job, previous, lifecycle.Observation(now, server, clients, server_status))
-    _timeouts_fired(memo, previous, decision.status)
+    todo = restarts.plan(job, previous, client_raw, views.ServerWord.of(views.server_outcome(server), server_status))
+    clients = {site: views.pod_view(pod, naming.TRAINER_CONTAINER) for site, pod in client_raw.items()
+               if site not in todo.replaced}
+    decision = lifecycle.decide(job, todo.previous, lifecycle.Observation(now, server, clients, server_status))
+    _timeouts_fired(memo, todo.previous, decision.status)
     generation = (fresh.get("metadata") or {}).get("generation")
     if isinstance(generation, int):
         decision.status["observedGeneration"] = generation
@@ -481,8 +484,14 @@ def observe(
             _recreate_server(job, api, body, namespace, name, memo.get(Memo.LOG_FORMAT) or "text")
         except kube.NameConflict as exc:
             _name_conflict(api, ref, body, patch, previous, now, exc)
+    try:
+        todo.events += restarts.recreate(api, ref, job, fresh, todo, memo.get(Memo.LOG_FORMAT) or "text",
+                                         create=decision.status.get("phase") not in lifecycle.TERMINAL)
+    except kube.NameConflict as exc:
+        _name_conflict(api, ref, body, patch, previous, now, exc)
+    restarts.stamp(decision.status, todo.counts)
     _write(patch, previous, decision.status, only_changed=True)
-    _post(body, decision.events)
+    _post(body, [*decision.events, *todo.events])
     if decision.status.get("phase") != phase:
         logger.info("job %s/%s: %s -> %s (round %s/%s)", namespace, name, phase, decision.status.get("phase"),
                     decision.status.get("round"), job.spec.rounds)

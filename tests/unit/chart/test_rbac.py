@@ -70,8 +70,10 @@ def _rule(method: str, custom: tuple[str, str] = (GROUP, PLURAL)) -> Rule | None
         what, sub = what[: -len("_status")], "/status"
     if what == "custom_object":
         return (custom[0], custom[1] + sub, verb)
-    if what == "network_policy":  # fedkube.operator.netpol; the only call outside the core group
+    if what == "network_policy":  # fedkube.operator.netpol
         return ("networking.k8s.io", "networkpolicies" + sub, verb)
+    if what == "pod_disruption_budget":  # fedkube.operator.disruption
+        return ("policy", "poddisruptionbudgets" + sub, verb)
     return ("", what.replace("_", "") + "s" + sub, verb)
 
 
