@@ -117,13 +117,15 @@ def _metrics(memo: Mapping[str, Any]) -> OperatorMetrics | None:
     return memo.get(Memo.METRICS)
 
 
-def _instrumented(handler: Callable[..., None]) -> Callable[..., None]:
-    """Count ``handler``'s failures by kind and record the job's phase after each call (when metrics are on)."""
+def _instrumented(handler: Callable[..., None], handler_id: str | None = None) -> Callable[..., None]:
+    """Count ``handler``'s failures by kind, record the job's phase after each call and, given the handler's id
+    (a label of fedkube_operator_reconcile_seconds), time the call; all only when metrics are on."""
 
     @functools.wraps(handler)
     def wrapper(*, memo: kopf.Memo, status: kopf.Status, patch: kopf.Patch, name: str | None,
                 namespace: str | None, **kwargs: Any) -> None:
         metrics = _metrics(memo)
+        started = time.monotonic()
         try:
             handler(memo=memo, status=status, patch=patch, name=name, namespace=namespace, **kwargs)
         except Exception as exc:
@@ -132,6 +134,8 @@ def _instrumented(handler: Callable[..., None]) -> Callable[..., None]:
                 metrics.reconcile_error(type(exc.__cause__ or exc).__name__)
             raise
         finally:
+            if metrics is not None and handler_id is not None:
+                metrics.reconcile_seconds(handler_id, time.monotonic() - started)
             # A job seen gone keeps out of the gauge: a late call with its stale status must not bring it back.
             if metrics is not None and name and not memo.get(_GONE):
                 phase = patch.status.get("phase") or dict(status).get("phase")
@@ -513,11 +517,12 @@ def _recreate_server(job: FLJob, api: kube.Kube, body: kopf.Body, namespace: str
 def register(registry: kopf.OperatorRegistry, *, interval: float = DEFAULT_INTERVAL) -> kopf.OperatorRegistry:
     """Register the FLJob handlers on ``registry``; ``interval`` is the seconds between two looks at a job."""
     kopf.on.startup(registry=registry)(configure)
-    kopf.on.create(*RESOURCE, registry=registry, id="reconcile")(_instrumented(reconcile))
-    kopf.on.resume(*RESOURCE, registry=registry, id="reconcile")(_instrumented(reconcile))
-    kopf.on.update(*RESOURCE, field="spec.suspend", registry=registry, id="suspend")(_instrumented(suspend_changed))
-    kopf.on.update(*RESOURCE, field="spec", registry=registry, id="spec")(_instrumented(spec_changed))
-    kopf.timer(*RESOURCE, interval=interval, registry=registry, id="observe")(_instrumented(observe))
+    kopf.on.create(*RESOURCE, registry=registry, id="reconcile")(_instrumented(reconcile, "reconcile"))
+    kopf.on.resume(*RESOURCE, registry=registry, id="reconcile")(_instrumented(reconcile, "reconcile"))
+    kopf.on.update(*RESOURCE, field="spec.suspend", registry=registry, id="suspend")(
+        _instrumented(suspend_changed, "suspend"))
+    kopf.on.update(*RESOURCE, field="spec", registry=registry, id="spec")(_instrumented(spec_changed, "spec"))
+    kopf.timer(*RESOURCE, interval=interval, registry=registry, id="observe")(_instrumented(observe, "observe"))
     kopf.on.event(*RESOURCE, registry=registry, id="watched")(watched)
     return registry
 
