@@ -20,12 +20,13 @@ KUBE_VERSIONS = ["1.29.0", "1.31.0", "1.35.0"]
 CONFIGS: dict[str, list[str]] = {
     "default": [],
     "servicemonitor": ["--set", "metrics.serviceMonitor.enabled=true",
-                       "--set", "metrics.serviceMonitor.labels.release=prom"],
+                       "--set", "metrics.serviceMonitor.labels.release=prom",
+                       "--set", "metrics.podMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true"],
     "cluster-scope": ["--set", "scope=cluster"],
     "two-namespaces": ["--set", "watchNamespaces={ml,research}"],
 }
 # Kinds kubernetes-validate has no schema for; checked by the dedicated tests below instead.
-NOT_BUILTIN = {"ServiceMonitor"}
+NOT_BUILTIN = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 
 def _helm(tools: fixtures.KubeTools, *args: str) -> subprocess.CompletedProcess[str]:
