@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 #: Every label name any fedkube metric may carry. Never add per-round,
 #: per-tensor or per-transfer labels: each distinct value is a new time series
 #: kept by Prometheus for weeks.
-ALLOWED_LABELS = frozenset({"fljob", "site", "reason", "direction", "state", "phase", "component", "name", "plane"})
+ALLOWED_LABELS = frozenset({"fljob", "site", "reason", "direction", "state", "phase", "component", "name", "plane",
+                            "handler"})
 
 #: The label value under which values past a cap are counted.
 OVERFLOW = "_other"

@@ -1,4 +1,4 @@
-"""Metrics of the operator: FLJobs by phase, reconcile errors, pending/deploy timeouts fired.
+"""Metrics of the operator: FLJobs by phase, reconcile errors and latency, pending/deploy timeouts fired.
 
 The operator sees one FLJob per handler call, so :meth:`OperatorMetrics.job_phase`
 remembers each job's phase and recomputes the per-phase counts; a deleted job
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from fedkube.metrics.core import CappedValues, add_process_collectors, check_labels, component_info, one_of
 
@@ -19,6 +19,10 @@ PHASES = ("Pending", "Deploying", "Running", "Succeeded", "Failed", "Suspended")
 #: Startup timeouts the operator decides (DESIGN.md section 5).
 TIMEOUTS = ("PendingTimeout", "DeployTimeout")
 EXTRA_ERROR_REASONS = 16
+#: The kopf handlers of fedkube.operator.handlers (their ids), the label of the reconcile latency.
+HANDLERS = ("reconcile", "suspend", "spec", "observe")
+#: Seconds: a look at a job polls the server for up to a few seconds; a create makes a dozen API calls.
+RECONCILE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class OperatorMetrics:
@@ -35,11 +39,16 @@ class OperatorMetrics:
         self._timeouts = Counter("fedkube_operator_timeouts_total",
                                  "Clients failed by a startup timeout, by reason.",
                                  check_labels(["reason"]), registry=registry)
+        self._latency = Histogram("fedkube_operator_reconcile_seconds",
+                                  "Time one handler call took (a create, a look at a running job...), by handler.",
+                                  check_labels(["handler"]), buckets=RECONCILE_BUCKETS, registry=registry)
         self._error_reasons = CappedValues("reconcile error reason", EXTRA_ERROR_REASONS)
         self._jobs: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
         for t in TIMEOUTS:
             self._timeouts.labels(reason=t)
+        for h in HANDLERS:
+            self._latency.labels(handler=h)
         self._publish({})
 
     def job_phase(self, namespace: str, name: str, phase: str) -> None:
@@ -58,6 +67,10 @@ class OperatorMetrics:
     def reconcile_error(self, reason: str) -> None:
         """A handler call failed; ``reason`` names the kind (e.g. the exception class or an API status reason)."""
         self._errors.labels(reason=self._error_reasons.admit(reason)).inc()
+
+    def reconcile_seconds(self, handler: str, seconds: float) -> None:
+        """A call of ``handler`` (one of HANDLERS) took ``seconds``, whether it succeeded or failed."""
+        self._latency.labels(handler=one_of(handler, HANDLERS, "operator handler")).observe(max(0.0, seconds))
 
     def timeout_fired(self, reason: str) -> None:
         """A client was failed by ``reason`` (PendingTimeout or DeployTimeout)."""

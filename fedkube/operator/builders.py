@@ -32,7 +32,7 @@ from typing import Any
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
-from fedkube.operator import certificates, naming, netpol
+from fedkube.operator import certificates, disruption, naming, netpol
 from fedkube.operator.certificates import TlsMaterial
 from fedkube.spec import layout
 from fedkube.spec.checks import merge_env, merge_resources
@@ -108,6 +108,7 @@ def build_all(
             objs.append(pvc)
     objs.extend(netpol.build_network_policies(job, network, owner_references(owner)))  # before any pod runs
     objs.append(build_server_service(job, owner=owner))
+    objs.append(disruption.build_server_pdb(job, owner_references(owner)))
     objs.append(build_server_pod(job, owner=owner, log_format=log_format))
     objs.extend(build_client_pod(job, site.name, owner=owner, log_format=log_format) for site in job.spec.clients)
     return objs

@@ -30,7 +30,7 @@ import kopf
 
 from fedkube.metrics import OperatorMetrics
 from fedkube.metrics.operator import PHASES
-from fedkube.operator import builders, certificates, edits, kube, naming, views
+from fedkube.operator import builders, certificates, edits, kube, naming, restarts, views
 from fedkube.operator import status as lifecycle
 from fedkube.operator.policy import AdminPolicy
 from fedkube.security.material import JobTls
@@ -122,13 +122,15 @@ def _metrics(memo: Mapping[str, Any]) -> OperatorMetrics | None:
     return memo.get(Memo.METRICS)
 
 
-def _instrumented(handler: Callable[..., None]) -> Callable[..., None]:
-    """Count ``handler``'s failures by kind and record the job's phase after each call (when metrics are on)."""
+def _instrumented(handler: Callable[..., None], handler_id: str | None = None) -> Callable[..., None]:
+    """Count ``handler``'s failures by kind, record the job's phase after each call and, given the handler's id
+    (a label of fedkube_operator_reconcile_seconds), time the call; all only when metrics are on."""
 
     @functools.wraps(handler)
     def wrapper(*, memo: kopf.Memo, status: kopf.Status, patch: kopf.Patch, name: str | None,
                 namespace: str | None, **kwargs: Any) -> None:
         metrics = _metrics(memo)
+        started = time.monotonic()
         try:
             handler(memo=memo, status=status, patch=patch, name=name, namespace=namespace, **kwargs)
         except Exception as exc:
@@ -137,6 +139,8 @@ def _instrumented(handler: Callable[..., None]) -> Callable[..., None]:
                 metrics.reconcile_error(type(exc.__cause__ or exc).__name__)
             raise
         finally:
+            if metrics is not None and handler_id is not None:
+                metrics.reconcile_seconds(handler_id, time.monotonic() - started)
             # A job seen gone keeps out of the gauge: a late call with its stale status must not bring it back.
             if metrics is not None and name and not memo.get(_GONE):
                 phase = patch.status.get("phase") or dict(status).get("phase")
@@ -492,21 +496,24 @@ def observe(
         return
     pods = api.job_pods(ref)
     server_raw: Mapping[str, Any] | None = None
-    clients: dict[str, views.PodView] = {}
+    client_raw: dict[str, Mapping[str, Any]] = {}
     for pod in pods:
         labels = (pod.get("metadata") or {}).get("labels") or {}
         if labels.get(naming.LABEL_ROLE) == naming.ROLE_SERVER:
             server_raw = pod
         elif labels.get(naming.LABEL_ROLE) == naming.ROLE_CLIENT and labels.get(naming.LABEL_SITE):
-            clients[str(labels[naming.LABEL_SITE])] = views.pod_view(pod, naming.TRAINER_CONTAINER)
+            client_raw[str(labels[naming.LABEL_SITE])] = pod
     server = views.pod_view(server_raw, naming.SERVER_CONTAINER) if server_raw is not None else None
     server_status = None
     if server_raw is not None and server is not None and server.phase == views.POD_RUNNING:
         url = memo[Memo.STATUS_URL](server_raw)
         if url:
             server_status = kube.fetch_server_status(url, float(memo[Memo.STATUS_TIMEOUT]))
-    decision = lifecycle.decide(job, previous, lifecycle.Observation(now, server, clients, server_status))
-    _timeouts_fired(memo, previous, decision.status)
+    todo = restarts.plan(job, previous, client_raw, views.ServerWord.of(views.server_outcome(server), server_status))
+    clients = {site: views.pod_view(pod, naming.TRAINER_CONTAINER) for site, pod in client_raw.items()
+               if site not in todo.replaced}
+    decision = lifecycle.decide(job, todo.previous, lifecycle.Observation(now, server, clients, server_status))
+    _timeouts_fired(memo, todo.previous, decision.status)
     generation = (fresh.get("metadata") or {}).get("generation")
     if isinstance(generation, int) and not edits.rejected_fields(fresh.get("spec") or {}, previous):
         decision.status["observedGeneration"] = generation
@@ -524,8 +531,19 @@ def observe(
             decision.events.extend(refusal_events)
     elif server_raw is not None:
         decision.status.update(lifecycle.create_succeeded({**previous, **decision.status}, now))
+    try:
+        todo.events += restarts.recreate(api, ref, job, fresh, todo, memo.get(Memo.LOG_FORMAT) or "text",
+                                         create=decision.status.get("phase") not in lifecycle.TERMINAL)
+    except kube.NameConflict as exc:
+        _name_conflict(api, ref, body, patch, previous, now, exc)
+    except kube.CreateRefused as exc:
+        # A refused re-creation (quota, admission) shows like any refused child; the next look tries again.
+        refused, refusal_events = lifecycle.failed_create({**previous, **decision.status}, str(exc), now)
+        decision.status.update(refused)
+        decision.events.extend(refusal_events)
+    restarts.stamp(decision.status, todo.counts)
     _write(patch, previous, decision.status, only_changed=True)
-    _post(body, decision.events)
+    _post(body, [*decision.events, *todo.events])
     if decision.status.get("phase") != phase:
         logger.info("job %s/%s: %s -> %s (round %s/%s)", namespace, name, phase, decision.status.get("phase"),
                     decision.status.get("round"), job.spec.rounds)
@@ -547,11 +565,12 @@ def _recreate_server(job: FLJob, api: kube.Kube, body: kopf.Body, namespace: str
 def register(registry: kopf.OperatorRegistry, *, interval: float = DEFAULT_INTERVAL) -> kopf.OperatorRegistry:
     """Register the FLJob handlers on ``registry``; ``interval`` is the seconds between two looks at a job."""
     kopf.on.startup(registry=registry)(configure)
-    kopf.on.create(*RESOURCE, registry=registry, id="reconcile")(_instrumented(reconcile))
-    kopf.on.resume(*RESOURCE, registry=registry, id="reconcile")(_instrumented(reconcile))
-    kopf.on.update(*RESOURCE, field="spec.suspend", registry=registry, id="suspend")(_instrumented(suspend_changed))
-    kopf.on.update(*RESOURCE, field="spec", registry=registry, id="spec")(_instrumented(spec_changed))
-    kopf.timer(*RESOURCE, interval=interval, registry=registry, id="observe")(_instrumented(observe))
+    kopf.on.create(*RESOURCE, registry=registry, id="reconcile")(_instrumented(reconcile, "reconcile"))
+    kopf.on.resume(*RESOURCE, registry=registry, id="reconcile")(_instrumented(reconcile, "reconcile"))
+    kopf.on.update(*RESOURCE, field="spec.suspend", registry=registry, id="suspend")(
+        _instrumented(suspend_changed, "suspend"))
+    kopf.on.update(*RESOURCE, field="spec", registry=registry, id="spec")(_instrumented(spec_changed, "spec"))
+    kopf.timer(*RESOURCE, interval=interval, registry=registry, id="observe")(_instrumented(observe, "observe"))
     kopf.on.event(*RESOURCE, registry=registry, id="watched")(watched)
     return registry
 

@@ -33,7 +33,7 @@ STATUS_TIMEOUT = 2.0  # seconds per poll of a server's /status
 TOKEN_BYTES = 32
 
 # Kinds the operator creates, in the order a job needs them; deleted in reverse on TTL.
-CHILD_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "Pod")
+CHILD_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "PodDisruptionBudget", "Pod")
 # Objects whose spec the API server does not let us change in place: an existing one is left as it is.
 _IMMUTABLE = frozenset({"Pod", "PersistentVolumeClaim"})
 
@@ -128,6 +128,8 @@ class Kube:
         # fedkube.operator.netpol's policies are networking.k8s.io, not core.
         networking = kubernetes.client.NetworkingV1Api(api_client)
         self.networking = networking
+        # The server's PodDisruptionBudget (fedkube.operator.disruption) is policy/v1.
+        policy = kubernetes.client.PolicyV1Api(api_client)
         # cert-manager Certificates (spec.security.issuerRef): a custom resource, called the way core kinds are.
         certificates = CertificateApi(api_client)
         self.timeout = timeout
@@ -138,6 +140,7 @@ class Kube:
             "Service": core.create_namespaced_service,
             "Pod": core.create_namespaced_pod,
             "NetworkPolicy": networking.create_namespaced_network_policy,
+            "PodDisruptionBudget": policy.create_namespaced_pod_disruption_budget,
             "Certificate": certificates.create,
         }
         self._read: dict[str, Callable[..., Any]] = {
@@ -147,6 +150,7 @@ class Kube:
             "Service": core.read_namespaced_service,
             "Pod": core.read_namespaced_pod,
             "NetworkPolicy": networking.read_namespaced_network_policy,
+            "PodDisruptionBudget": policy.read_namespaced_pod_disruption_budget,
             "Certificate": certificates.read,
         }
         # Pods and claims are never patched (_IMMUTABLE), so the operator is not granted that.
@@ -155,6 +159,7 @@ class Kube:
             "Secret": core.patch_namespaced_secret,
             "Service": core.patch_namespaced_service,
             "NetworkPolicy": networking.patch_namespaced_network_policy,
+            "PodDisruptionBudget": policy.patch_namespaced_pod_disruption_budget,
             "Certificate": certificates.patch,
         }
         self._delete: dict[str, Callable[..., Any]] = {
@@ -163,6 +168,7 @@ class Kube:
             "PersistentVolumeClaim": core.delete_namespaced_persistent_volume_claim,
             "Service": core.delete_namespaced_service,
             "Pod": core.delete_namespaced_pod,
+            "PodDisruptionBudget": policy.delete_namespaced_pod_disruption_budget,
             "Certificate": certificates.delete,
         }
 

@@ -4,23 +4,32 @@ Configuration comes from flags, defaulting to the environment the Helm chart
 sets (charts/fedkube/templates/deployment.yaml): FEDKUBE_WATCH_NAMESPACES
 (comma-separated; empty = every namespace), FEDKUBE_HEALTH_PORT (kopf's
 liveness endpoint, GET /healthz, which the chart probes), FEDKUBE_METRICS_PORT,
-FEDKUBE_LOG_FORMAT, FEDKUBE_ADMIN_POLICY (fedkube.operator.policy) and
-FEDKUBE_NETWORK_POLICY (fedkube.operator.netpol).
+FEDKUBE_LOG_FORMAT, FEDKUBE_ADMIN_POLICY (fedkube.operator.policy),
+FEDKUBE_NETWORK_POLICY (fedkube.operator.netpol) and, for more than one
+replica, FEDKUBE_PEERING / FEDKUBE_PEERING_LIFETIME (kopf peering: the replica
+of highest priority reconciles, the others wait and take over when its
+keep-alive record expires).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.logs import configure_logging
 from fedkube.operator.netpol import NetworkPolicyConfig, network_config_from_env
 from fedkube.operator.policy import AdminPolicy, policy_from_env
+
+if TYPE_CHECKING:
+    import kopf
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +38,13 @@ WATCH_NAMESPACES = envvars.WATCH_NAMESPACES
 HEALTH_PORT = envvars.HEALTH_PORT
 DEFAULT_HEALTH_PORT = envvars.DEFAULT_HEALTH_PORT
 HEALTH_PATH = "/healthz"
+# kopf peering (chart: peering.enabled or replicas > 1): the KopfPeering (namespaced operator, one per watched
+# namespace) or ClusterKopfPeering (cluster-wide) object's name; empty runs standalone.
+PEERING = "FEDKUBE_PEERING"
+PEERING_LIFETIME = "FEDKUBE_PEERING_LIFETIME"  # seconds a replica's keep-alive counts; the takeover delay
+PEERING_PRIORITY = "FEDKUBE_PEERING_PRIORITY"  # fixed priority (tests); default random per process
+DEFAULT_PEERING_LIFETIME = 60
+PRIORITY_RANGE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,13 @@ class OperatorConfig:
     """The admin policy every FLJob must keep (FEDKUBE_ADMIN_POLICY, from the chart's policy: values)."""
     network: NetworkPolicyConfig | None = None
     """NetworkPolicies per FLJob (FEDKUBE_NETWORK_POLICY), None for none."""
+    peering: str = ""
+    """kopf peering object's name (FEDKUBE_PEERING); empty: standalone, only one replica may run."""
+    peering_lifetime: int = DEFAULT_PEERING_LIFETIME
+    """Seconds a replica's keep-alive counts: a standby takes over this long after the active one died."""
+    priority: int = 0
+    """This replica's peering priority: the highest live one reconciles. Random unless FEDKUBE_PEERING_PRIORITY
+    fixes it (two replicas of equal priority would both pause, so the chart never sets it)."""
 
     @property
     def liveness_endpoint(self) -> str:
@@ -93,8 +116,22 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
     log_format = args.log_format or env.get(envvars.LOG_FORMAT) or "text"
     if log_format not in ("text", "json"):
         raise ConfigError(f"{envvars.LOG_FORMAT} must be text or json, got {log_format!r}")
+    peering, lifetime, priority = _peering_from_env(env)
     return OperatorConfig(namespaces, health, metrics, args.interval, log_format, policy_from_env(env),
-                          network_config_from_env(env))
+                          network_config_from_env(env), peering, lifetime, priority)
+
+
+def _peering_from_env(env: dict[str, str]) -> tuple[str, int, int]:
+    name = env.get(PEERING, "").strip()
+    try:
+        lifetime = int(env.get(PEERING_LIFETIME) or DEFAULT_PEERING_LIFETIME)
+        fixed = env.get(PEERING_PRIORITY, "").strip()
+        priority = int(fixed) if fixed else 1 + secrets.randbelow(PRIORITY_RANGE)
+    except ValueError as exc:
+        raise ConfigError(f"{PEERING_LIFETIME} and {PEERING_PRIORITY} must be integers: {exc}") from None
+    if not 2 <= lifetime <= 3600:
+        raise ConfigError(f"{PEERING_LIFETIME} must be 2..3600 seconds (the takeover delay), got {lifetime}")
+    return name, lifetime, priority
 
 
 class KopfObjectIds(logging.Filter):
@@ -131,6 +168,14 @@ def setup_logging(log_format: str) -> logging.Handler:
     return handler
 
 
+def tune_peering(settings: kopf.OperatorSettings, config: OperatorConfig, **_: Any) -> None:
+    """Startup: peering is mandatory when named (no silent standalone fallback next to a second replica)."""
+    if config.peering:
+        settings.peering.mandatory = True
+        settings.peering.lifetime = config.peering_lifetime
+        settings.peering.stealth = True  # a keep-alive line every few seconds per replica says nothing
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the operator until SIGINT/SIGTERM; 2 for a configuration error."""
     try:
@@ -159,15 +204,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     memo[handlers.Memo.POLICY] = config.policy
     memo[handlers.Memo.NETWORK] = config.network
     registry = handlers.register(kopf.OperatorRegistry(), interval=config.interval)
+    kopf.on.startup(registry=registry)(functools.partial(tune_peering, config=config))
     # A registry of our own carries none of kopf's default login handlers: log in the way the handlers'
     # kubernetes client does (in-cluster service account, else the kubeconfig).
     kopf.on.login(registry=registry)(kopf.login_via_client)
     where = ", ".join(config.namespaces) or "every namespace"
-    logger.info("fedkube operator: reconciling FLJobs in %s; liveness on port %s", where, config.health_port)
+    logger.info("fedkube operator: reconciling FLJobs in %s; liveness on port %s; %s", where, config.health_port,
+                f"peering {config.peering!r} at priority {config.priority}" if config.peering else "standalone")
     try:
         kopf.run(
             registry=registry,
-            standalone=True,  # one replica (the chart's Deployment uses Recreate); no peering objects needed
+            # Standalone: one replica (the chart's Deployment then uses Recreate). Peering: any number; the chart
+            # installs the peering objects, and a missing one stops the operator (mandatory) rather than let two
+            # replicas reconcile the same jobs.
+            standalone=not config.peering,
+            peering_name=config.peering or None,
+            priority=config.priority,
             clusterwide=not config.namespaces,
             namespaces=list(config.namespaces),
             liveness_endpoint=config.liveness_endpoint if config.health_port else None,

@@ -40,8 +40,10 @@ REASON_SERVER_EXITED = "ServerExited"
 REASON_SERVER_POD_GONE = "ServerPodGone"
 REASON_TTL_EXPIRED = "TTLExpired"
 REASON_COMPLETED = "Completed"
+# A site's pod ended more often than spec.clientRestartLimit allows (fedkube.operator.restarts).
+REASON_RESTART_LIMIT = "RestartLimitExceeded"
 # Failures the operator decides; they stick (the pod is deleted, so nothing later could contradict them).
-OPERATOR_REASONS = frozenset({Reason.PENDING_TIMEOUT.value, Reason.DEPLOY_TIMEOUT.value})
+OPERATOR_REASONS = frozenset({Reason.PENDING_TIMEOUT.value, Reason.DEPLOY_TIMEOUT.value, REASON_RESTART_LIMIT})
 
 
 def parse_time(text: Any) -> float | None:

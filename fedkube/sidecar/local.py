@@ -27,6 +27,9 @@ WATCH_KEEPALIVE_S = 1.0
 # needs them for its idle timer, and a message per 4 MiB frame cost the sidecar and trainer CPU in gRPC.
 WATCH_MIN_INTERVAL_S = 0.2
 NEXT_TASK_MAX_WAIT_S = 30.0
+# Seconds a sidecar waits, after its trainer went without a word, for its own stop (the pod is being deleted)
+# before it reports the trainer gone; the kubelet stops a native sidecar right after the pod's main containers.
+POD_STOP_GRACE = 2.0
 
 
 class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
@@ -86,6 +89,22 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
         def on_done() -> None:
             # Runs when the RPC ends for any reason: the trainer process ended or dropped the link.
             gone.set()
+            if self._tasks.stopped is None and not self._trainer.state.final:
+                # Deleting or evicting a pod stops its trainer first and this sidecar next: a trainer that went
+                # with its pod did not fail, and the operator creates the pod again (spec.clientRestartLimit), whose
+                # sidecar takes the site's task up again. Told apart by this sidecar's own stop coming soon after.
+                threading.Thread(target=settle, name=f"trainer-gone-{self._site}", daemon=True).start()
+                return
+            report()
+
+        def settle() -> None:
+            if self._closing.wait(POD_STOP_GRACE):
+                log.info("site %s: trainer (pid %d) stopped with its pod; not reported as a failure", self._site,
+                         request.pid)
+                return
+            report()
+
+        def report() -> None:
             change = self._trainer.gone(
                 session,
                 downloads_outstanding=bool(self._tasks.downloads_outstanding()),

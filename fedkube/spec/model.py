@@ -515,6 +515,10 @@ class FLJobSpec(_Model):
     timeouts: Timeouts = Field(default_factory=Timeouts, description="Lifecycle timeouts.")
     security: Security = Field(default_factory=Security, description="Mutual TLS between the server and sites.")
     suspend: bool = Field(default=False, description="Remove the pods and keep the checkpoint; false resumes.")
+    client_restart_limit: int = Field(
+        default=3, alias="clientRestartLimit", ge=0, le=100,
+        description="Times a site's evicted, deleted or failed pod is created again; past it the site fails.",
+    )
     ttl_seconds_after_finished: int | None = Field(
         default=None,
         alias="ttlSecondsAfterFinished",

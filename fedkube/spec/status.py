@@ -39,11 +39,12 @@ class SiteStatus(_Status):
     reason: str | None = Field(default=None, description="Machine-readable reason, e.g. PendingTimeout.")
     message: str | None = Field(default=None, description="What happened and what to do about it.")
     pod: str | None = Field(default=None, description="The client's pod.")
+    restarts: int | None = Field(default=None, description="Times the operator created the site's pod again.")
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as written: empty fields left out (the status merge patch nulls the ones that went away)."""
         out: dict[str, Any] = {"state": ClientState(self.state).value}
-        for key in ("reason", "message", "pod"):
+        for key in ("reason", "message", "pod", "restarts"):
             value = getattr(self, key)
             if value:
                 out[key] = value

@@ -214,9 +214,16 @@ def fl(kube: fixtures.KubeHandle, tmp_path: Path) -> Iterator[FL]:
     core = kubernetes.client.CoreV1Api(kube.api_client)
     objects = ApiObjects(core)
     started: list[str] = []
+    runs: dict[str, PodRun] = {}
 
     def pod_runner(pod: dict[str, Any], directory: Path) -> PodRun:
         meta = pod["metadata"]
+        earlier = runs.get(meta["name"])
+        if earlier is not None:
+            # A pod created again under the same name (the operator replacing a deleted one) shares its
+            # predecessor's directory here, unlike a kubelet's per-uid one: let that one finish its teardown
+            # (which removes its Secret files) before the new one's volumes are written.
+            earlier.wait(timeout=15)
         labels = meta.get("labels") or {}
         raw: Any = core.list_namespaced_service(meta["namespace"], _preload_content=False)
         services = json.loads(raw.data)
@@ -231,7 +238,8 @@ def fl(kube: fixtures.KubeHandle, tmp_path: Path) -> Iterator[FL]:
                              extra_env={SIDECAR_EXIT_ON_STOP: "1"}, sidecar_grace_s=3.0, stop_grace_s=3.0)
         _require_objects(pod, objects)
         try:
-            return run_pod(pod, options)
+            runs[meta["name"]] = run = run_pod(pod, options)
+            return run
         except ConfigError:
             _require_objects(pod, objects)  # deleted meanwhile (a cascade): wait like a kubelet
             raise

@@ -150,10 +150,14 @@ def test_handlers_count_phases_errors_and_each_timeout_once() -> None:
     def refused(**_: Any) -> None:
         raise kopf.TemporaryError("the API server refused a child", delay=1) from ConnectionRefusedError()
 
-    handlers._instrumented(running)(memo=memo, status={}, patch=kopf.Patch(), name="a", namespace="ns")
+    handlers._instrumented(running, "observe")(memo=memo, status={}, patch=kopf.Patch(), name="a", namespace="ns")
     with pytest.raises(kopf.TemporaryError):
-        handlers._instrumented(refused)(memo=memo, status={"phase": "Deploying"}, patch=kopf.Patch(), name="b",
-                                        namespace="ns")
+        handlers._instrumented(refused, "reconcile")(memo=memo, status={"phase": "Deploying"}, patch=kopf.Patch(),
+                                                     name="b", namespace="ns")
+    # Every call is timed by its handler, a failed one too (a slow refusal is what an operator wants to see).
+    for handler in ("observe", "reconcile"):
+        assert reg.get_sample_value("fedkube_operator_reconcile_seconds_count", {"handler": handler}) == 1
+    assert reg.get_sample_value("fedkube_operator_reconcile_seconds_count", {"handler": "spec"}) == 0
     assert reg.get_sample_value("fedkube_operator_fljobs", {"phase": "Running"}) == 1
     assert reg.get_sample_value("fedkube_operator_fljobs", {"phase": "Deploying"}) == 1
     assert reg.get_sample_value("fedkube_operator_reconcile_errors_total",

@@ -103,6 +103,8 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
     ResourceType("", ("v1",), "serviceaccounts", "ServiceAccount", True, "serviceaccount", ("sa",)),
     ResourceType("networking.k8s.io", ("v1",), "networkpolicies", "NetworkPolicy", True, "networkpolicy",
                  ("netpol",)),
+    ResourceType("policy", ("v1",), "poddisruptionbudgets", "PodDisruptionBudget", True, "poddisruptionbudget",
+                 ("pdb",), (), True),
     ResourceType("apps", ("v1",), "deployments", "Deployment", True, "deployment", ("deploy",), ("all",), True),
     ResourceType("rbac.authorization.k8s.io", ("v1",), "roles", "Role", True, "role"),
     ResourceType("rbac.authorization.k8s.io", ("v1",), "rolebindings", "RoleBinding", True, "rolebinding"),

@@ -56,3 +56,11 @@ empty in cluster scope. The Roles and FEDKUBE_WATCH_NAMESPACES both come from he
 {{- join "," (default (list .Release.Namespace) .Values.watchNamespaces | uniq) -}}
 {{- end -}}
 {{- end -}}
+
+{{- /*
+kopf peering (fedkube.operator.main: FEDKUBE_PEERING): on with peering.enabled or more than one replica, so two
+replicas never both reconcile. "true" or "".
+*/}}
+{{- define "fedkube.peering" -}}
+{{- if or .Values.peering.enabled (gt (int .Values.replicas) 1) -}}true{{- end -}}
+{{- end -}}

@@ -20,12 +20,14 @@ KUBE_VERSIONS = ["1.29.0", "1.31.0", "1.35.0"]
 CONFIGS: dict[str, list[str]] = {
     "default": [],
     "servicemonitor": ["--set", "metrics.serviceMonitor.enabled=true",
-                       "--set", "metrics.serviceMonitor.labels.release=prom"],
-    "cluster-scope": ["--set", "scope=cluster"],
-    "two-namespaces": ["--set", "watchNamespaces={ml,research}"],
+                       "--set", "metrics.serviceMonitor.labels.release=prom",
+                       "--set", "metrics.podMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true"],
+    # Two replicas: kopf peering (its object, RBAC and environment) in either scope.
+    "cluster-scope": ["--set", "scope=cluster", "--set", "replicas=2"],
+    "two-namespaces": ["--set", "watchNamespaces={ml,research}", "--set", "replicas=2"],
 }
 # Kinds kubernetes-validate has no schema for; checked by the dedicated tests below instead.
-NOT_BUILTIN = {"ServiceMonitor"}
+NOT_BUILTIN = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "KopfPeering", "ClusterKopfPeering"}
 
 
 def _helm(tools: fixtures.KubeTools, *args: str) -> subprocess.CompletedProcess[str]:
@@ -79,7 +81,9 @@ def test_kubernetes_older_than_1_29_is_refused(k8s_tools: fixtures.KubeTools) ->
 @pytest.mark.parametrize(("args", "complaint"), [
     (["--set", "replicas=two"], "/replicas"),
     (["--set-string", "replicas=1"], "/replicas"),
-    (["--set", "replicas=2"], "/replicas"),
+    (["--set", "replicas=3"], "/replicas"),  # 2 is the tested peering pair
+    (["--set", "peering.lifetimeSeconds=1"], "/peering/lifetimeSeconds"),
+    (["--set", "metrics.prometheusRule.roundDeadline=1hour"], "/metrics/prometheusRule/roundDeadline"),
     (["--set", "scope=everywhere"], "/scope"),
     (["--set", "scope=cluster", "--set", "watchNamespaces={ml}"], "/watchNamespaces"),
     (["--set", "watchNamespaces={ML}"], "/watchNamespaces/0"),
@@ -145,9 +149,28 @@ def test_metrics_service_and_optional_service_monitor(k8s_tools: fixtures.KubeTo
 
 
 def test_chart_installs_the_generated_crd(k8s_tools: fixtures.KubeTools) -> None:
-    crd = _one(_render(k8s_tools), "CustomResourceDefinition")
+    crds = {d["metadata"]["name"]: d for d in _render(k8s_tools) if d["kind"] == "CustomResourceDefinition"}
     source = yaml.safe_load((fixtures.ROOT / "crds" / "fedkube.dev_fljobs.yaml").read_text())
-    assert crd == source
+    assert crds.pop("fljobs.fedkube.dev") == source
+    assert sorted(crds) == ["clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"]  # for peering (replicas: 2)
+
+
+@pytest.mark.parametrize(("config", "kind", "namespaces"), [
+    ("default", None, []), ("two-namespaces", "KopfPeering", ["ml", "research"]),
+    ("cluster-scope", "ClusterKopfPeering", [None])])
+def test_two_replicas_run_with_kopf_peering(k8s_tools: fixtures.KubeTools, config: str, kind: str | None,
+                                            namespaces: list[str | None]) -> None:
+    docs = _render(k8s_tools, config)
+    peerings = [d for d in docs if d["apiVersion"] == "kopf.dev/v1"]
+    assert [(d["kind"], d["metadata"].get("namespace")) for d in peerings] == [(kind, ns) for ns in namespaces]
+    deployment = _one(docs, "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    if kind is None:
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"} and "FEDKUBE_PEERING" not in env
+    else:
+        assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+        assert env["FEDKUBE_PEERING"] == "fedkube" == peerings[0]["metadata"]["name"]
+        assert env["FEDKUBE_PEERING_LIFETIME"] == "60"
 
 
 @pytest.mark.parametrize(("args", "scope_line"), [

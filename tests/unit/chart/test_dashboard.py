@@ -205,3 +205,13 @@ def test_values_schema_checks_the_dashboard_block(k8s_tools: fixtures.KubeTools,
                                                   complaint: str) -> None:
     proc = _helm(k8s_tools, "template", "fedkube", str(CHART), *args)
     assert proc.returncode != 0 and complaint in proc.stderr, proc.stderr
+
+
+def test_the_namespace_variable_narrows_every_job_query() -> None:
+    dash = load()
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert list(variables)[:3] == ["datasource", "namespace", "fljob"]  # namespace first: it narrows the job list
+    assert variables["namespace"]["query"]["query"].endswith(", namespace)")
+    for where, expr in queries(dash):
+        if '"$fljob"' in expr or where == "variable fljob":
+            assert 'namespace=~"$namespace"' in expr, f"{where}: filter by the namespace variable too: {expr}"

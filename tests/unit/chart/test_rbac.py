@@ -47,6 +47,13 @@ KOPF_NAMESPACED = {(GROUP, PLURAL, "list"), (GROUP, PLURAL, "watch"), (GROUP, PL
 # also list namespaces when not cluster-wide, but falls back to the given ones when that is forbidden.
 KOPF_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
                 ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}
+# kopf peering (replicas > 1, fedkube.operator.main): each replica reads and watches the peering object and patches
+# its keep-alive into it; a KopfPeering per watched namespace, or the ClusterKopfPeering of a cluster-wide operator.
+PEERING_VERBS = ("get", "list", "watch", "patch")
+KOPF_PEERING = {("kopf.dev", "kopfpeerings", v) for v in PEERING_VERBS}
+KOPF_CLUSTER_PEERING = {("kopf.dev", "clusterkopfpeerings", v) for v in PEERING_VERBS}
+# The chart configs of tests/unit/chart/test_chart.py that run two replicas.
+PEERED = {"two-namespaces", "cluster-scope"}
 
 
 def _operator_sources() -> list[Path]:
@@ -70,8 +77,10 @@ def _rule(method: str, custom: tuple[str, str] = (GROUP, PLURAL)) -> Rule | None
         what, sub = what[: -len("_status")], "/status"
     if what == "custom_object":
         return (custom[0], custom[1] + sub, verb)
-    if what == "network_policy":  # fedkube.operator.netpol; the only call outside the core group
+    if what == "network_policy":  # fedkube.operator.netpol
         return ("networking.k8s.io", "networkpolicies" + sub, verb)
+    if what == "pod_disruption_budget":  # fedkube.operator.disruption
+        return ("policy", "poddisruptionbudgets" + sub, verb)
     return ("", what.replace("_", "") + "s" + sub, verb)
 
 
@@ -147,8 +156,9 @@ def test_namespace_scope_grants_what_the_operator_uses_in_each_watched_namespace
     roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
     bindings = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "RoleBinding"}
     assert sorted(roles) == sorted(bindings) == sorted(namespaces)
+    peering = KOPF_PEERING if config in PEERED else set()
     for ns in namespaces:
-        _same(_rules([roles[ns]], "Role"), used_in_namespace(), f"Role in namespace {ns}")
+        _same(_rules([roles[ns]], "Role"), used_in_namespace() | peering, f"Role in namespace {ns}")
         assert bindings[ns]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                            "name": roles[ns]["metadata"]["name"]}
         assert bindings[ns]["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
@@ -162,7 +172,7 @@ def test_namespace_scope_grants_what_the_operator_uses_in_each_watched_namespace
 
 def test_cluster_scope_grants_what_the_operator_uses(k8s_tools: fixtures.KubeTools) -> None:
     docs = _render(k8s_tools, "cluster-scope")
-    _same(_rules(docs, "ClusterRole"), used_in_namespace() | KOPF_CLUSTER, "the ClusterRole")
+    _same(_rules(docs, "ClusterRole"), used_in_namespace() | KOPF_CLUSTER | KOPF_CLUSTER_PEERING, "the ClusterRole")
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
     binding = _one(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [

@@ -41,5 +41,6 @@ def exercised() -> dict[str, CollectorRegistry]:
     o = OperatorMetrics(regs["operator"])
     o.job_phase("default", "mnist", "Running")
     o.reconcile_error("ApiException")
+    o.reconcile_seconds("observe", 0.02)
     o.timeout_fired("PendingTimeout")
     return regs
