@@ -32,6 +32,7 @@ from fedkube.metrics import OperatorMetrics
 from fedkube.metrics.operator import PHASES
 from fedkube.operator import builders, certificates, kube, naming, views
 from fedkube.operator import status as lifecycle
+from fedkube.operator.podspec import PodDefaults
 from fedkube.operator.policy import AdminPolicy
 from fedkube.security.material import JobTls
 from fedkube.spec import API_GROUP, PLURAL, FLJob, SpecError, parse_job
@@ -61,6 +62,7 @@ class Memo:
     * ``log_format``: FEDKUBE_LOG_FORMAT given to the pods (text or json; default text).
     * ``policy``: the admin's :class:`fedkube.operator.policy.AdminPolicy` (default: the safe one).
     * ``network``: a :class:`fedkube.operator.netpol.NetworkPolicyConfig`, or None for no NetworkPolicies.
+    * ``job_defaults``: the chart's :class:`fedkube.operator.podspec.PodDefaults` (default: fedkube's own).
     """
 
     API_CLIENT = "api_client"
@@ -71,6 +73,7 @@ class Memo:
     LOG_FORMAT = "log_format"
     POLICY = "policy"
     NETWORK = "network"
+    JOB_DEFAULTS = "job_defaults"
 
 
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -286,7 +289,8 @@ def _ensure(
         tokens = kube.job_tokens(stored, [site.name for site in job.spec.clients])
         tls = _job_tls(job, api, ref, _now(memo), rotate=rotate)
         objs = builders.build_all(job, tokens=tokens, tls=tls, owner=body,
-                                  log_format=memo.get(Memo.LOG_FORMAT) or "text", network=memo.get(Memo.NETWORK))
+                                  log_format=memo.get(Memo.LOG_FORMAT) or "text", network=memo.get(Memo.NETWORK),
+                                  defaults=memo.get(Memo.JOB_DEFAULTS))
         for obj in objs:
             labels = obj["metadata"].get("labels") or {}
             if obj["kind"] == "Pod" and (not pods or labels.get(naming.LABEL_SITE) in skip_sites):
@@ -478,7 +482,8 @@ def observe(
         api.delete_pods(ref, [p for p in pods if p["metadata"]["name"] in decision.delete_pods])
     if server_raw is None and decision.status.get("phase") not in lifecycle.TERMINAL:
         try:
-            _recreate_server(job, api, body, namespace, name, memo.get(Memo.LOG_FORMAT) or "text")
+            _recreate_server(job, api, body, namespace, name, memo.get(Memo.LOG_FORMAT) or "text",
+                             memo.get(Memo.JOB_DEFAULTS))
         except kube.NameConflict as exc:
             _name_conflict(api, ref, body, patch, previous, now, exc)
     _write(patch, previous, decision.status, only_changed=True)
@@ -489,12 +494,12 @@ def observe(
 
 
 def _recreate_server(job: FLJob, api: kube.Kube, body: kopf.Body, namespace: str | None, name: str | None,
-                     log_format: str) -> None:
+                     log_format: str, defaults: PodDefaults | None = None) -> None:
     """The server pod of a live job is gone (deleted, evicted): start it again; it resumes from its checkpoint."""
     latest = api.fljob(job.namespace, job.name)
     if latest is None or (latest.get("spec") or {}).get("suspend"):
         return  # deleted or suspended meanwhile: no server wanted
-    pod = builders.build_server_pod(job, owner=latest, log_format=log_format)
+    pod = builders.build_server_pod(job, owner=latest, log_format=log_format, defaults=defaults)
     if api.create_or_patch(pod, kube.JobRef.of(latest)) == "created":
         logger.warning("job %s/%s: server pod was gone; created it again", namespace, name)
         _post(body, [lifecycle.Event("Warning", "ServerPodRecreated",

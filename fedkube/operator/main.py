@@ -4,8 +4,9 @@ Configuration comes from flags, defaulting to the environment the Helm chart
 sets (charts/fedkube/templates/deployment.yaml): FEDKUBE_WATCH_NAMESPACES
 (comma-separated; empty = every namespace), FEDKUBE_HEALTH_PORT (kopf's
 liveness endpoint, GET /healthz, which the chart probes), FEDKUBE_METRICS_PORT,
-FEDKUBE_LOG_FORMAT, FEDKUBE_ADMIN_POLICY (fedkube.operator.policy) and
-FEDKUBE_NETWORK_POLICY (fedkube.operator.netpol).
+FEDKUBE_LOG_FORMAT, FEDKUBE_ADMIN_POLICY (fedkube.operator.policy),
+FEDKUBE_NETWORK_POLICY (fedkube.operator.netpol) and FEDKUBE_JOB_DEFAULTS
+(fedkube.operator.podspec).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.logs import configure_logging
 from fedkube.operator.netpol import NetworkPolicyConfig, network_config_from_env
+from fedkube.operator.podspec import PodDefaults, defaults_from_env
 from fedkube.operator.policy import AdminPolicy, policy_from_env
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class OperatorConfig:
     """The admin policy every FLJob must keep (FEDKUBE_ADMIN_POLICY, from the chart's policy: values)."""
     network: NetworkPolicyConfig | None = None
     """NetworkPolicies per FLJob (FEDKUBE_NETWORK_POLICY), None for none."""
+    job_defaults: PodDefaults = field(default_factory=PodDefaults)
+    """Image, pull secrets and server resources of job pods (FEDKUBE_JOB_DEFAULTS, the chart's jobDefaults:)."""
 
     @property
     def liveness_endpoint(self) -> str:
@@ -94,7 +98,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
     if log_format not in ("text", "json"):
         raise ConfigError(f"{envvars.LOG_FORMAT} must be text or json, got {log_format!r}")
     return OperatorConfig(namespaces, health, metrics, args.interval, log_format, policy_from_env(env),
-                          network_config_from_env(env))
+                          network_config_from_env(env), defaults_from_env(env))
 
 
 class KopfObjectIds(logging.Filter):
@@ -158,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     memo[handlers.Memo.LOG_FORMAT] = config.log_format
     memo[handlers.Memo.POLICY] = config.policy
     memo[handlers.Memo.NETWORK] = config.network
+    memo[handlers.Memo.JOB_DEFAULTS] = config.job_defaults
     registry = handlers.register(kopf.OperatorRegistry(), interval=config.interval)
     # A registry of our own carries none of kopf's default login handlers: log in the way the handlers'
     # kubernetes client does (in-cluster service account, else the kubeconfig).
