@@ -21,7 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.spec.model import DEFAULT_IMAGE, ClientSite, EnvVar, FLJob, Resources, Volume, VolumeMount
-from fedkube.spec.podtemplate import KUEUE_QUEUE_LABEL, InitContainer, PodOverrides, SecurityContext
+from fedkube.spec.podtemplate import (
+    KUEUE_QUEUE_LABEL,
+    InitContainer,
+    LocalObjectReference,
+    PodOverrides,
+    SecurityContext,
+)
 
 #: Set by the chart's Deployment (JSON of the ``jobDefaults:`` values).
 ENV_JOB_DEFAULTS = "FEDKUBE_JOB_DEFAULTS"
@@ -46,7 +52,8 @@ class _Defaults(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     image: str | None = Field(default=None, min_length=1, max_length=1024)
-    image_pull_secrets: list[str] = Field(default_factory=list, alias="imagePullSecrets", max_length=32)
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, alias="imagePullSecrets",
+                                                           max_length=32)
     server_resources: Resources | None = Field(default=None, alias="serverResources")
 
 
@@ -70,9 +77,10 @@ def parse_defaults(data: Any) -> PodDefaults:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<document>"
         raise ConfigError(f"{ENV_JOB_DEFAULTS} (the chart's jobDefaults) at {where}: {first['msg']}; fix: correct "
-                          "the value, e.g. jobDefaults.imagePullSecrets: [regcred]") from None
-    return PodDefaults(image=doc.image or DEFAULT_IMAGE, image_pull_secrets=tuple(dict.fromkeys(
-        doc.image_pull_secrets)), server_resources=doc.server_resources or Resources())
+                          "the value, e.g. jobDefaults.imagePullSecrets: [{name: regcred}]") from None
+    names = tuple(dict.fromkeys(s.name for s in doc.image_pull_secrets))
+    return PodDefaults(image=doc.image or DEFAULT_IMAGE, image_pull_secrets=names,
+                       server_resources=doc.server_resources or Resources())
 
 
 def defaults_from_env(environ: Mapping[str, str]) -> PodDefaults:
