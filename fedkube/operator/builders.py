@@ -161,11 +161,11 @@ def _meta(
     site: str | None = None,
     annotations: Mapping[str, str] | None = None,
     *,
-    pod: bool = False,
+    pod: PodDefaults | None = None,
 ) -> dict[str, Any]:
     labels, notes = naming.labels(job.name, role, site), dict(annotations or {})
-    if pod:  # the FLJob's own labels/annotations and Kueue's pod-group keys go on pods only
-        labels, notes = podspec.pod_metadata(job, labels, notes)
+    if pod is not None:  # the FLJob's own labels/annotations and Kueue's pod-group keys go on pods only
+        labels, notes = podspec.pod_metadata(job, labels, notes, pod)
     meta: dict[str, Any] = {"name": name, "namespace": job.namespace, "labels": labels}
     if notes:
         meta["annotations"] = notes
@@ -376,7 +376,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
             owner,
             annotations={naming.ANNOTATION_SPEC_HASH: spec_hash(job),
                          **prometheus_annotations(envvars.DEFAULT_METRICS_PORT)},
-            pod=True,
+            pod=defaults,
         ),
         "spec": pod_spec,
     }
@@ -492,7 +492,7 @@ def build_client_pod(
             owner,
             site,
             annotations={naming.ANNOTATION_SPEC_HASH: spec_hash(job), **prometheus_annotations(SIDECAR_METRICS_PORT)},
-            pod=True,
+            pod=defaults,
         ),
         "spec": pod_spec,
     }

@@ -6,15 +6,16 @@
   merged *under* fedkube's reserved fields: the restart policy, the token and TLS volumes, the ports and
   probes, fedkube's env and mounts, ``automountServiceAccountToken: false`` and the restricted security
   settings always stay as the builders made them; a user field only adds to them or fills what is unset.
-* :func:`pod_metadata`: the FLJob's own labels and annotations on every pod (minus reserved prefixes),
-  and the Kueue plain pod group keys when the job names a queue.
+* :func:`pod_metadata`: the FLJob's own annotations on every pod (minus reserved prefixes), its labels
+  whose keys the admin listed in ``jobDefaults.copyLabels``, and the Kueue plain pod group keys when the
+  job names a queue.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -55,6 +56,8 @@ class _Defaults(BaseModel):
     image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, alias="imagePullSecrets",
                                                            max_length=32)
     server_resources: Resources | None = Field(default=None, alias="serverResources")
+    copy_labels: list[Annotated[str, Field(min_length=1, max_length=317)]] = Field(
+        default_factory=list, alias="copyLabels", max_length=64)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ class PodDefaults:
     """Pull Secrets (names in the job's namespace) of every job pod, before the job's own."""
     server_resources: Resources = field(default_factory=Resources)
     """The server's resources when ``spec.server.resources`` is empty."""
+    copy_labels: tuple[str, ...] = ()
+    """Keys of the FLJob's labels its pods carry too. Not all by default: whoever may create an FLJob but not a
+    pod could otherwise label the operator's pods into another workload's Service (app=payments)."""
 
 
 def parse_defaults(data: Any) -> PodDefaults:
@@ -80,7 +86,8 @@ def parse_defaults(data: Any) -> PodDefaults:
                           "the value, e.g. jobDefaults.imagePullSecrets: [{name: regcred}]") from None
     names = tuple(dict.fromkeys(s.name for s in doc.image_pull_secrets))
     return PodDefaults(image=doc.image or DEFAULT_IMAGE, image_pull_secrets=names,
-                       server_resources=doc.server_resources or Resources())
+                       server_resources=doc.server_resources or Resources(),
+                       copy_labels=tuple(k for k in dict.fromkeys(doc.copy_labels) if not _reserved(k)))
 
 
 def defaults_from_env(environ: Mapping[str, str]) -> PodDefaults:
@@ -110,9 +117,9 @@ def _reserved(key: str) -> bool:
     return any(domain == d or domain.endswith("." + d) for d in RESERVED_DOMAINS)
 
 
-def propagated(values: Mapping[str, str]) -> dict[str, str]:
-    """The FLJob's labels (or annotations) that its pods carry too: every key outside RESERVED_DOMAINS."""
-    return {k: v for k, v in values.items() if not _reserved(k)}
+def propagated(values: Mapping[str, str], keys: Collection[str] | None = None) -> dict[str, str]:
+    """The FLJob's annotations (or, with ``keys``, those of its labels) its pods carry too; never a reserved key."""
+    return {k: v for k, v in values.items() if not _reserved(k) and (keys is None or k in keys)}
 
 
 def queue_name(job: FLJob) -> str | None:
@@ -127,10 +134,10 @@ def pod_group_name(job: FLJob) -> str:
     return f"{job.name}-{uid}" if uid else job.name
 
 
-def pod_metadata(job: FLJob, labels: Mapping[str, str], annotations: Mapping[str, str]) -> tuple[
-        dict[str, str], dict[str, str]]:
+def pod_metadata(job: FLJob, labels: Mapping[str, str], annotations: Mapping[str, str],
+                 defaults: PodDefaults) -> tuple[dict[str, str], dict[str, str]]:
     """A pod's labels and annotations: the FLJob's propagated ones, fedkube's over them, then Kueue's."""
-    out_labels = {**propagated(job.metadata.labels), **labels}
+    out_labels = {**propagated(job.metadata.labels, defaults.copy_labels), **labels}
     out_annotations = {**propagated(job.metadata.annotations), **annotations}
     queue = queue_name(job)
     if queue:

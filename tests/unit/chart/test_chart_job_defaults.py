@@ -27,9 +27,10 @@ def test_job_pods_default_to_the_operator_image_and_server_requests(k8s_tools: f
 def test_job_defaults_values_reach_the_operator(k8s_tools: fixtures.KubeTools) -> None:
     got = _defaults(k8s_tools, "--set", "jobDefaults.image.repository=mirror.example/fl",
                     "--set", "jobDefaults.imagePullSecrets[0].name=regcred",
-                    "--set", "jobDefaults.serverResources.limits.memory=8Gi")
+                    "--set", "jobDefaults.serverResources.limits.memory=8Gi",
+                    "--set", "jobDefaults.copyLabels={team,cost-center}")
     assert got.image == "mirror.example/fl:0.1.0.dev0"
-    assert got.image_pull_secrets == ("regcred",)
+    assert got.image_pull_secrets == ("regcred",) and got.copy_labels == ("team", "cost-center")
     assert got.server_resources == Resources(requests={"cpu": "250m", "memory": "512Mi"}, limits={"memory": "8Gi"})
 
 

@@ -32,7 +32,8 @@ FETCH = {"name": "fetch-data", "image": "registry.example/tools:1", "command": [
          "resources": {"limits": {"memory": "256Mi"}}, "volumeMounts": [{"name": "data", "mountPath": "/data"}],
          "securityContext": {"runAsUser": 1000, "readOnlyRootFilesystem": True}}
 DEFAULTS = PodDefaults(image="mirror.example/fedkube:1", image_pull_secrets=("mirror-cred",),
-                       server_resources=Resources(requests={"cpu": "250m", "memory": "512Mi"}))
+                       server_resources=Resources(requests={"cpu": "250m", "memory": "512Mi"}),
+                       copy_labels=("team", "fedkube.dev/role"))
 
 
 def _manifest() -> dict[str, Any]:
@@ -111,6 +112,9 @@ def test_template_fields_reach_every_client_pod_under_fedkubes_own() -> None:
 
 def test_job_labels_and_annotations_reach_pods_except_reserved_prefixes() -> None:
     for name, pod in _pods(_manifest()).items():
+        # By default no label of the FLJob: its author could otherwise label the pods into another Service.
+        assert "team" not in pod["metadata"]["labels"] and pod["metadata"]["annotations"]["owner"] == "ana", name
+    for name, pod in _pods(_manifest(), DEFAULTS).items():  # copyLabels: [team, fedkube.dev/role]
         labels, notes = pod["metadata"]["labels"], pod["metadata"]["annotations"]
         assert labels["team"] == "vision" and notes["owner"] == "ana", name
         assert labels["fedkube.dev/role"] in ("server", "client") and labels["app.kubernetes.io/name"] == "fedkube"
@@ -225,8 +229,8 @@ def test_job_defaults_fill_only_what_the_job_leaves_unset() -> None:
 
 def test_job_defaults_parse_and_name_mistakes() -> None:
     got = parse_defaults({"image": "m/f:1", "imagePullSecrets": [{"name": "a"}, {"name": "a"}],
-                          "serverResources": {"requests": {"cpu": 1}}})
-    assert got == PodDefaults("m/f:1", ("a",), Resources(requests={"cpu": "1"}))
+                          "serverResources": {"requests": {"cpu": 1}}, "copyLabels": ["team", "fedkube.dev/job"]})
+    assert got == PodDefaults("m/f:1", ("a",), Resources(requests={"cpu": "1"}), ("team",))  # never a reserved key
     assert parse_defaults({}) == PodDefaults()
     with pytest.raises(ConfigError, match=r"jobDefaults.*imagePullSecrets"):
         parse_defaults({"imagePullSecrets": ["a"]})
