@@ -32,13 +32,15 @@ from typing import Any
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
-from fedkube.operator import certificates, disruption, naming, netpol
+from fedkube.operator import certificates, disruption, naming, netpol, podspec
 from fedkube.operator.certificates import TlsMaterial
+from fedkube.operator.podspec import PodDefaults
 from fedkube.spec import layout
 from fedkube.spec.checks import merge_env, merge_resources
 from fedkube.spec.load import validate_job
-from fedkube.spec.model import ClientSite, EnvVar, FLJob, Resources, Toleration
+from fedkube.spec.model import ClientSite, FLJob, Resources, Toleration
 from fedkube.spec.output import OUTPUT_DIR, OUTPUT_VOLUME, output_claim_name
+from fedkube.spec.podtemplate import merged_overrides
 
 RUN_AS = 65532
 FILE_MODE_SECRET = 0o440  # group-readable: files belong to root, readable by the fsGroup
@@ -79,6 +81,7 @@ def build_all(
     owner: Mapping[str, Any] | None = None,
     log_format: str = "text",
     network: netpol.NetworkPolicyConfig | None = None,
+    defaults: PodDefaults | None = None,
 ) -> list[Manifest]:
     """Every object the operator creates for `job`, in creation order (config and secrets before pods).
 
@@ -91,9 +94,11 @@ def build_all(
     None renders cert-manager Certificates when ``spec.security.issuerRef`` is
     set, and is needed for nothing when ``spec.security.tls`` is disabled.
     With ``network`` the job's NetworkPolicies (:mod:`fedkube.operator.netpol`)
-    come before its pods. Raises :class:`SpecError` for an invalid job and
-    :class:`ConfigError` for a missing token or TLS material, an owner without
-    a uid or an unknown log format.
+    come before its pods. ``defaults`` (the chart's ``jobDefaults``) fill in the
+    server/sidecar image, pull secrets and server resources a job leaves unset.
+    Raises :class:`SpecError` for an invalid job and :class:`ConfigError` for
+    a missing token or TLS material, an owner without a uid or an unknown log
+    format.
     """
     validate_job(job)
     objs = [
@@ -109,8 +114,9 @@ def build_all(
     objs.extend(netpol.build_network_policies(job, network, owner_references(owner)))  # before any pod runs
     objs.append(build_server_service(job, owner=owner))
     objs.append(disruption.build_server_pdb(job, owner_references(owner)))
-    objs.append(build_server_pod(job, owner=owner, log_format=log_format))
-    objs.extend(build_client_pod(job, site.name, owner=owner, log_format=log_format) for site in job.spec.clients)
+    objs.append(build_server_pod(job, owner=owner, log_format=log_format, defaults=defaults))
+    objs.extend(build_client_pod(job, site.name, owner=owner, log_format=log_format, defaults=defaults)
+                for site in podspec.pod_sites(job))
     return objs
 
 
@@ -156,14 +162,15 @@ def _meta(
     owner: Mapping[str, Any] | None,
     site: str | None = None,
     annotations: Mapping[str, str] | None = None,
+    *,
+    pod: PodDefaults | None = None,
 ) -> dict[str, Any]:
-    meta: dict[str, Any] = {
-        "name": name,
-        "namespace": job.namespace,
-        "labels": naming.labels(job.name, role, site),
-    }
-    if annotations:
-        meta["annotations"] = dict(annotations)
+    labels, notes = naming.labels(job.name, role, site), dict(annotations or {})
+    if pod is not None:  # the FLJob's own labels/annotations and Kueue's pod-group keys go on pods only
+        labels, notes = podspec.pod_metadata(job, labels, notes, pod)
+    meta: dict[str, Any] = {"name": name, "namespace": job.namespace, "labels": labels}
+    if notes:
+        meta["annotations"] = notes
     refs = owner_references(owner)
     if refs:
         meta["ownerReferences"] = refs
@@ -183,6 +190,8 @@ def build_spec_configmap(job: FLJob, *, owner: Mapping[str, Any] | None = None) 
     """The job as JSON (every default filled in), mounted into the server at ``FEDKUBE_SPEC_FILE``."""
     manifest = job.to_manifest()
     manifest["metadata"]["namespace"] = job.namespace
+    # The server reads the spec only; kubectl's last-applied copy alone would double the ConfigMap.
+    manifest["metadata"].pop("annotations", None)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -306,9 +315,10 @@ def build_server_service(job: FLJob, *, owner: Mapping[str, Any] | None = None) 
     }
 
 
-def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_format: str = "text") -> Manifest:
+def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_format: str = "text",
+                     defaults: PodDefaults | None = None) -> Manifest:
     """The aggregator Pod ``{job}-server``, annotated for Prometheus to scrape its ``metrics`` port."""
-    server = job.spec.server
+    server, defaults = job.spec.server, defaults or PodDefaults()
     env = [
         _env(envvars.JOB, job.name),
         _env(envvars.NAMESPACE, job.namespace),
@@ -323,7 +333,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         *([_env(envvars.OUTPUT_DIR, OUTPUT_DIR)] if job.spec.output is not None else []),
         _env(envvars.TERMINATION_LOG, layout.TERMINATION_LOG),
         *certificates.tls_env(job, sidecar=False),
-        *(_env_var(e) for e in server.env),
+        *(podspec.env_var(e) for e in server.env),
     ]
     mounts = [
         {"name": VOLUME_SPEC, "mountPath": layout.SPEC_DIR, "readOnly": True},
@@ -336,7 +346,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
     ]
     container: dict[str, Any] = {
         "name": naming.SERVER_CONTAINER,
-        "image": server.image,
+        "image": server.image or defaults.image,
         "command": list(server.command),
         "env": env,
         "ports": [
@@ -351,11 +361,13 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         "terminationMessagePath": layout.TERMINATION_LOG,
         # The server writes its JSON summary there; if it dies before writing, the log tail says why.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": _container_security(read_only_root=True),
     }
     if server.args:
         container["args"] = list(server.args)
-    _set_resources(container, server.resources)
+    # Requests by default, so a node under memory pressure does not evict the server (BestEffort) first.
+    server_resources = server.resources if (server.resources.requests or server.resources.limits) else (
+        defaults.server_resources)
+    _set_resources(container, server_resources)
     checkpoint: dict[str, Any]
     if server.checkpoint.enabled:
         checkpoint = {"persistentVolumeClaim": {"claimName": naming.checkpoint_pvc_name(job.name)}}
@@ -374,6 +386,8 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         *certificates.tls_volumes(job, None),
         *(v.manifest() for v in server.volumes),
     ]
+    pod_spec = _pod_spec([container], volumes, server.node_selector, server.tolerations)
+    podspec.apply_overrides(pod_spec, container, server, defaults, read_only_root=True)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -384,8 +398,9 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
             owner,
             annotations={naming.ANNOTATION_SPEC_HASH: spec_hash(job),
                          **prometheus_annotations(envvars.DEFAULT_METRICS_PORT)},
+            pod=defaults,
         ),
-        "spec": _pod_spec([container], volumes, server.node_selector, server.tolerations),
+        "spec": pod_spec,
     }
 
 
@@ -401,7 +416,8 @@ def _site(job: FLJob, site: str) -> ClientSite:
 
 
 def build_client_pod(
-    job: FLJob, site: str, *, owner: Mapping[str, Any] | None = None, log_format: str = "text"
+    job: FLJob, site: str, *, owner: Mapping[str, Any] | None = None, log_format: str = "text",
+    defaults: PodDefaults | None = None,
 ) -> Manifest:
     """Client Pod ``{job}-client-{site}``: the job-cell sidecar (native sidecar) and the user's trainer.
 
@@ -410,12 +426,12 @@ def build_client_pod(
     Prometheus to scrape the sidecar's ``metrics`` port (the trainer's own
     timings and ``log_metric()`` values are exported there too).
     """
-    entry = _site(job, site)
+    entry, defaults = _site(job, site), defaults or PodDefaults()
     spec, trainer = job.spec, job.spec.trainer
     sidecar_port = envvars.DEFAULT_TRAINER_PORT
     sidecar: dict[str, Any] = {
         "name": naming.SIDECAR_CONTAINER,
-        "image": spec.sidecar.image,
+        "image": spec.sidecar.image or defaults.image,
         "command": ["fedkube", "sidecar"],
         # Native sidecar (Kubernetes >= 1.29): starts before the trainer, outlives it, and never blocks completion.
         "restartPolicy": "Always",
@@ -438,7 +454,7 @@ def build_client_pod(
             {"name": VOLUME_TMP, "mountPath": layout.TMP_DIR},
             *certificates.tls_mounts(job),  # the sidecar's only: the trainer never gets the site's key
         ],
-        "securityContext": _container_security(read_only_root=True),
+        "securityContext": podspec.container_security(None, read_only_root=True),
     }
     _set_resources(sidecar, spec.sidecar.resources)
 
@@ -455,14 +471,14 @@ def build_client_pod(
         ours.append(_env("HOME", layout.WORKDIR))
     container: dict[str, Any] = {
         "name": naming.TRAINER_CONTAINER,
-        "image": trainer.image,
+        "image": entry.image or trainer.image,
         "command": list(trainer.command),
-        "env": [*ours, *(_env_var(e) for e in user_env)],
+        "env": [*ours, *(podspec.env_var(e) for e in user_env)],
         "volumeMounts": [
             {"name": VOLUME_WORKDIR, "mountPath": layout.WORKDIR},
-            *(m.model_dump(by_alias=True, exclude_none=True) for m in trainer.volume_mounts),
+            *(m.model_dump(by_alias=True, exclude_none=True)
+              for m in podspec.site_mounts(trainer.volume_mounts, entry.volume_mounts)),
         ],
-        "securityContext": _container_security(read_only_root=False),
     }
     if trainer.args:
         container["args"] = list(trainer.args)
@@ -481,12 +497,13 @@ def build_client_pod(
         {"name": VOLUME_WORKDIR, "emptyDir": {}},
         {"name": VOLUME_TMP, "emptyDir": {}},
         *certificates.tls_volumes(job, site),
-        *(v.manifest() for v in trainer.volumes),
+        *(v.manifest() for v in podspec.site_volumes(trainer.volumes, entry.volumes)),
     ]
     node_selector = {**trainer.node_selector, **entry.node_selector}
     tolerations = entry.tolerations if entry.tolerations is not None else trainer.tolerations
     pod_spec = _pod_spec([container], volumes, node_selector, tolerations)
     pod_spec["initContainers"] = [sidecar]
+    podspec.apply_overrides(pod_spec, container, merged_overrides(trainer, entry), defaults, read_only_root=False)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -497,6 +514,7 @@ def build_client_pod(
             owner,
             site,
             annotations={naming.ANNOTATION_SPEC_HASH: spec_hash(job), **prometheus_annotations(SIDECAR_METRICS_PORT)},
+            pod=defaults,
         ),
         "spec": pod_spec,
     }
@@ -520,6 +538,7 @@ def _pod_spec(
             "runAsUser": RUN_AS,
             "runAsGroup": RUN_AS,
             "fsGroup": RUN_AS,
+            "fsGroupChangePolicy": podspec.FS_GROUP_CHANGE_POLICY,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": containers,
@@ -532,30 +551,11 @@ def _pod_spec(
     return spec
 
 
-def _container_security(*, read_only_root: bool) -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": read_only_root,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
 def _set_resources(container: dict[str, Any], resources: Resources) -> None:
-    out = {k: dict(v) for k, v in (("requests", resources.requests), ("limits", resources.limits)) if v}
+    out = podspec.resources(resources)
     if out:
         container["resources"] = out
 
 
 def _env(name: str, value: str) -> dict[str, Any]:
     return {"name": name, "value": value}
-
-
-def _env_var(var: EnvVar) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": var.name}
-    if var.value_from is not None:
-        out["valueFrom"] = var.value_from.model_dump(by_alias=True, exclude_none=True)
-    elif var.value is not None:
-        out["value"] = var.value
-    return out

@@ -32,6 +32,7 @@ from fedkube.metrics import OperatorMetrics
 from fedkube.metrics.operator import PHASES
 from fedkube.operator import builders, certificates, edits, kube, naming, restarts, views
 from fedkube.operator import status as lifecycle
+from fedkube.operator.podspec import PodDefaults
 from fedkube.operator.policy import AdminPolicy
 from fedkube.security.material import JobTls
 from fedkube.spec import API_GROUP, PLURAL, FLJob, SpecError, parse_job
@@ -64,6 +65,7 @@ class Memo:
     * ``network``: a :class:`fedkube.operator.netpol.NetworkPolicyConfig`, or None for no NetworkPolicies.
     * ``retry_delay``, ``max_retry_delay``: seconds before the first retry of a refused create, and the most the
       backoff grows to (default :data:`RETRY_DELAY`, :data:`MAX_RETRY_DELAY`).
+    * ``job_defaults``: the chart's :class:`fedkube.operator.podspec.PodDefaults` (default: fedkube's own).
     """
 
     API_CLIENT = "api_client"
@@ -76,6 +78,7 @@ class Memo:
     NETWORK = "network"
     RETRY_DELAY = "retry_delay"
     MAX_RETRY_DELAY = "max_retry_delay"
+    JOB_DEFAULTS = "job_defaults"
 
 
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -310,7 +313,8 @@ def _ensure(
         tokens = kube.job_tokens(stored, [site.name for site in job.spec.clients])
         tls = _job_tls(job, api, ref, _now(memo), rotate=rotate)
         objs = builders.build_all(job, tokens=tokens, tls=tls, owner=body,
-                                  log_format=memo.get(Memo.LOG_FORMAT) or "text", network=memo.get(Memo.NETWORK))
+                                  log_format=memo.get(Memo.LOG_FORMAT) or "text", network=memo.get(Memo.NETWORK),
+                                  defaults=memo.get(Memo.JOB_DEFAULTS))
         for obj in objs:
             labels = obj["metadata"].get("labels") or {}
             if obj["kind"] == "Pod" and (not pods or labels.get(naming.LABEL_SITE) in skip_sites):
@@ -521,7 +525,8 @@ def observe(
         api.delete_pods(ref, [p for p in pods if p["metadata"]["name"] in decision.delete_pods])
     if server_raw is None and decision.status.get("phase") not in lifecycle.TERMINAL:
         try:
-            _recreate_server(job, api, body, namespace, name, memo.get(Memo.LOG_FORMAT) or "text")
+            _recreate_server(job, api, body, namespace, name, memo.get(Memo.LOG_FORMAT) or "text",
+                             memo.get(Memo.JOB_DEFAULTS))
         except kube.NameConflict as exc:
             _name_conflict(api, ref, body, patch, previous, now, exc)
         except kube.CreateRefused as exc:
@@ -533,7 +538,8 @@ def observe(
         decision.status.update(lifecycle.create_succeeded({**previous, **decision.status}, now))
     try:
         todo.events += restarts.recreate(api, ref, job, fresh, todo, memo.get(Memo.LOG_FORMAT) or "text",
-                                         create=decision.status.get("phase") not in lifecycle.TERMINAL)
+                                         create=decision.status.get("phase") not in lifecycle.TERMINAL,
+                                         defaults=memo.get(Memo.JOB_DEFAULTS))
     except kube.NameConflict as exc:
         _name_conflict(api, ref, body, patch, previous, now, exc)
     except kube.CreateRefused as exc:
@@ -550,12 +556,12 @@ def observe(
 
 
 def _recreate_server(job: FLJob, api: kube.Kube, body: kopf.Body, namespace: str | None, name: str | None,
-                     log_format: str) -> None:
+                     log_format: str, defaults: PodDefaults | None = None) -> None:
     """The server pod of a live job is gone (deleted, evicted): start it again; it resumes from its checkpoint."""
     latest = api.fljob(job.namespace, job.name)
     if latest is None or (latest.get("spec") or {}).get("suspend"):
         return  # deleted or suspended meanwhile: no server wanted
-    pod = builders.build_server_pod(job, owner=latest, log_format=log_format)
+    pod = builders.build_server_pod(job, owner=latest, log_format=log_format, defaults=defaults)
     if api.create_or_patch(pod, kube.JobRef.of(latest)) == "created":
         logger.warning("job %s/%s: server pod was gone; created it again", namespace, name)
         _post(body, [lifecycle.Event("Warning", "ServerPodRecreated",

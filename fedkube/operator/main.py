@@ -5,10 +5,10 @@ sets (charts/fedkube/templates/deployment.yaml): FEDKUBE_WATCH_NAMESPACES
 (comma-separated; empty = every namespace), FEDKUBE_HEALTH_PORT (kopf's
 liveness endpoint, GET /healthz, which the chart probes), FEDKUBE_METRICS_PORT,
 FEDKUBE_LOG_FORMAT, FEDKUBE_ADMIN_POLICY (fedkube.operator.policy),
-FEDKUBE_NETWORK_POLICY (fedkube.operator.netpol) and, for more than one
-replica, FEDKUBE_PEERING / FEDKUBE_PEERING_LIFETIME (kopf peering: the replica
-of highest priority reconciles, the others wait and take over when its
-keep-alive record expires).
+FEDKUBE_NETWORK_POLICY (fedkube.operator.netpol), FEDKUBE_JOB_DEFAULTS
+(fedkube.operator.podspec) and, for more than one replica, FEDKUBE_PEERING /
+FEDKUBE_PEERING_LIFETIME (kopf peering: the replica of highest priority
+reconciles, the others wait and take over when its keep-alive record expires).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.logs import configure_logging
 from fedkube.operator.netpol import NetworkPolicyConfig, network_config_from_env
+from fedkube.operator.podspec import PodDefaults, defaults_from_env
 from fedkube.operator.policy import AdminPolicy, policy_from_env
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class OperatorConfig:
     priority: int = 0
     """This replica's peering priority: the highest live one reconciles. Random unless FEDKUBE_PEERING_PRIORITY
     fixes it (two replicas of equal priority would both pause, so the chart never sets it)."""
+    job_defaults: PodDefaults = field(default_factory=PodDefaults)
+    """Image, pull secrets and server resources of job pods (FEDKUBE_JOB_DEFAULTS, the chart's jobDefaults:)."""
 
     @property
     def liveness_endpoint(self) -> str:
@@ -118,7 +121,8 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
         raise ConfigError(f"{envvars.LOG_FORMAT} must be text or json, got {log_format!r}")
     peering, lifetime, priority = _peering_from_env(env)
     return OperatorConfig(namespaces, health, metrics, args.interval, log_format, policy_from_env(env),
-                          network_config_from_env(env), peering, lifetime, priority)
+                          network_config_from_env(env), peering, lifetime, priority,
+                          job_defaults=defaults_from_env(env))
 
 
 def _peering_from_env(env: dict[str, str]) -> tuple[str, int, int]:
@@ -203,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     memo[handlers.Memo.LOG_FORMAT] = config.log_format
     memo[handlers.Memo.POLICY] = config.policy
     memo[handlers.Memo.NETWORK] = config.network
+    memo[handlers.Memo.JOB_DEFAULTS] = config.job_defaults
     registry = handlers.register(kopf.OperatorRegistry(), interval=config.interval)
     kopf.on.startup(registry=registry)(functools.partial(tune_peering, config=config))
     # A registry of our own carries none of kopf's default login handlers: log in the way the handlers'

@@ -23,9 +23,14 @@ An empty list means the safe default, never "anything":
   onto nodes tainted to keep workloads away (GPU pools, control plane); one
   without a key (``operator: Exists``) tolerates every taint.
 
-The spec has no ``serviceAccountName``: every fedkube pod runs as its namespace's
-``default`` service account with no token mounted, so there is no service
-account to allow and the policy has no such field.
+* ``allowedServiceAccounts`` empty: no ``serviceAccountName`` at all, so every
+  pod runs as its namespace's ``default`` service account. A service account
+  is an identity (workload identity for a dataset bucket, for instance), so a
+  job may name only those listed. No API token is mounted either way.
+
+Images a job leaves unset are the operator's default (the chart's
+``jobDefaults.image``), the admin's own choice, and are not checked; every
+image the job names is, init containers' and per-site images included.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.spec import FLJob, Problem, SpecError, Toleration
 from fedkube.spec.model import ALLOWED_VOLUME_KINDS, Volume
+from fedkube.spec.podtemplate import PodOverrides
 
 #: Set by the chart's Deployment (JSON of the ``policy:`` values).
 ENV_POLICY = "FEDKUBE_ADMIN_POLICY"
@@ -47,7 +53,7 @@ MAX_POLICY_BYTES = 64 * 1024
 MAX_ENTRIES = 256
 MAX_TEXT = 512
 
-_KEYS = ("allowedImagePrefixes", "allowedVolumeKinds", "allowedTolerations")
+_KEYS = ("allowedImagePrefixes", "allowedVolumeKinds", "allowedTolerations", "allowedServiceAccounts")
 _TOLERATION_KEYS = ("key", "operator", "value", "effect")
 _NEVER = {
     "hostPath": "it exposes the node's files; the FLJob spec never admits it",
@@ -92,6 +98,7 @@ class AdminPolicy:
     image_prefixes: tuple[str, ...] = ()
     volume_kinds: tuple[str, ...] = ()
     tolerations: tuple[TolerationRule, ...] = ()
+    service_accounts: tuple[str, ...] = ()
 
     @property
     def effective_volume_kinds(self) -> tuple[str, ...]:
@@ -106,15 +113,23 @@ class AdminPolicy:
         """Every way ``job`` breaks this policy, each with its field path, the value and the rule."""
         spec = job.spec
         problems: list[Problem] = []
-        for path, image in (("spec.server.image", spec.server.image), ("spec.sidecar.image", spec.sidecar.image),
-                            ("spec.trainer.image", spec.trainer.image)):
-            if not self.allows_image(image):
+        templates: list[tuple[str, PodOverrides]] = [
+            ("spec.server", spec.server), ("spec.trainer", spec.trainer),
+            *((f"spec.clients[{i}]", site) for i, site in enumerate(spec.clients))]
+        images = [("spec.server.image", spec.server.image), ("spec.sidecar.image", spec.sidecar.image),
+                  ("spec.trainer.image", spec.trainer.image),
+                  *((f"spec.clients[{i}].image", site.image) for i, site in enumerate(spec.clients)),
+                  *((f"{path}.initContainers[{j}].image", init.image) for path, t in templates
+                    for j, init in enumerate(t.init_containers or []))]
+        for path, image in images:
+            if image is not None and not self.allows_image(image):
                 problems.append(Problem(
                     path, f"image {image!r} is outside the admin policy's allowedImagePrefixes "
                     f"{list(self.image_prefixes)}",
                     "use an image under one of those prefixes " + _FIX_ADMIN.format(key="allowedImagePrefixes")))
         for path, volumes in (("spec.server.volumes", spec.server.volumes),
-                              ("spec.trainer.volumes", spec.trainer.volumes)):
+                              ("spec.trainer.volumes", spec.trainer.volumes),
+                              *((f"spec.clients[{i}].volumes", s.volumes) for i, s in enumerate(spec.clients))):
             for i, volume in enumerate(volumes):
                 problems.extend(self._volume_problems(f"{path}[{i}]", volume))
         tolerations: list[tuple[str, Sequence[Toleration]]] = [
@@ -131,6 +146,14 @@ class AdminPolicy:
                         f"{path}[{i}]", f"toleration {shown} is outside the admin policy's allowedTolerations "
                         f"({rules})",
                         "remove it " + _FIX_ADMIN.format(key="allowedTolerations")))
+        for path, template in templates:
+            account = template.service_account_name
+            if account is not None and account not in self.service_accounts:
+                problems.append(Problem(
+                    f"{path}.serviceAccountName", f"service account {account!r} is outside the admin policy's "
+                    f"allowedServiceAccounts {list(self.service_accounts)}",
+                    "remove it (pods then run as the namespace's default account) "
+                    + _FIX_ADMIN.format(key="allowedServiceAccounts")))
         return problems
 
     def _volume_problems(self, path: str, volume: Volume) -> list[Problem]:
@@ -246,6 +269,7 @@ def parse_policy(data: Mapping[str, Any]) -> AdminPolicy:
         image_prefixes=tuple(dict.fromkeys(_strings(data, "allowedImagePrefixes"))),
         volume_kinds=_volume_kinds(data),
         tolerations=_tolerations(data),
+        service_accounts=tuple(dict.fromkeys(_strings(data, "allowedServiceAccounts"))),
     )
 
 

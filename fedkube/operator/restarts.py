@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedkube.operator import builders, kube, naming
+from fedkube.operator.podspec import PodDefaults
 from fedkube.operator.status import Event, operator_failed_sites
 from fedkube.operator.views import POD_FAILED, REASON_RESTART_LIMIT, ServerWord, pod_view
 from fedkube.spec.model import FLJob
@@ -155,7 +156,7 @@ def stamp(status: dict[str, Any], counts: Mapping[str, int]) -> None:
 
 
 def recreate(api: kube.Kube, ref: kube.JobRef, job: FLJob, owner: Mapping[str, Any], todo: Plan,
-             log_format: str, *, create: bool = True) -> list[Event]:
+             log_format: str, *, create: bool = True, defaults: PodDefaults | None = None) -> list[Event]:
     """Delete the ended pods of ``todo`` and, with ``create`` (the job goes on), create each site's pod again.
 
     Counts the pods really created.
@@ -165,7 +166,7 @@ def recreate(api: kube.Kube, ref: kube.JobRef, job: FLJob, owner: Mapping[str, A
     api.delete_pods(ref, [e.pod for e in (*todo.recreate, *todo.exhausted) if e.pod is not None])
     events: list[Event] = []
     for ended in todo.recreate if create else ():
-        pod = builders.build_client_pod(job, ended.site, owner=owner, log_format=log_format)
+        pod = builders.build_client_pod(job, ended.site, owner=owner, log_format=log_format, defaults=defaults)
         # "exists": the old pod is still terminating; it counts once it is gone and a new one is really made.
         if api.create_or_patch(pod, ref) != "created":
             continue

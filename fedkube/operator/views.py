@@ -44,6 +44,10 @@ REASON_COMPLETED = "Completed"
 REASON_RESTART_LIMIT = "RestartLimitExceeded"
 # Failures the operator decides; they stick (the pod is deleted, so nothing later could contradict them).
 OPERATOR_REASONS = frozenset({Reason.PENDING_TIMEOUT.value, Reason.DEPLOY_TIMEOUT.value, REASON_RESTART_LIMIT})
+# A scheduling gate holds the pod (Kueue's, until its whole pod group is admitted): queued, not failing to start.
+SCHEDULING_GATED = "SchedulingGated"
+# Kueue's webhook labels every pod it manages (fedkube.operator.podspec sets the queue and group keys).
+KUEUE_MANAGED_LABEL = "kueue.x-k8s.io/managed"
 
 
 def parse_time(text: Any) -> float | None:
@@ -78,6 +82,15 @@ class PodView:
     message: str = ""
     """The main container's termination message."""
     deleting: bool = False
+    queued: bool = False
+    """Kueue manages the pod: it may wait gated in a queue for any time before it is scheduled."""
+    scheduled_at: float | None = None
+    """When the pod was scheduled (PodScheduled turned True), if it was."""
+
+    @property
+    def gated(self) -> bool:
+        """A scheduling gate holds the pod (Pending, not failed: Kueue has not admitted its group yet)."""
+        return not self.scheduled and self.schedule_reason == SCHEDULING_GATED
 
     @property
     def crashed(self) -> bool:
@@ -120,19 +133,26 @@ def pod_view(pod: Mapping[str, Any], container: str) -> PodView:
         exit_code=exit_code,
         message=message,
         deleting=bool(meta.get("deletionTimestamp")),
+        queued=(meta.get("labels") or {}).get(KUEUE_MANAGED_LABEL) == "true",
+        scheduled_at=parse_time((scheduled or {}).get("lastTransitionTime"))
+        if scheduled and scheduled.get("status") == "True" else None,
     )
 
 
 def timeout_failure(pod: PodView, now: float, deploy_seconds: float, pending_seconds: float) -> SiteStatus | None:
     """A Failed state when ``pod`` ran past its pending or deploy timeout, else None.
 
-    Both count from the pod's creation. Pending applies while the pod cannot
-    start (unschedulable, image pull errors), deploy until it is Ready for the
-    first time. The caller stops asking once the pod was Ready.
+    Both count from the pod's creation (a Kueue-managed pod's deploy time from
+    its scheduling). Pending applies while the pod cannot start (unschedulable,
+    image pull errors), deploy until it is Ready for the first time; neither
+    while a scheduling gate holds the pod in a queue. The caller stops asking
+    once the pod was Ready.
     """
-    if pod.created is None:
+    if pod.created is None or pod.gated:
         return None
-    age = now - pod.created
+    # A queued pod's wait for admission is not deploying: its deploy time starts when it is scheduled.
+    start = pod.scheduled_at if pod.queued and pod.scheduled_at is not None else pod.created
+    age = now - start
     # Pending counts only while the pod cannot start at all: not scheduled, or a container stuck waiting
     # (ErrImagePull, ImagePullBackOff, CreateContainerConfigError). A scheduled pod whose containers are being
     # created or whose init containers run is deploying, which deploySeconds bounds.

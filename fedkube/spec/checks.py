@@ -23,6 +23,7 @@ from fedkube.spec.model import (
     Volume,
     VolumeMount,
 )
+from fedkube.spec.podtemplate import mount_problems, override_problems, queue_problems
 from fedkube.spec.problems import Problem
 from fedkube.spec.quantity import parse_quantity
 from fedkube.spec.strategy import FEDADAM_DEFAULTS, ROBUST_DEFAULTS, min_results
@@ -41,6 +42,7 @@ def check_job(job: FLJob) -> tuple[list[Problem], list[Problem]]:
         *_clients(job),
         *_strategy_and_model(job),
         *_containers(job),
+        *_pod_templates(job),
         *_timeout_errors(job),
     ]
     return errors, list(_warnings(job))
@@ -145,9 +147,9 @@ def _robust_terms(job: FLJob) -> str:
 def _containers(job: FLJob) -> Iterator[Problem]:
     spec = job.spec
     server, trainer = spec.server, spec.trainer
-    yield from _image("spec.server.image", server.image)
+    yield from _image("spec.server.image", server.image or "")
     yield from _image("spec.trainer.image", trainer.image)
-    yield from _image("spec.sidecar.image", spec.sidecar.image)
+    yield from _image("spec.sidecar.image", spec.sidecar.image or "")
     yield from _command("spec.server.command", server.command)
     yield from _command("spec.trainer.command", trainer.command)
     if trainer.working_dir is not None and not posixpath.isabs(trainer.working_dir):
@@ -180,6 +182,23 @@ def _containers(job: FLJob) -> Iterator[Problem]:
         yield from _labels(f"{base}.nodeSelector", site.node_selector)
         if site.tolerations is not None:
             yield from _tolerations(f"{base}.tolerations", site.tolerations)
+
+
+def _pod_templates(job: FLJob) -> Iterator[Problem]:
+    """The pod-template fields (fedkube.spec.podtemplate): init containers, per-site volumes, image and queue."""
+    spec, roots = job.spec, layout.RESERVED_MOUNT_ROOTS
+    trainer_volumes = {v.name for v in spec.trainer.volumes}
+    yield from override_problems("spec.server", spec.server, {v.name for v in spec.server.volumes}, roots)
+    yield from override_problems("spec.trainer", spec.trainer, trainer_volumes, roots)
+    for i, site in enumerate(spec.clients):
+        base = f"spec.clients[{i}]"
+        volumes = trainer_volumes | {v.name for v in site.volumes}
+        if site.image is not None:
+            yield from _image(f"{base}.image", site.image)
+        yield from _volumes(base, site.volumes, [])
+        yield from mount_problems(base, site.volume_mounts, volumes, roots)
+        yield from override_problems(base, site, volumes, roots)
+    yield from queue_problems(job.metadata.labels, spec.queue_name)
 
 
 def merge_resources(base: Resources, override: Resources) -> Resources:

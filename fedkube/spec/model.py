@@ -10,14 +10,26 @@ exact field path.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 import fedkube
 from fedkube.spec.egress import Egress
 from fedkube.spec.output import Output
+from fedkube.spec.podtemplate import (  # noqa: F401  (re-exported: the spec's container building blocks)
+    ENV_NAME,
+    QUANTITY,
+    EnvVar,
+    EnvVarSource,
+    FieldRef,
+    KeyRef,
+    PodOverrides,
+    Quantity,
+    ResourceFieldRef,
+    Resources,
+    VolumeMount,
+)
 from fedkube.spec.quantity import parse_quantity
 from fedkube.spec.security import Security
 from fedkube.spec.strategy import Strategy
@@ -29,23 +41,18 @@ KIND = "FLJob"
 PLURAL = "fljobs"
 SHORT_NAME = "flj"
 
-# The one place the default image is named: server and sidecar run it unless the spec says otherwise.
+# The one place the default image is named: server and sidecar run it unless the spec or the operator's
+# chart values (jobDefaults.image, fedkube.operator.podspec.PodDefaults) say otherwise.
 DEFAULT_IMAGE = f"ghcr.io/fedkube/fedkube:{fedkube.__version__}"
 
 # RFC 1123 label (Kubernetes names of most objects, label values and site names).
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # RFC 1035 label: a Service name must also start with a letter, and the server Service is named after the job.
 DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
-# Kubernetes quantity ("500m", "2Gi", "1e3", "4").
-QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]+))?$"
-# Names Kubernetes accepts for environment variables.
-ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 # Label keys: optional DNS-subdomain prefix and a name segment of at most 63 characters.
 _LABEL_NAME = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)"
 LABEL_KEY = rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}$"
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
-
-_QUANTITY_RE = re.compile(QUANTITY)
 
 # Bounds are inclusive (ge/le) everywhere: the CRD's OpenAPI v3.0 can only say "greater than 0" as
 # `minimum: 0` plus a boolean `exclusiveMinimum`, which JSON Schema tools and readers take to allow
@@ -65,82 +72,11 @@ class _Model(BaseModel):
     )
 
 
-def _quantity(value: Any) -> str:
-    """Normalize a Kubernetes quantity to its string form, rejecting what the API server would reject."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError("a quantity must be a number or a string; fix: write it like '500m', '2Gi' or '1'")
-    text = str(value) if not isinstance(value, float) else repr(value)
-    if not _QUANTITY_RE.match(text):
-        raise ValueError(
-            f"{text!r} is not a Kubernetes quantity; fix: use e.g. '500m' (CPU), '2Gi' (memory), '1' (GPUs)"
-        )
-    return text
-
-
-Quantity = Annotated[
-    str,
-    BeforeValidator(_quantity),
-    WithJsonSchema({"x-kubernetes-int-or-string": True, "description": "A Kubernetes quantity, e.g. 500m, 2Gi, 1."}),
-]
-
 # A pass-through object (the status the operator writes): the API server keeps it as given.
 PassThrough = Annotated[
     dict[str, Any],
     WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
 ]
-
-
-class FieldRef(_Model):
-    """A field of the pod (Kubernetes ObjectFieldSelector), e.g. ``metadata.name`` or ``status.podIP``."""
-
-    field_path: str = Field(alias="fieldPath", min_length=1, description="Path of the field, e.g. status.podIP.")
-    api_version: str | None = Field(default=None, alias="apiVersion", description="Schema version of fieldPath.")
-
-
-class ResourceFieldRef(_Model):
-    """A container's resource request or limit (Kubernetes ResourceFieldSelector)."""
-
-    resource: str = Field(min_length=1, description="e.g. limits.cpu, requests.memory.")
-    container_name: str | None = Field(default=None, alias="containerName", description="Container to read.")
-    divisor: Quantity | None = Field(default=None, description="Unit of the value, e.g. 1Mi.")
-
-
-class KeyRef(_Model):
-    """One key of a ConfigMap or Secret in the job's namespace."""
-
-    name: str = Field(min_length=1, description="ConfigMap or Secret name.")
-    key: str = Field(min_length=1, description="Key within it.")
-    optional: bool | None = Field(default=None, description="Allow the object or key to be missing.")
-
-
-class EnvVarSource(_Model):
-    """Where a variable's value comes from; set exactly one field (Kubernetes EnvVarSource)."""
-
-    field_ref: FieldRef | None = Field(default=None, alias="fieldRef", description="A field of the pod.")
-    resource_field_ref: ResourceFieldRef | None = Field(
-        default=None, alias="resourceFieldRef", description="A resource request/limit."
-    )
-    config_map_key_ref: KeyRef | None = Field(default=None, alias="configMapKeyRef", description="A ConfigMap key.")
-    secret_key_ref: KeyRef | None = Field(default=None, alias="secretKeyRef", description="A Secret key.")
-
-
-class EnvVar(_Model):
-    """An environment variable, as in a Kubernetes container: a literal `value` or a `valueFrom` source."""
-
-    name: str = Field(pattern=ENV_NAME, min_length=1, description="Variable name.")
-    value: str | None = Field(default=None, description="Literal value.")
-    value_from: EnvVarSource | None = Field(
-        default=None, alias="valueFrom", description="Take the value from the pod, a ConfigMap or a Secret."
-    )
-
-
-class VolumeMount(_Model):
-    """Where a volume appears in the container (Kubernetes VolumeMount)."""
-
-    name: str = Field(min_length=1, description="Name of a volume declared in the same template.")
-    mount_path: str = Field(alias="mountPath", min_length=1, description="Absolute path in the container.")
-    read_only: bool | None = Field(default=None, alias="readOnly", description="Mount read-only.")
-    sub_path: str | None = Field(default=None, alias="subPath", description="Sub-path of the volume to mount.")
 
 
 # Volume kinds a job may add. Whoever creates an FLJob gets pods from the operator, so a volume kind that
@@ -302,13 +238,6 @@ class Volume(_Model):
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
-class Resources(_Model):
-    """Compute resources, as in a Kubernetes container (`nvidia.com/gpu` and other extended resources included)."""
-
-    requests: dict[str, Quantity] = Field(default_factory=dict, description="Minimum resources to schedule on.")
-    limits: dict[str, Quantity] = Field(default_factory=dict, description="Maximum resources; GPUs go here.")
-
-
 class Toleration(_Model):
     """A Kubernetes toleration, so pods can land on tainted (e.g. GPU) nodes."""
 
@@ -323,7 +252,7 @@ class Toleration(_Model):
     )
 
 
-class _PodPlacement(_Model):
+class _PodPlacement(PodOverrides):
     env: list[EnvVar] = Field(default_factory=list, description="Environment variables.")
     resources: Resources = Field(default_factory=Resources, description="Compute resources (requests/limits).")
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector", description="Node labels.")
@@ -359,7 +288,9 @@ class Checkpoint(_Model):
 class ServerTemplate(_ContainerTemplate):
     """The aggregator's container; image and command default to fedkube's own."""
 
-    image: str = Field(default=DEFAULT_IMAGE, min_length=1, description="Server image.")
+    image: str | None = Field(
+        default=None, min_length=1, description="Server image; default: the operator's (chart jobDefaults.image)."
+    )
     command: list[str] = Field(
         default_factory=lambda: ["fedkube", "server"], min_length=1, description="Server command."
     )
@@ -377,7 +308,7 @@ class TrainerTemplate(_ContainerTemplate):
     egress: Egress = Field(default_factory=list)
 
 
-class ClientSite(_Model):
+class ClientSite(PodOverrides):
     """One client site, with optional overrides of the trainer template for this site only."""
 
     name: str = Field(
@@ -394,6 +325,15 @@ class ClientSite(_Model):
     )
     tolerations: list[Toleration] | None = Field(
         default=None, description="Replaces the trainer template's tolerations when given."
+    )
+    image: str | None = Field(default=None, min_length=1, description="Replaces the trainer's image for this site.")
+    volumes: list[Volume] = Field(
+        default_factory=list, description="Added to the trainer's volumes; one of the same name replaces it."
+    )
+    volume_mounts: list[VolumeMount] = Field(
+        default_factory=list,
+        alias="volumeMounts",
+        description="Added to the trainer's volumeMounts; one at the same mountPath replaces it.",
     )
 
 
@@ -444,7 +384,9 @@ def model_max_bytes(model: ModelSource, server_memory_limit: str | None) -> int:
 class Sidecar(_Model):
     """The job-cell sidecar next to every trainer."""
 
-    image: str = Field(default=DEFAULT_IMAGE, min_length=1, description="Sidecar image.")
+    image: str | None = Field(
+        default=None, min_length=1, description="Sidecar image; default: the operator's (chart jobDefaults.image)."
+    )
     resources: Resources = Field(
         default_factory=lambda: Resources(requests={"cpu": "50m", "memory": "64Mi"}, limits={"memory": "256Mi"}),
         description="Sidecar resources; it relays streams with bounded memory.",
@@ -519,6 +461,14 @@ class FLJobSpec(_Model):
         default=3, alias="clientRestartLimit", ge=0, le=100,
         description="Times a site's evicted, deleted or failed pod is created again; past it the site fails.",
     )
+    queue_name: str | None = Field(
+        default=None,
+        alias="queueName",
+        max_length=63,
+        pattern=DNS1123_LABEL,
+        description="Kueue LocalQueue: the job's pods are admitted as one Kueue pod group (or label the FLJob "
+        "kueue.x-k8s.io/queue-name).",
+    )
     ttl_seconds_after_finished: int | None = Field(
         default=None,
         alias="ttlSecondsAfterFinished",
@@ -540,6 +490,7 @@ class ObjectMeta(_Model):
     name: str = Field(min_length=1, max_length=63, pattern=DNS1035_LABEL, description="FLJob name.")
     namespace: str | None = Field(default=None, max_length=63, pattern=DNS1123_LABEL, description="Namespace.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations (copied to the pods).")
     uid: str | None = Field(default=None, description="Set by the API server.")
 
 
@@ -569,6 +520,7 @@ class FLJob(_Model):
         """The job as a Kubernetes manifest with every default filled in; `parse_job` of it gives this job back."""
         data = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
         meta = data["metadata"]
-        if not meta.get("labels"):
-            meta.pop("labels", None)
+        for key in ("labels", "annotations"):
+            if not meta.get(key):
+                meta.pop(key, None)
         return data

@@ -32,4 +32,5 @@ def test_a_client_pod_deleted_mid_job_is_created_again_and_the_job_succeeds(fl: 
     recreated = [m for t, r, m in fl.events("evict") if r == "ClientPodRecreated"]
     assert len(recreated) == 1 and "client site-a" in recreated[0] and "restart 1 of clientRestartLimit 2" in (
         recreated[0]), fl.events("evict")
-    assert not [e for e in fl.events("evict") if e[0] == "Warning" and e[1] not in ("ClientPodRecreated", "ModelNotPersisted")]
+    expected_warnings = ("ClientPodRecreated", "ModelNotPersisted")  # the job has no durable output: by design
+    assert not [e for e in fl.events("evict") if e[0] == "Warning" and e[1] not in expected_warnings]

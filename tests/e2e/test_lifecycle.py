@@ -212,13 +212,57 @@ def _rounds_seen(path: Path) -> list[tuple[str, int]]:
     return [(line.split()[0], int(line.split()[1])) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _pod_template_overrides(job: dict[str, Any], marks: Path) -> dict[str, Any]:
+    """Issue 14: labels, a Kueue queue and pod-template fields, with an init container that leaves a mark."""
+    job["metadata"]["labels"] = {"team": "vision"}
+    job["metadata"]["annotations"] = {"owner": "ana"}
+    job["spec"]["queueName"] = "gpu-queue"
+    mark = "import os; open(os.environ['MARKS'], 'a').write(os.environ['SITE'] + chr(10))"
+    job["spec"]["trainer"].update({
+        "priorityClassName": "fl-training", "imagePullSecrets": [{"name": "registry-cred"}],
+        "securityContext": {"runAsUser": 1000}, "podSecurityContext": {"supplementalGroups": [3000]},
+        # Kubernetes-only: the local runtime that runs these pods ignores it.
+        "envFrom": [{"configMapRef": {"name": "hparams", "optional": True}}],
+        "initContainers": [{"name": "fetch-data", "image": "python:3.12", "command": ["python", "-c", mark],
+                            "env": [{"name": "MARKS", "value": str(marks)}, {"name": "SITE", "value": "x"}]}]})
+    job["spec"]["clients"][1]["initContainers"] = [
+        {**job["spec"]["trainer"]["initContainers"][0],
+         "env": [{"name": "MARKS", "value": str(marks)}, {"name": "SITE", "value": "site-b"}]}]
+    return job
+
+
+def _assert_overrides_and_pod_group(fl: FL, job: str) -> dict[str, str]:
+    """Every pod of ``job`` carries the overrides and one Kueue group; returns pod name -> group name."""
+    pods = fl.core.list_namespaced_pod("default", label_selector=f"fedkube.dev/job={job}").items
+    assert len(pods) == 3, [p.metadata.name for p in pods]
+    groups = {}
+    for pod in pods:
+        labels, notes = pod.metadata.labels, pod.metadata.annotations
+        # Annotations are copied; labels only by key from the chart's jobDefaults.copyLabels (none here).
+        assert notes["owner"] == "ana" and "team" not in labels
+        assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        assert notes["kueue.x-k8s.io/pod-group-total-count"] == "3"
+        groups[pod.metadata.name] = labels["kueue.x-k8s.io/pod-group-name"]
+        if labels["fedkube.dev/role"] == "client":
+            assert pod.spec.priority_class_name == "fl-training"
+            assert [s.name for s in pod.spec.image_pull_secrets] == ["registry-cred"]
+            assert pod.spec.containers[0].security_context.run_as_user == 1000
+            assert [c.name for c in pod.spec.init_containers] == ["fetch-data", "sidecar"]
+    assert len(set(groups.values())) == 1
+    return groups
+
+
 def test_suspend_removes_pods_keeps_state_and_resume_continues_from_the_checkpoint(fl: FL, tmp_path: Path) -> None:
     log = tmp_path / "rounds.log"
+    marks = tmp_path / "init-marks.log"
     knobs = {"E2E_ROUND_SLEEP": "0.5", "E2E_ROUNDS_LOG": str(log)}
     job = _knobbed(quickstart_job("pause", rounds=6, server={"checkpoint": {"enabled": True}}),
                    site_a=knobs, site_b=knobs)
-    fl.apply(job)
+    fl.apply(_pod_template_overrides(job, marks))
     fl.wait("pause", lambda s: s.get("phase") == "Running" and int(s.get("round") or 0) >= 3, 60, "in round 3")
+    groups = _assert_overrides_and_pod_group(fl, "pause")
+    # The init containers ran (locally, as the kubelet runs them) before each trainer: once per site.
+    assert sorted(marks.read_text().split()) == ["site-b", "x"]
     tokens = fl.core.read_namespaced_secret("pause-server-tokens", "default").data
 
     fl.patch_spec("pause", {"suspend": True})
@@ -238,6 +282,9 @@ def test_suspend_removes_pods_keeps_state_and_resume_continues_from_the_checkpoi
     fl.patch_spec("pause", {"suspend": False})
     status = fl.wait_phase("pause", "Succeeded", timeout=90)
     assert status["round"] == 6
+    # Resumed pods are the same Kueue group again, with the same count; their init containers ran again.
+    assert _assert_overrides_and_pod_group(fl, "pause") == groups
+    assert sorted(marks.read_text().split()) == ["site-b", "site-b", "x", "x"]
     assert {c["type"]: c["status"] for c in status["conditions"]}["Suspended"] == "False"
     # Same tokens after resume: the running job's identities were reused, not regenerated.
     assert fl.core.read_namespaced_secret("pause-server-tokens", "default").data == tokens

@@ -17,7 +17,7 @@ from fedkube.errors import ConfigError
 from fedkube.operator import builders, naming
 from fedkube.security import pki
 from fedkube.security.material import JobTls
-from fedkube.spec import FLJob, SpecError, layout, load_job, parse_job
+from fedkube.spec import DEFAULT_IMAGE, FLJob, SpecError, layout, load_job, parse_job
 from tests.unit.operator.kvalidate import K8S_VERSIONS, assert_valid
 from tests.unit.spec.manifests import EXAMPLE, example_manifest, full_manifest
 
@@ -302,7 +302,7 @@ def test_server_pod(which: str) -> None:
     job = _job(which)
     pod = builders.build_server_pod(job)
     (c,) = pod["spec"]["containers"]
-    assert c["command"] == ["fedkube", "server"] and c["image"] == job.spec.server.image
+    assert c["command"] == ["fedkube", "server"] and c["image"] == (job.spec.server.image or DEFAULT_IMAGE)
     env = _env(c)
     assert env[envvars.JOB] == job.name
     assert env[envvars.SPEC_FILE] == f"{layout.SPEC_DIR}/{layout.SPEC_FILE_NAME}"
@@ -350,7 +350,7 @@ def test_client_pod_wiring(site: str) -> None:
     (sidecar,) = pod["spec"]["initContainers"]
     (trainer,) = pod["spec"]["containers"]
     assert sidecar["restartPolicy"] == "Always" and sidecar["command"] == ["fedkube", "sidecar"]
-    assert sidecar["image"] == job.spec.sidecar.image
+    assert sidecar["image"] == (job.spec.sidecar.image or DEFAULT_IMAGE)
     s_env = _env(sidecar)
     assert s_env[envvars.JOB] == "mnist" and s_env[envvars.SITE] == site
     assert s_env[envvars.SERVER_ADDRESS] == f"mnist-server.ml.svc:{envvars.DEFAULT_GRPC_PORT}"

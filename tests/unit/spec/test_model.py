@@ -13,7 +13,6 @@ import yaml
 
 from fedkube.errors import ConfigError
 from fedkube.spec import (
-    DEFAULT_IMAGE,
     FLJob,
     Problem,
     SpecError,
@@ -35,7 +34,8 @@ def test_example_loads_with_defaults() -> None:
     assert [c.name for c in job.spec.clients] == ["site-a", "site-b"]
     assert job.spec.rounds == 3 and job.spec.quorum == 2
     assert job.spec.trainer.command == ["python", "train.py"]
-    assert job.spec.server.image == DEFAULT_IMAGE and job.spec.sidecar.image == DEFAULT_IMAGE
+    # No image in the spec: the operator fills in its own default (chart jobDefaults.image, else DEFAULT_IMAGE).
+    assert job.spec.server.image is None and job.spec.sidecar.image is None
     assert job.spec.server.command == ["fedkube", "server"]
     assert job.spec.strategy.name == "fedavg" and job.spec.strategy.server_lr is None
     assert job.spec.model.source == "firstClient"
