@@ -32,7 +32,7 @@ from typing import Any
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
-from fedkube.operator import certificates, naming, netpol
+from fedkube.operator import certificates, joins, naming, netpol
 from fedkube.operator.certificates import TlsMaterial
 from fedkube.spec import layout
 from fedkube.spec.checks import merge_env, merge_resources
@@ -98,7 +98,7 @@ def build_all(
     objs = [
         build_spec_configmap(job, owner=owner),
         build_server_tokens_secret(job, tokens=tokens, owner=owner),
-        *(build_client_token_secret(job, site.name, tokens=tokens, owner=owner) for site in job.spec.clients),
+        *(build_client_token_secret(job, site, tokens=tokens, owner=owner) for site in joins.local_sites(job)),
         *certificates.build_tls_objects(
             job, tls, lambda name, role, site: _meta(job, name, role, owner, site)),
     ]
@@ -108,7 +108,8 @@ def build_all(
     objs.extend(netpol.build_network_policies(job, network, owner_references(owner)))  # before any pod runs
     objs.append(build_server_service(job, owner=owner))
     objs.append(build_server_pod(job, owner=owner, log_format=log_format))
-    objs.extend(build_client_pod(job, site.name, owner=owner, log_format=log_format) for site in job.spec.clients)
+    # A remote site runs its own sidecar and trainer (docs/remote-sites.md): no pod here.
+    objs.extend(build_client_pod(job, site, owner=owner, log_format=log_format) for site in joins.local_sites(job))
     return objs
 
 
@@ -246,13 +247,16 @@ def build_checkpoint_pvc(job: FLJob, *, owner: Mapping[str, Any] | None = None) 
 
 
 def build_server_service(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> Manifest:
-    """ClusterIP Service ``{job}-server``: gRPC + bulk for sidecars, status for the operator, metrics for Prometheus."""
+    """Service ``{job}-server``: gRPC + bulk for sidecars, status for the operator, metrics for Prometheus, and
+    enroll for remote sites; of ``spec.server.expose.type`` (ClusterIP unless the job exposes the server)."""
+    expose = job.spec.server.expose
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(job, naming.server_name(job.name), naming.ROLE_SERVER, owner),
+        "metadata": _meta(job, naming.server_name(job.name), naming.ROLE_SERVER, owner,
+                          annotations=expose.annotations or None),
         "spec": {
-            "type": "ClusterIP",
+            "type": expose.type,
             "selector": {naming.LABEL_JOB: job.name, naming.LABEL_ROLE: naming.ROLE_SERVER},
             "ports": [
                 {
@@ -283,6 +287,7 @@ def build_server_service(job: FLJob, *, owner: Mapping[str, Any] | None = None) 
                     "protocol": "TCP",
                     "appProtocol": "http",
                 },
+                *joins.enroll_ports(job),
             ],
         },
     }
@@ -304,6 +309,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         _env(envvars.CHECKPOINT_DIR, layout.CHECKPOINT_DIR),
         _env(envvars.TERMINATION_LOG, layout.TERMINATION_LOG),
         *certificates.tls_env(job, sidecar=False),
+        *joins.enroll_env(job),
         *(_env_var(e) for e in server.env),
     ]
     mounts = [
@@ -312,6 +318,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         {"name": VOLUME_CHECKPOINT, "mountPath": layout.CHECKPOINT_DIR},
         {"name": VOLUME_TMP, "mountPath": layout.TMP_DIR},
         *certificates.tls_mounts(job),
+        *joins.enroll_mounts(job),
         *(m.model_dump(by_alias=True, exclude_none=True) for m in server.volume_mounts),
     ]
     container: dict[str, Any] = {
@@ -324,6 +331,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
             {"name": "bulk", "containerPort": envvars.DEFAULT_BULK_PORT, "protocol": "TCP"},
             {"name": "status", "containerPort": envvars.DEFAULT_STATUS_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": envvars.DEFAULT_METRICS_PORT, "protocol": "TCP"},
+            *({"name": p["name"], "containerPort": p["port"], "protocol": "TCP"} for p in joins.enroll_ports(job)),
         ],
         # A TCP check needs no knowledge of the status endpoint's paths: listening means serving.
         "readinessProbe": {"tcpSocket": {"port": "status"}, "periodSeconds": 5, "failureThreshold": 3},
@@ -350,6 +358,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         {"name": VOLUME_CHECKPOINT, **checkpoint},
         {"name": VOLUME_TMP, "emptyDir": {}},
         *certificates.tls_volumes(job, None),
+        *joins.enroll_volumes(job),
         *(v.manifest() for v in server.volumes),
     ]
     return {

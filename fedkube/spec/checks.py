@@ -25,6 +25,7 @@ from fedkube.spec.model import (
 )
 from fedkube.spec.problems import Problem
 from fedkube.spec.quantity import parse_quantity
+from fedkube.spec.remote import remote_problems, remote_warnings
 from fedkube.spec.strategy import FEDADAM_DEFAULTS, ROBUST_DEFAULTS, min_results
 
 _DNS_LABEL_RE = re.compile(DNS1123_LABEL)
@@ -42,8 +43,9 @@ def check_job(job: FLJob) -> tuple[list[Problem], list[Problem]]:
         *_strategy_and_model(job),
         *_containers(job),
         *_timeout_errors(job),
+        *remote_problems(job.spec),
     ]
-    return errors, list(_warnings(job))
+    return errors, [*_warnings(job), *remote_warnings(job.spec)]
 
 
 def _names(job: FLJob) -> Iterator[Problem]:

@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 import fedkube
 from fedkube.spec.egress import Egress
 from fedkube.spec.quantity import parse_quantity
+from fedkube.spec.remote import Expose
 from fedkube.spec.security import Security
 from fedkube.spec.strategy import Strategy
 
@@ -363,6 +364,7 @@ class ServerTemplate(_ContainerTemplate):
         default_factory=lambda: ["fedkube", "server"], min_length=1, description="Server command."
     )
     checkpoint: Checkpoint = Field(default_factory=Checkpoint, description="Checkpoint storage.")
+    expose: Expose = Field(default_factory=Expose, description="Reach the server from outside (remote sites).")
 
 
 class TrainerTemplate(_ContainerTemplate):
@@ -393,6 +395,11 @@ class ClientSite(_Model):
     )
     tolerations: list[Toleration] | None = Field(
         default=None, description="Replaces the trainer template's tolerations when given."
+    )
+    remote: bool = Field(
+        default=False,
+        description="The site runs outside this cluster and joins with its join bundle ({job}-join-{site}); "
+        "the operator creates no pod for it (docs/remote-sites.md).",
     )
 
 
