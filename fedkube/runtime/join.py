@@ -66,7 +66,7 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _current(state: Path, bundle: enroll.JoinBundle) -> x509.Certificate | None:
+def _current(state: Path, bundle: enroll.JoinBundle, now: dt.datetime) -> x509.Certificate | None:
     """The stored certificate when it belongs to the bundle's CA and is valid now, else None."""
     files = files_in(state)
     try:
@@ -76,21 +76,22 @@ def _current(state: Path, bundle: enroll.JoinBundle) -> x509.Certificate | None:
         (state / TOKEN_FILE).read_bytes()
     except (OSError, ValueError, FedkubeError):
         return None
-    now = dt.datetime.now(dt.timezone.utc)
     if enroll.fingerprint(ca) != bundle.ca_sha256 or not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
         return None
     return cert
 
 
-def ensure_identity(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, *, timeout_s: float = 10.0) -> str:
+def ensure_identity(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, *, timeout_s: float = 10.0,
+                    now: dt.datetime | None = None) -> str:  # fmt: skip
     """Enroll, renew or reuse; returns what was done ("enrolled", "renewed", "reused")."""
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state, 0o700)
     files = files_in(state)
-    cert = _current(state, bundle)
+    moment = now or dt.datetime.now(dt.timezone.utc)
+    cert = _current(state, bundle, moment)
     address = (ends.host, ends.enroll_port)
     key = enroll.new_site_key()
-    if cert is not None and not enroll.needs_renewal(cert, dt.datetime.now(dt.timezone.utc)):
+    if cert is not None and not enroll.needs_renewal(cert, moment):
         return "reused"
     if cert is not None:
         issued = renew_site(bundle, key, files.cert, files.key, address, timeout_s=timeout_s)

@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import socket
 import ssl
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -248,3 +249,25 @@ def test_a_silent_connection_is_dropped_at_the_deadline(env: Env) -> None:
         raw.settimeout(5)
         assert raw.recv(1) == b""  # closed by the server after request_timeout_s (2 s), not held
     assert env.count("request_deadline") + env.count("RequestDeadline") == 1
+
+
+def test_join_enrolls_once_reuses_and_renews_when_a_third_is_left(env: Env, tmp_path: Path) -> None:
+    from fedkube.runtime.join import Endpoints, ensure_identity
+
+    state, ends = tmp_path / "state", Endpoints("127.0.0.1", 0, 0, env.server.port)
+    bundle = env.bundles["remote-a"]
+    assert ensure_identity(bundle, state, ends, timeout_s=2.0) == "enrolled"
+    first = (state / "tls.crt").read_bytes()
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert {stat.S_IMODE((state / f).stat().st_mode) for f in ("tls.key", "token")} == {0o600}
+    assert ensure_identity(bundle, state, ends, timeout_s=2.0) == "reused"  # a restart: no new token needed
+    cert = x509.load_pem_x509_certificate(first)
+    later = cert.not_valid_before_utc + (cert.not_valid_after_utc - cert.not_valid_before_utc) * 0.8
+    env.clock.now = later.timestamp()
+    assert ensure_identity(bundle, state, ends, timeout_s=2.0, now=later) == "renewed"
+    assert (state / "tls.crt").read_bytes() != first
+    assert env.count("enrolled") == env.count("renewed") == 1
+    # A bundle of another job CA (the job was recreated): the stored identity is not reused but enrolled anew.
+    other = replace(bundle, ca_sha256="sha256:" + "0" * 64)
+    with pytest.raises(EnrollmentError):
+        ensure_identity(other, state, ends, timeout_s=2.0, now=later)  # the token is spent: refused, not reused
