@@ -21,6 +21,7 @@ from typing import Any
 import kubernetes
 import numpy as np
 import pytest
+from cryptography import x509
 
 from fedkube import envvars
 from fedkube.runtime.join import Endpoints, ensure_identity
@@ -111,6 +112,11 @@ def test_two_in_cluster_sites_and_a_joined_remote_site_reach_the_exact_fedavg(fl
             joined.communicate()
     assert joined.returncode == 0, out
     assert {s: c["state"] for s, c in status["clients"].items()} == dict.fromkeys(STEPS, "Done")
+    # Where the remote site connected from, as the server saw it, and when its certificate expires.
+    remote = status["clients"]["site-r"]
+    assert "127.0.0.1" in remote["peer"], remote
+    site_cert = x509.load_pem_x509_certificate((state / "tls.crt").read_bytes())
+    assert remote["certNotAfter"] == site_cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
 
     ckpt = load_latest(fl.run_dir / "volumes" / "default-remote-checkpoint", "remote")
     assert ckpt is not None and ckpt.round == ROUNDS
