@@ -55,7 +55,7 @@ class EnrollmentRefused(FedkubeError):
         self.reason = reason
 
 
-# Refusal labels of fedkube_server_enrollments_total{outcome}: a fixed set, so the metric's series stay bounded.
+# Refusal labels of fedkube_server_enrollments_total{reason}: a fixed set, so the metric's series stay bounded.
 NO_TOKEN = "no_token"
 TOKEN_MALFORMED = "token_malformed"
 TOKEN_OTHER_JOB = "token_other_job"

@@ -334,7 +334,7 @@ class FedkubeServer:
             self.enrollment = start_enrollment(
                 self.config.enroll, tls_files=self.config.tls.files, namespace=self.config.namespace,
                 job=self.config.job, host=self.config.bind_host, site_tokens=self.config.tokens,
-                checkpoint_dir=self.config.checkpoint_dir, registry=self.metrics_registry)
+                checkpoint_dir=self.config.checkpoint_dir, count=self.metrics.enrollment)
         self._grpc.start()
         self._status.start()
         self._ready.set()

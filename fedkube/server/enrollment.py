@@ -12,7 +12,7 @@
   absolute deadline, bounded frames, and the bulk port's slot limits (:class:`~fedkube.transfer.bulk.listener.
   Listener`).
 
-Outcomes are counted in ``fedkube_server_enrollments_total{fljob, outcome}``: ``enrolled``, ``renewed``, or the
+Outcomes are counted in ``fedkube_server_enrollments_total{fljob, reason}``: ``enrolled``, ``renewed``, or the
 refusal label (:data:`fedkube.security.enroll.REFUSALS`, the TLS labels, the port limits).
 """
 
@@ -34,7 +34,6 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from prometheus_client import CollectorRegistry, Counter
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
@@ -229,13 +228,11 @@ class EnrollmentServer(Listener):
     """The enrollment listener; ``count(outcome)`` is called once per connection."""
 
     def __init__(
-        self, enroller: Enroller, ctx: ssl.SSLContext, *, host: str, port: int, registry: CollectorRegistry | None,
+        self, enroller: Enroller, ctx: ssl.SSLContext, *, host: str, port: int, count: Callable[[str], None],
         request_timeout_s: float = REQUEST_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS,
         max_per_peer: int = MAX_PER_PEER,
     ) -> None:  # fmt: skip
-        self._counter = Counter("fedkube_server_enrollments_total",
-                                "Enrollment and renewal requests of remote sites by outcome (enrolled, renewed, or "
-                                "why one was refused).", ["fljob", "outcome"], registry=registry)
+        self._counter = count  # ServerMetrics.enrollment: fedkube_server_enrollments_total{reason}
         self._known = {ENROLLED, RENEWED, *enroll.REFUSALS, *TLS_REFUSALS, *PORT_REFUSALS}
         self.enroller = enroller
         self.request_timeout_s = request_timeout_s
@@ -244,7 +241,7 @@ class EnrollmentServer(Listener):
                          on_refused=self._count)
 
     def _count(self, outcome: str) -> None:
-        self._counter.labels(fljob=self.enroller.job, outcome=outcome if outcome in self._known else "other").inc()
+        self._counter(outcome if outcome in self._known else "other")
 
     def start(self) -> EnrollmentServer:
         self._start()
@@ -296,7 +293,7 @@ def _peer(conn: socket.socket) -> str:
 
 def start_enrollment(
     settings: EnrollSettings, *, tls_files: TlsFiles | None, namespace: str, job: str, host: str,
-    site_tokens: Mapping[str, bytes], checkpoint_dir: Path | None, registry: CollectorRegistry | None,
+    site_tokens: Mapping[str, bytes], checkpoint_dir: Path | None, count: Callable[[str], None],
 ) -> EnrollmentServer:  # fmt: skip
     """The running enrollment listener of a server (``FedkubeServer.start``); ConfigError when it cannot run."""
     if tls_files is None:
@@ -309,7 +306,7 @@ def start_enrollment(
         host = "::" if socket.has_dualstack_ipv6() else "0.0.0.0"
     try:
         return EnrollmentServer(enroller, server_context(tls_files), host=host, port=settings.port,
-                                registry=registry).start()
+                                count=count).start()
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{settings.port} for enrollment ({envvars.ENROLL_PORT}): {exc}; "
                           f"fix: pick a free {envvars.ENROLL_PORT}") from exc

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from prometheus_client import CollectorRegistry
 
+from fedkube.metrics.server import ServerMetrics
 from fedkube.security import enroll, pki
 from fedkube.security.enroll_wire import EnrollmentError, enroll_site, renew_site
 from fedkube.server.enrollment import Enroller, EnrollmentServer, EnrollSettings, Ledger, server_context
@@ -53,7 +54,7 @@ class Env:
 
     def count(self, outcome: str) -> float:
         value = self.registry.get_sample_value("fedkube_server_enrollments_total",
-                                               {"fljob": JOB, "outcome": outcome})
+                                               {"fljob": JOB, "reason": outcome})
         return value or 0.0
 
 
@@ -71,8 +72,9 @@ def _start(job_pki: JobPki, ledger_dir: Path, clock: Clock, registry: CollectorR
     settings = EnrollSettings(ca=job_pki.ca, records=records, port=0)
     enroller = Enroller(NS, JOB, settings, Ledger.open(ledger_dir), {s: f"bearer-{s}".encode() for s in REMOTE},
                         clock=clock)
-    return EnrollmentServer(enroller, server_context(job_pki.server), host="127.0.0.1", port=0, registry=registry,
-                            request_timeout_s=2.0).start()
+    metrics = ServerMetrics(registry, JOB)
+    return EnrollmentServer(enroller, server_context(job_pki.server), host="127.0.0.1", port=0,
+                            count=metrics.enrollment, request_timeout_s=2.0).start()
 
 
 @pytest.fixture
@@ -239,7 +241,7 @@ def test_the_site_shows_its_token_only_to_the_job_server(job_pki: JobPki, tmp_pa
             enroll_site(bundle, enroll.new_site_key(), ("127.0.0.1", impostor.port), timeout_s=2.0)
         assert caught.value.reason == "server_not_trusted"
         assert registry.get_sample_value("fedkube_server_enrollments_total",
-                                         {"fljob": JOB, "outcome": "enrolled"}) is None
+                                         {"fljob": JOB, "reason": "enrolled"}) is None
     finally:
         impostor.stop()
 
