@@ -146,6 +146,20 @@ def enroll_volumes(job: FLJob) -> list[dict[str, Any]]:
                                                   "sources": [{"secret": ca}, {"secret": tokens}]}}]
 
 
+def remote_ingress(job: FLJob) -> list[dict[str, Any]]:
+    """The server NetworkPolicy's rule for remote sites: gRPC, bulk and enroll from anywhere.
+
+    A remote site arrives through a load balancer or an ingress whose source address the cluster may rewrite
+    (a node's, the controller's), so no selector can name it; what admits it is mutual TLS (and, on the enroll
+    port, the join token), exactly as for an in-cluster site. Nothing when the job has no remote site.
+    """
+    if not enrolls(job):
+        return []
+    ports = [envvars.DEFAULT_GRPC_PORT, envvars.DEFAULT_BULK_PORT, DEFAULT_ENROLL_PORT]
+    return [{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}],
+             "ports": [{"port": p, "protocol": "TCP"} for p in ports]}]
+
+
 def enroll_ports(job: FLJob) -> list[dict[str, Any]]:
     """The Service port of the enrollment listener (the container port has the same name and number)."""
     if not enrolls(job):

@@ -406,6 +406,10 @@ def judge_site(
             delete = pod.name if (failure.reason or "") in OPERATOR_REASONS else None
             state = failure
     state = _with_teardown_note(state, pod, word)
+    if pod is None and state.state is ClientState.PENDING and any(c.remote for c in job.spec.clients if c.name == site):
+        # No pod will ever come: say what the site is waiting for instead.
+        state = state.model_copy(update={"message": f"remote site: waiting for it to join (fedkube join with the "
+                                                    f"bundle in Secret {job.name}-join-{site}) and register"})
     return SiteVerdict(state, delete, _failure_event(site, before, state))
 
 

@@ -147,3 +147,29 @@ def test_a_remote_site_behind_a_cluster_ip_is_warned_about() -> None:
     assert not errors
     assert any(w.path == "spec.server.expose" for w in warnings)
     assert not any(w.path == "spec.server.expose" for w in check_job(_remote_job())[1])
+
+
+def test_the_server_network_policy_opens_the_site_ports_to_remote_sites_only_when_there_are_some() -> None:
+    from fedkube.operator.netpol import NetworkPolicyConfig
+
+    def server_ingress(job: FLJob) -> list[dict[str, Any]]:
+        tls = certificates.provision(job, certificates.StoredTls(), now=NOW, rotate=False)
+        objs = builders.build_all(job, tokens={c.name: "t" for c in job.spec.clients}, tls=tls,
+                                  network=NetworkPolicyConfig("ops"))
+        policy = next(o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("-server"))
+        return list(policy["spec"]["ingress"])
+
+    anywhere = [{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}]
+    remote = [rule for rule in server_ingress(_remote_job()) if rule["from"] == anywhere]
+    assert [{p["port"] for p in rule["ports"]} for rule in remote] == [{7070, 8471, 8472}]
+    assert not [rule for rule in server_ingress(parse_job(example_manifest())) if rule["from"] == anywhere]
+
+
+def test_a_remote_site_without_a_pod_is_shown_waiting_to_join() -> None:
+    from fedkube.operator.status import judge_site
+    from fedkube.operator.views import ServerWord
+
+    job = _remote_job()
+    verdict = judge_site(job, job.spec.clients[-1].name, None, None, ServerWord.of(None, None), now=0.0)
+    assert verdict.status.state.value == "Pending" and verdict.delete_pod is None
+    assert f"{job.name}-join-" in (verdict.status.message or "")
