@@ -173,3 +173,14 @@ def test_a_remote_site_without_a_pod_is_shown_waiting_to_join() -> None:
     verdict = judge_site(job, job.spec.clients[-1].name, None, None, ServerWord.of(None, None), now=0.0)
     assert verdict.status.state.value == "Pending" and verdict.delete_pod is None
     assert f"{job.name}-join-" in (verdict.status.message or "")
+
+
+def test_render_shows_no_token_or_hash() -> None:
+    job = _remote_job()
+    objs = builders.build_all(job, tokens={c.name: naming.TOKEN_PLACEHOLDER for c in job.spec.clients},
+                              tls=certificates.TlsPlaceholder())
+    secrets = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Secret"}
+    remote = job.spec.clients[-1].name
+    assert _data(secrets[joins.join_secret_name(job.name, remote)], joins.BUNDLE_FILE) == naming.TOKEN_PLACEHOLDER
+    assert json.loads(_data(secrets[joins.enroll_secret_name(job.name)], joins.ENROLL_TOKENS)) == {
+        remote: naming.TOKEN_PLACEHOLDER}
