@@ -107,6 +107,8 @@ def build_all(
         objs.append(pvc)
     objs.extend(netpol.build_network_policies(job, network, owner_references(owner)))  # before any pod runs
     objs.append(build_server_service(job, owner=owner))
+    objs.extend(joins.build_remote_service(job, lambda name, role, site: _meta(
+        job, name, role, owner, site, annotations=job.spec.server.expose.annotations or None)))
     objs.append(build_server_pod(job, owner=owner, log_format=log_format))
     # A remote site runs its own sidecar and trainer (docs/remote-sites.md): no pod here.
     objs.extend(build_client_pod(job, site, owner=owner, log_format=log_format) for site in joins.local_sites(job))
@@ -247,16 +249,14 @@ def build_checkpoint_pvc(job: FLJob, *, owner: Mapping[str, Any] | None = None) 
 
 
 def build_server_service(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> Manifest:
-    """Service ``{job}-server``: gRPC + bulk for sidecars, status for the operator, metrics for Prometheus, and
-    enroll for remote sites; of ``spec.server.expose.type`` (ClusterIP unless the job exposes the server)."""
-    expose = job.spec.server.expose
+    """ClusterIP Service ``{job}-server``: gRPC + bulk for sidecars, status for the operator, metrics for Prometheus,
+    enroll for remote sites (which reach it through ``{job}-remote``, :func:`joins.build_remote_service`)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(job, naming.server_name(job.name), naming.ROLE_SERVER, owner,
-                          annotations=expose.annotations or None),
+        "metadata": _meta(job, naming.server_name(job.name), naming.ROLE_SERVER, owner),
         "spec": {
-            "type": expose.type,
+            "type": "ClusterIP",
             "selector": {naming.LABEL_JOB: job.name, naming.LABEL_ROLE: naming.ROLE_SERVER},
             "ports": [
                 {

@@ -160,6 +160,30 @@ def remote_ingress(job: FLJob) -> list[dict[str, Any]]:
              "ports": [{"port": p, "protocol": "TCP"} for p in ports]}]
 
 
+def remote_service_name(job: str) -> str:
+    """``{job}-remote``: as long as ``{job}-server``, so every valid job name fits a Service name."""
+    return f"{job}-remote"
+
+
+def build_remote_service(job: FLJob, meta: MetaFn) -> list[Manifest]:
+    """The Service remote sites dial, of ``spec.server.expose.type`` with its annotations: only the gRPC, bulk and
+    enroll ports. A separate Service, so that a LoadBalancer never publishes the status and metrics ports (which
+    the ``{job}-server`` ClusterIP keeps for the operator and Prometheus). None for ClusterIP (an ingress or
+    gateway then routes to ``{job}-server`` with TLS passthrough)."""
+    expose = job.spec.server.expose
+    if expose.type == "ClusterIP" or not remote_sites(job):
+        return []
+    ports = [{"name": "grpc", "port": envvars.DEFAULT_GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"},
+             {"name": "bulk", "port": envvars.DEFAULT_BULK_PORT, "targetPort": "bulk", "protocol": "TCP"},
+             *enroll_ports(job)]
+    return [{
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": meta(remote_service_name(job.name), naming.ROLE_SERVER, None),
+        "spec": {"type": expose.type, "selector": {naming.LABEL_JOB: job.name, naming.LABEL_ROLE: naming.ROLE_SERVER},
+                 "ports": ports},
+    }]  # fmt: skip
+
+
 def enroll_ports(job: FLJob) -> list[dict[str, Any]]:
     """The Service port of the enrollment listener (the container port has the same name and number)."""
     if not enrolls(job):

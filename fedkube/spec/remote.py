@@ -60,8 +60,9 @@ class Expose(_Model):
 
     type: ServiceType = Field(
         default="ClusterIP",
-        description="Type of the {job}-server Service: LoadBalancer or NodePort reach it from outside the "
-        "cluster; ClusterIP with an ingress or gateway that passes TLS through (see docs/remote-sites.md).",
+        description="LoadBalancer or NodePort: a Service {job}-remote of that type carries the gRPC, bulk and "
+        "enroll ports (never status or metrics); ClusterIP: none, an ingress or gateway passes TLS through to "
+        "{job}-server (docs/remote-sites.md).",
     )
     annotations: dict[str, str] = Field(
         default_factory=dict, description="Annotations of the Service (e.g. a cloud load balancer's settings)."

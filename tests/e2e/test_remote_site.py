@@ -91,6 +91,7 @@ def test_two_in_cluster_sites_and_a_joined_remote_site_reach_the_exact_fedavg(fl
     assert bundle.server_name == "localhost" and bundle.site == "site-r"
     children = fl.children("remote")
     assert "remote-client-site-r" not in children["Pod"] and "remote-client-site-r-tls" not in children["Secret"]
+    assert sorted(children["Service"]) == ["remote-remote", "remote-server"]  # the NodePort one for remote sites
     path = tmp_path / "bundle.json"
     path.write_text(text)
     ports = _wait(fl, "server ports", lambda: _server_ports(fl, "remote"))

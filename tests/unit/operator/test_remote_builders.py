@@ -79,10 +79,14 @@ def test_a_remote_site_gets_no_pod_token_or_key_but_a_join_bundle() -> None:
 
 def test_the_server_is_exposed_with_its_external_names_and_the_enrollment_port() -> None:
     job, tls, objs = _built()
-    service = objs[("Service", naming.server_name(job.name))]
+    inside = objs[("Service", naming.server_name(job.name))]
+    assert inside["spec"]["type"] == "ClusterIP" and "annotations" not in inside["metadata"]
+    service = objs[("Service", joins.remote_service_name(job.name))]
     assert service["spec"]["type"] == "LoadBalancer"
     assert service["metadata"]["annotations"] == {"example.com/lb": "internal"}
-    assert {"name": "enroll", "port": 8472, "targetPort": "enroll", "protocol": "TCP"} in service["spec"]["ports"]
+    assert service["spec"]["selector"] == inside["spec"]["selector"]
+    # Only what remote sites use goes public: never the status or metrics port.
+    assert [p["port"] for p in service["spec"]["ports"]] == [7070, 8471, 8472]
     san = tls.server.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "fl.example.org" in san.get_values_for_type(x509.DNSName)
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["203.0.113.7"]
@@ -121,8 +125,7 @@ def test_a_job_without_remote_sites_builds_no_enrollment_objects() -> None:
     objs = builders.build_all(job, tokens={c.name: "t" for c in job.spec.clients}, tls=tls)
     assert not [o for o in objs if o["metadata"]["name"].startswith(f"{job.name}-join-")]
     assert all(joins.VOLUME_ENROLL not in json.dumps(o) for o in objs)
-    service = next(o for o in objs if o["kind"] == "Service")
-    assert service["spec"]["type"] == "ClusterIP" and "annotations" not in service["metadata"]
+    assert [o["metadata"]["name"] for o in objs if o["kind"] == "Service"] == [naming.server_name(job.name)]
 
 
 @pytest.mark.parametrize("address", ["https://fl.example.org", "fl.example.org:443", "FL.example.org", ""])
