@@ -30,6 +30,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "run": Command("fedkube.runtime.cli", "run_main", "run an FLJob on this machine (server, sidecars, trainers)"),
+    "join": Command("fedkube.runtime.join", "join_main", "join an FLJob as a remote site (enroll, sidecar, trainer)"),
     "validate": Command("fedkube.spec.command", "validate_main", "check an FLJob manifest; list problems and warnings"),
     "render": Command("fedkube.operator.render", "render_main", "print the Kubernetes objects the operator creates"),
     "export": Command("fedkube.server.export", "export_main", "write a checkpoint's model as safetensors/npz/torch"),

@@ -73,6 +73,10 @@ TLS_DIR = "FEDKUBE_TLS_DIR"
 # Sidecar only: the name the server's certificate must carry (default: the host of SERVER_ADDRESS).
 # Lets a sidecar dial 127.0.0.1 (local mode, a port-forward) and still check the Service name.
 TLS_SERVER_NAME = "FEDKUBE_TLS_SERVER_NAME"
+# Server only, for jobs with remote sites: the directory holding the job CA (ca.crt, ca.key) and the join tokens'
+# hashes (tokens.json); unset = no enrollment listener. Its port (TLS, server-authenticated only).
+ENROLL_DIR = "FEDKUBE_ENROLL_DIR"
+ENROLL_PORT = "FEDKUBE_ENROLL_PORT"
 
 # --- trainer (user script + trainer SDK) --------------------------------------
 SIDECAR_ADDRESS = "FEDKUBE_SIDECAR_ADDRESS"  # host:port of the sidecar's local endpoint

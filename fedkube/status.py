@@ -276,6 +276,10 @@ class ClientStatus:
     """L2 norm of that result's update before clipping (only with spec.strategy.clipNorm)."""
     bounded: ClientMessage = ""
     """How that result's influence was bounded ("" when it was not): capped num_examples, clipped update."""
+    peer: ClientMessage = ""
+    """Where its connection comes from, as the server sees it (remote sites: docs/remote-sites.md)."""
+    cert_not_after: Annotated[ClientMessage, _camel("cert_not_after")] = ""
+    """When the certificate of its connection expires (RFC 3339)."""
 
     def to_dict(self, message_chars: int = CLIENT_MESSAGE_CHARS) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "state": ClientState(self.state).value}
@@ -289,6 +293,10 @@ class ClientStatus:
                 d[key] = value
         if self.bounded:
             d["bounded"] = clip(self.bounded, message_chars)
+        if self.peer:
+            d["peer"] = clip(self.peer, message_chars)
+        if self.cert_not_after:
+            d["certNotAfter"] = clip(self.cert_not_after, message_chars)
         return d
 
 

@@ -103,6 +103,9 @@ class ServerMetrics:
                                  "Calls and connections refused before any effect (a TLS handshake or certificate, "
                                  "a bad token, an unknown site, a bad message, a port limit), by port and reason.",
                                  check_labels(["fljob", "plane", "reason"]), registry=registry)
+        self._enrollments = Counter("fedkube_server_enrollments_total",
+                                    "Enrollment and renewal requests of remote sites by outcome (enrolled, renewed, "
+                                    "or why one was refused).", check_labels(["fljob", "reason"]), registry=registry)
         s = check_labels(["fljob", "site"])
         self._site_weight = Gauge("fedkube_server_site_weight",
                                   "Weight the site's last result was averaged with (after spec.strategy.weighting "
@@ -228,6 +231,10 @@ class ServerMetrics:
         for bound, hit in zip(BOUNDS, (capped, clipped), strict=True):
             if hit:
                 self._bounded.labels(fljob=self.job, site=label, reason=bound).inc()
+
+    def enrollment(self, outcome: str) -> None:
+        """An enrollment-port request ended with ``outcome`` (a fixed set: fedkube.server.enrollment)."""
+        self._enrollments.labels(fljob=self.job, reason=outcome).inc()
 
     def connection_rejected(self, reason: str, plane: str = "grpc") -> None:
         """A call or connection was refused before any effect (``reason``: e.g. BadToken, ConnectionLimit,

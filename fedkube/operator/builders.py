@@ -32,7 +32,7 @@ from typing import Any
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
-from fedkube.operator import certificates, disruption, naming, netpol, podspec
+from fedkube.operator import certificates, disruption, joins, naming, netpol, podspec
 from fedkube.operator.certificates import TlsMaterial
 from fedkube.operator.podspec import PodDefaults
 from fedkube.spec import layout
@@ -104,7 +104,7 @@ def build_all(
     objs = [
         build_spec_configmap(job, owner=owner),
         build_server_tokens_secret(job, tokens=tokens, owner=owner),
-        *(build_client_token_secret(job, site.name, tokens=tokens, owner=owner) for site in job.spec.clients),
+        *(build_client_token_secret(job, site, tokens=tokens, owner=owner) for site in joins.local_sites(job)),
         *certificates.build_tls_objects(
             job, tls, lambda name, role, site: _meta(job, name, role, owner, site)),
     ]
@@ -113,8 +113,11 @@ def build_all(
             objs.append(pvc)
     objs.extend(netpol.build_network_policies(job, network, owner_references(owner)))  # before any pod runs
     objs.append(build_server_service(job, owner=owner))
+    objs.extend(joins.build_remote_service(job, lambda name, role, site: _meta(
+        job, name, role, owner, site, annotations=job.spec.server.expose.annotations or None)))
     objs.append(disruption.build_server_pdb(job, owner_references(owner)))
     objs.append(build_server_pod(job, owner=owner, log_format=log_format, defaults=defaults))
+    # A remote site runs its own sidecar and trainer (docs/remote-sites.md): no pod here.
     objs.extend(build_client_pod(job, site.name, owner=owner, log_format=log_format, defaults=defaults)
                 for site in podspec.pod_sites(job))
     return objs
@@ -273,7 +276,8 @@ def build_output_pvc(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> M
 
 
 def build_server_service(job: FLJob, *, owner: Mapping[str, Any] | None = None) -> Manifest:
-    """ClusterIP Service ``{job}-server``: gRPC + bulk for sidecars, status for the operator, metrics for Prometheus."""
+    """ClusterIP Service ``{job}-server``: gRPC + bulk for sidecars, status for the operator, metrics for Prometheus,
+    enroll for remote sites (which reach it through ``{job}-remote``, :func:`joins.build_remote_service`)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -310,6 +314,7 @@ def build_server_service(job: FLJob, *, owner: Mapping[str, Any] | None = None) 
                     "protocol": "TCP",
                     "appProtocol": "http",
                 },
+                *joins.enroll_ports(job),
             ],
         },
     }
@@ -333,6 +338,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         *([_env(envvars.OUTPUT_DIR, OUTPUT_DIR)] if job.spec.output is not None else []),
         _env(envvars.TERMINATION_LOG, layout.TERMINATION_LOG),
         *certificates.tls_env(job, sidecar=False),
+        *joins.enroll_env(job),
         *(podspec.env_var(e) for e in server.env),
     ]
     mounts = [
@@ -342,6 +348,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
         *([{"name": OUTPUT_VOLUME, "mountPath": OUTPUT_DIR}] if job.spec.output is not None else []),
         {"name": VOLUME_TMP, "mountPath": layout.TMP_DIR},
         *certificates.tls_mounts(job),
+        *joins.enroll_mounts(job),
         *(m.model_dump(by_alias=True, exclude_none=True) for m in server.volume_mounts),
     ]
     container: dict[str, Any] = {
@@ -354,6 +361,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
             {"name": "bulk", "containerPort": envvars.DEFAULT_BULK_PORT, "protocol": "TCP"},
             {"name": "status", "containerPort": envvars.DEFAULT_STATUS_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": envvars.DEFAULT_METRICS_PORT, "protocol": "TCP"},
+            *({"name": p["name"], "containerPort": p["port"], "protocol": "TCP"} for p in joins.enroll_ports(job)),
         ],
         # A TCP check needs no knowledge of the status endpoint's paths: listening means serving.
         "readinessProbe": {"tcpSocket": {"port": "status"}, "periodSeconds": 5, "failureThreshold": 3},
@@ -384,6 +392,7 @@ def build_server_pod(job: FLJob, *, owner: Mapping[str, Any] | None = None, log_
             "claimName": job.spec.output.claim_name or output_claim_name(job.name)}}] if job.spec.output else []),
         {"name": VOLUME_TMP, "emptyDir": {}},
         *certificates.tls_volumes(job, None),
+        *joins.enroll_volumes(job),
         *(v.manifest() for v in server.volumes),
     ]
     pod_spec = _pod_spec([container], volumes, server.node_selector, server.tolerations)

@@ -36,7 +36,7 @@ from cryptography.exceptions import InvalidSignature
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
-from fedkube.operator import naming
+from fedkube.operator import joins, naming
 from fedkube.operator import status as lifecycle
 from fedkube.security import pki
 from fedkube.security.material import CERT_FILE, KEY_FILE, MOUNT_PATH, SECRET_TYPE, JobTls, PartyTls
@@ -136,15 +136,15 @@ def build_tls_objects(job: FLJob, tls: TlsMaterial | None, meta: MetaFn) -> list
                 "fix: pass tls=JobTls.generate(...) (the operator and `fedkube run` do), set "
                 "spec.security.issuerRef to let cert-manager issue, or set spec.security.tls: disabled"
             )
-        return [build_certificate(job, site, meta) for site in (None, *(c.name for c in job.spec.clients))]
+        return [build_certificate(job, site, meta) for site in (None, *joins.local_sites(job))]
     objs = [_tls_secret(job, naming.ca_secret_name(job.name), ca_files(tls), meta(
         naming.ca_secret_name(job.name), naming.ROLE_CA, None))]
     objs.append(_tls_secret(job, naming.server_tls_secret_name(job.name), tls.for_server().files(), meta(
         naming.server_tls_secret_name(job.name), naming.ROLE_SERVER, None)))
-    for site in job.spec.clients:
-        name = naming.client_tls_secret_name(job.name, site.name)
-        objs.append(_tls_secret(job, name, tls.for_site(site.name).files(), meta(name, naming.ROLE_CLIENT, site.name)))
-    return objs
+    for site in joins.local_sites(job):  # a remote site makes its own key (fedkube.operator.joins)
+        name = naming.client_tls_secret_name(job.name, site)
+        objs.append(_tls_secret(job, name, tls.for_site(site).files(), meta(name, naming.ROLE_CLIENT, site)))
+    return objs + joins.build_join_objects(job, tls if isinstance(tls, JobTls) else None, meta)
 
 
 def _tls_secret(job: FLJob, name: str, files: Mapping[str, bytes], metadata: dict[str, Any]) -> Manifest:
@@ -176,7 +176,10 @@ def build_certificate(job: FLJob, site: str | None, meta: MetaFn) -> Manifest:
         raise ConfigError(f"job {job.namespace}/{job.name}: a Certificate needs spec.security.issuerRef")
     if site is None:
         name, role = naming.server_tls_secret_name(job.name), naming.ROLE_SERVER
-        identity: dict[str, Any] = {"dnsNames": pki.server_dns_names(job.namespace, job.name)}
+        expose = job.spec.server.expose
+        identity: dict[str, Any] = {"dnsNames": pki.server_dns_names(job.namespace, job.name) + expose.dns_names()}
+        if expose.ip_addresses():
+            identity["ipAddresses"] = expose.ip_addresses()
         usages = ["digital signature", "server auth"]
     else:
         name, role = naming.client_tls_secret_name(job.name, site), naming.ROLE_CLIENT
@@ -304,13 +307,27 @@ def provision(job: FLJob, stored: StoredTls, *, now: dt.datetime, rotate: bool) 
     assert ca is not None
     leaf_validity = pki.Validity(validity.not_before, min(validity.not_after, ca.cert.not_valid_after_utc))
     kept = None if rotate else _load(stored.server)
-    server = kept if _leaf_ok(kept, ca, now, pki.server_dns_names(ns, name), []) else None
+    expose = job.spec.server.expose
+    dns, ips = pki.server_dns_names(ns, name) + expose.dns_names(), expose.ip_addresses()
+    server = kept if _leaf_ok(kept, ca, now, dns, []) and _has_ips(kept, ips) else None
     sites: dict[str, pki.Issued] = {}
-    for site in (c.name for c in job.spec.clients):
+    for site in joins.local_sites(job):
         leaf = None if rotate else _load(stored.sites.get(site))
         ok = leaf if _leaf_ok(leaf, ca, now, [], [pki.site_uri(ns, name, site)]) else None
         sites[site] = ok or pki.issue_site_cert(ca, ns, name, site, leaf_validity)
-    return JobTls(ca=ca, server=server or pki.issue_server_cert(ca, ns, name, leaf_validity), sites=sites)
+    return JobTls(ca=ca, server=server or pki.issue_server_cert(
+        ca, ns, name, leaf_validity, extra_dns=expose.dns_names(), extra_ips=ips), sites=sites)
+
+
+def _has_ips(leaf: pki.Issued | None, ips: list[str]) -> bool:
+    """The server certificate names every external IP address (a new ``externalAddresses`` entry reissues it)."""
+    if leaf is None or not ips:
+        return leaf is not None
+    try:
+        san = leaf.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} >= set(ips)
 
 
 def stored_names(job: FLJob) -> tuple[str, str, dict[str, str]]:
@@ -318,7 +335,7 @@ def stored_names(job: FLJob) -> tuple[str, str, dict[str, str]]:
     return (
         naming.ca_secret_name(job.name),
         naming.server_tls_secret_name(job.name),
-        {c.name: naming.client_tls_secret_name(job.name, c.name) for c in job.spec.clients},
+        {site: naming.client_tls_secret_name(job.name, site) for site in joins.local_sites(job)},
     )
 
 

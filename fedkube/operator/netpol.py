@@ -36,7 +36,7 @@ from typing import Any
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
-from fedkube.operator import naming
+from fedkube.operator import joins, naming
 from fedkube.spec import FLJob
 
 #: Set by the chart's Deployment (JSON of the ``networkPolicy:`` values); unset or ``enabled: false`` = none.
@@ -128,6 +128,7 @@ def build_network_policies(job: FLJob, config: NetworkPolicyConfig | None,
          "ports": _tcp(envvars.DEFAULT_GRPC_PORT, envvars.DEFAULT_BULK_PORT)},
         {"from": [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: config.operator_namespace}}}],
          "ports": _tcp(envvars.DEFAULT_STATUS_PORT)},
+        *joins.remote_ingress(job),  # remote sites: authenticated by mutual TLS, not by where they come from
     ]
     client_in: list[dict[str, Any]] = []
     if config.monitoring is not None:

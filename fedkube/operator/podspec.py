@@ -100,8 +100,11 @@ def defaults_from_env(environ: Mapping[str, str]) -> PodDefaults:
 
 
 def pod_sites(job: FLJob) -> list[ClientSite]:
-    """The client sites that get a pod from the operator (one place, so the Kueue count matches the pods)."""
-    return list(job.spec.clients)
+    """The client sites that get a pod from the operator (one place, so the Kueue count matches the pods).
+
+    A remote site runs its own sidecar and trainer (docs/remote-sites.md): no pod here.
+    """
+    return [site for site in job.spec.clients if not site.remote]
 
 
 def pod_count(job: FLJob) -> int:

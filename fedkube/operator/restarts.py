@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedkube.operator import builders, kube, naming
+from fedkube.operator import builders, kube, naming, podspec
 from fedkube.operator.podspec import PodDefaults
 from fedkube.operator.status import Event, operator_failed_sites
 from fedkube.operator.views import POD_FAILED, REASON_RESTART_LIMIT, ServerWord, pod_view
@@ -126,7 +126,7 @@ def plan(job: FLJob, previous: Mapping[str, Any], pods: Mapping[str, Mapping[str
     failed = operator_failed_sites(previous)
     limit = job.spec.client_restart_limit
     clients = dict(previous.get("clients") or {})
-    for site in job.spec.clients:
+    for site in podspec.pod_sites(job):  # a remote site has no pod here to create again
         name = site.name
         if name in failed or _failed_for_job(word, name):
             continue

@@ -365,7 +365,9 @@ class SiteVerdict:
 def _carried_state(pod: PodView | None, before: SiteStatus | None, reported: Any) -> SiteStatus:
     """The site's state before this look's pod is judged: the server's word, else the last one written."""
     if reported is not None:
-        return _site(reported.state, reported.reason, reported.message, pod.name if pod else "")
+        seen = {"peer": reported.peer or None, "cert_not_after": reported.cert_not_after or None}
+        return _site(reported.state, reported.reason, reported.message, pod.name if pod else "").model_copy(
+            update=seen)
     if before is not None and pod is not None and before.state is not ClientState.PENDING:
         # No fresh word from the server (it may be busy or on its way out): its last word stands.
         return _site(before.state, before.reason or "", before.message or "", pod.name)
@@ -433,6 +435,10 @@ def judge_site(
             delete = pod.name if (failure.reason or "") in OPERATOR_REASONS else None
             state = failure
     state = _with_teardown_note(state, pod, word)
+    if pod is None and state.state is ClientState.PENDING and any(c.remote for c in job.spec.clients if c.name == site):
+        # No pod will ever come: say what the site is waiting for instead.
+        state = state.model_copy(update={"message": f"remote site: waiting for it to join (fedkube join with the "
+                                                    f"bundle in Secret {job.name}-join-{site}) and register"})
     return SiteVerdict(state, delete, _failure_event(site, before, state))
 
 

@@ -48,7 +48,8 @@ from fedkube.runtime.resolver import LOCAL_HOST, pod_key_of
 __all__ = ["ADDRESS_VARS", "DEFAULT_TERMINATION_PATH", "PORT_VARS", "PodMapping", "fedkube_command"]
 
 PORT_VARS = frozenset(
-    {envvars.GRPC_PORT, envvars.BULK_PORT, envvars.STATUS_PORT, envvars.METRICS_PORT, envvars.TRAINER_PORT}
+    {envvars.GRPC_PORT, envvars.BULK_PORT, envvars.STATUS_PORT, envvars.METRICS_PORT, envvars.TRAINER_PORT,
+     envvars.ENROLL_PORT}
 )
 ADDRESS_VARS = frozenset({envvars.SERVER_ADDRESS, envvars.SERVER_BULK_ADDRESS, envvars.SIDECAR_ADDRESS})
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"

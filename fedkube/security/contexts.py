@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 
 from fedkube.errors import ConfigError
-from fedkube.security.identity import PeerIdentityError, SiteIdentity, site_identity
+from fedkube.security.identity import PeerIdentityError, SiteIdentity, load_certificate, site_identity
 from fedkube.security.pki import TlsFiles
 
 # The auth-context key under which gRPC puts the peer's verified leaf certificate (PEM).
@@ -103,6 +103,14 @@ def grpc_peer_site_identity(context: grpc.ServicerContext, *, namespace: str, jo
             "no_client_certificate", f"the gRPC peer {context.peer()} presented no client certificate"
         )
     return site_identity(certs[0], namespace=namespace, job=job)
+
+
+def peer_cert_not_after(context: grpc.ServicerContext) -> str:
+    """When the gRPC peer's (verified) certificate expires, RFC 3339; "" without one (plaintext)."""
+    certs = context.auth_context().get(GRPC_PEER_CERT_KEY, [])
+    if not certs:
+        return ""
+    return load_certificate(certs[0]).not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- why a TLS connection was refused ---------------------------------------------------------------

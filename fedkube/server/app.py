@@ -40,6 +40,7 @@ from fedkube.server import checkpoint
 from fedkube.server.auth import Authenticator, AuthError, Identity, credentials_from_metadata
 from fedkube.server.config import ServerConfig, load_config
 from fedkube.server.control import ControlServicer, SessionTable
+from fedkube.server.enrollment import EnrollmentServer, start_enrollment
 from fedkube.server.http import StatusServer
 from fedkube.server.output import ModelOutput
 from fedkube.server.reverse import ClaimRefused, UploadBroker
@@ -287,6 +288,7 @@ class FedkubeServer:
         self.downloads.add_to_server(self._grpc)
         self.grpc_port = 0
         self.bulk: BulkServer | None = None
+        self.enrollment: EnrollmentServer | None = None  # remote sites' enrollment port (started in start())
         self._status = StatusServer(
             self.status_json, self.ready, host=config.bind_host, port=config.status_port,
             on_refused=lambda reason: self.metrics.connection_rejected(reason, "status"),
@@ -329,6 +331,11 @@ class FedkubeServer:
             raise ConfigError(f"cannot listen on {address}; fix: pick a free {envvars.GRPC_PORT}")
         if self.config.bulk_port is not None:
             self.bulk = self._start_bulk(self.config.bulk_port)
+        if self.config.enroll is not None:
+            self.enrollment = start_enrollment(
+                self.config.enroll, tls_files=self.config.tls.files, namespace=self.config.namespace,
+                job=self.config.job, host=self.config.bind_host, site_tokens=self.config.tokens,
+                checkpoint_dir=self.config.checkpoint_dir, count=self.metrics.enrollment)
         self._grpc.start()
         self._status.start()
         self._ready.set()
@@ -396,6 +403,8 @@ class FedkubeServer:
         self.sessions.close_all()  # streams drain their queues (the Stop message) and end
         if self.bulk is not None:
             self.bulk.stop()
+        if self.enrollment is not None:
+            self.enrollment.stop()
         self._grpc.stop(grace_s).wait(grace_s + 1)
         # grpc leaves its executor to us: without this its idle workers outlive the server (an in-process server
         # of a test keeps them for the whole session). No wait: a handler past the grace must not hang shutdown.
@@ -433,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                 grpc_port=portfile.chosen(ports_file, envvars.GRPC_PORT, config.grpc_port),
                 bulk_port=None if config.bulk_port is None else portfile.chosen(ports_file, envvars.BULK_PORT, 0),
                 status_port=portfile.chosen(ports_file, envvars.STATUS_PORT, config.status_port),
+                enroll=None if config.enroll is None else dataclasses.replace(
+                    config.enroll, port=portfile.chosen(ports_file, envvars.ENROLL_PORT, 0)),
             )
         server = FedkubeServer(config)
     except ConfigError as exc:
@@ -461,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
             bound.update({envvars.GRPC_PORT: server.grpc_port, envvars.STATUS_PORT: server.status_port})
             if server.bulk_port:
                 bound[envvars.BULK_PORT] = server.bulk_port
+            if server.enrollment is not None:
+                bound[envvars.ENROLL_PORT] = server.enrollment.port
             portfile.report(ports_file, bound)
         except ConfigError as exc:
             log.error("configuration error: %s", exc)

@@ -18,6 +18,7 @@ from typing import Any
 from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.security.settings import TlsSettings
+from fedkube.server.enrollment import EnrollSettings
 from fedkube.server.influence import Influence
 from fedkube.spec import FLJobSpec, ModelSource, Strategy, Timeouts, Transfer, load_job
 from fedkube.spec.model import DEFAULT_MAX_BYTES, ModelSourceKind, model_max_bytes
@@ -150,6 +151,8 @@ class ServerConfig:
     tls: TlsSettings = field(default_factory=TlsSettings.disabled)
     # The FLJob's namespace: a site certificate must name it (with the job) to be one of this job's sites.
     namespace: str = "default"
+    # Remote sites' enrollment port (FEDKUBE_ENROLL_DIR/_PORT; fedkube.server.enrollment); None = off.
+    enroll: EnrollSettings | None = None
 
     def __post_init__(self) -> None:
         t = self.register_timeout_s
@@ -266,6 +269,7 @@ def load_config(env: Mapping[str, str] | None = None, *, bind_host: str = "[::]"
         register_timeout_s=_seconds_env(env, envvars.REGISTER_TIMEOUT, DEFAULT_REGISTER_TIMEOUT_S),
         tls=tls,
         namespace=namespace or "default",
+        enroll=EnrollSettings.from_env(env),
     )
 
 

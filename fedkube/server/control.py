@@ -27,6 +27,7 @@ import grpc
 
 from fedkube import envvars
 from fedkube.protocol import PROTOCOL_VERSION
+from fedkube.security.contexts import peer_cert_not_after
 from fedkube.server import outbox
 from fedkube.server.auth import Authenticator, AuthError
 from fedkube.server.reverse import ClaimRefused, UploadBroker, push_chunk, push_end, push_error
@@ -88,6 +89,7 @@ class Session:
     session_id: str
     conn_id: int
     peer: str
+    cert_not_after: str = ""  # the site certificate's notAfter (RFC 3339), "" without TLS
     outbox: queue.Queue[Any] = field(default_factory=queue.Queue, repr=False)
     closed: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -253,7 +255,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         assert first is not None
         reg = first.register
         conn_id = self._sessions.next_conn_id()
-        session = Session(site=site, session_id=reg.session_id, conn_id=conn_id, peer=context.peer())
+        session = Session(site=site, session_id=reg.session_id, conn_id=conn_id, peer=context.peer(),
+                          cert_not_after=peer_cert_not_after(context))
         # Registered goes first on the stream: queue it before anyone can send a task.
         session.send(outbox.registered(self._job, self._heartbeat_interval_ms))
         replaced = self._sessions.install(session)

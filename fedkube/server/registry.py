@@ -122,6 +122,10 @@ class ClientRecord:
     rounds_completed: int = 0
     delivered_task_id: str = ""
     """The last task whose result the server downloaded in full (kept when the client later fails or is lost)."""
+    peer: str = ""
+    """Where its current connection comes from, as the server sees it (a NAT or load balancer shows itself)."""
+    cert_not_after: str = ""
+    """When the certificate of its current connection expires (RFC 3339)."""
 
     @property
     def failed_for_job(self) -> bool:
@@ -135,6 +139,8 @@ class ClientRecord:
             self.reason.value if self.reason else "",
             self.message,
             self.rounds_completed,
+            peer=self.peer,
+            cert_not_after=self.cert_not_after,
         )
 
 
@@ -230,7 +236,9 @@ class Registry:
 
     # -- events ------------------------------------------------------------------
 
-    def register(self, session: SessionLike, resume_task_id: str = "") -> Registration | None:
+    def register(
+        self, session: SessionLike, resume_task_id: str = "", *, peer: str = "", cert: str = ""
+    ) -> Registration | None:
         """A Connect stream was accepted for ``session.site``.
 
         Returns None when a newer connection of the site already registered
@@ -253,7 +261,7 @@ class Registry:
                 )
             ident = {
                 "session_id": session.session_id, "conn_id": session.conn_id,
-                "connected": True, "seen": True, "last_seen": now,
+                "connected": True, "seen": True, "last_seen": now, "peer": peer, "cert_not_after": cert,
             }
             resumed = bool(resume_task_id) and resume_task_id == rec.task_id and rec.state in (S.TRAINING, S.UPLOADING)
             task_lost = rec.state in (S.TRAINING, S.UPLOADING) and not resumed

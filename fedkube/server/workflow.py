@@ -461,7 +461,7 @@ class RoundWorkflow:
             session.send(outbox.stop(self._final.success, self._final.reason, self._final.message))
             return
         try:
-            reg = self.registry.register(session, resume_task_id)
+            reg = self.registry.register(session, resume_task_id, peer=session.peer, cert=session.cert_not_after)
         except RegistrationRejected as exc:
             rec = self.registry.get(session.site)
             log.warning("job %s: %s", job, exc)

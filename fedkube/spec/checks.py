@@ -26,6 +26,7 @@ from fedkube.spec.model import (
 from fedkube.spec.podtemplate import mount_problems, override_problems, queue_problems
 from fedkube.spec.problems import Problem
 from fedkube.spec.quantity import parse_quantity
+from fedkube.spec.remote import remote_problems, remote_warnings
 from fedkube.spec.strategy import FEDADAM_DEFAULTS, ROBUST_DEFAULTS, min_results
 
 _DNS_LABEL_RE = re.compile(DNS1123_LABEL)
@@ -44,8 +45,9 @@ def check_job(job: FLJob) -> tuple[list[Problem], list[Problem]]:
         *_containers(job),
         *_pod_templates(job),
         *_timeout_errors(job),
+        *remote_problems(job.spec),
     ]
-    return errors, list(_warnings(job))
+    return errors, [*_warnings(job), *remote_warnings(job.spec)]
 
 
 def _names(job: FLJob) -> Iterator[Problem]:

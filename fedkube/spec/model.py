@@ -31,6 +31,7 @@ from fedkube.spec.podtemplate import (  # noqa: F401  (re-exported: the spec's c
     VolumeMount,
 )
 from fedkube.spec.quantity import parse_quantity
+from fedkube.spec.remote import Expose
 from fedkube.spec.security import Security
 from fedkube.spec.strategy import Strategy
 
@@ -295,6 +296,7 @@ class ServerTemplate(_ContainerTemplate):
         default_factory=lambda: ["fedkube", "server"], min_length=1, description="Server command."
     )
     checkpoint: Checkpoint = Field(default_factory=Checkpoint, description="Checkpoint storage.")
+    expose: Expose = Field(default_factory=Expose, description="Reach the server from outside (remote sites).")
 
 
 class TrainerTemplate(_ContainerTemplate):
@@ -334,6 +336,11 @@ class ClientSite(PodOverrides):
         default_factory=list,
         alias="volumeMounts",
         description="Added to the trainer's volumeMounts; one at the same mountPath replaces it.",
+    )
+    remote: bool = Field(
+        default=False,
+        description="The site runs outside this cluster and joins with its join bundle ({job}-join-{site}); "
+        "the operator creates no pod for it (docs/remote-sites.md).",
     )
 
 

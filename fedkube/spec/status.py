@@ -40,12 +40,16 @@ class SiteStatus(_Status):
     message: str | None = Field(default=None, description="What happened and what to do about it.")
     pod: str | None = Field(default=None, description="The client's pod.")
     restarts: int | None = Field(default=None, description="Times the operator created the site's pod again.")
+    peer: str | None = Field(default=None, description="Where its connection comes from, as the server sees it.")
+    cert_not_after: str | None = Field(default=None, alias="certNotAfter",
+                                       description="When its connection's certificate expires.")
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as written: empty fields left out (the status merge patch nulls the ones that went away)."""
         out: dict[str, Any] = {"state": ClientState(self.state).value}
-        for key in ("reason", "message", "pod", "restarts"):
-            value = getattr(self, key)
+        for attr, key in (("reason", "reason"), ("message", "message"), ("pod", "pod"), ("restarts", "restarts"),
+                          ("peer", "peer"), ("cert_not_after", "certNotAfter")):
+            value = getattr(self, attr)
             if value:
                 out[key] = value
         return out

@@ -25,6 +25,7 @@ def exercised() -> dict[str, CollectorRegistry]:
     s.model_size(4096)
     s.client_failed(Reason.EXITED_BEFORE_DOWNLOAD.value)
     s.connection_rejected("Unauthenticated")
+    s.enrollment("enrolled")
     s.site_influence("site-a", claimed=1e6, weight=1000.0, norm=12.5, capped=True, clipped=True)
     s.round_completed(12.0, number=1)
     c = SidecarMetrics(regs["sidecar"], "mnist", "site-a")

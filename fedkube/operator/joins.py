@@ -1,0 +1,191 @@
+"""Remote sites on the server side: join bundles, the server's token hashes, and the enrollment mount.
+
+Pure like the builders. For each ``spec.clients[].remote`` site the operator makes:
+
+* Secret ``<job>-join-<site>`` (``bundle.json``): the :class:`~fedkube.security.enroll.JoinBundle` the job owner
+  hands to the site's admin out of band. Only the operator writes it and no pod mounts it.
+* Secret ``<job>-enroll`` (``tokens.json``): per remote site the SHA-256 of its token and its expiry, mounted into
+  the server with the job CA (a projected volume at :data:`ENROLL_DIR`): the server signs the CSRs of remote sites
+  (it is the job's trust root already: it decides who takes part and what the model becomes), and never sees a
+  token it could replay.
+
+No client pod, client token Secret or client TLS Secret exists for a remote site: its key is made at the site.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fedkube import envvars
+from fedkube.operator import naming, podspec
+from fedkube.security import enroll, pki
+from fedkube.security.material import CERT_FILE, KEY_FILE, JobTls
+from fedkube.spec.model import FLJob
+from fedkube.spec.remote import DEFAULT_ENROLL_PORT
+
+Manifest = dict[str, Any]
+MetaFn = Callable[[str, str, "str | None"], dict[str, Any]]
+
+ENROLL_DIR = "/var/run/secrets/fedkube/enroll"
+ENROLL_CA_CERT = "ca.crt"
+ENROLL_CA_KEY = "ca.key"
+ENROLL_TOKENS = "tokens.json"
+BUNDLE_FILE = "bundle.json"
+VOLUME_ENROLL = "fedkube-enroll"
+FILE_MODE_ENROLL = 0o440  # group-readable: the kubelet's files belong to root, the server reads as the fsGroup
+
+
+def remote_sites(job: FLJob) -> list[str]:
+    return [c.name for c in job.spec.clients if c.remote]
+
+
+def local_sites(job: FLJob) -> list[str]:
+    """Sites whose pod the operator runs (fedkube.operator.podspec.pod_sites, by name)."""
+    return [site.name for site in podspec.pod_sites(job)]
+
+
+def enrolls(job: FLJob) -> bool:
+    """True when the server runs the enrollment listener: TLS on, the operator's CA, and a remote site."""
+    return job.spec.security.tls == "enabled" and job.spec.security.issuer_ref is None and bool(remote_sites(job))
+
+
+def join_secret_name(job: str, site: str) -> str:
+    return f"{job}-join-{site}"
+
+
+def enroll_secret_name(job: str) -> str:
+    return f"{job}-enroll"
+
+
+def token_expiry(job: FLJob, tls: JobTls) -> dt.datetime:
+    """A join token is good ``joinTokenSeconds`` from when the server certificate was made (created or resumed)."""
+    made = tls.server.cert.not_valid_before_utc + pki.CLOCK_SKEW
+    return made + dt.timedelta(seconds=job.spec.server.expose.join_token_seconds)
+
+
+def join_tokens(job: FLJob, tls: JobTls) -> dict[str, str]:
+    """Each remote site's join token, derived from the CA key and the server certificate's serial."""
+    salt = format(tls.server.cert.serial_number, "x")
+    return {s: enroll.derive_token(tls.ca, job.namespace, job.name, s, salt) for s in remote_sites(job)}
+
+
+def server_name(job: FLJob) -> str:
+    """The name remote sites check on the server certificate: the first external address, else the Service's."""
+    expose = job.spec.server.expose
+    return expose.external_addresses[0] if expose.external_addresses else pki.server_dns_names(
+        job.namespace, job.name)[-1]
+
+
+def build_bundle(job: FLJob, tls: JobTls, site: str) -> enroll.JoinBundle:
+    expose = job.spec.server.expose
+    hosts = expose.external_addresses or [server_name(job)]
+    return enroll.JoinBundle(
+        namespace=job.namespace, job=job.name, site=site, server_name=server_name(job),
+        addresses=tuple(hosts), grpc_port=envvars.DEFAULT_GRPC_PORT, bulk_port=envvars.DEFAULT_BULK_PORT,
+        enroll_port=DEFAULT_ENROLL_PORT, ca_pem=tls.ca.cert_pem().decode(), ca_sha256=enroll.fingerprint(tls.ca.cert),
+        token=join_tokens(job, tls)[site], expires_at=token_expiry(job, tls).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )  # fmt: skip
+
+
+def _secret(metadata: dict[str, Any], files: dict[str, bytes]) -> Manifest:
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": metadata,
+        "data": {k: base64.b64encode(v).decode() for k, v in files.items()},
+    }  # fmt: skip
+
+
+def build_join_objects(job: FLJob, tls: JobTls | None, meta: MetaFn) -> list[Manifest]:
+    """``<job>-enroll`` and one ``<job>-join-<site>`` per remote site; nothing without remote sites or real keys
+    (``fedkube render`` shows a placeholder instead: the bundles carry tokens)."""
+    if not enrolls(job):
+        return []
+    marker = naming.TOKEN_PLACEHOLDER.encode()
+    if tls is None:
+        records = {s: marker.decode() for s in remote_sites(job)}
+        out = [_secret(meta(enroll_secret_name(job.name), naming.ROLE_SERVER, None),
+                       {ENROLL_TOKENS: json.dumps(records, sort_keys=True).encode()})]
+        return out + [_secret(meta(join_secret_name(job.name, s), naming.ROLE_CLIENT, s), {BUNDLE_FILE: marker})
+                      for s in remote_sites(job)]
+    expiry = token_expiry(job, tls).timestamp()
+    tokens = join_tokens(job, tls)
+    table = {s: enroll.TokenRecord(enroll.token_hash(t), expiry).to_dict() for s, t in tokens.items()}
+    objs = [_secret(meta(enroll_secret_name(job.name), naming.ROLE_SERVER, None),
+                    {ENROLL_TOKENS: json.dumps(table, sort_keys=True).encode()})]
+    for site in remote_sites(job):
+        objs.append(_secret(meta(join_secret_name(job.name, site), naming.ROLE_CLIENT, site),
+                            {BUNDLE_FILE: build_bundle(job, tls, site).to_json().encode()}))
+    return objs
+
+
+# --- the server pod ------------------------------------------------------------------------------------------
+
+
+def enroll_env(job: FLJob) -> list[dict[str, Any]]:
+    if not enrolls(job):
+        return []
+    return [{"name": envvars.ENROLL_DIR, "value": ENROLL_DIR},
+            {"name": envvars.ENROLL_PORT, "value": str(DEFAULT_ENROLL_PORT)}]
+
+
+def enroll_mounts(job: FLJob) -> list[dict[str, Any]]:
+    return [{"name": VOLUME_ENROLL, "mountPath": ENROLL_DIR, "readOnly": True}] if enrolls(job) else []
+
+
+def enroll_volumes(job: FLJob) -> list[dict[str, Any]]:
+    """The job CA (certificate and key) and the token hashes, in one directory of the server container."""
+    if not enrolls(job):
+        return []
+    ca = {"name": naming.ca_secret_name(job.name),
+          "items": [{"key": CERT_FILE, "path": ENROLL_CA_CERT}, {"key": KEY_FILE, "path": ENROLL_CA_KEY}]}
+    tokens = {"name": enroll_secret_name(job.name), "items": [{"key": ENROLL_TOKENS, "path": ENROLL_TOKENS}]}
+    return [{"name": VOLUME_ENROLL, "projected": {"defaultMode": FILE_MODE_ENROLL,
+                                                  "sources": [{"secret": ca}, {"secret": tokens}]}}]
+
+
+def remote_ingress(job: FLJob) -> list[dict[str, Any]]:
+    """The server NetworkPolicy's rule for remote sites: gRPC, bulk and enroll from anywhere.
+
+    A remote site arrives through a load balancer or an ingress whose source address the cluster may rewrite
+    (a node's, the controller's), so no selector can name it; what admits it is mutual TLS (and, on the enroll
+    port, the join token), exactly as for an in-cluster site. Nothing when the job has no remote site.
+    """
+    if not enrolls(job):
+        return []
+    ports = [envvars.DEFAULT_GRPC_PORT, envvars.DEFAULT_BULK_PORT, DEFAULT_ENROLL_PORT]
+    return [{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}],
+             "ports": [{"port": p, "protocol": "TCP"} for p in ports]}]
+
+
+def remote_service_name(job: str) -> str:
+    """``{job}-remote``: as long as ``{job}-server``, so every valid job name fits a Service name."""
+    return f"{job}-remote"
+
+
+def build_remote_service(job: FLJob, meta: MetaFn) -> list[Manifest]:
+    """The Service remote sites dial, of ``spec.server.expose.type`` with its annotations: only the gRPC, bulk and
+    enroll ports. A separate Service, so that a LoadBalancer never publishes the status and metrics ports (which
+    the ``{job}-server`` ClusterIP keeps for the operator and Prometheus). None for ClusterIP (an ingress or
+    gateway then routes to ``{job}-server`` with TLS passthrough)."""
+    expose = job.spec.server.expose
+    if expose.type == "ClusterIP" or not remote_sites(job):
+        return []
+    ports = [{"name": "grpc", "port": envvars.DEFAULT_GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"},
+             {"name": "bulk", "port": envvars.DEFAULT_BULK_PORT, "targetPort": "bulk", "protocol": "TCP"},
+             *enroll_ports(job)]
+    return [{
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": meta(remote_service_name(job.name), naming.ROLE_SERVER, None),
+        "spec": {"type": expose.type, "selector": {naming.LABEL_JOB: job.name, naming.LABEL_ROLE: naming.ROLE_SERVER},
+                 "ports": ports},
+    }]  # fmt: skip
+
+
+def enroll_ports(job: FLJob) -> list[dict[str, Any]]:
+    """The Service port of the enrollment listener (the container port has the same name and number)."""
+    if not enrolls(job):
+        return []
+    return [{"name": "enroll", "port": DEFAULT_ENROLL_PORT, "targetPort": "enroll", "protocol": "TCP"}]

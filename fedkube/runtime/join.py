@@ -1,0 +1,225 @@
+"""``fedkube join BUNDLE -- COMMAND...``: one remote site on one machine, without Kubernetes.
+
+Enrolls with the job's join bundle (:mod:`fedkube.security.enroll_wire`): the site's key is made here and never
+leaves the state directory (0700; key and token files 0600). A restart reuses the certificate, renews it over
+mutual TLS when a third of its lifetime is left, and enrolls again only when it has none for the bundle's CA.
+Then it runs what a client pod runs: the job-cell sidecar (``fedkube sidecar``) and the trainer, the trainer with
+the same environment the SDK reads in a pod (FEDKUBE_JOB, _NAMESPACE, _SITE, _SIDECAR_ADDRESS, _WORKDIR) and no
+access to the key (it talks to the sidecar on 127.0.0.1 only). The exit code is the trainer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from fedkube import envvars, portfile
+from fedkube.errors import FedkubeError
+from fedkube.logs import configure_logging
+from fedkube.runtime.mapping import fedkube_command
+from fedkube.runtime.process import ManagedProcess, ProcessSpec, StreamSink
+from fedkube.security import enroll, pki
+from fedkube.security.enroll_wire import EnrollmentError, enroll_site, renew_site
+from fedkube.security.material import files_in
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2
+TOKEN_FILE = "token"
+PORTS_FILE = "ports.json"
+SIDECAR_READY_S = 30.0
+SIDECAR_LINGER_S = 30.0  # after the trainer: the sidecar forwards its final state and exits on the job's Stop
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    host: str
+    grpc_port: int
+    bulk_port: int
+    enroll_port: int
+
+
+def default_state_dir(bundle: enroll.JoinBundle) -> Path:
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "fedkube" / f"{bundle.namespace}.{bundle.job}.{bundle.site}"
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _current(state: Path, bundle: enroll.JoinBundle, now: dt.datetime) -> x509.Certificate | None:
+    """The stored certificate when it belongs to the bundle's CA and is valid now, else None."""
+    files = files_in(state)
+    try:
+        ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        pki.load_issued(files.cert.read_bytes(), files.key.read_bytes())  # the key matches the certificate
+        (state / TOKEN_FILE).read_bytes()
+    except (OSError, ValueError, FedkubeError):
+        return None
+    if enroll.fingerprint(ca) != bundle.ca_sha256 or not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+        return None
+    return cert
+
+
+def ensure_identity(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, *, timeout_s: float = 10.0,
+                    now: dt.datetime | None = None) -> str:  # fmt: skip
+    """Enroll, renew or reuse; returns what was done ("enrolled", "renewed", "reused")."""
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state, 0o700)
+    files = files_in(state)
+    moment = now or dt.datetime.now(dt.timezone.utc)
+    cert = _current(state, bundle, moment)
+    address = (ends.host, ends.enroll_port)
+    key = enroll.new_site_key()
+    if cert is not None and not enroll.needs_renewal(cert, moment):
+        return "reused"
+    if cert is not None:
+        issued = renew_site(bundle, key, files.cert, files.key, address, timeout_s=timeout_s)
+        done = "renewed"
+    else:
+        issued = enroll_site(bundle, key, address, timeout_s=timeout_s)
+        done = "enrolled"
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    # Key first: a crash in between leaves a key without its certificate (the next start enrolls or renews).
+    _write(files.key, key_pem, 0o600)
+    _write(files.cert, issued.certificate, 0o644)
+    _write(files.ca, issued.ca, 0o644)
+    _write(state / TOKEN_FILE, issued.site_token.encode(), 0o600)
+    return done
+
+
+def site_env(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, base: Mapping[str, str]) -> dict[str, str]:
+    """The sidecar's environment: what the operator's builders give a client pod's sidecar, for this machine."""
+    env = dict(base)
+    env.update({
+        envvars.JOB: bundle.job, envvars.NAMESPACE: bundle.namespace, envvars.SITE: bundle.site,
+        envvars.SERVER_ADDRESS: f"{ends.host}:{ends.grpc_port}",
+        envvars.SERVER_BULK_ADDRESS: f"{ends.host}:{ends.bulk_port}" if ends.bulk_port else "",
+        envvars.TOKEN_FILE: str(state / TOKEN_FILE), envvars.TRAINER_PORT: "0", envvars.METRICS_PORT: "0",
+        envvars.PORTS_FILE: str(state / PORTS_FILE), envvars.SIDECAR_EXIT_ON_STOP: "1",
+        envvars.BIND_ADDRESS: "127.0.0.1", envvars.TLS: "enabled", envvars.TLS_DIR: str(state),
+        envvars.TLS_SERVER_NAME: bundle.server_name,
+    })  # fmt: skip
+    return env
+
+
+def trainer_env(bundle: enroll.JoinBundle, sidecar_port: int, workdir: Path, base: Mapping[str, str]) -> dict[str, str]:
+    """The trainer's environment: the same variables the SDK reads in a pod, and none of the site's secrets."""
+    env = {k: v for k, v in base.items() if not k.startswith("FEDKUBE_")}
+    env.update({
+        envvars.JOB: bundle.job, envvars.NAMESPACE: bundle.namespace, envvars.SITE: bundle.site,
+        envvars.SIDECAR_ADDRESS: f"127.0.0.1:{sidecar_port}", envvars.WORKDIR: str(workdir),
+    })  # fmt: skip
+    return env
+
+
+def _wait_port(sidecar: ManagedProcess, ports: Path, deadline: float) -> int | None:
+    while time.monotonic() < deadline:
+        got = portfile.read(ports) or {}
+        if envvars.TRAINER_PORT in got:
+            return got[envvars.TRAINER_PORT]
+        if sidecar.returncode is not None:
+            return None
+        time.sleep(0.05)
+    return None
+
+
+def run_site(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, command: Sequence[str], *,
+             workdir: Path | None = None) -> int:  # fmt: skip
+    """Run the sidecar and the trainer until the trainer ends; the trainer's exit code."""
+    sink = StreamSink()
+    work = workdir or state / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    ports = state / PORTS_FILE
+    ports.unlink(missing_ok=True)
+    logs = state / "logs"
+    sidecar = ManagedProcess(ProcessSpec(f"{bundle.site} sidecar", [*fedkube_command(), "sidecar"],
+                                         site_env(bundle, state, ends, os.environ), state, logs / "sidecar.log"), sink)
+    sidecar.start()
+    trainer: ManagedProcess | None = None
+    try:
+        port = _wait_port(sidecar, ports, time.monotonic() + SIDECAR_READY_S)
+        if port is None:
+            log.error("site %s: the sidecar did not start (exit %s); see %s", bundle.site, sidecar.returncode,
+                      logs / "sidecar.log")
+            return 1
+        trainer = ManagedProcess(ProcessSpec(f"{bundle.site} trainer", list(command),
+                                             trainer_env(bundle, port, work, os.environ), Path.cwd(),
+                                             logs / "trainer.log"), sink)
+        trainer.start()
+        code = trainer.wait()
+        if sidecar.wait(SIDECAR_LINGER_S) is None:
+            log.warning("site %s: the sidecar did not exit %.0f s after the trainer; stopping it", bundle.site,
+                        SIDECAR_LINGER_S)
+        return int(code if code is not None else 1)
+    finally:
+        if trainer is not None and trainer.returncode is None:
+            trainer.stop(5.0)
+        sidecar.stop(5.0)
+
+
+def join_main(argv: list[str]) -> int:
+    """Entry point of ``fedkube join``."""
+    parser = argparse.ArgumentParser(
+        prog="fedkube join", description="Join an FLJob as a remote site: enroll with the join bundle, then run the "
+        "sidecar and the trainer command on this machine.",
+        usage="fedkube join BUNDLE [options] -- COMMAND [ARGS...]",
+    )  # fmt: skip
+    parser.add_argument("bundle", type=Path, help="the join bundle (bundle.json of the job's <job>-join-<site> Secret)")
+    parser.add_argument("--state-dir", type=Path, help="where the site's key and certificate live (default: "
+                        "$XDG_STATE_HOME/fedkube/<namespace>.<job>.<site>)")
+    parser.add_argument("--server", help="host to dial instead of the bundle's first address (the certificate is "
+                        "still checked for the bundle's server name)")
+    parser.add_argument("--grpc-port", type=int, help="the server's gRPC port, when a NodePort or proxy moved it")
+    parser.add_argument("--bulk-port", type=int, help="the server's bulk port (0: tensors over gRPC only)")
+    parser.add_argument("--enroll-port", type=int, help="the server's enrollment port")
+    parser.add_argument("--workdir", type=Path, help="the trainer's FEDKUBE_WORKDIR (default: <state>/work)")
+    parser.add_argument("--enroll-only", action="store_true", help="enroll or renew, then exit")
+    if "--" in argv:
+        split = argv.index("--")
+        args, command = parser.parse_args(argv[:split]), argv[split + 1:]
+    else:
+        args, command = parser.parse_args(argv), []
+    configure_logging("join", job="")
+    if not command and not args.enroll_only:
+        parser.error("no trainer command; fix: fedkube join bundle.json -- python train.py")
+    try:
+        bundle = enroll.JoinBundle.from_text(args.bundle.read_text())
+    except (OSError, FedkubeError) as exc:
+        print(f"fedkube join: cannot read the join bundle {args.bundle}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    ends = Endpoints(args.server or bundle.host, args.grpc_port or bundle.grpc_port,
+                     bundle.bulk_port if args.bulk_port is None else args.bulk_port,
+                     args.enroll_port or bundle.enroll_port)
+    state = args.state_dir or default_state_dir(bundle)
+    try:
+        done = ensure_identity(bundle, state, ends)
+    except EnrollmentError as exc:
+        print(f"fedkube join: site {bundle.site} of job {bundle.namespace}/{bundle.job}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if exc.reason != "unreachable" else 1
+    log.info("site %s of job %s/%s: certificate %s (state in %s)", bundle.site, bundle.namespace, bundle.job, done,
+             state)
+    if args.enroll_only:
+        return 0
+    return run_site(bundle, state, ends, command, workdir=args.workdir)
