@@ -10,8 +10,9 @@
 # (about 2 minutes) and kept as a tarball in $FEDKUBE_IMAGE_CACHE (default ~/.cache/fedkube-images), so
 # later builds, and CI runs that keep that directory, import it in seconds. With a registry at hand, plain
 # `docker build .` uses python:3.11-slim instead (the Dockerfiles' default BASE).
-# pip inside the build uses this machine's pip configuration (its global config files, the CA bundle and
-# the local wheel directories they name are mounted read-only) and the host network.
+# pip inside the build uses this machine's pip configuration (its config files, the CA bundle and the local
+# wheel directories they name are mounted read-only) and the host network. FEDKUBE_TORCH_INDEX overrides
+# the index torch's CPU build comes from (empty: pip's configured indexes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,21 +81,28 @@ pip_mounts() {
   [ -n "${PIP_FIND_LINKS:-}" ] && paths+=("$PIP_FIND_LINKS")
   [ -n "${PIP_CERT:-}" ] && paths+=("$PIP_CERT")
   local p
-  for f in "${files[@]}"; do
-    # A user's config is read as the build's root user: mount it at root's location.
-    case "$f" in
-      "$HOME"/*) echo "-v $f:/root/${f#"$HOME"/}:ro" ;;
-      *) echo "-v $f:$f:ro" ;;
-    esac
-  done
-  for p in "${paths[@]}"; do
-    [ -e "$p" ] && echo "-v $p:$p:ro"
-  done
-  local env
-  for env in PIP_CERT PIP_FIND_LINKS PIP_DEFAULT_TIMEOUT PIP_INDEX_URL PIP_EXTRA_INDEX_URL; do
-    [ -n "${!env:-}" ] && echo "--build-arg $env=${!env}"
-  done
-  return 0
+  {
+    for f in "${files[@]}"; do
+      # A user's config is read as the build's root user: mount it at root's location.
+      case "$f" in
+        "$HOME"/*) echo "-v $f:/root/${f#"$HOME"/}:ro" ;;
+        *) echo "-v $f:$f:ro" ;;
+      esac
+    done
+    for p in "${paths[@]}"; do
+      [ -e "$p" ] && echo "-v $p:$p:ro"
+    done
+  } | sort -u
+}
+
+torch_index() {
+  # The CPU wheel index unless this machine cannot resolve it (then pip's own indexes must have torch).
+  local index="${FEDKUBE_TORCH_INDEX-https://download.pytorch.org/whl/cpu}"
+  if [ -n "$index" ] && ! getent hosts "$(echo "$index" | sed -E 's#^[a-z]+://([^/:]+).*#\1#')" >/dev/null; then
+    log "cannot resolve $index; installing torch from pip's configured indexes"
+    index=""
+  fi
+  echo "$index"
 }
 
 build() {
@@ -102,7 +110,7 @@ build() {
   local started=$SECONDS log_file
   log_file="$CACHE/build-$(basename "${tag%:*}").log"
   # shellcheck disable=SC2046  # pip_mounts prints one option pair per line, split on purpose
-  podman build --network host --build-arg "BASE=$BASE_TAG" $(pip_mounts) "$@" -t "$tag" "$context" \
+  podman build --network host $(pip_mounts) "$@" -t "$tag" "$context" \
     >"$log_file" 2>&1 || { tail -n 40 "$log_file" >&2; log "building $tag failed (log: $log_file)"; exit 1; }
   log "built $tag in $((SECONDS - started)) s"
 }
@@ -114,10 +122,13 @@ build_base
 for target in "${targets[@]}"; do
   case "$target" in
     base) ;;  # built above
-    fedkube) build "$FEDKUBE_TAG" . ;;
+    fedkube) build "$FEDKUBE_TAG" . --build-arg "BASE=$BASE_TAG" ;;
     quickstart-numpy|digits-pytorch)
-      podman image exists "$FEDKUBE_TAG" || build "$FEDKUBE_TAG" .
-      build "ghcr.io/fedkube/$target:0.1.0" "examples/$target" --build-arg "FEDKUBE_IMAGE=$FEDKUBE_TAG" ;;
+      podman image exists "$FEDKUBE_TAG" || build "$FEDKUBE_TAG" . --build-arg "BASE=$BASE_TAG"
+      extra=()
+      [ "$target" = digits-pytorch ] && extra=(--build-arg "TORCH_INDEX=$(torch_index)")
+      build "ghcr.io/fedkube/$target:0.1.0" "examples/$target" --build-arg "FEDKUBE_IMAGE=$FEDKUBE_TAG" \
+        "${extra[@]}" ;;
     *) log "unknown image $target; fix: one of base, fedkube, quickstart-numpy, digits-pytorch"; exit 2 ;;
   esac
 done
