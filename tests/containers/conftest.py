@@ -14,6 +14,7 @@ printed as a warning; CI (.ci/run) installs podman so they run there.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import time
@@ -57,6 +58,15 @@ class ContainerLogs(LogSink):
         return "\n".join(parts)
 
 
+@dataclasses.dataclass
+class RealPods:
+    """The e2e harness (``fl``), the podman backend its kubelet uses, and that kubelet's directory."""
+
+    fl: FL
+    backend: PodmanBackend
+    kubelet_dir: Path  # <namespace>/<pod>-<uid8>/volumes/<volume> are the pods' volumes on this machine
+
+
 @pytest.fixture(scope="session")
 def images() -> None:
     """fedkube's images, built (or brought up to date from podman's layer cache) once per session."""
@@ -73,7 +83,7 @@ def images() -> None:
 
 
 @pytest.fixture
-def pods(images: None, kube: fixtures.KubeHandle, tmp_path: Path) -> Iterator[tuple[FL, PodmanBackend]]:
+def pods(images: None, kube: fixtures.KubeHandle, tmp_path: Path) -> Iterator[RealPods]:
     """The e2e setup with pods in podman; every pod and the network are removed at the end."""
     ext = kubernetes.client.ApiextensionsV1Api(kube.api_client)
     ext.create_custom_resource_definition(yaml.safe_load(CRD.read_text()))
@@ -91,5 +101,5 @@ def pods(images: None, kube: fixtures.KubeHandle, tmp_path: Path) -> Iterator[tu
                               hold=lambda pod: holds.get(pod["metadata"]["name"]), stop_grace=3.0)
         backend.env_of = kubelet.container_env
         with kubelet, running_operator(kube.url, registry, memo=memo):
-            yield FL(kube=kube, run_dir=run_dir, resolver=LocalResolver(), holds=holds, sink=sink,
-                     pods_started=[]), backend
+            fl = FL(kube=kube, run_dir=run_dir, resolver=LocalResolver(), holds=holds, sink=sink, pods_started=[])
+            yield RealPods(fl=fl, backend=backend, kubelet_dir=kubelet_dir)

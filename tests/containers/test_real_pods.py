@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedkube.operator import builders
 from fedkube.server.checkpoint import load_latest
-from tests.e2e.conftest import FL, NAMESPACE, quickstart_job
+from tests.containers.conftest import RealPods
+from tests.e2e.conftest import NAMESPACE, quickstart_job
 from tests.e2e.test_lifecycle import _site_data
-from tests.support.podkubelet import PodmanBackend
+from tests.support.podkubelet import PodmanBackend, podman
 
-pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(600)]  # a first run builds images
 
 SITES = ("site-a", "site-b")
+STALL_TRAINER = Path(__file__).with_name("stall_trainer.py")
+CHUNK = 16 << 10
 
 
 class SidecarScrapes:
@@ -63,8 +68,8 @@ class SidecarScrapes:
         return total
 
 
-def test_quickstart_job_succeeds_in_real_pods_with_mutual_tls(pods: tuple[FL, PodmanBackend]) -> None:
-    fl, backend = pods
+def test_quickstart_job_succeeds_in_real_pods_with_mutual_tls(pods: RealPods) -> None:
+    fl, backend = pods.fl, pods.backend
     job = quickstart_job("real", sites=SITES, rounds=2, server={"checkpoint": {"enabled": True}})
     assert job["spec"].get("security", {}).get("tls", "enabled") != "disabled"  # mutual TLS: the default
     with SidecarScrapes(backend, "real") as scrapes:
@@ -98,3 +103,37 @@ def test_quickstart_job_succeeds_in_real_pods_with_mutual_tls(pods: tuple[FL, Po
         assert scrapes.value(site, "fedkube_sidecar_relayed_bytes_total", direction="to_server") > 0, site
         assert scrapes.value(site, "fedkube_sidecar_rejected_local_connections_total") == 0, site
 
+
+
+def test_trainer_killed_by_podman_mid_upload_fails_its_site_and_the_job_succeeds(pods: RealPods) -> None:
+    # DESIGN.md section 5 (and fault f01 with processes): a trainer that dies before its result was downloaded
+    # fails its client (ExitedBeforeDownload); the job goes on while minClients remain. Here the kill is
+    # podman's, from outside the container, while the server pulls the third of sixteen chunks.
+    fl = pods.fl
+    sites = ("site-0", "site-a", "site-b")  # site-0 first by name: the server pulls its result first
+    fl.core.create_namespaced_config_map(NAMESPACE, {"metadata": {"name": "stall-trainer"},
+                                                     "data": {"stall_trainer.py": STALL_TRAINER.read_text()}})
+    job = quickstart_job("kill", sites=sites, rounds=1, min_clients=2, transfer={"chunkBytes": CHUNK})
+    trainer = job["spec"]["trainer"]
+    trainer["command"] = ["python", "/opt/stall/stall_trainer.py"]
+    trainer["env"] = [{"name": "STALL_SIZE", "value": str(16 * CHUNK // 4)}]
+    trainer["volumes"] = [{"name": "stall", "configMap": {"name": "stall-trainer"}}]
+    trainer["volumeMounts"] = [{"name": "stall", "mountPath": "/opt/stall", "readOnly": True}]
+    job["spec"]["clients"][0]["env"] = [{"name": "STALL_AT_ROUND", "value": "1"}]
+    fl.apply(job)
+
+    deadline = time.monotonic() + 120
+    while not list(pods.kubelet_dir.glob("default/kill-client-site-0-*/volumes/fedkube-work/upload-stalled")):
+        if time.monotonic() > deadline:
+            pytest.fail(f"site-0 never stalled mid-upload; status {fl.status('kill')}\n{fl.sink.tail()}")
+        time.sleep(0.2)
+    pod_name = pods.backend.podman_pod_of(NAMESPACE, "kill-client-site-0")
+    podman("kill", f"{pod_name}-trainer")
+
+    status = fl.wait_phase("kill", "Succeeded", timeout=120)
+    clients = status["clients"]
+    assert (clients["site-0"]["state"], clients["site-0"]["reason"]) == ("Failed", "ExitedBeforeDownload"), clients
+    assert {clients[s]["state"] for s in ("site-a", "site-b")} == {"Done"}
+    pod = fl.core.read_namespaced_pod("kill-client-site-0", NAMESPACE)
+    trainer_status = next(c for c in pod.status.container_statuses if c.name == "trainer")
+    assert trainer_status.state.terminated.exit_code == 128 + 9, trainer_status  # SIGKILL, as Kubernetes says
