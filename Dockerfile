@@ -11,10 +11,14 @@ ARG BASE=python:3.11-slim
 
 FROM ${BASE} AS build
 WORKDIR /src
+# The dependencies first, pinned with hashes (requirements/image.txt, `scripts/build-images.sh lock`), so
+# their layer is reused while only fedkube's code changes.
+COPY requirements/image.txt ./
+RUN python -m pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r image.txt
 # Only what the package build reads, so editing tests or docs does not bust the cache.
 COPY pyproject.toml README.md ./
 COPY fedkube ./fedkube
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels ".[operator]"
+RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM ${BASE}
 ENV PYTHONDONTWRITEBYTECODE=1 \

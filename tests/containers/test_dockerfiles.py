@@ -6,7 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
+from packaging.requirements import Requirement  # pytest's own dependency
+from packaging.utils import canonicalize_name
 
 from fedkube import envvars
 from fedkube.operator import builders
@@ -50,3 +53,21 @@ def test_each_example_image_is_tagged_as_its_fljob_names_it_and_has_its_script(e
     assert workdirs[-1] == trainer["workingDir"]
     copied = " ".join(_instructions(dockerfile, "COPY"))
     assert trainer["command"][-1] in copied.split(), (trainer["command"], copied)
+
+
+def test_the_image_lock_pins_every_dependency_within_pyproject_s_ranges() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["operator"]]]
+    pins: dict[str, str] = {}
+    for line in (ROOT / "requirements" / "image.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            pin, _, digest = line.partition(" --hash=sha256:")
+            name, _, version = pin.partition("==")
+            assert len(digest) == 64, line  # --require-hashes needs one on every line
+            pins[canonicalize_name(name)] = version
+    for req in wanted:
+        version = pins.get(canonicalize_name(req.name))
+        assert version is not None, f"{req.name} is not in requirements/image.txt; fix: scripts/build-images.sh lock"
+        assert req.specifier.contains(version, prereleases=True), (
+            f"requirements/image.txt pins {req.name}=={version}, outside pyproject's {req}; "
+            "fix: scripts/build-images.sh lock")

@@ -71,7 +71,7 @@ class PodmanUnavailable(Exception):
 
 
 def podman_problem() -> str | None:
-    """Why podman cannot run pods here, or None when it can (a container really starts)."""
+    """Why podman cannot run pods here (not installed, or `podman info` fails), or None."""
     if shutil.which(PODMAN) is None:
         return "podman is not installed; fix: apt-get install -y podman runc (see .ci/run)"
     try:
