@@ -46,6 +46,7 @@ import secrets
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,21 @@ class PodmanPod:
         return self.local.finished()
 
     def stop(self, grace: float) -> None:
-        self.local.stop(grace)
+        """Main containers first; the sidecars once they have ended (a native sidecar outlives its pod's mains).
+
+        LocalPod's own completion rule stops the sidecars when the last main container has exited.
+        """
+        if self.local.stopping:
+            return
+        mains = [s for s in self.local.slots if s.state.kind == "main" and s.process is not None and s.state.running]
+        if not mains:  # nothing main running (not started yet, or done): whatever runs stops now
+            self.local.stop(grace)
+            return
+        deadline = time.monotonic() + grace
+        for slot in mains:
+            assert slot.process is not None
+            slot.process.terminate()
+            slot.kill_at = deadline
 
     @property
     def pod_ip(self) -> str:
