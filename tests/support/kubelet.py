@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,14 @@ class PodProcesses(Protocol):
 
     def stop(self, grace: float) -> None:
         """Ask every container to end (SIGTERM), SIGKILL after ``grace`` seconds."""
+
+
+@runtime_checkable
+class AddressedPod(Protocol):
+    """PodProcesses with an address of their own (a container backend), reported as ``status.podIP``."""
+
+    @property
+    def pod_ip(self) -> str: ...
 
 
 @dataclasses.dataclass
@@ -590,8 +598,9 @@ class TestKubelet:
         not_ready = [s.name for s in states if s.kind != "init" and not s.running]
         why = "" if ready else ("PodCompleted" if finished else "ContainersNotReady")
         msg = "" if ready or finished else f"containers with unready status: [{' '.join(not_ready)}]"
+        ip = entry.processes.pod_ip if isinstance(entry.processes, AddressedPod) else POD_IP
         return {
-            "phase": phase, "podIP": POD_IP, "podIPs": [{"ip": POD_IP}], "hostIP": POD_IP,
+            "phase": phase, "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": POD_IP,
             "startTime": entry.start_time,
             "conditions": [
                 self._condition(entry, "PodScheduled", True),
