@@ -18,7 +18,10 @@ from tests.e2e.conftest import NAMESPACE, quickstart_job
 from tests.e2e.test_lifecycle import _site_data
 from tests.support.podkubelet import PodmanBackend, podman
 
-pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(600)]  # a first run builds images
+# One xdist worker runs them all (scripts/test.sh --dist loadgroup): one image build per session, and real
+# pods of two tests never compete for the two cores at once.
+pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(600),  # a first run builds images
+              pytest.mark.xdist_group("containers")]
 
 SITES = ("site-a", "site-b")
 STALL_TRAINER = Path(__file__).with_name("stall_trainer.py")
