@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -123,7 +124,8 @@ def test_job_labels_and_annotations_reach_pods_except_reserved_prefixes() -> Non
         assert notes["prometheus.io/port"] != "1"  # fedkube's own annotation wins
     job = parse_job(_manifest())
     spec_cm = builders.build_spec_configmap(job)
-    assert "last-applied" not in spec_cm["data"]["job.json"] and "annotations" not in spec_cm["data"]["job.json"]
+    assert "last-applied" not in spec_cm["data"]["job.json"]
+    assert "annotations" not in json.loads(spec_cm["data"]["job.json"]).get("metadata", {})
     # Other children are not labelled by the job's author: a Service or Secret is selected by its labels.
     secret = builders.build_server_tokens_secret(job, tokens={c.name: "t" for c in job.spec.clients})
     assert "team" not in secret["metadata"]["labels"]
