@@ -26,6 +26,9 @@ Strategies:
   Integer/bool tensors have no gradient; they take FedAvg's value. FedAdam
   needs 2xS more memory than FedAvg for m and v: that is the optimizer's
   state, not an aggregation cost.
+* ``FedYogi`` and ``FedAdagrad``: the same algorithm with the paper's other
+  second moments, ``v = v - (1-β2)·Δ²·sign(v - Δ²)`` (Yogi) and
+  ``v = v + Δ²`` (Adagrad, which has no β2); the same state and memory.
 * ``median``, ``trimmedmean``, ``krum``: robust to a minority of bad
   results; they need all N results at once and stage them on disk
   (``fedkube.server.robust``, which documents their memory and disk cost).
@@ -350,6 +353,8 @@ class FedAdam:
     """Server-side Adam on the pseudo-gradient ``avg - global`` (Reddi et al. 2021)."""
 
     name = "fedadam"
+    # The spec's parameters, camelCase -> keyword; FedAdagrad has no beta2.
+    params = {"serverLr": "server_lr", "beta1": "beta1", "beta2": "beta2", "tau": "tau"}
 
     def __init__(
         self,
@@ -421,7 +426,7 @@ class FedAdam:
             # Each line rounds exactly like the textbook expression in the docstring.
             fx, fa, fm, fv = (a.reshape(-1) for a in (model[t.name], avg, m, v))
             s_x, s_d, s_t = (np.empty(min(BLOCK, fa.size), acc_dtype) for _ in range(3))
-            b1, b2, lr, tau = self.beta1, self.beta2, self.server_lr, self.tau
+            b1, lr, tau = self.beta1, self.server_lr, self.tau
             for start in range(0, fa.size, BLOCK):
                 stop = min(start + BLOCK, fa.size)
                 n = stop - start
@@ -432,10 +437,7 @@ class FedAdam:
                 bm *= b1  # m = b1*m + (1-b1)*delta
                 np.multiply(d, 1.0 - b1, out=tmp)
                 bm += tmp
-                bv *= b2  # v = b2*v + (1-b2)*delta^2
-                np.multiply(d, d, out=tmp)
-                tmp *= 1.0 - b2
-                bv += tmp
+                self._second_moment(bv, d, tmp)
                 np.sqrt(bv, out=tmp)  # x = x + lr*m / (sqrt(v) + tau)
                 tmp += tau
                 np.multiply(bm, lr, out=d)
@@ -446,6 +448,13 @@ class FedAdam:
             out[t.name] = cast_to(t, avg)
         self.step += 1
         return out
+
+    def _second_moment(self, v: np.ndarray, delta: np.ndarray, tmp: np.ndarray) -> None:
+        """v = b2*v + (1-b2)*delta^2, in place; ``tmp`` is scratch of v's size."""
+        v *= self.beta2
+        np.multiply(delta, delta, out=tmp)
+        tmp *= 1.0 - self.beta2
+        v += tmp
 
     def state(self) -> StrategyState:
         """m and v as live arrays (no copy: they are 2xS): save them before the next round's finish() updates them."""
@@ -470,10 +479,12 @@ class FedAdam:
         for key, arr in state.tensors.items():
             kind, _, name = key.partition("/")
             if kind not in ("m", "v") or not name:
-                raise ConfigError(f"FedAdam state has an unexpected tensor {key!r}; expected 'm/<name>' or 'v/<name>'")
+                raise ConfigError(
+                    f"{self.name} state has an unexpected tensor {key!r}; expected 'm/<name>' or 'v/<name>'"
+                )
             (m if kind == "m" else v)[name] = arr
         if m.keys() != v.keys():
-            raise ConfigError(f"FedAdam state is inconsistent: m has {sorted(m)}, v has {sorted(v)}")
+            raise ConfigError(f"{self.name} state is inconsistent: m has {sorted(m)}, v has {sorted(v)}")
         # Hyper-parameters come from the spec (a user may change serverLr on resume); step comes from the state.
         self.step = int(state.meta.get("step", 0))
         self.influence = _load_clip(self.influence, state)
@@ -481,7 +492,34 @@ class FedAdam:
         self.v = {k: np.array(a, copy=True) for k, a in v.items()}
 
 
-STRATEGIES = ("fedavg", "fedadam", *ROBUST_STRATEGIES)
+class FedYogi(FedAdam):
+    """FedAdam with Yogi's additive second moment (Reddi et al. 2021): v cannot grow by more than Δ² per round."""
+
+    name = "fedyogi"
+
+    def _second_moment(self, v: np.ndarray, delta: np.ndarray, tmp: np.ndarray) -> None:
+        """v = v - (1-b2)*delta^2*sign(v - delta^2), in place, rounding like that expression."""
+        d2 = np.multiply(delta, delta)
+        np.subtract(v, d2, out=tmp)
+        np.sign(tmp, out=tmp)
+        d2 *= 1.0 - self.beta2
+        d2 *= tmp
+        v -= d2
+
+
+class FedAdagrad(FedAdam):
+    """FedAdam with Adagrad's second moment v = v + Δ² (Reddi et al. 2021); it takes no beta2."""
+
+    name = "fedadagrad"
+    params = {"serverLr": "server_lr", "beta1": "beta1", "tau": "tau"}
+
+    def _second_moment(self, v: np.ndarray, delta: np.ndarray, tmp: np.ndarray) -> None:
+        np.multiply(delta, delta, out=tmp)
+        v += tmp
+
+
+SERVER_OPTIMIZERS: dict[str, type[FedAdam]] = {c.name: c for c in (FedAdam, FedYogi, FedAdagrad)}
+STRATEGIES = ("fedavg", *SERVER_OPTIMIZERS, *ROBUST_STRATEGIES)
 
 
 def build_strategy(
@@ -504,12 +542,13 @@ def build_strategy(
         if params:
             raise ConfigError(f"spec.strategy: fedavg takes no parameters, got {sorted(params)}")
         return FedAvg(staged=staged, influence=influence)
-    if name == "fedadam":
-        known = {"serverLr": "server_lr", "beta1": "beta1", "beta2": "beta2", "tau": "tau"}
+    if name in SERVER_OPTIMIZERS:
+        cls = SERVER_OPTIMIZERS[name]
+        known = cls.params
         unknown = sorted(set(params) - set(known))
         if unknown:
-            raise ConfigError(f"spec.strategy: unknown fedadam parameter(s) {unknown}; known: {sorted(known)}")
-        return FedAdam(staged=staged, influence=influence, **{known[k]: float(v) for k, v in params.items()})
+            raise ConfigError(f"spec.strategy: unknown {name} parameter(s) {unknown}; known: {sorted(known)}")
+        return cls(staged=staged, influence=influence, **{known[k]: float(v) for k, v in params.items()})
     raise ConfigError(f"spec.strategy.name={name!r} is not a known strategy; use one of {', '.join(STRATEGIES)}")
 
 

@@ -25,7 +25,7 @@ from fedkube.spec.model import (
 )
 from fedkube.spec.problems import Problem
 from fedkube.spec.quantity import parse_quantity
-from fedkube.spec.strategy import FEDADAM_DEFAULTS, ROBUST_DEFAULTS, min_results
+from fedkube.spec.strategy import min_results, parameter_owners
 
 _DNS_LABEL_RE = re.compile(DNS1123_LABEL)
 _LABEL_KEY_RE = re.compile(LABEL_KEY)
@@ -95,14 +95,14 @@ def _clients(job: FLJob) -> Iterator[Problem]:
 
 def _strategy_and_model(job: FLJob) -> Iterator[Problem]:
     strategy, model = job.spec.strategy, job.spec.model
-    owners = {**dict.fromkeys(FEDADAM_DEFAULTS, "fedadam"), **{f: o for f, (o, _) in ROBUST_DEFAULTS.items()}}
-    for field, owner in owners.items():
-        if getattr(strategy, field) is not None and strategy.name != owner:
+    for field, owners in parameter_owners().items():
+        if getattr(strategy, field) is not None and strategy.name not in owners:
             alias = type(strategy).model_fields[field].alias or field
+            also = f" (also of {', '.join(owners[1:])})" if owners[1:] else ""
             yield Problem(
                 f"spec.strategy.{alias}",
-                f"{alias} is a {owner} parameter but the strategy is {strategy.name}",
-                f"remove it, or set spec.strategy.name to {owner}",
+                f"{alias} is a {owners[0]} parameter{also} but the strategy is {strategy.name}",
+                f"remove it, or set spec.strategy.name to {' or '.join(owners)}",
             )
     yield from _robust_results(job)
     if model.source == "file" and not model.path:
