@@ -10,7 +10,7 @@ WORKDIR /src
 # Only what the package build reads, so editing tests or docs does not bust the cache.
 COPY pyproject.toml README.md ./
 COPY fedkube ./fedkube
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[operator]"
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[operator,dp]"
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -20,7 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --gid 10001 fedkube \
  && useradd --uid 10001 --gid 10001 --home-dir /home/fedkube --create-home --shell /usr/sbin/nologin fedkube
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels "fedkube[operator]" \
+RUN pip install --no-cache-dir --no-index --find-links=/wheels "fedkube[operator,dp]" \
  && rm -rf /wheels
 USER 10001:10001
 WORKDIR /home/fedkube

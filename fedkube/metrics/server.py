@@ -116,6 +116,9 @@ class ServerMetrics:
                                 "Results whose influence was bounded, by site and reason (capped: num_examples "
                                 "above maxExamplesPerSite; clipped: update norm above clipNorm).",
                                 check_labels(["fljob", "site", "reason"]), registry=registry)
+        self._epsilon = Gauge("fedkube_server_privacy_epsilon_spent",
+                              "Central DP: epsilon spent by the rounds so far (spec.strategy.privacy, at its "
+                              "targetDelta).", j, registry=registry)
         self._sites = CappedValues("site", MAX_SITE_SERIES)
         self._reasons = CappedValues("failure reason", EXTRA_REASONS, known=(r.value for r in Reason))
         self._retry_kinds = CappedValues("retry reason", EXTRA_REASONS)
@@ -228,6 +231,10 @@ class ServerMetrics:
         for bound, hit in zip(BOUNDS, (capped, clipped), strict=True):
             if hit:
                 self._bounded.labels(fljob=self.job, site=label, reason=bound).inc()
+
+    def privacy_spent(self, epsilon: float) -> None:
+        """Central DP's spent epsilon after a round (fedkube.server.dp)."""
+        self._epsilon.labels(fljob=self.job).set(epsilon)
 
     def connection_rejected(self, reason: str, plane: str = "grpc") -> None:
         """A call or connection was refused before any effect (``reason``: e.g. BadToken, ConnectionLimit,

@@ -57,6 +57,7 @@ from fedkube.server.aggregate import (
     accumulator_dtype,
     cast_to,
 )
+from fedkube.server.dp import CentralDP, refuse_privacy_state
 from fedkube.server.influence import Bounded, Influence, SiteInfluence
 from fedkube.server.model import Model, ModelSpec
 from fedkube.server.pool import ArrayPool
@@ -174,6 +175,7 @@ class _MeanAggregator:
         self._claims: dict[str, float] = {}  # client -> num_examples as claimed
         self._norms: dict[str, float] = {}  # client -> its update norm, measured by bound()
         self.adapt: Callable[[list[float]], None] = lambda norms: None  # the strategy's, for the next round
+        self.noise: Callable[[dict[str, np.ndarray], int], None] | None = None  # central DP (fedkube.server.dp)
 
     def _weight(self, client: str, claimed: float) -> float:
         self._claims[client] = float(claimed)
@@ -213,7 +215,10 @@ class _MeanAggregator:
         return self.engine.reopen(client, new_key)
 
     def finish(self) -> Model:
-        result: Model = self._finish_fn(self.engine.means())
+        means = self.engine.means()
+        if self.noise is not None:
+            self.noise(means, len(self.engine.committed))
+        result: Model = self._finish_fn(means)
         self.adapt(self.norms())  # the next round's bound (fedkube.server.influence, "Adaptive bound")
         return result
 
@@ -244,11 +249,14 @@ class _StreamingMeanAggregator(_MeanAggregator):
 
 def _mean_aggregator(
     spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool, influence: Influence,
-    reference: Mapping[str, np.ndarray], adapt: Callable[[list[float]], None],
+    reference: Mapping[str, np.ndarray], adapt: Callable[[list[float]], None], privacy: CentralDP | None = None,
 ) -> RoundAggregator:  # fmt: skip
     agg = (_MeanAggregator(spec, True, finish_fn, pool, influence, reference) if staged
            else _StreamingMeanAggregator(spec, finish_fn, pool, influence, reference))  # fmt: skip
     agg.adapt = adapt
+    if privacy is not None:
+        privacy.check_budget()  # before the round starts: a refused round sends no task
+        agg.noise = lambda means, results: privacy.add_noise(spec, means, reference, results)
     return agg
 
 
@@ -287,9 +295,12 @@ class FedAvg:
 
     name = "fedavg"
 
-    def __init__(self, *, staged: bool = False, influence: Influence | None = None) -> None:
+    def __init__(
+        self, *, staged: bool = False, influence: Influence | None = None, privacy: CentralDP | None = None
+    ) -> None:
         self.staged = staged
         self.influence = influence or Influence()
+        self.privacy = privacy
         self._recycler = _Recycler()
 
     @property
@@ -302,18 +313,20 @@ class FedAvg:
         self._recycler.supersede(global_model)
         return _mean_aggregator(
             spec, self.staged, lambda means: {t.name: cast_to(t, means[t.name]) for t in spec}, self.pool,
-            self.influence, global_model, self._adapt,
+            self.influence, global_model, self._adapt, self.privacy,
         )  # fmt: skip
 
     def _adapt(self, norms: list[float]) -> None:
         self.influence = _adapted(self.influence, norms)
 
     def state(self) -> StrategyState:
-        return StrategyState(self.name, {"staged": self.staged, **_clip_state(self.influence)})
+        return StrategyState(self.name, {"staged": self.staged, **_clip_state(self.influence),
+                                         **_privacy_state(self.privacy)})  # fmt: skip
 
     def load_state(self, state: StrategyState) -> None:
         _check_name(self.name, state)
         self.influence = _load_clip(self.influence, state)
+        _load_privacy(self.privacy, state)
 
 
 def _adapted(influence: Influence, norms: list[float]) -> Influence:
@@ -341,6 +354,18 @@ def _load_clip(influence: Influence, state: StrategyState) -> Influence:
     return dataclasses.replace(influence, clip_norm=float(value))
 
 
+def _privacy_state(privacy: CentralDP | None) -> dict[str, JSONValue]:
+    return privacy.meta() if privacy is not None else {}
+
+
+def _load_privacy(privacy: CentralDP | None, state: StrategyState) -> None:
+    """Continue the checkpoint's privacy account, or refuse one the job cannot continue (fedkube.server.dp)."""
+    if privacy is None:
+        refuse_privacy_state(state.meta)
+    else:
+        privacy.load(state.meta)
+
+
 def _check_name(expected: str, state: StrategyState) -> None:
     if state.name != expected:
         raise ConfigError(
@@ -365,6 +390,7 @@ class FedAdam:
         tau: float = 1e-3,
         staged: bool = False,
         influence: Influence | None = None,
+        privacy: CentralDP | None = None,
     ) -> None:
         for field_name, value, lo, hi in (
             ("serverLr", server_lr, 0.0, math.inf),
@@ -385,6 +411,7 @@ class FedAdam:
         self.tau = float(tau)
         self.staged = staged
         self.influence = influence or Influence()
+        self.privacy = privacy
         self._recycler = _Recycler()
         self.step = 0
         self.m: dict[str, np.ndarray] = {}
@@ -403,7 +430,8 @@ class FedAdam:
         def finish(means: dict[str, np.ndarray]) -> Model:
             return self._apply(spec, model, means)
 
-        return _mean_aggregator(spec, self.staged, finish, self.pool, self.influence, model, self._adapt)
+        return _mean_aggregator(spec, self.staged, finish, self.pool, self.influence, model, self._adapt,
+                                self.privacy)  # fmt: skip
 
     def _adapt(self, norms: list[float]) -> None:
         self.influence = _adapted(self.influence, norms)
@@ -469,6 +497,7 @@ class FedAdam:
             "tau": self.tau,
             "step": self.step,
             **_clip_state(self.influence),
+            **_privacy_state(self.privacy),
         }
         return StrategyState(self.name, meta, tensors)
 
@@ -488,6 +517,7 @@ class FedAdam:
         # Hyper-parameters come from the spec (a user may change serverLr on resume); step comes from the state.
         self.step = int(state.meta.get("step", 0))
         self.influence = _load_clip(self.influence, state)
+        _load_privacy(self.privacy, state)
         self.m = {k: np.array(a, copy=True) for k, a in m.items()}
         self.v = {k: np.array(a, copy=True) for k, a in v.items()}
 
@@ -524,15 +554,22 @@ STRATEGIES = ("fedavg", *SERVER_OPTIMIZERS, *ROBUST_STRATEGIES)
 
 def build_strategy(
     name: str, params: Mapping[str, Any] | None = None, influence: Influence | None = None, *,
-    spill_dir: Path | None = None,
+    spill_dir: Path | None = None, rounds: int | None = None,
 ) -> Strategy:
     """The strategy named in the spec, with its camelCase parameters (e.g. ``serverLr``) and influence bounds.
 
     ``spill_dir`` is where the robust strategies (``fedkube.server.robust``) stage a round's results on disk:
     the server's checkpoint directory, or None for a temp dir. They weigh every result once and do not clip,
-    so they take no ``influence`` bounds (the spec refuses them together).
+    so they take no ``influence`` bounds (the spec refuses them together). ``rounds`` (spec.rounds) derives
+    central DP's noise multiplier when ``params["privacy"]`` (``fedkube.server.dp``) does not set one.
     """
     params = dict(params or {})
+    spec_privacy = params.pop("privacy", None)
+    privacy = None
+    if spec_privacy is not None:
+        if name in ROBUST_STRATEGIES:
+            raise ConfigError(f"spec.strategy: {name} takes no privacy; use fedavg or a server optimizer")
+        privacy = CentralDP.from_spec(spec_privacy, (influence or Influence()).clip_norm, rounds)
     if name in ROBUST_STRATEGIES:
         if influence is not None and influence != Influence():
             raise ConfigError(f"spec.strategy: {name} takes no weighting, maxExamplesPerSite or clipNorm")
@@ -541,14 +578,15 @@ def build_strategy(
     if name == "fedavg":
         if params:
             raise ConfigError(f"spec.strategy: fedavg takes no parameters, got {sorted(params)}")
-        return FedAvg(staged=staged, influence=influence)
+        return FedAvg(staged=staged, influence=influence, privacy=privacy)
     if name in SERVER_OPTIMIZERS:
         cls = SERVER_OPTIMIZERS[name]
         known = cls.params
         unknown = sorted(set(params) - set(known))
         if unknown:
             raise ConfigError(f"spec.strategy: unknown {name} parameter(s) {unknown}; known: {sorted(known)}")
-        return cls(staged=staged, influence=influence, **{known[k]: float(v) for k, v in params.items()})
+        return cls(staged=staged, influence=influence, privacy=privacy,
+                   **{known[k]: float(v) for k, v in params.items()})  # fmt: skip
     raise ConfigError(f"spec.strategy.name={name!r} is not a known strategy; use one of {', '.join(STRATEGIES)}")
 
 

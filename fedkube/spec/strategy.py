@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedkube.spec.privacy import Privacy
+
 # Inclusive bounds (see fedkube.spec.model on why the CRD has no exclusive ones).
 MIN_POSITIVE = 1e-12  # fedadam's serverLr and tau
 MAX_BETA = 0.999999999  # fedadam's moment decays must stay below 1
@@ -120,6 +122,12 @@ class Strategy(_Model):
         f"within clipNorm - clipQuantile)) (default {CLIP_LEARNING_RATE}).",
     )  # fmt: skip
 
+    privacy: Privacy | None = Field(
+        default=None,
+        description="Central differential privacy: Gaussian noise on the clipped mean update, with a budget "
+        "(needs a fixed clipNorm and weighting=equal; fedavg, fedadam, fedyogi, fedadagrad).",
+    )
+
     @model_validator(mode="after")
     def _fill_fedadam_defaults(self) -> Strategy:
         # Filled here rather than as field defaults so fedavg carries no parameters it would ignore.
@@ -155,6 +163,24 @@ class Strategy(_Model):
                 "do not apply to it; remove them, or use fedavg/fedadam with these bounds"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_privacy(self) -> Strategy:
+        if self.privacy is None:
+            return self
+        # The noise is calibrated to one site's largest possible effect on the mean: clipNorm, fixed, and equal
+        # weights. An adaptive bound would need its own noised quantile and budget share (Andrew et al. 2021).
+        if self.name in ROBUST_STRATEGY_NAMES:
+            raise ValueError(f"privacy needs clipped, equally weighted updates, which {self.name} does not make; use "
+                             "fedavg, fedadam, fedyogi or fedadagrad with clipNorm and weighting=equal")
+        if self.clip_norm is None or self.clip_quantile is not None:
+            raise ValueError("privacy calibrates its noise to a fixed clipNorm; set clipNorm (e.g. 1.0) and remove "
+                             "clipQuantile")
+        if self.weighting != "equal":
+            raise ValueError("privacy needs weighting=equal: a weight by claimed num_examples lets one site move the "
+                             "mean by more than clipNorm / (results), which the noise is calibrated to")
+        return self
+
 
 def parameter_owners() -> dict[str, tuple[str, ...]]:
     """Each strategy parameter (field name) -> the strategies it is valid for (``fedkube validate`` says so)."""
