@@ -77,7 +77,7 @@ def test_too_few_results_fail_the_round_with_the_reason(harness: Harness, tmp_pa
     harness.sidecar(srv, "site-b", add_value(2.0))
     outcome = srv.wait(30)
     assert outcome is not None and not outcome.success
-    assert outcome.reason == "ConfigError" and outcome.rounds_completed == 0
+    assert outcome.reason == "TooFewResults" and outcome.rounds_completed == 0
     assert "median needs at least 3 results" in outcome.message and "2 delivered" in outcome.message
     assert "spec.minClients" in outcome.message
     assert list((tmp_path / STAGING_DIR).iterdir()) == []
