@@ -62,7 +62,6 @@ from fedkube.server.checkpointing import Checkpointing
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
 from fedkube.server.downloads import Downloader, fetch_settings, result_timeouts
-from fedkube.server.dp import report_privacy
 from fedkube.server.jobs import (
     CHECKPOINT_WAIT_S,
     NO_INITIAL_MODEL,
@@ -89,6 +88,7 @@ from fedkube.server.rounds import (
 )
 from fedkube.server.start import RoundStarter
 from fedkube.server.strategies import Strategy, check_initial_model
+from fedkube.server.strategy_report import report_strategy
 from fedkube.status import JobStatus, Phase, Reason
 from fedkube.transfer.allocator import release_free_memory
 from fedkube.transfer.service import DownloadService
@@ -371,7 +371,8 @@ class RoundWorkflow:
         self.telemetry.aggregated(rnd.aggregation_s + time.perf_counter() - t0)
         self._progress.metrics = weighted_metrics({k: (float(n), m) for k, (n, m) in rnd.results.items()})
         self._progress.influence.update(rnd.influence)
-        self._progress.privacy_epsilon = report_privacy(self._strategy, self.telemetry)
+        report = report_strategy(self._strategy, self.telemetry, {key: site for site, key in rnd.keys.items()})
+        self._progress.privacy_epsilon = report.privacy_epsilon
         log.info("job %s round %s: aggregated the results of %s; metrics %s", s.job, number, ",".join(done),
                  self._progress.metrics)
         self._refresh()

@@ -56,6 +56,12 @@ def test_one_poisoned_site_does_not_move_the_global_model(
     np.testing.assert_array_equal(g2["steps"], [7])  # integers: the lower median, not the poisoned 1007
     staging = tmp_path / STAGING_DIR
     assert staging.is_dir() and list(staging.iterdir()) == []  # staged on the checkpoint volume, then removed
+    reg = srv.metrics_registry
+    selected = {s: reg.get_sample_value("fedkube_server_selected_results_total", {"fljob": "job1", "site": s})
+                for s in SITES}  # fmt: skip
+    # Krum's selection, both rounds, by site (not by result key); the poisoned site never. The others select none.
+    want = dict.fromkeys(SITES[:3], 2.0) if strategy == "krum" else {}
+    assert selected == {site: want.get(site) for site in SITES}
 
 
 def test_fedavg_is_moved_by_the_same_poisoned_site(harness: Harness) -> None:
