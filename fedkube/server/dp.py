@@ -193,9 +193,16 @@ class CentralDP:
         self.epsilon = spent_epsilon(history, self.delta)
 
 
-def refuse_privacy_state(meta: Mapping[str, Any]) -> None:
-    """A checkpoint with a privacy account resumed by a job without privacy: refuse (its rounds' ε would vanish)."""
-    if STATE_KEY in meta:
+def privacy_meta(privacy: CentralDP | None) -> dict[str, Any]:
+    """The strategy state's privacy entries (none without DP)."""
+    return privacy.meta() if privacy is not None else {}
+
+
+def load_privacy(privacy: CentralDP | None, meta: Mapping[str, Any]) -> None:
+    """Continue the checkpoint's account; refuse one the job cannot continue (e.g. privacy dropped on resume)."""
+    if privacy is not None:
+        privacy.load(meta)
+    elif STATE_KEY in meta:  # its rounds' epsilon would vanish from the record
         raise ConfigError("the checkpoint's rounds were trained with central DP (spec.strategy.privacy), the job "
                           "now has none; set spec.strategy.privacy as before, or start from a fresh checkpoint "
                           "directory")

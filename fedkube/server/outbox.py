@@ -8,7 +8,7 @@ its own (tests/unit/server/test_outbox.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from fedkube.protocol import ResultTimeouts, task_kind
 from fedkube.transfer.refs import TensorRef
@@ -16,17 +16,19 @@ from fedkube.wire.v1 import control_pb2
 
 
 def task(
-    task_id: str, round_: int, kind: str, refs: Iterable[TensorRef], total_rounds: int, timeouts: ResultTimeouts
-) -> control_pb2.ServerMessage:
+    task_id: str, round_: int, kind: str, refs: Iterable[TensorRef], total_rounds: int, timeouts: ResultTimeouts,
+    strategy_config: Mapping[str, str] | None = None,
+) -> control_pb2.ServerMessage:  # fmt: skip
     """A client's task for one round: the global model's refs (none for the init task), its kind, and how
-    long the trainer's ``send()`` waits for this server's download of its result."""
+    long the trainer's ``send()`` waits for this server's download of its result; ``strategy_config`` is what
+    the strategy tells the trainer (``fedkube.server.strategies.task_config``, e.g. FedProx's mu)."""
     return control_pb2.ServerMessage(
         task=control_pb2.Task(
             task_id=task_id,
             round=round_,
             refs=[r.to_proto() for r in refs],
             kind=task_kind(kind),
-            config=timeouts.to_config(),
+            config={**(strategy_config or {}), **timeouts.to_config()},
             total_rounds=total_rounds,
         )
     )

@@ -48,6 +48,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from fedkube.errors import ConfigError, FedkubeError
+from fedkube.protocol import PROXIMAL_MU_KEY
 from fedkube.server.aggregate import (
     BLOCK,
     AggregationError,
@@ -57,7 +58,7 @@ from fedkube.server.aggregate import (
     accumulator_dtype,
     cast_to,
 )
-from fedkube.server.dp import CentralDP, refuse_privacy_state
+from fedkube.server.dp import CentralDP, load_privacy, privacy_meta
 from fedkube.server.influence import Bounded, Influence, SiteInfluence
 from fedkube.server.model import Model, ModelSpec
 from fedkube.server.pool import ArrayPool
@@ -294,6 +295,7 @@ class FedAvg:
     """Federated averaging weighted by num_examples (McMahan et al. 2017)."""
 
     name = "fedavg"
+    task_settings: dict[str, str]  # ConfiguresTasks: FedProx's mu (build_strategy), else empty
 
     def __init__(
         self, *, staged: bool = False, influence: Influence | None = None, privacy: CentralDP | None = None
@@ -301,6 +303,7 @@ class FedAvg:
         self.staged = staged
         self.influence = influence or Influence()
         self.privacy = privacy
+        self.task_settings = {}
         self._recycler = _Recycler()
 
     @property
@@ -321,12 +324,12 @@ class FedAvg:
 
     def state(self) -> StrategyState:
         return StrategyState(self.name, {"staged": self.staged, **_clip_state(self.influence),
-                                         **_privacy_state(self.privacy)})  # fmt: skip
+                                         **privacy_meta(self.privacy)})  # fmt: skip
 
     def load_state(self, state: StrategyState) -> None:
         _check_name(self.name, state)
         self.influence = _load_clip(self.influence, state)
-        _load_privacy(self.privacy, state)
+        load_privacy(self.privacy, state.meta)
 
 
 def _adapted(influence: Influence, norms: list[float]) -> Influence:
@@ -352,18 +355,6 @@ def _load_clip(influence: Influence, state: StrategyState) -> Influence:
         raise ConfigError(f"the checkpoint's adapted clipNorm {value!r} is not a positive number; start from a "
                           "fresh checkpoint directory or remove spec.strategy.clipQuantile")
     return dataclasses.replace(influence, clip_norm=float(value))
-
-
-def _privacy_state(privacy: CentralDP | None) -> dict[str, JSONValue]:
-    return privacy.meta() if privacy is not None else {}
-
-
-def _load_privacy(privacy: CentralDP | None, state: StrategyState) -> None:
-    """Continue the checkpoint's privacy account, or refuse one the job cannot continue (fedkube.server.dp)."""
-    if privacy is None:
-        refuse_privacy_state(state.meta)
-    else:
-        privacy.load(state.meta)
 
 
 def _check_name(expected: str, state: StrategyState) -> None:
@@ -412,6 +403,7 @@ class FedAdam:
         self.staged = staged
         self.influence = influence or Influence()
         self.privacy = privacy
+        self.task_settings: dict[str, str] = {}  # ConfiguresTasks: FedProx's mu (build_strategy)
         self._recycler = _Recycler()
         self.step = 0
         self.m: dict[str, np.ndarray] = {}
@@ -497,7 +489,7 @@ class FedAdam:
             "tau": self.tau,
             "step": self.step,
             **_clip_state(self.influence),
-            **_privacy_state(self.privacy),
+            **privacy_meta(self.privacy),
         }
         return StrategyState(self.name, meta, tensors)
 
@@ -517,7 +509,7 @@ class FedAdam:
         # Hyper-parameters come from the spec (a user may change serverLr on resume); step comes from the state.
         self.step = int(state.meta.get("step", 0))
         self.influence = _load_clip(self.influence, state)
-        _load_privacy(self.privacy, state)
+        load_privacy(self.privacy, state.meta)
         self.m = {k: np.array(a, copy=True) for k, a in m.items()}
         self.v = {k: np.array(a, copy=True) for k, a in v.items()}
 
@@ -565,29 +557,35 @@ def build_strategy(
     """
     params = dict(params or {})
     spec_privacy = params.pop("privacy", None)
+    proximal_mu = params.pop("proximalMu", None)
     privacy = None
+    if name in ROBUST_STRATEGIES and (spec_privacy is not None or proximal_mu is not None):
+        raise ConfigError(f"spec.strategy: {name} takes no privacy or proximalMu; use fedavg or a server optimizer")
     if spec_privacy is not None:
-        if name in ROBUST_STRATEGIES:
-            raise ConfigError(f"spec.strategy: {name} takes no privacy; use fedavg or a server optimizer")
         privacy = CentralDP.from_spec(spec_privacy, (influence or Influence()).clip_norm, rounds)
     if name in ROBUST_STRATEGIES:
         if influence is not None and influence != Influence():
             raise ConfigError(f"spec.strategy: {name} takes no weighting, maxExamplesPerSite or clipNorm")
         return build_robust(name, params, spill_dir)
     staged = bool(params.pop("staged", False))
+    strategy: FedAvg | FedAdam
     if name == "fedavg":
         if params:
             raise ConfigError(f"spec.strategy: fedavg takes no parameters, got {sorted(params)}")
-        return FedAvg(staged=staged, influence=influence, privacy=privacy)
-    if name in SERVER_OPTIMIZERS:
+        strategy = FedAvg(staged=staged, influence=influence, privacy=privacy)
+    elif name in SERVER_OPTIMIZERS:
         cls = SERVER_OPTIMIZERS[name]
         known = cls.params
         unknown = sorted(set(params) - set(known))
         if unknown:
             raise ConfigError(f"spec.strategy: unknown {name} parameter(s) {unknown}; known: {sorted(known)}")
-        return cls(staged=staged, influence=influence, privacy=privacy,
-                   **{known[k]: float(v) for k, v in params.items()})  # fmt: skip
-    raise ConfigError(f"spec.strategy.name={name!r} is not a known strategy; use one of {', '.join(STRATEGIES)}")
+        strategy = cls(staged=staged, influence=influence, privacy=privacy,
+                       **{known[k]: float(v) for k, v in params.items()})  # fmt: skip
+    else:
+        raise ConfigError(f"spec.strategy.name={name!r} is not a known strategy; use one of {', '.join(STRATEGIES)}")
+    if proximal_mu is not None:
+        strategy.task_settings = {PROXIMAL_MU_KEY: repr(float(proximal_mu))}
+    return strategy
 
 
 def check_initial_model(global_model: Mapping[str, np.ndarray]) -> None:

@@ -1,8 +1,8 @@
-"""What a finished round's strategy tells the status and the metrics beyond the model.
+"""What a strategy tells the trainers (task settings) and, after a round, the status and the metrics.
 
 Each strategy capability is a small optional interface (``isinstance`` on a
 ``runtime_checkable`` Protocol): central DP's spent epsilon
-(``fedkube.server.dp``) and Krum's selection (``fedkube.server.robust``).
+(``fedkube.server.dp``), Krum's selection (``fedkube.server.robust``) and FedProx's mu.
 """
 
 from __future__ import annotations
@@ -25,6 +25,18 @@ class SelectsResults(Protocol):
     def selected(self) -> tuple[str, ...]:
         """The keys of the results the last finished round used."""
         ...
+
+
+@runtime_checkable
+class ConfiguresTasks(Protocol):
+    """A strategy that tells each trainer something in its task (``Task.config``), e.g. FedProx's mu."""
+
+    task_settings: dict[str, str]
+
+
+def task_config(strategy: object) -> dict[str, str]:
+    """The ``Task.config`` entries ``strategy`` adds to every task (empty for most)."""
+    return dict(strategy.task_settings) if isinstance(strategy, ConfiguresTasks) else {}
 
 
 @dataclass(frozen=True)

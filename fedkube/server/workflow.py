@@ -88,7 +88,7 @@ from fedkube.server.rounds import (
 )
 from fedkube.server.start import RoundStarter
 from fedkube.server.strategies import Strategy, check_initial_model
-from fedkube.server.strategy_report import report_strategy
+from fedkube.server.strategy_report import report_strategy, task_config
 from fedkube.status import JobStatus, Phase, Reason
 from fedkube.transfer.allocator import release_free_memory
 from fedkube.transfer.service import DownloadService
@@ -424,7 +424,8 @@ class RoundWorkflow:
                                             f"{txn.id}-{site}-{len(rnd.republished) + 1}")
             rnd.republished.append(again)
             refs = again.refs
-        msg = outbox.task(task_id, rnd.number, rnd.kind, refs, self.settings.rounds, self._result_timeouts)
+        msg = outbox.task(task_id, rnd.number, rnd.kind, refs, self.settings.rounds, self._result_timeouts,
+                          task_config(self._strategy))  # fmt: skip
         if not self._sessions.send(site, msg):
             log.info("job %s round %s: client %s has no live stream; its task goes out when it reconnects",
                      self.settings.job, rnd.number, site)

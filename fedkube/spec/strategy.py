@@ -122,6 +122,12 @@ class Strategy(_Model):
         f"within clipNorm - clipQuantile)) (default {CLIP_LEARNING_RATE}).",
     )  # fmt: skip
 
+    proximal_mu: float | None = Field(
+        default=None, alias="proximalMu", ge=0, le=1e6, allow_inf_nan=False,
+        description="FedProx (Li et al. 2020): the proximal term's mu, sent to every trainer in its task; the "
+        "trainer adds mu/2 * ||w - w_global||^2 to its loss (fedkube.trainer_sdk.fedprox). fedavg, fedadam, "
+        "fedyogi, fedadagrad.",
+    )  # fmt: skip
     privacy: Privacy | None = Field(
         default=None,
         description="Central differential privacy: Gaussian noise on the clipped mean update, with a budget "
@@ -190,6 +196,7 @@ def parameter_owners() -> dict[str, tuple[str, ...]]:
             owners[field] = (*owners.get(field, ()), strategy)
     for field, (owner, _) in ROBUST_DEFAULTS.items():
         owners[field] = (*owners.get(field, ()), owner)
+    owners["proximal_mu"] = ("fedavg", *SERVER_OPTIMIZER_DEFAULTS)
     return owners
 
 

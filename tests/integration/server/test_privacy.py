@@ -11,6 +11,7 @@ import pytest
 from fedkube.server import checkpoint
 from fedkube.server.dp import spent_epsilon
 from fedkube.server.influence import Influence
+from fedkube.trainer_sdk.fedprox import proximal_mu
 from tests.integration.server.conftest import Harness, make_config
 from tests.integration.server.fakes import add_value
 from tests.integration.server.test_influence import SITES, model
@@ -24,7 +25,8 @@ def test_the_job_stops_before_the_round_that_would_exceed_the_budget_and_a_resum
     harness: Harness, tmp_path: Path
 ) -> None:
     budget = (spent_epsilon([(SIGMA, 2)], 1e-5) + spent_epsilon([(SIGMA, 3)], 1e-5)) / 2  # two rounds fit
-    options = {"privacy": {"targetEpsilon": budget, "targetDelta": 1e-5, "noiseMultiplier": SIGMA}}
+    options = {"privacy": {"targetEpsilon": budget, "targetDelta": 1e-5, "noiseMultiplier": SIGMA},
+               "proximalMu": 0.5}  # FedProx with DP: mu rides along in every task
     cfg = make_config(SITES, rounds=4, checkpoint_dir=tmp_path, strategy_options=options)
     cfg = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings, influence=Influence("equal", None, CLIP)))
     srv = harness.server(cfg, model())
@@ -43,6 +45,7 @@ def test_the_job_stops_before_the_round_that_would_exceed_the_budget_and_a_resum
     noise = g2["fc.weight"].astype(np.float64) - float(np.mean(g2["fc.weight"]))
     assert float(np.std(noise)) == pytest.approx(SIGMA * CLIP / 3, rel=0.05)
     assert int(g2["steps"][0]) == 7, "integer tensors keep the global value under DP"
+    assert [proximal_mu(dict(t.config)) for t in a.tasks] == [0.5, 0.5]
     saved = checkpoint.load_latest(tmp_path, "job1")
     assert saved is not None and saved.round == 2 and saved.strategy_state is not None
     assert saved.strategy_state.meta["privacy"]["history"] == [[SIGMA, 2]]
