@@ -81,15 +81,13 @@ def measure(config: str, size_mib: int, clients: int, rounds: int, array_mib: in
         for _ in range(rounds):
             agg = strategy.begin_round(model)
             streaming = isinstance(agg, StreamingAggregator)
-            g = {k: float(v[0]) for k, v in model.items()}
-
-            def result(c: int, i: int, n: int, reuse: bool, g: dict[str, float] = g) -> np.ndarray:
+            def result(c: int, i: int, n: int, reuse: bool, g: dict[str, np.ndarray] = model) -> np.ndarray:
                 x = buffers.get(c) if reuse and n == per else None
                 if x is None or x.size != n:
                     x = np.empty(n, np.float32)
                     if reuse and n == per:
                         buffers[c] = x
-                x.fill(g[f"t{i}"] + offset(c))  # stands for the client's downloaded tensor
+                np.add(g[f"t{i}"], np.float32(offset(c)), out=x)  # stands for the client's downloaded tensor
                 return x
 
             for i, n in enumerate(sizes):
