@@ -23,6 +23,7 @@ from fedkube.spec.model import (
     Volume,
     VolumeMount,
 )
+from fedkube.spec.privacy import affordable_rounds
 from fedkube.spec.problems import Problem
 from fedkube.spec.quantity import parse_quantity
 from fedkube.spec.strategy import min_results, parameter_owners
@@ -105,6 +106,7 @@ def _strategy_and_model(job: FLJob) -> Iterator[Problem]:
                 f"remove it, or set spec.strategy.name to {' or '.join(owners)}",
             )
     yield from _robust_results(job)
+    yield from _privacy_budget(job)
     if model.source == "file" and not model.path:
         yield Problem(
             "spec.model.path",
@@ -130,6 +132,19 @@ def _robust_results(job: FLJob) -> Iterator[Problem]:
             f"{spec.strategy.name} {_robust_terms(job)}needs at least {need} results per round, but only "
             f"{len(spec.clients)} client site(s) are listed; every round would fail",
             f"add client sites (at least {need}), or choose a strategy or parameters that need fewer",
+        )
+
+
+def _privacy_budget(job: FLJob) -> Iterator[Problem]:
+    # A job whose budget runs out before its last round would stop with PrivacyBudgetExhausted (fedkube.server.dp).
+    privacy, rounds = job.spec.strategy.privacy, job.spec.rounds
+    k = affordable_rounds(privacy, rounds) if privacy is not None else None
+    if privacy is not None and k is not None:
+        yield Problem(
+            "spec.strategy.privacy.noiseMultiplier",
+            f"noiseMultiplier {privacy.noise_multiplier:g} spends targetEpsilon {privacy.target_epsilon:g} (delta "
+            f"{privacy.target_delta:g}) in {k} of the {rounds} rounds; the job would stop with PrivacyBudgetExhausted",
+            f"raise noiseMultiplier, remove it to derive it from the budget and spec.rounds, or set rounds to {k}",
         )
 
 

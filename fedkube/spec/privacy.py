@@ -37,4 +37,28 @@ class Privacy(BaseModel):
     )  # fmt: skip
 
 
-__all__ = ["MAX_DELTA", "MAX_EPSILON", "MIN_NOISE_MULTIPLIER", "Privacy"]
+def affordable_rounds(privacy: Privacy, rounds: int) -> int | None:
+    """How many of ``rounds`` rounds an explicit noiseMultiplier keeps within targetEpsilon (None: all of them,
+    no explicit multiplier, or dp-accounting missing here: the server checks again at its start)."""
+    if privacy.noise_multiplier is None:
+        return None
+    try:
+        from dp_accounting import GaussianDpEvent, rdp
+    except ImportError:
+        return None
+
+    def epsilon(k: int) -> float:
+        accountant = rdp.RdpAccountant()
+        accountant.compose(GaussianDpEvent(privacy.noise_multiplier), k)
+        return float(accountant.get_epsilon(privacy.target_delta))
+
+    if epsilon(rounds) <= privacy.target_epsilon:
+        return None
+    lo, hi = 0, rounds  # epsilon(lo) within the budget, epsilon(hi) above it
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if epsilon(mid) <= privacy.target_epsilon else (lo, mid)
+    return lo
+
+
+__all__ = ["MAX_DELTA", "MAX_EPSILON", "MIN_NOISE_MULTIPLIER", "Privacy", "affordable_rounds"]

@@ -154,3 +154,16 @@ def test_the_status_document_carries_the_spent_epsilon() -> None:
     assert status.to_dict()["privacyEpsilon"] == 1.25
     assert JobStatus.from_json(status.to_json()).privacy_epsilon == 1.25
     assert "privacyEpsilon" not in JobStatus(job="j", phase=Phase.RUNNING, round=2, rounds=5).to_dict()
+
+
+def test_validate_says_when_an_explicit_noise_multiplier_cannot_last_all_rounds() -> None:
+    budget = (spent_epsilon([(2.0, 3)], 1e-5) + spent_epsilon([(2.0, 4)], 1e-5)) / 2  # three rounds fit
+    privacy = {"targetEpsilon": budget, "targetDelta": 1e-5, "noiseMultiplier": 2.0}
+    data = _job({"name": "fedavg", "weighting": "equal", "clipNorm": 1.0, "privacy": privacy})
+    data["spec"]["rounds"] = 3
+    parse_job(data)
+    data["spec"]["rounds"] = 10
+    with pytest.raises(SpecError) as info:
+        parse_job(data)
+    [hit] = [p for p in info.value.problems if p.path == "spec.strategy.privacy.noiseMultiplier"]
+    assert "in 3 of the 10 rounds" in hit.message and "set rounds to 3" in hit.fix
