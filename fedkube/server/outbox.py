@@ -8,27 +8,33 @@ its own (tests/unit/server/test_outbox.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+from typing import Protocol
 
-from fedkube.protocol import ResultTimeouts, task_kind
+from fedkube.protocol import task_kind
 from fedkube.transfer.refs import TensorRef
 from fedkube.wire.v1 import control_pb2
 
 
+class TaskSettings(Protocol):
+    """What every task's config carries: ResultTimeouts, or those plus the strategy's entries (FedProx's mu,
+    ``fedkube.server.strategy_report.task_settings``)."""
+
+    def to_config(self) -> dict[str, str]: ...
+
+
 def task(
-    task_id: str, round_: int, kind: str, refs: Iterable[TensorRef], total_rounds: int, timeouts: ResultTimeouts,
-    strategy_config: Mapping[str, str] | None = None,
-) -> control_pb2.ServerMessage:  # fmt: skip
+    task_id: str, round_: int, kind: str, refs: Iterable[TensorRef], total_rounds: int, timeouts: TaskSettings
+) -> control_pb2.ServerMessage:
     """A client's task for one round: the global model's refs (none for the init task), its kind, and how
-    long the trainer's ``send()`` waits for this server's download of its result; ``strategy_config`` is what
-    the strategy tells the trainer (``fedkube.server.strategies.task_config``, e.g. FedProx's mu)."""
+    long the trainer's ``send()`` waits for this server's download of its result."""
     return control_pb2.ServerMessage(
         task=control_pb2.Task(
             task_id=task_id,
             round=round_,
             refs=[r.to_proto() for r in refs],
             kind=task_kind(kind),
-            config={**(strategy_config or {}), **timeouts.to_config()},
+            config=timeouts.to_config(),
             total_rounds=total_rounds,
         )
     )

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from fedkube.metrics.server import ServerMetrics
+from fedkube.protocol import ResultTimeouts
 from fedkube.server.dp import report_privacy
+from fedkube.server.live_round import TrainRound
+from fedkube.server.progress import JobProgress
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +50,37 @@ class StrategyReport:
     """Sites whose results a selecting strategy used (empty: every accepted result counted)."""
 
 
-def report_strategy(strategy: object, telemetry: ServerMetrics, sites_by_key: Mapping[str, str]) -> StrategyReport:
+def report_strategy(strategy: object, telemetry: ServerMetrics, keys: Mapping[str, str]) -> StrategyReport:
     """After a round's finish: set the strategy's metrics and return what the status shows.
 
-    ``sites_by_key`` maps each result's aggregator key to its site (a site that delivered twice has a new key).
+    ``keys`` maps each site to its result's aggregator key (a site that delivered twice has a new key).
     """
     selected: tuple[str, ...] = ()
     if isinstance(strategy, SelectsResults):
-        selected = tuple(sorted(sites_by_key.get(key, key) for key in strategy.selected()))
+        sites = {key: site for site, key in keys.items()}
+        selected = tuple(sorted(sites.get(key, key) for key in strategy.selected()))
         for site in selected:
             telemetry.result_selected(site)
     return StrategyReport(report_privacy(strategy, telemetry), selected)
+
+
+def after_round(strategy: object, telemetry: ServerMetrics, rnd: TrainRound, progress: JobProgress) -> None:
+    """A round's aggregate is done: what each site's result counted, and the strategy's report, into the status."""
+    progress.influence.update(rnd.influence)
+    progress.privacy_epsilon = report_strategy(strategy, telemetry, rnd.keys).privacy_epsilon
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """Every task's config: the result timeouts plus what the strategy tells the trainers (outbox.TaskSettings)."""
+
+    timeouts: ResultTimeouts
+    strategy: Mapping[str, str]
+
+    def to_config(self) -> dict[str, str]:
+        return {**self.strategy, **self.timeouts.to_config()}
+
+
+def task_settings(timeouts: ResultTimeouts, strategy: object) -> TaskSettings:
+    """The task settings of a job run by ``strategy``."""
+    return TaskSettings(timeouts, task_config(strategy))

@@ -55,7 +55,7 @@ import numpy as np
 from fedkube.errors import ConfigError
 from fedkube.metrics.core import new_registry
 from fedkube.metrics.server import ServerMetrics
-from fedkube.server import outbox
+from fedkube.server import outbox, strategy_report
 from fedkube.server.aggregate import weighted_metrics
 from fedkube.server.checkpoint import check_resume_rounds, completion_message
 from fedkube.server.checkpointing import Checkpointing
@@ -88,7 +88,6 @@ from fedkube.server.rounds import (
 )
 from fedkube.server.start import RoundStarter
 from fedkube.server.strategies import Strategy, check_initial_model
-from fedkube.server.strategy_report import report_strategy, task_config
 from fedkube.status import JobStatus, Phase, Reason
 from fedkube.transfer.allocator import release_free_memory
 from fedkube.transfer.service import DownloadService
@@ -157,7 +156,7 @@ class RoundWorkflow:
         # round again, and a sidecar ignores a task id it has already seen.
         self._run_id = uuid.uuid4().hex[:8]
         fetch = fetch_settings(settings)
-        self._result_timeouts = result_timeouts(settings, fetch)
+        self._result_timeouts = strategy_report.task_settings(result_timeouts(settings, fetch), strategy)
         self._downloads = Downloader(
             settings.job, broker, sessions.send, fetch, clock=clock, on_retry=self._count_retry,
             on_stalled=lambda: self.telemetry.stalled("from_clients"),
@@ -370,9 +369,7 @@ class RoundWorkflow:
         new_model = rnd.aggregator.finish()
         self.telemetry.aggregated(rnd.aggregation_s + time.perf_counter() - t0)
         self._progress.metrics = weighted_metrics({k: (float(n), m) for k, (n, m) in rnd.results.items()})
-        self._progress.influence.update(rnd.influence)
-        report = report_strategy(self._strategy, self.telemetry, {key: site for site, key in rnd.keys.items()})
-        self._progress.privacy_epsilon = report.privacy_epsilon
+        strategy_report.after_round(self._strategy, self.telemetry, rnd, self._progress)
         log.info("job %s round %s: aggregated the results of %s; metrics %s", s.job, number, ",".join(done),
                  self._progress.metrics)
         self._refresh()
@@ -424,8 +421,7 @@ class RoundWorkflow:
                                             f"{txn.id}-{site}-{len(rnd.republished) + 1}")
             rnd.republished.append(again)
             refs = again.refs
-        msg = outbox.task(task_id, rnd.number, rnd.kind, refs, self.settings.rounds, self._result_timeouts,
-                          task_config(self._strategy))  # fmt: skip
+        msg = outbox.task(task_id, rnd.number, rnd.kind, refs, self.settings.rounds, self._result_timeouts)
         if not self._sessions.send(site, msg):
             log.info("job %s round %s: client %s has no live stream; its task goes out when it reconnects",
                      self.settings.job, rnd.number, site)

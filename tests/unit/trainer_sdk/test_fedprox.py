@@ -12,7 +12,7 @@ from fedkube.errors import ConfigError
 from fedkube.protocol import PROXIMAL_MU_KEY, ResultTimeouts
 from fedkube.server import outbox
 from fedkube.server.strategies import build_strategy
-from fedkube.server.strategy_report import task_config
+from fedkube.server.strategy_report import task_config, task_settings
 from fedkube.spec import SpecError, parse_job
 from fedkube.trainer_sdk.fedprox import ProximalTerm, proximal_mu
 from fedkube.trainer_sdk.model import FLModel
@@ -73,7 +73,7 @@ def test_mu_from_the_task_config() -> None:
 def test_the_server_sends_mu_in_every_task_and_only_strategies_that_average_take_it() -> None:
     for name in ("fedavg", "fedyogi"):
         strategy = build_strategy(name, {"proximalMu": 0.25})
-        msg = outbox.task("t1", 1, "train", [], 3, ResultTimeouts(1.0, 2.0, 3.0), task_config(strategy))
+        msg = outbox.task("t1", 1, "train", [], 3, task_settings(ResultTimeouts(1.0, 2.0, 3.0), strategy))
         assert proximal_mu(dict(msg.task.config)) == 0.25 and len(msg.task.config) == 4  # the timeouts stay
     assert task_config(build_strategy("fedavg")) == {}
     with pytest.raises(ConfigError, match="takes no privacy or proximalMu"):
