@@ -29,7 +29,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --gid 65532 fedkube \
  && useradd --uid 65532 --gid 65532 --home-dir /home/fedkube --create-home --shell /usr/sbin/nologin fedkube
 COPY --from=build /wheels /wheels
-RUN python -m pip install --no-cache-dir --no-index --find-links=/wheels "fedkube[operator]" \
+RUN python -m pip install --no-cache-dir --no-index --find-links=/wheels "fedkube[operator,dp]" \
  && rm -rf /wheels
 USER 65532:65532
 WORKDIR /home/fedkube

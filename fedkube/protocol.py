@@ -72,6 +72,8 @@ CONFIG_PREFIX = "fedkube."
 RESULT_IDLE_TIMEOUT_KEY = "fedkube.result_idle_timeout_s"
 RESULT_START_TIMEOUT_KEY = "fedkube.result_start_timeout_s"
 RESULT_TTL_KEY = "fedkube.result_ttl_s"
+#: FedProx's mu from spec.strategy.proximalMu, for fedkube.trainer_sdk.fedprox (absent: no proximal term).
+PROXIMAL_MU_KEY = "fedkube.proximal_mu"
 
 #: Seconds the trainer waits beyond the server's own stall detection, so that when the server is alive
 #: its verdict (``send()`` returns False, the site sits out the round) reaches the trainer before the

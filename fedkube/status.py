@@ -334,6 +334,8 @@ class JobStatus:
         default_factory=list
     )
     """Durations of the most recent completed rounds, oldest first (at most ROUND_HISTORY)."""
+    privacy_epsilon: Annotated[Magnitude | None, _camel("privacy_epsilon")] = None
+    """Central DP: epsilon spent by the completed rounds (spec.strategy.privacy); None without it."""
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -357,6 +359,8 @@ class JobStatus:
             d["lastRoundSeconds"] = self.last_round_seconds
         if self.round_seconds:
             d["roundSeconds"] = [x for x in self.round_seconds[-ROUND_HISTORY:] if math.isfinite(x)]
+        if self.privacy_epsilon is not None and math.isfinite(self.privacy_epsilon):
+            d["privacyEpsilon"] = self.privacy_epsilon
         return d
 
     def to_json(self) -> str:

@@ -40,7 +40,7 @@ PLANES = ("grpc", "bulk", "status")
 EXTRA_REASONS = 16
 
 #: ``reason`` of a result whose influence was bounded (fedkube.server.influence).
-BOUNDS = ("capped", "clipped")
+BOUNDS = ("capped", "clipped", "unchanged")
 # Only the spec's sites can deliver a result (the server refuses any other), so the site label is bounded by the
 # spec; this cap is a second line behind it.
 MAX_SITE_SERIES = 1024
@@ -116,9 +116,16 @@ class ServerMetrics:
                                 "L2 norm of the site's last update (result minus global model) before clipping; "
                                 "measured only with spec.strategy.clipNorm.", s, registry=registry)
         self._bounded = Counter("fedkube_server_bounded_results_total",
-                                "Results whose influence was bounded, by site and reason (capped: num_examples "
-                                "above maxExamplesPerSite; clipped: update norm above clipNorm).",
+                                "Results whose influence was bounded or that did not move, by site and reason "
+                                "(capped: num_examples above maxExamplesPerSite; clipped: update norm above "
+                                "clipNorm; unchanged: a zero update).",
                                 check_labels(["fljob", "site", "reason"]), registry=registry)
+        self._epsilon = Gauge("fedkube_server_privacy_epsilon_spent",
+                              "Central DP: epsilon spent by the rounds so far (spec.strategy.privacy, at its "
+                              "targetDelta).", j, registry=registry)
+        self._selected = Counter("fedkube_server_selected_results_total",
+                                 "Rounds in which a selecting strategy (krum) used the site's result.",
+                                 s, registry=registry)
         self._sites = CappedValues("site", MAX_SITE_SERIES)
         self._reasons = CappedValues("failure reason", EXTRA_REASONS, known=(r.value for r in Reason))
         self._retry_kinds = CappedValues("retry reason", EXTRA_REASONS)
@@ -228,13 +235,21 @@ class ServerMetrics:
         self._site_weight.labels(fljob=self.job, site=label).set(weight)
         if norm is not None:
             self._site_norm.labels(fljob=self.job, site=label).set(norm)
-        for bound, hit in zip(BOUNDS, (capped, clipped), strict=True):
+        for bound, hit in zip(BOUNDS, (capped, clipped, norm == 0.0), strict=True):
             if hit:
                 self._bounded.labels(fljob=self.job, site=label, reason=bound).inc()
 
     def enrollment(self, outcome: str) -> None:
         """An enrollment-port request ended with ``outcome`` (a fixed set: fedkube.server.enrollment)."""
         self._enrollments.labels(fljob=self.job, reason=outcome).inc()
+
+    def result_selected(self, site: str) -> None:
+        """Krum used ``site``'s result in the round that just finished (fedkube.server.strategy_report)."""
+        self._selected.labels(fljob=self.job, site=self._sites.admit(site)).inc()
+
+    def privacy_spent(self, epsilon: float) -> None:
+        """Central DP's spent epsilon after a round (fedkube.server.dp)."""
+        self._epsilon.labels(fljob=self.job).set(epsilon)
 
     def connection_rejected(self, reason: str, plane: str = "grpc") -> None:
         """A call or connection was refused before any effect (``reason``: e.g. BadToken, ConnectionLimit,

@@ -240,7 +240,8 @@ class FedkubeServer:
         """``checkpoints`` replaces the store under ``config.checkpoint_dir`` (tests inject slow or failing ones)."""
         self.config = config
         s = config.settings
-        self.strategy = build_strategy(s.strategy, s.strategy_options, s.influence, spill_dir=config.checkpoint_dir)
+        self.strategy = build_strategy(s.strategy, s.strategy_options, s.influence, spill_dir=config.checkpoint_dir,
+                                       rounds=s.rounds)  # fmt: skip
         self.sessions = SessionTable()
         self.broker = UploadBroker()
         self.downloads = DownloadService(SERVER_SOURCE, chunk_bytes=min(s.transfer.chunk_bytes, MAX_CHUNK_BYTES))

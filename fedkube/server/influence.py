@@ -155,6 +155,16 @@ class SiteInfluence:
     def clipped(self) -> bool:
         return self.scale < 1.0
 
+    @property
+    def unchanged(self) -> bool:
+        """The site sent the global model back unchanged (a measured update norm of exactly 0).
+
+        It still counts with its weight: a site may legitimately not move (frozen layers, no data left this
+        round), and its influence is bounded like any other's; it only slows the step by its weight's share. The
+        status and the metric (reason "unchanged") make a site that does it every round visible.
+        """
+        return self.norm == 0.0
+
     def note(self) -> str:
         """A short phrase for the status ("" when nothing was bounded)."""
         parts = []
@@ -162,6 +172,8 @@ class SiteInfluence:
             parts.append(f"num_examples {self.claimed:g} capped to {self.weight:g}")
         if self.clipped and self.norm is not None:
             parts.append(f"update norm {self.norm:.4g} clipped to {self.norm * self.scale:.4g}")
+        if self.unchanged:
+            parts.append("update is zero: the global model came back unchanged")
         return "; ".join(parts)
 
 

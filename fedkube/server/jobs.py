@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from fedkube.errors import FedkubeError
-from fedkube.server.strategies import StrategyState
+
+if TYPE_CHECKING:  # only annotations: strategies (fedkube.server.dp) imports JobFailed from here
+    from fedkube.server.strategies import StrategyState
 
 # Job-level reasons beyond fedkube.status.Reason (which names client failures).
 TERMINATED = "Terminated"

@@ -9,14 +9,22 @@ its own (tests/unit/server/test_outbox.py).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
-from fedkube.protocol import ResultTimeouts, task_kind
+from fedkube.protocol import task_kind
 from fedkube.transfer.refs import TensorRef
 from fedkube.wire.v1 import control_pb2
 
 
+class TaskSettings(Protocol):
+    """What every task's config carries: ResultTimeouts, or those plus the strategy's entries (FedProx's mu,
+    ``fedkube.server.strategy_report.task_settings``)."""
+
+    def to_config(self) -> dict[str, str]: ...
+
+
 def task(
-    task_id: str, round_: int, kind: str, refs: Iterable[TensorRef], total_rounds: int, timeouts: ResultTimeouts
+    task_id: str, round_: int, kind: str, refs: Iterable[TensorRef], total_rounds: int, timeouts: TaskSettings
 ) -> control_pb2.ServerMessage:
     """A client's task for one round: the global model's refs (none for the init task), its kind, and how
     long the trainer's ``send()`` waits for this server's download of its result."""

@@ -37,6 +37,7 @@ class JobProgress:
         self.completed = 0
         self.metrics: dict[str, float] = {}
         self.influence: dict[str, SiteInfluence] = {}  # site -> how much its result counted in its last round
+        self.privacy_epsilon: float | None = None  # central DP's spent budget (fedkube.server.dp)
         self.round_seconds: deque[float] = deque(maxlen=ROUND_HISTORY)
         self.started_at = wall_clock()
         self.finished_at: float | None = None
@@ -73,6 +74,7 @@ class JobProgress:
             finish_time=utc_timestamp(self.finished_at) if self.finished_at is not None else None,
             last_round_seconds=self.round_seconds[-1] if self.round_seconds else None,
             round_seconds=list(self.round_seconds),
+            privacy_epsilon=self.privacy_epsilon,
         )
 
     def publish(self, downloads: Mapping[str, Download]) -> None:

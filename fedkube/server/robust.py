@@ -157,6 +157,7 @@ class _Krum:
                 raise ConfigError(f"spec.strategy.{field_name}={value!r} must be an integer ≥ {lo}")
         self.f = byzantine
         self.m = select
+        self.selected: tuple[str, ...] = ()  # the keys of the last round's selected results
 
     def too_few(self, n: int) -> str:
         if n <= 2 * self.f + 2:
@@ -169,7 +170,8 @@ class _Krum:
 
     def combine(self, stack: StagedResults) -> Model:
         chosen = krum_select(stack.distances(), self.f, self.m)
-        log.info("krum selected %s of %s", [stack.keys[i] for i in chosen], list(stack.keys))
+        self.selected = tuple(stack.keys[i] for i in chosen)
+        log.info("krum selected %s of %s", list(self.selected), list(stack.keys))
         return stack.subset(chosen).coordinatewise(lambda values: np.mean(values, axis=0))
 
     def meta(self) -> dict[str, Any]:
@@ -262,6 +264,11 @@ class Krum(_RobustStrategy):
     def __init__(self, *, byzantine: int = 1, krum_select: int = 1, spill_dir: Path | None = None,
                  block_bytes: int = BLOCK_BYTES) -> None:  # fmt: skip
         super().__init__(_Krum(byzantine, krum_select), spill_dir, block_bytes)
+
+    def selected(self) -> tuple[str, ...]:
+        """The result keys the last finished round averaged (``fedkube.server.strategy_report`` counts them)."""
+        rule = self.rule
+        return rule.selected if isinstance(rule, _Krum) else ()
 
 
 ROBUST_STRATEGIES = ("median", "trimmedmean", "krum")

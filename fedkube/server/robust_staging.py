@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedkube.errors import ConfigError
 from fedkube.server.aggregate import (
     AggregationError,
     DiscardOutcome,
@@ -30,6 +29,7 @@ from fedkube.server.aggregate import (
     all_finite,
     check_tensor,
 )
+from fedkube.server.jobs import JobFailed
 from fedkube.server.model import Model, ModelSpec, TensorSpec
 
 STAGING_DIR = ".robust-staging"
@@ -39,8 +39,18 @@ BLOCK_BYTES = 32 << 20
 _ALIGN = 64
 
 
-class TooFewResultsError(ConfigError):
-    """A round ended with fewer results than the robust strategy needs; the job's settings must change."""
+TOO_FEW_RESULTS = "TooFewResults"
+
+
+class TooFewResultsError(JobFailed):
+    """A round ended with fewer results than the robust strategy needs; the job fails with reason TooFewResults.
+
+    Not a ConfigError: the spec may be fine (enough clients listed) and the round short of results because sites
+    failed; either way no aggregate of too few results is made.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(TOO_FEW_RESULTS, message)
 
 
 def lower_median(sorted_block: np.ndarray) -> np.ndarray:

@@ -26,6 +26,9 @@ Strategies:
   Integer/bool tensors have no gradient; they take FedAvg's value. FedAdam
   needs 2xS more memory than FedAvg for m and v: that is the optimizer's
   state, not an aggregation cost.
+* ``FedYogi`` and ``FedAdagrad``: the same algorithm with the paper's other
+  second moments, ``v = v - (1-β2)·Δ²·sign(v - Δ²)`` (Yogi) and
+  ``v = v + Δ²`` (Adagrad, which has no β2); the same state and memory.
 * ``median``, ``trimmedmean``, ``krum``: robust to a minority of bad
   results; they need all N results at once and stage them on disk
   (``fedkube.server.robust``, which documents their memory and disk cost).
@@ -45,6 +48,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from fedkube.errors import ConfigError, FedkubeError
+from fedkube.protocol import PROXIMAL_MU_KEY
 from fedkube.server.aggregate import (
     BLOCK,
     AggregationError,
@@ -54,6 +58,7 @@ from fedkube.server.aggregate import (
     accumulator_dtype,
     cast_to,
 )
+from fedkube.server.dp import CentralDP, load_privacy, privacy_meta
 from fedkube.server.influence import Bounded, Influence, SiteInfluence
 from fedkube.server.model import Model, ModelSpec
 from fedkube.server.pool import ArrayPool
@@ -171,6 +176,7 @@ class _MeanAggregator:
         self._claims: dict[str, float] = {}  # client -> num_examples as claimed
         self._norms: dict[str, float] = {}  # client -> its update norm, measured by bound()
         self.adapt: Callable[[list[float]], None] = lambda norms: None  # the strategy's, for the next round
+        self.noise: Callable[[dict[str, np.ndarray], int], None] | None = None  # central DP (fedkube.server.dp)
 
     def _weight(self, client: str, claimed: float) -> float:
         self._claims[client] = float(claimed)
@@ -210,7 +216,10 @@ class _MeanAggregator:
         return self.engine.reopen(client, new_key)
 
     def finish(self) -> Model:
-        result: Model = self._finish_fn(self.engine.means())
+        means = self.engine.means()
+        if self.noise is not None:
+            self.noise(means, len(self.engine.committed))
+        result: Model = self._finish_fn(means)
         self.adapt(self.norms())  # the next round's bound (fedkube.server.influence, "Adaptive bound")
         return result
 
@@ -241,11 +250,14 @@ class _StreamingMeanAggregator(_MeanAggregator):
 
 def _mean_aggregator(
     spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool, influence: Influence,
-    reference: Mapping[str, np.ndarray], adapt: Callable[[list[float]], None],
+    reference: Mapping[str, np.ndarray], adapt: Callable[[list[float]], None], privacy: CentralDP | None = None,
 ) -> RoundAggregator:  # fmt: skip
     agg = (_MeanAggregator(spec, True, finish_fn, pool, influence, reference) if staged
            else _StreamingMeanAggregator(spec, finish_fn, pool, influence, reference))  # fmt: skip
     agg.adapt = adapt
+    if privacy is not None:
+        privacy.check_budget()  # before the round starts: a refused round sends no task
+        agg.noise = lambda means, results: privacy.add_noise(spec, means, reference, results)
     return agg
 
 
@@ -283,10 +295,15 @@ class FedAvg:
     """Federated averaging weighted by num_examples (McMahan et al. 2017)."""
 
     name = "fedavg"
+    task_settings: dict[str, str]  # ConfiguresTasks: FedProx's mu (build_strategy), else empty
 
-    def __init__(self, *, staged: bool = False, influence: Influence | None = None) -> None:
+    def __init__(
+        self, *, staged: bool = False, influence: Influence | None = None, privacy: CentralDP | None = None
+    ) -> None:
         self.staged = staged
         self.influence = influence or Influence()
+        self.privacy = privacy
+        self.task_settings = {}
         self._recycler = _Recycler()
 
     @property
@@ -299,18 +316,20 @@ class FedAvg:
         self._recycler.supersede(global_model)
         return _mean_aggregator(
             spec, self.staged, lambda means: {t.name: cast_to(t, means[t.name]) for t in spec}, self.pool,
-            self.influence, global_model, self._adapt,
+            self.influence, global_model, self._adapt, self.privacy,
         )  # fmt: skip
 
     def _adapt(self, norms: list[float]) -> None:
         self.influence = _adapted(self.influence, norms)
 
     def state(self) -> StrategyState:
-        return StrategyState(self.name, {"staged": self.staged, **_clip_state(self.influence)})
+        return StrategyState(self.name, {"staged": self.staged, **_clip_state(self.influence),
+                                         **privacy_meta(self.privacy)})  # fmt: skip
 
     def load_state(self, state: StrategyState) -> None:
         _check_name(self.name, state)
         self.influence = _load_clip(self.influence, state)
+        load_privacy(self.privacy, state.meta)
 
 
 def _adapted(influence: Influence, norms: list[float]) -> Influence:
@@ -350,6 +369,8 @@ class FedAdam:
     """Server-side Adam on the pseudo-gradient ``avg - global`` (Reddi et al. 2021)."""
 
     name = "fedadam"
+    # The spec's parameters, camelCase -> keyword; FedAdagrad has no beta2.
+    params = {"serverLr": "server_lr", "beta1": "beta1", "beta2": "beta2", "tau": "tau"}
 
     def __init__(
         self,
@@ -360,6 +381,7 @@ class FedAdam:
         tau: float = 1e-3,
         staged: bool = False,
         influence: Influence | None = None,
+        privacy: CentralDP | None = None,
     ) -> None:
         for field_name, value, lo, hi in (
             ("serverLr", server_lr, 0.0, math.inf),
@@ -380,6 +402,8 @@ class FedAdam:
         self.tau = float(tau)
         self.staged = staged
         self.influence = influence or Influence()
+        self.privacy = privacy
+        self.task_settings: dict[str, str] = {}  # ConfiguresTasks: FedProx's mu (build_strategy)
         self._recycler = _Recycler()
         self.step = 0
         self.m: dict[str, np.ndarray] = {}
@@ -398,7 +422,8 @@ class FedAdam:
         def finish(means: dict[str, np.ndarray]) -> Model:
             return self._apply(spec, model, means)
 
-        return _mean_aggregator(spec, self.staged, finish, self.pool, self.influence, model, self._adapt)
+        return _mean_aggregator(spec, self.staged, finish, self.pool, self.influence, model, self._adapt,
+                                self.privacy)  # fmt: skip
 
     def _adapt(self, norms: list[float]) -> None:
         self.influence = _adapted(self.influence, norms)
@@ -421,7 +446,7 @@ class FedAdam:
             # Each line rounds exactly like the textbook expression in the docstring.
             fx, fa, fm, fv = (a.reshape(-1) for a in (model[t.name], avg, m, v))
             s_x, s_d, s_t = (np.empty(min(BLOCK, fa.size), acc_dtype) for _ in range(3))
-            b1, b2, lr, tau = self.beta1, self.beta2, self.server_lr, self.tau
+            b1, lr, tau = self.beta1, self.server_lr, self.tau
             for start in range(0, fa.size, BLOCK):
                 stop = min(start + BLOCK, fa.size)
                 n = stop - start
@@ -432,10 +457,7 @@ class FedAdam:
                 bm *= b1  # m = b1*m + (1-b1)*delta
                 np.multiply(d, 1.0 - b1, out=tmp)
                 bm += tmp
-                bv *= b2  # v = b2*v + (1-b2)*delta^2
-                np.multiply(d, d, out=tmp)
-                tmp *= 1.0 - b2
-                bv += tmp
+                self._second_moment(bv, d, tmp)
                 np.sqrt(bv, out=tmp)  # x = x + lr*m / (sqrt(v) + tau)
                 tmp += tau
                 np.multiply(bm, lr, out=d)
@@ -446,6 +468,13 @@ class FedAdam:
             out[t.name] = cast_to(t, avg)
         self.step += 1
         return out
+
+    def _second_moment(self, v: np.ndarray, delta: np.ndarray, tmp: np.ndarray) -> None:
+        """v = b2*v + (1-b2)*delta^2, in place; ``tmp`` is scratch of v's size."""
+        v *= self.beta2
+        np.multiply(delta, delta, out=tmp)
+        tmp *= 1.0 - self.beta2
+        v += tmp
 
     def state(self) -> StrategyState:
         """m and v as live arrays (no copy: they are 2xS): save them before the next round's finish() updates them."""
@@ -460,6 +489,7 @@ class FedAdam:
             "tau": self.tau,
             "step": self.step,
             **_clip_state(self.influence),
+            **privacy_meta(self.privacy),
         }
         return StrategyState(self.name, meta, tensors)
 
@@ -470,47 +500,92 @@ class FedAdam:
         for key, arr in state.tensors.items():
             kind, _, name = key.partition("/")
             if kind not in ("m", "v") or not name:
-                raise ConfigError(f"FedAdam state has an unexpected tensor {key!r}; expected 'm/<name>' or 'v/<name>'")
+                raise ConfigError(
+                    f"{self.name} state has an unexpected tensor {key!r}; expected 'm/<name>' or 'v/<name>'"
+                )
             (m if kind == "m" else v)[name] = arr
         if m.keys() != v.keys():
-            raise ConfigError(f"FedAdam state is inconsistent: m has {sorted(m)}, v has {sorted(v)}")
+            raise ConfigError(f"{self.name} state is inconsistent: m has {sorted(m)}, v has {sorted(v)}")
         # Hyper-parameters come from the spec (a user may change serverLr on resume); step comes from the state.
         self.step = int(state.meta.get("step", 0))
         self.influence = _load_clip(self.influence, state)
+        load_privacy(self.privacy, state.meta)
         self.m = {k: np.array(a, copy=True) for k, a in m.items()}
         self.v = {k: np.array(a, copy=True) for k, a in v.items()}
 
 
-STRATEGIES = ("fedavg", "fedadam", *ROBUST_STRATEGIES)
+class FedYogi(FedAdam):
+    """FedAdam with Yogi's additive second moment (Reddi et al. 2021): v cannot grow by more than Δ² per round."""
+
+    name = "fedyogi"
+
+    def _second_moment(self, v: np.ndarray, delta: np.ndarray, tmp: np.ndarray) -> None:
+        """v = v - (1-b2)*delta^2*sign(v - delta^2), in place, rounding like that expression."""
+        d2 = np.multiply(delta, delta)
+        np.subtract(v, d2, out=tmp)
+        np.sign(tmp, out=tmp)
+        d2 *= 1.0 - self.beta2
+        d2 *= tmp
+        v -= d2
+
+
+class FedAdagrad(FedAdam):
+    """FedAdam with Adagrad's second moment v = v + Δ² (Reddi et al. 2021); it takes no beta2."""
+
+    name = "fedadagrad"
+    params = {"serverLr": "server_lr", "beta1": "beta1", "tau": "tau"}
+
+    def _second_moment(self, v: np.ndarray, delta: np.ndarray, tmp: np.ndarray) -> None:
+        np.multiply(delta, delta, out=tmp)
+        v += tmp
+
+
+SERVER_OPTIMIZERS: dict[str, type[FedAdam]] = {c.name: c for c in (FedAdam, FedYogi, FedAdagrad)}
+STRATEGIES = ("fedavg", *SERVER_OPTIMIZERS, *ROBUST_STRATEGIES)
 
 
 def build_strategy(
     name: str, params: Mapping[str, Any] | None = None, influence: Influence | None = None, *,
-    spill_dir: Path | None = None,
+    spill_dir: Path | None = None, rounds: int | None = None,
 ) -> Strategy:
     """The strategy named in the spec, with its camelCase parameters (e.g. ``serverLr``) and influence bounds.
 
     ``spill_dir`` is where the robust strategies (``fedkube.server.robust``) stage a round's results on disk:
     the server's checkpoint directory, or None for a temp dir. They weigh every result once and do not clip,
-    so they take no ``influence`` bounds (the spec refuses them together).
+    so they take no ``influence`` bounds (the spec refuses them together). ``rounds`` (spec.rounds) derives
+    central DP's noise multiplier when ``params["privacy"]`` (``fedkube.server.dp``) does not set one.
     """
     params = dict(params or {})
+    spec_privacy = params.pop("privacy", None)
+    proximal_mu = params.pop("proximalMu", None)
+    privacy = None
+    if name in ROBUST_STRATEGIES and (spec_privacy is not None or proximal_mu is not None):
+        raise ConfigError(f"spec.strategy: {name} takes no privacy or proximalMu; use fedavg or a server optimizer")
+    if spec_privacy is not None:
+        privacy = CentralDP.from_spec(spec_privacy, (influence or Influence()).clip_norm, rounds)
     if name in ROBUST_STRATEGIES:
         if influence is not None and influence != Influence():
             raise ConfigError(f"spec.strategy: {name} takes no weighting, maxExamplesPerSite or clipNorm")
         return build_robust(name, params, spill_dir)
     staged = bool(params.pop("staged", False))
+    strategy: FedAvg | FedAdam
     if name == "fedavg":
         if params:
             raise ConfigError(f"spec.strategy: fedavg takes no parameters, got {sorted(params)}")
-        return FedAvg(staged=staged, influence=influence)
-    if name == "fedadam":
-        known = {"serverLr": "server_lr", "beta1": "beta1", "beta2": "beta2", "tau": "tau"}
+        strategy = FedAvg(staged=staged, influence=influence, privacy=privacy)
+    elif name in SERVER_OPTIMIZERS:
+        cls = SERVER_OPTIMIZERS[name]
+        known = cls.params
         unknown = sorted(set(params) - set(known))
         if unknown:
-            raise ConfigError(f"spec.strategy: unknown fedadam parameter(s) {unknown}; known: {sorted(known)}")
-        return FedAdam(staged=staged, influence=influence, **{known[k]: float(v) for k, v in params.items()})
-    raise ConfigError(f"spec.strategy.name={name!r} is not a known strategy; use one of {', '.join(STRATEGIES)}")
+            raise ConfigError(f"spec.strategy: unknown {name} parameter(s) {unknown}; known: {sorted(known)}")
+        strategy = cls(staged=staged, influence=influence, privacy=privacy,
+                       **{known[k]: float(v) for k, v in params.items()})  # fmt: skip
+    else:
+        raise ConfigError(f"spec.strategy.name={name!r} is not a known strategy; use one of {', '.join(STRATEGIES)}")
+    if proximal_mu is not None:
+        strategy.task_settings = {PROXIMAL_MU_KEY: repr(float(proximal_mu))}
+    return strategy
 
 
 def check_initial_model(global_model: Mapping[str, np.ndarray]) -> None:

@@ -55,7 +55,7 @@ import numpy as np
 from fedkube.errors import ConfigError
 from fedkube.metrics.core import new_registry
 from fedkube.metrics.server import ServerMetrics
-from fedkube.server import outbox
+from fedkube.server import outbox, strategy_report
 from fedkube.server.aggregate import weighted_metrics
 from fedkube.server.checkpoint import check_resume_rounds, completion_message
 from fedkube.server.checkpointing import Checkpointing
@@ -156,7 +156,7 @@ class RoundWorkflow:
         # round again, and a sidecar ignores a task id it has already seen.
         self._run_id = uuid.uuid4().hex[:8]
         fetch = fetch_settings(settings)
-        self._result_timeouts = result_timeouts(settings, fetch)
+        self._result_timeouts = strategy_report.task_settings(result_timeouts(settings, fetch), strategy)
         self._downloads = Downloader(
             settings.job, broker, sessions.send, fetch, clock=clock, on_retry=self._count_retry,
             on_stalled=lambda: self.telemetry.stalled("from_clients"),
@@ -369,7 +369,7 @@ class RoundWorkflow:
         new_model = rnd.aggregator.finish()
         self.telemetry.aggregated(rnd.aggregation_s + time.perf_counter() - t0)
         self._progress.metrics = weighted_metrics({k: (float(n), m) for k, (n, m) in rnd.results.items()})
-        self._progress.influence.update(rnd.influence)
+        strategy_report.after_round(self._strategy, self.telemetry, rnd, self._progress)
         log.info("job %s round %s: aggregated the results of %s; metrics %s", s.job, number, ",".join(done),
                  self._progress.metrics)
         self._refresh()

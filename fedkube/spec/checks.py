@@ -24,10 +24,11 @@ from fedkube.spec.model import (
     VolumeMount,
 )
 from fedkube.spec.podtemplate import mount_problems, override_problems, queue_problems
+from fedkube.spec.privacy import affordable_rounds
 from fedkube.spec.problems import Problem
 from fedkube.spec.quantity import parse_quantity
 from fedkube.spec.remote import remote_problems, remote_warnings
-from fedkube.spec.strategy import FEDADAM_DEFAULTS, ROBUST_DEFAULTS, min_results
+from fedkube.spec.strategy import min_results, parameter_owners
 
 _DNS_LABEL_RE = re.compile(DNS1123_LABEL)
 _LABEL_KEY_RE = re.compile(LABEL_KEY)
@@ -99,16 +100,17 @@ def _clients(job: FLJob) -> Iterator[Problem]:
 
 def _strategy_and_model(job: FLJob) -> Iterator[Problem]:
     strategy, model = job.spec.strategy, job.spec.model
-    owners = {**dict.fromkeys(FEDADAM_DEFAULTS, "fedadam"), **{f: o for f, (o, _) in ROBUST_DEFAULTS.items()}}
-    for field, owner in owners.items():
-        if getattr(strategy, field) is not None and strategy.name != owner:
+    for field, owners in parameter_owners().items():
+        if getattr(strategy, field) is not None and strategy.name not in owners:
             alias = type(strategy).model_fields[field].alias or field
+            also = f" (also of {', '.join(owners[1:])})" if owners[1:] else ""
             yield Problem(
                 f"spec.strategy.{alias}",
-                f"{alias} is a {owner} parameter but the strategy is {strategy.name}",
-                f"remove it, or set spec.strategy.name to {owner}",
+                f"{alias} is a {owners[0]} parameter{also} but the strategy is {strategy.name}",
+                f"remove it, or set spec.strategy.name to {' or '.join(owners)}",
             )
     yield from _robust_results(job)
+    yield from _privacy_budget(job)
     if model.source == "file" and not model.path:
         yield Problem(
             "spec.model.path",
@@ -134,6 +136,19 @@ def _robust_results(job: FLJob) -> Iterator[Problem]:
             f"{spec.strategy.name} {_robust_terms(job)}needs at least {need} results per round, but only "
             f"{len(spec.clients)} client site(s) are listed; every round would fail",
             f"add client sites (at least {need}), or choose a strategy or parameters that need fewer",
+        )
+
+
+def _privacy_budget(job: FLJob) -> Iterator[Problem]:
+    # A job whose budget runs out before its last round would stop with PrivacyBudgetExhausted (fedkube.server.dp).
+    privacy, rounds = job.spec.strategy.privacy, job.spec.rounds
+    k = affordable_rounds(privacy, rounds) if privacy is not None else None
+    if privacy is not None and k is not None:
+        yield Problem(
+            "spec.strategy.privacy.noiseMultiplier",
+            f"noiseMultiplier {privacy.noise_multiplier:g} spends targetEpsilon {privacy.target_epsilon:g} (delta "
+            f"{privacy.target_delta:g}) in {k} of the {rounds} rounds; the job would stop with PrivacyBudgetExhausted",
+            f"raise noiseMultiplier, remove it to derive it from the budget and spec.rounds, or set rounds to {k}",
         )
 
 

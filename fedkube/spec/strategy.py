@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedkube.spec.privacy import Privacy
+
 # Inclusive bounds (see fedkube.spec.model on why the CRD has no exclusive ones).
 MIN_POSITIVE = 1e-12  # fedadam's serverLr and tau
 MAX_BETA = 0.999999999  # fedadam's moment decays must stay below 1
@@ -20,10 +22,16 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True, strict=True)
 
 
-StrategyName = Literal["fedavg", "fedadam", "median", "trimmedmean", "krum"]
+StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "median", "trimmedmean", "krum"]
 Weighting = Literal["examples", "equal"]
 
 FEDADAM_DEFAULTS: dict[str, float] = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+# The server-optimizer family (Reddi et al. 2021) and its parameters' defaults; fedadagrad has no beta2.
+SERVER_OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
+    "fedadam": FEDADAM_DEFAULTS,
+    "fedyogi": FEDADAM_DEFAULTS,
+    "fedadagrad": {k: v for k, v in FEDADAM_DEFAULTS.items() if k != "beta2"},
+}
 # The robust strategies' parameters (fedkube.server.robust): field -> (owning strategy, default).
 ROBUST_DEFAULTS: dict[str, tuple[str, float | int]] = {
     "trim_fraction": ("trimmedmean", 0.2),
@@ -48,19 +56,25 @@ class Strategy(_Model):
     name: StrategyName = Field(
         default="fedavg",
         description=(
-            "fedavg (weighted mean), fedadam (server-side Adam), median (coordinate-wise median; >= 3 results "
-            "per round), trimmedmean (coordinate-wise mean without the trimFraction largest and smallest values) "
+            "fedavg (weighted mean), fedadam, fedyogi, fedadagrad (server-side Adam, Yogi, Adagrad), median "
+            "(coordinate-wise median; >= 3 results per round), trimmedmean (coordinate-wise mean without the "
+            "trimFraction largest and smallest values) "
             "or krum (mean of the krumSelect results closest to the others; more than 2*byzantine+2 results). "
             "median, trimmedmean and krum ignore num_examples and stage each round's results on the server's "
             "checkpoint volume: size it for N results more than the checkpoints (N x the model's bytes)."
         ),
     )
     server_lr: float | None = Field(
-        default=None, alias="serverLr", ge=MIN_POSITIVE, description="fedadam: server learning rate."
+        default=None, alias="serverLr", ge=MIN_POSITIVE,
+        description="fedadam, fedyogi, fedadagrad: server learning rate.",
+    )  # fmt: skip
+    beta1: float | None = Field(
+        default=None, ge=0, le=MAX_BETA, description="fedadam, fedyogi, fedadagrad: first-moment decay."
     )
-    beta1: float | None = Field(default=None, ge=0, le=MAX_BETA, description="fedadam: first-moment decay.")
-    beta2: float | None = Field(default=None, ge=0, le=MAX_BETA, description="fedadam: second-moment decay.")
-    tau: float | None = Field(default=None, ge=MIN_POSITIVE, description="fedadam: adaptivity (epsilon).")
+    beta2: float | None = Field(default=None, ge=0, le=MAX_BETA, description="fedadam, fedyogi: second-moment decay.")
+    tau: float | None = Field(
+        default=None, ge=MIN_POSITIVE, description="fedadam, fedyogi, fedadagrad: adaptivity (epsilon)."
+    )
     # The robust strategies' parameters (fedkube.server.robust).
     trim_fraction: float | None = Field(
         default=None, alias="trimFraction", ge=0, le=MAX_TRIM_FRACTION,
@@ -108,13 +122,24 @@ class Strategy(_Model):
         f"within clipNorm - clipQuantile)) (default {CLIP_LEARNING_RATE}).",
     )  # fmt: skip
 
+    proximal_mu: float | None = Field(
+        default=None, alias="proximalMu", ge=0, le=1e6, allow_inf_nan=False,
+        description="FedProx (Li et al. 2020): the proximal term's mu, sent to every trainer in its task; the "
+        "trainer adds mu/2 * ||w - w_global||^2 to its loss (fedkube.trainer_sdk.fedprox). fedavg, fedadam, "
+        "fedyogi, fedadagrad.",
+    )  # fmt: skip
+    privacy: Privacy | None = Field(
+        default=None,
+        description="Central differential privacy: Gaussian noise on the clipped mean update, with a budget "
+        "(needs a fixed clipNorm and weighting=equal; fedavg, fedadam, fedyogi, fedadagrad).",
+    )
+
     @model_validator(mode="after")
     def _fill_fedadam_defaults(self) -> Strategy:
         # Filled here rather than as field defaults so fedavg carries no parameters it would ignore.
-        if self.name == "fedadam":
-            for field, value in FEDADAM_DEFAULTS.items():
-                if getattr(self, field) is None:
-                    setattr(self, field, value)
+        for field, value in SERVER_OPTIMIZER_DEFAULTS.get(self.name, {}).items():
+            if getattr(self, field) is None:
+                setattr(self, field, value)
         for field, (owner, default) in ROBUST_DEFAULTS.items():
             if self.name == owner and getattr(self, field) is None:
                 setattr(self, field, default)
@@ -145,6 +170,36 @@ class Strategy(_Model):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_privacy(self) -> Strategy:
+        if self.privacy is None:
+            return self
+        # The noise is calibrated to one site's largest possible effect on the mean: clipNorm, fixed, and equal
+        # weights. An adaptive bound would need its own noised quantile and budget share (Andrew et al. 2021).
+        if self.name in ROBUST_STRATEGY_NAMES:
+            raise ValueError(f"privacy needs clipped, equally weighted updates, which {self.name} does not make; use "
+                             "fedavg, fedadam, fedyogi or fedadagrad with clipNorm and weighting=equal")
+        if self.clip_norm is None or self.clip_quantile is not None:
+            raise ValueError("privacy calibrates its noise to a fixed clipNorm; set clipNorm (e.g. 1.0) and remove "
+                             "clipQuantile")
+        if self.weighting != "equal":
+            raise ValueError("privacy needs weighting=equal: a weight by claimed num_examples lets one site move the "
+                             "mean by more than clipNorm / (results), which the noise is calibrated to")
+        return self
+
+
+def parameter_owners() -> dict[str, tuple[str, ...]]:
+    """Each strategy parameter (field name) -> the strategies it is valid for (``fedkube validate`` says so)."""
+    owners: dict[str, tuple[str, ...]] = {}
+    for strategy, defaults in SERVER_OPTIMIZER_DEFAULTS.items():
+        for field in defaults:
+            owners[field] = (*owners.get(field, ()), strategy)
+    for field, (owner, _) in ROBUST_DEFAULTS.items():
+        owners[field] = (*owners.get(field, ()), owner)
+    owners["proximal_mu"] = ("fedavg", *SERVER_OPTIMIZER_DEFAULTS)
+    return owners
+
+
 def trim_count(beta: float, n: int) -> int:
     """Values trimmedmean drops at each end of n: floor(beta*n); the epsilon keeps 0.29*100 at 29, not 28.99…"""
     return math.floor(beta * n + 1e-9)
@@ -174,5 +229,6 @@ def min_results(strategy: Strategy) -> int:
 
 __all__ = [
     "CLIP_LEARNING_RATE", "FEDADAM_DEFAULTS", "MAX_BETA", "MAX_EXAMPLES", "MAX_TRIM_FRACTION", "MIN_POSITIVE",
-    "ROBUST_DEFAULTS", "Strategy", "StrategyName", "Weighting", "min_results", "trim_count",
+    "ROBUST_DEFAULTS", "SERVER_OPTIMIZER_DEFAULTS", "Strategy", "StrategyName", "Weighting", "min_results",
+    "parameter_owners", "trim_count",
 ]  # fmt: skip

@@ -120,7 +120,9 @@ def test_an_unchanged_model_counts_with_its_weight_and_norm_zero(harness: Harnes
     assert outcome is not None and outcome.success, outcome
     np.testing.assert_allclose(a.globals[2]["fc.weight"], 1.0)  # (1*3 + 2*0)/3
     b = {c.name: c for c in srv.workflow.status().clients}["site-b"]
-    assert b.update_norm == 0.0 and b.weight == 2.0 and b.bounded == ""
+    assert b.update_norm == 0.0 and b.weight == 2.0 and "update is zero" in b.bounded
+    reason = {"fljob": "job1", "site": "site-b", "reason": "unchanged"}
+    assert srv.metrics_registry.get_sample_value("fedkube_server_bounded_results_total", reason) == 2  # each round
 
 
 def test_the_adaptive_bound_moves_each_round_and_is_kept_in_the_checkpoint(harness: Harness, tmp_path: Path) -> None:

@@ -56,6 +56,12 @@ def test_one_poisoned_site_does_not_move_the_global_model(
     np.testing.assert_array_equal(g2["steps"], [7])  # integers: the lower median, not the poisoned 1007
     staging = tmp_path / STAGING_DIR
     assert staging.is_dir() and list(staging.iterdir()) == []  # staged on the checkpoint volume, then removed
+    reg = srv.metrics_registry
+    selected = {s: reg.get_sample_value("fedkube_server_selected_results_total", {"fljob": "job1", "site": s})
+                for s in SITES}  # fmt: skip
+    # Krum's selection, both rounds, by site (not by result key); the poisoned site never. The others select none.
+    want = dict.fromkeys(SITES[:3], 2.0) if strategy == "krum" else {}
+    assert selected == {site: want.get(site) for site in SITES}
 
 
 def test_fedavg_is_moved_by_the_same_poisoned_site(harness: Harness) -> None:
@@ -77,7 +83,7 @@ def test_too_few_results_fail_the_round_with_the_reason(harness: Harness, tmp_pa
     harness.sidecar(srv, "site-b", add_value(2.0))
     outcome = srv.wait(30)
     assert outcome is not None and not outcome.success
-    assert outcome.reason == "ConfigError" and outcome.rounds_completed == 0
+    assert outcome.reason == "TooFewResults" and outcome.rounds_completed == 0
     assert "median needs at least 3 results" in outcome.message and "2 delivered" in outcome.message
     assert "spec.minClients" in outcome.message
     assert list((tmp_path / STAGING_DIR).iterdir()) == []

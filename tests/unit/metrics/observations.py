@@ -27,6 +27,8 @@ def exercised() -> dict[str, CollectorRegistry]:
     s.connection_rejected("Unauthenticated")
     s.enrollment("enrolled")
     s.site_influence("site-a", claimed=1e6, weight=1000.0, norm=12.5, capped=True, clipped=True)
+    s.privacy_spent(1.5)
+    s.result_selected("site-a")
     s.round_completed(12.0, number=1)
     c = SidecarMetrics(regs["sidecar"], "mnist", "site-a")
     c.upstream("connected")

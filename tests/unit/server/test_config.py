@@ -103,6 +103,11 @@ def test_every_strategy_parameter_reaches_the_server_and_its_builder(tmp_path: P
         s = settings_from_spec("cfg", _spec({**MINIMAL["spec"], "clients": FIVE, "strategy": {"name": name}}))
         build_strategy(s.strategy, s.strategy_options, spill_dir=tmp_path)
         seen |= set(s.strategy_options)
+    private = {"weighting": "equal", "clipNorm": 1.0, "privacy": {"targetEpsilon": 5, "targetDelta": 1e-5},
+               "proximalMu": 0.1}
+    s = settings_from_spec("cfg", _spec({**MINIMAL["spec"], "strategy": private}))
+    assert build_strategy(s.strategy, s.strategy_options, s.influence, rounds=3).privacy is not None  # type: ignore[attr-defined]
+    seen |= set(s.strategy_options)
     influence = {"weighting", "maxExamplesPerSite", "clipNorm", "clipQuantile", "clipLearningRate"}
     fields = {f.alias or n for n, f in SpecStrategy.model_fields.items() if n != "name"} - influence
     assert seen == fields

@@ -310,7 +310,7 @@ def test_too_few_results_fail_the_round_without_an_aggregate(
         agg.commit(client)
     with pytest.raises(TooFewResultsError, match=re.escape(words)) as info:
         agg.finish()
-    assert isinstance(info.value, ConfigError) and "fix:" in str(info.value)
+    assert info.value.reason == "TooFewResults" and "fix:" in str(info.value)
     assert not agg.directory.exists()
 
 
