@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from decimal import InvalidOperation
 
 from fedkube.spec import layout
+from fedkube.spec.evaluation import check_evaluation
 from fedkube.spec.model import (
     DNS1123_LABEL,
     LABEL_KEY,
@@ -42,6 +43,7 @@ def check_job(job: FLJob) -> tuple[list[Problem], list[Problem]]:
         *_strategy_and_model(job),
         *_containers(job),
         *_timeout_errors(job),
+        *check_evaluation(job.spec.evaluation, [c.name for c in job.spec.clients]),
     ]
     return errors, list(_warnings(job))
 
