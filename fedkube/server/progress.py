@@ -16,7 +16,7 @@ from fedkube.server.downloads import Download
 from fedkube.server.influence import SiteInfluence
 from fedkube.server.jobs import Outcome
 from fedkube.server.registry import ClientState, Registry
-from fedkube.status import ROUND_HISTORY, JobStatus, Phase, utc_timestamp
+from fedkube.status import ROUND_HISTORY, EvaluationPoint, JobStatus, Phase, utc_timestamp
 
 
 class JobProgress:
@@ -38,6 +38,7 @@ class JobProgress:
         self.metrics: dict[str, float] = {}
         self.influence: dict[str, SiteInfluence] = {}  # site -> how much its result counted in its last round
         self.round_seconds: deque[float] = deque(maxlen=ROUND_HISTORY)
+        self.evaluation: deque[EvaluationPoint] = deque(maxlen=ROUND_HISTORY)  # spec.evaluation's recent outcomes
         self.started_at = wall_clock()
         self.finished_at: float | None = None
         self._lock = threading.Lock()
@@ -73,6 +74,7 @@ class JobProgress:
             finish_time=utc_timestamp(self.finished_at) if self.finished_at is not None else None,
             last_round_seconds=self.round_seconds[-1] if self.round_seconds else None,
             round_seconds=list(self.round_seconds),
+            evaluation=list(self.evaluation),
         )
 
     def publish(self, downloads: Mapping[str, Download]) -> None:
