@@ -82,6 +82,15 @@ class CertificatesStatus(_Status):
     )
 
 
+class EvaluationStatus(_Status):
+    """One federated evaluation of the global model (fedkube.status.EvaluationPoint)."""
+
+    round: int = Field(description="The training round after which the global model was evaluated.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Metrics weighted by num_examples.")
+    sites: int = Field(default=0, description="Sites whose results the metrics average.")
+    examples: int = Field(default=0, description="Examples they were measured on (after maxExamplesPerSite).")
+
+
 class FLJobStatus(_Status):
     """What the operator reports about an FLJob."""
 
@@ -109,6 +118,9 @@ class FLJobStatus(_Status):
     )
     observed_generation: int | None = Field(
         default=None, alias="observedGeneration", description="The spec generation this status describes."
+    )
+    evaluation: list[EvaluationStatus] = Field(
+        default_factory=list, description="The newest federated evaluations (spec.evaluation), oldest first."
     )
     certificates: CertificatesStatus | None = Field(
         default=None, description="The job's mutual-TLS certificates; absent when spec.security.tls is disabled."
