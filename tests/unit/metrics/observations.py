@@ -26,6 +26,8 @@ def exercised() -> dict[str, CollectorRegistry]:
     s.client_failed(Reason.EXITED_BEFORE_DOWNLOAD.value)
     s.connection_rejected("Unauthenticated")
     s.site_influence("site-a", claimed=1e6, weight=1000.0, norm=12.5, capped=True, clipped=True)
+    s.round_metrics("evaluate", {"accuracy": 0.9})
+    s.evaluated(2, 3)
     s.round_completed(12.0, number=1)
     c = SidecarMetrics(regs["sidecar"], "mnist", "site-a")
     c.upstream("connected")
