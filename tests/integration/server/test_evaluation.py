@@ -1,6 +1,7 @@
 """Federated evaluation through a real server (spec.evaluation): evaluate tasks after every 2nd round and after
 the last, metrics-only results weighted by num_examples (capped by maxExamplesPerSite), a result carrying tensors
-refused without failing its site, and the curve in the status document and the Prometheus metrics."""
+refused without failing its site, a site outside spec.evaluation.sites never asked, and the curve in the status
+document and the Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ pytestmark = pytest.mark.timeout(60)
 def test_evaluations_follow_every_second_round_and_the_last_and_refuse_a_result_with_tensors(
     harness: Harness,
 ) -> None:
-    cfg = make_config(("site-a", "site-b"), rounds=3)
-    settings = dataclasses.replace(cfg.settings, evaluation=Evaluation(every=2),
+    cfg = make_config(("site-a", "site-b", "site-c"), rounds=3)
+    settings = dataclasses.replace(cfg.settings, evaluation=Evaluation(every=2, sites=["site-a", "site-b"]),
                                    influence=Influence(max_examples=100))
     srv = harness.server(dataclasses.replace(cfg, settings=settings), {"w": np.zeros(4, np.float32)})
 
@@ -42,19 +43,21 @@ def test_evaluations_follow_every_second_round_and_the_last_and_refuse_a_result_
 
     a = harness.sidecar(srv, "site-a", site_a)
     b = harness.sidecar(srv, "site-b", site_b)
+    c = harness.sidecar(srv, "site-c", lambda task, params: Reply({"w": params["w"] + 1}, 5, {"loss": 3.0}))
     outcome = srv.wait(30)
     assert outcome is not None and outcome.success, outcome
 
     kinds = [(t.round, t.kind) for t in a.tasks]
     evaluate, train = control_pb2.TASK_KIND_EVALUATE, control_pb2.TASK_KIND_TRAIN
     assert kinds == [(1, train), (2, train), (2, evaluate), (3, train), (3, evaluate)], kinds
+    assert [t.kind for t in c.tasks] == [train] * 3  # not among spec.evaluation.sites
     refused = b.received[b.tasks[-1].task_id]
     assert not refused.ok and refused.reason == "InvalidResult" and "metrics only" in refused.message, refused
     assert a.received[a.tasks[2].task_id].ok
 
     doc = json.loads(srv.status_json())
-    assert [c["state"] for c in doc["clients"]] == ["Done", "Done"], doc["clients"]  # b not failed
-    assert [c["roundsCompleted"] for c in doc["clients"]] == [3, 3]
+    assert [c["state"] for c in doc["clients"]] == ["Done"] * 3, doc["clients"]  # b not failed
+    assert [c["roundsCompleted"] for c in doc["clients"]] == [3] * 3
     points = doc["evaluation"]
     assert [(p["round"], p["sites"], p["examples"]) for p in points] == [(2, 2, 110), (3, 1, 10)], points
     # After round 2 the global w is 2: a measures 2.5 on 10 examples, b 3.0 on 100 (its 1000 capped).
@@ -76,3 +79,22 @@ def test_without_spec_evaluation_no_evaluate_task_is_sent(harness: Harness) -> N
     assert outcome is not None and outcome.success, outcome
     assert [t.kind for t in a.tasks] == [control_pb2.TASK_KIND_TRAIN] * 2
     assert "evaluation" not in json.loads(srv.status_json())
+
+
+def test_a_site_that_never_answers_its_evaluation_is_left_out_and_the_job_succeeds(harness: Harness) -> None:
+    cfg = make_config(("site-a",), rounds=1, round_timeout_s=1.0)
+    settings = dataclasses.replace(cfg.settings, evaluation=Evaluation(every=1))
+    srv = harness.server(dataclasses.replace(cfg, settings=settings), {"w": np.zeros(4, np.float32)})
+
+    def silent_evaluator(task: control_pb2.Task, params: dict[str, np.ndarray]) -> Reply:
+        if task.kind == control_pb2.TASK_KIND_EVALUATE:
+            return Reply(None)  # never answers
+        return Reply({"w": params["w"] + 1}, 5, {"loss": 1.0})
+
+    a = harness.sidecar(srv, "site-a", silent_evaluator)
+    outcome = srv.wait(20)
+    assert outcome is not None and outcome.success, outcome
+    assert [t.kind for t in a.tasks] == [control_pb2.TASK_KIND_TRAIN, control_pb2.TASK_KIND_EVALUATE]
+    doc = json.loads(srv.status_json())
+    assert doc["evaluation"] == [{"round": 1, "metrics": {}, "sites": 0, "examples": 0}]
+    assert doc["clients"][0]["state"] == "Done"
