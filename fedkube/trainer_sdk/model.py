@@ -80,7 +80,7 @@ class FLModel:
 def check_num_examples(value: Any, *, training: bool = False) -> int:
     """``value`` as a result's example count; InvalidParamsError naming the value and the fix.
 
-    ``training``: the result answers a training task, whose weight must be
+    ``training``: the result answers a training or evaluate task, whose weight must be
     positive (the server refuses 0 as an invalid result, which would cost the
     site the round; the SDK says so before anything is sent).
     """
@@ -103,9 +103,10 @@ def check_num_examples(value: Any, *, training: bool = False) -> int:
         )
     if training and n == 0:
         raise InvalidParamsError(
-            "FLModel.num_examples is 0 in the result of a training task; the server weighs each result by it "
-            "(FedAvg) and refuses a weight of 0; fix: pass how many examples this update was trained on, "
-            "e.g. num_examples=len(train_dataset)"
+            "FLModel.num_examples is 0 in the result of a training task (or an evaluate task); the server weighs "
+            "each result by it (FedAvg, and an evaluation's metrics) and refuses a weight of 0; fix: pass how many "
+            "examples this update was trained on, e.g. num_examples=len(train_dataset) (for an evaluate task: "
+            "the held-out examples measured)"
         )
     return n
 
