@@ -41,6 +41,7 @@ SERVER = "server"
 # --- task kinds (control.proto TaskKind) ---------------------------------------------
 TASK_TRAIN = control_pb2.TASK_KIND_TRAIN
 TASK_INIT = control_pb2.TASK_KIND_INIT
+TASK_EVALUATE = control_pb2.TASK_KIND_EVALUATE
 _KIND_PREFIX = "TASK_KIND_"
 
 
@@ -55,6 +56,7 @@ def task_kind_name(kind: int) -> str:
 #: The short names, as the server's logs and ``FLModel.config[TASK_KIND_KEY]`` show them.
 INIT_TASK = task_kind_name(TASK_INIT)
 TRAIN_TASK = task_kind_name(TASK_TRAIN)
+EVALUATE_TASK = task_kind_name(TASK_EVALUATE)
 
 
 def task_kind(name: str) -> control_pb2.TaskKind:
@@ -62,7 +64,8 @@ def task_kind(name: str) -> control_pb2.TaskKind:
     return cast(control_pb2.TaskKind, control_pb2.TaskKind.Value(_KIND_PREFIX + name.upper()))
 
 
-#: Where the trainer SDK shows a script the task's kind among ``FLModel.config`` (``"init"`` or ``"train"``).
+#: Where the trainer SDK shows a script the task's kind among ``FLModel.config``: ``"init"``, ``"train"`` or
+#: ``"evaluate"``.
 #: Not a wire key: the kind travels as ``Task.kind``; the SDK adds it for the script.
 TASK_KIND_KEY = "fedkube.task"
 

@@ -43,6 +43,8 @@ TERMINATION_LIMIT = 4096
 """Kubernetes keeps at most this many bytes of a container's termination message."""
 ROUND_HISTORY = 20
 """How many recent round durations the status document keeps (``roundSeconds``)."""
+SUMMARY_EVALUATIONS = 5
+"""How many of the newest evaluations the termination summary carries (it must fit in TERMINATION_LIMIT)."""
 
 STATUS_LIMIT = 1 << 20
 """The largest status document a reader accepts, in bytes (the operator reads at most this much of an answer)."""
@@ -300,6 +302,24 @@ class ClientStatus:
         return d
 
 
+@with_config(_CONFIG)
+@dataclass
+class EvaluationPoint:
+    """One federated evaluation (spec.evaluation): the global model after training round ``round``, measured on
+    the evaluating sites' data; ``metrics`` weighted by their ``num_examples``."""
+
+    round: Count
+    metrics: Metrics = field(default_factory=dict)
+    sites: OptionalCount = 0
+    """How many sites' results the metrics average (a site that failed its evaluation is left out)."""
+    examples: Annotated[int, Field(ge=0), _null_is(int)] = 0
+    """The examples they were measured on, summed as weighted (after maxExamplesPerSite)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "metrics": _finite_metrics(self.metrics), "sites": self.sites,
+                "examples": self.examples}
+
+
 def _server_phase(phase: Phase) -> Phase:
     if phase not in SERVER_PHASES:
         known = ", ".join(p.value for p in SERVER_PHASES)
@@ -336,6 +356,10 @@ class JobStatus:
     """Durations of the most recent completed rounds, oldest first (at most ROUND_HISTORY)."""
     privacy_epsilon: Annotated[Magnitude | None, _camel("privacy_epsilon")] = None
     """Central DP: epsilon spent by the completed rounds (spec.strategy.privacy); None without it."""
+    evaluation: Annotated[list[EvaluationPoint], BeforeValidator(_newest), _null_is(list)] = field(
+        default_factory=list
+    )
+    """The most recent federated evaluations, oldest first (at most ROUND_HISTORY)."""
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -361,6 +385,8 @@ class JobStatus:
             d["roundSeconds"] = [x for x in self.round_seconds[-ROUND_HISTORY:] if math.isfinite(x)]
         if self.privacy_epsilon is not None and math.isfinite(self.privacy_epsilon):
             d["privacyEpsilon"] = self.privacy_epsilon
+        if self.evaluation:
+            d["evaluation"] = [p.to_dict() for p in self.evaluation[-ROUND_HISTORY:]]
         return d
 
     def to_json(self) -> str:
@@ -398,6 +424,10 @@ class TerminationSummary:
     model_sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$"), _camel("model_sha256"), _null_is(str)] = ""
     start_time: Annotated[Time | None, _camel("start_time")] = None
     finish_time: Annotated[Time | None, _camel("finish_time")] = None
+    evaluation: Annotated[list[EvaluationPoint], Field(max_length=SUMMARY_EVALUATIONS), _null_is(list)] = field(
+        default_factory=list
+    )
+    """The newest federated evaluations (at most SUMMARY_EVALUATIONS; left out first when the summary is full)."""
 
     @classmethod
     def from_status(cls, status: JobStatus) -> TerminationSummary:
@@ -415,9 +445,11 @@ class TerminationSummary:
             clients=list(status.clients),
             start_time=status.start_time,
             finish_time=status.finish_time,
+            evaluation=list(status.evaluation[-SUMMARY_EVALUATIONS:]),
         )
 
-    def _doc(self, clients: Sequence[dict[str, Any]], omitted: int, message: str, metrics: bool) -> dict[str, Any]:
+    def _doc(self, clients: Sequence[dict[str, Any]], omitted: int, message: str, metrics: bool,
+             evaluation: bool = False) -> dict[str, Any]:  # fmt: skip
         d: dict[str, Any] = {
             "exitCode": self.exit_code,
             "job": self.job,
@@ -441,12 +473,15 @@ class TerminationSummary:
             d["startTime"] = self.start_time
         if self.finish_time:
             d["finishTime"] = self.finish_time
+        if evaluation and self.evaluation:
+            d["evaluation"] = [p.to_dict() for p in self.evaluation[-SUMMARY_EVALUATIONS:]]
         return d
 
     def to_json(self, limit: int = TERMINATION_LIMIT) -> str:
         """Compact JSON of at most ``limit`` UTF-8 bytes.
 
-        When everything does not fit, clients are dropped (healthy ones
+        When everything does not fit, the evaluation curve is left out first,
+        then clients are dropped (healthy ones
         first; failed and lost clients are what a person needs to read) and
         counted in ``clientsOmitted``; then the metrics; then the message is
         shortened.
@@ -465,6 +500,11 @@ class TerminationSummary:
         def fits(text: str) -> bool:
             return len(text.encode("utf-8")) <= limit
 
+        if self.evaluation:
+            full = self._doc(ordered, self.clients_omitted, message, True, True)
+            text = json.dumps(full, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            if fits(text):
+                return text
         text = encode(len(ordered), message, True)
         if fits(text):
             return text

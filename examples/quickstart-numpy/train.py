@@ -5,6 +5,8 @@ the sites' inputs differ (different means and scales) while the relationship
 y = X @ w_true + b_true they learn is shared. Each round the site loads the
 global model, takes a few gradient steps on its data, and sends the update
 back; the server averages the updates weighted by num_examples (FedAvg).
+After each round (``spec.evaluation``) the server sends an evaluate task: the
+site measures the new global model on its held-out data and sends metrics only.
 """
 
 from __future__ import annotations
@@ -18,18 +20,26 @@ import fedkube.trainer_sdk as fk
 FEATURES = 8
 LOCAL_STEPS = 25
 LEARNING_RATE = 0.05
+HELD_OUT = 100  # examples per site kept out of training, for the evaluate tasks
 
 
-def site_data(site: str) -> tuple[np.ndarray, np.ndarray]:
-    """This site's training data: the same true model everywhere, a different input distribution per site."""
+def site_data(site: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This site's training and held-out data: the same true model everywhere, a different input distribution
+    per site; (x, y, x_held_out, y_held_out)."""
     truth = np.random.default_rng(0)
     w_true = truth.normal(size=FEATURES).astype(np.float32)
     b_true = np.float32(0.5)
     rng = np.random.default_rng(zlib.crc32(site.encode()))
     n = int(rng.integers(200, 400))
-    x = (rng.normal(loc=rng.uniform(-1, 1), scale=rng.uniform(0.5, 1.5), size=(n, FEATURES))).astype(np.float32)
-    y = x @ w_true + b_true + rng.normal(scale=0.1, size=n).astype(np.float32)
-    return x, y
+    loc, scale = rng.uniform(-1, 1), rng.uniform(0.5, 1.5)
+
+    def draw(count: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(loc=loc, scale=scale, size=(count, FEATURES)).astype(np.float32)
+        return x, x @ w_true + b_true + rng.normal(scale=0.1, size=count).astype(np.float32)
+
+    x, y = draw(n)
+    x_held_out, y_held_out = draw(HELD_OUT)
+    return x, y, x_held_out, y_held_out
 
 
 def mse(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
@@ -38,10 +48,16 @@ def mse(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
 
 def main() -> None:
     site = fk.site() or "local"
-    x, y = site_data(site)
+    x, y, x_held_out, y_held_out = site_data(site)
     fk.init()
     while fk.is_running():
         model = fk.receive()
+        if model.kind == "evaluate":  # spec.evaluation: measure the global model on held-out data, metrics only
+            assert model.params is not None
+            loss = mse(model.params["w"], model.params["b"], x_held_out, y_held_out)
+            print(f"site {site} round {model.round}: evaluation of the global model: held-out loss {loss:.4f}")
+            fk.send(fk.FLModel(num_examples=len(y_held_out), metrics={"loss": loss}))
+            continue
         if model.params is None:  # round 0 with model source firstClient: this site supplies the initial weights
             w = np.zeros(FEATURES, dtype=np.float32)
             b = np.zeros(1, dtype=np.float32)

@@ -17,7 +17,14 @@ from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from fedkube.metrics.core import CappedValues, add_process_collectors, check_labels, component_info, one_of
+from fedkube.metrics.core import (
+    OVERFLOW,
+    CappedValues,
+    add_process_collectors,
+    check_labels,
+    component_info,
+    one_of,
+)
 from fedkube.protocol import PORT_REFUSALS
 from fedkube.security.contexts import TLS_REFUSALS
 from fedkube.status import ClientState, Reason
@@ -41,6 +48,10 @@ EXTRA_REASONS = 16
 
 #: ``reason`` of a result whose influence was bounded (fedkube.server.influence).
 BOUNDS = ("capped", "clipped", "unchanged")
+#: ``kind`` of an aggregated round metric: a training round's results, or an evaluation of the global model.
+METRIC_KINDS = ("train", "evaluate")
+# Trainers name their metrics freely: the first this many names get series, the rest are not exported.
+MAX_METRIC_SERIES = 32
 # Only the spec's sites can deliver a result (the server refuses any other), so the site label is bounded by the
 # spec; this cap is a second line behind it.
 MAX_SITE_SERIES = 1024
@@ -126,6 +137,16 @@ class ServerMetrics:
         self._selected = Counter("fedkube_server_selected_results_total",
                                  "Rounds in which a selecting strategy (krum) used the site's result.",
                                  s, registry=registry)
+        self._round_metric = Gauge("fedkube_server_round_metric",
+                                   "The last aggregated value of a trainer metric (mean weighted by num_examples), "
+                                   "by name and phase: train (a training round's results) or evaluate "
+                                   "(spec.evaluation).", check_labels(["fljob", "phase", "name"]), registry=registry)
+        self._evaluated = Gauge("fedkube_server_last_evaluated_round",
+                                "Training round after which the global model was last evaluated (spec.evaluation).",
+                                j, registry=registry)
+        self._evaluation_sites = Gauge("fedkube_server_evaluation_sites",
+                                       "Sites whose results the last evaluation averaged.", j, registry=registry)
+        self._metric_names = CappedValues("metric name", MAX_METRIC_SERIES)
         self._sites = CappedValues("site", MAX_SITE_SERIES)
         self._reasons = CappedValues("failure reason", EXTRA_REASONS, known=(r.value for r in Reason))
         self._retry_kinds = CappedValues("retry reason", EXTRA_REASONS)
@@ -250,6 +271,19 @@ class ServerMetrics:
     def privacy_spent(self, epsilon: float) -> None:
         """Central DP's spent epsilon after a round (fedkube.server.dp)."""
         self._epsilon.labels(fljob=self.job).set(epsilon)
+
+    def round_metrics(self, kind: str, metrics: Mapping[str, float]) -> None:
+        """The aggregated metrics of a training round or an evaluation (``kind`` one of :data:`METRIC_KINDS`)."""
+        phase = one_of(kind, METRIC_KINDS, "kind")
+        for name, value in metrics.items():
+            label = self._metric_names.admit(name)
+            if label != OVERFLOW:  # one series mixing unrelated metrics would mean nothing
+                self._round_metric.labels(fljob=self.job, phase=phase, name=label).set(value)
+
+    def evaluated(self, round_: int, sites: int) -> None:
+        """An evaluation of the global model after training round ``round_`` averaged ``sites`` results."""
+        self._evaluated.labels(fljob=self.job).set(round_)
+        self._evaluation_sites.labels(fljob=self.job).set(sites)
 
     def connection_rejected(self, reason: str, plane: str = "grpc") -> None:
         """A call or connection was refused before any effect (``reason``: e.g. BadToken, ConnectionLimit,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedkube.operator import model_status
+from fedkube.operator.evaluation_status import evaluation_status
 from fedkube.operator.rounds import STATUS_KEY as ROUND_METRICS
 from fedkube.operator.rounds import round_metrics
 from fedkube.operator.views import (
@@ -546,6 +547,9 @@ def decide(job: FLJob, previous: Mapping[str, Any], obs: Observation) -> Decisio
     }
     fields, phase_events = transition(previous, verdict.phase, verdict.reason, verdict.message, obs.now)
     status.update(fields)
+    evaluation = evaluation_status(word.live)  # fedkube.operator.evaluation_status
+    if evaluation is not None:
+        status["evaluation"] = evaluation
     if verdict.phase is Phase.SUCCEEDED:  # where the trained model is (fedkube.operator.model_status)
         model = model_status.model_status(job, word.outcome.summary if word.outcome is not None else None)
         lost = model_status.not_persisted(job)

@@ -246,6 +246,10 @@ def format_outcome(job_name: str, outcome: RunOutcome) -> str:
             lines.append(_omitted_line(summary.clients_omitted, listed, outcome))
         if summary.model_file:
             lines.append(f"  model: {outcome.run_dir / MODEL_DIR / summary.model_file} (sha256 {summary.model_sha256})")
+        if summary.evaluation:
+            from fedkube.runtime.progress import evaluation_lines  # rich loads only where it is shown
+
+            lines += evaluation_lines(summary.evaluation)
     for note in outcome.notes:
         lines.append(f"  note: {note}")
     lines.append(f"  logs: {outcome.run_dir / 'logs'}")

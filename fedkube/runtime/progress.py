@@ -15,7 +15,7 @@ import logging
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -24,9 +24,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from fedkube.status import STATUS_LIMIT, JobStatus, SummaryError
+from fedkube.status import STATUS_LIMIT, EvaluationPoint, JobStatus, SummaryError
 
 logger = logging.getLogger(__name__)
+
+# Metrics a line of the evaluation curve shows (the rest are in the status document and --json).
+MAX_SHOWN_METRICS = 4
 
 READY_STATES = frozenset({"registered", "training", "uploading", "done", "ready", "idle"})
 
@@ -42,6 +45,8 @@ class StatusView:
     clients_total: int
     bytes_transferred: int | None
     metrics: dict[str, float]  # the last completed round's aggregated metrics
+    # (round, metrics, sites) of the newest evaluations (spec.evaluation), oldest first.
+    evaluation: tuple[tuple[int, dict[str, float], int], ...] = ()
 
 
 def parse_status(doc: Mapping[str, Any]) -> StatusView:
@@ -67,7 +72,28 @@ def parse_status(doc: Mapping[str, Any]) -> StatusView:
         clients_total=total if total is not None else len(states),
         bytes_transferred=_bytes(doc),
         metrics=_metrics(doc.get("metrics")),
+        evaluation=_evaluation(doc.get("evaluation")),
     )
+
+
+def _evaluation(value: Any) -> tuple[tuple[int, dict[str, float], int], ...]:
+    if not isinstance(value, list):
+        return ()
+    points = [p for p in value if isinstance(p, Mapping) and _int(p.get("round")) is not None]
+    return tuple((_int(p.get("round")) or 0, _metrics(p.get("metrics")), _int(p.get("sites")) or 0) for p in points)
+
+
+def evaluation_line(round_: int, metrics: Mapping[str, float], sites: int, examples: int | None = None) -> str:
+    """One point of the evaluation curve, e.g. ``evaluation after round 2: acc 0.9133, loss 0.31 (2 sites)``."""
+    first = list(metrics.items())[:MAX_SHOWN_METRICS]
+    shown = ", ".join(f"{name} {value:.4g}" for name, value in first) or "no metrics"
+    on = f"{sites} site(s)" + (f", {examples} examples" if examples is not None else "")
+    return f"evaluation after round {round_}: {shown} ({on})"
+
+
+def evaluation_lines(points: Sequence[EvaluationPoint]) -> list[str]:
+    """The evaluation curve of a run's summary, one indented line per evaluation."""
+    return ["  " + evaluation_line(p.round, p.metrics, p.sites, p.examples) for p in points]
 
 
 def _metrics(value: Any) -> dict[str, float]:
@@ -185,6 +211,7 @@ class ProgressDisplay:
         )
         self._task = self._progress.add_task("rounds", total=None, detail="waiting for the server")
         self.last: StatusView | None = None
+        self._evaluated = 0  # the newest evaluation's round already printed
 
     def watch(self, url: str | None, metrics_url: str | None = None) -> None:
         """Start polling the status ``url`` and, when given, the server's Prometheus ``metrics_url``.
@@ -205,6 +232,10 @@ class ProgressDisplay:
             detail += f" · {_human_bytes(view.bytes_transferred)} results"
         for name, value in list(view.metrics.items())[:2]:
             detail += f" · {name} {value:.4g}"
+        for round_, metrics, sites in view.evaluation:
+            if round_ > self._evaluated:  # the curve scrolls above the bar, one line per evaluation
+                self._evaluated = round_
+                self.console.print(evaluation_line(round_, metrics, sites), highlight=False, markup=False)
         self._progress.update(self._task, total=view.rounds, completed=view.round, detail=detail)
 
     def _poll(self) -> None:

@@ -21,6 +21,7 @@ from fedkube.security.settings import TlsSettings
 from fedkube.server.enrollment import EnrollSettings
 from fedkube.server.influence import Influence
 from fedkube.spec import FLJobSpec, ModelSource, Strategy, Timeouts, Transfer, load_job
+from fedkube.spec.evaluation import Evaluation
 from fedkube.spec.model import DEFAULT_MAX_BYTES, ModelSourceKind, model_max_bytes
 from fedkube.spec.strategy import CLIP_LEARNING_RATE, StrategyName
 
@@ -96,6 +97,8 @@ class JobSettings:
     checkpoint_start_fresh: bool = False
     # spec.output.everyRound: deliver each round's model too, not only the final one.
     output_every_round: bool = False
+    # spec.evaluation: when and on which sites the global model is evaluated (None: never).
+    evaluation: Evaluation | None = None
 
     @classmethod
     def from_spec(cls, job: str, spec: FLJobSpec) -> JobSettings:
@@ -118,6 +121,7 @@ class JobSettings:
             transfer=TransferSettings.from_spec(spec.transfer),
             checkpoint_start_fresh=spec.server.checkpoint.on_unusable == "StartFresh",
             output_every_round=spec.output is not None and spec.output.every_round,
+            evaluation=spec.evaluation,
         )
 
 

@@ -53,6 +53,8 @@ class LiveRound(ABC):
     """Transport-side state of the round in progress (client states are in the registry)."""
 
     kind: ClassVar[str]
+    # Results carry metrics only (an evaluation): taken as announced, nothing is downloaded.
+    metrics_only: ClassVar[bool] = False
     number: int
     job: str
     tasks: dict[str, str]  # site -> task id

@@ -16,7 +16,7 @@ from fedkube.server.downloads import Download
 from fedkube.server.influence import SiteInfluence
 from fedkube.server.jobs import Outcome
 from fedkube.server.registry import ClientState, Registry
-from fedkube.status import ROUND_HISTORY, JobStatus, Phase, utc_timestamp
+from fedkube.status import ROUND_HISTORY, EvaluationPoint, JobStatus, Phase, utc_timestamp
 
 
 class JobProgress:
@@ -39,6 +39,7 @@ class JobProgress:
         self.influence: dict[str, SiteInfluence] = {}  # site -> how much its result counted in its last round
         self.privacy_epsilon: float | None = None  # central DP's spent budget (fedkube.server.dp)
         self.round_seconds: deque[float] = deque(maxlen=ROUND_HISTORY)
+        self.evaluation: deque[EvaluationPoint] = deque(maxlen=ROUND_HISTORY)  # spec.evaluation's recent outcomes
         self.started_at = wall_clock()
         self.finished_at: float | None = None
         self._lock = threading.Lock()
@@ -75,6 +76,7 @@ class JobProgress:
             last_round_seconds=self.round_seconds[-1] if self.round_seconds else None,
             round_seconds=list(self.round_seconds),
             privacy_epsilon=self.privacy_epsilon,
+            evaluation=list(self.evaluation),
         )
 
     def publish(self, downloads: Mapping[str, Download]) -> None:

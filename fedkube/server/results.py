@@ -89,6 +89,11 @@ class ResultDesk:
             return
         if not rnd.claim(self._registry, session, result.task_id):
             return
+        if rnd.metrics_only:
+            rnd.results[site] = (rnd.weight_of(site, result.num_examples), dict(result.metrics))
+            self.answer(rnd, site, True, "", "")
+            self._on_change()
+            return
         self._start_download(rnd, site, result)
 
     def _start_download(self, rnd: LiveRound, site: str, result: ResultAnnounced) -> None:

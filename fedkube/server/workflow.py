@@ -13,7 +13,9 @@ creates and that report back through callbacks:
 
 * ``start.RoundStarter``: when a round starts and with whom;
 * ``live_round``: the round in progress, a ``TrainRound`` or the init task's
-  ``InitRound`` (``spec.model.source: firstClient``);
+  ``InitRound`` (``spec.model.source: firstClient``); ``side_rounds``:
+  the init task's wait, and ``evaluation.Evaluator``'s evaluations after a
+  training round (``spec.evaluation``);
 * ``publisher.ModelPublisher``: the global model's transactions;
 * ``results.ResultDesk`` and ``downloads.Downloader``: announced results,
   their downloads and the answers;
@@ -55,6 +57,7 @@ import numpy as np
 from fedkube.errors import ConfigError
 from fedkube.metrics.core import new_registry
 from fedkube.metrics.server import ServerMetrics
+from fedkube.protocol import TRAIN_TASK
 from fedkube.server import outbox, strategy_report
 from fedkube.server.aggregate import weighted_metrics
 from fedkube.server.checkpoint import check_resume_rounds, completion_message
@@ -62,15 +65,15 @@ from fedkube.server.checkpointing import Checkpointing
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
 from fedkube.server.downloads import Downloader, fetch_settings, result_timeouts
+from fedkube.server.evaluation import Evaluator
 from fedkube.server.jobs import (
     CHECKPOINT_WAIT_S,
-    NO_INITIAL_MODEL,
     TERMINATED,
     CheckpointStore,
     JobFailed,
     Outcome,
 )
-from fedkube.server.live_round import InitRound, LiveRound, TrainRound
+from fedkube.server.live_round import LiveRound, TrainRound
 from fedkube.server.model import ModelSpec
 from fedkube.server.pool import realigned
 from fedkube.server.progress import JobProgress
@@ -86,6 +89,7 @@ from fedkube.server.rounds import (
     apply_stragglers,
     classify_trainer_report,
 )
+from fedkube.server.side_rounds import RoundHost, first_client_model
 from fedkube.server.start import RoundStarter
 from fedkube.server.strategies import Strategy, check_initial_model
 from fedkube.status import JobStatus, Phase, Reason
@@ -162,6 +166,7 @@ class RoundWorkflow:
             on_stalled=lambda: self.telemetry.stalled("from_clients"),
         )  # fmt: skip
         self._publisher = ModelPublisher(download_service, self.telemetry, clock=clock)
+        self._evaluator = Evaluator(settings, self._publisher, self.telemetry)
         self._results = ResultDesk(
             settings.job, self.registry, self._downloads, sessions.send, clock=clock, post=self._post, fail=self._fail,
             on_change=self._refresh,
@@ -221,7 +226,7 @@ class RoundWorkflow:
                 participants = self._starter.await_start(number)
                 self._progress.phase = Phase.RUNNING
                 if model is None:
-                    model = realigned(self._init_from_first_client(participants))  # handed over: no other holder
+                    model = realigned(first_client_model(s, participants, self._host()))  # handed over: no other holder
                     participants = self._starter.await_start(number)
                 started = self._clock()
                 self.telemetry.round_started(number)
@@ -234,6 +239,9 @@ class RoundWorkflow:
                 self.telemetry.round_completed(duration, number=number)
                 self._progress.round_seconds.append(duration)
                 log.info("job %s round %s: completed in %.3f s", s.job, number, duration)
+                point = self._evaluator.after_round(number, model, self._host())
+                if point is not None:
+                    self._progress.evaluation.append(point)
                 # The round's receive buffers and chunks are free now; without a trim glibc keeps
                 # a varying part of them resident (bench/README.md, memory variance).
                 release_free_memory()
@@ -293,39 +301,10 @@ class RoundWorkflow:
             return 1, model
         return 1, None
 
-    def _init_from_first_client(self, candidates: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """spec.model.source firstClient: ask one client (first by name) for its initial weights."""
-        tried: list[str] = []
-        for site in sorted(candidates):
-            rec = self.registry.get(site)
-            if rec.state is not ClientState.REGISTERED:
-                continue
-            rnd = InitRound(number=0, job=self.settings.job, max_bytes=self.settings.model_max_bytes,
-                            tasks=self._task_ids(0, (site,)), deadline=self._clock() + self.settings.round_timeout_s)
-            self._open_round(rnd)
-            while site not in rnd.results and site not in rnd.failed:
-                if self._clock() >= rnd.deadline:
-                    rnd.failed[site] = (Reason.ROUND_TIMEOUT.value,
-                                        f"no initial model within roundSeconds={self.settings.round_timeout_s:g}")
-                    break
-                if self.registry.get(site).state is not ClientState.REGISTERED:
-                    rec = self.registry.get(site)
-                    rnd.failed[site] = (rec.reason.value if rec.reason else rec.state.value, rec.message)
-                    break
-                self._pump_once(rnd.deadline)
-            self._close_round(rnd)
-            if site in rnd.results:
-                model = rnd.collector.finish()
-                check_initial_model(model)
-                log.info("job %s: initial model from client %s (%d tensors)", self.settings.job, site, len(model))
-                return model
-            reason, message = rnd.failed.get(site, ("Unknown", "no result"))
-            tried.append(f"{site}: {reason} ({message})")
-        raise JobFailed(
-            NO_INITIAL_MODEL,
-            "no client delivered the initial model (spec.model.source firstClient); tried: "
-            + ("; ".join(tried) or "no registered client"),
-        )
+    def _host(self) -> RoundHost:
+        """This workflow's round machinery, for the init task and evaluations (fedkube.server.side_rounds)."""
+        return RoundHost(self.registry, self._clock, self._run_id, self._task_ids, self._open_round,
+                         self._close_round, self._pump_once)
 
     # --- a round -------------------------------------------------------------------------------
 
@@ -370,13 +349,14 @@ class RoundWorkflow:
         self.telemetry.aggregated(rnd.aggregation_s + time.perf_counter() - t0)
         self._progress.metrics = weighted_metrics({k: (float(n), m) for k, (n, m) in rnd.results.items()})
         strategy_report.after_round(self._strategy, self.telemetry, rnd, self._progress)
+        self.telemetry.round_metrics(TRAIN_TASK, self._progress.metrics)
         log.info("job %s round %s: aggregated the results of %s; metrics %s", s.job, number, ",".join(done),
                  self._progress.metrics)
         self._refresh()
         return new_model
 
-    def _task_ids(self, number: int, participants: tuple[str, ...]) -> dict[str, str]:
-        return {site: f"{self.settings.job}-r{number}-{self._run_id}-{site}" for site in participants}
+    def _task_ids(self, number: int, participants: tuple[str, ...], prefix: str = "r") -> dict[str, str]:
+        return {site: f"{self.settings.job}-{prefix}{number}-{self._run_id}-{site}" for site in participants}
 
     def _open_round(self, rnd: LiveRound) -> None:
         """Make ``rnd`` the round in progress and send its tasks."""

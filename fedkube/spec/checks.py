@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from decimal import InvalidOperation
 
 from fedkube.spec import layout
+from fedkube.spec.evaluation import check_evaluation
 from fedkube.spec.model import (
     DNS1123_LABEL,
     LABEL_KEY,
@@ -47,6 +48,7 @@ def check_job(job: FLJob) -> tuple[list[Problem], list[Problem]]:
         *_pod_templates(job),
         *_timeout_errors(job),
         *remote_problems(job.spec),
+        *check_evaluation(job.spec.evaluation, [c.name for c in job.spec.clients]),
     ]
     return errors, [*_warnings(job), *remote_warnings(job.spec)]
 

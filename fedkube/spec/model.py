@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 
 import fedkube
 from fedkube.spec.egress import Egress
+from fedkube.spec.evaluation import Evaluation
 from fedkube.spec.output import Output
 from fedkube.spec.podtemplate import (  # noqa: F401  (re-exported: the spec's container building blocks)
     ENV_NAME,
@@ -451,6 +452,7 @@ class FLJobSpec(_Model):
     strategy: Strategy = Field(default_factory=Strategy, description="Aggregation strategy.")
     model: ModelSource = Field(default_factory=ModelSource, description="Initial global model.")
     output: Output | None = Field(default=None, description="Where the trained model is delivered (safetensors).")
+    evaluation: Evaluation | None = Field(default=None, description="Federated evaluation of the global model.")
     server: ServerTemplate = Field(default_factory=ServerTemplate, description="Server (aggregator) container.")
     clients: list[ClientSite] = Field(
         min_length=1,

@@ -101,6 +101,15 @@ class RoundMetrics(_Status):
     seconds: float | None = Field(default=None, description="How long the round took.")
 
 
+class EvaluationStatus(_Status):
+    """One federated evaluation of the global model (fedkube.status.EvaluationPoint)."""
+
+    round: int = Field(description="The training round after which the global model was evaluated.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Metrics weighted by num_examples.")
+    sites: int = Field(default=0, description="Sites whose results the metrics average.")
+    examples: int = Field(default=0, description="Examples they were measured on (after maxExamplesPerSite).")
+
+
 class FLJobStatus(_Status):
     """What the operator reports about an FLJob."""
 
@@ -134,6 +143,9 @@ class FLJobStatus(_Status):
         description="The last completed rounds' aggregated metrics the operator saw, oldest first (at most "
         f"{ROUND_METRICS_KEPT}).",
     )  # fmt: skip
+    evaluation: list[EvaluationStatus] = Field(
+        default_factory=list, description="The newest federated evaluations (spec.evaluation), oldest first."
+    )
     certificates: CertificatesStatus | None = Field(
         default=None, description="The job's mutual-TLS certificates; absent when spec.security.tls is disabled."
     )

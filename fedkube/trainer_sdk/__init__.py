@@ -6,7 +6,12 @@ Example::
 
     fk.init()                                  # connect to the sidecar
     while fk.is_running():                     # False once the job is over
-        model = fk.receive()                   # FLModel: params (name -> np.ndarray), round, config
+        model = fk.receive()                   # FLModel: params (name -> np.ndarray), round, kind, config
+        if model.kind == "evaluate":           # spec.evaluation: measure the global model, send metrics only
+            net.load_state_dict(model.params_torch())
+            loss, n = evaluate(net, held_out)
+            fk.send(fk.FLModel(num_examples=n, metrics={"loss": loss}))
+            continue
         params = model.params_torch()          # same memory as torch tensors (or None: send initial weights)
         if params is not None:
             net.load_state_dict(params)
@@ -64,6 +69,7 @@ __all__ = [
     "SidecarUnreachableError",
     "finish",
     "init",
+    "is_evaluate",
     "is_running",
     "log_metric",
     "receive",
@@ -141,6 +147,18 @@ def is_running() -> bool:
     ``send()`` first): the next task comes only after its result.
     """
     return _require("is_running").is_running()
+
+
+def is_evaluate() -> bool:
+    """Whether the task last received (and not yet answered) is an evaluate task (``spec.evaluation``).
+
+    Same as ``model.kind == "evaluate"`` on the model ``receive()`` returned.
+    Answer it with ``send(FLModel(num_examples=n, metrics={...}))``, measured
+    on held-out data with the received global model; params sent on an
+    evaluate task are dropped (a script unaware of evaluation keeps working:
+    its training metrics then stand for the evaluation's).
+    """
+    return _require("is_evaluate").is_evaluate()
 
 
 def receive(into: FLModel | Mapping[str, Any] | None = None) -> FLModel:

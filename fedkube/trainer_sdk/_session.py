@@ -141,6 +141,10 @@ class Session:
             if not block:
                 return None
 
+    def is_evaluate(self) -> bool:
+        with self._lock:
+            return self._task is not None and self._task.is_evaluate
+
     def is_running(self) -> bool:
         self._check_answered("is_running")
         return isinstance(self._poll(block=True), control_pb2.Task)
@@ -209,7 +213,8 @@ class Session:
             task, self._task = self._task, None
             if task is not None:
                 try:
-                    num_examples = check_num_examples(model.num_examples, training=task.kind == protocol.TASK_TRAIN)
+                    # An evaluation's metrics are weighted by num_examples like a training result.
+                    num_examples = check_num_examples(model.num_examples, training=task.kind != protocol.TASK_INIT)
                 except InvalidParamsError:
                     self._task = task  # nothing was sent: a corrected send() can still answer the task
                     raise
@@ -218,6 +223,13 @@ class Session:
                 f"job {self.job} site {self.site}: send() without a task to answer; fix: call fk.receive() "
                 "first, and send() exactly once per received task"
             )
+        if task.is_evaluate and model.params is not None:
+            # A script that ignores the task's kind trains and sends its weights: the server would refuse
+            # tensors on an evaluate task, so its metrics go alone and the script keeps working.
+            log.info("job %s site %s round %d: evaluate task: the params sent are dropped, only num_examples and "
+                     "metrics go to the server (answer an evaluate task with FLModel(num_examples=..., "
+                     "metrics=...))", self.job, self.site, task.round)
+            model = FLModel(num_examples=num_examples, metrics=dict(model.metrics or {}))
         started = time.monotonic()
         try:
             return self.sender.send(task, model, num_examples, self.settings.result_timeouts())

@@ -16,6 +16,11 @@ class Task:
         self.config = dict(task.config)
         self.refs = [TensorRef.from_proto(r) for r in task.refs]
 
+    @property
+    def is_evaluate(self) -> bool:
+        """An evaluate task: its result carries metrics only."""
+        return self.kind == protocol.TASK_EVALUATE
+
     def script_config(self) -> dict[str, str]:
         """The config a script sees: the task's settings plus its kind by name (``fedkube.task``)."""
         return {**self.config, protocol.TASK_KIND_KEY: protocol.task_kind_name(self.kind)}

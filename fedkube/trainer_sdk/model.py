@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import ml_dtypes
 import numpy as np
 
+from fedkube import protocol
 from fedkube.errors import MissingDependencyError
 from fedkube.trainer_sdk.errors import InvalidParamsError
 
@@ -42,7 +43,8 @@ class FLModel:
         metrics: scalar metrics of this update (e.g. ``{"loss": 0.12}``).
         round: the round this model belongs to (0 for the init task).
         total_rounds: the job's number of rounds, so a script can tell the last one.
-        config: the task's settings from the server (strings).
+        config: the task's settings from the server (strings); ``config["fedkube.task"]`` is the
+            task's kind, also as :attr:`kind`.
     """
 
     params: dict[str, Any] | None = None
@@ -54,6 +56,16 @@ class FLModel:
 
     def __post_init__(self) -> None:
         check_num_examples(self.num_examples)
+
+    @property
+    def kind(self) -> str:
+        """The kind of task this model came with: ``"train"``, ``"evaluate"`` or ``"init"`` ("" when built by hand).
+
+        An ``"evaluate"`` task (``spec.evaluation``) asks the script to measure
+        ``params``, the current global model, on its held-out data and send
+        ``FLModel(num_examples=n, metrics={...})``: metrics only.
+        """
+        return self.config.get(protocol.TASK_KIND_KEY, "")
 
     def params_torch(self) -> dict[str, torch.Tensor] | None:
         """``params`` as CPU torch tensors sharing the same memory (no copy); None if there are none.
@@ -68,7 +80,7 @@ class FLModel:
 def check_num_examples(value: Any, *, training: bool = False) -> int:
     """``value`` as a result's example count; InvalidParamsError naming the value and the fix.
 
-    ``training``: the result answers a training task, whose weight must be
+    ``training``: the result answers a training or evaluate task, whose weight must be
     positive (the server refuses 0 as an invalid result, which would cost the
     site the round; the SDK says so before anything is sent).
     """
@@ -91,9 +103,10 @@ def check_num_examples(value: Any, *, training: bool = False) -> int:
         )
     if training and n == 0:
         raise InvalidParamsError(
-            "FLModel.num_examples is 0 in the result of a training task; the server weighs each result by it "
-            "(FedAvg) and refuses a weight of 0; fix: pass how many examples this update was trained on, "
-            "e.g. num_examples=len(train_dataset)"
+            "FLModel.num_examples is 0 in the result of a training task (or an evaluate task); the server weighs "
+            "each result by it (FedAvg, and an evaluation's metrics) and refuses a weight of 0; fix: pass how many "
+            "examples this update was trained on, e.g. num_examples=len(train_dataset) (for an evaluate task: "
+            "the held-out examples measured)"
         )
     return n
 

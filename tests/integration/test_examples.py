@@ -37,6 +37,11 @@ def test_quickstart_numpy_converges(tmp_path: Path) -> None:
     losses = [float(m) for m in re.findall(r"global model loss ([0-9.]+)", log)]
     assert len(losses) >= 3, log[-2000:]
     assert losses[-1] < losses[1] / 2, losses  # the global model of round 3 beats that of round 1 clearly
+    # spec.evaluation every round: the held-out loss of the global model, over both sites' 100 examples each.
+    curve = result["summary"]["evaluation"]
+    assert [(p["round"], p["sites"], p["examples"]) for p in curve] == [(1, 2, 200), (2, 2, 200), (3, 2, 200)], curve
+    assert curve[-1]["metrics"]["loss"] < curve[0]["metrics"]["loss"] / 2, curve
+    assert len(re.findall(r"evaluation of the global model: held-out loss", log)) == 3, log[-2000:]
 
 
 @pytest.mark.timeout(180)

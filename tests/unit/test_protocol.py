@@ -11,13 +11,13 @@ from fedkube.wire.v1 import control_pb2
 
 
 def test_task_kind_names_come_from_the_proto_enum() -> None:
-    assert (protocol.INIT_TASK, protocol.TRAIN_TASK) == ("init", "train")
+    assert (protocol.INIT_TASK, protocol.TRAIN_TASK, protocol.EVALUATE_TASK) == ("init", "train", "evaluate")
     for value in control_pb2.TaskKind.values():
         assert protocol.task_kind(protocol.task_kind_name(value)) == value
     assert protocol.task_kind_name(0) == "unspecified"
     assert protocol.task_kind_name(99) == "kind 99"  # a newer server's kind is shown, not raised
     with pytest.raises(ValueError):
-        protocol.task_kind("evaluate")
+        protocol.task_kind("predict")
 
 
 def test_result_timeouts_for_a_job_outlast_the_servers_own_verdict() -> None:

@@ -31,6 +31,7 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
     TASK_KIND_TRAIN: _ClassVar[TaskKind]
     TASK_KIND_INIT: _ClassVar[TaskKind]
+    TASK_KIND_EVALUATE: _ClassVar[TaskKind]
 TRAINER_PHASE_UNSPECIFIED: TrainerPhase
 TRAINER_PHASE_STARTING: TrainerPhase
 TRAINER_PHASE_RUNNING: TrainerPhase
@@ -45,6 +46,7 @@ FAILURE_KIND_EXITED_BEFORE_DOWNLOAD: FailureKind
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_TRAIN: TaskKind
 TASK_KIND_INIT: TaskKind
+TASK_KIND_EVALUATE: TaskKind
 
 class TrainerState(_message.Message):
     __slots__ = ("phase", "kind", "message", "exit_code")

@@ -266,7 +266,8 @@ class FakeSidecar:
 
     def announce(self, task: control_pb2.Task, reply: Reply) -> None:
         assert reply.params is not None
-        txn = self.service.publish(reply.params, receivers=["server"], ttl_s=60.0)
+        # An empty params is a metrics-only result (an evaluate task's): nothing to publish.
+        txn = self.service.publish(reply.params, receivers=["server"], ttl_s=60.0) if reply.params else None
         self.send(
             control_pb2.ClientMessage(
                 result=control_pb2.ResultAnnouncement(
@@ -274,7 +275,7 @@ class FakeSidecar:
                     round=task.round,
                     num_examples=reply.num_examples,
                     metrics=reply.metrics,
-                    refs=[r.to_proto() for r in txn.refs],
+                    refs=[r.to_proto() for r in txn.refs] if txn is not None else [],
                 )
             )
         )

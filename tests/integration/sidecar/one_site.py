@@ -22,6 +22,7 @@ from fedkube.server.app import FedkubeServer
 from fedkube.server.config import TransferSettings
 from fedkube.sidecar.app import Sidecar
 from fedkube.sidecar.config import SidecarConfig
+from fedkube.spec.evaluation import Evaluation
 from fedkube.trainer_sdk._session import Session
 from tests.integration.server.conftest import JOB, make_config, token_of
 from tests.integration.sidecar.conftest import SETTINGS
@@ -41,9 +42,12 @@ def dead_address() -> str:
 class OneSite:
     """Server, sidecar and a trainer loop (in a thread) of one site; ``close()`` ends them all."""
 
-    def __init__(self, model: Callable[[], dict[str, np.ndarray]], rounds: int) -> None:
+    def __init__(
+        self, model: Callable[[], dict[str, np.ndarray]], rounds: int, evaluation: Evaluation | None = None
+    ) -> None:
         self.model = model
         self.rounds = rounds
+        self.evaluation = evaluation  # spec.evaluation of the job
         self.server: FedkubeServer | None = None
         self.sidecar: Sidecar | None = None
         self.session: Session | None = None
@@ -63,6 +67,7 @@ class OneSite:
             transfer=TransferSettings(chunk_bytes=64 * 1024, chunk_timeout_s=5.0, idle_timeout_s=10.0, max_attempts=3),
             tls=tls,
         )  # fmt: skip
+        config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, evaluation=self.evaluation))
         self.server = FedkubeServer(dataclasses.replace(config, bulk_port=0), model_loader=self.model)
         self.server.start()
         address = {"on": via(f"127.0.0.1:{self.server.bulk_port}"), "off": "", "dead": dead_address()}[bulk]

@@ -29,6 +29,8 @@ def exercised() -> dict[str, CollectorRegistry]:
     s.site_influence("site-a", claimed=1e6, weight=1000.0, norm=12.5, capped=True, clipped=True)
     s.privacy_spent(1.5)
     s.result_selected("site-a")
+    s.round_metrics("evaluate", {"accuracy": 0.9})
+    s.evaluated(2, 3)
     s.round_completed(12.0, number=1)
     c = SidecarMetrics(regs["sidecar"], "mnist", "site-a")
     c.upstream("connected")

@@ -40,6 +40,7 @@ EVERYTHING: dict[str, Any] = {
     "timeouts": {"roundSeconds": 90, "heartbeatSeconds": 12, "registrationSeconds": 40},
     "server": {"checkpoint": {"onUnusable": "StartFresh"}},
     "output": {"size": "1Gi", "everyRound": True},
+    "evaluation": {"every": 2, "sites": ["site-b"]},
 }
 
 
