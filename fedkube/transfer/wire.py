@@ -38,6 +38,13 @@ MAX_CHUNK_MESSAGE = MAX_CHUNK_BYTES + MESSAGE_HEADROOM
 # rejects anything bigger than this with RESOURCE_EXHAUSTED.
 MAX_REQUEST_MESSAGE = 1 << 20
 
+# The job server's HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: one connection (one sidecar) runs at most this
+# many calls at once; gRPC's client queues the rest until a stream ends, so they complete later instead
+# of failing. A sidecar holds its control stream, a relayed fetch and a push or two at once (its push
+# pool's 8 would queue, not fail); 8 is at most the server's Download budget (half of >= 16 workers),
+# so a site whose fetches stall queues behind itself and never takes the budget of other sites.
+STREAMS_PER_CONNECTION = 8
+
 _KEEPALIVE = [
     # Long fetches are mostly one-way; pings detect a dead peer within ~40 s.
     ("grpc.keepalive_time_ms", 30_000),
