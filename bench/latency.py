@@ -9,12 +9,14 @@ cross it twice over, interleaved, best of ``--repeats``:
 
 * ``plain``: one TCP stream (sendall from memory, recv_into a resident buffer, xxh3 per block: bench/transfer.py's
   raw-socket pair) through the proxy: the most any protocol gets from this link;
-* ``fedkube``: what a remote site does to download the global model: the server's bulk port on mutual TLS 1.3
+* ``tls``: what a remote site does to download the global model: the server's bulk port on mutual TLS 1.3
   (a ``DownloadService`` + ``BulkServer``), the site's sidecar (a ``BulkRelay`` with its site certificate) dialing
   it through the proxy, and the trainer fetching from the sidecar's pod-local port into a preallocated buffer,
-  checksum verified (bench/transfer.py's publisher, relay and receiver processes).
+  checksum verified (bench/transfer.py's publisher, relay and receiver processes);
+* ``plaintext``: the same with ``security.tls: disabled``, which separates what latency costs from what TLS
+  costs on this CPU.
 
-Prints one JSON line: per RTT the best seconds and MiB/s of each, and ``fedkube_over_plain`` (throughput ratio;
+Prints one JSON line: per RTT the best seconds and MiB/s of each, and ``fedkube_<mode>_over_plain_tcp`` (ratio;
 the goal of issue 16 is >= 0.85 at 1 GiB). The proxy runs in this process (threads), the others each in their
 own (spawn). The upload direction and a whole round behind the proxy are not measured here.
 """
@@ -46,6 +48,9 @@ from transfer import (
     raw_source_main,
 )
 
+#: How the server's bulk port runs: mutual TLS (fedkube's default) and plaintext (``security.tls: disabled``).
+MODES = ("tls", "plaintext")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,10 +70,11 @@ def main() -> None:
     serves = len(rtts) * args.repeats
     # One site per download (its own sidecar relay and certificate): a transaction is released once every
     # receiver completed, and a relay serves only its own site.
-    names = [f"site-{i}" for i in range(serves)]
-    write_material(Path(tls_dir), names)
-    pub, pub_conn = _start(ctx, publisher_main, size, 1, names, chunk, 0, tls_dir)
-    info = _recv(pub_conn, "publisher")
+    names = {mode: [f"{mode}-site-{i}" for i in range(serves)] for mode in MODES}
+    write_material(Path(tls_dir), names["tls"])
+    publishers = {mode: _start(ctx, publisher_main, size, 1, names[mode], chunk, 0, tls_dir if mode == "tls" else None)
+                  for mode in MODES}  # fmt: skip
+    infos = {mode: _recv(conn, f"{mode} publisher") for mode, (_, conn) in publishers.items()}
     raw, raw_conn = _start(ctx, raw_source_main, size, serves)
     raw_info = _recv(raw_conn, "raw source")
     result: dict[str, Any] = {"size_mib": args.size_mib, "in_flight_mib": args.in_flight_mib,
@@ -78,12 +84,12 @@ def main() -> None:
     try:
         for rtt in rtts:
             link = {"delay_s": rtt / 2000, "in_flight_bytes": args.in_flight_mib << 20}
-            to_server = TcpProxy(("127.0.0.1", info["bulk_port"]), name=f"bulk-{rtt}", **link).start()
             to_raw = TcpProxy(("127.0.0.1", raw_info["port"]), name=f"raw-{rtt}", **link).start()
-            plain: list[float] = []
-            fedkube: list[float] = []
+            to_server = {mode: TcpProxy(("127.0.0.1", infos[mode]["bulk_port"]), name=f"{mode}-{rtt}", **link).start()
+                         for mode in MODES}  # fmt: skip
+            runs: dict[str, list[float]] = {"plain_tcp": [], **{mode: [] for mode in MODES}}
             try:
-                for _ in range(args.repeats):
+                for _ in range(args.repeats):  # interleaved: the box is shared
                     receiver, conn = _start(ctx, raw_receiver_main, to_raw.port, size)
                     time.sleep(0.3)
                     conn.send("go")
@@ -92,35 +98,38 @@ def main() -> None:
                     receiver.join(60)
                     if checksum != raw_info["checksum"]:
                         raise AssertionError(f"plain TCP at {rtt} ms: checksum {checksum} != {raw_info['checksum']}")
-                    plain.append(seconds)
-                    site = names.pop()
-                    relay, relay_conn = _start(ctx, bulk_relay_main, to_server.address, site, 1024, tls_dir)
-                    relay_port = _recv(relay_conn, "relay")["port"]
-                    runs = _run_receivers(ctx, f"127.0.0.1:{relay_port}", [site], info["refs"], chunk, 0, "bulk", None)
-                    fedkube.append(runs[0]["seconds"])
-                    relay_conn.send("stop")
-                    _recv(relay_conn, "relay")
-                    relay.join(60)
+                    runs["plain_tcp"].append(seconds)
+                    for mode in MODES:
+                        site = names[mode].pop()
+                        relay, relay_conn = _start(ctx, bulk_relay_main, to_server[mode].address, site, 1024,
+                                                   tls_dir if mode == "tls" else None)  # fmt: skip
+                        port = _recv(relay_conn, "relay")["port"]
+                        got = _run_receivers(ctx, f"127.0.0.1:{port}", [site], infos[mode]["refs"], chunk, 0, "bulk",
+                                             None)  # fmt: skip
+                        runs[mode].append(got[0]["seconds"])
+                        relay_conn.send("stop")
+                        _recv(relay_conn, "relay")
+                        relay.join(60)
             finally:
-                to_server.close()
                 to_raw.close()
-            best_plain, best_fedkube = min(plain), min(fedkube)
+                for proxy in to_server.values():
+                    proxy.close()
+            best = {kind: min(times) for kind, times in runs.items()}
             result["rtt"][f"{rtt:g}ms"] = {
-                "plain_s": round(best_plain, 3),
-                "plain_mib_s": round(size / best_plain / (1 << 20)),
-                "fedkube_s": round(best_fedkube, 3),
-                "fedkube_mib_s": round(size / best_fedkube / (1 << 20)),
-                "fedkube_over_plain": round(best_plain / best_fedkube, 3),
-                "plain_runs_s": [round(x, 3) for x in plain],
-                "fedkube_runs_s": [round(x, 3) for x in fedkube],
+                **{f"{kind}_s": round(b, 3) for kind, b in best.items()},
+                **{f"{kind}_mib_s": round(size / b / (1 << 20)) for kind, b in best.items()},
+                **{f"fedkube_{mode}_over_plain_tcp": round(best["plain_tcp"] / best[mode], 3) for mode in MODES},
+                "runs_s": {kind: [round(x, 3) for x in times] for kind, times in runs.items()},
             }
     finally:
-        pub_conn.send("finish")
-        final = _recv(pub_conn, "publisher")
-        pub.join(60)
+        finals = {}
+        for mode, (proc, conn) in publishers.items():
+            conn.send("finish")
+            finals[mode] = _recv(conn, f"{mode} publisher")
+            proc.join(60)
         raw.join(60)
         shutil.rmtree(tls_dir, ignore_errors=True)
-    result["all_verified"] = bool(final["ok"]) and not final["failed"]
+    result["all_verified"] = all(bool(f["ok"]) and not f["failed"] for f in finals.values())
     with open("/proc/loadavg") as f:
         result["load_after"] = f.read().split()[:3]
     emit(result)
