@@ -145,13 +145,19 @@ def relay_main(conn: Connection, upstream: str, window: int, frame_kib: int, loo
     conn.send({"peak": peak})
 
 
-def bulk_relay_main(conn: Connection, upstream: str, site: str, buffer_kib: int, tls_dir: str | None) -> None:
+def bulk_relay_main(
+    conn: Connection, upstream: str, site: str, buffer_kib: int, tls_dir: str | None, unix: bool = False
+) -> None:
     _child_setup()
+    from fedkube.transfer import handoff
     from fedkube.transfer.bulk import BulkRelay
 
-    relay = BulkRelay(upstream, site=site, token="", buffer_bytes=buffer_kib << 10, tls=client_tls(tls_dir, site))
+    host = handoff.new_name(f"relay-{site}") if unix else "127.0.0.1"
+    relay = BulkRelay(upstream, site=site, token="", host=host, buffer_bytes=buffer_kib << 10,
+                      tls=client_tls(tls_dir, site))  # fmt: skip
     relay.start()
-    conn.send({"port": relay.port, "baseline": current_rss()})
+    address = handoff.UNIX_PREFIX + relay.address if unix else relay.address
+    conn.send({"port": relay.port, "address": address, "baseline": current_rss()})
     while conn.recv() == "cpu":  # until "stop"
         conn.send(cpu_s())
     peak = vm_hwm() or current_rss()
@@ -413,12 +419,14 @@ def run_mode(args: argparse.Namespace, ctx: Any, size: int, chunk: int, tls_dir:
     relay_address = None
     relay_conn: Connection | None = None
     if relayed and args.transport == "bulk":
-        relay, relay_conn = _start(ctx, bulk_relay_main, address, "relayed", args.relay_buffer_kib, tls_dir)
+        unix = args.relay_socket == "unix" or (args.relay_socket == "auto" and tls_dir is not None)
+        relay, relay_conn = _start(ctx, bulk_relay_main, address, "relayed", args.relay_buffer_kib, tls_dir, unix)
     elif relayed:
         relay, relay_conn = _start(ctx, relay_main, address, args.window, args.frame_kib, args.relay_lookahead_kib)
     if relay_conn is not None:
         relay_info = _recv(relay_conn, "relay")
-        relay_address = f"127.0.0.1:{relay_info['port']}"
+        relay_address = relay_info.get("address") or f"127.0.0.1:{relay_info['port']}"
+        result["relay_address"] = relay_address.split(":", 1)[0]
         result["relay_baseline_mib"] = mib(relay_info["baseline"])
 
     gib = size / (1 << 30)
@@ -553,6 +561,11 @@ def main() -> None:
     parser.add_argument(
         "--tls", choices=sorted(TLS_CHOICES), default="on",
         help="mutual TLS on the bulk port: on (fedkube's default), off, or both, one after the other",
+    )  # fmt: skip
+    parser.add_argument(
+        "--relay-socket", choices=["auto", "tcp", "unix"], default="auto",
+        help="the bulk relay's pod-local leg: auto (what the sidecar does: an abstract Unix socket with TLS, "
+             "127.0.0.1 TCP without), tcp or unix",
     )  # fmt: skip
     parser.add_argument("--no-relay", action="store_true")
     parser.add_argument("--no-floor", action="store_true")

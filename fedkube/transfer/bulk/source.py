@@ -86,7 +86,7 @@ class BulkChunkSource:
         tls: endpoints.ClientTls | None = None,
     ) -> None:
         """``tls``: dial a TLS port (the server's) as that site; a pod-local or handoff address takes none."""
-        if not handoff.is_handoff(address):
+        if not handoff.is_handoff(address) and not handoff.is_unix(address):
             endpoints.parse_address(address)
         self.address = address
         self.receiver = receiver
@@ -107,7 +107,10 @@ class BulkChunkSource:
         if not handoff.is_handoff(self.address):
             sock: socket.socket | None = None
             try:
-                sock = endpoints.dial(self.address, self.connect_timeout_s, self.tls)
+                if handoff.is_unix(self.address):  # the sidecar's relay on the pod-local Unix socket
+                    sock = handoff.connect(self.address[len(handoff.UNIX_PREFIX):], self.connect_timeout_s)
+                else:
+                    sock = endpoints.dial(self.address, self.connect_timeout_s, self.tls)
                 send_request(sock, request)
             except OSError as exc:
                 close_socket(sock)
