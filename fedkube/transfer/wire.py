@@ -40,10 +40,11 @@ MAX_REQUEST_MESSAGE = 1 << 20
 
 # The job server's HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: one connection (one sidecar) runs at most this
 # many calls at once; gRPC's client queues the rest until a stream ends, so they complete later instead
-# of failing. A sidecar holds its control stream, a relayed fetch and a push or two at once (its push
-# pool's 8 would queue, not fail); 8 is at most the server's Download budget (half of >= 16 workers),
-# so a site whose fetches stall queues behind itself and never takes the budget of other sites.
-STREAMS_PER_CONNECTION = 8
+# of failing. 4 is the server's own sizing per client (its workers are 4 per client + 8: a control
+# stream, a fetch, a push, one spare), and below its Download budget (half of >= 16 workers, so >= 8):
+# one connection can never take the whole budget, even in the moment after it cancelled a call and
+# before the server noticed, so a site whose fetches stall queues behind itself, not other sites.
+STREAMS_PER_CONNECTION = 4
 
 _KEEPALIVE = [
     # Long fetches are mostly one-way; pings detect a dead peer within ~40 s.
