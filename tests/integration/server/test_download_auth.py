@@ -215,8 +215,9 @@ def test_a_site_holding_half_open_fetches_leaves_control_its_workers(harness: Ha
 def test_calls_above_a_connections_stream_cap_queue_and_complete_later(server: FedkubeServer) -> None:
     """One connection runs STREAMS_PER_CONNECTION calls at once; the next one waits for a stream, then succeeds.
 
-    Before the cap, a site's stalled fetches filled the Download budget from one connection, and its next
-    call (a relayed fetch, here a small one) was refused with RESOURCE_EXHAUSTED instead of waiting.
+    Before the cap, one connection ran as many calls as it opened: a site's stalled fetches took the whole
+    Download budget (8 here) from other sites, and its next call past the budget was refused with
+    RESOURCE_EXHAUSTED instead of waiting. The cap is below the budget, so this connection never reaches it.
     """
     big = server.downloads.publish({"w": np.zeros(8 << 20, np.float32)}, receivers=["site-a"], ttl_s=60.0)
     stall = tensor_pb2.FetchRequest(transaction_id=big.id, ref_id=big.refs[0].ref_id, receiver="site-a")
