@@ -15,6 +15,12 @@ fetch over plain TCP (``fedkube.transfer.bulk``) and the relay is a
 3. relay: one receiver alone, through the relay process;
 4. fan-out: ``--receivers`` receivers at once, direct (serve once, serve many).
 
+``--tls on`` (the default: what fedkube's pods do) serves the bulk port with mutual TLS 1.3 (fedkube's
+material and contexts, bench/_tls.py): receivers and the relay dial it with a site certificate each, and
+the relay hands plaintext to its receiver (the sidecar's relay). ``--tls both`` runs every phase with TLS
+and then without, each against floors measured in its own interleaved loop, and reports ``tls_over_plain``.
+TLS applies to ``--transport bulk`` (gRPC TLS is measured by ``bench/round.py --tls``).
+
 Prints one JSON line: seconds and MiB/s of each phase, their ratios to the
 floor, and the peak RSS (VmHWM) of the publisher, the relay and each receiver.
 """
@@ -25,10 +31,13 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,8 +45,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import cpu_s, current_rss, emit, mib, tcp_floor_detail, vm_hwm
+from _tls import client_tls, server_tls, write_material
 
 WAIT_S = 1800.0
+#: --tls choice -> the modes run, in this order.
+TLS_CHOICES = {"on": ["on"], "off": ["off"], "both": ["on", "off"]}
 _TUNE_ENV = "FEDKUBE_BENCH_TUNE_ALLOCATOR"
 _OPTIONS_ENV = "FEDKUBE_BENCH_GRPC_OPTIONS"
 
@@ -75,7 +87,9 @@ def _grpc_option(text: str) -> tuple[str, int | str]:
     return key, int(value) if value.lstrip("-").isdigit() else value
 
 
-def publisher_main(conn: Connection, size: int, tensors: int, receivers: list[str], chunk: int, frame_kib: int) -> None:
+def publisher_main(
+    conn: Connection, size: int, tensors: int, receivers: list[str], chunk: int, frame_kib: int, tls_dir: str | None
+) -> None:
     _child_setup()
     from fedkube.transfer import DownloadService, serve
     from fedkube.transfer.bulk import BulkServer
@@ -83,7 +97,7 @@ def publisher_main(conn: Connection, size: int, tensors: int, receivers: list[st
     baseline = current_rss()
     service = DownloadService("server", chunk_bytes=chunk)
     server, port = serve(service, max_workers=max(16, 2 * len(receivers) + 4), extra_options=_extra(frame_kib))
-    bulk = BulkServer(service).start()
+    bulk = BulkServer(service, tls=server_tls(tls_dir)).start()
     model = _make_tensors(size, tensors)
     txn = service.publish(model, receivers=receivers, ttl_s=WAIT_S)
     conn.send(
@@ -131,12 +145,19 @@ def relay_main(conn: Connection, upstream: str, window: int, frame_kib: int, loo
     conn.send({"peak": peak})
 
 
-def bulk_relay_main(conn: Connection, upstream: str, site: str, buffer_kib: int) -> None:
+def bulk_relay_main(
+    conn: Connection, upstream: str, site: str, buffer_kib: int, tls_dir: str | None, unix: bool = False
+) -> None:
     _child_setup()
+    from fedkube.transfer import handoff
     from fedkube.transfer.bulk import BulkRelay
 
-    relay = BulkRelay(upstream, site=site, token="", buffer_bytes=buffer_kib << 10).start()
-    conn.send({"port": relay.port, "baseline": current_rss()})
+    host = handoff.new_name(f"relay-{site}") if unix else "127.0.0.1"
+    relay = BulkRelay(upstream, site=site, token="", host=host, buffer_bytes=buffer_kib << 10,
+                      tls=client_tls(tls_dir, site))  # fmt: skip
+    relay.start()
+    address = handoff.UNIX_PREFIX + relay.address if unix else relay.address
+    conn.send({"port": relay.port, "address": address, "baseline": current_rss()})
     while conn.recv() == "cpu":  # until "stop"
         conn.send(cpu_s())
     peak = vm_hwm() or current_rss()
@@ -145,7 +166,8 @@ def bulk_relay_main(conn: Connection, upstream: str, site: str, buffer_kib: int)
 
 
 def receiver_main(
-    conn: Connection, address: str, name: str, refs: list[bytes], chunk: int, frame_kib: int, transport: str
+    conn: Connection, address: str, name: str, refs: list[bytes], chunk: int, frame_kib: int, transport: str,
+    tls_dir: str | None,
 ) -> None:
     _child_setup()
     from fedkube.transfer import Fetcher, FetchSettings, GrpcChunkSource, TensorRef, insecure_channel, numpy_dtype
@@ -161,7 +183,7 @@ def receiver_main(
     channel = insecure_channel(address, _extra(frame_kib))
     settings = FetchSettings(chunk_timeout_s=60, idle_timeout_s=300, backoff_max_s=5, max_chunk_bytes=chunk)
     source: Any = (
-        BulkChunkSource(address, name, chunk_timeout_s=60)
+        BulkChunkSource(address, name, chunk_timeout_s=60, site=name if tls_dir else "", tls=client_tls(tls_dir, name))
         if transport == "bulk"
         else GrpcChunkSource(channel, name, chunk_timeout_s=60)
     )
@@ -367,9 +389,10 @@ def _recv(conn: Connection, what: str) -> Any:
 
 
 def _run_receivers(
-    ctx: Any, address: str, names: list[str], refs: list[bytes], chunk: int, frame_kib: int, transport: str
+    ctx: Any, address: str, names: list[str], refs: list[bytes], chunk: int, frame_kib: int, transport: str,
+    tls_dir: str | None,
 ) -> list[dict[str, Any]]:
-    procs = [_start(ctx, receiver_main, address, n, refs, chunk, frame_kib, transport) for n in names]
+    procs = [_start(ctx, receiver_main, address, n, refs, chunk, frame_kib, transport, tls_dir) for n in names]
     time.sleep(0.5)
     for _, conn in procs:
         conn.send("go")
@@ -379,96 +402,31 @@ def _run_receivers(
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mib", type=int, default=1024, help="published bytes, in MiB")
-    parser.add_argument("--tensors", type=int, default=1, help="split the bytes into this many tensors")
-    parser.add_argument("--receivers", type=int, default=2, help="concurrent receivers in the fan-out phase")
-    parser.add_argument("--chunk-kib", type=int, default=1024, help="chunk size asked by receivers and served")
-    parser.add_argument("--window", type=int, default=4, help="relay window, in chunks")
-    parser.add_argument("--frame-kib", type=int, default=0, help="HTTP/2 max frame size to advertise (0: default)")
-    parser.add_argument(
-        "--allocator",
-        choices=["tuned", "default"],
-        default="tuned",
-        help="tuned: every fedkube process calls fedkube.transfer.allocator.tune_allocator() (the recommended setup)",
-    )
-    parser.add_argument(
-        "--relay-lookahead-kib",
-        type=int,
-        default=4096,
-        help="fixed HTTP/2 receive window upstream of the relay (relay_channel_options); 0: gRPC's BDP-grown window",
-    )
-    parser.add_argument("--repeats", type=int, default=3, help="floor/direct/relay rounds; the best of each is kept")
-    parser.add_argument(
-        "--grpc-option",
-        type=_grpc_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra gRPC option for every server and channel (repeatable; integers are passed as ints)",
-    )
-    parser.add_argument(
-        "--transport",
-        choices=["bulk", "grpc"],
-        default="bulk",
-        help="bulk: plain-TCP data plane (what fedkube's processes use); grpc: Download.Fetch and RelayServicer",
-    )
-    parser.add_argument(
-        "--relay-buffer-kib", type=int, default=1024, help="the BulkRelay's one buffer per connection (bulk transport)"
-    )
-    parser.add_argument("--no-relay", action="store_true")
-    parser.add_argument("--no-floor", action="store_true")
-    parser.add_argument(
-        "--bare-grpc",
-        action="store_true",
-        help="also time gRPC-Python alone (prebuilt messages, receiver drops them): the ceiling of any gRPC design",
-    )
-    parser.add_argument(
-        "--raw",
-        action="store_true",
-        help="also run the raw-socket prototype (no gRPC): what a plain TCP data plane costs, direct and relayed",
-    )
-    args = parser.parse_args()
-
-    os.environ[_TUNE_ENV] = "1" if args.allocator == "tuned" else "0"
-    os.environ[_OPTIONS_ENV] = json.dumps(args.grpc_option)
-    size = args.size_mib << 20
-    chunk = args.chunk_kib << 10
-    ctx = mp.get_context("spawn")
-    result: dict[str, Any] = {
-        "size_mib": args.size_mib,
-        "tensors": args.tensors,
-        "receivers": args.receivers,
-        "chunk_kib": args.chunk_kib,
-        "window": args.window,
-        "repeats": args.repeats,
-        "frame_kib": args.frame_kib,
-        "allocator": args.allocator,
-        "relay_lookahead_kib": args.relay_lookahead_kib,
-        "grpc_options": dict(args.grpc_option),
-        "transport": args.transport,
-        "relay_buffer_kib": args.relay_buffer_kib,
-        "cpus": os.cpu_count(),
-    }
+def run_mode(args: argparse.Namespace, ctx: Any, size: int, chunk: int, tls_dir: str | None) -> dict[str, Any]:
+    """Every phase once, with the bulk port on mutual TLS (material in ``tls_dir``) or plaintext (None)."""
+    result: dict[str, Any] = {"tls": tls_dir is not None}
     fan = [f"fan-{i}" for i in range(args.receivers)]
     singles = [f"single-{r}" for r in range(args.repeats)]
     # A BulkRelay serves one site (the pod's), so bulk relayed fetches share one receiver name.
     relay_names = ["relayed"] if args.transport == "bulk" else [f"relayed-{r}" for r in range(args.repeats)]
     relayed = [] if args.no_relay else relay_names
-    pub, pub_conn = _start(ctx, publisher_main, size, args.tensors, singles + relayed + fan, chunk, args.frame_kib)
+    pub, pub_conn = _start(
+        ctx, publisher_main, size, args.tensors, singles + relayed + fan, chunk, args.frame_kib, tls_dir
+    )
     info = _recv(pub_conn, "publisher")
     address = f"127.0.0.1:{info['bulk_port'] if args.transport == 'bulk' else info['port']}"
     receivers: dict[str, dict[str, Any]] = {}
     relay_address = None
     relay_conn: Connection | None = None
     if relayed and args.transport == "bulk":
-        relay, relay_conn = _start(ctx, bulk_relay_main, address, "relayed", args.relay_buffer_kib)
+        unix = args.relay_socket == "unix" or (args.relay_socket == "auto" and tls_dir is not None)
+        relay, relay_conn = _start(ctx, bulk_relay_main, address, "relayed", args.relay_buffer_kib, tls_dir, unix)
     elif relayed:
         relay, relay_conn = _start(ctx, relay_main, address, args.window, args.frame_kib, args.relay_lookahead_kib)
     if relay_conn is not None:
         relay_info = _recv(relay_conn, "relay")
-        relay_address = f"127.0.0.1:{relay_info['port']}"
+        relay_address = relay_info.get("address") or f"127.0.0.1:{relay_info['port']}"
+        result["relay_address"] = relay_address.split(":", 1)[0]
         result["relay_baseline_mib"] = mib(relay_info["baseline"])
 
     gib = size / (1 << 30)
@@ -483,7 +441,9 @@ def main() -> None:
     def fetch(addr: str, names: list[str], phase: str) -> list[dict[str, Any]]:
         relay_conn_now = relay_conn if phase == "relay" else None
         pub0, relay0 = probe(pub_conn), probe(relay_conn_now)
-        runs = _run_receivers(ctx, addr, names, info["refs"], chunk, args.frame_kib, args.transport)
+        # Through the relay the receiver is the trainer: plaintext on the pod-local hop.
+        runs = _run_receivers(ctx, addr, names, info["refs"], chunk, args.frame_kib, args.transport,
+                              None if phase == "relay" else tls_dir)
         pub1, relay1 = probe(pub_conn), probe(relay_conn_now)
         # CPU seconds per GiB moved, per process role (getrusage: every thread of the process).
         moved = gib * len(names)
@@ -557,6 +517,113 @@ def main() -> None:
     result["publisher_baseline_mib"] = mib(info["baseline"])
     result["publisher_peak_over_published"] = round(final["peak"] / final["published"], 3)
     result["receiver_peaks"] = receivers
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=1024, help="published bytes, in MiB")
+    parser.add_argument("--tensors", type=int, default=1, help="split the bytes into this many tensors")
+    parser.add_argument("--receivers", type=int, default=2, help="concurrent receivers in the fan-out phase")
+    parser.add_argument("--chunk-kib", type=int, default=1024, help="chunk size asked by receivers and served")
+    parser.add_argument("--window", type=int, default=4, help="relay window, in chunks")
+    parser.add_argument("--frame-kib", type=int, default=0, help="HTTP/2 max frame size to advertise (0: default)")
+    parser.add_argument(
+        "--allocator",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="tuned: every fedkube process calls fedkube.transfer.allocator.tune_allocator() (the recommended setup)",
+    )
+    parser.add_argument(
+        "--relay-lookahead-kib",
+        type=int,
+        default=4096,
+        help="fixed HTTP/2 receive window upstream of the relay (relay_channel_options); 0: gRPC's BDP-grown window",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="floor/direct/relay rounds; the best of each is kept")
+    parser.add_argument(
+        "--grpc-option",
+        type=_grpc_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra gRPC option for every server and channel (repeatable; integers are passed as ints)",
+    )
+    parser.add_argument(
+        "--transport",
+        choices=["bulk", "grpc"],
+        default="bulk",
+        help="bulk: plain-TCP data plane (what fedkube's processes use); grpc: Download.Fetch and RelayServicer",
+    )
+    parser.add_argument(
+        "--relay-buffer-kib", type=int, default=1024, help="the BulkRelay's one buffer per connection (bulk transport)"
+    )
+    parser.add_argument(
+        "--tls", choices=sorted(TLS_CHOICES), default="on",
+        help="mutual TLS on the bulk port: on (fedkube's default), off, or both, one after the other",
+    )  # fmt: skip
+    parser.add_argument(
+        "--relay-socket", choices=["auto", "tcp", "unix"], default="auto",
+        help="the bulk relay's pod-local leg: auto (what the sidecar does: an abstract Unix socket with TLS, "
+             "127.0.0.1 TCP without), tcp or unix",
+    )  # fmt: skip
+    parser.add_argument("--no-relay", action="store_true")
+    parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument(
+        "--bare-grpc",
+        action="store_true",
+        help="also time gRPC-Python alone (prebuilt messages, receiver drops them): the ceiling of any gRPC design",
+    )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="also run the raw-socket prototype (no gRPC): what a plain TCP data plane costs, direct and relayed",
+    )
+    args = parser.parse_args()
+    if args.transport == "grpc" and args.tls != "off":
+        parser.error("--tls applies to --transport bulk; with --transport grpc pass --tls off (bench/round.py --tls "
+                     "measures gRPC with TLS)")
+
+    os.environ[_TUNE_ENV] = "1" if args.allocator == "tuned" else "0"
+    os.environ[_OPTIONS_ENV] = json.dumps(args.grpc_option)
+    size = args.size_mib << 20
+    chunk = args.chunk_kib << 10
+    ctx = mp.get_context("spawn")
+    result: dict[str, Any] = {
+        "size_mib": args.size_mib,
+        "tensors": args.tensors,
+        "receivers": args.receivers,
+        "chunk_kib": args.chunk_kib,
+        "window": args.window,
+        "repeats": args.repeats,
+        "frame_kib": args.frame_kib,
+        "allocator": args.allocator,
+        "relay_lookahead_kib": args.relay_lookahead_kib,
+        "grpc_options": dict(args.grpc_option),
+        "transport": args.transport,
+        "relay_buffer_kib": args.relay_buffer_kib,
+        "cpus": os.cpu_count(),
+        "tls_modes": TLS_CHOICES[args.tls],
+    }
+    tls_dir = tempfile.mkdtemp(prefix="fedkube-bench-tls-")
+    names = [f"single-{r}" for r in range(args.repeats)] + ["relayed"] + [f"fan-{i}" for i in range(args.receivers)]
+    write_material(Path(tls_dir), names)
+    try:
+        modes = {mode: run_mode(args, ctx, size, chunk, tls_dir if mode == "on" else None)
+                 for mode in TLS_CHOICES[args.tls]}  # fmt: skip
+    finally:
+        shutil.rmtree(tls_dir, ignore_errors=True)
+    if len(modes) == 1:
+        result.update(next(iter(modes.values())))
+    else:
+        result["modes"] = modes
+        # Each mode's ratio is against its own floors; their quotient is what TLS costs in throughput.
+        on, off = modes["on"], modes["off"]
+        result["tls_over_plain"] = {
+            key: round(on[key] / off[key], 3) for key in ("direct_ratio", "relay_ratio", "fanout_ratio")
+            if key in on and key in off
+        }  # fmt: skip
+        result["tls_cpu_s_per_gib"] = {m: r["cpu_s_per_gib"] for m, r in modes.items()}
     emit(result)
 
 

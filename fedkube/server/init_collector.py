@@ -10,6 +10,14 @@ poolable, so round 2 recycles it as accumulators. :meth:`finish` hands the
 model over and keeps nothing: whatever still refers to the finished init
 round (its collector included) cannot keep the model alive once the
 workflow has replaced it.
+
+A peer's announcement sizes the target (bounded first by ``spec.model.maxBytes``),
+but what it costs is what arrives: the array is reserved, never zeroed or
+touched ahead of the data, so the kernel commits its pages only as received
+bytes are written into them. A client that announces 1 GiB and sends 1 MiB
+costs the server ~1 MiB of memory until its upload times out
+(``tests/integration/server/test_init_bound.py``). Keep it so: filling the
+target (``np.zeros`` + a write, ``fill``) would make the announcement the cost.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from fedkube.sidecar.meter import RelayMeter, metered_bulk_handoff, metered_bulk
 from fedkube.sidecar.reverse import SERVER_RECEIVER, Pusher
 from fedkube.sidecar.state import TaskBook, TrainerSnapshot, TrainerTracker
 from fedkube.sidecar.upstream import RegistrationRejected, Upstream, server_channel
-from fedkube.transfer import peercred
+from fedkube.transfer import handoff, peercred
 from fedkube.transfer.allocator import tune_allocator
 from fedkube.transfer.bulk import BulkHandoff, BulkRelay
 from fedkube.transfer.endpoints import ClientTls
@@ -124,7 +124,7 @@ class Sidecar:
             on_result=self._on_result,
             on_metric=self._on_metric,
             closing=self._closing,
-            bulk_address=lambda: self.bulk_relay.address if self.bulk_relay is not None else "",
+            bulk_address=self._relay_address,
             bulk_handoff=lambda: self.bulk_handoff.address if self.bulk_handoff is not None else "",
             server_connected=self.upstream.connected.is_set,
         )
@@ -147,9 +147,14 @@ class Sidecar:
                               f"fix: choose a free {envvars.TRAINER_PORT}")
         if self.config.server_bulk_address:
             try:
+                # A TLS relay copies every byte through this process (it cannot hand over or splice): over an
+                # abstract Unix socket its pod-local leg costs the trainer about half the CPU of 127.0.0.1 TCP
+                # (bench/README.md, "TLS"). Without TLS the handoff or splice path takes the bytes anyway.
+                unix = self.tls is not None and handoff.AVAILABLE
                 self.bulk_relay = metered_bulk_relay(
                     self.config.server_bulk_address, site=self.config.site, token=self.config.token,
                     meter=self.meter, direction="to_trainer", tls=self.tls,
+                    host=handoff.new_name(f"relay-{self.config.site}") if unix else "127.0.0.1",
                 ).start()  # fmt: skip
             except OSError as exc:
                 raise ConfigError(f"cannot listen on 127.0.0.1 for the trainer's bulk fetches: {exc}") from exc
@@ -335,6 +340,13 @@ class Sidecar:
     def _get_trainer_handoff(self) -> str:
         with self._lock:
             return "" if self.trainer.state.final else self._trainer_handoff
+
+    def _relay_address(self) -> str:
+        """Where the trainer fetches through the relay: ``host:port``, or ``unix:@name`` on a Unix socket."""
+        if self.bulk_relay is None:
+            return ""
+        address = self.bulk_relay.address
+        return handoff.UNIX_PREFIX + address if handoff.is_handoff(address) else address
 
     def _get_trainer_channel(self) -> grpc.Channel | None:
         with self._lock:

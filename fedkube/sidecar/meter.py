@@ -117,7 +117,8 @@ def metered_relay(upstream: Any, *, window_chunks: int, meter: RelayMeter, direc
 
 
 def metered_bulk_relay(
-    upstream_address: str, *, site: str, token: str, meter: RelayMeter, direction: str, tls: ClientTls | None = None
+    upstream_address: str, *, site: str, token: str, meter: RelayMeter, direction: str, tls: ClientTls | None = None,
+    host: str = "127.0.0.1",
 ) -> BulkRelay:
     """A :class:`~fedkube.transfer.bulk.BulkRelay` whose bytes and buffers are counted by ``meter``.
 
@@ -128,7 +129,7 @@ def metered_bulk_relay(
     """
     holder = f"bulk relay {direction}"
     return BulkRelay(
-        upstream_address, site=site, token=token, on_bytes=lambda n: meter.relayed(direction, n),
+        upstream_address, site=site, token=token, host=host, on_bytes=lambda n: meter.relayed(direction, n),
         on_buffer=lambda n: meter.fixed(holder, n), tls=tls,
     )  # fmt: skip
 

@@ -56,6 +56,16 @@ def is_handoff(address: str) -> bool:
     return address.startswith("@")
 
 
+#: A bulk endpoint on an abstract Unix socket that answers requests itself (the sidecar's TLS-terminating relay),
+#: unlike a handoff endpoint (``@...``), which hands a connection over: ``unix:@<name>``.
+UNIX_PREFIX = "unix:"
+
+
+def is_unix(address: str) -> bool:
+    """True for ``unix:@<name>``: a bulk endpoint spoken to over an abstract Unix socket."""
+    return address.startswith(UNIX_PREFIX) and is_handoff(address[len(UNIX_PREFIX):])
+
+
 def new_name(role: str) -> str:
     """A fresh abstract socket name for this process: ``@fedkube-<role>-<pid>-<random>``."""
     return f"@fedkube-{role}-{os.getpid()}-{secrets.token_hex(6)}"

@@ -44,6 +44,7 @@ edits the rendered manifests with ``mutate=`` (see :func:`pod_named`,
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import copy
 import json
@@ -51,6 +52,7 @@ import logging
 import socket
 import textwrap
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -748,11 +750,19 @@ class TcpProxy:
     * ``drop_connections()``: close every open connection (new ones still work).
     * ``record()``: from now on keep every byte forwarded, per direction and connection
       (``recorded``), up to :data:`RECORD_LIMIT` bytes in all: what a wiretap sees.
+    * ``delay_s``: a link with latency: each byte leaves ``delay_s`` after it arrived, in each direction
+      (RTT = 2 * ``delay_s``), with at most ``in_flight_bytes`` on the way per direction (a path's
+      bandwidth-delay capacity; the sender's TCP waits beyond it). None: forward at once.
     """
 
-    def __init__(self, upstream: tuple[str, int], *, name: str = "proxy") -> None:
+    def __init__(
+        self, upstream: tuple[str, int], *, name: str = "proxy", delay_s: float | None = None,
+        in_flight_bytes: int = 8 << 20,
+    ) -> None:  # fmt: skip
         self.upstream = upstream
         self.name = name
+        self.delay_s = delay_s
+        self.in_flight_bytes = in_flight_bytes
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind((LOCAL_HOST, 0))
@@ -848,9 +858,69 @@ class TcpProxy:
             with self._lock:
                 self._conns += [client, server]
                 self.connections += 1
+            pump = self._pump if self.delay_s is None else self._delayed_pump
             for src, dst, direction in ((client, server, UP), (server, client, DOWN)):
-                threading.Thread(target=self._pump, args=(src, dst, direction), daemon=True,
+                threading.Thread(target=pump, args=(src, dst, direction), daemon=True,
                                  name=f"proxy-{self.name}-{direction}").start()
+
+    def _delayed_pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        """Forward with ``delay_s`` latency: this thread reads and stamps, a writer sends when each piece is due."""
+        assert self.delay_s is not None
+        delay, limit = self.delay_s, self.in_flight_bytes
+        line: collections.deque[tuple[float, bytes]] = collections.deque()
+        held = [0]  # bytes in ``line``
+        changed = threading.Condition()
+        ended = threading.Event()
+
+        def write() -> None:
+            try:
+                while True:
+                    with changed:
+                        while not line and not ended.is_set():
+                            changed.wait(0.1)
+                        if not line:
+                            return
+                        due, data = line[0]
+                    wait = due - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                    while not self._flowing.wait(0.1):
+                        if self._closed.is_set():
+                            return
+                    dst.sendall(data)
+                    with changed:
+                        line.popleft()
+                        held[0] -= len(data)
+                        changed.notify_all()
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+
+        writer = threading.Thread(target=write, daemon=True, name=f"proxy-{self.name}-{direction}-out")
+        writer.start()
+        try:
+            while True:
+                data = src.recv(256 << 10)
+                if not data:
+                    break
+                data = bytes(self._edit(id(src), direction, bytearray(data)))
+                with changed:
+                    while held[0] + len(data) > limit and held[0] and writer.is_alive():
+                        changed.wait(0.1)  # the path is full: stop reading, TCP back-pressure does the rest
+                    line.append((time.monotonic() + delay, data))
+                    held[0] += len(data)
+                    changed.notify_all()
+        except OSError:
+            pass
+        finally:
+            ended.set()
+            with changed:
+                changed.notify_all()
+            writer.join()
+            self._tail.pop(id(src), None)
 
     def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
         key = id(src)

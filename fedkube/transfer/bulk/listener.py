@@ -33,7 +33,7 @@ from fedkube.transfer.bulk.frames import (
     send_failed,
     send_status,
 )
-from fedkube.transfer.endpoints import ServerTls, close_socket
+from fedkube.transfer.endpoints import ServerTls, close_socket, set_keepalive
 from fedkube.transfer.errors import TransferError
 from fedkube.transfer.service import DownloadService
 from fedkube.transfer.wire import MAX_CHUNK_BYTES, status_code_for
@@ -126,6 +126,7 @@ class Listener:
             peer = ""
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                set_keepalive(conn)
                 peer = str(addr[0])
             with self._lock:
                 reason = self._admit_locked(conn, peer)

@@ -83,8 +83,10 @@ class BulkChunkSource:
         site: str = "",
         token: str = "",
         connect_timeout_s: float = 10.0,
+        tls: endpoints.ClientTls | None = None,
     ) -> None:
-        if not handoff.is_handoff(address):
+        """``tls``: dial a TLS port (the server's) as that site; a pod-local or handoff address takes none."""
+        if not handoff.is_handoff(address) and not handoff.is_unix(address):
             endpoints.parse_address(address)
         self.address = address
         self.receiver = receiver
@@ -92,6 +94,7 @@ class BulkChunkSource:
         self.site = site
         self.token = token
         self.connect_timeout_s = connect_timeout_s
+        self.tls = tls
 
     def open(
         self, request: tensor_pb2.BulkRequest, ids: dict[str, Any]
@@ -104,7 +107,10 @@ class BulkChunkSource:
         if not handoff.is_handoff(self.address):
             sock: socket.socket | None = None
             try:
-                sock = endpoints.dial(self.address, self.connect_timeout_s)
+                if handoff.is_unix(self.address):  # the sidecar's relay on the pod-local Unix socket
+                    sock = handoff.connect(self.address[len(handoff.UNIX_PREFIX):], self.connect_timeout_s)
+                else:
+                    sock = endpoints.dial(self.address, self.connect_timeout_s, self.tls)
                 send_request(sock, request)
             except OSError as exc:
                 close_socket(sock)

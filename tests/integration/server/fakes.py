@@ -131,7 +131,7 @@ class FakeSidecar:
         self.task_hook: Callable[[control_pb2.Task], None] | None = None  # runs as a task arrives
         self.hang_up_on_stop = True  # like a sidecar with FEDKUBE_SIDECAR_EXIT_ON_STOP=1
         # Decides how each UploadRequest is answered: "ok", "corrupt" (first chunk flipped), "corrupt_nan"
-        # (first 4 bytes turned into a float32 NaN), "error", "stall".
+        # (first 4 bytes turned into a float32 NaN), "error", "stall", "trickle" (1 MiB, then stall).
         self.push_mode: Callable[[control_pb2.UploadRequest], str] | None = None
         self.changed = threading.Condition()
         self._out: queue.Queue[control_pb2.ClientMessage | None] = queue.Queue()
@@ -292,6 +292,13 @@ class FakeSidecar:
             if mode == "stall":
                 yield control_pb2.PushedChunk(request_id=req.request_id)
                 self._closed.wait(30)  # keeps the stream open, sends nothing
+                return
+            if mode == "trickle":  # the first MiB of whatever was announced, then nothing more
+                step = req.max_chunk_bytes or 1 << 16
+                for pos in range(0, 1 << 20, step):
+                    yield control_pb2.PushedChunk(request_id=req.request_id if pos == 0 else "",
+                                                  offset=req.offset + pos, data=bytes(step))
+                self._closed.wait(30)
                 return
             try:
                 stream = self.service.open_stream(

@@ -7,6 +7,7 @@ bound to the authenticated site) released the model before site-b had it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -18,11 +19,20 @@ import pytest
 
 from fedkube.protocol import AUTH_METADATA, BEARER, SITE_METADATA
 from fedkube.server.app import FedkubeServer
+from fedkube.transfer import endpoints
 from fedkube.transfer.bulk import read_status, send_request
 from fedkube.transfer.service import Transaction
-from fedkube.transfer.wire import SERVICE_NAME
+from fedkube.transfer.wire import SERVICE_NAME, STREAMS_PER_CONNECTION
 from fedkube.wire.v1 import tensor_pb2, tensor_pb2_grpc
-from tests.integration.server.conftest import Harness, dial_bulk, grpc_channel, make_config, rejected, token_of
+from tests.integration.server.conftest import (
+    Harness,
+    client_tls,
+    dial_bulk,
+    grpc_channel,
+    make_config,
+    rejected,
+    token_of,
+)
 from tests.integration.server.fakes import add_value
 
 pytestmark = pytest.mark.timeout(30)
@@ -44,6 +54,20 @@ def _credentials(site: str) -> tuple[tuple[str, str], ...]:
 
 def _rejected(srv: FedkubeServer, reason: str) -> float:
     return rejected(srv, reason)
+
+
+def _own_connection(srv: FedkubeServer, site: str = "site-a") -> grpc.Channel:
+    """A connected channel with a connection of its own (channels with equal arguments share one by default).
+
+    One call has been answered on it first: calls sent before the server's SETTINGS frame arrives do not
+    know the stream cap yet, and those above it are refused (UNAVAILABLE, retryable) instead of queued.
+    A sidecar's first call is its one control stream, and its other calls follow the server's answer.
+    """
+    channel = endpoints.channel(f"127.0.0.1:{srv.grpc_port}", [("grpc.use_local_subchannel_pool", 1)],
+                                client_tls(srv, site))
+    with pytest.raises(grpc.RpcError):  # no token: refused at the headers, a round trip all the same
+        channel.unary_unary(f"/{SERVICE_NAME}/Complete")(b"", timeout=5)
+    return channel
 
 
 def test_grpc_fetch_and_complete_as_another_site_are_refused(server: FedkubeServer) -> None:
@@ -106,15 +130,21 @@ def test_half_open_unauthenticated_calls_do_not_hold_the_servers_slots(server: F
         yield b""
 
     calls = []
-    with grpc_channel(server) as channel:
+    with _own_connection(server) as channel:
         half_open = channel.stream_stream(f"/{SERVICE_NAME}/Fetch")
         try:
             calls = [half_open(silent(), metadata=((SITE_METADATA, "site-a"),), timeout=15) for _ in range(24)]
             codes = [call.code() for call in calls]  # blocks until each call ended
-            assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}, codes
-            stub = tensor_pb2_grpc.DownloadStub(channel)
-            stub.Complete(tensor_pb2.CompleteRequest(transaction_id=txn.id, receiver="site-a", ok=True),
-                          metadata=_credentials("site-a"), timeout=5)
+            # Above the connection's stream cap a call queues; a denied call whose request side the client still
+            # holds open may briefly count on the server as a stream, and then one more is refused with
+            # REFUSED_STREAM (UNAVAILABLE, retryable) instead. Never RESOURCE_EXHAUSTED: no slot is held.
+            assert set(codes) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE}, codes
+            assert codes.count(grpc.StatusCode.UNAUTHENTICATED) >= STREAMS_PER_CONNECTION, codes
+            # A real sidecar is a connection of its own: the calls above are the attacker's connection's problem.
+            with _own_connection(server) as real:
+                tensor_pb2_grpc.DownloadStub(real).Complete(
+                    tensor_pb2.CompleteRequest(transaction_id=txn.id, receiver="site-a", ok=True),
+                    metadata=_credentials("site-a"), timeout=5)  # fmt: skip
         finally:
             never.set()
             for call in calls:
@@ -130,9 +160,12 @@ def test_stalled_fetches_leave_control_its_workers(harness: Harness, server: Fed
     """
     big = server.downloads.publish({"w": np.zeros(8 << 20, np.float32)}, receivers=["site-a"], ttl_s=60.0)
     request = tensor_pb2.FetchRequest(transaction_id=big.id, ref_id=big.refs[0].ref_id, receiver="site-a")
-    with grpc_channel(server) as channel:
-        stub = tensor_pb2_grpc.DownloadStub(channel)
-        stalled = [stub.Fetch(request, metadata=_credentials("site-a"), timeout=20) for _ in range(16)]
+    # Four connections: one runs at most STREAMS_PER_CONNECTION (4) calls and queues the rest.
+    channels = [_own_connection(server) for _ in range(16 // STREAMS_PER_CONNECTION)]
+    with contextlib.ExitStack() as stack:
+        stubs = [tensor_pb2_grpc.DownloadStub(stack.enter_context(c)) for c in channels]
+        stalled = [stubs[i % len(stubs)].Fetch(request, metadata=_credentials("site-a"), timeout=20)
+                   for i in range(16)]  # fmt: skip
         try:
             deadline = time.monotonic() + 10
             while _rejected(server, "DownloadBudget") < 8 and time.monotonic() < deadline:
@@ -159,10 +192,12 @@ def test_a_site_holding_half_open_fetches_leaves_control_its_workers(harness: Ha
         yield b""
 
     calls = []
-    with grpc_channel(server) as channel:
-        half_open = channel.stream_stream(f"/{SERVICE_NAME}/Fetch")
+    channels = [_own_connection(server) for _ in range(16 // STREAMS_PER_CONNECTION)]
+    with contextlib.ExitStack() as stack:
+        half_open = [stack.enter_context(c).stream_stream(f"/{SERVICE_NAME}/Fetch") for c in channels]
         try:
-            calls = [half_open(silent(), metadata=_credentials("site-a"), timeout=15) for _ in range(16)]
+            calls = [half_open[i % len(half_open)](silent(), metadata=_credentials("site-a"), timeout=15)
+                     for i in range(16)]  # fmt: skip
             deadline = time.monotonic() + 10
             while _rejected(server, "DownloadBudget") < 8 and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -174,4 +209,38 @@ def test_a_site_holding_half_open_fetches_leaves_control_its_workers(harness: Ha
         finally:
             never.set()
             for call in calls:
+                call.cancel()
+
+
+def test_calls_above_a_connections_stream_cap_queue_and_complete_later(server: FedkubeServer) -> None:
+    """One connection runs STREAMS_PER_CONNECTION calls at once; the next one waits for a stream, then succeeds.
+
+    Before the cap, one connection ran as many calls as it opened: a site's stalled fetches took the whole
+    Download budget (8 here) from other sites, and its next call past the budget was refused with
+    RESOURCE_EXHAUSTED instead of waiting. The cap is below the budget, so this connection never reaches it.
+    """
+    big = server.downloads.publish({"w": np.zeros(8 << 20, np.float32)}, receivers=["site-a"], ttl_s=60.0)
+    stall = tensor_pb2.FetchRequest(transaction_id=big.id, ref_id=big.refs[0].ref_id, receiver="site-a")
+    small = _publish(server)
+    fetch = tensor_pb2.FetchRequest(transaction_id=small.id, ref_id=small.refs[0].ref_id, receiver="site-a")
+    with _own_connection(server) as channel:
+        stub = tensor_pb2_grpc.DownloadStub(channel)
+        as_a = _credentials("site-a")
+        stalled = [stub.Fetch(stall, metadata=as_a, timeout=20) for _ in range(STREAMS_PER_CONNECTION)]
+        try:
+            for call in stalled:  # each has its first chunk, so each holds its stream and a budget slot
+                next(call)
+            waiting = stub.Fetch(fetch, metadata=_credentials("site-a"), timeout=20)
+            got: list[tensor_pb2.Chunk] = []
+            reader = threading.Thread(target=lambda: got.extend(waiting), daemon=True)
+            reader.start()
+            reader.join(0.5)
+            assert reader.is_alive() and got == [], "the call above the cap ran instead of waiting for a stream"
+            stalled.pop().cancel()
+            reader.join(10)
+            assert not reader.is_alive() and waiting.code() == grpc.StatusCode.OK, waiting.code()
+            assert b"".join(c.data for c in got) == np.arange(64, dtype=np.float32).tobytes()
+            assert _rejected(server, "DownloadBudget") == 0
+        finally:
+            for call in stalled:
                 call.cancel()

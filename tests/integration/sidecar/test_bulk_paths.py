@@ -105,6 +105,8 @@ def test_bulk_on_both_directions_and_metered(
     if tls:
         assert stack.server is not None and stack.server.tls is not None and stack.server.bulk is not None
         assert stack.server.bulk.tls is not None and stack.sidecar is not None and stack.sidecar.tls is not None
+        # The relay copies every byte: its pod-local leg is an abstract Unix socket (cheaper than loopback TCP).
+        assert stack.sidecar.bulk_relay is not None and stack.sidecar.bulk_relay.address.startswith("@")
         handoff = False  # what the sidecar did: relay every byte
     total = sum(a.nbytes for a in _model().values())
     pulled = _pulled(caplog.records)
