@@ -142,7 +142,8 @@ def test_ttl_cleanup_deletes_only_what_the_job_owns(kube: fixtures.KubeHandle) -
             "fedkube.dev", "v1alpha1", NS, "fljobs", job,
             {"status": {"phase": "Failed", "completionTime": "2020-01-01T00:00:00Z"}})
         until(lambda: any(c["type"] == "CleanedUp" and c["status"] == "True"
-                          for c in _status(custom, job).get("conditions") or []), f"job {job} CleanedUp")
+                          for c in _status(custom, job).get("conditions") or []), f"job {job} CleanedUp",
+              timeout=30)  # ~6 s alone (the TTL timer's look); two loaded xdist workers went past 10 s
         assert _job_pods(kube, job) == {pod["metadata"]["name"]}
         assert _read(kube, "Secret", f"{job}-server-tokens") is None and _read(kube, "Service", f"{job}-server") is None
         assert _read(kube, "ConfigMap", f"{job}-spec") == spec_cm
