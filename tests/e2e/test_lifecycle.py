@@ -27,7 +27,7 @@ def _site_data(site: str) -> tuple[np.ndarray, np.ndarray]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    x, y = module.site_data(site)
+    x, y, _, _ = module.site_data(site)  # training data; the held-out part is for evaluations
     return x, y
 
 

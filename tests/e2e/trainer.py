@@ -27,10 +27,15 @@ def main() -> int:
     exit_after = int(os.environ.get("E2E_EXIT_AFTER", "0"))
     pause = float(os.environ.get("E2E_ROUND_SLEEP", "0"))
     rounds_log = os.environ.get("E2E_ROUNDS_LOG")
-    x, y = site_data(site)
+    x, y, x_held_out, y_held_out = site_data(site)
     fk.init()
     while fk.is_running():
         model = fk.receive()
+        if model.kind == "evaluate":  # the quickstart FLJob evaluates every round: metrics only, no knobs
+            assert model.params is not None
+            fk.send(fk.FLModel(num_examples=len(y_held_out),
+                               metrics={"loss": mse(model.params["w"], model.params["b"], x_held_out, y_held_out)}))
+            continue
         if rounds_log:
             with open(rounds_log, "a") as f:
                 f.write(f"{site} {model.round}\n")
