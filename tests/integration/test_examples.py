@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fedkube.formats import safetensors
 from fedkube.runtime.pod import fedkube_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,3 +63,46 @@ def test_digits_pytorch_learns_with_three_non_iid_clients(tmp_path: Path) -> Non
     assert len(accs) == 6, log[-2000:]  # rounds 1-6 (the init round only sends the initial weights)
     # accs[i] is the global model after i aggregations: accs[0] is the untrained initial model
     assert accs[0] < 0.3 and accs[-1] > 0.7, accs
+
+
+@pytest.mark.timeout(120)
+def test_lora_transformers_federates_only_the_adapter_and_perplexity_falls(tmp_path: Path) -> None:
+    # find_spec, not importorskip: importing transformers and peft here would cost seconds for nothing.
+    for module in ("torch", "transformers", "peft"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"the LoRA example needs {module}: pip install -e '.[lora]'")
+    example = EXAMPLES / "lora-transformers"
+    job_dir = tmp_path / "lora"
+    job_dir.mkdir()
+    for name in ("train.py", "data.py"):
+        shutil.copy(example / name, job_dir / name)
+    # Three rounds keep the test under a minute; the README's table comes from the full 8.
+    (job_dir / "fljob.yaml").write_text(re.sub(r"rounds: 8", "rounds: 3", (example / "fljob.yaml").read_text()))
+    run_dir = tmp_path / "run"
+    result = _run(job_dir / "fljob.yaml", run_dir, timeout=110)
+    assert result["summary"]["completedRounds"] == 3
+    first = []
+    for site in ("site-a", "site-b", "site-c"):
+        log = (run_dir / "logs" / f"lora-transformers-client-{site}.trainer.log").read_text()
+        ppl = {int(r): float(p) for r, p in re.findall(r"round (\d+)/3: global model perplexity ([0-9.]+)", log)}
+        assert sorted(ppl) == [1, 2, 3], log[-2000:]
+        # ppl[1] is the untrained initial adapter (the base model), ppl[3] the global adapter of round 2
+        assert ppl[1] > ppl[2] > ppl[3] and ppl[3] < ppl[1] / 4, (site, ppl)
+        first.append(ppl[1])
+        adapter, total = (int(n.replace(",", "")) for n in re.search(r"([\d,]+) of ([\d,]+) parameters", log).groups())
+        # Each result of this site (round 0 is site-a's initial adapter) carried the adapter alone, in float32.
+        sidecar = (run_dir / "logs" / f"lora-transformers-client-{site}.sidecar.log").read_text()
+        moved = re.findall(r"\(round (\d+)\): (\d+) tensors, (\d+) bytes", sidecar)
+        rounds = ["0", "1", "2", "3"] if site == "site-a" else ["1", "2", "3"]
+        assert moved == [(r, "28", str(4 * adapter)) for r in rounds], moved
+        assert 4 * adapter < 4 * total / 5  # the base (the other ~83 % of the parameters) never travelled
+    assert result["summary"]["metrics"]["global_perplexity"] < min(first) / 4  # round 3's, averaged over sites
+    # The delivered global model (and each round's, spec.output.everyRound) is the adapter and nothing else.
+    model_dir = run_dir / "model"
+    assert sorted(p.name for p in model_dir.glob("*-round-*")) == [
+        f"lora-transformers-round-00000{r}.safetensors" for r in (1, 2, 3)
+    ]
+    tensors, meta = safetensors.load_file(model_dir / "lora-transformers.safetensors")
+    assert meta["round"] == "3"
+    assert len(tensors) == 28 and all(re.search(r"\.lora_[AB]\.default\.weight$", n) for n in tensors), list(tensors)
+    assert sum(t.nbytes for t in tensors.values()) == 4 * adapter
