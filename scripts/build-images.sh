@@ -3,8 +3,10 @@
 #   ghcr.io/fedkube/fedkube:<version>          (Dockerfile: operator, FL server, sidecar)
 #   ghcr.io/fedkube/quickstart-numpy:0.1.0     (examples/quickstart-numpy/Dockerfile)
 #   ghcr.io/fedkube/digits-pytorch:0.1.0       (examples/digits-pytorch/Dockerfile, torch CPU)
+#   ghcr.io/fedkube/lora-transformers:0.1.0    (examples/lora-transformers/Dockerfile, torch CPU, transformers, peft)
 #
-#   scripts/build-images.sh [base] [fedkube] [quickstart-numpy] [digits-pytorch]   (no argument: all three)
+#   scripts/build-images.sh [base] [fedkube] [quickstart-numpy] [digits-pytorch] [lora-transformers]
+#     (no argument: all four)
 #   scripts/build-images.sh lock   (rewrites requirements/image.txt, the image's hashed dependency pins)
 #
 # No image registry is needed: the Python base image is made once from Debian's archive with debootstrap
@@ -143,7 +145,7 @@ PY
 }
 
 targets=("$@")
-[ "${#targets[@]}" -gt 0 ] || targets=(fedkube quickstart-numpy digits-pytorch)
+[ "${#targets[@]}" -gt 0 ] || targets=(fedkube quickstart-numpy digits-pytorch lora-transformers)
 mkdir -p "$CACHE"
 build_base
 for target in "${targets[@]}"; do
@@ -151,12 +153,12 @@ for target in "${targets[@]}"; do
     base) ;;  # built above
     lock) lock ;;
     fedkube) build "$FEDKUBE_TAG" . --build-arg "BASE=$BASE_TAG" ;;
-    quickstart-numpy|digits-pytorch)
+    quickstart-numpy|digits-pytorch|lora-transformers)
       podman image exists "$FEDKUBE_TAG" || build "$FEDKUBE_TAG" . --build-arg "BASE=$BASE_TAG"
       extra=()
-      [ "$target" = digits-pytorch ] && extra=(--build-arg "TORCH_INDEX=$(torch_index)")
+      [ "$target" != quickstart-numpy ] && extra=(--build-arg "TORCH_INDEX=$(torch_index)")
       build "ghcr.io/fedkube/$target:0.1.0" "examples/$target" --build-arg "FEDKUBE_IMAGE=$FEDKUBE_TAG" \
         "${extra[@]}" ;;
-    *) log "unknown image $target; fix: one of base, lock, fedkube, quickstart-numpy, digits-pytorch"; exit 2 ;;
+    *) log "unknown image $target; fix: one of base, lock, fedkube, quickstart-numpy, digits-pytorch, lora-transformers"; exit 2 ;;
   esac
 done

@@ -41,7 +41,7 @@ def test_the_image_exposes_every_port_the_server_and_sidecar_listen_on() -> None
     assert ports <= exposed, f"not EXPOSEd: {sorted(ports - exposed)}"
 
 
-@pytest.mark.parametrize("example", ["quickstart-numpy", "digits-pytorch"])
+@pytest.mark.parametrize("example", ["quickstart-numpy", "digits-pytorch", "lora-transformers"])
 def test_each_example_image_is_tagged_as_its_fljob_names_it_and_has_its_script(example: str) -> None:
     job = yaml.safe_load((EXAMPLES / example / "fljob.yaml").read_text())
     trainer = job["spec"]["trainer"]
