@@ -131,3 +131,14 @@ def test_refused_ca_never_enrolls(monkeypatch: pytest.MonkeyPatch) -> None:
                                              ("Succeeded", "Succeeded"), ("Failed", "Failed")])  # fmt: skip
 def test_site_phase_follows_the_pod(phase: str | None, want: str) -> None:
     assert handlers.site_phase(None if phase is None else {"status": {"phase": phase}}) == want
+
+
+def test_operator_mode_picks_the_flsite_handlers() -> None:
+    from fedkube.errors import ConfigError
+    from fedkube.operator.main import parse_config
+
+    assert parse_config(["--mode", "site"], {}).mode == "site"
+    assert parse_config([], {"FEDKUBE_OPERATOR_MODE": "site"}).mode == "site"
+    assert parse_config([], {}).mode == "server"
+    with pytest.raises(ConfigError, match="server or site"):
+        parse_config([], {"FEDKUBE_OPERATOR_MODE": "edge"})
