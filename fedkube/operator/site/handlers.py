@@ -33,6 +33,13 @@ RESOURCE = (API_GROUP, API_VERSION_NAME, PLURAL)
 TERMINAL = ("Succeeded", "Failed", "Refused")
 RETRY_S = 10.0
 ENROLL_TIMEOUT_S = 10.0
+#: Memo key: ``(bundle) -> (host, port)`` the operator dials to enroll (default the bundle's first address and
+#: enrollment port). The seam the e2e test uses, where the operator runs outside the emulated pods' network.
+ENROLL_ADDRESS = "enroll_address"
+
+
+def _enroll_address(bundle: enroll.JoinBundle) -> tuple[str, int]:
+    return bundle.host, bundle.enroll_port
 
 
 def _now() -> str:
@@ -66,7 +73,8 @@ def _bundle(kube: SiteKube, site: FLSite) -> enroll.JoinBundle:
         raise kopf.PermanentError(f"FLSite {site.namespace}/{site.name}: Secret {ref.name}: {exc}") from exc
 
 
-def _enroll(kube: SiteKube, site: FLSite, bundle: enroll.JoinBundle, body: Mapping[str, Any]) -> str:
+def _enroll(kube: SiteKube, site: FLSite, bundle: enroll.JoinBundle, body: Mapping[str, Any],
+            address: tuple[str, int]) -> str:
     """Enroll unless ``<flsite>-tls`` holds a certificate of the bundle's CA; the certificate's expiry."""
     stored = kube.secret_data(site.namespace, builders.tls_secret_name(site))
     if stored and builders.TOKEN_KEY in stored:
@@ -75,7 +83,7 @@ def _enroll(kube: SiteKube, site: FLSite, bundle: enroll.JoinBundle, body: Mappi
         if enroll.fingerprint(ca) == bundle.ca_sha256:
             return cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
     key = enroll.new_site_key()
-    issued = enroll_site(bundle, key, (bundle.host, bundle.enroll_port), timeout_s=ENROLL_TIMEOUT_S)
+    issued = enroll_site(bundle, key, address, timeout_s=ENROLL_TIMEOUT_S)
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     kube.create(builders.build_tls_secret(site, bundle, key_pem=key_pem, cert_pem=issued.certificate, ca_pem=issued.ca,
@@ -105,10 +113,11 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf
         return
     if not status.get("certNotAfter"):
         patch.status["phase"] = "Enrolling"
+    address = memo.get(ENROLL_ADDRESS, _enroll_address)(bundle)
     try:
-        not_after = _enroll(kube, site, bundle, body)
+        not_after = _enroll(kube, site, bundle, body, address)
     except EnrollmentError as exc:
-        message = f"enrollment with {bundle.host}:{bundle.enroll_port} failed ({exc.reason}): {exc}"
+        message = f"enrollment with {address[0]}:{address[1]} failed ({exc.reason}): {exc}"
         if exc.reason == "unreachable":
             _status(patch, status, "Enrolling", "Enrolled", False, "Unreachable", message, lastError=message, **where)
             raise kopf.TemporaryError(message, delay=RETRY_S) from exc
