@@ -30,7 +30,8 @@ from fedkube.spec.site import API_GROUP, API_VERSION_NAME, PLURAL, FLSite
 log = logging.getLogger(__name__)
 
 RESOURCE = (API_GROUP, API_VERSION_NAME, PLURAL)
-TERMINAL = ("Succeeded", "Failed", "Refused")
+# Refused is not final: the admin may add the fingerprint (or replace the bundle), and the next look enrolls.
+TERMINAL = ("Succeeded", "Failed")
 RETRY_S = 10.0
 ENROLL_TIMEOUT_S = 10.0
 #: Memo key: ``(bundle) -> (host, port)`` the operator dials to enroll (default the bundle's first address and
@@ -109,8 +110,13 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf
     if refusal is not None:
         _status(patch, status, "Refused", "Refused", True, refusal.reason, refusal.message, lastError=refusal.message,
                 **where)
-        kopf.warn(body, reason=refusal.reason, message=refusal.message)
+        if status.get("phase") != "Refused":  # one Event per refusal, not one per look
+            kopf.warn(body, reason=refusal.reason, message=refusal.message)
         return
+    if status.get("phase") == "Refused":
+        patch.status["conditions"] = set_condition(status.get("conditions"), "Refused", "False", "Accepted",
+                                                   "the bundle's CA is accepted", _now())
+        patch.status["lastError"] = None
     if not status.get("certNotAfter"):
         patch.status["phase"] = "Enrolling"
     address = memo.get(ENROLL_ADDRESS, _enroll_address)(bundle)

@@ -125,6 +125,15 @@ def test_refused_ca_never_enrolls(monkeypatch: pytest.MonkeyPatch) -> None:
     cond = patch.status["conditions"][0]
     assert (cond["type"], cond["status"], cond["reason"]) == ("Refused", "True", policy.CA_NOT_ACCEPTED)
     assert patch.status["caSha256"] == OTHER
+    # Not final: once the admin accepts the CA, the next look enrolls.
+    monkeypatch.setattr(handlers.enroll.JoinBundle, "from_text", classmethod(lambda cls, text: _bundle(CA)))
+    monkeypatch.setattr(handlers, "_enroll", lambda *a: "2030-01-01T00:00:00Z")
+    monkeypatch.setattr(handlers.kopf, "info", lambda *a, **k: None)
+    again: Any = type("P", (), {"status": {}})()
+    handlers.reconcile(body=body, spec=site.spec.model_dump(by_alias=True), status=patch.status, patch=again,  # type: ignore[arg-type]
+                       memo={handlers.Memo.API_CLIENT: None})  # type: ignore[arg-type]
+    assert again.status["phase"] == "Joined" and kube.created == ["mnist-b-client"]
+    assert again.status["lastError"] is None
 
 
 @pytest.mark.parametrize(("phase", "want"), [(None, "Joined"), ("Pending", "Joined"), ("Running", "Running"),
