@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -24,7 +27,8 @@ from fedkube.operator.site import builders, policy
 from fedkube.operator.site.kube import SiteKube
 from fedkube.operator.status import set_condition
 from fedkube.security import enroll
-from fedkube.security.enroll_wire import EnrollmentError, enroll_site
+from fedkube.security.enroll_wire import EnrollmentError, Issued, enroll_site, renew_site
+from fedkube.security.material import CA_CERT_FILE, CERT_FILE, KEY_FILE, files_in
 from fedkube.spec.site import API_GROUP, API_VERSION_NAME, PLURAL, FLSite
 
 log = logging.getLogger(__name__)
@@ -74,22 +78,56 @@ def _bundle(kube: SiteKube, site: FLSite) -> enroll.JoinBundle:
         raise kopf.PermanentError(f"FLSite {site.namespace}/{site.name}: Secret {ref.name}: {exc}") from exc
 
 
+def _stamp(cert: x509.Certificate) -> str:
+    return cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _enroll(kube: SiteKube, site: FLSite, bundle: enroll.JoinBundle, body: Mapping[str, Any],
             address: tuple[str, int]) -> str:
-    """Enroll unless ``<flsite>-tls`` holds a certificate of the bundle's CA; the certificate's expiry."""
-    stored = kube.secret_data(site.namespace, builders.tls_secret_name(site))
-    if stored and builders.TOKEN_KEY in stored:
-        cert = x509.load_pem_x509_certificate(stored["tls.crt"])
-        ca = x509.load_pem_x509_certificate(stored["ca.crt"])
-        if enroll.fingerprint(ca) == bundle.ca_sha256:
-            return cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Enroll, renew or reuse the certificate in ``<flsite>-tls``; its expiry.
+
+    Reused while it belongs to the bundle's CA and has more than a third of its lifetime left; then renewed over
+    mutual TLS with the current certificate (no token: it was spent), as ``fedkube join`` does."""
+    name = builders.tls_secret_name(site)
+    stored = kube.secret_data(site.namespace, name)
     key = enroll.new_site_key()
-    issued = enroll_site(bundle, key, address, timeout_s=ENROLL_TIMEOUT_S)
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
+    if stored and builders.TOKEN_KEY in stored:
+        cert = x509.load_pem_x509_certificate(stored[CERT_FILE])
+        ca = x509.load_pem_x509_certificate(stored[CA_CERT_FILE])
+        if enroll.fingerprint(ca) == bundle.ca_sha256:
+            now = dt.datetime.now(dt.timezone.utc)
+            if not enroll.needs_renewal(cert, now):
+                return _stamp(cert)
+            try:
+                issued = _renew(bundle, key, stored, address)
+            except EnrollmentError as exc:
+                if now < cert.not_valid_after_utc:  # still valid: keep it and try again on the next look
+                    log.warning("FLSite %s/%s: renewal failed (%s), the certificate is valid until %s: %s",
+                                site.namespace, site.name, exc.reason, _stamp(cert), exc)
+                    return _stamp(cert)
+                raise
+            kube.patch_secret(builders.build_tls_secret(site, bundle, key_pem=key_pem, cert_pem=issued.certificate,
+                                                        ca_pem=issued.ca, token=issued.site_token, owner=body))
+            kopf.info(body, reason="Renewed", message=f"certificate renewed, valid until {issued.not_after}")
+            return issued.not_after
+    issued = enroll_site(bundle, key, address, timeout_s=ENROLL_TIMEOUT_S)
     kube.create(builders.build_tls_secret(site, bundle, key_pem=key_pem, cert_pem=issued.certificate, ca_pem=issued.ca,
                                           token=issued.site_token, owner=body))
     return issued.not_after
+
+
+def _renew(bundle: enroll.JoinBundle, key: Any, stored: Mapping[str, bytes], address: tuple[str, int]) -> Issued:
+    # renew_site reads the current certificate and key from files (the TLS library loads them from paths):
+    # a private directory that exists only for the call.
+    with tempfile.TemporaryDirectory(prefix="fedkube-renew-") as tmp:
+        files = files_in(Path(tmp))
+        for path, data in ((files.cert, stored[CERT_FILE]), (files.key, stored[KEY_FILE])):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        return renew_site(bundle, key, files.cert, files.key, address, timeout_s=ENROLL_TIMEOUT_S)
 
 
 def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,

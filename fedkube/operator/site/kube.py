@@ -51,6 +51,12 @@ class SiteKube:
             raise
         return True
 
+    def patch_secret(self, manifest: Mapping[str, Any]) -> None:
+        """Replace the data of the FLSite's own Secret (a renewed certificate)."""
+        meta = manifest["metadata"]
+        self.core.patch_namespaced_secret(meta["name"], meta["namespace"], {"data": dict(manifest["data"])},
+                                          _request_timeout=self.timeout)
+
     def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 

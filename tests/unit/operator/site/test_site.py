@@ -151,3 +151,54 @@ def test_operator_mode_picks_the_flsite_handlers() -> None:
     assert parse_config([], {}).mode == "server"
     with pytest.raises(ConfigError, match="server or site"):
         parse_config([], {"FEDKUBE_OPERATOR_MODE": "edge"})
+
+
+class _Stored(_Kube):
+    def __init__(self, bundle: JoinBundle, tls: dict[str, bytes]) -> None:
+        super().__init__(bundle)
+        self.tls, self.patched = tls, []  # type: ignore[var-annotated]
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        return self.tls if name == "mnist-b-tls" else super().secret_data(namespace, name)
+
+    def patch_secret(self, manifest: dict[str, Any]) -> None:
+        self.patched.append(manifest)
+
+
+def _stored_identity() -> tuple[JoinBundle, dict[str, bytes], str]:
+    import datetime as dt
+
+    from fedkube.security import enroll, pki
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca = pki.make_job_ca("ml", "mnist", pki.Validity(now - dt.timedelta(days=1), now + dt.timedelta(days=30)))
+    leaf = pki.issue_site_cert(ca, "ml", "mnist", "hospital-b",
+                               pki.Validity(now - dt.timedelta(days=6), now + dt.timedelta(days=1)))
+    tls = {"ca.crt": ca.cert_pem(), "tls.crt": leaf.cert_pem(), "tls.key": leaf.key_pem(), "token": b"t"}
+    stamp = leaf.cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _bundle(enroll.fingerprint(ca.cert)), tls, stamp
+
+
+def test_a_certificate_near_its_end_is_renewed_with_the_current_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedkube.security.enroll_wire import EnrollmentError, Issued
+
+    bundle, tls, stamp = _stored_identity()
+    kube, seen = _Stored(bundle, tls), []
+    monkeypatch.setattr(handlers.kopf, "info", lambda *a, **k: None)
+
+    def renew(b: JoinBundle, key: Any, cert: Any, key_file: Any, address: Any, **_: Any) -> Issued:
+        seen.append((cert.read_bytes(), key_file.read_bytes(), oct(key_file.stat().st_mode & 0o777)))
+        return Issued(certificate=b"new", ca=tls["ca.crt"], site_token="t2", not_after="2031-01-01T00:00:00Z")
+
+    monkeypatch.setattr(handlers, "renew_site", renew)
+    monkeypatch.setattr(handlers, "enroll_site", lambda *a, **k: pytest.fail("a spent token must not be used again"))
+    body = {"apiVersion": "fedkube.dev/v1alpha1", "kind": "FLSite", "metadata": {"name": "mnist-b", "uid": "u1"}}
+    got = handlers._enroll(kube, _site(), bundle, body, ("127.0.0.1", 1))  # type: ignore[arg-type]
+    assert got == "2031-01-01T00:00:00Z" and seen == [(tls["tls.crt"], tls["tls.key"], "0o600")]
+    assert kube.patched[0]["data"]["tls.crt"] == "bmV3"  # base64("new")
+
+    def refused(*a: Any, **k: Any) -> Issued:
+        raise EnrollmentError("unreachable", "no route")
+
+    monkeypatch.setattr(handlers, "renew_site", refused)
+    assert handlers._enroll(kube, _site(), bundle, body, ("127.0.0.1", 1)) == stamp  # type: ignore[arg-type]
