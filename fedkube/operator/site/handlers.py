@@ -82,7 +82,7 @@ def _stamp(cert: x509.Certificate) -> str:
     return cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _enroll(kube: SiteKube, site: FLSite, bundle: enroll.JoinBundle, body: Mapping[str, Any],
+def _enroll(kube: SiteKube, site: FLSite, bundle: enroll.JoinBundle, body: kopf.Body,
             address: tuple[str, int]) -> str:
     """Enroll, renew or reuse the certificate in ``<flsite>-tls``; its expiry.
 
