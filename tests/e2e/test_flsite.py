@@ -7,6 +7,8 @@ the site operator enrolls and runs the client pod, which dials the server's expo
 one resolver, which stands for the network between the clusters: the bundle's address (the exposed Service's
 DNS name, as ``externalAddresses`` say) reaches the server pod. The operator itself runs in the test process,
 outside that network, so its enrollment dial is mapped to the server pod's local port (the memo seam).
+One job, three checks: an FLSite accepting the CA joins and the job Succeeds; one refusing it never enrolls;
+a third site's FLSite deleted mid-job leaves the job with a reason (not Lost) while it goes on above minClients.
 """
 
 from __future__ import annotations
@@ -117,15 +119,19 @@ def _flsite(name: str, ca: str, bundle_secret: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def test_a_site_cluster_joins_with_an_flsite_and_refuses_a_foreign_ca(fl: FL, site_cluster: SiteCluster) -> None:
-    job = quickstart_job(JOB, sites=("site-a", "site-r"), rounds=2, server={
+def test_a_site_cluster_joins_with_an_flsite_refuses_a_foreign_ca_and_withdraws(
+        fl: FL, site_cluster: SiteCluster) -> None:
+    job = quickstart_job(JOB, sites=("site-a", "site-r", "site-w"), min_clients=2, rounds=3, server={
         "expose": {"type": "NodePort", "externalAddresses": [EXPOSED]}})
-    job["spec"]["clients"] = [{"name": "site-a"}, {"name": "site-r", "remote": True}]
+    job["spec"]["clients"] = [{"name": "site-a"}, {"name": "site-r", "remote": True},
+                              {"name": "site-w", "remote": True}]
     fl.apply(job)
     secret = _wait("join bundle", lambda: _secret(fl, f"{JOB}-join-site-r"), fl)
     bundle = enroll.JoinBundle.from_text(base64.b64decode(secret["bundle.json"]).decode())
     # The site admin stores the bundle as it came, in the site's own namespace.
     site_cluster.core.create_namespaced_secret(SITE_NS, {"metadata": {"name": "far-join"}, "data": secret})
+    site_cluster.core.create_namespaced_secret(SITE_NS, {"metadata": {"name": "far-join-w"},
+                                                         "data": _secret(fl, f"{JOB}-join-site-w")})
     _wait("the server's enrollment port", lambda: _enroll_listening(fl), fl)
     # A second FLSite that accepts another CA only: refused, it never enrolls nor runs a pod.
     other = "sha256:" + "0" * 64
@@ -133,9 +139,19 @@ def test_a_site_cluster_joins_with_an_flsite_and_refuses_a_foreign_ca(fl: FL, si
                                                         _flsite("wary", other, "far-join"))
     site_cluster.custom.create_namespaced_custom_object(API_GROUP, API_VERSION_NAME, SITE_NS, PLURAL,
                                                         _flsite("far-r", bundle.ca_sha256, "far-join"))
+    site_cluster.custom.create_namespaced_custom_object(API_GROUP, API_VERSION_NAME, SITE_NS, PLURAL,
+                                                        _flsite("far-w", bundle.ca_sha256, "far-join-w"))
+    # The third site's admin withdraws mid-job: the job goes on above minClients.
+    _wait("site-w training", lambda: (fl.status(JOB).get("clients") or {}).get("site-w", {}).get("state")
+          in ("Training", "Uploading", "Done"), fl)
+    site_cluster.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION_NAME, SITE_NS, PLURAL, "far-w")
 
     status = fl.wait_phase(JOB, "Succeeded", timeout=90)
-    assert {s: c["state"] for s, c in status["clients"].items()} == {"site-a": "Done", "site-r": "Done"}
+    # The withdrawn site left with a reason, not as Lost: its pod's trainer ended first (a native sidecar outlives
+    # it) and the sidecar told the server before its own stream closed.
+    withdrawn = status["clients"]["site-w"]
+    assert (withdrawn["state"], withdrawn["reason"]) == ("Failed", "TrainerExited"), withdrawn
+    assert {s: status["clients"][s]["state"] for s in ("site-a", "site-r")} == {"site-a": "Done", "site-r": "Done"}
     site = _wait("FLSite Succeeded", lambda: (site_cluster.flsite("far-r").get("status") or {}).get("phase")
                  == "Succeeded" and site_cluster.flsite("far-r")["status"], fl)
     assert site["job"] == f"{NAMESPACE}/{JOB}" and site["site"] == "site-r" and site["pod"] == "far-r-client"
