@@ -25,6 +25,7 @@ CONFIGS: dict[str, list[str]] = {
     # Two replicas: kopf peering (its object, RBAC and environment) in either scope.
     "cluster-scope": ["--set", "scope=cluster", "--set", "replicas=2"],
     "two-namespaces": ["--set", "watchNamespaces={ml,research}", "--set", "replicas=2"],
+    "site": ["--set", "mode=site"],  # a remote site's cluster: the FLSite operator (test_chart_site.py)
 }
 # Kinds kubernetes-validate has no schema for; checked by the dedicated tests below instead.
 NOT_BUILTIN = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "KopfPeering", "ClusterKopfPeering"}

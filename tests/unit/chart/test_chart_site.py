@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from tests.support import fixtures
-from tests.unit.chart.test_chart import CHART, NAMESPACE, _rules
+from tests.unit.chart.test_chart import _render, _rules
 
 k8s_tools = fixtures.k8s_tools
 
@@ -24,18 +24,12 @@ def _used() -> set[tuple[str, str, str]]:
 
 
 def test_site_mode_grants_what_the_site_operator_uses(k8s_tools: fixtures.KubeTools) -> None:
-    import subprocess
-
-    import yaml
-
-    proc = subprocess.run([str(k8s_tools.helm), "template", "fedkube", str(CHART), "--namespace", NAMESPACE,
-                           "--set", "mode=site"], capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    """helm lint --strict and kubernetes-validate run on this config with the others (test_chart.CONFIGS)."""
+    docs = _render(k8s_tools, "site")
     assert _rules(docs, "Role") == _used()
     env = {e["name"]: e.get("value") for d in docs if d["kind"] == "Deployment"
            for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["FEDKUBE_OPERATOR_MODE"] == "site"
-    lint = subprocess.run([str(k8s_tools.helm), "lint", "--strict", str(CHART), "--set", "mode=site"],
-                          capture_output=True, text=True, timeout=60)
-    assert lint.returncode == 0, lint.stdout + lint.stderr
+    default = {e["name"]: e.get("value") for d in _render(k8s_tools) if d["kind"] == "Deployment"
+               for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert default["FEDKUBE_OPERATOR_MODE"] == "server"
