@@ -59,11 +59,11 @@ def site_phase(pod: Mapping[str, Any] | None) -> str:
 
 def _status(patch: kopf.Patch, status: Mapping[str, Any], phase: str, cond: str, ok: bool, reason: str,
             message: str, **fields: Any) -> None:  # fmt: skip
-    patch.status["phase"] = phase
-    patch.status["conditions"] = set_condition(status.get("conditions"), cond, "True" if ok else "False", reason,
-                                               message, _now())
-    for key, value in fields.items():
-        patch.status[key] = value
+    conditions = set_condition(status.get("conditions"), cond, "True" if ok else "False", reason, message, _now())
+    # Typed status, patched only where it changed: the timer looks every few seconds.
+    for key, value in {"phase": phase, "conditions": conditions, **fields}.items():
+        if status.get(key) != value:
+            patch.status[key] = value
 
 
 def _bundle(kube: SiteKube, site: FLSite) -> enroll.JoinBundle:

@@ -202,3 +202,11 @@ def test_a_certificate_near_its_end_is_renewed_with_the_current_one(monkeypatch:
 
     monkeypatch.setattr(handlers, "renew_site", refused)
     assert handlers._enroll(kube, _site(), bundle, body, ("127.0.0.1", 1)) == stamp  # type: ignore[arg-type]
+
+
+def test_an_unchanged_status_is_not_patched_again() -> None:
+    first: Any = type("P", (), {"status": {}})()
+    handlers._status(first, {}, "Running", "Enrolled", True, "Enrolled", "ok", pod="p")
+    again: Any = type("P", (), {"status": {}})()
+    handlers._status(again, dict(first.status), "Running", "Enrolled", True, "Enrolled", "ok", pod="p")
+    assert first.status["phase"] == "Running" and again.status == {}
