@@ -96,7 +96,7 @@ def _enroll_listening(fl: FL) -> bool:
     return True
 
 
-def _wait(what: str, probe: Any, fl: FL, timeout: float = 40.0) -> Any:
+def _wait(what: str, probe: Any, fl: FL, timeout: float = 40.0, more: Any = None) -> Any:
     import time
 
     deadline = time.monotonic() + timeout
@@ -105,7 +105,8 @@ def _wait(what: str, probe: Any, fl: FL, timeout: float = 40.0) -> Any:
         if got:
             return got
         time.sleep(0.1)
-    pytest.fail(f"no {what} within {timeout}s; FLJob status: {fl.status(JOB)}\npods:\n{fl.sink.tail()}")
+    pytest.fail(f"no {what} within {timeout}s; {more() if more else ''}\nFLJob status: {fl.status(JOB)}\n"
+                f"pods:\n{fl.sink.tail()}")
 
 
 def _flsite(name: str, ca: str, bundle_secret: str) -> dict[str, Any]:
@@ -153,7 +154,9 @@ def test_a_site_cluster_joins_with_an_flsite_refuses_a_foreign_ca_and_withdraws(
     assert (withdrawn["state"], withdrawn["reason"]) == ("Failed", "TrainerExited"), withdrawn
     assert {s: status["clients"][s]["state"] for s in ("site-a", "site-r")} == {"site-a": "Done", "site-r": "Done"}
     site = _wait("FLSite Succeeded", lambda: (site_cluster.flsite("far-r").get("status") or {}).get("phase")
-                 == "Succeeded" and site_cluster.flsite("far-r")["status"], fl)
+                 == "Succeeded" and site_cluster.flsite("far-r")["status"], fl,
+                 more=lambda: f"FLSite far-r: {site_cluster.flsite('far-r')}\npods: "
+                 f"{[(p.metadata.name, p.status.phase) for p in site_cluster.core.list_namespaced_pod(SITE_NS).items]}")
     assert site["job"] == f"{NAMESPACE}/{JOB}" and site["site"] == "site-r" and site["pod"] == "far-r-client"
     assert site["certNotAfter"] == status["clients"]["site-r"]["certNotAfter"]
     tls = site_cluster.core.read_namespaced_secret("far-r-tls", SITE_NS)

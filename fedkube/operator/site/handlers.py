@@ -132,7 +132,7 @@ def _renew(bundle: enroll.JoinBundle, key: Any, stored: Mapping[str, bytes], add
 
 def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,
               **_: Any) -> None:  # fmt: skip
-    """Create, resume and every timer tick: move the FLSite one step on."""
+    """Every look (the first at once): move the FLSite one step on. Never concurrent with itself."""
     if status.get("phase") in TERMINAL:
         return
     try:
@@ -194,8 +194,8 @@ def withdrawn(body: kopf.Body, **_: Any) -> None:
 def register(registry: kopf.OperatorRegistry, *, interval: float = 5.0) -> kopf.OperatorRegistry:
     """Register the FLSite handlers on ``registry`` (``fedkube operator --mode site``)."""
     kopf.on.startup(registry=registry)(configure)
-    kopf.on.create(*RESOURCE, registry=registry, id="reconcile")(reconcile)
-    kopf.on.resume(*RESOURCE, registry=registry, id="reconcile")(reconcile)
-    kopf.timer(*RESOURCE, interval=interval, registry=registry, id="observe")(reconcile)
+    # The timer only (it also runs at once for a new or resumed FLSite): kopf runs a timer and the create/resume
+    # handlers concurrently, and two enrollments racing with one token leave one of them refused as a replay.
+    kopf.timer(*RESOURCE, interval=interval, registry=registry, id="reconcile")(reconcile)
     kopf.on.delete(*RESOURCE, registry=registry, id="withdraw", optional=True)(withdrawn)
     return registry
