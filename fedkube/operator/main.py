@@ -45,6 +45,7 @@ PEERING = "FEDKUBE_PEERING"
 PEERING_LIFETIME = "FEDKUBE_PEERING_LIFETIME"  # seconds a replica's keep-alive counts; the takeover delay
 PEERING_PRIORITY = "FEDKUBE_PEERING_PRIORITY"  # fixed priority (tests); default random per process
 DEFAULT_PEERING_LIFETIME = 60
+MODE = "FEDKUBE_OPERATOR_MODE"  # server or site (the chart's mode:)
 PRIORITY_RANGE = 2**31 - 1
 
 
@@ -71,6 +72,8 @@ class OperatorConfig:
     fixes it (two replicas of equal priority would both pause, so the chart never sets it)."""
     job_defaults: PodDefaults = field(default_factory=PodDefaults)
     """Image, pull secrets and server resources of job pods (FEDKUBE_JOB_DEFAULTS, the chart's jobDefaults:)."""
+    mode: str = "server"
+    """server (FLJob handlers) or site (FLSite handlers, fedkube.operator.site; FEDKUBE_OPERATOR_MODE)."""
 
     @property
     def liveness_endpoint(self) -> str:
@@ -92,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{DEFAULT_HEALTH_PORT}; 0 turns it off)")
     p.add_argument("--metrics-port", default=None,
                    help=f"port of Prometheus /metrics (default ${envvars.METRICS_PORT}; 0 or unset turns it off)")
+    p.add_argument("--mode", choices=("server", "site"), default=None,
+                   help="server: reconcile FLJobs; site: reconcile FLSites (a remote site's cluster; default "
+                   "$FEDKUBE_OPERATOR_MODE or server)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between two looks at a running job")
     p.add_argument("--log-format", choices=("text", "json"), default=None,
                    help=f"log line format (default ${envvars.LOG_FORMAT} or text)")
@@ -120,9 +126,12 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
     if log_format not in ("text", "json"):
         raise ConfigError(f"{envvars.LOG_FORMAT} must be text or json, got {log_format!r}")
     peering, lifetime, priority = _peering_from_env(env)
+    mode = args.mode or env.get(MODE) or "server"
+    if mode not in ("server", "site"):
+        raise ConfigError(f"{MODE} must be server or site, got {mode!r}")
     return OperatorConfig(namespaces, health, metrics, args.interval, log_format, policy_from_env(env),
                           network_config_from_env(env), peering, lifetime, priority,
-                          job_defaults=defaults_from_env(env))
+                          job_defaults=defaults_from_env(env), mode=mode)
 
 
 def _peering_from_env(env: dict[str, str]) -> tuple[str, int, int]:
@@ -208,7 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     memo[handlers.Memo.POLICY] = config.policy
     memo[handlers.Memo.NETWORK] = config.network
     memo[handlers.Memo.JOB_DEFAULTS] = config.job_defaults
-    registry = handlers.register(kopf.OperatorRegistry(), interval=config.interval)
+    if config.mode == "site":
+        from fedkube.operator.site import handlers as site_handlers
+
+        registry = site_handlers.register(kopf.OperatorRegistry(), interval=config.interval)
+    else:
+        registry = handlers.register(kopf.OperatorRegistry(), interval=config.interval)
     kopf.on.startup(registry=registry)(functools.partial(tune_peering, config=config))
     # A registry of our own carries none of kopf's default login handlers: log in the way the handlers'
     # kubernetes client does (in-cluster service account, else the kubeconfig).

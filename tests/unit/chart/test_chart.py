@@ -25,6 +25,7 @@ CONFIGS: dict[str, list[str]] = {
     # Two replicas: kopf peering (its object, RBAC and environment) in either scope.
     "cluster-scope": ["--set", "scope=cluster", "--set", "replicas=2"],
     "two-namespaces": ["--set", "watchNamespaces={ml,research}", "--set", "replicas=2"],
+    "site": ["--set", "mode=site"],  # a remote site's cluster: the FLSite operator (test_chart_site.py)
 }
 # Kinds kubernetes-validate has no schema for; checked by the dedicated tests below instead.
 NOT_BUILTIN = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "KopfPeering", "ClusterKopfPeering"}
@@ -150,8 +151,9 @@ def test_metrics_service_and_optional_service_monitor(k8s_tools: fixtures.KubeTo
 
 def test_chart_installs_the_generated_crd(k8s_tools: fixtures.KubeTools) -> None:
     crds = {d["metadata"]["name"]: d for d in _render(k8s_tools) if d["kind"] == "CustomResourceDefinition"}
-    source = yaml.safe_load((fixtures.ROOT / "crds" / "fedkube.dev_fljobs.yaml").read_text())
-    assert crds.pop("fljobs.fedkube.dev") == source
+    for plural in ("fljobs", "flsites"):  # FLSite: the chart in site mode (Helm's crds/ cannot depend on values)
+        source = yaml.safe_load((fixtures.ROOT / "crds" / f"fedkube.dev_{plural}.yaml").read_text())
+        assert crds.pop(f"{plural}.fedkube.dev") == source
     assert sorted(crds) == ["clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"]  # for peering (replicas: 2)
 
 

@@ -1,0 +1,181 @@
+"""A remote site run by its own cluster: two emulated Kubernetes APIs, the server's operator and the site's.
+
+The server cluster (the ``fl`` harness) runs an FLJob with one in-cluster site and one remote site. The site
+cluster is a second emulated API with the FLSite CRD, the site operator (FLSite handlers) and a kubelet of its own.
+The site admin puts the job owner's join bundle into a Secret and creates an FLSite with the site's own trainer;
+the site operator enrolls and runs the client pod, which dials the server's exposed Service. Both kubelets share
+one resolver, which stands for the network between the clusters: the bundle's address (the exposed Service's
+DNS name, as ``externalAddresses`` say) reaches the server pod. The operator itself runs in the test process,
+outside that network, so its enrollment dial is mapped to the server pod's local port (the memo seam).
+One job, three checks: an FLSite accepting the CA joins and the job Succeeds; one refusing it never enrolls;
+a third site's FLSite deleted mid-job leaves the job with a reason (not Lost) while it goes on above minClients.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kopf
+import kubernetes
+import pytest
+import yaml
+
+from fedkube.operator.site import handlers as site_handlers
+from fedkube.runtime.pod import SIDECAR_EXIT_ON_STOP, PodOptions, PodRun, run_pod
+from fedkube.security import enroll
+from fedkube.spec.remote import DEFAULT_ENROLL_PORT
+from fedkube.spec.site import API_GROUP, API_VERSION_NAME, PLURAL
+from tests.e2e.conftest import FL, INTERVAL, NAMESPACE, QUICKSTART, ApiObjects, LogSink, quickstart_job
+from tests.support.kopfrun import running_operator
+from tests.support.kubeapi import EmulatedCluster
+from tests.support.kubelet import TestKubelet
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
+
+ROOT = Path(__file__).resolve().parents[2]
+SITE_CRD = ROOT / "crds" / "fedkube.dev_flsites.yaml"
+JOB = "far"
+EXPOSED = f"{JOB}-remote.{NAMESPACE}.svc.cluster.local"  # the address the bundle names; the shared resolver's
+SITE_NS = "hospital"
+
+
+class SiteCluster:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+
+    def flsite(self, name: str) -> dict[str, Any]:
+        return dict(self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION_NAME, SITE_NS, PLURAL, name))
+
+
+@pytest.fixture
+def site_cluster(fl: FL, tmp_path: Path) -> Iterator[SiteCluster]:
+    """The second cluster: its own API, kubelet and site operator; the network (resolver) shared with ``fl``."""
+    with EmulatedCluster() as cluster:
+        client = cluster.api_client()
+        kubernetes.client.ApiextensionsV1Api(client).create_custom_resource_definition(
+            yaml.safe_load(SITE_CRD.read_text()))
+        kubernetes.client.CoreV1Api(client).create_namespace({"metadata": {"name": SITE_NS}})
+        objects = ApiObjects(kubernetes.client.CoreV1Api(client))
+        sink = LogSink(tmp_path / "site-pods.log")
+
+        def pod_runner(pod: dict[str, Any], directory: Path) -> PodRun:
+            options = PodOptions(run_dir=tmp_path / "site-run", resolver=fl.resolver, objects=objects, sink=sink,
+                                 base_dir=QUICKSTART, extra_env={SIDECAR_EXIT_ON_STOP: "1"}, sidecar_grace_s=3.0,
+                                 stop_grace_s=3.0)  # fmt: skip
+            return run_pod(pod, options)
+
+        def enroll_address(bundle: enroll.JoinBundle) -> tuple[str, int]:
+            return "127.0.0.1", fl.resolver.local_port(f"{NAMESPACE}/{JOB}-server", bundle.enroll_port)
+
+        registry = site_handlers.register(kopf.OperatorRegistry(), interval=INTERVAL)
+        memo = kopf.Memo()
+        memo[site_handlers.Memo.API_CLIENT] = client
+        memo[site_handlers.ENROLL_ADDRESS] = enroll_address
+        try:
+            with TestKubelet(client, tmp_path / "site-kubelet", pod_runner=pod_runner,  # type: ignore[arg-type]
+                             stop_grace=3.0), running_operator(cluster.url, registry, memo=memo):
+                yield SiteCluster(client)
+        finally:
+            client.close()
+
+
+def _enroll_listening(fl: FL) -> bool:
+    if f"{JOB}-server" not in fl.pods_started:
+        return False
+    try:
+        port = fl.resolver.local_port(f"{NAMESPACE}/{JOB}-server", DEFAULT_ENROLL_PORT)
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except Exception:  # not listening yet, or its port not reported yet
+        return False
+    return True
+
+
+def _wait(what: str, probe: Any, fl: FL, timeout: float = 40.0, more: Any = None) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = probe()
+        if got:
+            return got
+        time.sleep(0.1)
+    pytest.fail(f"no {what} within {timeout}s; {more() if more else ''}\nFLJob status: {fl.status(JOB)}\n"
+                f"pods:\n{fl.sink.tail()}")
+
+
+def _flsite(name: str, ca: str, bundle_secret: str) -> dict[str, Any]:
+    trainer = yaml.safe_load((QUICKSTART / "fljob.yaml").read_text())["spec"]["trainer"]
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION_NAME}", "kind": "FLSite",
+        "metadata": {"name": name, "namespace": SITE_NS},
+        "spec": {"joinBundleSecretRef": {"name": bundle_secret},
+                 "trainer": {k: trainer[k] for k in ("image", "command", "workingDir")},
+                 "policy": {"acceptedCaFingerprints": [ca], "maxRounds": 5}},
+    }  # fmt: skip
+
+
+def test_a_site_cluster_joins_with_an_flsite_refuses_a_foreign_ca_and_withdraws(
+        fl: FL, site_cluster: SiteCluster) -> None:
+    job = quickstart_job(JOB, sites=("site-a", "site-r", "site-w"), min_clients=2, rounds=3, server={
+        "expose": {"type": "NodePort", "externalAddresses": [EXPOSED]}})
+    job["spec"]["clients"] = [{"name": "site-a"}, {"name": "site-r", "remote": True},
+                              {"name": "site-w", "remote": True}]
+    fl.apply(job)
+    secret = _wait("join bundle", lambda: _secret(fl, f"{JOB}-join-site-r"), fl)
+    bundle = enroll.JoinBundle.from_text(base64.b64decode(secret["bundle.json"]).decode())
+    # The site admin stores the bundle as it came, in the site's own namespace.
+    site_cluster.core.create_namespaced_secret(SITE_NS, {"metadata": {"name": "far-join"}, "data": secret})
+    site_cluster.core.create_namespaced_secret(SITE_NS, {"metadata": {"name": "far-join-w"},
+                                                         "data": _secret(fl, f"{JOB}-join-site-w")})
+    _wait("the server's enrollment port", lambda: _enroll_listening(fl), fl)
+    # A second FLSite that accepts another CA only: refused, it never enrolls nor runs a pod.
+    other = "sha256:" + "0" * 64
+    site_cluster.custom.create_namespaced_custom_object(API_GROUP, API_VERSION_NAME, SITE_NS, PLURAL,
+                                                        _flsite("wary", other, "far-join"))
+    site_cluster.custom.create_namespaced_custom_object(API_GROUP, API_VERSION_NAME, SITE_NS, PLURAL,
+                                                        _flsite("far-r", bundle.ca_sha256, "far-join"))
+    site_cluster.custom.create_namespaced_custom_object(API_GROUP, API_VERSION_NAME, SITE_NS, PLURAL,
+                                                        _flsite("far-w", bundle.ca_sha256, "far-join-w"))
+    # The third site's admin withdraws mid-job: the job goes on above minClients.
+    _wait("site-w training", lambda: (fl.status(JOB).get("clients") or {}).get("site-w", {}).get("state")
+          in ("Training", "Uploading", "Done"), fl)
+    site_cluster.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION_NAME, SITE_NS, PLURAL, "far-w")
+
+    status = fl.wait_phase(JOB, "Succeeded", timeout=90)
+    # The withdrawn site left with a reason, not as Lost: its pod's trainer ended first (a native sidecar outlives
+    # it) and the sidecar told the server before its own stream closed.
+    withdrawn = status["clients"]["site-w"]
+    assert (withdrawn["state"], withdrawn["reason"]) == ("Failed", "TrainerExited"), withdrawn
+    assert {s: status["clients"][s]["state"] for s in ("site-a", "site-r")} == {"site-a": "Done", "site-r": "Done"}
+    site = _wait("FLSite Succeeded", lambda: (site_cluster.flsite("far-r").get("status") or {}).get("phase")
+                 == "Succeeded" and site_cluster.flsite("far-r")["status"], fl,
+                 more=lambda: f"FLSite far-r: {site_cluster.flsite('far-r')}\npods: "
+                 f"{[(p.metadata.name, p.status.phase) for p in site_cluster.core.list_namespaced_pod(SITE_NS).items]}")
+    assert site["job"] == f"{NAMESPACE}/{JOB}" and site["site"] == "site-r" and site["pod"] == "far-r-client"
+    assert site["certNotAfter"] == status["clients"]["site-r"]["certNotAfter"]
+    tls = site_cluster.core.read_namespaced_secret("far-r-tls", SITE_NS)
+    assert tls.type == "kubernetes.io/tls" and tls.metadata.owner_references[0].name == "far-r"
+    pod = site_cluster.core.read_namespaced_pod("far-r-client", SITE_NS)
+    assert pod.spec.containers[0].image == job["spec"]["trainer"]["image"]
+
+    wary = site_cluster.flsite("wary")["status"]
+    assert wary["phase"] == "Refused" and wary["caSha256"] == bundle.ca_sha256
+    assert any(c["type"] == "Refused" and c["reason"] == "CANotAccepted" for c in wary["conditions"])
+    names = [p.metadata.name for p in site_cluster.core.list_namespaced_pod(SITE_NS).items]
+    assert "wary-client" not in names
+    secrets = [s.metadata.name for s in site_cluster.core.list_namespaced_secret(SITE_NS).items]
+    assert "wary-tls" not in secrets
+
+
+def _secret(fl: FL, name: str) -> dict[str, str] | None:
+    try:
+        return dict(fl.core.read_namespaced_secret(name, NAMESPACE).data)
+    except kubernetes.client.exceptions.ApiException:
+        return None
+
