@@ -529,11 +529,8 @@ def observe(
                              memo.get(Memo.JOB_DEFAULTS))
         except kube.NameConflict as exc:
             _name_conflict(api, ref, body, patch, previous, now, exc)
-        except kube.CreateRefused as exc:
-            # The timer's next look tries again; the refusal shows meanwhile.
-            refused, refusal_events = lifecycle.failed_create({**previous, **decision.status}, str(exc), now)
-            decision.status.update(refused)
-            decision.events.extend(refusal_events)
+        except kube.CreateRefused as exc:  # the timer's next look tries again; the refusal shows meanwhile
+            _refused_in_look(decision, previous, exc, now)
     elif server_raw is not None:
         decision.status.update(lifecycle.create_succeeded({**previous, **decision.status}, now))
     try:
@@ -542,17 +539,22 @@ def observe(
                                          defaults=memo.get(Memo.JOB_DEFAULTS))
     except kube.NameConflict as exc:
         _name_conflict(api, ref, body, patch, previous, now, exc)
-    except kube.CreateRefused as exc:
-        # A refused re-creation (quota, admission) shows like any refused child; the next look tries again.
-        refused, refusal_events = lifecycle.failed_create({**previous, **decision.status}, str(exc), now)
-        decision.status.update(refused)
-        decision.events.extend(refusal_events)
+    except kube.CreateRefused as exc:  # a refused re-creation (quota, admission) shows like any refused child
+        _refused_in_look(decision, previous, exc, now)
     restarts.stamp(decision.status, todo.counts)
     _write(patch, previous, decision.status, only_changed=True)
     _post(body, [*decision.events, *todo.events])
     if decision.status.get("phase") != phase:
         logger.info("job %s/%s: %s -> %s (round %s/%s)", namespace, name, phase, decision.status.get("phase"),
                     decision.status.get("round"), job.spec.rounds)
+
+
+def _refused_in_look(decision: lifecycle.Decision, previous: Mapping[str, Any], exc: kube.CreateRefused,
+                     now: float) -> None:
+    """A create the timer's look made was refused: FailedCreate and its Event join this look's decision."""
+    refused, refusal_events = lifecycle.failed_create({**previous, **decision.status}, str(exc), now)
+    decision.status.update(refused)
+    decision.events.extend(refusal_events)
 
 
 def _recreate_server(job: FLJob, api: kube.Kube, body: kopf.Body, namespace: str | None, name: str | None,
