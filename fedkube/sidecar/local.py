@@ -89,10 +89,13 @@ class TrainerLinkServicer(trainer_pb2_grpc.TrainerLinkServicer):
         def on_done() -> None:
             # Runs when the RPC ends for any reason: the trainer process ended or dropped the link.
             gone.set()
-            if self._tasks.stopped is None and not self._trainer.state.final:
+            if (self._tasks.stopped is None and not self._trainer.state.final
+                    and not self._tasks.downloads_outstanding()):
                 # Deleting or evicting a pod stops its trainer first and this sidecar next: a trainer that went
                 # with its pod did not fail, and the operator creates the pod again (spec.clientRestartLimit), whose
                 # sidecar takes the site's task up again. Told apart by this sidecar's own stop coming soon after.
+                # Not while a result of its is being downloaded: that result is lost either way, and the server
+                # must hear ExitedBeforeDownload now, before its own retries give up with a vaguer reason.
                 threading.Thread(target=settle, name=f"trainer-gone-{self._site}", daemon=True).start()
                 return
             report()
