@@ -51,7 +51,7 @@ from fedkube.transfer import endpoints
 from fedkube.transfer.bulk import BulkServer
 from fedkube.transfer.endpoints import ServerTls
 from fedkube.transfer.service import DownloadService
-from fedkube.transfer.wire import MAX_CHUNK_BYTES, STREAMS_PER_CONNECTION, server_options
+from fedkube.transfer.wire import MAX_CHUNK_BYTES, server_options
 from fedkube.wire.v1 import control_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ class FedkubeServer:
         workers = max(16, 4 * len(s.clients) + 8)
         options = [
             (k, v) for k, v in server_options() if k not in ("grpc.max_receive_message_length",)
-        ] + [("grpc.max_receive_message_length", limit), ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)]
+        ] + [("grpc.max_receive_message_length", limit)]
         self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedkube-server-grpc")
         self._grpc = grpc.server(
             self._executor,

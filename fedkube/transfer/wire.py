@@ -38,12 +38,11 @@ MAX_CHUNK_MESSAGE = MAX_CHUNK_BYTES + MESSAGE_HEADROOM
 # rejects anything bigger than this with RESOURCE_EXHAUSTED.
 MAX_REQUEST_MESSAGE = 1 << 20
 
-# The job server's HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: one connection (one sidecar) runs at most this
-# many calls at once; gRPC's client queues the rest until a stream ends, so they complete later instead
-# of failing. 4 is the server's own sizing per client (its workers are 4 per client + 8: a control
-# stream, a fetch, a push, one spare), and below its Download budget (half of >= 16 workers, so >= 8):
-# one connection can never take the whole budget, even in the moment after it cancelled a call and
-# before the server noticed, so a site whose fetches stall queues behind itself, not other sites.
+# Calls one sidecar connection runs at once in the server's own sizing (its workers are 4 per client + 8: a
+# control stream, a fetch, a push, one spare). NOT applied as HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: with that
+# cap, a fresh connection's first burst is refused with REFUSED_STREAM (UNAVAILABLE) before the server's
+# SETTINGS reach the client, and abandoned streams hold their slots (the hostile-client fault test, under load).
+# Tests spread calls over connections by it.
 STREAMS_PER_CONNECTION = 4
 
 _KEEPALIVE = [

@@ -95,9 +95,8 @@ def test_hostile_client_is_refused_memory_stays_flat_and_the_job_succeeds(tmp_pa
     for what, code in expected.items():
         assert codes[(what, code)] == REPEATS, (what, codes)
     # The flood: every call refused, by the token check or, before any handler runs, by gRPC itself: the
-    # server's concurrent-call limit (maximum_concurrent_rpcs, RESOURCE_EXHAUSTED) or, for the calls a fresh
-    # connection opens before the server's SETTINGS reach it, the per-connection stream cap
-    # (wire.STREAMS_PER_CONNECTION: REFUSED_STREAM, which gRPC reports as UNAVAILABLE; docs/networking.md).
+    # server's concurrent-call limit (maximum_concurrent_rpcs, RESOURCE_EXHAUSTED) or a refused stream
+    # (UNAVAILABLE).
     flood = "flood of Connect calls, wrong token"
     refused_by_token = codes[(flood, grpc.StatusCode.UNAUTHENTICATED)]
     refused_by_grpc = codes[(flood, grpc.StatusCode.RESOURCE_EXHAUSTED)] + codes[(flood, grpc.StatusCode.UNAVAILABLE)]
@@ -165,9 +164,8 @@ def _attack(address: str, token: str) -> tuple[Counter[tuple[str, grpc.StatusCod
              lambda: list(connect(iter([wrong_job]), metadata=ident, timeout=10))),
         ]
 
-    # A connection per repeat: the job server caps streams per connection (wire.STREAMS_PER_CONNECTION), and a
-    # stream an attacker abandons mid-message holds its slot until gRPC reaps it, so a hostile connection soon
-    # gets only UNAVAILABLE -- a refusal too, but this test names the server's answer to each bad call.
+    # A connection per repeat, so that what one repeat abandons mid-message cannot change the next one's answer:
+    # this test names the server's answer to each bad call.
     for _ in range(REPEATS):
         with grpc.insecure_channel(address) as channel:
             for what, move in moves(channel):

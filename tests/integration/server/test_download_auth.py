@@ -210,37 +210,3 @@ def test_a_site_holding_half_open_fetches_leaves_control_its_workers(harness: Ha
             never.set()
             for call in calls:
                 call.cancel()
-
-
-def test_calls_above_a_connections_stream_cap_queue_and_complete_later(server: FedkubeServer) -> None:
-    """One connection runs STREAMS_PER_CONNECTION calls at once; the next one waits for a stream, then succeeds.
-
-    Before the cap, one connection ran as many calls as it opened: a site's stalled fetches took the whole
-    Download budget (8 here) from other sites, and its next call past the budget was refused with
-    RESOURCE_EXHAUSTED instead of waiting. The cap is below the budget, so this connection never reaches it.
-    """
-    big = server.downloads.publish({"w": np.zeros(8 << 20, np.float32)}, receivers=["site-a"], ttl_s=60.0)
-    stall = tensor_pb2.FetchRequest(transaction_id=big.id, ref_id=big.refs[0].ref_id, receiver="site-a")
-    small = _publish(server)
-    fetch = tensor_pb2.FetchRequest(transaction_id=small.id, ref_id=small.refs[0].ref_id, receiver="site-a")
-    with _own_connection(server) as channel:
-        stub = tensor_pb2_grpc.DownloadStub(channel)
-        as_a = _credentials("site-a")
-        stalled = [stub.Fetch(stall, metadata=as_a, timeout=20) for _ in range(STREAMS_PER_CONNECTION)]
-        try:
-            for call in stalled:  # each has its first chunk, so each holds its stream and a budget slot
-                next(call)
-            waiting = stub.Fetch(fetch, metadata=_credentials("site-a"), timeout=20)
-            got: list[tensor_pb2.Chunk] = []
-            reader = threading.Thread(target=lambda: got.extend(waiting), daemon=True)
-            reader.start()
-            reader.join(0.5)
-            assert reader.is_alive() and got == [], "the call above the cap ran instead of waiting for a stream"
-            stalled.pop().cancel()
-            reader.join(10)
-            assert not reader.is_alive() and waiting.code() == grpc.StatusCode.OK, waiting.code()
-            assert b"".join(c.data for c in got) == np.arange(64, dtype=np.float32).tobytes()
-            assert _rejected(server, "DownloadBudget") == 0
-        finally:
-            for call in stalled:
-                call.cancel()
