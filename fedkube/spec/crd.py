@@ -84,16 +84,13 @@ def _json_type(value: Any) -> str:
     return "string"
 
 
-def openapi_schema() -> dict[str, Any]:
-    """The CRD's openAPIV3Schema: spec from :class:`FLJobSpec`, status from :class:`FLJobStatus`."""
-    # Cross-field rules as CEL (fedkube.spec.cel), so `kubectl apply` refuses what the operator would.
-    spec = attach_cel_rules(to_structural(FLJobSpec.model_json_schema(by_alias=True, mode="validation")))
-    status = to_structural(FLJobStatus.model_json_schema(by_alias=True, mode="validation"))
+def resource_schema(doc: str | None, spec: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    """A fedkube custom resource's openAPIV3Schema from its structural spec and status schemas."""
     # kopf keeps handler progress under status.kopf; without this the API server would prune it.
     status["x-kubernetes-preserve-unknown-fields"] = True
     return {
         "type": "object",
-        "description": FLJob.__doc__,
+        "description": doc,
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string"},
@@ -105,24 +102,25 @@ def openapi_schema() -> dict[str, Any]:
     }
 
 
-def build_crd() -> dict[str, Any]:
-    """The complete CustomResourceDefinition manifest for FLJob."""
+def resource_definition(*, kind: str, plural: str, short_name: str, columns: list[dict[str, str]],
+                        schema: dict[str, Any]) -> dict[str, Any]:
+    """The CustomResourceDefinition manifest of a namespaced fedkube resource (group fedkube.dev, one version)."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{PLURAL}.{API_GROUP}",
+            "name": f"{plural}.{API_GROUP}",
             "labels": {"app.kubernetes.io/name": "fedkube", "app.kubernetes.io/part-of": "fedkube"},
         },
         "spec": {
             "group": API_GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": KIND.lower(),
-                "shortNames": [SHORT_NAME],
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short_name],
                 "categories": ["fedkube"],
             },
             "versions": [
@@ -131,14 +129,27 @@ def build_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                        {"name": "Round", "type": "string", "jsonPath": ".status.roundDisplay"},
-                        {"name": "Clients", "type": "string", "jsonPath": ".status.clientsDisplay"},
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": schema},
                 }
             ],
         },
     }
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The CRD's openAPIV3Schema: spec from :class:`FLJobSpec`, status from :class:`FLJobStatus`."""
+    # Cross-field rules as CEL (fedkube.spec.cel), so `kubectl apply` refuses what the operator would.
+    spec = attach_cel_rules(to_structural(FLJobSpec.model_json_schema(by_alias=True, mode="validation")))
+    status = to_structural(FLJobStatus.model_json_schema(by_alias=True, mode="validation"))
+    return resource_schema(FLJob.__doc__, spec, status)
+
+
+def build_crd() -> dict[str, Any]:
+    """The complete CustomResourceDefinition manifest for FLJob."""
+    return resource_definition(kind=KIND, plural=PLURAL, short_name=SHORT_NAME, schema=openapi_schema(), columns=[
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Round", "type": "string", "jsonPath": ".status.roundDisplay"},
+        {"name": "Clients", "type": "string", "jsonPath": ".status.clientsDisplay"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ])
