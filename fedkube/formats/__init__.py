@@ -21,11 +21,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Literal, get_args
+from typing import BinaryIO, Literal, get_args
 
 import numpy as np
 
@@ -107,21 +108,27 @@ def save(
     ``metadata`` goes into the safetensors header's ``__metadata__``; the npz
     and torch formats have no place for it and drop it.
     """
-    p = Path(path)
-    tmp = p.with_name(f".tmp-{p.name}")
+    with atomic_file(Path(path)) as f:
+        if fmt == "safetensors":
+            safetensors.write(f, model, metadata)
+        elif fmt == "npz":
+            npz.write(f, model)
+        elif fmt == "torch":
+            torchfile.write(f, model)
+        else:
+            raise FormatError(f"unknown model format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file to write ``path``'s new content into: fsynced and renamed into place on success, removed on error."""
+    tmp = path.with_name(f".tmp-{path.name}")
     try:
         with open(tmp, "wb") as f:
-            if fmt == "safetensors":
-                safetensors.write(f, model, metadata)
-            elif fmt == "npz":
-                npz.write(f, model)
-            elif fmt == "torch":
-                torchfile.write(f, model)
-            else:
-                raise FormatError(f"unknown model format {fmt!r}; use one of {', '.join(FORMATS)}")
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, p)
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

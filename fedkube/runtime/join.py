@@ -54,18 +54,6 @@ def default_state_dir(bundle: enroll.JoinBundle) -> Path:
     return base / "fedkube" / f"{bundle.namespace}.{bundle.job}.{bundle.site}"
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _current(state: Path, bundle: enroll.JoinBundle, now: dt.datetime) -> x509.Certificate | None:
     """The stored certificate when it belongs to the bundle's CA and is valid now, else None."""
     files = files_in(state)
@@ -102,10 +90,10 @@ def ensure_identity(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, *, 
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     # Key first: a crash in between leaves a key without its certificate (the next start enrolls or renews).
-    _write(files.key, key_pem, 0o600)
-    _write(files.cert, issued.certificate, 0o644)
-    _write(files.ca, issued.ca, 0o644)
-    _write(state / TOKEN_FILE, issued.site_token.encode(), 0o600)
+    pki.write_file(files.key, key_pem, 0o600)
+    pki.write_file(files.cert, issued.certificate, 0o644)
+    pki.write_file(files.ca, issued.ca, 0o644)
+    pki.write_file(state / TOKEN_FILE, issued.site_token.encode(), 0o600)
     return done
 
 

@@ -270,7 +270,8 @@ class TlsFiles:
     key: Path
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` with file ``mode``, atomically (a private-mode temporary file, fsynced, renamed)."""
     # Write a temporary file created with the final mode, then rename: the key is never readable by others, not
     # even for an instant, and a reader never sees half a file.
     tmp = path.with_name(f".{path.name}.tmp")
@@ -290,7 +291,7 @@ def write_bundle(directory: Path, name: str, ca_cert: x509.Certificate, issued: 
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
     files = TlsFiles(ca=directory / "ca.crt", cert=directory / f"{name}.crt", key=directory / f"{name}.key")
-    _write(files.key, issued.key_pem(), 0o600)
-    _write(files.cert, issued.cert_pem(), 0o644)
-    _write(files.ca, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_file(files.key, issued.key_pem(), 0o600)
+    write_file(files.cert, issued.cert_pem(), 0o644)
+    write_file(files.ca, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return files

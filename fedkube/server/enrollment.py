@@ -22,7 +22,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -38,7 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from fedkube import envvars
 from fedkube.errors import ConfigError
 from fedkube.protocol import PORT_REFUSALS, REQUEST_DEADLINE
-from fedkube.security import enroll, pki
+from fedkube.security import contexts, enroll, pki
 from fedkube.security.contexts import TLS_REFUSALS, handshake_refusal
 from fedkube.security.enroll import EnrollmentRefused, TokenRecord
 from fedkube.security.enroll_wire import MAX_REQUEST_BYTES, recv_frame, send_frame
@@ -109,15 +108,8 @@ class Ledger:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         data = json.dumps({"spent": sorted(self.spent), "current": self.current}, sort_keys=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        pki.write_file(self.path, data.encode(), 0o600)
 
 
 class Enroller:
@@ -213,14 +205,8 @@ _PEM = serialization.Encoding.PEM
 
 def server_context(files: TlsFiles) -> ssl.SSLContext:
     """TLS 1.3 with the server certificate; a client certificate is optional but, when sent, must be the job CA's."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.verify_mode = ssl.CERT_OPTIONAL
-    try:
-        ctx.load_verify_locations(cafile=str(files.ca))
-        ctx.load_cert_chain(certfile=str(files.cert), keyfile=str(files.key))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the server's TLS files for the enrollment port: {exc}") from exc
+    ctx = contexts.server_ssl_context(files)  # the bulk plane's context, whose client certificate is required
+    ctx.verify_mode = ssl.CERT_OPTIONAL  # enrollment comes before a site has one; renewal presents it
     return ctx
 
 

@@ -29,7 +29,6 @@ import errno
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from fedkube.errors import FedkubeError
-from fedkube.formats import safetensors
+from fedkube.formats import atomic_file, safetensors
 from fedkube.server.jobs import CheckpointStore
 from fedkube.server.strategies import StrategyState
 from fedkube.transfer.refs import as_bytes
@@ -78,21 +77,13 @@ def metadata_for(job: str, round_: int, strategy: str, metrics: Mapping[str, flo
 
 def write_model(path: Path, model: Mapping[str, np.ndarray], metadata: Mapping[str, str], round_: int) -> WrittenModel:
     """Write ``model`` to ``path`` atomically as safetensors and return its sha256, hashed while writing."""
-    tmp = path.with_name(f".tmp-{path.name}")
     digest = hashlib.sha256()
     nbytes = 0
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in (memoryview(safetensors.header_for(model, metadata)), *(as_bytes(a) for a in model.values())):
-                f.write(chunk)
-                digest.update(chunk)
-                nbytes += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        for chunk in (memoryview(safetensors.header_for(model, metadata)), *(as_bytes(a) for a in model.values())):
+            f.write(chunk)
+            digest.update(chunk)
+            nbytes += len(chunk)
     return WrittenModel(path, round_, digest.hexdigest(), nbytes)
 
 

@@ -33,6 +33,7 @@ from tests.e2e.conftest import FL, INTERVAL, NAMESPACE, QUICKSTART, ApiObjects, 
 from tests.support.kopfrun import running_operator
 from tests.support.kubeapi import EmulatedCluster
 from tests.support.kubelet import TestKubelet
+from tests.support.waiting import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -97,16 +98,8 @@ def _enroll_listening(fl: FL) -> bool:
 
 
 def _wait(what: str, probe: Any, fl: FL, timeout: float = 40.0, more: Any = None) -> Any:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = probe()
-        if got:
-            return got
-        time.sleep(0.1)
-    pytest.fail(f"no {what} within {timeout}s; {more() if more else ''}\nFLJob status: {fl.status(JOB)}\n"
-                f"pods:\n{fl.sink.tail()}")
+    return until(probe, what, timeout, interval=0.1, context=lambda: (
+        f"{more() if more else ''}\nFLJob status: {fl.status(JOB)}\npods:\n{fl.sink.tail()}"))
 
 
 def _flsite(name: str, ca: str, bundle_secret: str) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from fedkube.security import enroll
 from fedkube.server.checkpoint import load_latest
 from fedkube.spec.remote import DEFAULT_ENROLL_PORT
 from tests.e2e.conftest import FL, NAMESPACE, quickstart_job
+from tests.support.waiting import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -44,14 +44,8 @@ def _knob_env(site: str) -> dict[str, str]:
 
 
 def _wait(fl: FL, what: str, probe: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = probe()
-        if got:
-            return got
-        time.sleep(0.1)
-    pytest.fail(f"no {what} within {timeout}s; pods: {fl.children('remote')['Pod']}; status: {fl.status('remote')}"
-                f"\npod output (tail):\n{fl.sink.tail()}")
+    return until(probe, what, timeout, interval=0.1, context=lambda: (
+        f"pods: {fl.children('remote')['Pod']}; status: {fl.status('remote')}\npod output (tail):\n{fl.sink.tail()}"))
 
 
 def _bundle_text(fl: FL, name: str) -> str | None:
