@@ -1,9 +1,9 @@
-"""The one status model: phases, client states, failure reasons, the status JSON and the termination summary.
+"""The one status model: phases, client states, failure reasons and the live status JSON.
 
-The server serves ``JobStatus`` on its HTTP status endpoint and writes a
-``TerminationSummary`` (compact JSON, at most 4096 bytes, because Kubernetes
-truncates a termination message there) to the pod's termination-message path
-before it exits; the operator and ``fedkube run`` read both with
+The server serves ``JobStatus`` on its HTTP status endpoint and, before it
+exits, writes a ``TerminationSummary`` (``fedkube.termination``, built from the
+same types) to the pod's termination-message path; the operator and
+``fedkube run`` read both with
 ``from_json``, and the FLJob status (``fedkube.spec.status``, the CRD's
 source) is built from the same ``Phase`` and ``ClientState``. Every status
 enum is defined here and nowhere else.
@@ -28,23 +28,17 @@ from __future__ import annotations
 import enum
 import json
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 from fedkube.errors import FedkubeError
 
-TERMINATION_LIMIT = 4096
-"""Kubernetes keeps at most this many bytes of a container's termination message."""
 ROUND_HISTORY = 20
 """How many recent round durations the status document keeps (``roundSeconds``)."""
-SUMMARY_EVALUATIONS = 5
-"""How many of the newest evaluations the termination summary carries (it must fit in TERMINATION_LIMIT)."""
 
 STATUS_LIMIT = 1 << 20
 """The largest status document a reader accepts, in bytes (the operator reads at most this much of an answer)."""
@@ -227,30 +221,30 @@ def _newest(value: Any) -> Any:
     return value[-ROUND_HISTORY:] if isinstance(value, list) else value
 
 
-def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     # JSON has no NaN/Infinity; a metric that diverged is left out rather than breaking the parser.
     return {k: float(v) for k, v in _bounded_metrics(metrics).items() if math.isfinite(v)}
 
 
-def _null_is(default: Callable[[], Any]) -> BeforeValidator:
+def null_is(default: Callable[[], Any]) -> BeforeValidator:
     # An optional field given as null reads as absent, as it always did.
     return BeforeValidator(lambda value: default() if value is None else value)
 
 
 Name = Annotated[str, Field(min_length=1, max_length=NAME_CHARS)]
-ReasonText = Annotated[str, Field(max_length=REASON_CHARS), _null_is(str)]
+ReasonText = Annotated[str, Field(max_length=REASON_CHARS), null_is(str)]
 """A :class:`Reason` value, or a job-level reason the server or operator adds (e.g. ``Completed``)."""
-Message = Annotated[str, BeforeValidator(_clipped(MESSAGE_CHARS)), _null_is(str)]
-ClientMessage = Annotated[str, BeforeValidator(_clipped(CLIENT_MESSAGE_CHARS)), _null_is(str)]
+Message = Annotated[str, BeforeValidator(_clipped(MESSAGE_CHARS)), null_is(str)]
+ClientMessage = Annotated[str, BeforeValidator(_clipped(CLIENT_MESSAGE_CHARS)), null_is(str)]
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
-OptionalCount = Annotated[Count, _null_is(int)]
+OptionalCount = Annotated[Count, null_is(int)]
 Time = Annotated[str, Field(max_length=TIME_CHARS)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Magnitude = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Metrics = Annotated[dict[str, float], BeforeValidator(_bounded_metrics), _null_is(dict)]
+Metrics = Annotated[dict[str, float], BeforeValidator(_bounded_metrics), null_is(dict)]
 
 
-def _camel(name: str) -> Any:
+def camel(name: str) -> Any:
     """The field's JSON name, as a validation alias: rounds_completed reads roundsCompleted."""
     head, *rest = name.split("_")
     return Field(validation_alias=head + "".join(w.title() for w in rest))
@@ -258,10 +252,10 @@ def _camel(name: str) -> Any:
 
 # Plain dataclasses: the server builds them on its hot path (every state change of every client), so building one
 # validates nothing; reading JSON (_parse) validates everything, strictly, against these annotations.
-_CONFIG = ConfigDict(extra="ignore")
+DOC_CONFIG = ConfigDict(extra="ignore")
 
 
-@with_config(_CONFIG)
+@with_config(DOC_CONFIG)
 @dataclass
 class ClientStatus:
     """One client's line in the server's status: its state, and why when it is not healthy."""
@@ -270,17 +264,17 @@ class ClientStatus:
     state: ClientState
     reason: ReasonText = ""
     message: ClientMessage = ""
-    rounds_completed: Annotated[OptionalCount, _camel("rounds_completed")] = 0
+    rounds_completed: Annotated[OptionalCount, camel("rounds_completed")] = 0
     """Rounds whose aggregate includes this client's full result."""
     weight: Magnitude | None = None
     """The weight its result had in the last completed round it delivered to (after weighting and the cap)."""
-    update_norm: Annotated[Magnitude | None, _camel("update_norm")] = None
+    update_norm: Annotated[Magnitude | None, camel("update_norm")] = None
     """L2 norm of that result's update before clipping (only with spec.strategy.clipNorm)."""
     bounded: ClientMessage = ""
     """How that result's influence was bounded ("" when it was not): capped num_examples, clipped update."""
     peer: ClientMessage = ""
     """Where its connection comes from, as the server sees it (remote sites: docs/remote-sites.md)."""
-    cert_not_after: Annotated[ClientMessage, _camel("cert_not_after")] = ""
+    cert_not_after: Annotated[ClientMessage, camel("cert_not_after")] = ""
     """When the certificate of its connection expires (RFC 3339)."""
 
     def to_dict(self, message_chars: int = CLIENT_MESSAGE_CHARS) -> dict[str, Any]:
@@ -302,7 +296,7 @@ class ClientStatus:
         return d
 
 
-@with_config(_CONFIG)
+@with_config(DOC_CONFIG)
 @dataclass
 class EvaluationPoint:
     """One federated evaluation (spec.evaluation): the global model after training round ``round``, measured on
@@ -312,12 +306,16 @@ class EvaluationPoint:
     metrics: Metrics = field(default_factory=dict)
     sites: OptionalCount = 0
     """How many sites' results the metrics average (a site that failed its evaluation is left out)."""
-    examples: Annotated[int, Field(ge=0), _null_is(int)] = 0
+    examples: Annotated[int, Field(ge=0), null_is(int)] = 0
     """The examples they were measured on, summed as weighted (after maxExamplesPerSite)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"round": self.round, "metrics": _finite_metrics(self.metrics), "sites": self.sites,
-                "examples": self.examples}
+        return {
+            "round": self.round,
+            "metrics": finite_metrics(self.metrics),
+            "sites": self.sites,
+            "examples": self.examples,
+        }
 
 
 def _server_phase(phase: Phase) -> Phase:
@@ -330,7 +328,7 @@ def _server_phase(phase: Phase) -> Phase:
 ServerPhase = Annotated[Phase, AfterValidator(_server_phase)]
 
 
-@with_config(_CONFIG)
+@with_config(DOC_CONFIG)
 @dataclass
 class JobStatus:
     """The document the server's HTTP status endpoint serves."""
@@ -340,25 +338,23 @@ class JobStatus:
     round: Count
     """The round in progress, or the last one when the job finished (0 before round 1)."""
     rounds: Count
-    clients: Annotated[list[ClientStatus], Field(max_length=MAX_CLIENTS), _null_is(list)] = field(default_factory=list)
+    clients: Annotated[list[ClientStatus], Field(max_length=MAX_CLIENTS), null_is(list)] = field(default_factory=list)
     metrics: Metrics = field(default_factory=dict)
     """Weighted metrics of the last completed round."""
-    completed_rounds: Annotated[OptionalCount, _camel("completed_rounds")] = 0
+    completed_rounds: Annotated[OptionalCount, camel("completed_rounds")] = 0
     reason: ReasonText = ""
     message: Message = ""
-    start_time: Annotated[Time | None, _camel("start_time")] = None
-    finish_time: Annotated[Time | None, _camel("finish_time")] = None
-    last_round_seconds: Annotated[Seconds | None, _camel("last_round_seconds")] = None
+    start_time: Annotated[Time | None, camel("start_time")] = None
+    finish_time: Annotated[Time | None, camel("finish_time")] = None
+    last_round_seconds: Annotated[Seconds | None, camel("last_round_seconds")] = None
     """Duration of the last completed round: tasks sent to aggregate done and handed to the checkpoint writer."""
-    round_seconds: Annotated[list[Seconds], _camel("round_seconds"), BeforeValidator(_newest), _null_is(list)] = field(
+    round_seconds: Annotated[list[Seconds], camel("round_seconds"), BeforeValidator(_newest), null_is(list)] = field(
         default_factory=list
     )
     """Durations of the most recent completed rounds, oldest first (at most ROUND_HISTORY)."""
-    privacy_epsilon: Annotated[Magnitude | None, _camel("privacy_epsilon")] = None
+    privacy_epsilon: Annotated[Magnitude | None, camel("privacy_epsilon")] = None
     """Central DP: epsilon spent by the completed rounds (spec.strategy.privacy); None without it."""
-    evaluation: Annotated[list[EvaluationPoint], BeforeValidator(_newest), _null_is(list)] = field(
-        default_factory=list
-    )
+    evaluation: Annotated[list[EvaluationPoint], BeforeValidator(_newest), null_is(list)] = field(default_factory=list)
     """The most recent federated evaluations, oldest first (at most ROUND_HISTORY)."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -369,7 +365,7 @@ class JobStatus:
             "rounds": self.rounds,
             "completedRounds": self.completed_rounds,
             "clients": [c.to_dict() for c in self.clients],
-            "metrics": _finite_metrics(self.metrics),
+            "metrics": finite_metrics(self.metrics),
         }
         if self.reason:
             d["reason"] = self.reason
@@ -395,150 +391,12 @@ class JobStatus:
     @classmethod
     def from_json(cls, text: str | bytes) -> JobStatus:
         """Parse a status document; SummaryError naming the field that is wrong."""
-        return _parse(cls, text, "status", STATUS_LIMIT)
-
-
-_CLIENT_MESSAGE_CHARS = 160
-_MESSAGE_CHARS = 1024
-
-
-@with_config(_CONFIG)
-@dataclass
-class TerminationSummary:
-    """The server's final word: exit code + compact JSON for the pod's termination message."""
-
-    exit_code: Annotated[int, Field(ge=0, le=255), _camel("exit_code")]
-    job: Name
-    phase: ServerPhase
-    round: Count
-    rounds: Count
-    completed_rounds: Annotated[OptionalCount, _camel("completed_rounds")] = 0
-    reason: ReasonText = ""
-    message: Message = ""
-    metrics: Metrics = field(default_factory=dict)
-    clients: Annotated[list[ClientStatus], Field(max_length=MAX_CLIENTS), _null_is(list)] = field(default_factory=list)
-    clients_omitted: Annotated[OptionalCount, _camel("clients_omitted")] = 0
-    """Clients left out to stay under the 4096-byte limit (healthy ones go first)."""
-    model_file: Annotated[str, Field(max_length=NAME_CHARS), _camel("model_file"), _null_is(str)] = ""
-    """The delivered model's file name in the output directory (fedkube.server.output), "" when none was written."""
-    model_sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$"), _camel("model_sha256"), _null_is(str)] = ""
-    start_time: Annotated[Time | None, _camel("start_time")] = None
-    finish_time: Annotated[Time | None, _camel("finish_time")] = None
-    evaluation: Annotated[list[EvaluationPoint], Field(max_length=SUMMARY_EVALUATIONS), _null_is(list)] = field(
-        default_factory=list
-    )
-    """The newest federated evaluations (at most SUMMARY_EVALUATIONS; left out first when the summary is full)."""
-
-    @classmethod
-    def from_status(cls, status: JobStatus) -> TerminationSummary:
-        """The summary of a finished job; exit 0 only when it succeeded."""
-        return cls(
-            exit_code=EXIT_SUCCEEDED if status.phase == Phase.SUCCEEDED else EXIT_FAILED,
-            job=status.job,
-            phase=status.phase,
-            round=status.round,
-            rounds=status.rounds,
-            completed_rounds=status.completed_rounds,
-            reason=status.reason,
-            message=status.message,
-            metrics=dict(status.metrics),
-            clients=list(status.clients),
-            start_time=status.start_time,
-            finish_time=status.finish_time,
-            evaluation=list(status.evaluation[-SUMMARY_EVALUATIONS:]),
-        )
-
-    def _doc(self, clients: Sequence[dict[str, Any]], omitted: int, message: str, metrics: bool,
-             evaluation: bool = False) -> dict[str, Any]:  # fmt: skip
-        d: dict[str, Any] = {
-            "exitCode": self.exit_code,
-            "job": self.job,
-            "phase": Phase(self.phase).value,
-            "round": self.round,
-            "rounds": self.rounds,
-            "completedRounds": self.completed_rounds,
-        }
-        if self.reason:
-            d["reason"] = self.reason
-        if message:
-            d["message"] = message
-        if metrics and self.metrics:
-            d["metrics"] = _finite_metrics(self.metrics)
-        d["clients"] = list(clients)
-        if omitted:
-            d["clientsOmitted"] = omitted
-        if self.model_file:
-            d.update(modelFile=self.model_file, modelSha256=self.model_sha256)
-        if self.start_time:
-            d["startTime"] = self.start_time
-        if self.finish_time:
-            d["finishTime"] = self.finish_time
-        if evaluation and self.evaluation:
-            d["evaluation"] = [p.to_dict() for p in self.evaluation[-SUMMARY_EVALUATIONS:]]
-        return d
-
-    def to_json(self, limit: int = TERMINATION_LIMIT) -> str:
-        """Compact JSON of at most ``limit`` UTF-8 bytes.
-
-        When everything does not fit, the evaluation curve is left out first,
-        then clients are dropped (healthy ones
-        first; failed and lost clients are what a person needs to read) and
-        counted in ``clientsOmitted``; then the metrics; then the message is
-        shortened.
-        """
-        ordered = [
-            c.to_dict(_CLIENT_MESSAGE_CHARS)
-            for c in sorted(self.clients, key=lambda c: (not ClientState(c.state).unhealthy and not c.reason, c.name))
-        ]
-        message = clip(self.message, _MESSAGE_CHARS)
-
-        def encode(k: int, msg: str, metrics: bool) -> str:
-            # A summary read back keeps counting the clients its writer already left out.
-            doc = self._doc(ordered[:k], self.clients_omitted + len(ordered) - k, msg, metrics)
-            return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-        def fits(text: str) -> bool:
-            return len(text.encode("utf-8")) <= limit
-
-        if self.evaluation:
-            full = self._doc(ordered, self.clients_omitted, message, True, True)
-            text = json.dumps(full, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-            if fits(text):
-                return text
-        text = encode(len(ordered), message, True)
-        if fits(text):
-            return text
-        # Largest prefix of the client list that fits (size grows with k, so bisect).
-        lo, hi = 0, len(ordered)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(encode(mid, message, True)):
-                lo = mid
-            else:
-                hi = mid - 1
-        text = encode(lo, message, True)
-        if fits(text):
-            return text
-        text = encode(0, message, False)
-        while not fits(text) and message:
-            message = clip(message, len(message) // 2) if len(message) > 8 else ""
-            text = encode(0, message, False)
-        if not fits(text):
-            raise SummaryError(
-                f"the termination summary of job {self.job!r} does not fit in {limit} bytes even without "
-                "clients, metrics and message; the job name is too long"
-            )
-        return text
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> TerminationSummary:
-        """Parse a termination summary; SummaryError naming the field that is wrong."""
-        return _parse(cls, text, "termination summary", TERMINATION_LIMIT)
+        return parse_document(cls, text, "status", STATUS_LIMIT)
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
 
-_Doc = TypeVar("_Doc", JobStatus, TerminationSummary)
+_Doc = TypeVar("_Doc")
 
 
 _ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
@@ -553,7 +411,7 @@ def _adapter(cls: type[Any]) -> TypeAdapter[Any]:
     return adapter
 
 
-def _parse(cls: type[_Doc], text: str | bytes, what: str, limit: int) -> _Doc:
+def parse_document(cls: type[_Doc], text: str | bytes, what: str, limit: int) -> _Doc:
     if isinstance(text, str):
         # A lone surrogate (possible in a str decoded leniently elsewhere) is not text the parser could read.
         text = text.encode("utf-8", "replace")
@@ -594,23 +452,13 @@ def _problem(err: Any, what: str) -> str:
         return f"{_path(what, loc)}: {err['ctx']['error']}"
     if kind in ("dataclass_type", "dict_type", "model_type"):
         return f"{_path(what, loc)}: expected a JSON object, got {got}"
-    expected = {"int_type": "int", "int_parsing": "int", "string_type": "str", "float_type": "a number",
-                "list_type": "a list"}.get(kind)
+    expected = {
+        "int_type": "int",
+        "int_parsing": "int",
+        "string_type": "str",
+        "float_type": "a number",
+        "list_type": "a list",
+    }.get(kind)
     if expected is not None:
         return f"{_path(what, loc)}: expected {expected}, got {got}"
     return f"{_path(what, loc)}: {err['msg']}, got {got}"
-
-
-def write_termination_summary(path: str | os.PathLike[str], summary: TerminationSummary) -> str:
-    """Write the summary to ``path`` (the pod's terminationMessagePath) and return the JSON written.
-
-    Written in place, not by rename: Kubernetes mounts that path as a single
-    file, which cannot be replaced.
-    """
-    text = summary.to_json()
-    target = Path(path)
-    with open(target, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    return text

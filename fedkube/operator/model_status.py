@@ -16,7 +16,7 @@ from typing import Any
 
 from fedkube.spec.model import FLJob
 from fedkube.spec.output import OUTPUT_DIR, output_claim_name
-from fedkube.status import TerminationSummary
+from fedkube.termination import TerminationSummary
 
 COND_MODEL_NOT_PERSISTED = "ModelNotPersisted"
 REASON_NO_OUTPUT = "NoOutputLocation"

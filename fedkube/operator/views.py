@@ -14,16 +14,8 @@ from datetime import datetime
 from typing import Any
 
 from fedkube.spec.status import SiteStatus
-from fedkube.status import (
-    EXIT_CONFIG_ERROR,
-    ClientState,
-    ClientStatus,
-    JobStatus,
-    Phase,
-    Reason,
-    SummaryError,
-    TerminationSummary,
-)
+from fedkube.status import EXIT_CONFIG_ERROR, ClientState, ClientStatus, JobStatus, Phase, Reason, SummaryError
+from fedkube.termination import TerminationSummary
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from fedkube.runtime.local import (
 )
 from fedkube.runtime.process import OutputSink, QuietSink, StreamSink
 from fedkube.runtime.resolver import LOCAL_HOST
-from fedkube.status import TERMINATION_LIMIT, ClientState
+from fedkube.status import ClientState
+from fedkube.termination import TERMINATION_LIMIT
 
 if TYPE_CHECKING:
     from fedkube.runtime.progress import ProgressDisplay

@@ -33,7 +33,8 @@ from fedkube.runtime.process import OutputSink, StreamSink
 from fedkube.runtime.resolver import LOCAL_HOST, LocalResolver, pod_key_of
 from fedkube.runtime.rundir import RunDirLock, default_run_dir
 from fedkube.security.material import JobTls
-from fedkube.status import STATUS_LIMIT, TERMINATION_LIMIT, ClientState, SummaryError, TerminationSummary
+from fedkube.status import STATUS_LIMIT, ClientState, SummaryError
+from fedkube.termination import TERMINATION_LIMIT, TerminationSummary
 
 __all__ = [
     "LocalJobRun", "RunOptions", "RunOutcome", "default_run_dir", "new_tls", "new_tokens", "read_summary_file",

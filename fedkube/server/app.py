@@ -46,7 +46,8 @@ from fedkube.server.output import ModelOutput
 from fedkube.server.reverse import ClaimRefused, UploadBroker
 from fedkube.server.strategies import StrategyState, build_strategy
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
-from fedkube.status import EXIT_FAILED, Phase, Reason, TerminationSummary, write_termination_summary
+from fedkube.status import EXIT_FAILED, Phase, Reason
+from fedkube.termination import TerminationSummary, write_termination_summary
 from fedkube.transfer import endpoints
 from fedkube.transfer.bulk import BulkServer
 from fedkube.transfer.endpoints import ServerTls

@@ -17,17 +17,15 @@ from fedkube.status import (
     MESSAGE_CHARS,
     ROUND_HISTORY,
     STATUS_LIMIT,
-    TERMINATION_LIMIT,
     ClientStatus,
     JobStatus,
     Phase,
     Reason,
     Scope,
     SummaryError,
-    TerminationSummary,
     utc_timestamp,
-    write_termination_summary,
 )
+from fedkube.termination import TERMINATION_LIMIT, TerminationSummary, write_termination_summary
 
 
 def _status(n_clients: int = 3, phase: Phase = Phase.RUNNING, message: str = "") -> JobStatus:

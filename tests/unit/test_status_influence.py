@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from fedkube.status import ClientState, ClientStatus, JobStatus, Phase, SummaryError, TerminationSummary
+from fedkube.status import ClientState, ClientStatus, JobStatus, Phase, SummaryError
+from fedkube.termination import TerminationSummary
 
 
 def _status(*clients: ClientStatus) -> JobStatus:

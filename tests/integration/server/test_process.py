@@ -16,7 +16,7 @@ import pytest
 from fedkube import envvars
 from fedkube.logs import unconfigure_logging
 from fedkube.server.app import main
-from fedkube.status import TerminationSummary
+from fedkube.termination import TerminationSummary
 from tests.integration.server.conftest import token_of
 from tests.integration.server.fakes import FakeSidecar, Reply
 from tests.support.tls import session_pki

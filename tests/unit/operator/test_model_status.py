@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from fedkube.operator import status as st
-from fedkube.status import Phase, TerminationSummary
+from fedkube.status import Phase
+from fedkube.termination import TerminationSummary
 from tests.unit.operator.test_status import T0, _job, _pod
 
 SHA = "ab" * 32

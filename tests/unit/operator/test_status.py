@@ -8,7 +8,8 @@ import pytest
 
 from fedkube.operator import status as st
 from fedkube.spec import FLJob, parse_job
-from fedkube.status import ClientStatus, JobStatus, Phase, TerminationSummary
+from fedkube.status import ClientStatus, JobStatus, Phase
+from fedkube.termination import TerminationSummary
 
 T0 = 1_800_000_000.0  # pods are created at T0 in these tests
 

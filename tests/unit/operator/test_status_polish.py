@@ -11,7 +11,8 @@ from fedkube.operator import status as st
 from fedkube.operator.rounds import round_metrics
 from fedkube.operator.views import ServerWord
 from fedkube.spec.status import ROUND_METRICS_KEPT
-from fedkube.status import JobStatus, Phase, TerminationSummary
+from fedkube.status import JobStatus, Phase
+from fedkube.termination import TerminationSummary
 from tests.unit.operator.test_status import T0, _job, _live, _pod, _status_schema
 
 

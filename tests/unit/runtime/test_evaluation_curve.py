@@ -12,16 +12,8 @@ from rich.console import Console
 from fedkube.runtime.cli import format_outcome
 from fedkube.runtime.local import RunOutcome
 from fedkube.runtime.progress import ProgressDisplay, parse_status
-from fedkube.status import (
-    SUMMARY_EVALUATIONS,
-    TERMINATION_LIMIT,
-    ClientState,
-    ClientStatus,
-    EvaluationPoint,
-    JobStatus,
-    Phase,
-    TerminationSummary,
-)
+from fedkube.status import ClientState, ClientStatus, EvaluationPoint, JobStatus, Phase
+from fedkube.termination import SUMMARY_EVALUATIONS, TERMINATION_LIMIT, TerminationSummary
 
 CURVE = [EvaluationPoint(round=r, metrics={"loss": 1.0 / r, "accuracy": 0.5 + r / 10}, sites=2, examples=200)
          for r in (1, 2, 3)]  # fmt: skip

@@ -11,7 +11,8 @@ import pytest
 from fedkube.runtime.cli import format_outcome, outcome_json
 from fedkube.runtime.local import RunOutcome, read_summary_file
 from fedkube.runtime.pod import ContainerResult, PodResult
-from fedkube.status import TERMINATION_LIMIT, ClientState, ClientStatus, Phase, SummaryError, TerminationSummary
+from fedkube.status import ClientState, ClientStatus, Phase, SummaryError
+from fedkube.termination import TERMINATION_LIMIT, TerminationSummary
 
 
 def _pod(name: str, phase: str = "Succeeded") -> PodResult:
