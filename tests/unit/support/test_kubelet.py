@@ -17,17 +17,23 @@ from tests.support.waiting import until
 kube = fixtures.kube
 PY = which_python()
 
-# A native sidecar that records its pid, then runs until SIGTERM and says so on the way out.
+# A native sidecar that runs until SIGTERM and says so on the way out; it records its pid once its handler is in
+# place, which is when the main container may finish (as a trainer waits to reach its sidecar): a loaded machine
+# can start the sidecar's Python slower than the main container runs, and a SIGTERM before the handler is a -15.
 SIDECAR = """
 import os, pathlib, signal, sys, time
-pathlib.Path(os.environ["PID_FILE"]).write_text(str(os.getpid()))
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+pathlib.Path(os.environ["PID_FILE"]).write_text(str(os.getpid()))
 while True:
     time.sleep(0.05)
 """
 # The main container: reports its env through the termination message, exits with EXIT_CODE.
 MAIN = """
-import os, pathlib, sys
+import os, pathlib, sys, time
+deadline = time.monotonic() + 20
+while os.environ.get("SIDECAR_PID_FILE") and not os.path.exists(os.environ["SIDECAR_PID_FILE"]):
+    assert time.monotonic() < deadline, "the sidecar never started"
+    time.sleep(0.02)
 msg = " ".join(f"{k}={os.environ.get(k, '')}" for k in ("POD", "TOKEN", "PLAIN"))
 pathlib.Path(os.environ["MSG_FILE"]).write_text(msg)
 print("main says hello", flush=True)
@@ -42,13 +48,15 @@ def _pod(name: str, exit_code: int = 0, *, sidecar_pid_file: Path | None = None,
         init_containers.append({"name": "sidecar", "image": "fedkube", "restartPolicy": "Always",
                                 "command": [PY, "-c", SIDECAR],
                                 "env": [{"name": "PID_FILE", "value": str(sidecar_pid_file)}]})
+    sidecar_env = [{"name": "SIDECAR_PID_FILE", "value": str(sidecar_pid_file)}] if sidecar_pid_file else []
     main = {"name": "trainer", "image": "trainer", "command": [PY, "-c"], "args": [MAIN],
             "terminationMessagePath": "/dev/termination-log",
             "env": [{"name": "EXIT_CODE", "value": str(exit_code)},
                     {"name": "MSG_FILE", "value": "/dev/termination-log"},
                     {"name": "PLAIN", "value": "p"},
                     {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                    {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "token"}}}]}
+                    {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "token"}}},
+                    *sidecar_env]}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
             "spec": {"restartPolicy": "Never", "initContainers": init_containers, "containers": [main]}}
 
