@@ -199,6 +199,12 @@ def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator, budget
 
     def bound(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
         def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            try:
+                # The interceptor saw only the headers; the certificate is on the call's context. Checked
+                # before the budget, so a caller with another site's token takes no slot while it waits.
+                caller = auth.call_identity(context, what="a Download call") if auth.tls else identity
+            except AuthError as exc:
+                context.abort(exc.code, exc.message)
             if not budget.take(context):
                 busy = AuthError(identity.site, grpc.StatusCode.RESOURCE_EXHAUSTED, DOWNLOAD_BUDGET, (
                     f"{budget.limit} Download calls are running, the most the server serves at once beside "
@@ -210,8 +216,6 @@ def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator, budget
             if request is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
             try:
-                # The interceptor saw only the headers; the certificate is on the call's context.
-                caller = auth.call_identity(context, what="a Download call") if auth.tls else identity
                 auth.check_receiver(caller, request.receiver, what="a Download call", peer=context.peer())
             except AuthError as exc:
                 context.abort(exc.code, exc.message)
