@@ -164,6 +164,7 @@ DOWNLOAD_WAIT_SECONDS = "fedkube.download_wait_seconds"
 #: (docs/protocol.md, "Hardening"); a fixed set, so the metric's series are bounded.
 RECEIVER_MISMATCH = "ReceiverMismatch"  # a fetch or completion naming another site than the caller's
 DOWNLOAD_BUDGET = "DownloadBudget"  # more Download calls at once than the server serves beside Control
+SITE_CALL_BUDGET = "SiteCallBudget"  # one site runs the most gRPC calls at once that a site may hold
 REQUEST_DEADLINE = "RequestDeadline"  # a bulk request not complete within its deadline from accept
 CONNECTION_LIMIT = "ConnectionLimit"  # every bulk connection slot taken
 UNAUTHENTICATED_LIMIT = "UnauthenticatedLimit"  # every bulk slot for not-yet-authenticated connections taken
@@ -171,6 +172,6 @@ PEER_CONNECTION_LIMIT = "PeerConnectionLimit"  # one address holds its most unau
 STATUS_CONNECTION_LIMIT = "StatusConnectionLimit"  # every status-port connection thread taken
 STATUS_DEADLINE = "StatusDeadline"  # a status-port connection still open at its deadline
 PORT_REFUSALS = (
-    RECEIVER_MISMATCH, DOWNLOAD_BUDGET, REQUEST_DEADLINE, CONNECTION_LIMIT, UNAUTHENTICATED_LIMIT,
+    RECEIVER_MISMATCH, DOWNLOAD_BUDGET, SITE_CALL_BUDGET, REQUEST_DEADLINE, CONNECTION_LIMIT, UNAUTHENTICATED_LIMIT,
     PEER_CONNECTION_LIMIT, STATUS_CONNECTION_LIMIT, STATUS_DEADLINE,
 )  # fmt: skip

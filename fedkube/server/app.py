@@ -37,6 +37,7 @@ from fedkube.metrics.core import new_registry, serve_metrics
 from fedkube.metrics.server import ServerMetrics
 from fedkube.protocol import DOWNLOAD_BUDGET, SERVER
 from fedkube.server import checkpoint
+from fedkube.server.admission import SiteAdmission, SiteCalls, server_workers
 from fedkube.server.auth import Authenticator, AuthError, Identity, credentials_from_metadata
 from fedkube.server.config import ServerConfig, load_config
 from fedkube.server.control import ControlServicer, SessionTable
@@ -199,6 +200,12 @@ def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator, budget
 
     def bound(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
         def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            try:
+                # The interceptor saw only the headers; the certificate is on the call's context. Checked
+                # before the budget, so a caller with another site's token takes no slot while it waits.
+                caller = auth.call_identity(context, what="a Download call") if auth.tls else identity
+            except AuthError as exc:
+                context.abort(exc.code, exc.message)
             if not budget.take(context):
                 busy = AuthError(identity.site, grpc.StatusCode.RESOURCE_EXHAUSTED, DOWNLOAD_BUDGET, (
                     f"{budget.limit} Download calls are running, the most the server serves at once beside "
@@ -210,8 +217,6 @@ def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator, budget
             if request is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
             try:
-                # The interceptor saw only the headers; the certificate is on the call's context.
-                caller = auth.call_identity(context, what="a Download call") if auth.tls else identity
                 auth.check_receiver(caller, request.receiver, what="a Download call", peer=context.peer())
             except AuthError as exc:
                 context.abort(exc.code, exc.message)
@@ -272,10 +277,11 @@ class FedkubeServer:
             register_timeout_s=config.register_timeout_s,
         )  # fmt: skip
         limit = config.message_limit()
-        # Every running stream holds a worker: each client has a control stream, a forward fetch
-        # and a push at most at once; the rest is headroom for reconnect overlaps. Download calls
-        # get at most half (_Budget), so stalled or hostile fetches leave Control its half.
-        workers = max(16, 4 * len(s.clients) + 8)
+        # Every running call holds a worker. Each site may hold CALLS_PER_SITE of them (SiteAdmission),
+        # all sites together never more than the workers; Download calls get at most half (_Budget),
+        # so stalled or hostile fetches leave Control its half.
+        workers = server_workers(len(s.clients))
+        self.site_calls = SiteCalls()
         options = [
             (k, v) for k, v in server_options() if k not in ("grpc.max_receive_message_length",)
         ] + [("grpc.max_receive_message_length", limit)]
@@ -283,7 +289,7 @@ class FedkubeServer:
         self._grpc = grpc.server(
             self._executor,
             options=options,
-            interceptors=[_DownloadAuth(self.auth, budget=workers // 2)],
+            interceptors=[SiteAdmission(self.auth, self.site_calls), _DownloadAuth(self.auth, budget=workers // 2)],
             maximum_concurrent_rpcs=workers,
         )
         control_pb2_grpc.add_ControlServicer_to_server(self._servicer, self._grpc)

@@ -87,6 +87,25 @@ class Authenticator:
         return self.authenticate(site, token, what=what, peer=context.peer(), cert_site=self.cert_site(
             context, what=what, claimed=site))  # fmt: skip
 
+    def verified_site(self, metadata: Sequence[tuple[str, Any]] | None, context: grpc.ServicerContext) -> str | None:
+        """The site a call's credentials prove (token, and certificate with TLS), or None; never logs or counts.
+
+        For limits kept per site (:mod:`fedkube.server.admission`): a caller it returns None for is
+        refused by the entry point's own check, which logs and counts the reason.
+        """
+        site, token = credentials_from_metadata(metadata)
+        expected = self._tokens.get(site)
+        if expected is None or not hmac.compare_digest(token, expected):
+            return None
+        if self._tls_namespace is not None:
+            try:
+                peer = grpc_peer_site_identity(context, namespace=self._tls_namespace, job=self._job)
+            except PeerIdentityError:
+                return None
+            if peer.site != site:
+                return None
+        return site
+
     def cert_site(self, context: grpc.ServicerContext, *, what: str, claimed: str = "") -> str | None:
         """The site the call's client certificate names (None without TLS); AuthError when it names none of
         this job's (the handshake already checked the CA and the dates)."""

@@ -38,11 +38,11 @@ MAX_CHUNK_MESSAGE = MAX_CHUNK_BYTES + MESSAGE_HEADROOM
 # rejects anything bigger than this with RESOURCE_EXHAUSTED.
 MAX_REQUEST_MESSAGE = 1 << 20
 
-# Calls one sidecar connection runs at once in the server's own sizing (its workers are 4 per client + 8: a
-# control stream, a fetch, a push, one spare). NOT applied as HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: with that
-# cap, a fresh connection's first burst is refused with REFUSED_STREAM (UNAVAILABLE) before the server's
-# SETTINGS reach the client, and abandoned streams hold their slots (the hostile-client fault test, under load).
-# Tests spread calls over connections by it.
+# Calls one sidecar connection runs at once: a control stream, a fetch, a push, one spare (the server's budget
+# per site is twice this, fedkube.server.admission.CALLS_PER_SITE). NOT applied as HTTP/2
+# SETTINGS_MAX_CONCURRENT_STREAMS: grpcio refuses calls above such a cap with UNAVAILABLE instead of retrying
+# them, and cancelled calls whose handlers still run hold their streams (docs/networking.md, measured with
+# bench/stream_cap.py). Tests spread calls over connections by it.
 STREAMS_PER_CONNECTION = 4
 
 _KEEPALIVE = [

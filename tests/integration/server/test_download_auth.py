@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -34,6 +33,7 @@ from tests.integration.server.conftest import (
     token_of,
 )
 from tests.integration.server.fakes import add_value
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -153,28 +153,25 @@ def test_half_open_unauthenticated_calls_do_not_hold_the_servers_slots(server: F
 
 
 def test_stalled_fetches_leave_control_its_workers(harness: Harness, server: FedkubeServer) -> None:
-    """16 fetches that never read (a stalled or hostile site) used to take every worker: Connect was refused.
+    """Fetches that never read (stalled or hostile sites) used to take every worker: Connect was refused.
 
-    Download calls now get half the server's workers; the rest are refused
-    retryably, and a sidecar still connects.
+    Download calls now get half the server's workers (12 of 24 for 2 clients); the rest are refused
+    retryably, and a sidecar still connects. Each site stays within its own budget (8 calls), so both
+    sites' fetches are needed to reach the Download budget.
     """
-    big = server.downloads.publish({"w": np.zeros(8 << 20, np.float32)}, receivers=["site-a"], ttl_s=60.0)
-    request = tensor_pb2.FetchRequest(transaction_id=big.id, ref_id=big.refs[0].ref_id, receiver="site-a")
-    # Four connections: one runs at most STREAMS_PER_CONNECTION (4) calls and queues the rest.
-    channels = [_own_connection(server) for _ in range(16 // STREAMS_PER_CONNECTION)]
+    big = server.downloads.publish({"w": np.zeros(8 << 20, np.float32)}, receivers=["site-a", "site-b"], ttl_s=60.0)
+    stalled = []
     with contextlib.ExitStack() as stack:
-        stubs = [tensor_pb2_grpc.DownloadStub(stack.enter_context(c)) for c in channels]
-        stalled = [stubs[i % len(stubs)].Fetch(request, metadata=_credentials("site-a"), timeout=20)
-                   for i in range(16)]  # fmt: skip
+        for site in ("site-a", "site-b"):
+            request = tensor_pb2.FetchRequest(transaction_id=big.id, ref_id=big.refs[0].ref_id, receiver=site)
+            stub = tensor_pb2_grpc.DownloadStub(stack.enter_context(_own_connection(server, site)))
+            stalled += [stub.Fetch(request, metadata=_credentials(site), timeout=20) for _ in range(8)]
         try:
-            deadline = time.monotonic() + 10
-            while _rejected(server, "DownloadBudget") < 8 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert _rejected(server, "DownloadBudget") == 8  # 16 workers for 2 clients: 8 for Download
+            until(lambda: _rejected(server, "DownloadBudget") >= 4, "the Download budget's refusals", 10)
+            assert _rejected(server, "DownloadBudget") == 4  # 16 fetches, 24 workers for 2 clients: 12 for Download
+            assert _rejected(server, "SiteCallBudget") == 0
             harness.sidecar(server, "site-b", add_value(1.0))
-            while server.sessions.live() < 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert server.sessions.live() == 1, "site-b's Connect found no worker"
+            until(lambda: server.sessions.live() == 1, "site-b's Connect (it found no worker)", 10)
         finally:
             for call in stalled:
                 call.cancel()
@@ -183,7 +180,8 @@ def test_stalled_fetches_leave_control_its_workers(harness: Harness, server: Fed
 def test_a_site_holding_half_open_fetches_leaves_control_its_workers(harness: Harness, server: FedkubeServer) -> None:
     """A site with a valid token opens 16 fetches and never sends their request message.
 
-    They wait inside the Download budget (half the workers), not in the slots a sidecar's Connect needs.
+    They wait within its own budget (8 calls: the rest are refused at their headers), not in the slots
+    another sidecar's Connect needs.
     """
     never = threading.Event()
 
@@ -198,14 +196,10 @@ def test_a_site_holding_half_open_fetches_leaves_control_its_workers(harness: Ha
         try:
             calls = [half_open[i % len(half_open)](silent(), metadata=_credentials("site-a"), timeout=15)
                      for i in range(16)]  # fmt: skip
-            deadline = time.monotonic() + 10
-            while _rejected(server, "DownloadBudget") < 8 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert _rejected(server, "DownloadBudget") == 8
+            until(lambda: _rejected(server, "SiteCallBudget") >= 8, "site-a's over-budget refusals", 10)
+            assert _rejected(server, "SiteCallBudget") == 8 and server.site_calls.held("site-a") == 8
             harness.sidecar(server, "site-b", add_value(1.0))
-            while server.sessions.live() < 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert server.sessions.live() == 1, "site-b's Connect found no worker"
+            until(lambda: server.sessions.live() == 1, "site-b's Connect (it found no worker)", 10)
         finally:
             never.set()
             for call in calls:

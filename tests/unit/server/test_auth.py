@@ -73,6 +73,19 @@ def _ref() -> TensorRef:
                                checksum=checksum_of(arr))
 
 
+@pytest.mark.parametrize(("site", "token", "expected"), [
+    ("site-a", "token-of-a", "site-a"), ("site-a", "token-of-b", None), ("site-c", "token-of-a", None),
+    ("", "", None),
+])  # fmt: skip
+def test_verified_site_names_only_a_proven_site_and_counts_nothing(site: str, token: str, expected: str | None) -> None:
+    """The per-site call budget's quiet check: the entry point that refuses counts the reason, once."""
+    auth, registry = _auth()
+    metadata = (("x-fedkube-site", site), ("authorization", f"Bearer {token}"))
+    assert auth.verified_site(metadata, context=None) == expected  # type: ignore[arg-type]  # no TLS: unused
+    assert registry.get_sample_value("fedkube_server_rejected_connections_total",
+                                      {"fljob": "j", "plane": "grpc", "reason": "BadToken"}) is None
+
+
 def test_an_upload_is_claimed_only_by_its_own_site_and_only_once() -> None:
     broker = UploadBroker()
     upload = broker.open("site-b", _ref(), window=2)
