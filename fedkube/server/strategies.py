@@ -541,12 +541,12 @@ class FedAdagrad(FedAdam):
 
 
 SERVER_OPTIMIZERS: dict[str, type[FedAdam]] = {c.name: c for c in (FedAdam, FedYogi, FedAdagrad)}
-STRATEGIES = ("fedavg", *SERVER_OPTIMIZERS, *ROBUST_STRATEGIES)
+STRATEGIES = ("fedavg", *SERVER_OPTIMIZERS, *ROBUST_STRATEGIES, "scaffold")
 
 
 def build_strategy(
     name: str, params: Mapping[str, Any] | None = None, influence: Influence | None = None, *,
-    spill_dir: Path | None = None, rounds: int | None = None,
+    spill_dir: Path | None = None, rounds: int | None = None, sites: int | None = None,
 ) -> Strategy:
     """The strategy named in the spec, with its camelCase parameters (e.g. ``serverLr``) and influence bounds.
 
@@ -555,6 +555,9 @@ def build_strategy(
     so they take no ``influence`` bounds (the spec refuses them together). ``rounds`` (spec.rounds) derives
     central DP's noise multiplier when ``params["privacy"]`` (``fedkube.server.dp``) does not set one.
     """
+    if name == "scaffold":  # its own module, built on this one's mean aggregator; sites is its N (the c update)
+        from fedkube.server.scaffold import build_scaffold
+        return build_scaffold(params or {}, influence, sites)
     params = dict(params or {})
     spec_privacy = params.pop("privacy", None)
     proximal_mu = params.pop("proximalMu", None)
