@@ -274,7 +274,7 @@ class Scaffold:
         if problems:
             raise ConfigError("the checkpoint's scaffold server control variate c does not fit its model: "
                               + "; ".join(problems[:4]) + "; start from a fresh checkpoint directory "
-                              "(spec.checkpoint) or restore the checkpoint's strategy tensors")  # fmt: skip
+                              "or restore the checkpoint's strategy tensors")  # fmt: skip
 
 
 def _check_no_reserved(spec: ModelSpec) -> None:

@@ -97,6 +97,16 @@ def test_two_rounds_across_a_restart_match_the_uninterrupted_hand_computation(
     after1 = np.linalg.norm(_reference(1)[0] - optimum)
     assert np.linalg.norm(saved.model["w"] - optimum) < 0.7 * after1 < 0.7 * np.linalg.norm(optimum)
 
+    # A checkpoint whose c does not fit its model is refused at resume, before any round, and stays as it was.
+    broken = tmp_path / "broken"
+    state = saved.strategy_state
+    checkpoint.save(broken, JOB, 2, saved.model, type(state)(state.name, state.meta, {"c/w": np.zeros(2, np.float32)}))
+    third = harness.server(make_config(rounds=3, checkpoint_dir=broken, strategy="scaffold"), start)
+    refused = third.wait(10)
+    assert refused is not None and refused.reason == "ConfigError" and "does not fit its model" in refused.message
+    kept = checkpoint.load_latest(broken, JOB)
+    assert kept is not None and kept.round == 2 and kept.strategy_state.tensors["c/w"].shape == (2,)
+
     # A plain job refuses variates by name: an InvalidResult for the site, nothing of it aggregated.
     plain = harness.server(make_config(("site-a",), rounds=1, round_timeout_s=5.0), start)
     bad = harness.sidecar(plain, "site-a", lambda task, params: Reply({**params, "scaffold/w": params["w"]}))
