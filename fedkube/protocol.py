@@ -77,6 +77,10 @@ RESULT_START_TIMEOUT_KEY = "fedkube.result_start_timeout_s"
 RESULT_TTL_KEY = "fedkube.result_ttl_s"
 #: FedProx's mu from spec.strategy.proximalMu, for fedkube.trainer_sdk.fedprox (absent: no proximal term).
 PROXIMAL_MU_KEY = "fedkube.proximal_mu"
+#: SCAFFOLD's control variates travel as tensors named SCAFFOLD_PREFIX + <model tensor>: the server's c in a task,
+#: the client's delta c_i in a result (fedkube.server.scaffold, fedkube.trainer_sdk.scaffold). Reserved: a job of
+#: another strategy refuses results carrying such names.
+SCAFFOLD_PREFIX = "scaffold/"
 
 #: Seconds the trainer waits beyond the server's own stall detection, so that when the server is alive
 #: its verdict (``send()`` returns False, the site sits out the round) reaches the trainer before the

@@ -11,6 +11,7 @@ partition on its own and takes its part.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -78,14 +79,23 @@ def make_model(seed: int = 0) -> Any:
     return nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
 
 
-def train_epoch(model: Any, x: np.ndarray, y: np.ndarray, *, lr: float, batch: int, seed: int) -> float:
-    """One epoch of SGD (momentum 0.9) over (x, y) in a seeded order; returns the mean loss."""
+MOMENTUM = 0.9
+
+
+def train_epoch(
+    model: Any, x: np.ndarray, y: np.ndarray, *, lr: float, batch: int, seed: int,
+    after_backward: Callable[[], None] | None = None,
+) -> float:  # fmt: skip
+    """One epoch of SGD (momentum 0.9) over (x, y) in a seeded order; returns the mean loss.
+
+    ``after_backward`` runs between each backward and step (SCAFFOLD's gradient correction).
+    """
     import torch
     from torch import nn
 
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     total, count = 0.0, 0
@@ -93,6 +103,8 @@ def train_epoch(model: Any, x: np.ndarray, y: np.ndarray, *, lr: float, batch: i
         opt.zero_grad()
         loss = loss_fn(model(xt[idx]), yt[idx])
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         opt.step()
         total += loss.item() * len(idx)
         count += len(idx)

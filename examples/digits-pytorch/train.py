@@ -1,4 +1,4 @@
-"""fedkube digits example: a small torch MLP trained with FedAvg on non-IID parts of sklearn's digits.
+"""fedkube digits example: a small torch MLP trained with FedAvg (or SCAFFOLD) on non-IID parts of sklearn's digits.
 
 Each site trains one local epoch per round on its label-skewed part of the
 training set (data.py) and evaluates on the shared held-out test set: the
@@ -14,6 +14,8 @@ import os
 import data
 
 import fedkube.trainer_sdk as fk
+from fedkube.protocol import SCAFFOLD_PREFIX
+from fedkube.trainer_sdk.scaffold import Scaffold
 
 LOCAL_EPOCHS = 1
 LR = 0.05
@@ -36,6 +38,11 @@ def main() -> None:
             initial = {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
             fk.send(fk.FLModel(params=initial, num_examples=len(y)))
             continue
+        # With spec.strategy.name scaffold the task also carries the server's control variate (docs/scaffold.md).
+        # Momentum 0.9 makes the effective SGD step lr / (1 - 0.9), which SCAFFOLD's variate update needs.
+        scaffold = None
+        if task.kind == "train" and any(name.startswith(SCAFFOLD_PREFIX) for name in task.params):
+            scaffold = Scaffold.from_task(model, task, lr=LR / (1 - data.MOMENTUM))
         model.load_state_dict(task.params_torch())
         global_acc = data.accuracy(model, x_test, y_test)
         if task.kind == "evaluate":  # with spec.evaluation: the held-out accuracy of the global model, metrics only
@@ -46,7 +53,8 @@ def main() -> None:
         loss = 0.0
         for epoch in range(LOCAL_EPOCHS):
             seed = 1000 * task.round + 10 * data.site_index(site, SITES) + epoch
-            loss = data.train_epoch(model, x, y, lr=LR, batch=BATCH, seed=seed)
+            loss = data.train_epoch(model, x, y, lr=LR, batch=BATCH, seed=seed,
+                                    after_backward=scaffold.correct if scaffold is not None else None)
         local_acc = data.accuracy(model, x_test, y_test)
         print(
             f"site {site} round {task.round}/{task.total_rounds}: global model test accuracy {global_acc:.4f}, "
@@ -56,7 +64,11 @@ def main() -> None:
         fk.log_metric("local_accuracy", local_acc)
         params = {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
         metrics = {"global_accuracy": global_acc, "local_accuracy": local_acc, "loss": loss}
-        fk.send(fk.FLModel(params=params, num_examples=len(y), metrics=metrics))
+        result = fk.FLModel(params=params, num_examples=len(y), metrics=metrics)
+        if scaffold is not None:
+            scaffold.send(result)  # adds this site's variate delta; keeps its variate once the server used it
+        else:
+            fk.send(result)
 
 
 if __name__ == "__main__":

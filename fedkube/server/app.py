@@ -247,7 +247,7 @@ class FedkubeServer:
         self.config = config
         s = config.settings
         self.strategy = build_strategy(s.strategy, s.strategy_options, s.influence, spill_dir=config.checkpoint_dir,
-                                       rounds=s.rounds)  # fmt: skip
+                                       rounds=s.rounds, sites=len(s.clients))  # fmt: skip
         self.sessions = SessionTable()
         self.broker = UploadBroker()
         self.downloads = DownloadService(SERVER_SOURCE, chunk_bytes=min(s.transfer.chunk_bytes, MAX_CHUNK_BYTES))

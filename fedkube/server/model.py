@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from fedkube.errors import FedkubeError
+from fedkube.protocol import SCAFFOLD_PREFIX
 from fedkube.transfer.refs import DTYPE_NAMES
 from fedkube.transfer.refs import dtype_name as _transfer_dtype_name
 from fedkube.transfer.refs import numpy_dtype as _transfer_numpy_dtype
@@ -232,6 +233,15 @@ def check_result(spec: ModelSpec, announced: Iterable[TensorMeta]) -> str | None
         problems.insert(0, f"{len(missing)} tensor(s) of the global model missing: {listed(missing)}")
     if unexpected:
         problems.append(f"{len(unexpected)} tensor(s) not in the global model: {listed(unexpected)}")
+    # The reserved prefix (fedkube.server.scaffold) gets its own reason, first, so it is never cut off.
+    scaffold_job = any(n.startswith(SCAFFOLD_PREFIX) for n in spec.names)
+    if not scaffold_job and any(n.startswith(SCAFFOLD_PREFIX) for n in unexpected):
+        problems.insert(0, f"tensors named {SCAFFOLD_PREFIX}* are SCAFFOLD control variates, which only a job with "
+                        "spec.strategy.name scaffold takes; drop fedkube.trainer_sdk.scaffold from the script or "
+                        "run the job with strategy scaffold")
+    elif scaffold_job and any(n.startswith(SCAFFOLD_PREFIX) for n in missing + unexpected):
+        problems.insert(0, f"a scaffold job's result carries exactly one control variate delta {SCAFFOLD_PREFIX}"
+                        "<tensor> per float tensor of the model (fedkube.trainer_sdk.scaffold sends them)")
     if duplicates:
         problems.append(f"tensor(s) sent more than once: {listed(duplicates)}")
     if not problems:

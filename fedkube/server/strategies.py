@@ -541,20 +541,21 @@ class FedAdagrad(FedAdam):
 
 
 SERVER_OPTIMIZERS: dict[str, type[FedAdam]] = {c.name: c for c in (FedAdam, FedYogi, FedAdagrad)}
-STRATEGIES = ("fedavg", *SERVER_OPTIMIZERS, *ROBUST_STRATEGIES)
+STRATEGIES = ("fedavg", *SERVER_OPTIMIZERS, *ROBUST_STRATEGIES, "scaffold")
 
 
 def build_strategy(
     name: str, params: Mapping[str, Any] | None = None, influence: Influence | None = None, *,
-    spill_dir: Path | None = None, rounds: int | None = None,
+    spill_dir: Path | None = None, rounds: int | None = None, sites: int | None = None,
 ) -> Strategy:
     """The strategy named in the spec, with its camelCase parameters (e.g. ``serverLr``) and influence bounds.
 
-    ``spill_dir`` is where the robust strategies (``fedkube.server.robust``) stage a round's results on disk:
-    the server's checkpoint directory, or None for a temp dir. They weigh every result once and do not clip,
-    so they take no ``influence`` bounds (the spec refuses them together). ``rounds`` (spec.rounds) derives
-    central DP's noise multiplier when ``params["privacy"]`` (``fedkube.server.dp``) does not set one.
+    ``spill_dir``: where the robust strategies (``fedkube.server.robust``, no ``influence`` bounds) stage results
+    (None: a temp dir); ``rounds`` derives central DP's noise multiplier unless ``params["privacy"]`` sets one.
     """
+    if name == "scaffold":  # built on this module's mean aggregator; sites is N, which its c update divides by
+        from fedkube.server.scaffold import build_scaffold
+        return build_scaffold(params or {}, influence, sites)
     params = dict(params or {})
     spec_privacy = params.pop("privacy", None)
     proximal_mu = params.pop("proximalMu", None)

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from fedkube.metrics.server import ServerMetrics
 from fedkube.protocol import ResultTimeouts
 from fedkube.server.dp import report_privacy
@@ -35,6 +37,31 @@ class ConfiguresTasks(Protocol):
     """A strategy that tells each trainer something in its task (``Task.config``), e.g. FedProx's mu."""
 
     task_settings: dict[str, str]
+
+
+@runtime_checkable
+class SendsTensors(Protocol):
+    """A strategy whose train tasks carry tensors besides the model (SCAFFOLD's server control variate c).
+
+    The round publishes them with the model and checks each result against both (``check_result``), so a
+    result must return one tensor per published tensor; ``check_resume`` refuses a checkpoint whose state does
+    not fit its model, before any round.
+    """
+
+    def task_tensors(self, model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def check_resume(self, model: Mapping[str, np.ndarray]) -> None: ...
+
+
+def published(strategy: object, model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a train round publishes: the model, plus the strategy's task tensors (``SendsTensors``)."""
+    return {**model, **strategy.task_tensors(model)} if isinstance(strategy, SendsTensors) else model
+
+
+def check_resume(strategy: object, model: dict[str, np.ndarray]) -> None:
+    """Refuse (ConfigError) a resumed strategy state that does not fit the checkpoint's model."""
+    if isinstance(strategy, SendsTensors):
+        strategy.check_resume(model)
 
 
 def task_config(strategy: object) -> dict[str, str]:

@@ -290,6 +290,7 @@ class RoundWorkflow:
                 check_initial_model(model)
                 if state is not None:
                     self._strategy.load_state(state)
+                    strategy_report.check_resume(self._strategy, model)
                 self._progress.completed = self._progress.round = done
                 log.info("job %s: resuming after the checkpoint of round %s", s.job, done)
                 return done + 1, model
@@ -373,14 +374,15 @@ class RoundWorkflow:
         s = self.settings
         now = self._clock()
         aggregator = self._strategy.begin_round(model)
+        sent = strategy_report.published(self._strategy, model)  # the model, plus e.g. SCAFFOLD's c
         # Serialize once, serve many: one transaction per round for all its clients.
         transaction = self._publisher.publish(
-            model, participants, s.round_timeout_s, transaction_id=f"{s.job}-r{number}-{self._run_id}"
+            sent, participants, s.round_timeout_s, transaction_id=f"{s.job}-r{number}-{self._run_id}"
         )
         rnd = TrainRound(
             number=number, job=s.job, tasks=self._task_ids(number, participants), deadline=now + s.round_timeout_s,
-            spec=ModelSpec.of(model), aggregator=aggregator, state=RoundState(number, participants, now, self.policy),
-            transaction=transaction, refs=transaction.refs, model=model, telemetry=self.telemetry, clock=self._clock,
+            spec=ModelSpec.of(sent), aggregator=aggregator, state=RoundState(number, participants, now, self.policy),
+            transaction=transaction, refs=transaction.refs, model=sent, telemetry=self.telemetry, clock=self._clock,
         )  # fmt: skip
         if self._checkpointing is not None:
             self._checkpointing.published(number, rnd.refs)

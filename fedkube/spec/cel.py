@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedkube.spec.model import FLJobSpec, ModelSource, Timeouts, Transfer
-from fedkube.spec.strategy import FEDADAM_DEFAULTS, ROBUST_DEFAULTS, ROBUST_STRATEGY_NAMES, Strategy
+from fedkube.spec.strategy import ROBUST_DEFAULTS, ROBUST_STRATEGY_NAMES, Strategy, parameter_owners
 
 # Fields a running job may change: suspending/resuming and the cleanup delay act on the pods, not the training.
 MUTABLE_SPEC_FIELDS = ("suspend", "ttlSecondsAfterFinished")
@@ -116,13 +116,13 @@ def _model_rules() -> list[Rule]:
 
 
 def _strategy_rules() -> list[Rule]:
-    owners = {**dict.fromkeys(FEDADAM_DEFAULTS, "fedadam"), **{f: o for f, (o, _) in ROBUST_DEFAULTS.items()}}
+    # Every owner of a parameter (serverLr is fedadam's, fedyogi's, fedadagrad's and scaffold's), as validate says.
     rules = [
         Rule(f"only:{_alias(Strategy, field)}", ("strategy",),
-             f"!has(self.{_alias(Strategy, field)}) || {_NAME} == '{owner}'",
-             f"{_alias(Strategy, field)} is a {owner} parameter: remove it, or set strategy.name to {owner}",
-             f".{_alias(Strategy, field)}")
-        for field, owner in owners.items()
+             f"!has(self.{_alias(Strategy, field)}) || {_NAME} in [{', '.join(_literal(o) for o in owners)}]",
+             f"{_alias(Strategy, field)} is a {owners[0]} parameter: remove it, or set strategy.name to "
+             f"{' or '.join(owners)}", f".{_alias(Strategy, field)}")
+        for field, owners in parameter_owners().items()
     ]
     weighting = _field("self", ("weighting",), Strategy.model_fields["weighting"].default)
     rules += [
@@ -139,6 +139,9 @@ def _strategy_rules() -> list[Rule]:
              "!has(self.clipNorm))",
              "median, trimmedmean and krum ignore num_examples and do not clip: remove weighting, "
              "maxExamplesPerSite and clipNorm, or use fedavg/fedadam with these bounds"),
+        Rule("scaffoldBounds", ("strategy",), f"{_NAME} != 'scaffold' || (!has(self.clipNorm) && !has(self.privacy))",
+             "scaffold does not clip and takes no privacy: its control variates assume every accepted update counts "
+             "whole; remove clipNorm and privacy, or use fedavg/fedadam"),
     ]
     return rules
 

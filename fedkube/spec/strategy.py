@@ -22,7 +22,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True, strict=True)
 
 
-StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "median", "trimmedmean", "krum"]
+StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "median", "trimmedmean", "krum", "scaffold"]
 Weighting = Literal["examples", "equal"]
 
 FEDADAM_DEFAULTS: dict[str, float] = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
@@ -39,6 +39,8 @@ ROBUST_DEFAULTS: dict[str, tuple[str, float | int]] = {
     "krum_select": ("krum", 1),
 }
 ROBUST_STRATEGY_NAMES = ("median", "trimmedmean", "krum")
+# SCAFFOLD (Karimireddy et al. 2020, fedkube.server.scaffold): its global step size eta_g, 1.0 in the paper.
+SCAFFOLD_DEFAULTS: dict[str, float] = {"server_lr": 1.0}
 
 
 class Strategy(_Model):
@@ -56,7 +58,8 @@ class Strategy(_Model):
     name: StrategyName = Field(
         default="fedavg",
         description=(
-            "fedavg (weighted mean), fedadam, fedyogi, fedadagrad (server-side Adam, Yogi, Adagrad), median "
+            "fedavg (weighted mean), fedadam, fedyogi, fedadagrad (server-side Adam, Yogi, Adagrad), scaffold "
+            "(control variates against client drift; trainers use fedkube.trainer_sdk.scaffold), median "
             "(coordinate-wise median; >= 3 results per round), trimmedmean (coordinate-wise mean without the "
             "trimFraction largest and smallest values) "
             "or krum (mean of the krumSelect results closest to the others; more than 2*byzantine+2 results). "
@@ -66,7 +69,8 @@ class Strategy(_Model):
     )
     server_lr: float | None = Field(
         default=None, alias="serverLr", ge=MIN_POSITIVE,
-        description="fedadam, fedyogi, fedadagrad: server learning rate.",
+        description="fedadam, fedyogi, fedadagrad: server learning rate; scaffold: the global step size "
+        "(default 1.0).",
     )  # fmt: skip
     beta1: float | None = Field(
         default=None, ge=0, le=MAX_BETA, description="fedadam, fedyogi, fedadagrad: first-moment decay."
@@ -143,6 +147,9 @@ class Strategy(_Model):
         for field, (owner, default) in ROBUST_DEFAULTS.items():
             if self.name == owner and getattr(self, field) is None:
                 setattr(self, field, default)
+        for field, value in SCAFFOLD_DEFAULTS.items():
+            if self.name == "scaffold" and getattr(self, field) is None:
+                setattr(self, field, value)
         return self
 
     @model_validator(mode="after")
@@ -160,6 +167,11 @@ class Strategy(_Model):
             raise ValueError("clipQuantile adapts clipNorm from its first value; set clipNorm too (e.g. 1.0)")
         elif self.clip_learning_rate is None:
             self.clip_learning_rate = CLIP_LEARNING_RATE
+        if self.name == "scaffold" and self.clip_norm is not None:
+            # Clipping the model update but not the control variate's would make c stop tracking the mean of
+            # the clients' variates, which is what the correction relies on (fedkube.server.scaffold).
+            raise ValueError("scaffold does not clip: its control variates assume every accepted update counts "
+                             "whole; remove clipNorm (and clipQuantile), or use fedavg/fedadam with clipping")
         bounded = self.weighting != "examples" or self.max_examples_per_site is not None or self.clip_norm is not None
         if self.name in ROBUST_STRATEGY_NAMES and bounded:
             # The robust rules weigh every result once and do not clip (fedkube.server.robust): a bound set here
@@ -176,7 +188,7 @@ class Strategy(_Model):
             return self
         # The noise is calibrated to one site's largest possible effect on the mean: clipNorm, fixed, and equal
         # weights. An adaptive bound would need its own noised quantile and budget share (Andrew et al. 2021).
-        if self.name in ROBUST_STRATEGY_NAMES:
+        if self.name in (*ROBUST_STRATEGY_NAMES, "scaffold"):
             raise ValueError(f"privacy needs clipped, equally weighted updates, which {self.name} does not make; use "
                              "fedavg, fedadam, fedyogi or fedadagrad with clipNorm and weighting=equal")
         if self.clip_norm is None or self.clip_quantile is not None:
@@ -196,6 +208,8 @@ def parameter_owners() -> dict[str, tuple[str, ...]]:
             owners[field] = (*owners.get(field, ()), strategy)
     for field, (owner, _) in ROBUST_DEFAULTS.items():
         owners[field] = (*owners.get(field, ()), owner)
+    for field in SCAFFOLD_DEFAULTS:
+        owners[field] = (*owners.get(field, ()), "scaffold")
     owners["proximal_mu"] = ("fedavg", *SERVER_OPTIMIZER_DEFAULTS)
     return owners
 
@@ -229,6 +243,6 @@ def min_results(strategy: Strategy) -> int:
 
 __all__ = [
     "CLIP_LEARNING_RATE", "FEDADAM_DEFAULTS", "MAX_BETA", "MAX_EXAMPLES", "MAX_TRIM_FRACTION", "MIN_POSITIVE",
-    "ROBUST_DEFAULTS", "SERVER_OPTIMIZER_DEFAULTS", "Strategy", "StrategyName", "Weighting", "min_results",
-    "parameter_owners", "trim_count",
+    "ROBUST_DEFAULTS", "SCAFFOLD_DEFAULTS", "SERVER_OPTIMIZER_DEFAULTS", "Strategy", "StrategyName", "Weighting",
+    "min_results", "parameter_owners", "trim_count",
 ]  # fmt: skip

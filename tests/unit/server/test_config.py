@@ -102,7 +102,7 @@ def test_every_strategy_parameter_reaches_the_server_and_its_builder(tmp_path: P
     seen: set[str] = set()
     for name in typing.get_args(StrategyName):
         s = settings_from_spec("cfg", _spec({**MINIMAL["spec"], "clients": FIVE, "strategy": {"name": name}}))
-        build_strategy(s.strategy, s.strategy_options, spill_dir=tmp_path)
+        build_strategy(s.strategy, s.strategy_options, spill_dir=tmp_path, sites=len(s.clients))
         seen |= set(s.strategy_options)
     private = {"weighting": "equal", "clipNorm": 1.0, "privacy": {"targetEpsilon": 5, "targetDelta": 1e-5},
                "proximalMu": 0.1}

@@ -153,6 +153,8 @@ INVALID: dict[str, dict[str, Any]] = {
     "clipLearningRate": _fedavg(clipNorm=1.0, clipLearningRate=0.1),
     "clipQuantile": _fedavg(clipQuantile=0.5),
     "robustBounds": _fedavg(name="median", clipNorm=1),
+    "only:proximalMu": _fedavg(name="scaffold", proximalMu=0.1),
+    "scaffoldBounds": _fedavg(name="scaffold", clipNorm=1),
 }
 
 
@@ -176,7 +178,7 @@ def _random_spec(rng: random.Random) -> dict[str, Any]:
         spec["minClients"] = rng.randint(1, 9)
     strategy: dict[str, Any] = {}
     if rng.random() < 0.9:
-        strategy["name"] = rng.choice(["fedavg", "fedadam", "median", "trimmedmean", "krum"])
+        strategy["name"] = rng.choice(["fedavg", "fedadam", "fedyogi", "median", "trimmedmean", "krum", "scaffold"])
     optional = {
         "serverLr": lambda: 0.1, "beta1": lambda: 0.9, "beta2": lambda: 0.99, "tau": lambda: 0.01,
         "trimFraction": lambda: rng.choice([0, 0.1, 0.2, 0.25, 0.3, 0.45]),

@@ -112,7 +112,7 @@ BAD = [
     ("no-trainer-image", _set("spec.trainer.image", _DELETE), "spec.trainer.image", "required"),
     ("no-trainer", _set("spec.trainer", _DELETE), "spec.trainer", "required"),
     ("image-space", _set("spec.trainer.image", "repo/img :1"), "spec.trainer.image", "whitespace"),
-    ("unknown-strategy", _set("spec.strategy.name", "fedprox"), "spec.strategy.name", "'trimmedmean' or 'krum'"),
+    ("unknown-strategy", _set("spec.strategy.name", "fedprox"), "spec.strategy.name", "'krum' or 'scaffold'"),
     ("fedavg-with-lr", _set("spec.strategy", {"name": "fedavg", "serverLr": 0.1}), "spec.strategy.serverLr", "fedadam"),
     ("file-without-path", _set("spec.model.path", _DELETE), "spec.model.path", "no path"),
     ("path-without-file", _set("spec.model", {"source": "firstClient", "path": "/x"}), "spec.model.path", "ignores"),
