@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from fedkube.errors import ConfigError
-from fedkube.security import contexts, pki
+from fedkube.security import contexts
 from fedkube.security.pki import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -51,16 +52,28 @@ def _identity(files: TlsFiles) -> tuple[_FileId, ...]:
     return tuple(out)
 
 
+def _check_pair(files: TlsFiles, cert_pem: bytes, key_pem: bytes) -> x509.Certificate:
+    """The certificate, when the key is its key (any algorithm a TLS library takes); ConfigError otherwise."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot parse {files.cert} or {files.key}: {exc}") from exc
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise ConfigError(f"the key {files.key} does not belong to the certificate {files.cert}")
+    return cert
+
+
 def _load(files: TlsFiles, generation: int) -> tuple[Loaded, tuple[_FileId, ...]]:
     """Both planes' credentials from one unchanged state of the files; ConfigError when the pair does not match."""
     for _ in range(3):
         before = _identity(files)
         cert_pem, key_pem = files.cert.read_bytes(), files.key.read_bytes()
-        pki.load_issued(cert_pem, key_pem)  # ConfigError: a new certificate with the old key (mid-renewal)
+        cert = _check_pair(files, cert_pem, key_pem)  # ConfigError: a new certificate with the old key (mid-renewal)
         ssl_ctx = contexts.client_ssl_context(files)  # reads the paths again: only valid if nothing moved since
         creds = contexts.grpc_channel_credentials(files)
         if _identity(files) == before:
-            cert = x509.load_pem_x509_certificate(cert_pem)
             stamp = cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
             return Loaded(ssl_ctx, creds, format(cert.serial_number, "x"), stamp, generation), before
     raise ConfigError(f"the TLS files {files.cert} and {files.key} kept changing while being read; a renewal is "
@@ -74,7 +87,11 @@ class ReloadingCredentials:
         """Reads the files now: a bad bundle fails the start (ConfigError), not the first dial."""
         self.files = files
         self._lock = threading.Lock()
-        self._loaded, self._seen = _load(files, 0)
+        try:
+            self._loaded, self._seen = _load(files, 0)
+        except OSError as exc:
+            raise ConfigError(f"cannot read the TLS files (ca={files.ca}, cert={files.cert}, key={files.key}): "
+                              f"{exc}; fix: provision the job's certificates") from exc
         self._refused: tuple[_FileId, ...] | None = None  # the file state last found unusable (logged once)
 
     def current(self) -> Loaded:
@@ -89,7 +106,7 @@ class ReloadingCredentials:
                 return self._loaded
             try:
                 loaded, seen = _load(self.files, self._loaded.generation + 1)
-            except (ConfigError, OSError, ValueError) as exc:
+            except (ConfigError, OSError) as exc:
                 self._once(now, str(exc))
                 return self._loaded
             old, self._loaded, self._seen, self._refused = self._loaded, loaded, seen, None

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from fedkube.errors import ConfigError
 from fedkube.security import contexts, pki
 from fedkube.security.material import files_in
 from fedkube.transfer import endpoints
@@ -143,5 +144,7 @@ def test_new_connections_present_the_renewed_certificate_and_open_ones_stay(
 
 def test_credentials_that_never_match_fail_the_start(job_pki: JobPki, tmp_path: Path) -> None:
     _mount(tmp_path, job_pki.ca, _site_cert(job_pki), key_of=_site_cert(job_pki))
-    with pytest.raises(Exception, match="does not belong to the certificate"):
+    with pytest.raises(ConfigError, match="does not belong to the certificate"):
         ReloadingCredentials(files_in(tmp_path))
+    with pytest.raises(ConfigError, match="fix: provision the job's certificates"):
+        ReloadingCredentials(files_in(tmp_path / "nothing-here"))
