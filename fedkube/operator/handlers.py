@@ -30,7 +30,7 @@ import kopf
 
 from fedkube.metrics import OperatorMetrics
 from fedkube.metrics.operator import PHASES
-from fedkube.operator import builders, certificates, edits, kube, naming, restarts, views
+from fedkube.operator import builders, certificates, edits, joins, kube, naming, restarts, views
 from fedkube.operator import status as lifecycle
 from fedkube.operator.podspec import PodDefaults
 from fedkube.operator.policy import AdminPolicy
@@ -315,14 +315,19 @@ def _ensure(
         objs = builders.build_all(job, tokens=tokens, tls=tls, owner=body,
                                   log_format=memo.get(Memo.LOG_FORMAT) or "text", network=memo.get(Memo.NETWORK),
                                   defaults=memo.get(Memo.JOB_DEFAULTS))
+        ports = _node_ports(job, api, ref)
         for obj in objs:
             labels = obj["metadata"].get("labels") or {}
             if obj["kind"] == "Pod" and (not pods or labels.get(naming.LABEL_SITE) in skip_sites):
                 continue
             # No kopf.adopt(): the builders set the owner reference, and adopt would also copy the FLJob's labels
             # onto the pods, so an author could label them into someone else's Service (app=payments).
-            result = api.create_or_patch(obj, ref)
+            result = api.create_or_patch(joins.with_node_ports(obj, job, ports) if ports else obj, ref)
             logger.debug("job %s/%s: %s %s %s", job.namespace, job.name, obj["kind"], obj["metadata"]["name"], result)
+        if ports is None and (ports := _node_ports(job, api, ref)):  # the NodePort Service was made just now
+            for obj in objs:
+                if (updated := joins.with_node_ports(obj, job, ports)) is not obj:
+                    api.create_or_patch(updated, ref)
     except kube.NameConflict as exc:
         _name_conflict(api, ref, body, patch, dict(body.get("status") or {}), _now(memo), exc)
     except kube.CreateRefused as exc:
@@ -334,6 +339,14 @@ def _ensure(
             delay=RETRY_DELAY,
         ) from exc
     return tls
+
+
+def _node_ports(job: FLJob, api: kube.Kube, ref: kube.JobRef) -> dict[str, int] | None:
+    """The nodePorts of the job's NodePort ``{job}-remote`` Service, for the join bundles (None: not one, or not
+    made yet)."""
+    if job.spec.server.expose.type != "NodePort" or not joins.enrolls(job):
+        return None
+    return joins.node_ports(job, api.job_service(ref, joins.remote_service_name(job.name)))
 
 
 def _create_refused(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, exc: kube.CreateRefused,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fedkube import envvars
@@ -182,6 +182,44 @@ def build_remote_service(job: FLJob, meta: MetaFn) -> list[Manifest]:
         "spec": {"type": expose.type, "selector": {naming.LABEL_JOB: job.name, naming.LABEL_ROLE: naming.ROLE_SERVER},
                  "ports": ports},
     }]  # fmt: skip
+
+
+# --- NodePort: the ports remote sites dial are the API server's choice ------------------------------------------
+
+#: The join bundle's field for each port of ``{job}-remote`` (by the Service port's name).
+_BUNDLE_PORT = {"grpc": "grpc_port", "bulk": "bulk_port", "enroll": "enroll_port"}
+
+
+def node_ports(job: FLJob, service: Mapping[str, Any] | None) -> dict[str, int] | None:
+    """The nodePorts the API server gave ``{job}-remote`` (port name -> number) when it is a NodePort Service and
+    every port has one; None otherwise. A LoadBalancer forwards the Service ports as they are (7070, 8471, 8472),
+    which the bundle already names; a NodePort Service's sites dial a node's address at its nodePorts."""
+    if job.spec.server.expose.type != "NodePort" or service is None:
+        return None
+    got = {str(p.get("name")): p.get("nodePort") for p in (service.get("spec") or {}).get("ports") or []}
+    wanted = {name: got.get(name) for name in _BUNDLE_PORT if name in got}
+    if "grpc" not in wanted or not all(isinstance(v, int) and v > 0 for v in wanted.values()):
+        return None  # not assigned yet
+    return {k: int(v) for k, v in wanted.items() if v is not None}
+
+
+def with_node_ports(obj: Manifest, job: FLJob, ports: Mapping[str, int]) -> Manifest:
+    """``obj`` with the bundle's ports replaced by ``ports`` when it is one of the job's join Secrets; else ``obj``.
+
+    The bundle's format is unchanged: its ports apply to each of its addresses, as a nodePort is the same on
+    every node (an older ``fedkube join`` reads it as it is)."""
+    meta = obj.get("metadata") or {}
+    names = {join_secret_name(job.name, s) for s in remote_sites(job)}
+    data = obj.get("data") or {}
+    if obj.get("kind") != "Secret" or meta.get("name") not in names or BUNDLE_FILE not in data:
+        return obj
+    try:
+        bundle = json.loads(base64.b64decode(data[BUNDLE_FILE]))
+    except ValueError:
+        return obj  # fedkube render's placeholder: no bundle to rewrite
+    bundle.update({_BUNDLE_PORT[name]: port for name, port in ports.items()})
+    text = json.dumps(bundle, indent=2, sort_keys=True) + "\n"
+    return {**obj, "data": {**data, BUNDLE_FILE: base64.b64encode(text.encode()).decode()}}
 
 
 def enroll_ports(job: FLJob) -> list[dict[str, Any]]:

@@ -233,6 +233,14 @@ class Kube:
                 return None
             raise
 
+    def job_service(self, job: JobRef, name: str) -> dict[str, Any] | None:
+        """``job``'s Service ``name`` as stored (None when absent); NameConflict when it is not the job's."""
+        service = self._get_or_none("Service", job.namespace, name)
+        why = None if service is None else foreign(service, job)
+        if why is not None:
+            raise NameConflict(job, "Service", name, why)
+        return service
+
     def job_secret_data(self, job: JobRef, name: str) -> dict[str, str] | None:
         """The decoded data of ``job``'s Secret ``name``; None when it does not exist.
 

@@ -23,7 +23,7 @@ patch. That keeps every rule of DESIGN.md §5 testable with an injected clock:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -443,12 +443,14 @@ def judge_site(
     return SiteVerdict(state, delete, _failure_event(site, before, state))
 
 
-def count_ready(sites: Mapping[str, SiteStatus], pods: Mapping[str, PodView]) -> int:
-    """Healthy sites that delivered (Done) or whose pod is Ready."""
+def count_ready(sites: Mapping[str, SiteStatus], pods: Mapping[str, PodView], remote: Collection[str] = ()) -> int:
+    """Healthy sites that delivered (Done) or whose pod is Ready; a ``remote`` site (no pod here) once the server
+    reports it registered."""
     return sum(
         1 for name, st in sites.items()
         if not st.state.unhealthy and (st.state is ClientState.DONE or (
-            (pod := pods.get(name)) is not None and pod.ready))
+            (pod := pods.get(name)) is not None and pod.ready) or (
+            name in remote and st.state is not ClientState.PENDING))
     )
 
 
@@ -530,7 +532,7 @@ def decide(job: FLJob, previous: Mapping[str, Any], obs: Observation) -> Decisio
     verdicts = {site.name: judge_site(job, site.name, obs.client_pods.get(site.name), before.get(site.name), word,
                                       obs.now) for site in job.spec.clients}
     sites = {name: v.status for name, v in verdicts.items()}
-    ready = count_ready(sites, obs.client_pods)
+    ready = count_ready(sites, obs.client_pods, {c.name for c in job.spec.clients if c.remote})
     round_now = current_round(previous, word)
     verdict = judge_phase(job, previous, obs, word, sites, ready, round_now)
     # One patch.

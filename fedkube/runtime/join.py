@@ -2,7 +2,9 @@
 
 Enrolls with the job's join bundle (:mod:`fedkube.security.enroll_wire`): the site's key is made here and never
 leaves the state directory (0700; key and token files 0600). A restart reuses the certificate, renews it over
-mutual TLS when a third of its lifetime is left, and enrolls again only when it has none for the bundle's CA.
+mutual TLS when a third of its lifetime is left, and enrolls again only when it has none for the bundle's CA; while
+the site runs, :class:`~fedkube.runtime.renewal.RenewalLoop` renews it the same way and the sidecar picks the new
+files up for its next connection.
 Then it runs what a client pod runs: the job-cell sidecar (``fedkube sidecar``) and the trainer, the trainer with
 the same environment the SDK reads in a pod (FEDKUBE_JOB, _NAMESPACE, _SITE, _SIDECAR_ADDRESS, _WORKDIR) and no
 access to the key (it talks to the sidecar on 127.0.0.1 only). The exit code is the trainer's.
@@ -28,6 +30,7 @@ from fedkube.errors import FedkubeError
 from fedkube.logs import configure_logging
 from fedkube.runtime.mapping import fedkube_command
 from fedkube.runtime.process import ManagedProcess, ProcessSpec, StreamSink
+from fedkube.runtime.renewal import RenewalLoop
 from fedkube.security import enroll, pki
 from fedkube.security.enroll_wire import EnrollmentError, enroll_site, renew_site
 from fedkube.security.material import files_in
@@ -74,14 +77,21 @@ def ensure_identity(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, *, 
     """Enroll, renew or reuse; returns what was done ("enrolled", "renewed", "reused")."""
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state, 0o700)
-    files = files_in(state)
     moment = now or dt.datetime.now(dt.timezone.utc)
     cert = _current(state, bundle, moment)
-    address = (ends.host, ends.enroll_port)
-    key = enroll.new_site_key()
     if cert is not None and not enroll.needs_renewal(cert, moment):
         return "reused"
-    if cert is not None:
+    return refresh_identity(bundle, state, ends, renew=cert is not None, timeout_s=timeout_s)
+
+
+def refresh_identity(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, *, renew: bool,
+                     timeout_s: float = 10.0) -> str:  # fmt: skip
+    """Renew over the stored certificate (``renew``) or enroll with the bundle's token, with a new key; writes the
+    state atomically, file by file (a running sidecar skips a certificate whose key is not there yet)."""
+    files = files_in(state)
+    address = (ends.host, ends.enroll_port)
+    key = enroll.new_site_key()
+    if renew:
         issued = renew_site(bundle, key, files.cert, files.key, address, timeout_s=timeout_s)
         done = "renewed"
     else:
@@ -145,6 +155,8 @@ def run_site(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, command: S
     sidecar = ManagedProcess(ProcessSpec(f"{bundle.site} sidecar", [*fedkube_command(), "sidecar"],
                                          site_env(bundle, state, ends, os.environ), state, logs / "sidecar.log"), sink)
     sidecar.start()
+    # The sidecar reads the state directory again for each new connection: a renewal needs no restart.
+    renewal = RenewalLoop(bundle.site, state, lambda: refresh_identity(bundle, state, ends, renew=True)).start()
     trainer: ManagedProcess | None = None
     try:
         port = _wait_port(sidecar, ports, time.monotonic() + SIDECAR_READY_S)
@@ -162,6 +174,7 @@ def run_site(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, command: S
                         SIDECAR_LINGER_S)
         return int(code if code is not None else 1)
     finally:
+        renewal.stop()
         if trainer is not None and trainer.returncode is None:
             trainer.stop(5.0)
         sidecar.stop(5.0)

@@ -126,9 +126,10 @@ CERT_INVALID = "cert_invalid"  # any other verification failure
 NO_CLIENT_CERT = "no_client_certificate"  # the same label `grpc_peer_site_identity` uses
 HANDSHAKE_FAILED = "tls_handshake"  # the peer hung up or broke the handshake otherwise
 TOKEN_SITE_MISMATCH = "token_site_mismatch"  # the certificate's site and the token's (or request's) differ
+SUPERSEDED = "superseded"  # a remote site's certificate replaced by a renewal (fedkube.server.supersede)
 TLS_REFUSALS = (
     NOT_TLS, TLS_VERSION, UNKNOWN_CA, CERT_EXPIRED, CERT_NOT_YET_VALID, CERT_WRONG_PURPOSE, CERT_INVALID,
-    NO_CLIENT_CERT, HANDSHAKE_FAILED, TOKEN_SITE_MISMATCH, "no_identity", "several_identities", "other_job",
+    NO_CLIENT_CERT, HANDSHAKE_FAILED, TOKEN_SITE_MISMATCH, SUPERSEDED, "no_identity", "several_identities", "other_job",
     "wrong_scheme", "wrong_trust_domain", "malformed_uri", "bad_certificate",
 )  # fmt: skip
 

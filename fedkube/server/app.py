@@ -46,6 +46,7 @@ from fedkube.server.http import StatusServer
 from fedkube.server.output import ModelOutput
 from fedkube.server.reverse import ClaimRefused, UploadBroker
 from fedkube.server.strategies import StrategyState, build_strategy
+from fedkube.server.supersede import Supersession
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
 from fedkube.status import EXIT_FAILED, Phase, Reason
 from fedkube.termination import TerminationSummary, write_termination_summary
@@ -269,8 +270,11 @@ class FedkubeServer:
         )  # fmt: skip
         self.tls = ServerTls.from_files(config.tls.files, namespace=config.namespace, job=s.job) if (
             config.tls.files is not None) else None  # fmt: skip
+        # Remote sites' certificates replaced by a renewal are refused on both ports (the enrollment ledger's).
+        self.supersession = Supersession(config.enroll.records if config.enroll is not None else ())
         self.auth = Authenticator(s.job, config.tokens, self.metrics,
-                                  tls_namespace=config.namespace if self.tls is not None else None)
+                                  tls_namespace=config.namespace if self.tls is not None else None,
+                                  supersession=self.supersession)
         self._servicer = ControlServicer(
             s.job, self.auth, self.workflow, self.sessions, self.broker,
             heartbeat_interval_ms=self.workflow.heartbeat_interval_ms,
@@ -343,7 +347,8 @@ class FedkubeServer:
             self.enrollment = start_enrollment(
                 self.config.enroll, tls_files=self.config.tls.files, namespace=self.config.namespace,
                 job=self.config.job, host=self.config.bind_host, site_tokens=self.config.tokens,
-                checkpoint_dir=self.config.checkpoint_dir, count=self.metrics.enrollment)
+                checkpoint_dir=self.config.checkpoint_dir, count=self.metrics.enrollment,
+                supersession=self.supersession)
         self._grpc.start()
         self._status.start()
         self._ready.set()
@@ -364,6 +369,7 @@ class FedkubeServer:
                 self.downloads, host=host, port=port, authorize=self.auth.authorize_bulk,
                 on_upload=self._on_bulk_upload, name=f"job {self.config.job} bulk",
                 on_refused=lambda reason: self.metrics.connection_rejected(reason, "bulk"), tls=self.tls,
+                check_peer=self.supersession.check,
             ).start()  # fmt: skip
         except OSError as exc:
             raise ConfigError(

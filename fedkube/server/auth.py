@@ -9,7 +9,9 @@ With mutual TLS the site is the one the client certificate names
 (``cert_site``, read by :meth:`Authenticator.call_identity` on gRPC and by the
 bulk listener after its handshake); the token stays as a second factor and
 must be that same site's (a certificate of A with the token of B is refused,
-``token_site_mismatch``). Without TLS the token is the only factor.
+``token_site_mismatch``), and a remote site's certificate must not be one a
+renewal superseded (:mod:`fedkube.server.supersede`, ``superseded``). Without
+TLS the token is the only factor.
 
 On the gRPC port a failed handshake (another CA, expired, no certificate,
 plaintext, the server's certificate as a client's) ends inside gRPC's core:
@@ -31,8 +33,9 @@ import grpc
 
 from fedkube.metrics.server import ServerMetrics
 from fedkube.protocol import AUTH_METADATA, BEARER, RECEIVER_MISMATCH, SITE_METADATA
-from fedkube.security.contexts import TOKEN_SITE_MISMATCH, grpc_peer_site_identity
+from fedkube.security.contexts import GRPC_PEER_CERT_KEY, TOKEN_SITE_MISMATCH, grpc_peer_site_identity
 from fedkube.security.identity import PeerIdentityError
+from fedkube.server.supersede import Supersession
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +71,15 @@ class Authenticator:
 
     def __init__(
         self, job: str, tokens: Mapping[str, bytes], metrics: ServerMetrics | None = None, *,
-        tls_namespace: str | None = None,
+        tls_namespace: str | None = None, supersession: Supersession | None = None,
     ) -> None:  # fmt: skip
-        """``tls_namespace``: the job's namespace when gRPC calls come over mutual TLS (None: plaintext)."""
+        """``tls_namespace``: the job's namespace when gRPC calls come over mutual TLS (None: plaintext);
+        ``supersession``: refuses remote sites' certificates replaced by a renewal (with TLS only)."""
         self._job = job
         self._tokens = dict(tokens)
         self._metrics = metrics
         self._tls_namespace = tls_namespace
+        self._supersession = supersession
 
     @property
     def tls(self) -> bool:
@@ -112,10 +117,15 @@ class Authenticator:
         if self._tls_namespace is None:
             return None
         try:
-            return grpc_peer_site_identity(context, namespace=self._tls_namespace, job=self._job).site
+            site = grpc_peer_site_identity(context, namespace=self._tls_namespace, job=self._job).site
         except PeerIdentityError as exc:
             raise self.refuse(AuthError(claimed, grpc.StatusCode.PERMISSION_DENIED, exc.reason, str(exc)),
                               what, context.peer()) from None
+        if self._supersession is not None:
+            refusal = self._supersession.check(site, context.auth_context()[GRPC_PEER_CERT_KEY][0])
+            if refusal is not None:
+                raise self.refuse(AuthError(site, grpc.StatusCode.PERMISSION_DENIED, *refusal), what, context.peer())
+        return site
 
     def authenticate(
         self, site: str, token: bytes | str, *, what: str, peer: str = "", cert_site: str | None = None,

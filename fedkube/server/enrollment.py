@@ -43,6 +43,7 @@ from fedkube.security.enroll import EnrollmentRefused, TokenRecord
 from fedkube.security.enroll_wire import MAX_REQUEST_BYTES, recv_frame, send_frame
 from fedkube.security.identity import PeerIdentityError, site_identity
 from fedkube.security.pki import TlsFiles
+from fedkube.server.supersede import Supersession
 from fedkube.transfer.bulk.listener import Listener
 
 log = logging.getLogger(__name__)
@@ -117,9 +118,12 @@ class Enroller:
 
     def __init__(
         self, namespace: str, job: str, settings: EnrollSettings, ledger: Ledger, site_tokens: Mapping[str, bytes],
-        *, clock: Callable[[], float] = time.time,
+        *, clock: Callable[[], float] = time.time, on_issued: Callable[[str, str | None, str], None] | None = None,
     ) -> None:  # fmt: skip
+        """``on_issued(site, previous serial, new serial)`` runs before the ledger names the new certificate
+        current (:meth:`fedkube.server.supersede.Supersession.issued`)."""
         self.namespace, self.job = namespace, job
+        self._on_issued = on_issued
         self._settings = settings
         self._ledger = ledger
         self._site_tokens = site_tokens
@@ -185,7 +189,10 @@ class Enroller:
         cert = enroll.sign_site_csr(self._settings.ca, csr, self.namespace, self.job, site, now)
         if spend:
             self._ledger.spent.add(enroll.token_hash(str(spend)))
-        self._ledger.current[site] = format(cert.serial_number, "x")
+        serial = format(cert.serial_number, "x")
+        if self._on_issued is not None:
+            self._on_issued(site, self._ledger.current.get(site), serial)
+        self._ledger.current[site] = serial
         self._ledger.save()  # before the answer leaves: a crash now leaves the token spent, never reusable
         return cert
 
@@ -280,13 +287,18 @@ def _peer(conn: socket.socket) -> str:
 def start_enrollment(
     settings: EnrollSettings, *, tls_files: TlsFiles | None, namespace: str, job: str, host: str,
     site_tokens: Mapping[str, bytes], checkpoint_dir: Path | None, count: Callable[[str], None],
+    supersession: Supersession | None = None,
 ) -> EnrollmentServer:  # fmt: skip
-    """The running enrollment listener of a server (``FedkubeServer.start``); ConfigError when it cannot run."""
+    """The running enrollment listener of a server (``FedkubeServer.start``); ConfigError when it cannot run.
+    ``supersession`` is given the ledger's current serials and told of each new certificate."""
     if tls_files is None:
         raise ConfigError(f"{envvars.ENROLL_DIR} is set but TLS is disabled: remote sites enroll over TLS; fix: "
                           "enable spec.security.tls for a job with remote sites")
     ledger = Ledger.open(checkpoint_dir)
-    enroller = Enroller(namespace, job, settings, ledger, site_tokens)
+    if supersession is not None:
+        supersession.attach(ledger.current)
+    enroller = Enroller(namespace, job, settings, ledger, site_tokens,
+                        on_issued=supersession.issued if supersession is not None else None)
     host = host.strip("[]")
     if host in ("", "::"):
         host = "::" if socket.has_dualstack_ipv6() else "0.0.0.0"

@@ -34,6 +34,8 @@ import grpc
 from fedkube.security import contexts
 from fedkube.security.pki import TlsFiles
 from fedkube.security.settings import TlsSettings
+from fedkube.transfer.rechannel import ReloadingChannel
+from fedkube.transfer.reload import ReloadingCredentials
 
 
 class TlsHandshakeError(OSError):
@@ -42,15 +44,23 @@ class TlsHandshakeError(OSError):
 
 @dataclass(frozen=True)
 class ClientTls:
-    """A site's side of both planes: its credentials and the name the server's certificate must carry."""
+    """A site's side of both planes: its credentials and the name the server's certificate must carry.
 
-    ssl_context: ssl.SSLContext
-    grpc_credentials: grpc.ChannelCredentials
+    The credentials are read again when their files change (a renewal): every new connection, bulk dial or
+    gRPC channel, presents the newest matching certificate and key (:mod:`fedkube.transfer.reload`).
+    """
+
+    credentials: ReloadingCredentials
     server_name: str
 
     @classmethod
     def from_files(cls, files: TlsFiles, server_name: str) -> ClientTls:
-        return cls(contexts.client_ssl_context(files), contexts.grpc_channel_credentials(files), server_name)
+        return cls(ReloadingCredentials(files), server_name)
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The bulk plane's context for a new connection."""
+        return self.credentials.current().ssl_context
 
     @classmethod
     def from_settings(cls, settings: TlsSettings) -> ClientTls | None:
@@ -169,7 +179,7 @@ def channel(address: str, options: Sequence[tuple[str, Any]], tls: ClientTls | N
     if tls is None:
         return grpc.insecure_channel(address, options=list(options))
     opts = list(options) + contexts.grpc_channel_options(tls.server_name) if tls.server_name else list(options)
-    return grpc.secure_channel(address, tls.grpc_credentials, options=opts)
+    return ReloadingChannel(tls.credentials, lambda creds: grpc.secure_channel(address, creds, options=opts))
 
 
 def add_port(server: grpc.Server, address: str, tls: ServerTls | None = None) -> int:

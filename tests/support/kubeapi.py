@@ -293,6 +293,7 @@ class KubeAPI:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._ips = 0
+        self._node_ports = 0
         # Admission, as quota, PodSecurity or a webhook: called with (kind, object) before a create is stored; it
         # refuses by raising ApiError (the Status body a real API server would answer). Set it through call().
         self.admission: Callable[[str, dict[str, Any]], None] | None = None
@@ -642,8 +643,22 @@ class KubeAPI:
             if not spec.get("clusterIP"):
                 self._ips += 1
                 spec["clusterIP"] = f"10.96.{self._ips // 250}.{self._ips % 250 + 1}"
+            if spec.get("type") in ("NodePort", "LoadBalancer"):
+                self._assign_node_ports(spec, old)
         if t.key == CRD_KEY:
             self._register_crd(obj)
+
+    def _assign_node_ports(self, spec: dict[str, Any], old: dict[str, Any] | None) -> None:
+        """A nodePort (30000-32767) for each port without one; an update keeps the ports' earlier ones, by name."""
+        kept = {p.get("name"): p.get("nodePort") for p in ((old or {}).get("spec") or {}).get("ports") or []}
+        for port in spec.get("ports") or []:
+            if port.get("nodePort"):
+                continue
+            number = kept.get(port.get("name"))
+            if not number:
+                self._node_ports += 1
+                number = 30000 + self._node_ports % 2768
+            port["nodePort"] = number
 
     def _register_crd(self, crd: dict[str, Any]) -> None:
         spec = crd.get("spec") or {}

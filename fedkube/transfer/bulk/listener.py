@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 Authorize = Callable[..., tuple["grpc.StatusCode | None", str]]
 #: ``on_upload(site, upload_id, sock)`` -> (None, "") after taking ownership of ``sock``, or (code, message).
 OnUpload = Callable[[str, str, socket.socket], tuple["grpc.StatusCode | None", str]]
+#: ``check_peer(site, der)`` after a TLS handshake: None to go on, or (reason, message) to refuse the connection
+#: (the server refuses a remote site's superseded certificate, :mod:`fedkube.server.supersede`).
+CheckPeer = Callable[[str, bytes], "tuple[str, str] | None"]
 
 
 #: ``on_refused(reason)``: a connection was refused before it had any effect (one of the bulk port's
@@ -267,6 +270,7 @@ class BulkServer(Listener):
         send_timeout_s: float = 120.0,
         on_refused: OnRefused | None = None,
         tls: ServerTls | None = None,
+        check_peer: CheckPeer | None = None,
     ) -> None:
         if not 0 < frame_bytes <= MAX_FRAME_BYTES:
             raise ValueError(f"frame_bytes must be in 1..{MAX_FRAME_BYTES}, got {frame_bytes}")
@@ -282,6 +286,7 @@ class BulkServer(Listener):
         self.send_timeout_s = send_timeout_s
         self.bytes_sent = 0  # over the server's life (a counter; read without a lock)
         self.tls = tls
+        self.check_peer = check_peer
 
     def start(self) -> BulkServer:
         self._start()
@@ -298,7 +303,14 @@ class BulkServer(Listener):
             # ssl's do_handshake bounds the whole handshake by the socket timeout (one deadline, not per read).
             conn.settimeout(max(0.001, deadline - time.monotonic()))
             conn.do_handshake()
-            return peer_site_identity(conn, namespace=self.tls.namespace, job=self.tls.job).site
+            site = peer_site_identity(conn, namespace=self.tls.namespace, job=self.tls.job).site
+            refusal = None if self.check_peer is None else self.check_peer(site, conn.getpeercert(True) or b"")
+            if refusal is None:
+                return site
+            self.refuse(refusal[0], peer, refusal[1])
+            with contextlib.suppress(OSError):
+                conn.settimeout(1.0)
+                send_status(conn, grpc.StatusCode.PERMISSION_DENIED, f"{self.name}: {refusal[1]}")
         except PeerIdentityError as exc:
             self.refuse(exc.reason, peer, f"the client certificate is not one of this job's sites: {exc}")
             with contextlib.suppress(OSError):

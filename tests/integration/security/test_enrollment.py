@@ -273,3 +273,72 @@ def test_join_enrolls_once_reuses_and_renews_when_a_third_is_left(env: Env, tmp_
     other = replace(bundle, ca_sha256="sha256:" + "0" * 64)
     with pytest.raises(EnrollmentError):
         ensure_identity(other, state, ends, timeout_s=2.0, now=later)  # the token is spent: refused, not reused
+
+
+def test_join_renews_while_the_site_runs_and_the_next_connection_presents_the_new_certificate(
+    env: Env, tmp_path: Path,
+) -> None:  # fmt: skip
+    import threading
+
+    from fedkube.runtime.join import Endpoints, ensure_identity, refresh_identity
+    from fedkube.runtime.renewal import RenewalLoop
+    from fedkube.security import contexts
+    from fedkube.security.material import files_in
+    from fedkube.transfer import endpoints
+    from tests.support.waiting import until
+
+    state, ends = tmp_path / "state", Endpoints("127.0.0.1", 0, 0, env.server.port)
+    bundle = env.bundles["remote-a"]
+    ensure_identity(bundle, state, ends, timeout_s=2.0)
+    first = x509.load_pem_x509_certificate((state / "tls.crt").read_bytes()).serial_number
+    # What the sidecar holds (its credentials are read from the state directory), and a server that answers each
+    # new TLS connection with the serial of the client certificate it saw.
+    tls = endpoints.ClientTls.from_files(files_in(state), "localhost")
+    listener = socket.create_server(("127.0.0.1", 0))
+    server_ctx = contexts.server_ssl_context(env.job_pki.server)
+
+    def answer(conn: socket.socket) -> None:
+        with conn, server_ctx.wrap_socket(conn, server_side=True) as sock:
+            while sock.recv(1):  # one answer per byte received, for as long as the connection lasts
+                der = sock.getpeercert(binary_form=True) or b""
+                sock.sendall(struct.pack(">Q", x509.load_der_x509_certificate(der).serial_number >> 96))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+    def seen(sock: socket.socket) -> int:
+        sock.sendall(b"?")
+        return int(struct.unpack(">Q", sock.recv(8))[0])
+
+    opened = endpoints.dial(address, 2.0, tls)
+    assert seen(opened) == first >> 96
+    # The first attempt fails (the server unreachable), the retry renews: the loop keeps going.
+    attempts: list[str] = []
+
+    def renew() -> str:
+        attempts.append("x")
+        if len(attempts) == 1:
+            raise EnrollmentError("unreachable", "the enrollment port did not answer")
+        return refresh_identity(bundle, state, ends, renew=True, timeout_s=2.0)
+
+    loop = RenewalLoop("remote-a", state, renew, delay=lambda cert, now, rng: 0.0 if not attempts else 3600.0,
+                       retry=lambda failures, cert, now, rng: 0.05).start()
+    try:
+        until(lambda: loop.renewals == 1, timeout=5.0, what="the renewal")
+    finally:
+        loop.stop()
+    second = x509.load_pem_x509_certificate((state / "tls.crt").read_bytes()).serial_number
+    assert second != first and len(attempts) == 2 and env.count("renewed") == 1
+    with endpoints.dial(address, 2.0, tls) as fresh:
+        assert seen(fresh) == second >> 96  # the next connection presents the renewed certificate
+    assert seen(opened) == first >> 96  # the one open across the renewal stays up with the old one
+    opened.close()
+    listener.close()

@@ -450,3 +450,14 @@ def test_a_job_that_finished_between_two_looks_shows_it_ran() -> None:
     # A job that failed before it ran says nothing about running.
     failed, _ = st.transition({}, Phase.FAILED, "QuorumLost", "no clients", 5.0)
     assert "Running" not in {c["type"] for c in failed["conditions"]}
+
+
+def test_a_remote_site_counts_as_ready_once_the_server_reports_it_registered() -> None:
+    job = _job(clients=[{"name": "a"}, {"name": "b"}, {"name": "r", "remote": True}])
+    pods = {"a": _pod("job-client-a"), "b": _pod("job-client-b")}
+    waiting = st.decide(job, {"phase": "Deploying"}, st.Observation(T0 + 5, _pod("job-server"), pods,
+                                                                    _live(Phase.PENDING, 0, a="Registered")))
+    assert waiting.status["clientsDisplay"] == "2/3"  # the remote site has not joined yet: no pod to be Ready
+    joined = st.decide(job, {"phase": "Deploying"}, st.Observation(T0 + 6, _pod("job-server"), pods, _live(
+        Phase.PENDING, 0, a="Registered", b="Registered", r="Registered")))
+    assert joined.status["clientsReady"] == 3 and joined.status["clientsDisplay"] == "3/3"
