@@ -77,6 +77,9 @@ TLS_SERVER_NAME = "FEDKUBE_TLS_SERVER_NAME"
 # hashes (tokens.json); unset = no enrollment listener. Its port (TLS, server-authenticated only).
 ENROLL_DIR = "FEDKUBE_ENROLL_DIR"
 ENROLL_PORT = "FEDKUBE_ENROLL_PORT"
+ENROLL_LEDGER_DIR = "FEDKUBE_ENROLL_LEDGER_DIR"
+"""Where the server keeps its enrollment ledger (spent join tokens, current site serials); unset: the checkpoint
+directory."""
 
 # --- trainer (user script + trainer SDK) --------------------------------------
 SIDECAR_ADDRESS = "FEDKUBE_SIDECAR_ADDRESS"  # host:port of the sidecar's local endpoint

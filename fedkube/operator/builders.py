@@ -111,6 +111,7 @@ def build_all(
     for pvc in (build_checkpoint_pvc(job, owner=owner), build_output_pvc(job, owner=owner)):
         if pvc is not None:
             objs.append(pvc)
+    objs.extend(joins.build_ledger_pvc(job, lambda name, role, site: _meta(job, name, role, owner, site)))
     objs.extend(netpol.build_network_policies(job, network, owner_references(owner)))  # before any pod runs
     objs.append(build_server_service(job, owner=owner))
     objs.extend(joins.build_remote_service(job, lambda name, role, site: _meta(

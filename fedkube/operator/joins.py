@@ -36,6 +36,10 @@ ENROLL_CA_KEY = "ca.key"
 ENROLL_TOKENS = "tokens.json"
 BUNDLE_FILE = "bundle.json"
 VOLUME_ENROLL = "fedkube-enroll"
+VOLUME_LEDGER = "fedkube-enroll-ledger"
+LEDGER_DIR = "/var/lib/fedkube/enrollment"
+# The ledger is a few KiB (a hash per spent token, a serial per site); provisioners round a claim up to their minimum.
+LEDGER_SIZE = "16Mi"
 FILE_MODE_ENROLL = 0o440  # group-readable: the kubelet's files belong to root, the server reads as the fsGroup
 
 
@@ -124,15 +128,41 @@ def build_join_objects(job: FLJob, tls: JobTls | None, meta: MetaFn) -> list[Man
 # --- the server pod ------------------------------------------------------------------------------------------
 
 
+def ledger_claim_name(job: str) -> str:
+    return f"{job}-enrollment"
+
+
+def _own_ledger(job: FLJob) -> bool:
+    # The ledger (spent join tokens, each remote site's current serial) must outlive the server pod, or a new pod
+    # would accept a spent token again and forget which certificates a renewal superseded. A checkpoint claim
+    # keeps it already; without one, an emptyDir would lose it, so it gets a small claim of its own.
+    return enrolls(job) and not job.spec.server.checkpoint.enabled
+
+
+def build_ledger_pvc(job: FLJob, meta: MetaFn) -> list[Manifest]:
+    """``<job>-enrollment`` for a job with remote sites and no checkpoint claim; owned by the FLJob like the rest."""
+    if not _own_ledger(job):
+        return []
+    spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": LEDGER_SIZE}}}
+    if job.spec.server.checkpoint.storage_class_name:
+        spec["storageClassName"] = job.spec.server.checkpoint.storage_class_name
+    return [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+             "metadata": meta(ledger_claim_name(job.name), naming.ROLE_SERVER, None), "spec": spec}]
+
+
 def enroll_env(job: FLJob) -> list[dict[str, Any]]:
     if not enrolls(job):
         return []
     return [{"name": envvars.ENROLL_DIR, "value": ENROLL_DIR},
-            {"name": envvars.ENROLL_PORT, "value": str(DEFAULT_ENROLL_PORT)}]
+            {"name": envvars.ENROLL_PORT, "value": str(DEFAULT_ENROLL_PORT)},
+            *([{"name": envvars.ENROLL_LEDGER_DIR, "value": LEDGER_DIR}] if _own_ledger(job) else [])]
 
 
 def enroll_mounts(job: FLJob) -> list[dict[str, Any]]:
-    return [{"name": VOLUME_ENROLL, "mountPath": ENROLL_DIR, "readOnly": True}] if enrolls(job) else []
+    if not enrolls(job):
+        return []
+    return [{"name": VOLUME_ENROLL, "mountPath": ENROLL_DIR, "readOnly": True},
+            *([{"name": VOLUME_LEDGER, "mountPath": LEDGER_DIR}] if _own_ledger(job) else [])]
 
 
 def enroll_volumes(job: FLJob) -> list[dict[str, Any]]:
@@ -142,8 +172,10 @@ def enroll_volumes(job: FLJob) -> list[dict[str, Any]]:
     ca = {"name": naming.ca_secret_name(job.name),
           "items": [{"key": CERT_FILE, "path": ENROLL_CA_CERT}, {"key": KEY_FILE, "path": ENROLL_CA_KEY}]}
     tokens = {"name": enroll_secret_name(job.name), "items": [{"key": ENROLL_TOKENS, "path": ENROLL_TOKENS}]}
+    ledger = [{"name": VOLUME_LEDGER, "persistentVolumeClaim": {"claimName": ledger_claim_name(job.name)}}]
     return [{"name": VOLUME_ENROLL, "projected": {"defaultMode": FILE_MODE_ENROLL,
-                                                  "sources": [{"secret": ca}, {"secret": tokens}]}}]
+                                                  "sources": [{"secret": ca}, {"secret": tokens}]}},
+            *(ledger if _own_ledger(job) else [])]
 
 
 def remote_ingress(job: FLJob) -> list[dict[str, Any]]:

@@ -1,10 +1,11 @@
 """The server's enrollment port: remote sites trade a one-time join token and a CSR for a site certificate.
 
 * :class:`Ledger` remembers spent tokens and each remote site's current certificate serial, in
-  ``<checkpoint dir>/enrollment.json`` (written before a certificate is returned, so a crash cannot unspend a
-  token). With a checkpoint PersistentVolumeClaim a spent token stays spent across server restarts; with the
-  default emptyDir a new server pod forgets, and a token not yet expired could enroll its site once more (the
-  site then holds two keys of its own identity; docs/security.md).
+  ``enrollment.json`` (written before a certificate is returned, so a crash cannot unspend a token) on a
+  PersistentVolumeClaim: the checkpoint claim when the job has one, else the small ``<job>-enrollment`` claim the
+  operator makes for a job with remote sites (``FEDKUBE_ENROLL_LEDGER_DIR``). So a spent token stays spent, and a
+  superseded certificate stays refused, across server restarts; without either (a server started by hand) the
+  ledger lives in the checkpoint directory or, with none, in memory.
 * :class:`Enroller` decides (no sockets): checks the token (:func:`fedkube.security.enroll.check_token`) or, for a
   renewal, the TLS client certificate, and signs the CSR's key for exactly the token's (or certificate's) site.
 * :class:`EnrollmentServer` is the listener: TLS 1.3 with the server certificate, a client certificate optional
@@ -62,6 +63,8 @@ class EnrollSettings:
     ca: pki.Issued
     records: Mapping[str, TokenRecord]
     port: int
+    ledger_dir: Path | None = None
+    """``FEDKUBE_ENROLL_LEDGER_DIR``: a volume of its own for the ledger; None keeps it in the checkpoint directory."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> EnrollSettings | None:
@@ -79,7 +82,8 @@ class EnrollSettings:
                               "(the operator does for a job with remote sites)") from exc
         port_raw = env.get(envvars.ENROLL_PORT, "").strip()
         port = envvars.parse_port(port_raw, envvars.ENROLL_PORT) if port_raw else 0
-        return cls(ca=ca, records=records, port=port)
+        ledger_raw = env.get(envvars.ENROLL_LEDGER_DIR, "").strip()
+        return cls(ca=ca, records=records, port=port, ledger_dir=Path(ledger_raw) if ledger_raw else None)
 
 
 @dataclass
@@ -294,7 +298,7 @@ def start_enrollment(
     if tls_files is None:
         raise ConfigError(f"{envvars.ENROLL_DIR} is set but TLS is disabled: remote sites enroll over TLS; fix: "
                           "enable spec.security.tls for a job with remote sites")
-    ledger = Ledger.open(checkpoint_dir)
+    ledger = Ledger.open(settings.ledger_dir or checkpoint_dir)
     if supersession is not None:
         supersession.attach(ledger.current)
     enroller = Enroller(namespace, job, settings, ledger, site_tokens,

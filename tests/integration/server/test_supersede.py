@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fedkube.protocol import AUTH_METADATA, BEARER, SITE_METADATA
 from fedkube.security import enroll, pki
-from fedkube.security.enroll_wire import enroll_site, renew_site
+from fedkube.security.enroll_wire import EnrollmentError, enroll_site, renew_site
 from fedkube.security.material import files_in
 from fedkube.server.app import FedkubeServer
 from fedkube.server.enrollment import EnrollSettings
@@ -82,7 +82,7 @@ def test_a_superseded_certificate_is_refused_on_both_ports_once_the_renewed_one_
     ca = session_pki().tls.ca
     token = enroll.derive_token(ca, NAMESPACE, JOB, REMOTE, "1")
     settings = EnrollSettings(ca=ca, records={REMOTE: enroll.TokenRecord(enroll.token_hash(token), time.time() + 600)},
-                              port=0)  # fmt: skip
+                              port=0, ledger_dir=tmp_path / "ledger")  # fmt: skip
     config = dataclasses.replace(make_config(registration_timeout_s=30.0), bulk_port=0, enroll=settings)
     server = harness.server(config, {"w": np.zeros(4, np.float32)})
     assert server.enrollment is not None
@@ -109,3 +109,17 @@ def test_a_superseded_certificate_is_refused_on_both_ports_once_the_renewed_one_
     lines = [r.getMessage() for r in caplog.records if "superseded" in r.getMessage() and "refused" in r.getMessage()]
     assert any("site 'site-b'" in m and "(reason superseded" in m for m in lines), lines
     assert len(lines) == 2, lines
+
+    # A new server pod on the same ledger claim (FEDKUBE_ENROLL_LEDGER_DIR, no checkpoint directory) remembers
+    # both: the spent token stays spent and the superseded certificate stays refused, with no grace.
+    assert config.checkpoint_dir is None and (tmp_path / "ledger" / "enrollment.json").is_file()
+    server.request_stop("restart")
+    server.wait(10)
+    server.shutdown(grace_s=0.5)
+    again = harness.server(config, {"w": np.zeros(4, np.float32)})
+    assert again.enrollment is not None
+    with pytest.raises(EnrollmentError) as replay:
+        enroll_site(bundle, enroll.new_site_key(), ("127.0.0.1", again.enrollment.port), timeout_s=5.0)
+    assert replay.value.reason == enroll.TOKEN_REPLAYED
+    assert _grpc(again, old) == _bulk(again, old) == grpc.StatusCode.PERMISSION_DENIED
+    assert _grpc(again, new) == _bulk(again, new) == grpc.StatusCode.NOT_FOUND

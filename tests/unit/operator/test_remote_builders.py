@@ -104,6 +104,29 @@ def test_the_server_is_exposed_with_its_external_names_and_the_enrollment_port()
             assert_valid(obj, version)
 
 
+def test_the_enrollment_ledger_outlives_the_server_pod_on_a_claim() -> None:
+    # Without a checkpoint claim: a small claim of its own, mounted where FEDKUBE_ENROLL_LEDGER_DIR says.
+    job, _, objs = _built()
+    assert not job.spec.server.checkpoint.enabled
+    claim = objs[("PersistentVolumeClaim", joins.ledger_claim_name(job.name))]
+    assert claim["spec"]["resources"]["requests"]["storage"] == joins.LEDGER_SIZE
+    assert claim["metadata"]["labels"] == objs[("Pod", naming.server_name(job.name))]["metadata"]["labels"]
+    pod = objs[("Pod", naming.server_name(job.name))]
+    container = pod["spec"]["containers"][0]
+    assert {e["name"]: e.get("value") for e in container["env"]}[envvars.ENROLL_LEDGER_DIR] == joins.LEDGER_DIR
+    assert {"name": joins.VOLUME_LEDGER, "mountPath": joins.LEDGER_DIR} in container["volumeMounts"]
+    assert {"name": joins.VOLUME_LEDGER, "persistentVolumeClaim": {"claimName": joins.ledger_claim_name(job.name)}} \
+        in pod["spec"]["volumes"]
+    # With a checkpoint claim the ledger stays beside the checkpoints (a resumed job reads it there): no second claim.
+    data = _remote_job().model_dump(by_alias=True, exclude_none=True)
+    data["spec"]["server"]["checkpoint"] = {"enabled": True}
+    with_ckpt = parse_job(data)
+    tls = certificates.provision(with_ckpt, certificates.StoredTls(), now=NOW, rotate=False)
+    built = builders.build_all(with_ckpt, tokens={c.name: "t" for c in with_ckpt.spec.clients}, tls=tls)
+    assert joins.ledger_claim_name(job.name) not in [o["metadata"]["name"] for o in built]
+    assert envvars.ENROLL_LEDGER_DIR not in json.dumps(built)
+
+
 def test_reconcile_keeps_the_server_certificate_and_tokens_while_a_new_address_reissues_it() -> None:
     job, tls, _ = _built()
     stored = certificates.StoredTls(
@@ -125,6 +148,7 @@ def test_a_job_without_remote_sites_builds_no_enrollment_objects() -> None:
     objs = builders.build_all(job, tokens={c.name: "t" for c in job.spec.clients}, tls=tls)
     assert not [o for o in objs if o["metadata"]["name"].startswith(f"{job.name}-join-")]
     assert all(joins.VOLUME_ENROLL not in json.dumps(o) for o in objs)
+    assert not [o for o in objs if o["metadata"]["name"] == joins.ledger_claim_name(job.name)]
     assert [o["metadata"]["name"] for o in objs if o["kind"] == "Service"] == [naming.server_name(job.name)]
 
 
