@@ -46,6 +46,7 @@ from fedkube.server.output import ModelOutput
 from fedkube.server.reverse import ClaimRefused, UploadBroker
 from fedkube.server.strategies import StrategyState, build_strategy
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
+from fedkube.spec.terms import JobTerms
 from fedkube.status import EXIT_FAILED, Phase, Reason
 from fedkube.termination import TerminationSummary, write_termination_summary
 from fedkube.transfer import endpoints
@@ -269,7 +270,7 @@ class FedkubeServer:
         self._servicer = ControlServicer(
             s.job, self.auth, self.workflow, self.sessions, self.broker,
             heartbeat_interval_ms=self.workflow.heartbeat_interval_ms,
-            register_timeout_s=config.register_timeout_s,
+            register_timeout_s=config.register_timeout_s, terms=JobTerms(strategy=s.strategy, total_rounds=s.rounds),
         )  # fmt: skip
         limit = config.message_limit()
         # Every running stream holds a worker: each client has a control stream, a forward fetch
