@@ -102,6 +102,7 @@ class _Handler(BaseHTTPRequestHandler):
     place: SitePlace
     token: str
     leave: Callable[[str], bool]
+    timeout = 5.0  # a peer that sends less than it announced does not hold a thread for long
 
     def do_POST(self) -> None:
         if self.path.split("?")[0] != "/leave":

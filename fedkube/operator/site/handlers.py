@@ -224,14 +224,17 @@ def withdrawn(body: kopf.Body, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> No
     Best effort and never blocking the deletion: a sidecar that cannot be reached (its pod already gone, the
     site's network down) leaves the server to notice the silence (Lost after heartbeatSeconds)."""
     name, namespace = body["metadata"]["name"], body["metadata"].get("namespace") or "default"
-    kube = SiteKube(memo[Memo.API_CLIENT])
-    pod = kube.pod(namespace, f"{name}-client")
-    secret = kube.secret_data(namespace, f"{name}-tls") or {}
-    token = secret.get(builders.TOKEN_KEY, b"").decode()
     left = False
-    if pod is not None and token and site_phase(pod) == "Running":
-        left = view.ask_to_leave(memo.get(SIDECAR_URL, view.default_sidecar_url)(pod), token,
-                                 f"FLSite {namespace}/{name} was deleted by the site's admin")
+    try:
+        kube = SiteKube(memo[Memo.API_CLIENT])
+        pod = kube.pod(namespace, f"{name}-client")
+        secret = kube.secret_data(namespace, f"{name}-tls") or {}
+        token = secret.get(builders.TOKEN_KEY, b"").decode()
+        if pod is not None and token and site_phase(pod) == "Running":
+            left = view.ask_to_leave(memo.get(SIDECAR_URL, view.default_sidecar_url)(pod), token,
+                                     f"FLSite {namespace}/{name} was deleted by the site's admin")
+    except Exception as exc:  # never hold the deletion (the finalizer) on a failed courtesy
+        log.warning("FLSite %s/%s: could not ask its sidecar to leave the job: %s", namespace, name, exc)
     kopf.info(body, reason="Withdrawn", message="FLSite deleted; " + (
         "its sidecar told the server the site leaves; " if left else "") +
         "its client pod and Secret are garbage-collected")
