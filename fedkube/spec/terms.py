@@ -89,8 +89,8 @@ class TermsPolicy:
 def check_terms(policy: TermsPolicy, terms: JobTerms) -> Refusal | None:
     """Refuse a job asking more rounds, or another strategy, than the site accepts; None: nothing refused.
 
-    A term the server did not announce (None) is not refused here: an older server sends none, and the rounds are
-    checked again on the first task (``Task.total_rounds``).
+    A term the server did not announce (None) is not refused: every server of this protocol version announces both
+    (``Registered.terms``), so None only comes from a caller that does not know it yet.
     """
     if policy.max_rounds is not None and terms.total_rounds is not None and terms.total_rounds > policy.max_rounds:
         return Refusal(ROUNDS_NOT_ACCEPTED, f"the job asks {terms.total_rounds} rounds, the site's maxRounds "
