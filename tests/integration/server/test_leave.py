@@ -27,7 +27,8 @@ def test_a_leave_withdraws_its_own_site_at_once_and_the_round_goes_on_exactly(ha
     # c announces its result and stalls mid-upload; d refuses the terms before its first task.
     c = harness.sidecar(srv, "site-c", add_value(100.0))
     c.push_mode = lambda req: "stall"
-    # A stream that is not site-d's own (a wrong token) cannot make d leave: refused before any Leave is read.
+    # A stream that is not site-d's own (a wrong token) cannot make d leave: refused before any Leave is read. A
+    # Leave names no site at all: it withdraws the site its authenticated stream belongs to, so c cannot withdraw d.
     intruder = harness.sidecar(srv, "site-d", add_value(0.0), token="guess", start=False)
     intruder.send(_leave("PolicyRefused", "not me"))
     intruder.start()
@@ -48,6 +49,7 @@ def test_a_leave_withdraws_its_own_site_at_once_and_the_round_goes_on_exactly(ha
     assert "deleted by the site admin" in status["site-c"].message
     assert (status["site-d"].state, status["site-d"].reason) == ("Withdrawn", "PolicyRefused"), status["site-d"]
     assert len(status["site-d"].message) <= LEAVE_MESSAGE_CHARS
+    assert status["site-d"].message.startswith("the job asks 2 rounds"), "the intruder's Leave counted"
     # Exactly the average of a and b: nothing of c's half-uploaded result, nor of d.
     np.testing.assert_array_equal(a.globals[2]["w"], np.full((3000,), 2.0, np.float32))
     assert {status[s].state for s in ("site-a", "site-b")} == {"Done"}
