@@ -230,7 +230,7 @@ def withdrawn(body: kopf.Body, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> No
         pod = kube.pod(namespace, f"{name}-client")
         secret = kube.secret_data(namespace, f"{name}-tls") or {}
         token = secret.get(builders.TOKEN_KEY, b"").decode()
-        if pod is not None and token and site_phase(pod) == "Running":
+        if pod is not None and token and site_phase(pod) not in ("Succeeded", "Failed"):
             left = view.ask_to_leave(memo.get(SIDECAR_URL, view.default_sidecar_url)(pod), token,
                                      f"FLSite {namespace}/{name} was deleted by the site's admin")
     except Exception as exc:  # never hold the deletion (the finalizer) on a failed courtesy
