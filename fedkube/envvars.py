@@ -62,6 +62,13 @@ SIDECAR_EXIT_ON_STOP = "FEDKUBE_SIDECAR_EXIT_ON_STOP"
 # (fedkube.transfer.handoff; Linux only, on by default there). Read by the sidecar and the trainer
 # SDK; either one set to "0" turns it off.
 BULK_HANDOFF = "FEDKUBE_BULK_HANDOFF"
+# Set for a remote site only, never for an in-cluster client: the site's policy over the job's terms (JSON,
+# fedkube.spec.terms.TermsPolicy; the FLSite builders and `fedkube join` set it), and, by `fedkube join` only, "1":
+# a stop of this sidecar before the job's Stop is the site leaving (Leave, Withdrawn at the server). An FLSite's
+# pod leaves through its site operator instead (POST /leave on the sidecar's status port), as a pod's stop may
+# also be an eviction or a crash, which are not the site's decision.
+SITE_POLICY = "FEDKUBE_SITE_POLICY"
+SITE_CONTROLLED = "FEDKUBE_SITE_CONTROLLED"
 
 # --- mutual TLS (server and sidecar; fedkube.security) ------------------------
 # "enabled" (the default when unset) or "disabled" (the FLJob says security.tls: disabled). Enabled with no
@@ -90,6 +97,8 @@ DEFAULT_BULK_PORT = 8471
 DEFAULT_STATUS_PORT = 8080
 DEFAULT_METRICS_PORT = 9090
 DEFAULT_TRAINER_PORT = 7071
+# A site-controlled sidecar's /status (fedkube.siteview), read by the site operator (STATUS_PORT in its env).
+DEFAULT_SITE_STATUS_PORT = 9092
 DEFAULT_HEALTH_PORT = 8080
 
 

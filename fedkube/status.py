@@ -99,6 +99,8 @@ class Reason(str, enum.Enum):
     REJECTED = "Rejected"
     QUORUM_LOST = "QuorumLost"
     INTERNAL = "InternalError"
+    WITHDRAWN = "Withdrawn"
+    POLICY_REFUSED = "PolicyRefused"
 
     @property
     def sentence(self) -> str:
@@ -135,6 +137,8 @@ _SENTENCES: dict[Reason, str] = {
     Reason.REJECTED: "the server refused the connection (unknown site, wrong token, or another job)",
     Reason.QUORUM_LOST: "fewer than minClients clients could deliver a result",
     Reason.INTERNAL: "the server hit an internal error",
+    Reason.WITHDRAWN: "the site ended its participation itself (its FLSite was deleted or `fedkube join` stopped)",
+    Reason.POLICY_REFUSED: "the site's own policy refuses the job's terms (strategy or rounds)",
 }
 _SCOPES: dict[Reason, Scope] = {
     Reason.NOT_REGISTERED: Scope.ROUND,
@@ -149,6 +153,8 @@ _SCOPES: dict[Reason, Scope] = {
     Reason.TRAINER_EXITED: Scope.CLIENT,
     Reason.LOST: Scope.CLIENT,
     Reason.REJECTED: Scope.CLIENT,
+    Reason.WITHDRAWN: Scope.CLIENT,
+    Reason.POLICY_REFUSED: Scope.CLIENT,
     Reason.CONFIG_ERROR: Scope.JOB,
     Reason.QUORUM_LOST: Scope.JOB,
     Reason.INTERNAL: Scope.JOB,
@@ -185,10 +191,12 @@ class ClientState(str, enum.Enum):
     DONE = "Done"
     FAILED = "Failed"
     LOST = "Lost"
+    WITHDRAWN = "Withdrawn"
+    """The site left by its own decision (a Leave: reason Withdrawn or PolicyRefused), not by a failure."""
 
     @property
     def unhealthy(self) -> bool:
-        return self in (ClientState.FAILED, ClientState.LOST)
+        return self in (ClientState.FAILED, ClientState.LOST, ClientState.WITHDRAWN)
 
 
 def utc_timestamp(seconds: float) -> str:

@@ -8,6 +8,11 @@ files up for its next connection.
 Then it runs what a client pod runs: the job-cell sidecar (``fedkube sidecar``) and the trainer, the trainer with
 the same environment the SDK reads in a pod (FEDKUBE_JOB, _NAMESPACE, _SITE, _SIDECAR_ADDRESS, _WORKDIR) and no
 access to the key (it talks to the sidecar on 127.0.0.1 only). The exit code is the trainer's.
+
+The site's policy over the job's terms (``--max-rounds``, ``--allow-strategy``) goes to the sidecar, which refuses a
+job outside it when it registers, before the trainer gets any task (exit code 3). Interrupted (SIGINT, SIGTERM),
+``fedkube join`` stops the sidecar first: a site-controlled sidecar tells the server the site leaves (Withdrawn),
+then the trainer is stopped.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import argparse
 import datetime as dt
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,10 +41,13 @@ from fedkube.runtime.renewal import RenewalLoop
 from fedkube.security import enroll, pki
 from fedkube.security.enroll_wire import EnrollmentError, enroll_site, renew_site
 from fedkube.security.material import files_in
+from fedkube.spec.terms import TermsPolicy
 
 log = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
+EXIT_REFUSED = 3  # the sidecar's: the site's policy refused the job's terms
+EXIT_INTERRUPTED = 130
 TOKEN_FILE = "token"
 PORTS_FILE = "ports.json"
 SIDECAR_READY_S = 30.0
@@ -107,9 +117,12 @@ def refresh_identity(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, *,
     return done
 
 
-def site_env(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, base: Mapping[str, str]) -> dict[str, str]:
+def site_env(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, base: Mapping[str, str],
+             policy: TermsPolicy | None = None) -> dict[str, str]:  # fmt: skip
     """The sidecar's environment: what the operator's builders give a client pod's sidecar, for this machine."""
     env = dict(base)
+    if policy is not None and not policy.empty:
+        env[envvars.SITE_POLICY] = policy.to_json()
     env.update({
         envvars.JOB: bundle.job, envvars.NAMESPACE: bundle.namespace, envvars.SITE: bundle.site,
         envvars.SERVER_ADDRESS: f"{ends.host}:{ends.grpc_port}",
@@ -117,7 +130,7 @@ def site_env(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, base: Mapp
         envvars.TOKEN_FILE: str(state / TOKEN_FILE), envvars.TRAINER_PORT: "0", envvars.METRICS_PORT: "0",
         envvars.PORTS_FILE: str(state / PORTS_FILE), envvars.SIDECAR_EXIT_ON_STOP: "1",
         envvars.BIND_ADDRESS: "127.0.0.1", envvars.TLS: "enabled", envvars.TLS_DIR: str(state),
-        envvars.TLS_SERVER_NAME: bundle.server_name,
+        envvars.TLS_SERVER_NAME: bundle.server_name, envvars.SITE_CONTROLLED: "1",
     })  # fmt: skip
     return env
 
@@ -143,9 +156,18 @@ def _wait_port(sidecar: ManagedProcess, ports: Path, deadline: float) -> int | N
     return None
 
 
+class _Interrupted(Exception):
+    """SIGTERM to ``fedkube join``: handled like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Interrupted()
+
+
 def run_site(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, command: Sequence[str], *,
-             workdir: Path | None = None) -> int:  # fmt: skip
-    """Run the sidecar and the trainer until the trainer ends; the trainer's exit code."""
+             workdir: Path | None = None, policy: TermsPolicy | None = None) -> int:  # fmt: skip
+    """Run the sidecar and the trainer until the trainer ends; the trainer's exit code (3: the site's policy refused
+    the job; 130: interrupted, the site left the job)."""
     sink = StreamSink()
     work = workdir or state / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -153,7 +175,11 @@ def run_site(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, command: S
     ports.unlink(missing_ok=True)
     logs = state / "logs"
     sidecar = ManagedProcess(ProcessSpec(f"{bundle.site} sidecar", [*fedkube_command(), "sidecar"],
-                                         site_env(bundle, state, ends, os.environ), state, logs / "sidecar.log"), sink)
+                                         site_env(bundle, state, ends, os.environ, policy), state,
+                                         logs / "sidecar.log"), sink)  # fmt: skip
+    # Only the main thread may set a handler (run_site called from a test's thread keeps the default).
+    previous = (signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread()
+                else None)
     sidecar.start()
     # The sidecar reads the state directory again for each new connection: a renewal needs no restart.
     renewal = RenewalLoop(bundle.site, state, lambda: refresh_identity(bundle, state, ends, renew=True)).start()
@@ -172,12 +198,24 @@ def run_site(bundle: enroll.JoinBundle, state: Path, ends: Endpoints, command: S
         if sidecar.wait(SIDECAR_LINGER_S) is None:
             log.warning("site %s: the sidecar did not exit %.0f s after the trainer; stopping it", bundle.site,
                         SIDECAR_LINGER_S)
+        if sidecar.returncode == EXIT_REFUSED:
+            log.error("site %s: the site's policy refuses job %s/%s; see %s", bundle.site, bundle.namespace,
+                      bundle.job, logs / "sidecar.log")
+            return EXIT_REFUSED
         return int(code if code is not None else 1)
+    except (KeyboardInterrupt, _Interrupted):
+        # The sidecar first: it tells the server the site leaves while the job still runs for it (Withdrawn);
+        # stopping the trainer first would read as a trainer that ended early.
+        log.warning("site %s: interrupted; leaving job %s/%s", bundle.site, bundle.namespace, bundle.job)
+        sidecar.stop(5.0)
+        return EXIT_INTERRUPTED
     finally:
         renewal.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        sidecar.stop(5.0)
         if trainer is not None and trainer.returncode is None:
             trainer.stop(5.0)
-        sidecar.stop(5.0)
 
 
 def join_main(argv: list[str]) -> int:
@@ -197,6 +235,10 @@ def join_main(argv: list[str]) -> int:
     parser.add_argument("--enroll-port", type=int, help="the server's enrollment port")
     parser.add_argument("--workdir", type=Path, help="the trainer's FEDKUBE_WORKDIR (default: <state>/work)")
     parser.add_argument("--enroll-only", action="store_true", help="enroll or renew, then exit")
+    parser.add_argument("--max-rounds", type=int, help="the site's policy: refuse a job asking more rounds (checked "
+                        "when the sidecar registers, before the trainer gets any task)")
+    parser.add_argument("--allow-strategy", action="append", metavar="NAME", help="the site's policy: the strategies "
+                        "it accepts (repeat for several; all when absent)")
     if "--" in argv:
         split = argv.index("--")
         args, command = parser.parse_args(argv[:split]), argv[split + 1:]
@@ -223,4 +265,7 @@ def join_main(argv: list[str]) -> int:
              state)
     if args.enroll_only:
         return 0
-    return run_site(bundle, state, ends, command, workdir=args.workdir)
+    if args.max_rounds is not None and args.max_rounds < 1:
+        parser.error(f"--max-rounds must be at least 1, got {args.max_rounds}")
+    policy = TermsPolicy.of(args.allow_strategy, args.max_rounds, "fedkube join --max-rounds/--allow-strategy")
+    return run_site(bundle, state, ends, command, workdir=args.workdir, policy=policy)

@@ -48,6 +48,7 @@ from fedkube.server.reverse import ClaimRefused, UploadBroker
 from fedkube.server.strategies import StrategyState, build_strategy
 from fedkube.server.supersede import Supersession
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
+from fedkube.spec.terms import JobTerms
 from fedkube.status import EXIT_FAILED, Phase, Reason
 from fedkube.termination import TerminationSummary, write_termination_summary
 from fedkube.transfer import endpoints
@@ -278,7 +279,7 @@ class FedkubeServer:
         self._servicer = ControlServicer(
             s.job, self.auth, self.workflow, self.sessions, self.broker,
             heartbeat_interval_ms=self.workflow.heartbeat_interval_ms,
-            register_timeout_s=config.register_timeout_s,
+            register_timeout_s=config.register_timeout_s, terms=JobTerms(strategy=s.strategy, total_rounds=s.rounds),
         )  # fmt: skip
         limit = config.message_limit()
         # Every running call holds a worker. Each site may hold CALLS_PER_SITE of them (SiteAdmission),

@@ -30,7 +30,10 @@ from fedkube.protocol import PROTOCOL_VERSION
 from fedkube.security.contexts import peer_cert_not_after
 from fedkube.server import outbox
 from fedkube.server.auth import Authenticator, AuthError
+from fedkube.server.registry import LEAVE_MESSAGE_CHARS
 from fedkube.server.reverse import ClaimRefused, UploadBroker, push_chunk, push_end, push_error
+from fedkube.spec.terms import JobTerms
+from fedkube.status import clip
 from fedkube.transfer.errors import InvalidRefError
 from fedkube.transfer.refs import TensorRef
 from fedkube.wire.v1 import control_pb2, control_pb2_grpc
@@ -115,6 +118,7 @@ class ControlEvents(Protocol):
     def trainer_state(self, session: Session, report: TrainerReport) -> None: ...
     def metrics(self, session: Session, round: int, values: Mapping[str, float]) -> None: ...
     def client_disconnected(self, session: Session) -> None: ...
+    def client_left(self, session: Session, reason: str, message: str) -> None: ...
 
 
 class SessionTable:
@@ -206,7 +210,9 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         *,
         heartbeat_interval_ms: int,
         register_timeout_s: float = 30.0,
+        terms: JobTerms | None = None,
     ) -> None:
+        self._terms = terms or JobTerms()
         self._register_timeout_s = register_timeout_s
         self._job = job
         self._auth = auth
@@ -258,7 +264,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         session = Session(site=site, session_id=reg.session_id, conn_id=conn_id, peer=context.peer(),
                           cert_not_after=peer_cert_not_after(context))
         # Registered goes first on the stream: queue it before anyone can send a task.
-        session.send(outbox.registered(self._job, self._heartbeat_interval_ms))
+        session.send(outbox.registered(self._job, self._heartbeat_interval_ms, self._terms))
         replaced = self._sessions.install(session)
         if replaced is not None:
             self._broker.site_gone(site, "the site opened a new control stream")
@@ -343,6 +349,13 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             ev.trainer_state(session, _trainer_report(msg.trainer_state))
         elif kind == "metrics":
             ev.metrics(session, msg.metrics.round, dict(msg.metrics.values))
+        elif kind == "leave":
+            # Only this stream's own site can leave by it: the identity is the authenticated session's, and the
+            # site's words are bounded before they reach logs and status.
+            reason, message = clip(msg.leave.reason, 64), clip(msg.leave.message, LEAVE_MESSAGE_CHARS)
+            log.info("job %s: site %s conn %s leaves the job (%s): %s", self._job, session.site, session.conn_id,
+                     reason or "-", message or "-")
+            ev.client_left(session, reason, message)
         elif kind == "register":
             log.warning("job %s: site %s conn %s sent Register twice; ignored", self._job, session.site,
                         session.conn_id)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from fedkube.protocol import task_kind
+from fedkube.spec.terms import JobTerms
 from fedkube.transfer.refs import TensorRef
 from fedkube.wire.v1 import control_pb2
 
@@ -66,11 +67,13 @@ def cancel_upload(request_id: str) -> control_pb2.ServerMessage:
     return control_pb2.ServerMessage(cancel_upload=control_pb2.CancelUpload(request_id=request_id))
 
 
-def registered(job: str, heartbeat_interval_ms: int) -> control_pb2.ServerMessage:
-    """The first message on an accepted control stream."""
-    return control_pb2.ServerMessage(
-        registered=control_pb2.Registered(job=job, heartbeat_interval_ms=heartbeat_interval_ms)
-    )
+def registered(job: str, heartbeat_interval_ms: int, terms: JobTerms | None = None) -> control_pb2.ServerMessage:
+    """The first message on an accepted control stream, with the job's terms a site's policy checks."""
+    terms = terms or JobTerms()
+    return control_pb2.ServerMessage(registered=control_pb2.Registered(
+        job=job, heartbeat_interval_ms=heartbeat_interval_ms,
+        terms=control_pb2.JobTerms(strategy=terms.strategy or "", total_rounds=terms.total_rounds or 0),
+    ))  # fmt: skip
 
 
 def rejected(reason: str, message: str) -> control_pb2.ServerMessage:

@@ -10,6 +10,8 @@ States and the only transitions allowed (anything else is a bug and raises
     Done       -> Training (next round) | Failed | Lost
     Failed     -> Training | Lost (only after a round-scoped failure)
     Lost       -> Registered (the sidecar connected again)
+    Registered | Training | Uploading | Done | Failed (round) -> Withdrawn (the site sent Leave)
+    Withdrawn  -> Registered (the site came back, e.g. after its admin changed its policy)
 
 Identity (LESSONS.md 13). Every connection has a server-assigned ``conn_id``
 that grows; an event carries the (site, session_id, conn_id) of the stream it
@@ -51,7 +53,7 @@ from fedkube.errors import FedkubeError
 
 # ClientState is defined once, with the status documents that carry it; importing it from here keeps working.
 from fedkube.status import ClientState as ClientState
-from fedkube.status import ClientStatus, Reason, Scope
+from fedkube.status import ClientStatus, Reason, Scope, clip
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +61,23 @@ log = logging.getLogger(__name__)
 S = ClientState
 _ALLOWED: dict[ClientState, frozenset[ClientState]] = {
     S.PENDING: frozenset({S.REGISTERED, S.FAILED}),
-    S.REGISTERED: frozenset({S.TRAINING, S.FAILED, S.LOST}),
-    S.TRAINING: frozenset({S.UPLOADING, S.REGISTERED, S.FAILED, S.LOST}),
-    S.UPLOADING: frozenset({S.DONE, S.REGISTERED, S.FAILED, S.LOST}),
-    S.DONE: frozenset({S.TRAINING, S.FAILED, S.LOST}),
-    S.FAILED: frozenset({S.TRAINING, S.LOST}),
+    S.REGISTERED: frozenset({S.TRAINING, S.FAILED, S.LOST, S.WITHDRAWN}),
+    S.TRAINING: frozenset({S.UPLOADING, S.REGISTERED, S.FAILED, S.LOST, S.WITHDRAWN}),
+    S.UPLOADING: frozenset({S.DONE, S.REGISTERED, S.FAILED, S.LOST, S.WITHDRAWN}),
+    S.DONE: frozenset({S.TRAINING, S.FAILED, S.LOST, S.WITHDRAWN}),
+    S.FAILED: frozenset({S.TRAINING, S.LOST, S.WITHDRAWN}),
     S.LOST: frozenset({S.REGISTERED}),
+    S.WITHDRAWN: frozenset({S.REGISTERED}),
 }
+#: The reasons a site may give for leaving (control.proto ``Leave.reason``); anything else reads as Withdrawn.
+LEAVE_REASONS = frozenset({Reason.WITHDRAWN, Reason.POLICY_REFUSED})
+#: The most characters of a Leave's message the server keeps (it comes from the site, into status and logs).
+LEAVE_MESSAGE_CHARS = 512
+
+
+def leave_reason(value: str) -> Reason:
+    """The reason of a Leave as the site spelled it: PolicyRefused, else Withdrawn (the site's word is untrusted)."""
+    return Reason.POLICY_REFUSED if value == Reason.POLICY_REFUSED.value else Reason.WITHDRAWN
 _ALIVE = frozenset({S.REGISTERED, S.TRAINING, S.UPLOADING, S.DONE})
 
 
@@ -230,7 +242,7 @@ class Registry:
         if state is not rec.state:
             log.info(
                 "job %s client %s: %s -> %s%s", self._job, rec.name, rec.state.value, state.value,
-                f" ({new.reason.value}: {new.message})" if state in (S.FAILED, S.LOST) and new.reason else "",
+                f" ({new.reason.value}: {new.message})" if state.unhealthy and new.reason else "",
             )
         return new
 
@@ -265,7 +277,7 @@ class Registry:
             }
             resumed = bool(resume_task_id) and resume_task_id == rec.task_id and rec.state in (S.TRAINING, S.UPLOADING)
             task_lost = rec.state in (S.TRAINING, S.UPLOADING) and not resumed
-            if rec.state in (S.PENDING, S.LOST) or task_lost:
+            if rec.state in (S.PENDING, S.LOST, S.WITHDRAWN) or task_lost:
                 new = self._move(rec, S.REGISTERED, reason=None, message="", **ident)
             else:
                 # Registered/Done/Failed(round)/resumed Training|Uploading keep their state under a new connection.
@@ -356,7 +368,7 @@ class Registry:
                 return False
             if task_id is not None and task_id != rec.task_id:
                 return False
-            if rec.state is S.LOST or rec.failed_for_job:
+            if rec.state in (S.LOST, S.WITHDRAWN) or rec.failed_for_job:
                 return False
             if rec.state is S.FAILED and reason.scope is Scope.ROUND:
                 return False
@@ -368,6 +380,24 @@ class Registry:
                 extra["failed_round"] = rec.round
             self._move(rec, S.FAILED, **extra)
             return True
+
+    def withdraw(self, session: SessionLike, reason: Reason, message: str) -> ClientRecord | None:
+        """The site said it leaves (a Leave on ``session``): Withdrawn at once, no heartbeat timeout.
+
+        None when stale (not the site's current stream) or when the client already ended for the job (failed for
+        it, Lost or Withdrawn): the first word stands. ``reason`` outside :data:`LEAVE_REASONS` reads as
+        Withdrawn; ``message`` is clipped to :data:`LEAVE_MESSAGE_CHARS`.
+        """
+        if reason not in LEAVE_REASONS:
+            reason = Reason.WITHDRAWN
+        text = clip(message.strip(), LEAVE_MESSAGE_CHARS) or reason.sentence
+        with self._lock:
+            if not self._current(session):
+                return None
+            rec = self._records[session.site]
+            if rec.state in (S.PENDING, S.LOST, S.WITHDRAWN) or rec.failed_for_job:
+                return None
+            return self._move(rec, S.WITHDRAWN, reason=reason, message=text, connected=False)
 
     def note(self, site: str, reason: Reason, message: str) -> bool:
         """Attach a reason to a Pending client without changing its state (e.g. NotRegistered at round start)."""

@@ -78,7 +78,7 @@ from fedkube.server.model import ModelSpec
 from fedkube.server.pool import realigned
 from fedkube.server.progress import JobProgress
 from fedkube.server.publisher import ModelPublisher
-from fedkube.server.registry import ClientState, LoopWatch, RegistrationRejected, Registry
+from fedkube.server.registry import ClientState, LoopWatch, RegistrationRejected, Registry, leave_reason
 from fedkube.server.results import ResultDesk
 from fedkube.server.reverse import UploadBroker
 from fedkube.server.rounds import (
@@ -194,6 +194,9 @@ class RoundWorkflow:
 
     def client_disconnected(self, session: Session) -> None:
         self._post(self._on_disconnected, session)
+
+    def client_left(self, session: Session, reason: str, message: str) -> None:
+        self._post(self._on_left, session, reason, message)
 
     def _post(self, handler: Callable[..., None], *args: Any) -> None:
         self._events.put((handler, args))
@@ -475,6 +478,19 @@ class RoundWorkflow:
     def _on_disconnected(self, session: Session) -> None:
         if self.registry.disconnected(session):
             self._refresh()
+
+    def _on_left(self, session: Session, reason: str, message: str) -> None:
+        """The site withdrew (Leave): Withdrawn now, its in-flight result dropped, the round goes on without it."""
+        rec = self.registry.withdraw(session, leave_reason(reason), message)
+        if rec is None or rec.reason is None:
+            return
+        self.telemetry.client_failed(rec.reason.value)
+        log.warning("job %s: client %s withdrew (%s): %s", self.settings.job, rec.name, rec.reason.value, rec.message)
+        self._abort_download(rec.name)
+        if self._round is not None:
+            self._round.keep_failure(rec.name, rec.reason.value, rec.message)
+        self._sessions.remove(session)
+        self._refresh()
 
     def _on_trainer(self, site: str, report: TrainerReport) -> None:
         """Explicit failure kinds only (LESSONS.md 19)."""

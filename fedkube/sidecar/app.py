@@ -30,8 +30,10 @@ from fedkube.sidecar.config import SidecarConfig
 from fedkube.sidecar.local import TrainerLinkServicer
 from fedkube.sidecar.meter import RelayMeter, metered_bulk_handoff, metered_bulk_relay, metered_relay
 from fedkube.sidecar.reverse import SERVER_RECEIVER, Pusher
+from fedkube.sidecar.siteplace import POLICY_REFUSED, WITHDRAWN, SitePlace, SiteStatusServer, terms_of, write_final
 from fedkube.sidecar.state import TaskBook, TrainerSnapshot, TrainerTracker
 from fedkube.sidecar.upstream import RegistrationRejected, Upstream, server_channel
+from fedkube.spec.terms import check_terms
 from fedkube.transfer import handoff, peercred
 from fedkube.transfer.allocator import tune_allocator
 from fedkube.transfer.bulk import BulkHandoff, BulkRelay
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
+#: The site's policy refused the job's terms (the site left with PolicyRefused).
+EXIT_REFUSED = 3
 
 
 class Sidecar:
@@ -60,6 +64,9 @@ class Sidecar:
         self.config = config
         self.tasks = TaskBook()
         self.trainer = TrainerTracker()
+        self.place = SitePlace()
+        self.status_server: SiteStatusServer | None = None
+        self._left = threading.Event()  # the site left the job by its own decision (refusal or withdrawal)
         self._closing = threading.Event()
         self._exit = threading.Event()
         self._exit_code = EXIT_OK
@@ -95,6 +102,7 @@ class Sidecar:
             on_state=self.metrics.upstream,
             on_heartbeat=self.metrics.heartbeat,
             on_reconnected=self.metrics.reconnected,
+            check_registered=self._check_terms,
         )
         self.pusher = Pusher(
             self._channel,
@@ -168,6 +176,13 @@ class Sidecar:
                     log.warning("site %s: cannot listen for bulk handoffs (%s); relaying the trainer's bytes",
                                 self.config.site, exc)
         bound = {envvars.TRAINER_PORT: self.port}
+        if self.config.status_port is not None:
+            self.status_server = SiteStatusServer(
+                self.place, self.config.metrics_host,
+                portfile.chosen(ports_file, envvars.STATUS_PORT, self.config.status_port),
+                token=self.config.token, leave=self.leave,
+            )  # fmt: skip
+            bound[envvars.STATUS_PORT] = self.status_server.port
         if self.config.metrics_port:
             self.metrics_server, bound[envvars.METRICS_PORT] = serve_metrics(
                 self.registry, portfile.chosen(ports_file, envvars.METRICS_PORT, self.config.metrics_port),
@@ -200,6 +215,9 @@ class Sidecar:
             return
         self._closing.set()
         peercred.unobserve(self.metrics.local_connection_rejected)
+        if self.config.site_controlled:
+            self._send_leave("the site's controller stopped its sidecar before the job ended (`fedkube join` "
+                             "interrupted)")
         self._report_never_attached()
         self.upstream.close(timeout=grace)
         self.pusher.shutdown()
@@ -216,6 +234,9 @@ class Sidecar:
         self._raw_channel.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
+        if self.status_server is not None:
+            self.status_server.close()
+        write_final(self.config.termination_log, self.place.view)
         self._exit.set()
 
     def tell_server_it_cannot_start(self, problem: str, timeout_s: float = 10.0) -> bool:
@@ -248,6 +269,44 @@ class Sidecar:
         self.upstream.done.wait()
         if self.upstream.rejected is not None:
             self.request_exit(EXIT_CONFIG)
+        elif self.upstream.left is not None:
+            self._stop_trainer(self.upstream.left, EXIT_REFUSED)
+
+    # --- the site's own decisions ---------------------------------------------------
+    def _check_terms(self, registered: control_pb2.Registered) -> control_pb2.Leave | None:
+        """On the stream's reader, before any task: the job's terms against the site's policy."""
+        refusal = check_terms(self.config.policy, terms_of(registered))
+        if refusal is None:
+            return None
+        self.place.refused(refusal)
+        self._left.set()
+        write_final(self.config.termination_log, self.place.view)  # the final word even if this process dies
+        return control_pb2.Leave(reason=POLICY_REFUSED, message=refusal.message)
+
+    def leave(self, message: str) -> bool:
+        """The site's controller ends its participation (``POST /leave``): Leave, then stop the trainer."""
+        text = message or "the site's controller withdrew it (FLSite deleted)"
+        if not self._send_leave(text):
+            return False
+        self.upstream.close(timeout=2.0)  # flushes the Leave; no reconnect after it
+        self._stop_trainer(control_pb2.Leave(reason=WITHDRAWN, message=text), EXIT_OK)
+        return True
+
+    def _send_leave(self, message: str) -> bool:
+        """Tell the server the site leaves (once, and only while the job runs for it); True when sent."""
+        if self._left.is_set() or self.tasks.stopped is not None or self.upstream.rejected is not None:
+            return False
+        self._left.set()
+        self.place.withdrawn(message)
+        log.warning("site %s: leaving job %s: %s", self.config.site, self.config.job, message)
+        return self.upstream.send(control_pb2.ClientMessage(leave=control_pb2.Leave(reason=WITHDRAWN,
+                                                                                    message=message)))
+
+    def _stop_trainer(self, leave: control_pb2.Leave, code: int) -> None:
+        """The trainer gets a Stop carrying the site's reason, and (with exit_on_stop) this process exits."""
+        self.tasks.stop(control_pb2.Stop(success=False, reason=leave.reason, message=leave.message))
+        if self.config.exit_on_stop:
+            threading.Thread(target=self._exit_after_stop, args=(code,), name="sidecar-exit", daemon=True).start()
 
     # --- upstream -> sidecar ------------------------------------------------------
     def _on_server_message(self, msg: control_pb2.ServerMessage) -> None:
@@ -257,6 +316,7 @@ class Sidecar:
             task = msg.task
             # Ack first, work later (LESSONS.md 9).
             self._send(control_pb2.ClientMessage(task_ack=control_pb2.TaskAck(task_id=task.task_id)), "task ack")
+            self.place.task(task.round)
             if self.tasks.offer(task):
                 log.info("site %s: task %s for round %d/%d queued for the trainer (%d global tensors)",
                          site, task.task_id, task.round, task.total_rounds, len(task.refs))
@@ -273,6 +333,7 @@ class Sidecar:
             log.info("site %s: job stopped by the server (success=%s, %s): %s", site, stop.success,
                      stop.reason or "-", stop.message or "-")
             self.tasks.stop(stop)
+            self.place.stopped(stop)
             if self.config.exit_on_stop:
                 threading.Thread(target=self._exit_after_stop, name="sidecar-exit", daemon=True).start()
         else:
@@ -280,6 +341,7 @@ class Sidecar:
 
     def _result_received(self, rr: control_pb2.ResultReceived) -> None:
         txs = self.tasks.received(rr.task_id, ok=rr.ok, reason=rr.reason, message=rr.message)
+        self.place.received(rr.ok)
         if txs is None:
             log.info("site %s: ResultReceived for unknown or finished task %s ignored", self.config.site, rr.task_id)
             return
@@ -307,11 +369,12 @@ class Sidecar:
                          exc.details() if hasattr(exc, "details") else exc)
 
     def _on_connected(self) -> None:
+        self.place.registered()
         for ann in self.tasks.pending_announcements():
             log.info("site %s: re-announcing the result of task %s after reconnect", self.config.site, ann.task_id)
             self._send(control_pb2.ClientMessage(result=ann), "result announcement")
 
-    def _exit_after_stop(self) -> None:
+    def _exit_after_stop(self, code: int = EXIT_OK) -> None:
         final = self.trainer.wait_final(self.config.final_state_grace_s)
         if final is None:
             log.warning("site %s: trainer reported no final state within %.0f s after Stop; exiting anyway",
@@ -320,7 +383,7 @@ class Sidecar:
             # The state change may still be on its way to the queue; queue it again so the
             # half-close in stop() cannot overtake it (the server ignores an unchanged state).
             self._on_trainer_state(final)
-        self.request_exit(EXIT_OK)
+        self.request_exit(code)
 
     # --- trainer -> sidecar -------------------------------------------------------
     def _on_hello(self, hello: trainer_pb2.HelloRequest) -> None:
@@ -359,6 +422,7 @@ class Sidecar:
         self._send(control_pb2.ClientMessage(trainer_state=snap.to_proto()), "trainer state")
 
     def _on_result(self, ann: control_pb2.ResultAnnouncement) -> None:
+        self.place.uploading()
         self._send(control_pb2.ClientMessage(result=ann), "result announcement")
 
     def _on_metric(self, report: control_pb2.MetricReport) -> None:
@@ -435,4 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     if rejected is not None:
         print(f"fedkube sidecar: site {config.site}: {rejected}", file=sys.stderr)
         return EXIT_CONFIG
+    left = sidecar.upstream.left
+    if left is not None:
+        print(f"fedkube sidecar: site {config.site} left job {config.job} ({left.reason}): {left.message}",
+              file=sys.stderr)
+        return EXIT_REFUSED
     return code

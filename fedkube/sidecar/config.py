@@ -11,6 +11,7 @@ from fedkube import envvars, portfile
 from fedkube.errors import ConfigError
 from fedkube.metrics import metrics_port_from_env
 from fedkube.security.settings import TlsSettings
+from fedkube.spec.terms import TermsPolicy
 
 # Set by the local runtime: leave once the job's Stop and the trainer's final
 # state were forwarded (in Kubernetes the sidecar runs until SIGTERM).
@@ -45,6 +46,11 @@ class SidecarConfig:
         tls: this site's certificate and the server name it checks (FEDKUBE_TLS, _TLS_DIR, _TLS_SERVER_NAME),
             for both the gRPC channel and the bulk dials; off only with FEDKUBE_TLS=disabled (or when built
             by hand in a test).
+        policy: the site admin's policy over the job's terms (FEDKUBE_SITE_POLICY); checked on Registered.
+        site_controlled: a stop before the job's Stop is the site leaving (FEDKUBE_SITE_CONTROLLED=1): Leave.
+        status_port: where the site's view (fedkube.siteview) is served on /status (FEDKUBE_STATUS_PORT; 0: any
+            free port; None: not served).
+        termination_log: where the final site view is written on exit (FEDKUBE_TERMINATION_LOG; None: nowhere).
     """
 
     job: str
@@ -63,6 +69,10 @@ class SidecarConfig:
     ports_file: Path | None = None
     metrics_host: str = "0.0.0.0"
     tls: TlsSettings = field(default_factory=TlsSettings.disabled)
+    policy: TermsPolicy = field(default_factory=TermsPolicy)
+    site_controlled: bool = False
+    status_port: int | None = None
+    termination_log: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarConfig:
@@ -101,6 +111,9 @@ class SidecarConfig:
         handoff_raw = env.get(envvars.BULK_HANDOFF, "").strip().lower()
         if handoff_raw not in ("", "0", "1", "true", "false"):
             raise ConfigError(f"{envvars.BULK_HANDOFF}={handoff_raw!r} must be 1 or 0 (0: relay the bytes instead)")
+        policy_raw = env.get(envvars.SITE_POLICY, "").strip()
+        status_raw = env.get(envvars.STATUS_PORT, "").strip()
+        termination = env.get(envvars.TERMINATION_LOG, "").strip()
         return cls(
             job=job,
             site=site,
@@ -114,7 +127,18 @@ class SidecarConfig:
             ports_file=portfile.path_from_env(env),
             metrics_host=env.get(envvars.BIND_ADDRESS, "").strip().strip("[]") or "0.0.0.0",
             tls=TlsSettings.from_env(env, server_address=server),
+            policy=TermsPolicy.from_json(policy_raw, name=envvars.SITE_POLICY) if policy_raw else TermsPolicy(),
+            site_controlled=_flag(env, envvars.SITE_CONTROLLED),
+            status_port=envvars.parse_port(status_raw, envvars.STATUS_PORT) if status_raw else None,
+            termination_log=Path(termination) if termination else None,
         )
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw not in ("", "0", "1", "true", "false"):
+        raise ConfigError(f"{name}={raw!r} must be 1 or 0")
+    return raw in ("1", "true")
 
 
 def _check_address(name: str, value: str, example: str) -> None:

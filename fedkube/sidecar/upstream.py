@@ -121,13 +121,17 @@ class Upstream:
         on_state: Callable[[str], None] = lambda state: None,
         on_heartbeat: Callable[[], None] = lambda: None,
         on_reconnected: Callable[[], None] = lambda: None,
+        check_registered: Callable[[control_pb2.Registered], control_pb2.Leave | None] = lambda reg: None,
     ) -> None:
+        """``check_registered(registered)`` runs on the stream's reader before any later message: a Leave it
+        returns is sent, the stream half-closed and nothing after it handed on (the site refused the job)."""
         self._stub = control_pb2_grpc.ControlStub(channel)
         self._job, self._site, self._address = job, site, address
         self._on_message, self._trainer_state = on_message, trainer_state
         self._resume_task_id, self._on_connected = resume_task_id, on_connected
         self._base, self._max = backoff_base_s, backoff_max_s
         self._on_state, self._on_heartbeat, self._on_reconnected = on_state, on_heartbeat, on_reconnected
+        self._check_registered = check_registered
         self._registrations = 0
         self.session_id = uuid.uuid4().hex
         self._lock = threading.Lock()
@@ -136,6 +140,7 @@ class Upstream:
         self._closing = threading.Event()
         self.connected = threading.Event()
         self.rejected: RegistrationRejected | None = None
+        self.left: control_pb2.Leave | None = None  # set when this site refused the job on Registered
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"upstream-{site}", daemon=True)
 
@@ -225,8 +230,19 @@ class Upstream:
         try:
             for msg in call:
                 kind = msg.WhichOneof("msg")
+                if self.left is not None:
+                    continue  # refused: nothing of this job reaches the trainer; the server ends the stream
                 if kind == "registered":
                     registered = True
+                    leave = self._check_registered(msg.registered)
+                    if leave is not None:
+                        self.left = leave
+                        self._closing.set()  # no reconnect: the site's policy refuses this job
+                        out.put(control_pb2.ClientMessage(leave=leave))
+                        out.put(_CLOSE)
+                        log.error("site %s: leaving job %s: %s (%s)", self._site, self._job, leave.message,
+                                  leave.reason)
+                        continue
                     ms = msg.registered.heartbeat_interval_ms or 5000
                     interval[0] = ms / 1000.0
                     with self._lock:

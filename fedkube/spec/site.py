@@ -6,9 +6,9 @@ any of them) and the site's policy: which job CAs it accepts (by SHA-256 fingerp
 shown to a server), and optionally which strategies and how many rounds it accepts.
 
 What is checkable when: the bundle names the job, the site, the server and the CA, so the CA fingerprint is
-checked before enrolling. The strategy and the number of rounds are only known from the server's tasks
-(``Task.total_rounds``; the strategy is not announced by the protocol today), see
-:func:`fedkube.operator.site.policy.check_task`.
+checked before enrolling. The strategy and the number of rounds are announced by the server when the site's
+sidecar registers (``Registered.terms``), before any task: the sidecar refuses them there
+(:func:`fedkube.spec.terms.check_terms`), leaves the job with ``PolicyRefused`` and the FLSite reads Refused.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from fedkube.spec.model import API_GROUP, API_VERSION_NAME, DNS1035_LABEL, Objec
 from fedkube.spec.model import TrainerTemplate as TrainerTemplate
 from fedkube.spec.status import Condition
 from fedkube.spec.strategy import StrategyName
+from fedkube.spec.terms import TermsPolicy
 
 __all__ = [
     "API_GROUP",
@@ -68,12 +69,19 @@ class SitePolicy(_Model):
         "Get it from the job owner through a second channel.",
     )
     allowed_strategies: list[StrategyName] | None = Field(
-        default=None, alias="allowedStrategies", description="Strategy kinds accepted; all when absent."
+        default=None, alias="allowedStrategies", description="Strategy kinds accepted; all when absent. Checked "
+        "when the site's sidecar registers, before any task: another strategy leaves the job (PolicyRefused at the "
+        "server) and the FLSite reads Refused.",
     )
     max_rounds: int | None = Field(
         default=None, alias="maxRounds", ge=1, le=1_000_000,
-        description="The most rounds a job may ask of this site (checked on the first task).",
+        description="The most rounds a job may ask of this site. Checked when the site's sidecar registers, "
+        "before any task: a job asking more leaves (PolicyRefused at the server) and the FLSite reads Refused.",
     )
+
+    def terms(self) -> TermsPolicy:
+        """The part the site's sidecar checks against the job's announced terms."""
+        return TermsPolicy.of(self.allowed_strategies, self.max_rounds)
 
     @field_validator("accepted_ca_fingerprints")
     @classmethod

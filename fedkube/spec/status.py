@@ -35,7 +35,8 @@ class _Status(BaseModel):
 class SiteStatus(_Status):
     """One client site's state and, when it is not healthy, why."""
 
-    state: _State = Field(description="Pending, Registered, Training, Uploading, Done, Failed or Lost.")
+    state: _State = Field(description="Pending, Registered, Training, Uploading, Done, Failed, Lost or "
+                        "Withdrawn (the site left by its own decision: reason Withdrawn or PolicyRefused).")
     reason: str | None = Field(default=None, description="Machine-readable reason, e.g. PendingTimeout.")
     message: str | None = Field(default=None, description="What happened and what to do about it.")
     pod: str | None = Field(default=None, description="The client's pod.")

@@ -7,8 +7,10 @@ the site operator enrolls and runs the client pod, which dials the server's expo
 one resolver, which stands for the network between the clusters: the bundle's address (the exposed Service's
 DNS name, as ``externalAddresses`` say) reaches the server pod. The operator itself runs in the test process,
 outside that network, so its enrollment dial is mapped to the server pod's local port (the memo seam).
-One job, three checks: an FLSite accepting the CA joins and the job Succeeds; one refusing it never enrolls;
-a third site's FLSite deleted mid-job leaves the job with a reason (not Lost) while it goes on above minClients.
+One job, four checks: an FLSite accepting the CA joins, its status follows the rounds (its sidecar's view) and the
+job Succeeds; one refusing the CA never enrolls; one whose maxRounds is below the job's rounds enrolls, refuses the
+job's terms before any task (Refused, the term named; PolicyRefused at the server); a fourth site's FLSite
+deleted mid-job leaves the job as Withdrawn (not Lost, not TrainerExited) while it goes on above minClients.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import kubernetes
 import pytest
 import yaml
 
+from fedkube import envvars
 from fedkube.operator.site import handlers as site_handlers
 from fedkube.runtime.pod import SIDECAR_EXIT_ON_STOP, PodOptions, PodRun, run_pod
 from fedkube.security import enroll
@@ -74,10 +77,18 @@ def site_cluster(fl: FL, tmp_path: Path) -> Iterator[SiteCluster]:
         def enroll_address(bundle: enroll.JoinBundle) -> tuple[str, int]:
             return "127.0.0.1", fl.resolver.local_port(f"{NAMESPACE}/{JOB}-server", bundle.enroll_port)
 
+        def sidecar_url(pod: dict[str, Any]) -> str | None:
+            key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
+            try:
+                return f"http://127.0.0.1:{fl.resolver.local_port(key, envvars.DEFAULT_SITE_STATUS_PORT)}"
+            except Exception:  # not reported yet
+                return None
+
         registry = site_handlers.register(kopf.OperatorRegistry(), interval=INTERVAL)
         memo = kopf.Memo()
         memo[site_handlers.Memo.API_CLIENT] = client
         memo[site_handlers.ENROLL_ADDRESS] = enroll_address
+        memo[site_handlers.SIDECAR_URL] = sidecar_url
         try:
             with TestKubelet(client, tmp_path / "site-kubelet", pod_runner=pod_runner,  # type: ignore[arg-type]
                              stop_grace=3.0), running_operator(cluster.url, registry, memo=memo):
@@ -102,30 +113,31 @@ def _wait(what: str, probe: Any, fl: FL, timeout: float = 40.0, more: Any = None
         f"{more() if more else ''}\nFLJob status: {fl.status(JOB)}\npods:\n{fl.sink.tail()}"))
 
 
-def _flsite(name: str, ca: str, bundle_secret: str) -> dict[str, Any]:
+def _flsite(name: str, ca: str, bundle_secret: str, max_rounds: int = 5) -> dict[str, Any]:
     trainer = yaml.safe_load((QUICKSTART / "fljob.yaml").read_text())["spec"]["trainer"]
     return {
         "apiVersion": f"{API_GROUP}/{API_VERSION_NAME}", "kind": "FLSite",
         "metadata": {"name": name, "namespace": SITE_NS},
         "spec": {"joinBundleSecretRef": {"name": bundle_secret},
                  "trainer": {k: trainer[k] for k in ("image", "command", "workingDir")},
-                 "policy": {"acceptedCaFingerprints": [ca], "maxRounds": 5}},
+                 "policy": {"acceptedCaFingerprints": [ca], "maxRounds": max_rounds}},
     }  # fmt: skip
 
 
 def test_a_site_cluster_joins_with_an_flsite_refuses_a_foreign_ca_and_withdraws(
         fl: FL, site_cluster: SiteCluster) -> None:
-    job = quickstart_job(JOB, sites=("site-a", "site-r", "site-w"), min_clients=2, rounds=3, server={
+    job = quickstart_job(JOB, sites=("site-a", "site-r", "site-w", "site-p"), min_clients=2, rounds=3, server={
         "expose": {"type": "NodePort", "externalAddresses": [EXPOSED]}})
     job["spec"]["clients"] = [{"name": "site-a"}, {"name": "site-r", "remote": True},
-                              {"name": "site-w", "remote": True}]
+                              {"name": "site-w", "remote": True}, {"name": "site-p", "remote": True}]
     fl.apply(job)
     secret = _wait("join bundle", lambda: _secret(fl, f"{JOB}-join-site-r"), fl)
     bundle = enroll.JoinBundle.from_text(base64.b64decode(secret["bundle.json"]).decode())
     # The site admin stores the bundle as it came, in the site's own namespace.
     site_cluster.core.create_namespaced_secret(SITE_NS, {"metadata": {"name": "far-join"}, "data": secret})
-    site_cluster.core.create_namespaced_secret(SITE_NS, {"metadata": {"name": "far-join-w"},
-                                                         "data": _secret(fl, f"{JOB}-join-site-w")})
+    for site in ("w", "p"):
+        site_cluster.core.create_namespaced_secret(SITE_NS, {"metadata": {"name": f"far-join-{site}"},
+                                                             "data": _secret(fl, f"{JOB}-join-site-{site}")})
     _wait("the server's enrollment port", lambda: _enroll_listening(fl), fl)
     # A second FLSite that accepts another CA only: refused, it never enrolls nor runs a pod.
     other = "sha256:" + "0" * 64
@@ -135,27 +147,44 @@ def test_a_site_cluster_joins_with_an_flsite_refuses_a_foreign_ca_and_withdraws(
                                                         _flsite("far-r", bundle.ca_sha256, "far-join"))
     site_cluster.custom.create_namespaced_custom_object(API_GROUP, API_VERSION_NAME, SITE_NS, PLURAL,
                                                         _flsite("far-w", bundle.ca_sha256, "far-join-w"))
+    # A site whose admin accepts 2 rounds at most: it enrolls, then refuses the job's 3 before any task.
+    site_cluster.custom.create_namespaced_custom_object(API_GROUP, API_VERSION_NAME, SITE_NS, PLURAL,
+                                                        _flsite("far-p", bundle.ca_sha256, "far-join-p", 2))
     # The third site's admin withdraws mid-job: the job goes on above minClients.
     _wait("site-w training", lambda: (fl.status(JOB).get("clients") or {}).get("site-w", {}).get("state")
           in ("Training", "Uploading", "Done"), fl)
+    # The running site's FLSite shows where it stands at the server, fed by its sidecar.
+    _wait("far-r's round in its FLSite status", lambda: (site_cluster.flsite("far-r").get("status") or {}).get(
+        "round"), fl, more=lambda: f"FLSite far-r: {site_cluster.flsite('far-r')}")
     site_cluster.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION_NAME, SITE_NS, PLURAL, "far-w")
 
     status = fl.wait_phase(JOB, "Succeeded", timeout=90)
-    # The withdrawn site left with a reason, not as Lost: its pod's trainer ended first (a native sidecar outlives
-    # it) and the sidecar told the server before its own stream closed.
+    # The withdrawn site left by its own decision: the site operator asked its sidecar to leave before the pod went.
     withdrawn = status["clients"]["site-w"]
-    assert (withdrawn["state"], withdrawn["reason"]) == ("Failed", "TrainerExited"), withdrawn
+    assert (withdrawn["state"], withdrawn["reason"]) == ("Withdrawn", "Withdrawn"), withdrawn
+    assert "far-w was deleted by the site's admin" in withdrawn["message"]
+    refused = status["clients"]["site-p"]
+    assert (refused["state"], refused["reason"]) == ("Withdrawn", "PolicyRefused"), refused
+    assert "the job asks 3 rounds" in refused["message"] and refused.get("roundsCompleted", 0) == 0
     assert {s: status["clients"][s]["state"] for s in ("site-a", "site-r")} == {"site-a": "Done", "site-r": "Done"}
     site = _wait("FLSite Succeeded", lambda: (site_cluster.flsite("far-r").get("status") or {}).get("phase")
                  == "Succeeded" and site_cluster.flsite("far-r")["status"], fl,
                  more=lambda: f"FLSite far-r: {site_cluster.flsite('far-r')}\npods: "
                  f"{[(p.metadata.name, p.status.phase) for p in site_cluster.core.list_namespaced_pod(SITE_NS).items]}")
     assert site["job"] == f"{NAMESPACE}/{JOB}" and site["site"] == "site-r" and site["pod"] == "far-r-client"
+    assert site["round"] == 3 and site["serverView"] == {"state": "Stopped", "reason": "Succeeded"}, site
     assert site["certNotAfter"] == status["clients"]["site-r"]["certNotAfter"]
     tls = site_cluster.core.read_namespaced_secret("far-r-tls", SITE_NS)
     assert tls.type == "kubernetes.io/tls" and tls.metadata.owner_references[0].name == "far-r"
     pod = site_cluster.core.read_namespaced_pod("far-r-client", SITE_NS)
     assert pod.spec.containers[0].image == job["spec"]["trainer"]["image"]
+
+    tight = _wait("FLSite far-p Refused", lambda: (site_cluster.flsite("far-p").get("status") or {}).get("phase")
+                  == "Refused" and site_cluster.flsite("far-p")["status"], fl,
+                  more=lambda: f"FLSite far-p: {site_cluster.flsite('far-p')}")
+    assert "maxRounds (FLSite hospital/far-p spec.policy) is 2" in tight["lastError"], tight
+    assert any(c["type"] == "Refused" and c["reason"] == "RoundsNotAccepted" for c in tight["conditions"]), tight
+    assert tight["serverView"] == {"state": "Refused", "reason": "PolicyRefused"}, tight
 
     wary = site_cluster.flsite("wary")["status"]
     assert wary["phase"] == "Refused" and wary["caSha256"] == bundle.ca_sha256

@@ -94,7 +94,9 @@ def test_two_in_cluster_sites_and_a_joined_remote_site_reach_the_exact_fedavg(fl
             "--bulk-port", str(ports[envvars.BULK_PORT]), "--enroll-port", str(ports[envvars.ENROLL_PORT])]
     env = {**os.environ, **_knob_env("site-r")}
     joined = subprocess.Popen(
-        [sys.executable, "-m", "fedkube.cli", "join", str(path), "--state-dir", str(state), *ends, "--",
+        # The site's policy accepts the job's terms (checked against the server's Registered before any task).
+        [sys.executable, "-m", "fedkube.cli", "join", str(path), "--state-dir", str(state), *ends,
+         "--max-rounds", str(ROUNDS), "--allow-strategy", "fedavg", "--",
          sys.executable, str(KNOB)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

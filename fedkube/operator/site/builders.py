@@ -5,6 +5,11 @@ job-cell sidecar as a native sidecar, the trainer, the same security context and
 the FLSite's own trainer, then pointed at the remote server: the bundle's address and server name, the job and
 site names of the bundle, and the FLSite's ``<flsite>-tls`` Secret (the enrolled certificate, the key made here,
 the site's bearer token). Nothing of the server's FLJob reaches this pod but what its tasks carry.
+
+The site's own part of the sidecar: its policy over the job's terms (``FEDKUBE_SITE_POLICY``, from
+``spec.policy``, checked when it registers), its view of the site's place served on the ``site-status`` port for
+the site operator (round, serverView; ``POST /leave`` when the FLSite is deleted) and written as its termination
+message (the final word, e.g. a refusal, once the pod ended).
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ from fedkube.security.enroll import JoinBundle
 from fedkube.security.material import CA_CERT_FILE, CERT_FILE, KEY_FILE, MOUNT_PATH, SECRET_TYPE
 from fedkube.spec.model import ClientSite, FLJob, FLJobSpec, ObjectMeta
 from fedkube.spec.site import FLSite
+from fedkube.spec.terms import TermsPolicy
 
 #: The key of the ``<flsite>-tls`` Secret holding the site's bearer token (returned by enrollment).
 TOKEN_KEY = "token"
 LABEL_FLSITE = f"{naming.GROUP}/flsite"
+#: The sidecar container port serving the site's view (fedkube.siteview) to the site operator.
+SITE_STATUS_PORT_NAME = "site-status"
+TERMINATION_PATH = "/dev/termination-log"
 
 
 def tls_secret_name(site: FLSite) -> str:
@@ -84,7 +93,14 @@ def build_site_pod(site: FLSite, bundle: JoinBundle, *, owner: Mapping[str, Any]
         envvars.SERVER_BULK_ADDRESS: f"{host}:{bundle.bulk_port}" if bundle.bulk_port else "",
         envvars.TOKEN_FILE: f"{MOUNT_PATH}/{TOKEN_KEY}", envvars.TLS: certificates.TLS_ENABLED,
         envvars.TLS_DIR: MOUNT_PATH, envvars.TLS_SERVER_NAME: bundle.server_name,
+        envvars.SITE_POLICY: TermsPolicy.of(site.spec.policy.allowed_strategies, site.spec.policy.max_rounds,
+                                            f"FLSite {site.namespace}/{site.name} spec.policy").to_json(),
+        envvars.STATUS_PORT: str(envvars.DEFAULT_SITE_STATUS_PORT), envvars.TERMINATION_LOG: TERMINATION_PATH,
     })  # fmt: skip
+    sidecar["ports"] = [*sidecar.get("ports", []), {"name": SITE_STATUS_PORT_NAME, "protocol": "TCP",
+                                                    "containerPort": envvars.DEFAULT_SITE_STATUS_PORT}]
+    sidecar["terminationMessagePath"] = TERMINATION_PATH
+    sidecar["terminationMessagePolicy"] = "File"
     # The token travels in the TLS Secret: one Secret of the site's, made by enrollment.
     sidecar["volumeMounts"] = [m for m in sidecar["volumeMounts"] if m["name"] != builders.VOLUME_TOKEN]
     if not any(m["name"] == certificates.VOLUME_TLS for m in sidecar["volumeMounts"]):

@@ -2,8 +2,10 @@
 
 Each pass: read the bundle Secret; refuse (phase Refused, never enrolling) a CA the policy does not accept; enroll
 once (the key is made here and stored only in ``<flsite>-tls`` of this namespace); create the client pod (owned by
-the FLSite, so deleting the FLSite deletes it); map the pod's phase onto the FLSite's. A handler never sleeps:
-waiting is ``kopf.TemporaryError``.
+the FLSite, so deleting the FLSite deletes it); map the pod's phase onto the FLSite's, and its sidecar's view of
+the site (:mod:`fedkube.operator.site.view`) onto ``round``, ``serverView`` and, when the site's policy refused the
+job's terms, the phase Refused. Deleting the FLSite first asks the sidecar to leave the job (the server records
+the site Withdrawn), then the pod goes with its owner. A handler never sleeps: waiting is ``kopf.TemporaryError``.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from pydantic import ValidationError
 
 from fedkube.errors import FedkubeError
 from fedkube.operator.handlers import Memo, configure
-from fedkube.operator.site import builders, policy
+from fedkube.operator.site import builders, policy, view
 from fedkube.operator.site.kube import SiteKube
 from fedkube.operator.status import set_condition
 from fedkube.security import enroll
 from fedkube.security.enroll_wire import EnrollmentError, Issued, enroll_site, renew_site
 from fedkube.security.material import CA_CERT_FILE, CERT_FILE, KEY_FILE, files_in
+from fedkube.siteview import SiteView
 from fedkube.spec.site import API_GROUP, API_VERSION_NAME, PLURAL, FLSite
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,8 @@ ENROLL_TIMEOUT_S = 10.0
 #: Memo key: ``(bundle) -> (host, port)`` the operator dials to enroll (default the bundle's first address and
 #: enrollment port). The seam the e2e test uses, where the operator runs outside the emulated pods' network.
 ENROLL_ADDRESS = "enroll_address"
+#: Memo key: ``(pod) -> base URL | None`` of the client pod's sidecar (default :func:`view.default_sidecar_url`).
+SIDECAR_URL = "sidecar_url"
 
 
 def _enroll_address(bundle: enroll.JoinBundle) -> tuple[str, int]:
@@ -151,7 +156,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf
         if status.get("phase") != "Refused":  # one Event per refusal, not one per look
             kopf.warn(body, reason=refusal.reason, message=refusal.message)
         return
-    if status.get("phase") == "Refused":
+    if status.get("phase") == "Refused" and _refused_reason(status) == policy.CA_NOT_ACCEPTED:
         patch.status["conditions"] = set_condition(status.get("conditions"), "Refused", "False", "Accepted",
                                                    "the bundle's CA is accepted", _now())
         patch.status["lastError"] = None
@@ -176,8 +181,19 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf
         kopf.info(body, reason="Joined", message=f"enrolled as site {bundle.site} of job {where['job']}; "
                   f"created pod {pod_name}")
     phase = site_phase(pod)
-    _status(patch, status, phase, "Enrolled", True, "Enrolled", f"certificate valid until {not_after}",
-            certNotAfter=not_after, pod=pod_name, **where)
+    seen = _sidecar_view(pod, memo, phase)
+    fields: dict[str, Any] = {"certNotAfter": not_after, "pod": pod_name, **where}
+    if seen is not None:
+        fields.update(round=seen.round or None, serverView={"state": seen.state, "reason": seen.reason or None})
+    if seen is not None and seen.state == "Refused":
+        reason = seen.term or "PolicyRefused"
+        message = (f"{seen.message}; the site left job {where['job']} before any task (PolicyRefused at the "
+                   f"server); after changing spec.policy, delete pod {pod_name} to join again")
+        _status(patch, status, "Refused", "Refused", True, reason, message, lastError=message, **fields)
+        if status.get("phase") != "Refused":
+            kopf.warn(body, reason=reason, message=message)
+        return
+    _status(patch, status, phase, "Enrolled", True, "Enrolled", f"certificate valid until {not_after}", **fields)
     if phase == "Failed":
         message = f"client pod {pod_name} failed; see `kubectl logs {pod_name} -c trainer` and `-c sidecar`"
         patch.status["lastError"] = message
@@ -186,9 +202,42 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf
         kopf.info(body, reason="Succeeded", message=f"job {where['job']} finished; pod {pod_name} succeeded")
 
 
-def withdrawn(body: kopf.Body, **_: Any) -> None:
-    """Deletion: the pod goes with its owner; the server sees the site's connection close (see docs)."""
-    kopf.info(body, reason="Withdrawn", message="FLSite deleted; its client pod and Secret are garbage-collected")
+def _refused_reason(status: Mapping[str, Any]) -> str | None:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Refused" and cond.get("status") == "True":
+            return str(cond.get("reason"))
+    return None
+
+
+def _sidecar_view(pod: Mapping[str, Any] | None, memo: kopf.Memo, phase: str) -> SiteView | None:
+    """The sidecar's view of the site: live while the pod runs, its termination message once it ended."""
+    if pod is None:
+        return None
+    if phase in ("Succeeded", "Failed"):
+        return view.final_view(pod)
+    return view.final_view(pod) or view.live_view(memo.get(SIDECAR_URL, view.default_sidecar_url)(pod))
+
+
+def withdrawn(body: kopf.Body, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+    """Deletion: the sidecar leaves the job (Withdrawn at the server, at once), then the pod goes with its owner.
+
+    Best effort and never blocking the deletion: a sidecar that cannot be reached (its pod already gone, the
+    site's network down) leaves the server to notice the silence (Lost after heartbeatSeconds)."""
+    name, namespace = body["metadata"]["name"], body["metadata"].get("namespace") or "default"
+    left = False
+    try:
+        kube = SiteKube(memo[Memo.API_CLIENT])
+        pod = kube.pod(namespace, f"{name}-client")
+        secret = kube.secret_data(namespace, f"{name}-tls") or {}
+        token = secret.get(builders.TOKEN_KEY, b"").decode()
+        if pod is not None and token and site_phase(pod) not in ("Succeeded", "Failed"):
+            left = view.ask_to_leave(memo.get(SIDECAR_URL, view.default_sidecar_url)(pod), token,
+                                     f"FLSite {namespace}/{name} was deleted by the site's admin")
+    except Exception as exc:  # never hold the deletion (the finalizer) on a failed courtesy
+        log.warning("FLSite %s/%s: could not ask its sidecar to leave the job: %s", namespace, name, exc)
+    kopf.info(body, reason="Withdrawn", message="FLSite deleted; " + (
+        "its sidecar told the server the site leaves; " if left else "") +
+        "its client pod and Secret are garbage-collected")
 
 
 def register(registry: kopf.OperatorRegistry, *, interval: float = 5.0) -> kopf.OperatorRegistry:
@@ -197,5 +246,6 @@ def register(registry: kopf.OperatorRegistry, *, interval: float = 5.0) -> kopf.
     # The timer only (it also runs at once for a new or resumed FLSite): kopf runs a timer and the create/resume
     # handlers concurrently, and two enrollments racing with one token leave one of them refused as a replay.
     kopf.timer(*RESOURCE, interval=interval, registry=registry, id="reconcile")(reconcile)
-    kopf.on.delete(*RESOURCE, registry=registry, id="withdraw", optional=True)(withdrawn)
+    # Not optional: the finalizer holds the FLSite (and so its pod) until the sidecar was asked to leave.
+    kopf.on.delete(*RESOURCE, registry=registry, id="withdraw")(withdrawn)
     return registry

@@ -1,27 +1,20 @@
 """A site's policy over what it joins: pure checks, each returning a refusal (reason, message) or None.
 
 Checkable before enrolling (the bundle): the job CA's fingerprint, so no token is ever shown to a server the site
-did not accept. Checkable only after connecting (the server's first task): the number of rounds
-(``Task.total_rounds``). The strategy kind is not announced to sites by the protocol today; ``allowedStrategies``
-is checked by :func:`check_task` when a caller has it (the task config's ``strategy`` key, when a server sends it).
+did not accept. Checkable only after connecting: the job's terms (strategy, rounds), which the server announces
+in ``Registered`` before any task; the site's sidecar checks them (:func:`fedkube.spec.terms.check_terms`, the one
+comparison, also behind :func:`check_task`) and leaves with ``PolicyRefused`` before its trainer gets a task.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from fedkube.security.enroll import JoinBundle
 from fedkube.spec.site import SitePolicy
+from fedkube.spec.terms import ROUNDS_NOT_ACCEPTED, STRATEGY_NOT_ACCEPTED, JobTerms, Refusal, check_terms
+
+__all__ = ["CA_NOT_ACCEPTED", "ROUNDS_NOT_ACCEPTED", "STRATEGY_NOT_ACCEPTED", "Refusal", "check_bundle", "check_task"]
 
 CA_NOT_ACCEPTED = "CANotAccepted"
-ROUNDS_NOT_ACCEPTED = "RoundsNotAccepted"
-STRATEGY_NOT_ACCEPTED = "StrategyNotAccepted"
-
-
-@dataclass(frozen=True)
-class Refusal:
-    reason: str
-    message: str
 
 
 def check_bundle(policy: SitePolicy, bundle: JoinBundle) -> Refusal | None:
@@ -36,10 +29,4 @@ def check_bundle(policy: SitePolicy, bundle: JoinBundle) -> Refusal | None:
 
 def check_task(policy: SitePolicy, *, total_rounds: int | None, strategy: str | None) -> Refusal | None:
     """Refuse a job asking more rounds, or another strategy, than the site accepts (None: not known yet)."""
-    if policy.max_rounds is not None and total_rounds is not None and total_rounds > policy.max_rounds:
-        return Refusal(ROUNDS_NOT_ACCEPTED, f"the job asks {total_rounds} rounds, spec.policy.maxRounds is "
-                       f"{policy.max_rounds}; fix: raise maxRounds or ask the job owner for fewer rounds")
-    if policy.allowed_strategies is not None and strategy is not None and strategy not in policy.allowed_strategies:
-        return Refusal(STRATEGY_NOT_ACCEPTED, f"the job aggregates with {strategy!r}, spec.policy.allowedStrategies "
-                       f"is {list(policy.allowed_strategies)}; fix: allow it or leave the job")
-    return None
+    return check_terms(policy.terms(), JobTerms(strategy=strategy, total_rounds=total_rounds))

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from fedkube.wire.v1 import tensor_pb2 as fedkube_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64kube/v1/control.proto\x12\nfedkube.v1\x1a\x17\x66\x65\x64kube/v1/tensor.proto\"\x82\x01\n\x0cTrainerState\x12\'\n\x05phase\x18\x01 \x01(\x0e\x32\x18.fedkube.v1.TrainerPhase\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.fedkube.v1.FailureKind\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\texit_code\x18\x04 \x01(\x05\"k\n\x08Register\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0eresume_task_id\x18\x04 \x01(\t\x12\x18\n\x10protocol_version\x18\x05 \x01(\r\"C\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12)\n\x07trainer\x18\x02 \x01(\x0b\x32\x18.fedkube.v1.TrainerState\"\x1a\n\x07TaskAck\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xdd\x01\n\x12ResultAnnouncement\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12<\n\x07metrics\x18\x04 \x03(\x0b\x32+.fedkube.v1.ResultAnnouncement.MetricsEntry\x12#\n\x04refs\x18\x05 \x03(\x0b\x32\x15.fedkube.v1.TensorRef\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x98\x01\n\x0cMetricReport\x12\r\n\x05round\x18\x01 \x01(\r\x12\x34\n\x06values\x18\x02 \x03(\x0b\x32$.fedkube.v1.MetricReport.ValuesEntry\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa7\x02\n\rClientMessage\x12(\n\x08register\x18\x01 \x01(\x0b\x32\x14.fedkube.v1.RegisterH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.fedkube.v1.HeartbeatH\x00\x12\'\n\x08task_ack\x18\x03 \x01(\x0b\x32\x13.fedkube.v1.TaskAckH\x00\x12\x30\n\x06result\x18\x04 \x01(\x0b\x32\x1e.fedkube.v1.ResultAnnouncementH\x00\x12\x31\n\rtrainer_state\x18\x05 \x01(\x0b\x32\x18.fedkube.v1.TrainerStateH\x00\x12+\n\x07metrics\x18\x06 \x01(\x0b\x32\x18.fedkube.v1.MetricReportH\x00\x42\x05\n\x03msg\"8\n\nRegistered\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\"+\n\x08Rejected\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe2\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12#\n\x04refs\x18\x03 \x03(\x0b\x32\x15.fedkube.v1.TensorRef\x12,\n\x06\x63onfig\x18\x04 \x03(\x0b\x32\x1c.fedkube.v1.Task.ConfigEntry\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\r\x12\"\n\x04kind\x18\x06 \x01(\x0e\x32\x14.fedkube.v1.TaskKind\x1a-\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\rUploadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x03ref\x18\x02 \x01(\x0b\x32\x15.fedkube.v1.TensorRef\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"\"\n\x0c\x43\x61ncelUpload\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"N\n\x0eResultReceived\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"8\n\x04Stop\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xc9\x02\n\rServerMessage\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.fedkube.v1.RegisteredH\x00\x12(\n\x08rejected\x18\x02 \x01(\x0b\x32\x14.fedkube.v1.RejectedH\x00\x12 \n\x04task\x18\x03 \x01(\x0b\x32\x10.fedkube.v1.TaskH\x00\x12+\n\x06upload\x18\x04 \x01(\x0b\x32\x19.fedkube.v1.UploadRequestH\x00\x12\x31\n\rcancel_upload\x18\x05 \x01(\x0b\x32\x18.fedkube.v1.CancelUploadH\x00\x12\x35\n\x0fresult_received\x18\x06 \x01(\x0b\x32\x1a.fedkube.v1.ResultReceivedH\x00\x12 \n\x04stop\x18\x07 \x01(\x0b\x32\x10.fedkube.v1.StopH\x00\x42\x05\n\x03msg\"N\n\x0bPushedChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\t\n\x07PushAck*\xb4\x01\n\x0cTrainerPhase\x12\x1d\n\x19TRAINER_PHASE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRAINER_PHASE_STARTING\x10\x01\x12\x19\n\x15TRAINER_PHASE_RUNNING\x10\x02\x12\x1a\n\x16TRAINER_PHASE_FINISHED\x10\x03\x12\x18\n\x14TRAINER_PHASE_FAILED\x10\x04\x12\x18\n\x14TRAINER_PHASE_EXITED\x10\x05*\xa9\x01\n\x0b\x46\x61ilureKind\x12\x1c\n\x18\x46\x41ILURE_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x41ILURE_KIND_EXCEPTION\x10\x01\x12\x1d\n\x19\x46\x41ILURE_KIND_CONFIG_ERROR\x10\x02\x12\x18\n\x14\x46\x41ILURE_KIND_ABORTED\x10\x03\x12\'\n#FAILURE_KIND_EXITED_BEFORE_DOWNLOAD\x10\x04*f\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x01\x12\x12\n\x0eTASK_KIND_INIT\x10\x02\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x03\x32\x86\x01\n\x07\x43ontrol\x12\x43\n\x07\x43onnect\x12\x19.fedkube.v1.ClientMessage\x1a\x19.fedkube.v1.ServerMessage(\x01\x30\x01\x12\x36\n\x04Push\x12\x17.fedkube.v1.PushedChunk\x1a\x13.fedkube.v1.PushAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64kube/v1/control.proto\x12\nfedkube.v1\x1a\x17\x66\x65\x64kube/v1/tensor.proto\"\x82\x01\n\x0cTrainerState\x12\'\n\x05phase\x18\x01 \x01(\x0e\x32\x18.fedkube.v1.TrainerPhase\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.fedkube.v1.FailureKind\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\texit_code\x18\x04 \x01(\x05\"k\n\x08Register\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0eresume_task_id\x18\x04 \x01(\t\x12\x18\n\x10protocol_version\x18\x05 \x01(\r\"C\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12)\n\x07trainer\x18\x02 \x01(\x0b\x32\x18.fedkube.v1.TrainerState\"\x1a\n\x07TaskAck\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xdd\x01\n\x12ResultAnnouncement\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12<\n\x07metrics\x18\x04 \x03(\x0b\x32+.fedkube.v1.ResultAnnouncement.MetricsEntry\x12#\n\x04refs\x18\x05 \x03(\x0b\x32\x15.fedkube.v1.TensorRef\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x98\x01\n\x0cMetricReport\x12\r\n\x05round\x18\x01 \x01(\r\x12\x34\n\x06values\x18\x02 \x03(\x0b\x32$.fedkube.v1.MetricReport.ValuesEntry\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcb\x02\n\rClientMessage\x12(\n\x08register\x18\x01 \x01(\x0b\x32\x14.fedkube.v1.RegisterH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.fedkube.v1.HeartbeatH\x00\x12\'\n\x08task_ack\x18\x03 \x01(\x0b\x32\x13.fedkube.v1.TaskAckH\x00\x12\x30\n\x06result\x18\x04 \x01(\x0b\x32\x1e.fedkube.v1.ResultAnnouncementH\x00\x12\x31\n\rtrainer_state\x18\x05 \x01(\x0b\x32\x18.fedkube.v1.TrainerStateH\x00\x12+\n\x07metrics\x18\x06 \x01(\x0b\x32\x18.fedkube.v1.MetricReportH\x00\x12\"\n\x05leave\x18\x07 \x01(\x0b\x32\x11.fedkube.v1.LeaveH\x00\x42\x05\n\x03msg\"(\n\x05Leave\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"2\n\x08JobTerms\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x14\n\x0ctotal_rounds\x18\x02 \x01(\r\"]\n\nRegistered\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12#\n\x05terms\x18\x03 \x01(\x0b\x32\x14.fedkube.v1.JobTerms\"+\n\x08Rejected\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe2\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12#\n\x04refs\x18\x03 \x03(\x0b\x32\x15.fedkube.v1.TensorRef\x12,\n\x06\x63onfig\x18\x04 \x03(\x0b\x32\x1c.fedkube.v1.Task.ConfigEntry\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\r\x12\"\n\x04kind\x18\x06 \x01(\x0e\x32\x14.fedkube.v1.TaskKind\x1a-\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\rUploadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x03ref\x18\x02 \x01(\x0b\x32\x15.fedkube.v1.TensorRef\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"\"\n\x0c\x43\x61ncelUpload\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"N\n\x0eResultReceived\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"8\n\x04Stop\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xc9\x02\n\rServerMessage\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.fedkube.v1.RegisteredH\x00\x12(\n\x08rejected\x18\x02 \x01(\x0b\x32\x14.fedkube.v1.RejectedH\x00\x12 \n\x04task\x18\x03 \x01(\x0b\x32\x10.fedkube.v1.TaskH\x00\x12+\n\x06upload\x18\x04 \x01(\x0b\x32\x19.fedkube.v1.UploadRequestH\x00\x12\x31\n\rcancel_upload\x18\x05 \x01(\x0b\x32\x18.fedkube.v1.CancelUploadH\x00\x12\x35\n\x0fresult_received\x18\x06 \x01(\x0b\x32\x1a.fedkube.v1.ResultReceivedH\x00\x12 \n\x04stop\x18\x07 \x01(\x0b\x32\x10.fedkube.v1.StopH\x00\x42\x05\n\x03msg\"N\n\x0bPushedChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\t\n\x07PushAck*\xb4\x01\n\x0cTrainerPhase\x12\x1d\n\x19TRAINER_PHASE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRAINER_PHASE_STARTING\x10\x01\x12\x19\n\x15TRAINER_PHASE_RUNNING\x10\x02\x12\x1a\n\x16TRAINER_PHASE_FINISHED\x10\x03\x12\x18\n\x14TRAINER_PHASE_FAILED\x10\x04\x12\x18\n\x14TRAINER_PHASE_EXITED\x10\x05*\xa9\x01\n\x0b\x46\x61ilureKind\x12\x1c\n\x18\x46\x41ILURE_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x41ILURE_KIND_EXCEPTION\x10\x01\x12\x1d\n\x19\x46\x41ILURE_KIND_CONFIG_ERROR\x10\x02\x12\x18\n\x14\x46\x41ILURE_KIND_ABORTED\x10\x03\x12\'\n#FAILURE_KIND_EXITED_BEFORE_DOWNLOAD\x10\x04*f\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x01\x12\x12\n\x0eTASK_KIND_INIT\x10\x02\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x03\x32\x86\x01\n\x07\x43ontrol\x12\x43\n\x07\x43onnect\x12\x19.fedkube.v1.ClientMessage\x1a\x19.fedkube.v1.ServerMessage(\x01\x30\x01\x12\x36\n\x04Push\x12\x17.fedkube.v1.PushedChunk\x1a\x13.fedkube.v1.PushAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,12 +39,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRICREPORT_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_TASK_CONFIGENTRY']._loaded_options = None
   _globals['_TASK_CONFIGENTRY']._serialized_options = b'8\001'
-  _globals['_TRAINERPHASE']._serialized_start=2125
-  _globals['_TRAINERPHASE']._serialized_end=2305
-  _globals['_FAILUREKIND']._serialized_start=2308
-  _globals['_FAILUREKIND']._serialized_end=2477
-  _globals['_TASKKIND']._serialized_start=2479
-  _globals['_TASKKIND']._serialized_end=2581
+  _globals['_TRAINERPHASE']._serialized_start=2292
+  _globals['_TRAINERPHASE']._serialized_end=2472
+  _globals['_FAILUREKIND']._serialized_start=2475
+  _globals['_FAILUREKIND']._serialized_end=2644
+  _globals['_TASKKIND']._serialized_start=2646
+  _globals['_TASKKIND']._serialized_end=2748
   _globals['_TRAINERSTATE']._serialized_start=66
   _globals['_TRAINERSTATE']._serialized_end=196
   _globals['_REGISTER']._serialized_start=198
@@ -62,29 +62,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRICREPORT_VALUESENTRY']._serialized_start=736
   _globals['_METRICREPORT_VALUESENTRY']._serialized_end=781
   _globals['_CLIENTMESSAGE']._serialized_start=784
-  _globals['_CLIENTMESSAGE']._serialized_end=1079
-  _globals['_REGISTERED']._serialized_start=1081
-  _globals['_REGISTERED']._serialized_end=1137
-  _globals['_REJECTED']._serialized_start=1139
-  _globals['_REJECTED']._serialized_end=1182
-  _globals['_TASK']._serialized_start=1185
-  _globals['_TASK']._serialized_end=1411
-  _globals['_TASK_CONFIGENTRY']._serialized_start=1366
-  _globals['_TASK_CONFIGENTRY']._serialized_end=1411
-  _globals['_UPLOADREQUEST']._serialized_start=1413
-  _globals['_UPLOADREQUEST']._serialized_end=1525
-  _globals['_CANCELUPLOAD']._serialized_start=1527
-  _globals['_CANCELUPLOAD']._serialized_end=1561
-  _globals['_RESULTRECEIVED']._serialized_start=1563
-  _globals['_RESULTRECEIVED']._serialized_end=1641
-  _globals['_STOP']._serialized_start=1643
-  _globals['_STOP']._serialized_end=1699
-  _globals['_SERVERMESSAGE']._serialized_start=1702
-  _globals['_SERVERMESSAGE']._serialized_end=2031
-  _globals['_PUSHEDCHUNK']._serialized_start=2033
-  _globals['_PUSHEDCHUNK']._serialized_end=2111
-  _globals['_PUSHACK']._serialized_start=2113
-  _globals['_PUSHACK']._serialized_end=2122
-  _globals['_CONTROL']._serialized_start=2584
-  _globals['_CONTROL']._serialized_end=2718
+  _globals['_CLIENTMESSAGE']._serialized_end=1115
+  _globals['_LEAVE']._serialized_start=1117
+  _globals['_LEAVE']._serialized_end=1157
+  _globals['_JOBTERMS']._serialized_start=1159
+  _globals['_JOBTERMS']._serialized_end=1209
+  _globals['_REGISTERED']._serialized_start=1211
+  _globals['_REGISTERED']._serialized_end=1304
+  _globals['_REJECTED']._serialized_start=1306
+  _globals['_REJECTED']._serialized_end=1349
+  _globals['_TASK']._serialized_start=1352
+  _globals['_TASK']._serialized_end=1578
+  _globals['_TASK_CONFIGENTRY']._serialized_start=1533
+  _globals['_TASK_CONFIGENTRY']._serialized_end=1578
+  _globals['_UPLOADREQUEST']._serialized_start=1580
+  _globals['_UPLOADREQUEST']._serialized_end=1692
+  _globals['_CANCELUPLOAD']._serialized_start=1694
+  _globals['_CANCELUPLOAD']._serialized_end=1728
+  _globals['_RESULTRECEIVED']._serialized_start=1730
+  _globals['_RESULTRECEIVED']._serialized_end=1808
+  _globals['_STOP']._serialized_start=1810
+  _globals['_STOP']._serialized_end=1866
+  _globals['_SERVERMESSAGE']._serialized_start=1869
+  _globals['_SERVERMESSAGE']._serialized_end=2198
+  _globals['_PUSHEDCHUNK']._serialized_start=2200
+  _globals['_PUSHEDCHUNK']._serialized_end=2278
+  _globals['_PUSHACK']._serialized_start=2280
+  _globals['_PUSHACK']._serialized_end=2289
+  _globals['_CONTROL']._serialized_start=2751
+  _globals['_CONTROL']._serialized_end=2885
 # @@protoc_insertion_point(module_scope)

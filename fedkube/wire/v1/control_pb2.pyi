@@ -127,28 +127,48 @@ class MetricReport(_message.Message):
     def __init__(self, round: _Optional[int] = ..., values: _Optional[_Mapping[str, float]] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
-    __slots__ = ("register", "heartbeat", "task_ack", "result", "trainer_state", "metrics")
+    __slots__ = ("register", "heartbeat", "task_ack", "result", "trainer_state", "metrics", "leave")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     TASK_ACK_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     TRAINER_STATE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    LEAVE_FIELD_NUMBER: _ClassVar[int]
     register: Register
     heartbeat: Heartbeat
     task_ack: TaskAck
     result: ResultAnnouncement
     trainer_state: TrainerState
     metrics: MetricReport
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., task_ack: _Optional[_Union[TaskAck, _Mapping]] = ..., result: _Optional[_Union[ResultAnnouncement, _Mapping]] = ..., trainer_state: _Optional[_Union[TrainerState, _Mapping]] = ..., metrics: _Optional[_Union[MetricReport, _Mapping]] = ...) -> None: ...
+    leave: Leave
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., task_ack: _Optional[_Union[TaskAck, _Mapping]] = ..., result: _Optional[_Union[ResultAnnouncement, _Mapping]] = ..., trainer_state: _Optional[_Union[TrainerState, _Mapping]] = ..., metrics: _Optional[_Union[MetricReport, _Mapping]] = ..., leave: _Optional[_Union[Leave, _Mapping]] = ...) -> None: ...
+
+class Leave(_message.Message):
+    __slots__ = ("reason", "message")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    message: str
+    def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class JobTerms(_message.Message):
+    __slots__ = ("strategy", "total_rounds")
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    strategy: str
+    total_rounds: int
+    def __init__(self, strategy: _Optional[str] = ..., total_rounds: _Optional[int] = ...) -> None: ...
 
 class Registered(_message.Message):
-    __slots__ = ("job", "heartbeat_interval_ms")
+    __slots__ = ("job", "heartbeat_interval_ms", "terms")
     JOB_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
     job: str
     heartbeat_interval_ms: int
-    def __init__(self, job: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
+    terms: JobTerms
+    def __init__(self, job: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., terms: _Optional[_Union[JobTerms, _Mapping]] = ...) -> None: ...
 
 class Rejected(_message.Message):
     __slots__ = ("reason", "message")

@@ -49,6 +49,7 @@ class FakeServer(control_pb2_grpc.ControlServicer):
         self.job = job
         self.tokens = tokens
         self.heartbeat_ms = heartbeat_ms
+        self.terms: control_pb2.JobTerms | None = None  # announced in Registered when set
         self.cond = threading.Condition()
         self.messages: list[tuple[str, control_pb2.ClientMessage]] = []
         self.registrations: list[control_pb2.Register] = []
@@ -109,7 +110,7 @@ class FakeServer(control_pb2_grpc.ControlServicer):
             self.cond.notify_all()
         threading.Thread(target=self._read, args=(site, stream, request_iterator), daemon=True).start()
         yield control_pb2.ServerMessage(
-            registered=control_pb2.Registered(job=self.job, heartbeat_interval_ms=self.heartbeat_ms)
+            registered=control_pb2.Registered(job=self.job, heartbeat_interval_ms=self.heartbeat_ms, terms=self.terms)
         )
         while True:
             msg = stream.out.get()

@@ -247,3 +247,26 @@ def test_round_scoped_failure_of_a_never_connected_client_is_a_no_op(clock: Fake
     assert reg.fail("b", Reason.DEPLOY_TIMEOUT, "pod not ready in 300 s")  # the operator's verdict
     with pytest.raises(RegistrationRejected, match="DeployTimeout"):
         reg.register(SessionKey("b", "s", next(_conn)))
+
+
+def test_a_leave_withdraws_at_once_only_from_the_current_stream_and_the_site_may_come_back(clock: FakeClock) -> None:
+    from fedkube.server.registry import LEAVE_MESSAGE_CHARS, leave_reason
+
+    reg = make(clock)
+    old = connect(reg, "a")
+    new = connect(reg, "a")  # replaces the old stream
+    reg.task_sent("a", "t1", 1)
+    assert reg.withdraw(old, Reason.WITHDRAWN, "stale") is None and reg.get("a").state is S.TRAINING
+    assert reg.withdraw(SessionKey("b", "s1", 999), Reason.WITHDRAWN, "never connected") is None
+    rec = reg.withdraw(new, leave_reason("Anything"), "y" * 2000)
+    assert rec is not None and (rec.state, rec.reason) == (S.WITHDRAWN, Reason.WITHDRAWN)
+    assert len(rec.message) == LEAVE_MESSAGE_CHARS and not rec.connected
+    # The first word stands: no later failure, loss or second Leave replaces it.
+    assert not reg.fail("a", Reason.TRAINER_EXITED, "its trainer ended as the pod went")
+    assert reg.withdraw(new, Reason.POLICY_REFUSED, "again") is None
+    clock.advance(100)
+    assert reg.check_heartbeats() == [] and reg.get("a").state is S.WITHDRAWN
+    # The site comes back (its admin changed the policy): Registered again, not refused.
+    connect(reg, "a")
+    assert reg.get("a").state is S.REGISTERED and reg.get("a").reason is None
+    assert leave_reason("PolicyRefused") is Reason.POLICY_REFUSED

@@ -210,3 +210,31 @@ def test_an_unchanged_status_is_not_patched_again() -> None:
     again: Any = type("P", (), {"status": {}})()
     handlers._status(again, dict(first.status), "Running", "Enrolled", True, "Enrolled", "ok", pod="p")
     assert first.status["phase"] == "Running" and again.status == {}
+
+
+def test_the_site_pod_carries_the_sites_policy_and_reports_its_view() -> None:
+    from fedkube.operator.site import view
+    from fedkube.siteview import SiteView
+    from fedkube.spec.terms import TermsPolicy
+
+    pod = builders.build_site_pod(_site(maxRounds=4, allowedStrategies=["fedavg"]), _bundle())
+    sidecar = pod["spec"]["initContainers"][0]
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    policy_ = TermsPolicy.from_json(env[envvars.SITE_POLICY], name=envvars.SITE_POLICY)
+    assert (policy_.max_rounds, policy_.allowed_strategies) == (4, ("fedavg",))
+    assert policy_.origin == "FLSite site-ns/mnist-b spec.policy"
+    assert envvars.SITE_CONTROLLED not in env  # an FLSite's pod leaves through its operator, not on SIGTERM
+    assert env[envvars.TERMINATION_LOG] == sidecar["terminationMessagePath"]
+    assert {"name": "site-status", "containerPort": envvars.DEFAULT_SITE_STATUS_PORT, "protocol": "TCP"} in (
+        sidecar["ports"])
+    trainer_env = {e["name"] for e in pod["spec"]["containers"][0]["env"]}
+    assert envvars.SITE_POLICY not in trainer_env
+    # Read back: the pod's address and, once the sidecar ended, its termination message; garbage is no view.
+    pod["status"] = {"podIP": "10.0.0.7", "initContainerStatuses": [
+        {"name": "sidecar", "state": {"terminated": {"message": SiteView("Refused", 0, "PolicyRefused", "m",
+                                                                           "RoundsNotAccepted").to_json()}}}]}
+    assert view.default_sidecar_url(pod) == f"http://10.0.0.7:{envvars.DEFAULT_SITE_STATUS_PORT}"
+    got = view.final_view(pod)
+    assert got is not None and (got.state, got.term) == ("Refused", "RoundsNotAccepted")
+    pod["status"]["initContainerStatuses"][0]["state"]["terminated"]["message"] = "panic: out of memory"
+    assert view.final_view(pod) is None
