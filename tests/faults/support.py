@@ -750,8 +750,8 @@ class TcpProxy:
     * ``record()``: from now on keep every byte forwarded, per direction and connection
       (``recorded``), up to :data:`RECORD_LIMIT` bytes in all: what a wiretap sees.
     * ``delay_s``: a link with latency: each byte leaves ``delay_s`` after it arrived, in each direction
-      (RTT = 2 * ``delay_s``), with at most ``in_flight_bytes`` on the way per direction (a path's
-      bandwidth-delay capacity; the sender's TCP waits beyond it). None: forward at once.
+      (RTT = 2 * ``delay_s``), with at most ``in_flight_bytes`` on the way per direction over all
+      connections (a path's bandwidth-delay capacity; the sender's TCP waits beyond it). None: forward at once.
     """
 
     def __init__(
@@ -762,6 +762,7 @@ class TcpProxy:
         self.name = name
         self.delay_s = delay_s
         self.in_flight_bytes = in_flight_bytes
+        self._budgets = {d: delayline.Budget(in_flight_bytes) for d in (UP, DOWN)}  # shared by the connections
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind((LOCAL_HOST, 0))
@@ -868,7 +869,7 @@ class TcpProxy:
         key = id(src)
         try:
             delayline.forward_delayed(
-                src, dst, delay_s=self.delay_s, capacity=self.in_flight_bytes, flowing=self._flowing,
+                src, dst, delay_s=self.delay_s, budget=self._budgets[direction], flowing=self._flowing,
                 closed=self._closed, edit=lambda piece: self._edit(key, direction, piece),
                 name=f"proxy-{self.name}-{direction}",
             )  # fmt: skip

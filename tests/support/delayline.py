@@ -6,6 +6,11 @@ arrived, with at most ``capacity`` bytes on the way: a ring buffer of exactly th
 piece falls due. When the ring is full the reader stops reading and the sender's TCP waits, as on a real path
 whose bandwidth-delay product is ``capacity``: the link carries at most ``capacity / delay_s`` bytes per second.
 
+A link's capacity is shared by every connection across it (:class:`Budget`, one per direction): a receiver that
+opens eight connections gets the path's bandwidth, not eight paths'. Each read is sized to what was free when it
+started, so connections that read at the same moment may together overshoot by what they read; one connection
+never holds more than ``capacity``.
+
 The fault suite's :class:`tests.faults.support.TcpProxy` uses it for ``delay_s``; bench/latency.py measures what it
 moves (bench/README.md, "Latency").
 """
@@ -23,12 +28,28 @@ from collections.abc import Callable
 READ_BYTES = 1 << 20
 
 
+class Budget:
+    """The bytes on the way in one direction of a link, over all its connections; at most ``capacity``."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"a link's capacity must be positive (got {capacity} bytes)")
+        self.capacity = capacity
+        self.held = 0
+        self.changed = threading.Condition()
+
+    def release(self, n: int) -> None:
+        with self.changed:
+            self.held -= n
+            self.changed.notify_all()
+
+
 def forward_delayed(
     src: socket.socket,
     dst: socket.socket,
     *,
     delay_s: float,
-    capacity: int,
+    budget: Budget,
     edit: Callable[[memoryview], None],
     flowing: threading.Event,
     closed: threading.Event,
@@ -36,12 +57,13 @@ def forward_delayed(
 ) -> None:
     """Forward ``src`` to ``dst`` with ``delay_s`` latency until ``src`` ends or either side fails.
 
+    ``budget`` is the link's capacity in this direction, shared with its other connections.
+
     ``edit`` sees (and may change in place) every piece as it is read; nothing is sent while ``flowing`` is
     clear; ``closed`` set ends the forwarding. Both sockets are shut down at the end, as the link's other
     forwarders expect (a link that ends one way ends both ways).
     """
-    if capacity <= 0:
-        raise ValueError(f"the delay line's capacity must be positive (got {capacity} bytes)")
+    capacity = budget.capacity
     ring = memoryview(bytearray(capacity))
     # (due time, start in the ring, length): the pieces on the way, oldest first
     line: collections.deque[tuple[float, int, int]] = collections.deque()
@@ -81,6 +103,7 @@ def forward_delayed(
                         sent -= piece
                     held -= n
                     changed.notify_all()
+                budget.release(n)
         except OSError:
             pass
         finally:
@@ -93,10 +116,12 @@ def forward_delayed(
     at = 0  # where the next read goes in the ring
     try:
         while not closed.is_set():
+            with budget.changed:
+                while budget.capacity - budget.held < room and writer.is_alive():
+                    budget.changed.wait(0.1)  # the path is full: stop reading, TCP back-pressure does the rest
+                free = budget.capacity - budget.held
             with changed:
-                while capacity - held < room and writer.is_alive():
-                    changed.wait(0.1)  # the path is full: stop reading, TCP back-pressure does the rest
-                free = capacity - held
+                free = min(free, capacity - held)  # this connection's ring never holds more than the link
             if at == capacity:
                 at = 0
             # The free space starts at ``at`` and runs to the ring's end or to the oldest byte on the way.
@@ -105,6 +130,8 @@ def forward_delayed(
                 break
             piece = ring[at : at + n]
             edit(piece)
+            with budget.changed:
+                budget.held += n
             with changed:
                 line.append((time.monotonic() + delay_s, at, n))
                 held += n
@@ -117,3 +144,4 @@ def forward_delayed(
             ended = True
             changed.notify_all()
         writer.join()
+        budget.release(held)  # what a broken connection left on the way no longer takes the link's room
