@@ -170,6 +170,7 @@ def main() -> None:
                 for proxy in (to_raw, to_tls, *to_server.values()):
                     proxy.close()
             result["rtt"][f"{rtt:g}ms"] = _summary(runs, size)
+            print(f"{rtt:g} ms: {result['rtt'][f'{rtt:g}ms']}", file=sys.stderr, flush=True)  # a long run's progress
     finally:
         finals = {}
         for mode, (proc, conn) in publishers.items():
