@@ -112,6 +112,7 @@ ROOMY_TRANSFER: dict[str, Any] = {"chunkTimeoutSeconds": 30, "idleTimeoutSeconds
 #: directory) and ``hold(name)``, which waits (bounded) until the test creates ``gate / name``.
 PRELUDE = '''\
 import os
+import time
 from pathlib import Path
 
 import numpy as np
