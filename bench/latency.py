@@ -1,24 +1,29 @@
-"""fedkube over a link with latency: a download's throughput at added RTTs against plain TCP on the same link.
+"""fedkube over a link with latency: a download's throughput at added RTTs against streams on the same link.
 
-    python bench/latency.py --size-mib 256 --rtt-ms 0 --rtt-ms 20 --rtt-ms 100
+    python bench/latency.py --size-mib 256 --repeats 3 --rtt-ms 0 --rtt-ms 20 --rtt-ms 100
 
 A remote site reaches the server across a WAN. Here the WAN is the fault suite's link proxy
-(``tests.faults.support.TcpProxy`` with ``delay_s`` = RTT/2 each way and at most ``--in-flight-mib`` on the way
-per direction: the path's bandwidth-delay capacity, which bounds any TCP stream on it). For each RTT, S bytes
-cross it twice over, interleaved, best of ``--repeats``:
+(``tests.faults.support.TcpProxy`` with ``delay_s`` = RTT/2 each way through a delay line holding at most
+``--in-flight-mib`` per direction, tests/support/delayline.py: the path's bandwidth-delay capacity, which bounds any
+stream on it to in-flight / one-way delay). For each RTT, S bytes cross it, interleaved, ``--repeats`` times:
 
-* ``plain``: one TCP stream (sendall from memory, recv_into a resident buffer, xxh3 per block: bench/transfer.py's
-  raw-socket pair) through the proxy: the most any protocol gets from this link;
+* ``direct_tcp``: one plain TCP stream with no proxy (sendall from memory, recv_into a resident buffer, xxh3 per
+  block: bench/transfer.py's raw-socket pair): what this box moves at all; ``plain_tcp`` over it is the proxy's
+  own ceiling;
+* ``plain_tcp``: the same stream through the proxy: the most any plaintext protocol gets from this link;
+* ``tls_tcp``: the same stream on TLS 1.3 with the job's certificates and fedkube's own contexts (mutual TLS,
+  the cipher the bulk path negotiates; bench/_tls_stream.py): the most any protocol on this TLS gets;
 * ``tls``: what a remote site does to download the global model: the server's bulk port on mutual TLS 1.3
   (a ``DownloadService`` + ``BulkServer``), the site's sidecar (a ``BulkRelay`` with its site certificate) dialing
   it through the proxy, and the trainer fetching from the sidecar's pod-local port into a preallocated buffer,
   checksum verified (bench/transfer.py's publisher, relay and receiver processes);
-* ``plaintext``: the same with ``security.tls: disabled``, which separates what latency costs from what TLS
-  costs on this CPU.
+* ``plaintext``: the same with ``security.tls: disabled``.
 
-Prints one JSON line: per RTT the best seconds and MiB/s of each, and ``fedkube_<mode>_over_plain_tcp`` (ratio;
-the goal of issue 16 is >= 0.85 at 1 GiB). The proxy runs in this process (threads), the others each in their
-own (spawn). The upload direction and a whole round behind the proxy are not measured here.
+Like is compared with like: ``fedkube_plaintext_over_plain_tcp`` and ``fedkube_tls_over_tls_tcp`` ask whether
+fedkube's protocol tolerates latency (round trips, windows, buffers), not whether crypto is free on this CPU;
+``fedkube_tls_over_plain_tcp`` keeps the plain floor too (the goal of issue 16 is >= 0.85 at 1 GiB). Ratios of
+the best and of the median runs. Prints one JSON line. The proxy runs in this process (threads), the others each
+in their own (spawn). The upload direction and a whole round behind the proxy are not measured here.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -38,9 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _common import emit
 from _tls import write_material
+from _tls_stream import model_receiver_main, tls_receiver_main, tls_source_main
 from transfer import (
     _recv,
-    _run_receivers,
     _start,
     bulk_relay_main,
     publisher_main,
@@ -48,16 +54,55 @@ from transfer import (
     raw_source_main,
 )
 
+from fedkube.transfer import parallel
+
 #: How the server's bulk port runs: mutual TLS (fedkube's default) and plaintext (``security.tls: disabled``).
 MODES = ("tls", "plaintext")
+#: What each RTT measures (the module's docstring).
+KINDS = ("direct_tcp", "plain_tcp", "tls_tcp", *MODES)
+#: Reported ratio -> (kind, floor): the throughput of ``kind`` over that of ``floor`` (best runs, median runs).
+RATIOS = {
+    "proxy_over_direct_tcp": ("plain_tcp", "direct_tcp"),
+    "tls_tcp_over_plain_tcp": ("tls_tcp", "plain_tcp"),
+    "fedkube_plaintext_over_plain_tcp": ("plaintext", "plain_tcp"),
+    "fedkube_tls_over_tls_tcp": ("tls", "tls_tcp"),
+    "fedkube_tls_over_plain_tcp": ("tls", "plain_tcp"),
+}
+
+
+def _raw_stream(ctx: Any, port: int, size: int, checksum: str, source: Any, rtt: float) -> float:
+    """One plain TCP stream from the raw source (on ``port``: directly or through a proxy); its seconds."""
+    receiver, conn = _start(ctx, raw_receiver_main, port, size)
+    time.sleep(0.3)
+    conn.send("go")
+    seconds, _, got = _recv(conn, "raw receiver")
+    _recv(source, "raw source")  # its CPU seconds: not reported here
+    receiver.join(60)
+    if got != checksum:
+        raise AssertionError(f"plain TCP at {rtt} ms: checksum {got} != {checksum}")
+    return float(seconds)
+
+
+def _summary(runs: dict[str, list[float]], size: int) -> dict[str, Any]:
+    best = {kind: min(times) for kind, times in runs.items()}
+    median = {kind: statistics.median(times) for kind, times in runs.items()}
+    return {
+        **{f"{kind}_mib_s": round(size / b / (1 << 20)) for kind, b in best.items()},
+        **{name: round(best[den] / best[num], 3) for name, (num, den) in RATIOS.items()},
+        "median_ratios": {name: round(median[den] / median[num], 3) for name, (num, den) in RATIOS.items()},
+        "runs_mib_s": {kind: [round(size / x / (1 << 20)) for x in times] for kind, times in runs.items()},
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=256, help="bytes per transfer, in MiB")
     parser.add_argument("--rtt-ms", type=float, action="append", help="added round-trip time (repeatable)")
-    parser.add_argument("--repeats", type=int, default=2, help="transfers of each kind per RTT; the best is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="transfers of each kind per RTT")
     parser.add_argument("--in-flight-mib", type=int, default=8, help="bytes the link holds per direction")
+    parser.add_argument("--tensors", type=int, default=1, help="the model's tensors (S split evenly) for fedkube")
+    parser.add_argument("--fetch-width", type=int, default=parallel.FETCH_WIDTH,
+                        help="tensors the trainer fetches at once (1: one after another, as before)")
     parser.add_argument("--chunk-kib", type=int, default=1024, help="chunk size asked by the trainer")
     args = parser.parse_args()
     rtts = args.rtt_ms or [0.0, 20.0, 100.0]
@@ -71,56 +116,61 @@ def main() -> None:
     # One site per download (its own sidecar relay and certificate): a transaction is released once every
     # receiver completed, and a relay serves only its own site.
     names = {mode: [f"{mode}-site-{i}" for i in range(serves)] for mode in MODES}
-    write_material(Path(tls_dir), names["tls"])
-    publishers = {mode: _start(ctx, publisher_main, size, 1, names[mode], chunk, 0, tls_dir if mode == "tls" else None)
-                  for mode in MODES}  # fmt: skip
+    stream_site = "tls-stream"
+    write_material(Path(tls_dir), names["tls"] + [stream_site])
+    publishers = {mode: _start(ctx, publisher_main, size, args.tensors, names[mode], chunk, 0,
+                               tls_dir if mode == "tls" else None) for mode in MODES}  # fmt: skip
     infos = {mode: _recv(conn, f"{mode} publisher") for mode, (_, conn) in publishers.items()}
-    raw, raw_conn = _start(ctx, raw_source_main, size, serves)
+    raw, raw_conn = _start(ctx, raw_source_main, size, 2 * serves)  # through the proxy and direct
     raw_info = _recv(raw_conn, "raw source")
-    result: dict[str, Any] = {"size_mib": args.size_mib, "in_flight_mib": args.in_flight_mib,
-                              "repeats": args.repeats, "cpus": os.cpu_count(), "rtt": {}}  # fmt: skip
+    tls_src, tls_conn = _start(ctx, tls_source_main, size, serves, tls_dir)
+    tls_info = _recv(tls_conn, "TLS source")
+    result: dict[str, Any] = {"size_mib": args.size_mib, "tensors": args.tensors, "fetch_width": args.fetch_width,
+                              "in_flight_mib": args.in_flight_mib, "repeats": args.repeats, "cpus": os.cpu_count(),
+                              "rtt": {}}  # fmt: skip
     with open("/proc/loadavg") as f:
         result["load_before"] = f.read().split()[:3]
     try:
         for rtt in rtts:
             link = {"delay_s": rtt / 2000, "in_flight_bytes": args.in_flight_mib << 20}
             to_raw = TcpProxy(("127.0.0.1", raw_info["port"]), name=f"raw-{rtt}", **link).start()
+            to_tls = TcpProxy(("127.0.0.1", tls_info["port"]), name=f"tls-stream-{rtt}", **link).start()
             to_server = {mode: TcpProxy(("127.0.0.1", infos[mode]["bulk_port"]), name=f"{mode}-{rtt}", **link).start()
                          for mode in MODES}  # fmt: skip
-            runs: dict[str, list[float]] = {"plain_tcp": [], **{mode: [] for mode in MODES}}
+            runs: dict[str, list[float]] = {kind: [] for kind in KINDS}
             try:
                 for _ in range(args.repeats):  # interleaved: the box is shared
-                    receiver, conn = _start(ctx, raw_receiver_main, to_raw.port, size)
+                    for kind, port in (("direct_tcp", raw_info["port"]), ("plain_tcp", to_raw.port)):
+                        runs[kind].append(_raw_stream(ctx, port, size, raw_info["checksum"], raw_conn, rtt))
+                    receiver, conn = _start(ctx, tls_receiver_main, to_tls.port, size, tls_dir, stream_site)
                     time.sleep(0.3)
                     conn.send("go")
-                    seconds, _, checksum = _recv(conn, "raw receiver")
-                    _recv(raw_conn, "raw source")  # its CPU seconds: not reported here
+                    seconds, _, checksum, cipher = _recv(conn, "TLS receiver")
+                    _recv(tls_conn, "TLS source")
                     receiver.join(60)
-                    if checksum != raw_info["checksum"]:
-                        raise AssertionError(f"plain TCP at {rtt} ms: checksum {checksum} != {raw_info['checksum']}")
-                    runs["plain_tcp"].append(seconds)
+                    if checksum != tls_info["checksum"]:
+                        raise AssertionError(f"TLS stream at {rtt} ms: checksum {checksum} != {tls_info['checksum']}")
+                    result["tls_cipher"] = list(cipher)
+                    runs["tls_tcp"].append(seconds)
                     for mode in MODES:
                         site = names[mode].pop()
                         relay, relay_conn = _start(ctx, bulk_relay_main, to_server[mode].address, site, 1024,
                                                    tls_dir if mode == "tls" else None)  # fmt: skip
                         port = _recv(relay_conn, "relay")["port"]
-                        got = _run_receivers(ctx, f"127.0.0.1:{port}", [site], infos[mode]["refs"], chunk, 0, "bulk",
-                                             None)  # fmt: skip
-                        runs[mode].append(got[0]["seconds"])
+                        trainer, conn = _start(ctx, model_receiver_main, f"127.0.0.1:{port}", infos[mode]["port"],
+                                               site, infos[mode]["refs"], chunk, args.fetch_width)  # fmt: skip
+                        time.sleep(0.3)
+                        conn.send("go")
+                        runs[mode].append(_recv(conn, f"{mode} trainer")["seconds"])
+                        trainer.join(60)
                         relay_conn.send("stop")
                         _recv(relay_conn, "relay")
                         relay.join(60)
             finally:
-                to_raw.close()
-                for proxy in to_server.values():
+                for proxy in (to_raw, to_tls, *to_server.values()):
                     proxy.close()
-            best = {kind: min(times) for kind, times in runs.items()}
-            result["rtt"][f"{rtt:g}ms"] = {
-                **{f"{kind}_s": round(b, 3) for kind, b in best.items()},
-                **{f"{kind}_mib_s": round(size / b / (1 << 20)) for kind, b in best.items()},
-                **{f"fedkube_{mode}_over_plain_tcp": round(best["plain_tcp"] / best[mode], 3) for mode in MODES},
-                "runs_s": {kind: [round(x, 3) for x in times] for kind, times in runs.items()},
-            }
+            result["rtt"][f"{rtt:g}ms"] = _summary(runs, size)
+            print(f"{rtt:g} ms: {result['rtt'][f'{rtt:g}ms']}", file=sys.stderr, flush=True)  # a long run's progress
     finally:
         finals = {}
         for mode, (proc, conn) in publishers.items():
@@ -128,6 +178,7 @@ def main() -> None:
             finals[mode] = _recv(conn, f"{mode} publisher")
             proc.join(60)
         raw.join(60)
+        tls_src.join(60)
         shutil.rmtree(tls_dir, ignore_errors=True)
     result["all_verified"] = all(bool(f["ok"]) and not f["failed"] for f in finals.values())
     with open("/proc/loadavg") as f:

@@ -9,6 +9,7 @@ gRPC from then on.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -32,6 +33,7 @@ from fedkube.transfer.errors import (
     TransferStalledError,
 )
 from fedkube.transfer.fetch import Fetcher, FetchSettings, GrpcChunkSource
+from fedkube.transfer.parallel import run_bounded
 from fedkube.transfer.refs import TensorRef, numpy_dtype
 from fedkube.transfer.route import choose_route
 from fedkube.wire.v1 import trainer_pb2
@@ -114,15 +116,11 @@ class ModelFetch:
             by_tx.setdefault(ref.transaction_id, []).append(ref)
         for tid, refs in by_tx.items():
             try:
-                for ref in refs:
-                    target = targets.get(ref.name)
-                    if target is None:
-                        arr = np.empty(ref.shape, dtype=numpy_dtype(ref.dtype))
-                        out[ref.name] = self._fetch_one(task, self.bulk_fetcher or self.fetcher, ref, arr)
-                        continue
-                    self._fetch_one(task, self.bulk_fetcher or self.fetcher, ref, target.buffer())
-                    target.done()
-                    out[ref.name] = target.result
+                # Several tensors at once: each fetch waits a round trip or two before its first byte, and a
+                # remote site's link may be 100 ms long (fedkube.transfer.parallel).
+                jobs = [functools.partial(self._fetch_into, task, ref, targets.get(ref.name)) for ref in refs]
+                for ref, value in zip(refs, run_bounded(jobs, name=f"fetch-{self.ids.site}"), strict=True):
+                    out[ref.name] = value
             except BaseException as exc:
                 try:
                     (self.bulk_fetcher or self.fetcher).source.complete(tid, False, str(exc))
@@ -136,7 +134,16 @@ class ModelFetch:
                 log.info("transaction %s: fetched, but could not say so to the source: %s", tid, exc)
         return out
 
-    def _fetch_one(self, task: Task, fetcher: Fetcher, ref: TensorRef, arr: np.ndarray) -> np.ndarray:
+    def _fetch_into(self, task: Task, ref: TensorRef, target: ReceiveTarget | None) -> Any:
+        """``ref`` in the caller's target (staged on the host only while it is fetched), else a fresh array."""
+        if target is None:
+            return self._fetch_one(task, ref, np.empty(ref.shape, dtype=numpy_dtype(ref.dtype)))
+        self._fetch_one(task, ref, target.buffer())
+        target.done()
+        return target.result
+
+    def _fetch_one(self, task: Task, ref: TensorRef, arr: np.ndarray) -> np.ndarray:
+        fetcher = self.bulk_fetcher or self.fetcher  # read per tensor: a failed bulk fetch turns the rest to gRPC
         if fetcher is self.fetcher:
             return fetcher.fetch_array(ref, arr)
         try:

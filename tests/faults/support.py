@@ -44,7 +44,6 @@ edits the rendered manifests with ``mutate=`` (see :func:`pod_named`,
 from __future__ import annotations
 
 import base64
-import collections
 import contextlib
 import copy
 import json
@@ -52,7 +51,6 @@ import logging
 import socket
 import textwrap
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -84,7 +82,7 @@ from fedkube.security.pki import server_dns_names
 from fedkube.server import checkpoint
 from fedkube.spec import parse_job
 from fedkube.status import Phase
-from tests.support import waiting
+from tests.support import delayline, waiting
 
 log = logging.getLogger(__name__)
 
@@ -735,6 +733,8 @@ def _accepts(host: str, port: int) -> bool:
 UP = "up"  # client -> server
 DOWN = "down"  # server -> client
 RECORD_LIMIT = 256 << 20  # bytes a recording proxy keeps: a round of a small model fits many times
+#: What the proxy edits in place: a piece it read (a delay line hands it a view of its ring).
+B = TypeVar("B", bytearray, memoryview)
 
 
 class TcpProxy:
@@ -751,8 +751,8 @@ class TcpProxy:
     * ``record()``: from now on keep every byte forwarded, per direction and connection
       (``recorded``), up to :data:`RECORD_LIMIT` bytes in all: what a wiretap sees.
     * ``delay_s``: a link with latency: each byte leaves ``delay_s`` after it arrived, in each direction
-      (RTT = 2 * ``delay_s``), with at most ``in_flight_bytes`` on the way per direction (a path's
-      bandwidth-delay capacity; the sender's TCP waits beyond it). None: forward at once.
+      (RTT = 2 * ``delay_s``), with at most ``in_flight_bytes`` on the way per direction over all
+      connections (a path's bandwidth-delay capacity; the sender's TCP waits beyond it). None: forward at once.
     """
 
     def __init__(
@@ -763,6 +763,7 @@ class TcpProxy:
         self.name = name
         self.delay_s = delay_s
         self.in_flight_bytes = in_flight_bytes
+        self._budgets = {d: delayline.Budget(in_flight_bytes) for d in (UP, DOWN)}  # shared by the connections
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind((LOCAL_HOST, 0))
@@ -864,63 +865,17 @@ class TcpProxy:
                                  name=f"proxy-{self.name}-{direction}").start()
 
     def _delayed_pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
-        """Forward with ``delay_s`` latency: this thread reads and stamps, a writer sends when each piece is due."""
+        """Forward with ``delay_s`` latency through a delay line holding at most ``in_flight_bytes``."""
         assert self.delay_s is not None
-        delay, limit = self.delay_s, self.in_flight_bytes
-        line: collections.deque[tuple[float, bytes]] = collections.deque()
-        held = [0]  # bytes in ``line``
-        changed = threading.Condition()
-        ended = threading.Event()
-
-        def write() -> None:
-            try:
-                while True:
-                    with changed:
-                        while not line and not ended.is_set():
-                            changed.wait(0.1)
-                        if not line:
-                            return
-                        due, data = line[0]
-                    wait = due - time.monotonic()
-                    if wait > 0:
-                        time.sleep(wait)
-                    while not self._flowing.wait(0.1):
-                        if self._closed.is_set():
-                            return
-                    dst.sendall(data)
-                    with changed:
-                        line.popleft()
-                        held[0] -= len(data)
-                        changed.notify_all()
-            except OSError:
-                pass
-            finally:
-                for s in (src, dst):
-                    with contextlib.suppress(OSError):
-                        s.shutdown(socket.SHUT_RDWR)
-
-        writer = threading.Thread(target=write, daemon=True, name=f"proxy-{self.name}-{direction}-out")
-        writer.start()
+        key = id(src)
         try:
-            while True:
-                data = src.recv(256 << 10)
-                if not data:
-                    break
-                data = bytes(self._edit(id(src), direction, bytearray(data)))
-                with changed:
-                    while held[0] + len(data) > limit and held[0] and writer.is_alive():
-                        changed.wait(0.1)  # the path is full: stop reading, TCP back-pressure does the rest
-                    line.append((time.monotonic() + delay, data))
-                    held[0] += len(data)
-                    changed.notify_all()
-        except OSError:
-            pass
+            delayline.forward_delayed(
+                src, dst, delay_s=self.delay_s, budget=self._budgets[direction], flowing=self._flowing,
+                closed=self._closed, edit=lambda piece: self._edit(key, direction, piece),
+                name=f"proxy-{self.name}-{direction}",
+            )  # fmt: skip
         finally:
-            ended.set()
-            with changed:
-                changed.notify_all()
-            writer.join()
-            self._tail.pop(id(src), None)
+            self._tail.pop(key, None)
 
     def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
         key = id(src)
@@ -944,7 +899,7 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
             self._tail.pop(key, None)
 
-    def _edit(self, key: int, direction: str, data: bytearray) -> bytearray:
+    def _edit(self, key: int, direction: str, data: B) -> B:
         with self._lock:
             start = self.bytes[direction]
             end = start + len(data)
