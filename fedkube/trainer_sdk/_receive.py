@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -37,6 +38,8 @@ from fedkube.transfer.parallel import run_bounded
 from fedkube.transfer.refs import TensorRef, numpy_dtype
 from fedkube.transfer.route import choose_route
 from fedkube.wire.v1 import trainer_pb2
+
+_SWITCH_LOCK = threading.Lock()
 
 log = logging.getLogger("fedkube.trainer_sdk")
 
@@ -151,7 +154,7 @@ class ModelFetch:
         except _SAME_ON_GRPC:
             raise  # gRPC would fail the same way (a model that is gone is gone there too)
         except TransferError as exc:
-            self._bulk_failed(task, exc)
+            self._bulk_failed(task, fetcher, exc)
             return self.fetcher.fetch_array(ref, arr)
 
     def _complete(self, fetcher: Fetcher, tid: str) -> None:
@@ -166,8 +169,14 @@ class ModelFetch:
                      self.ids.job, self.ids.site, tid, exc)
             self.fetcher.source.complete(tid, True)
 
-    def _bulk_failed(self, task: Task, exc: TransferError) -> None:
-        """The bulk path failed: fetch over gRPC from now on (the transfer is the same, only slower)."""
+    def _bulk_failed(self, task: Task, failed: Fetcher, exc: TransferError) -> None:
+        """The bulk path failed: fetch over gRPC from now on (the transfer is the same, only slower).
+
+        Tensors are fetched several at a time, so the fetches running on the bulk path all fail together: the
+        first to get here switches and says so, once."""
+        with _SWITCH_LOCK:
+            if self.bulk_fetcher is not failed:
+                return
+            self.bulk_fetcher = None
         log.warning("job %s site %s round %d: fetching the global model over the bulk relay failed (%s); "
                     "fetching over gRPC from now on", self.ids.job, self.ids.site, task.round, exc)
-        self.bulk_fetcher = None
