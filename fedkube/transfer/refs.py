@@ -32,19 +32,21 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import ml_dtypes
 import numpy as np
 import xxhash
 
 from fedkube.transfer.errors import InvalidRefError
 from fedkube.wire.v1 import tensor_pb2
 
-# numpy-style name -> (numpy dtype, wire enum)
-_DTYPES: dict[str, tuple[np.dtype[Any], int]] = {
+# numpy-style name -> (numpy dtype, wire enum). bfloat16's dtype is ml_dtypes', imported on first use: its
+# extension registers a dozen dtypes and their ufuncs, over a second of start-up on a loaded 2-core box, which every
+# sidecar (it never holds a tensor) and every float32 job would pay for nothing.
+_BFLOAT16 = "bfloat16"
+_DTYPES: dict[str, tuple[np.dtype[Any] | None, int]] = {
     "float32": (np.dtype("<f4"), tensor_pb2.DTYPE_FLOAT32),
     "float64": (np.dtype("<f8"), tensor_pb2.DTYPE_FLOAT64),
     "float16": (np.dtype("<f2"), tensor_pb2.DTYPE_FLOAT16),
-    "bfloat16": (np.dtype(ml_dtypes.bfloat16), tensor_pb2.DTYPE_BFLOAT16),
+    _BFLOAT16: (None, tensor_pb2.DTYPE_BFLOAT16),
     "int8": (np.dtype("i1"), tensor_pb2.DTYPE_INT8),
     "int16": (np.dtype("<i2"), tensor_pb2.DTYPE_INT16),
     "int32": (np.dtype("<i4"), tensor_pb2.DTYPE_INT32),
@@ -53,6 +55,7 @@ _DTYPES: dict[str, tuple[np.dtype[Any], int]] = {
     "bool": (np.dtype("?"), tensor_pb2.DTYPE_BOOL),
 }
 _BY_ENUM = {enum: name for name, (_, enum) in _DTYPES.items()}
+_ITEMSIZE = {name: 2 if dt is None else dt.itemsize for name, (dt, _) in _DTYPES.items()}
 DTYPE_NAMES: tuple[str, ...] = tuple(_DTYPES)
 
 DEFAULT_CHECKSUM_ALGO = "xxh3_64"
@@ -67,21 +70,33 @@ _MAX_NDIM = 64
 _MAX_NBYTES = 2**63 - 1  # int64 shape dims / uint64 lengths; no 2 GiB limit anywhere
 
 
+def bfloat16() -> np.dtype[Any]:
+    """ml_dtypes' bfloat16 (imported here, on first use)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def numpy_dtype(name: str) -> np.dtype[Any]:
     """The little-endian numpy dtype for a wire dtype name ("float32", "bfloat16", ...)."""
     try:
-        return _DTYPES[name][0]
+        dt = _DTYPES[name][0]
     except KeyError:
         raise ValueError(f"unsupported dtype {name!r}; supported: {', '.join(DTYPE_NAMES)}") from None
+    return bfloat16() if dt is None else dt
 
 
 def dtype_name(dtype: np.dtype[Any] | type | str) -> str:
     """The wire name of a numpy dtype; raises ValueError for dtypes that cannot travel (complex, object, ...)."""
+    if isinstance(dtype, str) and dtype == _BFLOAT16:
+        return _BFLOAT16  # np.dtype("bfloat16") only resolves once ml_dtypes is imported
     dt = np.dtype(dtype)
-    if dt == np.dtype(ml_dtypes.bfloat16):
-        return "bfloat16"
+    # A bfloat16 array exists only if ml_dtypes was imported to make it, so no import is needed to recognise one.
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    if ml_dtypes is not None and dt == np.dtype(ml_dtypes.bfloat16):
+        return _BFLOAT16
     for name, (known, _) in _DTYPES.items():
-        if name != "bfloat16" and dt.kind == known.kind and dt.itemsize == known.itemsize:
+        if known is not None and dt.kind == known.kind and dt.itemsize == known.itemsize:
             return name
     raise ValueError(f"dtype {dt} cannot be transferred; supported: {', '.join(DTYPE_NAMES)} (convert the array first)")
 
@@ -230,7 +245,7 @@ class TensorRef:
         if any((not isinstance(d, int)) or d < 0 for d in self.shape):
             out.append(f"shape {self.shape} must hold non-negative integers")
         elif self.dtype in _DTYPES:
-            expected = math.prod(self.shape) * _DTYPES[self.dtype][0].itemsize
+            expected = math.prod(self.shape) * _ITEMSIZE[self.dtype]
             if expected > _MAX_NBYTES:
                 out.append(f"shape {self.shape} of {self.dtype} is larger than 2**63-1 bytes")
             elif self.nbytes != expected:
