@@ -425,7 +425,7 @@ class Intake:
             if spec.is_float and not (all_finite(array) if finite is None else finite):
                 raise non_finite(self.client, self.name)
             if sq is None:  # before publishing: then other folds change the array
-                sq = self.engine.distance(spec, array, self.client)
+                sq = self.engine.distance(spec, array)
             clip = self.engine.clip_of(self.client, spec)
             if clip is not None:  # a pre-pass measured the norm (fedkube.server.prepass): folded clipped at once
                 toward_in_place(target, *clip)

@@ -137,6 +137,7 @@ from fedkube.server.accumulator import (
 )
 from fedkube.server.model import ModelSpec, TensorSpec
 from fedkube.server.pool import ArrayPool
+from fedkube.server.prepass import drift
 
 __all__ = [  # the accumulator's names are re-exported: callers import the aggregation API from here
     "BLOCK", "AggregationError", "DiscardOutcome", "FiniteCheck", "FoldAbortedError", "Intake", "InvalidResultError",
@@ -235,7 +236,7 @@ class WeightedMean:
         if spec.is_float and not (all_finite(array) if finite is None else finite):
             # Checked before folding: one diverged client must not turn everyone's model into NaN.
             raise non_finite(client, name)
-        sq = self.distance(spec, array, client) if sq is None else sq
+        sq = self.distance(spec, array) if sq is None else sq
         if self.staged:
             with self._lock:
                 return self._register(client, name, weight, array, sq)
@@ -248,11 +249,10 @@ class WeightedMean:
             tensor.fold(client, array, weight, self._scratch_for(), self.clip_of(client, spec))
         return True
 
-    def distance(self, spec: TensorSpec, array: np.ndarray, client: str) -> float | None:
-        """``‖array - reference‖²`` of a float tensor (None without a reference, for integer tensors, or when a
-        pre-pass measured ``client``'s norm already)."""
+    def distance(self, spec: TensorSpec, array: np.ndarray) -> float | None:
+        """``‖array - reference‖²`` of a float tensor (None without a reference, or for integer tensors)."""
         ref = self.reference[spec.name] if self.reference is not None and spec.is_float else None
-        return None if ref is None or client in self._prescaled else squared_distance(array, ref, self._scratch_for())
+        return None if ref is None else squared_distance(array, ref, self._scratch_for())
 
     def clip_of(self, client: str, spec: TensorSpec) -> tuple[np.ndarray, float] | None:
         """(global tensor, factor) that ``client``'s tensor is clipped with when folded, or None: as it is."""
@@ -266,8 +266,8 @@ class WeightedMean:
 
         ``sq``: tensor -> ``‖x - reference‖²`` for every float tensor. Returns the clip factor ``scale_of(norm)``;
         every add of the client then folds its tensors clipped, so ``rescale`` (refolding others) is never needed
-        (``fedkube.server.prepass``). Tensors an earlier attempt left (``reopen``) were folded by that attempt,
-        measured over the same checksummed bytes.
+        (``fedkube.server.prepass``); each add is measured again and refused (``prepass.drift``) when its update
+        norm exceeds the pre-pass's. Tensors an earlier attempt left (``reopen``) were folded by that attempt.
         """
         with self._lock:
             early = self._added.get(client, set()) - self._kept.get(client, set())
@@ -304,8 +304,10 @@ class WeightedMean:
         added = self._added.setdefault(client, set())
         if name in added:
             raise InvalidResultError(client, f"tensor {name!r} was added twice")
+        if sq is not None and client in self._prescaled:
+            drift(client, name, self._sq[client].get(name), sq)  # before it is folded: the pre-pass's bytes or less
         added.add(name)
-        if sq is not None:
+        if sq is not None and client not in self._prescaled:
             self._sq.setdefault(client, {})[name] = sq
         if staged is not None:
             self._staged.setdefault(client, {})[name] = staged
@@ -352,9 +354,8 @@ class WeightedMean:
         if dtype != spec.dtype or tuple(shape) != spec.shape or not spec.is_float:
             return intake
         dt = spec.np_dtype
-        measure = self.reference is not None and client not in self._prescaled
         intake.check = FiniteCheck(dt, spec.nbytes, mask=self._mask_for(), widened=self._scratch_for(),
-                                   reference=self.reference[name] if measure and self.reference else None)  # fmt: skip
+                                   reference=None if self.reference is None else self.reference[name])  # fmt: skip
         if not claim or self.staged or accumulator_dtype(spec) != dt:
             return intake  # staged keeps arrays; half precision accumulates in float32, so no aliasing
         with tensor.lock:

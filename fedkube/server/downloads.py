@@ -210,7 +210,7 @@ class Downloader:
         buffers: dict[int, bytearray] = {}
         try:
             if isinstance(sink, MeasuresFirst) and sink.measures_first:  # clipping: the norm before any fold
-                norm_prepass(fetcher, dl.key, refs, sink, buffers)
+                norm_prepass(fetcher, dl.key, refs, sink, buffers, lambda done: setattr(dl, "bytes_done", done))
             for ref in rotated(refs, dl.site, sites):
                 def progress(done: int, base: int = base) -> None:
                     dl.bytes_done = base + done

@@ -22,6 +22,18 @@ result is pulled exactly twice and folded exactly once, whatever N and
 however many are clipped; nothing of another site is touched. Integer tensors
 have no norm and are not pre-pulled.
 
+The second pull is not trusted to be the first one's bytes: the checksum
+(xxh3_64) guards against corruption, not against a site that crafts a
+collision to serve a small update for the norm and a large one for the fold.
+So the folding pull measures each tensor's ``‖x - g‖²`` again (in the same
+per-piece check that looks for NaN/Inf, while the piece is hot) and
+:func:`drift` refuses a tensor, before it is folded, whose value exceeds the
+pre-pass's by more than :data:`DRIFT` (the two sums may group the elements
+differently, so they can differ in their last bits). The folded update's norm
+is then at most ``C·√(1 + DRIFT)`` whatever the site serves; a refused result
+is excluded exactly like any result that fails midway (its folded tensors
+are rebuilt from the others). The norm is computed twice; the clip once.
+
 Why this and not the alternatives (numbers in bench/README.md, "Clipping
 without refolding"):
 
@@ -42,8 +54,8 @@ without refolding"):
   done here (bench/README.md says what it would save).
 
 Costs: the network and the client serve S twice per result with clipping on
-(the server's CPU pays the fetch and the checksum twice, the norm once, and
-the clip only for clipped results); memory stays streaming's (global +
+(the server's CPU pays the fetch, the checksum and the norm twice, and the
+clip only for clipped results); memory stays streaming's (global +
 accumulator + one receive buffer per download). Exact exclusion is easier
 than before: a NaN/Inf found by the pre-pass refuses the result before
 anything of it was folded.
@@ -52,7 +64,7 @@ anything of it was folded.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -64,6 +76,19 @@ from fedkube.transfer.refs import TensorRef
 if TYPE_CHECKING:
     from fedkube.server.aggregate import WeightedMean
     from fedkube.transfer.fetch import Fetcher
+
+
+DRIFT = 1e-5
+"""Relative slack between a tensor's ``‖x - g‖²`` in the pre-pass and in the folding pull (summation order)."""
+
+
+def drift(client: str, name: str, measured: float | None, again: float) -> None:
+    """Refuse tensor ``name`` of a pre-passed result when its update grew since the pre-pass measured it."""
+    if measured is None or not again <= measured * (1 + DRIFT):
+        raise InvalidResultError(client, (
+            f"tensor {name!r} pulled for folding has ||x - global||^2 = {again:.9g}, the pre-pass measured "
+            f"{'nothing' if measured is None else f'{measured:.9g}'} for the same checksum: the site served "
+            "different bytes; the result is refused (a trainer must not change its arrays after send())"))
 
 
 @runtime_checkable
@@ -124,11 +149,13 @@ class NormPrepass:
 
 
 def norm_prepass(fetcher: Fetcher, key: str, refs: list[TensorRef], sink: MeasuresFirst,
-                 buffers: dict[int, Any]) -> float:  # fmt: skip
+                 buffers: dict[int, Any], progress: Callable[[int], None] | None = None) -> float:  # fmt: skip
     """Pull ``refs`` once through ``sink``'s norm checks, keeping nothing; returns the result's clip factor.
 
-    ``buffers`` is the download's receive buffer (one, reused by tensor size, shared with the folding pass).
+    ``buffers`` is the download's receive buffer (one, reused by tensor size, shared with the folding pass);
+    ``progress(bytes)`` sees the bytes pulled so far (the status shows the pre-pass moving, then the fold's pull).
     """
+    base = 0
     scratch = (np.empty(BLOCK, np.bool_), np.empty(BLOCK, np.float32))
     checks: dict[str, FiniteCheck] = {}
     for ref in refs:
@@ -139,6 +166,15 @@ def norm_prepass(fetcher: Fetcher, key: str, refs: list[TensorRef], sink: Measur
         if out is None:
             buffers.clear()  # at most one buffer: memory stays one tensor per download
             out = buffers[ref.nbytes] = bytearray(ref.nbytes)
-        fetcher.fetch_into(ref, out, inspect=check)
+        fetcher.fetch_into(ref, out, inspect=check, progress=_offset(progress, base))
         checks[ref.name] = check
+        base += ref.nbytes
     return sink.prescale(key, checks)
+
+
+def _offset(progress: Callable[[int], None] | None, base: int) -> Callable[[int], None] | None:
+    """``progress`` of the whole result from a tensor's own progress (``base`` bytes came before it)."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda done: report(base + done)

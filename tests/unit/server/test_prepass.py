@@ -56,19 +56,26 @@ def _refs(site: str, x: Model) -> list[TensorRef]:
 
 
 class _CountingFetcher:
-    """Serves a site's result in 1000-byte pieces to the download code, counting each tensor's pulls."""
+    """Serves a site's result to the download code, counting each tensor's pulls.
 
-    def __init__(self, results: dict[str, Model], pulls: Counter[tuple[str, str]]) -> None:
-        self.results, self.pulls = results, pulls
+    Pulls alternate between 1000- and 777-byte pieces (pieces end inside elements and the two passes sum the
+    norm in different groups); ``second`` serves other bytes from the second pull of a tensor on.
+    """
+
+    def __init__(self, results: dict[str, Model], pulls: Counter[tuple[str, str]],
+                 second: dict[str, Model] | None = None) -> None:  # fmt: skip
+        self.results, self.pulls, self.second = results, pulls, second or {}
         self.bulk_bytes = self.pushed_bytes = 0
 
     def fetch_into(self, ref: TensorRef, out: Any = None, *, progress: Any = None, inspect: Any = None) -> memoryview:
         self.pulls[(ref.source, ref.name)] += 1
-        raw = as_bytes(self.results[ref.source][ref.name])
+        again = self.pulls[(ref.source, ref.name)] > 1 and ref.source in self.second
+        raw = as_bytes((self.second if again else self.results)[ref.source][ref.name])
         out = bytearray(len(raw)) if out is None else out
         buf = (out.reshape(-1).view(np.uint8).data if isinstance(out, np.ndarray) else memoryview(out)).cast("B")
-        for start in range(0, len(raw), 1000):
-            stop = min(start + 1000, len(raw))
+        piece = 1000 if self.pulls[(ref.source, ref.name)] % 2 else 777
+        for start in range(0, len(raw), piece):
+            stop = min(start + piece, len(raw))
             buf[start:stop] = raw[start:stop]
             if inspect is not None:
                 inspect.update(buf, start, stop)
@@ -250,3 +257,29 @@ def test_a_retry_keeps_the_clipped_tensors_of_the_cut_attempt_and_a_rebuild_fold
     got = agg.finish()
     for k, v in _float64_reference(g, {"a": honest, "c": poison}, influence).items():
         np.testing.assert_allclose(got[k].astype(np.float64), v, atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_a_site_serving_a_larger_update_to_the_folding_pull_is_refused_before_it_is_folded() -> None:
+    """The second pull is measured again: a site cannot pass the norm with one update and fold another."""
+    g = _global()
+    honest, small, large = _result(g, 1, 0.5), _result(g, 2, 0.5), _result(g, 2, 1e4)
+    agg = FedAvg(influence=Influence(clip_norm=1.0)).begin_round(g)
+    assert isinstance(agg, BoundsInfluence)
+    _pull_round(agg, {"a": honest}, Counter())
+    downloader = Downloader("job1", None, lambda *a: None, FetchSettings(), clock=lambda: 0.0)  # type: ignore[arg-type]
+    fetcher = _CountingFetcher({"liar": small}, Counter(), second={"liar": large})
+    downloader._fetcher = lambda dl: (fetcher, fetcher)  # type: ignore[method-assign, assignment, return-value]
+    ended: list[tuple[bool, str, str]] = []
+    dl = Download(site="liar", task_id="t", key="liar", num_examples=2, metrics={})
+    downloader._download(1, dl, _refs("liar", small), agg, {"a": 1, "liar": 1},
+                         lambda d, ok, reason, message: ended.append((ok, reason, message)))  # fmt: skip
+    ok, reason, message = ended[0]
+    assert not ok and reason == "InvalidResult" and "served different bytes" in message, ended
+    engine = agg.engine  # type: ignore[attr-defined]
+    assert "liar" not in engine.contributors("w") and "liar" not in engine.contributors("b")
+    out = agg.discard("liar")
+    for name, keys in out.rebuild.items():  # only what it had folded before the lie (here: nothing)
+        for key in keys:
+            assert agg.refold(key, name, honest[name])
+    got = agg.finish()
+    np.testing.assert_array_equal(got["w"], honest["w"])
