@@ -283,3 +283,14 @@ def test_a_site_serving_a_larger_update_to_the_folding_pull_is_refused_before_it
             assert agg.refold(key, name, honest[name])
     got = agg.finish()
     np.testing.assert_array_equal(got["w"], honest["w"])
+
+
+def test_the_adaptive_bound_moves_with_the_norms_the_prepass_measured() -> None:
+    g = _global()
+    strategy = FedAvg(influence=Influence(clip_norm=1.0, clip_quantile=0.5))
+    results = {f"s{i}": _result(g, i + 1, 1e3) for i in range(3)}  # every one above the bound: b = 0
+    agg = strategy.begin_round(g)
+    bounded = _pull_round(agg, results, Counter())
+    assert all(b.clipped and b.norm is not None and b.norm > 100 for b in bounded.values())
+    agg.finish()
+    assert strategy.influence.clip_norm == pytest.approx(math.exp(0.2 * 0.5))
