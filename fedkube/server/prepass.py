@@ -47,11 +47,16 @@ without refolding"):
   the other sites' precision: the very case clipping exists for. A second
   accumulator is also + S.
 * *The client reports its norm, the server verifies it while folding*: one
-  pull per result, but the client's norm (torch, its own summation order)
-  never equals the server's to the bit, so accepting it needs a tolerance
-  that loosens the bound DP calibrates its noise to, and a mismatch still
-  needs the exact fallback. It needs a protocol field and SDK support; not
-  done here (bench/README.md says what it would save).
+  pull per result, the only option that can meet issue 17's "within 10 % of
+  FedAvg" on a network-bound round. The verification is :func:`drift` as
+  it is (a claim checked per tensor before the fold; a liar is refused and
+  excluded exactly, paying the rebuild itself). But the client must know
+  ``‖x - g‖``, and a trainer that trains in place (the SDK's
+  ``receive(into=...)``, bench/round.py's default) no longer holds ``g``
+  when its result is ready: keeping a copy is + S on the trainer, over its
+  1.2xS budget, and the sidecar never holds the model. It also needs a
+  protocol field and SDK support. Not done here; bench/README.md has what it
+  would save.
 
 Costs: the network and the client serve S twice per result with clipping on
 (the server's CPU pays the fetch, the checksum and the norm twice, and the
