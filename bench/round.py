@@ -150,6 +150,7 @@ def job_manifest(
     receive: str = "into",
     model_source: str = "file",
     tls: str = "enabled",
+    clip_norm: float | None = None,
 ) -> dict[str, Any]:
     model: dict[str, Any] = {"source": "file", "path": str(model_path)}
     if model_source == "firstClient":
@@ -179,6 +180,8 @@ def job_manifest(
     }
     if chunk_mib is not None:
         manifest["spec"]["transfer"] = {"chunkBytes": chunk_mib << 20}
+    if clip_norm is not None:
+        manifest["spec"]["strategy"]["clipNorm"] = clip_norm
     return manifest
 
 
@@ -304,7 +307,8 @@ def run_mode(
         write_model(model_path, sizes)
         job_file = workdir / "fljob.json"
         manifest = job_manifest(
-            model_path, args.rounds, args.trainer_mode, args.chunk_mib, args.receive, args.model_source, tls
+            model_path, args.rounds, args.trainer_mode, args.chunk_mib, args.receive, args.model_source, tls,
+            args.clip_norm,
         )
         job_file.write_text(json.dumps(manifest, indent=2))
         code, outcome, sampler, wall = run_job(workdir, job_file, args.timeout, bulk=not args.no_bulk)
@@ -403,6 +407,7 @@ def report(
         "trainer_mode": args.trainer_mode,
         "receive": args.receive,
         "model_source": args.model_source,
+        "clip_norm": args.clip_norm,
         "chunk_mib": args.chunk_mib,
         "bulk": not args.no_bulk,
         "security_tls": tls,
@@ -505,6 +510,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(TLS_CHOICES),
         default="both",
         help="spec.security.tls of the job: on (enabled), off (disabled), or both, one after the other",
+    )
+    parser.add_argument(
+        "--clip-norm", type=float, default=None,
+        help="spec.strategy.clipNorm (above the updates' norms, so the model check still holds: the pre-pass's cost)",
     )
     parser.add_argument("--keep-dir", default=None, help="keep the run directories here instead of a temp dir")
     args = parser.parse_args(argv)

@@ -4,22 +4,27 @@
 integer tensors, the chosen value), its lock and its open receive claim;
 :class:`Intake` is one client's tensor on its way in (``WeightedMean.intake``);
 :class:`FiniteCheck` and :func:`all_finite` reject NaN/Inf before anything is
-folded in. The errors the aggregation raises are defined here too, so both
-modules can raise them. The design and the memory math are in the docstring
-of ``fedkube.server.aggregate``.
+folded in. The errors the aggregation raises, ``check_tensor`` and
+``DiscardOutcome`` are defined here too, so both modules can use them
+(``fedkube.server.aggregate`` re-exports them). :func:`toward` and
+``TensorAccumulator.fold(clip=...)`` make a clipped result (``g + s·(x - g)``)
+with the same block operations, so every clipping path agrees to the bit.
+The design and the memory math are in the docstring of
+``fedkube.server.aggregate``.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedkube.errors import FedkubeError
-from fedkube.server.model import TensorSpec
+from fedkube.server.model import ModelSpec, TensorSpec
 from fedkube.server.pool import ArrayPool
 
 if TYPE_CHECKING:
@@ -44,6 +49,24 @@ class InvalidResultError(AggregationError):
 
 class FoldAbortedError(AggregationError):
     """An add gave up waiting for another client's tensor to be received, because its abort event was set."""
+
+
+@dataclass(frozen=True)
+class DiscardOutcome:
+    """What discarding a client left behind, and what must be fetched again to take it out exactly."""
+
+    client: str
+    kept_tensors: tuple[str, ...] = ()
+    """Tensors whose verified contribution from this client stays in the average (only ``discard(rebuild=False)``,
+    for a retry of the same result)."""
+    rebuild: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Tensor -> the other clients whose contribution to it must be fetched again and given to ``refold``:
+    the tensor was emptied because this client's contribution was folded into it."""
+
+    @property
+    def exact(self) -> bool:
+        """True when nothing of the client is left in the aggregate (once ``rebuild`` is refolded)."""
+        return not self.kept_tensors
 
 
 def _finite_into(flat: np.ndarray, mask: np.ndarray, widened: np.ndarray | None) -> bool:
@@ -174,12 +197,45 @@ def toward(g: np.ndarray, x: np.ndarray, scale: float, dtype: np.dtype) -> np.nd
     fo, fx, fg = out.reshape(-1), np.ascontiguousarray(x).reshape(-1), np.ascontiguousarray(g).reshape(-1)
     for start in range(0, fo.size, BLOCK):
         stop = min(start + BLOCK, fo.size)
-        o = fo[start:stop]
-        o[...] = fx[start:stop]
-        o -= fg[start:stop]
-        o *= scale
-        o += fg[start:stop]
+        _toward_block(fo[start:stop], fx[start:stop], fg[start:stop], scale)
     return out
+
+
+def toward_in_place(x: np.ndarray, g: np.ndarray, scale: float) -> None:
+    """``x = g + scale·(x - g)`` in place (x in the accumulator's dtype): the same values as :func:`toward`."""
+    fx, fg = x.reshape(-1), np.ascontiguousarray(g).reshape(-1)
+    for start in range(0, fx.size, BLOCK):
+        stop = min(start + BLOCK, fx.size)
+        _toward_block(fx[start:stop], None, fg[start:stop], scale)
+
+
+def _toward_block(out: np.ndarray, x: np.ndarray | None, g: np.ndarray, scale: float) -> None:
+    """One block of the clipped result (of ``out`` itself when ``x`` is None); every clipping path goes through it,
+    so they agree to the bit."""
+    if x is not None:
+        out[...] = x
+    out -= g
+    out *= scale
+    out += g
+
+
+def check_tensor(spec: ModelSpec, client: str, name: str, array: np.ndarray, weight: float) -> TensorSpec:
+    """``name``'s spec in the global model, once ``array`` matches it and ``weight`` is a positive finite number;
+    else InvalidResultError naming the tensor (every strategy checks a result's tensors this way)."""
+    found = spec.get(name)
+    if found is None:
+        raise InvalidResultError(client, f"tensor {name!r} is not in the global model")
+    arr_dtype = array.dtype if isinstance(array, (np.ndarray, np.generic)) else None
+    if arr_dtype is None or found.np_dtype != arr_dtype:
+        raise InvalidResultError(client, f"tensor {name!r} has dtype {arr_dtype}, the global model has {found.dtype}")
+    if tuple(array.shape) != found.shape:
+        raise InvalidResultError(
+            client, f"tensor {name!r} has shape {tuple(array.shape)}, the global model has {found.shape}"
+        )
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+        raise InvalidResultError(client, f"weight {weight!r} is not a positive finite number "
+                                 "(num_examples must be > 0)")
+    return found
 
 
 def accumulator_dtype(spec: TensorSpec) -> np.dtype:
@@ -211,8 +267,15 @@ class TensorAccumulator:
         self.best: np.ndarray | None = None
         self.best_key: tuple[float, str] | None = None
 
-    def fold(self, client: str, array: np.ndarray, weight: float, scratch: np.ndarray) -> None:
-        """Add one client's array; caller holds self.lock."""
+    def fold(
+        self, client: str, array: np.ndarray, weight: float, scratch: np.ndarray,
+        clip: tuple[np.ndarray, float] | None = None,
+    ) -> None:  # fmt: skip
+        """Add one client's array; caller holds self.lock.
+
+        With ``clip`` (the global model's tensor g and the factor s) the array counts as ``g + s·(array - g)``,
+        made block by block in the scratch (:func:`toward`'s values, no tensor-sized temporary).
+        """
         self.contributors.append(client)
         if not self.spec.is_float:
             # Largest weight wins; ties go to the smaller name, so order of arrival does not matter.
@@ -227,16 +290,23 @@ class TensorAccumulator:
             # into a recycled array when the pool has one, whose pages need no fault and no zeroing.
             acc = self.take_accumulator()
             np.copyto(acc, array, casting="unsafe")
+            if clip is not None:
+                toward_in_place(acc, *clip)
             self.acc = acc
             return
         factor = weight / self.total_weight
         flat_acc = self.acc.reshape(-1)
         flat_x = np.ascontiguousarray(array).reshape(-1)
         tmp_all = scratch if scratch.dtype == flat_acc.dtype else np.empty(BLOCK, flat_acc.dtype)
+        flat_g = None if clip is None else np.ascontiguousarray(clip[0]).reshape(-1)
         for start in range(0, flat_acc.size, BLOCK):
             stop = min(start + BLOCK, flat_acc.size)
             tmp = tmp_all[: stop - start]
-            if flat_x.dtype == flat_acc.dtype:
+            if clip is not None:
+                assert flat_g is not None
+                _toward_block(tmp, flat_x[start:stop], flat_g[start:stop], clip[1])
+                tmp -= flat_acc[start:stop]
+            elif flat_x.dtype == flat_acc.dtype:
                 np.subtract(flat_x[start:stop], flat_acc[start:stop], out=tmp)
             else:
                 tmp[...] = flat_x[start:stop]  # half precision: widen first
@@ -351,13 +421,14 @@ class Intake:
                     f"Intake.add({self.client!r}, {self.name!r}): the tensor was claimed, so the array must be "
                     "the intake's target"
                 )
-            from fedkube.server.aggregate import check_tensor  # aggregate imports this module: not at the top
-
             spec = check_tensor(self.engine.spec, self.client, self.name, array, self.weight)
             if spec.is_float and not (all_finite(array) if finite is None else finite):
                 raise non_finite(self.client, self.name)
             if sq is None:  # before publishing: then other folds change the array
                 sq = self.engine.distance(spec, array)
+            clip = self.engine.clip_of(self.client, spec)
+            if clip is not None:  # a pre-pass measured the norm (fedkube.server.prepass): folded clipped at once
+                toward_in_place(target, *clip)
             with tensor.lock:
                 with self.engine._lock:
                     accepted = self.engine._register(self.client, self.name, self.weight, None, sq)

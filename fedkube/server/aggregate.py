@@ -116,14 +116,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from fedkube.server.accumulator import (
     BLOCK,
     AggregationError,
+    DiscardOutcome,
     FiniteCheck,
     FoldAbortedError,
     Intake,
@@ -131,37 +131,20 @@ from fedkube.server.accumulator import (
     TensorAccumulator,
     accumulator_dtype,
     all_finite,
+    check_tensor,
     non_finite,
     squared_distance,
-    toward,
 )
 from fedkube.server.model import ModelSpec, TensorSpec
 from fedkube.server.pool import ArrayPool
+from fedkube.server.prepass import drift
 
 __all__ = [  # the accumulator's names are re-exported: callers import the aggregation API from here
     "BLOCK", "AggregationError", "DiscardOutcome", "FiniteCheck", "FoldAbortedError", "Intake", "InvalidResultError",
-    "WeightedMean", "accumulator_dtype", "all_finite", "cast_to", "weighted_metrics",
+    "WeightedMean", "accumulator_dtype", "all_finite", "cast_to", "check_tensor", "weighted_metrics",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class DiscardOutcome:
-    """What discarding a client left behind, and what must be fetched again to take it out exactly."""
-
-    client: str
-    kept_tensors: tuple[str, ...] = ()
-    """Tensors whose verified contribution from this client stays in the average (only ``discard(rebuild=False)``,
-    for a retry of the same result)."""
-    rebuild: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    """Tensor -> the other clients whose contribution to it must be fetched again and given to ``refold``:
-    the tensor was emptied because this client's contribution was folded into it."""
-
-    @property
-    def exact(self) -> bool:
-        """True when nothing of the client is left in the aggregate (once ``rebuild`` is refolded)."""
-        return not self.kept_tensors
-
 
 class _Scratch(threading.local):
     """Per-thread BLOCK-sized buffers of the adds and intakes running on that thread (made on first use)."""
@@ -169,25 +152,6 @@ class _Scratch(threading.local):
     def __init__(self) -> None:
         self.buf: np.ndarray | None = None
         self.mask: np.ndarray | None = None
-
-
-def check_tensor(spec: ModelSpec, client: str, name: str, array: np.ndarray, weight: float) -> TensorSpec:
-    """``name``'s spec in the global model, once ``array`` matches it and ``weight`` is a positive finite number;
-    else InvalidResultError naming the tensor (every strategy checks a result's tensors this way)."""
-    found = spec.get(name)
-    if found is None:
-        raise InvalidResultError(client, f"tensor {name!r} is not in the global model")
-    arr_dtype = array.dtype if isinstance(array, (np.ndarray, np.generic)) else None
-    if arr_dtype is None or found.np_dtype != arr_dtype:
-        raise InvalidResultError(client, f"tensor {name!r} has dtype {arr_dtype}, the global model has {found.dtype}")
-    if tuple(array.shape) != found.shape:
-        raise InvalidResultError(
-            client, f"tensor {name!r} has shape {tuple(array.shape)}, the global model has {found.shape}"
-        )
-    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
-        raise InvalidResultError(client, f"weight {weight!r} is not a positive finite number "
-                                 "(num_examples must be > 0)")
-    return found
 
 
 class WeightedMean:
@@ -216,7 +180,8 @@ class WeightedMean:
         self._kept_weight: dict[str, float] = {}  # new key -> the weight its kept contributions were folded with
         self._owed: dict[str, set[str]] = {}  # tensor -> clients whose emptied contribution must be refolded
         self._sq: dict[str, dict[str, float]] = {}  # client -> tensor -> ||x - reference||^2 (with a reference)
-        self._scale: dict[str, float] = {}  # client -> its update's clip factor, applied when it is folded again
+        self._scale: dict[str, float] = {}  # client -> its update's clip factor, applied when it is folded (again)
+        self._prescaled: set[str] = set()  # clients whose norm a pre-pass measured before their first add
         self._finished = False
         self._scratch = _Scratch()
 
@@ -281,13 +246,45 @@ class WeightedMean:
             with self._lock:
                 if not self._register(client, name, weight, None, sq):
                     return False
-            tensor.fold(client, array, weight, self._scratch_for())
+            tensor.fold(client, array, weight, self._scratch_for(), self.clip_of(client, spec))
         return True
 
     def distance(self, spec: TensorSpec, array: np.ndarray) -> float | None:
         """``‖array - reference‖²`` of a float tensor (None without a reference, or for integer tensors)."""
         ref = self.reference[spec.name] if self.reference is not None and spec.is_float else None
         return None if ref is None else squared_distance(array, ref, self._scratch_for())
+
+    def clip_of(self, client: str, spec: TensorSpec) -> tuple[np.ndarray, float] | None:
+        """(global tensor, factor) that ``client``'s tensor is clipped with when folded, or None: as it is."""
+        scale = self._scale.get(client)
+        if scale is None or self.reference is None or not spec.is_float:
+            return None
+        return self.reference[spec.name], scale
+
+    def prescale(self, client: str, sq: Mapping[str, float], scale_of: Callable[[float], float]) -> float:
+        """Set ``client``'s update norm from a pre-pass over its whole result, before any of its tensors is added.
+
+        ``sq``: tensor -> ``‖x - reference‖²`` for every float tensor. Returns the clip factor ``scale_of(norm)``;
+        every add of the client then folds its tensors clipped, so ``rescale`` (refolding others) is never needed
+        (``fedkube.server.prepass``); each add is measured again and refused (``prepass.drift``) when its update
+        norm exceeds the pre-pass's. Tensors an earlier attempt left (``reopen``) were folded by that attempt.
+        """
+        with self._lock:
+            early = self._added.get(client, set()) - self._kept.get(client, set())
+            if self.reference is None or client in self._discarded or client in self._committed or early:
+                raise AggregationError(f"prescale({client!r}) needs a reference model and comes before the "
+                                       "client's first add")
+            self._sq[client] = dict(sq)
+            scale = scale_of(math.sqrt(sum(self._sq[client].values())))
+            self._prescaled.add(client)
+            if scale < 1.0:
+                self._scale[client] = scale
+            return scale
+
+    def prescaled(self, client: str) -> bool:
+        """Whether ``client``'s norm came from a pre-pass (its clip, if any, is already in its folds)."""
+        with self._lock:
+            return client in self._prescaled
 
     def _register(self, client: str, name: str, weight: float, staged: np.ndarray | None, sq: float | None) -> bool:
         """Record that ``client`` delivered ``name``; False when it must be ignored. Caller holds self._lock."""
@@ -307,8 +304,10 @@ class WeightedMean:
         added = self._added.setdefault(client, set())
         if name in added:
             raise InvalidResultError(client, f"tensor {name!r} was added twice")
+        if sq is not None and client in self._prescaled:
+            drift(client, name, self._sq[client].get(name), sq)  # before it is folded: the pre-pass's bytes or less
         added.add(name)
-        if sq is not None:
+        if sq is not None and client not in self._prescaled:
             self._sq.setdefault(client, {})[name] = sq
         if staged is not None:
             self._staged.setdefault(client, {})[name] = staged
@@ -384,9 +383,9 @@ class WeightedMean:
         # Fold staged tensors in model order so the result does not depend on download order.
         for name in self.spec.names if staged else ():
             tensor = self._tensors[name]
-            array = self._clipped(client, name, staged.pop(name))
+            array = staged.pop(name)
             with tensor.lock:
-                tensor.fold(client, array, weight, self._scratch_for())
+                tensor.fold(client, array, weight, self._scratch_for(), self.clip_of(client, tensor.spec))
 
     def discard(self, client: str, *, rebuild: bool = True) -> DiscardOutcome:
         """Drop a client from the round; later adds from it are ignored.
@@ -456,7 +455,7 @@ class WeightedMean:
             check_tensor(self.spec, client, name, array, weight)
             with self._lock:
                 owed.discard(client)
-            tensor.fold(client, self._clipped(client, name, array), weight, self._scratch_for())
+            tensor.fold(client, array, weight, self._scratch_for(), self.clip_of(client, self.spec[name]))
         return True
 
     def update_norm(self, client: str) -> float | None:
@@ -488,12 +487,6 @@ class WeightedMean:
                 self._owed.setdefault(spec.name, set()).update(others)
                 again[spec.name] = others
         return again
-
-    def _clipped(self, client: str, name: str, array: np.ndarray) -> np.ndarray:
-        scale, spec = self._scale.get(client), self.spec[name]
-        if scale is None or self.reference is None or not spec.is_float:
-            return array
-        return toward(self.reference[name], array, scale, accumulator_dtype(spec))
 
     def owed(self) -> dict[str, tuple[str, ...]]:
         """Tensor -> clients whose contribution was emptied by a discard and is not refolded yet."""
@@ -528,6 +521,8 @@ class WeightedMean:
             self._added[key] = set(kept)
             measured = self._sq.pop(client, {}) if key != client else self._sq.get(client, {})
             self._sq[key] = {n: v for n, v in measured.items() if n in kept}
+            if kept and client in self._scale:  # the kept tensors were folded clipped: a rebuild folds them so
+                self._scale[key] = self._scale[client]
         if key != client:
             # The kept contributions are the new attempt's now: discarding it must take them out too.
             for name in kept:

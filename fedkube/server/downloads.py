@@ -20,6 +20,7 @@ import numpy as np
 from fedkube.protocol import ResultTimeouts
 from fedkube.server.aggregate import DiscardOutcome, FoldAbortedError, InvalidResultError
 from fedkube.server.config import JobSettings
+from fedkube.server.prepass import MeasuresFirst, norm_prepass
 from fedkube.server.reverse import ReverseChunkSource, SendFn, UploadBroker
 from fedkube.server.strategies import RoundAggregator, StreamingAggregator
 from fedkube.status import Reason
@@ -208,6 +209,8 @@ class Downloader:
         streaming = sink if isinstance(sink, StreamingAggregator) else None
         buffers: dict[int, bytearray] = {}
         try:
+            if isinstance(sink, MeasuresFirst) and sink.measures_first:  # clipping: the norm before any fold
+                norm_prepass(fetcher, dl.key, refs, sink, buffers, lambda done: setattr(dl, "bytes_done", done))
             for ref in rotated(refs, dl.site, sites):
                 def progress(done: int, base: int = base) -> None:
                     dl.bytes_done = base + done

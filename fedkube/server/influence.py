@@ -25,25 +25,19 @@ model. :class:`Influence` bounds both, for every strategy that averages:
   global`` (the L2 norm over every float tensor of the model, computed in
   float32, float64 for float64 tensors) counts as ``Δ·min(1, clipNorm/‖Δ‖)``:
   the result folded in is ``global + s·Δ``. The norm is known only after the
-  last tensor of the result arrived, and the streaming aggregate has already
-  folded the unclipped tensors by then. The fold is corrected exactly with
-  the machinery that takes an excluded result out (``WeightedMean.rescale``,
-  built on ``discard``'s): every tensor the site contributed to is emptied
-  and rebuilt from its contributors, pulled again, the clipped site's own
-  tensors folded as ``global + s·Δ``. Costs: with clipping on, each received
-  piece of a result is compared with the global model while it is hot, in
-  the same per-frame inspector that checks for NaN/Inf (``FiniteCheck``), on
-  the download thread and overlapped with the transfer (an ``add`` without
-  a receive-time sum reads the array again); measured with bench/round.py
-  at S = 256 MiB, 2 clients, no clip triggered: server CPU 0.83-0.95 s per
-  round against 0.68-0.79 s without clipNorm, server peak 2.81xS either way;
-  the round times were within the shared machine's noise. A clipped result
-  costs a second download of every result folded into the same tensors so
-  far (the clipped site's own included), the round waiting for it, plus one
-  tensor-sized array per refolded tensor of the clipped site, and the round
-  fails (RebuildFailed) if a site stops serving its result meanwhile.
-  Memory otherwise stays streaming's (global + accumulator + one tensor per
-  download). An honest round clips nobody and pays only the norm.
+  last tensor of the result arrived, so with clipNorm set the server pulls
+  each result twice (``fedkube.server.prepass``, which weighs the
+  alternatives): once through a per-piece check that sums ``‖x - g‖²`` and
+  rejects NaN/Inf while each piece is hot, keeping nothing, then again to
+  fold it, each tensor clipped as it is folded. Every result is pulled twice
+  and folded once whatever N and however many sites are clipped; memory stays
+  streaming's (global + accumulator + one tensor per download). The cost is
+  the network: S more per result (bench/README.md, "Clipping without
+  refolding"). A caller that adds a result without the pre-pass (the
+  ``add`` API) still gets an exact clip the old way: after the last tensor
+  ``WeightedMean.rescale`` empties every tensor the site contributed to and
+  owes all their contributors a refold (``Bounded.rebuild``), O(N) pulls
+  per clipped result; the server never takes that path.
 
 * **Adaptive bound.** With ``clipQuantile`` (q), ``clipNorm`` is only the first
   round's bound C; after each round it moves toward the q-quantile of the

@@ -290,9 +290,9 @@ class TrainRound(LiveRound):
         if site.clipped:
             _, shown, sites = self._queue_rebuild(bounded.rebuild) if bounded.rebuild else ((), "", [])
             log.warning("job %s round %s: the update of %s has L2 norm %.6g, above spec.strategy.clipNorm; it counts "
-                        "scaled by %.6g (norm %.6g); tensors already folded (%s) are rebuilt from %s", self.job,
-                        self.number, dl.site, site.norm, site.scale, (site.norm or 0.0) * site.scale, shown or "none",
-                        ", ".join(sites) or "nobody")
+                        "scaled by %.6g (norm %.6g); tensors rebuilt for it: %s, from %s", self.job,
+                        self.number, dl.site, site.norm, site.scale, (site.norm or 0.0) * site.scale,
+                        shown or "none (measured before folding)", ", ".join(sites) or "nobody")
 
     def weight_of(self, site: str, claimed: int) -> int:
         bounded = self.influence.get(site)

@@ -62,6 +62,7 @@ from fedkube.server.dp import CentralDP, load_privacy, privacy_meta
 from fedkube.server.influence import Bounded, Influence, SiteInfluence
 from fedkube.server.model import Model, ModelSpec
 from fedkube.server.pool import ArrayPool
+from fedkube.server.prepass import NormPrepass
 from fedkube.server.robust import ROBUST_STRATEGIES, build_robust
 
 JSONValue = Any
@@ -162,7 +163,7 @@ class Strategy(Protocol):
         ...
 
 
-class _MeanAggregator:
+class _MeanAggregator(NormPrepass):
     """RoundAggregator whose finish() hands the per-tensor means to a callback; bounds each result's influence."""
 
     def __init__(
@@ -191,7 +192,7 @@ class _MeanAggregator:
         weight = self.influence.weight(claimed) if claimed is not None else 0.0
         norm = self.engine.update_norm(client)
         scale = self.influence.scale(norm) if norm is not None else 1.0
-        rebuild = self.engine.rescale(client, scale) if scale < 1.0 else {}
+        rebuild = self.engine.rescale(client, scale) if scale < 1.0 and not self.engine.prescaled(client) else {}
         if norm is not None:
             self._norms[client] = norm
         capped = claimed is not None and self.influence.capped(claimed)

@@ -1,0 +1,185 @@
+"""Update-norm clipping without refolding: the norm pre-pass (``spec.strategy.clipNorm``).
+
+Clipping counts a site's update ``Δ = result - global`` as ``Δ·min(1, C/‖Δ‖)``,
+and ``‖Δ‖`` is known only once the result's last tensor arrived. Streaming
+FedAvg folds each tensor into the shared running mean as it arrives, so a
+result found to need clipping had already been folded unclipped: it was taken
+out by emptying every tensor it touched and refolding all their contributors
+(``WeightedMean.rescale``), each pulled again over the network. With half the
+sites clipped that is O(N²) tensor pulls per round: 192 refolds at N = 8 and
+896 at N = 16 in ``bench/strategies.py`` (S = 32 MiB in 4 tensors), 3.4x and
+7.0x FedAvg's aggregation time on a quiet box, before any network.
+
+With clipping on, the server now pulls each result twice: first through a
+:class:`~fedkube.server.accumulator.FiniteCheck` that sums ``‖x - g‖²`` and
+checks NaN/Inf per received piece while it is hot, keeping nothing (one
+reused receive buffer per download); then, with the clip factor known, the
+ordinary streaming download, whose folds apply ``g + s·(x - g)`` block by block
+(``TensorAccumulator.fold(clip=...)``, or in place in a claimed accumulator
+before it is published). The second pull is checked against the same
+checksums as the first, so the bytes folded are the bytes measured. Every
+result is pulled exactly twice and folded exactly once, whatever N and
+however many are clipped; nothing of another site is touched. Integer tensors
+have no norm and are not pre-pulled.
+
+The second pull is not trusted to be the first one's bytes: the checksum
+(xxh3_64) guards against corruption, not against a site that crafts a
+collision to serve a small update for the norm and a large one for the fold.
+So the folding pull measures each tensor's ``‖x - g‖²`` again (in the same
+per-piece check that looks for NaN/Inf, while the piece is hot) and
+:func:`drift` refuses a tensor, before it is folded, whose value exceeds the
+pre-pass's by more than :data:`DRIFT` (the two sums may group the elements
+differently, so they can differ in their last bits). The folded update's norm
+is then at most ``C·√(1 + DRIFT)`` whatever the site serves; a refused result
+is excluded exactly like any result that fails midway (its folded tensors
+are rebuilt from the others). The norm is computed twice; the clip once.
+
+Why this and not the alternatives (numbers in bench/README.md, "Clipping
+without refolding"):
+
+* *Stage each result until its norm is known* (in memory): + S per download
+  in flight, i.e. ≥ 3xS with two concurrent downloads, over the 2.5xS bound;
+  on disk: a write and a read of S per result on the checkpoint volume, which
+  on a PVC is slower than the network pull it saves.
+* *A second accumulator to correct a clipped site with its own tensors only*:
+  correcting means subtracting the unclipped contribution, which is not exact
+  in floating point, and a poisoned 1e6-scale update subtracted back wipes out
+  the other sites' precision: the very case clipping exists for. A second
+  accumulator is also + S.
+* *The client reports its norm, the server verifies it while folding*: one
+  pull per result, the only option that can meet issue 17's "within 10 % of
+  FedAvg" on a network-bound round. The verification is :func:`drift` as
+  it is (a claim checked per tensor before the fold; a liar is refused and
+  excluded exactly, paying the rebuild itself). But the client must know
+  ``‖x - g‖``, and a trainer that trains in place (the SDK's
+  ``receive(into=...)``, bench/round.py's default) no longer holds ``g``
+  when its result is ready: keeping a copy is + S on the trainer, over its
+  1.2xS budget, and the sidecar never holds the model. It also needs a
+  protocol field and SDK support. Not done here; bench/README.md has what it
+  would save.
+
+Costs: the network and the client serve S twice per result with clipping on
+(the server's CPU pays the fetch, the checksum and the norm twice, and the
+clip only for clipped results); memory stays streaming's (global +
+accumulator + one receive buffer per download). Exact exclusion is easier
+than before: a NaN/Inf found by the pre-pass refuses the result before
+anything of it was folded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from fedkube.server.accumulator import BLOCK, AggregationError, FiniteCheck, InvalidResultError, non_finite
+from fedkube.server.influence import Influence
+from fedkube.transfer.refs import TensorRef
+
+if TYPE_CHECKING:
+    from fedkube.server.aggregate import WeightedMean
+    from fedkube.transfer.fetch import Fetcher
+
+
+DRIFT = 1e-5
+"""Relative slack between a tensor's ``‖x - g‖²`` in the pre-pass and in the folding pull (summation order)."""
+
+
+def drift(client: str, name: str, measured: float | None, again: float) -> None:
+    """Refuse tensor ``name`` of a pre-passed result when its update grew since the pre-pass measured it."""
+    if measured is None or not again <= measured * (1 + DRIFT):
+        raise InvalidResultError(client, (
+            f"tensor {name!r} pulled for folding has ||x - global||^2 = {again:.9g}, the pre-pass measured "
+            f"{'nothing' if measured is None else f'{measured:.9g}'} for the same checksum: the site served "
+            "different bytes; the result is refused (a trainer must not change its arrays after send())"))
+
+
+@runtime_checkable
+class MeasuresFirst(Protocol):
+    """A RoundAggregator that wants each result's update norm before the result's first tensor is added."""
+
+    @property
+    def measures_first(self) -> bool:
+        """True when clipping is on (a norm is needed); False: pull once as usual."""
+        ...
+
+    def norm_check(self, client: str, name: str, dtype: str, shape: tuple[int, ...], *,
+                   scratch: tuple[np.ndarray, np.ndarray] | None = None) -> FiniteCheck | None:  # fmt: skip
+        """A check that sums ``‖x - g‖²`` of tensor ``name`` as it is received, or None: not part of the norm."""
+        ...
+
+    def prescale(self, client: str, checks: Mapping[str, FiniteCheck]) -> float:
+        """The client's result went through ``checks`` (tensor -> its check): record its norm, return the factor."""
+        ...
+
+
+class NormPrepass:
+    """The :class:`MeasuresFirst` side of the mean aggregators (``fedkube.server.strategies``)."""
+
+    engine: WeightedMean
+    influence: Influence
+
+    @property
+    def measures_first(self) -> bool:
+        return self.influence.measures_norm and self.engine.reference is not None
+
+    def norm_check(self, client: str, name: str, dtype: str, shape: tuple[int, ...], *,
+                   scratch: tuple[np.ndarray, np.ndarray] | None = None) -> FiniteCheck | None:  # fmt: skip
+        spec, reference = self.engine.spec.get(name), self.engine.reference
+        if spec is None or dtype != spec.dtype or tuple(shape) != spec.shape:
+            raise InvalidResultError(client, f"tensor {name!r} ({dtype}, shape {tuple(shape)}) does not fit the "
+                                     "global model")
+        if not spec.is_float or reference is None:
+            return None
+        mask, widened = scratch if scratch is not None else (None, None)
+        return FiniteCheck(spec.np_dtype, spec.nbytes, mask=mask, widened=widened, reference=reference[name])
+
+    def prescale(self, client: str, checks: Mapping[str, FiniteCheck]) -> float:
+        sq: dict[str, float] = {}
+        for spec in self.engine.spec:
+            if not spec.is_float:
+                continue
+            check = checks.get(spec.name)
+            if check is None or not check.complete:
+                raise InvalidResultError(client, f"tensor {spec.name!r} was not measured whole before folding; "
+                                         "the result is incomplete")
+            if not check.finite:
+                raise non_finite(client, spec.name)
+            sq[spec.name] = check.sq
+        if not all(math.isfinite(v) for v in sq.values()):
+            raise AggregationError(f"client {client!r}: the update norm is not finite")  # a bug: finite values
+        return self.engine.prescale(client, sq, self.influence.scale)
+
+
+def norm_prepass(fetcher: Fetcher, key: str, refs: list[TensorRef], sink: MeasuresFirst,
+                 buffers: dict[int, Any], progress: Callable[[int], None] | None = None) -> float:  # fmt: skip
+    """Pull ``refs`` once through ``sink``'s norm checks, keeping nothing; returns the result's clip factor.
+
+    ``buffers`` is the download's receive buffer (one, reused by tensor size, shared with the folding pass);
+    ``progress(bytes)`` sees the bytes pulled so far (the status shows the pre-pass moving, then the fold's pull).
+    """
+    base = 0
+    scratch = (np.empty(BLOCK, np.bool_), np.empty(BLOCK, np.float32))
+    checks: dict[str, FiniteCheck] = {}
+    for ref in refs:
+        check = sink.norm_check(key, ref.name, ref.dtype, tuple(ref.shape), scratch=scratch)
+        if check is None:
+            continue
+        out = buffers.get(ref.nbytes)
+        if out is None:
+            buffers.clear()  # at most one buffer: memory stays one tensor per download
+            out = buffers[ref.nbytes] = bytearray(ref.nbytes)
+        fetcher.fetch_into(ref, out, inspect=check, progress=_offset(progress, base))
+        checks[ref.name] = check
+        base += ref.nbytes
+    return sink.prescale(key, checks)
+
+
+def _offset(progress: Callable[[int], None] | None, base: int) -> Callable[[int], None] | None:
+    """``progress`` of the whole result from a tensor's own progress (``base`` bytes came before it)."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda done: report(base + done)
