@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedkube.server import checkpoint
 from fedkube.server.pool import ArrayPool
-from fedkube.server.strategies import StrategyState
+from fedkube.server.strategy_api import StrategyState
 from fedkube.transfer.refs import as_bytes, checksum_of
 
 TENSOR = 64 << 20

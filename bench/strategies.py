@@ -73,7 +73,7 @@ def build(config: str, clip: float, spill: Path) -> Any:
 
 
 def measure(config: str, size_mib: int, clients: int, rounds: int, array_mib: int) -> dict[str, Any]:
-    from fedkube.server.strategies import BoundsInfluence, StreamingAggregator
+    from fedkube.server.strategy_api import BoundsInfluence, StreamingAggregator
 
     try:
         from fedkube.server.prepass import MeasuresFirst

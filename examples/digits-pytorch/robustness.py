@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from fedkube.server.influence import Influence
-from fedkube.server.strategies import BoundsInfluence, build_strategy
+from fedkube.server.strategies import build_strategy
+from fedkube.server.strategy_api import BoundsInfluence
 
 SITES = ["site-a", "site-b", "site-c"]
 ATTACKER = "site-c"

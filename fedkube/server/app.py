@@ -45,7 +45,8 @@ from fedkube.server.enrollment import EnrollmentServer, start_enrollment
 from fedkube.server.http import StatusServer
 from fedkube.server.output import ModelOutput
 from fedkube.server.reverse import ClaimRefused, UploadBroker
-from fedkube.server.strategies import StrategyState, build_strategy
+from fedkube.server.strategies import build_strategy
+from fedkube.server.strategy_api import StrategyState
 from fedkube.server.supersede import Supersession
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
 from fedkube.spec.terms import JobTerms

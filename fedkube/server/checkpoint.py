@@ -72,7 +72,7 @@ import numpy as np
 
 from fedkube.errors import ConfigError, FedkubeError
 from fedkube.server.model import Model, dtype_name, numpy_dtype
-from fedkube.server.strategies import StrategyState
+from fedkube.server.strategy_api import StrategyState
 from fedkube.transfer.refs import as_bytes, checksum_of, parse_checksum
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ import numpy as np
 
 from fedkube.errors import FedkubeError
 from fedkube.server.jobs import CHECKPOINT_FAILED, CHECKPOINT_WAIT_S, CheckpointStore, Outcome
-from fedkube.server.strategies import StrategyState
+from fedkube.server.strategy_api import StrategyState
 from fedkube.transfer.refs import TensorRef
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from fedkube.server.aggregate import DiscardOutcome, FoldAbortedError, InvalidRe
 from fedkube.server.config import JobSettings
 from fedkube.server.prepass import MeasuresFirst, norm_prepass
 from fedkube.server.reverse import ReverseChunkSource, SendFn, UploadBroker
-from fedkube.server.strategies import RoundAggregator, StreamingAggregator
+from fedkube.server.strategy_api import RoundAggregator, StreamingAggregator
 from fedkube.status import Reason
 from fedkube.transfer.errors import TransferAbortedError, TransferError, TransferStalledError
 from fedkube.transfer.fetch import Fetcher, FetchSettings

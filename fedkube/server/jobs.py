@@ -16,7 +16,7 @@ import numpy as np
 from fedkube.errors import FedkubeError
 
 if TYPE_CHECKING:  # only annotations: strategies (fedkube.server.dp) imports JobFailed from here
-    from fedkube.server.strategies import StrategyState
+    from fedkube.server.strategy_api import StrategyState
 
 # Job-level reasons beyond fedkube.status.Reason (which names client failures).
 TERMINATED = "Terminated"

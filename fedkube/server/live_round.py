@@ -40,7 +40,7 @@ from fedkube.server.jobs import REBUILD_FAILED, JobFailed
 from fedkube.server.model import ModelSpec, check_init_result, check_result
 from fedkube.server.registry import ClientRecord, ClientState, Registry, SessionLike
 from fedkube.server.rounds import RoundState
-from fedkube.server.strategies import BoundsInfluence, RoundAggregator
+from fedkube.server.strategy_api import BoundsInfluence, RoundAggregator
 from fedkube.spec.model import DEFAULT_MAX_BYTES
 from fedkube.transfer.refs import TensorRef
 from fedkube.transfer.service import Transaction

@@ -38,7 +38,7 @@ import numpy as np
 from fedkube.errors import FedkubeError
 from fedkube.formats import atomic_file, safetensors
 from fedkube.server.jobs import CheckpointStore
-from fedkube.server.strategies import StrategyState
+from fedkube.server.strategy_api import StrategyState
 from fedkube.transfer.refs import as_bytes
 
 log = logging.getLogger(__name__)

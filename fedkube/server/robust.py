@@ -67,7 +67,7 @@ import uuid
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -83,11 +83,9 @@ from fedkube.server.robust_staging import (
     TooFewResultsError,
     remove_tree,
 )
+from fedkube.server.strategy_api import StrategyState
 from fedkube.spec.strategy import Strategy as StrategySpec
 from fedkube.spec.strategy import min_results, trim_count
-
-if TYPE_CHECKING:  # strategies.py imports this module to register the strategies
-    from fedkube.server.strategies import StrategyState
 
 __all__ = [
     "BLOCK_BYTES", "ROBUST_STRATEGIES", "STAGING_DIR", "Krum", "Median", "RobustAggregator", "TooFewResultsError",
@@ -225,8 +223,6 @@ class _RobustStrategy:
 
     def state(self) -> StrategyState:
         """The parameters, for the record: a robust strategy carries nothing from round to round."""
-        from fedkube.server.strategies import StrategyState  # a cycle at import time: strategies imports us
-
         return StrategyState(self.name, self.rule.meta())
 
     def load_state(self, state: StrategyState) -> None:

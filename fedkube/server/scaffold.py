@@ -59,14 +59,8 @@ from fedkube.server.aggregate import (
 from fedkube.server.influence import Bounded, Influence
 from fedkube.server.model import Model, ModelSpec, TensorSpec
 from fedkube.server.pool import ArrayPool
-from fedkube.server.strategies import (
-    StrategyState,
-    _check_name,
-    _mean_aggregator,
-    _Recycler,
-    _spec_of,
-    _StreamingMeanAggregator,
-)
+from fedkube.server.strategies import _check_name, _mean_aggregator, _Recycler, _spec_of, _StreamingMeanAggregator
+from fedkube.server.strategy_api import StrategyState
 
 VARIATE_STATE = "c/"
 """Prefix of ``c``'s tensors in the strategy state (the checkpoint)."""

@@ -91,7 +91,8 @@ from fedkube.server.rounds import (
 )
 from fedkube.server.side_rounds import RoundHost, first_client_model
 from fedkube.server.start import RoundStarter
-from fedkube.server.strategies import Strategy, check_initial_model
+from fedkube.server.strategies import check_initial_model
+from fedkube.server.strategy_api import Strategy
 from fedkube.status import JobStatus, Phase, Reason
 from fedkube.transfer.allocator import release_free_memory
 from fedkube.transfer.service import DownloadService

@@ -19,7 +19,7 @@ import pytest
 
 from fedkube.server import checkpoint
 from fedkube.server.checkpoint import CheckpointError
-from fedkube.server.strategies import StrategyState
+from fedkube.server.strategy_api import StrategyState
 from fedkube.transfer.refs import as_bytes, checksum_of
 from tests.integration.server.conftest import JOB, Harness, make_config
 from tests.integration.server.fakes import add_value

@@ -11,7 +11,8 @@ from fedkube.errors import ConfigError
 from fedkube.server import checkpoint
 from fedkube.server.app import load_model_file
 from fedkube.server.config import settings_from_spec
-from fedkube.server.strategies import FedAdam, StrategyState, build_strategy
+from fedkube.server.strategies import FedAdam, build_strategy
+from fedkube.server.strategy_api import StrategyState
 from fedkube.spec import load_job
 
 SPEC = """\

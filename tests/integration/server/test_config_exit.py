@@ -14,7 +14,7 @@ import pytest
 from fedkube import envvars
 from fedkube.runtime.pod import fedkube_command
 from fedkube.server import checkpoint
-from fedkube.server.strategies import StrategyState
+from fedkube.server.strategy_api import StrategyState
 from tests.integration.server.conftest import token_of
 from tests.support.tls import session_pki
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedkube.server.strategies import FedAdam, FedAvg, RoundAggregator, Strategy, StreamingAggregator
+from fedkube.server.strategies import FedAdam, FedAvg
+from fedkube.server.strategy_api import RoundAggregator, Strategy, StreamingAggregator
 
 
 def _model() -> dict[str, np.ndarray]:

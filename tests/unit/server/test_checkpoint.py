@@ -28,7 +28,8 @@ from fedkube.server.checkpoint import (
     resume_point,
     save,
 )
-from fedkube.server.strategies import FedAdam, StrategyState
+from fedkube.server.strategies import FedAdam
+from fedkube.server.strategy_api import StrategyState
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ROOT = Path(__file__).resolve().parents[3]
@@ -136,7 +137,7 @@ _WRITER = textwrap.dedent(
     import sys
     import numpy as np
     from fedkube.server.checkpoint import save
-    from fedkube.server.strategies import StrategyState
+    from fedkube.server.strategy_api import StrategyState
 
     root = sys.argv[1]
     for r in range(1, 10_000):

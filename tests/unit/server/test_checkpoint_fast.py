@@ -15,7 +15,7 @@ import pytest
 
 from fedkube.server import checkpoint
 from fedkube.server.checkpoint import DIRECT_ALIGN, CheckpointError, load, load_latest, save
-from fedkube.server.strategies import StrategyState
+from fedkube.server.strategy_api import StrategyState
 from fedkube.transfer.refs import as_bytes, checksum_of
 
 pytestmark = pytest.mark.timeout(30)

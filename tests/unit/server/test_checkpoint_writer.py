@@ -11,7 +11,7 @@ import pytest
 from fedkube.server.checkpoint import CheckpointError
 from fedkube.server.checkpointing import Checkpointing, CheckpointResult, CheckpointWriter
 from fedkube.server.jobs import CHECKPOINT_FAILED, Outcome
-from fedkube.server.strategies import StrategyState
+from fedkube.server.strategy_api import StrategyState
 from fedkube.transfer.refs import TensorRef
 
 pytestmark = pytest.mark.timeout(30)

@@ -14,7 +14,8 @@ from fedkube.metrics.server import ServerMetrics
 from fedkube.server.aggregate import BLOCK
 from fedkube.server.dp import CentralDP, PrivacyBudgetExhausted, noise_for, report_privacy, spent_epsilon
 from fedkube.server.influence import Influence
-from fedkube.server.strategies import FedAdam, FedAvg, Strategy, StrategyState, build_strategy
+from fedkube.server.strategies import FedAdam, FedAvg, build_strategy
+from fedkube.server.strategy_api import Strategy, StrategyState
 from fedkube.spec import SpecError, parse_job
 from fedkube.status import JobStatus, Phase
 from tests.unit.server.test_influence import _run

@@ -12,7 +12,7 @@ from fedkube import formats
 from fedkube.cli import main
 from fedkube.formats import safetensors
 from fedkube.server import checkpoint
-from fedkube.server.strategies import StrategyState
+from fedkube.server.strategy_api import StrategyState
 
 
 def _checkpoints(root: Path) -> dict[int, dict[str, np.ndarray]]:

@@ -19,7 +19,8 @@ from fedkube.errors import ConfigError
 from fedkube.server.aggregate import AggregationError, InvalidResultError, WeightedMean
 from fedkube.server.influence import Influence, squared_distance, toward
 from fedkube.server.model import ModelSpec
-from fedkube.server.strategies import BoundsInfluence, FedAdam, FedAvg, build_strategy
+from fedkube.server.strategies import FedAdam, FedAvg, build_strategy
+from fedkube.server.strategy_api import BoundsInfluence
 
 Model = dict[str, np.ndarray]
 

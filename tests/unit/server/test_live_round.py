@@ -13,7 +13,8 @@ from fedkube.server.live_round import InitRound, TrainRound
 from fedkube.server.model import MAX_INIT_TENSORS, ModelSpec
 from fedkube.server.registry import ClientState, Registry
 from fedkube.server.rounds import RoundPolicy, RoundState
-from fedkube.server.strategies import FedAvg, StreamingAggregator
+from fedkube.server.strategies import FedAvg
+from fedkube.server.strategy_api import StreamingAggregator
 from fedkube.transfer.refs import TensorRef
 
 MODEL = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float32)}

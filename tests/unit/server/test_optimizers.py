@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fedkube.errors import ConfigError
-from fedkube.server.strategies import FedAdagrad, FedAdam, FedAvg, FedYogi, StrategyState, build_strategy
+from fedkube.server.strategies import FedAdagrad, FedAdam, FedAvg, FedYogi, build_strategy
+from fedkube.server.strategy_api import StrategyState
 from fedkube.spec import SpecError, parse_job
 from tests.unit.server.test_strategies import BF16, _model, _results, _round
 from tests.unit.spec.manifests import full_manifest

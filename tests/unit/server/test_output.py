@@ -11,7 +11,7 @@ import pytest
 
 from fedkube.server import output
 from fedkube.server.output import ModelOutput, OutputError
-from fedkube.server.strategies import StrategyState
+from fedkube.server.strategy_api import StrategyState
 
 
 class Recording:

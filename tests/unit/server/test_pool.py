@@ -11,7 +11,8 @@ import pytest
 from fedkube.server import pool
 from fedkube.server.aggregate import BLOCK
 from fedkube.server.pool import ALIGN, ALIGNED_MIN, ArrayPool, aligned_empty
-from fedkube.server.strategies import FedAdam, FedAvg, Strategy
+from fedkube.server.strategies import FedAdam, FedAvg
+from fedkube.server.strategy_api import Strategy
 
 F32 = np.dtype(np.float32)
 

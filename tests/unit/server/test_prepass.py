@@ -24,7 +24,8 @@ from fedkube.server.aggregate import AggregationError, InvalidResultError
 from fedkube.server.downloads import Download, Downloader
 from fedkube.server.influence import Influence
 from fedkube.server.prepass import MeasuresFirst, norm_prepass
-from fedkube.server.strategies import BoundsInfluence, FedAvg, RoundAggregator
+from fedkube.server.strategies import FedAvg
+from fedkube.server.strategy_api import BoundsInfluence, RoundAggregator
 from fedkube.transfer.fetch import FetchSettings
 from fedkube.transfer.refs import TensorRef, as_bytes
 

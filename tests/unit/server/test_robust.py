@@ -24,7 +24,8 @@ from fedkube.server.robust import (
     TooFewResultsError,
     TrimmedMean,
 )
-from fedkube.server.strategies import RoundAggregator, Strategy, StrategyState, build_strategy
+from fedkube.server.strategies import build_strategy
+from fedkube.server.strategy_api import RoundAggregator, Strategy, StrategyState
 from fedkube.spec.strategy import trim_count
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

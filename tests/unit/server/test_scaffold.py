@@ -14,7 +14,8 @@ from fedkube.server.aggregate import InvalidResultError
 from fedkube.server.influence import Influence
 from fedkube.server.model import ModelSpec, check_result
 from fedkube.server.scaffold import Scaffold, ScaffoldAggregator
-from fedkube.server.strategies import StrategyState, build_strategy
+from fedkube.server.strategies import build_strategy
+from fedkube.server.strategy_api import StrategyState
 from fedkube.server.strategy_report import published
 from tests.unit.server.test_optimizers import _mean
 from tests.unit.server.test_strategies import BF16, F32, _model

@@ -8,15 +8,8 @@ import pytest
 
 from fedkube.errors import ConfigError
 from fedkube.server.aggregate import BLOCK
-from fedkube.server.strategies import (
-    FedAdam,
-    FedAvg,
-    RoundAggregator,
-    Strategy,
-    StrategyState,
-    build_strategy,
-    check_initial_model,
-)
+from fedkube.server.strategies import FedAdam, FedAvg, build_strategy, check_initial_model
+from fedkube.server.strategy_api import RoundAggregator, Strategy, StrategyState
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F32 = np.dtype(np.float32)
