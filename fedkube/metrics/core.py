@@ -8,7 +8,8 @@ Label names come from one allow-list, :data:`ALLOWED_LABELS`. The FL job's
 name is exported as ``fljob``, not ``job``: Prometheus attaches its own ``job``
 label (the scrape job) to every series, and by default renames a clashing
 exported ``job`` to ``exported_job``, which would silently break every query
-that filters on it.
+that filters on it. For the same reason the operator's FLJob counts name the
+FLJob's namespace ``fljob_namespace``, not ``namespace`` (fedkube.metrics.operator).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 #: per-tensor or per-transfer labels: each distinct value is a new time series
 #: kept by Prometheus for weeks.
 ALLOWED_LABELS = frozenset({"fljob", "site", "reason", "direction", "state", "phase", "component", "name", "plane",
-                            "handler"})
+                            "handler", "fljob_namespace"})
 
 #: The label value under which values past a cap are counted.
 OVERFLOW = "_other"

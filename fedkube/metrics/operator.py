@@ -4,6 +4,13 @@ The operator sees one FLJob per handler call, so :meth:`OperatorMetrics.job_phas
 remembers each job's phase and recomputes the per-phase counts; a deleted job
 is dropped with :meth:`OperatorMetrics.job_deleted`. Job names never become
 labels (the number of FLJobs in a cluster is unbounded over time).
+
+``fedkube_operator_fljobs`` counts by the FLJob's namespace (``fljob_namespace``)
+and phase: Prometheus scrapes it from the operator pod, so the target's own
+``namespace`` label is the operator's, and a label of ours named ``namespace``
+would be renamed ``exported_namespace`` or override the target's, depending on
+the scrape's honorLabels. Only namespaces holding FLJobs now have series
+(namespaces x 6 phases); a namespace's series go when its last FLJob does.
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ class OperatorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         add_process_collectors(registry)
         component_info(registry, "operator", "")
-        self._phases = Gauge("fedkube_operator_fljobs", "FLJobs the operator manages, by phase.",
-                             check_labels(["phase"]), registry=registry)
+        self._phases = Gauge("fedkube_operator_fljobs", "FLJobs the operator manages, by namespace and phase.",
+                             check_labels(["fljob_namespace", "phase"]), registry=registry)
         self._errors = Counter("fedkube_operator_reconcile_errors_total",
                                "Reconcile handler calls that failed, by reason (error kind).",
                                check_labels(["reason"]), registry=registry)
@@ -44,12 +51,12 @@ class OperatorMetrics:
                                   check_labels(["handler"]), buckets=RECONCILE_BUCKETS, registry=registry)
         self._error_reasons = CappedValues("reconcile error reason", EXTRA_ERROR_REASONS)
         self._jobs: dict[tuple[str, str], str] = {}
+        self._namespaces: set[str] = set()  # those with published series
         self._lock = threading.Lock()
         for t in TIMEOUTS:
             self._timeouts.labels(reason=t)
         for h in HANDLERS:
             self._latency.labels(handler=h)
-        self._publish({})
 
     def job_phase(self, namespace: str, name: str, phase: str) -> None:
         """FLJob ``namespace/name`` is now in ``phase``."""
@@ -76,14 +83,20 @@ class OperatorMetrics:
         """A client was failed by ``reason`` (PendingTimeout or DeployTimeout)."""
         self._timeouts.labels(reason=one_of(reason, TIMEOUTS, "timeout reason")).inc()
 
-    def _counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for phase in self._jobs.values():
-            counts[phase] = counts.get(phase, 0) + 1
+    def _counts(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for (namespace, _), phase in self._jobs.items():
+            counts[namespace, phase] = counts.get((namespace, phase), 0) + 1
         return counts
 
-    def _publish(self, counts: dict[str, int]) -> None:
+    def _publish(self, counts: dict[tuple[str, str], int]) -> None:
         # Called under self._lock so two handlers cannot publish snapshots out of order (a stale one
         # last). Gauge.set only takes the library's own leaf lock: no call-out happens here.
-        for p in PHASES:
-            self._phases.labels(phase=p).set(counts.get(p, 0))
+        namespaces = {namespace for namespace, _ in counts}
+        for namespace in self._namespaces - namespaces:
+            for p in PHASES:
+                self._phases.remove(namespace, p)
+        for namespace in namespaces:
+            for p in PHASES:  # every phase, 0 included: the alert's delta needs the Failed series before a failure
+                self._phases.labels(fljob_namespace=namespace, phase=p).set(counts.get((namespace, p), 0))
+        self._namespaces = namespaces

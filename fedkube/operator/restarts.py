@@ -11,7 +11,8 @@ Not re-created: a site the server failed for the job (its sidecar would be refus
 already failed, and any pod once the server finished or is finishing (client exits are teardown then).
 
 The count is kept in the FLJob status (``clients.<site>.restarts``), so an operator restart does not renew the
-budget; a resume after suspend starts every site afresh (new pods, as on creation).
+budget; a resume after suspend starts every site afresh, budget included (new pods, as on creation; the resume
+re-admits every site, so a carried-over count would leave a re-admitted site no re-creation: docs/kubernetes.md).
 
 :func:`plan` is pure (detect and decide); :func:`recreate` makes the API calls the plan asks for.
 """

@@ -549,7 +549,8 @@ def decide(job: FLJob, previous: Mapping[str, Any], obs: Observation) -> Decisio
     }
     fields, phase_events = transition(previous, verdict.phase, verdict.reason, verdict.message, obs.now)
     status.update(fields)
-    evaluation = evaluation_status(word.live)  # fedkube.operator.evaluation_status
+    evaluation = evaluation_status(word.live, word.outcome.summary if word.outcome is not None else None,
+                                   previous.get("evaluation"))  # fedkube.operator.evaluation_status
     if evaluation is not None:
         status["evaluation"] = evaluation
     if verdict.phase is Phase.SUCCEEDED:  # where the trained model is (fedkube.operator.model_status)

@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
@@ -43,6 +43,7 @@ from fedkube.server.config import ServerConfig, load_config
 from fedkube.server.control import ControlServicer, SessionTable
 from fedkube.server.enrollment import EnrollmentServer, start_enrollment
 from fedkube.server.http import StatusServer
+from fedkube.server.jobs import Resumed
 from fedkube.server.output import ModelOutput
 from fedkube.server.reverse import ClaimRefused, UploadBroker
 from fedkube.server.strategies import build_strategy
@@ -50,7 +51,7 @@ from fedkube.server.strategy_api import StrategyState
 from fedkube.server.supersede import Supersession
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
 from fedkube.spec.terms import JobTerms
-from fedkube.status import EXIT_FAILED, Phase, Reason
+from fedkube.status import EXIT_FAILED, EvaluationPoint, Phase, Reason
 from fedkube.termination import TerminationSummary, write_termination_summary
 from fedkube.transfer import endpoints
 from fedkube.transfer.bulk import BulkServer
@@ -109,17 +110,18 @@ class _CheckpointAdapter:
         self._job = job
         self._start_fresh = start_fresh
 
-    def load(self) -> tuple[int, dict[str, np.ndarray], StrategyState | None] | None:
+    def load(self) -> Resumed | None:
         ck = checkpoint.resume_point(self._dir, self._job, start_fresh=self._start_fresh)
         if ck is None:
             return None
-        return ck.round, dict(ck.model), ck.strategy_state
+        return Resumed(ck.round, dict(ck.model), ck.strategy_state, tuple(ck.evaluation))
 
     def save(
         self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float],
-        checksums: Mapping[str, str] | None = None,
+        checksums: Mapping[str, str] | None = None, evaluation: Sequence[EvaluationPoint] = (),
     ) -> None:
-        checkpoint.save(self._dir, self._job, round_, model, state, metrics=metrics, checksums=checksums)
+        checkpoint.save(self._dir, self._job, round_, model, state, metrics=metrics, checksums=checksums,
+                        evaluation=evaluation)
 
 
 class _DownloadAuth(grpc.ServerInterceptor):

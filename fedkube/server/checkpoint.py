@@ -3,6 +3,7 @@
 Layout (no pickle anywhere)::
 
     <dir>/<job>/round-000003/manifest.json     format, job, round, strategy name+meta, metrics,
+                                                the evaluation curve so far (optional, see below),
                                                 and per tensor: group, name, dtype, shape, file,
                                                 nbytes, checksum
     <dir>/<job>/round-000003/tensors/00000.bin raw C-order little-endian bytes of one tensor
@@ -45,6 +46,15 @@ deletes nothing; only ``spec.server.checkpoint.onUnusable: StartFresh`` starts
 from round 1, after moving each rejected checkpoint aside to
 ``<dir>/<job>/unusable-round-…`` (never read, pruned or deleted by fedkube).
 
+Evaluation curve. ``evaluation`` holds the newest ``ROUND_HISTORY`` points of
+``spec.evaluation`` known when the round's checkpoint was submitted, so a
+resumed job's ``status.evaluation`` goes on from them. The evaluation after
+the checkpoint's own round runs after the submit and is not in it; a resumed
+server runs it before its first round (``evaluation.owed_on_resume``). The key is optional within format version 1: a
+checkpoint written before it existed loads with an empty curve, and a curve
+that does not parse is dropped with a warning rather than costing the job its
+model (it is status only).
+
 Retention: the newest ``keep`` checkpoints stay (default 3); older ones are
 deleted after a new one is in place, never before. Checkpoints of rounds after
 the one just saved are deleted too: the server resumed from an older one, so
@@ -63,16 +73,18 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from fedkube.errors import ConfigError, FedkubeError
 from fedkube.server.model import Model, dtype_name, numpy_dtype
 from fedkube.server.strategy_api import StrategyState
+from fedkube.status import ROUND_HISTORY, EvaluationPoint
 from fedkube.transfer.refs import as_bytes, checksum_of, parse_checksum
 
 log = logging.getLogger(__name__)
@@ -125,6 +137,8 @@ class Checkpoint:
     model: Model
     strategy_state: StrategyState
     metrics: dict[str, float] = field(default_factory=dict)
+    evaluation: list[EvaluationPoint] = field(default_factory=list)
+    """The evaluation curve up to the round before ``round`` (newest ROUND_HISTORY points), oldest first."""
     created: float = 0.0
     """Unix time of the save."""
     path: Path | None = None
@@ -249,6 +263,7 @@ def save(
     metrics: Mapping[str, float] | None = None,
     keep: int = DEFAULT_KEEP,
     checksums: Mapping[str, str] | None = None,
+    evaluation: Sequence[EvaluationPoint] = (),
 ) -> Path:
     """Atomically write the checkpoint of ``round`` completed rounds; returns its directory.
 
@@ -264,6 +279,8 @@ def save(
     only after every tensor file is written, so a caller may fill it in while
     the write runs; a tensor it lacks then is hashed here. A wrong checksum is
     written as given and makes :func:`load` reject the checkpoint.
+
+    ``evaluation`` is the job's evaluation curve so far; its newest ROUND_HISTORY points are kept.
     """
     if round < 0:
         raise CheckpointError(f"round must be >= 0, got {round}")
@@ -316,6 +333,7 @@ def save(
             "created": time.time(),
             "strategy": {"name": strategy_state.name, "meta": strategy_state.meta},
             "metrics": _finite(metrics or {}),
+            "evaluation": [p.to_dict() for p in list(evaluation)[-ROUND_HISTORY:]],
             "tensors": entries,
         }
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
@@ -439,9 +457,31 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
         model=model,
         strategy_state=StrategyState(_req(strategy, "name", str), dict(strategy.get("meta") or {}), state_tensors),
         metrics={str(k): float(v) for k, v in metrics.items()},
+        evaluation=_evaluation(ck_dir, doc.get("evaluation")),
         created=float(doc.get("created", 0.0)),
         path=ck_dir,
     )
+
+
+_CURVE: TypeAdapter[list[EvaluationPoint]] | None = None
+
+
+def _evaluation(ck_dir: Path, value: Any) -> list[EvaluationPoint]:
+    """The manifest's evaluation curve; absent (a checkpoint older than the key) or unreadable: none."""
+    global _CURVE
+    if value is None:
+        return []
+    if _CURVE is None:
+        _CURVE = TypeAdapter(list[EvaluationPoint])
+    try:
+        # From JSON, as the status documents are read: strict types (no "2" for 2) without requiring instances.
+        points = _CURVE.validate_json(json.dumps(value), strict=True)
+    except ValidationError as exc:
+        log.warning("%s: the evaluation curve in its manifest is unreadable and is left out (the model and the "
+                    "strategy state load as usual; the status's evaluation curve starts afresh): %s", ck_dir,
+                    exc.errors(include_url=False)[:1])
+        return []
+    return points[-ROUND_HISTORY:]
 
 
 def load_latest(directory: str | os.PathLike[str], job: str | None) -> Checkpoint | None:

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,7 @@ import numpy as np
 from fedkube.errors import FedkubeError
 from fedkube.server.jobs import CHECKPOINT_FAILED, CHECKPOINT_WAIT_S, CheckpointStore, Outcome
 from fedkube.server.strategy_api import StrategyState
+from fedkube.status import EvaluationPoint
 from fedkube.transfer.refs import TensorRef
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class CheckpointWriter:
 
     def submit(
         self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float],
-        checksums: Mapping[str, str] | None = None,
+        checksums: Mapping[str, str] | None = None, evaluation: Sequence[EvaluationPoint] = (),
     ) -> float:
         """Start writing the checkpoint of ``round_``; returns the seconds spent waiting for the previous write.
 
@@ -95,7 +96,7 @@ class CheckpointWriter:
         waited = time.perf_counter() - t0
         self._holds_state = bool(state.tensors)
         self._thread = threading.Thread(
-            target=self._write, args=(round_, model, state, dict(metrics), checksums),
+            target=self._write, args=(round_, model, state, dict(metrics), checksums, tuple(evaluation)),
             name=f"fedkube-checkpoint-r{round_}",
             daemon=True,  # a hung disk must not keep a stopped server alive; the write is atomic either way
         )  # fmt: skip
@@ -125,13 +126,13 @@ class CheckpointWriter:
             results, self._results = self._results, []
         return results
 
-    def _write(self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState,
-               metrics: dict[str, float], checksums: Mapping[str, str] | None) -> None:  # fmt: skip
+    def _write(self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: dict[str, float],
+               checksums: Mapping[str, str] | None, evaluation: tuple[EvaluationPoint, ...]) -> None:  # fmt: skip
         t0 = time.perf_counter()
         error = ""
         try:
             with self._timing():
-                self._store.save(round_, model, state, metrics, checksums)
+                self._store.save(round_, model, state, metrics, checksums, evaluation)
         except Exception as exc:  # reported to the workflow (status, outcome), never swallowed
             error = str(exc) if isinstance(exc, FedkubeError) else f"{type(exc).__name__}: {exc}"
             log.error("job %s round %s: writing the checkpoint failed: %s", self._job, round_, error)
@@ -171,14 +172,16 @@ class Checkpointing:
         self._checksums: tuple[int, dict[str, str]] | None = None
 
     def submit(self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState,
-               metrics: Mapping[str, float]) -> None:  # fmt: skip
+               metrics: Mapping[str, float], evaluation: Sequence[EvaluationPoint] = ()) -> None:  # fmt: skip
         """Write round ``round_``'s checkpoint in the background (waits for the write before it first).
+
+        ``evaluation`` is the evaluation curve so far, kept in the checkpoint for a resumed job's status.
 
         Call :meth:`settle` afterwards: the wait may have ended writes.
         """
         checksums: dict[str, str] = {}
         self._checksums = (round_, checksums)
-        waited = self._writer.submit(round_, model, state, metrics, checksums)
+        waited = self._writer.submit(round_, model, state, metrics, checksums, evaluation)
         if waited > 0.05:
             log.info("job %s round %s: waited %.2f s for the previous checkpoint write", self._job, round_, waited)
 

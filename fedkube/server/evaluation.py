@@ -22,6 +22,7 @@ thread, as a round without a quorum (fedkube.server.side_rounds).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -113,6 +114,18 @@ def evaluation_sites(evaluation: Evaluation | None, registry: Registry, round_: 
     chosen = set(evaluation.sites)
     return tuple(rec.name for rec in registry.records()
                  if rec.state in AVAILABLE and (not chosen or rec.name in chosen))
+
+
+def owed_on_resume(evaluation: Evaluation | None, curve: Iterable[EvaluationPoint], done: int, rounds: int) -> bool:
+    """Whether a server resuming after round ``done`` owes that round's evaluation before training goes on.
+
+    A round's checkpoint is submitted before its evaluation runs, so the curve
+    it keeps (fedkube.server.checkpoint) never holds that evaluation: without
+    it the resumed job's curve would skip round ``done``.
+    """
+    if done < 1 or evaluation is None or not evaluation.due(done, rounds):
+        return False
+    return all(p.round != done for p in curve)
 
 
 class Evaluator:

@@ -7,13 +7,14 @@ importing the workflow.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from fedkube.errors import FedkubeError
+from fedkube.status import EvaluationPoint
 
 if TYPE_CHECKING:  # only annotations: strategies (fedkube.server.dp) imports JobFailed from here
     from fedkube.server.strategy_api import StrategyState
@@ -28,10 +29,21 @@ CHECKPOINT_WAIT_S = 300.0
 """How long the job's end waits for the checkpoint still being written (a 4 GiB model takes ~12 s here)."""
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """What a job's newest usable checkpoint gives a restarted server."""
+
+    round: int
+    model: dict[str, np.ndarray]
+    state: StrategyState | None
+    evaluation: tuple[EvaluationPoint, ...] = ()
+    """The evaluation curve the checkpoint kept (``status.evaluation`` goes on from it)."""
+
+
 class CheckpointStore(Protocol):
     """Where completed rounds are kept (fedkube.server.checkpoint behind an adapter in app.py)."""
 
-    def load(self) -> tuple[int, dict[str, np.ndarray], StrategyState | None] | None: ...
+    def load(self) -> Resumed | None: ...
     def save(
         self,
         round_: int,
@@ -39,6 +51,7 @@ class CheckpointStore(Protocol):
         state: StrategyState,
         metrics: Mapping[str, float],
         checksums: Mapping[str, str] | None = None,
+        evaluation: Sequence[EvaluationPoint] = (),
     ) -> None: ...  # checksums: fedkube.server.checkpoint.save's, read after the tensors are written
 
 

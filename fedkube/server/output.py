@@ -29,7 +29,7 @@ import errno
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +37,9 @@ import numpy as np
 
 from fedkube.errors import FedkubeError
 from fedkube.formats import atomic_file, safetensors
-from fedkube.server.jobs import CheckpointStore
+from fedkube.server.jobs import CheckpointStore, Resumed
 from fedkube.server.strategy_api import StrategyState
+from fedkube.status import EvaluationPoint
 from fedkube.transfer.refs import as_bytes
 
 log = logging.getLogger(__name__)
@@ -110,15 +111,15 @@ class ModelOutput:
         self._inner = inner
         self.final: WrittenModel | None = None
 
-    def load(self) -> tuple[int, dict[str, np.ndarray], StrategyState | None] | None:
+    def load(self) -> Resumed | None:
         return self._inner.load() if self._inner is not None else None
 
     def save(
         self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float],
-        checksums: Mapping[str, str] | None = None,
+        checksums: Mapping[str, str] | None = None, evaluation: Sequence[EvaluationPoint] = (),
     ) -> None:
         if self._inner is not None:  # first: a failed output write must leave this round's checkpoint
-            self._inner.save(round_, model, state, metrics, checksums)
+            self._inner.save(round_, model, state, metrics, checksums, evaluation)
         final = round_ >= self._rounds
         if not (final or self._every_round):
             return

@@ -65,7 +65,7 @@ from fedkube.server.checkpointing import Checkpointing
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
 from fedkube.server.downloads import Downloader, fetch_settings, result_timeouts
-from fedkube.server.evaluation import Evaluator
+from fedkube.server.evaluation import Evaluator, owed_on_resume
 from fedkube.server.jobs import (
     CHECKPOINT_WAIT_S,
     TERMINATED,
@@ -232,20 +232,23 @@ class RoundWorkflow:
                 if model is None:
                     model = realigned(first_client_model(s, participants, self._host()))  # handed over: no other holder
                     participants = self._starter.await_start(number)
+                elif number == start_round and owed_on_resume(s.evaluation, self._progress.evaluation, number - 1,
+                                                              s.rounds):
+                    self._evaluate(number - 1, model)
+                    participants = self._starter.await_start(number)  # who is still there after the evaluation
                 started = self._clock()
                 self.telemetry.round_started(number)
                 model = self._run_round(number, participants, model)
                 self._progress.completed = number
                 if self._checkpointing is not None:
-                    self._checkpointing.submit(number, model, self._strategy.state(), self._progress.metrics)
+                    self._checkpointing.submit(number, model, self._strategy.state(), self._progress.metrics,
+                                               tuple(self._progress.evaluation))
                     self._settle_checkpoints()
                 duration = self._clock() - started
                 self.telemetry.round_completed(duration, number=number)
                 self._progress.round_seconds.append(duration)
                 log.info("job %s round %s: completed in %.3f s", s.job, number, duration)
-                point = self._evaluator.after_round(number, model, self._host())
-                if point is not None:
-                    self._progress.evaluation.append(point)
+                self._evaluate(number, model)
                 # The round's receive buffers and chunks are free now; without a trim glibc keeps
                 # a varying part of them resident (bench/README.md, memory variance).
                 release_free_memory()
@@ -289,7 +292,8 @@ class RoundWorkflow:
         if self._checkpoints is not None:
             loaded = self._checkpoints.load()
             if loaded is not None:
-                done, model, state = loaded
+                done, model, state = loaded.round, loaded.model, loaded.state
+                self._progress.evaluation.extend(loaded.evaluation)
                 check_resume_rounds(s.job, done, s.rounds)
                 check_initial_model(model)
                 if state is not None:
@@ -305,6 +309,11 @@ class RoundWorkflow:
             check_initial_model(model)
             return 1, model
         return 1, None
+
+    def _evaluate(self, number: int, model: dict[str, np.ndarray]) -> None:
+        point = self._evaluator.after_round(number, model, self._host())
+        if point is not None:
+            self._progress.evaluation.append(point)
 
     def _host(self) -> RoundHost:
         """This workflow's round machinery, for the init task and evaluations (fedkube.server.side_rounds)."""

@@ -282,6 +282,8 @@ def test_suspend_removes_pods_keeps_state_and_resume_continues_from_the_checkpoi
     fl.patch_spec("pause", {"suspend": False})
     status = fl.wait_phase("pause", "Succeeded", timeout=90)
     assert status["round"] == 6
+    # The evaluation curve came through the checkpoint: the rounds before the suspend are still on it.
+    assert [p["round"] for p in status["evaluation"]] == [1, 2, 3, 4, 5, 6], status["evaluation"]
     # Resumed pods are the same Kueue group again, with the same count; their init containers ran again.
     assert _assert_overrides_and_pod_group(fl, "pause") == groups
     assert sorted(marks.read_text().split()) == ["site-b", "site-b", "x", "x"]

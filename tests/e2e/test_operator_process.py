@@ -47,8 +47,13 @@ def _scrape(port: int) -> dict[str, list[Any]]:
     return out
 
 
-def _phases(port: int) -> dict[str, float]:
-    return {s.labels["phase"]: s.value for s in _scrape(port)["fedkube_operator_fljobs"]}
+def _phases(port: int, namespace: str = "default") -> dict[str, float]:
+    """The FLJob counts of ``namespace`` by phase; all 0 when it has no series (no FLJob there now)."""
+    counts = dict.fromkeys(PHASES, 0.0)
+    for s in _scrape(port).get("fedkube_operator_fljobs", []):
+        if s.labels["fljob_namespace"] == namespace:
+            counts[s.labels["phase"]] = s.value
+    return counts
 
 
 def test_operator_process_serves_liveness_and_reconciles(kube: fixtures.KubeHandle, kubeconfig: Path,
@@ -95,6 +100,7 @@ def test_operator_process_serves_liveness_and_reconciles(kube: fixtures.KubeHand
         while time.monotonic() < deadline and _phases(metrics)["Suspended"] != 0:
             time.sleep(0.2)
         assert _phases(metrics) == dict.fromkeys(PHASES, 0.0), (tmp_path / "operator.log").read_text()[-3000:]
+        assert "fedkube_operator_fljobs" not in _scrape(metrics)  # the namespace's last FLJob took its series along
         assert "process_resident_memory_bytes" in _scrape(metrics)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -158,8 +164,8 @@ def test_handlers_count_phases_errors_and_each_timeout_once() -> None:
     for handler in ("observe", "reconcile"):
         assert reg.get_sample_value("fedkube_operator_reconcile_seconds_count", {"handler": handler}) == 1
     assert reg.get_sample_value("fedkube_operator_reconcile_seconds_count", {"handler": "spec"}) == 0
-    assert reg.get_sample_value("fedkube_operator_fljobs", {"phase": "Running"}) == 1
-    assert reg.get_sample_value("fedkube_operator_fljobs", {"phase": "Deploying"}) == 1
+    assert reg.get_sample_value("fedkube_operator_fljobs", {"fljob_namespace": "ns", "phase": "Running"}) == 1
+    assert reg.get_sample_value("fedkube_operator_fljobs", {"fljob_namespace": "ns", "phase": "Deploying"}) == 1
     assert reg.get_sample_value("fedkube_operator_reconcile_errors_total",
                                 {"reason": "ConnectionRefusedError"}) == 1
 
@@ -172,8 +178,8 @@ def test_handlers_count_phases_errors_and_each_timeout_once() -> None:
     assert reg.get_sample_value("fedkube_operator_timeouts_total", {"reason": "DeployTimeout"}) == 0
 
     handlers.watched(memo, "DELETED", "a", "ns")
-    assert reg.get_sample_value("fedkube_operator_fljobs", {"phase": "Running"}) == 0
+    assert reg.get_sample_value("fedkube_operator_fljobs", {"fljob_namespace": "ns", "phase": "Running"}) == 0
     # A late handler call with the deleted job's stale status does not count it again.
     handlers._instrumented(running)(memo=memo, status={"phase": "Running"}, patch=kopf.Patch(), name="a",
                                     namespace="ns")
-    assert reg.get_sample_value("fedkube_operator_fljobs", {"phase": "Running"}) == 0
+    assert reg.get_sample_value("fedkube_operator_fljobs", {"fljob_namespace": "ns", "phase": "Running"}) == 0

@@ -52,4 +52,4 @@ def test_pod_pending_forever_fails_that_client_with_the_schedulers_reason(operat
     assert "f11-client-site-c" not in fl.children("f11")["Pod"]  # removed: it cannot join late
     after = scrape(operator_cluster.metrics_url)
     assert after.value(OPERATOR_TIMEOUTS, reason="PendingTimeout") == 1  # counted once, not at every look
-    assert after.value("fedkube_operator_fljobs", phase="Succeeded") == 1
+    assert after.value("fedkube_operator_fljobs", fljob_namespace="default", phase="Succeeded") == 1

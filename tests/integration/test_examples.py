@@ -54,8 +54,11 @@ def test_digits_pytorch_learns_with_three_non_iid_clients(tmp_path: Path) -> Non
     job_dir.mkdir()
     for name in ("train.py", "data.py"):
         shutil.copy(example / name, job_dir / name)
-    # Few rounds keep the test short; the README's table comes from the full 20.
-    (job_dir / "fljob.yaml").write_text(re.sub(r"rounds: 20", "rounds: 6", (example / "fljob.yaml").read_text()))
+    # Few rounds keep the test short; the README's table comes from the full 20. spec.evaluation runs the
+    # script's evaluate branch (real torch, the shipped data) after rounds 3 and 6: a few ms per site.
+    (job_dir / "fljob.yaml").write_text(
+        re.sub(r"rounds: 20", "rounds: 6\n  evaluation:\n    every: 3", (example / "fljob.yaml").read_text())
+    )
     result = _run(job_dir / "fljob.yaml", tmp_path / "run", timeout=170)
     assert result["summary"]["completedRounds"] == 6
     log = (tmp_path / "run" / "logs" / "digits-pytorch-client-site-a.trainer.log").read_text()
@@ -63,6 +66,13 @@ def test_digits_pytorch_learns_with_three_non_iid_clients(tmp_path: Path) -> Non
     assert len(accs) == 6, log[-2000:]  # rounds 1-6 (the init round only sends the initial weights)
     # accs[i] is the global model after i aggregations: accs[0] is the untrained initial model
     assert accs[0] < 0.3 and accs[-1] > 0.7, accs
+    # Every site measures on the same 360 held-out digits, so the weighted mean is each site's own accuracy;
+    # after round 3 it is that of the model round 4 trained from (accs[3]): the evaluated model is the new global.
+    evaluated = [float(a) for a in re.findall(r"evaluation of the global model: held-out accuracy ([0-9.]+)", log)]
+    curve = result["summary"]["evaluation"]
+    assert [(p["round"], p["sites"], p["examples"]) for p in curve] == [(3, 3, 1080), (6, 3, 1080)], curve
+    assert [round(p["metrics"]["accuracy"], 4) for p in curve] == evaluated, (curve, evaluated)
+    assert evaluated[0] == accs[3] and evaluated[1] > 0.7, (evaluated, accs)
 
 
 @pytest.mark.timeout(120)

@@ -11,7 +11,7 @@ import json
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,9 @@ import pytest
 
 from fedkube.server import checkpoint
 from fedkube.server.checkpoint import CheckpointError
+from fedkube.server.jobs import Resumed
 from fedkube.server.strategy_api import StrategyState
+from fedkube.status import EvaluationPoint
 from fedkube.transfer.refs import as_bytes, checksum_of
 from tests.integration.server.conftest import JOB, Harness, make_config
 from tests.integration.server.fakes import add_value
@@ -51,13 +53,13 @@ class GatedStore:
         with self._lock:
             return self.started.setdefault(round_, threading.Event())
 
-    def load(self) -> tuple[int, dict[str, np.ndarray], StrategyState | None] | None:
+    def load(self) -> Resumed | None:
         ck = checkpoint.load_latest(self.directory, JOB)
-        return None if ck is None else (ck.round, dict(ck.model), ck.strategy_state)
+        return None if ck is None else Resumed(ck.round, dict(ck.model), ck.strategy_state)
 
     def save(
         self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float],
-        checksums: Mapping[str, str] | None = None,
+        checksums: Mapping[str, str] | None = None, evaluation: Sequence[EvaluationPoint] = (),
     ) -> None:
         self.checksums[round_] = checksums
         before = {k: v.copy() for k, v in [*model.items(), *(("state/" + k, a) for k, a in state.tensors.items())]}

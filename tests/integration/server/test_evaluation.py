@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from fedkube.spec.evaluation import Evaluation
 from fedkube.wire.v1 import control_pb2
 from tests.integration.server.conftest import Harness, make_config
 from tests.integration.server.fakes import Reply
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,3 +100,37 @@ def test_a_site_that_never_answers_its_evaluation_is_left_out_and_the_job_succee
     doc = json.loads(srv.status_json())
     assert doc["evaluation"] == [{"round": 1, "metrics": {}, "sites": 0, "examples": 0}]
     assert doc["clients"][0]["state"] == "Done"
+
+
+def test_a_resumed_job_keeps_its_evaluation_curve_and_evaluates_the_round_it_resumed_after(
+    harness: Harness, tmp_path: Path
+) -> None:
+    cfg = make_config(("site-a",), rounds=3, checkpoint_dir=tmp_path)
+    cfg = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings, evaluation=Evaluation(every=1)))
+    evaluate, train = control_pb2.TASK_KIND_EVALUATE, control_pb2.TASK_KIND_TRAIN
+
+    def site(stop_at: int):  # type: ignore[no-untyped-def]
+        def behave(task: control_pb2.Task, params: dict[str, np.ndarray]) -> Reply:
+            if task.kind == evaluate:
+                return Reply({}, 10, {"acc": float(params["w"][0])})  # the global w after round r is r
+            if task.round >= stop_at:
+                return Reply(None)  # the first server is stopped during this round
+            return Reply({"w": params["w"] + 1}, 5, {"loss": 1.0})
+        return behave
+
+    first = harness.server(cfg, {"w": np.zeros(4, np.float32)})
+    harness.sidecar(first, "site-a", site(stop_at=3))
+    until(lambda: len(first.workflow.status().evaluation) == 2, "the evaluation after round 2")
+    first.request_stop("test: simulated restart")
+    out1 = first.wait(10)
+    assert out1 is not None and not out1.success and out1.rounds_completed == 2, out1
+    first.shutdown(grace_s=0.5)
+
+    second = harness.server(cfg, {"w": np.zeros(4, np.float32)})
+    a = harness.sidecar(second, "site-a", site(stop_at=99))
+    out2 = second.wait(20)
+    assert out2 is not None and out2.success, out2
+    # Round 2's checkpoint was written before round 2's evaluation, so the resumed server runs that one again.
+    assert [(t.round, t.kind) for t in a.tasks] == [(2, evaluate), (3, train), (3, evaluate)]
+    points = json.loads(second.status_json())["evaluation"]
+    assert [(p["round"], p["metrics"]["acc"]) for p in points] == [(1, 1.0), (2, 2.0), (3, 3.0)], points

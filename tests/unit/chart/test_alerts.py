@@ -11,10 +11,13 @@ import re
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import fixtures
 from tests.unit.chart.test_chart import _one, _render
 from tests.unit.chart.test_dashboard import exported_sample_names, metric_names, parse
+from tests.unit.metrics.observations import exercised
 
 k8s_tools = fixtures.k8s_tools
 
@@ -88,3 +91,19 @@ def test_the_pod_monitor_scrapes_the_job_pods_of_the_watched_namespaces(k8s_tool
     assert monitor["namespaceSelector"] == {"matchNames": ["fedkube-system"]}
     assert [e["port"] for e in monitor["podMetricsEndpoints"]] == ["metrics"]
     assert not [d for d in _render(k8s_tools) if d["kind"] in ("PodMonitor", "PrometheusRule")]  # off by default
+
+
+def test_the_job_failed_alert_names_the_fljobs_namespace_which_the_operators_gauge_carries(
+        k8s_tools: fixtures.KubeTools) -> None:
+    # The gauge is scraped from the operator's pod: the target's `namespace` is the operator's, so the FLJob's
+    # namespace must be a label of the gauge itself, under a name the scrape does not rename or override.
+    families = text_string_to_metric_families(generate_latest(exercised()["operator"]).decode())
+    labels = {k for f in families for smp in f.samples if smp.name == "fedkube_operator_fljobs" for k in smp.labels}
+    assert labels == {"fljob_namespace", "phase"}, labels
+    rule = {r["alert"]: r for r in _rules(k8s_tools)}["FedkubeJobFailed"]
+    expr = " ".join(rule["expr"].split())
+    parse(expr)
+    # The alert's `namespace` is the FLJob's (routed like the job pods' alerts), copied from fljob_namespace.
+    assert expr == ('sum by (namespace) (label_replace(delta(fedkube_operator_fljobs{phase="Failed"}[10m]), '
+                    '"namespace", "$1", "fljob_namespace", "(.+)")) > 0'), expr
+    assert "$labels.namespace" in rule["annotations"]["description"]

@@ -215,3 +215,12 @@ def test_the_namespace_variable_narrows_every_job_query() -> None:
     for where, expr in queries(dash):
         if '"$fljob"' in expr or where == "variable fljob":
             assert 'namespace=~"$namespace"' in expr, f"{where}: filter by the namespace variable too: {expr}"
+
+
+def test_the_operators_job_counts_are_narrowed_by_the_fljobs_namespace_not_the_operators() -> None:
+    # Scraped from the operator's pod, whose `namespace` target label is the operator's own (fedkube.metrics.operator).
+    hits = [(w, e) for w, e in queries(load()) if "fedkube_operator_fljobs" in metric_names(parse(e))]
+    assert hits
+    for where, expr in hits:
+        assert 'fljob_namespace=~"$namespace"' in expr, f"{where}: filter FLJob counts by fljob_namespace: {expr}"
+        assert not re.search(r'[{,]\s*namespace\s*=', expr), f"{where}: `namespace` is the operator's here: {expr}"

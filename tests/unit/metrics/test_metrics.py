@@ -27,6 +27,7 @@ from fedkube.metrics import (
 )
 from fedkube.metrics import server as server_metrics
 from fedkube.metrics import sidecar as sidecar_metrics
+from fedkube.metrics.operator import PHASES
 from fedkube.server.registry import ClientState
 from fedkube.status import Reason
 from fedkube.wire.v1 import control_pb2
@@ -223,18 +224,24 @@ def test_capped_values_admits_known_values_beyond_the_cap() -> None:
         CappedValues("thing", 0)
 
 
-def test_operator_counts_jobs_by_phase() -> None:
+def test_operator_counts_jobs_by_their_namespace_and_phase() -> None:
     reg = new_registry()
     m = OperatorMetrics(reg)
+    assert not [n for (n, _), _v in samples(reg).items() if n == "fedkube_operator_fljobs"]  # no job, no series
     m.job_phase("a", "x", "Pending")
     m.job_phase("a", "y", "Running")
     m.job_phase("b", "x", "Running")  # same name, other namespace: another job
     m.job_phase("a", "x", "Running")
-    phases = {dict(lb)["phase"]: v for (n, lb), v in samples(reg).items() if n == "fedkube_operator_fljobs"}
-    assert phases == {"Pending": 0, "Deploying": 0, "Running": 3, "Succeeded": 0, "Failed": 0, "Suspended": 0}
+    counts = {(dict(lb)["fljob_namespace"], dict(lb)["phase"]): v
+              for (n, lb), v in samples(reg).items() if n == "fedkube_operator_fljobs"}
+    zeros = {(ns, p): 0.0 for ns in ("a", "b") for p in PHASES}
+    assert counts == {**zeros, ("a", "Running"): 2, ("b", "Running"): 1}  # every phase: Failed exists before a failure
     m.job_deleted("a", "y")
     m.job_deleted("a", "never-seen")
-    assert value(reg, "fedkube_operator_fljobs", phase="Running") == 2
+    assert value(reg, "fedkube_operator_fljobs", fljob_namespace="a", phase="Running") == 1
+    m.job_deleted("b", "x")  # b's last FLJob: its series go (bounded by the namespaces holding FLJobs now)
+    left = {dict(lb)["fljob_namespace"] for (n, lb), _v in samples(reg).items() if n == "fedkube_operator_fljobs"}
+    assert left == {"a"}
     m.timeout_fired("DeployTimeout")
     assert value(reg, "fedkube_operator_timeouts_total", reason="DeployTimeout") == 1
     assert value(reg, "fedkube_operator_timeouts_total", reason="PendingTimeout") == 0

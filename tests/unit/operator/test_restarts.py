@@ -138,6 +138,20 @@ def test_restarts_read_from_the_status_ignore_what_is_no_count() -> None:
     assert restarts.restarts_of({}, "a") == 0
 
 
+def test_a_resume_after_suspend_gives_every_site_a_fresh_pod_and_a_fresh_budget() -> None:
+    # Kept on purpose (docs/kubernetes.md, "Client restarts and disruptions"): a resume re-admits every site, the
+    # one that used up its budget too, so a count carried over would leave that site a pod and no re-creation.
+    job = _job(limit=2)
+    previous = _previous(b=1)
+    previous["clients"]["a"] = {"state": "Failed", "reason": REASON_RESTART_LIMIT, "message": "x", "restarts": 2}
+    paused, _ = st.suspended(previous, T0)
+    again, _ = st.resumed({**previous, **paused}, job, T0 + 60)
+    assert {s: e["state"] for s, e in again["clients"].items()} == dict.fromkeys(("a", "b", "c"), "Pending")
+    assert [restarts.restarts_of(again, s) for s in ("a", "b", "c")] == [0, 0, 0]
+    plan = restarts.plan(job, {**previous, **again}, {**RUNNING, "a": None}, SILENT)
+    assert [e.site for e in plan.recreate] == ["a"] and not plan.exhausted  # a's budget is whole again
+
+
 def test_the_server_pdb_refuses_voluntary_evictions_of_the_healthy_server_and_is_owned_by_the_job() -> None:
     refs = [{"apiVersion": "fedkube.dev/v1alpha1", "kind": "FLJob", "name": "job", "uid": "u", "controller": True}]
     pdb = disruption.build_server_pdb(_job(), refs)

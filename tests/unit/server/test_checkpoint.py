@@ -30,6 +30,7 @@ from fedkube.server.checkpoint import (
 )
 from fedkube.server.strategies import FedAdam
 from fedkube.server.strategy_api import StrategyState
+from fedkube.status import ROUND_HISTORY, EvaluationPoint
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ROOT = Path(__file__).resolve().parents[3]
@@ -276,3 +277,26 @@ def test_resuming_with_fewer_rounds_than_completed_is_refused_and_a_finished_job
     assert completion_message(2, 3) == (
         "all 2 round(s) were completed before this server started (it resumed from the checkpoint of round 2); "
         "nothing ran")
+
+
+def test_the_evaluation_curve_is_kept_bounded_and_an_old_or_unreadable_one_loads_without_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    curve = [EvaluationPoint(round=r, metrics={"acc": r / 100}, sites=2, examples=10 * r) for r in range(1, 26)]
+    path = save(tmp_path, "job-a", 25, _model(1), StrategyState("fedavg"), evaluation=curve)
+    ck = load(path)
+    assert ck.evaluation == curve[-ROUND_HISTORY:]  # what the status shows, no more
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["evaluation"]  # a checkpoint written before the curve was kept
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    old = load(path)
+    assert old.evaluation == [] and old.round == 25
+    _assert_models_equal(old.model, _model(1))
+
+    manifest["evaluation"] = [{"round": "7", "metrics": {}, "sites": 1, "examples": 1}]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        damaged = load(path)
+    assert damaged.evaluation == [] and damaged.round == 25  # status only: the model is not lost over it
+    assert "evaluation curve" in caplog.text and "left out" in caplog.text

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pytest
@@ -12,6 +12,7 @@ from fedkube.server.checkpoint import CheckpointError
 from fedkube.server.checkpointing import Checkpointing, CheckpointResult, CheckpointWriter
 from fedkube.server.jobs import CHECKPOINT_FAILED, Outcome
 from fedkube.server.strategy_api import StrategyState
+from fedkube.status import EvaluationPoint
 from fedkube.transfer.refs import TensorRef
 
 pytestmark = pytest.mark.timeout(30)
@@ -31,7 +32,7 @@ class HeldStore:
 
     def save(
         self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float],
-        checksums: Mapping[str, str] | None = None,
+        checksums: Mapping[str, str] | None = None, evaluation: Sequence[EvaluationPoint] = (),
     ) -> None:
         assert self.gates.setdefault(round_, threading.Event()).wait(20)
         if round_ in self.fail:

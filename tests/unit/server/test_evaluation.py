@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fedkube.server.control import ResultAnnounced
-from fedkube.server.evaluation import EvalRound
+from fedkube.server.evaluation import EvalRound, owed_on_resume
 from fedkube.server.influence import Influence
 from fedkube.spec import SpecError, parse_job, validate_job
 from fedkube.spec.evaluation import Evaluation
@@ -21,6 +21,15 @@ from tests.unit.spec.manifests import example_manifest
 ])  # fmt: skip
 def test_an_evaluation_follows_every_nth_round_and_the_last(every: int, rounds: int, due: list[int]) -> None:
     assert [r for r in range(1, rounds + 1) if Evaluation(every=every).due(r, rounds)] == due
+
+
+def test_a_resumed_server_owes_only_a_due_evaluation_its_checkpoint_lacks() -> None:
+    curve = [EvaluationPoint(round=1), EvaluationPoint(round=2)]
+    assert owed_on_resume(Evaluation(every=1), curve[:1], 2, 5)  # round 2's point ran after its checkpoint
+    assert not owed_on_resume(Evaluation(every=1), curve, 2, 5)  # already there
+    assert not owed_on_resume(Evaluation(every=2), curve[:1], 3, 5)  # not due after round 3
+    assert not owed_on_resume(None, [], 2, 5)
+    assert not owed_on_resume(Evaluation(every=1), [], 0, 5)  # nothing trained yet
 
 
 def test_evaluation_sites_must_be_listed_clients_each_once() -> None:

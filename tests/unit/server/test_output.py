@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ import pytest
 from fedkube.server import output
 from fedkube.server.output import ModelOutput, OutputError
 from fedkube.server.strategy_api import StrategyState
+from fedkube.status import EvaluationPoint
 
 
 class Recording:
@@ -24,7 +25,8 @@ class Recording:
         return None
 
     def save(self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState,
-             metrics: Mapping[str, float], checksums: Mapping[str, str] | None = None) -> None:  # fmt: skip
+             metrics: Mapping[str, float], checksums: Mapping[str, str] | None = None,
+             evaluation: Sequence[EvaluationPoint] = ()) -> None:  # fmt: skip
         self.saved.append(round_)
 
 
