@@ -60,7 +60,7 @@ from fedkube.metrics.server import ServerMetrics
 from fedkube.protocol import TRAIN_TASK
 from fedkube.server import outbox, strategy_report
 from fedkube.server.aggregate import weighted_metrics
-from fedkube.server.checkpoint import check_resume_rounds, completion_message
+from fedkube.server.checkpoint import completion_message
 from fedkube.server.checkpointing import Checkpointing
 from fedkube.server.config import JobSettings
 from fedkube.server.control import ResultAnnounced, Session, SessionTable, TrainerReport
@@ -80,6 +80,7 @@ from fedkube.server.progress import JobProgress
 from fedkube.server.publisher import ModelPublisher
 from fedkube.server.registry import ClientState, LoopWatch, RegistrationRejected, Registry, leave_reason
 from fedkube.server.results import ResultDesk
+from fedkube.server.resume import starting_point
 from fedkube.server.reverse import UploadBroker
 from fedkube.server.rounds import (
     Action,
@@ -91,7 +92,6 @@ from fedkube.server.rounds import (
 )
 from fedkube.server.side_rounds import RoundHost, first_client_model
 from fedkube.server.start import RoundStarter
-from fedkube.server.strategies import check_initial_model
 from fedkube.server.strategy_api import Strategy
 from fedkube.status import JobStatus, Phase, Reason
 from fedkube.transfer.allocator import release_free_memory
@@ -223,7 +223,8 @@ class RoundWorkflow:
         """Run the job to its end and return how it ended; job failures are outcomes, not exceptions."""
         s = self.settings
         try:
-            start_round, model = self._initial_state()
+            start_round, model = starting_point(self.settings, self._checkpoints, self._strategy, self._progress,
+                                                self._initial_model)
             if model is not None:
                 model = realigned(dict(model))
             for number in range(start_round, s.rounds + 1):
@@ -286,29 +287,6 @@ class RoundWorkflow:
             self._progress.message = ""
 
     # --- start -------------------------------------------------------------------------------
-
-    def _initial_state(self) -> tuple[int, dict[str, np.ndarray] | None]:
-        s = self.settings
-        if self._checkpoints is not None:
-            loaded = self._checkpoints.load()
-            if loaded is not None:
-                done, model, state = loaded.round, loaded.model, loaded.state
-                self._progress.evaluation.extend(loaded.evaluation)
-                check_resume_rounds(s.job, done, s.rounds)
-                check_initial_model(model)
-                if state is not None:
-                    self._strategy.load_state(state)
-                    strategy_report.check_resume(self._strategy, model)
-                self._progress.completed = self._progress.round = done
-                log.info("job %s: resuming after the checkpoint of round %s", s.job, done)
-                return done + 1, model
-        if s.model_source == "file":
-            if self._initial_model is None:
-                raise ConfigError("spec.model.source is 'file' but spec.model.path is empty")
-            model = self._initial_model()
-            check_initial_model(model)
-            return 1, model
-        return 1, None
 
     def _evaluate(self, number: int, model: dict[str, np.ndarray]) -> None:
         point = self._evaluator.after_round(number, model, self._host())
