@@ -12,8 +12,6 @@ import contextlib
 import json
 import logging
 import secrets
-import urllib.error
-import urllib.request
 from base64 import b64decode
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from fedkube import envvars
 from fedkube.errors import FedkubeError
 from fedkube.operator import naming
 from fedkube.operator.certapi import CertificateApi
+from fedkube.operator.probe import get_document
 from fedkube.spec.model import API_GROUP, API_VERSION_NAME, PLURAL
 from fedkube.status import STATUS_LIMIT, JobStatus, SummaryError
 
@@ -356,11 +355,8 @@ def fetch_server_status(url: str, timeout: float = STATUS_TIMEOUT) -> JobStatus 
     Not answering is normal while the server starts or after it exited; the
     pod's state tells those apart, so this only logs.
     """
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            body = resp.read(STATUS_LIMIT + 1)  # one byte more: an oversized answer is refused, not cut
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        logger.debug("server status %s: no answer (%s)", url, exc)
+    body = get_document(url, limit=STATUS_LIMIT, timeout=timeout, what="server status")
+    if body is None:
         return None
     try:
         return JobStatus.from_json(body)

@@ -17,6 +17,7 @@ from typing import Any
 
 from fedkube import envvars
 from fedkube.operator import naming
+from fedkube.operator.probe import get_document
 from fedkube.operator.site.builders import SITE_STATUS_PORT_NAME
 from fedkube.siteview import SITE_VIEW_LIMIT, SiteView, SiteViewError
 
@@ -44,11 +45,8 @@ def live_view(base_url: str | None) -> SiteView | None:
     """The running sidecar's view, None when it does not answer (yet) or answers something else."""
     if not base_url:
         return None
-    try:
-        with urllib.request.urlopen(f"{base_url}/status", timeout=TIMEOUT_S) as resp:
-            body = resp.read(SITE_VIEW_LIMIT + 1)  # one byte more: an oversized answer is refused, not cut
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        log.debug("site status %s: no answer (%s)", base_url, exc)
+    body = get_document(f"{base_url}/status", limit=SITE_VIEW_LIMIT, timeout=TIMEOUT_S, what="site status")
+    if body is None:
         return None
     try:
         return SiteView.from_json(body)
