@@ -10,7 +10,8 @@ sites clipped that is O(N²) tensor pulls per round: 192 refolds at N = 8 and
 896 at N = 16 in ``bench/strategies.py`` (S = 32 MiB in 4 tensors), 3.4x and
 7.0x FedAvg's aggregation time on a quiet box, before any network.
 
-With clipping on, the server now pulls each result twice: first through a
+With clipping on, the server pulls each result that may need clipping
+(see "Hints" below) twice: first through a
 :class:`~fedkube.server.accumulator.FiniteCheck` that sums ``‖x - g‖²`` and
 checks NaN/Inf per received piece while it is hot, keeping nothing (one
 reused receive buffer per download); then, with the clip factor known, the
