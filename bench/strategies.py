@@ -6,7 +6,8 @@ interleaved; after a result's last tensor the round bounds it (``bound``:
 measure the update norm, clip, refold what a clip emptied, as the server does
 after pulling those tensors again) and commits it; ``finish()`` gives the next
 global model. With clipping, the server's norm pre-pass (``fedkube.server.prepass``)
-streams each result once through its check before the adds (where the code has
+streams each result once through its check before the adds, for the sites its
+hints say may need clipping (every site in the first round; where the code has
 one; with PYTHONPATH at an older tree the bench drives that tree's refolds, so
 both can be compared in one run). Streaming strategies get one reused receive buffer per client,
 the robust ones (which stage every result on disk) a fresh array per tensor.
@@ -108,9 +109,12 @@ def measure(config: str, size_mib: int, clients: int, rounds: int, array_mib: in
                 return x
 
             if isinstance(agg, MeasuresFirst) and agg.measures_first:
-                # The server's norm pre-pass: each result streamed once through the check, nothing kept.
+                # The server's norm pre-pass: each result streamed once through the check, nothing kept;
+                # with the strategy's hints (prepass.ClipHints) only for the sites that may need clipping.
                 scratch = (np.empty(1 << 18, np.bool_), np.empty(1 << 18, np.float32))  # as norm_prepass shares it
                 for c in range(clients):
+                    if hasattr(agg, "prepasses") and not agg.prepasses(f"c{c}", f"c{c}"):
+                        continue
                     checks = {}
                     for i, n in enumerate(sizes):
                         x = result(c, i, n, streaming)
@@ -118,6 +122,7 @@ def measure(config: str, size_mib: int, clients: int, rounds: int, array_mib: in
                         check.update(memoryview(x).cast("B"), 0, x.nbytes)
                         prepassed += 1
                     agg.prescale(f"c{c}", checks)
+                    del checks, check  # they hold the global model: a round without pre-passes must not keep it
             for i, n in enumerate(sizes):
                 for c in range(clients):
                     agg.add(f"c{c}", f"t{i}", result(c, i, n, streaming), 1.0)

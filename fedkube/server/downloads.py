@@ -209,7 +209,7 @@ class Downloader:
         streaming = sink if isinstance(sink, StreamingAggregator) else None
         buffers: dict[int, bytearray] = {}
         try:
-            if isinstance(sink, MeasuresFirst) and sink.measures_first:  # clipping: the norm before any fold
+            if isinstance(sink, MeasuresFirst) and sink.prepasses(dl.key, dl.site):  # clipping: norm before folds
                 norm_prepass(fetcher, dl.key, refs, sink, buffers, lambda done: setattr(dl, "bytes_done", done))
             for ref in rotated(refs, dl.site, sites):
                 def progress(done: int, base: int = base) -> None:

@@ -26,18 +26,18 @@ model. :class:`Influence` bounds both, for every strategy that averages:
   float32, float64 for float64 tensors) counts as ``Δ·min(1, clipNorm/‖Δ‖)``:
   the result folded in is ``global + s·Δ``. The norm is known only after the
   last tensor of the result arrived, so with clipNorm set the server pulls
-  each result twice (``fedkube.server.prepass``, which weighs the
-  alternatives): once through a per-piece check that sums ``‖x - g‖²`` and
-  rejects NaN/Inf while each piece is hot, keeping nothing, then again to
-  fold it, each tensor clipped as it is folded. Every result is pulled twice
-  and folded once whatever N and however many sites are clipped; memory stays
+  a result that may need clipping twice (``fedkube.server.prepass``, which
+  weighs the alternatives): once through a per-piece check that sums
+  ``‖x - g‖²`` and rejects NaN/Inf while each piece is hot, keeping nothing,
+  then again to fold it, each tensor clipped as it is folded; memory stays
   streaming's (global + accumulator + one tensor per download). The cost is
-  the network: S more per result (bench/README.md, "Clipping without
-  refolding"). A caller that adds a result without the pre-pass (the
-  ``add`` API) still gets an exact clip the old way: after the last tensor
+  the network: S more per such result (bench/README.md, "Clipping without
+  refolding"). A site whose last norm was far below the bound
+  (``prepass.ClipHints``) is folded in one pull; should it need clipping
+  after all, the exact clip is the old way: after the last tensor
   ``WeightedMean.rescale`` empties every tensor the site contributed to and
-  owes all their contributors a refold (``Bounded.rebuild``), O(N) pulls
-  per clipped result; the server never takes that path.
+  owes all their contributors a refold (``Bounded.rebuild``), O(N) pulls,
+  and the site is pre-passed from then on.
 
 * **Adaptive bound.** With ``clipQuantile`` (q), ``clipNorm`` is only the first
   round's bound C; after each round it moves toward the q-quantile of the

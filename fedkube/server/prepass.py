@@ -10,7 +10,8 @@ sites clipped that is O(N²) tensor pulls per round: 192 refolds at N = 8 and
 896 at N = 16 in ``bench/strategies.py`` (S = 32 MiB in 4 tensors), 3.4x and
 7.0x FedAvg's aggregation time on a quiet box, before any network.
 
-With clipping on, the server now pulls each result twice: first through a
+With clipping on, the server pulls each result that may need clipping
+(see "Hints" below) twice: first through a
 :class:`~fedkube.server.accumulator.FiniteCheck` that sums ``‖x - g‖²`` and
 checks NaN/Inf per received piece while it is hot, keeping nothing (one
 reused receive buffer per download); then, with the clip factor known, the
@@ -64,11 +65,24 @@ clip only for clipped results); memory stays streaming's (global +
 accumulator + one receive buffer per download). Exact exclusion is easier
 than before: a NaN/Inf found by the pre-pass refuses the result before
 anything of it was folded.
+
+Hints (:class:`ClipHints`): two pulls per result is about 2x a network-bound
+round even when nobody is clipped. So the strategy remembers each site's last
+update norm, and a result is pre-passed only when its site is new, was clipped
+or surprised before, or its last norm was within :data:`HEADROOM` of the
+current bound; any other result is folded in one pull, optimistically
+unclipped, its norm measured while folding. One that turns out to need
+clipping anyway takes the refolding path above for that result (exact, costs
+refolds of its tensors' contributors), and its site is pre-passed for the
+rest of the job. A result with a NaN/Inf found while folding (not by a
+pre-pass) is excluded like any failed download: exactly, by a rebuild.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -82,9 +96,24 @@ if TYPE_CHECKING:
     from fedkube.server.aggregate import WeightedMean
     from fedkube.transfer.fetch import Fetcher
 
+log = logging.getLogger(__name__)
+
 
 DRIFT = 1e-5
 """Relative slack between a tensor's ``‖x - g‖²`` in the pre-pass and in the folding pull (summation order)."""
+
+
+HEADROOM = 0.5
+"""A site whose last update norm exceeded ``HEADROOM x clipNorm`` is pre-passed; below it, folded in one pull.
+
+The bound compared with is this round's (already adapted): its own motion,
+at most ``exp(±clipLearningRate)`` per round, is in the comparison, not in
+this margin. The margin is the growth of one site's update norm between two
+of its rounds that an optimistic fold tolerates before it surprises: 2x. An
+update norm shrinks as training converges; a doubling from one round to the
+next is a learning-rate or data change, rare enough that its cost (one
+round's refolds, then the site is pre-passed for good) is paid seldom.
+"""
 
 
 def drift(client: str, name: str, measured: float | None, again: float) -> None:
@@ -110,9 +139,73 @@ class MeasuresFirst(Protocol):
         """A check that sums ``‖x - g‖²`` of tensor ``name`` as it is received, or None: not part of the norm."""
         ...
 
+    def prepasses(self, client: str, site: str) -> bool:
+        """Whether attempt ``client`` of ``site``'s result is pulled through the norm checks before its first add."""
+        ...
+
     def prescale(self, client: str, checks: Mapping[str, FiniteCheck]) -> float:
         """The client's result went through ``checks`` (tensor -> its check): record its norm, return the factor."""
         ...
+
+
+class ClipHints:
+    """What the strategy remembers of each site across rounds, to pre-pass only results that may need clipping.
+
+    In memory only: a restarted server pre-passes every result of its first
+    round, which is what it costs to lose it. A site that surprised (clipped
+    without a pre-pass) is pre-passed for the rest of the job, not for a few
+    rounds: a decaying mark would let a site force the refolds, O(N) pulls,
+    again each time it decayed, while the permanent mark costs an honest site
+    that once spiked one pull of S per round, only its own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, bool]] = {}  # site -> (last update norm, clipped then)
+        self._surprised: set[str] = set()
+
+    def wants_prepass(self, site: str, clip_norm: float) -> bool:
+        """Whether ``site``'s next result needs its norm before its first fold (under bound ``clip_norm``)."""
+        with self._lock:
+            last = self._last.get(site)
+            return site in self._surprised or last is None or last[1] or last[0] > HEADROOM * clip_norm
+
+    def record(self, site: str, norm: float, clipped: bool, surprised: bool) -> None:
+        """``site``'s result of this round had update norm ``norm``; ``surprised``: clipped though folded whole."""
+        with self._lock:
+            self._last[site] = (norm, clipped)
+            if surprised:
+                self._surprised.add(site)
+                log.warning("site %s: its update (norm %.6g) needed clipping though its last norm was far "
+                            "below the bound; it was refolded; its results are pre-passed from now on",
+                            site, norm)  # fmt: skip
+
+    def begin_round(self) -> RoundHints:
+        return RoundHints(self)
+
+
+class RoundHints:
+    """One round's decisions: made once per site, so a re-sent attempt folds as its kept tensors were folded."""
+
+    def __init__(self, hints: ClipHints) -> None:
+        self._hints = hints
+        self._lock = threading.Lock()
+        self._decided: dict[str, bool] = {}  # site -> pre-passed this round
+        self._sites: dict[str, str] = {}  # attempt key -> site
+
+    def prepasses(self, client: str, site: str, clip_norm: float) -> bool:
+        with self._lock:
+            self._sites[client] = site
+            if site not in self._decided:
+                self._decided[site] = self._hints.wants_prepass(site, clip_norm)
+            return self._decided[site]
+
+    def settle(self, client: str, norm: float, clipped: bool, prescaled: bool) -> None:
+        """Remember the norm of attempt ``client``'s finished result (bounded at its scale)."""
+        with self._lock:
+            site = self._sites.get(client)
+        if site is not None:
+            self._hints.record(site, norm, clipped, surprised=clipped and not prescaled)
 
 
 class NormPrepass:
@@ -120,10 +213,21 @@ class NormPrepass:
 
     engine: WeightedMean
     influence: Influence
+    hints: RoundHints | None = None  # None: every result is pre-passed
 
     @property
     def measures_first(self) -> bool:
         return self.influence.measures_norm and self.engine.reference is not None
+
+    def prepasses(self, client: str, site: str) -> bool:
+        if not self.measures_first or self.influence.clip_norm is None:
+            return False
+        return self.hints is None or self.hints.prepasses(client, site, self.influence.clip_norm)
+
+    def settle(self, client: str, norm: float | None, scale: float) -> None:
+        """Let the hints know ``client``'s update norm, once its result is bounded."""
+        if self.hints is not None and norm is not None:
+            self.hints.settle(client, norm, scale < 1.0, self.engine.prescaled(client))
 
     def norm_check(self, client: str, name: str, dtype: str, shape: tuple[int, ...], *,
                    scratch: tuple[np.ndarray, np.ndarray] | None = None) -> FiniteCheck | None:  # fmt: skip

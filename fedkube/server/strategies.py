@@ -63,7 +63,7 @@ from fedkube.server.dp import CentralDP, load_privacy, privacy_meta
 from fedkube.server.influence import Bounded, Influence, SiteInfluence
 from fedkube.server.model import Model, ModelSpec
 from fedkube.server.pool import ArrayPool
-from fedkube.server.prepass import NormPrepass
+from fedkube.server.prepass import ClipHints, NormPrepass
 from fedkube.server.robust import ROBUST_STRATEGIES, build_robust
 from fedkube.server.strategy_api import JSONValue, RoundAggregator, Strategy, StrategyState
 
@@ -102,6 +102,7 @@ class _MeanAggregator(NormPrepass):
         rebuild = self.engine.rescale(client, scale) if scale < 1.0 and not self.engine.prescaled(client) else {}
         if norm is not None:
             self._norms[client] = norm
+        self.settle(client, norm, scale)
         capped = claimed is not None and self.influence.capped(claimed)
         site = SiteInfluence(client, claimed if claimed is not None else 0.0, weight, norm, scale, capped)
         return Bounded(site, rebuild)
@@ -159,10 +160,12 @@ class _StreamingMeanAggregator(_MeanAggregator):
 def _mean_aggregator(
     spec: ModelSpec, staged: bool, finish_fn: Any, pool: ArrayPool, influence: Influence,
     reference: Mapping[str, np.ndarray], adapt: Callable[[list[float]], None], privacy: CentralDP | None = None,
+    hints: ClipHints | None = None,
 ) -> RoundAggregator:  # fmt: skip
     agg = (_MeanAggregator(spec, True, finish_fn, pool, influence, reference) if staged
            else _StreamingMeanAggregator(spec, finish_fn, pool, influence, reference))  # fmt: skip
     agg.adapt = adapt
+    agg.hints = hints.begin_round() if hints is not None else None
     if privacy is not None:
         privacy.check_budget()  # before the round starts: a refused round sends no task
         agg.noise = lambda means, results: privacy.add_noise(spec, means, reference, results)
@@ -213,6 +216,7 @@ class FedAvg:
         self.privacy = privacy
         self.task_settings = {}
         self._recycler = _Recycler()
+        self.hints = ClipHints()  # which sites' results are pre-passed (fedkube.server.prepass)
 
     @property
     def pool(self) -> ArrayPool:
@@ -224,7 +228,7 @@ class FedAvg:
         self._recycler.supersede(global_model)
         return _mean_aggregator(
             spec, self.staged, lambda means: {t.name: cast_to(t, means[t.name]) for t in spec}, self.pool,
-            self.influence, global_model, self._adapt, self.privacy,
+            self.influence, global_model, self._adapt, self.privacy, self.hints,
         )  # fmt: skip
 
     def _adapt(self, norms: list[float]) -> None:
@@ -313,6 +317,7 @@ class FedAdam:
         self.privacy = privacy
         self.task_settings: dict[str, str] = {}  # ConfiguresTasks: FedProx's mu (build_strategy)
         self._recycler = _Recycler()
+        self.hints = ClipHints()  # which sites' results are pre-passed (fedkube.server.prepass)
         self.step = 0
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
@@ -331,7 +336,7 @@ class FedAdam:
             return self._apply(spec, model, means)
 
         return _mean_aggregator(spec, self.staged, finish, self.pool, self.influence, model, self._adapt,
-                                self.privacy)  # fmt: skip
+                                self.privacy, self.hints)  # fmt: skip
 
     def _adapt(self, norms: list[float]) -> None:
         self.influence = _adapted(self.influence, norms)

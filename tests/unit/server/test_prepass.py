@@ -295,3 +295,88 @@ def test_the_adaptive_bound_moves_with_the_norms_the_prepass_measured() -> None:
     assert all(b.clipped and b.norm is not None and b.norm > 100 for b in bounded.values())
     agg.finish()
     assert strategy.influence.clip_norm == pytest.approx(math.exp(0.2 * 0.5))
+
+
+def _hinted_round(agg: RoundAggregator, results: dict[str, Model], pulls: Counter[tuple[str, str]]) -> dict[str, Any]:
+    """As ``_pull_round``, but a clip found after an unclipped fold is rebuilt the server's way (pulled again)."""
+    downloader = Downloader("job1", None, lambda *a: None, FetchSettings(), clock=lambda: 0.0)  # type: ignore[arg-type]
+    fetcher = _CountingFetcher(results, pulls)
+    downloader._fetcher = lambda dl: (fetcher, fetcher)  # type: ignore[method-assign, assignment, return-value]
+    ended: list[tuple[bool, str, str]] = []
+
+    def done(d: Download, ok: bool, reason: str, message: str) -> None:
+        ended.append((ok, reason, message))
+
+    bounded = {}
+    for site, x in results.items():
+        dl = Download(site=site, task_id="t", key=f"{site}#1", num_examples=2, metrics={})
+        downloader._download(1, dl, _refs(site, x), agg, dict.fromkeys(results, 1), done)
+        assert ended[-1] == (True, "", ""), ended[-1]
+        assert isinstance(agg, BoundsInfluence)
+        b = agg.bound(dl.key)
+        for name, keys in b.rebuild.items():
+            for key in keys:
+                source = key.split("#")[0]
+                again = Download(site=source, task_id="t", key=key, num_examples=2, metrics={})
+                downloader._rebuild(1, again, [r for r in _refs(source, results[source]) if r.name == name], agg, done)
+                assert ended[-1] == (True, "", ""), ended[-1]
+        bounded[site] = b.influence
+        agg.commit(dl.key)
+    assert agg.owed() == {}
+    return bounded
+
+
+def _float_pulls(pulls: Counter[tuple[str, str]], site: str) -> int:
+    """Pulls of ``site``'s float tensors per tensor (both are always pulled alike)."""
+    assert pulls[(site, "w")] == pulls[(site, "b")], pulls
+    return pulls[(site, "w")]
+
+
+def test_a_site_far_below_the_bound_is_folded_in_one_pull_once_its_norm_is_known() -> None:
+    """Steady state: 1 pull per result; a site near the bound or clipped last round is pre-passed (2 pulls)."""
+    g = _global()
+    influence = Influence(clip_norm=1.0)
+    strategy = FedAvg(influence=influence)
+    factors = {"far": 0.2, "near": 0.8, "clipped": 5.0}  # norms ~0.2, ~0.8 (above HEADROOM x 1.0), ~5
+    for round_, expect in enumerate(({"far": 2, "near": 2, "clipped": 2}, {"far": 1, "near": 2, "clipped": 2},
+                                     {"far": 1, "near": 2, "clipped": 1}), start=1):  # fmt: skip
+        results = {s: _result(g, round_ * 10 + i, f) for i, (s, f) in enumerate(factors.items())}
+        pulls: Counter[tuple[str, str]] = Counter()
+        agg = strategy.begin_round(g)
+        bounded = _hinted_round(agg, results, pulls)
+        assert {s: _float_pulls(pulls, s) for s in results} == expect, round_
+        assert all(pulls[(s, "steps")] == 1 for s in results)
+        assert [s for s, b in bounded.items() if b.clipped] == (["clipped"] if round_ == 1 else [])
+        # Bit for bit what the pre-pass gives (a fresh strategy pre-passes every result of its first round).
+        reference = FedAvg(influence=influence).begin_round(g)
+        _pull_round(reference, results, Counter())
+        got, want = agg.finish(), reference.finish()
+        for k in g:
+            assert got[k].tobytes() == want[k].tobytes(), (round_, k)
+        factors["clipped"] = 0.2  # it comes back small: still pre-passed once, having been clipped
+
+
+def test_a_site_that_surprises_is_refolded_once_then_pre_passed_and_the_aggregate_is_the_pre_passed_one() -> None:
+    g = _global()
+    influence = Influence(clip_norm=1.0)
+    strategy = FedAvg(influence=influence)
+    factors = {"a": 0.2, "b": 0.2, "c": 0.2}
+    history = []
+    for round_ in range(1, 5):
+        if round_ >= 2:
+            factors["b"] = 50.0 if round_ == 2 else 0.2  # one big update, then small ones again
+        results = {s: _result(g, round_ * 10 + i, f) for i, (s, f) in enumerate(factors.items())}
+        pulls: Counter[tuple[str, str]] = Counter()
+        agg = strategy.begin_round(g)
+        bounded = _hinted_round(agg, results, pulls)
+        history.append({s: _float_pulls(pulls, s) for s in results})
+        assert bounded["b"].clipped == (round_ == 2)
+        reference = FedAvg(influence=influence).begin_round(g)
+        _pull_round(reference, results, Counter())
+        got, want = agg.finish(), reference.finish()
+        for k in g:
+            assert got[k].tobytes() == want[k].tobytes(), (round_, k)
+    # Round 2: b folded whole in one pull, then clipped: w and b emptied and every contributor pulled again
+    # (a and c once more, b clipped); from round 3 on b is pre-passed, a and c stay at one pull.
+    assert history == [{"a": 2, "b": 2, "c": 2}, {"a": 2, "b": 2, "c": 1}, {"a": 1, "b": 2, "c": 1},
+                       {"a": 1, "b": 2, "c": 1}]  # fmt: skip
