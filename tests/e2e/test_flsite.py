@@ -16,8 +16,9 @@ deleted mid-job leaves the job as Withdrawn (not Lost, not TrainerExited) while 
 from __future__ import annotations
 
 import base64
+import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,9 @@ SITE_NS = "hospital"
 
 
 class SiteCluster:
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, restart_operator: Callable[[], None]) -> None:
         self.client = client
+        self.restart_operator = restart_operator  # a new operator process: fresh registry and memory
         self.core = kubernetes.client.CoreV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
 
@@ -84,15 +86,25 @@ def site_cluster(fl: FL, tmp_path: Path) -> Iterator[SiteCluster]:
             except Exception:  # not reported yet
                 return None
 
-        registry = site_handlers.register(kopf.OperatorRegistry(), interval=INTERVAL)
-        memo = kopf.Memo()
-        memo[site_handlers.Memo.API_CLIENT] = client
-        memo[site_handlers.ENROLL_ADDRESS] = enroll_address
-        memo[site_handlers.SIDECAR_URL] = sidecar_url
+        operator = contextlib.ExitStack()
+
+        def start_operator() -> None:
+            memo = kopf.Memo()
+            memo[site_handlers.Memo.API_CLIENT] = client
+            memo[site_handlers.ENROLL_ADDRESS] = enroll_address
+            memo[site_handlers.SIDECAR_URL] = sidecar_url
+            registry = site_handlers.register(kopf.OperatorRegistry(), interval=INTERVAL)
+            operator.enter_context(running_operator(cluster.url, registry, memo=memo))
+
+        def restart_operator() -> None:
+            operator.close()
+            start_operator()
+
         try:
             with TestKubelet(client, tmp_path / "site-kubelet", pod_runner=pod_runner,  # type: ignore[arg-type]
-                             stop_grace=3.0), running_operator(cluster.url, registry, memo=memo):
-                yield SiteCluster(client)
+                             stop_grace=3.0), operator:
+                start_operator()
+                yield SiteCluster(client, restart_operator)
         finally:
             client.close()
 
@@ -156,6 +168,10 @@ def test_a_site_cluster_joins_with_an_flsite_refuses_a_foreign_ca_and_withdraws(
     # The running site's FLSite shows where it stands at the server, fed by its sidecar.
     _wait("far-r's round in its FLSite status", lambda: (site_cluster.flsite("far-r").get("status") or {}).get(
         "round"), fl, more=lambda: f"FLSite far-r: {site_cluster.flsite('far-r')}")
+    # The site operator restarts mid-round (a new process, nothing in memory): the running pods are left alone
+    # and nothing enrolls again (the join tokens are spent: a second enrollment would be refused as replayed).
+    running = {"far-r": site_cluster.core.read_namespaced_pod("far-r-client", SITE_NS).metadata.uid}
+    site_cluster.restart_operator()
     site_cluster.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION_NAME, SITE_NS, PLURAL, "far-w")
 
     status = fl.wait_phase(JOB, "Succeeded", timeout=90)
@@ -178,6 +194,7 @@ def test_a_site_cluster_joins_with_an_flsite_refuses_a_foreign_ca_and_withdraws(
     assert tls.type == "kubernetes.io/tls" and tls.metadata.owner_references[0].name == "far-r"
     pod = site_cluster.core.read_namespaced_pod("far-r-client", SITE_NS)
     assert pod.spec.containers[0].image == job["spec"]["trainer"]["image"]
+    assert pod.metadata.uid == running["far-r"], "the restarted site operator replaced a running pod"
 
     tight = _wait("FLSite far-p Refused", lambda: (site_cluster.flsite("far-p").get("status") or {}).get("phase")
                   == "Refused" and site_cluster.flsite("far-p")["status"], fl,
