@@ -139,7 +139,9 @@ def _flsite(name: str, ca: str, bundle_secret: str, max_rounds: int = 5) -> dict
 def test_a_site_cluster_joins_with_an_flsite_refuses_a_foreign_ca_and_withdraws(
         fl: FL, site_cluster: SiteCluster) -> None:
     job = quickstart_job(JOB, sites=("site-a", "site-r", "site-w", "site-p"), min_clients=2, rounds=3, server={
-        "expose": {"type": "NodePort", "externalAddresses": [EXPOSED]}})
+        # LoadBalancer, not NodePort: a node port is not something the test network can dial (test_remote_site
+        # covers NodePort with fedkube join's port flags), and the bundle carries the Service ports as they are.
+        "expose": {"type": "LoadBalancer", "externalAddresses": [EXPOSED]}})
     job["spec"]["clients"] = [{"name": "site-a"}, {"name": "site-r", "remote": True},
                               {"name": "site-w", "remote": True}, {"name": "site-p", "remote": True}]
     fl.apply(job)
