@@ -490,10 +490,13 @@ class Job:
         exactly one client is Failed and none Lost, and that the Failed one is
         ``site``, with ``reason``.
         """
-        m = self.until_metrics(lambda m: m.value(FAILURES, reason=reason) == count,
-                               f"{count} {reason} failure(s) counted on the server's /metrics")
+        # The failure counter and the clients gauge are two updates: a scrape between them sees the count but not
+        # yet the Failed client, so both are waited for (more than one Failed client never satisfies it).
+        m = self.until_metrics(lambda m: m.value(FAILURES, reason=reason) == count
+                               and m.value(CLIENTS, state="Failed") == 1,
+                               f"{count} {reason} failure(s) and one Failed client on the server's /metrics")
         assert {r: v for r, v in m.by(FAILURES, "reason").items() if v} == {reason: count}
-        assert m.value(CLIENTS, state="Failed") == 1 and m.value(CLIENTS, state="Lost") == 0
+        assert m.value(CLIENTS, state="Lost") == 0
         live = clients_of(self.status())[site]
         assert (live["state"], live["reason"]) == ("Failed", reason), live
         return live
