@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -62,6 +62,12 @@ def _complete(srv: BulkServer, txn: Transaction, source: str) -> tuple[grpc.Stat
         return read_status(sock)
 
 
+def _until(done: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_a_trickled_request_is_cut_off_at_the_deadline(bulk: tuple[BulkServer, Transaction, Counter[str]]) -> None:
     srv, txn, refused = bulk
     with _connect(srv) as sock:
@@ -96,16 +102,20 @@ def test_idle_connections_from_one_address_leave_the_sites_their_slots(
         # Strangers from more addresses fill the unauthenticated budget, not the sites' slots.
         for source in ("127.0.0.3", "127.0.0.4"):
             idle.extend(_connect(srv, source) for _ in range(6))
-        time.sleep(0.2)
-        assert refused["PeerConnectionLimit"] >= 40 - 6
-        assert refused["UnauthenticatedLimit"] >= 1
+        # The kernel completes a connect before the listener accepts it: its refusals land shortly after.
+        _until(lambda: refused["PeerConnectionLimit"] >= 40 - 6 and refused["UnauthenticatedLimit"] >= 1)
+        assert refused["PeerConnectionLimit"] >= 40 - 6, refused
+        assert refused["UnauthenticatedLimit"] >= 1, refused
         # A real site is refused (retryably) while strangers hold the unauthenticated slots ...
         code, message = _complete(srv, txn, "127.0.0.5")
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in message
         # ... and served once the deadline has dropped them, while they are still connected.
-        time.sleep(DEADLINE_S + 0.5)
-        assert _complete(srv, txn, "127.0.0.5")[0] == grpc.StatusCode.OK
-        assert refused["RequestDeadline"] >= 12
+        _until(lambda: refused["RequestDeadline"] >= 12, DEADLINE_S + 5.0)
+        assert refused["RequestDeadline"] >= 12, refused
+        # (a refusal is counted just before its slot is given back: a retry may be needed, as a sidecar's is)
+        served: list[grpc.StatusCode] = []
+        _until(lambda: served.append(_complete(srv, txn, "127.0.0.5")[0]) or served[-1] == grpc.StatusCode.OK)
+        assert served[-1] == grpc.StatusCode.OK, served
     finally:
         for s in idle:
             s.close()
