@@ -10,15 +10,12 @@ termination message are how it reports progress (DESIGN.md §4).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import threading
-import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import BaseHTTPRequestHandler
 
+from fedkube.httpserve import BoundedHTTPServer, Refusals, bind_host
 from fedkube.protocol import STATUS_CONNECTION_LIMIT, STATUS_DEADLINE
 
 log = logging.getLogger(__name__)
@@ -28,74 +25,6 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 32
 #: A connection still open after this long is closed, whatever it sent (probes answer in milliseconds).
 IDLE_TIMEOUT_S = 10.0
-
-
-class _BoundedHTTPServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer with at most ``max_connections`` connection threads; one more is closed at once.
-
-    The stdlib server starts a thread per connection with no limit, and its handlers wait forever for a
-    request: 300 idle connections were 300 threads. With the handler's ``timeout`` an idle connection
-    ends; with this cap they cannot pile up meanwhile.
-    """
-
-    daemon_threads = True
-    request_queue_size = 128  # the stdlib's 5 makes a burst of connects wait for SYN retries, seconds each
-
-    def __init__(
-        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int,
-        deadline_s: float, on_refused: Callable[[str], None] | None,
-    ) -> None:  # fmt: skip
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._max = max_connections
-        self._deadline_s = deadline_s
-        self._on_refused = on_refused
-        self._open: dict[socket.socket, float] = {}  # connection -> when it must be done
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
-        super().__init__(address, handler)
-        # The handler's socket timeout bounds each read, not the request: a client trickling a byte
-        # just inside it would keep its thread forever. One reaper ends connections past their deadline.
-        self._reaper = threading.Thread(target=self._reap, name="fedkube-status-reaper", daemon=True)
-        self._reaper.start()
-
-    def _reap(self) -> None:
-        while not self._closing.wait(min(1.0, self._deadline_s / 4)):
-            now = time.monotonic()
-            with self._lock:
-                late = [conn for conn, deadline in self._open.items() if deadline <= now]
-            for conn in late:
-                log.info("status endpoint: closing a connection still open after %.1fs", self._deadline_s)
-                if self._on_refused is not None:
-                    self._on_refused(STATUS_DEADLINE)
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-
-    def server_close(self) -> None:
-        self._closing.set()
-        super().server_close()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.warning("status endpoint: %d connections open; closing one more from %s", self._max, client_address)
-            if self._on_refused is not None:
-                self._on_refused(STATUS_CONNECTION_LIMIT)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        with self._lock:
-            self._open[request] = time.monotonic() + self._deadline_s
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._lock:
-                self._open.pop(request, None)
-            self._slots.release()
 
 
 class StatusServer:
@@ -120,10 +49,11 @@ class StatusServer:
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         on_refused: Callable[[str], None] | None = None,
     ) -> None:
-        handler = _make_handler(status_json, ready, idle_timeout_s)
-        # ThreadingHTTPServer takes a plain host; "[::]" is gRPC's spelling of "every interface".
-        bind = "0.0.0.0" if host in ("[::]", "") else host.strip("[]")
-        self._httpd = _BoundedHTTPServer((bind, port), handler, max_connections, idle_timeout_s, on_refused)
+        self._httpd = BoundedHTTPServer(
+            (bind_host(host), port), _make_handler(status_json, ready), name="status endpoint",
+            refusals=Refusals(STATUS_CONNECTION_LIMIT, STATUS_DEADLINE), max_connections=max_connections,
+            deadline_s=idle_timeout_s, on_refused=on_refused,
+        )  # fmt: skip
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="fedkube-status-http", daemon=True)
 
     @property
@@ -140,12 +70,9 @@ class StatusServer:
         self._thread.join(timeout=5)
 
 
-def _make_handler(
-    status_json: Callable[[], str], ready: Callable[[], bool], idle_timeout_s: float
-) -> type[BaseHTTPRequestHandler]:
+def _make_handler(status_json: Callable[[], str], ready: Callable[[], bool]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "fedkube-server"
-        timeout = idle_timeout_s  # the socket timeout of every read: an idle connection ends
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
