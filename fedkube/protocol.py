@@ -175,7 +175,9 @@ UNAUTHENTICATED_LIMIT = "UnauthenticatedLimit"  # every bulk slot for not-yet-au
 PEER_CONNECTION_LIMIT = "PeerConnectionLimit"  # one address holds its most unauthenticated bulk connections
 STATUS_CONNECTION_LIMIT = "StatusConnectionLimit"  # every status-port connection thread taken
 STATUS_DEADLINE = "StatusDeadline"  # a status-port connection still open at its deadline
+METRICS_CONNECTION_LIMIT = "MetricsConnectionLimit"  # every /metrics connection thread taken
+METRICS_DEADLINE = "MetricsDeadline"  # a /metrics connection still open at its deadline
 PORT_REFUSALS = (
     RECEIVER_MISMATCH, DOWNLOAD_BUDGET, SITE_CALL_BUDGET, REQUEST_DEADLINE, CONNECTION_LIMIT, UNAUTHENTICATED_LIMIT,
-    PEER_CONNECTION_LIMIT, STATUS_CONNECTION_LIMIT, STATUS_DEADLINE,
+    PEER_CONNECTION_LIMIT, STATUS_CONNECTION_LIMIT, STATUS_DEADLINE, METRICS_CONNECTION_LIMIT, METRICS_DEADLINE,
 )  # fmt: skip

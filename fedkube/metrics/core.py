@@ -18,14 +18,15 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Gauge, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, MetricsHandler, PlatformCollector, ProcessCollector
 from prometheus_client.registry import DuplicateTimeseries
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.httpserve import DEADLINE_S, MAX_CONNECTIONS, BoundedHTTPServer, Refusals
+from fedkube.protocol import METRICS_CONNECTION_LIMIT, METRICS_DEADLINE
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def component_info(registry: CollectorRegistry, component: str, job: str, site: 
 class MetricsServer:
     """A running /metrics HTTP endpoint; ``close()`` (or leaving the ``with`` block) stops it and frees the port."""
 
-    def __init__(self, httpd: Any, thread: threading.Thread) -> None:
+    def __init__(self, httpd: BoundedHTTPServer, thread: threading.Thread) -> None:
         self._httpd = httpd
         self._thread = thread
         self._closed = False
@@ -206,21 +207,32 @@ class MetricsServer:
         self.close()
 
 
-def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0") -> tuple[MetricsServer, int]:
+def serve_metrics(
+    registry: CollectorRegistry, port: int, addr: str = "0.0.0.0", *, on_refused: Callable[[str], None] | None = None,
+    max_connections: int = MAX_CONNECTIONS, deadline_s: float = DEADLINE_S,
+) -> tuple[MetricsServer, int]:  # fmt: skip
     """Serve ``registry`` as Prometheus text on ``http://addr:port/metrics`` from a daemon thread.
 
     ``port`` 0 lets the OS choose; the bound port is returned with the server.
     Raises ConfigError when the port cannot be bound, naming the port and the
-    environment variable that sets it.
+    environment variable that sets it. At most ``max_connections`` scrapes are
+    served at once, each closed ``deadline_s`` after its accept (prometheus_client's
+    own server has neither); ``on_refused(reason)`` is told each one closed
+    ("MetricsConnectionLimit", "MetricsDeadline").
     """
     if not 0 <= port <= 65535:
         raise ConfigError(f"metrics port must be 0..65535, got {port}; fix {envvars.METRICS_PORT}")
     try:
-        httpd, thread = start_http_server(port, addr=addr, registry=registry)
+        httpd = BoundedHTTPServer(
+            (addr, port), MetricsHandler.factory(registry), name="metrics endpoint", max_connections=max_connections,
+            deadline_s=deadline_s, refusals=Refusals(METRICS_CONNECTION_LIMIT, METRICS_DEADLINE),
+            on_refused=on_refused,
+        )  # fmt: skip
     except OSError as exc:
         raise ConfigError(f"cannot serve /metrics on {addr}:{port}: {exc}; choose a free port with "
                           f"{envvars.METRICS_PORT} (0 picks one)") from exc
-    thread.name = "fedkube-metrics-http"
+    thread = threading.Thread(target=httpd.serve_forever, name="fedkube-metrics-http", daemon=True)
+    thread.start()
     server = MetricsServer(httpd, thread)
     log.info("metrics: serving /metrics on %s:%s", addr, server.port)
     return server, server.port

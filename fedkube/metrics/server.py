@@ -40,8 +40,8 @@ ROUND_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 2 * 3600, 4 *
 #: Aggregating or checkpointing takes milliseconds for small models, minutes for tens of GB.
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800)
 
-#: ``plane`` of a refused connection: the gRPC port, the bulk port, the status port.
-PLANES = ("grpc", "bulk", "status")
+#: ``plane`` of a refused connection: the gRPC port, the bulk port, the status port, the /metrics port.
+PLANES = ("grpc", "bulk", "status", "metrics")
 
 # Failure reasons beyond fedkube.status.Reason get their own series up to this many; the rest are _other.
 EXTRA_REASONS = 16

@@ -74,8 +74,9 @@ class SidecarMetrics:
                                    "Times the control stream was re-established after a loss.", js, registry=registry)
         self._local_rejected = Counter(
             "fedkube_sidecar_rejected_local_connections_total",
-            "Connections to the pod-local endpoints (trainer port, bulk relay and handoff) refused, by reason "
-            "(PeerUidMismatch: a process of another user).", check_labels(["fljob", "site", "reason"]),
+            "Connections to the sidecar's own endpoints refused, by reason (PeerUidMismatch: a process of another "
+            "user on the trainer port, bulk relay or handoff; Status*/Metrics*: the status or /metrics port's "
+            "connection cap or deadline).", check_labels(["fljob", "site", "reason"]),
             registry=registry)
         self._relayed = Counter("fedkube_sidecar_relayed_bytes_total", "Chunk bytes relayed, by direction.",
                                 check_labels(["fljob", "site", "direction"]), registry=registry)

@@ -473,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _, bound[envvars.METRICS_PORT] = serve_metrics(
                 server.metrics_registry, portfile.chosen(ports_file, envvars.METRICS_PORT, config.metrics_port),
-                addr="0.0.0.0" if args.bind in ("[::]", "") else args.bind.strip("[]"))
+                addr="0.0.0.0" if args.bind in ("[::]", "") else args.bind.strip("[]"),
+                on_refused=lambda reason: server.metrics.connection_rejected(reason, "metrics"))
         except ConfigError as exc:
             log.error("configuration error: %s", exc)
             return EXIT_CONFIG

@@ -180,13 +180,13 @@ class Sidecar:
             self.status_server = SiteStatusServer(
                 self.place, self.config.metrics_host,
                 portfile.chosen(ports_file, envvars.STATUS_PORT, self.config.status_port),
-                token=self.config.token, leave=self.leave,
+                token=self.config.token, leave=self.leave, on_refused=self.metrics.local_connection_rejected,
             )  # fmt: skip
             bound[envvars.STATUS_PORT] = self.status_server.port
         if self.config.metrics_port:
             self.metrics_server, bound[envvars.METRICS_PORT] = serve_metrics(
                 self.registry, portfile.chosen(ports_file, envvars.METRICS_PORT, self.config.metrics_port),
-                addr=self.config.metrics_host)
+                addr=self.config.metrics_host, on_refused=self.metrics.local_connection_rejected)
         self._server.start()
         portfile.report(ports_file, bound)  # the local runtime starts the trainer once it reads this
         log.info("site %s: sidecar for job %s listening for its trainer on 127.0.0.1:%d (bulk relay %s, handoff %s); "

@@ -19,11 +19,13 @@ import hmac
 import logging
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 from fedkube.errors import ConfigError
+from fedkube.httpserve import BoundedHTTPServer, Refusals
+from fedkube.protocol import STATUS_CONNECTION_LIMIT, STATUS_DEADLINE
 from fedkube.siteview import SiteView
 from fedkube.spec.terms import JobTerms, Refusal
 from fedkube.wire.v1 import control_pb2
@@ -34,6 +36,10 @@ POLICY_REFUSED = "PolicyRefused"  # fedkube.status.Reason.POLICY_REFUSED, as the
 WITHDRAWN = "Withdrawn"  # fedkube.status.Reason.WITHDRAWN
 #: The most bytes of a /leave request's body (its message for the server) that are read.
 LEAVE_BODY_LIMIT = 1024
+#: Who calls this port: the site operator and a kubelet probe; a handful at once.
+MAX_CONNECTIONS = 16
+#: A connection still open this long after its accept is closed (a GET /status or POST /leave takes milliseconds).
+DEADLINE_S = 5.0
 
 
 def terms_of(registered: control_pb2.Registered) -> JobTerms:
@@ -102,7 +108,6 @@ class _Handler(BaseHTTPRequestHandler):
     place: SitePlace
     token: str
     leave: Callable[[str], bool]
-    timeout = 5.0  # a peer that sends less than it announced does not hold a thread for long
 
     def do_POST(self) -> None:
         if self.path.split("?")[0] != "/leave":
@@ -141,16 +146,22 @@ class SiteStatusServer:
     thread."""
 
     def __init__(self, place: SitePlace, host: str, port: int, *, token: str = "",
-                 leave: Callable[[str], bool] = lambda message: False) -> None:  # fmt: skip
-        """``leave(message)`` ends the site's participation (True: it did now); ``token`` guards it."""
+                 leave: Callable[[str], bool] = lambda message: False, max_connections: int = MAX_CONNECTIONS,
+                 deadline_s: float = DEADLINE_S, on_refused: Callable[[str], None] | None = None) -> None:  # fmt: skip
+        """``leave(message)`` ends the site's participation (True: it did now); ``token`` guards it. At most
+        ``max_connections`` are served at once, each closed ``deadline_s`` after its accept; ``on_refused(reason)``
+        is told each one closed ("StatusConnectionLimit", "StatusDeadline")."""
         handler = type("SiteStatusHandler", (_Handler,), {"place": place, "token": token,
                                                           "leave": staticmethod(leave)})
         try:
-            self._httpd = ThreadingHTTPServer((host, port), handler)
+            self._httpd = BoundedHTTPServer(
+                (host, port), handler, name="site status endpoint", max_connections=max_connections,
+                deadline_s=deadline_s, refusals=Refusals(STATUS_CONNECTION_LIMIT, STATUS_DEADLINE),
+                on_refused=on_refused,
+            )  # fmt: skip
         except OSError as exc:
             raise ConfigError(f"cannot serve the site's /status on {host}:{port}: {exc}; fix: choose a free "
                               "FEDKUBE_STATUS_PORT (0 picks one)") from exc
-        self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="site-status", daemon=True)
         self._thread.start()
 
