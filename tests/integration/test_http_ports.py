@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -108,7 +109,8 @@ def _closed_by_peer(sock: socket.socket, within_s: float) -> bool:
         return False
 
 
-def test_idle_connections_are_capped_and_dropped(endpoint: Endpoint) -> None:
+def test_idle_connections_are_capped_and_dropped(endpoint: Endpoint, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="fedkube.httpserve")
     before = threading.active_count()
     idle = [socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) for _ in range(60)]
     try:
@@ -123,6 +125,10 @@ def test_idle_connections_are_capped_and_dropped(endpoint: Endpoint) -> None:
     refused = endpoint.refused()
     assert refused[endpoint.limit] == 60 - CAP
     assert refused[endpoint.deadline] == CAP
+    # An attack is thousands of connects: one warning per reason, not one per connection.
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fedkube.httpserve"]
+    assert sum("connections open; closing one more" in w for w in warnings) == 1, warnings
+    assert sum("still open after" in w for w in warnings) == 1, warnings
 
 
 def test_a_trickling_client_is_closed_at_the_deadline(endpoint: Endpoint) -> None:
