@@ -95,12 +95,17 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM,
                                                  flags=socket.AI_PASSIVE)[0][0]
         super().__init__(address, handler)
-        self._reaper = threading.Thread(target=self._reap, name=f"{name}-reaper", daemon=True)
+        self._reaper = threading.Thread(target=self._reap, name=f"fedkube-{name.replace(' ', '-')}-reaper",
+                                        daemon=True)
         self._reaper.start()
 
     def _refused(self, reason: str) -> None:
-        if self._on_refused is not None:
+        if self._on_refused is None:
+            return
+        try:
             self._on_refused(reason)
+        except Exception:  # a counting bug must not end the reaper, and with it every deadline
+            log.exception("%s: counting a refused connection (%s) failed", self.name, reason)
 
     def _reap(self) -> None:
         while not self._closing.wait(min(1.0, self._deadline_s / 4)):

@@ -148,3 +148,18 @@ def test_a_trickling_client_is_closed_at_the_deadline(endpoint: Endpoint) -> Non
         assert time.monotonic() - start < 3 * DEADLINE_S
     assert endpoint.refused()[endpoint.deadline] == 1
     assert endpoint.served()
+
+
+def test_a_failing_refusal_counter_does_not_end_the_deadlines() -> None:
+    def broken(reason: str) -> None:
+        raise ValueError(f"no such label {reason}")
+
+    place = SitePlace()
+    srv = SiteStatusServer(place, "127.0.0.1", 0, max_connections=2, deadline_s=0.6, on_refused=broken)
+    try:
+        for _ in range(2):  # the second idle connection is closed by the same reaper the first one's count broke
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+                # By the reaper (0.6-0.75 s), not the sockets' backstop timeout (twice the deadline).
+                assert _closed_by_peer(sock, 1.0)
+    finally:
+        srv.close()
