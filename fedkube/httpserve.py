@@ -59,7 +59,7 @@ class _RateLimitedLog:
                 return
             self._last[reason] = now
             quiet = self._quiet.pop(reason, 0)
-        suffix = f" ({quiet} more not logged in the last {self._every_s:g} s)" if quiet else ""
+        suffix = f" ({quiet} more since the last such warning)" if quiet else ""
         log.warning(msg + suffix, *args)
 
 
