@@ -51,9 +51,9 @@ from fedkube.server.strategies import build_strategy
 from fedkube.server.strategy_api import StrategyState
 from fedkube.server.supersede import Supersession
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
-from fedkube.spec.terms import JobTerms
 from fedkube.status import EXIT_FAILED, EvaluationPoint, Phase, Reason
 from fedkube.termination import TerminationSummary, write_termination_summary
+from fedkube.terms import JobTerms
 from fedkube.transfer import endpoints
 from fedkube.transfer.bulk import BulkServer
 from fedkube.transfer.endpoints import ServerTls

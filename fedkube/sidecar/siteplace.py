@@ -25,7 +25,7 @@ from typing import Any
 
 from fedkube.errors import ConfigError
 from fedkube.siteview import SiteView
-from fedkube.spec.terms import JobTerms, Refusal
+from fedkube.terms import JobTerms, Refusal
 from fedkube.wire.v1 import control_pb2
 
 log = logging.getLogger(__name__)
