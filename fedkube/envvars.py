@@ -63,7 +63,7 @@ SIDECAR_EXIT_ON_STOP = "FEDKUBE_SIDECAR_EXIT_ON_STOP"
 # SDK; either one set to "0" turns it off.
 BULK_HANDOFF = "FEDKUBE_BULK_HANDOFF"
 # Set for a remote site only, never for an in-cluster client: the site's policy over the job's terms (JSON,
-# fedkube.spec.terms.TermsPolicy; the FLSite builders and `fedkube join` set it), and, by `fedkube join` only, "1":
+# fedkube.terms.TermsPolicy; the FLSite builders and `fedkube join` set it), and, by `fedkube join` only, "1":
 # a stop of this sidecar before the job's Stop is the site leaving (Leave, Withdrawn at the server). An FLSite's
 # pod leaves through its site operator instead (POST /leave on the sidecar's status port), as a pod's stop may
 # also be an eviction or a crash, which are not the site's decision.

@@ -16,8 +16,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
+from fedkube.clipping import clip
 from fedkube.errors import FedkubeError
-from fedkube.status import clip
 
 #: The most bytes a site view may have (well under the 4096 of a Kubernetes termination message).
 SITE_VIEW_LIMIT = 2048

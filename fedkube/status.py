@@ -9,7 +9,7 @@ source) is built from the same ``Phase`` and ``ClientState``. Every status
 enum is defined here and nowhere else.
 
 It lives outside ``fedkube.server`` and imports nothing else of fedkube but
-its errors, because the operator (which must not import ``fedkube.server``,
+its errors and ``clip``, because the operator (which must not import ``fedkube.server``,
 see tests/unit/test_project.py) parses the same documents.
 
 Both documents come from another process (an HTTP answer, a pod's
@@ -35,6 +35,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
+from fedkube.clipping import clip
 from fedkube.errors import FedkubeError
 
 ROUND_HISTORY = 20
@@ -202,11 +203,6 @@ class ClientState(str, enum.Enum):
 def utc_timestamp(seconds: float) -> str:
     """RFC 3339 UTC with second precision, as Kubernetes writes times."""
     return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def clip(text: str, limit: int) -> str:
-    """``text`` shortened to ``limit`` characters, the cut marked with an ellipsis."""
-    return text if len(text) <= limit else text[: max(0, limit - 1)] + "\u2026"
 
 
 def _clipped(limit: int) -> Callable[[Any], Any]:

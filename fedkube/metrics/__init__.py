@@ -15,6 +15,8 @@ global registry, nothing registered at import)::
 docs/observability.md lists every metric with its labels.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from fedkube.metrics.core import (
     ALLOWED_LABELS,
     OVERFLOW,
@@ -27,8 +29,21 @@ from fedkube.metrics.core import (
     serve_metrics,
 )
 from fedkube.metrics.operator import OperatorMetrics
-from fedkube.metrics.server import ServerMetrics
 from fedkube.metrics.sidecar import SidecarMetrics
+
+if TYPE_CHECKING:
+    from fedkube.metrics.server import ServerMetrics
+
+
+def __getattr__(name: str) -> Any:
+    # ServerMetrics loads on first use: its label values come from fedkube.status, which needs pydantic, and the
+    # sidecar imports this package and starts without pydantic (tests/unit/sidecar/test_startup_imports.py).
+    if name == "ServerMetrics":
+        from fedkube.metrics.server import ServerMetrics
+
+        return ServerMetrics
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ALLOWED_LABELS",

@@ -41,7 +41,7 @@ from fedkube.runtime.renewal import RenewalLoop
 from fedkube.security import enroll, pki
 from fedkube.security.enroll_wire import EnrollmentError, enroll_site, renew_site
 from fedkube.security.material import files_in
-from fedkube.spec.terms import TermsPolicy
+from fedkube.terms import TermsPolicy
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from fedkube.protocol import SITE_CALL_BUDGET
 from fedkube.server.auth import Authenticator, AuthError
+from fedkube.server.callgate import CallGate, gated
 
 # What one legitimate sidecar runs on the server at once, on one connection:
 #   1  Connect, its control stream (sidecar/upstream.py: one, replaced on reconnect);
@@ -88,14 +89,11 @@ class SiteCalls:
             return self._held[site]
 
 
-Behavior = Callable[[Any, grpc.ServicerContext], Any]
-
-
-class SiteAdmission(grpc.ServerInterceptor):
+class SiteAdmission(grpc.ServerInterceptor, CallGate[str | None]):
     """Runs each authenticated site's calls within its :class:`SiteCalls` budget (the outermost interceptor).
 
-    The check runs when the call starts (its handler takes a request stream, so gRPC runs it on the
-    headers), and a refusal ends the call before any other interceptor or servicer sees it.
+    The check runs when the call starts, on its headers (:func:`~fedkube.server.callgate.gated`), and a
+    refusal ends the call before any other interceptor or servicer sees it.
     """
 
     def __init__(self, auth: Authenticator, calls: SiteCalls) -> None:
@@ -106,70 +104,26 @@ class SiteAdmission(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        metadata = details.invocation_metadata
-        return _wrap(handler, lambda behavior: self._admitted(behavior, metadata, handler.response_streaming))
+        return gated(handler, self)
 
-    def _admitted(self, behavior: Behavior, metadata: Any, streaming: bool) -> Behavior:
-        def claim(context: grpc.ServicerContext) -> str | None:
-            """The site whose slot this call holds; None for a caller the inner handler refuses."""
-            site = self._auth.verified_site(metadata, context)
-            if site is None:
-                return None
-            if not self.calls.take(site):
-                busy = AuthError(site, grpc.StatusCode.RESOURCE_EXHAUSTED, SITE_CALL_BUDGET, (
-                    f"site {site!r} already runs {self.calls.limit} calls on this server, the most one site may "
-                    "hold at once; fix: end calls the site no longer needs (a fedkube sidecar stays below it and "
-                    "retries this refusal with backoff)"
-                ))  # fmt: skip
-                self._auth.refuse(busy, "a call", context.peer())
-                context.abort(busy.code, busy.message)
-            return site
+    def admit(self, context: grpc.ServicerContext) -> str | None:
+        """The site whose slot this call holds; None for a caller the inner handler refuses."""
+        site = self._auth.verified_site(context.invocation_metadata(), context)
+        if site is None:
+            return None
+        if not self.calls.take(site):
+            busy = AuthError(site, grpc.StatusCode.RESOURCE_EXHAUSTED, SITE_CALL_BUDGET, (
+                f"site {site!r} already runs {self.calls.limit} calls on this server, the most one site may "
+                "hold at once; fix: end calls the site no longer needs (a fedkube sidecar stays below it and "
+                "retries this refusal with backoff)"
+            ))  # fmt: skip
+            self._auth.refuse(busy, "a call", context.peer())
+            context.abort(busy.code, busy.message)
+        return site
 
-        if streaming:
-
-            def streamed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                site = claim(context)
-                try:
-                    yield from behavior(request, context)
-                finally:  # also when gRPC drops the generator of a cancelled call
-                    if site is not None:
-                        self.calls.give_back(site)
-
-            return streamed
-
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            site = claim(context)
-            try:
-                return behavior(request, context)
-            finally:
-                if site is not None:
-                    self.calls.give_back(site)
-
-        return unary
-
-
-def _wrap(handler: Any, wrap: Callable[[Behavior], Behavior]) -> grpc.RpcMethodHandler:
-    """``handler`` with its behaviour wrapped; a unary request becomes a one-message stream, so ``wrap``'s
-    code runs on the call's headers instead of after its request message."""
-    options = {"request_deserializer": handler.request_deserializer,
-               "response_serializer": handler.response_serializer}  # fmt: skip
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **options)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **options)
-    if handler.unary_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(wrap(_one_message(handler.unary_stream)), **options)
-    return grpc.stream_unary_rpc_method_handler(wrap(_one_message(handler.unary_unary)), **options)
-
-
-def _one_message(behavior: Behavior) -> Behavior:
-    def first(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        request = next(requests, None)
-        if request is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
-        return behavior(request, context)
-
-    return first
+    def release(self, admitted: str | None) -> None:
+        if admitted is not None:
+            self.calls.give_back(admitted)
 
 
 __all__ = ["CALLS_PER_SITE", "SPARE_WORKERS", "SiteAdmission", "SiteCalls", "server_workers"]

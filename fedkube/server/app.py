@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
@@ -39,6 +39,7 @@ from fedkube.protocol import DOWNLOAD_BUDGET, SERVER
 from fedkube.server import checkpoint
 from fedkube.server.admission import SiteAdmission, SiteCalls, server_workers
 from fedkube.server.auth import Authenticator, AuthError, Identity, credentials_from_metadata
+from fedkube.server.callgate import CallGate, gated
 from fedkube.server.config import ServerConfig, load_config
 from fedkube.server.control import ControlServicer, SessionTable
 from fedkube.server.enrollment import EnrollmentServer, start_enrollment
@@ -50,9 +51,9 @@ from fedkube.server.strategies import build_strategy
 from fedkube.server.strategy_api import StrategyState
 from fedkube.server.supersede import Supersession
 from fedkube.server.workflow import CheckpointStore, Outcome, RoundWorkflow
-from fedkube.spec.terms import JobTerms
 from fedkube.status import EXIT_FAILED, EvaluationPoint, Phase, Reason
 from fedkube.termination import TerminationSummary, write_termination_summary
+from fedkube.terms import JobTerms
 from fedkube.transfer import endpoints
 from fedkube.transfer.bulk import BulkServer
 from fedkube.transfer.endpoints import ServerTls
@@ -149,7 +150,7 @@ class _DownloadAuth(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        return _bind_receiver(handler, identity, self._auth, self._budget)
+        return gated(handler, _ReceiverGate(identity, self._auth, self._budget))
 
 
 class _Budget:
@@ -195,47 +196,41 @@ def _deny_at_headers(method: str, refused: AuthError) -> grpc.RpcMethodHandler:
     return grpc.stream_unary_rpc_method_handler(deny)
 
 
-def _bind_receiver(handler: Any, identity: Identity, auth: Authenticator, budget: _Budget) -> Any:
-    """``handler`` run within ``budget``, and only for a request whose ``receiver`` is ``identity``'s site.
+class _ReceiverGate(CallGate[Identity]):
+    """One Download call run within ``budget``, and only for a request whose ``receiver`` is its caller's site.
 
-    The returned handler takes a request *stream* (the client still sends one message; the wire is the
-    same), so its slot in ``budget`` is taken before the request message is awaited: a site that opens
-    calls and never sends their message waits inside the Download budget, not in Control's workers.
+    The budget's slot is taken on the headers (:func:`~fedkube.server.callgate.gated`), before the
+    request message is awaited: a site that opens calls and never sends their message waits inside
+    the Download budget, not in Control's workers.
     """
 
-    def bound(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
-        def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            try:
-                # The interceptor saw only the headers; the certificate is on the call's context. Checked
-                # before the budget, so a caller with another site's token takes no slot while it waits.
-                caller = auth.call_identity(context, what="a Download call") if auth.tls else identity
-            except AuthError as exc:
-                context.abort(exc.code, exc.message)
-            if not budget.take(context):
-                busy = AuthError(identity.site, grpc.StatusCode.RESOURCE_EXHAUSTED, DOWNLOAD_BUDGET, (
-                    f"{budget.limit} Download calls are running, the most the server serves at once beside "
-                    "its control streams; fix: retry with backoff (fetchers do)"
-                ))  # fmt: skip
-                auth.refuse(busy, "a Download call", context.peer())
-                context.abort(busy.code, busy.message)
-            request: Any = next(requests, None)
-            if request is None:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
-            try:
-                auth.check_receiver(caller, request.receiver, what="a Download call", peer=context.peer())
-            except AuthError as exc:
-                context.abort(exc.code, exc.message)
-            return behavior(request, context)
+    def __init__(self, identity: Identity, auth: Authenticator, budget: _Budget) -> None:
+        self._identity = identity
+        self._auth = auth
+        self._budget = budget
 
-        return checked
+    def admit(self, context: grpc.ServicerContext) -> Identity:
+        """The caller (its certificate's site bound to its token, with TLS); the call then holds a budget slot."""
+        try:
+            # The interceptor saw only the headers; the certificate is on the call's context. Checked
+            # before the budget, so a caller with another site's token takes no slot while it waits.
+            caller = self._auth.call_identity(context, what="a Download call") if self._auth.tls else self._identity
+        except AuthError as exc:
+            context.abort(exc.code, exc.message)
+        if not self._budget.take(context):
+            busy = AuthError(self._identity.site, grpc.StatusCode.RESOURCE_EXHAUSTED, DOWNLOAD_BUDGET, (
+                f"{self._budget.limit} Download calls are running, the most the server serves at once beside "
+                "its control streams; fix: retry with backoff (fetchers do)"
+            ))  # fmt: skip
+            self._auth.refuse(busy, "a Download call", context.peer())
+            context.abort(busy.code, busy.message)
+        return caller
 
-    options = {"request_deserializer": handler.request_deserializer,
-               "response_serializer": handler.response_serializer}  # fmt: skip
-    if handler.unary_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(bound(handler.unary_stream), **options)
-    if handler.unary_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(bound(handler.unary_unary), **options)
-    return handler
+    def check(self, admitted: Identity, request: Any, context: grpc.ServicerContext) -> None:
+        try:
+            self._auth.check_receiver(admitted, request.receiver, what="a Download call", peer=context.peer())
+        except AuthError as exc:
+            context.abort(exc.code, exc.message)
 
 
 class FedkubeServer:

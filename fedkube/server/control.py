@@ -32,8 +32,8 @@ from fedkube.server import outbox
 from fedkube.server.auth import Authenticator, AuthError
 from fedkube.server.registry import LEAVE_MESSAGE_CHARS
 from fedkube.server.reverse import ClaimRefused, UploadBroker, push_chunk, push_end, push_error
-from fedkube.spec.terms import JobTerms
 from fedkube.status import clip
+from fedkube.terms import JobTerms
 from fedkube.transfer.errors import InvalidRefError
 from fedkube.transfer.refs import TensorRef
 from fedkube.wire.v1 import control_pb2, control_pb2_grpc

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from fedkube.protocol import task_kind
-from fedkube.spec.terms import JobTerms
+from fedkube.terms import JobTerms
 from fedkube.transfer.refs import TensorRef
 from fedkube.wire.v1 import control_pb2
 

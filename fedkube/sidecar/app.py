@@ -33,7 +33,7 @@ from fedkube.sidecar.reverse import SERVER_RECEIVER, Pusher
 from fedkube.sidecar.siteplace import POLICY_REFUSED, WITHDRAWN, SitePlace, SiteStatusServer, terms_of, write_final
 from fedkube.sidecar.state import TaskBook, TrainerSnapshot, TrainerTracker
 from fedkube.sidecar.upstream import RegistrationRejected, Upstream, server_channel
-from fedkube.spec.terms import check_terms
+from fedkube.terms import check_terms
 from fedkube.transfer import handoff, peercred
 from fedkube.transfer.allocator import tune_allocator
 from fedkube.transfer.bulk import BulkHandoff, BulkRelay

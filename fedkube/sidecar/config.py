@@ -11,7 +11,7 @@ from fedkube import envvars, portfile
 from fedkube.errors import ConfigError
 from fedkube.metrics import metrics_port_from_env
 from fedkube.security.settings import TlsSettings
-from fedkube.spec.terms import TermsPolicy
+from fedkube.terms import TermsPolicy
 
 # Set by the local runtime: leave once the job's Stop and the trainer's final
 # state were forwarded (in Kubernetes the sidecar runs until SIGTERM).

@@ -27,7 +27,7 @@ from fedkube.errors import ConfigError
 from fedkube.httpserve import BoundedHTTPServer, Refusals
 from fedkube.protocol import STATUS_CONNECTION_LIMIT, STATUS_DEADLINE
 from fedkube.siteview import SiteView
-from fedkube.spec.terms import JobTerms, Refusal
+from fedkube.terms import JobTerms, Refusal
 from fedkube.wire.v1 import control_pb2
 
 log = logging.getLogger(__name__)

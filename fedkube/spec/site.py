@@ -8,7 +8,7 @@ shown to a server), and optionally which strategies and how many rounds it accep
 What is checkable when: the bundle names the job, the site, the server and the CA, so the CA fingerprint is
 checked before enrolling. The strategy and the number of rounds are announced by the server when the site's
 sidecar registers (``Registered.terms``), before any task: the sidecar refuses them there
-(:func:`fedkube.spec.terms.check_terms`), leaves the job with ``PolicyRefused`` and the FLSite reads Refused.
+(:func:`fedkube.terms.check_terms`), leaves the job with ``PolicyRefused`` and the FLSite reads Refused.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fedkube.spec.model import API_GROUP, API_VERSION_NAME, DNS1035_LABEL, Objec
 from fedkube.spec.model import TrainerTemplate as TrainerTemplate
 from fedkube.spec.status import Condition
 from fedkube.spec.strategy import StrategyName
-from fedkube.spec.terms import TermsPolicy
+from fedkube.terms import TermsPolicy
 
 __all__ = [
     "API_GROUP",

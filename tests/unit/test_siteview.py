@@ -1,4 +1,4 @@
-"""The site view document (fedkube.siteview) and the terms/policy check (fedkube.spec.terms): pure."""
+"""The site view document (fedkube.siteview) and the terms/policy check (fedkube.terms): pure."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from fedkube.errors import ConfigError
 from fedkube.siteview import MESSAGE_CHARS, SITE_VIEW_LIMIT, SiteView, SiteViewError
-from fedkube.spec.terms import ROUNDS_NOT_ACCEPTED, STRATEGY_NOT_ACCEPTED, JobTerms, TermsPolicy, check_terms
+from fedkube.terms import ROUNDS_NOT_ACCEPTED, STRATEGY_NOT_ACCEPTED, JobTerms, TermsPolicy, check_terms
 
 
 def test_a_site_view_round_trips_bounded() -> None:

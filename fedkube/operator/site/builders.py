@@ -25,7 +25,7 @@ from fedkube.security.enroll import JoinBundle
 from fedkube.security.material import CA_CERT_FILE, CERT_FILE, KEY_FILE, MOUNT_PATH, SECRET_TYPE
 from fedkube.spec.model import ClientSite, FLJob, FLJobSpec, ObjectMeta
 from fedkube.spec.site import FLSite
-from fedkube.spec.terms import TermsPolicy
+from fedkube.terms import TermsPolicy
 
 #: The key of the ``<flsite>-tls`` Secret holding the site's bearer token (returned by enrollment).
 TOKEN_KEY = "token"

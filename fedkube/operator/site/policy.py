@@ -2,7 +2,7 @@
 
 Checkable before enrolling (the bundle): the job CA's fingerprint, so no token is ever shown to a server the site
 did not accept. Checkable only after connecting: the job's terms (strategy, rounds), which the server announces
-in ``Registered`` before any task; the site's sidecar checks them (:func:`fedkube.spec.terms.check_terms`, the one
+in ``Registered`` before any task; the site's sidecar checks them (:func:`fedkube.terms.check_terms`, the one
 comparison, also behind :func:`check_task`) and leaves with ``PolicyRefused`` before its trainer gets a task.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fedkube.security.enroll import JoinBundle
 from fedkube.spec.site import SitePolicy
-from fedkube.spec.terms import ROUNDS_NOT_ACCEPTED, STRATEGY_NOT_ACCEPTED, JobTerms, Refusal, check_terms
+from fedkube.terms import ROUNDS_NOT_ACCEPTED, STRATEGY_NOT_ACCEPTED, JobTerms, Refusal, check_terms
 
 __all__ = ["CA_NOT_ACCEPTED", "ROUNDS_NOT_ACCEPTED", "STRATEGY_NOT_ACCEPTED", "Refusal", "check_bundle", "check_task"]
 

@@ -11,7 +11,7 @@ import pytest
 
 from fedkube.sidecar.app import EXIT_REFUSED, Sidecar
 from fedkube.siteview import SiteView
-from fedkube.spec.terms import TermsPolicy
+from fedkube.terms import TermsPolicy
 from fedkube.wire.v1 import control_pb2
 from tests.integration.sidecar.conftest import SITE, TOKEN, make_sidecar
 from tests.integration.sidecar.fake_server import FakeServer

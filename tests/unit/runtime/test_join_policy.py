@@ -8,7 +8,7 @@ from fedkube import envvars
 from fedkube.runtime.join import Endpoints, site_env
 from fedkube.security import enroll
 from fedkube.sidecar.config import SidecarConfig
-from fedkube.spec.terms import JobTerms, TermsPolicy, check_terms
+from fedkube.terms import JobTerms, TermsPolicy, check_terms
 
 
 def test_the_sidecar_of_fedkube_join_gets_the_site_policy_and_leaves_when_stopped(tmp_path: Path) -> None:

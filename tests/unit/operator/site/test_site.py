@@ -215,7 +215,7 @@ def test_an_unchanged_status_is_not_patched_again() -> None:
 def test_the_site_pod_carries_the_sites_policy_and_reports_its_view() -> None:
     from fedkube.operator.site import view
     from fedkube.siteview import SiteView
-    from fedkube.spec.terms import TermsPolicy
+    from fedkube.terms import TermsPolicy
 
     pod = builders.build_site_pod(_site(maxRounds=4, allowedStrategies=["fedavg"]), _bundle())
     sidecar = pod["spec"]["initContainers"][0]

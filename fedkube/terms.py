@@ -4,7 +4,8 @@ The server announces its job's terms in ``Registered`` (control.proto ``JobTerms
 site's sidecar checks them against the policy its site admin set (an FLSite's ``spec.policy``, or ``fedkube join
 --max-rounds/--allow-strategy``) and, on a refusal, leaves the job before its trainer gets anything. The site
 operator's :func:`fedkube.operator.site.policy.check_task` is this same check. Pure: no I/O, nothing of the
-server, sidecar or operator, so each of them may import it.
+server, sidecar or operator, so each of them may import it. It stands outside ``fedkube.spec``: importing any
+module of that package loads the whole spec model and pydantic, which the sidecar does without.
 """
 
 from __future__ import annotations
