@@ -176,6 +176,11 @@ class ServerMetrics:
         self._current.labels(fljob=self.job).set(number)
         self._set_last_done(number - 1)
 
+    def resumed_after_last_round(self, number: int) -> None:
+        """The server resumed after round ``number``, the job's last: no round starts, the job's progress shows."""
+        self._current.labels(fljob=self.job).set(number)
+        self._set_last_done(number)
+
     def round_completed(self, duration_s: float, *, number: int) -> None:
         """Round ``number`` was aggregated and its checkpoint handed to the background writer after ``duration_s`` s.
 

@@ -115,7 +115,7 @@ class _CheckpointAdapter:
         ck = checkpoint.resume_point(self._dir, self._job, start_fresh=self._start_fresh)
         if ck is None:
             return None
-        return Resumed(ck.round, dict(ck.model), ck.strategy_state, tuple(ck.evaluation))
+        return Resumed(ck.round, dict(ck.model), ck.strategy_state, tuple(ck.evaluation), dict(ck.metrics))
 
     def save(
         self, round_: int, model: Mapping[str, np.ndarray], state: StrategyState, metrics: Mapping[str, float],

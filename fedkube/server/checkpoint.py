@@ -50,7 +50,8 @@ Evaluation curve. ``evaluation`` holds the newest ``ROUND_HISTORY`` points of
 ``spec.evaluation`` known when the round's checkpoint was submitted, so a
 resumed job's ``status.evaluation`` goes on from them. The evaluation after
 the checkpoint's own round runs after the submit and is not in it; a resumed
-server runs it before its first round (``evaluation.owed_on_resume``). The key is optional within format version 1: a
+server runs it before its first round (``evaluation.owed_on_resume``), or before it ends the job when the
+checkpoint is the last round's (``resumed_end``). The key is optional within format version 1: a
 checkpoint written before it existed loads with an empty curve, and a curve
 that does not parse is dropped with a warning rather than costing the job its
 model (it is status only).
@@ -584,8 +585,12 @@ def check_resume_rounds(job: str, completed: int, rounds: int) -> None:
 
 
 def completion_message(rounds: int, first_round: int) -> str:
-    """How a successful job's end reads when this server started at ``first_round``; plain when nothing ran."""
+    """How a successful job's end reads when this server started at ``first_round``.
+
+    A server that started after the last round's checkpoint trained nothing but still ended the job
+    (fedkube.server.resumed_end): the message says so, so no one looks for its rounds in its log.
+    """
     if first_round > rounds:
-        return (f"all {rounds} round(s) were completed before this server started (it resumed from the "
-                f"checkpoint of round {first_round - 1}); nothing ran")
+        return (f"completed {rounds} round(s); this server resumed after the checkpoint of round "
+                f"{first_round - 1}, the last, and finished the job from it")
     return f"completed {rounds} round(s)"

@@ -8,7 +8,7 @@ importing the workflow.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -38,6 +38,8 @@ class Resumed:
     state: StrategyState | None
     evaluation: tuple[EvaluationPoint, ...] = ()
     """The evaluation curve the checkpoint kept (``status.evaluation`` goes on from it)."""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    """The checkpoint's round's aggregated metrics (the status shows them until the next round's)."""
 
 
 class CheckpointStore(Protocol):

@@ -120,6 +120,14 @@ class ModelOutput:
     ) -> None:
         if self._inner is not None:  # first: a failed output write must leave this round's checkpoint
             self._inner.save(round_, model, state, metrics, checksums, evaluation)
+        self.deliver(round_, model, metrics)
+
+    def deliver(self, round_: int, model: Mapping[str, np.ndarray], metrics: Mapping[str, float]) -> None:
+        """Write round ``round_``'s output files only: what :meth:`save` writes besides the checkpoint.
+
+        A server resuming after the last round's checkpoint delivers that model with it
+        (fedkube.server.resumed_end); the same model and metrics give the same bytes.
+        """
         final = round_ >= self._rounds
         if not (final or self._every_round):
             return

@@ -148,11 +148,19 @@ class MeasuresFirst(Protocol):
         ...
 
 
+HINTS_KEY = "clipHints"
+"""The strategy state's meta entry that keeps the :class:`ClipHints` in the checkpoint."""
+
+
 class ClipHints:
     """What the strategy remembers of each site across rounds, to pre-pass only results that may need clipping.
 
-    In memory only: a restarted server pre-passes every result of its first
-    round, which is what it costs to lose it. A site that surprised (clipped
+    Kept in the strategy's checkpoint state (:meth:`meta`, :meth:`load`), so a
+    resumed server pulls each site's next result as an uninterrupted one would:
+    once when its site was far below the bound. A checkpoint without them (an
+    older one) or with unreadable ones resumes with none: every result of the
+    first round is pre-passed, which costs one pull more per site and never a
+    wrong aggregate, so it is a warning rather than a refusal. A site that surprised (clipped
     without a pre-pass) is pre-passed for the rest of the job, not for a few
     rounds: a decaying mark would let a site force the refolds, O(N) pulls,
     again each time it decayed, while the permanent mark costs an honest site
@@ -182,6 +190,31 @@ class ClipHints:
 
     def begin_round(self) -> RoundHints:
         return RoundHints(self)
+
+    def meta(self) -> dict[str, Any]:
+        """The hints as the strategy state's JSON entry; nothing before any norm was measured (clipping off)."""
+        with self._lock:
+            if not self._last and not self._surprised:
+                return {}
+            last = {site: [norm, clipped] for site, (norm, clipped) in sorted(self._last.items())}
+            return {HINTS_KEY: {"last": last, "surprised": sorted(self._surprised)}}
+
+    def load(self, meta: Mapping[str, Any]) -> None:
+        """Take the hints of a checkpoint's strategy state (see the class doc for a missing or unreadable entry)."""
+        saved = meta.get(HINTS_KEY)
+        if saved is None:
+            return
+        try:
+            last = {str(site): (float(norm), clipped) for site, (norm, clipped) in saved["last"].items()}
+            surprised = {str(site) for site in saved["surprised"]}
+            if not all(math.isfinite(n) and n >= 0 and isinstance(c, bool) for n, c in last.values()):
+                raise ValueError("a norm is not a finite number >= 0 or a clipped mark is not a boolean")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("the checkpoint's clip hints %r are unreadable (%s); every result of the next round is "
+                        "pre-passed", saved, exc)  # fmt: skip
+            return
+        with self._lock:
+            self._last, self._surprised = last, surprised
 
 
 class RoundHints:

@@ -24,12 +24,14 @@ def starting_point(
     initial_model: Callable[[], dict[str, np.ndarray]] | None,
 ) -> tuple[int, dict[str, np.ndarray] | None]:  # fmt: skip
     """The first round to run and its model (None: the first client's); a resume restores the strategy's state,
-    the progress and the evaluation curve, and refuses a checkpoint that does not fit the job (ConfigError)."""
+    the progress, the last round's metrics and the evaluation curve, and refuses a checkpoint that does not fit
+    the job (ConfigError)."""
     if checkpoints is not None:
         loaded = checkpoints.load()
         if loaded is not None:
             done, model, state = loaded.round, loaded.model, loaded.state
             progress.evaluation.extend(loaded.evaluation)
+            progress.metrics = dict(loaded.metrics)
             check_resume_rounds(s.job, done, s.rounds)
             check_initial_model(model)
             if state is not None:

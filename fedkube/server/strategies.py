@@ -236,12 +236,13 @@ class FedAvg:
 
     def state(self) -> StrategyState:
         return StrategyState(self.name, {"staged": self.staged, **_clip_state(self.influence),
-                                         **privacy_meta(self.privacy)})  # fmt: skip
+                                         **privacy_meta(self.privacy), **self.hints.meta()})  # fmt: skip
 
     def load_state(self, state: StrategyState) -> None:
         _check_name(self.name, state)
         self.influence = _load_clip(self.influence, state)
         load_privacy(self.privacy, state.meta)
+        self.hints.load(state.meta)
 
 
 def _adapted(influence: Influence, norms: list[float]) -> Influence:
@@ -403,6 +404,7 @@ class FedAdam:
             "step": self.step,
             **_clip_state(self.influence),
             **privacy_meta(self.privacy),
+            **self.hints.meta(),
         }
         return StrategyState(self.name, meta, tensors)
 
@@ -423,6 +425,7 @@ class FedAdam:
         self.step = int(state.meta.get("step", 0))
         self.influence = _load_clip(self.influence, state)
         load_privacy(self.privacy, state.meta)
+        self.hints.load(state.meta)
         self.m = {k: np.array(a, copy=True) for k, a in m.items()}
         self.v = {k: np.array(a, copy=True) for k, a in v.items()}
 

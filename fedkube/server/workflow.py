@@ -81,6 +81,7 @@ from fedkube.server.publisher import ModelPublisher
 from fedkube.server.registry import ClientState, LoopWatch, RegistrationRejected, Registry, leave_reason
 from fedkube.server.results import ResultDesk
 from fedkube.server.resume import starting_point
+from fedkube.server.resumed_end import finish_resumed
 from fedkube.server.reverse import UploadBroker
 from fedkube.server.rounds import (
     Action,
@@ -254,6 +255,9 @@ class RoundWorkflow:
                 # a varying part of them resident (bench/README.md, memory variance).
                 release_free_memory()
                 self._refresh()
+            if model is not None and start_round > s.rounds:  # the checkpoint is the last round's
+                finish_resumed(s, self._checkpoints, model, self._progress, self._strategy, self.telemetry,
+                               self._host(), self._evaluate)
             outcome = Outcome(True, Phase.SUCCEEDED.value, completion_message(s.rounds, start_round),
                               self._progress.completed)
         except JobFailed as exc:

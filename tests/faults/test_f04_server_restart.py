@@ -200,14 +200,15 @@ def test_every_checkpoint_corrupt_refuses_to_start_keeps_them_and_start_fresh_is
 
 
 @pytest.mark.timeout(120)
-def test_restart_after_the_last_round_says_nothing_ran_and_fewer_rounds_are_refused(tmp_path: Path) -> None:
+def test_restart_after_the_last_round_finishes_the_job_and_fewer_rounds_are_refused(tmp_path: Path) -> None:
     ck_dir = _finished_job(tmp_path)
     kept = _files(ck_dir)
-    # Same spec: the job is complete; the new server says so plainly.
+    # Same spec: every round is done; the new server ends the job from the last checkpoint at once (no
+    # spec.evaluation: nothing waits for a site) and says so plainly.
     code, summary, _ = _server_alone(_job(tmp_path, rounds=FINISHED), tmp_path)
     assert code == 0 and summary["phase"] == "Succeeded" and summary["completedRounds"] == FINISHED, summary
-    assert summary["message"] == (f"all {FINISHED} round(s) were completed before this server started "
-                                  f"(it resumed from the checkpoint of round {FINISHED}); nothing ran")
+    assert summary["message"] == (f"completed {FINISHED} round(s); this server resumed after the checkpoint of "
+                                  f"round {FINISHED}, the last, and finished the job from it")
     # Fewer rounds than the checkpoint holds: refused with the fix, not "completed 1 round(s)" at rounds 2/1.
     code, summary, _ = _server_alone(_job(tmp_path, rounds=FINISHED - 1), tmp_path)
     assert code == 2  # 2 where server-side configuration errors exit 2 (issue 11 §2.10)

@@ -266,7 +266,7 @@ def test_resume_point_is_load_latest_when_one_loads_or_there_is_none(tmp_path: P
     assert ck is not None and ck.round == 1  # the documented fallback to an older valid checkpoint
 
 
-def test_resuming_with_fewer_rounds_than_completed_is_refused_and_a_finished_job_says_nothing_ran() -> None:
+def test_resuming_with_fewer_rounds_than_completed_is_refused_and_a_finished_job_says_it_was_finished() -> None:
     """Issue 11 §2.7: not "completed 2 round(s)" with rounds 3/2."""
     with pytest.raises(ConfigError, match=r"holds 3 completed round\(s\) but spec.rounds is 2.*set spec.rounds to 3"):
         check_resume_rounds("j", 3, 2)
@@ -275,8 +275,8 @@ def test_resuming_with_fewer_rounds_than_completed_is_refused_and_a_finished_job
     assert completion_message(2, 1) == "completed 2 round(s)"
     assert completion_message(2, 2) == "completed 2 round(s)"
     assert completion_message(2, 3) == (
-        "all 2 round(s) were completed before this server started (it resumed from the checkpoint of round 2); "
-        "nothing ran")
+        "completed 2 round(s); this server resumed after the checkpoint of round 2, the last, and finished the job "
+        "from it")
 
 
 def test_the_evaluation_curve_is_kept_bounded_and_an_old_or_unreadable_one_loads_without_it(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -20,12 +21,13 @@ import numpy as np
 import pytest
 
 from fedkube.server import accumulator as accumulator_module
+from fedkube.server import checkpoint
 from fedkube.server.aggregate import AggregationError, InvalidResultError
 from fedkube.server.downloads import Download, Downloader
 from fedkube.server.influence import Influence
-from fedkube.server.prepass import MeasuresFirst, norm_prepass
-from fedkube.server.strategies import FedAvg
-from fedkube.server.strategy_api import BoundsInfluence, RoundAggregator
+from fedkube.server.prepass import HINTS_KEY, MeasuresFirst, norm_prepass
+from fedkube.server.strategies import FedAvg, FedYogi
+from fedkube.server.strategy_api import BoundsInfluence, RoundAggregator, StrategyState
 from fedkube.transfer.fetch import FetchSettings
 from fedkube.transfer.refs import TensorRef, as_bytes
 
@@ -380,3 +382,49 @@ def test_a_site_that_surprises_is_refolded_once_then_pre_passed_and_the_aggregat
     # (a and c once more, b clipped); from round 3 on b is pre-passed, a and c stay at one pull.
     assert history == [{"a": 2, "b": 2, "c": 2}, {"a": 2, "b": 2, "c": 1}, {"a": 1, "b": 2, "c": 1},
                        {"a": 1, "b": 2, "c": 1}]  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [FedAvg, FedYogi])
+def test_the_hints_survive_a_checkpoint_so_a_resumed_server_pulls_as_an_uninterrupted_one(
+    cls: type[FedAvg] | type[FedYogi], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 3 after a resume from round 2's checkpoint: far pulled once, near and the one that surprised twice."""
+    g = _global()
+    influence = Influence(clip_norm=1.0)
+    plain = cls(influence=influence)
+    factors = {"far": 0.2, "near": 0.8, "surprised": 0.2}
+    for round_ in (1, 2):
+        factors["surprised"] = 50.0 if round_ == 2 else 0.2  # folded whole in round 2, then clipped: surprised
+        results = {s: _result(g, round_ * 10 + i, f) for i, (s, f) in enumerate(factors.items())}
+        agg = plain.begin_round(g)
+        _hinted_round(agg, results, Counter())
+        agg.finish()
+    checkpoint.save(tmp_path, "job1", 2, g, plain.state())
+    saved = checkpoint.load_latest(tmp_path, "job1")
+    assert saved is not None and HINTS_KEY in saved.strategy_state.meta
+    resumed = cls(influence=influence)
+    resumed.load_state(saved.strategy_state)
+    factors["surprised"] = 0.2
+    results = {s: _result(g, 30 + i, f) for i, (s, f) in enumerate(factors.items())}
+    models = {}
+    for name, strategy in (("uninterrupted", plain), ("resumed", resumed)):
+        pulls: Counter[tuple[str, str]] = Counter()
+        agg = strategy.begin_round(g)
+        _hinted_round(agg, results, pulls)
+        assert {s: _float_pulls(pulls, s) for s in results} == {"far": 1, "near": 2, "surprised": 2}, name
+        models[name] = agg.finish()
+    for k in g:
+        assert models["resumed"][k].tobytes() == models["uninterrupted"][k].tobytes(), k
+
+    # A checkpoint without hints (written before they were kept) or with unreadable ones still loads: every
+    # result of the next round is pre-passed, as on a fresh start.
+    older = dict(saved.strategy_state.meta)
+    del older[HINTS_KEY]
+    broken = {**older, HINTS_KEY: {"last": {"far": ["x", False]}, "surprised": []}}
+    for meta in (older, broken):
+        fresh = cls(influence=influence)
+        fresh.load_state(StrategyState(saved.strategy_state.name, meta, dict(saved.strategy_state.tensors)))
+        pulls = Counter()
+        _hinted_round(fresh.begin_round(g), results, pulls)
+        assert {s: _float_pulls(pulls, s) for s in results} == {"far": 2, "near": 2, "surprised": 2}
+    assert "clip hints" in caplog.text and "unreadable" in caplog.text
