@@ -175,7 +175,8 @@ UNAUTHENTICATED_LIMIT = "UnauthenticatedLimit"  # every bulk slot for not-yet-au
 PEER_CONNECTION_LIMIT = "PeerConnectionLimit"  # one address holds its most unauthenticated bulk connections
 STATUS_CONNECTION_LIMIT = "StatusConnectionLimit"  # every status-port connection thread taken
 STATUS_DEADLINE = "StatusDeadline"  # a status-port connection still open at its deadline
+REVOKED = "Revoked"  # a site the job's spec.revokedSites names (fedkube.server.revocation)
 PORT_REFUSALS = (
     RECEIVER_MISMATCH, DOWNLOAD_BUDGET, SITE_CALL_BUDGET, REQUEST_DEADLINE, CONNECTION_LIMIT, UNAUTHENTICATED_LIMIT,
-    PEER_CONNECTION_LIMIT, STATUS_CONNECTION_LIMIT, STATUS_DEADLINE,
+    PEER_CONNECTION_LIMIT, STATUS_CONNECTION_LIMIT, STATUS_DEADLINE, REVOKED,
 )  # fmt: skip
