@@ -199,6 +199,10 @@ class RoundWorkflow:
     def client_left(self, session: Session, reason: str, message: str) -> None:
         self._post(self._on_left, session, reason, message)
 
+    def revoke(self, site: str, message: str) -> None:
+        """``site`` was revoked (fedkube.server.revocation): it fails for the job and its stream closes."""
+        self._post(self._on_revoked, site, message)
+
     def _post(self, handler: Callable[..., None], *args: Any) -> None:
         self._events.put((handler, args))
 
@@ -478,6 +482,18 @@ class RoundWorkflow:
         if self._round is not None:
             self._round.keep_failure(rec.name, rec.reason.value, rec.message)
         self._sessions.remove(session)
+        self._refresh()
+
+    def _on_revoked(self, site: str, message: str) -> None:
+        # Like a failure for the job (its in-flight result excluded, quorum decides whether the job goes on),
+        # but the stream is closed too: a thief's sidecar would ignore the Stop.
+        if site in self.settings.clients and self._fail(site, Reason.REVOKED, message):
+            self._abort_download(site)
+            if self._round is not None:
+                self._round.keep_failure(site, Reason.REVOKED.value, message)
+            self._sessions.send(site, outbox.stop(False, Reason.REVOKED.value, message))
+        if (session := self._sessions.current(site)) is not None:
+            self._sessions.remove(session)
         self._refresh()
 
     def _on_trainer(self, site: str, report: TrainerReport) -> None:
