@@ -58,8 +58,8 @@ class RevokedSites:
     @staticmethod
     def message(site: str) -> str:
         return (f"site {site!r} is revoked (spec.revokedSites of the job): every connection of it is refused; "
-                "fix: if this is the site's own sidecar, ask the job owner; un-revoking takes effect only when "
-                "the job is suspended and resumed (new certificates), and a remote site enrolls again then")
+                "fix: if this is the site's own sidecar, ask the job owner (revocation is final for the FLJob: the "
+                "site takes part again only in a new FLJob)")
 
 
 def read_revoked(path: Path) -> list[str] | None:

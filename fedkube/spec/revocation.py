@@ -7,11 +7,10 @@ ConfigMap the server already mounts, and the server re-reads it (:mod:`fedkube.s
 on every connection of the site is refused (``Revoked``), its live stream is closed and the site fails for the
 job with reason ``Revoked``.
 
-Revocation is final for the job's current certificates. The operator keeps every name it has propagated in
-``status.revokedSites`` and adds it back to what the server reads, so removing a name from the spec does not
-re-admit the site (a thief holding its key would be let back in silently); it takes effect only when the job
-is resumed from suspension, which issues new certificates and join tokens. A remote site's revoked certificate
-stays refused even then (the enrollment ledger keeps its serial): the site enrolls again with its new bundle.
+Revocation is final for the FLJob. The operator keeps every name it has propagated in ``status.revokedSites``
+and adds it back to what the server reads, so removing a name from the spec re-admits nobody, not even after a
+suspend/resume: a thief holding the site's key would be let back in silently, and a remote site's certificate
+(made at the site, from the same job CA) outlives a resume. A site is taken back with a new FLJob.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
     from fedkube.spec.model import FLJobSpec
 
 FIELD = "revokedSites"
-#: The status key where the operator keeps every name it propagated (revocation is final until a resume).
+#: The status key where the operator keeps every name it propagated (revocation is final for the FLJob).
 STATUS_KEY = "revokedSites"
 
 SiteName = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
@@ -68,9 +67,8 @@ def revocation_warnings(spec: FLJobSpec) -> Iterator[Problem]:
         )
     yield Problem(
         f"spec.{FIELD}",
-        f"sites {sorted(revoked)} are refused on every port (reason Revoked) and fail for the job; removing a name "
-        "later does not re-admit the site before the job is suspended and resumed (new certificates), and a "
-        "revoked remote site must enroll again with its new join bundle",
+        f"sites {sorted(revoked)} are refused on every port (reason Revoked) and fail for the job; this is final for "
+        "the FLJob: removing a name later re-admits nobody",
         "nothing, if that is intended",
     )
 

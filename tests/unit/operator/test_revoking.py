@@ -1,0 +1,75 @@
+"""spec.revokedSites on a running job: the operator propagates it into the server's spec ConfigMap, for good.
+
+A real operator against the emulated API (which runs no CEL, like any API server: the list is a mutable field).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import kubernetes
+import pytest
+
+from fedkube.operator import edits, revoking
+from fedkube.spec.load import parse_job
+from tests.support import fixtures
+from tests.support.waiting import until
+from tests.unit.operator.test_handlers import _crd, _doc, _operator, _status
+
+kube = fixtures.kube
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_revocation_reaches_the_servers_configmap_and_dropping_the_name_readmits_nobody(
+    kube: fixtures.KubeHandle,
+) -> None:
+    _crd(kube)
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client)
+    core = kubernetes.client.CoreV1Api(kube.api_client)
+
+    def status() -> dict[str, Any]:
+        return _status(custom, "rev")
+
+    def patch(spec: dict[str, Any]) -> None:
+        custom.patch_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs", "rev", {"spec": spec})
+
+    def served() -> list[str]:
+        doc = json.loads(core.read_namespaced_config_map("rev-spec", "default").data["job.json"])
+        return list(doc["spec"].get("revokedSites") or [])
+
+    sites = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
+    with _operator(kube):
+        custom.create_namespaced_custom_object("fedkube.dev", "v1alpha1", "default", "fljobs",
+                                               _doc("rev", clients=sites, minClients=2))  # fmt: skip
+        until(lambda: status().get("phase") in ("Pending", "Deploying"), "job rev Pending or Deploying")
+        assert served() == []
+
+        patch({"revokedSites": ["b"]})
+        until(lambda: served() == ["b"], "b in the server's spec ConfigMap")
+        until(lambda: status().get("revokedSites") == ["b"], "b in status.revokedSites")  # the same look's patch
+        now = status()
+        assert now["observedGeneration"] == 2
+        assert not any(c["type"] == "SpecChangeRejected" and c["status"] == "True" for c in now["conditions"])
+        events = core.list_namespaced_event("default", field_selector="involvedObject.name=rev").items
+        assert [e.type for e in events if e.reason == revoking.REASON_REVOKED] == ["Warning"]
+
+        patch({"revokedSites": None})  # a silent re-admit is what this must not be
+        until(lambda: status().get("observedGeneration") == 3, "the operator looked at generation 3")
+        assert served() == ["b"] and status()["revokedSites"] == ["b"]
+        patch({"revokedSites": ["c"]})
+        until(lambda: served() == ["b", "c"], "b and c in the server's spec ConfigMap")
+        until(lambda: status().get("revokedSites") == ["b", "c"], "b and c in status.revokedSites")
+
+
+def test_the_effective_spec_keeps_every_propagated_revocation_and_update_reports_only_new_ones() -> None:
+    accepted = {"rounds": 2, "clients": [{"name": "a"}, {"name": "b"}]}
+    status = {edits.ACCEPTED_SPEC: accepted, "revokedSites": ["b"]}
+    assert edits.effective_spec({**accepted, "revokedSites": ["a"]}, status)["revokedSites"] == ["a", "b"]
+    assert edits.effective_spec(accepted, status)["revokedSites"] == ["b"]
+    assert edits.rejected_fields({**accepted, "revokedSites": ["a"]}, status) == []
+    job = parse_job(_doc("rev", revokedSites=["b"]))
+    assert revoking.update(job, status) == ({}, [])
+    fields, events = revoking.update(parse_job(_doc("rev", revokedSites=["a", "b", "zz"])), status)
+    assert fields == {"revokedSites": ["a", "b"]} and "site(s) a revoked" in events[0].message
