@@ -73,3 +73,18 @@ def test_the_effective_spec_keeps_every_propagated_revocation_and_update_reports
     assert revoking.update(job, status) == ({}, [])
     fields, events = revoking.update(parse_job(_doc("rev", revokedSites=["a", "b", "zz"])), status)
     assert fields == {"revokedSites": ["a", "b"]} and "site(s) a revoked" in events[0].message
+
+
+def test_once_the_server_reports_a_site_revoked_its_pod_goes_and_the_status_says_revoked() -> None:
+    from fedkube.operator import status as st
+    from fedkube.status import ClientStatus, JobStatus, Phase
+    from tests.unit.operator.test_status import T0, _job, _pod
+
+    job = _job(("a", "b", "c"), 2, revokedSites=["c"])
+    pods = {s: _pod(f"job-client-{s}") for s in "abc"}
+    live = JobStatus(job="job", phase=Phase.RUNNING, round=1, rounds=3, clients=[
+        ClientStatus("a", "Training"), ClientStatus("b", "Training"), ClientStatus("c", "Failed", "Revoked")])
+    d = st.decide(job, {"phase": "Running"}, st.Observation(T0 + 5, _pod("job-server"), pods, live))
+    assert (d.status["clients"]["c"]["state"], d.status["clients"]["c"]["reason"]) == ("Failed", "Revoked")
+    assert d.delete_pods == ["job-client-c"] and d.status["phase"] == "Running"
+    assert [e.reason for e in d.events if e.type == "Warning"] == ["Revoked"]
