@@ -69,7 +69,7 @@ def revocation_warnings(spec: FLJobSpec) -> Iterator[Problem]:
         f"spec.{FIELD}",
         f"sites {sorted(revoked)} are refused on every port (reason Revoked) and fail for the job; this is final for "
         "the FLJob: removing a name later re-admits nobody",
-        "nothing, if that is intended",
+        "to take a site back, create a new FLJob (new CA, tokens and certificates)",
     )
 
 
