@@ -177,7 +177,9 @@ STATUS_CONNECTION_LIMIT = "StatusConnectionLimit"  # every status-port connectio
 STATUS_DEADLINE = "StatusDeadline"  # a status-port connection still open at its deadline
 METRICS_CONNECTION_LIMIT = "MetricsConnectionLimit"  # every /metrics connection thread taken
 METRICS_DEADLINE = "MetricsDeadline"  # a /metrics connection still open at its deadline
+REVOKED = "Revoked"  # a site the job's spec.revokedSites names (fedkube.server.revocation)
 PORT_REFUSALS = (
     RECEIVER_MISMATCH, DOWNLOAD_BUDGET, SITE_CALL_BUDGET, REQUEST_DEADLINE, CONNECTION_LIMIT, UNAUTHENTICATED_LIMIT,
     PEER_CONNECTION_LIMIT, STATUS_CONNECTION_LIMIT, STATUS_DEADLINE, METRICS_CONNECTION_LIMIT, METRICS_DEADLINE,
+    REVOKED,
 )  # fmt: skip

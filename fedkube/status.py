@@ -102,6 +102,7 @@ class Reason(str, enum.Enum):
     INTERNAL = "InternalError"
     WITHDRAWN = "Withdrawn"
     POLICY_REFUSED = "PolicyRefused"
+    REVOKED = "Revoked"
 
     @property
     def sentence(self) -> str:
@@ -140,6 +141,7 @@ _SENTENCES: dict[Reason, str] = {
     Reason.INTERNAL: "the server hit an internal error",
     Reason.WITHDRAWN: "the site ended its participation itself (its FLSite was deleted or `fedkube join` stopped)",
     Reason.POLICY_REFUSED: "the site's own policy refuses the job's terms (strategy or rounds)",
+    Reason.REVOKED: "the job's spec.revokedSites names the site: every connection of it is refused",
 }
 _SCOPES: dict[Reason, Scope] = {
     Reason.NOT_REGISTERED: Scope.ROUND,
@@ -156,6 +158,7 @@ _SCOPES: dict[Reason, Scope] = {
     Reason.REJECTED: Scope.CLIENT,
     Reason.WITHDRAWN: Scope.CLIENT,
     Reason.POLICY_REFUSED: Scope.CLIENT,
+    Reason.REVOKED: Scope.CLIENT,
     Reason.CONFIG_ERROR: Scope.JOB,
     Reason.QUORUM_LOST: Scope.JOB,
     Reason.INTERNAL: Scope.JOB,

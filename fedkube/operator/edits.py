@@ -20,6 +20,7 @@ from typing import Any
 
 from fedkube.operator.status import Cond, Event, format_time, get_condition, is_invalid, set_condition
 from fedkube.spec.cel import MUTABLE_SPEC_FIELDS, changed_immutable_fields
+from fedkube.spec.revocation import FIELD as REVOKED_KEY
 
 ACCEPTED_SPEC = "acceptedSpec"  # status key of the spec the job's pods were created from
 REASON_REJECTED = "ImmutableFieldChanged"
@@ -42,6 +43,10 @@ def effective_spec(spec: Mapping[str, Any], status: Mapping[str, Any]) -> dict[s
         return dict(spec)
     out = {k: v for k, v in accepted.items() if k not in MUTABLE_SPEC_FIELDS}
     out.update({k: v for k, v in spec.items() if k in MUTABLE_SPEC_FIELDS})
+    # A revocation once propagated stays (fedkube.operator.revoking): dropping the name re-admits nobody.
+    kept = [n for n in status.get(REVOKED_KEY) or [] if isinstance(n, str)]
+    if kept:
+        out[REVOKED_KEY] = sorted({*(out.get(REVOKED_KEY) or []), *kept})
     return out
 
 

@@ -30,7 +30,7 @@ import kopf
 
 from fedkube.metrics import OperatorMetrics
 from fedkube.metrics.operator import PHASES
-from fedkube.operator import builders, certificates, edits, joins, kube, naming, restarts, views
+from fedkube.operator import builders, certificates, edits, joins, kube, naming, restarts, revoking, views
 from fedkube.operator import status as lifecycle
 from fedkube.operator.podspec import PodDefaults
 from fedkube.operator.policy import AdminPolicy
@@ -308,6 +308,7 @@ def _ensure(
     from kubernetes.client.exceptions import ApiException
 
     api, ref = _kube(memo), kube.JobRef.of(body)
+    skip_sites = {*skip_sites, *(job.spec.revoked_sites or ())}  # a revoked site gets no pod again
     try:
         stored = api.job_secret_data(ref, naming.server_tokens_secret_name(job.name))
         tokens = kube.job_tokens(stored, [site.name for site in job.spec.clients])
@@ -555,8 +556,12 @@ def observe(
     except kube.CreateRefused as exc:  # a refused re-creation (quota, admission) shows like any refused child
         _refused_in_look(decision, previous, exc, now)
     restarts.stamp(decision.status, todo.counts)
+    revoked, revoked_events = revoking.update(job, previous)
+    if revoked:  # the server re-reads its spec ConfigMap (fedkube.operator.revoking)
+        api.create_or_patch(builders.build_spec_configmap(job, owner=fresh), ref)
+        decision.status.update(revoked)
     _write(patch, previous, decision.status, only_changed=True)
-    _post(body, [*decision.events, *todo.events])
+    _post(body, [*decision.events, *todo.events, *revoked_events])
     if decision.status.get("phase") != phase:
         logger.info("job %s/%s: %s -> %s (round %s/%s)", namespace, name, phase, decision.status.get("phase"),
                     decision.status.get("round"), job.spec.rounds)

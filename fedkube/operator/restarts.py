@@ -129,8 +129,8 @@ def plan(job: FLJob, previous: Mapping[str, Any], pods: Mapping[str, Mapping[str
     clients = dict(previous.get("clients") or {})
     for site in podspec.pod_sites(job):  # a remote site has no pod here to create again
         name = site.name
-        if name in failed or _failed_for_job(word, name):
-            continue
+        if name in failed or _failed_for_job(word, name) or name in (job.spec.revoked_sites or ()):
+            continue  # (a revoked site's pod is gone for good, even before the server has read the revocation)
         ended = _ended(name, pods.get(name), word)
         if ended is None:
             continue

@@ -435,6 +435,8 @@ def judge_site(
         if failure is not None:
             delete = pod.name if (failure.reason or "") in OPERATOR_REASONS else None
             state = failure
+    if pod is not None and state.reason == Reason.REVOKED.value:  # the server refuses it: its pod has no use
+        delete = pod.name
     state = _with_teardown_note(state, pod, word)
     if pod is None and state.state is ClientState.PENDING and any(c.remote for c in job.spec.clients if c.name == site):
         # No pod will ever come: say what the site is waiting for instead.

@@ -47,6 +47,7 @@ from fedkube.server.http import StatusServer
 from fedkube.server.jobs import Resumed
 from fedkube.server.output import ModelOutput
 from fedkube.server.reverse import ClaimRefused, UploadBroker
+from fedkube.server.revocation import RevokedSites, SpecWatch
 from fedkube.server.strategies import build_strategy
 from fedkube.server.strategy_api import StrategyState
 from fedkube.server.supersede import Supersession
@@ -271,9 +272,15 @@ class FedkubeServer:
             config.tls.files is not None) else None  # fmt: skip
         # Remote sites' certificates replaced by a renewal are refused on both ports (the enrollment ledger's).
         self.supersession = Supersession(config.enroll.records if config.enroll is not None else ())
+        # spec.revokedSites: refused on every port, now and as the operator adds names (fedkube.server.revocation).
+        self.revoked = RevokedSites(s.revoked_sites)
         self.auth = Authenticator(s.job, config.tokens, self.metrics,
                                   tls_namespace=config.namespace if self.tls is not None else None,
-                                  supersession=self.supersession)
+                                  supersession=self.supersession, revoked=self.revoked)
+        for site in sorted(self.revoked.names):
+            self.workflow.revoke(site, RevokedSites.message(site))
+        self.revocation = SpecWatch(config.spec_file, self.revoked, self._revoke, job=s.job) if (
+            config.spec_file is not None) else None  # fmt: skip
         self._servicer = ControlServicer(
             s.job, self.auth, self.workflow, self.sessions, self.broker,
             heartbeat_interval_ms=self.workflow.heartbeat_interval_ms,
@@ -309,6 +316,9 @@ class FedkubeServer:
         self._outcome: Outcome | None = None
         self._done = threading.Event()
         self._stopped = False
+
+    def _revoke(self, site: str) -> None:
+        self.workflow.revoke(site, RevokedSites.message(site))
 
     def _on_bulk_upload(self, site: str, upload_id: str, sock: socket.socket) -> tuple[grpc.StatusCode | None, str]:
         """A sidecar answers an UploadRequest on the bulk port: hand the socket to that request's fetcher."""
@@ -347,8 +357,10 @@ class FedkubeServer:
                 self.config.enroll, tls_files=self.config.tls.files, namespace=self.config.namespace,
                 job=self.config.job, host=self.config.bind_host, site_tokens=self.config.tokens,
                 checkpoint_dir=self.config.checkpoint_dir, count=self.metrics.enrollment,
-                supersession=self.supersession)
+                supersession=self.supersession, revoked=self.revoked)
         self._grpc.start()
+        if self.revocation is not None:
+            self.revocation.start()
         self._status.start()
         self._ready.set()
         log.info("job %s: server listening on gRPC port %s, bulk port %s, status port %s (%s)", self.config.job,
@@ -414,6 +426,8 @@ class FedkubeServer:
         self._stopped = True
         self._ready.clear()
         self.sessions.close_all()  # streams drain their queues (the Stop message) and end
+        if self.revocation is not None:
+            self.revocation.stop()
         if self.bulk is not None:
             self.bulk.stop()
         if self.enrollment is not None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from fedkube.metrics.server import ServerMetrics
 from fedkube.protocol import AUTH_METADATA, BEARER, RECEIVER_MISMATCH, SITE_METADATA
 from fedkube.security.contexts import GRPC_PEER_CERT_KEY, TOKEN_SITE_MISMATCH, grpc_peer_site_identity
 from fedkube.security.identity import PeerIdentityError
+from fedkube.server.revocation import REVOKED, RevokedSites
 from fedkube.server.supersede import Supersession
 
 log = logging.getLogger(__name__)
@@ -72,14 +73,17 @@ class Authenticator:
     def __init__(
         self, job: str, tokens: Mapping[str, bytes], metrics: ServerMetrics | None = None, *,
         tls_namespace: str | None = None, supersession: Supersession | None = None,
+        revoked: Container[str] = frozenset(),
     ) -> None:  # fmt: skip
         """``tls_namespace``: the job's namespace when gRPC calls come over mutual TLS (None: plaintext);
-        ``supersession``: refuses remote sites' certificates replaced by a renewal (with TLS only)."""
+        ``supersession``: refuses remote sites' certificates replaced by a renewal (with TLS only);
+        ``revoked``: sites refused whatever they present (:mod:`fedkube.server.revocation`), read on every call."""
         self._job = job
         self._tokens = dict(tokens)
         self._metrics = metrics
         self._tls_namespace = tls_namespace
         self._supersession = supersession
+        self._revoked = revoked
 
     @property
     def tls(self) -> bool:
@@ -100,7 +104,7 @@ class Authenticator:
         """
         site, token = credentials_from_metadata(metadata)
         expected = self._tokens.get(site)
-        if expected is None or not hmac.compare_digest(token, expected):
+        if expected is None or not hmac.compare_digest(token, expected) or site in self._revoked:
             return None
         if self._tls_namespace is not None:
             try:
@@ -159,6 +163,9 @@ class Authenticator:
                 f"missing or wrong token for site {site!r}; fix: send 'authorization: Bearer <token>' "
                 "(BulkRequest.token on the bulk port) with the token from the site's secret"
             )), what, peer, plane)  # fmt: skip
+        if site in self._revoked:  # after the token: a stranger guessing names learns nothing of revocations
+            raise self.refuse(AuthError(site, grpc.StatusCode.PERMISSION_DENIED, REVOKED, RevokedSites.message(site)),
+                              what, peer, plane)
         return Identity(site)
 
     def check_receiver(

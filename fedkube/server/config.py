@@ -99,6 +99,8 @@ class JobSettings:
     output_every_round: bool = False
     # spec.evaluation: when and on which sites the global model is evaluated (None: never).
     evaluation: Evaluation | None = None
+    # spec.revokedSites when the server started (fedkube.server.revocation watches the file for more).
+    revoked_sites: tuple[str, ...] = ()
 
     @classmethod
     def from_spec(cls, job: str, spec: FLJobSpec) -> JobSettings:
@@ -122,6 +124,7 @@ class JobSettings:
             checkpoint_start_fresh=spec.server.checkpoint.on_unusable == "StartFresh",
             output_every_round=spec.output is not None and spec.output.every_round,
             evaluation=spec.evaluation,
+            revoked_sites=tuple(spec.revoked_sites or ()),
         )
 
 
@@ -157,6 +160,8 @@ class ServerConfig:
     namespace: str = "default"
     # Remote sites' enrollment port (FEDKUBE_ENROLL_DIR/_PORT; fedkube.server.enrollment); None = off.
     enroll: EnrollSettings | None = None
+    # FEDKUBE_SPEC_FILE, re-read for spec.revokedSites (fedkube.server.revocation); None: nothing to watch.
+    spec_file: Path | None = None
 
     def __post_init__(self) -> None:
         t = self.register_timeout_s
@@ -274,6 +279,7 @@ def load_config(env: Mapping[str, str] | None = None, *, bind_host: str = "[::]"
         tls=tls,
         namespace=namespace or "default",
         enroll=EnrollSettings.from_env(env),
+        spec_file=spec_path,
     )
 
 

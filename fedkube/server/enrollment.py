@@ -27,7 +27,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,10 +123,12 @@ class Enroller:
     def __init__(
         self, namespace: str, job: str, settings: EnrollSettings, ledger: Ledger, site_tokens: Mapping[str, bytes],
         *, clock: Callable[[], float] = time.time, on_issued: Callable[[str, str | None, str], None] | None = None,
+        revoked: Container[str] = frozenset(),
     ) -> None:  # fmt: skip
         """``on_issued(site, previous serial, new serial)`` runs before the ledger names the new certificate
-        current (:meth:`fedkube.server.supersede.Supersession.issued`)."""
+        current (:meth:`fedkube.server.supersede.Supersession.issued`); ``revoked`` sites get no certificate."""
         self.namespace, self.job = namespace, job
+        self._revoked = revoked
         self._on_issued = on_issued
         self._settings = settings
         self._ledger = ledger
@@ -148,6 +150,9 @@ class Enroller:
                     outcome = RENEWED
                 else:
                     raise EnrollmentRefused(enroll.BAD_REQUEST, f"unknown op {op!r}; fix: send enroll or renew")
+                if site in self._revoked:  # checked after the token or certificate: it proves the site
+                    raise EnrollmentRefused(enroll.SITE_REVOKED, f"site {site!r} is revoked (spec.revokedSites); "
+                                            "it gets no certificate; fix: ask the job owner")
                 cert = self._issue(site, csr, spend=request.get("token") if op == "enroll" else None)
         except EnrollmentRefused as exc:
             return exc.reason, {"ok": False, "reason": exc.reason, "message": str(exc)}
@@ -291,7 +296,7 @@ def _peer(conn: socket.socket) -> str:
 def start_enrollment(
     settings: EnrollSettings, *, tls_files: TlsFiles | None, namespace: str, job: str, host: str,
     site_tokens: Mapping[str, bytes], checkpoint_dir: Path | None, count: Callable[[str], None],
-    supersession: Supersession | None = None,
+    supersession: Supersession | None = None, revoked: Container[str] = frozenset(),
 ) -> EnrollmentServer:  # fmt: skip
     """The running enrollment listener of a server (``FedkubeServer.start``); ConfigError when it cannot run.
     ``supersession`` is given the ledger's current serials and told of each new certificate."""
@@ -302,7 +307,7 @@ def start_enrollment(
     if supersession is not None:
         supersession.attach(ledger.current)
     enroller = Enroller(namespace, job, settings, ledger, site_tokens,
-                        on_issued=supersession.issued if supersession is not None else None)
+                        on_issued=supersession.issued if supersession is not None else None, revoked=revoked)
     host = host.strip("[]")
     if host in ("", "::"):
         host = "::" if socket.has_dualstack_ipv6() else "0.0.0.0"

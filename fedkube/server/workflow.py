@@ -200,6 +200,10 @@ class RoundWorkflow:
     def client_left(self, session: Session, reason: str, message: str) -> None:
         self._post(self._on_left, session, reason, message)
 
+    def revoke(self, site: str, message: str) -> None:
+        """``site`` was revoked (fedkube.server.revocation): it fails for the job and its stream closes."""
+        self._post(self._on_revoked, site, message)
+
     def _post(self, handler: Callable[..., None], *args: Any) -> None:
         self._events.put((handler, args))
 
@@ -478,10 +482,18 @@ class RoundWorkflow:
             return
         self.telemetry.client_failed(rec.reason.value)
         log.warning("job %s: client %s withdrew (%s): %s", self.settings.job, rec.name, rec.reason.value, rec.message)
-        self._abort_download(rec.name)
-        if self._round is not None:
-            self._round.keep_failure(rec.name, rec.reason.value, rec.message)
+        self._exclude(rec.name, rec.reason.value, rec.message)
         self._sessions.remove(session)
+        self._refresh()
+
+    def _on_revoked(self, site: str, message: str) -> None:
+        # Like a failure for the job (its in-flight result excluded, quorum decides whether the job goes on),
+        # but the stream is closed too: a thief's sidecar would ignore the Stop.
+        if site in self.settings.clients and self._fail(site, Reason.REVOKED, message):
+            self._exclude(site, Reason.REVOKED.value, message)
+            self._sessions.send(site, outbox.stop(False, Reason.REVOKED.value, message))
+        if (session := self._sessions.current(site)) is not None:
+            self._sessions.remove(session)
         self._refresh()
 
     def _on_trainer(self, site: str, report: TrainerReport) -> None:
@@ -501,9 +513,7 @@ class RoundWorkflow:
         if self._fail(site, verdict.reason, verdict.message):
             log.warning("job %s: client %s failed for the job: %s (%s)", job, site, verdict.reason.value,
                         verdict.message)
-            self._abort_download(site)
-            if self._round is not None:
-                self._round.keep_failure(site, verdict.reason.value, verdict.message)
+            self._exclude(site, verdict.reason.value, verdict.message)
             self._sessions.send(site, outbox.stop(False, verdict.reason.value, verdict.message))
         self._refresh()
 
@@ -517,10 +527,12 @@ class RoundWorkflow:
             self.telemetry.client_failed(reason.value)
         return changed
 
-    def _abort_download(self, site: str) -> None:
-        rnd = self._round
-        if rnd is not None and site in rnd.downloads:
-            rnd.downloads[site].abort.set()
+    def _exclude(self, site: str, reason: str, message: str) -> None:
+        """Exact exclusion: the site's in-flight transfer dropped, whatever it sent kept out of the round."""
+        if (rnd := self._round) is not None:
+            if site in rnd.downloads:
+                rnd.downloads[site].abort.set()
+            rnd.keep_failure(site, reason, message)
 
     def _count_retry(self, err: Exception) -> None:
         """A result fetch is tried again (runs on the download's thread; only counts)."""
@@ -562,12 +574,8 @@ class RoundWorkflow:
         for rec in self.registry.check_heartbeats(final_round=self.settings.rounds):
             self.telemetry.client_failed(Reason.LOST.value)
             log.warning("job %s: client %s lost: %s", self.settings.job, rec.name, rec.message)
-            self._abort_download(rec.name)
-            rnd = self._round
-            if rnd is not None:
-                rnd.keep_failure(rec.name, Reason.LOST.value, rec.message)
-            session = self._sessions.current(rec.name)
-            if session is not None:
+            self._exclude(rec.name, Reason.LOST.value, rec.message)
+            if (session := self._sessions.current(rec.name)) is not None:
                 # End its stream: a live sidecar reconnects and registers again (Lost -> Registered).
                 self._sessions.remove(session)
             self._refresh()

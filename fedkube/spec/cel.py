@@ -19,8 +19,9 @@ from typing import Any
 from fedkube.spec.model import FLJobSpec, ModelSource, Timeouts, Transfer
 from fedkube.spec.strategy import ROBUST_DEFAULTS, ROBUST_STRATEGY_NAMES, Strategy, parameter_owners
 
-# Fields a running job may change: suspending/resuming and the cleanup delay act on the pods, not the training.
-MUTABLE_SPEC_FIELDS = ("suspend", "ttlSecondsAfterFinished")
+# Fields a running job may change: suspending/resuming and the cleanup delay act on the pods, not the training;
+# revoking a site (fedkube.spec.revocation) acts on who may connect.
+MUTABLE_SPEC_FIELDS = ("suspend", "ttlSecondsAfterFinished", "revokedSites")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from fedkube.spec.privacy import affordable_rounds
 from fedkube.spec.problems import Problem
 from fedkube.spec.quantity import parse_quantity
 from fedkube.spec.remote import remote_problems, remote_warnings
+from fedkube.spec.revocation import revocation_warnings
 from fedkube.spec.strategy import min_results, parameter_owners
 
 _DNS_LABEL_RE = re.compile(DNS1123_LABEL)
@@ -50,7 +51,7 @@ def check_job(job: FLJob) -> tuple[list[Problem], list[Problem]]:
         *remote_problems(job.spec),
         *check_evaluation(job.spec.evaluation, [c.name for c in job.spec.clients]),
     ]
-    return errors, [*_warnings(job), *remote_warnings(job.spec)]
+    return errors, [*_warnings(job), *remote_warnings(job.spec), *revocation_warnings(job.spec)]
 
 
 def _names(job: FLJob) -> Iterator[Problem]:

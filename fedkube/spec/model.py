@@ -33,6 +33,7 @@ from fedkube.spec.podtemplate import (  # noqa: F401  (re-exported: the spec's c
 )
 from fedkube.spec.quantity import parse_quantity
 from fedkube.spec.remote import Expose
+from fedkube.spec.revocation import SiteName
 from fedkube.spec.security import Security
 from fedkube.spec.strategy import Strategy
 
@@ -466,6 +467,10 @@ class FLJobSpec(_Model):
     timeouts: Timeouts = Field(default_factory=Timeouts, description="Lifecycle timeouts.")
     security: Security = Field(default_factory=Security, description="Mutual TLS between the server and sites.")
     suspend: bool = Field(default=False, description="Remove the pods and keep the checkpoint; false resumes.")
+    revoked_sites: list[SiteName] | None = Field(
+        default=None, alias="revokedSites", max_length=1000,
+        description="Sites refused from now on, while the job runs (docs/security.md, 'Revoke a site').",
+    )
     client_restart_limit: int = Field(
         default=3, alias="clientRestartLimit", ge=0, le=100,
         description="Times a site's evicted, deleted or failed pod is created again; past it the site fails.",

@@ -150,3 +150,8 @@ class FLJobStatus(_Status):
     certificates: CertificatesStatus | None = Field(
         default=None, description="The job's mutual-TLS certificates; absent when spec.security.tls is disabled."
     )
+    revoked_sites: list[str] | None = Field(
+        default=None, alias="revokedSites",
+        description="Every site of spec.revokedSites the operator has passed to the server; kept when the name "
+        "leaves the spec: revocation is final for the FLJob.",
+    )

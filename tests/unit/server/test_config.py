@@ -41,6 +41,7 @@ EVERYTHING: dict[str, Any] = {
     "server": {"checkpoint": {"onUnusable": "StartFresh"}},
     "output": {"size": "1Gi", "everyRound": True},
     "evaluation": {"every": 2, "sites": ["site-b"]},
+    "revokedSites": ["site-b"],
 }
 
 
