@@ -44,6 +44,7 @@ class Download:
     thread: threading.Thread | None = None
     bytes_done: int = 0
     bytes_total: int = 0
+    bytes_pulled: int = 0  # verified bytes over every pass (a clipping pre-pass pulls float tensors twice)
     started: float = 0.0
     add_seconds: float = 0.0  # time spent folding this result into the aggregate
     refs: list[TensorRef] = field(default_factory=list)  # what it pulls, in its order
@@ -211,6 +212,7 @@ class Downloader:
         try:
             if isinstance(sink, MeasuresFirst) and sink.prepasses(dl.key, dl.site):  # clipping: norm before folds
                 norm_prepass(fetcher, dl.key, refs, sink, buffers, lambda done: setattr(dl, "bytes_done", done))
+                dl.bytes_pulled = dl.bytes_done  # the pre-pass's progress ends at the bytes it pulled
             for ref in rotated(refs, dl.site, sites):
                 def progress(done: int, base: int = base) -> None:
                     dl.bytes_done = base + done
@@ -243,6 +245,7 @@ class Downloader:
                     if intake is not None:
                         intake.close()  # a claim that did not make it in is given back
                 base += ref.nbytes
+            dl.bytes_pulled += base
             ok = True
             log.info("job %s round %s: pulled %d bytes from %s in %.2f s, %.2f s of it folding into the aggregate "
                      "(%d on the bulk port, %d pushed over gRPC)", self._job, round_, base, dl.site,
