@@ -280,7 +280,14 @@ class Downloader:
                 budget.keep(buffers.values())
                 dl.bytes_done = 0
             order = rotated(refs, dl.site, sites)
-            run_bounded([functools.partial(pull, ref) for ref in order], self.width, name=f"pull-{dl.site}")
+            # A pull answered by a Push stream holds one of the site's gRPC calls on the server until it ends
+            # (fedkube.server.admission budgets a control stream, a push, a fetch and a spare); one answered
+            # on the bulk port holds none. So the pulls go wide only once the site answered on the bulk port.
+            if order and not any(x.bulk_bytes for x in sources):
+                pull(order[0])
+                order = order[1:]
+            wide = self.width if any(x.bulk_bytes for x in sources) else 1
+            run_bounded([functools.partial(pull, ref) for ref in order], wide, name=f"pull-{dl.site}")
             base = sum(ref.nbytes for ref in refs)
             dl.bytes_pulled += base
             ok = True
