@@ -92,7 +92,7 @@ class ServerMetrics:
                                  "Clients failed or excluded (for a round or the job), by reason.",
                                  check_labels(["fljob", "reason"]), registry=registry)
         self._bytes = Counter("fedkube_server_transfer_bytes_total",
-                              "Verified tensor bytes transferred, by direction.",
+                              "Verified tensor bytes transferred (each pull of a result counts), by direction.",
                               check_labels(["fljob", "direction"]), registry=registry)
         self._seconds = Counter("fedkube_server_transfer_seconds_total",
                                 "Wall time of finished tensor transfers, by direction.",

@@ -37,8 +37,8 @@ from fedkube.server.callgate import CallGate, gated
 
 # What one legitimate sidecar runs on the server at once, on one connection:
 #   1  Connect, its control stream (sidecar/upstream.py: one, replaced on reconnect);
-#   1  Push (sidecar/reverse.py): the server pulls one site's result one tensor at a time
-#      (server/downloads.py), so one UploadRequest is outstanding per site;
+#   1  Push (sidecar/reverse.py): a site whose pushes come over gRPC has its result pulled one tensor
+#      at a time (server/downloads.py; bulk answers hold no call and go FETCH_WIDTH wide);
 #   1  Fetch or Complete relayed for the trainer (trainer_sdk/_receive.py fetches tensor after
 #      tensor, then completes the transaction; the relay forwards each call as it comes);
 #   1  spare: a retried push or fetch whose replaced call has not ended on the server yet.

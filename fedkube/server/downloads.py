@@ -8,6 +8,7 @@ reported through callbacks as well, for the metrics.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from fedkube.server.strategy_api import RoundAggregator, StreamingAggregator
 from fedkube.status import Reason
 from fedkube.transfer.errors import TransferAbortedError, TransferError, TransferStalledError
 from fedkube.transfer.fetch import Fetcher, FetchSettings
+from fedkube.transfer.parallel import FETCH_WIDTH, BufferBudget, run_bounded
 from fedkube.transfer.refs import TensorRef, array_from_buffer
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class Download:
     thread: threading.Thread | None = None
     bytes_done: int = 0
     bytes_total: int = 0
+    bytes_pulled: int = 0  # verified bytes over every pass (a clipping pre-pass pulls float tensors twice)
     started: float = 0.0
     add_seconds: float = 0.0  # time spent folding this result into the aggregate
     refs: list[TensorRef] = field(default_factory=list)  # what it pulls, in its order
@@ -62,6 +65,11 @@ class ReceivesInPlace(Protocol):
 
     def target(self, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray: ...
 
+
+#: Receive buffers one download's concurrent pulls hold together at most (or its largest tensor, if larger):
+#: tensors received in place into an unclaimed accumulator or a sink's own array need none. Pulled one after
+#: another a download held one tensor; this bounds what pulling ``width`` at once adds to the server's memory.
+PULL_BUFFER_BYTES = 64 << 20
 
 # (download, ok, reason, message): how a download ended, called on its own thread.
 FinishedFn = Callable[[Download, bool, str, str], None]
@@ -130,7 +138,14 @@ class Downloader:
         clock: Callable[[], float],
         on_retry: Callable[[Exception], None] = lambda err: None,
         on_stalled: Callable[[], None] = lambda: None,
+        width: int = FETCH_WIDTH,
+        buffer_bytes: int = PULL_BUFFER_BYTES,
     ) -> None:
+        """``width``: tensors of one result pulled at once; ``buffer_bytes``: what their receive buffers hold."""
+        if width < 1:
+            raise ValueError(f"Downloader needs a width of at least 1 (got {width})")
+        self.width = width
+        self.buffer_bytes = buffer_bytes
         self._job = job
         self._broker = broker
         self._send = send
@@ -196,57 +211,90 @@ class Downloader:
         self, round_: int, dl: Download, refs: list[TensorRef], sink: ResultSink, sites: Mapping[str, object],
         on_finished: FinishedFn,
     ) -> None:  # fmt: skip
-        """Pull one client's result tensor by tensor into the aggregator, then report the outcome."""
-        source, fetcher = self._fetcher(dl)
+        """Pull one client's result into the aggregator, ``self.width`` tensors at a time; then report the outcome."""
+        sources: list[ReverseChunkSource] = []
         ok, reason, message = False, "", ""
-        base = 0
         weight = float(max(dl.num_examples, 1))
         # A streaming aggregator folds each tensor into its accumulator (copying) before add()
-        # returns, so one receive buffer per download can serve every tensor of the same size:
-        # no fresh allocation and page faults per tensor. Staged aggregation keeps the arrays.
+        # returns, so receive buffers are reused for tensors of the same size: no fresh allocation
+        # and page faults per tensor. Staged aggregation keeps the arrays.
         # Its intake checks float tensors for NaN/Inf while each frame is hot (right after it was
         # hashed) and receives a tensor nobody contributed to yet straight into its accumulator, no copy.
         streaming = sink if isinstance(sink, StreamingAggregator) else None
-        buffers: dict[int, bytearray] = {}
+        # What the tensors pulled at once receive into, bounded together (fedkube.transfer.parallel).
+        budget = BufferBudget(self.buffer_bytes, max((r.nbytes for r in refs), default=0))
+        done: dict[str, int] = {}
+        lock = threading.Lock()
+
+        def fetcher() -> Fetcher:
+            source, fetcher = self._fetcher(dl)  # one per tensor: its byte counters have a single writer
+            with lock:
+                sources.append(source)
+            return fetcher
+
+        def pull(ref: TensorRef) -> None:
+            def progress(n: int) -> None:
+                done[ref.name] = n
+                dl.bytes_done = sum(done.values())
+
+            intake = (
+                streaming.intake(dl.key, ref.name, ref.dtype, ref.shape, weight, abort=dl.abort)
+                if streaming is not None else None
+            )  # fmt: skip
+            buf: bytearray | None = None
+            reserved = 0
+            try:
+                out: Any = intake.target if intake is not None and intake.target is not None else None
+                if out is None and isinstance(sink, ReceivesInPlace):
+                    out = sink.target(ref.name, ref.dtype, ref.shape)
+                if out is None and streaming is not None:
+                    out = buf = budget.take(ref.nbytes)
+                elif out is None:  # the fetcher allocates the array a staged sink keeps
+                    budget.reserve(ref.nbytes)
+                    reserved = ref.nbytes
+                data = fetcher().fetch_into(
+                    ref, out, progress=progress, inspect=intake.check if intake is not None else None
+                )
+                array = array_from_buffer(data, ref.dtype, ref.shape)
+                t0 = time.perf_counter()
+                if intake is not None:
+                    intake.add(array)
+                else:
+                    sink.add(dl.key, ref.name, array, weight)
+                with lock:
+                    dl.add_seconds += time.perf_counter() - t0
+                del array, data, out
+            finally:
+                if intake is not None:
+                    intake.close()  # a claim that did not make it in is given back
+                if buf is not None:
+                    budget.put(buf)
+                if reserved:
+                    budget.give_back(reserved)
+
         try:
             if isinstance(sink, MeasuresFirst) and sink.prepasses(dl.key, dl.site):  # clipping: norm before folds
-                norm_prepass(fetcher, dl.key, refs, sink, buffers, lambda done: setattr(dl, "bytes_done", done))
-            for ref in rotated(refs, dl.site, sites):
-                def progress(done: int, base: int = base) -> None:
-                    dl.bytes_done = base + done
-
-                intake = (
-                    streaming.intake(dl.key, ref.name, ref.dtype, ref.shape, weight, abort=dl.abort)
-                    if streaming is not None else None
-                )  # fmt: skip
-                try:
-                    out: Any = intake.target if intake is not None and intake.target is not None else None
-                    if out is None and isinstance(sink, ReceivesInPlace):
-                        out = sink.target(ref.name, ref.dtype, ref.shape)
-                    if out is None and streaming is not None:
-                        out = buffers.get(ref.nbytes)
-                        if out is None:
-                            buffers.clear()  # at most one buffer: memory stays one tensor per download
-                            out = buffers[ref.nbytes] = bytearray(ref.nbytes)
-                    data = fetcher.fetch_into(
-                        ref, out, progress=progress, inspect=intake.check if intake is not None else None
-                    )
-                    array = array_from_buffer(data, ref.dtype, ref.shape)
-                    t0 = time.perf_counter()
-                    if intake is not None:
-                        intake.add(array)
-                    else:
-                        sink.add(dl.key, ref.name, array, weight)
-                    dl.add_seconds += time.perf_counter() - t0
-                    del array, data, out  # one tensor in flight per download, never a whole result
-                finally:
-                    if intake is not None:
-                        intake.close()  # a claim that did not make it in is given back
-                base += ref.nbytes
+                buffers: dict[int, Any] = {}
+                norm_prepass(fetcher(), dl.key, refs, sink, buffers, lambda n: setattr(dl, "bytes_done", n))
+                dl.bytes_pulled = dl.bytes_done  # the pre-pass's progress ends at the bytes it pulled
+                budget.keep(buffers.values())
+                dl.bytes_done = 0
+            order = rotated(refs, dl.site, sites)
+            # A pull answered by a Push stream holds one of the site's gRPC calls on the server until it ends
+            # (fedkube.server.admission budgets a control stream, a push, a fetch and a spare); one answered
+            # on the bulk port holds none. So the pulls go wide only once the site answered on the bulk port.
+            if order and not any(x.bulk_bytes for x in sources):
+                pull(order[0])
+                order = order[1:]
+            wide = self.width if any(x.bulk_bytes for x in sources) else 1
+            run_bounded([functools.partial(pull, ref) for ref in order], wide, name=f"pull-{dl.site}")
+            base = sum(ref.nbytes for ref in refs)
+            dl.bytes_pulled += base
             ok = True
             log.info("job %s round %s: pulled %d bytes from %s in %.2f s, %.2f s of it folding into the aggregate "
                      "(%d on the bulk port, %d pushed over gRPC)", self._job, round_, base, dl.site,
-                     self._clock() - dl.started, dl.add_seconds, source.bulk_bytes, source.pushed_bytes)
+                     self._clock() - dl.started, dl.add_seconds, sum(x.bulk_bytes for x in sources),
+                     sum(x.pushed_bytes for x in sources))
         except (TransferAbortedError, FoldAbortedError) as exc:
             reason, message = Reason.ABORTED.value, str(exc)
         except TransferError as exc:

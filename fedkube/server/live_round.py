@@ -271,7 +271,7 @@ class TrainRound(LiveRound):
         self._bound(dl)
         self.aggregator.commit(dl.key)
         self.aggregation_s += dl.add_seconds
-        self.telemetry.transferred("from_clients", dl.bytes_total, max(0.0, self.clock() - dl.started))
+        self.telemetry.transferred("from_clients", dl.bytes_pulled, max(0.0, self.clock() - dl.started))
         log.info("job %s round %s: result of %s verified and aggregated", self.job, self.number, dl.site)
         return True
 

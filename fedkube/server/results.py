@@ -171,6 +171,8 @@ class ResultDesk:
 
     def on_rebuild_finished(self, rnd: LiveRound, dl: Download, ok: bool, reason: str, message: str) -> None:
         rnd.rebuilds[:] = [d for d in rnd.rebuilds if d is not dl]  # by identity: two pulls may look alike
+        if ok and isinstance(rnd, TrainRound):  # a rebuild's bytes moved too (its result counted when accepted)
+            rnd.telemetry.transferred("from_clients", dl.bytes_done, max(0.0, self._clock() - dl.started))
         owed = rnd.aggregator.owed() if isinstance(rnd, TrainRound) else {}
         if not ok and any(dl.key in owed.get(r.name, ()) for r in dl.refs):  # else: excluded meanwhile itself
             names = ", ".join(repr(r.name) for r in dl.refs)

@@ -6,13 +6,16 @@ plaintext and two with TLS (the handshake, then the request). One tensor after a
 waits N times that: at 100 ms RTT, 32 tensors of 8 MiB moved at 29 MiB/s on mTLS against 131 MiB/s for one
 TLS stream on the same link, and at 113 MiB/s 8 at a time (bench/README.md, "Latency"). :data:`FETCH_WIDTH` at
 a time wait N / width times.
-The upload direction already overlaps its pushes (the sidecar's push pool).
+The upload direction pays the same per tensor (an UploadRequest down the control stream, then the sidecar dials
+the server's bulk port), so the server pulls a result's tensors :data:`FETCH_WIDTH` at a time as well
+(fedkube.server.downloads), its receive buffers bounded together by a :class:`BufferBudget`; the sidecar's push
+pool serves that many at once.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -59,3 +62,58 @@ def run_bounded(jobs: Sequence[Callable[[], T]], width: int = FETCH_WIDTH, *, na
     if first:
         raise first[0]
     return [f.result() for f in futures]
+
+
+class BufferBudget:
+    """Receive buffers for fetches running at once, holding at most ``limit`` bytes between them.
+
+    A fetch that cannot receive in place needs a buffer of its tensor's size; with several at once the
+    buffers add up. ``limit`` (raised to the largest tensor, so any one fits) bounds what they hold together,
+    free buffers kept for reuse included; :meth:`take` waits for room. :meth:`reserve` counts bytes the
+    caller allocates itself (e.g. arrays a sink keeps) until :meth:`give_back`.
+    """
+
+    def __init__(self, limit: int, largest: int) -> None:
+        self.limit = max(limit, largest)
+        self._cond = threading.Condition()
+        self._in_use = 0
+        self._free: list[bytearray] = []
+
+    def take(self, nbytes: int) -> bytearray:
+        """A buffer of ``nbytes`` (a reused one when one of that size is free); hand it back with :meth:`put`."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._in_use + nbytes <= self.limit)
+            self._in_use += nbytes
+            for i, buf in enumerate(self._free):
+                if len(buf) == nbytes:
+                    return self._free.pop(i)
+            # Drop free buffers of other sizes until the new one fits beside them.
+            while self._free and self._in_use + sum(len(b) for b in self._free) > self.limit:
+                self._free.pop(0)
+        return bytearray(nbytes)
+
+    def put(self, buf: bytearray) -> None:
+        with self._cond:
+            self._in_use -= len(buf)
+            self._free.append(buf)
+            self._cond.notify_all()
+
+    def keep(self, bufs: Iterable[bytearray]) -> None:
+        """Offer ``bufs`` (allocated elsewhere, now unused) for reuse, as far as the limit allows."""
+        with self._cond:
+            for buf in bufs:
+                if self._in_use + sum(len(b) for b in self._free) + len(buf) <= self.limit:
+                    self._free.append(buf)
+
+    def reserve(self, nbytes: int) -> None:
+        """Count ``nbytes`` the caller allocates itself, waiting for room; :meth:`give_back` ends it."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._in_use + nbytes <= self.limit)
+            self._in_use += nbytes
+            while self._free and self._in_use + sum(len(b) for b in self._free) > self.limit:
+                self._free.pop(0)
+
+    def give_back(self, nbytes: int) -> None:
+        with self._cond:
+            self._in_use -= nbytes
+            self._cond.notify_all()

@@ -72,6 +72,11 @@ def test_an_update_scaled_by_1e6_is_clipped_and_the_global_model_stays_near_the_
     )
     assert reg.get_sample_value("fedkube_server_bounded_results_total", {**labels, "site": "site-a",
                                                                           "reason": "clipped"}) is None  # fmt: skip
+    # Each pull is network cost: round 1 pre-passes every result's float tensors before folding it, round 2
+    # those of site-b (its norm above HEADROOM x clipNorm) and site-c (clipped); site-a's is pulled once.
+    nbytes = sum(v.nbytes for v in model().values())
+    moved = reg.get_sample_value("fedkube_server_transfer_bytes_total", {"fljob": "job1", "direction": "from_clients"})
+    assert moved == 2 * 3 * nbytes + (3 + 2) * FLOATS * 4
 
 
 def test_a_claim_of_1e6_examples_is_capped_and_counts_as_the_cap(harness: Harness) -> None:

@@ -140,6 +140,11 @@ def test_partly_downloaded_result_leaves_nothing_in_the_average(harness: Harness
     assert final is not None
     for name, arr in model().items():  # the mean of site-a's +1 and site-b's +3 alone
         np.testing.assert_array_equal(final.model[name], arr + 2.0, err_msg=name)
+    # The metric counts each pull: the two results, then the emptied tensor pulled again from each of them.
+    nbytes = sum(v.nbytes for v in model().values())
+    moved = srv.metrics_registry.get_sample_value("fedkube_server_transfer_bytes_total",
+                                                  {"fljob": "job1", "direction": "from_clients"})  # fmt: skip
+    assert moved == 2 * nbytes + 2 * model()[asked[0]].nbytes
 
 
 def test_a_tensor_that_cannot_be_rebuilt_fails_the_round_naming_it(harness: Harness, tmp_path: Path) -> None:

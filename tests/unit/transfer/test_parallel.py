@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from fedkube.transfer.parallel import run_bounded
+from fedkube.transfer.parallel import BufferBudget, run_bounded
 
 
 def test_width_jobs_run_at_once_and_results_keep_the_jobs_order() -> None:
@@ -54,3 +54,21 @@ def test_one_job_or_width_one_runs_on_the_calling_thread() -> None:
     assert run_bounded([threading.get_ident] * 3, 1) == [me] * 3
     with pytest.raises(ValueError, match="width of at least 1"):
         run_bounded([threading.get_ident], 0)
+
+
+def test_buffer_budget_waits_for_room_reuses_buffers_and_always_fits_the_largest() -> None:
+    budget = BufferBudget(100, largest=60)
+    assert budget.limit == 100 and BufferBudget(10, largest=60).limit == 60  # one tensor always fits
+    first = budget.take(60)
+    got: list[bytearray] = []
+    waiting = threading.Thread(target=lambda: got.append(budget.take(60)), daemon=True)
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive() and not got  # 60 + 60 > 100: it waits for room
+    budget.put(first)
+    waiting.join(2)
+    assert got and got[0] is first  # the freed buffer of that size is handed out again, not a new one
+    budget.reserve(40)  # 60 + 40: full, so the free list keeps nothing beyond the limit
+    budget.put(got[0])
+    budget.give_back(40)
+    assert len(budget.take(30)) == 30  # another size: the 60-byte buffer is dropped to make room if needed
