@@ -4,7 +4,8 @@ Each pass: read the bundle Secret; refuse (phase Refused, never enrolling) a CA 
 once (the key is made here and stored only in ``<flsite>-tls`` of this namespace); create the client pod (owned by
 the FLSite, so deleting the FLSite deletes it); map the pod's phase onto the FLSite's, and its sidecar's view of
 the site (:mod:`fedkube.operator.site.view`) onto ``round``, ``serverView`` and, when the site's policy refused the
-job's terms, the phase Refused. Deleting the FLSite first asks the sidecar to leave the job (the server records
+job's terms, the phase Refused; a changed ``spec.policy`` then replaces the refused pod
+(:mod:`fedkube.operator.site.rejoin`). Deleting the FLSite first asks the sidecar to leave the job (the server records
 the site Withdrawn), then the pod goes with its owner. A handler never sleeps: waiting is ``kopf.TemporaryError``.
 """
 
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 
 from fedkube.errors import FedkubeError
 from fedkube.operator.handlers import Memo, configure
-from fedkube.operator.site import builders, policy, view
+from fedkube.operator.site import builders, policy, rejoin, view
 from fedkube.operator.site.kube import SiteKube
 from fedkube.operator.status import set_condition
 from fedkube.security import enroll
@@ -185,10 +186,18 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf
     fields: dict[str, Any] = {"certNotAfter": not_after, "pod": pod_name, **where}
     if seen is not None:
         fields.update(round=seen.round or None, serverView={"state": seen.state, "reason": seen.reason or None})
-    if seen is not None and seen.state == "Refused":
+    if seen is not None and seen.state == "Refused" and pod is not None:
+        step = rejoin.decide(pod, builders.policy_digest(builders.site_policy(site)))
+        if step is not rejoin.Step.KEEP:
+            message = rejoin.message(pod_name, where["job"])
+            if step is rejoin.Step.REPLACE and kube.delete_pod(site.namespace, pod_name, pod["metadata"]["uid"]):
+                kopf.info(body, reason=rejoin.POLICY_CHANGED, message=message)
+            _status(patch, status, "Joined", "Refused", False, rejoin.POLICY_CHANGED, message,
+                    **{**fields, "serverView": None, "lastError": None})
+            return
         reason = seen.term or "PolicyRefused"
         message = (f"{seen.message}; the site left job {where['job']} before any task (PolicyRefused at the "
-                   f"server); after changing spec.policy, delete pod {pod_name} to join again")
+                   f"server); to join after all, change spec.policy: the site operator then replaces pod {pod_name}")
         _status(patch, status, "Refused", "Refused", True, reason, message, lastError=message, **fields)
         if status.get("phase") != "Refused":
             kopf.warn(body, reason=reason, message=message)
