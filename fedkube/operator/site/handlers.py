@@ -53,6 +53,12 @@ def _enroll_address(bundle: enroll.JoinBundle) -> tuple[str, int]:
     return bundle.host, bundle.enroll_port
 
 
+def _normal(body: kopf.Body, reason: str, message: str) -> None:
+    """A Normal Event. Not ``kopf.info``: that one is dropped below ``settings.posting.level``, which
+    :func:`configure` raises to WARNING to keep kopf's own handler chatter out of the Events."""
+    kopf.event(body, type="Normal", reason=reason, message=message)
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -116,7 +122,7 @@ def _enroll(kube: SiteKube, site: FLSite, bundle: enroll.JoinBundle, body: kopf.
                 raise
             kube.patch_secret(builders.build_tls_secret(site, bundle, key_pem=key_pem, cert_pem=issued.certificate,
                                                         ca_pem=issued.ca, token=issued.site_token, owner=body))
-            kopf.info(body, reason="Renewed", message=f"certificate renewed, valid until {issued.not_after}")
+            _normal(body, reason="Renewed", message=f"certificate renewed, valid until {issued.not_after}")
             return issued.not_after
     issued = enroll_site(bundle, key, address, timeout_s=ENROLL_TIMEOUT_S)
     kube.create(builders.build_tls_secret(site, bundle, key_pem=key_pem, cert_pem=issued.certificate, ca_pem=issued.ca,
@@ -179,7 +185,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf
     if pod is None:
         kube.create(builders.build_site_pod(site, bundle, owner=body, log_format=memo.get(Memo.LOG_FORMAT, "text"),
                                             defaults=memo.get(Memo.JOB_DEFAULTS)))
-        kopf.info(body, reason="Joined", message=f"enrolled as site {bundle.site} of job {where['job']}; "
+        _normal(body, reason="Joined", message=f"enrolled as site {bundle.site} of job {where['job']}; "
                   f"created pod {pod_name}")
     phase = site_phase(pod)
     seen = _sidecar_view(pod, memo, phase)
@@ -191,7 +197,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf
         if step is not rejoin.Step.KEEP:
             message = rejoin.message(pod_name, where["job"])
             if step is rejoin.Step.REPLACE and kube.delete_pod(site.namespace, pod_name, pod["metadata"]["uid"]):
-                kopf.info(body, reason=rejoin.POLICY_CHANGED, message=message)
+                _normal(body, reason=rejoin.POLICY_CHANGED, message=message)
             _status(patch, status, "Joined", "Refused", False, rejoin.POLICY_CHANGED, message,
                     **{**fields, "serverView": None, "lastError": None})
             return
@@ -208,7 +214,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf
         patch.status["lastError"] = message
         kopf.warn(body, reason="Failed", message=message)
     elif phase == "Succeeded":
-        kopf.info(body, reason="Succeeded", message=f"job {where['job']} finished; pod {pod_name} succeeded")
+        _normal(body, reason="Succeeded", message=f"job {where['job']} finished; pod {pod_name} succeeded")
 
 
 def _refused_reason(status: Mapping[str, Any]) -> str | None:
@@ -244,7 +250,7 @@ def withdrawn(body: kopf.Body, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> No
                                      f"FLSite {namespace}/{name} was deleted by the site's admin")
     except Exception as exc:  # never hold the deletion (the finalizer) on a failed courtesy
         log.warning("FLSite %s/%s: could not ask its sidecar to leave the job: %s", namespace, name, exc)
-    kopf.info(body, reason="Withdrawn", message="FLSite deleted; " + (
+    _normal(body, reason="Withdrawn", message="FLSite deleted; " + (
         "its sidecar told the server the site leaves; " if left else "") +
         "its client pod and Secret are garbage-collected")
 

@@ -41,8 +41,11 @@ class Site:
         self.status: dict[str, Any] = {}
         self.events: list[tuple[str, str]] = []
         monkeypatch.setattr(handlers, "_enroll", lambda *a: "2030-01-01T00:00:00Z")
-        monkeypatch.setattr(handlers.kopf, "info", lambda body, reason, message: self.events.append((reason, message)))
+        # The Events as the API would get them: kopf.event (Normal) and kopf.warn, the two the handlers post with.
+        monkeypatch.setattr(handlers.kopf, "event", lambda body, type, reason, message: self.events.append(
+            (reason, message)))
         monkeypatch.setattr(handlers.kopf, "warn", lambda body, reason, message: self.events.append((reason, message)))
+        monkeypatch.setattr(handlers.kopf, "info", lambda *a, **k: pytest.fail("kopf.info is dropped at WARNING"))
 
     def flsite(self) -> dict[str, Any]:
         return dict(self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION_NAME, NS, PLURAL, NAME))
