@@ -70,11 +70,12 @@ class SiteKube:
 
     def delete_pod(self, namespace: str, name: str, uid: str) -> bool:
         """Delete pod ``name`` if it still is the one with ``uid``; False when it is gone or another one."""
+        from kubernetes.client import V1DeleteOptions, V1Preconditions
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self.core.delete_namespaced_pod(name, namespace, body={"preconditions": {"uid": uid}},
-                                            _request_timeout=self.timeout)
+            self.core.delete_namespaced_pod(name, namespace, body=V1DeleteOptions(preconditions=V1Preconditions(
+                uid=uid)), _request_timeout=self.timeout)
         except ApiException as exc:
             if exc.status in (404, 409):  # gone, or a newer pod of that name (the precondition failed)
                 return False
