@@ -15,6 +15,7 @@ message (the final word, e.g. a refusal, once the pod ended).
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,19 @@ LABEL_FLSITE = f"{naming.GROUP}/flsite"
 #: The sidecar container port serving the site's view (fedkube.siteview) to the site operator.
 SITE_STATUS_PORT_NAME = "site-status"
 TERMINATION_PATH = "/dev/termination-log"
+#: On the client pod: :func:`policy_digest` of the policy its sidecar runs with (fedkube.operator.site.rejoin).
+ANNOTATION_SITE_POLICY = f"{naming.GROUP}/site-policy"
+
+
+def site_policy(site: FLSite) -> str:
+    """``FEDKUBE_SITE_POLICY`` of the site's sidecar: the part of ``spec.policy`` checked against the job's terms."""
+    return TermsPolicy.of(site.spec.policy.allowed_strategies, site.spec.policy.max_rounds,
+                          f"FLSite {site.namespace}/{site.name} spec.policy").to_json()
+
+
+def policy_digest(value: str) -> str:
+    """The value of :data:`ANNOTATION_SITE_POLICY` for a sidecar's ``FEDKUBE_SITE_POLICY`` ``value``."""
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
 
 
 def tls_secret_name(site: FLSite) -> str:
@@ -93,8 +107,7 @@ def build_site_pod(site: FLSite, bundle: JoinBundle, *, owner: Mapping[str, Any]
         envvars.SERVER_BULK_ADDRESS: f"{host}:{bundle.bulk_port}" if bundle.bulk_port else "",
         envvars.TOKEN_FILE: f"{MOUNT_PATH}/{TOKEN_KEY}", envvars.TLS: certificates.TLS_ENABLED,
         envvars.TLS_DIR: MOUNT_PATH, envvars.TLS_SERVER_NAME: bundle.server_name,
-        envvars.SITE_POLICY: TermsPolicy.of(site.spec.policy.allowed_strategies, site.spec.policy.max_rounds,
-                                            f"FLSite {site.namespace}/{site.name} spec.policy").to_json(),
+        envvars.SITE_POLICY: site_policy(site),
         envvars.STATUS_PORT: str(envvars.DEFAULT_SITE_STATUS_PORT), envvars.TERMINATION_LOG: TERMINATION_PATH,
     })  # fmt: skip
     sidecar["ports"] = [*sidecar.get("ports", []), {"name": SITE_STATUS_PORT_NAME, "protocol": "TCP",
@@ -115,5 +128,7 @@ def build_site_pod(site: FLSite, bundle: JoinBundle, *, owner: Mapping[str, Any]
     meta["name"] = client_pod_name(site)
     meta["labels"] = {**meta.get("labels", {}), LABEL_FLSITE: site.name}
     meta["annotations"].pop(naming.ANNOTATION_SPEC_HASH, None)
+    # What the sidecar will check the job's terms against: a refused pod is replaced when the FLSite's changes.
+    meta["annotations"][ANNOTATION_SITE_POLICY] = policy_digest(site_policy(site))
     meta["ownerReferences"] = _owner(owner)
     return pod

@@ -4,7 +4,8 @@ Each pass: read the bundle Secret; refuse (phase Refused, never enrolling) a CA 
 once (the key is made here and stored only in ``<flsite>-tls`` of this namespace); create the client pod (owned by
 the FLSite, so deleting the FLSite deletes it); map the pod's phase onto the FLSite's, and its sidecar's view of
 the site (:mod:`fedkube.operator.site.view`) onto ``round``, ``serverView`` and, when the site's policy refused the
-job's terms, the phase Refused. Deleting the FLSite first asks the sidecar to leave the job (the server records
+job's terms, the phase Refused; a changed ``spec.policy`` then replaces the refused pod
+(:mod:`fedkube.operator.site.rejoin`). Deleting the FLSite first asks the sidecar to leave the job (the server records
 the site Withdrawn), then the pod goes with its owner. A handler never sleeps: waiting is ``kopf.TemporaryError``.
 """
 
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 
 from fedkube.errors import FedkubeError
 from fedkube.operator.handlers import Memo, configure
-from fedkube.operator.site import builders, policy, view
+from fedkube.operator.site import builders, policy, rejoin, view
 from fedkube.operator.site.kube import SiteKube
 from fedkube.operator.status import set_condition
 from fedkube.security import enroll
@@ -50,6 +51,12 @@ SIDECAR_URL = "sidecar_url"
 
 def _enroll_address(bundle: enroll.JoinBundle) -> tuple[str, int]:
     return bundle.host, bundle.enroll_port
+
+
+def _normal(body: kopf.Body, reason: str, message: str) -> None:
+    """A Normal Event. Not ``kopf.info``: that one is dropped below ``settings.posting.level``, which
+    :func:`configure` raises to WARNING to keep kopf's own handler chatter out of the Events."""
+    kopf.event(body, type="Normal", reason=reason, message=message)
 
 
 def _now() -> str:
@@ -115,7 +122,7 @@ def _enroll(kube: SiteKube, site: FLSite, bundle: enroll.JoinBundle, body: kopf.
                 raise
             kube.patch_secret(builders.build_tls_secret(site, bundle, key_pem=key_pem, cert_pem=issued.certificate,
                                                         ca_pem=issued.ca, token=issued.site_token, owner=body))
-            kopf.info(body, reason="Renewed", message=f"certificate renewed, valid until {issued.not_after}")
+            _normal(body, reason="Renewed", message=f"certificate renewed, valid until {issued.not_after}")
             return issued.not_after
     issued = enroll_site(bundle, key, address, timeout_s=ENROLL_TIMEOUT_S)
     kube.create(builders.build_tls_secret(site, bundle, key_pem=key_pem, cert_pem=issued.certificate, ca_pem=issued.ca,
@@ -178,17 +185,25 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf
     if pod is None:
         kube.create(builders.build_site_pod(site, bundle, owner=body, log_format=memo.get(Memo.LOG_FORMAT, "text"),
                                             defaults=memo.get(Memo.JOB_DEFAULTS)))
-        kopf.info(body, reason="Joined", message=f"enrolled as site {bundle.site} of job {where['job']}; "
+        _normal(body, reason="Joined", message=f"enrolled as site {bundle.site} of job {where['job']}; "
                   f"created pod {pod_name}")
     phase = site_phase(pod)
     seen = _sidecar_view(pod, memo, phase)
     fields: dict[str, Any] = {"certNotAfter": not_after, "pod": pod_name, **where}
     if seen is not None:
         fields.update(round=seen.round or None, serverView={"state": seen.state, "reason": seen.reason or None})
-    if seen is not None and seen.state == "Refused":
+    if seen is not None and seen.state == "Refused" and pod is not None:
+        step = rejoin.decide(pod, builders.policy_digest(builders.site_policy(site)))
+        if step is not rejoin.Step.KEEP:
+            message = rejoin.message(pod_name, where["job"])
+            if step is rejoin.Step.REPLACE and kube.delete_pod(site.namespace, pod_name, pod["metadata"]["uid"]):
+                _normal(body, reason=rejoin.POLICY_CHANGED, message=message)
+            _status(patch, status, "Joined", "Refused", False, rejoin.POLICY_CHANGED, message,
+                    **{**fields, "serverView": None, "lastError": None})
+            return
         reason = seen.term or "PolicyRefused"
         message = (f"{seen.message}; the site left job {where['job']} before any task (PolicyRefused at the "
-                   f"server); after changing spec.policy, delete pod {pod_name} to join again")
+                   f"server); to join after all, change spec.policy: the site operator then replaces pod {pod_name}")
         _status(patch, status, "Refused", "Refused", True, reason, message, lastError=message, **fields)
         if status.get("phase") != "Refused":
             kopf.warn(body, reason=reason, message=message)
@@ -199,7 +214,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf
         patch.status["lastError"] = message
         kopf.warn(body, reason="Failed", message=message)
     elif phase == "Succeeded":
-        kopf.info(body, reason="Succeeded", message=f"job {where['job']} finished; pod {pod_name} succeeded")
+        _normal(body, reason="Succeeded", message=f"job {where['job']} finished; pod {pod_name} succeeded")
 
 
 def _refused_reason(status: Mapping[str, Any]) -> str | None:
@@ -235,7 +250,7 @@ def withdrawn(body: kopf.Body, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> No
                                      f"FLSite {namespace}/{name} was deleted by the site's admin")
     except Exception as exc:  # never hold the deletion (the finalizer) on a failed courtesy
         log.warning("FLSite %s/%s: could not ask its sidecar to leave the job: %s", namespace, name, exc)
-    kopf.info(body, reason="Withdrawn", message="FLSite deleted; " + (
+    _normal(body, reason="Withdrawn", message="FLSite deleted; " + (
         "its sidecar told the server the site leaves; " if left else "") +
         "its client pod and Secret are garbage-collected")
 

@@ -14,7 +14,7 @@ REQUEST_TIMEOUT = 10.0
 
 
 class SiteKube:
-    """Reads the join bundle; creates (409 = exists) and reads the FLSite's Secret and pod."""
+    """Reads the join bundle; creates (409 = exists) and reads the FLSite's Secret and pod; deletes a refused pod."""
 
     def __init__(self, api_client: Any, *, timeout: float = REQUEST_TIMEOUT) -> None:
         import kubernetes
@@ -67,3 +67,17 @@ class SiteKube:
                 return None
             raise
         return dict(self.core.api_client.sanitize_for_serialization(pod))
+
+    def delete_pod(self, namespace: str, name: str, uid: str) -> bool:
+        """Delete pod ``name`` if it still is the one with ``uid``; False when it is gone or another one."""
+        from kubernetes.client import V1DeleteOptions, V1Preconditions
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core.delete_namespaced_pod(name, namespace, body=V1DeleteOptions(preconditions=V1Preconditions(
+                uid=uid)), _request_timeout=self.timeout)
+        except ApiException as exc:
+            if exc.status in (404, 409):  # gone, or a newer pod of that name (the precondition failed)
+                return False
+            raise
+        return True

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
+import grpc
 import numpy as np
 
 from fedkube.server.registry import LEAVE_MESSAGE_CHARS
 from fedkube.wire.v1 import control_pb2
 from tests.integration.server.conftest import Harness, make_config
 from tests.integration.server.fakes import Reply, add_value
+from tests.support.waiting import until
 
 
 def _model() -> dict[str, np.ndarray]:
@@ -56,3 +60,52 @@ def test_a_leave_withdraws_its_own_site_at_once_and_the_round_goes_on_exactly(ha
     left = srv.metrics_registry.get_sample_value("fedkube_server_client_failures_total",
                                                  {"fljob": srv.config.job, "reason": "Withdrawn"})
     assert left == 1.0
+
+
+def test_a_site_that_refused_the_terms_rejoins_with_its_own_credentials_and_counts_from_the_next_round(
+        harness: Harness) -> None:
+    """Its admin changed the site's policy: the same site registers again (a new sidecar, the same token and
+    certificate) while round 1 runs, gets no task of it, and from round 2 on is a participant like any other."""
+    srv = harness.server(make_config(("site-a", "site-b", "site-d"), rounds=3, min_clients=2,
+                                     heartbeat_timeout_s=30.0), _model())  # fmt: skip
+
+    def state(site: str) -> tuple[str, str]:
+        rec = next(c for c in srv.workflow.status().clients if c.name == site)
+        return rec.state, rec.reason
+
+    refusing = harness.sidecar(srv, "site-d", lambda task, params: Reply(None))
+    refusing.wait_for(lambda: any(m.WhichOneof("msg") == "registered" for m in refusing.messages), what="registered")
+    refusing.send(_leave("PolicyRefused", "the job asks 3 rounds, the site's maxRounds is 2"))
+    until(lambda: state("site-d") == ("Withdrawn", "PolicyRefused"), "site-d withdrawn", context=lambda: str(
+        state("site-d")))
+    round_one = threading.Event()  # a's round 1 waits until d is back: d rejoins mid-round, not before it
+
+    def a_trains(task: control_pb2.Task, params: dict[str, np.ndarray]) -> Reply:
+        assert task.round != 1 or round_one.wait(10), "site-d never registered again"
+        return add_value(1.0)(task, params)
+
+    a = harness.sidecar(srv, "site-a", a_trains)
+    # b trains round 1 and leaves in round 2: round 2 (min 2) then completes only with d, and so does round 3.
+    b = harness.sidecar(srv, "site-b", lambda task, params: Reply(None) if task.round > 1 else add_value(3.0)(
+        task, params), start=False)
+    b.task_hook = lambda task: b.send(_leave("Withdrawn", "FLSite deleted")) if task.round == 2 else None
+    b.start()
+    a.wait_for(lambda: bool(a.tasks), what="a's round-1 task")
+    # The rejoin goes through the same checks as any connection: d's site name with a wrong token is refused.
+    intruder = harness.sidecar(srv, "site-d", add_value(50.0), token="guess")
+    intruder.wait_for(lambda: intruder.error is not None, what="the intruder's refusal")
+    assert intruder.error.code() == grpc.StatusCode.UNAUTHENTICATED and state("site-d")[0] == "Withdrawn"
+    d = harness.sidecar(srv, "site-d", add_value(5.0))
+    until(lambda: state("site-d") == ("Registered", ""), "site-d registered again", context=lambda: str(
+        state("site-d")))
+    round_one.set()
+
+    outcome = srv.wait(20)
+    assert outcome is not None and outcome.success, outcome
+    assert not refusing.tasks and [t.round for t in d.tasks] == [2, 3], "d rejoined mid-round 1: rounds 2 and 3"
+    # Round 1 averages a and b; round 2 exactly a and d (b left mid-round, nothing of it counts).
+    np.testing.assert_array_equal(a.globals[2]["w"], np.full((3000,), 2.0, np.float32))
+    np.testing.assert_array_equal(a.globals[3]["w"], np.full((3000,), 5.0, np.float32))
+    clients = {c.name: c for c in srv.workflow.status().clients}
+    assert (clients["site-d"].state, clients["site-d"].rounds_completed) == ("Done", 2), clients["site-d"]
+    assert (clients["site-b"].state, clients["site-b"].reason) == ("Withdrawn", "Withdrawn")

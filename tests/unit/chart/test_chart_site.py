@@ -10,8 +10,8 @@ from tests.unit.chart.test_chart import _render, _rules
 k8s_tools = fixtures.k8s_tools
 
 SITE = fixtures.ROOT / "fedkube" / "operator" / "site"
-_CALL = re.compile(r"\.(create|read|patch)_namespaced_(secret|pod)\(")
-_VERB = {"create": "create", "read": "get", "patch": "patch"}
+_CALL = re.compile(r"\.(create|read|patch|delete)_namespaced_(secret|pod)\(")
+_VERB = {"create": "create", "read": "get", "patch": "patch", "delete": "delete"}
 # kopf on the FLSite resource (list/watch, progress annotations, status), Events, and blockOwnerDeletion children.
 KOPF = {("fedkube.dev", "flsites", "list"), ("fedkube.dev", "flsites", "watch"), ("fedkube.dev", "flsites", "patch"),
         ("fedkube.dev", "flsites/status", "patch"), ("fedkube.dev", "flsites/finalizers", "update"),

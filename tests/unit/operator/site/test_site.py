@@ -128,7 +128,7 @@ def test_refused_ca_never_enrolls(monkeypatch: pytest.MonkeyPatch) -> None:
     # Not final: once the admin accepts the CA, the next look enrolls.
     monkeypatch.setattr(handlers.enroll.JoinBundle, "from_text", classmethod(lambda cls, text: _bundle(CA)))
     monkeypatch.setattr(handlers, "_enroll", lambda *a: "2030-01-01T00:00:00Z")
-    monkeypatch.setattr(handlers.kopf, "info", lambda *a, **k: None)
+    monkeypatch.setattr(handlers.kopf, "event", lambda *a, **k: None)
     again: Any = type("P", (), {"status": {}})()
     handlers.reconcile(body=body, spec=site.spec.model_dump(by_alias=True), status=patch.status, patch=again,  # type: ignore[arg-type]
                        memo={handlers.Memo.API_CLIENT: None})  # type: ignore[arg-type]
@@ -184,7 +184,7 @@ def test_a_certificate_near_its_end_is_renewed_with_the_current_one(monkeypatch:
 
     bundle, tls, stamp = _stored_identity()
     kube, seen = _Stored(bundle, tls), []
-    monkeypatch.setattr(handlers.kopf, "info", lambda *a, **k: None)
+    monkeypatch.setattr(handlers.kopf, "event", lambda *a, **k: None)
 
     def renew(b: JoinBundle, key: Any, cert: Any, key_file: Any, address: Any, **_: Any) -> Issued:
         seen.append((cert.read_bytes(), key_file.read_bytes(), oct(key_file.stat().st_mode & 0o777)))
