@@ -22,7 +22,7 @@ from fedkube.security import enroll, pki
 from fedkube.security.enroll import JoinBundle
 from fedkube.siteview import SiteView
 from fedkube.spec.site import API_GROUP, API_VERSION_NAME, PLURAL
-from fedkube.spec.terms import TermsPolicy
+from fedkube.terms import TermsPolicy
 from tests.support.kubeapi import EmulatedCluster
 from tests.unit.operator.site.test_site import _bundle
 
