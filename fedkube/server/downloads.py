@@ -22,12 +22,13 @@ from fedkube.protocol import ResultTimeouts
 from fedkube.server.aggregate import DiscardOutcome, FoldAbortedError, InvalidResultError
 from fedkube.server.config import JobSettings
 from fedkube.server.prepass import MeasuresFirst, norm_prepass
+from fedkube.server.pulls import Progress, SitePulls
 from fedkube.server.reverse import ReverseChunkSource, SendFn, UploadBroker
 from fedkube.server.strategy_api import RoundAggregator, StreamingAggregator
 from fedkube.status import Reason
 from fedkube.transfer.errors import TransferAbortedError, TransferError, TransferStalledError
 from fedkube.transfer.fetch import Fetcher, FetchSettings
-from fedkube.transfer.parallel import FETCH_WIDTH, BufferBudget, run_bounded
+from fedkube.transfer.parallel import FETCH_WIDTH, BufferBudget
 from fedkube.transfer.refs import TensorRef, array_from_buffer
 
 log = logging.getLogger(__name__)
@@ -186,20 +187,34 @@ class Downloader:
         )  # fmt: skip
         return source, Fetcher(source, self.fetch, abort=dl.abort, on_retry=self._on_retry)
 
+    def _pulls(self, dl: Download, name: str) -> SitePulls:
+        """One pass over ``dl``'s tensors: :attr:`width` at once once the site answered on the bulk port."""
+        return SitePulls(functools.partial(self._fetcher, dl), self.width, name=name)
+
     def _rebuild(
         self, round_: int, dl: Download, refs: list[TensorRef], sink: RoundAggregator, on_finished: FinishedFn
     ) -> None:
-        _, fetcher = self._fetcher(dl)
+        pulls = self._pulls(dl, f"rebuild-{dl.site}")
+        budget = BufferBudget(self.buffer_bytes, max((r.nbytes for r in refs), default=0))
+        counted = Progress(lambda n: setattr(dl, "bytes_done", n))
         ok, reason, message = False, "", ""
-        try:
-            for ref in refs:
-                data = fetcher.fetch_into(ref, bytearray(ref.nbytes))
+
+        def pull(ref: TensorRef) -> None:
+            buf = budget.take(ref.nbytes)  # refold copies into the accumulator: the buffer is free again after it
+            try:
+                data = pulls.fetcher().fetch_into(ref, buf, progress=counted.of(ref.name))
                 sink.refold(dl.key, ref.name, array_from_buffer(data, ref.dtype, ref.shape), abort=dl.abort)
-                dl.bytes_done += ref.nbytes
                 del data
+            finally:
+                budget.put(buf)
+
+        try:
+            pulls.run(refs, pull)
+            dl.bytes_done = sum(ref.nbytes for ref in refs)
             ok = True
-            log.info("job %s round %s: pulled %d tensor(s) of %s again to rebuild the aggregate", self._job, round_,
-                     len(refs), dl.site)
+            log.info("job %s round %s: pulled %d tensor(s) of %s again to rebuild the aggregate (%d bytes on the "
+                     "bulk port, %d pushed over gRPC)", self._job, round_, len(refs), dl.site, pulls.bulk_bytes,
+                     pulls.pushed_bytes)  # fmt: skip
         except (TransferAbortedError, FoldAbortedError) as exc:
             reason, message = Reason.ABORTED.value, str(exc)
         except Exception as exc:  # transfer error, checksum that no longer matches, bug: the round cannot be exact
@@ -212,7 +227,7 @@ class Downloader:
         on_finished: FinishedFn,
     ) -> None:  # fmt: skip
         """Pull one client's result into the aggregator, ``self.width`` tensors at a time; then report the outcome."""
-        sources: list[ReverseChunkSource] = []
+        pulls = self._pulls(dl, f"pull-{dl.site}")
         ok, reason, message = False, "", ""
         weight = float(max(dl.num_examples, 1))
         # A streaming aggregator folds each tensor into its accumulator (copying) before add()
@@ -223,20 +238,10 @@ class Downloader:
         streaming = sink if isinstance(sink, StreamingAggregator) else None
         # What the tensors pulled at once receive into, bounded together (fedkube.transfer.parallel).
         budget = BufferBudget(self.buffer_bytes, max((r.nbytes for r in refs), default=0))
-        done: dict[str, int] = {}
+        counted = Progress(lambda n: setattr(dl, "bytes_done", n))
         lock = threading.Lock()
 
-        def fetcher() -> Fetcher:
-            source, fetcher = self._fetcher(dl)  # one per tensor: its byte counters have a single writer
-            with lock:
-                sources.append(source)
-            return fetcher
-
         def pull(ref: TensorRef) -> None:
-            def progress(n: int) -> None:
-                done[ref.name] = n
-                dl.bytes_done = sum(done.values())
-
             intake = (
                 streaming.intake(dl.key, ref.name, ref.dtype, ref.shape, weight, abort=dl.abort)
                 if streaming is not None else None
@@ -252,8 +257,8 @@ class Downloader:
                 elif out is None:  # the fetcher allocates the array a staged sink keeps
                     budget.reserve(ref.nbytes)
                     reserved = ref.nbytes
-                data = fetcher().fetch_into(
-                    ref, out, progress=progress, inspect=intake.check if intake is not None else None
+                data = pulls.fetcher().fetch_into(
+                    ref, out, progress=counted.of(ref.name), inspect=intake.check if intake is not None else None
                 )
                 array = array_from_buffer(data, ref.dtype, ref.shape)
                 t0 = time.perf_counter()
@@ -274,27 +279,18 @@ class Downloader:
 
         try:
             if isinstance(sink, MeasuresFirst) and sink.prepasses(dl.key, dl.site):  # clipping: norm before folds
-                buffers: dict[int, Any] = {}
-                norm_prepass(fetcher(), dl.key, refs, sink, buffers, lambda n: setattr(dl, "bytes_done", n))
+                # Through the same pulls: once the pre-pass saw the site answer on the bulk port, the fold's go
+                # wide from their first. The budget keeps the pre-pass's buffers for the fold to reuse.
+                norm_prepass(pulls, dl.key, refs, sink, budget, lambda n: setattr(dl, "bytes_done", n))
                 dl.bytes_pulled = dl.bytes_done  # the pre-pass's progress ends at the bytes it pulled
-                budget.keep(buffers.values())
                 dl.bytes_done = 0
-            order = rotated(refs, dl.site, sites)
-            # A pull answered by a Push stream holds one of the site's gRPC calls on the server until it ends
-            # (fedkube.server.admission budgets a control stream, a push, a fetch and a spare); one answered
-            # on the bulk port holds none. So the pulls go wide only once the site answered on the bulk port.
-            if order and not any(x.bulk_bytes for x in sources):
-                pull(order[0])
-                order = order[1:]
-            wide = self.width if any(x.bulk_bytes for x in sources) else 1
-            run_bounded([functools.partial(pull, ref) for ref in order], wide, name=f"pull-{dl.site}")
+            pulls.run(rotated(refs, dl.site, sites), pull)
             base = sum(ref.nbytes for ref in refs)
             dl.bytes_pulled += base
             ok = True
             log.info("job %s round %s: pulled %d bytes from %s in %.2f s, %.2f s of it folding into the aggregate "
                      "(%d on the bulk port, %d pushed over gRPC)", self._job, round_, base, dl.site,
-                     self._clock() - dl.started, dl.add_seconds, sum(x.bulk_bytes for x in sources),
-                     sum(x.pushed_bytes for x in sources))
+                     self._clock() - dl.started, dl.add_seconds, pulls.bulk_bytes, pulls.pushed_bytes)
         except (TransferAbortedError, FoldAbortedError) as exc:
             reason, message = Reason.ABORTED.value, str(exc)
         except TransferError as exc:

@@ -13,8 +13,10 @@ sites clipped that is O(N²) tensor pulls per round: 192 refolds at N = 8 and
 With clipping on, the server pulls each result that may need clipping
 (see "Hints" below) twice: first through a
 :class:`~fedkube.server.accumulator.FiniteCheck` that sums ``‖x - g‖²`` and
-checks NaN/Inf per received piece while it is hot, keeping nothing (one
-reused receive buffer per download); then, with the clip factor known, the
+checks NaN/Inf per received piece while it is hot, keeping nothing (the
+download's receive buffers, reused by the fold; like the fold, it pulls
+``FETCH_WIDTH`` tensors at once once the site answered on the bulk port,
+fedkube.server.pulls); then, with the clip factor known, the
 ordinary streaming download, whose folds apply ``g + s·(x - g)`` block by block
 (``TensorAccumulator.fold(clip=...)``, or in place in a claimed accumulator
 before it is published). The second pull is checked against the same
@@ -62,7 +64,8 @@ without refolding"):
 Costs: the network and the client serve S twice per result with clipping on
 (the server's CPU pays the fetch, the checksum and the norm twice, and the
 clip only for clipped results); memory stays streaming's (global +
-accumulator + one receive buffer per download). Exact exclusion is easier
+accumulator + the receive buffers of a download's pulls in flight, bounded
+by its ``BufferBudget``). Exact exclusion is easier
 than before: a NaN/Inf found by the pre-pass refuses the result before
 anything of it was folded.
 
@@ -90,6 +93,8 @@ import numpy as np
 
 from fedkube.server.accumulator import BLOCK, AggregationError, FiniteCheck, InvalidResultError, non_finite
 from fedkube.server.influence import Influence
+from fedkube.server.pulls import Progress, SitePulls
+from fedkube.transfer.parallel import BufferBudget
 from fedkube.transfer.refs import TensorRef
 
 if TYPE_CHECKING:
@@ -290,33 +295,60 @@ class NormPrepass:
         return self.engine.prescale(client, sq, self.influence.scale)
 
 
-def norm_prepass(fetcher: Fetcher, key: str, refs: list[TensorRef], sink: MeasuresFirst,
-                 buffers: dict[int, Any], progress: Callable[[int], None] | None = None) -> float:  # fmt: skip
+def norm_prepass(
+    pulls: SitePulls | Fetcher, key: str, refs: list[TensorRef], sink: MeasuresFirst,
+    budget: BufferBudget | None = None, progress: Callable[[int], None] | None = None,
+) -> float:  # fmt: skip
     """Pull ``refs`` once through ``sink``'s norm checks, keeping nothing; returns the result's clip factor.
 
-    ``buffers`` is the download's receive buffer (one, reused by tensor size, shared with the folding pass);
-    ``progress(bytes)`` sees the bytes pulled so far (the status shows the pre-pass moving, then the fold's pull).
+    ``pulls`` runs the pulls, several at once once the site answered on the bulk port (a lone fetcher: one at a
+    time). ``budget`` bounds their receive buffers together and keeps them for the folding pass (None: room for
+    one tensor); ``progress(bytes)`` sees the bytes pulled so far (the status shows the pre-pass moving, then the
+    fold's pull). Each tensor's ``‖x - g‖²`` is its own check's and :meth:`MeasuresFirst.prescale` sums them in
+    the model's order, so the norm, and the clip, are the same bits however the pulls interleave.
     """
-    base = 0
-    scratch = (np.empty(BLOCK, np.bool_), np.empty(BLOCK, np.float32))
+    if not isinstance(pulls, SitePulls):
+        pulls = SitePulls.single(pulls)
+    if budget is None:
+        budget = BufferBudget(0, max((r.nbytes for r in refs), default=0))
+    scratch = _Scratch()
+    counted = Progress(progress)
     checks: dict[str, FiniteCheck] = {}
-    for ref in refs:
-        check = sink.norm_check(key, ref.name, ref.dtype, tuple(ref.shape), scratch=scratch)
-        if check is None:
-            continue
-        out = buffers.get(ref.nbytes)
-        if out is None:
-            buffers.clear()  # at most one buffer: memory stays one tensor per download
-            out = buffers[ref.nbytes] = bytearray(ref.nbytes)
-        fetcher.fetch_into(ref, out, inspect=check, progress=_offset(progress, base))
-        checks[ref.name] = check
-        base += ref.nbytes
+    lock = threading.Lock()
+
+    def measure(ref: TensorRef) -> None:
+        pair = scratch.take()
+        try:
+            check = sink.norm_check(key, ref.name, ref.dtype, tuple(ref.shape), scratch=pair)
+            if check is None:
+                return
+            out = budget.take(ref.nbytes)
+            try:
+                pulls.fetcher().fetch_into(ref, out, inspect=check, progress=counted.of(ref.name))
+            finally:
+                budget.put(out)
+            with lock:
+                checks[ref.name] = check
+        finally:
+            scratch.put(pair)
+
+    pulls.run(refs, measure)
     return sink.prescale(key, checks)
 
 
-def _offset(progress: Callable[[int], None] | None, base: int) -> Callable[[int], None] | None:
-    """``progress`` of the whole result from a tensor's own progress (``base`` bytes came before it)."""
-    if progress is None:
-        return None
-    report = progress
-    return lambda done: report(base + done)
+class _Scratch:
+    """The norm checks' ``BLOCK``-sized scratch, one pair per pull in flight, reused across a pass's tensors."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return np.empty(BLOCK, np.bool_), np.empty(BLOCK, np.float32)
+
+    def put(self, pair: tuple[np.ndarray, np.ndarray]) -> None:
+        with self._lock:
+            self._free.append(pair)

@@ -208,7 +208,7 @@ def test_a_nan_found_by_the_prepass_refuses_the_result_before_anything_of_it_is_
     assert isinstance(agg, MeasuresFirst) and agg.measures_first
     pulls: Counter[tuple[str, str]] = Counter()
     with pytest.raises(InvalidResultError, match="NaN or Inf"):
-        norm_prepass(_CountingFetcher({"bad": bad}, pulls), "bad", _refs("bad", bad), agg, {})
+        norm_prepass(_CountingFetcher({"bad": bad}, pulls), "bad", _refs("bad", bad), agg)
     assert pulls == Counter({("bad", "w"): 1, ("bad", "b"): 1})  # the integer tensor is not part of the norm
     out = agg.discard("bad")
     assert out.rebuild == {} and out.exact  # nothing of it was folded, so nothing is rebuilt
@@ -229,7 +229,7 @@ def test_without_clipping_nothing_is_prepassed_and_prescale_is_refused_after_a_f
     x = _result(g, 1, 0.5)
     agg.add("a", "w", x["w"], 1.0)
     with pytest.raises(AggregationError, match="before the client's first add"):
-        norm_prepass(_CountingFetcher({"a": x}, Counter()), "a", _refs("a", x), agg, {})
+        norm_prepass(_CountingFetcher({"a": x}, Counter()), "a", _refs("a", x), agg)
     with pytest.raises(InvalidResultError, match="not measured whole"):
         agg.prescale("b", {})
 
@@ -242,17 +242,17 @@ def test_a_retry_keeps_the_clipped_tensors_of_the_cut_attempt_and_a_rebuild_fold
     agg = FedAvg(influence=influence).begin_round(g)
     assert isinstance(agg, MeasuresFirst) and isinstance(agg, BoundsInfluence)
     _pull_round(agg, {"a": honest}, Counter())
-    assert norm_prepass(_CountingFetcher({"c": poison}, Counter()), "c#1", _refs("c", poison), agg, {}) < 1e-3
+    assert norm_prepass(_CountingFetcher({"c": poison}, Counter()), "c#1", _refs("c", poison), agg) < 1e-3
     agg.add("c#1", "w", poison["w"], 2.0)  # then the sidecar restarted
     agg.discard("c#1", rebuild=False)
     assert agg.reopen("c#1", "c#2") == ("w",)
-    norm_prepass(_CountingFetcher({"x": failing}, Counter()), "x", _refs("x", failing), agg, {})
+    norm_prepass(_CountingFetcher({"x": failing}, Counter()), "x", _refs("x", failing), agg)
     agg.add("x", "w", failing["w"], 2.0)
     out = agg.discard("x")  # its download failed: "w" is emptied and rebuilt from a and the kept c#2
     assert out.rebuild == {"w": ("a", "c#2")}
     stop = threading.Event()
     assert agg.refold("a", "w", honest["w"], abort=stop) and agg.refold("c#2", "w", poison["w"], abort=stop)
-    assert norm_prepass(_CountingFetcher({"c": poison}, Counter()), "c#2", _refs("c", poison), agg, {}) < 1e-3
+    assert norm_prepass(_CountingFetcher({"c": poison}, Counter()), "c#2", _refs("c", poison), agg) < 1e-3
     for name in ("b", "steps"):
         assert agg.add("c#2", name, poison[name], 2.0)
     assert agg.bound("c#2").rebuild == {}
