@@ -19,6 +19,7 @@ Every tensor is verified against its checksum by the server's fetcher, as in a r
 
 from __future__ import annotations
 
+import math
 import socket
 import struct
 import threading
@@ -59,7 +60,39 @@ class _InPlace:
         return None
 
 
-def upload_server_main(conn: Connection, tls_dir: str | None, width: int) -> None:
+class _Measured(_InPlace):
+    """``_InPlace`` behind the clipping pre-pass (``--clip``): every result's update norm is measured first.
+
+    A ``MeasuresFirst`` (fedkube.server.prepass) against a global model of zeros with a bound of 1: the server's
+    ``Downloader`` pulls each tensor twice, first through a ``FiniteCheck`` that sums ``‖x - g‖²`` and looks for
+    NaN/Inf, then into its array, as a round with ``clipNorm`` does for a site it pre-passes.
+    """
+
+    measures_first = True
+
+    def __init__(self, refs: list[Any]) -> None:
+        super().__init__(refs)
+        self.refs = refs
+        self._zeros = {(r.dtype, r.nbytes): np.zeros(r.nbytes // np.dtype(r.dtype).itemsize, r.dtype) for r in refs}
+
+    def prepasses(self, client: str, site: str) -> bool:
+        return True
+
+    def norm_check(self, client: str, name: str, dtype: str, shape: tuple[int, ...], *,
+                   scratch: tuple[np.ndarray, np.ndarray] | None = None) -> Any:  # fmt: skip
+        from fedkube.server.accumulator import FiniteCheck
+
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        mask, widened = scratch if scratch is not None else (None, None)
+        return FiniteCheck(np.dtype(dtype), nbytes, mask=mask, widened=widened, reference=self._zeros[(dtype, nbytes)])
+
+    def prescale(self, client: str, checks: Any) -> float:
+        if not all(checks[r.name].complete and checks[r.name].finite for r in self.refs):
+            raise AssertionError(f"{client}: a tensor was not measured whole or is not finite")
+        return min(1.0, 1.0 / max(math.sqrt(sum(checks[r.name].sq for r in self.refs)), 1e-30))
+
+
+def upload_server_main(conn: Connection, tls_dir: str | None, width: int, clip: bool = False) -> None:
     """The server's side: bulk port, control listener, and one ``Downloader`` pull per ``("pull", ...)``."""
     _child_setup()
     from fedkube.server.downloads import Download, Downloader
@@ -88,7 +121,7 @@ def upload_server_main(conn: Connection, tls_dir: str | None, width: int) -> Non
             break
         _, site, raw_refs = msg
         refs = [TensorRef.from_proto(tensor_pb2.TensorRef.FromString(b)) for b in raw_refs]
-        sink = _InPlace(refs)
+        sink = _Measured(refs) if clip else _InPlace(refs)
         ctl, _ = control.accept()  # the site dialed it through the proxy before the parent sent "pull"
         ctl.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         lock = threading.Lock()
@@ -124,7 +157,7 @@ def upload_server_main(conn: Connection, tls_dir: str | None, width: int) -> Non
 
 
 def upload_site_main(conn: Connection, size: int, tensors: int, site: str, control: str, bulk: str,
-                     tls_dir: str | None) -> None:  # fmt: skip
+                     tls_dir: str | None, clip: bool = False) -> None:  # fmt: skip
     """The site's side: the trainer's published result and the sidecar's ``Pusher`` behind ``control``/``bulk``."""
     _child_setup()
     import grpc
@@ -137,7 +170,11 @@ def upload_site_main(conn: Connection, size: int, tensors: int, site: str, contr
 
     service = DownloadService(site)
     trainer = BulkServer(service, name="bench trainer").start()
-    txn = service.publish(_make_tensors(size, tensors), receivers=[SERVER], ttl_s=WAIT_S)
+    result = _make_tensors(size, tensors)
+    if clip:  # finite values (sign and top exponent bit cleared), so the pre-pass measures every element
+        for array in result.values():
+            array.view(np.uint32)[:] &= 0x3FFFFFFF
+    txn = service.publish(result, receivers=[SERVER], ttl_s=WAIT_S)
     unused = grpc.insecure_channel("127.0.0.1:9")  # the gRPC push fallback: never taken while bulk works
     pusher = Pusher(unused, site=site, trainer_channel=lambda: None, relayed=lambda ref, end: None,
                     bulk_address=bulk, token="", trainer_bulk=lambda: f"127.0.0.1:{trainer.port}",

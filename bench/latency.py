@@ -21,7 +21,8 @@ stream on it to in-flight / one-way delay). For each RTT, S bytes cross it, inte
 * ``tls_up`` and ``plaintext_up`` (``--direction up`` or ``both``): the other direction, a site's result pulled
   by the server over the reverse path (per tensor an ``UploadRequest`` down the control stream, the sidecar's
   ``Pusher`` dialing the server's bulk port through the proxy and pumping the trainer's answer up; the server's
-  own ``Downloader`` with ``--upload-width`` tensors at once, bench/_upload.py).
+  own ``Downloader`` with ``--upload-width`` tensors at once, bench/_upload.py); with ``--clip`` through the
+  clipping pre-pass first, as a ``clipNorm`` round pulls a site it pre-passes: S crosses the link twice.
 
 Like is compared with like: ``fedkube_plaintext_over_plain_tcp`` and ``fedkube_tls_over_tls_tcp`` ask whether
 fedkube's protocol tolerates latency (round trips, windows, buffers), not whether crypto is free on this CPU;
@@ -96,16 +97,16 @@ def _raw_stream(ctx: Any, port: int, size: int, checksum: str, source: Any, rtt:
 
 
 def _upload(ctx: Any, server: Any, links: tuple[Any, Any], site: str, size: int, tensors: int,
-            tls_dir: str | None) -> float:  # fmt: skip
+            tls_dir: str | None, clip: bool) -> float:  # fmt: skip
     """One result of ``size`` bytes pulled by the upload server from a new site behind ``links``; its seconds."""
     control, bulk = links
-    proc, conn = _start(ctx, upload_site_main, size, tensors, site, control.address, bulk.address, tls_dir)
+    proc, conn = _start(ctx, upload_site_main, size, tensors, site, control.address, bulk.address, tls_dir, clip)
     refs = _recv(conn, "upload site")["refs"]
     server.send(("pull", site, refs))
     out = _recv(server, "upload server")
     _recv(conn, "upload site")
     proc.join(60)
-    if not out["ok"] or out["bytes"] != size // tensors // 4 * 4 * tensors:
+    if not out["ok"] or out["bytes"] != size // tensors // 4 * 4 * tensors * (2 if clip else 1):
         raise AssertionError(f"upload of {site}: {out}")
     return float(out["seconds"])
 
@@ -136,6 +137,8 @@ def main() -> None:
                         help="down: the site fetches the global model; up: the server pulls the site's result")
     parser.add_argument("--upload-width", type=int, default=0,
                         help="tensors the server pulls at once (0: the server's default; 1: one after another)")
+    parser.add_argument("--clip", action="store_true",
+                        help="uploads go through the clipping pre-pass: each result is pulled twice (norm, then fold)")
     args = parser.parse_args()
     kinds = DIRECTIONS[args.direction]
     rtts = args.rtt_ms or [0.0, 20.0, 100.0]
@@ -157,7 +160,7 @@ def main() -> None:
     publishers = {mode: _start(ctx, publisher_main, size, args.tensors, names[mode], chunk, 0,
                                tls_dir if mode == "tls" else None) for mode in down}  # fmt: skip
     infos = {mode: _recv(conn, f"{mode} publisher") for mode, (_, conn) in publishers.items()}
-    pullers = {mode: _start(ctx, upload_server_main, tls_dir if mode == "tls" else None, args.upload_width)
+    pullers = {mode: _start(ctx, upload_server_main, tls_dir if mode == "tls" else None, args.upload_width, args.clip)
                for mode in up}  # fmt: skip
     up_infos = {mode: _recv(conn, f"{mode} upload server") for mode, (_, conn) in pullers.items()}
     raw, raw_conn = _start(ctx, raw_source_main, size, 2 * serves)  # through the proxy and direct
@@ -165,7 +168,7 @@ def main() -> None:
     tls_src, tls_conn = _start(ctx, tls_source_main, size, serves, tls_dir)
     tls_info = _recv(tls_conn, "TLS source")
     result: dict[str, Any] = {"size_mib": args.size_mib, "tensors": args.tensors, "fetch_width": args.fetch_width,
-                              "direction": args.direction, "upload_width": args.upload_width,
+                              "direction": args.direction, "upload_width": args.upload_width, "clip": args.clip,
                               "in_flight_mib": args.in_flight_mib, "repeats": args.repeats, "cpus": os.cpu_count(),
                               "rtt": {}}  # fmt: skip
     with open("/proc/loadavg") as f:
@@ -213,7 +216,8 @@ def main() -> None:
                     for mode in up:
                         site = names[f"{mode}_up"].pop()
                         runs[f"{mode}_up"].append(_upload(ctx, pullers[mode][1], up_links[mode], site, size,
-                                                          args.tensors, tls_dir if mode == "tls" else None))
+                                                          args.tensors, tls_dir if mode == "tls" else None,
+                                                          args.clip))
             finally:
                 for proxy in (to_raw, to_tls, *to_server.values(), *(p for pair in up_links.values() for p in pair)):
                     proxy.close()
