@@ -424,7 +424,9 @@ def judge_site(
 ) -> SiteVerdict:
     """One site's state after a look, from its pod, its previous state and the server's word."""
     if before is not None and _operator_failed(before):
-        return SiteVerdict(before)  # sticks: the pod is gone for good
+        # Sticks: the pod is gone for good. One still listed (a resumed operator's reconcile, working from the
+        # status kopf handed it, re-created it while a look failed the site) goes too, or it could join late.
+        return SiteVerdict(before, pod.name if pod is not None and not pod.deleting else None)
     reported = word.reported(site)
     state = _carried_state(pod, before, reported)
     delete = None

@@ -131,6 +131,21 @@ def test_over_budget_the_site_fails_for_the_job_naming_the_pods_last_reason_and_
     assert failed.get("reason") == "QuorumLost" and f"a ({REASON_RESTART_LIMIT}" in str(failed.get("message"))
 
 
+def test_a_pod_listed_for_a_site_the_operator_failed_is_deleted_in_the_next_look() -> None:
+    # An operator restarting while a site used up its budget: its resume handler, working from the status kopf
+    # handed it, re-created the pod after the look that failed the site deleted it. The next look deletes it again.
+    job = _job(limit=1)
+    plan = restarts.plan(job, _previous(a=1), {**RUNNING, "a": _raw("a", "Failed", reason="Evicted")}, SILENT)
+    failed = st.decide(job, plan.previous, st.Observation(T0, st.PodView("job-server", "Running", ready=True),
+                                                          {}, None)).status
+    again = {s: st.PodView(f"job-client-{s}", "Running", ready=True) for s in ("a", "b", "c")}
+    later = st.decide(job, failed, st.Observation(T0 + 5, st.PodView("job-server", "Running", ready=True), again, None))
+    assert later.delete_pods == ["job-client-a"] and later.status["clients"]["a"]["reason"] == REASON_RESTART_LIMIT
+    going = {**again, "a": st.PodView("job-client-a", "Running", ready=True, deleting=True)}
+    assert st.decide(job, failed, st.Observation(T0 + 10, st.PodView("job-server", "Running", ready=True), going,
+                                                 None)).delete_pods == []
+
+
 def test_restarts_read_from_the_status_ignore_what_is_no_count() -> None:
     for value in (True, -1, "2", None):
         assert restarts.restarts_of({"clients": {"a": {"state": "Training", "restarts": value}}}, "a") == 0
