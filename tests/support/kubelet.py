@@ -433,8 +433,10 @@ class TestKubelet:
     def _sync_volumes(self) -> None:
         if self.volume_sync is None or not self.volume_sync.due():
             return
-        running = [(e.pod, e.processes) for e in self._pods.values()
-                   if not e.deleted and isinstance(e.processes, MountedVolumes)]
+        running: list[tuple[Mapping[str, Any], MountedVolumes]] = []
+        for e in self._pods.values():
+            if not e.deleted and isinstance(e.processes, MountedVolumes):
+                running.append((e.pod, e.processes))
         if not running:
             return
         from kubernetes.client.exceptions import ApiException
