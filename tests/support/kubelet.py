@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from tests.support.volumesync import MountedVolumes, VolumeSync
+from tests.support.volumesync import VolumeSync
 
 logger = logging.getLogger(__name__)
 
@@ -426,25 +426,10 @@ class TestKubelet:
                     self._run(entry)
                 if not entry.deleted:
                     self._report(entry)
-            self._sync_volumes()
+            if self.volume_sync is not None:
+                self.volume_sync.tick([(e.pod, e.processes) for e in self._pods.values() if not e.deleted])
             self._stop.wait(self.poll_interval)
         self._shutdown()
-
-    def _sync_volumes(self) -> None:
-        if self.volume_sync is None or not self.volume_sync.due():
-            return
-        running: list[tuple[Mapping[str, Any], MountedVolumes]] = []
-        for e in self._pods.values():
-            if not e.deleted and isinstance(e.processes, MountedVolumes):
-                running.append((e.pod, e.processes))
-        if not running:
-            return
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            self.volume_sync.sync(running)
-        except ApiException as e:  # as a kubelet: log, and the next sync tries again
-            logger.warning("test kubelet: listing ConfigMaps/Secrets to refresh volumes failed (%s)", e.status)
 
     def _drain(self) -> None:
         while True:

@@ -113,8 +113,7 @@ def pinned_volumes(pod: Mapping[str, Any]) -> set[str]:
 class VolumeSync:
     """Writes changed ConfigMaps and Secrets into the volumes of running pods, at most every ``period`` s.
 
-    ``core`` is a CoreV1Api of the (emulated) cluster. :meth:`sync` is called from the test kubelet's loop
-    whenever :meth:`due` says so.
+    ``core`` is a CoreV1Api of the (emulated) cluster; the test kubelet calls :meth:`tick` from its loop.
     """
 
     def __init__(self, core: Any, period: float) -> None:
@@ -123,12 +122,21 @@ class VolumeSync:
         self._next = 0.0
         self._written: dict[tuple[str, str], str] = {}  # (pod uid, volume) -> resourceVersion last written
 
-    def due(self) -> bool:
+    def tick(self, pods: Sequence[tuple[Mapping[str, Any], object]]) -> None:
+        """Called from the test kubelet's loop with every pod it runs (manifest, processes): syncs when due."""
         now = time.monotonic()
         if now < self._next:
-            return False
+            return
         self._next = now + self.period
-        return True
+        running = [(pod, run) for pod, run in pods if isinstance(run, MountedVolumes)]
+        if not running:
+            return
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.sync(running)
+        except ApiException as exc:  # as a kubelet: log, and the next sync tries again
+            logger.warning("test kubelet: listing ConfigMaps/Secrets to refresh volumes failed (%s)", exc.status)
 
     def _objects(self, namespace: str) -> dict[tuple[str, str], dict[str, Any]]:
         """Every ConfigMap and Secret of ``namespace`` by (kind, name), as raw manifests."""
