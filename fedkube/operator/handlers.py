@@ -214,7 +214,9 @@ def _parse(body: Mapping[str, Any]) -> FLJob:
     meta = dict(body.get("metadata") or {})
     # The spec the job runs on: an edit of a live job is refused (spec_changed), not half-applied.
     spec = edits.effective_spec(body.get("spec") or {}, body.get("status") or {})
-    doc = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta, "spec": spec}
+    # The status rides along for what was fixed at creation (fedkube.operator.revoking.at_creation).
+    doc = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta, "spec": spec,
+           "status": dict(body.get("status") or {})}
     return parse_job(doc, source=f"FLJob {meta.get('namespace')}/{meta.get('name')}")
 
 

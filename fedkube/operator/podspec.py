@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedkube import envvars
 from fedkube.errors import ConfigError
+from fedkube.operator import revoking
 from fedkube.spec.model import DEFAULT_IMAGE, ClientSite, EnvVar, FLJob, Resources, Volume, VolumeMount
 from fedkube.spec.podtemplate import (
     KUEUE_QUEUE_LABEL,
@@ -108,8 +109,15 @@ def pod_sites(job: FLJob) -> list[ClientSite]:
 
 
 def pod_count(job: FLJob) -> int:
-    """How many pods the operator creates for ``job``: the server and one per pod site."""
-    return 1 + len(pod_sites(job))
+    """How many pods the operator creates for ``job``: the server and one per pod site not revoked at creation.
+
+    Kueue admits the pod group with this count, and every pod of a group must carry the same one: so a site
+    revoked while the job runs keeps counting (its pod goes, but pods made later by a restart or a resume
+    announce the admitted group's count); only names already in ``spec.revokedSites`` when the job's pods
+    were first created are left out (:func:`fedkube.operator.revoking.at_creation`).
+    """
+    revoked = revoking.at_creation(job)
+    return 1 + sum(1 for site in pod_sites(job) if site.name not in revoked)
 
 
 # --- metadata ---------------------------------------------------------------------------------------

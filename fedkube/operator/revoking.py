@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fedkube.operator import edits
 from fedkube.operator.status import Event
 from fedkube.spec.model import FLJob
-from fedkube.spec.revocation import STATUS_KEY
+from fedkube.spec.revocation import FIELD, STATUS_KEY
 
 REASON_REVOKED = "SiteRevoked"
 
@@ -26,6 +27,19 @@ def kept(status: Mapping[str, Any]) -> list[str]:
     """The names already propagated (``status.revokedSites``)."""
     names = status.get(STATUS_KEY)
     return sorted({n for n in names if isinstance(n, str)}) if isinstance(names, list) else []
+
+
+def at_creation(job: FLJob) -> frozenset[str]:
+    """The sites revoked when the job's pods were first created: ``spec.revokedSites`` of the accepted spec
+    (``status.acceptedSpec``, recorded then: :mod:`fedkube.operator.edits`), or of ``job`` before there is one.
+
+    Needs the job parsed with its status (``handlers._parse`` keeps it); a job without one is being created.
+    """
+    accepted = edits.accepted_spec(job.status or {})
+    if accepted is None:
+        return frozenset(job.spec.revoked_sites or ())
+    names = accepted.get(FIELD)
+    return frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) else frozenset()
 
 
 def update(job: FLJob, status: Mapping[str, Any]) -> tuple[dict[str, Any], list[Event]]:

@@ -86,6 +86,11 @@ class PodRun:
         """Pending, Running, Succeeded or Failed."""
         return self._phase
 
+    @property
+    def volumes(self) -> Mapping[str, Path]:
+        """Each volume of the pod by name: the local directory its containers see (empty before ``start``)."""
+        return dict(self._mapping.volumes)
+
     def start(self) -> None:
         """Prepare volumes and start the pod's supervisor thread (which starts the containers)."""
         try:

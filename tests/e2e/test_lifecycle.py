@@ -154,10 +154,15 @@ def test_pending_client_below_min_clients_fails_the_job_naming_it(fl: FL) -> Non
     assert fl.children("below")["Secret"]  # but its objects stay for inspection until the FLJob goes
 
 
-def test_client_crash_fails_that_client_and_the_job_proceeds(fl: FL) -> None:
-    job = _knobbed(quickstart_job("crash", sites=("site-a", "site-b", "site-c"), min_clients=2),
-                   site_c={"E2E_CRASH_AT_ROUND": "2"})
+def test_client_crash_and_a_site_revoked_mid_job_fail_those_sites_and_the_job_proceeds(fl: FL) -> None:
+    # site-d sleeps through round 1, so the job cannot finish before its revocation lands: it lands mid-job.
+    job = _knobbed(quickstart_job("crash", sites=("site-a", "site-b", "site-c", "site-d"), min_clients=2),
+                   site_c={"E2E_CRASH_AT_ROUND": "2"}, site_d={"E2E_ROUND_SLEEP": "60"})
     fl.apply(job)
+    fl.wait("crash", lambda s: (s.get("clients") or {}).get("site-d", {}).get("state") == "Training", 30,
+            "site-d training")
+    # The whole path: the FLJob patch, the operator's ConfigMap patch, the kubelet's volume sync, the server's read.
+    fl.patch_spec("crash", {"revokedSites": ["site-d"]})
     status = fl.wait_phase("crash", "Succeeded", timeout=60)
     site_c = status["clients"]["site-c"]
     # The server's word (the sidecar reported the exception), not just an exit code; and no "teardown" note.
@@ -165,6 +170,13 @@ def test_client_crash_fails_that_client_and_the_job_proceeds(fl: FL) -> None:
     assert "injected crash in round 2" in site_c["message"] and "teardown" not in site_c["message"]
     assert status["clients"]["site-a"]["state"] == "Done"
     assert any(t == "Warning" and "site-c" in m for t, _, m in fl.events("crash"))
+    # The revoked site: failed by the server (only it says Revoked), its pod deleted and never created again.
+    site_d = status["clients"]["site-d"]
+    assert (site_d["state"], site_d["reason"]) == ("Failed", "Revoked"), site_d
+    assert status["revokedSites"] == ["site-d"] and status["round"] == 3
+    assert "crash-client-site-d" not in fl.children("crash")["Pod"]
+    assert fl.pods_started.count("crash-client-site-d") == 1
+    assert any(t == "Warning" and r == "SiteRevoked" and "site-d" in m for t, r, m in fl.events("crash"))
 
 
 def _trainer_exit_codes(fl: FL, job: str) -> dict[str, int | None]:

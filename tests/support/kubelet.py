@@ -18,6 +18,11 @@ Two seams: ``runner`` starts one container (the default ``run_command`` runs
 local runtime, which runs a pod as a unit). Not emulated: restarts
 (restartPolicy of the pod), probes (a running container counts as ready),
 resource limits, images.
+
+Mounted ConfigMap and Secret volumes of running pods are written again when
+the objects change, as a kubelet's sync does (``volume_sync_s``, for pods
+whose runner exposes its volumes: fedkube's runtime; see
+:mod:`tests.support.volumesync`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from tests.support.volumesync import VolumeSync
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +316,7 @@ class TestKubelet:
                  runner: ContainerRunner = run_command,
                  pod_runner: Callable[[dict[str, Any], Path], PodProcesses] | None = None,
                  hold: Callable[[Mapping[str, Any]], str | None] | None = None,
-                 poll_interval: float = 0.05, stop_grace: float = 5.0) -> None:
+                 poll_interval: float = 0.05, stop_grace: float = 5.0, volume_sync_s: float | None = 0.5) -> None:
         import kubernetes
 
         self.core = kubernetes.client.CoreV1Api(api_client)
@@ -323,6 +330,8 @@ class TestKubelet:
         self._threads: list[threading.Thread] = []
         self._watch: Any = None
         self.failures: list[BaseException] = []  # errors of the kubelet's own threads
+        # A real kubelet's sync period is about a minute; tests wait on it, so it is short here.
+        self.volume_sync = VolumeSync(self.core, volume_sync_s) if volume_sync_s else None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> TestKubelet:
@@ -417,6 +426,8 @@ class TestKubelet:
                     self._run(entry)
                 if not entry.deleted:
                     self._report(entry)
+            if self.volume_sync is not None:
+                self.volume_sync.tick([(e.pod, e.processes) for e in self._pods.values() if not e.deleted])
             self._stop.wait(self.poll_interval)
         self._shutdown()
 

@@ -15,6 +15,7 @@ from fedkube.runtime.process import NullSink
 from fedkube.runtime.resolver import LocalResolver
 from tests.support.fixtures import KubeHandle
 from tests.support.kubelet import TestKubelet
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -110,3 +111,52 @@ def test_pods_from_the_api_run_through_run_pod_with_secrets_and_services(kube: K
         status = core.read_namespaced_pod("client", "default").status.container_statuses[0]
         assert status.state.terminated.exit_code == 0
         assert status.state.terminated.message == "token s3cret"
+
+
+# Reads the ConfigMap's key through both mounts until the directory mount shows the patched value; every read
+# must be a whole file (a torn read would mix values or cut one short).
+READER = """
+import os, pathlib, time
+live, pinned = pathlib.Path(os.environ["LIVE"]), pathlib.Path(os.environ["PINNED"])
+seen, deadline = [], time.monotonic() + 10
+while time.monotonic() < deadline:
+    text = live.read_text()
+    word = text[:2] if text == text[:2] * (len(text) // 2) and len(text) == int(os.environ["SIZE"]) else "torn"
+    if word not in seen:
+        seen.append(word)
+    if word != "v1":
+        break
+    time.sleep(0.005)
+pathlib.Path(os.environ["FEDKUBE_TERMINATION_LOG"]).write_text(f"live {seen} pinned {pinned.read_text()[:2]}")
+"""
+
+
+def test_a_patched_config_map_reaches_a_running_pod_whole_but_not_its_sub_path_mount(
+        kube: KubeHandle, tmp_path: Path) -> None:
+    import kubernetes
+
+    core = kubernetes.client.CoreV1Api(kube.api_client)
+    size = 200_000
+    core.create_namespaced_config_map("default", {"metadata": {"name": "conf"}, "data": {"value": "v1" * (size // 2)}})
+
+    def pod_runner(pod: dict[str, Any], directory: Path) -> PodRun:
+        options = PodOptions(run_dir=directory, resolver=LocalResolver(), objects=ApiObjects(kube.api_client),
+                             sink=NullSink())
+        return run_pod(pod, options)
+
+    reader = _pod(
+        "reader", READER,
+        {"LIVE": "/etc/live/value", "PINNED": "/etc/pinned", "SIZE": str(size),
+         envvars.TERMINATION_LOG: "/dev/termination-log"},
+        volumes=[{"name": "live", "configMap": {"name": "conf"}}, {"name": "pinned", "configMap": {"name": "conf"}}],
+        container={"volumeMounts": [{"name": "live", "mountPath": "/etc/live"},
+                                    {"name": "pinned", "mountPath": "/etc/pinned", "subPath": "value"}]},
+    )
+    with TestKubelet(kube.api_client, tmp_path, pod_runner=pod_runner, volume_sync_s=0.2):
+        core.create_namespaced_pod("default", reader)
+        until(lambda: core.read_namespaced_pod("reader", "default").status.phase == "Running", "reader running")
+        core.patch_namespaced_config_map("conf", "default", {"data": {"value": "v2" * (size // 2)}})
+        status = until(lambda: core.read_namespaced_pod("reader", "default").status.container_statuses[0].state
+                       .terminated, "reader finished", timeout=15)
+    assert status.exit_code == 0
+    assert status.message == "live ['v1', 'v2'] pinned v1"

@@ -87,3 +87,29 @@ def test_once_the_server_reports_a_site_revoked_its_pod_goes_and_the_status_says
     assert (d.status["clients"]["c"]["state"], d.status["clients"]["c"]["reason"]) == ("Failed", "Revoked")
     assert d.delete_pods == ["job-client-c"] and d.status["phase"] == "Running"
     assert [e.reason for e in d.events if e.type == "Warning"] == ["Revoked"]
+
+
+def _kueue_counts(job: Any) -> dict[str, str]:
+    """Pod name -> the Kueue group count it announces, for the pods the operator creates (revoked sites get none)."""
+    from fedkube.operator import builders
+    from fedkube.operator.certificates import TlsPlaceholder
+
+    revoked = set(job.spec.revoked_sites or ())
+    pods = [o for o in builders.build_all(job, tokens={c.name: "t" for c in job.spec.clients}, tls=TlsPlaceholder())
+            if o["kind"] == "Pod" and o["metadata"]["labels"].get("fedkube.dev/site") not in revoked]
+    return {p["metadata"]["name"]: p["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] for p in pods}
+
+
+def test_the_kueue_group_counts_the_pods_made_at_creation_and_keeps_that_count_after_a_later_revocation() -> None:
+    from fedkube.operator import handlers
+
+    sites = [{"name": "a"}, {"name": "b"}, {"name": "c"}, {"name": "r", "remote": True}]
+    created = _doc("rev", clients=sites, minClients=1, queueName="gpu", revokedSites=["c"])
+    # At creation: the server, a and b; c is revoked already and the remote site r runs no pod here.
+    assert _kueue_counts(handlers._parse(created)) == dict.fromkeys(["rev-server", "rev-client-a", "rev-client-b"], "3")
+    # b revoked while the job runs: pods made from now on (a restart, a resume) announce the admitted count.
+    running = {**created, "spec": {**created["spec"], "revokedSites": ["b"]},
+               "status": {edits.ACCEPTED_SPEC: created["spec"], "revokedSites": ["c"], "phase": "Running"}}
+    job = handlers._parse(running)
+    assert job.spec.revoked_sites == ["b", "c"]
+    assert _kueue_counts(job) == {"rev-server": "3", "rev-client-a": "3"}
