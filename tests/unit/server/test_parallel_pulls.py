@@ -133,3 +133,17 @@ def test_a_site_that_answers_with_push_streams_is_pulled_one_tensor_at_a_time() 
     _pull(Downloader("job1", broker, a.send, FAST, clock=time.monotonic), a, agg, 1)
     agg.commit("site-a")
     assert agg.finish()["layer3"][0] == 4.0
+
+
+def test_the_buffers_of_wide_pulls_grow_with_the_model_within_their_bounds() -> None:
+    # With a flat 64 MiB, 256 MiB in 4 MiB tensors over two sites raised the server's peak from 2.41 to 2.76 x S.
+    def limit(tensors: int, mib: float) -> float:
+        size = int(mib * (1 << 20))
+        refs = [TensorRef("s", "t", f"r{i}", f"w{i}", "uint8", (size,), size, "") for i in range(tensors)]
+        return Downloader("job1", UploadBroker(), lambda msg: None, FAST, clock=time.monotonic)._budget(refs).limit / (
+            1 << 20)
+
+    assert limit(64, 4) == 16  # 1/16 of the result
+    assert limit(8, 0.001) == 8  # small models still go wide
+    assert limit(1024, 4) == 64  # at most 64 MiB
+    assert limit(2, 100) == 100  # and always one tensor
