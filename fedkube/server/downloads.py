@@ -22,7 +22,7 @@ from fedkube.protocol import ResultTimeouts
 from fedkube.server.aggregate import DiscardOutcome, FoldAbortedError, InvalidResultError
 from fedkube.server.config import JobSettings
 from fedkube.server.prepass import MeasuresFirst, norm_prepass
-from fedkube.server.pulls import Progress, SitePulls
+from fedkube.server.pulls import WIDE_AFTER_S, Progress, SitePulls
 from fedkube.server.reverse import ReverseChunkSource, SendFn, UploadBroker
 from fedkube.server.strategy_api import RoundAggregator, StreamingAggregator
 from fedkube.status import Reason
@@ -144,12 +144,15 @@ class Downloader:
         on_retry: Callable[[Exception], None] = lambda err: None,
         on_stalled: Callable[[], None] = lambda: None,
         width: int = FETCH_WIDTH,
+        wide_after_s: float = WIDE_AFTER_S,
         buffer_bytes: int = PULL_BUFFER_BYTES,
     ) -> None:
-        """``width``: tensors of one result pulled at once; ``buffer_bytes``: what their receive buffers hold."""
+        """``width``: tensors of one result pulled at once (by a site that took ``wide_after_s`` or more to answer);
+        ``buffer_bytes``: what their receive buffers hold."""
         if width < 1:
             raise ValueError(f"Downloader needs a width of at least 1 (got {width})")
         self.width = width
+        self.wide_after_s = wide_after_s
         self.buffer_bytes = buffer_bytes
         self._job = job
         self._broker = broker
@@ -198,7 +201,7 @@ class Downloader:
 
     def _pulls(self, dl: Download, name: str) -> SitePulls:
         """One pass over ``dl``'s tensors: :attr:`width` at once once the site answered on the bulk port."""
-        return SitePulls(functools.partial(self._fetcher, dl), self.width, name=name)
+        return SitePulls(functools.partial(self._fetcher, dl), self.width, name=name, wide_after_s=self.wide_after_s)
 
     def _rebuild(
         self, round_: int, dl: Download, refs: list[TensorRef], sink: RoundAggregator, on_finished: FinishedFn

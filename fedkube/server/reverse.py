@@ -263,6 +263,8 @@ class ReverseChunkSource:
         # Bytes that reached a buffer, by how they came (for logs and tests; one fetcher thread writes them).
         self.bulk_bytes = 0
         self.pushed_bytes = 0
+        # Seconds from asking for a tensor to the site's bulk answer (the link's round trips and handshakes).
+        self.answered_after_s: float | None = None
 
     def stream(self, ref: TensorRef, offset: int, max_chunk_bytes: int) -> ReverseStream:
         """Ask the site for ``ref``'s bytes from ``offset``; iterate the result for the chunks as they arrive."""
@@ -285,11 +287,14 @@ class ReverseChunkSource:
         self, upload: Upload, stream: ReverseIntoStream, ref: TensorRef, offset: int, buf: memoryview
     ) -> Generator[int, None, None]:
         expected = offset
+        asked = time.monotonic()
         exchange = self._exchange(upload, ref, offset, self._max_chunk_bytes, lambda: expected)
         with contextlib.closing(exchange) as items:
             for item in items:
                 if isinstance(item, _Socket):
                     stream.sock = item.sock
+                    if self.answered_after_s is None:
+                        self.answered_after_s = time.monotonic() - asked
                     log.debug("upload %s: site %s answers on a bulk connection", upload.request_id, self.site)
                     for n in read_fetch_response(
                         item.sock, ref, expected, buf, chunk_timeout_s=self._chunk_timeout_s,

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 
 from fedkube.server.downloads import Download, Downloader
+from fedkube.server.pulls import WIDE_AFTER_S
 from fedkube.server.reverse import UploadBroker
 from fedkube.server.strategies import FedAvg
 from fedkube.transfer.bulk import send_status
@@ -30,11 +31,17 @@ TENSORS = 2 * FETCH_WIDTH + 1
 FLOATS = 1000  # 4000 bytes per tensor: four pushed chunks of 1000
 
 
-class Site:
-    """Answers the first upload request sent to it at once, the others once ``answering`` is set."""
+#: How long a remote site takes to answer a pull here: above WIDE_AFTER_S, so its pulls go wide.
+REMOTE_S = 2 * WIDE_AFTER_S
 
-    def __init__(self, broker: UploadBroker, name: str, result: dict[str, np.ndarray], *, bulk: bool = True) -> None:
+
+class Site:
+    """Answers the first upload request ``answer_after_s`` after it was sent, the others once ``answering`` is set."""
+
+    def __init__(self, broker: UploadBroker, name: str, result: dict[str, np.ndarray], *, bulk: bool = True,
+                 answer_after_s: float = REMOTE_S) -> None:
         self.broker, self.name, self.result, self.bulk = broker, name, result, bulk
+        self.answer_after_s = answer_after_s
         self.requests: queue.Queue[control_pb2.UploadRequest] = queue.Queue()
         self.answering = threading.Event()
         self.stop = threading.Event()
@@ -57,6 +64,8 @@ class Site:
                 req = self.requests.get(timeout=0.05)
             except queue.Empty:
                 continue
+            if not served:
+                time.sleep(self.answer_after_s)  # the link's round trips and handshakes
             served += 1
             data = as_bytes(self.result[req.ref.name])
             if not self.bulk:  # a Push stream's chunks
@@ -130,6 +139,18 @@ def test_a_site_that_answers_with_push_streams_is_pulled_one_tensor_at_a_time() 
     agg = FedAvg().begin_round(model)
     broker = UploadBroker()
     a = Site(broker, "site-a", {n: np.full(FLOATS, 1.0 + i, np.float32) for i, n in enumerate(model)}, bulk=False)
+    _pull(Downloader("job1", broker, a.send, FAST, clock=time.monotonic), a, agg, 1)
+    agg.commit("site-a")
+    assert agg.finish()["layer3"][0] == 4.0
+
+
+def test_a_site_that_answers_within_a_few_milliseconds_is_pulled_one_tensor_at_a_time() -> None:
+    """In the cluster the waits are too short to pay for the buffers and threads of pulls at once."""
+    model = {f"layer{i}": np.zeros(FLOATS, np.float32) for i in range(TENSORS)}
+    agg = FedAvg().begin_round(model)
+    broker = UploadBroker()
+    a = Site(broker, "site-a", {n: np.full(FLOATS, 1.0 + i, np.float32) for i, n in enumerate(model)},
+             answer_after_s=0.0)
     _pull(Downloader("job1", broker, a.send, FAST, clock=time.monotonic), a, agg, 1)
     agg.commit("site-a")
     assert agg.finish()["layer3"][0] == 4.0

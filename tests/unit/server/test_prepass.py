@@ -69,6 +69,7 @@ class _CountingFetcher:
                  second: dict[str, Model] | None = None) -> None:  # fmt: skip
         self.results, self.pulls, self.second = results, pulls, second or {}
         self.bulk_bytes = self.pushed_bytes = 0
+        self.answered_after_s: float | None = None
 
     def fetch_into(self, ref: TensorRef, out: Any = None, *, progress: Any = None, inspect: Any = None) -> memoryview:
         self.pulls[(ref.source, ref.name)] += 1
