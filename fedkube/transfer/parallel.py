@@ -15,7 +15,7 @@ pool serves that many at once.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -82,14 +82,11 @@ class BufferBudget:
     def take(self, nbytes: int) -> bytearray:
         """A buffer of ``nbytes`` (a reused one when one of that size is free); hand it back with :meth:`put`."""
         with self._cond:
-            self._cond.wait_for(lambda: self._in_use + nbytes <= self.limit)
-            self._in_use += nbytes
+            self._claim_locked(nbytes)
             for i, buf in enumerate(self._free):
                 if len(buf) == nbytes:
                     return self._free.pop(i)
-            # Drop free buffers of other sizes until the new one fits beside them.
-            while self._free and self._in_use + sum(len(b) for b in self._free) > self.limit:
-                self._free.pop(0)
+            self._trim_locked()
         return bytearray(nbytes)
 
     def put(self, buf: bytearray) -> None:
@@ -98,22 +95,22 @@ class BufferBudget:
             self._free.append(buf)
             self._cond.notify_all()
 
-    def keep(self, bufs: Iterable[bytearray]) -> None:
-        """Offer ``bufs`` (allocated elsewhere, now unused) for reuse, as far as the limit allows."""
-        with self._cond:
-            for buf in bufs:
-                if self._in_use + sum(len(b) for b in self._free) + len(buf) <= self.limit:
-                    self._free.append(buf)
-
     def reserve(self, nbytes: int) -> None:
         """Count ``nbytes`` the caller allocates itself, waiting for room; :meth:`give_back` ends it."""
         with self._cond:
-            self._cond.wait_for(lambda: self._in_use + nbytes <= self.limit)
-            self._in_use += nbytes
-            while self._free and self._in_use + sum(len(b) for b in self._free) > self.limit:
-                self._free.pop(0)
+            self._claim_locked(nbytes)
+            self._trim_locked()
 
     def give_back(self, nbytes: int) -> None:
         with self._cond:
             self._in_use -= nbytes
             self._cond.notify_all()
+
+    def _claim_locked(self, nbytes: int) -> None:
+        self._cond.wait_for(lambda: self._in_use + nbytes <= self.limit)
+        self._in_use += nbytes
+
+    def _trim_locked(self) -> None:
+        """Drop free buffers (oldest first) until what is in use and what is kept fit the limit together."""
+        while self._free and self._in_use + sum(len(b) for b in self._free) > self.limit:
+            self._free.pop(0)
