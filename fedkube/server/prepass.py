@@ -99,7 +99,6 @@ from fedkube.transfer.refs import TensorRef
 
 if TYPE_CHECKING:
     from fedkube.server.aggregate import WeightedMean
-    from fedkube.transfer.fetch import Fetcher
 
 log = logging.getLogger(__name__)
 
@@ -296,21 +295,17 @@ class NormPrepass:
 
 
 def norm_prepass(
-    pulls: SitePulls | Fetcher, key: str, refs: list[TensorRef], sink: MeasuresFirst,
-    budget: BufferBudget | None = None, progress: Callable[[int], None] | None = None,
+    pulls: SitePulls, key: str, refs: list[TensorRef], sink: MeasuresFirst, budget: BufferBudget,
+    progress: Callable[[int], None] | None = None,
 ) -> float:  # fmt: skip
     """Pull ``refs`` once through ``sink``'s norm checks, keeping nothing; returns the result's clip factor.
 
-    ``pulls`` runs the pulls, several at once once the site answered on the bulk port (a lone fetcher: one at a
-    time). ``budget`` bounds their receive buffers together and keeps them for the folding pass (None: room for
-    one tensor); ``progress(bytes)`` sees the bytes pulled so far (the status shows the pre-pass moving, then the
-    fold's pull). Each tensor's ``‖x - g‖²`` is its own check's and :meth:`MeasuresFirst.prescale` sums them in
-    the model's order, so the norm, and the clip, are the same bits however the pulls interleave.
+    ``pulls`` runs the pulls, several at once once the site answered on the bulk port. ``budget`` bounds their
+    receive buffers together and keeps them for the folding pass; ``progress(bytes)`` sees the bytes pulled so
+    far (the status shows the pre-pass moving, then the fold's pull). Each tensor's ``‖x - g‖²`` is its own
+    check's and :meth:`MeasuresFirst.prescale` sums them in the model's order, so the norm, and the clip, are the
+    same bits however the pulls interleave.
     """
-    if not isinstance(pulls, SitePulls):
-        pulls = SitePulls.single(pulls)
-    if budget is None:
-        budget = BufferBudget(0, max((r.nbytes for r in refs), default=0))
     scratch = _Scratch()
     counted = Progress(progress)
     checks: dict[str, FiniteCheck] = {}

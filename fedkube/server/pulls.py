@@ -52,11 +52,6 @@ class SitePulls:
         self._lock = threading.Lock()
         self._sources: list[CountsBytes] = []
 
-    @classmethod
-    def single(cls, fetcher: Fetcher, source: CountsBytes | None = None) -> SitePulls:
-        """Every pull through ``fetcher``, one at a time (it may count bytes of one pull only)."""
-        return cls(lambda: (source or _NoCounts(), fetcher), 1, name="pull")
-
     def fetcher(self) -> Fetcher:
         source, fetcher = self._connect()
         with self._lock:
@@ -116,9 +111,3 @@ class Progress:
                 report(sum(self._done.values()))
 
         return progress
-
-
-class _NoCounts:
-    bulk_bytes = 0
-    pushed_bytes = 0
-    answered_after_s: float | None = None

@@ -26,9 +26,11 @@ from fedkube.server.aggregate import AggregationError, InvalidResultError
 from fedkube.server.downloads import Download, Downloader
 from fedkube.server.influence import Influence
 from fedkube.server.prepass import HINTS_KEY, MeasuresFirst, norm_prepass
+from fedkube.server.pulls import SitePulls
 from fedkube.server.strategies import FedAvg, FedYogi
 from fedkube.server.strategy_api import BoundsInfluence, RoundAggregator, StrategyState
 from fedkube.transfer.fetch import FetchSettings
+from fedkube.transfer.parallel import BufferBudget
 from fedkube.transfer.refs import TensorRef, as_bytes
 
 Model = dict[str, np.ndarray]
@@ -201,6 +203,12 @@ def test_the_prepassed_fold_equals_the_staged_one_to_the_bit_and_the_reference(d
         np.testing.assert_allclose(got[k].astype(np.float64), v, atol=tol, rtol=0, err_msg=k)
 
 
+def _prepass(fetcher: _CountingFetcher, key: str, refs: list[TensorRef], agg: Any) -> float:
+    """The pre-pass one tensor at a time through ``fetcher`` (its own byte counts), room for one tensor."""
+    pulls = SitePulls(lambda: (fetcher, fetcher), 1, name="test")  # type: ignore[arg-type,return-value]
+    return norm_prepass(pulls, key, refs, agg, BufferBudget(0, max(r.nbytes for r in refs)))
+
+
 def test_a_nan_found_by_the_prepass_refuses_the_result_before_anything_of_it_is_folded() -> None:
     g = _global()
     bad = _result(g, 1, 0.5)
@@ -209,7 +217,7 @@ def test_a_nan_found_by_the_prepass_refuses_the_result_before_anything_of_it_is_
     assert isinstance(agg, MeasuresFirst) and agg.measures_first
     pulls: Counter[tuple[str, str]] = Counter()
     with pytest.raises(InvalidResultError, match="NaN or Inf"):
-        norm_prepass(_CountingFetcher({"bad": bad}, pulls), "bad", _refs("bad", bad), agg)
+        _prepass(_CountingFetcher({"bad": bad}, pulls), "bad", _refs("bad", bad), agg)
     assert pulls == Counter({("bad", "w"): 1, ("bad", "b"): 1})  # the integer tensor is not part of the norm
     out = agg.discard("bad")
     assert out.rebuild == {} and out.exact  # nothing of it was folded, so nothing is rebuilt
@@ -230,7 +238,7 @@ def test_without_clipping_nothing_is_prepassed_and_prescale_is_refused_after_a_f
     x = _result(g, 1, 0.5)
     agg.add("a", "w", x["w"], 1.0)
     with pytest.raises(AggregationError, match="before the client's first add"):
-        norm_prepass(_CountingFetcher({"a": x}, Counter()), "a", _refs("a", x), agg)
+        _prepass(_CountingFetcher({"a": x}, Counter()), "a", _refs("a", x), agg)
     with pytest.raises(InvalidResultError, match="not measured whole"):
         agg.prescale("b", {})
 
@@ -243,17 +251,17 @@ def test_a_retry_keeps_the_clipped_tensors_of_the_cut_attempt_and_a_rebuild_fold
     agg = FedAvg(influence=influence).begin_round(g)
     assert isinstance(agg, MeasuresFirst) and isinstance(agg, BoundsInfluence)
     _pull_round(agg, {"a": honest}, Counter())
-    assert norm_prepass(_CountingFetcher({"c": poison}, Counter()), "c#1", _refs("c", poison), agg) < 1e-3
+    assert _prepass(_CountingFetcher({"c": poison}, Counter()), "c#1", _refs("c", poison), agg) < 1e-3
     agg.add("c#1", "w", poison["w"], 2.0)  # then the sidecar restarted
     agg.discard("c#1", rebuild=False)
     assert agg.reopen("c#1", "c#2") == ("w",)
-    norm_prepass(_CountingFetcher({"x": failing}, Counter()), "x", _refs("x", failing), agg)
+    _prepass(_CountingFetcher({"x": failing}, Counter()), "x", _refs("x", failing), agg)
     agg.add("x", "w", failing["w"], 2.0)
     out = agg.discard("x")  # its download failed: "w" is emptied and rebuilt from a and the kept c#2
     assert out.rebuild == {"w": ("a", "c#2")}
     stop = threading.Event()
     assert agg.refold("a", "w", honest["w"], abort=stop) and agg.refold("c#2", "w", poison["w"], abort=stop)
-    assert norm_prepass(_CountingFetcher({"c": poison}, Counter()), "c#2", _refs("c", poison), agg) < 1e-3
+    assert _prepass(_CountingFetcher({"c": poison}, Counter()), "c#2", _refs("c", poison), agg) < 1e-3
     for name in ("b", "steps"):
         assert agg.add("c#2", name, poison[name], 2.0)
     assert agg.bound("c#2").rebuild == {}
