@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedkube.operator.status import Cond, Event, format_time, get_condition, is_invalid, set_condition
+from fedkube.spec import revocation
 from fedkube.spec.cel import MUTABLE_SPEC_FIELDS, changed_immutable_fields
-from fedkube.spec.revocation import FIELD as REVOKED_KEY
 
 ACCEPTED_SPEC = "acceptedSpec"  # status key of the spec the job's pods were created from
 REASON_REJECTED = "ImmutableFieldChanged"
@@ -44,9 +44,9 @@ def effective_spec(spec: Mapping[str, Any], status: Mapping[str, Any]) -> dict[s
     out = {k: v for k, v in accepted.items() if k not in MUTABLE_SPEC_FIELDS}
     out.update({k: v for k, v in spec.items() if k in MUTABLE_SPEC_FIELDS})
     # A revocation once propagated stays (fedkube.operator.revoking): dropping the name re-admits nobody.
-    kept = [n for n in status.get(REVOKED_KEY) or [] if isinstance(n, str)]
+    kept = revocation.stored_names(status.get(revocation.STATUS_KEY))
     if kept:
-        out[REVOKED_KEY] = sorted({*(out.get(REVOKED_KEY) or []), *kept})
+        out[revocation.FIELD] = sorted({*(out.get(revocation.FIELD) or []), *kept})
     return out
 
 

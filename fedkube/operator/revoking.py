@@ -18,15 +18,14 @@ from typing import Any
 from fedkube.operator import edits
 from fedkube.operator.status import Event
 from fedkube.spec.model import FLJob
-from fedkube.spec.revocation import FIELD, STATUS_KEY
+from fedkube.spec.revocation import FIELD, STATUS_KEY, stored_names
 
 REASON_REVOKED = "SiteRevoked"
 
 
 def kept(status: Mapping[str, Any]) -> list[str]:
     """The names already propagated (``status.revokedSites``)."""
-    names = status.get(STATUS_KEY)
-    return sorted({n for n in names if isinstance(n, str)}) if isinstance(names, list) else []
+    return stored_names(status.get(STATUS_KEY))
 
 
 def at_creation(job: FLJob) -> frozenset[str]:
@@ -38,8 +37,7 @@ def at_creation(job: FLJob) -> frozenset[str]:
     accepted = edits.accepted_spec(job.status or {})
     if accepted is None:
         return frozenset(job.spec.revoked_sites or ())
-    names = accepted.get(FIELD)
-    return frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) else frozenset()
+    return frozenset(stored_names(accepted.get(FIELD)))
 
 
 def update(job: FLJob, status: Mapping[str, Any]) -> tuple[dict[str, Any], list[Event]]:

@@ -73,5 +73,7 @@ def revocation_warnings(spec: FLJobSpec) -> Iterator[Problem]:
     )
 
 
-def revoked(spec: FLJobSpec) -> frozenset[str]:
-    return frozenset(spec.revoked_sites or ())
+def stored_names(value: object) -> list[str]:
+    """The site names of a stored ``revokedSites`` list (the status', an accepted spec's): its strings, sorted,
+    once each; nothing when it is not a list (a status is written by the operator, but read as found)."""
+    return sorted({n for n in value if isinstance(n, str)}) if isinstance(value, list) else []
