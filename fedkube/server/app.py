@@ -278,7 +278,7 @@ class FedkubeServer:
                                   tls_namespace=config.namespace if self.tls is not None else None,
                                   supersession=self.supersession, revoked=self.revoked)
         for site in sorted(self.revoked.names):
-            self.workflow.revoke(site, RevokedSites.message(site))
+            self._revoke(site)
         self.revocation = SpecWatch(config.spec_file, self.revoked, self._revoke, job=s.job) if (
             config.spec_file is not None) else None  # fmt: skip
         self._servicer = ControlServicer(
