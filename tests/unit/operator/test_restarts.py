@@ -207,8 +207,10 @@ def test_client_pods_are_created_again_within_the_budget_kept_across_operator_re
                        and p, "a new pod evict-client-a")
         assert second["metadata"]["ownerReferences"][0]["name"] == "evict"
         until(lambda: site_a().get("restarts") == 1, "restarts 1 in the status of site a")
-        events = core.list_namespaced_event("default", field_selector="involvedObject.name=evict").items
-        assert any(e.reason == "ClientPodRecreated" and "client a: its pod was deleted" in e.message for e in events)
+        # kopf posts Events from a queue of its own: the Event may land just after the status patch.
+        until(lambda: any(e.reason == "ClientPodRecreated" and "client a: its pod was deleted" in e.message for e in
+                          core.list_namespaced_event("default", field_selector="involvedObject.name=evict").items),
+              "the ClientPodRecreated Event")
         pdb = policy.read_namespaced_pod_disruption_budget("evict-server", "default")
         assert pdb.spec.max_unavailable == 0 and pdb.metadata.owner_references[0].name == "evict"
     # A new operator reads the count from the status: the budget (1) is used up, the next eviction fails site a.
